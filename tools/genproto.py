@@ -1,0 +1,48 @@
+"""Regenerate zds/gen/ from proto/ (python -m tools.genproto [OUTDIR]).
+
+The generated modules are checked in; tests/test_generated_code.py fails when
+they drift from proto/.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+
+
+def generate(out: pathlib.Path) -> None:
+    from grpc_tools import protoc  # dev dependency (grpcio-tools)
+    import grpc_tools
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    out.mkdir(parents=True, exist_ok=True)
+    sources = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.glob("*.proto"))
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{PROTO_DIR}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            *sources,
+        ]
+    )
+    if rc != 0:
+        raise SystemExit(f"protoc failed with exit code {rc}")
+    # protoc writes top-level imports ("import nodeagent_pb2"); make them package-relative.
+    for path in out.glob("*_pb2*.py*"):
+        text = path.read_text()
+        fixed = re.sub(r"^import (\w+_pb2) as ", r"from . import \1 as ", text, flags=re.M)
+        path.write_text(fixed)
+    init = out / "__init__.py"
+    if not init.exists():
+        init.write_text('"""Generated protobuf/gRPC modules (tools/genproto.py); do not edit."""\n')
+
+
+if __name__ == "__main__":
+    generate(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "zds" / "gen")

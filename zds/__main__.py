@@ -1,0 +1,5 @@
+import sys
+
+from zds.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The ``zds`` command: one entry point, subcommands registered by each part.
+
+Command and flag names are a contract (DESIGN.md §8): scripts, compose files
+and outside tests call them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from zds import __version__, logs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from zds.client import cli as client_cli
+    from zds.netns import cli as netns_cli
+    from zds.server import cli as server_cli
+
+    parser = argparse.ArgumentParser(
+        prog="zds",
+        description="Both ends of Istio ambient mode's ZDS handshake: node agent and ztunnel side.",
+    )
+    parser.add_argument("--version", action="version", version=f"zds {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    server_cli.register(sub)
+    client_cli.register(sub)
+    netns_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Every port, path, mark and timeout zds uses, in one place.
+
+The CLI, the node agent, the ztunnel side and the tests read them from here.
+Values that mirror Istio or ztunnel say where they come from.
+"""
+
+from __future__ import annotations
+
+# --- sockets -----------------------------------------------------------------
+#: Where the node agent listens and ztunnel connects (ztunnel's INPOD_UDS).
+ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"
+#: zds's gRPC control API (zds.v1.NodeAgent).
+CONTROL_SOCKET = "/var/run/zds/control.sock"
+#: Istio's CNI plugin event endpoint (POST /cmdadd).
+CNI_SOCKET = "/var/run/istio-cni/pluginevent.sock"
+#: HTTP path of the CNI plugin's add event (Istio's constants.CNIAddEventPath).
+CNI_ADD_EVENT_PATH = "/cmdadd"
+#: Node agent health/metrics HTTP (Istio's node agent uses port 8000).
+NODE_AGENT_HTTP = "127.0.0.1:8000"
+#: Mode of the ZDS socket file: only root (the node agent's peers) may connect.
+ZDS_SOCKET_MODE = 0o600
+#: Mode of the control socket file.
+CONTROL_SOCKET_MODE = 0o600
+
+# --- protocol ----------------------------------------------------------------
+#: ztunnel reads each record into a buffer of this size; a longer one is truncated.
+MAX_MESSAGE_SIZE = 1024
+#: Seconds the node agent waits for ztunnel's hello (Istio's readWriteDeadline).
+HELLO_TIMEOUT = 5.0
+#: Seconds the node agent waits for each ack (Istio's readWriteDeadline).
+ACK_TIMEOUT = 5.0
+#: Idle seconds after which the node agent probes a connection (Istio: 5 s).
+KEEPALIVE_INTERVAL = 5.0
+#: How long the keepalive probe reads (Istio: time.Second / 100).
+KEEPALIVE_PROBE = 0.01
+#: Accepted ztunnel connections per second (Istio's rate.NewLimiter(5, 1)).
+ACCEPTS_PER_SECOND = 5.0
+#: Concurrent ztunnel connections (an old and a new one during an upgrade).
+MAX_CONNECTIONS = 2
+
+# --- ztunnel side --------------------------------------------------------------
+#: ztunnel's reconnect backoff: first delay, cap (seconds).
+RECONNECT_INITIAL = 0.01
+RECONNECT_MAX = 15.0
+#: ztunnel retries a workload whose proxy failed to start this often (seconds).
+PENDING_RETRY_INTERVAL = 5.0
+#: In-pod listener ports (ztunnel's defaults).
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+INBOUND_HBONE_PORT = 15008
+DNS_PORT = 15053
+#: SO_MARK ztunnel puts on the sockets it creates in a pod's netns (0x539).
+ZTUNNEL_MARK = 1337
+#: ztunnel's local endpoints.
+ADMIN_LISTEN = "127.0.0.1:15000"
+READINESS_LISTEN = "127.0.0.1:15021"
+METRICS_LISTEN = "127.0.0.1:15020"
+
+# --- namespaces ---------------------------------------------------------------
+#: Where named network namespaces live (as with `ip netns`).
+NETNS_RUN_DIR = "/var/run/netns"

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules (tools/genproto.py); do not edit."""

@@ -1,0 +1,59 @@
+"""Structured logging: every line about a pod or a connection carries its
+uid, pod name/namespace and connection id, as text ``key=value`` or JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+#: Context fields that go on a log line when present (``extra={...}``).
+FIELDS = ("conn", "uid", "pod", "namespace", "netns", "error", "kind")
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ms = int(record.msecs)
+        parts = [f"{ts}.{ms:03d}Z", f"{record.levelname.lower():5}", f"{record.name}:", record.getMessage()]
+        for key in FIELDS:
+            value = getattr(record, key, None)
+            if value not in (None, ""):
+                text = str(value)
+                parts.append(f"{key}={json.dumps(text) if ' ' in text or not text else text}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "scope": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in FIELDS:
+            value = getattr(record, key, None)
+            if value not in (None, ""):
+                doc[key] = value
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure(level: str = "info", fmt: str = "text") -> None:
+    """Send zds's logs to stderr at ``level`` as ``text`` or ``json``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpc and aiohttp are chatty at debug; keep them at warning unless asked.
+    for noisy in ("grpc", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,172 @@
+"""ZDS messages as plain Python values, and their protobuf wire codec.
+
+The wire bytes must equal Istio's (``../shared/vectors/zds-wire.tsv``); the
+protobuf runtime does the encoding, these types keep the rest of zds free of
+generated classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from zds.gen import zds_pb2
+
+#: ``Version.V1``, the only version ztunnel speaks.
+VERSION_V1 = zds_pb2.V1
+
+
+class CodecError(ValueError):
+    """A record that is not a valid ZDS message."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """``ZdsHello``: the first record ztunnel sends."""
+
+    version: int = VERSION_V1
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    """Who a workload is: ``WorkloadInfo`` (name, namespace, service account)."""
+
+    name: str
+    namespace: str
+    service_account: str
+
+
+@dataclass(frozen=True)
+class AddWorkload:
+    """``AddWorkload``: start serving a pod; its netns fd travels with it.
+
+    ``info`` is None only when a peer sent an Add without ``workload_info``
+    (a protocol error ztunnel refuses).
+    """
+
+    uid: str
+    info: WorkloadInfo | None
+
+
+@dataclass(frozen=True)
+class KeepWorkload:
+    """``KeepWorkload``: snapshot only; keep the workload although no fd comes with it."""
+
+    uid: str
+
+
+@dataclass(frozen=True)
+class DelWorkload:
+    """``DelWorkload``: stop serving a pod."""
+
+    uid: str
+
+
+@dataclass(frozen=True)
+class SnapshotSent:
+    """``SnapshotSent``: the snapshot is complete; drop what it did not name."""
+
+
+Request = AddWorkload | KeepWorkload | DelWorkload | SnapshotSent
+
+
+@dataclass(frozen=True)
+class Ack:
+    """``Ack``: the answer to every request; an empty error means success."""
+
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def request_kind(request: Request) -> str:
+    """The oneof field name of a request: add, keep, del or snapshot_sent."""
+    match request:
+        case AddWorkload():
+            return "add"
+        case KeepWorkload():
+            return "keep"
+        case DelWorkload():
+            return "del"
+        case SnapshotSent():
+            return "snapshot_sent"
+    raise TypeError(f"not a ZDS request: {request!r}")
+
+
+def encode_hello(hello: Hello = Hello()) -> bytes:
+    return zds_pb2.ZdsHello(version=hello.version).SerializeToString()  # type: ignore[arg-type]
+
+
+def decode_hello(payload: bytes) -> Hello:
+    msg = zds_pb2.ZdsHello()
+    _parse(msg, payload, "ZdsHello")
+    return Hello(version=int(msg.version))
+
+
+def _to_proto(request: Request) -> zds_pb2.WorkloadRequest:
+    match request:
+        case AddWorkload(uid=uid, info=info):
+            add = zds_pb2.AddWorkload(uid=uid)
+            if info is not None:
+                add.workload_info.CopyFrom(
+                    zds_pb2.WorkloadInfo(
+                        name=info.name, namespace=info.namespace, service_account=info.service_account
+                    )
+                )
+            return zds_pb2.WorkloadRequest(add=add)
+        case KeepWorkload(uid=uid):
+            return zds_pb2.WorkloadRequest(keep=zds_pb2.KeepWorkload(uid=uid))
+        case DelWorkload(uid=uid):
+            return zds_pb2.WorkloadRequest(**{"del": zds_pb2.DelWorkload(uid=uid)})
+        case SnapshotSent():
+            return zds_pb2.WorkloadRequest(snapshot_sent=zds_pb2.SnapshotSent())
+    raise TypeError(f"not a ZDS request: {request!r}")
+
+
+def encode_request(request: Request) -> bytes:
+    """``WorkloadRequest`` bytes for a request (never empty: a 0-byte record reads as EOF)."""
+    return _to_proto(request).SerializeToString()
+
+
+def decode_request(payload: bytes) -> Request:
+    """Parse a ``WorkloadRequest``; raise CodecError if it is malformed or has no payload."""
+    msg = zds_pb2.WorkloadRequest()
+    _parse(msg, payload, "WorkloadRequest")
+    which = msg.WhichOneof("payload")
+    if which == "add":
+        info = None
+        if msg.add.HasField("workload_info"):
+            wi = msg.add.workload_info
+            info = WorkloadInfo(name=wi.name, namespace=wi.namespace, service_account=wi.service_account)
+        return AddWorkload(uid=msg.add.uid, info=info)
+    if which == "keep":
+        return KeepWorkload(uid=msg.keep.uid)
+    if which == "del":
+        return DelWorkload(uid=getattr(msg, "del").uid)
+    if which == "snapshot_sent":
+        return SnapshotSent()
+    raise CodecError("WorkloadRequest has no payload")
+
+
+def encode_ack(ack: Ack) -> bytes:
+    """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack)."""
+    return zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=ack.error)).SerializeToString()
+
+
+def decode_ack(payload: bytes) -> Ack:
+    """Parse a ``WorkloadResponse``; raise CodecError if it is malformed or not an ack."""
+    msg = zds_pb2.WorkloadResponse()
+    _parse(msg, payload, "WorkloadResponse")
+    if msg.WhichOneof("payload") != "ack":
+        raise CodecError("WorkloadResponse has no ack")
+    return Ack(error=msg.ack.error)
+
+
+def _parse(msg: object, payload: bytes, name: str) -> None:
+    try:
+        msg.ParseFromString(payload)  # type: ignore[attr-defined]
+    except DecodeError as exc:
+        raise CodecError(f"cannot decode {name} ({len(payload)} bytes): {exc}") from exc

@@ -1,0 +1,200 @@
+"""asyncio SOCK_SEQPACKET transport with SCM_RIGHTS, shared by both ends.
+
+Thin and boring on purpose: it moves whole records (payload + fds + flags)
+between a unix socket and the sans-I/O protocol objects; it decides nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from zds import defaults
+
+#: Room for fds in one received record: more than ztunnel ever gets, so a
+#: record carrying too many is seen (and refused) instead of silently cut.
+MAX_FDS_PER_RECORD = 4
+
+
+@dataclass
+class Record:
+    """One received packet: its bytes, the fds that came with it, recvmsg flags."""
+
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+    flags: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        """The payload or the fds did not fit the receive buffers (MSG_TRUNC/MSG_CTRUNC)."""
+        return bool(self.flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+    @property
+    def is_eof(self) -> bool:
+        """A 0-byte record: the peer closed (ztunnel also reads a real empty record as EOF)."""
+        return not self.payload and not self.fds and not self.truncated
+
+    def close_fds(self) -> None:
+        """Close every fd that came with the record (each has exactly one owner)."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """``SO_PEERCRED`` of a unix socket peer."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class SeqpacketConnection:
+    """A connected, non-blocking AF_UNIX SOCK_SEQPACKET socket driven by the event loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def peer_credentials(self) -> PeerCredentials:
+        raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+    def try_recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record | None:
+        """Read one record if one is waiting; None if nothing is (never blocks)."""
+        try:
+            payload, fds, flags, _addr = socket.recv_fds(
+                self._sock, max_size, MAX_FDS_PER_RECORD, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionResetError:
+            return Record(payload=b"")
+        return Record(payload=payload, fds=list(fds), flags=flags)
+
+    async def recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record:
+        """Wait for one record. A 0-byte record (``is_eof``) means the peer is gone."""
+        while True:
+            record = self.try_recv(max_size)
+            if record is not None:
+                return record
+            await self._wait(readable=True)
+
+    async def send(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one record, with ``fds`` as SCM_RIGHTS on the same sendmsg."""
+        if not payload:
+            # ztunnel reads a 0-byte record as EOF; the protocol never sends one.
+            raise ValueError("refusing to send an empty record")
+        while True:
+            try:
+                if fds:
+                    socket.send_fds(self._sock, [payload], list(fds), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                else:
+                    self._sock.send(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                return
+            except (BlockingIOError, InterruptedError):
+                await self._wait(readable=False)
+
+    async def _wait(self, *, readable: bool) -> None:
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise ConnectionError("socket is closed")
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if readable:
+            self._loop.add_reader(fd, ready)
+        else:
+            self._loop.add_writer(fd, ready)
+        try:
+            await fut
+        finally:
+            if readable:
+                self._loop.remove_reader(fd)
+            else:
+                self._loop.remove_writer(fd)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file at ``path`` (as Istio does after a restart); refuse other files."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    os.unlink(path)
+
+
+def bind_unix_listener(path: str, *, mode: int, kind: int = socket.SOCK_SEQPACKET, backlog: int = 128) -> socket.socket:
+    """Bind a listening unix socket at ``path``: make the parent directory,
+    replace a stale socket file, restrict the file's mode."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, mode=0o750, exist_ok=True)
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        # Create the file with the final mode already (no window where it is wider).
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def accept(listener: socket.socket) -> SeqpacketConnection:
+    """Accept one connection on a listening SOCK_SEQPACKET socket."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(listener)
+    return SeqpacketConnection(conn)
+
+
+async def connect(path: str) -> SeqpacketConnection:
+    """Connect to a SOCK_SEQPACKET listener at ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return SeqpacketConnection(sock)
+
+
+def remove_socket_file(path: str) -> None:
+    """Remove a socket file we created (on shutdown); a missing file is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
