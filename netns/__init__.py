@@ -1,0 +1,1 @@
+"""Network-namespace toolkit: open, validate, identify, enter and leave; fixtures."""
