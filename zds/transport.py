@@ -107,7 +107,9 @@ class SeqpacketConnection:
         while True:
             try:
                 if fds:
-                    socket.send_fds(self._sock, [payload], list(fds), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    socket.send_fds(
+                        self._sock, [payload], list(fds), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+                    )
                 else:
                     self._sock.send(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
                 return
@@ -140,7 +142,7 @@ class SeqpacketConnection:
         self._sock.close()
 
 
-def _remove_stale_socket(path: str) -> None:
+def remove_stale_socket(path: str) -> None:
     """Remove a leftover socket file at ``path`` (as Istio does after a restart); refuse other files."""
     try:
         st = os.lstat(path)
@@ -151,13 +153,15 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
-def bind_unix_listener(path: str, *, mode: int, kind: int = socket.SOCK_SEQPACKET, backlog: int = 128) -> socket.socket:
+def bind_unix_listener(
+    path: str, *, mode: int, kind: int = socket.SOCK_SEQPACKET, backlog: int = 128
+) -> socket.socket:
     """Bind a listening unix socket at ``path``: make the parent directory,
     replace a stale socket file, restrict the file's mode."""
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, mode=0o750, exist_ok=True)
-    _remove_stale_socket(path)
+    remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         # Create the file with the final mode already (no window where it is wider).

@@ -97,7 +97,7 @@ def request_kind(request: Request) -> str:
 
 
 def encode_hello(hello: Hello = Hello()) -> bytes:
-    return zds_pb2.ZdsHello(version=hello.version).SerializeToString()  # type: ignore[arg-type]
+    return bytes(zds_pb2.ZdsHello(version=hello.version).SerializeToString())  # type: ignore[arg-type]
 
 
 def decode_hello(payload: bytes) -> Hello:
@@ -120,7 +120,9 @@ def _to_proto(request: Request) -> zds_pb2.WorkloadRequest:
         case KeepWorkload(uid=uid):
             return zds_pb2.WorkloadRequest(keep=zds_pb2.KeepWorkload(uid=uid))
         case DelWorkload(uid=uid):
-            return zds_pb2.WorkloadRequest(**{"del": zds_pb2.DelWorkload(uid=uid)})
+            msg = zds_pb2.WorkloadRequest()
+            getattr(msg, "del").uid = uid  # "del" is a Python keyword
+            return msg
         case SnapshotSent():
             return zds_pb2.WorkloadRequest(snapshot_sent=zds_pb2.SnapshotSent())
     raise TypeError(f"not a ZDS request: {request!r}")
@@ -128,7 +130,7 @@ def _to_proto(request: Request) -> zds_pb2.WorkloadRequest:
 
 def encode_request(request: Request) -> bytes:
     """``WorkloadRequest`` bytes for a request (never empty: a 0-byte record reads as EOF)."""
-    return _to_proto(request).SerializeToString()
+    return bytes(_to_proto(request).SerializeToString())
 
 
 def decode_request(payload: bytes) -> Request:
@@ -153,7 +155,7 @@ def decode_request(payload: bytes) -> Request:
 
 def encode_ack(ack: Ack) -> bytes:
     """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack)."""
-    return zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=ack.error)).SerializeToString()
+    return bytes(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=ack.error)).SerializeToString())
 
 
 def decode_ack(payload: bytes) -> Ack:

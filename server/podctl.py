@@ -1,0 +1,169 @@
+"""``zds pod add|remove|list``: clients of the node agent's control API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.server.pods import PodSpec, PodSpecError, load_pods_file
+
+
+class ControlError(Exception):
+    """A control call failed; the message is ready for the user."""
+
+
+@contextmanager
+def control_stub(socket_path: str) -> Iterator[Any]:
+    if not os.path.exists(socket_path):
+        raise ControlError(
+            f"cannot reach the node agent: {socket_path} does not exist; is `zds server` running "
+            "(or does it use another --control-socket)?"
+        )
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        yield nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+
+
+def call(method: Callable[..., Any], request: Any, timeout: float, socket_path: str) -> Any:
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+            raise ControlError(f"cannot reach the node agent at {socket_path}: {details}") from exc
+        raise ControlError(f"{code.name}: {details}") from exc
+
+
+def pod_dict(pod: nodeagent_pb2.Pod) -> dict[str, Any]:
+    doc: dict[str, Any] = MessageToDict(
+        pod, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return doc
+
+
+def _state(pod: nodeagent_pb2.Pod) -> str:
+    return str(nodeagent_pb2.PodState.Name(pod.state)).removeprefix("POD_STATE_").lower()
+
+
+def _netns(pod: nodeagent_pb2.Pod) -> str:
+    return f"{pod.netns.dev}:{pod.netns.ino}" if pod.HasField("netns") else "-"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An aligned text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _add_request(spec: PodSpec) -> nodeagent_pb2.AddPodRequest:
+    req = nodeagent_pb2.AddPodRequest(
+        uid=spec.uid, name=spec.name, namespace=spec.namespace, service_account=spec.service_account
+    )
+    if spec.netns.startswith("pid:"):
+        pid = spec.netns.removeprefix("pid:")
+        if not pid.isdigit():
+            raise PodSpecError(f"pod {spec.uid}: netns {spec.netns!r} is not pid:N")
+        req.netns_pid = int(pid)
+    else:
+        req.netns_path = spec.netns
+    return req
+
+
+def add(args: argparse.Namespace) -> int:
+    try:
+        if args.from_file:
+            if args.uid or args.netns or args.netns_pid:
+                raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid")
+            specs = load_pods_file(args.from_file)
+        else:
+            if not args.uid:
+                raise PodSpecError("--uid is required (or --from-file)")
+            if not args.netns and not args.netns_pid:
+                raise PodSpecError("--netns PATH or --netns-pid PID is required")
+            netns = args.netns or f"pid:{args.netns_pid}"
+            specs = [PodSpec(args.uid, args.name or args.uid, args.namespace, args.service_account, netns)]
+        failures = 0
+        answers: list[dict[str, Any]] = []
+        with control_stub(args.control_socket) as stub:
+            for spec in specs:
+                try:
+                    resp = call(stub.AddPod, _add_request(spec), args.timeout, args.control_socket)
+                except ControlError as exc:
+                    failures += 1
+                    answers.append({"uid": spec.uid, "error": str(exc)})
+                    if not args.json:
+                        print(f"zds pod add: {spec.uid}: {exc}", file=sys.stderr)
+                    continue
+                answers.append(
+                    {"uid": spec.uid, "connection_id": resp.connection_id, "pod": pod_dict(resp.pod)}
+                )
+                if not args.json:
+                    print(
+                        f"pod {spec.uid} ({spec.namespace}/{spec.name}) enrolled: "
+                        f"acked by ztunnel connection {resp.connection_id}"
+                    )
+        if args.json:
+            print(json.dumps(answers, indent=2))
+        return 1 if failures else 0
+    except (ControlError, PodSpecError) as exc:
+        print(f"zds pod add: {exc}", file=sys.stderr)
+        return 1
+
+
+def remove(args: argparse.Namespace) -> int:
+    try:
+        with control_stub(args.control_socket) as stub:
+            resp = call(
+                stub.RemovePod,
+                nodeagent_pb2.RemovePodRequest(uid=args.uid),
+                args.timeout,
+                args.control_socket,
+            )
+    except ControlError as exc:
+        print(f"zds pod remove: {exc}", file=sys.stderr)
+        return 1
+    if not resp.deliveries:
+        print(f"pod {args.uid} removed (no ztunnel connected)")
+    for d in resp.deliveries:
+        answer = f"error: {d.error}" if d.error else "acked"
+        print(f"pod {args.uid} removed: DelWorkload to ztunnel connection {d.connection_id}: {answer}")
+    return 0
+
+
+def list_pods(args: argparse.Namespace) -> int:
+    try:
+        with control_stub(args.control_socket) as stub:
+            resp = call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), args.timeout, args.control_socket)
+    except ControlError as exc:
+        print(f"zds pod list: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([pod_dict(p) for p in resp.pods], indent=2))
+        return 0
+    rows = [
+        [
+            p.uid,
+            p.name,
+            p.namespace,
+            p.service_account,
+            _state(p),
+            _netns(p),
+            p.netns_path,
+            "yes" if p.rules_installed else "no",
+            p.last_error or "-",
+        ]
+        for p in resp.pods
+    ]
+    headers = ["UID", "NAME", "NAMESPACE", "SERVICE-ACCOUNT", "STATE", "NETNS", "PATH", "RULES", "LAST-ERROR"]
+    print(table(headers, rows))
+    return 0

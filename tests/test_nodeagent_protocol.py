@@ -1,0 +1,207 @@
+"""The node agent's connection state machine, without any socket."""
+
+from __future__ import annotations
+
+import pytest
+
+from zds.protocol.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    Hello,
+    KeepWorkload,
+    SnapshotSent,
+    WorkloadInfo,
+    encode_ack,
+    encode_hello,
+    encode_request,
+)
+from zds.protocol.nodeagent import (
+    AcceptLimiter,
+    AckReceived,
+    ConnectionClosed,
+    ConnectionState,
+    HelloAccepted,
+    NodeAgentProtocol,
+    ProtocolUsageError,
+    ReceivedRecord,
+    SnapshotComplete,
+)
+
+INFO = WorkloadInfo(name="productpage", namespace="bookinfo", service_account="bookinfo-productpage")
+ADD = AddWorkload(uid="u1", info=INFO)
+
+
+def rec(payload: bytes, fd_count: int = 0, truncated: bool = False) -> ReceivedRecord:
+    return ReceivedRecord(payload=payload, fd_count=fd_count, truncated=truncated)
+
+
+def ready_protocol(now: float = 0.0) -> NodeAgentProtocol:
+    """A connection past hello and snapshot."""
+    p = NodeAgentProtocol(now=now)
+    assert p.receive(rec(encode_hello()), now) == [HelloAccepted(version=1)]
+    p.send(SnapshotSent(), now)
+    p.receive(rec(encode_ack(Ack())), now)
+    assert p.state is ConnectionState.READY
+    return p
+
+
+def test_v1_hello_starts_the_snapshot() -> None:
+    p = NodeAgentProtocol(now=0)
+    assert p.state is ConnectionState.AWAITING_HELLO
+    assert p.receive(rec(bytes.fromhex("0801")), 1) == [HelloAccepted(version=1)]
+    assert p.state is ConnectionState.SNAPSHOT
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (bytes.fromhex("0800"), "unsupported ZDS version 0"),  # NOT_USED, spelled out
+        (encode_hello(Hello(version=7)), "unsupported ZDS version 7"),
+        (b"\x08", "bad hello"),
+    ],
+)
+def test_only_a_v1_hello_is_accepted(payload: bytes, reason: str) -> None:
+    p = NodeAgentProtocol(now=0)
+    [event] = p.receive(rec(payload), 0)
+    assert isinstance(event, ConnectionClosed)
+    assert reason in event.reason
+    assert p.state is ConnectionState.CLOSED
+
+
+def test_no_hello_within_the_timeout_closes_the_connection() -> None:
+    p = NodeAgentProtocol(now=100, hello_timeout=5)
+    assert p.next_deadline() == 105
+    assert p.handle_timeout(104.9) == []
+    [event] = p.handle_timeout(105)
+    assert isinstance(event, ConnectionClosed)
+    assert "no hello" in event.reason
+
+
+def test_nothing_may_be_sent_before_the_hello() -> None:
+    p = NodeAgentProtocol(now=0)
+    with pytest.raises(ProtocolUsageError):
+        p.send(ADD, 0)
+
+
+def test_snapshot_add_keep_then_snapshot_sent_completes() -> None:
+    p = NodeAgentProtocol(now=0)
+    p.receive(rec(encode_hello()), 0)
+    assert p.send(ADD, 1) == encode_request(ADD)
+    [acked] = p.receive(rec(encode_ack(Ack())), 2)
+    assert acked == AckReceived(request=ADD, ack=Ack(), latency=1)
+    p.send(KeepWorkload(uid="u2"), 3)
+    [acked] = p.receive(rec(encode_ack(Ack())), 3)
+    assert isinstance(acked, AckReceived) and acked.request == KeepWorkload(uid="u2")
+    p.send(SnapshotSent(), 4)
+    events = p.receive(rec(encode_ack(Ack())), 4)
+    assert events == [AckReceived(request=SnapshotSent(), ack=Ack(), latency=0), SnapshotComplete()]
+    assert p.state is ConnectionState.READY
+
+
+def test_only_one_request_is_in_flight() -> None:
+    p = ready_protocol()
+    p.send(ADD, 0)
+    with pytest.raises(ProtocolUsageError, match="still awaiting its ack"):
+        p.send(DelWorkload(uid="u1"), 0)
+    p.receive(rec(encode_ack(Ack())), 0)
+    p.send(DelWorkload(uid="u1"), 0)  # allowed once the ack is in
+
+
+def test_acks_correlate_with_the_request_in_flight_in_order() -> None:
+    p = ready_protocol()
+    p.send(ADD, 0)
+    [first] = p.receive(rec(encode_ack(Ack(error="failure to start proxy : boom"))), 1)
+    assert isinstance(first, AckReceived)
+    assert first.request == ADD and first.ack.error == "failure to start proxy : boom"
+    p.send(DelWorkload(uid="u1"), 2)
+    [second] = p.receive(rec(encode_ack(Ack())), 3)
+    assert isinstance(second, AckReceived) and second.request == DelWorkload(uid="u1") and second.ack.ok
+
+
+def test_a_nack_keeps_the_connection_open() -> None:
+    p = ready_protocol()
+    p.send(ADD, 0)
+    p.receive(rec(encode_ack(Ack(error="nope"))), 0)
+    assert p.state is ConnectionState.READY
+
+
+def test_an_ack_timeout_closes_the_connection_and_reports_the_request() -> None:
+    p = ready_protocol(now=10)
+    p.send(ADD, 10)
+    assert p.next_deadline() == 15
+    assert p.handle_timeout(14) == []
+    [event] = p.handle_timeout(15)
+    assert isinstance(event, ConnectionClosed)
+    assert event.request == ADD and "no ack for add within 5s" in event.reason
+    # A late ack cannot be mistaken for anything now.
+    assert p.receive(rec(encode_ack(Ack())), 16) == []
+
+
+def test_keep_and_snapshot_sent_are_refused_after_the_snapshot() -> None:
+    p = ready_protocol()
+    for request in (KeepWorkload(uid="u"), SnapshotSent()):
+        with pytest.raises(ProtocolUsageError, match="only valid during the snapshot"):
+            p.send(request, 0)
+
+
+def test_an_add_over_1024_bytes_is_refused() -> None:
+    p = ready_protocol()
+    big = AddWorkload(uid="u" * 1100, info=INFO)
+    with pytest.raises(ProtocolUsageError, match="at most 1024"):
+        p.send(big, 0)
+    assert p.in_flight is None
+
+
+def test_unexpected_message_while_idle_closes_the_connection() -> None:
+    p = ready_protocol()
+    [event] = p.receive(rec(encode_ack(Ack())), 0)
+    assert isinstance(event, ConnectionClosed) and "unexpected message" in event.reason
+
+
+def test_eof_means_the_peer_is_gone() -> None:
+    p = ready_protocol()
+    p.send(ADD, 0)
+    [event] = p.receive(rec(b""), 0)
+    assert isinstance(event, ConnectionClosed) and event.peer_gone and event.request == ADD
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [(rec(encode_ack(Ack()), fd_count=1), "file descriptor"), (rec(b"x" * 10, truncated=True), "exceeds 1024")],
+)
+def test_fds_or_oversized_records_from_ztunnel_close_the_connection(record: ReceivedRecord, reason: str) -> None:
+    p = ready_protocol()
+    p.send(ADD, 0)
+    [event] = p.receive(record, 0)
+    assert isinstance(event, ConnectionClosed) and reason in event.reason
+
+
+def test_undecodable_ack_closes_the_connection() -> None:
+    p = ready_protocol()
+    p.send(ADD, 0)
+    [event] = p.receive(rec(b"\x0a\xff"), 0)
+    assert isinstance(event, ConnectionClosed) and "bad ack for add" in event.reason
+
+
+def test_keepalive_is_due_only_when_idle_for_the_interval() -> None:
+    p = NodeAgentProtocol(now=0, keepalive_interval=5)
+    assert not p.keepalive_due(100)  # no hello yet
+    p.receive(rec(encode_hello()), 0)
+    assert not p.keepalive_due(4.9)
+    assert p.keepalive_due(5)
+    p.keepalive_probed(5)
+    assert not p.keepalive_due(9)
+    p.send(ADD, 9)
+    assert not p.keepalive_due(100)  # something is in flight: the ack timeout watches it
+
+
+def test_accept_limiter_allows_five_a_second_with_burst_one() -> None:
+    limiter = AcceptLimiter(rate=5, burst=1)
+    assert limiter.delay(0.0) == 0
+    assert limiter.delay(0.0) == pytest.approx(0.2)
+    assert limiter.delay(0.1) == pytest.approx(0.1)
+    assert limiter.delay(0.2) == 0
+    fresh = AcceptLimiter(rate=5, burst=1)
+    accepted = [i for i in range(100) if fresh.delay(i * 0.01) == 0]
+    assert accepted == [0, 20, 40, 60, 80]  # one second of attempts every 10 ms

@@ -1,0 +1,252 @@
+"""The node agent's side of one ztunnel connection, sans-I/O.
+
+One object per connection. The caller feeds it what arrived (``receive``),
+asks it for the bytes of the next request (``send``) and tells it the time;
+it answers with events. It knows the rules Istio's node agent follows:
+
+- the first record must be ``ZdsHello{V1}``, within the hello timeout;
+- then the snapshot (Add/Keep for every known pod, then SnapshotSent);
+- exactly one request in flight: acks correlate by order only, so a second
+  request before the ack would make the next ack ambiguous;
+- an ack that does not come within the ack timeout makes the connection
+  untrustworthy (a late ack would be taken for the next request's): close it;
+- ztunnel never speaks unprompted, so any record while nothing is in flight
+  (seen by the idle keepalive probe) is a protocol error, and EOF means gone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from zds import defaults
+from zds.protocol.messages import (
+    VERSION_V1,
+    Ack,
+    AddWorkload,
+    CodecError,
+    KeepWorkload,
+    Request,
+    SnapshotSent,
+    decode_ack,
+    decode_hello,
+    encode_request,
+    request_kind,
+)
+
+
+class ConnectionState(enum.Enum):
+    AWAITING_HELLO = "awaiting-hello"
+    SNAPSHOT = "snapshot"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class HelloAccepted:
+    """ztunnel said hello with a version we speak; the snapshot may start."""
+
+    version: int
+
+
+@dataclass(frozen=True)
+class AckReceived:
+    """The in-flight request was answered. ``ack.error`` non-empty is a nack."""
+
+    request: Request
+    ack: Ack
+    latency: float
+
+
+@dataclass(frozen=True)
+class SnapshotComplete:
+    """ztunnel acked SnapshotSent: it now holds exactly the snapshot."""
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The connection must be closed now; ``reason`` says why (for the log).
+
+    ``request`` is the request that was in flight, if any: it was not acked.
+    """
+
+    reason: str
+    request: Request | None = None
+    peer_gone: bool = False
+
+
+Event = HelloAccepted | AckReceived | SnapshotComplete | ConnectionClosed
+
+
+class ProtocolUsageError(RuntimeError):
+    """The caller asked for something the protocol forbids (a bug in the caller)."""
+
+
+@dataclass(frozen=True)
+class ReceivedRecord:
+    """What the transport read: payload, how many fds came with it, and whether it was truncated."""
+
+    payload: bytes
+    fd_count: int = 0
+    truncated: bool = False
+
+    @property
+    def is_eof(self) -> bool:
+        return not self.payload and not self.fd_count and not self.truncated
+
+
+class NodeAgentProtocol:
+    """State of one ztunnel connection as the node agent sees it."""
+
+    def __init__(
+        self,
+        *,
+        now: float,
+        hello_timeout: float = defaults.HELLO_TIMEOUT,
+        ack_timeout: float = defaults.ACK_TIMEOUT,
+        keepalive_interval: float = defaults.KEEPALIVE_INTERVAL,
+    ) -> None:
+        self.state = ConnectionState.AWAITING_HELLO
+        self.hello_version: int | None = None
+        self.in_flight: Request | None = None
+        self.close_reason: str | None = None
+        self._hello_timeout = hello_timeout
+        self._ack_timeout = ack_timeout
+        self._keepalive_interval = keepalive_interval
+        self._hello_deadline = now + hello_timeout
+        self._sent_at = 0.0
+        self._last_activity = now
+
+    # -- incoming ------------------------------------------------------------
+    def receive(self, record: ReceivedRecord, now: float) -> list[Event]:
+        """Feed one record that arrived from ztunnel."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        self._last_activity = now
+        if record.is_eof:
+            return self._close("ztunnel closed the connection", peer_gone=True)
+        if record.truncated:
+            return self._close(f"record from ztunnel exceeds {defaults.MAX_MESSAGE_SIZE} bytes")
+        if record.fd_count:
+            return self._close(f"ztunnel sent {record.fd_count} file descriptor(s); it never should")
+        if self.state is ConnectionState.AWAITING_HELLO:
+            return self._receive_hello(record.payload)
+        if self.in_flight is None:
+            return self._close("unexpected message from ztunnel while nothing was in flight")
+        return self._receive_ack(record.payload, now)
+
+    def _receive_hello(self, payload: bytes) -> list[Event]:
+        try:
+            hello = decode_hello(payload)
+        except CodecError as exc:
+            return self._close(f"bad hello: {exc}")
+        if hello.version != VERSION_V1:
+            return self._close(f"unsupported ZDS version {hello.version} in hello (only V1 is spoken)")
+        self.hello_version = hello.version
+        self.state = ConnectionState.SNAPSHOT
+        return [HelloAccepted(version=hello.version)]
+
+    def _receive_ack(self, payload: bytes, now: float) -> list[Event]:
+        request = self.in_flight
+        assert request is not None
+        try:
+            ack = decode_ack(payload)
+        except CodecError as exc:
+            return self._close(f"bad ack for {request_kind(request)}: {exc}")
+        self.in_flight = None
+        events: list[Event] = [AckReceived(request=request, ack=ack, latency=now - self._sent_at)]
+        if isinstance(request, SnapshotSent):
+            self.state = ConnectionState.READY
+            events.append(SnapshotComplete())
+        return events
+
+    # -- outgoing ------------------------------------------------------------
+    def send(self, request: Request, now: float) -> bytes:
+        """The bytes of ``request``, which is now in flight until its ack arrives."""
+        if self.state in (ConnectionState.AWAITING_HELLO, ConnectionState.CLOSED):
+            raise ProtocolUsageError(f"cannot send {request_kind(request)} in state {self.state.value}")
+        if self.in_flight is not None:
+            raise ProtocolUsageError(
+                f"cannot send {request_kind(request)}: "
+                f"{request_kind(self.in_flight)} is still awaiting its ack"
+            )
+        if isinstance(request, KeepWorkload | SnapshotSent) and self.state is not ConnectionState.SNAPSHOT:
+            # ztunnel answers these outside a snapshot with a ProtocolError and stops for good.
+            raise ProtocolUsageError(f"{request_kind(request)} is only valid during the snapshot")
+        payload = encode_request(request)
+        if isinstance(request, AddWorkload) and len(payload) > defaults.MAX_MESSAGE_SIZE:
+            raise ProtocolUsageError(
+                f"AddWorkload for {request.uid!r} is {len(payload)} bytes; ztunnel reads at most "
+                f"{defaults.MAX_MESSAGE_SIZE}"
+            )
+        self.in_flight = request
+        self._sent_at = now
+        self._last_activity = now
+        return payload
+
+    # -- time ----------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When ``handle_timeout`` must next be called (None: no deadline pending)."""
+        if self.state is ConnectionState.AWAITING_HELLO:
+            return self._hello_deadline
+        if self.in_flight is not None:
+            return self._sent_at + self._ack_timeout
+        return None
+
+    def handle_timeout(self, now: float) -> list[Event]:
+        """Close the connection if the hello or the in-flight ack is overdue."""
+        deadline = self.next_deadline()
+        if deadline is None or now < deadline or self.state is ConnectionState.CLOSED:
+            return []
+        if self.state is ConnectionState.AWAITING_HELLO:
+            return self._close(f"no hello from ztunnel within {self._hello_timeout:g}s")
+        assert self.in_flight is not None
+        return self._close(
+            f"no ack for {request_kind(self.in_flight)} within {self._ack_timeout:g}s; "
+            "a late ack would be mistaken for the next one's"
+        )
+
+    def keepalive_due(self, now: float) -> bool:
+        """Nothing happened for the keepalive interval: probe the connection."""
+        return (
+            self.state in (ConnectionState.SNAPSHOT, ConnectionState.READY)
+            and self.in_flight is None
+            and now - self._last_activity >= self._keepalive_interval
+        )
+
+    def keepalive_probed(self, now: float) -> None:
+        """The probe found the connection alive (nothing to read, no EOF)."""
+        self._last_activity = now
+
+    def close(self, reason: str) -> list[Event]:
+        """Close from our side (shutdown, write error)."""
+        return self._close(reason)
+
+    def _close(self, reason: str, *, peer_gone: bool = False) -> list[Event]:
+        if self.state is ConnectionState.CLOSED:
+            return []
+        request, self.in_flight = self.in_flight, None
+        self.state = ConnectionState.CLOSED
+        self.close_reason = reason
+        return [ConnectionClosed(reason=reason, request=request, peer_gone=peer_gone)]
+
+
+class AcceptLimiter:
+    """Token bucket for accepting ztunnel connections (Istio: 5 a second, burst 1)."""
+
+    def __init__(self, rate: float = defaults.ACCEPTS_PER_SECOND, burst: int = 1) -> None:
+        self._interval = 1.0 / rate
+        self._burst = burst
+        self._tokens = float(burst)
+        self._updated: float | None = None
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next accept; 0 means accept now (and take a token)."""
+        if self._updated is None:
+            self._updated = now
+        self._tokens = min(self._burst, self._tokens + (now - self._updated) / self._interval)
+        self._updated = now
+        if self._tokens >= 1.0 - 1e-9:  # tolerate float drift at exact multiples
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) * self._interval
