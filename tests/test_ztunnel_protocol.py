@@ -1,0 +1,528 @@
+"""The ztunnel-role state machine (zds.protocol.ztunnel), without sockets.
+
+Real fds stand in for netns fds: the state machine only identifies them by
+``(st_dev, st_ino)`` (a dup or a reopen of the same file is "the same netns",
+two pipes are two netns) and must close each one exactly when ztunnel would.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pathlib
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from zds.protocol.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    Request,
+    SnapshotSent,
+    WorkloadInfo,
+    decode_ack,
+    encode_request,
+)
+from zds.protocol.ztunnel import (
+    CloseConnection,
+    ConnectionState,
+    Event,
+    ProtocolUsageError,
+    SendReply,
+    SnapshotReconciled,
+    StartProxy,
+    StopProxy,
+    WorkloadState,
+    ZtunnelProtocol,
+)
+
+VECTORS = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "vectors" / "zds-wire.tsv"
+INFO = WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage")
+
+
+def golden(name: str) -> bytes:
+    for line in VECTORS.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        fields = line.split("\t")
+        if fields[0] == name:
+            return bytes.fromhex(fields[3])
+    raise KeyError(name)
+
+
+def is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+class Netns:
+    """Hands out fds that look like distinct network namespaces (one pipe each)."""
+
+    def __init__(self) -> None:
+        self._keep: list[int] = []
+
+    def new(self) -> int:
+        """An fd of a fresh "netns"."""
+        r, w = os.pipe()
+        self._keep.append(w)
+        return r
+
+    def same_as(self, fd: int) -> int:
+        """Another fd to the same "netns" as ``fd``."""
+        return os.dup(fd)
+
+    def close(self) -> None:
+        for fd in self._keep:
+            os.close(fd)
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    n = Netns()
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def proto() -> Iterator[ZtunnelProtocol]:
+    p = ZtunnelProtocol()
+    yield p
+    p.drain()
+
+
+def add(uid: str, info: WorkloadInfo | None = INFO) -> bytes:
+    return encode_request(AddWorkload(uid=uid, info=info))
+
+
+def req(r: Request) -> bytes:
+    return encode_request(r)
+
+
+def replies(events: list[Event]) -> list[Ack]:
+    return [decode_ack(e.data) for e in events if isinstance(e, SendReply)]
+
+
+def only_reply(events: list[Event]) -> Ack:
+    acks = replies(events)
+    assert len(acks) == 1, events
+    return acks[0]
+
+
+def start_ok(proto: ZtunnelProtocol, uid: str, fd: int) -> list[Event]:
+    """Feed an Add, start its proxy successfully, return every event."""
+    events = proto.receive(add(uid), [fd])
+    starts = [e for e in events if isinstance(e, StartProxy)]
+    assert [s.workload.uid for s in starts] == [uid], events
+    return events + proto.proxy_started(uid)
+
+
+def snapshot(proto: ZtunnelProtocol) -> list[Event]:
+    events = proto.receive(req(SnapshotSent()))
+    assert only_reply(events) == Ack()
+    return events
+
+
+def stopped(events: list[Event]) -> list[str]:
+    return [e.uid for e in events if isinstance(e, StopProxy)]
+
+
+# -- hello and wire ---------------------------------------------------------------
+
+
+def test_a_connection_starts_with_the_v1_hello() -> None:
+    proto = ZtunnelProtocol()
+    assert proto.connection_made() == golden("hello_v1") == b"\x08\x01"
+    assert proto.state is ConnectionState.SNAPSHOT
+
+
+def test_golden_add_starts_a_proxy_and_is_acked_with_golden_bytes(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    events = proto.receive(golden("add"), [fd])
+    assert len(events) == 1 and isinstance(events[0], StartProxy)
+    w = events[0].workload
+    assert (w.uid, w.info, w.netns_fd, w.state) == ("pod-uid-1", INFO, fd, WorkloadState.STARTING)
+    reply = proto.proxy_started("pod-uid-1")
+    assert [e.data for e in reply if isinstance(e, SendReply)] == [golden("ack_ok")]
+    assert proto.workloads["pod-uid-1"].state is WorkloadState.UP
+
+
+def test_nothing_can_be_received_before_the_hello(netns: Netns) -> None:
+    proto = ZtunnelProtocol()
+    fd = netns.new()
+    with pytest.raises(ProtocolUsageError):
+        proto.receive(add("a"), [fd])
+    assert not is_open(fd)
+
+
+# -- snapshot -------------------------------------------------------------------------
+
+
+def test_snapshot_adds_are_up_and_ready_after_snapshot_sent(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    start_ok(proto, "a", netns.new())
+    start_ok(proto, "b", netns.new())
+    assert not proto.ready, "not ready before SnapshotSent"
+    events = snapshot(proto)
+    assert [e for e in events if isinstance(e, SnapshotReconciled)] == [SnapshotReconciled(removed=())]
+    assert proto.ready
+    assert {uid: w.state for uid, w in proto.workloads.items()} == {
+        "a": WorkloadState.UP,
+        "b": WorkloadState.UP,
+    }
+
+
+def test_a_new_snapshot_drops_exactly_the_workloads_it_does_not_name(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    fd_a, fd_b, fd_c = netns.new(), netns.new(), netns.new()
+    for uid, fd in (("a", fd_a), ("b", fd_b), ("c", fd_c)):
+        start_ok(proto, uid, fd)
+    snapshot(proto)
+    proto.connection_lost()
+    assert not proto.ready
+
+    proto.connection_made()
+    # b comes again in the same netns: a no-op, no new proxy.
+    dup_b = netns.same_as(fd_b)
+    events = proto.receive(add("b"), [dup_b])
+    assert not [e for e in events if isinstance(e, StartProxy)]
+    assert only_reply(events) == Ack()
+    assert not is_open(dup_b)
+    # c is kept without an fd.
+    assert only_reply(proto.receive(req(KeepWorkload(uid="c")))) == Ack()
+    events = snapshot(proto)
+    assert stopped(events) == ["a"]
+    assert SnapshotReconciled(removed=("a",)) in events
+    assert sorted(proto.workloads) == ["b", "c"]
+    assert not is_open(fd_a)
+    assert is_open(fd_b) and is_open(fd_c)
+    assert proto.workloads["b"].netns_fd == fd_b, "the running proxy keeps its original fd"
+    assert proto.ready
+
+
+def test_an_empty_snapshot_drops_everything(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    start_ok(proto, "a", netns.new())
+    snapshot(proto)
+    proto.connection_lost()
+    proto.connection_made()
+    assert stopped(snapshot(proto)) == ["a"]
+    assert not proto.workloads
+    assert proto.ready
+
+
+def test_del_before_snapshot_only_unmarks_and_the_reconcile_stops_the_proxy(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    start_ok(proto, "a", fd)
+    snapshot(proto)
+    proto.connection_lost()
+
+    proto.connection_made()
+    proto.receive(add("a"), [netns.same_as(fd)])
+    events = proto.receive(req(DelWorkload(uid="a")))
+    assert only_reply(events) == Ack()
+    assert not stopped(events), "a Del before SnapshotSent does not stop the proxy itself"
+    assert proto.workloads["a"].state is WorkloadState.UP
+    assert stopped(snapshot(proto)) == ["a"]
+    assert not is_open(fd)
+
+
+def test_del_before_snapshot_forgets_a_pending_start(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    proto.receive(add("a"), [fd])
+    proto.proxy_failed("a", "port taken")
+    assert proto.has_pending
+    only_reply(proto.receive(req(DelWorkload(uid="a"))))
+    assert "a" not in proto.workloads
+    assert not is_open(fd)
+    snapshot(proto)
+    assert proto.ready
+
+
+def test_keep_of_an_unknown_uid_is_acked_and_changes_nothing(proto: ZtunnelProtocol) -> None:
+    proto.connection_made()
+    assert only_reply(proto.receive(req(KeepWorkload(uid="ghost")))) == Ack()
+    snapshot(proto)
+    assert not proto.workloads
+
+
+# -- updates after the snapshot -------------------------------------------------------
+
+
+def test_del_after_snapshot_stops_the_proxy_and_closes_its_netns(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    snapshot(proto)
+    fd = netns.new()
+    start_ok(proto, "a", fd)
+    events = proto.receive(req(DelWorkload(uid="a")))
+    assert stopped(events) == ["a"]
+    assert only_reply(events) == Ack()
+    assert not proto.workloads
+    assert not is_open(fd)
+
+
+def test_del_of_an_unknown_uid_is_a_no_op_ack(proto: ZtunnelProtocol) -> None:
+    proto.connection_made()
+    snapshot(proto)
+    events = proto.receive(golden("del"))
+    assert events == [e for e in events if isinstance(e, SendReply)]
+    assert only_reply(events) == Ack()
+
+
+def test_re_add_in_the_same_netns_is_a_no_op(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    snapshot(proto)
+    fd = netns.new()
+    start_ok(proto, "a", fd)
+    again = netns.same_as(fd)
+    events = proto.receive(add("a"), [again])
+    assert only_reply(events) == Ack()
+    assert not [e for e in events if isinstance(e, StartProxy | StopProxy)]
+    assert not is_open(again)
+    assert is_open(fd)
+
+
+def test_re_add_in_another_netns_replaces_the_proxy(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    snapshot(proto)
+    old, new = netns.new(), netns.new()
+    start_ok(proto, "a", old)
+    events = proto.receive(add("a"), [new])
+    assert stopped(events) == ["a"]
+    start = [e for e in events if isinstance(e, StartProxy)]
+    assert len(start) == 1 and start[0].workload.netns_fd == new
+    assert events.index(next(e for e in events if isinstance(e, StopProxy))) < events.index(start[0])
+    assert not is_open(old)
+    assert only_reply(proto.proxy_started("a")) == Ack()
+    assert proto.workloads["a"].netns_fd == new
+
+
+# -- proxy start failures ---------------------------------------------------------------
+
+
+def test_a_proxy_that_cannot_start_is_nacked_pending_and_retried(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    proto.receive(add("a"), [fd])
+    nack = only_reply(proto.proxy_failed("a", "Bind([::]:15001, [Errno 98] Address already in use)"))
+    assert nack.error == "failure to start proxy : Bind([::]:15001, [Errno 98] Address already in use)"
+    assert proto.state is ConnectionState.SNAPSHOT, "the connection stays"
+    snapshot(proto)
+    w = proto.workloads["a"]
+    assert w.state is WorkloadState.PENDING and w.state.admin_name == "Pending"
+    assert w.last_error.startswith("Bind(")
+    assert proto.has_pending and not proto.ready
+    assert is_open(fd), "a pending workload keeps its netns for the retry"
+
+    (retry,) = proto.retry_pending()
+    assert retry.retry and retry.workload.netns_fd == fd
+    assert proto.proxy_failed("a", "still taken") == [], "a retry owes the node agent nothing"
+    assert w.failures == 2
+    (retry,) = proto.retry_pending()
+    assert proto.proxy_started("a") == []
+    assert proto.workloads["a"].state is WorkloadState.UP and not proto.workloads["a"].last_error
+    assert proto.ready
+    assert proto.retry_pending() == []
+
+
+def test_pending_workloads_are_forgotten_on_reconnect(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    proto.receive(add("a"), [fd])
+    proto.proxy_failed("a", "nope")
+    proto.connection_lost()
+    proto.connection_made()
+    assert "a" not in proto.workloads
+    assert not is_open(fd)
+
+
+def test_a_record_cannot_be_fed_while_a_start_is_unreported(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    proto.receive(add("a"), [netns.new()])
+    with pytest.raises(ProtocolUsageError):
+        proto.receive(req(SnapshotSent()))
+    with pytest.raises(ProtocolUsageError):
+        proto.proxy_started("b")
+    proto.proxy_started("a")
+
+
+def test_adding_a_pending_uid_again_retries_with_the_new_fd(proto: ZtunnelProtocol, netns: Netns) -> None:
+    proto.connection_made()
+    snapshot(proto)
+    first, second = netns.new(), netns.new()
+    proto.receive(add("a"), [first])
+    proto.proxy_failed("a", "nope")
+    events = proto.receive(add("a"), [second])
+    assert [e.workload.netns_fd for e in events if isinstance(e, StartProxy)] == [second]
+    assert not is_open(first)
+    assert only_reply(proto.proxy_started("a")) == Ack()
+    assert proto.ready
+
+
+# -- read errors: nack, close, reconnect; every fd closed -----------------------------
+
+BAD_RECORDS = {
+    "truncated": (
+        golden("keep"),
+        0,
+        socket.MSG_TRUNC,
+        "failure to read message : received truncated message",
+    ),
+    "ctrunc": (golden("add"), 1, socket.MSG_CTRUNC, "failure to read message : received truncated message"),
+    "two fds": (golden("add"), 2, 0, "failure to read message : Expected 1 FD, got 2"),
+    "two fds and garbage": (b"\xff\xff", 2, 0, "failure to read message : Expected 1 FD, got 2"),
+    "undecodable": (b"\xff", 0, 0, "failure to read message : failed to decode Protobuf message: "),
+    "undecodable with fd": (
+        b"\x0a\x05ab",
+        1,
+        0,
+        "failure to read message : failed to decode Protobuf message: ",
+    ),
+    "no payload": (b"\x20\x01", 0, 0, "failure to read message : no payload"),
+    "add without fd": (golden("add"), 0, 0, "failure to read message : No control message"),
+    "keep with fd": (golden("keep"), 1, 0, "failure to read message : Unexpected control message"),
+    "del with fd": (golden("del"), 1, 0, "failure to read message : Unexpected control message"),
+    "snapshot with fd": (
+        golden("snapshot_sent"),
+        1,
+        0,
+        "failure to read message : Unexpected control message",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_a_bad_record_is_nacked_closes_the_connection_and_leaks_no_fd(
+    proto: ZtunnelProtocol, netns: Netns, kind: str
+) -> None:
+    payload, nfds, flags, text = BAD_RECORDS[kind]
+    proto.connection_made()
+    kept = netns.new()
+    start_ok(proto, "kept", kept)
+    fds = [netns.new() for _ in range(nfds)]
+    events = proto.receive(payload, fds, flags)
+    nack = only_reply(events)
+    assert nack.error.startswith(text), nack.error
+    if not text.endswith(": "):
+        assert nack.error == text
+    assert isinstance(events[-1], CloseConnection)
+    assert not events[-1].fatal, "a read error reconnects"
+    assert proto.state is ConnectionState.DISCONNECTED
+    assert [fd for fd in fds if is_open(fd)] == []
+    assert is_open(kept) and proto.workloads["kept"].state is WorkloadState.UP
+    proto.connection_lost()
+    assert proto.connection_made() == b"\x08\x01", "the next connection works"
+
+
+@pytest.mark.parametrize("nfds", [0, 1, 3])
+def test_a_zero_byte_record_is_eof_without_a_reply(proto: ZtunnelProtocol, netns: Netns, nfds: int) -> None:
+    proto.connection_made()
+    fds = [netns.new() for _ in range(nfds)]
+    events = proto.receive(b"", fds)
+    assert events == [CloseConnection(reason="node agent closed the connection", peer_closed=True)]
+    assert [fd for fd in fds if is_open(fd)] == []
+
+
+# -- protocol errors: nack, close, stop for good -------------------------------------
+
+FATAL = {
+    "add without workload_info": (
+        [],
+        add("a", info=None),
+        1,
+        'failure to process message : ProtocolError("workload_info is required but not present")',
+    ),
+    "keep after snapshot": (
+        [req(SnapshotSent())],
+        golden("keep"),
+        0,
+        'failure to process message : ProtocolError("pod keep received after snapshot")',
+    ),
+    "second snapshot": (
+        [req(SnapshotSent())],
+        golden("snapshot_sent"),
+        0,
+        'failure to process message : ProtocolError("pod snapshot received already")',
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FATAL))
+def test_a_protocol_error_is_nacked_and_stops_the_manager_for_good(
+    proto: ZtunnelProtocol, netns: Netns, kind: str
+) -> None:
+    before, payload, nfds, text = FATAL[kind]
+    proto.connection_made()
+    for record in before:
+        only_reply(proto.receive(record))
+    fds = [netns.new() for _ in range(nfds)]
+    events = proto.receive(payload, fds)
+    assert only_reply(events).error == text
+    assert isinstance(events[-1], CloseConnection) and events[-1].fatal
+    assert proto.state is ConnectionState.STOPPED
+    assert proto.fatal_error == text
+    assert [fd for fd in fds if is_open(fd)] == []
+    proto.connection_lost()
+    with pytest.raises(ProtocolUsageError):
+        proto.connection_made()
+
+
+# -- readiness and shutdown -----------------------------------------------------------
+
+
+def test_readiness_needs_a_connection_and_a_reconciled_snapshot(proto: ZtunnelProtocol, netns: Netns) -> None:
+    assert not proto.ready
+    proto.connection_made()
+    assert not proto.ready
+    snapshot(proto)
+    assert proto.ready
+    proto.connection_lost()
+    assert not proto.ready
+    proto.connection_made()
+    assert not proto.ready, "a new connection is not ready until its own snapshot"
+    snapshot(proto)
+    assert proto.ready
+
+
+def test_a_start_interrupted_by_a_lost_connection_is_left_pending(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    proto.receive(add("a"), [fd])
+    proto.connection_lost()
+    assert proto.workloads["a"].state is WorkloadState.PENDING
+    proto.connection_made()
+    assert not is_open(fd)
+
+
+def test_drain_stops_every_proxy_and_closes_every_fd(netns: Netns) -> None:
+    proto = ZtunnelProtocol()
+    proto.connection_made()
+    fds = [netns.new() for _ in range(3)]
+    for i, fd in enumerate(fds):
+        start_ok(proto, f"w{i}", fd)
+    stops = proto.drain()
+    assert sorted(s.uid for s in stops) == ["w0", "w1", "w2"]
+    assert [fd for fd in fds if is_open(fd)] == []
+    assert not proto.workloads
