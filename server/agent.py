@@ -220,7 +220,7 @@ class NodeAgent(ConnectionObserver):
             if conn in self.connections:
                 self.connections.remove(conn)
         log.info(
-            "ztunnel disconnected (%s), total connected: %d",
+            "ztunnel disconnected: %s; total connected: %d",
             reason,
             len(self.connections),
             extra=conn.log_extra,

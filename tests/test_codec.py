@@ -43,7 +43,9 @@ EXPECTED = {
     "hello_v1": Hello(version=1),
     "add": AddWorkload(
         uid="pod-uid-1",
-        info=WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage"),
+        info=WorkloadInfo(
+            name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage"
+        ),
     ),
     "keep": KeepWorkload(uid="pod-uid-2"),
     "del": DelWorkload(uid="pod-uid-1"),
@@ -78,7 +80,9 @@ def test_vector_round_trips(name: str, message: str, text: str, wire: bytes) -> 
 
 
 @pytest.mark.parametrize(("name", "message", "text", "wire"), VECTOR_ROWS, ids=[r[0] for r in VECTOR_ROWS])
-def test_vector_text_format_matches_the_generated_schema(name: str, message: str, text: str, wire: bytes) -> None:
+def test_vector_text_format_matches_the_generated_schema(
+    name: str, message: str, text: str, wire: bytes
+) -> None:
     """The text_format column parses against our schema into exactly the vector's bytes."""
     msg = getattr(zds_pb2, message)()
     text_format.Parse(text, msg)
@@ -92,7 +96,12 @@ def test_delete_uses_field_number_two() -> None:
 
 def test_no_request_encodes_to_an_empty_record() -> None:
     # ztunnel reads a 0-byte record as EOF.
-    for request in (SnapshotSent(), KeepWorkload(uid=""), DelWorkload(uid=""), AddWorkload(uid="", info=None)):
+    for request in (
+        SnapshotSent(),
+        KeepWorkload(uid=""),
+        DelWorkload(uid=""),
+        AddWorkload(uid="", info=None),
+    ):
         assert encode_request(request) != b""
 
 

@@ -16,13 +16,16 @@ pytest.importorskip("grpc_tools")
 
 
 def compiled_descriptors(tmp_path: pathlib.Path) -> dict[str, bytes]:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     out = tmp_path / "set.pb"
     sources = sorted(p.name for p in PROTO_DIR.glob("*.proto"))
-    assert protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--descriptor_set_out={out}", *sources]) == 0
+    assert (
+        protoc.main(["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--descriptor_set_out={out}", *sources])
+        == 0
+    )
     fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     for f in fds.file:
         # protoc's descriptor set spells out json_name; the embedded descriptors omit it.

@@ -168,9 +168,14 @@ def test_eof_means_the_peer_is_gone() -> None:
 
 @pytest.mark.parametrize(
     ("record", "reason"),
-    [(rec(encode_ack(Ack()), fd_count=1), "file descriptor"), (rec(b"x" * 10, truncated=True), "exceeds 1024")],
+    [
+        (rec(encode_ack(Ack()), fd_count=1), "file descriptor"),
+        (rec(b"x" * 10, truncated=True), "exceeds 1024"),
+    ],
 )
-def test_fds_or_oversized_records_from_ztunnel_close_the_connection(record: ReceivedRecord, reason: str) -> None:
+def test_fds_or_oversized_records_from_ztunnel_close_the_connection(
+    record: ReceivedRecord, reason: str
+) -> None:
     p = ready_protocol()
     p.send(ADD, 0)
     [event] = p.receive(record, 0)

@@ -15,8 +15,8 @@ PROTO_DIR = ROOT / "proto"
 
 
 def generate(out: pathlib.Path) -> None:
-    from grpc_tools import protoc  # dev dependency (grpcio-tools)
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency (grpcio-tools)
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,192 @@
+"""`zds pod add|remove|list` against a real `zds server`, plus health and reflection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.harness import ZDS, NodeAgentProc, RawPeer, own_netns
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def server(tmp_path: object) -> Iterator[NodeAgentProc]:
+    proc = NodeAgentProc(str(tmp_path))
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def zds(server: NodeAgentProc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ZDS, *args, "--control-socket", server.control_socket], capture_output=True, text=True, timeout=60
+    )
+
+
+def serve_acks(peer: RawPeer, count: int, error: str = "") -> threading.Thread:
+    """Answer ``count`` requests on ``peer`` in the background."""
+
+    def run() -> None:
+        for _ in range(count):
+            got = peer.expect()
+            got.close_fds()
+            peer.ack(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def connected_peer(server: NodeAgentProc) -> RawPeer:
+    peer = RawPeer(server.zds_socket)
+    peer.hello()
+    peer.take_snapshot()
+    return peer
+
+
+def test_pod_add_prints_the_ack_and_exits_zero(server: NodeAgentProc) -> None:
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1)
+        out = zds(
+            server,
+            "pod",
+            "add",
+            "--uid",
+            "u1",
+            "--name",
+            "productpage",
+            "--namespace",
+            "bookinfo",
+            "--service-account",
+            "bookinfo-productpage",
+            "--netns",
+            own_netns(),
+        )
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 0, out.stderr
+    assert "pod u1 (bookinfo/productpage) enrolled: acked by ztunnel connection" in out.stdout
+
+
+def test_pod_add_by_pid(server: NodeAgentProc) -> None:
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1)
+        out = zds(server, "pod", "add", "--uid", "u1", "--netns-pid", str(os.getpid()))
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 0, out.stderr
+
+
+def test_pod_add_without_ztunnel_exits_nonzero_and_the_pod_stays_listed(server: NodeAgentProc) -> None:
+    out = zds(server, "pod", "add", "--uid", "u1", "--netns", own_netns())
+    assert out.returncode == 1
+    assert "no ztunnel connection" in out.stderr
+    listed = zds(server, "pod", "list", "--json")
+    [pod] = json.loads(listed.stdout)
+    assert (
+        pod["uid"] == "u1"
+        and pod["state"] == "POD_STATE_PENDING"
+        and pod["last_error"] == "no ztunnel connection"
+    )
+
+
+def test_pod_add_nack_exits_nonzero_with_the_nack_text(server: NodeAgentProc) -> None:
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1, error="failure to start proxy : address in use")
+        out = zds(server, "pod", "add", "--uid", "u1", "--netns", own_netns())
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 1
+    assert "FAILED_PRECONDITION: failure to start proxy : address in use" in out.stderr
+
+
+def test_pod_add_bad_netns_says_what_is_wrong(server: NodeAgentProc) -> None:
+    out = zds(server, "pod", "add", "--uid", "u1", "--netns", "/var/run/netns/zdst-missing")
+    assert out.returncode == 1
+    assert "INVALID_ARGUMENT" in out.stderr and "/var/run/netns/zdst-missing" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_pod_add_from_file_enrolls_many_over_one_connection(server: NodeAgentProc, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "pods.yaml")
+    with open(path, "w") as f:
+        f.write("pods:\n")
+        for i in range(5):
+            f.write(
+                f"  - {{uid: u{i}, name: p{i}, namespace: ns, service_account: sa, netns: '{own_netns()}'}}\n"
+            )
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 5)
+        out = zds(server, "pod", "add", "--from-file", path)
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("enrolled: acked") == 5
+    listed = zds(server, "pod", "list")
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:5] == ["UID", "NAME", "NAMESPACE", "SERVICE-ACCOUNT", "STATE"]
+    assert sorted(line.split()[0] for line in lines[1:]) == [f"u{i}" for i in range(5)]
+    assert all(line.split()[4] == "acked" for line in lines[1:])
+
+
+def test_pod_remove_reports_each_connection(server: NodeAgentProc) -> None:
+    zds(server, "pod", "add", "--uid", "u1", "--netns", own_netns())
+    peer = connected_peer(server)  # gets u1 in its snapshot
+    try:
+        thread = serve_acks(peer, 1)
+        out = zds(server, "pod", "remove", "--uid", "u1")
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 0, out.stderr
+    assert "DelWorkload to ztunnel connection" in out.stdout and "acked" in out.stdout
+    assert json.loads(zds(server, "pod", "list", "--json").stdout) == []
+    missing = zds(server, "pod", "remove", "--uid", "u1")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_pod_commands_say_when_the_node_agent_is_not_running(tmp_path: object) -> None:
+    out = subprocess.run(
+        [*ZDS, "pod", "list", "--control-socket", os.path.join(str(tmp_path), "nope.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "is `zds server` running" in out.stderr
+
+
+def test_health_service_answers_serving(server: NodeAgentProc) -> None:
+    with grpc.insecure_channel(f"unix:{server.control_socket}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "zds.v1.NodeAgent"):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_node_agent_service(server: NodeAgentProc) -> None:
+    with grpc.insecure_channel(f"unix:{server.control_socket}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [resp] = list(
+            stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
+        names = {s.name for s in resp.list_services_response.service}
+    assert {"zds.v1.NodeAgent", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,492 @@
+"""The node agent (`zds server` as a real process) against a raw-socket ztunnel stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.harness import NodeAgentProc, RawPeer, fd_count, own_netns, post_unix, wait_until
+from zds.gen import nodeagent_pb2
+from zds.netns import netns_identity
+from zds.protocol.messages import Ack, AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_ack
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def server_factory(tmp_path: object) -> Iterator[object]:
+    started: list[NodeAgentProc] = []
+
+    def start(*extra: str, name: str = "server", ready: bool = True) -> NodeAgentProc:
+        proc = NodeAgentProc(str(tmp_path), *extra, name=name)
+        started.append(proc)
+        return proc.wait_ready() if ready else proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def server(server_factory: object) -> NodeAgentProc:
+    return server_factory()  # type: ignore[operator,no-any-return]
+
+
+@pytest.fixture
+def peers() -> Iterator[list[RawPeer]]:
+    made: list[RawPeer] = []
+    yield made
+    for peer in made:
+        peer.close()
+
+
+def connect(server: NodeAgentProc, peers: list[RawPeer], *, snapshot: bool = True) -> RawPeer:
+    peer = RawPeer(server.zds_socket)
+    peers.append(peer)
+    if snapshot:
+        peer.hello()
+        for entry in peer.take_snapshot():
+            entry.close_fds()
+    return peer
+
+
+def add_in_thread(server: NodeAgentProc, uid: str, netns: str) -> tuple[threading.Thread, dict[str, object]]:
+    """AddPod blocks until the ack; run it beside the peer that answers."""
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["response"] = server.add_pod(uid, netns)
+        except grpc.RpcError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def pods_file(tmp_path: object, entries: list[dict[str, str]]) -> str:
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        for e in entries:
+            f.write(json.dumps(e) + "\n")
+    return path
+
+
+# -- hello ---------------------------------------------------------------------
+
+
+def test_a_v1_hello_gets_the_snapshot(server: NodeAgentProc, peers: list[RawPeer]) -> None:
+    peer = connect(server, peers, snapshot=False)
+    peer.send(bytes.fromhex("0801"))
+    assert peer.expect().payload == bytes.fromhex("1a00")  # empty cache: just SnapshotSent
+
+
+@pytest.mark.parametrize("hello", ["0802", "0800", "ff"])
+def test_only_a_v1_hello_is_accepted(server: NodeAgentProc, peers: list[RawPeer], hello: str) -> None:
+    peer = connect(server, peers, snapshot=False)
+    peer.send(bytes.fromhex(hello))
+    peer.expect_closed()
+    reason = "bad hello" if hello == "ff" else f"unsupported ZDS version {int(hello[2:])}"
+    server.wait_for_output(f"ztunnel disconnected: {reason}")
+
+
+def test_a_silent_peer_is_closed_after_the_hello_timeout(
+    server_factory: object, peers: list[RawPeer]
+) -> None:
+    server = server_factory("--hello-timeout", "0.5")  # type: ignore[operator]
+    peer = connect(server, peers, snapshot=False)
+    peer.expect_closed(timeout=10)
+    server.wait_for_output("no hello from ztunnel within 0.5s")
+
+
+# -- snapshot ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
+    server_factory: object, peers: list[RawPeer], tmp_path: object, loop: str
+) -> None:
+    entries = [
+        {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": own_netns()},
+        {"uid": "u2", "name": "b", "namespace": "ns", "service_account": "sa", "netns": f"pid:{os.getpid()}"},
+        {"uid": "u3", "name": "c", "namespace": "ns", "service_account": "sa", "netns": "/nonexistent/netns"},
+    ]
+    extra = ["--pods", pods_file(tmp_path, entries)] + (["--no-uvloop"] if loop == "asyncio" else [])
+    server = server_factory(*extra)  # type: ignore[operator]
+    peer = connect(server, peers, snapshot=False)
+    peer.hello()
+    seen = {}
+    for _ in range(3):
+        got = peer.expect()
+        # one in flight: nothing more arrives until we ack
+        assert peer.recv(timeout=0.3) is None
+        seen[got.request.uid] = (got.request, len(got.fds))  # type: ignore[union-attr]
+        if got.fds:
+            assert netns_identity(got.fds[0]).ino == os.stat(own_netns()).st_ino
+        got.close_fds()
+        peer.ack()
+    assert seen == {
+        "u1": (AddWorkload("u1", WorkloadInfo("a", "ns", "sa")), 1),
+        "u2": (AddWorkload("u2", WorkloadInfo("b", "ns", "sa")), 1),
+        "u3": (KeepWorkload("u3"), 0),
+    }
+    assert peer.expect().payload == bytes.fromhex("1a00")
+    peer.ack()
+    server.wait_for_output("netns unavailable; the pod stays known and is sent as KeepWorkload")
+
+
+def test_pods_file_pods_are_listed_before_any_ztunnel_connects(
+    server_factory: object, tmp_path: object
+) -> None:
+    entries = [
+        {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": own_netns()},
+        {"uid": "u3", "name": "c", "namespace": "ns", "service_account": "sa", "netns": "/nonexistent/netns"},
+    ]
+    server = server_factory("--pods", pods_file(tmp_path, entries))  # type: ignore[operator]
+    pods = {p.uid: p for p in server.list_pods()}
+    assert set(pods) == {"u1", "u3"}
+    assert pods["u1"].netns.ino == os.stat(own_netns()).st_ino
+    assert not pods["u3"].HasField("netns")
+    assert all(p.state == nodeagent_pb2.POD_STATE_PENDING for p in pods.values())
+
+
+# -- live updates ----------------------------------------------------------------
+
+
+def test_add_goes_to_the_newest_connection_only_and_delete_to_all(
+    server: NodeAgentProc, peers: list[RawPeer]
+) -> None:
+    old = connect(server, peers)
+    new = connect(server, peers)
+    thread, result = add_in_thread(server, "u1", own_netns())
+    got = new.expect()
+    assert got.request == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
+    got.close_fds()
+    assert old.recv(timeout=0.3) is None
+    new.ack()
+    thread.join(10)
+    assert "response" in result
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (server.remove_pod("u1"), done.set())).start()
+    for peer in (old, new):
+        got = peer.expect()
+        assert got.request == DelWorkload("u1") and got.fds == []
+        peer.ack()
+    assert done.wait(10)
+
+
+def test_a_nack_is_reported_with_its_text_and_the_pod_stays_cached(
+    server: NodeAgentProc, peers: list[RawPeer]
+) -> None:
+    peer = connect(server, peers)
+    thread, result = add_in_thread(server, "u1", own_netns())
+    peer.expect().close_fds()
+    peer.ack("failure to start proxy : port taken")
+    thread.join(10)
+    err = result["error"]
+    assert isinstance(err, grpc.RpcError)
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "failure to start proxy : port taken" in (err.details() or "")
+    [pod] = server.list_pods()
+    assert (
+        pod.state == nodeagent_pb2.POD_STATE_FAILED
+        and pod.last_error == "failure to start proxy : port taken"
+    )
+
+
+def test_without_ztunnel_add_is_unavailable_and_the_pod_goes_out_in_the_next_snapshot(
+    server: NodeAgentProc, peers: list[RawPeer]
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        server.add_pod("u1", own_netns())
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "no ztunnel connection" in (info.value.details() or "")
+    peer = connect(server, peers, snapshot=False)
+    peer.hello()
+    got = peer.expect()
+    assert got.request == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
+    got.close_fds()
+    peer.ack()
+    assert peer.expect().payload == bytes.fromhex("1a00")
+    peer.ack()
+    wait_until(lambda: server.list_pods()[0].state == nodeagent_pb2.POD_STATE_ACKED, what="pod acked")
+
+
+def test_delete_is_done_even_without_a_ztunnel(server: NodeAgentProc) -> None:
+    with pytest.raises(grpc.RpcError):
+        server.add_pod("u1", own_netns())
+    resp = server.remove_pod("u1")
+    assert resp.pod.uid == "u1" and list(resp.deliveries) == []
+    assert server.list_pods() == []
+
+
+@pytest.mark.parametrize(
+    ("uid", "netns", "name", "text"),
+    [
+        ("", own_netns(), "x", "pod uid is empty"),
+        ("u1", "/nonexistent/netns", "x", "/nonexistent/netns"),
+        ("u1", "/etc/hostname", "x", "not a network namespace"),
+        ("u1", own_netns(), "n" * 1100, "1024"),
+    ],
+)
+def test_bad_input_is_invalid_argument_and_not_cached(
+    server: NodeAgentProc, uid: str, netns: str, name: str, text: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        server.add_pod(uid, netns, name=name)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert text in (info.value.details() or "")
+    assert "Traceback" not in (info.value.details() or "")
+    assert server.list_pods() == []
+
+
+def test_removing_an_unknown_pod_is_not_found(server: NodeAgentProc) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        server.remove_pod("nope")
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+# -- connection health -------------------------------------------------------------
+
+
+def test_a_missing_ack_closes_the_connection_after_the_deadline(
+    server_factory: object, peers: list[RawPeer]
+) -> None:
+    server = server_factory("--ack-timeout", "0.5")  # type: ignore[operator]
+    peer = connect(server, peers)
+    thread, result = add_in_thread(server, "u1", own_netns())
+    peer.expect().close_fds()  # ... and never ack
+    peer.expect_closed()
+    thread.join(10)
+    assert isinstance(result["error"], grpc.RpcError)
+    assert result["error"].code() is grpc.StatusCode.UNAVAILABLE
+    server.wait_for_output("no ack for add within 0.5s")
+
+
+def test_idle_keepalive_notices_a_peer_that_went_away(server_factory: object, peers: list[RawPeer]) -> None:
+    server = server_factory("--keepalive-interval", "0.2")  # type: ignore[operator]
+    peer = connect(server, peers)
+    server.wait_for_output("total connected: 1")
+    peer.close()
+    server.wait_for_output("ztunnel disconnected: ztunnel closed the connection; total connected: 0")
+
+
+def test_unprompted_message_while_idle_closes_the_connection(
+    server_factory: object, peers: list[RawPeer]
+) -> None:
+    server = server_factory("--keepalive-interval", "0.2")  # type: ignore[operator]
+    peer = connect(server, peers)
+    peer.send(encode_ack(Ack()))
+    peer.expect_closed()
+    server.wait_for_output("unexpected message from ztunnel")
+
+
+def test_connections_beyond_max_connections_are_refused(server_factory: object, peers: list[RawPeer]) -> None:
+    server = server_factory("--max-connections", "2")  # type: ignore[operator]
+    connect(server, peers)
+    connect(server, peers)
+    third = connect(server, peers, snapshot=False)
+    third.expect_closed()
+    server.wait_for_output("already 2 connected")
+
+
+def test_at_most_five_connections_are_accepted_per_second(
+    server_factory: object, peers: list[RawPeer]
+) -> None:
+    server = server_factory("--max-connections", "20")  # type: ignore[operator]
+    start = time.monotonic()
+    answered = []
+    for _ in range(11):
+        peer = connect(server, peers, snapshot=False)
+        peer.hello()
+    for peer in peers:
+        assert peer.expect().payload == bytes.fromhex("1a00")
+        answered.append(time.monotonic() - start)
+        peer.ack()
+    # burst 1 then one every 200 ms: the 11th cannot be served before 2 s have passed
+    assert answered[-1] >= 1.9
+
+
+# -- the socket file ------------------------------------------------------------------
+
+
+def test_socket_file_is_0600_and_a_stale_one_is_replaced(server_factory: object, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "ztunnel", "ztunnel.sock")
+    os.makedirs(os.path.dirname(path))
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(path)
+    stale.close()  # leaves the file behind, as a crashed node agent would
+    server = server_factory()  # type: ignore[operator]
+    assert stat.S_IMODE(os.stat(server.zds_socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(server.control_socket).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(server.zds_socket).st_mode)
+    peer = RawPeer(server.zds_socket)
+    peer.hello()
+    assert peer.expect().payload == bytes.fromhex("1a00")
+    peer.close()
+
+
+def test_a_regular_file_at_the_socket_path_is_not_clobbered(server_factory: object, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "ztunnel", "ztunnel.sock")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write("precious")
+    server = server_factory(ready=False)  # type: ignore[operator]
+    assert server.proc.wait(15) == 1
+    server.wait_for_output("is not a socket; refusing to replace it")
+    with open(path) as f:
+        assert f.read() == "precious"
+
+
+def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) -> None:
+    assert server.stop() == 0
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        assert not os.path.exists(path)
+
+
+# -- fds -----------------------------------------------------------------------------
+
+
+def test_replacing_a_pod_closes_its_old_netns_fd(server: NodeAgentProc) -> None:
+    def add(stub: object, netns: str) -> None:
+        request = nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path=netns)
+        with pytest.raises(grpc.RpcError):  # no ztunnel: cached, UNAVAILABLE
+            stub.AddPod(request, timeout=30)  # type: ignore[attr-defined]
+
+    with server.control() as stub:
+        add(stub, own_netns())
+        baseline = fd_count(server.pid)
+        for netns in (f"/proc/{os.getppid()}/ns/net", own_netns(), f"/proc/{os.getppid()}/ns/net"):
+            add(stub, netns)
+        assert fd_count(server.pid) == baseline
+        [pod] = stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=30).pods
+        assert pod.netns.ino == os.stat(f"/proc/{os.getppid()}/ns/net").st_ino
+
+
+@pytest.mark.slow
+def test_thousand_pods_enrolled_and_removed_leave_no_fd_behind(
+    server: NodeAgentProc, peers: list[RawPeer]
+) -> None:
+    peer = connect(server, peers)
+    stop = threading.Event()
+    acked = {"add": 0, "del": 0}
+
+    def ztunnel() -> None:
+        while not stop.is_set():
+            got = peer.recv(timeout=0.1)
+            if got is None:
+                continue
+            if not got.payload:
+                return
+            acked["add" if got.fds else "del"] += 1
+            got.close_fds()
+            peer.ack()
+
+    thread = threading.Thread(target=ztunnel, daemon=True)
+    thread.start()
+    try:
+        with server.control() as stub:
+            # warm up gRPC's own fds before taking the baseline
+            stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=30)
+            baseline = fd_count(server.pid)
+            for i in range(1000):
+                stub.AddPod(
+                    nodeagent_pb2.AddPodRequest(
+                        uid=f"u{i}", name=f"p{i}", namespace="ns", netns_path=own_netns()
+                    ),
+                    timeout=30,
+                )
+            assert fd_count(server.pid) >= baseline + 1000  # each cached pod holds its netns open
+            for i in range(1000):
+                stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid=f"u{i}"), timeout=30)
+            assert fd_count(server.pid) == baseline
+    finally:
+        stop.set()
+        thread.join(5)
+    assert acked == {"add": 1000, "del": 1000}
+
+
+# -- CNI plugin endpoint ----------------------------------------------------------------
+
+
+def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(
+    server: NodeAgentProc, peers: list[RawPeer]
+) -> None:
+    peer = connect(server, peers)
+    body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop", "IPs": []}).encode()
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(answer=post_unix(server.cni_socket, "/cmdadd", body))
+    )
+    thread.start()
+    got = peer.expect()
+    request = got.request
+    got.close_fds()
+    peer.ack()
+    thread.join(10)
+    assert result["answer"] == (200, "")
+    assert isinstance(request, AddWorkload)
+    assert request.info == WorkloadInfo("web", "shop", "default")
+    again = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+    thread = threading.Thread(
+        target=lambda: result.update(answer=post_unix(server.cni_socket, "/cmdadd", again))
+    )
+    thread.start()
+    second = peer.expect()
+    second.close_fds()
+    peer.ack()
+    thread.join(10)
+    assert second.request.uid == request.uid  # type: ignore[union-attr]  # stable derivation
+
+
+def test_cni_event_with_explicit_uid_and_service_account(server: NodeAgentProc, peers: list[RawPeer]) -> None:
+    peer = connect(server, peers)
+    body = json.dumps(
+        {
+            "Netns": own_netns(),
+            "PodName": "web",
+            "PodNamespace": "shop",
+            "PodUID": "abc",
+            "ServiceAccount": "web-sa",
+        }
+    ).encode()
+    thread = threading.Thread(target=post_unix, args=(server.cni_socket, "/cmdadd", body))
+    thread.start()
+    got = peer.expect()
+    got.close_fds()
+    peer.ack()
+    thread.join(10)
+    assert got.request == AddWorkload("abc", WorkloadInfo("web", "shop", "web-sa"))
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[]", "JSON object"),
+        (json.dumps({"PodName": "web", "PodNamespace": "shop"}).encode(), "Netns"),
+        (json.dumps({"Netns": "/x", "PodName": 3, "PodNamespace": "shop"}).encode(), "PodName"),
+    ],
+)
+def test_cni_malformed_body_is_400(server: NodeAgentProc, body: bytes, text: str) -> None:
+    status, answer = post_unix(server.cni_socket, "/cmdadd", body)
+    assert status == 400 and text in answer
+
+
+def test_cni_failed_enrollment_is_500_with_the_reason(server: NodeAgentProc) -> None:
+    body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+    status, answer = post_unix(server.cni_socket, "/cmdadd", body)
+    assert status == 500 and "no ztunnel connection" in answer
+    body = json.dumps({"Netns": "/nonexistent", "PodName": "web", "PodNamespace": "shop"}).encode()
+    status, answer = post_unix(server.cni_socket, "/cmdadd", body)
+    assert status == 500 and "/nonexistent" in answer
