@@ -1,0 +1,75 @@
+"""zds.server, zds.client and zds.netns import from a built wheel, not only from the checkout."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_wheel_installs_every_subpackage_under_zds(tmp_path: pathlib.Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("zds-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (
+        "zds/server/agent.py",
+        "zds/client/__init__.py",
+        "zds/netns/handle.py",
+        "zds/gen/nodeagent_pb2.py",
+        "zds/gen/zds_pb2.pyi",
+        "zds/py.typed",
+    ):
+        assert module in names
+    assert not any(
+        n.startswith(("server/", "client/", "netns/")) for n in names
+    )  # no bare top-level packages
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        timeout=300,
+    )
+    # Run from an empty directory with only the installed copy ahead of the venv on the path.
+    code = "import zds.server.agent, zds.client, zds.netns, zds.cli, zds; print(zds.server.agent.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip().startswith(str(target))
+    help_out = subprocess.run(
+        [sys.executable, "-m", "zds", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert help_out.returncode == 0 and "server" in help_out.stdout
