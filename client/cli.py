@@ -1,10 +1,154 @@
-"""Placeholder: filled in by its own change."""
+"""``zds ztunnel``: the ztunnel side, on the command line.
+
+Flag names are a contract (DESIGN.md §8); ports, paths and timeouts default
+to ``zds.defaults``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from zds import defaults, runtime
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    del sub
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add the ``ztunnel`` command."""
+    p = sub.add_parser(
+        "ztunnel",
+        help="the ztunnel side: take pods from a node agent, listen inside each pod's netns",
+        description=(
+            "Connect to a ZDS node agent (zds server, or Istio's CNI node agent), take its "
+            "snapshot, and open each enrolled pod's TCP listeners (15001 outbound, 15006 inbound, "
+            "15008 HBONE) inside the pod's network namespace, acking every message as ztunnel does. "
+            "HTTP listen flags take HOST:PORT (port 0: any free port, logged) or 'off'."
+        ),
+    )
+    p.add_argument(
+        "--zds-socket",
+        default=defaults.ZDS_SOCKET,
+        metavar="PATH",
+        help="the node agent's ZDS socket (default %(default)s; ztunnel's INPOD_UDS)",
+    )
+    p.add_argument(
+        "--admin-listen",
+        default=defaults.ADMIN_LISTEN,
+        metavar="HOST:PORT",
+        help="admin endpoint, /config_dump (default %(default)s)",
+    )
+    p.add_argument(
+        "--readiness-listen",
+        default=defaults.READINESS_LISTEN,
+        metavar="HOST:PORT",
+        help="readiness endpoint, /healthz/ready (default %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=defaults.METRICS_LISTEN,
+        metavar="HOST:PORT",
+        help="Prometheus endpoint, /metrics (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-listeners",
+        action="store_true",
+        help="protocol only: check each netns fd and ack, but open no socket in the pods",
+    )
+    p.add_argument("--outbound-port", type=_port, default=defaults.OUTBOUND_PORT, metavar="PORT")
+    p.add_argument("--inbound-port", type=_port, default=defaults.INBOUND_PLAINTEXT_PORT, metavar="PORT")
+    p.add_argument("--hbone-port", type=_port, default=defaults.INBOUND_HBONE_PORT, metavar="PORT")
+    p.add_argument(
+        "--mark",
+        type=int,
+        default=defaults.ZTUNNEL_MARK,
+        help="SO_MARK on the sockets made in pods (default %(default)s, ztunnel's PACKET_MARK)",
+    )
+    p.add_argument(
+        "--no-port-reuse",
+        action="store_true",
+        help="no SO_REUSEPORT on in-pod listeners (ztunnel's INPOD_PORT_REUSE=false); "
+        "then a second ztunnel cannot serve a pod the first still serves",
+    )
+    p.add_argument(
+        "--retry-interval",
+        type=_seconds,
+        default=defaults.PENDING_RETRY_INTERVAL,
+        metavar="SECONDS",
+        help="retry pending proxies this often (default %(default)s, ztunnel's)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=defaults.DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for established connections (default %(default)s)",
+    )
+    p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``zds ztunnel`` until a signal (0) or a fatal protocol error (1)."""
+    from zds.client.admin import ListenAddressError, parse_listen
+    from zds.client.app import Ztunnel, ZtunnelConfig
+    from zds.client.listeners import default_specs
+    from zds.client.workloads import ProxySettings
+
+    ports = [args.outbound_port, args.inbound_port, args.hbone_port]
+    if len(set(ports)) != len(ports):
+        print(f"zds ztunnel: the in-pod ports must differ, got {ports}", file=sys.stderr)
+        return 2
+    for flag in ("admin_listen", "readiness_listen", "metrics_listen"):
+        value = getattr(args, flag)
+        if value.strip().lower() in ("off", "none", ""):
+            continue
+        try:
+            parse_listen(value)
+        except ListenAddressError as exc:
+            print(f"zds ztunnel: --{flag.replace('_', '-')}: {exc}", file=sys.stderr)
+            return 2
+    if not args.no_listeners:
+        # setns and SO_MARK need these (ztunnel checks them at start-up too).
+        problem = runtime.privilege_error("ztunnel", ("CAP_SYS_ADMIN", "CAP_NET_ADMIN"))
+        if problem:
+            print(f"{problem} (or run with --no-listeners)", file=sys.stderr)
+            return 1
+    config = ZtunnelConfig(
+        zds_socket=args.zds_socket,
+        admin_listen=args.admin_listen,
+        readiness_listen=args.readiness_listen,
+        metrics_listen=args.metrics_listen,
+        proxy=ProxySettings(
+            listeners=not args.no_listeners,
+            specs=default_specs(args.outbound_port, args.inbound_port, args.hbone_port),
+            mark=args.mark,
+            reuse_port=not args.no_port_reuse,
+        ),
+        retry_interval=args.retry_interval,
+        drain_timeout=args.drain_timeout,
+    )
+    ztunnel = Ztunnel(config)
+    try:
+        code = runtime.run(ztunnel.run(), use_uvloop=not args.no_uvloop)
+    except ListenAddressError as exc:
+        print(f"zds ztunnel: {exc}", file=sys.stderr)
+        return 1
+    if code != 0 and ztunnel.protocol.fatal_error:
+        print(f"zds ztunnel: stopped for good: {ztunnel.protocol.fatal_error}", file=sys.stderr)
+    return code

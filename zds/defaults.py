@@ -59,3 +59,16 @@ METRICS_LISTEN = "127.0.0.1:15020"
 # --- namespaces ---------------------------------------------------------------
 #: Where named network namespaces live (as with `ip netns`).
 NETNS_RUN_DIR = "/var/run/netns"
+
+# --- ztunnel side (appended by the ztunnel change) -------------------------------
+#: Jitter on the reconnect backoff: each delay is scaled by 1 ± this
+#: (ztunnel's randomization_factor on its announce backoff).
+RECONNECT_JITTER = 0.2
+#: Seconds ``zds ztunnel`` gives established connections to finish on SIGTERM
+#: before closing them (the listeners close at once).
+DRAIN_TIMEOUT = 5.0
+#: Status of ``/healthz/ready`` while not ready: ztunnel answers 500
+#: ("not ready, pending: ..."), not 503 (src/readiness/server.rs).
+READINESS_NOT_READY_STATUS = 500
+#: The readiness task name ztunnel's in-pod manager registers.
+READINESS_TASK = "workload proxy manager"

@@ -1,0 +1,171 @@
+"""ztunnel's local HTTP endpoints: admin ``/config_dump``, readiness, metrics.
+
+As ztunnel serves them: admin on 127.0.0.1:15000 (``/config_dump``, whose
+``workloadState`` key is the in-pod manager's view, ``src/inpod/admin.rs``),
+readiness on 15021 (``/healthz/ready``: 200 ``ready``, or 500 ``not ready,
+pending: ...``, ``src/readiness/server.rs``) and Prometheus metrics on 15020
+(``/metrics`` and ``/stats/prometheus``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from zds import defaults
+from zds.client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger("zds.ztunnel.http")
+
+#: What a listen flag accepts to mean "do not serve this endpoint".
+OFF = ("off", "none", "")
+
+
+class ListenAddressError(ValueError):
+    """A HOST:PORT flag value that cannot be used."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port); port 0 picks a free one."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ListenAddressError(f"bad listen address {value!r}: expected [V6ADDR]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ListenAddressError(f"bad listen address {value!r}: expected HOST:PORT")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ListenAddressError(f"bad port in listen address {value!r}: expected 0-65535")
+    return host or "0.0.0.0", int(port_text)
+
+
+def bind_tcp(value: str) -> socket.socket:
+    """A listening TCP socket for ``HOST:PORT`` (in this, the host's, netns)."""
+    host, port = parse_listen(value)
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        addr: tuple[Any, ...] = (host, port)
+    except ValueError:
+        try:
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise ListenAddressError(f"cannot resolve {host!r} in listen address {value!r}: {exc}") from exc
+        family, addr = info[0], info[4]
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenAddressError(f"cannot listen on {value}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def format_sockname(sock: socket.socket) -> str:
+    """``host:port`` of a bound socket (``[v6]:port`` for IPv6)."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Views:
+    """Where the endpoints read from: callables, so they always show the current state."""
+
+    config_dump: Callable[[], dict[str, Any]]
+    ready: Callable[[], bool]
+    metrics: Callable[[], str]
+
+
+def admin_routes(views: Views) -> list[web.RouteDef]:
+    async def config_dump(request: web.Request) -> web.Response:
+        return web.Response(
+            text=json.dumps(views.config_dump(), indent=2, sort_keys=False) + "\n",
+            content_type="application/json",
+        )
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text="zds ztunnel admin\n  /config_dump  dump the current state\n")
+
+    return [web.get("/config_dump", config_dump), web.get("/", index)]
+
+
+def readiness_routes(views: Views) -> list[web.RouteDef]:
+    async def ready(request: web.Request) -> web.Response:
+        if views.ready():
+            return web.Response(text="ready\n")
+        return web.Response(
+            status=defaults.READINESS_NOT_READY_STATUS,
+            text=f"not ready, pending: {defaults.READINESS_TASK}\n",
+        )
+
+    return [web.get("/healthz/ready", ready)]
+
+
+def metrics_routes(views: Views) -> list[web.RouteDef]:
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(text=views.metrics())
+        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return response
+
+    return [web.get("/metrics", metrics), web.get("/stats/prometheus", metrics)]
+
+
+class HttpEndpoints:
+    """The admin, readiness and metrics servers; one server per distinct address."""
+
+    def __init__(self) -> None:
+        self._runners: list[web.AppRunner] = []
+        #: endpoint name → bound address, e.g. {"admin": "127.0.0.1:15000"}.
+        self.bound: dict[str, str] = {}
+
+    async def start(self, listens: dict[str, str], routes: dict[str, list[web.RouteDef]]) -> None:
+        """Serve ``routes[name]`` on ``listens[name]`` for each name not switched off.
+
+        Names given the same non-zero address share one server.
+        """
+        groups: dict[str, list[str]] = {}
+        for name, value in listens.items():
+            if value.strip().lower() in OFF:
+                continue
+            key = value if parse_listen(value)[1] != 0 else f"{value}#{name}"
+            groups.setdefault(key, []).append(name)
+        try:
+            for names in groups.values():
+                address = listens[names[0]]
+                sock = bind_tcp(address)
+                app = web.Application()
+                for name in names:
+                    app.add_routes(routes[name])
+                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                try:
+                    await runner.setup()
+                    await web.SockSite(runner, sock).start()
+                except BaseException:
+                    sock.close()
+                    await runner.cleanup()
+                    raise
+                self._runners.append(runner)
+                for name in names:
+                    self.bound[name] = format_sockname(sock)
+                    log.info("%s listening on %s", name, self.bound[name])
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop every server."""
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()

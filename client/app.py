@@ -1,0 +1,211 @@
+"""``zds ztunnel`` put together: the ZDS client, the proxies, the HTTP endpoints,
+and a graceful stop on SIGTERM/SIGINT.
+
+Shutdown, as ztunnel drains: stop reading from the node agent, close every
+listener at once, give established connections ``drain_timeout`` to finish,
+then close what is left and every netns fd. A fatal protocol error also closes
+everything, and the process exits 1 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zds import defaults
+from zds.client.admin import HttpEndpoints, Views, admin_routes, metrics_routes, readiness_routes
+from zds.client.connection import FatalProtocolError, ZdsClient
+from zds.client.listeners import ConnectionHandler
+from zds.client.metrics import ZtunnelMetrics
+from zds.client.workloads import ProxySettings, WorkloadProxies
+from zds.netns import NetnsError, NetnsIdentity, netns_identity
+from zds.protocol.ztunnel import WorkloadState, ZtunnelProtocol
+
+log = logging.getLogger("zds.ztunnel")
+
+
+@dataclass(frozen=True)
+class ZtunnelConfig:
+    """Everything ``zds ztunnel`` is told on its command line."""
+
+    zds_socket: str = defaults.ZDS_SOCKET
+    admin_listen: str = defaults.ADMIN_LISTEN
+    readiness_listen: str = defaults.READINESS_LISTEN
+    metrics_listen: str = defaults.METRICS_LISTEN
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    retry_interval: float = defaults.PENDING_RETRY_INTERVAL
+    drain_timeout: float = defaults.DRAIN_TIMEOUT
+
+
+def identify_netns(fd: int) -> Hashable:
+    """The netns identity of ``fd`` for the state machine (OSError if it has none)."""
+    try:
+        return netns_identity(fd)
+    except NetnsError as exc:
+        raise OSError(str(exc)) from exc
+
+
+class Ztunnel:
+    """One ``zds ztunnel`` process's worth of state and tasks."""
+
+    def __init__(
+        self, config: ZtunnelConfig, handlers: Mapping[str, ConnectionHandler] | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = ZtunnelMetrics()
+        self.protocol = ZtunnelProtocol(identify=identify_netns)
+        self.proxies = WorkloadProxies(config.proxy, self.metrics, handlers)
+        self.client = ZdsClient(
+            config.zds_socket,
+            self.protocol,
+            self.proxies,
+            self.metrics,
+            retry_interval=config.retry_interval,
+        )
+        self.http = HttpEndpoints()
+        self.metrics.observe(
+            "workload_manager_active_proxy_count",
+            lambda: sum(1 for w in self.protocol.workloads.values() if w.state is WorkloadState.UP),
+        )
+        self.metrics.observe(
+            "workload_manager_pending_proxy_count",
+            lambda: sum(1 for w in self.protocol.workloads.values() if w.state is not WorkloadState.UP),
+        )
+        self.metrics.observe("zds_ztunnel_connected", lambda: float(self.client.connected))
+        self.metrics.observe("zds_ztunnel_ready", lambda: float(self.ready))
+
+    @property
+    def ready(self) -> bool:
+        """ztunnel's readiness: connected, the snapshot reconciled, nothing pending."""
+        return self.protocol.ready
+
+    # -- views -----------------------------------------------------------------------
+    def config_dump(self) -> dict[str, Any]:
+        """ztunnel's ``workloadState`` shape, with zds's extras beside ztunnel's fields."""
+        states: dict[str, Any] = {}
+        for uid, w in sorted(self.protocol.workloads.items()):
+            proxy = self.proxies.get(uid)
+            netns: dict[str, int] | None = None
+            if isinstance(w.netns_id, NetnsIdentity):
+                netns = {"dev": w.netns_id.dev, "ino": w.netns_id.ino}
+            states[uid] = {
+                "state": w.state.admin_name,
+                "info": {
+                    "name": w.info.name,
+                    "namespace": w.info.namespace,
+                    "serviceAccount": w.info.service_account,
+                },
+                # zds extras:
+                "netns": netns,
+                "listeners": [
+                    {"name": listener.spec.name, "address": listener.address}
+                    for listener in (proxy.listeners if proxy else [])
+                ],
+                "activeConnections": proxy.connection_count if proxy else 0,
+                "lastError": w.last_error or None,
+                "startFailures": w.failures,
+            }
+        settings = self.config.proxy
+        return {
+            "workloadState": states,
+            "zds": {
+                "zdsSocket": self.config.zds_socket,
+                "connectionState": self.protocol.state.value,
+                "connected": self.client.connected,
+                "ready": self.ready,
+                "connections": self.client.connections,
+                "lastError": self.client.last_error,
+                "fatalError": self.protocol.fatal_error,
+                "listeners": settings.listeners,
+                "ports": {spec.name: spec.port for spec in settings.specs},
+                "mark": settings.mark,
+                "reusePort": settings.reuse_port,
+                "pendingRetryInterval": self.config.retry_interval,
+            },
+        }
+
+    # -- running -------------------------------------------------------------------
+    async def start_http(self) -> None:
+        """Bind and serve the admin, readiness and metrics endpoints."""
+        views = Views(config_dump=self.config_dump, ready=lambda: self.ready, metrics=self.metrics.render)
+        await self.http.start(
+            {
+                "admin": self.config.admin_listen,
+                "readiness": self.config.readiness_listen,
+                "metrics": self.config.metrics_listen,
+            },
+            {
+                "admin": admin_routes(views),
+                "readiness": readiness_routes(views),
+                "metrics": metrics_routes(views),
+            },
+        )
+
+    async def shutdown(self) -> None:
+        """Close every listener now, let connections finish (bounded), release every netns fd."""
+        stopped = self.proxies.stop_all("ztunnel is shutting down", abort=False)
+        pending = [proxy.wait_connections() for proxy in stopped if proxy.connection_count]
+        if pending:
+            log.info("waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(pending))
+            try:
+                await asyncio.wait_for(asyncio.gather(*pending), self.config.drain_timeout)
+            except TimeoutError:
+                log.warning("drain timeout: closing the connections still open")
+            for proxy in stopped:
+                for server in proxy.servers:
+                    server.abort_connections()
+                await proxy.wait_connections()
+        self.protocol.drain()
+        await self.http.close()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit 0) or a fatal protocol error (exit 1)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start_http()
+            log.info(
+                "zds ztunnel connecting to the node agent at %s (%s)",
+                self.config.zds_socket,
+                "listeners "
+                + ", ".join(f"{s.name}={s.port}" for s in self.config.proxy.specs)
+                + f", mark {self.config.proxy.mark}"
+                if self.config.proxy.listeners
+                else "no listeners: protocol only",
+            )
+            client = loop.create_task(self.client.run(), name="zds client")
+            stopping = loop.create_task(stop.wait(), name="wait for a signal")
+            await asyncio.wait({client, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            code = 0
+            if client.done():
+                stopping.cancel()
+                exc = client.exception()
+                if isinstance(exc, FatalProtocolError):
+                    log.error("in-pod workload manager stopped for good: %s", exc)
+                    code = 1
+                elif exc is not None:
+                    raise exc
+            else:
+                log.info("signal received: draining")
+                # Stop reading first: nothing new is taken on while the listeners close.
+                client.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await client
+            await self.shutdown()
+            log.info("zds ztunnel stopped")
+            return code
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            # On any error path: release sockets and fds too (idempotent).
+            self.proxies.stop_all("ztunnel is exiting")
+            self.protocol.drain()
+            await self.http.close()

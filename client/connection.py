@@ -1,0 +1,253 @@
+"""The ZDS client loop: connect to the node agent, say hello, answer every request.
+
+The asyncio half of ztunnel's ``workloadmanager.rs``; every decision is in
+``zds.protocol.ztunnel``. This layer moves records between the socket and the
+state machine, runs the proxy starts and stops the state machine asks for,
+and keeps two timers:
+
+- reconnecting: after a connection ends the next attempt is immediate if that
+  connection had reconciled a snapshot (a node-agent restart), otherwise it
+  waits the next backoff delay (10 ms doubling to 15 s, with jitter), as it
+  does while the node agent cannot be reached at all;
+- retrying: while a workload is pending, every 5 s its proxy is started again
+  (the timer keeps running while records come and go, like ztunnel's).
+
+A fatal protocol error ends ``run`` with ``FatalProtocolError``: ztunnel's
+in-pod manager does not reconnect then (``zds ztunnel`` exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from zds import defaults
+from zds.client.backoff import Backoff
+from zds.client.metrics import ZtunnelMetrics
+from zds.client.workloads import ProxyStartError, WorkloadProxies, workload_log_extra
+from zds.protocol.messages import request_kind
+from zds.protocol.ztunnel import (
+    PROCESS_FAILURE,
+    READ_FAILURE,
+    START_FAILURE,
+    CloseConnection,
+    ConnectionState,
+    Event,
+    SendReply,
+    SnapshotReconciled,
+    StartProxy,
+    StopProxy,
+    ZtunnelProtocol,
+)
+from zds.transport import Record, SeqpacketConnection, connect
+
+log = logging.getLogger("zds.ztunnel")
+
+
+class FatalProtocolError(Exception):
+    """The node agent broke the protocol in a way ztunnel does not retry (``ProtocolError``)."""
+
+
+class ZdsClient:
+    """One ztunnel's connection to its node agent, reconnected for as long as it runs."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        protocol: ZtunnelProtocol,
+        proxies: WorkloadProxies,
+        metrics: ZtunnelMetrics,
+        *,
+        retry_interval: float = defaults.PENDING_RETRY_INTERVAL,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.protocol = protocol
+        self.proxies = proxies
+        self.metrics = metrics
+        self.retry_interval = retry_interval
+        self.backoff = backoff or Backoff()
+        #: How many connections were established so far.
+        self.connections = 0
+        #: Why the last connection ended or the last attempt failed (None: none yet).
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self._retry_at: float | None = None
+        self._conn_id = ""
+
+    @property
+    def connected(self) -> bool:
+        """A connection to the node agent is open (hello sent)."""
+        return self.protocol.state in (ConnectionState.SNAPSHOT, ConnectionState.SYNCED)
+
+    # -- the loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect, serve, reconnect, until cancelled or a fatal protocol error."""
+        delay = 0.0
+        while True:
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                conn = await connect(self.socket_path)
+            except OSError as exc:
+                delay = self.backoff.next()
+                self.last_error = f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
+                # ztunnel logs every failure; only the first and the slow ones here, to keep the log readable.
+                level = logging.WARNING if self.backoff.attempts == 1 or delay >= 1.0 else logging.DEBUG
+                log.log(
+                    level,
+                    "failed to connect to the node agent over %s (is it running?): %s; retrying in %.3fs",
+                    self.socket_path,
+                    exc.strerror or exc,
+                    delay,
+                )
+                continue
+            synced = await self._session(conn)
+            if synced:
+                self.backoff.reset()
+                delay = 0.0
+            else:
+                delay = self.backoff.next()
+
+    async def _session(self, conn: SeqpacketConnection) -> bool:
+        """Serve one connection until it ends; True if it reconciled a snapshot."""
+        self.connections += 1
+        self._conn_id = f"zds-{self.connections}"
+        self.metrics.inc("zds_ztunnel_connections_total")
+        synced = False
+        recv: asyncio.Future[Record] | None = None
+        extra = {"conn": self._conn_id}
+        try:
+            hello = self.protocol.connection_made()
+            self.connected_since = time.time()
+            try:
+                await conn.send(hello)
+            except OSError as exc:
+                self.last_error = f"node agent announcement failed: {exc}"
+                log.error("node agent announcement failed (%s)", exc, extra=extra)
+                return False
+            log.info("connected to the node agent at %s", self.socket_path, extra=extra)
+            while True:
+                if recv is None:
+                    recv = asyncio.ensure_future(conn.recv())
+                done = await self._wait_record_or_retry(recv)
+                if not done:
+                    continue
+                record = recv.result()
+                recv = None
+                fds, record.fds = record.fds, []  # the protocol owns them now
+                events = self.protocol.receive(record.payload, fds, record.flags)
+                close = await self._apply(events, conn)
+                synced = synced or self.protocol.state is ConnectionState.SYNCED
+                if close is not None:
+                    self.last_error = close.reason
+                    if close.fatal:
+                        log.error(
+                            "protocol error from the node agent, stopping: %s", close.reason, extra=extra
+                        )
+                        raise FatalProtocolError(close.reason)
+                    if close.peer_closed:
+                        log.info("node agent closed the connection", extra=extra)
+                    else:
+                        log.warning("closing the connection: %s", close.reason, extra=extra)
+                    return synced
+        except (ConnectionError, OSError) as exc:
+            self.last_error = f"connection to the node agent failed: {exc}"
+            log.warning("connection to the node agent failed: %s", exc, extra=extra)
+            return synced
+        finally:
+            if recv is not None:
+                recv.cancel()
+            conn.close()
+            self.protocol.connection_lost()
+            self.connected_since = None
+            self._retry_at = None
+
+    async def _wait_record_or_retry(self, recv: asyncio.Future[Record]) -> bool:
+        """Wait for the record; meanwhile retry pending proxies when due. True when it arrived."""
+        loop = asyncio.get_running_loop()
+        if not self.protocol.has_pending:
+            self._retry_at = None
+        elif self._retry_at is None:
+            self._retry_at = loop.time() + self.retry_interval
+            log.info(
+                "scheduling retry of pending workloads in %gs: %s",
+                self.retry_interval,
+                ", ".join(self.protocol.pending_uids),
+                extra={"conn": self._conn_id},
+            )
+        if self._retry_at is None:
+            await asyncio.wait({recv})
+            return True
+        timeout = max(0.0, self._retry_at - loop.time())
+        done, _ = await asyncio.wait({recv}, timeout=timeout)
+        if done:
+            return True
+        self._retry_at = None
+        self._retry_pending()
+        return False
+
+    def _retry_pending(self) -> None:
+        for start in self.protocol.retry_pending():
+            log.info("retrying workload", extra=workload_log_extra(start.workload.uid, start.workload.info))
+            self._start_proxy(start)
+        if not self.protocol.has_pending:
+            log.info("every pending workload is up now", extra={"conn": self._conn_id})
+
+    # -- events --------------------------------------------------------------------
+    async def _apply(self, events: list[Event], conn: SeqpacketConnection) -> CloseConnection | None:
+        """Carry out the state machine's events in order; return the close, if one came."""
+        queue: deque[Event] = deque(events)
+        while queue:
+            event = queue.popleft()
+            match event:
+                case StartProxy():
+                    # Its outcome (the ack or nack) goes first, before later events.
+                    queue.extendleft(reversed(self._start_proxy(event)))
+                case StopProxy(uid=uid, reason=reason):
+                    self.proxies.stop(uid, reason)
+                case SnapshotReconciled(removed=removed):
+                    log.info(
+                        "snapshot reconciled: %d workload(s) held, %d dropped%s",
+                        len(self.protocol.workloads),
+                        len(removed),
+                        f" ({', '.join(removed)})" if removed else "",
+                        extra={"conn": self._conn_id},
+                    )
+                case SendReply():
+                    self._count_reply(event)
+                    await conn.send(event.data)
+                case CloseConnection():
+                    return event
+        return None
+
+    def _start_proxy(self, start: StartProxy) -> list[Event]:
+        workload = start.workload
+        try:
+            self.proxies.start(workload)
+        except ProxyStartError as exc:
+            log.error(
+                "failed to start proxy: %s",
+                exc,
+                extra={**workload_log_extra(workload.uid, workload.info), "conn": self._conn_id},
+            )
+            return self.protocol.proxy_failed(workload.uid, str(exc))
+        return self.protocol.proxy_started(workload.uid)
+
+    def _count_reply(self, reply: SendReply) -> None:
+        kind = request_kind(reply.request) if reply.request is not None else "unreadable"
+        self.metrics.inc("zds_ztunnel_requests_total", kind=kind)
+        uid = getattr(reply.request, "uid", "")
+        extra = {"conn": self._conn_id, "kind": kind, "uid": uid}
+        if reply.ack.ok:
+            log.debug("acked %s", kind, extra=extra)
+            return
+        error = reply.ack.error
+        reason = "other"
+        for prefix, name in ((READ_FAILURE, "read"), (PROCESS_FAILURE, "process"), (START_FAILURE, "start")):
+            if error.startswith(prefix):
+                reason = name
+        self.metrics.inc("zds_ztunnel_nacks_total", reason=reason)
+        log.warning("nacked %s: %s", kind, error, extra=extra)

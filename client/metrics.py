@@ -1,0 +1,135 @@
+"""The ztunnel side's metrics, in the Prometheus text exposition format.
+
+The four in-pod metrics keep ztunnel's names: ztunnel registers them in
+``src/inpod/metrics.rs`` under the ``workload_manager`` prefix (``app.rs``),
+so they read ``workload_manager_active_proxy_count``,
+``workload_manager_pending_proxy_count``,
+``workload_manager_proxies_started_total`` and
+``workload_manager_proxies_stopped_total``. zds's own additions carry the
+``zds_ztunnel_`` prefix. A handful of numbers, so the text format is written
+here directly (version 0.0.4); a later change moves them to OpenTelemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: Content type of the text exposition format.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class _Family:
+    name: str
+    kind: str  # "counter" | "gauge"
+    help: str
+    labeled: bool = False
+    values: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
+    read: Callable[[], float] | None = None
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _format_value(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class ZtunnelMetrics:
+    """Counters and gauges of ``zds ztunnel``; ``render()`` gives the /metrics text."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, _Family] = {}
+        # ztunnel's in-pod metrics (help texts as ztunnel's).
+        self._gauge(
+            "workload_manager_active_proxy_count",
+            "The total number current workloads with active proxies (unstable)",
+        )
+        self._gauge(
+            "workload_manager_pending_proxy_count",
+            "The total number current workloads with pending proxies (unstable)",
+        )
+        self._counter(
+            "workload_manager_proxies_started_total",
+            "The total number of proxies that were started (unstable)",
+        )
+        self._counter(
+            "workload_manager_proxies_stopped_total",
+            "The total number of proxies that were stopped (unstable)",
+        )
+        # zds's own.
+        self._gauge("zds_ztunnel_connected", "1 while connected to the node agent, else 0")
+        self._gauge("zds_ztunnel_ready", "1 while ready (connected, snapshot reconciled, nothing pending)")
+        self._counter("zds_ztunnel_connections_total", "Connections made to the node agent")
+        self._counter(
+            "zds_ztunnel_requests_total", "Requests received from the node agent, by kind", labeled=True
+        )
+        self._counter(
+            "zds_ztunnel_nacks_total",
+            "Nacks sent to the node agent, by reason (read, process, start)",
+            labeled=True,
+        )
+
+    def _gauge(self, name: str, help: str) -> None:
+        self._families[name] = _Family(name, "gauge", help)
+
+    def _counter(self, name: str, help: str, *, labeled: bool = False) -> None:
+        self._families[name] = _Family(name, "counter", help, labeled=labeled)
+
+    # -- updates --------------------------------------------------------------
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add ``amount`` to counter ``name`` (with ``labels``)."""
+        family = self._families[name]
+        if family.kind != "counter":
+            raise TypeError(f"{name} is a {family.kind}, not a counter")
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        key = tuple(sorted(labels.items()))
+        family.values[key] = family.values.get(key, 0.0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set gauge ``name`` (with ``labels``) to ``value``."""
+        family = self._families[name]
+        if family.kind != "gauge":
+            raise TypeError(f"{name} is a {family.kind}, not a gauge")
+        family.values[tuple(sorted(labels.items()))] = value
+
+    def observe(self, name: str, read: Callable[[], float]) -> None:
+        """Make gauge ``name`` read its value from ``read()`` at every render."""
+        family = self._families[name]
+        if family.kind != "gauge":
+            raise TypeError(f"{name} is a {family.kind}, not a gauge")
+        family.read = read
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of a metric (0 if never set)."""
+        family = self._families[name]
+        if family.read is not None and not labels:
+            return family.read()
+        return family.values.get(tuple(sorted(labels.items())), 0.0)
+
+    # -- exposition --------------------------------------------------------------
+    def render(self) -> str:
+        """Every metric in the Prometheus text format."""
+        lines: list[str] = []
+        for family in self._families.values():
+            lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
+            lines.append(f"# TYPE {family.name} {family.kind}")
+            values = dict(family.values)
+            if family.read is not None:
+                values[()] = family.read()
+            if not values and not family.labeled:
+                values[()] = 0.0
+            for key, value in sorted(values.items()):
+                if key:
+                    labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in key)
+                    lines.append(f"{family.name}{{{labels}}} {_format_value(value)}")
+                else:
+                    lines.append(f"{family.name} {_format_value(value)}")
+        return "\n".join(lines) + "\n"

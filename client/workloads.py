@@ -1,0 +1,211 @@
+"""The running proxies: one per workload that is Up, with its listeners in the pod.
+
+``zds.protocol.ztunnel`` decides *which* workloads should have a proxy; this
+module is what starts and stops one (ztunnel's ``ProxyFactory`` plus the
+per-workload drain of ``statemanager.rs``). Starting is synchronous, so its
+outcome is known before the ack is sent:
+
+1. the netns fd must be a network namespace (ztunnel notices a bad one when
+   ``setns`` fails; checking first gives a clearer error);
+2. unless listeners are off, the listeners are made inside that netns;
+3. each listener is served from the event loop by a ``ListenerServer``.
+
+Each proxy holds its own dup of the netns fd (``NetnsHandle``), so a
+connection handler that needs to make a socket in the pod (the relay, later)
+keeps a valid namespace until it finishes, whatever the protocol does with
+its own fd meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from zds import defaults
+from zds.client.listeners import (
+    ConnectionHandler,
+    InpodListener,
+    ListenerError,
+    ListenerServer,
+    ListenerSpec,
+    close_at_once,
+    default_specs,
+    open_listeners,
+)
+from zds.client.metrics import ZtunnelMetrics
+from zds.netns import NetnsError, NetnsHandle, validate_netns_fd
+from zds.protocol.messages import WorkloadInfo
+from zds.protocol.ztunnel import Workload
+
+log = logging.getLogger("zds.ztunnel.proxy")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How proxies are made: which listeners, with which mark, or none at all."""
+
+    #: False: protocol-only mode (``--no-listeners``); the netns is still checked.
+    listeners: bool = True
+    specs: tuple[ListenerSpec, ...] = field(default_factory=default_specs)
+    mark: int = defaults.ZTUNNEL_MARK
+    #: SO_REUSEPORT on the listeners (ztunnel's INPOD_PORT_REUSE, default on).
+    reuse_port: bool = True
+
+
+class ProxyStartError(Exception):
+    """A proxy could not start; the text goes after ``failure to start proxy : ``."""
+
+
+def workload_log_extra(uid: str, info: WorkloadInfo | None) -> dict[str, str]:
+    """Structured-log context for a workload."""
+    extra = {"uid": uid}
+    if info is not None:
+        extra.update(pod=info.name, namespace=info.namespace)
+    return extra
+
+
+class WorkloadProxy:
+    """A workload's running proxy: its own netns handle, its listeners and their servers."""
+
+    def __init__(
+        self, uid: str, info: WorkloadInfo, netns: NetnsHandle, listeners: list[InpodListener]
+    ) -> None:
+        self.uid = uid
+        self.info = info
+        self.netns = netns
+        self.listeners = listeners
+        self.servers: list[ListenerServer] = []
+        self.started_at = time.time()
+        self.log_extra = workload_log_extra(uid, info)
+
+    @property
+    def addresses(self) -> list[str]:
+        """``name=address`` of each listener (in the pod's netns)."""
+        return [f"{listener.spec.name}={listener.address}" for listener in self.listeners]
+
+    @property
+    def connection_count(self) -> int:
+        """Connections being served now, over all listeners."""
+        return sum(server.connection_count for server in self.servers)
+
+    def serve(self, handlers: Mapping[str, ConnectionHandler]) -> None:
+        """Start accepting on every listener."""
+        for listener in self.listeners:
+            server = ListenerServer(
+                listener=listener,
+                handler=handlers.get(listener.spec.name, close_at_once),
+                owner=self,
+                log_extra=self.log_extra,
+            )
+            self.servers.append(server)
+            server.start()
+
+    def close(self, *, abort: bool = True) -> None:
+        """Close the listeners now; with ``abort``, cancel established connections too.
+        The netns handle is released once no connection is left."""
+        for server in self.servers:
+            server.close()
+            if abort:
+                server.abort_connections()
+        for listener in self.listeners:
+            listener.sock.close()
+        if self.connection_count == 0:
+            self.netns.close()
+        else:
+            asyncio.get_running_loop().create_task(self._release_when_idle())
+
+    async def _release_when_idle(self) -> None:
+        try:
+            await self.wait_connections()
+        finally:
+            self.netns.close()
+
+    async def wait_connections(self) -> None:
+        """Wait until no connection accepted by this proxy is being served."""
+        for server in self.servers:
+            await server.wait_connections()
+
+
+class WorkloadProxies:
+    """Starts and stops the proxy of each workload; one per uid at most."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        metrics: ZtunnelMetrics,
+        handlers: Mapping[str, ConnectionHandler] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.handlers: dict[str, ConnectionHandler] = dict(handlers or {})
+        self._proxies: dict[str, WorkloadProxy] = {}
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._proxies
+
+    def __len__(self) -> int:
+        return len(self._proxies)
+
+    def get(self, uid: str) -> WorkloadProxy | None:
+        """The running proxy of ``uid``, if any."""
+        return self._proxies.get(uid)
+
+    def start(self, workload: Workload) -> WorkloadProxy:
+        """Start ``workload``'s proxy now (synchronously); raise ProxyStartError if it cannot."""
+        uid = workload.uid
+        extra = workload_log_extra(uid, workload.info)
+        if uid in self._proxies:
+            # The protocol stops a proxy before starting its replacement; be safe anyway.
+            self.stop(uid, "replaced")
+        try:
+            validate_netns_fd(workload.netns_fd, f"the netns fd of {uid}")
+            netns = NetnsHandle.from_fd(os.dup(workload.netns_fd), f"netns of {uid}", validate=False)
+        except (NetnsError, OSError) as exc:
+            raise ProxyStartError(str(exc)) from exc
+        listeners: list[InpodListener] = []
+        if self.settings.listeners:
+            try:
+                listeners = open_listeners(
+                    netns.fileno(),
+                    self.settings.specs,
+                    mark=self.settings.mark,
+                    reuse_port=self.settings.reuse_port,
+                )
+            except (ListenerError, NetnsError, OSError) as exc:
+                netns.close()
+                raise ProxyStartError(str(exc)) from exc
+        proxy = WorkloadProxy(uid, workload.info, netns, listeners)
+        proxy.serve(self.handlers)
+        self._proxies[uid] = proxy
+        self.metrics.inc("workload_manager_proxies_started_total")
+        log.info(
+            "proxy started%s",
+            f" listening on {', '.join(proxy.addresses)}" if listeners else " (no listeners)",
+            extra={**extra, "netns": str(netns.identity)},
+        )
+        return proxy
+
+    def stop(self, uid: str, reason: str, *, abort: bool = True) -> bool:
+        """Stop ``uid``'s proxy (close its listeners now); False if it had none."""
+        proxy = self._proxies.pop(uid, None)
+        if proxy is None:
+            return False
+        proxy.close(abort=abort)
+        self.metrics.inc("workload_manager_proxies_stopped_total")
+        log.info("proxy stopped: %s", reason, extra=proxy.log_extra)
+        return True
+
+    def stop_all(self, reason: str, *, abort: bool = True) -> list[WorkloadProxy]:
+        """Stop every proxy; returns them (to wait for their connections)."""
+        stopped = list(self._proxies.values())
+        for uid in list(self._proxies):
+            self.stop(uid, reason, abort=abort)
+        return stopped
+
+    def all(self) -> list[WorkloadProxy]:
+        """Every running proxy."""
+        return list(self._proxies.values())
