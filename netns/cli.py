@@ -1,10 +1,120 @@
-"""Placeholder: filled in by its own change."""
+"""``zds netns create|delete|list``: named network namespaces for tests, demos and compose."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 from typing import Any
 
+from zds import defaults, runtime
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    del sub
+from .fixtures import create_netns, delete_netns, list_netns, netns_path
+from .handle import NetnsError, NetnsIdentity
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``zds netns`` and its subcommands to the top-level parser."""
+    parser = sub.add_parser(
+        "netns",
+        help="create, delete and list named network namespaces",
+        description=f"Named network namespaces in {defaults.NETNS_RUN_DIR} (fixtures for tests and demos).",
+    )
+    commands = parser.add_subparsers(dest="netns_command", metavar="SUBCOMMAND", required=True)
+
+    create = commands.add_parser("create", help="create named network namespaces, loopback up")
+    create.add_argument("names", nargs="+", metavar="NAME")
+    create.set_defaults(func=cmd_create)
+
+    delete = commands.add_parser("delete", help="delete named network namespaces")
+    delete.add_argument("names", nargs="+", metavar="NAME")
+    delete.add_argument(
+        "--missing-ok", action="store_true", help="a namespace that does not exist is no error"
+    )
+    delete.set_defaults(func=cmd_delete)
+
+    listing = commands.add_parser("list", help="list named network namespaces with their identity")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(func=cmd_list)
+
+
+def _error(message: str) -> None:
+    print(f"zds: {message}", file=sys.stderr)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """Create each NAME; report each failure on its own line; exit 1 if any failed."""
+    problem = runtime.privilege_error("netns create")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    code = 0
+    for name in args.names:
+        try:
+            print(create_netns(name))
+        except NetnsError as e:
+            _error(str(e))
+            code = 1
+    return code
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Delete each NAME; report each failure on its own line; exit 1 if any failed."""
+    problem = runtime.privilege_error("netns delete")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    code = 0
+    for name in args.names:
+        try:
+            delete_netns(name, missing_ok=args.missing_ok)
+        except NetnsError as e:
+            _error(str(e))
+            code = 1
+    return code
+
+
+def _nsfs_dev() -> int | None:
+    # All namespace inodes live on one nsfs superblock: its st_dev tells a bound
+    # namespace from a stale plain file, without opening (which needs root).
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_dev
+    except OSError:
+        return None
+
+
+def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
+    path = netns_path(name)
+    entry: dict[str, Any] = {"name": name, "path": path, "identity": None}
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        entry["error"] = f"cannot stat {path}: {e.strerror}"
+        return entry
+    if nsfs_dev is not None and st.st_dev != nsfs_dev:
+        entry["error"] = f'not a namespace (stale entry?); remove it with "zds netns delete {name}"'
+        return entry
+    entry["identity"] = str(NetnsIdentity(st.st_dev, st.st_ino))
+    return entry
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the named namespaces: name, path and identity (dev:ino), as a table or JSON."""
+    nsfs_dev = _nsfs_dev()
+    try:
+        entries = [_describe(name, nsfs_dev) for name in list_netns()]
+    except OSError as e:
+        _error(f"cannot list {defaults.NETNS_RUN_DIR}: {e.strerror}")
+        return 1
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        return 0
+    rows = [("NAME", "PATH", "IDENTITY")]
+    rows += [(e["name"], e["path"], e["identity"] or f"- ({e['error']})") for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for row in rows:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}")
+    return 0

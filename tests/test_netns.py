@@ -1,0 +1,502 @@
+"""zds.netns handles: open, validate, identify, enter and leave network namespaces.
+
+Real namespaces only: a child process in its own netns (``unshare --net``) or
+a named one made by ``create_netns``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import open_fds
+from zds.netns import (
+    NetnsError,
+    NetnsHandle,
+    NetnsIdentity,
+    create_netns,
+    current_netns,
+    delete_netns,
+    in_netns,
+    netns_identity,
+    open_netns,
+    open_netns_pid,
+    open_netns_ref,
+    run_in_netns,
+    validate_netns_fd,
+)
+
+SELF_NETNS = "/proc/self/ns/net"
+
+
+def stat_identity(path: str) -> NetnsIdentity:
+    st = os.stat(path)
+    return NetnsIdentity(st.st_dev, st.st_ino)
+
+
+def thread_identity() -> NetnsIdentity:
+    """The calling thread's netns identity, read straight from /proc."""
+    return stat_identity("/proc/thread-self/ns/net")
+
+
+@pytest.fixture
+def named_netns() -> Iterator[str]:
+    """A fresh named netns; removed afterwards whatever the test did."""
+    name = f"zdst-{secrets.token_hex(3)}"
+    path = create_netns(name)
+    try:
+        yield path
+    finally:
+        delete_netns(name, missing_ok=True)
+
+
+@pytest.fixture
+def other_netns_pid() -> Iterator[int]:
+    """A child process in a network namespace of its own."""
+    child = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    try:
+        mine = stat_identity(SELF_NETNS)
+        deadline = time.monotonic() + 5
+        while stat_identity(f"/proc/{child.pid}/ns/net") == mine:
+            assert time.monotonic() < deadline, "unshare --net did not switch namespace"
+            time.sleep(0.01)
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` (R, S, Z, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def dead_pid() -> int:
+    """A pid that was used a moment ago and has been reaped since."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+# --- opening ---------------------------------------------------------------------
+
+
+def test_open_by_path_reports_the_identity_os_stat_sees() -> None:
+    with open_netns(SELF_NETNS) as handle:
+        assert handle.path == SELF_NETNS
+        assert handle.identity == stat_identity(SELF_NETNS)
+        assert handle.identity == netns_identity(handle.fileno())
+        assert str(handle.identity) == f"{handle.identity.dev}:{handle.identity.ino}"
+
+
+def test_open_by_pid_and_by_pid_reference_give_our_own_netns() -> None:
+    pid = os.getpid()
+    with open_netns_pid(pid) as by_pid, open_netns_ref(f"pid:{pid}") as by_ref, current_netns() as current:
+        assert by_pid.path == f"/proc/{pid}/ns/net"
+        assert by_pid.identity == by_ref.identity == current.identity == stat_identity(SELF_NETNS)
+        assert by_pid.fileno() != by_ref.fileno()
+
+
+def test_path_reference_opens_that_path() -> None:
+    with open_netns_ref(SELF_NETNS) as handle:
+        assert handle.path == SELF_NETNS
+        assert handle.identity == stat_identity(SELF_NETNS)
+
+
+@pytest.mark.root
+def test_bare_name_reference_means_a_named_netns(named_netns: str) -> None:
+    with open_netns_ref(os.path.basename(named_netns)) as handle:
+        assert handle.path == named_netns
+        assert handle.identity == stat_identity(named_netns)
+
+
+@pytest.mark.root
+def test_another_process_netns_has_another_identity(other_netns_pid: int) -> None:
+    with open_netns_pid(other_netns_pid) as other, current_netns() as mine:
+        assert other.identity == stat_identity(f"/proc/{other_netns_pid}/ns/net")
+        assert other.identity != mine.identity
+
+
+@pytest.mark.root
+def test_two_opens_of_one_netns_share_an_identity(named_netns: str) -> None:
+    with open_netns(named_netns) as first, open_netns(named_netns) as second, current_netns() as mine:
+        assert first.identity == second.identity == stat_identity(named_netns)
+        assert first.identity != mine.identity
+
+
+def test_missing_named_netns_says_how_to_create_it() -> None:
+    with pytest.raises(NetnsError) as caught:
+        open_netns("/var/run/netns/zdst-no-such-pod")
+    assert str(caught.value) == (
+        "cannot open netns /var/run/netns/zdst-no-such-pod: no such file;"
+        ' create it with "zds netns create zdst-no-such-pod"'
+    )
+
+
+def test_missing_path_elsewhere_says_no_such_file(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "nothing")
+    with pytest.raises(NetnsError, match=f"^cannot open netns {path}: no such file$"):
+        open_netns(path)
+
+
+def test_regular_file_is_not_a_network_namespace(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "hostname")
+    with open(path, "w") as f:
+        f.write("pod-a\n")
+    with pytest.raises(NetnsError) as caught:
+        open_netns(path)
+    assert str(caught.value) == f"{path} is not a network namespace"
+
+
+@pytest.mark.skipif(not os.path.exists("/etc/hostname"), reason="no /etc/hostname here")
+def test_etc_hostname_is_not_a_network_namespace() -> None:
+    with pytest.raises(NetnsError) as caught:
+        open_netns("/etc/hostname")
+    assert str(caught.value) == "/etc/hostname is not a network namespace"
+
+
+def test_mount_namespace_is_not_a_network_namespace() -> None:
+    with pytest.raises(NetnsError) as caught:
+        open_netns("/proc/self/ns/mnt")
+    assert str(caught.value) == "/proc/self/ns/mnt is a mnt namespace, not a network namespace"
+
+
+def test_other_proc_files_are_not_network_namespaces() -> None:
+    # Also on /proc (PROC_SUPER_MAGIC), so only the ioctl can refuse them.
+    with pytest.raises(NetnsError, match="is not a network namespace"):
+        open_netns("/proc/self/status")
+
+
+def test_directory_is_not_a_network_namespace(tmp_path: os.PathLike[str]) -> None:
+    with pytest.raises(NetnsError, match="is not a network namespace"):
+        open_netns(str(tmp_path))
+
+
+def test_fifo_is_refused_without_hanging(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "fifo")
+    os.mkfifo(path)
+    with pytest.raises(NetnsError, match="is not a network namespace"):
+        open_netns(path)
+
+
+def test_dead_pid_does_not_exist() -> None:
+    pid = dead_pid()
+    with pytest.raises(NetnsError) as caught:
+        open_netns_pid(pid)
+    assert str(caught.value) == f"process {pid} does not exist"
+    with pytest.raises(NetnsError) as caught:
+        open_netns_ref(f"pid:{pid}")
+    assert str(caught.value) == f"process {pid} does not exist"
+
+
+def test_zombie_has_no_network_namespace() -> None:
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 5
+        while process_state(child.pid) != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(NetnsError, match=f"process {child.pid} has exited"):
+            open_netns_pid(child.pid)
+    finally:
+        child.wait()
+
+
+@pytest.mark.parametrize("ref", ["", "pid:", "pid:x", "pid:0", "pid:-3"])
+def test_bad_references_are_refused(ref: str) -> None:
+    with pytest.raises(NetnsError, match="netns reference"):
+        open_netns_ref(ref)
+
+
+@pytest.mark.parametrize("pid", [0, -1, True])
+def test_bad_pids_are_refused(pid: int) -> None:
+    with pytest.raises(NetnsError, match="bad process id"):
+        open_netns_pid(pid)
+
+
+# --- validation and ownership ------------------------------------------------------------
+
+
+def test_validate_accepts_a_netns_fd_and_refuses_others() -> None:
+    with open_netns(SELF_NETNS) as handle:
+        validate_netns_fd(handle.fileno())
+    fd = os.open("/proc/self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(NetnsError, match=r"^uts-fd is a uts namespace, not a network namespace$"):
+            validate_netns_fd(fd, "uts-fd")
+    finally:
+        os.close(fd)
+
+
+def test_validate_a_closed_fd_says_so() -> None:
+    fd = os.open(SELF_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    os.close(fd)
+    with pytest.raises(NetnsError, match=f"^fd {fd} is not an open file descriptor$"):
+        validate_netns_fd(fd)
+
+
+def test_from_fd_takes_ownership_and_closes_on_validation_failure() -> None:
+    fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    with pytest.raises(NetnsError, match="mnt namespace"):
+        NetnsHandle.from_fd(fd, "/proc/self/ns/mnt")
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_from_fd_without_validation_keeps_any_fd() -> None:
+    fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    handle = NetnsHandle.from_fd(fd, validate=False)
+    assert handle.fileno() == fd
+    assert handle.identity == stat_identity("/proc/self/ns/mnt")
+    handle.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_close_is_idempotent_and_a_closed_handle_refuses_use() -> None:
+    handle = open_netns(SELF_NETNS)
+    fd = handle.fileno()
+    assert not handle.closed
+    handle.close()
+    handle.close()
+    assert handle.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(NetnsError, match="is closed"):
+        handle.fileno()
+    with pytest.raises(NetnsError, match="is closed"):
+        handle.dup()
+
+
+def test_context_manager_closes() -> None:
+    with open_netns(SELF_NETNS) as handle:
+        fd = handle.fileno()
+    assert handle.closed
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_dup_is_an_independent_cloexec_fd_of_the_same_netns() -> None:
+    with open_netns(SELF_NETNS) as handle:
+        copy = handle.dup()
+    try:
+        assert copy != handle.fd
+        assert not os.get_inheritable(copy)
+        assert netns_identity(copy) == stat_identity(SELF_NETNS)
+        validate_netns_fd(copy)  # still open after the handle closed
+    finally:
+        os.close(copy)
+
+
+def test_handles_are_close_on_exec() -> None:
+    with open_netns(SELF_NETNS) as handle:
+        assert not os.get_inheritable(handle.fileno())
+
+
+def test_opening_and_failing_leaks_no_fd() -> None:
+    before = open_fds()
+    for _ in range(20):
+        with open_netns(SELF_NETNS), open_netns_pid(os.getpid()), current_netns():
+            pass
+        for bad in ("/proc/self/ns/mnt", "/proc/self/status", "/var/run/netns/zdst-none"):
+            with pytest.raises(NetnsError):
+                open_netns(bad)
+    assert open_fds() == before
+
+
+# --- entering and leaving ------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_in_netns_switches_the_thread_and_comes_back(named_netns: str) -> None:
+    outside = thread_identity()
+    host_links = socket.if_nameindex()
+    assert len(host_links) > 1  # the host has more than loopback, so the lists below differ
+    with open_netns(named_netns) as target:
+        assert target.identity != outside
+        with in_netns(target):
+            assert thread_identity() == target.identity
+            # A fresh netns has nothing but loopback.
+            assert [name for _, name in socket.if_nameindex()] == ["lo"]
+        assert thread_identity() == outside
+        assert socket.if_nameindex() == host_links
+
+
+@pytest.mark.root
+def test_in_netns_accepts_a_plain_fd(named_netns: str) -> None:
+    outside = thread_identity()
+    with open_netns(named_netns) as target, in_netns(target.fileno()):
+        assert thread_identity() == target.identity
+    assert thread_identity() == outside
+
+
+@pytest.mark.root
+def test_in_netns_comes_back_when_the_body_raises(named_netns: str) -> None:
+    outside = thread_identity()
+    with open_netns(named_netns) as target, pytest.raises(RuntimeError, match="boom"), in_netns(target):
+        assert thread_identity() == target.identity
+        raise RuntimeError("boom")
+    assert thread_identity() == outside
+
+
+@pytest.mark.root
+def test_in_netns_nests(named_netns: str, other_netns_pid: int) -> None:
+    outside = thread_identity()
+    with open_netns(named_netns) as first, open_netns_pid(other_netns_pid) as second, in_netns(first):
+        with in_netns(second):
+            assert thread_identity() == second.identity
+        assert thread_identity() == first.identity
+    assert thread_identity() == outside
+
+
+@pytest.mark.root
+def test_in_netns_moves_only_the_calling_thread(named_netns: str) -> None:
+    outside = thread_identity()
+    seen: list[NetnsIdentity] = []
+    entered, checked = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        entered.wait(5)
+        seen.append(thread_identity())
+        checked.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with open_netns(named_netns) as target, in_netns(target):
+        entered.set()
+        assert checked.wait(5)
+    worker.join()
+    assert seen == [outside]
+
+
+@pytest.mark.root
+def test_in_netns_refuses_a_namespace_of_another_kind() -> None:
+    outside = thread_identity()
+    fd = os.open("/proc/self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(NetnsError, match=f"cannot enter netns fd {fd}"), in_netns(fd):
+            pytest.fail("the body must not run")
+    finally:
+        os.close(fd)
+    assert thread_identity() == outside
+
+
+@pytest.mark.root
+def test_sockets_made_inside_keep_their_netns(named_netns: str) -> None:
+    with open_netns(named_netns) as target, in_netns(target):
+        listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        port = listener.getsockname()[1]
+        # From the host's loopback the port is not there ...
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        # ... from inside the namespace it is, although the listener is served from here.
+        with open_netns(named_netns) as target, in_netns(target):
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with client, listener.accept()[0] as server:
+            client.sendall(b"ping")
+            assert server.recv(4) == b"ping"
+
+
+@pytest.mark.root
+def test_in_netns_leaks_no_fd(named_netns: str) -> None:
+    before = open_fds()
+    with open_netns(named_netns) as target:
+        for _ in range(50):
+            with in_netns(target):
+                pass
+        with pytest.raises(ValueError), in_netns(target):
+            raise ValueError
+    assert open_fds() == before
+
+
+@pytest.mark.root
+def test_failed_way_back_aborts_the_process() -> None:
+    # Staying in the wrong namespace is worse than dying: prove it dies, in a child.
+    code = textwrap.dedent(
+        """
+        from zds.netns import handle
+        real = handle._setns
+        calls = []
+        def setns_once(fd):
+            calls.append(fd)
+            if len(calls) > 1:
+                raise OSError(1, "Operation not permitted")
+            real(fd)
+        handle._setns = setns_once
+        with handle.current_netns() as mine, handle.in_netns(mine):
+            pass
+        print("still alive")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == -signal.SIGABRT
+    assert "still alive" not in result.stdout
+    assert "cannot return to the original network namespace" in result.stderr
+
+
+# --- asyncio ---------------------------------------------------------------------------------
+
+
+@pytest.mark.root
+async def test_run_in_netns_runs_the_function_inside(named_netns: str) -> None:
+    loop_thread = thread_identity()
+    with open_netns(named_netns) as target:
+        inside = await run_in_netns(target, thread_identity)
+        names = await run_in_netns(target.fileno(), lambda: [n for _, n in socket.if_nameindex()])
+        assert inside == target.identity
+    assert names == ["lo"]
+    assert thread_identity() == loop_thread
+
+
+@pytest.mark.root
+async def test_run_in_netns_passes_arguments_and_errors(named_netns: str) -> None:
+    def fail(message: str) -> None:
+        raise LookupError(message)
+
+    with open_netns(named_netns) as target:
+        assert await run_in_netns(target, divmod, 7, 2) == (3, 1)
+        with pytest.raises(LookupError, match="nope"):
+            await run_in_netns(target, fail, "nope")
+
+
+@pytest.mark.root
+async def test_run_in_netns_survives_closing_the_handle_before_the_worker_starts(named_netns: str) -> None:
+    loop = asyncio.get_running_loop()
+    # One worker, kept busy: the call below waits in the queue while its handle is closed.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(pool)
+    gate = threading.Event()
+    busy = loop.run_in_executor(None, gate.wait, 5)
+    target = open_netns(named_netns)
+    identity = target.identity
+    call = asyncio.ensure_future(run_in_netns(target, thread_identity))
+    await asyncio.sleep(0)  # run_in_netns has taken its dup and queued the work
+    target.close()
+    gate.set()
+    await busy
+    assert await call == identity
+
+
+@pytest.mark.root
+async def test_run_in_netns_leaks_no_fd(named_netns: str) -> None:
+    before = open_fds()
+    for _ in range(10):
+        with open_netns(named_netns) as target:
+            assert await run_in_netns(target, thread_identity) == target.identity
+    with open_netns(named_netns) as target, pytest.raises(ZeroDivisionError):
+        await run_in_netns(target, divmod, 1, 0)
+    assert open_fds() == before
