@@ -171,6 +171,15 @@ class Ztunnel:
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)
         try:
+            return await self.serve(stop)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    async def serve(self, stop: asyncio.Event) -> int:
+        """Serve until ``stop`` is set (0) or a fatal protocol error (1); then drain."""
+        loop = asyncio.get_running_loop()
+        try:
             await self.start_http()
             log.info(
                 "zds ztunnel connecting to the node agent at %s (%s)",
@@ -182,8 +191,13 @@ class Ztunnel:
                 else "no listeners: protocol only",
             )
             client = loop.create_task(self.client.run(), name="zds client")
-            stopping = loop.create_task(stop.wait(), name="wait for a signal")
-            await asyncio.wait({client, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping = loop.create_task(stop.wait(), name="wait for stop")
+            try:
+                await asyncio.wait({client, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                client.cancel()
+                stopping.cancel()
+                raise
             code = 0
             if client.done():
                 stopping.cancel()
@@ -194,7 +208,7 @@ class Ztunnel:
                 elif exc is not None:
                     raise exc
             else:
-                log.info("signal received: draining")
+                log.info("stop requested: draining")
                 # Stop reading first: nothing new is taken on while the listeners close.
                 client.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -203,8 +217,6 @@ class Ztunnel:
             log.info("zds ztunnel stopped")
             return code
         finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
             # On any error path: release sockets and fds too (idempotent).
             self.proxies.stop_all("ztunnel is exiting")
             self.protocol.drain()

@@ -1,0 +1,967 @@
+"""``zds ztunnel`` against a fake node agent: real sockets, real namespaces.
+
+The fake node agent is a raw ``SOCK_SEQPACKET`` listener driven from the
+test, so it can send what a well-behaved agent never would (bad records,
+protocol errors). ``zds ztunnel`` runs as a real process (its fd table, its
+exit code, its listeners in the pods), except where a test plugs in a
+connection handler and runs it in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from zds.client.app import Ztunnel, ZtunnelConfig
+from zds.client.backoff import Backoff
+from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
+from zds.client.metrics import ZtunnelMetrics
+from zds.netns import create_netns, delete_netns, in_netns, open_netns
+from zds.protocol.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    Request,
+    SnapshotSent,
+    WorkloadInfo,
+    decode_ack,
+    encode_request,
+)
+
+PORTS = (15001, 15006, 15008)
+
+
+# -- polling -----------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds (no timing assertions)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- the fake node agent -------------------------------------------------------------------
+
+
+class FakeConnection:
+    """One accepted ztunnel connection, driven record by record."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv(self, timeout: float = 10.0) -> bytes:
+        """The next record (b"" when ztunnel closed the connection)."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+    def hello(self) -> None:
+        assert self.recv() == b"\x08\x01", "ztunnel's first record must be ZdsHello{V1}"
+
+    def send(self, payload: bytes, fds: list[int] | tuple[int, ...] = (), flags: int = 0) -> None:
+        if fds:
+            socket.send_fds(self.sock, [payload], list(fds))
+        else:
+            self.sock.send(payload)
+
+    def request(self, request: Request | bytes, fds: list[int] | tuple[int, ...] = ()) -> Ack:
+        """Send one request (with fds), return ztunnel's ack."""
+        payload = request if isinstance(request, bytes) else encode_request(request)
+        self.send(payload, fds)
+        reply = self.recv()
+        assert reply, "ztunnel closed the connection instead of answering"
+        return decode_ack(reply)
+
+    def add(self, uid: str, netns: str, info: WorkloadInfo | None = None) -> Ack:
+        """AddWorkload for ``uid`` with an fd of ``netns`` (a path)."""
+        info = info or WorkloadInfo(name=f"pod-{uid}", namespace="default", service_account="default")
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return self.request(AddWorkload(uid=uid, info=info), [fd])
+        finally:
+            os.close(fd)
+
+    def snapshot(self) -> Ack:
+        return self.request(SnapshotSent())
+
+    def delete(self, uid: str) -> Ack:
+        return self.request(DelWorkload(uid=uid))
+
+    def expect_closed(self, timeout: float = 10.0) -> None:
+        record = self.recv(timeout)
+        assert record == b"", f"expected ztunnel to close the connection, got {record!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FakeNodeAgent:
+    """A SOCK_SEQPACKET listener at ``path`` that hands out FakeConnections."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.conns: list[FakeConnection] = []
+
+    def accept(self, timeout: float = 15.0) -> FakeConnection:
+        self.sock.settimeout(timeout)
+        sock, _ = self.sock.accept()
+        conn = FakeConnection(sock)
+        self.conns.append(conn)
+        return conn
+
+    def connect_and_hello(self, timeout: float = 15.0) -> FakeConnection:
+        conn = self.accept(timeout)
+        conn.hello()
+        return conn
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@pytest.fixture
+def agent(tmp_path: Any) -> Iterator[FakeNodeAgent]:
+    a = FakeNodeAgent(str(tmp_path / "ztunnel.sock"))
+    yield a
+    a.close()
+
+
+# -- namespaces ---------------------------------------------------------------------------
+
+
+@dataclass
+class Pod:
+    """A named test netns standing in for a pod."""
+
+    name: str
+    path: str
+
+
+@pytest.fixture
+def make_pod() -> Iterator[Callable[[], Pod]]:
+    made: list[str] = []
+
+    def make() -> Pod:
+        name = f"zdst-{uuid.uuid4().hex[:10]}"
+        path = create_netns(name)
+        made.append(name)
+        return Pod(name, path)
+
+    yield make
+    for name in made:
+        delete_netns(name, missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Listening:
+    """A LISTEN socket as ``ss -ltnHe`` shows it."""
+
+    port: int
+    inode: int
+    mark: int
+
+
+def listening(netns: str | None) -> dict[int, Listening]:
+    """TCP listeners in the named netns (None: the host's), by port."""
+    cmd = ["ss", "-ltnHe"]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    found: dict[int, Listening] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        port = int(fields[3].rsplit(":", 1)[1])
+        inode = re.search(r"\bino:(\d+)", line)
+        mark = re.search(r"\bfwmark:(0x[0-9a-f]+)", line)
+        found[port] = Listening(
+            port, int(inode.group(1)) if inode else 0, int(mark.group(1), 16) if mark else 0
+        )
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- the ztunnel process -----------------------------------------------------------------
+
+
+class ZtunnelProcess:
+    """``zds ztunnel`` as a subprocess: HTTP on ephemeral ports, log in a file."""
+
+    def __init__(self, zds_socket: str, log_path: str, *extra: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        args = [
+            sys.executable,
+            "-m",
+            "zds",
+            "ztunnel",
+            "--zds-socket",
+            zds_socket,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--readiness-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        self._addresses: dict[str, str] = {}
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def address(self, name: str) -> str:
+        """Where endpoint ``name`` (admin, readiness, metrics) listens, from the log."""
+        if name not in self._addresses:
+
+            def find() -> str | None:
+                assert self.proc.poll() is None, f"zds ztunnel exited:\n{self.output()}"
+                m = re.search(rf"{name} listening on (\S+)", self.output())
+                return m.group(1) if m else None
+
+            self._addresses[name] = wait_until(find, f"{name} address in the log")
+        return self._addresses[name]
+
+    def get(self, name: str, path: str) -> tuple[int, str]:
+        url = f"http://{self.address(name)}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def config_dump(self) -> dict[str, Any]:
+        status, body = self.get("admin", "/config_dump")
+        assert status == 200
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def workload_states(self) -> dict[str, str]:
+        return {uid: w["state"] for uid, w in self.config_dump()["workloadState"].items()}
+
+    def ready_status(self) -> int:
+        return self.get("readiness", "/healthz/ready")[0]
+
+    def metrics(self) -> dict[str, float]:
+        status, body = self.get("metrics", "/metrics")
+        assert status == 200
+        values = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"zds ztunnel did not exit:\n{self.output()}") from None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the process (by its PID) and reap it; kill it if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_ztunnel(agent: FakeNodeAgent, tmp_path: Any) -> Iterator[Callable[..., ZtunnelProcess]]:
+    started: list[ZtunnelProcess] = []
+
+    def start(*extra: str) -> ZtunnelProcess:
+        z = ZtunnelProcess(agent.path, str(tmp_path / f"ztunnel-{len(started)}.log"), *extra)
+        started.append(z)
+        return z
+
+    yield start
+    for z in started:
+        z.stop(signal.SIGKILL)
+
+
+def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
+    """ztunnel's (``pid``) listeners in the pod, by port."""
+    mine = socket_inodes(pid)
+    return {port: lst for port, lst in listening(pod.name).items() if lst.inode in mine}
+
+
+# =============================================================================================
+# Listeners in the pod
+# =============================================================================================
+
+
+@pytest.mark.root
+def test_listeners_are_opened_inside_the_pod_netns_with_mark_1337_and_not_on_the_host(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert not pod_ports(pod, z.pid), "nothing listens before the Add"
+    assert conn.add("uid-a", pod.path) == Ack()
+    assert conn.snapshot() == Ack()
+    ports = wait_until(lambda: pod_ports(pod, z.pid), "listeners in the pod")
+    assert sorted(ports) == list(PORTS)
+    assert {lst.mark for lst in ports.values()} == {1337}
+    mine = socket_inodes(z.pid)
+    host = {port: lst for port, lst in listening(None).items() if lst.inode in mine}
+    assert not set(host) & set(PORTS), f"ztunnel listens on the host: {host}"
+    dump = z.config_dump()["workloadState"]["uid-a"]
+    assert [entry["address"] for entry in dump["listeners"]] == [
+        "[::]:15001",
+        "[::]:15006",
+        "[::]:15008",
+    ]
+
+
+@pytest.mark.root
+def test_a_deleted_pod_loses_its_listeners_and_others_keep_theirs(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    a, b = make_pod(), make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    conn.snapshot()
+    assert conn.add("uid-a", a.path) == Ack()
+    assert conn.add("uid-b", b.path) == Ack()
+    before_b = wait_until(lambda: pod_ports(b, z.pid), "b's listeners")
+    assert conn.delete("uid-a") == Ack()
+    wait_until(lambda: not pod_ports(a, z.pid), "a's listeners closed")
+    assert pod_ports(b, z.pid) == before_b
+    assert z.workload_states() == {"uid-b": "Up"}
+    assert conn.delete("uid-unknown") == Ack(), "Del of an unknown uid is a no-op ack"
+
+
+@pytest.mark.root
+def test_custom_ports_are_used_in_the_pod(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    z = start_ztunnel("--outbound-port", "25001", "--inbound-port", "25006", "--hbone-port", "25008")
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    assert sorted(wait_until(lambda: pod_ports(pod, z.pid), "listeners")) == [25001, 25006, 25008]
+
+
+@pytest.mark.root
+def test_re_add_same_netns_is_a_no_op_and_another_netns_moves_the_listeners(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    old, new = make_pod(), make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    conn.snapshot()
+    assert conn.add("uid-a", old.path) == Ack()
+    first = wait_until(lambda: pod_ports(old, z.pid), "listeners in the first netns")
+    assert conn.add("uid-a", old.path) == Ack()
+    assert pod_ports(old, z.pid) == first, "same netns: the very same listening sockets"
+    assert z.metrics()["workload_manager_proxies_started_total"] == 1
+    assert conn.add("uid-a", new.path) == Ack()
+    wait_until(lambda: sorted(pod_ports(new, z.pid)) == list(PORTS), "listeners in the new netns")
+    wait_until(lambda: not pod_ports(old, z.pid), "listeners gone from the old netns")
+    metrics = z.metrics()
+    assert metrics["workload_manager_proxies_started_total"] == 2
+    assert metrics["workload_manager_proxies_stopped_total"] == 1
+    assert metrics["workload_manager_active_proxy_count"] == 1
+
+
+# =============================================================================================
+# Proxy start failures: nack, keep the connection, pending, retry
+# =============================================================================================
+
+
+@pytest.mark.root
+def test_a_port_taken_in_the_pod_is_nacked_pending_and_retried_until_it_works(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    with open_netns(pod.path) as handle, in_netns(handle):
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        squatter.bind(("0.0.0.0", 15006))
+        squatter.listen()
+        z = start_ztunnel("--retry-interval", "0.3")
+        conn = agent.connect_and_hello()
+        nack = conn.add("uid-a", pod.path)
+        assert nack.error.startswith("failure to start proxy : Bind([::]:15006, "), nack.error
+        assert "Address already in use" in nack.error
+        # The connection stays: the snapshot goes on.
+        assert conn.snapshot() == Ack()
+        assert not pod_ports(pod, z.pid), "all or none: no listener of a failed proxy stays open"
+        w = z.config_dump()["workloadState"]["uid-a"]
+        assert w["state"] == "Pending"
+        assert w["lastError"].startswith("Bind([::]:15006")
+        assert z.ready_status() == 500
+        assert z.get("readiness", "/healthz/ready")[1] == "not ready, pending: workload proxy manager\n"
+        metrics = z.metrics()
+        assert metrics["workload_manager_pending_proxy_count"] == 1
+        assert metrics["workload_manager_active_proxy_count"] == 0
+        assert metrics['zds_ztunnel_nacks_total{reason="start"}'] == 1
+        # Still failing on retries.
+        wait_until(lambda: z.config_dump()["workloadState"]["uid-a"]["startFailures"] >= 2, "a failed retry")
+    finally:
+        squatter.close()
+    wait_until(lambda: z.workload_states() == {"uid-a": "Up"}, "the retry to succeed")
+    assert sorted(pod_ports(pod, z.pid)) == list(PORTS)
+    wait_until(lambda: z.ready_status() == 200, "readiness")
+    assert z.metrics()["workload_manager_pending_proxy_count"] == 0
+    assert conn.delete("uid-a") == Ack(), "the connection is still served"
+
+
+@pytest.mark.root
+def test_a_pending_workload_deleted_is_forgotten_and_readiness_returns(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+) -> None:
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert conn.snapshot() == Ack()
+    wait_until(lambda: z.ready_status() == 200, "ready with an empty snapshot")
+    baseline = fd_count(z.pid)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        nack = conn.request(AddWorkload(uid="not-a-netns", info=WorkloadInfo("n", "ns", "sa")), [fd])
+    finally:
+        os.close(fd)
+    assert nack.error == "failure to start proxy : the netns fd of not-a-netns is not a network namespace"
+    assert z.workload_states() == {"not-a-netns": "Pending"}
+    assert z.ready_status() == 500
+    assert fd_count(z.pid) == baseline + 1, "a pending workload keeps its fd for the retry"
+    assert conn.delete("not-a-netns") == Ack()
+    assert z.workload_states() == {}
+    assert z.ready_status() == 200
+    assert fd_count(z.pid) == baseline
+
+
+# =============================================================================================
+# Bad records: nack text, follow-up, no fd leaked
+# =============================================================================================
+
+INFO = WorkloadInfo(name="web", namespace="default", service_account="default")
+ADD = encode_request(AddWorkload(uid="bad", info=INFO))
+KEEP = encode_request(KeepWorkload(uid="bad"))
+DEL = encode_request(DelWorkload(uid="bad"))
+SNAP = encode_request(SnapshotSent())
+
+# name → (payload, number of fds, expected nack or None for "no reply, read as EOF")
+READ_ERRORS: dict[str, tuple[bytes, int, str | None]] = {
+    "oversized record (truncated)": (b"\x0a\x82\x08" + b"x" * 1100, 0, "received truncated message"),
+    "undecodable protobuf": (b"\xff\xff\xff", 0, "failed to decode Protobuf message: "),
+    "request with no payload": (b"\x20\x01", 0, "no payload"),
+    "add without an fd": (ADD, 0, "No control message"),
+    "add with two fds": (ADD, 2, "Expected 1 FD, got 2"),
+    "add with four fds": (ADD, 4, "Expected 1 FD, got 4"),
+    "keep with an fd": (KEEP, 1, "Unexpected control message"),
+    "del with an fd": (DEL, 1, "Unexpected control message"),
+    "snapshot_sent with an fd": (SNAP, 1, "Unexpected control message"),
+    "undecodable with an fd": (b"\xff\xff", 1, "failed to decode Protobuf message: "),
+    "zero-byte record": (b"", 0, None),
+    "zero-byte record with an fd": (b"", 1, None),
+}
+
+
+@pytest.mark.root
+def test_every_bad_record_is_nacked_then_ztunnel_reconnects_and_leaks_no_fd(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    z = start_ztunnel()
+
+    def enroll() -> FakeConnection:
+        conn = agent.connect_and_hello()
+        assert conn.add("uid-a", pod.path) == Ack()
+        assert conn.snapshot() == Ack()
+        return conn
+
+    conn = enroll()
+    listeners = wait_until(lambda: pod_ports(pod, z.pid), "listeners")
+    wait_until(lambda: z.ready_status() == 200, "ready")
+    baseline = fd_count(z.pid)
+    for kind, (payload, nfds, expected) in READ_ERRORS.items():
+        fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+        try:
+            conn.send(payload, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if expected is not None:
+            reply = conn.recv()
+            assert reply, f"{kind}: no nack"
+            error = decode_ack(reply).error
+            assert error.startswith("failure to read message : " + expected), f"{kind}: {error}"
+        conn.expect_closed()  # ztunnel closes after a read error (and after EOF)
+        conn.close()
+        conn = enroll()  # ... and reconnects; the new snapshot keeps the pod
+        assert pod_ports(pod, z.pid) == listeners, f"{kind}: the pod's listeners were disturbed"
+        wait_until(lambda: fd_count(z.pid) == baseline, f"fd count back to {baseline} after {kind}")
+    assert z.proc.poll() is None
+    assert z.metrics()["workload_manager_proxies_started_total"] == 1
+    assert z.metrics()['zds_ztunnel_nacks_total{reason="read"}'] == 10
+
+
+FATAL: dict[str, tuple[list[bytes], bytes, str]] = {
+    "add without workload_info": (
+        [],
+        encode_request(AddWorkload(uid="x", info=None)),
+        'ProtocolError("workload_info is required but not present")',
+    ),
+    "keep after snapshot": ([SNAP], KEEP, 'ProtocolError("pod keep received after snapshot")'),
+    "second snapshot": ([SNAP], SNAP, 'ProtocolError("pod snapshot received already")'),
+}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", sorted(FATAL))
+def test_a_protocol_error_is_nacked_and_ztunnel_exits_non_zero_with_the_reason(
+    agent: FakeNodeAgent,
+    start_ztunnel: Callable[..., ZtunnelProcess],
+    make_pod: Callable[[], Pod],
+    kind: str,
+) -> None:
+    before, payload, expected = FATAL[kind]
+    pod = make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    wait_until(lambda: pod_ports(pod, z.pid), "listeners")
+    for record in before:
+        assert conn.request(record) == Ack()
+    fds = [os.open(pod.path, os.O_RDONLY)] if payload.startswith(b"\x0a") else []
+    try:
+        conn.send(payload, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert decode_ack(conn.recv()).error == f"failure to process message : {expected}"
+    conn.expect_closed()
+    assert z.wait_exit() == 1
+    assert f"stopped for good: failure to process message : {expected}" in z.output()
+    assert not listening(pod.name), "the listeners died with the process"
+
+
+# =============================================================================================
+# Reconnecting
+# =============================================================================================
+
+
+@pytest.mark.root
+def test_reconnect_with_backoff_while_the_node_agent_is_away_then_reconcile(
+    tmp_path: Any, make_pod: Callable[[], Pod]
+) -> None:
+    a, b = make_pod(), make_pod()
+    path = str(tmp_path / "later.sock")
+    z = ZtunnelProcess(path, str(tmp_path / "z.log"))
+    agent: FakeNodeAgent | None = None
+    try:
+        # Nobody listens yet: ztunnel keeps trying, not ready.
+        wait_until(lambda: "failed to connect to the node agent" in z.output(), "a failed connect")
+        assert z.ready_status() == 500
+        agent = FakeNodeAgent(path)
+        conn = agent.connect_and_hello()
+        assert conn.add("uid-a", a.path) == Ack()
+        assert conn.add("uid-b", b.path) == Ack()
+        assert conn.snapshot() == Ack()
+        wait_until(lambda: z.ready_status() == 200, "ready")
+        listeners_a = pod_ports(a, z.pid)
+        assert sorted(listeners_a) == list(PORTS)
+        # The node agent goes away (restart): not ready, and back.
+        conn.close()
+        agent.close()
+        wait_until(lambda: z.ready_status() == 500, "not ready while the node agent is away")
+        assert z.config_dump()["zds"]["connected"] is False
+        time.sleep(0.2)  # let a few connects fail (backoff), not an assertion on timing
+        agent = FakeNodeAgent(path)
+        conn = agent.connect_and_hello()
+        # The new snapshot names only a: b is dropped, a is untouched.
+        assert conn.add("uid-a", a.path) == Ack()
+        assert z.ready_status() == 500, "not ready before SnapshotSent"
+        assert conn.snapshot() == Ack()
+        wait_until(lambda: not pod_ports(b, z.pid), "b dropped by the reconcile")
+        assert pod_ports(a, z.pid) == listeners_a, "a's listening sockets are the same ones"
+        wait_until(lambda: z.ready_status() == 200, "ready again")
+        assert z.workload_states() == {"uid-a": "Up"}
+        assert z.metrics()["zds_ztunnel_connections_total"] == 2
+    finally:
+        z.stop(signal.SIGKILL)
+        if agent is not None:
+            agent.close()
+
+
+def test_backoff_doubles_from_10ms_to_15s_with_jitter() -> None:
+    exact = Backoff(jitter=0.0)
+    delays = [exact.next() for _ in range(15)]
+    assert delays[:4] == [0.01, 0.02, 0.04, 0.08]
+    assert delays[-1] == 15.0 and max(delays) == 15.0
+    assert all(b >= a for a, b in itertools.pairwise(delays))
+    exact.reset()
+    assert exact.next() == 0.01
+    low, high = Backoff(rand=lambda: 0.0), Backoff(rand=lambda: 0.999999)
+    assert low.next() == pytest.approx(0.008) and high.next() == pytest.approx(0.012, rel=1e-3)
+    jittered = Backoff()
+    assert len({round(jittered.next() / (0.01 * 2**i), 6) for i in range(8)}) > 1, "jitter varies"
+
+
+# =============================================================================================
+# Established connections survive a reconnect (in-process, with a holding handler)
+# =============================================================================================
+
+
+class InProcessZtunnel:
+    """A Ztunnel served by its own event loop in a thread (signals stay with pytest)."""
+
+    def __init__(self, config: ZtunnelConfig, handlers: dict[str, Any]) -> None:
+        self.ztunnel = Ztunnel(config, handlers)
+        self._started = threading.Event()
+        self.code: int | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="ztunnel", daemon=True)
+        self._thread.start()
+        assert self._started.wait(15), "in-process ztunnel did not start"
+
+    def _main(self) -> None:
+        async def serve() -> None:
+            self.loop = asyncio.get_running_loop()
+            self.stop_event = asyncio.Event()
+            self._started.set()
+            self.code = await self.ztunnel.serve(self.stop_event)
+
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:
+            self.error = exc
+            self._started.set()
+
+    def get(self, name: str, path: str) -> tuple[int, str]:
+        address = wait_until(lambda: self.ztunnel.http.bound.get(name), f"{name} bound")
+        try:
+            with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def close(self) -> int | None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+            self._thread.join(30)
+        assert not self._thread.is_alive(), "in-process ztunnel did not stop"
+        if self.error:
+            raise self.error
+        return self.code
+
+
+async def echo(conn: AcceptedConnection) -> None:
+    loop = asyncio.get_running_loop()
+    conn.sock.setblocking(False)
+    while data := await loop.sock_recv(conn.sock, 4096):
+        await loop.sock_sendall(conn.sock, data)
+
+
+def connect_in_pod(pod: Pod, port: int) -> socket.socket:
+    """A TCP connection made from inside the pod to its own ``port`` (over loopback)."""
+    with open_netns(pod.path) as handle, in_netns(handle):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+@pytest.mark.root
+def test_a_new_snapshot_leaves_enrolled_pods_and_their_connections_alone(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    kept, dropped = make_pod(), make_pod()
+    config = ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="127.0.0.1:0",
+        readiness_listen="127.0.0.1:0",
+        metrics_listen="off",
+    )
+    zt = InProcessZtunnel(config, {"outbound": echo})
+    try:
+        conn = agent.connect_and_hello()
+        assert conn.add("kept", kept.path) == Ack()
+        assert conn.add("dropped", dropped.path) == Ack()
+        assert conn.snapshot() == Ack()
+        c1 = connect_in_pod(kept, 15001)
+        c2 = connect_in_pod(dropped, 15001)
+        for c in (c1, c2):
+            c.sendall(b"ping")
+            assert c.recv(4) == b"ping"
+        conn.close()  # the node agent restarts
+        conn = agent.connect_and_hello()
+        assert conn.add("kept", kept.path) == Ack()
+        assert conn.snapshot() == Ack()
+        # The kept pod's established connection is still served...
+        c1.sendall(b"still")
+        assert c1.recv(5) == b"still"
+        # ... and the dropped pod's was closed with its proxy.
+        assert c2.recv(16) == b""
+        with pytest.raises(ConnectionRefusedError):
+            connect_in_pod(dropped, 15001)
+        _, body = zt.get("admin", "/config_dump")
+        assert sorted(json.loads(body)["workloadState"]) == ["kept"]
+        c1.close()
+        c2.close()
+    finally:
+        assert zt.close() == 0
+    with pytest.raises(ConnectionRefusedError):
+        connect_in_pod(kept, 15001)
+
+
+# =============================================================================================
+# Draining, HTTP endpoints, protocol-only mode
+# =============================================================================================
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_reading_closes_every_listener_and_exits_0(
+    agent: FakeNodeAgent,
+    start_ztunnel: Callable[..., ZtunnelProcess],
+    make_pod: Callable[[], Pod],
+    sig: int,
+) -> None:
+    a, b = make_pod(), make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", a.path) == Ack()
+    assert conn.add("uid-b", b.path) == Ack()
+    assert conn.snapshot() == Ack()
+    wait_until(lambda: pod_ports(a, z.pid) and pod_ports(b, z.pid), "listeners")
+    z.proc.send_signal(sig)
+    conn.expect_closed()
+    assert z.wait_exit() == 0, z.output()
+    assert "draining" in z.output()
+    assert not listening(a.name) and not listening(b.name)
+
+
+@pytest.mark.root
+def test_config_dump_readiness_and_metrics_follow_the_state(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert z.ready_status() == 500, "not ready before the snapshot"
+    info = WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage")
+    assert conn.add("pod-uid-1", pod.path, info) == Ack()
+    assert z.ready_status() == 500
+    assert conn.snapshot() == Ack()
+    assert z.ready_status() == 200
+    assert z.get("readiness", "/healthz/ready")[1] == "ready\n"
+    dump = z.config_dump()
+    w = dump["workloadState"]["pod-uid-1"]
+    assert w["state"] == "Up"
+    assert w["info"] == {
+        "name": "productpage-v1",
+        "namespace": "bookinfo",
+        "serviceAccount": "bookinfo-productpage",
+    }
+    st = os.stat(pod.path)
+    assert w["netns"] == {"dev": st.st_dev, "ino": st.st_ino}
+    assert [entry["name"] for entry in w["listeners"]] == ["outbound", "inbound", "hbone"]
+    assert w["lastError"] is None
+    assert dump["zds"]["connected"] is True and dump["zds"]["connectionState"] == "synced"
+    metrics = z.metrics()
+    assert metrics["workload_manager_active_proxy_count"] == 1
+    assert metrics["workload_manager_pending_proxy_count"] == 0
+    assert metrics["workload_manager_proxies_started_total"] == 1
+    assert metrics["workload_manager_proxies_stopped_total"] == 0
+    assert metrics['zds_ztunnel_requests_total{kind="add"}'] == 1
+    assert metrics["zds_ztunnel_ready"] == 1
+    status, text = z.get("metrics", "/metrics")
+    assert "# TYPE workload_manager_proxies_started_total counter" in text
+    assert "# TYPE workload_manager_active_proxy_count gauge" in text
+    assert z.get("metrics", "/stats/prometheus") == (status, text)
+    assert conn.delete("pod-uid-1") == Ack()
+    assert z.config_dump()["workloadState"] == {}
+    metrics = z.metrics()
+    assert metrics["workload_manager_active_proxy_count"] == 0
+    assert metrics["workload_manager_proxies_stopped_total"] == 1
+    assert z.get("admin", "/nope")[0] == 404
+
+
+def test_no_listeners_mode_acks_checks_the_netns_and_opens_nothing(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+) -> None:
+    # No root needed: our own netns is a netns anyone can open.
+    z = start_ztunnel("--no-listeners")
+    conn = agent.connect_and_hello()
+    assert conn.add("own-netns", "/proc/self/ns/net") == Ack()
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        nack = conn.request(AddWorkload(uid="devnull", info=INFO), [fd])
+    finally:
+        os.close(fd)
+    assert nack.error == "failure to start proxy : the netns fd of devnull is not a network namespace"
+    assert conn.snapshot() == Ack()
+    dump = z.config_dump()
+    assert dump["workloadState"]["own-netns"]["state"] == "Up"
+    assert dump["workloadState"]["own-netns"]["listeners"] == []
+    assert dump["workloadState"]["devnull"]["state"] == "Pending"
+    assert dump["zds"]["listeners"] is False
+    tcp = {
+        int(t[8:-1])
+        for t in (os.readlink(f"/proc/{z.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{z.pid}/fd"))
+        if t.startswith("socket:[")
+    }
+    pod_listeners = {lst.inode for port, lst in listening(None).items() if port in PORTS}
+    assert not tcp & pod_listeners, "--no-listeners opened an in-pod port"
+    assert z.stop() == 0
+
+
+def test_http_listen_flags_are_checked(tmp_path: Any) -> None:
+    cmd = [sys.executable, "-m", "zds", "ztunnel", "--zds-socket", str(tmp_path / "x.sock"), "--no-listeners"]
+    bad = subprocess.run([*cmd, "--admin-listen", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--admin-listen" in bad.stderr and "HOST:PORT" in bad.stderr
+    same = subprocess.run(
+        [*cmd, "--outbound-port", "15006", "--admin-listen", "off"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert same.returncode == 2 and "must differ" in same.stderr
+
+
+# =============================================================================================
+# Listener construction (unit level)
+# =============================================================================================
+
+
+@pytest.mark.root
+def test_listeners_are_all_or_nothing(make_pod: Callable[[], Pod]) -> None:
+    pod = make_pod()
+    before = os.readlink("/proc/thread-self/ns/net")
+    with open_netns(pod.path) as handle:
+        with in_netns(handle):
+            squatter = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            squatter.bind(("::", 15008))
+            squatter.listen()
+        try:
+            specs = (
+                ListenerSpec("outbound", 15001),
+                ListenerSpec("inbound", 15006),
+                ListenerSpec("hbone", 15008),
+            )
+            with pytest.raises(ListenerError) as err:
+                open_listeners(handle.fileno(), specs)
+            assert str(err.value).startswith("Bind([::]:15008, [Errno 98]")
+            assert not {15001, 15006} & set(listening(pod.name)), "the first two were closed again"
+        finally:
+            squatter.close()
+        made = open_listeners(handle.fileno(), specs)
+        try:
+            assert [lst.address for lst in made] == ["[::]:15001", "[::]:15006", "[::]:15008"]
+            for lst in made:
+                assert lst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 1337
+                assert lst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+                assert lst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+                assert lst.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        finally:
+            for lst in made:
+                lst.sock.close()
+    assert os.readlink("/proc/thread-self/ns/net") == before, "the thread came back to its own netns"
+
+
+@pytest.mark.root
+def test_without_ipv6_in_the_kernel_listeners_fall_back_to_ipv4(
+    make_pod: Callable[[], Pod], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kernel booted with ipv6.disable=1 refuses AF_INET6 sockets; this one has IPv6,
+    # so that refusal is simulated (the only stand-in in this file).
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = -1, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    pod = make_pod()
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    with open_netns(pod.path) as handle:
+        made = open_listeners(handle.fileno(), (ListenerSpec("outbound", 15001),))
+    monkeypatch.undo()
+    try:
+        assert [lst.address for lst in made] == ["0.0.0.0:15001"]
+        assert made[0].sock.family == socket.AF_INET
+    finally:
+        for lst in made:
+            lst.sock.close()
+
+
+def test_metrics_text_format() -> None:
+    m = ZtunnelMetrics()
+    m.inc("workload_manager_proxies_started_total")
+    m.inc("zds_ztunnel_nacks_total", reason='we"ird')
+    m.observe("workload_manager_active_proxy_count", lambda: 3)
+    text = m.render()
+    assert "workload_manager_proxies_started_total 1\n" in text
+    assert "workload_manager_active_proxy_count 3\n" in text
+    assert 'zds_ztunnel_nacks_total{reason="we\\"ird"} 1\n' in text
+    assert (
+        "# HELP workload_manager_pending_proxy_count The total number current workloads with pending" in text
+    )
+    with pytest.raises(TypeError):
+        m.set("workload_manager_proxies_started_total", 4)
+    with pytest.raises(ValueError):
+        m.inc("workload_manager_proxies_started_total", -1)
