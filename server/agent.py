@@ -26,6 +26,7 @@ from zds.server.connection import (
     cancel_and_wait,
 )
 from zds.server.pods import Pod, PodSpec, PodSpecError, PodState
+from zds.server.redirect import RedirectError, Redirector
 from zds.transport import accept
 
 log = logging.getLogger("zds.server")
@@ -38,6 +39,7 @@ class EnrollmentError(Exception):
     NO_CONNECTION = "no-connection"  # cached, delivered in the next snapshot
     NACKED = "nacked"  # ztunnel answered with an error; cached
     LOST = "lost"  # the connection closed before the ack; cached
+    RULES = "rules"  # the redirection rules could not be installed: nothing cached, nothing sent
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -68,17 +70,19 @@ class AgentConfig:
 class NodeAgent(ConnectionObserver):
     """Owns the pod cache (and every netns fd in it) and the ztunnel connections."""
 
-    def __init__(self, config: AgentConfig | None = None) -> None:
+    def __init__(self, config: AgentConfig | None = None, redirector: Redirector | None = None) -> None:
         self.config = config or AgentConfig()
+        #: Installs the in-pod rules; None with --no-redirect.
+        self.redirector = redirector
         self.pods: dict[str, Pod] = {}
         #: Connections that said hello, oldest first; the last is the newest.
         self.connections: list[ZtunnelConnection] = []
         #: Every live connection, with or without a hello yet (for the limit).
         self._live: set[ZtunnelConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     # -- pods --------------------------------------------------------------------
-    def load(self, spec: PodSpec) -> Pod:
+    async def load(self, spec: PodSpec) -> Pod:
         """Cache a pod without delivering it (start-up ``--pods``).
 
         A pod whose netns cannot be opened stays known without one and goes out
@@ -93,17 +97,22 @@ class NodeAgent(ConnectionObserver):
                 exc,
                 extra=_pod_extra(spec),
             )
-            netns = None
-        return self._cache(Pod(spec=spec, netns=netns))
+            return self._cache(Pod(spec=spec, netns=None))
+        pod = Pod(spec=spec, netns=netns)
+        await self._install_rules(pod)
+        return self._cache(pod)
 
     async def add_pod(self, spec: PodSpec) -> Enrolled:
-        """Enroll a pod: open its netns, cache it, deliver AddWorkload + fd to the newest ztunnel."""
+        """Enroll a pod: open its netns, install the redirection rules, cache it,
+        deliver AddWorkload + fd to the newest ztunnel and wait for the ack."""
         try:
             spec.validate()
             netns = open_netns_ref(spec.netns)
         except (PodSpecError, NetnsError) as exc:
             raise EnrollmentError(EnrollmentError.INVALID, str(exc)) from exc
-        pod = self._cache(Pod(spec=spec, netns=netns))
+        pod = Pod(spec=spec, netns=netns)
+        await self._install_rules(pod)
+        self._cache(pod)
         log.info("pod enrolled (netns %s)", netns.identity, extra=_pod_extra(spec))
         conn = self.newest_connection()
         if conn is None:
@@ -122,19 +131,49 @@ class NodeAgent(ConnectionObserver):
             raise EnrollmentError(EnrollmentError.NACKED, ack.error)
         return Enrolled(pod=pod, conn_id=conn.id)
 
+    async def _install_rules(self, pod: Pod) -> None:
+        """Install the in-pod rules; on failure close the netns and refuse the enrollment (nothing is sent)."""
+        if self.redirector is None or pod.netns is None:
+            return
+        try:
+            families = await self.redirector.install(pod.netns)
+        except (RedirectError, NetnsError, OSError) as exc:
+            pod.close()
+            raise EnrollmentError(
+                EnrollmentError.RULES, f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}"
+            ) from exc
+        pod.rules_installed = True
+        log.info(
+            "in-pod redirection rules installed (IPv%s)",
+            "+IPv".join(map(str, families)),
+            extra=_pod_extra(pod.spec),
+        )
+
+    async def _remove_rules(self, pod: Pod) -> None:
+        if self.redirector is None or pod.netns is None or not pod.rules_installed:
+            return
+        try:
+            await self.redirector.remove(pod.netns)
+            pod.rules_installed = False
+        except (RedirectError, NetnsError, OSError) as exc:
+            log.warning("cannot remove in-pod redirection rules: %s", exc, extra=_pod_extra(pod.spec))
+
     async def remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
-        """Forget a pod, close its netns fd, send DelWorkload to every connection.
+        """Forget a pod, send DelWorkload to every connection, remove its rules, close its netns fd.
 
         Done whatever ztunnel answers, even with no ztunnel connected (Istio's rule).
         Raises KeyError for an unknown uid.
         """
         pod = self.pods.pop(uid)
-        pod.close()
         log.info("pod removed", extra=_pod_extra(pod.spec))
-        conns = list(self.connections)
-        answers = await asyncio.gather(
-            *(c.deliver(DelWorkload(uid=uid)) for c in conns), return_exceptions=True
-        )
+        try:
+            conns = list(self.connections)
+            answers = await asyncio.gather(
+                *(c.deliver(DelWorkload(uid=uid)) for c in conns), return_exceptions=True
+            )
+            await self._remove_rules(pod)
+        finally:
+            pod.close()
         results = []
         for conn, answer in zip(conns, answers, strict=True):
             if isinstance(answer, Ack):
@@ -146,9 +185,26 @@ class NodeAgent(ConnectionObserver):
     def _cache(self, pod: Pod) -> Pod:
         old = self.pods.get(pod.uid)
         if old is not None:
-            old.close()  # replaced: its fd goes now (queued sends hold their own dups)
+            if (
+                old.rules_installed
+                and old.netns is not None
+                and pod.netns is not None
+                and old.netns.identity != pod.netns.identity
+            ):
+                # Replaced by a pod in another netns: take our rules out of the old one too.
+                task = asyncio.ensure_future(self._remove_rules_and_close(old))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                old.close()  # replaced: its fd goes now (queued sends hold their own dups)
         self.pods[pod.uid] = pod
         return pod
+
+    async def _remove_rules_and_close(self, pod: Pod) -> None:
+        try:
+            await self._remove_rules(pod)
+        finally:
+            pod.close()
 
     # -- snapshot source ---------------------------------------------------------
     def snapshot_uids(self) -> list[str]:

@@ -61,6 +61,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     server.add_argument("--pods", metavar="FILE", help="pods to enroll at start-up (JSON lines or YAML)")
     server.add_argument("--no-redirect", action="store_true", help="do not install in-pod redirection rules")
+    server.add_argument(
+        "--no-dns-capture",
+        action="store_true",
+        help="install the rules without DNS capture (UDP/TCP 53 -> 15053 is left out)",
+    )
     server.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     server.set_defaults(func=_run_server)
 
@@ -133,6 +138,7 @@ def _run_server(args: argparse.Namespace) -> int:
         return 1
     from zds.server.agent import AgentConfig
     from zds.server.main import ServerOptions, run_server
+    from zds.server.redirect import RedirectConfig
 
     options = ServerOptions(
         zds_socket=args.zds_socket,
@@ -142,6 +148,7 @@ def _run_server(args: argparse.Namespace) -> int:
         http_listen=_off(args.http_listen),
         pods_file=args.pods,
         redirect=not args.no_redirect,
+        redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),
         agent=AgentConfig(
             max_connections=args.max_connections,
             ack_timeout=args.ack_timeout,

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from zds import defaults
 from zds.protocol.messages import Ack, AddWorkload, KeepWorkload, Request, SnapshotSent, request_kind
@@ -277,7 +277,7 @@ class ZtunnelConnection:
             self._handle(self.protocol.receive(received, now))
 
 
-async def cancel_and_wait(task: asyncio.Task[object]) -> None:
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
     """Cancel a task and wait for it to finish, swallowing its cancellation."""
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -31,6 +31,7 @@ _STATUS = {
     EnrollmentError.NO_CONNECTION: grpc.StatusCode.UNAVAILABLE,
     EnrollmentError.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
     EnrollmentError.LOST: grpc.StatusCode.UNAVAILABLE,
+    EnrollmentError.RULES: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -7,18 +7,19 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
 
 from zds import defaults
-from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.agent import AgentConfig, EnrollmentError, NodeAgent
 from zds.server.cni import CniPluginEndpoint
 from zds.server.connection import cancel_and_wait
 from zds.server.control import start_control_server
 from zds.server.http import health_app
 from zds.server.pods import PodSpecError, load_pods_file
+from zds.server.redirect import RedirectConfig, Redirector
 from zds.transport import bind_unix_listener, remove_socket_file, remove_stale_socket
 
 log = logging.getLogger("zds.server")
@@ -37,6 +38,7 @@ class ServerOptions:
     http_listen: str | None = defaults.NODE_AGENT_HTTP
     pods_file: str | None = None
     redirect: bool = True
+    redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
 
 
@@ -62,7 +64,9 @@ class NodeAgentServer:
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self.agent = NodeAgent(options.agent)
+        self.agent = NodeAgent(
+            options.agent, Redirector(options.redirect_config) if options.redirect else None
+        )
         self.cni: CniPluginEndpoint | None = None
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -83,7 +87,7 @@ class NodeAgentServer:
     async def start(self) -> None:
         opts = self.options
         if opts.pods_file:
-            self._load_pods(opts.pods_file)
+            await self._load_pods(opts.pods_file)
         try:
             listener = bind_unix_listener(opts.zds_socket, mode=defaults.ZDS_SOCKET_MODE)
         except OSError as exc:
@@ -132,15 +136,15 @@ class NodeAgentServer:
             len(self.agent.pods),
         )
 
-    def _load_pods(self, path: str) -> None:
+    async def _load_pods(self, path: str) -> None:
         try:
             specs = load_pods_file(path)
         except PodSpecError as exc:
             raise StartupError(str(exc)) from exc
         for spec in specs:
             try:
-                self.agent.load(spec)
-            except PodSpecError as exc:
+                await self.agent.load(spec)
+            except (PodSpecError, EnrollmentError) as exc:
                 log.error("pods file entry refused: %s", exc, extra={"uid": spec.uid})
         log.info("loaded %d pod(s) from %s", len(self.agent.pods), path)
 

@@ -48,11 +48,11 @@ def free_port() -> int:
 class ZdsProcess:
     """A `zds ...` subprocess with its output captured to a file."""
 
-    def __init__(self, args: list[str], log_path: str) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([*ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     @property
     def pid(self) -> int:
@@ -85,7 +85,9 @@ class ZdsProcess:
 class NodeAgentProc(ZdsProcess):
     """``zds server`` on sockets under ``tmp``."""
 
-    def __init__(self, tmp: str, *extra: str, name: str = "server") -> None:
+    def __init__(
+        self, tmp: str, *extra: str, name: str = "server", redirect: bool = False, env_path: str | None = None
+    ) -> None:
         self.zds_socket = os.path.join(tmp, "ztunnel", "ztunnel.sock")
         self.control_socket = os.path.join(tmp, "zds", "control.sock")
         self.cni_socket = os.path.join(tmp, "cni", "pluginevent.sock")
@@ -99,10 +101,11 @@ class NodeAgentProc(ZdsProcess):
             self.cni_socket,
             "--http-listen",
             "off",
-            "--no-redirect",
+            *([] if redirect else ["--no-redirect"]),
             *extra,
         ]
-        super().__init__(args, os.path.join(tmp, f"{name}.log"))
+        env = {**os.environ, "PATH": env_path} if env_path is not None else None
+        super().__init__(args, os.path.join(tmp, f"{name}.log"), env)
 
     def wait_ready(self) -> NodeAgentProc:
         self.wait_for_output("node agent ready")

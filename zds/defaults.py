@@ -72,3 +72,22 @@ DRAIN_TIMEOUT = 5.0
 READINESS_NOT_READY_STATUS = 500
 #: The readiness task name ztunnel's in-pod manager registers.
 READINESS_TASK = "workload proxy manager"
+
+# --- in-pod redirection (node agent) ---------------------------------------------
+#: Packet mark ztunnel's sockets carry, and the mask the rules match it with.
+INPOD_MARK = 0x539
+INPOD_MASK = 0xFFF
+#: Connmark for traffic ztunnel already handled (Istio's InpodTProxyMark/Mask).
+INPOD_TPROXY_MARK = 0x111
+INPOD_TPROXY_MASK = 0xFFF
+#: Mask for restoring the connmark onto packets.
+INPOD_RESTORE_MASK = 0xFFFFFFFF
+#: Policy routing for in-pod mode: `ip rule fwmark 0x111/0xfff pref 32764 lookup 100`.
+INPOD_ROUTE_TABLE = 100
+INPOD_RULE_PRIORITY = 32764
+#: Addresses kubelet health probes are SNATed from (Istio's HOST_PROBE_SNAT_IP[V6]).
+HOST_PROBE_SNAT_IPV4 = "169.254.7.127"
+HOST_PROBE_SNAT_IPV6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+#: Names of the chains the in-pod rules live in.
+CHAIN_PREROUTING = "ISTIO_PRERT"
+CHAIN_OUTPUT = "ISTIO_OUTPUT"

@@ -1,0 +1,258 @@
+"""In-pod traffic redirection: Istio's in-pod iptables rules, installed by the
+node agent inside each enrolled pod's network namespace.
+
+With these rules and the ztunnel side's listeners, a pod's outbound TCP goes to
+15001, inbound TCP (except to 15008) to 15006, DNS to 15053, and whatever
+carries ztunnel's mark (0x539) is left alone. The rule text is built here (the
+same rules, order and spelling as Istio's in-pod rule builder, pinned by the
+golden files in ``../shared/upstream``) and applied with ``iptables-restore
+--noflush`` from a worker thread inside the namespace, after removing any
+earlier copy of our chains, so re-applying is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from zds import defaults
+from zds.netns import NetnsHandle, run_in_netns
+
+log = logging.getLogger("zds.server.redirect")
+
+PRERT = defaults.CHAIN_PREROUTING
+OUTPUT = defaults.CHAIN_OUTPUT
+MARK = f"0x{defaults.INPOD_MARK:x}/0x{defaults.INPOD_MASK:x}"
+TPROXY_MARK = f"0x{defaults.INPOD_TPROXY_MARK:x}/0x{defaults.INPOD_TPROXY_MASK:x}"
+RESTORE_MASK = f"0x{defaults.INPOD_RESTORE_MASK:x}"
+
+#: (table, built-in chain, our chain) jumps, in the order Istio appends them.
+JUMPS = (
+    ("mangle", "PREROUTING", PRERT),
+    ("mangle", "OUTPUT", OUTPUT),
+    ("nat", "OUTPUT", OUTPUT),
+    ("raw", "PREROUTING", PRERT),  # DNS capture only
+    ("raw", "OUTPUT", OUTPUT),  # DNS capture only
+    ("nat", "PREROUTING", PRERT),
+)
+
+
+class RedirectError(Exception):
+    """Installing or removing the rules failed; the message has iptables' own words."""
+
+
+@dataclass(frozen=True)
+class RedirectConfig:
+    """What varies between pods and nodes."""
+
+    dns_capture: bool = True
+    probe_snat_ipv4: str = defaults.HOST_PROBE_SNAT_IPV4
+    probe_snat_ipv6: str = defaults.HOST_PROBE_SNAT_IPV6
+    outbound_port: int = defaults.OUTBOUND_PORT
+    inbound_plaintext_port: int = defaults.INBOUND_PLAINTEXT_PORT
+    inbound_hbone_port: int = defaults.INBOUND_HBONE_PORT
+    dns_port: int = defaults.DNS_PORT
+
+
+def inpod_rules(family: int, config: RedirectConfig = RedirectConfig()) -> str:
+    """The ``iptables-restore`` input for one address family (4 or 6)."""
+    local = "127.0.0.1/32" if family == 4 else "::1/128"
+    probe = config.probe_snat_ipv4 if family == 4 else config.probe_snat_ipv6
+    tables: dict[str, list[str]] = {"mangle": [], "nat": [], "raw": []}
+    chains: dict[str, list[str]] = {"mangle": [], "nat": [], "raw": []}
+    for table, builtin, chain in JUMPS:
+        if table == "raw" and not config.dns_capture:
+            continue
+        if chain not in chains[table]:
+            chains[table].append(chain)
+        tables[table].append(f"-A {builtin} -j {chain}")
+    mangle, nat, raw = tables["mangle"], tables["nat"], tables["raw"]
+
+    # Traffic ztunnel sent (marked) gets a connmark, so replies can be recognised.
+    mangle.append(f"-A {PRERT} -m mark --mark {MARK} -j CONNMARK --set-xmark {TPROXY_MARK}")
+    # Kubelet probes arrive SNATed from a fixed address: let them (and their replies) through.
+    nat.append(f"-A {PRERT} -s {probe} -p tcp -m tcp -j ACCEPT")
+    nat.append(f"-A {OUTPUT} -d {probe} -p tcp -m tcp -j ACCEPT")
+    # Inbound TCP not for localhost, not HBONE, not from ztunnel: to the inbound plaintext listener.
+    nat.append(
+        f"-A {PRERT} ! -d {local} -p tcp ! --dport {config.inbound_hbone_port} -m mark ! --mark {MARK} "
+        f"-j REDIRECT --to-ports {config.inbound_plaintext_port}"
+    )
+    mangle.append(
+        f"-A {OUTPUT} -m connmark --mark {TPROXY_MARK} -j CONNMARK --restore-mark "
+        f"--nfmask {RESTORE_MASK} --ctmask {RESTORE_MASK}"
+    )
+    if config.dns_capture:
+        nat.append(
+            f"-A {OUTPUT} ! -o lo -p udp -m mark ! --mark {MARK} -m udp --dport 53 "
+            f"-j REDIRECT --to-port {config.dns_port}"
+        )
+        nat.append(
+            f"-A {OUTPUT} ! -d {local} -p tcp --dport 53 -m mark ! --mark {MARK} "
+            f"-j REDIRECT --to-ports {config.dns_port}"
+        )
+        # ztunnel's own DNS upstream traffic gets its own conntrack zone (port collisions).
+        raw.append(f"-A {OUTPUT} -p udp -m mark --mark {MARK} -m udp --dport 53 -j CT --zone 1")
+        raw.append(f"-A {PRERT} -p udp -m mark ! --mark {MARK} -m udp --sport 53 -j CT --zone 1")
+    # Replies of connections ztunnel handled, and the pod talking to itself over lo, go direct.
+    nat.append(f"-A {OUTPUT} -p tcp -m mark --mark {TPROXY_MARK} -j ACCEPT")
+    nat.append(f"-A {OUTPUT} ! -d {local} -o lo -j ACCEPT")
+    # Everything else outbound, unless ztunnel sent it: to the outbound listener.
+    nat.append(
+        f"-A {OUTPUT} ! -d {local} -p tcp -m mark ! --mark {MARK} -j REDIRECT --to-ports {config.outbound_port}"
+    )
+
+    out = []
+    for table in ("mangle", "nat", "raw"):
+        if not tables[table]:
+            continue
+        out.append(f"* {table}")
+        out += [f"-N {chain}" for chain in _chain_order(table, chains[table])]
+        out += tables[table]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def _chain_order(table: str, chains: list[str]) -> list[str]:
+    # Istio declares the chains in the order its builder first saw them per table.
+    return [OUTPUT, PRERT] if table == "raw" else [PRERT, OUTPUT]
+
+
+_CHAIN_RE = re.compile(r"^:(\S+) ")
+_JUMP_RE = re.compile(r"^-A (PREROUTING|OUTPUT) -j (ISTIO_PRERT|ISTIO_OUTPUT)$")
+
+
+def cleanup_rules(saved: str) -> str:
+    """``iptables-restore --noflush`` input that removes our jumps and chains found in ``saved``."""
+    out: list[str] = []
+    table = ""
+    body: list[str] = []
+    ours: list[str] = []
+    for line in saved.splitlines():
+        line = line.strip()
+        if line.startswith("*"):
+            table, body, ours = line[1:].strip(), [], []
+        elif (m := _CHAIN_RE.match(line)) and m.group(1) in (PRERT, OUTPUT):
+            ours.append(m.group(1))
+        elif m := _JUMP_RE.match(line):
+            body.append(f"-D {m.group(1)} -j {m.group(2)}")
+        elif line == "COMMIT" and (body or ours):
+            out.append(f"*{table}")
+            out += body
+            out += [f"-F {c}" for c in ours]
+            out += [f"-X {c}" for c in ours]
+            out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _run(argv: list[str], stdin: str = "") -> str:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError as exc:
+        raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        raise RedirectError(f"{' '.join(argv)} failed (exit {done.returncode}): {detail}")
+    return done.stdout
+
+
+def has_ipv6() -> bool:
+    """Whether the current netns has IPv6 enabled with a non-link-local address (call inside the netns)."""
+    try:
+        # /proc/net follows the main thread; this thread may be in another netns.
+        with open("/proc/thread-self/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                # scope 00 = global; skip loopback (::1, scope 10) and link-local (20)
+                if len(fields) >= 4 and fields[3] == "00":
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def _policy_routing(add: bool) -> None:
+    """`ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` + `ip route add local default dev lo table 100`
+    (both families), as Istio does in-pod; removal ignores what is already gone."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        families = [socket.AF_INET] + ([socket.AF_INET6] if has_ipv6() else [])
+        for family in families:
+            dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
+            rule = {
+                "family": family,
+                "table": defaults.INPOD_ROUTE_TABLE,
+                "priority": defaults.INPOD_RULE_PRIORITY,
+                "fwmark": defaults.INPOD_TPROXY_MARK,
+                "fwmask": defaults.INPOD_TPROXY_MASK,
+            }
+            route = {
+                "dst": dst,
+                "type": "local",
+                "scope": 254,
+                "table": defaults.INPOD_ROUTE_TABLE,
+                "oif": lo,
+            }
+            try:
+                if add:
+                    ipr.route("replace", family=family, **route)
+                    ipr.rule("add", **rule)
+                else:
+                    ipr.rule("del", **rule)
+            except NetlinkError as exc:
+                if exc.code not in (17, 2):  # EEXIST on add, ENOENT on del
+                    raise RedirectError(f"policy routing in pod netns: {exc}") from exc
+            if not add:
+                try:
+                    ipr.route("del", family=family, **route)
+                except NetlinkError as exc:
+                    if exc.code not in (2, 3):  # ENOENT / ESRCH: already gone
+                        raise RedirectError(f"policy routing in pod netns: {exc}") from exc
+
+
+def _families() -> list[tuple[int, str]]:
+    return [(4, "iptables")] + ([(6, "ip6tables")] if has_ipv6() else [])
+
+
+def _install_here(config: RedirectConfig) -> list[int]:
+    """Inside the pod netns (worker thread): replace our rules, add policy routing."""
+    installed = []
+    for family, tool in _families():
+        cleanup = cleanup_rules(_run([f"{tool}-save"]))
+        _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, config))
+        installed.append(family)
+    _policy_routing(add=True)
+    return installed
+
+
+def _remove_here() -> None:
+    for _family, tool in _families():
+        cleanup = cleanup_rules(_run([f"{tool}-save"]))
+        if cleanup:
+            _run([f"{tool}-restore", "--noflush"], cleanup)
+    _policy_routing(add=False)
+
+
+class Redirector:
+    """Installs and removes the in-pod rules; shared by every enrollment of a node agent."""
+
+    def __init__(self, config: RedirectConfig = RedirectConfig()) -> None:
+        self.config = config
+
+    async def install(self, netns: NetnsHandle) -> list[int]:
+        """Install (or re-install) the rules in ``netns``; returns the address families covered."""
+        return await run_in_netns(netns, _install_here, self.config)
+
+    async def remove(self, netns: NetnsHandle) -> None:
+        await run_in_netns(netns, _remove_here)
+
+
+def iptables_save(family: int = 4) -> str:
+    """``iptables-save`` of the current netns (call inside it; for tests and ``zds pod rules``)."""
+    return _run(["iptables-save" if family == 4 else "ip6tables-save"])

@@ -1,0 +1,228 @@
+"""In-pod redirection rules: the text equals Istio's golden files, and the rules
+installed in a real namespace read back (iptables-save) exactly like the golden
+rule set restored into a scratch namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.conftest import SHARED
+from tests.harness import NodeAgentProc, RawPeer
+from zds.netns import PodNetwork, create_netns, delete_netns, in_netns, open_netns
+from zds.server.redirect import RedirectConfig, Redirector, cleanup_rules, inpod_rules
+
+GOLDEN4 = (SHARED / "upstream" / "istio-inpod-iptables.golden").read_text()
+GOLDEN6_FILE = (SHARED / "upstream" / "istio-inpod-iptables-ipv6.golden").read_text()
+#: The IPv6 probe SNAT address Istio's golden test data was generated with.
+GOLDEN_PROBE6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"
+
+
+def golden_part(text: str, part: int) -> str:
+    """Rules of the golden file without its two command-name lines: part 0 = IPv4, 1 = IPv6 (after the 3rd COMMIT)."""
+    lines = [line for line in text.splitlines()[2:] if line.strip()]
+    commits = [i for i, line in enumerate(lines) if line == "COMMIT"]
+    chunk = lines[: commits[2] + 1] if part == 0 else lines[commits[2] + 1 :]
+    return "\n".join(chunk) + "\n"
+
+
+def test_ipv4_rules_are_istios_golden_rules() -> None:
+    assert inpod_rules(4) == golden_part(GOLDEN4, 0)
+
+
+def test_ipv6_rules_are_istios_golden_rules() -> None:
+    assert golden_part(GOLDEN6_FILE, 0) == golden_part(GOLDEN4, 0)
+    assert inpod_rules(6, RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6)) == golden_part(GOLDEN6_FILE, 1)
+
+
+def test_without_dns_capture_no_port_53_rule_and_no_raw_table() -> None:
+    rules = inpod_rules(4, RedirectConfig(dns_capture=False))
+    assert "15053" not in rules and "* raw" not in rules and "--dport 53" not in rules
+    assert "--to-ports 15001" in rules and "--to-ports 15006" in rules
+
+
+def test_cleanup_removes_exactly_our_jumps_and_chains() -> None:
+    saved = """*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:ISTIO_OUTPUT - [0:0]
+:OTHER - [0:0]
+-A OUTPUT -j ISTIO_OUTPUT
+-A OUTPUT -j OTHER
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+COMMIT
+"""
+    assert (
+        cleanup_rules(saved) == "*nat\n-D OUTPUT -j ISTIO_OUTPUT\n-F ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT\n"
+    )
+    assert cleanup_rules("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n") == ""
+
+
+# -- real namespaces -------------------------------------------------------------------
+
+
+def normalise(saved: str) -> list[str]:
+    """iptables-save output without comments and counters, rules sorted within each chain."""
+    out: list[str] = []
+    rules: dict[str, list[str]] = {}
+    for line in saved.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        line = re.sub(r"\s*\[\d+:\d+\]$", "", line)
+        if line.startswith("-A "):
+            rules.setdefault(line.split()[1], []).append(line)
+        elif line == "COMMIT":
+            for chain in sorted(rules):
+                out += sorted(rules[chain])
+            rules = {}
+            out.append(line)
+        else:
+            out.append(line)
+    return out
+
+
+def saved_in(netns_path: str, tool: str = "iptables-save") -> str:
+    with open_netns(netns_path) as ns, in_netns(ns):
+        return subprocess.run([tool], capture_output=True, text=True, check=True).stdout
+
+
+def restore_in(netns_path: str, rules: str, tool: str = "iptables-restore") -> None:
+    with open_netns(netns_path) as ns, in_netns(ns):
+        subprocess.run([tool], input=rules, text=True, check=True, capture_output=True)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for name in made:
+        delete_netns(name, missing_ok=True)
+
+
+def scratch(namespaces: list[str]) -> str:
+    name = f"zdst-{secrets.token_hex(3)}"
+    path = create_netns(name)
+    namespaces.append(name)
+    return path
+
+
+def install(path: str, config: RedirectConfig | None = None) -> list[int]:
+    async def run() -> list[int]:
+        with open_netns(path) as ns:
+            return await Redirector(config or RedirectConfig()).install(ns)
+
+    return asyncio.run(run())
+
+
+def remove(path: str) -> None:
+    async def run() -> None:
+        with open_netns(path) as ns:
+            await Redirector().remove(ns)
+
+    asyncio.run(run())
+
+
+@pytest.mark.root
+def test_installed_rules_read_back_like_the_golden_rule_set(namespaces: list[str]) -> None:
+    pod, reference = scratch(namespaces), scratch(namespaces)
+    # Without its two command-name lines: iptables-restore 1.8.9 here refuses them ("line 1 failed").
+    restore_in(reference, golden_part(GOLDEN4, 0))
+    assert install(pod) == [4]
+    assert normalise(saved_in(pod)) == normalise(saved_in(reference))
+    assert "ISTIO_OUTPUT" in saved_in(pod)
+
+
+@pytest.mark.root
+def test_reinstalling_is_idempotent(namespaces: list[str]) -> None:
+    pod = scratch(namespaces)
+    install(pod)
+    once = normalise(saved_in(pod))
+    install(pod)
+    install(pod)
+    assert normalise(saved_in(pod)) == once
+    assert sum(1 for line in once if line == "-A OUTPUT -j ISTIO_OUTPUT") == 3  # mangle, nat, raw: once each
+
+
+@pytest.mark.root
+def test_removal_leaves_no_istio_chain_and_no_policy_route(namespaces: list[str]) -> None:
+    pod = scratch(namespaces)
+    install(pod)
+    with open_netns(pod) as ns, in_netns(ns):
+        rules = subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+    assert "fwmark 0x111/0xfff lookup 100" in rules
+    remove(pod)
+    assert "ISTIO" not in saved_in(pod)
+    with open_netns(pod) as ns, in_netns(ns):
+        rules = subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+        table = subprocess.run(["ip", "route", "show", "table", "100"], capture_output=True, text=True).stdout
+    assert "lookup 100" not in rules and table.strip() == ""
+    remove(pod)  # removing twice is harmless
+
+
+@pytest.mark.root
+def test_a_pod_with_ipv6_gets_the_ipv6_rules_too(namespaces: list[str]) -> None:
+    reference = scratch(namespaces)
+    v6 = golden_part(GOLDEN6_FILE, 1)
+    restore_in(reference, v6, "ip6tables-restore")
+    net = PodNetwork(bridge=f"zdsb{secrets.token_hex(2)}", subnet4="10.179.0.0/24", subnet6="fd00:179::/64")
+    try:
+        pod = net.add_pod(f"zdst-{secrets.token_hex(3)}")
+        assert install(pod.netns_path, RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6)) == [4, 6]
+        assert normalise(saved_in(pod.netns_path, "ip6tables-save")) == normalise(
+            saved_in(reference, "ip6tables-save")
+        )
+    finally:
+        net.close()
+
+
+# -- through the node agent -----------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_enrollment_installs_rules_and_removal_takes_them_out(
+    tmp_path: object, namespaces: list[str]
+) -> None:
+    pod = scratch(namespaces)
+    server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
+    try:
+        with pytest.raises(grpc.RpcError) as info:  # no ztunnel: UNAVAILABLE, but enrolled with rules
+            server.add_pod("u1", pod)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        [listed] = server.list_pods()
+        assert listed.rules_installed
+        assert "-A OUTPUT -j ISTIO_OUTPUT" in saved_in(pod)
+        server.remove_pod("u1")
+        assert "ISTIO" not in saved_in(pod)
+    finally:
+        server.stop()
+
+
+@pytest.mark.root
+def test_a_rule_failure_fails_enrollment_and_nothing_is_sent(tmp_path: object, namespaces: list[str]) -> None:
+    pod = scratch(namespaces)
+    # No iptables on the node agent's PATH: installing the rules must fail.
+    server = NodeAgentProc(str(tmp_path), redirect=True, env_path="/nonexistent").wait_ready()
+    peer = RawPeer(server.zds_socket)
+    try:
+        peer.hello()
+        peer.take_snapshot()
+        with pytest.raises(grpc.RpcError) as info:
+            server.add_pod("u1", pod)
+        assert info.value.code() is grpc.StatusCode.INTERNAL
+        assert "cannot install in-pod redirection rules" in (info.value.details() or "")
+        assert "iptables-save not found" in (info.value.details() or "")
+        assert peer.recv(timeout=0.5) is None
+        assert server.list_pods() == []
+    finally:
+        peer.close()
+        server.stop()
+    assert os.path.exists(pod)
