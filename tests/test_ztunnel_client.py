@@ -195,13 +195,14 @@ class Listening:
     mark: int
 
 
-def listening(netns: str | None) -> dict[int, Listening]:
-    """TCP listeners in the named netns (None: the host's), by port."""
+def listening(netns: str | None) -> list[Listening]:
+    """TCP listening sockets in the named netns (None: the host's); several may share a
+    port (SO_REUSEPORT: two ztunnels in one pod)."""
     cmd = ["ss", "-ltnHe"]
     if netns is not None:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    found: dict[int, Listening] = {}
+    found: list[Listening] = []
     for line in out.splitlines():
         fields = line.split()
         if len(fields) < 4:
@@ -209,8 +210,8 @@ def listening(netns: str | None) -> dict[int, Listening]:
         port = int(fields[3].rsplit(":", 1)[1])
         inode = re.search(r"\bino:(\d+)", line)
         mark = re.search(r"\bfwmark:(0x[0-9a-f]+)", line)
-        found[port] = Listening(
-            port, int(inode.group(1)) if inode else 0, int(mark.group(1), 16) if mark else 0
+        found.append(
+            Listening(port, int(inode.group(1)) if inode else 0, int(mark.group(1), 16) if mark else 0)
         )
     return found
 
@@ -227,7 +228,33 @@ def socket_inodes(pid: int) -> set[int]:
 
 
 def fd_count(pid: int) -> int:
+    """Every fd of process ``pid`` (sockets included: HTTP requests to it come and go)."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def file_fd_count(pid: int) -> int:
+    """The fds of ``pid`` that are not sockets: netns fds and other received files.
+    Unaffected by HTTP requests, so exact at any moment."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:["):
+                count += 1
+    return count
+
+
+def settled_fd_count(pid: int) -> int:
+    """``fd_count`` once two readings in a row agree (an HTTP connection just served may
+    still be closing)."""
+    last = [-1]
+
+    def settled() -> int | None:
+        now = fd_count(pid)
+        same, last[0] = now == last[0], now
+        time.sleep(0.05)
+        return now if same else None
+
+    return int(wait_until(settled, "a settled fd count"))
 
 
 # -- the ztunnel process -----------------------------------------------------------------
@@ -343,7 +370,7 @@ def start_ztunnel(agent: FakeNodeAgent, tmp_path: Any) -> Iterator[Callable[...,
 def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
     """ztunnel's (``pid``) listeners in the pod, by port."""
     mine = socket_inodes(pid)
-    return {port: lst for port, lst in listening(pod.name).items() if lst.inode in mine}
+    return {lst.port: lst for lst in listening(pod.name) if lst.inode in mine}
 
 
 # =============================================================================================
@@ -365,8 +392,8 @@ def test_listeners_are_opened_inside_the_pod_netns_with_mark_1337_and_not_on_the
     assert sorted(ports) == list(PORTS)
     assert {lst.mark for lst in ports.values()} == {1337}
     mine = socket_inodes(z.pid)
-    host = {port: lst for port, lst in listening(None).items() if lst.inode in mine}
-    assert not set(host) & set(PORTS), f"ztunnel listens on the host: {host}"
+    host = [lst for lst in listening(None) if lst.inode in mine]
+    assert not {lst.port for lst in host} & set(PORTS), f"ztunnel listens on the host: {host}"
     dump = z.config_dump()["workloadState"]["uid-a"]
     assert [entry["address"] for entry in dump["listeners"]] == [
         "[::]:15001",
@@ -477,7 +504,7 @@ def test_a_pending_workload_deleted_is_forgotten_and_readiness_returns(
     conn = agent.connect_and_hello()
     assert conn.snapshot() == Ack()
     wait_until(lambda: z.ready_status() == 200, "ready with an empty snapshot")
-    baseline = fd_count(z.pid)
+    baseline = file_fd_count(z.pid)
     fd = os.open("/dev/null", os.O_RDONLY)
     try:
         nack = conn.request(AddWorkload(uid="not-a-netns", info=WorkloadInfo("n", "ns", "sa")), [fd])
@@ -486,11 +513,11 @@ def test_a_pending_workload_deleted_is_forgotten_and_readiness_returns(
     assert nack.error == "failure to start proxy : the netns fd of not-a-netns is not a network namespace"
     assert z.workload_states() == {"not-a-netns": "Pending"}
     assert z.ready_status() == 500
-    assert fd_count(z.pid) == baseline + 1, "a pending workload keeps its fd for the retry"
+    assert file_fd_count(z.pid) == baseline + 1, "a pending workload keeps its fd for the retry"
     assert conn.delete("not-a-netns") == Ack()
     assert z.workload_states() == {}
     assert z.ready_status() == 200
-    assert fd_count(z.pid) == baseline
+    assert file_fd_count(z.pid) == baseline
 
 
 # =============================================================================================
@@ -536,7 +563,8 @@ def test_every_bad_record_is_nacked_then_ztunnel_reconnects_and_leaks_no_fd(
     conn = enroll()
     listeners = wait_until(lambda: pod_ports(pod, z.pid), "listeners")
     wait_until(lambda: z.ready_status() == 200, "ready")
-    baseline = fd_count(z.pid)
+    baseline = settled_fd_count(z.pid)
+    files = file_fd_count(z.pid)
     for kind, (payload, nfds, expected) in READ_ERRORS.items():
         fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
         try:
@@ -553,6 +581,7 @@ def test_every_bad_record_is_nacked_then_ztunnel_reconnects_and_leaks_no_fd(
         conn.close()
         conn = enroll()  # ... and reconnects; the new snapshot keeps the pod
         assert pod_ports(pod, z.pid) == listeners, f"{kind}: the pod's listeners were disturbed"
+        assert file_fd_count(z.pid) == files, f"{kind}: a received fd leaked"
         wait_until(lambda: fd_count(z.pid) == baseline, f"fd count back to {baseline} after {kind}")
     assert z.proc.poll() is None
     assert z.metrics()["workload_manager_proxies_started_total"] == 1
@@ -860,13 +889,9 @@ def test_no_listeners_mode_acks_checks_the_netns_and_opens_nothing(
     assert dump["workloadState"]["own-netns"]["listeners"] == []
     assert dump["workloadState"]["devnull"]["state"] == "Pending"
     assert dump["zds"]["listeners"] is False
-    tcp = {
-        int(t[8:-1])
-        for t in (os.readlink(f"/proc/{z.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{z.pid}/fd"))
-        if t.startswith("socket:[")
-    }
-    pod_listeners = {lst.inode for port, lst in listening(None).items() if port in PORTS}
-    assert not tcp & pod_listeners, "--no-listeners opened an in-pod port"
+    # "own-netns" is this (the host's) netns: with listeners on, ztunnel would listen here.
+    mine = socket_inodes(z.pid)
+    assert not [lst for lst in listening(None) if lst.inode in mine and lst.port in PORTS]
     assert z.stop() == 0
 
 
@@ -906,7 +931,7 @@ def test_listeners_are_all_or_nothing(make_pod: Callable[[], Pod]) -> None:
             with pytest.raises(ListenerError) as err:
                 open_listeners(handle.fileno(), specs)
             assert str(err.value).startswith("Bind([::]:15008, [Errno 98]")
-            assert not {15001, 15006} & set(listening(pod.name)), "the first two were closed again"
+            assert not {15001, 15006} & {lst.port for lst in listening(pod.name)}, "the first two were closed"
         finally:
             squatter.close()
         made = open_listeners(handle.fileno(), specs)
