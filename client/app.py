@@ -160,6 +160,7 @@ class Ztunnel:
                 for server in proxy.servers:
                     server.abort_connections()
                 await proxy.wait_connections()
+                proxy.netns.close()
         self.protocol.drain()
         await self.http.close()
 

@@ -81,6 +81,7 @@ class WorkloadProxy:
         self.servers: list[ListenerServer] = []
         self.started_at = time.time()
         self.log_extra = workload_log_extra(uid, info)
+        self._release: asyncio.Task[None] | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -115,8 +116,8 @@ class WorkloadProxy:
             listener.sock.close()
         if self.connection_count == 0:
             self.netns.close()
-        else:
-            asyncio.get_running_loop().create_task(self._release_when_idle())
+        elif self._release is None:
+            self._release = asyncio.get_running_loop().create_task(self._release_when_idle())
 
     async def _release_when_idle(self) -> None:
         try:

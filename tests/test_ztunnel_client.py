@@ -797,6 +797,52 @@ def test_a_new_snapshot_leaves_enrolled_pods_and_their_connections_alone(
         connect_in_pod(kept, 15001)
 
 
+@pytest.mark.root
+def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    config = ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="off",
+        readiness_listen="off",
+        metrics_listen="off",
+        drain_timeout=60,
+    )
+    zt = InProcessZtunnel(config, {"outbound": echo})
+    stopper: threading.Thread | None = None
+    try:
+        conn = agent.connect_and_hello()
+        assert conn.add("uid-a", pod.path) == Ack()
+        client = connect_in_pod(pod, 15001)
+        client.sendall(b"hi")
+        assert client.recv(2) == b"hi"
+        stopper = threading.Thread(target=zt.close)
+        stopper.start()
+        conn.expect_closed()  # it stopped reading from the node agent...
+
+        def refused() -> bool:  # ... and closed its listeners
+            try:
+                connect_in_pod(pod, 15001).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_until(refused, "the listener to close")
+        client.sendall(b"still here")
+        assert client.recv(10) == b"still here", "the established connection is drained, not cut"
+        assert stopper.is_alive(), "the stop waits for the connection"
+        client.close()
+        stopper.join(30)
+        assert not stopper.is_alive()
+        assert zt.code == 0
+    finally:
+        if stopper is None:
+            zt.close()
+        elif stopper.is_alive():
+            stopper.join(60)
+
+
 # =============================================================================================
 # Draining, HTTP endpoints, protocol-only mode
 # =============================================================================================
