@@ -14,6 +14,7 @@ from zds import __version__, logs
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zds import demo
     from zds.client import cli as client_cli
     from zds.netns import cli as netns_cli
     from zds.server import cli as server_cli
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.register(sub)
     client_cli.register(sub)
     netns_cli.register(sub)
+    demo.register(sub)
     return parser
 
 
