@@ -144,7 +144,11 @@ class HttpEndpoints:
         try:
             for names in groups.values():
                 address = listens[names[0]]
-                sock = bind_tcp(address)
+                try:
+                    sock = bind_tcp(address)
+                except ListenAddressError as exc:
+                    flags = " / ".join(f"--{name}-listen" for name in names)
+                    raise ListenAddressError(f"{exc} (for {flags}; pick another address, or 'off')") from exc
                 app = web.Application()
                 for name in names:
                     app.add_routes(routes[name])

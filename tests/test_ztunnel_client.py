@@ -952,6 +952,26 @@ def test_http_listen_flags_are_checked(tmp_path: Any) -> None:
         timeout=60,
     )
     assert same.returncode == 2 and "must differ" in same.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [
+                *cmd,
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                "off",
+                "--readiness-listen",
+                "off",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert busy.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "--metrics-listen" in busy.stderr
 
 
 # =============================================================================================
