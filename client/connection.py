@@ -159,7 +159,11 @@ class ZdsClient:
             return synced
         finally:
             if recv is not None:
+                # Let the read unregister from the loop before its fd number can be reused.
                 recv.cancel()
+                await asyncio.wait({recv})
+                if not recv.cancelled():
+                    recv.exception()  # retrieved: a read that failed as we closed is expected
             conn.close()
             self.protocol.connection_lost()
             self.connected_since = None

@@ -146,11 +146,12 @@ class FakeNodeAgent:
         return conn
 
     def close(self) -> None:
-        for conn in self.conns:
-            conn.close()
+        """Stop listening first (so ztunnel cannot reconnect meanwhile), then hang up."""
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        for conn in self.conns:
+            conn.close()
 
 
 @pytest.fixture
@@ -654,7 +655,6 @@ def test_reconnect_with_backoff_while_the_node_agent_is_away_then_reconcile(
         listeners_a = pod_ports(a, z.pid)
         assert sorted(listeners_a) == list(PORTS)
         # The node agent goes away (restart): not ready, and back.
-        conn.close()
         agent.close()
         wait_until(lambda: z.ready_status() == 500, "not ready while the node agent is away")
         assert z.config_dump()["zds"]["connected"] is False
