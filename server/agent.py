@@ -12,21 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from zds import defaults
-from zds.netns import NetnsError, open_netns_ref
+from zds.netns import NetnsError, NetnsHandle, open_netns_ref
 from zds.protocol.messages import Ack, AddWorkload, DelWorkload, KeepWorkload, Request, request_kind
 from zds.protocol.nodeagent import AcceptLimiter
+from zds.server import spans
 from zds.server.connection import (
+    ConnectionInfo,
     ConnectionLost,
     ConnectionObserver,
     SnapshotItem,
     ZtunnelConnection,
     cancel_and_wait,
 )
+from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, EventKind, Watcher
 from zds.server.pods import Pod, PodSpec, PodSpecError, PodState
 from zds.server.redirect import RedirectError, Redirector
+from zds.server.telemetry import Telemetry
 from zds.transport import accept
 
 log = logging.getLogger("zds.server")
@@ -65,21 +75,49 @@ class AgentConfig:
     ack_timeout: float = defaults.ACK_TIMEOUT
     keepalive_interval: float = defaults.KEEPALIVE_INTERVAL
     accepts_per_second: float = defaults.ACCEPTS_PER_SECOND
+    #: Events a Watch stream may have queued before it is ended (RESOURCE_EXHAUSTED).
+    watch_queue: int = DEFAULT_WATCH_QUEUE
 
 
 class NodeAgent(ConnectionObserver):
-    """Owns the pod cache (and every netns fd in it) and the ztunnel connections."""
+    """Owns the pod cache (and every netns fd in it) and the ztunnel connections.
 
-    def __init__(self, config: AgentConfig | None = None, redirector: Redirector | None = None) -> None:
+    Everything it does is published on ``events`` (Watch), counted in
+    ``telemetry`` (metrics) and, when tracing is on, traced: one trace per
+    enrollment, removal and snapshot.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig | None = None,
+        redirector: Redirector | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.config = config or AgentConfig()
         #: Installs the in-pod rules; None with --no-redirect.
         self.redirector = redirector
         self.pods: dict[str, Pod] = {}
         #: Connections that said hello, oldest first; the last is the newest.
         self.connections: list[ZtunnelConnection] = []
-        #: Every live connection, with or without a hello yet (for the limit).
-        self._live: set[ZtunnelConnection] = set()
+        #: Every live connection, with or without a hello yet (for the limit), in accept order.
+        self._live: dict[ZtunnelConnection, None] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        #: Pods being removed: their DelWorkload acks still get logged with the pod's name.
+        self._removing: dict[str, PodSpec] = {}
+        self.events = EventBus(self.config.watch_queue)
+        self.telemetry = telemetry or Telemetry()
+        self.tracer = self.telemetry.tracer
+        self.telemetry.observe(
+            connected=lambda: len(self.connections),
+            pods_by_state=self._pods_by_state,
+            watchers=lambda: self.events.watchers,
+        )
+
+    def _pods_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for pod in list(self.pods.values()):  # list(): a metrics thread may read this
+            counts[pod.state.value] = counts.get(pod.state.value, 0) + 1
+        return counts
 
     # -- pods --------------------------------------------------------------------
     async def load(self, spec: PodSpec) -> Pod:
@@ -89,30 +127,48 @@ class NodeAgent(ConnectionObserver):
         as KeepWorkload, as after a node-agent restart in Istio.
         """
         spec.validate()
-        try:
-            netns = open_netns_ref(spec.netns)
-        except NetnsError as exc:
-            log.warning(
-                "netns unavailable; the pod stays known and is sent as KeepWorkload: %s",
-                exc,
-                extra=_pod_extra(spec),
-            )
-            return self._cache(Pod(spec=spec, netns=None))
-        pod = Pod(spec=spec, netns=netns)
-        await self._install_rules(pod)
-        return self._cache(pod)
+        with self._span(spans.ENROLL_POD, _pod_attributes(spec)):
+            try:
+                netns = self._open_netns(spec)
+            except NetnsError as exc:
+                log.warning(
+                    "netns unavailable; the pod stays known and is sent as KeepWorkload: %s",
+                    exc,
+                    extra=_pod_extra(spec),
+                )
+                return self._enrolled(Pod(spec=spec, netns=None))
+            pod = Pod(spec=spec, netns=netns)
+            await self._install_rules(pod)
+            return self._enrolled(pod)
 
     async def add_pod(self, spec: PodSpec) -> Enrolled:
         """Enroll a pod: open its netns, install the redirection rules, cache it,
-        deliver AddWorkload + fd to the newest ztunnel and wait for the ack."""
+        deliver AddWorkload + fd to the newest ztunnel and wait for the ack.
+
+        One trace (``zds.enroll_pod``) with a span for each step.
+        """
+        with self._span(spans.ENROLL_POD, _pod_attributes(spec)) as span:
+            try:
+                enrolled = await self._enroll(spec, span)
+            except EnrollmentError as exc:
+                outcome = exc.kind.replace("-", "_")
+                span.set_attribute(spans.OUTCOME, outcome)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                self.telemetry.enrollment(outcome)
+                raise
+            span.set_attribute(spans.OUTCOME, "acked")
+            self.telemetry.enrollment("acked")
+            return enrolled
+
+    async def _enroll(self, spec: PodSpec, span: trace.Span) -> Enrolled:
         try:
             spec.validate()
-            netns = open_netns_ref(spec.netns)
+            netns = self._open_netns(spec)
         except (PodSpecError, NetnsError) as exc:
             raise EnrollmentError(EnrollmentError.INVALID, str(exc)) from exc
         pod = Pod(spec=spec, netns=netns)
         await self._install_rules(pod)
-        self._cache(pod)
+        self._enrolled(pod)
         log.info("pod enrolled (netns %s)", netns.identity, extra=_pod_extra(spec))
         conn = self.newest_connection()
         if conn is None:
@@ -121,27 +177,51 @@ class NodeAgent(ConnectionObserver):
                 EnrollmentError.NO_CONNECTION,
                 "no ztunnel connection (the pod stays cached and goes out in the next snapshot)",
             )
+        span.set_attribute(spans.CONNECTION_ID, conn.id)
         try:
-            ack = await conn.deliver(AddWorkload(uid=spec.uid, info=spec.info), netns.dup())
+            ack = await conn.deliver(
+                AddWorkload(uid=spec.uid, info=spec.info),
+                netns.dup(),
+                trace_context=self._trace_context(span),
+            )
         except ConnectionLost as lost:
             if self.pods.get(spec.uid) is pod:
                 pod.last_error = str(lost)
             raise EnrollmentError(EnrollmentError.LOST, str(lost)) from lost
+        span.set_attribute(spans.ACK_ERROR, ack.error)
         if ack.error:
             raise EnrollmentError(EnrollmentError.NACKED, ack.error)
         return Enrolled(pod=pod, conn_id=conn.id)
+
+    def _open_netns(self, spec: PodSpec) -> NetnsHandle:
+        with self._span(spans.OPEN_NETNS, {spans.NETNS_PATH: spec.netns}) as span:
+            try:
+                netns = open_netns_ref(spec.netns)
+            except NetnsError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise
+            span.set_attribute(spans.NETNS_INODE, netns.identity.ino)
+            return netns
+
+    def _enrolled(self, pod: Pod) -> Pod:
+        """Cache the pod and tell the watchers."""
+        self._cache(pod)
+        self.events.publish(EventKind.POD_ENROLLED, pod=pod)
+        return pod
 
     async def _install_rules(self, pod: Pod) -> None:
         """Install the in-pod rules; on failure close the netns and refuse the enrollment (nothing is sent)."""
         if self.redirector is None or pod.netns is None:
             return
-        try:
-            families = await self.redirector.install(pod.netns)
-        except (RedirectError, NetnsError, OSError) as exc:
-            pod.close()
-            raise EnrollmentError(
-                EnrollmentError.RULES, f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}"
-            ) from exc
+        with self._span(spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
+            try:
+                families = await self.redirector.install(pod.netns)
+            except (RedirectError, NetnsError, OSError) as exc:
+                pod.close()
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise EnrollmentError(
+                    EnrollmentError.RULES, f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}"
+                ) from exc
         pod.rules_installed = True
         log.info(
             "in-pod redirection rules installed (IPv%s)",
@@ -152,11 +232,13 @@ class NodeAgent(ConnectionObserver):
     async def _remove_rules(self, pod: Pod) -> None:
         if self.redirector is None or pod.netns is None or not pod.rules_installed:
             return
-        try:
-            await self.redirector.remove(pod.netns)
-            pod.rules_installed = False
-        except (RedirectError, NetnsError, OSError) as exc:
-            log.warning("cannot remove in-pod redirection rules: %s", exc, extra=_pod_extra(pod.spec))
+        with self._span(spans.REMOVE_RULES, {spans.POD_UID: pod.uid}) as span:
+            try:
+                await self.redirector.remove(pod.netns)
+                pod.rules_installed = False
+            except (RedirectError, NetnsError, OSError) as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                log.warning("cannot remove in-pod redirection rules: %s", exc, extra=_pod_extra(pod.spec))
 
     async def remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
         """Forget a pod, send DelWorkload to every connection, remove its rules, close its netns fd.
@@ -166,13 +248,19 @@ class NodeAgent(ConnectionObserver):
         """
         pod = self.pods.pop(uid)
         log.info("pod removed", extra=_pod_extra(pod.spec))
+        self.events.publish(EventKind.POD_REMOVED, pod=pod)
+        self._removing[uid] = pod.spec
         try:
-            conns = list(self.connections)
-            answers = await asyncio.gather(
-                *(c.deliver(DelWorkload(uid=uid)) for c in conns), return_exceptions=True
-            )
-            await self._remove_rules(pod)
+            with self._span(spans.REMOVE_POD, _pod_attributes(pod.spec)) as span:
+                conns = list(self.connections)
+                ctx = self._trace_context(span)
+                answers = await asyncio.gather(
+                    *(c.deliver(DelWorkload(uid=uid), trace_context=ctx) for c in conns),
+                    return_exceptions=True,
+                )
+                await self._remove_rules(pod)
         finally:
+            self._removing.pop(uid, None)
             pod.close()
         results = []
         for conn, answer in zip(conns, answers, strict=True):
@@ -205,6 +293,58 @@ class NodeAgent(ConnectionObserver):
             await self._remove_rules(pod)
         finally:
             pod.close()
+
+    # -- tracing -------------------------------------------------------------------
+    @contextmanager
+    def _span(self, name: str, attributes: dict[str, str]) -> Iterator[trace.Span]:
+        """A span named ``name``; the caller sets its status (exceptions are not recorded twice)."""
+        with self.tracer.start_as_current_span(
+            name, attributes=attributes, record_exception=False, set_status_on_exception=False
+        ) as span:
+            yield span
+
+    @staticmethod
+    def _trace_context(span: trace.Span) -> otel_context.Context | None:
+        """The current trace context, for a connection's task to continue the trace (None: not traced)."""
+        return otel_context.get_current() if span.is_recording() else None
+
+    # -- watching ------------------------------------------------------------------
+    def connection_infos(self) -> list[ConnectionInfo]:
+        """Every live connection as it is now, in accept order."""
+        newest = self.newest_connection()
+        return [conn.info(newest=conn is newest) for conn in self._live]
+
+    def current_state(self) -> list[AgentEvent]:
+        """What a new watcher sees first: every pod, every connection that said hello."""
+        newest = self.newest_connection()
+        events = [
+            AgentEvent(
+                kind=EventKind.POD_ENROLLED,
+                time=pod.enrolled_at,
+                current_state=True,
+                uid=pod.uid,
+                pod_name=pod.spec.name,
+                pod_namespace=pod.spec.namespace,
+                pod=_copy_pod(pod),
+            )
+            for pod in sorted(self.pods.values(), key=lambda p: p.enrolled_at)
+        ]
+        events += [
+            AgentEvent(
+                kind=EventKind.ZTUNNEL_CONNECTED,
+                time=conn.connected_at,
+                current_state=True,
+                connection_id=conn.id,
+                connection=conn.info(newest=conn is newest),
+            )
+            for conn in self.connections
+        ]
+        return events
+
+    def watch(self, kinds: frozenset[EventKind] | None = None, uid: str = "") -> Watcher:
+        """A watcher that gets the current state, a marker, then every live event."""
+        # One synchronous step: no event can fall between the state and the subscription.
+        return self.events.subscribe(self.current_state(), kinds=kinds, uid=uid)
 
     # -- snapshot source ---------------------------------------------------------
     def snapshot_uids(self) -> list[str]:
@@ -245,6 +385,7 @@ class NodeAgent(ConnectionObserver):
                     hello_timeout=self.config.hello_timeout,
                     ack_timeout=self.config.ack_timeout,
                     keepalive_interval=self.config.keepalive_interval,
+                    tracer=self.tracer,
                 )
                 peer = f"pid {conn.peer.pid} uid {conn.peer.uid}" if conn.peer else "unknown peer"
                 if len(self._live) >= self.config.max_connections:
@@ -257,7 +398,7 @@ class NodeAgent(ConnectionObserver):
                     conn.close("connection limit reached")
                     continue
                 log.info("ztunnel connection accepted from %s", peer, extra=conn.log_extra)
-                self._live.add(conn)
+                self._live[conn] = None
                 task = asyncio.create_task(self._run_connection(conn), name=f"ztunnel-{conn.id}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -268,13 +409,20 @@ class NodeAgent(ConnectionObserver):
         def ready() -> None:
             self.connections.append(conn)
             log.info("ztunnel connected, total connected: %d", len(self.connections), extra=conn.log_extra)
+            self.events.publish(EventKind.ZTUNNEL_CONNECTED, connection=conn.info(newest=True))
 
+        reason = "closed"
         try:
             reason = await conn.serve(self, ready)
         finally:
-            self._live.discard(conn)
+            self._live.pop(conn, None)
             if conn in self.connections:
                 self.connections.remove(conn)
+                self.events.publish(
+                    EventKind.ZTUNNEL_DISCONNECTED,
+                    connection=conn.info(),
+                    error=conn.protocol.close_reason or reason,
+                )
         log.info(
             "ztunnel disconnected: %s; total connected: %d",
             reason,
@@ -295,26 +443,85 @@ class NodeAgent(ConnectionObserver):
         self.pods.clear()
 
     # -- ConnectionObserver --------------------------------------------------------
+    def _about(self, request: Request) -> tuple[str, PodSpec | None]:
+        """The uid a request is about and, if known, the pod's spec (for logs and events)."""
+        uid: str = getattr(request, "uid", "")
+        if not uid:
+            return "", None
+        if isinstance(request, DelWorkload):
+            return uid, self._removing.get(uid)
+        pod = self.pods.get(uid)
+        return uid, pod.spec if pod is not None else None
+
+    def _extra(self, conn: ZtunnelConnection, uid: str, spec: PodSpec | None) -> dict[str, str]:
+        if spec is not None:
+            return {**conn.log_extra, **_pod_extra(spec)}
+        return {**conn.log_extra, "uid": uid} if uid else conn.log_extra
+
     def hello(self, conn: ZtunnelConnection, version: int) -> None:
         log.info("received hello from ztunnel (version %d)", version, extra=conn.log_extra)
 
     def sent(self, conn: ZtunnelConnection, request: Request) -> None:
-        log.debug("sent %s %s", request_kind(request), getattr(request, "uid", ""), extra=conn.log_extra)
+        kind = request_kind(request)
+        uid, spec = self._about(request)
+        log.debug("sent %s", kind, extra=self._extra(conn, uid, spec))
+        self.events.publish(
+            EventKind.MESSAGE_SENT,
+            connection_id=conn.id,
+            message_type=kind,
+            uid=uid,
+            pod_name=spec.name if spec else "",
+            pod_namespace=spec.namespace if spec else "",
+        )
 
     def acked(self, conn: ZtunnelConnection, request: Request, ack: Ack, latency: float) -> None:
-        uid = getattr(request, "uid", "")
-        pod = self.pods.get(uid) if isinstance(request, AddWorkload) else None
-        extra = {**conn.log_extra, **(_pod_extra(pod.spec) if pod else {"uid": uid})}
+        kind = request_kind(request)
+        uid, spec = self._about(request)
+        extra = self._extra(conn, uid, spec)
         if ack.ok:
-            log.info("ztunnel acked %s in %.1f ms", request_kind(request), latency * 1000, extra=extra)
+            log.info("ztunnel acked %s in %.1f ms", kind, latency * 1000, extra=extra)
         else:
-            log.error("ztunnel nacked %s: %s", request_kind(request), ack.error, extra=extra)
+            log.error("ztunnel nacked %s: %s", kind, ack.error, extra=extra)
+        pod = self.pods.get(uid) if isinstance(request, AddWorkload) else None
         if pod is not None:
             pod.state = PodState.ACKED if ack.ok else PodState.FAILED
             pod.last_error = ack.error
+        self.telemetry.message(kind, "acked" if ack.ok else "nacked", latency)
+        self.events.publish(
+            EventKind.MESSAGE_ACKED if ack.ok else EventKind.MESSAGE_NACKED,
+            connection_id=conn.id,
+            message_type=kind,
+            uid=uid,
+            pod_name=spec.name if spec else "",
+            pod_namespace=spec.namespace if spec else "",
+            error=ack.error,
+            ack_latency=latency,
+        )
 
-    def snapshot_complete(self, conn: ZtunnelConnection) -> None:
-        log.info("snapshot sent to ztunnel (%d pods)", len(self.pods), extra=conn.log_extra)
+    def unanswered(self, conn: ZtunnelConnection, request: Request, reason: str) -> None:
+        kind = request_kind(request)
+        uid, spec = self._about(request)
+        log.warning("no ack for %s: %s", kind, reason, extra=self._extra(conn, uid, spec))
+        self.telemetry.message(kind, "unanswered")
+
+    def snapshot_complete(self, conn: ZtunnelConnection, pods: int) -> None:
+        log.info("snapshot sent to ztunnel (%d pods)", pods, extra=conn.log_extra)
+        self.events.publish(EventKind.SNAPSHOT_COMPLETE, connection_id=conn.id, snapshot_pods=pods)
+
+
+def _pod_attributes(spec: PodSpec) -> dict[str, str]:
+    return {spans.POD_UID: spec.uid, spans.POD_NAME: spec.name, spans.POD_NAMESPACE: spec.namespace}
+
+
+def _copy_pod(pod: Pod) -> Pod:
+    return Pod(
+        spec=pod.spec,
+        netns=pod.netns,
+        state=pod.state,
+        last_error=pod.last_error,
+        enrolled_at=pod.enrolled_at,
+        rules_installed=pod.rules_installed,
+    )
 
 
 def _pod_extra(spec: PodSpec) -> dict[str, str]:

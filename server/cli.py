@@ -1,4 +1,5 @@
-"""CLI of the node agent side: ``zds server`` and ``zds pod add|remove|list``."""
+"""CLI of the node agent side: ``zds server``, ``zds pod add|remove|list``,
+``zds connections`` and ``zds watch``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from typing import Any
 
 from zds import defaults, runtime
+from zds.server.events import DEFAULT_WATCH_QUEUE, EventKind
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -30,7 +32,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     server.add_argument(
         "--http-listen",
         default=defaults.NODE_AGENT_HTTP,
-        help="/healthz and /readyz (%(default)s; 'off' disables)",
+        help="/healthz, /readyz and /metrics (%(default)s; 'off' disables)",
     )
     server.add_argument(
         "--max-connections",
@@ -67,6 +69,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="install the rules without DNS capture (UDP/TCP 53 -> 15053 is left out)",
     )
     server.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    server.add_argument(
+        "--watch-queue",
+        type=_positive_int,
+        default=DEFAULT_WATCH_QUEUE,
+        metavar="EVENTS",
+        help="events a Watch stream may have waiting before it is ended with RESOURCE_EXHAUSTED (%(default)s)",
+    )
+    _log_flags(server)
     server.set_defaults(func=_run_server)
 
     pod = sub.add_parser("pod", help="enroll, remove and list pods (client of the control API)")
@@ -102,6 +112,61 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     lst.add_argument("--json", action="store_true", help="JSON instead of a table")
     _control_flags(lst)
     lst.set_defaults(func=_pod_list)
+
+    conns = sub.add_parser(
+        "connections",
+        help="list the node agent's ztunnel connections",
+        description="List the ztunnel connections of the node agent: peer credentials, hello version, "
+        "snapshot state, messages sent/acked/nacked; the newest gets new pods.",
+    )
+    conns.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _control_flags(conns)
+    conns.set_defaults(func=_connections)
+
+    watch = sub.add_parser(
+        "watch",
+        help="print the node agent's events as they happen",
+        description="Print what the node agent does, one line per event: first the current state "
+        "(every pod, every ztunnel connection), then live events until Ctrl-C. Exit 1 when the node "
+        "agent goes away or ends the watch.",
+    )
+    watch.add_argument("--json", action="store_true", help="one JSON object per line (the API's Event)")
+    watch.add_argument(
+        "--kind",
+        action="append",
+        type=_event_kinds,
+        metavar="KIND[,KIND...]",
+        help="only these kinds (repeatable): " + ", ".join(WATCHABLE_KINDS),
+    )
+    watch.add_argument("--uid", default="", help="only events about this pod uid")
+    watch.add_argument(
+        "--control-socket", default=defaults.CONTROL_SOCKET, help="node agent control socket (%(default)s)"
+    )
+    watch.set_defaults(func=_watch)
+
+
+#: What ``zds watch --kind`` accepts (EventKind values, also with dashes or upper case).
+WATCHABLE_KINDS = [k.value for k in EventKind if k is not EventKind.CURRENT_STATE_END]
+
+
+def _event_kinds(text: str) -> list[str]:
+    kinds = []
+    for part in text.split(","):
+        name = part.strip().lower().removeprefix("event_kind_").replace("-", "_")
+        if name not in WATCHABLE_KINDS:
+            raise argparse.ArgumentTypeError(
+                f"unknown event kind {part.strip()!r}; choose from {', '.join(WATCHABLE_KINDS)}"
+            )
+        kinds.append(name)
+    return kinds
+
+
+def _log_flags(parser: argparse.ArgumentParser) -> None:
+    """--log-level/--log-format after the subcommand too (they override the global ones)."""
+    parser.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"], help="(info)"
+    )
+    parser.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"], help="(text)")
 
 
 def _control_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +219,7 @@ def _run_server(args: argparse.Namespace) -> int:
             ack_timeout=args.ack_timeout,
             hello_timeout=args.hello_timeout,
             keepalive_interval=args.keepalive_interval,
+            watch_queue=args.watch_queue,
         ),
     )
     return runtime.run(run_server(options), use_uvloop=not args.no_uvloop)
@@ -175,6 +241,18 @@ def _pod_list(args: argparse.Namespace) -> int:
     from zds.server import podctl
 
     return podctl.list_pods(args)
+
+
+def _connections(args: argparse.Namespace) -> int:
+    from zds.server import inspectctl
+
+    return inspectctl.connections(args)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from zds.server import inspectctl
+
+    return inspectctl.watch(args)
 
 
 def dump(doc: Any) -> None:

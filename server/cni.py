@@ -62,7 +62,8 @@ def parse_add_event(body: bytes) -> PodSpec:
 
 
 class CniPluginEndpoint:
-    """aiohttp application for the plugin's events; counts requests by response code."""
+    """aiohttp application for the plugin's events; counts requests by response code
+    (``istio_cni_plugin_requests_total{response_code}``, Istio's metric)."""
 
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -73,6 +74,7 @@ class CniPluginEndpoint:
     async def handle_add(self, request: web.Request) -> web.Response:
         code, text = await self._process(await request.read())
         self.requests_by_code[code] = self.requests_by_code.get(code, 0) + 1
+        self.agent.telemetry.cni_request(code)
         return web.Response(status=code, text=text + "\n" if text else "")
 
     async def _process(self, body: bytes) -> tuple[int, str]:

@@ -17,6 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from zds import defaults
 from zds.protocol.messages import Ack, AddWorkload, KeepWorkload, Request, SnapshotSent, request_kind
 from zds.protocol.nodeagent import (
@@ -29,6 +33,7 @@ from zds.protocol.nodeagent import (
     ReceivedRecord,
     SnapshotComplete,
 )
+from zds.server import spans
 from zds.transport import PeerCredentials, SeqpacketConnection
 
 log = logging.getLogger("zds.server")
@@ -50,6 +55,8 @@ class Delivery:
     request: Request
     fd: int | None
     result: asyncio.Future[Ack]
+    #: The trace this message belongs to (an enrollment, a removal, a snapshot), if traced.
+    trace_context: otel_context.Context | None = None
 
     def drop(self, error: BaseException) -> None:
         self.close_fd()
@@ -78,6 +85,23 @@ class ConnectionStats:
     by_kind: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What a connection looks like at one moment (ListConnections, Watch events)."""
+
+    id: str
+    peer: PeerCredentials | None
+    hello_version: int
+    connected_at: float
+    state: ConnectionState
+    snapshot_complete: bool
+    sent: int
+    acked: int
+    nacked: int
+    sent_by_type: dict[str, int]
+    newest: bool
+
+
 class SnapshotSource(Protocol):
     """Where a connection reads its snapshot from (the node agent's pod cache)."""
 
@@ -91,7 +115,10 @@ class ConnectionObserver:
     def hello(self, conn: ZtunnelConnection, version: int) -> None: ...
     def sent(self, conn: ZtunnelConnection, request: Request) -> None: ...
     def acked(self, conn: ZtunnelConnection, request: Request, ack: Ack, latency: float) -> None: ...
-    def snapshot_complete(self, conn: ZtunnelConnection) -> None: ...
+    def unanswered(self, conn: ZtunnelConnection, request: Request, reason: str) -> None:
+        """A sent request got no ack: the connection closed (or timed out) first."""
+
+    def snapshot_complete(self, conn: ZtunnelConnection, pods: int) -> None: ...
 
 
 class ZtunnelConnection:
@@ -105,6 +132,7 @@ class ZtunnelConnection:
         hello_timeout: float = defaults.HELLO_TIMEOUT,
         ack_timeout: float = defaults.ACK_TIMEOUT,
         keepalive_interval: float = defaults.KEEPALIVE_INTERVAL,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.sock = sock
@@ -112,9 +140,11 @@ class ZtunnelConnection:
         self.stats = ConnectionStats()
         self._loop = asyncio.get_running_loop()
         self._observer = observer
+        self._tracer = tracer or trace.NoOpTracer()
+        self._snapshot_entries = 0
         self._keepalive_interval = keepalive_interval
         self.protocol = NodeAgentProtocol(
-            now=self._loop.time(),
+            now=_now(),
             hello_timeout=hello_timeout,
             ack_timeout=ack_timeout,
             keepalive_interval=keepalive_interval,
@@ -137,13 +167,34 @@ class ZtunnelConnection:
     def log_extra(self) -> dict[str, str]:
         return {"conn": self.id}
 
+    def info(self, *, newest: bool = False) -> ConnectionInfo:
+        """A copy of what this connection looks like now."""
+        return ConnectionInfo(
+            id=self.id,
+            peer=self.peer,
+            hello_version=self.protocol.hello_version or 0,
+            connected_at=self.connected_at,
+            state=self.protocol.state,
+            snapshot_complete=self.snapshot_complete,
+            sent=self.stats.sent,
+            acked=self.stats.acked,
+            nacked=self.stats.nacked,
+            sent_by_type=dict(self.stats.by_kind),
+            newest=newest,
+        )
+
     # -- used by other tasks ---------------------------------------------------
-    async def deliver(self, request: Request, fd: int | None = None) -> Ack:
+    async def deliver(
+        self, request: Request, fd: int | None = None, *, trace_context: otel_context.Context | None = None
+    ) -> Ack:
         """Queue ``request`` (``fd``: an owned dup, closed once sent) and wait for its ack.
 
+        ``trace_context``: the trace the send and the wait for the ack belong to.
         Raises ConnectionLost when the connection closes first.
         """
-        delivery = Delivery(request=request, fd=fd, result=self._loop.create_future())
+        delivery = Delivery(
+            request=request, fd=fd, result=self._loop.create_future(), trace_context=trace_context
+        )
         if self.closed:
             delivery.drop(ConnectionLost(self.id, self.protocol.close_reason or "closed"))
         else:
@@ -189,7 +240,7 @@ class ZtunnelConnection:
                         self.stats.nacked += 1
                     self._observer.acked(self, request, ack, latency)
                 case SnapshotComplete():
-                    self._observer.snapshot_complete(self)
+                    self._observer.snapshot_complete(self, self._snapshot_entries)
                 case ConnectionClosed(reason=reason):
                     raise ConnectionLost(self.id, reason)
         return events
@@ -197,17 +248,17 @@ class ZtunnelConnection:
     async def _receive(self) -> list[Event]:
         """Wait for the next record or the protocol's deadline, whichever comes first."""
         deadline = self.protocol.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - self._loop.time())
+        timeout = None if deadline is None else max(0.0, deadline - _now())
         try:
             record = await asyncio.wait_for(self.sock.recv(), timeout)
         except TimeoutError:
-            return self._handle(self.protocol.handle_timeout(self._loop.time()))
+            return self._handle(self.protocol.handle_timeout(_now()))
         except OSError as exc:
             return self._handle(self.protocol.close(f"read failed: {exc}"))
         fd_count = len(record.fds)
         record.close_fds()  # ztunnel never sends fds; whatever came is ours to close
         received = ReceivedRecord(payload=record.payload, fd_count=fd_count, truncated=record.truncated)
-        return self._handle(self.protocol.receive(received, self._loop.time()))
+        return self._handle(self.protocol.receive(received, _now()))
 
     async def _await_hello(self) -> None:
         while self.protocol.state is ConnectionState.AWAITING_HELLO:
@@ -215,46 +266,95 @@ class ZtunnelConnection:
 
     async def _exchange(self, delivery: Delivery) -> Ack:
         """Send one request (+fd) and wait for its ack; the only place that writes."""
-        try:
-            payload = self.protocol.send(delivery.request, self._loop.time())
-        except Exception as exc:
-            delivery.drop(exc)
-            raise
-        try:
-            await self.sock.send(payload, [delivery.fd] if delivery.fd is not None else [])
-        except OSError as exc:
-            delivery.drop(ConnectionLost(self.id, f"write failed: {exc}"))
-            self._handle(self.protocol.close(f"write failed: {exc}"))
-        finally:
-            delivery.close_fd()  # the kernel made the receiver its own copy
         kind = request_kind(delivery.request)
+        traced = delivery.trace_context is not None
+        attributes = {spans.CONNECTION_ID: self.id, spans.MESSAGE_TYPE: kind}
+        uid = getattr(delivery.request, "uid", "")
+        if uid:
+            attributes[spans.POD_UID] = uid
+        with self._span(spans.SEND, delivery, attributes) as send_span:
+            try:
+                payload = self.protocol.send(delivery.request, _now())
+            except Exception as exc:
+                delivery.drop(exc)
+                raise
+            try:
+                await self.sock.send(payload, [delivery.fd] if delivery.fd is not None else [])
+            except OSError as exc:
+                delivery.drop(ConnectionLost(self.id, f"write failed: {exc}"))
+                if traced:
+                    send_span.set_status(Status(StatusCode.ERROR, f"write failed: {exc}"))
+                self._handle(self.protocol.close(f"write failed: {exc}"))
+            finally:
+                delivery.close_fd()  # the kernel made the receiver its own copy
         self.stats.sent += 1
         self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
         self._observer.sent(self, delivery.request)
-        try:
-            while True:
-                for event in await self._receive():
-                    if isinstance(event, AckReceived):
-                        if not delivery.result.done():
-                            delivery.result.set_result(event.ack)
-                        return event.ack
-        except ConnectionLost as lost:
-            delivery.drop(lost)
-            raise
+        with self._span(spans.WAIT_ACK, delivery, attributes) as ack_span:
+            try:
+                while True:
+                    for event in await self._receive():
+                        if isinstance(event, AckReceived):
+                            if not delivery.result.done():
+                                delivery.result.set_result(event.ack)
+                            if traced:
+                                ack_span.set_attribute(spans.ACK_ERROR, event.ack.error)
+                                if event.ack.error:
+                                    ack_span.set_status(Status(StatusCode.ERROR, event.ack.error))
+                            return event.ack
+            except ConnectionLost as lost:
+                if traced:
+                    ack_span.set_status(Status(StatusCode.ERROR, f"no ack: {lost.reason}"))
+                self._observer.unanswered(self, delivery.request, lost.reason)
+                delivery.drop(lost)
+                raise
+
+    def _span(
+        self, name: str, delivery: Delivery, attributes: dict[str, str]
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        """A child span of the delivery's trace; nothing when the delivery is not traced."""
+        if delivery.trace_context is None:
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        return self._tracer.start_as_current_span(
+            name,
+            context=delivery.trace_context,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
 
     async def _send_snapshot(self, source: SnapshotSource) -> None:
         """Every known pod (Add + fd, or Keep), each acked before the next, then SnapshotSent.
 
         Each entry is read from the cache when its turn comes, so a pod removed
-        meanwhile is skipped and only one fd is duplicated at a time.
+        meanwhile is skipped and only one fd is duplicated at a time. The whole
+        snapshot is one trace (when tracing is on), each message a child of it.
         """
-        for uid in source.snapshot_uids():
-            item = source.snapshot_item(uid)
-            if item is not None:
-                await self._exchange(
-                    Delivery(request=item.request, fd=item.fd, result=self._loop.create_future())
+        uids = source.snapshot_uids()
+        with self._tracer.start_as_current_span(
+            spans.SNAPSHOT,
+            context=otel_context.Context(),  # a trace of its own
+            attributes={spans.CONNECTION_ID: self.id},
+        ) as root:
+            ctx = otel_context.get_current() if root.is_recording() else None
+            for uid in uids:
+                item = source.snapshot_item(uid)
+                if item is not None:
+                    self._snapshot_entries += 1
+                    await self._exchange(
+                        Delivery(
+                            request=item.request,
+                            fd=item.fd,
+                            result=self._loop.create_future(),
+                            trace_context=ctx,
+                        )
+                    )
+            root.set_attribute(spans.SNAPSHOT_PODS, self._snapshot_entries)
+            await self._exchange(
+                Delivery(
+                    request=SnapshotSent(), fd=None, result=self._loop.create_future(), trace_context=ctx
                 )
-        await self._exchange(Delivery(request=SnapshotSent(), fd=None, result=self._loop.create_future()))
+            )
 
     async def _next_delivery(self) -> Delivery:
         """The next queued request; while idle, probe the connection every keepalive interval."""
@@ -263,7 +363,7 @@ class ZtunnelConnection:
                 return await asyncio.wait_for(self._queue.get(), self._keepalive_interval)
             except TimeoutError:
                 pass
-            now = self._loop.time()
+            now = _now()
             if not self.protocol.keepalive_due(now):
                 continue
             # ztunnel never speaks unprompted: nothing to read means alive, EOF means gone.
@@ -275,6 +375,12 @@ class ZtunnelConnection:
             record.close_fds()
             received = ReceivedRecord(payload=record.payload, fd_count=fd_count, truncated=record.truncated)
             self._handle(self.protocol.receive(received, now))
+
+
+def _now() -> float:
+    """The connection's clock: monotonic and fine-grained (uvloop's loop.time() moves in
+    whole milliseconds, too coarse for ack latencies); only differences of it are used."""
+    return time.monotonic()
 
 
 async def cancel_and_wait(task: asyncio.Future[Any]) -> None:

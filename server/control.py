@@ -5,15 +5,21 @@ Bad input gets a precise status and a readable message, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.protocol.nodeagent import ConnectionState
 from zds.server.agent import EnrollmentError, NodeAgent
+from zds.server.connection import ConnectionInfo
+from zds.server.events import AgentEvent, EventKind, WatchEnded, Watcher
 from zds.server.pods import Pod, PodSpec, PodState
 
 log = logging.getLogger("zds.server.control")
@@ -35,6 +41,26 @@ _STATUS = {
 }
 
 
+_CONNECTION_STATE = {
+    ConnectionState.AWAITING_HELLO: nodeagent_pb2.CONNECTION_STATE_AWAITING_HELLO,
+    ConnectionState.SNAPSHOT: nodeagent_pb2.CONNECTION_STATE_SNAPSHOT,
+    ConnectionState.READY: nodeagent_pb2.CONNECTION_STATE_READY,
+    ConnectionState.CLOSED: nodeagent_pb2.CONNECTION_STATE_CLOSED,
+}
+
+#: EventKind <-> zds.v1.EventKind (EVENT_KIND_ + the upper-cased name).
+EVENT_KIND_TO_PROTO: dict[EventKind, nodeagent_pb2.EventKind] = {
+    kind: getattr(nodeagent_pb2, f"EVENT_KIND_{kind.name}") for kind in EventKind
+}
+EVENT_KIND_FROM_PROTO: dict[int, EventKind] = {int(v): k for k, v in EVENT_KIND_TO_PROTO.items()}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
 def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
     msg = nodeagent_pb2.Pod(
         uid=pod.spec.uid,
@@ -49,9 +75,57 @@ def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
     if pod.netns is not None:
         msg.netns.dev = pod.netns.identity.dev
         msg.netns.ino = pod.netns.identity.ino
-    ts = Timestamp()
-    ts.FromNanoseconds(int(pod.enrolled_at * 1e9))
-    msg.enrolled_at.CopyFrom(ts)
+    msg.enrolled_at.CopyFrom(_timestamp(pod.enrolled_at))
+    return msg
+
+
+def connection_to_proto(info: ConnectionInfo) -> nodeagent_pb2.Connection:
+    msg = nodeagent_pb2.Connection(
+        id=info.id,
+        hello_version=info.hello_version,
+        state=_CONNECTION_STATE[info.state],
+        snapshot_complete=info.snapshot_complete,
+        messages=nodeagent_pb2.MessageCounts(
+            sent=info.sent,
+            acked=info.acked,
+            nacked=info.nacked,
+            sent_add=info.sent_by_type.get("add", 0),
+            sent_keep=info.sent_by_type.get("keep", 0),
+            sent_del=info.sent_by_type.get("del", 0),
+            sent_snapshot_sent=info.sent_by_type.get("snapshot_sent", 0),
+        ),
+        newest=info.newest,
+    )
+    if info.peer is not None:
+        msg.peer.pid = info.peer.pid
+        msg.peer.uid = info.peer.uid
+        msg.peer.gid = info.peer.gid
+    msg.connected_at.CopyFrom(_timestamp(info.connected_at))
+    return msg
+
+
+def event_to_proto(event: AgentEvent) -> nodeagent_pb2.Event:
+    msg = nodeagent_pb2.Event(
+        kind=EVENT_KIND_TO_PROTO[event.kind],
+        sequence=event.sequence,
+        current_state=event.current_state,
+        uid=event.uid,
+        pod_name=event.pod_name,
+        pod_namespace=event.pod_namespace,
+        connection_id=event.connection_id,
+        message_type=event.message_type,
+        error=event.error,
+        snapshot_pods=event.snapshot_pods,
+    )
+    msg.time.CopyFrom(_timestamp(event.time))
+    if event.ack_latency is not None:
+        latency = Duration()
+        latency.FromNanoseconds(int(event.ack_latency * 1e9))
+        msg.ack_latency.CopyFrom(latency)
+    if event.pod is not None:
+        msg.pod.CopyFrom(pod_to_proto(event.pod))
+    if event.connection is not None:
+        msg.connection.CopyFrom(connection_to_proto(event.connection))
     return msg
 
 
@@ -104,6 +178,75 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     ) -> nodeagent_pb2.ListPodsResponse:
         pods = sorted(self.agent.pods.values(), key=lambda p: (p.spec.namespace, p.spec.name, p.uid))
         return nodeagent_pb2.ListPodsResponse(pods=[pod_to_proto(p) for p in pods])
+
+    async def ListConnections(
+        self, request: nodeagent_pb2.ListConnectionsRequest, context: grpc.aio.ServicerContext
+    ) -> nodeagent_pb2.ListConnectionsResponse:
+        return nodeagent_pb2.ListConnectionsResponse(
+            connections=[connection_to_proto(c) for c in self.agent.connection_infos()]
+        )
+
+    async def Watch(self, request: nodeagent_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        kinds = {EVENT_KIND_FROM_PROTO.get(value) for value in request.kinds}
+        if None in kinds or EventKind.CURRENT_STATE_END in kinds:
+            wanted = ", ".join(
+                f"EVENT_KIND_{k.name}" for k in EventKind if k is not EventKind.CURRENT_STATE_END
+            )
+            bad = ", ".join(
+                str(v)
+                for v in request.kinds
+                if EVENT_KIND_FROM_PROTO.get(v) in (None, EventKind.CURRENT_STATE_END)
+            )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cannot watch event kind {bad}; expected one of {wanted}"
+            )
+            return
+        watcher = self.agent.watch(frozenset(k for k in kinds if k is not None) or None, request.uid)
+        try:
+            while True:
+                try:
+                    event = await watcher.next()
+                except WatchEnded as ended:
+                    await context.abort(_WATCH_STATUS[ended.reason], ended.detail)
+                    return
+                if not await _write(context, event_to_proto(event), watcher):
+                    end = watcher.end
+                    assert end is not None
+                    await context.abort(_WATCH_STATUS[end.reason], end.detail)
+                    return
+        finally:
+            watcher.close()
+
+
+_WATCH_STATUS = {
+    WatchEnded.FELL_BEHIND: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    WatchEnded.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+async def _write(context: grpc.aio.ServicerContext, message: nodeagent_pb2.Event, watcher: Watcher) -> bool:
+    """Write one event; False when the watcher fell behind while the write was stuck.
+
+    A client that does not read leaves the write waiting on HTTP/2 flow control;
+    the node agent does not wait with it: when the watcher's queue overflows
+    meanwhile, the write is abandoned and the stream ended.
+    """
+    if watcher.fell_behind.is_set():
+        return False
+    write = asyncio.ensure_future(context.write(message))
+    fell_behind = asyncio.ensure_future(watcher.fell_behind.wait())
+    try:
+        await asyncio.wait({write, fell_behind}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        fell_behind.cancel()
+        if not write.done():
+            write.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await write
+    if write.cancelled():
+        return False
+    write.result()  # a failed write (the client went away) ends the handler
+    return True
 
 
 async def start_control_server(agent: NodeAgent, addresses: list[str]) -> grpc.aio.Server:

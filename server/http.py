@@ -1,4 +1,5 @@
-"""The node agent's HTTP endpoints: ``/healthz`` and ``/readyz`` (Istio's node agent: port 8000)."""
+"""The node agent's HTTP endpoints (Istio's node agent: port 8000): ``/healthz``,
+``/readyz`` and ``/metrics`` (Prometheus text from OpenTelemetry's Prometheus exporter)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 
-def health_app(ready: Callable[[], tuple[bool, str]]) -> web.Application:
-    """``/healthz``: the process is up. ``/readyz``: every listener is up (else 503 with what is not)."""
+def health_app(
+    ready: Callable[[], tuple[bool, str]],
+    metrics: Callable[[str], tuple[bytes, str]] | None = None,
+) -> web.Application:
+    """``/healthz``: the process is up. ``/readyz``: every listener is up (else 503 with what is not).
+    ``/metrics``: ``metrics(accept_header)`` gives the body and its content type."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -20,4 +25,12 @@ def health_app(ready: Callable[[], tuple[bool, str]]) -> web.Application:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None:
+        render = metrics
+
+        async def metrics_page(request: web.Request) -> web.Response:
+            body, content_type = render(request.headers.get("Accept", ""))
+            return web.Response(body=body, headers={"Content-Type": content_type})
+
+        app.router.add_get("/metrics", metrics_page)
     return app

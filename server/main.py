@@ -20,6 +20,7 @@ from zds.server.control import start_control_server
 from zds.server.http import health_app
 from zds.server.pods import PodSpecError, load_pods_file
 from zds.server.redirect import RedirectConfig, Redirector
+from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.transport import bind_unix_listener, remove_socket_file, remove_stale_socket
 
 log = logging.getLogger("zds.server")
@@ -40,6 +41,8 @@ class ServerOptions:
     redirect: bool = True
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
+    #: None: from the OTEL_* environment variables (tests pass their own).
+    telemetry: Telemetry | None = None
 
 
 def split_host_port(value: str, flag: str) -> tuple[str, int]:
@@ -64,8 +67,14 @@ class NodeAgentServer:
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
+        try:
+            self.telemetry = options.telemetry or Telemetry.from_environment()
+        except TelemetryConfigError as exc:
+            raise StartupError(f"cannot set up OpenTelemetry: {exc}") from exc
         self.agent = NodeAgent(
-            options.agent, Redirector(options.redirect_config) if options.redirect else None
+            options.agent,
+            Redirector(options.redirect_config) if options.redirect else None,
+            self.telemetry,
         )
         self.cni: CniPluginEndpoint | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -118,7 +127,7 @@ class NodeAgentServer:
             self._sockets.append(opts.cni_socket)
         if opts.http_listen:
             host, port = split_host_port(opts.http_listen, "--http-listen")
-            runner = web.AppRunner(health_app(self.readiness), access_log=None)
+            runner = web.AppRunner(health_app(self.readiness, self.telemetry.prometheus), access_log=None)
             await runner.setup()
             self._runners.append(runner)
             try:
@@ -127,13 +136,14 @@ class NodeAgentServer:
                 raise StartupError(f"cannot listen for HTTP on {opts.http_listen}: {exc}") from exc
         self._ready = True
         log.info(
-            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s pods=%d",
+            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s pods=%d tracing=%s",
             opts.zds_socket,
             opts.control_socket,
             opts.cni_socket or "off",
             opts.http_listen or "off",
             opts.grpc_listen or "off",
             len(self.agent.pods),
+            "on" if self.telemetry.tracing else "off",
         )
 
     async def _load_pods(self, path: str) -> None:
@@ -158,6 +168,8 @@ class NodeAgentServer:
         self._ready = False
         if self._zds_task is not None:
             await cancel_and_wait(self._zds_task)
+        # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.
+        self.agent.events.close("node agent shutting down")
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
         for runner in self._runners:
@@ -165,12 +177,17 @@ class NodeAgentServer:
         self.agent.close()
         for path in self._sockets:
             remove_socket_file(path)
+        await self.telemetry.shutdown()
         log.info("node agent stopped")
 
 
 async def run_server(options: ServerOptions) -> int:
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 when it cannot start."""
-    server = NodeAgentServer(options)
+    try:
+        server = NodeAgentServer(options)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,5 +1,9 @@
 """Structured logging: every line about a pod or a connection carries its
-uid, pod name/namespace and connection id, as text ``key=value`` or JSON."""
+uid, pod name/namespace and connection id, as text ``key=value`` or JSON.
+
+A line logged inside a traced operation (OTEL_TRACES_EXPORTER set) also
+carries ``trace_id`` and ``span_id``, to find the trace from the log.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,21 @@ import sys
 import time
 from typing import Any
 
+from opentelemetry import trace
+
 #: Context fields that go on a log line when present (``extra={...}``).
-FIELDS = ("conn", "uid", "pod", "namespace", "netns", "error", "kind")
+FIELDS = ("conn", "uid", "pod", "namespace", "netns", "error", "kind", "trace_id", "span_id")
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds ``trace_id``/``span_id`` of the current span, if one is being recorded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid and not hasattr(record, "trace_id"):
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
 
 
 class TextFormatter(logging.Formatter):
@@ -51,6 +68,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     """Send zds's logs to stderr at ``level`` as ``text`` or ``json``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

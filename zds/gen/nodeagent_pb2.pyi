@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -16,10 +17,46 @@ class PodState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POD_STATE_PENDING: _ClassVar[PodState]
     POD_STATE_ACKED: _ClassVar[PodState]
     POD_STATE_FAILED: _ClassVar[PodState]
+
+class ConnectionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONNECTION_STATE_UNSPECIFIED: _ClassVar[ConnectionState]
+    CONNECTION_STATE_AWAITING_HELLO: _ClassVar[ConnectionState]
+    CONNECTION_STATE_SNAPSHOT: _ClassVar[ConnectionState]
+    CONNECTION_STATE_READY: _ClassVar[ConnectionState]
+    CONNECTION_STATE_CLOSED: _ClassVar[ConnectionState]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_POD_ENROLLED: _ClassVar[EventKind]
+    EVENT_KIND_POD_REMOVED: _ClassVar[EventKind]
+    EVENT_KIND_ZTUNNEL_CONNECTED: _ClassVar[EventKind]
+    EVENT_KIND_ZTUNNEL_DISCONNECTED: _ClassVar[EventKind]
+    EVENT_KIND_MESSAGE_SENT: _ClassVar[EventKind]
+    EVENT_KIND_MESSAGE_ACKED: _ClassVar[EventKind]
+    EVENT_KIND_MESSAGE_NACKED: _ClassVar[EventKind]
+    EVENT_KIND_SNAPSHOT_COMPLETE: _ClassVar[EventKind]
+    EVENT_KIND_CURRENT_STATE_END: _ClassVar[EventKind]
 POD_STATE_UNSPECIFIED: PodState
 POD_STATE_PENDING: PodState
 POD_STATE_ACKED: PodState
 POD_STATE_FAILED: PodState
+CONNECTION_STATE_UNSPECIFIED: ConnectionState
+CONNECTION_STATE_AWAITING_HELLO: ConnectionState
+CONNECTION_STATE_SNAPSHOT: ConnectionState
+CONNECTION_STATE_READY: ConnectionState
+CONNECTION_STATE_CLOSED: ConnectionState
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_POD_ENROLLED: EventKind
+EVENT_KIND_POD_REMOVED: EventKind
+EVENT_KIND_ZTUNNEL_CONNECTED: EventKind
+EVENT_KIND_ZTUNNEL_DISCONNECTED: EventKind
+EVENT_KIND_MESSAGE_SENT: EventKind
+EVENT_KIND_MESSAGE_ACKED: EventKind
+EVENT_KIND_MESSAGE_NACKED: EventKind
+EVENT_KIND_SNAPSHOT_COMPLETE: EventKind
+EVENT_KIND_CURRENT_STATE_END: EventKind
 
 class NetnsIdentity(_message.Message):
     __slots__ = ("dev", "ino")
@@ -108,3 +145,101 @@ class ListPodsResponse(_message.Message):
     PODS_FIELD_NUMBER: _ClassVar[int]
     pods: _containers.RepeatedCompositeFieldContainer[Pod]
     def __init__(self, pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ...) -> None: ...
+
+class PeerCredentials(_message.Message):
+    __slots__ = ("pid", "uid", "gid")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    uid: int
+    gid: int
+    def __init__(self, pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ...) -> None: ...
+
+class MessageCounts(_message.Message):
+    __slots__ = ("sent", "acked", "nacked", "sent_add", "sent_keep", "sent_del", "sent_snapshot_sent")
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    NACKED_FIELD_NUMBER: _ClassVar[int]
+    SENT_ADD_FIELD_NUMBER: _ClassVar[int]
+    SENT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    SENT_DEL_FIELD_NUMBER: _ClassVar[int]
+    SENT_SNAPSHOT_SENT_FIELD_NUMBER: _ClassVar[int]
+    sent: int
+    acked: int
+    nacked: int
+    sent_add: int
+    sent_keep: int
+    sent_del: int
+    sent_snapshot_sent: int
+    def __init__(self, sent: _Optional[int] = ..., acked: _Optional[int] = ..., nacked: _Optional[int] = ..., sent_add: _Optional[int] = ..., sent_keep: _Optional[int] = ..., sent_del: _Optional[int] = ..., sent_snapshot_sent: _Optional[int] = ...) -> None: ...
+
+class Connection(_message.Message):
+    __slots__ = ("id", "peer", "hello_version", "connected_at", "state", "snapshot_complete", "messages", "newest")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    HELLO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    peer: PeerCredentials
+    hello_version: int
+    connected_at: _timestamp_pb2.Timestamp
+    state: ConnectionState
+    snapshot_complete: bool
+    messages: MessageCounts
+    newest: bool
+    def __init__(self, id: _Optional[str] = ..., peer: _Optional[_Union[PeerCredentials, _Mapping]] = ..., hello_version: _Optional[int] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[ConnectionState, str]] = ..., snapshot_complete: _Optional[bool] = ..., messages: _Optional[_Union[MessageCounts, _Mapping]] = ..., newest: _Optional[bool] = ...) -> None: ...
+
+class ListConnectionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListConnectionsResponse(_message.Message):
+    __slots__ = ("connections",)
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    connections: _containers.RepeatedCompositeFieldContainer[Connection]
+    def __init__(self, connections: _Optional[_Iterable[_Union[Connection, _Mapping]]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("kinds", "uid")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[EventKind]
+    uid: str
+    def __init__(self, kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ..., uid: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("kind", "time", "sequence", "current_state", "uid", "pod_name", "pod_namespace", "connection_id", "message_type", "error", "ack_latency", "pod", "connection", "snapshot_pods")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_STATE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACK_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PODS_FIELD_NUMBER: _ClassVar[int]
+    kind: EventKind
+    time: _timestamp_pb2.Timestamp
+    sequence: int
+    current_state: bool
+    uid: str
+    pod_name: str
+    pod_namespace: str
+    connection_id: str
+    message_type: str
+    error: str
+    ack_latency: _duration_pb2.Duration
+    pod: Pod
+    connection: Connection
+    snapshot_pods: int
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., current_state: _Optional[bool] = ..., uid: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., connection_id: _Optional[str] = ..., message_type: _Optional[str] = ..., error: _Optional[str] = ..., ack_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ..., snapshot_pods: _Optional[int] = ...) -> None: ...

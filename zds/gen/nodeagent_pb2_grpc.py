@@ -49,6 +49,16 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.ListPodsRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.ListPodsResponse.FromString,
                 _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/zds.v1.NodeAgent/ListConnections',
+                request_serializer=nodeagent__pb2.ListConnectionsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.ListConnectionsResponse.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/zds.v1.NodeAgent/Watch',
+                request_serializer=nodeagent__pb2.WatchRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -78,7 +88,38 @@ class NodeAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPods(self, request, context):
-        """Every enrolled pod with its delivery state.
+        """Every enrolled pod with its delivery state, ordered by namespace, name, uid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConnections(self, request, context):
+        """Every open ztunnel connection, oldest first (also those that have not said
+        hello yet); the one marked newest is where AddWorkload goes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """A live stream of what the node agent does, optionally filtered.
+
+        The stream starts with the current state, so a watcher that joins late is
+        never confused: one EVENT_KIND_POD_ENROLLED per enrolled pod and one
+        EVENT_KIND_ZTUNNEL_CONNECTED per connection that said hello (all with
+        current_state = true and the time the pod was enrolled / the connection
+        accepted), then exactly one EVENT_KIND_CURRENT_STATE_END (always sent,
+        whatever the filter), then live events as they happen, each once, in the
+        order they happened. Nothing that happens between the current state and
+        the live events is lost or repeated.
+
+        Each watcher has a bounded queue (zds server --watch-queue, default 4096
+        events). The node agent never waits for a watcher: one that does not keep
+        up (its queue is full) is ended with RESOURCE_EXHAUSTED; reconnect to get
+        the current state again. When the node agent shuts down, the stream ends
+        with UNAVAILABLE "node agent shutting down".
+        INVALID_ARGUMENT     an unknown kind in kinds
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,6 +142,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.ListPods,
                     request_deserializer=nodeagent__pb2.ListPodsRequest.FromString,
                     response_serializer=nodeagent__pb2.ListPodsResponse.SerializeToString,
+            ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=nodeagent__pb2.ListConnectionsRequest.FromString,
+                    response_serializer=nodeagent__pb2.ListConnectionsResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=nodeagent__pb2.WatchRequest.FromString,
+                    response_serializer=nodeagent__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +235,60 @@ class NodeAgent:
             '/zds.v1.NodeAgent/ListPods',
             nodeagent__pb2.ListPodsRequest.SerializeToString,
             nodeagent__pb2.ListPodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zds.v1.NodeAgent/ListConnections',
+            nodeagent__pb2.ListConnectionsRequest.SerializeToString,
+            nodeagent__pb2.ListConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/zds.v1.NodeAgent/Watch',
+            nodeagent__pb2.WatchRequest.SerializeToString,
+            nodeagent__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,245 @@
+"""What the node agent does, as a stream of events for ``Watch`` watchers.
+
+Publishing never waits: each watcher has a bounded queue, and one whose queue
+is full is ended (the control API answers RESOURCE_EXHAUSTED) instead of
+holding the node agent back or growing without bound. A watcher starts with
+the current state (handed to ``subscribe`` by the node agent in the same
+synchronous step that registers it, so nothing falls between the two).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
+    from zds.server.connection import ConnectionInfo
+    from zds.server.pods import Pod
+
+log = logging.getLogger("zds.server.watch")
+
+#: Events a watcher may have queued before it is ended for falling behind.
+DEFAULT_WATCH_QUEUE = 1024
+
+
+class EventKind(enum.Enum):
+    POD_ENROLLED = "pod_enrolled"
+    POD_REMOVED = "pod_removed"
+    ZTUNNEL_CONNECTED = "ztunnel_connected"
+    ZTUNNEL_DISCONNECTED = "ztunnel_disconnected"
+    MESSAGE_SENT = "message_sent"
+    MESSAGE_ACKED = "message_acked"
+    MESSAGE_NACKED = "message_nacked"
+    SNAPSHOT_COMPLETE = "snapshot_complete"
+    CURRENT_STATE_END = "current_state_end"
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """One thing that happened; ``pod``/``connection`` are copies taken when it happened."""
+
+    kind: EventKind
+    time: float
+    sequence: int = 0
+    current_state: bool = False
+    uid: str = ""
+    pod_name: str = ""
+    pod_namespace: str = ""
+    connection_id: str = ""
+    message_type: str = ""
+    error: str = ""
+    ack_latency: float | None = None
+    pod: Pod | None = None
+    connection: ConnectionInfo | None = None
+    snapshot_pods: int = 0
+
+
+class WatchEnded(Exception):
+    """The watch is over; ``reason`` is one of the class constants, ``detail`` is for the user."""
+
+    FELL_BEHIND = "fell-behind"
+    SHUTDOWN = "shutdown"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Watcher:
+    """One watcher: its current-state events, then a bounded queue of live ones."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        initial: Iterable[AgentEvent],
+        *,
+        kinds: frozenset[EventKind] | None,
+        uid: str,
+        limit: int,
+    ) -> None:
+        self._bus = bus
+        self.kinds = kinds
+        self.uid = uid
+        self.limit = limit
+        self._initial = deque(e for e in initial if self.wants(e))
+        self._queue: deque[AgentEvent] = deque()
+        self._wakeup = asyncio.Event()
+        #: Set when the watcher fell behind: a write to it that is still pending
+        #: must be abandoned (the client is not reading).
+        self.fell_behind = asyncio.Event()
+        self._end: WatchEnded | None = None
+
+    def wants(self, event: AgentEvent) -> bool:
+        if event.kind is EventKind.CURRENT_STATE_END:
+            return True
+        if self.kinds is not None and event.kind not in self.kinds:
+            return False
+        return not self.uid or event.uid == self.uid
+
+    def offer(self, event: AgentEvent) -> None:
+        """Queue ``event`` if wanted; never waits. A full queue ends the watch."""
+        if self._end is not None or not self.wants(event):
+            return
+        if len(self._queue) >= self.limit:
+            self.finish(
+                WatchEnded(
+                    WatchEnded.FELL_BEHIND,
+                    f"watcher fell behind: {self.limit} events were waiting to be sent "
+                    "(--watch-queue); watch again to get the current state",
+                )
+            )
+            return
+        self._queue.append(event)
+        self._wakeup.set()
+
+    def finish(self, end: WatchEnded) -> None:
+        """End the watch: ``next`` raises ``end`` — at once when the watcher fell
+        behind (what is queued is dropped), else once the queue is drained."""
+        if self._end is not None:
+            return
+        self._end = end
+        self._bus.unsubscribe(self)
+        if end.reason == WatchEnded.FELL_BEHIND:
+            self._queue.clear()
+            self._initial.clear()
+            self.fell_behind.set()
+            log.warning("ended a watcher: %s", end.detail)
+        self._wakeup.set()
+
+    @property
+    def end(self) -> WatchEnded | None:
+        return self._end
+
+    async def next(self) -> AgentEvent:
+        """The next event, waiting for one; raises WatchEnded once the watch is over."""
+        while True:
+            if self._initial:
+                return self._initial.popleft()
+            if self._queue:
+                return self._queue.popleft()
+            if self._end is not None:
+                raise self._end
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def close(self) -> None:
+        """The watcher went away (stream cancelled or over)."""
+        self._bus.unsubscribe(self)
+        self._queue.clear()
+        self._initial.clear()
+        if self._end is None:
+            self._end = WatchEnded(WatchEnded.SHUTDOWN, "closed")
+
+
+class EventBus:
+    """Fans events out to watchers; numbers every event, watched or not."""
+
+    def __init__(self, watch_queue: int = DEFAULT_WATCH_QUEUE) -> None:
+        self.watch_queue = watch_queue
+        self.sequence = 0
+        self._watchers: set[Watcher] = set()
+        self._closed: WatchEnded | None = None
+
+    @property
+    def watchers(self) -> int:
+        return len(self._watchers)
+
+    def publish(
+        self,
+        kind: EventKind,
+        *,
+        pod: Pod | None = None,
+        connection: ConnectionInfo | None = None,
+        uid: str = "",
+        connection_id: str = "",
+        message_type: str = "",
+        error: str = "",
+        ack_latency: float | None = None,
+        snapshot_pods: int = 0,
+        pod_name: str = "",
+        pod_namespace: str = "",
+    ) -> None:
+        """Tell every watcher; costs next to nothing when nobody watches."""
+        self.sequence += 1
+        if not self._watchers:
+            return
+        if pod is not None:
+            pod = copy.copy(pod)  # the state it has now, not when a watcher reads it
+            uid = uid or pod.uid
+            pod_name = pod_name or pod.spec.name
+            pod_namespace = pod_namespace or pod.spec.namespace
+        if connection is not None:
+            connection_id = connection_id or connection.id
+        event = AgentEvent(
+            kind=kind,
+            time=time.time(),
+            sequence=self.sequence,
+            uid=uid,
+            pod_name=pod_name,
+            pod_namespace=pod_namespace,
+            connection_id=connection_id,
+            message_type=message_type,
+            error=error,
+            ack_latency=ack_latency,
+            pod=pod,
+            connection=connection,
+            snapshot_pods=snapshot_pods,
+        )
+        for watcher in list(self._watchers):
+            watcher.offer(event)
+
+    def subscribe(
+        self,
+        current_state: Iterable[AgentEvent],
+        *,
+        kinds: frozenset[EventKind] | None = None,
+        uid: str = "",
+    ) -> Watcher:
+        """A new watcher: ``current_state``, the end-of-current-state marker, then live events.
+
+        Call it in the same synchronous step that computed ``current_state``.
+        """
+        marker = AgentEvent(kind=EventKind.CURRENT_STATE_END, time=time.time(), sequence=self.sequence)
+        watcher = Watcher(self, [*current_state, marker], kinds=kinds, uid=uid, limit=self.watch_queue)
+        if self._closed is not None:
+            watcher.finish(self._closed)
+        else:
+            self._watchers.add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    def close(self, detail: str) -> None:
+        """End every watch (shutdown); later subscribers are ended at once."""
+        self._closed = WatchEnded(WatchEnded.SHUTDOWN, detail)
+        for watcher in list(self._watchers):
+            watcher.finish(self._closed)

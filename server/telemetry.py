@@ -1,0 +1,293 @@
+"""OpenTelemetry for the node agent: traces and metrics, set up from the
+standard ``OTEL_*`` environment variables, and Prometheus text for ``/metrics``.
+
+Metrics go through OpenTelemetry's Prometheus exporter into a registry of our
+own (not prometheus_client's global one, so several node agents can live in
+one process). The exporter turns OpenTelemetry names into Prometheus names —
+a counter gets ``_total``, unit ``s`` becomes ``_seconds`` — so the
+instruments below are named to come out as these series:
+
+=======================================  ========  =====================================
+``ztunnel_connected``                    gauge     ztunnel connections that said hello
+                                                   (Istio's name)
+``zds_pods_enrolled{state}``             gauge     pods in the cache by state
+                                                   (pending, acked, failed)
+``zds_messages_total{type,outcome}``     counter   ZDS requests sent: type add, keep,
+                                                   del, snapshot_sent; outcome acked,
+                                                   nacked, unanswered
+``zds_ack_latency_seconds{type}``        histo     from writing a request to its ack
+``zds_pod_enrollments_total{outcome}``   counter   AddPod/CNI enrollments: acked,
+                                                   nacked, no_connection, lost,
+                                                   invalid, rules
+``istio_cni_plugin_requests_total``      counter   CNI plugin requests by
+``{response_code}``                                response_code (Istio's name)
+``zds_watchers``                         gauge     open Watch streams
+=======================================  ========  =====================================
+
+plus ``target_info`` (the OpenTelemetry resource) and prometheus_client's
+``process_*`` series (fds, memory, CPU).
+
+Exporters: ``OTEL_TRACES_EXPORTER`` and ``OTEL_METRICS_EXPORTER`` take a
+comma-separated list of ``otlp``, ``console``, ``none`` (and, for metrics,
+``prometheus``, which ``/metrics`` always serves anyway). Unlike the
+OpenTelemetry default (``otlp``) both default to ``none``: a node agent sends
+nothing anywhere unless told to. OTLP needs the ``otlp`` extra
+(``pip install 'zds[otlp]'``); ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or
+``..._TRACES_PROTOCOL``/``..._METRICS_PROTOCOL``) picks ``grpc`` (the default)
+or ``http/protobuf``; endpoints, headers and timeouts are read by the
+exporters themselves. ``OTEL_SDK_DISABLED=true`` turns both off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+from opentelemetry import trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+
+from zds import __version__
+
+SERVICE_NAME = "zds-node-agent"
+SCOPE = "zds.server"
+
+#: Ack latency buckets (seconds): a local ztunnel acks in well under a
+#: millisecond; the ack timeout is 5 s.
+ACK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+POD_STATES = ("pending", "acked", "failed")
+
+
+class TelemetryConfigError(Exception):
+    """The OTEL_* settings ask for something zds cannot do; the message says what to change."""
+
+
+def _exporter_names(environ: Mapping[str, str], var: str) -> list[str]:
+    names = [n.strip().lower() for n in environ.get(var, "none").split(",") if n.strip()]
+    return [n for n in names if n != "none"]
+
+
+def _otlp_protocol(environ: Mapping[str, str], signal: str) -> str:
+    protocol = environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
+    if protocol not in ("grpc", "http/protobuf"):
+        raise TelemetryConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; use grpc or http/protobuf"
+        )
+    return protocol
+
+
+def _missing_otlp(exc: ImportError) -> TelemetryConfigError:
+    return TelemetryConfigError(
+        f"the OTLP exporter is not installed ({exc.name}); install it with pip install 'zds[otlp]' "
+        "or set OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER to console or none"
+    )
+
+
+def span_exporters_from_env(environ: Mapping[str, str]) -> list[tuple[SpanExporter, bool]]:
+    """(exporter, batched) for each name in OTEL_TRACES_EXPORTER."""
+    exporters: list[tuple[SpanExporter, bool]] = []
+    for name in _exporter_names(environ, "OTEL_TRACES_EXPORTER"):
+        if name == "console":
+            exporters.append((ConsoleSpanExporter(), False))  # printed as each span ends
+        elif name == "otlp":
+            try:
+                if _otlp_protocol(environ, "TRACES") == "grpc":
+                    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+                else:
+                    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+                        OTLPSpanExporter,
+                    )
+            except ImportError as exc:
+                raise _missing_otlp(exc) from exc
+            exporters.append((OTLPSpanExporter(), True))
+        else:
+            raise TelemetryConfigError(
+                f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none"
+            )
+    return exporters
+
+
+def metric_exporters_from_env(environ: Mapping[str, str]) -> list[MetricExporter]:
+    """Push exporters for each name in OTEL_METRICS_EXPORTER (prometheus: served at /metrics)."""
+    exporters: list[MetricExporter] = []
+    for name in _exporter_names(environ, "OTEL_METRICS_EXPORTER"):
+        if name == "prometheus":
+            continue
+        if name == "console":
+            exporters.append(ConsoleMetricExporter())
+        elif name == "otlp":
+            try:
+                if _otlp_protocol(environ, "METRICS") == "grpc":
+                    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+                else:
+                    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
+                        OTLPMetricExporter,
+                    )
+            except ImportError as exc:
+                raise _missing_otlp(exc) from exc
+            exporters.append(OTLPMetricExporter())
+        else:
+            raise TelemetryConfigError(
+                f"OTEL_METRICS_EXPORTER: unknown exporter {name!r}; use otlp, console, prometheus or none"
+            )
+    return exporters
+
+
+def _resource(environ: Mapping[str, str]) -> Resource:
+    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our default name.
+    named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    return Resource.create({} if named else {"service.name": SERVICE_NAME})
+
+
+class Telemetry:
+    """The node agent's tracer and metric instruments, and the Prometheus registry behind /metrics.
+
+    ``span_processors`` (tests: an in-memory exporter) turn tracing on; with none
+    the tracer is a no-op and costs nothing. ``from_environment`` builds one from OTEL_*.
+    """
+
+    def __init__(
+        self,
+        *,
+        span_processors: Iterable[SpanProcessor] = (),
+        metric_readers: Iterable[MetricReader] = (),
+        resource: Resource | None = None,
+    ) -> None:
+        resource = resource or Resource.create({"service.name": SERVICE_NAME})
+        processors = list(span_processors)
+        self._tracer_provider: TracerProvider | None = None
+        if processors:
+            self._tracer_provider = TracerProvider(resource=resource)
+            for processor in processors:
+                self._tracer_provider.add_span_processor(processor)
+            self.tracer: trace.Tracer = self._tracer_provider.get_tracer(SCOPE, __version__)
+        else:
+            self.tracer = trace.NoOpTracer()
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        prometheus = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=[prometheus, *metric_readers])
+        meter = self._meter_provider.get_meter(SCOPE, __version__)
+
+        self._connected: Callable[[], int] = lambda: 0
+        self._pods_by_state: Callable[[], Mapping[str, int]] = dict
+        self._watchers: Callable[[], int] = lambda: 0
+
+        meter.create_observable_gauge(
+            "ztunnel_connected",
+            callbacks=[lambda _: [Observation(self._connected())]],
+            description="number of connections to ztunnel",
+        )
+        meter.create_observable_gauge(
+            "zds_pods_enrolled",
+            callbacks=[self._observe_pods],
+            description="pods the node agent holds, by state (pending, acked, failed)",
+        )
+        meter.create_observable_gauge(
+            "zds_watchers",
+            callbacks=[lambda _: [Observation(self._watchers())]],
+            description="open Watch streams on the control API",
+        )
+        self._messages = meter.create_counter(
+            "zds_messages",
+            description="ZDS requests the node agent sent, by type (add, keep, del, snapshot_sent) "
+            "and outcome (acked, nacked, unanswered)",
+        )
+        self._ack_latency = meter.create_histogram(
+            "zds_ack_latency",
+            unit="s",
+            description="time from writing a ZDS request to ztunnel's ack, by type",
+            explicit_bucket_boundaries_advisory=ACK_LATENCY_BUCKETS,
+        )
+        self._enrollments = meter.create_counter(
+            "zds_pod_enrollments",
+            description="pod enrollments by outcome (acked, nacked, no_connection, lost, invalid, rules)",
+        )
+        self._cni_requests = meter.create_counter(
+            "istio_cni_plugin_requests",
+            description="The total number of CNI plugin requests handled by the node agent.",
+        )
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Telemetry:
+        """Exporters from OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER (default: none)."""
+        env = os.environ if environ is None else environ
+        resource = _resource(env)
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls(resource=resource)
+        processors: list[SpanProcessor] = [
+            BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
+            for exporter, batched in span_exporters_from_env(env)
+        ]
+        readers = [PeriodicExportingMetricReader(e) for e in metric_exporters_from_env(env)]
+        return cls(span_processors=processors, metric_readers=readers, resource=resource)
+
+    @property
+    def tracing(self) -> bool:
+        return self._tracer_provider is not None
+
+    def observe(
+        self,
+        *,
+        connected: Callable[[], int],
+        pods_by_state: Callable[[], Mapping[str, int]],
+        watchers: Callable[[], int],
+    ) -> None:
+        """Where the gauges read their values (the node agent's state) at each collection."""
+        self._connected = connected
+        self._pods_by_state = pods_by_state
+        self._watchers = watchers
+
+    def _observe_pods(self, _: CallbackOptions) -> Iterable[Observation]:
+        counts = self._pods_by_state()
+        return [Observation(counts.get(state, 0), {"state": state}) for state in POD_STATES]
+
+    # -- recording -------------------------------------------------------------------
+    def message(self, message_type: str, outcome: str, latency: float | None = None) -> None:
+        self._messages.add(1, {"type": message_type, "outcome": outcome})
+        if latency is not None:
+            self._ack_latency.record(latency, {"type": message_type})
+
+    def enrollment(self, outcome: str) -> None:
+        self._enrollments.add(1, {"outcome": outcome})
+
+    def cni_request(self, code: int) -> None:
+        self._cni_requests.add(1, {"response_code": str(code)})
+
+    # -- exposition --------------------------------------------------------------------
+    def prometheus(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry as Prometheus text (or OpenMetrics, if ``accept`` asks for it), and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    async def shutdown(self) -> None:
+        """Flush and stop the exporters (off the event loop: an OTLP flush may take a while)."""
+
+        def stop() -> None:
+            if self._tracer_provider is not None:
+                self._tracer_provider.shutdown()
+            self._meter_provider.shutdown()
+
+        await asyncio.to_thread(stop)

@@ -1,0 +1,472 @@
+"""Watch: a real `zds server`, watched over gRPC and with `zds watch`, while a
+raw-socket ztunnel stand-in connects, acks and nacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.harness import ZDS, NodeAgentProc, RawPeer, own_netns, wait_until
+from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.protocol.messages import request_kind
+
+pytestmark = pytest.mark.root
+
+K = nodeagent_pb2
+
+
+class AckingPeer:
+    """A ztunnel stand-in that says hello and answers every request in a thread.
+
+    ``nack`` maps a uid to the error its AddWorkload is answered with.
+    """
+
+    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
+        self.raw = RawPeer(path)
+        self.nack = nack or {}
+        self.received: list[Any] = []
+        self._stop = threading.Event()
+        self.raw.hello()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self.raw.recv(timeout=0.1)
+            if got is None:
+                continue
+            got.close_fds()
+            if not got.payload:
+                return
+            request = got.request
+            self.received.append(request)
+            uid = getattr(request, "uid", "")
+            error = self.nack.get(uid, "") if request_kind(request) == "add" else ""
+            self.raw.ack(error)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()
+
+
+@pytest.fixture
+def server(tmp_path: object) -> Iterator[NodeAgentProc]:
+    proc = NodeAgentProc(str(tmp_path), "--keepalive-interval", "0.2")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[AckingPeer]]:
+    made: list[AckingPeer] = []
+    yield made
+    for peer in made:
+        peer.close()
+
+
+class Stream:
+    """A Watch stream read in a thread into a list, so tests can poll it."""
+
+    def __init__(self, server: NodeAgentProc, request: nodeagent_pb2.WatchRequest | None = None) -> None:
+        self.channel = grpc.insecure_channel(f"unix:{server.control_socket}")
+        stub = nodeagent_pb2_grpc.NodeAgentStub(self.channel)  # type: ignore[no-untyped-call]
+        self.call = stub.Watch(request or nodeagent_pb2.WatchRequest())
+        self.events: list[nodeagent_pb2.Event] = []
+        self.error: grpc.RpcError | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self.call:
+                self.events.append(event)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait_for(self, kind: int, count: int = 1, **fields: Any) -> list[nodeagent_pb2.Event]:
+        def matching() -> list[nodeagent_pb2.Event]:
+            return [
+                e
+                for e in list(self.events)
+                if e.kind == kind and all(getattr(e, k) == v for k, v in fields.items())
+            ]
+
+        wait_until(lambda: len(matching()) >= count, what=f"{K.EventKind.Name(kind)} {fields}")
+        return matching()
+
+    def live(self) -> list[nodeagent_pb2.Event]:
+        marker = self.wait_for(K.EVENT_KIND_CURRENT_STATE_END)[0]
+        return self.events[self.events.index(marker) + 1 :]
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+        self.channel.close()
+
+
+@pytest.fixture
+def streams() -> Iterator[list[Stream]]:
+    made: list[Stream] = []
+    yield made
+    for stream in made:
+        stream.close()
+
+
+def add(server: NodeAgentProc, uid: str, **kw: str) -> Any:
+    try:
+        return server.add_pod(uid, own_netns(), **kw)
+    except grpc.RpcError as exc:
+        return exc
+
+
+def kinds(events: list[nodeagent_pb2.Event]) -> list[str]:
+    return [K.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in events]
+
+
+# -- the gRPC stream --------------------------------------------------------------------
+
+
+def test_watch_starts_with_the_current_state_then_a_marker_then_live_events(
+    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+) -> None:
+    peers.append(AckingPeer(server.zds_socket))
+    add(server, "u1", name="web", namespace="shop")
+    add(server, "u2", name="db", namespace="shop")
+    before = time.time()
+    stream = Stream(server)
+    streams.append(stream)
+    marker = stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)[0]
+    state = stream.events[: stream.events.index(marker)]
+    assert sorted(kinds(state)) == ["POD_ENROLLED", "POD_ENROLLED", "ZTUNNEL_CONNECTED"]
+    assert all(e.current_state and e.sequence == 0 for e in state)
+    pods = {e.uid: e for e in state if e.kind == K.EVENT_KIND_POD_ENROLLED}
+    assert (pods["u1"].pod_name, pods["u1"].pod_namespace) == ("web", "shop")
+    assert pods["u1"].pod.state == K.POD_STATE_ACKED  # as it is now, not as it was when enrolled
+    assert pods["u1"].time.ToNanoseconds() / 1e9 <= before  # when it was enrolled
+    [conn] = [e for e in state if e.kind == K.EVENT_KIND_ZTUNNEL_CONNECTED]
+    assert conn.connection.peer.pid == os.getpid() and conn.connection.hello_version == 1
+    assert conn.connection.newest and conn.connection_id == conn.connection.id
+    assert not marker.current_state and marker.sequence > 0
+
+    add(server, "u3", name="cache", namespace="shop")
+    server.remove_pod("u1")
+    stream.wait_for(K.EVENT_KIND_MESSAGE_ACKED, uid="u1", message_type="del")
+    live = stream.live()
+    assert kinds(live) == [
+        "POD_ENROLLED",
+        "MESSAGE_SENT",
+        "MESSAGE_ACKED",
+        "POD_REMOVED",
+        "MESSAGE_SENT",
+        "MESSAGE_ACKED",
+    ]
+    assert [e.uid for e in live] == ["u3", "u3", "u3", "u1", "u1", "u1"]
+    assert [e.message_type for e in live if e.message_type] == ["add", "add", "del", "del"]
+    assert all(e.connection_id == conn.connection_id for e in live if e.message_type)
+    assert live[0].pod.name == "cache" and live[0].pod.state == K.POD_STATE_PENDING
+    assert live[3].pod_name == "web" and live[5].pod_namespace == "shop"  # a removed pod keeps its name
+    assert live[2].HasField("ack_latency") and live[2].ack_latency.ToNanoseconds() > 0
+    # every live event of the node agent, in order, none missing
+    assert [e.sequence for e in live] == list(range(marker.sequence + 1, marker.sequence + 7))
+    assert all(before <= e.time.ToNanoseconds() / 1e9 <= time.time() for e in live)
+
+
+def test_nacks_snapshots_and_disconnections_are_events(
+    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+) -> None:
+    stream = Stream(server)
+    streams.append(stream)
+    stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
+    with pytest.raises(grpc.RpcError):
+        server.add_pod("u1", own_netns())  # no ztunnel yet: cached, goes out in the snapshot
+    first = AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
+    peers.append(first)
+    [connected] = stream.wait_for(K.EVENT_KIND_ZTUNNEL_CONNECTED)
+    conn_id = connected.connection_id
+    [snapshot] = stream.wait_for(K.EVENT_KIND_SNAPSHOT_COMPLETE)
+    assert snapshot.connection_id == conn_id and snapshot.snapshot_pods == 1
+    sent = stream.wait_for(K.EVENT_KIND_MESSAGE_SENT, connection_id=conn_id)
+    assert [(e.message_type, e.uid) for e in sent] == [("add", "u1"), ("snapshot_sent", "")]
+
+    assert isinstance(add(server, "u2"), grpc.RpcError)
+    [nack] = stream.wait_for(K.EVENT_KIND_MESSAGE_NACKED)
+    assert (nack.uid, nack.message_type, nack.connection_id) == ("u2", "add", conn_id)
+    assert nack.error == "failure to start proxy : port taken"
+
+    first.close()  # EOF: found by the keepalive probe
+    [gone] = stream.wait_for(K.EVENT_KIND_ZTUNNEL_DISCONNECTED)
+    assert gone.connection_id == conn_id and gone.error
+    assert gone.connection.state == K.CONNECTION_STATE_CLOSED
+    assert gone.connection.messages.nacked == 1 and gone.connection.messages.acked == 2
+
+
+def test_watch_filters_by_kind_and_by_uid(
+    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+) -> None:
+    peers.append(AckingPeer(server.zds_socket))
+    add(server, "u0")
+    enrolled = Stream(server, nodeagent_pb2.WatchRequest(kinds=[K.EVENT_KIND_POD_ENROLLED]))
+    about_u2 = Stream(server, nodeagent_pb2.WatchRequest(uid="u2"))
+    streams += [enrolled, about_u2]
+    for stream in streams:
+        stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
+    add(server, "u1")
+    add(server, "u2")
+    server.remove_pod("u2")
+    enrolled.wait_for(K.EVENT_KIND_POD_ENROLLED, uid="u2")
+    about_u2.wait_for(K.EVENT_KIND_MESSAGE_ACKED, message_type="del")
+    assert kinds(enrolled.events) == ["POD_ENROLLED", "CURRENT_STATE_END", "POD_ENROLLED", "POD_ENROLLED"]
+    assert [e.uid for e in enrolled.events] == ["u0", "", "u1", "u2"]
+    assert kinds(about_u2.live()) == [
+        "POD_ENROLLED",
+        "MESSAGE_SENT",
+        "MESSAGE_ACKED",
+        "POD_REMOVED",
+        "MESSAGE_SENT",
+        "MESSAGE_ACKED",
+    ]
+    assert kinds(about_u2.events[:1]) == ["CURRENT_STATE_END"]  # u2 did not exist yet
+
+
+def test_an_unknown_kind_is_invalid_argument(server: NodeAgentProc) -> None:
+    with server.control() as stub, pytest.raises(grpc.RpcError) as info:
+        list(stub.Watch(nodeagent_pb2.WatchRequest(kinds=[42]), timeout=10))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "EVENT_KIND_POD_ENROLLED" in (info.value.details() or "")
+
+
+def test_a_late_watcher_agrees_with_one_that_watched_from_the_start(
+    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+) -> None:
+    early = Stream(server)
+    streams.append(early)
+    early.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
+    peers.append(AckingPeer(server.zds_socket))
+    for i in range(6):
+        add(server, f"u{i}")
+    for i in (1, 3):
+        server.remove_pod(f"u{i}")
+    peers.append(AckingPeer(server.zds_socket))  # a second ztunnel: snapshot, then newest
+    early.wait_for(K.EVENT_KIND_SNAPSHOT_COMPLETE, count=2)
+
+    late = Stream(server)
+    streams.append(late)
+    marker = late.wait_for(K.EVENT_KIND_CURRENT_STATE_END)[0]
+    # What the early watcher learnt from events, up to the late watcher's marker...
+    pods: set[str] = set()
+    conns: set[str] = set()
+    for e in early.events:
+        if e.current_state or e.sequence > marker.sequence:
+            continue
+        if e.kind == K.EVENT_KIND_POD_ENROLLED:
+            pods.add(e.uid)
+        elif e.kind == K.EVENT_KIND_POD_REMOVED:
+            pods.discard(e.uid)
+        elif e.kind == K.EVENT_KIND_ZTUNNEL_CONNECTED:
+            conns.add(e.connection_id)
+        elif e.kind == K.EVENT_KIND_ZTUNNEL_DISCONNECTED:
+            conns.discard(e.connection_id)
+    # ... is exactly the late watcher's current state.
+    state = late.events[: late.events.index(marker)]
+    assert {e.uid for e in state if e.kind == K.EVENT_KIND_POD_ENROLLED} == pods == {"u0", "u2", "u4", "u5"}
+    assert {e.connection_id for e in state if e.kind == K.EVENT_KIND_ZTUNNEL_CONNECTED} == conns
+    assert len(conns) == 2
+    newest = [
+        e.connection_id for e in state if e.kind == K.EVENT_KIND_ZTUNNEL_CONNECTED and e.connection.newest
+    ]
+    assert newest == [early.wait_for(K.EVENT_KIND_ZTUNNEL_CONNECTED, count=2)[1].connection_id]
+
+
+def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enrollment(
+    server: NodeAgentProc, peers: list[AckingPeer], tmp_path: object
+) -> None:
+    peers.append(AckingPeer(server.zds_socket))
+    # A client that never reads. BDP probing off keeps its HTTP/2 window at the
+    # default 64 KiB, so the stream stalls within a few hundred events rather
+    # than after megabytes of the client library's own buffering.
+    channel = grpc.insecure_channel(f"unix:{server.control_socket}", options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+        stalled = stub.Watch(nodeagent_pb2.WatchRequest())
+        stalled.initial_metadata()  # the server has subscribed it and written the current state
+        path = os.path.join(str(tmp_path), "pods.jsonl")
+        with open(path, "w") as f:
+            for i in range(1000):
+                f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": own_netns()}) + "\n")
+        # 1000 enrollments, each 3 events (enrolled, sent, acked): far past the
+        # default queue of 1024 events plus what HTTP/2 holds.
+        enroll = subprocess.run(
+            [*ZDS, "pod", "add", "--from-file", path, "--control-socket", server.control_socket],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert enroll.returncode == 0, enroll.stderr
+        assert len(server.list_pods()) == 1000
+        server.wait_for_output("ended a watcher: watcher fell behind")
+        # Now read: what was already in flight, then RESOURCE_EXHAUSTED.
+        received = 0
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in stalled:
+                received += 1
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "fell behind" in (info.value.details() or "")
+        assert 0 < received < 3000
+    finally:
+        channel.close()
+    # The node agent carries on, and a new watcher gets the whole current state.
+    fresh = Stream(server)
+    try:
+        fresh.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
+        assert kinds(fresh.events).count("POD_ENROLLED") == 1000
+    finally:
+        fresh.close()
+
+
+def test_watchers_are_told_when_the_node_agent_shuts_down(
+    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+) -> None:
+    peers.append(AckingPeer(server.zds_socket))
+    stream = Stream(server)
+    streams.append(stream)
+    stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
+    assert server.stop() == 0
+    assert stream.done.wait(10)
+    assert stream.error is not None and stream.error.code() is grpc.StatusCode.UNAVAILABLE
+    assert stream.error.details() == "node agent shutting down"
+    assert kinds(stream.live()) == ["ZTUNNEL_DISCONNECTED"]
+
+
+# -- zds watch ----------------------------------------------------------------------------
+
+
+def start_watch(server: NodeAgentProc, tmp_path: object, *args: str, name: str = "watch") -> tuple[Any, str]:
+    out = os.path.join(str(tmp_path), f"{name}.out")
+    proc = subprocess.Popen(
+        [*ZDS, "watch", "--control-socket", server.control_socket, *args],
+        stdout=open(out, "w"),  # noqa: SIM115 (the child owns it; closed when we drop it)
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, out
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def stop_process(proc: Any) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    if proc.stdout:
+        proc.stdout.close()
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def test_zds_watch_prints_one_readable_line_per_event_and_exits_cleanly_on_ctrl_c(
+    server: NodeAgentProc, peers: list[AckingPeer], tmp_path: object
+) -> None:
+    peers.append(AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : boom"}))
+    add(server, "u1", name="web", namespace="shop")
+    proc, out = start_watch(server, tmp_path)
+    try:
+        wait_until(lambda: "live events follow" in read(out), what="the end of the current state")
+        add(server, "u2", name="db", namespace="shop")
+        server.remove_pod("u1")
+        wait_until(lambda: read(out).count("message acked") >= 1, what="the del ack")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        stop_process(proc)
+    lines = read(out).splitlines()
+    assert lines[0].split()[1:3] == ["pod", "enrolled"] and "uid=u1 pod=shop/web" in lines[0]
+    assert lines[0].endswith("(current state)")
+    assert "--- current state: 1 pod(s), 1 ztunnel connection(s); live events follow ---" in lines[2]
+    live = [" ".join(line.split()[1:3]) for line in lines[3:]]
+    assert live == [
+        "pod enrolled",
+        "message sent",
+        "message nacked",
+        "pod removed",
+        "message sent",
+        "message acked",
+    ]
+    assert "uid=u2 pod=shop/db latency=" in lines[5] and 'error="failure to start proxy : boom"' in lines[5]
+    assert " del uid=u1 pod=shop/web latency=" in lines[8]
+
+
+def test_zds_watch_json_and_kind_filter(
+    server: NodeAgentProc, peers: list[AckingPeer], tmp_path: object
+) -> None:
+    peers.append(AckingPeer(server.zds_socket))
+    proc, out = start_watch(server, tmp_path, "--json", "--kind", "pod-enrolled,POD_REMOVED")
+    try:
+        wait_until(lambda: "CURRENT_STATE_END" in read(out), what="the marker")
+        add(server, "u1", name="web", namespace="shop")
+        server.remove_pod("u1")
+        wait_until(lambda: "POD_REMOVED" in read(out), what="the removal")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+    docs = [json.loads(line) for line in read(out).splitlines()]
+    assert [d["kind"] for d in docs] == [
+        "EVENT_KIND_CURRENT_STATE_END",
+        "EVENT_KIND_POD_ENROLLED",
+        "EVENT_KIND_POD_REMOVED",
+    ]
+    assert docs[1]["pod"]["name"] == "web" and docs[1]["uid"] == "u1" and "time" in docs[1]
+
+
+def test_zds_watch_rejects_an_unknown_kind(server: NodeAgentProc) -> None:
+    out = subprocess.run(
+        [*ZDS, "watch", "--kind", "pod-exploded", "--control-socket", server.control_socket],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2 and "unknown event kind 'pod-exploded'" in out.stderr
+
+
+@pytest.mark.parametrize(("sig", "text"), [(signal.SIGKILL, "went away"), (signal.SIGTERM, "shutting down")])
+def test_zds_watch_says_so_when_the_node_agent_goes_away(
+    server: NodeAgentProc, tmp_path: object, sig: int, text: str
+) -> None:
+    proc, out = start_watch(server, tmp_path)
+    try:
+        wait_until(lambda: "live events follow" in read(out), what="the marker")
+        server.stop(sig)
+        assert proc.wait(15) == 1
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert err.startswith("zds watch: the node agent went away") and text in err
+        assert "Traceback" not in err
+    finally:
+        stop_process(proc)
+
+
+def test_zds_watch_without_a_node_agent_says_where_it_looked(tmp_path: object) -> None:
+    sock = os.path.join(str(tmp_path), "nothing.sock")
+    out = subprocess.run(
+        [*ZDS, "watch", "--control-socket", sock], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 1 and "cannot reach the node agent" in out.stderr and sock in out.stderr
