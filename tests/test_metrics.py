@@ -1,0 +1,216 @@
+"""/metrics of a real `zds server`, scraped over HTTP and parsed with
+prometheus_client's own text (and OpenMetrics) parsers, while ztunnel
+stand-ins connect, ack, nack and go away."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import NodeAgentProc, RawPeer, free_port, own_netns, post_unix, wait_until
+from zds.gen import nodeagent_pb2
+from zds.protocol.messages import request_kind
+
+pytestmark = pytest.mark.root
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class AckingPeer:
+    """Says hello and answers every request in a thread (``nack``: uid -> error for its Add)."""
+
+    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
+        self.raw = RawPeer(path)
+        self.nack = nack or {}
+        self._stop = threading.Event()
+        self.raw.hello()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self.raw.recv(timeout=0.1)
+            if got is None:
+                continue
+            got.close_fds()
+            if not got.payload:
+                return
+            uid = getattr(got.request, "uid", "")
+            self.raw.ack(self.nack.get(uid, "") if request_kind(got.request) == "add" else "")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()
+
+
+class Server(NodeAgentProc):
+    def __init__(self, tmp: str, *extra: str) -> None:
+        self.http = f"127.0.0.1:{free_port()}"
+        super().__init__(tmp, "--http-listen", self.http, "--keepalive-interval", "0.2", *extra)
+
+    def get(self, path: str, accept: str = "") -> tuple[str, str]:
+        req = urllib.request.Request(
+            f"http://{self.http}{path}", headers={"Accept": accept} if accept else {}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.read().decode(), resp.headers["Content-Type"]
+
+    def scrape(self) -> Samples:
+        text, _ = self.get("/metrics")
+        samples: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, frozenset(s.labels.items()))] = s.value
+        return samples
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.scrape().get((name, frozenset(labels.items())))
+
+    def wait_value(self, expected: float, name: str, **labels: str) -> None:
+        wait_until(lambda: self.value(name, **labels) == expected, what=f"{name}{labels} == {expected}")
+
+
+@pytest.fixture
+def server(tmp_path: object) -> Iterator[Server]:
+    proc = Server(str(tmp_path))
+    try:
+        yield proc.wait_ready()  # type: ignore[misc]
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[AckingPeer]]:
+    made: list[AckingPeer] = []
+    yield made
+    for peer in made:
+        peer.close()
+
+
+def add(server: NodeAgentProc, uid: str) -> Any:
+    try:
+        return server.add_pod(uid, own_netns())
+    except grpc.RpcError as exc:
+        return exc
+
+
+def test_metrics_are_prometheus_text_with_the_documented_names(server: Server) -> None:
+    text, content_type = server.get("/metrics")
+    assert content_type.startswith("text/plain; version=0.0.4")
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families["ztunnel_connected"] == "gauge"
+    assert families["zds_pods_enrolled"] == "gauge"
+    assert families["zds_watchers"] == "gauge"
+    assert families["process_open_fds"] == "gauge"
+    assert families["target_info"] == "gauge"
+    # counters and histograms show up once something was counted; their names
+    # after the exporter's renaming (OpenTelemetry "zds_ack_latency" in "s" ->
+    # zds_ack_latency_seconds, counters -> _total) are checked below.
+    assert server.value("ztunnel_connected") == 0
+    assert all(server.value("zds_pods_enrolled", state=s) == 0 for s in ("pending", "acked", "failed"))
+    assert "otel_scope_name" not in text  # no per-series scope labels: the names are the API
+
+
+def test_metrics_follow_connections_pods_and_acks(server: Server, peers: list[AckingPeer]) -> None:
+    assert isinstance(add(server, "u1"), grpc.RpcError)  # no ztunnel: cached, pending
+    server.wait_value(1, "zds_pods_enrolled", state="pending")
+    assert server.value("zds_pod_enrollments_total", outcome="no_connection") == 1
+
+    peers.append(AckingPeer(server.zds_socket))
+    server.wait_value(1, "ztunnel_connected")
+    server.wait_value(1, "zds_pods_enrolled", state="acked")  # delivered in the snapshot
+    assert server.value("zds_pods_enrolled", state="pending") == 0
+    server.wait_value(1, "zds_messages_total", type="snapshot_sent", outcome="acked")
+    assert server.value("zds_messages_total", type="add", outcome="acked") == 1
+
+    peers.append(AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"}))
+    server.wait_value(2, "ztunnel_connected")
+    assert isinstance(add(server, "u2"), grpc.RpcError)  # the newest connection nacks it
+    server.wait_value(1, "zds_pods_enrolled", state="failed")
+    samples = server.scrape()
+    assert samples[("zds_messages_total", frozenset({("type", "add"), ("outcome", "nacked")}))] == 1
+    assert samples[("zds_pod_enrollments_total", frozenset({("outcome", "nacked")}))] == 1
+    # every answered add is in the latency histogram: 2 snapshot adds (one per connection) + 1 nacked
+    assert samples[("zds_ack_latency_seconds_count", frozenset({("type", "add")}))] == 3
+    assert samples[("zds_ack_latency_seconds_bucket", frozenset({("type", "add"), ("le", "+Inf")}))] == 3
+    assert 0 < samples[("zds_ack_latency_seconds_sum", frozenset({("type", "add")}))] < 15
+
+    add(server, "u3")
+    server.wait_value(1, "zds_pod_enrollments_total", outcome="acked")
+    server.remove_pod("u1")  # DelWorkload to both connections
+    server.wait_value(2, "zds_messages_total", type="del", outcome="acked")
+    assert server.value("zds_pods_enrolled", state="acked") == 1
+
+    peers.pop(0).close()  # the old ztunnel goes away (EOF found by the keepalive probe)
+    server.wait_value(1, "ztunnel_connected")
+    peers.pop(0).close()
+    server.wait_value(0, "ztunnel_connected")
+
+
+def test_a_request_that_never_gets_its_ack_counts_as_unanswered(tmp_path: object) -> None:
+    server = Server(str(tmp_path), "--ack-timeout", "0.5")
+    peer: RawPeer | None = None
+    try:
+        server.wait_ready()
+        peer = RawPeer(server.zds_socket)
+        peer.hello()
+        peer.take_snapshot()
+        server.wait_value(1, "ztunnel_connected")
+        assert isinstance(add(server, "u1"), grpc.RpcError)  # never acked: the connection is closed
+        server.wait_value(1, "zds_messages_total", type="add", outcome="unanswered")
+        assert server.value("zds_pod_enrollments_total", outcome="lost") == 1
+        server.wait_value(0, "ztunnel_connected")
+    finally:
+        if peer is not None:
+            peer.close()
+        server.stop()
+
+
+def test_cni_plugin_requests_are_counted_by_response_code(server: Server, peers: list[AckingPeer]) -> None:
+    body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+    assert post_unix(server.cni_socket, "/cmdadd", b"not json")[0] == 400
+    assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 500  # no ztunnel connection
+    peers.append(AckingPeer(server.zds_socket))
+    server.wait_value(1, "ztunnel_connected")
+    assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 200
+    assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 200
+    samples = server.scrape()
+    counts = {
+        dict(labels)["response_code"]: value
+        for (name, labels), value in samples.items()
+        if name == "istio_cni_plugin_requests_total"
+    }
+    assert counts == {"200": 2, "400": 1, "500": 1}
+
+
+def test_watchers_are_a_gauge(server: Server) -> None:
+    with server.control() as stub:
+        stream = stub.Watch(nodeagent_pb2.WatchRequest())
+        try:
+            next(stream)
+            server.wait_value(1, "zds_watchers")
+        finally:
+            stream.cancel()
+    server.wait_value(0, "zds_watchers")
+
+
+def test_metrics_speak_openmetrics_when_asked(server: Server) -> None:
+    text, content_type = server.get("/metrics", accept="application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.rstrip().endswith("# EOF")
+    names = {f.name for f in parse_openmetrics(text)}
+    assert {"ztunnel_connected", "zds_pods_enrolled"} <= names
+
+
+def test_healthz_and_readyz_still_answer(server: Server) -> None:
+    assert server.get("/healthz")[0] == "ok\n"
+    assert server.get("/readyz")[0].startswith("ready: 0 ztunnel connection(s)")

@@ -1,0 +1,249 @@
+"""ListConnections, `zds connections` and the structured logs of a real `zds server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.harness import ZDS, NodeAgentProc, RawPeer, own_netns, wait_until
+from zds.gen import nodeagent_pb2
+from zds.protocol.messages import request_kind
+
+pytestmark = pytest.mark.root
+
+
+class AckingPeer:
+    """Says hello and answers every request in a thread (``nack``: uid -> error for its Add)."""
+
+    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
+        self.raw = RawPeer(path)
+        self.nack = nack or {}
+        self._stop = threading.Event()
+        self.raw.hello()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self.raw.recv(timeout=0.1)
+            if got is None:
+                continue
+            got.close_fds()
+            if not got.payload:
+                return
+            uid = getattr(got.request, "uid", "")
+            self.raw.ack(self.nack.get(uid, "") if request_kind(got.request) == "add" else "")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()
+
+
+@pytest.fixture
+def server(tmp_path: object) -> Iterator[NodeAgentProc]:
+    proc = NodeAgentProc(str(tmp_path))
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Any]]:
+    made: list[Any] = []
+    yield made
+    for peer in made:
+        peer.close()
+
+
+def list_connections(server: NodeAgentProc) -> list[nodeagent_pb2.Connection]:
+    with server.control() as stub:
+        return list(stub.ListConnections(nodeagent_pb2.ListConnectionsRequest(), timeout=10).connections)
+
+
+def zds(server: NodeAgentProc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ZDS, *args, "--control-socket", server.control_socket], capture_output=True, text=True, timeout=60
+    )
+
+
+# -- ListConnections ---------------------------------------------------------------------
+
+
+def test_list_connections_shows_peer_hello_snapshot_counts_and_the_newest(
+    server: NodeAgentProc, peers: list[Any]
+) -> None:
+    assert list_connections(server) == []
+    before = time.time()
+    old = AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
+    peers.append(old)
+    wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True], what="snapshot")
+    server.add_pod("u1", own_netns())
+    with pytest.raises(grpc.RpcError):
+        server.add_pod("u2", own_netns())
+    new = AckingPeer(server.zds_socket)
+    peers.append(new)
+    wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True, True], what="2nd")
+    first, second = list_connections(server)
+
+    assert (first.peer.pid, first.peer.uid, first.peer.gid) == (os.getpid(), os.getuid(), os.getgid())
+    assert first.hello_version == 1 and second.hello_version == 1
+    assert first.state == second.state == nodeagent_pb2.CONNECTION_STATE_READY
+    assert before <= first.connected_at.ToNanoseconds() / 1e9 <= second.connected_at.ToNanoseconds() / 1e9
+    assert (first.newest, second.newest) == (False, True)
+    m = first.messages
+    # snapshot: SnapshotSent only; then u1 acked, u2 nacked
+    assert (m.sent, m.acked, m.nacked) == (3, 2, 1)
+    assert (m.sent_add, m.sent_keep, m.sent_del, m.sent_snapshot_sent) == (2, 0, 0, 1)
+    m = second.messages  # its snapshot: both pods (u2 is cached too), then SnapshotSent
+    assert (m.sent, m.acked, m.nacked, m.sent_add, m.sent_snapshot_sent) == (3, 3, 0, 2, 1)
+
+
+def test_a_connection_that_has_not_said_hello_is_listed_as_awaiting_hello(
+    server: NodeAgentProc, peers: list[Any]
+) -> None:
+    silent = RawPeer(server.zds_socket)
+    peers.append(silent)
+    wait_until(lambda: list_connections(server), what="the connection")
+    [conn] = list_connections(server)
+    assert conn.state == nodeagent_pb2.CONNECTION_STATE_AWAITING_HELLO
+    assert conn.hello_version == 0 and not conn.newest and not conn.snapshot_complete
+
+
+def test_zds_connections_prints_an_aligned_table_and_json(server: NodeAgentProc, peers: list[Any]) -> None:
+    peers.append(AckingPeer(server.zds_socket))
+    peers.append(AckingPeer(server.zds_socket))
+    wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True, True], what="both")
+    ids = [c.id for c in list_connections(server)]
+
+    out = zds(server, "connections")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert header.split() == [
+        "ID",
+        "PID",
+        "UID",
+        "GID",
+        "VERSION",
+        "CONNECTED",
+        "STATE",
+        "SNAPSHOT",
+        "SENT",
+        "ACKED",
+        "NACKED",
+        "NEWEST",
+    ]
+    assert [r.split()[0] for r in rows] == ids
+    for row in rows:  # aligned: every column starts where its header does
+        for column in ("PID", "VERSION", "STATE", "NEWEST"):
+            start = header.index(column)
+            assert row[start - 2 : start] == "  " and row[start] != " "
+    assert rows[0].split()[1:5] == [str(os.getpid()), "0", "0", "V1"]
+    assert rows[0].split()[6:] == ["ready", "yes", "1", "1", "0", "no"]
+    assert rows[1].split()[-1] == "yes"
+
+    out = zds(server, "connections", "--json")
+    assert out.returncode == 0, out.stderr
+    docs = json.loads(out.stdout)
+    assert [d["id"] for d in docs] == ids
+    assert docs[1]["newest"] is True and docs[0]["newest"] is False
+    assert docs[0]["peer"]["pid"] == os.getpid() and docs[0]["hello_version"] == 1
+    assert docs[0]["messages"]["sent_snapshot_sent"] == "1"  # uint64 is a string in proto JSON
+
+
+def test_zds_connections_without_a_node_agent_says_so(tmp_path: object) -> None:
+    sock = os.path.join(str(tmp_path), "none.sock")
+    out = subprocess.run(
+        [*ZDS, "connections", "--control-socket", sock], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 1 and "cannot reach the node agent" in out.stderr and sock in out.stderr
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+
+def test_json_logs_name_the_pod_and_the_connection_on_every_line_about_them(
+    tmp_path: object, peers: list[Any]
+) -> None:
+    # --log-format/--log-level after the subcommand, as people type them
+    server = NodeAgentProc(str(tmp_path), "--log-format", "json", "--log-level", "debug")
+    try:
+        server.wait_ready()
+        peer = AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
+        peers.append(peer)
+        wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True], what="ready")
+        [conn] = list_connections(server)
+        server.add_pod("u1", own_netns(), name="web", namespace="shop")
+        with pytest.raises(grpc.RpcError):
+            server.add_pod("u2", own_netns(), name="db", namespace="shop")
+        server.remove_pod("u1")
+        server.wait_for_output('"msg": "ztunnel acked del')
+    finally:
+        server.stop()
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    docs = [json.loads(line) for line in lines]  # every line is JSON
+    assert all({"time", "level", "scope", "msg"} <= set(d) for d in docs)
+
+    def about(uid: str) -> list[dict[str, Any]]:
+        return [d for d in docs if d.get("uid") == uid]
+
+    web = about("u1")
+    msgs = [d["msg"] for d in web]
+    assert any(m.startswith("pod enrolled") for m in msgs)
+    assert any(m.startswith("ztunnel acked add") for m in msgs)
+    assert "pod removed" in msgs and any(m.startswith("ztunnel acked del") for m in msgs)
+    assert any(m == "sent add" for m in msgs)  # debug
+    assert all(d["pod"] == "web" and d["namespace"] == "shop" for d in web)
+    [nack] = [d for d in about("u2") if d["msg"].startswith("ztunnel nacked")]
+    assert nack["level"] == "error" and nack["pod"] == "db" and nack["conn"] == conn.id
+    # lines about the connection carry its id; lines about a message on it carry both
+    conn_lines = [d for d in docs if d.get("conn") == conn.id]
+    assert any(d["msg"].startswith("ztunnel connection accepted") for d in conn_lines)
+    assert any(d["msg"].startswith("snapshot sent to ztunnel") for d in conn_lines)
+    assert all(d.get("conn") == conn.id for d in web if d["msg"].startswith(("sent ", "ztunnel acked")))
+    assert all("conn" not in d for d in docs if d["msg"].startswith("pod enrolled"))  # not about a connection
+
+
+def test_text_logs_with_the_global_flags(tmp_path: object) -> None:
+    log_path = os.path.join(str(tmp_path), "text.log")
+    sock = os.path.join(str(tmp_path), "z.sock")
+    ctl = os.path.join(str(tmp_path), "c.sock")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                *ZDS,
+                "--log-format",
+                "text",
+                "--log-level",
+                "warning",
+                "server",
+                "--zds-socket",
+                sock,
+                "--control-socket",
+                ctl,
+                "--cni-socket",
+                "off",
+                "--http-listen",
+                "off",
+                "--no-redirect",
+                "--pods",
+                os.path.join(str(tmp_path), "missing.yaml"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        assert proc.wait(30) == 1
+    with open(log_path) as f:
+        text = f.read()
+    assert "error zds.server: cannot read pods file" in text
+    assert "node agent ready" not in text  # info is below --log-level warning
+    assert not text.lstrip().startswith("{")

@@ -1,0 +1,466 @@
+"""Traces: the node agent in this process with an in-memory span exporter and a
+raw-socket ztunnel stand-in in a thread; then a real `zds server` exporting
+through the OTEL_* environment variables (console, OTLP over gRPC and HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from tests.harness import NodeAgentProc, RawPeer, free_port, own_netns, wait_until
+from zds.netns import create_netns, delete_netns
+from zds.protocol.messages import request_kind
+from zds.server import spans
+from zds.server.agent import AgentConfig, EnrollmentError, NodeAgent
+from zds.server.connection import cancel_and_wait
+from zds.server.pods import PodSpec
+from zds.server.redirect import Redirector
+from zds.server.telemetry import Telemetry, TelemetryConfigError
+from zds.transport import bind_unix_listener
+
+pytestmark = pytest.mark.root
+
+
+class AckingPeer:
+    """Says hello and answers every request in a thread (``nack``: uid -> error for its Add)."""
+
+    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
+        self.raw = RawPeer(path)
+        self.nack = nack or {}
+        self._stop = threading.Event()
+        self.raw.hello()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self.raw.recv(timeout=0.1)
+            if got is None:
+                continue
+            got.close_fds()
+            if not got.payload:
+                return
+            uid = getattr(got.request, "uid", "")
+            self.raw.ack(self.nack.get(uid, "") if request_kind(got.request) == "add" else "")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()
+
+
+async def until(predicate: Callable[[], Any], what: str) -> None:
+    """Poll ``predicate`` on the event loop; fail after 10 s."""
+    deadline = time.monotonic() + 10.0
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after 10s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class InProcess:
+    agent: NodeAgent
+    zds_socket: str
+    exporter: InMemorySpanExporter
+    peers: list[AckingPeer]
+
+    async def connect(self, nack: dict[str, str] | None = None) -> AckingPeer:
+        count = len(self.agent.connections)
+        peer = AckingPeer(self.zds_socket, nack)
+        self.peers.append(peer)
+        await until(
+            lambda: len(self.agent.connections) > count and self.agent.connections[-1].snapshot_complete,
+            "the snapshot to be acked",
+        )
+        return peer
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+
+def start_agent(tmp_path: object, redirector: Redirector | None = None) -> tuple[NodeAgent, Any, str]:
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(span_processors=[SimpleSpanProcessor(exporter)])
+    agent = NodeAgent(AgentConfig(keepalive_interval=0.2), redirector, telemetry)
+    path = os.path.join(str(tmp_path), "ztunnel.sock")
+    return agent, exporter, path
+
+
+@pytest.fixture
+async def env(tmp_path: object) -> AsyncIterator[InProcess]:
+    agent, exporter, path = start_agent(tmp_path)
+    listener = bind_unix_listener(path, mode=0o600)
+    task = asyncio.create_task(agent.serve_zds(listener))
+    env = InProcess(agent, path, exporter, [])
+    try:
+        yield env
+    finally:
+        for peer in env.peers:
+            peer.close()
+        await cancel_and_wait(task)
+        listener.close()
+        agent.close()
+        await agent.telemetry.shutdown()
+
+
+def spec(uid: str, netns: str | None = None) -> PodSpec:
+    return PodSpec(
+        uid=uid, name=f"pod-{uid}", namespace="shop", service_account="sa", netns=netns or own_netns()
+    )
+
+
+def roots(found: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [s for s in found if s.name == name and s.parent is None]
+
+
+def children(found: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    kids = [s for s in found if s.parent is not None and s.parent.span_id == parent.context.span_id]
+    return sorted(kids, key=lambda s: s.start_time or 0)
+
+
+def attrs(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+# -- in-process, in-memory exporter -------------------------------------------------------
+
+
+async def test_an_acked_enrollment_is_one_trace_open_send_wait(env: InProcess) -> None:
+    await env.connect()
+    conn = env.agent.connections[0]
+    env.exporter.clear()
+    await env.agent.add_pod(spec("u1"))
+
+    found = env.spans()
+    [root] = roots(found, spans.ENROLL_POD)
+    assert attrs(root) == {
+        spans.POD_UID: "u1",
+        spans.POD_NAME: "pod-u1",
+        spans.POD_NAMESPACE: "shop",
+        spans.CONNECTION_ID: conn.id,
+        spans.ACK_ERROR: "",
+        spans.OUTCOME: "acked",
+    }
+    assert root.status.status_code is not StatusCode.ERROR
+    kids = children(found, root)
+    assert [s.name for s in kids] == [spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK]
+    assert all(s.context.trace_id == root.context.trace_id for s in kids)
+    opened, send, wait = kids
+    assert attrs(opened)[spans.NETNS_PATH] == own_netns()
+    assert attrs(opened)[spans.NETNS_INODE] == os.stat(own_netns()).st_ino
+    assert attrs(send) == {spans.CONNECTION_ID: conn.id, spans.MESSAGE_TYPE: "add", spans.POD_UID: "u1"}
+    assert attrs(wait)[spans.ACK_ERROR] == "" and attrs(wait)[spans.CONNECTION_ID] == conn.id
+    assert wait.start_time is not None and send.end_time is not None and wait.start_time >= send.end_time
+    assert root.end_time is not None and wait.end_time is not None and root.end_time >= wait.end_time
+    assert len(found) == 4  # nothing else was traced
+
+
+async def test_a_nack_marks_the_wait_and_the_enrollment_as_errors(env: InProcess) -> None:
+    await env.connect(nack={"u1": "failure to start proxy : port taken"})
+    env.exporter.clear()
+    with pytest.raises(EnrollmentError):
+        await env.agent.add_pod(spec("u1"))
+    found = env.spans()
+    [root] = roots(found, spans.ENROLL_POD)
+    assert root.status.status_code is StatusCode.ERROR
+    assert root.status.description == "failure to start proxy : port taken"
+    assert attrs(root)[spans.ACK_ERROR] == "failure to start proxy : port taken"
+    assert attrs(root)[spans.OUTCOME] == "nacked"
+    wait = children(found, root)[-1]
+    assert wait.name == spans.WAIT_ACK and wait.status.status_code is StatusCode.ERROR
+    assert attrs(wait)[spans.ACK_ERROR] == "failure to start proxy : port taken"
+
+
+async def test_without_a_connection_the_trace_ends_after_opening_the_netns(env: InProcess) -> None:
+    with pytest.raises(EnrollmentError):
+        await env.agent.add_pod(spec("u1"))
+    found = env.spans()
+    [root] = roots(found, spans.ENROLL_POD)
+    assert attrs(root)[spans.OUTCOME] == "no_connection" and spans.CONNECTION_ID not in attrs(root)
+    assert root.status.status_code is StatusCode.ERROR and "no ztunnel connection" in str(
+        root.status.description
+    )
+    assert [s.name for s in children(found, root)] == [spans.OPEN_NETNS]
+
+
+async def test_a_bad_netns_fails_the_open_netns_span(env: InProcess) -> None:
+    with pytest.raises(EnrollmentError):
+        await env.agent.add_pod(spec("u1", "/nonexistent/netns"))
+    found = env.spans()
+    [root] = roots(found, spans.ENROLL_POD)
+    [opened] = children(found, root)
+    assert opened.name == spans.OPEN_NETNS and opened.status.status_code is StatusCode.ERROR
+    assert attrs(root)[spans.OUTCOME] == "invalid"
+
+
+async def test_each_enrollment_is_its_own_trace(env: InProcess) -> None:
+    await env.connect()
+    await env.agent.add_pod(spec("u1"))
+    await env.agent.add_pod(spec("u2"))
+    found = env.spans()
+    enrollments = roots(found, spans.ENROLL_POD)
+    assert [attrs(s)[spans.POD_UID] for s in enrollments] == ["u1", "u2"]
+    assert enrollments[0].context.trace_id != enrollments[1].context.trace_id
+
+
+async def test_a_removal_traces_the_delete_sent_to_every_connection(env: InProcess) -> None:
+    await env.connect()
+    await env.connect()
+    await env.agent.add_pod(spec("u1"))
+    env.exporter.clear()
+    await env.agent.remove_pod("u1")
+    found = env.spans()
+    [root] = roots(found, spans.REMOVE_POD)
+    assert attrs(root)[spans.POD_UID] == "u1"
+    kids = children(found, root)
+    assert sorted(s.name for s in kids) == [spans.SEND, spans.SEND, spans.WAIT_ACK, spans.WAIT_ACK]
+    assert {attrs(s)[spans.CONNECTION_ID] for s in kids} == {c.id for c in env.agent.connections}
+    assert {attrs(s)[spans.MESSAGE_TYPE] for s in kids} == {"del"}
+
+
+async def test_a_snapshot_is_one_trace_with_each_entry(env: InProcess) -> None:
+    await env.agent.load(spec("u1"))
+    await env.agent.load(spec("u2", "/nonexistent/netns"))  # known without a netns: KeepWorkload
+    env.exporter.clear()
+    await env.connect()
+    found = env.spans()
+    [root] = roots(found, spans.SNAPSHOT)
+    assert attrs(root) == {spans.CONNECTION_ID: env.agent.connections[0].id, spans.SNAPSHOT_PODS: 2}
+    sends = [s for s in children(found, root) if s.name == spans.SEND]
+    assert sorted((attrs(s)[spans.MESSAGE_TYPE], attrs(s).get(spans.POD_UID)) for s in sends) == [
+        ("add", "u1"),
+        ("keep", "u2"),
+        ("snapshot_sent", None),
+    ]
+
+
+async def test_a_connection_lost_before_the_ack_fails_the_wait(tmp_path: object) -> None:
+    agent, exporter, path = start_agent(tmp_path)
+    agent.config.ack_timeout = 0.3
+    listener = bind_unix_listener(path, mode=0o600)
+    task = asyncio.create_task(agent.serve_zds(listener))
+    peer = RawPeer(path)
+    try:
+        peer.hello()
+        assert (await asyncio.to_thread(peer.expect)).payload == bytes.fromhex("1a00")  # SnapshotSent
+        peer.ack()
+        await until(lambda: agent.connections[0].snapshot_complete, "snapshot")
+        with pytest.raises(EnrollmentError):
+            await agent.add_pod(spec("u1"))  # never acked
+        found = list(exporter.get_finished_spans())
+        [root] = roots(found, spans.ENROLL_POD)
+        assert attrs(root)[spans.OUTCOME] == "lost"
+        wait = children(found, root)[-1]
+        assert wait.name == spans.WAIT_ACK and wait.status.status_code is StatusCode.ERROR
+        assert "no ack" in str(wait.status.description)
+    finally:
+        peer.close()
+        await cancel_and_wait(task)
+        listener.close()
+        agent.close()
+        await agent.telemetry.shutdown()
+
+
+async def test_installing_and_removing_rules_are_spans(tmp_path: object) -> None:
+    name = f"zds-trace-{secrets.token_hex(3)}"
+    netns = create_netns(name)
+    agent, exporter, path = start_agent(tmp_path, Redirector())
+    listener = bind_unix_listener(path, mode=0o600)
+    task = asyncio.create_task(agent.serve_zds(listener))
+    env = InProcess(agent, path, exporter, [])
+    try:
+        await env.connect()
+        await agent.add_pod(spec("u1", netns))
+        [root] = roots(env.spans(), spans.ENROLL_POD)
+        assert [s.name for s in children(env.spans(), root)] == [
+            spans.OPEN_NETNS,
+            spans.INSTALL_RULES,
+            spans.SEND,
+            spans.WAIT_ACK,
+        ]
+        await agent.remove_pod("u1")
+        [removal] = roots(env.spans(), spans.REMOVE_POD)
+        assert [s.name for s in children(env.spans(), removal)][-1] == spans.REMOVE_RULES
+    finally:
+        for peer in env.peers:
+            peer.close()
+        await cancel_and_wait(task)
+        listener.close()
+        agent.close()
+        await agent.telemetry.shutdown()
+        delete_netns(name, missing_ok=True)
+
+
+# -- exporters from OTEL_* ------------------------------------------------------------------
+
+
+def test_exporters_come_from_the_otel_environment_variables() -> None:
+    assert not Telemetry.from_environment({}).tracing  # default: none
+    assert not Telemetry.from_environment({"OTEL_TRACES_EXPORTER": "none"}).tracing
+    assert Telemetry.from_environment({"OTEL_TRACES_EXPORTER": "console"}).tracing
+    assert Telemetry.from_environment({"OTEL_TRACES_EXPORTER": "otlp"}).tracing
+    assert not Telemetry.from_environment(
+        {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}
+    ).tracing
+    with pytest.raises(TelemetryConfigError, match="unknown exporter 'zipkin'"):
+        Telemetry.from_environment({"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(TelemetryConfigError, match="http/json"):
+        Telemetry.from_environment(
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+        )
+
+
+def test_a_bad_otel_setting_stops_the_server_with_a_clear_message(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    server = NodeAgentProc(str(tmp_path))
+    try:
+        assert server.proc.wait(30) == 1
+        assert (
+            "cannot set up OpenTelemetry: OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'" in server.output()
+        )
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def run_server(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., NodeAgentProc]]:
+    started: list[NodeAgentProc] = []
+    peers: list[AckingPeer] = []
+
+    def start(**environ: str) -> NodeAgentProc:
+        for key, value in environ.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+        server = NodeAgentProc(str(tmp_path))
+        started.append(server)
+        server.wait_ready()
+        peers.append(AckingPeer(server.zds_socket))
+        wait_until(lambda: "snapshot sent to ztunnel" in server.output(), what="the snapshot")
+        return server
+
+    yield start
+    for peer in peers:
+        peer.close()
+    for server in started:
+        server.stop()
+
+
+def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., NodeAgentProc]) -> None:
+    server = run_server(OTEL_TRACES_EXPORTER="console")
+    server.add_pod("u1", own_netns())
+    wait_until(lambda: '"name": "zds.enroll_pod"' in server.output(), what="the root span printed")
+    out = server.output()
+    for name in (spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK):
+        assert f'"name": "{name}"' in out
+    assert '"k8s.pod.uid": "u1"' in out
+    assert "tracing=on" in out
+
+
+class Collector:
+    """A stand-in OpenTelemetry collector: OTLP/gRPC or OTLP/HTTP, keeping what it receives."""
+
+    def __init__(self, protocol: str) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.requests: list[Any] = []
+        self.port = free_port()
+        received = self.requests
+        self._grpc: grpc.Server | None = None
+        self._http: http.server.HTTPServer | None = None
+        if protocol == "grpc":
+
+            class Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+                def Export(self, request: Any, context: Any) -> Any:
+                    received.append(request)
+                    return trace_service_pb2.ExportTraceServiceResponse()
+
+            self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._grpc)
+            self._grpc.add_insecure_port(f"127.0.0.1:{self.port}")
+            self._grpc.start()
+        else:
+
+            class Handler(http.server.BaseHTTPRequestHandler):
+                def do_POST(self) -> None:
+                    body = self.rfile.read(int(self.headers["Content-Length"]))
+                    if self.path == "/v1/traces":
+                        received.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-protobuf")
+                    self.end_headers()
+                    self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+                def log_message(self, *args: Any) -> None:
+                    pass
+
+            self._http = http.server.HTTPServer(("127.0.0.1", self.port), Handler)
+            threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def spans(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+        """(span name, resource attributes, span attributes) of everything received."""
+        out = []
+        for request in list(self.requests):
+            for rs in request.resource_spans:
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        values = {a.key: a.value.string_value or a.value.int_value for a in span.attributes}
+                        out.append((span.name, resource, values))
+        return out
+
+    def close(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_otlp_exporter_sends_the_trace_to_a_collector(
+    run_server: Callable[..., NodeAgentProc], protocol: str
+) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
+    collector = Collector(protocol)
+    try:
+        server = run_server(
+            OTEL_TRACES_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector.port}",
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_BSP_SCHEDULE_DELAY="50",
+            OTEL_SERVICE_NAME="node-agent-under-test",
+        )
+        server.add_pod("u1", own_netns(), name="web", namespace="shop")
+        wait_until(
+            lambda: any(name == spans.ENROLL_POD for name, _, _ in collector.spans()),
+            what="the enrollment trace at the collector",
+        )
+        received = collector.spans()
+        [(_, resource, root)] = [s for s in received if s[0] == spans.ENROLL_POD]
+        assert resource["service.name"] == "node-agent-under-test"
+        assert root[spans.POD_UID] == "u1" and root[spans.POD_NAME] == "web"
+        assert root[spans.POD_NAMESPACE] == "shop"
+        names = {name for name, _, _ in received}
+        assert {spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK, spans.SNAPSHOT} <= names
+    finally:
+        collector.close()
