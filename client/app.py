@@ -20,9 +20,10 @@ from typing import Any
 from zds import defaults
 from zds.client.admin import HttpEndpoints, Views, admin_routes, metrics_routes, readiness_routes
 from zds.client.connection import FatalProtocolError, ZdsClient
-from zds.client.listeners import ConnectionHandler
+from zds.client.datapath import WorkloadTraffic, proxy_connection
+from zds.client.listeners import AcceptedConnection, ConnectionHandler
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.workloads import ProxySettings, WorkloadProxies
+from zds.client.workloads import ProxySettings, WorkloadProxies, WorkloadProxy
 from zds.netns import NetnsError, NetnsIdentity, netns_identity
 from zds.protocol.ztunnel import WorkloadState, ZtunnelProtocol
 
@@ -42,6 +43,16 @@ class ZtunnelConfig:
     drain_timeout: float = defaults.DRAIN_TIMEOUT
 
 
+async def serve_dns_tcp(conn: AcceptedConnection) -> None:
+    """TCP DNS on 15053: forwarded by the workload's DNS proxy."""
+    proxy = conn.owner
+    assert isinstance(proxy, WorkloadProxy)
+    if proxy.dns is None:
+        conn.sock.close()
+        return
+    await proxy.dns.handle_tcp(conn)
+
+
 def identify_netns(fd: int) -> Hashable:
     """The netns identity of ``fd`` for the state machine (OSError if it has none)."""
     try:
@@ -59,6 +70,10 @@ class Ztunnel:
         self.config = config
         self.metrics = ZtunnelMetrics()
         self.protocol = ZtunnelProtocol(identify=identify_netns)
+        #: Per-workload traffic through the data path (config_dump, /metrics).
+        self.traffic: dict[str, WorkloadTraffic] = {}
+        if handlers is None:
+            handlers = {"outbound": self.relay, "inbound": self.relay, "dns": serve_dns_tcp}
         self.proxies = WorkloadProxies(config.proxy, self.metrics, handlers)
         self.client = ZdsClient(
             config.zds_socket,
@@ -78,6 +93,37 @@ class Ztunnel:
         )
         self.metrics.observe("zds_ztunnel_connected", lambda: float(self.client.connected))
         self.metrics.observe("zds_ztunnel_ready", lambda: float(self.ready))
+
+    def traffic_of(self, uid: str) -> WorkloadTraffic:
+        return self.traffic.setdefault(uid, WorkloadTraffic())
+
+    async def relay(self, conn: AcceptedConnection) -> None:
+        """The data path of 15001 and 15006: relay to the original destination from inside the pod."""
+        proxy = conn.owner
+        assert isinstance(proxy, WorkloadProxy)
+        role = conn.listener.spec.name
+        await proxy_connection(
+            conn.sock,
+            proxy.netns,
+            self.traffic_of(proxy.uid).role(role),
+            mark=self.config.proxy.mark,
+            log_extra=proxy.log_extra,
+            preserve_source=role == "inbound" and self.config.proxy.preserve_source,
+        )
+
+    def render_metrics(self) -> str:
+        """/metrics: the data path's running totals copied in, then the text format."""
+        for uid, traffic in self.traffic.items():
+            for direction in ("outbound", "inbound"):
+                stats = traffic.role(direction)
+                self.metrics.set_total(
+                    "zds_ztunnel_proxied_connections_total", stats.connections, uid=uid, direction=direction
+                )
+                for flow, value in (("sent", stats.bytes_sent), ("received", stats.bytes_received)):
+                    self.metrics.set_total(
+                        "zds_ztunnel_proxied_bytes_total", value, uid=uid, direction=direction, flow=flow
+                    )
+        return self.metrics.render()
 
     @property
     def ready(self) -> bool:
@@ -107,6 +153,8 @@ class Ztunnel:
                     for listener in (proxy.listeners if proxy else [])
                 ],
                 "activeConnections": proxy.connection_count if proxy else 0,
+                "traffic": self.traffic_of(uid).as_dict(),
+                "dns": proxy.dns.stats.as_dict() if proxy and proxy.dns else None,
                 "lastError": w.last_error or None,
                 "startFailures": w.failures,
             }
@@ -132,7 +180,7 @@ class Ztunnel:
     # -- running -------------------------------------------------------------------
     async def start_http(self) -> None:
         """Bind and serve the admin, readiness and metrics endpoints."""
-        views = Views(config_dump=self.config_dump, ready=lambda: self.ready, metrics=self.metrics.render)
+        views = Views(config_dump=self.config_dump, ready=lambda: self.ready, metrics=self.render_metrics)
         await self.http.start(
             {
                 "admin": self.config.admin_listen,

@@ -74,6 +74,26 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--inbound-port", type=_port, default=defaults.INBOUND_PLAINTEXT_PORT, metavar="PORT")
     p.add_argument("--hbone-port", type=_port, default=defaults.INBOUND_HBONE_PORT, metavar="PORT")
     p.add_argument(
+        "--dns-port",
+        type=_port,
+        default=defaults.DNS_PORT,
+        metavar="PORT",
+        help="in-pod DNS forwarder, UDP and TCP (default %(default)s; where the in-pod rules send DNS)",
+    )
+    p.add_argument("--no-dns", action="store_true", help="no DNS forwarder in the pods")
+    p.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="resolver the DNS forwarder asks (repeatable; default: the node's /etc/resolv.conf)",
+    )
+    p.add_argument(
+        "--no-preserve-source",
+        action="store_true",
+        help="inbound relays connect from the pod's own address instead of the client's (no IP_TRANSPARENT)",
+    )
+    p.add_argument(
         "--mark",
         type=int,
         default=defaults.ZTUNNEL_MARK,
@@ -107,10 +127,13 @@ def main(args: argparse.Namespace) -> int:
     """Run ``zds ztunnel`` until a signal (0) or a fatal protocol error (1)."""
     from zds.client.admin import ListenAddressError, parse_listen
     from zds.client.app import Ztunnel, ZtunnelConfig
+    from zds.client.dns import node_resolvers, parse_resolver
     from zds.client.listeners import default_specs
     from zds.client.workloads import ProxySettings
 
-    ports = [args.outbound_port, args.inbound_port, args.hbone_port]
+    ports = [args.outbound_port, args.inbound_port, args.hbone_port] + (
+        [] if args.no_dns else [args.dns_port]
+    )
     if len(set(ports)) != len(ports):
         print(f"zds ztunnel: the in-pod ports must differ, got {ports}", file=sys.stderr)
         return 2
@@ -123,6 +146,11 @@ def main(args: argparse.Namespace) -> int:
         except ListenAddressError as exc:
             print(f"zds ztunnel: --{flag.replace('_', '-')}: {exc}", file=sys.stderr)
             return 2
+    try:
+        resolvers = [parse_resolver(r) for r in args.dns_upstream] or node_resolvers()
+    except ValueError as exc:
+        print(f"zds ztunnel: --dns-upstream: {exc}", file=sys.stderr)
+        return 2
     if not args.no_listeners:
         # setns and SO_MARK need these (ztunnel checks them at start-up too).
         problem = runtime.privilege_error("ztunnel", ("CAP_SYS_ADMIN", "CAP_NET_ADMIN"))
@@ -139,6 +167,9 @@ def main(args: argparse.Namespace) -> int:
             specs=default_specs(args.outbound_port, args.inbound_port, args.hbone_port),
             mark=args.mark,
             reuse_port=not args.no_port_reuse,
+            dns_port=None if args.no_dns else args.dns_port,
+            resolvers=tuple(resolvers),
+            preserve_source=not args.no_preserve_source,
         ),
         retry_interval=args.retry_interval,
         drain_timeout=args.drain_timeout,

@@ -63,17 +63,43 @@ def original_destination(sock: socket.socket) -> tuple[int, str, int]:
     return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
-def socket_in_netns(netns: NetnsHandle, family: int, mark: int) -> socket.socket:
-    """A non-blocking TCP socket created inside ``netns`` with ``SO_MARK`` (inline setns, way back guaranteed)."""
+IP_TRANSPARENT = 19  # linux/in.h
+IPV6_TRANSPARENT = 75  # linux/in6.h
+
+
+def socket_in_netns(
+    netns: NetnsHandle, family: int, mark: int, *, source: str | None = None
+) -> socket.socket:
+    """A non-blocking TCP socket created inside ``netns`` with ``SO_MARK`` (inline setns, way back
+    guaranteed). With ``source``, it is made transparent and bound to that address, so the
+    destination sees the original client's address (real ztunnel does this for inbound)."""
     with in_netns(netns):
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setblocking(False)
+        if source is not None:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.bind((source, 0))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def peer_address(sock: socket.socket) -> str | None:
+    """The client's address, v4-mapped IPv6 turned back into IPv4."""
+    try:
+        host = str(sock.getpeername()[0])
+    except OSError:
+        return None
+    mapped = ipaddress.ip_address(host)
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+        return str(mapped.ipv4_mapped)
+    return host
 
 
 @dataclass
@@ -160,9 +186,13 @@ async def proxy_connection(
     mark: int = defaults.ZTUNNEL_MARK,
     log_extra: dict[str, str] | None = None,
     connect_timeout: float = 10.0,
+    preserve_source: bool = False,
 ) -> None:
     """Serve one redirected connection: find its original destination, connect there
-    from inside ``netns`` with ``mark``, relay. Closes ``client`` in every case."""
+    from inside ``netns`` with ``mark``, relay. Closes ``client`` in every case.
+
+    ``preserve_source`` (inbound): connect from the client's own address (IP_TRANSPARENT),
+    falling back to a plain connection when the kernel refuses."""
     stats.connections += 1
     stats.active += 1
     try:
@@ -175,7 +205,7 @@ async def proxy_connection(
             return
         if ipaddress.ip_address(address).version == 4:
             family = socket.AF_INET  # a v4 destination from a [::] listener
-        upstream = socket_in_netns(netns, family, mark)
+        upstream = _upstream_socket(netns, family, mark, client if preserve_source else None, log_extra)
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(upstream, (address, port)), connect_timeout
@@ -191,3 +221,19 @@ async def proxy_connection(
     finally:
         stats.active -= 1
         client.close()
+
+
+def _upstream_socket(
+    netns: NetnsHandle,
+    family: int,
+    mark: int,
+    client: socket.socket | None,
+    log_extra: dict[str, str] | None,
+) -> socket.socket:
+    source = peer_address(client) if client is not None else None
+    if source is not None and ipaddress.ip_address(source).version == (4 if family == socket.AF_INET else 6):
+        try:
+            return socket_in_netns(netns, family, mark, source=source)
+        except OSError as exc:
+            log.debug("cannot keep the source address %s: %s", source, exc, extra=log_extra)
+    return socket_in_netns(netns, family, mark)

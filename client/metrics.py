@@ -76,6 +76,18 @@ class ZtunnelMetrics:
             labeled=True,
         )
 
+        self._counter(
+            "zds_ztunnel_proxied_connections_total",
+            "Connections relayed by the data path, by workload uid and direction (outbound 15001, inbound 15006)",
+            labeled=True,
+        )
+        self._counter(
+            "zds_ztunnel_proxied_bytes_total",
+            "Bytes relayed by the data path, by workload uid, direction and flow "
+            "(sent: from the connecting client, received: back to it)",
+            labeled=True,
+        )
+
     def _gauge(self, name: str, help: str) -> None:
         self._families[name] = _Family(name, "gauge", help)
 
@@ -92,6 +104,16 @@ class ZtunnelMetrics:
             raise ValueError("a counter only goes up")
         key = tuple(sorted(labels.items()))
         family.values[key] = family.values.get(key, 0.0) + amount
+
+    def set_total(self, name: str, value: float, **labels: str) -> None:
+        """Set counter ``name`` from a running total kept elsewhere (it must not go down)."""
+        family = self._families[name]
+        if family.kind != "counter":
+            raise TypeError(f"{name} is a {family.kind}, not a counter")
+        key = tuple(sorted(labels.items()))
+        if value < family.values.get(key, 0.0):
+            raise ValueError(f"{name}{labels} would go down")
+        family.values[key] = value
 
     def set(self, name: str, value: float, **labels: str) -> None:
         """Set gauge ``name`` (with ``labels``) to ``value``."""

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from zds import defaults
+from zds.client.dns import DnsProxy, dns_port_error
 from zds.client.listeners import (
     ConnectionHandler,
     InpodListener,
@@ -33,6 +34,7 @@ from zds.client.listeners import (
     ListenerServer,
     ListenerSpec,
     close_at_once,
+    close_listeners,
     default_specs,
     open_listeners,
 )
@@ -54,6 +56,12 @@ class ProxySettings:
     mark: int = defaults.ZTUNNEL_MARK
     #: SO_REUSEPORT on the listeners (ztunnel's INPOD_PORT_REUSE, default on).
     reuse_port: bool = True
+    #: UDP+TCP DNS forwarder port in each pod (where the in-pod rules send DNS); None: off.
+    dns_port: int | None = defaults.DNS_PORT
+    #: Resolvers the DNS forwarder asks (the node's; read once at start).
+    resolvers: tuple[tuple[str, int], ...] = ()
+    #: Inbound relays connect from the client's address (IP_TRANSPARENT), as ztunnel does.
+    preserve_source: bool = True
 
 
 class ProxyStartError(Exception):
@@ -79,6 +87,8 @@ class WorkloadProxy:
         self.netns = netns
         self.listeners = listeners
         self.servers: list[ListenerServer] = []
+        self.dns: DnsProxy | None = None
+        self._dns_start: asyncio.Task[None] | None = None
         self.started_at = time.time()
         self.log_extra = workload_log_extra(uid, info)
         self._release: asyncio.Task[None] | None = None
@@ -104,6 +114,8 @@ class WorkloadProxy:
             )
             self.servers.append(server)
             server.start()
+        if self.dns is not None:
+            self._dns_start = asyncio.get_running_loop().create_task(self.dns.start_udp())
 
     def close(self, *, abort: bool = True) -> None:
         """Close the listeners now; with ``abort``, cancel established connections too.
@@ -114,6 +126,8 @@ class WorkloadProxy:
                 server.abort_connections()
         for listener in self.listeners:
             listener.sock.close()
+        if self.dns is not None:
+            self.dns.close()
         if self.connection_count == 0:
             self.netns.close()
         elif self._release is None:
@@ -179,7 +193,23 @@ class WorkloadProxies:
             except (ListenerError, NetnsError, OSError) as exc:
                 netns.close()
                 raise ProxyStartError(str(exc)) from exc
+        dns: DnsProxy | None = None
+        if self.settings.listeners and self.settings.dns_port is not None:
+            try:
+                dns = DnsProxy.open(
+                    netns.fileno(),
+                    self.settings.dns_port,
+                    mark=self.settings.mark,
+                    reuse_port=self.settings.reuse_port,
+                    resolvers=list(self.settings.resolvers),
+                )
+            except OSError as exc:
+                close_listeners(listeners)
+                netns.close()
+                raise ProxyStartError(dns_port_error(exc, self.settings.dns_port)) from exc
+            listeners.append(dns.tcp)
         proxy = WorkloadProxy(uid, workload.info, netns, listeners)
+        proxy.dns = dns
         proxy.serve(self.handlers)
         self._proxies[uid] = proxy
         self.metrics.inc("workload_manager_proxies_started_total")

@@ -48,7 +48,8 @@ from zds.protocol.messages import (
     encode_request,
 )
 
-PORTS = (15001, 15006, 15008)
+#: ztunnel's TCP listeners in a pod, and zds's DNS forwarder (TCP side; UDP beside it).
+PORTS = (15001, 15006, 15008, 15053)
 
 
 # -- polling -----------------------------------------------------------------------------
@@ -400,6 +401,7 @@ def test_listeners_are_opened_inside_the_pod_netns_with_mark_1337_and_not_on_the
         "[::]:15001",
         "[::]:15006",
         "[::]:15008",
+        "[::]:15053",
     ]
 
 
@@ -426,10 +428,12 @@ def test_custom_ports_are_used_in_the_pod(
     agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
-    z = start_ztunnel("--outbound-port", "25001", "--inbound-port", "25006", "--hbone-port", "25008")
+    z = start_ztunnel(
+        "--outbound-port", "25001", "--inbound-port", "25006", "--hbone-port", "25008", "--dns-port", "25053"
+    )
     conn = agent.connect_and_hello()
     assert conn.add("uid-a", pod.path) == Ack()
-    assert sorted(wait_until(lambda: pod_ports(pod, z.pid), "listeners")) == [25001, 25006, 25008]
+    assert sorted(wait_until(lambda: pod_ports(pod, z.pid), "listeners")) == [25001, 25006, 25008, 25053]
 
 
 @pytest.mark.root
@@ -894,7 +898,7 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     }
     st = os.stat(pod.path)
     assert w["netns"] == {"dev": st.st_dev, "ino": st.st_ino}
-    assert [entry["name"] for entry in w["listeners"]] == ["outbound", "inbound", "hbone"]
+    assert [entry["name"] for entry in w["listeners"]] == ["outbound", "inbound", "hbone", "dns"]
     assert w["lastError"] is None
     assert dump["zds"]["connected"] is True and dump["zds"]["connectionState"] == "synced"
     metrics = z.metrics()
