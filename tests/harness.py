@@ -234,3 +234,83 @@ def own_netns() -> str:
 def send_signal_kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
+
+
+class EchoServer:
+    """An application in a pod: TCP echo, one thread per connection, socket made in the pod's netns.
+
+    ``peers`` records the client address each connection came from.
+    """
+
+    def __init__(self, netns_path: str, port: int) -> None:
+        import threading
+
+        from zds.netns import in_netns, open_netns
+
+        with open_netns(netns_path) as ns, in_netns(ns):
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("::", port))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.peers: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                conn, addr = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.peers.append(str(addr[0]).removeprefix("::ffff:"))
+            thread = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            with contextlib.suppress(OSError):
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accepter.join(5)
+        for thread in self._threads:
+            thread.join(5)
+        self.sock.close()
+
+
+def exchange_from(netns_path: str, address: str, port: int, payload: bytes, timeout: float = 30) -> bytes:
+    """Connect from inside a netns, send ``payload`` (then half-close) while reading the answer to EOF."""
+    import threading
+
+    from zds.netns import in_netns, open_netns
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with open_netns(netns_path) as ns, in_netns(ns):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+        sender.join(timeout)
+    return b"".join(chunks)

@@ -1,0 +1,190 @@
+"""Transparent in-pod redirection end to end: real `zds server` (installing Istio's
+rules) and real `zds ztunnel` (relaying), pods on a bridge, real TCP.
+
+app in A -> A:15001 (outbound relay, inside A) -> B:15006 (inbound relay, inside B) -> app in B.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.harness import EchoServer, NodeAgentProc, exchange_from, wait_until
+from tests.test_ztunnel_client import ZtunnelProcess
+from zds.netns import PodFixture, PodNetwork, in_netns, open_netns
+
+pytestmark = pytest.mark.root
+
+APP_PORT = 8080
+MIB = os.urandom(1024 * 1024)
+
+
+@dataclass
+class Mesh:
+    server: NodeAgentProc
+    ztunnel: ZtunnelProcess
+    pods: dict[str, PodFixture]
+    apps: dict[str, EchoServer]
+
+    def uid(self, name: str) -> str:
+        return f"uid-{name}"
+
+    def enroll(self, name: str) -> None:
+        self.server.add_pod(self.uid(name), self.pods[name].netns_path, name=name)
+
+    def counters(self, name: str, direction: str) -> dict[str, int]:
+        dump: dict[str, Any] = self.ztunnel.config_dump()
+        state = dump["workloadState"].get(self.uid(name))
+        if state is None:
+            return {}
+        counters: dict[str, int] = state["traffic"][direction]
+        return counters
+
+    def connections(self, name: str, direction: str) -> int:
+        return self.counters(name, direction).get("connections", 0)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("mesh")
+    tag = secrets.token_hex(2)
+    net = PodNetwork(bridge=f"zdsm{tag}", subnet4="10.181.0.0/24", subnet6="fd00:181::/64")
+    server: NodeAgentProc | None = None
+    ztunnel: ZtunnelProcess | None = None
+    apps: dict[str, EchoServer] = {}
+    try:
+        pods = {name: net.add_pod(f"zdst-{tag}-{name}") for name in ("a", "b", "c", "d", "e")}
+        for name in ("b", "d", "e"):
+            apps[name] = EchoServer(pods[name].netns_path, APP_PORT)
+        server = NodeAgentProc(str(tmp), redirect=True).wait_ready()
+        ztunnel = ZtunnelProcess(server.zds_socket, str(tmp / "ztunnel.log"))
+        ztunnel.address("admin")
+        mesh = Mesh(server=server, ztunnel=ztunnel, pods=pods, apps=apps)
+        wait_until(lambda: "total connected: 1" in server.output(), what="ztunnel connected")  # type: ignore[union-attr]
+        for name in ("a", "b", "e"):  # c and d stay out of the mesh
+            mesh.enroll(name)
+        yield mesh
+    finally:
+        if ztunnel is not None:
+            ztunnel.stop()
+        if server is not None:
+            server.stop()
+        for app in apps.values():
+            app.close()
+        net.close()
+
+
+def test_a_mebibyte_goes_pod_to_pod_through_both_listeners_and_comes_back_identical(mesh: Mesh) -> None:
+    out_before, in_before = mesh.connections("a", "outbound"), mesh.connections("b", "inbound")
+    peers_before = len(mesh.apps["b"].peers)
+    echoed = exchange_from(mesh.pods["a"].netns_path, mesh.pods["b"].ipv4, APP_PORT, MIB)
+    assert echoed == MIB
+    wait_until(lambda: mesh.counters("b", "inbound")["active"] == 0, what="the inbound relay to finish")
+    assert mesh.connections("a", "outbound") == out_before + 1
+    assert mesh.connections("b", "inbound") == in_before + 1
+    assert mesh.counters("a", "outbound")["bytesSent"] >= len(MIB)
+    assert mesh.counters("b", "inbound")["bytesReceived"] >= len(MIB)
+    # The app in B saw the connection arrive, from A's address (ztunnel keeps the source).
+    assert len(mesh.apps["b"].peers) == peers_before + 1
+    assert mesh.apps["b"].peers[-1] == mesh.pods["a"].ipv4
+
+
+def test_ipv6_goes_through_both_listeners_too(mesh: Mesh) -> None:
+    out_before, in_before = mesh.connections("a", "outbound"), mesh.connections("b", "inbound")
+    assert (
+        exchange_from(mesh.pods["a"].netns_path, mesh.pods["b"].ipv6, APP_PORT, b"over ipv6\n")
+        == b"over ipv6\n"
+    )
+    wait_until(lambda: mesh.connections("b", "inbound") == in_before + 1, what="B's inbound counter")
+    assert mesh.connections("a", "outbound") == out_before + 1
+
+
+def test_interception_is_real_the_listeners_are_in_the_path(mesh: Mesh) -> None:
+    """With the rules in place, A's traffic can only leave through 15001: the outbound
+    relay's counter moves even for a destination outside the mesh (D)."""
+    before = mesh.connections("a", "outbound")
+    d_in_before = mesh.connections("d", "inbound")  # D is not enrolled: no counters at all
+    assert exchange_from(mesh.pods["a"].netns_path, mesh.pods["d"].ipv4, APP_PORT, b"to d\n") == b"to d\n"
+    wait_until(lambda: mesh.connections("a", "outbound") == before + 1, what="A's outbound counter")
+    assert d_in_before == 0 and mesh.counters("d", "inbound") == {}
+
+
+def test_an_unenrolled_pod_goes_direct(mesh: Mesh) -> None:
+    snapshot = {n: (mesh.counters(n, "outbound"), mesh.counters(n, "inbound")) for n in ("a", "b", "e")}
+    peers_before = len(mesh.apps["d"].peers)
+    assert exchange_from(mesh.pods["c"].netns_path, mesh.pods["d"].ipv4, APP_PORT, b"direct\n") == b"direct\n"
+    assert mesh.apps["d"].peers[peers_before:] == [mesh.pods["c"].ipv4]
+    assert {
+        n: (mesh.counters(n, "outbound"), mesh.counters(n, "inbound")) for n in ("a", "b", "e")
+    } == snapshot
+
+
+def test_fifty_concurrent_connections_all_complete(mesh: Mesh) -> None:
+    before = mesh.connections("b", "inbound")
+    payloads = [f"connection {i}\n".encode() * 100 for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        answers = list(
+            pool.map(
+                lambda p: exchange_from(mesh.pods["a"].netns_path, mesh.pods["b"].ipv4, APP_PORT, p), payloads
+            )
+        )
+    assert answers == payloads
+    wait_until(lambda: mesh.connections("b", "inbound") == before + 50, what="50 inbound relays")
+
+
+def test_dns_in_an_enrolled_pod_reaches_the_forwarder(mesh: Mesh) -> None:
+    """The rules send the pod's DNS to 15053; zds answers there (forwarding to the node's
+    resolvers), so a DNS query is not refused. Without resolvers it times out instead of
+    being refused at once."""
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(10)
+        # TCP to port 53 of an address nobody serves: only the redirect to 15053 can accept it.
+        sock.connect(("192.0.2.53", 53))
+    dump = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]
+    assert dump["dns"] is not None
+
+
+def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mesh: Mesh) -> None:
+    c, e = mesh.pods["c"], mesh.pods["e"]
+    before = mesh.connections("e", "inbound")
+    assert exchange_from(c.netns_path, e.ipv4, APP_PORT, b"via ztunnel\n") == b"via ztunnel\n"
+    wait_until(lambda: mesh.connections("e", "inbound") == before + 1, what="E's inbound counter")
+    mesh.server.remove_pod(mesh.uid("e"))
+    wait_until(
+        lambda: mesh.uid("e") not in mesh.ztunnel.config_dump()["workloadState"], what="E gone from ztunnel"
+    )
+    with open_netns(e.netns_path) as ns, in_netns(ns):
+        saved = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert "ISTIO" not in saved
+    peers_before = len(mesh.apps["e"].peers)
+    assert exchange_from(c.netns_path, e.ipv4, APP_PORT, b"direct\n") == b"direct\n"
+    assert mesh.apps["e"].peers[peers_before:] == [c.ipv4]
+    assert mesh.counters("e", "inbound") == {}
+
+
+def test_listeners_gone_means_refused_proving_interception(mesh: Mesh, tmp_path: Any) -> None:
+    """Rules without listeners: a connection is refused at once (that is how interception
+    shows). Enroll C with a second node agent that has no ztunnel: rules in, no listeners."""
+    lonely = NodeAgentProc(str(tmp_path), redirect=True, name="lonely")
+    try:
+        lonely.wait_ready()
+        with pytest.raises(grpc.RpcError) as info:
+            lonely.add_pod("uid-c-lonely", mesh.pods["c"].netns_path)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE  # no ztunnel, but the rules are in
+        with pytest.raises(ConnectionRefusedError):
+            exchange_from(mesh.pods["c"].netns_path, mesh.pods["d"].ipv4, APP_PORT, b"x")
+        lonely.remove_pod("uid-c-lonely")
+        assert exchange_from(mesh.pods["c"].netns_path, mesh.pods["d"].ipv4, APP_PORT, b"x") == b"x"
+    finally:
+        lonely.stop()
