@@ -1,0 +1,87 @@
+"""`zds demo` runs the whole story, exits 0, and leaves nothing behind, also when interrupted."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.harness import ZDS, wait_until
+from zds.netns import list_netns
+
+pytestmark = pytest.mark.root
+
+
+def leftovers() -> list[str]:
+    found = [name for name in list_netns() if name.startswith("zdsdemo-")]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    found += [line.split(":")[1].strip() for line in links.splitlines() if "zdsdemo" in line]
+    return found
+
+
+def pids_in(output: str) -> list[int]:
+    return [int(p) for p in re.findall(r"\bpid (\d+)", output)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_demo_tells_the_whole_story_and_cleans_up() -> None:
+    done = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    for text in (
+        "received hello from ztunnel",
+        "snapshot sent to ztunnel",
+        "productpage: acked by ztunnel connection",
+        "listening on 15001 15006 15008",
+        "host netns   none of them",
+        "REDIRECT --to-ports 15001",
+        "got the same 1060 bytes back",
+        "productpage outbound (15001): 1 connection(s)",
+        "reviews inbound (15006):      1 connection(s)",
+        "ztunnel acked del",
+        "rules removed from every pod",
+        "nothing left behind",
+    ):
+        assert text in out, f"{text!r} missing from the demo's output:\n{out}"
+    assert leftovers() == []
+    pids = pids_in(out)
+    assert len(pids) == 2 and not any(alive(p) for p in pids)
+
+
+def test_ctrl_c_in_the_middle_still_cleans_up() -> None:
+    proc = subprocess.Popen(
+        [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if line.startswith("4. Enrolling"):
+                break
+        else:
+            pytest.fail("the demo never reached the enrollment step:\n" + "".join(seen))
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    assert "interrupted; cleaned up" in out
+    wait_until(lambda: leftovers() == [], timeout=10, what="the demo's namespaces and bridge to go")
+    assert not any(alive(p) for p in pids_in(out))
