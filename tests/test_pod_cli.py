@@ -190,3 +190,35 @@ def test_reflection_lists_the_node_agent_service(server: NodeAgentProc) -> None:
         )
         names = {s.name for s in resp.list_services_response.service}
     assert {"zds.v1.NodeAgent", "grpc.health.v1.Health"} <= names
+
+
+def test_control_api_also_on_tcp_with_grpc_listen(tmp_path: object) -> None:
+    from tests.harness import free_port
+
+    port = free_port()
+    proc = NodeAgentProc(str(tmp_path), "--grpc-listen", f"127.0.0.1:{port}")
+    try:
+        proc.wait_ready()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service="zds.v1.NodeAgent"), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("command", [["server"], ["ztunnel"], ["demo"]])
+def test_without_the_capabilities_each_command_says_which_are_missing(command: list[str]) -> None:
+    # Still uid 0, but exec'd with CAP_SYS_ADMIN and CAP_NET_ADMIN out of the bounding set.
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin,-net_admin", *ZDS, *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert (
+        f"zds {command[0]}: needs root or CAP_SYS_ADMIN + CAP_NET_ADMIN; missing CAP_SYS_ADMIN, CAP_NET_ADMIN"
+        in line
+    )
