@@ -1,5 +1,6 @@
 """Network-namespace toolkit: open, validate, identify, enter and leave; fixtures."""
 
+from .apps import EchoServer, exchange
 from .fixtures import PodFixture, PodNetwork, create_netns, delete_netns, list_netns, netns_path
 from .handle import (
     NetnsError,
@@ -16,6 +17,7 @@ from .handle import (
 )
 
 __all__ = [
+    "EchoServer",
     "NetnsError",
     "NetnsHandle",
     "NetnsIdentity",
@@ -24,6 +26,7 @@ __all__ = [
     "create_netns",
     "current_netns",
     "delete_netns",
+    "exchange",
     "in_netns",
     "list_netns",
     "netns_identity",

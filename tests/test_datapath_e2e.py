@@ -18,9 +18,10 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import EchoServer, NodeAgentProc, exchange_from, wait_until
+from tests.harness import NodeAgentProc, wait_until
 from tests.test_ztunnel_client import ZtunnelProcess
-from zds.netns import PodFixture, PodNetwork, in_netns, open_netns
+from zds.netns import EchoServer, PodFixture, PodNetwork, in_netns, open_netns
+from zds.netns import exchange as exchange_from
 
 pytestmark = pytest.mark.root
 

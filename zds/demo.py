@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 import urllib.request
@@ -32,7 +31,16 @@ import grpc
 
 from zds import runtime
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.netns import NetnsError, PodFixture, PodNetwork, in_netns, list_netns, open_netns
+from zds.netns import (
+    EchoServer,
+    NetnsError,
+    PodFixture,
+    PodNetwork,
+    exchange,
+    in_netns,
+    list_netns,
+    open_netns,
+)
 
 #: The pods of the story (Istio's bookinfo) and the port reviews' app listens on.
 PODS = ("productpage", "reviews", "ratings")
@@ -126,41 +134,6 @@ def _handshake_line(line: dict[str, Any]) -> bool:
     return line.get("level") in ("warning", "error") or any(k in text for k in keys)
 
 
-class EchoApp:
-    """The application in a pod: a TCP echo server whose socket lives in the pod's netns."""
-
-    def __init__(self, pod: PodFixture, port: int) -> None:
-        with open_netns(pod.netns_path) as ns, in_netns(ns):
-            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        self.sock.bind(("::", port))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.peers: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="demo-app", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, addr = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.peers.append(str(addr[0]).removeprefix("::ffff:"))
-            with conn:
-                conn.settimeout(10)
-                with contextlib.suppress(OSError):
-                    while data := conn.recv(65536):
-                        conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-
 def listening_ports(netns_path: str | None) -> set[int]:
     """TCP ports in LISTEN state in a netns (None: this process's own netns)."""
 
@@ -199,21 +172,6 @@ def iptables_nat(netns_path: str) -> list[str]:
     return [line for line in out.splitlines() if "ISTIO" in line and line.startswith("-A")]
 
 
-def connect_from(pod: PodFixture, address: str, port: int, payload: bytes) -> bytes:
-    """Connect from inside ``pod`` to ``address:port``, send ``payload``, half-close, read the echo."""
-    with open_netns(pod.netns_path) as ns, in_netns(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(10)
-        sock.connect((address, port))
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks)
-
-
 def http_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.load(resp)
@@ -242,7 +200,7 @@ class Demo:
         self.pods: dict[str, PodFixture] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, LogTail] = {}
-        self.app: EchoApp | None = None
+        self.app: EchoServer | None = None
         self.zds_socket = os.path.join(self.tmp, "ztunnel.sock")
         self.control_socket = os.path.join(self.tmp, "control.sock")
         self.admin = f"127.0.0.1:{free_port()}"
@@ -323,7 +281,7 @@ class Demo:
             pod = self.net.add_pod(PREFIX + name)
             self.pods[name] = pod
             self.n.say(f"{name:12} {pod.ipv4:15} {pod.ipv6:18} {pod.netns_path}")
-        self.app = EchoApp(self.pods["reviews"], APP_PORT)
+        self.app = EchoServer(self.pods["reviews"].netns_path, APP_PORT)
         self.n.say(f"reviews runs an app (TCP echo) on port {APP_PORT}")
 
     def start_node_agent(self) -> None:
@@ -430,7 +388,7 @@ class Demo:
         )
         before = self.traffic()
         try:
-            echoed = connect_from(self.pods["productpage"], reviews.ipv4, APP_PORT, PAYLOAD)
+            echoed = exchange(self.pods["productpage"].netns_path, reviews.ipv4, APP_PORT, PAYLOAD)
         except OSError as exc:
             raise DemoError(f"the connection from productpage to reviews failed: {exc}") from exc
         if echoed != PAYLOAD:
