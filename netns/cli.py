@@ -10,7 +10,16 @@ from typing import Any
 
 from zds import defaults, runtime
 
-from .fixtures import create_netns, delete_netns, list_netns, netns_path
+from .fixtures import (
+    create_netns,
+    create_pods_on_bridge,
+    delete_netns,
+    delete_pod,
+    list_netns,
+    netns_path,
+    pod_addresses,
+    remove_bridge_if_unused,
+)
 from .handle import NetnsError, NetnsIdentity
 
 
@@ -23,14 +32,26 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     commands = parser.add_subparsers(dest="netns_command", metavar="SUBCOMMAND", required=True)
 
-    create = commands.add_parser("create", help="create named network namespaces, loopback up")
+    create = commands.add_parser(
+        "create",
+        help="create named network namespaces (loopback up); with --bridge, pods that reach each other",
+        description="Create named network namespaces with loopback up. With --bridge, each is a pod: "
+        "a veth into that bridge in the host (made if missing), eth0 with the next free IPv4 and "
+        "IPv6 addresses of the subnets, and default routes via the bridge.",
+    )
     create.add_argument("names", nargs="+", metavar="NAME")
+    create.add_argument("--bridge", metavar="NAME", help="put the pods on this bridge (e.g. zds-br0)")
+    create.add_argument("--subnet4", default="10.177.0.0/24", help="pod IPv4 subnet (%(default)s)")
+    create.add_argument("--subnet6", default="fd00:177::/64", help="pod IPv6 subnet (%(default)s)")
     create.set_defaults(func=cmd_create)
 
     delete = commands.add_parser("delete", help="delete named network namespaces")
     delete.add_argument("names", nargs="+", metavar="NAME")
     delete.add_argument(
         "--missing-ok", action="store_true", help="a namespace that does not exist is no error"
+    )
+    delete.add_argument(
+        "--bridge", metavar="NAME", help="also delete this bridge once no pod is attached to it"
     )
     delete.set_defaults(func=cmd_delete)
 
@@ -49,6 +70,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    if args.bridge:
+        try:
+            pods = create_pods_on_bridge(args.names, args.bridge, args.subnet4, args.subnet6)
+        except NetnsError as e:
+            _error(str(e))
+            return 1
+        for pod in pods:
+            print(f"{pod.netns_path} {pod.ipv4} {pod.ipv6} bridge={args.bridge}")
+        return 0
     code = 0
     for name in args.names:
         try:
@@ -68,10 +98,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
     code = 0
     for name in args.names:
         try:
-            delete_netns(name, missing_ok=args.missing_ok)
+            if args.bridge:
+                delete_pod(name, missing_ok=args.missing_ok)
+            else:
+                delete_netns(name, missing_ok=args.missing_ok)
         except NetnsError as e:
             _error(str(e))
             code = 1
+    if args.bridge and not remove_bridge_if_unused(args.bridge):
+        _error(f"bridge {args.bridge} kept: it does not exist or pods are still attached")
     return code
 
 
@@ -96,6 +131,7 @@ def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
         entry["error"] = f'not a namespace (stale entry?); remove it with "zds netns delete {name}"'
         return entry
     entry["identity"] = str(NetnsIdentity(st.st_dev, st.st_ino))
+    entry["addresses"] = pod_addresses(path) if os.geteuid() == 0 else []
     return entry
 
 
@@ -112,9 +148,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     if not entries:
         return 0
-    rows = [("NAME", "PATH", "IDENTITY")]
-    rows += [(e["name"], e["path"], e["identity"] or f"- ({e['error']})") for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    rows = [("NAME", "PATH", "IDENTITY", "ADDRESSES")]
+    rows += [
+        (
+            e["name"],
+            e["path"],
+            e["identity"] or f"- ({e['error']})",
+            " ".join(e.get("addresses", [])) or "-",
+        )
+        for e in entries
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}")
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}")
     return 0

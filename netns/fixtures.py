@@ -193,6 +193,77 @@ def _delete_link(ifname: str) -> None:
                 raise
 
 
+def _eth0_addresses(path: str) -> list[str]:
+    """The addresses on a netns's eth0 (none if it has no eth0)."""
+    with open_netns(path) as handle, in_netns(handle), IPRoute() as ipr:
+        index = _link_index(ipr, "eth0")
+        if index is None:
+            return []
+        # Global addresses only: link-local ones say nothing about the pod network.
+        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index) if a["scope"] == 0]
+
+
+def _used_host_indices(net4: ipaddress.IPv4Network) -> set[int]:
+    """Host indices in ``net4`` that a named netns's eth0 already has."""
+    used: set[int] = set()
+    for name in list_netns():
+        try:
+            addresses = _eth0_addresses(netns_path(name))
+        except (NetnsError, OSError):
+            continue
+        for address in addresses:
+            with suppress(ValueError):
+                ip = ipaddress.ip_address(address)
+                if ip in net4:
+                    used.add(int(ip) - int(net4.network_address))
+    return used
+
+
+def pod_addresses(path: str) -> list[str]:
+    """A pod's eth0 addresses (for ``zds netns list``); empty for a bare namespace."""
+    try:
+        return _eth0_addresses(path)
+    except (NetnsError, OSError):
+        return []
+
+
+def create_pods_on_bridge(names: list[str], bridge: str, subnet4: str, subnet6: str) -> list[PodFixture]:
+    """Pods that outlive this process (``zds netns create --bridge``): the bridge is made or
+    reused, each pod gets the next free addresses. On a failure, what this call made is undone."""
+
+    def make() -> list[PodFixture]:
+        net = PodNetwork(bridge=bridge, subnet4=subnet4, subnet6=subnet6)
+        net.adopt_bridge()
+        try:
+            for name in names:
+                net._add_pod(name)
+        except BaseException:
+            net._close()
+            raise
+        return net.detach()
+
+    return _off_event_loop(make)
+
+
+def delete_pod(name: str, *, missing_ok: bool = False) -> None:
+    """Delete a pod made by ``create_pods_on_bridge``: its host veth first (a netns dies
+    asynchronously, and its end of the pair with it), then the netns."""
+    _off_event_loop(lambda: _delete_link(_ifname("zv-", name)))
+    delete_netns(name, missing_ok=missing_ok)
+
+
+def remove_bridge_if_unused(bridge: str) -> bool:
+    """Delete ``bridge`` if no interface is attached to it any more; True if it was deleted."""
+    with IPRoute() as ipr:
+        index = _link_index(ipr, bridge)
+        if index is None:
+            return False
+        if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
+            return False
+    _delete_link(bridge)
+    return True
+
+
 class PodNetwork:
     """Pods (named netns) joined by veth pairs to a bridge in the host netns.
 
@@ -221,6 +292,10 @@ class PodNetwork:
         self.bridge = bridge
         self._pods: dict[str, tuple[PodFixture, int]] = {}
         self._bridge_made = False
+        #: The bridge existed before (``adopt_bridge``): use it, never delete it.
+        self._bridge_adopted = False
+        #: Host indices taken by pods this object did not make.
+        self._reserved: set[int] = set()
         self._lock = threading.RLock()
 
     @property
@@ -242,13 +317,41 @@ class PodNetwork:
     # --- making -------------------------------------------------------------------
 
     def _free_host_index(self) -> int:
-        used = {index for _, index in self._pods.values()}
+        used = {index for _, index in self._pods.values()} | self._reserved
         index = 2
         while index in used:
             index += 1
         if index >= min(self._net4.num_addresses - 1, self._net6.num_addresses):
             raise NetnsError(f"no free address left in {self._net4} for another pod")
         return index
+
+    def adopt_bridge(self) -> bool:
+        """Use the bridge if it exists already (made by an earlier ``zds netns create --bridge``):
+        check its gateway address, reserve the addresses of the pods already on it. It is
+        never deleted by this object. False if there is no such bridge yet."""
+        with IPRoute() as ipr:
+            index = _link_index(ipr, self.bridge)
+            if index is None:
+                return False
+            addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
+        if self.gateway4 not in addresses:
+            raise NetnsError(
+                f"bridge {self.bridge} exists but does not have {self.gateway4}: it is not a pod "
+                "bridge for this subnet; pick another --bridge or --subnet4"
+            )
+        self._bridge_made = self._bridge_adopted = True
+        self._reserved |= _used_host_indices(self._net4)
+        return True
+
+    def detach(self) -> list[PodFixture]:
+        """Forget the pods and the bridge without removing them (they outlive this process)."""
+        with self._lock:
+            pods = [pod for pod, _ in self._pods.values()]
+            self._pods.clear()
+            if self._bridge_made and not self._bridge_adopted:
+                atexit.unregister(self.close)
+            self._bridge_made = False
+            return pods
 
     def _make_bridge(self) -> None:
         with IPRoute() as ipr:
@@ -363,7 +466,7 @@ class PodNetwork:
                 except Exception as e:
                     failures.append(f"pod {name}: {e}")
                     self._pods.pop(name, None)
-            if self._bridge_made:
+            if self._bridge_made and not self._bridge_adopted:
                 try:
                     _delete_link(self.bridge)
                 except Exception as e:

@@ -436,6 +436,7 @@ def test_cli_create_list_delete(zds_cmd: list[str], netns_name: str) -> None:
         "name": netns_name,
         "path": f"/var/run/netns/{netns_name}",
         "identity": f"{st.st_dev}:{st.st_ino}",
+        "addresses": [],  # a bare namespace: no eth0
     }
 
     table = run_zds(zds_cmd, "netns", "list")

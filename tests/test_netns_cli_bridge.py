@@ -1,0 +1,65 @@
+"""`zds netns create --bridge`: pods that outlive the command and reach each other."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import ZDS
+from zds.netns import EchoServer, delete_netns, exchange, list_netns
+
+pytestmark = pytest.mark.root
+
+
+def zds(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ZDS, "netns", *args], capture_output=True, text=True, timeout=60)
+
+
+def links() -> str:
+    return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def names() -> Iterator[tuple[str, str, str]]:
+    tag = secrets.token_hex(2)
+    made = (f"zdst-{tag}-a", f"zdst-{tag}-b", f"zdsb{tag}")
+    yield made
+    for name in made[:2]:
+        delete_netns(name, missing_ok=True)
+    subprocess.run(["ip", "link", "del", made[2]], capture_output=True)
+
+
+def test_pods_made_by_separate_commands_share_the_bridge_and_talk(names: tuple[str, str, str]) -> None:
+    a, b, bridge = names
+    subnet = ["--subnet4", "10.183.0.0/24", "--subnet6", "fd00:183::/64"]
+    first = zds("create", a, "--bridge", bridge, *subnet)
+    second = zds("create", b, "--bridge", bridge, *subnet)  # another process: the bridge is reused
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split()[1:3] == ["10.183.0.2", "fd00:183::2"]
+    assert second.stdout.split()[1:3] == ["10.183.0.3", "fd00:183::3"]  # the next free address
+    listed = {e["name"]: e for e in json.loads(zds("list", "--json").stdout)}
+    assert listed[b]["addresses"] == ["10.183.0.3", "fd00:183::3"]
+    app = EchoServer(f"/var/run/netns/{b}", 7000)
+    try:
+        assert exchange(f"/var/run/netns/{a}", "10.183.0.3", 7000, b"ping") == b"ping"
+        assert exchange(f"/var/run/netns/{a}", "fd00:183::3", 7000, b"ping6") == b"ping6"
+    finally:
+        app.close()
+    deleted = zds("delete", a, b, "--bridge", bridge)
+    assert deleted.returncode == 0, deleted.stderr
+    assert a not in list_netns() and b not in list_netns()
+    assert bridge not in links() and "zv-zdst" not in links()
+
+
+def test_a_bridge_with_other_addresses_is_refused(names: tuple[str, str, str]) -> None:
+    a, _, bridge = names
+    assert zds("create", a, "--bridge", bridge, "--subnet4", "10.184.0.0/24").returncode == 0
+    refused = zds("create", "zdst-never", "--bridge", bridge, "--subnet4", "10.185.0.0/24")
+    assert refused.returncode == 1
+    assert f"bridge {bridge} exists but does not have 10.185.0.1" in refused.stderr
+    assert "zdst-never" not in list_netns()
+    zds("delete", a, "--bridge", bridge)
