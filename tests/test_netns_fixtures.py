@@ -440,8 +440,8 @@ def test_cli_create_list_delete(zds_cmd: list[str], netns_name: str) -> None:
     }
 
     table = run_zds(zds_cmd, "netns", "list")
-    assert table.stdout.splitlines()[0].split() == ["NAME", "PATH", "IDENTITY"]
-    assert [netns_name, f"/var/run/netns/{netns_name}", f"{st.st_dev}:{st.st_ino}"] in [
+    assert table.stdout.splitlines()[0].split() == ["NAME", "PATH", "IDENTITY", "ADDRESSES"]
+    assert [netns_name, f"/var/run/netns/{netns_name}", f"{st.st_dev}:{st.st_ino}", "-"] in [
         line.split() for line in table.stdout.splitlines()
     ]
 
