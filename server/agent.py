@@ -127,7 +127,7 @@ class NodeAgent(ConnectionObserver):
         as KeepWorkload, as after a node-agent restart in Istio.
         """
         spec.validate()
-        with self._span(spans.ENROLL_POD, _pod_attributes(spec)):
+        with self._span(spans.ENROLL_POD, _pod_attributes(spec)) as span:
             try:
                 netns = self._open_netns(spec)
             except NetnsError as exc:
@@ -136,9 +136,15 @@ class NodeAgent(ConnectionObserver):
                     exc,
                     extra=_pod_extra(spec),
                 )
+                span.set_attribute(spans.OUTCOME, "loaded_without_netns")
                 return self._enrolled(Pod(spec=spec, netns=None))
             pod = Pod(spec=spec, netns=netns)
-            await self._install_rules(pod)
+            try:
+                await self._install_rules(pod)
+            except EnrollmentError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise
+            span.set_attribute(spans.OUTCOME, "loaded")
             return self._enrolled(pod)
 
     async def add_pod(self, spec: PodSpec) -> Enrolled:

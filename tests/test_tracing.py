@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import re
 import secrets
 import threading
 import time
@@ -373,6 +374,10 @@ def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., 
         assert f'"name": "{name}"' in out
     assert '"k8s.pod.uid": "u1"' in out
     assert "tracing=on" in out
+    # the log line about it names the trace it belongs to
+    [line] = [x for x in out.splitlines() if "pod enrolled (netns" in x]
+    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
+    assert trace_id is not None and f'"trace_id": "0x{trace_id.group(1)}"' in out
 
 
 class Collector:
