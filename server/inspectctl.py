@@ -134,6 +134,9 @@ def event_details(event: nodeagent_pb2.Event) -> str:
             parts.append(f"pid={conn.peer.pid} uid={conn.peer.uid} gid={conn.peer.gid}")
         if kind == nodeagent_pb2.EVENT_KIND_ZTUNNEL_CONNECTED:
             parts.append(f"version={_VERSIONS.get(conn.hello_version, str(conn.hello_version))}")
+            parts.append(
+                f"state={_enum(nodeagent_pb2.ConnectionState.Name(conn.state), 'CONNECTION_STATE_')}"
+            )
             if conn.newest:
                 parts.append("newest")
         else:

@@ -400,6 +400,7 @@ def test_zds_watch_prints_one_readable_line_per_event_and_exits_cleanly_on_ctrl_
     lines = read(out).splitlines()
     assert lines[0].split()[1:3] == ["pod", "enrolled"] and "uid=u1 pod=shop/web" in lines[0]
     assert lines[0].endswith("(current state)")
+    assert "ztunnel connected" in lines[1] and "version=V1 state=ready newest (current state)" in lines[1]
     assert "--- current state: 1 pod(s), 1 ztunnel connection(s); live events follow ---" in lines[2]
     live = [" ".join(line.split()[1:3]) for line in lines[3:]]
     assert live == [
