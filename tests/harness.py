@@ -234,3 +234,47 @@ def own_netns() -> str:
 def send_signal_kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
+
+
+class AckingPeer:
+    """A ztunnel stand-in that says hello and answers every request from a thread.
+
+    ``nack`` maps a uid to the error its AddWorkload is answered with; ``received``
+    lists every request in order (``kinds`` their oneof names).
+    """
+
+    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
+        import threading
+
+        self.raw = RawPeer(path)
+        self.nack = nack or {}
+        self.received: list[Request] = []
+        self._stop = threading.Event()
+        self.raw.hello()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def kinds(self) -> list[str]:
+        from zds.protocol.messages import request_kind
+
+        return [request_kind(r) for r in list(self.received)]
+
+    def _run(self) -> None:
+        from zds.protocol.messages import AddWorkload
+
+        while not self._stop.is_set():
+            got = self.raw.recv(timeout=0.1)
+            if got is None:
+                continue
+            got.close_fds()
+            if not got.payload:
+                return
+            request = got.request
+            self.received.append(request)
+            self.raw.ack(self.nack.get(request.uid, "") if isinstance(request, AddWorkload) else "")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.raw.close()

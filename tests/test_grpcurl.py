@@ -8,14 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.harness import NodeAgentProc, RawPeer, own_netns, wait_until
-from zds.protocol.messages import request_kind
+from tests.harness import AckingPeer, NodeAgentProc, own_netns, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -37,34 +35,6 @@ def grpcurl_binary() -> str:
 
 
 GRPCURL = grpcurl_binary()
-
-
-class AckingPeer:
-    """Says hello and answers every request in a thread."""
-
-    def __init__(self, path: str) -> None:
-        self.raw = RawPeer(path)
-        self.kinds: list[str] = []
-        self._stop = threading.Event()
-        self.raw.hello()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self.raw.recv(timeout=0.1)
-            if got is None:
-                continue
-            got.close_fds()
-            if not got.payload:
-                return
-            self.kinds.append(request_kind(got.request))
-            self.raw.ack()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.raw.close()
 
 
 @pytest.fixture

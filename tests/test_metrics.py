@@ -5,7 +5,6 @@ stand-ins connect, ack, nack and go away."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -15,41 +14,12 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import NodeAgentProc, RawPeer, free_port, own_netns, post_unix, wait_until
+from tests.harness import AckingPeer, NodeAgentProc, RawPeer, free_port, own_netns, post_unix, wait_until
 from zds.gen import nodeagent_pb2
-from zds.protocol.messages import request_kind
 
 pytestmark = pytest.mark.root
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-class AckingPeer:
-    """Says hello and answers every request in a thread (``nack``: uid -> error for its Add)."""
-
-    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
-        self.raw = RawPeer(path)
-        self.nack = nack or {}
-        self._stop = threading.Event()
-        self.raw.hello()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self.raw.recv(timeout=0.1)
-            if got is None:
-                continue
-            got.close_fds()
-            if not got.payload:
-                return
-            uid = getattr(got.request, "uid", "")
-            self.raw.ack(self.nack.get(uid, "") if request_kind(got.request) == "add" else "")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.raw.close()
 
 
 class Server(NodeAgentProc):

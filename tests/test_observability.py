@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,39 +12,10 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, RawPeer, own_netns, wait_until
+from tests.harness import ZDS, AckingPeer, NodeAgentProc, RawPeer, own_netns, wait_until
 from zds.gen import nodeagent_pb2
-from zds.protocol.messages import request_kind
 
 pytestmark = pytest.mark.root
-
-
-class AckingPeer:
-    """Says hello and answers every request in a thread (``nack``: uid -> error for its Add)."""
-
-    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
-        self.raw = RawPeer(path)
-        self.nack = nack or {}
-        self._stop = threading.Event()
-        self.raw.hello()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self.raw.recv(timeout=0.1)
-            if got is None:
-                continue
-            got.close_fds()
-            if not got.payload:
-                return
-            uid = getattr(got.request, "uid", "")
-            self.raw.ack(self.nack.get(uid, "") if request_kind(got.request) == "add" else "")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.raw.close()
 
 
 @pytest.fixture

@@ -23,9 +23,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tests.harness import NodeAgentProc, RawPeer, free_port, own_netns, wait_until
+from tests.harness import AckingPeer, NodeAgentProc, RawPeer, free_port, own_netns, wait_until
 from zds.netns import create_netns, delete_netns
-from zds.protocol.messages import request_kind
 from zds.server import spans
 from zds.server.agent import AgentConfig, EnrollmentError, NodeAgent
 from zds.server.connection import cancel_and_wait
@@ -35,34 +34,6 @@ from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root
-
-
-class AckingPeer:
-    """Says hello and answers every request in a thread (``nack``: uid -> error for its Add)."""
-
-    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
-        self.raw = RawPeer(path)
-        self.nack = nack or {}
-        self._stop = threading.Event()
-        self.raw.hello()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self.raw.recv(timeout=0.1)
-            if got is None:
-                continue
-            got.close_fds()
-            if not got.payload:
-                return
-            uid = getattr(got.request, "uid", "")
-            self.raw.ack(self.nack.get(uid, "") if request_kind(got.request) == "add" else "")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.raw.close()
 
 
 async def until(predicate: Callable[[], Any], what: str) -> None:

@@ -15,48 +15,12 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, RawPeer, own_netns, wait_until
+from tests.harness import ZDS, AckingPeer, NodeAgentProc, own_netns, wait_until
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.protocol.messages import request_kind
 
 pytestmark = pytest.mark.root
 
 K = nodeagent_pb2
-
-
-class AckingPeer:
-    """A ztunnel stand-in that says hello and answers every request in a thread.
-
-    ``nack`` maps a uid to the error its AddWorkload is answered with.
-    """
-
-    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
-        self.raw = RawPeer(path)
-        self.nack = nack or {}
-        self.received: list[Any] = []
-        self._stop = threading.Event()
-        self.raw.hello()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self.raw.recv(timeout=0.1)
-            if got is None:
-                continue
-            got.close_fds()
-            if not got.payload:
-                return
-            request = got.request
-            self.received.append(request)
-            uid = getattr(request, "uid", "")
-            error = self.nack.get(uid, "") if request_kind(request) == "add" else ""
-            self.raw.ack(error)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.raw.close()
 
 
 @pytest.fixture
