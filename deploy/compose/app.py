@@ -5,7 +5,7 @@ them inside a pod's network namespace as user ``nobody`` with every capability
 dropped (``nsenter --net=... setpriv --reuid=65534 ...``), the way a pod's
 application runs. Neither knows about ztunnel: the redirection is transparent.
 
-    python3 app.py serve --port 9080
+    python3 app.py serve --port 9080 [--stop-on-eof]
     python3 app.py send --host 10.177.0.3 --port 9080 --size 65536
 """
 
@@ -31,7 +31,7 @@ def capabilities() -> str:
     return "?"
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, stop_on_eof: bool) -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         total = 0
@@ -63,8 +63,16 @@ async def serve(port: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if stop_on_eof:
+        # Whoever started us holds our stdin: its closing (or its death) stops us. That
+        # needs no privilege, where signalling a process of another user needs CAP_KILL.
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        eof = loop.create_task(reader.read())
+        eof.add_done_callback(lambda _: stop.set())
     async with server:
         await stop.wait()
+    print("app: stopped", flush=True)
 
 
 def send(host: str, port: int, size: int, timeout: float) -> int:
@@ -101,6 +109,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve", help="TCP echo server (dual stack)")
     serve_cmd.add_argument("--port", type=int, required=True)
+    serve_cmd.add_argument("--stop-on-eof", action="store_true", help="stop when stdin reaches EOF")
     send_cmd = sub.add_parser("send", help="send random bytes, expect them echoed back")
     send_cmd.add_argument("--host", required=True)
     send_cmd.add_argument("--port", type=int, required=True)
@@ -108,7 +117,7 @@ def main() -> int:
     send_cmd.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     if args.command == "serve":
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, args.stop_on_eof))
         return 0
     try:
         return send(args.host, args.port, args.size, args.timeout)

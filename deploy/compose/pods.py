@@ -17,6 +17,7 @@ pods themselves, and the applications in them, get no privilege at all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import types
+from collections.abc import Callable
 from typing import NoReturn
 
 import scenario
@@ -63,9 +65,21 @@ def node_agent_answers() -> bool:
 
 def start_app(pod: PodInfo) -> subprocess.Popen[bytes]:
     argv = scenario.unprivileged(
-        pod.netns, [sys.executable, scenario.APP, "serve", "--port", str(scenario.APP_PORT)]
+        pod.netns,
+        [sys.executable, scenario.APP, "serve", "--port", str(scenario.APP_PORT), "--stop-on-eof"],
     )
-    return subprocess.Popen(argv)
+    # The app runs as nobody: we may not signal it (no CAP_KILL), so it stops when we
+    # close its stdin, or when we die.
+    return subprocess.Popen(argv, stdin=subprocess.PIPE)
+
+
+def stop_app(app: subprocess.Popen[bytes]) -> None:
+    if app.stdin is not None:
+        app.stdin.close()
+    try:
+        app.wait(5)
+    except subprocess.TimeoutExpired:
+        log(WHO, f"the app (pid {app.pid}) did not stop; the container's end will stop it")
 
 
 def app_listening(pid: int) -> bool:
@@ -122,6 +136,11 @@ def enroll(pods: list[PodInfo]) -> None:
                 raise scenario.Timeout(f"the pods were not acked within {ENROLL_TIMEOUT:g}s")
     finally:
         os.unlink(f.name)
+
+
+def unpublish() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(scenario.PODS_INFO)
 
 
 def remove(pods: list[PodInfo]) -> None:
@@ -185,23 +204,21 @@ def main() -> NoReturn:
         # A second signal must not cut the cleanup short.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(scenario.PODS_INFO)
+        # Each step runs whatever the one before it did.
+        steps: list[Callable[[], None]] = [unpublish]
         if made:
-            remove(made)
-        for app in apps:
-            app.terminate()
+            steps.append(lambda: remove(made))
+        steps += [functools.partial(stop_app, app) for app in apps]
+        steps.append(net.close)
+        clean = True
+        for step in steps:
             try:
-                app.wait(5)
-            except subprocess.TimeoutExpired:
-                app.kill()
-                app.wait()
-        try:
-            net.close()
-        except NetnsError as exc:
-            log(WHO, f"cleanup: {exc}")
-            code = 1
-        log(WHO, "pods, app, bridge and namespaces removed")
+                step()
+            except Exception as exc:
+                log(WHO, f"cleanup: {type(exc).__name__}: {exc}")
+                clean = False
+        log(WHO, "pods, app, bridge and namespaces removed" if clean else "cleanup incomplete")
+        code = code if clean else 1
     sys.exit(code)
 
 
