@@ -59,14 +59,14 @@ USER 10001:10001
 # --- ztunnel: `zds ztunnel` ---------------------------------------------------------
 FROM runtime AS ztunnel
 # Ready only while connected to the node agent, the snapshot reconciled, nothing pending.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD ["zds-get", "--quiet", "http://127.0.0.1:15021/healthz/ready"]
 ENTRYPOINT ["zds", "ztunnel"]
 
 # --- node-agent: `zds server` -------------------------------------------------------
 FROM runtime AS node-agent
 # Ready once the ZDS socket, the control API and the other listeners are up.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
     CMD ["zds-get", "--quiet", "http://127.0.0.1:8000/readyz"]
 ENTRYPOINT ["zds", "server"]
 

@@ -279,7 +279,9 @@ def compose_run() -> Iterator[ComposeRun]:
 def test_compose_scenario_carries_pod_traffic_through_both_ztunnel_listeners(compose_run: ComposeRun) -> None:
     run = compose_run
     run.run(
-        [*run.compose, "--podman-build-args", "--network host --format docker", "build"],
+        # One build at a time: the first fills the layer cache the others then reuse. Docker
+        # image format, or podman drops HEALTHCHECK; host network: no container network here.
+        [*run.compose, "--parallel", "1", "--podman-build-args", "--network host --format docker", "build"],
         timeout=1200,
     )
     run.run([*run.compose, "up", "-d", "--no-build"], timeout=300)
