@@ -10,11 +10,6 @@ counters (``/config_dump``) show every connection went out through the client
 pod's outbound listener (15001) and in through the server pod's inbound
 listener (15006).
 
-A ztunnel without a data path (no ``traffic`` counters in its config_dump) can
-only prove interception: the connection lands on ztunnel's 15001 instead of the
-application, which never answers. That mode says so loudly
-(``INTERCEPTION ONLY``) and passes only if the echo did *not* come back.
-
 Shares ztunnel's network namespace (``network_mode: service:ztunnel``) to reach
 its admin endpoint on 127.0.0.1. Needs CAP_SYS_ADMIN (enter the client pod's
 netns) and CAP_SETUID/CAP_SETGID (become nobody there).
@@ -36,8 +31,6 @@ WHO = "check"
 TIMEOUT = 240.0
 PAYLOAD_SIZE = 256 * 1024
 OUTBOUND, INBOUND = 15001, 15006
-#: Printed when ztunnel has no data path: the check then proves interception only.
-INTERCEPTION_ONLY = "INTERCEPTION ONLY"
 
 
 class CheckFailed(Exception):
@@ -173,26 +166,6 @@ def check_data_path(client: PodInfo, server: PodInfo, targets: list[str], before
     )
 
 
-def check_interception(client: PodInfo, server: PodInfo, targets: list[str]) -> None:
-    log(
-        WHO,
-        f"{INTERCEPTION_ONLY}: this ztunnel has no data path (no per-workload traffic counters in "
-        "config_dump); proving the connections are intercepted, not that they are relayed",
-    )
-    for host in targets:
-        result = send(client, host, scenario.APP_PORT)
-        if result.get("identical"):
-            raise CheckFailed(
-                f"{client.name} -> [{host}]:{scenario.APP_PORT} reached the application directly: "
-                "the redirection did not take it to ztunnel"
-            )
-        log(
-            WHO,
-            f"{client.name} -> {server.name} [{host}]:{scenario.APP_PORT}: intercepted ({result.get('error')})",
-        )
-    log(WHO, f"PASS ({INTERCEPTION_ONLY}): traffic is redirected to ztunnel; relaying it is not checked")
-
-
 def run() -> None:
     info = scenario.wait_for(
         f"the pods service to publish {scenario.PODS_INFO}", scenario.read_pods_info, TIMEOUT
@@ -204,11 +177,7 @@ def run() -> None:
     )
     check_rules([client, server])
     check_listeners(before, client, server)
-    targets = [server.ipv4, server.ipv6]
-    if any("traffic" in state for state in before.values()):
-        check_data_path(client, server, targets, before)
-    else:
-        check_interception(client, server, targets)
+    check_data_path(client, server, [server.ipv4, server.ipv6], before)
 
 
 def main() -> int:
