@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,65 +84,92 @@ async def forward_udp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     return None
 
 
-class _UdpServer(asyncio.DatagramProtocol):
-    def __init__(self, owner: DnsProxy) -> None:
-        self.owner = owner
-        self.transport: asyncio.DatagramTransport | None = None
+IP_PKTINFO = 8  # linux/in.h (Python 3.11's socket module lacks it)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.owner.spawn(self._answer(data, addr))
+def _open_udp(family: int, port: int, *, mark: int, reuse_port: bool) -> socket.socket:
+    """A UDP socket on ``port`` that reports each datagram's local address (PKTINFO).
 
-    async def _answer(self, query: bytes, addr: tuple[str, int]) -> None:
-        self.owner.stats.connections += 1
-        self.owner.stats.bytes_sent += len(query)
-        answer = await forward_udp(query, self.owner.resolvers)
-        if answer is None:
-            self.owner.stats.failed += 1
-            return
-        self.owner.stats.bytes_received += len(answer)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(answer, addr)
+    The reply must leave from the address the query was redirected to (REDIRECT rewrites
+    the destination to a local address): only then does conntrack turn it back into an
+    answer from the server the pod asked. A wildcard socket's routing-chosen source
+    would not match, so the local address is read from PKTINFO and used on send.
+    """
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            sock.bind(("::", port))
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+            sock.bind(("0.0.0.0", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _local_address(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, bytes] | None:
+    """The PKTINFO control message to send a reply with: the query's local address as source."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+            _ifindex, _spec_dst, addr = _IN_PKTINFO.unpack_from(data)
+            return socket.SOL_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, addr, b"\0" * 4)
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= _IN6_PKTINFO.size:
+            addr6, _ifindex = _IN6_PKTINFO.unpack_from(data)
+            return socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(addr6, 0)
+    return None
 
 
 @dataclass
 class DnsProxy:
-    """A pod's port 15053: a UDP socket and a TCP listener made inside its netns."""
+    """A pod's port 15053: UDP sockets (IPv4, IPv6) and a TCP listener made inside its netns."""
 
-    udp: socket.socket
+    udp: list[socket.socket]
     tcp: InpodListener
     resolvers: list[Resolver]
     stats: DirectionStats = field(default_factory=DirectionStats)
-    _transport: asyncio.DatagramTransport | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _reading: bool = False
 
     @classmethod
     def open(
         cls, netns_fd: int, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]
     ) -> DnsProxy:
-        """Make both sockets inside the netns (inline setns); OSError if the port is taken."""
+        """Make the sockets inside the netns (inline setns); OSError if the port is taken."""
         made: list[socket.socket] = []
         try:
             with in_netns(netns_fd):
-                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                    sock = socket.socket(socket.AF_INET6, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-                    made.append(sock)
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if reuse_port:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                    sock.bind(("::", port))
-            made[1].listen(128)
+                made.append(_open_udp(socket.AF_INET, port, mark=mark, reuse_port=reuse_port))
+                try:
+                    made.append(_open_udp(socket.AF_INET6, port, mark=mark, reuse_port=reuse_port))
+                except OSError as exc:
+                    if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        raise
+                tcp = socket.socket(
+                    socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
+                made.append(tcp)
+                tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                tcp.bind(("::", port))
+            tcp.listen(128)
         except BaseException:
             for sock in made:
                 sock.close()
             raise
-        tcp = InpodListener(spec=ListenerSpec("dns", port), sock=made[1], address=f"[::]:{port}")
-        return cls(udp=made[0], tcp=tcp, resolvers=resolvers)
+        listener = InpodListener(spec=ListenerSpec("dns", port), sock=made[-1], address=f"[::]:{port}")
+        return cls(udp=made[:-1], tcp=listener, resolvers=resolvers)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -149,9 +177,36 @@ class DnsProxy:
         task.add_done_callback(self._tasks.discard)
 
     async def start_udp(self) -> None:
+        """Serve the UDP sockets from the event loop."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpServer(self), sock=self.udp)
-        self._transport = transport
+        for sock in self.udp:
+            loop.add_reader(sock.fileno(), self._readable, sock)
+        self._reading = True
+
+    def _readable(self, sock: socket.socket) -> None:
+        space = socket.CMSG_SPACE(max(_IN_PKTINFO.size, _IN6_PKTINFO.size))
+        while True:
+            try:
+                query, ancdata, _flags, addr = sock.recvmsg(MAX_UDP, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("DNS recvmsg failed: %s", exc)
+                return
+            self.spawn(self._answer(sock, query, _local_address(ancdata), addr))
+
+    async def _answer(
+        self, sock: socket.socket, query: bytes, source: tuple[int, int, bytes] | None, addr: Any
+    ) -> None:
+        self.stats.connections += 1
+        self.stats.bytes_sent += len(query)
+        answer = await forward_udp(query, self.resolvers)
+        if answer is None:
+            self.stats.failed += 1
+            return
+        self.stats.bytes_received += len(answer)
+        with contextlib.suppress(OSError):
+            sock.sendmsg([answer], [source] if source else [], 0, addr)
 
     async def handle_tcp(self, conn: AcceptedConnection) -> None:
         """TCP DNS: relay the stream to the first resolver that takes the connection."""
@@ -172,9 +227,14 @@ class DnsProxy:
         conn.sock.close()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-        self.udp.close()
+        if self._reading:
+            loop = asyncio.get_running_loop()
+            for sock in self.udp:
+                if sock.fileno() >= 0:
+                    loop.remove_reader(sock.fileno())
+            self._reading = False
+        for sock in self.udp:
+            sock.close()
         self.tcp.sock.close()
         for task in list(self._tasks):
             task.cancel()

@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +30,64 @@ APP_PORT = 8080
 MIB = os.urandom(1024 * 1024)
 
 
+class FakeResolver:
+    """A stand-in for the node's resolver on 127.0.0.1 (UDP and TCP, one port): answers
+    each query with ``b"answer:" + query`` (TCP: the stream echoed back with that prefix)."""
+
+    def __init__(self) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(8)
+        for sock in (self.udp, self.tcp):
+            sock.settimeout(0.2)
+        self.queries: list[bytes] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._serve_udp, self._serve_tcp)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve_udp(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, addr = self.udp.recvfrom(65535)
+            except (TimeoutError, OSError):
+                continue
+            self.queries.append(query)
+            self.udp.sendto(b"answer:" + query, addr)
+
+    def _serve_tcp(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while chunk := conn.recv(65535):
+                    data += chunk
+                self.queries.append(data)
+                conn.sendall(b"answer:" + data)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+        self.udp.close()
+        self.tcp.close()
+
+
 @dataclass
 class Mesh:
     server: NodeAgentProc
     ztunnel: ZtunnelProcess
     pods: dict[str, PodFixture]
     apps: dict[str, EchoServer]
+    resolver: FakeResolver
 
     def uid(self, name: str) -> str:
         return f"uid-{name}"
@@ -62,14 +115,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     server: NodeAgentProc | None = None
     ztunnel: ZtunnelProcess | None = None
     apps: dict[str, EchoServer] = {}
+    resolver = FakeResolver()
     try:
         pods = {name: net.add_pod(f"zdst-{tag}-{name}") for name in ("a", "b", "c", "d", "e")}
         for name in ("b", "d", "e"):
             apps[name] = EchoServer(pods[name].netns_path, APP_PORT)
         server = NodeAgentProc(str(tmp), redirect=True).wait_ready()
-        ztunnel = ZtunnelProcess(server.zds_socket, str(tmp / "ztunnel.log"))
+        ztunnel = ZtunnelProcess(
+            server.zds_socket, str(tmp / "ztunnel.log"), "--dns-upstream", f"127.0.0.1:{resolver.port}"
+        )
         ztunnel.address("admin")
-        mesh = Mesh(server=server, ztunnel=ztunnel, pods=pods, apps=apps)
+        mesh = Mesh(server=server, ztunnel=ztunnel, pods=pods, apps=apps, resolver=resolver)
         wait_until(lambda: "total connected: 1" in server.output(), what="ztunnel connected")  # type: ignore[union-attr]
         for name in ("a", "b", "e"):  # c and d stay out of the mesh
             mesh.enroll(name)
@@ -81,6 +137,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             server.stop()
         for app in apps.values():
             app.close()
+        resolver.close()
         net.close()
 
 
@@ -142,18 +199,29 @@ def test_fifty_concurrent_connections_all_complete(mesh: Mesh) -> None:
     wait_until(lambda: mesh.connections("b", "inbound") == before + 50, what="50 inbound relays")
 
 
-def test_dns_in_an_enrolled_pod_reaches_the_forwarder(mesh: Mesh) -> None:
-    """The rules send the pod's DNS to 15053; zds answers there (forwarding to the node's
-    resolvers), so a DNS query is not refused. Without resolvers it times out instead of
-    being refused at once."""
+def test_dns_from_an_enrolled_pod_is_answered_through_the_forwarder(mesh: Mesh) -> None:
+    """The rules send the pod's DNS (UDP and TCP 53) to 15053; zds forwards each query to
+    the node's resolver and the answer comes back as if from the server the pod asked."""
+    query = b"\x12\x34 a dns query"
     with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(10)
-        # TCP to port 53 of an address nobody serves: only the redirect to 15053 can accept it.
-        sock.connect(("192.0.2.53", 53))
-    dump = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]
-    assert dump["dns"] is not None
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp:
+        udp.settimeout(10)
+        udp.sendto(query, ("192.0.2.53", 53))  # a resolver address nobody serves
+        answer, source = udp.recvfrom(65535)
+    assert answer == b"answer:" + query
+    assert source == ("192.0.2.53", 53)  # conntrack undoes the redirect on the reply
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with udp6:
+        udp6.settimeout(10)
+        udp6.sendto(b"v6 query", ("2001:db8::53", 53))
+        answer6, source6 = udp6.recvfrom(65535)
+    assert answer6 == b"answer:v6 query" and source6[:2] == ("2001:db8::53", 53)
+    assert exchange_from(mesh.pods["a"].netns_path, "192.0.2.53", 53, b"tcp query") == b"answer:tcp query"
+    assert query in mesh.resolver.queries and b"tcp query" in mesh.resolver.queries
+    dns = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]["dns"]
+    assert dns["connections"] >= 3 and dns["failed"] == 0
 
 
 def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mesh: Mesh) -> None:
