@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from zds import defaults
-from zds.netns import NetnsError, NetnsHandle, open_netns_ref
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, open_netns_ref
 from zds.protocol.messages import Ack, AddWorkload, DelWorkload, KeepWorkload, Request, request_kind
 from zds.protocol.nodeagent import AcceptLimiter
 from zds.server import spans
@@ -41,6 +42,14 @@ from zds.transport import accept
 
 log = logging.getLogger("zds.server")
 
+T = TypeVar("T")
+
+
+def _retrieve_exception(task: asyncio.Future[Any]) -> None:
+    """An owned task whose caller gave up still has its outcome read (no 'never retrieved')."""
+    if not task.cancelled():
+        task.exception()
+
 
 class EnrollmentError(Exception):
     """Enrollment failed; ``kind`` says how (the control API maps it to a gRPC status)."""
@@ -49,6 +58,7 @@ class EnrollmentError(Exception):
     NO_CONNECTION = "no-connection"  # cached, delivered in the next snapshot
     NACKED = "nacked"  # ztunnel answered with an error; cached
     LOST = "lost"  # the connection closed before the ack; cached
+    TIMEOUT = "timeout"  # no ack within the ack timeout: the connection was closed; cached
     RULES = "rules"  # the redirection rules could not be installed: nothing cached, nothing sent
 
     def __init__(self, kind: str, message: str) -> None:
@@ -101,7 +111,8 @@ class NodeAgent(ConnectionObserver):
         self.connections: list[ZtunnelConnection] = []
         #: Every live connection, with or without a hello yet (for the limit), in accept order.
         self._live: dict[ZtunnelConnection, None] = {}
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._netns_locks: dict[NetnsIdentity, asyncio.Lock] = {}
         #: Pods being removed: their DelWorkload acks still get logged with the pod's name.
         self._removing: dict[str, PodSpec] = {}
         self.events = EventBus(self.config.watch_queue)
@@ -151,8 +162,21 @@ class NodeAgent(ConnectionObserver):
         """Enroll a pod: open its netns, install the redirection rules, cache it,
         deliver AddWorkload + fd to the newest ztunnel and wait for the ack.
 
-        One trace (``zds.enroll_pod``) with a span for each step.
+        One trace (``zds.enroll_pod``) with a span for each step. The enrollment is the
+        agent's own task: a caller that gives up (a gRPC deadline, a cancelled client)
+        stops waiting, but the enrollment still completes, so the pod's rules and the
+        cache never disagree.
         """
+        return await self._owned(self._add_pod(spec))
+
+    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve_exception)
+        return await asyncio.shield(task)
+
+    async def _add_pod(self, spec: PodSpec) -> Enrolled:
         with self._span(spans.ENROLL_POD, _pod_attributes(spec)) as span:
             try:
                 enrolled = await self._enroll(spec, span)
@@ -193,7 +217,8 @@ class NodeAgent(ConnectionObserver):
         except ConnectionLost as lost:
             if self.pods.get(spec.uid) is pod:
                 pod.last_error = str(lost)
-            raise EnrollmentError(EnrollmentError.LOST, str(lost)) from lost
+            kind = EnrollmentError.TIMEOUT if lost.ack_timeout else EnrollmentError.LOST
+            raise EnrollmentError(kind, str(lost)) from lost
         span.set_attribute(spans.ACK_ERROR, ack.error)
         if ack.error:
             raise EnrollmentError(EnrollmentError.NACKED, ack.error)
@@ -221,7 +246,11 @@ class NodeAgent(ConnectionObserver):
             return
         with self._span(spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
             try:
-                families = await self.redirector.install(pod.netns)
+                async with self._rules_lock(pod.netns.identity):
+                    families = await self.redirector.install(pod.netns)
+            except asyncio.CancelledError:
+                pod.close()
+                raise
             except (RedirectError, NetnsError, OSError) as exc:
                 pod.close()
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -235,36 +264,59 @@ class NodeAgent(ConnectionObserver):
             extra=_pod_extra(pod.spec),
         )
 
+    def _rules_lock(self, identity: NetnsIdentity) -> asyncio.Lock:
+        """One lock per network namespace: installs and removals there never interleave."""
+        lock = self._netns_locks.get(identity)
+        if lock is None:
+            lock = self._netns_locks[identity] = asyncio.Lock()
+        return lock
+
     async def _remove_rules(self, pod: Pod) -> None:
         if self.redirector is None or pod.netns is None or not pod.rules_installed:
             return
+        identity = pod.netns.identity
         with self._span(spans.REMOVE_RULES, {spans.POD_UID: pod.uid}) as span:
             try:
-                await self.redirector.remove(pod.netns)
+                async with self._rules_lock(identity):
+                    # A pod enrolled meanwhile in the same netns (re-added, or another uid) keeps them.
+                    if any(p.netns is not None and p.netns.identity == identity for p in self.pods.values()):
+                        log.info(
+                            "rules kept: another enrolled pod uses this netns", extra=_pod_extra(pod.spec)
+                        )
+                        pod.rules_installed = False
+                        return
+                    await self.redirector.remove(pod.netns)
                 pod.rules_installed = False
             except (RedirectError, NetnsError, OSError) as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 log.warning("cannot remove in-pod redirection rules: %s", exc, extra=_pod_extra(pod.spec))
 
     async def remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
-        """Forget a pod, send DelWorkload to every connection, remove its rules, close its netns fd.
+        """Forget a pod, remove its rules, send DelWorkload to every connection, close its netns fd.
 
-        Done whatever ztunnel answers, even with no ztunnel connected (Istio's rule).
-        Raises KeyError for an unknown uid.
+        Rules first, as Istio's RemovePodFromMesh does: new connections of the pod go direct
+        before ztunnel lets go of it. Done whatever ztunnel answers, even with no ztunnel
+        connected (Istio's rule). Raises KeyError for an unknown uid. Like enrollment, the
+        removal is the agent's own task and completes even if the caller gives up.
         """
+        if uid not in self.pods:
+            raise KeyError(uid)
+        return await self._owned(self._remove_pod(uid))
+
+    async def _remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
         pod = self.pods.pop(uid)
         log.info("pod removed", extra=_pod_extra(pod.spec))
         self.events.publish(EventKind.POD_REMOVED, pod=pod)
         self._removing[uid] = pod.spec
         try:
             with self._span(spans.REMOVE_POD, _pod_attributes(pod.spec)) as span:
+                await self._remove_rules(pod)
                 conns = list(self.connections)
                 ctx = self._trace_context(span)
                 answers = await asyncio.gather(
                     *(c.deliver(DelWorkload(uid=uid), trace_context=ctx) for c in conns),
                     return_exceptions=True,
                 )
-                await self._remove_rules(pod)
         finally:
             self._removing.pop(uid, None)
             pod.close()
@@ -438,9 +490,12 @@ class NodeAgent(ConnectionObserver):
 
     async def close_connections(self, reason: str) -> None:
         for conn in list(self._live):
-            conn.close(reason)
+            conn.protocol.close(reason)  # the reason logs and watchers get
+        # Cancel first: each connection task unregisters its socket from the loop, then closes it.
         for task in list(self._tasks):
             await cancel_and_wait(task)
+        for conn in list(self._live):
+            conn.close(reason)
 
     def close(self) -> None:
         """Close every netns fd in the cache (shutdown)."""

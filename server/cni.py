@@ -9,6 +9,9 @@ Answers 200, 400 for a malformed body, 500 with the reason when enrollment fails
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import json
 import logging
 import uuid
@@ -35,29 +38,92 @@ def derived_uid(namespace: str, name: str) -> str:
     return str(uuid.uuid5(DERIVED_UID_NAMESPACE, f"{namespace}/{name}"))
 
 
+def _field(doc: dict[str, Any], name: str) -> Any:
+    """A field the way Go's encoding/json finds it: the exact key first, then any case."""
+    if name in doc:
+        return doc[name]
+    lowered = name.lower()
+    for key, value in doc.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def _check_ip(value: Any, where: str) -> None:
+    """net.IP from JSON: a string that is empty or an address (or null)."""
+    if value is None or value == "":
+        return
+    if not isinstance(value, str):
+        raise BadEvent(f"{where} must be an IP address string")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise BadEvent(f"{where} {value!r} is not an IP address") from None
+
+
+def _check_ip_config(entry: Any, index: int) -> None:
+    """One element of ``IPs``: Istio's IPConfig{Interface *int; Address net.IPNet; Gateway net.IP}."""
+    where = f"IPs[{index}]"
+    if entry is None:
+        return
+    if not isinstance(entry, dict):
+        raise BadEvent(f"{where} must be an object")
+    interface = _field(entry, "Interface")
+    if interface is not None and (not isinstance(interface, int) or isinstance(interface, bool)):
+        raise BadEvent(f"{where}.Interface must be an integer")
+    address = _field(entry, "Address")
+    if address is not None:
+        if not isinstance(address, dict):
+            raise BadEvent(f"{where}.Address must be an object {{IP, Mask}} (Go's net.IPNet)")
+        _check_ip(_field(address, "IP"), f"{where}.Address.IP")
+        mask = _field(address, "Mask")
+        if mask is not None:
+            if not isinstance(mask, str):
+                raise BadEvent(f"{where}.Address.Mask must be a base64 string")
+            try:
+                base64.b64decode(mask, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadEvent(f"{where}.Address.Mask {mask!r} is not base64") from None
+    _check_ip(_field(entry, "Gateway"), f"{where}.Gateway")
+
+
 def parse_add_event(body: bytes) -> PodSpec:
-    """A PodSpec from the plugin's JSON body; BadEvent says what is wrong with it."""
+    """A PodSpec from the plugin's JSON body; BadEvent says what is wrong with it.
+
+    Checked as Go's encoding/json would unmarshal Istio's CNIPluginAddEvent (keys match
+    case-insensitively; each ``IPs`` element must fit IPConfig), so what Istio's agent
+    answers 400 to, this answers 400 to.
+    """
     try:
         doc: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadEvent(f"body is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise BadEvent("body must be a JSON object with Netns, PodName and PodNamespace")
+    values: dict[str, Any] = {}
     for key in ("Netns", "PodName", "PodNamespace"):
-        if not isinstance(doc.get(key), str) or not doc[key]:
+        value = _field(doc, key)
+        if not isinstance(value, str) or not value:
             raise BadEvent(f"{key} is missing or not a non-empty string")
+        values[key] = value
     for key in ("PodUID", "ServiceAccount"):
-        if key in doc and not isinstance(doc[key], str):
+        value = _field(doc, key)
+        if value is not None and not isinstance(value, str):
             raise BadEvent(f"{key} must be a string")
-    if "IPs" in doc and doc["IPs"] is not None and not isinstance(doc["IPs"], list):
-        raise BadEvent("IPs must be a list")
-    name, namespace = doc["PodName"], doc["PodNamespace"]
+        values[key] = value
+    ips = _field(doc, "IPs")
+    if ips is not None:
+        if not isinstance(ips, list):
+            raise BadEvent("IPs must be a list")
+        for index, entry in enumerate(ips):
+            _check_ip_config(entry, index)
+    name, namespace = values["PodName"], values["PodNamespace"]
     return PodSpec(
-        uid=doc.get("PodUID") or derived_uid(namespace, name),
+        uid=values["PodUID"] or derived_uid(namespace, name),
         name=name,
         namespace=namespace,
-        service_account=doc.get("ServiceAccount") or "default",
-        netns=doc["Netns"],
+        service_account=values["ServiceAccount"] or "default",
+        netns=values["Netns"],
     )
 
 

@@ -42,10 +42,12 @@ log = logging.getLogger("zds.server")
 class ConnectionLost(ConnectionError):
     """The connection closed before the request was acked; ``reason`` says why."""
 
-    def __init__(self, conn_id: str, reason: str) -> None:
+    def __init__(self, conn_id: str, reason: str, *, ack_timeout: bool = False) -> None:
         super().__init__(f"ztunnel connection {conn_id} closed: {reason}")
         self.conn_id = conn_id
         self.reason = reason
+        #: This request's own ack did not come in time (not just: the connection went away).
+        self.ack_timeout = ack_timeout
 
 
 @dataclass
@@ -213,6 +215,12 @@ class ZtunnelConnection:
                 await self._exchange(delivery)
         except ConnectionLost as lost:
             return lost.reason
+        except Exception as exc:
+            # e.g. EMFILE while duplicating a netns fd for the snapshot: this connection
+            # cannot go on; ztunnel reconnects and gets a fresh snapshot.
+            log.exception("ztunnel connection failed", extra=self.log_extra)
+            self.protocol.close(f"internal error: {exc}")
+            return f"internal error: {exc}"
         finally:
             self._shutdown()
 
@@ -241,8 +249,8 @@ class ZtunnelConnection:
                     self._observer.acked(self, request, ack, latency)
                 case SnapshotComplete():
                     self._observer.snapshot_complete(self, self._snapshot_entries)
-                case ConnectionClosed(reason=reason):
-                    raise ConnectionLost(self.id, reason)
+                case ConnectionClosed(reason=reason, ack_timeout=ack_timeout):
+                    raise ConnectionLost(self.id, reason, ack_timeout=ack_timeout)
         return events
 
     async def _receive(self) -> list[Event]:

@@ -38,6 +38,7 @@ _STATUS = {
     EnrollmentError.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
     EnrollmentError.LOST: grpc.StatusCode.UNAVAILABLE,
     EnrollmentError.RULES: grpc.StatusCode.INTERNAL,
+    EnrollmentError.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

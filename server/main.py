@@ -55,10 +55,14 @@ def split_host_port(value: str, flag: str) -> tuple[str, int]:
 async def _start_unix_http(app: web.Application, path: str, mode: int) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-    remove_stale_socket(path)
-    await web.UnixSite(runner, path).start()
-    os.chmod(path, mode)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+        remove_stale_socket(path)
+        await web.UnixSite(runner, path).start()
+        os.chmod(path, mode)
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
 
 
@@ -106,15 +110,22 @@ class NodeAgentServer:
         self._zds_task.add_done_callback(lambda _: listener.close())
 
         addresses = [f"unix:{opts.control_socket}"]
-        os.makedirs(os.path.dirname(opts.control_socket) or ".", mode=0o750, exist_ok=True)
-        remove_stale_socket(opts.control_socket)
+        try:
+            os.makedirs(os.path.dirname(opts.control_socket) or ".", mode=0o750, exist_ok=True)
+            remove_stale_socket(opts.control_socket)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on control socket {opts.control_socket}: {exc}") from exc
         if opts.grpc_listen:
             host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
             addresses.append(f"{host}:{port}")
+        # gRPC creates the socket file itself: a umask makes it 0600 from the start.
+        old_umask = os.umask(0o777 & ~defaults.CONTROL_SOCKET_MODE)
         try:
             self._grpc = await start_control_server(self.agent, addresses)
         except Exception as exc:
             raise StartupError(f"cannot serve the control API on {', '.join(addresses)}: {exc}") from exc
+        finally:
+            os.umask(old_umask)
         os.chmod(opts.control_socket, defaults.CONTROL_SOCKET_MODE)
         self._sockets.append(opts.control_socket)
 

@@ -37,7 +37,13 @@ def call(method: Callable[..., Any], request: Any, timeout: float, socket_path: 
         return method(request, timeout=timeout)
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details() or ""
-        if code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        transport = (
+            "failed to connect",
+            "connection refused",
+            "no such file",
+            "connections to all backends failing",
+        )
+        if code is grpc.StatusCode.UNAVAILABLE and any(t in details.lower() for t in transport):
             raise ControlError(f"cannot reach the node agent at {socket_path}: {details}") from exc
         raise ControlError(f"{code.name}: {details}") from exc
 
@@ -98,7 +104,7 @@ def add(args: argparse.Namespace) -> int:
             for spec in specs:
                 try:
                     resp = call(stub.AddPod, _add_request(spec), args.timeout, args.control_socket)
-                except ControlError as exc:
+                except (ControlError, PodSpecError) as exc:
                     failures += 1
                     answers.append({"uid": spec.uid, "error": str(exc)})
                     if not args.json:

@@ -243,11 +243,13 @@ class AckingPeer:
     lists every request in order (``kinds`` their oneof names).
     """
 
-    def __init__(self, path: str, nack: dict[str, str] | None = None) -> None:
+    def __init__(self, path: str, nack: dict[str, str] | None = None, delay: float = 0.0) -> None:
         import threading
 
         self.raw = RawPeer(path)
         self.nack = nack or {}
+        #: Seconds to wait before each ack (a slow ztunnel).
+        self.delay = delay
         self.received: list[Request] = []
         self._stop = threading.Event()
         self.raw.hello()
@@ -272,6 +274,8 @@ class AckingPeer:
                 return
             request = got.request
             self.received.append(request)
+            if self.delay:
+                time.sleep(self.delay)
             self.raw.ack(self.nack.get(request.uid, "") if isinstance(request, AddWorkload) else "")
 
     def close(self) -> None:

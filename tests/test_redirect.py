@@ -226,3 +226,63 @@ def test_a_rule_failure_fails_enrollment_and_nothing_is_sent(tmp_path: object, n
         peer.close()
         server.stop()
     assert os.path.exists(pod)
+
+
+@pytest.mark.root
+def test_a_caller_that_gives_up_does_not_leave_rules_and_cache_disagreeing(
+    tmp_path: object, namespaces: list[str]
+) -> None:
+    from tests.harness import AckingPeer, wait_until
+    from zds.gen import nodeagent_pb2
+
+    pod = scratch(namespaces)
+    server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
+    peer = AckingPeer(server.zds_socket, delay=1.0)
+    try:
+        wait_until(lambda: "snapshot_sent" in peer.kinds, what="the snapshot")
+        with server.control() as stub:
+            request = nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path=pod)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.AddPod(request, timeout=0.3)  # gives up while ztunnel is still acking
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            # The enrollment went on: cached, acked, and the rules are there.
+            wait_until(
+                lambda: [p.state for p in server.list_pods()] == [nodeagent_pb2.POD_STATE_ACKED],
+                what="the enrollment to complete",
+            )
+            assert "ISTIO_OUTPUT" in saved_in(pod)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="u1"), timeout=0.3)
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_until(lambda: server.list_pods() == [], what="the removal to complete")
+            assert "ISTIO" not in saved_in(pod)
+    finally:
+        peer.close()
+        server.stop()
+
+
+@pytest.mark.root
+def test_remove_and_re_add_at_once_leaves_the_rules_of_the_new_enrollment(
+    tmp_path: object, namespaces: list[str]
+) -> None:
+    import threading
+
+    from tests.harness import AckingPeer, wait_until
+
+    pod = scratch(namespaces)
+    server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
+    peer = AckingPeer(server.zds_socket, delay=0.5)
+    try:
+        wait_until(lambda: "snapshot_sent" in peer.kinds, what="the snapshot")
+        server.add_pod("u2", pod)
+        remover = threading.Thread(target=server.remove_pod, args=("u2",))
+        remover.start()
+        wait_until(lambda: peer.kinds.count("del") == 1, what="the DelWorkload to be in flight")
+        server.add_pod("u2", pod)  # re-enrolled while ztunnel is still acking the delete
+        remover.join(10)
+        [listed] = server.list_pods()
+        assert listed.uid == "u2" and listed.rules_installed
+        assert "ISTIO_OUTPUT" in saved_in(pod)
+    finally:
+        peer.close()
+        server.stop()

@@ -269,7 +269,7 @@ def test_a_missing_ack_closes_the_connection_after_the_deadline(
     peer.expect_closed()
     thread.join(10)
     assert isinstance(result["error"], grpc.RpcError)
-    assert result["error"].code() is grpc.StatusCode.UNAVAILABLE
+    assert result["error"].code() is grpc.StatusCode.DEADLINE_EXCEEDED
     server.wait_for_output("no ack for add within 0.5s")
 
 
@@ -336,16 +336,29 @@ def test_socket_file_is_0600_and_a_stale_one_is_replaced(server_factory: object,
     peer.close()
 
 
-def test_a_regular_file_at_the_socket_path_is_not_clobbered(server_factory: object, tmp_path: object) -> None:
-    path = os.path.join(str(tmp_path), "ztunnel", "ztunnel.sock")
-    os.makedirs(os.path.dirname(path))
-    with open(path, "w") as f:
-        f.write("precious")
+def test_a_stale_file_at_a_socket_path_is_replaced_as_istio_does(
+    server_factory: object, tmp_path: object
+) -> None:
+    # Istio removes whatever is at the path (os.Remove); a `touch`ed file is replaced too.
+    for sub in ("ztunnel/ztunnel.sock", "zds/control.sock", "cni/pluginevent.sock"):
+        path = os.path.join(str(tmp_path), sub)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("stale")
+    server = server_factory()  # type: ignore[operator]
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock"])
+def test_a_directory_at_a_socket_path_is_refused_in_one_line(
+    server_factory: object, tmp_path: object, which: str
+) -> None:
+    os.makedirs(os.path.join(str(tmp_path), which))
     server = server_factory(ready=False)  # type: ignore[operator]
     assert server.proc.wait(15) == 1
-    server.wait_for_output("is not a socket; refusing to replace it")
-    with open(path) as f:
-        assert f.read() == "precious"
+    server.wait_for_output("is a directory; refusing to replace it with a socket")
+    assert "Traceback" not in server.output()
 
 
 def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) -> None:

@@ -143,13 +143,14 @@ class SeqpacketConnection:
 
 
 def remove_stale_socket(path: str) -> None:
-    """Remove a leftover socket file at ``path`` (as Istio does after a restart); refuse other files."""
+    """Remove whatever a previous run left at ``path`` (as Istio does: ``os.Remove``, whatever
+    the file is); refuse only a directory."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    if stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.EISDIR, f"{path} is a directory; refusing to replace it with a socket")
     os.unlink(path)
 
 

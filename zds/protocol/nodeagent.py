@@ -73,6 +73,8 @@ class ConnectionClosed:
     reason: str
     request: Request | None = None
     peer_gone: bool = False
+    #: The in-flight request's ack deadline passed.
+    ack_timeout: bool = False
 
 
 Event = HelloAccepted | AckReceived | SnapshotComplete | ConnectionClosed
@@ -203,7 +205,8 @@ class NodeAgentProtocol:
         assert self.in_flight is not None
         return self._close(
             f"no ack for {request_kind(self.in_flight)} within {self._ack_timeout:g}s; "
-            "a late ack would be mistaken for the next one's"
+            "a late ack would be mistaken for the next one's",
+            ack_timeout=True,
         )
 
     def keepalive_due(self, now: float) -> bool:
@@ -222,13 +225,15 @@ class NodeAgentProtocol:
         """Close from our side (shutdown, write error)."""
         return self._close(reason)
 
-    def _close(self, reason: str, *, peer_gone: bool = False) -> list[Event]:
+    def _close(self, reason: str, *, peer_gone: bool = False, ack_timeout: bool = False) -> list[Event]:
         if self.state is ConnectionState.CLOSED:
             return []
         request, self.in_flight = self.in_flight, None
         self.state = ConnectionState.CLOSED
         self.close_reason = reason
-        return [ConnectionClosed(reason=reason, request=request, peer_gone=peer_gone)]
+        return [
+            ConnectionClosed(reason=reason, request=request, peer_gone=peer_gone, ack_timeout=ack_timeout)
+        ]
 
 
 class AcceptLimiter:

@@ -1,0 +1,77 @@
+"""Parsing Istio's CNI plugin add event the way Go's encoding/json unmarshals it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from zds.server.cni import BadEvent, derived_uid, parse_add_event
+
+#: What Istio's plugin sends: IPConfig{Interface *int; Address net.IPNet; Gateway net.IP},
+#: net.IPNet marshalling IP as text and Mask as base64.
+GO_BODY = {
+    "Netns": "/var/run/netns/cni-1234",
+    "PodName": "reviews-v1-abc",
+    "PodNamespace": "bookinfo",
+    "IPs": [
+        {"Interface": 0, "Address": {"IP": "10.244.1.7", "Mask": "////AA=="}, "Gateway": "10.244.1.1"},
+        {
+            "Interface": None,
+            "Address": {"IP": "fd00::7", "Mask": "/////////////////////w=="},
+            "Gateway": None,
+        },
+    ],
+}
+
+
+def body(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_istios_body_parses_with_a_derived_uid_and_default_service_account() -> None:
+    spec = parse_add_event(body(GO_BODY))
+    assert (spec.name, spec.namespace, spec.netns) == (
+        "reviews-v1-abc",
+        "bookinfo",
+        "/var/run/netns/cni-1234",
+    )
+    assert spec.uid == derived_uid("bookinfo", "reviews-v1-abc") and spec.service_account == "default"
+    assert derived_uid("bookinfo", "reviews-v1-abc") != derived_uid("bookinfo", "reviews-v1-abd")
+
+
+def test_keys_match_case_insensitively_as_in_go() -> None:
+    spec = parse_add_event(
+        body({"netns": "/x", "podName": "a", "PODNAMESPACE": "b", "podUid": "u", "serviceaccount": "s"})
+    )
+    assert (spec.netns, spec.name, spec.namespace, spec.uid, spec.service_account) == (
+        "/x",
+        "a",
+        "b",
+        "u",
+        "s",
+    )
+
+
+@pytest.mark.parametrize(
+    ("ip_config", "text"),
+    [
+        ({"Address": "10.0.0.5/24"}, "Address must be an object"),
+        ({"Address": {"IP": "notanip"}}, "not an IP address"),
+        ({"Address": {"IP": "10.0.0.5", "Mask": "%%%"}}, "not base64"),
+        ({"Interface": "eth0"}, "Interface must be an integer"),
+        ({"Gateway": "gw"}, "Gateway 'gw' is not an IP address"),
+        ("10.0.0.5", "must be an object"),
+    ],
+)
+def test_ip_configs_go_would_reject_are_refused(ip_config: Any, text: str) -> None:
+    with pytest.raises(BadEvent, match=text):
+        parse_add_event(body({**GO_BODY, "IPs": [ip_config]}))
+
+
+def test_empty_and_null_ip_fields_are_fine() -> None:
+    parse_add_event(
+        body({**GO_BODY, "IPs": [None, {}, {"Address": {"IP": "", "Mask": None}, "Gateway": ""}]})
+    )
+    parse_add_event(body({**GO_BODY, "IPs": None}))
