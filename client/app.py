@@ -74,6 +74,10 @@ class Ztunnel:
         self.traffic: dict[str, WorkloadTraffic] = {}
         if handlers is None:
             handlers = {"outbound": self.relay, "inbound": self.relay, "dns": serve_dns_tcp}
+        settings = config.proxy
+        self._own_ports = frozenset(
+            [spec.port for spec in settings.specs] + ([settings.dns_port] if settings.dns_port else [])
+        )
         self.proxies = WorkloadProxies(config.proxy, self.metrics, handlers)
         self.client = ZdsClient(
             config.zds_socket,
@@ -109,10 +113,23 @@ class Ztunnel:
             mark=self.config.proxy.mark,
             log_extra=proxy.log_extra,
             preserve_source=role == "inbound" and self.config.proxy.preserve_source,
+            own_ports=self._own_ports,
+            inbound=role == "inbound",
         )
+
+    def _prune_traffic(self) -> None:
+        """Forget the counters of workloads that are gone and have no connection left."""
+        for uid in [u for u in self.traffic if u not in self.protocol.workloads]:
+            traffic = self.traffic[uid]
+            if traffic.outbound.active or traffic.inbound.active:
+                continue
+            del self.traffic[uid]
+            for name in ("zds_ztunnel_proxied_connections_total", "zds_ztunnel_proxied_bytes_total"):
+                self.metrics.forget(name, uid=uid)
 
     def render_metrics(self) -> str:
         """/metrics: the data path's running totals copied in, then the text format."""
+        self._prune_traffic()
         for uid, traffic in self.traffic.items():
             for direction in ("outbound", "inbound"):
                 stats = traffic.role(direction)

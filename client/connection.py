@@ -26,7 +26,7 @@ from collections import deque
 from zds import defaults
 from zds.client.backoff import Backoff
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.workloads import ProxyStartError, WorkloadProxies, workload_log_extra
+from zds.client.workloads import WorkloadProxies, workload_log_extra
 from zds.protocol.messages import request_kind
 from zds.protocol.ztunnel import (
     PROCESS_FAILURE,
@@ -104,19 +104,21 @@ class ZdsClient:
                     delay,
                 )
                 continue
-            synced = await self._session(conn)
-            if synced:
-                self.backoff.reset()
-                delay = 0.0
-            else:
-                delay = self.backoff.next()
+            # ztunnel's connect backoff is per connect: a connection made starts it over.
+            self.backoff.reset()
+            announced = await self._session(conn)
+            if self.protocol.fatal_error is not None:
+                # Stopped for good, even when the nack could not be sent (the peer was gone).
+                raise FatalProtocolError(self.protocol.fatal_error)
+            # After a read error or EOF ztunnel reconnects at once; only a failed hello waits.
+            delay = 0.0 if announced else self.backoff.next()
 
     async def _session(self, conn: SeqpacketConnection) -> bool:
-        """Serve one connection until it ends; True if it reconciled a snapshot."""
+        """Serve one connection until it ends; True if the hello was sent."""
         self.connections += 1
         self._conn_id = f"zds-{self.connections}"
         self.metrics.inc("zds_ztunnel_connections_total")
-        synced = False
+        announced = False
         recv: asyncio.Future[Record] | None = None
         extra = {"conn": self._conn_id}
         try:
@@ -128,6 +130,7 @@ class ZdsClient:
                 self.last_error = f"node agent announcement failed: {exc}"
                 log.error("node agent announcement failed (%s)", exc, extra=extra)
                 return False
+            announced = True
             log.info("connected to the node agent at %s", self.socket_path, extra=extra)
             while True:
                 if recv is None:
@@ -140,7 +143,6 @@ class ZdsClient:
                 fds, record.fds = record.fds, []  # the protocol owns them now
                 events = self.protocol.receive(record.payload, fds, record.flags)
                 close = await self._apply(events, conn)
-                synced = synced or self.protocol.state is ConnectionState.SYNCED
                 if close is not None:
                     self.last_error = close.reason
                     if close.fatal:
@@ -152,11 +154,11 @@ class ZdsClient:
                         log.info("node agent closed the connection", extra=extra)
                     else:
                         log.warning("closing the connection: %s", close.reason, extra=extra)
-                    return synced
+                    return announced
         except (ConnectionError, OSError) as exc:
             self.last_error = f"connection to the node agent failed: {exc}"
             log.warning("connection to the node agent failed: %s", exc, extra=extra)
-            return synced
+            return announced
         finally:
             if recv is not None:
                 # Let the read unregister from the loop before its fd number can be reused.
@@ -231,7 +233,7 @@ class ZdsClient:
         workload = start.workload
         try:
             self.proxies.start(workload)
-        except ProxyStartError as exc:
+        except Exception as exc:  # ProxyStartError, or anything unforeseen (EMFILE...): pending, retried
             log.error(
                 "failed to start proxy: %s",
                 exc,

@@ -170,6 +170,9 @@ async def relay(client: socket.socket, upstream: socket.socket, stats: Direction
 
     try:
         await asyncio.gather(_pump(c_reader, u_writer, sent), _pump(u_reader, c_writer, received))
+    except ConnectionError as exc:
+        # A reset from either side ends the relay; it is how TCP connections end, not an error here.
+        log.debug("relay ended: %s", exc)
     finally:
         for writer in (c_writer, u_writer):
             writer.close()
@@ -187,6 +190,8 @@ async def proxy_connection(
     log_extra: dict[str, str] | None = None,
     connect_timeout: float = 10.0,
     preserve_source: bool = False,
+    own_ports: frozenset[int] = frozenset(),
+    inbound: bool = False,
 ) -> None:
     """Serve one redirected connection: find its original destination, connect there
     from inside ``netns`` with ``mark``, relay. Closes ``client`` in every case.
@@ -201,6 +206,14 @@ async def proxy_connection(
         except OriginalDestinationError as exc:
             stats.failed += 1
             log.warning("connection without an original destination dropped: %s", exc, extra=log_extra)
+            client.close()
+            return
+        refusal = _refuse(client, address, port, own_ports, inbound=inbound)
+        if refusal is not None:
+            # ztunnel refuses these too (its illegal_ports): relaying would dial our own
+            # listener again, and again, until the process runs out of fds.
+            stats.failed += 1
+            log.info("dropped a connection to %s:%d: %s", address, port, refusal, extra=log_extra)
             client.close()
             return
         if ipaddress.ip_address(address).version == 4:
@@ -221,6 +234,34 @@ async def proxy_connection(
     finally:
         stats.active -= 1
         client.close()
+
+
+def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _refuse(
+    client: socket.socket, address: str, port: int, own_ports: frozenset[int], *, inbound: bool
+) -> str | None:
+    """Why a connection must not be relayed, or None.
+
+    - its original destination is the listener it arrived on: it was not redirected
+      (someone connected to 15001/15006 directly), and relaying it would loop;
+    - it is headed for one of ztunnel's own in-pod ports: inbound whatever the address,
+      outbound on loopback (ztunnel's ``illegal_ports`` rules).
+    """
+    try:
+        local = client.getsockname()
+    except OSError:
+        return "the client is gone"
+    if _unmapped(str(local[0])) == _unmapped(address) and int(local[1]) == port:
+        return "not redirected (a direct connection to the listener)"
+    if port in own_ports and (inbound or _unmapped(address).is_loopback):
+        return f"port {port} is one of ztunnel's own in-pod ports"
+    return None
 
 
 def _upstream_socket(

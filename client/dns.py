@@ -89,27 +89,31 @@ _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 
 
-def _open_udp(family: int, port: int, *, mark: int, reuse_port: bool) -> socket.socket:
-    """A UDP socket on ``port`` that reports each datagram's local address (PKTINFO).
+#: Where the DNS forwarder listens in the pod: loopback only, as ztunnel's in-pod DNS
+#: (``Address::Localhost``). The in-pod rules' REDIRECT maps locally generated packets to
+#: exactly these addresses, so capture works, and the pod's IPs do not offer an open resolver.
+DNS_BIND = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
 
-    The reply must leave from the address the query was redirected to (REDIRECT rewrites
-    the destination to a local address): only then does conntrack turn it back into an
-    answer from the server the pod asked. A wildcard socket's routing-chosen source
-    would not match, so the local address is read from PKTINFO and used on send.
-    """
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+
+def _open_dns_socket(
+    family: int, host: str, kind: int, port: int, *, mark: int, reuse_port: bool
+) -> socket.socket:
+    """A UDP or TCP socket on ``host:port``; UDP ones report each datagram's local address (PKTINFO),
+    which the reply is sent from (so conntrack maps it back to the server the pod asked)."""
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            sock.bind(("::", port))
-        else:
-            sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
-            sock.bind(("0.0.0.0", port))
+        if kind == socket.SOCK_DGRAM:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
     except BaseException:
         sock.close()
         raise
@@ -133,7 +137,7 @@ class DnsProxy:
     """A pod's port 15053: UDP sockets (IPv4, IPv6) and a TCP listener made inside its netns."""
 
     udp: list[socket.socket]
-    tcp: InpodListener
+    tcp: list[InpodListener]
     resolvers: list[Resolver]
     stats: DirectionStats = field(default_factory=DirectionStats)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -143,33 +147,37 @@ class DnsProxy:
     def open(
         cls, netns_fd: int, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]
     ) -> DnsProxy:
-        """Make the sockets inside the netns (inline setns); OSError if the port is taken."""
-        made: list[socket.socket] = []
+        """Make the sockets inside the netns (inline setns); OSError if the port is taken.
+        IPv6 loopback is skipped where the pod has no IPv6."""
+        udp: list[socket.socket] = []
+        tcp: list[InpodListener] = []
         try:
             with in_netns(netns_fd):
-                made.append(_open_udp(socket.AF_INET, port, mark=mark, reuse_port=reuse_port))
-                try:
-                    made.append(_open_udp(socket.AF_INET6, port, mark=mark, reuse_port=reuse_port))
-                except OSError as exc:
-                    if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                for family, host in DNS_BIND:
+                    try:
+                        u = _open_dns_socket(
+                            family, host, socket.SOCK_DGRAM, port, mark=mark, reuse_port=reuse_port
+                        )
+                    except OSError as exc:
+                        if family == socket.AF_INET6 and exc.errno in (
+                            errno.EAFNOSUPPORT,
+                            errno.EADDRNOTAVAIL,
+                        ):
+                            continue  # no IPv6 in this pod
                         raise
-                tcp = socket.socket(
-                    socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-                )
-                made.append(tcp)
-                tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                tcp.bind(("::", port))
-            tcp.listen(128)
+                    udp.append(u)
+                    t = _open_dns_socket(
+                        family, host, socket.SOCK_STREAM, port, mark=mark, reuse_port=reuse_port
+                    )
+                    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+                    tcp.append(InpodListener(spec=ListenerSpec("dns", port), sock=t, address=address))
         except BaseException:
-            for sock in made:
+            for sock in udp:
                 sock.close()
+            for listener in tcp:
+                listener.sock.close()
             raise
-        listener = InpodListener(spec=ListenerSpec("dns", port), sock=made[-1], address=f"[::]:{port}")
-        return cls(udp=made[:-1], tcp=listener, resolvers=resolvers)
+        return cls(udp=udp, tcp=tcp, resolvers=resolvers)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -235,7 +243,8 @@ class DnsProxy:
             self._reading = False
         for sock in self.udp:
             sock.close()
-        self.tcp.sock.close()
+        for listener in self.tcp:
+            listener.sock.close()
         for task in list(self._tasks):
             task.cancel()
 
@@ -243,5 +252,5 @@ class DnsProxy:
 def dns_port_error(exc: OSError, port: int = defaults.DNS_PORT) -> str:
     """A readable reason for a DNS port that could not be opened."""
     if exc.errno == errno.EADDRINUSE:
-        return f"[::]:{port}: address already in use"
-    return f"[::]:{port}: {exc.strerror or exc}"
+        return f"127.0.0.1:{port}: address already in use"
+    return f"127.0.0.1:{port}: {exc.strerror or exc}"

@@ -115,6 +115,13 @@ class ZtunnelMetrics:
             raise ValueError(f"{name}{labels} would go down")
         family.values[key] = value
 
+    def forget(self, name: str, **labels: str) -> None:
+        """Drop every series of ``name`` whose labels include ``labels`` (a workload that is gone)."""
+        family = self._families[name]
+        wanted = set(labels.items())
+        for key in [k for k in family.values if wanted <= set(k)]:
+            del family.values[key]
+
     def set(self, name: str, value: float, **labels: str) -> None:
         """Set gauge ``name`` (with ``labels``) to ``value``."""
         family = self._families[name]

@@ -203,11 +203,13 @@ class WorkloadProxies:
                     reuse_port=self.settings.reuse_port,
                     resolvers=list(self.settings.resolvers),
                 )
-            except OSError as exc:
+            except (OSError, NetnsError) as exc:
                 close_listeners(listeners)
                 netns.close()
+                if isinstance(exc, NetnsError):
+                    raise ProxyStartError(str(exc)) from exc
                 raise ProxyStartError(dns_port_error(exc, self.settings.dns_port)) from exc
-            listeners.append(dns.tcp)
+            listeners.extend(dns.tcp)
         proxy = WorkloadProxy(uid, workload.info, netns, listeners)
         proxy.dns = dns
         proxy.serve(self.handlers)

@@ -229,6 +229,7 @@ def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mes
     before = mesh.connections("e", "inbound")
     assert exchange_from(c.netns_path, e.ipv4, APP_PORT, b"via ztunnel\n") == b"via ztunnel\n"
     wait_until(lambda: mesh.connections("e", "inbound") == before + 1, what="E's inbound counter")
+    assert any('uid="uid-e"' in series for series in mesh.ztunnel.metrics())
     mesh.server.remove_pod(mesh.uid("e"))
     wait_until(
         lambda: mesh.uid("e") not in mesh.ztunnel.config_dump()["workloadState"], what="E gone from ztunnel"
@@ -240,6 +241,11 @@ def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mes
     assert exchange_from(c.netns_path, e.ipv4, APP_PORT, b"direct\n") == b"direct\n"
     assert mesh.apps["e"].peers[peers_before:] == [c.ipv4]
     assert mesh.counters("e", "inbound") == {}
+    # A removed workload's per-uid series go too (no unbounded growth with pod churn).
+    wait_until(
+        lambda: not any('uid="uid-e"' in series for series in mesh.ztunnel.metrics()),
+        what="E's metrics to go",
+    )
 
 
 def test_listeners_gone_means_refused_proving_interception(mesh: Mesh, tmp_path: Any) -> None:
@@ -257,3 +263,42 @@ def test_listeners_gone_means_refused_proving_interception(mesh: Mesh, tmp_path:
         assert exchange_from(mesh.pods["c"].netns_path, mesh.pods["d"].ipv4, APP_PORT, b"x") == b"x"
     finally:
         lonely.stop()
+
+
+def dropped(netns_path: str, address: str, port: int) -> bool:
+    """The connection is accepted and then closed without an answer (EOF or reset)."""
+    try:
+        return exchange_from(netns_path, address, port, b"loop?") == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_direct_connections_to_ztunnels_ports_are_dropped_not_looped(mesh: Mesh) -> None:
+    """A connection to B:15006 itself (or to 127.0.0.1:15001 inside A) was not redirected:
+    relaying it would dial the same listener again and again. It is dropped, and the
+    ztunnel process's fd count stays put."""
+    fds_before = len(os.listdir(f"/proc/{mesh.ztunnel.pid}/fd"))
+    in_failed = mesh.counters("b", "inbound")["failed"]
+    out_failed = mesh.counters("a", "outbound")["failed"]
+    assert dropped(mesh.pods["c"].netns_path, mesh.pods["b"].ipv4, 15006)
+    assert dropped(mesh.pods["a"].netns_path, "127.0.0.1", 15001)
+    wait_until(lambda: mesh.counters("b", "inbound")["failed"] == in_failed + 1, what="B's inbound drop")
+    wait_until(lambda: mesh.counters("a", "outbound")["failed"] == out_failed + 1, what="A's outbound drop")
+    assert len(os.listdir(f"/proc/{mesh.ztunnel.pid}/fd")) <= fds_before + 2
+
+
+def test_the_dns_forwarder_is_not_an_open_resolver_on_the_pods_address(mesh: Mesh) -> None:
+    """15053 listens on the pod's loopback only (as ztunnel's in-pod DNS): another pod
+    cannot use it to reach the node's resolvers."""
+    asked = len(mesh.resolver.queries)
+    with open_netns(mesh.pods["c"].netns_path) as ns, in_netns(ns):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with udp:
+        udp.settimeout(1.0)
+        udp.sendto(b"open resolver?", (mesh.pods["b"].ipv4, 15053))
+        with pytest.raises((TimeoutError, ConnectionRefusedError)):
+            udp.recvfrom(65535)
+    # TCP to B:15053 is redirected to B's 15006 like any inbound TCP, and dropped there
+    # (15053 is one of ztunnel's own ports), never forwarded to a resolver.
+    assert dropped(mesh.pods["c"].netns_path, mesh.pods["b"].ipv4, 15053)
+    assert len(mesh.resolver.queries) == asked

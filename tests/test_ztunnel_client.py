@@ -401,7 +401,8 @@ def test_listeners_are_opened_inside_the_pod_netns_with_mark_1337_and_not_on_the
         "[::]:15001",
         "[::]:15006",
         "[::]:15008",
-        "[::]:15053",
+        "127.0.0.1:15053",
+        "[::1]:15053",
     ]
 
 
@@ -898,7 +899,7 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     }
     st = os.stat(pod.path)
     assert w["netns"] == {"dev": st.st_dev, "ino": st.st_ino}
-    assert [entry["name"] for entry in w["listeners"]] == ["outbound", "inbound", "hbone", "dns"]
+    assert [entry["name"] for entry in w["listeners"]] == ["outbound", "inbound", "hbone", "dns", "dns"]
     assert w["lastError"] is None
     assert dump["zds"]["connected"] is True and dump["zds"]["connectionState"] == "synced"
     metrics = z.metrics()
@@ -1060,3 +1061,34 @@ def test_metrics_text_format() -> None:
         m.set("workload_manager_proxies_started_total", 4)
     with pytest.raises(ValueError):
         m.inc("workload_manager_proxies_started_total", -1)
+
+
+@pytest.mark.root
+def test_a_fatal_error_stops_for_good_even_when_the_node_agent_hung_up_first(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+) -> None:
+    z = start_ztunnel("--no-listeners")
+    conn = agent.connect_and_hello()
+    assert conn.snapshot() == Ack()
+    conn.send(encode_request(KeepWorkload(uid="late")))  # Keep after SnapshotSent: fatal
+    conn.close()  # ... and gone before the nack can be written
+    assert z.wait_exit() == 1
+    assert "stopped for good" in z.output()
+
+
+@pytest.mark.root
+def test_after_a_read_error_ztunnel_reconnects_at_once_every_time(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+) -> None:
+    """ztunnel reconnects straight away after a read error; no backoff builds up between
+    bad records (the last accept would time out if it did: after 10 failures a doubling
+    backoff from 10 ms waits about 10 s, far more than the 3 s allowed here)."""
+    start_ztunnel("--no-listeners")
+    for _ in range(10):
+        conn = agent.accept(timeout=15)
+        conn.hello()
+        conn.send(b"\x0a\xff\xff")  # undecodable
+        assert decode_ack(conn.recv()).error.startswith("failure to read message : ")
+        conn.expect_closed()
+    conn = agent.accept(timeout=3.0)
+    conn.hello()

@@ -6,6 +6,7 @@ between a unix socket and the sans-I/O protocol objects; it decides nothing.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -20,6 +21,7 @@ from zds import defaults
 #: Room for fds in one received record: more than ztunnel ever gets, so a
 #: record carrying too many is seen (and refused) instead of silently cut.
 MAX_FDS_PER_RECORD = 4
+_FD_SIZE = array.array("i").itemsize
 
 
 @dataclass
@@ -82,14 +84,22 @@ class SeqpacketConnection:
     def try_recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record | None:
         """Read one record if one is waiting; None if nothing is (never blocks)."""
         try:
-            payload, fds, flags, _addr = socket.recv_fds(
-                self._sock, max_size, MAX_FDS_PER_RECORD, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            # recvmsg itself: socket.recv_fds (3.11) drops MSG_CMSG_CLOEXEC from its flags.
+            payload, ancdata, flags, _addr = self._sock.recvmsg(
+                max_size,
+                socket.CMSG_SPACE(MAX_FDS_PER_RECORD * _FD_SIZE),
+                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT,
             )
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
             return Record(payload=b"")
-        return Record(payload=payload, fds=list(fds), flags=flags)
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % _FD_SIZE
+                fds.extend(array.array("i", data[:usable]))
+        return Record(payload=payload, fds=fds, flags=flags)
 
     async def recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record:
         """Wait for one record. A 0-byte record (``is_eof``) means the peer is gone."""
