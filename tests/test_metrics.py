@@ -137,7 +137,7 @@ def test_a_request_that_never_gets_its_ack_counts_as_unanswered(tmp_path: object
         server.wait_value(1, "ztunnel_connected")
         assert isinstance(add(server, "u1"), grpc.RpcError)  # never acked: the connection is closed
         server.wait_value(1, "zds_messages_total", type="add", outcome="unanswered")
-        assert server.value("zds_pod_enrollments_total", outcome="lost") == 1
+        assert server.value("zds_pod_enrollments_total", outcome="timeout") == 1
         server.wait_value(0, "ztunnel_connected")
     finally:
         if peer is not None:
