@@ -424,7 +424,7 @@ class Demo:
         return now if done else None
 
     def remove_pods(self) -> None:
-        self.n.title("Removing the pods: DelWorkload to every ztunnel, rules out, listeners closed")
+        self.n.title("Removing the pods: rules out, then DelWorkload to every ztunnel, listeners closed")
         stub = self.stub()
         for name, pod in self.pods.items():
             resp = stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid=f"demo-{name}"), timeout=30)
