@@ -96,10 +96,8 @@ def peer_address(sock: socket.socket) -> str | None:
         host = str(sock.getpeername()[0])
     except OSError:
         return None
-    mapped = ipaddress.ip_address(host)
-    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
-        return str(mapped.ipv4_mapped)
-    return host
+    ip = _unmapped(host)
+    return str(ip) if ip.version == 4 else host
 
 
 @dataclass

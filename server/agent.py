@@ -169,12 +169,16 @@ class NodeAgent(ConnectionObserver):
         """
         return await self._owned(self._add_pod(spec))
 
-    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        """A task the agent owns: kept until done, cancelled at shutdown, its outcome always read."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_retrieve_exception)
-        return await asyncio.shield(task)
+        return task
+
+    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.shield(self._spawn(coro))
 
     async def _add_pod(self, spec: PodSpec) -> Enrolled:
         with self._span(spans.ENROLL_POD, _pod_attributes(spec)) as span:
@@ -338,9 +342,7 @@ class NodeAgent(ConnectionObserver):
                 and old.netns.identity != pod.netns.identity
             ):
                 # Replaced by a pod in another netns: take our rules out of the old one too.
-                task = asyncio.ensure_future(self._remove_rules_and_close(old))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._remove_rules_and_close(old))
             else:
                 old.close()  # replaced: its fd goes now (queued sends hold their own dups)
         self.pods[pod.uid] = pod
@@ -457,9 +459,7 @@ class NodeAgent(ConnectionObserver):
                     continue
                 log.info("ztunnel connection accepted from %s", peer, extra=conn.log_extra)
                 self._live[conn] = None
-                task = asyncio.create_task(self._run_connection(conn), name=f"ztunnel-{conn.id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._run_connection(conn), name=f"ztunnel-{conn.id}")
         finally:
             await self.close_connections("node agent shutting down")
 
