@@ -29,7 +29,7 @@ import time
 import grpc
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.netns import create_netns, delete_netns
+from zds.netns.fixtures import create_netns, delete_netns
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from zds import defaults
 from zds.client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from zds.errors import ZdsError
 
 log = logging.getLogger("zds.ztunnel.http")
 
@@ -28,7 +29,7 @@ log = logging.getLogger("zds.ztunnel.http")
 OFF = ("off", "none", "")
 
 
-class ListenAddressError(ValueError):
+class ListenAddressError(ZdsError, ValueError):
     """A HOST:PORT flag value that cannot be used."""
 
 

@@ -27,7 +27,9 @@ from zds import defaults
 from zds.client.backoff import Backoff
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.workloads import WorkloadProxies, workload_log_extra
+from zds.errors import ProtocolError
 from zds.protocol.messages import request_kind
+from zds.protocol.records import Record
 from zds.protocol.ztunnel import (
     PROCESS_FAILURE,
     READ_FAILURE,
@@ -41,12 +43,12 @@ from zds.protocol.ztunnel import (
     StopProxy,
     ZtunnelProtocol,
 )
-from zds.transport import Record, SeqpacketConnection, connect
+from zds.transport import SeqpacketConnection, connect
 
 log = logging.getLogger("zds.ztunnel")
 
 
-class FatalProtocolError(Exception):
+class FatalProtocolError(ProtocolError):
     """The node agent broke the protocol in a way ztunnel does not retry (``ProtocolError``)."""
 
 
@@ -140,8 +142,7 @@ class ZdsClient:
                     continue
                 record = recv.result()
                 recv = None
-                fds, record.fds = record.fds, []  # the protocol owns them now
-                events = self.protocol.receive(record.payload, fds, record.flags)
+                events = self.protocol.receive(record)  # it owns the record's fds now
                 close = await self._apply(events, conn)
                 if close is not None:
                     self.last_error = close.reason

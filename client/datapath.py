@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zds import defaults
+from zds.errors import ZdsError
 from zds.netns import NetnsHandle, in_netns
 
 log = logging.getLogger("zds.ztunnel.datapath")
@@ -35,7 +36,7 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the sam
 CHUNK = 64 * 1024
 
 
-class OriginalDestinationError(OSError):
+class OriginalDestinationError(ZdsError, OSError):
     """The connection carries no original destination (it was not redirected)."""
 
 

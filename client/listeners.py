@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from zds import defaults
+from zds.errors import ZdsError
 from zds.netns import NetnsError, in_netns
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def default_specs(
     )
 
 
-class ListenerError(Exception):
+class ListenerError(ZdsError):
     """A listener could not be made in the pod; the text reads like ztunnel's ``Bind(addr, err)``."""
 
     def __init__(self, address: str, cause: OSError | str) -> None:

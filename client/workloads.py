@@ -39,6 +39,7 @@ from zds.client.listeners import (
     open_listeners,
 )
 from zds.client.metrics import ZtunnelMetrics
+from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsHandle, validate_netns_fd
 from zds.protocol.messages import WorkloadInfo
 from zds.protocol.ztunnel import Workload
@@ -64,7 +65,7 @@ class ProxySettings:
     preserve_source: bool = True
 
 
-class ProxyStartError(Exception):
+class ProxyStartError(ZdsError):
     """A proxy could not start; the text goes after ``failure to start proxy : ``."""
 
 

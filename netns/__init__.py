@@ -1,36 +1,24 @@
-"""Network-namespace toolkit: open, validate, identify, enter and leave; fixtures."""
+"""Network-namespace toolkit: refer to, open, validate, identify, enter and leave.
 
-from .apps import EchoServer, exchange
-from .fixtures import PodFixture, PodNetwork, create_netns, delete_netns, list_netns, netns_path
-from .handle import (
-    NetnsError,
-    NetnsHandle,
-    NetnsIdentity,
-    current_netns,
-    in_netns,
-    netns_identity,
-    open_netns,
-    open_netns_pid,
-    open_netns_ref,
-    run_in_netns,
-    validate_netns_fd,
-)
+Light on purpose (no pyroute2): the fixtures that make namespaces and pods are
+imported from their own modules, ``zds.netns.fixtures`` (named namespaces) and
+``zds.netns.podnet`` (pods on a bridge); test applications from ``zds.netns.apps``.
+"""
+
+from .enter import in_netns, run_in_netns
+from .handle import NetnsHandle, current_netns, open_netns, open_netns_pid, open_netns_ref
+from .kernel import NetnsError, NetnsIdentity, netns_identity, validate_netns_fd
+from .ref import NetnsRef, NetnsRefError
 
 __all__ = [
-    "EchoServer",
     "NetnsError",
     "NetnsHandle",
     "NetnsIdentity",
-    "PodFixture",
-    "PodNetwork",
-    "create_netns",
+    "NetnsRef",
+    "NetnsRefError",
     "current_netns",
-    "delete_netns",
-    "exchange",
     "in_netns",
-    "list_netns",
     "netns_identity",
-    "netns_path",
     "open_netns",
     "open_netns_pid",
     "open_netns_ref",

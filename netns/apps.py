@@ -7,7 +7,8 @@ import contextlib
 import socket
 import threading
 
-from .handle import in_netns, open_netns
+from .enter import in_netns
+from .handle import open_netns
 
 
 class EchoServer:

@@ -10,18 +10,6 @@ from typing import Any
 
 from zds import defaults, runtime
 
-from .fixtures import (
-    create_netns,
-    create_pods_on_bridge,
-    delete_netns,
-    delete_pod,
-    list_netns,
-    netns_path,
-    pod_addresses,
-    remove_bridge_if_unused,
-)
-from .handle import NetnsError, NetnsIdentity
-
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``zds netns`` and its subcommands to the top-level parser."""
@@ -60,8 +48,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     listing.set_defaults(func=cmd_list)
 
 
-def _error(message: str) -> None:
-    print(f"zds: {message}", file=sys.stderr)
+def _error(command: str, message: str) -> None:
+    print(f"zds netns {command}: {message}", file=sys.stderr)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -70,11 +58,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    from .fixtures import create_netns
+    from .kernel import NetnsError
+    from .podnet import create_pods_on_bridge
+
     if args.bridge:
         try:
             pods = create_pods_on_bridge(args.names, args.bridge, args.subnet4, args.subnet6)
         except NetnsError as e:
-            _error(str(e))
+            _error("create", str(e))
             return 1
         for pod in pods:
             print(f"{pod.netns_path} {pod.ipv4} {pod.ipv6} bridge={args.bridge}")
@@ -84,7 +76,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         try:
             print(create_netns(name))
         except NetnsError as e:
-            _error(str(e))
+            _error("create", str(e))
             code = 1
     return code
 
@@ -95,6 +87,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    from .fixtures import delete_netns
+    from .kernel import NetnsError
+    from .podnet import delete_pod, remove_bridge_if_unused
+
     code = 0
     for name in args.names:
         try:
@@ -103,10 +99,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
             else:
                 delete_netns(name, missing_ok=args.missing_ok)
         except NetnsError as e:
-            _error(str(e))
+            _error("delete", str(e))
             code = 1
     if args.bridge and not remove_bridge_if_unused(args.bridge):
-        _error(f"bridge {args.bridge} kept: it does not exist or pods are still attached")
+        _error("delete", f"bridge {args.bridge} kept: it does not exist or pods are still attached")
     return code
 
 
@@ -120,6 +116,10 @@ def _nsfs_dev() -> int | None:
 
 
 def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
+    from .fixtures import netns_path
+    from .kernel import NetnsIdentity
+    from .podnet import pod_addresses
+
     path = netns_path(name)
     entry: dict[str, Any] = {"name": name, "path": path, "identity": None}
     try:
@@ -137,11 +137,13 @@ def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the named namespaces: name, path and identity (dev:ino), as a table or JSON."""
+    from .fixtures import list_netns
+
     nsfs_dev = _nsfs_dev()
     try:
         entries = [_describe(name, nsfs_dev) for name in list_netns()]
     except OSError as e:
-        _error(f"cannot list {defaults.NETNS_RUN_DIR}: {e.strerror}")
+        _error("list", f"cannot list {defaults.NETNS_RUN_DIR}: {e.strerror}")
         return 1
     if args.json:
         print(json.dumps(entries, indent=2))

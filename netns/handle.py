@@ -1,173 +1,30 @@
-"""Open, validate, identify, enter and leave network namespaces.
+"""``NetnsHandle``: one open fd of a network namespace, and the ways to open one.
 
-A network namespace is held as an open fd (``NetnsHandle``): the fd keeps the
-namespace alive, is what travels to ztunnel over ``SCM_RIGHTS``, and is what
-``setns(2)`` takes. Namespaces are per *thread*: ``in_netns`` moves only the
-calling thread and always brings it back, like ztunnel's ``InpodNetns::run``.
+The fd keeps the namespace alive, is what travels to ztunnel over
+``SCM_RIGHTS``, and is what ``setns(2)`` takes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import ctypes
-import ctypes.util
-import errno
-import fcntl
-import functools
-import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from contextlib import suppress
 
 from zds import defaults
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# linux/sched.h
-CLONE_NEWNET = 0x40000000
-# linux/nsfs.h: _IO(NSIO, 0x3), NSIO = 0xb7
-NS_GET_NSTYPE = 0xB703
-# linux/magic.h
-NSFS_MAGIC = 0x6E736673
-PROC_SUPER_MAGIC = 0x9FA0
-
-#: The calling thread's own network namespace (setns is per thread, so never /proc/self).
-THREAD_NETNS = "/proc/thread-self/ns/net"
-
-# Namespace types NS_GET_NSTYPE can answer, for "is a mnt namespace, not ..." messages.
-_NS_TYPE_NAMES = {
-    0x00020000: "mnt",
-    0x02000000: "cgroup",
-    0x04000000: "uts",
-    0x08000000: "ipc",
-    0x10000000: "user",
-    0x20000000: "pid",
-    0x40000000: "net",
-    0x00000080: "time",
-}
+from .kernel import (
+    NSFS_MAGIC,
+    THREAD_NETNS,
+    NetnsError,
+    NetnsIdentity,
+    fstatfs_type,
+    netns_identity,
+    validate_netns_fd,
+)
+from .ref import NetnsRef
 
 _PROC_PID_NETNS = re.compile(r"^/proc/(\d+)/ns/net$")
-
-
-class NetnsError(Exception):
-    """A network-namespace operation failed; the message says what, on what, and what to do."""
-
-
-@dataclass(frozen=True)
-class NetnsIdentity:
-    """What makes a network namespace itself: the (st_dev, st_ino) of its nsfs inode.
-
-    Two fds refer to the same namespace exactly when their identities are equal
-    (ztunnel compares these to tell a re-sent pod from a replaced one).
-    """
-
-    dev: int
-    ino: int
-
-    def __str__(self) -> str:
-        return f"{self.dev}:{self.ino}"
-
-
-# --- libc ----------------------------------------------------------------------
-
-
-class _StatFs(ctypes.Structure):
-    # struct statfs on 64-bit Linux; only f_type is read, the tail is padding to size.
-    _fields_ = [
-        ("f_type", ctypes.c_long),
-        ("f_rest", ctypes.c_byte * 256),
-    ]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    """setns(2) the calling thread into the network namespace ``fd`` (raises OSError)."""
-    if _libc().setns(fd, CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def _fstatfs_type(fd: int) -> int:
-    buf = _StatFs()
-    if _libc().fstatfs(fd, ctypes.byref(buf)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return int(buf.f_type) & 0xFFFFFFFF
-
-
-@functools.cache
-def _kernel_has_nstype_ioctl() -> bool:
-    """Whether NS_GET_NSTYPE works here (Linux >= 4.11), probed on our own netns.
-
-    When it does, an fd that answers ENOTTY is simply not a namespace; only on
-    older kernels is the fstatfs magic the best evidence there is (it cannot
-    tell a net namespace from any other, and PROC_SUPER_MAGIC matches every
-    /proc file), so the fallback is taken only there.
-    """
-    try:
-        fd = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.ioctl(fd, NS_GET_NSTYPE)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
-# --- validation and identity ------------------------------------------------------
-
-
-def validate_netns_fd(fd: int, what: str = "") -> None:
-    """Raise NetnsError unless ``fd`` is an open network-namespace fd.
-
-    Asks the kernel with ``ioctl(NS_GET_NSTYPE) == CLONE_NEWNET``; on kernels
-    without that ioctl (ENOTTY/EINVAL), falls back to the fstatfs magic of
-    nsfs (or of /proc, before nsfs existed). ``what`` names the fd in messages
-    (a path, or "fd N" by default).
-    """
-    what = what or f"fd {fd}"
-    try:
-        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
-    except OSError as e:
-        if e.errno == errno.EBADF:
-            raise NetnsError(f"{what} is not an open file descriptor") from None
-        if e.errno not in (errno.ENOTTY, errno.EINVAL):
-            raise NetnsError(f"cannot check whether {what} is a network namespace: {e.strerror}") from None
-        if _kernel_has_nstype_ioctl():
-            raise NetnsError(f"{what} is not a network namespace") from None
-        try:
-            magic = _fstatfs_type(fd)
-        except OSError as e2:
-            raise NetnsError(f"cannot check whether {what} is a network namespace: {e2.strerror}") from None
-        if magic not in (NSFS_MAGIC, PROC_SUPER_MAGIC):
-            raise NetnsError(f"{what} is not a network namespace") from None
-        return
-    if nstype != CLONE_NEWNET:
-        kind = _NS_TYPE_NAMES.get(nstype, f"type {nstype:#x}")
-        raise NetnsError(f"{what} is a {kind} namespace, not a network namespace")
-
-
-def netns_identity(fd: int) -> NetnsIdentity:
-    """The identity (st_dev, st_ino) of the namespace ``fd`` refers to."""
-    try:
-        st = os.fstat(fd)
-    except OSError as e:
-        raise NetnsError(f"cannot read the identity of fd {fd}: {e.strerror}") from None
-    return NetnsIdentity(st.st_dev, st.st_ino)
 
 
 # --- the handle -------------------------------------------------------------------
@@ -302,115 +159,21 @@ def _is_stale_entry(fd: int, path: str) -> bool:
     if os.path.normpath(os.path.dirname(path)) != os.path.normpath(defaults.NETNS_RUN_DIR):
         return False
     try:
-        return _fstatfs_type(fd) != NSFS_MAGIC
+        return fstatfs_type(fd) != NSFS_MAGIC
     except OSError:
         return False
 
 
 def open_netns_pid(pid: int) -> NetnsHandle:
     """Open the network namespace of process ``pid`` (``/proc/PID/ns/net``)."""
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        raise NetnsError(f"bad process id {pid!r}: expected a positive integer")
-    return open_netns(f"/proc/{pid}/ns/net")
+    return open_netns_ref(NetnsRef.of_pid(pid))
 
 
-def open_netns_ref(ref: str) -> NetnsHandle:
-    """Open a netns named the way a pods file names it: ``pid:N``, or a path.
-
-    A bare name without ``/`` means a named namespace, ``/var/run/netns/NAME``
-    (what ``zds netns create NAME`` makes).
-    """
-    ref = ref.strip()
-    if not ref:
-        raise NetnsError('empty netns reference: expected "pid:N" or a path')
-    if ref.startswith("pid:"):
-        text = ref[4:].strip()
-        if not text.isdigit() or int(text) <= 0:
-            raise NetnsError(f'bad netns reference "{ref}": expected "pid:N" with N a process id, or a path')
-        return open_netns_pid(int(text))
-    if "/" not in ref:
-        return open_netns(os.path.join(defaults.NETNS_RUN_DIR, ref))
-    return open_netns(ref)
+def open_netns_ref(ref: NetnsRef) -> NetnsHandle:
+    """Open the network namespace ``ref`` names (a path, or a process's)."""
+    return open_netns(ref.location)
 
 
 def current_netns() -> NetnsHandle:
     """A handle on the calling thread's current network namespace."""
     return open_netns(THREAD_NETNS)
-
-
-# --- entering and leaving -------------------------------------------------------------
-
-
-def _target_fd(target: NetnsHandle | int) -> tuple[int, str]:
-    if isinstance(target, NetnsHandle):
-        return target.fileno(), target.path or str(target.identity)
-    return target, f"fd {target}"
-
-
-@contextmanager
-def in_netns(target: NetnsHandle | int) -> Iterator[None]:
-    """Run the body with the calling thread in network namespace ``target``, then come back.
-
-    Synchronous only: never hold it across an ``await`` (another task would run
-    in the wrong namespace). Sockets created inside keep that namespace after
-    the way back. If the way back fails, the thread would stay in the wrong
-    namespace for good, so the process aborts instead.
-    """
-    fd, what = _target_fd(target)
-    try:
-        back = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise NetnsError(f"cannot open {THREAD_NETNS} to come back later: {e.strerror}") from None
-    try:
-        try:
-            _setns(fd)
-        except OSError as e:
-            hint = "; run as root (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
-            if e.errno == errno.EINVAL:
-                hint = " (is it a network namespace?)"
-            raise NetnsError(f"cannot enter netns {what}: {e.strerror}{hint}") from None
-        try:
-            yield
-        finally:
-            try:
-                _setns(back)
-            except OSError as e:
-                log.critical(
-                    "cannot return to the original network namespace after %s: %s; aborting",
-                    what,
-                    e.strerror,
-                )
-                os.abort()
-    finally:
-        os.close(back)
-
-
-def _call_in_netns(fd: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-    try:
-        with in_netns(fd):
-            return fn(*args)
-    finally:
-        os.close(fd)
-
-
-async def run_in_netns(target: NetnsHandle | int, fn: Callable[..., T], *args: Any) -> T:
-    """Call ``fn(*args)`` in a worker thread that is inside ``target``, and await its result.
-
-    For slow or blocking work in a namespace (iptables-restore, probes); the
-    event loop's thread never changes namespace. The worker gets its own dup of
-    the fd, so closing ``target`` meanwhile cannot pull the namespace away.
-    """
-    fd, what = _target_fd(target)
-    try:
-        own = os.dup(fd)
-    except OSError as e:
-        raise NetnsError(f"cannot use netns {what}: {e.strerror}") from None
-    loop = asyncio.get_running_loop()
-    call = functools.partial(contextvars.copy_context().run, _call_in_netns, own, fn, args)
-    try:
-        # Once submitted, the worker closes ``own`` whatever happens (even if we are cancelled).
-        future = loop.run_in_executor(None, call)
-    except BaseException:
-        os.close(own)
-        raise
-    return await future

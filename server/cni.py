@@ -20,7 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from zds import defaults
-from zds.server.agent import EnrollmentError, NodeAgent
+from zds.errors import ZdsError
+from zds.netns import NetnsRef, NetnsRefError
+from zds.server.agent import NodeAgent
+from zds.server.enrollment import EnrollmentError
 from zds.server.pods import PodSpec
 
 log = logging.getLogger("zds.server.cni")
@@ -29,8 +32,8 @@ log = logging.getLogger("zds.server.cni")
 DERIVED_UID_NAMESPACE = uuid.UUID("6f1c3a52-4a0e-5d8e-9a57-2d1f0c7b9e11")
 
 
-class BadEvent(ValueError):
-    pass
+class BadEvent(ZdsError, ValueError):
+    """A plugin event body Istio's agent would answer 400 to."""
 
 
 def derived_uid(namespace: str, name: str) -> str:
@@ -118,12 +121,16 @@ def parse_add_event(body: bytes) -> PodSpec:
         for index, entry in enumerate(ips):
             _check_ip_config(entry, index)
     name, namespace = values["PodName"], values["PodNamespace"]
-    return PodSpec(
-        uid=values["PodUID"] or derived_uid(namespace, name),
+    try:
+        netns = NetnsRef.of_path(values["Netns"])
+    except NetnsRefError as exc:
+        raise BadEvent(f"Netns: {exc}") from exc
+    return PodSpec.create(
+        values["PodUID"] or derived_uid(namespace, name),
+        netns,
         name=name,
         namespace=namespace,
-        service_account=values["ServiceAccount"] or "default",
-        netns=values["Netns"],
+        service_account=values["ServiceAccount"] or "",
     )
 
 

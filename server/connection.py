@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -30,24 +30,13 @@ from zds.protocol.nodeagent import (
     Event,
     HelloAccepted,
     NodeAgentProtocol,
-    ReceivedRecord,
     SnapshotComplete,
 )
 from zds.server import spans
+from zds.server.link import ConnectionLost
 from zds.transport import PeerCredentials, SeqpacketConnection
 
 log = logging.getLogger("zds.server")
-
-
-class ConnectionLost(ConnectionError):
-    """The connection closed before the request was acked; ``reason`` says why."""
-
-    def __init__(self, conn_id: str, reason: str, *, ack_timeout: bool = False) -> None:
-        super().__init__(f"ztunnel connection {conn_id} closed: {reason}")
-        self.conn_id = conn_id
-        self.reason = reason
-        #: This request's own ack did not come in time (not just: the connection went away).
-        self.ack_timeout = ack_timeout
 
 
 @dataclass
@@ -59,6 +48,8 @@ class Delivery:
     result: asyncio.Future[Ack]
     #: The trace this message belongs to (an enrollment, a removal, a snapshot), if traced.
     trace_context: otel_context.Context | None = None
+    #: ``request`` already encoded (a pod's AddWorkload is encoded once); None: encode when sent.
+    payload: bytes | None = None
 
     def drop(self, error: BaseException) -> None:
         self.close_fd()
@@ -73,10 +64,11 @@ class Delivery:
 
 @dataclass
 class SnapshotItem:
-    """One snapshot entry: an Add with a (dup'd, owned) fd, or a Keep without one."""
+    """One snapshot entry: an Add with a (dup'd, owned) fd and its encoded bytes, or a Keep."""
 
     request: AddWorkload | KeepWorkload
     fd: int | None
+    payload: bytes | None = None
 
 
 @dataclass
@@ -187,15 +179,25 @@ class ZtunnelConnection:
 
     # -- used by other tasks ---------------------------------------------------
     async def deliver(
-        self, request: Request, fd: int | None = None, *, trace_context: otel_context.Context | None = None
+        self,
+        request: Request,
+        fd: int | None = None,
+        *,
+        payload: bytes | None = None,
+        trace_context: otel_context.Context | None = None,
     ) -> Ack:
         """Queue ``request`` (``fd``: an owned dup, closed once sent) and wait for its ack.
 
-        ``trace_context``: the trace the send and the wait for the ack belong to.
-        Raises ConnectionLost when the connection closes first.
+        ``payload``: ``request`` already encoded. ``trace_context``: the trace the send
+        and the wait for the ack belong to. Raises ConnectionLost when the connection
+        closes first.
         """
         delivery = Delivery(
-            request=request, fd=fd, result=self._loop.create_future(), trace_context=trace_context
+            request=request,
+            fd=fd,
+            result=self._loop.create_future(),
+            trace_context=trace_context,
+            payload=payload,
         )
         if self.closed:
             delivery.drop(ConnectionLost(self.id, self.protocol.close_reason or "closed"))
@@ -263,10 +265,7 @@ class ZtunnelConnection:
             return self._handle(self.protocol.handle_timeout(_now()))
         except OSError as exc:
             return self._handle(self.protocol.close(f"read failed: {exc}"))
-        fd_count = len(record.fds)
-        record.close_fds()  # ztunnel never sends fds; whatever came is ours to close
-        received = ReceivedRecord(payload=record.payload, fd_count=fd_count, truncated=record.truncated)
-        return self._handle(self.protocol.receive(received, _now()))
+        return self._handle(self.protocol.receive(record, _now()))
 
     async def _await_hello(self) -> None:
         while self.protocol.state is ConnectionState.AWAITING_HELLO:
@@ -282,7 +281,7 @@ class ZtunnelConnection:
             attributes[spans.POD_UID] = uid
         with self._span(spans.SEND, delivery, attributes) as send_span:
             try:
-                payload = self.protocol.send(delivery.request, _now())
+                payload = self.protocol.send(delivery.request, _now(), payload=delivery.payload)
             except Exception as exc:
                 delivery.drop(exc)
                 raise
@@ -355,6 +354,7 @@ class ZtunnelConnection:
                             fd=item.fd,
                             result=self._loop.create_future(),
                             trace_context=ctx,
+                            payload=item.payload,
                         )
                     )
             root.set_attribute(spans.SNAPSHOT_PODS, self._snapshot_entries)
@@ -379,20 +379,10 @@ class ZtunnelConnection:
             if record is None:
                 self.protocol.keepalive_probed(now)
                 continue
-            fd_count = len(record.fds)
-            record.close_fds()
-            received = ReceivedRecord(payload=record.payload, fd_count=fd_count, truncated=record.truncated)
-            self._handle(self.protocol.receive(received, now))
+            self._handle(self.protocol.receive(record, now))
 
 
 def _now() -> float:
     """The connection's clock: monotonic and fine-grained (uvloop's loop.time() moves in
     whole milliseconds, too coarse for ack latencies); only differences of it are used."""
     return time.monotonic()
-
-
-async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
-    """Cancel a task and wait for it to finish, swallowing its cancellation."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

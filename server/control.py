@@ -16,10 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.netns import NetnsRef, NetnsRefError
 from zds.protocol.nodeagent import ConnectionState
-from zds.server.agent import EnrollmentError, NodeAgent
+from zds.server.agent import NodeAgent
 from zds.server.connection import ConnectionInfo
-from zds.server.events import AgentEvent, EventKind, WatchEnded, Watcher
+from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
+from zds.server.events import AgentEvent, EventKind, WatchEnded, WatchEnding, Watcher
 from zds.server.pods import Pod, PodSpec, PodState
 
 log = logging.getLogger("zds.server.control")
@@ -33,12 +35,12 @@ _STATE = {
 }
 
 _STATUS = {
-    EnrollmentError.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    EnrollmentError.NO_CONNECTION: grpc.StatusCode.UNAVAILABLE,
-    EnrollmentError.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
-    EnrollmentError.LOST: grpc.StatusCode.UNAVAILABLE,
-    EnrollmentError.RULES: grpc.StatusCode.INTERNAL,
-    EnrollmentError.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    EnrollmentOutcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    EnrollmentOutcome.NO_CONNECTION: grpc.StatusCode.UNAVAILABLE,
+    EnrollmentOutcome.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
+    EnrollmentOutcome.LOST: grpc.StatusCode.UNAVAILABLE,
+    EnrollmentOutcome.RULES: grpc.StatusCode.INTERNAL,
+    EnrollmentOutcome.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -68,7 +70,7 @@ def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
         name=pod.spec.name,
         namespace=pod.spec.namespace,
         service_account=pod.spec.service_account,
-        netns_path=pod.netns.path if pod.netns is not None else pod.spec.netns,
+        netns_path=pod.netns.path if pod.netns is not None else str(pod.spec.netns),
         state=_STATE[pod.state],
         last_error=pod.last_error,
         rules_installed=pod.rules_installed,
@@ -140,22 +142,25 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         which = request.WhichOneof("netns")
         if which is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "netns_path or netns_pid is required")
-        if which == "netns_pid" and request.netns_pid <= 0:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"netns_pid {request.netns_pid} is not a pid"
+        try:
+            netns = (
+                NetnsRef.of_path(request.netns_path)
+                if which == "netns_path"
+                else NetnsRef.of_pid(request.netns_pid)
             )
-        netns = request.netns_path if which == "netns_path" else f"pid:{request.netns_pid}"
-        spec = PodSpec(
-            uid=request.uid,
+        except NetnsRefError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        spec = PodSpec.create(
+            request.uid,
+            netns,
             name=request.name,
             namespace=request.namespace,
-            service_account=request.service_account or "default",
-            netns=netns,
+            service_account=request.service_account,
         )
         try:
             enrolled = await self.agent.add_pod(spec)
         except EnrollmentError as exc:
-            await context.abort(_STATUS[exc.kind], str(exc))
+            await context.abort(_STATUS[exc.outcome], str(exc))
         return nodeagent_pb2.AddPodResponse(pod=pod_to_proto(enrolled.pod), connection_id=enrolled.conn_id)
 
     async def RemovePod(
@@ -177,8 +182,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     async def ListPods(
         self, request: nodeagent_pb2.ListPodsRequest, context: grpc.aio.ServicerContext
     ) -> nodeagent_pb2.ListPodsResponse:
-        pods = sorted(self.agent.pods.values(), key=lambda p: (p.spec.namespace, p.spec.name, p.uid))
-        return nodeagent_pb2.ListPodsResponse(pods=[pod_to_proto(p) for p in pods])
+        return nodeagent_pb2.ListPodsResponse(pods=[pod_to_proto(p) for p in self.agent.pods.listing()])
 
     async def ListConnections(
         self, request: nodeagent_pb2.ListConnectionsRequest, context: grpc.aio.ServicerContext
@@ -220,8 +224,8 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
 
 
 _WATCH_STATUS = {
-    WatchEnded.FELL_BEHIND: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    WatchEnded.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+    WatchEnding.FELL_BEHIND: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    WatchEnding.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
 }
 
 

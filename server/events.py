@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from zds.errors import ZdsError
+
 if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
     from zds.server.connection import ConnectionInfo
     from zds.server.pods import Pod
@@ -61,13 +63,19 @@ class AgentEvent:
     snapshot_pods: int = 0
 
 
-class WatchEnded(Exception):
-    """The watch is over; ``reason`` is one of the class constants, ``detail`` is for the user."""
+class WatchEnding(enum.Enum):
+    """Why a watch ended."""
 
+    #: The watcher's queue overflowed: it was not reading fast enough.
     FELL_BEHIND = "fell-behind"
+    #: The node agent is shutting down (or the stream was closed).
     SHUTDOWN = "shutdown"
 
-    def __init__(self, reason: str, detail: str) -> None:
+
+class WatchEnded(ZdsError):
+    """The watch is over; ``reason`` says why, ``detail`` is for the user."""
+
+    def __init__(self, reason: WatchEnding, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
@@ -111,7 +119,7 @@ class Watcher:
         if len(self._queue) >= self.limit:
             self.finish(
                 WatchEnded(
-                    WatchEnded.FELL_BEHIND,
+                    WatchEnding.FELL_BEHIND,
                     f"watcher fell behind: {self.limit} events were waiting to be sent "
                     "(--watch-queue); watch again to get the current state",
                 )
@@ -127,7 +135,7 @@ class Watcher:
             return
         self._end = end
         self._bus.unsubscribe(self)
-        if end.reason == WatchEnded.FELL_BEHIND:
+        if end.reason is WatchEnding.FELL_BEHIND:
             self._queue.clear()
             self._initial.clear()
             self.fell_behind.set()
@@ -156,7 +164,7 @@ class Watcher:
         self._queue.clear()
         self._initial.clear()
         if self._end is None:
-            self._end = WatchEnded(WatchEnded.SHUTDOWN, "closed")
+            self._end = WatchEnded(WatchEnding.SHUTDOWN, "closed")
 
 
 class EventBus:
@@ -240,6 +248,6 @@ class EventBus:
 
     def close(self, detail: str) -> None:
         """End every watch (shutdown); later subscribers are ended at once."""
-        self._closed = WatchEnded(WatchEnded.SHUTDOWN, detail)
+        self._closed = WatchEnded(WatchEnding.SHUTDOWN, detail)
         for watcher in list(self._watchers):
             watcher.finish(self._closed)

@@ -13,20 +13,23 @@ import grpc
 from aiohttp import web
 
 from zds import defaults
-from zds.server.agent import AgentConfig, EnrollmentError, NodeAgent
+from zds.errors import ZdsError
+from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.cni import CniPluginEndpoint
-from zds.server.connection import cancel_and_wait
 from zds.server.control import start_control_server
+from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
-from zds.server.pods import PodSpecError, load_pods_file
+from zds.server.pods import PodSpecError
+from zds.server.podsfile import load_pods_file
 from zds.server.redirect import RedirectConfig, Redirector
+from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.transport import bind_unix_listener, remove_socket_file, remove_stale_socket
 
 log = logging.getLogger("zds.server")
 
 
-class StartupError(Exception):
+class StartupError(ZdsError):
     """The node agent cannot start; the message says why and what to do."""
 
 

@@ -13,11 +13,13 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from zds.errors import ZdsError
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.server.pods import PodSpec, PodSpecError, load_pods_file
+from zds.netns import NetnsRef, NetnsRefError
+from zds.server.pods import PodSpec, PodSpecError
 
 
-class ControlError(Exception):
+class ControlError(ZdsError):
     """A control call failed; the message is ready for the user."""
 
 
@@ -75,36 +77,52 @@ def _add_request(spec: PodSpec) -> nodeagent_pb2.AddPodRequest:
     req = nodeagent_pb2.AddPodRequest(
         uid=spec.uid, name=spec.name, namespace=spec.namespace, service_account=spec.service_account
     )
-    if spec.netns.startswith("pid:"):
-        pid = spec.netns.removeprefix("pid:")
-        if not pid.isdigit():
-            raise PodSpecError(f"pod {spec.uid}: netns {spec.netns!r} is not pid:N")
-        req.netns_pid = int(pid)
+    if spec.netns.pid is not None:
+        req.netns_pid = spec.netns.pid
     else:
-        req.netns_path = spec.netns
+        req.netns_path = spec.netns.location
     return req
+
+
+def _specs(args: argparse.Namespace) -> list[PodSpec]:
+    """The pods to enroll: the flags' one, or a pods file's."""
+    if args.from_file:
+        if args.uid is not None or args.netns or args.netns_pid:
+            raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid")
+        from zds.server.podsfile import load_pods_file
+
+        return load_pods_file(args.from_file)
+    if args.uid is None:
+        raise PodSpecError("--uid is required (or --from-file)")
+    if not args.uid.strip():
+        raise PodSpecError("--uid is empty")
+    if not args.netns and not args.netns_pid:
+        raise PodSpecError("--netns PATH or --netns-pid PID is required")
+    try:
+        netns = NetnsRef.of_pid(args.netns_pid) if args.netns_pid else NetnsRef.of_path(args.netns)
+    except NetnsRefError as exc:
+        raise PodSpecError(str(exc)) from exc
+    return [
+        PodSpec.create(
+            args.uid,
+            netns,
+            name=args.name,
+            namespace=args.namespace,
+            service_account=args.service_account,
+        )
+    ]
 
 
 def add(args: argparse.Namespace) -> int:
     try:
-        if args.from_file:
-            if args.uid or args.netns or args.netns_pid:
-                raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid")
-            specs = load_pods_file(args.from_file)
-        else:
-            if not args.uid:
-                raise PodSpecError("--uid is required (or --from-file)")
-            if not args.netns and not args.netns_pid:
-                raise PodSpecError("--netns PATH or --netns-pid PID is required")
-            netns = args.netns or f"pid:{args.netns_pid}"
-            specs = [PodSpec(args.uid, args.name or args.uid, args.namespace, args.service_account, netns)]
+        specs = _specs(args)
         failures = 0
         answers: list[dict[str, Any]] = []
         with control_stub(args.control_socket) as stub:
             for spec in specs:
                 try:
                     resp = call(stub.AddPod, _add_request(spec), args.timeout, args.control_socket)
-                except (ControlError, PodSpecError) as exc:
+                except ControlError as exc:
                     failures += 1
                     answers.append({"uid": spec.uid, "error": str(exc)})
                     if not args.json:

@@ -22,6 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from zds import defaults
+from zds.errors import ZdsError
 from zds.netns import NetnsHandle, run_in_netns
 
 log = logging.getLogger("zds.server.redirect")
@@ -43,7 +44,7 @@ JUMPS = (
 )
 
 
-class RedirectError(Exception):
+class RedirectError(ZdsError):
     """Installing or removing the rules failed; the message has iptables' own words."""
 
 

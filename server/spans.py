@@ -1,5 +1,5 @@
-"""Names of the node agent's trace spans and their attributes (one place, so
-the code, the tests and the README agree).
+"""The node agent's trace spans: their names and attributes (one place, so the
+code, the tests and the README agree), and the helpers that open them.
 
 One trace per enrollment::
 
@@ -15,6 +15,13 @@ connection (``zds.snapshot``: ``zds.send``/``zds.wait_ack`` per entry).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 # -- span names ------------------------------------------------------------------
 ENROLL_POD = "zds.enroll_pod"
@@ -37,3 +44,27 @@ NETNS_PATH = "zds.netns.path"
 NETNS_INODE = "zds.netns.inode"
 SNAPSHOT_PODS = "zds.snapshot.pods"
 OUTCOME = "zds.outcome"
+
+
+# -- helpers ------------------------------------------------------------------------
+@contextmanager
+def span(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[trace.Span]:
+    """A span named ``name``; the caller sets its status (exceptions are not recorded twice)."""
+    with tracer.start_as_current_span(
+        name, attributes=dict(attributes), record_exception=False, set_status_on_exception=False
+    ) as current:
+        yield current
+
+
+def failed(current: trace.Span, error: object) -> None:
+    """Mark ``current`` as failed with ``error``'s text."""
+    current.set_status(Status(StatusCode.ERROR, str(error)))
+
+
+def trace_context(current: trace.Span) -> otel_context.Context | None:
+    """The current trace context, for another task to continue the trace (None: not traced)."""
+    return otel_context.get_current() if current.is_recording() else None
+
+
+def pod_attributes(uid: str, name: str, namespace: str) -> dict[str, str]:
+    return {POD_UID: uid, POD_NAME: name, POD_NAMESPACE: namespace}

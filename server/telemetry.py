@@ -66,6 +66,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
 from zds import __version__
+from zds.errors import ZdsError
 
 SERVICE_NAME = "zds-node-agent"
 SCOPE = "zds.server"
@@ -77,7 +78,7 @@ ACK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 POD_STATES = ("pending", "acked", "failed")
 
 
-class TelemetryConfigError(Exception):
+class TelemetryConfigError(ZdsError):
     """The OTEL_* settings ask for something zds cannot do; the message says what to change."""
 
 

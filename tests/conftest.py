@@ -8,13 +8,13 @@ privilege is a failure, never a silent skip.
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+from tests.harness import ROOT, SHARED
+
+__all__ = ["ROOT", "SHARED"]
 
 
 def is_root() -> bool:

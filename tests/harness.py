@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import pathlib
 import select
 import signal
 import socket
@@ -25,6 +26,30 @@ from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.protocol.messages import Ack, Request, decode_request, encode_ack, encode_hello
 
 ZDS = [sys.executable, "-m", "zds"]
+
+#: The repository's root, the test data copied into it, and ../shared (absent in a lone clone).
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+SHARED = ROOT.parent / "shared"
+
+
+def wire_vectors() -> list[tuple[str, str, str, bytes]]:
+    """The golden wire vectors (tests/data/zds-wire.tsv): name, message, text form, bytes."""
+    rows = []
+    for line in (DATA / "zds-wire.tsv").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, message, text, hexbytes = line.split("\t")
+        rows.append((name, message, text, bytes.fromhex(hexbytes)))
+    return rows
+
+
+def wire_vector(name: str) -> bytes:
+    """The golden bytes of one vector, by name."""
+    for row in wire_vectors():
+        if row[0] == name:
+            return row[3]
+    raise KeyError(name)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

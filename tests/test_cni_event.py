@@ -32,7 +32,7 @@ def body(doc: Any) -> bytes:
 
 def test_istios_body_parses_with_a_derived_uid_and_default_service_account() -> None:
     spec = parse_add_event(body(GO_BODY))
-    assert (spec.name, spec.namespace, spec.netns) == (
+    assert (spec.name, spec.namespace, str(spec.netns)) == (
         "reviews-v1-abc",
         "bookinfo",
         "/var/run/netns/cni-1234",
@@ -45,7 +45,7 @@ def test_keys_match_case_insensitively_as_in_go() -> None:
     spec = parse_add_event(
         body({"netns": "/x", "podName": "a", "PODNAMESPACE": "b", "podUid": "u", "serviceaccount": "s"})
     )
-    assert (spec.netns, spec.name, spec.namespace, spec.uid, spec.service_account) == (
+    assert (str(spec.netns), spec.name, spec.namespace, spec.uid, spec.service_account) == (
         "/x",
         "a",
         "b",

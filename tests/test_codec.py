@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 from google.protobuf import text_format
 
+from tests.harness import wire_vectors
+from zds.errors import CodecError, NoPayload
 from zds.gen import zds_pb2
 from zds.protocol.messages import (
     Ack,
     AddWorkload,
-    CodecError,
     DelWorkload,
     Hello,
     KeepWorkload,
@@ -24,19 +23,6 @@ from zds.protocol.messages import (
     encode_hello,
     encode_request,
 )
-
-VECTORS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "zds-wire.tsv"
-
-
-def load_vectors() -> list[tuple[str, str, str, bytes]]:
-    rows = []
-    for line in VECTORS.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, message, text, hexbytes = line.split("\t")
-        rows.append((name, message, text, bytes.fromhex(hexbytes)))
-    return rows
-
 
 #: The same messages as zds values, by vector name.
 EXPECTED = {
@@ -54,7 +40,7 @@ EXPECTED = {
     "ack_err": Ack(error="failed to start proxy"),
 }
 
-VECTOR_ROWS = load_vectors()
+VECTOR_ROWS = wire_vectors()
 
 
 def test_every_vector_has_an_expectation() -> None:
@@ -110,7 +96,7 @@ def test_add_without_workload_info_decodes_as_none() -> None:
 
 
 def test_request_without_payload_is_refused() -> None:
-    with pytest.raises(CodecError, match="no payload"):
+    with pytest.raises(NoPayload, match="no payload"):
         decode_request(b"")
 
 
@@ -120,5 +106,5 @@ def test_garbage_is_refused() -> None:
 
 
 def test_response_without_ack_is_refused() -> None:
-    with pytest.raises(CodecError, match="no ack"):
+    with pytest.raises(NoPayload, match="no ack"):
         decode_ack(b"")

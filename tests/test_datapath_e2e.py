@@ -21,8 +21,10 @@ import pytest
 
 from tests.harness import NodeAgentProc, wait_until
 from tests.test_ztunnel_client import ZtunnelProcess
-from zds.netns import EchoServer, PodFixture, PodNetwork, in_netns, open_netns
-from zds.netns import exchange as exchange_from
+from zds.netns import in_netns, open_netns
+from zds.netns.apps import EchoServer
+from zds.netns.apps import exchange as exchange_from
+from zds.netns.podnet import PodFixture, PodNetwork
 
 pytestmark = pytest.mark.root
 

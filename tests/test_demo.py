@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.harness import ZDS, wait_until
-from zds.netns import list_netns
+from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
 

@@ -26,9 +26,9 @@ from zds.netns import (
     NetnsError,
     NetnsHandle,
     NetnsIdentity,
-    create_netns,
+    NetnsRef,
+    NetnsRefError,
     current_netns,
-    delete_netns,
     in_netns,
     netns_identity,
     open_netns,
@@ -37,6 +37,7 @@ from zds.netns import (
     run_in_netns,
     validate_netns_fd,
 )
+from zds.netns.fixtures import create_netns, delete_netns
 
 SELF_NETNS = "/proc/self/ns/net"
 
@@ -104,21 +105,25 @@ def test_open_by_path_reports_the_identity_os_stat_sees() -> None:
 
 def test_open_by_pid_and_by_pid_reference_give_our_own_netns() -> None:
     pid = os.getpid()
-    with open_netns_pid(pid) as by_pid, open_netns_ref(f"pid:{pid}") as by_ref, current_netns() as current:
+    with (
+        open_netns_pid(pid) as by_pid,
+        open_netns_ref(NetnsRef.parse(f"pid:{pid}")) as by_ref,
+        current_netns() as current,
+    ):
         assert by_pid.path == f"/proc/{pid}/ns/net"
         assert by_pid.identity == by_ref.identity == current.identity == stat_identity(SELF_NETNS)
         assert by_pid.fileno() != by_ref.fileno()
 
 
 def test_path_reference_opens_that_path() -> None:
-    with open_netns_ref(SELF_NETNS) as handle:
+    with open_netns_ref(NetnsRef.of_path(SELF_NETNS)) as handle:
         assert handle.path == SELF_NETNS
         assert handle.identity == stat_identity(SELF_NETNS)
 
 
 @pytest.mark.root
 def test_bare_name_reference_means_a_named_netns(named_netns: str) -> None:
-    with open_netns_ref(os.path.basename(named_netns)) as handle:
+    with open_netns_ref(NetnsRef.parse(os.path.basename(named_netns))) as handle:
         assert handle.path == named_netns
         assert handle.identity == stat_identity(named_netns)
 
@@ -198,7 +203,7 @@ def test_dead_pid_does_not_exist() -> None:
         open_netns_pid(pid)
     assert str(caught.value) == f"process {pid} does not exist"
     with pytest.raises(NetnsError) as caught:
-        open_netns_ref(f"pid:{pid}")
+        open_netns_ref(NetnsRef.parse(f"pid:{pid}"))
     assert str(caught.value) == f"process {pid} does not exist"
 
 
@@ -217,8 +222,8 @@ def test_zombie_has_no_network_namespace() -> None:
 
 @pytest.mark.parametrize("ref", ["", "pid:", "pid:x", "pid:0", "pid:-3"])
 def test_bad_references_are_refused(ref: str) -> None:
-    with pytest.raises(NetnsError, match="netns reference"):
-        open_netns_ref(ref)
+    with pytest.raises(NetnsRefError, match="netns reference"):
+        NetnsRef.parse(ref)
 
 
 @pytest.mark.parametrize("pid", [0, -1, True])
@@ -428,16 +433,16 @@ def test_failed_way_back_aborts_the_process() -> None:
     # Staying in the wrong namespace is worse than dying: prove it dies, in a child.
     code = textwrap.dedent(
         """
-        from zds.netns import handle
-        real = handle._setns
+        from zds.netns import enter, handle
+        real = enter.setns
         calls = []
         def setns_once(fd):
             calls.append(fd)
             if len(calls) > 1:
                 raise OSError(1, "Operation not permitted")
             real(fd)
-        handle._setns = setns_once
-        with handle.current_netns() as mine, handle.in_netns(mine):
+        enter.setns = setns_once
+        with handle.current_netns() as mine, enter.in_netns(mine):
             pass
         print("still alive")
         """

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import ZDS
-from zds.netns import EchoServer, delete_netns, exchange, list_netns
+from zds.netns.apps import EchoServer, exchange
+from zds.netns.fixtures import delete_netns, list_netns
 
 pytestmark = pytest.mark.root
 

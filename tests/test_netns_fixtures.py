@@ -23,17 +23,9 @@ import pytest
 from pyroute2 import IPRoute
 
 from tests.conftest import open_fds
-from zds.netns import (
-    NetnsError,
-    NetnsIdentity,
-    PodFixture,
-    PodNetwork,
-    create_netns,
-    delete_netns,
-    in_netns,
-    list_netns,
-    open_netns,
-)
+from zds.netns import NetnsError, NetnsIdentity, in_netns, open_netns
+from zds.netns.fixtures import create_netns, delete_netns, list_netns
+from zds.netns.podnet import PodFixture, PodNetwork
 
 pytestmark = pytest.mark.root
 
@@ -330,7 +322,7 @@ def test_a_pod_network_left_open_is_removed_at_exit_even_after_an_error() -> Non
     octet = random.randrange(256)
     script = textwrap.dedent(
         f"""
-        from zds.netns import PodNetwork
+        from zds.netns.podnet import PodNetwork
         net = PodNetwork({bridge!r}, "10.179.{octet}.0/24", "fd00:179:{octet:x}::/64")
         net.add_pod({pod!r})
         print("made", flush=True)

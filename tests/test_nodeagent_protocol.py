@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 
+from zds.errors import ProtocolUsageError
 from zds.protocol.messages import (
     Ack,
     AddWorkload,
@@ -23,17 +27,16 @@ from zds.protocol.nodeagent import (
     ConnectionState,
     HelloAccepted,
     NodeAgentProtocol,
-    ProtocolUsageError,
-    ReceivedRecord,
     SnapshotComplete,
 )
+from zds.protocol.records import Record
 
 INFO = WorkloadInfo(name="productpage", namespace="bookinfo", service_account="bookinfo-productpage")
 ADD = AddWorkload(uid="u1", info=INFO)
 
 
-def rec(payload: bytes, fd_count: int = 0, truncated: bool = False) -> ReceivedRecord:
-    return ReceivedRecord(payload=payload, fd_count=fd_count, truncated=truncated)
+def rec(payload: bytes, fds: list[int] | None = None, truncated: bool = False) -> Record:
+    return Record(payload=payload, fds=fds or [], flags=socket.MSG_TRUNC if truncated else 0)
 
 
 def ready_protocol(now: float = 0.0) -> NodeAgentProtocol:
@@ -167,19 +170,21 @@ def test_eof_means_the_peer_is_gone() -> None:
 
 
 @pytest.mark.parametrize(
-    ("record", "reason"),
-    [
-        (rec(encode_ack(Ack()), fd_count=1), "file descriptor"),
-        (rec(b"x" * 10, truncated=True), "exceeds 1024"),
-    ],
+    ("with_fd", "truncated", "reason"),
+    [(True, False, "file descriptor"), (False, True, "exceeds 1024")],
 )
 def test_fds_or_oversized_records_from_ztunnel_close_the_connection(
-    record: ReceivedRecord, reason: str
+    with_fd: bool, truncated: bool, reason: str
 ) -> None:
+    fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)] if with_fd else []
+    record = rec(encode_ack(Ack()) if with_fd else b"x" * 10, list(fds), truncated=truncated)
     p = ready_protocol()
     p.send(ADD, 0)
     [event] = p.receive(record, 0)
     assert isinstance(event, ConnectionClosed) and reason in event.reason
+    for fd in fds:  # the protocol closed what came with the record
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_undecodable_ack_closes_the_connection() -> None:

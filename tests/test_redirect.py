@@ -14,13 +14,14 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.conftest import SHARED
-from tests.harness import NodeAgentProc, RawPeer
-from zds.netns import PodNetwork, create_netns, delete_netns, in_netns, open_netns
+from tests.harness import DATA, NodeAgentProc, RawPeer
+from zds.netns import in_netns, open_netns
+from zds.netns.fixtures import create_netns, delete_netns
+from zds.netns.podnet import PodNetwork
 from zds.server.redirect import RedirectConfig, Redirector, cleanup_rules, inpod_rules
 
-GOLDEN4 = (SHARED / "upstream" / "istio-inpod-iptables.golden").read_text()
-GOLDEN6_FILE = (SHARED / "upstream" / "istio-inpod-iptables-ipv6.golden").read_text()
+GOLDEN4 = (DATA / "istio-inpod-iptables.golden").read_text()
+GOLDEN6_FILE = (DATA / "istio-inpod-iptables-ipv6.golden").read_text()
 #: The IPv6 probe SNAT address Istio's golden test data was generated with.
 GOLDEN_PROBE6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"
 

@@ -24,12 +24,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from tests.harness import AckingPeer, NodeAgentProc, RawPeer, free_port, own_netns, wait_until
-from zds.netns import create_netns, delete_netns
+from zds.netns import NetnsRef
+from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans
-from zds.server.agent import AgentConfig, EnrollmentError, NodeAgent
-from zds.server.connection import cancel_and_wait
+from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.enrollment import EnrollmentError
 from zds.server.pods import PodSpec
 from zds.server.redirect import Redirector
+from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.transport import bind_unix_listener
 
@@ -92,9 +94,8 @@ async def env(tmp_path: object) -> AsyncIterator[InProcess]:
 
 
 def spec(uid: str, netns: str | None = None) -> PodSpec:
-    return PodSpec(
-        uid=uid, name=f"pod-{uid}", namespace="shop", service_account="sa", netns=netns or own_netns()
-    )
+    ref = NetnsRef.of_path(netns or own_netns())
+    return PodSpec.create(uid, ref, name=f"pod-{uid}", namespace="shop", service_account="sa")
 
 
 def roots(found: list[ReadableSpan], name: str) -> list[ReadableSpan]:

@@ -35,7 +35,8 @@ from zds.client.app import Ztunnel, ZtunnelConfig
 from zds.client.backoff import Backoff
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
 from zds.client.metrics import ZtunnelMetrics
-from zds.netns import create_netns, delete_netns, in_netns, open_netns
+from zds.netns import in_netns, open_netns
+from zds.netns.fixtures import create_netns, delete_netns
 from zds.protocol.messages import (
     Ack,
     AddWorkload,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import pathlib
 import socket
 from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import wire_vector
+from zds.errors import ProtocolUsageError
 from zds.protocol.messages import (
     Ack,
     AddWorkload,
@@ -27,11 +28,11 @@ from zds.protocol.messages import (
     decode_ack,
     encode_request,
 )
+from zds.protocol.records import Record
 from zds.protocol.ztunnel import (
     CloseConnection,
     ConnectionState,
     Event,
-    ProtocolUsageError,
     SendReply,
     SnapshotReconciled,
     StartProxy,
@@ -40,18 +41,10 @@ from zds.protocol.ztunnel import (
     ZtunnelProtocol,
 )
 
-VECTORS = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "vectors" / "zds-wire.tsv"
 INFO = WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage")
 
 
-def golden(name: str) -> bytes:
-    for line in VECTORS.read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        fields = line.split("\t")
-        if fields[0] == name:
-            return bytes.fromhex(fields[3])
-    raise KeyError(name)
+golden = wire_vector
 
 
 def is_open(fd: int) -> bool:
@@ -118,14 +111,14 @@ def only_reply(events: list[Event]) -> Ack:
 
 def start_ok(proto: ZtunnelProtocol, uid: str, fd: int) -> list[Event]:
     """Feed an Add, start its proxy successfully, return every event."""
-    events = proto.receive(add(uid), [fd])
+    events = proto.receive(Record(add(uid), [fd]))
     starts = [e for e in events if isinstance(e, StartProxy)]
     assert [s.workload.uid for s in starts] == [uid], events
     return events + proto.proxy_started(uid)
 
 
 def snapshot(proto: ZtunnelProtocol) -> list[Event]:
-    events = proto.receive(req(SnapshotSent()))
+    events = proto.receive(Record(req(SnapshotSent())))
     assert only_reply(events) == Ack()
     return events
 
@@ -148,7 +141,7 @@ def test_golden_add_starts_a_proxy_and_is_acked_with_golden_bytes(
 ) -> None:
     proto.connection_made()
     fd = netns.new()
-    events = proto.receive(golden("add"), [fd])
+    events = proto.receive(Record(golden("add"), [fd]))
     assert len(events) == 1 and isinstance(events[0], StartProxy)
     w = events[0].workload
     assert (w.uid, w.info, w.netns_fd, w.state) == ("pod-uid-1", INFO, fd, WorkloadState.STARTING)
@@ -161,7 +154,7 @@ def test_nothing_can_be_received_before_the_hello(netns: Netns) -> None:
     proto = ZtunnelProtocol()
     fd = netns.new()
     with pytest.raises(ProtocolUsageError):
-        proto.receive(add("a"), [fd])
+        proto.receive(Record(add("a"), [fd]))
     assert not is_open(fd)
 
 
@@ -196,12 +189,12 @@ def test_a_new_snapshot_drops_exactly_the_workloads_it_does_not_name(
     proto.connection_made()
     # b comes again in the same netns: a no-op, no new proxy.
     dup_b = netns.same_as(fd_b)
-    events = proto.receive(add("b"), [dup_b])
+    events = proto.receive(Record(add("b"), [dup_b]))
     assert not [e for e in events if isinstance(e, StartProxy)]
     assert only_reply(events) == Ack()
     assert not is_open(dup_b)
     # c is kept without an fd.
-    assert only_reply(proto.receive(req(KeepWorkload(uid="c")))) == Ack()
+    assert only_reply(proto.receive(Record(req(KeepWorkload(uid="c"))))) == Ack()
     events = snapshot(proto)
     assert stopped(events) == ["a"]
     assert SnapshotReconciled(removed=("a",)) in events
@@ -233,8 +226,8 @@ def test_del_before_snapshot_only_unmarks_and_the_reconcile_stops_the_proxy(
     proto.connection_lost()
 
     proto.connection_made()
-    proto.receive(add("a"), [netns.same_as(fd)])
-    events = proto.receive(req(DelWorkload(uid="a")))
+    proto.receive(Record(add("a"), [netns.same_as(fd)]))
+    events = proto.receive(Record(req(DelWorkload(uid="a"))))
     assert only_reply(events) == Ack()
     assert not stopped(events), "a Del before SnapshotSent does not stop the proxy itself"
     assert proto.workloads["a"].state is WorkloadState.UP
@@ -245,10 +238,10 @@ def test_del_before_snapshot_only_unmarks_and_the_reconcile_stops_the_proxy(
 def test_del_before_snapshot_forgets_a_pending_start(proto: ZtunnelProtocol, netns: Netns) -> None:
     proto.connection_made()
     fd = netns.new()
-    proto.receive(add("a"), [fd])
+    proto.receive(Record(add("a"), [fd]))
     proto.proxy_failed("a", "port taken")
     assert proto.has_pending
-    only_reply(proto.receive(req(DelWorkload(uid="a"))))
+    only_reply(proto.receive(Record(req(DelWorkload(uid="a")))))
     assert "a" not in proto.workloads
     assert not is_open(fd)
     snapshot(proto)
@@ -257,7 +250,7 @@ def test_del_before_snapshot_forgets_a_pending_start(proto: ZtunnelProtocol, net
 
 def test_keep_of_an_unknown_uid_is_acked_and_changes_nothing(proto: ZtunnelProtocol) -> None:
     proto.connection_made()
-    assert only_reply(proto.receive(req(KeepWorkload(uid="ghost")))) == Ack()
+    assert only_reply(proto.receive(Record(req(KeepWorkload(uid="ghost"))))) == Ack()
     snapshot(proto)
     assert not proto.workloads
 
@@ -272,7 +265,7 @@ def test_del_after_snapshot_stops_the_proxy_and_closes_its_netns(
     snapshot(proto)
     fd = netns.new()
     start_ok(proto, "a", fd)
-    events = proto.receive(req(DelWorkload(uid="a")))
+    events = proto.receive(Record(req(DelWorkload(uid="a"))))
     assert stopped(events) == ["a"]
     assert only_reply(events) == Ack()
     assert not proto.workloads
@@ -282,7 +275,7 @@ def test_del_after_snapshot_stops_the_proxy_and_closes_its_netns(
 def test_del_of_an_unknown_uid_is_a_no_op_ack(proto: ZtunnelProtocol) -> None:
     proto.connection_made()
     snapshot(proto)
-    events = proto.receive(golden("del"))
+    events = proto.receive(Record(golden("del")))
     assert events == [e for e in events if isinstance(e, SendReply)]
     assert only_reply(events) == Ack()
 
@@ -293,7 +286,7 @@ def test_re_add_in_the_same_netns_is_a_no_op(proto: ZtunnelProtocol, netns: Netn
     fd = netns.new()
     start_ok(proto, "a", fd)
     again = netns.same_as(fd)
-    events = proto.receive(add("a"), [again])
+    events = proto.receive(Record(add("a"), [again]))
     assert only_reply(events) == Ack()
     assert not [e for e in events if isinstance(e, StartProxy | StopProxy)]
     assert not is_open(again)
@@ -305,7 +298,7 @@ def test_re_add_in_another_netns_replaces_the_proxy(proto: ZtunnelProtocol, netn
     snapshot(proto)
     old, new = netns.new(), netns.new()
     start_ok(proto, "a", old)
-    events = proto.receive(add("a"), [new])
+    events = proto.receive(Record(add("a"), [new]))
     assert stopped(events) == ["a"]
     start = [e for e in events if isinstance(e, StartProxy)]
     assert len(start) == 1 and start[0].workload.netns_fd == new
@@ -323,7 +316,7 @@ def test_a_proxy_that_cannot_start_is_nacked_pending_and_retried(
 ) -> None:
     proto.connection_made()
     fd = netns.new()
-    proto.receive(add("a"), [fd])
+    proto.receive(Record(add("a"), [fd]))
     nack = only_reply(proto.proxy_failed("a", "Bind([::]:15001, [Errno 98] Address already in use)"))
     assert nack.error == "failure to start proxy : Bind([::]:15001, [Errno 98] Address already in use)"
     assert proto.state is ConnectionState.SNAPSHOT, "the connection stays"
@@ -348,7 +341,7 @@ def test_a_proxy_that_cannot_start_is_nacked_pending_and_retried(
 def test_pending_workloads_are_forgotten_on_reconnect(proto: ZtunnelProtocol, netns: Netns) -> None:
     proto.connection_made()
     fd = netns.new()
-    proto.receive(add("a"), [fd])
+    proto.receive(Record(add("a"), [fd]))
     proto.proxy_failed("a", "nope")
     proto.connection_lost()
     proto.connection_made()
@@ -358,9 +351,9 @@ def test_pending_workloads_are_forgotten_on_reconnect(proto: ZtunnelProtocol, ne
 
 def test_a_record_cannot_be_fed_while_a_start_is_unreported(proto: ZtunnelProtocol, netns: Netns) -> None:
     proto.connection_made()
-    proto.receive(add("a"), [netns.new()])
+    proto.receive(Record(add("a"), [netns.new()]))
     with pytest.raises(ProtocolUsageError):
-        proto.receive(req(SnapshotSent()))
+        proto.receive(Record(req(SnapshotSent())))
     with pytest.raises(ProtocolUsageError):
         proto.proxy_started("b")
     proto.proxy_started("a")
@@ -370,9 +363,9 @@ def test_adding_a_pending_uid_again_retries_with_the_new_fd(proto: ZtunnelProtoc
     proto.connection_made()
     snapshot(proto)
     first, second = netns.new(), netns.new()
-    proto.receive(add("a"), [first])
+    proto.receive(Record(add("a"), [first]))
     proto.proxy_failed("a", "nope")
-    events = proto.receive(add("a"), [second])
+    events = proto.receive(Record(add("a"), [second]))
     assert [e.workload.netns_fd for e in events if isinstance(e, StartProxy)] == [second]
     assert not is_open(first)
     assert only_reply(proto.proxy_started("a")) == Ack()
@@ -420,7 +413,7 @@ def test_a_bad_record_is_nacked_closes_the_connection_and_leaks_no_fd(
     kept = netns.new()
     start_ok(proto, "kept", kept)
     fds = [netns.new() for _ in range(nfds)]
-    events = proto.receive(payload, fds, flags)
+    events = proto.receive(Record(payload, fds, flags))
     nack = only_reply(events)
     assert nack.error.startswith(text), nack.error
     if not text.endswith(": "):
@@ -438,7 +431,7 @@ def test_a_bad_record_is_nacked_closes_the_connection_and_leaks_no_fd(
 def test_a_zero_byte_record_is_eof_without_a_reply(proto: ZtunnelProtocol, netns: Netns, nfds: int) -> None:
     proto.connection_made()
     fds = [netns.new() for _ in range(nfds)]
-    events = proto.receive(b"", fds)
+    events = proto.receive(Record(b"", fds))
     assert events == [CloseConnection(reason="node agent closed the connection", peer_closed=True)]
     assert [fd for fd in fds if is_open(fd)] == []
 
@@ -474,9 +467,9 @@ def test_a_protocol_error_is_nacked_and_stops_the_manager_for_good(
     before, payload, nfds, text = FATAL[kind]
     proto.connection_made()
     for record in before:
-        only_reply(proto.receive(record))
+        only_reply(proto.receive(Record(record)))
     fds = [netns.new() for _ in range(nfds)]
-    events = proto.receive(payload, fds)
+    events = proto.receive(Record(payload, fds))
     assert only_reply(events).error == text
     assert isinstance(events[-1], CloseConnection) and events[-1].fatal
     assert proto.state is ConnectionState.STOPPED
@@ -509,7 +502,7 @@ def test_a_start_interrupted_by_a_lost_connection_is_left_pending(
 ) -> None:
     proto.connection_made()
     fd = netns.new()
-    proto.receive(add("a"), [fd])
+    proto.receive(Record(add("a"), [fd]))
     proto.connection_lost()
     assert proto.workloads["a"].state is WorkloadState.PENDING
     proto.connection_made()

@@ -56,6 +56,11 @@ ADMIN_LISTEN = "127.0.0.1:15000"
 READINESS_LISTEN = "127.0.0.1:15021"
 METRICS_LISTEN = "127.0.0.1:15020"
 
+# --- pods ----------------------------------------------------------------------
+#: What a pod is given when it names none (Kubernetes' own defaults).
+POD_NAMESPACE = "default"
+SERVICE_ACCOUNT = "default"
+
 # --- namespaces ---------------------------------------------------------------
 #: Where named network namespaces live (as with `ip netns`).
 NETNS_RUN_DIR = "/var/run/netns"

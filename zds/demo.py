@@ -30,17 +30,12 @@ from typing import Any
 import grpc
 
 from zds import runtime
+from zds.errors import ZdsError
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.netns import (
-    EchoServer,
-    NetnsError,
-    PodFixture,
-    PodNetwork,
-    exchange,
-    in_netns,
-    list_netns,
-    open_netns,
-)
+from zds.netns import NetnsError, in_netns, open_netns
+from zds.netns.apps import EchoServer, exchange
+from zds.netns.fixtures import list_netns
+from zds.netns.podnet import PodFixture, PodNetwork
 
 #: The pods of the story (Istio's bookinfo) and the port reviews' app listens on.
 PODS = ("productpage", "reviews", "ratings")
@@ -52,7 +47,7 @@ SUBNET6 = "fd00:177:77::/64"
 PAYLOAD = b"hello reviews, this is productpage (through ztunnel)\n" * 20
 
 
-class DemoError(Exception):
+class DemoError(ZdsError):
     """The demo cannot go on; the message says why."""
 
 

@@ -14,38 +14,15 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from zds import defaults
+from zds.protocol.records import Record
 
 #: Room for fds in one received record: more than ztunnel ever gets, so a
 #: record carrying too many is seen (and refused) instead of silently cut.
 MAX_FDS_PER_RECORD = 4
 _FD_SIZE = array.array("i").itemsize
-
-
-@dataclass
-class Record:
-    """One received packet: its bytes, the fds that came with it, recvmsg flags."""
-
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-    flags: int = 0
-
-    @property
-    def truncated(self) -> bool:
-        """The payload or the fds did not fit the receive buffers (MSG_TRUNC/MSG_CTRUNC)."""
-        return bool(self.flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-
-    @property
-    def is_eof(self) -> bool:
-        """A 0-byte record: the peer closed (ztunnel also reads a real empty record as EOF)."""
-        return not self.payload and not self.fds and not self.truncated
-
-    def close_fds(self) -> None:
-        """Close every fd that came with the record (each has exactly one owner)."""
-        while self.fds:
-            os.close(self.fds.pop())
 
 
 @dataclass(frozen=True)

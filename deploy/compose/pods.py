@@ -33,7 +33,9 @@ from typing import NoReturn
 import scenario
 from scenario import PodInfo, log
 
-from zds.netns import NetnsError, PodNetwork, delete_netns
+from zds.netns import NetnsError
+from zds.netns.fixtures import delete_netns
+from zds.netns.podnet import PodNetwork
 
 WHO = "pods"
 #: How long the node agent and ztunnel get to come up and ack both pods.

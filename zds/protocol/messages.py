@@ -1,6 +1,6 @@
 """ZDS messages as plain Python values, and their protobuf wire codec.
 
-The wire bytes must equal Istio's (``../shared/vectors/zds-wire.tsv``); the
+The wire bytes must equal Istio's (``tests/data/zds-wire.tsv``); the
 protobuf runtime does the encoding, these types keep the rest of zds free of
 generated classes.
 """
@@ -11,14 +11,11 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from zds.errors import CodecError, NoPayload
 from zds.gen import zds_pb2
 
 #: ``Version.V1``, the only version ztunnel speaks.
 VERSION_V1 = zds_pb2.V1
-
-
-class CodecError(ValueError):
-    """A record that is not a valid ZDS message."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,7 @@ def decode_request(payload: bytes) -> Request:
         return DelWorkload(uid=getattr(msg, "del").uid)
     if which == "snapshot_sent":
         return SnapshotSent()
-    raise CodecError("WorkloadRequest has no payload")
+    raise NoPayload("WorkloadRequest has no payload")
 
 
 def encode_ack(ack: Ack) -> bytes:
@@ -163,7 +160,7 @@ def decode_ack(payload: bytes) -> Ack:
     msg = zds_pb2.WorkloadResponse()
     _parse(msg, payload, "WorkloadResponse")
     if msg.WhichOneof("payload") != "ack":
-        raise CodecError("WorkloadResponse has no ack")
+        raise NoPayload("WorkloadResponse has no ack")
     return Ack(error=msg.ack.error)
 
 

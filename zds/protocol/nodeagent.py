@@ -20,11 +20,11 @@ import enum
 from dataclasses import dataclass
 
 from zds import defaults
+from zds.errors import CodecError, ProtocolUsageError
 from zds.protocol.messages import (
     VERSION_V1,
     Ack,
     AddWorkload,
-    CodecError,
     KeepWorkload,
     Request,
     SnapshotSent,
@@ -33,6 +33,7 @@ from zds.protocol.messages import (
     encode_request,
     request_kind,
 )
+from zds.protocol.records import Record
 
 
 class ConnectionState(enum.Enum):
@@ -80,23 +81,6 @@ class ConnectionClosed:
 Event = HelloAccepted | AckReceived | SnapshotComplete | ConnectionClosed
 
 
-class ProtocolUsageError(RuntimeError):
-    """The caller asked for something the protocol forbids (a bug in the caller)."""
-
-
-@dataclass(frozen=True)
-class ReceivedRecord:
-    """What the transport read: payload, how many fds came with it, and whether it was truncated."""
-
-    payload: bytes
-    fd_count: int = 0
-    truncated: bool = False
-
-    @property
-    def is_eof(self) -> bool:
-        return not self.payload and not self.fd_count and not self.truncated
-
-
 class NodeAgentProtocol:
     """State of one ztunnel connection as the node agent sees it."""
 
@@ -120,17 +104,21 @@ class NodeAgentProtocol:
         self._last_activity = now
 
     # -- incoming ------------------------------------------------------------
-    def receive(self, record: ReceivedRecord, now: float) -> list[Event]:
-        """Feed one record that arrived from ztunnel."""
+    def receive(self, record: Record, now: float) -> list[Event]:
+        """Feed one record that arrived from ztunnel; its fds are closed here
+        (ztunnel never sends any, so none is kept)."""
+        eof = record.is_eof
+        fd_count = len(record.fds)
+        record.close_fds()
         if self.state is ConnectionState.CLOSED:
             return []
         self._last_activity = now
-        if record.is_eof:
+        if eof:
             return self._close("ztunnel closed the connection", peer_gone=True)
         if record.truncated:
             return self._close(f"record from ztunnel exceeds {defaults.MAX_MESSAGE_SIZE} bytes")
-        if record.fd_count:
-            return self._close(f"ztunnel sent {record.fd_count} file descriptor(s); it never should")
+        if fd_count:
+            return self._close(f"ztunnel sent {fd_count} file descriptor(s); it never should")
         if self.state is ConnectionState.AWAITING_HELLO:
             return self._receive_hello(record.payload)
         if self.in_flight is None:
@@ -163,8 +151,12 @@ class NodeAgentProtocol:
         return events
 
     # -- outgoing ------------------------------------------------------------
-    def send(self, request: Request, now: float) -> bytes:
-        """The bytes of ``request``, which is now in flight until its ack arrives."""
+    def send(self, request: Request, now: float, *, payload: bytes | None = None) -> bytes:
+        """The bytes of ``request``, which is now in flight until its ack arrives.
+
+        ``payload``: ``request`` already encoded (a pod's AddWorkload is encoded
+        once, when it is enrolled, not again for every delivery).
+        """
         if self.state in (ConnectionState.AWAITING_HELLO, ConnectionState.CLOSED):
             raise ProtocolUsageError(f"cannot send {request_kind(request)} in state {self.state.value}")
         if self.in_flight is not None:
@@ -175,7 +167,8 @@ class NodeAgentProtocol:
         if isinstance(request, KeepWorkload | SnapshotSent) and self.state is not ConnectionState.SNAPSHOT:
             # ztunnel answers these outside a snapshot with a ProtocolError and stops for good.
             raise ProtocolUsageError(f"{request_kind(request)} is only valid during the snapshot")
-        payload = encode_request(request)
+        if payload is None:
+            payload = encode_request(request)
         if isinstance(request, AddWorkload) and len(payload) > defaults.MAX_MESSAGE_SIZE:
             raise ProtocolUsageError(
                 f"AddWorkload for {request.uid!r} is {len(payload)} bytes; ztunnel reads at most "

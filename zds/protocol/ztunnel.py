@@ -39,13 +39,13 @@ import contextlib
 import enum
 import os
 import socket
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
+from zds.errors import CodecError, NoPayload, ProtocolError, ProtocolUsageError
 from zds.protocol.messages import (
     Ack,
     AddWorkload,
-    CodecError,
     DelWorkload,
     KeepWorkload,
     Request,
@@ -55,6 +55,7 @@ from zds.protocol.messages import (
     encode_ack,
     encode_hello,
 )
+from zds.protocol.records import Record
 
 #: Nack prefixes, as ztunnel writes them (workloadmanager.rs), so logs read alike.
 READ_FAILURE = "failure to read message : "
@@ -154,15 +155,11 @@ class CloseConnection:
 Event = SendReply | StartProxy | StopProxy | SnapshotReconciled | CloseConnection
 
 
-class ProtocolUsageError(RuntimeError):
-    """The caller broke the calling convention (a bug in the caller, not in the peer)."""
-
-
-class ReadError(ValueError):
+class ReadError(ProtocolError):
     """A record ztunnel refuses to read (``failure to read message``)."""
 
 
-class ProtocolViolation(ValueError):
+class ProtocolViolation(ProtocolError):
     """A well-formed request that breaks the protocol (ztunnel's ``ProtocolError``)."""
 
 
@@ -242,10 +239,10 @@ class ZtunnelProtocol:
             self.state = ConnectionState.DISCONNECTED
 
     # -- incoming ------------------------------------------------------------
-    def receive(self, payload: bytes, fds: Iterable[int] = (), flags: int = 0) -> list[Event]:
-        """Feed one record: its bytes, the fds that came with it (now owned here),
-        and the recvmsg flags (``MSG_TRUNC``/``MSG_CTRUNC``)."""
-        fds = list(fds)
+    def receive(self, record: Record) -> list[Event]:
+        """Feed one record: its bytes, the fds that came with it (now owned here:
+        each is kept by a workload or closed) and the recvmsg flags."""
+        payload, fds, flags = record.payload, record.take_fds(), record.flags
         if self.state not in (ConnectionState.SNAPSHOT, ConnectionState.SYNCED):
             _close_all(fds)
             raise ProtocolUsageError(f"no record can be received in state {self.state.value}")
@@ -442,9 +439,9 @@ def _read_record(payload: bytes, fds: list[int], flags: int) -> tuple[Request, i
             raise ReadError("received truncated message")
         try:
             request = decode_request(payload)
+        except NoPayload as exc:
+            raise ReadError("no payload") from exc
         except CodecError as exc:
-            if "no payload" in str(exc):
-                raise ReadError("no payload") from exc
             raise ReadError(f"failed to decode Protobuf message: {exc}") from exc
         fd = fds[0] if fds else None
         if isinstance(request, AddWorkload) and fd is None:

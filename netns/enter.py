@@ -1,0 +1,99 @@
+"""Enter a network namespace and come back: inline for socket creation, or in a worker thread.
+
+Namespaces are per *thread*: ``in_netns`` moves only the calling thread and
+always brings it back, like ztunnel's ``InpodNetns::run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from .handle import NetnsHandle
+from .kernel import THREAD_NETNS, NetnsError, setns
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _target_fd(target: NetnsHandle | int) -> tuple[int, str]:
+    if isinstance(target, NetnsHandle):
+        return target.fileno(), target.path or str(target.identity)
+    return target, f"fd {target}"
+
+
+@contextmanager
+def in_netns(target: NetnsHandle | int) -> Iterator[None]:
+    """Run the body with the calling thread in network namespace ``target``, then come back.
+
+    Synchronous only: never hold it across an ``await`` (another task would run
+    in the wrong namespace). Sockets created inside keep that namespace after
+    the way back. If the way back fails, the thread would stay in the wrong
+    namespace for good, so the process aborts instead.
+    """
+    fd, what = _target_fd(target)
+    try:
+        back = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetnsError(f"cannot open {THREAD_NETNS} to come back later: {e.strerror}") from None
+    try:
+        try:
+            setns(fd)
+        except OSError as e:
+            hint = "; run as root (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
+            if e.errno == errno.EINVAL:
+                hint = " (is it a network namespace?)"
+            raise NetnsError(f"cannot enter netns {what}: {e.strerror}{hint}") from None
+        try:
+            yield
+        finally:
+            try:
+                setns(back)
+            except OSError as e:
+                log.critical(
+                    "cannot return to the original network namespace after %s: %s; aborting",
+                    what,
+                    e.strerror,
+                )
+                os.abort()
+    finally:
+        os.close(back)
+
+
+def _call_in_netns(fd: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    try:
+        with in_netns(fd):
+            return fn(*args)
+    finally:
+        os.close(fd)
+
+
+async def run_in_netns(target: NetnsHandle | int, fn: Callable[..., T], *args: Any) -> T:
+    """Call ``fn(*args)`` in a worker thread that is inside ``target``, and await its result.
+
+    For slow or blocking work in a namespace (iptables-restore, probes); the
+    event loop's thread never changes namespace. The worker gets its own dup of
+    the fd, so closing ``target`` meanwhile cannot pull the namespace away.
+    """
+    fd, what = _target_fd(target)
+    try:
+        own = os.dup(fd)
+    except OSError as e:
+        raise NetnsError(f"cannot use netns {what}: {e.strerror}") from None
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, _call_in_netns, own, fn, args)
+    try:
+        # Once submitted, the worker closes ``own`` whatever happens (even if we are cancelled).
+        future = loop.run_in_executor(None, call)
+    except BaseException:
+        os.close(own)
+        raise
+    return await future

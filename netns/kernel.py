@@ -1,0 +1,154 @@
+"""What the kernel says about a network-namespace fd: is it one, which one, and setns.
+
+Python 3.11 has no ``os.setns``: ``setns(2)`` and ``fstatfs(2)`` go through
+ctypes. Namespaces are per *thread*: see ``enter`` for moving a thread in and back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
+import os
+from dataclasses import dataclass
+
+from zds.errors import ZdsError
+
+# linux/sched.h
+CLONE_NEWNET = 0x40000000
+# linux/nsfs.h: _IO(NSIO, 0x3), NSIO = 0xb7
+NS_GET_NSTYPE = 0xB703
+# linux/magic.h
+NSFS_MAGIC = 0x6E736673
+PROC_SUPER_MAGIC = 0x9FA0
+
+#: The calling thread's own network namespace (setns is per thread, so never /proc/self).
+THREAD_NETNS = "/proc/thread-self/ns/net"
+
+# Namespace types NS_GET_NSTYPE can answer, for "is a mnt namespace, not ..." messages.
+_NS_TYPE_NAMES = {
+    0x00020000: "mnt",
+    0x02000000: "cgroup",
+    0x04000000: "uts",
+    0x08000000: "ipc",
+    0x10000000: "user",
+    0x20000000: "pid",
+    0x40000000: "net",
+    0x00000080: "time",
+}
+
+
+class NetnsError(ZdsError):
+    """A network-namespace operation failed; the message says what, on what, and what to do."""
+
+
+@dataclass(frozen=True)
+class NetnsIdentity:
+    """What makes a network namespace itself: the (st_dev, st_ino) of its nsfs inode.
+
+    Two fds refer to the same namespace exactly when their identities are equal
+    (ztunnel compares these to tell a re-sent pod from a replaced one).
+    """
+
+    dev: int
+    ino: int
+
+    def __str__(self) -> str:
+        return f"{self.dev}:{self.ino}"
+
+
+# --- libc ----------------------------------------------------------------------
+
+
+class _StatFs(ctypes.Structure):
+    # struct statfs on 64-bit Linux; only f_type is read, the tail is padding to size.
+    _fields_ = [
+        ("f_type", ctypes.c_long),
+        ("f_rest", ctypes.c_byte * 256),
+    ]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def setns(fd: int) -> None:
+    """setns(2) the calling thread into the network namespace ``fd`` (raises OSError)."""
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def fstatfs_type(fd: int) -> int:
+    buf = _StatFs()
+    if _libc().fstatfs(fd, ctypes.byref(buf)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+@functools.cache
+def _kernel_has_nstype_ioctl() -> bool:
+    """Whether NS_GET_NSTYPE works here (Linux >= 4.11), probed on our own netns.
+
+    When it does, an fd that answers ENOTTY is simply not a namespace; only on
+    older kernels is the fstatfs magic the best evidence there is (it cannot
+    tell a net namespace from any other, and PROC_SUPER_MAGIC matches every
+    /proc file), so the fallback is taken only there.
+    """
+    try:
+        fd = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+# --- validation and identity ------------------------------------------------------
+
+
+def validate_netns_fd(fd: int, what: str = "") -> None:
+    """Raise NetnsError unless ``fd`` is an open network-namespace fd.
+
+    Asks the kernel with ``ioctl(NS_GET_NSTYPE) == CLONE_NEWNET``; on kernels
+    without that ioctl (ENOTTY/EINVAL), falls back to the fstatfs magic of
+    nsfs (or of /proc, before nsfs existed). ``what`` names the fd in messages
+    (a path, or "fd N" by default).
+    """
+    what = what or f"fd {fd}"
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError as e:
+        if e.errno == errno.EBADF:
+            raise NetnsError(f"{what} is not an open file descriptor") from None
+        if e.errno not in (errno.ENOTTY, errno.EINVAL):
+            raise NetnsError(f"cannot check whether {what} is a network namespace: {e.strerror}") from None
+        if _kernel_has_nstype_ioctl():
+            raise NetnsError(f"{what} is not a network namespace") from None
+        try:
+            magic = fstatfs_type(fd)
+        except OSError as e2:
+            raise NetnsError(f"cannot check whether {what} is a network namespace: {e2.strerror}") from None
+        if magic not in (NSFS_MAGIC, PROC_SUPER_MAGIC):
+            raise NetnsError(f"{what} is not a network namespace") from None
+        return
+    if nstype != CLONE_NEWNET:
+        kind = _NS_TYPE_NAMES.get(nstype, f"type {nstype:#x}")
+        raise NetnsError(f"{what} is a {kind} namespace, not a network namespace")
+
+
+def netns_identity(fd: int) -> NetnsIdentity:
+    """The identity (st_dev, st_ino) of the namespace ``fd`` refers to."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise NetnsError(f"cannot read the identity of fd {fd}: {e.strerror}") from None
+    return NetnsIdentity(st.st_dev, st.st_ino)

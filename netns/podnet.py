@@ -1,0 +1,366 @@
+"""Pods to test and demo with: named network namespaces on a bridge, as a CNI would make them.
+
+A pod is a named netns with loopback up, a veth pair into a host bridge, IPv4
+and IPv6 addresses and default routes via the bridge, so pods reach each
+other. Everything goes through pyroute2 (netlink), never the ``ip`` command;
+what is made is removed again, on error too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import hashlib
+import ipaddress
+import logging
+import socket
+import threading
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute, NetlinkError
+
+from .enter import in_netns
+from .fixtures import check_name, create_netns, delete_netns, list_netns, netns_path, off_event_loop
+from .handle import open_netns
+from .kernel import NetnsError
+
+log = logging.getLogger(__name__)
+
+# linux/if_addr.h: usable at once, no duplicate address detection.
+IFA_F_NODAD = 0x02
+# linux/if.h IFNAMSIZ (16) minus the NUL.
+IFNAME_MAX = 15
+
+
+@dataclass
+class PodFixture:
+    """One pod made by ``PodNetwork.add_pod``: its netns, its addresses and its host-side veth."""
+
+    name: str
+    netns_path: str
+    ipv4: str
+    ipv6: str
+    veth_host: str
+
+
+def _ifname(prefix: str, name: str) -> str:
+    """An interface name for ``name`` within IFNAMSIZ: readable when it fits, hashed when not."""
+    if len(prefix) + len(name) <= IFNAME_MAX:
+        return prefix + name
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    keep = IFNAME_MAX - len(prefix) - 7
+    return f"{prefix}{name[:keep]}-{digest[:6]}"
+
+
+def _link_index(ipr: Any, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def _delete_link(ifname: str) -> None:
+    """Delete a host link; one already gone is fine."""
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", ifname=ifname)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+
+
+def _eth0_addresses(path: str) -> list[str]:
+    """The addresses on a netns's eth0 (none if it has no eth0)."""
+    with open_netns(path) as handle, in_netns(handle), IPRoute() as ipr:
+        index = _link_index(ipr, "eth0")
+        if index is None:
+            return []
+        # Global addresses only: link-local ones say nothing about the pod network.
+        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index) if a["scope"] == 0]
+
+
+def _used_host_indices(net4: ipaddress.IPv4Network) -> set[int]:
+    """Host indices in ``net4`` that a named netns's eth0 already has."""
+    used: set[int] = set()
+    for name in list_netns():
+        try:
+            addresses = _eth0_addresses(netns_path(name))
+        except (NetnsError, OSError):
+            continue
+        for address in addresses:
+            with suppress(ValueError):
+                ip = ipaddress.ip_address(address)
+                if ip in net4:
+                    used.add(int(ip) - int(net4.network_address))
+    return used
+
+
+def pod_addresses(path: str) -> list[str]:
+    """A pod's eth0 addresses (for ``zds netns list``); empty for a bare namespace."""
+    try:
+        return _eth0_addresses(path)
+    except (NetnsError, OSError):
+        return []
+
+
+def create_pods_on_bridge(names: list[str], bridge: str, subnet4: str, subnet6: str) -> list[PodFixture]:
+    """Pods that outlive this process (``zds netns create --bridge``): the bridge is made or
+    reused, each pod gets the next free addresses. On a failure, what this call made is undone."""
+
+    def make() -> list[PodFixture]:
+        net = PodNetwork(bridge=bridge, subnet4=subnet4, subnet6=subnet6)
+        net.adopt_bridge()
+        try:
+            for name in names:
+                net._add_pod(name)
+        except BaseException:
+            net._close()
+            raise
+        return net.detach()
+
+    return off_event_loop(make)
+
+
+def delete_pod(name: str, *, missing_ok: bool = False) -> None:
+    """Delete a pod made by ``create_pods_on_bridge``: its host veth first (a netns dies
+    asynchronously, and its end of the pair with it), then the netns."""
+    off_event_loop(lambda: _delete_link(_ifname("zv-", name)))
+    delete_netns(name, missing_ok=missing_ok)
+
+
+def remove_bridge_if_unused(bridge: str) -> bool:
+    """Delete ``bridge`` if no interface is attached to it any more; True if it was deleted."""
+    with IPRoute() as ipr:
+        index = _link_index(ipr, bridge)
+        if index is None:
+            return False
+        if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
+            return False
+    _delete_link(bridge)
+    return True
+
+
+class PodNetwork:
+    """Pods (named netns) joined by veth pairs to a bridge in the host netns.
+
+    The bridge gets the first address of each subnet (.1 and ::1) and is each
+    pod's default gateway; pods get the next free addresses. IPv6 addresses
+    are added without duplicate address detection so they work at once.
+    The bridge is made with the first pod. ``close()`` removes every pod,
+    veth and the bridge; it also runs at interpreter exit if nobody called it.
+    """
+
+    def __init__(
+        self,
+        bridge: str = "zds-br0",
+        subnet4: str = "10.177.0.0/24",
+        subnet6: str = "fd00:177::/64",
+    ) -> None:
+        if not bridge or len(bridge) > IFNAME_MAX or "/" in bridge or bridge.strip() != bridge:
+            raise NetnsError(f'bad bridge name "{bridge}": 1 to {IFNAME_MAX} characters, no "/" or spaces')
+        try:
+            self._net4 = ipaddress.IPv4Network(subnet4)
+            self._net6 = ipaddress.IPv6Network(subnet6)
+        except ValueError as e:
+            raise NetnsError(f"bad pod subnet: {e}") from None
+        if self._net4.num_addresses < 4 or self._net6.num_addresses < 4:
+            raise NetnsError(f"pod subnets {subnet4} and {subnet6} are too small for a gateway and a pod")
+        self.bridge = bridge
+        self._pods: dict[str, tuple[PodFixture, int]] = {}
+        self._bridge_made = False
+        #: The bridge existed before (``adopt_bridge``): use it, never delete it.
+        self._bridge_adopted = False
+        #: Host indices taken by pods this object did not make.
+        self._reserved: set[int] = set()
+        self._lock = threading.RLock()
+
+    @property
+    def gateway4(self) -> str:
+        """The bridge's IPv4 address: the pods' default gateway."""
+        return str(self._net4[1])
+
+    @property
+    def gateway6(self) -> str:
+        """The bridge's IPv6 address: the pods' default gateway."""
+        return str(self._net6[1])
+
+    @property
+    def pods(self) -> list[PodFixture]:
+        """The pods made so far and not removed."""
+        with self._lock:
+            return [pod for pod, _ in self._pods.values()]
+
+    # --- making -------------------------------------------------------------------
+
+    def _free_host_index(self) -> int:
+        used = {index for _, index in self._pods.values()} | self._reserved
+        index = 2
+        while index in used:
+            index += 1
+        if index >= min(self._net4.num_addresses - 1, self._net6.num_addresses):
+            raise NetnsError(f"no free address left in {self._net4} for another pod")
+        return index
+
+    def adopt_bridge(self) -> bool:
+        """Use the bridge if it exists already (made by an earlier ``zds netns create --bridge``):
+        check its gateway address, reserve the addresses of the pods already on it. It is
+        never deleted by this object. False if there is no such bridge yet."""
+        with IPRoute() as ipr:
+            index = _link_index(ipr, self.bridge)
+            if index is None:
+                return False
+            addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
+        if self.gateway4 not in addresses:
+            raise NetnsError(
+                f"bridge {self.bridge} exists but does not have {self.gateway4}: it is not a pod "
+                "bridge for this subnet; pick another --bridge or --subnet4"
+            )
+        self._bridge_made = self._bridge_adopted = True
+        self._reserved |= _used_host_indices(self._net4)
+        return True
+
+    def detach(self) -> list[PodFixture]:
+        """Forget the pods and the bridge without removing them (they outlive this process)."""
+        with self._lock:
+            pods = [pod for pod, _ in self._pods.values()]
+            self._pods.clear()
+            if self._bridge_made and not self._bridge_adopted:
+                atexit.unregister(self.close)
+            self._bridge_made = False
+            return pods
+
+    def _make_bridge(self) -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.link("add", ifname=self.bridge, kind="bridge")
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:
+                    raise NetnsError(
+                        f"bridge {self.bridge} exists already: another PodNetwork is using it or a"
+                        " previous run left it behind; pick another bridge name, or delete that"
+                        " link if it is stale"
+                    ) from None
+                raise NetnsError(f"cannot create bridge {self.bridge}: {e}") from None
+            self._bridge_made = True
+            index = _link_index(ipr, self.bridge)
+            ipr.addr("add", index=index, address=self.gateway4, prefixlen=self._net4.prefixlen)
+            ipr.addr(
+                "add",
+                index=index,
+                address=self.gateway6,
+                prefixlen=self._net6.prefixlen,
+                flags=IFA_F_NODAD,
+            )
+            ipr.link("set", index=index, state="up")
+        # Until close() is called, interpreter exit cleans up (bound methods compare equal,
+        # so close() can unregister this very registration).
+        atexit.register(self.close)
+
+    def _wire_pod(self, pod: PodFixture, undo: ExitStack) -> None:
+        with open_netns(pod.netns_path) as handle:
+            with IPRoute() as ipr:
+                bridge_index = _link_index(ipr, self.bridge)
+                try:
+                    # The peer is born inside the pod's netns as eth0: no name clash in the host.
+                    ipr.link(
+                        "add",
+                        ifname=pod.veth_host,
+                        kind="veth",
+                        peer={"ifname": "eth0", "net_ns_fd": handle.fileno()},
+                    )
+                except NetlinkError as e:
+                    raise NetnsError(f"cannot create veth {pod.veth_host} for pod {pod.name}: {e}") from None
+                undo.callback(_delete_link, pod.veth_host)
+                host_index = _link_index(ipr, pod.veth_host)
+                ipr.link("set", index=host_index, master=bridge_index, state="up")
+            with in_netns(handle), IPRoute() as ipr:
+                eth0 = _link_index(ipr, "eth0")
+                ipr.addr("add", index=eth0, address=pod.ipv4, prefixlen=self._net4.prefixlen)
+                ipr.addr(
+                    "add", index=eth0, address=pod.ipv6, prefixlen=self._net6.prefixlen, flags=IFA_F_NODAD
+                )
+                ipr.link("set", index=eth0, state="up")
+                ipr.route("add", dst="0.0.0.0/0", gateway=self.gateway4)
+                ipr.route("add", family=socket.AF_INET6, dst="::/0", gateway=self.gateway6)
+
+    def _add_pod(self, name: str) -> PodFixture:
+        with self._lock:
+            check_name(name)
+            if name in self._pods:
+                raise NetnsError(f"pod {name} exists already in this PodNetwork")
+            index = self._free_host_index()
+            if not self._bridge_made:
+                try:
+                    self._make_bridge()
+                except NetlinkError as e:
+                    raise NetnsError(f"cannot set up bridge {self.bridge}: {e}") from None
+            pod = PodFixture(
+                name=name,
+                netns_path=netns_path(name),
+                ipv4=str(self._net4[index]),
+                ipv6=str(self._net6[index]),
+                veth_host=_ifname("zv-", name),
+            )
+            with ExitStack() as undo:
+                create_netns(name)
+                undo.callback(delete_netns, name, missing_ok=True)
+                try:
+                    self._wire_pod(pod, undo)
+                except NetlinkError as e:
+                    raise NetnsError(f"cannot set up the network of pod {name}: {e}") from None
+                undo.pop_all()
+            self._pods[name] = (pod, index)
+            log.debug("pod added", extra={"pod": name, "netns": pod.netns_path})
+            return pod
+
+    def add_pod(self, name: str) -> PodFixture:
+        """Create pod ``name``: its netns, a veth into the bridge, addresses, routes; all up."""
+        return off_event_loop(lambda: self._add_pod(name))
+
+    # --- removing ---------------------------------------------------------------------
+
+    def _remove_pod(self, name: str) -> None:
+        with self._lock:
+            if name not in self._pods:
+                raise NetnsError(f"no pod {name} in this PodNetwork (on bridge {self.bridge})")
+            pod, _ = self._pods[name]
+            # The veth first: a netns dies asynchronously, and its end of the pair with it.
+            _delete_link(pod.veth_host)
+            delete_netns(name, missing_ok=True)
+            del self._pods[name]
+
+    def remove_pod(self, name: str) -> None:
+        """Remove pod ``name``: its veth pair and its netns."""
+        off_event_loop(lambda: self._remove_pod(name))
+
+    def _close(self) -> None:
+        with self._lock:
+            failures: list[str] = []
+            for name in list(self._pods):
+                try:
+                    self._remove_pod(name)
+                except Exception as e:
+                    failures.append(f"pod {name}: {e}")
+                    self._pods.pop(name, None)
+            if self._bridge_made and not self._bridge_adopted:
+                try:
+                    _delete_link(self.bridge)
+                except Exception as e:
+                    failures.append(f"bridge {self.bridge}: {e}")
+                self._bridge_made = False
+            atexit.unregister(self.close)
+            if failures:
+                raise NetnsError("PodNetwork cleanup failed: " + "; ".join(failures))
+
+    def close(self) -> None:
+        """Remove every pod made here, their veths and the bridge; calling it again does nothing."""
+        off_event_loop(self._close)
+
+    def __enter__(self) -> PodNetwork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PodNetwork(bridge={self.bridge!r}, {self._net4}, {self._net6}, pods={list(self._pods)})"

@@ -1,0 +1,77 @@
+"""``NetnsRef``: where a pod's network namespace is, checked once where it enters zds.
+
+A pod names its netns either by a path (``/var/run/netns/pod-a``, a bare name
+for a named namespace, ``/proc/PID/ns/net``) or by a process (``--netns-pid``,
+``netns_pid`` in the API, ``pid:N`` in a pods file). Every way in builds a
+``NetnsRef`` and every way on (the gRPC request, the node agent, the CLI's
+table) reads it; nothing parses ``pid:N`` twice. Pure: no file is touched here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from zds import defaults
+
+from .kernel import NetnsError
+
+
+class NetnsRefError(NetnsError, ValueError):
+    """A netns reference that names nothing usable (empty path, ``pid:x``, pid 0)."""
+
+
+@dataclass(frozen=True)
+class NetnsRef:
+    """A network namespace by path, or by a process in it (exactly one of the two)."""
+
+    path: str | None = None
+    pid: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.pid is None):
+            raise NetnsRefError("a netns reference is a path or a pid, exactly one of them")
+        if self.pid is not None and (isinstance(self.pid, bool) or self.pid <= 0):
+            raise NetnsRefError(f"bad process id {self.pid!r}: expected a positive integer")
+        if self.path is not None and not self.path.strip():
+            raise NetnsRefError('empty netns path: expected a path, a name or "pid:N"')
+
+    @classmethod
+    def of_pid(cls, pid: int) -> NetnsRef:
+        """The netns of process ``pid`` (``/proc/PID/ns/net``)."""
+        return cls(pid=pid)
+
+    @classmethod
+    def of_path(cls, path: str) -> NetnsRef:
+        """A netns file; a bare name (no ``/``) is a named netns, ``/var/run/netns/NAME``."""
+        path = path.strip()
+        if path and "/" not in path:
+            path = os.path.join(defaults.NETNS_RUN_DIR, path)
+        return cls(path=path)
+
+    @classmethod
+    def parse(cls, text: str) -> NetnsRef:
+        """``pid:N``, a path, or a bare name, as a pods file writes it."""
+        text = text.strip()
+        if text.startswith("pid:"):
+            number = text[4:].strip()
+            if not number.isdigit() or int(number) <= 0:
+                raise NetnsRefError(
+                    f'bad netns reference "{text}": expected "pid:N" with N a process id, or a path'
+                )
+            return cls.of_pid(int(number))
+        if not text:
+            raise NetnsRefError('empty netns reference: expected "pid:N" or a path')
+        return cls.of_path(text)
+
+    @property
+    def location(self) -> str:
+        """The file to open: the path, or ``/proc/PID/ns/net``."""
+        if self.pid is not None:
+            return f"/proc/{self.pid}/ns/net"
+        assert self.path is not None
+        return self.path
+
+    def __str__(self) -> str:
+        """How a pods file writes it: ``pid:N`` or the path."""
+        return f"pid:{self.pid}" if self.pid is not None else self.location

@@ -1,0 +1,263 @@
+"""Enrollment and removal of pods (Istio's ``net_linux.go`` + ``PodAdded``/``PodDeleted``):
+the rules, then the cache, then ztunnel.
+
+Socket-free and clock-free: it reaches ztunnel only through the connections the
+registry holds (anything with an ``id`` and an async ``deliver``), so the rules
+of delivery are unit-tested with stand-in connections, no root and no process:
+
+- an Add goes to the newest connection that said hello; a Del to every one;
+- a pod is cached before it is delivered and stays cached whatever ztunnel
+  answers (no connection, a nack, a lost connection, an ack timeout): the next
+  ztunnel gets it in its snapshot;
+- a removal is done whatever ztunnel answers, even with no ztunnel connected;
+  its rules come out first, so no connection is redirected to closing listeners;
+- an enrollment or removal, once begun, completes even if its caller gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from zds.errors import ZdsError
+from zds.netns import NetnsError, NetnsHandle, open_netns_ref
+from zds.protocol.messages import Ack, DelWorkload
+from zds.server import spans
+from zds.server.events import EventBus, EventKind
+from zds.server.link import ConnectionLost, Connections
+from zds.server.podcache import PodCache
+from zds.server.podrules import PodRules, RulesError
+from zds.server.pods import Pod, PodSpec, PodSpecError
+from zds.server.tasks import TaskOwner
+from zds.server.telemetry import Telemetry
+
+log = logging.getLogger("zds.server")
+
+
+class EnrollmentOutcome(enum.Enum):
+    """How an enrollment ended (the control API maps each to a gRPC status)."""
+
+    ACKED = "acked"
+    #: Bad uid, bad netns, too large: nothing was cached.
+    INVALID = "invalid"
+    #: Cached; delivered in the next ztunnel's snapshot.
+    NO_CONNECTION = "no_connection"
+    #: ztunnel answered with an error; cached.
+    NACKED = "nacked"
+    #: The connection closed before the ack; cached.
+    LOST = "lost"
+    #: No ack within the ack timeout: the connection was closed; cached.
+    TIMEOUT = "timeout"
+    #: The redirection rules could not be installed: nothing cached, nothing sent.
+    RULES = "rules"
+
+
+class EnrollmentError(ZdsError):
+    """Enrollment did not end with a clean ack; ``outcome`` says how."""
+
+    def __init__(self, outcome: EnrollmentOutcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@dataclass
+class Enrolled:
+    pod: Pod
+    conn_id: str
+
+
+@dataclass
+class DeleteResult:
+    conn_id: str
+    error: str
+
+
+class Enrollment:
+    """Adds and removes pods: the rules, the cache, the delivery to ztunnel."""
+
+    def __init__(
+        self,
+        cache: PodCache,
+        registry: Connections,
+        rules: PodRules | None,
+        events: EventBus,
+        telemetry: Telemetry,
+        tasks: TaskOwner,
+    ) -> None:
+        self.cache = cache
+        self.registry = registry
+        #: None with --no-redirect.
+        self.rules = rules
+        self.events = events
+        self.telemetry = telemetry
+        self.tasks = tasks
+        self.tracer = telemetry.tracer
+
+    # -- start-up ---------------------------------------------------------------------
+    async def load(self, spec: PodSpec) -> Pod:
+        """Cache a pod without delivering it (start-up ``--pods``).
+
+        A pod whose netns cannot be opened stays known without one and goes out
+        as KeepWorkload, as after a node-agent restart in Istio.
+        """
+        spec.validate()
+        with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
+            try:
+                netns = self._open_netns(spec)
+            except NetnsError as exc:
+                log.warning(
+                    "netns unavailable; the pod stays known and is sent as KeepWorkload: %s",
+                    exc,
+                    extra=spec.log_extra,
+                )
+                span.set_attribute(spans.OUTCOME, "loaded_without_netns")
+                return self._cache(Pod(spec=spec, netns=None))
+            pod = Pod(spec=spec, netns=netns)
+            try:
+                await self._install_rules(pod)
+            except EnrollmentError as exc:
+                spans.failed(span, exc)
+                raise
+            span.set_attribute(spans.OUTCOME, "loaded")
+            return self._cache(pod)
+
+    # -- enrollment -------------------------------------------------------------------
+    async def add(self, spec: PodSpec) -> Enrolled:
+        """Enroll a pod: open its netns, install the rules, cache it, deliver AddWorkload +
+        fd to the newest ztunnel and wait for the ack. One trace (``zds.enroll_pod``)."""
+        return await self.tasks.run(self._add(spec))
+
+    async def _add(self, spec: PodSpec) -> Enrolled:
+        with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
+            try:
+                enrolled = await self._enroll(spec, span)
+            except EnrollmentError as exc:
+                span.set_attribute(spans.OUTCOME, exc.outcome.value)
+                spans.failed(span, exc)
+                self.telemetry.enrollment(exc.outcome.value)
+                raise
+            span.set_attribute(spans.OUTCOME, EnrollmentOutcome.ACKED.value)
+            self.telemetry.enrollment(EnrollmentOutcome.ACKED.value)
+            return enrolled
+
+    async def _enroll(self, spec: PodSpec, span: trace.Span) -> Enrolled:
+        try:
+            spec.validate()
+            netns = self._open_netns(spec)
+        except (PodSpecError, NetnsError) as exc:
+            raise EnrollmentError(EnrollmentOutcome.INVALID, str(exc)) from exc
+        pod = Pod(spec=spec, netns=netns)
+        await self._install_rules(pod)
+        self._cache(pod)
+        log.info("pod enrolled (netns %s)", netns.identity, extra=spec.log_extra)
+        conn = self.registry.newest()
+        if conn is None:
+            pod.last_error = "no ztunnel connection"
+            raise EnrollmentError(
+                EnrollmentOutcome.NO_CONNECTION,
+                "no ztunnel connection (the pod stays cached and goes out in the next snapshot)",
+            )
+        span.set_attribute(spans.CONNECTION_ID, conn.id)
+        try:
+            ack = await conn.deliver(
+                spec.add_workload,
+                netns.dup(),
+                payload=spec.add_workload_bytes,
+                trace_context=spans.trace_context(span),
+            )
+        except ConnectionLost as lost:
+            if self.cache.get(spec.uid) is pod:
+                pod.last_error = str(lost)
+            outcome = EnrollmentOutcome.TIMEOUT if lost.ack_timeout else EnrollmentOutcome.LOST
+            raise EnrollmentError(outcome, str(lost)) from lost
+        span.set_attribute(spans.ACK_ERROR, ack.error)
+        if ack.error:
+            raise EnrollmentError(EnrollmentOutcome.NACKED, ack.error)
+        return Enrolled(pod=pod, conn_id=conn.id)
+
+    def _open_netns(self, spec: PodSpec) -> NetnsHandle:
+        with spans.span(self.tracer, spans.OPEN_NETNS, {spans.NETNS_PATH: str(spec.netns)}) as span:
+            try:
+                netns = open_netns_ref(spec.netns)
+            except NetnsError as exc:
+                spans.failed(span, exc)
+                raise
+            span.set_attribute(spans.NETNS_INODE, netns.identity.ino)
+            return netns
+
+    async def _install_rules(self, pod: Pod) -> None:
+        """Install the in-pod rules; on failure close the netns and refuse the enrollment (nothing is sent)."""
+        if self.rules is None:
+            return
+        try:
+            await self.rules.install(pod)
+        except asyncio.CancelledError:
+            pod.close()
+            raise
+        except RulesError as exc:
+            pod.close()
+            raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
+
+    def _cache(self, pod: Pod) -> Pod:
+        """Cache the pod (releasing the one it replaces) and tell the watchers."""
+        old = self.cache.put(pod)
+        if old is not None:
+            if (
+                old.rules_installed
+                and old.netns is not None
+                and pod.netns is not None
+                and old.netns.identity != pod.netns.identity
+            ):
+                # Replaced by a pod in another netns: take our rules out of the old one too.
+                self.tasks.spawn(self._remove_rules_and_close(old))
+            else:
+                old.close()  # replaced: its fd goes now (queued sends hold their own dups)
+        self.events.publish(EventKind.POD_ENROLLED, pod=pod)
+        return pod
+
+    # -- removal ----------------------------------------------------------------------
+    async def remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+        """Forget a pod, remove its rules, send DelWorkload to every connection, close its
+        netns fd. Raises KeyError for an unknown uid."""
+        if uid not in self.cache:
+            raise KeyError(uid)
+        return await self.tasks.run(self._remove(uid))
+
+    async def _remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+        pod = self.cache.pop(uid)
+        log.info("pod removed", extra=pod.spec.log_extra)
+        self.events.publish(EventKind.POD_REMOVED, pod=pod)
+        try:
+            with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
+                await self._remove_rules(pod)
+                conns = self.registry.ready()
+                ctx = spans.trace_context(span)
+                answers = await asyncio.gather(
+                    *(c.deliver(DelWorkload(uid=uid), trace_context=ctx) for c in conns),
+                    return_exceptions=True,
+                )
+        finally:
+            self.cache.removed(uid)
+            pod.close()
+        return pod, [
+            DeleteResult(conn.id, answer.error if isinstance(answer, Ack) else str(answer))
+            for conn, answer in zip(conns, answers, strict=True)
+        ]
+
+    async def _remove_rules(self, pod: Pod) -> None:
+        if self.rules is not None:
+            await self.rules.remove(pod, self.cache.uses_netns)
+
+    async def _remove_rules_and_close(self, pod: Pod) -> None:
+        try:
+            await self._remove_rules(pod)
+        finally:
+            pod.close()
+
+
+def _attributes(spec: PodSpec) -> dict[str, str]:
+    return spans.pod_attributes(spec.uid, spec.name, spec.namespace)

@@ -1,0 +1,80 @@
+"""The node agent's pod cache (Istio's ``pod_cache.go``): every known pod and its
+open netns, nothing else.
+
+It owns each cached pod's netns fd: a pod replaced or removed is handed back to
+the caller, which closes it (after taking its rules out where needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from zds.netns import NetnsIdentity
+from zds.server.pods import Pod, PodSpec
+
+
+class PodCache:
+    """uid -> Pod, plus the specs of pods being removed (their DelWorkload acks
+    are still logged with the pod's name)."""
+
+    def __init__(self) -> None:
+        self._pods: dict[str, Pod] = {}
+        self._removing: dict[str, PodSpec] = {}
+
+    def get(self, uid: str) -> Pod | None:
+        return self._pods.get(uid)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._pods
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def __iter__(self) -> Iterator[Pod]:
+        return iter(list(self._pods.values()))  # a copy: a metrics thread may read while the loop writes
+
+    def uids(self) -> list[str]:
+        return list(self._pods)
+
+    def put(self, pod: Pod) -> Pod | None:
+        """Cache ``pod``; returns the pod it replaced (same uid), if any, for the caller to release."""
+        old = self._pods.get(pod.uid)
+        self._pods[pod.uid] = pod
+        return old if old is not pod else None
+
+    def pop(self, uid: str) -> Pod:
+        """Forget a pod (KeyError if unknown); its spec stays findable until ``removed``."""
+        pod = self._pods.pop(uid)
+        self._removing[uid] = pod.spec
+        return pod
+
+    def removed(self, uid: str) -> None:
+        """The removal of ``uid`` is over."""
+        self._removing.pop(uid, None)
+
+    def spec(self, uid: str, *, removing: bool = False) -> PodSpec | None:
+        """A known pod's spec; with ``removing``, also one whose removal is under way."""
+        if removing and uid in self._removing:
+            return self._removing[uid]
+        pod = self._pods.get(uid)
+        return pod.spec if pod is not None else None
+
+    def uses_netns(self, identity: NetnsIdentity) -> bool:
+        """Some cached pod lives in this network namespace."""
+        return any(p.netns is not None and p.netns.identity == identity for p in self)
+
+    def by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for pod in self:
+            counts[pod.state.value] = counts.get(pod.state.value, 0) + 1
+        return counts
+
+    def listing(self) -> list[Pod]:
+        """Every pod, by namespace, name and uid."""
+        return sorted(self, key=lambda p: (p.spec.namespace, p.spec.name, p.uid))
+
+    def close(self) -> None:
+        """Close every netns fd and forget every pod (shutdown)."""
+        for pod in self:
+            pod.close()
+        self._pods.clear()

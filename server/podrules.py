@@ -1,0 +1,77 @@
+"""The in-pod redirection rules of enrolled pods: installed before a pod is cached,
+removed before ztunnel lets go of it (Istio's ``net_linux.go`` order).
+
+One lock per network namespace, so an install and a removal there never
+interleave; a removal leaves the rules in place while another cached pod still
+lives in that namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from opentelemetry import trace
+
+from zds.netns import NetnsError, NetnsIdentity
+from zds.server import spans
+from zds.server.pods import Pod
+from zds.server.redirect import RedirectError, Redirector
+
+log = logging.getLogger("zds.server")
+
+
+class RulesError(Exception):
+    """The rules could not be installed; the message says why (iptables' own words)."""
+
+
+class PodRules:
+    """Installs and removes the rules of cached pods through a ``Redirector``."""
+
+    def __init__(self, redirector: Redirector, tracer: trace.Tracer) -> None:
+        self.redirector = redirector
+        self._tracer = tracer
+        self._locks: dict[NetnsIdentity, asyncio.Lock] = {}
+
+    def _lock(self, identity: NetnsIdentity) -> asyncio.Lock:
+        lock = self._locks.get(identity)
+        if lock is None:
+            lock = self._locks[identity] = asyncio.Lock()
+        return lock
+
+    async def install(self, pod: Pod) -> None:
+        """Install the rules in the pod's netns; RulesError (with iptables' words) on failure."""
+        if pod.netns is None:
+            return
+        with spans.span(self._tracer, spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
+            try:
+                async with self._lock(pod.netns.identity):
+                    families = await self.redirector.install(pod.netns)
+            except (RedirectError, NetnsError, OSError) as exc:
+                spans.failed(span, exc)
+                raise RulesError(f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}") from exc
+        pod.rules_installed = True
+        log.info(
+            "in-pod redirection rules installed (IPv%s)",
+            "+IPv".join(map(str, families)),
+            extra=pod.spec.log_extra,
+        )
+
+    async def remove(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> None:
+        """Take the pod's rules out, unless ``still_used(identity)``: another cached pod
+        (re-added, or another uid) lives in the same netns and keeps them. Failures are logged."""
+        if pod.netns is None or not pod.rules_installed:
+            return
+        identity = pod.netns.identity
+        with spans.span(self._tracer, spans.REMOVE_RULES, {spans.POD_UID: pod.uid}) as span:
+            try:
+                async with self._lock(identity):
+                    if still_used(identity):
+                        log.info("rules kept: another enrolled pod uses this netns", extra=pod.spec.log_extra)
+                    else:
+                        await self.redirector.remove(pod.netns)
+                pod.rules_installed = False
+            except (RedirectError, NetnsError, OSError) as exc:
+                spans.failed(span, exc)
+                log.warning("cannot remove in-pod redirection rules: %s", exc, extra=pod.spec.log_extra)

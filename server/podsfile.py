@@ -1,0 +1,81 @@
+"""Pods files (``zds server --pods``, ``zds pod add --from-file``): JSON lines, a JSON
+array, or YAML (a list, or ``pods:`` holding one), one pod per entry:
+``{uid, name, namespace, service_account, netns}`` with ``netns`` a path or ``pid:N``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from zds.netns import NetnsRef, NetnsRefError
+from zds.server.pods import PodSpec, PodSpecError
+
+FIELDS = ("uid", "name", "namespace", "service_account", "netns")
+
+
+def spec_from_mapping(entry: Any, where: str) -> PodSpec:
+    """A PodSpec from one pods-file entry (``serviceAccount`` is accepted for ``service_account``)."""
+    if not isinstance(entry, dict):
+        raise PodSpecError(
+            f"{where}: expected an object with {', '.join(FIELDS)}, got {type(entry).__name__}"
+        )
+    entry = dict(entry)
+    if "serviceAccount" in entry and "service_account" not in entry:
+        entry["service_account"] = entry.pop("serviceAccount")
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise PodSpecError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
+    missing = [f for f in ("uid", "netns") if not entry.get(f)]
+    if missing:
+        raise PodSpecError(f"{where}: missing {', '.join(missing)}")
+    values = {f: str(entry.get(f, "") if entry.get(f) is not None else "") for f in FIELDS}
+    try:
+        netns = NetnsRef.parse(values["netns"])
+    except NetnsRefError as exc:
+        raise PodSpecError(f"{where}: {exc}") from exc
+    return PodSpec.create(
+        values["uid"],
+        netns,
+        name=values["name"],
+        namespace=values["namespace"],
+        service_account=values["service_account"],
+    )
+
+
+def load_pods_file(path: str) -> list[PodSpec]:
+    """Read a pods file; PodSpecError names the file (and line or entry) of the first problem."""
+    import yaml  # only pods files need it
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise PodSpecError(f"cannot read pods file {path}: {exc.strerror}") from exc
+    entries: list[tuple[Any, str]] = []
+    stripped = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    json_lines = [(n, line) for n, line in stripped if line and not line.startswith("#")]
+    if json_lines and all(line.startswith("{") for _, line in json_lines):
+        for n, line in json_lines:
+            try:
+                entries.append((json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as exc:
+                raise PodSpecError(f"{path}:{n}: not valid JSON: {exc.msg}") from exc
+    else:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
+        if isinstance(doc, dict) and "pods" in doc:
+            doc = doc["pods"]
+        if doc is None:
+            doc = []
+        if not isinstance(doc, list):
+            raise PodSpecError(f"{path}: expected a list of pods")
+        entries = [(e, f"{path}: entry {i}") for i, e in enumerate(doc, 1)]
+    specs = [spec_from_mapping(e, where) for e, where in entries]
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.uid in seen:
+            raise PodSpecError(f"{path}: uid {spec.uid} appears twice")
+        seen.add(spec.uid)
+    return specs

@@ -1,0 +1,47 @@
+"""The node agent's own tasks: one owner, so nothing it starts outlives it or goes unread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _retrieve_exception(task: asyncio.Future[Any]) -> None:
+    """An owned task whose caller gave up still has its outcome read (no 'never retrieved')."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel a task and wait for it to finish, swallowing its cancellation."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+class TaskOwner:
+    """Keeps every task it spawns until it is done, cancels them all at shutdown,
+    and always reads their outcome."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve_exception)
+        return task
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` as an owned task and wait for it. A caller that gives up (a gRPC
+        deadline, a cancelled client) stops waiting; the task still completes."""
+        return await asyncio.shield(self.spawn(coro))
+
+    async def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            await cancel_and_wait(task)
