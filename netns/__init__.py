@@ -1,8 +1,9 @@
 """Network-namespace toolkit: refer to, open, validate, identify, enter and leave.
 
-Light on purpose (no pyroute2): the fixtures that make namespaces and pods are
-imported from their own modules, ``zds.netns.fixtures`` (named namespaces) and
-``zds.netns.podnet`` (pods on a bridge); test applications from ``zds.netns.apps``.
+Light on purpose (no pyroute2, no asyncio until it is used): the fixtures that
+make namespaces and pods are imported from their own modules,
+``zds.netns.fixtures`` (named namespaces) and ``zds.netns.podnet`` (pods on a
+bridge); test applications from ``zds.netns.apps``.
 """
 
 from .enter import in_netns, run_in_netns

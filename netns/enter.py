@@ -6,7 +6,6 @@ always brings it back, like ztunnel's ``InpodNetns::run``.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import errno
 import functools
@@ -83,6 +82,8 @@ async def run_in_netns(target: NetnsHandle | int, fn: Callable[..., T], *args: A
     event loop's thread never changes namespace. The worker gets its own dup of
     the fd, so closing ``target`` meanwhile cannot pull the namespace away.
     """
+    import asyncio  # here: zds.netns stays light for commands that never await
+
     fd, what = _target_fd(target)
     try:
         own = os.dup(fd)

@@ -7,7 +7,6 @@ ctypes. Namespaces are per *thread*: see ``enter`` for moving a thread in and ba
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -72,7 +71,8 @@ class _StatFs(ctypes.Structure):
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The interpreter's own symbols include libc's (no ldconfig run to find it by name).
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def setns(fd: int) -> None:

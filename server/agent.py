@@ -24,7 +24,8 @@ from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
 from zds.server.connection import ConnectionInfo, SnapshotItem, ZtunnelConnection
 from zds.server.enrollment import DeleteResult, Enrolled, Enrollment
-from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, EventKind, Watcher
+from zds.server.eventkinds import EventKind
+from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
 from zds.server.observer import AgentObserver
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules

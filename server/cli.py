@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from zds import defaults, runtime
-from zds.server.events import DEFAULT_WATCH_QUEUE, EventKind
+from zds.server.eventkinds import WATCHABLE
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     server.add_argument(
         "--watch-queue",
         type=_positive_int,
-        default=DEFAULT_WATCH_QUEUE,
+        default=defaults.WATCH_QUEUE,
         metavar="EVENTS",
         help="events a Watch stream may have waiting before it is ended with RESOURCE_EXHAUSTED (%(default)s)",
     )
@@ -146,7 +146,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 #: What ``zds watch --kind`` accepts (EventKind values, also with dashes or upper case).
-WATCHABLE_KINDS = [k.value for k in EventKind if k is not EventKind.CURRENT_STATE_END]
+WATCHABLE_KINDS = list(WATCHABLE)
 
 
 def _event_kinds(text: str) -> list[str]:

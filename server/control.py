@@ -21,7 +21,8 @@ from zds.protocol.nodeagent import ConnectionState
 from zds.server.agent import NodeAgent
 from zds.server.connection import ConnectionInfo
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
-from zds.server.events import AgentEvent, EventKind, WatchEnded, WatchEnding, Watcher
+from zds.server.eventkinds import EventKind
+from zds.server.events import AgentEvent, WatchEnded, WatchEnding, Watcher
 from zds.server.pods import Pod, PodSpec, PodState
 
 log = logging.getLogger("zds.server.control")

@@ -27,7 +27,8 @@ from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsHandle, open_netns_ref
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
-from zds.server.events import EventBus, EventKind
+from zds.server.eventkinds import EventKind
+from zds.server.events import EventBus
 from zds.server.link import ConnectionLost, Connections
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, RulesError

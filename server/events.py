@@ -19,7 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from zds import defaults
 from zds.errors import ZdsError
+from zds.server.eventkinds import EventKind
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
     from zds.server.connection import ConnectionInfo
@@ -28,19 +30,7 @@ if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
 log = logging.getLogger("zds.server.watch")
 
 #: Events a watcher may have queued before it is ended for falling behind.
-DEFAULT_WATCH_QUEUE = 1024
-
-
-class EventKind(enum.Enum):
-    POD_ENROLLED = "pod_enrolled"
-    POD_REMOVED = "pod_removed"
-    ZTUNNEL_CONNECTED = "ztunnel_connected"
-    ZTUNNEL_DISCONNECTED = "ztunnel_disconnected"
-    MESSAGE_SENT = "message_sent"
-    MESSAGE_ACKED = "message_acked"
-    MESSAGE_NACKED = "message_nacked"
-    SNAPSHOT_COMPLETE = "snapshot_complete"
-    CURRENT_STATE_END = "current_state_end"
+DEFAULT_WATCH_QUEUE = defaults.WATCH_QUEUE
 
 
 @dataclass(frozen=True)

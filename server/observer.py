@@ -7,7 +7,8 @@ import logging
 
 from zds.protocol.messages import Ack, AddWorkload, DelWorkload, Request, request_kind
 from zds.server.connection import ConnectionObserver, ZtunnelConnection
-from zds.server.events import EventBus, EventKind
+from zds.server.eventkinds import EventKind
+from zds.server.events import EventBus
 from zds.server.podcache import PodCache
 from zds.server.pods import PodSpec, PodState
 from zds.server.telemetry import Telemetry

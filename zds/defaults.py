@@ -37,6 +37,8 @@ KEEPALIVE_PROBE = 0.01
 ACCEPTS_PER_SECOND = 5.0
 #: Concurrent ztunnel connections (an old and a new one during an upgrade).
 MAX_CONNECTIONS = 2
+#: Events a Watch stream may have queued before it is ended for falling behind.
+WATCH_QUEUE = 1024
 
 # --- ztunnel side --------------------------------------------------------------
 #: ztunnel's reconnect backoff: first delay, cap (seconds).

@@ -13,8 +13,6 @@ import sys
 import time
 from typing import Any
 
-from opentelemetry import trace
-
 #: Context fields that go on a log line when present (``extra={...}``).
 FIELDS = ("conn", "uid", "pod", "namespace", "netns", "error", "kind", "trace_id", "span_id")
 
@@ -23,6 +21,10 @@ class TraceContextFilter(logging.Filter):
     """Adds ``trace_id``/``span_id`` of the current span, if one is being recorded."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Without OpenTelemetry loaded there is no span (and a client command need not load it).
+        trace = sys.modules.get("opentelemetry.trace")
+        if trace is None:
+            return True
         context = trace.get_current_span().get_span_context()
         if context.is_valid and not hasattr(record, "trace_id"):
             record.trace_id = format(context.trace_id, "032x")

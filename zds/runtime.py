@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -14,6 +13,8 @@ CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run ``main`` on uvloop when it is installed and wanted, else on asyncio's loop."""
+    import asyncio  # here, not at the top: building the CLI parser must stay cheap
+
     if use_uvloop:
         try:
             import uvloop

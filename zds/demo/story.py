@@ -1,38 +1,37 @@
-"""``zds demo``: the whole story on one machine, narrated.
-
-Pods (network namespaces on a bridge), the node agent and the ztunnel side as
-real processes, enrollment over the control API, the handshake as the node
-agent logs it, the listeners inside each pod, the redirection rules, one
-connection from a pod to another through both ztunnel listeners with the
-counters, then removal. Everything it makes is removed at the end, also on
-Ctrl-C or an error.
-"""
+"""The demo's story: the steps in order, and ``Demo``, which owns everything they make."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 import types
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from zds import runtime
-from zds.errors import ZdsError
+from zds.demo.narration import Narrator
+from zds.demo.probes import (
+    ZTUNNEL_PORTS,
+    DemoError,
+    has_listeners,
+    http_json,
+    iptables_nat,
+    listening_ports,
+    no_listeners,
+    wait_for,
+)
+from zds.demo.supervision import Supervisor
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.netns import NetnsError, in_netns, open_netns
+from zds.netns import NetnsError
 from zds.netns.apps import EchoServer, exchange
 from zds.netns.fixtures import list_netns
 from zds.netns.podnet import PodFixture, PodNetwork
@@ -47,141 +46,10 @@ SUBNET6 = "fd00:177:77::/64"
 PAYLOAD = b"hello reviews, this is productpage (through ztunnel)\n" * 20
 
 
-class DemoError(ZdsError):
-    """The demo cannot go on; the message says why."""
-
-
-class Narrator:
-    """Readable, numbered output."""
-
-    def __init__(self, color: bool) -> None:
-        self.step = 0
-        self.color = color
-
-    def _c(self, code: str, text: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.color else text
-
-    def title(self, text: str) -> None:
-        self.step += 1
-        print(f"\n{self._c('1', f'{self.step}. {text}')}", flush=True)
-
-    def say(self, text: str, indent: int = 3) -> None:
-        print(" " * indent + text, flush=True)
-
-    def log(self, who: str, text: str) -> None:
-        print(f"     {self._c('36', f'[{who}]')} {text}", flush=True)
-
-    def ok(self, text: str) -> None:
-        print(f"   {self._c('32', 'ok')} {text}", flush=True)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class LogTail:
-    """Reads a child's JSON log lines as they grow; shows the ones about the handshake."""
-
-    def __init__(self, path: str, who: str) -> None:
-        self.path = path
-        self.who = who
-        self._offset = 0
-
-    def new_lines(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        lines = []
-        for raw in data[:end].splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
-                lines.append({"msg": raw.decode(errors="replace"), "level": "info"})
-        return lines
-
-    def show(self, narrator: Narrator, keep: Callable[[dict[str, Any]], bool]) -> None:
-        for line in self.new_lines():
-            if keep(line):
-                extra = " ".join(f"{k}={line[k]}" for k in ("uid", "pod", "conn") if k in line)
-                narrator.log(self.who, f"{line.get('msg', '')}  {extra}".rstrip())
-
-
-def _handshake_line(line: dict[str, Any]) -> bool:
-    text = str(line.get("msg", ""))
-    keys = (
-        "hello",
-        "snapshot",
-        "acked",
-        "nacked",
-        "connected",
-        "disconnected",
-        "rules",
-        "enrolled",
-        "removed",
-    )
-    return line.get("level") in ("warning", "error") or any(k in text for k in keys)
-
-
-def listening_ports(netns_path: str | None) -> set[int]:
-    """TCP ports in LISTEN state in a netns (None: this process's own netns)."""
-
-    def read() -> set[int]:
-        ports = set()
-        for table in ("/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"):
-            with contextlib.suppress(FileNotFoundError), open(table) as f:
-                for line in f.readlines()[1:]:
-                    fields = line.split()
-                    if fields[3] == "0A":  # TCP_LISTEN
-                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-        return ports
-
-    if netns_path is None:
-        return read()
-    with open_netns(netns_path) as ns, in_netns(ns):
-        return read()
-
-
-ZTUNNEL_PORTS = frozenset({15001, 15006, 15008})
-
-
-def _has_listeners(path: str) -> bool:
-    return listening_ports(path) >= ZTUNNEL_PORTS
-
-
-def _no_listeners(path: str) -> bool:
-    return not ZTUNNEL_PORTS & listening_ports(path)
-
-
-def iptables_nat(netns_path: str) -> list[str]:
-    with open_netns(netns_path) as ns, in_netns(ns):
-        out = subprocess.run(
-            ["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True
-        ).stdout
-    return [line for line in out.splitlines() if "ISTIO" in line and line.startswith("-A")]
-
-
-def http_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.load(resp)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            value = predicate()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class Demo:
@@ -193,47 +61,17 @@ class Demo:
         self.tmp = tempfile.mkdtemp(prefix="zds-demo-")
         self.net: PodNetwork | None = None
         self.pods: dict[str, PodFixture] = {}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: dict[str, LogTail] = {}
+        self.children = Supervisor(self.tmp)
         self.app: EchoServer | None = None
         self.zds_socket = os.path.join(self.tmp, "ztunnel.sock")
         self.control_socket = os.path.join(self.tmp, "control.sock")
         self.admin = f"127.0.0.1:{free_port()}"
         self.channel: grpc.Channel | None = None
 
-    # -- resources -------------------------------------------------------------------
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log_path = os.path.join(self.tmp, f"{name}.log")
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "zds", "--log-format", "json", *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C goes to the demo, which stops them in order
-            )
-        self.procs[name] = proc
-        self.logs[name] = LogTail(log_path, name)
-        return proc
-
-    def check_alive(self) -> bool:
-        """Raise DemoError if a child died; False otherwise (so it can start an ``or`` chain)."""
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = self.read_log(name)[-2000:]
-                raise DemoError(f"{name} exited with code {proc.returncode}:\n{tail}")
-        return False
-
     def close(self) -> None:
         if self.channel is not None:
             self.channel.close()
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        self.children.stop_all()
         if self.app is not None:
             self.app.close()
         if self.net is not None:
@@ -249,8 +87,7 @@ class Demo:
         return nodeagent_pb2_grpc.NodeAgentStub(self.channel)  # type: ignore[no-untyped-call]
 
     def show_logs(self) -> None:
-        for tail in self.logs.values():
-            tail.show(self.n, _handshake_line)
+        self.children.show_logs(self.n)
 
     # -- the story -------------------------------------------------------------------
     def run(self) -> None:
@@ -281,7 +118,7 @@ class Demo:
 
     def start_node_agent(self) -> None:
         self.n.title("Node agent: zds server")
-        proc = self.start(
+        proc = self.children.start(
             "node-agent",
             [
                 "server",
@@ -295,12 +132,14 @@ class Demo:
                 "off",
             ],
         )
-        wait_for(lambda: self.check_alive() or os.path.exists(self.control_socket), 20, "the node agent")
+        wait_for(
+            lambda: self.children.check_alive() or os.path.exists(self.control_socket), 20, "the node agent"
+        )
         self.n.say(f"pid {proc.pid}, ZDS socket {self.zds_socket}, control socket {self.control_socket}")
 
     def start_ztunnel(self) -> None:
         self.n.title("ztunnel side: zds ztunnel connects, says hello, takes the (empty) snapshot")
-        proc = self.start(
+        proc = self.children.start(
             "ztunnel",
             [
                 "ztunnel",
@@ -315,18 +154,18 @@ class Demo:
             ],
         )
         self.n.say(f"pid {proc.pid}, admin http://{self.admin}/config_dump")
-        wait_for(lambda: self.check_alive() or self.config_dump() is not None, 20, "ztunnel's admin endpoint")
+        wait_for(
+            lambda: self.children.check_alive() or self.config_dump() is not None,
+            20,
+            "ztunnel's admin endpoint",
+        )
         wait_for(self.ztunnel_connected, 20, "the ztunnel connection")
-        time.sleep(0.2)
+        wait_for(lambda: "snapshot reconciled" in self.children.read_log("ztunnel"), 20, "ztunnel's snapshot")
         self.show_logs()
 
     def ztunnel_connected(self) -> bool:
-        self.check_alive()
-        return "snapshot sent to ztunnel" in self.read_log("node-agent")
-
-    def read_log(self, name: str) -> str:
-        with open(os.path.join(self.tmp, f"{name}.log"), errors="replace") as f:
-            return f.read()
+        self.children.check_alive()
+        return "snapshot sent to ztunnel" in self.children.read_log("node-agent")
 
     def config_dump(self) -> dict[str, Any] | None:
         with contextlib.suppress(OSError):
@@ -357,7 +196,7 @@ class Demo:
         wanted = ZTUNNEL_PORTS
         for name, pod in self.pods.items():
             path = pod.netns_path
-            wait_for(functools.partial(_has_listeners, path), 10, f"listeners in {name}")
+            wait_for(functools.partial(has_listeners, path), 10, f"listeners in {name}")
             ports = listening_ports(path)
             shown = " ".join(str(p) for p in sorted(ports & wanted))
             self.n.say(
@@ -426,7 +265,7 @@ class Demo:
             answers = ", ".join(d.error or "acked" for d in resp.deliveries) or "no ztunnel"
             self.n.ok(f"{name}: {answers}")
             path = pod.netns_path
-            wait_for(functools.partial(_no_listeners, path), 10, f"{name}'s listeners to close")
+            wait_for(functools.partial(no_listeners, path), 10, f"{name}'s listeners to close")
         left = [name for name, pod in self.pods.items() if iptables_nat(pod.netns_path)]
         self.n.say(
             "listeners closed in every pod; "
@@ -485,16 +324,3 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     print("\ndone.")
     return 0
-
-
-def register(sub: argparse._SubParsersAction[Any]) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="the whole story on this machine: pods, both ends, enrollment, traffic, cleanup",
-        description="Make three pod namespaces on a bridge, start zds server and zds ztunnel, enroll the "
-        "pods, show the handshake, the in-pod listeners and rules, send a connection from one pod to "
-        "another through both ztunnel listeners, then remove everything (also on Ctrl-C).",
-    )
-    demo.add_argument("--keep-logs", action="store_true", help="keep the two processes' logs (path printed)")
-    demo.add_argument("--no-color", action="store_true", help="plain output")
-    demo.set_defaults(func=run_demo)
