@@ -25,7 +25,8 @@ from zds.client.listeners import AcceptedConnection, ConnectionHandler
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.workloads import ProxySettings, WorkloadProxies, WorkloadProxy
 from zds.netns import NetnsError, NetnsIdentity, netns_identity
-from zds.protocol.ztunnel import WorkloadState, ZtunnelProtocol
+from zds.protocol.workloads import WorkloadState
+from zds.protocol.ztunnel import ZtunnelProtocol
 
 log = logging.getLogger("zds.ztunnel")
 

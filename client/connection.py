@@ -5,10 +5,10 @@ The asyncio half of ztunnel's ``workloadmanager.rs``; every decision is in
 state machine, runs the proxy starts and stops the state machine asks for,
 and keeps two timers:
 
-- reconnecting: after a connection ends the next attempt is immediate if that
-  connection had reconciled a snapshot (a node-agent restart), otherwise it
-  waits the next backoff delay (10 ms doubling to 15 s, with jitter), as it
-  does while the node agent cannot be reached at all;
+- reconnecting: after a connection that said hello ends (EOF, a read error,
+  a nack that closes it) the next attempt is immediate, as ztunnel's; a
+  connect or hello that fails waits the next backoff delay (10 ms doubling to
+  15 s, with jitter), and the backoff starts over once a connect succeeds;
 - retrying: while a workload is pending, every 5 s its proxy is started again
   (the timer keeps running while records come and go, like ztunnel's).
 
@@ -29,20 +29,17 @@ from zds.client.metrics import ZtunnelMetrics
 from zds.client.workloads import WorkloadProxies, workload_log_extra
 from zds.errors import ProtocolError
 from zds.protocol.messages import request_kind
+from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 from zds.protocol.records import Record
-from zds.protocol.ztunnel import (
-    PROCESS_FAILURE,
-    READ_FAILURE,
-    START_FAILURE,
+from zds.protocol.workloads import (
     CloseConnection,
-    ConnectionState,
     Event,
     SendReply,
     SnapshotReconciled,
     StartProxy,
     StopProxy,
-    ZtunnelProtocol,
 )
+from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
 from zds.transport import SeqpacketConnection, connect
 
 log = logging.getLogger("zds.ztunnel")

@@ -1,4 +1,6 @@
-"""A workload's TCP listeners, made inside its network namespace and served here.
+"""A workload's TCP listeners (15001 outbound, 15006 inbound, 15008 HBONE), made
+inside its network namespace and served here; the DNS proxy's 15053 (UDP and TCP,
+on the pod's loopback) is ``zds.client.dns``.
 
 ztunnel (``src/inpod/config.rs``) creates each in-pod socket with a short
 synchronous ``setns`` in and out (``InpodNetns::run``) and then serves it from

@@ -6,8 +6,9 @@ so they read ``workload_manager_active_proxy_count``,
 ``workload_manager_pending_proxy_count``,
 ``workload_manager_proxies_started_total`` and
 ``workload_manager_proxies_stopped_total``. zds's own additions carry the
-``zds_ztunnel_`` prefix. A handful of numbers, so the text format is written
-here directly (version 0.0.4); a later change moves them to OpenTelemetry.
+``zds_ztunnel_`` prefix (connections, requests, nacks, the data path's
+connections and bytes per workload). A handful of numbers, so the text format
+is written here directly (version 0.0.4).
 """
 
 from __future__ import annotations

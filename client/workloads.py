@@ -7,13 +7,14 @@ outcome is known before the ack is sent:
 
 1. the netns fd must be a network namespace (ztunnel notices a bad one when
    ``setns`` fails; checking first gives a clearer error);
-2. unless listeners are off, the listeners are made inside that netns;
+2. unless listeners are off, the listeners are made inside that netns
+   (15001, 15006, 15008, and the DNS proxy's 15053 unless DNS is off);
 3. each listener is served from the event loop by a ``ListenerServer``.
 
 Each proxy holds its own dup of the netns fd (``NetnsHandle``), so a
-connection handler that needs to make a socket in the pod (the relay, later)
-keeps a valid namespace until it finishes, whatever the protocol does with
-its own fd meanwhile.
+connection handler that makes a socket in the pod (the relays of 15001 and
+15006, the DNS proxy) keeps a valid namespace until it finishes, whatever the
+protocol does with its own fd meanwhile.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from zds.client.metrics import ZtunnelMetrics
 from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsHandle, validate_netns_fd
 from zds.protocol.messages import WorkloadInfo
-from zds.protocol.ztunnel import Workload
+from zds.protocol.workloads import Workload
 
 log = logging.getLogger("zds.ztunnel.proxy")
 

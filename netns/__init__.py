@@ -6,6 +6,12 @@ make namespaces and pods are imported from their own modules,
 bridge); test applications from ``zds.netns.apps``.
 """
 
+if __name__ != "zds.netns":  # pragma: no cover - only a wrong import gets here
+    # netns/ is installed (and symlinked) as zds.netns; importing it as a top-level
+    # "netns" would give a second copy of every module, and isinstance would lie.
+    raise ImportError(f"import zds.netns, not {__name__}: netns/ is the package zds.netns")
+
+
 from .enter import in_netns, run_in_netns
 from .handle import NetnsHandle, current_netns, open_netns, open_netns_pid, open_netns_ref
 from .kernel import NetnsError, NetnsIdentity, netns_identity, validate_netns_fd

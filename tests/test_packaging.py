@@ -65,3 +65,21 @@ def test_wheel_installs_every_subpackage_under_zds(tmp_path: pathlib.Path) -> No
         timeout=60,
     )
     assert help_out.returncode == 0 and "server" in help_out.stdout
+
+
+@pytest.mark.parametrize("package", ["server", "client", "netns"])
+def test_a_bare_top_level_import_from_the_repository_root_is_refused(package: str) -> None:
+    """server/, client/ and netns/ are zds.server, zds.client and zds.netns: one copy of each module."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {package}"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        last == f"ImportError: import zds.{package}, not {package}: {package}/ is the package zds.{package}"
+    )
+
+
+def test_the_zds_package_and_the_top_level_directories_are_the_same_files() -> None:
+    for package in ("server", "client", "netns"):
+        assert (ROOT / "zds" / package).resolve() == (ROOT / package).resolve()

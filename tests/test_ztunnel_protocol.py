@@ -29,17 +29,16 @@ from zds.protocol.messages import (
     encode_request,
 )
 from zds.protocol.records import Record
-from zds.protocol.ztunnel import (
+from zds.protocol.workloads import (
     CloseConnection,
-    ConnectionState,
     Event,
     SendReply,
     SnapshotReconciled,
     StartProxy,
     StopProxy,
     WorkloadState,
-    ZtunnelProtocol,
 )
+from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
 
 INFO = WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage")
 

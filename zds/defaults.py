@@ -81,8 +81,9 @@ READINESS_NOT_READY_STATUS = 500
 READINESS_TASK = "workload proxy manager"
 
 # --- in-pod redirection (node agent) ---------------------------------------------
-#: Packet mark ztunnel's sockets carry, and the mask the rules match it with.
-INPOD_MARK = 0x539
+#: Packet mark ztunnel's sockets carry (1337, written 0x539 in the rules), and the mask
+#: the rules match it with.
+INPOD_MARK = ZTUNNEL_MARK
 INPOD_MASK = 0xFFF
 #: Connmark for traffic ztunnel already handled (Istio's InpodTProxyMark/Mask).
 INPOD_TPROXY_MARK = 0x111

@@ -35,14 +35,12 @@ removed or replaced.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
-import socket
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 
-from zds.errors import CodecError, NoPayload, ProtocolError, ProtocolUsageError
+from zds.errors import ProtocolUsageError
 from zds.protocol.messages import (
     Ack,
     AddWorkload,
@@ -50,17 +48,29 @@ from zds.protocol.messages import (
     KeepWorkload,
     Request,
     SnapshotSent,
-    WorkloadInfo,
-    decode_request,
     encode_ack,
     encode_hello,
 )
+from zds.protocol.reading import (
+    PROCESS_FAILURE,
+    READ_FAILURE,
+    START_FAILURE,
+    ProtocolViolation,
+    ReadError,
+    close_all,
+    read_record,
+)
 from zds.protocol.records import Record
-
-#: Nack prefixes, as ztunnel writes them (workloadmanager.rs), so logs read alike.
-READ_FAILURE = "failure to read message : "
-PROCESS_FAILURE = "failure to process message : "
-START_FAILURE = "failure to start proxy : "
+from zds.protocol.workloads import (
+    CloseConnection,
+    Event,
+    SendReply,
+    SnapshotReconciled,
+    StartProxy,
+    StopProxy,
+    Workload,
+    WorkloadState,
+)
 
 
 def fstat_identity(fd: int) -> Hashable:
@@ -79,88 +89,6 @@ class ConnectionState(enum.Enum):
     SYNCED = "synced"
     #: A fatal protocol error: the in-pod manager stopped for good.
     STOPPED = "stopped"
-
-
-class WorkloadState(enum.Enum):
-    """A workload's proxy: being started, running, or waiting for a retry."""
-
-    STARTING = "Starting"
-    UP = "Up"
-    PENDING = "Pending"
-
-    @property
-    def admin_name(self) -> str:
-        """ztunnel's config_dump spelling: only ``Up`` and ``Pending`` exist there."""
-        return "Up" if self is WorkloadState.UP else "Pending"
-
-
-@dataclass
-class Workload:
-    """One pod ztunnel serves: who it is, its netns fd (owned here) and its proxy state."""
-
-    uid: str
-    info: WorkloadInfo
-    netns_fd: int
-    netns_id: Hashable
-    state: WorkloadState = WorkloadState.STARTING
-    last_error: str = ""
-    #: How many times starting its proxy failed since the last success.
-    failures: int = 0
-
-
-# -- events ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class SendReply:
-    """Send ``data`` (a ``WorkloadResponse{ack}``) to the node agent."""
-
-    ack: Ack
-    data: bytes
-    request: Request | None = None
-
-
-@dataclass(frozen=True)
-class StartProxy:
-    """Start ``workload``'s proxy (listeners in its netns), then report the
-    outcome with ``proxy_started`` or ``proxy_failed`` before the next record."""
-
-    workload: Workload
-    retry: bool = False
-
-
-@dataclass(frozen=True)
-class StopProxy:
-    """Stop the proxy of ``uid`` (close its listeners); its netns fd is already closed."""
-
-    uid: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SnapshotReconciled:
-    """SnapshotSent processed; ``removed`` are the uids the snapshot did not name."""
-
-    removed: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CloseConnection:
-    """Close the connection now. ``fatal``: do not reconnect (ztunnel exits);
-    otherwise reconnect at once. ``peer_closed``: the node agent went first (EOF)."""
-
-    reason: str
-    fatal: bool = False
-    peer_closed: bool = False
-
-
-Event = SendReply | StartProxy | StopProxy | SnapshotReconciled | CloseConnection
-
-
-class ReadError(ProtocolError):
-    """A record ztunnel refuses to read (``failure to read message``)."""
-
-
-class ProtocolViolation(ProtocolError):
-    """A well-formed request that breaks the protocol (ztunnel's ``ProtocolError``)."""
 
 
 @dataclass
@@ -244,17 +172,17 @@ class ZtunnelProtocol:
         each is kept by a workload or closed) and the recvmsg flags."""
         payload, fds, flags = record.payload, record.take_fds(), record.flags
         if self.state not in (ConnectionState.SNAPSHOT, ConnectionState.SYNCED):
-            _close_all(fds)
+            close_all(fds)
             raise ProtocolUsageError(f"no record can be received in state {self.state.value}")
         if self._outstanding:
-            _close_all(fds)
+            close_all(fds)
             self._require_nothing_outstanding("receive a record")
         if not payload:
             # ztunnel reads a 0-byte record as EOF, whatever came with it.
-            _close_all(fds)
+            close_all(fds)
             return self._close("node agent closed the connection", peer_closed=True)
         try:
-            request, fd = _read_record(payload, fds, flags)
+            request, fd = read_record(payload, fds, flags)
         except ReadError as exc:
             return self._reply_and_close(READ_FAILURE + str(exc), fatal=False)
         try:
@@ -426,35 +354,3 @@ class ZtunnelProtocol:
         else:
             self.state = ConnectionState.DISCONNECTED
         return [CloseConnection(reason=reason, fatal=fatal, peer_closed=peer_closed)]
-
-
-def _read_record(payload: bytes, fds: list[int], flags: int) -> tuple[Request, int | None]:
-    """Check a non-empty record as ztunnel's ``read_message`` does; return the request
-    and its fd. On any error every fd is closed and ReadError says why."""
-    try:
-        # Count the fds first, so that whatever else is wrong none of them leaks.
-        if len(fds) > 1:
-            raise ReadError(f"Expected 1 FD, got {len(fds)}")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            raise ReadError("received truncated message")
-        try:
-            request = decode_request(payload)
-        except NoPayload as exc:
-            raise ReadError("no payload") from exc
-        except CodecError as exc:
-            raise ReadError(f"failed to decode Protobuf message: {exc}") from exc
-        fd = fds[0] if fds else None
-        if isinstance(request, AddWorkload) and fd is None:
-            raise ReadError("No control message")
-        if not isinstance(request, AddWorkload) and fd is not None:
-            raise ReadError("Unexpected control message")
-    except ReadError:
-        _close_all(fds)
-        raise
-    return request, fd
-
-
-def _close_all(fds: list[int]) -> None:
-    while fds:
-        with contextlib.suppress(OSError):
-            os.close(fds.pop())
