@@ -188,12 +188,20 @@ class Ztunnel:
                 "lastError": self.client.last_error,
                 "fatalError": self.protocol.fatal_error,
                 "listeners": settings.listeners,
-                "ports": {spec.name: spec.port for spec in settings.specs},
+                "ports": self._ports(),
                 "mark": settings.mark,
                 "reusePort": settings.reuse_port,
                 "pendingRetryInterval": self.config.retry_interval,
             },
         }
+
+    def _ports(self) -> dict[str, int]:
+        """Every in-pod port by listener name: outbound, inbound, hbone, and dns unless it is off."""
+        settings = self.config.proxy
+        ports = {spec.name: spec.port for spec in settings.specs}
+        if settings.dns_port:
+            ports["dns"] = settings.dns_port
+        return ports
 
     # -- running -------------------------------------------------------------------
     async def start_http(self) -> None:
@@ -252,7 +260,7 @@ class Ztunnel:
                 "zds ztunnel connecting to the node agent at %s (%s)",
                 self.config.zds_socket,
                 "listeners "
-                + ", ".join(f"{s.name}={s.port}" for s in self.config.proxy.specs)
+                + ", ".join(f"{name}={port}" for name, port in self._ports().items())
                 + f", mark {self.config.proxy.mark}"
                 if self.config.proxy.listeners
                 else "no listeners: protocol only",

@@ -10,23 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from zds import defaults, runtime
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
-    return value
+from zds import cliflags, defaults, runtime
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -36,8 +20,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="the ztunnel side: take pods from a node agent, listen inside each pod's netns",
         description=(
             "Connect to a ZDS node agent (zds server, or Istio's CNI node agent), take its "
-            "snapshot, and open each enrolled pod's TCP listeners (15001 outbound, 15006 inbound, "
-            "15008 HBONE) inside the pod's network namespace, acking every message as ztunnel does. "
+            "snapshot, and open each enrolled pod's listeners inside the pod's network namespace "
+            "(TCP 15001 outbound, 15006 inbound, 15008 HBONE; UDP and TCP 15053 DNS on the pod's "
+            "loopback), acking every message as ztunnel does. "
             "HTTP listen flags take HOST:PORT (port 0: any free port, logged) or 'off'."
         ),
     )
@@ -45,40 +30,58 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--zds-socket",
         default=defaults.ZDS_SOCKET,
         metavar="PATH",
-        help="the node agent's ZDS socket (default %(default)s; ztunnel's INPOD_UDS)",
+        help="the node agent's ZDS socket (default: %(default)s; ztunnel's INPOD_UDS)",
     )
     p.add_argument(
         "--admin-listen",
         default=defaults.ADMIN_LISTEN,
         metavar="HOST:PORT",
-        help="admin endpoint, /config_dump (default %(default)s)",
+        help="admin endpoint, /config_dump (default: %(default)s)",
     )
     p.add_argument(
         "--readiness-listen",
         default=defaults.READINESS_LISTEN,
         metavar="HOST:PORT",
-        help="readiness endpoint, /healthz/ready (default %(default)s)",
+        help="readiness endpoint, /healthz/ready (default: %(default)s)",
     )
     p.add_argument(
         "--metrics-listen",
         default=defaults.METRICS_LISTEN,
         metavar="HOST:PORT",
-        help="Prometheus endpoint, /metrics (default %(default)s)",
+        help="Prometheus endpoint, /metrics (default: %(default)s)",
     )
     p.add_argument(
         "--no-listeners",
         action="store_true",
         help="protocol only: check each netns fd and ack, but open no socket in the pods",
     )
-    p.add_argument("--outbound-port", type=_port, default=defaults.OUTBOUND_PORT, metavar="PORT")
-    p.add_argument("--inbound-port", type=_port, default=defaults.INBOUND_PLAINTEXT_PORT, metavar="PORT")
-    p.add_argument("--hbone-port", type=_port, default=defaults.INBOUND_HBONE_PORT, metavar="PORT")
+    p.add_argument(
+        "--outbound-port",
+        type=cliflags.port,
+        default=defaults.OUTBOUND_PORT,
+        metavar="PORT",
+        help="in-pod listener the rules send outgoing TCP to (default: %(default)s)",
+    )
+    p.add_argument(
+        "--inbound-port",
+        type=cliflags.port,
+        default=defaults.INBOUND_PLAINTEXT_PORT,
+        metavar="PORT",
+        help="in-pod listener the rules send incoming TCP to (default: %(default)s)",
+    )
+    p.add_argument(
+        "--hbone-port",
+        type=cliflags.port,
+        default=defaults.INBOUND_HBONE_PORT,
+        metavar="PORT",
+        help="in-pod HBONE listener; zds speaks no HBONE and closes what arrives (default: %(default)s)",
+    )
     p.add_argument(
         "--dns-port",
-        type=_port,
+        type=cliflags.port,
         default=defaults.DNS_PORT,
         metavar="PORT",
-        help="in-pod DNS forwarder, UDP and TCP (default %(default)s; where the in-pod rules send DNS)",
+        help="in-pod DNS forwarder, UDP and TCP (default: %(default)s; where the in-pod rules send DNS)",
     )
     p.add_argument("--no-dns", action="store_true", help="no DNS forwarder in the pods")
     p.add_argument(
@@ -97,7 +100,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--mark",
         type=int,
         default=defaults.ZTUNNEL_MARK,
-        help="SO_MARK on the sockets made in pods (default %(default)s, ztunnel's PACKET_MARK)",
+        help="SO_MARK on the sockets made in pods (default: %(default)s, ztunnel's PACKET_MARK)",
     )
     p.add_argument(
         "--no-port-reuse",
@@ -107,17 +110,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--retry-interval",
-        type=_seconds,
+        type=cliflags.seconds,
         default=defaults.PENDING_RETRY_INTERVAL,
         metavar="SECONDS",
-        help="retry pending proxies this often (default %(default)s, ztunnel's)",
+        help="retry pending proxies this often (default: %(default)s, ztunnel's)",
     )
     p.add_argument(
         "--drain-timeout",
-        type=_seconds,
+        type=cliflags.seconds,
         default=defaults.DRAIN_TIMEOUT,
         metavar="SECONDS",
-        help="on SIGTERM, wait this long for established connections (default %(default)s)",
+        help="on SIGTERM, wait this long for established connections (default: %(default)s)",
     )
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     p.set_defaults(func=main)

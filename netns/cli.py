@@ -27,23 +27,45 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "a veth into that bridge in the host (made if missing), eth0 with the next free IPv4 and "
         "IPv6 addresses of the subnets, and default routes via the bridge.",
     )
-    create.add_argument("names", nargs="+", metavar="NAME")
-    create.add_argument("--bridge", metavar="NAME", help="put the pods on this bridge (e.g. zds-br0)")
-    create.add_argument("--subnet4", default="10.177.0.0/24", help="pod IPv4 subnet (%(default)s)")
-    create.add_argument("--subnet6", default="fd00:177::/64", help="pod IPv6 subnet (%(default)s)")
+    create.add_argument("names", nargs="+", metavar="NAME", help="namespace names (letters, digits, _ . -)")
+    create.add_argument(
+        "--bridge", metavar="NAME", help="put the pods on this bridge, e.g. zds-br0 (default: none)"
+    )
+    create.add_argument("--subnet4", default="10.177.0.0/24", help="pod IPv4 subnet (default: %(default)s)")
+    create.add_argument("--subnet6", default="fd00:177::/64", help="pod IPv6 subnet (default: %(default)s)")
     create.set_defaults(func=cmd_create)
 
-    delete = commands.add_parser("delete", help="delete named network namespaces")
-    delete.add_argument("names", nargs="+", metavar="NAME")
+    delete = commands.add_parser(
+        "delete",
+        help="delete named network namespaces",
+        description="Delete named network namespaces (and, with --bridge, their veth). A namespace an "
+        "enrolled pod lives in is refused while the node agent knows the pod (ask it over "
+        "--control-socket): remove the pod first, or pass --force.",
+    )
+    delete.add_argument("names", nargs="+", metavar="NAME", help="namespace names")
     delete.add_argument(
         "--missing-ok", action="store_true", help="a namespace that does not exist is no error"
     )
     delete.add_argument(
         "--bridge", metavar="NAME", help="also delete this bridge once no pod is attached to it"
     )
+    delete.add_argument(
+        "--force", action="store_true", help="delete even a namespace an enrolled pod lives in"
+    )
+    delete.add_argument(
+        "--control-socket",
+        default=defaults.CONTROL_SOCKET,
+        metavar="PATH",
+        help="the node agent to ask which namespaces enrolled pods use (default: %(default)s)",
+    )
     delete.set_defaults(func=cmd_delete)
 
-    listing = commands.add_parser("list", help="list named network namespaces with their identity")
+    listing = commands.add_parser(
+        "list",
+        help="list named network namespaces with their identity",
+        description=f"List the named network namespaces in {defaults.NETNS_RUN_DIR}: name, path, "
+        "identity (st_dev:st_ino, what ztunnel compares) and eth0's addresses.",
+    )
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(func=cmd_list)
 
@@ -92,7 +114,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from .podnet import delete_pod, remove_bridge_if_unused
 
     code = 0
+    in_use = {} if args.force else _enrolled_netns(args.control_socket)
     for name in args.names:
+        pod = in_use.get(_identity_of(name))
+        if pod is not None:
+            uid, where = pod
+            _error(
+                "delete",
+                f"netns {name} is the netns of enrolled pod {uid} ({where}); remove the pod first "
+                f"(zds pod remove --uid {uid}), or pass --force",
+            )
+            code = 1
+            continue
         try:
             if args.bridge:
                 delete_pod(name, missing_ok=args.missing_ok)
@@ -104,6 +137,36 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if args.bridge and not remove_bridge_if_unused(args.bridge):
         _error("delete", f"bridge {args.bridge} kept: it does not exist or pods are still attached")
     return code
+
+
+def _identity_of(name: str) -> tuple[int, int] | None:
+    from .fixtures import netns_path
+
+    try:
+        st = os.stat(netns_path(name))
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _enrolled_netns(control_socket: str) -> dict[tuple[int, int] | None, tuple[str, str]]:
+    """Netns identity -> (uid, "namespace/name") of each pod the node agent knows; empty when
+    no node agent answers there (then nothing is known to be in use)."""
+    if not os.path.exists(control_socket):
+        return {}
+    import grpc
+
+    from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(f"unix:{control_socket}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+            pods = stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=5).pods
+    except grpc.RpcError:
+        return {}
+    return {
+        (p.netns.dev, p.netns.ino): (p.uid, f"{p.namespace}/{p.name}") for p in pods if p.HasField("netns")
+    }
 
 
 def _nsfs_dev() -> int | None:

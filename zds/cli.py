@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from zds import __version__, logs
+from zds import __version__, cliflags, logs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,19 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
     from zds.client import cli as client_cli
     from zds.netns import cli as netns_cli
     from zds.server import cli as server_cli
+    from zds.server import controlcli as control_cli
 
     parser = argparse.ArgumentParser(
         prog="zds",
         description="Both ends of Istio ambient mode's ZDS handshake: node agent and ztunnel side.",
     )
     parser.add_argument("--version", action="version", version=f"zds {__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    cliflags.add_log_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     server_cli.register(sub)
+    control_cli.register(sub)
     client_cli.register(sub)
     netns_cli.register(sub)
     demo.register(sub)
+    for leaf in cliflags.leaf_parsers(parser):
+        if leaf is not parser:
+            cliflags.add_log_flags(leaf)
     return parser
 
 

@@ -1,0 +1,169 @@
+"""``zds pod add|remove|list``, ``zds connections``, ``zds watch``: the commands that talk
+to the node agent through its control API (the flags; ``podctl`` and ``inspectctl`` run them).
+
+Building these parsers imports nothing heavy: gRPC is loaded only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from zds import cliflags, defaults
+from zds.server.eventkinds import WATCHABLE
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    pod = sub.add_parser(
+        "pod",
+        help="enroll, remove and list pods (client of the control API)",
+        description="Enroll, remove and list the node agent's pods through its control API.",
+    )
+    pod_sub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
+
+    add = pod_sub.add_parser(
+        "add",
+        help="enroll a pod; prints the ack; exit 0 only on a clean ack",
+        description="Enroll a pod through the node agent. Exit 0 on a clean ack from ztunnel; "
+        "otherwise print the error and exit 1 (a pod that reached the cache stays there and "
+        "goes out in the next ztunnel's snapshot).",
+    )
+    add.add_argument("--uid", help="the pod's uid (required unless --from-file)")
+    add.add_argument("--name", default="", help="the pod's name (default: the uid)")
+    add.add_argument(
+        "--namespace", default="", help=f"the pod's namespace (default: {defaults.POD_NAMESPACE})"
+    )
+    add.add_argument(
+        "--service-account",
+        default="",
+        help=f"the pod's service account (default: {defaults.SERVICE_ACCOUNT})",
+    )
+    where = add.add_mutually_exclusive_group()
+    where.add_argument(
+        "--netns", metavar="PATH", help="the pod's netns file, e.g. /var/run/netns/pod-a (or a bare name)"
+    )
+    where.add_argument(
+        "--netns-pid", type=cliflags.positive_int, metavar="PID", help="a process in the pod's netns"
+    )
+    add.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="enroll every pod of a pods file (JSON lines, a JSON array or YAML) over one connection",
+    )
+    add.add_argument("--json", action="store_true", help="print the answers as JSON")
+    _control_flags(add)
+    add.set_defaults(func=_pod_add)
+
+    remove = pod_sub.add_parser(
+        "remove",
+        help="remove a pod (DelWorkload to every ztunnel)",
+        description="Remove a pod: the node agent takes its rules out, forgets it, closes its netns "
+        "and sends DelWorkload to every connected ztunnel. Done whatever ztunnel answers (each "
+        "answer is printed); exit 1 only when the node agent does not know the pod or cannot be reached.",
+    )
+    remove.add_argument("--uid", required=True, help="the pod's uid")
+    _control_flags(remove)
+    remove.set_defaults(func=_pod_remove)
+
+    lst = pod_sub.add_parser(
+        "list",
+        help="list enrolled pods",
+        description="List the node agent's pods: uid, name, namespace, service account, delivery "
+        "state (pending, acked, failed), netns identity and path, rules, last error.",
+    )
+    lst.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _control_flags(lst)
+    lst.set_defaults(func=_pod_list)
+
+    conns = sub.add_parser(
+        "connections",
+        help="list the node agent's ztunnel connections",
+        description="List the ztunnel connections of the node agent: peer credentials, hello version, "
+        "snapshot state, messages sent/acked/nacked; the newest gets new pods.",
+    )
+    conns.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _control_flags(conns)
+    conns.set_defaults(func=_connections)
+
+    watch = sub.add_parser(
+        "watch",
+        help="print the node agent's events as they happen",
+        description="Print what the node agent does, one line per event: first the current state "
+        "(every pod, every ztunnel connection), then live events until Ctrl-C. Exit 1 when the node "
+        "agent goes away or ends the watch.",
+    )
+    watch.add_argument("--json", action="store_true", help="one JSON object per line (the API's Event)")
+    watch.add_argument(
+        "--kind",
+        action="append",
+        type=_event_kinds,
+        metavar="KIND[,KIND...]",
+        help="only these kinds (repeatable): " + ", ".join(WATCHABLE),
+    )
+    watch.add_argument("--uid", default="", help="only events about this pod uid")
+    watch.add_argument(
+        "--control-socket",
+        default=defaults.CONTROL_SOCKET,
+        metavar="PATH",
+        help="node agent control socket (default: %(default)s)",
+    )
+    watch.set_defaults(func=_watch)
+
+
+def _event_kinds(text: str) -> list[str]:
+    """``zds watch --kind``: EventKind values, also with dashes, upper case or EVENT_KIND_."""
+    kinds = []
+    for part in text.split(","):
+        name = part.strip().lower().removeprefix("event_kind_").replace("-", "_")
+        if name not in WATCHABLE:
+            raise argparse.ArgumentTypeError(
+                f"unknown event kind {part.strip()!r}; choose from {', '.join(WATCHABLE)}"
+            )
+        kinds.append(name)
+    return kinds
+
+
+def _control_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control-socket",
+        default=defaults.CONTROL_SOCKET,
+        metavar="PATH",
+        help="node agent control socket (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=cliflags.seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="per call (default: %(default)s)",
+    )
+
+
+def _pod_add(args: argparse.Namespace) -> int:
+    from zds.server import podctl
+
+    return podctl.add(args)
+
+
+def _pod_remove(args: argparse.Namespace) -> int:
+    from zds.server import podctl
+
+    return podctl.remove(args)
+
+
+def _pod_list(args: argparse.Namespace) -> int:
+    from zds.server import podctl
+
+    return podctl.list_pods(args)
+
+
+def _connections(args: argparse.Namespace) -> int:
+    from zds.server import inspectctl
+
+    return inspectctl.connections(args)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from zds.server import inspectctl
+
+    return inspectctl.watch(args)

@@ -1,0 +1,181 @@
+"""The command line reads alike everywhere: help on every flag and subcommand, one way
+to show defaults, log flags after any subcommand, one error prefix, light start-up."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from tests.harness import ZDS, NodeAgentProc
+from zds import cliflags
+from zds.cli import build_parser
+
+PARSER = build_parser()
+LEAVES = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(PARSER)}
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+def test_every_command_is_a_leaf_we_know() -> None:
+    assert set(LEAVES) == {
+        "zds server",
+        "zds pod add",
+        "zds pod remove",
+        "zds pod list",
+        "zds connections",
+        "zds watch",
+        "zds ztunnel",
+        "zds netns create",
+        "zds netns delete",
+        "zds netns list",
+        "zds demo",
+    }
+
+
+@pytest.mark.parametrize("prog", sorted(LEAVES))
+def test_every_command_has_a_description_and_every_flag_a_help_text(prog: str) -> None:
+    leaf = LEAVES[prog]
+    assert leaf.description, f"{prog} has no description"
+    for action in leaf._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{prog} {'/'.join(action.option_strings) or action.dest} has no help text"
+
+
+@pytest.mark.parametrize("prog", sorted(LEAVES))
+def test_defaults_are_shown_one_way(prog: str) -> None:
+    for action in LEAVES[prog]._actions:
+        text = action.help or ""
+        if "%(default)s" in text:
+            assert "(default: %(default)s" in text or "default: %(default)s)" in text, (prog, text)
+        assert "(default " not in text, (prog, text)
+
+
+@pytest.mark.parametrize("prog", sorted(LEAVES))
+def test_log_flags_work_after_every_subcommand(prog: str) -> None:
+    argv = prog.split()[1:]
+    required = {
+        "zds pod remove": ["--uid", "u"],
+        "zds netns create": ["n"],
+        "zds netns delete": ["n"],
+    }.get(prog, [])
+    args = PARSER.parse_args([*argv, *required, "--log-level", "debug", "--log-format", "json"])
+    assert (args.log_level, args.log_format) == ("debug", "json")
+    plain = PARSER.parse_args([*argv, *required])
+    assert (plain.log_level, plain.log_format) == ("info", "text")
+
+
+def test_the_ztunnel_help_and_config_name_the_dns_port() -> None:
+    help_text = LEAVES["zds ztunnel"].format_help()
+    assert "15053" in help_text and "--dns-port" in help_text
+
+
+def test_an_empty_uid_is_called_empty_not_missing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zds", "pod", "add", "--uid", "", "--netns", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "zds pod add: --uid is empty"
+
+
+def test_errors_start_with_zds_and_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zds", "pod", "list", "--control-socket", "/nonexistent/control.sock"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("zds pod list: cannot reach the node agent: /nonexistent/control.sock")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+HEAVY = (
+    "pyroute2",
+    "opentelemetry",
+    "aiohttp",
+    "yaml",
+    "zds.demo.story",
+    "zds.netns.podnet",
+    "zds.server.agent",
+)
+
+
+def _heavy_loaded(after: str) -> list[str]:
+    code = (
+        "import json, sys\n"
+        f"{after}\n"
+        f"heavy = {HEAVY!r}\n"
+        "print(json.dumps(sorted({m for m in sys.modules for h in heavy if m == h or m.startswith(h + '.')})))"
+    )
+    loaded: list[str] = json.loads(run_python(code).splitlines()[-1])
+    return loaded
+
+
+def test_building_the_parser_loads_nothing_heavy() -> None:
+    assert _heavy_loaded("from zds.cli import build_parser; build_parser()") == []
+    assert _heavy_loaded("from zds.cli import build_parser; build_parser()\nimport zds.netns") == []
+
+
+def test_the_client_commands_load_nothing_heavy() -> None:
+    run = "from zds.cli import main; main(['pod', 'list', '--control-socket', '/nonexistent'])"
+    assert _heavy_loaded(run) == []
+    run = "from zds.cli import main; main(['connections', '--control-socket', '/nonexistent'])"
+    assert _heavy_loaded(run) == []
+
+
+def test_the_ztunnel_side_loads_no_node_agent_and_no_fixtures() -> None:
+    loaded = _heavy_loaded("import zds.client.app")
+    assert not [m for m in loaded if m.startswith(("pyroute2", "zds.demo", "zds.netns.podnet", "zds.server"))]
+
+
+@pytest.mark.root
+def test_netns_delete_refuses_the_netns_of_an_enrolled_pod(tmp_path: pathlib.Path) -> None:
+    from zds.netns.fixtures import create_netns, delete_netns
+
+    name = f"zds-clitest-{os.getpid()}"
+    path = create_netns(name)
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    try:
+        with pytest.raises(grpc.RpcError) as caught:  # cached all the same: no ztunnel is connected
+            server.add_pod("cli-u1", path, namespace="shop")
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        refused = subprocess.run(
+            [*ZDS, "netns", "delete", name, "--control-socket", server.control_socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == (
+            f"zds netns delete: netns {name} is the netns of enrolled pod cli-u1 (shop/cli-u1); "
+            "remove the pod first (zds pod remove --uid cli-u1), or pass --force"
+        )
+        assert os.path.exists(path)
+        server.remove_pod("cli-u1")
+        done = subprocess.run(
+            [*ZDS, "netns", "delete", name, "--control-socket", server.control_socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert not os.path.exists(path)
+    finally:
+        server.stop()
+        delete_netns(name, missing_ok=True)

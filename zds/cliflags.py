@@ -1,0 +1,69 @@
+"""Flag types and help conventions every ``zds`` command shares.
+
+Help texts end with ``(default: X)`` when a flag has a default; a flag that
+can be turned off says so (``'off' disables``). Errors from a flag's type are
+one line, naming the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def off(value: str | None) -> str | None:
+    """None for a flag given as 'off' (or empty): that endpoint is disabled."""
+    return None if value is None or value.strip().lower() in ("", "off", "none") else value
+
+
+def add_log_flags(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """--log-level/--log-format: on ``zds`` itself with defaults, and after every
+    subcommand too, where they override the global ones."""
+    default_level: object = "info" if top else argparse.SUPPRESS
+    default_format: object = "text" if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--log-level", default=default_level, choices=LOG_LEVELS, help="log verbosity (default: info)"
+    )
+    parser.add_argument(
+        "--log-format", default=default_format, choices=LOG_FORMATS, help="log line format (default: text)"
+    )
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser under ``parser`` that runs a command (has no subcommands of its own)."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        yield parser
+        return
+    for action in subcommands:
+        for child in action.choices.values():
+            yield from leaf_parsers(child)
