@@ -7,7 +7,7 @@ outcomes for the proxies it asks to start, and connects, disconnects and
 retries at random. Whatever happens:
 
 - every fd handed in is closed exactly once: a live workload's fd is open and is
-  the fd it was given; no fd the test still holds is ever closed under it (fds
+  the fd it was given; no fd the test still holds is ever closed under it (fd
   numbers the protocol just closed are taken by canaries, which must survive
   the next step); and after draining, no fd handed in remains open;
 - every reply's error is empty or starts with one of ztunnel's three prefixes,
