@@ -1,4 +1,4 @@
-"""Shared test fixtures.
+"""Shared test fixtures (the helpers they use live in ``tests/harness.py``).
 
 Tests that need root carry ``@pytest.mark.root``. On a developer machine
 without root they are skipped with a reason; with ``CI=true`` a missing
@@ -8,17 +8,14 @@ privilege is a failure, never a silent skip.
 from __future__ import annotations
 
 import os
-import sys
+import pathlib
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import ROOT, SHARED
-
-__all__ = ["ROOT", "SHARED"]
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
+from tests.harness import ZDS, NodeAgentProc, Peers, Pod, StartServer, is_root
+from zds.netns.fixtures import create_netns, delete_netns
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -29,17 +26,55 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip("needs root (runs in CI as root)")
 
 
-def open_fds() -> set[int]:
-    """The fds this process has open now."""
-    return {int(name) for name in os.listdir("/proc/self/fd")}
-
-
-def fd_count(pid: int) -> int:
-    """How many fds process ``pid`` has open."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @pytest.fixture
 def zds_cmd() -> list[str]:
     """How to run the zds CLI from tests: this interpreter, this checkout."""
-    return [sys.executable, "-m", "zds"]
+    return list(ZDS)
+
+
+@pytest.fixture
+def start_server(tmp_path: pathlib.Path) -> Iterator[StartServer]:
+    """Start ``zds server`` processes (sockets under tmp_path, no redirection rules);
+    each is stopped at the end."""
+    started: list[NodeAgentProc] = []
+
+    def start(*extra: str, name: str = "server", ready: bool = True) -> NodeAgentProc:
+        proc = NodeAgentProc(str(tmp_path), *extra, name=name)
+        started.append(proc)
+        return proc.wait_ready() if ready else proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> NodeAgentProc:
+    """A ready ``zds server`` with the default flags (a module may override this fixture)."""
+    return start_server()
+
+
+@pytest.fixture
+def peers() -> Iterator[Peers]:
+    """ztunnel stand-ins, all closed at the end."""
+    opened = Peers()
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def make_pod() -> Iterator[Callable[[], Pod]]:
+    """Make named test namespaces standing in for pods; all deleted at the end."""
+    made: list[str] = []
+
+    def make() -> Pod:
+        name = f"zdst-{uuid.uuid4().hex[:10]}"
+        path = create_netns(name)
+        made.append(name)
+        return Pod(name, path)
+
+    yield make
+    for name in made:
+        delete_netns(name, missing_ok=True)

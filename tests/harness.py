@@ -1,36 +1,82 @@
-"""Test harness: real `zds` processes and a raw-socket ZDS peer.
+"""The test harness: everything test modules share, in one place.
 
-Everything started here is stopped by PID in ``close()``/fixtures, also on
-failure; sockets live under the test's tmp dir.
+- paths and the golden test data;
+- polling (``wait_until``, ``async_wait_until``): tests wait on a condition, never on a clock;
+- fds and sockets of a process (``open_fds``, ``fd_count``, ``listening``, ...);
+- real ``zds`` processes (``ZdsProcess``, ``NodeAgentProc``, ``ZtunnelProc``);
+- ztunnel stand-ins facing a node agent (``RawPeer``, ``AckingPeer``, ``Peers``);
+- a node-agent stand-in facing ``zds ztunnel`` (``FakeNodeAgent``, ``FakeConnection``).
+
+Fixtures built on these live in ``tests/conftest.py``. Everything started here is
+stopped by PID in ``stop()``/``close()`` (the fixtures call them, also on failure);
+sockets live under the test's tmp dir.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
+import json
 import os
 import pathlib
+import re
 import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.protocol.messages import Ack, Request, decode_request, encode_ack, encode_hello
+from zds.protocol.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    Request,
+    SnapshotSent,
+    WorkloadInfo,
+    decode_ack,
+    decode_request,
+    encode_ack,
+    encode_hello,
+    encode_request,
+    request_kind,
+)
+from zds.protocol.records import Record
 
+T = TypeVar("T")
+
+#: How to run the zds CLI from tests: this interpreter, this checkout.
 ZDS = [sys.executable, "-m", "zds"]
 
 #: The repository's root, the test data copied into it, and ../shared (absent in a lone clone).
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 SHARED = ROOT.parent / "shared"
+
+#: ztunnel's TCP listeners in a pod, and zds's DNS forwarder (TCP side; UDP beside it).
+#: Literal on purpose: the tests pin what a pod sees, not what zds.defaults says.
+PORTS = (15001, 15006, 15008, 15053)
+
+#: How often the polling helpers look again.
+POLL_INTERVAL = 0.02
+
+
+def is_root() -> bool:
+    """Tests run as root (they may make namespaces, rules, containers)."""
+    return os.geteuid() == 0
+
+
+# -- golden data -------------------------------------------------------------------------
 
 
 def wire_vectors() -> list[tuple[str, str, str, bytes]]:
@@ -52,8 +98,15 @@ def wire_vector(name: str) -> bytes:
     raise KeyError(name)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+# -- polling -----------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Fails after ``timeout`` seconds, saying it was waiting for ``what``. The timeout
+    only bounds a hung test: it is no assertion on how fast anything is.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -61,20 +114,166 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(POLL_INTERVAL)
+
+
+async def async_wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:  # noqa: ASYNC109 (wait_until's signature)
+    """``wait_until`` for code on an event loop: the loop keeps running while we wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+# -- fds and sockets of a process ----------------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    """The fds this process has open now."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def fd_count(pid: int) -> int:
+    """Every fd of process ``pid`` (sockets included: HTTP requests to it come and go)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def file_fd_count(pid: int) -> int:
+    """The fds of ``pid`` that are not sockets: netns fds and other received files.
+    Unaffected by HTTP requests, so exact at any moment."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:["):
+                count += 1
+    return count
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def settled_fd_count(pid: int) -> int:
+    """``fd_count`` once two readings in a row agree (an HTTP connection just served may
+    still be closing)."""
+    last = [-1]
+
+    def settled() -> int | None:
+        now = fd_count(pid)
+        same, last[0] = now == last[0], now
+        time.sleep(0.05)
+        return now if same else None
+
+    return wait_until(settled, "a settled fd count")
+
+
+@dataclass(frozen=True)
+class Listening:
+    """A LISTEN socket as ``ss -ltnHe`` shows it."""
+
+    port: int
+    inode: int
+    mark: int
+
+
+def listening(netns: str | None) -> list[Listening]:
+    """TCP listening sockets in the named netns (None: the host's); several may share a
+    port (SO_REUSEPORT: two ztunnels in one pod)."""
+    cmd = ["ss", "-ltnHe"]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    found: list[Listening] = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        port = int(fields[3].rsplit(":", 1)[1])
+        inode = re.search(r"\bino:(\d+)", line)
+        mark = re.search(r"\bfwmark:(0x[0-9a-f]+)", line)
+        found.append(
+            Listening(port, int(inode.group(1)) if inode else 0, int(mark.group(1), 16) if mark else 0)
+        )
+    return found
+
+
+@dataclass
+class Pod:
+    """A named test netns standing in for a pod (the ``make_pod`` fixture makes them)."""
+
+    name: str
+    path: str
+
+
+def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
+    """The listeners process ``pid`` (a ztunnel) has in the pod, by port."""
+    mine = socket_inodes(pid)
+    return {lst.port: lst for lst in listening(pod.name) if lst.inode in mine}
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-class ZdsProcess:
-    """A `zds ...` subprocess with its output captured to a file."""
+def own_netns() -> str:
+    """A netns path every test can use without creating one: this process's."""
+    return f"/proc/{os.getpid()}/ns/net"
 
-    def __init__(self, args: list[str], log_path: str, env: dict[str, str] | None = None) -> None:
-        self.args = args
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (Istio's CNI plugin talks to the node agent like this)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost")
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def post_unix(path: str, url: str, body: bytes) -> tuple[int, str]:
+    """POST a JSON ``body`` to ``url`` over the unix socket ``path``: (status, body)."""
+    conn = UnixHTTPConnection(path)
+    try:
+        conn.request("POST", url, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """GET ``url``: (status, body), also for an error status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+# -- real zds processes --------------------------------------------------------------------
+
+
+class ZdsProcess:
+    """A ``zds ARGS`` subprocess, its output (stdout and stderr) captured to a file."""
+
+    def __init__(self, args: Sequence[str], log_path: str, env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([*ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -84,18 +283,28 @@ class ZdsProcess:
         return self.proc.pid
 
     def output(self) -> str:
+        """Everything the process printed so far."""
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
-    def wait_for_output(self, text: str, timeout: float = 10.0) -> None:
+    def wait_for_output(self, text: str, timeout: float = 15.0) -> None:
+        """Wait until the process printed ``text``; fail at once if it exits without."""
         wait_until(
-            lambda: text in self.output() or self.proc.poll() is not None, timeout, f"{text!r} in output"
+            lambda: text in self.output() or self.proc.poll() is not None, f"{text!r} in the output", timeout
         )
         assert text in self.output(), (
             f"process exited ({self.proc.returncode}) without printing {text!r}:\n{self.output()}"
         )
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        """The exit code, once the process exits by itself."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"zds {' '.join(self.args[:1])} did not exit:\n{self.output()}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process (by its PID) and reap it; kill it if it hangs. The exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -108,7 +317,8 @@ class ZdsProcess:
 
 
 class NodeAgentProc(ZdsProcess):
-    """``zds server`` on sockets under ``tmp``."""
+    """``zds server`` with every socket under ``tmp`` (two of them in one ``tmp`` share
+    the sockets: a restart); redirection rules only with ``redirect``."""
 
     def __init__(
         self, tmp: str, *extra: str, name: str = "server", redirect: bool = False, env_path: str | None = None
@@ -136,8 +346,20 @@ class NodeAgentProc(ZdsProcess):
         self.wait_for_output("node agent ready")
         return self
 
+    def connected_count(self) -> int | None:
+        """The node agent's latest "total connected: N" (None before any)."""
+        counts = re.findall(r"total connected: (\d+)", self.output())
+        return int(counts[-1]) if counts else None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``zds ARGS --control-socket`` this node agent's, as a user would type it."""
+        return subprocess.run(
+            [*ZDS, *args, "--control-socket", self.control_socket], capture_output=True, text=True, timeout=60
+        )
+
     @contextlib.contextmanager
     def control(self) -> Iterator[Any]:
+        """A stub of the control API (zds.v1.NodeAgent) on a fresh channel."""
         with grpc.insecure_channel(f"unix:{self.control_socket}") as channel:
             yield nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
 
@@ -159,19 +381,78 @@ class NodeAgentProc(ZdsProcess):
             return list(stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=30).pods)
 
 
-@dataclass
-class Received:
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-    flags: int = 0
+class StartServer(Protocol):
+    """What the ``start_server`` fixture is: start ``zds server`` with these extra flags
+    (``name`` names its log; ``ready=False`` does not wait for it to be ready)."""
 
-    @property
-    def request(self) -> Request:
-        return decode_request(self.payload)
+    def __call__(self, *extra: str, name: str = "server", ready: bool = True) -> NodeAgentProc: ...
 
-    def close_fds(self) -> None:
-        while self.fds:
-            os.close(self.fds.pop())
+
+class ZtunnelProc(ZdsProcess):
+    """``zds ztunnel`` connecting to ``zds_socket``, its HTTP endpoints on ephemeral ports."""
+
+    def __init__(self, zds_socket: str, log_path: str, *extra: str) -> None:
+        args = [
+            "ztunnel",
+            "--zds-socket",
+            zds_socket,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--readiness-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            *extra,
+        ]
+        super().__init__(args, log_path)
+        self._addresses: dict[str, str] = {}
+
+    def address(self, name: str) -> str:
+        """Where endpoint ``name`` (admin, readiness, metrics) listens, from the log."""
+        if name not in self._addresses:
+
+            def find() -> str | None:
+                assert self.proc.poll() is None, f"zds ztunnel exited:\n{self.output()}"
+                m = re.search(rf"{name} listening on (\S+)", self.output())
+                return m.group(1) if m else None
+
+            self._addresses[name] = wait_until(find, f"{name} address in the log")
+        return self._addresses[name]
+
+    def get(self, name: str, path: str) -> tuple[int, str]:
+        """GET ``path`` from endpoint ``name``: (status, body)."""
+        return http_get(f"http://{self.address(name)}{path}")
+
+    def config_dump(self) -> dict[str, Any]:
+        status, body = self.get("admin", "/config_dump")
+        assert status == 200
+        doc: dict[str, Any] = json.loads(body)
+        return doc
+
+    def workload_states(self) -> dict[str, str]:
+        return {uid: w["state"] for uid, w in self.config_dump()["workloadState"].items()}
+
+    def ready_status(self) -> int:
+        return self.get("readiness", "/healthz/ready")[0]
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, by its name with labels."""
+        status, body = self.get("metrics", "/metrics")
+        assert status == 200
+        values = {}
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+
+# -- ztunnel stand-ins (they face a node agent) -----------------------------------------
+
+
+def request_of(record: Record) -> Request:
+    """The request a node agent sent in ``record``."""
+    return decode_request(record.payload)
 
 
 class RawPeer:
@@ -190,15 +471,15 @@ class RawPeer:
     def ack(self, error: str = "") -> None:
         self.send(encode_ack(Ack(error=error)))
 
-    def recv(self, timeout: float = 10.0) -> Received | None:
+    def recv(self, timeout: float = 10.0) -> Record | None:
         """The next record, or None if nothing arrives within ``timeout``."""
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if not ready:
             return None
         data, fds, flags, _ = socket.recv_fds(self.sock, 1024, 4, socket.MSG_CMSG_CLOEXEC)
-        return Received(payload=data, fds=list(fds), flags=flags)
+        return Record(payload=data, fds=list(fds), flags=flags)
 
-    def expect(self, timeout: float = 10.0) -> Received:
+    def expect(self, timeout: float = 10.0) -> Record:
         got = self.recv(timeout)
         assert got is not None, f"nothing received within {timeout}s"
         assert got.payload, "connection closed by the node agent"
@@ -211,9 +492,9 @@ class RawPeer:
         got.close_fds()
         assert got.payload == b"", f"expected EOF, got {got.payload.hex()}"
 
-    def take_snapshot(self) -> list[Received]:
+    def take_snapshot(self) -> list[Record]:
         """Ack every snapshot entry and the SnapshotSent; return the entries (fds still open)."""
-        entries = []
+        entries: list[Record] = []
         while True:
             got = self.expect()
             self.ack()
@@ -225,42 +506,6 @@ class RawPeer:
         self.sock.close()
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (Istio's CNI plugin talks to the node agent like this)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost")
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def post_unix(path: str, url: str, body: bytes) -> tuple[int, str]:
-    conn = UnixHTTPConnection(path)
-    try:
-        conn.request("POST", url, body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def own_netns() -> str:
-    """A netns path every test can use without creating one: this process's."""
-    return f"/proc/{os.getpid()}/ns/net"
-
-
-def send_signal_kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
-
-
 class AckingPeer:
     """A ztunnel stand-in that says hello and answers every request from a thread.
 
@@ -269,8 +514,6 @@ class AckingPeer:
     """
 
     def __init__(self, path: str, nack: dict[str, str] | None = None, delay: float = 0.0) -> None:
-        import threading
-
         self.raw = RawPeer(path)
         self.nack = nack or {}
         #: Seconds to wait before each ack (a slow ztunnel).
@@ -283,13 +526,13 @@ class AckingPeer:
 
     @property
     def kinds(self) -> list[str]:
-        from zds.protocol.messages import request_kind
-
         return [request_kind(r) for r in list(self.received)]
 
-    def _run(self) -> None:
-        from zds.protocol.messages import AddWorkload
+    def wait_snapshot(self) -> None:
+        """Wait until the node agent's snapshot has been answered."""
+        wait_until(lambda: "snapshot_sent" in self.kinds, "the snapshot")
 
+    def _run(self) -> None:
         while not self._stop.is_set():
             got = self.raw.recv(timeout=0.1)
             if got is None:
@@ -297,7 +540,7 @@ class AckingPeer:
             got.close_fds()
             if not got.payload:
                 return
-            request = got.request
+            request = request_of(got)
             self.received.append(request)
             if self.delay:
                 time.sleep(self.delay)
@@ -307,3 +550,117 @@ class AckingPeer:
         self._stop.set()
         self._thread.join(5)
         self.raw.close()
+
+
+class Peers:
+    """The ztunnel stand-ins one test opened; the ``peers`` fixture closes every one
+    (closing one twice is harmless, so a test may close one early)."""
+
+    def __init__(self) -> None:
+        self._opened: list[RawPeer | AckingPeer] = []
+
+    def raw(self, zds_socket: str) -> RawPeer:
+        peer = RawPeer(zds_socket)
+        self._opened.append(peer)
+        return peer
+
+    def acking(self, zds_socket: str, nack: dict[str, str] | None = None, delay: float = 0.0) -> AckingPeer:
+        peer = AckingPeer(zds_socket, nack, delay)
+        self._opened.append(peer)
+        return peer
+
+    def close(self) -> None:
+        for peer in self._opened:
+            peer.close()
+
+
+# -- a node-agent stand-in (it faces zds ztunnel) -----------------------------------------
+
+
+class FakeConnection:
+    """One accepted ztunnel connection, driven record by record."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv(self, timeout: float = 10.0) -> bytes:
+        """The next record (b"" when ztunnel closed the connection)."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(4096)
+        except ConnectionResetError:
+            return b""
+
+    def hello(self) -> None:
+        assert self.recv() == b"\x08\x01", "ztunnel's first record must be ZdsHello{V1}"
+
+    def send(self, payload: bytes, fds: Sequence[int] = ()) -> None:
+        if fds:
+            socket.send_fds(self.sock, [payload], list(fds))
+        else:
+            self.sock.send(payload)
+
+    def request(self, request: Request | bytes, fds: Sequence[int] = ()) -> Ack:
+        """Send one request (with fds), return ztunnel's ack."""
+        payload = request if isinstance(request, bytes) else encode_request(request)
+        self.send(payload, fds)
+        reply = self.recv()
+        assert reply, "ztunnel closed the connection instead of answering"
+        return decode_ack(reply)
+
+    def add(self, uid: str, netns: str, info: WorkloadInfo | None = None) -> Ack:
+        """AddWorkload for ``uid`` with an fd of ``netns`` (a path)."""
+        info = info or WorkloadInfo(name=f"pod-{uid}", namespace="default", service_account="default")
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return self.request(AddWorkload(uid=uid, info=info), [fd])
+        finally:
+            os.close(fd)
+
+    def snapshot(self) -> Ack:
+        return self.request(SnapshotSent())
+
+    def delete(self, uid: str) -> Ack:
+        return self.request(DelWorkload(uid=uid))
+
+    def expect_closed(self, timeout: float = 10.0) -> None:
+        record = self.recv(timeout)
+        assert record == b"", f"expected ztunnel to close the connection, got {record!r}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FakeNodeAgent:
+    """A SOCK_SEQPACKET listener at ``path`` that hands out FakeConnections.
+
+    A raw listener driven from the test, so it can send what a well-behaved node
+    agent never would (bad records, protocol errors).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.conns: list[FakeConnection] = []
+
+    def accept(self, timeout: float = 15.0) -> FakeConnection:
+        self.sock.settimeout(timeout)
+        sock, _ = self.sock.accept()
+        conn = FakeConnection(sock)
+        self.conns.append(conn)
+        return conn
+
+    def connect_and_hello(self, timeout: float = 15.0) -> FakeConnection:
+        conn = self.accept(timeout)
+        conn.hello()
+        return conn
+
+    def close(self) -> None:
+        """Stop listening first (so ztunnel cannot reconnect meanwhile), then hang up."""
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for conn in self.conns:
+            conn.close()

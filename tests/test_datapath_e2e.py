@@ -19,8 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import NodeAgentProc, wait_until
-from tests.test_ztunnel_client import ZtunnelProcess
+from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, wait_until
 from zds.netns import in_netns, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
@@ -86,7 +85,7 @@ class FakeResolver:
 @dataclass
 class Mesh:
     server: NodeAgentProc
-    ztunnel: ZtunnelProcess
+    ztunnel: ZtunnelProc
     pods: dict[str, PodFixture]
     apps: dict[str, EchoServer]
     resolver: FakeResolver
@@ -115,7 +114,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tag = secrets.token_hex(2)
     net = PodNetwork(bridge=f"zdsm{tag}", subnet4="10.181.0.0/24", subnet6="fd00:181::/64")
     server: NodeAgentProc | None = None
-    ztunnel: ZtunnelProcess | None = None
+    ztunnel: ZtunnelProc | None = None
     apps: dict[str, EchoServer] = {}
     resolver = FakeResolver()
     try:
@@ -123,12 +122,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         for name in ("b", "d", "e"):
             apps[name] = EchoServer(pods[name].netns_path, APP_PORT)
         server = NodeAgentProc(str(tmp), redirect=True).wait_ready()
-        ztunnel = ZtunnelProcess(
+        ztunnel = ZtunnelProc(
             server.zds_socket, str(tmp / "ztunnel.log"), "--dns-upstream", f"127.0.0.1:{resolver.port}"
         )
         ztunnel.address("admin")
         mesh = Mesh(server=server, ztunnel=ztunnel, pods=pods, apps=apps, resolver=resolver)
-        wait_until(lambda: "total connected: 1" in server.output(), what="ztunnel connected")  # type: ignore[union-attr]
+        wait_until(lambda: mesh.server.connected_count() == 1, what="ztunnel connected")
         for name in ("a", "b", "e"):  # c and d stay out of the mesh
             mesh.enroll(name)
         yield mesh
@@ -279,14 +278,14 @@ def test_direct_connections_to_ztunnels_ports_are_dropped_not_looped(mesh: Mesh)
     """A connection to B:15006 itself (or to 127.0.0.1:15001 inside A) was not redirected:
     relaying it would dial the same listener again and again. It is dropped, and the
     ztunnel process's fd count stays put."""
-    fds_before = len(os.listdir(f"/proc/{mesh.ztunnel.pid}/fd"))
+    fds_before = fd_count(mesh.ztunnel.pid)
     in_failed = mesh.counters("b", "inbound")["failed"]
     out_failed = mesh.counters("a", "outbound")["failed"]
     assert dropped(mesh.pods["c"].netns_path, mesh.pods["b"].ipv4, 15006)
     assert dropped(mesh.pods["a"].netns_path, "127.0.0.1", 15001)
     wait_until(lambda: mesh.counters("b", "inbound")["failed"] == in_failed + 1, what="B's inbound drop")
     wait_until(lambda: mesh.counters("a", "outbound")["failed"] == out_failed + 1, what="A's outbound drop")
-    assert len(os.listdir(f"/proc/{mesh.ztunnel.pid}/fd")) <= fds_before + 2
+    assert fd_count(mesh.ztunnel.pid) <= fds_before + 2
 
 
 def test_the_dns_forwarder_is_not_an_open_resolver_on_the_pods_address(mesh: Mesh) -> None:

@@ -8,7 +8,7 @@ import re
 import pytest
 from google.protobuf import descriptor_pb2
 
-from tests.conftest import ROOT
+from tests.harness import ROOT
 from tools.genproto import PROTO_DIR, generate
 from zds.gen import nodeagent_pb2, zds_pb2
 

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.harness import AckingPeer, NodeAgentProc, own_netns, wait_until
+from tests.harness import AckingPeer, NodeAgentProc, Peers, own_netns, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -38,22 +37,10 @@ GRPCURL = grpcurl_binary()
 
 
 @pytest.fixture
-def server(tmp_path: object) -> Iterator[NodeAgentProc]:
-    proc = NodeAgentProc(str(tmp_path))
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def peer(server: NodeAgentProc) -> Iterator[AckingPeer]:
-    peer = AckingPeer(server.zds_socket)
-    wait_until(lambda: "snapshot_sent" in peer.kinds, what="the snapshot")
-    try:
-        yield peer
-    finally:
-        peer.close()
+def peer(server: NodeAgentProc, peers: Peers) -> AckingPeer:
+    peer = peers.acking(server.zds_socket)
+    peer.wait_snapshot()
+    return peer
 
 
 def grpcurl(server: NodeAgentProc, *args: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -180,7 +167,10 @@ def test_grpcurl_reads_a_watch_stream_while_pods_are_enrolled(
             )
         for uid in ("u1", "u2"):
             server.add_pod(uid, own_netns(), name=f"pod-{uid}", namespace="shop")
-        wait_until(lambda: len([e for e in events(out_path) if e["kind"] == "EVENT_KIND_MESSAGE_ACKED"]) == 2)
+        wait_until(
+            lambda: len([e for e in events(out_path) if e["kind"] == "EVENT_KIND_MESSAGE_ACKED"]) == 2,
+            what="both acks in the stream",
+        )
         wait_until(lambda: len(events(filtered_path)) == 2, what="u2's enrollment in the filtered stream")
     finally:
         for proc in (watch, filtered):

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import AckingPeer, NodeAgentProc, RawPeer, free_port, own_netns, post_unix, wait_until
+from tests.harness import NodeAgentProc, Peers, RawPeer, free_port, own_netns, post_unix, wait_until
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root
@@ -58,14 +58,6 @@ def server(tmp_path: object) -> Iterator[Server]:
         proc.stop()
 
 
-@pytest.fixture
-def peers() -> Iterator[list[AckingPeer]]:
-    made: list[AckingPeer] = []
-    yield made
-    for peer in made:
-        peer.close()
-
-
 def add(server: NodeAgentProc, uid: str) -> Any:
     try:
         return server.add_pod(uid, own_netns())
@@ -90,19 +82,19 @@ def test_metrics_are_prometheus_text_with_the_documented_names(server: Server) -
     assert "otel_scope_name" not in text  # no per-series scope labels: the names are the API
 
 
-def test_metrics_follow_connections_pods_and_acks(server: Server, peers: list[AckingPeer]) -> None:
+def test_metrics_follow_connections_pods_and_acks(server: Server, peers: Peers) -> None:
     assert isinstance(add(server, "u1"), grpc.RpcError)  # no ztunnel: cached, pending
     server.wait_value(1, "zds_pods_enrolled", state="pending")
     assert server.value("zds_pod_enrollments_total", outcome="no_connection") == 1
 
-    peers.append(AckingPeer(server.zds_socket))
+    old = peers.acking(server.zds_socket)
     server.wait_value(1, "ztunnel_connected")
     server.wait_value(1, "zds_pods_enrolled", state="acked")  # delivered in the snapshot
     assert server.value("zds_pods_enrolled", state="pending") == 0
     server.wait_value(1, "zds_messages_total", type="snapshot_sent", outcome="acked")
     assert server.value("zds_messages_total", type="add", outcome="acked") == 1
 
-    peers.append(AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"}))
+    new = peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
     server.wait_value(2, "ztunnel_connected")
     assert isinstance(add(server, "u2"), grpc.RpcError)  # the newest connection nacks it
     server.wait_value(1, "zds_pods_enrolled", state="failed")
@@ -120,9 +112,9 @@ def test_metrics_follow_connections_pods_and_acks(server: Server, peers: list[Ac
     server.wait_value(2, "zds_messages_total", type="del", outcome="acked")
     assert server.value("zds_pods_enrolled", state="acked") == 1
 
-    peers.pop(0).close()  # the old ztunnel goes away (EOF found by the keepalive probe)
+    old.close()  # the old ztunnel goes away (EOF found by the keepalive probe)
     server.wait_value(1, "ztunnel_connected")
-    peers.pop(0).close()
+    new.close()
     server.wait_value(0, "ztunnel_connected")
 
 
@@ -145,11 +137,11 @@ def test_a_request_that_never_gets_its_ack_counts_as_unanswered(tmp_path: object
         server.stop()
 
 
-def test_cni_plugin_requests_are_counted_by_response_code(server: Server, peers: list[AckingPeer]) -> None:
+def test_cni_plugin_requests_are_counted_by_response_code(server: Server, peers: Peers) -> None:
     body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
     assert post_unix(server.cni_socket, "/cmdadd", b"not json")[0] == 400
     assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 500  # no ztunnel connection
-    peers.append(AckingPeer(server.zds_socket))
+    peers.acking(server.zds_socket)
     server.wait_value(1, "ztunnel_connected")
     assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 200
     assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 200

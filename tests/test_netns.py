@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import open_fds
+from tests.harness import open_fds
 from zds.netns import (
     NetnsError,
     NetnsHandle,

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from tests.conftest import open_fds
+from tests.harness import open_fds
 from zds.netns import NetnsError, NetnsIdentity, in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns, list_netns
 from zds.netns.podnet import PodFixture, PodNetwork

@@ -6,33 +6,15 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.harness import ZDS, AckingPeer, NodeAgentProc, RawPeer, own_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, Peers, own_netns, wait_until
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def server(tmp_path: object) -> Iterator[NodeAgentProc]:
-    proc = NodeAgentProc(str(tmp_path))
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def peers() -> Iterator[list[Any]]:
-    made: list[Any] = []
-    yield made
-    for peer in made:
-        peer.close()
 
 
 def list_connections(server: NodeAgentProc) -> list[nodeagent_pb2.Connection]:
@@ -40,28 +22,20 @@ def list_connections(server: NodeAgentProc) -> list[nodeagent_pb2.Connection]:
         return list(stub.ListConnections(nodeagent_pb2.ListConnectionsRequest(), timeout=10).connections)
 
 
-def zds(server: NodeAgentProc, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ZDS, *args, "--control-socket", server.control_socket], capture_output=True, text=True, timeout=60
-    )
-
-
 # -- ListConnections ---------------------------------------------------------------------
 
 
 def test_list_connections_shows_peer_hello_snapshot_counts_and_the_newest(
-    server: NodeAgentProc, peers: list[Any]
+    server: NodeAgentProc, peers: Peers
 ) -> None:
     assert list_connections(server) == []
     before = time.time()
-    old = AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
-    peers.append(old)
+    peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
     wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True], what="snapshot")
     server.add_pod("u1", own_netns())
     with pytest.raises(grpc.RpcError):
         server.add_pod("u2", own_netns())
-    new = AckingPeer(server.zds_socket)
-    peers.append(new)
+    peers.acking(server.zds_socket)
     wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True, True], what="2nd")
     first, second = list_connections(server)
 
@@ -79,23 +53,22 @@ def test_list_connections_shows_peer_hello_snapshot_counts_and_the_newest(
 
 
 def test_a_connection_that_has_not_said_hello_is_listed_as_awaiting_hello(
-    server: NodeAgentProc, peers: list[Any]
+    server: NodeAgentProc, peers: Peers
 ) -> None:
-    silent = RawPeer(server.zds_socket)
-    peers.append(silent)
+    peers.raw(server.zds_socket)  # silent
     wait_until(lambda: list_connections(server), what="the connection")
     [conn] = list_connections(server)
     assert conn.state == nodeagent_pb2.CONNECTION_STATE_AWAITING_HELLO
     assert conn.hello_version == 0 and not conn.newest and not conn.snapshot_complete
 
 
-def test_zds_connections_prints_an_aligned_table_and_json(server: NodeAgentProc, peers: list[Any]) -> None:
-    peers.append(AckingPeer(server.zds_socket))
-    peers.append(AckingPeer(server.zds_socket))
+def test_zds_connections_prints_an_aligned_table_and_json(server: NodeAgentProc, peers: Peers) -> None:
+    peers.acking(server.zds_socket)
+    peers.acking(server.zds_socket)
     wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True, True], what="both")
     ids = [c.id for c in list_connections(server)]
 
-    out = zds(server, "connections")
+    out = server.cli("connections")
     assert out.returncode == 0, out.stderr
     header, *rows = out.stdout.splitlines()
     assert header.split() == [
@@ -121,7 +94,7 @@ def test_zds_connections_prints_an_aligned_table_and_json(server: NodeAgentProc,
     assert rows[0].split()[6:] == ["ready", "yes", "1", "1", "0", "no"]
     assert rows[1].split()[-1] == "yes"
 
-    out = zds(server, "connections", "--json")
+    out = server.cli("connections", "--json")
     assert out.returncode == 0, out.stderr
     docs = json.loads(out.stdout)
     assert [d["id"] for d in docs] == ids
@@ -142,14 +115,13 @@ def test_zds_connections_without_a_node_agent_says_so(tmp_path: object) -> None:
 
 
 def test_json_logs_name_the_pod_and_the_connection_on_every_line_about_them(
-    tmp_path: object, peers: list[Any]
+    tmp_path: object, peers: Peers
 ) -> None:
     # --log-format/--log-level after the subcommand, as people type them
     server = NodeAgentProc(str(tmp_path), "--log-format", "json", "--log-level", "debug")
     try:
         server.wait_ready()
-        peer = AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
-        peers.append(peer)
+        peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
         wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True], what="ready")
         [conn] = list_connections(server)
         server.add_pod("u1", own_netns(), name="web", namespace="shop")

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.harness import ROOT
 
 
 @pytest.mark.slow

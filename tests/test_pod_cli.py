@@ -6,31 +6,15 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.harness import ZDS, NodeAgentProc, RawPeer, own_netns
+from tests.harness import ZDS, NodeAgentProc, RawPeer, free_port, own_netns
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def server(tmp_path: object) -> Iterator[NodeAgentProc]:
-    proc = NodeAgentProc(str(tmp_path))
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
-
-
-def zds(server: NodeAgentProc, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*ZDS, *args, "--control-socket", server.control_socket], capture_output=True, text=True, timeout=60
-    )
 
 
 def serve_acks(peer: RawPeer, count: int, error: str = "") -> threading.Thread:
@@ -58,8 +42,7 @@ def test_pod_add_prints_the_ack_and_exits_zero(server: NodeAgentProc) -> None:
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1)
-        out = zds(
-            server,
+        out = server.cli(
             "pod",
             "add",
             "--uid",
@@ -84,7 +67,7 @@ def test_pod_add_by_pid(server: NodeAgentProc) -> None:
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1)
-        out = zds(server, "pod", "add", "--uid", "u1", "--netns-pid", str(os.getpid()))
+        out = server.cli("pod", "add", "--uid", "u1", "--netns-pid", str(os.getpid()))
         thread.join(10)
     finally:
         peer.close()
@@ -92,10 +75,10 @@ def test_pod_add_by_pid(server: NodeAgentProc) -> None:
 
 
 def test_pod_add_without_ztunnel_exits_nonzero_and_the_pod_stays_listed(server: NodeAgentProc) -> None:
-    out = zds(server, "pod", "add", "--uid", "u1", "--netns", own_netns())
+    out = server.cli("pod", "add", "--uid", "u1", "--netns", own_netns())
     assert out.returncode == 1
     assert "no ztunnel connection" in out.stderr
-    listed = zds(server, "pod", "list", "--json")
+    listed = server.cli("pod", "list", "--json")
     [pod] = json.loads(listed.stdout)
     assert (
         pod["uid"] == "u1"
@@ -108,7 +91,7 @@ def test_pod_add_nack_exits_nonzero_with_the_nack_text(server: NodeAgentProc) ->
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1, error="failure to start proxy : address in use")
-        out = zds(server, "pod", "add", "--uid", "u1", "--netns", own_netns())
+        out = server.cli("pod", "add", "--uid", "u1", "--netns", own_netns())
         thread.join(10)
     finally:
         peer.close()
@@ -117,7 +100,7 @@ def test_pod_add_nack_exits_nonzero_with_the_nack_text(server: NodeAgentProc) ->
 
 
 def test_pod_add_bad_netns_says_what_is_wrong(server: NodeAgentProc) -> None:
-    out = zds(server, "pod", "add", "--uid", "u1", "--netns", "/var/run/netns/zdst-missing")
+    out = server.cli("pod", "add", "--uid", "u1", "--netns", "/var/run/netns/zdst-missing")
     assert out.returncode == 1
     assert "INVALID_ARGUMENT" in out.stderr and "/var/run/netns/zdst-missing" in out.stderr
     assert "Traceback" not in out.stderr
@@ -134,13 +117,13 @@ def test_pod_add_from_file_enrolls_many_over_one_connection(server: NodeAgentPro
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 5)
-        out = zds(server, "pod", "add", "--from-file", path)
+        out = server.cli("pod", "add", "--from-file", path)
         thread.join(10)
     finally:
         peer.close()
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("enrolled: acked") == 5
-    listed = zds(server, "pod", "list")
+    listed = server.cli("pod", "list")
     lines = listed.stdout.splitlines()
     assert lines[0].split()[:5] == ["UID", "NAME", "NAMESPACE", "SERVICE-ACCOUNT", "STATE"]
     assert sorted(line.split()[0] for line in lines[1:]) == [f"u{i}" for i in range(5)]
@@ -148,18 +131,18 @@ def test_pod_add_from_file_enrolls_many_over_one_connection(server: NodeAgentPro
 
 
 def test_pod_remove_reports_each_connection(server: NodeAgentProc) -> None:
-    zds(server, "pod", "add", "--uid", "u1", "--netns", own_netns())
+    server.cli("pod", "add", "--uid", "u1", "--netns", own_netns())
     peer = connected_peer(server)  # gets u1 in its snapshot
     try:
         thread = serve_acks(peer, 1)
-        out = zds(server, "pod", "remove", "--uid", "u1")
+        out = server.cli("pod", "remove", "--uid", "u1")
         thread.join(10)
     finally:
         peer.close()
     assert out.returncode == 0, out.stderr
     assert "DelWorkload to ztunnel connection" in out.stdout and "acked" in out.stdout
-    assert json.loads(zds(server, "pod", "list", "--json").stdout) == []
-    missing = zds(server, "pod", "remove", "--uid", "u1")
+    assert json.loads(server.cli("pod", "list", "--json").stdout) == []
+    missing = server.cli("pod", "remove", "--uid", "u1")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 
@@ -193,8 +176,6 @@ def test_reflection_lists_the_node_agent_service(server: NodeAgentProc) -> None:
 
 
 def test_control_api_also_on_tcp_with_grpc_listen(tmp_path: object) -> None:
-    from tests.harness import free_port
-
     port = free_port()
     proc = NodeAgentProc(str(tmp_path), "--grpc-listen", f"127.0.0.1:{port}")
     try:

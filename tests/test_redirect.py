@@ -9,12 +9,14 @@ import os
 import re
 import secrets
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, RawPeer
+from tests.harness import DATA, AckingPeer, NodeAgentProc, RawPeer, wait_until
+from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
@@ -233,14 +235,11 @@ def test_a_rule_failure_fails_enrollment_and_nothing_is_sent(tmp_path: object, n
 def test_a_caller_that_gives_up_does_not_leave_rules_and_cache_disagreeing(
     tmp_path: object, namespaces: list[str]
 ) -> None:
-    from tests.harness import AckingPeer, wait_until
-    from zds.gen import nodeagent_pb2
-
     pod = scratch(namespaces)
     server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
     peer = AckingPeer(server.zds_socket, delay=1.0)
     try:
-        wait_until(lambda: "snapshot_sent" in peer.kinds, what="the snapshot")
+        peer.wait_snapshot()
         with server.control() as stub:
             request = nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path=pod)
             with pytest.raises(grpc.RpcError) as info:
@@ -266,15 +265,11 @@ def test_a_caller_that_gives_up_does_not_leave_rules_and_cache_disagreeing(
 def test_remove_and_re_add_at_once_leaves_the_rules_of_the_new_enrollment(
     tmp_path: object, namespaces: list[str]
 ) -> None:
-    import threading
-
-    from tests.harness import AckingPeer, wait_until
-
     pod = scratch(namespaces)
     server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
     peer = AckingPeer(server.zds_socket, delay=0.5)
     try:
-        wait_until(lambda: "snapshot_sent" in peer.kinds, what="the snapshot")
+        peer.wait_snapshot()
         server.add_pod("u2", pod)
         remover = threading.Thread(target=server.remove_pod, args=("u2",))
         remover.start()

@@ -8,49 +8,40 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 
-from tests.harness import NodeAgentProc, RawPeer, fd_count, own_netns, post_unix, wait_until
+from tests.harness import (
+    NodeAgentProc,
+    Peers,
+    RawPeer,
+    StartServer,
+    fd_count,
+    own_netns,
+    post_unix,
+    request_of,
+    wait_until,
+)
 from zds.gen import nodeagent_pb2
 from zds.netns import netns_identity
-from zds.protocol.messages import Ack, AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_ack
+from zds.protocol.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    Request,
+    SnapshotSent,
+    WorkloadInfo,
+    encode_ack,
+)
 
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture
-def server_factory(tmp_path: object) -> Iterator[object]:
-    started: list[NodeAgentProc] = []
-
-    def start(*extra: str, name: str = "server", ready: bool = True) -> NodeAgentProc:
-        proc = NodeAgentProc(str(tmp_path), *extra, name=name)
-        started.append(proc)
-        return proc.wait_ready() if ready else proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-@pytest.fixture
-def server(server_factory: object) -> NodeAgentProc:
-    return server_factory()  # type: ignore[operator,no-any-return]
-
-
-@pytest.fixture
-def peers() -> Iterator[list[RawPeer]]:
-    made: list[RawPeer] = []
-    yield made
-    for peer in made:
-        peer.close()
-
-
-def connect(server: NodeAgentProc, peers: list[RawPeer], *, snapshot: bool = True) -> RawPeer:
-    peer = RawPeer(server.zds_socket)
-    peers.append(peer)
+def connect(server: NodeAgentProc, peers: Peers, *, snapshot: bool = True) -> RawPeer:
+    peer = peers.raw(server.zds_socket)
     if snapshot:
         peer.hello()
         for entry in peer.take_snapshot():
@@ -84,14 +75,14 @@ def pods_file(tmp_path: object, entries: list[dict[str, str]]) -> str:
 # -- hello ---------------------------------------------------------------------
 
 
-def test_a_v1_hello_gets_the_snapshot(server: NodeAgentProc, peers: list[RawPeer]) -> None:
+def test_a_v1_hello_gets_the_snapshot(server: NodeAgentProc, peers: Peers) -> None:
     peer = connect(server, peers, snapshot=False)
     peer.send(bytes.fromhex("0801"))
     assert peer.expect().payload == bytes.fromhex("1a00")  # empty cache: just SnapshotSent
 
 
 @pytest.mark.parametrize("hello", ["0802", "0800", "ff"])
-def test_only_a_v1_hello_is_accepted(server: NodeAgentProc, peers: list[RawPeer], hello: str) -> None:
+def test_only_a_v1_hello_is_accepted(server: NodeAgentProc, peers: Peers, hello: str) -> None:
     peer = connect(server, peers, snapshot=False)
     peer.send(bytes.fromhex(hello))
     peer.expect_closed()
@@ -99,10 +90,8 @@ def test_only_a_v1_hello_is_accepted(server: NodeAgentProc, peers: list[RawPeer]
     server.wait_for_output(f"ztunnel disconnected: {reason}")
 
 
-def test_a_silent_peer_is_closed_after_the_hello_timeout(
-    server_factory: object, peers: list[RawPeer]
-) -> None:
-    server = server_factory("--hello-timeout", "0.5")  # type: ignore[operator]
+def test_a_silent_peer_is_closed_after_the_hello_timeout(start_server: StartServer, peers: Peers) -> None:
+    server = start_server("--hello-timeout", "0.5")
     peer = connect(server, peers, snapshot=False)
     peer.expect_closed(timeout=10)
     server.wait_for_output("no hello from ztunnel within 0.5s")
@@ -113,7 +102,7 @@ def test_a_silent_peer_is_closed_after_the_hello_timeout(
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
-    server_factory: object, peers: list[RawPeer], tmp_path: object, loop: str
+    start_server: StartServer, peers: Peers, tmp_path: object, loop: str
 ) -> None:
     entries = [
         {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": own_netns()},
@@ -121,15 +110,17 @@ def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
         {"uid": "u3", "name": "c", "namespace": "ns", "service_account": "sa", "netns": "/nonexistent/netns"},
     ]
     extra = ["--pods", pods_file(tmp_path, entries)] + (["--no-uvloop"] if loop == "asyncio" else [])
-    server = server_factory(*extra)  # type: ignore[operator]
+    server = start_server(*extra)
     peer = connect(server, peers, snapshot=False)
     peer.hello()
-    seen = {}
+    seen: dict[str, tuple[Request, int]] = {}
     for _ in range(3):
         got = peer.expect()
         # one in flight: nothing more arrives until we ack
         assert peer.recv(timeout=0.3) is None
-        seen[got.request.uid] = (got.request, len(got.fds))  # type: ignore[union-attr]
+        request = request_of(got)
+        assert not isinstance(request, SnapshotSent), "the snapshot's entries come before SnapshotSent"
+        seen[request.uid] = (request, len(got.fds))
         if got.fds:
             assert netns_identity(got.fds[0]).ino == os.stat(own_netns()).st_ino
         got.close_fds()
@@ -145,13 +136,13 @@ def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
 
 
 def test_pods_file_pods_are_listed_before_any_ztunnel_connects(
-    server_factory: object, tmp_path: object
+    start_server: StartServer, tmp_path: object
 ) -> None:
     entries = [
         {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": own_netns()},
         {"uid": "u3", "name": "c", "namespace": "ns", "service_account": "sa", "netns": "/nonexistent/netns"},
     ]
-    server = server_factory("--pods", pods_file(tmp_path, entries))  # type: ignore[operator]
+    server = start_server("--pods", pods_file(tmp_path, entries))
     pods = {p.uid: p for p in server.list_pods()}
     assert set(pods) == {"u1", "u3"}
     assert pods["u1"].netns.ino == os.stat(own_netns()).st_ino
@@ -163,13 +154,13 @@ def test_pods_file_pods_are_listed_before_any_ztunnel_connects(
 
 
 def test_add_goes_to_the_newest_connection_only_and_delete_to_all(
-    server: NodeAgentProc, peers: list[RawPeer]
+    server: NodeAgentProc, peers: Peers
 ) -> None:
     old = connect(server, peers)
     new = connect(server, peers)
     thread, result = add_in_thread(server, "u1", own_netns())
     got = new.expect()
-    assert got.request == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
+    assert request_of(got) == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
     got.close_fds()
     assert old.recv(timeout=0.3) is None
     new.ack()
@@ -180,13 +171,13 @@ def test_add_goes_to_the_newest_connection_only_and_delete_to_all(
     threading.Thread(target=lambda: (server.remove_pod("u1"), done.set())).start()
     for peer in (old, new):
         got = peer.expect()
-        assert got.request == DelWorkload("u1") and got.fds == []
+        assert request_of(got) == DelWorkload("u1") and got.fds == []
         peer.ack()
     assert done.wait(10)
 
 
 def test_a_nack_is_reported_with_its_text_and_the_pod_stays_cached(
-    server: NodeAgentProc, peers: list[RawPeer]
+    server: NodeAgentProc, peers: Peers
 ) -> None:
     peer = connect(server, peers)
     thread, result = add_in_thread(server, "u1", own_netns())
@@ -205,7 +196,7 @@ def test_a_nack_is_reported_with_its_text_and_the_pod_stays_cached(
 
 
 def test_without_ztunnel_add_is_unavailable_and_the_pod_goes_out_in_the_next_snapshot(
-    server: NodeAgentProc, peers: list[RawPeer]
+    server: NodeAgentProc, peers: Peers
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         server.add_pod("u1", own_netns())
@@ -214,7 +205,7 @@ def test_without_ztunnel_add_is_unavailable_and_the_pod_goes_out_in_the_next_sna
     peer = connect(server, peers, snapshot=False)
     peer.hello()
     got = peer.expect()
-    assert got.request == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
+    assert request_of(got) == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
     got.close_fds()
     peer.ack()
     assert peer.expect().payload == bytes.fromhex("1a00")
@@ -260,9 +251,9 @@ def test_removing_an_unknown_pod_is_not_found(server: NodeAgentProc) -> None:
 
 
 def test_a_missing_ack_closes_the_connection_after_the_deadline(
-    server_factory: object, peers: list[RawPeer]
+    start_server: StartServer, peers: Peers
 ) -> None:
-    server = server_factory("--ack-timeout", "0.5")  # type: ignore[operator]
+    server = start_server("--ack-timeout", "0.5")
     peer = connect(server, peers)
     thread, result = add_in_thread(server, "u1", own_netns())
     peer.expect().close_fds()  # ... and never ack
@@ -273,26 +264,24 @@ def test_a_missing_ack_closes_the_connection_after_the_deadline(
     server.wait_for_output("no ack for add within 0.5s")
 
 
-def test_idle_keepalive_notices_a_peer_that_went_away(server_factory: object, peers: list[RawPeer]) -> None:
-    server = server_factory("--keepalive-interval", "0.2")  # type: ignore[operator]
+def test_idle_keepalive_notices_a_peer_that_went_away(start_server: StartServer, peers: Peers) -> None:
+    server = start_server("--keepalive-interval", "0.2")
     peer = connect(server, peers)
     server.wait_for_output("total connected: 1")
     peer.close()
     server.wait_for_output("ztunnel disconnected: ztunnel closed the connection; total connected: 0")
 
 
-def test_unprompted_message_while_idle_closes_the_connection(
-    server_factory: object, peers: list[RawPeer]
-) -> None:
-    server = server_factory("--keepalive-interval", "0.2")  # type: ignore[operator]
+def test_unprompted_message_while_idle_closes_the_connection(start_server: StartServer, peers: Peers) -> None:
+    server = start_server("--keepalive-interval", "0.2")
     peer = connect(server, peers)
     peer.send(encode_ack(Ack()))
     peer.expect_closed()
     server.wait_for_output("unexpected message from ztunnel")
 
 
-def test_connections_beyond_max_connections_are_refused(server_factory: object, peers: list[RawPeer]) -> None:
-    server = server_factory("--max-connections", "2")  # type: ignore[operator]
+def test_connections_beyond_max_connections_are_refused(start_server: StartServer, peers: Peers) -> None:
+    server = start_server("--max-connections", "2")
     connect(server, peers)
     connect(server, peers)
     third = connect(server, peers, snapshot=False)
@@ -300,16 +289,16 @@ def test_connections_beyond_max_connections_are_refused(server_factory: object, 
     server.wait_for_output("already 2 connected")
 
 
-def test_at_most_five_connections_are_accepted_per_second(
-    server_factory: object, peers: list[RawPeer]
-) -> None:
-    server = server_factory("--max-connections", "20")  # type: ignore[operator]
+def test_at_most_five_connections_are_accepted_per_second(start_server: StartServer, peers: Peers) -> None:
+    server = start_server("--max-connections", "20")
     start = time.monotonic()
     answered = []
+    opened = []
     for _ in range(11):
         peer = connect(server, peers, snapshot=False)
         peer.hello()
-    for peer in peers:
+        opened.append(peer)
+    for peer in opened:
         assert peer.expect().payload == bytes.fromhex("1a00")
         answered.append(time.monotonic() - start)
         peer.ack()
@@ -320,13 +309,13 @@ def test_at_most_five_connections_are_accepted_per_second(
 # -- the socket file ------------------------------------------------------------------
 
 
-def test_socket_file_is_0600_and_a_stale_one_is_replaced(server_factory: object, tmp_path: object) -> None:
+def test_socket_file_is_0600_and_a_stale_one_is_replaced(start_server: StartServer, tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "ztunnel", "ztunnel.sock")
     os.makedirs(os.path.dirname(path))
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(path)
     stale.close()  # leaves the file behind, as a crashed node agent would
-    server = server_factory()  # type: ignore[operator]
+    server = start_server()
     assert stat.S_IMODE(os.stat(server.zds_socket).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(server.control_socket).st_mode) == 0o600
     assert stat.S_ISSOCK(os.stat(server.zds_socket).st_mode)
@@ -337,7 +326,7 @@ def test_socket_file_is_0600_and_a_stale_one_is_replaced(server_factory: object,
 
 
 def test_a_stale_file_at_a_socket_path_is_replaced_as_istio_does(
-    server_factory: object, tmp_path: object
+    start_server: StartServer, tmp_path: object
 ) -> None:
     # Istio removes whatever is at the path (os.Remove); a `touch`ed file is replaced too.
     for sub in ("ztunnel/ztunnel.sock", "zds/control.sock", "cni/pluginevent.sock"):
@@ -345,17 +334,17 @@ def test_a_stale_file_at_a_socket_path_is_replaced_as_istio_does(
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write("stale")
-    server = server_factory()  # type: ignore[operator]
+    server = start_server()
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
         assert stat.S_ISSOCK(os.stat(path).st_mode)
 
 
 @pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock"])
 def test_a_directory_at_a_socket_path_is_refused_in_one_line(
-    server_factory: object, tmp_path: object, which: str
+    start_server: StartServer, tmp_path: object, which: str
 ) -> None:
     os.makedirs(os.path.join(str(tmp_path), which))
-    server = server_factory(ready=False)  # type: ignore[operator]
+    server = start_server(ready=False)
     assert server.proc.wait(15) == 1
     server.wait_for_output("is a directory; refusing to replace it with a socket")
     assert "Traceback" not in server.output()
@@ -371,10 +360,10 @@ def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) ->
 
 
 def test_replacing_a_pod_closes_its_old_netns_fd(server: NodeAgentProc) -> None:
-    def add(stub: object, netns: str) -> None:
+    def add(stub: Any, netns: str) -> None:
         request = nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path=netns)
         with pytest.raises(grpc.RpcError):  # no ztunnel: cached, UNAVAILABLE
-            stub.AddPod(request, timeout=30)  # type: ignore[attr-defined]
+            stub.AddPod(request, timeout=30)
 
     with server.control() as stub:
         add(stub, own_netns())
@@ -387,9 +376,7 @@ def test_replacing_a_pod_closes_its_old_netns_fd(server: NodeAgentProc) -> None:
 
 
 @pytest.mark.slow
-def test_thousand_pods_enrolled_and_removed_leave_no_fd_behind(
-    server: NodeAgentProc, peers: list[RawPeer]
-) -> None:
+def test_thousand_pods_enrolled_and_removed_leave_no_fd_behind(server: NodeAgentProc, peers: Peers) -> None:
     peer = connect(server, peers)
     stop = threading.Event()
     acked = {"add": 0, "del": 0}
@@ -432,9 +419,7 @@ def test_thousand_pods_enrolled_and_removed_leave_no_fd_behind(
 # -- CNI plugin endpoint ----------------------------------------------------------------
 
 
-def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(
-    server: NodeAgentProc, peers: list[RawPeer]
-) -> None:
+def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(server: NodeAgentProc, peers: Peers) -> None:
     peer = connect(server, peers)
     body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop", "IPs": []}).encode()
     result: dict[str, object] = {}
@@ -443,7 +428,7 @@ def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(
     )
     thread.start()
     got = peer.expect()
-    request = got.request
+    request = request_of(got)
     got.close_fds()
     peer.ack()
     thread.join(10)
@@ -459,10 +444,12 @@ def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(
     second.close_fds()
     peer.ack()
     thread.join(10)
-    assert second.request.uid == request.uid  # type: ignore[union-attr]  # stable derivation
+    again_request = request_of(second)
+    assert isinstance(again_request, AddWorkload)
+    assert again_request.uid == request.uid  # stable derivation
 
 
-def test_cni_event_with_explicit_uid_and_service_account(server: NodeAgentProc, peers: list[RawPeer]) -> None:
+def test_cni_event_with_explicit_uid_and_service_account(server: NodeAgentProc, peers: Peers) -> None:
     peer = connect(server, peers)
     body = json.dumps(
         {
@@ -479,7 +466,7 @@ def test_cni_event_with_explicit_uid_and_service_account(server: NodeAgentProc, 
     got.close_fds()
     peer.ack()
     thread.join(10)
-    assert got.request == AddWorkload("abc", WorkloadInfo("web", "shop", "web-sa"))
+    assert request_of(got) == AddWorkload("abc", WorkloadInfo("web", "shop", "web-sa"))
 
 
 @pytest.mark.parametrize(

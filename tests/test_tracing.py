@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -23,7 +22,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tests.harness import AckingPeer, NodeAgentProc, RawPeer, free_port, own_netns, wait_until
+from tests.harness import (
+    AckingPeer,
+    NodeAgentProc,
+    RawPeer,
+    async_wait_until,
+    free_port,
+    own_netns,
+    wait_until,
+)
 from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans
@@ -38,15 +45,6 @@ from zds.transport import bind_unix_listener
 pytestmark = pytest.mark.root
 
 
-async def until(predicate: Callable[[], Any], what: str) -> None:
-    """Poll ``predicate`` on the event loop; fail after 10 s."""
-    deadline = time.monotonic() + 10.0
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after 10s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 @dataclass
 class InProcess:
     agent: NodeAgent
@@ -58,7 +56,7 @@ class InProcess:
         count = len(self.agent.connections)
         peer = AckingPeer(self.zds_socket, nack)
         self.peers.append(peer)
-        await until(
+        await async_wait_until(
             lambda: len(self.agent.connections) > count and self.agent.connections[-1].snapshot_complete,
             "the snapshot to be acked",
         )
@@ -233,7 +231,7 @@ async def test_an_ack_timeout_fails_the_wait(tmp_path: object) -> None:
         peer.hello()
         assert (await asyncio.to_thread(peer.expect)).payload == bytes.fromhex("1a00")  # SnapshotSent
         peer.ack()
-        await until(lambda: agent.connections[0].snapshot_complete, "snapshot")
+        await async_wait_until(lambda: agent.connections[0].snapshot_complete, "snapshot")
         with pytest.raises(EnrollmentError):
             await agent.add_pod(spec("u1"))  # never acked
         found = list(exporter.get_finished_spans())

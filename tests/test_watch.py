@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import ZDS, AckingPeer, NodeAgentProc, own_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, Peers, StartServer, own_netns, wait_until
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
 pytestmark = pytest.mark.root
@@ -24,20 +24,9 @@ K = nodeagent_pb2
 
 
 @pytest.fixture
-def server(tmp_path: object) -> Iterator[NodeAgentProc]:
-    proc = NodeAgentProc(str(tmp_path), "--keepalive-interval", "0.2")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def peers() -> Iterator[list[AckingPeer]]:
-    made: list[AckingPeer] = []
-    yield made
-    for peer in made:
-        peer.close()
+def server(start_server: StartServer) -> NodeAgentProc:
+    """A node agent that notices a ztunnel gone within 0.2 s (the keepalive probe)."""
+    return start_server("--keepalive-interval", "0.2")
 
 
 class Stream:
@@ -106,9 +95,9 @@ def kinds(events: list[nodeagent_pb2.Event]) -> list[str]:
 
 
 def test_watch_starts_with_the_current_state_then_a_marker_then_live_events(
-    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[Stream]
 ) -> None:
-    peers.append(AckingPeer(server.zds_socket))
+    peers.acking(server.zds_socket)
     add(server, "u1", name="web", namespace="shop")
     add(server, "u2", name="db", namespace="shop")
     before = time.time()
@@ -151,15 +140,14 @@ def test_watch_starts_with_the_current_state_then_a_marker_then_live_events(
 
 
 def test_nacks_snapshots_and_disconnections_are_events(
-    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[Stream]
 ) -> None:
     stream = Stream(server)
     streams.append(stream)
     stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
     with pytest.raises(grpc.RpcError):
         server.add_pod("u1", own_netns())  # no ztunnel yet: cached, goes out in the snapshot
-    first = AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
-    peers.append(first)
+    first = peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
     [connected] = stream.wait_for(K.EVENT_KIND_ZTUNNEL_CONNECTED)
     conn_id = connected.connection_id
     [snapshot] = stream.wait_for(K.EVENT_KIND_SNAPSHOT_COMPLETE)
@@ -179,10 +167,8 @@ def test_nacks_snapshots_and_disconnections_are_events(
     assert gone.connection.messages.nacked == 1 and gone.connection.messages.acked == 2
 
 
-def test_watch_filters_by_kind_and_by_uid(
-    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
-) -> None:
-    peers.append(AckingPeer(server.zds_socket))
+def test_watch_filters_by_kind_and_by_uid(server: NodeAgentProc, peers: Peers, streams: list[Stream]) -> None:
+    peers.acking(server.zds_socket)
     add(server, "u0")
     enrolled = Stream(server, nodeagent_pb2.WatchRequest(kinds=[K.EVENT_KIND_POD_ENROLLED]))
     about_u2 = Stream(server, nodeagent_pb2.WatchRequest(uid="u2"))
@@ -215,17 +201,17 @@ def test_an_unknown_kind_is_invalid_argument(server: NodeAgentProc) -> None:
 
 
 def test_a_late_watcher_agrees_with_one_that_watched_from_the_start(
-    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[Stream]
 ) -> None:
     early = Stream(server)
     streams.append(early)
     early.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
-    peers.append(AckingPeer(server.zds_socket))
+    peers.acking(server.zds_socket)
     for i in range(6):
         add(server, f"u{i}")
     for i in (1, 3):
         server.remove_pod(f"u{i}")
-    peers.append(AckingPeer(server.zds_socket))  # a second ztunnel: snapshot, then newest
+    peers.acking(server.zds_socket)  # a second ztunnel: snapshot, then newest
     early.wait_for(K.EVENT_KIND_SNAPSHOT_COMPLETE, count=2)
 
     late = Stream(server)
@@ -257,9 +243,9 @@ def test_a_late_watcher_agrees_with_one_that_watched_from_the_start(
 
 
 def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enrollment(
-    server: NodeAgentProc, peers: list[AckingPeer], tmp_path: object
+    server: NodeAgentProc, peers: Peers, tmp_path: object
 ) -> None:
-    peers.append(AckingPeer(server.zds_socket))
+    peers.acking(server.zds_socket)
     # A client that never reads. BDP probing off keeps its HTTP/2 window at the
     # default 64 KiB, so the stream stalls within a few hundred events rather
     # than after megabytes of the client library's own buffering.
@@ -303,9 +289,9 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
 
 
 def test_watchers_are_told_when_the_node_agent_shuts_down(
-    server: NodeAgentProc, peers: list[AckingPeer], streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[Stream]
 ) -> None:
-    peers.append(AckingPeer(server.zds_socket))
+    peers.acking(server.zds_socket)
     stream = Stream(server)
     streams.append(stream)
     stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
@@ -346,9 +332,9 @@ def stop_process(proc: Any) -> None:
 
 
 def test_zds_watch_prints_one_readable_line_per_event_and_exits_cleanly_on_ctrl_c(
-    server: NodeAgentProc, peers: list[AckingPeer], tmp_path: object
+    server: NodeAgentProc, peers: Peers, tmp_path: object
 ) -> None:
-    peers.append(AckingPeer(server.zds_socket, nack={"u2": "failure to start proxy : boom"}))
+    peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : boom"})
     add(server, "u1", name="web", namespace="shop")
     proc, out = start_watch(server, tmp_path)
     try:
@@ -379,10 +365,8 @@ def test_zds_watch_prints_one_readable_line_per_event_and_exits_cleanly_on_ctrl_
     assert " del uid=u1 pod=shop/web latency=" in lines[8]
 
 
-def test_zds_watch_json_and_kind_filter(
-    server: NodeAgentProc, peers: list[AckingPeer], tmp_path: object
-) -> None:
-    peers.append(AckingPeer(server.zds_socket))
+def test_zds_watch_json_and_kind_filter(server: NodeAgentProc, peers: Peers, tmp_path: object) -> None:
+    peers.acking(server.zds_socket)
     proc, out = start_watch(server, tmp_path, "--json", "--kind", "pod-enrolled,POD_REMOVED")
     try:
         wait_until(lambda: "CURRENT_STATE_END" in read(out), what="the marker")

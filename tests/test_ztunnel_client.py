@@ -1,159 +1,60 @@
 """``zds ztunnel`` against a fake node agent: real sockets, real namespaces.
 
-The fake node agent is a raw ``SOCK_SEQPACKET`` listener driven from the
-test, so it can send what a well-behaved agent never would (bad records,
-protocol errors). ``zds ztunnel`` runs as a real process (its fd table, its
-exit code, its listeners in the pods), except where a test plugs in a
-connection handler and runs it in-process.
+The fake node agent (``tests.harness.FakeNodeAgent``) is a raw ``SOCK_SEQPACKET``
+listener driven from the test, so it can send what a well-behaved agent never
+would (bad records, protocol errors). ``zds ztunnel`` runs as a real process (its
+fd table, its exit code, its listeners in the pods), except where a test plugs in
+a connection handler and runs it in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from tests.harness import (
+    PORTS,
+    FakeConnection,
+    FakeNodeAgent,
+    Pod,
+    ZtunnelProc,
+    fd_count,
+    file_fd_count,
+    http_get,
+    listening,
+    pod_ports,
+    settled_fd_count,
+    socket_inodes,
+    wait_until,
+)
 from zds.client.app import Ztunnel, ZtunnelConfig
 from zds.client.backoff import Backoff
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
 from zds.client.metrics import ZtunnelMetrics
 from zds.netns import in_netns, open_netns
-from zds.netns.fixtures import create_netns, delete_netns
 from zds.protocol.messages import (
     Ack,
     AddWorkload,
     DelWorkload,
     KeepWorkload,
-    Request,
     SnapshotSent,
     WorkloadInfo,
     decode_ack,
     encode_request,
 )
-
-#: ztunnel's TCP listeners in a pod, and zds's DNS forwarder (TCP side; UDP beside it).
-PORTS = (15001, 15006, 15008, 15053)
-
-
-# -- polling -----------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds (no timing assertions)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-# -- the fake node agent -------------------------------------------------------------------
-
-
-class FakeConnection:
-    """One accepted ztunnel connection, driven record by record."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def recv(self, timeout: float = 10.0) -> bytes:
-        """The next record (b"" when ztunnel closed the connection)."""
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(4096)
-        except ConnectionResetError:
-            return b""
-
-    def hello(self) -> None:
-        assert self.recv() == b"\x08\x01", "ztunnel's first record must be ZdsHello{V1}"
-
-    def send(self, payload: bytes, fds: list[int] | tuple[int, ...] = (), flags: int = 0) -> None:
-        if fds:
-            socket.send_fds(self.sock, [payload], list(fds))
-        else:
-            self.sock.send(payload)
-
-    def request(self, request: Request | bytes, fds: list[int] | tuple[int, ...] = ()) -> Ack:
-        """Send one request (with fds), return ztunnel's ack."""
-        payload = request if isinstance(request, bytes) else encode_request(request)
-        self.send(payload, fds)
-        reply = self.recv()
-        assert reply, "ztunnel closed the connection instead of answering"
-        return decode_ack(reply)
-
-    def add(self, uid: str, netns: str, info: WorkloadInfo | None = None) -> Ack:
-        """AddWorkload for ``uid`` with an fd of ``netns`` (a path)."""
-        info = info or WorkloadInfo(name=f"pod-{uid}", namespace="default", service_account="default")
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return self.request(AddWorkload(uid=uid, info=info), [fd])
-        finally:
-            os.close(fd)
-
-    def snapshot(self) -> Ack:
-        return self.request(SnapshotSent())
-
-    def delete(self, uid: str) -> Ack:
-        return self.request(DelWorkload(uid=uid))
-
-    def expect_closed(self, timeout: float = 10.0) -> None:
-        record = self.recv(timeout)
-        assert record == b"", f"expected ztunnel to close the connection, got {record!r}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class FakeNodeAgent:
-    """A SOCK_SEQPACKET listener at ``path`` that hands out FakeConnections."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.bind(path)
-        self.sock.listen(8)
-        self.conns: list[FakeConnection] = []
-
-    def accept(self, timeout: float = 15.0) -> FakeConnection:
-        self.sock.settimeout(timeout)
-        sock, _ = self.sock.accept()
-        conn = FakeConnection(sock)
-        self.conns.append(conn)
-        return conn
-
-    def connect_and_hello(self, timeout: float = 15.0) -> FakeConnection:
-        conn = self.accept(timeout)
-        conn.hello()
-        return conn
-
-    def close(self) -> None:
-        """Stop listening first (so ztunnel cannot reconnect meanwhile), then hang up."""
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        for conn in self.conns:
-            conn.close()
 
 
 @pytest.fixture
@@ -163,217 +64,18 @@ def agent(tmp_path: Any) -> Iterator[FakeNodeAgent]:
     a.close()
 
 
-# -- namespaces ---------------------------------------------------------------------------
-
-
-@dataclass
-class Pod:
-    """A named test netns standing in for a pod."""
-
-    name: str
-    path: str
-
-
 @pytest.fixture
-def make_pod() -> Iterator[Callable[[], Pod]]:
-    made: list[str] = []
+def start_ztunnel(agent: FakeNodeAgent, tmp_path: Any) -> Iterator[Callable[..., ZtunnelProc]]:
+    started: list[ZtunnelProc] = []
 
-    def make() -> Pod:
-        name = f"zdst-{uuid.uuid4().hex[:10]}"
-        path = create_netns(name)
-        made.append(name)
-        return Pod(name, path)
-
-    yield make
-    for name in made:
-        delete_netns(name, missing_ok=True)
-
-
-@dataclass(frozen=True)
-class Listening:
-    """A LISTEN socket as ``ss -ltnHe`` shows it."""
-
-    port: int
-    inode: int
-    mark: int
-
-
-def listening(netns: str | None) -> list[Listening]:
-    """TCP listening sockets in the named netns (None: the host's); several may share a
-    port (SO_REUSEPORT: two ztunnels in one pod)."""
-    cmd = ["ss", "-ltnHe"]
-    if netns is not None:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    found: list[Listening] = []
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        port = int(fields[3].rsplit(":", 1)[1])
-        inode = re.search(r"\bino:(\d+)", line)
-        mark = re.search(r"\bfwmark:(0x[0-9a-f]+)", line)
-        found.append(
-            Listening(port, int(inode.group(1)) if inode else 0, int(mark.group(1), 16) if mark else 0)
-        )
-    return found
-
-
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process ``pid`` holds."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def fd_count(pid: int) -> int:
-    """Every fd of process ``pid`` (sockets included: HTTP requests to it come and go)."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def file_fd_count(pid: int) -> int:
-    """The fds of ``pid`` that are not sockets: netns fds and other received files.
-    Unaffected by HTTP requests, so exact at any moment."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:["):
-                count += 1
-    return count
-
-
-def settled_fd_count(pid: int) -> int:
-    """``fd_count`` once two readings in a row agree (an HTTP connection just served may
-    still be closing)."""
-    last = [-1]
-
-    def settled() -> int | None:
-        now = fd_count(pid)
-        same, last[0] = now == last[0], now
-        time.sleep(0.05)
-        return now if same else None
-
-    return int(wait_until(settled, "a settled fd count"))
-
-
-# -- the ztunnel process -----------------------------------------------------------------
-
-
-class ZtunnelProcess:
-    """``zds ztunnel`` as a subprocess: HTTP on ephemeral ports, log in a file."""
-
-    def __init__(self, zds_socket: str, log_path: str, *extra: str) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        args = [
-            sys.executable,
-            "-m",
-            "zds",
-            "ztunnel",
-            "--zds-socket",
-            zds_socket,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--readiness-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            *extra,
-        ]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        self._addresses: dict[str, str] = {}
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def address(self, name: str) -> str:
-        """Where endpoint ``name`` (admin, readiness, metrics) listens, from the log."""
-        if name not in self._addresses:
-
-            def find() -> str | None:
-                assert self.proc.poll() is None, f"zds ztunnel exited:\n{self.output()}"
-                m = re.search(rf"{name} listening on (\S+)", self.output())
-                return m.group(1) if m else None
-
-            self._addresses[name] = wait_until(find, f"{name} address in the log")
-        return self._addresses[name]
-
-    def get(self, name: str, path: str) -> tuple[int, str]:
-        url = f"http://{self.address(name)}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def config_dump(self) -> dict[str, Any]:
-        status, body = self.get("admin", "/config_dump")
-        assert status == 200
-        doc: dict[str, Any] = json.loads(body)
-        return doc
-
-    def workload_states(self) -> dict[str, str]:
-        return {uid: w["state"] for uid, w in self.config_dump()["workloadState"].items()}
-
-    def ready_status(self) -> int:
-        return self.get("readiness", "/healthz/ready")[0]
-
-    def metrics(self) -> dict[str, float]:
-        status, body = self.get("metrics", "/metrics")
-        assert status == 200
-        values = {}
-        for line in body.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-
-    def wait_exit(self, timeout: float = 15.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"zds ztunnel did not exit:\n{self.output()}") from None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Signal the process (by its PID) and reap it; kill it if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def start_ztunnel(agent: FakeNodeAgent, tmp_path: Any) -> Iterator[Callable[..., ZtunnelProcess]]:
-    started: list[ZtunnelProcess] = []
-
-    def start(*extra: str) -> ZtunnelProcess:
-        z = ZtunnelProcess(agent.path, str(tmp_path / f"ztunnel-{len(started)}.log"), *extra)
+    def start(*extra: str) -> ZtunnelProc:
+        z = ZtunnelProc(agent.path, str(tmp_path / f"ztunnel-{len(started)}.log"), *extra)
         started.append(z)
         return z
 
     yield start
     for z in started:
         z.stop(signal.SIGKILL)
-
-
-def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
-    """ztunnel's (``pid``) listeners in the pod, by port."""
-    mine = socket_inodes(pid)
-    return {lst.port: lst for lst in listening(pod.name) if lst.inode in mine}
 
 
 # =============================================================================================
@@ -383,7 +85,7 @@ def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
 
 @pytest.mark.root
 def test_listeners_are_opened_inside_the_pod_netns_with_mark_1337_and_not_on_the_host(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
     z = start_ztunnel()
@@ -409,7 +111,7 @@ def test_listeners_are_opened_inside_the_pod_netns_with_mark_1337_and_not_on_the
 
 @pytest.mark.root
 def test_a_deleted_pod_loses_its_listeners_and_others_keep_theirs(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     a, b = make_pod(), make_pod()
     z = start_ztunnel()
@@ -427,7 +129,7 @@ def test_a_deleted_pod_loses_its_listeners_and_others_keep_theirs(
 
 @pytest.mark.root
 def test_custom_ports_are_used_in_the_pod(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
     z = start_ztunnel(
@@ -440,7 +142,7 @@ def test_custom_ports_are_used_in_the_pod(
 
 @pytest.mark.root
 def test_re_add_same_netns_is_a_no_op_and_another_netns_moves_the_listeners(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     old, new = make_pod(), make_pod()
     z = start_ztunnel()
@@ -467,7 +169,7 @@ def test_re_add_same_netns_is_a_no_op_and_another_netns_moves_the_listeners(
 
 @pytest.mark.root
 def test_a_port_taken_in_the_pod_is_nacked_pending_and_retried_until_it_works(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
     with open_netns(pod.path) as handle, in_netns(handle):
@@ -505,7 +207,7 @@ def test_a_port_taken_in_the_pod_is_nacked_pending_and_retried_until_it_works(
 
 @pytest.mark.root
 def test_a_pending_workload_deleted_is_forgotten_and_readiness_returns(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
 ) -> None:
     z = start_ztunnel()
     conn = agent.connect_and_hello()
@@ -556,7 +258,7 @@ READ_ERRORS: dict[str, tuple[bytes, int, str | None]] = {
 
 @pytest.mark.root
 def test_every_bad_record_is_nacked_then_ztunnel_reconnects_and_leaks_no_fd(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
     z = start_ztunnel()
@@ -610,7 +312,7 @@ FATAL: dict[str, tuple[list[bytes], bytes, str]] = {
 @pytest.mark.parametrize("kind", sorted(FATAL))
 def test_a_protocol_error_is_nacked_and_ztunnel_exits_non_zero_with_the_reason(
     agent: FakeNodeAgent,
-    start_ztunnel: Callable[..., ZtunnelProcess],
+    start_ztunnel: Callable[..., ZtunnelProc],
     make_pod: Callable[[], Pod],
     kind: str,
 ) -> None:
@@ -646,7 +348,7 @@ def test_reconnect_with_backoff_while_the_node_agent_is_away_then_reconcile(
 ) -> None:
     a, b = make_pod(), make_pod()
     path = str(tmp_path / "later.sock")
-    z = ZtunnelProcess(path, str(tmp_path / "z.log"))
+    z = ZtunnelProc(path, str(tmp_path / "z.log"))
     agent: FakeNodeAgent | None = None
     try:
         # Nobody listens yet: ztunnel keeps trying, not ready.
@@ -728,11 +430,7 @@ class InProcessZtunnel:
 
     def get(self, name: str, path: str) -> tuple[int, str]:
         address = wait_until(lambda: self.ztunnel.http.bound.get(name), f"{name} bound")
-        try:
-            with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
+        return http_get(f"http://{address}{path}")
 
     def close(self) -> int | None:
         if self._thread.is_alive():
@@ -858,7 +556,7 @@ def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_reading_closes_every_listener_and_exits_0(
     agent: FakeNodeAgent,
-    start_ztunnel: Callable[..., ZtunnelProcess],
+    start_ztunnel: Callable[..., ZtunnelProc],
     make_pod: Callable[[], Pod],
     sig: int,
 ) -> None:
@@ -878,7 +576,7 @@ def test_a_signal_stops_reading_closes_every_listener_and_exits_0(
 
 @pytest.mark.root
 def test_config_dump_readiness_and_metrics_follow_the_state(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess], make_pod: Callable[[], Pod]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
     z = start_ztunnel()
@@ -923,7 +621,7 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
 
 
 def test_no_listeners_mode_acks_checks_the_netns_and_opens_nothing(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
 ) -> None:
     # No root needed: our own netns is a netns anyone can open.
     z = start_ztunnel("--no-listeners")
@@ -1066,7 +764,7 @@ def test_metrics_text_format() -> None:
 
 @pytest.mark.root
 def test_a_fatal_error_stops_for_good_even_when_the_node_agent_hung_up_first(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
 ) -> None:
     z = start_ztunnel("--no-listeners")
     conn = agent.connect_and_hello()
@@ -1079,7 +777,7 @@ def test_a_fatal_error_stops_for_good_even_when_the_node_agent_hung_up_first(
 
 @pytest.mark.root
 def test_after_a_read_error_ztunnel_reconnects_at_once_every_time(
-    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProcess]
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
 ) -> None:
     """ztunnel reconnects straight away after a read error; no backoff builds up between
     bad records (the last accept would time out if it did: after 10 failures a doubling

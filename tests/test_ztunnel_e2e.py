@@ -9,126 +9,34 @@ which ztunnel process, and what the node agent says about its connections.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_ztunnel_client import (
-    PORTS,
-    Pod,
-    ZtunnelProcess,
-    make_pod,
-    pod_ports,
-    wait_until,
-)
-
-__all__ = ["make_pod"]  # a fixture, used by name
-
-ZDS = [sys.executable, "-m", "zds"]
-
-
-class ServerProcess:
-    """``zds server`` with every socket under the test's tmp dir, no iptables rules."""
-
-    def __init__(self, tmp: Path, name: str, pods_file: Path | None = None) -> None:
-        self.zds_socket = str(tmp / "ztunnel.sock")
-        self.control_socket = str(tmp / "control.sock")
-        self.log_path = tmp / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        args = [
-            *ZDS,
-            "server",
-            "--zds-socket",
-            self.zds_socket,
-            "--control-socket",
-            self.control_socket,
-            "--cni-socket",
-            "off",
-            "--http-listen",
-            "off",
-            "--no-redirect",
-        ]
-        if pods_file is not None:
-            args += ["--pods", str(pods_file)]
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self._started(), "the node agent to be ready")
-
-    def _started(self) -> bool:
-        assert self.proc.poll() is None, f"zds server exited:\n{self.output()}"
-        return "node agent ready" in self.output()
-
-    def output(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def connected_count(self) -> int | None:
-        """The node agent's latest "total connected: N" (None before any)."""
-        counts = re.findall(r"total connected: (\d+)", self.output())
-        return int(counts[-1]) if counts else None
-
-    def pod_add(self, uid: str, pod: Pod) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                *ZDS,
-                "pod",
-                "add",
-                "--uid",
-                uid,
-                "--name",
-                f"pod-{uid}",
-                "--namespace",
-                "default",
-                "--service-account",
-                "default",
-                "--netns",
-                pod.path,
-                "--control-socket",
-                self.control_socket,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    def pod_remove(self, uid: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*ZDS, "pod", "remove", "--uid", uid, "--control-socket", self.control_socket],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+from tests.harness import PORTS, NodeAgentProc, Pod, ZtunnelProc, pod_ports, wait_until
 
 
 class Processes:
-    """Every process a test starts, stopped by PID at the end whatever happens."""
+    """Every process a test starts, stopped by PID at the end whatever happens. Node
+    agents share their sockets (under ``tmp``): a second one is a restart."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.servers: list[ServerProcess] = []
-        self.ztunnels: list[ZtunnelProcess] = []
+        self.servers: list[NodeAgentProc] = []
+        self.ztunnels: list[ZtunnelProc] = []
 
-    def server(self, pods_file: Path | None = None) -> ServerProcess:
-        s = ServerProcess(self.tmp, f"server-{len(self.servers)}", pods_file)
+    def server(self, pods_file: Path | None = None) -> NodeAgentProc:
+        """``zds server`` (no iptables rules), ready."""
+        extra = ["--pods", str(pods_file)] if pods_file is not None else []
+        s = NodeAgentProc(str(self.tmp), *extra, name=f"server-{len(self.servers)}")
         self.servers.append(s)
-        return s
+        return s.wait_ready()
 
-    def ztunnel(self, server: ServerProcess, *extra: str) -> ZtunnelProcess:
-        z = ZtunnelProcess(server.zds_socket, str(self.tmp / f"ztunnel-{len(self.ztunnels)}.log"), *extra)
+    def ztunnel(self, server: NodeAgentProc, *extra: str) -> ZtunnelProc:
+        z = ZtunnelProc(server.zds_socket, str(self.tmp / f"ztunnel-{len(self.ztunnels)}.log"), *extra)
         self.ztunnels.append(z)
         return z
 
@@ -148,7 +56,30 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         p.close()
 
 
-def enrolled(z: ZtunnelProcess, pod: Pod) -> bool:
+def pod_add(server: NodeAgentProc, uid: str, pod: Pod) -> subprocess.CompletedProcess[str]:
+    """``zds pod add`` of ``pod`` as ``uid``."""
+    return server.cli(
+        "pod",
+        "add",
+        "--uid",
+        uid,
+        "--name",
+        f"pod-{uid}",
+        "--namespace",
+        "default",
+        "--service-account",
+        "default",
+        "--netns",
+        pod.path,
+    )
+
+
+def pod_remove(server: NodeAgentProc, uid: str) -> subprocess.CompletedProcess[str]:
+    """``zds pod remove`` of ``uid``."""
+    return server.cli("pod", "remove", "--uid", uid)
+
+
+def enrolled(z: ZtunnelProc, pod: Pod) -> bool:
     return sorted(pod_ports(pod, z.pid)) == list(PORTS)
 
 
@@ -183,13 +114,13 @@ def test_enroll_remove_kill_and_restart_the_ztunnel(procs: Processes, make_pod: 
 
     # Enroll: each pod gets its listeners, inside its own netns.
     for uid, pod in pods.items():
-        ok(server.pod_add(uid, pod))
+        ok(pod_add(server, uid, pod))
     for pod in pods.values():
         wait_until(lambda pod=pod: enrolled(z, pod), f"listeners in {pod.name}")
     assert z.workload_states() == {uid: "Up" for uid in pods}
 
     # Remove: the pod's listeners go, the others stay.
-    ok(server.pod_remove("uid-3"))
+    ok(pod_remove(server, "uid-3"))
     wait_until(lambda: not pod_ports(pods["uid-3"], z.pid), "uid-3's listeners closed")
     assert enrolled(z, pods["uid-1"]) and enrolled(z, pods["uid-2"])
 
@@ -254,7 +185,7 @@ def test_with_two_ztunnels_adds_reach_the_newest_and_deletes_reach_both(
     server = procs.server()
     old = procs.ztunnel(server)
     wait_until(lambda: old.ready_status() == 200, "first ztunnel ready")
-    ok(server.pod_add("uid-old", old_pod))
+    ok(pod_add(server, "uid-old", old_pod))
     wait_until(lambda: enrolled(old, old_pod), "first ztunnel serves the first pod")
 
     # A second ztunnel (an upgrade): its snapshot has the first pod, which both now
@@ -266,13 +197,13 @@ def test_with_two_ztunnels_adds_reach_the_newest_and_deletes_reach_both(
     wait_until(lambda: server.connected_count() == 2, "two connections at the node agent")
 
     # An add goes to the newest connection only.
-    ok(server.pod_add("uid-new", new_pod))
+    ok(pod_add(server, "uid-new", new_pod))
     wait_until(lambda: enrolled(new, new_pod), "newest ztunnel serves the new pod")
     assert not pod_ports(new_pod, old.pid), "the old ztunnel was not told about the new pod"
     assert "uid-new" not in old.workload_states()
 
     # A delete goes to both.
-    ok(server.pod_remove("uid-old"))
+    ok(pod_remove(server, "uid-old"))
     wait_until(lambda: not pod_ports(old_pod, new.pid), "newest ztunnel released the pod")
     wait_until(lambda: not pod_ports(old_pod, old.pid), "old ztunnel released the pod too")
     assert old.workload_states() == {}

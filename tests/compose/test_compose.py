@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, is_root
+from tests.harness import ROOT, is_root
 
 SETUP = ROOT / "tests" / "compose" / "setup.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
