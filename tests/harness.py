@@ -101,8 +101,11 @@ def wire_vector(name: str) -> bytes:
 # -- polling -----------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that.
+def wait_until(
+    predicate: Callable[[], T | None], what: str, timeout: float = 15.0, *, interval: float = POLL_INTERVAL
+) -> T:
+    """Poll ``predicate`` every ``interval`` seconds until it returns something truthy,
+    and return that.
 
     Fails after ``timeout`` seconds, saying it was waiting for ``what``. The timeout
     only bounds a hung test: it is no assertion on how fast anything is.
@@ -114,7 +117,7 @@ def wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 15
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)
 
 
 async def async_wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:  # noqa: ASYNC109 (wait_until's signature)
@@ -164,18 +167,26 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
+def tcp_connection_count(pid: int) -> int:
+    """TCP sockets of ``pid`` in its own netns that are not listening (e.g. HTTP
+    requests it is serving or has not closed yet)."""
+    mine = socket_inodes(pid)
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                listening_state = fields[3] == "0A"
+                if not listening_state and int(fields[9]) in mine:
+                    count += 1
+    return count
+
+
 def settled_fd_count(pid: int) -> int:
-    """``fd_count`` once two readings in a row agree (an HTTP connection just served may
-    still be closing)."""
-    last = [-1]
-
-    def settled() -> int | None:
-        now = fd_count(pid)
-        same, last[0] = now == last[0], now
-        time.sleep(0.05)
-        return now if same else None
-
-    return wait_until(settled, "a settled fd count")
+    """``fd_count`` once every TCP connection ``pid`` served has been closed (an HTTP
+    connection just served may still be closing)."""
+    wait_until(lambda: tcp_connection_count(pid) == 0, f"process {pid} to close its TCP connections")
+    return fd_count(pid)
 
 
 @dataclass(frozen=True)
@@ -534,6 +545,7 @@ class AckingPeer:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            # The timeout only lets close() stop the thread; nothing waits on it.
             got = self.raw.recv(timeout=0.1)
             if got is None:
                 continue
@@ -543,7 +555,7 @@ class AckingPeer:
             request = request_of(got)
             self.received.append(request)
             if self.delay:
-                time.sleep(self.delay)
+                time.sleep(self.delay)  # being slow is the point (a slow ztunnel), not synchronisation
             self.raw.ack(self.nack.get(request.uid, "") if isinstance(request, AddWorkload) else "")
 
     def close(self) -> None:

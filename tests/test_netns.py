@@ -16,12 +16,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 import pytest
 
-from tests.harness import open_fds
+from tests.harness import async_wait_until, open_fds, wait_until
 from zds.netns import (
     NetnsError,
     NetnsHandle,
@@ -40,6 +40,9 @@ from zds.netns import (
 from zds.netns.fixtures import create_netns, delete_netns
 
 SELF_NETNS = "/proc/self/ns/net"
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def stat_identity(path: str) -> NetnsIdentity:
@@ -69,10 +72,9 @@ def other_netns_pid() -> Iterator[int]:
     child = subprocess.Popen(["unshare", "--net", "sleep", "60"])
     try:
         mine = stat_identity(SELF_NETNS)
-        deadline = time.monotonic() + 5
-        while stat_identity(f"/proc/{child.pid}/ns/net") == mine:
-            assert time.monotonic() < deadline, "unshare --net did not switch namespace"
-            time.sleep(0.01)
+        wait_until(
+            lambda: stat_identity(f"/proc/{child.pid}/ns/net") != mine, "unshare --net to switch namespace", 5
+        )
         yield child.pid
     finally:
         child.kill()
@@ -210,10 +212,7 @@ def test_dead_pid_does_not_exist() -> None:
 def test_zombie_has_no_network_namespace() -> None:
     child = subprocess.Popen(["true"])
     try:
-        deadline = time.monotonic() + 5
-        while process_state(child.pid) != "Z":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: process_state(child.pid) == "Z", "the child to exit (a zombie)", 5)
         with pytest.raises(NetnsError, match=f"process {child.pid} has exited"):
             open_netns_pid(child.pid)
     finally:
@@ -478,18 +477,32 @@ async def test_run_in_netns_passes_arguments_and_errors(named_netns: str) -> Non
             await run_in_netns(target, fail, "nope")
 
 
+class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool that counts the work submitted to it."""
+
+    submitted = 0
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        future = super().submit(fn, *args, **kwargs)
+        self.submitted += 1
+        return future
+
+
 @pytest.mark.root
 async def test_run_in_netns_survives_closing_the_handle_before_the_worker_starts(named_netns: str) -> None:
     loop = asyncio.get_running_loop()
     # One worker, kept busy: the call below waits in the queue while its handle is closed.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pool = CountingExecutor(max_workers=1)
     loop.set_default_executor(pool)
     gate = threading.Event()
     busy = loop.run_in_executor(None, gate.wait, 5)
     target = open_netns(named_netns)
     identity = target.identity
     call = asyncio.ensure_future(run_in_netns(target, thread_identity))
-    await asyncio.sleep(0)  # run_in_netns has taken its dup and queued the work
+    # run_in_netns dups the fd, then queues the work: once it is queued, the dup is taken.
+    await async_wait_until(lambda: pool.submitted == 2, "run_in_netns to queue its work")
     target.close()
     gate.set()
     await busy

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -363,10 +362,14 @@ def test_reconnect_with_backoff_while_the_node_agent_is_away_then_reconcile(
         listeners_a = pod_ports(a, z.pid)
         assert sorted(listeners_a) == list(PORTS)
         # The node agent goes away (restart): not ready, and back.
+        failed_connects = z.output().count("failed to connect to the node agent")
         agent.close()
         wait_until(lambda: z.ready_status() == 500, "not ready while the node agent is away")
         assert z.config_dump()["zds"]["connected"] is False
-        time.sleep(0.2)  # let a few connects fail (backoff), not an assertion on timing
+        wait_until(
+            lambda: z.output().count("failed to connect to the node agent") > failed_connects,
+            "a failed connect while the node agent is away",
+        )
         agent = FakeNodeAgent(path)
         conn = agent.connect_and_hello()
         # The new snapshot names only a: b is dropped, a is untouched.

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import ROOT, is_root
+from tests.harness import ROOT, is_root, wait_until
 
 SETUP = ROOT / "tests" / "compose" / "setup.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -194,17 +194,23 @@ class ComposeRun:
 
     def wait_for_check(self, timeout: float) -> int:
         """The check's exit code; fails at once if another service stops first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def exited() -> tuple[int] | None:
             states = self.states()
             state, code = states.get("check", ("missing", -1))
             if state == "exited":
-                return code
+                return (code,)
             stopped = {s: st for s, st in states.items() if s != "check" and st[0] != "running"}
             if stopped:
                 pytest.fail(f"services stopped before check finished: {stopped}\n{self.logs()}")
-            time.sleep(1)
-        pytest.fail(f"check did not finish within {timeout:g}s\n{self.logs()}")
+            return None
+
+        try:
+            # Each look runs podman twice: once a second is often enough.
+            [code] = wait_until(exited, "the check service to exit", timeout, interval=1.0)
+        except AssertionError:
+            pytest.fail(f"check did not finish within {timeout:g}s\n{self.logs()}")
+        return code
 
     def logs(self) -> str:
         parts = []
