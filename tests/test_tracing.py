@@ -365,13 +365,13 @@ class Collector:
         self._http: http.server.HTTPServer | None = None
         if protocol == "grpc":
 
-            class Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+            class Service(trace_service_pb2_grpc.TraceServiceServicer):
                 def Export(self, request: Any, context: Any) -> Any:
                     received.append(request)
                     return trace_service_pb2.ExportTraceServiceResponse()
 
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._grpc)
+            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._grpc)  # type: ignore[no-untyped-call]  # generated without annotations
             self._grpc.add_insecure_port(f"127.0.0.1:{self.port}")
             self._grpc.start()
         else:

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -195,7 +195,8 @@ def test_watch_filters_by_kind_and_by_uid(server: NodeAgentProc, peers: Peers, s
 
 def test_an_unknown_kind_is_invalid_argument(server: NodeAgentProc) -> None:
     with server.control() as stub, pytest.raises(grpc.RpcError) as info:
-        list(stub.Watch(nodeagent_pb2.WatchRequest(kinds=[42]), timeout=10))
+        unknown = cast(nodeagent_pb2.EventKind, 42)  # no such kind, on purpose
+        list(stub.Watch(nodeagent_pb2.WatchRequest(kinds=[unknown]), timeout=10))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "EVENT_KIND_POD_ENROLLED" in (info.value.details() or "")
 

@@ -8,6 +8,7 @@ which ztunnel process, and what the node agent says about its connections.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -116,7 +117,7 @@ def test_enroll_remove_kill_and_restart_the_ztunnel(procs: Processes, make_pod: 
     for uid, pod in pods.items():
         ok(pod_add(server, uid, pod))
     for pod in pods.values():
-        wait_until(lambda pod=pod: enrolled(z, pod), f"listeners in {pod.name}")
+        wait_until(functools.partial(enrolled, z, pod), f"listeners in {pod.name}")
     assert z.workload_states() == {uid: "Up" for uid in pods}
 
     # Remove: the pod's listeners go, the others stay.
@@ -137,7 +138,7 @@ def test_enroll_remove_kill_and_restart_the_ztunnel(procs: Processes, make_pod: 
     z2 = procs.ztunnel(server)
     wait_until(lambda: z2.ready_status() == 200, "restarted ztunnel ready")
     for uid in ("uid-1", "uid-2"):
-        wait_until(lambda uid=uid: enrolled(z2, pods[uid]), f"{uid}'s listeners back")
+        wait_until(functools.partial(enrolled, z2, pods[uid]), f"{uid}'s listeners back")
     assert not pod_ports(pods["uid-3"], z2.pid), "the removed pod stays removed"
     assert z2.workload_states() == {"uid-1": "Up", "uid-2": "Up"}
     assert z2.stop() == 0
@@ -153,7 +154,7 @@ def test_a_node_agent_restarted_with_fewer_pods_makes_ztunnel_drop_exactly_those
     z = procs.ztunnel(server)
     wait_until(lambda: z.ready_status() == 200, "ztunnel ready")
     for pod in pods.values():
-        wait_until(lambda pod=pod: enrolled(z, pod), f"listeners in {pod.name}")
+        wait_until(functools.partial(enrolled, z, pod), f"listeners in {pod.name}")
     kept_before = pod_ports(pods["uid-1"], z.pid)
     connections_before = z.metrics()["zds_ztunnel_connections_total"]
 
