@@ -61,6 +61,7 @@ def main() -> int:
             create_netns(name)
             made.append(name)
         server_args = ["server", "--zds-socket", zds_sock, "--control-socket", ctl, "--cni-socket", "off"]
+        server_args += ["--state-dir", os.path.join(tmp, "state")]
         server_args += ["--http-listen", "off", *([] if args.redirect else ["--no-redirect"]), *loop_flag]
         ztunnel_args = [
             "ztunnel",

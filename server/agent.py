@@ -32,6 +32,7 @@ from zds.server.podrules import PodRules
 from zds.server.pods import Pod, PodSpec
 from zds.server.redirect import Redirector
 from zds.server.registry import ConnectionRegistry
+from zds.server.store import PodStore
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 from zds.transport import accept
@@ -85,6 +86,10 @@ class NodeAgent:
             pods_by_state=self.pods.by_state,
             watchers=lambda: self.events.watchers,
         )
+
+    def use_store(self, store: PodStore) -> None:
+        """Keep pods in ``store`` from now on (set once at start-up, before recovery)."""
+        self.enrollment.store = store
 
     @property
     def connections(self) -> list[ZtunnelConnection]:

@@ -72,9 +72,23 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="probe an idle connection this often (default: %(default)s)",
     )
     server.add_argument(
+        "--state-dir",
+        default=defaults.STATE_DIR,
+        metavar="DIR",
+        help="where the pod store (pods.db) and the instance lock live; pods survive restarts "
+        "(default: %(default)s)",
+    )
+    server.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="start with an empty pod store: an existing pods.db is moved aside (pods.db.TIME.bak), "
+        "never deleted; ztunnel then drops the pods it holds",
+    )
+    server.add_argument(
         "--pods",
         metavar="FILE",
-        help="pods to enroll at start-up: JSON lines, a JSON array or YAML (default: none)",
+        help="pods to enroll at start-up: JSON lines, a JSON array or YAML; a uid the pod store "
+        "already holds keeps the stored pod (default: none)",
     )
     server.add_argument("--no-redirect", action="store_true", help="do not install in-pod redirection rules")
     server.add_argument(
@@ -110,6 +124,8 @@ def main(args: argparse.Namespace) -> int:
         grpc_listen=args.grpc_listen,
         cni_socket=cliflags.off(args.cni_socket),
         http_listen=cliflags.off(args.http_listen),
+        state_dir=args.state_dir,
+        reset_state=args.reset_state,
         pods_file=args.pods,
         redirect=not args.no_redirect,
         redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),

@@ -64,21 +64,24 @@ def _check_ip(value: Any, where: str) -> None:
         raise BadEvent(f"{where} {value!r} is not an IP address") from None
 
 
-def _check_ip_config(entry: Any, index: int) -> None:
-    """One element of ``IPs``: Istio's IPConfig{Interface *int; Address net.IPNet; Gateway net.IP}."""
+def _check_ip_config(entry: Any, index: int) -> str:
+    """One element of ``IPs``: Istio's IPConfig{Interface *int; Address net.IPNet; Gateway net.IP};
+    its address ('' when it has none)."""
     where = f"IPs[{index}]"
     if entry is None:
-        return
+        return ""
     if not isinstance(entry, dict):
         raise BadEvent(f"{where} must be an object")
     interface = _field(entry, "Interface")
     if interface is not None and (not isinstance(interface, int) or isinstance(interface, bool)):
         raise BadEvent(f"{where}.Interface must be an integer")
     address = _field(entry, "Address")
+    ip = ""
     if address is not None:
         if not isinstance(address, dict):
             raise BadEvent(f"{where}.Address must be an object {{IP, Mask}} (Go's net.IPNet)")
         _check_ip(_field(address, "IP"), f"{where}.Address.IP")
+        ip = _field(address, "IP") or ""
         mask = _field(address, "Mask")
         if mask is not None:
             if not isinstance(mask, str):
@@ -88,6 +91,7 @@ def _check_ip_config(entry: Any, index: int) -> None:
             except (binascii.Error, ValueError):
                 raise BadEvent(f"{where}.Address.Mask {mask!r} is not base64") from None
     _check_ip(_field(entry, "Gateway"), f"{where}.Gateway")
+    return str(ip)
 
 
 def parse_add_event(body: bytes) -> PodSpec:
@@ -115,11 +119,11 @@ def parse_add_event(body: bytes) -> PodSpec:
             raise BadEvent(f"{key} must be a string")
         values[key] = value
     ips = _field(doc, "IPs")
+    addresses: list[str] = []
     if ips is not None:
         if not isinstance(ips, list):
             raise BadEvent("IPs must be a list")
-        for index, entry in enumerate(ips):
-            _check_ip_config(entry, index)
+        addresses = [a for index, entry in enumerate(ips) if (a := _check_ip_config(entry, index))]
     name, namespace = values["PodName"], values["PodNamespace"]
     try:
         netns = NetnsRef.of_path(values["Netns"])
@@ -131,6 +135,7 @@ def parse_add_event(body: bytes) -> PodSpec:
         name=name,
         namespace=namespace,
         service_account=values["ServiceAccount"] or "",
+        ips=tuple(addresses),
     )
 
 

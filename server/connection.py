@@ -365,16 +365,34 @@ class ZtunnelConnection:
             )
 
     async def _next_delivery(self) -> Delivery:
-        """The next queued request; while idle, probe the connection every keepalive interval."""
+        """The next queued request. While idle, watch the socket: ztunnel never speaks
+        unprompted, so a readable socket means it is gone (EOF, seen at once, not at the next
+        probe) or broke the protocol; and probe it every keepalive interval, as Istio does."""
         while True:
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            get = asyncio.ensure_future(self._queue.get())
+            readable = asyncio.ensure_future(self.sock.wait_readable())
             try:
-                return await asyncio.wait_for(self._queue.get(), self._keepalive_interval)
-            except TimeoutError:
-                pass
+                done, _ = await asyncio.wait(
+                    {get, readable}, timeout=self._keepalive_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in (get, readable):
+                    waiter.cancel()
+                # Let both finish unwinding (the reader is unregistered) before going on.
+                await asyncio.wait({get, readable})
+            if get in done and not get.cancelled():
+                return get.result()
             now = _now()
+            if readable in done:
+                record = self.sock.try_recv()
+                if record is not None:
+                    self._handle(self.protocol.receive(record, now))  # EOF: raises ConnectionLost
+                continue
             if not self.protocol.keepalive_due(now):
                 continue
-            # ztunnel never speaks unprompted: nothing to read means alive, EOF means gone.
+            # The probe: nothing to read means alive, EOF means gone.
             record = self.sock.try_recv()
             if record is None:
                 self.protocol.keepalive_probed(now)

@@ -41,6 +41,7 @@ _STATUS = {
     EnrollmentOutcome.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
     EnrollmentOutcome.LOST: grpc.StatusCode.UNAVAILABLE,
     EnrollmentOutcome.RULES: grpc.StatusCode.INTERNAL,
+    EnrollmentOutcome.STORE: grpc.StatusCode.INTERNAL,
     EnrollmentOutcome.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
@@ -75,6 +76,8 @@ def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
         state=_STATE[pod.state],
         last_error=pod.last_error,
         rules_installed=pod.rules_installed,
+        ips=list(pod.spec.ips),
+        recovery=pod.recovery,
     )
     if pod.netns is not None:
         msg.netns.dev = pod.netns.identity.dev
@@ -157,6 +160,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             name=request.name,
             namespace=request.namespace,
             service_account=request.service_account,
+            ips=tuple(request.ips),
         )
         try:
             enrolled = await self.agent.add_pod(spec)

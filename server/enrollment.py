@@ -33,6 +33,7 @@ from zds.server.link import ConnectionLost, Connections
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, RulesError
 from zds.server.pods import Pod, PodSpec, PodSpecError
+from zds.server.store import PodStore, StoreError
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 
@@ -55,6 +56,8 @@ class EnrollmentOutcome(enum.Enum):
     TIMEOUT = "timeout"
     #: The redirection rules could not be installed: nothing cached, nothing sent.
     RULES = "rules"
+    #: The pod could not be written to the pod store: its rules were taken out again, nothing cached.
+    STORE = "store"
 
 
 class EnrollmentError(ZdsError):
@@ -88,8 +91,11 @@ class Enrollment:
         events: EventBus,
         telemetry: Telemetry,
         tasks: TaskOwner,
+        store: PodStore | None = None,
     ) -> None:
         self.cache = cache
+        #: Where pods are kept across restarts (None: nowhere, e.g. in unit tests).
+        self.store = store
         self.registry = registry
         #: None with --no-redirect.
         self.rules = rules
@@ -116,15 +122,22 @@ class Enrollment:
                     extra=spec.log_extra,
                 )
                 span.set_attribute(spans.OUTCOME, "loaded_without_netns")
-                return self._cache(Pod(spec=spec, netns=None))
+                pod = Pod(spec=spec, netns=None)
+                await self._record(pod)
+                return self._cache(pod)
             pod = Pod(spec=spec, netns=netns)
             try:
                 await self._install_rules(pod)
+                await self._record(pod)
             except EnrollmentError as exc:
                 spans.failed(span, exc)
                 raise
             span.set_attribute(spans.OUTCOME, "loaded")
             return self._cache(pod)
+
+    def restore(self, pod: Pod) -> None:
+        """Cache a pod recovered from the store (it is stored already; nothing is sent)."""
+        self._cache(pod)
 
     # -- enrollment -------------------------------------------------------------------
     async def add(self, spec: PodSpec) -> Enrolled:
@@ -153,6 +166,7 @@ class Enrollment:
             raise EnrollmentError(EnrollmentOutcome.INVALID, str(exc)) from exc
         pod = Pod(spec=spec, netns=netns)
         await self._install_rules(pod)
+        await self._record(pod)
         self._cache(pod)
         log.info("pod enrolled (netns %s)", netns.identity, extra=spec.log_extra)
         conn = self.registry.newest()
@@ -203,6 +217,27 @@ class Enrollment:
             pod.close()
             raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
 
+    async def _record(self, pod: Pod) -> None:
+        """Commit the pod to the store (before anyone hears "enrolled"); if that fails, take
+        its rules out again and refuse: a namespace is never left half-configured."""
+        if self.store is None:
+            return
+        try:
+            self.store.put(
+                pod.spec,
+                pod.netns.identity if pod.netns is not None else None,
+                rules=self.rules.name if self.rules is not None and pod.rules_installed else "",
+                rules_digest=pod.rules_digest,
+                enrolled_at=pod.enrolled_at,
+            )
+        except StoreError as exc:
+            log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)
+            try:
+                await self._remove_rules(pod)
+            finally:
+                pod.close()
+            raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
+
     def _cache(self, pod: Pod) -> Pod:
         """Cache the pod (releasing the one it replaces) and tell the watchers."""
         old = self.cache.put(pod)
@@ -229,12 +264,14 @@ class Enrollment:
         return await self.tasks.run(self._remove(uid))
 
     async def _remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+        self._unrecord(uid, begin=True)
         pod = self.cache.pop(uid)
         log.info("pod removed", extra=pod.spec.log_extra)
         self.events.publish(EventKind.POD_REMOVED, pod=pod)
         try:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
                 await self._remove_rules(pod)
+                self._unrecord(uid, begin=False)
                 conns = self.registry.ready()
                 ctx = spans.trace_context(span)
                 answers = await asyncio.gather(
@@ -248,6 +285,20 @@ class Enrollment:
             DeleteResult(conn.id, answer.error if isinstance(answer, Ack) else str(answer))
             for conn, answer in zip(conns, answers, strict=True)
         ]
+
+    def _unrecord(self, uid: str, *, begin: bool) -> None:
+        """A removal in the store: marked when it begins (a crash before the rules are out is
+        finished on the next start), deleted once they are. A failure is logged: the removal
+        goes on (Istio's rule: a delete is done whatever happens)."""
+        if self.store is None:
+            return
+        try:
+            if begin:
+                self.store.mark_removing(uid)
+            else:
+                self.store.delete(uid)
+        except StoreError as exc:
+            log.error("cannot record the removal in the pod store: %s", exc, extra={"uid": uid})
 
     async def _remove_rules(self, pod: Pod) -> None:
         if self.rules is not None:

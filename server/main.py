@@ -1,4 +1,15 @@
-"""``zds server``: wire the node agent to its sockets and run until a signal."""
+"""``zds server``: the node agent wired to its sockets and its state, run until a signal.
+
+Start-up, in order, each step refusing in one line what it cannot do:
+
+1. claim every path (a lock beside each socket and in the state directory): a
+   second node agent for any of them stops here, having touched nothing;
+2. open the pod store and recover from it (netns reopened and checked, rules
+   checked), then preload ``--pods`` (the store wins for a uid both name);
+3. only then listen: ZDS, control API, CNI plugin endpoint, HTTP. A socket
+   path is only cleared when it holds a stale socket, and on exit only the
+   socket this process bound is removed.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +25,28 @@ from aiohttp import web
 
 from zds import defaults
 from zds.errors import ZdsError
+from zds.server import store as pod_store
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.cni import CniPluginEndpoint
 from zds.server.control import start_control_server
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
+from zds.server.instance import (
+    InstanceError,
+    InstanceLock,
+    SocketFile,
+    clear_socket_path,
+    socket_lock,
+    state_lock,
+)
 from zds.server.pods import PodSpecError
 from zds.server.podsfile import load_pods_file
+from zds.server.recovery import recover
 from zds.server.redirect import RedirectConfig, Redirector
+from zds.server.store import PodStore, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
-from zds.transport import bind_unix_listener, remove_socket_file, remove_stale_socket
+from zds.transport import bind_unix_listener
 
 log = logging.getLogger("zds.server")
 
@@ -40,6 +62,9 @@ class ServerOptions:
     grpc_listen: str | None = None
     cni_socket: str | None = defaults.CNI_SOCKET
     http_listen: str | None = defaults.NODE_AGENT_HTTP
+    state_dir: str = defaults.STATE_DIR
+    #: Move an existing pod store aside and start empty.
+    reset_state: bool = False
     pods_file: str | None = None
     redirect: bool = True
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
@@ -53,20 +78,6 @@ def split_host_port(value: str, flag: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise StartupError(f"{flag} {value!r}: expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-async def _start_unix_http(app: web.Application, path: str, mode: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
-        remove_stale_socket(path)
-        await web.UnixSite(runner, path).start()
-        os.chmod(path, mode)
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
 
 
 class NodeAgentServer:
@@ -83,11 +94,17 @@ class NodeAgentServer:
             Redirector(options.redirect_config) if options.redirect else None,
             self.telemetry,
         )
+        self.store: PodStore | None = None
         self.cni: CniPluginEndpoint | None = None
+        self._lock = InstanceLock()
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
         self._zds_task: asyncio.Task[None] | None = None
-        self._sockets: list[str] = []
+        self._sockets: list[SocketFile] = []
+        #: The state directory held a node agent before this one (its lock file was there).
+        self._used_before = False
+        #: Every path was claimed (so there is something to stop).
+        self._claimed = False
         self._ready = False
 
     def readiness(self) -> tuple[bool, str]:
@@ -102,22 +119,107 @@ class NodeAgentServer:
 
     async def start(self) -> None:
         opts = self.options
+        self._claim_paths()
+        await self._restore_state()
         if opts.pods_file:
             await self._load_pods(opts.pods_file)
+        self._serve_zds()
+        await self._serve_control()
+        if opts.cni_socket:
+            await self._serve_cni(opts.cni_socket)
+        if opts.http_listen:
+            await self._serve_http(opts.http_listen)
+        self._ready = True
+        log.info(
+            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s pods=%d tracing=%s",
+            opts.zds_socket,
+            opts.control_socket,
+            opts.cni_socket or "off",
+            opts.http_listen or "off",
+            opts.grpc_listen or "off",
+            opts.state_dir,
+            len(self.agent.pods),
+            "on" if self.telemetry.tracing else "off",
+        )
+
+    # -- start-up steps --------------------------------------------------------------
+    def _claim_paths(self) -> None:
+        """Lock every socket path and the state directory, or stop before touching anything."""
+        opts = self.options
+        sockets = [opts.zds_socket, opts.control_socket] + ([opts.cni_socket] if opts.cni_socket else [])
+        self._used_before = os.path.exists(state_lock(opts.state_dir))
         try:
-            listener = bind_unix_listener(opts.zds_socket, mode=defaults.ZDS_SOCKET_MODE)
+            os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise StartupError(f"cannot listen on ZDS socket {opts.zds_socket}: {exc}") from exc
-        self._sockets.append(opts.zds_socket)
+            raise StartupError(f"cannot use state directory {opts.state_dir}: {exc.strerror}") from exc
+        try:
+            self._lock.acquire(
+                [(path, socket_lock(path)) for path in sockets]
+                + [(opts.state_dir, state_lock(opts.state_dir))]
+            )
+        except InstanceError as exc:
+            raise StartupError(str(exc)) from exc
+        self._claimed = True
+
+    async def _restore_state(self) -> None:
+        opts = self.options
+        try:
+            if opts.reset_state:
+                aside = pod_store.reset(opts.state_dir)
+                if aside:
+                    log.warning("--reset-state: the old pod store was moved to %s; starting empty", aside)
+                self._used_before = False
+            self.store = PodStore.open(opts.state_dir, used_before=self._used_before)
+            self.agent.use_store(self.store)
+            await recover(self.store, self.agent.enrollment)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from exc
+
+    async def _load_pods(self, path: str) -> None:
+        """Preload a pods file; a uid the store already holds (with its netns) keeps the stored pod."""
+        try:
+            specs = load_pods_file(path)
+        except PodSpecError as exc:
+            raise StartupError(str(exc)) from exc
+        loaded = 0
+        for spec in specs:
+            held = self.agent.pods.get(spec.uid)
+            if held is not None and held.netns is not None:
+                log.info(
+                    "pods file entry skipped: the pod store holds this pod already", extra=spec.log_extra
+                )
+                continue
+            try:
+                await self.agent.load(spec)
+                loaded += 1
+            except (PodSpecError, EnrollmentError) as exc:
+                log.error("pods file entry refused: %s", exc, extra={"uid": spec.uid})
+        log.info("loaded %d pod(s) from %s", loaded, path)
+
+    def _serve_zds(self) -> None:
+        path = self.options.zds_socket
+        try:
+            clear_socket_path(path)
+            listener = bind_unix_listener(path, mode=defaults.ZDS_SOCKET_MODE)
+        except InstanceError as exc:
+            raise StartupError(f"cannot listen on ZDS socket: {exc}") from exc
+        except OSError as exc:
+            raise StartupError(f"cannot listen on ZDS socket {path}: {exc}") from exc
+        self._sockets.append(SocketFile.of(path))
         self._zds_task = asyncio.create_task(self.agent.serve_zds(listener), name="zds-accept")
         self._zds_task.add_done_callback(lambda _: listener.close())
 
-        addresses = [f"unix:{opts.control_socket}"]
+    async def _serve_control(self) -> None:
+        opts = self.options
+        path = opts.control_socket
+        addresses = [f"unix:{path}"]
         try:
-            os.makedirs(os.path.dirname(opts.control_socket) or ".", mode=0o750, exist_ok=True)
-            remove_stale_socket(opts.control_socket)
+            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+            clear_socket_path(path)
+        except InstanceError as exc:
+            raise StartupError(f"cannot listen on control socket: {exc}") from exc
         except OSError as exc:
-            raise StartupError(f"cannot listen on control socket {opts.control_socket}: {exc}") from exc
+            raise StartupError(f"cannot listen on control socket {path}: {exc}") from exc
         if opts.grpc_listen:
             host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
             addresses.append(f"{host}:{port}")
@@ -129,49 +231,36 @@ class NodeAgentServer:
             raise StartupError(f"cannot serve the control API on {', '.join(addresses)}: {exc}") from exc
         finally:
             os.umask(old_umask)
-        os.chmod(opts.control_socket, defaults.CONTROL_SOCKET_MODE)
-        self._sockets.append(opts.control_socket)
+        os.chmod(path, defaults.CONTROL_SOCKET_MODE)
+        self._sockets.append(SocketFile.of(path))
 
-        if opts.cni_socket:
-            self.cni = CniPluginEndpoint(self.agent)
-            try:
-                self._runners.append(await _start_unix_http(self.cni.app, opts.cni_socket, 0o600))
-            except OSError as exc:
-                raise StartupError(f"cannot listen on CNI plugin socket {opts.cni_socket}: {exc}") from exc
-            self._sockets.append(opts.cni_socket)
-        if opts.http_listen:
-            host, port = split_host_port(opts.http_listen, "--http-listen")
-            runner = web.AppRunner(health_app(self.readiness, self.telemetry.prometheus), access_log=None)
-            await runner.setup()
-            self._runners.append(runner)
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise StartupError(f"cannot listen for HTTP on {opts.http_listen}: {exc}") from exc
-        self._ready = True
-        log.info(
-            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s pods=%d tracing=%s",
-            opts.zds_socket,
-            opts.control_socket,
-            opts.cni_socket or "off",
-            opts.http_listen or "off",
-            opts.grpc_listen or "off",
-            len(self.agent.pods),
-            "on" if self.telemetry.tracing else "off",
-        )
-
-    async def _load_pods(self, path: str) -> None:
+    async def _serve_cni(self, path: str) -> None:
+        self.cni = CniPluginEndpoint(self.agent)
+        runner = web.AppRunner(self.cni.app, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
         try:
-            specs = load_pods_file(path)
-        except PodSpecError as exc:
-            raise StartupError(str(exc)) from exc
-        for spec in specs:
-            try:
-                await self.agent.load(spec)
-            except (PodSpecError, EnrollmentError) as exc:
-                log.error("pods file entry refused: %s", exc, extra={"uid": spec.uid})
-        log.info("loaded %d pod(s) from %s", len(self.agent.pods), path)
+            os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+            clear_socket_path(path)
+            await web.UnixSite(runner, path).start()
+            os.chmod(path, 0o600)
+        except InstanceError as exc:
+            raise StartupError(f"cannot listen on CNI plugin socket: {exc}") from exc
+        except OSError as exc:
+            raise StartupError(f"cannot listen on CNI plugin socket {path}: {exc}") from exc
+        self._sockets.append(SocketFile.of(path))
 
+    async def _serve_http(self, listen: str) -> None:
+        host, port = split_host_port(listen, "--http-listen")
+        runner = web.AppRunner(health_app(self.readiness, self.telemetry.prometheus), access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen for HTTP on {listen}: {exc}") from exc
+
+    # -- running and stopping -----------------------------------------------------------
     async def wait(self) -> None:
         """Until the ZDS accept loop ends (it only does on failure or stop)."""
         if self._zds_task is not None:
@@ -188,11 +277,17 @@ class NodeAgentServer:
             await self._grpc.stop(grace=0.5)
         for runner in self._runners:
             await runner.cleanup()
+        # Outstanding enrollments and removals finish (or are cancelled) before the store closes.
+        await self.agent.tasks.cancel_all()
         self.agent.close()
-        for path in self._sockets:
-            remove_socket_file(path)
+        if self.store is not None:
+            self.store.close()
+        for socket_file in self._sockets:
+            socket_file.remove()
+        self._lock.release()
         await self.telemetry.shutdown()
-        log.info("node agent stopped")
+        if self._claimed:
+            log.info("node agent stopped")
 
 
 async def run_server(options: ServerOptions) -> int:

@@ -75,7 +75,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _add_request(spec: PodSpec) -> nodeagent_pb2.AddPodRequest:
     req = nodeagent_pb2.AddPodRequest(
-        uid=spec.uid, name=spec.name, namespace=spec.namespace, service_account=spec.service_account
+        uid=spec.uid,
+        name=spec.name,
+        namespace=spec.namespace,
+        service_account=spec.service_account,
+        ips=list(spec.ips),
     )
     if spec.netns.pid is not None:
         req.netns_pid = spec.netns.pid
@@ -184,10 +188,22 @@ def list_pods(args: argparse.Namespace) -> int:
             _netns(p),
             p.netns_path,
             "yes" if p.rules_installed else "no",
+            p.recovery or "-",
             p.last_error or "-",
         ]
         for p in resp.pods
     ]
-    headers = ["UID", "NAME", "NAMESPACE", "SERVICE-ACCOUNT", "STATE", "NETNS", "PATH", "RULES", "LAST-ERROR"]
+    headers = [
+        "UID",
+        "NAME",
+        "NAMESPACE",
+        "SERVICE-ACCOUNT",
+        "STATE",
+        "NETNS",
+        "PATH",
+        "RULES",
+        "RECOVERY",
+        "LAST-ERROR",
+    ]
     print(table(headers, rows))
     return 0

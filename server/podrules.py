@@ -47,16 +47,33 @@ class PodRules:
         with spans.span(self._tracer, spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
             try:
                 async with self._lock(pod.netns.identity):
-                    families = await self.redirector.install(pod.netns)
+                    installed = await self.redirector.install(pod.netns)
             except (RedirectError, NetnsError, OSError) as exc:
                 spans.failed(span, exc)
                 raise RulesError(f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}") from exc
         pod.rules_installed = True
+        pod.rules_digest = installed.digest
         log.info(
             "in-pod redirection rules installed (IPv%s)",
-            "+IPv".join(map(str, families)),
+            "+IPv".join(map(str, installed.families)),
             extra=pod.spec.log_extra,
         )
+
+    async def in_place(self, pod: Pod) -> bool:
+        """Whether the rules in the pod's netns are still the ones ``pod.rules_digest`` recorded."""
+        if pod.netns is None or not pod.rules_digest:
+            return False
+        try:
+            async with self._lock(pod.netns.identity):
+                return await self.redirector.digest(pod.netns) == pod.rules_digest
+        except (RedirectError, NetnsError, OSError) as exc:
+            log.warning("cannot read the in-pod rules: %s", exc, extra=pod.spec.log_extra)
+            return False
+
+    @property
+    def name(self) -> str:
+        """The rule set, as the pod store records it."""
+        return self.redirector.name
 
     async def remove(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> None:
         """Take the pod's rules out, unless ``still_used(identity)``: another cached pod

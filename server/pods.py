@@ -38,10 +38,19 @@ class PodSpec:
     namespace: str
     service_account: str
     netns: NetnsRef
+    #: The pod's addresses, when its source knows them (the CNI event, a pods file, the API).
+    ips: tuple[str, ...] = ()
 
     @classmethod
     def create(
-        cls, uid: str, netns: NetnsRef, *, name: str = "", namespace: str = "", service_account: str = ""
+        cls,
+        uid: str,
+        netns: NetnsRef,
+        *,
+        name: str = "",
+        namespace: str = "",
+        service_account: str = "",
+        ips: tuple[str, ...] = (),
     ) -> PodSpec:
         """A spec with the defaults filled in: the name is the uid, the namespace and
         service account ``default`` (as Kubernetes names them when none is given)."""
@@ -51,6 +60,7 @@ class PodSpec:
             namespace=namespace or defaults.POD_NAMESPACE,
             service_account=service_account or defaults.SERVICE_ACCOUNT,
             netns=netns,
+            ips=ips,
         )
 
     @property
@@ -95,6 +105,10 @@ class Pod:
     last_error: str = ""
     enrolled_at: float = field(default_factory=time.time)
     rules_installed: bool = False
+    #: What the installed rules looked like (the redirect backend's digest), for the store.
+    rules_digest: str = ""
+    #: How this pod came back after a node-agent restart ('' for a pod enrolled by this run).
+    recovery: str = ""
 
     @property
     def uid(self) -> str:

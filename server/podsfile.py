@@ -1,6 +1,7 @@
 """Pods files (``zds server --pods``, ``zds pod add --from-file``): JSON lines, a JSON
 array, or YAML (a list, or ``pods:`` holding one), one pod per entry:
-``{uid, name, namespace, service_account, netns}`` with ``netns`` a path or ``pid:N``."""
+``{uid, name, namespace, service_account, netns, ips}`` with ``netns`` a path or ``pid:N``
+and ``ips`` an optional list of addresses."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.pods import PodSpec, PodSpecError
 
-FIELDS = ("uid", "name", "namespace", "service_account", "netns")
+FIELDS = ("uid", "name", "namespace", "service_account", "netns", "ips")
+#: The fields that are plain strings.
+TEXT_FIELDS = FIELDS[:5]
 
 
 def spec_from_mapping(entry: Any, where: str) -> PodSpec:
@@ -28,17 +31,21 @@ def spec_from_mapping(entry: Any, where: str) -> PodSpec:
     missing = [f for f in ("uid", "netns") if not entry.get(f)]
     if missing:
         raise PodSpecError(f"{where}: missing {', '.join(missing)}")
-    values = {f: str(entry.get(f, "") if entry.get(f) is not None else "") for f in FIELDS}
+    values = {f: str(entry.get(f, "") if entry.get(f) is not None else "") for f in TEXT_FIELDS}
     try:
         netns = NetnsRef.parse(values["netns"])
     except NetnsRefError as exc:
         raise PodSpecError(f"{where}: {exc}") from exc
+    ips = entry.get("ips") or []
+    if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+        raise PodSpecError(f"{where}: ips must be a list of addresses")
     return PodSpec.create(
         values["uid"],
         netns,
         name=values["name"],
         namespace=values["namespace"],
         service_account=values["service_account"],
+        ips=tuple(ips),
     )
 
 

@@ -12,6 +12,7 @@ earlier copy of our chains, so re-applying is idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import socket
@@ -221,15 +222,53 @@ def _families() -> list[tuple[int, str]]:
     return [(4, "iptables")] + ([(6, "ip6tables")] if has_ipv6() else [])
 
 
-def _install_here(config: RedirectConfig) -> list[int]:
-    """Inside the pod netns (worker thread): replace our rules, add policy routing."""
+_COUNTERS = re.compile(r"\s*\[\d+:\d+\]")
+
+
+def _ours(saved: str) -> list[str]:
+    """The lines of ``iptables-save`` output that are our rules: our chains, the jumps to them,
+    and the rules in them (counters stripped), with the table each is in."""
+    lines: list[str] = []
+    table = ""
+    for raw in saved.splitlines():
+        line = _COUNTERS.sub("", raw.strip())
+        if line.startswith("*"):
+            table = line
+        elif (m := _CHAIN_RE.match(raw.strip())) and m.group(1) in (PRERT, OUTPUT):
+            lines.append(f"{table} :{m.group(1)}")
+        elif line.startswith("-A ") and (f" {PRERT}" in line or f" {OUTPUT}" in line):
+            lines.append(f"{table} {line}")
+    return lines
+
+
+def _policy_routing_present() -> bool:
+    with IPRoute() as ipr:
+        rules = ipr.get_rules(family=socket.AF_INET, table=defaults.INPOD_ROUTE_TABLE)
+        return any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules)
+
+
+def _digest_here() -> str:
+    """What our rules look like in this netns (worker thread inside it): a digest of our
+    chains and jumps in every family's tables and of the policy routing; '' when none is there."""
+    lines: list[str] = []
+    for family, tool in _families():
+        lines += [f"{family} {line}" for line in _ours(_run([f"{tool}-save"]))]
+    if not lines:
+        return ""
+    lines.append(f"policy-routing {_policy_routing_present()}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+
+def _install_here(config: RedirectConfig) -> tuple[list[int], str]:
+    """Inside the pod netns (worker thread): replace our rules, add policy routing; the
+    families covered and the digest of what is now installed."""
     installed = []
     for family, tool in _families():
         cleanup = cleanup_rules(_run([f"{tool}-save"]))
         _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, config))
         installed.append(family)
     _policy_routing(add=True)
-    return installed
+    return installed, _digest_here()
 
 
 def _remove_here() -> None:
@@ -240,18 +279,35 @@ def _remove_here() -> None:
     _policy_routing(add=False)
 
 
+@dataclass(frozen=True)
+class Installed:
+    """What an install did: the address families covered, and the digest of the rules now there."""
+
+    families: list[int]
+    digest: str
+
+
 class Redirector:
     """Installs and removes the in-pod rules; shared by every enrollment of a node agent."""
+
+    #: The rule set's name, as the pod store records it.
+    name = "iptables"
 
     def __init__(self, config: RedirectConfig = RedirectConfig()) -> None:
         self.config = config
 
-    async def install(self, netns: NetnsHandle) -> list[int]:
-        """Install (or re-install) the rules in ``netns``; returns the address families covered."""
-        return await run_in_netns(netns, _install_here, self.config)
+    async def install(self, netns: NetnsHandle) -> Installed:
+        """Install (or re-install) the rules in ``netns``."""
+        families, digest = await run_in_netns(netns, _install_here, self.config)
+        return Installed(families, digest)
 
     async def remove(self, netns: NetnsHandle) -> None:
         await run_in_netns(netns, _remove_here)
+
+    async def digest(self, netns: NetnsHandle) -> str:
+        """The digest of our rules in ``netns`` now ('' if none): equal to the one an install
+        returned exactly when the same rules are still in place."""
+        return await run_in_netns(netns, _digest_here)
 
 
 def iptables_save(family: int = 4) -> str:

@@ -328,8 +328,9 @@ class ZdsProcess:
 
 
 class NodeAgentProc(ZdsProcess):
-    """``zds server`` with every socket under ``tmp`` (two of them in one ``tmp`` share
-    the sockets: a restart); redirection rules only with ``redirect``."""
+    """``zds server`` with every socket and its state under ``tmp`` (two of them in one
+    ``tmp`` share the sockets and the pod store: a restart); redirection rules only with
+    ``redirect``."""
 
     def __init__(
         self, tmp: str, *extra: str, name: str = "server", redirect: bool = False, env_path: str | None = None
@@ -337,6 +338,7 @@ class NodeAgentProc(ZdsProcess):
         self.zds_socket = os.path.join(tmp, "ztunnel", "ztunnel.sock")
         self.control_socket = os.path.join(tmp, "zds", "control.sock")
         self.cni_socket = os.path.join(tmp, "cni", "pluginevent.sock")
+        self.state_dir = os.path.join(tmp, "state")
         args = [
             "server",
             "--zds-socket",
@@ -345,6 +347,8 @@ class NodeAgentProc(ZdsProcess):
             self.control_socket,
             "--cni-socket",
             self.cni_socket,
+            "--state-dir",
+            self.state_dir,
             "--http-listen",
             "off",
             *([] if redirect else ["--no-redirect"]),

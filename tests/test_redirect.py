@@ -121,7 +121,7 @@ def scratch(namespaces: list[str]) -> str:
 def install(path: str, config: RedirectConfig | None = None) -> list[int]:
     async def run() -> list[int]:
         with open_netns(path) as ns:
-            return await Redirector(config or RedirectConfig()).install(ns)
+            return (await Redirector(config or RedirectConfig()).install(ns)).families
 
     return asyncio.run(run())
 

@@ -330,18 +330,21 @@ def test_socket_file_is_0600_and_a_stale_one_is_replaced(start_server: StartServ
     peer.close()
 
 
-def test_a_stale_file_at_a_socket_path_is_replaced_as_istio_does(
-    start_server: StartServer, tmp_path: object
+@pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock", "cni/pluginevent.sock"])
+def test_a_regular_file_at_a_socket_path_survives_and_is_refused_in_one_line(
+    start_server: StartServer, tmp_path: object, which: str
 ) -> None:
-    # Istio removes whatever is at the path (os.Remove); a `touch`ed file is replaced too.
-    for sub in ("ztunnel/ztunnel.sock", "zds/control.sock", "cni/pluginevent.sock"):
-        path = os.path.join(str(tmp_path), sub)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write("stale")
-    server = start_server()
-    for path in (server.zds_socket, server.control_socket, server.cni_socket):
-        assert stat.S_ISSOCK(os.stat(path).st_mode)
+    # Istio os.Remove()s whatever is at the path; zds only ever replaces a stale socket.
+    path = os.path.join(str(tmp_path), which)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("somebody's data")
+    server = start_server(ready=False)
+    assert server.proc.wait(15) == 1
+    server.wait_for_output(f"{path} is not a socket; refusing to replace it with a socket")
+    assert "Traceback" not in server.output()
+    with open(path) as f:
+        assert f.read() == "somebody's data"
 
 
 @pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock"])

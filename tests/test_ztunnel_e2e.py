@@ -29,10 +29,10 @@ class Processes:
         self.servers: list[NodeAgentProc] = []
         self.ztunnels: list[ZtunnelProc] = []
 
-    def server(self, pods_file: Path | None = None) -> NodeAgentProc:
+    def server(self, pods_file: Path | None = None, *flags: str) -> NodeAgentProc:
         """``zds server`` (no iptables rules), ready."""
         extra = ["--pods", str(pods_file)] if pods_file is not None else []
-        s = NodeAgentProc(str(self.tmp), *extra, name=f"server-{len(self.servers)}")
+        s = NodeAgentProc(str(self.tmp), *extra, *flags, name=f"server-{len(self.servers)}")
         self.servers.append(s)
         return s.wait_ready()
 
@@ -163,7 +163,8 @@ def test_a_node_agent_restarted_with_fewer_pods_makes_ztunnel_drop_exactly_those
     assert all(enrolled(z, pod) for pod in pods.values()), "workloads stay served while disconnected"
 
     fewer = {"uid-1": pods["uid-1"]}
-    server = procs.server(write_pods_file(tmp_path / "fewer.jsonl", fewer))
+    # A node agent that knows fewer pods: its pod store is set aside (it would restore all three).
+    server = procs.server(write_pods_file(tmp_path / "fewer.jsonl", fewer), "--reset-state")
     wait_until(lambda: z.metrics()["zds_ztunnel_connections_total"] > connections_before, "the reconnect")
     wait_until(lambda: z.ready_status() == 200, "ztunnel ready after the new snapshot")
     wait_until(

@@ -22,6 +22,9 @@ ZDS_SOCKET_MODE = 0o600
 #: Mode of the control socket file.
 CONTROL_SOCKET_MODE = 0o600
 
+#: Where the node agent keeps its pod store (``pods.db``) and lock.
+STATE_DIR = "/var/lib/zds"
+
 # --- protocol ----------------------------------------------------------------
 #: ztunnel reads each record into a buffer of this size; a longer one is truncated.
 MAX_MESSAGE_SIZE = 1024

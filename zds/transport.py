@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
-import errno
 import os
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 
@@ -103,6 +100,10 @@ class SeqpacketConnection:
             except (BlockingIOError, InterruptedError):
                 await self._wait(readable=False)
 
+    async def wait_readable(self) -> None:
+        """Until a record (or EOF) can be read."""
+        await self._wait(readable=True)
+
     async def _wait(self, *, readable: bool) -> None:
         fd = self._sock.fileno()
         if fd < 0:
@@ -129,27 +130,15 @@ class SeqpacketConnection:
         self._sock.close()
 
 
-def remove_stale_socket(path: str) -> None:
-    """Remove whatever a previous run left at ``path`` (as Istio does: ``os.Remove``, whatever
-    the file is); refuse only a directory."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.EISDIR, f"{path} is a directory; refusing to replace it with a socket")
-    os.unlink(path)
-
-
 def bind_unix_listener(
     path: str, *, mode: int, kind: int = socket.SOCK_SEQPACKET, backlog: int = 128
 ) -> socket.socket:
-    """Bind a listening unix socket at ``path``: make the parent directory,
-    replace a stale socket file, restrict the file's mode."""
+    """Bind a listening unix socket at ``path``: make the parent directory, restrict the
+    file's mode. Whatever is at ``path`` already stays (the bind fails): clearing a stale
+    socket is the caller's decision (``zds.server.instance.clear_socket_path``)."""
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, mode=0o750, exist_ok=True)
-    remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         # Create the file with the final mode already (no window where it is wider).
@@ -184,9 +173,3 @@ async def connect(path: str) -> SeqpacketConnection:
         sock.close()
         raise
     return SeqpacketConnection(sock)
-
-
-def remove_socket_file(path: str) -> None:
-    """Remove a socket file we created (on shutdown); a missing file is fine."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

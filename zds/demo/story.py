@@ -130,6 +130,8 @@ class Demo:
                 "off",
                 "--http-listen",
                 "off",
+                "--state-dir",  # the demo's pods are its own: not in the machine's pod store
+                os.path.join(self.tmp, "state"),
             ],
         )
         wait_for(

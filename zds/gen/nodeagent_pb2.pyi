@@ -67,7 +67,7 @@ class NetnsIdentity(_message.Message):
     def __init__(self, dev: _Optional[int] = ..., ino: _Optional[int] = ...) -> None: ...
 
 class Pod(_message.Message):
-    __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns", "state", "last_error", "enrolled_at", "rules_installed")
+    __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns", "state", "last_error", "enrolled_at", "rules_installed", "ips", "recovery")
     UID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class Pod(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
     RULES_INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
@@ -88,23 +90,27 @@ class Pod(_message.Message):
     last_error: str
     enrolled_at: _timestamp_pb2.Timestamp
     rules_installed: bool
-    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., netns_path: _Optional[str] = ..., netns: _Optional[_Union[NetnsIdentity, _Mapping]] = ..., state: _Optional[_Union[PodState, str]] = ..., last_error: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_installed: _Optional[bool] = ...) -> None: ...
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    recovery: str
+    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., netns_path: _Optional[str] = ..., netns: _Optional[_Union[NetnsIdentity, _Mapping]] = ..., state: _Optional[_Union[PodState, str]] = ..., last_error: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_installed: _Optional[bool] = ..., ips: _Optional[_Iterable[str]] = ..., recovery: _Optional[str] = ...) -> None: ...
 
 class AddPodRequest(_message.Message):
-    __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns_pid")
+    __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns_pid", "ips")
     UID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     NETNS_PATH_FIELD_NUMBER: _ClassVar[int]
     NETNS_PID_FIELD_NUMBER: _ClassVar[int]
+    IPS_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
     service_account: str
     netns_path: str
     netns_pid: int
-    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., netns_path: _Optional[str] = ..., netns_pid: _Optional[int] = ...) -> None: ...
+    ips: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., netns_path: _Optional[str] = ..., netns_pid: _Optional[int] = ..., ips: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddPodResponse(_message.Message):
     __slots__ = ("pod", "connection_id")

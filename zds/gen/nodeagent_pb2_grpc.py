@@ -65,22 +65,31 @@ class NodeAgentServicer:
     """Missing associated documentation comment in .proto file."""
 
     def AddPod(self, request, context):
-        """Enroll a pod: open its netns, cache it, send AddWorkload (+ the netns fd)
-        to the newest ztunnel connection and wait for the ack.
+        """Enroll a pod: open its netns, install the in-pod redirection rules, cache
+        it, send AddWorkload (+ the netns fd) to the newest ztunnel connection and
+        wait for the ack. The pod is written to the pod store before any answer,
+        so it survives a restart of the node agent. The enrollment completes even
+        if the caller gives up.
         INVALID_ARGUMENT     empty uid, bad netns, message too large for ztunnel
+        INTERNAL             the rules could not be installed (iptables' words),
+        or the pod could not be stored (the rules are taken
+        out again); nothing cached, nothing sent
         UNAVAILABLE          "no ztunnel connection" (the pod stays cached and is
-        delivered in the next ztunnel's snapshot)
+        delivered in the next ztunnel's snapshot), or the
+        connection closed before the ack (cached)
         FAILED_PRECONDITION  ztunnel answered with an error (the nack text);
         the pod stays cached
-        DEADLINE_EXCEEDED    no ack within the ack timeout
+        DEADLINE_EXCEEDED    no ack within the ack timeout: the connection was
+        closed (ztunnel reconnects for a fresh snapshot); cached
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemovePod(self, request, context):
-        """Unenroll a pod: forget it, close its netns fd, send DelWorkload to every
-        ztunnel connection. Done whatever ztunnel answers (as in Istio).
+        """Unenroll a pod: forget it, remove its rules, delete it from the pod store,
+        send DelWorkload to every ztunnel connection, close its netns fd. Done
+        whatever ztunnel answers (as in Istio).
         NOT_FOUND            the uid is not enrolled
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -1,0 +1,62 @@
+"""Find network namespaces by identity when the path a pod was enrolled with is gone.
+
+Istio's node agent finds a pod's netns by scanning ``/proc`` (``podcgroupns.go``,
+by the pod uid in each process's cgroup path). zds knows more: the identity
+(``st_dev``, ``st_ino``) the netns had at enrollment, and a netns is alive
+exactly as long as something holds it — a process in it, or a bind mount. So
+it looks at every ``/proc/PID/ns/net`` and every named namespace
+(``/var/run/netns``, ``/run/netns``) for those identities, in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from zds import defaults
+
+from .kernel import NetnsIdentity
+
+#: Where named namespaces are bind-mounted (``ip netns``, CNI runtimes).
+NAMED_DIRS = (defaults.NETNS_RUN_DIR, "/run/netns")
+
+
+def find_by_identity(wanted: Iterable[NetnsIdentity]) -> dict[NetnsIdentity, str]:
+    """A path that holds each of ``wanted`` now (a named netns first, else the oldest
+    process's ``/proc/PID/ns/net``); identities not found are absent from the answer."""
+    remaining = set(wanted)
+    found: dict[NetnsIdentity, str] = {}
+    if not remaining:
+        return found
+    for directory in NAMED_DIRS:
+        for path in _entries(directory):
+            _match(path, remaining, found)
+    pids = sorted(int(name) for name in _names("/proc") if name.isdigit())
+    for pid in pids:  # lowest pid first: the oldest process, the one least likely to be gone soon
+        if not remaining:
+            break
+        if pid != os.getpid():
+            _match(f"/proc/{pid}/ns/net", remaining, found)
+    return found
+
+
+def _match(path: str, remaining: set[NetnsIdentity], found: dict[NetnsIdentity, str]) -> None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # gone meanwhile, or not ours to look at
+    identity = NetnsIdentity(st.st_dev, st.st_ino)
+    if identity in remaining:
+        remaining.discard(identity)
+        found[identity] = path
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _entries(directory: str) -> list[str]:
+    return [os.path.join(directory, name) for name in sorted(_names(directory))]

@@ -1,0 +1,141 @@
+"""One node agent per socket and per state directory, and socket files it owns.
+
+Each path a node agent serves (its sockets, its state directory) gets a lock
+file beside it (``PATH.lock``; ``DIR/zds.lock``) held with ``flock`` for the
+life of the process: the kernel drops the lock when the process dies, so a
+crashed agent never blocks the next one, and a second agent for any of the
+same paths is refused before it touches anything. The lock file holds the
+holder's pid, for the message. Lock files are left in place on exit (removing
+them would race with the next agent taking them).
+
+A socket path is only ever unlinked when it holds a socket: a stale one (no
+agent holds its lock) is replaced; anything else there (a regular file, a
+directory) is refused. On exit a node agent unlinks a socket only if it is
+still the very file it bound (same ``st_dev``/``st_ino``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from zds.errors import ZdsError
+
+
+class InstanceError(ZdsError):
+    """Another node agent holds a path, or a path cannot be used; the message says which and why."""
+
+
+def socket_lock(path: str) -> str:
+    """The lock file of a socket path."""
+    return path + ".lock"
+
+
+def state_lock(directory: str) -> str:
+    """The lock file of a state directory."""
+    return os.path.join(directory, "zds.lock")
+
+
+class InstanceLock:
+    """The ``flock``s of every path one node agent serves; ``acquire`` all or none."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def acquire(self, locks: Iterable[tuple[str, str]]) -> None:
+        """Lock each ``(path, lock file)`` (creating parent directories); InstanceError, with
+        every lock taken so far released, if another agent holds one."""
+        try:
+            for path, lock in locks:
+                self._fds.append(_lock(path, lock))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())  # closing the fd drops its flock
+
+
+def _lock(path: str, lock: str) -> int:
+    parent = os.path.dirname(lock)
+    try:
+        if parent:
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            who = f"pid {holder}" if holder else "pid unknown"
+            raise InstanceError(
+                f"another zds server ({who}) is serving {path}; stop it first, or give this one other "
+                "paths (--zds-socket, --control-socket, --cni-socket, --state-dir)"
+            ) from None
+        raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or "0") or None
+    return None
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """A socket file this process bound: its path and the identity of the inode it made."""
+
+    path: str
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, path: str) -> SocketFile:
+        st = os.lstat(path)
+        return cls(path, st.st_dev, st.st_ino)
+
+    def remove(self) -> bool:
+        """Unlink the path only if it is still our socket (not one another agent made since)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino) or not stat.S_ISSOCK(st.st_mode):
+            return False
+        os.unlink(self.path)
+        return True
+
+
+def clear_socket_path(path: str) -> None:
+    """Make room for a socket at ``path``: remove a stale socket left by a crashed agent (the
+    caller holds the path's lock, so no live agent serves it); refuse anything that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode):
+        os.unlink(path)
+        return
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(st.st_mode)
+        else "a symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "not a socket"
+    )
+    raise InstanceError(
+        f"{path} is {kind}; refusing to replace it with a socket (remove it yourself if it is stale, "
+        "or choose another path)"
+    )

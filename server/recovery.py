@@ -1,0 +1,188 @@
+"""Recovery on start: the pod store back into the pod cache, before any ztunnel is served.
+
+For each stored pod the node agent reopens its netns and checks that it is the
+same one (``st_dev``, ``st_ino``): a recycled pid or a named netns recreated
+under the same name is *not* the pod's. When the path is gone or holds another
+netns, the pod's own is looked for by identity in ``/proc/*/ns/net`` and the
+named namespaces (Istio's agent scans ``/proc`` too, ``podcgroupns.go``). A pod
+whose netns is found gets its rules checked (present and equal: left alone;
+missing or different: reinstalled). A pod whose netns is nowhere stays known
+and goes out as KeepWorkload, as Istio sends it for a pod whose netns it cannot
+find, so ztunnel keeps serving it and drops nothing. A removal that a crash
+interrupted is finished. Only then does the agent serve ztunnel, whose next
+snapshot holds every pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, open_netns, open_netns_ref
+from zds.netns.search import find_by_identity
+from zds.server.enrollment import Enrollment
+from zds.server.podrules import RulesError
+from zds.server.pods import Pod
+from zds.server.store import PodStore, StoredPod, StoreError
+
+log = logging.getLogger("zds.server.recovery")
+
+#: Rule checks and reinstalls run this many at a time (each is a worker thread in a netns).
+CONCURRENCY = 8
+
+
+class RecoveryOutcome(enum.Enum):
+    """How a stored pod came back (``zds pod list`` shows it)."""
+
+    #: Its netns reopened at the same path, the same one; its rules as they were.
+    RESTORED = "restored"
+    #: The same netns; its rules were missing or different, so they were installed again.
+    RULES_REINSTALLED = "rules reinstalled"
+    #: Its path was gone or held another netns; its own netns was found by identity elsewhere.
+    FOUND_ELSEWHERE = "netns found elsewhere"
+    #: Its netns is nowhere (the pod is gone): known, sent as KeepWorkload.
+    NETNS_GONE = "netns gone"
+    #: Its path holds another netns now (a recycled pid, a recreated named netns) and its own is
+    #: nowhere: that other netns is not taken for the pod; known, sent as KeepWorkload.
+    NETNS_REPLACED = "netns replaced"
+    #: Stored without a netns (its netns could not be opened when it was loaded): KeepWorkload.
+    WITHOUT_NETNS = "known without netns"
+    #: Its netns was found but its rules could not be installed again (see the log); served anyway.
+    RULES_FAILED = "rules failed"
+    #: A removal the last run began and did not finish: finished now.
+    REMOVAL_FINISHED = "removal finished"
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery did, pod by pod."""
+
+    outcomes: dict[str, RecoveryOutcome] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        counts = Counter(outcome.value for outcome in self.outcomes.values())
+        return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no pods"
+
+
+@dataclass
+class _Found:
+    """A stored pod and what recovery found of it."""
+
+    row: StoredPod
+    netns: NetnsHandle | None = None
+    #: The path opened to a different netns.
+    replaced: bool = False
+    elsewhere: bool = False
+
+
+async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
+    """Rebuild ``enrollment``'s pod cache from ``store``; nothing is sent to ztunnel here."""
+    report = RecoveryReport()
+    rows = store.load()
+    found = [_reopen(row) for row in rows]
+    _search([f for f in found if f.netns is None and f.row.identity is not None])
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(item: _Found) -> None:
+        async with semaphore:
+            report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment)
+
+    await asyncio.gather(*(one(item) for item in found))
+    for uid, outcome in report.outcomes.items():
+        if outcome in (RecoveryOutcome.NETNS_GONE, RecoveryOutcome.NETNS_REPLACED):
+            log.warning(
+                "pod recovered without its netns (%s): sent to ztunnel as KeepWorkload",
+                outcome.value,
+                extra={"uid": uid},
+            )
+    if rows:
+        log.info("recovered %d pod(s) from %s: %s", len(rows), store.path, report.summary())
+    return report
+
+
+def _reopen(row: StoredPod) -> _Found:
+    """Open the pod's netns reference and keep it only if it is the same netns."""
+    item = _Found(row)
+    if row.identity is None:
+        return item
+    try:
+        candidate = open_netns_ref(row.spec.netns)
+    except NetnsError:
+        return item
+    if candidate.identity == row.identity:
+        item.netns = candidate
+    else:
+        candidate.close()
+        item.replaced = True
+    return item
+
+
+def _search(missing: list[_Found]) -> None:
+    """Look for the netns of each pod whose path failed, by identity, in one pass over /proc."""
+    wanted = {item.row.identity for item in missing if item.row.identity is not None}
+    paths = find_by_identity(wanted)
+    for item in missing:
+        path = paths.get(item.row.identity) if item.row.identity is not None else None
+        if path is None:
+            continue
+        try:
+            candidate = open_netns(path)
+        except NetnsError:
+            continue  # gone between the scan and now
+        if candidate.identity == item.row.identity:
+            item.netns, item.elsewhere = candidate, True
+        else:
+            candidate.close()
+
+
+async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> RecoveryOutcome:
+    row = item.row
+    pod = Pod(spec=row.spec, netns=item.netns, enrolled_at=row.enrolled_at)
+    pod.rules_installed = bool(row.rules)
+    pod.rules_digest = row.rules_digest
+    rules = enrollment.rules
+    if row.removing:
+        try:
+            if rules is not None and pod.netns is not None and pod.rules_installed:
+                await rules.remove(pod, enrollment.cache.uses_netns)
+            store.delete(row.spec.uid)
+        finally:
+            pod.close()
+        log.info("finished the removal a restart interrupted", extra=row.spec.log_extra)
+        return RecoveryOutcome.REMOVAL_FINISHED
+    if pod.netns is None:
+        outcome = (
+            RecoveryOutcome.WITHOUT_NETNS
+            if row.identity is None
+            else RecoveryOutcome.NETNS_REPLACED
+            if item.replaced
+            else RecoveryOutcome.NETNS_GONE
+        )
+    else:
+        outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
+        if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
+            try:
+                await rules.install(pod)  # idempotent: an earlier copy of our chains is replaced
+            except RulesError as exc:
+                log.error("%s", exc, extra=row.spec.log_extra)
+                pod.rules_installed = False
+                outcome = RecoveryOutcome.RULES_FAILED
+            else:
+                outcome = (
+                    RecoveryOutcome.RULES_REINSTALLED if outcome is RecoveryOutcome.RESTORED else outcome
+                )
+            _rewrite(store, pod, rules.name if pod.rules_installed else "")
+    pod.recovery = outcome.value
+    enrollment.restore(pod)
+    return outcome
+
+
+def _rewrite(store: PodStore, pod: Pod, rules: str) -> None:
+    try:
+        identity: NetnsIdentity | None = pod.netns.identity if pod.netns is not None else None
+        store.put(pod.spec, identity, rules=rules, rules_digest=pod.rules_digest, enrolled_at=pod.enrolled_at)
+    except StoreError as exc:
+        log.error("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)

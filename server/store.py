@@ -1,0 +1,269 @@
+"""The pod store: what the node agent needs to rebuild its pod cache after a restart.
+
+An embedded SQLite database (stdlib ``sqlite3``), ``pods.db`` in the state
+directory (``--state-dir``, default ``/var/lib/zds``), in WAL mode. One row per
+pod: who it is (uid, name, namespace, service account, IPs), where its netns
+is (the reference it was enrolled with) and which netns that was (``st_dev``,
+``st_ino``), whether the rules went in and which rule set. A pod is written
+(committed) before its caller hears "enrolled"; a removal marks the row first
+and deletes it once the rules are out, so a crash in between is finished on
+the next start. ``synchronous=NORMAL``: a commit survives the process being
+killed (it is in the WAL); only a power cut may lose the last ones, and a power
+cut takes the pods' namespaces with it.
+
+The schema is versioned (``PRAGMA user_version``) and migrated forward on open.
+What is wrong with a store is said in one line, naming the file and what to do;
+a store that cannot be read is never replaced or truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from zds.errors import ZdsError
+from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError
+from zds.server.pods import PodSpec
+
+log = logging.getLogger("zds.server.store")
+
+DB_NAME = "pods.db"
+
+#: Schema version -> the statements that take a store from the version before to it.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE pods (
+            uid TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            namespace TEXT NOT NULL,
+            service_account TEXT NOT NULL,
+            ips TEXT NOT NULL DEFAULT '[]',
+            netns TEXT NOT NULL,
+            netns_dev INTEGER,
+            netns_ino INTEGER,
+            rules TEXT NOT NULL DEFAULT '',
+            rules_digest TEXT NOT NULL DEFAULT '',
+            removing INTEGER NOT NULL DEFAULT 0,
+            enrolled_at REAL NOT NULL
+        )""",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+class StoreError(ZdsError):
+    """The pod store cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class StoredPod:
+    """One row: a pod as it was when last written."""
+
+    spec: PodSpec
+    #: The netns the pod was enrolled with; None: it was known without one.
+    identity: NetnsIdentity | None
+    #: The rule set installed ('' for none): the redirect backend's name.
+    rules: str
+    #: What the installed rules looked like (the backend's digest), to tell them apart from others.
+    rules_digest: str
+    #: A removal began and did not finish.
+    removing: bool
+    enrolled_at: float
+
+
+class PodStore:
+    """The open store; every write commits before it returns."""
+
+    def __init__(self, path: str, db: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = db
+
+    # -- opening ----------------------------------------------------------------------
+    @classmethod
+    def open(cls, state_dir: str, *, used_before: bool) -> PodStore:
+        """Open (or, on a first start, create) ``STATE_DIR/pods.db``.
+
+        ``used_before``: the state directory held a node agent before (its lock file was
+        there): then a missing database is an error, not a first start, because starting
+        empty would make ztunnel drop every pod.
+        """
+        path = os.path.join(state_dir, DB_NAME)
+        exists = os.path.exists(path)
+        if not exists and used_before:
+            raise StoreError(
+                f"pod store {path} is missing, but {state_dir} was used by a node agent before; "
+                "restore the file, or start empty with --reset-state (ztunnel then drops the pods it holds)"
+            )
+        try:
+            # mode=rw never creates (or truncates) an existing file it cannot read.
+            uri = f"file:{path}?mode={'rw' if exists else 'rwc'}"
+            db = sqlite3.connect(uri, uri=True, timeout=0.5, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot open pod store {path}: {exc}; check the file and its directory"
+            ) from exc
+        try:
+            if exists:
+                _check(db, path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            _migrate(db, path)
+        except StoreError:
+            db.close()
+            raise
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(_explain(path, exc)) from exc
+        if not exists:
+            os.chmod(path, 0o600)
+            log.info("created the pod store %s", path)
+        return cls(path, db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reading ------------------------------------------------------------------------
+    def load(self) -> list[StoredPod]:
+        """Every stored pod, oldest enrollment first."""
+        try:
+            rows = self._db.execute(
+                "SELECT uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
+                "rules, rules_digest, removing, enrolled_at FROM pods ORDER BY enrolled_at, uid"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(_explain(self.path, exc)) from exc
+        pods = []
+        for uid, name, namespace, sa, ips, netns, dev, ino, rules, digest, removing, enrolled_at in rows:
+            try:
+                ref = NetnsRef.parse(netns)
+                addresses = tuple(str(ip) for ip in json.loads(ips))
+            except (NetnsRefError, ValueError, TypeError) as exc:
+                raise StoreError(
+                    f"pod store {self.path}: the row of pod {uid!r} is damaged ({exc}); "
+                    "remove the pod with `zds pod remove`, or restore the file from a backup"
+                ) from exc
+            spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses)
+            identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
+            pods.append(StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at))
+        return pods
+
+    # -- writing ------------------------------------------------------------------------
+    def put(
+        self,
+        spec: PodSpec,
+        identity: NetnsIdentity | None,
+        *,
+        rules: str = "",
+        rules_digest: str = "",
+        enrolled_at: float | None = None,
+    ) -> None:
+        """Write (or overwrite) a pod; committed when this returns."""
+        with self._write():
+            self._db.execute(
+                "INSERT OR REPLACE INTO pods (uid, name, namespace, service_account, ips, netns, netns_dev, "
+                "netns_ino, rules, rules_digest, removing, enrolled_at) VALUES (?,?,?,?,?,?,?,?,?,?,0,?)",
+                (
+                    spec.uid,
+                    spec.name,
+                    spec.namespace,
+                    spec.service_account,
+                    json.dumps(list(spec.ips)),
+                    str(spec.netns),
+                    identity.dev if identity else None,
+                    identity.ino if identity else None,
+                    rules,
+                    rules_digest,
+                    enrolled_at if enrolled_at is not None else time.time(),
+                ),
+            )
+
+    def mark_removing(self, uid: str) -> None:
+        """A removal begins: if it does not finish, the next start finishes it."""
+        with self._write():
+            self._db.execute("UPDATE pods SET removing = 1 WHERE uid = ?", (uid,))
+
+    def delete(self, uid: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM pods WHERE uid = ?", (uid,))
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM pods").fetchone()[0])
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        try:
+            with self._db:  # one transaction, committed on exit
+                self._db.execute("BEGIN IMMEDIATE")
+                yield
+        except sqlite3.Error as exc:
+            raise StoreError(_explain(self.path, exc)) from exc
+
+
+def _check(db: sqlite3.Connection, path: str) -> None:
+    """Refuse a file that is not a zds pod store, is damaged, or is from a newer zds."""
+    try:
+        result = db.execute("PRAGMA quick_check").fetchone()
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise StoreError(_explain(path, exc)) from exc
+    if result is None or result[0] != "ok":
+        raise StoreError(
+            f"pod store {path} is damaged ({result[0] if result else 'no answer'}); restore it from a "
+            "backup, or move it away and start empty with --reset-state"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"pod store {path} has schema version {version}, newer than this zds knows ({SCHEMA_VERSION}); "
+            "run the zds that wrote it"
+        )
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if (version >= 1 and "pods" not in tables) or (version == 0 and tables):
+        raise StoreError(f"{path} is an SQLite database but not a zds pod store; use another --state-dir")
+
+
+def _migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the schema to SCHEMA_VERSION, one migration per transaction."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            for statement in MIGRATIONS[target]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {target}")
+        log.info("pod store %s migrated to schema version %d", path, target)
+
+
+def _explain(path: str, exc: sqlite3.Error) -> str:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        code &= 0xFF  # the primary result code, without the extended bits
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return (
+            f"pod store {path} is locked by another process ({exc}); close whatever holds it "
+            "(another zds server, an sqlite3 shell) and start again"
+        )
+    if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        return (
+            f"pod store {path} is not a readable zds pod store ({exc}); restore it from a backup, or "
+            "move it away and start empty with --reset-state"
+        )
+    return f"pod store {path}: {exc}"
+
+
+def reset(state_dir: str) -> str | None:
+    """``--reset-state``: move an existing store aside (never delete it); the new name, if any."""
+    path = os.path.join(state_dir, DB_NAME)
+    if not os.path.exists(path):
+        return None
+    aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.bak"
+    os.rename(path, aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path + suffix, aside + suffix)
+    return aside

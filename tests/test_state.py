@@ -1,0 +1,482 @@
+"""A node agent that loses nothing: real processes killed and restarted, real namespaces,
+real rules, real traffic. The pod store, recovery, one instance per socket, liveness."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (
+    NodeAgentProc,
+    RawPeer,
+    ZtunnelProc,
+    fd_count,
+    request_of,
+    wait_until,
+)
+from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
+from zds.netns.apps import EchoServer
+from zds.netns.apps import exchange as exchange_from
+from zds.netns.fixtures import create_netns, delete_netns
+from zds.netns.podnet import PodNetwork
+from zds.protocol.messages import AddWorkload, KeepWorkload
+from zds.server.redirect import iptables_save
+
+pytestmark = pytest.mark.root
+
+APP_PORT = 8080
+
+
+class Namespaces:
+    """Named namespaces a test makes; every one is deleted at the end."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        self.names: list[str] = []
+
+    def make(self, name: str) -> str:
+        full = f"zst-{self.tag}-{name}"
+        self.names.append(full)
+        return create_netns(full)
+
+    def delete(self, name: str) -> None:
+        delete_netns(f"zst-{self.tag}-{name}", missing_ok=True)
+
+    def close(self) -> None:
+        for name in self.names:
+            delete_netns(name, missing_ok=True)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[Namespaces]:
+    made = Namespaces()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+class Agents:
+    """``zds server`` processes sharing ``tmp`` (sockets, state): a second one is a restart."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = str(tmp)
+        self.started: list[NodeAgentProc] = []
+
+    def start(self, *extra: str, redirect: bool = False, ready: bool = True) -> NodeAgentProc:
+        proc = NodeAgentProc(self.tmp, *extra, name=f"server-{len(self.started)}", redirect=redirect)
+        self.started.append(proc)
+        return proc.wait_ready() if ready else proc
+
+    def close(self) -> None:
+        for proc in self.started:
+            proc.stop()
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Agents]:
+    made = Agents(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def pods_file(path: Path, pods: dict[str, str]) -> str:
+    path.write_text("".join(json.dumps({"uid": uid, "netns": netns}) + "\n" for uid, netns in pods.items()))
+    return str(path)
+
+
+def listed(server: NodeAgentProc) -> dict[str, object]:
+    return {p.uid: p for p in server.list_pods()}
+
+
+def istio_rules(path: str) -> list[str]:
+    with open_netns(path) as ns, in_netns(ns):
+        return [line for line in iptables_save().splitlines() if "ISTIO" in line]
+
+
+# -- the store across a SIGKILL ---------------------------------------------------------
+
+
+def test_a_pod_add_that_returned_survives_a_sigkill_right_after(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    netns = namespaces.make("a")
+    server = agents.start()
+    done = server.cli("pod", "add", "--uid", "u1", "--name", "web", "--namespace", "shop", "--netns", netns)
+    assert done.returncode == 1 and "no ztunnel connection" in done.stderr  # cached all the same
+    server.stop(signal.SIGKILL)
+    restarted = agents.start()
+    [pod] = restarted.list_pods()
+    assert (pod.uid, pod.name, pod.namespace, pod.netns_path, pod.recovery) == (
+        "u1",
+        "web",
+        "shop",
+        netns,
+        "restored",
+    )
+    assert NetnsIdentity(pod.netns.dev, pod.netns.ino) == NetnsIdentity(*_stat_identity(netns))
+    assert "recovered 1 pod(s)" in restarted.output() and "1 restored" in restarted.output()
+
+
+def _stat_identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_sigkill_with_200_pods_rules_and_live_traffic_drops_nothing(agents: Agents, tmp_path: Path) -> None:
+    tag = secrets.token_hex(2)
+    net = PodNetwork(bridge=f"zdsr{tag}", subnet4="10.183.0.0/24", subnet6="fd00:183::/64")
+    namespaces = Namespaces()
+    app: EchoServer | None = None
+    ztunnel: ZtunnelProc | None = None
+    traffic: Traffic | None = None
+    try:
+        a, b = net.add_pod(f"zst-{tag}-a"), net.add_pod(f"zst-{tag}-b")
+        app = EchoServer(b.netns_path, APP_PORT)
+        pods = {"p-a": a.netns_path, "p-b": b.netns_path}
+        pods.update({f"p-{i:03d}": namespaces.make(f"{i:03d}") for i in range(198)})
+        server = agents.start(redirect=True)
+        ztunnel = ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel.log"), "--no-dns")
+        wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
+        added = server.cli("pod", "add", "--from-file", pods_file(tmp_path / "pods.jsonl", pods))
+        assert added.returncode == 0, added.stderr
+        wait_until(lambda: len(ztunnel.workload_states()) == 200, "200 workloads in ztunnel")
+        assert set(ztunnel.workload_states().values()) == {"Up"}
+
+        # A connection relayed through both pods before the restart, kept open across it.
+        held = _connect_in(a.netns_path, b.ipv4)
+        assert _echo(held, b"before\n") == b"before\n"
+        traffic = flow = Traffic(a.netns_path, b.ipv4)
+        wait_until(lambda: flow.ok >= 3, "traffic flowing")
+
+        server.stop(signal.SIGKILL)
+        wait_until(
+            lambda: "node agent closed the connection" in ztunnel.output(), "ztunnel sees the agent gone"
+        )
+        during = flow.ok
+        wait_until(lambda: flow.ok >= during + 3, "traffic while the agent is down")
+
+        restarted = agents.start(redirect=True)
+        wait_until(
+            lambda: "snapshot reconciled: 200 workload(s) held, 0 dropped" in ztunnel.output(),
+            "ztunnel's snapshot from the restarted agent",
+        )
+        assert set(ztunnel.workload_states().values()) == {"Up"} and len(ztunnel.workload_states()) == 200
+        after = flow.ok
+        wait_until(lambda: flow.ok >= after + 3, "traffic after the restart")
+        assert _echo(held, b"after\n") == b"after\n", "the relayed connection carries data after the restart"
+        held.close()
+        flow.stop()
+        assert flow.failures == [], flow.failures
+        assert "dropped" not in "".join(
+            line for line in ztunnel.output().splitlines() if "reconciled" in line and "0 dropped" not in line
+        )
+
+        recovered = listed(restarted)
+        assert len(recovered) == 200
+        assert {p.recovery for p in recovered.values()} == {"restored"}  # type: ignore[attr-defined]
+        assert all(p.rules_installed for p in recovered.values())  # type: ignore[attr-defined]
+
+        removed = restarted.cli("pod", "remove", "--uid", "p-000")
+        assert removed.returncode == 0, removed.stderr
+        wait_until(lambda: "p-000" not in ztunnel.workload_states(), "p-000 dropped by ztunnel")
+        assert istio_rules(pods["p-000"]) == []
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if ztunnel is not None:
+            ztunnel.stop()
+        agents.close()
+        if app is not None:
+            app.close()
+        namespaces.close()
+        net.close()
+
+
+def _connect_in(netns: str, address: str) -> socket.socket:
+    with open_netns(netns) as ns, in_netns(ns):
+        sock = socket.create_connection((address, APP_PORT), timeout=10)
+    return sock
+
+
+def _echo(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+class Traffic:
+    """New connections from a pod to another, one after the other, until stopped."""
+
+    def __init__(self, netns: str, address: str) -> None:
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(netns, address), daemon=True)
+        self._thread.start()
+
+    def _run(self, netns: str, address: str) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            payload = f"exchange {n}\n".encode()
+            try:
+                if exchange_from(netns, address, APP_PORT, payload, timeout=10) == payload:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"exchange {n}: echo differs")
+            except OSError as exc:
+                self.failures.append(f"exchange {n}: {exc}")
+            self._stop.wait(0.05)  # pacing of the load, not synchronisation
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+# -- recovery decides by identity ----------------------------------------------------------
+
+
+def test_a_named_netns_recreated_under_the_same_name_is_not_taken_for_the_old_pod(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    old = namespaces.make("a")
+    old_identity = _stat_identity(old)
+    server = agents.start(redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", old)
+    assert istio_rules(old) != []
+    server.stop(signal.SIGKILL)
+    namespaces.delete("a")
+    new = namespaces.make("a")
+    assert new == old and _stat_identity(new) != old_identity
+
+    restarted = agents.start(redirect=True)
+    [pod] = restarted.list_pods()
+    assert pod.recovery == "netns replaced" and not pod.HasField("netns")
+    assert istio_rules(new) == [], "the rules never go into a netns that is not the pod's"
+    assert (
+        "pod recovered without its netns (netns replaced): sent to ztunnel as KeepWorkload"
+        in restarted.output()
+    )
+    peer = RawPeer(restarted.zds_socket)
+    try:
+        peer.hello()
+        [entry] = peer.take_snapshot()
+        assert request_of(entry) == KeepWorkload(uid="u1") and entry.fds == []
+    finally:
+        peer.close()
+
+
+def test_a_netns_file_removed_while_its_process_lives_is_found_through_proc(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    path = namespaces.make("a")
+    identity = _stat_identity(path)
+    holder = subprocess.Popen(["ip", "netns", "exec", os.path.basename(path), "sleep", "600"])
+    try:
+        wait_until(lambda: _proc_netns(holder.pid) == identity, "the process inside the netns")
+        server = agents.start(redirect=True)
+        server.cli("pod", "add", "--uid", "u1", "--netns", path)
+        rules = istio_rules(path)
+        server.stop(signal.SIGKILL)
+        namespaces.delete("a")  # the file goes; the netns lives on in the process
+        assert not os.path.exists(path)
+
+        restarted = agents.start(redirect=True)
+        [pod] = restarted.list_pods()
+        assert pod.recovery == "netns found elsewhere" and pod.rules_installed
+        assert (pod.netns.dev, pod.netns.ino) == identity
+        assert istio_rules(f"/proc/{holder.pid}/ns/net") == rules
+        peer = RawPeer(restarted.zds_socket)
+        try:
+            peer.hello()
+            [entry] = peer.take_snapshot()
+            assert isinstance(request_of(entry), AddWorkload)
+            assert len(entry.fds) == 1 and netns_identity(entry.fds[0]) == NetnsIdentity(*identity)
+            entry.close_fds()
+        finally:
+            peer.close()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _proc_netns(pid: int) -> tuple[int, int] | None:
+    try:
+        return _stat_identity(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def test_a_removal_a_crash_interrupted_is_finished_on_the_next_start(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    path = namespaces.make("a")
+    server = agents.start(redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    assert istio_rules(path) != []
+    server.stop(signal.SIGKILL)
+    # What the store holds when a removal began (rules not yet out) and the agent died.
+    from zds.server.store import PodStore
+
+    store = PodStore.open(server.state_dir, used_before=True)
+    store.mark_removing("u1")
+    store.close()
+
+    restarted = agents.start(redirect=True)
+    assert restarted.list_pods() == []
+    assert istio_rules(path) == []
+    assert "finished the removal a restart interrupted" in restarted.output()
+
+
+# -- ztunnel killed mid-snapshot -------------------------------------------------------------
+
+KILLED_MID_SNAPSHOT = textwrap.dedent(
+    """
+    import os, signal, socket, sys
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(sys.argv[1])
+    sock.send(bytes.fromhex("0801"))
+    for _ in range(int(sys.argv[2])):
+        data, fds, _, _ = socket.recv_fds(sock, 1024, 4)
+        sock.send(bytes.fromhex("0a00"))
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_a_ztunnel_killed_in_the_middle_of_a_1000_pod_snapshot_is_followed_by_one_that_gets_all(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    netns = namespaces.make("shared")
+    pods = {f"p-{i:04d}": netns for i in range(1000)}
+    server = agents.start("--pods", pods_file(tmp_path / "pods.jsonl", pods))
+    assert len(server.list_pods()) == 1000
+    before = fd_count(server.pid)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_SNAPSHOT, server.zds_socket, "400"], timeout=60, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL
+    wait_until(lambda: server.connected_count() == 0, "the killed ztunnel's connection gone")
+    peer = RawPeer(server.zds_socket)
+    try:
+        peer.hello()
+        entries = peer.take_snapshot()
+        uids = [request_of(e).uid for e in entries]  # type: ignore[union-attr]
+        assert sorted(uids) == sorted(pods) and len(set(uids)) == 1000
+        assert all(len(e.fds) == 1 for e in entries)
+        for entry in entries:
+            entry.close_fds()
+    finally:
+        peer.close()
+    wait_until(lambda: fd_count(server.pid) <= before, "the agent's fds back to where they were")
+
+
+# -- one instance per socket, and its socket files ------------------------------------------
+
+
+def test_a_second_server_on_the_same_sockets_refuses_and_the_first_keeps_serving(agents: Agents) -> None:
+    first = agents.start()
+    second = agents.start(ready=False)
+    assert second.wait_exit() == 1
+    assert f"another zds server (pid {first.pid}) is serving {first.zds_socket}" in second.output()
+    assert "Traceback" not in second.output()
+    peer = RawPeer(first.zds_socket)
+    try:
+        peer.hello()
+        assert peer.take_snapshot() == []
+    finally:
+        peer.close()
+    assert first.list_pods() == []
+    assert first.stop() == 0
+    for path in (first.zds_socket, first.control_socket, first.cni_socket):
+        assert not os.path.exists(path)
+
+
+def test_a_second_server_on_the_same_state_dir_refuses(agents: Agents, tmp_path: Path) -> None:
+    first = agents.start()
+    other = tmp_path / "other"
+    other.mkdir()
+    second = NodeAgentProc(str(other), "--state-dir", first.state_dir, name="other")
+    try:
+        assert second.wait_exit() == 1
+        assert f"another zds server (pid {first.pid}) is serving {first.state_dir}" in second.output()
+        assert not os.path.exists(second.zds_socket)
+    finally:
+        second.stop()
+
+
+def test_on_exit_a_server_removes_only_the_socket_it_made(agents: Agents) -> None:
+    server = agents.start()
+    os.unlink(server.zds_socket)  # somebody replaced it meanwhile
+    replacement = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        replacement.bind(server.zds_socket)
+        assert server.stop() == 0
+        assert os.path.exists(server.zds_socket), "a socket this server did not make stays"
+        assert not os.path.exists(server.control_socket)
+    finally:
+        replacement.close()
+        os.unlink(server.zds_socket)
+
+
+def test_a_corrupt_store_stops_the_server_in_one_line_and_stays_untouched(agents: Agents) -> None:
+    first = agents.start()
+    first.stop()
+    db = Path(first.state_dir) / "pods.db"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    garbage = os.urandom(8192)
+    db.write_bytes(garbage)
+    second = agents.start(ready=False)
+    assert second.wait_exit() == 1
+    assert f"pod store {db} is not a readable zds pod store" in second.output()
+    assert "Traceback" not in second.output()
+    assert db.read_bytes() == garbage
+
+
+def test_reset_state_starts_empty_and_keeps_the_old_store(agents: Agents, namespaces: Namespaces) -> None:
+    netns = namespaces.make("a")
+    first = agents.start()
+    first.cli("pod", "add", "--uid", "u1", "--netns", netns)
+    first.stop()
+    second = agents.start("--reset-state")
+    assert second.list_pods() == []
+    kept = [
+        name for name in os.listdir(second.state_dir) if name.startswith("pods.db.") and name.endswith(".bak")
+    ]
+    assert len(kept) == 1
+    assert "the old pod store was moved to" in second.output()
+
+
+# -- liveness -------------------------------------------------------------------------------
+
+
+def test_a_ztunnel_that_died_is_seen_gone_at_once_not_at_the_next_keepalive(agents: Agents) -> None:
+    server = agents.start("--keepalive-interval", "600")
+    peer = RawPeer(server.zds_socket)
+    peer.hello()
+    assert peer.take_snapshot() == []
+    wait_until(lambda: server.connected_count() == 1, "the connection listed")
+    peer.close()  # as a ztunnel that died: the kernel closes its end
+    # With a 600 s keepalive only the socket's EOF can tell, and it must.
+    wait_until(lambda: server.connected_count() == 0, "the connection gone", timeout=5)
+    assert "ztunnel closed the connection" in server.output()

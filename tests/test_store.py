@@ -1,0 +1,177 @@
+"""The pod store on its own: a real SQLite file in a temporary directory, no root needed."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sqlite3
+
+import pytest
+
+from zds.netns import NetnsIdentity, NetnsRef
+from zds.server import store as pod_store
+from zds.server.pods import PodSpec
+from zds.server.store import SCHEMA_VERSION, PodStore, StoreError
+
+
+def spec(uid: str, netns: str = "/var/run/netns/pod-a", ips: tuple[str, ...] = ()) -> PodSpec:
+    return PodSpec.create(uid, NetnsRef.parse(netns), name=f"n-{uid}", namespace="shop", ips=ips)
+
+
+@pytest.fixture
+def state(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "state"
+
+
+def open_store(state: pathlib.Path, used_before: bool = False) -> PodStore:
+    state.mkdir(exist_ok=True)
+    return PodStore.open(str(state), used_before=used_before)
+
+
+def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: pathlib.Path) -> None:
+    store = open_store(state)
+    try:
+        assert len(store) == 0 and store.load() == []
+    finally:
+        store.close()
+    db = state / "pods.db"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_what_is_put_comes_back_as_it_was_written(state: pathlib.Path) -> None:
+    store = open_store(state)
+    try:
+        store.put(
+            spec("u1", ips=("10.0.0.5", "fd00::5")),
+            NetnsIdentity(4, 4026532290),
+            rules="iptables",
+            rules_digest="abc",
+            enrolled_at=10.0,
+        )
+        store.put(spec("u2", "pid:4242"), None, enrolled_at=5.0)
+    finally:
+        store.close()
+    store = open_store(state, used_before=True)  # a restart reads what the last run committed
+    try:
+        u2, u1 = store.load()  # oldest enrollment first
+    finally:
+        store.close()
+    assert u1.spec == spec("u1", ips=("10.0.0.5", "fd00::5"))
+    assert (u1.identity, u1.rules, u1.rules_digest, u1.removing, u1.enrolled_at) == (
+        NetnsIdentity(4, 4026532290),
+        "iptables",
+        "abc",
+        False,
+        10.0,
+    )
+    assert u2.spec.netns == NetnsRef.of_pid(4242) and u2.identity is None and u2.rules == ""
+
+
+def test_a_put_overwrites_and_a_removal_is_marked_then_deleted(state: pathlib.Path) -> None:
+    store = open_store(state)
+    try:
+        store.put(spec("u1"), NetnsIdentity(4, 1))
+        store.put(spec("u1", "/var/run/netns/pod-b"), NetnsIdentity(4, 2))
+        [row] = store.load()
+        assert row.identity == NetnsIdentity(4, 2) and str(row.spec.netns) == "/var/run/netns/pod-b"
+        store.mark_removing("u1")
+        [row] = store.load()
+        assert row.removing
+        store.delete("u1")
+        assert store.load() == []
+    finally:
+        store.close()
+
+
+def test_a_file_that_is_not_a_database_is_refused_in_one_line_and_left_untouched(state: pathlib.Path) -> None:
+    state.mkdir()
+    db = state / "pods.db"
+    garbage = b"this is not an SQLite database\n" * 200
+    db.write_bytes(garbage)
+    with pytest.raises(StoreError) as caught:
+        PodStore.open(str(state), used_before=True)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"pod store {db} is not a readable zds pod store")
+    assert "--reset-state" in message
+    assert db.read_bytes() == garbage
+    assert not (state / "pods.db-wal").exists()
+
+
+def test_another_programs_database_is_refused(state: pathlib.Path) -> None:
+    state.mkdir()
+    db = state / "pods.db"
+    with sqlite3.connect(db) as raw:
+        raw.execute("CREATE TABLE accounts (id INTEGER)")
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match="is an SQLite database but not a zds pod store"):
+        PodStore.open(str(state), used_before=True)
+    assert db.read_bytes() == before
+
+
+def test_a_store_from_a_newer_zds_is_refused(state: pathlib.Path) -> None:
+    open_store(state).close()
+    with sqlite3.connect(state / "pods.db") as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this zds knows"):
+        PodStore.open(str(state), used_before=True)
+
+
+def test_a_missing_store_in_a_used_state_directory_is_an_error_not_an_empty_start(
+    state: pathlib.Path,
+) -> None:
+    state.mkdir()
+    with pytest.raises(StoreError) as caught:
+        PodStore.open(str(state), used_before=True)
+    assert str(caught.value) == (
+        f"pod store {state / 'pods.db'} is missing, but {state} was used by a node agent before; "
+        "restore the file, or start empty with --reset-state (ztunnel then drops the pods it holds)"
+    )
+    assert not (state / "pods.db").exists()
+
+
+def test_a_locked_store_is_named_as_locked(state: pathlib.Path) -> None:
+    open_store(state).close()
+    holder = sqlite3.connect(state / "pods.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreError, match="is locked by another process"):
+            store = PodStore.open(str(state), used_before=True)
+            store.put(spec("u1"), None)
+    finally:
+        holder.close()
+
+
+def test_a_damaged_row_is_named_with_its_uid(state: pathlib.Path) -> None:
+    store = open_store(state)
+    store.put(spec("u1"), None)
+    store.close()
+    with sqlite3.connect(state / "pods.db") as raw:
+        raw.execute("UPDATE pods SET netns = 'pid:x' WHERE uid = 'u1'")
+    store = open_store(state, used_before=True)
+    try:
+        with pytest.raises(StoreError, match="the row of pod 'u1' is damaged"):
+            store.load()
+    finally:
+        store.close()
+
+
+def test_reset_moves_the_store_aside_and_never_deletes_it(state: pathlib.Path) -> None:
+    store = open_store(state)
+    store.put(spec("u1"), None)
+    store.close()
+    aside = pod_store.reset(str(state))
+    assert aside is not None and aside.startswith(str(state / "pods.db.")) and aside.endswith(".bak")
+    assert not (state / "pods.db").exists()
+    with sqlite3.connect(aside) as raw:
+        assert raw.execute("SELECT uid FROM pods").fetchall() == [("u1",)]
+    assert pod_store.reset(str(state)) is None  # nothing there to move
+    fresh = open_store(state)
+    try:
+        assert fresh.load() == []
+    finally:
+        fresh.close()
+    assert sorted(os.listdir(state))[0] == "pods.db"
