@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.harness import ZDS, NodeAgentProc, Peers, Pod, StartServer, is_root
+from zds import defaults
 from zds.netns.fixtures import create_netns, delete_netns
 
 
@@ -24,6 +25,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("this test needs root, and CI=true turns the skip into a failure")
     pytest.skip("needs root (runs in CI as root)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_state_untouched() -> Iterator[None]:
+    """No test may use the machine's own pod store (zds server's default --state-dir):
+    every node agent a test starts keeps its state under the test's tmp dir."""
+    existed = os.path.exists(defaults.STATE_DIR)
+    yield
+    if not existed and os.path.exists(defaults.STATE_DIR):
+        pytest.fail(f"a test started a node agent on the machine's {defaults.STATE_DIR}; give it --state-dir")
 
 
 @pytest.fixture

@@ -177,6 +177,8 @@ def test_text_logs_with_the_global_flags(tmp_path: object) -> None:
                 "--http-listen",
                 "off",
                 "--no-redirect",
+                "--state-dir",
+                os.path.join(str(tmp_path), "state"),
                 "--pods",
                 os.path.join(str(tmp_path), "missing.yaml"),
             ],
