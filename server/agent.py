@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zds import defaults
 from zds.protocol.messages import KeepWorkload
@@ -26,7 +26,9 @@ from zds.server.connection import ConnectionInfo, SnapshotItem, ZtunnelConnectio
 from zds.server.enrollment import DeleteResult, Enrolled, Enrollment
 from zds.server.eventkinds import EventKind
 from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
+from zds.server.netnspolicy import NetnsPolicy
 from zds.server.observer import AgentObserver
+from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules
 from zds.server.pods import Pod, PodSpec
@@ -49,6 +51,8 @@ class AgentConfig:
     accepts_per_second: float = defaults.ACCEPTS_PER_SECOND
     #: Events a Watch stream may have queued before it is ended (RESOURCE_EXHAUSTED).
     watch_queue: int = DEFAULT_WATCH_QUEUE
+    #: Who may connect to the node agent's unix sockets (SO_PEERCRED).
+    allow: AllowList = field(default_factory=AllowList.default)
 
 
 class NodeAgent:
@@ -64,6 +68,7 @@ class NodeAgent:
         config: AgentConfig | None = None,
         redirector: Redirector | None = None,
         telemetry: Telemetry | None = None,
+        netns_policy: NetnsPolicy | None = None,
     ) -> None:
         self.config = config or AgentConfig()
         self.pods = PodCache()
@@ -80,7 +85,12 @@ class NodeAgent:
             self.events,
             self.telemetry,
             self.tasks,
+            policy=netns_policy or NetnsPolicy.for_this_node(),
         )
+        #: Who may connect to the ZDS socket (SO_PEERCRED).
+        self.zds_peers = PeerGuard(self.config.allow, "ZDS")
+        self._limiter = AcceptLimiter(self.config.accepts_per_second)
+        self._connection_tasks: dict[ZtunnelConnection, asyncio.Task[None]] = {}
         self.telemetry.observe(
             connected=lambda: len(self.registry),
             pods_by_state=self.pods.by_state,
@@ -164,15 +174,15 @@ class NodeAgent:
 
     # -- connections -------------------------------------------------------------
     async def serve_zds(self, listener: socket.socket) -> None:
-        """Accept ztunnel connections (rate-limited, bounded) until cancelled."""
-        loop = asyncio.get_running_loop()
-        limiter = AcceptLimiter(self.config.accepts_per_second)
+        """Accept ztunnel connections until cancelled.
+
+        Accepting is never held back, so a flood of connections that never say hello
+        cannot make a real ztunnel wait (they are bounded, the oldest dropped, and closed
+        at the hello timeout); the accept rate limit (Istio's 5 a second) and
+        ``--max-connections`` apply once a connection says hello.
+        """
         try:
             while True:
-                delay = limiter.delay(loop.time())
-                while delay > 0:
-                    await asyncio.sleep(delay)
-                    delay = limiter.delay(loop.time())
                 try:
                     sock = await accept(listener)
                 except OSError as exc:
@@ -194,36 +204,67 @@ class NodeAgent:
             await self.close_connections("node agent shutting down")
 
     def _admit(self, conn: ZtunnelConnection) -> None:
-        peer = f"pid {conn.peer.pid} uid {conn.peer.uid}" if conn.peer else "unknown peer"
+        if not self.zds_peers.check(conn.peer):
+            conn.close("permission denied")
+            return
+        log.debug("ztunnel connection accepted from %s", _peer(conn), extra=conn.log_extra)
+        evicted = self.registry.admit(conn)
+        self._connection_tasks[conn] = self.tasks.spawn(self._run_connection(conn), name=f"ztunnel-{conn.id}")
+        if evicted is not None:
+            log.warning(
+                "dropped a connection from %s that never said hello: more than %d were waiting for theirs",
+                _peer(evicted),
+                self.registry.max_waiting,
+                extra=evicted.log_extra,
+            )
+            reason = "dropped: too many connections waiting for their hello"
+            evicted.protocol.close(reason)
+            task = self._connection_tasks.pop(evicted, None)
+            if task is not None:
+                # Closed once its task has let go of the socket (or at once, if it never ran).
+                task.add_done_callback(lambda _: evicted.close(reason))
+                task.cancel()
+
+    async def _on_hello(self, conn: ZtunnelConnection) -> str:
+        """A connection said hello: '' if it is served now, else why it is refused."""
+        await asyncio.sleep(self._limiter.reserve(asyncio.get_running_loop().time()))
         if self.registry.full():
             log.warning(
                 "refusing ztunnel connection from %s: already %d connected (--max-connections)",
-                peer,
-                len(self.registry.live()),
+                _peer(conn),
+                len(self.registry),
                 extra=conn.log_extra,
             )
-            conn.close("connection limit reached")
-            return
-        log.info("ztunnel connection accepted from %s", peer, extra=conn.log_extra)
-        self.registry.admit(conn)
-        self.tasks.spawn(self._run_connection(conn), name=f"ztunnel-{conn.id}")
+            return "connection limit reached"
+        self.registry.hello(conn)
+        log.info(
+            "ztunnel connected from %s, total connected: %d",
+            _peer(conn),
+            len(self.registry),
+            extra=conn.log_extra,
+        )
+        self.events.publish(EventKind.ZTUNNEL_CONNECTED, connection=conn.info(newest=True))
+        return ""
 
     async def _run_connection(self, conn: ZtunnelConnection) -> None:
-        def ready() -> None:
-            self.registry.hello(conn)
-            log.info("ztunnel connected, total connected: %d", len(self.registry), extra=conn.log_extra)
-            self.events.publish(EventKind.ZTUNNEL_CONNECTED, connection=conn.info(newest=True))
-
         reason = "closed"
         try:
-            reason = await conn.serve(self, ready)
+            reason = await conn.serve(self, lambda: self._on_hello(conn))
         finally:
+            self._connection_tasks.pop(conn, None)
             if self.registry.remove(conn):
                 self.events.publish(
                     EventKind.ZTUNNEL_DISCONNECTED,
                     connection=conn.info(),
                     error=conn.protocol.close_reason or reason,
                 )
+        if conn.protocol.peer_error:
+            log.warning(
+                "closed the connection from %s: %s",
+                _peer(conn),
+                conn.protocol.close_reason,
+                extra=conn.log_extra,
+            )
         log.info(
             "ztunnel disconnected: %s; total connected: %d", reason, len(self.registry), extra=conn.log_extra
         )
@@ -250,3 +291,8 @@ def _copy_pod(pod: Pod) -> Pod:
         enrolled_at=pod.enrolled_at,
         rules_installed=pod.rules_installed,
     )
+
+
+def _peer(conn: ZtunnelConnection) -> str:
+    peer = conn.peer
+    return f"pid {peer.pid} uid {peer.uid}" if peer is not None else "an unknown peer"

@@ -23,7 +23,7 @@ from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
-from zds.server.enrollment import EnrollmentError
+from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 
 log = logging.getLogger("zds.server.cni")
@@ -169,5 +169,7 @@ class CniPluginEndpoint:
                 exc,
                 extra={"uid": spec.uid, "pod": spec.name, "namespace": spec.namespace},
             )
-            return 500, str(exc)
+            # Refused (the node's netns, names Kubernetes would refuse): 400, as a bad body;
+            # anything else is Istio's 500 with the reason.
+            return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
         return 200, ""

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -144,10 +144,7 @@ class ZtunnelConnection:
             keepalive_interval=keepalive_interval,
         )
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
-        try:
-            self.peer: PeerCredentials | None = sock.peer_credentials()
-        except OSError:
-            self.peer = None
+        self.peer: PeerCredentials | None = sock.peer_credentials()
 
     @property
     def snapshot_complete(self) -> bool:
@@ -206,11 +203,18 @@ class ZtunnelConnection:
         return await delivery.result
 
     # -- the connection's own task ---------------------------------------------
-    async def serve(self, source: SnapshotSource, on_ready: Callable[[], None]) -> str:
-        """Hello, snapshot, then updates until the connection ends; returns why it ended."""
+    async def serve(self, source: SnapshotSource, on_hello: Callable[[], Awaitable[str]]) -> str:
+        """Hello, snapshot, then updates until the connection ends; returns why it ended.
+
+        ``on_hello`` is the node agent's say once the hello came: '' to go on (it may take
+        its time: the accept rate limit), or why this connection is refused.
+        """
         try:
             await self._await_hello()
-            on_ready()
+            refusal = await on_hello()
+            if refusal:
+                self.protocol.close(refusal)
+                return refusal
             await self._send_snapshot(source)
             while True:
                 delivery = await self._next_delivery()

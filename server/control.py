@@ -37,6 +37,7 @@ _STATE = {
 
 _STATUS = {
     EnrollmentOutcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    EnrollmentOutcome.REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
     EnrollmentOutcome.NO_CONNECTION: grpc.StatusCode.UNAVAILABLE,
     EnrollmentOutcome.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
     EnrollmentOutcome.LOST: grpc.StatusCode.UNAVAILABLE,

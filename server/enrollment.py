@@ -30,9 +30,10 @@ from zds.server import spans
 from zds.server.eventkinds import EventKind
 from zds.server.events import EventBus
 from zds.server.link import ConnectionLost, Connections
+from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, RulesError
-from zds.server.pods import Pod, PodSpec, PodSpecError
+from zds.server.pods import Pod, PodNameError, PodSpec, PodSpecError
 from zds.server.store import PodStore, StoreError
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
@@ -44,8 +45,11 @@ class EnrollmentOutcome(enum.Enum):
     """How an enrollment ended (the control API maps each to a gRPC status)."""
 
     ACKED = "acked"
-    #: Bad uid, bad netns, too large: nothing was cached.
+    #: A netns that cannot be opened or is no netns, an AddWorkload too large: nothing was cached.
     INVALID = "invalid"
+    #: Refused: the node's own netns, a netns from a place not allowed, names Kubernetes would
+    #: refuse. Nothing was cached, nothing touched.
+    REFUSED = "refused"
     #: Cached; delivered in the next ztunnel's snapshot.
     NO_CONNECTION = "no_connection"
     #: ztunnel answered with an error; cached.
@@ -92,8 +96,11 @@ class Enrollment:
         telemetry: Telemetry,
         tasks: TaskOwner,
         store: PodStore | None = None,
+        policy: NetnsPolicy | None = None,
     ) -> None:
         self.cache = cache
+        #: Which netns may be a pod's (never the node's); None only in unit tests.
+        self.policy = policy
         #: Where pods are kept across restarts (None: nowhere, e.g. in unit tests).
         self.store = store
         self.registry = registry
@@ -115,6 +122,9 @@ class Enrollment:
         with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
             try:
                 netns = self._open_netns(spec)
+            except NetnsRefused as exc:
+                spans.failed(span, exc)
+                raise EnrollmentError(EnrollmentOutcome.REFUSED, str(exc)) from exc
             except NetnsError as exc:
                 log.warning(
                     "netns unavailable; the pod stays known and is sent as KeepWorkload: %s",
@@ -162,6 +172,8 @@ class Enrollment:
         try:
             spec.validate()
             netns = self._open_netns(spec)
+        except (PodNameError, NetnsRefused) as exc:
+            raise EnrollmentError(EnrollmentOutcome.REFUSED, str(exc)) from exc
         except (PodSpecError, NetnsError) as exc:
             raise EnrollmentError(EnrollmentOutcome.INVALID, str(exc)) from exc
         pod = Pod(spec=spec, netns=netns)
@@ -197,7 +209,9 @@ class Enrollment:
     def _open_netns(self, spec: PodSpec) -> NetnsHandle:
         with spans.span(self.tracer, spans.OPEN_NETNS, {spans.NETNS_PATH: str(spec.netns)}) as span:
             try:
-                netns = open_netns_ref(spec.netns)
+                netns = (
+                    self.policy.open(spec.netns) if self.policy is not None else open_netns_ref(spec.netns)
+                )
             except NetnsError as exc:
                 spans.failed(span, exc)
                 raise
@@ -209,7 +223,7 @@ class Enrollment:
         if self.rules is None:
             return
         try:
-            await self.rules.install(pod)
+            await self.rules.install(pod, self.cache.uses_netns)
         except asyncio.CancelledError:
             pod.close()
             raise

@@ -40,17 +40,23 @@ class PodRules:
             lock = self._locks[identity] = asyncio.Lock()
         return lock
 
-    async def install(self, pod: Pod) -> None:
-        """Install the rules in the pod's netns; RulesError (with iptables' words) on failure."""
+    async def install(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool] = lambda _: False) -> None:
+        """Install the rules in the pod's netns; RulesError (with iptables' words) on failure,
+        after taking out whatever went in (an IPv4 set before a failed IPv6 one), unless
+        ``still_used``: another cached pod lives in that netns and keeps its rules."""
         if pod.netns is None:
             return
         with spans.span(self._tracer, spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
-            try:
-                async with self._lock(pod.netns.identity):
+            async with self._lock(pod.netns.identity):
+                try:
                     installed = await self.redirector.install(pod.netns)
-            except (RedirectError, NetnsError, OSError) as exc:
-                spans.failed(span, exc)
-                raise RulesError(f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}") from exc
+                except (RedirectError, NetnsError, OSError) as exc:
+                    spans.failed(span, exc)
+                    if not still_used(pod.netns.identity):
+                        await self._undo(pod)
+                    raise RulesError(
+                        f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}"
+                    ) from exc
         pod.rules_installed = True
         pod.rules_digest = installed.digest
         log.info(
@@ -58,6 +64,14 @@ class PodRules:
             "+IPv".join(map(str, installed.families)),
             extra=pod.spec.log_extra,
         )
+
+    async def _undo(self, pod: Pod) -> None:
+        """A failed install leaves the namespace as it was: take out what may have gone in."""
+        assert pod.netns is not None
+        try:
+            await self.redirector.remove(pod.netns)
+        except (RedirectError, NetnsError, OSError) as exc:
+            log.error("cannot take out a partly installed rule set: %s", exc, extra=pod.spec.log_extra)
 
     async def in_place(self, pod: Pod) -> bool:
         """Whether the rules in the pod's netns are still the ones ``pod.rules_digest`` recorded."""

@@ -13,6 +13,7 @@ from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsHandle, NetnsRef
 from zds.protocol.messages import AddWorkload, WorkloadInfo, encode_request
+from zds.server import names
 
 
 class PodState(enum.Enum):
@@ -23,6 +24,10 @@ class PodState(enum.Enum):
 
 class PodSpecError(ZdsError, ValueError):
     """A pod description that cannot be enrolled (empty uid, too large, bad entry)."""
+
+
+class PodNameError(PodSpecError):
+    """A uid, name, namespace or service account Kubernetes would refuse."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,14 @@ class PodSpec:
         return encode_request(self.add_workload)
 
     def validate(self) -> None:
-        """Refuse what ztunnel would refuse: an empty uid, or an AddWorkload over its 1024-byte buffer."""
-        if not self.uid:
-            raise PodSpecError("pod uid is empty")
+        """Refuse what Kubernetes would refuse (the uid, name, namespace and service
+        account rules of ``names``), and what ztunnel would: an AddWorkload over its
+        1024-byte buffer. The same check on every path a pod comes in by."""
+        problem = names.pod_problem(self.uid, self.name, self.namespace, self.service_account)
+        if problem:
+            raise PodNameError(problem)
         size = len(self.add_workload_bytes)
+        # Kubernetes' limits keep a pod well under it; this is the backstop, as DESIGN.md asks.
         if size > defaults.MAX_MESSAGE_SIZE:
             # Istio's agent sends it anyway and ztunnel rejects it as truncated; refuse it here instead.
             raise PodSpecError(

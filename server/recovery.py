@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, open_netns, open_netns_ref
 from zds.netns.search import find_by_identity
 from zds.server.enrollment import Enrollment
+from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.podrules import RulesError
-from zds.server.pods import Pod
+from zds.server.pods import Pod, PodSpecError
 from zds.server.store import PodStore, StoredPod, StoreError
 
 log = logging.getLogger("zds.server.recovery")
@@ -54,6 +55,8 @@ class RecoveryOutcome(enum.Enum):
     RULES_FAILED = "rules failed"
     #: A removal the last run began and did not finish: finished now.
     REMOVAL_FINISHED = "removal finished"
+    #: Its row names the node's own netns or an identity zds refuses: dropped from the store.
+    REFUSED = "refused"
 
 
 @dataclass
@@ -81,8 +84,20 @@ class _Found:
 async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     """Rebuild ``enrollment``'s pod cache from ``store``; nothing is sent to ztunnel here."""
     report = RecoveryReport()
-    rows = store.load()
-    found = [_reopen(row) for row in rows]
+    policy = enrollment.policy
+    rows = []
+    for row in store.load():
+        refused = _refused(row, policy)
+        if refused:
+            # Never the node, not even from the store: the row goes, nothing is touched.
+            log.error(
+                "pod refused on reload, dropped from the pod store: %s", refused, extra=row.spec.log_extra
+            )
+            store.delete(row.spec.uid)
+            report.outcomes[row.spec.uid] = RecoveryOutcome.REFUSED
+        else:
+            rows.append(row)
+    found = [_reopen(row, policy) for row in rows]
     _search([f for f in found if f.netns is None and f.row.identity is not None])
     semaphore = asyncio.Semaphore(CONCURRENCY)
 
@@ -103,13 +118,26 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     return report
 
 
-def _reopen(row: StoredPod) -> _Found:
+def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
+    """Why a stored pod may not be reloaded ('' if it may): a bad identity, or the node's netns."""
+    try:
+        row.spec.validate()
+        if policy is not None:
+            policy.check_place(row.spec.netns)
+            if row.identity is not None:
+                policy.check_identity(row.identity, str(row.spec.netns))
+    except (PodSpecError, NetnsRefused) as exc:
+        return str(exc)
+    return ""
+
+
+def _reopen(row: StoredPod, policy: NetnsPolicy | None) -> _Found:
     """Open the pod's netns reference and keep it only if it is the same netns."""
     item = _Found(row)
     if row.identity is None:
         return item
     try:
-        candidate = open_netns_ref(row.spec.netns)
+        candidate = policy.open(row.spec.netns) if policy is not None else open_netns_ref(row.spec.netns)
     except NetnsError:
         return item
     if candidate.identity == row.identity:
@@ -165,7 +193,7 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
         outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
         if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
             try:
-                await rules.install(pod)  # idempotent: an earlier copy of our chains is replaced
+                await rules.install(pod, enrollment.cache.uses_netns)  # replaces an earlier copy
             except RulesError as exc:
                 log.error("%s", exc, extra=row.spec.log_extra)
                 pod.rules_installed = False

@@ -4,8 +4,11 @@ manager of Istio's ``ztunnelserver.go``).
 Socket-free: it holds whatever objects stand for connections (``ZtunnelConnection``
 in the node agent, plain objects in unit tests) and answers the two questions
 delivery asks — which connection is the newest, and which are all of them —
-plus the limit on live connections. A connection is *live* from accept to
-close, *ready* once it said hello (only then does it take part in delivery).
+plus the limits. A connection is *live* from accept to close, *ready* once it
+said hello (only then does it take part in delivery). Only ready connections
+count against ``--max-connections``: connections that never say hello (a flood,
+a stuck client) cannot keep a real ztunnel out. They are bounded on their own:
+past ``max_waiting`` the oldest is dropped.
 """
 
 from __future__ import annotations
@@ -19,19 +22,26 @@ C = TypeVar("C", bound=Hashable)
 class ConnectionRegistry(Generic[C]):
     """Live connections in accept order, and the ones that said hello, oldest first."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, max_waiting: int = 64) -> None:
         self.max_connections = max_connections
+        self.max_waiting = max_waiting
         self._live: dict[C, None] = {}
         self._ready: list[C] = []
 
     # -- membership --------------------------------------------------------------
     def full(self) -> bool:
-        """No room for another live connection (``--max-connections``)."""
-        return len(self._live) >= self.max_connections
+        """No room for another connection that said hello (``--max-connections``)."""
+        return len(self._ready) >= self.max_connections
 
-    def admit(self, conn: C) -> None:
-        """A connection was accepted (the caller checked ``full`` first)."""
+    def admit(self, conn: C) -> C | None:
+        """A connection was accepted. If now too many wait for their hello, the oldest of them
+        is dropped from the registry and returned (the caller closes it)."""
         self._live[conn] = None
+        waiting = [c for c in self._live if c not in self._ready]
+        if len(waiting) <= self.max_waiting:
+            return None
+        del self._live[waiting[0]]
+        return waiting[0]
 
     def hello(self, conn: C) -> None:
         """The connection said hello: it is now the newest, the one adds go to."""

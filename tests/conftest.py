@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Peers, Pod, StartServer, is_root
+from tests.harness import ZDS, NodeAgentProc, Peers, Pod, StartServer, is_root, release_pod_netns
 from zds import defaults
 from zds.netns.fixtures import create_netns, delete_netns
 
@@ -33,6 +33,7 @@ def machine_state_untouched() -> Iterator[None]:
     every node agent a test starts keeps its state under the test's tmp dir."""
     existed = os.path.exists(defaults.STATE_DIR)
     yield
+    release_pod_netns()
     if not existed and os.path.exists(defaults.STATE_DIR):
         pytest.fail(f"a test started a node agent on the machine's {defaults.STATE_DIR}; give it --state-dir")
 

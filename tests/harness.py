@@ -240,9 +240,50 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def own_netns() -> str:
-    """A netns path every test can use without creating one: this process's."""
-    return f"/proc/{os.getpid()}/ns/net"
+_POD_NETNS: dict[str, Any] = {}
+
+
+def pod_netns() -> str:
+    """A named network namespace any test may enroll as a pod's, made once per test process
+    (the node agent refuses the node's own netns, the one the tests run in); removed at the
+    end of the session (conftest)."""
+    if "path" not in _POD_NETNS:
+        from zds.netns.fixtures import create_netns
+
+        _POD_NETNS["name"] = f"zds-test-{os.getpid()}"
+        _POD_NETNS["path"] = create_netns(_POD_NETNS["name"])
+    path: str = _POD_NETNS["path"]
+    return path
+
+
+def pod_netns_pid() -> int:
+    """A process living in ``pod_netns()`` (for ``pid:N`` references), started once."""
+    if "process" not in _POD_NETNS:
+        _POD_NETNS["process"] = subprocess.Popen(
+            ["ip", "netns", "exec", os.path.basename(pod_netns()), "sleep", "infinity"]
+        )
+        wait_until(
+            lambda: (
+                os.stat(f"/proc/{_POD_NETNS['process'].pid}/ns/net").st_ino == os.stat(pod_netns()).st_ino
+            ),
+            "the process inside the pod netns",
+        )
+    pid: int = _POD_NETNS["process"].pid
+    return pid
+
+
+def release_pod_netns() -> None:
+    """Stop the pod-netns process and delete the netns (end of the session)."""
+    process = _POD_NETNS.pop("process", None)
+    if process is not None:
+        process.kill()
+        process.wait()
+    name = _POD_NETNS.pop("name", None)
+    _POD_NETNS.pop("path", None)
+    if name is not None:
+        from zds.netns.fixtures import delete_netns
+
+        delete_netns(name, missing_ok=True)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -27,6 +27,7 @@ from zds.server.agent import NodeAgent
 from zds.server.enrollment import DeleteResult, Enrollment, EnrollmentError, EnrollmentOutcome
 from zds.server.events import EventBus
 from zds.server.link import ConnectionLost
+from zds.server.netnspolicy import NetnsPolicy
 from zds.server.podcache import PodCache
 from zds.server.pods import PodSpec
 from zds.server.registry import ConnectionRegistry
@@ -34,7 +35,7 @@ from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 
 #: This process's own network namespace: openable without root.
-SELF_NETNS = NetnsRef.of_path("/proc/self/ns/net")
+SELF_NETNS = NetnsRef.of_pid(os.getpid())  # /proc/PID/ns/net of this process: no root needed
 
 
 def is_open(fd: int) -> bool:
@@ -389,19 +390,33 @@ async def test_the_add_workload_payload_is_encoded_once_and_reused_for_every_del
 # -- the registry ----------------------------------------------------------------------------
 
 
-def test_the_registry_is_full_at_its_limit_of_live_connections_hello_or_not() -> None:
+def test_only_connections_that_said_hello_count_against_the_limit() -> None:
     registry: ConnectionRegistry[StandInConnection] = ConnectionRegistry(max_connections=2)
-    a, b = StandInConnection("a"), StandInConnection("b")
+    a, b, c = StandInConnection("a"), StandInConnection("b"), StandInConnection("c")
     assert not registry.full()
-    registry.admit(a)
-    registry.admit(b)  # no hello: it still takes a place
+    for conn in (a, b, c):
+        assert registry.admit(conn) is None
     registry.hello(a)
+    assert not registry.full(), "b and c never said hello: they hold no place"
+    registry.hello(b)
     assert registry.full()
-    assert len(registry) == 1  # only those that said hello count as connected
+    assert len(registry) == 2  # only those that said hello count as connected
 
-    assert registry.remove(b) is False  # it had not said hello
+    assert registry.remove(c) is False  # it had not said hello
+    assert registry.remove(b) is True
     assert not registry.full()
     assert registry.live() == [a]
+
+
+def test_past_the_bound_the_oldest_connection_waiting_for_its_hello_is_dropped() -> None:
+    registry: ConnectionRegistry[StandInConnection] = ConnectionRegistry(max_connections=2, max_waiting=3)
+    conns = [StandInConnection(str(i)) for i in range(5)]
+    assert [registry.admit(conn) for conn in conns[:3]] == [None, None, None]
+    registry.hello(conns[0])  # said hello: no longer waiting, never dropped for being idle
+    assert registry.admit(conns[3]) is None
+    assert registry.admit(conns[4]) is conns[1], "the oldest still waiting goes first"
+    assert conns[1] not in registry.live()
+    assert registry.admit(StandInConnection("5")) is conns[2]
 
 
 def test_the_registry_newest_and_ready_after_remove() -> None:
@@ -441,7 +456,8 @@ def test_a_hello_from_a_connection_not_admitted_is_ignored() -> None:
 
 @pytest.fixture
 async def agent() -> AsyncIterator[NodeAgent]:
-    node_agent = NodeAgent()
+    # This process's netns is the node's: a node agent that forbids nothing, for this unit test only.
+    node_agent = NodeAgent(netns_policy=NetnsPolicy(roots=("/",), forbidden={}))
     yield node_agent
     node_agent.pods.close()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import AckingPeer, NodeAgentProc, Peers, own_netns, wait_until
+from tests.harness import AckingPeer, NodeAgentProc, Peers, pod_netns, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -94,7 +94,7 @@ def test_grpcurl_health_check_answers_serving(server: NodeAgentProc) -> None:
 
 
 def test_grpcurl_adds_and_lists_pods_with_json(server: NodeAgentProc, peer: AckingPeer) -> None:
-    request = {"uid": "u1", "name": "web", "namespace": "shop", "netns_path": own_netns()}
+    request = {"uid": "u1", "name": "web", "namespace": "shop", "netns_path": pod_netns()}
     out = grpcurl(server, "zds.v1.NodeAgent/AddPod", data=json.dumps(request))
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
@@ -110,7 +110,7 @@ def test_grpcurl_adds_and_lists_pods_with_json(server: NodeAgentProc, peer: Acki
         "shop",
         "default",
     )
-    assert pod["netns_path"] == own_netns() and int(pod["netns"]["ino"]) == os.stat(own_netns()).st_ino
+    assert pod["netns_path"] == pod_netns() and int(pod["netns"]["ino"]) == os.stat(pod_netns()).st_ino
 
     out = grpcurl(server, "zds.v1.NodeAgent/ListConnections")
     assert out.returncode == 0, out.stderr
@@ -124,7 +124,7 @@ def test_grpcurl_shows_errors_with_their_grpc_status(server: NodeAgentProc) -> N
     assert out.returncode != 0
     assert "Code: NotFound" in out.stderr and "no pod with uid nobody is enrolled" in out.stderr
     out = grpcurl(
-        server, "zds.v1.NodeAgent/AddPod", data=json.dumps({"uid": "u1", "netns_path": own_netns()})
+        server, "zds.v1.NodeAgent/AddPod", data=json.dumps({"uid": "u1", "netns_path": pod_netns()})
     )
     assert out.returncode != 0 and "Code: Unavailable" in out.stderr and "no ztunnel connection" in out.stderr
 
@@ -168,7 +168,7 @@ def test_grpcurl_reads_a_watch_stream_while_pods_are_enrolled(
         for path in (out_path, filtered_path):
             wait_until(functools.partial(has_marker, path), what="the marker")
         for uid in ("u1", "u2"):
-            server.add_pod(uid, own_netns(), name=f"pod-{uid}", namespace="shop")
+            server.add_pod(uid, pod_netns(), name=f"pod-{uid}", namespace="shop")
         wait_until(
             lambda: len([e for e in events(out_path) if e["kind"] == "EVENT_KIND_MESSAGE_ACKED"]) == 2,
             what="both acks in the stream",

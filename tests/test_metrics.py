@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import NodeAgentProc, Peers, RawPeer, free_port, own_netns, post_unix, wait_until
+from tests.harness import NodeAgentProc, Peers, RawPeer, free_port, pod_netns, post_unix, wait_until
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root
@@ -61,7 +61,7 @@ def server(tmp_path: object) -> Iterator[Server]:
 
 def add(server: NodeAgentProc, uid: str) -> Any:
     try:
-        return server.add_pod(uid, own_netns())
+        return server.add_pod(uid, pod_netns())
     except grpc.RpcError as exc:
         return exc
 
@@ -139,7 +139,7 @@ def test_a_request_that_never_gets_its_ack_counts_as_unanswered(tmp_path: object
 
 
 def test_cni_plugin_requests_are_counted_by_response_code(server: Server, peers: Peers) -> None:
-    body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+    body = json.dumps({"Netns": pod_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
     assert post_unix(server.cni_socket, "/cmdadd", b"not json")[0] == 400
     assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 500  # no ztunnel connection
     peers.acking(server.zds_socket)

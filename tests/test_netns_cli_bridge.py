@@ -53,7 +53,9 @@ def test_pods_made_by_separate_commands_share_the_bridge_and_talk(names: tuple[s
     deleted = zds("delete", a, b, "--bridge", bridge)
     assert deleted.returncode == 0, deleted.stderr
     assert a not in list_netns() and b not in list_netns()
-    assert bridge not in links() and "zv-zdst" not in links()
+    left = links()
+    assert bridge not in left
+    assert f"zv-{a}" not in left and f"zv-{b}" not in left, "the pods' veths are gone"
 
 
 def test_a_bridge_with_other_addresses_is_refused(names: tuple[str, str, str]) -> None:

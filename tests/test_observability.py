@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Peers, own_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, Peers, pod_netns, wait_until
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root
@@ -32,9 +32,9 @@ def test_list_connections_shows_peer_hello_snapshot_counts_and_the_newest(
     before = time.time()
     peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
     wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True], what="snapshot")
-    server.add_pod("u1", own_netns())
+    server.add_pod("u1", pod_netns())
     with pytest.raises(grpc.RpcError):
-        server.add_pod("u2", own_netns())
+        server.add_pod("u2", pod_netns())
     peers.acking(server.zds_socket)
     wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True, True], what="2nd")
     first, second = list_connections(server)
@@ -124,9 +124,9 @@ def test_json_logs_name_the_pod_and_the_connection_on_every_line_about_them(
         peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
         wait_until(lambda: [c.snapshot_complete for c in list_connections(server)] == [True], what="ready")
         [conn] = list_connections(server)
-        server.add_pod("u1", own_netns(), name="web", namespace="shop")
+        server.add_pod("u1", pod_netns(), name="web", namespace="shop")
         with pytest.raises(grpc.RpcError):
-            server.add_pod("u2", own_netns(), name="db", namespace="shop")
+            server.add_pod("u2", pod_netns(), name="db", namespace="shop")
         server.remove_pod("u1")
         server.wait_for_output('"msg": "ztunnel acked del')
     finally:

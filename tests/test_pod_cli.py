@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.harness import ZDS, NodeAgentProc, RawPeer, free_port, own_netns
+from tests.harness import ZDS, NodeAgentProc, RawPeer, free_port, pod_netns, pod_netns_pid
 
 pytestmark = pytest.mark.root
 
@@ -54,7 +54,7 @@ def test_pod_add_prints_the_ack_and_exits_zero(server: NodeAgentProc) -> None:
             "--service-account",
             "bookinfo-productpage",
             "--netns",
-            own_netns(),
+            pod_netns(),
         )
         thread.join(10)
     finally:
@@ -67,7 +67,7 @@ def test_pod_add_by_pid(server: NodeAgentProc) -> None:
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1)
-        out = server.cli("pod", "add", "--uid", "u1", "--netns-pid", str(os.getpid()))
+        out = server.cli("pod", "add", "--uid", "u1", "--netns-pid", str(pod_netns_pid()))
         thread.join(10)
     finally:
         peer.close()
@@ -75,7 +75,7 @@ def test_pod_add_by_pid(server: NodeAgentProc) -> None:
 
 
 def test_pod_add_without_ztunnel_exits_nonzero_and_the_pod_stays_listed(server: NodeAgentProc) -> None:
-    out = server.cli("pod", "add", "--uid", "u1", "--netns", own_netns())
+    out = server.cli("pod", "add", "--uid", "u1", "--netns", pod_netns())
     assert out.returncode == 1
     assert "no ztunnel connection" in out.stderr
     listed = server.cli("pod", "list", "--json")
@@ -91,7 +91,7 @@ def test_pod_add_nack_exits_nonzero_with_the_nack_text(server: NodeAgentProc) ->
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1, error="failure to start proxy : address in use")
-        out = server.cli("pod", "add", "--uid", "u1", "--netns", own_netns())
+        out = server.cli("pod", "add", "--uid", "u1", "--netns", pod_netns())
         thread.join(10)
     finally:
         peer.close()
@@ -112,7 +112,7 @@ def test_pod_add_from_file_enrolls_many_over_one_connection(server: NodeAgentPro
         f.write("pods:\n")
         for i in range(5):
             f.write(
-                f"  - {{uid: u{i}, name: p{i}, namespace: ns, service_account: sa, netns: '{own_netns()}'}}\n"
+                f"  - {{uid: u{i}, name: p{i}, namespace: ns, service_account: sa, netns: '{pod_netns()}'}}\n"
             )
     peer = connected_peer(server)
     try:
@@ -131,7 +131,7 @@ def test_pod_add_from_file_enrolls_many_over_one_connection(server: NodeAgentPro
 
 
 def test_pod_remove_reports_each_connection(server: NodeAgentProc) -> None:
-    server.cli("pod", "add", "--uid", "u1", "--netns", own_netns())
+    server.cli("pod", "add", "--uid", "u1", "--netns", pod_netns())
     peer = connected_peer(server)  # gets u1 in its snapshot
     try:
         thread = serve_acks(peer, 1)

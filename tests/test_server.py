@@ -8,6 +8,8 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,10 +18,12 @@ import pytest
 from tests.harness import (
     NodeAgentProc,
     Peers,
+    Pod,
     RawPeer,
     StartServer,
     fd_count,
-    own_netns,
+    pod_netns,
+    pod_netns_pid,
     post_unix,
     request_of,
     wait_until,
@@ -105,9 +109,21 @@ def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
     start_server: StartServer, peers: Peers, tmp_path: object, loop: str
 ) -> None:
     entries = [
-        {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": own_netns()},
-        {"uid": "u2", "name": "b", "namespace": "ns", "service_account": "sa", "netns": f"pid:{os.getpid()}"},
-        {"uid": "u3", "name": "c", "namespace": "ns", "service_account": "sa", "netns": "/nonexistent/netns"},
+        {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": pod_netns()},
+        {
+            "uid": "u2",
+            "name": "b",
+            "namespace": "ns",
+            "service_account": "sa",
+            "netns": f"pid:{pod_netns_pid()}",
+        },
+        {
+            "uid": "u3",
+            "name": "c",
+            "namespace": "ns",
+            "service_account": "sa",
+            "netns": "/var/run/netns/zds-absent",
+        },
     ]
     extra = ["--pods", pods_file(tmp_path, entries)] + (["--no-uvloop"] if loop == "asyncio" else [])
     server = start_server(*extra)
@@ -122,7 +138,7 @@ def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
         assert not isinstance(request, SnapshotSent), "the snapshot's entries come before SnapshotSent"
         seen[request.uid] = (request, len(got.fds))
         if got.fds:
-            assert netns_identity(got.fds[0]).ino == os.stat(own_netns()).st_ino
+            assert netns_identity(got.fds[0]).ino == os.stat(pod_netns()).st_ino
         got.close_fds()
         peer.ack()
     assert seen == {
@@ -139,13 +155,19 @@ def test_pods_file_pods_are_listed_before_any_ztunnel_connects(
     start_server: StartServer, tmp_path: object
 ) -> None:
     entries = [
-        {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": own_netns()},
-        {"uid": "u3", "name": "c", "namespace": "ns", "service_account": "sa", "netns": "/nonexistent/netns"},
+        {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": pod_netns()},
+        {
+            "uid": "u3",
+            "name": "c",
+            "namespace": "ns",
+            "service_account": "sa",
+            "netns": "/var/run/netns/zds-absent",
+        },
     ]
     server = start_server("--pods", pods_file(tmp_path, entries))
     pods = {p.uid: p for p in server.list_pods()}
     assert set(pods) == {"u1", "u3"}
-    assert pods["u1"].netns.ino == os.stat(own_netns()).st_ino
+    assert pods["u1"].netns.ino == os.stat(pod_netns()).st_ino
     assert not pods["u3"].HasField("netns")
     assert all(p.state == nodeagent_pb2.POD_STATE_PENDING for p in pods.values())
 
@@ -158,7 +180,7 @@ def test_add_goes_to_the_newest_connection_only_and_delete_to_all(
 ) -> None:
     old = connect(server, peers)
     new = connect(server, peers)
-    thread, result = add_in_thread(server, "u1", own_netns())
+    thread, result = add_in_thread(server, "u1", pod_netns())
     got = new.expect()
     assert request_of(got) == AddWorkload("u1", WorkloadInfo("u1", "ns", "sa")) and len(got.fds) == 1
     got.close_fds()
@@ -185,7 +207,7 @@ def test_a_nack_is_reported_with_its_text_and_the_pod_stays_cached(
     server: NodeAgentProc, peers: Peers
 ) -> None:
     peer = connect(server, peers)
-    thread, result = add_in_thread(server, "u1", own_netns())
+    thread, result = add_in_thread(server, "u1", pod_netns())
     peer.expect().close_fds()
     peer.ack("failure to start proxy : port taken")
     thread.join(10)
@@ -204,7 +226,7 @@ def test_without_ztunnel_add_is_unavailable_and_the_pod_goes_out_in_the_next_sna
     server: NodeAgentProc, peers: Peers
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        server.add_pod("u1", own_netns())
+        server.add_pod("u1", pod_netns())
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "no ztunnel connection" in (info.value.details() or "")
     peer = connect(server, peers, snapshot=False)
@@ -220,29 +242,70 @@ def test_without_ztunnel_add_is_unavailable_and_the_pod_goes_out_in_the_next_sna
 
 def test_delete_is_done_even_without_a_ztunnel(server: NodeAgentProc) -> None:
     with pytest.raises(grpc.RpcError):
-        server.add_pod("u1", own_netns())
+        server.add_pod("u1", pod_netns())
     resp = server.remove_pod("u1")
     assert resp.pod.uid == "u1" and list(resp.deliveries) == []
     assert server.list_pods() == []
 
 
+POD_NETNS = "<the pod netns>"  # resolved when the test runs (making it needs root)
+
+
 @pytest.mark.parametrize(
     ("uid", "netns", "name", "text"),
     [
-        ("", own_netns(), "x", "pod uid is empty"),
-        ("u1", "/nonexistent/netns", "x", "/nonexistent/netns"),
-        ("u1", "/etc/hostname", "x", "not a network namespace"),
-        ("u1", own_netns(), "n" * 1100, "1024"),
+        ("", POD_NETNS, "x", "pod uid is empty"),
+        ("u1", "/var/run/netns/zds-never-made", "x", "/var/run/netns/zds-never-made"),
+        ("u1", "/nonexistent/netns", "x", "is not under an allowed root"),
+        ("u1", "/var/run/netns/../../../etc/hostname", "x", "is not under an allowed root"),
+        ("u1", f"/proc/{os.getpid()}/ns/net", "x", "is the node agent's own netns"),  # a host process
+        ("u1", POD_NETNS, "n" * 1100, "at most 253 characters"),  # and over ztunnel's 1024-byte buffer
+        ("u1", POD_NETNS, "Web_1", "is not a DNS-1123 subdomain"),
+        ("  ", POD_NETNS, "x", "is blank"),
     ],
 )
 def test_bad_input_is_invalid_argument_and_not_cached(
     server: NodeAgentProc, uid: str, netns: str, name: str, text: str
 ) -> None:
+    netns = pod_netns() if netns == POD_NETNS else netns
     with pytest.raises(grpc.RpcError) as info:
         server.add_pod(uid, netns, name=name)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert text in (info.value.details() or "")
     assert "Traceback" not in (info.value.details() or "")
+    assert server.list_pods() == []
+
+
+def test_the_node_is_never_enrolled_whatever_path_leads_to_it(server: NodeAgentProc, tmp_path: Path) -> None:
+    """Symlinks, '..' and a host process's /proc/PID/ns/net all end at the same refusal, and
+    nothing goes into the node's netns (no rules, nothing cached)."""
+    link = f"/var/run/netns/zds-test-link-{os.getpid()}"
+    os.symlink(f"/proc/{os.getpid()}/ns/net", link)
+    try:
+        for path in (
+            link,
+            f"/var/run/netns/../../../proc/{os.getpid()}/ns/net",
+            f"/proc/{os.getpid()}/ns/net",
+            "/proc/self/ns/net",
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                server.add_pod("u1", path)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, path
+            assert "is the node agent's own netns" in (info.value.details() or ""), path
+    finally:
+        os.unlink(link)
+    assert server.list_pods() == []
+    # pid 1's netns: refused as the node's where it can be read; in a sandbox that hides it,
+    # it cannot even be opened. Either way it is never a pod.
+    with pytest.raises(grpc.RpcError) as info:
+        server.add_pod("u1", "/proc/1/ns/net")
+    details = info.value.details() or ""
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "pid 1's netns (the node's)" in details
+        or "is the node agent's own netns" in details
+        or ("permission denied" in details)
+    )
     assert server.list_pods() == []
 
 
@@ -260,7 +323,7 @@ def test_a_missing_ack_closes_the_connection_after_the_deadline(
 ) -> None:
     server = start_server("--ack-timeout", "0.5")
     peer = connect(server, peers)
-    thread, result = add_in_thread(server, "u1", own_netns())
+    thread, result = add_in_thread(server, "u1", pod_netns())
     peer.expect().close_fds()  # ... and never ack
     peer.expect_closed()
     thread.join(10)
@@ -290,8 +353,42 @@ def test_connections_beyond_max_connections_are_refused(start_server: StartServe
     connect(server, peers)
     connect(server, peers)
     third = connect(server, peers, snapshot=False)
+    third.hello()
     third.expect_closed()
     server.wait_for_output("already 2 connected")
+
+
+def test_connections_that_never_say_hello_hold_no_place(start_server: StartServer, peers: Peers) -> None:
+    server = start_server("--max-connections", "2")
+    for _ in range(2):
+        peers.raw(server.zds_socket)  # connected, silent
+    real = connect(server, peers)  # says hello, gets its snapshot at once
+    assert server.connected_count() == 1
+    real.close()
+
+
+def test_with_500_idle_connections_open_a_real_ztunnel_is_served_at_once(
+    start_server: StartServer, peers: Peers
+) -> None:
+    server = start_server("--max-connections", "2", "--hello-timeout", "60")
+    idle = [peers.raw(server.zds_socket) for _ in range(500)]
+    real = peers.raw(server.zds_socket)
+    real.hello()
+    got = real.expect(timeout=5)  # served while the flood is still connected
+    assert got.payload == bytes.fromhex("1a00")
+    real.ack()
+    # Only a bounded number of silent ones is kept: the oldest are dropped as more arrive.
+    closed: set[int] = set()
+
+    def dropped() -> bool:
+        closed.update(
+            i for i, peer in enumerate(idle) if i not in closed and peer.recv(timeout=0) is not None
+        )
+        return len(closed) >= 500 - 64
+
+    wait_until(dropped, "all but 64 of the silent connections dropped")
+    assert max(closed) < 499, "the newest silent connection is kept"
+    server.wait_for_output("that never said hello: more than 64 were waiting for theirs")
 
 
 def test_at_most_five_connections_are_accepted_per_second(start_server: StartServer, peers: Peers) -> None:
@@ -367,20 +464,21 @@ def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) ->
 # -- fds -----------------------------------------------------------------------------
 
 
-def test_replacing_a_pod_closes_its_old_netns_fd(server: NodeAgentProc) -> None:
+def test_replacing_a_pod_closes_its_old_netns_fd(server: NodeAgentProc, make_pod: Callable[[], Pod]) -> None:
     def add(stub: Any, netns: str) -> None:
         request = nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path=netns)
         with pytest.raises(grpc.RpcError):  # no ztunnel: cached, UNAVAILABLE
             stub.AddPod(request, timeout=30)
 
+    other = make_pod().path
     with server.control() as stub:
-        add(stub, own_netns())
+        add(stub, pod_netns())
         baseline = fd_count(server.pid)
-        for netns in (f"/proc/{os.getppid()}/ns/net", own_netns(), f"/proc/{os.getppid()}/ns/net"):
+        for netns in (other, pod_netns(), other):
             add(stub, netns)
         assert fd_count(server.pid) == baseline
         [pod] = stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=30).pods
-        assert pod.netns.ino == os.stat(f"/proc/{os.getppid()}/ns/net").st_ino
+        assert pod.netns.ino == os.stat(other).st_ino
 
 
 @pytest.mark.slow
@@ -410,7 +508,7 @@ def test_thousand_pods_enrolled_and_removed_leave_no_fd_behind(server: NodeAgent
             for i in range(1000):
                 stub.AddPod(
                     nodeagent_pb2.AddPodRequest(
-                        uid=f"u{i}", name=f"p{i}", namespace="ns", netns_path=own_netns()
+                        uid=f"u{i}", name=f"p{i}", namespace="ns", netns_path=pod_netns()
                     ),
                     timeout=30,
                 )
@@ -429,7 +527,7 @@ def test_thousand_pods_enrolled_and_removed_leave_no_fd_behind(server: NodeAgent
 
 def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(server: NodeAgentProc, peers: Peers) -> None:
     peer = connect(server, peers)
-    body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop", "IPs": []}).encode()
+    body = json.dumps({"Netns": pod_netns(), "PodName": "web", "PodNamespace": "shop", "IPs": []}).encode()
     result: dict[str, object] = {}
     thread = threading.Thread(
         target=lambda: result.update(answer=post_unix(server.cni_socket, "/cmdadd", body))
@@ -443,7 +541,7 @@ def test_cni_add_event_enrolls_the_pod_with_a_derived_uid(server: NodeAgentProc,
     assert result["answer"] == (200, "")
     assert isinstance(request, AddWorkload)
     assert request.info == WorkloadInfo("web", "shop", "default")
-    again = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+    again = json.dumps({"Netns": pod_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
     thread = threading.Thread(
         target=lambda: result.update(answer=post_unix(server.cni_socket, "/cmdadd", again))
     )
@@ -461,7 +559,7 @@ def test_cni_event_with_explicit_uid_and_service_account(server: NodeAgentProc, 
     peer = connect(server, peers)
     body = json.dumps(
         {
-            "Netns": own_netns(),
+            "Netns": pod_netns(),
             "PodName": "web",
             "PodNamespace": "shop",
             "PodUID": "abc",
@@ -492,9 +590,11 @@ def test_cni_malformed_body_is_400(server: NodeAgentProc, body: bytes, text: str
 
 
 def test_cni_failed_enrollment_is_500_with_the_reason(server: NodeAgentProc) -> None:
-    body = json.dumps({"Netns": own_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+    body = json.dumps({"Netns": pod_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
     status, answer = post_unix(server.cni_socket, "/cmdadd", body)
     assert status == 500 and "no ztunnel connection" in answer
-    body = json.dumps({"Netns": "/nonexistent", "PodName": "web", "PodNamespace": "shop"}).encode()
+    body = json.dumps(
+        {"Netns": "/var/run/netns/zds-never-made", "PodName": "web", "PodNamespace": "shop"}
+    ).encode()
     status, answer = post_unix(server.cni_socket, "/cmdadd", body)
-    assert status == 500 and "/nonexistent" in answer
+    assert status == 500 and "/var/run/netns/zds-never-made" in answer

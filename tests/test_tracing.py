@@ -28,7 +28,7 @@ from tests.harness import (
     RawPeer,
     async_wait_until,
     free_port,
-    own_netns,
+    pod_netns,
     wait_until,
 )
 from zds.netns import NetnsRef
@@ -92,7 +92,7 @@ async def env(tmp_path: object) -> AsyncIterator[InProcess]:
 
 
 def spec(uid: str, netns: str | None = None) -> PodSpec:
-    ref = NetnsRef.of_path(netns or own_netns())
+    ref = NetnsRef.of_path(netns or pod_netns())
     return PodSpec.create(uid, ref, name=f"pod-{uid}", namespace="shop", service_account="sa")
 
 
@@ -133,8 +133,8 @@ async def test_an_acked_enrollment_is_one_trace_open_send_wait(env: InProcess) -
     assert [s.name for s in kids] == [spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK]
     assert all(s.context.trace_id == root.context.trace_id for s in kids)
     opened, send, wait = kids
-    assert attrs(opened)[spans.NETNS_PATH] == own_netns()
-    assert attrs(opened)[spans.NETNS_INODE] == os.stat(own_netns()).st_ino
+    assert attrs(opened)[spans.NETNS_PATH] == pod_netns()
+    assert attrs(opened)[spans.NETNS_INODE] == os.stat(pod_netns()).st_ino
     assert attrs(send) == {spans.CONNECTION_ID: conn.id, spans.MESSAGE_TYPE: "add", spans.POD_UID: "u1"}
     assert attrs(wait)[spans.ACK_ERROR] == "" and attrs(wait)[spans.CONNECTION_ID] == conn.id
     assert wait.start_time is not None and send.end_time is not None and wait.start_time >= send.end_time
@@ -172,7 +172,7 @@ async def test_without_a_connection_the_trace_ends_after_opening_the_netns(env: 
 
 async def test_a_bad_netns_fails_the_open_netns_span(env: InProcess) -> None:
     with pytest.raises(EnrollmentError):
-        await env.agent.add_pod(spec("u1", "/nonexistent/netns"))
+        await env.agent.add_pod(spec("u1", "/var/run/netns/zds-absent"))
     found = env.spans()
     [root] = roots(found, spans.ENROLL_POD)
     [opened] = children(found, root)
@@ -207,7 +207,7 @@ async def test_a_removal_traces_the_delete_sent_to_every_connection(env: InProce
 
 async def test_a_snapshot_is_one_trace_with_each_entry(env: InProcess) -> None:
     await env.agent.load(spec("u1"))
-    await env.agent.load(spec("u2", "/nonexistent/netns"))  # known without a netns: KeepWorkload
+    await env.agent.load(spec("u2", "/var/run/netns/zds-absent"))  # known without a netns: KeepWorkload
     env.exporter.clear()
     await env.connect()
     found = env.spans()
@@ -339,7 +339,7 @@ def run_server(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
 
 def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., NodeAgentProc]) -> None:
     server = run_server(OTEL_TRACES_EXPORTER="console")
-    server.add_pod("u1", own_netns())
+    server.add_pod("u1", pod_netns())
     wait_until(lambda: '"name": "zds.enroll_pod"' in server.output(), what="the root span printed")
     out = server.output()
     for name in (spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK):
@@ -427,7 +427,7 @@ def test_otlp_exporter_sends_the_trace_to_a_collector(
             OTEL_BSP_SCHEDULE_DELAY="50",
             OTEL_SERVICE_NAME="node-agent-under-test",
         )
-        server.add_pod("u1", own_netns(), name="web", namespace="shop")
+        server.add_pod("u1", pod_netns(), name="web", namespace="shop")
         wait_until(
             lambda: any(name == spans.ENROLL_POD for name, _, _ in collector.spans()),
             what="the enrollment trace at the collector",

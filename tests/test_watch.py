@@ -15,7 +15,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Peers, StartServer, own_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, Peers, StartServer, pod_netns, wait_until
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
 pytestmark = pytest.mark.root
@@ -82,7 +82,7 @@ def streams() -> Iterator[list[Stream]]:
 
 def add(server: NodeAgentProc, uid: str, **kw: str) -> Any:
     try:
-        return server.add_pod(uid, own_netns(), **kw)
+        return server.add_pod(uid, pod_netns(), **kw)
     except grpc.RpcError as exc:
         return exc
 
@@ -146,7 +146,7 @@ def test_nacks_snapshots_and_disconnections_are_events(
     streams.append(stream)
     stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
     with pytest.raises(grpc.RpcError):
-        server.add_pod("u1", own_netns())  # no ztunnel yet: cached, goes out in the snapshot
+        server.add_pod("u1", pod_netns())  # no ztunnel yet: cached, goes out in the snapshot
     first = peers.acking(server.zds_socket, nack={"u2": "failure to start proxy : port taken"})
     [connected] = stream.wait_for(K.EVENT_KIND_ZTUNNEL_CONNECTED)
     conn_id = connected.connection_id
@@ -258,7 +258,7 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
         path = os.path.join(str(tmp_path), "pods.jsonl")
         with open(path, "w") as f:
             for i in range(1000):
-                f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": own_netns()}) + "\n")
+                f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": pod_netns()}) + "\n")
         # 1000 enrollments, each 3 events (enrolled, sent, acked): far past the
         # default queue of 1024 events plus what HTTP/2 holds.
         enroll = subprocess.run(

@@ -31,6 +31,17 @@ class PeerCredentials:
     gid: int
 
 
+def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+    """``SO_PEERCRED`` of a connected unix socket: who is at the other end, in the kernel's
+    words (None if it cannot say)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
 class SeqpacketConnection:
     """A connected, non-blocking AF_UNIX SOCK_SEQPACKET socket driven by the event loop."""
 
@@ -50,10 +61,8 @@ class SeqpacketConnection:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def peer_credentials(self) -> PeerCredentials:
-        raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-        return PeerCredentials(pid=pid, uid=uid, gid=gid)
+    def peer_credentials(self) -> PeerCredentials | None:
+        return peer_credentials(self._sock)
 
     def try_recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record | None:
         """Read one record if one is waiting; None if nothing is (never blocks)."""

@@ -74,6 +74,8 @@ class ConnectionClosed:
     reason: str
     request: Request | None = None
     peer_gone: bool = False
+    #: The peer sent something the protocol does not allow (garbage, a bad hello, an unasked record).
+    peer_error: bool = False
     #: The in-flight request's ack deadline passed.
     ack_timeout: bool = False
 
@@ -96,6 +98,8 @@ class NodeAgentProtocol:
         self.hello_version: int | None = None
         self.in_flight: Request | None = None
         self.close_reason: str | None = None
+        #: Closed because the peer broke the protocol (logged as a warning, with its pid).
+        self.peer_error = False
         self._hello_timeout = hello_timeout
         self._ack_timeout = ack_timeout
         self._keepalive_interval = keepalive_interval
@@ -116,22 +120,28 @@ class NodeAgentProtocol:
         if eof:
             return self._close("ztunnel closed the connection", peer_gone=True)
         if record.truncated:
-            return self._close(f"record from ztunnel exceeds {defaults.MAX_MESSAGE_SIZE} bytes")
+            return self._close(
+                f"record from ztunnel exceeds {defaults.MAX_MESSAGE_SIZE} bytes", peer_error=True
+            )
         if fd_count:
-            return self._close(f"ztunnel sent {fd_count} file descriptor(s); it never should")
+            return self._close(
+                f"ztunnel sent {fd_count} file descriptor(s); it never should", peer_error=True
+            )
         if self.state is ConnectionState.AWAITING_HELLO:
             return self._receive_hello(record.payload)
         if self.in_flight is None:
-            return self._close("unexpected message from ztunnel while nothing was in flight")
+            return self._close("unexpected message from ztunnel while nothing was in flight", peer_error=True)
         return self._receive_ack(record.payload, now)
 
     def _receive_hello(self, payload: bytes) -> list[Event]:
         try:
             hello = decode_hello(payload)
         except CodecError as exc:
-            return self._close(f"bad hello: {exc}")
+            return self._close(f"bad hello: {exc}", peer_error=True)
         if hello.version != VERSION_V1:
-            return self._close(f"unsupported ZDS version {hello.version} in hello (only V1 is spoken)")
+            return self._close(
+                f"unsupported ZDS version {hello.version} in hello (only V1 is spoken)", peer_error=True
+            )
         self.hello_version = hello.version
         self.state = ConnectionState.SNAPSHOT
         return [HelloAccepted(version=hello.version)]
@@ -142,7 +152,7 @@ class NodeAgentProtocol:
         try:
             ack = decode_ack(payload)
         except CodecError as exc:
-            return self._close(f"bad ack for {request_kind(request)}: {exc}")
+            return self._close(f"bad ack for {request_kind(request)}: {exc}", peer_error=True)
         self.in_flight = None
         events: list[Event] = [AckReceived(request=request, ack=ack, latency=now - self._sent_at)]
         if isinstance(request, SnapshotSent):
@@ -218,14 +228,23 @@ class NodeAgentProtocol:
         """Close from our side (shutdown, write error)."""
         return self._close(reason)
 
-    def _close(self, reason: str, *, peer_gone: bool = False, ack_timeout: bool = False) -> list[Event]:
+    def _close(
+        self, reason: str, *, peer_gone: bool = False, ack_timeout: bool = False, peer_error: bool = False
+    ) -> list[Event]:
         if self.state is ConnectionState.CLOSED:
             return []
         request, self.in_flight = self.in_flight, None
         self.state = ConnectionState.CLOSED
         self.close_reason = reason
+        self.peer_error = peer_error
         return [
-            ConnectionClosed(reason=reason, request=request, peer_gone=peer_gone, ack_timeout=ack_timeout)
+            ConnectionClosed(
+                reason=reason,
+                request=request,
+                peer_gone=peer_gone,
+                ack_timeout=ack_timeout,
+                peer_error=peer_error,
+            )
         ]
 
 
@@ -238,12 +257,23 @@ class AcceptLimiter:
         self._tokens = float(burst)
         self._updated: float | None = None
 
-    def delay(self, now: float) -> float:
-        """Seconds to wait before the next accept; 0 means accept now (and take a token)."""
+    def reserve(self, now: float) -> float:
+        """Take the next slot, now or later: seconds until it comes (0: now). Callers that
+        reserve while the bucket is empty queue up, each after the one before (as Go's
+        ``rate.Limiter.Reserve``)."""
+        self._refill(now)
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= -1e-9 else -self._tokens * self._interval
+
+    def _refill(self, now: float) -> None:
         if self._updated is None:
             self._updated = now
         self._tokens = min(self._burst, self._tokens + (now - self._updated) / self._interval)
         self._updated = now
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next accept; 0 means accept now (and take a token)."""
+        self._refill(now)
         if self._tokens >= 1.0 - 1e-9:  # tolerate float drift at exact multiples
             self._tokens -= 1.0
             return 0.0
