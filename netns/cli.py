@@ -154,15 +154,14 @@ def _enrolled_netns(control_socket: str) -> dict[tuple[int, int] | None, tuple[s
     no node agent answers there (then nothing is known to be in use)."""
     if not os.path.exists(control_socket):
         return {}
-    import grpc
+    from zds.gen import nodeagent_pb2
+    from zds.server.controlclient import ControlError, ControlTarget
 
-    from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-
+    target = ControlTarget(socket=control_socket)
     try:
-        with grpc.insecure_channel(f"unix:{control_socket}") as channel:
-            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
-            pods = stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=5).pods
-    except grpc.RpcError:
+        with target.stub() as stub:
+            pods = target.call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), 5).pods
+    except ControlError:
         return {}
     return {
         (p.netns.dev, p.netns.ino): (p.uid, f"{p.namespace}/{p.name}") for p in pods if p.HasField("netns")

@@ -29,7 +29,52 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="gRPC control API socket (default: %(default)s)",
     )
     server.add_argument(
-        "--grpc-listen", metavar="HOST:PORT", help="also serve the control API on TCP (default: off)"
+        "--grpc-listen",
+        metavar="HOST:PORT",
+        help="also serve the control API on TCP; needs --tls-cert and --tls-key, or --grpc-insecure "
+        "(default: off)",
+    )
+    server.add_argument("--tls-cert", metavar="FILE", help="the control API's TLS certificate on TCP (PEM)")
+    server.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    server.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require client certificates signed by this CA on TCP: mutual TLS (default: none)",
+    )
+    server.add_argument(
+        "--grpc-insecure",
+        action="store_true",
+        help="serve --grpc-listen in plaintext, without authentication (a warning is logged at start)",
+    )
+    server.add_argument(
+        "--allow-uid",
+        type=_id,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="another uid that may connect to the unix sockets (repeatable; default: root and the "
+        "server's own uid)",
+    )
+    server.add_argument(
+        "--allow-gid",
+        type=_id,
+        action="append",
+        default=[],
+        metavar="GID",
+        help="a gid whose members may connect to the unix sockets (repeatable; default: none)",
+    )
+    server.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give the socket files this group, mode 0660, and let it connect (default: root only, 0600)",
+    )
+    server.add_argument(
+        "--netns-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another directory that holds pods' named namespaces (repeatable; default: "
+        "/var/run/netns and /run/netns, plus any /proc/PID/ns/net)",
     )
     server.add_argument(
         "--cni-socket",
@@ -116,12 +161,25 @@ def main(args: argparse.Namespace) -> int:
         return 1
     from zds.server.agent import AgentConfig
     from zds.server.main import ServerOptions, run_server
+    from zds.server.peers import AllowList
     from zds.server.redirect import RedirectConfig
 
+    try:
+        gid = _group(args.socket_group) if args.socket_group else None
+    except LookupError as exc:
+        print(f"zds server: --socket-group: {exc}", file=sys.stderr)
+        return 2
     options = ServerOptions(
         zds_socket=args.zds_socket,
         control_socket=args.control_socket,
         grpc_listen=args.grpc_listen,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        grpc_insecure=args.grpc_insecure,
+        netns_roots=tuple(args.netns_root),
+        socket_mode=0o660 if gid is not None else 0o600,
+        socket_gid=gid,
         cni_socket=cliflags.off(args.cni_socket),
         http_listen=cliflags.off(args.http_listen),
         state_dir=args.state_dir,
@@ -135,6 +193,25 @@ def main(args: argparse.Namespace) -> int:
             hello_timeout=args.hello_timeout,
             keepalive_interval=args.keepalive_interval,
             watch_queue=args.watch_queue,
+            allow=AllowList.default(args.allow_uid, [*args.allow_gid, *([gid] if gid is not None else [])]),
         ),
     )
     return runtime.run(run_server(options), use_uvloop=not args.no_uvloop)
+
+
+def _id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id")
+    return int(text)
+
+
+def _group(name: str) -> int:
+    """A group's gid, by name or number."""
+    import grp
+
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise LookupError(f"no group named {name!r}") from None

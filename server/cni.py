@@ -25,6 +25,7 @@ from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
+from zds.server.unixhttp import HttpLimits
 
 log = logging.getLogger("zds.server.cni")
 
@@ -146,7 +147,7 @@ class CniPluginEndpoint:
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
         self.requests_by_code: dict[int, int] = {}
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=HttpLimits.max_body)
         self.app.router.add_post(defaults.CNI_ADD_EVENT_PATH, self.handle_add)
 
     async def handle_add(self, request: web.Request) -> web.Response:
@@ -159,7 +160,7 @@ class CniPluginEndpoint:
         try:
             spec = parse_add_event(body)
         except BadEvent as exc:
-            log.error("bad CNI plugin event: %s", exc)
+            log.warning("bad CNI plugin event: %s", exc)
             return 400, str(exc)
         try:
             await self.agent.add_pod(spec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -260,8 +261,31 @@ async def _write(context: grpc.aio.ServicerContext, message: nodeagent_pb2.Event
     return True
 
 
-async def start_control_server(agent: NodeAgent, addresses: list[str]) -> grpc.aio.Server:
-    """Serve the control API on each address (``unix:PATH`` or ``HOST:PORT``)."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """The control API's TLS on TCP: its certificate and key; with ``client_ca``, clients
+    must present a certificate that CA signed (mutual TLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        ca = read(self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(read(self.key), read(self.cert))], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+
+async def start_control_server(
+    agent: NodeAgent, unix_path: str, tcp: str | None = None, tls: TlsFiles | None = None
+) -> grpc.aio.Server:
+    """Serve the control API on ``unix_path`` and, if given, on TCP ``tcp`` (with ``tls``,
+    or plaintext when None: the caller decided that was asked for)."""
     server = grpc.aio.server()
     nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(agent), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
@@ -274,9 +298,12 @@ async def start_control_server(agent: NodeAgent, addresses: list[str]) -> grpc.a
         ),
         server,
     )
-    for address in addresses:
-        if server.add_insecure_port(address) == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+    if server.add_insecure_port(f"unix:{unix_path}") == 0:
+        raise OSError(f"cannot listen for gRPC on unix:{unix_path}")
+    if tcp is not None:
+        bound = server.add_secure_port(tcp, tls.credentials()) if tls else server.add_insecure_port(tcp)
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {tcp}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

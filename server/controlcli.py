@@ -101,12 +101,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="only these kinds (repeatable): " + ", ".join(WATCHABLE),
     )
     watch.add_argument("--uid", default="", help="only events about this pod uid")
-    watch.add_argument(
-        "--control-socket",
-        default=defaults.CONTROL_SOCKET,
-        metavar="PATH",
-        help="node agent control socket (default: %(default)s)",
-    )
+    _control_flags(watch, timeout=False)
     watch.set_defaults(func=_watch)
 
 
@@ -123,7 +118,7 @@ def _event_kinds(text: str) -> list[str]:
     return kinds
 
 
-def _control_flags(parser: argparse.ArgumentParser) -> None:
+def _control_flags(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
     parser.add_argument(
         "--control-socket",
         default=defaults.CONTROL_SOCKET,
@@ -131,12 +126,26 @@ def _control_flags(parser: argparse.ArgumentParser) -> None:
         help="node agent control socket (default: %(default)s)",
     )
     parser.add_argument(
-        "--timeout",
-        type=cliflags.seconds,
-        default=30.0,
-        metavar="SECONDS",
-        help="per call (default: %(default)s)",
+        "--grpc-address",
+        metavar="HOST:PORT",
+        help="reach the control API over TCP instead (zds server --grpc-listen), with TLS (default: off)",
     )
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA that signed the node agent's certificate (PEM)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    parser.add_argument(
+        "--grpc-insecure",
+        action="store_true",
+        help="plaintext on --grpc-address (zds server --grpc-insecure)",
+    )
+    if timeout:
+        parser.add_argument(
+            "--timeout",
+            type=cliflags.seconds,
+            default=30.0,
+            metavar="SECONDS",
+            help="per call (default: %(default)s)",
+        )
 
 
 def _pod_add(args: argparse.Namespace) -> int:

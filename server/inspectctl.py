@@ -14,7 +14,8 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zds.gen import nodeagent_pb2
-from zds.server.podctl import ControlError, call, control_stub, table
+from zds.server.controlclient import ControlError, ControlTarget
+from zds.server.podctl import table
 
 _VERSIONS = {1: "V1"}
 
@@ -80,13 +81,9 @@ CONNECTION_HEADERS = [
 
 def connections(args: argparse.Namespace) -> int:
     try:
-        with control_stub(args.control_socket) as stub:
-            resp = call(
-                stub.ListConnections,
-                nodeagent_pb2.ListConnectionsRequest(),
-                args.timeout,
-                args.control_socket,
-            )
+        target = ControlTarget.from_args(args)
+        with target.stub() as stub:
+            resp = target.call(stub.ListConnections, nodeagent_pb2.ListConnectionsRequest(), args.timeout)
     except ControlError as exc:
         print(f"zds connections: {exc}", file=sys.stderr)
         return 1
@@ -204,7 +201,8 @@ def watch(args: argparse.Namespace) -> int:
     """Print events until Ctrl-C (exit 0) or until the node agent goes away (exit 1)."""
     printer = EventPrinter(sys.stdout, as_json=args.json)
     try:
-        with control_stub(args.control_socket) as stub:
+        target = ControlTarget.from_args(args)
+        with target.stub() as stub:
             stream = stub.Watch(watch_request(args))
             try:
                 for event in stream:
@@ -213,9 +211,7 @@ def watch(args: argparse.Namespace) -> int:
                 stream.cancel()
                 return 0
             except grpc.RpcError as exc:
-                print(
-                    f"zds watch: {_stream_error(exc, printer.received, args.control_socket)}", file=sys.stderr
-                )
+                print(f"zds watch: {_stream_error(exc, printer.received, target)}", file=sys.stderr)
                 return 1
     except ControlError as exc:
         print(f"zds watch: {exc}", file=sys.stderr)
@@ -229,11 +225,11 @@ def watch(args: argparse.Namespace) -> int:
     return 1
 
 
-def _stream_error(exc: grpc.RpcError, received: int, socket_path: str) -> str:
+def _stream_error(exc: grpc.RpcError, received: int, target: ControlTarget) -> str:
     code: grpc.StatusCode = exc.code()
     details = exc.details() or code.name
     if code is grpc.StatusCode.UNAVAILABLE and received == 0:
-        return f"cannot reach the node agent at {socket_path}: {details}"
+        return str(target.failure(exc))
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return f"the node agent ended the watch: {details}"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):

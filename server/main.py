@@ -17,7 +17,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,7 +31,7 @@ from zds.errors import ZdsError
 from zds.server import store as pod_store
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.cni import CniPluginEndpoint
-from zds.server.control import start_control_server
+from zds.server.control import TlsFiles, start_control_server
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
 from zds.server.instance import (
@@ -39,6 +42,9 @@ from zds.server.instance import (
     socket_lock,
     state_lock,
 )
+from zds.server.netnspolicy import NetnsPolicy
+from zds.server.peergate import PeerGate
+from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
@@ -46,6 +52,7 @@ from zds.server.redirect import RedirectConfig, Redirector
 from zds.server.store import PodStore, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
+from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import bind_unix_listener
 
 log = logging.getLogger("zds.server")
@@ -60,12 +67,23 @@ class ServerOptions:
     zds_socket: str = defaults.ZDS_SOCKET
     control_socket: str = defaults.CONTROL_SOCKET
     grpc_listen: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    #: Serve --grpc-listen in plaintext (a warning is logged).
+    grpc_insecure: bool = False
     cni_socket: str | None = defaults.CNI_SOCKET
     http_listen: str | None = defaults.NODE_AGENT_HTTP
     state_dir: str = defaults.STATE_DIR
     #: Move an existing pod store aside and start empty.
     reset_state: bool = False
     pods_file: str | None = None
+    #: Directories besides /var/run/netns and /run/netns that hold pods' named namespaces.
+    netns_roots: tuple[str, ...] = ()
+    #: Mode of every socket file: 0600, or 0660 with --socket-group.
+    socket_mode: int = 0o600
+    #: The group of every socket file (--socket-group), or None to leave it root's.
+    socket_gid: int | None = None
     redirect: bool = True
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
@@ -93,12 +111,17 @@ class NodeAgentServer:
             options.agent,
             Redirector(options.redirect_config) if options.redirect else None,
             self.telemetry,
+            netns_policy=NetnsPolicy.for_this_node(options.netns_roots),
         )
         self.store: PodStore | None = None
         self.cni: CniPluginEndpoint | None = None
         self._lock = InstanceLock()
         self._grpc: grpc.aio.Server | None = None
+        self._gate: PeerGate | None = None
+        self._private_dir: str | None = None
         self._runners: list[web.AppRunner] = []
+        #: What else must be closed at stop (guarded endpoints).
+        self._closers: list[Callable[[], Awaitable[None]]] = []
         self._zds_task: asyncio.Task[None] | None = None
         self._sockets: list[SocketFile] = []
         #: The state directory held a node agent before this one (its lock file was there).
@@ -200,19 +223,21 @@ class NodeAgentServer:
         path = self.options.zds_socket
         try:
             clear_socket_path(path)
-            listener = bind_unix_listener(path, mode=defaults.ZDS_SOCKET_MODE)
+            listener = bind_unix_listener(path, mode=self.options.socket_mode)
         except InstanceError as exc:
             raise StartupError(f"cannot listen on ZDS socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on ZDS socket {path}: {exc}") from exc
-        self._sockets.append(SocketFile.of(path))
+        self._own(path)
         self._zds_task = asyncio.create_task(self.agent.serve_zds(listener), name="zds-accept")
         self._zds_task.add_done_callback(lambda _: listener.close())
 
     async def _serve_control(self) -> None:
+        """gRPC on a private socket (a 0700 directory), the public control socket a gate that
+        checks each peer first; on TCP only with TLS, or plaintext if --grpc-insecure said so."""
         opts = self.options
         path = opts.control_socket
-        addresses = [f"unix:{path}"]
+        tcp, tls = self._control_tcp()
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             clear_socket_path(path)
@@ -220,35 +245,78 @@ class NodeAgentServer:
             raise StartupError(f"cannot listen on control socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on control socket {path}: {exc}") from exc
-        if opts.grpc_listen:
-            host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
-            addresses.append(f"{host}:{port}")
-        # gRPC creates the socket file itself: a umask makes it 0600 from the start.
-        old_umask = os.umask(0o777 & ~defaults.CONTROL_SOCKET_MODE)
+        self._private_dir = tempfile.mkdtemp(
+            prefix="zds-control-", dir="/run" if os.access("/run", os.W_OK) else None
+        )
+        private = os.path.join(self._private_dir, "grpc.sock")
         try:
-            self._grpc = await start_control_server(self.agent, addresses)
+            self._grpc = await start_control_server(self.agent, private, tcp, tls)
         except Exception as exc:
-            raise StartupError(f"cannot serve the control API on {', '.join(addresses)}: {exc}") from exc
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, defaults.CONTROL_SOCKET_MODE)
+            where = f"{path}" + (f" and {opts.grpc_listen}" if opts.grpc_listen else "")
+            raise StartupError(f"cannot serve the control API on {where}: {exc}") from exc
+        self._gate = PeerGate(private, PeerGuard(self.agent.config.allow, "control"))
+        try:
+            await self._gate.start(path, opts.socket_mode)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on control socket {path}: {exc}") from exc
+        self._own(path)
+        if tcp is not None and tls is None:
+            log.warning(
+                "the control API is served in PLAINTEXT on %s (--grpc-insecure): anyone who can reach it "
+                "can enroll pods into any allowed netns; use --tls-cert/--tls-key instead",
+                opts.grpc_listen,
+            )
+
+    def _control_tcp(self) -> tuple[str | None, TlsFiles | None]:
+        """Where the control API listens on TCP, and with which TLS; StartupError for a
+        combination that would serve it in plaintext unasked, or TLS files it cannot read."""
+        opts = self.options
+        tls_flags = opts.tls_cert or opts.tls_key or opts.tls_client_ca
+        if not opts.grpc_listen:
+            if tls_flags:
+                raise StartupError("--tls-cert, --tls-key and --tls-client-ca only apply with --grpc-listen")
+            return None, None
+        host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
+        tcp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if opts.grpc_insecure:
+            if tls_flags:
+                raise StartupError("--grpc-insecure and --tls-cert/--tls-key contradict each other; pick one")
+            return tcp, None
+        if not (opts.tls_cert and opts.tls_key):
+            raise StartupError(
+                "--grpc-listen needs --tls-cert and --tls-key (the control API can enroll pods and "
+                "rewrite their firewalls: never serve it in plaintext on a network), or --grpc-insecure "
+                "to do so anyway"
+            )
+        tls = TlsFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca)
+        for flag, file in (
+            ("--tls-cert", tls.cert),
+            ("--tls-key", tls.key),
+            ("--tls-client-ca", tls.client_ca),
+        ):
+            if file is not None and not os.access(file, os.R_OK):
+                raise StartupError(f"{flag} {file}: cannot read it")
+        return tcp, tls
+
+    def _own(self, path: str) -> None:
+        """Give a socket file its group (--socket-group); its mode was set when it was bound."""
+        if self.options.socket_gid is not None:
+            os.chown(path, -1, self.options.socket_gid)
         self._sockets.append(SocketFile.of(path))
 
     async def _serve_cni(self, path: str) -> None:
         self.cni = CniPluginEndpoint(self.agent)
-        runner = web.AppRunner(self.cni.app, access_log=None)
-        await runner.setup()
-        self._runners.append(runner)
+        http = GuardedUnixHttp(self.cni.app, PeerGuard(self.agent.config.allow, "CNI plugin"))
+        self._closers.append(http.close)
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             clear_socket_path(path)
-            await web.UnixSite(runner, path).start()
-            os.chmod(path, 0o600)
+            await http.start(path, self.options.socket_mode)
         except InstanceError as exc:
             raise StartupError(f"cannot listen on CNI plugin socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on CNI plugin socket {path}: {exc}") from exc
-        self._sockets.append(SocketFile.of(path))
+        self._own(path)
 
     async def _serve_http(self, listen: str) -> None:
         host, port = split_host_port(listen, "--http-listen")
@@ -273,10 +341,16 @@ class NodeAgentServer:
             await cancel_and_wait(self._zds_task)
         # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.
         self.agent.events.close("node agent shutting down")
+        if self._gate is not None:
+            self._gate.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
         for runner in self._runners:
             await runner.cleanup()
+        for close in self._closers:
+            await close()
         # Outstanding enrollments and removals finish (or are cancelled) before the store closes.
         await self.agent.tasks.cancel_all()
         self.agent.close()

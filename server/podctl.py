@@ -4,50 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
-from zds.errors import ZdsError
-from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
+from zds.server.controlclient import ControlError, ControlTarget
 from zds.server.pods import PodSpec, PodSpecError
-
-
-class ControlError(ZdsError):
-    """A control call failed; the message is ready for the user."""
-
-
-@contextmanager
-def control_stub(socket_path: str) -> Iterator[Any]:
-    if not os.path.exists(socket_path):
-        raise ControlError(
-            f"cannot reach the node agent: {socket_path} does not exist; is `zds server` running "
-            "(or does it use another --control-socket)?"
-        )
-    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
-        yield nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
-
-
-def call(method: Callable[..., Any], request: Any, timeout: float, socket_path: str) -> Any:
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details() or ""
-        transport = (
-            "failed to connect",
-            "connection refused",
-            "no such file",
-            "connections to all backends failing",
-        )
-        if code is grpc.StatusCode.UNAVAILABLE and any(t in details.lower() for t in transport):
-            raise ControlError(f"cannot reach the node agent at {socket_path}: {details}") from exc
-        raise ControlError(f"{code.name}: {details}") from exc
 
 
 def pod_dict(pod: nodeagent_pb2.Pod) -> dict[str, Any]:
@@ -122,10 +88,11 @@ def add(args: argparse.Namespace) -> int:
         specs = _specs(args)
         failures = 0
         answers: list[dict[str, Any]] = []
-        with control_stub(args.control_socket) as stub:
+        target = ControlTarget.from_args(args)
+        with target.stub() as stub:
             for spec in specs:
                 try:
-                    resp = call(stub.AddPod, _add_request(spec), args.timeout, args.control_socket)
+                    resp = target.call(stub.AddPod, _add_request(spec), args.timeout)
                 except ControlError as exc:
                     failures += 1
                     answers.append({"uid": spec.uid, "error": str(exc)})
@@ -150,13 +117,9 @@ def add(args: argparse.Namespace) -> int:
 
 def remove(args: argparse.Namespace) -> int:
     try:
-        with control_stub(args.control_socket) as stub:
-            resp = call(
-                stub.RemovePod,
-                nodeagent_pb2.RemovePodRequest(uid=args.uid),
-                args.timeout,
-                args.control_socket,
-            )
+        target = ControlTarget.from_args(args)
+        with target.stub() as stub:
+            resp = target.call(stub.RemovePod, nodeagent_pb2.RemovePodRequest(uid=args.uid), args.timeout)
     except ControlError as exc:
         print(f"zds pod remove: {exc}", file=sys.stderr)
         return 1
@@ -170,8 +133,9 @@ def remove(args: argparse.Namespace) -> int:
 
 def list_pods(args: argparse.Namespace) -> int:
     try:
-        with control_stub(args.control_socket) as stub:
-            resp = call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), args.timeout, args.control_socket)
+        target = ControlTarget.from_args(args)
+        with target.stub() as stub:
+            resp = target.call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), args.timeout)
     except ControlError as exc:
         print(f"zds pod list: {exc}", file=sys.stderr)
         return 1

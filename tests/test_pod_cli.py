@@ -175,11 +175,12 @@ def test_reflection_lists_the_node_agent_service(server: NodeAgentProc) -> None:
     assert {"zds.v1.NodeAgent", "grpc.health.v1.Health"} <= names
 
 
-def test_control_api_also_on_tcp_with_grpc_listen(tmp_path: object) -> None:
+def test_control_api_on_tcp_in_plaintext_only_when_asked_and_with_a_warning(tmp_path: object) -> None:
     port = free_port()
-    proc = NodeAgentProc(str(tmp_path), "--grpc-listen", f"127.0.0.1:{port}")
+    proc = NodeAgentProc(str(tmp_path), "--grpc-listen", f"127.0.0.1:{port}", "--grpc-insecure")
     try:
         proc.wait_ready()
+        assert "the control API is served in PLAINTEXT on 127.0.0.1:" in proc.output()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = stub.Check(health_pb2.HealthCheckRequest(service="zds.v1.NodeAgent"), timeout=10)

@@ -1,0 +1,129 @@
+"""Reaching the node agent's control API from the client commands (``zds pod``,
+``zds connections``, ``zds watch``, ``zds netns delete``): over its unix socket, or over
+TCP with TLS (``--grpc-address`` with ``--tls-ca``, ``--tls-cert``/``--tls-key`` for
+mutual TLS, or ``--grpc-insecure``). Every failure becomes one line for the user, and
+"permission denied" when that is what happened."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from zds.errors import ZdsError
+from zds.gen import nodeagent_pb2_grpc
+
+
+class ControlError(ZdsError):
+    """A control call failed; the message is ready for the user."""
+
+
+#: What gRPC says when it never reached the server.
+_TRANSPORT = (
+    "failed to connect",
+    "connection refused",
+    "no such file",
+    "connections to all backends failing",
+)
+_NOT_ROOT_HINT = (
+    " (you are not root: the node agent lets in root and the uids and gids it was told to: "
+    "zds server --allow-uid, --allow-gid, --socket-group)"
+)
+
+
+@dataclass(frozen=True)
+class ControlTarget:
+    """Where the control API is and how to talk to it."""
+
+    socket: str
+    address: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ControlTarget:
+        return cls(
+            socket=args.control_socket,
+            address=getattr(args, "grpc_address", None),
+            tls_ca=getattr(args, "tls_ca", None),
+            tls_cert=getattr(args, "tls_cert", None),
+            tls_key=getattr(args, "tls_key", None),
+            insecure=getattr(args, "grpc_insecure", False),
+        )
+
+    @property
+    def where(self) -> str:
+        return self.address or self.socket
+
+    @contextmanager
+    def stub(self) -> Iterator[Any]:
+        """A ``zds.v1.NodeAgent`` stub on a channel to the node agent (closed afterwards)."""
+        with self._channel() as channel:
+            yield nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+
+    def _channel(self) -> grpc.Channel:
+        if self.address is None:
+            self._check_socket()
+            return grpc.insecure_channel(f"unix:{self.socket}")
+        if self.insecure:
+            return grpc.insecure_channel(self.address)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ControlError("--tls-cert and --tls-key go together (mutual TLS)")
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(self.tls_ca),
+                private_key=_read(self.tls_key),
+                certificate_chain=_read(self.tls_cert),
+            )
+        except OSError as exc:
+            raise ControlError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        return grpc.secure_channel(self.address, credentials)
+
+    def _check_socket(self) -> None:
+        try:
+            os.stat(self.socket)
+        except PermissionError:
+            raise ControlError(
+                f"cannot reach the node agent at {self.socket}: permission denied"
+                + (_NOT_ROOT_HINT if os.geteuid() != 0 else "")
+            ) from None
+        except FileNotFoundError:
+            raise ControlError(
+                f"cannot reach the node agent: {self.socket} does not exist; is `zds server` running "
+                "(or does it use another --control-socket)?"
+            ) from None
+
+    def failure(self, exc: grpc.RpcError) -> ControlError:
+        """A failed call, as one line."""
+        code, details = exc.code(), exc.details() or ""
+        lowered = details.lower()
+        if "permission denied" in lowered:
+            return ControlError(
+                f"cannot reach the node agent at {self.where}: permission denied"
+                + (_NOT_ROOT_HINT if os.geteuid() != 0 else "")
+            )
+        if code is grpc.StatusCode.UNAVAILABLE and any(t in lowered for t in _TRANSPORT):
+            hint = _NOT_ROOT_HINT if os.geteuid() != 0 and self.address is None else ""
+            return ControlError(f"cannot reach the node agent at {self.where}: {details}{hint}")
+        return ControlError(f"{code.name}: {details}")
+
+    def call(self, method: Callable[..., Any], request: Any, timeout: float) -> Any:
+        """``method(request)``; ControlError with one line on failure."""
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self.failure(exc) from exc
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()

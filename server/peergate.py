@@ -1,0 +1,134 @@
+"""The control socket's door: ``SO_PEERCRED`` checked before any byte reaches gRPC.
+
+gRPC's Python server gives a handler no peer credentials on a unix socket, so the
+node agent serves its control API on a private socket (in a 0700 directory only
+root can enter) and puts this gate on the public path: each connection is
+accepted, its peer checked against the allow-list (refused: logged once per
+process, closed), and an allowed one spliced to gRPC byte for byte, with
+backpressure both ways. grpcurl and ``zds pod`` see a plain gRPC socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import cast
+
+from zds.server.peers import PeerGuard
+from zds.transport import peer_credentials
+
+log = logging.getLogger("zds.server.control")
+
+
+class _Pipe(asyncio.Protocol):
+    """One direction's end: what arrives here is written to ``peer``'s transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe | None = None
+        self._pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+        else:
+            self._pending.append(data)  # the other side is still connecting
+
+    def flush_to(self, peer: _Pipe) -> None:
+        """Join ``peer``: whatever arrived meanwhile goes first."""
+        self.peer = peer
+        assert peer.transport is not None
+        for data in self._pending:
+            peer.transport.write(data)
+        self._pending.clear()
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
+            self.peer.transport.write_eof()
+        return True  # keep our end open until the other side is done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    # Backpressure: when the other side cannot keep up, stop reading here.
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class PeerGate:
+    """Lets allowed peers of ``public`` through to ``private``."""
+
+    def __init__(self, private: str, guard: PeerGuard) -> None:
+        self.private = private
+        self.guard = guard
+        self._server: asyncio.AbstractServer | None = None
+        self._dialing: set[asyncio.Task[None]] = set()
+
+    async def start(self, public: str, mode: int) -> None:
+        """Bind ``public`` (cleared by the caller) with ``mode`` and open the door."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old_umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(public)
+            finally:
+                os.umask(old_umask)
+            os.chmod(public, mode)
+            self._server = await loop.create_unix_server(self._accepted, sock=sock, backlog=128)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _accepted(self) -> asyncio.Protocol:
+        return _Door(self)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+class _Door(_Pipe):
+    """The public side of one connection: checks the peer, then dials gRPC."""
+
+    def __init__(self, gate: PeerGate) -> None:
+        super().__init__()
+        self._gate = gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if not self._gate.guard.check(peer_credentials(sock) if sock is not None else None):
+            transport.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._dial())
+        self._gate._dialing.add(task)
+        task.add_done_callback(self._gate._dialing.discard)
+
+    async def _dial(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, inner = await loop.create_unix_connection(_Pipe, self._gate.private)
+        except OSError as exc:
+            log.error("the control API is not answering on %s: %s", self._gate.private, exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        # Both ends may have received bytes already (gRPC speaks first: its SETTINGS frame).
+        inner.flush_to(self)
+        self.flush_to(inner)
+        if self.transport is None or self.transport.is_closing():
+            assert inner.transport is not None
+            inner.transport.close()

@@ -1,0 +1,195 @@
+"""An HTTP endpoint on a unix socket that a privileged daemon can leave open.
+
+Istio's CNI plugin talks to the node agent over HTTP on a unix socket; zds serves
+the same endpoint with aiohttp, guarded:
+
+- only allowed peers (``SO_PEERCRED``, see ``peers``): others are closed at once;
+- the request must arrive in time: headers within ``header_timeout`` of the
+  connection, the body within ``body_timeout`` (a half-sent request is closed);
+- at most ``max_concurrent`` requests in flight (more get 503 at once, never a queue),
+  and bodies of at most ``max_body`` bytes (413);
+- one request per connection (``Connection: close``; Istio's plugin makes one);
+- one WARNING line per refused, aborted or bad request, with the peer's pid — never a
+  traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from zds.server.peers import PeerGuard
+from zds.transport import PeerCredentials, peer_credentials
+
+log = logging.getLogger("zds.server.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_concurrent: int = 64
+    max_body: int = 64 * 1024
+
+
+class GuardedUnixHttp:
+    """Serves ``app`` on a unix socket with the guards above; ``start`` then ``close``."""
+
+    def __init__(self, app: web.Application, guard: PeerGuard, limits: HttpLimits = HttpLimits()) -> None:
+        self.app = app
+        self.guard = guard
+        self.limits = limits
+        self._in_flight = 0
+        self._deadlines: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        app.middlewares.append(self._middleware)
+
+    async def start(self, path: str, mode: int) -> None:
+        """Bind ``path`` (cleared by the caller), restrict it to ``mode``, serve."""
+        loop = asyncio.get_running_loop()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            return _Admitted(server(), self._admit)
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old_umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, mode)
+            self._server = await loop.create_unix_server(protocol, sock=sock, backlog=128)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for timer in self._deadlines.values():
+            timer.cancel()
+        self._deadlines.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- per connection ------------------------------------------------------------------
+    def _admit(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        peer = peer_credentials(sock) if sock is not None else None
+        if not self.guard.check(peer):
+            transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        self._deadlines[transport] = loop.call_later(
+            self.limits.header_timeout, self._too_slow, transport, peer
+        )
+
+    def _too_slow(self, transport: asyncio.BaseTransport, peer: PeerCredentials | None) -> None:
+        self._deadlines.pop(transport, None)
+        if not transport.is_closing():
+            log.warning(
+                "closed a %s request from %s that did not arrive within %gs",
+                self.guard.socket_name,
+                _who(peer),
+                self.limits.header_timeout,
+            )
+            transport.close()
+
+    # -- per request ---------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        timer = self._deadlines.pop(request.transport, None) if request.transport is not None else None
+        if timer is not None:
+            timer.cancel()
+        peer = _peer_of(request)
+        if self._in_flight >= self.limits.max_concurrent:
+            log.warning(
+                "refused a %s request from %s: %d requests in flight already",
+                self.guard.socket_name,
+                _who(peer),
+                self._in_flight,
+            )
+            return _closing(web.Response(status=503, text="too many requests in flight; try again\n"))
+        self._in_flight += 1
+        try:
+            try:
+                await asyncio.wait_for(request.read(), self.limits.body_timeout)
+            except TimeoutError:
+                log.warning(
+                    "closed a %s request from %s whose body did not arrive within %gs",
+                    self.guard.socket_name,
+                    _who(peer),
+                    self.limits.body_timeout,
+                )
+                return _closing(web.Response(status=408, text="request body too slow\n"))
+            except web.HTTPRequestEntityTooLarge:
+                log.warning(
+                    "refused a %s request from %s: body over %d bytes",
+                    self.guard.socket_name,
+                    _who(peer),
+                    self.limits.max_body,
+                )
+                return _closing(web.Response(status=413, text=f"body over {self.limits.max_body} bytes\n"))
+            except (ConnectionError, OSError) as exc:
+                log.warning("a %s request from %s was aborted: %s", self.guard.socket_name, _who(peer), exc)
+                return _closing(web.Response(status=400, text="request aborted\n"))
+            return _closing(await handler(request))
+        finally:
+            self._in_flight -= 1
+
+
+class _Admitted(asyncio.Protocol):
+    """aiohttp's request handler, told first who connected (its class takes no new attributes)."""
+
+    def __init__(self, inner: asyncio.Protocol, admit: Callable[[asyncio.BaseTransport], None]) -> None:
+        self._inner = inner
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+        self._admit(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def _peer_of(request: web.Request) -> PeerCredentials | None:
+    transport = request.transport
+    sock: Any = transport.get_extra_info("socket") if transport is not None else None
+    return peer_credentials(sock) if sock is not None else None
+
+
+def _who(peer: PeerCredentials | None) -> str:
+    return f"pid {peer.pid} uid {peer.uid}" if peer is not None else "an unknown peer"
+
+
+def _closing(response: web.StreamResponse) -> web.StreamResponse:
+    response.force_close()
+    return response
