@@ -122,6 +122,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="SECONDS",
         help="on SIGTERM, wait this long for established connections (default: %(default)s)",
     )
+    p.add_argument(
+        "--allow-own-netns",
+        action="store_true",
+        help="serve a pod whose netns is ztunnel's own (the node's); refused by default",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     p.set_defaults(func=main)
 
@@ -173,6 +178,7 @@ def main(args: argparse.Namespace) -> int:
             dns_port=None if args.no_dns else args.dns_port,
             resolvers=tuple(resolvers),
             preserve_source=not args.no_preserve_source,
+            allow_own_netns=args.allow_own_netns,
         ),
         retry_interval=args.retry_interval,
         drain_timeout=args.drain_timeout,

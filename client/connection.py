@@ -5,10 +5,11 @@ The asyncio half of ztunnel's ``workloadmanager.rs``; every decision is in
 state machine, runs the proxy starts and stops the state machine asks for,
 and keeps two timers:
 
-- reconnecting: after a connection that said hello ends (EOF, a read error,
-  a nack that closes it) the next attempt is immediate, as ztunnel's; a
-  connect or hello that fails waits the next backoff delay (10 ms doubling to
-  15 s, with jitter), and the backoff starts over once a connect succeeds;
+- reconnecting: after a connection the node agent answered ends (EOF, a read
+  error, a nack that closes it) the next attempt is immediate, as ztunnel's; a
+  connect that fails, or a connection closed before anything answered the hello
+  (a node agent that refuses this peer), waits the next backoff delay (10 ms
+  doubling to 15 s, with jitter); the backoff starts over once a connect succeeds;
 - retrying: while a workload is pending, every 5 s its proxy is started again
   (the timer keeps running while records come and go, like ztunnel's).
 
@@ -19,6 +20,7 @@ in-pod manager does not reconnect then (``zds ztunnel`` exits non-zero).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections import deque
@@ -95,29 +97,43 @@ class ZdsClient:
                 self.last_error = f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
                 # ztunnel logs every failure; only the first and the slow ones here, to keep the log readable.
                 level = logging.WARNING if self.backoff.attempts == 1 or delay >= 1.0 else logging.DEBUG
+                why = (
+                    "permission denied (the node agent's sockets are root's: run as root, or have it let "
+                    "you in with zds server --socket-group/--allow-uid)"
+                    if exc.errno == errno.EACCES
+                    else f"{exc.strerror or exc} (is it running?)"
+                )
                 log.log(
                     level,
-                    "failed to connect to the node agent over %s (is it running?): %s; retrying in %.3fs",
+                    "failed to connect to the node agent over %s: %s; retrying in %.3fs",
                     self.socket_path,
-                    exc.strerror or exc,
+                    why,
                     delay,
                 )
                 continue
             # ztunnel's connect backoff is per connect: a connection made starts it over.
             self.backoff.reset()
-            announced = await self._session(conn)
+            answered = await self._session(conn)
             if self.protocol.fatal_error is not None:
                 # Stopped for good, even when the nack could not be sent (the peer was gone).
                 raise FatalProtocolError(self.protocol.fatal_error)
-            # After a read error or EOF ztunnel reconnects at once; only a failed hello waits.
-            delay = 0.0 if announced else self.backoff.next()
+            # After a read error or EOF ztunnel reconnects at once. A connection closed before
+            # anything answered the hello (a node agent that refuses us, or is overloaded)
+            # waits the backoff instead of spinning.
+            delay = 0.0 if answered else self.backoff.next()
+            if not answered:
+                log.warning(
+                    "the node agent closed the connection before answering the hello (not allowed "
+                    "to connect, or overloaded?); retrying in %.3fs",
+                    delay,
+                )
 
     async def _session(self, conn: SeqpacketConnection) -> bool:
-        """Serve one connection until it ends; True if the hello was sent."""
+        """Serve one connection until it ends; True if the node agent answered the hello."""
         self.connections += 1
         self._conn_id = f"zds-{self.connections}"
         self.metrics.inc("zds_ztunnel_connections_total")
-        announced = False
+        answered = False
         recv: asyncio.Future[Record] | None = None
         extra = {"conn": self._conn_id}
         try:
@@ -129,8 +145,7 @@ class ZdsClient:
                 self.last_error = f"node agent announcement failed: {exc}"
                 log.error("node agent announcement failed (%s)", exc, extra=extra)
                 return False
-            announced = True
-            log.info("connected to the node agent at %s", self.socket_path, extra=extra)
+            log.debug("hello sent to the node agent at %s", self.socket_path, extra=extra)
             while True:
                 if recv is None:
                     recv = asyncio.ensure_future(conn.recv())
@@ -139,6 +154,9 @@ class ZdsClient:
                     continue
                 record = recv.result()
                 recv = None
+                if not answered and not record.is_eof:
+                    answered = True  # its first message answers the hello
+                    log.info("connected to the node agent at %s", self.socket_path, extra=extra)
                 events = self.protocol.receive(record)  # it owns the record's fds now
                 close = await self._apply(events, conn)
                 if close is not None:
@@ -152,11 +170,11 @@ class ZdsClient:
                         log.info("node agent closed the connection", extra=extra)
                     else:
                         log.warning("closing the connection: %s", close.reason, extra=extra)
-                    return announced
+                    return answered
         except (ConnectionError, OSError) as exc:
             self.last_error = f"connection to the node agent failed: {exc}"
             log.warning("connection to the node agent failed: %s", exc, extra=extra)
-            return announced
+            return answered
         finally:
             if recv is not None:
                 # Let the read unregister from the loop before its fd number can be reused.

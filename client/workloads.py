@@ -41,7 +41,8 @@ from zds.client.listeners import (
 )
 from zds.client.metrics import ZtunnelMetrics
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, validate_netns_fd
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_identity, validate_netns_fd
+from zds.netns.kernel import THREAD_NETNS
 from zds.protocol.messages import WorkloadInfo
 from zds.protocol.workloads import Workload
 
@@ -64,6 +65,8 @@ class ProxySettings:
     resolvers: tuple[tuple[str, int], ...] = ()
     #: Inbound relays connect from the client's address (IP_TRANSPARENT), as ztunnel does.
     preserve_source: bool = True
+    #: Serve a workload whose netns is ztunnel's own (the node's): off unless asked for.
+    allow_own_netns: bool = False
 
 
 class ProxyStartError(ZdsError):
@@ -160,12 +163,21 @@ class WorkloadProxies:
         self.metrics = metrics
         self.handlers: dict[str, ConnectionHandler] = dict(handlers or {})
         self._proxies: dict[str, WorkloadProxy] = {}
+        #: ztunnel's own netns: a workload in it would have ztunnel listen on the node.
+        self._own_netns = netns_identity_of_path(THREAD_NETNS)
 
     def __contains__(self, uid: object) -> bool:
         return uid in self._proxies
 
     def __len__(self) -> int:
         return len(self._proxies)
+
+    def _refuse_own_netns(self, uid: str, identity: NetnsIdentity) -> None:
+        if identity == self._own_netns and not self.settings.allow_own_netns:
+            raise ProxyStartError(
+                f"the netns fd of {uid} is ztunnel's own network namespace ({identity}): serving it would "
+                "listen on the node; refusing (zds ztunnel --allow-own-netns serves it anyway)"
+            )
 
     def get(self, uid: str) -> WorkloadProxy | None:
         """The running proxy of ``uid``, if any."""
@@ -180,6 +192,7 @@ class WorkloadProxies:
             self.stop(uid, "replaced")
         try:
             validate_netns_fd(workload.netns_fd, f"the netns fd of {uid}")
+            self._refuse_own_netns(uid, netns_identity(workload.netns_fd))
             netns = NetnsHandle.from_fd(os.dup(workload.netns_fd), f"netns of {uid}", validate=False)
         except (NetnsError, OSError) as exc:
             raise ProxyStartError(str(exc)) from exc
@@ -244,3 +257,11 @@ class WorkloadProxies:
     def all(self) -> list[WorkloadProxy]:
         """Every running proxy."""
         return list(self._proxies.values())
+
+
+def netns_identity_of_path(path: str) -> NetnsIdentity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return NetnsIdentity(st.st_dev, st.st_ino)

@@ -264,8 +264,14 @@ def test_a_named_netns_recreated_under_the_same_name_is_not_taken_for_the_old_po
     server.cli("pod", "add", "--uid", "u1", "--netns", old)
     assert istio_rules(old) != []
     server.stop(signal.SIGKILL)
-    namespaces.delete("a")
-    new = namespaces.make("a")
+    # Hold the old netns while the name is reused: a namespace's inode number is only
+    # unique while it lives (the kernel may give a new one a freed number).
+    held = os.open(old, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        namespaces.delete("a")
+        new = namespaces.make("a")
+    finally:
+        os.close(held)
     assert new == old and _stat_identity(new) != old_identity
 
     restarted = agents.start(redirect=True)

@@ -623,11 +623,26 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     assert z.get("admin", "/nope")[0] == 404
 
 
+def test_ztunnels_own_netns_is_refused_unless_allowed(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
+) -> None:
+    z = start_ztunnel("--no-listeners")
+    conn = agent.connect_and_hello()
+    nack = conn.add("node", "/proc/self/ns/net")  # the same netns as ztunnel's: the node's
+    assert nack.error.startswith(
+        "failure to start proxy : the netns fd of node is ztunnel's own network namespace"
+    )
+    assert conn.snapshot() == Ack()
+    assert z.config_dump()["workloadState"]["node"]["state"] == "Pending"
+    assert z.stop() == 0
+
+
 def test_no_listeners_mode_acks_checks_the_netns_and_opens_nothing(
     agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
 ) -> None:
-    # No root needed: our own netns is a netns anyone can open.
-    z = start_ztunnel("--no-listeners")
+    # No root needed: our own netns is a netns anyone can open (and --allow-own-netns lets
+    # ztunnel serve it: it is the node's).
+    z = start_ztunnel("--no-listeners", "--allow-own-netns")
     conn = agent.connect_and_hello()
     assert conn.add("own-netns", "/proc/self/ns/net") == Ack()
     fd = os.open("/dev/null", os.O_RDONLY)
