@@ -83,6 +83,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="CNI plugin event socket, POST /cmdadd; 'off' disables (default: %(default)s)",
     )
     server.add_argument(
+        "--cni-request-timeout",
+        type=cliflags.seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="a CNI plugin request must arrive (headers, then body) within this (default: %(default)s)",
+    )
+    server.add_argument(
+        "--cni-max-requests",
+        type=cliflags.positive_int,
+        default=64,
+        metavar="N",
+        help="CNI plugin requests in flight at once; more are answered 503 at once (default: %(default)s)",
+    )
+    server.add_argument(
         "--http-listen",
         default=defaults.NODE_AGENT_HTTP,
         metavar="HOST:PORT",
@@ -163,6 +177,7 @@ def main(args: argparse.Namespace) -> int:
     from zds.server.main import ServerOptions, run_server
     from zds.server.peers import AllowList
     from zds.server.redirect import RedirectConfig
+    from zds.server.unixhttp import HttpLimits
 
     try:
         gid = _group(args.socket_group) if args.socket_group else None
@@ -181,6 +196,11 @@ def main(args: argparse.Namespace) -> int:
         socket_mode=0o660 if gid is not None else 0o600,
         socket_gid=gid,
         cni_socket=cliflags.off(args.cni_socket),
+        cni_limits=HttpLimits(
+            header_timeout=args.cni_request_timeout,
+            body_timeout=args.cni_request_timeout,
+            max_concurrent=args.cni_max_requests,
+        ),
         http_listen=cliflags.off(args.http_listen),
         state_dir=args.state_dir,
         reset_state=args.reset_state,

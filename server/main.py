@@ -52,7 +52,7 @@ from zds.server.redirect import RedirectConfig, Redirector
 from zds.server.store import PodStore, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
-from zds.server.unixhttp import GuardedUnixHttp
+from zds.server.unixhttp import GuardedUnixHttp, HttpLimits
 from zds.transport import bind_unix_listener
 
 log = logging.getLogger("zds.server")
@@ -73,6 +73,7 @@ class ServerOptions:
     #: Serve --grpc-listen in plaintext (a warning is logged).
     grpc_insecure: bool = False
     cni_socket: str | None = defaults.CNI_SOCKET
+    cni_limits: HttpLimits = field(default_factory=HttpLimits)
     http_listen: str | None = defaults.NODE_AGENT_HTTP
     state_dir: str = defaults.STATE_DIR
     #: Move an existing pod store aside and start empty.
@@ -306,7 +307,9 @@ class NodeAgentServer:
 
     async def _serve_cni(self, path: str) -> None:
         self.cni = CniPluginEndpoint(self.agent)
-        http = GuardedUnixHttp(self.cni.app, PeerGuard(self.agent.config.allow, "CNI plugin"))
+        http = GuardedUnixHttp(
+            self.cni.app, PeerGuard(self.agent.config.allow, "CNI plugin"), self.options.cni_limits
+        )
         self._closers.append(http.close)
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)

@@ -1,0 +1,364 @@
+"""The node agent's security boundary, with real peers of other uids, real TLS (openssl,
+grpcurl) and real floods: who may talk, what is refused, and that refusals cost nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (
+    ZDS,
+    NodeAgentProc,
+    RawPeer,
+    ZdsProcess,
+    free_port,
+    pod_netns,
+    wait_until,
+)
+
+pytestmark = pytest.mark.root
+
+NOBODY = 65534
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+#: Run as another user with the system's python3 (the venv's is under /root): connect to a
+#: unix socket, send ``data``, print what came back before EOF (hex) or the error.
+AS_OTHER_USER = textwrap.dedent(
+    """
+    import socket, sys
+    kind = socket.SOCK_SEQPACKET if sys.argv[2] == "seqpacket" else socket.SOCK_STREAM
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.settimeout(10)
+    try:
+        s.connect(sys.argv[1])
+        s.send(bytes.fromhex(sys.argv[3]))
+        print("answer:" + s.recv(65536).hex())
+    except OSError as e:
+        print("error:" + e.strerror)
+    """
+)
+
+
+def as_user(uid: int, path: str, kind: str, data: bytes, *, gid: int | None = None) -> str:
+    done = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid if gid is not None else uid}",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            AS_OTHER_USER,
+            path,
+            kind,
+            data.hex(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's tmp dirs are root's, 0700)."""
+    made = Path(tempfile.mkdtemp(prefix="zds-sec-"))
+    made.chmod(0o755)
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def reachable(server: NodeAgentProc, mode: int = 0o666) -> None:
+    """Let every user reach the socket files (their directories 0755, the files ``mode``)."""
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        os.chmod(os.path.dirname(path), 0o755)
+        if mode:
+            os.chmod(path, mode)
+
+
+@pytest.fixture
+def opened_sockets(public_dir: Path) -> Iterator[NodeAgentProc]:
+    """A node agent whose socket files anyone may open (mode 0666 set by the test), so that only
+    its SO_PEERCRED check stands between another user and it."""
+    server = NodeAgentProc(str(public_dir)).wait_ready()
+    try:
+        reachable(server)
+        yield server
+    finally:
+        server.stop()
+
+
+HELLO = bytes.fromhex("0801")
+HTTP = b"POST /cmdadd HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_a_peer_not_on_the_allow_list_is_refused_on_every_socket_and_logged_once(
+    opened_sockets: NodeAgentProc,
+) -> None:
+    server = opened_sockets
+    # Closed at once, nothing answered (EOF; or a reset or broken pipe, when what was sent is unread).
+    closed = ("answer:", "error:Connection reset by peer", "error:Broken pipe")
+    assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) in closed  # no snapshot
+    assert as_user(NOBODY, server.control_socket, "stream", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") in closed
+    assert as_user(NOBODY, server.cni_socket, "stream", HTTP) in closed
+    for name in ("ZDS", "control", "CNI plugin"):
+        server.wait_for_output(f"refused a connection on the {name} socket from pid")
+    lines = [line for line in server.output().splitlines() if "refused a connection" in line]
+    assert len(lines) == 3 and all(f"uid {NOBODY} gid {NOBODY}" in line for line in lines)
+    assert all("permission denied" in line and "/usr/bin/python3" in line for line in lines)
+    assert server.list_pods() == []
+
+
+def test_allow_uid_lets_that_user_in(public_dir: Path) -> None:
+    server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
+    try:
+        reachable(server)
+        # The hello is answered with the (empty) snapshot: SnapshotSent.
+        assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "answer:1a00"
+    finally:
+        server.stop()
+
+
+def test_socket_group_gives_the_sockets_to_a_group_and_lets_it_in(public_dir: Path) -> None:
+    group = 4242
+    server = NodeAgentProc(str(public_dir), "--socket-group", str(group)).wait_ready()
+    try:
+        for path in (server.zds_socket, server.control_socket, server.cni_socket):
+            st = os.stat(path)
+            assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", group)
+        reachable(server, mode=0)
+        assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO, gid=group) == "answer:1a00"
+        # Without the group, the file's mode already keeps that user out.
+        assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "error:Permission denied"
+    finally:
+        server.stop()
+
+
+def test_a_client_that_may_not_reach_the_socket_is_told_permission_denied(tmp_path: Path) -> None:
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    try:
+        code = textwrap.dedent(
+            f"""
+            import os, grpc
+            from zds.server.controlclient import ControlError, ControlTarget
+            os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+            try:
+                with ControlTarget(socket={server.control_socket!r}).stub():
+                    pass
+            except ControlError as e:
+                print(e)
+            """
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+        assert out.startswith(f"cannot reach the node agent at {server.control_socket}: permission denied")
+        assert "--allow-uid" in out
+    finally:
+        server.stop()
+
+
+# -- the control API on TCP -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path_factory.mktemp("certs")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=zds test CA")  # fmt: skip
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=zds {name}")  # fmt: skip
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")  # fmt: skip
+    return {
+        name: str(d / name) for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+    }
+
+
+def test_grpc_listen_without_tls_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    proc = NodeAgentProc(str(tmp_path), "--grpc-listen", f"127.0.0.1:{free_port()}")
+    try:
+        assert proc.wait_exit() == 1
+        assert "--grpc-listen needs --tls-cert and --tls-key" in proc.output()
+        assert "Traceback" not in proc.output()
+        assert not os.path.exists(proc.zds_socket)
+    finally:
+        proc.stop()
+
+
+def test_the_control_api_on_tcp_with_mutual_tls_answers_grpcurl_and_zds_with_certificates_only(
+    tmp_path: Path, certs: dict[str, str]
+) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = NodeAgentProc(
+        str(tmp_path),
+        "--grpc-listen",
+        address,
+        "--tls-cert",
+        certs["server.pem"],
+        "--tls-key",
+        certs["server.key"],
+        "--tls-client-ca",
+        certs["ca.pem"],
+    ).wait_ready()
+    try:
+        tls = ["-cacert", certs["ca.pem"], "-cert", certs["client.pem"], "-key", certs["client.key"]]
+        listed = subprocess.run([GRPCURL, *tls, address, "list"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert "zds.v1.NodeAgent" in listed.stdout.split()
+        no_cert = subprocess.run(
+            [GRPCURL, "-cacert", certs["ca.pem"], address, "list"], capture_output=True, text=True, timeout=60
+        )
+        assert no_cert.returncode != 0
+        plaintext = subprocess.run(
+            [GRPCURL, "-plaintext", address, "list"], capture_output=True, text=True, timeout=60
+        )
+        assert plaintext.returncode != 0
+
+        client = ["--grpc-address", address, "--tls-ca", certs["ca.pem"]]
+        mutual = [*client, "--tls-cert", certs["client.pem"], "--tls-key", certs["client.key"]]
+        done = subprocess.run(
+            [*ZDS, "pod", "list", "--json", *mutual], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == []
+        refused = subprocess.run([*ZDS, "pod", "list", *client], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"zds pod list: cannot reach the node agent at {address}")
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        proc.stop()
+
+
+# -- floods -----------------------------------------------------------------------------------
+
+
+def test_half_sent_cni_requests_are_closed_in_time_each_with_one_warning_never_a_traceback(
+    tmp_path: Path,
+) -> None:
+    server = NodeAgentProc(str(tmp_path), "--cni-request-timeout", "1").wait_ready()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(server.cni_socket)
+            sock.sendall(b"POST /cmdadd HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            held.append(sock)
+        for sock in held:
+            sock.settimeout(15)
+            assert sock.recv(1) == b"", "the node agent closed the half-sent request"
+        wait_until(
+            lambda: server.output().count("did not arrive within 1s") == 300, "one warning per closed request"
+        )
+        assert "Traceback" not in server.output()
+        # The endpoint still answers a real request.
+        body = json.dumps({"Netns": pod_netns(), "PodName": "web", "PodNamespace": "shop"}).encode()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.cni_socket)
+        sock.sendall(b"POST /cmdadd HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sock.settimeout(15)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 500")  # no ztunnel: Istio's 500 with the reason
+        sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_a_cni_request_over_the_body_cap_or_the_concurrency_cap_is_refused(tmp_path: Path) -> None:
+    # A ztunnel that never acks keeps enrollments (and so CNI requests) in flight.
+    server = NodeAgentProc(str(tmp_path), "--cni-max-requests", "2", "--ack-timeout", "30").wait_ready()
+    mute = RawPeer(server.zds_socket)
+    waiting: list[socket.socket] = []
+    try:
+        mute.hello()
+        assert mute.expect().payload == bytes.fromhex("1a00")
+        mute.ack()
+        for name in ("a", "b"):
+            body = json.dumps(
+                {"Netns": pod_netns(), "PodName": name, "PodNamespace": "shop", "PodUID": name}
+            ).encode()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(server.cni_socket)
+            sock.sendall(b"POST /cmdadd HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            waiting.append(sock)
+        wait_until(lambda: len(server.list_pods()) == 2, "two enrollments in flight")
+        third = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        third.connect(server.cni_socket)
+        third.sendall(HTTP)
+        third.settimeout(15)
+        assert third.recv(65536).startswith(b"HTTP/1.1 503")
+        third.close()
+        big = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        big.connect(server.cni_socket)
+        big.sendall(b"POST /cmdadd HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000)
+        big.settimeout(15)
+        answer = big.recv(65536)
+        big.close()
+        assert answer.startswith((b"HTTP/1.1 413", b"HTTP/1.1 503"))
+        server.wait_for_output("requests in flight already")
+        assert "Traceback" not in server.output()
+    finally:
+        for sock in waiting:
+            sock.close()
+        mute.close()
+        server.stop()
+
+
+def test_garbage_on_the_zds_socket_is_a_warning_with_the_peers_pid(tmp_path: Path) -> None:
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    peer = RawPeer(server.zds_socket)
+    try:
+        peer.send(b"\xff\xfe garbage")
+        peer.expect_closed()
+        server.wait_for_output(
+            f"warning zds.server: closed the connection from pid {os.getpid()} uid 0: bad hello"
+        )
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_the_ztunnel_side_says_connected_only_once_the_hello_is_answered(tmp_path: Path) -> None:
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    z = ZdsProcess(
+        ["ztunnel", "--zds-socket", path, "--no-listeners", "--admin-listen", "off", "--readiness-listen", "off",
+         "--metrics-listen", "off"],
+        str(tmp_path / "ztunnel.log"),
+    )  # fmt: skip
+    try:
+        listener.settimeout(15)
+        conn, _ = listener.accept()
+        conn.settimeout(15)
+        assert conn.recv(1024) == HELLO
+        assert "connected to the node agent" not in z.output()
+        conn.send(bytes.fromhex("1a00"))  # SnapshotSent: the first answer
+        assert conn.recv(1024) == bytes.fromhex("0a00")
+        z.wait_for_output("connected to the node agent")
+        conn.close()
+    finally:
+        z.stop()
+        listener.close()
