@@ -25,7 +25,7 @@ def spec_from_mapping(entry: Any, where: str) -> PodSpec:
     entry = dict(entry)
     if "serviceAccount" in entry and "service_account" not in entry:
         entry["service_account"] = entry.pop("serviceAccount")
-    unknown = sorted(set(entry) - set(FIELDS))
+    unknown = sorted(str(key) for key in set(entry) - set(FIELDS))
     if unknown:
         raise PodSpecError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
     missing = [f for f in ("uid", "netns") if not entry.get(f)]
@@ -51,13 +51,21 @@ def spec_from_mapping(entry: Any, where: str) -> PodSpec:
 
 def load_pods_file(path: str) -> list[PodSpec]:
     """Read a pods file; PodSpecError names the file (and line or entry) of the first problem."""
-    import yaml  # only pods files need it
 
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise PodSpecError(f"cannot read pods file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PodSpecError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return parse_pods(text, path)
+
+
+def parse_pods(text: str, path: str) -> list[PodSpec]:
+    """The pods in a pods file's ``text`` (``path`` names it in messages)."""
+    import yaml  # only pods files need it
+
     entries: list[tuple[Any, str]] = []
     stripped = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     json_lines = [(n, line) for n, line in stripped if line and not line.startswith("#")]
@@ -67,11 +75,16 @@ def load_pods_file(path: str) -> list[PodSpec]:
                 entries.append((json.loads(line), f"{path}:{n}"))
             except json.JSONDecodeError as exc:
                 raise PodSpecError(f"{path}:{n}: not valid JSON: {exc.msg}") from exc
+            except RecursionError as exc:
+                raise PodSpecError(f"{path}:{n}: JSON nested too deep") from exc
     else:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # PyYAML's resolvers raise these on some scalars ("_0b_": int("", 2)); found by fuzzing.
+            raise PodSpecError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc
         if isinstance(doc, dict) and "pods" in doc:
             doc = doc["pods"]
         if doc is None:
