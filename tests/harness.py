@@ -324,11 +324,21 @@ def http_get(url: str) -> tuple[int, str]:
 class ZdsProcess:
     """A ``zds ARGS`` subprocess, its output (stdout and stderr) captured to a file."""
 
-    def __init__(self, args: Sequence[str], log_path: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: str,
+        env: dict[str, str] | None = None,
+        *,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """``wrapper``: a command that runs zds (``setpriv ...``); its pid is the process's."""
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([*ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [*wrapper, *ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env
+        )
 
     @property
     def pid(self) -> int:

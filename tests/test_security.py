@@ -23,6 +23,7 @@ from tests.harness import (
     ZdsProcess,
     free_port,
     pod_netns,
+    post_unix,
     wait_until,
 )
 
@@ -362,3 +363,76 @@ def test_the_ztunnel_side_says_connected_only_once_the_hello_is_answered(tmp_pat
     finally:
         z.stop()
         listener.close()
+
+
+def test_a_ztunnel_that_keeps_failing_on_eacces_says_permission_denied(tmp_path: Path) -> None:
+    """Root without CAP_DAC_OVERRIDE against a socket that is another user's, 0600: EACCES."""
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    os.chown(path, NOBODY, NOBODY)
+    os.chmod(path, 0o600)
+    no_override = "-dac_override,-dac_read_search"
+    z = ZdsProcess(
+        ["ztunnel", "--zds-socket", path, "--no-listeners", "--admin-listen", "off", "--readiness-listen", "off",
+         "--metrics-listen", "off"],
+        str(tmp_path / "ztunnel.log"),
+        wrapper=["setpriv", f"--bounding-set={no_override}", f"--inh-caps={no_override}"],
+    )  # fmt: skip
+    try:
+        z.wait_for_output(f"failed to connect to the node agent over {path}: permission denied")
+    finally:
+        z.stop()
+        listener.close()
+
+
+def test_the_node_is_refused_from_a_pods_file_and_from_the_pod_store(tmp_path: Path) -> None:
+    host = f"/proc/{os.getpid()}/ns/net"
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps({"uid": "u1", "netns": host}) + "\n")
+    server = NodeAgentProc(str(tmp_path), "--pods", str(pods)).wait_ready()
+    try:
+        assert server.list_pods() == []
+        assert (
+            "pods file entry refused" in server.output()
+            and "is the node agent's own netns" in server.output()
+        )
+    finally:
+        server.stop()
+    # A row that names the node (written behind the agent's back) is dropped on reload.
+    from zds.netns import NetnsIdentity, NetnsRef
+    from zds.server.pods import PodSpec
+    from zds.server.store import PodStore
+
+    st = os.stat(host)
+    store = PodStore.open(server.state_dir, used_before=True)
+    store.put(PodSpec.create("u2", NetnsRef.of_path(host)), NetnsIdentity(st.st_dev, st.st_ino))
+    store.close()
+    again = NodeAgentProc(str(tmp_path), name="again").wait_ready()
+    try:
+        assert again.list_pods() == []
+        assert "pod refused on reload, dropped from the pod store" in again.output()
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name", "text"),
+    [
+        ("ns/../x", "web", "namespace 'ns/../x' is not a DNS-1123 label"),
+        ("Shop", "web", "namespace 'Shop' is not a DNS-1123 label"),
+        ("shop", "web..1", "name 'web..1' is not a DNS-1123 subdomain"),
+    ],
+)
+def test_names_are_checked_like_kubernetes_on_the_cni_path_too(
+    namespace: str, name: str, text: str, tmp_path: Path
+) -> None:
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    try:
+        body = json.dumps({"Netns": pod_netns(), "PodName": name, "PodNamespace": namespace}).encode()
+        status, answer = post_unix(server.cni_socket, "/cmdadd", body)
+        assert status == 400 and text in answer
+        assert server.list_pods() == []
+    finally:
+        server.stop()
