@@ -15,6 +15,7 @@ from zds import __version__, cliflags, logs
 
 def build_parser() -> argparse.ArgumentParser:
     from zds import demo
+    from zds.cni import cli as cni_cli
     from zds.client import cli as client_cli
     from zds.netns import cli as netns_cli
     from zds.server import cli as server_cli
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_cli.register(sub)
     client_cli.register(sub)
     netns_cli.register(sub)
+    cni_cli.register(sub)
     demo.register(sub)
     for leaf in cliflags.leaf_parsers(parser):
         if leaf is not parser:

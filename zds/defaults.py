@@ -102,3 +102,33 @@ HOST_PROBE_SNAT_IPV6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
 #: Names of the chains the in-pod rules live in.
 CHAIN_PREROUTING = "ISTIO_PRERT"
 CHAIN_OUTPUT = "ISTIO_OUTPUT"
+
+# --- pod sources: the CNI plugin and the container engine -------------------------------
+#: Istio's CNI plugin event paths on the CNI socket: ADD (Istio's), DEL and CHECK (zds's).
+CNI_DEL_EVENT_PATH = "/cmddel"
+CNI_CHECK_EVENT_PATH = "/cmdcheck"
+#: The plugin's ``type`` in a conflist, and its executable's name in the CNI bin dir.
+CNI_PLUGIN_TYPE = "zds-cni"
+#: Where ``zds-cni`` logs (its config's ``log_file``).
+CNI_PLUGIN_LOG = "/var/log/zds-cni.log"
+#: Seconds ``zds-cni`` waits for the node agent's answer to an event (its config's ``timeout``).
+CNI_PLUGIN_TIMEOUT = 20.0
+#: Where ``zds cni install`` puts the plugin and looks for network configs (Istio's defaults;
+#: Debian's Podman also searches /opt/cni/bin, after /usr/lib/cni).
+CNI_BIN_DIR = "/opt/cni/bin"
+CNI_CONF_DIR = "/etc/cni/net.d"
+#: Istio's ambient label (istio.io/dataplane-mode) and its values.
+DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
+DATAPLANE_MODE_AMBIENT = "ambient"
+DATAPLANE_MODE_NONE = "none"
+#: The container label that names a container's service account.
+SERVICE_ACCOUNT_LABEL = "zds.io/service-account"
+#: The container label compose puts on each container: its project, zds's namespace.
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+#: Seconds a CNI event waits for the container engine to report the container it names
+#: (Podman holds a container's lock while its CNI plugins run, so it cannot be inspected then:
+#: its labels come from the engine's ``create`` event).
+CONTAINER_LOOKUP_TIMEOUT = 10.0
+#: Reconnecting to the container engine: first delay and cap (seconds), doubling.
+ENGINE_RETRY_INITIAL = 0.5
+ENGINE_RETRY_MAX = 30.0

@@ -1,0 +1,110 @@
+"""``zds cni install|uninstall``: put zds-cni where a CNI runtime finds it, and take it out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from zds import defaults
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "cni",
+        help="install or uninstall zds's CNI plugin (zds-cni)",
+        description="Install zds-cni into a CNI bin dir and chain it into a network's config list, "
+        "as Istio's install-cni does; uninstall takes it out again.",
+    )
+    commands = parser.add_subparsers(dest="cni_command", metavar="SUBCOMMAND", required=True)
+    install = commands.add_parser(
+        "install",
+        help="put zds-cni into the bin dir and chain it into a network",
+        description="Put the zds-cni executable into --bin-dir and append zds-cni to the plugins of a "
+        "network's config list in --conf-dir (the one named with --network, else the lexically first "
+        "valid config, as kubelet picks it). Everything else in the file stays as it was; a "
+        "single-plugin .conf becomes a .conflist (the original is kept for uninstall). Idempotent.",
+    )
+    _dirs(install)
+    install.add_argument(
+        "--network",
+        metavar="NAME",
+        help="the network to chain into, by its config's name (default: the first)",
+    )
+    install.add_argument(
+        "--cni-socket",
+        default=defaults.CNI_SOCKET,
+        metavar="PATH",
+        help="the node agent's CNI socket, written into the plugin's config (default: %(default)s)",
+    )
+    install.add_argument(
+        "--log-file",
+        default=defaults.CNI_PLUGIN_LOG,
+        metavar="PATH",
+        help="where zds-cni logs, written into its config (default: %(default)s)",
+    )
+    install.add_argument(
+        "--enroll",
+        choices=("labelled", "all"),
+        default="labelled",
+        help="labelled: the container's istio.io/dataplane-mode label decides (the node agent reads it "
+        "through its --container-engine); all: every pod on the network joins (default: %(default)s)",
+    )
+    install.set_defaults(func=cmd_install)
+    uninstall = commands.add_parser(
+        "uninstall",
+        help="take zds-cni out of every network config and remove it from the bin dir",
+        description="Take zds-cni's entry out of every config list in --conf-dir (leaving the rest of "
+        "each file as it was, and restoring a .conf install converted) and remove the zds-cni "
+        "executable from --bin-dir.",
+    )
+    _dirs(uninstall)
+    uninstall.set_defaults(func=cmd_uninstall)
+
+
+def _dirs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bin-dir",
+        default=defaults.CNI_BIN_DIR,
+        metavar="DIR",
+        help="where the CNI runtime finds plugins (Podman on Debian also searches /usr/lib/cni) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--conf-dir",
+        default=defaults.CNI_CONF_DIR,
+        metavar="DIR",
+        help="where the CNI runtime reads network configs (default: %(default)s)",
+    )
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from zds.cni.install import InstallError, InstallOptions, install
+
+    options = InstallOptions(
+        bin_dir=args.bin_dir,
+        conf_dir=args.conf_dir,
+        network=args.network,
+        cni_socket=args.cni_socket,
+        log_file=args.log_file,
+        enroll=args.enroll,
+    )
+    try:
+        done = install(options)
+    except (InstallError, OSError) as exc:
+        print(f"zds cni install: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(done))
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from zds.cni.install import InstallError, InstallOptions, uninstall
+
+    try:
+        done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir))
+    except (InstallError, OSError) as exc:
+        print(f"zds cni uninstall: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(done))
+    return 0

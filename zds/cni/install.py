@@ -1,0 +1,264 @@
+"""``zds cni install`` / ``zds cni uninstall``, as Istio's install-cni does it.
+
+Install puts the ``zds-cni`` executable into a CNI bin dir and chains zds-cni
+into a network's config list in a CNI conf dir: the network named with
+``--network``, else the primary one (the lexically first valid config, the one
+kubelet and CRI runtimes use). zds-cni's entry goes last in ``plugins``; the
+rest of the file stays byte for byte as it was. A single-plugin ``.conf`` is
+turned into a ``.conflist`` holding it and zds-cni (as Istio does); the
+original is kept beside it (``NAME.conf.zds-cni-orig``, which no runtime
+reads) and put back by uninstall. Every write is atomic (a temporary file in
+the same directory, then rename) and keeps the file's mode and owner. Running
+install again changes nothing that is already right.
+
+The executable is a small launcher: a Python script whose first line is the
+interpreter zds is installed with, which runs ``zds.cni.plugin``. It keeps
+working from wherever it is copied, as long as that zds installation stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from zds import __version__, defaults
+from zds.cni.conflist import Conflist, ConflistError
+from zds.errors import ZdsError
+
+#: The launcher's second line: how uninstall knows the executable is zds's.
+LAUNCHER_MARK = "# zds-cni: zds's CNI plugin, written by `zds cni install`"
+#: Beside a .conf that install turned into a .conflist: the original, for uninstall.
+ORIGINAL_SUFFIX = ".zds-cni-orig"
+CONF_EXTENSIONS = (".conf", ".conflist")
+
+
+class InstallError(ZdsError):
+    """What ``zds cni install|uninstall`` cannot do; the message says what to do."""
+
+
+@dataclass
+class InstallOptions:
+    bin_dir: str = defaults.CNI_BIN_DIR
+    conf_dir: str = defaults.CNI_CONF_DIR
+    #: The network to chain into (its config's ``name``); None: the primary one.
+    network: str | None = None
+    cni_socket: str = defaults.CNI_SOCKET
+    log_file: str = defaults.CNI_PLUGIN_LOG
+    #: "labelled" (the container's labels decide) or "all".
+    enroll: str = "labelled"
+    #: The interpreter the launcher runs (the one zds is installed with).
+    python: str = field(default_factory=lambda: sys.executable)
+
+
+def launcher(python: str) -> str:
+    return (
+        f"#!{python} -I\n"
+        f"{LAUNCHER_MARK} (zds {__version__}).\n"
+        "# It runs zds.cni.plugin from the Python environment zds is installed in.\n"
+        "import sys\n\n"
+        "from zds.cni.plugin import main\n\n"
+        "sys.exit(main())\n"
+    )
+
+
+def plugin_entry(options: InstallOptions) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "type": defaults.CNI_PLUGIN_TYPE,
+        "cni_socket": options.cni_socket,
+        "log_file": options.log_file,
+    }
+    if options.enroll != "labelled":
+        entry["enroll"] = options.enroll
+    return entry
+
+
+def write_atomically(path: str, data: str, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` in one rename, keeping its mode and owner
+    (``mode`` for a new file)."""
+    directory = os.path.dirname(path) or "."
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if st is not None:
+            os.chmod(tmp, st.st_mode & 0o7777)
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, st.st_uid, st.st_gid)
+        else:
+            os.chmod(tmp, mode if mode is not None else 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise InstallError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def config_files(conf_dir: str) -> list[str]:
+    """The network configs in ``conf_dir``, in the order runtimes read them."""
+    try:
+        names = sorted(os.listdir(conf_dir))
+    except FileNotFoundError:
+        raise InstallError(
+            f"CNI conf dir {conf_dir} does not exist; give the right one with --conf-dir"
+        ) from None
+    return [os.path.join(conf_dir, n) for n in names if os.path.splitext(n)[1] in CONF_EXTENSIONS]
+
+
+def _load(path: str) -> Conflist | dict[str, Any] | None:
+    """A conflist, a single-plugin .conf (its document), or None for a file that is neither."""
+    text = _read(path)
+    if path.endswith(".conflist"):
+        try:
+            conflist = Conflist(text, path)
+        except ConflistError:
+            return None
+        return conflist if conflist.plugins else None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("type"), str) else None
+
+
+def _target(options: InstallOptions) -> tuple[str, Conflist | dict[str, Any]]:
+    for path in config_files(options.conf_dir):
+        loaded = _load(path)
+        if loaded is None:
+            continue
+        name = loaded.name if isinstance(loaded, Conflist) else str(loaded.get("name", ""))
+        if options.network is None or name == options.network:
+            return path, loaded
+    if options.network is not None:
+        raise InstallError(
+            f"no network named {options.network!r} in {options.conf_dir} "
+            "(podman network ls lists Podman's; the name is the config's \"name\")"
+        )
+    raise InstallError(
+        f"no network config in {options.conf_dir} to chain zds-cni into; create the network first "
+        "(e.g. podman network create), or point --conf-dir at the runtime's"
+    )
+
+
+def install_binary(options: InstallOptions) -> tuple[str, bool]:
+    """The launcher in the bin dir: (its path, whether it was written)."""
+    if not os.path.isdir(options.bin_dir):
+        raise InstallError(f"CNI bin dir {options.bin_dir} does not exist; give the right one with --bin-dir")
+    path = os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE)
+    content = launcher(options.python)
+    if os.path.isfile(path) and _read(path) == content and os.access(path, os.X_OK):
+        return path, False
+    if os.path.exists(path) and not _is_ours(path):
+        raise InstallError(f"{path} exists and is not zds-cni's launcher; remove it or use another --bin-dir")
+    write_atomically(path, content, mode=0o755)
+    return path, True
+
+
+def _is_ours(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return LAUNCHER_MARK in f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def chain(options: InstallOptions) -> tuple[str, bool]:
+    """zds-cni last in the target network's plugins: (the file, whether it was written)."""
+    path, loaded = _target(options)
+    entry = plugin_entry(options)
+    if isinstance(loaded, dict):
+        return _convert_conf(path, loaded, entry), True
+    ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
+    if ours == [len(loaded.plugins) - 1] and loaded.plugins[-1] == entry:
+        return path, False
+    conflist = loaded
+    for index in reversed(ours):
+        conflist = Conflist(conflist.without(index), path)
+    write_atomically(path, conflist.appended(entry))
+    return path, True
+
+
+def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str:
+    """A .conf becomes NAME.conflist holding it and zds-cni; the original is kept aside."""
+    target = os.path.splitext(path)[0] + ".conflist"
+    if os.path.exists(target):
+        raise InstallError(
+            f"{path} is a single-plugin config and {target} exists already; chain into that one"
+        )
+    plugin = {k: v for k, v in conf.items() if k != "cniVersion"}
+    doc = {
+        "cniVersion": conf.get("cniVersion", "0.3.1"),
+        "name": conf.get("name", ""),
+        "plugins": [plugin, entry],
+    }
+    mode = os.stat(path).st_mode & 0o7777
+    write_atomically(target, json.dumps(doc, indent=2) + "\n", mode=mode)
+    os.rename(path, path + ORIGINAL_SUFFIX)
+    return target
+
+
+def install(options: InstallOptions) -> list[str]:
+    """Install and chain; what was done, one line each."""
+    binary, written = install_binary(options)
+    done = [f"{'installed' if written else 'up to date:'} {binary}"]
+    conf, changed = chain(options)
+    done.append(f"{'chained zds-cni into' if changed else 'already chained, unchanged:'} {conf}")
+    return done
+
+
+def uninstall(options: InstallOptions) -> list[str]:
+    """Take zds-cni out of every config in the conf dir and remove the launcher; what was done."""
+    done = []
+    for path in config_files(options.conf_dir):
+        loaded = _load(path)
+        if not isinstance(loaded, Conflist):
+            continue
+        ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
+        if not ours:
+            continue
+        conflist = loaded
+        for index in reversed(ours):
+            conflist = Conflist(conflist.without(index), path)
+        original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
+        if os.path.exists(original) and _restorable(conflist, original):
+            os.rename(original, original.removesuffix(ORIGINAL_SUFFIX))
+            os.unlink(path)
+            done.append(f"restored {original.removesuffix(ORIGINAL_SUFFIX)} (removed {path})")
+            continue
+        write_atomically(path, conflist.text)
+        done.append(f"took zds-cni out of {path}")
+    path = os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE)
+    if os.path.exists(path):
+        if not _is_ours(path):
+            raise InstallError(f"{path} is not zds-cni's launcher; left in place")
+        os.unlink(path)
+        done.append(f"removed {path}")
+    return done or ["nothing to do: zds-cni was not installed"]
+
+
+def _restorable(conflist: Conflist, original: str) -> bool:
+    """The conflist is still just the original .conf (nobody edited it since)."""
+    try:
+        conf = json.loads(_read(original))
+    except ValueError:
+        return False
+    plugin = {k: v for k, v in conf.items() if k != "cniVersion"}
+    return bool(conflist.plugins == [plugin] and conflist.name == conf.get("name", ""))

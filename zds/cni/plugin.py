@@ -1,0 +1,230 @@
+"""``zds-cni``: zds's CNI plugin, chained after a network's own plugins.
+
+A CNI runtime (Podman, containerd, CRI-O) runs it for every container on the
+network: the command in ``CNI_COMMAND``, the network configuration on stdin.
+Nothing but the result (or the spec's error object) goes to stdout; the plugin
+logs to its own file (``log_file``, default ``/var/log/zds-cni.log``).
+
+- ADD: posts Istio's plugin event (``Netns``, ``PodName``, ``PodNamespace``,
+  ``IPs``) plus ``PodUID`` (the container id) and ``ContainerID`` to the node
+  agent's ``/cmdadd`` on its CNI socket, and waits: the node agent decides from
+  the container's labels (through its container engine) whether the pod joins
+  the mesh, and enrolls it. A selected pod whose enrollment fails fails the
+  ADD, so no pod starts unredirected (Istio's rule). A node agent that cannot
+  be reached fails the ADD too (code 11, try again later), as Istio's plugin
+  does. Then prints ``prevResult`` unchanged.
+- DEL: tells the node agent the pod is gone (``/cmddel``); succeeds even when
+  the agent cannot be reached (the spec: DEL must not fail on what is already
+  gone; the agent's engine watch and its restart recovery find the pod gone).
+- CHECK: asks the node agent (``/cmdcheck``) whether a selected pod is enrolled
+  in this netns with its rules.
+- STATUS (1.1.0 configs): fails (code 50) while the node agent's socket does
+  not answer. GC: nothing to collect (the node agent watches its pods).
+- VERSION: the versions it speaks.
+
+Config keys besides the spec's: ``cni_socket`` (the node agent's, default
+``/var/run/istio-cni/pluginevent.sock``), ``log_file``, ``log_level``,
+``timeout`` (seconds, default 20), ``enroll``: ``labelled`` (default; the
+labels decide) or ``all`` (every pod on this network joins: for runtimes
+without a Docker-compatible API to read labels from).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import sys
+from typing import IO, Any
+
+from zds import defaults, logs
+from zds.cni import spec
+from zds.cni.spec import CniError, Code, Invocation
+
+log = logging.getLogger("zds.cni")
+
+ENROLL_MODES = ("labelled", "all")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the node agent's unix socket (as Istio's plugin dials it)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AgentUnreachable(CniError):
+    """The node agent's CNI socket did not answer."""
+
+
+class PluginConfig:
+    """zds-cni's own keys of the network configuration, checked once."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.cni_socket = _string(doc, "cni_socket", defaults.CNI_SOCKET)
+        self.log_file = _string(doc, "log_file", defaults.CNI_PLUGIN_LOG)
+        self.log_level = _string(doc, "log_level", "info").lower()
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise CniError(
+                Code.INVALID_CONFIG, f"log_level {self.log_level!r}: expected debug, info, warning or error"
+            )
+        self.enroll = _string(doc, "enroll", "labelled")
+        if self.enroll not in ENROLL_MODES:
+            raise CniError(Code.INVALID_CONFIG, f"enroll {self.enroll!r}: expected labelled or all")
+        timeout = doc.get("timeout", defaults.CNI_PLUGIN_TIMEOUT)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise CniError(Code.INVALID_CONFIG, f"timeout {timeout!r}: expected a positive number of seconds")
+        self.timeout = float(timeout)
+
+
+def _string(doc: dict[str, Any], key: str, default: str) -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise CniError(Code.INVALID_CONFIG, f"{key} must be a non-empty string")
+    return value
+
+
+def _post(config: PluginConfig, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    """POST ``body`` to the node agent; (status, text). AgentUnreachable if it does not answer."""
+    conn = _UnixConnection(config.cni_socket, config.timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace").strip()
+    except TimeoutError as exc:
+        raise AgentUnreachable(
+            Code.TRY_AGAIN_LATER,
+            f"zds-cni: no answer from the node agent on {config.cni_socket} within {config.timeout:g}s",
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise AgentUnreachable(
+            Code.TRY_AGAIN_LATER,
+            f"zds-cni: cannot reach the node agent on {config.cni_socket}: {exc}",
+            "is `zds server` running with this --cni-socket?",
+        ) from exc
+    finally:
+        conn.close()
+
+
+def _event(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
+    """Istio's CNIPluginAddEvent, plus the uid zds needs (the container id: the container
+    engine names the pod the same way) and, when the labels decide, the container to look up."""
+    body: dict[str, Any] = {
+        "Netns": inv.netns,
+        "PodName": inv.args.get("K8S_POD_NAME") or inv.container_id,
+        "PodNamespace": inv.args.get("K8S_POD_NAMESPACE") or defaults.POD_NAMESPACE,
+        "IPs": spec.plugin_event_ips(doc.get("prevResult")),
+        "PodUID": inv.container_id,
+    }
+    if config.enroll == "labelled":
+        body["ContainerID"] = inv.container_id
+    return body
+
+
+def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
+    status, text = _post(config, defaults.CNI_ADD_EVENT_PATH, _event(inv, config, doc))
+    if status == 200:
+        log.info("ADD %s: %s", inv.container_id[:12], text or "enrolled", extra={"netns": inv.netns})
+        return spec.add_result(doc)
+    code = Code.SELECTION_FAILED if status == 503 else Code.ENROLLMENT_FAILED
+    raise CniError(code, f"zds-cni: the node agent did not enroll container {inv.container_id[:12]}: {text}")
+
+
+def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
+    body = {"PodUID": inv.container_id, "Netns": inv.netns}
+    try:
+        status, text = _post(config, defaults.CNI_DEL_EVENT_PATH, body)
+    except AgentUnreachable as exc:
+        log.warning("DEL %s: %s (the node agent finds the pod gone by itself)", inv.container_id[:12], exc)
+        return
+    level = logging.INFO if status == 200 else logging.ERROR
+    log.log(level, "DEL %s: %s %s", inv.container_id[:12], status, text or "removed")
+
+
+def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
+    status, text = _post(config, defaults.CNI_CHECK_EVENT_PATH, _event(inv, config, doc))
+    if status != 200:
+        raise CniError(Code.ENROLLMENT_FAILED, f"zds-cni: CHECK of container {inv.container_id[:12]}: {text}")
+
+
+def cmd_status(config: PluginConfig) -> None:
+    conn = _UnixConnection(config.cni_socket, config.timeout)
+    try:
+        conn.connect()
+    except OSError as exc:
+        raise CniError(
+            Code.PLUGIN_NOT_AVAILABLE,
+            f"zds-cni: the node agent on {config.cni_socket} does not answer: {exc}",
+        ) from exc
+    finally:
+        conn.close()
+
+
+def _configure_logging(config: PluginConfig) -> None:
+    """Log to the plugin's own file (never stdout: that is the runtime's); stderr if it cannot be opened."""
+    handler: logging.Handler
+    try:
+        os.makedirs(os.path.dirname(config.log_file) or ".", exist_ok=True)
+        handler = logging.FileHandler(config.log_file)
+    except OSError as exc:
+        handler = logging.StreamHandler(sys.stderr)
+        print(f"zds-cni: cannot open log file {config.log_file}: {exc}", file=sys.stderr)
+    handler.setFormatter(logs.TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(config.log_level.upper())
+    log.propagate = False
+
+
+def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
+    """One invocation: (exit code, what to print on stdout, if anything)."""
+    version = spec.CURRENT_VERSION
+    try:
+        inv = Invocation.from_environment(env)
+        doc = spec.parse_config(stdin, inv.command)
+        if inv.command == "VERSION":
+            return 0, spec.version_info()
+        version = doc["cniVersion"]
+        config = PluginConfig(doc)
+        _configure_logging(config)
+        log.debug("%s container=%s netns=%s args=%s", inv.command, inv.container_id, inv.netns, inv.args)
+        if inv.command == "ADD":
+            return 0, cmd_add(inv, config, doc)
+        if inv.command == "DEL":
+            cmd_del(inv, config, doc)
+        elif inv.command == "CHECK":
+            cmd_check(inv, config, doc)
+        elif inv.command == "STATUS":
+            cmd_status(config)
+        return 0, None
+    except CniError as exc:
+        log.error("%s", exc.msg)
+        return 1, exc.document(version)
+    except Exception as exc:  # the runtime must get the spec's error object, whatever happened
+        log.exception("internal error")
+        return 1, CniError(Code.INTERNAL, f"zds-cni: internal error: {exc!r}").document(version)
+
+
+def main(stdout: IO[str] | None = None) -> int:
+    code, output = run(dict(os.environ), sys.stdin.buffer.read() if not sys.stdin.closed else b"")
+    if output is not None:
+        out = stdout or sys.stdout
+        out.write(json.dumps(output) + "\n")
+        out.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
