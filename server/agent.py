@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 
 from zds import defaults
@@ -91,6 +92,8 @@ class NodeAgent:
         self.zds_peers = PeerGuard(self.config.allow, "ZDS")
         self._limiter = AcceptLimiter(self.config.accepts_per_second)
         self._connection_tasks: dict[ZtunnelConnection, asyncio.Task[None]] = {}
+        #: Pod sources that can be up or down (the container engine): name -> (up, detail).
+        self.sources: dict[str, tuple[bool, str]] = {}
         self.telemetry.observe(
             connected=lambda: len(self.registry),
             pods_by_state=self.pods.by_state,
@@ -164,6 +167,16 @@ class NodeAgent:
                 connection=conn.info(newest=conn is newest),
             )
             for conn in self.registry.ready()
+        ]
+        events += [
+            AgentEvent(
+                kind=EventKind.POD_SOURCE_UP if up else EventKind.POD_SOURCE_DOWN,
+                time=time.time(),
+                current_state=True,
+                pod_source=name,
+                error=detail,
+            )
+            for name, (up, detail) in self.sources.items()
         ]
         return events
 

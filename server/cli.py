@@ -149,6 +149,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="pods to enroll at start-up: JSON lines, a JSON array or YAML; a uid the pod store "
         "already holds keeps the stored pod (default: none)",
     )
+    server.add_argument(
+        "--container-engine",
+        metavar="SOCKET",
+        help="a Docker-compatible API socket (podman system service's, e.g. /run/podman/podman.sock, or "
+        "Docker's): its containers labelled istio.io/dataplane-mode=ambient become pods, and zds-cni's "
+        "events are decided by their labels (default: off)",
+    )
     server.add_argument("--no-redirect", action="store_true", help="do not install in-pod redirection rules")
     server.add_argument(
         "--no-dns-capture",
@@ -205,6 +212,7 @@ def main(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         reset_state=args.reset_state,
         pods_file=args.pods,
+        container_engine=cliflags.off(args.container_engine),
         redirect=not args.no_redirect,
         redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),
         agent=AgentConfig(

@@ -1,10 +1,17 @@
-"""Istio's CNI plugin event endpoint: ``POST /cmdadd`` on a unix socket.
+"""Istio's CNI plugin event endpoint: ``POST /cmdadd`` on a unix socket, and zds's own
+``POST /cmddel`` and ``POST /cmdcheck`` beside it (for zds-cni).
 
 The body is what Istio's CNI plugin sends (``Netns``, ``PodName``,
 ``PodNamespace``, ``IPs``). It carries no pod uid and no service account: zds
 accepts them as optional extra fields ``PodUID`` and ``ServiceAccount``, and
 otherwise derives a stable uid from namespace/name and uses ``default``.
 Answers 200, 400 for a malformed body, 500 with the reason when enrollment fails.
+A body as Istio's plugin sends it is enrolled as Istio's agent would.
+
+zds-cni adds ``ContainerID``: then the container's labels decide (through the
+node agent's container engine, ``containerpods.py``), the pod is named as the
+engine names it, and 200 also answers a container that does not join
+("not selected: ..."); 503 says it cannot be told.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
+from zds.server.containerpods import ContainerPods
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
-from zds.server.pods import PodSpec
+from zds.server.pods import PodSource, PodSpec
 from zds.server.unixhttp import HttpLimits
 
 log = logging.getLogger("zds.server.cni")
@@ -96,7 +104,13 @@ def _check_ip_config(entry: Any, index: int) -> str:
 
 
 def parse_add_event(body: bytes) -> PodSpec:
-    """A PodSpec from the plugin's JSON body; BadEvent says what is wrong with it.
+    """A PodSpec from the plugin's JSON body (see ``parse_event``)."""
+    return parse_event(body)[0]
+
+
+def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
+    """A PodSpec from the plugin's JSON body, and the ContainerID zds-cni names (None from
+    Istio's plugin); BadEvent says what is wrong with it.
 
     Checked as Go's encoding/json would unmarshal Istio's CNIPluginAddEvent (keys match
     case-insensitively; each ``IPs`` element must fit IPConfig), so what Istio's agent
@@ -114,7 +128,7 @@ def parse_add_event(body: bytes) -> PodSpec:
         if not isinstance(value, str) or not value:
             raise BadEvent(f"{key} is missing or not a non-empty string")
         values[key] = value
-    for key in ("PodUID", "ServiceAccount"):
+    for key in ("PodUID", "ServiceAccount", "ContainerID"):
         value = _field(doc, key)
         if value is not None and not isinstance(value, str):
             raise BadEvent(f"{key} must be a string")
@@ -130,40 +144,86 @@ def parse_add_event(body: bytes) -> PodSpec:
         netns = NetnsRef.of_path(values["Netns"])
     except NetnsRefError as exc:
         raise BadEvent(f"Netns: {exc}") from exc
-    return PodSpec.create(
-        values["PodUID"] or derived_uid(namespace, name),
+    spec = PodSpec.create(
+        values["PodUID"] or values["ContainerID"] or derived_uid(namespace, name),
         netns,
         name=name,
         namespace=namespace,
         service_account=values["ServiceAccount"] or "",
         ips=tuple(addresses),
+        source=PodSource.CNI,
     )
+    return spec, values["ContainerID"] or None
+
+
+def parse_del_event(body: bytes) -> tuple[str, str]:
+    """zds-cni's DEL: (the pod's uid, its netns path or '')."""
+    try:
+        doc: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadEvent(f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BadEvent("body must be a JSON object with PodUID")
+    uid, netns = _field(doc, "PodUID"), _field(doc, "Netns") or ""
+    if not isinstance(uid, str) or not uid:
+        raise BadEvent("PodUID is missing or not a non-empty string")
+    if not isinstance(netns, str):
+        raise BadEvent("Netns must be a string")
+    return uid, netns
 
 
 class CniPluginEndpoint:
     """aiohttp application for the plugin's events; counts requests by response code
     (``istio_cni_plugin_requests_total{response_code}``, Istio's metric)."""
 
-    def __init__(self, agent: NodeAgent) -> None:
+    def __init__(self, agent: NodeAgent, containers: ContainerPods) -> None:
         self.agent = agent
+        self.containers = containers
         self.requests_by_code: dict[int, int] = {}
         self.app = web.Application(client_max_size=HttpLimits.max_body)
         self.app.router.add_post(defaults.CNI_ADD_EVENT_PATH, self.handle_add)
+        self.app.router.add_post(defaults.CNI_DEL_EVENT_PATH, self.handle_del)
+        self.app.router.add_post(defaults.CNI_CHECK_EVENT_PATH, self.handle_check)
 
-    async def handle_add(self, request: web.Request) -> web.Response:
-        code, text = await self._process(await request.read())
+    def _answer(self, code: int, text: str) -> web.Response:
         self.requests_by_code[code] = self.requests_by_code.get(code, 0) + 1
         self.agent.telemetry.cni_request(code)
         return web.Response(status=code, text=text + "\n" if text else "")
 
+    async def handle_add(self, request: web.Request) -> web.Response:
+        return self._answer(*await self._process(await request.read()))
+
+    async def handle_del(self, request: web.Request) -> web.Response:
+        try:
+            uid, netns = parse_del_event(await request.read())
+        except BadEvent as exc:
+            log.error("bad CNI plugin DEL event: %s", exc)
+            return self._answer(400, str(exc))
+        code, text = await self.containers.cni_del(uid, netns)
+        log.info("CNI DEL: %s", text, extra={"uid": uid})
+        return self._answer(code, text)
+
+    async def handle_check(self, request: web.Request) -> web.Response:
+        try:
+            spec, container_id = parse_event(await request.read())
+        except BadEvent as exc:
+            return self._answer(400, str(exc))
+        return self._answer(*await self.containers.cni_check(spec, container_id))
+
     async def _process(self, body: bytes) -> tuple[int, str]:
         try:
-            spec = parse_add_event(body)
+            spec, container_id = parse_event(body)
         except BadEvent as exc:
             log.warning("bad CNI plugin event: %s", exc)
             return 400, str(exc)
+        if container_id is not None:
+            code, text = await self.containers.cni_add(spec, container_id)
+            if code != 200:
+                log.error("failed to handle CNI add event: %s", text, extra=spec.log_extra)
+            return code, text
         try:
-            await self.agent.add_pod(spec)
+            async with self.containers.serialized(spec.uid):
+                await self.agent.add_pod(spec)
         except EnrollmentError as exc:
             log.error(
                 "failed to handle CNI add event: %s",

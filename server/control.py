@@ -80,6 +80,7 @@ def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
         rules_installed=pod.rules_installed,
         ips=list(pod.spec.ips),
         recovery=pod.recovery,
+        source=pod.spec.source.value,
     )
     if pod.netns is not None:
         msg.netns.dev = pod.netns.identity.dev
@@ -125,6 +126,7 @@ def event_to_proto(event: AgentEvent) -> nodeagent_pb2.Event:
         message_type=event.message_type,
         error=event.error,
         snapshot_pods=event.snapshot_pods,
+        pod_source=event.pod_source,
     )
     msg.time.CopyFrom(_timestamp(event.time))
     if event.ack_latency is not None:

@@ -16,6 +16,8 @@ class EventKind(enum.Enum):
     MESSAGE_NACKED = "message_nacked"
     SNAPSHOT_COMPLETE = "snapshot_complete"
     CURRENT_STATE_END = "current_state_end"
+    POD_SOURCE_UP = "pod_source_up"
+    POD_SOURCE_DOWN = "pod_source_down"
 
 
 #: What ``zds watch --kind`` accepts: every kind but the end-of-current-state marker.

@@ -51,6 +51,8 @@ class AgentEvent:
     pod: Pod | None = None
     connection: ConnectionInfo | None = None
     snapshot_pods: int = 0
+    #: POD_SOURCE_UP / POD_SOURCE_DOWN: which source.
+    pod_source: str = ""
 
 
 class WatchEnding(enum.Enum):
@@ -184,6 +186,7 @@ class EventBus:
         snapshot_pods: int = 0,
         pod_name: str = "",
         pod_namespace: str = "",
+        pod_source: str = "",
     ) -> None:
         """Tell every watcher; costs next to nothing when nobody watches."""
         self.sequence += 1
@@ -210,6 +213,7 @@ class EventBus:
             pod=pod,
             connection=connection,
             snapshot_pods=snapshot_pods,
+            pod_source=pod_source,
         )
         for watcher in list(self._watchers):
             watcher.offer(event)

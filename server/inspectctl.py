@@ -154,6 +154,12 @@ def event_details(event: nodeagent_pb2.Event) -> str:
             parts.append(f"error={_value(event.error)}")
     elif kind == nodeagent_pb2.EVENT_KIND_SNAPSHOT_COMPLETE:
         parts.append(f"conn={event.connection_id} pods={event.snapshot_pods}")
+    elif kind in (nodeagent_pb2.EVENT_KIND_POD_SOURCE_UP, nodeagent_pb2.EVENT_KIND_POD_SOURCE_DOWN):
+        parts.append(f"source={_value(event.pod_source)}")
+        if event.error:
+            parts.append(
+                f"{'reason' if kind == nodeagent_pb2.EVENT_KIND_POD_SOURCE_DOWN else 'detail'}={_value(event.error)}"
+            )
     if event.current_state:
         parts.append("(current state)")
     return " ".join(parts)

@@ -8,7 +8,10 @@ Start-up, in order, each step refusing in one line what it cannot do:
    checked), then preload ``--pods`` (the store wins for a uid both name);
 3. only then listen: ZDS, control API, CNI plugin endpoint, HTTP. A socket
    path is only cleared when it holds a stale socket, and on exit only the
-   socket this process bound is removed.
+   socket this process bound is removed;
+4. with ``--container-engine``, follow the engine's containers (list,
+   reconcile with the recovered pods, watch); an engine that does not answer
+   is retried, never fatal, and keeps ``/readyz`` at 503 until it does.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from zds.errors import ZdsError
 from zds.server import store as pod_store
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.cni import CniPluginEndpoint
+from zds.server.containerpods import ContainerPods
 from zds.server.control import TlsFiles, start_control_server
+from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
 from zds.server.instance import (
@@ -85,6 +90,8 @@ class ServerOptions:
     socket_mode: int = 0o600
     #: The group of every socket file (--socket-group), or None to leave it root's.
     socket_gid: int | None = None
+    #: A Docker-compatible API socket (Podman's or Docker's): containers become pods.
+    container_engine: str | None = None
     redirect: bool = True
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
@@ -116,6 +123,9 @@ class NodeAgentServer:
         )
         self.store: PodStore | None = None
         self.cni: CniPluginEndpoint | None = None
+        self.containers = ContainerPods(self.agent)
+        self.engine: ContainerEngineSource | None = None
+        self._engine_task: asyncio.Task[None] | None = None
         self._lock = InstanceLock()
         self._grpc: grpc.aio.Server | None = None
         self._gate: PeerGate | None = None
@@ -136,6 +146,8 @@ class NodeAgentServer:
             return False, "starting"
         if self._zds_task is None or self._zds_task.done():
             return False, "ZDS listener is down"
+        if self.engine is not None and not self.engine.up:
+            return False, f"{self.engine.name} is down: {self.engine.detail}"
         return (
             True,
             f"ready: {len(self.agent.connections)} ztunnel connection(s), {len(self.agent.pods)} pod(s)",
@@ -153,15 +165,19 @@ class NodeAgentServer:
             await self._serve_cni(opts.cni_socket)
         if opts.http_listen:
             await self._serve_http(opts.http_listen)
+        if opts.container_engine:
+            self.engine = ContainerEngineSource(opts.container_engine, self.containers, self.agent.tasks)
+            self._engine_task = asyncio.create_task(self.engine.run(), name="container-engine")
         self._ready = True
         log.info(
-            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s pods=%d tracing=%s",
+            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s engine=%s pods=%d tracing=%s",
             opts.zds_socket,
             opts.control_socket,
             opts.cni_socket or "off",
             opts.http_listen or "off",
             opts.grpc_listen or "off",
             opts.state_dir,
+            opts.container_engine or "off",
             len(self.agent.pods),
             "on" if self.telemetry.tracing else "off",
         )
@@ -306,7 +322,7 @@ class NodeAgentServer:
         self._sockets.append(SocketFile.of(path))
 
     async def _serve_cni(self, path: str) -> None:
-        self.cni = CniPluginEndpoint(self.agent)
+        self.cni = CniPluginEndpoint(self.agent, self.containers)
         http = GuardedUnixHttp(
             self.cni.app, PeerGuard(self.agent.config.allow, "CNI plugin"), self.options.cni_limits
         )
@@ -340,6 +356,8 @@ class NodeAgentServer:
 
     async def stop(self) -> None:
         self._ready = False
+        if self._engine_task is not None:
+            await cancel_and_wait(self._engine_task)
         if self._zds_task is not None:
             await cancel_and_wait(self._zds_task)
         # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.

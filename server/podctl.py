@@ -153,6 +153,7 @@ def list_pods(args: argparse.Namespace) -> int:
             p.netns_path,
             "yes" if p.rules_installed else "no",
             p.recovery or "-",
+            p.source or "-",
             p.last_error or "-",
         ]
         for p in resp.pods
@@ -167,6 +168,7 @@ def list_pods(args: argparse.Namespace) -> int:
         "PATH",
         "RULES",
         "RECOVERY",
+        "SOURCE",
         "LAST-ERROR",
     ]
     print(table(headers, rows))

@@ -22,6 +22,20 @@ class PodState(enum.Enum):
     FAILED = "failed"  # the last AddWorkload was nacked (see last_error)
 
 
+class PodSource(enum.Enum):
+    """Where a pod came from: which source may replace or remove it."""
+
+    API = "api"  # zds pod add, the gRPC API
+    PODS_FILE = "pods-file"  # zds server --pods
+    CNI = "cni"  # a CNI plugin event (Istio's plugin or zds-cni)
+    CONTAINER_ENGINE = "container-engine"  # zds server --container-engine
+
+    @property
+    def container(self) -> bool:
+        """A pod of a container (its uid is the container id): the container sources own it together."""
+        return self in (PodSource.CNI, PodSource.CONTAINER_ENGINE)
+
+
 class PodSpecError(ZdsError, ValueError):
     """A pod description that cannot be enrolled (empty uid, too large, bad entry)."""
 
@@ -45,6 +59,8 @@ class PodSpec:
     netns: NetnsRef
     #: The pod's addresses, when its source knows them (the CNI event, a pods file, the API).
     ips: tuple[str, ...] = ()
+    #: Where it came from (not part of what ztunnel is told).
+    source: PodSource = PodSource.API
 
     @classmethod
     def create(
@@ -56,6 +72,7 @@ class PodSpec:
         namespace: str = "",
         service_account: str = "",
         ips: tuple[str, ...] = (),
+        source: PodSource = PodSource.API,
     ) -> PodSpec:
         """A spec with the defaults filled in: the name is the uid, the namespace and
         service account ``default`` (as Kubernetes names them when none is given)."""
@@ -66,6 +83,7 @@ class PodSpec:
             service_account=service_account or defaults.SERVICE_ACCOUNT,
             netns=netns,
             ips=ips,
+            source=source,
         )
 
     @property

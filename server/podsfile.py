@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from zds.netns import NetnsRef, NetnsRefError
-from zds.server.pods import PodSpec, PodSpecError
+from zds.server.pods import PodSource, PodSpec, PodSpecError
 
 FIELDS = ("uid", "name", "namespace", "service_account", "netns", "ips")
 #: The fields that are plain strings.
@@ -46,6 +46,7 @@ def spec_from_mapping(entry: Any, where: str) -> PodSpec:
         namespace=values["namespace"],
         service_account=values["service_account"],
         ips=tuple(ips),
+        source=PodSource.PODS_FILE,
     )
 
 

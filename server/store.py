@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from zds.errors import ZdsError
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError
-from zds.server.pods import PodSpec
+from zds.server.pods import PodSource, PodSpec
 
 log = logging.getLogger("zds.server.store")
 
@@ -54,6 +54,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
     ),
 }
+MIGRATIONS[2] = ("ALTER TABLE pods ADD COLUMN source TEXT NOT NULL DEFAULT 'api'",)
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -134,21 +135,22 @@ class PodStore:
         try:
             rows = self._db.execute(
                 "SELECT uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
-                "rules, rules_digest, removing, enrolled_at FROM pods ORDER BY enrolled_at, uid"
+                "rules, rules_digest, removing, enrolled_at, source FROM pods ORDER BY enrolled_at, uid"
             ).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(_explain(self.path, exc)) from exc
         pods = []
-        for uid, name, namespace, sa, ips, netns, dev, ino, rules, digest, removing, enrolled_at in rows:
+        for uid, name, namespace, sa, ips, netns, dev, ino, rules, digest, removing, enrolled_at, src in rows:
             try:
                 ref = NetnsRef.parse(netns)
                 addresses = tuple(str(ip) for ip in json.loads(ips))
+                source = PodSource(src)
             except (NetnsRefError, ValueError, TypeError) as exc:
                 raise StoreError(
                     f"pod store {self.path}: the row of pod {uid!r} is damaged ({exc}); "
                     "remove the pod with `zds pod remove`, or restore the file from a backup"
                 ) from exc
-            spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses)
+            spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses, source=source)
             identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
             pods.append(StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at))
         return pods
@@ -167,7 +169,7 @@ class PodStore:
         with self._write():
             self._db.execute(
                 "INSERT OR REPLACE INTO pods (uid, name, namespace, service_account, ips, netns, netns_dev, "
-                "netns_ino, rules, rules_digest, removing, enrolled_at) VALUES (?,?,?,?,?,?,?,?,?,?,0,?)",
+                "netns_ino, rules, rules_digest, removing, enrolled_at, source) VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?)",
                 (
                     spec.uid,
                     spec.name,
@@ -180,6 +182,7 @@ class PodStore:
                     rules,
                     rules_digest,
                     enrolled_at if enrolled_at is not None else time.time(),
+                    spec.source.value,
                 ),
             )
 

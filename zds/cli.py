@@ -15,8 +15,8 @@ from zds import __version__, cliflags, logs
 
 def build_parser() -> argparse.ArgumentParser:
     from zds import demo
-    from zds.cni import cli as cni_cli
     from zds.client import cli as client_cli
+    from zds.cni import cli as cni_cli
     from zds.netns import cli as netns_cli
     from zds.server import cli as server_cli
     from zds.server import controlcli as control_cli

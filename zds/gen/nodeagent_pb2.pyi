@@ -38,6 +38,8 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_MESSAGE_NACKED: _ClassVar[EventKind]
     EVENT_KIND_SNAPSHOT_COMPLETE: _ClassVar[EventKind]
     EVENT_KIND_CURRENT_STATE_END: _ClassVar[EventKind]
+    EVENT_KIND_POD_SOURCE_UP: _ClassVar[EventKind]
+    EVENT_KIND_POD_SOURCE_DOWN: _ClassVar[EventKind]
 POD_STATE_UNSPECIFIED: PodState
 POD_STATE_PENDING: PodState
 POD_STATE_ACKED: PodState
@@ -57,6 +59,8 @@ EVENT_KIND_MESSAGE_ACKED: EventKind
 EVENT_KIND_MESSAGE_NACKED: EventKind
 EVENT_KIND_SNAPSHOT_COMPLETE: EventKind
 EVENT_KIND_CURRENT_STATE_END: EventKind
+EVENT_KIND_POD_SOURCE_UP: EventKind
+EVENT_KIND_POD_SOURCE_DOWN: EventKind
 
 class NetnsIdentity(_message.Message):
     __slots__ = ("dev", "ino")
@@ -67,7 +71,7 @@ class NetnsIdentity(_message.Message):
     def __init__(self, dev: _Optional[int] = ..., ino: _Optional[int] = ...) -> None: ...
 
 class Pod(_message.Message):
-    __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns", "state", "last_error", "enrolled_at", "rules_installed", "ips", "recovery")
+    __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns", "state", "last_error", "enrolled_at", "rules_installed", "ips", "recovery", "source")
     UID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +84,7 @@ class Pod(_message.Message):
     RULES_INSTALLED_FIELD_NUMBER: _ClassVar[int]
     IPS_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
@@ -92,7 +97,8 @@ class Pod(_message.Message):
     rules_installed: bool
     ips: _containers.RepeatedScalarFieldContainer[str]
     recovery: str
-    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., netns_path: _Optional[str] = ..., netns: _Optional[_Union[NetnsIdentity, _Mapping]] = ..., state: _Optional[_Union[PodState, str]] = ..., last_error: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_installed: _Optional[bool] = ..., ips: _Optional[_Iterable[str]] = ..., recovery: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, uid: _Optional[str] = ..., name: _Optional[str] = ..., namespace: _Optional[str] = ..., service_account: _Optional[str] = ..., netns_path: _Optional[str] = ..., netns: _Optional[_Union[NetnsIdentity, _Mapping]] = ..., state: _Optional[_Union[PodState, str]] = ..., last_error: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules_installed: _Optional[bool] = ..., ips: _Optional[_Iterable[str]] = ..., recovery: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class AddPodRequest(_message.Message):
     __slots__ = ("uid", "name", "namespace", "service_account", "netns_path", "netns_pid", "ips")
@@ -219,7 +225,7 @@ class WatchRequest(_message.Message):
     def __init__(self, kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("kind", "time", "sequence", "current_state", "uid", "pod_name", "pod_namespace", "connection_id", "message_type", "error", "ack_latency", "pod", "connection", "snapshot_pods")
+    __slots__ = ("kind", "time", "sequence", "current_state", "uid", "pod_name", "pod_namespace", "connection_id", "message_type", "error", "ack_latency", "pod", "connection", "snapshot_pods", "pod_source")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +240,7 @@ class Event(_message.Message):
     POD_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_PODS_FIELD_NUMBER: _ClassVar[int]
+    POD_SOURCE_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     time: _timestamp_pb2.Timestamp
     sequence: int
@@ -248,4 +255,5 @@ class Event(_message.Message):
     pod: Pod
     connection: Connection
     snapshot_pods: int
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., current_state: _Optional[bool] = ..., uid: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., connection_id: _Optional[str] = ..., message_type: _Optional[str] = ..., error: _Optional[str] = ..., ack_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ..., snapshot_pods: _Optional[int] = ...) -> None: ...
+    pod_source: str
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., current_state: _Optional[bool] = ..., uid: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., connection_id: _Optional[str] = ..., message_type: _Optional[str] = ..., error: _Optional[str] = ..., ack_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ..., snapshot_pods: _Optional[int] = ..., pod_source: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,203 @@
+"""Pods of containers: where the CNI plugin's events and the container engine meet.
+
+Both sources name a container's pod by the container id and both go through
+here, one uid at a time (a lock per uid), so they agree on one pod: never two
+enrollments racing, never one source removing what the other just enrolled.
+Only pods of containers (source ``cni`` or ``container-engine``) are ever
+replaced or removed here; a pod another source enrolled under the same uid is
+left alone.
+
+The CNI plugin runs while the runtime creates the container's network, before
+the container starts. Podman holds the container's lock all that time, so the
+engine cannot be asked about it then: the container's labels come from the
+engine's ``create`` event (or its listing), which the event waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from zds import defaults
+from zds.netns import NetnsError, open_netns
+from zds.server.agent import NodeAgent
+from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
+from zds.server.enrollment import EnrollmentError
+from zds.server.pods import Pod, PodSource, PodSpec
+
+log = logging.getLogger("zds.server.containers")
+
+
+class ContainerPods:
+    """The pods of containers, their facts, and one lock per uid."""
+
+    def __init__(self, agent: NodeAgent, lookup_timeout: float = defaults.CONTAINER_LOOKUP_TIMEOUT) -> None:
+        self.agent = agent
+        self.lookup_timeout = lookup_timeout
+        #: Set once a container engine feeds this (zds server --container-engine): then labels decide.
+        self.engine: str | None = None
+        self.facts: dict[str, ContainerFacts] = {}
+        self._learned = asyncio.Event()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    # -- serialization ----------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def serialized(self, uid: str) -> AsyncIterator[None]:
+        """One thing at a time per uid, whichever source asks."""
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        self._users[uid] = self._users.get(uid, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[uid] -= 1
+            if not self._users[uid]:
+                del self._users[uid]
+                del self._locks[uid]
+
+    # -- facts --------------------------------------------------------------------------
+    def learn(self, facts: ContainerFacts) -> None:
+        self.facts[facts.id] = facts
+        self._learned.set()
+        self._learned = asyncio.Event()
+
+    def forget(self, cid: str) -> None:
+        self.facts.pop(cid, None)
+
+    async def wait_facts(self, cid: str) -> ContainerFacts | None:
+        """The container's facts, waiting up to the lookup timeout for the engine to report it."""
+        deadline = time.monotonic() + self.lookup_timeout
+        while cid not in self.facts:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._learned.wait(), remaining)
+        return self.facts[cid]
+
+    # -- the CNI plugin's events ------------------------------------------------------------
+    async def cni_add(self, spec: PodSpec, cid: str) -> tuple[int, str]:
+        """zds-cni's ADD: (HTTP status, text). 200 enrolled or not selected; 500 the
+        enrollment failed; 503 it cannot be told whether the container joins."""
+        if self.engine is None:
+            return 503, (
+                f"cannot tell whether container {cid[:12]} joins the mesh: this node agent has no "
+                "container engine to read its labels from (zds server --container-engine SOCKET); "
+                "or chain zds-cni with enroll: all"
+            )
+        facts = await self.wait_facts(cid)
+        if facts is None:
+            return 503, (
+                f"container {cid[:12]} is unknown to the container engine {self.engine} "
+                f"(waited {self.lookup_timeout:g}s for it); is the engine reachable?"
+            )
+        selection = facts.selection
+        if not selection.selected:
+            log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
+            return 200, f"not selected: container {facts.name} is {selection.reason}"
+        spec = dataclasses.replace(
+            spec, name=facts.name, namespace=facts.namespace, service_account=facts.service_account
+        )
+        async with self.serialized(cid):
+            held = self.agent.pods.get(cid)
+            if held is not None and not held.spec.source.container:
+                return 500, f"uid {cid} is held by a pod from {held.spec.source.value}; not replaced"
+            try:
+                await self.agent.add_pod(spec)
+            except EnrollmentError as exc:
+                return 500, str(exc)
+        return 200, f"enrolled: container {facts.name} is {selection.reason}"
+
+    async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:
+        """DEL: the pod is gone. Always 200 (a DEL must not fail on what is gone already)."""
+        async with self.serialized(uid):
+            held = self.agent.pods.get(uid)
+            if held is None:
+                return 200, "not enrolled"
+            if not held.spec.source.container:
+                return 200, f"left alone: enrolled by {held.spec.source.value}"
+            if netns and held.spec.netns.path not in (None, netns):
+                return 200, f"left alone: enrolled in {held.spec.netns}, not {netns}"
+            await self.agent.remove_pod(uid)
+        return 200, "removed"
+
+    async def cni_check(self, spec: PodSpec, cid: str | None) -> tuple[int, str]:
+        """CHECK: a pod that should be enrolled is, in this netns, with its rules."""
+        if cid is not None:
+            facts = await self.wait_facts(cid) if self.engine is not None else None
+            if facts is None:
+                return 503, f"cannot tell whether container {cid[:12]} joins the mesh"
+            if not facts.selection.selected:
+                return 200, "not selected"
+        held = self.agent.pods.get(spec.uid)
+        if held is None:
+            return 500, f"pod {spec.uid[:12]} is not enrolled"
+        if held.spec.netns.path != spec.netns.path:
+            return 500, f"pod {spec.uid[:12]} is enrolled in {held.spec.netns}, not {spec.netns}"
+        if self.agent.enrollment.rules is not None and not held.rules_installed:
+            return 500, f"pod {spec.uid[:12]} has no redirection rules"
+        return 200, "enrolled"
+
+    # -- the container engine -------------------------------------------------------------
+    async def sync(self, cid: str, info: Mapping[str, Any] | None) -> None:
+        """Make the pod of container ``cid`` what the engine says (``info``: its inspection,
+        None once it is gone): enrolled while it runs selected, in its current netns; removed
+        otherwise. Never touches a pod another source enrolled."""
+        if info is not None:
+            facts = ContainerFacts.from_inspect(info)
+            self.learn(facts)
+        async with self.serialized(cid):
+            held = self.agent.pods.get(cid)
+            if held is not None and not held.spec.source.container:
+                return
+            if held is not None and info is not None and _still_in(held, info):
+                return  # not running (yet): starting again in the netns its CNI plugin just made
+            wanted = None
+            if info is not None and not shares_netns(info):
+                try:
+                    wanted = container_netns(info)
+                except NetnsError as exc:
+                    log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
+            selected = wanted is not None and self.facts[cid].selection.selected
+            gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
+            # A pod the CNI plugin enrolled goes with its container's netns; the labels were
+            # its plugin's business (zds-cni's "enroll: all" enrolls unlabelled containers).
+            unselected = held is not None and held.spec.source is PodSource.CONTAINER_ENGINE and not selected
+            if held is not None and (gone or unselected):
+                log.info("container gone or changed: removing its pod", extra=held.spec.log_extra)
+                await self.agent.remove_pod(cid)
+                held = None
+            if selected and held is None and wanted is not None and info is not None:
+                spec = self.facts[cid].pod_spec(wanted.ref, addresses(info), PodSource.CONTAINER_ENGINE)
+                try:
+                    await self.agent.add_pod(spec)
+                except EnrollmentError as exc:
+                    log.error("container %s: %s", spec.name, exc, extra=spec.log_extra)
+
+    def owned(self) -> list[str]:
+        """The uids of every pod of a container."""
+        return [pod.uid for pod in self.agent.pods if pod.spec.source.container]
+
+
+def _still_in(pod: Pod, info: Mapping[str, Any]) -> bool:
+    """A container that is not running still has the pod's netns (between its CNI ADD and its start)."""
+    if running(info) or pod.netns is None:
+        return False
+    sandbox = str((info.get("NetworkSettings") or {}).get("SandboxKey") or "")
+    if not sandbox:
+        return False
+    try:
+        with open_netns(sandbox) as current:
+            return current.identity == pod.netns.identity
+    except NetnsError:
+        return False
+
+
+def _identity(pod: Pod) -> object:
+    return pod.netns.identity if pod.netns is not None else None

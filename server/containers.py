@@ -1,0 +1,141 @@
+"""What the node agent needs to know of a container, from a Docker-compatible engine's JSON.
+
+A container is a pod: its uid is the container id (the CNI plugin is told the
+same id, so both sources name one pod), its name the container's name, its
+namespace the compose project (``com.docker.compose.project``; ``default``
+outside a project), its service account the ``zds.io/service-account`` label
+(``default``), its addresses the engine's. Its netns is that of its process
+(``/proc/PID/ns/net``), checked against the engine's own record of it
+(``NetworkSettings.SandboxKey``, where Podman's CNI network namespaces and
+Docker's live): the same netns, or no pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zds import defaults
+from zds.netns import NetnsError, NetnsIdentity, NetnsRef, open_netns
+from zds.server.pods import PodSource, PodSpec
+from zds.server.selection import Selection, select
+
+#: Keys Podman and Docker put into a container event's attributes beside its labels.
+EVENT_ATTRIBUTES = frozenset({"name", "image", "containerExitCode", "podId", "exitCode", "signal"})
+
+
+@dataclass(frozen=True)
+class ContainerFacts:
+    """Who a container is (what does not change over its life): enough to select it
+    and name its pod, known from a ``create`` event before its CNI plugins run."""
+
+    id: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    host_network: bool = False
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> ContainerFacts | None:
+        """From a container event (``Actor.Attributes`` holds its labels and its name)."""
+        actor = event.get("Actor") or {}
+        cid = actor.get("ID") or event.get("id") or ""
+        attributes = actor.get("Attributes") or {}
+        if not cid or not isinstance(attributes, dict):
+            return None
+        labels = {k: str(v) for k, v in attributes.items() if k not in EVENT_ATTRIBUTES}
+        return cls(id=cid, name=str(attributes.get("name") or cid), labels=labels)
+
+    @classmethod
+    def from_inspect(cls, info: Mapping[str, Any]) -> ContainerFacts:
+        config = info.get("Config") or {}
+        host = info.get("HostConfig") or {}
+        return cls(
+            id=str(info["Id"]),
+            name=str(info.get("Name") or info["Id"]).lstrip("/"),
+            labels=dict(config.get("Labels") or {}),
+            host_network=host.get("NetworkMode") == "host",
+        )
+
+    @property
+    def namespace(self) -> str:
+        return self.labels.get(defaults.COMPOSE_PROJECT_LABEL) or defaults.POD_NAMESPACE
+
+    @property
+    def service_account(self) -> str:
+        return self.labels.get(defaults.SERVICE_ACCOUNT_LABEL) or defaults.SERVICE_ACCOUNT
+
+    @property
+    def selection(self) -> Selection:
+        return select(self.labels, host_network=self.host_network)
+
+    def pod_spec(self, netns: NetnsRef, ips: tuple[str, ...], source: PodSource) -> PodSpec:
+        return PodSpec.create(
+            self.id,
+            netns,
+            name=self.name,
+            namespace=self.namespace,
+            service_account=self.service_account,
+            ips=ips,
+            source=source,
+        )
+
+
+@dataclass(frozen=True)
+class ContainerNetns:
+    """Where a running container's netns is, and which netns it is."""
+
+    ref: NetnsRef
+    identity: NetnsIdentity
+
+
+class NetnsMismatch(NetnsError):
+    """The container's process is not in the netns the engine says is the container's."""
+
+
+def running(info: Mapping[str, Any]) -> bool:
+    state = info.get("State") or {}
+    return bool(state.get("Running")) and int(state.get("Pid") or 0) > 0
+
+
+def shares_netns(info: Mapping[str, Any]) -> bool:
+    """It joined another container's netns (``--network container:X``, a pod member): that one is the pod."""
+    mode = str((info.get("HostConfig") or {}).get("NetworkMode") or "")
+    return mode.startswith("container:")
+
+
+def addresses(info: Mapping[str, Any]) -> tuple[str, ...]:
+    found: list[str] = []
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    for network in networks.values():
+        for key in ("IPAddress", "GlobalIPv6Address"):
+            ip = (network or {}).get(key)
+            if ip and ip not in found:
+                found.append(ip)
+    return tuple(found)
+
+
+def container_netns(info: Mapping[str, Any]) -> ContainerNetns | None:
+    """The netns of a running container's process, checked against the engine's SandboxKey;
+    None when it is not running. NetnsMismatch when the two are not the same netns."""
+    if not running(info):
+        return None
+    pid = int(info["State"]["Pid"])
+    with open_netns(f"/proc/{pid}/ns/net") as by_pid:
+        identity = by_pid.identity
+    sandbox = str((info.get("NetworkSettings") or {}).get("SandboxKey") or "")
+    if not sandbox:
+        return ContainerNetns(NetnsRef.of_pid(pid), identity)
+    try:
+        with open_netns(sandbox) as by_key:
+            if by_key.identity != identity:
+                raise NetnsMismatch(
+                    f"container {info.get('Id', '')[:12]}: its process {pid} is in netns {identity}, "
+                    f"not in {sandbox} ({by_key.identity}); not enrolled"
+                )
+    except NetnsMismatch:
+        raise
+    except NetnsError:
+        # The engine's path is not visible here (e.g. another mount namespace): the process's netns it is.
+        return ContainerNetns(NetnsRef.of_pid(pid), identity)
+    return ContainerNetns(NetnsRef.of_path(sandbox), identity)

@@ -1,0 +1,214 @@
+"""A container engine as the pod source (``zds server --container-engine SOCKET``).
+
+It speaks the Docker-compatible API (Podman's ``podman system service``, or
+Docker's own socket) through aiodocker, and stands in for the Kubernetes API
+Istio's agent watches:
+
+1. subscribe to the engine's container events (from just before now);
+2. list every container, learn who each is, and reconcile: every selected
+   running container's pod is enrolled, every pod of a container that is gone
+   (or no longer running in that netns) removed — only pods of containers,
+   never one another source enrolled;
+3. then follow the events: ``create`` tells who a container is (before its CNI
+   plugins run), ``start``/``die``/``destroy`` and the rest make its pod what
+   the engine says, one container at a time, with a fresh look each time.
+
+The engine being down, restarting or gone is never fatal: the source is
+reported down (``/readyz``, Watch ``pod source down``) and reconnects with
+backoff, then lists and reconciles again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from zds import defaults
+from zds.server.containerpods import ContainerPods
+from zds.server.containers import ContainerFacts
+from zds.server.eventkinds import EventKind
+from zds.server.tasks import TaskOwner
+
+log = logging.getLogger("zds.server.engine")
+
+#: Container event actions that do not change where a container's pod stands.
+_IGNORED_ACTIONS = ("exec", "attach", "resize", "top", "export", "commit", "copy", "archive")
+#: Errors that mean "the engine is not answering".
+_ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError, ValueError)
+
+
+def engine_url(socket: str) -> str:
+    """``unix:///run/podman/podman.sock`` from a path or a URL."""
+    return socket if "://" in socket else f"unix://{socket}"
+
+
+class EngineDown(Exception):
+    """The engine's event stream ended or failed (internal: the session is over)."""
+
+
+class ContainerEngineSource:
+    """Lists, then watches, one engine's containers; reconnects for ever."""
+
+    def __init__(self, socket: str, pods: ContainerPods, tasks: TaskOwner) -> None:
+        self.url = engine_url(socket)
+        self.name = f"container-engine {self.url}"
+        self.pods = pods
+        self.tasks = tasks
+        self.up = False
+        self.detail = "not connected yet"
+        self._syncing: set[str] = set()
+        self._again: set[str] = set()
+        pods.engine = self.url
+
+    # -- status -------------------------------------------------------------------------
+    def _set(self, up: bool, detail: str) -> None:
+        changed = up != self.up or (not up and detail != self.detail)
+        self.up, self.detail = up, detail
+        if not changed:
+            return
+        if up:
+            log.info("container engine %s: %s", self.url, detail)
+        else:
+            log.warning("container engine %s is down: %s; retrying", self.url, detail)
+        self.pods.agent.sources[self.name] = (up, detail)
+        self.pods.agent.events.publish(
+            EventKind.POD_SOURCE_UP if up else EventKind.POD_SOURCE_DOWN,
+            pod_source=self.name,
+            error=detail,
+        )
+
+    # -- running --------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Until cancelled: connect, list, reconcile, follow; on failure back off and again."""
+        self.pods.agent.sources[self.name] = (False, self.detail)
+        delay = defaults.ENGINE_RETRY_INITIAL
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+                detail = "its event stream ended"
+            except EngineDown as exc:
+                detail = str(exc)
+            except _ENGINE_ERRORS as exc:
+                detail = _describe(exc)
+            if time.monotonic() - started > defaults.ENGINE_RETRY_MAX:
+                delay = defaults.ENGINE_RETRY_INITIAL  # it worked for a while: start over
+            self._set(False, f"{detail} (next try in {delay:g}s)")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, defaults.ENGINE_RETRY_MAX)
+
+    async def _session(self) -> None:
+        docker = aiodocker.Docker(url=self.url)
+        subscriber = docker.events.subscribe(create_task=False)  # type: ignore[no-untyped-call]
+        since = str(int(time.time()) - 1)  # events from just before the listing: none missed
+        stream = asyncio.ensure_future(
+            docker.events.run(since=since, filters=json.dumps({"type": ["container"]}))
+        )
+        try:
+            listed = await self._reconcile(docker)
+            self._set(True, f"{listed} container(s) listed and reconciled; watching events")
+            while True:
+                getter = asyncio.ensure_future(subscriber.get())
+                await asyncio.wait({getter, stream}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    raise EngineDown(_describe(stream.exception()) if not stream.cancelled() else "cancelled")
+                event = getter.result()
+                if event is None:
+                    error = stream.exception() if stream.done() and not stream.cancelled() else None
+                    raise EngineDown(_describe(error) if error else "its event stream ended")
+                self._handle(docker, event)
+        finally:
+            stream.cancel()
+            with contextlib.suppress(BaseException):
+                await stream
+            with contextlib.suppress(BaseException):
+                await docker.close()
+
+    async def _reconcile(self, docker: aiodocker.Docker) -> int:
+        containers = await docker.containers.list(all=True)
+        present = set()
+        for container in containers:
+            summary: Mapping[str, Any] = container._container
+            facts = _from_listing(summary)
+            present.add(facts.id)
+            self.pods.learn(facts)
+        for cid in list(self.pods.facts):
+            if cid not in present:
+                self.pods.forget(cid)
+        wanted = present | set(self.pods.owned())
+        await asyncio.gather(*(self._sync(docker, cid) for cid in wanted))
+        return len(present)
+
+    def _handle(self, docker: aiodocker.Docker, event: Mapping[str, Any]) -> None:
+        action = str(event.get("Action") or event.get("status") or "")
+        if event.get("Type", "container") != "container" or action.startswith(_IGNORED_ACTIONS):
+            return
+        facts = ContainerFacts.from_event(event)
+        if facts is None:
+            return
+        if action == "create":
+            self.pods.learn(facts)
+            return
+        log.debug("container %s %s", facts.name, action, extra={"uid": facts.id})
+        self.request_sync(docker, facts.id)
+
+    def request_sync(self, docker: aiodocker.Docker, cid: str) -> None:
+        """Bring container ``cid``'s pod up to date: one sync per container at a time, and
+        one more after it if something happened meanwhile (each looks at the engine afresh)."""
+        if cid in self._syncing:
+            self._again.add(cid)
+            return
+        self._syncing.add(cid)
+        self.tasks.spawn(self._sync_loop(docker, cid), name=f"sync-{cid[:12]}")
+
+    async def _sync_loop(self, docker: aiodocker.Docker, cid: str) -> None:
+        try:
+            while True:
+                self._again.discard(cid)
+                try:
+                    await self._sync(docker, cid)
+                except _ENGINE_ERRORS as exc:
+                    log.warning("cannot look at container %s: %s", cid[:12], _describe(exc))
+                if cid not in self._again:
+                    return
+        finally:
+            self._syncing.discard(cid)
+
+    async def _sync(self, docker: aiodocker.Docker, cid: str) -> None:
+        try:
+            info: Mapping[str, Any] | None = await docker.containers.container(cid).show()
+        except aiodocker.DockerError as exc:
+            # Podman 4.3 answers 500 "no such container" for one removed while it was being looked at.
+            if exc.status != 404 and "no such container" not in str(exc.message):
+                raise
+            info = None
+            self.pods.forget(cid)
+        await self.pods.sync(cid, info)
+
+
+def _from_listing(summary: Mapping[str, Any]) -> ContainerFacts:
+    names = summary.get("Names") or []
+    return ContainerFacts(
+        id=str(summary["Id"]),
+        name=str(names[0] if names else summary["Id"]).lstrip("/"),
+        labels=dict(summary.get("Labels") or {}),
+        host_network=(summary.get("HostConfig") or {}).get("NetworkMode") == "host",
+    )
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no error"
+    if isinstance(exc, aiodocker.DockerError):
+        return f"engine answered {exc.status}: {exc.message}"
+    text = str(exc) or type(exc).__name__
+    return text
