@@ -156,6 +156,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "Docker's): its containers labelled istio.io/dataplane-mode=ambient become pods, and zds-cni's "
         "events are decided by their labels (default: off)",
     )
+    server.add_argument(
+        "--container-label",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="with --container-engine: only containers carrying this label are this node agent's "
+        "(the engine's own label filter; repeat to require several) (default: every container)",
+    )
     server.add_argument("--no-redirect", action="store_true", help="do not install in-pod redirection rules")
     server.add_argument(
         "--no-dns-capture",
@@ -213,6 +221,7 @@ def main(args: argparse.Namespace) -> int:
         reset_state=args.reset_state,
         pods_file=args.pods,
         container_engine=cliflags.off(args.container_engine),
+        container_label=tuple(args.container_label),
         redirect=not args.no_redirect,
         redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),
         agent=AgentConfig(

@@ -121,21 +121,28 @@ def container_netns(info: Mapping[str, Any]) -> ContainerNetns | None:
     if not running(info):
         return None
     pid = int(info["State"]["Pid"])
-    with open_netns(f"/proc/{pid}/ns/net") as by_pid:
-        identity = by_pid.identity
     sandbox = str((info.get("NetworkSettings") or {}).get("SandboxKey") or "")
-    if not sandbox:
-        return ContainerNetns(NetnsRef.of_pid(pid), identity)
+    by_key: NetnsIdentity | None = None
+    if sandbox:
+        try:
+            with open_netns(sandbox) as handle:
+                by_key = handle.identity
+        except NetnsError:
+            pass  # not visible here (another mount namespace): the process's netns decides
     try:
-        with open_netns(sandbox) as by_key:
-            if by_key.identity != identity:
-                raise NetnsMismatch(
-                    f"container {info.get('Id', '')[:12]}: its process {pid} is in netns {identity}, "
-                    f"not in {sandbox} ({by_key.identity}); not enrolled"
-                )
-    except NetnsMismatch:
-        raise
+        with open_netns(f"/proc/{pid}/ns/net") as handle:
+            by_pid = handle.identity
     except NetnsError:
-        # The engine's path is not visible here (e.g. another mount namespace): the process's netns it is.
-        return ContainerNetns(NetnsRef.of_pid(pid), identity)
-    return ContainerNetns(NetnsRef.of_path(sandbox), identity)
+        if by_key is None:
+            raise
+        # The process is not ours to look at (another user, more capabilities: no CAP_SYS_PTRACE
+        # here); the engine's own netns file is the container's.
+        return ContainerNetns(NetnsRef.of_path(sandbox), by_key)
+    if by_key is None:
+        return ContainerNetns(NetnsRef.of_pid(pid), by_pid)
+    if by_key != by_pid:
+        raise NetnsMismatch(
+            f"container {str(info.get('Id', ''))[:12]}: its process {pid} is in netns {by_pid}, "
+            f"not in {sandbox} ({by_key}); not enrolled"
+        )
+    return ContainerNetns(NetnsRef.of_path(sandbox), by_key)

@@ -57,8 +57,12 @@ class EngineDown(Exception):
 class ContainerEngineSource:
     """Lists, then watches, one engine's containers; reconnects for ever."""
 
-    def __init__(self, socket: str, pods: ContainerPods, tasks: TaskOwner) -> None:
+    def __init__(
+        self, socket: str, pods: ContainerPods, tasks: TaskOwner, label_filter: tuple[str, ...] = ()
+    ) -> None:
         self.url = engine_url(socket)
+        #: Only containers with these labels (KEY or KEY=VALUE, the engine's own filter) are ours.
+        self.label_filter = label_filter
         self.name = f"container-engine {self.url}"
         self.pods = pods
         self.tasks = tasks
@@ -110,7 +114,7 @@ class ContainerEngineSource:
         subscriber = docker.events.subscribe(create_task=False)  # type: ignore[no-untyped-call]
         since = str(int(time.time()) - 1)  # events from just before the listing: none missed
         stream = asyncio.ensure_future(
-            docker.events.run(since=since, filters=json.dumps({"type": ["container"]}))
+            docker.events.run(since=since, filters=json.dumps(self._filters({"type": ["container"]})))
         )
         try:
             listed = await self._reconcile(docker)
@@ -133,8 +137,11 @@ class ContainerEngineSource:
             with contextlib.suppress(BaseException):
                 await docker.close()
 
+    def _filters(self, base: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {**base, "label": list(self.label_filter)} if self.label_filter else base
+
     async def _reconcile(self, docker: aiodocker.Docker) -> int:
-        containers = await docker.containers.list(all=True)
+        containers = await docker.containers.list(all=True, filters=json.dumps(self._filters({})))
         present = set()
         for container in containers:
             summary: Mapping[str, Any] = container._container
@@ -209,6 +216,7 @@ def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no error"
     if isinstance(exc, aiodocker.DockerError):
-        return f"engine answered {exc.status}: {exc.message}"
+        # aiodocker reports a failed connection as status 900.
+        return str(exc.message) if exc.status == 900 else f"engine answered {exc.status}: {exc.message}"
     text = str(exc) or type(exc).__name__
     return text

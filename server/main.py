@@ -92,6 +92,8 @@ class ServerOptions:
     socket_gid: int | None = None
     #: A Docker-compatible API socket (Podman's or Docker's): containers become pods.
     container_engine: str | None = None
+    #: Only the engine's containers with these labels (KEY or KEY=VALUE) are this node agent's.
+    container_label: tuple[str, ...] = ()
     redirect: bool = True
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
@@ -166,7 +168,9 @@ class NodeAgentServer:
         if opts.http_listen:
             await self._serve_http(opts.http_listen)
         if opts.container_engine:
-            self.engine = ContainerEngineSource(opts.container_engine, self.containers, self.agent.tasks)
+            self.engine = ContainerEngineSource(
+                opts.container_engine, self.containers, self.agent.tasks, opts.container_label
+            )
             self._engine_task = asyncio.create_task(self.engine.run(), name="container-engine")
         self._ready = True
         log.info(

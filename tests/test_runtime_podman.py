@@ -1,0 +1,365 @@
+"""Pods from a real runtime: Podman runs zds-cni, chained into a CNI network by ``zds cni install``.
+
+Each test gets its own Podman CNI network in a temporary conf dir (Podman is
+pointed at it through its own containers.conf; the machine's /etc/cni/net.d and
+/usr/lib/cni are never touched), its own ``podman system service`` (the
+Docker-compatible API the node agent watches), a node agent with
+``--container-engine`` and redirection rules, and ``zds ztunnel``. The
+containers are real (runc, the base image tests/compose/setup.sh makes), and
+everything is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness import (
+    ROOT,
+    ZDS,
+    NodeAgentProc,
+    Pod,
+    ZtunnelProc,
+    free_port,
+    http_get,
+    listening,
+    pod_ports,
+    wait_until,
+)
+from zds.gen import nodeagent_pb2
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+SETUP = ROOT / "tests" / "compose" / "setup.sh"
+AMBIENT = "istio.io/dataplane-mode=ambient"
+APP_PORT = 9080
+#: An echo server, the app of the server containers.
+ECHO = (
+    "import socket\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    f"s.bind(('0.0.0.0', {APP_PORT})); s.listen()\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(c.recv(100)); c.close()\n"
+)
+
+
+def client(host: str, then_sleep: bool) -> str:
+    """An app whose very first act is to connect to ``host``; it prints what came back."""
+    return (
+        "import socket, time\n"
+        f"s = socket.create_connection(('{host}', {APP_PORT}), timeout=10)\n"
+        "s.sendall(b'first words'); print('echo:', s.recv(100).decode(), flush=True)\n"
+        + ("time.sleep(600)\n" if then_sleep else "")
+    )
+
+
+class Runtime:
+    """One test's Podman: its network, its API service, its containers (all labelled)."""
+
+    def __init__(self, tmp: pathlib.Path, setup: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.token = uuid.uuid4().hex[:8]
+        self.label = f"zds.test={self.token}"
+        self.network = f"zdst-{self.token}"
+        self.image = setup["ZDS_BASE_IMAGE"]
+        self.conf_dir = tmp / "net.d"
+        self.bin_dir = tmp / "cni-bin"
+        self.conf_dir.mkdir()
+        self.bin_dir.mkdir()
+        conf = tmp / "containers.conf"
+        conf.write_text(
+            pathlib.Path(setup["CONTAINERS_CONF"]).read_text()
+            + "\n[network]\n"
+            + 'network_backend = "cni"\n'
+            + f'network_config_dir = "{self.conf_dir}"\n'
+            + f'cni_plugin_dirs = ["{self.bin_dir}", "/usr/lib/cni", "/usr/libexec/cni", "/opt/cni/bin"]\n'
+        )
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.api_socket = str(tmp / "podman.sock")
+        self.service: subprocess.Popen[bytes] | None = None
+
+    def podman(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            ["podman", *args], capture_output=True, text=True, timeout=timeout, env=self.env
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+        return done
+
+    def start_service(self) -> None:
+        """``podman system service`` on this test's socket: the API the node agent watches."""
+        log = open(self.tmp / "podman-service.log", "ab")  # noqa: SIM115 (the process holds it)
+        self.service = subprocess.Popen(
+            ["podman", "system", "service", "--time", "0", f"unix://{self.api_socket}"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_until(lambda: os.path.exists(self.api_socket), "the podman API socket")
+
+    def stop_service(self) -> None:
+        if self.service is not None and self.service.poll() is None:
+            self.service.send_signal(signal.SIGTERM)
+            self.service.wait(30)
+        self.service = None
+        if os.path.exists(self.api_socket):
+            os.unlink(self.api_socket)
+
+    def run(self, name: str, code: str, *labels: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``podman run -d`` of a python app on the test network."""
+        flags = [f"--label={self.label}", *(f"--label={label}" for label in labels)]
+        return self.podman(
+            "run", "-d", "--network", self.network, "--name", f"{name}-{self.token}", *flags,
+            self.image, "python3", "-c", code, check=check,
+        )  # fmt: skip
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        doc: list[dict[str, Any]] = json.loads(self.podman("inspect", f"{name}-{self.token}").stdout)
+        return doc[0]
+
+    def netns(self, name: str) -> Pod:
+        """The container's network namespace (Podman keeps it in /run/netns, as `ip netns` does)."""
+        path = self.inspect(name)["NetworkSettings"]["SandboxKey"]
+        return Pod(os.path.basename(path), path)
+
+    def ip(self, name: str) -> str:
+        return str(self.inspect(name)["NetworkSettings"]["Networks"][self.network]["IPAddress"])
+
+    def logs(self, name: str) -> str:
+        done = self.podman("logs", f"{name}-{self.token}", check=False)
+        return done.stdout + done.stderr
+
+    def cid(self, name: str) -> str:
+        return str(self.inspect(name)["Id"])
+
+    def clean(self) -> list[str]:
+        """Remove every container and the network; what was left behind, if anything."""
+        problems = []
+        ids = self.podman("ps", "-aq", "--filter", f"label={self.label}", check=False).stdout.split()
+        if ids:
+            self.podman("rm", "-f", "-t", "0", *ids, check=False)
+        if self.podman("ps", "-aq", "--filter", f"label={self.label}", check=False).stdout.split():
+            problems.append("containers left behind")
+        self.podman("network", "rm", "-f", self.network, check=False)
+        if self.podman("network", "exists", self.network, check=False).returncode == 0:
+            problems.append(f"network {self.network} left behind")
+        self.stop_service()
+        return problems
+
+
+class Node:
+    """The node: a node agent with --container-engine and redirection rules, and ztunnel."""
+
+    def __init__(self, tmp: pathlib.Path, runtime: Runtime) -> None:
+        self.tmp = tmp
+        self.runtime = runtime
+        self.http = f"http://127.0.0.1:{free_port()}"
+        self.agent = self.start_agent()
+        self.ztunnel = ZtunnelProc(self.agent.zds_socket, str(tmp / "ztunnel.log"))
+        wait_until(lambda: self.ztunnel.ready_status() == 200, "ztunnel ready")
+
+    def start_agent(self, name: str = "server") -> NodeAgentProc:
+        agent = NodeAgentProc(
+            str(self.tmp),
+            "--container-engine",
+            self.runtime.api_socket,
+            # This test's containers only: never enroll what other tests (or people) run on the machine.
+            "--container-label",
+            self.runtime.label,
+            "--http-listen",
+            self.http.removeprefix("http://"),
+            name=name,
+            redirect=True,
+        )
+        agent.wait_ready()
+        wait_until(lambda: "listed and reconciled" in agent.output(), "the node agent to list the containers")
+        return agent
+
+    def workloads(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.ztunnel.config_dump()["workloadState"]
+        return state
+
+    def pods(self) -> dict[str, Any]:
+        return {p.uid: p for p in self.agent.list_pods()}
+
+    def stop(self) -> None:
+        self.ztunnel.stop()
+        self.agent.stop()
+
+
+@pytest.fixture
+def runtime(tmp_path: pathlib.Path) -> Iterator[Runtime]:
+    done = subprocess.run(["bash", str(SETUP), "engine"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, f"tests/compose/setup.sh engine failed:\n{done.stderr[-4000:]}"
+    setup = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    rt = Runtime(tmp_path, setup)
+    try:
+        subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
+        rt.podman("network", "create", "--subnet", subnet, rt.network)
+        installed = subprocess.run(
+            [
+                *ZDS, "cni", "install", "--bin-dir", str(rt.bin_dir), "--conf-dir", str(rt.conf_dir),
+                "--network", rt.network, "--cni-socket", str(tmp_path / "cni" / "pluginevent.sock"),
+                "--log-file", str(tmp_path / "zds-cni.log"),
+            ],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert installed.returncode == 0, installed.stderr
+        rt.start_service()
+        yield rt
+    finally:
+        problems = rt.clean()
+        assert not problems, problems
+
+
+@pytest.fixture
+def node(tmp_path: pathlib.Path, runtime: Runtime) -> Iterator[Node]:
+    started = Node(tmp_path, runtime)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def istio_rules(pod: Pod) -> str:
+    out = subprocess.run(
+        ["ip", "netns", "exec", pod.name, "iptables-save"], capture_output=True, text=True, check=True
+    ).stdout
+    return "\n".join(line for line in out.splitlines() if "ISTIO" in line)
+
+
+def outbound(workloads: dict[str, Any], uid: str) -> int:
+    return int(workloads.get(uid, {}).get("traffic", {}).get("outbound", {}).get("connections", 0))
+
+
+def inbound(workloads: dict[str, Any], uid: str) -> int:
+    return int(workloads.get(uid, {}).get("traffic", {}).get("inbound", {}).get("connections", 0))
+
+
+def test_a_labelled_container_is_redirected_from_its_first_connection(runtime: Runtime, node: Node) -> None:
+    runtime.run("reviews", ECHO, AMBIENT, "zds.io/service-account=bookinfo-reviews")
+    reviews = runtime.cid("reviews")
+    # Enrolled by zds-cni's ADD, before the container started: rules in its netns, ztunnel's listeners there.
+    pods = node.pods()
+    assert pods[reviews].name == f"reviews-{runtime.token}" and pods[reviews].source == "cni"
+    assert pods[reviews].service_account == "bookinfo-reviews" and pods[reviews].rules_installed
+    netns = runtime.netns("reviews")
+    assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_rules(netns)
+    assert set(pod_ports(netns, node.ztunnel.pid)) >= {15001, 15006, 15008}
+    workload = wait_until(lambda: node.workloads().get(reviews), "ztunnel to know reviews")
+    assert workload["info"]["name"] == f"reviews-{runtime.token}"
+
+    # An app whose very first act is to connect: its connection already goes through ztunnel.
+    runtime.run("productpage", client(runtime.ip("reviews"), then_sleep=True), AMBIENT)
+    productpage = runtime.cid("productpage")
+    wait_until(lambda: "echo: first words" in runtime.logs("productpage"), "productpage's echo")
+
+    def counted() -> dict[str, Any] | None:
+        w = node.workloads()
+        return w if outbound(w, productpage) >= 1 and inbound(w, reviews) >= 1 else None
+
+    workloads = wait_until(counted, "ztunnel's counters: productpage outbound, reviews inbound")
+    assert workloads[productpage]["info"]["name"] == f"productpage-{runtime.token}"
+    assert "enrolled: container productpage" in (runtime.tmp / "zds-cni.log").read_text()
+
+
+def test_unlabelled_and_none_containers_stay_out_and_talk_directly(runtime: Runtime, node: Node) -> None:
+    runtime.run("plainsrv", ECHO)
+    runtime.run("optout", ECHO, "istio.io/dataplane-mode=none")
+    runtime.run("plaincli", client(runtime.ip("plainsrv"), then_sleep=True))
+    wait_until(lambda: "echo: first words" in runtime.logs("plaincli"), "the unlabelled client's echo")
+    for name in ("plainsrv", "optout", "plaincli"):
+        assert runtime.cid(name) not in node.pods(), name
+        assert runtime.cid(name) not in node.workloads(), name
+        netns = runtime.netns(name)
+        assert istio_rules(netns) == "", name
+        assert not any(lst.port in (15001, 15006) for lst in listening(netns.name)), name
+    log = (runtime.tmp / "zds-cni.log").read_text()
+    assert f"not selected: container optout-{runtime.token} is labelled istio.io/dataplane-mode=none" in log
+    assert f"not selected: container plainsrv-{runtime.token} is not labelled" in log
+
+
+def test_a_removed_container_takes_its_pod_rules_and_listeners_with_it(runtime: Runtime, node: Node) -> None:
+    runtime.run("reviews", ECHO, AMBIENT)
+    reviews, netns = runtime.cid("reviews"), runtime.netns("reviews")
+    wait_until(lambda: node.workloads().get(reviews, {}).get("state") == "Up", "reviews Up in ztunnel")
+    runtime.podman("rm", "-f", "-t", "0", f"reviews-{runtime.token}")
+    assert reviews not in node.pods()
+    wait_until(lambda: reviews not in node.workloads(), "ztunnel to drop reviews")
+    assert not os.path.exists(netns.path)  # Podman deleted the netns: no rules, no listener left in it
+    assert not any(lst.port in (15001, 15006, 15008) for lst in listening(None))
+    assert "DEL" in (runtime.tmp / "zds-cni.log").read_text()
+
+
+def test_the_node_agent_restarted_under_running_containers_reconciles_and_drops_nothing(
+    runtime: Runtime, node: Node
+) -> None:
+    runtime.run("reviews", ECHO, AMBIENT)
+    runtime.run("ratings", ECHO, AMBIENT)
+    reviews, ratings = runtime.cid("reviews"), runtime.cid("ratings")
+    wait_until(lambda: {reviews, ratings} <= set(node.workloads()), "both in ztunnel")
+    listeners = pod_ports(runtime.netns("reviews"), node.ztunnel.pid)
+    node.agent.stop()
+    # While it is down: ratings goes (its DEL cannot reach the agent and still succeeds).
+    runtime.podman("rm", "-f", "-t", "0", f"ratings-{runtime.token}")
+    node.agent = node.start_agent("server2")
+    pods = node.pods()
+    assert set(pods) == {reviews}, "reconciled: the gone container's pod removed, the running one kept"
+    assert pods[reviews].recovery == "restored"
+    wait_until(lambda: set(node.workloads()) == {reviews}, "ztunnel to drop only ratings")
+    assert node.workloads()[reviews]["state"] == "Up"
+    # ztunnel never closed reviews' listeners: the same sockets.
+    assert pod_ports(runtime.netns("reviews"), node.ztunnel.pid) == listeners
+    runtime.run("productpage", client(runtime.ip("reviews"), then_sleep=True), AMBIENT)
+    wait_until(lambda: "echo: first words" in runtime.logs("productpage"), "productpage's echo")
+    wait_until(lambda: inbound(node.workloads(), reviews) >= 1, "traffic into reviews through ztunnel")
+
+
+def source_state(agent: NodeAgentProc) -> tuple[str, str]:
+    """The container engine source as a new watcher sees it: (kind, detail)."""
+    with agent.control() as stub:
+        stream = stub.Watch(nodeagent_pb2.WatchRequest(), timeout=15)
+        try:
+            for event in stream:
+                if event.kind == nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END:
+                    break
+                if event.pod_source:
+                    return nodeagent_pb2.EventKind.Name(event.kind), event.error
+        finally:
+            stream.cancel()
+    return "", ""
+
+
+def test_the_engine_service_stopped_and_started_is_recovered(runtime: Runtime, node: Node) -> None:
+    runtime.run("reviews", ECHO, AMBIENT)
+    reviews = runtime.cid("reviews")
+    assert http_get(f"{node.http}/readyz")[0] == 200
+    assert source_state(node.agent)[0] == "EVENT_KIND_POD_SOURCE_UP"
+    runtime.stop_service()
+    wait_until(lambda: http_get(f"{node.http}/readyz")[0] == 503, "/readyz to say the engine is down")
+    assert "container-engine" in http_get(f"{node.http}/readyz")[1]
+    kind, detail = source_state(node.agent)
+    assert kind == "EVENT_KIND_POD_SOURCE_DOWN" and "next try in" in detail, detail
+    # While the engine is down nobody can tell whether a new container joins: its ADD fails (fail closed).
+    refused = runtime.run("latecomer", ECHO, AMBIENT, check=False)
+    assert refused.returncode != 0 and "zds-cni" in refused.stderr, refused.stderr
+    runtime.podman("rm", "-f", "-t", "0", f"latecomer-{runtime.token}", check=False)
+    assert reviews in node.pods(), "the pods it had stay"
+    runtime.start_service()
+    wait_until(lambda: http_get(f"{node.http}/readyz")[0] == 200, "the node agent to reconnect", timeout=60)
+    assert source_state(node.agent)[0] == "EVENT_KIND_POD_SOURCE_UP"
+    runtime.run("latecomer", ECHO, AMBIENT)
+    assert runtime.cid("latecomer") in node.pods()
+    assert reviews in node.pods()
