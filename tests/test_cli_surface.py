@@ -41,6 +41,8 @@ def test_every_command_is_a_leaf_we_know() -> None:
         "zds netns delete",
         "zds netns list",
         "zds demo",
+        "zds cni install",
+        "zds cni uninstall",
     }
 
 

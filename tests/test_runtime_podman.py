@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import uuid
@@ -155,6 +156,8 @@ class Runtime:
         self.podman("network", "rm", "-f", self.network, check=False)
         if self.podman("network", "exists", self.network, check=False).returncode == 0:
             problems.append(f"network {self.network} left behind")
+        # host-local IPAM's state for the network (Podman leaves it): ours, by the network's name.
+        shutil.rmtree(f"/var/lib/cni/networks/{self.network}", ignore_errors=True)
         self.stop_service()
         return problems
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sqlite3
@@ -10,8 +11,8 @@ import pytest
 
 from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import store as pod_store
-from zds.server.pods import PodSpec
-from zds.server.store import SCHEMA_VERSION, PodStore, StoreError
+from zds.server.pods import PodSource, PodSpec
+from zds.server.store import MIGRATIONS, SCHEMA_VERSION, PodStore, StoreError
 
 
 def spec(uid: str, netns: str = "/var/run/netns/pod-a", ips: tuple[str, ...] = ()) -> PodSpec:
@@ -37,7 +38,7 @@ def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: 
     db = state / "pods.db"
     assert oct(db.stat().st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -175,3 +176,23 @@ def test_reset_moves_the_store_aside_and_never_deletes_it(state: pathlib.Path) -
     finally:
         fresh.close()
     assert sorted(os.listdir(state))[0] == "pods.db"
+
+
+def test_a_schema_1_store_is_migrated_and_its_pods_came_from_the_api(state: pathlib.Path) -> None:
+    state.mkdir(exist_ok=True)
+    with sqlite3.connect(state / "pods.db") as raw:
+        for statement in MIGRATIONS[1]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute(
+            "INSERT INTO pods (uid, name, namespace, service_account, netns, enrolled_at) "
+            "VALUES ('u1', 'web', 'shop', 'default', '/run/netns/a', 1.0)"
+        )
+    store = open_store(state, used_before=True)
+    try:
+        [row] = store.load()
+        assert row.spec.source is PodSource.API
+        store.put(dataclasses.replace(spec("u2", "/run/netns/b"), source=PodSource.CNI), None)
+        assert {r.spec.uid: r.spec.source for r in store.load()} == {"u1": PodSource.API, "u2": PodSource.CNI}
+    finally:
+        store.close()

@@ -1,0 +1,139 @@
+"""zds cni install|uninstall: the plugin into a bin dir, chained into a network's conflist,
+and nothing else in the platform engineer's files changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+
+from tests.harness import ZDS
+
+#: A conflist as `podman network create` writes it (3-space indent, no final newline).
+PODMAN_CONFLIST = """{
+   "cniVersion": "0.4.0",
+   "name": "mesh",
+   "plugins": [
+      {
+         "type": "bridge",
+         "bridge": "cni-podman1",
+         "ipam": {
+            "type": "host-local",
+            "ranges": [[{ "subnet": "10.213.0.0/24", "gateway": "10.213.0.1" }]]
+         }
+      },
+      {
+         "type": "portmap",
+         "capabilities": {
+            "portMappings": true
+         }
+      }
+   ]
+}"""
+OTHER = '{"cniVersion":"1.0.0","name":"other","plugins":[{"type":"bridge","bridge":"x0"}]}\n'
+
+
+def zds_cni(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ZDS, "cni", *args], capture_output=True, text=True, timeout=60)
+
+
+def dirs(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, list[str]]:
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    bin_dir.mkdir()
+    conf_dir.mkdir()
+    return bin_dir, conf_dir, ["--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir)]
+
+
+def test_install_chains_last_and_changes_nothing_else_and_uninstall_restores_the_bytes(
+    tmp_path: pathlib.Path,
+) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    mesh = conf_dir / "87-mesh.conflist"
+    mesh.write_text(PODMAN_CONFLIST)
+    mesh.chmod(0o640)
+    (conf_dir / "10-other.conflist").write_text(OTHER)
+    done = zds_cni("install", *flags, "--network", "mesh", "--cni-socket", "/run/zds/cni.sock")
+    assert done.returncode == 0, done.stderr
+    assert f"chained zds-cni into {mesh}" in done.stdout
+    text = mesh.read_text()
+    doc = json.loads(text)
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "portmap", "zds-cni"]
+    assert doc["plugins"][-1] == {
+        "type": "zds-cni",
+        "cni_socket": "/run/zds/cni.sock",
+        "log_file": "/var/log/zds-cni.log",
+    }
+    # The rest is the same text, byte for byte, and the new entry is laid out like its neighbours.
+    assert text.startswith(PODMAN_CONFLIST.removesuffix("\n   ]\n}") + ",\n")
+    assert '\n      {\n         "type": "zds-cni",' in text and text.endswith("   ]\n}")
+    assert (mesh.stat().st_mode & 0o777) == 0o640
+    assert (conf_dir / "10-other.conflist").read_text() == OTHER
+    assert not [p for p in os.listdir(conf_dir) if ".tmp." in p]
+
+    # Again: nothing to do, nothing rewritten.
+    inode, mtime = mesh.stat().st_ino, mesh.stat().st_mtime_ns
+    again = zds_cni("install", *flags, "--network", "mesh", "--cni-socket", "/run/zds/cni.sock")
+    assert "already chained, unchanged" in again.stdout and "up to date" in again.stdout
+    assert (mesh.stat().st_ino, mesh.stat().st_mtime_ns) == (inode, mtime)
+
+    # Other options: the entry is replaced, still last.
+    zds_cni("install", *flags, "--network", "mesh", "--enroll", "all")
+    plugins = json.loads(mesh.read_text())["plugins"]
+    assert [p["type"] for p in plugins] == ["bridge", "portmap", "zds-cni"] and plugins[-1]["enroll"] == "all"
+
+    gone = zds_cni("uninstall", *flags)
+    assert gone.returncode == 0, gone.stderr
+    assert mesh.read_text() == PODMAN_CONFLIST
+    assert (mesh.stat().st_mode & 0o777) == 0o640
+    assert os.listdir(bin_dir) == []
+
+
+def test_the_installed_plugin_runs_from_the_bin_dir(tmp_path: pathlib.Path) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    assert zds_cni("install", *flags).returncode == 0
+    plugin = bin_dir / "zds-cni"
+    assert os.access(plugin, os.X_OK) and (plugin.stat().st_mode & 0o777) == 0o755
+    # As a runtime runs it: its own path, a bare environment, from another directory.
+    done = subprocess.run(
+        [str(plugin)],
+        input=b'{"cniVersion": "1.0.0"}',
+        env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"},
+        cwd="/",
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["supportedVersions"][-2:] == ["1.0.0", "1.1.0"]
+
+
+def test_a_single_plugin_conf_becomes_a_conflist_and_comes_back(tmp_path: pathlib.Path) -> None:
+    _, conf_dir, flags = dirs(tmp_path)
+    conf = conf_dir / "10-bridge.conf"
+    original = '{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "cni0"}\n'
+    conf.write_text(original)
+    assert zds_cni("install", *flags).returncode == 0
+    assert not conf.exists()
+    doc = json.loads((conf_dir / "10-bridge.conflist").read_text())
+    assert doc["name"] == "k8s" and doc["cniVersion"] == "0.3.1"
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "zds-cni"]
+    assert zds_cni("uninstall", *flags).returncode == 0
+    assert conf.read_text() == original and sorted(os.listdir(conf_dir)) == ["10-bridge.conf"]
+
+
+def test_what_it_cannot_do_is_said_in_one_line_and_nothing_is_touched(tmp_path: pathlib.Path) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    done = zds_cni("install", *flags)
+    assert done.returncode == 1 and done.stderr.startswith("zds cni install: no network config in")
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    done = zds_cni("install", *flags, "--network", "nope")
+    assert done.returncode == 1 and "no network named 'nope'" in done.stderr
+    (bin_dir / "zds-cni").write_text("#!/bin/sh\necho someone else's\n")
+    done = zds_cni("install", *flags)
+    assert done.returncode == 1 and "is not zds-cni's launcher" in done.stderr
+    assert (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
+    assert (bin_dir / "zds-cni").read_text() == "#!/bin/sh\necho someone else's\n"
+    done = zds_cni("uninstall", *flags)
+    assert done.returncode == 1 and "left in place" in done.stderr
+    assert (bin_dir / "zds-cni").exists()

@@ -1,0 +1,230 @@
+"""zds-cni speaks the CNI spec: run as a runtime runs it (a process, CNI_* in the environment,
+the config on stdin) against a stand-in node agent that records what it is told."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import pathlib
+import socketserver
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from zds.server.cni import parse_event
+
+PREV_RESULT = {
+    "cniVersion": "0.4.0",
+    "interfaces": [{"name": "eth0", "mac": "82:a2:36:ae:32:b9", "sandbox": "/run/netns/netns-1"}],
+    "ips": [{"version": "4", "interface": 0, "address": "10.213.0.2/24", "gateway": "10.213.0.1"}],
+    "routes": [{"dst": "0.0.0.0/0"}],
+    "dns": {},
+}
+CID = "6b6fc439b315ce7fc7a6e89832f2b8b5660dda4a1da35bce363dd47e596db8be"
+
+
+class StandInAgent:
+    """An HTTP server on a unix socket answering each path with a fixed (status, text)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.answers: dict[str, tuple[int, str]] = {}
+        agent = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                agent.requests.append((self.path, json.loads(body)))
+                status, text = agent.answers.get(self.path, (200, ""))
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        self.server = Server(path, Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop answering (the socket goes away); closing twice is harmless."""
+        if os.path.exists(self.path):
+            self.server.shutdown()
+            self.server.server_close()
+            os.unlink(self.path)
+
+
+@pytest.fixture
+def agent(tmp_path: pathlib.Path) -> Iterator[StandInAgent]:
+    stand_in = StandInAgent(str(tmp_path / "agent.sock"))
+    yield stand_in
+    stand_in.close()
+
+
+def config(tmp_path: pathlib.Path, version: str = "0.4.0", **extra: Any) -> dict[str, Any]:
+    return {
+        "cniVersion": version,
+        "name": "mesh",
+        "type": "zds-cni",
+        "cni_socket": str(tmp_path / "agent.sock"),
+        "log_file": str(tmp_path / "zds-cni.log"),
+        **extra,
+    }
+
+
+def plugin(command: str, conf: dict[str, Any] | bytes, **env: str) -> tuple[int, Any, str]:
+    """Run zds-cni: (exit code, stdout as JSON or None, stderr)."""
+    environment = {
+        "PATH": os.environ["PATH"],
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": CID,
+        "CNI_NETNS": "/run/netns/netns-1",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=web",
+        "CNI_PATH": "/usr/lib/cni",
+        **env,
+    }
+    stdin = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+    done = subprocess.run(
+        [sys.executable, "-m", "zds.cni.plugin"],
+        input=stdin,
+        capture_output=True,
+        env=environment,
+        timeout=60,
+    )
+    out = done.stdout.decode()
+    return done.returncode, json.loads(out) if out.strip() else None, done.stderr.decode()
+
+
+def test_version_lists_what_it_speaks() -> None:
+    code, out, _ = plugin("VERSION", {"cniVersion": "1.0.0"}, CNI_CONTAINERID="", CNI_NETNS="")
+    assert code == 0
+    assert out == {"cniVersion": "1.1.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+
+
+def test_add_posts_istios_event_with_the_container_id_and_passes_prev_result_through(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    agent.answers["/cmdadd"] = (200, "enrolled: container web is labelled istio.io/dataplane-mode=ambient")
+    code, out, err = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT))
+    assert (code, err) == (0, "")
+    assert out == PREV_RESULT  # unchanged
+    [(path, body)] = agent.requests
+    assert path == "/cmdadd"
+    assert body == {
+        "Netns": "/run/netns/netns-1",
+        "PodName": "web",
+        "PodNamespace": "default",
+        "IPs": [
+            {"Interface": 0, "Address": {"IP": "10.213.0.2", "Mask": "////AA=="}, "Gateway": "10.213.0.1"}
+        ],
+        "PodUID": CID,
+        "ContainerID": CID,
+    }
+    assert base64.b64decode(body["IPs"][0]["Address"]["Mask"]) == bytes([255, 255, 255, 0])
+    # The node agent reads it as Istio's body plus zds's extras.
+    spec, container = parse_event(json.dumps(body).encode())
+    assert (spec.uid, container, spec.ips) == (CID, CID, ("10.213.0.2",))
+    assert "enrolled: container web" in (tmp_path / "zds-cni.log").read_text()
+
+
+def test_add_without_prev_result_prints_an_empty_result_of_the_configs_version(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    code, out, _ = plugin("ADD", config(tmp_path, version="1.0.0"))
+    assert (code, out) == (0, {"cniVersion": "1.0.0", "dns": {}})
+    assert agent.requests[0][1]["IPs"] is None  # as Istio's plugin sends it
+
+
+def test_enroll_all_leaves_the_decision_to_the_network(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
+    code, _, _ = plugin(
+        "ADD", config(tmp_path, enroll="all"), CNI_ARGS="K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web"
+    )
+    assert code == 0
+    body = agent.requests[0][1]
+    assert "ContainerID" not in body and (body["PodNamespace"], body["PodUID"]) == ("shop", CID)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(500, 100), (503, 101), (400, 100)], ids=["enrollment", "undecided", "bad"]
+)
+def test_a_failed_enrollment_fails_the_add_with_the_agents_words(
+    tmp_path: pathlib.Path, agent: StandInAgent, status: int, code: int
+) -> None:
+    agent.answers["/cmdadd"] = (status, "no ztunnel connection")
+    exit_code, out, _ = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT))
+    assert exit_code == 1
+    assert out["cniVersion"] == "0.4.0" and out["code"] == code
+    assert out["msg"].endswith("no ztunnel connection")
+
+
+def test_an_unreachable_agent_fails_the_add_try_again_later(tmp_path: pathlib.Path) -> None:
+    code, out, _ = plugin("ADD", config(tmp_path))
+    assert code == 1 and out["code"] == 11
+    assert "cannot reach the node agent" in out["msg"] and "No such file" in out["msg"]
+    assert set(out) == {"cniVersion", "code", "msg", "details"}
+
+
+def test_del_tells_the_agent_and_succeeds_even_when_it_is_gone(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    code, out, _ = plugin("DEL", config(tmp_path, prevResult=PREV_RESULT))
+    assert (code, out) == (0, None)
+    assert agent.requests == [("/cmddel", {"PodUID": CID, "Netns": "/run/netns/netns-1"})]
+    agent.close()
+    code, out, _ = plugin("DEL", config(tmp_path), CNI_NETNS="")
+    assert (code, out) == (0, None)
+    assert "the node agent finds the pod gone by itself" in (tmp_path / "zds-cni.log").read_text()
+
+
+def test_check_asks_the_agent(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
+    assert plugin("CHECK", config(tmp_path, prevResult=PREV_RESULT))[:2] == (0, None)
+    agent.answers["/cmdcheck"] = (500, "pod 6b6fc439b315 is not enrolled")
+    code, out, _ = plugin("CHECK", config(tmp_path, prevResult=PREV_RESULT))
+    assert code == 1 and out["code"] == 100 and "is not enrolled" in out["msg"]
+
+
+def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
+    assert plugin("STATUS", config(tmp_path, version="1.1.0"))[:2] == (0, None)
+    assert plugin("GC", config(tmp_path, version="1.1.0"))[:2] == (0, None)
+    code, out, _ = plugin("STATUS", config(tmp_path, version="1.0.0"))
+    assert code == 1 and out["code"] == 1
+    code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=str(tmp_path / "none.sock")))
+    assert code == 1 and out["code"] == 50
+
+
+@pytest.mark.parametrize(
+    ("command", "conf", "env", "code", "text"),
+    [
+        ("ADD", {"cniVersion": "0.2.0", "name": "n", "type": "zds-cni"}, {}, 1, "0.2.0 is not supported"),
+        ("ADD", {"name": "n", "type": "zds-cni"}, {}, 7, "no cniVersion"),
+        ("ADD", {"cniVersion": "1.0.0", "type": "zds-cni"}, {}, 7, "no name"),
+        ("ADD", b"{not json", {}, 6, "not JSON"),
+        ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t"}, {"CNI_NETNS": ""}, 4, "CNI_NETNS not set"),
+        (
+            "ADD",
+            {"cniVersion": "1.0.0", "name": "n", "type": "t"},
+            {"CNI_CONTAINERID": "a/b"},
+            4,
+            "container id",
+        ),
+        ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": -1}, {}, 7, "timeout"),
+        ("FROB", {"cniVersion": "1.0.0", "name": "n", "type": "t"}, {}, 4, "unknown CNI_COMMAND"),
+    ],
+)
+def test_what_the_spec_refuses_is_an_error_object_on_stdout(
+    command: str, conf: Any, env: dict[str, str], code: int, text: str
+) -> None:
+    exit_code, out, _ = plugin(command, conf, **env)
+    assert exit_code == 1 and out["code"] == code and text in out["msg"], out

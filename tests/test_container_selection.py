@@ -1,0 +1,85 @@
+"""Istio's ambient selection rules on a container's labels, and a container as a pod."""
+
+from __future__ import annotations
+
+import pytest
+
+from zds.netns import NetnsRef
+from zds.server.containers import ContainerFacts, addresses, shares_netns
+from zds.server.pods import PodSource
+from zds.server.selection import select
+
+MODE = "istio.io/dataplane-mode"
+
+
+@pytest.mark.parametrize(
+    ("labels", "namespace", "selected", "reason"),
+    [
+        ({MODE: "ambient"}, {}, True, "labelled istio.io/dataplane-mode=ambient"),
+        ({MODE: "none"}, {MODE: "ambient"}, False, "labelled istio.io/dataplane-mode=none"),
+        ({}, {MODE: "ambient"}, True, "its namespace is labelled"),
+        ({}, {}, False, "not labelled"),
+        ({MODE: "sidecar"}, {}, False, "not labelled"),
+        ({MODE: "ambient", "sidecar.istio.io/status": "{}"}, {}, False, "has a sidecar"),
+    ],
+)
+def test_istios_default_enablement_selectors(
+    labels: dict[str, str], namespace: dict[str, str], selected: bool, reason: str
+) -> None:
+    decision = select(labels, namespace)
+    assert decision.selected is selected and reason in decision.reason
+
+
+def test_the_host_network_never_joins() -> None:
+    assert not select({MODE: "ambient"}, host_network=True).selected
+
+
+def test_a_podman_create_event_says_who_the_container_is() -> None:
+    event = {
+        "Type": "container",
+        "Action": "create",
+        "Actor": {
+            "ID": "0712907cef42",
+            "Attributes": {
+                "com.docker.compose.project": "bookinfo",
+                "containerExitCode": "0",
+                "image": "localhost/zds-base:bookworm",
+                MODE: "ambient",
+                "zds.io/service-account": "bookinfo-reviews",
+                "name": "bookinfo_reviews_1",
+                "podId": "",
+            },
+        },
+    }
+    facts = ContainerFacts.from_event(event)
+    assert facts is not None
+    assert (facts.id, facts.name, facts.namespace, facts.service_account) == (
+        "0712907cef42",
+        "bookinfo_reviews_1",
+        "bookinfo",
+        "bookinfo-reviews",
+    )
+    assert facts.selection.selected and "image" not in facts.labels
+    spec = facts.pod_spec(NetnsRef.of_path("/run/netns/netns-1"), ("10.1.0.2",), PodSource.CONTAINER_ENGINE)
+    assert (spec.uid, spec.name, spec.namespace, spec.ips) == (
+        "0712907cef42",
+        "bookinfo_reviews_1",
+        "bookinfo",
+        ("10.1.0.2",),
+    )
+
+
+def test_an_inspected_container_outside_compose_is_in_the_default_namespace() -> None:
+    info = {
+        "Id": "abc",
+        "Name": "/web",
+        "Config": {"Labels": {MODE: "ambient"}},
+        "HostConfig": {"NetworkMode": "bridge"},
+        "NetworkSettings": {"Networks": {"a": {"IPAddress": "10.0.0.2", "GlobalIPv6Address": "fd00::2"}}},
+    }
+    facts = ContainerFacts.from_inspect(info)
+    assert (facts.name, facts.namespace, facts.service_account) == ("web", "default", "default")
+    assert addresses(info) == ("10.0.0.2", "fd00::2") and not shares_netns(info)
+    assert shares_netns({"HostConfig": {"NetworkMode": "container:infra"}})
+    host = ContainerFacts.from_inspect({**info, "HostConfig": {"NetworkMode": "host"}})
+    assert not host.selection.selected
