@@ -27,7 +27,7 @@ from zds import defaults
 from zds.netns import NetnsError, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
-from zds.server.enrollment import EnrollmentError
+from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import Pod, PodSource, PodSpec
 
 log = logging.getLogger("zds.server.containers")
@@ -102,7 +102,7 @@ class ContainerPods:
             log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
             return 200, f"not selected: container {facts.name} is {selection.reason}"
         spec = dataclasses.replace(
-            spec, name=facts.name, namespace=facts.namespace, service_account=facts.service_account
+            spec, name=facts.pod_name, namespace=facts.namespace, service_account=facts.service_account
         )
         async with self.serialized(cid):
             held = self.agent.pods.get(cid)
@@ -111,7 +111,7 @@ class ContainerPods:
             try:
                 await self.agent.add_pod(spec)
             except EnrollmentError as exc:
-                return 500, str(exc)
+                return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
         return 200, f"enrolled: container {facts.name} is {selection.reason}"
 
     async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:

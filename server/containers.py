@@ -1,7 +1,8 @@
 """What the node agent needs to know of a container, from a Docker-compatible engine's JSON.
 
 A container is a pod: its uid is the container id (the CNI plugin is told the
-same id, so both sources name one pod), its name the container's name, its
+same id, so both sources name one pod), its name the container's name (as a
+DNS-1123 name, as Kubernetes' are: lower case, ``_`` becomes ``-``), its
 namespace the compose project (``com.docker.compose.project``; ``default``
 outside a project), its service account the ``zds.io/service-account`` label
 (``default``), its addresses the engine's. Its netns is that of its process
@@ -12,6 +13,7 @@ Docker's live): the same netns, or no pod.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,17 @@ from zds import defaults
 from zds.netns import NetnsError, NetnsIdentity, NetnsRef, open_netns
 from zds.server.pods import PodSource, PodSpec
 from zds.server.selection import Selection, select
+
+_NOT_DNS = re.compile(r"[^a-z0-9.-]+")
+
+
+def dns_name(text: str, limit: int) -> str:
+    """A container's name (or compose project) as Kubernetes would have it: a DNS-1123
+    name, lower-cased, every other character ('_' from podman-compose) a '-'."""
+    name = _NOT_DNS.sub("-", text.lower())[:limit]
+    name = ".".join(part.strip("-") for part in name.split(".") if part.strip("-"))
+    return name or "container"
+
 
 #: Keys Podman and Docker put into a container event's attributes beside its labels.
 EVENT_ATTRIBUTES = frozenset({"name", "image", "containerExitCode", "podId", "exitCode", "signal"})
@@ -58,8 +71,13 @@ class ContainerFacts:
         )
 
     @property
+    def pod_name(self) -> str:
+        return dns_name(self.name, 253)
+
+    @property
     def namespace(self) -> str:
-        return self.labels.get(defaults.COMPOSE_PROJECT_LABEL) or defaults.POD_NAMESPACE
+        project = self.labels.get(defaults.COMPOSE_PROJECT_LABEL)
+        return dns_name(project, 63).replace(".", "-") if project else defaults.POD_NAMESPACE
 
     @property
     def service_account(self) -> str:
@@ -73,7 +91,7 @@ class ContainerFacts:
         return PodSpec.create(
             self.id,
             netns,
-            name=self.name,
+            name=self.pod_name,
             namespace=self.namespace,
             service_account=self.service_account,
             ips=ips,

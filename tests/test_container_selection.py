@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zds.netns import NetnsRef
-from zds.server.containers import ContainerFacts, addresses, shares_netns
+from zds.server.containers import ContainerFacts, addresses, dns_name, shares_netns
 from zds.server.pods import PodSource
 from zds.server.selection import select
 
@@ -61,12 +61,14 @@ def test_a_podman_create_event_says_who_the_container_is() -> None:
     )
     assert facts.selection.selected and "image" not in facts.labels
     spec = facts.pod_spec(NetnsRef.of_path("/run/netns/netns-1"), ("10.1.0.2",), PodSource.CONTAINER_ENGINE)
+    # Kubernetes' names: podman-compose's underscores become dashes.
     assert (spec.uid, spec.name, spec.namespace, spec.ips) == (
         "0712907cef42",
-        "bookinfo_reviews_1",
+        "bookinfo-reviews-1",
         "bookinfo",
         ("10.1.0.2",),
     )
+    assert dns_name("My_App.v2_", 253) == "my-app.v2" and dns_name("__", 63) == "container"
 
 
 def test_an_inspected_container_outside_compose_is_in_the_default_namespace() -> None:
