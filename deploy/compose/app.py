@@ -1,12 +1,12 @@
-"""The pods' own applications in the compose scenario: a TCP echo server and a client.
+"""The applications of the compose scenario: a TCP echo server and clients.
 
-Standard library only, and no privilege: the ``pods`` and ``check`` services start
-them inside a pod's network namespace as user ``nobody`` with every capability
-dropped (``nsenter --net=... setpriv --reuid=65534 ...``), the way a pod's
-application runs. Neither knows about ztunnel: the redirection is transparent.
+Standard library only, and no privilege: the ``reviews`` and ``productpage``
+containers run them as user ``nobody`` with every capability dropped, the way a
+pod's application runs. Neither knows about ztunnel: the redirection is transparent.
 
     python3 app.py serve --port 9080 [--stop-on-eof]
     python3 app.py send --host 10.177.0.3 --port 9080 --size 65536
+    python3 app.py call --host 10.178.0.10 --port 9080     # once a second, for ever
 """
 
 from __future__ import annotations
@@ -104,6 +104,16 @@ def send(host: str, port: int, size: int, timeout: float) -> int:
     return 0 if result["identical"] else 1
 
 
+def call(host: str, port: int, size: int, timeout: float, interval: float) -> int:
+    """``send`` for ever, one call every ``interval`` seconds (the first one at once)."""
+    while True:
+        try:
+            send(host, port, size, timeout)
+        except OSError as exc:
+            print(json.dumps({"host": host, "port": port, "error": str(exc)}), flush=True)
+        time.sleep(interval)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="the compose pods' applications (no privilege)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +125,16 @@ def main() -> int:
     send_cmd.add_argument("--port", type=int, required=True)
     send_cmd.add_argument("--size", type=int, default=65536)
     send_cmd.add_argument("--timeout", type=float, default=10.0)
+    call_cmd = sub.add_parser("call", help="send once a second, for ever")
+    call_cmd.add_argument("--host", required=True)
+    call_cmd.add_argument("--port", type=int, required=True)
+    call_cmd.add_argument("--size", type=int, default=4096)
+    call_cmd.add_argument("--timeout", type=float, default=10.0)
+    call_cmd.add_argument("--interval", type=float, default=1.0)
     args = parser.parse_args()
+    if args.command == "call":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        return call(args.host, args.port, args.size, args.timeout, args.interval)
     if args.command == "serve":
         asyncio.run(serve(args.port, args.stop_on_eof))
         return 0

@@ -7,8 +7,6 @@
 #   tests/compose/setup.sh [all]            tools + engine
 #   tests/compose/setup.sh tools            docker-compose, podman-compose, hadolint
 #   tests/compose/setup.sh engine           podman + runc, containers.conf, the base image
-#   tests/compose/setup.sh netns-dir DIR    make DIR a shared bind mount (for `DIR:/var/run/netns:rshared`)
-#   tests/compose/setup.sh release-netns-dir DIR   unmount what is under DIR and DIR itself, remove it
 #   tests/compose/setup.sh clean            remove the zds images, the base image and the cache
 #
 # all/tools/engine end by printing KEY=VALUE lines (the test reads them):
@@ -186,27 +184,6 @@ print_env() {
   echo "DOCKER_COMPOSE=$(command -v docker-compose || echo docker-compose)"
 }
 
-netns_dir() {
-  local dir=$1
-  mkdir -p "$dir"
-  # Propagation works on mount points: make DIR one, then shared, so that netns files
-  # mounted in it by a container show up here and in the other containers.
-  mountpoint -q "$dir" || mount --bind "$dir" "$dir"
-  mount --make-shared "$dir"
-}
-
-release_netns_dir() {
-  local dir=$1 target
-  [ -d "$dir" ] || return 0
-  dir=$(realpath "$dir")
-  # Everything mounted at or under DIR, deepest first (netns files, then DIR itself).
-  while read -r target; do
-    umount "$target" 2>/dev/null || umount -l "$target" 2>/dev/null || log "cannot unmount $target"
-  done < <(awk -v d="$dir" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r | uniq)
-  find "$dir" -mindepth 1 -maxdepth 1 -type f -empty -delete
-  rmdir "$dir" 2>/dev/null || log "$dir is not empty: left in place"
-}
-
 clean() {
   export CONTAINERS_CONF="$CACHE/containers.conf"
   if command -v podman >/dev/null; then
@@ -223,8 +200,6 @@ case "$cmd" in
   all) flock 9; setup_tools; setup_engine; print_env ;;
   tools) flock 9; setup_tools; print_env ;;
   engine) flock 9; setup_engine; print_env ;;
-  netns-dir) [ $# -eq 2 ] || die "usage: $0 netns-dir DIR"; netns_dir "$2" ;;
-  release-netns-dir) [ $# -eq 2 ] || die "usage: $0 release-netns-dir DIR"; release_netns_dir "$2" ;;
   clean) flock 9; clean ;;
   *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -2,18 +2,25 @@
 
 The quick checks lint the Dockerfile (hadolint), validate the compose file
 (``docker-compose config -q``) and pin where privilege lives. The scenario test
-builds the images on a base image made without a registry, brings the compose
-file up with podman-compose, waits for the one-shot ``check`` service to exit 0
-(pod-to-pod traffic through both ztunnel listeners), shows every service's logs
-when it does not, and tears down everything it made, also on failure.
+builds the images on a base image made without a registry, starts its own
+``podman system service`` (the engine API the node agent watches) and points
+Podman at a temporary CNI conf dir (the compose network's conflist goes there,
+not into the machine's /etc/cni/net.d), brings the compose file up with
+podman-compose, waits for the one-shot ``check`` service to exit 0 (the
+labelled application containers joined the mesh by themselves and their
+traffic went through both ztunnel listeners), shows every service's logs when
+it does not, and tears down everything it made, also on failure.
 tests/compose/setup.sh installs and caches what this needs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,21 +30,24 @@ import pytest
 import yaml
 
 from tests.harness import ROOT, is_root, wait_until
+from zds.server.containers import dns_name
 
 SETUP = ROOT / "tests" / "compose" / "setup.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 #: Images built by the scenario test carry this tag (the compose file's ZDS_TAG).
 TAG = "ci"
-#: Every service's own capabilities: privilege lives in the node agent and ztunnel; `pods`
-#: stands in for the runtime/CNI that makes pod namespaces; no pod application gets any.
-CAPABILITIES = {
+#: Every service's own capabilities: privilege lives in the node agent and ztunnel; the
+#: applications and the check get none.
+CAPABILITIES: dict[str, set[str]] = {
     "node-agent": {"SYS_ADMIN", "NET_ADMIN"},
     "ztunnel": {"SYS_ADMIN", "NET_ADMIN"},
-    "pods": {"SYS_ADMIN", "NET_ADMIN", "SETUID", "SETGID"},
-    "check": {"SYS_ADMIN", "SETUID", "SETGID"},
+    "reviews": set(),
+    "productpage": set(),
+    "check": set(),
 }
-NETNS_VOLUME = "${ZDS_NETNS_DIR:-/var/run/netns}:/var/run/netns:rshared"
+APPS = ("productpage", "reviews")
+ENGINE_NETNS = "${ZDS_ENGINE_NETNS_DIR:-/run/netns}:${ZDS_ENGINE_NETNS_DIR:-/run/netns}:rslave"
 
 
 def missing_tool(what: str) -> None:
@@ -83,7 +93,7 @@ def test_compose_file_is_valid_for_docker_compose(tools: dict[str, str]) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZDS_")}
     for settings in (
         {},
-        {"ZDS_NETNS_DIR": "/var/run/zds-compose/netns", "ZDS_BASE_IMAGE": "base:1", "ZDS_TAG": "x"},
+        {"ZDS_ENGINE_SOCKET": "/run/e.sock", "ZDS_BASE_IMAGE": "base:1", "ZDS_TAG": "x"},
     ):
         done = subprocess.run(
             [docker_compose, "-f", str(COMPOSE_FILE), "config", "-q"],
@@ -103,20 +113,27 @@ def test_privilege_lives_in_the_node_agent_and_ztunnel() -> None:
         assert not service.get("privileged"), name
         assert service.get("cap_drop") == ["ALL"], name
         assert set(service.get("cap_add", [])) == CAPABILITIES[name], name
-    # Nobody gets NET_RAW (Istio grants it; zds does without), and only the agents and the
-    # CNI stand-in may change networking.
+    # Nobody gets NET_RAW (Istio grants it; zds does without).
     assert not any("NET_RAW" in caps for caps in CAPABILITIES.values())
-    assert {n for n, caps in CAPABILITIES.items() if "NET_ADMIN" in caps} == {"node-agent", "ztunnel", "pods"}
+    for app in APPS:
+        assert services[app]["user"] == "65534:65534", app
 
 
-def test_netns_directory_is_shared_with_rshared_short_syntax() -> None:
+def test_the_applications_are_ordinary_labelled_containers_and_the_node_agent_watches_the_engine() -> None:
     services = compose_doc()["services"]
-    for name in ("node-agent", "pods", "check"):
-        assert NETNS_VOLUME in services[name]["volumes"], name
+    for app in APPS:
+        service = services[app]
+        assert service["labels"]["istio.io/dataplane-mode"] == "ambient", app
+        assert set(service["networks"]) == {"mesh"}, app  # a netns of its own, on the engine's network
+        assert "volumes" not in service and "network_mode" not in service, app
+    agent = services["node-agent"]
+    assert "--container-engine=/var/run/zds-engine.sock" in agent["command"]
+    assert "${ZDS_ENGINE_SOCKET:-/run/podman/podman.sock}:/var/run/zds-engine.sock" in agent["volumes"]
+    assert ENGINE_NETNS in agent["volumes"] and agent["pid"] == "host"
     # ztunnel gets each netns as an fd over the ZDS socket, never by path.
-    assert not any("/var/run/netns" in v for v in services["ztunnel"]["volumes"])
-    for name, service in services.items():
-        assert "sockets:/var/run/zds" in service["volumes"], name
+    assert not any("netns" in v for v in services["ztunnel"]["volumes"])
+    # Nobody enrolls pods by hand.
+    assert "zds pod add" not in COMPOSE_FILE.read_text()
 
 
 def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
@@ -143,9 +160,8 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
 class ComposeRun:
     """One podman-compose project: up, wait, logs, down; owns everything it makes."""
 
-    def __init__(self, env: dict[str, str], project: str, netns_dir: pathlib.Path) -> None:
+    def __init__(self, env: dict[str, str], project: str) -> None:
         self.project = project
-        self.netns_dir = netns_dir
         self.env = env
         self.compose = [env["PODMAN_COMPOSE"], "-p", project, "-f", str(COMPOSE_FILE)]
 
@@ -246,31 +262,49 @@ class ComposeRun:
 
 
 @pytest.fixture
-def compose_run() -> Iterator[ComposeRun]:
+def compose_run(tmp_path: pathlib.Path) -> Iterator[ComposeRun]:
     started = time.time()
     setup = run_setup("all", timeout=1200)
     project = f"zdsci{os.getpid()}"
-    scratch = pathlib.Path(f"/var/run/zds-compose-{project}")
-    netns_dir = scratch / "netns"
+    # Podman with the compose network's CNI config in a directory of the test's own.
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    conf = tmp_path / "containers.conf"
+    conf.write_text(
+        pathlib.Path(setup["CONTAINERS_CONF"]).read_text()
+        + f'\n[network]\nnetwork_backend = "cni"\nnetwork_config_dir = "{conf_dir}"\n'
+    )
+    engine = tmp_path / "podman.sock"
     env = {
         **os.environ,
         **setup,
-        "ZDS_NETNS_DIR": str(netns_dir),
+        "CONTAINERS_CONF": str(conf),
+        "ZDS_ENGINE_SOCKET": str(engine),
         "ZDS_TAG": TAG,
     }
-    run = ComposeRun(env, project, netns_dir)
+    run = ComposeRun(env, project)
     problems: list[str] = []
+    with open(tmp_path / "podman-service.log", "wb") as service_log:
+        service = subprocess.Popen(
+            ["podman", "system", "service", "--time", "0", f"unix://{engine}"],
+            env=env,
+            stdout=service_log,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        run_setup("netns-dir", str(netns_dir), timeout=60)
+        wait_until(lambda: engine.exists(), "the podman API socket")
         yield run
     finally:
         problems += run.down()
-        leftovers = sorted(p.name for p in netns_dir.iterdir()) if netns_dir.is_dir() else []
-        if leftovers:
-            problems.append(f"pod namespaces left in {netns_dir} after down: {leftovers}")
-        subprocess.run(["bash", str(SETUP), "release-netns-dir", str(netns_dir)], timeout=60, check=False)
-        if scratch.is_dir():
-            scratch.rmdir()
+        for network in run.podman(
+            "network", "ls", "-q", "--filter", f"name={project}", check=False
+        ).stdout.split():
+            problems.append(f"network left after down: {network}")
+            run.podman("network", "rm", "-f", network, check=False)
+        # host-local IPAM's state of the project's network (Podman leaves it): ours, by its name.
+        shutil.rmtree(f"/var/lib/cni/networks/{project}_mesh", ignore_errors=True)
+        service.send_signal(signal.SIGTERM)
+        service.wait(30)
         # Images this run replaced (untagged now, and older than this run); the current
         # ones stay as the build cache for the next run.
         run.podman("image", "prune", "-f", "--filter", f"until={int(started)}", check=False)
@@ -279,7 +313,7 @@ def compose_run() -> Iterator[ComposeRun]:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_compose_scenario_carries_pod_traffic_through_both_ztunnel_listeners(compose_run: ComposeRun) -> None:
+def test_compose_scenario_labelled_containers_join_the_mesh_by_themselves(compose_run: ComposeRun) -> None:
     run = compose_run
     run.run(
         # One build at a time: the first fills the layer cache the others then reuse. Docker
@@ -291,8 +325,20 @@ def test_compose_scenario_carries_pod_traffic_through_both_ztunnel_listeners(com
     code = run.wait_for_check(timeout=300)
     logs = run.logs()
     assert code == 0, f"check exited with {code}\n{logs}"
-    # While the pods live, their namespaces are on the host, in the shared directory.
-    assert sorted(p.name for p in run.netns_dir.iterdir()) == ["zds-productpage", "zds-reviews"], logs
+    # ztunnel knows each workload by its container's name (as a DNS name).
+    [line] = [
+        x
+        for x in run.podman("logs", run.container("check")).stdout.splitlines()
+        if x.startswith("workloads: ")
+    ]
+    names = json.loads(line.removeprefix("workloads: "))
+    assert names == {app: dns_name(run.container(app), 253) for app in APPS}, logs
+    # Nobody enrolled them by hand: the node agent's container engine source did.
+    listed = run.podman(
+        "exec", run.container("node-agent"), "zds", "pod", "list", "--json",
+        "--control-socket", "/var/run/zds/control.sock",
+    ).stdout  # fmt: skip
+    assert sorted(p["source"] for p in json.loads(listed)) == ["container-engine", "container-engine"], listed
     # The images' HEALTHCHECKs: node agent /readyz, ztunnel /healthz/ready (podman runs them
     # on demand here: it has no systemd to schedule them).
     for service in ("node-agent", "ztunnel"):
