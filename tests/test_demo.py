@@ -24,7 +24,9 @@ def leftovers() -> list[str]:
 
 
 def pids_in(output: str) -> list[int]:
-    return [int(p) for p in re.findall(r"\bpid (\d+)", output)]
+    """The processes the demo started, as it introduces them ("   pid 8642, ZDS socket ...");
+    not the pids its narrated log lines mention ("ztunnel connected from pid 8653")."""
+    return [int(p) for p in re.findall(r"^\s+pid (\d+),", output, re.M)]
 
 
 def alive(pid: int) -> bool:
