@@ -12,7 +12,7 @@ if __name__ != "zds.netns":  # pragma: no cover - only a wrong import gets here
     raise ImportError(f"import zds.netns, not {__name__}: netns/ is the package zds.netns")
 
 
-from .enter import in_netns, run_in_netns
+from .enter import in_netns, netns_cookie, run_in_netns
 from .handle import NetnsHandle, current_netns, open_netns, open_netns_pid, open_netns_ref
 from .kernel import NetnsError, NetnsIdentity, netns_identity, validate_netns_fd
 from .ref import NetnsRef, NetnsRefError
@@ -25,6 +25,7 @@ __all__ = [
     "NetnsRefError",
     "current_netns",
     "in_netns",
+    "netns_cookie",
     "netns_identity",
     "open_netns",
     "open_netns_pid",

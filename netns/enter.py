@@ -11,6 +11,8 @@ import errno
 import functools
 import logging
 import os
+import socket
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -98,3 +100,23 @@ async def run_in_netns(target: NetnsHandle | int, fn: Callable[..., T], *args: A
         os.close(own)
         raise
     return await future
+
+
+#: ``SO_NETNS_COOKIE`` (Linux 5.14): the 64-bit cookie of a socket's netns.
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(target: NetnsHandle | int) -> int | None:
+    """The cookie of network namespace ``target``: unlike its inode number, never given to
+    another namespace while the machine runs. None where the kernel cannot say (before 5.14)
+    or the namespace cannot be entered."""
+    try:
+        with in_netns(target):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            raw = probe.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        finally:
+            probe.close()
+    except (OSError, NetnsError):
+        return None
+    return int(struct.unpack("Q", raw)[0])

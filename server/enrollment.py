@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, open_netns_ref
+from zds.netns import NetnsError, NetnsHandle, netns_cookie, open_netns_ref
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
 from zds.server.eventkinds import EventKind
@@ -243,6 +243,7 @@ class Enrollment:
                 rules=self.rules.name if self.rules is not None and pod.rules_installed else "",
                 rules_digest=pod.rules_digest,
                 enrolled_at=pod.enrolled_at,
+                cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
             )
         except StoreError as exc:
             log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)

@@ -21,7 +21,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, open_netns, open_netns_ref
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_cookie, open_netns, open_netns_ref
 from zds.netns.search import find_by_identity
 from zds.server.enrollment import Enrollment
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
@@ -140,12 +140,24 @@ def _reopen(row: StoredPod, policy: NetnsPolicy | None) -> _Found:
         candidate = policy.open(row.spec.netns) if policy is not None else open_netns_ref(row.spec.netns)
     except NetnsError:
         return item
-    if candidate.identity == row.identity:
+    if _same(row, candidate):
         item.netns = candidate
     else:
         candidate.close()
         item.replaced = True
     return item
+
+
+def _same(row: StoredPod, candidate: NetnsHandle) -> bool:
+    """Whether ``candidate`` is the netns the pod was enrolled with: the same identity and,
+    where both are known, the same cookie (an inode number can be given to a netns made
+    after the pod's was destroyed; a cookie never is)."""
+    if candidate.identity != row.identity:
+        return False
+    if row.cookie is None:
+        return True
+    now = netns_cookie(candidate)
+    return now is None or now == row.cookie
 
 
 def _search(missing: list[_Found]) -> None:
@@ -160,7 +172,7 @@ def _search(missing: list[_Found]) -> None:
             candidate = open_netns(path)
         except NetnsError:
             continue  # gone between the scan and now
-        if candidate.identity == item.row.identity:
+        if _same(item.row, candidate):
             item.netns, item.elsewhere = candidate, True
         else:
             candidate.close()
@@ -211,6 +223,14 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
 def _rewrite(store: PodStore, pod: Pod, rules: str) -> None:
     try:
         identity: NetnsIdentity | None = pod.netns.identity if pod.netns is not None else None
-        store.put(pod.spec, identity, rules=rules, rules_digest=pod.rules_digest, enrolled_at=pod.enrolled_at)
+        cookie = netns_cookie(pod.netns) if pod.netns is not None else None
+        store.put(
+            pod.spec,
+            identity,
+            rules=rules,
+            rules_digest=pod.rules_digest,
+            enrolled_at=pod.enrolled_at,
+            cookie=cookie,
+        )
     except StoreError as exc:
         log.error("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)

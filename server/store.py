@@ -55,6 +55,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 MIGRATIONS[2] = ("ALTER TABLE pods ADD COLUMN source TEXT NOT NULL DEFAULT 'api'",)
+#: The netns cookie (SO_NETNS_COOKIE): unlike an inode number, never given to another netns.
+MIGRATIONS[3] = ("ALTER TABLE pods ADD COLUMN netns_cookie INTEGER",)
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -76,6 +78,8 @@ class StoredPod:
     #: A removal began and did not finish.
     removing: bool
     enrolled_at: float
+    #: The netns's cookie when it was enrolled (None: unknown, e.g. an older kernel).
+    cookie: int | None = None
 
 
 class PodStore:
@@ -135,12 +139,28 @@ class PodStore:
         try:
             rows = self._db.execute(
                 "SELECT uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
-                "rules, rules_digest, removing, enrolled_at, source FROM pods ORDER BY enrolled_at, uid"
+                "rules, rules_digest, removing, enrolled_at, source, netns_cookie FROM pods "
+                "ORDER BY enrolled_at, uid"
             ).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(_explain(self.path, exc)) from exc
         pods = []
-        for uid, name, namespace, sa, ips, netns, dev, ino, rules, digest, removing, enrolled_at, src in rows:
+        for (
+            uid,
+            name,
+            namespace,
+            sa,
+            ips,
+            netns,
+            dev,
+            ino,
+            rules,
+            digest,
+            removing,
+            enrolled_at,
+            src,
+            cookie,
+        ) in rows:
             try:
                 ref = NetnsRef.parse(netns)
                 addresses = tuple(str(ip) for ip in json.loads(ips))
@@ -152,7 +172,7 @@ class PodStore:
                 ) from exc
             spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses, source=source)
             identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
-            pods.append(StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at))
+            pods.append(StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at, cookie))
         return pods
 
     # -- writing ------------------------------------------------------------------------
@@ -164,12 +184,14 @@ class PodStore:
         rules: str = "",
         rules_digest: str = "",
         enrolled_at: float | None = None,
+        cookie: int | None = None,
     ) -> None:
         """Write (or overwrite) a pod; committed when this returns."""
         with self._write():
             self._db.execute(
                 "INSERT OR REPLACE INTO pods (uid, name, namespace, service_account, ips, netns, netns_dev, "
-                "netns_ino, rules, rules_digest, removing, enrolled_at, source) VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?)",
+                "netns_ino, rules, rules_digest, removing, enrolled_at, source, netns_cookie) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?,?)",
                 (
                     spec.uid,
                     spec.name,
@@ -183,6 +205,7 @@ class PodStore:
                     rules_digest,
                     enrolled_at if enrolled_at is not None else time.time(),
                     spec.source.value,
+                    cookie,
                 ),
             )
 

@@ -486,3 +486,24 @@ def test_a_ztunnel_that_died_is_seen_gone_at_once_not_at_the_next_keepalive(agen
     # With a 600 s keepalive only the socket's EOF can tell, and it must.
     wait_until(lambda: server.connected_count() == 0, "the connection gone", timeout=5)
     assert "ztunnel closed the connection" in server.output()
+
+
+def test_a_netns_with_the_old_inode_but_another_cookie_is_not_taken_for_the_pod(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    """An inode number can be reused by a netns made after the pod's was destroyed; the netns
+    cookie (SO_NETNS_COOKIE) never is, so recovery checks it too."""
+    import sqlite3
+
+    path = namespaces.make("a")
+    server = agents.start()
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    server.stop(signal.SIGKILL)
+    db = os.path.join(server.state_dir, "pods.db")
+    with sqlite3.connect(db) as raw:
+        [(cookie,)] = raw.execute("SELECT netns_cookie FROM pods WHERE uid = 'u1'").fetchall()
+        assert isinstance(cookie, int) and cookie > 0, "the cookie is recorded at enrollment"
+        raw.execute("UPDATE pods SET netns_cookie = ? WHERE uid = 'u1'", (cookie + 1_000_000,))
+    restarted = agents.start()
+    [pod] = restarted.list_pods()
+    assert pod.recovery == "netns replaced" and not pod.HasField("netns")

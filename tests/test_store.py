@@ -38,7 +38,7 @@ def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: 
     db = state / "pods.db"
     assert oct(db.stat().st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
