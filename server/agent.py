@@ -28,6 +28,7 @@ from zds.server.enrollment import DeleteResult, Enrolled, Enrollment
 from zds.server.eventkinds import EventKind
 from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
 from zds.server.netnspolicy import NetnsPolicy
+from zds.server.faults import Fault, FaultBook, FaultSpec
 from zds.server.observer import AgentObserver
 from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import PodCache
@@ -94,6 +95,9 @@ class NodeAgent:
         self._connection_tasks: dict[ZtunnelConnection, asyncio.Task[None]] = {}
         #: Pod sources that can be up or down (the container engine): name -> (up, detail).
         self.sources: dict[str, tuple[bool, str]] = {}
+        #: Faults on demand (zds fault, --faults).
+        self.fault_book = FaultBook(self.registry, self.pods, self.events, self.telemetry)
+        self.enrollment.faults = self.fault_book
         self.telemetry.observe(
             connected=lambda: len(self.registry),
             pods_by_state=self.pods.by_state,
@@ -121,6 +125,10 @@ class NodeAgent:
     async def remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
         """Remove a pod: rules out, DelWorkload to every connection (see ``Enrollment.remove``)."""
         return await self.enrollment.remove(uid)
+
+    def inject_fault(self, spec: FaultSpec) -> Fault:
+        """Arm a fault (``FaultError`` when it makes no sense); see ``zds.server.faults``."""
+        return self.fault_book.inject(spec)
 
     # -- snapshot source ---------------------------------------------------------
     def snapshot_uids(self) -> list[str]:
@@ -222,6 +230,7 @@ class NodeAgent:
             return
         log.debug("ztunnel connection accepted from %s", _peer(conn), extra=conn.log_extra)
         evicted = self.registry.admit(conn)
+        self.fault_book.admitted(conn, hello=False)
         self._connection_tasks[conn] = self.tasks.spawn(self._run_connection(conn), name=f"ztunnel-{conn.id}")
         if evicted is not None:
             log.warning(
@@ -250,6 +259,7 @@ class NodeAgent:
             )
             return "connection limit reached"
         self.registry.hello(conn)
+        self.fault_book.admitted(conn, hello=True)
         log.info(
             "ztunnel connected from %s, total connected: %d",
             _peer(conn),
@@ -265,6 +275,7 @@ class NodeAgent:
             reason = await conn.serve(self, lambda: self._on_hello(conn))
         finally:
             self._connection_tasks.pop(conn, None)
+            self.fault_book.connection_closed(conn.id, conn.protocol.close_reason or reason)
             if self.registry.remove(conn):
                 self.events.publish(
                     EventKind.ZTUNNEL_DISCONNECTED,

@@ -164,6 +164,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="with --container-engine: only containers carrying this label are this node agent's "
         "(the engine's own label filter; repeat to require several) (default: every container)",
     )
+    server.add_argument(
+        "--faults",
+        metavar="FILE",
+        help="faults to arm at start-up, for the first ztunnel connection (YAML or JSON lines; see "
+        "zds fault --help) (default: none)",
+    )
     server.add_argument("--no-redirect", action="store_true", help="do not install in-pod redirection rules")
     server.add_argument(
         "--no-dns-capture",
@@ -222,6 +228,7 @@ def main(args: argparse.Namespace) -> int:
         pods_file=args.pods,
         container_engine=cliflags.off(args.container_engine),
         container_label=tuple(args.container_label),
+        faults_file=args.faults,
         redirect=not args.no_redirect,
         redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),
         agent=AgentConfig(

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -35,6 +35,9 @@ from zds.protocol.nodeagent import (
 from zds.server import spans
 from zds.server.link import ConnectionLost
 from zds.transport import PeerCredentials, SeqpacketConnection
+
+if TYPE_CHECKING:
+    from zds.server.faultplay import ConnectionFaults
 
 log = logging.getLogger("zds.server")
 
@@ -144,6 +147,8 @@ class ZtunnelConnection:
             keepalive_interval=keepalive_interval,
         )
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        #: Faults armed on this connection (zds fault); None almost always.
+        self.faults: ConnectionFaults | None = None
         self.peer: PeerCredentials | None = sock.peer_credentials()
 
     @property
@@ -210,6 +215,8 @@ class ZtunnelConnection:
         its time: the accept rate limit), or why this connection is refused.
         """
         try:
+            if self.faults is not None:
+                await self.faults.before_hello(self)
             await self._await_hello()
             refusal = await on_hello()
             if refusal:
@@ -277,6 +284,8 @@ class ZtunnelConnection:
 
     async def _exchange(self, delivery: Delivery) -> Ack:
         """Send one request (+fd) and wait for its ack; the only place that writes."""
+        if self.faults is not None:  # zds fault: the one check a message pays for faults
+            return await self.faults.exchange(self, delivery)
         kind = request_kind(delivery.request)
         traced = delivery.trace_context is not None
         attributes = {spans.CONNECTION_ID: self.id, spans.MESSAGE_TYPE: kind}

@@ -23,7 +23,8 @@ from zds.server.agent import NodeAgent
 from zds.server.connection import ConnectionInfo
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.eventkinds import EventKind
-from zds.server.events import AgentEvent, WatchEnded, WatchEnding, Watcher
+from zds.server.events import AgentEvent, FaultView, WatchEnded, WatchEnding, Watcher
+from zds.server.faults import Fault, FaultError, FaultKind, FaultSpec, Refusal
 from zds.server.pods import Pod, PodSpec, PodState
 
 log = logging.getLogger("zds.server.control")
@@ -114,6 +115,51 @@ def connection_to_proto(info: ConnectionInfo) -> nodeagent_pb2.Connection:
     return msg
 
 
+#: FaultKind <-> zds.v1.FaultKind (FAULT_KIND_ + the label in upper case, - as _).
+FAULT_KIND_TO_PROTO: dict[FaultKind, int] = {
+    kind: getattr(nodeagent_pb2, "FAULT_KIND_" + kind.label.upper().replace("-", "_")) for kind in FaultKind
+}
+FAULT_KIND_FROM_PROTO: dict[int, FaultKind] = {v: k for k, v in FAULT_KIND_TO_PROTO.items()}
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def fault_to_proto(fault: FaultView) -> nodeagent_pb2.Fault:
+    msg = nodeagent_pb2.Fault(
+        id=fault.id,
+        kind=FAULT_KIND_TO_PROTO[FaultKind.named(fault.kind)],  # type: ignore[arg-type]
+        target=fault.target,
+        count=fault.count,
+        uid=fault.uid,
+        after_snapshot=fault.after_snapshot,
+        state=fault.state,
+        detail=fault.detail,
+    )
+    if fault.delay:
+        msg.delay.CopyFrom(_duration(fault.delay))
+    return msg
+
+
+def fault_spec(request: nodeagent_pb2.InjectFaultRequest) -> FaultSpec:
+    """What an InjectFault asks for (FaultError INVALID for an unknown or missing kind)."""
+    kind = FAULT_KIND_FROM_PROTO.get(request.kind)
+    if kind is None:
+        raise FaultError(Refusal.INVALID, "kind is required: one of " + ", ".join(k.label for k in FaultKind))
+    return FaultSpec(
+        kind=kind,
+        count=request.count or 1,
+        delay=request.delay.ToNanoseconds() / 1e9 if request.HasField("delay") else 0.0,
+        uid=request.uid,
+        after_snapshot=request.after_snapshot,
+        connection_id=request.connection_id,
+        next_connection=request.next_connection,
+    )
+
+
 def event_to_proto(event: AgentEvent) -> nodeagent_pb2.Event:
     msg = nodeagent_pb2.Event(
         kind=EVENT_KIND_TO_PROTO[event.kind],
@@ -137,6 +183,8 @@ def event_to_proto(event: AgentEvent) -> nodeagent_pb2.Event:
         msg.pod.CopyFrom(pod_to_proto(event.pod))
     if event.connection is not None:
         msg.connection.CopyFrom(connection_to_proto(event.connection))
+    if event.fault is not None:
+        msg.fault.CopyFrom(fault_to_proto(event.fault))
     return msg
 
 
@@ -200,6 +248,27 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             connections=[connection_to_proto(c) for c in self.agent.connection_infos()]
         )
 
+    async def InjectFault(
+        self, request: nodeagent_pb2.InjectFaultRequest, context: grpc.aio.ServicerContext
+    ) -> nodeagent_pb2.InjectFaultResponse:
+        try:
+            spec = fault_spec(request)
+        except FaultError as exc:
+            self.agent.telemetry.fault("unknown", "refused")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            fault = self.agent.inject_fault(spec)  # counts its own refusals
+        except FaultError as exc:
+            status = (
+                grpc.StatusCode.INVALID_ARGUMENT
+                if exc.refusal is Refusal.INVALID
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            await context.abort(status, str(exc))
+        if request.wait:
+            await _wait_applied(fault, context)
+        return nodeagent_pb2.InjectFaultResponse(fault=fault_to_proto(FaultView.of(fault)))
+
     async def Watch(self, request: nodeagent_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
         kinds = {EVENT_KIND_FROM_PROTO.get(value) for value in request.kinds}
         if None in kinds or EventKind.CURRENT_STATE_END in kinds:
@@ -230,6 +299,20 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                     return
         finally:
             watcher.close()
+
+
+#: How long InjectFault with wait=true waits for its fault to take effect.
+FAULT_WAIT = 60.0
+
+
+async def _wait_applied(fault: Fault, context: grpc.aio.ServicerContext) -> None:
+    try:
+        await asyncio.wait_for(fault.done.wait(), FAULT_WAIT)
+    except TimeoutError:
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"fault {fault.id} ({fault.kind.label}) did not take effect within {FAULT_WAIT:g}s; it stays armed",
+        )
 
 
 _WATCH_STATUS = {

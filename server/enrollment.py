@@ -20,6 +20,7 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
@@ -37,6 +38,9 @@ from zds.server.pods import Pod, PodNameError, PodSpec, PodSpecError
 from zds.server.store import PodStore, StoreError
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from zds.server.faults import FaultBook
 
 log = logging.getLogger("zds.server")
 
@@ -110,6 +114,8 @@ class Enrollment:
         self.telemetry = telemetry
         self.tasks = tasks
         self.tracer = telemetry.tracer
+        #: Faults on demand that bend delivery (add-to-oldest, del-to-newest-only, leak-netns-fds).
+        self.faults: FaultBook | None = None
 
     # -- start-up ---------------------------------------------------------------------
     async def load(self, spec: PodSpec) -> Pod:
@@ -182,6 +188,8 @@ class Enrollment:
         self._cache(pod)
         log.info("pod enrolled (netns %s)", netns.identity, extra=spec.log_extra)
         conn = self.registry.newest()
+        if self.faults is not None:
+            conn = self.faults.route_add(conn, self.registry.ready())
         if conn is None:
             pod.last_error = "no ztunnel connection"
             raise EnrollmentError(
@@ -288,6 +296,8 @@ class Enrollment:
                 await self._remove_rules(pod)
                 self._unrecord(uid, begin=False)
                 conns = self.registry.ready()
+                if self.faults is not None:
+                    conns = self.faults.route_del(conns)
                 ctx = spans.trace_context(span)
                 answers = await asyncio.gather(
                     *(c.deliver(DelWorkload(uid=uid), trace_context=ctx) for c in conns),
@@ -295,7 +305,8 @@ class Enrollment:
                 )
         finally:
             self.cache.removed(uid)
-            pod.close()
+            if self.faults is None or not self.faults.leak(uid):
+                pod.close()
         return pod, [
             DeleteResult(conn.id, answer.error if isinstance(answer, Ack) else str(answer))
             for conn, answer in zip(conns, answers, strict=True)

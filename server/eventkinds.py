@@ -18,6 +18,8 @@ class EventKind(enum.Enum):
     CURRENT_STATE_END = "current_state_end"
     POD_SOURCE_UP = "pod_source_up"
     POD_SOURCE_DOWN = "pod_source_down"
+    FAULT_INJECTED = "fault_injected"
+    FAULT_APPLIED = "fault_applied"
 
 
 #: What ``zds watch --kind`` accepts: every kind but the end-of-current-state marker.

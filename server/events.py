@@ -25,6 +25,7 @@ from zds.server.eventkinds import EventKind
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
     from zds.server.connection import ConnectionInfo
+    from zds.server.faults import Fault
     from zds.server.pods import Pod
 
 log = logging.getLogger("zds.server.watch")
@@ -53,6 +54,37 @@ class AgentEvent:
     snapshot_pods: int = 0
     #: POD_SOURCE_UP / POD_SOURCE_DOWN: which source.
     pod_source: str = ""
+    fault: FaultView | None = None
+
+
+@dataclass(frozen=True)
+class FaultView:
+    """A fault as it was when an event about it was published (its state changes later)."""
+
+    id: str
+    kind: str
+    target: str
+    count: int
+    delay: float
+    uid: str
+    after_snapshot: bool
+    state: str
+    detail: str
+
+    @classmethod
+    def of(cls, fault: Fault) -> FaultView:
+        spec = fault.spec
+        return cls(
+            fault.id,
+            spec.kind.label,
+            fault.target,
+            spec.count,
+            spec.delay,
+            spec.uid,
+            spec.after_snapshot,
+            fault.state,
+            fault.detail,
+        )
 
 
 class WatchEnding(enum.Enum):
@@ -187,6 +219,7 @@ class EventBus:
         pod_name: str = "",
         pod_namespace: str = "",
         pod_source: str = "",
+        fault: Fault | None = None,
     ) -> None:
         """Tell every watcher; costs next to nothing when nobody watches."""
         self.sequence += 1
@@ -214,6 +247,7 @@ class EventBus:
             connection=connection,
             snapshot_pods=snapshot_pods,
             pod_source=pod_source,
+            fault=FaultView.of(fault) if fault is not None else None,
         )
         for watcher in list(self._watchers):
             watcher.offer(event)

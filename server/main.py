@@ -5,7 +5,8 @@ Start-up, in order, each step refusing in one line what it cannot do:
 1. claim every path (a lock beside each socket and in the state directory): a
    second node agent for any of them stops here, having touched nothing;
 2. open the pod store and recover from it (netns reopened and checked, rules
-   checked), then preload ``--pods`` (the store wins for a uid both name);
+   checked), then preload ``--pods`` (the store wins for a uid both name), then arm
+   ``--faults`` (for the first connection accepted);
 3. only then listen: ZDS, control API, CNI plugin endpoint, HTTP. A socket
    path is only cleared when it holds a stale socket, and on exit only the
    socket this process bound is removed;
@@ -94,6 +95,8 @@ class ServerOptions:
     container_engine: str | None = None
     #: Only the engine's containers with these labels (KEY or KEY=VALUE) are this node agent's.
     container_label: tuple[str, ...] = ()
+    #: Faults to arm at start-up (zds server --faults), for testing a ztunnel.
+    faults_file: str | None = None
     redirect: bool = True
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
@@ -161,6 +164,8 @@ class NodeAgentServer:
         await self._restore_state()
         if opts.pods_file:
             await self._load_pods(opts.pods_file)
+        if opts.faults_file:
+            self._arm_faults(opts.faults_file)
         self._serve_zds()
         await self._serve_control()
         if opts.cni_socket:
@@ -239,6 +244,17 @@ class NodeAgentServer:
             except (PodSpecError, EnrollmentError) as exc:
                 log.error("pods file entry refused: %s", exc, extra={"uid": spec.uid})
         log.info("loaded %d pod(s) from %s", loaded, path)
+
+    def _arm_faults(self, path: str) -> None:
+        """Arm every fault of a faults file; one that cannot be armed stops the start-up."""
+        from zds.server.faults import FaultError
+        from zds.server.faultsfile import load_faults_file
+
+        try:
+            for spec in load_faults_file(path):
+                self.agent.inject_fault(spec)
+        except FaultError as exc:
+            raise StartupError(f"--faults {path}: {exc}") from exc
 
     def _serve_zds(self) -> None:
         path = self.options.zds_socket

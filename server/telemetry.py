@@ -22,6 +22,8 @@ instruments below are named to come out as these series:
 ``istio_cni_plugin_requests_total``      counter   CNI plugin requests by
 ``{response_code}``                                response_code (Istio's name)
 ``zds_watchers``                         gauge     open Watch streams
+``zds_faults_total{kind,outcome}``       counter   faults on demand: injected, applied,
+                                                   refused
 =======================================  ========  =====================================
 
 plus ``target_info`` (the OpenTelemetry resource) and prometheus_client's
@@ -230,6 +232,10 @@ class Telemetry:
             "istio_cni_plugin_requests",
             description="The total number of CNI plugin requests handled by the node agent.",
         )
+        self._faults = meter.create_counter(
+            "zds_faults",
+            description="faults on demand (zds fault, --faults) by kind and outcome (injected, applied, refused)",
+        )
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Telemetry:
@@ -276,6 +282,9 @@ class Telemetry:
 
     def cni_request(self, code: int) -> None:
         self._cni_requests.add(1, {"response_code": str(code)})
+
+    def fault(self, kind: str, outcome: str) -> None:
+        self._faults.add(1, {"kind": kind, "outcome": outcome})
 
     # -- exposition --------------------------------------------------------------------
     def prometheus(self, accept: str = "") -> tuple[bytes, str]:

@@ -40,6 +40,35 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_CURRENT_STATE_END: _ClassVar[EventKind]
     EVENT_KIND_POD_SOURCE_UP: _ClassVar[EventKind]
     EVENT_KIND_POD_SOURCE_DOWN: _ClassVar[EventKind]
+    EVENT_KIND_FAULT_INJECTED: _ClassVar[EventKind]
+    EVENT_KIND_FAULT_APPLIED: _ClassVar[EventKind]
+
+class FaultKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAULT_KIND_UNSPECIFIED: _ClassVar[FaultKind]
+    FAULT_KIND_DELAY: _ClassVar[FaultKind]
+    FAULT_KIND_DROP_BEFORE: _ClassVar[FaultKind]
+    FAULT_KIND_DROP_AFTER: _ClassVar[FaultKind]
+    FAULT_KIND_PIPELINE: _ClassVar[FaultKind]
+    FAULT_KIND_NON_CANONICAL: _ClassVar[FaultKind]
+    FAULT_KIND_OVERSIZE_RECORD: _ClassVar[FaultKind]
+    FAULT_KIND_UNKNOWN_FIELD: _ClassVar[FaultKind]
+    FAULT_KIND_NO_PAYLOAD: _ClassVar[FaultKind]
+    FAULT_KIND_EMPTY_RECORD: _ClassVar[FaultKind]
+    FAULT_KIND_ADD_WITHOUT_FD: _ClassVar[FaultKind]
+    FAULT_KIND_ADD_WITH_TWO_FDS: _ClassVar[FaultKind]
+    FAULT_KIND_ADD_WITHOUT_WORKLOAD_INFO: _ClassVar[FaultKind]
+    FAULT_KIND_NOT_A_NETNS_FD: _ClassVar[FaultKind]
+    FAULT_KIND_FD_ON_DEL: _ClassVar[FaultKind]
+    FAULT_KIND_KEEP_UNKNOWN_UID: _ClassVar[FaultKind]
+    FAULT_KIND_DUPLICATE_ADD: _ClassVar[FaultKind]
+    FAULT_KIND_SECOND_SNAPSHOT_SENT: _ClassVar[FaultKind]
+    FAULT_KIND_RECORD_BEFORE_HELLO: _ClassVar[FaultKind]
+    FAULT_KIND_WITHHOLD_SNAPSHOT_SENT: _ClassVar[FaultKind]
+    FAULT_KIND_OMIT_FROM_SNAPSHOT: _ClassVar[FaultKind]
+    FAULT_KIND_ADD_TO_OLDEST: _ClassVar[FaultKind]
+    FAULT_KIND_DEL_TO_NEWEST_ONLY: _ClassVar[FaultKind]
+    FAULT_KIND_LEAK_NETNS_FDS: _ClassVar[FaultKind]
 POD_STATE_UNSPECIFIED: PodState
 POD_STATE_PENDING: PodState
 POD_STATE_ACKED: PodState
@@ -61,6 +90,32 @@ EVENT_KIND_SNAPSHOT_COMPLETE: EventKind
 EVENT_KIND_CURRENT_STATE_END: EventKind
 EVENT_KIND_POD_SOURCE_UP: EventKind
 EVENT_KIND_POD_SOURCE_DOWN: EventKind
+EVENT_KIND_FAULT_INJECTED: EventKind
+EVENT_KIND_FAULT_APPLIED: EventKind
+FAULT_KIND_UNSPECIFIED: FaultKind
+FAULT_KIND_DELAY: FaultKind
+FAULT_KIND_DROP_BEFORE: FaultKind
+FAULT_KIND_DROP_AFTER: FaultKind
+FAULT_KIND_PIPELINE: FaultKind
+FAULT_KIND_NON_CANONICAL: FaultKind
+FAULT_KIND_OVERSIZE_RECORD: FaultKind
+FAULT_KIND_UNKNOWN_FIELD: FaultKind
+FAULT_KIND_NO_PAYLOAD: FaultKind
+FAULT_KIND_EMPTY_RECORD: FaultKind
+FAULT_KIND_ADD_WITHOUT_FD: FaultKind
+FAULT_KIND_ADD_WITH_TWO_FDS: FaultKind
+FAULT_KIND_ADD_WITHOUT_WORKLOAD_INFO: FaultKind
+FAULT_KIND_NOT_A_NETNS_FD: FaultKind
+FAULT_KIND_FD_ON_DEL: FaultKind
+FAULT_KIND_KEEP_UNKNOWN_UID: FaultKind
+FAULT_KIND_DUPLICATE_ADD: FaultKind
+FAULT_KIND_SECOND_SNAPSHOT_SENT: FaultKind
+FAULT_KIND_RECORD_BEFORE_HELLO: FaultKind
+FAULT_KIND_WITHHOLD_SNAPSHOT_SENT: FaultKind
+FAULT_KIND_OMIT_FROM_SNAPSHOT: FaultKind
+FAULT_KIND_ADD_TO_OLDEST: FaultKind
+FAULT_KIND_DEL_TO_NEWEST_ONLY: FaultKind
+FAULT_KIND_LEAK_NETNS_FDS: FaultKind
 
 class NetnsIdentity(_message.Message):
     __slots__ = ("dev", "ino")
@@ -225,7 +280,7 @@ class WatchRequest(_message.Message):
     def __init__(self, kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("kind", "time", "sequence", "current_state", "uid", "pod_name", "pod_namespace", "connection_id", "message_type", "error", "ack_latency", "pod", "connection", "snapshot_pods", "pod_source")
+    __slots__ = ("kind", "time", "sequence", "current_state", "uid", "pod_name", "pod_namespace", "connection_id", "message_type", "error", "ack_latency", "pod", "connection", "snapshot_pods", "pod_source", "fault")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +296,7 @@ class Event(_message.Message):
     CONNECTION_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_PODS_FIELD_NUMBER: _ClassVar[int]
     POD_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     time: _timestamp_pb2.Timestamp
     sequence: int
@@ -256,4 +312,53 @@ class Event(_message.Message):
     connection: Connection
     snapshot_pods: int
     pod_source: str
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., current_state: _Optional[bool] = ..., uid: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., connection_id: _Optional[str] = ..., message_type: _Optional[str] = ..., error: _Optional[str] = ..., ack_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ..., snapshot_pods: _Optional[int] = ..., pod_source: _Optional[str] = ...) -> None: ...
+    fault: Fault
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., current_state: _Optional[bool] = ..., uid: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., connection_id: _Optional[str] = ..., message_type: _Optional[str] = ..., error: _Optional[str] = ..., ack_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ..., snapshot_pods: _Optional[int] = ..., pod_source: _Optional[str] = ..., fault: _Optional[_Union[Fault, _Mapping]] = ...) -> None: ...
+
+class InjectFaultRequest(_message.Message):
+    __slots__ = ("kind", "connection_id", "next_connection", "count", "delay", "uid", "after_snapshot", "wait")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DELAY_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    kind: FaultKind
+    connection_id: str
+    next_connection: bool
+    count: int
+    delay: _duration_pb2.Duration
+    uid: str
+    after_snapshot: bool
+    wait: bool
+    def __init__(self, kind: _Optional[_Union[FaultKind, str]] = ..., connection_id: _Optional[str] = ..., next_connection: _Optional[bool] = ..., count: _Optional[int] = ..., delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., uid: _Optional[str] = ..., after_snapshot: _Optional[bool] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class Fault(_message.Message):
+    __slots__ = ("id", "kind", "target", "count", "delay", "uid", "after_snapshot", "state", "detail")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DELAY_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: FaultKind
+    target: str
+    count: int
+    delay: _duration_pb2.Duration
+    uid: str
+    after_snapshot: bool
+    state: str
+    detail: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[FaultKind, str]] = ..., target: _Optional[str] = ..., count: _Optional[int] = ..., delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., uid: _Optional[str] = ..., after_snapshot: _Optional[bool] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class InjectFaultResponse(_message.Message):
+    __slots__ = ("fault",)
+    FAULT_FIELD_NUMBER: _ClassVar[int]
+    fault: Fault
+    def __init__(self, fault: _Optional[_Union[Fault, _Mapping]] = ...) -> None: ...

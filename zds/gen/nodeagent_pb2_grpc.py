@@ -59,6 +59,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.WatchRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.Event.FromString,
                 _registered_method=True)
+        self.InjectFault = channel.unary_unary(
+                '/zds.v1.NodeAgent/InjectFault',
+                request_serializer=nodeagent__pb2.InjectFaultRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.InjectFaultResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -134,6 +139,26 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InjectFault(self, request, context):
+        """Make the node agent misbehave on purpose, to test a ztunnel (zds fault).
+        The fault is checked, armed (EVENT_KIND_FAULT_INJECTED), and applied when
+        its moment comes (EVENT_KIND_FAULT_APPLIED): on the next message(s) of a
+        connection, as a record of its own at the connection's next free moment,
+        on a connection's hello or snapshot, or on the node agent's delivery.
+        Every fault is logged and counted (zds_faults_total{kind,outcome}).
+        INVALID_ARGUMENT     no kind, a bad count or delay, an unknown connection
+        or pod, a connection given for a delivery fault
+        FAILED_PRECONDITION  it makes no sense now: no connection to target, the
+        snapshot is already sent (withhold-snapshot-sent,
+        omit-from-snapshot), not yet sent (second-snapshot-sent),
+        the hello already received (record-before-hello), no
+        pod to take a netns from
+        DEADLINE_EXCEEDED    wait was set and the fault did not take effect in time
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +186,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=nodeagent__pb2.WatchRequest.FromString,
                     response_serializer=nodeagent__pb2.Event.SerializeToString,
+            ),
+            'InjectFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFault,
+                    request_deserializer=nodeagent__pb2.InjectFaultRequest.FromString,
+                    response_serializer=nodeagent__pb2.InjectFaultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -298,6 +328,33 @@ class NodeAgent:
             '/zds.v1.NodeAgent/Watch',
             nodeagent__pb2.WatchRequest.SerializeToString,
             nodeagent__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zds.v1.NodeAgent/InjectFault',
+            nodeagent__pb2.InjectFaultRequest.SerializeToString,
+            nodeagent__pb2.InjectFaultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -189,6 +189,17 @@ class NodeAgentProtocol:
         self._last_activity = now
         return payload
 
+    def sent_unchecked(self, request: Request, now: float) -> None:
+        """``request`` was written without ``send``'s checks (a fault injected on purpose,
+        ``zds fault``): it is in flight until its ack, like any other."""
+        if self.state is ConnectionState.CLOSED or self.in_flight is not None:
+            raise ProtocolUsageError(
+                f"cannot put {request_kind(request)} in flight in state {self.state.value}"
+            )
+        self.in_flight = request
+        self._sent_at = now
+        self._last_activity = now
+
     # -- time ----------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When ``handle_timeout`` must next be called (None: no deadline pending)."""

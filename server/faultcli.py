@@ -1,0 +1,113 @@
+"""``zds fault KIND``: make the node agent misbehave on purpose, to test a ztunnel (a client of
+the control API's ``InjectFault``; ``zds server --faults FILE`` arms the same at start-up)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from zds import cliflags, defaults
+from zds.server.faults import FaultKind
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    width = max(len(k.label) for k in FaultKind)
+    kinds = "\n".join(f"  {k.label:<{width}}  {k.category.value:<10}  {k.description}" for k in FaultKind)
+    fault = sub.add_parser(
+        "fault",
+        help="make the node agent misbehave on purpose (to test a ztunnel)",
+        description="Arm a fault in the node agent through its control API. A message fault acts on the "
+        "next message(s) of a connection; a record fault writes a record of its own at the connection's "
+        "next free moment (inside a snapshot too, unless --after-snapshot); a connection fault acts on a "
+        "connection's hello or snapshot; a delivery fault on where Adds and Dels go. The target is the "
+        "newest connection unless --connection or --next-connection. Each fault is logged, counted "
+        "(zds_faults_total) and shown by zds watch; one that makes no sense now is refused in one line.",
+        epilog="kinds:\n" + kinds,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fault.add_argument(
+        "kind", choices=[k.label for k in FaultKind], metavar="KIND", help="the fault (see below)"
+    )
+    where = fault.add_mutually_exclusive_group()
+    where.add_argument("--connection", default="", metavar="ID", help="a connection id (zds connections)")
+    where.add_argument(
+        "--next-connection", action="store_true", help="arm it for the next connection the node agent accepts"
+    )
+    fault.add_argument(
+        "--count",
+        type=cliflags.positive_int,
+        default=1,
+        metavar="N",
+        help="messages, records or deliveries it applies to (default: %(default)s)",
+    )
+    fault.add_argument(
+        "--delay", type=cliflags.seconds, default=0.0, metavar="SECONDS", help="delay: how long"
+    )
+    fault.add_argument(
+        "--uid",
+        default="",
+        help="the pod a record fault is made from (default: the last one enrolled); "
+        "omit-from-snapshot: the pod to leave out",
+    )
+    fault.add_argument(
+        "--after-snapshot",
+        action="store_true",
+        help="record faults: wait until the connection's snapshot is complete",
+    )
+    fault.add_argument(
+        "--wait", action="store_true", help="answer once the fault took effect, with what it did"
+    )
+    fault.add_argument("--json", action="store_true", help="print the fault as JSON")
+    fault.add_argument(
+        "--control-socket",
+        default=defaults.CONTROL_SOCKET,
+        metavar="PATH",
+        help="node agent control socket (default: %(default)s)",
+    )
+    fault.add_argument(
+        "--timeout",
+        type=cliflags.seconds,
+        default=90.0,
+        metavar="SECONDS",
+        help="per call (default: %(default)s)",
+    )
+    fault.set_defaults(func=inject)
+
+
+def inject(args: argparse.Namespace) -> int:
+    from google.protobuf.duration_pb2 import Duration
+    from google.protobuf.json_format import MessageToDict
+
+    from zds.gen import nodeagent_pb2
+    from zds.server.control import FAULT_KIND_TO_PROTO
+    from zds.server.podctl import ControlError, call, control_stub
+
+    request = nodeagent_pb2.InjectFaultRequest(
+        kind=FAULT_KIND_TO_PROTO[FaultKind.named(args.kind)],  # type: ignore[arg-type]
+        connection_id=args.connection,
+        next_connection=args.next_connection,
+        count=args.count,
+        uid=args.uid,
+        after_snapshot=args.after_snapshot,
+        wait=args.wait,
+    )
+    if args.delay:
+        delay = Duration()
+        delay.FromNanoseconds(int(args.delay * 1e9))
+        request.delay.CopyFrom(delay)
+    try:
+        with control_stub(args.control_socket) as stub:
+            fault = call(stub.InjectFault, request, args.timeout, args.control_socket).fault
+    except ControlError as exc:
+        print(f"zds fault: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(fault, preserving_proto_field_name=True), indent=2))
+    else:
+        print(
+            f"fault {fault.id} {fault.state}: {args.kind} on {fault.target}"
+            + (f": {fault.detail}" if fault.detail else "")
+        )
+    return 1 if fault.state == "dropped" else 0

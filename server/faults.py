@@ -1,0 +1,407 @@
+"""Faults on demand: make the node agent misbehave on purpose, to test a ztunnel.
+
+A fault is asked for through the control API (``InjectFault``, ``zds fault``) or a
+``--faults FILE`` at start-up, checked once (refused with one line when it makes
+no sense: ``FaultError`` carries INVALID or PRECONDITION), logged, counted
+(``zds_faults_total{kind,outcome}``) and published on ``Watch`` when it is armed
+and again when it takes effect.
+
+Kinds, by what they act on:
+
+- the next message(s) on a connection: ``delay``, ``drop-before``, ``drop-after``,
+  ``pipeline``, ``non-canonical``;
+- a record of its own, written at the connection's next free moment (inside a
+  snapshot too, unless ``after_snapshot``): ``oversize-record``, ``unknown-field``,
+  ``no-payload``, ``empty-record``, ``add-without-fd``, ``add-with-two-fds``,
+  ``add-without-workload-info``, ``not-a-netns-fd``, ``fd-on-del``,
+  ``keep-unknown-uid``, ``duplicate-add``, ``second-snapshot-sent``;
+- a connection's hello and snapshot: ``record-before-hello``,
+  ``withhold-snapshot-sent``, ``omit-from-snapshot``;
+- the node agent's delivery: ``add-to-oldest``, ``del-to-newest-only``,
+  ``leak-netns-fds``.
+
+A connection fault targets the newest connection, a given one, or the next one
+to be accepted. The per-message cost when nothing is armed is one attribute
+check (``ZtunnelConnection.faults is not None``); the mechanics live in
+``faultplay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from zds.errors import ZdsError
+from zds.server.eventkinds import EventKind
+
+if TYPE_CHECKING:
+    from zds.server.connection import ZtunnelConnection
+    from zds.server.events import EventBus
+    from zds.server.faultplay import ConnectionFaults
+    from zds.server.link import ZtunnelLink
+    from zds.server.podcache import PodCache
+    from zds.server.pods import Pod
+    from zds.server.registry import ConnectionRegistry
+    from zds.server.telemetry import Telemetry
+
+log = logging.getLogger("zds.server.faults")
+
+
+class Category(enum.Enum):
+    MESSAGE = "message"
+    RECORD = "record"
+    CONNECTION = "connection"
+    DELIVERY = "delivery"
+
+
+class FaultKind(enum.Enum):
+    """Every fault, with what it acts on and what it does."""
+
+    DELAY = (
+        "delay",
+        Category.MESSAGE,
+        "wait --delay seconds before writing each of the next --count messages",
+    )
+    DROP_BEFORE = (
+        "drop-before",
+        Category.MESSAGE,
+        "close the connection instead of writing the next message",
+    )
+    DROP_AFTER = ("drop-after", Category.MESSAGE, "close the connection right after writing the next message")
+    PIPELINE = (
+        "pipeline",
+        Category.MESSAGE,
+        "write the next message twice, back to back, before its first ack",
+    )
+    NON_CANONICAL = (
+        "non-canonical",
+        Category.MESSAGE,
+        "write the next message with its payload field twice (valid protobuf, not canonical)",
+    )
+    OVERSIZE_RECORD = (
+        "oversize-record",
+        Category.RECORD,
+        "a DelWorkload padded over ztunnel's 1024-byte buffer (unknown field 15, 1100 bytes)",
+    )
+    UNKNOWN_FIELD = (
+        "unknown-field",
+        Category.RECORD,
+        "a DelWorkload with a field ztunnel does not know (15)",
+    )
+    NO_PAYLOAD = ("no-payload", Category.RECORD, "a WorkloadRequest with only an unknown field: no payload")
+    EMPTY_RECORD = ("empty-record", Category.RECORD, "a 0-byte record (ztunnel reads it as EOF)")
+    ADD_WITHOUT_FD = ("add-without-fd", Category.RECORD, "an AddWorkload with no fd")
+    ADD_WITH_TWO_FDS = ("add-with-two-fds", Category.RECORD, "a pod's AddWorkload with two fds of its netns")
+    ADD_WITHOUT_WORKLOAD_INFO = (
+        "add-without-workload-info",
+        Category.RECORD,
+        "a pod's AddWorkload (with its netns fd) without workload_info",
+    )
+    NOT_A_NETNS_FD = ("not-a-netns-fd", Category.RECORD, "an AddWorkload whose fd is /dev/null, not a netns")
+    FD_ON_DEL = ("fd-on-del", Category.RECORD, "a DelWorkload carrying an fd (/dev/null)")
+    KEEP_UNKNOWN_UID = ("keep-unknown-uid", Category.RECORD, "a KeepWorkload for a uid nobody enrolled")
+    DUPLICATE_ADD = ("duplicate-add", Category.RECORD, "a pod's AddWorkload (with its netns fd) once more")
+    SECOND_SNAPSHOT_SENT = ("second-snapshot-sent", Category.RECORD, "a SnapshotSent after the snapshot")
+    RECORD_BEFORE_HELLO = (
+        "record-before-hello",
+        Category.CONNECTION,
+        "on the next connection, a DelWorkload before reading ztunnel's hello",
+    )
+    WITHHOLD_SNAPSHOT_SENT = (
+        "withhold-snapshot-sent",
+        Category.CONNECTION,
+        "never send this snapshot's SnapshotSent",
+    )
+    OMIT_FROM_SNAPSHOT = ("omit-from-snapshot", Category.CONNECTION, "leave pod --uid out of the snapshot")
+    ADD_TO_OLDEST = (
+        "add-to-oldest",
+        Category.DELIVERY,
+        "the next --count AddWorkloads go to the oldest connection",
+    )
+    DEL_TO_NEWEST_ONLY = (
+        "del-to-newest-only",
+        Category.DELIVERY,
+        "the next --count DelWorkloads go to the newest connection only",
+    )
+    LEAK_NETNS_FDS = (
+        "leak-netns-fds",
+        Category.DELIVERY,
+        "keep the netns fds of the next --count removed pods open (as Istio leaves them to Go's GC)",
+    )
+
+    def __init__(self, label: str, category: Category, description: str) -> None:
+        self.label = label
+        self.category = category
+        self.description = description
+
+    @classmethod
+    def named(cls, label: str) -> FaultKind:
+        for kind in cls:
+            if kind.label == label:
+                return kind
+        raise FaultError(
+            Refusal.INVALID, f"unknown fault {label!r}; one of {', '.join(k.label for k in cls)}"
+        )
+
+
+#: Record faults made from a pod's netns (a real netns, so nothing else is wrong with them).
+NEEDS_POD = frozenset(
+    {FaultKind.ADD_WITH_TWO_FDS, FaultKind.ADD_WITHOUT_WORKLOAD_INFO, FaultKind.DUPLICATE_ADD}
+)
+
+
+class Refusal(enum.Enum):
+    INVALID = "invalid"  # the request itself is wrong (gRPC INVALID_ARGUMENT)
+    PRECONDITION = "precondition"  # it makes no sense in the connection's state (FAILED_PRECONDITION)
+
+
+class FaultError(ZdsError):
+    """A fault refused; the message says why in one line."""
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """What was asked for."""
+
+    kind: FaultKind
+    count: int = 1
+    delay: float = 0.0
+    uid: str = ""
+    #: Record faults: wait until the connection's snapshot is complete.
+    after_snapshot: bool = False
+    #: A connection id; "" means the newest (unless ``next_connection``).
+    connection_id: str = ""
+    next_connection: bool = False
+
+
+@dataclass
+class Fault:
+    """An injected fault and what became of it."""
+
+    id: str
+    spec: FaultSpec
+    #: What it acts on: "conn ID", "the next connection", "the node agent".
+    target: str
+    remaining: int
+    state: str = "armed"
+    detail: str = ""
+    injected_at: float = field(default_factory=time.time)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def kind(self) -> FaultKind:
+        return self.spec.kind
+
+
+class FaultBook:
+    """Every fault of one node agent: checks, arms, hands out and reports them."""
+
+    def __init__(
+        self,
+        registry: ConnectionRegistry[ZtunnelConnection],
+        pods: PodCache,
+        events: EventBus,
+        telemetry: Telemetry,
+    ) -> None:
+        self._registry = registry
+        self._pods = pods
+        self._events = events
+        self._telemetry = telemetry
+        self._ids = itertools.count(1)
+        self.faults: list[Fault] = []
+        #: Connection faults waiting for the next accepted connection.
+        self._next: list[Fault] = []
+        #: Delivery faults, by kind.
+        self._delivery: dict[FaultKind, list[Fault]] = {}
+        #: Each connection's faults, by connection id (also while the connection's own
+        #: reference is lent out, see faultplay).
+        self.states: dict[str, ConnectionFaults] = {}
+
+    # -- injecting -------------------------------------------------------------------
+    def inject(self, spec: FaultSpec) -> Fault:
+        """Check and arm a fault (FaultError when refused)."""
+        try:
+            fault, conn = self._arm(spec)
+        except FaultError:
+            self._telemetry.fault(spec.kind.label, "refused")
+            raise
+        self.faults.append(fault)
+        self._telemetry.fault(spec.kind.label, "injected")
+        log.warning(
+            "fault %s armed: %s (%s) on %s", fault.id, spec.kind.label, spec.kind.description, fault.target
+        )
+        self._events.publish(EventKind.FAULT_INJECTED, connection_id=conn.id if conn else "", fault=fault)
+        if conn is not None:
+            from zds.server.faultplay import attach
+
+            attach(conn, fault, self)
+        elif spec.next_connection:
+            self._next.append(fault)
+        else:
+            self._delivery.setdefault(spec.kind, []).append(fault)
+        return fault
+
+    def _arm(self, spec: FaultSpec) -> tuple[Fault, ZtunnelConnection | None]:
+        kind = spec.kind
+        if spec.count < 1:
+            raise FaultError(Refusal.INVALID, f"{kind.label}: --count must be at least 1")
+        if kind is FaultKind.DELAY and spec.delay <= 0:
+            raise FaultError(Refusal.INVALID, "delay: give --delay SECONDS (more than 0)")
+        if kind is FaultKind.OMIT_FROM_SNAPSHOT and not spec.uid:
+            raise FaultError(Refusal.INVALID, "omit-from-snapshot: give --uid of the pod to leave out")
+        if (
+            spec.uid
+            and (kind in NEEDS_POD or kind is FaultKind.OMIT_FROM_SNAPSHOT)
+            and spec.uid not in self._pods
+        ):
+            raise FaultError(Refusal.INVALID, f"{kind.label}: no pod with uid {spec.uid} is enrolled")
+        if kind in NEEDS_POD:
+            self.pod_for(spec)
+        fid = f"f{next(self._ids)}"
+        if kind.category is Category.DELIVERY:
+            if spec.connection_id or spec.next_connection:
+                raise FaultError(
+                    Refusal.INVALID, f"{kind.label} acts on the node agent's delivery, not on one connection"
+                )
+            return Fault(fid, spec, "the node agent", spec.count), None
+        if spec.next_connection:
+            return Fault(fid, spec, "the next connection", spec.count), None
+        conn = self._target(spec)
+        self._check_state(spec, conn)
+        return Fault(fid, spec, f"conn {conn.id}", spec.count), conn
+
+    def _target(self, spec: FaultSpec) -> ZtunnelConnection:
+        if spec.connection_id:
+            for live in self._registry.live():
+                if live.id == spec.connection_id:
+                    return live
+            raise FaultError(
+                Refusal.INVALID, f"no ztunnel connection {spec.connection_id} (see zds connections)"
+            )
+        newest = self._registry.newest()
+        if newest is None:
+            raise FaultError(
+                Refusal.PRECONDITION,
+                f"{spec.kind.label}: no ztunnel connection; arm it for the next one with --next-connection",
+            )
+        return newest
+
+    @staticmethod
+    def _check_state(spec: FaultSpec, conn: ZtunnelConnection) -> None:
+        kind, done = spec.kind, conn.snapshot_complete
+        if kind is FaultKind.RECORD_BEFORE_HELLO:
+            raise FaultError(
+                Refusal.PRECONDITION,
+                f"record-before-hello: conn {conn.id} said hello already; use --next-connection",
+            )
+        if kind in (FaultKind.WITHHOLD_SNAPSHOT_SENT, FaultKind.OMIT_FROM_SNAPSHOT) and done:
+            raise FaultError(
+                Refusal.PRECONDITION,
+                f"{kind.label}: conn {conn.id} has sent its snapshot already; use --next-connection",
+            )
+        if kind is FaultKind.SECOND_SNAPSHOT_SENT and not done:
+            raise FaultError(
+                Refusal.PRECONDITION,
+                f"second-snapshot-sent: conn {conn.id} has not finished its first snapshot yet",
+            )
+
+    def pod_for(self, spec: FaultSpec) -> Pod:
+        """The pod a record fault is made from: ``uid``, else the last one enrolled."""
+        pod = (
+            self._pods.get(spec.uid)
+            if spec.uid
+            else max(self._pods, key=lambda p: p.enrolled_at, default=None)
+        )
+        if pod is None:
+            raise FaultError(
+                Refusal.PRECONDITION,
+                f"{spec.kind.label}: no pod is enrolled to take a netns from; enroll one first (zds pod add) or give --uid",
+            )
+        if pod.netns is None or pod.netns.closed:
+            raise FaultError(Refusal.PRECONDITION, f"{spec.kind.label}: pod {pod.uid} has no open netns")
+        return pod
+
+    # -- what the node agent asks ------------------------------------------------------
+    def admitted(self, conn: ZtunnelConnection, *, hello: bool) -> None:
+        """A connection was accepted (``hello`` False) or said hello and is served (True): it
+        takes the faults armed for the next one — record-before-hello at accept, every other
+        at its hello (a connection refused then takes none)."""
+        if not self._next:
+            return
+        from zds.server.faultplay import attach
+
+        pending, self._next = self._next, []
+        for fault in pending:
+            if (fault.kind is FaultKind.RECORD_BEFORE_HELLO) == hello:
+                self._next.append(fault)
+                continue
+            fault.target = f"conn {conn.id}"
+            attach(conn, fault, self)
+
+    def route_add(self, newest: ZtunnelLink | None, ready: Sequence[ZtunnelLink]) -> ZtunnelLink | None:
+        """Where an AddWorkload goes (``add-to-oldest`` sends it to the oldest connection)."""
+        if newest is None or len(ready) < 2 or not self._delivery.get(FaultKind.ADD_TO_OLDEST):
+            return newest
+        self.consume(
+            self._delivery[FaultKind.ADD_TO_OLDEST][0],
+            f"an AddWorkload went to the oldest conn {ready[0].id}",
+        )
+        return ready[0]
+
+    def route_del(self, ready: Sequence[ZtunnelLink]) -> Sequence[ZtunnelLink]:
+        """Where a DelWorkload goes (``del-to-newest-only``: not to the older connections)."""
+        if len(ready) < 2 or not self._delivery.get(FaultKind.DEL_TO_NEWEST_ONLY):
+            return ready
+        self.consume(
+            self._delivery[FaultKind.DEL_TO_NEWEST_ONLY][0], f"a DelWorkload went to conn {ready[-1].id} only"
+        )
+        return ready[-1:]
+
+    def leak(self, uid: str) -> bool:
+        """Whether the netns fd of removed pod ``uid`` is to be left open (``leak-netns-fds``)."""
+        armed = self._delivery.get(FaultKind.LEAK_NETNS_FDS)
+        if not armed:
+            return False
+        self.consume(armed[0], f"the netns fd of removed pod {uid} was left open")
+        return True
+
+    # -- reporting -----------------------------------------------------------------------
+    def consume(self, fault: Fault, detail: str) -> None:
+        """One use of ``fault`` happened; once its count is used up it is applied."""
+        fault.remaining -= 1
+        fault.detail = detail
+        log.warning("fault %s (%s) took effect: %s", fault.id, fault.kind.label, detail)
+        self._telemetry.fault(fault.kind.label, "applied")
+        conn_id = fault.target.removeprefix("conn ") if fault.target.startswith("conn ") else ""
+        if fault.remaining <= 0:
+            fault.state = "applied"
+            fault.done.set()
+            armed = self._delivery.get(fault.kind)
+            if armed and fault in armed:
+                armed.remove(fault)
+        self._events.publish(EventKind.FAULT_APPLIED, connection_id=conn_id, error=detail, fault=fault)
+
+    def connection_closed(self, conn_id: str, reason: str) -> None:
+        """Connection ``conn_id`` ended: its armed faults never take effect."""
+        state = self.states.pop(conn_id, None)
+        if state is not None:
+            state.closed(reason)
+
+    def dropped(self, fault: Fault, reason: str) -> None:
+        """``fault`` can no longer take effect (its connection closed first)."""
+        if fault.state != "armed":
+            return
+        fault.state = "dropped"
+        fault.detail = reason
+        fault.done.set()
+        log.warning("fault %s (%s) dropped: %s", fault.id, fault.kind.label, reason)

@@ -1,0 +1,72 @@
+"""Faults files (``zds server --faults FILE``): faults armed at start-up, before any ztunnel
+connects. YAML (a list, or ``faults:`` holding one) or JSON lines, one fault per entry:
+``{kind, count, delay, uid, after_snapshot}``. A connection fault is armed for the first
+connection accepted; a delivery fault for the node agent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from zds.server.faults import Category, FaultError, FaultKind, FaultSpec, Refusal
+
+FIELDS = ("kind", "count", "delay", "uid", "after_snapshot")
+
+
+def spec_from_entry(entry: Any, where: str) -> FaultSpec:
+    if not isinstance(entry, dict):
+        raise FaultError(Refusal.INVALID, f"{where}: expected an object with {', '.join(FIELDS)}")
+    unknown = sorted(set(entry) - set(FIELDS))
+    if unknown:
+        raise FaultError(
+            Refusal.INVALID, f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}"
+        )
+    if not entry.get("kind"):
+        raise FaultError(Refusal.INVALID, f"{where}: missing kind")
+    try:
+        kind = FaultKind.named(str(entry["kind"]))
+        count = int(entry.get("count", 1))
+        delay = float(entry.get("delay", 0.0))
+    except FaultError as exc:
+        raise FaultError(Refusal.INVALID, f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise FaultError(Refusal.INVALID, f"{where}: {exc}") from None
+    return FaultSpec(
+        kind=kind,
+        count=count,
+        delay=delay,
+        uid=str(entry.get("uid") or ""),
+        after_snapshot=bool(entry.get("after_snapshot", False)),
+        next_connection=kind.category is not Category.DELIVERY,
+    )
+
+
+def load_faults_file(path: str) -> list[FaultSpec]:
+    """Read a faults file; FaultError names the file (and line or entry) of the first problem."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise FaultError(Refusal.INVALID, f"cannot read faults file {path}: {exc.strerror}") from exc
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if lines and all(line.startswith("{") for _, line in lines):
+        entries = []
+        for n, line in lines:
+            try:
+                entries.append((json.loads(line), f"{path}:{n}"))
+            except json.JSONDecodeError as exc:
+                raise FaultError(Refusal.INVALID, f"{path}:{n}: not valid JSON: {exc.msg}") from exc
+    else:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise FaultError(Refusal.INVALID, f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
+        if isinstance(doc, dict) and "faults" in doc:
+            doc = doc["faults"]
+        if not isinstance(doc, list):
+            raise FaultError(Refusal.INVALID, f"{path}: expected a list of faults")
+        entries = [(e, f"{path}: entry {i}") for i, e in enumerate(doc, 1)]
+    return [spec_from_entry(e, where) for e, where in entries]
