@@ -15,11 +15,13 @@ from zds import __version__, cliflags, logs
 
 def build_parser() -> argparse.ArgumentParser:
     from zds import demo
+    from zds.check import cli as check_cli
     from zds.client import cli as client_cli
     from zds.cni import cli as cni_cli
     from zds.netns import cli as netns_cli
     from zds.server import cli as server_cli
     from zds.server import controlcli as control_cli
+    from zds.server import faultcli as fault_cli
 
     parser = argparse.ArgumentParser(
         prog="zds",
@@ -30,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     server_cli.register(sub)
     control_cli.register(sub)
+    fault_cli.register(sub)
     client_cli.register(sub)
     netns_cli.register(sub)
     cni_cli.register(sub)
+    check_cli.register(sub)
     demo.register(sub)
     for leaf in cliflags.leaf_parsers(parser):
         if leaf is not parser:

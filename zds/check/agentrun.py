@@ -1,0 +1,70 @@
+"""``zds check node-agent``: run the selected checks against a node agent and report.
+
+The scenarios that exercise the selected checks run in a fixed order, the first
+one always (its first snapshot tells what the agent held before the check).
+Every netns the check made is deleted at the end, and every connection closed,
+whatever happened.
+"""
+
+from __future__ import annotations
+
+import time
+
+from zds.check.agentchecks import RECORD_CHECKS, SCENARIOS, scenario_of
+from zds.check.agentscenarios import SCENARIO_FUNCS
+from zds.check.agentsession import AgentCheckOptions, AgentSession
+from zds.check.pods import CommandDriver, ControlDriver, PodDriver, PodFactory
+from zds.check.report import Report
+from zds.errors import ZdsError
+
+
+def make_driver(options: AgentCheckOptions) -> PodDriver:
+    if options.add_cmd is not None and options.remove_cmd is not None:
+        return CommandDriver(options.add_cmd, options.remove_cmd)
+    assert options.control_socket is not None
+    return ControlDriver(options.control_socket)
+
+
+async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> Report:
+    """Every selected check's result, in catalogue order."""
+    report = Report("node-agent", options.zds_socket)
+    driver = make_driver(options)
+    factory = PodFactory()
+    session = AgentSession(options, driver, factory)
+    if "hello-first" not in selected:
+        options.hello_wait = 0.0
+    wanted = {scenario_of(name) for name in selected}
+    durations: dict[str, float] = {}
+    try:
+        for scenario in SCENARIOS:
+            if scenario not in wanted and scenario != "hello-wait":
+                continue
+            started = time.monotonic()
+            try:
+                await SCENARIO_FUNCS[scenario](session)
+            except (ZdsError, OSError, TimeoutError) as exc:
+                _stopped(session, scenario, selected, exc)
+            durations[scenario] = time.monotonic() - started
+    finally:
+        await session.shutdown()
+        await driver.close()
+        factory.close()
+    report.context = [
+        f"node agent pid {session.agent_pid}" if session.agent_pid else "node agent pid unknown",
+        driver.describe(),
+        f"{factory.count} pods made, each in its own netns (all deleted again); "
+        f"{len(session.seen)} records received on {session.connection_count} connections",
+    ]
+    report.results = [session.result(name, durations.get(scenario_of(name), 0.0)) for name in selected]
+    return report
+
+
+def _stopped(session: AgentSession, scenario: str, selected: list[str], exc: BaseException) -> None:
+    """A scenario could not go on: its own checks error (all of them when it was the first);
+    the record checks say so, and error only if nothing else exercised them."""
+    why = f"scenario {scenario} stopped: {exc}"
+    for name in selected:
+        if (scenario_of(name) == scenario and name not in RECORD_CHECKS) or scenario == "hello-wait":
+            session.errors.setdefault(name, why)
+        elif name in RECORD_CHECKS:
+            session.note(name, why)

@@ -1,0 +1,365 @@
+"""A strict ztunnel's reading of what a node agent sends, sans-I/O.
+
+Each record is described once (``Seen``: bytes, fds, flags, the request it
+decodes to) and checked against the rules ztunnel and Istio's node agent live
+by, per connection (``ConnectionRules``): nothing before the hello, one request
+in flight, at most 1024 bytes, strict and canonical protobuf, exactly one netns
+fd on an Add and none elsewhere, ``workload_info`` on every Add, nothing but
+updates after SnapshotSent. ``ztunnel_answer`` says what real ztunnel would
+answer, so the node agent under test hears what it would hear in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import unknown_fields
+from google.protobuf.message import DecodeError
+
+from zds import defaults
+from zds.check.report import Finding
+from zds.gen import zds_pb2
+from zds.netns.kernel import CLONE_NEWNET, NS_GET_NSTYPE
+from zds.protocol.messages import (
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    Request,
+    SnapshotSent,
+    decode_request,
+    encode_request,
+    request_kind,
+)
+from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
+
+_NS_NAMES = {0x00020000: "mnt", 0x02000000: "cgroup", 0x04000000: "uts", 0x08000000: "ipc"}
+_NS_NAMES |= {0x10000000: "user", 0x20000000: "pid", 0x40000000: "net", 0x00000080: "time"}
+
+
+@dataclass(frozen=True)
+class FdInfo:
+    """What one received fd is: a network namespace (and which), or something else."""
+
+    #: "net" for a network namespace, another namespace type, or "" for no namespace at all.
+    nstype: str
+    #: (st_dev, st_ino) of what the fd refers to.
+    identity: tuple[int, int]
+    #: readlink of the fd ("net:[4026532897]", "/dev/null").
+    target: str
+
+    @property
+    def is_netns(self) -> bool:
+        return self.nstype == "net"
+
+    def __str__(self) -> str:
+        kind = (
+            "netns" if self.is_netns else (f"{self.nstype} namespace" if self.nstype else "not a namespace")
+        )
+        return f"{kind} {self.target}"
+
+
+def describe_fd(fd: int) -> FdInfo:
+    """Ask the kernel what ``fd`` is: ``ioctl(NS_GET_NSTYPE)``, as ztunnel's ``validate_ns``."""
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        name = "net" if nstype == CLONE_NEWNET else _NS_NAMES.get(nstype, f"type {nstype:#x}")
+    except OSError as exc:
+        name = "" if exc.errno in (errno.ENOTTY, errno.EINVAL) else f"unknown ({exc.strerror})"
+    st = os.fstat(fd)
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        target = f"fd {fd}"
+    return FdInfo(nstype=name, identity=(st.st_dev, st.st_ino), target=target)
+
+
+@dataclass
+class Seen:
+    """One record a node agent sent, as the strict ztunnel received it (its fds already closed)."""
+
+    conn: int
+    index: int
+    at: float
+    payload: bytes
+    fds: list[FdInfo]
+    flags: int
+    request: Request | None = None
+    #: Why the bytes are not a strict WorkloadRequest ("" when they are).
+    decode_error: str = ""
+    #: What real ztunnel would answer ("" is a clean ack), decided when it arrived.
+    answer: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"conn {self.conn}, record {self.index}"
+
+    @property
+    def kind(self) -> str:
+        return request_kind(self.request) if self.request is not None else "undecodable record"
+
+    @property
+    def uid(self) -> str:
+        return getattr(self.request, "uid", "")
+
+    @property
+    def label(self) -> str:
+        """``AddWorkload uid=...`` (how findings name a record)."""
+        names = {
+            "add": "AddWorkload",
+            "keep": "KeepWorkload",
+            "del": "DelWorkload",
+            "snapshot_sent": "SnapshotSent",
+        }
+        name = names.get(self.kind, self.kind)
+        return f"{name} uid={self.uid}" if self.uid else name
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def receive(conn: int, index: int, at: float, payload: bytes, fds: list[int], flags: int) -> Seen:
+    """Describe a received record, closing its fds (only what they are is kept)."""
+    infos = []
+    for fd in fds:
+        try:
+            infos.append(describe_fd(fd))
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    seen = Seen(conn=conn, index=index, at=at, payload=payload, fds=infos, flags=flags)
+    seen.request, seen.decode_error = strict_decode(payload)
+    return seen
+
+
+def strict_decode(payload: bytes) -> tuple[Request | None, str]:
+    """The request in ``payload`` and why it is not strict ("" when it is): a protobuf error,
+    no payload, a field ztunnel does not know (prost drops it without a word)."""
+    msg = zds_pb2.WorkloadRequest()
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError as exc:
+        return None, f"not a WorkloadRequest: {exc}"
+    which = msg.WhichOneof("payload")
+    if which is None:
+        return None, "a WorkloadRequest with no payload (ztunnel: 'no payload')"
+    request = decode_request(payload)
+    unknown = _unknown_fields(msg, "WorkloadRequest")
+    if unknown:
+        hint = ""
+        if isinstance(request, DelWorkload) and "DelWorkload field 1" in unknown:
+            hint = " (DelWorkload's uid is field 2, not 1: ztunnel reads an empty uid)"
+        return request, f"fields ztunnel does not know: {', '.join(unknown)}{hint}"
+    return request, ""
+
+
+def _unknown_fields(msg: object, name: str) -> list[str]:
+    found = [f"{name} field {f.field_number}" for f in unknown_fields.UnknownFieldSet(msg)]  # type: ignore[arg-type, attr-defined]
+    for descriptor, value in msg.ListFields():  # type: ignore[attr-defined]
+        if descriptor.message_type is not None:
+            found += _unknown_fields(value, descriptor.message_type.name)
+    return found
+
+
+def canonical(seen: Seen) -> bytes | None:
+    """The canonical bytes of the record's request (None when it does not decode)."""
+    return encode_request(seen.request) if seen.request is not None else None
+
+
+def ztunnel_answer(seen: Seen, snapshot_done: bool) -> str:
+    """What real ztunnel answers this record with ("" is a clean ack): its read checks
+    (protocol.rs), then its state rules (statemanager.rs)."""
+    if len(seen.fds) > 1:
+        return f"{READ_FAILURE}Expected 1 FD, got {len(seen.fds)}"
+    if seen.truncated or len(seen.payload) > defaults.MAX_MESSAGE_SIZE:
+        return f"{READ_FAILURE}received truncated message"
+    request = seen.request
+    if request is None:
+        return READ_FAILURE + ("no payload" if "no payload" in seen.decode_error else seen.decode_error)
+    if isinstance(request, AddWorkload) and not seen.fds:
+        return f"{READ_FAILURE}No control message"
+    if not isinstance(request, AddWorkload) and seen.fds:
+        return f"{READ_FAILURE}Unexpected control message"
+    if isinstance(request, AddWorkload) and request.info is None:
+        return f'{PROCESS_FAILURE}ProtocolError("workload_info is required but not present")'
+    if isinstance(request, KeepWorkload) and snapshot_done:
+        return f'{PROCESS_FAILURE}ProtocolError("pod keep received after snapshot")'
+    if isinstance(request, SnapshotSent) and snapshot_done:
+        return f'{PROCESS_FAILURE}ProtocolError("pod snapshot received already")'
+    if isinstance(request, AddWorkload) and not seen.fds[0].is_netns:
+        return f'{START_FAILURE}Io(Os {{ code: 22, kind: InvalidInput, message: "Invalid argument" }})'
+    return ""
+
+
+#: Called with (check name, finding) for every departure a record shows.
+Report = Callable[[str, Finding], None]
+
+
+@dataclass
+class ConnectionRules:
+    """The record rules of one connection, applied to each record as it arrives."""
+
+    conn: int
+    report: Report
+    #: What each rule was exercised on (check name -> records), for the evidence.
+    exercised: Counter[str] = field(default_factory=Counter)
+    hello_sent: bool = False
+    snapshot_done: bool = False
+    #: The record still waiting for our answer.
+    unanswered: Seen | None = None
+    #: The ack of ``unanswered`` is withheld on purpose (the ack-deadline scenario): a record
+    #: arriving meanwhile is judged by that scenario, not by the one-in-flight rule.
+    withholding: bool = False
+    #: Netns identity of each pod the check made, by uid (to check an Add's fd is its pod's).
+    pod_netns: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def inspect(self, seen: Seen) -> None:
+        """Check one record; departures go to ``report``."""
+        if not self.hello_sent:
+            self.report(
+                "hello-first",
+                Finding(f"{seen.label} arrived before ztunnel's hello", seen.where, received=seen.payload),
+            )
+        if self.unanswered is not None and not self.withholding:
+            self.report(
+                "one-in-flight",
+                Finding(
+                    f"{seen.label} arrived while {self.unanswered.label} ({self.unanswered.where}) was not acked yet",
+                    seen.where,
+                    received=seen.payload,
+                    detail=[
+                        "acks correlate by order only: ztunnel's next ack would be taken for the wrong request"
+                    ],
+                ),
+            )
+        self._inspect_bytes(seen)
+        self._inspect_fds(seen)
+        seen.answer = ztunnel_answer(seen, self.snapshot_done)
+        self._inspect_state(seen)
+        self.unanswered = seen
+
+    def answered(self) -> None:
+        self.unanswered = None
+
+    def _inspect_bytes(self, seen: Seen) -> None:
+        for name in ("record-size", "strict-decoding", "canonical-encoding"):
+            self.exercised[name] += 1
+        if len(seen.payload) > defaults.MAX_MESSAGE_SIZE or seen.flags & socket.MSG_TRUNC:
+            self.report(
+                "record-size",
+                Finding(
+                    f"{seen.label} is {len(seen.payload)} bytes; ztunnel reads {defaults.MAX_MESSAGE_SIZE} "
+                    "and refuses the rest: 'failure to read message : received truncated message'",
+                    seen.where,
+                    received=seen.payload,
+                ),
+            )
+        if seen.decode_error:
+            self.report(
+                "strict-decoding",
+                Finding(f"{seen.label}: {seen.decode_error}", seen.where, received=seen.payload),
+            )
+        expected = canonical(seen)
+        if expected is not None and expected != seen.payload:
+            self.report(
+                "canonical-encoding",
+                Finding(
+                    f"{seen.label} is not in canonical form ({len(seen.payload)} bytes, canonical {len(expected)})",
+                    seen.where,
+                    received=seen.payload,
+                    detail=[f"canonical ({len(expected)} bytes): {expected.hex(' ')}"],
+                ),
+            )
+
+    def _inspect_fds(self, seen: Seen) -> None:
+        if isinstance(seen.request, AddWorkload):
+            self.exercised["add-one-fd"] += 1
+            if len(seen.fds) != 1:
+                self.report(
+                    "add-one-fd",
+                    Finding(
+                        f"{seen.label} carried {len(seen.fds)} fds"
+                        + (" (more than fit: MSG_CTRUNC)" if seen.flags & socket.MSG_CTRUNC else ""),
+                        seen.where,
+                        received=seen.payload,
+                        detail=[f"fd: {info}" for info in seen.fds]
+                        + [
+                            "ztunnel: "
+                            + (
+                                "'No control message'"
+                                if not seen.fds
+                                else f"'Expected 1 FD, got {len(seen.fds)}'"
+                            )
+                        ],
+                    ),
+                )
+            for info in seen.fds:
+                self.exercised["fd-is-netns"] += 1
+                if not info.is_netns:
+                    self.report(
+                        "fd-is-netns",
+                        Finding(
+                            f"{seen.label} carried an fd that is not a network namespace: {info}",
+                            seen.where,
+                            received=seen.payload,
+                        ),
+                    )
+                    continue
+                expected = self.pod_netns.get(seen.uid)
+                if expected is not None:
+                    self.exercised["add-netns-is-the-pods"] += 1
+                    if info.identity != expected:
+                        self.report(
+                            "add-netns-is-the-pods",
+                            Finding(
+                                f"{seen.label} carried {info}, not the pod's own netns "
+                                f"(dev {expected[0]}, ino {expected[1]})",
+                                seen.where,
+                                received=seen.payload,
+                            ),
+                        )
+        elif seen.request is not None:
+            self.exercised["fd-only-on-add"] += 1
+            if seen.fds:
+                self.report(
+                    "fd-only-on-add",
+                    Finding(
+                        f"{seen.label} carried {len(seen.fds)} fd(s); only AddWorkload may "
+                        "(ztunnel: 'Unexpected control message')",
+                        seen.where,
+                        received=seen.payload,
+                        detail=[f"fd: {info}" for info in seen.fds],
+                    ),
+                )
+
+    def _inspect_state(self, seen: Seen) -> None:
+        request = seen.request
+        if isinstance(request, AddWorkload):
+            self.exercised["add-workload-info"] += 1
+            if request.info is None:
+                self.report(
+                    "add-workload-info",
+                    Finding(f"{seen.label} has no workload_info", seen.where, received=seen.payload),
+                )
+        if self.snapshot_done:
+            self.exercised["no-keep-after-snapshot"] += 1
+            self.exercised["one-snapshot-sent"] += 1
+            if isinstance(request, KeepWorkload):
+                self.report(
+                    "no-keep-after-snapshot",
+                    Finding(f"{seen.label} after SnapshotSent", seen.where, received=seen.payload),
+                )
+            if isinstance(request, SnapshotSent):
+                self.report(
+                    "one-snapshot-sent",
+                    Finding("a second SnapshotSent on this connection", seen.where, received=seen.payload),
+                )
+        if isinstance(request, SnapshotSent):
+            self.snapshot_done = True

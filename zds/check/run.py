@@ -1,0 +1,83 @@
+"""Running ``zds check``: options from the flags, the checks, the reports, the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from zds import runtime
+from zds.check.report import CheckSpec, Report
+from zds.errors import ZdsError
+
+
+def list_checks(checks: Sequence[CheckSpec]) -> int:
+    """``--list``: each check's name and description."""
+    width = max(len(c.name) for c in checks)
+    for check in checks:
+        print(f"{check.name:<{width}}  {check.description}")
+    return 0
+
+
+def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
+    """Run ``zds check ROLE``: 0 when every check that ran held, 1 otherwise, 2 when it cannot start."""
+    # The check forks (to make namespaces) while gRPC threads run: gRPC's fork handlers only
+    # print a warning for each fork then, and nothing of gRPC is used in the children.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    problem = runtime.privilege_error(f"check {role}")
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(_run(role, args, selected))
+    except ZdsError as exc:
+        print(f"zds check {role}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(report.render_text())
+    sys.stdout.flush()
+    for path, text in ((args.json, report.render_json), (args.junit, report.render_junit)):
+        if path:
+            try:
+                with open(path, "w") as out:
+                    out.write(text())
+            except OSError as exc:
+                print(f"zds check {role}: cannot write {path}: {exc.strerror}", file=sys.stderr)
+                return 2
+    return 0 if report.ok else 1
+
+
+async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Report:
+    if role == "node-agent":
+        from zds.check.agentrun import run_agent_checks
+        from zds.check.agentsession import AgentCheckOptions
+
+        commands = args.add_cmd is not None
+        options = AgentCheckOptions(
+            zds_socket=args.zds_socket,
+            control_socket=None if commands else args.control_socket,
+            add_cmd=args.add_cmd,
+            remove_cmd=args.remove_cmd,
+            agent_pid=args.agent_pid,
+            ack_deadline=args.ack_deadline,
+            grace=args.grace,
+            hello_wait=args.hello_wait,
+            timeout=args.timeout,
+            cycles=args.cycles,
+        )
+        return await run_agent_checks(options, selected)
+    from zds.check.ztrun import ZtunnelCheckOptions, run_ztunnel_checks
+
+    zoptions = ZtunnelCheckOptions(
+        cmd=args.cmd,
+        zds_socket=args.zds_socket,
+        ready_url=args.ready_url,
+        config_dump_url=args.config_dump_url,
+        protocol_only=args.protocol_only,
+        retry_interval=args.retry_interval,
+        connect_timeout=args.connect_timeout,
+        timeout=args.timeout,
+        grace=args.grace,
+    )
+    return await run_ztunnel_checks(zoptions, selected)
