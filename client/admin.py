@@ -13,7 +13,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +87,10 @@ class Views:
     config_dump: Callable[[], dict[str, Any]]
     ready: Callable[[], bool]
     metrics: Callable[[], str]
+    #: GET /faults: every fault armed so far.
+    faults: Callable[[], list[dict[str, Any]]] = list
+    #: POST /faults: arm one (None: faults cannot be armed here).
+    arm_fault: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
 
 
 def admin_routes(views: Views) -> list[web.RouteDef]:
@@ -97,9 +101,35 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
         )
 
     async def index(request: web.Request) -> web.Response:
-        return web.Response(text="zds ztunnel admin\n  /config_dump  dump the current state\n")
+        return web.Response(
+            text="zds ztunnel admin\n  /config_dump  dump the current state\n"
+            "  /faults       faults on demand: GET lists them, POST {kind, count, delay, text} arms one\n"
+        )
 
-    return [web.get("/config_dump", config_dump), web.get("/", index)]
+    async def list_faults(request: web.Request) -> web.Response:
+        return web.json_response(views.faults())
+
+    async def arm_fault(request: web.Request) -> web.Response:
+        if views.arm_fault is None:
+            return web.json_response({"error": "faults cannot be armed here"}, status=404)
+        try:
+            entry = await request.json()
+        except ValueError:
+            return web.json_response(
+                {"error": "the body must be a JSON object {kind, count, delay, text}"}, status=400
+            )
+        try:
+            fault = await views.arm_fault(entry)
+        except ValueError as exc:  # ZtunnelFaultError
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(fault)
+
+    return [
+        web.get("/config_dump", config_dump),
+        web.get("/", index),
+        web.get("/faults", list_faults),
+        web.post("/faults", arm_fault),
+    ]
 
 
 def readiness_routes(views: Views) -> list[web.RouteDef]:

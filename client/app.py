@@ -21,6 +21,7 @@ from zds import defaults
 from zds.client.admin import HttpEndpoints, Views, admin_routes, metrics_routes, readiness_routes
 from zds.client.connection import FatalProtocolError, ZdsClient
 from zds.client.datapath import WorkloadTraffic, proxy_connection
+from zds.client.faults import ZtunnelFaultKind, ZtunnelFaults, load_faults
 from zds.client.listeners import AcceptedConnection, ConnectionHandler
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.workloads import ProxySettings, WorkloadProxies, WorkloadProxy
@@ -42,6 +43,8 @@ class ZtunnelConfig:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     retry_interval: float = defaults.PENDING_RETRY_INTERVAL
     drain_timeout: float = defaults.DRAIN_TIMEOUT
+    #: Faults to arm at start (zds ztunnel --faults FILE).
+    faults_file: str | None = None
 
 
 async def serve_dns_tcp(conn: AcceptedConnection) -> None:
@@ -88,6 +91,15 @@ class Ztunnel:
             retry_interval=config.retry_interval,
         )
         self.http = HttpEndpoints()
+        #: Faults on demand; the client only consults them once one was armed.
+        self.faults = ZtunnelFaults(
+            on_count=lambda kind, outcome: self.metrics.inc(
+                "zds_ztunnel_faults_total", kind=kind, outcome=outcome
+            )
+        )
+        if config.faults_file:
+            load_faults(config.faults_file, self.faults)
+            self.client.faults = self.faults
         self.metrics.observe(
             "workload_manager_active_proxy_count",
             lambda: sum(1 for w in self.protocol.workloads.values() if w.state is WorkloadState.UP),
@@ -98,6 +110,16 @@ class Ztunnel:
         )
         self.metrics.observe("zds_ztunnel_connected", lambda: float(self.client.connected))
         self.metrics.observe("zds_ztunnel_ready", lambda: float(self.ready))
+
+    async def arm_fault(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """POST /faults: arm one fault now (ZtunnelFaultError when it is wrong)."""
+        fault = self.faults.arm(entry)
+        self.client.faults = self.faults
+        if fault.kind is ZtunnelFaultKind.STOP_READING and fault.count == 0:
+            self.client.interrupt_read()
+        elif fault.kind in (ZtunnelFaultKind.SECOND_HELLO, ZtunnelFaultKind.UNSOLICITED_ACK):
+            await self.client.write_extras()
+        return fault.as_dict()
 
     def traffic_of(self, uid: str) -> WorkloadTraffic:
         return self.traffic.setdefault(uid, WorkloadTraffic())
@@ -206,7 +228,13 @@ class Ztunnel:
     # -- running -------------------------------------------------------------------
     async def start_http(self) -> None:
         """Bind and serve the admin, readiness and metrics endpoints."""
-        views = Views(config_dump=self.config_dump, ready=lambda: self.ready, metrics=self.render_metrics)
+        views = Views(
+            config_dump=self.config_dump,
+            ready=lambda: self.ready,
+            metrics=self.render_metrics,
+            faults=lambda: [f.as_dict() for f in self.faults.faults],
+            arm_fault=self.arm_fault,
+        )
         await self.http.start(
             {
                 "admin": self.config.admin_listen,

@@ -127,6 +127,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="serve a pod whose netns is ztunnel's own (the node's); refused by default",
     )
+    p.add_argument(
+        "--faults",
+        metavar="FILE",
+        help="faults to arm at start, to test a node agent (YAML or JSON lines of {kind, count, delay, text}; "
+        "POST /faults on the admin endpoint arms more) (default: none)",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     p.set_defaults(func=main)
 
@@ -182,8 +188,15 @@ def main(args: argparse.Namespace) -> int:
         ),
         retry_interval=args.retry_interval,
         drain_timeout=args.drain_timeout,
+        faults_file=args.faults,
     )
-    ztunnel = Ztunnel(config)
+    from zds.client.faults import ZtunnelFaultError
+
+    try:
+        ztunnel = Ztunnel(config)
+    except ZtunnelFaultError as exc:
+        print(f"zds ztunnel: --faults: {exc}", file=sys.stderr)
+        return 2
     try:
         code = runtime.run(ztunnel.run(), use_uvloop=not args.no_uvloop)
     except ListenAddressError as exc:

@@ -27,6 +27,7 @@ from collections import deque
 
 from zds import defaults
 from zds.client.backoff import Backoff
+from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.workloads import WorkloadProxies, workload_log_extra
 from zds.errors import ProtocolError
@@ -63,6 +64,7 @@ class ZdsClient:
         *,
         retry_interval: float = defaults.PENDING_RETRY_INTERVAL,
         backoff: Backoff | None = None,
+        faults: ZtunnelFaults | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.protocol = protocol
@@ -77,6 +79,10 @@ class ZdsClient:
         self.connected_since: float | None = None
         self._retry_at: float | None = None
         self._conn_id = ""
+        #: Faults on demand (zds ztunnel --faults, POST /faults); None: none can be armed.
+        self.faults = faults
+        self._conn: SeqpacketConnection | None = None
+        self._recv: asyncio.Future[Record] | None = None
 
     @property
     def connected(self) -> bool:
@@ -138,6 +144,8 @@ class ZdsClient:
         extra = {"conn": self._conn_id}
         try:
             hello = self.protocol.connection_made()
+            if self.faults is not None:
+                hello = self.faults.hello()
             self.connected_since = time.time()
             try:
                 await conn.send(hello)
@@ -146,10 +154,18 @@ class ZdsClient:
                 log.error("node agent announcement failed (%s)", exc, extra=extra)
                 return False
             log.debug("hello sent to the node agent at %s", self.socket_path, extra=extra)
+            self._conn = conn
+            if self.faults is not None:
+                await self.write_extras()
             while True:
                 if recv is None:
-                    recv = asyncio.ensure_future(conn.recv())
+                    if self.faults is not None:
+                        await self.faults.wait_to_read()
+                    recv = self._recv = asyncio.ensure_future(conn.recv())
                 done = await self._wait_record_or_retry(recv)
+                if recv.cancelled():  # a fault stopped reading (the record stays in the socket)
+                    recv = None
+                    continue
                 if not done:
                     continue
                 record = recv.result()
@@ -157,6 +173,9 @@ class ZdsClient:
                 if not answered and not record.is_eof:
                     answered = True  # its first message answers the hello
                     log.info("connected to the node agent at %s", self.socket_path, extra=extra)
+                if self.faults is not None and (answer := self.faults.intercept(record)) is not None:
+                    await conn.send(answer)
+                    continue
                 events = self.protocol.receive(record)  # it owns the record's fds now
                 close = await self._apply(events, conn)
                 if close is not None:
@@ -176,6 +195,7 @@ class ZdsClient:
             log.warning("connection to the node agent failed: %s", exc, extra=extra)
             return answered
         finally:
+            self._conn = self._recv = None
             if recv is not None:
                 # Let the read unregister from the loop before its fd number can be reused.
                 recv.cancel()
@@ -240,10 +260,32 @@ class ZdsClient:
                     )
                 case SendReply():
                     self._count_reply(event)
+                    if self.faults is not None:
+                        in_snapshot = self.protocol.state is ConnectionState.SNAPSHOT
+                        action = await self.faults.reply(event, in_snapshot)
+                        if action == "skip":
+                            continue
+                        await conn.send(event.data)
+                        if action == "close":
+                            return CloseConnection(reason="fault disconnect-in-snapshot: closed mid-snapshot")
+                        await self.write_extras()
+                        continue
                     await conn.send(event.data)
                 case CloseConnection():
                     return event
         return None
+
+    async def write_extras(self) -> None:
+        """Write what faults want said unasked (a second hello, an unsolicited ack), if connected."""
+        if self.faults is None or self._conn is None:
+            return
+        for extra in self.faults.extras():
+            await self._conn.send(extra)
+
+    def interrupt_read(self) -> None:
+        """Cancel a read that is waiting (a fault stops reading at once)."""
+        if self._recv is not None and not self._recv.done():
+            self._recv.cancel()
 
     def _start_proxy(self, start: StartProxy) -> list[Event]:
         workload = start.workload

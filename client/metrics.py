@@ -76,6 +76,11 @@ class ZtunnelMetrics:
             "Nacks sent to the node agent, by reason (read, process, start)",
             labeled=True,
         )
+        self._counter(
+            "zds_ztunnel_faults_total",
+            "Faults on demand (--faults, POST /faults), by kind and outcome (injected, applied)",
+            labeled=True,
+        )
 
         self._counter(
             "zds_ztunnel_proxied_connections_total",

@@ -21,7 +21,7 @@ from zds import defaults
 from zds.check.agentchecks import BY_NAME
 from zds.check.pods import CheckPod, PodDriver, PodFactory
 from zds.check.records import ConnectionRules, Seen
-from zds.check.report import CheckResult, Finding, Status
+from zds.check.report import CheckResult, Finding, verdict
 from zds.check.strictpeer import PeerClosed, StrictConnection
 
 
@@ -191,24 +191,13 @@ class AgentSession:
 
     # -- results -------------------------------------------------------------------------
     def result(self, name: str, duration: float) -> CheckResult:
-        spec = BY_NAME[name]
-        if name in self.skipped:
-            return CheckResult(spec, Status.SKIP, notes=[self.skipped[name]], duration=duration)
-        if self.findings.get(name):
-            return CheckResult(spec, Status.FAIL, list(self.findings[name]), list(self.notes[name]), duration)
-        if name in self.errors:
-            return CheckResult(
-                spec, Status.ERROR, notes=[self.errors[name], *self.notes[name]], duration=duration
-            )
-        count = self.exercised[name]
-        if not count:
-            return CheckResult(
-                spec,
-                Status.ERROR,
-                notes=["not exercised: nothing this check judges happened during the run", *self.notes[name]],
-                duration=duration,
-            )
-        notes = list(self.notes[name])
-        if name in EVIDENCE:
-            notes.insert(0, f"{count} {EVIDENCE[name]}")
-        return CheckResult(spec, Status.PASS, notes=notes, duration=duration)
+        return verdict(
+            BY_NAME[name],
+            findings=self.findings.get(name, []),
+            notes=self.notes.get(name, []),
+            exercised=self.exercised[name],
+            duration=duration,
+            error=self.errors.get(name),
+            skipped=self.skipped.get(name),
+            evidence=EVIDENCE.get(name, ""),
+        )

@@ -12,7 +12,6 @@ import enum
 import json
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,9 +216,33 @@ def _failure_lines(result: CheckResult, indent: str = "      ") -> list[str]:
     return lines
 
 
-def merge_results(results: Iterable[CheckResult]) -> list[CheckResult]:
-    """Results in the order given, one per check name (a later one for the same name wins)."""
-    merged: dict[str, CheckResult] = {}
-    for result in results:
-        merged[result.spec.name] = result
-    return list(merged.values())
+def verdict(
+    spec: CheckSpec,
+    *,
+    findings: list[Finding],
+    notes: list[str],
+    exercised: int,
+    duration: float,
+    error: str | None = None,
+    skipped: str | None = None,
+    evidence: str = "",
+) -> CheckResult:
+    """One check's result: skipped, failed (findings), errored, or passed — and a check that
+    found nothing but was never exercised errors: no check holds vacuously."""
+    if skipped is not None:
+        return CheckResult(spec, Status.SKIP, notes=[skipped], duration=duration)
+    if findings:
+        return CheckResult(spec, Status.FAIL, list(findings), list(notes), duration)
+    if error is not None:
+        return CheckResult(spec, Status.ERROR, notes=[error, *notes], duration=duration)
+    if not exercised:
+        return CheckResult(
+            spec,
+            Status.ERROR,
+            notes=["not exercised: nothing this check judges happened during the run", *notes],
+            duration=duration,
+        )
+    lines = list(notes)
+    if evidence:
+        lines.insert(0, f"{exercised} {evidence}")
+    return CheckResult(spec, Status.PASS, notes=lines, duration=duration)

@@ -1,0 +1,279 @@
+"""Faults on demand in the ztunnel side: make ``zds ztunnel`` misbehave, to test a node agent.
+
+Armed at start-up (``zds ztunnel --faults FILE``: YAML or JSON lines, one
+``{kind, count, delay, text}`` per entry) or while it runs (``POST /faults`` on
+the admin endpoint, a JSON body with the same fields; ``GET /faults`` lists
+them). Each is logged and counted (``zds_ztunnel_faults_total{kind,outcome}``).
+
+The ZDS client asks ``intercept`` about each record before the protocol sees
+it, ``reply`` about each answer before it is written, and ``hello`` for the
+bytes of its hello; the cost when nothing is armed is one check per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from zds.errors import ZdsError
+from zds.protocol.messages import Ack, AddWorkload, encode_ack, encode_hello
+from zds.protocol.reading import START_FAILURE
+from zds.protocol.records import Record
+from zds.protocol.workloads import SendReply
+
+log = logging.getLogger("zds.ztunnel.faults")
+
+
+class ZtunnelFaultKind(enum.Enum):
+    """Every ztunnel-side fault and what it does."""
+
+    NACK_ADDS = (
+        "nack-adds",
+        "answer the next --count AddWorkloads with --text (default: a start failure) and drop them",
+    )
+    DELAY_ACKS = (
+        "delay-acks",
+        "answer each of the next --count requests --delay seconds late (past a deadline)",
+    )
+    NEVER_ACK = ("never-ack", "process the next --count requests but never answer them")
+    DISCONNECT_IN_SNAPSHOT = (
+        "disconnect-in-snapshot",
+        "close the connection after answering --count snapshot entries, before SnapshotSent",
+    )
+    SECOND_HELLO = ("second-hello", "send ZdsHello again (now, or right after the next connection's hello)")
+    UNSOLICITED_ACK = ("unsolicited-ack", "send an Ack nobody asked for (now, or right after the next hello)")
+    STOP_READING = (
+        "stop-reading",
+        "stop reading from the node agent (after --count more answers, default 0) for --delay seconds (0: for good)",
+    )
+    BAD_HELLO = (
+        "bad-hello",
+        "say ZdsHello{version: 2}, a version no node agent speaks, on the next connection",
+    )
+    ACK_BLINDLY = (
+        "ack-blindly",
+        "answer the next --count records with an empty Ack without reading them (a ztunnel that checks nothing)",
+    )
+
+    def __init__(self, label: str, description: str) -> None:
+        self.label = label
+        self.description = description
+
+    @classmethod
+    def named(cls, label: str) -> ZtunnelFaultKind:
+        for kind in cls:
+            if kind.label == label:
+                return kind
+        raise ZtunnelFaultError(f"unknown fault {label!r}; one of {', '.join(k.label for k in cls)}")
+
+
+class ZtunnelFaultError(ZdsError, ValueError):
+    """A fault that cannot be armed; the message says why."""
+
+
+@dataclass
+class ZtunnelFault:
+    id: str
+    kind: ZtunnelFaultKind
+    count: int = 1
+    delay: float = 0.0
+    text: str = ""
+    remaining: int = 1
+    state: str = "armed"
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind.label,
+            "count": self.count,
+            "delay": self.delay,
+            "text": self.text,
+            "remaining": self.remaining,
+            "state": self.state,
+            "detail": self.detail,
+        }
+
+
+#: A ZdsHello no node agent speaks: version 2 (Istio only logs the version; zds refuses it).
+BAD_HELLO = b"\x08\x02"
+
+
+@dataclass
+class ZtunnelFaults:
+    """The faults of one ``zds ztunnel``."""
+
+    #: Told (kind, outcome) for every fault injected or applied (the metrics).
+    on_count: Callable[[str, str], None] | None = None
+    faults: list[ZtunnelFault] = field(default_factory=list)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    #: Answers given in the current snapshot (disconnect-in-snapshot counts them).
+    snapshot_answers: int = 0
+
+    @property
+    def armed(self) -> bool:
+        return any(f.state == "armed" for f in self.faults)
+
+    def arm(self, entry: dict[str, Any]) -> ZtunnelFault:
+        """Arm one fault from ``{kind, count, delay, text}`` (ZtunnelFaultError when it is wrong)."""
+        if not isinstance(entry, dict):
+            raise ZtunnelFaultError("a fault is an object with kind, count, delay, text")
+        unknown = sorted(set(entry) - {"kind", "count", "delay", "text"})
+        if unknown:
+            raise ZtunnelFaultError(
+                f"unknown field(s) {', '.join(unknown)}; expected kind, count, delay, text"
+            )
+        kind = ZtunnelFaultKind.named(str(entry.get("kind", "")))
+        try:
+            count, delay = int(entry.get("count", 1)), float(entry.get("delay", 0.0))
+        except (TypeError, ValueError) as exc:
+            raise ZtunnelFaultError(f"{kind.label}: {exc}") from None
+        if kind is ZtunnelFaultKind.STOP_READING:
+            count = int(entry.get("count", 0))
+        if count < (0 if kind is ZtunnelFaultKind.STOP_READING else 1):
+            raise ZtunnelFaultError(f"{kind.label}: count must be at least 1")
+        if kind is ZtunnelFaultKind.DELAY_ACKS and delay <= 0:
+            raise ZtunnelFaultError("delay-acks: give a delay in seconds (more than 0)")
+        if delay < 0:
+            raise ZtunnelFaultError(f"{kind.label}: delay must not be negative")
+        remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
+        fault = ZtunnelFault(
+            f"z{next(self._ids)}", kind, count, delay, str(entry.get("text") or ""), remaining
+        )
+        self.faults.append(fault)
+        log.warning("fault %s armed: %s (%s)", fault.id, kind.label, kind.description)
+        self._count(kind, "injected")
+        return fault
+
+    def _take(self, kind: ZtunnelFaultKind) -> ZtunnelFault | None:
+        return next((f for f in self.faults if f.state == "armed" and f.kind is kind), None)
+
+    def _used(self, fault: ZtunnelFault, detail: str) -> None:
+        fault.remaining -= 1
+        fault.detail = detail
+        if fault.remaining <= 0:
+            fault.state = "applied"
+        log.warning("fault %s (%s) took effect: %s", fault.id, fault.kind.label, detail)
+        self._count(fault.kind, "applied")
+
+    def _count(self, kind: ZtunnelFaultKind, outcome: str) -> None:
+        if self.on_count is not None:
+            self.on_count(kind.label, outcome)
+
+    # -- hooks of the ZDS client ------------------------------------------------------------
+    def hello(self) -> bytes:
+        """The hello to say on a new connection."""
+        self.snapshot_answers = 0
+        if fault := self._take(ZtunnelFaultKind.BAD_HELLO):
+            self._used(fault, "said ZdsHello{version: 2}")
+            return BAD_HELLO
+        return encode_hello()
+
+    def extras(self) -> list[bytes]:
+        """Records to write now, unasked (second hello, an unsolicited ack)."""
+        out = []
+        if fault := self._take(ZtunnelFaultKind.SECOND_HELLO):
+            self._used(fault, "sent a second ZdsHello")
+            out.append(encode_hello())
+        if fault := self._take(ZtunnelFaultKind.UNSOLICITED_ACK):
+            self._used(fault, "sent an Ack nobody asked for")
+            out.append(encode_ack(Ack()))
+        return out
+
+    def intercept(self, record: Record) -> bytes | None:
+        """Answer a record here instead of processing it (ack-blindly, nack-adds): the bytes of the
+        answer, its fds closed; None: the record goes to the protocol as usual."""
+        if fault := self._take(ZtunnelFaultKind.ACK_BLINDLY):
+            record.close_fds()
+            self._used(fault, f"acked a {len(record.payload)}-byte record without reading it")
+            return encode_ack(Ack())
+        fault = self._take(ZtunnelFaultKind.NACK_ADDS)
+        if fault is not None and _is_add(record):
+            record.close_fds()
+            text = fault.text or f"{START_FAILURE}nack requested (zds ztunnel fault {fault.id})"
+            self._used(fault, f"nacked an AddWorkload: {text}")
+            return encode_ack(Ack(text))
+        return None
+
+    async def reply(self, reply: SendReply, in_snapshot: bool) -> str:
+        """Before an answer is written: "send", "skip" (never-ack) or "close" (after it, the
+        snapshot is cut). Sleeps here for delay-acks."""
+        if fault := self._take(ZtunnelFaultKind.NEVER_ACK):
+            self._used(fault, f"left a request unanswered ({_what(reply)})")
+            return "skip"
+        if fault := self._take(ZtunnelFaultKind.DELAY_ACKS):
+            await asyncio.sleep(fault.delay)
+            self._used(fault, f"answered {_what(reply)} {fault.delay:g}s late")
+        stop = self._take(ZtunnelFaultKind.STOP_READING)
+        if stop is not None and stop.remaining > 0:
+            stop.remaining -= 1
+        if in_snapshot and reply.request is not None and _what(reply) != "snapshot_sent":
+            self.snapshot_answers += 1
+            fault = self._take(ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT)
+            if fault is not None and self.snapshot_answers >= fault.count:
+                self._used(fault, f"closed the connection after {self.snapshot_answers} snapshot entries")
+                return "close"
+        return "send"
+
+    async def wait_to_read(self) -> None:
+        """Hold the reader while stop-reading is in effect."""
+        fault = self._take(ZtunnelFaultKind.STOP_READING)
+        if fault is None or fault.remaining > 0:
+            return
+        fault.remaining = 1  # _used takes it to 0: applied
+        self._used(fault, "stopped reading" + (f" for {fault.delay:g}s" if fault.delay else " for good"))
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        else:
+            await asyncio.Event().wait()
+
+
+def _is_add(record: Record) -> bool:
+    from zds.errors import CodecError
+    from zds.protocol.messages import decode_request
+
+    try:
+        return isinstance(decode_request(record.payload), AddWorkload)
+    except CodecError:
+        return False
+
+
+def _what(reply: SendReply) -> str:
+    from zds.protocol.messages import request_kind
+
+    return request_kind(reply.request) if reply.request is not None else "a record"
+
+
+def load_faults(path: str, faults: ZtunnelFaults) -> list[ZtunnelFault]:
+    """Arm every fault of a faults file (YAML list, ``faults:`` holding one, or JSON lines)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ZtunnelFaultError(f"cannot read faults file {path}: {exc.strerror}") from exc
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    try:
+        if lines and all(line.startswith("{") for line in lines):
+            entries = [json.loads(line) for line in lines]
+        else:
+            doc = yaml.safe_load(text)
+            entries = doc.get("faults", []) if isinstance(doc, dict) else doc
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ZtunnelFaultError(f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
+    if not isinstance(entries, list):
+        raise ZtunnelFaultError(f"{path}: expected a list of faults")
+    armed = []
+    for i, entry in enumerate(entries, 1):
+        try:
+            armed.append(faults.arm(entry))
+        except ZtunnelFaultError as exc:
+            raise ZtunnelFaultError(f"{path}: entry {i}: {exc}") from None
+    return armed

@@ -1,0 +1,401 @@
+"""The strict node agent of ``zds check ztunnel``: its socket, the ztunnel under test (started
+and restarted from a command template, or connecting by itself), and each connection.
+
+Every record ztunnel sends is judged as it arrives: the first must be exactly
+``08 01``; every later one must answer a request (nothing unasked), be a strict,
+canonical ``WorkloadResponse{ack}`` and carry no fd.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from zds import defaults
+from zds.check.pods import CheckSetupError, PodFactory
+from zds.check.report import Finding
+from zds.errors import CodecError
+from zds.protocol.messages import Ack, decode_ack, encode_ack
+from zds.transport import SeqpacketConnection, bind_unix_listener
+
+_FD_SIZE = array.array("i").itemsize
+HELLO = b"\x08\x01"
+
+
+@dataclass
+class ZtunnelCheckOptions:
+    """What ``zds check ztunnel`` was told."""
+
+    cmd: str | None = None
+    zds_socket: str | None = None
+    ready_url: str | None = None
+    config_dump_url: str | None = None
+    protocol_only: bool = False
+    retry_interval: float = defaults.PENDING_RETRY_INTERVAL
+    connect_timeout: float = 30.0
+    timeout: float = 5.0
+    grace: float = 2.0
+
+
+@dataclass
+class Reply:
+    payload: bytes
+    ack: Ack | None
+    at: float
+
+
+class ZtConn:
+    """One connection from the ztunnel under test."""
+
+    def __init__(self, no: int, sock: socket.socket, bench: Bench) -> None:
+        self.no = no
+        self.conn = SeqpacketConnection(sock)
+        self.bench = bench
+        self.accepted_at = time.monotonic()
+        self.hello_at: float | None = None
+        self.closed_at: float | None = None
+        self.awaiting = False
+        self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()
+        self.hello_seen = asyncio.Event()
+        try:
+            self.pid: int | None = self.conn.peer_credentials().pid
+        except OSError:
+            self.pid = None
+        self._reader = asyncio.ensure_future(self._read())
+
+    @property
+    def name(self) -> str:
+        return f"conn {self.no}"
+
+    async def _read(self) -> None:
+        sock = self.conn.socket
+        while True:
+            await self.conn.wait_readable()
+            try:
+                payload, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(8 * _FD_SIZE), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                payload, anc = b"", []
+            fds = [
+                fd
+                for lvl, kind, data in anc
+                if (lvl, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+                for fd in array.array("i", data[: len(data) - len(data) % _FD_SIZE])
+            ]
+            for fd in fds:
+                os.close(fd)
+            now = time.monotonic()
+            if not payload and not fds:
+                self.closed_at = now
+                self.hello_seen.set()
+                await self.replies.put(None)
+                return
+            self._judge(payload, len(fds), now)
+
+    def _judge(self, payload: bytes, fds: int, now: float) -> None:
+        report = self.bench.report
+        where = f"{self.name}"
+        if self.hello_at is None:
+            self.hello_at = now
+            self.hello_seen.set()
+            self.bench.exercised["hello"] += 1
+            if payload != HELLO or fds:
+                report(
+                    "hello",
+                    Finding(
+                        f"the first record is not ZdsHello{{V1}} (08 01){_fds(fds)}", where, received=payload
+                    ),
+                )
+            return
+        if not self.awaiting:
+            what = "a second ZdsHello" if payload == HELLO else "a record nobody asked for"
+            report("speaks-only-when-asked", Finding(f"{what}{_fds(fds)}", where, received=payload))
+            return
+        self.awaiting = False
+        self.bench.exercised["replies-canonical"] += 1
+        ack: Ack | None = None
+        try:
+            ack = decode_ack(payload)
+        except CodecError as exc:
+            report(
+                "replies-canonical",
+                Finding(f"the answer is not a WorkloadResponse{{ack}}: {exc}", where, received=payload),
+            )
+        if ack is not None and (encode_ack(ack) != payload or fds):
+            report(
+                "replies-canonical",
+                Finding(
+                    f"the answer is not canonical{_fds(fds)}",
+                    where,
+                    received=payload,
+                    detail=[f"canonical: {encode_ack(ack).hex(' ')}"],
+                ),
+            )
+        self.replies.put_nowait(Reply(payload, ack, now))
+
+    async def send(self, payload: bytes, fds: list[int] | None = None, *, expect_reply: bool = True) -> None:
+        """Write one record (even an empty one); ``fds`` are closed here."""
+        self.awaiting = expect_reply
+        try:
+            if payload:
+                await self.conn.send(payload, fds or [])
+            else:
+                self.conn.socket.send(b"")
+        finally:
+            for fd in fds or []:
+                os.close(fd)
+
+    async def request(
+        self, payload: bytes, fds: list[int] | None = None, within: float | None = None
+    ) -> Reply | None:
+        """Send a request and wait for its answer (None: none came, or the connection closed)."""
+        await self.send(payload, fds)
+        return await self.reply(within)
+
+    async def reply(self, within: float | None = None) -> Reply | None:
+        try:
+            return await asyncio.wait_for(
+                self.replies.get(), self.bench.options.timeout if within is None else within
+            )
+        except TimeoutError:
+            return None
+
+    async def closed_within(self, within: float) -> bool:
+        """Whether ztunnel closes the connection within ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while self.closed_at is None and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), left)
+        return self.closed_at is not None
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+        self.conn.close()
+
+
+def _fds(n: int) -> str:
+    return f" (with {n} fd{'s' if n != 1 else ''})" if n else ""
+
+
+class Bench:
+    """The listening socket, the ztunnel under test, and what every check found."""
+
+    def __init__(self, options: ZtunnelCheckOptions) -> None:
+        self.options = options
+        self.findings: dict[str, list[Finding]] = defaultdict(list)
+        self.notes: dict[str, list[str]] = defaultdict(list)
+        self.errors: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.exercised: Counter[str] = Counter()
+        self.pods = PodFactory()
+        self.current: ZtConn | None = None
+        self.pid: int | None = None
+        self.starts = 0
+        self.exits: list[str] = []
+        self._tmp = tempfile.mkdtemp(prefix="zds-check-")
+        self.socket_path = options.zds_socket or os.path.join(self._tmp, "ztunnel.sock")
+        self.log_path = os.path.join(self._tmp, "ztunnel.log")
+        self.values = {"socket": self.socket_path} | {
+            f"{n}_port": str(_free_port()) for n in ("admin", "readiness", "metrics")
+        }
+        self._listener: socket.socket | None = None
+        self._accepted: asyncio.Queue[ZtConn] = asyncio.Queue()
+        self._accepting: asyncio.Task[None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._conns: list[ZtConn] = []
+
+    def report(self, check: str, finding: Finding) -> None:
+        self.findings[check].append(finding)
+
+    def note(self, check: str, text: str) -> None:
+        self.notes[check].append(text)
+
+    def url(self, template: str | None) -> str | None:
+        return template.format_map(self.values) if template else None
+
+    # -- the socket and the process ---------------------------------------------------------
+    async def start(self) -> None:
+        _clear(self.socket_path)
+        self._listener = bind_unix_listener(self.socket_path, mode=defaults.ZDS_SOCKET_MODE)
+        self._accepting = asyncio.ensure_future(self._accept())
+        if self.options.cmd:
+            await self.launch()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            sock, _ = await loop.sock_accept(self._listener)
+            conn = ZtConn(len(self._conns) + 1, sock, self)
+            self._conns.append(conn)
+            if conn.pid:
+                self.pid = conn.pid
+            await self._accepted.put(conn)
+
+    async def launch(self) -> None:
+        assert self.options.cmd is not None
+        command = self.options.cmd.format_map(self.values)
+        self.starts += 1
+        log = _open_log(self.log_path, f"--- start {self.starts}: {command}\n")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", command, stdout=log, stderr=log, start_new_session=True
+            )
+        finally:
+            os.close(log)
+
+    async def exited(self, within: float) -> int | None:
+        """The exit status of the ztunnel we started, if it exits within ``within`` seconds."""
+        if self._proc is None:
+            return None
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(self._proc.wait(), within)
+        return None
+
+    async def stop_process(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the session we started for it
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    # -- connections --------------------------------------------------------------------------
+    async def accept(self, within: float) -> ZtConn | None:
+        """The next connection from ztunnel, once it said hello (None when none comes)."""
+        try:
+            conn = await asyncio.wait_for(self._accepted.get(), within)
+        except TimeoutError:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(conn.hello_seen.wait(), self.options.timeout)
+        if conn.hello_at is None and conn.closed_at is None:
+            self.report(
+                "hello", Finding(f"no hello within {self.options.timeout:g}s of connecting", conn.name)
+            )
+        self.current = conn
+        return conn
+
+    async def reconnected(self, first: bool = False) -> ZtConn:
+        """Close the current connection (if ztunnel has not) and take the next one."""
+        old = self.current
+        closed_by_us = time.monotonic()
+        if old is not None:
+            await old.close()
+        within = self.options.connect_timeout if first or old is None else self.options.timeout
+        conn = await self.accept(within)
+        if conn is None:
+            raise ZtunnelGone(
+                f"no connection from the ztunnel within {within:g}s"
+                + (f"; its output is in {self.log_path}" if self.options.cmd else "")
+            )
+        if old is not None and old.closed_at is None:
+            self.exercised["reconnect"] += 1
+            self.note(
+                "reconnect",
+                f"{conn.name} came {conn.accepted_at - closed_by_us:.3f}s after the node agent closed {old.name}",
+            )
+        return conn
+
+    async def fresh(self, snapshot: list[tuple[bytes, list[int]]] | None) -> ZtConn:
+        """A new connection that said hello and, unless ``snapshot`` is None, took a snapshot of
+        these entries (each acked) and SnapshotSent."""
+        conn = await self.reconnected()
+        if snapshot is None:
+            return conn
+        for payload, fds in snapshot:
+            await conn.request(payload, fds)
+        reply = await conn.request(b"\x1a\x00")
+        self.exercised["snapshot-sent-acked"] += 1
+        if reply is None or reply.ack is None or reply.ack.error:
+            said = (
+                "nothing" if reply is None else repr(reply.ack.error if reply.ack else reply.payload.hex(" "))
+            )
+            self.report(
+                "snapshot-sent-acked",
+                Finding(
+                    f"SnapshotSent was answered with {said}",
+                    conn.name,
+                    sent=b"\x1a\x00",
+                    received=reply.payload if reply else None,
+                ),
+            )
+        return conn
+
+    async def close(self) -> None:
+        for conn in self._conns:
+            await conn.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
+        await self.stop_process()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self.pods.close()
+
+    def log_tail(self, lines: int = 8) -> list[str]:
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
+            return f.read().splitlines()[-lines:]
+        return []
+
+    def remove_tmp(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class ZtunnelGone(CheckSetupError):
+    """The ztunnel under test did not connect (again)."""
+
+
+def _open_log(path: str, header: str) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.write(fd, header.encode())
+    return fd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _clear(path: str) -> None:
+    """Make room for our socket: a stale socket goes; a live one or anything else is refused."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise CheckSetupError(f"{path} exists and is not a socket; remove it or choose another --zds-socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise CheckSetupError(
+        f"a node agent is serving {path} already; stop it, or give zds check another --zds-socket"
+    )

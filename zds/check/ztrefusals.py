@@ -1,0 +1,245 @@
+"""The bad records of DESIGN §1's table, sent to the ztunnel under test one per connection:
+which are refused with ``failure to read message : ...`` and a reconnect at once, which with
+``failure to process message : ProtocolError(...)`` and a stop for good, and the 0-byte record
+ztunnel reads as EOF.
+"""
+
+from __future__ import annotations
+
+from zds.check.report import Finding
+from zds.check.ztbench import Bench, ZtConn, ZtunnelGone
+from zds.check.ztscenarios import (
+    NO_PAYLOAD,
+    PADDING,
+    SNAPSHOT_SENT,
+    UNDECODABLE,
+    Entry,
+    _nacked,
+    _open,
+    _said,
+    add,
+    delete,
+    keep,
+)
+from zds.protocol.messages import AddWorkload, DelWorkload, WorkloadInfo, encode_request
+from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE
+
+
+async def _refused(
+    b: Bench, name: str, conn: ZtConn, entry: Entry, what: str, prefix: str = READ_FAILURE
+) -> None:
+    """Send ``entry``; it must be nacked with ``prefix``, the connection closed, and ztunnel back at once."""
+    payload, fds = entry
+    reply = await conn.request(payload, fds)
+    b.exercised[name] += 1
+    nacked = _nacked(b, name, conn, reply, payload, prefix)
+    if not await conn.closed_within(b.options.timeout):
+        b.report(
+            name,
+            Finding(
+                f"after {what}, the connection is still open {b.options.timeout:g}s later; ztunnel closes it",
+                conn.name,
+                sent=payload,
+            ),
+        )
+        return
+    back = await b.accept(b.options.timeout)
+    if back is None:
+        b.report(
+            name,
+            Finding(
+                f"after {what}, no reconnect within {b.options.timeout:g}s; ztunnel connects again at once",
+                conn.name,
+            ),
+        )
+        return
+    if nacked and reply is not None and reply.ack is not None:
+        b.note(
+            name,
+            f"{what}: nacked {reply.ack.error!r}, closed, back {back.accepted_at - conn.closed_at:.3f}s later"
+            if conn.closed_at
+            else what,
+        )
+
+
+def _since(later: float, earlier: float | None) -> str:
+    """A short time between two events, as seen here (a reconnect can be accepted before the
+    reader has seen the EOF that came first: never negative)."""
+    return f"{max(0.0, later - (earlier or later)) * 1000:.1f} ms"
+
+
+async def oversize_record(b: Bench) -> None:
+    conn = await b.fresh([])
+    await _refused(
+        b,
+        "oversize-record",
+        conn,
+        (encode_request(DelWorkload("zds-check-oversize")) + PADDING, []),
+        "a 1125-byte DelWorkload",
+    )
+
+
+async def undecodable_record(b: Bench) -> None:
+    conn = await b.fresh([])
+    await _refused(b, "undecodable-record", conn, (UNDECODABLE, []), "3 bytes that are not protobuf")
+
+
+async def no_payload(b: Bench) -> None:
+    conn = await b.fresh([])
+    await _refused(b, "no-payload", conn, (NO_PAYLOAD, []), "a WorkloadRequest with no payload")
+
+
+async def add_without_fd(b: Bench) -> None:
+    conn = await b.fresh([])
+    payload = encode_request(AddWorkload("zds-check-no-fd", WorkloadInfo("no-fd", "zds-check", "zds-check")))
+    await _refused(b, "add-without-fd", conn, (payload, []), "an AddWorkload without fd")
+
+
+async def add_with_two_fds(b: Bench) -> None:
+    pod = b.pods.make()
+    conn = await b.fresh([])
+    payload, fds = add(pod)
+    await _refused(
+        b, "add-with-two-fds", conn, (payload, [*fds, _open(pod.netns)]), "an AddWorkload with two fds"
+    )
+
+
+async def fd_on_non_add(b: Bench) -> None:
+    conn = await b.fresh([])
+    await _refused(
+        b, "fd-on-non-add", conn, delete("zds-check-fd", [_open("/dev/null")]), "a DelWorkload with an fd"
+    )
+    conn = await b.fresh(None)
+    await _refused(
+        b, "fd-on-non-add", conn, keep("zds-check-fd", [_open("/dev/null")]), "a KeepWorkload with an fd"
+    )
+    conn = await b.fresh(None)
+    await _refused(
+        b, "fd-on-non-add", conn, (SNAPSHOT_SENT, [_open("/dev/null")]), "a SnapshotSent with an fd"
+    )
+
+
+async def empty_record(b: Bench) -> None:
+    conn = await b.fresh([])
+    await conn.send(b"")
+    reply = await conn.reply(b.options.grace)
+    b.exercised["empty-record"] += 1
+    if reply is not None:
+        b.report(
+            "empty-record",
+            Finding(
+                f"a 0-byte record was answered with {_said(reply)}; ztunnel reads it as EOF",
+                conn.name,
+                sent=b"",
+                received=reply.payload,
+            ),
+        )
+    if not await conn.closed_within(b.options.timeout):
+        b.report(
+            "empty-record",
+            Finding(
+                f"the connection is still open {b.options.timeout:g}s after a 0-byte record (EOF)",
+                conn.name,
+                sent=b"",
+            ),
+        )
+        return
+    back = await b.accept(b.options.timeout)
+    if back is None:
+        b.report(
+            "empty-record",
+            Finding(f"no reconnect within {b.options.timeout:g}s after the 0-byte record", conn.name),
+        )
+    elif reply is None:
+        b.note("empty-record", f"no answer, closed, back {_since(back.accepted_at, conn.closed_at)} later")
+
+
+async def speaks_only_when_asked(b: Bench) -> None:
+    conn = await b.fresh([])
+    await conn.reply(b.options.grace)  # anything arriving now is unasked: the reader reports it
+    b.exercised["speaks-only-when-asked"] += 1
+    b.note(
+        "speaks-only-when-asked",
+        f"watched {b.options.grace:g}s after {conn.name}'s snapshot, and after every answer of the run",
+    )
+
+
+# -- ProtocolErrors: the in-pod manager stops for good ---------------------------------------------
+async def _stops(b: Bench, name: str, conn: ZtConn, entry: Entry, what: str) -> None:
+    payload, fds = entry
+    reply = await conn.request(payload, fds)
+    b.exercised[name] += 1
+    if (
+        _nacked(b, name, conn, reply, payload, PROCESS_FAILURE)
+        and reply
+        and reply.ack
+        and "ProtocolError" not in reply.ack.error
+    ):
+        b.report(
+            name,
+            Finding(
+                f"the nack does not name a ProtocolError: {reply.ack.error!r}",
+                conn.name,
+                received=reply.payload,
+            ),
+        )
+    if not await conn.closed_within(b.options.timeout):
+        b.report(
+            name,
+            Finding(
+                f"after {what}, the connection is still open {b.options.timeout:g}s later",
+                conn.name,
+                sent=payload,
+            ),
+        )
+    again = await b.accept(b.options.grace)
+    if again is not None:
+        b.report(
+            name,
+            Finding(
+                f"after {what}, ztunnel connected again ({again.name}); a ProtocolError stops it for good",
+                conn.name,
+            ),
+        )
+        return
+    status = await b.exited(b.options.grace)
+    b.note(
+        name,
+        f"{what}: nacked {reply.ack.error if reply and reply.ack else ''!r}; no reconnect"
+        + (f"; it exited with status {status}" if status is not None else ""),
+    )
+    b.exits.append(f"{name}: exit status {status}")
+    await restart(b)
+
+
+async def restart(b: Bench) -> None:
+    """After a stop for good: start the ztunnel again (--cmd), or wait for whoever restarts it."""
+    b.current = None
+    if b.options.cmd:
+        await b.stop_process()
+        await b.launch()
+    if await b.accept(b.options.connect_timeout) is None:
+        raise ZtunnelGone(
+            f"the ztunnel did not connect again within {b.options.connect_timeout:g}s after it stopped for good"
+            + ("" if b.options.cmd else " (restart it, or let zds do it with --cmd)")
+        )
+
+
+async def add_without_workload_info(b: Bench) -> None:
+    pod = b.pods.make()
+    conn = await b.fresh([])
+    await _stops(
+        b, "add-without-workload-info", conn, add(pod, info=False), "an AddWorkload without workload_info"
+    )
+
+
+async def keep_after_snapshot(b: Bench) -> None:
+    conn = await b.fresh([])
+    await _stops(
+        b, "keep-after-snapshot", conn, keep("zds-check-late-keep"), "a KeepWorkload after SnapshotSent"
+    )
+
+
+async def second_snapshot_sent(b: Bench) -> None:
+    conn = await b.fresh([])
+    await _stops(b, "second-snapshot-sent", conn, (SNAPSHOT_SENT, []), "a second SnapshotSent")

@@ -1,0 +1,388 @@
+"""One scenario per check of ``zds check ztunnel`` (``ztchecks``), each on a fresh connection.
+
+The message checks send one edge or bad record and judge the answer (its nack
+prefix), whether ztunnel closes the connection, whether it comes back at once
+or stops for good. The state checks look at what ztunnel does with what it was
+sent: its listeners in the pods (and none on the host), its readiness probe,
+its config_dump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from zds.check.inpod import INPOD_PORTS, PortBlocker, own_netns, ports_of
+from zds.check.pods import CheckPod
+from zds.check.report import Finding
+from zds.check.ztbench import Bench, Reply, ZtConn
+from zds.protocol.messages import AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_request
+from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
+
+SNAPSHOT_SENT = b"\x1a\x00"
+NO_PAYLOAD = b"\x78\x01"
+UNDECODABLE = b"\x0a\xff\x01"
+#: Field 15 as 1100 bytes: pushes a DelWorkload past ztunnel's 1024-byte buffer.
+PADDING = b"\x7a\xcc\x08" + b"\x00" * 1100
+Entry = tuple[bytes, list[int]]
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def add(pod: CheckPod, netns: str | None = None, *, info: bool = True) -> Entry:
+    wi = WorkloadInfo(pod.name, pod.namespace, pod.service_account) if info else None
+    return encode_request(AddWorkload(pod.uid, wi)), [_open(netns or pod.netns)]
+
+
+def delete(uid: str, fds: list[int] | None = None) -> Entry:
+    return encode_request(DelWorkload(uid)), fds or []
+
+
+def keep(uid: str, fds: list[int] | None = None) -> Entry:
+    return encode_request(KeepWorkload(uid)), fds or []
+
+
+def _said(reply: Reply | None) -> str:
+    if reply is None:
+        return "nothing"
+    return repr(reply.ack.error) if reply.ack is not None and reply.ack.error else "an empty Ack (success)"
+
+
+def _acked(b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, what: str) -> bool:
+    b.exercised[name] += 1
+    if reply is not None and reply.ack is not None and not reply.ack.error:
+        return True
+    b.report(
+        name,
+        Finding(
+            f"{what} was answered with {_said(reply)}",
+            conn.name,
+            sent=sent,
+            received=reply.payload if reply else None,
+        ),
+    )
+    return False
+
+
+async def _wait(
+    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], within: float
+) -> tuple[bool, Any, float]:
+    """Poll ``probe`` until ``done`` says yes or ``within`` seconds pass: (done, last value, seconds)."""
+    start = time.monotonic()
+    while True:
+        value = await probe()
+        if done(value) or time.monotonic() - start > within:
+            return done(value), value, time.monotonic() - start
+        await asyncio.sleep(0.05)
+
+
+def _ports(b: Bench, netns: str) -> Callable[[], Awaitable[dict[int, set[int]]]]:
+    return lambda: ports_of(netns, b.pid)
+
+
+ALL = set(INPOD_PORTS)
+
+
+# -- the plain exchange -----------------------------------------------------------------------
+async def add_acked(b: Bench) -> None:
+    pod = b.pods.make()
+    conn = await b.fresh([])
+    payload, fds = add(pod)
+    if _acked(b, "add-acked", conn, await conn.request(payload, fds), payload, f"AddWorkload for {pod.name}"):
+        b.note("add-acked", f"AddWorkload for {pod.name} ({len(payload)} bytes + its netns fd) acked 0a 00")
+    await conn.request(*delete(pod.uid))
+
+
+async def listeners(b: Bench) -> None:
+    """listeners-in-pod, no-listeners-on-host and listeners-closed-on-del, on one pod."""
+    pod = b.pods.make()
+    conn = await b.fresh([])
+    await conn.request(*add(pod))
+    ok, ports, took = await _wait(_ports(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
+    b.exercised["listeners-in-pod"] += 1
+    if ok:
+        b.note("listeners-in-pod", f"{sorted(ports)} listening in {pod.netns} {took:.2f}s after the ack")
+    else:
+        b.report(
+            "listeners-in-pod",
+            Finding(
+                f"after {took:.1f}s, listening in {pod.netns}: {sorted(ports) or 'nothing'}; expected {sorted(ALL)}",
+                conn.name,
+            ),
+        )
+    host = await ports_of(own_netns(b.pid), b.pid)
+    b.exercised["no-listeners-on-host"] += 1
+    if host:
+        b.report(
+            "no-listeners-on-host",
+            Finding(f"listening on {sorted(host)} in its own netns ({own_netns(b.pid)})", conn.name),
+        )
+    else:
+        b.note("no-listeners-on-host", f"nothing on {sorted(ALL)} in {own_netns(b.pid)}")
+    await conn.request(*delete(pod.uid))
+    gone, left, took = await _wait(_ports(b, pod.netns), lambda p: not p, b.options.timeout)
+    b.exercised["listeners-closed-on-del"] += 1
+    if gone:
+        b.note("listeners-closed-on-del", f"the pod's listeners closed {took:.2f}s after the DelWorkload")
+    else:
+        b.report(
+            "listeners-closed-on-del",
+            Finding(f"{sorted(left)} still listening {took:.1f}s after the DelWorkload", conn.name),
+        )
+
+
+async def del_unknown_uid(b: Bench) -> None:
+    conn = await b.fresh([])
+    payload, _ = delete("zds-check-nobody")
+    if _acked(
+        b, "del-unknown-uid", conn, await conn.request(payload), payload, "DelWorkload for an unknown uid"
+    ):
+        again = await conn.request(payload)
+        if _acked(b, "del-unknown-uid", conn, again, payload, "a second DelWorkload on the same connection"):
+            b.note("del-unknown-uid", "acked, twice, on the same connection")
+
+
+async def readd_same_netns(b: Bench) -> None:
+    pod = b.pods.make()
+    conn = await b.fresh([])
+    payload, fds = add(pod)
+    await conn.request(payload, fds)
+    _, before, _ = await _wait(_ports(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
+    again, fds = add(pod)
+    if _acked(
+        b, "readd-same-netns", conn, await conn.request(again, fds), again, "the same AddWorkload again"
+    ):
+        after = await ports_of(pod.netns, b.pid)
+        if not b.options.protocol_only and after != before:
+            b.report(
+                "readd-same-netns",
+                Finding(f"the listeners changed: {before} -> {after}; the re-add must be a no-op", conn.name),
+            )
+        else:
+            b.note(
+                "readd-same-netns", "acked; listeners untouched" if not b.options.protocol_only else "acked"
+            )
+    await conn.request(*delete(pod.uid))
+
+
+async def readd_new_netns(b: Bench) -> None:
+    pod, other = b.pods.make(), b.pods.make()
+    conn = await b.fresh([])
+    await conn.request(*add(pod))
+    payload, fds = add(pod, other.netns)
+    if _acked(
+        b,
+        "readd-new-netns",
+        conn,
+        await conn.request(payload, fds),
+        payload,
+        "the AddWorkload with another netns",
+    ):
+        if not b.options.protocol_only:
+            moved, new, took = await _wait(_ports(b, other.netns), lambda p: set(p) >= ALL, b.options.timeout)
+            left, old, _ = await _wait(_ports(b, pod.netns), lambda p: not p, b.options.timeout)
+            if not moved or not left:
+                b.report(
+                    "readd-new-netns",
+                    Finding(
+                        f"after {took:.1f}s: new netns {sorted(new)}, old netns {sorted(old)}; expected all in the new, none in the old",
+                        conn.name,
+                    ),
+                )
+            else:
+                b.note("readd-new-netns", "acked; the listeners moved to the new netns")
+        else:
+            b.note("readd-new-netns", "acked")
+    await conn.request(*delete(pod.uid))
+
+
+async def reconcile(b: Bench) -> None:
+    dump = b.url(b.options.config_dump_url)
+    if b.options.protocol_only and not dump:
+        b.skipped["reconcile"] = (
+            "nothing shows what ztunnel holds: give --config-dump-url, or let it open listeners"
+        )
+        return
+    a, gone, c = b.pods.make(), b.pods.make(), b.pods.make()
+    await b.fresh([add(a), add(gone)])
+    before = await ports_of(a.netns, b.pid)
+    conn = await b.fresh([keep(a.uid), add(c), delete(c.uid)])
+    b.exercised["reconcile"] += 1
+    if dump:
+        held = set((await _get_json(dump) or {}).get("workloadState", {}))
+        ours = held & {a.uid, gone.uid, c.uid}
+        if ours != {a.uid}:
+            b.report(
+                "reconcile",
+                Finding(f"config_dump holds {sorted(ours)} of ours; expected only {a.uid} (A)", conn.name),
+            )
+    if not b.options.protocol_only:
+        dropped, left, took = await _wait(
+            lambda: _listening_any(b, [gone.netns, c.netns]), lambda n: not n, b.options.timeout
+        )
+        after = await ports_of(a.netns, b.pid)
+        if not dropped:
+            b.report(
+                "reconcile",
+                Finding(
+                    f"{took:.1f}s after SnapshotSent, still listening in {left}: B and C must be dropped",
+                    conn.name,
+                ),
+            )
+        if after != before:
+            b.report(
+                "reconcile",
+                Finding(
+                    f"A's listeners changed across the reconnect: {before} -> {after}; a Keep keeps them",
+                    conn.name,
+                ),
+            )
+    if not b.findings.get("reconcile"):
+        b.note(
+            "reconcile",
+            "A kept as it was, B (not named) and C (added then deleted before SnapshotSent) dropped",
+        )
+    await conn.request(*delete(a.uid))
+
+
+async def _listening_any(b: Bench, netns: list[str]) -> list[str]:
+    return [path for path in netns if await ports_of(path, b.pid)]
+
+
+# -- pending, retry, readiness ------------------------------------------------------------------
+async def proxy_start_failure(b: Bench) -> None:
+    conn = await b.fresh([])
+    uid = "zds-check-not-a-netns"
+    payload = encode_request(AddWorkload(uid, WorkloadInfo("not-a-netns", "zds-check", "zds-check")))
+    reply = await conn.request(payload, [_open("/dev/null")])
+    b.exercised["proxy-start-failure"] += 1
+    if not _nacked(b, "proxy-start-failure", conn, reply, payload, START_FAILURE):
+        return
+    ready = b.url(b.options.ready_url)
+    if ready:
+        status = await _status(ready)
+        if status == 200:
+            b.report("proxy-start-failure", Finding("ready (200) while a workload is pending", conn.name))
+    still = await conn.request(*delete(uid))
+    if conn.closed_at is not None or still is None:
+        b.report(
+            "proxy-start-failure", Finding("the connection did not stay after the start failure", conn.name)
+        )
+        return
+    if ready:
+        ok, status, _ = await _wait(lambda: _status(ready), lambda s: s == 200, b.options.timeout)
+        if not ok:
+            b.report(
+                "proxy-start-failure",
+                Finding(f"still not ready ({status}) after the pending workload was deleted", conn.name),
+            )
+    b.note(
+        "proxy-start-failure",
+        f"nacked {reply.ack.error if reply and reply.ack else ''!r}; the connection stayed",
+    )
+
+
+async def pending_retry(b: Bench) -> None:
+    pod = b.pods.make()
+    blocker = PortBlocker(pod.netns, INPOD_PORTS[-1])
+    conn = await b.fresh([])
+    payload, fds = add(pod)
+    try:
+        reply = await conn.request(payload, fds)
+        b.exercised["pending-retry"] += 1
+        if not _nacked(b, "pending-retry", conn, reply, payload, START_FAILURE):
+            return
+    finally:
+        blocker.release()
+    within = b.options.retry_interval + b.options.grace
+    up, ports, took = await _wait(_ports(b, pod.netns), lambda p: set(p) >= ALL, within)
+    if up:
+        b.note(
+            "pending-retry", f"nacked while port {blocker.port} was taken; up {took:.1f}s after it was freed"
+        )
+    else:
+        b.report(
+            "pending-retry",
+            Finding(
+                f"{took:.1f}s after port {blocker.port} was freed, listening: {sorted(ports) or 'nothing'}: no retry (every {b.options.retry_interval:g}s)",
+                conn.name,
+            ),
+        )
+    await conn.request(*delete(pod.uid))
+
+
+async def readiness(b: Bench) -> None:
+    url = b.url(b.options.ready_url)
+    if not url:
+        b.skipped["readiness"] = "no probe to ask: give --ready-url"
+        return
+    conn = await b.fresh(None)
+    before = await _status(url)
+    reply = await conn.request(SNAPSHOT_SENT)
+    ok, after, took = await _wait(lambda: _status(url), lambda s: s == 200, b.options.timeout)
+    b.exercised["readiness"] += 1
+    if before == 200:
+        b.report(
+            "readiness",
+            Finding(f"ready (200) on a new connection before any SnapshotSent ({url})", conn.name),
+        )
+    if not ok:
+        b.report(
+            "readiness",
+            Finding(
+                f"{after} from {url} {took:.1f}s after SnapshotSent was answered {_said(reply)}", conn.name
+            ),
+        )
+    if before != 200 and ok:
+        b.note("readiness", f"{before} before the snapshot, 200 {took:.2f}s after it")
+
+
+async def _status(url: str) -> int | None:
+    def get() -> int | None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    return await asyncio.to_thread(get)
+
+
+async def _get_json(url: str) -> dict[str, Any] | None:
+    def get() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                doc = json.loads(resp.read())
+                return doc if isinstance(doc, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    return await asyncio.to_thread(get)
+
+
+def _nacked(b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, prefix: str) -> bool:
+    if reply is not None and reply.ack is not None and reply.ack.error.startswith(prefix):
+        return True
+    b.report(
+        name,
+        Finding(
+            f"answered {_said(reply)}; expected a nack starting {prefix!r}",
+            conn.name,
+            sent=sent,
+            received=reply.payload if reply else None,
+        ),
+    )
+    return False
+
+
+__all__ = ["PROCESS_FAILURE", "READ_FAILURE"]
