@@ -265,7 +265,7 @@ class ZdsClient:
                         action = await self.faults.reply(event, in_snapshot)
                         if action == "skip":
                             continue
-                        await conn.send(event.data)
+                        await conn.send(event.data + event.data if action == "twice" else event.data)
                         if action == "close":
                             return CloseConnection(reason="fault disconnect-in-snapshot: closed mid-snapshot")
                         await self.write_extras()

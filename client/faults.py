@@ -1,9 +1,9 @@
 """Faults on demand in the ztunnel side: make ``zds ztunnel`` misbehave, to test a node agent.
 
 Armed at start-up (``zds ztunnel --faults FILE``: YAML or JSON lines, one
-``{kind, count, delay, text}`` per entry) or while it runs (``POST /faults`` on
-the admin endpoint, a JSON body with the same fields; ``GET /faults`` lists
-them). Each is logged and counted (``zds_ztunnel_faults_total{kind,outcome}``).
+``{kind, count, delay, text, after}`` per entry) or while it runs (``POST /faults``
+on the admin endpoint, a JSON body with the same fields; ``GET /faults`` lists
+them). ``after: N`` lets N records pass as usual before the fault acts. Each is logged and counted (``zds_ztunnel_faults_total{kind,outcome}``).
 
 The ZDS client asks ``intercept`` about each record before the protocol sees
 it, ``reply`` about each answer before it is written, and ``hello`` for the
@@ -60,6 +60,10 @@ class ZtunnelFaultKind(enum.Enum):
         "ack-blindly",
         "answer the next --count records with an empty Ack without reading them (a ztunnel that checks nothing)",
     )
+    NON_CANONICAL_ACK = (
+        "non-canonical-ack",
+        "answer the next --count requests with their Ack field written twice (valid protobuf, not canonical)",
+    )
 
     def __init__(self, label: str, description: str) -> None:
         self.label = label
@@ -85,6 +89,9 @@ class ZtunnelFault:
     delay: float = 0.0
     text: str = ""
     remaining: int = 1
+    #: The first record (counted from the start of zds ztunnel) it may act on: ``after`` records
+    #: after it was armed pass as usual first.
+    starts_at: int = 0
     state: str = "armed"
     detail: str = ""
 
@@ -96,11 +103,14 @@ class ZtunnelFault:
             "delay": self.delay,
             "text": self.text,
             "remaining": self.remaining,
+            "starts_at_record": self.starts_at,
             "state": self.state,
             "detail": self.detail,
         }
 
 
+#: What a fault entry may say.
+FIELDS = ("kind", "count", "delay", "text", "after")
 #: A ZdsHello no node agent speaks: version 2 (Istio only logs the version; zds refuses it).
 BAD_HELLO = b"\x08\x02"
 
@@ -115,6 +125,8 @@ class ZtunnelFaults:
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     #: Answers given in the current snapshot (disconnect-in-snapshot counts them).
     snapshot_answers: int = 0
+    #: Records received since zds ztunnel started (``after`` counts from here).
+    records: int = 0
 
     @property
     def armed(self) -> bool:
@@ -124,16 +136,17 @@ class ZtunnelFaults:
         """Arm one fault from ``{kind, count, delay, text}`` (ZtunnelFaultError when it is wrong)."""
         if not isinstance(entry, dict):
             raise ZtunnelFaultError("a fault is an object with kind, count, delay, text")
-        unknown = sorted(set(entry) - {"kind", "count", "delay", "text"})
+        unknown = sorted(set(entry) - set(FIELDS))
         if unknown:
-            raise ZtunnelFaultError(
-                f"unknown field(s) {', '.join(unknown)}; expected kind, count, delay, text"
-            )
+            raise ZtunnelFaultError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
         kind = ZtunnelFaultKind.named(str(entry.get("kind", "")))
         try:
             count, delay = int(entry.get("count", 1)), float(entry.get("delay", 0.0))
+            after = int(entry.get("after", 0))
         except (TypeError, ValueError) as exc:
             raise ZtunnelFaultError(f"{kind.label}: {exc}") from None
+        if after < 0:
+            raise ZtunnelFaultError(f"{kind.label}: after must not be negative")
         if kind is ZtunnelFaultKind.STOP_READING:
             count = int(entry.get("count", 0))
         if count < (0 if kind is ZtunnelFaultKind.STOP_READING else 1):
@@ -143,8 +156,9 @@ class ZtunnelFaults:
         if delay < 0:
             raise ZtunnelFaultError(f"{kind.label}: delay must not be negative")
         remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
+        text = str(entry.get("text") or "")
         fault = ZtunnelFault(
-            f"z{next(self._ids)}", kind, count, delay, str(entry.get("text") or ""), remaining
+            f"z{next(self._ids)}", kind, count, delay, text, remaining, self.records + after + 1
         )
         self.faults.append(fault)
         log.warning("fault %s armed: %s (%s)", fault.id, kind.label, kind.description)
@@ -152,7 +166,10 @@ class ZtunnelFaults:
         return fault
 
     def _take(self, kind: ZtunnelFaultKind) -> ZtunnelFault | None:
-        return next((f for f in self.faults if f.state == "armed" and f.kind is kind), None)
+        return next(
+            (f for f in self.faults if f.state == "armed" and f.kind is kind and self.records >= f.starts_at),
+            None,
+        )
 
     def _used(self, fault: ZtunnelFault, detail: str) -> None:
         fault.remaining -= 1
@@ -189,6 +206,7 @@ class ZtunnelFaults:
     def intercept(self, record: Record) -> bytes | None:
         """Answer a record here instead of processing it (ack-blindly, nack-adds): the bytes of the
         answer, its fds closed; None: the record goes to the protocol as usual."""
+        self.records += 1
         if fault := self._take(ZtunnelFaultKind.ACK_BLINDLY):
             record.close_fds()
             self._used(fault, f"acked a {len(record.payload)}-byte record without reading it")
@@ -210,6 +228,9 @@ class ZtunnelFaults:
         if fault := self._take(ZtunnelFaultKind.DELAY_ACKS):
             await asyncio.sleep(fault.delay)
             self._used(fault, f"answered {_what(reply)} {fault.delay:g}s late")
+        if fault := self._take(ZtunnelFaultKind.NON_CANONICAL_ACK):
+            self._used(fault, f"answered {_what(reply)} with its Ack field twice")
+            return "twice"
         stop = self._take(ZtunnelFaultKind.STOP_READING)
         if stop is not None and stop.remaining > 0:
             stop.remaining -= 1

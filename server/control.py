@@ -24,7 +24,8 @@ from zds.server.connection import ConnectionInfo
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.eventkinds import EventKind
 from zds.server.events import AgentEvent, FaultView, WatchEnded, WatchEnding, Watcher
-from zds.server.faults import Fault, FaultError, FaultKind, FaultSpec, Refusal
+from zds.server.faultkinds import FaultError, FaultKind, Refusal
+from zds.server.faults import Fault, FaultSpec
 from zds.server.pods import Pod, PodSpec, PodState
 
 log = logging.getLogger("zds.server.control")
@@ -157,6 +158,7 @@ def fault_spec(request: nodeagent_pb2.InjectFaultRequest) -> FaultSpec:
         after_snapshot=request.after_snapshot,
         connection_id=request.connection_id,
         next_connection=request.next_connection,
+        skip_connections=request.skip_connections,
     )
 
 

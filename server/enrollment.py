@@ -305,7 +305,7 @@ class Enrollment:
                 )
         finally:
             self.cache.removed(uid)
-            if self.faults is None or not self.faults.leak(uid):
+            if self.faults is None or not self.faults.leak(pod):
                 pod.close()
         return pod, [
             DeleteResult(conn.id, answer.error if isinstance(answer, Ack) else str(answer))

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from zds import cliflags, defaults
-from zds.server.faults import FaultKind
+from zds.server.faultkinds import FaultKind
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     where.add_argument("--connection", default="", metavar="ID", help="a connection id (zds connections)")
     where.add_argument(
         "--next-connection", action="store_true", help="arm it for the next connection the node agent accepts"
+    )
+    fault.add_argument(
+        "--skip-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --next-connection: let N connections be accepted first (default: %(default)s)",
     )
     fault.add_argument(
         "--count",
@@ -88,6 +95,7 @@ def inject(args: argparse.Namespace) -> int:
         kind=FAULT_KIND_TO_PROTO[FaultKind.named(args.kind)],  # type: ignore[arg-type]
         connection_id=args.connection,
         next_connection=args.next_connection,
+        skip_connections=args.skip_connections,
         count=args.count,
         uid=args.uid,
         after_snapshot=args.after_snapshot,

@@ -29,7 +29,8 @@ from zds.protocol.messages import (
     request_kind,
 )
 from zds.protocol.nodeagent import AckReceived, ConnectionState
-from zds.server.faults import Category, Fault, FaultBook, FaultError, FaultKind
+from zds.server.faultkinds import Category, FaultError, FaultKind
+from zds.server.faults import Fault, FaultBook
 from zds.server.link import ConnectionLost
 
 if TYPE_CHECKING:
@@ -116,13 +117,15 @@ class ConnectionFaults:
                 except FaultError as exc:
                     self.book.dropped(fault, str(exc))
                     break
+                what = f"{fault.kind.label} ({len(payload)} bytes, {len(fds)} fds) sent on conn {conn.id}"
                 await _write(conn, request, payload, fds)
-                ack = await _wait_ack(conn, request)
+                try:
+                    ack = await _wait_ack(conn, request)
+                except ConnectionLost as lost:
+                    self.book.consume(fault, f"{what}: the connection closed before an answer ({lost.reason})")
+                    raise
                 said = f"ztunnel answered {ack.error!r}" if ack.error else "ztunnel acked it"
-                self.book.consume(
-                    fault,
-                    f"{fault.kind.label} ({len(payload)} bytes, {len(fds)} fds) sent on conn {conn.id}: {said}",
-                )
+                self.book.consume(fault, f"{what}: {said}")
 
     # -- the next message ------------------------------------------------------------------
     async def _message(self, conn: ZtunnelConnection, delivery: Delivery) -> Ack:
@@ -153,6 +156,22 @@ class ConnectionFaults:
             self.book.consume(
                 f, f"{kind} written on conn {conn.id} in non-canonical form ({len(payload) * 2} bytes)"
             )
+        if isinstance(request, AddWorkload) and (f := self._take(FaultKind.WRONG_NETNS)):
+            other = next(
+                (
+                    p
+                    for p in self.book.pods_other_than(request.uid)
+                    if p.netns is not None and not p.netns.closed
+                ),
+                None,
+            )
+            if other is not None and other.netns is not None:
+                delivery.close_fd()
+                delivery.fd = other.netns.dup()
+                self.book.consume(
+                    f,
+                    f"AddWorkload for {request.uid} written on conn {conn.id} with the netns of pod {other.uid}",
+                )
         if f := self._take(FaultKind.PIPELINE):
             return await self._twice(conn, delivery, f)
         if f := self._take(FaultKind.DROP_AFTER):

@@ -29,7 +29,6 @@ check (``ZtunnelConnection.faults is not None``); the mechanics live in
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import time
@@ -37,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zds.errors import ZdsError
 from zds.server.eventkinds import EventKind
+from zds.server.faultkinds import NEEDS_POD, Category, FaultError, FaultKind, Refusal
 
 if TYPE_CHECKING:
     from zds.server.connection import ZtunnelConnection
@@ -51,122 +50,6 @@ if TYPE_CHECKING:
     from zds.server.telemetry import Telemetry
 
 log = logging.getLogger("zds.server.faults")
-
-
-class Category(enum.Enum):
-    MESSAGE = "message"
-    RECORD = "record"
-    CONNECTION = "connection"
-    DELIVERY = "delivery"
-
-
-class FaultKind(enum.Enum):
-    """Every fault, with what it acts on and what it does."""
-
-    DELAY = (
-        "delay",
-        Category.MESSAGE,
-        "wait --delay seconds before writing each of the next --count messages",
-    )
-    DROP_BEFORE = (
-        "drop-before",
-        Category.MESSAGE,
-        "close the connection instead of writing the next message",
-    )
-    DROP_AFTER = ("drop-after", Category.MESSAGE, "close the connection right after writing the next message")
-    PIPELINE = (
-        "pipeline",
-        Category.MESSAGE,
-        "write the next message twice, back to back, before its first ack",
-    )
-    NON_CANONICAL = (
-        "non-canonical",
-        Category.MESSAGE,
-        "write the next message with its payload field twice (valid protobuf, not canonical)",
-    )
-    OVERSIZE_RECORD = (
-        "oversize-record",
-        Category.RECORD,
-        "a DelWorkload padded over ztunnel's 1024-byte buffer (unknown field 15, 1100 bytes)",
-    )
-    UNKNOWN_FIELD = (
-        "unknown-field",
-        Category.RECORD,
-        "a DelWorkload with a field ztunnel does not know (15)",
-    )
-    NO_PAYLOAD = ("no-payload", Category.RECORD, "a WorkloadRequest with only an unknown field: no payload")
-    EMPTY_RECORD = ("empty-record", Category.RECORD, "a 0-byte record (ztunnel reads it as EOF)")
-    ADD_WITHOUT_FD = ("add-without-fd", Category.RECORD, "an AddWorkload with no fd")
-    ADD_WITH_TWO_FDS = ("add-with-two-fds", Category.RECORD, "a pod's AddWorkload with two fds of its netns")
-    ADD_WITHOUT_WORKLOAD_INFO = (
-        "add-without-workload-info",
-        Category.RECORD,
-        "a pod's AddWorkload (with its netns fd) without workload_info",
-    )
-    NOT_A_NETNS_FD = ("not-a-netns-fd", Category.RECORD, "an AddWorkload whose fd is /dev/null, not a netns")
-    FD_ON_DEL = ("fd-on-del", Category.RECORD, "a DelWorkload carrying an fd (/dev/null)")
-    KEEP_UNKNOWN_UID = ("keep-unknown-uid", Category.RECORD, "a KeepWorkload for a uid nobody enrolled")
-    DUPLICATE_ADD = ("duplicate-add", Category.RECORD, "a pod's AddWorkload (with its netns fd) once more")
-    SECOND_SNAPSHOT_SENT = ("second-snapshot-sent", Category.RECORD, "a SnapshotSent after the snapshot")
-    RECORD_BEFORE_HELLO = (
-        "record-before-hello",
-        Category.CONNECTION,
-        "on the next connection, a DelWorkload before reading ztunnel's hello",
-    )
-    WITHHOLD_SNAPSHOT_SENT = (
-        "withhold-snapshot-sent",
-        Category.CONNECTION,
-        "never send this snapshot's SnapshotSent",
-    )
-    OMIT_FROM_SNAPSHOT = ("omit-from-snapshot", Category.CONNECTION, "leave pod --uid out of the snapshot")
-    ADD_TO_OLDEST = (
-        "add-to-oldest",
-        Category.DELIVERY,
-        "the next --count AddWorkloads go to the oldest connection",
-    )
-    DEL_TO_NEWEST_ONLY = (
-        "del-to-newest-only",
-        Category.DELIVERY,
-        "the next --count DelWorkloads go to the newest connection only",
-    )
-    LEAK_NETNS_FDS = (
-        "leak-netns-fds",
-        Category.DELIVERY,
-        "keep the netns fds of the next --count removed pods open (as Istio leaves them to Go's GC)",
-    )
-
-    def __init__(self, label: str, category: Category, description: str) -> None:
-        self.label = label
-        self.category = category
-        self.description = description
-
-    @classmethod
-    def named(cls, label: str) -> FaultKind:
-        for kind in cls:
-            if kind.label == label:
-                return kind
-        raise FaultError(
-            Refusal.INVALID, f"unknown fault {label!r}; one of {', '.join(k.label for k in cls)}"
-        )
-
-
-#: Record faults made from a pod's netns (a real netns, so nothing else is wrong with them).
-NEEDS_POD = frozenset(
-    {FaultKind.ADD_WITH_TWO_FDS, FaultKind.ADD_WITHOUT_WORKLOAD_INFO, FaultKind.DUPLICATE_ADD}
-)
-
-
-class Refusal(enum.Enum):
-    INVALID = "invalid"  # the request itself is wrong (gRPC INVALID_ARGUMENT)
-    PRECONDITION = "precondition"  # it makes no sense in the connection's state (FAILED_PRECONDITION)
-
-
-class FaultError(ZdsError):
-    """A fault refused; the message says why in one line."""
-
-    def __init__(self, refusal: Refusal, message: str) -> None:
-        super().__init__(message)
-        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -182,6 +65,8 @@ class FaultSpec:
     #: A connection id; "" means the newest (unless ``next_connection``).
     connection_id: str = ""
     next_connection: bool = False
+    #: With ``next_connection``: let this many connections be accepted first.
+    skip_connections: int = 0
 
 
 @dataclass
@@ -194,6 +79,8 @@ class Fault:
     target: str
     remaining: int
     state: str = "armed"
+    #: Connections still to let pass before it attaches (``skip_connections``).
+    skips: int = 0
     detail: str = ""
     injected_at: float = field(default_factory=time.time)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -226,6 +113,8 @@ class FaultBook:
         #: Each connection's faults, by connection id (also while the connection's own
         #: reference is lent out, see faultplay).
         self.states: dict[str, ConnectionFaults] = {}
+        #: Pods whose netns fd leak-netns-fds kept open.
+        self.leaked: list[Pod] = []
 
     # -- injecting -------------------------------------------------------------------
     def inject(self, spec: FaultSpec) -> Fault:
@@ -274,8 +163,17 @@ class FaultBook:
                     Refusal.INVALID, f"{kind.label} acts on the node agent's delivery, not on one connection"
                 )
             return Fault(fid, spec, "the node agent", spec.count), None
+        if spec.skip_connections < 0:
+            raise FaultError(Refusal.INVALID, f"{kind.label}: --skip-connections must not be negative")
+        if spec.skip_connections and not spec.next_connection:
+            raise FaultError(Refusal.INVALID, f"{kind.label}: --skip-connections goes with --next-connection")
         if spec.next_connection:
-            return Fault(fid, spec, "the next connection", spec.count), None
+            target = (
+                "the next connection"
+                if not spec.skip_connections
+                else f"the connection after the next {spec.skip_connections}"
+            )
+            return Fault(fid, spec, target, spec.count, skips=spec.skip_connections), None
         conn = self._target(spec)
         self._check_state(spec, conn)
         return Fault(fid, spec, f"conn {conn.id}", spec.count), conn
@@ -331,6 +229,10 @@ class FaultBook:
             raise FaultError(Refusal.PRECONDITION, f"{spec.kind.label}: pod {pod.uid} has no open netns")
         return pod
 
+    def pods_other_than(self, uid: str) -> list[Pod]:
+        """Enrolled pods but ``uid``, the last enrolled first (wrong-netns takes one)."""
+        return sorted((p for p in self._pods if p.uid != uid), key=lambda p: -p.enrolled_at)
+
     # -- what the node agent asks ------------------------------------------------------
     def admitted(self, conn: ZtunnelConnection, *, hello: bool) -> None:
         """A connection was accepted (``hello`` False) or said hello and is served (True): it
@@ -343,6 +245,10 @@ class FaultBook:
         pending, self._next = self._next, []
         for fault in pending:
             if (fault.kind is FaultKind.RECORD_BEFORE_HELLO) == hello:
+                self._next.append(fault)  # not this moment of a connection's life
+                continue
+            if fault.skips > 0:
+                fault.skips -= 1
                 self._next.append(fault)
                 continue
             fault.target = f"conn {conn.id}"
@@ -367,12 +273,14 @@ class FaultBook:
         )
         return ready[-1:]
 
-    def leak(self, uid: str) -> bool:
-        """Whether the netns fd of removed pod ``uid`` is to be left open (``leak-netns-fds``)."""
+    def leak(self, pod: Pod) -> bool:
+        """Whether the netns fd of removed ``pod`` is to be left open (``leak-netns-fds``): then it
+        is kept here, for good (Python would close it with the object; Go's GC, Istio's case, later)."""
         armed = self._delivery.get(FaultKind.LEAK_NETNS_FDS)
         if not armed:
             return False
-        self.consume(armed[0], f"the netns fd of removed pod {uid} was left open")
+        self.leaked.append(pod)
+        self.consume(armed[0], f"the netns fd of removed pod {pod.uid} was left open")
         return True
 
     # -- reporting -----------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Faults files (``zds server --faults FILE``): faults armed at start-up, before any ztunnel
 connects. YAML (a list, or ``faults:`` holding one) or JSON lines, one fault per entry:
-``{kind, count, delay, uid, after_snapshot}``. A connection fault is armed for the first
-connection accepted; a delivery fault for the node agent."""
+``{kind, count, delay, uid, after_snapshot, skip_connections}``. A connection fault is
+armed for the first connection accepted (or, with ``skip_connections: N``, the N+1th); a
+delivery fault for the node agent."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from zds.server.faults import Category, FaultError, FaultKind, FaultSpec, Refusal
+from zds.server.faultkinds import Category, FaultError, FaultKind, Refusal
+from zds.server.faults import FaultSpec
 
-FIELDS = ("kind", "count", "delay", "uid", "after_snapshot")
+FIELDS = ("kind", "count", "delay", "uid", "after_snapshot", "skip_connections")
 
 
 def spec_from_entry(entry: Any, where: str) -> FaultSpec:
@@ -27,6 +29,7 @@ def spec_from_entry(entry: Any, where: str) -> FaultSpec:
         kind = FaultKind.named(str(entry["kind"]))
         count = int(entry.get("count", 1))
         delay = float(entry.get("delay", 0.0))
+        skips = int(entry.get("skip_connections", 0))
     except FaultError as exc:
         raise FaultError(Refusal.INVALID, f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -38,6 +41,7 @@ def spec_from_entry(entry: Any, where: str) -> FaultSpec:
         uid=str(entry.get("uid") or ""),
         after_snapshot=bool(entry.get("after_snapshot", False)),
         next_connection=kind.category is not Category.DELIVERY,
+        skip_connections=skips,
     )
 
 

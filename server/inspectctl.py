@@ -160,6 +160,12 @@ def event_details(event: nodeagent_pb2.Event) -> str:
             parts.append(
                 f"{'reason' if kind == nodeagent_pb2.EVENT_KIND_POD_SOURCE_DOWN else 'detail'}={_value(event.error)}"
             )
+    elif kind in (nodeagent_pb2.EVENT_KIND_FAULT_INJECTED, nodeagent_pb2.EVENT_KIND_FAULT_APPLIED):
+        fault = event.fault
+        parts.append(f"{fault.id} {_enum(nodeagent_pb2.FaultKind.Name(fault.kind), 'FAULT_KIND_')}")
+        parts.append(f"target={_value(fault.target)} state={fault.state}")
+        if kind == nodeagent_pb2.EVENT_KIND_FAULT_APPLIED:
+            parts.append(f"detail={_value(event.error)}")
     if event.current_state:
         parts.append("(current state)")
     return " ".join(parts)

@@ -247,7 +247,7 @@ class NodeAgentServer:
 
     def _arm_faults(self, path: str) -> None:
         """Arm every fault of a faults file; one that cannot be armed stops the start-up."""
-        from zds.server.faults import FaultError
+        from zds.server.faultkinds import FaultError
         from zds.server.faultsfile import load_faults_file
 
         try:

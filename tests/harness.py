@@ -731,3 +731,57 @@ class FakeNodeAgent:
             os.unlink(self.path)
         for conn in self.conns:
             conn.close()
+
+
+# -- zds check --------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckRun:
+    """One ``zds check`` run: its exit status, output and JSON report."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    report: dict[str, Any]
+
+    def check(self, name: str) -> dict[str, Any]:
+        for check in self.report["checks"]:
+            if check["name"] == name:
+                result: dict[str, Any] = check
+                return result
+        raise KeyError(f"no check {name} in the report:\n{self.stdout}")
+
+    def status(self, name: str) -> str:
+        return str(self.check(name)["status"])
+
+    def findings(self, name: str) -> str:
+        """Every finding of ``name`` as text (messages and details), for `in` assertions."""
+        return "\n".join(
+            f["message"] + "\n" + "\n".join(f.get("detail", [])) for f in self.check(name)["findings"]
+        )
+
+    def statuses(self) -> dict[str, str]:
+        return {c["name"]: c["status"] for c in self.report["checks"]}
+
+
+def zds_check(role: str, *args: str, tmp: pathlib.Path, timeout: float = 300) -> CheckRun:
+    """Run ``zds check ROLE ARGS --json`` to the end and read its report."""
+    report = tmp / f"check-{role}-{time.monotonic_ns()}.json"
+    done = subprocess.run(
+        [*ZDS, "check", role, *args, "--json", str(report)], capture_output=True, text=True, timeout=timeout
+    )
+    doc: dict[str, Any] = json.loads(report.read_text()) if report.exists() else {"checks": []}
+    return CheckRun(done.returncode, done.stdout, done.stderr, doc)
+
+
+def faults_file(path: pathlib.Path, *entries: dict[str, Any]) -> str:
+    """A faults file (JSON lines) for ``zds server --faults`` / ``zds ztunnel --faults``."""
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return str(path)
+
+
+def peers_dir() -> pathlib.Path | None:
+    """Where the upstream reference peers are built (``ZDS_PEERS_DIR``, default /work/peers), if they are."""
+    path = pathlib.Path(os.environ.get("ZDS_PEERS_DIR", "/work/peers"))
+    return path if path.is_dir() else None

@@ -301,6 +301,14 @@ class Bench:
             await old.close()
         within = self.options.connect_timeout if first or old is None else self.options.timeout
         conn = await self.accept(within)
+        if conn is None and old is not None:
+            self.report(
+                "reconnect",
+                Finding(
+                    f"no connection within {within:g}s after the node agent closed {old.name}: ztunnel connects again at once",
+                    old.name,
+                ),
+            )
         if conn is None:
             raise ZtunnelGone(
                 f"no connection from the ztunnel within {within:g}s"
@@ -310,7 +318,8 @@ class Bench:
             self.exercised["reconnect"] += 1
             self.note(
                 "reconnect",
-                f"{conn.name} came {conn.accepted_at - closed_by_us:.3f}s after the node agent closed {old.name}",
+                f"{conn.name} came {max(0.0, conn.accepted_at - closed_by_us) * 1000:.1f} ms after the node agent "
+                f"closed {old.name}",
             )
         return conn
 

@@ -56,7 +56,7 @@ async def _refused(
     if nacked and reply is not None and reply.ack is not None:
         b.note(
             name,
-            f"{what}: nacked {reply.ack.error!r}, closed, back {back.accepted_at - conn.closed_at:.3f}s later"
+            f"{what}: nacked {reply.ack.error!r}, closed, back {_since(back.accepted_at, conn.closed_at)} later"
             if conn.closed_at
             else what,
         )

@@ -237,7 +237,15 @@ async def reconcile(b: Bench) -> None:
                     conn.name,
                 ),
             )
-        if after != before:
+        if set(after) < ALL:
+            b.report(
+                "reconcile",
+                Finding(
+                    f"A listens on {sorted(after) or 'nothing'} after the reconnect; a Keep keeps its proxy",
+                    conn.name,
+                ),
+            )
+        elif after != before:
             b.report(
                 "reconcile",
                 Finding(

@@ -69,6 +69,7 @@ class FaultKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAULT_KIND_ADD_TO_OLDEST: _ClassVar[FaultKind]
     FAULT_KIND_DEL_TO_NEWEST_ONLY: _ClassVar[FaultKind]
     FAULT_KIND_LEAK_NETNS_FDS: _ClassVar[FaultKind]
+    FAULT_KIND_WRONG_NETNS: _ClassVar[FaultKind]
 POD_STATE_UNSPECIFIED: PodState
 POD_STATE_PENDING: PodState
 POD_STATE_ACKED: PodState
@@ -116,6 +117,7 @@ FAULT_KIND_OMIT_FROM_SNAPSHOT: FaultKind
 FAULT_KIND_ADD_TO_OLDEST: FaultKind
 FAULT_KIND_DEL_TO_NEWEST_ONLY: FaultKind
 FAULT_KIND_LEAK_NETNS_FDS: FaultKind
+FAULT_KIND_WRONG_NETNS: FaultKind
 
 class NetnsIdentity(_message.Message):
     __slots__ = ("dev", "ino")
@@ -316,7 +318,7 @@ class Event(_message.Message):
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sequence: _Optional[int] = ..., current_state: _Optional[bool] = ..., uid: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., connection_id: _Optional[str] = ..., message_type: _Optional[str] = ..., error: _Optional[str] = ..., ack_latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ..., connection: _Optional[_Union[Connection, _Mapping]] = ..., snapshot_pods: _Optional[int] = ..., pod_source: _Optional[str] = ..., fault: _Optional[_Union[Fault, _Mapping]] = ...) -> None: ...
 
 class InjectFaultRequest(_message.Message):
-    __slots__ = ("kind", "connection_id", "next_connection", "count", "delay", "uid", "after_snapshot", "wait")
+    __slots__ = ("kind", "connection_id", "next_connection", "count", "delay", "uid", "after_snapshot", "wait", "skip_connections")
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_CONNECTION_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +327,7 @@ class InjectFaultRequest(_message.Message):
     UID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     kind: FaultKind
     connection_id: str
     next_connection: bool
@@ -333,7 +336,8 @@ class InjectFaultRequest(_message.Message):
     uid: str
     after_snapshot: bool
     wait: bool
-    def __init__(self, kind: _Optional[_Union[FaultKind, str]] = ..., connection_id: _Optional[str] = ..., next_connection: _Optional[bool] = ..., count: _Optional[int] = ..., delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., uid: _Optional[str] = ..., after_snapshot: _Optional[bool] = ..., wait: _Optional[bool] = ...) -> None: ...
+    skip_connections: int
+    def __init__(self, kind: _Optional[_Union[FaultKind, str]] = ..., connection_id: _Optional[str] = ..., next_connection: _Optional[bool] = ..., count: _Optional[int] = ..., delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., uid: _Optional[str] = ..., after_snapshot: _Optional[bool] = ..., wait: _Optional[bool] = ..., skip_connections: _Optional[int] = ...) -> None: ...
 
 class Fault(_message.Message):
     __slots__ = ("id", "kind", "target", "count", "delay", "uid", "after_snapshot", "state", "detail")

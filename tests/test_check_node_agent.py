@@ -1,0 +1,185 @@
+"""``zds check node-agent`` against zds's own node agent, both ways: every check holds against
+``zds server``, and every check fails, with the right finding, against ``zds server`` with the
+matching fault armed (``--faults FILE``) — so no check can hold vacuously."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import pytest
+
+from tests.harness import NodeAgentProc, Pod, StartServer, faults_file, zds_check
+from zds.check.agentchecks import CHECKS
+
+pytestmark = pytest.mark.root
+
+#: Short waits: zds server answers at once; only the ack-deadline scenario waits a deadline.
+FAST = ["--timeout", "3", "--grace", "1", "--hello-wait", "0.5", "--cycles", "5"]
+
+
+def check_args(server: NodeAgentProc, *extra: str) -> list[str]:
+    return ["--zds-socket", server.zds_socket, "--control-socket", server.control_socket, *FAST, *extra]
+
+
+def test_every_check_holds_against_zds_server(start_server: StartServer, tmp_path: pathlib.Path) -> None:
+    server = start_server("--ack-timeout", "1")
+    junit = tmp_path / "report.xml"
+    run = zds_check(
+        "node-agent", *check_args(server, "--ack-deadline", "1", "--junit", str(junit)), tmp=tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert set(run.statuses().values()) == {"pass"}, run.stdout
+    assert [c["name"] for c in run.report["checks"]] == [c.name for c in CHECKS]
+    assert "0 failed, 0 errors, 0 skipped" in run.stdout
+    assert junit.read_text().count("<testcase") == len(CHECKS)
+    assert 'failures="0"' in junit.read_text()
+
+
+def test_pods_come_and_go_through_command_templates(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    server = start_server("--ack-timeout", "1")
+    zds = f"{sys.executable} -m zds"
+    add = (
+        f"{zds} pod add --uid {{uid}} --name {{name}} --namespace {{namespace}} "
+        f"--service-account {{service_account}} --netns {{netns}} --control-socket {server.control_socket}"
+    )
+    remove = f"{zds} pod remove --uid {{uid}} --control-socket {server.control_socket}"
+    run = zds_check(
+        "node-agent",
+        "--zds-socket",
+        server.zds_socket,
+        "--add-cmd",
+        add,
+        "--remove-cmd",
+        remove,
+        "--ack-deadline",
+        "1",
+        *FAST,
+        tmp=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert set(run.statuses().values()) == {"pass"}, run.stdout
+    assert "pods via --add-cmd" in run.stdout
+
+
+def pod_entry(pod: Pod) -> dict[str, str]:
+    return {"uid": "held-" + pod.name, "name": "held", "namespace": "zds-check", "netns": pod.path}
+
+
+#: check -> (fault entries for zds server --faults, extra server flags, extra check flags, what the finding says)
+PROOFS: dict[str, tuple[list[dict[str, Any]], list[str], list[str], str]] = {
+    "hello-first": ([{"kind": "record-before-hello"}], [], [], "arrived before ztunnel's hello"),
+    "one-in-flight": ([{"kind": "pipeline"}], [], [], "was not acked yet"),
+    "record-size": ([{"kind": "oversize-record"}], [], [], "is 1125 bytes"),
+    "strict-decoding": (
+        [{"kind": "unknown-field"}],
+        [],
+        [],
+        "fields ztunnel does not know: WorkloadRequest field 15",
+    ),
+    "canonical-encoding": ([{"kind": "non-canonical"}], [], [], "is not in canonical form"),
+    "no-empty-record": ([{"kind": "empty-record"}], [], [], "a 0-byte record"),
+    "add-one-fd": ([{"kind": "add-without-fd"}], [], [], "carried 0 fds"),
+    "fd-is-netns": (
+        [{"kind": "not-a-netns-fd"}],
+        [],
+        [],
+        "not a network namespace: not a namespace /dev/null",
+    ),
+    "add-netns-is-the-pods": (
+        [{"kind": "wrong-netns", "skip_connections": 1}],
+        [],
+        [],
+        "not the pod's own netns",
+    ),
+    "fd-only-on-add": ([{"kind": "fd-on-del"}], [], [], "carried 1 fd(s); only AddWorkload may"),
+    "add-workload-info": ([{"kind": "add-without-workload-info"}], [], [], "has no workload_info"),
+    # On the exchange's connection (the second): it lives on after its snapshot, to see what follows.
+    "no-keep-after-snapshot": (
+        [{"kind": "keep-unknown-uid", "after_snapshot": True, "skip_connections": 1}],
+        [],
+        [],
+        "after SnapshotSent",
+    ),
+    "one-snapshot-sent": (
+        [{"kind": "second-snapshot-sent", "skip_connections": 1}],
+        [],
+        [],
+        "a second SnapshotSent on this connection",
+    ),
+    "snapshot-complete": (
+        [{"kind": "withhold-snapshot-sent", "skip_connections": 1}],
+        [],
+        [],
+        "no SnapshotSent within",
+    ),
+    "reconnect-snapshot": (
+        [{"kind": "withhold-snapshot-sent", "skip_connections": 2}],
+        [],
+        [],
+        "no SnapshotSent within",
+    ),
+    "adds-to-newest": ([{"kind": "add-to-oldest"}], [], [], "arrived on the older connection"),
+    "deletes-to-all": ([{"kind": "del-to-newest-only"}], [], [], "no DelWorkload for"),
+    # No fault needed: a node agent whose deadline is longer than the one checked for.
+    "ack-deadline": ([], ["--ack-timeout", "30"], ["--ack-deadline", "1"], "no deadline"),
+    "fd-hygiene": ([{"kind": "leak-netns-fds", "count": 5}], [], [], "on the netns of removed pods"),
+}
+
+
+def test_every_check_has_a_proof_that_it_can_fail() -> None:
+    assert set(PROOFS) == {c.name for c in CHECKS}
+
+
+@pytest.mark.parametrize("name", sorted(PROOFS))
+def test_each_check_fails_against_zds_server_with_the_matching_fault(
+    name: str, start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    entries, server_flags, check_flags, says = PROOFS[name]
+    held = make_pod()  # a pod the node agent holds from the start (record faults take its netns)
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps(pod_entry(held)) + "\n")
+    flags = ["--pods", str(pods), *server_flags]
+    if entries:
+        flags += ["--faults", faults_file(tmp_path / "faults.jsonl", *entries)]
+    server = start_server(*flags)
+    run = zds_check("node-agent", *check_args(server, "--only", name, *check_flags), tmp=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.status(name) == "fail", run.stdout
+    assert says in run.findings(name), run.stdout
+    assert "source: istio/" in run.stdout  # the rule's upstream source is named
+    if entries:
+        assert f"fault f1 ({entries[0]['kind']}) took effect" in server.output()
+
+
+def test_list_names_every_check_with_its_description(zds_cmd: list[str]) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [*zds_cmd, "check", "node-agent", "--list"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    for check in CHECKS:
+        assert f"{check.name}  " in done.stdout and check.description in done.stdout
+
+
+def test_a_node_agent_that_is_not_there_is_an_error_not_a_pass(tmp_path: pathlib.Path) -> None:
+    run = zds_check(
+        "node-agent",
+        "--zds-socket",
+        str(tmp_path / "nobody.sock"),
+        "--control-socket",
+        str(tmp_path / "c.sock"),
+        *FAST,
+        tmp=tmp_path,
+    )
+    assert run.returncode == 1
+    assert set(run.statuses().values()) == {"error"}
+    assert "cannot connect to the node agent" in run.stdout
+    made = os.listdir("/var/run/netns") if os.path.isdir("/var/run/netns") else []
+    assert not [n for n in made if n.startswith("zdsck-")]
