@@ -173,7 +173,10 @@ class ZdsClient:
                 if not answered and not record.is_eof:
                     answered = True  # its first message answers the hello
                     log.info("connected to the node agent at %s", self.socket_path, extra=extra)
-                if self.faults is not None and (answer := self.faults.intercept(record)) is not None:
+                if (
+                    self.faults is not None
+                    and (answer := self.faults.intercept(record, conn.socket)) is not None
+                ):
                     await conn.send(answer)
                     continue
                 events = self.protocol.receive(record)  # it owns the record's fds now

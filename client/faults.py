@@ -17,6 +17,8 @@ import enum
 import itertools
 import json
 import logging
+import select
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,9 +91,9 @@ class ZtunnelFault:
     delay: float = 0.0
     text: str = ""
     remaining: int = 1
-    #: The first record (counted from the start of zds ztunnel) it may act on: ``after`` records
-    #: after it was armed pass as usual first.
-    starts_at: int = 0
+    #: Records (counted from the start of zds ztunnel) that must have passed before it acts:
+    #: those seen when it was armed, plus ``after``.
+    passed: int = 0
     state: str = "armed"
     detail: str = ""
 
@@ -103,7 +105,7 @@ class ZtunnelFault:
             "delay": self.delay,
             "text": self.text,
             "remaining": self.remaining,
-            "starts_at_record": self.starts_at,
+            "after_records": self.passed,
             "state": self.state,
             "detail": self.detail,
         }
@@ -157,18 +159,18 @@ class ZtunnelFaults:
             raise ZtunnelFaultError(f"{kind.label}: delay must not be negative")
         remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
         text = str(entry.get("text") or "")
-        fault = ZtunnelFault(
-            f"z{next(self._ids)}", kind, count, delay, text, remaining, self.records + after + 1
-        )
+        fault = ZtunnelFault(f"z{next(self._ids)}", kind, count, delay, text, remaining, self.records + after)
         self.faults.append(fault)
         log.warning("fault %s armed: %s (%s)", fault.id, kind.label, kind.description)
         self._count(kind, "injected")
         return fault
 
-    def _take(self, kind: ZtunnelFaultKind) -> ZtunnelFault | None:
+    def _take(self, kind: ZtunnelFaultKind, *, on_record: bool = True) -> ZtunnelFault | None:
+        """The first armed fault of ``kind`` whose ``after`` records have passed (not counting the
+        record being handled now, when ``on_record``)."""
+        seen = self.records - 1 if on_record else self.records
         return next(
-            (f for f in self.faults if f.state == "armed" and f.kind is kind and self.records >= f.starts_at),
-            None,
+            (f for f in self.faults if f.state == "armed" and f.kind is kind and seen >= f.passed), None
         )
 
     def _used(self, fault: ZtunnelFault, detail: str) -> None:
@@ -187,7 +189,7 @@ class ZtunnelFaults:
     def hello(self) -> bytes:
         """The hello to say on a new connection."""
         self.snapshot_answers = 0
-        if fault := self._take(ZtunnelFaultKind.BAD_HELLO):
+        if fault := self._take(ZtunnelFaultKind.BAD_HELLO, on_record=False):
             self._used(fault, "said ZdsHello{version: 2}")
             return BAD_HELLO
         return encode_hello()
@@ -195,17 +197,20 @@ class ZtunnelFaults:
     def extras(self) -> list[bytes]:
         """Records to write now, unasked (second hello, an unsolicited ack)."""
         out = []
-        if fault := self._take(ZtunnelFaultKind.SECOND_HELLO):
+        if fault := self._take(ZtunnelFaultKind.SECOND_HELLO, on_record=False):
             self._used(fault, "sent a second ZdsHello")
             out.append(encode_hello())
-        if fault := self._take(ZtunnelFaultKind.UNSOLICITED_ACK):
+        if fault := self._take(ZtunnelFaultKind.UNSOLICITED_ACK, on_record=False):
             self._used(fault, "sent an Ack nobody asked for")
             out.append(encode_ack(Ack()))
         return out
 
-    def intercept(self, record: Record) -> bytes | None:
+    def intercept(self, record: Record, sock: socket.socket) -> bytes | None:
         """Answer a record here instead of processing it (ack-blindly, nack-adds): the bytes of the
-        answer, its fds closed; None: the record goes to the protocol as usual."""
+        answer, its fds closed; None: the record goes to the protocol as usual. The node agent
+        closing the connection is no record (a real 0-byte record is: ack-blindly answers it)."""
+        if record.is_eof and peer_hung_up(sock):
+            return None
         self.records += 1
         if fault := self._take(ZtunnelFaultKind.ACK_BLINDLY):
             record.close_fds()
@@ -244,7 +249,7 @@ class ZtunnelFaults:
 
     async def wait_to_read(self) -> None:
         """Hold the reader while stop-reading is in effect."""
-        fault = self._take(ZtunnelFaultKind.STOP_READING)
+        fault = self._take(ZtunnelFaultKind.STOP_READING, on_record=False)
         if fault is None or fault.remaining > 0:
             return
         fault.remaining = 1  # _used takes it to 0: applied
@@ -253,6 +258,13 @@ class ZtunnelFaults:
             await asyncio.sleep(fault.delay)
         else:
             await asyncio.Event().wait()
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """The peer closed (POLLRDHUP): a 0-byte read was its EOF, not a 0-byte record."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _is_add(record: Record) -> bool:

@@ -114,8 +114,6 @@ def inject(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(fault, preserving_proto_field_name=True), indent=2))
     else:
-        print(
-            f"fault {fault.id} {fault.state}: {args.kind} on {fault.target}"
-            + (f": {fault.detail}" if fault.detail else "")
-        )
+        detail = f": {fault.detail}" if fault.state != "armed" and fault.detail else ""
+        print(f"fault {fault.id} {fault.state} ({args.kind} on {fault.target}){detail}")
     return 1 if fault.state == "dropped" else 0

@@ -309,6 +309,18 @@ def post_unix(path: str, url: str, body: bytes) -> tuple[int, str]:
         conn.close()
 
 
+def http_post_json(url: str, body: Any) -> tuple[int, Any]:
+    """POST ``body`` as JSON to ``url``: (status, the JSON answer), also for an error status."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def http_get(url: str) -> tuple[int, str]:
     """GET ``url``: (status, body), also for an error status."""
     try:

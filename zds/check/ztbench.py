@@ -77,30 +77,37 @@ class ZtConn:
         return f"conn {self.no}"
 
     async def _read(self) -> None:
-        sock = self.conn.socket
         while True:
             await self.conn.wait_readable()
-            try:
-                payload, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(8 * _FD_SIZE), socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError:
-                payload, anc = b"", []
-            fds = [
-                fd
-                for lvl, kind, data in anc
-                if (lvl, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-                for fd in array.array("i", data[: len(data) - len(data) % _FD_SIZE])
-            ]
-            for fd in fds:
-                os.close(fd)
-            now = time.monotonic()
-            if not payload and not fds:
-                self.closed_at = now
+            if not self._read_one():
                 self.hello_seen.set()
                 await self.replies.put(None)
                 return
-            self._judge(payload, len(fds), now)
+
+    def _read_one(self) -> bool:
+        """Read and judge one record if one is waiting; False once the peer closed."""
+        try:
+            payload, anc, _, _ = self.conn.socket.recvmsg(
+                65536, socket.CMSG_SPACE(8 * _FD_SIZE), socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return True
+        except OSError:
+            payload, anc = b"", []
+        fds = [
+            fd
+            for lvl, kind, data in anc
+            if (lvl, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            for fd in array.array("i", data[: len(data) - len(data) % _FD_SIZE])
+        ]
+        for fd in fds:
+            os.close(fd)
+        now = time.monotonic()
+        if not payload and not fds:
+            self.closed_at = now
+            return False
+        self._judge(payload, len(fds), now)
+        return True
 
     def _judge(self, payload: bytes, fds: int, now: float) -> None:
         report = self.bench.report
@@ -179,10 +186,21 @@ class ZtConn:
         return self.closed_at is not None
 
     async def close(self) -> None:
+        """Close our end; what ztunnel sent before is judged first (nothing unasked slips by)."""
         self._reader.cancel()
+        with contextlib.suppress(OSError):
+            while self.closed_at is None and not self.conn.closed and _readable(self.conn.socket):
+                if not self._read_one():
+                    break
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader
         self.conn.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _fds(n: int) -> str:

@@ -1,0 +1,227 @@
+"""``zds check ztunnel`` against zds's own ztunnel side, both ways: every check holds against
+``zds ztunnel`` (with listeners, without them, started by zds or connecting by itself), and every
+check fails, with the right finding, against ``zds ztunnel`` with the matching fault armed
+(``--faults FILE``) — so no check can hold vacuously."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.harness import ZDS, FakeNodeAgent, ZtunnelProc, faults_file, http_post_json, wait_until, zds_check
+from zds.check.ztchecks import CHECKS, FATAL, LISTENERS
+from zds.netns.fixtures import create_netns, delete_netns
+
+pytestmark = pytest.mark.root
+
+ZTUNNEL = (
+    f"{sys.executable} -m zds ztunnel --zds-socket {{socket}} --admin-listen 127.0.0.1:{{admin_port}} "
+    "--readiness-listen 127.0.0.1:{readiness_port} --metrics-listen 127.0.0.1:{metrics_port}"
+)
+URLS = [
+    "--ready-url",
+    "http://127.0.0.1:{readiness_port}/healthz/ready",
+    "--config-dump-url",
+    "http://127.0.0.1:{admin_port}/config_dump",
+]
+FAST = ["--timeout", "3", "--grace", "1", "--connect-timeout", "20"]
+
+
+def test_every_check_holds_against_zds_ztunnel(tmp_path: pathlib.Path) -> None:
+    junit = tmp_path / "report.xml"
+    run = zds_check(
+        "ztunnel",
+        "--cmd",
+        ZTUNNEL + " --retry-interval 1",
+        "--retry-interval",
+        "1",
+        *URLS,
+        *FAST,
+        "--junit",
+        str(junit),
+        tmp=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert set(run.statuses().values()) == {"pass"}, run.stdout
+    assert [c["name"] for c in run.report["checks"]] == [c.name for c in CHECKS]
+    assert "started the ztunnel 4 time(s)" in run.stdout  # once, then after each stop for good
+    assert junit.read_text().count("<testcase") == len(CHECKS)
+
+
+def test_every_check_holds_against_zds_ztunnel_without_listeners(tmp_path: pathlib.Path) -> None:
+    run = zds_check(
+        "ztunnel", "--cmd", ZTUNNEL + " --no-listeners", "--protocol-only", *URLS, *FAST, tmp=tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    statuses = run.statuses()
+    assert {n for n, s in statuses.items() if s == "skip"} == LISTENERS
+    assert {s for n, s in statuses.items() if n not in LISTENERS} == {"pass"}, run.stdout
+
+
+def test_a_ztunnel_that_connects_by_itself_is_checked_too(tmp_path: pathlib.Path) -> None:
+    socket = tmp_path / "zds.sock"
+    report = tmp_path / "report.json"
+    check = subprocess.Popen(
+        [
+            *ZDS,
+            "check",
+            "ztunnel",
+            "--zds-socket",
+            str(socket),
+            "--skip",
+            ",".join(FATAL),
+            *FAST,
+            "--json",
+            str(report),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ztunnel = ZtunnelProc(str(socket), str(tmp_path / "ztunnel.log"))
+    try:
+        out, err = check.communicate(timeout=300)
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.wait()
+        ztunnel.stop()
+    assert check.returncode == 0, out + err
+    assert "SKIP  readiness" in out  # no probe given
+    assert not socket.exists()  # zds removed its socket
+
+
+def netns_bound_ztunnel(netns: str) -> str:
+    """A ztunnel command that listens on 15001 in its own netns (inherited across exec, so the
+    ztunnel process holds it): what no-listeners-on-host must catch."""
+    code = (
+        "import os, socket, sys; s = socket.socket(); s.bind(('0.0.0.0', 15001)); s.listen(); "
+        "os.set_inheritable(s.fileno(), True); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return f'ip netns exec {netns} {sys.executable} -c "{code}" -m zds ' + ZTUNNEL.split(" -m zds ", 1)[1]
+
+
+#: check -> (faults for zds ztunnel --faults, extra ztunnel flags, extra check flags, what the finding says)
+PROOFS: dict[str, tuple[list[dict[str, Any]], str, list[str], str]] = {
+    "hello": ([{"kind": "bad-hello"}], "", [], "the first record is not ZdsHello{V1}"),
+    "replies-canonical": ([{"kind": "non-canonical-ack"}], "", [], "the answer is not canonical"),
+    "speaks-only-when-asked": (
+        [{"kind": "unsolicited-ack", "after": 1}],
+        "",
+        [],
+        "a record nobody asked for",
+    ),
+    "reconnect": ([{"kind": "stop-reading"}], "", [], "no connection within"),
+    "snapshot-sent-acked": ([{"kind": "never-ack"}], "", [], "SnapshotSent was answered with nothing"),
+    "add-acked": (
+        [{"kind": "nack-adds"}],
+        "",
+        [],
+        "was answered with 'failure to start proxy : nack requested",
+    ),
+    "listeners-in-pod": ([], " --no-listeners", [], "expected [15001, 15006, 15008]"),
+    "no-listeners-on-host": ([], "NETNS", [], "listening on [15001] in its own netns"),
+    "listeners-closed-on-del": ([{"kind": "ack-blindly", "after": 2}], "", [], "still listening"),
+    "del-unknown-uid": ([{"kind": "never-ack", "after": 1}], "", [], "was answered with nothing"),
+    "readd-same-netns": (
+        [{"kind": "nack-adds", "after": 2}],
+        "",
+        [],
+        "the same AddWorkload again was answered",
+    ),
+    "readd-new-netns": ([{"kind": "nack-adds", "after": 2}], "", [], "with another netns was answered"),
+    "reconcile": ([{"kind": "ack-blindly", "after": 6}], "", URLS, "B and C must be dropped"),
+    "proxy-start-failure": (
+        [{"kind": "ack-blindly", "after": 1}],
+        "",
+        [],
+        "expected a nack starting 'failure to start proxy : '",
+    ),
+    # No fault needed: a ztunnel that retries later than the check waits.
+    "pending-retry": ([], " --retry-interval 60", ["--retry-interval", "1"], "no retry"),
+    "readiness": ([{"kind": "ack-blindly"}], "", URLS, "after SnapshotSent"),
+    "empty-record": (
+        [{"kind": "ack-blindly", "after": 1}],
+        "",
+        [],
+        "a 0-byte record was answered with an empty Ack",
+    ),
+}
+for _name in (
+    "oversize-record",
+    "undecodable-record",
+    "no-payload",
+    "add-without-fd",
+    "add-with-two-fds",
+    "fd-on-non-add",
+):
+    PROOFS[_name] = (
+        [{"kind": "ack-blindly", "after": 1}],
+        "",
+        [],
+        "expected a nack starting 'failure to read message : '",
+    )
+for _name in FATAL:
+    PROOFS[_name] = (
+        [{"kind": "ack-blindly", "after": 1}],
+        "",
+        [],
+        "expected a nack starting 'failure to process message : '",
+    )
+
+
+def test_every_check_has_a_proof_that_it_can_fail() -> None:
+    assert set(PROOFS) == {c.name for c in CHECKS}
+
+
+@pytest.mark.parametrize("name", sorted(PROOFS))
+def test_each_check_fails_against_zds_ztunnel_with_the_matching_fault(
+    name: str, tmp_path: pathlib.Path
+) -> None:
+    entries, flags, check_flags, says = PROOFS[name]
+    netns = ""
+    if flags == "NETNS":
+        netns = f"zdst-{uuid.uuid4().hex[:10]}"
+        create_netns(netns)
+        command = netns_bound_ztunnel(netns)
+    else:
+        command = ZTUNNEL + flags
+    if entries:
+        command += " --faults " + faults_file(tmp_path / "faults.jsonl", *entries)
+    try:
+        run = zds_check("ztunnel", "--cmd", command, "--only", name, *FAST, *check_flags, tmp=tmp_path)
+    finally:
+        if netns:
+            delete_netns(netns, missing_ok=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.status(name) == "fail", run.stdout
+    assert says in run.findings(name), run.stdout
+    assert "source: istio/ztunnel" in run.stdout
+
+
+def test_ztunnel_faults_are_counted_and_listed_on_the_admin_endpoint(tmp_path: pathlib.Path) -> None:
+    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
+    ztunnel = ZtunnelProc(agent.path, str(tmp_path / "ztunnel.log"), "--no-listeners")
+    try:
+        conn = agent.connect_and_hello()
+        assert conn.snapshot().ok
+        status, armed = http_post_json(
+            f"http://{ztunnel.address('admin')}/faults", {"kind": "nack-adds", "text": "no"}
+        )
+        assert status == 200 and armed["kind"] == "nack-adds" and armed["state"] == "armed"
+        ack = conn.delete("nobody")
+        assert ack.ok  # only adds are nacked
+        status, refused = http_post_json(f"http://{ztunnel.address('admin')}/faults", {"kind": "nope"})
+        assert status == 400 and "unknown fault 'nope'" in refused["error"]
+        wait_until(
+            lambda: ztunnel.metrics().get('zds_ztunnel_faults_total{kind="nack-adds",outcome="injected"}'),
+            "the count",
+        )
+    finally:
+        ztunnel.stop()
+        agent.close()

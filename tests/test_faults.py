@@ -1,0 +1,259 @@
+"""Faults on demand in the node agent (InjectFault, zds fault, --faults): what each kind puts on
+the wire (seen by a raw ztunnel stand-in), how a fault that makes no sense is refused, and how
+every fault is logged, counted and streamed. The kinds ``zds check node-agent`` catches are
+proven by tests/test_check_node_agent.py; the others are proven here."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import subprocess
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.harness import (
+    ZDS,
+    NodeAgentProc,
+    Peers,
+    RawPeer,
+    StartServer,
+    faults_file,
+    request_of,
+    wait_until,
+)
+from zds.gen import nodeagent_pb2
+from zds.protocol.messages import AddWorkload, SnapshotSent
+
+pytestmark = pytest.mark.root
+
+
+def inject(server: NodeAgentProc, kind: str, **fields: Any) -> Any:
+    """InjectFault (the kind as zds fault names it)."""
+    request = nodeagent_pb2.InjectFaultRequest(
+        kind=getattr(nodeagent_pb2, "FAULT_KIND_" + kind.upper().replace("-", "_")), **fields
+    )
+    with server.control() as stub:
+        return stub.InjectFault(request, timeout=60).fault
+
+
+def connected(server: NodeAgentProc, peers: Peers) -> RawPeer:
+    peer = peers.raw(server.zds_socket)
+    peer.hello()
+    for entry in peer.take_snapshot():
+        entry.close_fds()
+    wait_until(lambda: server.connected_count() == 1, "the connection")
+    return peer
+
+
+def add_pod(server: NodeAgentProc, uid: str, netns: str) -> threading.Thread:
+    """AddPod waits for the ack: in a thread, beside the stand-in that answers."""
+
+    def run() -> None:
+        with contextlib.suppress(grpc.RpcError):  # the outcome is judged on the wire here
+            server.add_pod(uid, netns)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_delay_writes_the_next_messages_late(server: NodeAgentProc, peers: Peers, make_pod: Any) -> None:
+    peer = connected(server, peers)
+    inject(server, "delay", count=1, delay={"seconds": 1})
+    started = time.monotonic()
+    adding = add_pod(server, "u1", make_pod().path)
+    got = peer.expect()
+    assert time.monotonic() - started >= 1.0  # the deliberate delay, a lower bound (not a timing claim)
+    assert isinstance(request_of(got), AddWorkload)
+    got.close_fds()
+    peer.ack()
+    adding.join()
+
+
+def test_drop_before_closes_instead_of_writing(server: NodeAgentProc, peers: Peers, make_pod: Any) -> None:
+    peer = connected(server, peers)
+    inject(server, "drop-before")
+    adding = add_pod(server, "u1", make_pod().path)
+    peer.expect_closed()
+    adding.join()
+    [pod] = server.list_pods()
+    assert "fault f1 drop-before" in pod.last_error  # the pod stays cached, as after any lost connection
+
+
+def test_drop_after_closes_right_after_writing(server: NodeAgentProc, peers: Peers, make_pod: Any) -> None:
+    peer = connected(server, peers)
+    inject(server, "drop-after")
+    adding = add_pod(server, "u1", make_pod().path)
+    got = peer.expect()
+    assert isinstance(request_of(got), AddWorkload) and len(got.fds) == 1
+    got.close_fds()
+    peer.expect_closed()
+    adding.join()
+
+
+def test_no_payload_is_just_an_unknown_field(server: NodeAgentProc, peers: Peers) -> None:
+    peer = connected(server, peers)
+    inject(server, "no-payload")
+    assert peer.expect().payload == bytes.fromhex("7801")
+    peer.ack("failure to read message : no payload")
+
+
+def test_add_with_two_fds_and_duplicate_add_use_the_pods_own_netns(
+    server: NodeAgentProc, peers: Peers, make_pod: Any
+) -> None:
+    peer = connected(server, peers)
+    adding = add_pod(server, "u1", make_pod().path)
+    first = peer.expect()
+    peer.ack()
+    adding.join()
+    inject(server, "add-with-two-fds", uid="u1")
+    two = peer.expect()
+    assert two.payload == first.payload and len(two.fds) == 2
+    peer.ack("failure to read message : Expected 1 FD, got 2")
+    inject(server, "duplicate-add")
+    again = peer.expect()
+    assert again.payload == first.payload and len(again.fds) == 1
+    peer.ack()
+    for record in (first, two, again):
+        record.close_fds()
+
+
+def test_omit_from_snapshot_leaves_the_pod_out_of_the_next_snapshot(
+    server: NodeAgentProc, peers: Peers, make_pod: Any
+) -> None:
+    add_pod(server, "u1", make_pod().path).join()  # no ztunnel yet: cached
+    add_pod(server, "u2", make_pod().path).join()
+    inject(server, "omit-from-snapshot", uid="u1", next_connection=True)
+    peer = peers.raw(server.zds_socket)
+    peer.hello()
+    entries = peer.take_snapshot()
+    assert [request_of(e).uid for e in entries] == ["u2"]  # type: ignore[union-attr]
+    for entry in entries:
+        entry.close_fds()
+
+
+def test_a_fault_that_makes_no_sense_now_is_refused_in_one_line(server: NodeAgentProc, peers: Peers) -> None:
+    cases = [
+        (
+            {"kind": "oversize-record"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no ztunnel connection; arm it for",
+        ),
+        (
+            {"kind": "duplicate-add", "next_connection": True},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no pod is enrolled",
+        ),
+        (
+            {"kind": "omit-from-snapshot", "next_connection": True},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "give --uid",
+        ),
+        ({"kind": "delay"}, grpc.StatusCode.INVALID_ARGUMENT, "give --delay SECONDS"),
+        ({"kind": "add-to-oldest", "next_connection": True}, grpc.StatusCode.INVALID_ARGUMENT, "delivery"),
+        (
+            {"kind": "drop-after", "connection_id": "nope"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no ztunnel connection nope",
+        ),
+    ]
+    for fields, code, says in cases:
+        kind = str(fields.pop("kind"))
+        with pytest.raises(grpc.RpcError) as refused:
+            inject(server, kind, **fields)
+        assert refused.value.code() == code, (kind, refused.value.details())
+        assert says in refused.value.details() and "\n" not in refused.value.details()
+    connected(server, peers)
+    with pytest.raises(grpc.RpcError) as late:
+        inject(server, "withhold-snapshot-sent")
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has sent its snapshot already; use --next-connection" in late.value.details()
+    with pytest.raises(grpc.RpcError) as hello:
+        inject(server, "record-before-hello")
+    assert "said hello already" in hello.value.details()
+
+
+def test_faults_are_logged_counted_and_streamed_in_watch(
+    start_server: StartServer, peers: Peers, tmp_path: pathlib.Path
+) -> None:
+    server = start_server("--http-listen", "127.0.0.1:0")
+    watch = subprocess.Popen(
+        [*ZDS, "watch", "--kind", "fault-injected,fault-applied", "--control-socket", server.control_socket],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        assert "live events follow" in watch.stdout.readline()  # subscribed: nothing is missed from here
+        peer = connected(server, peers)
+        fault = subprocess.Popen(
+            [*ZDS, "fault", "unknown-field", "--wait", "--control-socket", server.control_socket],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        got = peer.expect()  # --wait answers once ztunnel has
+        assert got.payload.endswith(bytes.fromhex("7801"))
+        peer.ack()
+        out, err = fault.communicate(timeout=60)
+        assert fault.returncode == 0, err
+        assert out.startswith("fault f1 applied (unknown-field on conn ")
+        assert "ztunnel acked it" in out
+        refused = subprocess.run(
+            [*ZDS, "fault", "withhold-snapshot-sent", "--control-socket", server.control_socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("zds fault: FAILED_PRECONDITION: withhold-snapshot-sent: conn ")
+        lines: list[str] = []
+        while len(lines) < 2:
+            line = watch.stdout.readline()
+            if "fault" in line:
+                lines.append(line)
+        assert "fault injected" in lines[0] and "f1 unknown-field" in lines[0] and "state=armed" in lines[0]
+        assert "fault applied" in lines[1] and "ztunnel acked it" in lines[1]
+    finally:
+        watch.terminate()
+        watch.wait(15)
+    assert "fault f1 armed: unknown-field" in server.output()
+
+
+def test_a_faults_file_is_armed_at_start_and_a_bad_one_stops_the_start(
+    start_server: StartServer, peers: Peers, tmp_path: pathlib.Path
+) -> None:
+    bad = faults_file(tmp_path / "bad.jsonl", {"kind": "no-such-fault"})
+    failing = start_server("--faults", bad, ready=False)
+    assert failing.wait_exit() == 1
+    assert f"--faults {bad}: {bad}:1: unknown fault 'no-such-fault'" in failing.output()
+    good = faults_file(tmp_path / "good.jsonl", {"kind": "withhold-snapshot-sent"})
+    server = start_server("--faults", good, name="good")
+    peer = peers.raw(server.zds_socket)
+    peer.hello()
+    assert peer.recv(timeout=1.0) is None  # no snapshot entries, and never the SnapshotSent
+    assert "fault f1 (withhold-snapshot-sent) took effect" in server.output()
+
+
+def test_zds_fault_lists_every_kind_in_its_help() -> None:
+    from zds.server.faultkinds import FaultKind
+
+    done = subprocess.run([*ZDS, "fault", "--help"], capture_output=True, text=True, timeout=60)
+    for kind in FaultKind:
+        assert kind.label in done.stdout
+
+
+def test_second_snapshot_sent_for_the_next_connection_comes_after_its_snapshot(
+    server: NodeAgentProc, peers: Peers
+) -> None:
+    inject(server, "second-snapshot-sent", next_connection=True)
+    peer = peers.raw(server.zds_socket)
+    peer.hello()
+    assert peer.take_snapshot() == []
+    again = peer.expect()
+    assert isinstance(request_of(again), SnapshotSent)
+    peer.ack('failure to process message : ProtocolError("pod snapshot received already")')

@@ -1,0 +1,118 @@
+"""Faults on demand in the ztunnel side (zds ztunnel --faults, POST /faults), used the way they
+are meant to be: to test a node agent — here zds's own, whose answer to each is pinned."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+
+from tests.harness import (
+    NodeAgentProc,
+    StartServer,
+    ZtunnelProc,
+    faults_file,
+    http_get,
+    http_post_json,
+    wait_until,
+)
+
+pytestmark = pytest.mark.root
+
+
+def ztunnel(server: NodeAgentProc, tmp_path: pathlib.Path, *faults: dict[str, Any]) -> ZtunnelProc:
+    extra = ["--no-listeners"]
+    if faults:
+        extra += ["--faults", faults_file(tmp_path / "zfaults.jsonl", *faults)]
+    return ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel.log"), *extra)
+
+
+def test_nacked_adds_leave_the_pod_cached_as_failed(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    server = start_server()
+    zt = ztunnel(server, tmp_path, {"kind": "nack-adds", "text": "failure to start proxy : port taken"})
+    try:
+        wait_until(lambda: server.connected_count() == 1, "the ztunnel")
+        done = server.cli("pod", "add", "--uid", "u1", "--netns", make_pod().path)
+        assert done.returncode == 1
+        assert "failure to start proxy : port taken" in done.stderr
+        [pod] = server.list_pods()
+        assert pod.last_error == "failure to start proxy : port taken"
+        assert '"state": "applied"' in http_get(f"http://{zt.address('admin')}/faults")[1].replace(": ", ": ")
+    finally:
+        zt.stop()
+
+
+def test_acks_past_the_deadline_make_the_node_agent_drop_the_connection_and_resend_everything(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    server = start_server("--ack-timeout", "1")
+    zt = ztunnel(
+        server, tmp_path, {"kind": "delay-acks", "delay": 2, "after": 1}
+    )  # the first SnapshotSent is on time
+    try:
+        wait_until(lambda: server.connected_count() == 1, "the ztunnel")
+        done = server.cli("pod", "add", "--uid", "u1", "--netns", make_pod().path)
+        assert done.returncode == 1 and "DEADLINE_EXCEEDED" in done.stderr
+        zt.wait_for_output(
+            "snapshot reconciled: 1 workload(s) held"
+        )  # reconnected: the pod came in the snapshot
+    finally:
+        zt.stop()
+
+
+def test_a_disconnect_in_the_middle_of_a_snapshot_gets_a_whole_new_one(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text("".join(f'{{"uid": "u{i}", "netns": "{make_pod().path}"}}\n' for i in range(3)))
+    server = start_server("--pods", str(pods))
+    zt = ztunnel(server, tmp_path, {"kind": "disconnect-in-snapshot", "count": 1})
+    try:
+        zt.wait_for_output("snapshot reconciled: 3 workload(s) held, 0 dropped")
+        assert "closed the connection after 1 snapshot entries" in zt.output()
+        assert "snapshot sent to ztunnel (3 pods)" in server.output()
+    finally:
+        zt.stop()
+
+
+def test_unasked_records_and_a_bad_hello_are_refused_by_the_node_agent(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    server = start_server()
+    zt = ztunnel(server, tmp_path, {"kind": "bad-hello"})
+    try:
+        server.wait_for_output("unsupported ZDS version 2 in hello")
+        wait_until(lambda: server.connected_count() == 1, "the ztunnel to come back with a V1 hello")
+        admin = f"http://{zt.address('admin')}/faults"
+        for kind, says in (
+            ("second-hello", "unexpected message from ztunnel"),
+            ("unsolicited-ack", "unexpected message"),
+        ):
+            before = server.output().count(says)
+            status, fault = http_post_json(admin, {"kind": kind})
+            assert status == 200 and fault["state"] == "applied", fault
+            wait_until(
+                lambda s=says, n=before: server.output().count(s) > n, f"the node agent to refuse {kind}"
+            )
+            wait_until(lambda: server.connected_count() == 1, "the ztunnel to reconnect")
+    finally:
+        zt.stop()
+
+
+def test_a_ztunnel_that_stops_reading_times_out_on_the_node_agent(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    server = start_server("--ack-timeout", "1")
+    zt = ztunnel(server, tmp_path)
+    try:
+        wait_until(lambda: server.connected_count() == 1, "the ztunnel")
+        status, fault = http_post_json(f"http://{zt.address('admin')}/faults", {"kind": "stop-reading"})
+        assert status == 200, fault
+        done = server.cli("pod", "add", "--uid", "u1", "--netns", make_pod().path)
+        assert done.returncode == 1 and "DEADLINE_EXCEEDED" in done.stderr
+        assert "stopped reading for good" in zt.output()
+    finally:
+        zt.stop()
