@@ -31,7 +31,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "kind", choices=[k.label for k in FaultKind], metavar="KIND", help="the fault (see below)"
     )
     where = fault.add_mutually_exclusive_group()
-    where.add_argument("--connection", default="", metavar="ID", help="a connection id (zds connections)")
+    where.add_argument(
+        "--connection",
+        default="",
+        metavar="ID",
+        help="a connection id, see zds connections (default: the newest)",
+    )
     where.add_argument(
         "--next-connection", action="store_true", help="arm it for the next connection the node agent accepts"
     )
@@ -50,13 +55,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="messages, records or deliveries it applies to (default: %(default)s)",
     )
     fault.add_argument(
-        "--delay", type=cliflags.seconds, default=0.0, metavar="SECONDS", help="delay: how long"
+        "--delay", type=cliflags.seconds, default=0.0, metavar="SECONDS", help="delay: how long (default: 0)"
     )
     fault.add_argument(
         "--uid",
         default="",
-        help="the pod a record fault is made from (default: the last one enrolled); "
-        "omit-from-snapshot: the pod to leave out",
+        help="omit-from-snapshot: the pod to leave out; record faults: the pod whose netns they use "
+        "(default: the last one enrolled)",
     )
     fault.add_argument(
         "--after-snapshot",

@@ -122,7 +122,9 @@ class ConnectionFaults:
                 try:
                     ack = await _wait_ack(conn, request)
                 except ConnectionLost as lost:
-                    self.book.consume(fault, f"{what}: the connection closed before an answer ({lost.reason})")
+                    self.book.consume(
+                        fault, f"{what}: the connection closed before an answer ({lost.reason})"
+                    )
                     raise
                 said = f"ztunnel answered {ack.error!r}" if ack.error else "ztunnel acked it"
                 self.book.consume(fault, f"{what}: {said}")

@@ -43,6 +43,9 @@ def test_every_command_is_a_leaf_we_know() -> None:
         "zds demo",
         "zds cni install",
         "zds cni uninstall",
+        "zds check node-agent",
+        "zds check ztunnel",
+        "zds fault",
     }
 
 
@@ -72,6 +75,7 @@ def test_log_flags_work_after_every_subcommand(prog: str) -> None:
         "zds pod remove": ["--uid", "u"],
         "zds netns create": ["n"],
         "zds netns delete": ["n"],
+        "zds fault": ["delay"],
     }.get(prog, [])
     args = PARSER.parse_args([*argv, *required, "--log-level", "debug", "--log-format", "json"])
     assert (args.log_level, args.log_format) == ("debug", "json")

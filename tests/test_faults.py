@@ -137,7 +137,7 @@ def test_omit_from_snapshot_leaves_the_pod_out_of_the_next_snapshot(
 
 
 def test_a_fault_that_makes_no_sense_now_is_refused_in_one_line(server: NodeAgentProc, peers: Peers) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
         (
             {"kind": "oversize-record"},
             grpc.StatusCode.FAILED_PRECONDITION,

@@ -94,9 +94,11 @@ def test_unasked_records_and_a_bad_hello_are_refused_by_the_node_agent(
             before = server.output().count(says)
             status, fault = http_post_json(admin, {"kind": kind})
             assert status == 200 and fault["state"] == "applied", fault
-            wait_until(
-                lambda s=says, n=before: server.output().count(s) > n, f"the node agent to refuse {kind}"
-            )
+
+            def refused(says: str = says, before: int = before) -> bool:
+                return server.output().count(says) > before
+
+            wait_until(refused, f"the node agent to refuse {kind}")
             wait_until(lambda: server.connected_count() == 1, "the ztunnel to reconnect")
     finally:
         zt.stop()

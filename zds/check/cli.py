@@ -48,10 +48,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "(default: %(default)s)",
     )
     agent.add_argument(
-        "--add-cmd", metavar="TEMPLATE", help="command that adds a pod to the node agent under test"
+        "--add-cmd",
+        metavar="TEMPLATE",
+        help="command that adds a pod to the node agent under test (default: none: the control API)",
     )
     agent.add_argument(
-        "--remove-cmd", metavar="TEMPLATE", help="command that removes a pod ({uid} and the others)"
+        "--remove-cmd",
+        metavar="TEMPLATE",
+        help="command that removes a pod, same placeholders (default: none: the control API)",
     )
     agent.add_argument(
         "--agent-pid",
@@ -96,12 +100,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     where = zt.add_mutually_exclusive_group(required=False)
     where.add_argument(
-        "--cmd", metavar="TEMPLATE", help="the ztunnel to start, e.g. 'my-ztunnel --uds {socket}'"
+        "--cmd",
+        metavar="TEMPLATE",
+        help="the ztunnel to start, e.g. 'my-ztunnel --uds {socket}' (default: none)",
     )
     where.add_argument(
         "--zds-socket",
         metavar="PATH",
-        help="listen here and wait for a ztunnel that connects by itself (and is restarted by someone else)",
+        help="listen here and wait for a ztunnel that connects by itself, restarted by someone else (default: none)",
     )
     zt.add_argument(
         "--ready-url",
@@ -164,14 +170,14 @@ def _report_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME[,NAME...]",
-        help="run only these checks (repeatable)",
+        help="run only these checks, see --list (repeatable) (default: all)",
     )
     parser.add_argument(
         "--skip",
         action="append",
         default=[],
         metavar="NAME[,NAME...]",
-        help="leave these checks out (repeatable)",
+        help="leave these checks out (repeatable) (default: none)",
     )
     parser.add_argument(
         "--list", action="store_true", help="list the checks with their descriptions, and exit"
