@@ -1,14 +1,10 @@
 """The strict node agent of ``zds check ztunnel``: its socket, the ztunnel under test (started
-and restarted from a command template, or connecting by itself), and each connection.
-
-Every record ztunnel sends is judged as it arrives: the first must be exactly
-``08 01``; every later one must answer a request (nothing unasked), be a strict,
-canonical ``WorkloadResponse{ack}`` and carry no fd.
+and restarted from a command template, or connecting by itself), its connections (``ztconn``),
+and what every check found.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import os
@@ -23,12 +19,8 @@ from dataclasses import dataclass
 from zds import defaults
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
-from zds.errors import CodecError
-from zds.protocol.messages import Ack, decode_ack, encode_ack
-from zds.transport import SeqpacketConnection, bind_unix_listener
-
-_FD_SIZE = array.array("i").itemsize
-HELLO = b"\x08\x01"
+from zds.check.ztconn import ZtConn
+from zds.transport import bind_unix_listener
 
 
 @dataclass
@@ -44,167 +36,6 @@ class ZtunnelCheckOptions:
     connect_timeout: float = 30.0
     timeout: float = 5.0
     grace: float = 2.0
-
-
-@dataclass
-class Reply:
-    payload: bytes
-    ack: Ack | None
-    at: float
-
-
-class ZtConn:
-    """One connection from the ztunnel under test."""
-
-    def __init__(self, no: int, sock: socket.socket, bench: Bench) -> None:
-        self.no = no
-        self.conn = SeqpacketConnection(sock)
-        self.bench = bench
-        self.accepted_at = time.monotonic()
-        self.hello_at: float | None = None
-        self.closed_at: float | None = None
-        self.awaiting = False
-        self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()
-        self.hello_seen = asyncio.Event()
-        try:
-            self.pid: int | None = self.conn.peer_credentials().pid
-        except OSError:
-            self.pid = None
-        self._reader = asyncio.ensure_future(self._read())
-
-    @property
-    def name(self) -> str:
-        return f"conn {self.no}"
-
-    async def _read(self) -> None:
-        while True:
-            await self.conn.wait_readable()
-            if not self._read_one():
-                self.hello_seen.set()
-                await self.replies.put(None)
-                return
-
-    def _read_one(self) -> bool:
-        """Read and judge one record if one is waiting; False once the peer closed."""
-        try:
-            payload, anc, _, _ = self.conn.socket.recvmsg(
-                65536, socket.CMSG_SPACE(8 * _FD_SIZE), socket.MSG_DONTWAIT
-            )
-        except BlockingIOError:
-            return True
-        except OSError:
-            payload, anc = b"", []
-        fds = [
-            fd
-            for lvl, kind, data in anc
-            if (lvl, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-            for fd in array.array("i", data[: len(data) - len(data) % _FD_SIZE])
-        ]
-        for fd in fds:
-            os.close(fd)
-        now = time.monotonic()
-        if not payload and not fds:
-            self.closed_at = now
-            return False
-        self._judge(payload, len(fds), now)
-        return True
-
-    def _judge(self, payload: bytes, fds: int, now: float) -> None:
-        report = self.bench.report
-        where = f"{self.name}"
-        if self.hello_at is None:
-            self.hello_at = now
-            self.hello_seen.set()
-            self.bench.exercised["hello"] += 1
-            if payload != HELLO or fds:
-                report(
-                    "hello",
-                    Finding(
-                        f"the first record is not ZdsHello{{V1}} (08 01){_fds(fds)}", where, received=payload
-                    ),
-                )
-            return
-        if not self.awaiting:
-            what = "a second ZdsHello" if payload == HELLO else "a record nobody asked for"
-            report("speaks-only-when-asked", Finding(f"{what}{_fds(fds)}", where, received=payload))
-            return
-        self.awaiting = False
-        self.bench.exercised["replies-canonical"] += 1
-        ack: Ack | None = None
-        try:
-            ack = decode_ack(payload)
-        except CodecError as exc:
-            report(
-                "replies-canonical",
-                Finding(f"the answer is not a WorkloadResponse{{ack}}: {exc}", where, received=payload),
-            )
-        if ack is not None and (encode_ack(ack) != payload or fds):
-            report(
-                "replies-canonical",
-                Finding(
-                    f"the answer is not canonical{_fds(fds)}",
-                    where,
-                    received=payload,
-                    detail=[f"canonical: {encode_ack(ack).hex(' ')}"],
-                ),
-            )
-        self.replies.put_nowait(Reply(payload, ack, now))
-
-    async def send(self, payload: bytes, fds: list[int] | None = None, *, expect_reply: bool = True) -> None:
-        """Write one record (even an empty one); ``fds`` are closed here."""
-        self.awaiting = expect_reply
-        try:
-            if payload:
-                await self.conn.send(payload, fds or [])
-            else:
-                self.conn.socket.send(b"")
-        finally:
-            for fd in fds or []:
-                os.close(fd)
-
-    async def request(
-        self, payload: bytes, fds: list[int] | None = None, within: float | None = None
-    ) -> Reply | None:
-        """Send a request and wait for its answer (None: none came, or the connection closed)."""
-        await self.send(payload, fds)
-        return await self.reply(within)
-
-    async def reply(self, within: float | None = None) -> Reply | None:
-        try:
-            return await asyncio.wait_for(
-                self.replies.get(), self.bench.options.timeout if within is None else within
-            )
-        except TimeoutError:
-            return None
-
-    async def closed_within(self, within: float) -> bool:
-        """Whether ztunnel closes the connection within ``within`` seconds."""
-        deadline = time.monotonic() + within
-        while self.closed_at is None and (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._reader), left)
-        return self.closed_at is not None
-
-    async def close(self) -> None:
-        """Close our end; what ztunnel sent before is judged first (nothing unasked slips by)."""
-        self._reader.cancel()
-        with contextlib.suppress(OSError):
-            while self.closed_at is None and not self.conn.closed and _readable(self.conn.socket):
-                if not self._read_one():
-                    break
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
-        self.conn.close()
-
-
-def _readable(sock: socket.socket) -> bool:
-    import select
-
-    return bool(select.select([sock], [], [], 0)[0])
-
-
-def _fds(n: int) -> str:
-    return f" (with {n} fd{'s' if n != 1 else ''})" if n else ""
 
 
 class Bench:

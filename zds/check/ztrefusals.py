@@ -7,7 +7,8 @@ ztunnel reads as EOF.
 from __future__ import annotations
 
 from zds.check.report import Finding
-from zds.check.ztbench import Bench, ZtConn, ZtunnelGone
+from zds.check.ztbench import Bench, ZtunnelGone
+from zds.check.ztconn import ZtConn
 from zds.check.ztscenarios import (
     NO_PAYLOAD,
     PADDING,

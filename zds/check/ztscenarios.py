@@ -21,7 +21,8 @@ from typing import Any
 from zds.check.inpod import INPOD_PORTS, PortBlocker, own_netns, ports_of
 from zds.check.pods import CheckPod
 from zds.check.report import Finding
-from zds.check.ztbench import Bench, Reply, ZtConn
+from zds.check.ztbench import Bench
+from zds.check.ztconn import Reply, ZtConn
 from zds.protocol.messages import AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_request
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 
