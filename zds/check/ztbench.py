@@ -105,6 +105,12 @@ class Bench:
         finally:
             os.close(log)
 
+    def exit_said(self) -> str:
+        """Why the ztunnel we started is not there (for a message), "" when it runs."""
+        if self._proc is None or self._proc.returncode is None:
+            return ""
+        return f"; it exited with status {self._proc.returncode} (its last output is shown above)"
+
     async def exited(self, within: float) -> int | None:
         """The exit status of the ztunnel we started, if it exits within ``within`` seconds."""
         if self._proc is None:
@@ -129,10 +135,16 @@ class Bench:
     # -- connections --------------------------------------------------------------------------
     async def accept(self, within: float) -> ZtConn | None:
         """The next connection from ztunnel, once it said hello (None when none comes)."""
-        try:
-            conn = await asyncio.wait_for(self._accepted.get(), within)
-        except TimeoutError:
+        getting = asyncio.ensure_future(self._accepted.get())
+        waits: set[asyncio.Future[object]] = {getting}  # type: ignore[arg-type]
+        if self._proc is not None and self._proc.returncode is None:
+            waits.add(asyncio.ensure_future(self._proc.wait()))  # a ztunnel that dies will not connect
+        done, pending = await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if getting not in done:
             return None
+        conn = getting.result()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(conn.hello_seen.wait(), self.options.timeout)
         if conn.hello_at is None and conn.closed_at is None:
@@ -159,10 +171,7 @@ class Bench:
                 ),
             )
         if conn is None:
-            raise ZtunnelGone(
-                f"no connection from the ztunnel within {within:g}s"
-                + (f"; its output is in {self.log_path}" if self.options.cmd else "")
-            )
+            raise ZtunnelGone(f"no connection from the ztunnel within {within:g}s" + self.exit_said())
         if old is not None and old.closed_at is None:
             self.exercised["reconnect"] += 1
             self.note(

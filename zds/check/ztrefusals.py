@@ -6,6 +6,8 @@ ztunnel reads as EOF.
 
 from __future__ import annotations
 
+import os
+
 from zds.check.report import Finding
 from zds.check.ztbench import Bench, ZtunnelGone
 from zds.check.ztconn import ZtConn
@@ -15,12 +17,13 @@ from zds.check.ztscenarios import (
     SNAPSHOT_SENT,
     UNDECODABLE,
     Entry,
-    _nacked,
-    _open,
-    _said,
     add,
     delete,
+    expect_nack,
+    fds_said,
     keep,
+    open_fd,
+    said,
 )
 from zds.protocol.messages import AddWorkload, DelWorkload, WorkloadInfo, encode_request
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE
@@ -31,9 +34,10 @@ async def _refused(
 ) -> None:
     """Send ``entry``; it must be nacked with ``prefix``, the connection closed, and ztunnel back at once."""
     payload, fds = entry
+    with_fds = _fds_of(fds)
     reply = await conn.request(payload, fds)
     b.exercised[name] += 1
-    nacked = _nacked(b, name, conn, reply, payload, prefix)
+    nacked = expect_nack(b, name, conn, reply, payload, prefix, with_fds)
     if not await conn.closed_within(b.options.timeout):
         b.report(
             name,
@@ -61,6 +65,11 @@ async def _refused(
             if conn.closed_at
             else what,
         )
+
+
+def _fds_of(fds: list[int]) -> str:
+    """What went with a record, for a finding: "2 fds: /run/netns/zdsck-1, /run/netns/zdsck-1"."""
+    return fds_said([os.readlink(f"/proc/self/fd/{fd}") for fd in fds])
 
 
 def _since(later: float, earlier: float | None) -> str:
@@ -101,22 +110,22 @@ async def add_with_two_fds(b: Bench) -> None:
     conn = await b.fresh([])
     payload, fds = add(pod)
     await _refused(
-        b, "add-with-two-fds", conn, (payload, [*fds, _open(pod.netns)]), "an AddWorkload with two fds"
+        b, "add-with-two-fds", conn, (payload, [*fds, open_fd(pod.netns)]), "an AddWorkload with two fds"
     )
 
 
 async def fd_on_non_add(b: Bench) -> None:
     conn = await b.fresh([])
     await _refused(
-        b, "fd-on-non-add", conn, delete("zds-check-fd", [_open("/dev/null")]), "a DelWorkload with an fd"
+        b, "fd-on-non-add", conn, delete("zds-check-fd", [open_fd("/dev/null")]), "a DelWorkload with an fd"
     )
     conn = await b.fresh(None)
     await _refused(
-        b, "fd-on-non-add", conn, keep("zds-check-fd", [_open("/dev/null")]), "a KeepWorkload with an fd"
+        b, "fd-on-non-add", conn, keep("zds-check-fd", [open_fd("/dev/null")]), "a KeepWorkload with an fd"
     )
     conn = await b.fresh(None)
     await _refused(
-        b, "fd-on-non-add", conn, (SNAPSHOT_SENT, [_open("/dev/null")]), "a SnapshotSent with an fd"
+        b, "fd-on-non-add", conn, (SNAPSHOT_SENT, [open_fd("/dev/null")]), "a SnapshotSent with an fd"
     )
 
 
@@ -129,7 +138,7 @@ async def empty_record(b: Bench) -> None:
         b.report(
             "empty-record",
             Finding(
-                f"a 0-byte record was answered with {_said(reply)}; ztunnel reads it as EOF",
+                f"a 0-byte record was answered with {said(reply)}; ztunnel reads it as EOF",
                 conn.name,
                 sent=b"",
                 received=reply.payload,
@@ -168,10 +177,11 @@ async def speaks_only_when_asked(b: Bench) -> None:
 # -- ProtocolErrors: the in-pod manager stops for good ---------------------------------------------
 async def _stops(b: Bench, name: str, conn: ZtConn, entry: Entry, what: str) -> None:
     payload, fds = entry
+    with_fds = _fds_of(fds)
     reply = await conn.request(payload, fds)
     b.exercised[name] += 1
     if (
-        _nacked(b, name, conn, reply, payload, PROCESS_FAILURE)
+        expect_nack(b, name, conn, reply, payload, PROCESS_FAILURE, with_fds)
         and reply
         and reply.ack
         and "ProtocolError" not in reply.ack.error

@@ -34,13 +34,13 @@ PADDING = b"\x7a\xcc\x08" + b"\x00" * 1100
 Entry = tuple[bytes, list[int]]
 
 
-def _open(path: str) -> int:
+def open_fd(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def add(pod: CheckPod, netns: str | None = None, *, info: bool = True) -> Entry:
     wi = WorkloadInfo(pod.name, pod.namespace, pod.service_account) if info else None
-    return encode_request(AddWorkload(pod.uid, wi)), [_open(netns or pod.netns)]
+    return encode_request(AddWorkload(pod.uid, wi)), [open_fd(netns or pod.netns)]
 
 
 def delete(uid: str, fds: list[int] | None = None) -> Entry:
@@ -51,7 +51,7 @@ def keep(uid: str, fds: list[int] | None = None) -> Entry:
     return encode_request(KeepWorkload(uid)), fds or []
 
 
-def _said(reply: Reply | None) -> str:
+def said(reply: Reply | None) -> str:
     if reply is None:
         return "nothing"
     return repr(reply.ack.error) if reply.ack is not None and reply.ack.error else "an empty Ack (success)"
@@ -64,7 +64,7 @@ def _acked(b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, 
     b.report(
         name,
         Finding(
-            f"{what} was answered with {_said(reply)}",
+            f"{what} was answered with {said(reply)}",
             conn.name,
             sent=sent,
             received=reply.payload if reply else None,
@@ -271,9 +271,9 @@ async def proxy_start_failure(b: Bench) -> None:
     conn = await b.fresh([])
     uid = "zds-check-not-a-netns"
     payload = encode_request(AddWorkload(uid, WorkloadInfo("not-a-netns", "zds-check", "zds-check")))
-    reply = await conn.request(payload, [_open("/dev/null")])
+    reply = await conn.request(payload, [open_fd("/dev/null")])
     b.exercised["proxy-start-failure"] += 1
-    if not _nacked(b, "proxy-start-failure", conn, reply, payload, START_FAILURE):
+    if not expect_nack(b, "proxy-start-failure", conn, reply, payload, START_FAILURE):
         return
     ready = b.url(b.options.ready_url)
     if ready:
@@ -307,7 +307,7 @@ async def pending_retry(b: Bench) -> None:
     try:
         reply = await conn.request(payload, fds)
         b.exercised["pending-retry"] += 1
-        if not _nacked(b, "pending-retry", conn, reply, payload, START_FAILURE):
+        if not expect_nack(b, "pending-retry", conn, reply, payload, START_FAILURE):
             return
     finally:
         blocker.release()
@@ -347,7 +347,7 @@ async def readiness(b: Bench) -> None:
         b.report(
             "readiness",
             Finding(
-                f"{after} from {url} {took:.1f}s after SnapshotSent was answered {_said(reply)}", conn.name
+                f"{after} from {url} {took:.1f}s after SnapshotSent was answered {said(reply)}", conn.name
             ),
         )
     if before != 200 and ok:
@@ -379,19 +379,29 @@ async def _get_json(url: str) -> dict[str, Any] | None:
     return await asyncio.to_thread(get)
 
 
-def _nacked(b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, prefix: str) -> bool:
+def expect_nack(
+    b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, prefix: str, fds: str = ""
+) -> bool:
+    """Whether ``reply`` is a nack starting ``prefix``; a finding (with what went with the
+    record: ``fds``) when it is not."""
     if reply is not None and reply.ack is not None and reply.ack.error.startswith(prefix):
         return True
     b.report(
         name,
         Finding(
-            f"answered {_said(reply)}; expected a nack starting {prefix!r}",
+            f"answered {said(reply)}; expected a nack starting {prefix!r}",
             conn.name,
             sent=sent,
             received=reply.payload if reply else None,
+            detail=[f"sent with {fds}"] if fds else [],
         ),
     )
     return False
+
+
+def fds_said(paths: list[str]) -> str:
+    """How a finding names the fds that went with a record: "2 fds: /var/run/netns/x, /dev/null"."""
+    return f"{len(paths)} fd{'s' if len(paths) != 1 else ''}: {', '.join(paths)}" if paths else ""
 
 
 __all__ = ["PROCESS_FAILURE", "READ_FAILURE"]
