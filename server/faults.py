@@ -156,13 +156,12 @@ class FaultBook:
             raise FaultError(Refusal.INVALID, f"{kind.label}: no pod with uid {spec.uid} is enrolled")
         if kind in NEEDS_POD:
             self.pod_for(spec)
-        fid = f"f{next(self._ids)}"
         if kind.category is Category.DELIVERY:
             if spec.connection_id or spec.next_connection:
                 raise FaultError(
                     Refusal.INVALID, f"{kind.label} acts on the node agent's delivery, not on one connection"
                 )
-            return Fault(fid, spec, "the node agent", spec.count), None
+            return Fault(self._next_id(), spec, "the node agent", spec.count), None
         if spec.skip_connections < 0:
             raise FaultError(Refusal.INVALID, f"{kind.label}: --skip-connections must not be negative")
         if spec.skip_connections and not spec.next_connection:
@@ -173,10 +172,14 @@ class FaultBook:
                 if not spec.skip_connections
                 else f"the connection after the next {spec.skip_connections}"
             )
-            return Fault(fid, spec, target, spec.count, skips=spec.skip_connections), None
+            return Fault(self._next_id(), spec, target, spec.count, skips=spec.skip_connections), None
         conn = self._target(spec)
         self._check_state(spec, conn)
-        return Fault(fid, spec, f"conn {conn.id}", spec.count), conn
+        return Fault(self._next_id(), spec, f"conn {conn.id}", spec.count), conn
+
+    def _next_id(self) -> str:
+        """f1, f2, ...: only faults that were armed get one."""
+        return f"f{next(self._ids)}"
 
     def _target(self, spec: FaultSpec) -> ZtunnelConnection:
         if spec.connection_id:

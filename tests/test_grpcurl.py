@@ -190,3 +190,22 @@ def test_grpcurl_reads_a_watch_stream_while_pods_are_enrolled(
     marker, enrolled = events(filtered_path)
     assert marker["kind"] == "EVENT_KIND_CURRENT_STATE_END"
     assert enrolled["kind"] == "EVENT_KIND_POD_ENROLLED" and enrolled["uid"] == "u2"
+
+
+def test_grpcurl_injects_a_fault_and_sees_it_refused_when_it_makes_no_sense(
+    server: NodeAgentProc, peer: AckingPeer
+) -> None:
+    out = grpcurl(
+        server,
+        "zds.v1.NodeAgent/InjectFault",
+        data='{"kind": "FAULT_KIND_KEEP_UNKNOWN_UID", "next_connection": true}',
+    )
+    assert out.returncode == 0, out.stderr
+    fault = json.loads(out.stdout)["fault"]
+    assert fault["kind"] == "FAULT_KIND_KEEP_UNKNOWN_UID" and fault["state"] == "armed"
+    assert fault["target"] == "the next connection"
+    out = grpcurl(
+        server, "zds.v1.NodeAgent/InjectFault", data='{"kind": "FAULT_KIND_WITHHOLD_SNAPSHOT_SENT"}'
+    )
+    assert out.returncode != 0 and "Code: FailedPrecondition" in out.stderr
+    assert "has sent its snapshot already; use --next-connection" in out.stderr
