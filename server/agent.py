@@ -97,7 +97,7 @@ class NodeAgent:
         self.sources: dict[str, tuple[bool, str]] = {}
         #: Faults on demand (zds fault, --faults).
         self.fault_book = FaultBook(self.registry, self.pods, self.events, self.telemetry)
-        self.enrollment.faults = self.fault_book
+        self.fault_book.on_delivery = self.enrollment.bend_delivery
         self.telemetry.observe(
             connected=lambda: len(self.registry),
             pods_by_state=self.pods.by_state,

@@ -114,8 +114,13 @@ class Enrollment:
         self.telemetry = telemetry
         self.tasks = tasks
         self.tracer = telemetry.tracer
-        #: Faults on demand that bend delivery (add-to-oldest, del-to-newest-only, leak-netns-fds).
+        #: Set only while a fault that bends delivery is armed (add-to-oldest, del-to-newest-only,
+        #: leak-netns-fds): otherwise delivery does not even ask.
         self.faults: FaultBook | None = None
+
+    def bend_delivery(self, faults: FaultBook | None) -> None:
+        """Let ``faults`` bend delivery from now on (None: deliver by the rules again)."""
+        self.faults = faults
 
     # -- start-up ---------------------------------------------------------------------
     async def load(self, spec: PodSpec) -> Pod:

@@ -32,7 +32,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -115,6 +115,9 @@ class FaultBook:
         self.states: dict[str, ConnectionFaults] = {}
         #: Pods whose netns fd leak-netns-fds kept open.
         self.leaked: list[Pod] = []
+        #: Told this book while a delivery fault is armed, None once none is (the enrollment's
+        #: delivery then asks nothing: not even a check per pod while no fault is armed).
+        self.on_delivery: Callable[[FaultBook | None], None] = lambda _: None
 
     # -- injecting -------------------------------------------------------------------
     def inject(self, spec: FaultSpec) -> Fault:
@@ -138,6 +141,7 @@ class FaultBook:
             self._next.append(fault)
         else:
             self._delivery.setdefault(spec.kind, []).append(fault)
+            self.on_delivery(self)
         return fault
 
     def _arm(self, spec: FaultSpec) -> tuple[Fault, ZtunnelConnection | None]:
@@ -258,7 +262,8 @@ class FaultBook:
             attach(conn, fault, self)
 
     def route_add(self, newest: ZtunnelLink | None, ready: Sequence[ZtunnelLink]) -> ZtunnelLink | None:
-        """Where an AddWorkload goes (``add-to-oldest`` sends it to the oldest connection)."""
+        """Where an AddWorkload goes (``add-to-oldest`` sends it to the oldest connection).
+        Asked only while a delivery fault is armed (``on_delivery``)."""
         if newest is None or len(ready) < 2 or not self._delivery.get(FaultKind.ADD_TO_OLDEST):
             return newest
         self.consume(
@@ -300,6 +305,8 @@ class FaultBook:
             armed = self._delivery.get(fault.kind)
             if armed and fault in armed:
                 armed.remove(fault)
+                if not any(self._delivery.values()):
+                    self.on_delivery(None)
         self._events.publish(EventKind.FAULT_APPLIED, connection_id=conn_id, error=detail, fault=fault)
 
     def connection_closed(self, conn_id: str, reason: str) -> None:
