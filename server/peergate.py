@@ -29,6 +29,8 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: _Pipe | None = None
         self._pending: list[bytes] = []
+        #: This side sent its EOF (it will send nothing more).
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -47,11 +49,23 @@ class _Pipe(asyncio.Protocol):
         for data in self._pending:
             peer.transport.write(data)
         self._pending.clear()
+        if self.eof:  # it ended before the other side was there: pass the EOF on now
+            self._forward_eof()
 
     def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is not None and self.peer.eof:
+            # Both directions are done, nothing more can flow: close both ends (else each
+            # spliced connection would hold two fds for the rest of the node agent's life).
+            if self.peer.transport is not None:
+                self.peer.transport.close()
+            return False
+        self._forward_eof()
+        return True  # keep our end open until the other side is done
+
+    def _forward_eof(self) -> None:
         if self.peer is not None and self.peer.transport is not None and self.peer.transport.can_write_eof():
             self.peer.transport.write_eof()
-        return True  # keep our end open until the other side is done
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:

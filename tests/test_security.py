@@ -24,6 +24,7 @@ from tests.harness import (
     free_port,
     pod_netns,
     post_unix,
+    socket_inodes,
     wait_until,
 )
 
@@ -434,5 +435,23 @@ def test_names_are_checked_like_kubernetes_on_the_cni_path_too(
         status, answer = post_unix(server.cni_socket, "/cmdadd", body)
         assert status == 400 and text in answer
         assert server.list_pods() == []
+    finally:
+        server.stop()
+
+
+def test_the_control_gate_closes_a_spliced_connection_once_both_sides_are_done(tmp_path: Path) -> None:
+    """Found by zds check's fd-hygiene: a client that hangs up (here at once, before the gate
+    has even reached gRPC) must not leave the gate holding two sockets."""
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    try:
+        before = len(socket_inodes(server.pid))
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(server.control_socket)
+                client.shutdown(socket.SHUT_WR)
+                client.settimeout(10)
+                while client.recv(65536):
+                    pass  # gRPC's SETTINGS, then its EOF once it saw ours
+        wait_until(lambda: len(socket_inodes(server.pid)) <= before, "the gate to let go of every connection")
     finally:
         server.stop()
