@@ -27,8 +27,8 @@ from zds.server.connection import ConnectionInfo, SnapshotItem, ZtunnelConnectio
 from zds.server.enrollment import DeleteResult, Enrolled, Enrollment
 from zds.server.eventkinds import EventKind
 from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
-from zds.server.netnspolicy import NetnsPolicy
 from zds.server.faults import Fault, FaultBook, FaultSpec
+from zds.server.netnspolicy import NetnsPolicy
 from zds.server.observer import AgentObserver
 from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import PodCache

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="enroll every pod of a pods file (JSON lines, a JSON array or YAML) over one connection",
     )
     add.add_argument("--json", action="store_true", help="print the answers as JSON")
-    _control_flags(add)
+    control_flags(add)
     add.set_defaults(func=_pod_add)
 
     remove = pod_sub.add_parser(
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "answer is printed); exit 1 only when the node agent does not know the pod or cannot be reached.",
     )
     remove.add_argument("--uid", required=True, help="the pod's uid")
-    _control_flags(remove)
+    control_flags(remove)
     remove.set_defaults(func=_pod_remove)
 
     lst = pod_sub.add_parser(
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "state (pending, acked, failed), netns identity and path, rules, last error.",
     )
     lst.add_argument("--json", action="store_true", help="JSON instead of a table")
-    _control_flags(lst)
+    control_flags(lst)
     lst.set_defaults(func=_pod_list)
 
     conns = sub.add_parser(
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "snapshot state, messages sent/acked/nacked; the newest gets new pods.",
     )
     conns.add_argument("--json", action="store_true", help="JSON instead of a table")
-    _control_flags(conns)
+    control_flags(conns)
     conns.set_defaults(func=_connections)
 
     watch = sub.add_parser(
@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="only these kinds (repeatable): " + ", ".join(WATCHABLE),
     )
     watch.add_argument("--uid", default="", help="only events about this pod uid")
-    _control_flags(watch, timeout=False)
+    control_flags(watch, timeout=False)
     watch.set_defaults(func=_watch)
 
 
@@ -118,7 +118,7 @@ def _event_kinds(text: str) -> list[str]:
     return kinds
 
 
-def _control_flags(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
+def control_flags(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
     parser.add_argument(
         "--control-socket",
         default=defaults.CONTROL_SOCKET,

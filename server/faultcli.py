@@ -8,7 +8,8 @@ import json
 import sys
 from typing import Any
 
-from zds import cliflags, defaults
+from zds import cliflags
+from zds.server.controlcli import control_flags
 from zds.server.faultkinds import FaultKind
 
 
@@ -72,12 +73,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--wait", action="store_true", help="answer once the fault took effect, with what it did"
     )
     fault.add_argument("--json", action="store_true", help="print the fault as JSON")
-    fault.add_argument(
-        "--control-socket",
-        default=defaults.CONTROL_SOCKET,
-        metavar="PATH",
-        help="node agent control socket (default: %(default)s)",
-    )
+    control_flags(fault, timeout=False)
     fault.add_argument(
         "--timeout",
         type=cliflags.seconds,
@@ -94,7 +90,7 @@ def inject(args: argparse.Namespace) -> int:
 
     from zds.gen import nodeagent_pb2
     from zds.server.control import FAULT_KIND_TO_PROTO
-    from zds.server.podctl import ControlError, call, control_stub
+    from zds.server.controlclient import ControlError, ControlTarget
 
     request = nodeagent_pb2.InjectFaultRequest(
         kind=FAULT_KIND_TO_PROTO[FaultKind.named(args.kind)],  # type: ignore[arg-type]
@@ -110,9 +106,10 @@ def inject(args: argparse.Namespace) -> int:
         delay = Duration()
         delay.FromNanoseconds(int(args.delay * 1e9))
         request.delay.CopyFrom(delay)
+    target = ControlTarget.from_args(args)
     try:
-        with control_stub(args.control_socket) as stub:
-            fault = call(stub.InjectFault, request, args.timeout, args.control_socket).fault
+        with target.stub() as stub:
+            fault = target.call(stub.InjectFault, request, args.timeout).fault
     except ControlError as exc:
         print(f"zds fault: {exc}", file=sys.stderr)
         return 1

@@ -50,10 +50,8 @@ class ZtConn:
         self.awaiting = False
         self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self.hello_seen = asyncio.Event()
-        try:
-            self.pid: int | None = self.conn.peer_credentials().pid
-        except OSError:
-            self.pid = None
+        creds = self.conn.peer_credentials()
+        self.pid: int | None = creds.pid if creds is not None else None
         self._reader = asyncio.ensure_future(self._read())
 
     @property
