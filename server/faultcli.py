@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     fault.add_argument(
         "--after-snapshot",
         action="store_true",
-        help="record faults: wait until the connection's snapshot is complete",
+        help="record faults: wait until the connection's snapshot is complete; message faults: act on live "
+        "updates only, not on the snapshot's messages",
     )
     fault.add_argument(
         "--wait", action="store_true", help="answer once the fault took effect, with what it did"

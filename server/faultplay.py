@@ -60,10 +60,15 @@ class ConnectionFaults:
     def armed(self) -> bool:
         return any(f.state == "armed" for f in self.faults)
 
-    def _take(self, kind: FaultKind, uid: str = "") -> Fault | None:
+    def _take(self, kind: FaultKind, uid: str = "", *, in_snapshot: bool = False) -> Fault | None:
+        """The first armed fault of ``kind`` (for ``uid``); one asked to wait for the snapshot's
+        end (``after_snapshot``) is not taken while ``in_snapshot``."""
         for fault in self.faults:
-            if fault.state == "armed" and fault.kind is kind and (not uid or fault.spec.uid == uid):
-                return fault
+            if fault.state != "armed" or fault.kind is not kind or (uid and fault.spec.uid != uid):
+                continue
+            if in_snapshot and fault.spec.after_snapshot:
+                continue
+            return fault
         return None
 
     # -- hooks -------------------------------------------------------------------------
@@ -146,19 +151,21 @@ class ConnectionFaults:
             delivery.close_fd()
             self.book.consume(f, f"pod {uid} left out of conn {conn.id}'s snapshot")
             return _settle(delivery, Ack())
-        if f := self._take(FaultKind.DELAY):
+        if f := self._take(FaultKind.DELAY, in_snapshot=in_snapshot):
             await asyncio.sleep(f.spec.delay)
             self.book.consume(f, f"{kind} on conn {conn.id} written {f.spec.delay:g}s late")
-        if f := self._take(FaultKind.DROP_BEFORE):
+        if f := self._take(FaultKind.DROP_BEFORE, in_snapshot=in_snapshot):
             self.book.consume(f, f"conn {conn.id} closed instead of writing {kind}")
             raise _close(conn, f"fault {f.id} drop-before: closed instead of writing {kind}")
-        if f := self._take(FaultKind.NON_CANONICAL):
+        if f := self._take(FaultKind.NON_CANONICAL, in_snapshot=in_snapshot):
             payload = delivery.payload if delivery.payload is not None else encode_request(request)
             delivery.payload = payload + payload  # the payload field twice: protobuf merges, same request
             self.book.consume(
                 f, f"{kind} written on conn {conn.id} in non-canonical form ({len(payload) * 2} bytes)"
             )
-        if isinstance(request, AddWorkload) and (f := self._take(FaultKind.WRONG_NETNS)):
+        if isinstance(request, AddWorkload) and (
+            f := self._take(FaultKind.WRONG_NETNS, in_snapshot=in_snapshot)
+        ):
             other = next(
                 (
                     p
@@ -174,9 +181,9 @@ class ConnectionFaults:
                     f,
                     f"AddWorkload for {request.uid} written on conn {conn.id} with the netns of pod {other.uid}",
                 )
-        if f := self._take(FaultKind.PIPELINE):
+        if f := self._take(FaultKind.PIPELINE, in_snapshot=in_snapshot):
             return await self._twice(conn, delivery, f)
-        if f := self._take(FaultKind.DROP_AFTER):
+        if f := self._take(FaultKind.DROP_AFTER, in_snapshot=in_snapshot):
             payload = conn.protocol.send(request, time.monotonic(), payload=delivery.payload)
             await _write(conn, request, payload, _take_fd(delivery), bookkept=True)
             self.book.consume(f, f"conn {conn.id} closed right after writing {kind}, before its ack")

@@ -60,7 +60,8 @@ class FaultSpec:
     count: int = 1
     delay: float = 0.0
     uid: str = ""
-    #: Record faults: wait until the connection's snapshot is complete.
+    #: Record faults: wait until the connection's snapshot is complete; message faults: act on
+    #: live updates only.
     after_snapshot: bool = False
     #: A connection id; "" means the newest (unless ``next_connection``).
     connection_id: str = ""

@@ -214,6 +214,9 @@ class ConnectionRules:
     snapshot_done: bool = False
     #: The record still waiting for our answer.
     unanswered: Seen | None = None
+    #: A record was already waiting when ``answered`` was: it was sent before our answer to
+    #: this one (the reader has not read it yet; it is judged when it is).
+    overtaken: Seen | None = None
     #: The ack of ``unanswered`` is withheld on purpose (the ack-deadline scenario): a record
     #: arriving meanwhile is judged by that scenario, not by the one-in-flight rule.
     withholding: bool = False
@@ -227,7 +230,10 @@ class ConnectionRules:
                 "hello-first",
                 Finding(f"{seen.label} arrived before ztunnel's hello", seen.where, received=seen.payload),
             )
-        if self.unanswered is not None and not self.withholding:
+        before = self.unanswered or self.overtaken
+        self.overtaken = None
+        if before is not None and not self.withholding:
+            self.unanswered = before
             self.report(
                 "one-in-flight",
                 Finding(
@@ -245,7 +251,11 @@ class ConnectionRules:
         self._inspect_state(seen)
         self.unanswered = seen
 
-    def answered(self) -> None:
+    def answered(self, *, more_waiting: bool = False) -> None:
+        """Our answer to ``unanswered`` is going out; ``more_waiting``: the socket held another
+        record already (sent before it could have seen our answer)."""
+        if more_waiting and self.unanswered is not None:
+            self.overtaken = self.unanswered
         self.unanswered = None
 
     def _inspect_bytes(self, seen: Seen) -> None:

@@ -134,7 +134,7 @@ class StrictConnection:
 
     async def answer(self, seen: Seen, error: str | None = None) -> None:
         """Answer ``seen`` (with ztunnel's own answer unless ``error`` is given)."""
-        self.rules.answered()
+        self.rules.answered(more_waiting=_waiting(self.sock.socket))
         await self.send(encode_ack(Ack(seen.answer if error is None else error)))
 
     async def next(self, within: float) -> Seen | None:
@@ -179,6 +179,14 @@ class StrictConnection:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader
         self.sock.close()
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """A (non-empty) record is waiting to be read: peeked at, not taken."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
 
 
 def _peer_hung_up(sock: socket.socket) -> bool:
