@@ -98,23 +98,6 @@ class PodFactory:
         self.made.clear()
 
 
-@dataclass
-class Action:
-    """One add or remove started in the background, and what it said when it ended."""
-
-    what: str
-    task: asyncio.Task[str]
-
-    @property
-    def outcome(self) -> str:
-        if not self.task.done():
-            return f"{self.what}: still running"
-        if self.task.cancelled():
-            return f"{self.what}: cancelled"
-        exc = self.task.exception()
-        return f"{self.what}: {exc}" if exc is not None else f"{self.what}: {self.task.result()}"
-
-
 class PodDriver(Protocol):
     """How pods come and go on the node agent under test."""
 
