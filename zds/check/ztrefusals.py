@@ -11,7 +11,7 @@ import os
 from zds.check.report import Finding
 from zds.check.ztbench import Bench, ZtunnelGone
 from zds.check.ztconn import ZtConn
-from zds.check.ztscenarios import (
+from zds.check.ztsteps import (
     NO_PAYLOAD,
     PADDING,
     SNAPSHOT_SENT,

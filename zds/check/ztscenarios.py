@@ -9,87 +9,26 @@ its config_dump.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 from zds.check.inpod import INPOD_PORTS, PortBlocker, own_netns, ports_of
-from zds.check.pods import CheckPod
 from zds.check.report import Finding
 from zds.check.ztbench import Bench
-from zds.check.ztconn import Reply, ZtConn
-from zds.protocol.messages import AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_request
-from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
-
-SNAPSHOT_SENT = b"\x1a\x00"
-NO_PAYLOAD = b"\x78\x01"
-UNDECODABLE = b"\x0a\xff\x01"
-#: Field 15 as 1100 bytes: pushes a DelWorkload past ztunnel's 1024-byte buffer.
-PADDING = b"\x7a\xcc\x08" + b"\x00" * 1100
-Entry = tuple[bytes, list[int]]
-
-
-def open_fd(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def add(pod: CheckPod, netns: str | None = None, *, info: bool = True) -> Entry:
-    wi = WorkloadInfo(pod.name, pod.namespace, pod.service_account) if info else None
-    return encode_request(AddWorkload(pod.uid, wi)), [open_fd(netns or pod.netns)]
-
-
-def delete(uid: str, fds: list[int] | None = None) -> Entry:
-    return encode_request(DelWorkload(uid)), fds or []
-
-
-def keep(uid: str, fds: list[int] | None = None) -> Entry:
-    return encode_request(KeepWorkload(uid)), fds or []
-
-
-def said(reply: Reply | None) -> str:
-    if reply is None:
-        return "nothing"
-    return repr(reply.ack.error) if reply.ack is not None and reply.ack.error else "an empty Ack (success)"
-
-
-def _acked(b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, what: str) -> bool:
-    b.exercised[name] += 1
-    if reply is not None and reply.ack is not None and not reply.ack.error:
-        return True
-    b.report(
-        name,
-        Finding(
-            f"{what} was answered with {said(reply)}",
-            conn.name,
-            sent=sent,
-            received=reply.payload if reply else None,
-        ),
-    )
-    return False
-
-
-async def _wait(
-    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], within: float
-) -> tuple[bool, Any, float]:
-    """Poll ``probe`` until ``done`` says yes or ``within`` seconds pass: (done, last value, seconds)."""
-    start = time.monotonic()
-    while True:
-        value = await probe()
-        if done(value) or time.monotonic() - start > within:
-            return done(value), value, time.monotonic() - start
-        await asyncio.sleep(0.05)
-
-
-def _ports(b: Bench, netns: str) -> Callable[[], Awaitable[dict[int, set[int]]]]:
-    return lambda: ports_of(netns, b.pid)
-
-
-ALL = set(INPOD_PORTS)
+from zds.check.ztsteps import (
+    ALL,
+    SNAPSHOT_SENT,
+    acked,
+    add,
+    delete,
+    expect_nack,
+    http_json,
+    http_status,
+    keep,
+    open_fd,
+    ports_probe,
+    said,
+    wait_for,
+)
+from zds.protocol.messages import AddWorkload, WorkloadInfo, encode_request
+from zds.protocol.reading import START_FAILURE
 
 
 # -- the plain exchange -----------------------------------------------------------------------
@@ -97,7 +36,7 @@ async def add_acked(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
     payload, fds = add(pod)
-    if _acked(b, "add-acked", conn, await conn.request(payload, fds), payload, f"AddWorkload for {pod.name}"):
+    if acked(b, "add-acked", conn, await conn.request(payload, fds), payload, f"AddWorkload for {pod.name}"):
         b.note("add-acked", f"AddWorkload for {pod.name} ({len(payload)} bytes + its netns fd) acked 0a 00")
     await conn.request(*delete(pod.uid))
 
@@ -107,7 +46,7 @@ async def listeners(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
     await conn.request(*add(pod))
-    ok, ports, took = await _wait(_ports(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
+    ok, ports, took = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
     b.exercised["listeners-in-pod"] += 1
     if ok:
         b.note("listeners-in-pod", f"{sorted(ports)} listening in {pod.netns} {took:.2f}s after the ack")
@@ -129,7 +68,7 @@ async def listeners(b: Bench) -> None:
     else:
         b.note("no-listeners-on-host", f"nothing on {sorted(ALL)} in {own_netns(b.pid)}")
     await conn.request(*delete(pod.uid))
-    gone, left, took = await _wait(_ports(b, pod.netns), lambda p: not p, b.options.timeout)
+    gone, left, took = await wait_for(ports_probe(b, pod.netns), lambda p: not p, b.options.timeout)
     b.exercised["listeners-closed-on-del"] += 1
     if gone:
         b.note("listeners-closed-on-del", f"the pod's listeners closed {took:.2f}s after the DelWorkload")
@@ -143,11 +82,11 @@ async def listeners(b: Bench) -> None:
 async def del_unknown_uid(b: Bench) -> None:
     conn = await b.fresh([])
     payload, _ = delete("zds-check-nobody")
-    if _acked(
+    if acked(
         b, "del-unknown-uid", conn, await conn.request(payload), payload, "DelWorkload for an unknown uid"
     ):
         again = await conn.request(payload)
-        if _acked(b, "del-unknown-uid", conn, again, payload, "a second DelWorkload on the same connection"):
+        if acked(b, "del-unknown-uid", conn, again, payload, "a second DelWorkload on the same connection"):
             b.note("del-unknown-uid", "acked, twice, on the same connection")
 
 
@@ -156,9 +95,9 @@ async def readd_same_netns(b: Bench) -> None:
     conn = await b.fresh([])
     payload, fds = add(pod)
     await conn.request(payload, fds)
-    _, before, _ = await _wait(_ports(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
+    _, before, _ = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
     again, fds = add(pod)
-    if _acked(
+    if acked(
         b, "readd-same-netns", conn, await conn.request(again, fds), again, "the same AddWorkload again"
     ):
         after = await ports_of(pod.netns, b.pid)
@@ -179,7 +118,7 @@ async def readd_new_netns(b: Bench) -> None:
     conn = await b.fresh([])
     await conn.request(*add(pod))
     payload, fds = add(pod, other.netns)
-    if _acked(
+    if acked(
         b,
         "readd-new-netns",
         conn,
@@ -188,8 +127,10 @@ async def readd_new_netns(b: Bench) -> None:
         "the AddWorkload with another netns",
     ):
         if not b.options.protocol_only:
-            moved, new, took = await _wait(_ports(b, other.netns), lambda p: set(p) >= ALL, b.options.timeout)
-            left, old, _ = await _wait(_ports(b, pod.netns), lambda p: not p, b.options.timeout)
+            moved, new, took = await wait_for(
+                ports_probe(b, other.netns), lambda p: set(p) >= ALL, b.options.timeout
+            )
+            left, old, _ = await wait_for(ports_probe(b, pod.netns), lambda p: not p, b.options.timeout)
             if not moved or not left:
                 b.report(
                     "readd-new-netns",
@@ -218,7 +159,7 @@ async def reconcile(b: Bench) -> None:
     conn = await b.fresh([keep(a.uid), add(c), delete(c.uid)])
     b.exercised["reconcile"] += 1
     if dump:
-        held = set((await _get_json(dump) or {}).get("workloadState", {}))
+        held = set((await http_json(dump) or {}).get("workloadState", {}))
         ours = held & {a.uid, gone.uid, c.uid}
         if ours != {a.uid}:
             b.report(
@@ -226,7 +167,7 @@ async def reconcile(b: Bench) -> None:
                 Finding(f"config_dump holds {sorted(ours)} of ours; expected only {a.uid} (A)", conn.name),
             )
     if not b.options.protocol_only:
-        dropped, left, took = await _wait(
+        dropped, left, took = await wait_for(
             lambda: _listening_any(b, [gone.netns, c.netns]), lambda n: not n, b.options.timeout
         )
         after = await ports_of(a.netns, b.pid)
@@ -277,7 +218,7 @@ async def proxy_start_failure(b: Bench) -> None:
         return
     ready = b.url(b.options.ready_url)
     if ready:
-        status = await _status(ready)
+        status = await http_status(ready)
         if status == 200:
             b.report("proxy-start-failure", Finding("ready (200) while a workload is pending", conn.name))
     still = await conn.request(*delete(uid))
@@ -287,7 +228,7 @@ async def proxy_start_failure(b: Bench) -> None:
         )
         return
     if ready:
-        ok, status, _ = await _wait(lambda: _status(ready), lambda s: s == 200, b.options.timeout)
+        ok, status, _ = await wait_for(lambda: http_status(ready), lambda s: s == 200, b.options.timeout)
         if not ok:
             b.report(
                 "proxy-start-failure",
@@ -312,7 +253,7 @@ async def pending_retry(b: Bench) -> None:
     finally:
         blocker.release()
     within = b.options.retry_interval + b.options.grace
-    up, ports, took = await _wait(_ports(b, pod.netns), lambda p: set(p) >= ALL, within)
+    up, ports, took = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, within)
     if up:
         b.note(
             "pending-retry", f"nacked while port {blocker.port} was taken; up {took:.1f}s after it was freed"
@@ -334,9 +275,9 @@ async def readiness(b: Bench) -> None:
         b.skipped["readiness"] = "no probe to ask: give --ready-url"
         return
     conn = await b.fresh(None)
-    before = await _status(url)
+    before = await http_status(url)
     reply = await conn.request(SNAPSHOT_SENT)
-    ok, after, took = await _wait(lambda: _status(url), lambda s: s == 200, b.options.timeout)
+    ok, after, took = await wait_for(lambda: http_status(url), lambda s: s == 200, b.options.timeout)
     b.exercised["readiness"] += 1
     if before == 200:
         b.report(
@@ -352,56 +293,3 @@ async def readiness(b: Bench) -> None:
         )
     if before != 200 and ok:
         b.note("readiness", f"{before} before the snapshot, 200 {took:.2f}s after it")
-
-
-async def _status(url: str) -> int | None:
-    def get() -> int | None:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                return int(resp.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return None
-
-    return await asyncio.to_thread(get)
-
-
-async def _get_json(url: str) -> dict[str, Any] | None:
-    def get() -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                doc = json.loads(resp.read())
-                return doc if isinstance(doc, dict) else None
-        except (OSError, ValueError):
-            return None
-
-    return await asyncio.to_thread(get)
-
-
-def expect_nack(
-    b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, prefix: str, fds: str = ""
-) -> bool:
-    """Whether ``reply`` is a nack starting ``prefix``; a finding (with what went with the
-    record: ``fds``) when it is not."""
-    if reply is not None and reply.ack is not None and reply.ack.error.startswith(prefix):
-        return True
-    b.report(
-        name,
-        Finding(
-            f"answered {said(reply)}; expected a nack starting {prefix!r}",
-            conn.name,
-            sent=sent,
-            received=reply.payload if reply else None,
-            detail=[f"sent with {fds}"] if fds else [],
-        ),
-    )
-    return False
-
-
-def fds_said(paths: list[str]) -> str:
-    """How a finding names the fds that went with a record: "2 fds: /var/run/netns/x, /dev/null"."""
-    return f"{len(paths)} fd{'s' if len(paths) != 1 else ''}: {', '.join(paths)}" if paths else ""
-
-
-__all__ = ["PROCESS_FAILURE", "READ_FAILURE"]
