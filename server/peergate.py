@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from typing import cast
 
 from zds.server.peers import PeerGuard
-from zds.transport import peer_credentials
+from zds.transport import bind_unix_listener, peer_credentials
 
 log = logging.getLogger("zds.server.control")
 
@@ -93,14 +92,8 @@ class PeerGate:
     async def start(self, public: str, mode: int) -> None:
         """Bind ``public`` (cleared by the caller) with ``mode`` and open the door."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = bind_unix_listener(public, mode=mode, kind=socket.SOCK_STREAM)
         try:
-            old_umask = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(public)
-            finally:
-                os.umask(old_umask)
-            os.chmod(public, mode)
             self._server = await loop.create_unix_server(self._accepted, sock=sock, backlog=128)
         except BaseException:
             sock.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from zds.server.peers import PeerGuard
-from zds.transport import PeerCredentials, peer_credentials
+from zds.transport import PeerCredentials, bind_unix_listener, peer_credentials
 
 log = logging.getLogger("zds.server.http")
 
@@ -65,14 +64,8 @@ class GuardedUnixHttp:
         def protocol() -> asyncio.Protocol:
             return _Admitted(server(), self._admit)
 
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = bind_unix_listener(path, mode=mode, kind=socket.SOCK_STREAM)
         try:
-            old_umask = os.umask(0o777 & ~mode)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, mode)
             self._server = await loop.create_unix_server(protocol, sock=sock, backlog=128)
         except BaseException:
             sock.close()
