@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import http.client
 import json
 import os
@@ -138,6 +140,16 @@ async def async_wait_until(predicate: Callable[[], T | None], what: str, timeout
 def open_fds() -> set[int]:
     """The fds this process has open now."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def is_open(fd: int) -> bool:
+    """Whether ``fd`` is open in this process (EBADF: not; anything else is a test bug)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
 
 
 def fd_count(pid: int) -> int:

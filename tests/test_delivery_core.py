@@ -11,8 +11,6 @@ a nack or ``ConnectionLost``. The netns is this process's own
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import os
 import pathlib
 from collections.abc import AsyncIterator
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 from opentelemetry import context as otel_context
 
+from tests.harness import is_open, open_fds
 from zds.netns import NetnsIdentity, NetnsRef, netns_identity
 from zds.protocol.messages import Ack, AddWorkload, DelWorkload, KeepWorkload, Request, encode_request
 from zds.server.agent import NodeAgent
@@ -36,19 +35,6 @@ from zds.server.telemetry import Telemetry
 
 #: This process's own network namespace: openable without root.
 SELF_NETNS = NetnsRef.of_pid(os.getpid())  # /proc/PID/ns/net of this process: no root needed
-
-
-def is_open(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        assert exc.errno == errno.EBADF
-        return False
-    return True
-
-
-def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 def pod_spec(uid: str = "pod-a", netns: NetnsRef = SELF_NETNS) -> PodSpec:

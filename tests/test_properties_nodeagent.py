@@ -10,8 +10,6 @@ closed and says nothing more.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import socket
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from tests.harness import is_open
 from zds.errors import CodecError, ProtocolUsageError
 from zds.protocol.messages import (
     VERSION_V1,
@@ -80,15 +79,6 @@ PAYLOADS = st.one_of(
 FLAGS = st.sampled_from([0, 0, 0, socket.MSG_TRUNC, socket.MSG_CTRUNC, socket.MSG_TRUNC | socket.MSG_CTRUNC])
 #: Time steps: mostly small, sometimes past any timeout.
 DELAYS = st.one_of(st.floats(min_value=0.0, max_value=2.0), st.floats(min_value=0.0, max_value=12.0))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        assert exc.errno == errno.EBADF
-        return False
-    return True
 
 
 @dataclass

@@ -21,8 +21,6 @@ retries at random. Whatever happens:
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import socket
 from collections.abc import Hashable
@@ -32,7 +30,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.harness import wire_vector
+from tests.harness import is_open, open_fds, wire_vector
 from zds.errors import CodecError, ProtocolUsageError
 from zds.protocol.messages import (
     Ack,
@@ -112,19 +110,6 @@ PREFIXES = (READ_FAILURE, PROCESS_FAILURE, START_FAILURE)
 def identity(fd: int) -> Hashable:
     st_ = os.fstat(fd)
     return (st_.st_dev, st_.st_ino)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        assert exc.errno == errno.EBADF
-        return False
-    return True
-
-
-def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 class ZtunnelMachine(RuleBasedStateMachine):

@@ -7,15 +7,13 @@ two pipes are two netns) and must close each one exactly when ztunnel would.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import socket
 from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import wire_vector
+from tests.harness import is_open, wire_vector
 from zds.errors import ProtocolUsageError
 from zds.protocol.messages import (
     Ack,
@@ -44,15 +42,6 @@ INFO = WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account
 
 
 golden = wire_vector
-
-
-def is_open(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError as exc:
-        assert exc.errno == errno.EBADF
-        return False
-    return True
 
 
 class Netns:
