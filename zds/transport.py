@@ -49,6 +49,9 @@ class SeqpacketConnection:
         sock.setblocking(False)
         self._sock = sock
         self._loop = asyncio.get_running_loop()
+        #: The fd the loop watches for reading (-1: none) and who waits for it.
+        self._reading = -1
+        self._waiter: asyncio.Future[bool] | None = None
 
     @property
     def socket(self) -> socket.socket:
@@ -109,34 +112,69 @@ class SeqpacketConnection:
             except (BlockingIOError, InterruptedError):
                 await self._wait(readable=False)
 
-    async def wait_readable(self) -> None:
-        """Until a record (or EOF) can be read."""
-        await self._wait(readable=True)
+    async def wait_readable(self, within: float | None = None) -> bool:
+        """Until a record (or EOF) can be read: True; False if ``within`` seconds passed first.
 
-    async def _wait(self, *, readable: bool) -> None:
+        The hot path of both ends (``try_recv`` first, this only when nothing is waiting):
+        one future, no task, and the socket stays registered with the loop between waits
+        (registering and unregistering it for every message cost several syscalls each)."""
         fd = self._sock.fileno()
         if fd < 0:
             raise ConnectionError("socket is closed")
-        fut: asyncio.Future[None] = self._loop.create_future()
+        loop = self._loop
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._waiter = fut
+        if self._reading != fd:
+            self._stop_reading()
+            loop.add_reader(fd, self._readable)
+            self._reading = fd
+        timer = loop.call_later(within, _resolve, fut, False) if within is not None else None
+        try:
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiter is fut:
+                self._waiter = None
 
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            # Nobody waits (the record is read later): stop watching until someone does, or a
+            # level-triggered loop would call this again on every turn.
+            self._stop_reading()
+        elif not waiter.done():
+            waiter.set_result(True)
 
+    def _stop_reading(self) -> None:
+        if self._reading >= 0:
+            self._loop.remove_reader(self._reading)
+            self._reading = -1
+
+    async def _wait(self, *, readable: bool) -> None:
         if readable:
-            self._loop.add_reader(fd, ready)
-        else:
-            self._loop.add_writer(fd, ready)
+            await self.wait_readable()
+            return
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise ConnectionError("socket is closed")
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        self._loop.add_writer(fd, _resolve, fut, True)
         try:
             await fut
         finally:
-            if readable:
-                self._loop.remove_reader(fd)
-            else:
-                self._loop.remove_writer(fd)
+            self._loop.remove_writer(fd)
 
     def close(self) -> None:
+        if not self._loop.is_closed():
+            self._stop_reading()
+        self._reading = -1
         self._sock.close()
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def bind_unix_listener(
