@@ -149,6 +149,8 @@ class ZtunnelConnection:
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         #: Faults armed on this connection (zds fault); None almost always.
         self.faults: ConnectionFaults | None = None
+        #: Protocol events not reported yet, each with the delivery its ack answers (``_catch_up``).
+        self._later: list[tuple[Event, Delivery | None]] = []
         self.peer: PeerCredentials | None = sock.peer_credentials()
 
     @property
@@ -218,6 +220,7 @@ class ZtunnelConnection:
             if self.faults is not None:
                 await self.faults.before_hello(self)
             await self._await_hello()
+            self._catch_up()
             refusal = await on_hello()
             if refusal:
                 self.protocol.close(refusal)
@@ -235,6 +238,7 @@ class ZtunnelConnection:
             self.protocol.close(f"internal error: {exc}")
             return f"internal error: {exc}"
         finally:
+            self._catch_up()
             self._shutdown()
 
     def close(self, reason: str) -> None:
@@ -250,7 +254,23 @@ class ZtunnelConnection:
         self.sock.close()
 
     def _handle(self, events: list[Event]) -> list[Event]:
+        """Take in the protocol's events: a close raises ConnectionLost at once; the rest
+        (observer calls) wait in ``_later`` until ``_catch_up``."""
         for event in events:
+            match event:
+                case HelloAccepted() | AckReceived() | SnapshotComplete():
+                    self._later.append((event, None))
+                case ConnectionClosed(reason=reason, ack_timeout=ack_timeout):
+                    self._catch_up()
+                    raise ConnectionLost(self.id, reason, ack_timeout=ack_timeout)
+        return events
+
+    def _catch_up(self) -> None:
+        """Tell the observer (logs, pod states, metrics, Watch) and the waiting callers what
+        happened, in order. Called once the next request is on its way, so this bookkeeping
+        runs while ztunnel works on that request instead of between an ack and the next send."""
+        later, self._later = self._later, []
+        for event, delivery in later:
             match event:
                 case HelloAccepted(version=version):
                     self._observer.hello(self, version)
@@ -260,34 +280,51 @@ class ZtunnelConnection:
                     else:
                         self.stats.nacked += 1
                     self._observer.acked(self, request, ack, latency)
+                    if delivery is not None and not delivery.result.done():
+                        delivery.result.set_result(ack)
                 case SnapshotComplete():
                     self._observer.snapshot_complete(self, self._snapshot_entries)
-                case ConnectionClosed(reason=reason, ack_timeout=ack_timeout):
-                    raise ConnectionLost(self.id, reason, ack_timeout=ack_timeout)
-        return events
 
     async def _receive(self) -> list[Event]:
         """Wait for the next record or the protocol's deadline, whichever comes first."""
-        deadline = self.protocol.next_deadline()
-        timeout = None if deadline is None else max(0.0, deadline - _now())
-        try:
-            record = await asyncio.wait_for(self.sock.recv(), timeout)
-        except TimeoutError:
-            return self._handle(self.protocol.handle_timeout(_now()))
-        except OSError as exc:
-            return self._handle(self.protocol.close(f"read failed: {exc}"))
-        return self._handle(self.protocol.receive(record, _now()))
+        while True:
+            try:
+                record = self.sock.try_recv()
+                if record is None:
+                    deadline = self.protocol.next_deadline()
+                    timeout = None if deadline is None else max(0.0, deadline - _now())
+                    readable = await self.sock.wait_readable(timeout)
+            except OSError as exc:
+                return self._handle(self.protocol.close(f"read failed: {exc}"))
+            if record is not None:
+                return self._handle(self.protocol.receive(record, _now()))
+            if not readable:
+                return self._handle(self.protocol.handle_timeout(_now()))
 
     async def _await_hello(self) -> None:
         while self.protocol.state is ConnectionState.AWAITING_HELLO:
             await self._receive()
 
     async def _exchange(self, delivery: Delivery) -> Ack:
-        """Send one request (+fd) and wait for its ack; the only place that writes."""
+        """Send one request (+fd) and wait for its ack; the only place that writes.
+
+        The ack of the previous request is reported (``_catch_up``) only once this one is
+        written: the node agent's bookkeeping overlaps ztunnel's work instead of adding to it."""
         if self.faults is not None:  # zds fault: the one check a message pays for faults
             return await self.faults.exchange(self, delivery)
+        if delivery.trace_context is not None:
+            return await self._exchange_traced(delivery)
+        try:
+            payload = self.protocol.send(delivery.request, _now(), payload=delivery.payload)
+        except Exception as exc:
+            delivery.drop(exc)
+            raise
+        await self._write(delivery, payload)
+        return await self._await_ack(delivery)
+
+    async def _exchange_traced(self, delivery: Delivery) -> Ack:
+        """``_exchange`` with a ``zds.send`` and a ``zds.wait_ack`` span in the delivery's trace."""
         kind = request_kind(delivery.request)
-        traced = delivery.trace_context is not None
         attributes = {spans.CONNECTION_ID: self.id, spans.MESSAGE_TYPE: kind}
         uid = getattr(delivery.request, "uid", "")
         if uid:
@@ -299,35 +336,55 @@ class ZtunnelConnection:
                 delivery.drop(exc)
                 raise
             try:
-                await self.sock.send(payload, [delivery.fd] if delivery.fd is not None else [])
-            except OSError as exc:
-                delivery.drop(ConnectionLost(self.id, f"write failed: {exc}"))
-                if traced:
-                    send_span.set_status(Status(StatusCode.ERROR, f"write failed: {exc}"))
-                self._handle(self.protocol.close(f"write failed: {exc}"))
-            finally:
-                delivery.close_fd()  # the kernel made the receiver its own copy
-        self.stats.sent += 1
-        self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
-        self._observer.sent(self, delivery.request)
+                await self._write(delivery, payload)
+            except ConnectionLost as lost:
+                send_span.set_status(Status(StatusCode.ERROR, lost.reason))
+                raise
         with self._span(spans.WAIT_ACK, delivery, attributes) as ack_span:
             try:
-                while True:
-                    for event in await self._receive():
-                        if isinstance(event, AckReceived):
-                            if not delivery.result.done():
-                                delivery.result.set_result(event.ack)
-                            if traced:
-                                ack_span.set_attribute(spans.ACK_ERROR, event.ack.error)
-                                if event.ack.error:
-                                    ack_span.set_status(Status(StatusCode.ERROR, event.ack.error))
-                            return event.ack
+                ack = await self._await_ack(delivery)
             except ConnectionLost as lost:
-                if traced:
-                    ack_span.set_status(Status(StatusCode.ERROR, f"no ack: {lost.reason}"))
-                self._observer.unanswered(self, delivery.request, lost.reason)
-                delivery.drop(lost)
+                ack_span.set_status(Status(StatusCode.ERROR, f"no ack: {lost.reason}"))
                 raise
+            ack_span.set_attribute(spans.ACK_ERROR, ack.error)
+            if ack.error:
+                ack_span.set_status(Status(StatusCode.ERROR, ack.error))
+            return ack
+
+    async def _write(self, delivery: Delivery, payload: bytes) -> None:
+        try:
+            await self.sock.send(payload, [delivery.fd] if delivery.fd is not None else [])
+        except OSError as exc:
+            delivery.drop(ConnectionLost(self.id, f"write failed: {exc}"))
+            self._handle(self.protocol.close(f"write failed: {exc}"))  # raises ConnectionLost
+        finally:
+            delivery.close_fd()  # the kernel made the receiver its own copy
+        kind = request_kind(delivery.request)
+        self.stats.sent += 1
+        self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+        self._catch_up()  # the previous ack, now that this request is on its way
+        self._observer.sent(self, delivery.request)
+
+    async def _await_ack(self, delivery: Delivery) -> Ack:
+        try:
+            while True:
+                for event in await self._receive():
+                    if isinstance(event, AckReceived):
+                        self._answering(event, delivery)
+                        return event.ack
+        except ConnectionLost as lost:
+            self._observer.unanswered(self, delivery.request, lost.reason)
+            delivery.drop(lost)
+            raise
+
+    def _answering(self, ack: AckReceived, delivery: Delivery) -> None:
+        """``ack``, waiting in ``_later``, answers ``delivery``: resolved when it is reported."""
+        for i in range(len(self._later) - 1, -1, -1):
+            if self._later[i][0] is ack:
+                self._later[i] = (ack, delivery)
+                return
+        if not delivery.result.done():  # reported already (a close came with it)
+            delivery.result.set_result(ack.ack)
 
     def _span(
         self, name: str, delivery: Delivery, attributes: dict[str, str]
@@ -384,6 +441,7 @@ class ZtunnelConnection:
         while True:
             if not self._queue.empty():
                 return self._queue.get_nowait()
+            self._catch_up()  # idle: report the last ack now
             get = asyncio.ensure_future(self._queue.get())
             readable = asyncio.ensure_future(self.sock.wait_readable())
             try:

@@ -58,7 +58,8 @@ class AgentObserver(ConnectionObserver):
         uid, spec = self._about(request)
         extra = self._extra(conn, uid, spec)
         if ack.ok:
-            log.info("ztunnel acked %s in %.1f ms", kind, latency * 1000, extra=extra)
+            # Per message: debug, as Istio's "ztunnel acked" (the pod's own lines are info).
+            log.debug("ztunnel acked %s in %.1f ms", kind, latency * 1000, extra=extra)
         else:
             log.error("ztunnel nacked %s: %s", kind, ack.error, extra=extra)
         pod = self.cache.get(uid) if isinstance(request, AddWorkload) else None

@@ -43,6 +43,7 @@ exporters themselves. ``OTEL_SDK_DISABLED=true`` turns both off.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -213,8 +214,13 @@ class Telemetry:
             callbacks=[lambda _: [Observation(self._watchers())]],
             description="open Watch streams on the control API",
         )
-        self._messages = meter.create_counter(
+        # Counted in plain dicts on the per-message path, read by OpenTelemetry at each
+        # collection: a synchronous Counter.add costs ~6 µs a call, this ~0.1 µs.
+        self._message_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._enrollment_counts: collections.Counter[str] = collections.Counter()
+        meter.create_observable_counter(
             "zds_messages",
+            callbacks=[self._observe_messages],
             description="ZDS requests the node agent sent, by type (add, keep, del, snapshot_sent) "
             "and outcome (acked, nacked, unanswered)",
         )
@@ -224,8 +230,9 @@ class Telemetry:
             description="time from writing a ZDS request to ztunnel's ack, by type",
             explicit_bucket_boundaries_advisory=ACK_LATENCY_BUCKETS,
         )
-        self._enrollments = meter.create_counter(
+        meter.create_observable_counter(
             "zds_pod_enrollments",
+            callbacks=[self._observe_enrollments],
             description="pod enrollments by outcome (acked, nacked, no_connection, lost, invalid, rules)",
         )
         self._cni_requests = meter.create_counter(
@@ -267,18 +274,27 @@ class Telemetry:
         self._pods_by_state = pods_by_state
         self._watchers = watchers
 
+    def _observe_messages(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(n, {"type": kind, "outcome": outcome})
+            for (kind, outcome), n in list(self._message_counts.items())
+        ]
+
+    def _observe_enrollments(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"outcome": outcome}) for outcome, n in list(self._enrollment_counts.items())]
+
     def _observe_pods(self, _: CallbackOptions) -> Iterable[Observation]:
         counts = self._pods_by_state()
         return [Observation(counts.get(state, 0), {"state": state}) for state in POD_STATES]
 
     # -- recording -------------------------------------------------------------------
     def message(self, message_type: str, outcome: str, latency: float | None = None) -> None:
-        self._messages.add(1, {"type": message_type, "outcome": outcome})
+        self._message_counts[message_type, outcome] += 1
         if latency is not None:
             self._ack_latency.record(latency, {"type": message_type})
 
     def enrollment(self, outcome: str) -> None:
-        self._enrollments.add(1, {"outcome": outcome})
+        self._enrollment_counts[outcome] += 1
 
     def cni_request(self, code: int) -> None:
         self._cni_requests.add(1, {"response_code": str(code)})
