@@ -414,11 +414,15 @@ class ZtunnelMachine(RuleBasedStateMachine):
 
     # -- invariants ------------------------------------------------------------------
     @invariant()
-    def each_live_workload_holds_the_open_fd_it_was_given(self) -> None:
-        fds = [w.netns_fd for w in self.proto.workloads.values()]
+    def each_live_workload_not_up_holds_the_open_fd_it_was_given(self) -> None:
+        # A workload whose proxy is up has handed its netns to the proxy's sockets: no fd.
+        fds = [w.netns_fd for w in self.proto.workloads.values() if w.netns_fd is not None]
         assert len(set(fds)) == len(fds), "two workloads hold one fd"
         for w in self.proto.workloads.values():
-            assert is_open(w.netns_fd), f"{w.uid}'s netns fd {w.netns_fd} was closed under it"
+            if w.state is WorkloadState.UP:
+                assert w.netns_fd is None, f"{w.uid} is up and still holds fd {w.netns_fd}"
+                continue
+            assert w.netns_fd is not None and is_open(w.netns_fd), f"{w.uid}'s netns fd was closed under it"
             assert identity(w.netns_fd) == w.netns_id, f"{w.uid}'s fd {w.netns_fd} is another file now"
         for fd, ident in self.helpers.items():
             assert is_open(fd) and identity(fd) == ident, "an fd the protocol never owned was closed"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import pytest
 
@@ -36,7 +36,7 @@ from zds.protocol.workloads import (
     StopProxy,
     WorkloadState,
 )
-from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
+from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol, fstat_identity
 
 INFO = WorkloadInfo(name="productpage-v1", namespace="bookinfo", service_account="bookinfo-productpage")
 
@@ -49,16 +49,27 @@ class Netns:
 
     def __init__(self) -> None:
         self._keep: list[int] = []
+        #: fd handed out -> the fd this helper keeps of the same "netns" (the protocol may close
+        #: the one it was given: a workload whose proxy is up hands its netns to the proxy).
+        self._origin: dict[int, int] = {}
 
     def new(self) -> int:
         """An fd of a fresh "netns"."""
         r, w = os.pipe()
-        self._keep.append(w)
-        return r
+        self._keep += [r, w]
+        fd = os.dup(r)
+        self._origin[fd] = r
+        return fd
 
     def same_as(self, fd: int) -> int:
-        """Another fd to the same "netns" as ``fd``."""
-        return os.dup(fd)
+        """Another fd to the same "netns" as ``fd`` (which may be closed by now)."""
+        twin = os.dup(self._origin.get(fd, fd))
+        self._origin[twin] = self._origin.get(fd, fd)
+        return twin
+
+    def identity(self, fd: int) -> Hashable:
+        """The identity the protocol saw for ``fd`` (which may be closed by now)."""
+        return fstat_identity(self._origin.get(fd, fd))
 
     def close(self) -> None:
         for fd in self._keep:
@@ -188,8 +199,9 @@ def test_a_new_snapshot_drops_exactly_the_workloads_it_does_not_name(
     assert SnapshotReconciled(removed=("a",)) in events
     assert sorted(proto.workloads) == ["b", "c"]
     assert not is_open(fd_a)
-    assert is_open(fd_b) and is_open(fd_c)
-    assert proto.workloads["b"].netns_fd == fd_b, "the running proxy keeps its original fd"
+    # A running proxy holds its netns through its sockets: the protocol keeps no fd for it.
+    assert proto.workloads["b"].netns_fd is None and not is_open(fd_b)
+    assert proto.workloads["b"].netns_id == netns.identity(fd_b), "the running proxy is the original one"
     assert proto.ready
 
 
@@ -278,7 +290,7 @@ def test_re_add_in_the_same_netns_is_a_no_op(proto: ZtunnelProtocol, netns: Netn
     assert only_reply(events) == Ack()
     assert not [e for e in events if isinstance(e, StartProxy | StopProxy)]
     assert not is_open(again)
-    assert is_open(fd)
+    assert proto.workloads["a"].netns_id == netns.identity(fd)
 
 
 def test_re_add_in_another_netns_replaces_the_proxy(proto: ZtunnelProtocol, netns: Netns) -> None:
@@ -293,7 +305,8 @@ def test_re_add_in_another_netns_replaces_the_proxy(proto: ZtunnelProtocol, netn
     assert events.index(next(e for e in events if isinstance(e, StopProxy))) < events.index(start[0])
     assert not is_open(old)
     assert only_reply(proto.proxy_started("a")) == Ack()
-    assert proto.workloads["a"].netns_fd == new
+    assert proto.workloads["a"].netns_fd is None, "up: the proxy holds the netns now"
+    assert proto.workloads["a"].netns_id == netns.identity(new)
 
 
 # -- proxy start failures ---------------------------------------------------------------
@@ -410,7 +423,7 @@ def test_a_bad_record_is_nacked_closes_the_connection_and_leaks_no_fd(
     assert not events[-1].fatal, "a read error reconnects"
     assert proto.state is ConnectionState.DISCONNECTED
     assert [fd for fd in fds if is_open(fd)] == []
-    assert is_open(kept) and proto.workloads["kept"].state is WorkloadState.UP
+    assert proto.workloads["kept"].state is WorkloadState.UP
     proto.connection_lost()
     assert proto.connection_made() == b"\x08\x01", "the next connection works"
 

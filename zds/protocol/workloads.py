@@ -25,11 +25,14 @@ class WorkloadState(enum.Enum):
 
 @dataclass
 class Workload:
-    """One pod ztunnel serves: who it is, its netns fd (owned here) and its proxy state."""
+    """One pod ztunnel serves: who it is, its netns fd and its proxy state.
+
+    ``netns_fd`` is owned here while the proxy is not up (a retry needs it); once it is
+    up, the proxy's sockets hold the namespace and the fd is closed (None)."""
 
     uid: str
     info: WorkloadInfo
-    netns_fd: int
+    netns_fd: int | None
     netns_id: Hashable
     state: WorkloadState = WorkloadState.STARTING
     last_error: str = ""

@@ -29,8 +29,9 @@ The rules are ztunnel's (``src/inpod/protocol.rs``, ``statemanager.rs``,
   another netns the old proxy is replaced.
 
 Every fd handed to ``receive`` becomes this object's: it is closed on every
-error path, when a re-add turns out to be a no-op, and when its workload is
-removed or replaced.
+error path, when a re-add turns out to be a no-op, when its workload's proxy
+is up (the proxy's sockets hold the namespace from then on: one fd fewer per
+pod) and when its workload is removed or replaced before that.
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class ZtunnelProtocol:
         self._workloads: dict[str, Workload] = {}
         self._snapshot = _Snapshot()
         self._outstanding: dict[str, _Outstanding] = {}
+        # Kept with every state change, so no question about them scans every workload
+        # (they are asked once per record: a scan made a snapshot quadratic).
+        self._up: set[str] = set()
+        self._pending: set[str] = set()
         self.state = ConnectionState.DISCONNECTED
         #: Why the manager stopped for good (set with ConnectionState.STOPPED).
         self.fatal_error: str | None = None
@@ -128,16 +133,22 @@ class ZtunnelProtocol:
     @property
     def pending_uids(self) -> list[str]:
         """Workloads whose proxy is not up (failed, waiting for a retry, or starting)."""
-        return sorted(uid for uid, w in self._workloads.items() if w.state is not WorkloadState.UP)
+        return sorted(uid for uid in self._workloads if uid not in self._up)
 
     @property
     def has_pending(self) -> bool:
-        return any(w.state is WorkloadState.PENDING for w in self._workloads.values())
+        """Whether a workload waits for a retry of its proxy."""
+        return bool(self._pending)
+
+    @property
+    def up_count(self) -> int:
+        """How many workloads have their proxy up."""
+        return len(self._up)
 
     @property
     def ready(self) -> bool:
         """ztunnel's readiness: connected, snapshot reconciled, no proxy pending."""
-        return self.state is ConnectionState.SYNCED and not self.pending_uids
+        return self.state is ConnectionState.SYNCED and len(self._up) == len(self._workloads)
 
     # -- connection lifecycle ------------------------------------------------
     def connection_made(self) -> bytes:
@@ -150,7 +161,7 @@ class ZtunnelProtocol:
             raise ProtocolUsageError(f"the in-pod manager stopped for good: {self.fatal_error}")
         self._require_nothing_outstanding("start a connection")
         self._snapshot = _Snapshot()
-        for uid in [uid for uid, w in self._workloads.items() if w.state is not WorkloadState.UP]:
+        for uid in [uid for uid in self._workloads if uid not in self._up]:
             self._forget(uid)
         self.state = ConnectionState.SNAPSHOT
         return encode_hello()
@@ -162,7 +173,7 @@ class ZtunnelProtocol:
         # next snapshot's Add decides about it.
         for w in self._workloads.values():
             if w.state is WorkloadState.STARTING:
-                w.state = WorkloadState.PENDING
+                self._set_state(w, WorkloadState.PENDING)
         if self.state is not ConnectionState.STOPPED:
             self.state = ConnectionState.DISCONNECTED
 
@@ -277,7 +288,13 @@ class ZtunnelProtocol:
     def proxy_started(self, uid: str) -> list[Event]:
         """The proxy of ``uid`` is up. Returns the ack if an Add was waiting for it."""
         outstanding = self._take_outstanding(uid)
-        outstanding.workload.state = WorkloadState.UP
+        workload = outstanding.workload
+        self._set_state(workload, WorkloadState.UP)
+        if workload.netns_fd is not None:
+            # The proxy's sockets hold the netns now (and give it back: SIOCGSKNS); keeping
+            # this fd too would cost every pod one more fd of the process's budget.
+            os.close(workload.netns_fd)
+            workload.netns_fd = None
         outstanding.workload.last_error = ""
         outstanding.workload.failures = 0
         if outstanding.request is None:
@@ -288,7 +305,7 @@ class ZtunnelProtocol:
         """The proxy of ``uid`` could not start: it stays pending (retry later).
         Returns the ``failure to start proxy`` nack if an Add was waiting for it."""
         outstanding = self._take_outstanding(uid)
-        outstanding.workload.state = WorkloadState.PENDING
+        self._set_state(outstanding.workload, WorkloadState.PENDING)
         outstanding.workload.last_error = error
         outstanding.workload.failures += 1
         if outstanding.request is None:
@@ -301,11 +318,10 @@ class ZtunnelProtocol:
         if self.state is ConnectionState.STOPPED:
             return []
         starts: list[StartProxy] = []
-        for w in self._workloads.values():
-            if w.state is WorkloadState.PENDING:
-                w.state = WorkloadState.STARTING
-                self._outstanding[w.uid] = _Outstanding(request=None, workload=w)
-                starts.append(StartProxy(w, retry=True))
+        for w in [w for w in self._workloads.values() if w.uid in self._pending]:
+            self._set_state(w, WorkloadState.STARTING)
+            self._outstanding[w.uid] = _Outstanding(request=None, workload=w)
+            starts.append(StartProxy(w, retry=True))
         return starts
 
     # -- shutdown ------------------------------------------------------------
@@ -318,10 +334,17 @@ class ZtunnelProtocol:
         return stops
 
     # -- helpers -------------------------------------------------------------
+    def _set_state(self, w: Workload, state: WorkloadState) -> None:
+        w.state = state
+        (self._up.add if state is WorkloadState.UP else self._up.discard)(w.uid)
+        (self._pending.add if state is WorkloadState.PENDING else self._pending.discard)(w.uid)
+
     def _forget(self, uid: str) -> None:
         w = self._workloads.pop(uid, None)
         self._outstanding.pop(uid, None)
-        if w is not None:
+        self._up.discard(uid)
+        self._pending.discard(uid)
+        if w is not None and w.netns_fd is not None:
             os.close(w.netns_fd)
 
     def _take_outstanding(self, uid: str) -> _Outstanding:
