@@ -5,6 +5,11 @@ As ztunnel serves them: admin on 127.0.0.1:15000 (``/config_dump``, whose
 readiness on 15021 (``/healthz/ready``: 200 ``ready``, or 500 ``not ready,
 pending: ...``, ``src/readiness/server.rs``) and Prometheus metrics on 15020
 (``/metrics`` and ``/stats/prometheus``).
+
+In two steps: ``bind`` (at start-up: a taken port stops ``zds ztunnel`` at once)
+and ``serve`` (aiohttp, imported only then: ~150 ms of imports, which ``zds
+ztunnel`` does once the first snapshot is in, so they never delay the pods; a
+request that comes before waits in the socket's backlog meanwhile).
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from zds import defaults
 from zds.client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from zds.errors import ZdsError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("zds.ztunnel.http")
 
@@ -94,6 +100,8 @@ class Views:
 
 
 def admin_routes(views: Views) -> list[web.RouteDef]:
+    from aiohttp import web
+
     async def config_dump(request: web.Request) -> web.Response:
         return web.Response(
             text=json.dumps(views.config_dump(), indent=2, sort_keys=False) + "\n",
@@ -133,6 +141,8 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
 
 
 def readiness_routes(views: Views) -> list[web.RouteDef]:
+    from aiohttp import web
+
     async def ready(request: web.Request) -> web.Response:
         if views.ready():
             return web.Response(text="ready\n")
@@ -145,6 +155,8 @@ def readiness_routes(views: Views) -> list[web.RouteDef]:
 
 
 def metrics_routes(views: Views) -> list[web.RouteDef]:
+    from aiohttp import web
+
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(text=views.metrics())
         response.headers["Content-Type"] = METRICS_CONTENT_TYPE
@@ -158,14 +170,14 @@ class HttpEndpoints:
 
     def __init__(self) -> None:
         self._runners: list[web.AppRunner] = []
+        #: Bound and listening, not served yet: (endpoint names, socket).
+        self._bound: list[tuple[list[str], socket.socket]] = []
         #: endpoint name → bound address, e.g. {"admin": "127.0.0.1:15000"}.
         self.bound: dict[str, str] = {}
 
-    async def start(self, listens: dict[str, str], routes: dict[str, list[web.RouteDef]]) -> None:
-        """Serve ``routes[name]`` on ``listens[name]`` for each name not switched off.
-
-        Names given the same non-zero address share one server.
-        """
+    def bind(self, listens: dict[str, str]) -> None:
+        """Bind and listen ``listens[name]`` for each name not switched off (ListenAddressError
+        says which flag to change). Names given the same non-zero address share one server."""
         groups: dict[str, list[str]] = {}
         for name, value in listens.items():
             if value.strip().lower() in OFF:
@@ -174,12 +186,25 @@ class HttpEndpoints:
             groups.setdefault(key, []).append(name)
         try:
             for names in groups.values():
-                address = listens[names[0]]
                 try:
-                    sock = bind_tcp(address)
+                    sock = bind_tcp(listens[names[0]])
                 except ListenAddressError as exc:
                     flags = " / ".join(f"--{name}-listen" for name in names)
                     raise ListenAddressError(f"{exc} (for {flags}; pick another address, or 'off')") from exc
+                self._bound.append((names, sock))
+                for name in names:
+                    self.bound[name] = format_sockname(sock)
+        except BaseException:
+            self._close_bound()
+            raise
+
+    async def serve(self, routes: dict[str, list[web.RouteDef]]) -> None:
+        """Serve ``routes[name]`` on each socket ``bind`` made (imports aiohttp)."""
+        from aiohttp import web
+
+        try:
+            while self._bound:
+                names, sock = self._bound[0]
                 app = web.Application()
                 for name in names:
                     app.add_routes(routes[name])
@@ -188,19 +213,29 @@ class HttpEndpoints:
                     await runner.setup()
                     await web.SockSite(runner, sock).start()
                 except BaseException:
-                    sock.close()
                     await runner.cleanup()
                     raise
+                self._bound.pop(0)
                 self._runners.append(runner)
                 for name in names:
-                    self.bound[name] = format_sockname(sock)
                     log.info("%s listening on %s", name, self.bound[name])
         except BaseException:
             await self.close()
             raise
 
+    async def start(self, listens: dict[str, str], routes: dict[str, list[web.RouteDef]]) -> None:
+        """``bind`` then ``serve``."""
+        self.bind(listens)
+        await self.serve(routes)
+
+    def _close_bound(self) -> None:
+        bound, self._bound = self._bound, []
+        for _names, sock in bound:
+            sock.close()
+
     async def close(self) -> None:
-        """Stop every server."""
+        """Stop every server (and close what was bound and never served)."""
+        self._close_bound()
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()

@@ -131,7 +131,6 @@ class Ztunnel:
         role = conn.listener.spec.name
         await proxy_connection(
             conn.sock,
-            proxy.netns,
             self.traffic_of(proxy.uid).role(role),
             mark=self.config.proxy.mark,
             log_extra=proxy.log_extra,
@@ -226,8 +225,18 @@ class Ztunnel:
         return ports
 
     # -- running -------------------------------------------------------------------
-    async def start_http(self) -> None:
-        """Bind and serve the admin, readiness and metrics endpoints."""
+    def bind_http(self) -> None:
+        """Bind the admin, readiness and metrics sockets (a taken port fails here, at start-up)."""
+        self.http.bind(
+            {
+                "admin": self.config.admin_listen,
+                "readiness": self.config.readiness_listen,
+                "metrics": self.config.metrics_listen,
+            }
+        )
+
+    async def serve_http(self) -> None:
+        """Serve the bound endpoints (this loads the HTTP stack)."""
         views = Views(
             config_dump=self.config_dump,
             ready=lambda: self.ready,
@@ -235,18 +244,28 @@ class Ztunnel:
             faults=lambda: [f.as_dict() for f in self.faults.faults],
             arm_fault=self.arm_fault,
         )
-        await self.http.start(
-            {
-                "admin": self.config.admin_listen,
-                "readiness": self.config.readiness_listen,
-                "metrics": self.config.metrics_listen,
-            },
+        await self.http.serve(
             {
                 "admin": admin_routes(views),
                 "readiness": readiness_routes(views),
                 "metrics": metrics_routes(views),
-            },
+            }
         )
+
+    async def start_http(self) -> None:
+        """Bind and serve the admin, readiness and metrics endpoints now."""
+        self.bind_http()
+        await self.serve_http()
+
+    async def _serve_http_once_settled(self) -> None:
+        """Serve HTTP once the first snapshot is in (or no node agent answered, or after
+        ``HTTP_START_DELAY``): loading the HTTP stack then never delays a pod."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.client.settled.wait(), defaults.HTTP_START_DELAY)
+        try:
+            await self.serve_http()
+        except Exception:
+            log.exception("cannot serve the HTTP endpoints")
 
     async def shutdown(self) -> None:
         """Close every listener now, let connections finish (bounded), release every netns fd."""
@@ -262,7 +281,6 @@ class Ztunnel:
                 for server in proxy.servers:
                     server.abort_connections()
                 await proxy.wait_connections()
-                proxy.netns.close()
         self.protocol.drain()
         await self.http.close()
 
@@ -282,8 +300,9 @@ class Ztunnel:
     async def serve(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (0) or a fatal protocol error (1); then drain."""
         loop = asyncio.get_running_loop()
+        http: asyncio.Task[None] | None = None
         try:
-            await self.start_http()
+            self.bind_http()
             log.info(
                 "zds ztunnel connecting to the node agent at %s (%s)",
                 self.config.zds_socket,
@@ -294,6 +313,7 @@ class Ztunnel:
                 else "no listeners: protocol only",
             )
             client = loop.create_task(self.client.run(), name="zds client")
+            http = loop.create_task(self._serve_http_once_settled(), name="http endpoints")
             stopping = loop.create_task(stop.wait(), name="wait for stop")
             try:
                 await asyncio.wait({client, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -320,7 +340,12 @@ class Ztunnel:
             log.info("zds ztunnel stopped")
             return code
         finally:
+            if http is not None:
+                http.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await http
             # On any error path: release sockets and fds too (idempotent).
             self.proxies.stop_all("ztunnel is exiting")
             self.protocol.drain()
+            self.proxies.close()
             await self.http.close()

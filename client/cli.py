@@ -192,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
     )
     from zds.client.faults import ZtunnelFaultError
 
+    runtime.raise_fd_limit()  # as ztunnel: a pod takes 7 fds (see zds.client.workloads)
     try:
         ztunnel = Ztunnel(config)
     except ZtunnelFaultError as exc:

@@ -29,11 +29,10 @@ from zds import defaults
 from zds.client.backoff import Backoff
 from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.workloads import WorkloadProxies, workload_log_extra
+from zds.client.workloads import WorkloadProxies, WorkloadProxy, workload_log_extra
 from zds.errors import ProtocolError
 from zds.protocol.messages import request_kind
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
-from zds.protocol.records import Record
 from zds.protocol.workloads import (
     CloseConnection,
     Event,
@@ -82,7 +81,13 @@ class ZdsClient:
         #: Faults on demand (zds ztunnel --faults, POST /faults); None: none can be armed.
         self.faults = faults
         self._conn: SeqpacketConnection | None = None
-        self._recv: asyncio.Future[Record] | None = None
+        #: Set by interrupt_read: the wait for a record was cut short (a fault stops reading).
+        self._interrupted = False
+        #: Set once the first snapshot is reconciled, or a connect failed (nothing to wait for):
+        #: from then on, work that is not the pods' (the HTTP endpoints) may start.
+        self.settled = asyncio.Event()
+        #: Proxies started for the record at hand, served once its reply went out.
+        self._started: list[WorkloadProxy] = []
 
     @property
     def connected(self) -> bool:
@@ -99,6 +104,7 @@ class ZdsClient:
             try:
                 conn = await connect(self.socket_path)
             except OSError as exc:
+                self.settled.set()
                 delay = self.backoff.next()
                 self.last_error = f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
                 # ztunnel logs every failure; only the first and the slow ones here, to keep the log readable.
@@ -140,7 +146,6 @@ class ZdsClient:
         self._conn_id = f"zds-{self.connections}"
         self.metrics.inc("zds_ztunnel_connections_total")
         answered = False
-        recv: asyncio.Future[Record] | None = None
         extra = {"conn": self._conn_id}
         try:
             hello = self.protocol.connection_made()
@@ -158,18 +163,18 @@ class ZdsClient:
             if self.faults is not None:
                 await self.write_extras()
             while True:
-                if recv is None:
-                    if self.faults is not None:
-                        await self.faults.wait_to_read()
-                    recv = self._recv = asyncio.ensure_future(conn.recv())
-                done = await self._wait_record_or_retry(recv)
-                if recv.cancelled():  # a fault stopped reading (the record stays in the socket)
-                    recv = None
+                if self.faults is not None:
+                    await self.faults.wait_to_read()
+                record = conn.try_recv()
+                if record is None:
+                    # Nothing waiting: wait for the next record, or the retry timer.
+                    ready = await conn.wait_readable(self._retry_timeout())
+                    if self._interrupted:  # a fault stopped reading (the record stays in the socket)
+                        self._interrupted = False
+                    elif not ready:
+                        self._retry_at = None
+                        self._retry_pending()
                     continue
-                if not done:
-                    continue
-                record = recv.result()
-                recv = None
                 if not answered and not record.is_eof:
                     answered = True  # its first message answers the hello
                     log.info("connected to the node agent at %s", self.socket_path, extra=extra)
@@ -198,24 +203,21 @@ class ZdsClient:
             log.warning("connection to the node agent failed: %s", exc, extra=extra)
             return answered
         finally:
-            self._conn = self._recv = None
-            if recv is not None:
-                # Let the read unregister from the loop before its fd number can be reused.
-                recv.cancel()
-                await asyncio.wait({recv})
-                if not recv.cancelled():
-                    recv.exception()  # retrieved: a read that failed as we closed is expected
+            self._conn = None
+            self._interrupted = False
             conn.close()
             self.protocol.connection_lost()
             self.connected_since = None
             self._retry_at = None
 
-    async def _wait_record_or_retry(self, recv: asyncio.Future[Record]) -> bool:
-        """Wait for the record; meanwhile retry pending proxies when due. True when it arrived."""
+    def _retry_timeout(self) -> float | None:
+        """How long until pending workloads are retried (None: nothing pending). The timer
+        starts when a workload first goes pending and keeps running while records come and go."""
         loop = asyncio.get_running_loop()
         if not self.protocol.has_pending:
             self._retry_at = None
-        elif self._retry_at is None:
+            return None
+        if self._retry_at is None:
             self._retry_at = loop.time() + self.retry_interval
             log.info(
                 "scheduling retry of pending workloads in %gs: %s",
@@ -223,60 +225,64 @@ class ZdsClient:
                 ", ".join(self.protocol.pending_uids),
                 extra={"conn": self._conn_id},
             )
-        if self._retry_at is None:
-            await asyncio.wait({recv})
-            return True
-        timeout = max(0.0, self._retry_at - loop.time())
-        done, _ = await asyncio.wait({recv}, timeout=timeout)
-        if done:
-            return True
-        self._retry_at = None
-        self._retry_pending()
-        return False
+        return max(0.0, self._retry_at - loop.time())
 
     def _retry_pending(self) -> None:
         for start in self.protocol.retry_pending():
             log.info("retrying workload", extra=workload_log_extra(start.workload.uid, start.workload.info))
             self._start_proxy(start)
+        self._activate_started()
         if not self.protocol.has_pending:
             log.info("every pending workload is up now", extra={"conn": self._conn_id})
 
     # -- events --------------------------------------------------------------------
     async def _apply(self, events: list[Event], conn: SeqpacketConnection) -> CloseConnection | None:
-        """Carry out the state machine's events in order; return the close, if one came."""
+        """Carry out the state machine's events in order; return the close, if one came.
+
+        The replies go out first; what only matters to this side (serving the new
+        listeners, logs, metrics) is done after, while the node agent moves on."""
         queue: deque[Event] = deque(events)
-        while queue:
-            event = queue.popleft()
-            match event:
-                case StartProxy():
-                    # Its outcome (the ack or nack) goes first, before later events.
-                    queue.extendleft(reversed(self._start_proxy(event)))
-                case StopProxy(uid=uid, reason=reason):
-                    self.proxies.stop(uid, reason)
-                case SnapshotReconciled(removed=removed):
-                    log.info(
-                        "snapshot reconciled: %d workload(s) held, %d dropped%s",
-                        len(self.protocol.workloads),
-                        len(removed),
-                        f" ({', '.join(removed)})" if removed else "",
-                        extra={"conn": self._conn_id},
-                    )
-                case SendReply():
-                    self._count_reply(event)
-                    if self.faults is not None:
-                        in_snapshot = self.protocol.state is ConnectionState.SNAPSHOT
-                        action = await self.faults.reply(event, in_snapshot)
-                        if action == "skip":
+        replies: list[SendReply] = []
+        try:
+            while queue:
+                event = queue.popleft()
+                match event:
+                    case StartProxy():
+                        # Its outcome (the ack or nack) goes first, before later events.
+                        queue.extendleft(reversed(self._start_proxy(event)))
+                    case StopProxy(uid=uid, reason=reason):
+                        self.proxies.stop(uid, reason)
+                    case SnapshotReconciled(removed=removed):
+                        self.settled.set()
+                        log.info(
+                            "snapshot reconciled: %d workload(s) held, %d dropped%s",
+                            len(self.protocol.workloads),
+                            len(removed),
+                            f" ({', '.join(removed)})" if removed else "",
+                            extra={"conn": self._conn_id},
+                        )
+                    case SendReply():
+                        replies.append(event)
+                        if self.faults is not None:
+                            in_snapshot = self.protocol.state is ConnectionState.SNAPSHOT
+                            action = await self.faults.reply(event, in_snapshot)
+                            if action == "skip":
+                                continue
+                            await conn.send(event.data + event.data if action == "twice" else event.data)
+                            if action == "close":
+                                return CloseConnection(
+                                    reason="fault disconnect-in-snapshot: closed mid-snapshot"
+                                )
+                            await self.write_extras()
                             continue
-                        await conn.send(event.data + event.data if action == "twice" else event.data)
-                        if action == "close":
-                            return CloseConnection(reason="fault disconnect-in-snapshot: closed mid-snapshot")
-                        await self.write_extras()
-                        continue
-                    await conn.send(event.data)
-                case CloseConnection():
-                    return event
-        return None
+                        await conn.send(event.data)
+                    case CloseConnection():
+                        return event
+            return None
+        finally:
+            self._activate_started()
+            for reply in replies:
+                self._count_reply(reply)
 
     async def write_extras(self) -> None:
         """Write what faults want said unasked (a second hello, an unsolicited ack), if connected."""
@@ -286,14 +292,14 @@ class ZdsClient:
             await self._conn.send(extra)
 
     def interrupt_read(self) -> None:
-        """Cancel a read that is waiting (a fault stops reading at once)."""
-        if self._recv is not None and not self._recv.done():
-            self._recv.cancel()
+        """Cut short a wait for a record (a fault stops reading at once)."""
+        if self._conn is not None and self._conn.wake():
+            self._interrupted = True
 
     def _start_proxy(self, start: StartProxy) -> list[Event]:
         workload = start.workload
         try:
-            self.proxies.start(workload)
+            proxy = self.proxies.start(workload)
         except Exception as exc:  # ProxyStartError, or anything unforeseen (EMFILE...): pending, retried
             log.error(
                 "failed to start proxy: %s",
@@ -301,7 +307,13 @@ class ZdsClient:
                 extra={**workload_log_extra(workload.uid, workload.info), "conn": self._conn_id},
             )
             return self.protocol.proxy_failed(workload.uid, str(exc))
+        self._started.append(proxy)
         return self.protocol.proxy_started(workload.uid)
+
+    def _activate_started(self) -> None:
+        started, self._started = self._started, []
+        for proxy in started:
+            self.proxies.activate(proxy)
 
     def _count_reply(self, reply: SendReply) -> None:
         kind = request_kind(reply.request) if reply.request is not None else "unreadable"

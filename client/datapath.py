@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 
 from zds import defaults
 from zds.errors import ZdsError
-from zds.netns import NetnsHandle, in_netns
+from zds.netns import NetnsError, NetnsHandle, in_netns
+from zds.netns.kernel import socket_netns
 
 log = logging.getLogger("zds.ztunnel.datapath")
 
@@ -69,7 +71,7 @@ IPV6_TRANSPARENT = 75  # linux/in6.h
 
 
 def socket_in_netns(
-    netns: NetnsHandle, family: int, mark: int, *, source: str | None = None
+    netns: NetnsHandle | int, family: int, mark: int, *, source: str | None = None
 ) -> socket.socket:
     """A non-blocking TCP socket created inside ``netns`` with ``SO_MARK`` (inline setns, way back
     guaranteed). With ``source``, it is made transparent and bound to that address, so the
@@ -182,7 +184,6 @@ async def relay(client: socket.socket, upstream: socket.socket, stats: Direction
 
 async def proxy_connection(
     client: socket.socket,
-    netns: NetnsHandle,
     stats: DirectionStats,
     *,
     mark: int = defaults.ZTUNNEL_MARK,
@@ -193,7 +194,8 @@ async def proxy_connection(
     inbound: bool = False,
 ) -> None:
     """Serve one redirected connection: find its original destination, connect there
-    from inside ``netns`` with ``mark``, relay. Closes ``client`` in every case.
+    from inside the pod's netns (the one ``client`` was accepted in) with ``mark``, relay.
+    Closes ``client`` in every case.
 
     ``preserve_source`` (inbound): connect from the client's own address (IP_TRANSPARENT),
     falling back to a plain connection when the kernel refuses."""
@@ -217,7 +219,16 @@ async def proxy_connection(
             return
         if ipaddress.ip_address(address).version == 4:
             family = socket.AF_INET  # a v4 destination from a [::] listener
-        upstream = _upstream_socket(netns, family, mark, client if preserve_source else None, log_extra)
+        try:
+            netns = socket_netns(client.fileno())
+        except NetnsError as exc:
+            stats.failed += 1
+            log.warning("connection dropped: %s", exc, extra=log_extra)
+            return
+        try:
+            upstream = _upstream_socket(netns, family, mark, client if preserve_source else None, log_extra)
+        finally:
+            os.close(netns)
         try:
             await asyncio.wait_for(
                 asyncio.get_running_loop().sock_connect(upstream, (address, port)), connect_timeout
@@ -264,7 +275,7 @@ def _refuse(
 
 
 def _upstream_socket(
-    netns: NetnsHandle,
+    netns: int,
     family: int,
     mark: int,
     client: socket.socket | None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 
 from zds import defaults
 from zds.client.datapath import DirectionStats, relay
-from zds.client.listeners import AcceptedConnection, InpodListener, ListenerSpec
+from zds.client.listeners import AcceptedConnection, InpodListener, ListenerSpec, SocketWatcher
 from zds.netns import in_netns
 
 log = logging.getLogger("zds.ztunnel.dns")
@@ -141,36 +142,28 @@ class DnsProxy:
     resolvers: list[Resolver]
     stats: DirectionStats = field(default_factory=DirectionStats)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _reading: bool = False
+    _watcher: SocketWatcher | None = None
 
     @classmethod
-    def open(
-        cls, netns_fd: int, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]
-    ) -> DnsProxy:
-        """Make the sockets inside the netns (inline setns); OSError if the port is taken.
-        IPv6 loopback is skipped where the pod has no IPv6."""
+    def bind(cls, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]) -> DnsProxy:
+        """Make the sockets in the *current* netns (the caller is inside the pod's); OSError if
+        the port is taken, nothing left open then. IPv6 loopback is skipped where the pod has no IPv6."""
         udp: list[socket.socket] = []
         tcp: list[InpodListener] = []
         try:
-            with in_netns(netns_fd):
-                for family, host in DNS_BIND:
-                    try:
-                        u = _open_dns_socket(
-                            family, host, socket.SOCK_DGRAM, port, mark=mark, reuse_port=reuse_port
-                        )
-                    except OSError as exc:
-                        if family == socket.AF_INET6 and exc.errno in (
-                            errno.EAFNOSUPPORT,
-                            errno.EADDRNOTAVAIL,
-                        ):
-                            continue  # no IPv6 in this pod
-                        raise
-                    udp.append(u)
-                    t = _open_dns_socket(
-                        family, host, socket.SOCK_STREAM, port, mark=mark, reuse_port=reuse_port
+            for family, host in DNS_BIND:
+                try:
+                    u = _open_dns_socket(
+                        family, host, socket.SOCK_DGRAM, port, mark=mark, reuse_port=reuse_port
                     )
-                    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-                    tcp.append(InpodListener(spec=ListenerSpec("dns", port), sock=t, address=address))
+                except OSError as exc:
+                    if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                        continue  # no IPv6 in this pod
+                    raise
+                udp.append(u)
+                t = _open_dns_socket(family, host, socket.SOCK_STREAM, port, mark=mark, reuse_port=reuse_port)
+                address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+                tcp.append(InpodListener(spec=ListenerSpec("dns", port), sock=t, address=address))
         except BaseException:
             for sock in udp:
                 sock.close()
@@ -179,17 +172,24 @@ class DnsProxy:
             raise
         return cls(udp=udp, tcp=tcp, resolvers=resolvers)
 
+    @classmethod
+    def open(
+        cls, netns_fd: int, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]
+    ) -> DnsProxy:
+        """``bind`` inside the netns ``netns_fd`` (inline setns)."""
+        with in_netns(netns_fd):
+            return cls.bind(port, mark=mark, reuse_port=reuse_port, resolvers=resolvers)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def start_udp(self) -> None:
-        """Serve the UDP sockets from the event loop."""
-        loop = asyncio.get_running_loop()
+    def start_udp(self, watcher: SocketWatcher) -> None:
+        """Serve the UDP sockets from the event loop (needs a running loop)."""
         for sock in self.udp:
-            loop.add_reader(sock.fileno(), self._readable, sock)
-        self._reading = True
+            watcher.watch(sock.fileno(), functools.partial(self._readable, sock))
+        self._watcher = watcher
 
     def _readable(self, sock: socket.socket) -> None:
         space = socket.CMSG_SPACE(max(_IN_PKTINFO.size, _IN6_PKTINFO.size))
@@ -235,12 +235,11 @@ class DnsProxy:
         conn.sock.close()
 
     def close(self) -> None:
-        if self._reading:
-            loop = asyncio.get_running_loop()
+        if self._watcher is not None:
             for sock in self.udp:
                 if sock.fileno() >= 0:
-                    loop.remove_reader(sock.fileno())
-            self._reading = False
+                    self._watcher.unwatch(sock.fileno())
+            self._watcher = None
         for sock in self.udp:
             sock.close()
         for listener in self.tcp:

@@ -7,21 +7,26 @@ outcome is known before the ack is sent:
 
 1. the netns fd must be a network namespace (ztunnel notices a bad one when
    ``setns`` fails; checking first gives a clearer error);
-2. unless listeners are off, the listeners are made inside that netns
-   (15001, 15006, 15008, and the DNS proxy's 15053 unless DNS is off);
-3. each listener is served from the event loop by a ``ListenerServer``.
+2. unless listeners are off, every listener is made inside that netns in one
+   visit (15001, 15006, 15008, and the DNS proxy's 15053 unless DNS is off);
+3. the fd budget is checked: a pod that would leave the process fewer than
+   ``FD_RESERVE`` free fds is refused (its sockets closed again);
+4. after the ack has gone out (``activate``), each listener is served from the
+   event loop by a ``ListenerServer``: the sockets listen already, so nothing
+   that arrives meanwhile is lost, and the node agent is not kept waiting.
 
-Each proxy holds its own dup of the netns fd (``NetnsHandle``), so a
-connection handler that makes a socket in the pod (the relays of 15001 and
-15006, the DNS proxy) keeps a valid namespace until it finishes, whatever the
-protocol does with its own fd meanwhile.
+A proxy keeps no fd of the pod's netns: its sockets hold the namespace, and a
+connection handler that must make a socket in the pod (the relays of 15001
+and 15006) gets the netns back from the accepted socket (``SIOCGSKNS``). So a
+pod costs exactly its listening sockets: 7 fds with IPv6 (3 TCP, UDP+TCP DNS
+on 127.0.0.1 and ::1), 5 without.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,14 +39,23 @@ from zds.client.listeners import (
     ListenerError,
     ListenerServer,
     ListenerSpec,
+    SocketWatcher,
+    bind_listeners,
     close_at_once,
     close_listeners,
     default_specs,
-    open_listeners,
 )
 from zds.client.metrics import ZtunnelMetrics
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_identity, validate_netns_fd
+from zds.netns import (
+    NetnsError,
+    NetnsHandle,
+    NetnsIdentity,
+    current_netns,
+    in_netns,
+    netns_identity,
+    validate_netns_fd,
+)
 from zds.netns.kernel import THREAD_NETNS
 from zds.protocol.messages import WorkloadInfo
 from zds.protocol.workloads import Workload
@@ -67,6 +81,8 @@ class ProxySettings:
     preserve_source: bool = True
     #: Serve a workload whose netns is ztunnel's own (the node's): off unless asked for.
     allow_own_netns: bool = False
+    #: Free fds a proxy start must leave (see ``defaults.FD_RESERVE``).
+    fd_reserve: int = defaults.FD_RESERVE
 
 
 class ProxyStartError(ZdsError):
@@ -82,21 +98,19 @@ def workload_log_extra(uid: str, info: WorkloadInfo | None) -> dict[str, str]:
 
 
 class WorkloadProxy:
-    """A workload's running proxy: its own netns handle, its listeners and their servers."""
+    """A workload's running proxy: its listeners and their servers (and the pod's netns through them)."""
 
-    def __init__(
-        self, uid: str, info: WorkloadInfo, netns: NetnsHandle, listeners: list[InpodListener]
-    ) -> None:
+    def __init__(self, uid: str, info: WorkloadInfo, listeners: list[InpodListener], netns: str = "") -> None:
         self.uid = uid
         self.info = info
-        self.netns = netns
         self.listeners = listeners
         self.servers: list[ListenerServer] = []
         self.dns: DnsProxy | None = None
-        self._dns_start: asyncio.Task[None] | None = None
         self.started_at = time.time()
         self.log_extra = workload_log_extra(uid, info)
-        self._release: asyncio.Task[None] | None = None
+        #: The pod's netns identity (``dev:ino``), for the log.
+        self.netns = netns
+        self.closed = False
 
     @property
     def addresses(self) -> list[str]:
@@ -108,8 +122,10 @@ class WorkloadProxy:
         """Connections being served now, over all listeners."""
         return sum(server.connection_count for server in self.servers)
 
-    def serve(self, handlers: Mapping[str, ConnectionHandler]) -> None:
+    def serve(self, handlers: Mapping[str, ConnectionHandler], watcher: SocketWatcher) -> None:
         """Start accepting on every listener."""
+        if self.closed or self.servers:
+            return
         for listener in self.listeners:
             server = ListenerServer(
                 listener=listener,
@@ -118,31 +134,20 @@ class WorkloadProxy:
                 log_extra=self.log_extra,
             )
             self.servers.append(server)
-            server.start()
+            server.start(watcher)
         if self.dns is not None:
-            self._dns_start = asyncio.get_running_loop().create_task(self.dns.start_udp())
+            self.dns.start_udp(watcher)
 
     def close(self, *, abort: bool = True) -> None:
-        """Close the listeners now; with ``abort``, cancel established connections too.
-        The netns handle is released once no connection is left."""
+        """Close the listeners now; with ``abort``, cancel established connections too."""
+        self.closed = True
         for server in self.servers:
             server.close()
             if abort:
                 server.abort_connections()
-        for listener in self.listeners:
-            listener.sock.close()
+        close_listeners(self.listeners)
         if self.dns is not None:
             self.dns.close()
-        if self.connection_count == 0:
-            self.netns.close()
-        elif self._release is None:
-            self._release = asyncio.get_running_loop().create_task(self._release_when_idle())
-
-    async def _release_when_idle(self) -> None:
-        try:
-            await self.wait_connections()
-        finally:
-            self.netns.close()
 
     async def wait_connections(self) -> None:
         """Wait until no connection accepted by this proxy is being served."""
@@ -165,6 +170,11 @@ class WorkloadProxies:
         self._proxies: dict[str, WorkloadProxy] = {}
         #: ztunnel's own netns: a workload in it would have ztunnel listen on the node.
         self._own_netns = netns_identity_of_path(THREAD_NETNS)
+        #: The way back from each pod's netns, opened once (not once per pod).
+        self._home: NetnsHandle | None = None
+        #: Watches every listening socket of every proxy.
+        self.watcher = SocketWatcher()
+        self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
     def __contains__(self, uid: object) -> bool:
         return uid in self._proxies
@@ -184,58 +194,92 @@ class WorkloadProxies:
         return self._proxies.get(uid)
 
     def start(self, workload: Workload) -> WorkloadProxy:
-        """Start ``workload``'s proxy now (synchronously); raise ProxyStartError if it cannot."""
+        """Start ``workload``'s proxy now (synchronously): its sockets listen when this returns.
+        Raises ProxyStartError if it cannot. ``activate`` it once the ack is sent."""
         uid = workload.uid
-        extra = workload_log_extra(uid, workload.info)
         if uid in self._proxies:
             # The protocol stops a proxy before starting its replacement; be safe anyway.
             self.stop(uid, "replaced")
+        fd = workload.netns_fd
+        if fd is None:
+            raise ProxyStartError(f"the netns fd of {uid} is gone")
         try:
-            validate_netns_fd(workload.netns_fd, f"the netns fd of {uid}")
-            self._refuse_own_netns(uid, netns_identity(workload.netns_fd))
-            netns = NetnsHandle.from_fd(os.dup(workload.netns_fd), f"netns of {uid}", validate=False)
-        except (NetnsError, OSError) as exc:
+            validate_netns_fd(fd, f"the netns fd of {uid}")
+            self._refuse_own_netns(uid, netns_identity(fd))
+        except NetnsError as exc:
             raise ProxyStartError(str(exc)) from exc
         listeners: list[InpodListener] = []
-        if self.settings.listeners:
-            try:
-                listeners = open_listeners(
-                    netns.fileno(),
-                    self.settings.specs,
-                    mark=self.settings.mark,
-                    reuse_port=self.settings.reuse_port,
-                )
-            except (ListenerError, NetnsError, OSError) as exc:
-                netns.close()
-                raise ProxyStartError(str(exc)) from exc
         dns: DnsProxy | None = None
-        if self.settings.listeners and self.settings.dns_port is not None:
-            try:
-                dns = DnsProxy.open(
-                    netns.fileno(),
-                    self.settings.dns_port,
-                    mark=self.settings.mark,
-                    reuse_port=self.settings.reuse_port,
-                    resolvers=list(self.settings.resolvers),
-                )
-            except (OSError, NetnsError) as exc:
-                close_listeners(listeners)
-                netns.close()
-                if isinstance(exc, NetnsError):
-                    raise ProxyStartError(str(exc)) from exc
-                raise ProxyStartError(dns_port_error(exc, self.settings.dns_port)) from exc
-            listeners.extend(dns.tcp)
-        proxy = WorkloadProxy(uid, workload.info, netns, listeners)
+        if self.settings.listeners:
+            listeners, dns = self._open_sockets(fd)
+        proxy = WorkloadProxy(uid, workload.info, listeners, str(workload.netns_id))
         proxy.dns = dns
-        proxy.serve(self.handlers)
         self._proxies[uid] = proxy
+        return proxy
+
+    def _open_sockets(self, fd: int) -> tuple[list[InpodListener], DnsProxy | None]:
+        """Every socket of a proxy, made in one visit to the pod's netns; all or none."""
+        settings = self.settings
+        listeners: list[InpodListener] = []
+        dns: DnsProxy | None = None
+        try:
+            if self._home is None:
+                self._home = current_netns()
+            with in_netns(fd, back=self._home):
+                listeners = bind_listeners(settings.specs, mark=settings.mark, reuse_port=settings.reuse_port)
+                if settings.dns_port is not None:
+                    try:
+                        dns = DnsProxy.bind(
+                            settings.dns_port,
+                            mark=settings.mark,
+                            reuse_port=settings.reuse_port,
+                            resolvers=list(settings.resolvers),
+                        )
+                    except OSError as exc:
+                        raise ProxyStartError(dns_port_error(exc, settings.dns_port)) from exc
+                    listeners.extend(dns.tcp)
+            self._check_fd_budget(listeners, dns)
+        except BaseException as exc:
+            close_listeners(listeners)
+            if dns is not None:
+                dns.close()
+            if isinstance(exc, ListenerError | NetnsError | OSError):
+                raise ProxyStartError(str(exc)) from exc
+            raise
+        return listeners, dns
+
+    def _check_fd_budget(self, listeners: list[InpodListener], dns: DnsProxy | None) -> None:
+        """Refuse the pod if it leaves fewer than ``fd_reserve`` fds free (counted exactly, but
+        only near the limit: the fds just made are the highest numbers in use there)."""
+        socks = [listener.sock for listener in listeners] + (dns.udp if dns is not None else [])
+        if not socks:
+            return
+        limit = self._fd_limit
+        reserve = self.settings.fd_reserve
+        if limit == resource.RLIM_INFINITY or max(s.fileno() for s in socks) < limit - reserve:
+            return
+        limit = self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # it may have been raised
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself had open
+        if limit - in_use >= reserve:
+            return
+        raise ProxyStartError(
+            f"fd budget exhausted: {in_use} of {limit} fds open (RLIMIT_NOFILE), a pod takes "
+            f"{len(socks)} and {reserve} are kept free; raise the limit (ulimit -n, LimitNOFILE) "
+            "or serve fewer pods with this ztunnel"
+        )
+
+    def activate(self, proxy: WorkloadProxy) -> None:
+        """Serve a started proxy's listeners (after its ack went out) and say so."""
+        if proxy.closed:
+            return
+        proxy.serve(self.handlers, self.watcher)
         self.metrics.inc("workload_manager_proxies_started_total")
         log.info(
             "proxy started%s",
-            f" listening on {', '.join(proxy.addresses)}" if listeners else " (no listeners)",
-            extra={**extra, "netns": str(netns.identity)},
+            "" if proxy.listeners else " (no listeners)",
+            extra={**proxy.log_extra, "netns": proxy.netns},
         )
-        return proxy
+        log.debug("listening on %s", ", ".join(proxy.addresses), extra=proxy.log_extra)
 
     def stop(self, uid: str, reason: str, *, abort: bool = True) -> bool:
         """Stop ``uid``'s proxy (close its listeners now); False if it had none."""
@@ -253,6 +297,13 @@ class WorkloadProxies:
         for uid in list(self._proxies):
             self.stop(uid, reason, abort=abort)
         return stopped
+
+    def close(self) -> None:
+        """Release what the proxies share (the way back from the pods' netns)."""
+        if self._home is not None:
+            self._home.close()
+            self._home = None
+        self.watcher.close()
 
     def all(self) -> list[WorkloadProxy]:
         """Every running proxy."""

@@ -32,41 +32,56 @@ def _target_fd(target: NetnsHandle | int) -> tuple[int, str]:
 
 
 @contextmanager
-def in_netns(target: NetnsHandle | int) -> Iterator[None]:
+def in_netns(target: NetnsHandle | int, *, back: NetnsHandle | None = None) -> Iterator[None]:
     """Run the body with the calling thread in network namespace ``target``, then come back.
 
     Synchronous only: never hold it across an ``await`` (another task would run
     in the wrong namespace). Sockets created inside keep that namespace after
     the way back. If the way back fails, the thread would stay in the wrong
     namespace for good, so the process aborts instead.
+
+    ``back``: the namespace the thread is in now, held open by a caller that enters
+    namespaces often (the ztunnel side, once per pod); without it the way back is
+    opened (and closed) on every call.
     """
     fd, what = _target_fd(target)
+    if back is not None:
+        with _entered(fd, what, back.fileno()):
+            yield
+        return
     try:
-        back = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+        back_fd = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise NetnsError(f"cannot open {THREAD_NETNS} to come back later: {e.strerror}") from None
     try:
-        try:
-            setns(fd)
-        except OSError as e:
-            hint = "; run as root (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
-            if e.errno == errno.EINVAL:
-                hint = " (is it a network namespace?)"
-            raise NetnsError(f"cannot enter netns {what}: {e.strerror}{hint}") from None
-        try:
+        with _entered(fd, what, back_fd):
             yield
-        finally:
-            try:
-                setns(back)
-            except OSError as e:
-                log.critical(
-                    "cannot return to the original network namespace after %s: %s; aborting",
-                    what,
-                    e.strerror,
-                )
-                os.abort()
     finally:
-        os.close(back)
+        os.close(back_fd)
+
+
+@contextmanager
+def _entered(fd: int, what: str, back: int) -> Iterator[None]:
+    """setns into ``fd``; on the way out setns into ``back`` (or abort the process)."""
+    try:
+        setns(fd)
+    except OSError as e:
+        hint = "; run as root (needs CAP_SYS_ADMIN)" if e.errno == errno.EPERM else ""
+        if e.errno == errno.EINVAL:
+            hint = " (is it a network namespace?)"
+        raise NetnsError(f"cannot enter netns {what}: {e.strerror}{hint}") from None
+    try:
+        yield
+    finally:
+        try:
+            setns(back)
+        except OSError as e:
+            log.critical(
+                "cannot return to the original network namespace after %s: %s; aborting",
+                what,
+                e.strerror,
+            )
+            os.abort()
 
 
 def _call_in_netns(fd: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:

@@ -19,6 +19,8 @@ from zds.errors import ZdsError
 CLONE_NEWNET = 0x40000000
 # linux/nsfs.h: _IO(NSIO, 0x3), NSIO = 0xb7
 NS_GET_NSTYPE = 0xB703
+# linux/sockios.h: a new fd of the netns a socket was made in (Linux >= 4.9)
+SIOCGSKNS = 0x894C
 # linux/magic.h
 NSFS_MAGIC = 0x6E736673
 PROC_SUPER_MAGIC = 0x9FA0
@@ -152,3 +154,14 @@ def netns_identity(fd: int) -> NetnsIdentity:
     except OSError as e:
         raise NetnsError(f"cannot read the identity of fd {fd}: {e.strerror}") from None
     return NetnsIdentity(st.st_dev, st.st_ino)
+
+
+def socket_netns(sock_fd: int) -> int:
+    """A new (close-on-exec) fd of the network namespace the socket ``sock_fd`` was made in.
+
+    A socket keeps its namespace alive, so whoever holds a pod's sockets can always get
+    the pod's netns back from them, without holding an fd of it all along."""
+    try:
+        return fcntl.ioctl(sock_fd, SIOCGSKNS)
+    except OSError as e:
+        raise NetnsError(f"cannot get the netns of socket fd {sock_fd}: {e.strerror}") from None

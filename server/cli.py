@@ -240,6 +240,7 @@ def main(args: argparse.Namespace) -> int:
             allow=AllowList.default(args.allow_uid, [*args.allow_gid, *([gid] if gid is not None else [])]),
         ),
     )
+    runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
     return runtime.run(run_server(options), use_uvloop=not args.no_uvloop)
 
 

@@ -49,6 +49,13 @@ RECONNECT_INITIAL = 0.01
 RECONNECT_MAX = 15.0
 #: ztunnel retries a workload whose proxy failed to start this often (seconds).
 PENDING_RETRY_INTERVAL = 5.0
+#: File descriptors the ztunnel side keeps free: a pod whose proxy would leave fewer is
+#: refused (nacked, Pending) instead of the process running out (a netns fd could then no
+#: longer be received, and the connection would fail for every pod).
+FD_RESERVE = 64
+#: The ztunnel side serves its HTTP endpoints once the first snapshot is in, or after this
+#: long (seconds) at the latest (their sockets listen from the start).
+HTTP_START_DELAY = 1.0
 #: In-pod listener ports (ztunnel's defaults).
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006

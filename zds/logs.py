@@ -32,9 +32,29 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
+class _Seconds:
+    """The ``YYYY-mm-ddTHH:MM:SS`` of the last second formatted (a line per pod in a snapshot
+    of thousands: formatting the same second again is most of a line's cost)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return self._text
+
+
 class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _Seconds()
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ts = self._seconds(record.created)
         ms = int(record.msecs)
         parts = [f"{ts}.{ms:03d}Z", f"{record.levelname.lower():5}", f"{record.name}:", record.getMessage()]
         for key in FIELDS:
@@ -49,10 +69,13 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _Seconds()
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._seconds(record.created) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "scope": record.name,
             "msg": record.getMessage(),
@@ -68,6 +91,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send zds's logs to stderr at ``level`` as ``text`` or ``json``."""
+    # Neither format shows them: do not ask the kernel for a pid on every line.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TraceContextFilter())

@@ -45,3 +45,19 @@ def privilege_error(command: str, needed: tuple[str, ...] = ("CAP_SYS_ADMIN", "C
     if not missing:
         return None
     return f"zds {command}: needs root or {' + '.join(needed)}; missing {', '.join(missing)}"
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, as ztunnel does at start-up
+    (Go programs such as Istio's node agent get the same from Go's runtime). Returns
+    (soft, hard) as they are now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass  # keep what we have
+    return soft, hard

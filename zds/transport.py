@@ -137,6 +137,14 @@ class SeqpacketConnection:
             if self._waiter is fut:
                 self._waiter = None
 
+    def wake(self) -> bool:
+        """End a ``wait_readable`` now (it returns False); False if nobody was waiting."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return False
+        waiter.set_result(False)
+        return True
+
     def _readable(self) -> None:
         waiter = self._waiter
         if waiter is None:
