@@ -91,8 +91,10 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send zds's logs to stderr at ``level`` as ``text`` or ``json``."""
-    # Neither format shows them: do not ask the kernel for a pid on every line.
+    # Neither format shows them: no pid, thread or caller lookup for every line (the caller
+    # lookup walks the stack; logging documents _srcfile = None as the way to skip it).
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TraceContextFilter())

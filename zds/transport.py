@@ -16,10 +16,15 @@ from dataclasses import dataclass
 from zds import defaults
 from zds.protocol.records import Record
 
+# Flags as plain ints: or-ing socket's IntFlag members costs microseconds per call.
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+
 #: Room for fds in one received record: more than ztunnel ever gets, so a
 #: record carrying too many is seen (and refused) instead of silently cut.
 MAX_FDS_PER_RECORD = 4
 _FD_SIZE = array.array("i").itemsize
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECORD * _FD_SIZE)
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,8 @@ class SeqpacketConnection:
             # recvmsg itself: socket.recv_fds (3.11) drops MSG_CMSG_CLOEXEC from its flags.
             payload, ancdata, flags, _addr = self._sock.recvmsg(
                 max_size,
-                socket.CMSG_SPACE(MAX_FDS_PER_RECORD * _FD_SIZE),
-                socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT,
+                _CMSG_SPACE,
+                _RECV_FLAGS,
             )
         except (BlockingIOError, InterruptedError):
             return None
@@ -103,11 +108,13 @@ class SeqpacketConnection:
         while True:
             try:
                 if fds:
-                    socket.send_fds(
-                        self._sock, [payload], list(fds), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+                    self._sock.sendmsg(
+                        [payload],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                        _SEND_FLAGS,
                     )
                 else:
-                    self._sock.send(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    self._sock.send(payload, _SEND_FLAGS)
                 return
             except (BlockingIOError, InterruptedError):
                 await self._wait(readable=False)
