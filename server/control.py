@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from zds import defaults
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns import NetnsRef, NetnsRefError
 from zds.protocol.nodeagent import ConnectionState
@@ -197,9 +199,73 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     async def AddPod(
         self, request: nodeagent_pb2.AddPodRequest, context: grpc.aio.ServicerContext
     ) -> nodeagent_pb2.AddPodResponse:
+        code, message, response = await self._add(request)
+        if response is None:
+            await context.abort(code, message)
+        assert response is not None
+        return response
+
+    async def AddPods(
+        self,
+        request_iterator: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[nodeagent_pb2.AddPodsReply]:
+        """The bulk path: enrollments run concurrently (up to ``BULK_WINDOW``), each answered
+        as it ends; their AddWorkloads queue on the ztunnel connection in the order they are
+        ready, so the node agent opens and stores the next pods while ztunnel works. Pods come
+        and go in batches: a gRPC message per pod would cost more than enrolling it."""
+        answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
+        window = asyncio.Semaphore(defaults.BULK_WINDOW)
+        running: set[asyncio.Task[None]] = set()
+
+        async def enroll(index: int, request: nodeagent_pb2.AddPodRequest) -> None:
+            try:
+                code, message, response = await self._add(request)
+                answers.put_nowait(
+                    nodeagent_pb2.AddPodsResult(
+                        index=index, uid=request.uid, code=code.value[0], message=message, response=response
+                    )
+                )
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                index = 0
+                async for batch in request_iterator:
+                    for request in batch.pods:
+                        await window.acquire()
+                        task = asyncio.create_task(enroll(index, request))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                        index += 1
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            done = False
+            while not done:
+                batch = [await answers.get()]
+                while not answers.empty():  # every answer ready now goes in one message
+                    batch.append(answers.get_nowait())
+                done = batch[-1] is None
+                results = [answer for answer in batch if answer is not None]
+                if results:
+                    yield nodeagent_pb2.AddPodsReply(results=results)
+            await reader  # a failed read of the requests ends the call with its error
+        finally:
+            reader.cancel()
+
+    async def _add(
+        self, request: nodeagent_pb2.AddPodRequest
+    ) -> tuple[grpc.StatusCode, str, nodeagent_pb2.AddPodResponse | None]:
+        """Enroll one pod: (OK, "", the answer) or (the status AddPod fails with, why, None)."""
         which = request.WhichOneof("netns")
         if which is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "netns_path or netns_pid is required")
+            return grpc.StatusCode.INVALID_ARGUMENT, "netns_path or netns_pid is required", None
         try:
             netns = (
                 NetnsRef.of_path(request.netns_path)
@@ -207,7 +273,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 else NetnsRef.of_pid(request.netns_pid)
             )
         except NetnsRefError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return grpc.StatusCode.INVALID_ARGUMENT, str(exc), None
         spec = PodSpec.create(
             request.uid,
             netns,
@@ -219,8 +285,11 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         try:
             enrolled = await self.agent.add_pod(spec)
         except EnrollmentError as exc:
-            await context.abort(_STATUS[exc.outcome], str(exc))
-        return nodeagent_pb2.AddPodResponse(pod=pod_to_proto(enrolled.pod), connection_id=enrolled.conn_id)
+            return _STATUS[exc.outcome], str(exc), None
+        response = nodeagent_pb2.AddPodResponse(
+            pod=pod_to_proto(enrolled.pod), connection_id=enrolled.conn_id
+        )
+        return grpc.StatusCode.OK, "", response
 
     async def RemovePod(
         self, request: nodeagent_pb2.RemovePodRequest, context: grpc.aio.ServicerContext

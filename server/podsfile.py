@@ -52,7 +52,6 @@ def spec_from_mapping(entry: Any, where: str) -> PodSpec:
 
 def load_pods_file(path: str) -> list[PodSpec]:
     """Read a pods file; PodSpecError names the file (and line or entry) of the first problem."""
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -65,8 +64,6 @@ def load_pods_file(path: str) -> list[PodSpec]:
 
 def parse_pods(text: str, path: str) -> list[PodSpec]:
     """The pods in a pods file's ``text`` (``path`` names it in messages)."""
-    import yaml  # only pods files need it
-
     entries: list[tuple[Any, str]] = []
     stripped = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     json_lines = [(n, line) for n, line in stripped if line and not line.startswith("#")]
@@ -79,6 +76,8 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
             except RecursionError as exc:
                 raise PodSpecError(f"{path}:{n}: JSON nested too deep") from exc
     else:
+        import yaml  # only YAML files need it (~10 ms of imports)
+
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:

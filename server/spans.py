@@ -49,7 +49,11 @@ OUTCOME = "zds.outcome"
 # -- helpers ------------------------------------------------------------------------
 @contextmanager
 def span(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[trace.Span]:
-    """A span named ``name``; the caller sets its status (exceptions are not recorded twice)."""
+    """A span named ``name``; the caller sets its status (exceptions are not recorded twice).
+    With tracing off (a no-op tracer) nothing at all: not even the trace context is touched."""
+    if isinstance(tracer, trace.NoOpTracer):
+        yield trace.INVALID_SPAN
+        return
     with tracer.start_as_current_span(
         name, attributes=dict(attributes), record_exception=False, set_status_on_exception=False
     ) as current:

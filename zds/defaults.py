@@ -40,6 +40,8 @@ KEEPALIVE_PROBE = 0.01
 ACCEPTS_PER_SECOND = 5.0
 #: Concurrent ztunnel connections (an old and a new one during an upgrade).
 MAX_CONNECTIONS = 2
+#: Enrollments one AddPods stream (the bulk path) runs at a time.
+BULK_WINDOW = 64
 #: Events a Watch stream may have queued before it is ended for falling behind.
 WATCH_QUEUE = 1024
 
@@ -91,6 +93,10 @@ READINESS_NOT_READY_STATUS = 500
 READINESS_TASK = "workload proxy manager"
 
 # --- in-pod redirection (node agent) ---------------------------------------------
+#: How the in-pod rules are applied: Istio's iptables rules (iptables-restore) or its native
+#: nftables ones (one libnftables transaction). iptables is Istio's default too.
+REDIRECT_BACKENDS = ("iptables", "nftables")
+REDIRECT_BACKEND = "iptables"
 #: Packet mark ztunnel's sockets carry (1337, written 0x539 in the rules), and the mask
 #: the rules match it with.
 INPOD_MARK = ZTUNNEL_MARK

@@ -26,21 +26,21 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fnodeagent.proto\x12\x06zds.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\rNetnsIdentity\x12\x0b\n\x03\x64\x65v\x18\x01 \x01(\x04\x12\x0b\n\x03ino\x18\x02 \x01(\x04\"\xb4\x02\n\x03Pod\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x12\n\nnetns_path\x18\x05 \x01(\t\x12$\n\x05netns\x18\x06 \x01(\x0b\x32\x15.zds.v1.NetnsIdentity\x12\x1f\n\x05state\x18\x07 \x01(\x0e\x32\x10.zds.v1.PodState\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frules_installed\x18\n \x01(\x08\x12\x0b\n\x03ips\x18\x0b \x03(\t\x12\x10\n\x08recovery\x18\x0c \x01(\t\x12\x0e\n\x06source\x18\r \x01(\t\"\x97\x01\n\rAddPodRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x14\n\nnetns_path\x18\x05 \x01(\tH\x00\x12\x13\n\tnetns_pid\x18\x06 \x01(\x05H\x00\x12\x0b\n\x03ips\x18\x07 \x03(\tB\x07\n\x05netns\"A\n\x0e\x41\x64\x64PodResponse\x12\x18\n\x03pod\x18\x01 \x01(\x0b\x32\x0b.zds.v1.Pod\x12\x15\n\rconnection_id\x18\x02 \x01(\t\"\x1f\n\x10RemovePodRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\"Y\n\x11RemovePodResponse\x12\x18\n\x03pod\x18\x01 \x01(\x0b\x32\x0b.zds.v1.Pod\x12*\n\ndeliveries\x18\x02 \x03(\x0b\x32\x16.zds.v1.DeleteDelivery\"6\n\x0e\x44\x65leteDelivery\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x11\n\x0fListPodsRequest\"-\n\x10ListPodsResponse\x12\x19\n\x04pods\x18\x01 \x03(\x0b\x32\x0b.zds.v1.Pod\"8\n\x0fPeerCredentials\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\"\x8f\x01\n\rMessageCounts\x12\x0c\n\x04sent\x18\x01 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x02 \x01(\x04\x12\x0e\n\x06nacked\x18\x03 \x01(\x04\x12\x10\n\x08sent_add\x18\x04 \x01(\x04\x12\x11\n\tsent_keep\x18\x05 \x01(\x04\x12\x10\n\x08sent_del\x18\x06 \x01(\x04\x12\x1a\n\x12sent_snapshot_sent\x18\x07 \x01(\x04\"\x84\x02\n\nConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04peer\x18\x02 \x01(\x0b\x32\x17.zds.v1.PeerCredentials\x12\x15\n\rhello_version\x18\x03 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.zds.v1.ConnectionState\x12\x19\n\x11snapshot_complete\x18\x06 \x01(\x08\x12\'\n\x08messages\x18\x07 \x01(\x0b\x32\x15.zds.v1.MessageCounts\x12\x0e\n\x06newest\x18\x08 \x01(\x08\"\x18\n\x16ListConnectionsRequest\"B\n\x17ListConnectionsResponse\x12\'\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x12.zds.v1.Connection\"=\n\x0cWatchRequest\x12 \n\x05kinds\x18\x01 \x03(\x0e\x32\x11.zds.v1.EventKind\x12\x0b\n\x03uid\x18\x02 \x01(\t\"\xa8\x03\n\x05\x45vent\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.zds.v1.EventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x15\n\rcurrent_state\x18\x04 \x01(\x08\x12\x0b\n\x03uid\x18\x05 \x01(\t\x12\x10\n\x08pod_name\x18\x06 \x01(\t\x12\x15\n\rpod_namespace\x18\x07 \x01(\t\x12\x15\n\rconnection_id\x18\x08 \x01(\t\x12\x14\n\x0cmessage_type\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12.\n\x0b\x61\x63k_latency\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x03pod\x18\x0c \x01(\x0b\x32\x0b.zds.v1.Pod\x12&\n\nconnection\x18\r \x01(\x0b\x32\x12.zds.v1.Connection\x12\x15\n\rsnapshot_pods\x18\x0e \x01(\r\x12\x12\n\npod_source\x18\x0f \x01(\t\x12\x1c\n\x05\x66\x61ult\x18\x10 \x01(\x0b\x32\r.zds.v1.Fault\"\xeb\x01\n\x12InjectFaultRequest\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.zds.v1.FaultKind\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x17\n\x0fnext_connection\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03uid\x18\x06 \x01(\t\x12\x16\n\x0e\x61\x66ter_snapshot\x18\x07 \x01(\x08\x12\x0c\n\x04wait\x18\x08 \x01(\x08\x12\x18\n\x10skip_connections\x18\t \x01(\r\"\xc1\x01\n\x05\x46\x61ult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.zds.v1.FaultKind\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03uid\x18\x06 \x01(\t\x12\x16\n\x0e\x61\x66ter_snapshot\x18\x07 \x01(\x08\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\"3\n\x13InjectFaultResponse\x12\x1c\n\x05\x66\x61ult\x18\x01 \x01(\x0b\x32\r.zds.v1.Fault*g\n\x08PodState\x12\x19\n\x15POD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11POD_STATE_PENDING\x10\x01\x12\x13\n\x0fPOD_STATE_ACKED\x10\x02\x12\x14\n\x10POD_STATE_FAILED\x10\x03*\xb0\x01\n\x0f\x43onnectionState\x12 \n\x1c\x43ONNECTION_STATE_UNSPECIFIED\x10\x00\x12#\n\x1f\x43ONNECTION_STATE_AWAITING_HELLO\x10\x01\x12\x1d\n\x19\x43ONNECTION_STATE_SNAPSHOT\x10\x02\x12\x1a\n\x16\x43ONNECTION_STATE_READY\x10\x03\x12\x1b\n\x17\x43ONNECTION_STATE_CLOSED\x10\x04*\xc0\x03\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_KIND_POD_ENROLLED\x10\x01\x12\x1a\n\x16\x45VENT_KIND_POD_REMOVED\x10\x02\x12 \n\x1c\x45VENT_KIND_ZTUNNEL_CONNECTED\x10\x03\x12#\n\x1f\x45VENT_KIND_ZTUNNEL_DISCONNECTED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_MESSAGE_SENT\x10\x05\x12\x1c\n\x18\x45VENT_KIND_MESSAGE_ACKED\x10\x06\x12\x1d\n\x19\x45VENT_KIND_MESSAGE_NACKED\x10\x07\x12 \n\x1c\x45VENT_KIND_SNAPSHOT_COMPLETE\x10\x08\x12 \n\x1c\x45VENT_KIND_CURRENT_STATE_END\x10\t\x12\x1c\n\x18\x45VENT_KIND_POD_SOURCE_UP\x10\n\x12\x1e\n\x1a\x45VENT_KIND_POD_SOURCE_DOWN\x10\x0b\x12\x1d\n\x19\x45VENT_KIND_FAULT_INJECTED\x10\x0c\x12\x1c\n\x18\x45VENT_KIND_FAULT_APPLIED\x10\r*\x92\x06\n\tFaultKind\x12\x1a\n\x16\x46\x41ULT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46\x41ULT_KIND_DELAY\x10\x01\x12\x1a\n\x16\x46\x41ULT_KIND_DROP_BEFORE\x10\x02\x12\x19\n\x15\x46\x41ULT_KIND_DROP_AFTER\x10\x03\x12\x17\n\x13\x46\x41ULT_KIND_PIPELINE\x10\x04\x12\x1c\n\x18\x46\x41ULT_KIND_NON_CANONICAL\x10\x05\x12\x1e\n\x1a\x46\x41ULT_KIND_OVERSIZE_RECORD\x10\x06\x12\x1c\n\x18\x46\x41ULT_KIND_UNKNOWN_FIELD\x10\x07\x12\x19\n\x15\x46\x41ULT_KIND_NO_PAYLOAD\x10\x08\x12\x1b\n\x17\x46\x41ULT_KIND_EMPTY_RECORD\x10\t\x12\x1d\n\x19\x46\x41ULT_KIND_ADD_WITHOUT_FD\x10\n\x12\x1f\n\x1b\x46\x41ULT_KIND_ADD_WITH_TWO_FDS\x10\x0b\x12(\n$FAULT_KIND_ADD_WITHOUT_WORKLOAD_INFO\x10\x0c\x12\x1d\n\x19\x46\x41ULT_KIND_NOT_A_NETNS_FD\x10\r\x12\x18\n\x14\x46\x41ULT_KIND_FD_ON_DEL\x10\x0e\x12\x1f\n\x1b\x46\x41ULT_KIND_KEEP_UNKNOWN_UID\x10\x0f\x12\x1c\n\x18\x46\x41ULT_KIND_DUPLICATE_ADD\x10\x10\x12#\n\x1f\x46\x41ULT_KIND_SECOND_SNAPSHOT_SENT\x10\x11\x12\"\n\x1e\x46\x41ULT_KIND_RECORD_BEFORE_HELLO\x10\x12\x12%\n!FAULT_KIND_WITHHOLD_SNAPSHOT_SENT\x10\x13\x12!\n\x1d\x46\x41ULT_KIND_OMIT_FROM_SNAPSHOT\x10\x14\x12\x1c\n\x18\x46\x41ULT_KIND_ADD_TO_OLDEST\x10\x15\x12!\n\x1d\x46\x41ULT_KIND_DEL_TO_NEWEST_ONLY\x10\x16\x12\x1d\n\x19\x46\x41ULT_KIND_LEAK_NETNS_FDS\x10\x17\x12\x1a\n\x16\x46\x41ULT_KIND_WRONG_NETNS\x10\x18\x32\x91\x03\n\tNodeAgent\x12\x37\n\x06\x41\x64\x64Pod\x12\x15.zds.v1.AddPodRequest\x1a\x16.zds.v1.AddPodResponse\x12@\n\tRemovePod\x12\x18.zds.v1.RemovePodRequest\x1a\x19.zds.v1.RemovePodResponse\x12=\n\x08ListPods\x12\x17.zds.v1.ListPodsRequest\x1a\x18.zds.v1.ListPodsResponse\x12R\n\x0fListConnections\x12\x1e.zds.v1.ListConnectionsRequest\x1a\x1f.zds.v1.ListConnectionsResponse\x12.\n\x05Watch\x12\x14.zds.v1.WatchRequest\x1a\r.zds.v1.Event0\x01\x12\x46\n\x0bInjectFault\x12\x1a.zds.v1.InjectFaultRequest\x1a\x1b.zds.v1.InjectFaultResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fnodeagent.proto\x12\x06zds.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\rNetnsIdentity\x12\x0b\n\x03\x64\x65v\x18\x01 \x01(\x04\x12\x0b\n\x03ino\x18\x02 \x01(\x04\"\xb4\x02\n\x03Pod\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x12\n\nnetns_path\x18\x05 \x01(\t\x12$\n\x05netns\x18\x06 \x01(\x0b\x32\x15.zds.v1.NetnsIdentity\x12\x1f\n\x05state\x18\x07 \x01(\x0e\x32\x10.zds.v1.PodState\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12/\n\x0b\x65nrolled_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frules_installed\x18\n \x01(\x08\x12\x0b\n\x03ips\x18\x0b \x03(\t\x12\x10\n\x08recovery\x18\x0c \x01(\t\x12\x0e\n\x06source\x18\r \x01(\t\"\x97\x01\n\rAddPodRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x17\n\x0fservice_account\x18\x04 \x01(\t\x12\x14\n\nnetns_path\x18\x05 \x01(\tH\x00\x12\x13\n\tnetns_pid\x18\x06 \x01(\x05H\x00\x12\x0b\n\x03ips\x18\x07 \x03(\tB\x07\n\x05netns\"A\n\x0e\x41\x64\x64PodResponse\x12\x18\n\x03pod\x18\x01 \x01(\x0b\x32\x0b.zds.v1.Pod\x12\x15\n\rconnection_id\x18\x02 \x01(\t\"5\n\x0e\x41\x64\x64PodsRequest\x12#\n\x04pods\x18\x01 \x03(\x0b\x32\x15.zds.v1.AddPodRequest\"6\n\x0c\x41\x64\x64PodsReply\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.zds.v1.AddPodsResult\"t\n\rAddPodsResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12(\n\x08response\x18\x05 \x01(\x0b\x32\x16.zds.v1.AddPodResponse\"\x1f\n\x10RemovePodRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\"Y\n\x11RemovePodResponse\x12\x18\n\x03pod\x18\x01 \x01(\x0b\x32\x0b.zds.v1.Pod\x12*\n\ndeliveries\x18\x02 \x03(\x0b\x32\x16.zds.v1.DeleteDelivery\"6\n\x0e\x44\x65leteDelivery\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x11\n\x0fListPodsRequest\"-\n\x10ListPodsResponse\x12\x19\n\x04pods\x18\x01 \x03(\x0b\x32\x0b.zds.v1.Pod\"8\n\x0fPeerCredentials\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\"\x8f\x01\n\rMessageCounts\x12\x0c\n\x04sent\x18\x01 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x02 \x01(\x04\x12\x0e\n\x06nacked\x18\x03 \x01(\x04\x12\x10\n\x08sent_add\x18\x04 \x01(\x04\x12\x11\n\tsent_keep\x18\x05 \x01(\x04\x12\x10\n\x08sent_del\x18\x06 \x01(\x04\x12\x1a\n\x12sent_snapshot_sent\x18\x07 \x01(\x04\"\x84\x02\n\nConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04peer\x18\x02 \x01(\x0b\x32\x17.zds.v1.PeerCredentials\x12\x15\n\rhello_version\x18\x03 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.zds.v1.ConnectionState\x12\x19\n\x11snapshot_complete\x18\x06 \x01(\x08\x12\'\n\x08messages\x18\x07 \x01(\x0b\x32\x15.zds.v1.MessageCounts\x12\x0e\n\x06newest\x18\x08 \x01(\x08\"\x18\n\x16ListConnectionsRequest\"B\n\x17ListConnectionsResponse\x12\'\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x12.zds.v1.Connection\"=\n\x0cWatchRequest\x12 \n\x05kinds\x18\x01 \x03(\x0e\x32\x11.zds.v1.EventKind\x12\x0b\n\x03uid\x18\x02 \x01(\t\"\xa8\x03\n\x05\x45vent\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.zds.v1.EventKind\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x15\n\rcurrent_state\x18\x04 \x01(\x08\x12\x0b\n\x03uid\x18\x05 \x01(\t\x12\x10\n\x08pod_name\x18\x06 \x01(\t\x12\x15\n\rpod_namespace\x18\x07 \x01(\t\x12\x15\n\rconnection_id\x18\x08 \x01(\t\x12\x14\n\x0cmessage_type\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12.\n\x0b\x61\x63k_latency\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x03pod\x18\x0c \x01(\x0b\x32\x0b.zds.v1.Pod\x12&\n\nconnection\x18\r \x01(\x0b\x32\x12.zds.v1.Connection\x12\x15\n\rsnapshot_pods\x18\x0e \x01(\r\x12\x12\n\npod_source\x18\x0f \x01(\t\x12\x1c\n\x05\x66\x61ult\x18\x10 \x01(\x0b\x32\r.zds.v1.Fault\"\xeb\x01\n\x12InjectFaultRequest\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.zds.v1.FaultKind\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x17\n\x0fnext_connection\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03uid\x18\x06 \x01(\t\x12\x16\n\x0e\x61\x66ter_snapshot\x18\x07 \x01(\x08\x12\x0c\n\x04wait\x18\x08 \x01(\x08\x12\x18\n\x10skip_connections\x18\t \x01(\r\"\xc1\x01\n\x05\x46\x61ult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.zds.v1.FaultKind\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03uid\x18\x06 \x01(\t\x12\x16\n\x0e\x61\x66ter_snapshot\x18\x07 \x01(\x08\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\"3\n\x13InjectFaultResponse\x12\x1c\n\x05\x66\x61ult\x18\x01 \x01(\x0b\x32\r.zds.v1.Fault*g\n\x08PodState\x12\x19\n\x15POD_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11POD_STATE_PENDING\x10\x01\x12\x13\n\x0fPOD_STATE_ACKED\x10\x02\x12\x14\n\x10POD_STATE_FAILED\x10\x03*\xb0\x01\n\x0f\x43onnectionState\x12 \n\x1c\x43ONNECTION_STATE_UNSPECIFIED\x10\x00\x12#\n\x1f\x43ONNECTION_STATE_AWAITING_HELLO\x10\x01\x12\x1d\n\x19\x43ONNECTION_STATE_SNAPSHOT\x10\x02\x12\x1a\n\x16\x43ONNECTION_STATE_READY\x10\x03\x12\x1b\n\x17\x43ONNECTION_STATE_CLOSED\x10\x04*\xc0\x03\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45VENT_KIND_POD_ENROLLED\x10\x01\x12\x1a\n\x16\x45VENT_KIND_POD_REMOVED\x10\x02\x12 \n\x1c\x45VENT_KIND_ZTUNNEL_CONNECTED\x10\x03\x12#\n\x1f\x45VENT_KIND_ZTUNNEL_DISCONNECTED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_MESSAGE_SENT\x10\x05\x12\x1c\n\x18\x45VENT_KIND_MESSAGE_ACKED\x10\x06\x12\x1d\n\x19\x45VENT_KIND_MESSAGE_NACKED\x10\x07\x12 \n\x1c\x45VENT_KIND_SNAPSHOT_COMPLETE\x10\x08\x12 \n\x1c\x45VENT_KIND_CURRENT_STATE_END\x10\t\x12\x1c\n\x18\x45VENT_KIND_POD_SOURCE_UP\x10\n\x12\x1e\n\x1a\x45VENT_KIND_POD_SOURCE_DOWN\x10\x0b\x12\x1d\n\x19\x45VENT_KIND_FAULT_INJECTED\x10\x0c\x12\x1c\n\x18\x45VENT_KIND_FAULT_APPLIED\x10\r*\x92\x06\n\tFaultKind\x12\x1a\n\x16\x46\x41ULT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46\x41ULT_KIND_DELAY\x10\x01\x12\x1a\n\x16\x46\x41ULT_KIND_DROP_BEFORE\x10\x02\x12\x19\n\x15\x46\x41ULT_KIND_DROP_AFTER\x10\x03\x12\x17\n\x13\x46\x41ULT_KIND_PIPELINE\x10\x04\x12\x1c\n\x18\x46\x41ULT_KIND_NON_CANONICAL\x10\x05\x12\x1e\n\x1a\x46\x41ULT_KIND_OVERSIZE_RECORD\x10\x06\x12\x1c\n\x18\x46\x41ULT_KIND_UNKNOWN_FIELD\x10\x07\x12\x19\n\x15\x46\x41ULT_KIND_NO_PAYLOAD\x10\x08\x12\x1b\n\x17\x46\x41ULT_KIND_EMPTY_RECORD\x10\t\x12\x1d\n\x19\x46\x41ULT_KIND_ADD_WITHOUT_FD\x10\n\x12\x1f\n\x1b\x46\x41ULT_KIND_ADD_WITH_TWO_FDS\x10\x0b\x12(\n$FAULT_KIND_ADD_WITHOUT_WORKLOAD_INFO\x10\x0c\x12\x1d\n\x19\x46\x41ULT_KIND_NOT_A_NETNS_FD\x10\r\x12\x18\n\x14\x46\x41ULT_KIND_FD_ON_DEL\x10\x0e\x12\x1f\n\x1b\x46\x41ULT_KIND_KEEP_UNKNOWN_UID\x10\x0f\x12\x1c\n\x18\x46\x41ULT_KIND_DUPLICATE_ADD\x10\x10\x12#\n\x1f\x46\x41ULT_KIND_SECOND_SNAPSHOT_SENT\x10\x11\x12\"\n\x1e\x46\x41ULT_KIND_RECORD_BEFORE_HELLO\x10\x12\x12%\n!FAULT_KIND_WITHHOLD_SNAPSHOT_SENT\x10\x13\x12!\n\x1d\x46\x41ULT_KIND_OMIT_FROM_SNAPSHOT\x10\x14\x12\x1c\n\x18\x46\x41ULT_KIND_ADD_TO_OLDEST\x10\x15\x12!\n\x1d\x46\x41ULT_KIND_DEL_TO_NEWEST_ONLY\x10\x16\x12\x1d\n\x19\x46\x41ULT_KIND_LEAK_NETNS_FDS\x10\x17\x12\x1a\n\x16\x46\x41ULT_KIND_WRONG_NETNS\x10\x18\x32\xce\x03\n\tNodeAgent\x12\x37\n\x06\x41\x64\x64Pod\x12\x15.zds.v1.AddPodRequest\x1a\x16.zds.v1.AddPodResponse\x12;\n\x07\x41\x64\x64Pods\x12\x16.zds.v1.AddPodsRequest\x1a\x14.zds.v1.AddPodsReply(\x01\x30\x01\x12@\n\tRemovePod\x12\x18.zds.v1.RemovePodRequest\x1a\x19.zds.v1.RemovePodResponse\x12=\n\x08ListPods\x12\x17.zds.v1.ListPodsRequest\x1a\x18.zds.v1.ListPodsResponse\x12R\n\x0fListConnections\x12\x1e.zds.v1.ListConnectionsRequest\x1a\x1f.zds.v1.ListConnectionsResponse\x12.\n\x05Watch\x12\x14.zds.v1.WatchRequest\x1a\r.zds.v1.Event0\x01\x12\x46\n\x0bInjectFault\x12\x1a.zds.v1.InjectFaultRequest\x1a\x1b.zds.v1.InjectFaultResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nodeagent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PODSTATE']._serialized_start=2451
-  _globals['_PODSTATE']._serialized_end=2554
-  _globals['_CONNECTIONSTATE']._serialized_start=2557
-  _globals['_CONNECTIONSTATE']._serialized_end=2733
-  _globals['_EVENTKIND']._serialized_start=2736
-  _globals['_EVENTKIND']._serialized_end=3184
-  _globals['_FAULTKIND']._serialized_start=3187
-  _globals['_FAULTKIND']._serialized_end=3973
+  _globals['_PODSTATE']._serialized_start=2680
+  _globals['_PODSTATE']._serialized_end=2783
+  _globals['_CONNECTIONSTATE']._serialized_start=2786
+  _globals['_CONNECTIONSTATE']._serialized_end=2962
+  _globals['_EVENTKIND']._serialized_start=2965
+  _globals['_EVENTKIND']._serialized_end=3413
+  _globals['_FAULTKIND']._serialized_start=3416
+  _globals['_FAULTKIND']._serialized_end=4202
   _globals['_NETNSIDENTITY']._serialized_start=92
   _globals['_NETNSIDENTITY']._serialized_end=133
   _globals['_POD']._serialized_start=136
@@ -49,36 +49,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDPODREQUEST']._serialized_end=598
   _globals['_ADDPODRESPONSE']._serialized_start=600
   _globals['_ADDPODRESPONSE']._serialized_end=665
-  _globals['_REMOVEPODREQUEST']._serialized_start=667
-  _globals['_REMOVEPODREQUEST']._serialized_end=698
-  _globals['_REMOVEPODRESPONSE']._serialized_start=700
-  _globals['_REMOVEPODRESPONSE']._serialized_end=789
-  _globals['_DELETEDELIVERY']._serialized_start=791
-  _globals['_DELETEDELIVERY']._serialized_end=845
-  _globals['_LISTPODSREQUEST']._serialized_start=847
-  _globals['_LISTPODSREQUEST']._serialized_end=864
-  _globals['_LISTPODSRESPONSE']._serialized_start=866
-  _globals['_LISTPODSRESPONSE']._serialized_end=911
-  _globals['_PEERCREDENTIALS']._serialized_start=913
-  _globals['_PEERCREDENTIALS']._serialized_end=969
-  _globals['_MESSAGECOUNTS']._serialized_start=972
-  _globals['_MESSAGECOUNTS']._serialized_end=1115
-  _globals['_CONNECTION']._serialized_start=1118
-  _globals['_CONNECTION']._serialized_end=1378
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1380
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1404
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1406
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1472
-  _globals['_WATCHREQUEST']._serialized_start=1474
-  _globals['_WATCHREQUEST']._serialized_end=1535
-  _globals['_EVENT']._serialized_start=1538
-  _globals['_EVENT']._serialized_end=1962
-  _globals['_INJECTFAULTREQUEST']._serialized_start=1965
-  _globals['_INJECTFAULTREQUEST']._serialized_end=2200
-  _globals['_FAULT']._serialized_start=2203
-  _globals['_FAULT']._serialized_end=2396
-  _globals['_INJECTFAULTRESPONSE']._serialized_start=2398
-  _globals['_INJECTFAULTRESPONSE']._serialized_end=2449
-  _globals['_NODEAGENT']._serialized_start=3976
-  _globals['_NODEAGENT']._serialized_end=4377
+  _globals['_ADDPODSREQUEST']._serialized_start=667
+  _globals['_ADDPODSREQUEST']._serialized_end=720
+  _globals['_ADDPODSREPLY']._serialized_start=722
+  _globals['_ADDPODSREPLY']._serialized_end=776
+  _globals['_ADDPODSRESULT']._serialized_start=778
+  _globals['_ADDPODSRESULT']._serialized_end=894
+  _globals['_REMOVEPODREQUEST']._serialized_start=896
+  _globals['_REMOVEPODREQUEST']._serialized_end=927
+  _globals['_REMOVEPODRESPONSE']._serialized_start=929
+  _globals['_REMOVEPODRESPONSE']._serialized_end=1018
+  _globals['_DELETEDELIVERY']._serialized_start=1020
+  _globals['_DELETEDELIVERY']._serialized_end=1074
+  _globals['_LISTPODSREQUEST']._serialized_start=1076
+  _globals['_LISTPODSREQUEST']._serialized_end=1093
+  _globals['_LISTPODSRESPONSE']._serialized_start=1095
+  _globals['_LISTPODSRESPONSE']._serialized_end=1140
+  _globals['_PEERCREDENTIALS']._serialized_start=1142
+  _globals['_PEERCREDENTIALS']._serialized_end=1198
+  _globals['_MESSAGECOUNTS']._serialized_start=1201
+  _globals['_MESSAGECOUNTS']._serialized_end=1344
+  _globals['_CONNECTION']._serialized_start=1347
+  _globals['_CONNECTION']._serialized_end=1607
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1609
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1633
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1635
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1701
+  _globals['_WATCHREQUEST']._serialized_start=1703
+  _globals['_WATCHREQUEST']._serialized_end=1764
+  _globals['_EVENT']._serialized_start=1767
+  _globals['_EVENT']._serialized_end=2191
+  _globals['_INJECTFAULTREQUEST']._serialized_start=2194
+  _globals['_INJECTFAULTREQUEST']._serialized_end=2429
+  _globals['_FAULT']._serialized_start=2432
+  _globals['_FAULT']._serialized_end=2625
+  _globals['_INJECTFAULTRESPONSE']._serialized_start=2627
+  _globals['_INJECTFAULTRESPONSE']._serialized_end=2678
+  _globals['_NODEAGENT']._serialized_start=4205
+  _globals['_NODEAGENT']._serialized_end=4667
 # @@protoc_insertion_point(module_scope)

@@ -183,6 +183,32 @@ class AddPodResponse(_message.Message):
     connection_id: str
     def __init__(self, pod: _Optional[_Union[Pod, _Mapping]] = ..., connection_id: _Optional[str] = ...) -> None: ...
 
+class AddPodsRequest(_message.Message):
+    __slots__ = ("pods",)
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    pods: _containers.RepeatedCompositeFieldContainer[AddPodRequest]
+    def __init__(self, pods: _Optional[_Iterable[_Union[AddPodRequest, _Mapping]]] = ...) -> None: ...
+
+class AddPodsReply(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AddPodsResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AddPodsResult, _Mapping]]] = ...) -> None: ...
+
+class AddPodsResult(_message.Message):
+    __slots__ = ("index", "uid", "code", "message", "response")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uid: str
+    code: int
+    message: str
+    response: AddPodResponse
+    def __init__(self, index: _Optional[int] = ..., uid: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[AddPodResponse, _Mapping]] = ...) -> None: ...
+
 class RemovePodRequest(_message.Message):
     __slots__ = ("uid",)
     UID_FIELD_NUMBER: _ClassVar[int]

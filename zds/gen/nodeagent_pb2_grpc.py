@@ -39,6 +39,11 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.AddPodRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.AddPodResponse.FromString,
                 _registered_method=True)
+        self.AddPods = channel.stream_stream(
+                '/zds.v1.NodeAgent/AddPods',
+                request_serializer=nodeagent__pb2.AddPodsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.AddPodsReply.FromString,
+                _registered_method=True)
         self.RemovePod = channel.unary_unary(
                 '/zds.v1.NodeAgent/RemovePod',
                 request_serializer=nodeagent__pb2.RemovePodRequest.SerializeToString,
@@ -86,6 +91,21 @@ class NodeAgentServicer:
         the pod stays cached
         DEADLINE_EXCEEDED    no ack within the ack timeout: the connection was
         closed (ztunnel reconnects for a fresh snapshot); cached
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPods(self, request_iterator, context):
+        """Enroll many pods over one stream (the bulk path: zds pod add --from-file).
+        The client sends the pods in batches; each pod is enrolled exactly as
+        AddPod would, and answered as soon as its enrollment ends, with the status
+        AddPod would have returned. Answers come in the order enrollments end, in
+        batches of those ready at the same time; index says which pod (its
+        position in the stream, counted over all batches) each is for. Up to 64
+        enrollments run at a time; their AddWorkloads go to ztunnel one at a
+        time, in the order they are ready. The stream ends once every pod sent
+        before the client half-closed is answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +187,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     request_deserializer=nodeagent__pb2.AddPodRequest.FromString,
                     response_serializer=nodeagent__pb2.AddPodResponse.SerializeToString,
             ),
+            'AddPods': grpc.stream_stream_rpc_method_handler(
+                    servicer.AddPods,
+                    request_deserializer=nodeagent__pb2.AddPodsRequest.FromString,
+                    response_serializer=nodeagent__pb2.AddPodsReply.SerializeToString,
+            ),
             'RemovePod': grpc.unary_unary_rpc_method_handler(
                     servicer.RemovePod,
                     request_deserializer=nodeagent__pb2.RemovePodRequest.FromString,
@@ -220,6 +245,33 @@ class NodeAgent:
             '/zds.v1.NodeAgent/AddPod',
             nodeagent__pb2.AddPodRequest.SerializeToString,
             nodeagent__pb2.AddPodResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPods(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/zds.v1.NodeAgent/AddPods',
+            nodeagent__pb2.AddPodsRequest.SerializeToString,
+            nodeagent__pb2.AddPodsReply.FromString,
             options,
             channel_credentials,
             insecure,
