@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -92,12 +93,15 @@ def _call_in_netns(fd: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         os.close(fd)
 
 
-async def run_in_netns(target: NetnsHandle | int, fn: Callable[..., T], *args: Any) -> T:
+async def run_in_netns(
+    target: NetnsHandle | int, fn: Callable[..., T], *args: Any, executor: Executor | None = None
+) -> T:
     """Call ``fn(*args)`` in a worker thread that is inside ``target``, and await its result.
 
     For slow or blocking work in a namespace (iptables-restore, probes); the
     event loop's thread never changes namespace. The worker gets its own dup of
     the fd, so closing ``target`` meanwhile cannot pull the namespace away.
+    ``executor``: whose threads (default: the event loop's default executor).
     """
     import asyncio  # here: zds.netns stays light for commands that never await
 
@@ -110,7 +114,7 @@ async def run_in_netns(target: NetnsHandle | int, fn: Callable[..., T], *args: A
     call = functools.partial(contextvars.copy_context().run, _call_in_netns, own, fn, args)
     try:
         # Once submitted, the worker closes ``own`` whatever happens (even if we are cancelled).
-        future = loop.run_in_executor(None, call)
+        future = loop.run_in_executor(executor, call)
     except BaseException:
         os.close(own)
         raise

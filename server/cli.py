@@ -172,6 +172,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     server.add_argument("--no-redirect", action="store_true", help="do not install in-pod redirection rules")
     server.add_argument(
+        "--redirect-backend",
+        choices=defaults.REDIRECT_BACKENDS,
+        default=defaults.REDIRECT_BACKEND,
+        help="how the in-pod rules go in: Istio's iptables rules (iptables-restore in the pod) or "
+        "its native nftables rules (one libnftables transaction, no process forked) "
+        "(default: %(default)s)",
+    )
+    server.add_argument(
         "--no-dns-capture",
         action="store_true",
         help="install the rules without DNS capture (UDP/TCP 53 -> 15053 is left out)",
@@ -230,6 +238,7 @@ def main(args: argparse.Namespace) -> int:
         container_label=tuple(args.container_label),
         faults_file=args.faults,
         redirect=not args.no_redirect,
+        redirect_backend=args.redirect_backend,
         redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),
         agent=AgentConfig(
             max_connections=args.max_connections,

@@ -54,7 +54,7 @@ from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
-from zds.server.redirect import RedirectConfig, Redirector
+from zds.server.redirect import RedirectConfig, RedirectError, redirector
 from zds.server.store import PodStore, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
@@ -98,6 +98,8 @@ class ServerOptions:
     #: Faults to arm at start-up (zds server --faults), for testing a ztunnel.
     faults_file: str | None = None
     redirect: bool = True
+    #: One of ``defaults.REDIRECT_BACKENDS``.
+    redirect_backend: str = defaults.REDIRECT_BACKEND
     redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
     agent: AgentConfig | None = None
     #: None: from the OTEL_* environment variables (tests pass their own).
@@ -120,9 +122,15 @@ class NodeAgentServer:
             self.telemetry = options.telemetry or Telemetry.from_environment()
         except TelemetryConfigError as exc:
             raise StartupError(f"cannot set up OpenTelemetry: {exc}") from exc
+        try:
+            rules = (
+                redirector(options.redirect_backend, options.redirect_config) if options.redirect else None
+            )
+        except RedirectError as exc:
+            raise StartupError(str(exc)) from exc
         self.agent = NodeAgent(
             options.agent,
-            Redirector(options.redirect_config) if options.redirect else None,
+            rules,
             self.telemetry,
             netns_policy=NetnsPolicy.for_this_node(options.netns_roots),
         )
@@ -179,7 +187,8 @@ class NodeAgentServer:
             self._engine_task = asyncio.create_task(self.engine.run(), name="container-engine")
         self._ready = True
         log.info(
-            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s engine=%s pods=%d tracing=%s",
+            "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s engine=%s pods=%d rules=%s "
+            "tracing=%s",
             opts.zds_socket,
             opts.control_socket,
             opts.cni_socket or "off",
@@ -188,6 +197,7 @@ class NodeAgentServer:
             opts.state_dir,
             opts.container_engine or "off",
             len(self.agent.pods),
+            opts.redirect_backend if opts.redirect else "off",
             "on" if self.telemetry.tracing else "off",
         )
 

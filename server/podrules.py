@@ -17,7 +17,7 @@ from opentelemetry import trace
 from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.pods import Pod
-from zds.server.redirect import RedirectError, Redirector
+from zds.server.redirect import RedirectError, Redirector, redirector
 
 log = logging.getLogger("zds.server")
 
@@ -88,6 +88,22 @@ class PodRules:
     def name(self) -> str:
         """The rule set, as the pod store records it."""
         return self.redirector.name
+
+    async def remove_other(self, pod: Pod, backend: str) -> bool:
+        """Take out the rules another backend (``backend``, as the pod store recorded it)
+        installed in the pod's netns, before this one installs its own (a node agent
+        restarted with the other ``--redirect-backend``). False, logged, if that failed."""
+        if pod.netns is None:
+            return True
+        try:
+            other = redirector(backend, self.redirector.config)
+            async with self._lock(pod.netns.identity):
+                await other.remove(pod.netns)
+        except (RedirectError, NetnsError, OSError, ValueError) as exc:
+            log.warning("cannot remove the %s rules: %s", backend, exc, extra=pod.spec.log_extra)
+            return False
+        log.info("%s rules removed: this node agent uses %s", backend, self.name, extra=pod.spec.log_extra)
+        return True
 
     async def remove(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> None:
         """Take the pod's rules out, unless ``still_used(identity)``: another cached pod

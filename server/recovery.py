@@ -187,7 +187,10 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     if row.removing:
         try:
             if rules is not None and pod.netns is not None and pod.rules_installed:
-                await rules.remove(pod, enrollment.cache.uses_netns)
+                if row.rules != rules.name:
+                    await rules.remove_other(pod, row.rules)
+                else:
+                    await rules.remove(pod, enrollment.cache.uses_netns)
             store.delete(row.spec.uid)
         finally:
             pod.close()
@@ -204,6 +207,10 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     else:
         outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
         if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
+            if row.rules and row.rules != rules.name:
+                # Installed by the other backend (the agent was restarted with the other
+                # --redirect-backend): its rules come out, this one's go in.
+                await rules.remove_other(pod, row.rules)
             try:
                 await rules.install(pod, enrollment.cache.uses_netns)  # replaces an earlier copy
             except RulesError as exc:

@@ -15,16 +15,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsHandle, run_in_netns
+from zds.server.policyrouting import PolicyRoutingError, has_ipv6, policy_routing, policy_routing_present
 
 log = logging.getLogger("zds.server.redirect")
 
@@ -164,60 +162,6 @@ def _run(argv: list[str], stdin: str = "") -> str:
     return done.stdout
 
 
-def has_ipv6() -> bool:
-    """Whether the current netns has IPv6 enabled with a non-link-local address (call inside the netns)."""
-    try:
-        # /proc/net follows the main thread; this thread may be in another netns.
-        with open("/proc/thread-self/net/if_inet6") as f:
-            for line in f:
-                fields = line.split()
-                # scope 00 = global; skip loopback (::1, scope 10) and link-local (20)
-                if len(fields) >= 4 and fields[3] == "00":
-                    return True
-    except OSError:
-        return False
-    return False
-
-
-def _policy_routing(add: bool) -> None:
-    """`ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` + `ip route add local default dev lo table 100`
-    (both families), as Istio does in-pod; removal ignores what is already gone."""
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        families = [socket.AF_INET] + ([socket.AF_INET6] if has_ipv6() else [])
-        for family in families:
-            dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
-            rule = {
-                "family": family,
-                "table": defaults.INPOD_ROUTE_TABLE,
-                "priority": defaults.INPOD_RULE_PRIORITY,
-                "fwmark": defaults.INPOD_TPROXY_MARK,
-                "fwmask": defaults.INPOD_TPROXY_MASK,
-            }
-            route = {
-                "dst": dst,
-                "type": "local",
-                "scope": 254,
-                "table": defaults.INPOD_ROUTE_TABLE,
-                "oif": lo,
-            }
-            try:
-                if add:
-                    ipr.route("replace", family=family, **route)
-                    ipr.rule("add", **rule)
-                else:
-                    ipr.rule("del", **rule)
-            except NetlinkError as exc:
-                if exc.code not in (17, 2):  # EEXIST on add, ENOENT on del
-                    raise RedirectError(f"policy routing in pod netns: {exc}") from exc
-            if not add:
-                try:
-                    ipr.route("del", family=family, **route)
-                except NetlinkError as exc:
-                    if exc.code not in (2, 3):  # ENOENT / ESRCH: already gone
-                        raise RedirectError(f"policy routing in pod netns: {exc}") from exc
-
-
 def _families() -> list[tuple[int, str]]:
     return [(4, "iptables")] + ([(6, "ip6tables")] if has_ipv6() else [])
 
@@ -241,42 +185,18 @@ def _ours(saved: str) -> list[str]:
     return lines
 
 
-def _policy_routing_present() -> bool:
-    with IPRoute() as ipr:
-        rules = ipr.get_rules(family=socket.AF_INET, table=defaults.INPOD_ROUTE_TABLE)
-        return any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules)
+def _routing(add: bool) -> None:
+    try:
+        policy_routing(add=add)
+    except PolicyRoutingError as exc:
+        raise RedirectError(str(exc)) from exc
 
 
-def _digest_here() -> str:
-    """What our rules look like in this netns (worker thread inside it): a digest of our
-    chains and jumps in every family's tables and of the policy routing; '' when none is there."""
-    lines: list[str] = []
-    for family, tool in _families():
-        lines += [f"{family} {line}" for line in _ours(_run([f"{tool}-save"]))]
-    if not lines:
-        return ""
-    lines.append(f"policy-routing {_policy_routing_present()}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
-
-
-def _install_here(config: RedirectConfig) -> tuple[list[int], str]:
-    """Inside the pod netns (worker thread): replace our rules, add policy routing; the
-    families covered and the digest of what is now installed."""
-    installed = []
-    for family, tool in _families():
-        cleanup = cleanup_rules(_run([f"{tool}-save"]))
-        _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, config))
-        installed.append(family)
-    _policy_routing(add=True)
-    return installed, _digest_here()
-
-
-def _remove_here() -> None:
-    for _family, tool in _families():
-        cleanup = cleanup_rules(_run([f"{tool}-save"]))
-        if cleanup:
-            _run([f"{tool}-restore", "--noflush"], cleanup)
-    _policy_routing(add=False)
+def _routing_present() -> bool:
+    try:
+        return policy_routing_present()
+    except PolicyRoutingError as exc:
+        raise RedirectError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -287,8 +207,27 @@ class Installed:
     digest: str
 
 
+#: Rule installs and removals a node agent runs at a time, each in a worker thread inside a
+#: pod's netns. Most of a removal is waiting in the kernel (an RCU grace period before the
+#: old rules go: ~12 ms here), so many at a time is what makes removals fast.
+RULE_WORKERS = 32
+_executor: ThreadPoolExecutor | None = None
+
+
+def rules_executor() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(RULE_WORKERS, thread_name_prefix="zds-rules")
+    return _executor
+
+
 class Redirector:
-    """Installs and removes the in-pod rules; shared by every enrollment of a node agent."""
+    """Installs and removes the in-pod rules; shared by every enrollment of a node agent.
+
+    This one is Istio's iptables backend (iptables-save + iptables-restore run inside the
+    pod's netns); ``zds.server.nftables.NftablesRedirector`` is Istio's native nftables one.
+    Each records its ``name`` and the ``digest`` of what it installed in the pod store, so a
+    restart can tell whether the rules are still the same, or from the other backend."""
 
     #: The rule set's name, as the pod store records it.
     name = "iptables"
@@ -298,16 +237,61 @@ class Redirector:
 
     async def install(self, netns: NetnsHandle) -> Installed:
         """Install (or re-install) the rules in ``netns``."""
-        families, digest = await run_in_netns(netns, _install_here, self.config)
+        families, digest = await run_in_netns(netns, self._install_here, executor=rules_executor())
         return Installed(families, digest)
 
     async def remove(self, netns: NetnsHandle) -> None:
-        await run_in_netns(netns, _remove_here)
+        await run_in_netns(netns, self._remove_here, executor=rules_executor())
 
     async def digest(self, netns: NetnsHandle) -> str:
         """The digest of our rules in ``netns`` now ('' if none): equal to the one an install
         returned exactly when the same rules are still in place."""
-        return await run_in_netns(netns, _digest_here)
+        return await run_in_netns(netns, self._digest_here, executor=rules_executor())
+
+    # -- in a worker thread inside the pod's netns ----------------------------------------
+    def _digest_here(self) -> str:
+        """A digest of our chains and jumps in every family's tables and of the policy
+        routing; '' when none is there."""
+        lines: list[str] = []
+        for family, tool in _families():
+            lines += [f"{family} {line}" for line in _ours(_run([f"{tool}-save"]))]
+        if not lines:
+            return ""
+        lines.append(f"policy-routing {_routing_present()}")
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+    def _install_here(self) -> tuple[list[int], str]:
+        """Replace our rules, add policy routing; the families covered and the digest of what
+        is now installed."""
+        installed = []
+        for family, tool in _families():
+            cleanup = cleanup_rules(_run([f"{tool}-save"]))
+            _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
+            installed.append(family)
+        _routing(add=True)
+        return installed, self._digest_here()
+
+    def _remove_here(self) -> None:
+        for _family, tool in _families():
+            cleanup = cleanup_rules(_run([f"{tool}-save"]))
+            if cleanup:
+                _run([f"{tool}-restore", "--noflush"], cleanup)
+        _routing(add=False)
+
+
+#: The rule backends ``zds server --redirect-backend`` takes.
+BACKENDS = ("iptables", "nftables")
+
+
+def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redirector:
+    """The redirector of ``backend`` (one of ``BACKENDS``)."""
+    if backend == "nftables":
+        from zds.server.nftables import NftablesRedirector
+
+        return NftablesRedirector(config)
+    if backend != "iptables":
+        raise ValueError(f"unknown redirect backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return Redirector(config)
 
 
 def iptables_save(family: int = 4) -> str:

@@ -98,6 +98,15 @@ class Mesh:
     pods: dict[str, PodFixture]
     apps: dict[str, EchoServer]
     resolver: FakeResolver
+    #: The node agent's --redirect-backend.
+    backend: str
+
+    def istio_rules(self, name: str) -> list[str]:
+        """Our rules in the pod's netns, as the backend's own tool lists them."""
+        argv = ["iptables-save"] if self.backend == "iptables" else ["nft", "list", "ruleset"]
+        with open_netns(self.pods[name].netns_path) as ns, in_netns(ns):
+            listing = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        return [line for line in listing.splitlines() if "ISTIO" in line or "istio" in line]
 
     def uid(self, name: str) -> str:
         return f"uid-{name}"
@@ -117,9 +126,11 @@ class Mesh:
         return self.counters(name, direction).get("connections", 0)
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    tmp = tmp_path_factory.mktemp("mesh")
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The same mesh with either rule backend: every data-path test runs with both."""
+    backend: str = request.param
+    tmp = tmp_path_factory.mktemp(f"mesh-{backend}")
     tag = secrets.token_hex(2)
     net = PodNetwork(bridge=f"zdsm{tag}", subnet4="10.181.0.0/24", subnet6="fd00:181::/64")
     server: NodeAgentProc | None = None
@@ -130,12 +141,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         pods = {name: net.add_pod(f"zdst-{tag}-{name}") for name in ("a", "b", "c", "d", "e")}
         for name in ("b", "d", "e"):
             apps[name] = EchoServer(pods[name].netns_path, APP_PORT)
-        server = NodeAgentProc(str(tmp), redirect=True).wait_ready()
+        server = NodeAgentProc(str(tmp), "--redirect-backend", backend, redirect=True).wait_ready()
         ztunnel = ZtunnelProc(
             server.zds_socket, str(tmp / "ztunnel.log"), "--dns-upstream", f"127.0.0.1:{resolver.port}"
         )
         ztunnel.address("admin")
-        mesh = Mesh(server=server, ztunnel=ztunnel, pods=pods, apps=apps, resolver=resolver)
+        mesh = Mesh(server=server, ztunnel=ztunnel, pods=pods, apps=apps, resolver=resolver, backend=backend)
         wait_until(lambda: mesh.server.connected_count() == 1, what="ztunnel connected")
         for name in ("a", "b", "e"):  # c and d stay out of the mesh
             mesh.enroll(name)
@@ -240,13 +251,12 @@ def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mes
     assert exchange_from(c.netns_path, e.ipv4, APP_PORT, b"via ztunnel\n") == b"via ztunnel\n"
     wait_until(lambda: mesh.connections("e", "inbound") == before + 1, what="E's inbound counter")
     assert any('uid="uid-e"' in series for series in mesh.ztunnel.metrics())
+    assert mesh.istio_rules("e"), f"E's {mesh.backend} rules are in before the removal"
     mesh.server.remove_pod(mesh.uid("e"))
     wait_until(
         lambda: mesh.uid("e") not in mesh.ztunnel.config_dump()["workloadState"], what="E gone from ztunnel"
     )
-    with open_netns(e.netns_path) as ns, in_netns(ns):
-        saved = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
-    assert "ISTIO" not in saved
+    assert mesh.istio_rules("e") == []
     peers_before = len(mesh.apps["e"].peers)
     assert exchange_from(c.netns_path, e.ipv4, APP_PORT, b"direct\n") == b"direct\n"
     assert mesh.apps["e"].peers[peers_before:] == [c.ipv4]
@@ -261,7 +271,7 @@ def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mes
 def test_listeners_gone_means_refused_proving_interception(mesh: Mesh, tmp_path: Any) -> None:
     """Rules without listeners: a connection is refused at once (that is how interception
     shows). Enroll C with a second node agent that has no ztunnel: rules in, no listeners."""
-    lonely = NodeAgentProc(str(tmp_path), redirect=True, name="lonely")
+    lonely = NodeAgentProc(str(tmp_path), "--redirect-backend", mesh.backend, redirect=True, name="lonely")
     try:
         lonely.wait_ready()
         with pytest.raises(grpc.RpcError) as info:

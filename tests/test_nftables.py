@@ -1,0 +1,226 @@
+"""Istio's native nftables backend (``--redirect-backend nftables``): the transaction is
+Istio's golden text, what the kernel holds afterwards is what Istio's golden gives (IPv4
+and IPv6, with and without DNS capture), re-applying is idempotent, removal deletes the
+three tables and the policy routing, and a node agent restarted with the other backend
+takes the old backend's rules out before it puts its own in."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import DATA, NodeAgentProc
+from zds.netns import in_netns, open_netns
+from zds.netns.fixtures import create_netns, delete_netns
+from zds.netns.podnet import PodNetwork
+from zds.server import nftables
+from zds.server.nftables import NftablesRedirector, nft_rules, removal
+from zds.server.redirect import RedirectConfig, RedirectError, iptables_save
+
+#: The IPv6 probe SNAT address Istio's golden test data was generated with.
+GOLDEN_PROBE6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"
+#: (golden file, the configuration Istio generated it with, IPv6 in the pod)
+CASES = {
+    "default": (RedirectConfig(), False),
+    "default_ipv6": (RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6), True),
+    "dns_pod_disabled_and_on_globally": (RedirectConfig(dns_capture=False), False),
+    "dns_pod_disabled_and_on_globally_ipv6": (
+        RedirectConfig(dns_capture=False, probe_snat_ipv6=GOLDEN_PROBE6),
+        True,
+    ),
+}
+#: What zds adds to Istio's text without DNS capture: an earlier raw table goes too.
+RAW_GONE = ["add table inet istio-ambient-raw", "delete table inet istio-ambient-raw"]
+
+
+def golden(case: str) -> str:
+    return (DATA / f"istio-inpod-nftables-{case}.golden").read_text()
+
+
+def lines(text: str) -> list[str]:
+    return [re.sub(r"\s+", " ", line.strip()) for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_transaction_is_istios_golden_text(case: str) -> None:
+    config, ipv6 = CASES[case]
+    ours = lines(nft_rules(config, ipv6=ipv6))
+    extra = [] if config.dns_capture else RAW_GONE
+    assert ours == lines(golden(case)) + extra
+
+
+def test_removal_deletes_the_three_tables_and_a_missing_one_is_no_error() -> None:
+    assert lines(removal()) == [
+        f"{verb} table inet istio-ambient-{t}" for t in ("nat", "mangle", "raw") for verb in ("add", "delete")
+    ]
+
+
+def test_without_libnftables_the_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nftables, "LIBRARY", "libnftables-that-is-not-there.so.9")
+    nftables.libnftables.cache_clear()
+    try:
+        with pytest.raises(
+            RedirectError, match=r"install Debian's libnftables1 .* --redirect-backend iptables"
+        ):
+            NftablesRedirector()
+    finally:
+        nftables.libnftables.cache_clear()
+
+
+# -- in real namespaces -------------------------------------------------------------------
+
+
+def nft(path: str, *args: str, stdin: str | None = None) -> str:
+    with open_netns(path) as ns, in_netns(ns):
+        return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, check=True).stdout
+
+
+def ruleset(path: str) -> str:
+    return nft(path, "-s", "list", "ruleset")  # stateless: no counters
+
+
+def ip(path: str, *args: str) -> str:
+    with open_netns(path) as ns, in_netns(ns):
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+
+def install(path: str, config: RedirectConfig) -> list[int]:
+    async def go() -> list[int]:
+        with open_netns(path) as ns:
+            return (await NftablesRedirector(config).install(ns)).families
+
+    return asyncio.run(go())
+
+
+def remove(path: str) -> None:
+    async def go() -> None:
+        with open_netns(path) as ns:
+            await NftablesRedirector().remove(ns)
+
+    asyncio.run(go())
+
+
+def digest(path: str) -> str:
+    async def go() -> str:
+        with open_netns(path) as ns:
+            return await NftablesRedirector().digest(ns)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def pods() -> Iterator[PodNetwork]:
+    """Pods with IPv4 and IPv6 addresses on a bridge (a pod's rules cover IPv6 only when it has it)."""
+    net = PodNetwork(bridge=f"zdsn{secrets.token_hex(2)}", subnet4="10.183.0.0/24", subnet6="fd00:183::/64")
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture
+def scratch() -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for name in made:
+        delete_netns(name, missing_ok=True)
+
+
+def scratch_netns(made: list[str]) -> str:
+    name = f"zdsn-{secrets.token_hex(3)}"
+    made.append(name)
+    return create_netns(name)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("case", CASES)
+def test_the_installed_ruleset_is_what_istios_golden_gives(
+    case: str, pods: PodNetwork, scratch: list[str]
+) -> None:
+    config, ipv6 = CASES[case]
+    pod = pods.add_pod(f"zdsn-{secrets.token_hex(3)}").netns_path if ipv6 else scratch_netns(scratch)
+    reference = scratch_netns(scratch)
+    nft(reference, "-f", "-", stdin=golden(case))
+    assert install(pod, config) == ([4, 6] if ipv6 else [4])
+    assert ruleset(pod) == ruleset(reference)
+    assert ("ip6 daddr" in ruleset(pod)) == ipv6
+    assert ("istio-ambient-raw" in ruleset(pod)) == config.dns_capture
+    assert "fwmark 0x111/0xfff lookup 100" in ip(pod, "rule")
+    assert "local default dev lo" in ip(pod, "route", "show", "table", "100")
+    if ipv6:
+        assert "fwmark 0x111/0xfff lookup 100" in ip(pod, "-6", "rule")
+
+
+@pytest.mark.root
+def test_reinstalling_is_idempotent_and_the_digest_sees_a_change(scratch: list[str]) -> None:
+    pod = scratch_netns(scratch)
+    install(pod, RedirectConfig())
+    once, stamp = ruleset(pod), digest(pod)
+    install(pod, RedirectConfig())
+    install(pod, RedirectConfig())
+    assert ruleset(pod) == once and digest(pod) == stamp != ""
+    nft(pod, "flush", "chain", "inet", "istio-ambient-nat", "istio-output")  # someone tampers
+    assert digest(pod) != stamp
+    install(pod, RedirectConfig())
+    assert digest(pod) == stamp
+    install(pod, RedirectConfig(dns_capture=False))  # a change of configuration replaces it all
+    assert "istio-ambient-raw" not in ruleset(pod) and "dport 53" not in ruleset(pod)
+
+
+@pytest.mark.root
+def test_removal_deletes_the_tables_and_the_policy_routing(scratch: list[str]) -> None:
+    pod = scratch_netns(scratch)
+    nft(pod, "add", "table", "inet", "theirs")  # not ours: it stays
+    install(pod, RedirectConfig())
+    remove(pod)
+    assert "istio" not in ruleset(pod) and "table inet theirs" in ruleset(pod)
+    assert "lookup 100" not in ip(pod, "rule") and ip(pod, "route", "show", "table", "100").strip() == ""
+    assert digest(pod) == ""
+    remove(pod)  # removing twice is harmless
+
+
+# -- the backend through the node agent, and across restarts ---------------------------------
+
+
+def istio_iptables(path: str) -> list[str]:
+    with open_netns(path) as ns, in_netns(ns):
+        return [line for line in iptables_save().splitlines() if "ISTIO" in line]
+
+
+def istio_tables(path: str) -> list[str]:
+    return [line for line in ruleset(path).splitlines() if line.startswith("table inet istio-ambient")]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("first", "then"), [("iptables", "nftables"), ("nftables", "iptables")])
+def test_a_restart_with_the_other_backend_swaps_the_rules(
+    first: str, then: str, tmp_path: Path, scratch: list[str]
+) -> None:
+    pod = scratch_netns(scratch)
+    server = NodeAgentProc(str(tmp_path), "--redirect-backend", first, redirect=True).wait_ready()
+    try:
+        done = server.cli("pod", "add", "--uid", "u1", "--netns", pod)
+        assert "no ztunnel connection" in done.stderr  # enrolled with its rules all the same
+        assert bool(istio_iptables(pod)) == (first == "iptables")
+        assert bool(istio_tables(pod)) == (first == "nftables")
+    finally:
+        server.stop(signal.SIGKILL)
+    restarted = NodeAgentProc(str(tmp_path), "--redirect-backend", then, redirect=True, name="again")
+    try:
+        restarted.wait_ready()
+        [listed] = restarted.list_pods()
+        assert (listed.uid, listed.recovery, listed.rules_installed) == ("u1", "rules reinstalled", True)
+        assert bool(istio_iptables(pod)) == (then == "iptables"), "exactly one backend's rules are left"
+        assert bool(istio_tables(pod)) == (then == "nftables")
+        assert f"{first} rules removed: this node agent uses {then}" in restarted.output()
+        restarted.remove_pod("u1")
+        assert not istio_iptables(pod) and not istio_tables(pod)
+    finally:
+        restarted.stop()
