@@ -1,17 +1,20 @@
-"""Enrollment benchmark: how fast `zds server` + `zds ztunnel` enroll and remove pods.
+"""Enrollment benchmark: how fast `zds server` + `zds ztunnel` enroll and remove pods,
+with the in-pod rules (either backend) or without.
 
-Starts both ends as real processes (sockets in a temp dir, no rules unless --redirect),
-creates N named namespaces (not timed), then times, over one gRPC channel:
+Starts both ends as real processes (sockets in a temp dir), creates N named namespaces
+(not timed), then times, over one gRPC channel:
 
-- add: AddPod round trip (gRPC -> node agent opens the netns -> AddWorkload + fd over the
-  ZDS socket -> ztunnel validates the fd [and opens 3+1 listeners inside the pod] -> ack);
-- remove: RemovePod round trip (DelWorkload to every ztunnel -> ack [listeners closed]).
+- add: every pod through the bulk path (one AddPods stream, as ``zds pod add
+  --from-file``): node agent opens the netns -> installs the rules -> stores the pod ->
+  AddWorkload + fd over the ZDS socket -> ztunnel validates the fd [and opens its
+  listeners inside the pod] -> ack;
+- remove: RemovePod for every pod, up to ``--window`` calls at a time, as a node's pods
+  are deleted (rules out, DelWorkload to every ztunnel, ack).
 
-Prints one key=value line per mode, like ../shared/bench-limit's zds-limit, so the two
-can be compared as a ratio. Run as root:
+Prints one key=value line per phase, like ../shared/bench-limit's zds-limit. Run as root:
 
-    .venv/bin/python bench/enroll.py -n 500 -m proto
-    .venv/bin/python bench/enroll.py -n 500 -m listen
+    .venv/bin/python bench/enroll.py -n 1000 -m listen --rules nftables
+    .venv/bin/python bench/enroll.py -n 300 -m listen --rules iptables
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import argparse
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
+import podns
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.netns.fixtures import create_netns, delete_netns
+
+UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -41,48 +46,42 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-n", type=int, default=200, help="pods (default %(default)s)")
-    parser.add_argument("-m", choices=["proto", "listen"], default="proto", help="ztunnel mode")
-    parser.add_argument("--redirect", action="store_true", help="also install the in-pod rules")
+    parser.add_argument("-n", type=int, default=300, help="pods (default %(default)s)")
+    parser.add_argument(
+        "-m", choices=["proto", "listen"], default="listen", help="ztunnel mode (default %(default)s)"
+    )
+    parser.add_argument(
+        "--rules", choices=["off", "iptables", "nftables"], default="nftables", help="(default %(default)s)"
+    )
+    parser.add_argument("--window", type=int, default=64, help="removals at a time (default %(default)s)")
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/enroll.py: run as root (it creates network namespaces)", file=sys.stderr)
         return 1
 
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
     tmp = tempfile.mkdtemp(prefix="zds-bench-")
     zds_sock, ctl = os.path.join(tmp, "zds.sock"), os.path.join(tmp, "ctl.sock")
-    names = [f"zdsbench-{os.getpid()}-{i}" for i in range(args.n)]
     procs: list[subprocess.Popen[bytes]] = []
-    made: list[str] = []
+    paths = podns.create([f"zdsbench-{os.getpid()}-{i}" for i in range(args.n)])
     loop_flag = ["--no-uvloop"] if args.no_uvloop else []
+    rules = ["--no-redirect"] if args.rules == "off" else ["--redirect-backend", args.rules]
     try:
-        for name in names:
-            create_netns(name)
-            made.append(name)
         server_args = ["server", "--zds-socket", zds_sock, "--control-socket", ctl, "--cni-socket", "off"]
-        server_args += ["--state-dir", os.path.join(tmp, "state")]
-        server_args += ["--http-listen", "off", *([] if args.redirect else ["--no-redirect"]), *loop_flag]
-        ztunnel_args = [
-            "ztunnel",
-            "--zds-socket",
-            zds_sock,
-            "--admin-listen",
-            "off",
-            "--readiness-listen",
-            "off",
-        ]
-        ztunnel_args += [
-            "--metrics-listen",
-            "off",
-            *(["--no-listeners"] if args.m == "proto" else []),
-            *loop_flag,
-        ]
+        server_args += ["--state-dir", os.path.join(tmp, "state"), "--http-listen", "off", *rules, *loop_flag]
+        ztunnel_args = ["ztunnel", "--zds-socket", zds_sock]
+        for flag in ("--admin-listen", "--readiness-listen", "--metrics-listen"):
+            ztunnel_args += [flag, "off"]
+        ztunnel_args += [*(["--no-listeners"] if args.m == "proto" else []), *loop_flag]
         for cmd in (server_args, ztunnel_args):
             log = open(os.path.join(tmp, f"{cmd[0]}.log"), "wb")  # noqa: SIM115 (closed with the dir)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "zds", "--log-level", "warning", *cmd], stdout=log, stderr=log
+                    [sys.executable, "-m", "zds", "--log-level", "warning", *cmd],
+                    stdout=log,
+                    stderr=log,
+                    env=env,
                 )
             )
             deadline = time.monotonic() + 20
@@ -90,57 +89,85 @@ def main() -> int:
                 time.sleep(0.05)
         with grpc.insecure_channel(f"unix:{ctl}") as channel:
             stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
-            # Wait for the ztunnel connection: an add that succeeds.
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    stub.AddPod(
-                        nodeagent_pb2.AddPodRequest(uid="warmup", netns_path=f"/var/run/netns/{names[0]}"),
-                        timeout=10,
-                    )
-                    stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="warmup"), timeout=10)
-                    break
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            results = {}
-            for phase in ("add", "remove"):
-                lat: list[float] = []
-                start = time.perf_counter()
-                for i, name in enumerate(names):
-                    t0 = time.perf_counter()
-                    if phase == "add":
-                        stub.AddPod(
-                            nodeagent_pb2.AddPodRequest(
-                                uid=f"u{i}", name=name, namespace="bench", netns_path=f"/var/run/netns/{name}"
-                            ),
-                            timeout=30,
-                        )
-                    else:
-                        stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid=f"u{i}"), timeout=30)
-                    lat.append((time.perf_counter() - t0) * 1e6)
-                wall = time.perf_counter() - start
-                results[phase] = (lat, wall)
-        for phase, (lat, wall) in results.items():
-            print(
-                f"zds phase={phase} mode={args.m} redirect={int(args.redirect)} uvloop={int(not args.no_uvloop)} "
-                f"n={args.n} rate={args.n / wall:.0f} wall_s={wall:.3f} p50_us={percentile(lat, 50):.0f} "
-                f"p99_us={percentile(lat, 99):.0f} max_us={max(lat):.0f} mean_us={statistics.fmean(lat):.0f}"
+            warm_up(stub, paths[0])
+            requests = [
+                nodeagent_pb2.AddPodRequest(uid=f"u{i}", name=f"pod-{i}", namespace="bench", netns_path=path)
+                for i, path in enumerate(paths)
+            ]
+            start = time.perf_counter()
+            batches = (
+                nodeagent_pb2.AddPodsRequest(pods=requests[i : i + 64]) for i in range(0, len(requests), 64)
             )
+            results = [r for reply in stub.AddPods(batches, timeout=600) for r in reply.results]
+            add_wall = time.perf_counter() - start
+            failed = [r.message for r in results if r.code != 0]
+            if failed or len(results) != args.n:
+                raise SystemExit(f"bench/enroll.py: {len(failed)} enrollments failed, e.g. {failed[:1]}")
+            lat, remove_wall = remove_all(stub, args.n, args.window)
+        print(
+            f"zds phase=add mode={args.m} rules={args.rules} uvloop={int(not args.no_uvloop)} n={args.n} "
+            f"rate={args.n / add_wall:.0f} wall_s={add_wall:.3f} (bulk path: one AddPods stream)"
+        )
+        print(
+            f"zds phase=remove mode={args.m} rules={args.rules} uvloop={int(not args.no_uvloop)} n={args.n} "
+            f"window={args.window} rate={args.n / remove_wall:.0f} wall_s={remove_wall:.3f} "
+            f"p50_us={percentile(lat, 50):.0f} p99_us={percentile(lat, 99):.0f} max_us={max(lat):.0f}"
+        )
         return 0
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(10)
+                    proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        for name in made:
-            delete_netns(name, missing_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        podns.remove(paths)
+        if not os.environ.get("ZDS_BENCH_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"bench/enroll.py: kept {tmp}", file=sys.stderr)
+
+
+def warm_up(stub: nodeagent_pb2_grpc.NodeAgentStub, path: str) -> None:
+    """Until ztunnel is connected: an add that succeeds (then removed again)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            stub.AddPod(nodeagent_pb2.AddPodRequest(uid="warmup", netns_path=path), timeout=10)
+            stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="warmup"), timeout=10)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def remove_all(stub: nodeagent_pb2_grpc.NodeAgentStub, n: int, window: int) -> tuple[list[float], float]:
+    """RemovePod for u0..u(n-1), ``window`` calls in flight; (latencies in us, wall time)."""
+    lat: list[float] = []
+    errors: list[BaseException] = []
+    slots = threading.Semaphore(window)
+
+    def finished(future: grpc.Future, t0: float) -> None:
+        lat.append((time.perf_counter() - t0) * 1e6)
+        if future.exception() is not None:
+            errors.append(future.exception())
+        slots.release()
+
+    start = time.perf_counter()
+    for i in range(n):
+        slots.acquire()
+        t0 = time.perf_counter()
+        future = stub.RemovePod.future(nodeagent_pb2.RemovePodRequest(uid=f"u{i}"), timeout=60)
+        future.add_done_callback(lambda f, t0=t0: finished(f, t0))
+    for _ in range(window):
+        slots.acquire()
+    wall = time.perf_counter() - start
+    if errors:
+        raise SystemExit(f"bench/enroll.py: {len(errors)} removals failed, e.g. {errors[0]}")
+    return lat, wall
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The fd keeps the namespace alive, is what travels to ztunnel over
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import warnings
@@ -85,6 +86,20 @@ class NetnsHandle:
     def dup(self) -> int:
         """A new close-on-exec fd of the same namespace; the caller owns (and closes) it."""
         return os.dup(self.fileno())
+
+    def move_above(self, floor: int) -> None:
+        """Renumber the fd to the lowest free number at or above ``floor`` (where the limit
+        allows): a process holding thousands of these keeps the numbers below ``floor`` for
+        code that cannot use higher ones (``select()``: FD_SETSIZE is 1024)."""
+        fd = self.fileno()
+        if fd >= floor:
+            return
+        try:
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+        except OSError:
+            return  # no number that high (RLIMIT_NOFILE): stay where it is
+        self.fd = moved
+        os.close(fd)
 
     def _name(self) -> str:
         return self.path or f"{self.identity}"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
+from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsHandle, netns_cookie, open_netns_ref
 from zds.protocol.messages import Ack, DelWorkload
@@ -228,6 +229,7 @@ class Enrollment:
             except NetnsError as exc:
                 spans.failed(span, exc)
                 raise
+            netns.move_above(defaults.NETNS_FD_FLOOR)  # held for the pod's life: out of select()'s way
             span.set_attribute(spans.NETNS_INODE, netns.identity.ino)
             return netns
 

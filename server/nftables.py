@@ -26,6 +26,7 @@ import ctypes
 import functools
 import hashlib
 import ipaddress
+import os
 
 from zds import defaults
 from zds.server.policyrouting import has_ipv6
@@ -151,6 +152,7 @@ class Libnftables:
 
     def run(self, commands: str, *, stateless: bool = False) -> str:
         """Run ``commands`` (one transaction); their output, or RedirectError with nft's words."""
+        _check_fd_room()
         lib = self._lib
         ctx = lib.nft_ctx_new(0)
         if not ctx:
@@ -168,6 +170,23 @@ class Libnftables:
             return output
         finally:
             lib.nft_ctx_free(ctx)
+
+
+#: libnftables 1.0.6 waits for the kernel's answer with select(): a context whose netlink
+#: socket got a number past FD_SETSIZE would abort the whole process (glibc's fortify check).
+FD_SETSIZE = 1024
+
+
+def _check_fd_room() -> None:
+    """Refuse, instead of aborting, when the next fd would be past FD_SETSIZE (the node agent
+    keeps its pods' fds above it, so this takes ~1,000 other open fds)."""
+    probe = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(probe)
+    if probe >= FD_SETSIZE - 8:
+        raise RedirectError(
+            f"libnftables cannot run with fd numbers past {FD_SETSIZE} (it waits with select()) and "
+            f"fd {probe} is the lowest free one; use --redirect-backend iptables"
+        )
 
 
 @functools.cache
@@ -203,16 +222,18 @@ class NftablesRedirector(Redirector):
     def _install_here(self) -> tuple[list[int], str]:
         ipv6 = has_ipv6()
         libnftables().run(nft_rules(self.config, ipv6=ipv6))
-        _routing(add=True)
-        return [4, 6] if ipv6 else [4], self._digest_here()
+        _routing(add=True, ipv6=ipv6)
+        return [4, 6] if ipv6 else [4], self._digest_here(routing=True)
 
     def _remove_here(self) -> None:
         libnftables().run(removal())
         _routing(add=False)
 
-    def _digest_here(self) -> str:
+    def _digest_here(self, *, routing: bool | None = None) -> str:
+        """The digest of our tables as the kernel lists them and of the policy routing
+        (``routing``: known to be there, just added: not asked again)."""
         lines = our_tables(libnftables().run("list ruleset", stateless=True))
         if not lines:
             return ""
-        lines.append(f"policy-routing {_routing_present()}")
+        lines.append(f"policy-routing {_routing_present() if routing is None else routing}")
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]

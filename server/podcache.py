@@ -7,6 +7,7 @@ the caller, which closes it (after taking its rules out where needed).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 from zds.netns import NetnsIdentity
@@ -20,6 +21,8 @@ class PodCache:
     def __init__(self) -> None:
         self._pods: dict[str, Pod] = {}
         self._removing: dict[str, PodSpec] = {}
+        #: How many cached pods live in each netns (asked on every removal: no scan).
+        self._in_netns: collections.Counter[NetnsIdentity] = collections.Counter()
 
     def get(self, uid: str) -> Pod | None:
         return self._pods.get(uid)
@@ -39,12 +42,25 @@ class PodCache:
     def put(self, pod: Pod) -> Pod | None:
         """Cache ``pod``; returns the pod it replaced (same uid), if any, for the caller to release."""
         old = self._pods.get(pod.uid)
+        if old is pod:
+            return None
         self._pods[pod.uid] = pod
-        return old if old is not pod else None
+        self._count(pod, 1)
+        if old is not None:
+            self._count(old, -1)
+        return old
+
+    def _count(self, pod: Pod, delta: int) -> None:
+        if pod.netns is not None:
+            identity = pod.netns.identity
+            self._in_netns[identity] += delta
+            if self._in_netns[identity] <= 0:
+                del self._in_netns[identity]
 
     def pop(self, uid: str) -> Pod:
         """Forget a pod (KeyError if unknown); its spec stays findable until ``removed``."""
         pod = self._pods.pop(uid)
+        self._count(pod, -1)
         self._removing[uid] = pod.spec
         return pod
 
@@ -61,7 +77,7 @@ class PodCache:
 
     def uses_netns(self, identity: NetnsIdentity) -> bool:
         """Some cached pod lives in this network namespace."""
-        return any(p.netns is not None and p.netns.identity == identity for p in self)
+        return identity in self._in_netns
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -78,3 +94,4 @@ class PodCache:
         for pod in self:
             pod.close()
         self._pods.clear()
+        self._in_netns.clear()

@@ -21,6 +21,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from zds import defaults
 from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_cookie, open_netns, open_netns_ref
 from zds.netns.search import find_by_identity
 from zds.server.enrollment import Enrollment
@@ -141,6 +142,7 @@ def _reopen(row: StoredPod, policy: NetnsPolicy | None) -> _Found:
     except NetnsError:
         return item
     if _same(row, candidate):
+        candidate.move_above(defaults.NETNS_FD_FLOOR)  # as enrollment does
         item.netns = candidate
     else:
         candidate.close()
@@ -173,6 +175,7 @@ def _search(missing: list[_Found]) -> None:
         except NetnsError:
             continue  # gone between the scan and now
         if _same(item.row, candidate):
+            candidate.move_above(defaults.NETNS_FD_FLOOR)
             item.netns, item.elsewhere = candidate, True
         else:
             candidate.close()

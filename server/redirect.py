@@ -185,9 +185,9 @@ def _ours(saved: str) -> list[str]:
     return lines
 
 
-def _routing(add: bool) -> None:
+def _routing(add: bool, *, ipv6: bool | None = None) -> None:
     try:
-        policy_routing(add=add)
+        policy_routing(add=add, ipv6=ipv6)
     except PolicyRoutingError as exc:
         raise RedirectError(str(exc)) from exc
 

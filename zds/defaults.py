@@ -40,6 +40,9 @@ KEEPALIVE_PROBE = 0.01
 ACCEPTS_PER_SECOND = 5.0
 #: Concurrent ztunnel connections (an old and a new one during an upgrade).
 MAX_CONNECTIONS = 2
+#: The node agent keeps its pods' netns fds at or above this number, leaving the lower ones to
+#: code that cannot use fds past FD_SETSIZE (libnftables 1.0.6 waits for the kernel with select()).
+NETNS_FD_FLOOR = 1024
 #: Enrollments one AddPods stream (the bulk path) runs at a time.
 BULK_WINDOW = 64
 #: Events a Watch stream may have queued before it is ended for falling behind.
