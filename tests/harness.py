@@ -356,7 +356,7 @@ class ZdsProcess:
         *,
         wrapper: Sequence[str] = (),
     ) -> None:
-        """``wrapper``: a command that runs zds (``setpriv ...``); its pid is the process's."""
+        """``wrapper``: a command that runs zds (``setpriv ...``, ``prlimit ...``); its pid is the process's."""
         self.args = list(args)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
@@ -481,7 +481,8 @@ class StartServer(Protocol):
 class ZtunnelProc(ZdsProcess):
     """``zds ztunnel`` connecting to ``zds_socket``, its HTTP endpoints on ephemeral ports."""
 
-    def __init__(self, zds_socket: str, log_path: str, *extra: str) -> None:
+    def __init__(self, zds_socket: str, log_path: str, *extra: str, fd_limit: int | None = None) -> None:
+        """``fd_limit``: its RLIMIT_NOFILE (soft and hard), set with util-linux's prlimit."""
         args = [
             "ztunnel",
             "--zds-socket",
@@ -494,7 +495,8 @@ class ZtunnelProc(ZdsProcess):
             "127.0.0.1:0",
             *extra,
         ]
-        super().__init__(args, log_path)
+        wrapper = ["prlimit", f"--nofile={fd_limit}:{fd_limit}", "--"] if fd_limit is not None else []
+        super().__init__(args, log_path, wrapper=wrapper)
         self._addresses: dict[str, str] = {}
 
     def address(self, name: str) -> str:
