@@ -1,0 +1,307 @@
+"""The pairs the side-by-side bench compares: a node agent and a ztunnel side, started as
+real processes on the same pods, and how one snapshot or one live bulk enrollment is timed.
+
+- snapshot: N pods preloaded into the node agent; from starting the ztunnel side to the
+  moment the ztunnel side says it acked ``SnapshotSent`` (zds: its "snapshot reconciled"
+  line, written as it sends that ack; Istio's fake ztunnel and ztunnel's peer: their
+  ``snapshot_sent`` line, written after it);
+- live: the ztunnel side connected with an empty snapshot; from handing the node agent all
+  N enrollments at once through its bulk path (zds: starting one ``zds pod add --from-file``,
+  its start-up included; Istio's server: writing N ``add`` lines to its stdin at once) to
+  the N-th acked enrollment as its client sees it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from procs import BenchError, Proc, Stream
+
+
+@dataclass(frozen=True)
+class Pods:
+    """The bench's pods: their netns paths; uids and names follow from the index."""
+
+    paths: list[str]
+    namespace: str = "bench"
+    service_account: str = "bench-sa"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def entries(self) -> Iterator[tuple[str, str, str]]:
+        for i, path in enumerate(self.paths):
+            yield f"uid-{i:05d}", f"pod-{i:05d}", path
+
+    def zds_file(self, directory: str) -> str:
+        path = os.path.join(directory, "pods.jsonl")
+        with open(path, "w") as f:
+            for uid, name, netns in self.entries():
+                doc = {"uid": uid, "name": name, "namespace": self.namespace}
+                doc.update(service_account=self.service_account, netns=netns)
+                f.write(json.dumps(doc) + "\n")
+        return path
+
+    def istio_lines(self, prefix: str = "") -> str:
+        return "".join(
+            f"{prefix}{uid} {name} {self.namespace} {self.service_account} {netns}\n"
+            for uid, name, netns in self.entries()
+        )
+
+    def istio_file(self, directory: str) -> str:
+        path = os.path.join(directory, "snapshot.txt")
+        with open(path, "w") as f:
+            f.write(self.istio_lines())
+        return path
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Where the programs are: zds (this checkout's Python) and, when built, the peers."""
+
+    python: str
+    env: dict[str, str]
+    istio_server: str | None = None
+    istio_client: str | None = None
+    ztunnel_peer: str | None = None
+
+    def zds(self, *args: str) -> list[str]:
+        return [self.python, "-m", "zds", *args]
+
+
+@dataclass
+class Measurement:
+    """One timed run of one pair."""
+
+    wall_ms: float
+    #: zds ztunnel only: from exec to the node agent receiving its hello.
+    hello_ms: float | None = None
+    #: zds pod add only: from exec to the node agent enrolling the first pod.
+    first_request_ms: float | None = None
+    #: process -> {"VmRSS": KiB, "VmHWM": KiB} once the run is done.
+    rss_kb: dict[str, dict[str, int]] = field(default_factory=dict)
+    fds: dict[str, int] = field(default_factory=dict)
+    #: Per pod: the time between two consecutive acks as the ztunnel side (snapshot) or
+    #: the enrolling client (live) saw them, in microseconds.
+    intervals_us: list[float] = field(default_factory=list)
+
+
+# -- the two ends ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+
+    def start(self, tools: Tools, tmp: str, pods: Pods | None, uvloop: bool) -> Proc:
+        sock = os.path.join(tmp, "zds.sock")
+        if self.name == "zds":
+            argv = tools.zds(
+                "server",
+                "--zds-socket",
+                sock,
+                "--control-socket",
+                os.path.join(tmp, "control.sock"),
+                "--cni-socket",
+                "off",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+                os.path.join(tmp, "state"),
+                "--no-redirect",
+            )
+            if pods is not None:
+                argv += ["--pods", pods.zds_file(tmp)]
+            if not uvloop:
+                argv.append("--no-uvloop")
+            proc = Proc("zds server", argv, env=tools.env)
+            proc.err.wait_for("node agent ready")
+            return proc
+        assert tools.istio_server is not None
+        argv = [tools.istio_server, "--socket", sock]
+        if pods is not None:
+            argv += ["--snapshot", pods.istio_file(tmp)]
+        proc = Proc("istio-zds-server", argv, env=tools.env, stdin=True)
+        proc.err.wait_for("istio-zds-server: serving")
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop(quit_line="quit\n" if self.name == "istio" else None)
+
+
+@dataclass(frozen=True)
+class ZtunnelKind:
+    name: str
+
+    def start(self, tools: Tools, sock: str, listeners: bool, uvloop: bool) -> Proc:
+        if self.name == "zds":
+            argv = tools.zds("ztunnel", "--zds-socket", sock)
+            for flag in ("--admin-listen", "--readiness-listen", "--metrics-listen"):
+                argv += [flag, "127.0.0.1:0"]
+            if not listeners:
+                argv.append("--no-listeners")
+            if not uvloop:
+                argv.append("--no-uvloop")
+            return Proc("zds ztunnel", argv, env=tools.env)
+        if self.name == "istio":
+            assert tools.istio_client is not None
+            argv = [tools.istio_client, "--socket", sock, *(["--listen"] if listeners else [])]
+            return Proc("istio-zds-client", argv, env=tools.env)
+        assert tools.ztunnel_peer is not None
+        argv = [tools.ztunnel_peer, sock, *([] if listeners else ["--no-listen"])]
+        return Proc("ztunnel-zds-peer", argv, env={**tools.env, "RUST_LOG": "warn"})
+
+    def stream(self, proc: Proc) -> Stream:
+        """Where it reports each ack."""
+        return proc.err if self.name == "zds" else proc.out
+
+    @property
+    def snapshot_done(self) -> str:
+        return "snapshot reconciled" if self.name == "zds" else '"snapshot_sent"'
+
+    @property
+    def per_pod(self) -> str:
+        return "proxy started" if self.name == "zds" else '"type":"add"'
+
+    def settle(self, proc: Proc, after: float) -> None:
+        """Until it is fully up (zds: its HTTP endpoints served, once the snapshot is in)."""
+        if self.name == "zds":
+            proc.err.wait_for("metrics listening on", after=after)
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    label: str
+    server: ServerKind
+    ztunnel: ZtunnelKind
+    uvloop: bool = True
+
+    def needs(self, tools: Tools) -> list[str]:
+        """What is missing to run this pair (empty: it can run)."""
+        missing = []
+        if self.server.name == "istio" and not tools.istio_server:
+            missing.append("istio-zds-server")
+        if self.ztunnel.name == "istio" and not tools.istio_client:
+            missing.append("istio-zds-client")
+        if self.ztunnel.name == "rs" and not tools.ztunnel_peer:
+            missing.append("ztunnel-zds-peer")
+        return missing
+
+    def snapshot(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
+        with _scratch() as tmp:
+            server = self.server.start(tools, tmp, pods, self.uvloop)
+            ztunnel: Proc | None = None
+            try:
+                t0 = time.perf_counter()
+                ztunnel = self.ztunnel.start(tools, os.path.join(tmp, "zds.sock"), listeners, self.uvloop)
+                stream = self.ztunnel.stream(ztunnel)
+                done = stream.wait_for(self.ztunnel.snapshot_done, after=t0)
+                m = Measurement(wall_ms=(done - t0) * 1e3)
+                if self.server.name == "zds" and self.ztunnel.name == "zds":
+                    m.hello_ms = (server.err.wait_for("received hello", after=t0) - t0) * 1e3
+                acks = stream.times(self.ztunnel.per_pod, after=t0)
+                if len(acks) < len(pods):
+                    stream.wait_for(self.ztunnel.per_pod, count=len(pods), after=t0)
+                    acks = stream.times(self.ztunnel.per_pod, after=t0)
+                m.intervals_us = _intervals([t0, *acks[: len(pods)]])
+                self.ztunnel.settle(ztunnel, t0)
+                self._footprint(m, server, ztunnel)
+                return m
+            finally:
+                if ztunnel is not None:
+                    ztunnel.stop()
+                self.server.stop(server)
+
+    def live(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
+        with _scratch() as tmp:
+            server = self.server.start(tools, tmp, None, self.uvloop)
+            ztunnel: Proc | None = None
+            try:
+                begun = time.perf_counter()
+                ztunnel = self.ztunnel.start(tools, os.path.join(tmp, "zds.sock"), listeners, self.uvloop)
+                self.ztunnel.stream(ztunnel).wait_for(self.ztunnel.snapshot_done, after=begun)
+                self.ztunnel.settle(ztunnel, begun)
+                if self.server.name == "zds":
+                    m = self._live_zds(tools, tmp, pods, server)
+                else:
+                    m = self._live_istio(pods, server)
+                self._footprint(m, server, ztunnel)
+                return m
+            finally:
+                if ztunnel is not None:
+                    ztunnel.stop()
+                self.server.stop(server)
+
+    def _live_zds(self, tools: Tools, tmp: str, pods: Pods, server: Proc) -> Measurement:
+        pods_file = pods.zds_file(tmp)
+        argv = tools.zds(
+            "pod", "add", "--from-file", pods_file, "--control-socket", os.path.join(tmp, "control.sock")
+        )
+        t0 = time.perf_counter()
+        cli = Proc("zds pod add", argv, env=tools.env)
+        try:
+            last = cli.out.wait_for(" enrolled", count=len(pods), after=t0)
+            first = server.err.wait_for("pod enrolled", after=t0)
+            code = cli.popen.wait(60)
+        finally:
+            cli.stop()
+        if code != 0:
+            raise BenchError(f"zds pod add --from-file exited {code}: {cli.err.tail()}")
+        m = Measurement(wall_ms=(last - t0) * 1e3, first_request_ms=(first - t0) * 1e3)
+        m.intervals_us = _intervals([t0, *cli.out.times(" enrolled", after=t0)])
+        return m
+
+    def _live_istio(self, pods: Pods, server: Proc) -> Measurement:
+        lines = pods.istio_lines(prefix="add ")
+        t0 = time.perf_counter()
+        server.write(lines)
+        last = server.out.wait_for("", count=len(pods), after=t0)
+        replies = [line for t, line in server.out.lines if t >= t0]
+        failed = [r for r in replies[: len(pods)] if r != "ok"]
+        if failed:
+            raise BenchError(f"istio-zds-server refused {len(failed)} adds, e.g. {failed[0]}")
+        m = Measurement(wall_ms=(last - t0) * 1e3)
+        m.intervals_us = _intervals([t0, *server.out.times("", after=t0)])
+        return m
+
+    @staticmethod
+    def _footprint(m: Measurement, server: Proc, ztunnel: Proc) -> None:
+        for role, proc in (("server", server), ("ztunnel", ztunnel)):
+            m.rss_kb[role] = proc.rss_kb()
+            m.fds[role] = proc.fd_count()
+
+
+def _intervals(times: list[float]) -> list[float]:
+    return [round((b - a) * 1e6, 1) for a, b in itertools.pairwise(times)]
+
+
+@contextmanager
+def _scratch() -> Iterator[str]:
+    tmp = tempfile.mkdtemp(prefix="zds-bench-")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+ZDS, ISTIO, RS = ServerKind("zds"), ServerKind("istio"), ZtunnelKind("rs")
+
+PAIRS = {
+    pair.name: pair
+    for pair in (
+        Pair("istio", "Istio server + Istio fake ztunnel", ISTIO, ZtunnelKind("istio")),
+        Pair("zds", "zds server + zds ztunnel (uvloop)", ZDS, ZtunnelKind("zds")),
+        Pair("zds-asyncio", "zds server + zds ztunnel (asyncio loop)", ZDS, ZtunnelKind("zds"), uvloop=False),
+        Pair("istio+zds", "Istio server + zds ztunnel", ISTIO, ZtunnelKind("zds")),
+        Pair("istio+ztunnel-rs", "Istio server + ztunnel's in-pod code", ISTIO, RS),
+    )
+}

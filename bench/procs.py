@@ -1,0 +1,161 @@
+"""Processes the side-by-side bench starts, and when things happen in their output.
+
+Every stream a bench process writes is read by a thread of its own as it comes (so no
+process ever blocks on a full pipe), and each line is timestamped (``time.perf_counter``)
+when it is read: that is how the driver learns that a ztunnel side acked ``SnapshotSent``
+or that an enrollment was acked, at the moment it was said, without polling.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+#: How long any one milestone may take before the run is abandoned (a hung run, not a timing).
+DEADLINE = 120.0
+
+
+class BenchError(Exception):
+    """A bench step failed; the message says what and where its output is."""
+
+
+@dataclass
+class Stream:
+    """One output stream of a process, read line by line on a thread."""
+
+    name: str
+    #: (time read, line) of every line, in order.
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    closed: bool = False
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    #: What a waiter waits for: the reader counts such lines and wakes it only once there are
+    #: enough (not for every line: the driver must not compete with what it measures).
+    _wanted: str | None = None
+    _after: float = 0.0
+    _matches: int = 0
+    _target: int = 0
+
+    def follow(self, pipe: object) -> None:
+        def run() -> None:
+            assert hasattr(pipe, "readline")
+            for raw in iter(pipe.readline, b""):
+                now = time.perf_counter()
+                line = raw.decode(errors="replace").rstrip("\n")
+                with self._cond:
+                    self.lines.append((now, line))
+                    if self._wanted is not None and now >= self._after and self._wanted in line:
+                        self._matches += 1
+                        if self._matches >= self._target:
+                            self._cond.notify_all()
+            with self._cond:
+                self.closed = True
+                self._cond.notify_all()
+
+        threading.Thread(target=run, name=f"read {self.name}", daemon=True).start()
+
+    def wait_for(
+        self, marker: str, *, count: int = 1, after: float = 0.0, timeout: float = DEADLINE
+    ) -> float:
+        """The read time of the ``count``-th line read after ``after`` that contains ``marker``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._wanted, self._after, self._target = marker, after, count
+            self._matches = sum(1 for t, line in self.lines if t >= after and marker in line)
+            try:
+                while self._matches < count:
+                    if self.closed:
+                        raise BenchError(f"{self.name} ended before {count}x {marker!r}: {self.tail()}")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BenchError(
+                            f"{self.name}: no {count}x {marker!r} within {timeout:.0f}s: {self.tail()}"
+                        )
+                    self._cond.wait(min(left, 1.0))
+            finally:
+                self._wanted = None
+            return [t for t, line in self.lines if t >= after and marker in line][count - 1]
+
+    def times(self, marker: str, *, after: float = 0.0) -> list[float]:
+        with self._cond:
+            return [t for t, line in self.lines if t >= after and marker in line]
+
+    def tail(self, n: int = 5) -> list[str]:
+        with self._cond:
+            return [line for _, line in self.lines[-n:]]
+
+
+class Proc:
+    """A bench process: its stdout and stderr followed, stopped by its PID at the end."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str],
+        stdin: bool = False,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.started = time.perf_counter()
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.out = Stream(f"{name} stdout")
+        self.err = Stream(f"{name} stderr")
+        self.out.follow(self.popen.stdout)
+        self.err.follow(self.popen.stderr)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def write(self, text: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(text.encode())
+        self.popen.stdin.flush()
+
+    def rss_kb(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak) of the process now, in KiB."""
+        found: dict[str, int] = {}
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    found[key] = int(value.split()[0])
+        return found
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self, *, quit_line: str | None = None, timeout: float = 20.0) -> None:
+        """Ask it to stop (a stdin command, else SIGTERM); SIGKILL by PID if it does not."""
+        if self.popen.poll() is None:
+            try:
+                if quit_line is not None and self.popen.stdin is not None:
+                    self.write(quit_line)
+                else:
+                    self.popen.send_signal(signal.SIGTERM)
+            except (BrokenPipeError, ProcessLookupError):
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
