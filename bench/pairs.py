@@ -13,7 +13,6 @@ real processes on the same pods, and how one snapshot or one live bulk enrollmen
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -89,9 +88,9 @@ class Measurement:
     #: process -> {"VmRSS": KiB, "VmHWM": KiB} once the run is done.
     rss_kb: dict[str, dict[str, int]] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
-    #: Per pod: the time between two consecutive acks as the ztunnel side (snapshot) or
-    #: the enrolling client (live) saw them, in microseconds.
-    intervals_us: list[float] = field(default_factory=list)
+    #: Per pod, in order: when its ack was reported by the ztunnel side, in ms since the
+    #: start (zds's lines come in batches, so to within ~5 ms; the peers print a line each).
+    acked_ms: list[float] = field(default_factory=list)
 
 
 # -- the two ends ----------------------------------------------------------------------------
@@ -208,11 +207,7 @@ class Pair:
                 m = Measurement(wall_ms=(done - t0) * 1e3)
                 if self.server.name == "zds" and self.ztunnel.name == "zds":
                     m.hello_ms = (server.err.wait_for("received hello", after=t0) - t0) * 1e3
-                acks = stream.times(self.ztunnel.per_pod, after=t0)
-                if len(acks) < len(pods):
-                    stream.wait_for(self.ztunnel.per_pod, count=len(pods), after=t0)
-                    acks = stream.times(self.ztunnel.per_pod, after=t0)
-                m.intervals_us = _intervals([t0, *acks[: len(pods)]])
+                m.acked_ms = self._acked(stream, t0, len(pods))
                 self.ztunnel.settle(ztunnel, t0)
                 self._footprint(m, server, ztunnel)
                 return m
@@ -231,9 +226,10 @@ class Pair:
                 self.ztunnel.stream(ztunnel).wait_for(self.ztunnel.snapshot_done, after=begun)
                 self.ztunnel.settle(ztunnel, begun)
                 if self.server.name == "zds":
-                    m = self._live_zds(tools, tmp, pods, server)
+                    m, t0 = self._live_zds(tools, tmp, pods, server)
                 else:
-                    m = self._live_istio(pods, server)
+                    m, t0 = self._live_istio(pods, server)
+                m.acked_ms = self._acked(self.ztunnel.stream(ztunnel), t0, len(pods))
                 self._footprint(m, server, ztunnel)
                 return m
             finally:
@@ -241,7 +237,12 @@ class Pair:
                     ztunnel.stop()
                 self.server.stop(server)
 
-    def _live_zds(self, tools: Tools, tmp: str, pods: Pods, server: Proc) -> Measurement:
+    def _acked(self, stream: Stream, t0: float, n: int) -> list[float]:
+        """When each of the first ``n`` pods' acks after ``t0`` was reported, ms since ``t0``."""
+        stream.wait_for(self.ztunnel.per_pod, count=n, after=t0)
+        return [round((t - t0) * 1e3, 3) for t in stream.times(self.ztunnel.per_pod, after=t0)[:n]]
+
+    def _live_zds(self, tools: Tools, tmp: str, pods: Pods, server: Proc) -> tuple[Measurement, float]:
         pods_file = pods.zds_file(tmp)
         argv = tools.zds(
             "pod", "add", "--from-file", pods_file, "--control-socket", os.path.join(tmp, "control.sock")
@@ -256,11 +257,9 @@ class Pair:
             cli.stop()
         if code != 0:
             raise BenchError(f"zds pod add --from-file exited {code}: {cli.err.tail()}")
-        m = Measurement(wall_ms=(last - t0) * 1e3, first_request_ms=(first - t0) * 1e3)
-        m.intervals_us = _intervals([t0, *cli.out.times(" enrolled", after=t0)])
-        return m
+        return Measurement(wall_ms=(last - t0) * 1e3, first_request_ms=(first - t0) * 1e3), t0
 
-    def _live_istio(self, pods: Pods, server: Proc) -> Measurement:
+    def _live_istio(self, pods: Pods, server: Proc) -> tuple[Measurement, float]:
         lines = pods.istio_lines(prefix="add ")
         t0 = time.perf_counter()
         server.write(lines)
@@ -269,19 +268,13 @@ class Pair:
         failed = [r for r in replies[: len(pods)] if r != "ok"]
         if failed:
             raise BenchError(f"istio-zds-server refused {len(failed)} adds, e.g. {failed[0]}")
-        m = Measurement(wall_ms=(last - t0) * 1e3)
-        m.intervals_us = _intervals([t0, *server.out.times("", after=t0)])
-        return m
+        return Measurement(wall_ms=(last - t0) * 1e3), t0
 
     @staticmethod
     def _footprint(m: Measurement, server: Proc, ztunnel: Proc) -> None:
         for role, proc in (("server", server), ("ztunnel", ztunnel)):
             m.rss_kb[role] = proc.rss_kb()
             m.fds[role] = proc.fd_count()
-
-
-def _intervals(times: list[float]) -> list[float]:
-    return [round((b - a) * 1e6, 1) for a, b in itertools.pairwise(times)]
 
 
 @contextmanager

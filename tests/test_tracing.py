@@ -341,6 +341,8 @@ def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., 
     server = run_server(OTEL_TRACES_EXPORTER="console")
     server.add_pod("u1", pod_netns())
     wait_until(lambda: '"name": "zds.enroll_pod"' in server.output(), what="the root span printed")
+    # Spans go to stdout as they end; log lines reach stderr in batches (within milliseconds).
+    wait_until(lambda: "pod enrolled (netns" in server.output(), what="the enrollment's log line")
     out = server.output()
     for name in (spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK):
         assert f'"name": "{name}"' in out

@@ -7,9 +7,11 @@ carries ``trace_id`` and ``span_id``, to find the trace from the log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -89,13 +91,75 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that, on an event loop's thread, writes lines in batches: a daemon
+    handling thousands of pods a second logs a line per pod, and one write(2) per line (each
+    waking whoever reads the other end of the pipe) cost more than the rest of the line.
+
+    Lines logged on a running loop's thread are written at the latest ``DELAY`` seconds later
+    (or at once when ``LIMIT`` bytes wait); a warning or an error flushes at once, with
+    everything before it, so nothing is reordered; so does any line logged from another
+    thread or with no loop running, and ``logging.shutdown()`` at exit."""
+
+    DELAY = 0.005
+    LIMIT = 64 * 1024
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._size = 0
+        self._timer: Any = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        self._size += len(line)
+        if record.levelno >= logging.WARNING or self._size >= self.LIMIT:
+            self.flush()
+            return
+        loop = _running_loop()
+        if loop is None or threading.current_thread() is not threading.main_thread():
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.DELAY, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        self.acquire()
+        try:
+            self.flush()
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending, self._size = self._pending, [], 0
+            with contextlib.suppress(Exception):  # as StreamHandler: a broken stderr must not kill us
+                self.stream.write("".join(pending))
+        super().flush()
+
+
+def _running_loop() -> Any:
+    asyncio = sys.modules.get("asyncio")  # never imported here: a client command has none
+    if asyncio is None:
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send zds's logs to stderr at ``level`` as ``text`` or ``json``."""
     # Neither format shows them: no pid, thread or caller lookup for every line (the caller
     # lookup walks the stack; logging documents _srcfile = None as the way to skip it).
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
