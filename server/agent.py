@@ -122,6 +122,10 @@ class NodeAgent:
         """Enroll a pod and wait for ztunnel's ack (see ``Enrollment.add``)."""
         return await self.enrollment.add(spec)
 
+    def start_add(self, spec: PodSpec) -> asyncio.Task[Enrolled]:
+        """Begin enrolling a pod; the enrollment's own task (``add_pod`` without the wait)."""
+        return self.enrollment.start(spec)
+
     async def remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
         """Remove a pod: rules out, DelWorkload to every connection (see ``Enrollment.remove``)."""
         return await self.enrollment.remove(uid)

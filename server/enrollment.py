@@ -167,6 +167,10 @@ class Enrollment:
         fd to the newest ztunnel and wait for the ack. One trace (``zds.enroll_pod``)."""
         return await self.tasks.run(self._add(spec))
 
+    def start(self, spec: PodSpec) -> asyncio.Task[Enrolled]:
+        """Begin ``add``: the enrollment as an owned task (it completes whoever waits for it)."""
+        return self.tasks.spawn(self._add(spec))
+
     async def _add(self, spec: PodSpec) -> Enrolled:
         with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
             try:

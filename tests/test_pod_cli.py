@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.harness import ZDS, NodeAgentProc, RawPeer, free_port, pod_netns, pod_netns_pid
+from tests.harness import ZDS, NodeAgentProc, RawPeer, free_port, pod_netns, pod_netns_pid, request_of
+from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root
 
@@ -204,3 +205,77 @@ def test_without_the_capabilities_each_command_says_which_are_missing(command: l
         f"zds {command[0]}: needs root or CAP_SYS_ADMIN + CAP_NET_ADMIN; missing CAP_SYS_ADMIN, CAP_NET_ADMIN"
         in line
     )
+
+
+# -- the bulk path: AddPods -------------------------------------------------------------------
+
+
+def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(server: NodeAgentProc) -> None:
+    """AddPods over batches: each pod answered once, by its position in the stream, with
+    AddPod's status; AddWorkloads go out one at a time, each acked before the next."""
+    peer = connected_peer(server)
+    requests = [
+        nodeagent_pb2.AddPodRequest(uid="ok-1", netns_path=pod_netns()),
+        nodeagent_pb2.AddPodRequest(uid="bad-netns", netns_path="/var/run/netns/zdst-missing"),
+        nodeagent_pb2.AddPodRequest(uid="no-netns"),
+        nodeagent_pb2.AddPodRequest(uid="nacked", netns_path=pod_netns()),
+        nodeagent_pb2.AddPodRequest(uid="ok-2", netns_pid=pod_netns_pid()),
+    ]
+    seen: list[str] = []
+
+    def ztunnel() -> None:
+        for _ in range(3):  # the three that reach ztunnel
+            got = peer.expect()
+            got.close_fds()
+            uid = request_of(got).uid  # type: ignore[union-attr]
+            seen.append(uid)
+            peer.ack("failure to start proxy : nack requested" if uid == "nacked" else "")
+
+    thread = threading.Thread(target=ztunnel, daemon=True)
+    thread.start()
+    try:
+        with server.control() as stub:
+            batches = [
+                nodeagent_pb2.AddPodsRequest(pods=requests[:2]),
+                nodeagent_pb2.AddPodsRequest(pods=requests[2:]),
+            ]
+            results = [r for reply in stub.AddPods(iter(batches), timeout=30) for r in reply.results]
+        thread.join(10)
+    finally:
+        peer.close()
+    by_index = {r.index: r for r in results}
+    assert sorted(by_index) == [0, 1, 2, 3, 4] and len(results) == 5
+    codes = {
+        by_index[i].uid: grpc.StatusCode.OK if by_index[i].code == 0 else by_index[i].code for i in by_index
+    }
+    assert codes == {
+        "ok-1": grpc.StatusCode.OK,
+        "bad-netns": grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        "no-netns": grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        "nacked": grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        "ok-2": grpc.StatusCode.OK,
+    }
+    assert by_index[3].message == "failure to start proxy : nack requested"
+    assert "netns_path or netns_pid is required" in by_index[2].message
+    assert by_index[0].response.pod.state == nodeagent_pb2.POD_STATE_ACKED
+    assert by_index[0].response.connection_id and by_index[4].response.pod.uid == "ok-2"
+    assert sorted(seen) == ["nacked", "ok-1", "ok-2"]
+
+
+def test_pod_add_from_file_says_which_pods_failed_and_exits_one(
+    server: NodeAgentProc, tmp_path: object
+) -> None:
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"uid": "good", "netns": pod_netns()}) + "\n")
+        f.write(json.dumps({"uid": "gone", "netns": "/var/run/netns/zdst-missing"}) + "\n")
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1)
+        out = server.cli("pod", "add", "--from-file", path)
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 1
+    assert "pod good (default/good) enrolled: acked by ztunnel connection" in out.stdout
+    assert "zds pod add: gone: INVALID_ARGUMENT: " in out.stderr and "zdst-missing" in out.stderr
