@@ -245,15 +245,13 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(serve
         peer.close()
     by_index = {r.index: r for r in results}
     assert sorted(by_index) == [0, 1, 2, 3, 4] and len(results) == 5
-    codes = {
-        by_index[i].uid: grpc.StatusCode.OK if by_index[i].code == 0 else by_index[i].code for i in by_index
-    }
-    assert codes == {
-        "ok-1": grpc.StatusCode.OK,
-        "bad-netns": grpc.StatusCode.INVALID_ARGUMENT.value[0],
-        "no-netns": grpc.StatusCode.INVALID_ARGUMENT.value[0],
-        "nacked": grpc.StatusCode.FAILED_PRECONDITION.value[0],
-        "ok-2": grpc.StatusCode.OK,
+    code = grpc.StatusCode
+    assert {r.uid: r.code for r in results} == {
+        "ok-1": code.OK.value[0],
+        "bad-netns": code.INVALID_ARGUMENT.value[0],
+        "no-netns": code.INVALID_ARGUMENT.value[0],
+        "nacked": code.FAILED_PRECONDITION.value[0],
+        "ok-2": code.OK.value[0],
     }
     assert by_index[3].message == "failure to start proxy : nack requested"
     assert "netns_path or netns_pid is required" in by_index[2].message
