@@ -143,6 +143,12 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().flush()
 
 
+def flush() -> None:
+    """Write out every line waiting in a batch now (before the event loop's thread blocks)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def _running_loop() -> Any:
     asyncio = sys.modules.get("asyncio")  # never imported here: a client command has none
     if asyncio is None:
