@@ -91,7 +91,9 @@ def add(args: argparse.Namespace) -> int:
         target = ControlTarget.from_args(args)
         with target.stub() as stub:
             answers = (
-                _add_many(target, stub, specs, args) if args.from_file else [_add_one(target, stub, specs[0], args)]
+                _add_many(target, stub, specs, args)
+                if args.from_file
+                else [_add_one(target, stub, specs[0], args)]
             )
         if args.json:
             print(json.dumps(answers, indent=2))
