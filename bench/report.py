@@ -3,6 +3,8 @@ issue's targets, a Markdown table and PNG plots (matplotlib, the ``bench`` extra
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -18,6 +20,12 @@ RATIO_TARGETS = [
     ("snapshot, N=200, listeners", "snapshot", 200, True, 1.5),
     ("live, N=200, listeners", "live", 200, True, 1.5),
 ]
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    """The results as JSON, one key a line, a list of numbers on one line (not a number a line)."""
+    text = json.dumps(doc, indent=1)
+    return re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
 
 
 def percentiles(values: list[float]) -> dict[str, float] | None:

@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name)
     with open(stem + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+        f.write(report.to_json(doc))
     plots: list[str] = []
     if not args.no_plots:
         try:
