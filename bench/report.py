@@ -25,7 +25,10 @@ RATIO_TARGETS = [
 def to_json(doc: dict[str, Any]) -> str:
     """The results as JSON, one key a line, a list of numbers on one line (not a number a line)."""
     text = json.dumps(doc, indent=1)
-    return re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
+    return (
+        re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+        + "\n"
+    )
 
 
 def percentiles(values: list[float]) -> dict[str, float] | None:
