@@ -132,6 +132,9 @@ class Demo:
                 "off",
                 "--state-dir",  # the demo's pods are its own: not in the machine's pod store
                 os.path.join(self.tmp, "state"),
+                # Each ack is a debug line (as in Istio's node agent): the story shows them.
+                "--log-level",
+                "debug",
             ],
         )
         wait_for(
