@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from zds import defaults
 from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
-from zds.server.connection import ConnectionInfo, SnapshotItem, ZtunnelConnection
+from zds.server.connection import ZtunnelConnection
+from zds.server.connrecords import ConnectionInfo, SnapshotItem
 from zds.server.enrollment import DeleteResult, Enrolled, Enrollment
 from zds.server.eventkinds import EventKind
 from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher

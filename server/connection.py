@@ -10,19 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from zds import defaults
-from zds.protocol.messages import Ack, AddWorkload, KeepWorkload, Request, SnapshotSent, request_kind
+from zds.protocol.messages import Ack, Request, SnapshotSent, request_kind
 from zds.protocol.nodeagent import (
     AckReceived,
     ConnectionClosed,
@@ -33,6 +31,7 @@ from zds.protocol.nodeagent import (
     SnapshotComplete,
 )
 from zds.server import spans
+from zds.server.connrecords import ConnectionInfo, ConnectionStats, Delivery, SnapshotSource
 from zds.server.link import ConnectionLost
 from zds.transport import PeerCredentials, SeqpacketConnection
 
@@ -40,70 +39,6 @@ if TYPE_CHECKING:
     from zds.server.faultplay import ConnectionFaults
 
 log = logging.getLogger("zds.server")
-
-
-@dataclass
-class Delivery:
-    """A request waiting for its turn on a connection; owns ``fd`` (a dup) until sent."""
-
-    request: Request
-    fd: int | None
-    result: asyncio.Future[Ack]
-    #: The trace this message belongs to (an enrollment, a removal, a snapshot), if traced.
-    trace_context: otel_context.Context | None = None
-    #: ``request`` already encoded (a pod's AddWorkload is encoded once); None: encode when sent.
-    payload: bytes | None = None
-
-    def drop(self, error: BaseException) -> None:
-        self.close_fd()
-        if not self.result.done():
-            self.result.set_exception(error)
-
-    def close_fd(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass
-class SnapshotItem:
-    """One snapshot entry: an Add with a (dup'd, owned) fd and its encoded bytes, or a Keep."""
-
-    request: AddWorkload | KeepWorkload
-    fd: int | None
-    payload: bytes | None = None
-
-
-@dataclass
-class ConnectionStats:
-    sent: int = 0
-    acked: int = 0
-    nacked: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ConnectionInfo:
-    """What a connection looks like at one moment (ListConnections, Watch events)."""
-
-    id: str
-    peer: PeerCredentials | None
-    hello_version: int
-    connected_at: float
-    state: ConnectionState
-    snapshot_complete: bool
-    sent: int
-    acked: int
-    nacked: int
-    sent_by_type: dict[str, int]
-    newest: bool
-
-
-class SnapshotSource(Protocol):
-    """Where a connection reads its snapshot from (the node agent's pod cache)."""
-
-    def snapshot_uids(self) -> list[str]: ...
-    def snapshot_item(self, uid: str) -> SnapshotItem | None: ...
 
 
 class ConnectionObserver:

@@ -14,35 +14,34 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zds import defaults
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-from zds.netns import NetnsRef, NetnsRefError
-from zds.protocol.nodeagent import ConnectionState
 from zds.server.agent import NodeAgent
-from zds.server.connection import ConnectionInfo
+from zds.server.controlwire import (
+    EVENT_KIND_FROM_PROTO,
+    add_pod_response,
+    connection_to_proto,
+    event_to_proto,
+    fault_spec,
+    fault_to_proto,
+    pod_spec,
+    pod_to_proto,
+)
 from zds.server.enrollment import Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.eventkinds import EventKind
-from zds.server.events import AgentEvent, FaultView, WatchEnded, WatchEnding, Watcher
-from zds.server.faultkinds import FaultError, FaultKind, Refusal
-from zds.server.faults import Fault, FaultSpec
-from zds.server.pods import Pod, PodSpec, PodState
+from zds.server.events import FaultView, WatchEnded, WatchEnding, Watcher
+from zds.server.faultkinds import FaultError, Refusal
+from zds.server.faults import Fault
+from zds.server.pods import PodSpec
 
 log = logging.getLogger("zds.server.control")
 
 SERVICE_NAME = "zds.v1.NodeAgent"
 #: AddPods answers wait this long (seconds) for others to go in the same message.
 BULK_REPLY_DELAY = 0.002
-
-_STATE = {
-    PodState.PENDING: nodeagent_pb2.POD_STATE_PENDING,
-    PodState.ACKED: nodeagent_pb2.POD_STATE_ACKED,
-    PodState.FAILED: nodeagent_pb2.POD_STATE_FAILED,
-}
 
 _STATUS = {
     EnrollmentOutcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -56,173 +55,6 @@ _STATUS = {
 }
 
 
-_CONNECTION_STATE = {
-    ConnectionState.AWAITING_HELLO: nodeagent_pb2.CONNECTION_STATE_AWAITING_HELLO,
-    ConnectionState.SNAPSHOT: nodeagent_pb2.CONNECTION_STATE_SNAPSHOT,
-    ConnectionState.READY: nodeagent_pb2.CONNECTION_STATE_READY,
-    ConnectionState.CLOSED: nodeagent_pb2.CONNECTION_STATE_CLOSED,
-}
-
-#: EventKind <-> zds.v1.EventKind (EVENT_KIND_ + the upper-cased name).
-EVENT_KIND_TO_PROTO: dict[EventKind, nodeagent_pb2.EventKind] = {
-    kind: getattr(nodeagent_pb2, f"EVENT_KIND_{kind.name}") for kind in EventKind
-}
-EVENT_KIND_FROM_PROTO: dict[int, EventKind] = {int(v): k for k, v in EVENT_KIND_TO_PROTO.items()}
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
-    msg = nodeagent_pb2.Pod(
-        uid=pod.spec.uid,
-        name=pod.spec.name,
-        namespace=pod.spec.namespace,
-        service_account=pod.spec.service_account,
-        netns_path=pod.netns.path if pod.netns is not None else str(pod.spec.netns),
-        state=_STATE[pod.state],
-        last_error=pod.last_error,
-        rules_installed=pod.rules_installed,
-        ips=list(pod.spec.ips),
-        recovery=pod.recovery,
-        source=pod.spec.source.value,
-    )
-    if pod.netns is not None:
-        msg.netns.dev = pod.netns.identity.dev
-        msg.netns.ino = pod.netns.identity.ino
-    msg.enrolled_at.CopyFrom(_timestamp(pod.enrolled_at))
-    return msg
-
-
-def connection_to_proto(info: ConnectionInfo) -> nodeagent_pb2.Connection:
-    msg = nodeagent_pb2.Connection(
-        id=info.id,
-        hello_version=info.hello_version,
-        state=_CONNECTION_STATE[info.state],
-        snapshot_complete=info.snapshot_complete,
-        messages=nodeagent_pb2.MessageCounts(
-            sent=info.sent,
-            acked=info.acked,
-            nacked=info.nacked,
-            sent_add=info.sent_by_type.get("add", 0),
-            sent_keep=info.sent_by_type.get("keep", 0),
-            sent_del=info.sent_by_type.get("del", 0),
-            sent_snapshot_sent=info.sent_by_type.get("snapshot_sent", 0),
-        ),
-        newest=info.newest,
-    )
-    if info.peer is not None:
-        msg.peer.pid = info.peer.pid
-        msg.peer.uid = info.peer.uid
-        msg.peer.gid = info.peer.gid
-    msg.connected_at.CopyFrom(_timestamp(info.connected_at))
-    return msg
-
-
-#: FaultKind <-> zds.v1.FaultKind (FAULT_KIND_ + the label in upper case, - as _).
-FAULT_KIND_TO_PROTO: dict[FaultKind, int] = {
-    kind: getattr(nodeagent_pb2, "FAULT_KIND_" + kind.label.upper().replace("-", "_")) for kind in FaultKind
-}
-FAULT_KIND_FROM_PROTO: dict[int, FaultKind] = {v: k for k, v in FAULT_KIND_TO_PROTO.items()}
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(int(seconds * 1e9))
-    return duration
-
-
-def fault_to_proto(fault: FaultView) -> nodeagent_pb2.Fault:
-    msg = nodeagent_pb2.Fault(
-        id=fault.id,
-        kind=FAULT_KIND_TO_PROTO[FaultKind.named(fault.kind)],  # type: ignore[arg-type]
-        target=fault.target,
-        count=fault.count,
-        uid=fault.uid,
-        after_snapshot=fault.after_snapshot,
-        state=fault.state,
-        detail=fault.detail,
-    )
-    if fault.delay:
-        msg.delay.CopyFrom(_duration(fault.delay))
-    return msg
-
-
-def fault_spec(request: nodeagent_pb2.InjectFaultRequest) -> FaultSpec:
-    """What an InjectFault asks for (FaultError INVALID for an unknown or missing kind)."""
-    kind = FAULT_KIND_FROM_PROTO.get(request.kind)
-    if kind is None:
-        raise FaultError(Refusal.INVALID, "kind is required: one of " + ", ".join(k.label for k in FaultKind))
-    return FaultSpec(
-        kind=kind,
-        count=request.count or 1,
-        delay=request.delay.ToNanoseconds() / 1e9 if request.HasField("delay") else 0.0,
-        uid=request.uid,
-        after_snapshot=request.after_snapshot,
-        connection_id=request.connection_id,
-        next_connection=request.next_connection,
-        skip_connections=request.skip_connections,
-    )
-
-
-def event_to_proto(event: AgentEvent) -> nodeagent_pb2.Event:
-    msg = nodeagent_pb2.Event(
-        kind=EVENT_KIND_TO_PROTO[event.kind],
-        sequence=event.sequence,
-        current_state=event.current_state,
-        uid=event.uid,
-        pod_name=event.pod_name,
-        pod_namespace=event.pod_namespace,
-        connection_id=event.connection_id,
-        message_type=event.message_type,
-        error=event.error,
-        snapshot_pods=event.snapshot_pods,
-        pod_source=event.pod_source,
-    )
-    msg.time.CopyFrom(_timestamp(event.time))
-    if event.ack_latency is not None:
-        latency = Duration()
-        latency.FromNanoseconds(int(event.ack_latency * 1e9))
-        msg.ack_latency.CopyFrom(latency)
-    if event.pod is not None:
-        msg.pod.CopyFrom(pod_to_proto(event.pod))
-    if event.connection is not None:
-        msg.connection.CopyFrom(connection_to_proto(event.connection))
-    if event.fault is not None:
-        msg.fault.CopyFrom(fault_to_proto(event.fault))
-    return msg
-
-
-def _spec(request: nodeagent_pb2.AddPodRequest) -> PodSpec | tuple[grpc.StatusCode, str]:
-    """The pod an AddPod asks for, or the status it is refused with."""
-    which = request.WhichOneof("netns")
-    if which is None:
-        return grpc.StatusCode.INVALID_ARGUMENT, "netns_path or netns_pid is required"
-    try:
-        netns = (
-            NetnsRef.of_path(request.netns_path)
-            if which == "netns_path"
-            else NetnsRef.of_pid(request.netns_pid)
-        )
-    except NetnsRefError as exc:
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return PodSpec.create(
-        request.uid,
-        netns,
-        name=request.name,
-        namespace=request.namespace,
-        service_account=request.service_account,
-        ips=tuple(request.ips),
-    )
-
-
-def _response(enrolled: Enrolled) -> nodeagent_pb2.AddPodResponse:
-    return nodeagent_pb2.AddPodResponse(pod=pod_to_proto(enrolled.pod), connection_id=enrolled.conn_id)
-
-
 class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -230,7 +62,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     async def AddPod(
         self, request: nodeagent_pb2.AddPodRequest, context: grpc.aio.ServicerContext
     ) -> nodeagent_pb2.AddPodResponse:
-        spec = _spec(request)
+        spec = pod_spec(request)
         if not isinstance(spec, PodSpec):
             await context.abort(*spec)
             raise AssertionError("abort raises")  # pragma: no cover
@@ -238,7 +70,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             enrolled = await self.agent.add_pod(spec)
         except EnrollmentError as exc:
             await context.abort(_STATUS[exc.outcome], str(exc))
-        return _response(enrolled)
+        return add_pod_response(enrolled)
 
     async def AddPods(
         self,
@@ -268,7 +100,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 log.error("enrollment failed unexpectedly: %r", error, extra={"uid": uid})
                 code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error!r}"
             else:
-                code, message, response = grpc.StatusCode.OK, "", _response(outcome.result())
+                code, message, response = grpc.StatusCode.OK, "", add_pod_response(outcome.result())
             answers.put_nowait(
                 nodeagent_pb2.AddPodsResult(
                     index=index, uid=uid, code=code.value[0], message=message, response=response
@@ -281,7 +113,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 async for batch in request_iterator:
                     for request in batch.pods:
                         await window.acquire()
-                        spec = _spec(request)
+                        spec = pod_spec(request)
                         if isinstance(spec, PodSpec):
                             # The enrollment's own task (it completes even if this call ends).
                             task = self.agent.start_add(spec)

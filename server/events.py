@@ -24,7 +24,7 @@ from zds.errors import ZdsError
 from zds.server.eventkinds import EventKind
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
-    from zds.server.connection import ConnectionInfo
+    from zds.server.connrecords import ConnectionInfo
     from zds.server.faults import Fault
     from zds.server.pods import Pod
 

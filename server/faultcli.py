@@ -90,8 +90,8 @@ def inject(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from zds.gen import nodeagent_pb2
-    from zds.server.control import FAULT_KIND_TO_PROTO
     from zds.server.controlclient import ControlError, ControlTarget
+    from zds.server.controlwire import FAULT_KIND_TO_PROTO
 
     request = nodeagent_pb2.InjectFaultRequest(
         kind=FAULT_KIND_TO_PROTO[FaultKind.named(args.kind)],  # type: ignore[arg-type]

@@ -34,7 +34,8 @@ from zds.server.faults import Fault, FaultBook
 from zds.server.link import ConnectionLost
 
 if TYPE_CHECKING:
-    from zds.server.connection import Delivery, ZtunnelConnection
+    from zds.server.connection import ZtunnelConnection
+    from zds.server.connrecords import Delivery
 
 #: Never written: queued to wake an idle connection's writer for a record fault.
 WAKE = KeepWorkload(uid="\x00zds-fault-wake")

@@ -25,18 +25,15 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
 
-from zds import defaults
-from zds.errors import ZdsError
 from zds.server import store as pod_store
-from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.agent import NodeAgent
 from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
-from zds.server.control import TlsFiles, start_control_server
+from zds.server.control import start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
@@ -49,68 +46,20 @@ from zds.server.instance import (
     state_lock,
 )
 from zds.server.netnspolicy import NetnsPolicy
+from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
-from zds.server.redirect import RedirectConfig, RedirectError, redirector
+from zds.server.redirect import RedirectError, redirector
 from zds.server.store import PodStore, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
-from zds.server.unixhttp import GuardedUnixHttp, HttpLimits
+from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import bind_unix_listener
 
 log = logging.getLogger("zds.server")
-
-
-class StartupError(ZdsError):
-    """The node agent cannot start; the message says why and what to do."""
-
-
-@dataclass
-class ServerOptions:
-    zds_socket: str = defaults.ZDS_SOCKET
-    control_socket: str = defaults.CONTROL_SOCKET
-    grpc_listen: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    #: Serve --grpc-listen in plaintext (a warning is logged).
-    grpc_insecure: bool = False
-    cni_socket: str | None = defaults.CNI_SOCKET
-    cni_limits: HttpLimits = field(default_factory=HttpLimits)
-    http_listen: str | None = defaults.NODE_AGENT_HTTP
-    state_dir: str = defaults.STATE_DIR
-    #: Move an existing pod store aside and start empty.
-    reset_state: bool = False
-    pods_file: str | None = None
-    #: Directories besides /var/run/netns and /run/netns that hold pods' named namespaces.
-    netns_roots: tuple[str, ...] = ()
-    #: Mode of every socket file: 0600, or 0660 with --socket-group.
-    socket_mode: int = 0o600
-    #: The group of every socket file (--socket-group), or None to leave it root's.
-    socket_gid: int | None = None
-    #: A Docker-compatible API socket (Podman's or Docker's): containers become pods.
-    container_engine: str | None = None
-    #: Only the engine's containers with these labels (KEY or KEY=VALUE) are this node agent's.
-    container_label: tuple[str, ...] = ()
-    #: Faults to arm at start-up (zds server --faults), for testing a ztunnel.
-    faults_file: str | None = None
-    redirect: bool = True
-    #: One of ``defaults.REDIRECT_BACKENDS``.
-    redirect_backend: str = defaults.REDIRECT_BACKEND
-    redirect_config: RedirectConfig = field(default_factory=RedirectConfig)
-    agent: AgentConfig | None = None
-    #: None: from the OTEL_* environment variables (tests pass their own).
-    telemetry: Telemetry | None = None
-
-
-def split_host_port(value: str, flag: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise StartupError(f"{flag} {value!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class NodeAgentServer:
@@ -284,7 +233,7 @@ class NodeAgentServer:
         checks each peer first; on TCP only with TLS, or plaintext if --grpc-insecure said so."""
         opts = self.options
         path = opts.control_socket
-        tcp, tls = self._control_tcp()
+        tcp, tls = control_tcp(self.options)
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             clear_socket_path(path)
@@ -313,37 +262,6 @@ class NodeAgentServer:
                 "can enroll pods into any allowed netns; use --tls-cert/--tls-key instead",
                 opts.grpc_listen,
             )
-
-    def _control_tcp(self) -> tuple[str | None, TlsFiles | None]:
-        """Where the control API listens on TCP, and with which TLS; StartupError for a
-        combination that would serve it in plaintext unasked, or TLS files it cannot read."""
-        opts = self.options
-        tls_flags = opts.tls_cert or opts.tls_key or opts.tls_client_ca
-        if not opts.grpc_listen:
-            if tls_flags:
-                raise StartupError("--tls-cert, --tls-key and --tls-client-ca only apply with --grpc-listen")
-            return None, None
-        host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
-        tcp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if opts.grpc_insecure:
-            if tls_flags:
-                raise StartupError("--grpc-insecure and --tls-cert/--tls-key contradict each other; pick one")
-            return tcp, None
-        if not (opts.tls_cert and opts.tls_key):
-            raise StartupError(
-                "--grpc-listen needs --tls-cert and --tls-key (the control API can enroll pods and "
-                "rewrite their firewalls: never serve it in plaintext on a network), or --grpc-insecure "
-                "to do so anyway"
-            )
-        tls = TlsFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca)
-        for flag, file in (
-            ("--tls-cert", tls.cert),
-            ("--tls-key", tls.key),
-            ("--tls-client-ca", tls.client_ca),
-        ):
-            if file is not None and not os.access(file, os.R_OK):
-                raise StartupError(f"{flag} {file}: cannot read it")
-        return tcp, tls
 
     def _own(self, path: str) -> None:
         """Give a socket file its group (--socket-group); its mode was set when it was bound."""
