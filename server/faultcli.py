@@ -86,7 +86,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def inject(args: argparse.Namespace) -> int:
-    from google.protobuf.duration_pb2 import Duration
     from google.protobuf.json_format import MessageToDict
 
     from zds.gen import nodeagent_pb2
@@ -104,9 +103,7 @@ def inject(args: argparse.Namespace) -> int:
         wait=args.wait,
     )
     if args.delay:
-        delay = Duration()
-        delay.FromNanoseconds(int(args.delay * 1e9))
-        request.delay.CopyFrom(delay)
+        request.delay.FromNanoseconds(int(args.delay * 1e9))
     target = ControlTarget.from_args(args)
     try:
         with target.stub() as stub:
