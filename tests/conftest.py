@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Peers, Pod, StartServer, is_root, release_pod_netns
+from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, is_root, release_pod_netns
+from tests.standins import Peers
 from zds import defaults
 from zds.netns.fixtures import create_netns, delete_netns
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ZDS, FakeNodeAgent, ZtunnelProc, faults_file, http_post_json, wait_until, zds_check
+from tests.harness import ZDS, ZtunnelProc, faults_file, http_post_json, wait_until, zds_check
+from tests.standins import FakeNodeAgent
 from zds.check.ztchecks import CHECKS, FATAL, LISTENERS
 from zds.netns.fixtures import create_netns, delete_netns
 

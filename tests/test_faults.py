@@ -15,16 +15,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import (
-    ZDS,
-    NodeAgentProc,
-    Peers,
-    RawPeer,
-    StartServer,
-    faults_file,
-    request_of,
-    wait_until,
-)
+from tests.harness import ZDS, NodeAgentProc, StartServer, faults_file, wait_until
+from tests.standins import Peers, RawPeer, request_of
 from zds.gen import nodeagent_pb2
 from zds.protocol.messages import AddWorkload, SnapshotSent
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import AckingPeer, NodeAgentProc, Peers, pod_netns, wait_until
+from tests.harness import NodeAgentProc, pod_netns, wait_until
+from tests.standins import AckingPeer, Peers
 
 pytestmark = pytest.mark.root
 

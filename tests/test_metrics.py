@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import NodeAgentProc, Peers, RawPeer, free_port, pod_netns, post_unix, wait_until
+from tests.harness import NodeAgentProc, free_port, pod_netns, post_unix, wait_until
+from tests.standins import Peers, RawPeer
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root

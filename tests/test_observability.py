@@ -11,7 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Peers, pod_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, pod_netns, wait_until
+from tests.standins import Peers
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root

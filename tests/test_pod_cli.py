@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.harness import ZDS, NodeAgentProc, RawPeer, free_port, pod_netns, pod_netns_pid, request_of
+from tests.harness import ZDS, NodeAgentProc, free_port, pod_netns, pod_netns_pid
+from tests.standins import RawPeer, request_of
 from zds.gen import nodeagent_pb2
 
 pytestmark = pytest.mark.root

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.harness import DATA, AckingPeer, NodeAgentProc, RawPeer, wait_until
+from tests.harness import DATA, NodeAgentProc, wait_until
+from tests.standins import AckingPeer, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns

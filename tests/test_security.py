@@ -19,7 +19,6 @@ import pytest
 from tests.harness import (
     ZDS,
     NodeAgentProc,
-    RawPeer,
     ZdsProcess,
     free_port,
     pod_netns,
@@ -27,6 +26,7 @@ from tests.harness import (
     socket_inodes,
     wait_until,
 )
+from tests.standins import RawPeer
 
 pytestmark = pytest.mark.root
 

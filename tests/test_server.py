@@ -17,17 +17,15 @@ import pytest
 
 from tests.harness import (
     NodeAgentProc,
-    Peers,
     Pod,
-    RawPeer,
     StartServer,
     fd_count,
     pod_netns,
     pod_netns_pid,
     post_unix,
-    request_of,
     wait_until,
 )
+from tests.standins import Peers, RawPeer, request_of
 from zds.gen import nodeagent_pb2
 from zds.netns import netns_identity
 from zds.protocol.messages import (

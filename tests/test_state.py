@@ -17,14 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (
-    NodeAgentProc,
-    RawPeer,
-    ZtunnelProc,
-    fd_count,
-    request_of,
-    wait_until,
-)
+from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.standins import RawPeer, request_of
 from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from

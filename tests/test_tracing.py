@@ -22,15 +22,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tests.harness import (
-    AckingPeer,
-    NodeAgentProc,
-    RawPeer,
-    async_wait_until,
-    free_port,
-    pod_netns,
-    wait_until,
-)
+from tests.harness import NodeAgentProc, async_wait_until, free_port, pod_netns, wait_until
+from tests.standins import AckingPeer, RawPeer
 from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans

@@ -15,7 +15,8 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Peers, StartServer, pod_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, StartServer, pod_netns, wait_until
+from tests.standins import Peers
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
 pytestmark = pytest.mark.root

@@ -26,8 +26,6 @@ import pytest
 
 from tests.harness import (
     PORTS,
-    FakeConnection,
-    FakeNodeAgent,
     Pod,
     ZtunnelProc,
     fd_count,
@@ -39,6 +37,7 @@ from tests.harness import (
     socket_inodes,
     wait_until,
 )
+from tests.standins import FakeConnection, FakeNodeAgent
 from zds.client.app import Ztunnel, ZtunnelConfig
 from zds.client.backoff import Backoff
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
