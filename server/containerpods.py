@@ -28,6 +28,7 @@ from zds.netns import NetnsError, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
+from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod, PodSource, PodSpec
 
 log = logging.getLogger("zds.server.containers")
@@ -43,23 +44,14 @@ class ContainerPods:
         self.engine: str | None = None
         self.facts: dict[str, ContainerFacts] = {}
         self._learned = asyncio.Event()
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: dict[str, int] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
 
     # -- serialization ----------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def serialized(self, uid: str) -> AsyncIterator[None]:
         """One thing at a time per uid, whichever source asks."""
-        lock = self._locks.setdefault(uid, asyncio.Lock())
-        self._users[uid] = self._users.get(uid, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._users[uid] -= 1
-            if not self._users[uid]:
-                del self._users[uid]
-                del self._locks[uid]
+        async with self._locks.hold(uid):
+            yield
 
     # -- facts --------------------------------------------------------------------------
     def learn(self, facts: ContainerFacts) -> None:

@@ -8,7 +8,6 @@ lives in that namespace.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ from opentelemetry import trace
 
 from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
+from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod
 from zds.server.redirect import RedirectError, Redirector, redirector
 
@@ -32,13 +32,7 @@ class PodRules:
     def __init__(self, redirector: Redirector, tracer: trace.Tracer) -> None:
         self.redirector = redirector
         self._tracer = tracer
-        self._locks: dict[NetnsIdentity, asyncio.Lock] = {}
-
-    def _lock(self, identity: NetnsIdentity) -> asyncio.Lock:
-        lock = self._locks.get(identity)
-        if lock is None:
-            lock = self._locks[identity] = asyncio.Lock()
-        return lock
+        self._locks: KeyedLocks[NetnsIdentity] = KeyedLocks()
 
     async def install(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool] = lambda _: False) -> None:
         """Install the rules in the pod's netns; RulesError (with iptables' words) on failure,
@@ -47,7 +41,7 @@ class PodRules:
         if pod.netns is None:
             return
         with spans.span(self._tracer, spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
-            async with self._lock(pod.netns.identity):
+            async with self._locks.hold(pod.netns.identity):
                 try:
                     installed = await self.redirector.install(pod.netns)
                 except (RedirectError, NetnsError, OSError) as exc:
@@ -78,7 +72,7 @@ class PodRules:
         if pod.netns is None or not pod.rules_digest:
             return False
         try:
-            async with self._lock(pod.netns.identity):
+            async with self._locks.hold(pod.netns.identity):
                 return await self.redirector.digest(pod.netns) == pod.rules_digest
         except (RedirectError, NetnsError, OSError) as exc:
             log.warning("cannot read the in-pod rules: %s", exc, extra=pod.spec.log_extra)
@@ -97,7 +91,7 @@ class PodRules:
             return True
         try:
             other = redirector(backend, self.redirector.config)
-            async with self._lock(pod.netns.identity):
+            async with self._locks.hold(pod.netns.identity):
                 await other.remove(pod.netns)
         except (RedirectError, NetnsError, OSError, ValueError) as exc:
             log.warning("cannot remove the %s rules: %s", backend, exc, extra=pod.spec.log_extra)
@@ -113,7 +107,7 @@ class PodRules:
         identity = pod.netns.identity
         with spans.span(self._tracer, spans.REMOVE_RULES, {spans.POD_UID: pod.uid}) as span:
             try:
-                async with self._lock(identity):
+                async with self._locks.hold(identity):
                     if still_used(identity):
                         log.info("rules kept: another enrolled pod uses this netns", extra=pod.spec.log_extra)
                     else:
