@@ -197,7 +197,7 @@ class CniPluginEndpoint:
         try:
             uid, netns = parse_del_event(await request.read())
         except BadEvent as exc:
-            log.error("bad CNI plugin DEL event: %s", exc)
+            log.warning("bad CNI plugin DEL event: %s", exc)
             return self._answer(400, str(exc))
         code, text = await self.containers.cni_del(uid, netns)
         log.info("CNI DEL: %s", text, extra={"uid": uid})
@@ -219,18 +219,24 @@ class CniPluginEndpoint:
         if container_id is not None:
             code, text = await self.containers.cni_add(spec, container_id)
             if code != 200:
-                log.error("failed to handle CNI add event: %s", text, extra=spec.log_extra)
+                _log_add_failure(code, text, spec)
             return code, text
         try:
             async with self.containers.serialized(spec.uid):
                 await self.agent.add_pod(spec)
         except EnrollmentError as exc:
-            log.error(
-                "failed to handle CNI add event: %s",
-                exc,
-                extra={"uid": spec.uid, "pod": spec.name, "namespace": spec.namespace},
-            )
             # Refused (the node's netns, names Kubernetes would refuse): 400, as a bad body;
             # anything else is Istio's 500 with the reason.
-            return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
+            code = 400 if exc.outcome is EnrollmentOutcome.REFUSED else 500
+            _log_add_failure(code, str(exc), spec)
+            return code, str(exc)
         return 200, ""
+
+
+def _log_add_failure(code: int, text: str, spec: PodSpec) -> None:
+    """One line: a WARNING for a request refused for what it asked (4xx), an ERROR for a
+    failure on the node agent's side (5xx)."""
+    if code < 500:
+        log.warning("refused CNI add event: %s", text, extra=spec.log_extra)
+    else:
+        log.error("failed to handle CNI add event: %s", text, extra=spec.log_extra)
