@@ -1,0 +1,156 @@
+"""Which netns the node agent takes as a pod's, on the paths the gRPC tests do not cover:
+never the node's own (a CNI event, ``zds pod add``), and named namespaces only under an
+allowed root (``--netns-root`` adds one)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.harness import NodeAgentProc, Pod, post_unix
+from tests.standins import AckingPeer
+from zds.gen import nodeagent_pb2
+from zds.netns import open_netns
+from zds.server.redirect import Redirector
+
+pytestmark = pytest.mark.root
+
+OWN_NETNS = "is the node agent's own netns"
+
+
+def node_rules() -> list[str]:
+    """Whatever of the in-pod rules is in this (the node's) netns: our chains and jumps in
+    either family, Istio's nftables tables, the fwmark rule and the routes of table 100."""
+
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+
+    found = [
+        line
+        for tool in ("iptables-save", "ip6tables-save")
+        for line in run(tool).splitlines()
+        if "ISTIO" in line
+    ]
+    found += [line for line in run("nft", "list", "tables").splitlines() if "istio" in line]
+    for family in ("-4", "-6"):
+        found += [line for line in run("ip", family, "rule").splitlines() if "lookup 100" in line]
+        found += run("ip", family, "route", "show", "table", "100").splitlines()
+    return found
+
+
+@pytest.fixture
+def node_untouched() -> Iterator[None]:
+    """The node's netns has none of the in-pod rules afterwards that it did not have before;
+    if a test put some in anyway, they are taken out (the test has failed by then)."""
+    before = node_rules()
+    yield
+    after = node_rules()
+    if after != before:
+
+        async def take_out() -> None:
+            with open_netns("/proc/self/ns/net") as node:
+                await Redirector().remove(node)
+
+        asyncio.run(take_out())
+        pytest.fail(f"in-pod rules went into the node's netns: {sorted(set(after) - set(before))}")
+
+
+@pytest.fixture
+def rules_server(tmp_path: Path, node_untouched: None) -> Iterator[NodeAgentProc]:
+    """A node agent that installs the in-pod rules (so a netns it took would get them)."""
+    server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def link_to_the_node() -> Iterator[str]:
+    """A name under /var/run/netns that is a symlink to the node's netns."""
+    link = f"/var/run/netns/zds-test-node-{os.getpid()}"
+    os.symlink("/proc/self/ns/net", link)
+    try:
+        yield link
+    finally:
+        os.unlink(link)
+
+
+def test_a_cni_event_naming_the_node_is_400_with_one_warning_line(
+    rules_server: NodeAgentProc, link_to_the_node: str
+) -> None:
+    for netns in ("/proc/self/ns/net", link_to_the_node):
+        body = json.dumps({"Netns": netns, "PodName": "web", "PodNamespace": "shop"}).encode()
+        status, answer = post_unix(rules_server.cni_socket, "/cmdadd", body)
+        assert status == 400, answer
+        assert OWN_NETNS in answer and answer.endswith("\n") and answer.count("\n") == 1, answer
+    assert rules_server.list_pods() == []
+    rules_server.wait_for_output("refused CNI add event")
+    refusals = [line for line in rules_server.output().splitlines() if OWN_NETNS in line]
+    assert len(refusals) == 2 and all(
+        " warning zds.server.cni: refused CNI add event: " in r for r in refusals
+    )
+    assert " error " not in rules_server.output() and "Traceback" not in rules_server.output()
+
+
+def test_zds_pod_add_naming_the_node_is_refused_in_one_line(
+    rules_server: NodeAgentProc, link_to_the_node: str
+) -> None:
+    for netns in ("/proc/self/ns/net", link_to_the_node):
+        done = rules_server.cli("pod", "add", "--uid", "u1", "--netns", netns)
+        assert done.returncode == 1
+        assert done.stdout == ""
+        [line] = done.stderr.splitlines()
+        assert line.startswith("zds pod add: u1: INVALID_ARGUMENT: ") and OWN_NETNS in line, line
+    assert rules_server.list_pods() == []
+
+
+@pytest.fixture
+def custom_root(tmp_path: Path, make_pod: Callable[[], Pod]) -> Iterator[tuple[Path, str]]:
+    """A directory outside the default roots, with a pod's netns bind-mounted in it (as a
+    container runtime with its own netns directory does): (the directory, the netns file)."""
+    root = tmp_path / "netns-root"
+    root.mkdir()
+    pod = make_pod()
+    target = root / "pod-a"
+    target.touch()
+    subprocess.run(["mount", "--bind", pod.path, str(target)], check=True)
+    try:
+        yield root, str(target)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_netns_under_another_directory_needs_netns_root(
+    tmp_path: Path, custom_root: tuple[Path, str]
+) -> None:
+    root, netns = custom_root
+    without = NodeAgentProc(str(tmp_path), name="without").wait_ready()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            without.add_pod("u1", netns)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = info.value.details() or ""
+        assert f"netns path {netns} is not under an allowed root" in details
+        assert "add its directory with --netns-root" in details
+        assert without.list_pods() == []
+    finally:
+        without.stop()
+    with_root = NodeAgentProc(str(tmp_path), "--netns-root", str(root), name="with").wait_ready()
+    peer = AckingPeer(with_root.zds_socket)
+    try:
+        peer.wait_snapshot()
+        with_root.add_pod("u1", netns)
+        [pod] = with_root.list_pods()
+        assert pod.uid == "u1" and pod.state == nodeagent_pb2.POD_STATE_ACKED
+        assert pod.netns_path == netns and pod.netns.ino == os.stat(netns).st_ino
+    finally:
+        peer.close()
+        with_root.stop()
