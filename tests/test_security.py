@@ -252,6 +252,56 @@ def test_the_control_api_on_tcp_with_mutual_tls_answers_grpcurl_and_zds_with_cer
         proc.stop()
 
 
+def test_the_control_api_on_tcp_with_server_tls_only_answers_grpcurl_and_zds_that_trust_its_ca(
+    tmp_path: Path, certs: dict[str, str]
+) -> None:
+    """Without --tls-client-ca no client certificate is asked for: the channel is encrypted
+    and the server authenticated, and a client that does not trust its CA is refused."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = NodeAgentProc(
+        str(tmp_path),
+        "--grpc-listen",
+        address,
+        "--tls-cert",
+        certs["server.pem"],
+        "--tls-key",
+        certs["server.key"],
+    ).wait_ready()
+    try:
+
+        def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([GRPCURL, *args], capture_output=True, text=True, timeout=60)
+
+        listed = grpcurl("-cacert", certs["ca.pem"], address, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "zds.v1.NodeAgent" in listed.stdout.split()
+        pods = grpcurl("-cacert", certs["ca.pem"], address, "zds.v1.NodeAgent/ListPods")
+        assert pods.returncode == 0, pods.stderr
+        assert json.loads(pods.stdout) == {}
+        assert grpcurl(address, "list").returncode != 0  # the system's CAs do not know ours
+        assert grpcurl("-plaintext", address, "list").returncode != 0
+
+        done = subprocess.run(
+            [*ZDS, "pod", "list", "--json", "--grpc-address", address, "--tls-ca", certs["ca.pem"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == []
+        plaintext = subprocess.run(
+            [*ZDS, "pod", "list", "--grpc-address", address, "--grpc-insecure"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert plaintext.returncode == 1
+        assert plaintext.stderr.startswith(f"zds pod list: cannot reach the node agent at {address}")
+        assert len(plaintext.stderr.strip().splitlines()) == 1
+    finally:
+        proc.stop()
+
+
 # -- floods -----------------------------------------------------------------------------------
 
 
