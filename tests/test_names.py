@@ -1,0 +1,83 @@
+"""A pod's uid, name, namespace and service account are checked like Kubernetes checks
+them, and given the same defaults, whatever path the pod comes by (gRPC, a CNI event, a
+pods file, the CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.harness import NodeAgentProc, pod_netns, post_unix
+from tests.standins import AckingPeer
+from zds.gen import nodeagent_pb2
+
+pytestmark = pytest.mark.root
+
+#: (uid, service account, what the refusal says): each is something Kubernetes refuses.
+BAD = [
+    ("pod\u0007bell", "sa", "has characters that are not printable"),
+    ("u" * 129, "sa", "is 129 bytes, over 128"),
+    ("ü" * 65, "sa", "is 130 bytes, over 128"),  # 65 characters, 130 bytes
+    ("u1", "Default_SA", "service account 'Default_SA' is not a DNS-1123 subdomain"),
+    ("u1", "sa..x", "service account 'sa..x' is not a DNS-1123 subdomain"),
+]
+
+
+@pytest.mark.parametrize(("uid", "service_account", "text"), BAD)
+def test_what_kubernetes_refuses_is_invalid_argument_on_the_grpc_path(
+    server: NodeAgentProc, uid: str, service_account: str, text: str
+) -> None:
+    with server.control() as stub, pytest.raises(grpc.RpcError) as info:
+        stub.AddPod(
+            nodeagent_pb2.AddPodRequest(
+                uid=uid, name="web", namespace="shop", service_account=service_account, netns_path=pod_netns()
+            ),
+            timeout=30,
+        )
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert text in (info.value.details() or "")
+    assert server.list_pods() == []
+
+
+@pytest.mark.parametrize(("uid", "service_account", "text"), BAD)
+def test_what_kubernetes_refuses_is_400_and_one_warning_on_the_cni_path(
+    server: NodeAgentProc, uid: str, service_account: str, text: str
+) -> None:
+    body = {
+        "Netns": pod_netns(),
+        "PodName": "web",
+        "PodNamespace": "shop",
+        "PodUID": uid,
+        "ServiceAccount": service_account,
+    }
+    status, answer = post_unix(server.cni_socket, "/cmdadd", json.dumps(body).encode())
+    assert status == 400 and text in answer, answer
+    assert answer.count("\n") == 1
+    assert server.list_pods() == []
+    server.wait_for_output("refused CNI add event")
+    [line] = [line for line in server.output().splitlines() if text in line]
+    assert " warning zds.server.cni: refused CNI add event: " in line
+    assert " error " not in server.output() and "Traceback" not in server.output()
+
+
+def test_the_same_defaults_whatever_the_pod_comes_by(tmp_path: Path) -> None:
+    """No name, namespace or service account: the name is the uid, the namespace and the
+    service account ``default`` — from a pods file at start, gRPC AddPod and zds pod add."""
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps({"uid": "from-file", "netns": pod_netns()}) + "\n")
+    server = NodeAgentProc(str(tmp_path), "--pods", str(pods)).wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    try:
+        peer.wait_snapshot()
+        with server.control() as stub:
+            stub.AddPod(nodeagent_pb2.AddPodRequest(uid="from-grpc", netns_path=pod_netns()), timeout=30)
+        done = server.cli("pod", "add", "--uid", "from-cli", "--netns", pod_netns())
+        assert done.returncode == 0, done.stderr
+        listed = {(p.uid, p.name, p.namespace, p.service_account) for p in server.list_pods()}
+        assert listed == {(uid, uid, "default", "default") for uid in ("from-file", "from-grpc", "from-cli")}
+    finally:
+        peer.close()
+        server.stop()
