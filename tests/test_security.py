@@ -377,6 +377,19 @@ def test_a_cni_request_over_the_body_cap_or_the_concurrency_cap_is_refused(tmp_p
         server.stop()
 
 
+def test_a_bad_cni_del_body_is_400_and_one_warning_line(tmp_path: Path) -> None:
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    try:
+        status, answer = post_unix(server.cni_socket, "/cmddel", json.dumps({"PodUID": 7}).encode())
+        assert status == 400 and answer == "PodUID is missing or not a non-empty string\n"
+        server.wait_for_output("bad CNI plugin DEL event")
+        [line] = [line for line in server.output().splitlines() if "bad CNI plugin DEL event" in line]
+        assert " warning zds.server.cni: bad CNI plugin DEL event: PodUID is missing" in line
+        assert " error " not in server.output() and "Traceback" not in server.output()
+    finally:
+        server.stop()
+
+
 def test_garbage_on_the_zds_socket_is_a_warning_with_the_peers_pid(tmp_path: Path) -> None:
     server = NodeAgentProc(str(tmp_path)).wait_ready()
     peer = RawPeer(server.zds_socket)
