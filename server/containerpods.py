@@ -153,7 +153,7 @@ class ContainerPods:
             wanted = None
             if info is not None and not shares_netns(info):
                 try:
-                    wanted = container_netns(info)
+                    wanted = container_netns(info, self.agent.enrollment.policy)
                 except NetnsError as exc:
                     log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
             selected = wanted is not None and self.facts[cid].selection.selected

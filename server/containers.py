@@ -8,7 +8,9 @@ outside a project), its service account the ``zds.io/service-account`` label
 (``default``), its addresses the engine's. Its netns is that of its process
 (``/proc/PID/ns/net``), checked against the engine's own record of it
 (``NetworkSettings.SandboxKey``, where Podman's CNI network namespaces and
-Docker's live): the same netns, or no pod.
+Docker's live): the same netns, or no pod. The pod names it by the SandboxKey
+where the node agent takes namespaces from there (Podman's ``/run/netns``), else
+by the process (Docker's ``/var/run/docker/netns/ID`` is under no allowed root).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from zds import defaults
 from zds.netns import NetnsError, NetnsIdentity, NetnsRef, open_netns
+from zds.server.netnspolicy import NetnsPolicy
 from zds.server.pods import PodSource, PodSpec
 from zds.server.selection import Selection, select
 
@@ -133,9 +136,11 @@ def addresses(info: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def container_netns(info: Mapping[str, Any]) -> ContainerNetns | None:
+def container_netns(info: Mapping[str, Any], policy: NetnsPolicy | None = None) -> ContainerNetns | None:
     """The netns of a running container's process, checked against the engine's SandboxKey;
-    None when it is not running. NetnsMismatch when the two are not the same netns."""
+    None when it is not running. NetnsMismatch when the two are not the same netns. The
+    reference is the SandboxKey if ``policy`` allows its place (no policy: any place), else
+    the process's ``/proc/PID/ns/net``."""
     if not running(info):
         return None
     pid = int(info["State"]["Pid"])
@@ -147,11 +152,12 @@ def container_netns(info: Mapping[str, Any]) -> ContainerNetns | None:
                 by_key = handle.identity
         except NetnsError:
             pass  # not visible here (another mount namespace): the process's netns decides
+    key_allowed = bool(sandbox) and (policy is None or policy.allows_place(NetnsRef.of_path(sandbox)))
     try:
         with open_netns(f"/proc/{pid}/ns/net") as handle:
             by_pid = handle.identity
     except NetnsError:
-        if by_key is None:
+        if by_key is None or not key_allowed:
             raise
         # The process is not ours to look at (another user, more capabilities: no CAP_SYS_PTRACE
         # here); the engine's own netns file is the container's.
@@ -163,4 +169,4 @@ def container_netns(info: Mapping[str, Any]) -> ContainerNetns | None:
             f"container {str(info.get('Id', ''))[:12]}: its process {pid} is in netns {by_pid}, "
             f"not in {sandbox} ({by_key}); not enrolled"
         )
-    return ContainerNetns(NetnsRef.of_path(sandbox), by_key)
+    return ContainerNetns(NetnsRef.of_path(sandbox) if key_allowed else NetnsRef.of_pid(pid), by_key)

@@ -73,6 +73,14 @@ class NetnsPolicy:
                 "/proc/PID/ns/net; add its directory with --netns-root if it holds pods' namespaces"
             )
 
+    def allows_place(self, ref: NetnsRef) -> bool:
+        """Whether ``check_place`` lets ``ref`` through."""
+        try:
+            self.check_place(ref)
+        except NetnsRefused:
+            return False
+        return True
+
     def check_identity(self, identity: NetnsIdentity, what: str) -> None:
         """Refuse the node's own netns, whatever path led to it."""
         node = self.forbidden.get(identity)

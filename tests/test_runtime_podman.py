@@ -11,6 +11,7 @@ everything is removed at the end, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -37,6 +38,9 @@ from tests.harness import (
     wait_until,
 )
 from zds.gen import nodeagent_pb2
+from zds.netns import NetnsRef, open_netns
+from zds.server.containers import NetnsMismatch, container_netns
+from zds.server.netnspolicy import NetnsPolicy
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -366,3 +370,48 @@ def test_the_engine_service_stopped_and_started_is_recovered(runtime: Runtime, n
     runtime.run("latecomer", ECHO, AMBIENT)
     assert runtime.cid("latecomer") in node.pods()
     assert reviews in node.pods()
+
+
+@contextlib.contextmanager
+def bind_netns(source: str, target: pathlib.Path) -> Iterator[str]:
+    """A netns file at ``target``, as Docker keeps one (a bind mount of the netns); unmounted after."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.touch()
+    subprocess.run(["mount", "--bind", source, str(target)], check=True)
+    try:
+        yield str(target)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_docker_style_netns_outside_the_allowed_roots_is_taken_from_the_process(
+    runtime: Runtime, node: Node, tmp_path: pathlib.Path
+) -> None:
+    """Docker's SandboxKey (/var/run/docker/netns/ID) is under no allowed root: the pod's netns
+    is the container's /proc/PID/ns/net, checked to be the netns the SandboxKey names."""
+    runtime.run("reviews", ECHO)  # unlabelled (zds-cni's ADD lets it start); never enrolled here
+    info = runtime.inspect("reviews")  # the real inspection of a running container
+    pid, podmans = int(info["State"]["Pid"]), info["NetworkSettings"]["SandboxKey"]
+    policy = NetnsPolicy.for_this_node()
+    # Podman's own (/run/netns/...): the engine's netns file, as before.
+    found = container_netns(info, policy)
+    assert found is not None and found.ref == NetnsRef.of_path(podmans)
+    with open_netns(podmans) as real:
+        container = real.identity
+    docker_dir = tmp_path / "var" / "run" / "docker" / "netns"
+    with bind_netns(podmans, docker_dir / info["Id"][:12]) as key:
+        docker_info = {**info, "NetworkSettings": {**info["NetworkSettings"], "SandboxKey": key}}
+        found = container_netns(docker_info, policy)
+        assert found is not None and found.ref == NetnsRef.of_pid(pid) and found.identity == container
+        with policy.open(found.ref) as opened:  # the node agent's policy takes it: the container's netns
+            assert opened.identity == container
+    # Identity-checked: a SandboxKey naming another netns than the process's is no pod.
+    other = f"zdst-other-{runtime.token}"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        with bind_netns(f"/run/netns/{other}", docker_dir / "other") as key:
+            docker_info = {**info, "NetworkSettings": {**info["NetworkSettings"], "SandboxKey": key}}
+            with pytest.raises(NetnsMismatch, match=f"its process {pid} is in netns"):
+                container_netns(docker_info, policy)
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=True)
