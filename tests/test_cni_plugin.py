@@ -195,11 +195,43 @@ def test_check_asks_the_agent(tmp_path: pathlib.Path, agent: StandInAgent) -> No
     assert code == 1 and out["code"] == 100 and "is not enrolled" in out["msg"]
 
 
+PREV_RESULT_0_3 = {
+    "cniVersion": "0.3.1",
+    "interfaces": [{"name": "eth0", "mac": "82:a2:36:ae:32:b9", "sandbox": "/run/netns/netns-1"}],
+    # 0.3.x results name each address's IP version (1.0.0 dropped the field).
+    "ips": [{"version": "4", "interface": 0, "address": "10.213.0.2/24", "gateway": "10.213.0.1"}],
+    "routes": [{"dst": "0.0.0.0/0"}],
+    "dns": {},
+}
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1"])
+def test_a_0_3_config_adds_with_a_0_3_result_and_refuses_check(
+    tmp_path: pathlib.Path, agent: StandInAgent, version: str
+) -> None:
+    prev = {**PREV_RESULT_0_3, "cniVersion": version}
+    code, out, err = plugin("ADD", config(tmp_path, version=version, prevResult=prev))
+    assert (code, err) == (0, "")
+    assert out == prev  # the 0.3.x result as the runtime gave it: "version" in each ip, its cniVersion
+    assert plugin("ADD", config(tmp_path, version=version))[:2] == (0, {"cniVersion": version, "dns": {}})
+    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmdadd"]
+    # CHECK came with spec 0.4.0: refused as libcni's skel refuses it, the node agent never asked.
+    code, out, _ = plugin("CHECK", config(tmp_path, version=version, prevResult=prev))
+    assert code == 1
+    assert out == {
+        "cniVersion": "1.1.0",  # the plugin's, as for every refusal of the config's version
+        "code": 1,
+        "msg": "config version does not allow CHECK",
+        "details": f"CHECK needs cniVersion 0.4.0 or later; the config is {version}",
+    }
+    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmdadd"]
+
+
 def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
     assert plugin("STATUS", config(tmp_path, version="1.1.0"))[:2] == (0, None)
     assert plugin("GC", config(tmp_path, version="1.1.0"))[:2] == (0, None)
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.0.0"))
-    assert code == 1 and out["code"] == 1
+    assert code == 1 and out["code"] == 1 and out["msg"] == "config version does not allow STATUS"
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=str(tmp_path / "none.sock")))
     assert code == 1 and out["code"] == 50
 

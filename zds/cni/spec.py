@@ -31,8 +31,9 @@ REQUIRED_ENV: dict[str, tuple[str, ...]] = {
     "STATUS": (),
     "GC": (),
 }
-#: Commands only a 1.1.0 config may ask for.
-SINCE_1_1 = ("STATUS", "GC")
+#: Commands a config older than their spec version may not ask for (libcni's skel refuses
+#: them the same way: code 1, "config version does not allow CHECK").
+SINCE: dict[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
 _CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 
 
@@ -143,8 +144,13 @@ def parse_config(data: bytes, command: str) -> dict[str, Any]:
             f"cniVersion {version} is not supported",
             f"zds-cni supports {', '.join(SUPPORTED_VERSIONS)}",
         )
-    if command in SINCE_1_1 and _version(version) < (1, 1, 0):
-        raise CniError(Code.INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0 or later, not {version}")
+    since = SINCE.get(command)
+    if since is not None and _version(version) < _version(since):
+        raise CniError(
+            Code.INCOMPATIBLE_VERSION,
+            f"config version does not allow {command}",
+            f"{command} needs cniVersion {since} or later; the config is {version}",
+        )
     for key in ("name", "type"):
         if not isinstance(doc.get(key), str) or not doc[key]:
             raise CniError(Code.INVALID_CONFIG, f"network configuration has no {key}")
