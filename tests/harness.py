@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -451,6 +452,49 @@ class NodeAgentProc(ZdsProcess):
     def list_pods(self) -> list[Any]:
         with self.control() as stub:
             return list(stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=30).pods)
+
+
+class WatchStream:
+    """A node agent's Watch stream read in a thread into a list, so tests can poll it."""
+
+    def __init__(self, server: NodeAgentProc, request: nodeagent_pb2.WatchRequest | None = None) -> None:
+        self.channel = grpc.insecure_channel(f"unix:{server.control_socket}")
+        stub = nodeagent_pb2_grpc.NodeAgentStub(self.channel)  # type: ignore[no-untyped-call]
+        self.call = stub.Watch(request or nodeagent_pb2.WatchRequest())
+        self.events: list[nodeagent_pb2.Event] = []
+        self.error: grpc.RpcError | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self.call:
+                self.events.append(event)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait_for(self, kind: int, count: int = 1, **fields: Any) -> list[nodeagent_pb2.Event]:
+        def matching() -> list[nodeagent_pb2.Event]:
+            return [
+                e
+                for e in list(self.events)
+                if e.kind == kind and all(getattr(e, k) == v for k, v in fields.items())
+            ]
+
+        wait_until(lambda: len(matching()) >= count, what=f"{nodeagent_pb2.EventKind.Name(kind)} {fields}")
+        return matching()
+
+    def live(self) -> list[nodeagent_pb2.Event]:
+        marker = self.wait_for(nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END)[0]
+        return self.events[self.events.index(marker) + 1 :]
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+        self.channel.close()
 
 
 class StartServer(Protocol):

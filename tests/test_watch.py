@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -15,7 +14,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, StartServer, pod_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, StartServer, WatchStream, pod_netns, wait_until
 from tests.standins import Peers
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
@@ -30,52 +29,9 @@ def server(start_server: StartServer) -> NodeAgentProc:
     return start_server("--keepalive-interval", "0.2")
 
 
-class Stream:
-    """A Watch stream read in a thread into a list, so tests can poll it."""
-
-    def __init__(self, server: NodeAgentProc, request: nodeagent_pb2.WatchRequest | None = None) -> None:
-        self.channel = grpc.insecure_channel(f"unix:{server.control_socket}")
-        stub = nodeagent_pb2_grpc.NodeAgentStub(self.channel)  # type: ignore[no-untyped-call]
-        self.call = stub.Watch(request or nodeagent_pb2.WatchRequest())
-        self.events: list[nodeagent_pb2.Event] = []
-        self.error: grpc.RpcError | None = None
-        self.done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for event in self.call:
-                self.events.append(event)
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def wait_for(self, kind: int, count: int = 1, **fields: Any) -> list[nodeagent_pb2.Event]:
-        def matching() -> list[nodeagent_pb2.Event]:
-            return [
-                e
-                for e in list(self.events)
-                if e.kind == kind and all(getattr(e, k) == v for k, v in fields.items())
-            ]
-
-        wait_until(lambda: len(matching()) >= count, what=f"{K.EventKind.Name(kind)} {fields}")
-        return matching()
-
-    def live(self) -> list[nodeagent_pb2.Event]:
-        marker = self.wait_for(K.EVENT_KIND_CURRENT_STATE_END)[0]
-        return self.events[self.events.index(marker) + 1 :]
-
-    def close(self) -> None:
-        self.call.cancel()
-        self._thread.join(5)
-        self.channel.close()
-
-
 @pytest.fixture
-def streams() -> Iterator[list[Stream]]:
-    made: list[Stream] = []
+def streams() -> Iterator[list[WatchStream]]:
+    made: list[WatchStream] = []
     yield made
     for stream in made:
         stream.close()
@@ -96,13 +52,13 @@ def kinds(events: list[nodeagent_pb2.Event]) -> list[str]:
 
 
 def test_watch_starts_with_the_current_state_then_a_marker_then_live_events(
-    server: NodeAgentProc, peers: Peers, streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
     peers.acking(server.zds_socket)
     add(server, "u1", name="web", namespace="shop")
     add(server, "u2", name="db", namespace="shop")
     before = time.time()
-    stream = Stream(server)
+    stream = WatchStream(server)
     streams.append(stream)
     marker = stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)[0]
     state = stream.events[: stream.events.index(marker)]
@@ -141,9 +97,9 @@ def test_watch_starts_with_the_current_state_then_a_marker_then_live_events(
 
 
 def test_nacks_snapshots_and_disconnections_are_events(
-    server: NodeAgentProc, peers: Peers, streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
-    stream = Stream(server)
+    stream = WatchStream(server)
     streams.append(stream)
     stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
     with pytest.raises(grpc.RpcError):
@@ -168,11 +124,13 @@ def test_nacks_snapshots_and_disconnections_are_events(
     assert gone.connection.messages.nacked == 1 and gone.connection.messages.acked == 2
 
 
-def test_watch_filters_by_kind_and_by_uid(server: NodeAgentProc, peers: Peers, streams: list[Stream]) -> None:
+def test_watch_filters_by_kind_and_by_uid(
+    server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
+) -> None:
     peers.acking(server.zds_socket)
     add(server, "u0")
-    enrolled = Stream(server, nodeagent_pb2.WatchRequest(kinds=[K.EVENT_KIND_POD_ENROLLED]))
-    about_u2 = Stream(server, nodeagent_pb2.WatchRequest(uid="u2"))
+    enrolled = WatchStream(server, nodeagent_pb2.WatchRequest(kinds=[K.EVENT_KIND_POD_ENROLLED]))
+    about_u2 = WatchStream(server, nodeagent_pb2.WatchRequest(uid="u2"))
     streams += [enrolled, about_u2]
     for stream in streams:
         stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
@@ -203,9 +161,9 @@ def test_an_unknown_kind_is_invalid_argument(server: NodeAgentProc) -> None:
 
 
 def test_a_late_watcher_agrees_with_one_that_watched_from_the_start(
-    server: NodeAgentProc, peers: Peers, streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
-    early = Stream(server)
+    early = WatchStream(server)
     streams.append(early)
     early.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
     peers.acking(server.zds_socket)
@@ -216,7 +174,7 @@ def test_a_late_watcher_agrees_with_one_that_watched_from_the_start(
     peers.acking(server.zds_socket)  # a second ztunnel: snapshot, then newest
     early.wait_for(K.EVENT_KIND_SNAPSHOT_COMPLETE, count=2)
 
-    late = Stream(server)
+    late = WatchStream(server)
     streams.append(late)
     marker = late.wait_for(K.EVENT_KIND_CURRENT_STATE_END)[0]
     # What the early watcher learnt from events, up to the late watcher's marker...
@@ -282,7 +240,7 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
     finally:
         channel.close()
     # The node agent carries on, and a new watcher gets the whole current state.
-    fresh = Stream(server)
+    fresh = WatchStream(server)
     try:
         fresh.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
         assert kinds(fresh.events).count("POD_ENROLLED") == 1000
@@ -291,10 +249,10 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
 
 
 def test_watchers_are_told_when_the_node_agent_shuts_down(
-    server: NodeAgentProc, peers: Peers, streams: list[Stream]
+    server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
     peers.acking(server.zds_socket)
-    stream = Stream(server)
+    stream = WatchStream(server)
     streams.append(stream)
     stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
     assert server.stop() == 0
