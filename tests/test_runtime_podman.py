@@ -16,8 +16,10 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -75,6 +77,8 @@ class Runtime:
         self.token = uuid.uuid4().hex[:8]
         self.label = f"zds.test={self.token}"
         self.network = f"zdst-{self.token}"
+        #: Every network this test made (the first one has zds-cni chained).
+        self.networks = [self.network]
         self.image = setup["ZDS_BASE_IMAGE"]
         self.conf_dir = tmp / "net.d"
         self.bin_dir = tmp / "cni-bin"
@@ -122,11 +126,20 @@ class Runtime:
         if os.path.exists(self.api_socket):
             os.unlink(self.api_socket)
 
-    def run(self, name: str, code: str, *labels: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``podman run -d`` of a python app on the test network."""
+    def add_network(self, suffix: str) -> str:
+        """Another CNI network of this test's, with a subnet of its own (zds-cni not chained)."""
+        name = f"{self.network}-{suffix}"
+        self.networks.append(name)
+        self.podman("network", "create", "--subnet", random_subnet(), name)
+        return name
+
+    def run(
+        self, name: str, code: str, *labels: str, check: bool = True, network: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``podman run -d`` of a python app on the test network (or ``network``)."""
         flags = [f"--label={self.label}", *(f"--label={label}" for label in labels)]
         return self.podman(
-            "run", "-d", "--network", self.network, "--name", f"{name}-{self.token}", *flags,
+            "run", "-d", "--network", network or self.network, "--name", f"{name}-{self.token}", *flags,
             self.image, "python3", "-c", code, check=check,
         )  # fmt: skip
 
@@ -139,8 +152,8 @@ class Runtime:
         path = self.inspect(name)["NetworkSettings"]["SandboxKey"]
         return Pod(os.path.basename(path), path)
 
-    def ip(self, name: str) -> str:
-        return str(self.inspect(name)["NetworkSettings"]["Networks"][self.network]["IPAddress"])
+    def ip(self, name: str, network: str | None = None) -> str:
+        return str(self.inspect(name)["NetworkSettings"]["Networks"][network or self.network]["IPAddress"])
 
     def logs(self, name: str) -> str:
         done = self.podman("logs", f"{name}-{self.token}", check=False)
@@ -157,11 +170,12 @@ class Runtime:
             self.podman("rm", "-f", "-t", "0", *ids, check=False)
         if self.podman("ps", "-aq", "--filter", f"label={self.label}", check=False).stdout.split():
             problems.append("containers left behind")
-        self.podman("network", "rm", "-f", self.network, check=False)
-        if self.podman("network", "exists", self.network, check=False).returncode == 0:
-            problems.append(f"network {self.network} left behind")
-        # host-local IPAM's state for the network (Podman leaves it): ours, by the network's name.
-        shutil.rmtree(f"/var/lib/cni/networks/{self.network}", ignore_errors=True)
+        for network in self.networks:
+            self.podman("network", "rm", "-f", network, check=False)
+            if self.podman("network", "exists", network, check=False).returncode == 0:
+                problems.append(f"network {network} left behind")
+            # host-local IPAM's state for the network (Podman leaves it): ours, by the network's name.
+            shutil.rmtree(f"/var/lib/cni/networks/{network}", ignore_errors=True)
         self.stop_service()
         return problems
 
@@ -206,6 +220,10 @@ class Node:
         self.agent.stop()
 
 
+def random_subnet() -> str:
+    return f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
+
+
 @pytest.fixture
 def runtime(tmp_path: pathlib.Path) -> Iterator[Runtime]:
     done = subprocess.run(["bash", str(SETUP), "engine"], capture_output=True, text=True, timeout=1200)
@@ -213,8 +231,7 @@ def runtime(tmp_path: pathlib.Path) -> Iterator[Runtime]:
     setup = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
     rt = Runtime(tmp_path, setup)
     try:
-        subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
-        rt.podman("network", "create", "--subnet", subnet, rt.network)
+        rt.podman("network", "create", "--subnet", random_subnet(), rt.network)
         installed = subprocess.run(
             [
                 *ZDS, "cni", "install", "--bin-dir", str(rt.bin_dir), "--conf-dir", str(rt.conf_dir),
@@ -332,6 +349,38 @@ def test_the_node_agent_restarted_under_running_containers_reconciles_and_drops_
     runtime.run("productpage", client(runtime.ip("reviews"), then_sleep=True), AMBIENT)
     wait_until(lambda: "echo: first words" in runtime.logs("productpage"), "productpage's echo")
     wait_until(lambda: inbound(node.workloads(), reviews) >= 1, "traffic into reviews through ztunnel")
+
+
+def test_a_labelled_container_started_while_the_node_agent_is_down_is_enrolled_when_it_starts(
+    tmp_path: pathlib.Path, runtime: Runtime
+) -> None:
+    """Reconcile on start, "enroll the missing": on a network without zds-cni only the engine
+    source can enroll the container, and it does so from its listing."""
+    plain = runtime.add_network("plain")
+    runtime.run("reviews", ECHO, AMBIENT, network=plain)
+    reviews, netns = runtime.cid("reviews"), runtime.netns("reviews")
+    assert istio_rules(netns) == "", "nothing enrolled it before the node agent started"
+    node = Node(tmp_path, runtime)  # waits for its listing to be reconciled
+    try:
+        pods = node.pods()
+        assert set(pods) == {reviews}
+        assert pods[reviews].source == "container-engine" and pods[reviews].rules_installed
+        # By the reconcile of its listing, not by its start event (replayed from just before the
+        # listing): enrolled before the listing was done.
+        log = node.agent.output()
+        enrolled = re.search(rf"pod enrolled .* uid={reviews}", log)
+        assert enrolled is not None and enrolled.start() < log.index("listed and reconciled"), log
+        assert pods[reviews].name == f"reviews-{runtime.token}"
+        assert "-A OUTPUT -j ISTIO_OUTPUT" in istio_rules(netns)
+        wait_until(lambda: node.workloads().get(reviews, {}).get("state") == "Up", "reviews Up in ztunnel")
+        assert set(pod_ports(netns, node.ztunnel.pid)) >= {15001, 15006, 15008}
+        # A connection into it goes through ztunnel's inbound listener in its netns.
+        with socket.create_connection((runtime.ip("reviews", plain), APP_PORT), timeout=10) as conn:
+            conn.sendall(b"hello")
+            assert conn.recv(100) == b"hello"
+        wait_until(lambda: inbound(node.workloads(), reviews) >= 1, "traffic into reviews through ztunnel")
+    finally:
+        node.stop()
 
 
 def source_state(agent: NodeAgentProc) -> tuple[str, str]:
