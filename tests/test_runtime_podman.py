@@ -32,6 +32,7 @@ from tests.harness import (
     ZDS,
     NodeAgentProc,
     Pod,
+    WatchStream,
     ZtunnelProc,
     free_port,
     http_get,
@@ -273,6 +274,20 @@ def inbound(workloads: dict[str, Any], uid: str) -> int:
 
 
 def test_a_labelled_container_is_redirected_from_its_first_connection(runtime: Runtime, node: Node) -> None:
+    K = nodeagent_pb2
+    watch = WatchStream(
+        node.agent,
+        K.WatchRequest(
+            kinds=[K.EVENT_KIND_MESSAGE_SENT, K.EVENT_KIND_POD_ENROLLED, K.EVENT_KIND_POD_REMOVED]
+        ),
+    )
+    try:
+        redirected_from_the_first_connection(runtime, node, watch)
+    finally:
+        watch.close()
+
+
+def redirected_from_the_first_connection(runtime: Runtime, node: Node, watch: WatchStream) -> None:
     runtime.run("reviews", ECHO, AMBIENT, "zds.io/service-account=bookinfo-reviews")
     reviews = runtime.cid("reviews")
     # Enrolled by zds-cni's ADD, before the container started: rules in its netns, ztunnel's listeners there.
@@ -297,6 +312,21 @@ def test_a_labelled_container_is_redirected_from_its_first_connection(runtime: R
     workloads = wait_until(counted, "ztunnel's counters: productpage outbound, reviews inbound")
     assert workloads[productpage]["info"]["name"] == f"productpage-{runtime.token}"
     assert "enrolled: container productpage" in (runtime.tmp / "zds-cni.log").read_text()
+
+    # Both sources saw each container (zds-cni's ADD, then the engine's start event): one pod, one
+    # AddWorkload. Removing them ends the story: each uid's events are handled in order, so
+    # any sync the start event caused is done once the removal shows.
+    K = nodeagent_pb2
+    runtime.podman("rm", "-f", "-t", "0", f"reviews-{runtime.token}", f"productpage-{runtime.token}")
+    for uid in (reviews, productpage):
+        watch.wait_for(K.EVENT_KIND_MESSAGE_SENT, uid=uid, message_type="del")
+        events = [e for e in watch.live() if e.uid == uid]
+        sent = [e.message_type for e in events if e.kind == K.EVENT_KIND_MESSAGE_SENT]
+        assert sent == ["add", "del"], (uid, sent)
+        assert [K.EventKind.Name(e.kind) for e in events if e.kind != K.EVENT_KIND_MESSAGE_SENT] == [
+            "EVENT_KIND_POD_ENROLLED",
+            "EVENT_KIND_POD_REMOVED",
+        ], uid
 
 
 def test_unlabelled_and_none_containers_stay_out_and_talk_directly(runtime: Runtime, node: Node) -> None:
