@@ -175,6 +175,36 @@ def test_reinstalling_is_idempotent_and_the_digest_sees_a_change(scratch: list[s
 
 
 @pytest.mark.root
+def test_the_digest_recorded_at_install_is_what_the_kernel_lists_in_every_pod(
+    pods: PodNetwork, scratch: list[str]
+) -> None:
+    """One redirector lists the ruleset only for the first pod without our tables with a rule
+    text; every pod's recorded digest must still be what a later check of that pod computes
+    from the kernel, also where an old table of ours had a chain Istio's flush leaves."""
+    plain, again = scratch_netns(scratch), scratch_netns(scratch)
+    # an old istio-ambient-nat with a chain of its own: Istio's "flush table" keeps the chain
+    nft(again, "add", "table", "inet", "istio-ambient-nat")
+    nft(again, "add", "chain", "inet", "istio-ambient-nat", "leftover")
+    dual = pods.add_pod(f"zdsn-{secrets.token_hex(3)}").netns_path
+    redirector = NftablesRedirector(RedirectConfig())
+
+    async def install_all() -> list[tuple[list[int], str]]:
+        done = []
+        for path in (plain, again, dual):
+            with open_netns(path) as ns:
+                installed = await redirector.install(ns)
+                done.append((installed.families, installed.digest))
+        return done
+
+    recorded = asyncio.run(install_all())
+    assert [families for families, _ in recorded] == [[4], [4], [4, 6]]
+    assert "chain leftover" in ruleset(again)
+    for path, (_, stamp) in zip((plain, again, dual), recorded, strict=True):
+        assert stamp != "" and digest(path) == stamp, path
+    assert len({stamp for _, stamp in recorded}) == 3
+
+
+@pytest.mark.root
 def test_removal_deletes_the_tables_and_the_policy_routing(scratch: list[str]) -> None:
     pod = scratch_netns(scratch)
     nft(pod, "add", "table", "inet", "theirs")  # not ours: it stays
