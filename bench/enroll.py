@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 
 import grpc
 import podns
+from procs import stop_process
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
@@ -116,13 +116,7 @@ def main() -> int:
         return 0
     finally:
         for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 30)
         podns.remove(paths)
         if not os.environ.get("ZDS_BENCH_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)

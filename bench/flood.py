@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from procs import stop_process
 
 from zds.protocol.messages import encode_hello
 
@@ -68,12 +69,7 @@ def one_run(idle: int) -> float:
     finally:
         for sock in opened:
             sock.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

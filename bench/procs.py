@@ -147,13 +147,22 @@ class Proc:
                     self.popen.send_signal(signal.SIGTERM)
             except (BrokenPipeError, ProcessLookupError):
                 pass
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+            stop_process(self.popen, timeout, signal_first=False)
         if self.popen.stdin is not None:
             self.popen.stdin.close()
+
+
+def stop_process(popen: subprocess.Popen[bytes], timeout: float = 15.0, *, signal_first: bool = True) -> None:
+    """SIGTERM (unless already asked), wait ``timeout`` seconds, then SIGKILL, by its PID."""
+    if popen.poll() is not None:
+        return
+    if signal_first:
+        popen.send_signal(signal.SIGTERM)
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait()
 
 
 def loadavg() -> list[float]:

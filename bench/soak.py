@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 from typing import Any
 
 import grpc
+from procs import stop_process
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns.fixtures import create_netns, delete_netns
@@ -130,12 +130,7 @@ def main() -> int:
         return 0
     finally:
         for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         for name in names:
             delete_netns(name, missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

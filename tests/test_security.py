@@ -207,22 +207,18 @@ def test_grpc_listen_without_tls_refuses_to_start_in_one_line(tmp_path: Path) ->
         proc.stop()
 
 
+def agent_with_tls(tmp_path: Path, certs: dict[str, str], *extra: str) -> tuple[str, NodeAgentProc]:
+    """A node agent serving the control API on 127.0.0.1 with the server certificate (and
+    ``extra`` flags); its address and the process."""
+    address = f"127.0.0.1:{free_port()}"
+    tls = ["--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"], *extra]
+    return address, NodeAgentProc(str(tmp_path), "--grpc-listen", address, *tls).wait_ready()
+
+
 def test_the_control_api_on_tcp_with_mutual_tls_answers_grpcurl_and_zds_with_certificates_only(
     tmp_path: Path, certs: dict[str, str]
 ) -> None:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    proc = NodeAgentProc(
-        str(tmp_path),
-        "--grpc-listen",
-        address,
-        "--tls-cert",
-        certs["server.pem"],
-        "--tls-key",
-        certs["server.key"],
-        "--tls-client-ca",
-        certs["ca.pem"],
-    ).wait_ready()
+    address, proc = agent_with_tls(tmp_path, certs, "--tls-client-ca", certs["ca.pem"])
     try:
         tls = ["-cacert", certs["ca.pem"], "-cert", certs["client.pem"], "-key", certs["client.key"]]
         listed = subprocess.run([GRPCURL, *tls, address, "list"], capture_output=True, text=True, timeout=60)
@@ -257,16 +253,7 @@ def test_the_control_api_on_tcp_with_server_tls_only_answers_grpcurl_and_zds_tha
 ) -> None:
     """Without --tls-client-ca no client certificate is asked for: the channel is encrypted
     and the server authenticated, and a client that does not trust its CA is refused."""
-    address = f"127.0.0.1:{free_port()}"
-    proc = NodeAgentProc(
-        str(tmp_path),
-        "--grpc-listen",
-        address,
-        "--tls-cert",
-        certs["server.pem"],
-        "--tls-key",
-        certs["server.key"],
-    ).wait_ready()
+    address, proc = agent_with_tls(tmp_path, certs)
     try:
 
         def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
