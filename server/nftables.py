@@ -230,10 +230,7 @@ class NftablesRedirector(Redirector):
         # the kernel lists afterwards is the same in every netns only where none of our
         # tables was there before (~0.2 ms to ask, where listing the ruleset takes ~0.6 ms,
         # as long as the install itself): there the listing of the first such pod serves.
-        fresh = not any(
-            line.split()[1:3] in (["inet", t] for t in TABLES)
-            for line in lib.run("list tables inet").splitlines()
-        )
+        fresh = not our_tables(lib.run("list tables inet"))
         lib.run(rules)
         _routing(add=True, ipv6=ipv6)
         digest = self._fresh_digests.get(rules) if fresh else None
