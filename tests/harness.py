@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
 T = TypeVar("T")
@@ -149,17 +150,6 @@ def file_fd_count(pid: int) -> int:
             if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:["):
                 count += 1
     return count
-
-
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process ``pid`` holds."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
 
 
 def tcp_connection_count(pid: int) -> int:

@@ -16,17 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (
-    ZDS,
-    NodeAgentProc,
-    ZdsProcess,
-    free_port,
-    pod_netns,
-    post_unix,
-    socket_inodes,
-    wait_until,
-)
+from tests.harness import ZDS, NodeAgentProc, ZdsProcess, free_port, pod_netns, post_unix, wait_until
 from tests.standins import RawPeer
+from zds.check.inpod import socket_inodes
 
 pytestmark = pytest.mark.root
 

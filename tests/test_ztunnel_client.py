@@ -34,10 +34,10 @@ from tests.harness import (
     listening,
     pod_ports,
     settled_fd_count,
-    socket_inodes,
     wait_until,
 )
 from tests.standins import FakeConnection, FakeNodeAgent
+from zds.check.inpod import socket_inodes
 from zds.client.app import Ztunnel, ZtunnelConfig
 from zds.client.backoff import Backoff
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners

@@ -50,20 +50,23 @@ async def listeners_in(netns: str) -> list[Listener]:
 
 
 def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process ``pid`` holds (empty when it cannot be read)."""
+    """Inodes of the sockets process ``pid`` holds (OSError when its fds cannot be listed)."""
     inodes = set()
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
     return inodes
 
 
 async def ports_of(netns: str, pid: int | None) -> dict[int, set[int]]:
     """The in-pod ports listening in ``netns``: port -> socket inodes (only ``pid``'s when given)."""
-    mine = socket_inodes(pid) if pid else None
+    mine: set[int] | None = None
+    if pid:
+        mine = set()  # a ztunnel that is gone holds no sockets
+        with contextlib.suppress(OSError):
+            mine = socket_inodes(pid)
     ports: dict[int, set[int]] = {}
     for listener in await listeners_in(netns):
         if listener.port in INPOD_PORTS and (mine is None or listener.inode in mine):
