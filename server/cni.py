@@ -116,12 +116,7 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     case-insensitively; each ``IPs`` element must fit IPConfig), so what Istio's agent
     answers 400 to, this answers 400 to.
     """
-    try:
-        doc: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadEvent(f"body is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise BadEvent("body must be a JSON object with Netns, PodName and PodNamespace")
+    doc = _json_object(body, "Netns, PodName and PodNamespace")
     values: dict[str, Any] = {}
     for key in ("Netns", "PodName", "PodNamespace"):
         value = _field(doc, key)
@@ -156,14 +151,20 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     return spec, values["ContainerID"] or None
 
 
-def parse_del_event(body: bytes) -> tuple[str, str]:
-    """zds-cni's DEL: (the pod's uid, its netns path or '')."""
+def _json_object(body: bytes, fields: str) -> dict[str, Any]:
+    """The body as a JSON object; BadEvent (naming the ``fields`` it must have) otherwise."""
     try:
         doc: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadEvent(f"body is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise BadEvent("body must be a JSON object with PodUID")
+        raise BadEvent(f"body must be a JSON object with {fields}")
+    return doc
+
+
+def parse_del_event(body: bytes) -> tuple[str, str]:
+    """zds-cni's DEL: (the pod's uid, its netns path or '')."""
+    doc = _json_object(body, "PodUID")
     uid, netns = _field(doc, "PodUID"), _field(doc, "Netns") or ""
     if not isinstance(uid, str) or not uid:
         raise BadEvent("PodUID is missing or not a non-empty string")
