@@ -83,8 +83,9 @@ class Measurement:
     wall_ms: float
     #: zds ztunnel only: from exec to the node agent receiving its hello.
     hello_ms: float | None = None
-    #: zds pod add only: from exec to the node agent enrolling the first pod.
-    first_request_ms: float | None = None
+    #: zds pod add only: from exec to the node agent's first ``pod enrolled`` line (its first
+    #: request exactly, without the node agent's part: ``firstrequest.py``).
+    first_enrolled_ms: float | None = None
     #: process -> {"VmRSS": KiB, "VmHWM": KiB} once the run is done.
     rss_kb: dict[str, dict[str, int]] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
@@ -196,7 +197,7 @@ class Pair:
         return missing
 
     def snapshot(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
-        with _scratch() as tmp:
+        with scratch() as tmp:
             server = self.server.start(tools, tmp, pods, self.uvloop)
             ztunnel: Proc | None = None
             try:
@@ -217,7 +218,7 @@ class Pair:
                 self.server.stop(server)
 
     def live(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
-        with _scratch() as tmp:
+        with scratch() as tmp:
             server = self.server.start(tools, tmp, None, self.uvloop)
             ztunnel: Proc | None = None
             try:
@@ -257,7 +258,7 @@ class Pair:
             cli.stop()
         if code != 0:
             raise BenchError(f"zds pod add --from-file exited {code}: {cli.err.tail()}")
-        return Measurement(wall_ms=(last - t0) * 1e3, first_request_ms=(first - t0) * 1e3), t0
+        return Measurement(wall_ms=(last - t0) * 1e3, first_enrolled_ms=(first - t0) * 1e3), t0
 
     def _live_istio(self, pods: Pods, server: Proc) -> tuple[Measurement, float]:
         lines = pods.istio_lines(prefix="add ")
@@ -278,7 +279,7 @@ class Pair:
 
 
 @contextmanager
-def _scratch() -> Iterator[str]:
+def scratch() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="zds-bench-")
     try:
         yield tmp

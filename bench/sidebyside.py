@@ -29,11 +29,13 @@ import resource
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
+import firstrequest
 import podns
 import report
-from pairs import PAIRS, Measurement, Pair, Pods, Tools
+from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
 from procs import BenchError, loadavg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": {pair.name: pair.label for pair in pairs},
         "skipped": skipped,
         "results": [],
+        "first_request": [],
     }
+    #: zds pod add's own start-up, against a stand-in control server (firstrequest.py).
+    time_first_request = "live" in modes and any(pair.server.name == "zds" for pair in pairs)
     for n in sizes:
         names = [f"zb{os.getpid()}-{i}" for i in range(n)]
         pods = Pods(podns.create(names))
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                     for listeners in listener_modes:
                         for pair in pairs:
                             doc["results"].append(measure(pair, mode, tools, pods, listeners, run))
+                if time_first_request:
+                    doc["first_request"].append(measure_first_request(tools, pods, run))
         finally:
             podns.remove(pods.paths)
         if not args.no_floor and zds_limit is not None:
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     doc["load_end"] = loadavg()
     doc["summary"] = report.summarize(doc["results"])
-    doc["targets"] = report.targets(doc["summary"], doc["results"])
+    doc["targets"] = report.targets(doc["summary"], doc["results"], doc["first_request"])
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, args.name)
     with open(stem + ".json", "w") as f:
@@ -258,6 +265,33 @@ def main(argv: list[str] | None = None) -> int:
         f.write(report.markdown(doc, [os.path.basename(p) for p in plots]))
     print(f"bench: results in {stem}.json and {stem}.md", file=sys.stderr)
     return 0
+
+
+def measure_first_request(tools: Tools, pods: Pods, run: int) -> dict[str, Any]:
+    """``zds pod add --from-file`` of ``pods``: exec to its first request at a stand-in."""
+    with scratch() as tmp:
+        pods_file = pods.zds_file(tmp)
+        if run == 1:  # untimed: the stand-in's and the client's files in the page cache first
+            firstrequest.measure(_pod_add(tools, pods_file), pods_file, len(pods), tmp, tools.env)
+        load = loadavg()[0]
+        m = firstrequest.measure(_pod_add(tools, pods_file), pods_file, len(pods), tmp, tools.env)
+    print(
+        f"bench: first request n={len(pods):5} zds pod add run {run}: {m.first_request_ms:8.1f} ms "
+        f"(exits at {m.exit_ms:.1f} ms, load {load:.2f})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "n": len(pods),
+        "run": run,
+        "first_request_ms": round(m.first_request_ms, 2),
+        "exit_ms": round(m.exit_ms, 2),
+        "load": load,
+    }
+
+
+def _pod_add(tools: Tools, pods_file: str) -> Callable[[str], list[str]]:
+    return lambda sock: tools.zds("pod", "add", "--from-file", pods_file, "--control-socket", sock)
 
 
 def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, run: int) -> dict[str, Any]:
@@ -279,8 +313,8 @@ def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, ru
     }
     if m.hello_ms is not None:
         row["hello_ms"] = round(m.hello_ms, 2)
-    if m.first_request_ms is not None:
-        row["first_request_ms"] = round(m.first_request_ms, 2)
+    if m.first_enrolled_ms is not None:
+        row["first_enrolled_ms"] = round(m.first_enrolled_ms, 2)
     if run == 1 and len(pods) == 1000:
         row["acked_all_ms"] = m.acked_ms  # for the per-pod distribution plot
     print(
