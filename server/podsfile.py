@@ -14,6 +14,7 @@ from zds.server.pods import PodSource, PodSpec, PodSpecError
 FIELDS = ("uid", "name", "namespace", "service_account", "netns", "ips")
 #: The fields that are plain strings.
 TEXT_FIELDS = FIELDS[:5]
+_KNOWN = frozenset(FIELDS)
 
 
 def spec_from_mapping(entry: Any, where: str) -> PodSpec:
@@ -22,16 +23,16 @@ def spec_from_mapping(entry: Any, where: str) -> PodSpec:
         raise PodSpecError(
             f"{where}: expected an object with {', '.join(FIELDS)}, got {type(entry).__name__}"
         )
-    entry = dict(entry)
     if "serviceAccount" in entry and "service_account" not in entry:
+        entry = dict(entry)
         entry["service_account"] = entry.pop("serviceAccount")
-    unknown = sorted(str(key) for key in set(entry) - set(FIELDS))
-    if unknown:
+    if not entry.keys() <= _KNOWN:  # (a file of thousands of pods is read before any is sent)
+        unknown = sorted(str(key) for key in entry.keys() - _KNOWN)
         raise PodSpecError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
     missing = [f for f in ("uid", "netns") if not entry.get(f)]
     if missing:
         raise PodSpecError(f"{where}: missing {', '.join(missing)}")
-    values = {f: str(entry.get(f, "") if entry.get(f) is not None else "") for f in TEXT_FIELDS}
+    values = {f: "" if (value := entry.get(f)) is None else str(value) for f in TEXT_FIELDS}
     try:
         netns = NetnsRef.parse(values["netns"])
     except NetnsRefError as exc:

@@ -1,0 +1,78 @@
+"""Pods files (``zds server --pods``, ``zds pod add --from-file``): what is read, and the one
+line that names the first problem (file, line or entry, field). Nothing here needs root."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from zds.netns import NetnsRef
+from zds.server.pods import PodSource, PodSpecError
+from zds.server.podsfile import parse_pods
+
+
+def lines(*entries: object) -> str:
+    return "".join(json.dumps(e) + "\n" for e in entries)
+
+
+def test_json_lines_are_read_with_the_defaults_filled_in_and_service_account_spelled_either_way() -> None:
+    text = "# pods\n" + lines(
+        {"uid": "u1", "name": "web", "namespace": "shop", "serviceAccount": "web-sa", "netns": "zdsp-1"},
+        {"uid": "u2", "netns": "pid:42", "ips": ["10.0.0.2"], "name": None},
+    )
+    first, second = parse_pods(text, "pods.jsonl")
+    assert (first.uid, first.name, first.namespace, first.service_account) == ("u1", "web", "shop", "web-sa")
+    assert first.netns == NetnsRef(path="/var/run/netns/zdsp-1") and first.source is PodSource.PODS_FILE
+    # A null or missing name is the uid, as Kubernetes' defaults for the rest.
+    assert (second.uid, second.name, second.namespace, second.service_account) == (
+        "u2",
+        "u2",
+        "default",
+        "default",
+    )
+    assert second.netns == NetnsRef(pid=42) and second.ips == ("10.0.0.2",)
+
+
+def test_an_entry_spelling_the_service_account_both_ways_keeps_service_account_and_names_the_other() -> None:
+    text = lines({"uid": "u1", "netns": "/run/netns/a", "service_account": "sa", "serviceAccount": "other"})
+    with pytest.raises(
+        PodSpecError, match=r"^pods.jsonl:1: unknown field\(s\) serviceAccount; expected uid, "
+    ):
+        parse_pods(text, "pods.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            {"uid": "u1", "netns": "/run/netns/a", "labels": {}, "image": "x"},
+            "unknown field(s) image, labels",
+        ),
+        ({"netns": "/run/netns/a"}, "missing uid"),
+        ({"uid": "", "netns": ""}, "missing uid, netns"),
+        ({"uid": "u1", "netns": "pid:0"}, 'bad netns reference "pid:0"'),
+        ({"uid": "u1", "netns": "/run/netns/a", "ips": "10.0.0.1"}, "ips must be a list of addresses"),
+    ],
+)
+def test_a_bad_entry_is_refused_naming_the_file_its_line_and_what_is_wrong(
+    entry: object, message: str
+) -> None:
+    text = lines({"uid": "ok", "netns": "/run/netns/ok"}, entry)
+    with pytest.raises(PodSpecError) as refused:
+        parse_pods(text, "pods.jsonl")
+    assert str(refused.value).startswith("pods.jsonl:2: ") and message in str(refused.value)
+
+
+def test_a_line_that_is_not_json_and_a_uid_given_twice_are_refused() -> None:
+    with pytest.raises(PodSpecError, match=r"^pods.jsonl:2: not valid JSON: Extra data$"):
+        parse_pods('{"uid": "a", "netns": "x"}\n{"uid": "b", "netns": "y"} {}\n', "pods.jsonl")
+    with pytest.raises(PodSpecError, match=r"^pods.jsonl: uid a appears twice$"):
+        parse_pods(lines({"uid": "a", "netns": "x"}, {"uid": "a", "netns": "y"}), "pods.jsonl")
+
+
+def test_yaml_entries_are_named_by_their_position() -> None:
+    specs = parse_pods("pods:\n  - {uid: u1, netns: pid:7}\n", "pods.yaml")
+    assert [(s.uid, s.netns) for s in specs] == [("u1", NetnsRef(pid=7))]
+    with pytest.raises(PodSpecError, match=r"^pods.yaml: entry 2: expected an object with uid, "):
+        parse_pods("- {uid: u1, netns: pid:7}\n- just a string\n", "pods.yaml")
