@@ -15,7 +15,7 @@ import pytest
 
 from tests.harness import ZDS, NodeAgentProc
 from zds import cliflags
-from zds.cli import build_parser
+from zds.cli import PARTS, build_parser, command_of
 
 PARSER = build_parser()
 LEAVES = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(PARSER)}
@@ -83,6 +83,43 @@ def test_log_flags_work_after_every_subcommand(prog: str) -> None:
     assert (plain.log_level, plain.log_format) == ("info", "text")
 
 
+@pytest.mark.parametrize("prog", sorted(LEAVES))
+def test_a_run_builds_only_its_commands_parsers_and_they_are_the_whole_parsers_own(prog: str) -> None:
+    command = prog.split()[1]
+    argv = [*prog.split()[1:], "--log-level", "debug"]
+    for before in ([], ["--log-level", "warning"], ["--log-format=json"]):
+        assert command_of([*before, *argv]) == command
+    partial = build_parser(command)
+    # Only the part that registers the command: its commands and no other.
+    [(_, commands)] = [part for part in PARTS if command in part[1]]
+    assert set(_commands(partial)) == set(commands)
+    leaves = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(partial)}
+    assert leaves[prog].format_help() == LEAVES[prog].format_help()
+    assert partial.format_usage() == PARSER.format_usage()
+
+
+def test_help_version_and_anything_unclear_get_the_whole_parser() -> None:
+    for argv in (
+        [],
+        ["--help"],
+        ["-h", "pod"],
+        ["--version"],
+        ["--log-l", "debug", "pod"],
+        ["srever"],
+        ["--x"],
+    ):
+        assert command_of(argv) is None, argv
+    assert set(_commands(PARSER)) == {command for _, commands in PARTS for command in commands}
+    done = subprocess.run([sys.executable, "-m", "zds", "srever"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "invalid choice: 'srever' (choose from " in done.stderr
+    assert "'server'" in done.stderr and "'demo'" in done.stderr
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
 def test_the_ztunnel_help_and_config_name_the_dns_port() -> None:
     help_text = LEAVES["zds ztunnel"].format_help()
     assert "15053" in help_text and "--dns-port" in help_text
@@ -148,6 +185,22 @@ def test_the_client_commands_load_nothing_heavy() -> None:
 def test_the_ztunnel_side_loads_no_node_agent_and_no_fixtures() -> None:
     loaded = _heavy_loaded("import zds.client.app")
     assert not [m for m in loaded if m.startswith(("pyroute2", "zds.demo", "zds.netns.podnet", "zds.server"))]
+
+
+@pytest.mark.root
+def test_debug_logs_are_zds_s_not_every_netlink_message_of_pyroute2() -> None:
+    from zds.netns.fixtures import create_netns, delete_netns
+
+    name = f"zds-clidebug-{os.getpid()}"
+    create_netns(name)
+    try:
+        done = subprocess.run(
+            [*ZDS, "--log-level", "debug", "netns", "list"], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        delete_netns(name)
+    assert done.returncode == 0 and name in done.stdout, done.stderr
+    assert "pyroute2" not in done.stderr
 
 
 @pytest.mark.root

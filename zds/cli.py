@@ -7,22 +7,31 @@ and outside tests call them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from zds import __version__, cliflags, logs
 
+#: The parts that register commands, in the order ``zds --help`` lists them, with the
+#: commands each registers (a run builds only its command's part: every command's flags
+#: cost a few ms of every start, ``zds ztunnel``'s and ``zds pod add``'s too).
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("zds.server.cli", ("server",)),
+    ("zds.server.controlcli", ("pod", "connections", "watch")),
+    ("zds.server.faultcli", ("fault",)),
+    ("zds.client.cli", ("ztunnel",)),
+    ("zds.netns.cli", ("netns",)),
+    ("zds.cni.cli", ("cni",)),
+    ("zds.check.cli", ("check",)),
+    ("zds.demo", ("demo",)),
+)
+_TOP_FLAGS_WITH_VALUE = ("--log-level", "--log-format")
 
-def build_parser() -> argparse.ArgumentParser:
-    from zds import demo
-    from zds.check import cli as check_cli
-    from zds.client import cli as client_cli
-    from zds.cni import cli as cni_cli
-    from zds.netns import cli as netns_cli
-    from zds.server import cli as server_cli
-    from zds.server import controlcli as control_cli
-    from zds.server import faultcli as fault_cli
 
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """``zds``'s parser: every command's, or (``command`` one of them) only the part that
+    registers it; the top-level parser and that command's parsers are the same either way."""
     parser = argparse.ArgumentParser(
         prog="zds",
         description="Both ends of Istio ambient mode's ZDS handshake: node agent and ztunnel side.",
@@ -30,22 +39,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zds {__version__}")
     cliflags.add_log_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    server_cli.register(sub)
-    control_cli.register(sub)
-    fault_cli.register(sub)
-    client_cli.register(sub)
-    netns_cli.register(sub)
-    cni_cli.register(sub)
-    check_cli.register(sub)
-    demo.register(sub)
+    for module, commands in PARTS:
+        if command is None or command in commands:
+            importlib.import_module(module).register(sub)
     for leaf in cliflags.leaf_parsers(parser):
         if leaf is not parser:
             cliflags.add_log_flags(leaf)
     return parser
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs when that is plain to see (the first word after the
+    top-level log flags), else None: help, --version, a misspelt flag or command get the
+    whole parser (and its message)."""
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-"):
+            return arg if any(arg in commands for _, commands in PARTS) else None
+        if arg in _TOP_FLAGS_WITH_VALUE:
+            next(args, None)
+        elif arg.partition("=")[0] not in _TOP_FLAGS_WITH_VALUE:
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:

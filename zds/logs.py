@@ -34,6 +34,22 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops the debug and info lines of libraries that log every message they handle
+    (pyroute2: every netlink message). Their loggers' levels cannot be set beforehand:
+    pyroute2 sets its own when it is imported, which is lazily, after ``configure``."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self._names = names
+        self._prefixes = tuple(name + "." for name in names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not (record.name in self._names or record.name.startswith(self._prefixes))
+
+
 class _Seconds:
     """The ``YYYY-mm-ddTHH:MM:SS`` of the last second formatted (a line per pod in a snapshot
     of thousands: formatting the same second again is most of a line's cost)."""
@@ -174,3 +190,4 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     # grpc and aiohttp are chatty at debug; keep them at warning unless asked.
     for noisy in ("grpc", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    handler.addFilter(_QuietLibraries(("pyroute2",)))
