@@ -11,6 +11,8 @@ messages), and the timing has nothing of the node agent's in it.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import subprocess
 import threading
@@ -24,6 +26,8 @@ import grpc
 from procs import BenchError
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+
+_SOCKETS = itertools.count()
 
 
 class _StandIn(nodeagent_pb2_grpc.NodeAgentServicer):
@@ -63,20 +67,26 @@ def measure(
 ) -> FirstRequest:
     """Start ``argv_for(socket)`` (a ``zds pod add --from-file pods_file`` of ``n`` pods)
     against a fresh stand-in; BenchError if it fails or does not print ``n`` enrollments."""
-    sock = os.path.join(directory, "stand-in.sock")
+    # A socket of its own each time: gRPC unlinks a stopped server's socket file itself.
+    sock = os.path.join(directory, f"stand-in-{next(_SOCKETS)}.sock")
     stand_in = _StandIn()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(stand_in, server)
-    server.add_insecure_port(f"unix:{sock}")
-    server.start()
-    try:
-        t0 = time.perf_counter()
-        done = subprocess.run(argv_for(sock), env=env, capture_output=True, text=True, timeout=120)
-        ended = time.perf_counter()
-    finally:
-        server.stop(None)
-        if os.path.exists(sock):
-            os.unlink(sock)
+    with futures.ThreadPoolExecutor(max_workers=2) as pool:
+        server = grpc.server(pool)
+        nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(stand_in, server)
+        server.add_insecure_port(f"unix:{sock}")
+        server.start()
+        try:
+            t0 = time.perf_counter()
+            done = subprocess.run(argv_for(sock), env=env, capture_output=True, text=True, timeout=120)
+            ended = time.perf_counter()
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(
+                f"zds pod add --from-file {pods_file} against the stand-in took over 120 s"
+            ) from exc
+        finally:
+            server.stop(None).wait()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
     enrolled = done.stdout.count(" enrolled: ")
     if done.returncode != 0 or enrolled != n or stand_in.first is None:
         tail = (done.stderr.strip().splitlines() or ["(nothing)"])[-1]

@@ -98,6 +98,8 @@ def targets(
     for n in sorted({r["n"] for r in first_request}):
         values = [r["first_request_ms"] for r in first_request if r["n"] == n]
         startup.append((f"zds pod add, N={n:,}: exec to first request (ms, median)", values, 120.0))
+    if not first_request:  # not measured (no live mode, or no zds node agent): said so
+        startup.append(("zds pod add: exec to first request (ms, median)", [], 120.0))
     for what, values, limit in startup:
         value = round(statistics.median(values), 1) if values else None
         out.append(
