@@ -39,6 +39,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zds {__version__}")
     cliflags.add_log_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    if command is not None and not any(command in commands for _, commands in PARTS):
+        raise ValueError(f"no zds command {command!r}")
     for module, commands in PARTS:
         if command is None or command in commands:
             importlib.import_module(module).register(sub)

@@ -183,6 +183,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     logging._srcfile = None
     handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_QuietLibraries(("pyroute2",)))  # first: a dropped line costs nothing more
     handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -190,4 +191,3 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     # grpc and aiohttp are chatty at debug; keep them at warning unless asked.
     for noisy in ("grpc", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    handler.addFilter(_QuietLibraries(("pyroute2",)))
