@@ -16,7 +16,7 @@ import pytest
 
 from tests.harness import ZDS, NodeAgentProc
 from zds import cliflags
-from zds.cli import PARTS, build_parser, command_of
+from zds.cli import PART_OF, build_parser, command_of
 
 PARSER = build_parser()
 LEAVES = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(PARSER)}
@@ -92,8 +92,8 @@ def test_a_run_builds_only_its_commands_parsers_and_they_are_the_whole_parsers_o
         assert command_of([*before, *argv]) == command
     partial = build_parser(command)
     # Only the part that registers the command: its commands and no other.
-    [(_, commands)] = [part for part in PARTS if command in part[1]]
-    assert set(_commands(partial)) == set(commands)
+    commands = {other for other, part in PART_OF.items() if part == PART_OF[command]}
+    assert set(_commands(partial)) == commands
     leaves = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(partial)}
     assert leaves[prog].format_help() == LEAVES[prog].format_help()
     assert partial.format_usage() == PARSER.format_usage()
@@ -110,12 +110,12 @@ def test_help_version_and_anything_unclear_get_the_whole_parser() -> None:
         ["--x"],
     ):
         assert command_of(argv) is None, argv
-    assert set(_commands(PARSER)) == {command for _, commands in PARTS for command in commands}
+    assert set(_commands(PARSER)) == set(PART_OF)
     done = subprocess.run([sys.executable, "-m", "zds", "srever"], capture_output=True, text=True, timeout=60)
     # Every command offered (how argparse quotes them has changed between Python versions).
     assert done.returncode == 2 and "invalid choice: 'srever' (choose from " in done.stderr
     offered = done.stderr.split("(choose from ", 1)[1]
-    assert all(command in offered for _, commands in PARTS for command in commands)
+    assert all(command in offered for command in PART_OF)
     with pytest.raises(ValueError, match="no zds command 'srever'"):
         build_parser("srever")
 
@@ -124,7 +124,7 @@ def test_a_run_imports_no_other_commands_modules() -> None:
     run = "from zds.cli import main; main(['pod', 'list', '--control-socket', '/nonexistent'])"
     code = f"{run}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     loaded = set(json.loads(run_python(code).splitlines()[-1]))
-    others = {module for module, commands in PARTS if "pod" not in commands}
+    others = set(PART_OF.values()) - {PART_OF["pod"]}
     assert "zds.server.controlcli" in loaded and loaded & others == set()
 
 

@@ -26,6 +26,8 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("zds.check.cli", ("check",)),
     ("zds.demo", ("demo",)),
 )
+#: command -> the part that registers it.
+PART_OF = {command: module for module, commands in PARTS for command in commands}
 _TOP_FLAGS_WITH_VALUE = ("--log-level", "--log-format")
 
 
@@ -39,10 +41,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zds {__version__}")
     cliflags.add_log_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    if command is not None and not any(command in commands for _, commands in PARTS):
+    if command is not None and command not in PART_OF:
         raise ValueError(f"no zds command {command!r}")
-    for module, commands in PARTS:
-        if command is None or command in commands:
+    for module, _ in PARTS:
+        if command is None or PART_OF[command] == module:
             importlib.import_module(module).register(sub)
     for leaf in cliflags.leaf_parsers(parser):
         if leaf is not parser:
@@ -57,7 +59,7 @@ def command_of(argv: Sequence[str]) -> str | None:
     args = iter(argv)
     for arg in args:
         if not arg.startswith("-"):
-            return arg if any(arg in commands for _, commands in PARTS) else None
+            return arg if arg in PART_OF else None
         if arg in _TOP_FLAGS_WITH_VALUE:
             next(args, None)
         elif arg.partition("=")[0] not in _TOP_FLAGS_WITH_VALUE:
