@@ -197,42 +197,43 @@ class Pair:
         return missing
 
     def snapshot(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
+        with self._running(tools, pods, listeners) as (_, server, ztunnel, t0):
+            stream = self.ztunnel.stream(ztunnel)
+            done = stream.wait_for(self.ztunnel.snapshot_done, after=t0)
+            m = Measurement(wall_ms=(done - t0) * 1e3)
+            if self.server.name == "zds" and self.ztunnel.name == "zds":
+                m.hello_ms = (server.err.wait_for("received hello", after=t0) - t0) * 1e3
+            m.acked_ms = self._acked(stream, t0, len(pods))
+            self.ztunnel.settle(ztunnel, t0)
+            self._footprint(m, server, ztunnel)
+            return m
+
+    def live(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
+        with self._running(tools, None, listeners) as (tmp, server, ztunnel, begun):
+            self.ztunnel.stream(ztunnel).wait_for(self.ztunnel.snapshot_done, after=begun)
+            self.ztunnel.settle(ztunnel, begun)
+            if self.server.name == "zds":
+                m, t0 = self._live_zds(tools, tmp, pods, server)
+            else:
+                m, t0 = self._live_istio(pods, server)
+            m.acked_ms = self._acked(self.ztunnel.stream(ztunnel), t0, len(pods))
+            self._footprint(m, server, ztunnel)
+            return m
+
+    @contextmanager
+    def _running(
+        self, tools: Tools, preloaded: Pods | None, listeners: bool
+    ) -> Iterator[tuple[str, Proc, Proc, float]]:
+        """Both ends in a scratch directory: the node agent started (with ``preloaded`` pods),
+        then the ztunnel side; yields (directory, node agent, ztunnel side, when the ztunnel
+        side was started) and stops both, ztunnel side first."""
         with scratch() as tmp:
-            server = self.server.start(tools, tmp, pods, self.uvloop)
+            server = self.server.start(tools, tmp, preloaded, self.uvloop)
             ztunnel: Proc | None = None
             try:
                 t0 = time.perf_counter()
                 ztunnel = self.ztunnel.start(tools, os.path.join(tmp, "zds.sock"), listeners, self.uvloop)
-                stream = self.ztunnel.stream(ztunnel)
-                done = stream.wait_for(self.ztunnel.snapshot_done, after=t0)
-                m = Measurement(wall_ms=(done - t0) * 1e3)
-                if self.server.name == "zds" and self.ztunnel.name == "zds":
-                    m.hello_ms = (server.err.wait_for("received hello", after=t0) - t0) * 1e3
-                m.acked_ms = self._acked(stream, t0, len(pods))
-                self.ztunnel.settle(ztunnel, t0)
-                self._footprint(m, server, ztunnel)
-                return m
-            finally:
-                if ztunnel is not None:
-                    ztunnel.stop()
-                self.server.stop(server)
-
-    def live(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
-        with scratch() as tmp:
-            server = self.server.start(tools, tmp, None, self.uvloop)
-            ztunnel: Proc | None = None
-            try:
-                begun = time.perf_counter()
-                ztunnel = self.ztunnel.start(tools, os.path.join(tmp, "zds.sock"), listeners, self.uvloop)
-                self.ztunnel.stream(ztunnel).wait_for(self.ztunnel.snapshot_done, after=begun)
-                self.ztunnel.settle(ztunnel, begun)
-                if self.server.name == "zds":
-                    m, t0 = self._live_zds(tools, tmp, pods, server)
-                else:
-                    m, t0 = self._live_istio(pods, server)
-                m.acked_ms = self._acked(self.ztunnel.stream(ztunnel), t0, len(pods))
-                self._footprint(m, server, ztunnel)
-                return m
+                yield tmp, server, ztunnel, t0
             finally:
                 if ztunnel is not None:
                     ztunnel.stop()

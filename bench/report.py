@@ -232,6 +232,10 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The four panels of each plot: (bench, listeners).
+PANELS = (("snapshot", True), ("snapshot", False), ("live", True), ("live", False))
+
+
 def plots(doc: dict[str, Any], stem: str) -> list[str]:
     """Time vs N per pair (one panel per bench and listener setting) and the per-pod time
     distribution at N=1,000 with listeners; returns the files written."""
@@ -242,9 +246,7 @@ def plots(doc: dict[str, Any], stem: str) -> list[str]:
 
     made = []
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
-    for ax, (mode, listeners) in zip(
-        axes.flat, [("snapshot", True), ("snapshot", False), ("live", True), ("live", False)], strict=True
-    ):
+    for ax, (mode, listeners) in zip(axes.flat, PANELS, strict=True):
         for pair in [*doc["pairs"], "floor-listen" if listeners else "floor-proto"]:
             rows = sorted(
                 (
@@ -263,16 +265,12 @@ def plots(doc: dict[str, Any], stem: str) -> list[str]:
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("Time vs N (lower is better)")
-    fig.tight_layout()
-    fig.savefig(stem + "-time-vs-n.png", dpi=90)
-    plt.close(fig)
-    made.append(stem + "-time-vs-n.png")
+    made.append(_save(plt, fig, stem + "-time-vs-n.png"))
 
     samples = [r for r in doc["results"] if r.get("acked_all_ms")]
     if samples:
         fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-        panels = [("snapshot", True), ("snapshot", False), ("live", True), ("live", False)]
-        for ax, (mode, listeners) in zip(axes.flat, panels, strict=True):
+        for ax, (mode, listeners) in zip(axes.flat, PANELS, strict=True):
             for r in samples:
                 if (r["mode"], r["listeners"]) != (mode, listeners):
                     continue
@@ -288,8 +286,12 @@ def plots(doc: dict[str, Any], stem: str) -> list[str]:
             ax.grid(True, alpha=0.3)
         axes.flat[0].legend(fontsize=7)
         fig.suptitle("Per pod: when each pod was served (run 1; zds's lines come in ~5 ms batches)")
-        fig.tight_layout()
-        fig.savefig(stem + "-per-pod.png", dpi=90)
-        plt.close(fig)
-        made.append(stem + "-per-pod.png")
+        made.append(_save(plt, fig, stem + "-per-pod.png"))
     return made
+
+
+def _save(plt: Any, fig: Any, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
