@@ -12,43 +12,47 @@ from zds.netns import NetnsRef, NetnsRefError
 from zds.server.pods import PodSource, PodSpec, PodSpecError
 
 FIELDS = ("uid", "name", "namespace", "service_account", "netns", "ips")
-#: The fields that are plain strings.
-TEXT_FIELDS = FIELDS[:5]
 _KNOWN = frozenset(FIELDS)
 
 
-def spec_from_mapping(entry: Any, where: str) -> PodSpec:
-    """A PodSpec from one pods-file entry (``serviceAccount`` is accepted for ``service_account``)."""
+def _spec(entry: Any) -> PodSpec:
+    """A PodSpec from one entry (``serviceAccount`` is accepted for ``service_account``); the
+    caller puts the place in front of the message. Written for files of thousands of pods (each
+    is checked before any is sent): no copy of the entry, one lookup per field."""
     if not isinstance(entry, dict):
-        raise PodSpecError(
-            f"{where}: expected an object with {', '.join(FIELDS)}, got {type(entry).__name__}"
-        )
+        raise PodSpecError(f"expected an object with {', '.join(FIELDS)}, got {type(entry).__name__}")
     if "serviceAccount" in entry and "service_account" not in entry:
         entry = dict(entry)
         entry["service_account"] = entry.pop("serviceAccount")
-    if not entry.keys() <= _KNOWN:  # (a file of thousands of pods is read before any is sent)
+    if not entry.keys() <= _KNOWN:
         unknown = sorted(str(key) for key in entry.keys() - _KNOWN)
-        raise PodSpecError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
-    missing = [f for f in ("uid", "netns") if not entry.get(f)]
-    if missing:
-        raise PodSpecError(f"{where}: missing {', '.join(missing)}")
-    values = {f: "" if (value := entry.get(f)) is None else str(value) for f in TEXT_FIELDS}
+        raise PodSpecError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
+    get = entry.get
+    uid, netns_text = get("uid"), get("netns")
+    if not uid or not netns_text:
+        missing = [f for f in ("uid", "netns") if not get(f)]
+        raise PodSpecError(f"missing {', '.join(missing)}")
     try:
-        netns = NetnsRef.parse(values["netns"])
+        netns = NetnsRef.parse(_text(netns_text))
     except NetnsRefError as exc:
-        raise PodSpecError(f"{where}: {exc}") from exc
-    ips = entry.get("ips") or []
+        raise PodSpecError(str(exc)) from exc
+    ips = get("ips") or []
     if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
-        raise PodSpecError(f"{where}: ips must be a list of addresses")
+        raise PodSpecError("ips must be a list of addresses")
     return PodSpec.create(
-        values["uid"],
+        _text(uid),
         netns,
-        name=values["name"],
-        namespace=values["namespace"],
-        service_account=values["service_account"],
+        name=_text(get("name")),
+        namespace=_text(get("namespace")),
+        service_account=_text(get("service_account")),
         ips=tuple(ips),
         source=PodSource.PODS_FILE,
     )
+
+
+def _text(value: Any) -> str:
+    """A text field's value as a string ('' for null)."""
+    return value if type(value) is str else "" if value is None else str(value)
 
 
 def load_pods_file(path: str) -> list[PodSpec]:
@@ -65,17 +69,23 @@ def load_pods_file(path: str) -> list[PodSpec]:
 
 def parse_pods(text: str, path: str) -> list[PodSpec]:
     """The pods in a pods file's ``text`` (``path`` names it in messages)."""
-    entries: list[tuple[Any, str]] = []
+    #: Each entry with its line (JSON lines) or its number (YAML), and how a message names it.
+    entries: list[tuple[Any, int]] = []
+    where = f"{path}:{{}}"
     stripped = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     json_lines = [(n, line) for n, line in stripped if line and not line.startswith("#")]
     if json_lines and all(line.startswith("{") for _, line in json_lines):
+        decode = json.JSONDecoder().raw_decode  # json.loads less its checks for whitespace (stripped)
         for n, line in json_lines:
             try:
-                entries.append((json.loads(line), f"{path}:{n}"))
+                entry, end = decode(line)
+                if end != len(line):
+                    raise json.JSONDecodeError("Extra data", line, end)  # as json.loads says it
             except json.JSONDecodeError as exc:
                 raise PodSpecError(f"{path}:{n}: not valid JSON: {exc.msg}") from exc
             except RecursionError as exc:
                 raise PodSpecError(f"{path}:{n}: JSON nested too deep") from exc
+            entries.append((entry, n))
     else:
         import yaml  # only YAML files need it (~10 ms of imports)
 
@@ -92,11 +102,17 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
             doc = []
         if not isinstance(doc, list):
             raise PodSpecError(f"{path}: expected a list of pods")
-        entries = [(e, f"{path}: entry {i}") for i, e in enumerate(doc, 1)]
-    specs = [spec_from_mapping(e, where) for e, where in entries]
+        entries = [(entry, number) for number, entry in enumerate(doc, 1)]
+        where = f"{path}: entry {{}}"
+    specs = []
     seen: set[str] = set()
-    for spec in specs:
+    for entry, number in entries:
+        try:
+            spec = _spec(entry)
+        except PodSpecError as exc:
+            raise PodSpecError(f"{where.format(number)}: {exc}") from exc
         if spec.uid in seen:
             raise PodSpecError(f"{path}: uid {spec.uid} appears twice")
         seen.add(spec.uid)
+        specs.append(spec)
     return specs
