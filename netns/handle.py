@@ -137,13 +137,20 @@ def _missing_message(path: str) -> str:
     return f"cannot open netns {path}: no such file"
 
 
-def open_netns(path: str) -> NetnsHandle:
-    """Open and validate the network namespace at ``path`` (``/var/run/netns/NAME``, ``/proc/PID/ns/net``)."""
+def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
+    """Open and validate the network namespace at ``path`` (``/var/run/netns/NAME``, ``/proc/PID/ns/net``).
+
+    ``directory``: an fd of ``path``'s directory, already open: the file is opened in it (by
+    its last part) rather than by walking ``path`` again."""
     if not path:
         raise NetnsError("cannot open netns: empty path")
     try:
         # O_NONBLOCK so a FIFO at that path fails validation instead of hanging the open.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+        if directory is None:
+            fd = os.open(path, flags)
+        else:
+            fd = os.open(os.path.basename(path), flags, dir_fd=directory)
     except FileNotFoundError:
         raise NetnsError(_missing_message(path)) from None
     except PermissionError:
@@ -153,6 +160,8 @@ def open_netns(path: str) -> NetnsHandle:
         ) from None
     except OSError as e:
         raise NetnsError(f"cannot open netns {path}: {e.strerror}") from None
+    except ValueError:  # os.open's "embedded null byte"
+        raise NetnsError(f"cannot open netns {path!r}: a path has no NUL byte") from None
     try:
         validate_netns_fd(fd, path)
         os.set_blocking(fd, True)

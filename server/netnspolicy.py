@@ -11,6 +11,7 @@ process all end at the same refusal.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -37,6 +38,11 @@ class NetnsPolicy:
     #: identity -> what it is, for the message.
     forbidden: dict[NetnsIdentity, str]
 
+    @functools.cached_property
+    def _under(self) -> tuple[tuple[str, str], ...]:
+        """Each root with the prefix of what is under it (``/`` is under ``/``, not ``//``)."""
+        return tuple((root, root.rstrip("/") + "/") for root in self.roots)
+
     @classmethod
     def for_this_node(cls, extra_roots: Iterable[str] = ()) -> NetnsPolicy:
         """The policy on this machine: the default roots plus ``extra_roots``; the node agent's
@@ -59,15 +65,13 @@ class NetnsPolicy:
         ``..``), it is under an allowed root or a process's ``/proc/PID/ns/net``. A symlink
         as the last part is followed when opening: the identity check then decides."""
         path = ref.location
-        if not os.path.isabs(path):
-            raise NetnsRefused(f"netns path {path!r} is not absolute")
-        parent, name = os.path.realpath(os.path.dirname(path)), os.path.basename(path)
-        resolved = os.path.join(parent, name)
-        if name in ("", ".", "..") or "\0" in path:
-            raise NetnsRefused(f"netns path {path!r} does not name a file")
-        if _PROC_PID_NETNS.match(resolved):
+        self._check_resolved(path, os.path.realpath(_parent(path)))
+
+    def _check_resolved(self, path: str, parent: str) -> None:
+        """``check_place`` with ``path``'s directory resolved to ``parent`` (absolute, normal)."""
+        if parent.startswith("/proc/") and _PROC_PID_NETNS.match(f"{parent}/{os.path.basename(path)}"):
             return
-        if not any(os.path.commonpath([parent, root]) == root for root in self.roots):
+        if not any(parent == root or parent.startswith(under) for root, under in self._under):
             raise NetnsRefused(
                 f"netns path {path} is not under an allowed root ({', '.join(self.roots)}) nor a "
                 "/proc/PID/ns/net; add its directory with --netns-root if it holds pods' namespaces"
@@ -88,13 +92,38 @@ class NetnsPolicy:
             raise NetnsRefused(f"netns {what} is {node} ({identity}): the node is never enrolled as a pod")
 
     def open(self, ref: NetnsRef) -> NetnsHandle:
-        """Open ``ref`` if it is allowed, then check what was opened."""
-        self.check_place(ref)
-        # The path as given (messages name it so); the kernel resolves it as check_place did.
-        handle = open_netns(ref.location)
+        """Open ``ref`` if it is allowed, then check what was opened.
+
+        The directory is opened first and the place checked on the path the kernel gives
+        that open (``/proc/self/fd/N``); the netns is then opened in that very directory,
+        so nothing can swap the directory between the check and the open (and it costs a
+        few microseconds where resolving it component by component cost ~20)."""
+        path = ref.location
+        try:
+            directory = os.open(_parent(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            # No such directory (an exited process's /proc/PID/ns, ...): checked and opened as
+            # given, for the message open_netns has for each case.
+            self.check_place(ref)
+            handle = open_netns(path)
+        else:
+            try:
+                self._check_resolved(path, os.readlink(f"/proc/self/fd/{directory}"))
+                handle = open_netns(path, directory=directory)
+            finally:
+                os.close(directory)
         try:
             self.check_identity(handle.identity, str(ref))
         except NetnsRefused:
             handle.close()
             raise
         return handle
+
+
+def _parent(path: str) -> str:
+    """``path``'s directory; NetnsRefused unless ``path`` is absolute and names a file in it."""
+    if not os.path.isabs(path):
+        raise NetnsRefused(f"netns path {path!r} is not absolute")
+    if os.path.basename(path) in ("", ".", "..") or "\0" in path:
+        raise NetnsRefused(f"netns path {path!r} does not name a file")
+    return os.path.dirname(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import os
 import secrets
 import signal
@@ -29,7 +30,9 @@ from zds.netns import (
     NetnsRef,
     NetnsRefError,
     current_netns,
+    enter,
     in_netns,
+    netns_cookie,
     netns_identity,
     open_netns,
     open_netns_pid,
@@ -217,6 +220,11 @@ def test_zombie_has_no_network_namespace() -> None:
             open_netns_pid(child.pid)
     finally:
         child.wait()
+
+
+def test_a_path_with_a_nul_byte_is_refused_in_one_line() -> None:
+    with pytest.raises(NetnsError, match="has no NUL byte"):
+        open_netns("/var/run\0/netns/pod")
 
 
 @pytest.mark.parametrize("ref", ["", "pid:", "pid:x", "pid:0", "pid:-3"])
@@ -425,6 +433,43 @@ def test_in_netns_leaks_no_fd(named_netns: str) -> None:
         with pytest.raises(ValueError), in_netns(target):
             raise ValueError
     assert open_fds() == before
+
+
+def _socket_cookie_inside(target: NetnsHandle) -> int:
+    """The netns cookie as a socket made inside reports it (the definition of the cookie)."""
+    with in_netns(target):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with probe:
+        return int.from_bytes(probe.getsockopt(socket.SOL_SOCKET, enter.SO_NETNS_COOKIE, 8), sys.byteorder)
+
+
+@pytest.mark.root
+def test_netns_cookie_is_what_a_socket_inside_reports_however_it_is_read(
+    named_netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(enter._CookieWay, "id_is_cookie", None)  # this process decides afresh
+    with open_netns(named_netns) as target, open_netns(SELF_NETNS) as own:
+        expected = _socket_cookie_inside(target)
+        assert netns_cookie(target) == expected  # the first read decides how the next are read
+        assert netns_cookie(target) == expected
+        assert netns_cookie(own) == _socket_cookie_inside(own) != expected
+    try:
+        with open_netns(SELF_NETNS) as own:
+            fcntl.ioctl(own.fileno(), enter.NS_GET_ID, bytes(8))
+    except OSError:  # a kernel before 6.18: the socket's way stays
+        assert enter._CookieWay.id_is_cookie is False
+    else:
+        assert enter._CookieWay.id_is_cookie is True
+
+
+@pytest.mark.root
+def test_netns_cookie_of_an_fd_that_is_no_network_namespace_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(enter._CookieWay, "id_is_cookie", True)  # NS_GET_ID would answer for any namespace
+    fd = os.open("/proc/self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert netns_cookie(fd) is None
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.root

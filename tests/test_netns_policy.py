@@ -17,7 +17,8 @@ import pytest
 from tests.harness import NodeAgentProc, Pod, post_unix
 from tests.standins import AckingPeer
 from zds.gen import nodeagent_pb2
-from zds.netns import open_netns
+from zds.netns import NetnsError, NetnsRef, open_netns
+from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.redirect import Redirector
 
 pytestmark = pytest.mark.root
@@ -156,3 +157,55 @@ def test_a_netns_under_another_directory_needs_netns_root(
     finally:
         peer.close()
         with_root.stop()
+
+
+def test_the_place_is_checked_where_the_kernel_opened_the_directory(
+    tmp_path: Path, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    policy = NetnsPolicy.for_this_node()
+    # A directory reached through a symlink counts where it really is: an allowed root ...
+    (tmp_path / "run").symlink_to(os.path.dirname(pod.path))
+    via_link = str(tmp_path / "run" / pod.name)
+    with policy.open(NetnsRef.of_path(via_link)) as handle:
+        assert handle.identity.ino == os.stat(pod.path).st_ino
+        assert handle.path == via_link  # messages keep naming the path as it was given
+    # ... and a symlink under an allowed root to a directory elsewhere is refused, as `..` is.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "pod").touch()
+    subprocess.run(["mount", "--bind", pod.path, str(elsewhere / "pod")], check=True)
+    link = f"/var/run/netns/zds-test-dir-{os.getpid()}"
+    os.symlink(elsewhere, link)
+    try:
+        for path in (f"{link}/pod", f"/var/run/netns/../..{elsewhere}/pod"):
+            with pytest.raises(NetnsRefused, match="is not under an allowed root"):
+                policy.open(NetnsRef.of_path(path)).close()
+    finally:
+        os.unlink(link)
+        subprocess.run(["umount", str(elsewhere / "pod")], check=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/var/run/netns/a\0b", "does not name a file"),
+        ("/var/run\0/netns/ab", "does not name a file"),
+        ("/var/run/netns/..", "does not name a file"),
+        ("relative/pod", "is not absolute"),
+        ("/proc/999999999/ns/net", "process 999999999 does not exist"),
+        ("/var/run/netns/zds-test-none", 'create it with "zds netns create zds-test-none"'),
+    ],
+)
+def test_a_netns_that_cannot_be_taken_is_refused_in_one_line(path: str, message: str) -> None:
+    with pytest.raises(NetnsError, match=message) as info:
+        NetnsPolicy.for_this_node().open(NetnsRef(path=path)).close()
+    assert "\n" not in str(info.value)
+
+
+def test_an_add_pod_with_a_nul_in_its_netns_path_is_invalid_not_internal(server: NodeAgentProc) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        server.add_pod("u1", "/var/run\0/netns/pod")
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "does not name a file" in (info.value.details() or "")
+    assert "Traceback" not in server.output()
