@@ -36,7 +36,7 @@ from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, RulesError
 from zds.server.pods import Pod, PodNameError, PodSpec, PodSpecError
-from zds.server.store import PodStore, StoreError
+from zds.server.store import PodStore, StoredPod, StoreError
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 
@@ -256,14 +256,21 @@ class Enrollment:
         if self.store is None:
             return
         try:
-            self.store.put(
-                pod.spec,
-                pod.netns.identity if pod.netns is not None else None,
-                rules=self.rules.name if self.rules is not None and pod.rules_installed else "",
-                rules_digest=pod.rules_digest,
-                enrolled_at=pod.enrolled_at,
-                cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
+            # Committed with the others enrolled in this turn of the loop (the bulk path's).
+            await self.store.put_soon(
+                StoredPod(
+                    pod.spec,
+                    pod.netns.identity if pod.netns is not None else None,
+                    rules=self.rules.name if self.rules is not None and pod.rules_installed else "",
+                    rules_digest=pod.rules_digest,
+                    removing=False,
+                    enrolled_at=pod.enrolled_at,
+                    cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
+                )
             )
+        except asyncio.CancelledError:
+            pod.close()  # (shutting down: the pod, if committed, comes back on the next start)
+            raise
         except StoreError as exc:
             log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)
             try:

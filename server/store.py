@@ -18,6 +18,7 @@ a store that cannot be read is never replaced or truncated.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -88,6 +89,8 @@ class PodStore:
     def __init__(self, path: str, db: sqlite3.Connection) -> None:
         self.path = path
         self._db = db
+        #: ``put_soon``'s pods waiting for the next turn of the loop, with their waiters.
+        self._soon: list[tuple[StoredPod, asyncio.Future[None]]] = []
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -187,27 +190,72 @@ class PodStore:
         cookie: int | None = None,
     ) -> None:
         """Write (or overwrite) a pod; committed when this returns."""
-        with self._write():
-            self._db.execute(
-                "INSERT OR REPLACE INTO pods (uid, name, namespace, service_account, ips, netns, netns_dev, "
-                "netns_ino, rules, rules_digest, removing, enrolled_at, source, netns_cookie) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,0,?,?,?)",
-                (
-                    spec.uid,
-                    spec.name,
-                    spec.namespace,
-                    spec.service_account,
-                    json.dumps(list(spec.ips)),
-                    str(spec.netns),
-                    identity.dev if identity else None,
-                    identity.ino if identity else None,
+        self.put_many(
+            [
+                StoredPod(
+                    spec,
+                    identity,
                     rules,
                     rules_digest,
-                    enrolled_at if enrolled_at is not None else time.time(),
-                    spec.source.value,
-                    cookie,
-                ),
+                    removing=False,
+                    enrolled_at=enrolled_at if enrolled_at is not None else time.time(),
+                    cookie=cookie,
+                )
+            ]
+        )
+
+    def put_many(self, pods: list[StoredPod]) -> None:
+        """Write (or overwrite) pods, in order, in one transaction; committed when this returns."""
+        with self._write():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO pods (uid, name, namespace, service_account, ips, netns, netns_dev, "
+                "netns_ino, rules, rules_digest, removing, enrolled_at, source, netns_cookie) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        pod.spec.uid,
+                        pod.spec.name,
+                        pod.spec.namespace,
+                        pod.spec.service_account,
+                        json.dumps(list(pod.spec.ips)),
+                        str(pod.spec.netns),
+                        pod.identity.dev if pod.identity else None,
+                        pod.identity.ino if pod.identity else None,
+                        pod.rules,
+                        pod.rules_digest,
+                        int(pod.removing),
+                        pod.enrolled_at,
+                        pod.spec.source.value,
+                        pod.cookie,
+                    )
+                    for pod in pods
+                ],
             )
+
+    async def put_soon(self, pod: StoredPod) -> None:
+        """``put_many`` of every pod asked for in the same turn of the event loop: committed
+        together when the loop next turns, each caller woken once its pod is committed (or
+        with the StoreError). The bulk path enrolls up to BULK_WINDOW pods at once: one
+        transaction for them instead of one each (~30 us a pod, most of it the commit)."""
+        loop = asyncio.get_running_loop()
+        if not self._soon:
+            loop.call_soon(self._commit_soon)
+        done = loop.create_future()
+        self._soon.append((pod, done))
+        await done
+
+    def _commit_soon(self) -> None:
+        batch, self._soon = self._soon, []
+        try:
+            self.put_many([pod for pod, _ in batch])
+        except StoreError as exc:
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(StoreError(str(exc)))
+            return
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
 
     def mark_removing(self, uid: str) -> None:
         """A removal begins: if it does not finish, the next start finishes it."""

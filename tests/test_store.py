@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import pathlib
@@ -12,7 +13,7 @@ import pytest
 from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import store as pod_store
 from zds.server.pods import PodSource, PodSpec
-from zds.server.store import MIGRATIONS, SCHEMA_VERSION, PodStore, StoreError
+from zds.server.store import MIGRATIONS, SCHEMA_VERSION, PodStore, StoredPod, StoreError
 
 
 def spec(uid: str, netns: str = "/var/run/netns/pod-a", ips: tuple[str, ...] = ()) -> PodSpec:
@@ -144,6 +145,53 @@ def test_a_locked_store_is_named_as_locked(state: pathlib.Path) -> None:
             store.put(spec("u1"), None)
     finally:
         holder.close()
+
+
+def stored(uid: str) -> StoredPod:
+    return StoredPod(spec(uid), NetnsIdentity(4, 100), "", "", removing=False, enrolled_at=1.0, cookie=7)
+
+
+async def test_pods_put_in_one_turn_of_the_loop_are_committed_together_each_before_its_caller_returns(
+    state: pathlib.Path,
+) -> None:
+    store = open_store(state)
+    transactions: list[str] = []
+    store._db.set_trace_callback(lambda sql: transactions.append(sql) if sql.startswith("BEGIN") else None)
+    reader = sqlite3.connect(state / "pods.db")
+
+    async def put_then_read(uid: str) -> list[str]:
+        await store.put_soon(stored(uid))
+        return [row[0] for row in reader.execute("SELECT uid FROM pods WHERE uid = ?", (uid,))]
+
+    try:
+        seen = await asyncio.gather(*(put_then_read(f"u{i}") for i in range(5)))
+        assert seen == [[f"u{i}"] for i in range(5)]  # committed (another connection sees it) on return
+        assert len(transactions) == 1
+        await store.put_soon(stored("u9"))  # a later turn: a transaction of its own
+        assert len(transactions) == 2 and len(store) == 6
+    finally:
+        reader.close()
+        store.close()
+
+
+async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_starts_afresh(
+    state: pathlib.Path,
+) -> None:
+    store = open_store(state)
+    holder = sqlite3.connect(state / "pods.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        outcomes = await asyncio.gather(
+            *(store.put_soon(stored(f"u{i}")) for i in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(o, StoreError) and "is locked by another process" in str(o) for o in outcomes)
+        assert len({id(o) for o in outcomes}) == 3  # each caller its own error
+        holder.execute("ROLLBACK")
+        await store.put_soon(stored("u1"))
+        assert [p.spec.uid for p in store.load()] == ["u1"]
+    finally:
+        holder.close()
+        store.close()
 
 
 def test_a_damaged_row_is_named_with_its_uid(state: pathlib.Path) -> None:
