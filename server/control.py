@@ -82,13 +82,13 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         ready, so the node agent opens and stores the next pods while ztunnel works. Pods come
         and go in batches: a gRPC message per pod would cost more than enrolling it."""
         answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
-        window = asyncio.Semaphore(defaults.BULK_WINDOW)
+        window = _Window(defaults.BULK_WINDOW, defaults.BULK_REFILL)
         running: set[asyncio.Future[Any]] = set()
 
         def answer(
             index: int, uid: str, outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str]
         ) -> None:
-            window.release()
+            window.give()
             response = None
             if isinstance(outcome, tuple):
                 code, message = outcome
@@ -112,7 +112,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 index = 0
                 async for batch in request_iterator:
                     for request in batch.pods:
-                        await window.acquire()
+                        await window.take()
                         spec = pod_spec(request)
                         if isinstance(spec, PodSpec):
                             # The enrollment's own task (it completes even if this call ends).
@@ -226,6 +226,31 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                     return
         finally:
             watcher.close()
+
+
+class _Window:
+    """How many of an AddPods stream's enrollments may run at once: ``size``. Once full, it
+    opens again only when ``refill`` of them have ended, so the next ones start together in
+    one turn of the loop (and the pod store commits them in one transaction) instead of one
+    by one as each ack comes in."""
+
+    def __init__(self, size: int, refill: int) -> None:
+        self.size = size
+        self.refill = min(refill, size)
+        self.free = size
+        self._open = asyncio.Event()
+        self._open.set()
+
+    async def take(self) -> None:
+        while self.free == 0:
+            self._open.clear()
+            await self._open.wait()
+        self.free -= 1
+
+    def give(self) -> None:
+        self.free += 1
+        if self.free >= self.refill:
+            self._open.set()
 
 
 #: How long InjectFault with wait=true waits for its fault to take effect.

@@ -45,6 +45,8 @@ MAX_CONNECTIONS = 2
 NETNS_FD_FLOOR = 1024
 #: Enrollments one AddPods stream (the bulk path) runs at a time.
 BULK_WINDOW = 64
+#: Once that many run, how many must end before more start (they then start together).
+BULK_REFILL = 16
 #: Events a Watch stream may have queued before it is ended for falling behind.
 WATCH_QUEUE = 1024
 
