@@ -193,6 +193,7 @@ def main(args: argparse.Namespace) -> int:
     from zds.client.faults import ZtunnelFaultError
 
     runtime.raise_fd_limit()  # as ztunnel: a pod takes 7 fds (see zds.client.workloads)
+    runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)
     try:
         ztunnel = Ztunnel(config)
     except ZtunnelFaultError as exc:

@@ -251,6 +251,7 @@ def main(args: argparse.Namespace) -> int:
         ),
     )
     runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
+    runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)  # before gRPC starts its threads
     return runtime.run(run_server(options), use_uvloop=not args.no_uvloop)
 
 

@@ -97,3 +97,24 @@ def test_past_the_fd_budget_a_pod_is_nacked_and_pending_never_a_crash(
         ztunnel.stop()
         server.stop()
     assert "Traceback" not in ztunnel.output()
+
+
+def fd_table_size(pid: int) -> int:
+    """How many fds the kernel's fd table of ``pid`` holds now (``FDSize``)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^FDSize:\s+(\d+)$", status, re.MULTILINE)
+    assert match, status
+    return int(match.group(1))
+
+
+def test_both_sides_size_their_fd_table_at_start_within_the_soft_limit(tmp_path: Path) -> None:
+    # A table that grows later grows after an RCU grace period (~10 ms) in a process with threads.
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    ztunnel = ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel.log"), fd_limit=LIMIT)
+    try:
+        wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
+        assert fd_table_size(server.pid) >= defaults.FD_TABLE_ENTRIES
+        assert LIMIT <= fd_table_size(ztunnel.pid) < 2 * LIMIT  # never past the soft limit's size
+    finally:
+        ztunnel.stop()
+        server.stop()

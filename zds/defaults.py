@@ -43,6 +43,9 @@ MAX_CONNECTIONS = 2
 #: The node agent keeps its pods' netns fds at or above this number, leaving the lower ones to
 #: code that cannot use fds past FD_SETSIZE (libnftables 1.0.6 waits for the kernel with select()).
 NETNS_FD_FLOOR = 1024
+#: Both sides make their fd table this large at start-up (``runtime.grow_fd_table``): the node
+#: agent's netns fds from NETNS_FD_FLOOR up, the ztunnel side's 7 a pod, need no growth below it.
+FD_TABLE_ENTRIES = 8192
 #: Enrollments one AddPods stream (the bulk path) runs at a time.
 BULK_WINDOW = 64
 #: Once that many run, how many must end before more start (they then start together).
