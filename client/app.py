@@ -17,7 +17,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from zds import defaults, logs
+from zds import defaults, logs, runtime
 from zds.client.admin import HttpEndpoints, Views, admin_routes, metrics_routes, readiness_routes
 from zds.client.connection import FatalProtocolError, ZdsClient
 from zds.client.datapath import WorkloadTraffic, proxy_connection
@@ -262,6 +262,7 @@ class Ztunnel:
         ``HTTP_START_DELAY``): loading the HTTP stack then never delays a pod."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.client.settled.wait(), defaults.HTTP_START_DELAY)
+        runtime.started()  # start-up is over: collection resumes (zds.cli held it)
         logs.flush()  # what was said so far goes out before the imports hold the loop up
         try:
             await self.serve_http()

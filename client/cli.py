@@ -134,7 +134,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "POST /faults on the admin endpoint arms more) (default: none)",
     )
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, starts_itself=True)  # runtime.run ends its start-up
 
 
 def main(args: argparse.Namespace) -> int:

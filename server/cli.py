@@ -193,7 +193,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="events a Watch stream may have waiting before it is ended with RESOURCE_EXHAUSTED "
         "(default: %(default)s)",
     )
-    server.set_defaults(func=main)
+    server.set_defaults(func=main, starts_itself=True)  # runtime.run ends its start-up
 
 
 def main(args: argparse.Namespace) -> int:

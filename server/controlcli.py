@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     add.add_argument("--json", action="store_true", help="print the answers as JSON")
     control_flags(add)
-    add.set_defaults(func=_pod_add)
+    add.set_defaults(func=_pod_add, starts_itself=True)  # ended when its first request goes
 
     remove = pod_sub.add_parser(
         "remove",

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from aiohttp import web
 
+from zds import runtime
 from zds.server import store as pod_store
 from zds.server.agent import NodeAgent
 from zds.server.cni import CniPluginEndpoint
@@ -135,6 +136,7 @@ class NodeAgentServer:
             )
             self._engine_task = asyncio.create_task(self.engine.run(), name="container-engine")
         self._ready = True
+        runtime.started()  # (zds.cli held garbage collection for the start-up)
         log.info(
             "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s engine=%s pods=%d rules=%s "
             "tracing=%s",

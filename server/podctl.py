@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from zds import runtime
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.controlclient import ControlError, ControlTarget
@@ -89,6 +90,7 @@ def add(args: argparse.Namespace) -> int:
     try:
         specs = _specs(args)
         target = ControlTarget.from_args(args)
+        runtime.started()  # the pods are read: collection resumes (zds.cli held it for start-up)
         with target.stub() as stub:
             answers = (
                 _add_many(target, stub, specs, args)

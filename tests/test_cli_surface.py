@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import pathlib
@@ -16,7 +17,7 @@ import pytest
 
 from tests.harness import ZDS, NodeAgentProc
 from zds import cliflags
-from zds.cli import PART_OF, build_parser, command_of
+from zds.cli import PART_OF, build_parser, command_of, main
 
 PARSER = build_parser()
 LEAVES = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(PARSER)}
@@ -126,6 +127,31 @@ def test_a_run_imports_no_other_commands_modules() -> None:
     loaded = set(json.loads(run_python(code).splitlines()[-1]))
     others = set(PART_OF.values()) - {PART_OF["pod"]}
     assert "zds.server.controlcli" in loaded and loaded & others == set()
+
+
+def test_run_as_the_program_zds_collects_no_garbage_until_its_start_up_is_over() -> None:
+    code = """
+import gc, sys
+import zds.cli as cli
+during = []
+real = cli.build_parser
+def build(command):
+    during.append(gc.isenabled())
+    return real(command)
+cli.build_parser = build
+sys.argv = ["zds", "pod", "list", "--control-socket", "/nonexistent/control.sock"]
+code = cli.main()
+print(during, gc.isenabled(), gc.get_freeze_count() > 0, code)
+"""
+    # Held while the parser was built; resumed, with start-up's objects frozen, by the end.
+    assert run_python(code).split() == ["[False]", "True", "True", "1"]
+
+
+def test_a_call_from_python_leaves_the_garbage_collector_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    frozen = gc.get_freeze_count()
+    assert main(["pod", "list", "--control-socket", "/nonexistent/control.sock"]) == 1
+    assert "zds pod list:" in capsys.readouterr().err
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
 def _commands(parser: argparse.ArgumentParser) -> list[str]:

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from zds import __version__, cliflags, logs
+from zds import __version__, cliflags, logs, runtime
 
 #: The parts that register commands, in the order ``zds --help`` lists them, with the
 #: commands each registers (a run builds only its command's part: every command's flags
@@ -68,15 +68,23 @@ def command_of(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` (default: this program's arguments). Run as the program, it
+    holds garbage collection for the start-up (``runtime.starting``); a command whose start-up
+    goes on inside it (``starts_itself``) says when it is over, any other once it is parsed."""
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser(command_of(argv))
-    args = parser.parse_args(argv)
-    logs.configure(args.log_level, args.log_format)
+        runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:
+        parser = build_parser(command_of(argv))
+        args = parser.parse_args(argv)
+        logs.configure(args.log_level, args.log_format)
+        if not getattr(args, "starts_itself", False):
+            runtime.started()
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    finally:
+        runtime.started()  # (a command that ended early, before it said so)
     return code
 
 

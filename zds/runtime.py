@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -11,8 +12,26 @@ T = TypeVar("T")
 CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
 
 
+def starting() -> None:
+    """A command starts: no garbage collection until ``started``. Start-up (imports, the
+    parsers, a pods file) allocates much and frees little, and the collector would scan it
+    all again and again: ~7 ms of ``zds ztunnel``'s ~100 ms to its hello (A/B here)."""
+    gc.disable()
+
+
+def started() -> None:
+    """Start-up is over (the node agent is ready, the ztunnel side has its first snapshot or
+    gave up waiting for it, a client's pods are read): what it made is kept out of every
+    later collection (``gc.freeze``: a daemon's collections then scan only what it made
+    since), and collection resumes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
-    """Run ``main`` on uvloop when it is installed and wanted, else on asyncio's loop."""
+    """Run ``main`` on uvloop when it is installed and wanted, else on asyncio's loop.
+    (``main`` calls ``started`` when its start-up is over.)"""
     import asyncio  # here, not at the top: building the CLI parser must stay cheap
 
     if use_uvloop:
