@@ -248,10 +248,10 @@ class PodStore:
         batch, self._soon = self._soon, []
         try:
             self.put_many([pod for pod, _ in batch])
-        except StoreError as exc:
+        except Exception as exc:  # a StoreError, each waiter its own; anything else (a bug) as it is
             for _, done in batch:
                 if not done.done():
-                    done.set_exception(StoreError(str(exc)))
+                    done.set_exception(StoreError(str(exc)) if isinstance(exc, StoreError) else exc)
             return
         for _, done in batch:
             if not done.done():

@@ -194,6 +194,20 @@ async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_sta
         store.close()
 
 
+async def test_a_group_commit_that_fails_unexpectedly_leaves_no_caller_waiting(state: pathlib.Path) -> None:
+    store = open_store(state)
+    unwritable = dataclasses.replace(stored("u2"), spec=dataclasses.replace(spec("u2"), ips=(object(),)))  # type: ignore[arg-type]
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(store.put_soon(stored("u1")), store.put_soon(unwritable), return_exceptions=True),
+            5,
+        )
+        assert all(isinstance(o, TypeError) for o in outcomes), outcomes  # the whole transaction failed
+        assert len(store) == 0
+    finally:
+        store.close()
+
+
 def test_a_damaged_row_is_named_with_its_uid(state: pathlib.Path) -> None:
     store = open_store(state)
     store.put(spec("u1"), None)
