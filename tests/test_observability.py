@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,6 +16,7 @@ import pytest
 from tests.harness import ZDS, NodeAgentProc, pod_netns, wait_until
 from tests.standins import Peers
 from zds.gen import nodeagent_pb2
+from zds.logs import BatchingStreamHandler
 
 pytestmark = pytest.mark.root
 
@@ -192,3 +195,20 @@ def test_text_logs_with_the_global_flags(tmp_path: object) -> None:
     assert "error zds.server: cannot read pods file" in text
     assert "node agent ready" not in text  # info is below --log-level warning
     assert not text.lstrip().startswith("{")
+
+
+def test_a_closed_stderr_never_fails_the_code_that_logs(tmp_path: Path) -> None:
+    # A log line in the middle of the node agent's work (an ack's, a nack's) must not raise.
+    closed = open(tmp_path / "stderr", "w")  # noqa: SIM115 (closed on purpose, at once)
+    closed.close()
+    handler = BatchingStreamHandler(closed)
+    logger = logging.getLogger("zds.test.closed-stderr")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.error("ztunnel nacked AddWorkload: %s", "no")  # a warning or worse is written at once
+        logger.info("pod enrolled")  # batched (no loop here: written at once too)
+        handler.flush()
+    finally:
+        logger.removeHandler(handler)
+    assert handler._pending == []  # dropped, not piling up

@@ -152,11 +152,13 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
     def flush(self) -> None:
-        if self._pending:
-            pending, self._pending, self._size = self._pending, [], 0
-            with contextlib.suppress(Exception):  # as StreamHandler: a broken stderr must not kill us
+        # As StreamHandler's emit: a broken or closed stderr never fails the caller (a log line
+        # in the node agent's ack handling would otherwise leave an enrollment waiting).
+        pending, self._pending, self._size = self._pending, [], 0
+        with contextlib.suppress(Exception):
+            if pending:
                 self.stream.write("".join(pending))
-        super().flush()
+            super().flush()
 
 
 def flush() -> None:
