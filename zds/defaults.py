@@ -49,7 +49,7 @@ FD_TABLE_ENTRIES = 8192
 #: Enrollments one AddPods stream (the bulk path) runs at a time.
 BULK_WINDOW = 64
 #: Once that many run, how many must end before more start (they then start together).
-BULK_REFILL = 16
+BULK_REFILL = 8
 #: Events a Watch stream may have queued before it is ended for falling behind.
 WATCH_QUEUE = 1024
 
