@@ -80,8 +80,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    from .errors import NetnsError
     from .fixtures import create_netns
-    from .kernel import NetnsError
     from .podnet import create_pods_on_bridge
 
     if args.bridge:
@@ -109,8 +109,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    from .errors import NetnsError
     from .fixtures import delete_netns
-    from .kernel import NetnsError
     from .podnet import delete_pod, remove_bridge_if_unused
 
     code = 0

@@ -19,8 +19,9 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from .errors import NetnsError
 from .handle import NetnsHandle
-from .kernel import THREAD_NETNS, NetnsError, setns
+from .kernel import THREAD_NETNS, setns
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from pyroute2.process import ChildProcess
 from zds import defaults
 
 from .enter import in_netns
+from .errors import NetnsError
 from .handle import open_netns
-from .kernel import NetnsError
 
 log = logging.getLogger(__name__)
 

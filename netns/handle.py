@@ -14,10 +14,10 @@ from contextlib import suppress
 
 from zds import defaults
 
+from .errors import NetnsError
 from .kernel import (
     NSFS_MAGIC,
     THREAD_NETNS,
-    NetnsError,
     NetnsIdentity,
     fstatfs_type,
     netns_identity,

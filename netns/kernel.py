@@ -13,7 +13,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from zds.errors import ZdsError
+from .errors import NetnsError
 
 # linux/sched.h
 CLONE_NEWNET = 0x40000000
@@ -39,10 +39,6 @@ _NS_TYPE_NAMES = {
     0x40000000: "net",
     0x00000080: "time",
 }
-
-
-class NetnsError(ZdsError):
-    """A network-namespace operation failed; the message says what, on what, and what to do."""
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 from .enter import in_netns
+from .errors import NetnsError
 from .fixtures import check_name, create_netns, delete_netns, list_netns, netns_path, off_event_loop
 from .handle import open_netns
-from .kernel import NetnsError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from zds import defaults
 
-from .kernel import NetnsError
+from .errors import NetnsError
 
 
 class NetnsRefError(NetnsError, ValueError):
