@@ -8,12 +8,17 @@ import enum
 import functools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zds import defaults
 from zds.errors import ZdsError
-from zds.netns import NetnsHandle, NetnsRef
-from zds.protocol.messages import AddWorkload, WorkloadInfo, encode_request
+from zds.netns import NetnsRef
 from zds.server import names
+
+if TYPE_CHECKING:
+    # (Loaded where used: ``zds pod add`` makes PodSpecs and never encodes one, ~3 ms.)
+    from zds.netns import NetnsHandle
+    from zds.protocol.messages import AddWorkload, WorkloadInfo
 
 
 class PodState(enum.Enum):
@@ -88,6 +93,8 @@ class PodSpec:
 
     @property
     def info(self) -> WorkloadInfo:
+        from zds.protocol.messages import WorkloadInfo
+
         return WorkloadInfo(name=self.name, namespace=self.namespace, service_account=self.service_account)
 
     @property
@@ -97,11 +104,15 @@ class PodSpec:
 
     @property
     def add_workload(self) -> AddWorkload:
+        from zds.protocol.messages import AddWorkload
+
         return AddWorkload(uid=self.uid, info=self.info)
 
     @functools.cached_property
     def add_workload_bytes(self) -> bytes:
         """The pod's AddWorkload on the wire, encoded once (checked, sent, and sent again in snapshots)."""
+        from zds.protocol.messages import encode_request
+
         return encode_request(self.add_workload)
 
     def validate(self) -> None:

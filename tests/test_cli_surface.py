@@ -225,6 +225,21 @@ def test_the_client_commands_load_nothing_heavy() -> None:
     assert _heavy_loaded(run) == []
 
 
+def test_zds_pod_add_reads_a_pods_file_without_loading_namespace_or_wire_code(tmp_path: pathlib.Path) -> None:
+    # It names netns (NetnsRef) and never opens, enters or encodes one: ~6 ms of its start-up.
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text('{"uid": "u1", "netns": "/var/run/netns/pod-a"}\n')
+    run = f"from zds.cli import main; main(['pod', 'add', '--from-file', {str(pods)!r}, '--control-socket', '/nonexistent'])"
+    code = f"{run}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(run_python(code).splitlines()[-1]))
+    assert {"zds.server.podsfile", "zds.netns.ref"} <= loaded
+    assert (
+        loaded
+        & {"ctypes", "zds.netns.kernel", "zds.netns.handle", "zds.netns.enter", "zds.protocol.messages"}
+        == set()
+    )
+
+
 def test_the_ztunnel_side_loads_no_node_agent_and_no_fixtures() -> None:
     loaded = _heavy_loaded("import zds.client.app")
     assert not [m for m in loaded if m.startswith(("pyroute2", "zds.demo", "zds.netns.podnet", "zds.server"))]
