@@ -222,6 +222,18 @@ def test_zombie_has_no_network_namespace() -> None:
         child.wait()
 
 
+def test_every_name_the_package_offers_is_there_when_asked_for() -> None:
+    # zds.netns loads each name's module on first use: a name listed in __all__ but not
+    # mapped to its module would fail only where it is first imported.
+    code = (
+        "import zds.netns as n; print(all(callable(getattr(n, name)) for name in n.__all__), bool(n.__all__))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["True", "True"]
+
+
 def test_a_path_with_a_nul_byte_is_refused_in_one_line() -> None:
     with pytest.raises(NetnsError, match="has no NUL byte"):
         open_netns("/var/run\0/netns/pod")
