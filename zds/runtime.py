@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -82,28 +83,23 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def grow_fd_table(entries: int) -> int:
+def grow_fd_table(entries: int) -> None:
     """Make the kernel's fd table of this process hold ``entries`` fds now (at most the soft
     RLIMIT_NOFILE), so that opening that many needs no growth later. The kernel grows the
     table of a process with threads (the node agent's gRPC and libuv ones) only after an RCU
     grace period: measured here, 7 to 14 ms each time it doubles, on whatever enrollment opened
-    the fd that needed it. Costs 8 bytes and two bits an entry of kernel memory. Returns the
-    highest fd number that is now covered (-1 if nothing could be done)."""
+    the fd that needed it. Costs 8 bytes and two bits an entry of kernel memory; where it
+    cannot be done, the table grows as it would have."""
     import fcntl
     import os
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     highest = min(entries, soft) - 1 if soft != resource.RLIM_INFINITY else entries - 1
-    try:
+    with contextlib.suppress(OSError):
         anchor = os.open("/", os.O_PATH | os.O_CLOEXEC)
-    except OSError:
-        return -1
-    try:
-        # The lowest free fd at or above ``highest`` (never one in use), closed at once.
-        os.close(fcntl.fcntl(anchor, fcntl.F_DUPFD_CLOEXEC, highest))
-    except OSError:
-        return -1
-    finally:
-        os.close(anchor)
-    return highest
+        try:
+            # The lowest free fd at or above ``highest`` (never one in use), closed at once.
+            os.close(fcntl.fcntl(anchor, fcntl.F_DUPFD_CLOEXEC, highest))
+        finally:
+            os.close(anchor)
