@@ -42,6 +42,8 @@ class ZtunnelConfig:
     metrics_listen: str = defaults.METRICS_LISTEN
     proxy: ProxySettings = field(default_factory=ProxySettings)
     retry_interval: float = defaults.PENDING_RETRY_INTERVAL
+    #: Seconds to poll for the next message after each ack (0: never; ``zds.transport.BusyPoll``).
+    busy_poll: float = defaults.BUSY_POLL
     drain_timeout: float = defaults.DRAIN_TIMEOUT
     #: Faults to arm at start (zds ztunnel --faults FILE).
     faults_file: str | None = None
@@ -89,6 +91,7 @@ class Ztunnel:
             self.proxies,
             self.metrics,
             retry_interval=config.retry_interval,
+            busy_poll=config.busy_poll,
         )
         self.http = HttpEndpoints()
         #: Faults on demand; the client only consults them once one was armed.

@@ -115,6 +115,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="SECONDS",
         help="retry pending proxies this often (default: %(default)s, ztunnel's)",
     )
+    cliflags.add_busy_poll_flag(p, "the node agent's next message after each ack")
     p.add_argument(
         "--drain-timeout",
         type=cliflags.seconds,
@@ -187,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
             allow_own_netns=args.allow_own_netns,
         ),
         retry_interval=args.retry_interval,
+        busy_poll=args.busy_poll,
         drain_timeout=args.drain_timeout,
         faults_file=args.faults,
     )

@@ -42,7 +42,7 @@ from zds.protocol.workloads import (
     StopProxy,
 )
 from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
-from zds.transport import SeqpacketConnection, connect
+from zds.transport import BusyPoll, SeqpacketConnection, connect
 
 log = logging.getLogger("zds.ztunnel")
 
@@ -62,6 +62,7 @@ class ZdsClient:
         metrics: ZtunnelMetrics,
         *,
         retry_interval: float = defaults.PENDING_RETRY_INTERVAL,
+        busy_poll: float = defaults.BUSY_POLL,
         backoff: Backoff | None = None,
         faults: ZtunnelFaults | None = None,
     ) -> None:
@@ -71,6 +72,9 @@ class ZdsClient:
         self.metrics = metrics
         self.retry_interval = retry_interval
         self.backoff = backoff or Backoff()
+        #: After each ack, polls a moment for the next request (in a snapshot or a burst it
+        #: comes within microseconds) before sleeping: ``zds.transport.BusyPoll``.
+        self._busy = BusyPoll(busy_poll)
         #: How many connections were established so far.
         self.connections = 0
         #: Why the last connection ended or the last attempt failed (None: none yet).
@@ -166,6 +170,8 @@ class ZdsClient:
                 if self.faults is not None:
                     await self.faults.wait_to_read()
                 record = conn.try_recv()
+                if record is None and answered and self.faults is None:
+                    record = await self._busy.poll(conn)
                 if record is None:
                     # Nothing waiting: wait for the next record, or the retry timer.
                     ready = await conn.wait_readable(self._retry_timeout())

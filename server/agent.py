@@ -51,6 +51,8 @@ class AgentConfig:
     hello_timeout: float = defaults.HELLO_TIMEOUT
     ack_timeout: float = defaults.ACK_TIMEOUT
     keepalive_interval: float = defaults.KEEPALIVE_INTERVAL
+    #: Seconds to poll for each ack before sleeping (0: never; ``zds.transport.BusyPoll``).
+    busy_poll: float = defaults.BUSY_POLL
     accepts_per_second: float = defaults.ACCEPTS_PER_SECOND
     #: Events a Watch stream may have queued before it is ended (RESOURCE_EXHAUSTED).
     watch_queue: int = DEFAULT_WATCH_QUEUE
@@ -223,6 +225,7 @@ class NodeAgent:
                         hello_timeout=self.config.hello_timeout,
                         ack_timeout=self.config.ack_timeout,
                         keepalive_interval=self.config.keepalive_interval,
+                        busy_poll=self.config.busy_poll,
                         tracer=self.tracer,
                     )
                 )

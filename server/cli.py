@@ -130,6 +130,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="SECONDS",
         help="probe an idle connection this often (default: %(default)s)",
     )
+    cliflags.add_busy_poll_flag(server, "each ack")
     server.add_argument(
         "--state-dir",
         default=defaults.STATE_DIR,
@@ -246,6 +247,7 @@ def main(args: argparse.Namespace) -> int:
             ack_timeout=args.ack_timeout,
             hello_timeout=args.hello_timeout,
             keepalive_interval=args.keepalive_interval,
+            busy_poll=args.busy_poll,
             watch_queue=args.watch_queue,
             allow=AllowList.default(args.allow_uid, [*args.allow_gid, *([gid] if gid is not None else [])]),
         ),

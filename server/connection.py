@@ -33,7 +33,7 @@ from zds.protocol.nodeagent import (
 from zds.server import spans
 from zds.server.connrecords import ConnectionInfo, ConnectionStats, Delivery, SnapshotSource
 from zds.server.link import ConnectionLost
-from zds.transport import PeerCredentials, SeqpacketConnection
+from zds.transport import BusyPoll, PeerCredentials, SeqpacketConnection
 
 if TYPE_CHECKING:
     from zds.server.faultplay import ConnectionFaults
@@ -64,6 +64,7 @@ class ZtunnelConnection:
         hello_timeout: float = defaults.HELLO_TIMEOUT,
         ack_timeout: float = defaults.ACK_TIMEOUT,
         keepalive_interval: float = defaults.KEEPALIVE_INTERVAL,
+        busy_poll: float = defaults.BUSY_POLL,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex[:12]
@@ -75,6 +76,8 @@ class ZtunnelConnection:
         self._tracer = tracer or trace.NoOpTracer()
         self._snapshot_entries = 0
         self._keepalive_interval = keepalive_interval
+        #: Polls for each ack a moment before sleeping (``zds.transport.BusyPoll``).
+        self._busy = BusyPoll(busy_poll)
         self.protocol = NodeAgentProtocol(
             now=_now(),
             hello_timeout=hello_timeout,
@@ -220,11 +223,14 @@ class ZtunnelConnection:
                 case SnapshotComplete():
                     self._observer.snapshot_complete(self, self._snapshot_entries)
 
-    async def _receive(self) -> list[Event]:
-        """Wait for the next record or the protocol's deadline, whichever comes first."""
+    async def _receive(self, *, due: bool = False) -> list[Event]:
+        """Wait for the next record or the protocol's deadline, whichever comes first.
+        ``due``: an answer is due any moment (an ack): poll for it a moment before sleeping."""
         while True:
             try:
                 record = self.sock.try_recv()
+                if record is None and due:
+                    record = await self._busy.poll(self.sock)
                 if record is None:
                     deadline = self.protocol.next_deadline()
                     timeout = None if deadline is None else max(0.0, deadline - _now())
@@ -303,7 +309,7 @@ class ZtunnelConnection:
     async def _await_ack(self, delivery: Delivery) -> Ack:
         try:
             while True:
-                for event in await self._receive():
+                for event in await self._receive(due=True):
                     if isinstance(event, AckReceived):
                         self._answering(event, delivery)
                         return event.ack

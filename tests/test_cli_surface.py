@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import pathlib
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from tests.harness import ZDS, NodeAgentProc
-from zds import cliflags
+from zds import cliflags, defaults
 from zds.cli import PART_OF, build_parser, command_of
 
 PARSER = build_parser()
@@ -166,6 +167,22 @@ def _commands(parser: argparse.ArgumentParser) -> list[str]:
 def test_the_ztunnel_help_and_config_name_the_dns_port() -> None:
     help_text = LEAVES["zds ztunnel"].format_help()
     assert "15053" in help_text and "--dns-port" in help_text
+
+
+@pytest.mark.parametrize("command", ["server", "ztunnel"])
+def test_busy_poll_takes_microseconds_and_refuses_anything_else_in_one_line(command: str) -> None:
+    assert PARSER.parse_args([command]).busy_poll == defaults.BUSY_POLL
+    assert PARSER.parse_args([command, "--busy-poll", "250"]).busy_poll == 0.00025
+    assert PARSER.parse_args([command, "--busy-poll", "0"]).busy_poll == 0.0  # off
+    for bad in ("-1", "1.5", "abc", "10001"):
+        err = io.StringIO()
+        with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(err):
+            PARSER.parse_args([command, "--busy-poll", bad])
+        assert exit_.value.code == 2
+        last = err.getvalue().strip().splitlines()[-1]
+        assert last.endswith(
+            f"argument --busy-poll: {bad!r} is not a number of microseconds from 0 (off) to 10000"
+        ), last
 
 
 def test_an_empty_uid_is_called_empty_not_missing() -> None:

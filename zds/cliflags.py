@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
+from zds import defaults
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -24,6 +26,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+#: The longest ``--busy-poll``: polling longer only burns CPU (an answer is microseconds away).
+BUSY_POLL_MAX_USEC = 10_000
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -32,6 +38,28 @@ def seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
+
+
+def busy_poll(text: str) -> float:
+    """``--busy-poll USEC``: microseconds on the command line, seconds in the program."""
+    if not text.isdigit() or int(text) > BUSY_POLL_MAX_USEC:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of microseconds from 0 (off) to {BUSY_POLL_MAX_USEC}"
+        )
+    return int(text) / 1e6
+
+
+def add_busy_poll_flag(parser: argparse.ArgumentParser, waits_for: str) -> None:
+    """The ``--busy-poll`` flag both ends take (``zds.transport.BusyPoll``)."""
+    parser.add_argument(
+        "--busy-poll",
+        type=busy_poll,
+        default=defaults.BUSY_POLL,
+        metavar="USEC",
+        help=f"poll the ZDS socket this long for {waits_for} before sleeping: no scheduler wake-up "
+        f"on each message, at the cost of that much CPU at most (default: "
+        f"{round(defaults.BUSY_POLL * 1e6)}; 0: never; off where only one CPU is usable)",
+    )
 
 
 def port(text: str) -> int:

@@ -36,6 +36,12 @@ ACK_TIMEOUT = 5.0
 KEEPALIVE_INTERVAL = 5.0
 #: How long the keepalive probe reads (Istio: time.Second / 100).
 KEEPALIVE_PROBE = 0.01
+#: Seconds both ends poll the ZDS socket for an answer due any moment (the node agent an ack,
+#: the ztunnel side the next request) before they sleep until the kernel wakes them
+#: (``zds.transport.BusyPoll``; 0: never; off where the process may use one CPU only).
+BUSY_POLL = 0.0005
+#: While it polls, a side lets its event loop have a turn at least this often (seconds).
+BUSY_POLL_SLICE = 0.001
 #: Accepted ztunnel connections per second (Istio's rate.NewLimiter(5, 1)).
 ACCEPTS_PER_SECOND = 5.0
 #: Concurrent ztunnel connections (an old and a new one during an upgrade).

@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 from zds import defaults
@@ -91,6 +92,15 @@ class SeqpacketConnection:
                 usable = len(data) - len(data) % _FD_SIZE
                 fds.extend(array.array("i", data[:usable]))
         return Record(payload=payload, fds=fds, flags=flags)
+
+    def poll(self, seconds: float) -> Record | None:
+        """Read one record, asking again until one is there or ``seconds`` have passed
+        (None); never sleeps, never lets the event loop run (``BusyPoll`` does)."""
+        until = time.monotonic() + seconds
+        while True:
+            record = self.try_recv()
+            if record is not None or time.monotonic() >= until:
+                return record
 
     async def recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record:
         """Wait for one record. A 0-byte record (``is_eof``) means the peer is gone."""
@@ -185,6 +195,46 @@ class SeqpacketConnection:
             self._stop_reading()
         self._reading = -1
         self._sock.close()
+
+
+class BusyPoll:
+    """Wait for a record due any moment by asking the socket for it, not by sleeping.
+
+    ZDS is one message at a time: each side sends, then waits for the other's answer. A side
+    asleep in the event loop's poll is woken by the sender's kernel through the scheduler, and
+    on a virtual machine waking another CPU is an interrupt through the hypervisor: tens of
+    microseconds on every hop, more than the message's own work (measured: README
+    "Performance"). Go's scheduler spins for a while before it parks a thread for the same
+    reason; zds polls the socket for up to ``budget`` seconds, then sleeps as before.
+
+    Fair to the rest of the process: a poll first lets the event loop have a turn when it
+    had none for ``turn_every`` seconds. Off (budget 0) where the process may run on one CPU only:
+    polling there would only keep the CPU from the peer it waits for.
+    """
+
+    def __init__(
+        self, budget: float = defaults.BUSY_POLL, *, turn_every: float = defaults.BUSY_POLL_SLICE
+    ) -> None:
+        self.budget = budget if budget > 0.0 and len(os.sched_getaffinity(0)) > 1 else 0.0
+        self.turn_every = turn_every
+        #: When the event loop last had a turn (as far as this poller knows).
+        self._turn = time.monotonic()
+
+    async def poll(self, conn: SeqpacketConnection) -> Record | None:
+        """The next record if it comes within the budget; None if it did not (sleep then)."""
+        if not self.budget:
+            return None
+        now = time.monotonic()
+        if now - self._turn >= self.turn_every:
+            self._turn = now
+            await asyncio.sleep(0)  # the loop's turn: timers, other sockets, logs
+            record = conn.try_recv()
+            if record is not None:
+                return record
+        record = conn.poll(self.budget)
+        if record is None:
+            self._turn = time.monotonic()  # the caller sleeps in the loop now
+        return record
 
 
 def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
