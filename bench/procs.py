@@ -165,6 +165,28 @@ def stop_process(popen: subprocess.Popen[bytes], timeout: float = 15.0, *, signa
         popen.wait()
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def wait_idle(*, idle: float = 0.9, window: float = 0.1, limit: float = 5.0) -> float:
+    """Until the machine was ``idle`` (share of all CPUs) over a ``window`` of seconds, or
+    ``limit`` seconds passed; returns the seconds waited. What a run's processes leave to the
+    kernel (the sockets and namespaces of thousands of pods freed by workers) runs on after
+    them, and would otherwise be paid by whichever pair comes next."""
+    started = time.monotonic()
+    while True:
+        idle0, total0 = _cpu_times()
+        time.sleep(window)
+        idle1, total1 = _cpu_times()
+        waited = time.monotonic() - started
+        if (total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle) or waited >= limit:
+            return waited
+
+
 def loadavg() -> list[float]:
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]

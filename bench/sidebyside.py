@@ -36,7 +36,7 @@ import firstrequest
 import podns
 import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
-from procs import BenchError, loadavg
+from procs import BenchError, loadavg, wait_idle
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEERS = os.environ.get("ZDS_PEERS", os.path.join(os.path.dirname(REPO), "peers"))
@@ -295,6 +295,7 @@ def _pod_add(tools: Tools, pods_file: str) -> Callable[[str], list[str]]:
 
 
 def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, run: int) -> dict[str, Any]:
+    waited = wait_idle()  # every run starts on an idle machine
     load = loadavg()[0]
     m: Measurement = (
         pair.snapshot(tools, pods, listeners) if mode == "snapshot" else pair.live(tools, pods, listeners)
@@ -307,6 +308,7 @@ def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, ru
         "run": run,
         "wall_ms": round(m.wall_ms, 2),
         "load": load,
+        "idle_wait_s": round(waited, 2),
         "rss_kb": m.rss_kb,
         "fds": m.fds,
         "acked_ms": report.percentiles(m.acked_ms),
@@ -319,7 +321,7 @@ def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, ru
         row["acked_all_ms"] = m.acked_ms  # for the per-pod distribution plot
     print(
         f"bench: {mode:8} n={len(pods):5} listeners={'on ' if listeners else 'off'} {pair.name:18} run {run}: "
-        f"{m.wall_ms:8.1f} ms (load {load:.2f})",
+        f"{m.wall_ms:8.1f} ms (load {load:.2f}, {waited:.1f} s to idle)",
         file=sys.stderr,
         flush=True,
     )
