@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsHandle, run_in_netns
-from zds.server.policyrouting import PolicyRoutingError, has_ipv6, policy_routing, policy_routing_present
 
 log = logging.getLogger("zds.server.redirect")
 
@@ -163,6 +162,8 @@ def _run(argv: list[str], stdin: str = "") -> str:
 
 
 def _families() -> list[tuple[int, str]]:
+    from zds.server.policyrouting import has_ipv6
+
     return [(4, "iptables")] + ([(6, "ip6tables")] if has_ipv6() else [])
 
 
@@ -186,6 +187,8 @@ def _ours(saved: str) -> list[str]:
 
 
 def _routing(add: bool, *, ipv6: bool | None = None) -> None:
+    from zds.server.policyrouting import PolicyRoutingError, policy_routing
+
     try:
         policy_routing(add=add, ipv6=ipv6)
     except PolicyRoutingError as exc:
@@ -193,6 +196,8 @@ def _routing(add: bool, *, ipv6: bool | None = None) -> None:
 
 
 def _routing_present() -> bool:
+    from zds.server.policyrouting import PolicyRoutingError, policy_routing_present
+
     try:
         return policy_routing_present()
     except PolicyRoutingError as exc:
@@ -284,7 +289,12 @@ BACKENDS = ("iptables", "nftables")
 
 
 def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redirector:
-    """The redirector of ``backend`` (one of ``BACKENDS``)."""
+    """The redirector of ``backend`` (one of ``BACKENDS``).
+
+    The policy routing's netlink code (pyroute2, ~5 MB and ~30 ms to load) is loaded here,
+    with the rules on, not in a rule thread at the first pod; a node agent that installs no
+    rules (``--no-redirect``) never loads it."""
+    import zds.server.policyrouting  # noqa: F401
     if backend == "nftables":
         from zds.server.nftables import NftablesRedirector
 

@@ -262,6 +262,14 @@ def test_the_ztunnel_side_loads_no_node_agent_and_no_fixtures() -> None:
     assert not [m for m in loaded if m.startswith(("pyroute2", "zds.demo", "zds.netns.podnet", "zds.server"))]
 
 
+def test_a_node_agent_without_rules_never_loads_the_netlink_code_and_one_with_rules_at_start() -> None:
+    # pyroute2 is ~5 MB of the node agent's memory: only the policy routing of the rules needs it.
+    node_agent = "import zds.server.main, zds.server.agent, zds.server.enrollment, zds.server.podrules"
+    assert not [m for m in _heavy_loaded(node_agent) if m.startswith("pyroute2")]
+    with_rules = f"{node_agent}\nfrom zds.server.redirect import redirector\nredirector('iptables')"
+    assert "pyroute2" in _heavy_loaded(with_rules)
+
+
 @pytest.mark.root
 def test_debug_logs_are_zds_s_not_every_netlink_message_of_pyroute2() -> None:
     from zds.netns.fixtures import delete_netns
