@@ -295,6 +295,7 @@ def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redir
     with the rules on, not in a rule thread at the first pod; a node agent that installs no
     rules (``--no-redirect``) never loads it."""
     import zds.server.policyrouting  # noqa: F401
+
     if backend == "nftables":
         from zds.server.nftables import NftablesRedirector
 
