@@ -48,7 +48,7 @@ UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", help="pod counts (default: 200,1000,2500; --smoke: 20)")
-    p.add_argument("--runs", type=int, help="runs of each configuration (default: 3; --smoke: 1)")
+    p.add_argument("--runs", type=int, help="runs of each configuration (default: 5; --smoke: 1)")
     p.add_argument("--modes", default="snapshot,live", help="(default: %(default)s)")
     p.add_argument("--listeners", default="on,off", help="listeners on, off or both (default: %(default)s)")
     p.add_argument("--pairs", help=f"(default: {','.join(PAIRS)}; --smoke: zds,zds-asyncio)")
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="N=20, one run, zds pairs only, no floor (CI)")
     args = p.parse_args(argv)
     smoke = {"sizes": "20", "runs": 1, "pairs": "zds,zds-asyncio"}
-    full = {"sizes": "200,1000,2500", "runs": 3, "pairs": ",".join(PAIRS)}
+    full = {"sizes": "200,1000,2500", "runs": 5, "pairs": ",".join(PAIRS)}
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
