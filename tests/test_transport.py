@@ -10,10 +10,25 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 from zds.transport import BusyPoll, SeqpacketConnection
+
+Pair = tuple[SeqpacketConnection, socket.socket]
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    """A connected SOCK_SEQPACKET pair: ours driven by the transport, theirs a plain socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = SeqpacketConnection(ours)
+    try:
+        yield conn, theirs
+    finally:
+        conn.close()
+        theirs.close()
 
 
 async def test_records_keep_their_boundaries_and_fds_arrive_close_on_exec() -> None:
@@ -40,16 +55,11 @@ async def test_records_keep_their_boundaries_and_fds_arrive_close_on_exec() -> N
         os.close(w)
 
 
-async def test_an_oversized_record_is_flagged_truncated() -> None:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn = SeqpacketConnection(ours)
-    try:
-        theirs.send(b"x" * 2000)
-        record = await conn.recv()
-        assert record.truncated and len(record.payload) == 1024 and not record.is_eof
-    finally:
-        conn.close()
-        theirs.close()
+async def test_an_oversized_record_is_flagged_truncated(pair: Pair) -> None:
+    conn, theirs = pair
+    theirs.send(b"x" * 2000)
+    record = await conn.recv()
+    assert record.truncated and len(record.payload) == 1024 and not record.is_eof
 
 
 # -- BusyPoll: an answer due any moment is read without sleeping -------------------------
@@ -87,59 +97,44 @@ async def _wait_for_record(conn: SeqpacketConnection, busy: BusyPoll) -> tuple[b
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling is off on one CPU")
-async def test_a_record_due_any_moment_is_read_without_sleeping() -> None:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn = SeqpacketConnection(ours)
-    try:
-        for budget, sleeps in ((5.0, False), (0.0, True)):
-            sender = _sender(theirs, 0.05)
-            try:
-                payload, switches = await _wait_for_record(conn, BusyPoll(budget, turn_every=10.0))
-            finally:
-                sender.wait(30)
-            assert payload == b"\x08\x01"
-            # Polling never blocked the thread; waiting in the loop did (the measure can tell).
-            assert (switches > 0) is sleeps, (budget, switches)
-    finally:
-        conn.close()
-        theirs.close()
+async def test_a_record_due_any_moment_is_read_without_sleeping(pair: Pair) -> None:
+    conn, theirs = pair
+    for budget, sleeps in ((5.0, False), (0.0, True)):
+        sender = _sender(theirs, 0.05)
+        try:
+            payload, switches = await _wait_for_record(conn, BusyPoll(budget, turn_every=10.0))
+        finally:
+            sender.wait(30)
+        assert payload == b"\x08\x01"
+        # Polling never blocked the thread; waiting in the loop did (the measure can tell).
+        assert (switches > 0) is sleeps, (budget, switches)
 
 
-async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was() -> None:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn = SeqpacketConnection(ours)
-    try:
-        busy = BusyPoll(0.02, turn_every=10.0)
-        started = time.monotonic()
-        assert await busy.poll(conn) is None
-        assert time.monotonic() - started >= busy.budget
-        theirs.send(b"\x08\x01")
-        record = conn.try_recv()
-        assert record is not None and record.payload == b"\x08\x01"
-        assert await BusyPoll(0.0).poll(conn) is None  # off: returns at once, reads nothing
-    finally:
-        conn.close()
-        theirs.close()
+async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was(pair: Pair) -> None:
+    conn, theirs = pair
+    busy = BusyPoll(0.02, turn_every=10.0)
+    started = time.monotonic()
+    assert await busy.poll(conn) is None
+    assert time.monotonic() - started >= busy.budget
+    theirs.send(b"\x08\x01")
+    record = conn.try_recv()
+    assert record is not None and record.payload == b"\x08\x01"
+    assert await BusyPoll(0.0).poll(conn) is None  # off: returns at once, reads nothing
 
 
-async def test_a_poll_lets_the_event_loop_take_its_turn_first_when_it_had_none_lately() -> None:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn = SeqpacketConnection(ours)
+async def test_a_poll_lets_the_event_loop_take_its_turn_first_when_it_had_none_lately(pair: Pair) -> None:
+    conn, theirs = pair
     loop = asyncio.get_running_loop()
-    try:
-        # The loop had a turn just now (turn_every 10 s): the poll keeps it waiting, so what
-        # the loop would have sent comes only after the poll gave up.
-        loop.call_soon(theirs.send, b"first")
-        assert await BusyPoll(0.02, turn_every=10.0).poll(conn) is None
-        await asyncio.sleep(0)
-        assert (record := conn.try_recv()) is not None and record.payload == b"first"
-        # Its turn is due (turn_every 0): the loop runs the send first, the poll reads it.
-        loop.call_soon(theirs.send, b"second")
-        record = await BusyPoll(5.0, turn_every=0.0).poll(conn)
-        assert record is not None and record.payload == b"second"
-    finally:
-        conn.close()
-        theirs.close()
+    # The loop had a turn just now (turn_every 10 s): the poll keeps it waiting, so what
+    # the loop would have sent comes only after the poll gave up.
+    loop.call_soon(theirs.send, b"first")
+    assert await BusyPoll(0.02, turn_every=10.0).poll(conn) is None
+    await asyncio.sleep(0)
+    assert (record := conn.try_recv()) is not None and record.payload == b"first"
+    # Its turn is due (turn_every 0): the loop runs the send first, the poll reads it.
+    loop.call_soon(theirs.send, b"second")
+    record = await BusyPoll(5.0, turn_every=0.0).poll(conn)
+    assert record is not None and record.payload == b"second"
 
 
 def test_busy_polling_is_off_where_the_thread_may_use_one_cpu_only() -> None:
