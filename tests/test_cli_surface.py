@@ -174,7 +174,7 @@ def test_busy_poll_takes_microseconds_and_refuses_anything_else_in_one_line(comm
     assert PARSER.parse_args([command]).busy_poll == defaults.BUSY_POLL
     assert PARSER.parse_args([command, "--busy-poll", "250"]).busy_poll == 0.00025
     assert PARSER.parse_args([command, "--busy-poll", "0"]).busy_poll == 0.0  # off
-    for bad in ("-1", "1.5", "abc", "10001"):
+    for bad in ("-1", "1.5", "abc", "10001", "\u00b2"):
         err = io.StringIO()
         with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(err):
             PARSER.parse_args([command, "--busy-poll", bad])
@@ -183,6 +183,15 @@ def test_busy_poll_takes_microseconds_and_refuses_anything_else_in_one_line(comm
         assert last.endswith(
             f"argument --busy-poll: {bad!r} is not a number of microseconds from 0 (off) to 10000"
         ), last
+
+
+def test_a_port_is_ascii_digits_from_1_to_65535() -> None:
+    assert PARSER.parse_args(["ztunnel", "--dns-port", "5353"]).dns_port == 5353
+    for bad in ("0", "65536", "\u00b2", "\u0663", "53a"):
+        err = io.StringIO()
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(err):
+            PARSER.parse_args(["ztunnel", "--dns-port", bad])
+        assert err.getvalue().strip().endswith(f"argument --dns-port: {bad!r} is not a TCP port (1-65535)")
 
 
 def test_an_empty_uid_is_called_empty_not_missing() -> None:

@@ -42,7 +42,7 @@ def seconds(text: str) -> float:
 
 def busy_poll(text: str) -> float:
     """``--busy-poll USEC``: microseconds on the command line, seconds in the program."""
-    if not text.isdigit() or int(text) > BUSY_POLL_MAX_USEC:
+    if not (text.isascii() and text.isdigit()) or int(text) > BUSY_POLL_MAX_USEC:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number of microseconds from 0 (off) to {BUSY_POLL_MAX_USEC}"
         )
@@ -63,7 +63,7 @@ def add_busy_poll_flag(parser: argparse.ArgumentParser, waits_for: str) -> None:
 
 
 def port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
     return int(text)
 
