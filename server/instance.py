@@ -12,6 +12,10 @@ A socket path is only ever unlinked when it holds a socket: a stale one (no
 agent holds its lock) is replaced; anything else there (a regular file, a
 directory) is refused. On exit a node agent unlinks a socket only if it is
 still the very file it bound (same ``st_dev``/``st_ino``).
+
+The control API's gRPC socket lives beside its public socket, in ``PATH.private``
+(``PrivateDir``), under the same lock: what a killed agent left there is the next one's to
+clear, so nothing piles up in ``/run`` or elsewhere.
 """
 
 from __future__ import annotations
@@ -139,3 +143,86 @@ def clear_socket_path(path: str) -> None:
         f"{path} is {kind}; refusing to replace it with a socket (remove it yourself if it is stale, "
         "or choose another path)"
     )
+
+
+#: The longest path a unix socket can be bound at (``sun_path`` less its NUL).
+SUN_PATH_MAX = 107
+
+
+class PrivateDir:
+    """What only the node agent itself may reach, in a directory beside a public socket:
+    ``PATH.private`` (0700), holding the control API's gRPC socket (``grpc.sock``) behind the
+    gate that checks each peer of ``PATH``. Claimed while ``PATH``'s lock is held, so what a
+    killed agent left there (the directory and its dead socket) is this agent's to clear, and
+    is cleared at the next start; anything else found there is refused and left alone."""
+
+    SUFFIX = ".private"
+    SOCKET = "grpc.sock"
+
+    def __init__(self, path: str, fd: int, dev: int, ino: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._id = (dev, ino)
+
+    @classmethod
+    def claim(cls, public: str) -> PrivateDir:
+        """Make ``public``'s private directory, or take over a stale one (InstanceError when it
+        is not a directory of ours, is open to others, or holds anything but a socket)."""
+        path = public + cls.SUFFIX
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            cls._clear_stale(path)
+        except OSError as exc:
+            raise InstanceError(f"cannot make {path}: {exc.strerror}") from exc
+        try:
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise InstanceError(f"cannot open {path}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        return cls(path, fd, st.st_dev, st.st_ino)
+
+    @classmethod
+    def _clear_stale(cls, path: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise InstanceError(f"{path} is {what}; refusing to use it (remove it yourself if it is stale)")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise InstanceError(
+                f"{path} is not a 0700 directory of this user; refusing to use it "
+                "(remove it yourself if it is stale)"
+            )
+        socket_path = os.path.join(path, cls.SOCKET)
+        for name in os.listdir(path):
+            if name != cls.SOCKET or not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+                raise InstanceError(
+                    f"{path} holds {name!r}, which zds did not put there; refusing to use it "
+                    "(remove it yourself if it is stale)"
+                )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)  # a killed agent's (the caller holds the public path's lock)
+
+    @property
+    def socket(self) -> str:
+        """Where the gRPC socket is bound and dialled: its path, or, when that is longer than a
+        unix socket path may be, the same file through this process's fd of the directory."""
+        path = os.path.join(self.path, self.SOCKET)
+        if len(os.fsencode(path)) <= SUN_PATH_MAX:
+            return path
+        return f"/proc/self/fd/{self._fd}/{self.SOCKET}"
+
+    def remove(self) -> None:
+        """Take the directory out (its socket first, if gRPC left it), only if it is still the
+        one this agent claimed and nothing else went in."""
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._id:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.lstat(os.path.join(self.path, self.SOCKET)).st_mode):
+                        os.unlink(os.path.join(self.path, self.SOCKET))
+                os.rmdir(self.path)
+        except OSError:
+            pass  # gone already, or something else is in it now: left as it is
+        finally:
+            os.close(self._fd)

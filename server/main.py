@@ -21,9 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -41,6 +39,7 @@ from zds.server.http import health_app
 from zds.server.instance import (
     InstanceError,
     InstanceLock,
+    PrivateDir,
     SocketFile,
     clear_socket_path,
     socket_lock,
@@ -92,7 +91,7 @@ class NodeAgentServer:
         self._lock = InstanceLock()
         self._grpc: grpc.aio.Server | None = None
         self._gate: PeerGate | None = None
-        self._private_dir: str | None = None
+        self._private: PrivateDir | None = None
         self._runners: list[web.AppRunner] = []
         #: What else must be closed at stop (guarded endpoints).
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -243,10 +242,11 @@ class NodeAgentServer:
             raise StartupError(f"cannot listen on control socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on control socket {path}: {exc}") from exc
-        self._private_dir = tempfile.mkdtemp(
-            prefix="zds-control-", dir="/run" if os.access("/run", os.W_OK) else None
-        )
-        private = os.path.join(self._private_dir, "grpc.sock")
+        try:
+            self._private = PrivateDir.claim(path)
+        except InstanceError as exc:
+            raise StartupError(f"cannot serve the control API: {exc}") from exc
+        private = self._private.socket
         try:
             self._grpc = await start_control_server(self.agent, private, tcp, tls)
         except Exception as exc:
@@ -316,8 +316,8 @@ class NodeAgentServer:
             self._gate.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
+        if self._private is not None:
+            self._private.remove()
         for runner in self._runners:
             await runner.cleanup()
         for close in self._closers:

@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -436,6 +437,74 @@ def test_on_exit_a_server_removes_only_the_socket_it_made(agents: Agents) -> Non
     finally:
         replacement.close()
         os.unlink(server.zds_socket)
+
+
+def _private_dir(server: NodeAgentProc) -> str:
+    """Where the node agent keeps its gRPC socket, behind the control socket's gate."""
+    return server.control_socket + ".private"
+
+
+def test_what_a_killed_server_left_beside_its_control_socket_is_cleared_by_the_next_one(
+    agents: Agents,
+) -> None:
+    first = agents.start()
+    private = _private_dir(first)
+    st = os.lstat(private)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert stat.S_ISSOCK(os.lstat(os.path.join(private, "grpc.sock")).st_mode)
+    first.stop(signal.SIGKILL)
+    assert os.listdir(private) == ["grpc.sock"], "a killed agent cannot clean up"
+
+    second = agents.start()
+    assert second.list_pods() == []  # through the gate, to the new gRPC socket
+    assert second.stop() == 0
+    assert not os.path.exists(private)
+    assert not os.path.exists(second.control_socket)
+
+
+@pytest.mark.parametrize("found", ["a file zds did not put there", "open to others", "a symlink"])
+def test_a_private_control_dir_that_is_not_what_zds_leaves_is_refused_and_left_alone(
+    agents: Agents, tmp_path: Path, found: str
+) -> None:
+    private = os.path.join(str(tmp_path), "zds", "control.sock.private")
+    os.makedirs(os.path.dirname(private))
+    if found == "a symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        os.symlink(tmp_path / "elsewhere", private)
+        expected = f"{private} is a symlink"
+    else:
+        os.mkdir(private, 0o700)
+        if found == "open to others":
+            os.chmod(private, 0o755)
+            expected = f"{private} is not a 0700 directory of this user"
+        else:
+            Path(private, "notes").write_text("mine\n")
+            expected = f"{private} holds 'notes', which zds did not put there"
+    before = sorted(os.listdir(private))
+    server = agents.start(ready=False)
+    assert server.wait_exit() == 1
+    lines = [line for line in server.output().splitlines() if "cannot serve the control API" in line]
+    assert len(lines) == 1 and expected in lines[0], server.output()
+    assert "Traceback" not in server.output()
+    assert sorted(os.listdir(private)) == before
+    assert not os.path.exists(server.control_socket)
+
+
+def test_a_control_socket_path_too_long_for_the_private_socket_beside_it_still_serves(tmp_path: Path) -> None:
+    """A unix socket path has at most 107 bytes: with the control socket's at 100, the gRPC
+    socket's (``….private/grpc.sock``) would not fit, and is bound through the directory's fd."""
+    base = str(tmp_path)
+    base += "/" + "d" * (100 - len(base) - len("/zds/control.sock") - 1)
+    os.mkdir(base)
+    server = NodeAgentProc(base)
+    try:
+        assert len(server.control_socket) == 100
+        server.wait_ready()
+        assert server.list_pods() == []
+        assert server.stop() == 0
+        assert not os.path.exists(_private_dir(server))
+    finally:
+        server.stop()
 
 
 def test_a_corrupt_store_stops_the_server_in_one_line_and_stays_untouched(agents: Agents) -> None:
