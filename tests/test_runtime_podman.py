@@ -12,11 +12,13 @@ everything is removed at the end, also on failure.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import pathlib
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -80,6 +82,8 @@ class Runtime:
         self.network = f"zdst-{self.token}"
         #: Every network this test made (the first one has zds-cni chained).
         self.networks = [self.network]
+        #: Their subnets (the host's firewall rules for addresses in them are this test's).
+        self.subnets: list[ipaddress.IPv4Network] = []
         self.image = setup["ZDS_BASE_IMAGE"]
         self.conf_dir = tmp / "net.d"
         self.bin_dir = tmp / "cni-bin"
@@ -127,11 +131,17 @@ class Runtime:
         if os.path.exists(self.api_socket):
             os.unlink(self.api_socket)
 
+    def create_network(self, name: str) -> None:
+        """``podman network create`` with a random subnet of 10.200-250.x.0/24, recorded."""
+        subnet = ipaddress.IPv4Network(f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24")
+        self.subnets.append(subnet)
+        self.podman("network", "create", "--subnet", str(subnet), name)
+
     def add_network(self, suffix: str) -> str:
         """Another CNI network of this test's, with a subnet of its own (zds-cni not chained)."""
         name = f"{self.network}-{suffix}"
         self.networks.append(name)
-        self.podman("network", "create", "--subnet", random_subnet(), name)
+        self.create_network(name)
         return name
 
     def run(
@@ -177,8 +187,23 @@ class Runtime:
                 problems.append(f"network {network} left behind")
             # host-local IPAM's state for the network (Podman leaves it): ours, by the network's name.
             shutil.rmtree(f"/var/lib/cni/networks/{network}", ignore_errors=True)
+        self.drop_firewall_rules()
         self.stop_service()
         return problems
+
+    def drop_firewall_rules(self) -> None:
+        """The CNI firewall plugin's host rules (``CNI-FORWARD``) for this test's addresses.
+        A container whose ADD zds-cni refused (fail closed) leaves its two: the plugin's DEL
+        takes out the addresses of the ADD's cached result, and a failed ADD caches none (so
+        with any plugin chained after the firewall one, Istio's included)."""
+        saved = subprocess.run(
+            ["iptables-save", "-t", "filter"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+        for line in saved.splitlines():
+            rule = re.fullmatch(r"-A (CNI-FORWARD .*-[ds] (\d+\.\d+\.\d+\.\d+)/32 .*)", line)
+            if rule and any(ipaddress.IPv4Address(rule.group(2)) in subnet for subnet in self.subnets):
+                argv = ["iptables", "-t", "filter", "-D", *shlex.split(rule.group(1))]
+                subprocess.run(argv, capture_output=True, timeout=30, check=True)
 
 
 class Node:
@@ -221,10 +246,6 @@ class Node:
         self.agent.stop()
 
 
-def random_subnet() -> str:
-    return f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
-
-
 @pytest.fixture
 def runtime(tmp_path: pathlib.Path) -> Iterator[Runtime]:
     done = subprocess.run(["bash", str(SETUP), "engine"], capture_output=True, text=True, timeout=1200)
@@ -232,7 +253,7 @@ def runtime(tmp_path: pathlib.Path) -> Iterator[Runtime]:
     setup = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
     rt = Runtime(tmp_path, setup)
     try:
-        rt.podman("network", "create", "--subnet", random_subnet(), rt.network)
+        rt.create_network(rt.network)
         installed = subprocess.run(
             [
                 *ZDS, "cni", "install", "--bin-dir", str(rt.bin_dir), "--conf-dir", str(rt.conf_dir),
