@@ -41,7 +41,7 @@ log = logging.getLogger("zds.server.control")
 
 SERVICE_NAME = "zds.v1.NodeAgent"
 #: AddPods answers wait this long (seconds) for others to go in the same message.
-BULK_REPLY_DELAY = 0.002
+BULK_REPLY_DELAY = 0.005
 
 _STATUS = {
     EnrollmentOutcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -82,6 +82,8 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         ready, so the node agent opens and stores the next pods while ztunnel works. Pods come
         and go in batches: a gRPC message per pod would cost more than enrolling it."""
         answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
+        #: Every answer of the call is in ``answers`` (the last one goes out at once).
+        finished = asyncio.Event()
         window = _Window(defaults.BULK_WINDOW, defaults.BULK_REFILL)
         running: set[asyncio.Future[Any]] = set()
 
@@ -127,16 +129,20 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                     await asyncio.wait(set(running))
             finally:
                 answers.put_nowait(None)
+                finished.set()
 
         reader = asyncio.create_task(read())
         try:
             done = False
             while not done:
                 batch = [await answers.get()]
-                if batch[0] is not None:
-                    # Let a few more end first: a message per answer costs both ends more than
-                    # the answer (measured: ~100 us of gRPC machinery each in the client alone).
-                    await asyncio.sleep(BULK_REPLY_DELAY)
+                if batch[0] is not None and not finished.is_set():
+                    # Let more end first, unless the last one does meanwhile: a message per
+                    # answer costs both ends more than the answer (~100 us of gRPC machinery
+                    # each in the client alone).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(BULK_REPLY_DELAY):
+                            await finished.wait()
                 while not answers.empty():  # every answer ready now goes in one message
                     batch.append(answers.get_nowait())
                 done = batch[-1] is None
