@@ -147,6 +147,7 @@ def clear_socket_path(path: str) -> None:
 
 #: The longest path a unix socket can be bound at (``sun_path`` less its NUL).
 SUN_PATH_MAX = 107
+_NOT_OURS = "refusing to use it (remove it yourself if it is stale)"
 
 
 class PrivateDir:
@@ -167,41 +168,43 @@ class PrivateDir:
     @classmethod
     def claim(cls, public: str) -> PrivateDir:
         """Make ``public``'s private directory, or take over a stale one (InstanceError when it
-        is not a directory of ours, is open to others, or holds anything but a socket)."""
+        is not a directory of ours, is open to others, or holds anything but a socket). What is
+        checked is the directory opened, not the path: nothing can be swapped in between."""
         path = public + cls.SUFFIX
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            cls._clear_stale(path)
+            pass  # a killed agent's (or not ours: checked below)
         except OSError as exc:
             raise InstanceError(f"cannot make {path}: {exc.strerror}") from exc
         try:
-            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise InstanceError(f"cannot open {path}: {exc.strerror}") from exc
-        st = os.fstat(fd)
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise InstanceError(f"cannot open {path}: {exc.strerror}") from exc
+            what = "a symlink" if os.path.islink(path) else "not a directory"
+            raise InstanceError(f"{path} is {what}; {_NOT_OURS}") from None
+        try:
+            st = os.fstat(fd)
+            cls._clear(path, fd, st)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(path, fd, st.st_dev, st.st_ino)
 
     @classmethod
-    def _clear_stale(cls, path: str) -> None:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise InstanceError(f"{path} is {what}; refusing to use it (remove it yourself if it is stale)")
+    def _clear(cls, path: str, fd: int, st: os.stat_result) -> None:
+        """Check the opened directory and take out a dead socket a killed agent left in it
+        (the caller holds the public path's lock: no live agent uses it)."""
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise InstanceError(
-                f"{path} is not a 0700 directory of this user; refusing to use it "
-                "(remove it yourself if it is stale)"
-            )
-        socket_path = os.path.join(path, cls.SOCKET)
-        for name in os.listdir(path):
-            if name != cls.SOCKET or not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
-                raise InstanceError(
-                    f"{path} holds {name!r}, which zds did not put there; refusing to use it "
-                    "(remove it yourself if it is stale)"
-                )
+            raise InstanceError(f"{path} is not a 0700 directory of this user; {_NOT_OURS}")
+        for name in os.listdir(fd):
+            if name != cls.SOCKET or not stat.S_ISSOCK(
+                os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            ):
+                raise InstanceError(f"{path} holds {name!r}, which zds did not put there; {_NOT_OURS}")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)  # a killed agent's (the caller holds the public path's lock)
+            os.unlink(cls.SOCKET, dir_fd=fd)
 
     @property
     def socket(self) -> str:
@@ -219,8 +222,8 @@ class PrivateDir:
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._id:
                 with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.lstat(os.path.join(self.path, self.SOCKET)).st_mode):
-                        os.unlink(os.path.join(self.path, self.SOCKET))
+                    if stat.S_ISSOCK(os.stat(self.SOCKET, dir_fd=self._fd, follow_symlinks=False).st_mode):
+                        os.unlink(self.SOCKET, dir_fd=self._fd)
                 os.rmdir(self.path)
         except OSError:
             pass  # gone already, or something else is in it now: left as it is

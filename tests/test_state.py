@@ -462,7 +462,7 @@ def test_what_a_killed_server_left_beside_its_control_socket_is_cleared_by_the_n
     assert not os.path.exists(second.control_socket)
 
 
-@pytest.mark.parametrize("found", ["a file zds did not put there", "open to others", "a symlink"])
+@pytest.mark.parametrize("found", ["a file zds did not put there", "open to others", "a symlink", "a file"])
 def test_a_private_control_dir_that_is_not_what_zds_leaves_is_refused_and_left_alone(
     agents: Agents, tmp_path: Path, found: str
 ) -> None:
@@ -472,6 +472,9 @@ def test_a_private_control_dir_that_is_not_what_zds_leaves_is_refused_and_left_a
         (tmp_path / "elsewhere").mkdir(mode=0o700)
         os.symlink(tmp_path / "elsewhere", private)
         expected = f"{private} is a symlink"
+    elif found == "a file":
+        Path(private).write_text("mine\n")
+        expected = f"{private} is not a directory"
     else:
         os.mkdir(private, 0o700)
         if found == "open to others":
@@ -480,13 +483,13 @@ def test_a_private_control_dir_that_is_not_what_zds_leaves_is_refused_and_left_a
         else:
             Path(private, "notes").write_text("mine\n")
             expected = f"{private} holds 'notes', which zds did not put there"
-    before = sorted(os.listdir(private))
+    before = sorted(os.listdir(private)) if os.path.isdir(private) else Path(private).read_text()
     server = agents.start(ready=False)
     assert server.wait_exit() == 1
     lines = [line for line in server.output().splitlines() if "cannot serve the control API" in line]
     assert len(lines) == 1 and expected in lines[0], server.output()
     assert "Traceback" not in server.output()
-    assert sorted(os.listdir(private)) == before
+    assert (sorted(os.listdir(private)) if os.path.isdir(private) else Path(private).read_text()) == before
     assert not os.path.exists(server.control_socket)
 
 
