@@ -483,13 +483,17 @@ def test_a_private_control_dir_that_is_not_what_zds_leaves_is_refused_and_left_a
         else:
             Path(private, "notes").write_text("mine\n")
             expected = f"{private} holds 'notes', which zds did not put there"
-    before = sorted(os.listdir(private)) if os.path.isdir(private) else Path(private).read_text()
+
+    def found_there() -> list[str] | str:
+        return sorted(os.listdir(private)) if os.path.isdir(private) else Path(private).read_text()
+
+    before = found_there()
     server = agents.start(ready=False)
     assert server.wait_exit() == 1
     lines = [line for line in server.output().splitlines() if "cannot serve the control API" in line]
     assert len(lines) == 1 and expected in lines[0], server.output()
     assert "Traceback" not in server.output()
-    assert (sorted(os.listdir(private)) if os.path.isdir(private) else Path(private).read_text()) == before
+    assert found_there() == before
     assert not os.path.exists(server.control_socket)
 
 
