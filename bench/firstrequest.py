@@ -2,11 +2,12 @@
 
 In a live run the node agent's first ``pod enrolled`` line comes after the first request
 *and* the first enrollment (netns opened and checked, the pod stored, the line batched),
-so the client's own start-up is timed here against a stand-in: a gRPC server in the bench
-process on a unix socket, serving the control API's ``AddPods`` from zds's own generated
-code, that notes when the first ``AddPodsRequest`` arrives and answers every pod as
-enrolled. The client cannot tell it from the node agent (the same socket, the same
-messages), and the timing has nothing of the node agent's in it.
+so the client's own start-up is timed here against a stand-in: a unix socket in the bench
+process speaking the control socket's bulk lane (``zds.server.bulkwire``: what ``zds pod
+add --from-file`` uses on a unix control socket) with zds's own generated messages, that
+notes when the first ``AddPodsRequest`` arrives and answers every pod as enrolled. The
+client cannot tell it from the node agent (the same socket, the same bytes), and the timing
+has nothing of the node agent's in it.
 """
 
 from __future__ import annotations
@@ -14,42 +15,70 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 from procs import BenchError
 
-from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.gen import nodeagent_pb2
+from zds.server.bulkwire import MAGIC, Deframer, frame
 
 _SOCKETS = itertools.count()
 
 
-class _StandIn(nodeagent_pb2_grpc.NodeAgentServicer):
-    """AddPods: every pod enrolled at once; when the first request of a call came."""
+class _StandIn:
+    """The bulk lane on ``path``: every pod enrolled at once; when the first request came."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
         self.first: float | None = None
-        self._lock = threading.Lock()
+        self.error: str | None = None
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
-    def AddPods(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        index = 0
-        for request in requests:
-            now = time.perf_counter()
-            with self._lock:
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return  # closed before the client came
+        with conn:
+            try:
+                self._answer(conn)
+            except (OSError, ValueError) as exc:
+                self.error = f"the stand-in: {exc}"
+
+    def _answer(self, conn: socket.socket) -> None:
+        opening = b""
+        while len(opening) < len(MAGIC):
+            data = conn.recv(len(MAGIC) - len(opening))
+            if not data:
+                raise ValueError("the client closed before the lane's opening")
+            opening += data
+        if opening != MAGIC:
+            raise ValueError(f"the client opened with {opening!r}")
+        deframer, index = Deframer(), 0
+        while data := conn.recv(256 * 1024):
+            for message in deframer.feed(data):
                 if self.first is None:
-                    self.first = now
-            results = []
-            for pod in request.pods:
-                response = nodeagent_pb2.AddPodResponse(connection_id="bench-stand-in")
-                results.append(nodeagent_pb2.AddPodsResult(index=index, uid=pod.uid, response=response))
-                index += 1
-            yield nodeagent_pb2.AddPodsReply(results=results)
+                    self.first = time.perf_counter()
+                results = []
+                for pod in nodeagent_pb2.AddPodsRequest.FromString(message).pods:
+                    response = nodeagent_pb2.AddPodResponse(connection_id="bench-stand-in")
+                    results.append(nodeagent_pb2.AddPodsResult(index=index, uid=pod.uid, response=response))
+                    index += 1
+                conn.sendall(frame(nodeagent_pb2.AddPodsReply(results=results).SerializeToString()))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() if no client came
+        self._listener.close()
+        self._thread.join(10)
 
 
 @dataclass
@@ -67,29 +96,21 @@ def measure(
 ) -> FirstRequest:
     """Start ``argv_for(socket)`` (a ``zds pod add --from-file pods_file`` of ``n`` pods)
     against a fresh stand-in; BenchError if it fails or does not print ``n`` enrollments."""
-    # A socket of its own each time: gRPC unlinks a stopped server's socket file itself.
     sock = os.path.join(directory, f"stand-in-{next(_SOCKETS)}.sock")
-    stand_in = _StandIn()
-    with futures.ThreadPoolExecutor(max_workers=2) as pool:
-        server = grpc.server(pool)
-        nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(stand_in, server)
-        server.add_insecure_port(f"unix:{sock}")
-        server.start()
-        try:
-            t0 = time.perf_counter()
-            done = subprocess.run(argv_for(sock), env=env, capture_output=True, text=True, timeout=120)
-            ended = time.perf_counter()
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(
-                f"zds pod add --from-file {pods_file} against the stand-in took over 120 s"
-            ) from exc
-        finally:
-            server.stop(None).wait()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
+    stand_in = _StandIn(sock)
+    try:
+        t0 = time.perf_counter()
+        done = subprocess.run(argv_for(sock), env=env, capture_output=True, text=True, timeout=120)
+        ended = time.perf_counter()
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"zds pod add --from-file {pods_file} against the stand-in took over 120 s") from exc
+    finally:
+        stand_in.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
     enrolled = done.stdout.count(" enrolled: ")
     if done.returncode != 0 or enrolled != n or stand_in.first is None:
-        tail = (done.stderr.strip().splitlines() or ["(nothing)"])[-1]
+        tail = stand_in.error or (done.stderr.strip().splitlines() or ["(nothing)"])[-1]
         raise BenchError(
             f"zds pod add --from-file {pods_file} against the stand-in exited {done.returncode} "
             f"with {enrolled} of {n} pods enrolled: {tail}"

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,81 +77,9 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         request_iterator: AsyncIterator[nodeagent_pb2.AddPodsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[nodeagent_pb2.AddPodsReply]:
-        """The bulk path: enrollments run concurrently (up to ``BULK_WINDOW``), each answered
-        as it ends; their AddWorkloads queue on the ztunnel connection in the order they are
-        ready, so the node agent opens and stores the next pods while ztunnel works. Pods come
-        and go in batches: a gRPC message per pod would cost more than enrolling it."""
-        answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
-        #: Every answer of the call is in ``answers`` (the last one goes out at once).
-        finished = asyncio.Event()
-        window = _Window(defaults.BULK_WINDOW, defaults.BULK_REFILL)
-        running: set[asyncio.Future[Any]] = set()
-
-        def answer(
-            index: int, uid: str, outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str]
-        ) -> None:
-            window.give()
-            response = None
-            if isinstance(outcome, tuple):
-                code, message = outcome
-            elif outcome.cancelled():
-                code, message = grpc.StatusCode.UNAVAILABLE, "node agent shutting down"
-            elif isinstance(error := outcome.exception(), EnrollmentError):
-                code, message = _STATUS[error.outcome], str(error)
-            elif error is not None:  # a bug: said as AddPod would (an INTERNAL status)
-                log.error("enrollment failed unexpectedly: %r", error, extra={"uid": uid})
-                code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error!r}"
-            else:
-                code, message, response = grpc.StatusCode.OK, "", add_pod_response(outcome.result())
-            answers.put_nowait(
-                nodeagent_pb2.AddPodsResult(
-                    index=index, uid=uid, code=code.value[0], message=message, response=response
-                )
-            )
-
-        async def read() -> None:
-            try:
-                index = 0
-                async for batch in request_iterator:
-                    for request in batch.pods:
-                        await window.take()
-                        spec = pod_spec(request)
-                        if isinstance(spec, PodSpec):
-                            # The enrollment's own task (it completes even if this call ends).
-                            task = self.agent.start_add(spec)
-                            running.add(task)
-                            task.add_done_callback(running.discard)
-                            task.add_done_callback(functools.partial(answer, index, request.uid))
-                        else:
-                            answer(index, request.uid, spec)
-                        index += 1
-                while running:
-                    await asyncio.wait(set(running))
-            finally:
-                answers.put_nowait(None)
-                finished.set()
-
-        reader = asyncio.create_task(read())
-        try:
-            done = False
-            while not done:
-                batch = [await answers.get()]
-                if batch[0] is not None and not finished.is_set():
-                    # Let more end first, unless the last one does meanwhile: a message per
-                    # answer costs both ends more than the answer (~100 us of gRPC machinery
-                    # each in the client alone).
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(BULK_REPLY_DELAY):
-                            await finished.wait()
-                while not answers.empty():  # every answer ready now goes in one message
-                    batch.append(answers.get_nowait())
-                done = batch[-1] is None
-                results = [answer for answer in batch if answer is not None]
-                if results:
-                    yield nodeagent_pb2.AddPodsReply(results=results)
-            await reader  # a failed read of the requests ends the call with its error
-        finally:
-            reader.cancel()
+        async with contextlib.aclosing(bulk_add(self.agent, request_iterator)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def RemovePod(
         self, request: nodeagent_pb2.RemovePodRequest, context: grpc.aio.ServicerContext
@@ -232,6 +160,85 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                     return
         finally:
             watcher.close()
+
+
+async def bulk_add(
+    agent: NodeAgent, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest]
+) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
+    """The bulk path (``AddPods``, and the control socket's bulk lane: bulklane.py):
+    enrollments run concurrently (up to ``BULK_WINDOW``), each answered as it ends; their
+    AddWorkloads queue on the ztunnel connection in the order they are ready, so the node
+    agent opens and stores the next pods while ztunnel works. Pods come and go in batches: a
+    message per pod would cost more than enrolling it."""
+    answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
+    #: Every answer of the call is in ``answers`` (the last one goes out at once).
+    finished = asyncio.Event()
+    window = _Window(defaults.BULK_WINDOW, defaults.BULK_REFILL)
+    running: set[asyncio.Future[Any]] = set()
+
+    def answer(index: int, uid: str, outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str]) -> None:
+        window.give()
+        response = None
+        if isinstance(outcome, tuple):
+            code, message = outcome
+        elif outcome.cancelled():
+            code, message = grpc.StatusCode.UNAVAILABLE, "node agent shutting down"
+        elif isinstance(error := outcome.exception(), EnrollmentError):
+            code, message = _STATUS[error.outcome], str(error)
+        elif error is not None:  # a bug: said as AddPod would (an INTERNAL status)
+            log.error("enrollment failed unexpectedly: %r", error, extra={"uid": uid})
+            code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error!r}"
+        else:
+            code, message, response = grpc.StatusCode.OK, "", add_pod_response(outcome.result())
+        answers.put_nowait(
+            nodeagent_pb2.AddPodsResult(
+                index=index, uid=uid, code=code.value[0], message=message, response=response
+            )
+        )
+
+    async def read() -> None:
+        try:
+            index = 0
+            async for batch in requests:
+                for request in batch.pods:
+                    await window.take()
+                    spec = pod_spec(request)
+                    if isinstance(spec, PodSpec):
+                        # The enrollment's own task (it completes even if this call ends).
+                        task = agent.start_add(spec)
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                        task.add_done_callback(functools.partial(answer, index, request.uid))
+                    else:
+                        answer(index, request.uid, spec)
+                    index += 1
+            while running:
+                await asyncio.wait(set(running))
+        finally:
+            answers.put_nowait(None)
+            finished.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        done = False
+        while not done:
+            batch = [await answers.get()]
+            if batch[0] is not None and not finished.is_set():
+                # Let more end first, unless the last one does meanwhile: a message per
+                # answer costs both ends more than the answer (~100 us of gRPC machinery
+                # each in the client alone).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BULK_REPLY_DELAY):
+                        await finished.wait()
+            while not answers.empty():  # every answer ready now goes in one message
+                batch.append(answers.get_nowait())
+            done = batch[-1] is None
+            results = [answer for answer in batch if answer is not None]
+            if results:
+                yield nodeagent_pb2.AddPodsReply(results=results)
+        await reader  # a failed read of the requests ends the call with its error
+    finally:
+        reader.cancel()
 
 
 class _Window:

@@ -11,12 +11,12 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from zds.errors import ZdsError
-from zds.gen import nodeagent_pb2_grpc
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class ControlError(ZdsError):
@@ -65,12 +65,16 @@ class ControlTarget:
     @contextmanager
     def stub(self) -> Iterator[Any]:
         """A ``zds.v1.NodeAgent`` stub on a channel to the node agent (closed afterwards)."""
+        from zds.gen import nodeagent_pb2_grpc  # gRPC: loaded when a call is made (~45 ms)
+
         with self._channel() as channel:
             yield nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
 
     def _channel(self) -> grpc.Channel:
+        import grpc
+
         if self.address is None:
-            self._check_socket()
+            self.check_socket()
             return grpc.insecure_channel(f"unix:{self.socket}")
         if self.insecure:
             return grpc.insecure_channel(self.address)
@@ -86,13 +90,13 @@ class ControlTarget:
             raise ControlError(f"cannot read {exc.filename}: {exc.strerror}") from exc
         return grpc.secure_channel(self.address, credentials)
 
-    def _check_socket(self) -> None:
+    def check_socket(self) -> None:
+        """ControlError unless the unix socket is there and may be reached."""
         try:
             os.stat(self.socket)
         except PermissionError:
             raise ControlError(
-                f"cannot reach the node agent at {self.socket}: permission denied"
-                + (_NOT_ROOT_HINT if os.geteuid() != 0 else "")
+                f"cannot reach the node agent at {self.socket}: permission denied{not_root_hint()}"
             ) from None
         except FileNotFoundError:
             raise ControlError(
@@ -102,24 +106,32 @@ class ControlTarget:
 
     def failure(self, exc: grpc.RpcError) -> ControlError:
         """A failed call, as one line."""
+        import grpc
+
         code, details = exc.code(), exc.details() or ""
         lowered = details.lower()
         if "permission denied" in lowered:
             return ControlError(
-                f"cannot reach the node agent at {self.where}: permission denied"
-                + (_NOT_ROOT_HINT if os.geteuid() != 0 else "")
+                f"cannot reach the node agent at {self.where}: permission denied{not_root_hint()}"
             )
         if code is grpc.StatusCode.UNAVAILABLE and any(t in lowered for t in _TRANSPORT):
-            hint = _NOT_ROOT_HINT if os.geteuid() != 0 and self.address is None else ""
+            hint = not_root_hint() if self.address is None else ""
             return ControlError(f"cannot reach the node agent at {self.where}: {details}{hint}")
         return ControlError(f"{code.name}: {details}")
 
     def call(self, method: Callable[..., Any], request: Any, timeout: float) -> Any:
         """``method(request)``; ControlError with one line on failure."""
+        import grpc
+
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise self.failure(exc) from exc
+
+
+def not_root_hint() -> str:
+    """What may be why the node agent turned this user away ("" for root)."""
+    return _NOT_ROOT_HINT if os.geteuid() != 0 else ""
 
 
 def _read(path: str | None) -> bytes | None:

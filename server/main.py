@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from zds.server import store as pod_store
 from zds.server.agent import NodeAgent
 from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
-from zds.server.control import start_control_server
+from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
@@ -252,7 +253,11 @@ class NodeAgentServer:
         except Exception as exc:
             where = f"{path}" + (f" and {opts.grpc_listen}" if opts.grpc_listen else "")
             raise StartupError(f"cannot serve the control API on {where}: {exc}") from exc
-        self._gate = PeerGate(private, PeerGuard(self.agent.config.allow, "control"))
+        self._gate = PeerGate(
+            private,
+            PeerGuard(self.agent.config.allow, "control"),
+            functools.partial(bulk_add, self.agent),
+        )
         try:
             await self._gate.start(path, opts.socket_mode)
         except OSError as exc:

@@ -5,7 +5,9 @@ node agent serves its control API on a private socket (in a 0700 directory only
 root can enter) and puts this gate on the public path: each connection is
 accepted, its peer checked against the allow-list (refused: logged once per
 process, closed), and an allowed one spliced to gRPC byte for byte, with
-backpressure both ways. grpcurl and ``zds pod`` see a plain gRPC socket.
+backpressure both ways. grpcurl and ``zds pod`` see a plain gRPC socket. An allowed
+connection that opens with the bulk lane's first byte instead of HTTP/2's is the lane's
+(bulklane.py): ``zds pod add --from-file`` without gRPC.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import socket
 from typing import cast
 
+from zds.server.bulklane import BulkLane, BulkServe
+from zds.server.bulkwire import MAGIC
 from zds.server.peers import PeerGuard
 from zds.transport import bind_unix_listener, peer_credentials
 
@@ -81,11 +85,12 @@ class _Pipe(asyncio.Protocol):
 
 
 class PeerGate:
-    """Lets allowed peers of ``public`` through to ``private``."""
+    """Lets allowed peers of ``public`` through to ``private``, or to ``bulk``'s lane."""
 
-    def __init__(self, private: str, guard: PeerGuard) -> None:
+    def __init__(self, private: str, guard: PeerGuard, bulk: BulkServe) -> None:
         self.private = private
         self.guard = guard
+        self.bulk = bulk
         self._server: asyncio.AbstractServer | None = None
         self._dialing: set[asyncio.Task[None]] = set()
 
@@ -108,18 +113,38 @@ class PeerGate:
 
 
 class _Door(_Pipe):
-    """The public side of one connection: checks the peer, then dials gRPC."""
+    """The public side of one connection: checks the peer, then, at its first bytes, dials
+    gRPC or hands it to the bulk lane (an HTTP/2 client speaks first: its preface)."""
 
     def __init__(self, gate: PeerGate) -> None:
         super().__init__()
         self._gate = gate
+        self._chosen = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if not self._gate.guard.check(peer_credentials(sock) if sock is not None else None):
             transport.close()
-            return
+
+    def data_received(self, data: bytes) -> None:
+        if not self._chosen:
+            self._chosen = True
+            if data[:1] == MAGIC[:1] and self.transport is not None:
+                lane = BulkLane(self._gate.bulk)
+                self.transport.set_protocol(lane)
+                lane.connection_made(self.transport)
+                lane.data_received(data)
+                return
+            self._dial_grpc()
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if not self._chosen:  # it said nothing: nothing to pass on
+            return False
+        return super().eof_received()
+
+    def _dial_grpc(self) -> None:
         task = asyncio.get_running_loop().create_task(self._dial())
         self._gate._dialing.add(task)
         task.add_done_callback(self._gate._dialing.discard)
@@ -133,7 +158,7 @@ class _Door(_Pipe):
             if self.transport is not None:
                 self.transport.close()
             return
-        # Both ends may have received bytes already (gRPC speaks first: its SETTINGS frame).
+        # Both ends may have received bytes already (gRPC's server speaks at once too: SETTINGS).
         inner.flush_to(self)
         self.flush_to(inner)
         if self.transport is None or self.transport.is_closing():

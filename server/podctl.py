@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
-import grpc
+from google.rpc import code_pb2
 
 from zds import runtime
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
-from zds.server.controlclient import ControlError, ControlTarget
+from zds.server import bulkwire
+from zds.server.controlclient import ControlError, ControlTarget, not_root_hint
 from zds.server.pods import PodSpec, PodSpecError
 
 
@@ -91,12 +92,15 @@ def add(args: argparse.Namespace) -> int:
         specs = _specs(args)
         target = ControlTarget.from_args(args)
         runtime.started()  # the pods are read: collection resumes (zds.cli held it for start-up)
-        with target.stub() as stub:
-            answers = (
-                _add_many(target, stub, specs, args)
-                if args.from_file
-                else [_add_one(target, stub, specs[0], args)]
-            )
+        if args.from_file and target.address is None:
+            answers = _add_many_over_lane(target, specs, args)
+        else:
+            with target.stub() as stub:
+                answers = (
+                    _add_many(target, stub, specs, args)
+                    if args.from_file
+                    else [_add_one(target, stub, specs[0], args)]
+                )
         if args.json:
             print(json.dumps(answers, indent=2))
         return 1 if any("error" in a for a in answers) else 0
@@ -113,38 +117,92 @@ def _add_one(target: ControlTarget, stub: Any, spec: PodSpec, args: argparse.Nam
     return _enrolled(spec, resp, args)
 
 
+def _batches(specs: list[PodSpec]) -> Iterator[nodeagent_pb2.AddPodsRequest]:
+    for i in range(0, len(specs), BULK_BATCH):
+        yield nodeagent_pb2.AddPodsRequest(pods=[_add_request(spec) for spec in specs[i : i + BULK_BATCH]])
+
+
 def _add_many(
     target: ControlTarget, stub: Any, specs: list[PodSpec], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Every pod over one AddPods stream (the bulk path), each printed as its answer comes."""
+    import grpc
+
     answers: list[dict[str, Any] | None] = [None] * len(specs)
-    batches = (
-        nodeagent_pb2.AddPodsRequest(pods=[_add_request(spec) for spec in specs[i : i + BULK_BATCH]])
-        for i in range(0, len(specs), BULK_BATCH)
-    )
     try:
-        for reply in stub.AddPods(batches, timeout=args.timeout + len(specs) * BULK_SECONDS_PER_POD):
-            for result in reply.results:
-                spec = specs[result.index]
-                if result.code == 0:
-                    answers[result.index] = _enrolled(spec, result.response, args)
-                else:
-                    name = _STATUS_NAMES.get(result.code, str(result.code))
-                    answers[result.index] = _failed(spec, f"{name}: {result.message}", args)
-            sys.stdout.flush()  # each batch of answers as it comes (not a write per line)
+        for reply in stub.AddPods(_batches(specs), timeout=_deadline(specs, args)):
+            _answered(reply, specs, answers, args)
     except grpc.RpcError as exc:
-        error = str(target.failure(exc))
-        for i, spec in enumerate(specs):
-            if answers[i] is None:
-                answers[i] = _failed(spec, error, args)
-    return [a if a is not None else _failed(specs[i], "no answer", args) for i, a in enumerate(answers)]
+        _unanswered(specs, answers, str(target.failure(exc)), args)
+    _unanswered(specs, answers, "no answer", args)
+    return cast(list[dict[str, Any]], answers)
+
+
+def _add_many_over_lane(
+    target: ControlTarget, specs: list[PodSpec], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """The same over the control socket's bulk lane (bulkwire.py): no gRPC to load."""
+    target.check_socket()
+    answers: list[dict[str, Any] | None] = [None] * len(specs)
+    try:
+        for reply in bulkwire.add_pods(target.socket, _batches(specs), _deadline(specs, args)):
+            _answered(reply, specs, answers, args)
+    except OSError as exc:
+        raise ControlError(f"cannot reach the node agent at {target.socket}: {exc.strerror or exc}") from None
+    except bulkwire.LaneError as exc:
+        _unanswered(specs, answers, str(exc), args)
+    if all(answer is None for answer in answers):  # turned away, or it stopped: nothing came
+        closed = f"the node agent at {target.socket} closed the connection without answering{not_root_hint()}"
+    else:
+        closed = "no answer: the node agent closed the connection"
+    _unanswered(specs, answers, closed, args)
+    return cast(list[dict[str, Any]], answers)
+
+
+def _deadline(specs: list[PodSpec], args: argparse.Namespace) -> float:
+    """A bulk enrollment's time limit: --timeout, plus some per pod (it is not one call)."""
+    return float(args.timeout + len(specs) * BULK_SECONDS_PER_POD)
+
+
+def _answered(
+    reply: nodeagent_pb2.AddPodsReply,
+    specs: list[PodSpec],
+    answers: list[dict[str, Any] | None],
+    args: argparse.Namespace,
+) -> None:
+    """Each answer of ``reply`` printed and noted in ``answers`` (by its position)."""
+    for result in reply.results:
+        if result.index >= len(specs) or answers[result.index] is not None:
+            continue  # not one of ours, or answered already: nothing a node agent sends
+        spec = specs[result.index]
+        if result.code == 0:
+            answers[result.index] = _enrolled(spec, result.response, args)
+        else:
+            answers[result.index] = _failed(spec, f"{status_name(result.code)}: {result.message}", args)
+    sys.stdout.flush()  # each batch of answers as it comes (not a write per line)
+
+
+def _unanswered(
+    specs: list[PodSpec], answers: list[dict[str, Any] | None], error: str, args: argparse.Namespace
+) -> None:
+    """``error`` for each pod not answered yet."""
+    for i, spec in enumerate(specs):
+        if answers[i] is None:
+            answers[i] = _failed(spec, error, args)
+
+
+def status_name(code: int) -> str:
+    """A gRPC status code's name (AddPodsResult.code), as grpc.StatusCode names it."""
+    try:
+        return str(code_pb2.Code.Name(code))
+    except ValueError:
+        return str(code)
 
 
 #: Pods per AddPods message: the node agent starts on the first batch while the rest is sent.
 BULK_BATCH = 64
 #: The stream's deadline: --timeout, plus this much per pod (a bulk enrollment is not one call).
 BULK_SECONDS_PER_POD = 0.05
-_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def _enrolled(spec: PodSpec, resp: nodeagent_pb2.AddPodResponse, args: argparse.Namespace) -> dict[str, Any]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 import threading
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.harness import ZDS, NodeAgentProc, free_port, pod_netns, pod_netns_pid
 from tests.standins import RawPeer, request_of
 from zds.gen import nodeagent_pb2
+from zds.server import bulkwire
 
 pytestmark = pytest.mark.root
 
@@ -211,9 +215,21 @@ def test_without_the_capabilities_each_command_says_which_are_missing(command: l
 # -- the bulk path: AddPods -------------------------------------------------------------------
 
 
-def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(server: NodeAgentProc) -> None:
+def bulk_add(server: NodeAgentProc, over: str, batches: list[nodeagent_pb2.AddPodsRequest]) -> list[Any]:
+    """Every answer of one bulk call, over gRPC's AddPods or the control socket's bulk lane."""
+    if over == "grpc":
+        with server.control() as stub:
+            return [r for reply in stub.AddPods(iter(batches), timeout=30) for r in reply.results]
+    return [r for reply in bulkwire.add_pods(server.control_socket, batches, 30) for r in reply.results]
+
+
+@pytest.mark.parametrize("over", ["grpc", "lane"])
+def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
+    server: NodeAgentProc, over: str
+) -> None:
     """AddPods over batches: each pod answered once, by its position in the stream, with
-    AddPod's status; AddWorkloads go out one at a time, each acked before the next."""
+    AddPod's status; AddWorkloads go out one at a time, each acked before the next. The
+    bulk lane answers the same."""
     peer = connected_peer(server)
     requests = [
         nodeagent_pb2.AddPodRequest(uid="ok-1", netns_path=pod_netns()),
@@ -235,12 +251,11 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(serve
     thread = threading.Thread(target=ztunnel, daemon=True)
     thread.start()
     try:
-        with server.control() as stub:
-            batches = [
-                nodeagent_pb2.AddPodsRequest(pods=requests[:2]),
-                nodeagent_pb2.AddPodsRequest(pods=requests[2:]),
-            ]
-            results = [r for reply in stub.AddPods(iter(batches), timeout=30) for r in reply.results]
+        batches = [
+            nodeagent_pb2.AddPodsRequest(pods=requests[:2]),
+            nodeagent_pb2.AddPodsRequest(pods=requests[2:]),
+        ]
+        results = bulk_add(server, over, batches)
         thread.join(10)
     finally:
         peer.close()
@@ -278,3 +293,121 @@ def test_pod_add_from_file_says_which_pods_failed_and_exits_one(
     assert out.returncode == 1
     assert "pod good (default/good) enrolled: acked by ztunnel connection" in out.stdout
     assert "zds pod add: gone: INVALID_ARGUMENT: " in out.stderr and "zdst-missing" in out.stderr
+
+
+# -- the bulk lane: zds pod add --from-file on the unix control socket, without gRPC ----------
+
+
+def test_pod_add_from_file_goes_over_the_bulk_lane_without_loading_grpc(
+    server: NodeAgentProc, tmp_path: object
+) -> None:
+    """grpc's import alone costs the client ~45 ms: a pods file on the unix socket does
+    without it, and enrolls as over gRPC."""
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"uid": f"lane-{i}", "netns": pod_netns()}) + "\n")
+    run = (
+        "import sys; from zds.cli import main; "
+        f"code = main(['pod', 'add', '--from-file', {path!r}, '--control-socket', {server.control_socket!r}]); "
+        "print('grpc loaded' if 'grpc' in sys.modules else 'grpc not loaded', file=sys.stderr); "
+        "sys.exit(code)"
+    )
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 3)
+        out = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=60)
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 0, out.stderr
+    assert "grpc not loaded" in out.stderr
+    assert out.stdout.count("enrolled: acked by ztunnel connection") == 3
+    assert sorted((p.uid, p.state) for p in server.list_pods()) == [
+        (f"lane-{i}", nodeagent_pb2.POD_STATE_ACKED) for i in range(3)
+    ]
+
+
+def lane_send(server: NodeAgentProc, data: bytes) -> bytes:
+    """``data`` to the control socket, half-closed; everything the node agent sends back
+    (a reset, when it closed with some of ``data`` unread, ends it as an EOF would)."""
+    got = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(server.control_socket)
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    return got
+
+
+_POD = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="x", netns_path="/nonexistent")])
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"ZDS-BULK/9\n" + bulkwire.frame(_POD.SerializeToString()), "it opened with b'ZDS-BULK/9"),
+        (bulkwire.MAGIC + bulkwire.HEADER.pack(1, 2) + b"xx", "a frame with flag 1"),
+        (bulkwire.MAGIC + bulkwire.HEADER.pack(0, bulkwire.MAX_MESSAGE + 1), "the limit is 4194304"),
+        (bulkwire.MAGIC + bulkwire.frame(b"\xff\xff\xff"), "not an AddPodsRequest"),
+        (bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString())[:-3], "it ended within a frame"),
+        (b"ZDS", "it ended within a frame"),
+    ],
+    ids=["opening", "compressed", "oversized", "undecodable", "cut", "cut-opening"],
+)
+def test_a_broken_bulk_lane_is_closed_with_one_line_and_the_node_agent_serves_on(
+    server: NodeAgentProc, data: bytes, reason: str
+) -> None:
+    assert lane_send(server, data) == b""  # nothing answered, nothing enrolled
+    server.wait_for_output("a bulk-lane connection closed: ")
+    line = next(line for line in server.output().splitlines() if "a bulk-lane connection closed" in line)
+    assert reason in line, line
+    assert "Traceback" not in server.output()
+    assert server.list_pods() == []
+    # The next connection, over gRPC or the lane, is served.
+    answer = bulkwire.Deframer().feed(
+        lane_send(server, bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString()))
+    )
+    (result,) = nodeagent_pb2.AddPodsReply.FromString(answer[0]).results
+    assert (result.uid, result.code) == ("x", grpc.StatusCode.INVALID_ARGUMENT.value[0])
+
+
+def test_a_bulk_lane_client_gone_early_does_not_stop_its_enrollments(server: NodeAgentProc) -> None:
+    """As with a gRPC call that ends: the enrollments the node agent took run to their acks."""
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 2)
+        pods = [nodeagent_pb2.AddPodRequest(uid=f"early-{i}", netns_path=pod_netns()) for i in range(2)]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server.control_socket)
+            sock.sendall(
+                bulkwire.MAGIC + bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString())
+            )
+        thread.join(10)
+    finally:
+        peer.close()
+    assert not thread.is_alive()
+    assert sorted(p.uid for p in server.list_pods()) == ["early-0", "early-1"]
+
+
+def test_pod_add_from_file_says_in_one_line_when_nothing_listens_on_the_socket(tmp_path: object) -> None:
+    """A socket file left by a node agent that is gone: refused, said once, exit 1."""
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"uid": "u1", "netns": "/var/run/netns/x"}) + "\n")
+    dead = os.path.join(str(tmp_path), "control.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(dead)  # bound, never listened on: connecting is refused
+        out = subprocess.run(
+            [*ZDS, "pod", "add", "--from-file", path, "--control-socket", dead],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1
+    assert out.stderr == f"zds pod add: cannot reach the node agent at {dead}: Connection refused\n"

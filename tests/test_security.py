@@ -19,6 +19,8 @@ import pytest
 from tests.harness import ZDS, NodeAgentProc, ZdsProcess, free_port, pod_netns, post_unix, wait_until
 from tests.standins import RawPeer
 from zds.check.inpod import socket_inodes
+from zds.gen import nodeagent_pb2
+from zds.server.bulkwire import MAGIC, frame
 
 pytestmark = pytest.mark.root
 
@@ -114,6 +116,14 @@ def test_a_peer_not_on_the_allow_list_is_refused_on_every_socket_and_logged_once
     lines = [line for line in server.output().splitlines() if "refused a connection" in line]
     assert len(lines) == 3 and all(f"uid {NOBODY} gid {NOBODY}" in line for line in lines)
     assert all("permission denied" in line and "/usr/bin/python3" in line for line in lines)
+    # The bulk lane (zds pod add --from-file without gRPC) is behind the same door.
+    pod = nodeagent_pb2.AddPodRequest(uid="u", netns_path=pod_netns())
+    lane = MAGIC + frame(nodeagent_pb2.AddPodsRequest(pods=[pod]).SerializeToString())
+    assert as_user(NOBODY, server.control_socket, "stream", lane) in closed
+    wait_until(
+        lambda: server.output().count("refused a connection on the control socket") == 2,
+        "the lane connection refused and logged",
+    )
     assert server.list_pods() == []
 
 

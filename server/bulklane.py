@@ -1,0 +1,125 @@
+"""The node agent's end of the bulk lane (the wire and the client: bulkwire.py).
+
+The control socket's door (peergate.py) hands a connection here, after the peer check,
+when its first byte is the lane's; from then on it is :class:`BulkLane`'s: the magic
+checked, each framed ``AddPodsRequest`` decoded and passed on as ``AddPods`` would get it,
+each ``AddPodsReply`` framed back, the connection closed after the last. Whatever breaks
+the wire (a wrong opening, a compressed, oversized or undecodable frame, an end within a
+frame) is logged in one line and closes the connection; the enrollments already started
+run on, as when a gRPC client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import cast
+
+from google.protobuf.message import DecodeError
+
+from zds.gen import nodeagent_pb2
+from zds.server.bulkwire import MAGIC, Deframer, frame
+
+log = logging.getLogger("zds.server.control")
+
+#: What serves a lane: ``control.bulk_add`` bound to the node agent.
+BulkServe = Callable[
+    [AsyncIterator[nodeagent_pb2.AddPodsRequest]], AsyncGenerator[nodeagent_pb2.AddPodsReply, None]
+]
+#: Requests decoded but not yet taken before the lane stops reading (backpressure).
+READ_AHEAD = 8
+
+
+class BulkLane(asyncio.Protocol):
+    """One bulk-lane connection, served by ``serve``."""
+
+    def __init__(self, serve: BulkServe) -> None:
+        self._serve = serve
+        self._transport: asyncio.Transport | None = None
+        self._opening = bytearray()  # MAGIC's bytes so far
+        self._deframer = Deframer()
+        self._requests: asyncio.Queue[nodeagent_pb2.AddPodsRequest | None] = asyncio.Queue()
+        self._reading = True
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._task: asyncio.Task[None] | None = None
+        self._broken = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return
+        if len(self._opening) < len(MAGIC):
+            take = len(MAGIC) - len(self._opening)
+            self._opening += data[:take]
+            data = data[take:]
+            if not MAGIC.startswith(self._opening):
+                self._break(f"it opened with {bytes(self._opening)!r}, not {MAGIC!r}")
+                return
+        try:
+            messages = self._deframer.feed(data)
+        except ValueError as exc:
+            self._break(f"it sent {exc}")
+            return
+        for message in messages:
+            try:
+                self._requests.put_nowait(nodeagent_pb2.AddPodsRequest.FromString(message))
+            except DecodeError:
+                self._break("it sent a message that is not an AddPodsRequest")
+                return
+        if self._requests.qsize() >= READ_AHEAD and self._reading and self._transport is not None:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._broken:
+            return False
+        if len(self._opening) < len(MAGIC) or self._deframer.pending:
+            self._break("it ended within a frame")
+            return False
+        self._requests.put_nowait(None)  # the last request: answers still go out
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _break(self, reason: str) -> None:
+        self._broken = True
+        log.warning("control socket: a bulk-lane connection closed: %s", reason)
+        if self._transport is not None:
+            self._transport.close()
+
+    async def _incoming(self) -> AsyncIterator[nodeagent_pb2.AddPodsRequest]:
+        while (request := await self._requests.get()) is not None:
+            if not self._reading and self._requests.qsize() < READ_AHEAD and self._transport is not None:
+                self._reading = True
+                self._transport.resume_reading()
+            yield request
+
+    async def _run(self) -> None:
+        assert self._transport is not None
+        try:
+            async with contextlib.aclosing(self._serve(self._incoming())) as replies:
+                async for reply in replies:
+                    await self._writable.wait()
+                    if self._transport.is_closing():
+                        return
+                    self._transport.write(frame(reply.SerializeToString()))
+        except Exception as exc:  # a bug: the client sees the connection close
+            log.error("control socket: the bulk lane failed: %r", exc)
+        finally:
+            self._transport.close()

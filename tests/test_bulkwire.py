@@ -1,0 +1,151 @@
+"""The bulk lane's wire and client (zds.server.bulkwire), against stand-in node agents on
+real unix sockets; the node agent's end is tested in test_pod_cli.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+import pytest
+
+from zds.gen import nodeagent_pb2
+from zds.server.bulkwire import HEADER, MAGIC, MAX_MESSAGE, Deframer, LaneError, add_pods, frame
+
+
+def test_the_deframer_gives_whole_messages_however_the_bytes_are_cut() -> None:
+    messages = [b"", b"a", b"x" * 70_000, b"last"]
+    stream = b"".join(frame(m) for m in messages)
+    for step in (1, 3, 5, 4096, len(stream)):
+        deframer, got = Deframer(), []
+        for i in range(0, len(stream), step):
+            got += deframer.feed(stream[i : i + step])
+        assert got == messages and deframer.pending == 0
+    partial = Deframer()
+    assert partial.feed(stream[:7]) == [b""] and partial.pending == 2
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [((1, 0), "a frame with flag 1"), ((0, MAX_MESSAGE + 1), f"the limit is {MAX_MESSAGE}")],
+)
+def test_the_deframer_refuses_what_no_zds_end_sends(header: tuple[int, int], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Deframer().feed(HEADER.pack(*header))
+
+
+@contextmanager
+def stand_in(tmp_path: object, serve: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A node agent's control socket that runs ``serve`` on the first connection."""
+    path = os.path.join(str(tmp_path), "control.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def run() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # closed before a client came
+        with conn:
+            serve(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        with suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes accept() if no client came
+        listener.close()
+        thread.join(10)
+        os.unlink(path)
+
+
+def read_requests(conn: socket.socket, each: Callable[[nodeagent_pb2.AddPodsRequest], None]) -> None:
+    assert conn.recv(len(MAGIC), socket.MSG_WAITALL) == MAGIC
+    deframer = Deframer()
+    while data := conn.recv(65536):
+        for message in deframer.feed(data):
+            each(nodeagent_pb2.AddPodsRequest.FromString(message))
+
+
+def batches(pods: int, per: int = 64) -> list[nodeagent_pb2.AddPodsRequest]:
+    requests = [
+        nodeagent_pb2.AddPodRequest(uid=f"pod-{i:05d}", netns_path=f"/var/run/netns/p{i}")
+        for i in range(pods)
+    ]
+    return [nodeagent_pb2.AddPodsRequest(pods=requests[i : i + per]) for i in range(0, pods, per)]
+
+
+def test_the_client_reads_answers_while_it_still_writes(tmp_path: object) -> None:
+    """A node agent answers each batch as it reads it and stops reading while its answers
+    are unread: a client that wrote everything before reading would never finish. Here
+    ~1 MB goes each way (more than the socket buffers hold)."""
+    index = 0
+
+    def serve(conn: socket.socket) -> None:
+        def answer(request: nodeagent_pb2.AddPodsRequest) -> None:
+            nonlocal index
+            results = []
+            for pod in request.pods:
+                pod_msg = nodeagent_pb2.Pod(uid=pod.uid, last_error="e" * 100)
+                response = nodeagent_pb2.AddPodResponse(connection_id="c", pod=pod_msg)
+                results.append(nodeagent_pb2.AddPodsResult(index=index, uid=pod.uid, response=response))
+                index += 1
+            conn.sendall(frame(nodeagent_pb2.AddPodsReply(results=results).SerializeToString()))
+
+        read_requests(conn, answer)
+
+    sent = batches(8000)
+    with stand_in(tmp_path, serve) as path:
+        answers = [r for reply in add_pods(path, sent, timeout=60) for r in reply.results]
+    assert [a.index for a in answers] == list(range(8000))
+    assert [a.uid for a in answers] == [p.uid for b in sent for p in b.pods]
+
+
+def test_the_client_says_when_the_node_agent_breaks_the_lane(tmp_path: object) -> None:
+    def serve(conn: socket.socket) -> None:
+        read_requests(conn, lambda _: None)
+        conn.sendall(HEADER.pack(0, 10) + b"cut")
+
+    with (
+        stand_in(tmp_path, serve) as path,
+        pytest.raises(LaneError, match="closed the connection within a message"),
+    ):
+        list(add_pods(path, batches(1), timeout=60))
+
+    def garbage(conn: socket.socket) -> None:
+        read_requests(conn, lambda _: None)
+        conn.sendall(frame(b"\xff\xff\xff"))
+
+    with stand_in(tmp_path, garbage) as path, pytest.raises(LaneError, match="not an AddPodsReply"):
+        list(add_pods(path, batches(1), timeout=60))
+
+
+def test_the_client_gives_up_at_its_deadline(tmp_path: object) -> None:
+    done = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        done.wait(30)  # reads nothing, answers nothing until the client gave up
+
+    with stand_in(tmp_path, serve) as path:
+        try:
+            with pytest.raises(LaneError, match=r"DEADLINE_EXCEEDED: no answer within 0\.2 s"):
+                list(add_pods(path, batches(1), timeout=0.2))
+        finally:
+            done.set()
+
+
+def test_the_client_names_each_status_as_grpc_does() -> None:
+    """``zds pod add`` over the lane says ``INVALID_ARGUMENT: ...`` as over gRPC, without grpc."""
+    import grpc
+
+    from zds.server.podctl import status_name
+
+    assert {code.value[0]: status_name(code.value[0]) for code in grpc.StatusCode} == {
+        code.value[0]: code.name for code in grpc.StatusCode
+    }
+    assert status_name(99) == "99"
