@@ -158,6 +158,7 @@ def test_a_client_that_may_not_reach_the_socket_is_told_permission_denied(tmp_pa
         code = textwrap.dedent(
             f"""
             import os, grpc
+            import zds.gen.nodeagent_pb2_grpc  # loaded as root: the checkout may be closed to nobody
             from zds.server.controlclient import ControlError, ControlTarget
             os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
             try:
