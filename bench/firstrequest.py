@@ -62,6 +62,7 @@ class _StandIn:
             opening += data
         if opening != MAGIC:
             raise ValueError(f"the client opened with {opening!r}")
+        conn.sendall(MAGIC)  # as the node agent: it speaks the lane
         deframer, index = Deframer(), 0
         while data := conn.recv(256 * 1024):
             for message in deframer.feed(data):

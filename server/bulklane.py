@@ -1,12 +1,17 @@
 """The node agent's end of the bulk lane (the wire and the client: bulkwire.py).
 
 The control socket's door (peergate.py) hands a connection here, after the peer check,
-when its first byte is the lane's; from then on it is :class:`BulkLane`'s: the magic
-checked, each framed ``AddPodsRequest`` decoded and passed on as ``AddPods`` would get it,
-each ``AddPodsReply`` framed back, the connection closed after the last. Whatever breaks
-the wire (a wrong opening, a compressed, oversized or undecodable frame, an end within a
-frame) is logged in one line and closes the connection; the enrollments already started
-run on, as when a gRPC client goes away.
+when its first byte is the lane's; from then on it is :class:`BulkLane`'s: the opening
+checked and answered, each framed ``AddPodsRequest`` decoded and passed on as ``AddPods``
+would get it, each ``AddPodsReply`` framed back, the connection closed after the last.
+Whatever breaks the wire (a wrong opening, a compressed, oversized or undecodable frame,
+an end within a frame) is logged in one line and drops the connection; the enrollments
+already started run on, as when a gRPC client goes away.
+
+What a client can make the node agent hold is bounded as gRPC's flow control bounds it:
+reading stops while :data:`READ_AHEAD` bytes of requests wait to be taken, and
+``bulk_add`` stops taking them while ``BULK_UNSENT`` answers wait to be sent (and sending
+waits while the transport's buffer is full).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ log = logging.getLogger("zds.server.control")
 BulkServe = Callable[
     [AsyncIterator[nodeagent_pb2.AddPodsRequest]], AsyncGenerator[nodeagent_pb2.AddPodsReply, None]
 ]
-#: Requests decoded but not yet taken before the lane stops reading (backpressure).
-READ_AHEAD = 8
+#: Bytes of requests decoded but not yet taken before the lane stops reading.
+READ_AHEAD = 1024 * 1024
 
 
 class BulkLane(asyncio.Protocol):
@@ -40,7 +45,8 @@ class BulkLane(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._opening = bytearray()  # MAGIC's bytes so far
         self._deframer = Deframer()
-        self._requests: asyncio.Queue[nodeagent_pb2.AddPodsRequest | None] = asyncio.Queue()
+        self._requests: asyncio.Queue[tuple[nodeagent_pb2.AddPodsRequest, int] | None] = asyncio.Queue()
+        self._queued = 0  # bytes of the requests in _requests
         self._reading = True
         self._writable = asyncio.Event()
         self._writable.set()
@@ -62,6 +68,8 @@ class BulkLane(asyncio.Protocol):
             if not MAGIC.startswith(self._opening):
                 self._break(f"it opened with {bytes(self._opening)!r}, not {MAGIC!r}")
                 return
+            if len(self._opening) == len(MAGIC) and self._transport is not None:
+                self._transport.write(MAGIC)  # this node agent speaks the lane
         try:
             messages = self._deframer.feed(data)
         except ValueError as exc:
@@ -69,11 +77,13 @@ class BulkLane(asyncio.Protocol):
             return
         for message in messages:
             try:
-                self._requests.put_nowait(nodeagent_pb2.AddPodsRequest.FromString(message))
+                request = nodeagent_pb2.AddPodsRequest.FromString(message)
             except DecodeError:
                 self._break("it sent a message that is not an AddPodsRequest")
                 return
-        if self._requests.qsize() >= READ_AHEAD and self._reading and self._transport is not None:
+            self._requests.put_nowait((request, len(message)))
+            self._queued += len(message)
+        if self._queued >= READ_AHEAD and self._reading and self._transport is not None:
             self._reading = False
             self._transport.pause_reading()
 
@@ -101,11 +111,27 @@ class BulkLane(asyncio.Protocol):
         self._broken = True
         log.warning("control socket: a bulk-lane connection closed: %s", reason)
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()  # nothing more is sent: answers not yet read are dropped
+
+    async def stop(self) -> None:
+        """Drop the connection and end its stream (the node agent stops: no new enrollments)."""
+        self._broken = True
+        if self._transport is not None:
+            self._transport.abort()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
 
     async def _incoming(self) -> AsyncIterator[nodeagent_pb2.AddPodsRequest]:
-        while (request := await self._requests.get()) is not None:
-            if not self._reading and self._requests.qsize() < READ_AHEAD and self._transport is not None:
+        while (item := await self._requests.get()) is not None:
+            request, size = item
+            self._queued -= size
+            if not self._reading and self._queued < READ_AHEAD and self._transport is not None:
                 self._reading = True
                 self._transport.resume_reading()
             yield request

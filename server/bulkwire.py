@@ -2,12 +2,17 @@
 
 Importing grpc costs a client ~45 ms (its C core alone ~16), more than enrolling a
 thousand pods; the bulk path is on the critical path of a pod start. So on the unix
-control socket a connection may, instead of HTTP/2, open with :data:`MAGIC`; then it
-carries the control API's own ``zds.v1.AddPodsRequest`` messages to the node agent and
-``zds.v1.AddPodsReply`` messages back, each framed as gRPC frames a message (a flag
-byte 0, a 4-byte big-endian length, the message). The client half-closes after its last
-request; the node agent closes after the last answer. Behind the same peer check as
-gRPC, served by the same code as ``AddPods`` (``control.bulk_add``), answered the same.
+control socket a connection may, instead of HTTP/2, open with :data:`MAGIC`; the node
+agent answers with the same bytes, and from then on the connection carries the control
+API's own ``zds.v1.AddPodsRequest`` messages to the node agent and ``zds.v1.AddPodsReply``
+messages back, each framed as gRPC frames a message (a flag byte 0, a 4-byte big-endian
+length, the message). The client half-closes after its last request; the node agent
+closes after the last answer. Behind the same peer check as gRPC, served by the same code
+as ``AddPods`` (``control.bulk_add``), answered the same.
+
+A node agent from before the lane passes the opening on to gRPC, which answers in HTTP/2
+and closes, having taken nothing: the client sees that (:class:`LaneUnsupported`) and
+can send the pods over ``AddPods`` instead.
 
 This module is the wire and the client, and imports neither grpc nor asyncio; the node
 agent's end is ``bulklane.py``.
@@ -25,16 +30,22 @@ from google.protobuf.message import DecodeError
 
 from zds.gen import nodeagent_pb2
 
-#: The lane's first bytes (an HTTP/2 connection opens with ``PRI * HTTP/2.0``).
+#: The lane's first bytes, each way (an HTTP/2 connection opens with ``PRI * HTTP/2.0``).
 MAGIC = b"ZDS-BULK/1\n"
 #: A message's frame header: flag (0: not compressed), length.
 HEADER = struct.Struct(">BI")
 #: The largest message either end takes, as gRPC's default.
 MAX_MESSAGE = 4 * 1024 * 1024
+_CHUNK = 256 * 1024
 
 
 class LaneError(Exception):
     """The lane broke; the message is one line for the user."""
+
+
+class LaneUnsupported(LaneError):
+    """The node agent answered the opening with something else (one from before the lane):
+    nothing was taken."""
 
 
 def frame(message: bytes) -> bytes:
@@ -70,46 +81,65 @@ class Deframer:
         return len(self._buf)
 
 
-def add_pods(
-    path: str, batches: Iterable[nodeagent_pb2.AddPodsRequest], timeout: float
+def connect(path: str, timeout: float) -> socket.socket:
+    """A connection to the control socket at ``path``; OSError (TimeoutError if the node
+    agent did not accept it within ``timeout`` seconds: its backlog is full)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def exchange(
+    sock: socket.socket, batches: Iterable[nodeagent_pb2.AddPodsRequest], timeout: float
 ) -> Iterator[nodeagent_pb2.AddPodsReply]:
-    """Every batch to the node agent at ``path``, its answers as they come. OSError if it
-    cannot be reached; LaneError if the lane breaks or ``timeout`` (seconds) runs out."""
+    """Every batch over the lane on ``sock`` (from :func:`connect`; closed at the end), its
+    answers as they come, until the node agent closes. LaneError if the lane breaks or the
+    stream has not ended within ``timeout`` seconds; LaneUnsupported before any answer if the
+    node agent does not speak the lane."""
     deadline = time.monotonic() + timeout
     out = bytearray(MAGIC)
     for batch in batches:
         out += frame(batch.SerializeToString())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
-        sock.setblocking(False)
-        poller = select.poll()
+    with sock:
+        opening = bytearray()  # the node agent's MAGIC, so far
         deframer = Deframer()
+        poller = select.poll()
         sent = 0
         while True:
-            # Write while reading: the node agent answers before it has read everything.
+            # Write while reading: the node agent answers before it has read everything, and
+            # stops reading while its answers are not read.
             poller.register(sock, select.POLLIN | (select.POLLOUT if sent < len(out) else 0))
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1e3):
-                raise LaneError(f"DEADLINE_EXCEEDED: no answer within {timeout:g} s")
-            if sent < len(out):
-                try:
-                    sent += sock.send(out[sent : sent + 256 * 1024])
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except BrokenPipeError:
-                    sent = len(out)  # it stopped reading: what it answers is below
-                if sent == len(out):
-                    sock.shutdown(socket.SHUT_WR)
+                raise LaneError(f"DEADLINE_EXCEEDED: the stream did not end within {timeout:g} s")
             try:
-                data = sock.recv(256 * 1024)
+                if sent < len(out):
+                    sent = _send(sock, out, sent)
+                data = sock.recv(_CHUNK)
             except (BlockingIOError, InterruptedError):
                 continue
             except ConnectionResetError:
-                data = b""
+                data = b""  # it closed with some of ours unread: what it answered came first
+            except OSError as exc:
+                raise LaneError(f"the connection to the node agent failed: {exc.strerror or exc}") from None
             if not data:
+                if 0 < len(opening) < len(MAGIC):
+                    raise LaneUnsupported(_UNSUPPORTED)
                 if deframer.pending:
                     raise LaneError("the node agent closed the connection within a message")
                 return
+            if len(opening) < len(MAGIC):
+                take = len(MAGIC) - len(opening)
+                opening += data[:take]
+                data = data[take:]
+                if not MAGIC.startswith(opening):
+                    raise LaneUnsupported(_UNSUPPORTED)
             try:
                 messages = deframer.feed(data)
             except ValueError as exc:
@@ -120,3 +150,19 @@ def add_pods(
                 except DecodeError:
                     raise LaneError("the node agent sent an answer that is not an AddPodsReply") from None
                 yield reply
+
+
+_UNSUPPORTED = "the node agent does not speak the bulk lane (a zds from before it?)"
+
+
+def _send(sock: socket.socket, out: bytearray, sent: int) -> int:
+    """The next chunk of ``out`` from ``sent``; how much is sent now. Half-closes after the last."""
+    try:
+        sent += sock.send(memoryview(out)[sent : sent + _CHUNK])
+    except (BlockingIOError, InterruptedError):
+        return sent
+    except BrokenPipeError:
+        return len(out)  # it stopped reading (and closes): what it answered is still to read
+    if sent == len(out):
+        sock.shutdown(socket.SHUT_WR)
+    return sent

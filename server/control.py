@@ -169,11 +169,15 @@ async def bulk_add(
     enrollments run concurrently (up to ``BULK_WINDOW``), each answered as it ends; their
     AddWorkloads queue on the ztunnel connection in the order they are ready, so the node
     agent opens and stores the next pods while ztunnel works. Pods come and go in batches: a
-    message per pod would cost more than enrolling it."""
+    message per pod would cost more than enrolling it. Requests are taken only while fewer
+    than ``BULK_UNSENT`` answers wait to be sent: a client that does not read its answers
+    holds the node agent to that much (the transport's flow control does the rest)."""
     answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
     #: Every answer of the call is in ``answers`` (the last one goes out at once).
     finished = asyncio.Event()
     window = _Window(defaults.BULK_WINDOW, defaults.BULK_REFILL)
+    #: A request taken holds one until its answer is sent.
+    unsent = asyncio.Semaphore(defaults.BULK_UNSENT)
     running: set[asyncio.Future[Any]] = set()
 
     def answer(index: int, uid: str, outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str]) -> None:
@@ -201,6 +205,7 @@ async def bulk_add(
             index = 0
             async for batch in requests:
                 for request in batch.pods:
+                    await unsent.acquire()
                     await window.take()
                     spec = pod_spec(request)
                     if isinstance(spec, PodSpec):
@@ -230,12 +235,14 @@ async def bulk_add(
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(BULK_REPLY_DELAY):
                         await finished.wait()
-            while not answers.empty():  # every answer ready now goes in one message
-                batch.append(answers.get_nowait())
+            while not answers.empty() and len(batch) < defaults.BULK_REPLY_RESULTS:
+                batch.append(answers.get_nowait())  # the answers ready now go in one message
             done = batch[-1] is None
             results = [answer for answer in batch if answer is not None]
             if results:
                 yield nodeagent_pb2.AddPodsReply(results=results)
+                for _ in results:
+                    unsent.release()
         await reader  # a failed read of the requests ends the call with its error
     finally:
         reader.cancel()

@@ -318,7 +318,7 @@ class NodeAgentServer:
         # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.
         self.agent.events.close("node agent shutting down")
         if self._gate is not None:
-            self._gate.close()
+            await self._gate.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5)
         if self._private is not None:

@@ -93,6 +93,8 @@ class PeerGate:
         self.bulk = bulk
         self._server: asyncio.AbstractServer | None = None
         self._dialing: set[asyncio.Task[None]] = set()
+        self._lanes: set[BulkLane] = set()
+        self._closed = False
 
     async def start(self, public: str, mode: int) -> None:
         """Bind ``public`` (cleared by the caller) with ``mode`` and open the door."""
@@ -107,9 +109,24 @@ class PeerGate:
     def _accepted(self) -> asyncio.Protocol:
         return _Door(self)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """No new connections, and the bulk lanes' streams ended (their enrollments must not
+        start while the node agent stops: gRPC's streams are ended by its own stop)."""
+        self._closed = True
         if self._server is not None:
             self._server.close()
+        for lane in list(self._lanes):
+            await lane.stop()
+        self._lanes.clear()
+
+    def open_lane(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Hand ``transport`` (its first bytes: ``data``) to a bulk lane."""
+        self._lanes = {lane for lane in self._lanes if not lane.done}
+        lane = BulkLane(self.bulk)
+        self._lanes.add(lane)
+        transport.set_protocol(lane)
+        lane.connection_made(transport)
+        lane.data_received(data)
 
 
 class _Door(_Pipe):
@@ -130,11 +147,11 @@ class _Door(_Pipe):
     def data_received(self, data: bytes) -> None:
         if not self._chosen:
             self._chosen = True
+            if self._gate._closed and self.transport is not None:
+                self.transport.close()  # the node agent is stopping
+                return
             if data[:1] == MAGIC[:1] and self.transport is not None:
-                lane = BulkLane(self._gate.bulk)
-                self.transport.set_protocol(lane)
-                lane.connection_made(self.transport)
-                lane.data_received(data)
+                self._gate.open_lane(self.transport, data)
                 return
             self._dial_grpc()
         super().data_received(data)

@@ -141,14 +141,29 @@ def _add_many(
 def _add_many_over_lane(
     target: ControlTarget, specs: list[PodSpec], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """The same over the control socket's bulk lane (bulkwire.py): no gRPC to load."""
+    """The same over the control socket's bulk lane (bulkwire.py): no gRPC to load. A node
+    agent from before the lane took nothing: the pods go over AddPods then."""
     target.check_socket()
-    answers: list[dict[str, Any] | None] = [None] * len(specs)
     try:
-        for reply in bulkwire.add_pods(target.socket, _batches(specs), _deadline(specs, args)):
-            _answered(reply, specs, answers, args)
+        sock = bulkwire.connect(target.socket, args.timeout)
+    except PermissionError:
+        raise ControlError(
+            f"cannot reach the node agent at {target.socket}: permission denied{not_root_hint()}"
+        ) from None
+    except TimeoutError:
+        raise ControlError(
+            f"cannot reach the node agent at {target.socket}: it did not take the connection "
+            f"within {args.timeout:g} s"
+        ) from None
     except OSError as exc:
         raise ControlError(f"cannot reach the node agent at {target.socket}: {exc.strerror or exc}") from None
+    answers: list[dict[str, Any] | None] = [None] * len(specs)
+    try:
+        for reply in bulkwire.exchange(sock, _batches(specs), _deadline(specs, args)):
+            _answered(reply, specs, answers, args)
+    except bulkwire.LaneUnsupported:
+        with target.stub() as stub:
+            return _add_many(target, stub, specs, args)
     except bulkwire.LaneError as exc:
         _unanswered(specs, answers, str(exc), args)
     if all(answer is None for answer in answers):  # turned away, or it stopped: nothing came

@@ -12,7 +12,17 @@ from contextlib import contextmanager, suppress
 import pytest
 
 from zds.gen import nodeagent_pb2
-from zds.server.bulkwire import HEADER, MAGIC, MAX_MESSAGE, Deframer, LaneError, add_pods, frame
+from zds.server.bulkwire import (
+    HEADER,
+    MAGIC,
+    MAX_MESSAGE,
+    Deframer,
+    LaneError,
+    LaneUnsupported,
+    connect,
+    exchange,
+    frame,
+)
 
 
 def test_the_deframer_gives_whole_messages_however_the_bytes_are_cut() -> None:
@@ -64,8 +74,16 @@ def stand_in(tmp_path: object, serve: Callable[[socket.socket], None]) -> Iterat
         os.unlink(path)
 
 
+def add_pods(
+    path: str, batches: list[nodeagent_pb2.AddPodsRequest], timeout: float
+) -> Iterator[nodeagent_pb2.AddPodsReply]:
+    return exchange(connect(path, timeout), batches, timeout)
+
+
 def read_requests(conn: socket.socket, each: Callable[[nodeagent_pb2.AddPodsRequest], None]) -> None:
+    """As a node agent: the opening checked and answered, then each request to ``each``."""
     assert conn.recv(len(MAGIC), socket.MSG_WAITALL) == MAGIC
+    conn.sendall(MAGIC)
     deframer = Deframer()
     while data := conn.recv(65536):
         for message in deframer.feed(data):
@@ -83,10 +101,14 @@ def batches(pods: int, per: int = 64) -> list[nodeagent_pb2.AddPodsRequest]:
 def test_the_client_reads_answers_while_it_still_writes(tmp_path: object) -> None:
     """A node agent answers each batch as it reads it and stops reading while its answers
     are unread: a client that wrote everything before reading would never finish. Here
-    ~1 MB goes each way (more than the socket buffers hold)."""
+    ~1.4 MB of requests go one way and ~6 MB of answers the other (several times what
+    the sockets' buffers hold; the stand-in's own are made small)."""
     index = 0
 
     def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+
         def answer(request: nodeagent_pb2.AddPodsRequest) -> None:
             nonlocal index
             results = []
@@ -99,10 +121,10 @@ def test_the_client_reads_answers_while_it_still_writes(tmp_path: object) -> Non
 
         read_requests(conn, answer)
 
-    sent = batches(8000)
+    sent = batches(40_000)
     with stand_in(tmp_path, serve) as path:
         answers = [r for reply in add_pods(path, sent, timeout=60) for r in reply.results]
-    assert [a.index for a in answers] == list(range(8000))
+    assert [a.index for a in answers] == list(range(40_000))
     assert [a.uid for a in answers] == [p.uid for b in sent for p in b.pods]
 
 
@@ -133,7 +155,7 @@ def test_the_client_gives_up_at_its_deadline(tmp_path: object) -> None:
 
     with stand_in(tmp_path, serve) as path:
         try:
-            with pytest.raises(LaneError, match=r"DEADLINE_EXCEEDED: no answer within 0\.2 s"):
+            with pytest.raises(LaneError, match=r"DEADLINE_EXCEEDED: the stream did not end within 0\.2 s"):
                 list(add_pods(path, batches(1), timeout=0.2))
         finally:
             done.set()
@@ -149,3 +171,26 @@ def test_the_client_names_each_status_as_grpc_does() -> None:
         code.value[0]: code.name for code in grpc.StatusCode
     }
     assert status_name(99) == "99"
+
+
+def test_a_node_agent_from_before_the_lane_is_told_apart(tmp_path: object) -> None:
+    """It passes the opening to gRPC, which answers in HTTP/2 (its SETTINGS frame) and
+    closes, having taken nothing: the client says so, so that ``zds pod add`` can use
+    AddPods instead."""
+    settings = bytes.fromhex("000000040000000000")
+
+    def grpc_like(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(settings)
+
+    with (
+        stand_in(tmp_path, grpc_like) as path,
+        pytest.raises(LaneUnsupported, match="does not speak the bulk lane"),
+    ):
+        list(add_pods(path, batches(3), timeout=60))
+
+    def turned_away(conn: socket.socket) -> None:
+        pass  # closed without a byte: a peer the node agent does not let in (not "unsupported")
+
+    with stand_in(tmp_path, turned_away) as path:
+        assert list(add_pods(path, batches(3), timeout=60)) == []

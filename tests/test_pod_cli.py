@@ -15,8 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.harness import ZDS, NodeAgentProc, free_port, pod_netns, pod_netns_pid
+from tests.harness import ZDS, NodeAgentProc, StartServer, free_port, pod_netns, pod_netns_pid, wait_until
 from tests.standins import RawPeer, request_of
+from zds import defaults
 from zds.gen import nodeagent_pb2
 from zds.server import bulkwire
 
@@ -220,7 +221,8 @@ def bulk_add(server: NodeAgentProc, over: str, batches: list[nodeagent_pb2.AddPo
     if over == "grpc":
         with server.control() as stub:
             return [r for reply in stub.AddPods(iter(batches), timeout=30) for r in reply.results]
-    return [r for reply in bulkwire.add_pods(server.control_socket, batches, 30) for r in reply.results]
+    lane = bulkwire.connect(server.control_socket, 30)
+    return [r for reply in bulkwire.exchange(lane, batches, 30) for r in reply.results]
 
 
 @pytest.mark.parametrize("over", ["grpc", "lane"])
@@ -363,16 +365,17 @@ _POD = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="x", n
 def test_a_broken_bulk_lane_is_closed_with_one_line_and_the_node_agent_serves_on(
     server: NodeAgentProc, data: bytes, reason: str
 ) -> None:
-    assert lane_send(server, data) == b""  # nothing answered, nothing enrolled
+    # Nothing answered but, when the opening was right, the opening; nothing enrolled.
+    assert lane_send(server, data) in (b"", bulkwire.MAGIC)
     server.wait_for_output("a bulk-lane connection closed: ")
     line = next(line for line in server.output().splitlines() if "a bulk-lane connection closed" in line)
     assert reason in line, line
     assert "Traceback" not in server.output()
     assert server.list_pods() == []
     # The next connection, over gRPC or the lane, is served.
-    answer = bulkwire.Deframer().feed(
-        lane_send(server, bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString()))
-    )
+    got = lane_send(server, bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString()))
+    assert got.startswith(bulkwire.MAGIC)
+    answer = bulkwire.Deframer().feed(got[len(bulkwire.MAGIC) :])
     (result,) = nodeagent_pb2.AddPodsReply.FromString(answer[0]).results
     assert (result.uid, result.code) == ("x", grpc.StatusCode.INVALID_ARGUMENT.value[0])
 
@@ -411,3 +414,131 @@ def test_pod_add_from_file_says_in_one_line_when_nothing_listens_on_the_socket(t
         )
     assert out.returncode == 1
     assert out.stderr == f"zds pod add: cannot reach the node agent at {dead}: Connection refused\n"
+
+
+def test_a_bulk_lane_client_that_does_not_read_holds_the_node_agent_to_a_bound(server: NodeAgentProc) -> None:
+    """Pods refused at once (no netns) answer as fast as they come; a client that sends
+    them without reading the answers is stopped by the node agent's flow control (as a
+    gRPC stream's would be), its memory bounded, and the next client served."""
+    pod = nodeagent_pb2.AddPodRequest(uid="p")  # no netns: INVALID_ARGUMENT, no enrollment
+    chunk = b"".join(
+        bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=[pod] * 64).SerializeToString()) for _ in range(256)
+    )
+    rss_before = _rss_kb(server.pid)
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(server.control_socket)
+        sock.settimeout(2)
+        try:
+            sock.sendall(bulkwire.MAGIC)
+            while sent < 64 * 1024 * 1024:  # 64 MiB of requests offered, ~33 M pods
+                sent += sock.send(chunk)
+        except TimeoutError:
+            pass  # it stopped reading: what the test is after
+        rss_during = _rss_kb(server.pid)
+    assert sent < 16 * 1024 * 1024, (
+        f"the node agent took {sent} bytes of requests whose answers were not read"
+    )
+    assert rss_during - rss_before < 64 * 1024, (rss_before, rss_during)
+    got = lane_send(server, bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString()))
+    assert got.startswith(bulkwire.MAGIC) and len(got) > len(bulkwire.MAGIC)
+
+
+def test_bulk_answers_ready_together_go_in_replies_of_at_most_256(server: NodeAgentProc) -> None:
+    """2,000 pods refused at once answer together: in replies of at most
+    ``BULK_REPLY_RESULTS`` (a reply never nears a message's 4 MiB), each pod once."""
+    pods = [nodeagent_pb2.AddPodRequest(uid=f"n-{i}") for i in range(2000)]  # no netns: refused
+    lane = bulkwire.connect(server.control_socket, 30)
+    replies = list(bulkwire.exchange(lane, [nodeagent_pb2.AddPodsRequest(pods=pods)], 60))
+    assert max(len(reply.results) for reply in replies) <= defaults.BULK_REPLY_RESULTS
+    assert sorted(r.index for reply in replies for r in reply.results) == list(range(2000))
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_bulk_lane_open_at_shutdown_stops_taking_pods(start_server: StartServer) -> None:
+    """SIGTERM while a client streams pods: the lane's stream ends with the node agent's,
+    nothing starts after the pod store is closed, and the agent exits cleanly."""
+    server = start_server()
+    stop = threading.Event()
+
+    def stream() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server.control_socket)
+            try:
+                sock.sendall(bulkwire.MAGIC)
+                i = 0
+                while not stop.is_set():
+                    pods = [
+                        nodeagent_pb2.AddPodRequest(uid=f"s-{i}-{j}", netns_path=pod_netns())
+                        for j in range(8)
+                    ]
+                    sock.sendall(bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString()))
+                    i += 1
+                    stop.wait(0.005)
+            except OSError:
+                pass  # the node agent went away
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(server.list_pods()) >= 16, "pods enrolled over the lane (pending: no ztunnel)")
+        assert server.stop() == 0
+    finally:
+        stop.set()
+        thread.join(10)
+    out = server.output()
+    assert "node agent stopped" in out
+    assert out.rstrip().endswith("node agent stopped"), out[-2000:]  # nothing after it
+    assert "closed database" not in out and "cannot store the pod" not in out, out[-2000:]
+    assert "Traceback" not in out
+
+
+def test_pod_add_from_file_falls_back_to_addpods_on_a_node_agent_from_before_the_lane(
+    tmp_path: object,
+) -> None:
+    """Such a node agent hands the lane's opening to gRPC, which refuses it having taken
+    nothing: the command sends the pods over AddPods instead (here to a gRPC-only stand-in)."""
+    from concurrent import futures
+
+    from zds.gen import nodeagent_pb2_grpc
+
+    taken: list[str] = []
+
+    class OldAgent(nodeagent_pb2_grpc.NodeAgentServicer):
+        def AddPods(self, requests: Any, context: Any) -> Any:
+            index = 0
+            for request in requests:
+                results = []
+                for pod in request.pods:
+                    taken.append(pod.uid)
+                    response = nodeagent_pb2.AddPodResponse(connection_id="old")
+                    results.append(nodeagent_pb2.AddPodsResult(index=index, uid=pod.uid, response=response))
+                    index += 1
+                yield nodeagent_pb2.AddPodsReply(results=results)
+
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"uid": f"old-{i}", "netns": "/var/run/netns/x"}) + "\n")
+    sock = os.path.join(str(tmp_path), "control.sock")
+    with futures.ThreadPoolExecutor(max_workers=2) as pool:
+        old = grpc.server(pool)
+        nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(OldAgent(), old)  # type: ignore[no-untyped-call]
+        old.add_insecure_port(f"unix:{sock}")
+        old.start()
+        try:
+            out = subprocess.run(
+                [*ZDS, "pod", "add", "--from-file", path, "--control-socket", sock],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            old.stop(None).wait()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("enrolled: acked by ztunnel connection old") == 3
+    assert taken == ["old-0", "old-1", "old-2"]  # each once: the lane took nothing

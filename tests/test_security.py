@@ -175,6 +175,49 @@ def test_a_client_that_may_not_reach_the_socket_is_told_permission_denied(tmp_pa
         server.stop()
 
 
+def test_pod_add_from_file_as_a_user_kept_out_is_told_permission_denied(public_dir: Path) -> None:
+    """Over the bulk lane as over gRPC: the socket file's mode keeps the user out (EACCES at
+    connect), said in one line with the hint; and, let in by the file but not by the
+    allow-list, every pod says it was turned away, with the same hint."""
+    server = NodeAgentProc(str(public_dir)).wait_ready()
+    try:
+        pods = public_dir / "pods.jsonl"
+        pods.write_text(json.dumps({"uid": "u1", "netns": "/var/run/netns/x"}) + "\n")
+        pods.chmod(0o644)
+        code = textwrap.dedent(
+            f"""
+            import os, sys
+            from zds.cli import build_parser, main
+            import zds.server.podctl, zds.server.podsfile  # loaded as root: the checkout may be closed to nobody
+            build_parser("pod")
+            os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+            code = main(["pod", "add", "--from-file", {str(pods)!r}, "--control-socket", {server.control_socket!r}])
+            print("grpc loaded" if "grpc" in sys.modules else "grpc not loaded")
+            sys.exit(code)
+            """
+        )
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+        reachable(server, mode=0o600)  # the directories open, the file root's alone
+        kept_out = run()
+        assert kept_out.returncode == 1
+        assert kept_out.stderr.startswith(
+            f"zds pod add: cannot reach the node agent at {server.control_socket}: permission denied (you are not root"
+        ), kept_out.stderr
+        reachable(server)  # the file open to all: the allow-list turns the user away
+        turned_away = run()
+        assert turned_away.returncode == 1 and "grpc not loaded" in turned_away.stdout
+        assert turned_away.stderr.startswith(
+            f"zds pod add: u1: the node agent at {server.control_socket} closed the connection without answering "
+            "(you are not root"
+        ), turned_away.stderr
+        assert server.list_pods() == []
+    finally:
+        server.stop()
+
+
 # -- the control API on TCP -----------------------------------------------------------------
 
 

@@ -56,6 +56,11 @@ FD_TABLE_ENTRIES = 8192
 BULK_WINDOW = 64
 #: Once that many run, how many must end before more start (they then start together).
 BULK_REFILL = 8
+#: Answers of one bulk stream not yet sent (its client reads slowly, or not at all) before
+#: the node agent stops taking its requests: what a client can make it hold is bounded.
+BULK_UNSENT = 1024
+#: Answers in one AddPodsReply at most (well under a message's 4 MiB).
+BULK_REPLY_RESULTS = 256
 #: Events a Watch stream may have queued before it is ended for falling behind.
 WATCH_QUEUE = 1024
 
