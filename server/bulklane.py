@@ -25,7 +25,7 @@ from typing import cast
 from google.protobuf.message import DecodeError
 
 from zds.gen import nodeagent_pb2
-from zds.server.bulkwire import MAGIC, Deframer, frame
+from zds.server.bulkwire import MAGIC, Deframer, Opening, frame
 
 log = logging.getLogger("zds.server.control")
 
@@ -43,11 +43,10 @@ class BulkLane(asyncio.Protocol):
     def __init__(self, serve: BulkServe) -> None:
         self._serve = serve
         self._transport: asyncio.Transport | None = None
-        self._opening = bytearray()  # MAGIC's bytes so far
+        self._opening = Opening()
         self._deframer = Deframer()
         self._requests: asyncio.Queue[tuple[nodeagent_pb2.AddPodsRequest, int] | None] = asyncio.Queue()
         self._queued = 0  # bytes of the requests in _requests
-        self._reading = True
         self._writable = asyncio.Event()
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
@@ -61,15 +60,14 @@ class BulkLane(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
-        if len(self._opening) < len(MAGIC):
-            take = len(MAGIC) - len(self._opening)
-            self._opening += data[:take]
-            data = data[take:]
-            if not MAGIC.startswith(self._opening):
-                self._break(f"it opened with {bytes(self._opening)!r}, not {MAGIC!r}")
-                return
-            if len(self._opening) == len(MAGIC) and self._transport is not None:
-                self._transport.write(MAGIC)  # this node agent speaks the lane
+        opened = self._opening.complete
+        try:
+            data = self._opening.feed(data)
+        except ValueError as exc:
+            self._break(str(exc))
+            return
+        if not opened and self._opening.complete and self._transport is not None:
+            self._transport.write(MAGIC)  # this node agent speaks the lane
         try:
             messages = self._deframer.feed(data)
         except ValueError as exc:
@@ -83,14 +81,13 @@ class BulkLane(asyncio.Protocol):
                 return
             self._requests.put_nowait((request, len(message)))
             self._queued += len(message)
-        if self._queued >= READ_AHEAD and self._reading and self._transport is not None:
-            self._reading = False
+        if self._queued >= READ_AHEAD and self._transport is not None and self._transport.is_reading():
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self._broken:
             return False
-        if len(self._opening) < len(MAGIC) or self._deframer.pending:
+        if not self._opening.complete or self._deframer.pending:
             self._break("it ended within a frame")
             return False
         self._requests.put_nowait(None)  # the last request: answers still go out
@@ -131,8 +128,7 @@ class BulkLane(asyncio.Protocol):
         while (item := await self._requests.get()) is not None:
             request, size = item
             self._queued -= size
-            if not self._reading and self._queued < READ_AHEAD and self._transport is not None:
-                self._reading = True
+            if self._queued < READ_AHEAD and self._transport is not None and not self._transport.is_reading():
                 self._transport.resume_reading()
             yield request
 

@@ -52,6 +52,27 @@ def frame(message: bytes) -> bytes:
     return HEADER.pack(0, len(message)) + message
 
 
+class Opening:
+    """:data:`MAGIC` as the other end's first bytes come in (either end reads it so)."""
+
+    def __init__(self) -> None:
+        self.seen = bytearray()
+
+    @property
+    def complete(self) -> bool:
+        return len(self.seen) == len(MAGIC)
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` comes after the opening; ValueError if the opening is not MAGIC."""
+        if self.complete:
+            return data
+        take = len(MAGIC) - len(self.seen)
+        self.seen += data[:take]
+        if not MAGIC.startswith(self.seen):
+            raise ValueError(f"it opened with {bytes(self.seen)!r}, not {MAGIC!r}")
+        return data[take:]
+
+
 class Deframer:
     """Messages out of a byte stream: :meth:`feed` bytes, get whole messages; ValueError
     (one line) on a frame no zds end sends."""
@@ -107,7 +128,7 @@ def exchange(
     for batch in batches:
         out += frame(batch.SerializeToString())
     with sock:
-        opening = bytearray()  # the node agent's MAGIC, so far
+        opening = Opening()  # the node agent's answer to ours
         deframer = Deframer()
         poller = select.poll()
         sent = 0
@@ -129,17 +150,15 @@ def exchange(
             except OSError as exc:
                 raise LaneError(f"the connection to the node agent failed: {exc.strerror or exc}") from None
             if not data:
-                if 0 < len(opening) < len(MAGIC):
+                if opening.seen and not opening.complete:
                     raise LaneUnsupported(_UNSUPPORTED)
                 if deframer.pending:
                     raise LaneError("the node agent closed the connection within a message")
                 return
-            if len(opening) < len(MAGIC):
-                take = len(MAGIC) - len(opening)
-                opening += data[:take]
-                data = data[take:]
-                if not MAGIC.startswith(opening):
-                    raise LaneUnsupported(_UNSUPPORTED)
+            try:
+                data = opening.feed(data)
+            except ValueError:
+                raise LaneUnsupported(_UNSUPPORTED) from None
             try:
                 messages = deframer.feed(data)
             except ValueError as exc:

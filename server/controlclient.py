@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from zds.errors import ZdsError
 
 if TYPE_CHECKING:
+    from socket import socket as Socket
+
     import grpc
 
 
@@ -95,14 +97,36 @@ class ControlTarget:
         try:
             os.stat(self.socket)
         except PermissionError:
-            raise ControlError(
-                f"cannot reach the node agent at {self.socket}: permission denied{not_root_hint()}"
-            ) from None
+            raise self._denied() from None
         except FileNotFoundError:
             raise ControlError(
                 f"cannot reach the node agent: {self.socket} does not exist; is `zds server` running "
                 "(or does it use another --control-socket)?"
             ) from None
+
+    def lane(self, timeout: float) -> Socket:
+        """A connection to the unix socket for the bulk lane (``bulkwire``), or ControlError."""
+        from zds.server import bulkwire
+
+        self.check_socket()
+        try:
+            return bulkwire.connect(self.socket, timeout)
+        except PermissionError:
+            raise self._denied() from None
+        except TimeoutError:
+            raise ControlError(
+                f"cannot reach the node agent at {self.socket}: it did not take the connection "
+                f"within {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise ControlError(
+                f"cannot reach the node agent at {self.socket}: {exc.strerror or exc}"
+            ) from None
+
+    def _denied(self) -> ControlError:
+        return ControlError(
+            f"cannot reach the node agent at {self.where}: permission denied{not_root_hint()}"
+        )
 
     def failure(self, exc: grpc.RpcError) -> ControlError:
         """A failed call, as one line."""
@@ -111,9 +135,7 @@ class ControlTarget:
         code, details = exc.code(), exc.details() or ""
         lowered = details.lower()
         if "permission denied" in lowered:
-            return ControlError(
-                f"cannot reach the node agent at {self.where}: permission denied{not_root_hint()}"
-            )
+            return self._denied()
         if code is grpc.StatusCode.UNAVAILABLE and any(t in lowered for t in _TRANSPORT):
             hint = not_root_hint() if self.address is None else ""
             return ControlError(f"cannot reach the node agent at {self.where}: {details}{hint}")

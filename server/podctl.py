@@ -143,20 +143,7 @@ def _add_many_over_lane(
 ) -> list[dict[str, Any]]:
     """The same over the control socket's bulk lane (bulkwire.py): no gRPC to load. A node
     agent from before the lane took nothing: the pods go over AddPods then."""
-    target.check_socket()
-    try:
-        sock = bulkwire.connect(target.socket, args.timeout)
-    except PermissionError:
-        raise ControlError(
-            f"cannot reach the node agent at {target.socket}: permission denied{not_root_hint()}"
-        ) from None
-    except TimeoutError:
-        raise ControlError(
-            f"cannot reach the node agent at {target.socket}: it did not take the connection "
-            f"within {args.timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise ControlError(f"cannot reach the node agent at {target.socket}: {exc.strerror or exc}") from None
+    sock = target.lane(args.timeout)
     answers: list[dict[str, Any] | None] = [None] * len(specs)
     try:
         for reply in bulkwire.exchange(sock, _batches(specs), _deadline(specs, args)):

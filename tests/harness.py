@@ -228,6 +228,15 @@ def free_port() -> int:
 _POD_NETNS: dict[str, Any] = {}
 
 
+def pods_file(tmp_path: object, entries: list[dict[str, str]]) -> str:
+    """``tmp_path/pods.jsonl`` with ``entries``, one a line (``--pods``, ``--from-file``)."""
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        for e in entries:
+            f.write(json.dumps(e) + "\n")
+    return path
+
+
 def pod_netns() -> str:
     """A named network namespace any test may enroll as a pod's, made once per test process
     (the node agent refuses the node's own netns, the one the tests run in); removed at the

@@ -15,7 +15,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.harness import ZDS, NodeAgentProc, StartServer, free_port, pod_netns, pod_netns_pid, wait_until
+from tests.harness import (
+    ZDS,
+    NodeAgentProc,
+    StartServer,
+    free_port,
+    pod_netns,
+    pod_netns_pid,
+    pods_file,
+    wait_until,
+)
 from tests.standins import RawPeer, request_of
 from zds import defaults
 from zds.gen import nodeagent_pb2
@@ -305,10 +314,7 @@ def test_pod_add_from_file_goes_over_the_bulk_lane_without_loading_grpc(
 ) -> None:
     """grpc's import alone costs the client ~45 ms: a pods file on the unix socket does
     without it, and enrolls as over gRPC."""
-    path = os.path.join(str(tmp_path), "pods.jsonl")
-    with open(path, "w") as f:
-        for i in range(3):
-            f.write(json.dumps({"uid": f"lane-{i}", "netns": pod_netns()}) + "\n")
+    path = pods_file(tmp_path, [{"uid": f"lane-{i}", "netns": pod_netns()} for i in range(3)])
     run = (
         "import sys; from zds.cli import main; "
         f"code = main(['pod', 'add', '--from-file', {path!r}, '--control-socket', {server.control_socket!r}]); "
@@ -347,6 +353,11 @@ def lane_send(server: NodeAgentProc, data: bytes) -> bytes:
     return got
 
 
+def lane_opening_and(request: nodeagent_pb2.AddPodsRequest) -> bytes:
+    """What a lane client sends first: the opening, then ``request`` framed."""
+    return bulkwire.MAGIC + bulkwire.frame(request.SerializeToString())
+
+
 _POD = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="x", netns_path="/nonexistent")])
 
 
@@ -357,7 +368,7 @@ _POD = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="x", n
         (bulkwire.MAGIC + bulkwire.HEADER.pack(1, 2) + b"xx", "a frame with flag 1"),
         (bulkwire.MAGIC + bulkwire.HEADER.pack(0, bulkwire.MAX_MESSAGE + 1), "the limit is 4194304"),
         (bulkwire.MAGIC + bulkwire.frame(b"\xff\xff\xff"), "not an AddPodsRequest"),
-        (bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString())[:-3], "it ended within a frame"),
+        (lane_opening_and(_POD)[:-3], "it ended within a frame"),
         (b"ZDS", "it ended within a frame"),
     ],
     ids=["opening", "compressed", "oversized", "undecodable", "cut", "cut-opening"],
@@ -373,7 +384,7 @@ def test_a_broken_bulk_lane_is_closed_with_one_line_and_the_node_agent_serves_on
     assert "Traceback" not in server.output()
     assert server.list_pods() == []
     # The next connection, over gRPC or the lane, is served.
-    got = lane_send(server, bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString()))
+    got = lane_send(server, lane_opening_and(_POD))
     assert got.startswith(bulkwire.MAGIC)
     answer = bulkwire.Deframer().feed(got[len(bulkwire.MAGIC) :])
     (result,) = nodeagent_pb2.AddPodsReply.FromString(answer[0]).results
@@ -388,9 +399,7 @@ def test_a_bulk_lane_client_gone_early_does_not_stop_its_enrollments(server: Nod
         pods = [nodeagent_pb2.AddPodRequest(uid=f"early-{i}", netns_path=pod_netns()) for i in range(2)]
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(server.control_socket)
-            sock.sendall(
-                bulkwire.MAGIC + bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString())
-            )
+            sock.sendall(lane_opening_and(nodeagent_pb2.AddPodsRequest(pods=pods)))
         thread.join(10)
     finally:
         peer.close()
@@ -400,9 +409,7 @@ def test_a_bulk_lane_client_gone_early_does_not_stop_its_enrollments(server: Nod
 
 def test_pod_add_from_file_says_in_one_line_when_nothing_listens_on_the_socket(tmp_path: object) -> None:
     """A socket file left by a node agent that is gone: refused, said once, exit 1."""
-    path = os.path.join(str(tmp_path), "pods.jsonl")
-    with open(path, "w") as f:
-        f.write(json.dumps({"uid": "u1", "netns": "/var/run/netns/x"}) + "\n")
+    path = pods_file(tmp_path, [{"uid": "u1", "netns": "/var/run/netns/x"}])
     dead = os.path.join(str(tmp_path), "control.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.bind(dead)  # bound, never listened on: connecting is refused
@@ -440,7 +447,7 @@ def test_a_bulk_lane_client_that_does_not_read_holds_the_node_agent_to_a_bound(s
         f"the node agent took {sent} bytes of requests whose answers were not read"
     )
     assert rss_during - rss_before < 64 * 1024, (rss_before, rss_during)
-    got = lane_send(server, bulkwire.MAGIC + bulkwire.frame(_POD.SerializeToString()))
+    got = lane_send(server, lane_opening_and(_POD))
     assert got.startswith(bulkwire.MAGIC) and len(got) > len(bulkwire.MAGIC)
 
 
@@ -520,10 +527,7 @@ def test_pod_add_from_file_falls_back_to_addpods_on_a_node_agent_from_before_the
                     index += 1
                 yield nodeagent_pb2.AddPodsReply(results=results)
 
-    path = os.path.join(str(tmp_path), "pods.jsonl")
-    with open(path, "w") as f:
-        for i in range(3):
-            f.write(json.dumps({"uid": f"old-{i}", "netns": "/var/run/netns/x"}) + "\n")
+    path = pods_file(tmp_path, [{"uid": f"old-{i}", "netns": "/var/run/netns/x"} for i in range(3)])
     sock = os.path.join(str(tmp_path), "control.sock")
     with futures.ThreadPoolExecutor(max_workers=2) as pool:
         old = grpc.server(pool)

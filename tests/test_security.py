@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZdsProcess, free_port, pod_netns, post_unix, wait_until
+from tests.harness import (
+    ZDS,
+    NodeAgentProc,
+    ZdsProcess,
+    free_port,
+    pod_netns,
+    pods_file,
+    post_unix,
+    wait_until,
+)
 from tests.standins import RawPeer
 from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2
@@ -181,9 +190,8 @@ def test_pod_add_from_file_as_a_user_kept_out_is_told_permission_denied(public_d
     allow-list, every pod says it was turned away, with the same hint."""
     server = NodeAgentProc(str(public_dir)).wait_ready()
     try:
-        pods = public_dir / "pods.jsonl"
-        pods.write_text(json.dumps({"uid": "u1", "netns": "/var/run/netns/x"}) + "\n")
-        pods.chmod(0o644)
+        pods = pods_file(public_dir, [{"uid": "u1", "netns": "/var/run/netns/x"}])
+        os.chmod(pods, 0o644)
         code = textwrap.dedent(
             f"""
             import os, sys
@@ -191,7 +199,7 @@ def test_pod_add_from_file_as_a_user_kept_out_is_told_permission_denied(public_d
             import zds.server.podctl, zds.server.podsfile  # loaded as root: the checkout may be closed to nobody
             build_parser("pod")
             os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
-            code = main(["pod", "add", "--from-file", {str(pods)!r}, "--control-socket", {server.control_socket!r}])
+            code = main(["pod", "add", "--from-file", {pods!r}, "--control-socket", {server.control_socket!r}])
             print("grpc loaded" if "grpc" in sys.modules else "grpc not loaded")
             sys.exit(code)
             """

@@ -22,6 +22,7 @@ from tests.harness import (
     fd_count,
     pod_netns,
     pod_netns_pid,
+    pods_file,
     post_unix,
     wait_until,
 )
@@ -64,14 +65,6 @@ def add_in_thread(server: NodeAgentProc, uid: str, netns: str) -> tuple[threadin
     thread = threading.Thread(target=run)
     thread.start()
     return thread, result
-
-
-def pods_file(tmp_path: object, entries: list[dict[str, str]]) -> str:
-    path = os.path.join(str(tmp_path), "pods.jsonl")
-    with open(path, "w") as f:
-        for e in entries:
-            f.write(json.dumps(e) + "\n")
-    return path
 
 
 # -- hello ---------------------------------------------------------------------
