@@ -19,7 +19,7 @@ from zds.server.eventkinds import EventKind
 from zds.server.events import AgentEvent, FaultView
 from zds.server.faultkinds import FaultError, FaultKind, Refusal
 from zds.server.faults import FaultSpec
-from zds.server.pods import Pod, PodSpec, PodState
+from zds.server.pods import Pod, PodSpec, PodSpecError, PodState, check_ips
 
 _STATE = {
     PodState.PENDING: nodeagent_pb2.POD_STATE_PENDING,
@@ -176,7 +176,8 @@ def pod_spec(request: nodeagent_pb2.AddPodRequest) -> PodSpec | tuple[grpc.Statu
             if which == "netns_path"
             else NetnsRef.of_pid(request.netns_pid)
         )
-    except NetnsRefError as exc:
+        ips = check_ips(request.ips)
+    except (NetnsRefError, PodSpecError) as exc:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return PodSpec.create(
         request.uid,
@@ -184,7 +185,7 @@ def pod_spec(request: nodeagent_pb2.AddPodRequest) -> PodSpec | tuple[grpc.Statu
         name=request.name,
         namespace=request.namespace,
         service_account=request.service_account,
-        ips=tuple(request.ips),
+        ips=ips,
     )
 
 

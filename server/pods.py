@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import enum
 import functools
+import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +49,23 @@ class PodSpecError(ZdsError, ValueError):
 
 class PodNameError(PodSpecError):
     """A uid, name, namespace or service account Kubernetes would refuse."""
+
+
+def check_ips(ips: Sequence[object]) -> tuple[str, ...]:
+    """A pod's addresses as its source gives them: each an IPv4 or IPv6 address in text, or
+    PodSpecError naming the first that is not. Checked where a pod comes in (the API, a pods
+    file; a CNI event checks its own): the pod store keeps what an older zds was given."""
+    checked = []
+    for index, ip in enumerate(ips):
+        if not isinstance(ip, str):
+            raise PodSpecError(f"ips[{index}] must be an address string, not {type(ip).__name__}")
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            shown = ip if len(ip) <= 45 else ip[:45] + "..."
+            raise PodSpecError(f"ips[{index}] {shown!r} is not an IP address") from None
+        checked.append(ip)
+    return tuple(checked)
 
 
 @dataclass(frozen=True)

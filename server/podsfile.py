@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from zds.netns import NetnsRef, NetnsRefError
-from zds.server.pods import PodSource, PodSpec, PodSpecError
+from zds.server.pods import PodSource, PodSpec, PodSpecError, check_ips
 
 FIELDS = ("uid", "name", "namespace", "service_account", "netns", "ips")
 _KNOWN = frozenset(FIELDS)
@@ -37,7 +37,7 @@ def _spec(entry: Any) -> PodSpec:
     except NetnsRefError as exc:
         raise PodSpecError(str(exc)) from exc
     ips = get("ips") or []
-    if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+    if not isinstance(ips, list):
         raise PodSpecError("ips must be a list of addresses")
     return PodSpec.create(
         _text(uid),
@@ -45,7 +45,7 @@ def _spec(entry: Any) -> PodSpec:
         name=_text(get("name")),
         namespace=_text(get("namespace")),
         service_account=_text(get("service_account")),
-        ips=tuple(ips),
+        ips=check_ips(ips),
         source=PodSource.PODS_FILE,
     )
 

@@ -247,7 +247,8 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
         nodeagent_pb2.AddPodRequest(uid="bad-netns", netns_path="/var/run/netns/zdst-missing"),
         nodeagent_pb2.AddPodRequest(uid="no-netns"),
         nodeagent_pb2.AddPodRequest(uid="nacked", netns_path=pod_netns()),
-        nodeagent_pb2.AddPodRequest(uid="ok-2", netns_pid=pod_netns_pid()),
+        nodeagent_pb2.AddPodRequest(uid="ok-2", netns_pid=pod_netns_pid(), ips=["10.0.0.7", "fd00::7"]),
+        nodeagent_pb2.AddPodRequest(uid="bad-ip", netns_path=pod_netns(), ips=["10.0.0.8", "10.0.0.300"]),
     ]
     seen: list[str] = []
 
@@ -271,7 +272,7 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
     finally:
         peer.close()
     by_index = {r.index: r for r in results}
-    assert sorted(by_index) == [0, 1, 2, 3, 4] and len(results) == 5
+    assert sorted(by_index) == [0, 1, 2, 3, 4, 5] and len(results) == 6
     code = grpc.StatusCode
     assert {r.uid: r.code for r in results} == {
         "ok-1": code.OK.value[0],
@@ -279,7 +280,10 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
         "no-netns": code.INVALID_ARGUMENT.value[0],
         "nacked": code.FAILED_PRECONDITION.value[0],
         "ok-2": code.OK.value[0],
+        "bad-ip": code.INVALID_ARGUMENT.value[0],
     }
+    assert by_index[5].message == "ips[1] '10.0.0.300' is not an IP address"
+    assert list(by_index[4].response.pod.ips) == ["10.0.0.7", "fd00::7"]
     assert by_index[3].message == "failure to start proxy : nack requested"
     assert "netns_path or netns_pid is required" in by_index[2].message
     assert by_index[0].response.pod.state == nodeagent_pb2.POD_STATE_ACKED

@@ -53,6 +53,11 @@ def test_an_entry_spelling_the_service_account_both_ways_keeps_service_account_a
         ({"uid": "", "netns": ""}, "missing uid, netns"),
         ({"uid": "u1", "netns": "pid:0"}, 'bad netns reference "pid:0"'),
         ({"uid": "u1", "netns": "/run/netns/a", "ips": "10.0.0.1"}, "ips must be a list of addresses"),
+        (
+            {"uid": "u1", "netns": "/run/netns/a", "ips": ["fd00::1", "web"]},
+            "ips[1] 'web' is not an IP address",
+        ),
+        ({"uid": "u1", "netns": "/run/netns/a", "ips": [5]}, "ips[0] must be an address string, not int"),
     ],
 )
 def test_a_bad_entry_is_refused_naming_the_file_its_line_and_what_is_wrong(
