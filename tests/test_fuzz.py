@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT, wire_vectors
+from zds.gen import nodeagent_pb2
+from zds.server import bulkwire
 
 SECONDS = 60
-TARGETS = ("zds_decoder", "cni_event", "pods_file")
+TARGETS = ("zds_decoder", "cni_event", "pods_file", "control_request")
 
 
 def seed(corpus: Path, target: str) -> None:
@@ -25,6 +27,13 @@ def seed(corpus: Path, target: str) -> None:
         body = {"Netns": "/var/run/netns/a", "PodName": "web", "PodNamespace": "shop"}
         ips = [{"Interface": 0, "Address": {"IP": "10.0.0.5", "Mask": "////AA=="}, "Gateway": "10.0.0.1"}]
         samples = [json.dumps(body).encode(), json.dumps({**body, "IPs": ips, "PodUID": "u1"}).encode()]
+    elif target == "control_request":
+        pods = [
+            nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path="/var/run/netns/a"),
+            nodeagent_pb2.AddPodRequest(uid="u2", netns_pid=42, ips=["10.0.0.5", "fd00::5"]),
+        ]
+        framed = bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString())
+        samples = [b"\x01\x00" + framed, b"\x01\x02\x03\x07" + framed * 2, b"\x00" + bulkwire.MAGIC + framed]
     else:
         line = {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": "pid:42"}
         samples = [
