@@ -82,6 +82,8 @@ def test_an_inspected_container_outside_compose_is_in_the_default_namespace() ->
     facts = ContainerFacts.from_inspect(info)
     assert (facts.name, facts.namespace, facts.service_account) == ("web", "default", "default")
     assert addresses(info) == ("10.0.0.2", "fd00::2") and not shares_netns(info)
+    odd = {"b": {"IPAddress": "10.0.0.3", "GlobalIPv6Address": ["fd00::3"]}, "c": {"IPAddress": "none"}}
+    assert addresses({"NetworkSettings": {"Networks": odd}}) == ("10.0.0.3",)  # not addresses: left out
     assert shares_netns({"HostConfig": {"NetworkMode": "container:infra"}})
     host = ContainerFacts.from_inspect({**info, "HostConfig": {"NetworkMode": "host"}})
     assert not host.selection.selected
