@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import ipaddress
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,8 @@ def check_ips(ips: Sequence[object]) -> tuple[str, ...]:
     """A pod's addresses as its source gives them: each an IPv4 or IPv6 address in text, or
     PodSpecError naming the first that is not. Checked where a pod comes in (the API, a pods
     file; a CNI event checks its own): the pod store keeps what an older zds was given."""
+    import ipaddress  # (here: most pods come without, and ``zds pod add`` starts without it)
+
     checked = []
     for index, ip in enumerate(ips):
         if not isinstance(ip, str):
