@@ -46,6 +46,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--netns-pid", type=cliflags.positive_int, metavar="PID", help="a process in the pod's netns"
     )
     add.add_argument(
+        "--ip",
+        dest="ips",
+        action="append",
+        default=[],
+        type=cliflags.ip_address,
+        metavar="ADDR",
+        help="one of the pod's addresses, recorded (pod list --json; repeat for more)",
+    )
+    add.add_argument(
         "--from-file",
         metavar="FILE",
         help="enroll every pod of a pods file (JSON lines, a JSON array or YAML) over one connection",

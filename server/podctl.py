@@ -61,8 +61,8 @@ def _add_request(spec: PodSpec) -> nodeagent_pb2.AddPodRequest:
 def _specs(args: argparse.Namespace) -> list[PodSpec]:
     """The pods to enroll: the flags' one, or a pods file's."""
     if args.from_file:
-        if args.uid is not None or args.netns or args.netns_pid:
-            raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid")
+        if args.uid is not None or args.netns or args.netns_pid or args.ips:
+            raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid/--ip")
         from zds.server.podsfile import load_pods_file
 
         return load_pods_file(args.from_file)
@@ -83,6 +83,7 @@ def _specs(args: argparse.Namespace) -> list[PodSpec]:
             name=args.name,
             namespace=args.namespace,
             service_account=args.service_account,
+            ips=tuple(args.ips),
         )
     ]
 

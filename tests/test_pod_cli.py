@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -88,6 +89,31 @@ def test_pod_add_by_pid(server: NodeAgentProc) -> None:
     finally:
         peer.close()
     assert out.returncode == 0, out.stderr
+
+
+def test_pod_add_records_the_addresses_given_and_refuses_what_is_not_one(
+    server: NodeAgentProc, tmp_path: Path
+) -> None:
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1)
+        out = server.cli(
+            "pod", "add", "--uid", "u1", "--netns", pod_netns(), "--ip", "10.0.0.9", "--ip", "fd00::9"
+        )
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 0, out.stderr
+    [pod] = json.loads(server.cli("pod", "list", "--json").stdout)
+    assert pod["ips"] == ["10.0.0.9", "fd00::9"]
+    bad = server.cli("pod", "add", "--uid", "u2", "--netns", pod_netns(), "--ip", "10.0.0.256")
+    assert bad.returncode == 2
+    assert "argument --ip: '10.0.0.256' is not an IPv4 or IPv6 address" in bad.stderr
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps({"uid": "u3", "netns": pod_netns()}) + "\n")
+    mixed = server.cli("pod", "add", "--from-file", str(pods), "--ip", "10.0.0.9")
+    assert mixed.returncode == 1 and "cannot be combined with --uid/--netns/--netns-pid/--ip" in mixed.stderr
+    assert [p["uid"] for p in json.loads(server.cli("pod", "list", "--json").stdout)] == ["u1"]
 
 
 def test_pod_add_without_ztunnel_exits_nonzero_and_the_pod_stays_listed(server: NodeAgentProc) -> None:

@@ -26,6 +26,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def ip_address(text: str) -> str:
+    """An IPv4 or IPv6 address, as given."""
+    import ipaddress  # (here: only a command given an address needs it)
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
+    return text
+
+
 #: The longest ``--busy-poll``: polling longer only burns CPU (an answer is microseconds away).
 BUSY_POLL_MAX_USEC = 10_000
 
