@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import logging
 import uuid
@@ -32,7 +31,7 @@ from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
 from zds.server.containerpods import ContainerPods
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
-from zds.server.pods import PodSource, PodSpec
+from zds.server.pods import PodSource, PodSpec, is_address
 from zds.server.unixhttp import HttpLimits
 
 log = logging.getLogger("zds.server.cni")
@@ -67,10 +66,8 @@ def _check_ip(value: Any, where: str) -> None:
         return
     if not isinstance(value, str):
         raise BadEvent(f"{where} must be an IP address string")
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise BadEvent(f"{where} {value!r} is not an IP address") from None
+    if not is_address(value):
+        raise BadEvent(f"{where} {value!r} is not an IP address")
 
 
 def _check_ip_config(entry: Any, index: int) -> str:

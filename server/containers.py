@@ -23,7 +23,7 @@ from typing import Any
 from zds import defaults
 from zds.netns import NetnsError, NetnsIdentity, NetnsRef, open_netns
 from zds.server.netnspolicy import NetnsPolicy
-from zds.server.pods import PodSource, PodSpec, PodSpecError, check_ips
+from zds.server.pods import PodSource, PodSpec, is_address
 from zds.server.selection import Selection, select
 
 _NOT_DNS = re.compile(r"[^a-z0-9.-]+")
@@ -132,17 +132,9 @@ def addresses(info: Mapping[str, Any]) -> tuple[str, ...]:
     for network in networks.values():
         for key in ("IPAddress", "GlobalIPv6Address"):
             ip = (network or {}).get(key)
-            if ip and ip not in found and _is_address(ip):
+            if ip and ip not in found and is_address(ip):
                 found.append(ip)
     return tuple(found)
-
-
-def _is_address(value: object) -> bool:
-    try:
-        check_ips([value])
-    except PodSpecError:
-        return False
-    return True
 
 
 def container_netns(info: Mapping[str, Any], policy: NetnsPolicy | None = None) -> ContainerNetns | None:

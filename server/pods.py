@@ -50,21 +50,30 @@ class PodNameError(PodSpecError):
     """A uid, name, namespace or service account Kubernetes would refuse."""
 
 
+def is_address(value: object) -> bool:
+    """Whether ``value`` is an IPv4 or IPv6 address in text."""
+    import ipaddress  # (here: most pods come without, and ``zds pod add`` starts without it)
+
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def check_ips(ips: Sequence[object]) -> tuple[str, ...]:
     """A pod's addresses as its source gives them: each an IPv4 or IPv6 address in text, or
     PodSpecError naming the first that is not. Checked where a pod comes in (the API, a pods
     file; a CNI event checks its own): the pod store keeps what an older zds was given."""
-    import ipaddress  # (here: most pods come without, and ``zds pod add`` starts without it)
-
     checked = []
     for index, ip in enumerate(ips):
         if not isinstance(ip, str):
             raise PodSpecError(f"ips[{index}] must be an address string, not {type(ip).__name__}")
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
+        if not is_address(ip):
             shown = ip if len(ip) <= 45 else ip[:45] + "..."
-            raise PodSpecError(f"ips[{index}] {shown!r} is not an IP address") from None
+            raise PodSpecError(f"ips[{index}] {shown!r} is not an IP address")
         checked.append(ip)
     return tuple(checked)
 
