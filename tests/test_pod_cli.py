@@ -109,9 +109,8 @@ def test_pod_add_records_the_addresses_given_and_refuses_what_is_not_one(
     bad = server.cli("pod", "add", "--uid", "u2", "--netns", pod_netns(), "--ip", "10.0.0.256")
     assert bad.returncode == 2
     assert "argument --ip: '10.0.0.256' is not an IPv4 or IPv6 address" in bad.stderr
-    pods = tmp_path / "pods.jsonl"
-    pods.write_text(json.dumps({"uid": "u3", "netns": pod_netns()}) + "\n")
-    mixed = server.cli("pod", "add", "--from-file", str(pods), "--ip", "10.0.0.9")
+    pods = pods_file(tmp_path, [{"uid": "u3", "netns": pod_netns()}])
+    mixed = server.cli("pod", "add", "--from-file", pods, "--ip", "10.0.0.9")
     assert mixed.returncode == 1 and "cannot be combined with --uid/--netns/--netns-pid/--ip" in mixed.stderr
     assert [p["uid"] for p in json.loads(server.cli("pod", "list", "--json").stdout)] == ["u1"]
 
@@ -320,10 +319,10 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
 def test_pod_add_from_file_says_which_pods_failed_and_exits_one(
     server: NodeAgentProc, tmp_path: object
 ) -> None:
-    path = os.path.join(str(tmp_path), "pods.jsonl")
-    with open(path, "w") as f:
-        f.write(json.dumps({"uid": "good", "netns": pod_netns()}) + "\n")
-        f.write(json.dumps({"uid": "gone", "netns": "/var/run/netns/zdst-missing"}) + "\n")
+    path = pods_file(
+        tmp_path,
+        [{"uid": "good", "netns": pod_netns()}, {"uid": "gone", "netns": "/var/run/netns/zdst-missing"}],
+    )
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1)
