@@ -6,7 +6,6 @@ between a unix socket and the sans-I/O protocol objects; it decides nothing.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
@@ -16,16 +15,7 @@ from dataclasses import dataclass
 
 from zds import defaults
 from zds.protocol.records import Record
-
-# Flags as plain ints: or-ing socket's IntFlag members costs microseconds per call.
-_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-
-#: Room for fds in one received record: more than ztunnel ever gets, so a
-#: record carrying too many is seen (and refused) instead of silently cut.
-MAX_FDS_PER_RECORD = 4
-_FD_SIZE = array.array("i").itemsize
-_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECORD * _FD_SIZE)
+from zds.seqpacket import poll_budget, poll_record, recv_record, send_record
 
 
 @dataclass(frozen=True)
@@ -75,32 +65,12 @@ class SeqpacketConnection:
 
     def try_recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record | None:
         """Read one record if one is waiting; None if nothing is (never blocks)."""
-        try:
-            # recvmsg itself: socket.recv_fds (3.11) drops MSG_CMSG_CLOEXEC from its flags.
-            payload, ancdata, flags, _addr = self._sock.recvmsg(
-                max_size,
-                _CMSG_SPACE,
-                _RECV_FLAGS,
-            )
-        except (BlockingIOError, InterruptedError):
-            return None
-        except ConnectionResetError:
-            return Record(payload=b"")
-        fds: list[int] = []
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(data) - len(data) % _FD_SIZE
-                fds.extend(array.array("i", data[:usable]))
-        return Record(payload=payload, fds=fds, flags=flags)
+        return recv_record(self._sock, max_size)
 
     def poll(self, seconds: float) -> Record | None:
         """Read one record, asking again until one is there or ``seconds`` have passed
         (None); never sleeps, never lets the event loop run (``BusyPoll`` does)."""
-        until = time.monotonic() + seconds
-        while True:
-            record = self.try_recv()
-            if record is not None or time.monotonic() >= until:
-                return record
+        return poll_record(self._sock, seconds)
 
     async def recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record:
         """Wait for one record. A 0-byte record (``is_eof``) means the peer is gone."""
@@ -112,19 +82,9 @@ class SeqpacketConnection:
 
     async def send(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send one record, with ``fds`` as SCM_RIGHTS on the same sendmsg."""
-        if not payload:
-            # ztunnel reads a 0-byte record as EOF; the protocol never sends one.
-            raise ValueError("refusing to send an empty record")
         while True:
             try:
-                if fds:
-                    self._sock.sendmsg(
-                        [payload],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-                        _SEND_FLAGS,
-                    )
-                else:
-                    self._sock.send(payload, _SEND_FLAGS)
+                send_record(self._sock, payload, fds)
                 return
             except (BlockingIOError, InterruptedError):
                 await self._wait(readable=False)
@@ -215,7 +175,7 @@ class BusyPoll:
     def __init__(
         self, budget: float = defaults.BUSY_POLL, *, turn_every: float = defaults.BUSY_POLL_SLICE
     ) -> None:
-        self.budget = budget if budget > 0.0 and len(os.sched_getaffinity(0)) > 1 else 0.0
+        self.budget = poll_budget(budget)
         self.turn_every = turn_every
         #: When the event loop last had a turn (as far as this poller knows).
         self._turn = time.monotonic()
