@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import ipaddress
 import logging
@@ -23,47 +22,24 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from zds import defaults
 from zds.client.datapath import DirectionStats, relay
-from zds.client.listeners import AcceptedConnection, InpodListener, ListenerSpec, SocketWatcher
+from zds.client.inpod import (
+    IP_PKTINFO,
+    DnsSockets,
+    InpodListener,
+    Resolver,
+    dns_port_error,
+    node_resolvers,
+    parse_resolver,
+)
+from zds.client.listeners import AcceptedConnection, SocketWatcher
 from zds.netns import in_netns
 
 log = logging.getLogger("zds.ztunnel.dns")
 
 #: How long to wait for a resolver's answer (per resolver tried).
 QUERY_TIMEOUT = 5.0
-DNS_PORT = 53
 MAX_UDP = 65535
-
-
-Resolver = tuple[str, int]
-
-
-def node_resolvers(path: str = "/etc/resolv.conf") -> list[Resolver]:
-    """The ``nameserver`` addresses of the node (the resolvers zds forwards to), port 53."""
-    found: list[Resolver] = []
-    with contextlib.suppress(OSError), open(path) as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[0] == "nameserver":
-                with contextlib.suppress(ValueError):
-                    found.append((str(ipaddress.ip_address(fields[1].split("%")[0])), DNS_PORT))
-    return found
-
-
-def parse_resolver(text: str) -> Resolver:
-    """``ADDR``, ``ADDR:PORT`` or ``[V6ADDR]:PORT``; ValueError if it is none of those."""
-    host, port = text, DNS_PORT
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest.removeprefix(":")) if rest else DNS_PORT
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text)
-    ipaddress.ip_address(host)
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port {port}")
-    return host, port
 
 
 def _family(address: str) -> int:
@@ -85,40 +61,8 @@ async def forward_udp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     return None
 
 
-IP_PKTINFO = 8  # linux/in.h (Python 3.11's socket module lacks it)
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
-
-
-#: Where the DNS forwarder listens in the pod: loopback only, as ztunnel's in-pod DNS
-#: (``Address::Localhost``). The in-pod rules' REDIRECT maps locally generated packets to
-#: exactly these addresses, so capture works, and the pod's IPs do not offer an open resolver.
-DNS_BIND = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
-
-
-def _open_dns_socket(
-    family: int, host: str, kind: int, port: int, *, mark: int, reuse_port: bool
-) -> socket.socket:
-    """A UDP or TCP socket on ``host:port``; UDP ones report each datagram's local address (PKTINFO),
-    which the reply is sent from (so conntrack maps it back to the server the pod asked)."""
-    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        if kind == socket.SOCK_DGRAM:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            else:
-                sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
-        sock.bind((host, port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _local_address(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, bytes] | None:
@@ -146,31 +90,13 @@ class DnsProxy:
 
     @classmethod
     def bind(cls, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]) -> DnsProxy:
-        """Make the sockets in the *current* netns (the caller is inside the pod's); OSError if
-        the port is taken, nothing left open then. IPv6 loopback is skipped where the pod has no IPv6."""
-        udp: list[socket.socket] = []
-        tcp: list[InpodListener] = []
-        try:
-            for family, host in DNS_BIND:
-                try:
-                    u = _open_dns_socket(
-                        family, host, socket.SOCK_DGRAM, port, mark=mark, reuse_port=reuse_port
-                    )
-                except OSError as exc:
-                    if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                        continue  # no IPv6 in this pod
-                    raise
-                udp.append(u)
-                t = _open_dns_socket(family, host, socket.SOCK_STREAM, port, mark=mark, reuse_port=reuse_port)
-                address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-                tcp.append(InpodListener(spec=ListenerSpec("dns", port), sock=t, address=address))
-        except BaseException:
-            for sock in udp:
-                sock.close()
-            for listener in tcp:
-                listener.sock.close()
-            raise
-        return cls(udp=udp, tcp=tcp, resolvers=resolvers)
+        """``DnsSockets.bind`` in the *current* netns, served with ``resolvers``."""
+        return cls.serving(DnsSockets.bind(port, mark=mark, reuse_port=reuse_port), resolvers)
+
+    @classmethod
+    def serving(cls, sockets: DnsSockets, resolvers: list[Resolver]) -> DnsProxy:
+        """The forwarder for sockets already made in a pod (it owns them now)."""
+        return cls(udp=sockets.udp, tcp=sockets.tcp, resolvers=resolvers)
 
     @classmethod
     def open(
@@ -248,8 +174,12 @@ class DnsProxy:
             task.cancel()
 
 
-def dns_port_error(exc: OSError, port: int = defaults.DNS_PORT) -> str:
-    """A readable reason for a DNS port that could not be opened."""
-    if exc.errno == errno.EADDRINUSE:
-        return f"127.0.0.1:{port}: address already in use"
-    return f"127.0.0.1:{port}: {exc.strerror or exc}"
+__all__ = [
+    "DnsProxy",
+    "DnsSockets",
+    "Resolver",
+    "dns_port_error",
+    "forward_udp",
+    "node_resolvers",
+    "parse_resolver",
+]

@@ -1,27 +1,11 @@
-"""A workload's TCP listeners (15001 outbound, 15006 inbound, 15008 HBONE), made
-inside its network namespace and served here; the DNS proxy's 15053 (UDP and TCP,
-on the pod's loopback) is ``zds.client.dns``.
+"""Serving a workload's in-pod listeners from the event loop.
 
-ztunnel (``src/inpod/config.rs``) creates each in-pod socket with a short
-synchronous ``setns`` in and out (``InpodNetns::run``) and then serves it from
-its runtime: a socket keeps the namespace it was created in. The same here:
-``open_listeners`` enters the pod netns with ``zds.netns.in_netns`` (never
-across an ``await``), creates, configures, binds and listens, comes back, and
-``ListenerServer`` accepts on the event loop.
-
-Address family: one dual-stack ``[::]`` socket per port, as ztunnel binds
-(``config.rs``: ``bind_wildcard`` is ``[::]`` when IPv6 is enabled). IPv4
-clients arrive as v4-mapped peers; for ``SO_ORIGINAL_DST`` the relay asks
-``SOL_IP`` first and ``IPPROTO_IPV6`` second, as ztunnel's ``socket.rs``
-``orig_dst_addr`` does. Where the kernel has no IPv6 at all, the listener
-falls back to ``0.0.0.0``. One socket per port also keeps a conflict simple:
-a port taken by the pod fails the whole proxy, never half of it.
-
-Socket options are ztunnel's: ``SO_MARK`` (1337, so what the proxy sends is
-not redirected again), ``SO_REUSEPORT`` (ztunnel's ``INPOD_PORT_REUSE``, on by
-default: an old and a new ztunnel both listen in the pod during an upgrade)
-and ``SO_REUSEADDR``. A socket the pod bound without ``SO_REUSEPORT`` still
-conflicts, which is how "port already taken" shows up.
+The sockets are made inside the pod's network namespace by ``zds.client.inpod``
+(15001 outbound, 15006 inbound, 15008 HBONE, and the DNS forwarder's TCP 15053);
+a socket keeps the namespace it was created in, so serving it needs no ``setns``:
+``ListenerServer`` accepts on the event loop, through one ``SocketWatcher`` epoll
+set for every listener of the process, and hands each connection to its role's
+handler (``zds.client.datapath``'s relays, ``zds.client.dns``).
 """
 
 from __future__ import annotations
@@ -32,128 +16,21 @@ import errno
 import logging
 import select
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from zds import defaults
-from zds.errors import ZdsError
-from zds.netns import NetnsError, in_netns
+from zds.client.inpod import (
+    InpodListener,
+    ListenerError,
+    ListenerSpec,
+    bind_listeners,
+    close_listeners,
+    default_specs,
+    open_listeners,
+)
+from zds.netns import NetnsError
 
 log = logging.getLogger(__name__)
-
-#: Listen backlog (ztunnel: 128 for in-pod listeners with port reuse).
-LISTEN_BACKLOG = 128
-
-
-@dataclass(frozen=True)
-class ListenerSpec:
-    """What to listen on in a pod: a named role and a TCP port."""
-
-    name: str
-    port: int
-
-
-def default_specs(
-    outbound: int = defaults.OUTBOUND_PORT,
-    inbound: int = defaults.INBOUND_PLAINTEXT_PORT,
-    hbone: int = defaults.INBOUND_HBONE_PORT,
-) -> tuple[ListenerSpec, ...]:
-    """ztunnel's three in-pod TCP listeners: outbound 15001, inbound plaintext 15006, HBONE 15008."""
-    return (
-        ListenerSpec("outbound", outbound),
-        ListenerSpec("inbound", inbound),
-        ListenerSpec("hbone", hbone),
-    )
-
-
-class ListenerError(ZdsError):
-    """A listener could not be made in the pod; the text reads like ztunnel's ``Bind(addr, err)``."""
-
-    def __init__(self, address: str, cause: OSError | str) -> None:
-        super().__init__(f"Bind({address}, {cause})")
-        self.address = address
-        self.errno = cause.errno if isinstance(cause, OSError) else None
-
-
-@dataclass
-class InpodListener:
-    """A listening socket that lives in a pod's netns (created there, served from here)."""
-
-    spec: ListenerSpec
-    sock: socket.socket
-    address: str
-
-    @property
-    def closed(self) -> bool:
-        return self.sock.fileno() < 0
-
-
-def _format_addr(family: int, port: int) -> str:
-    return f"[::]:{port}" if family == socket.AF_INET6 else f"0.0.0.0:{port}"
-
-
-def _bind_one(spec: ListenerSpec, *, mark: int, reuse_port: bool) -> InpodListener:
-    """Create, configure, bind and listen one socket in the current netns."""
-    for family in (socket.AF_INET6, socket.AF_INET):
-        addr = _format_addr(family, spec.port)
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        except OSError as exc:
-            if family == socket.AF_INET6 and exc.errno == errno.EAFNOSUPPORT:
-                continue  # no IPv6 in this kernel: IPv4 only
-            raise ListenerError(addr, exc) from exc
-        try:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", spec.port))
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            sock.close()
-            if family == socket.AF_INET6 and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                continue
-            raise ListenerError(addr, exc) from exc
-        if spec.port == 0:  # the kernel picked the port: ask which
-            host, port = sock.getsockname()[:2]
-            addr = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-        return InpodListener(spec=spec, sock=sock, address=addr)
-    raise ListenerError(f"0.0.0.0:{spec.port}", "no usable address family")
-
-
-def bind_listeners(
-    specs: Iterable[ListenerSpec], *, mark: int = defaults.ZTUNNEL_MARK, reuse_port: bool = True
-) -> list[InpodListener]:
-    """Every listener of ``specs`` in the *current* netns (the caller is inside the pod's),
-    all or none: ListenerError (a port is taken, ...) leaves nothing open."""
-    made: list[InpodListener] = []
-    try:
-        for spec in specs:
-            made.append(_bind_one(spec, mark=mark, reuse_port=reuse_port))
-    except BaseException:
-        close_listeners(made)
-        raise
-    return made
-
-
-def open_listeners(
-    netns_fd: int,
-    specs: Iterable[ListenerSpec],
-    *,
-    mark: int = defaults.ZTUNNEL_MARK,
-    reuse_port: bool = True,
-) -> list[InpodListener]:
-    """Open every listener of ``specs`` inside the netns ``netns_fd``, all or none.
-
-    Synchronous and short: setns in, make the sockets, setns back (guaranteed).
-    Raises ListenerError (a port is taken, ...) or NetnsError (not a netns, no
-    privilege); nothing is left open then.
-    """
-    with in_netns(netns_fd):
-        return bind_listeners(specs, mark=mark, reuse_port=reuse_port)
-
 
 # -- serving ------------------------------------------------------------------------
 
@@ -337,13 +214,6 @@ class ListenerServer:
         """Wait until every connection accepted here is done."""
         while self._connections:
             await asyncio.gather(*list(self._connections), return_exceptions=True)
-
-
-def close_listeners(listeners: Iterable[InpodListener]) -> None:
-    """Close listening sockets (idempotent)."""
-    for listener in listeners:
-        with contextlib.suppress(OSError):
-            listener.sock.close()
 
 
 __all__ = [

@@ -15,6 +15,11 @@ outcome is known before the ack is sent:
    event loop by a ``ListenerServer``: the sockets listen already, so nothing
    that arrives meanwhile is lost, and the node agent is not kept waiting.
 
+Starting needs no event loop, and this module loads none: ``zds ztunnel`` takes
+its first snapshot before asyncio is imported (``zds.client.firstsnapshot``), so
+the serving half (``zds.client.listeners``, ``zds.client.dns``) is imported
+when the first proxy is served.
+
 A proxy keeps no fd of the pod's netns: its sockets hold the namespace, and a
 connection handler that must make a socket in the pod (the relays of 15001
 and 15006) gets the netns back from the accepted socket (``SIOCGSKNS``). So a
@@ -30,20 +35,19 @@ import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zds import defaults
-from zds.client.dns import DnsProxy, dns_port_error
-from zds.client.listeners import (
-    ConnectionHandler,
+from zds.client.inpod import (
+    DnsSockets,
     InpodListener,
     ListenerError,
-    ListenerServer,
     ListenerSpec,
-    SocketWatcher,
+    Resolver,
     bind_listeners,
-    close_at_once,
     close_listeners,
     default_specs,
+    dns_port_error,
 )
 from zds.client.metrics import ZtunnelMetrics
 from zds.errors import ZdsError
@@ -59,6 +63,10 @@ from zds.netns import (
 from zds.netns.kernel import THREAD_NETNS
 from zds.protocol.messages import WorkloadInfo
 from zds.protocol.workloads import Workload
+
+if TYPE_CHECKING:  # serving needs asyncio, loaded once the first snapshot is in (module docstring)
+    from zds.client.dns import DnsProxy
+    from zds.client.listeners import ConnectionHandler, ListenerServer, SocketWatcher
 
 log = logging.getLogger("zds.ztunnel.proxy")
 
@@ -105,6 +113,8 @@ class WorkloadProxy:
         self.info = info
         self.listeners = listeners
         self.servers: list[ListenerServer] = []
+        #: The DNS forwarder's sockets, made with the listeners; served by ``dns`` once active.
+        self.dns_sockets: DnsSockets | None = None
         self.dns: DnsProxy | None = None
         self.started_at = time.time()
         self.log_extra = workload_log_extra(uid, info)
@@ -122,10 +132,17 @@ class WorkloadProxy:
         """Connections being served now, over all listeners."""
         return sum(server.connection_count for server in self.servers)
 
-    def serve(self, handlers: Mapping[str, ConnectionHandler], watcher: SocketWatcher) -> None:
-        """Start accepting on every listener."""
+    def serve(
+        self, handlers: Mapping[str, ConnectionHandler], watcher: SocketWatcher, resolvers: list[Resolver]
+    ) -> None:
+        """Start accepting on every listener, and answering DNS with ``resolvers`` (needs a running loop)."""
+        from zds.client.dns import DnsProxy
+        from zds.client.listeners import ListenerServer, close_at_once
+
         if self.closed or self.servers:
             return
+        if self.dns_sockets is not None:
+            self.dns = DnsProxy.serving(self.dns_sockets, resolvers)
         for listener in self.listeners:
             server = ListenerServer(
                 listener=listener,
@@ -147,7 +164,9 @@ class WorkloadProxy:
                 server.abort_connections()
         close_listeners(self.listeners)
         if self.dns is not None:
-            self.dns.close()
+            self.dns.close()  # before its sockets close: it stops watching them
+        if self.dns_sockets is not None:
+            self.dns_sockets.close()
 
     async def wait_connections(self) -> None:
         """Wait until no connection accepted by this proxy is being served."""
@@ -172,8 +191,7 @@ class WorkloadProxies:
         self._own_netns = netns_identity_of_path(THREAD_NETNS)
         #: The way back from each pod's netns, opened once (not once per pod).
         self._home: NetnsHandle | None = None
-        #: Watches every listening socket of every proxy.
-        self.watcher = SocketWatcher()
+        self._watcher: SocketWatcher | None = None
         self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
     def __contains__(self, uid: object) -> bool:
@@ -209,19 +227,19 @@ class WorkloadProxies:
         except NetnsError as exc:
             raise ProxyStartError(str(exc)) from exc
         listeners: list[InpodListener] = []
-        dns: DnsProxy | None = None
+        dns: DnsSockets | None = None
         if self.settings.listeners:
             listeners, dns = self._open_sockets(fd)
         proxy = WorkloadProxy(uid, workload.info, listeners, str(workload.netns_id))
-        proxy.dns = dns
+        proxy.dns_sockets = dns
         self._proxies[uid] = proxy
         return proxy
 
-    def _open_sockets(self, fd: int) -> tuple[list[InpodListener], DnsProxy | None]:
+    def _open_sockets(self, fd: int) -> tuple[list[InpodListener], DnsSockets | None]:
         """Every socket of a proxy, made in one visit to the pod's netns; all or none."""
         settings = self.settings
         listeners: list[InpodListener] = []
-        dns: DnsProxy | None = None
+        dns: DnsSockets | None = None
         try:
             if self._home is None:
                 self._home = current_netns()
@@ -229,11 +247,8 @@ class WorkloadProxies:
                 listeners = bind_listeners(settings.specs, mark=settings.mark, reuse_port=settings.reuse_port)
                 if settings.dns_port is not None:
                     try:
-                        dns = DnsProxy.bind(
-                            settings.dns_port,
-                            mark=settings.mark,
-                            reuse_port=settings.reuse_port,
-                            resolvers=list(settings.resolvers),
+                        dns = DnsSockets.bind(
+                            settings.dns_port, mark=settings.mark, reuse_port=settings.reuse_port
                         )
                     except OSError as exc:
                         raise ProxyStartError(dns_port_error(exc, settings.dns_port)) from exc
@@ -248,7 +263,7 @@ class WorkloadProxies:
             raise
         return listeners, dns
 
-    def _check_fd_budget(self, listeners: list[InpodListener], dns: DnsProxy | None) -> None:
+    def _check_fd_budget(self, listeners: list[InpodListener], dns: DnsSockets | None) -> None:
         """Refuse the pod if it leaves fewer than ``fd_reserve`` fds free (counted exactly, but
         only near the limit: the fds just made are the highest numbers in use there)."""
         socks = [listener.sock for listener in listeners] + (dns.udp if dns is not None else [])
@@ -272,7 +287,7 @@ class WorkloadProxies:
         """Serve a started proxy's listeners (after its ack went out) and say so."""
         if proxy.closed:
             return
-        proxy.serve(self.handlers, self.watcher)
+        proxy.serve(self.handlers, self.watcher, list(self.settings.resolvers))
         self.metrics.inc("workload_manager_proxies_started_total")
         log.info(
             "proxy started%s",
@@ -303,7 +318,18 @@ class WorkloadProxies:
         if self._home is not None:
             self._home.close()
             self._home = None
-        self.watcher.close()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+    @property
+    def watcher(self) -> SocketWatcher:
+        """Watches every listening socket of every proxy (made when the first is served)."""
+        if self._watcher is None:
+            from zds.client.listeners import SocketWatcher
+
+            self._watcher = SocketWatcher()
+        return self._watcher
 
     def all(self) -> list[WorkloadProxy]:
         """Every running proxy."""
