@@ -13,40 +13,22 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 from zds import defaults, logs, runtime
-from zds.client.admin import HttpEndpoints, Views, admin_routes, metrics_routes, readiness_routes
+from zds.client.admin import Views, admin_routes, metrics_routes, readiness_routes
+from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.connection import FatalProtocolError, ZdsClient
 from zds.client.datapath import WorkloadTraffic, proxy_connection
 from zds.client.faults import ZtunnelFaultKind, ZtunnelFaults, load_faults
 from zds.client.listeners import AcceptedConnection, ConnectionHandler
-from zds.client.metrics import ZtunnelMetrics
-from zds.client.workloads import ProxySettings, WorkloadProxies, WorkloadProxy
-from zds.netns import NetnsError, NetnsIdentity, netns_identity
+from zds.client.session import Handover
+from zds.client.workloads import WorkloadProxy
+from zds.netns import NetnsIdentity
 from zds.protocol.workloads import WorkloadState
-from zds.protocol.ztunnel import ZtunnelProtocol
 
 log = logging.getLogger("zds.ztunnel")
-
-
-@dataclass(frozen=True)
-class ZtunnelConfig:
-    """Everything ``zds ztunnel`` is told on its command line."""
-
-    zds_socket: str = defaults.ZDS_SOCKET
-    admin_listen: str = defaults.ADMIN_LISTEN
-    readiness_listen: str = defaults.READINESS_LISTEN
-    metrics_listen: str = defaults.METRICS_LISTEN
-    proxy: ProxySettings = field(default_factory=ProxySettings)
-    retry_interval: float = defaults.PENDING_RETRY_INTERVAL
-    #: Seconds to poll for the next message after each ack (0: never; ``zds.transport.BusyPoll``).
-    busy_poll: float = defaults.BUSY_POLL
-    drain_timeout: float = defaults.DRAIN_TIMEOUT
-    #: Faults to arm at start (zds ztunnel --faults FILE).
-    faults_file: str | None = None
 
 
 async def serve_dns_tcp(conn: AcceptedConnection) -> None:
@@ -59,32 +41,31 @@ async def serve_dns_tcp(conn: AcceptedConnection) -> None:
     await proxy.dns.handle_tcp(conn)
 
 
-def identify_netns(fd: int) -> Hashable:
-    """The netns identity of ``fd`` for the state machine (OSError if it has none)."""
-    try:
-        return netns_identity(fd)
-    except NetnsError as exc:
-        raise OSError(str(exc)) from exc
-
-
 class Ztunnel:
     """One ``zds ztunnel`` process's worth of state and tasks."""
 
     def __init__(
-        self, config: ZtunnelConfig, handlers: Mapping[str, ConnectionHandler] | None = None
+        self,
+        config: ZtunnelConfig,
+        handlers: Mapping[str, ConnectionHandler] | None = None,
+        *,
+        parts: ZtunnelParts | None = None,
+        handover: Handover | None = None,
     ) -> None:
+        """``parts`` and ``handover``: what ``zds ztunnel`` made and did before its event loop
+        (``zds.client.session.take_first_snapshot``); by default everything starts here."""
         self.config = config
-        self.metrics = ZtunnelMetrics()
-        self.protocol = ZtunnelProtocol(identify=identify_netns)
+        self.parts = parts or ZtunnelParts.build(config)
+        self.metrics = self.parts.metrics
+        self.protocol = self.parts.protocol
+        self.handover = handover
         #: Per-workload traffic through the data path (config_dump, /metrics).
         self.traffic: dict[str, WorkloadTraffic] = {}
         if handlers is None:
             handlers = {"outbound": self.relay, "inbound": self.relay, "dns": serve_dns_tcp}
-        settings = config.proxy
-        self._own_ports = frozenset(
-            [spec.port for spec in settings.specs] + ([settings.dns_port] if settings.dns_port else [])
-        )
-        self.proxies = WorkloadProxies(config.proxy, self.metrics, handlers)
+        self._own_ports = frozenset(config.ports().values())
+        self.proxies = self.parts.proxies
+        self.proxies.handlers.update(handlers)
         self.client = ZdsClient(
             config.zds_socket,
             self.protocol,
@@ -92,8 +73,9 @@ class Ztunnel:
             self.metrics,
             retry_interval=config.retry_interval,
             busy_poll=config.busy_poll,
+            handover=handover,
         )
-        self.http = HttpEndpoints()
+        self.http = self.parts.http
         #: Faults on demand; the client only consults them once one was armed.
         self.faults = ZtunnelFaults(
             on_count=lambda kind, outcome: self.metrics.inc(
@@ -212,31 +194,17 @@ class Ztunnel:
                 "lastError": self.client.last_error,
                 "fatalError": self.protocol.fatal_error,
                 "listeners": settings.listeners,
-                "ports": self._ports(),
+                "ports": self.config.ports(),
                 "mark": settings.mark,
                 "reusePort": settings.reuse_port,
                 "pendingRetryInterval": self.config.retry_interval,
             },
         }
 
-    def _ports(self) -> dict[str, int]:
-        """Every in-pod port by listener name: outbound, inbound, hbone, and dns unless it is off."""
-        settings = self.config.proxy
-        ports = {spec.name: spec.port for spec in settings.specs}
-        if settings.dns_port:
-            ports["dns"] = settings.dns_port
-        return ports
-
     # -- running -------------------------------------------------------------------
     def bind_http(self) -> None:
         """Bind the admin, readiness and metrics sockets (a taken port fails here, at start-up)."""
-        self.http.bind(
-            {
-                "admin": self.config.admin_listen,
-                "readiness": self.config.readiness_listen,
-                "metrics": self.config.metrics_listen,
-            }
-        )
+        self.parts.prepare(self.config)
 
     async def serve_http(self) -> None:
         """Serve the bound endpoints (this loads the HTTP stack)."""
@@ -308,15 +276,8 @@ class Ztunnel:
         http: asyncio.Task[None] | None = None
         try:
             self.bind_http()
-            log.info(
-                "zds ztunnel connecting to the node agent at %s (%s)",
-                self.config.zds_socket,
-                "listeners "
-                + ", ".join(f"{name}={port}" for name, port in self._ports().items())
-                + f", mark {self.config.proxy.mark}"
-                if self.config.proxy.listeners
-                else "no listeners: protocol only",
-            )
+            if self.parts.stop_signals.requested:
+                stop.set()  # asked for before the loop's own handlers were there
             client = loop.create_task(self.client.run(), name="zds client")
             http = loop.create_task(self._serve_http_once_settled(), name="http endpoints")
             stopping = loop.create_task(stop.wait(), name="wait for stop")

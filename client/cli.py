@@ -140,10 +140,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``zds ztunnel`` until a signal (0) or a fatal protocol error (1)."""
+    # Nothing here loads asyncio before the first snapshot is in (zds.client.session).
     from zds.client.admin import ListenAddressError, parse_listen
-    from zds.client.app import Ztunnel, ZtunnelConfig
-    from zds.client.dns import node_resolvers, parse_resolver
-    from zds.client.listeners import default_specs
+    from zds.client.config import ZtunnelConfig, ZtunnelParts
+    from zds.client.inpod import default_specs, node_resolvers, parse_resolver
     from zds.client.workloads import ProxySettings
 
     ports = [args.outbound_port, args.inbound_port, args.hbone_port] + (
@@ -192,12 +192,33 @@ def main(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         faults_file=args.faults,
     )
-    from zds.client.faults import ZtunnelFaultError
-
     runtime.raise_fd_limit()  # as ztunnel: a pod takes 7 fds (see zds.client.workloads)
     runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)
+    parts = ZtunnelParts.build(config)
+    parts.stop_signals.install()  # a stop from here on is graceful (the loop acts on it)
+    handover = None
+    if not config.faults_file:  # faults are armed on the event loop: no blocking start then
+        from zds.client.session import take_first_snapshot
+
+        try:
+            parts.prepare(config)
+        except ListenAddressError as exc:
+            print(f"zds ztunnel: {exc}", file=sys.stderr)
+            return 1
+        handover = take_first_snapshot(
+            config.zds_socket,
+            parts.protocol,
+            parts.proxies,
+            parts.metrics,
+            within=defaults.HTTP_START_DELAY,
+            stop=parts.stop_signals,
+            busy_poll=config.busy_poll,
+        )
+    from zds.client.app import Ztunnel
+    from zds.client.faults import ZtunnelFaultError
+
     try:
-        ztunnel = Ztunnel(config)
+        ztunnel = Ztunnel(config, parts=parts, handover=handover)
     except ZtunnelFaultError as exc:
         print(f"zds ztunnel: --faults: {exc}", file=sys.stderr)
         return 2

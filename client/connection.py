@@ -13,6 +13,10 @@ and keeps two timers:
 - retrying: while a workload is pending, every 5 s its proxy is started again
   (the timer keeps running while records come and go, like ztunnel's).
 
+The first connection may come already made, its snapshot taken before the event loop
+ran (``zds.client.session.take_first_snapshot``): the session then carries on from the
+``Handover`` as it stands, with the same outcomes.
+
 A fatal protocol error ends ``run`` with ``FatalProtocolError``: ztunnel's
 in-pod manager does not reconnect then (``zds ztunnel`` exits non-zero).
 """
@@ -29,10 +33,9 @@ from zds import defaults
 from zds.client.backoff import Backoff
 from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
+from zds.client.session import Handover, conn_id_of, count_reply, log_reconciled, start_proxy
 from zds.client.workloads import WorkloadProxies, WorkloadProxy, workload_log_extra
 from zds.errors import ProtocolError
-from zds.protocol.messages import request_kind
-from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 from zds.protocol.workloads import (
     CloseConnection,
     Event,
@@ -65,6 +68,7 @@ class ZdsClient:
         busy_poll: float = defaults.BUSY_POLL,
         backoff: Backoff | None = None,
         faults: ZtunnelFaults | None = None,
+        handover: Handover | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.protocol = protocol
@@ -92,6 +96,8 @@ class ZdsClient:
         self.settled = asyncio.Event()
         #: Proxies started for the record at hand, served once its reply went out.
         self._started: list[WorkloadProxy] = []
+        #: The first connection, made before the event loop ran (``zds.client.session``).
+        self._handover = handover
 
     @property
     def connected(self) -> bool:
@@ -105,8 +111,9 @@ class ZdsClient:
         while True:
             if delay:
                 await asyncio.sleep(delay)
+            handover, self._handover = self._handover, None
             try:
-                conn = await connect(self.socket_path)
+                conn = SeqpacketConnection(handover.sock) if handover else await connect(self.socket_path)
             except OSError as exc:
                 self.settled.set()
                 delay = self.backoff.next()
@@ -129,7 +136,7 @@ class ZdsClient:
                 continue
             # ztunnel's connect backoff is per connect: a connection made starts it over.
             self.backoff.reset()
-            answered = await self._session(conn)
+            answered = await self._session(conn, handover)
             if self.protocol.fatal_error is not None:
                 # Stopped for good, even when the nack could not be sent (the peer was gone).
                 raise FatalProtocolError(self.protocol.fatal_error)
@@ -144,29 +151,47 @@ class ZdsClient:
                     delay,
                 )
 
-    async def _session(self, conn: SeqpacketConnection) -> bool:
-        """Serve one connection until it ends; True if the node agent answered the hello."""
+    async def _session(self, conn: SeqpacketConnection, handover: Handover | None = None) -> bool:
+        """Serve one connection until it ends; True if the node agent answered the hello.
+        ``handover``: the connection was made, and maybe the snapshot taken, before the loop ran."""
         self.connections += 1
-        self._conn_id = f"zds-{self.connections}"
-        self.metrics.inc("zds_ztunnel_connections_total")
-        answered = False
+        self._conn_id = conn_id_of(self.connections)
+        answered = handover.answered if handover else False
         extra = {"conn": self._conn_id}
+        pending: list[Event] = []
         try:
-            hello = self.protocol.connection_made()
-            if self.faults is not None:
-                hello = self.faults.hello()
-            self.connected_since = time.time()
-            try:
-                await conn.send(hello)
-            except OSError as exc:
-                self.last_error = f"node agent announcement failed: {exc}"
-                log.error("node agent announcement failed (%s)", exc, extra=extra)
-                return False
-            log.debug("hello sent to the node agent at %s", self.socket_path, extra=extra)
+            if handover is None:
+                self.metrics.inc("zds_ztunnel_connections_total")
+                hello = self.protocol.connection_made()
+                if self.faults is not None:
+                    hello = self.faults.hello()
+                self.connected_since = time.time()
+                try:
+                    await conn.send(hello)
+                except OSError as exc:
+                    self.last_error = f"node agent announcement failed: {exc}"
+                    log.error("node agent announcement failed (%s)", exc, extra=extra)
+                    return False
+                log.debug("hello sent to the node agent at %s", self.socket_path, extra=extra)
+            else:
+                self.connected_since = handover.connected_since
+                self._started.extend(handover.started)
+                self._activate_started()
+                if handover.reconciled or handover.timed_out:
+                    self.settled.set()
+                if handover.error is not None:
+                    raise handover.error
+                pending = handover.events
             self._conn = conn
             if self.faults is not None:
                 await self.write_extras()
             while True:
+                if pending:  # what the first snapshot left to do comes first
+                    events, pending = pending, []
+                    close = await self._apply(events, conn)
+                    if close is not None:
+                        return self._closed(close, answered)
+                    continue
                 if self.faults is not None:
                     await self.faults.wait_to_read()
                 record = conn.try_recv()
@@ -193,17 +218,7 @@ class ZdsClient:
                 events = self.protocol.receive(record)  # it owns the record's fds now
                 close = await self._apply(events, conn)
                 if close is not None:
-                    self.last_error = close.reason
-                    if close.fatal:
-                        log.error(
-                            "protocol error from the node agent, stopping: %s", close.reason, extra=extra
-                        )
-                        raise FatalProtocolError(close.reason)
-                    if close.peer_closed:
-                        log.info("node agent closed the connection", extra=extra)
-                    else:
-                        log.warning("closing the connection: %s", close.reason, extra=extra)
-                    return answered
+                    return self._closed(close, answered)
         except (ConnectionError, OSError) as exc:
             self.last_error = f"connection to the node agent failed: {exc}"
             log.warning("connection to the node agent failed: %s", exc, extra=extra)
@@ -215,6 +230,19 @@ class ZdsClient:
             self.protocol.connection_lost()
             self.connected_since = None
             self._retry_at = None
+
+    def _closed(self, close: CloseConnection, answered: bool) -> bool:
+        """The connection ends as ``close`` says (FatalProtocolError: for good); ``answered``."""
+        extra = {"conn": self._conn_id}
+        self.last_error = close.reason
+        if close.fatal:
+            log.error("protocol error from the node agent, stopping: %s", close.reason, extra=extra)
+            raise FatalProtocolError(close.reason)
+        if close.peer_closed:
+            log.info("node agent closed the connection", extra=extra)
+        else:
+            log.warning("closing the connection: %s", close.reason, extra=extra)
+        return answered
 
     def _retry_timeout(self) -> float | None:
         """How long until pending workloads are retried (None: nothing pending). The timer
@@ -258,15 +286,9 @@ class ZdsClient:
                         queue.extendleft(reversed(self._start_proxy(event)))
                     case StopProxy(uid=uid, reason=reason):
                         self.proxies.stop(uid, reason)
-                    case SnapshotReconciled(removed=removed):
+                    case SnapshotReconciled():
                         self.settled.set()
-                        log.info(
-                            "snapshot reconciled: %d workload(s) held, %d dropped%s",
-                            len(self.protocol.workloads),
-                            len(removed),
-                            f" ({', '.join(removed)})" if removed else "",
-                            extra={"conn": self._conn_id},
-                        )
+                        log_reconciled(self.protocol, event, self._conn_id)
                     case SendReply():
                         replies.append(event)
                         if self.faults is not None:
@@ -303,18 +325,10 @@ class ZdsClient:
             self._interrupted = True
 
     def _start_proxy(self, start: StartProxy) -> list[Event]:
-        workload = start.workload
-        try:
-            proxy = self.proxies.start(workload)
-        except Exception as exc:  # ProxyStartError, or anything unforeseen (EMFILE...): pending, retried
-            log.error(
-                "failed to start proxy: %s",
-                exc,
-                extra={**workload_log_extra(workload.uid, workload.info), "conn": self._conn_id},
-            )
-            return self.protocol.proxy_failed(workload.uid, str(exc))
-        self._started.append(proxy)
-        return self.protocol.proxy_started(workload.uid)
+        events, proxy = start_proxy(self.protocol, self.proxies, start, self._conn_id)
+        if proxy is not None:
+            self._started.append(proxy)
+        return events
 
     def _activate_started(self) -> None:
         started, self._started = self._started, []
@@ -322,17 +336,4 @@ class ZdsClient:
             self.proxies.activate(proxy)
 
     def _count_reply(self, reply: SendReply) -> None:
-        kind = request_kind(reply.request) if reply.request is not None else "unreadable"
-        self.metrics.inc("zds_ztunnel_requests_total", kind=kind)
-        uid = getattr(reply.request, "uid", "")
-        extra = {"conn": self._conn_id, "kind": kind, "uid": uid}
-        if reply.ack.ok:
-            log.debug("acked %s", kind, extra=extra)
-            return
-        error = reply.ack.error
-        reason = "other"
-        for prefix, name in ((READ_FAILURE, "read"), (PROCESS_FAILURE, "process"), (START_FAILURE, "start")):
-            if error.startswith(prefix):
-                reason = name
-        self.metrics.inc("zds_ztunnel_nacks_total", reason=reason)
-        log.warning("nacked %s: %s", kind, error, extra=extra)
+        count_reply(self.metrics, reply, self._conn_id)

@@ -38,10 +38,12 @@ from tests.harness import (
 )
 from tests.standins import FakeConnection, FakeNodeAgent
 from zds.check.inpod import socket_inodes
-from zds.client.app import Ztunnel, ZtunnelConfig
+from zds.client.app import Ztunnel
 from zds.client.backoff import Backoff
+from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
 from zds.client.metrics import ZtunnelMetrics
+from zds.client.session import Handover, take_first_snapshot
 from zds.netns import in_netns, open_netns
 from zds.protocol.messages import (
     Ack,
@@ -408,8 +410,14 @@ def test_backoff_doubles_from_10ms_to_15s_with_jitter() -> None:
 class InProcessZtunnel:
     """A Ztunnel served by its own event loop in a thread (signals stay with pytest)."""
 
-    def __init__(self, config: ZtunnelConfig, handlers: dict[str, Any]) -> None:
-        self.ztunnel = Ztunnel(config, handlers)
+    def __init__(
+        self,
+        config: ZtunnelConfig,
+        handlers: dict[str, Any],
+        parts: ZtunnelParts | None = None,
+        handover: Handover | None = None,
+    ) -> None:
+        self.ztunnel = Ztunnel(config, handlers, parts=parts, handover=handover)
         self._started = threading.Event()
         self.code: int | None = None
         self.error: BaseException | None = None
@@ -808,3 +816,144 @@ def test_after_a_read_error_ztunnel_reconnects_at_once_every_time(
         conn.expect_closed()
     conn = agent.accept(timeout=3.0)
     conn.hello()
+
+
+# =============================================================================================
+# The first snapshot, taken before the event loop (zds.client.session)
+# =============================================================================================
+
+
+class FirstSnapshot:
+    """``take_first_snapshot`` in a thread (the test drives the node agent meanwhile)."""
+
+    def __init__(self, config: ZtunnelConfig, within: float = 10.0) -> None:
+        self.parts = ZtunnelParts.build(config)
+        self.handover: Handover | None = None
+        self._thread = threading.Thread(target=self._main, args=(config, within), daemon=True)
+        self._thread.start()
+
+    def _main(self, config: ZtunnelConfig, within: float) -> None:
+        parts = self.parts
+        self.handover = take_first_snapshot(
+            config.zds_socket,
+            parts.protocol,
+            parts.proxies,
+            parts.metrics,
+            within=within,
+            stop=parts.stop_signals,
+        )
+
+    def result(self) -> Handover:
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the first snapshot did not end"
+        assert self.handover is not None, "no connection was made"
+        return self.handover
+
+
+def first_snapshot_config(agent: FakeNodeAgent) -> ZtunnelConfig:
+    return ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="127.0.0.1:0",
+        readiness_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+    )
+
+
+@pytest.mark.root
+def test_the_first_snapshot_is_answered_before_the_event_loop_and_the_loop_carries_on(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    a, b = make_pod(), make_pod()
+    config = first_snapshot_config(agent)
+    first = FirstSnapshot(config)
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", a.path) == Ack()
+    assert conn.snapshot() == Ack()
+    handover = first.result()
+    assert handover.answered and handover.reconciled and not handover.timed_out
+    assert handover.events == [] and handover.error is None
+    assert [proxy.uid for proxy in handover.started] == ["uid-a"]
+    assert sorted(pod_ports(a, os.getpid())) == list(PORTS), "a's sockets listen before any loop runs"
+    early = connect_in_pod(a, 15001)  # waits in the listener's backlog until the loop serves it
+    zt = InProcessZtunnel(config, {"outbound": echo}, first.parts, handover)
+    try:
+        early.sendall(b"early")
+        assert early.recv(16) == b"early", "a connection made before the loop is served once it runs"
+        assert conn.add("uid-b", b.path) == Ack(), "the same connection carries on, on the loop"
+        status, body = zt.get("admin", "/config_dump")
+        assert status == 200
+        states = {uid: w["state"] for uid, w in json.loads(body)["workloadState"].items()}
+        assert states == {"uid-a": "Up", "uid-b": "Up"}
+        assert zt.get("readiness", "/healthz/ready")[0] == 200
+        metrics = zt.ztunnel.metrics
+        assert metrics.value("zds_ztunnel_connections_total") == 1, "one connection, counted once"
+        assert metrics.value("zds_ztunnel_requests_total", kind="add") == 2
+        assert metrics.value("workload_manager_proxies_started_total") == 2
+    finally:
+        early.close()
+        assert zt.close() == 0
+    assert not pod_ports(a, os.getpid()) and not pod_ports(b, os.getpid())
+
+
+@pytest.mark.root
+def test_a_node_agent_silent_mid_snapshot_hands_the_connection_to_the_loop(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    config = first_snapshot_config(agent)
+    first = FirstSnapshot(config, within=0.3)
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    handover = first.result()  # nothing more within 0.3 s
+    assert handover.timed_out and handover.answered and not handover.reconciled
+    zt = InProcessZtunnel(config, {}, first.parts, handover)
+    try:
+        assert conn.snapshot() == Ack(), "the loop takes the rest of the snapshot"
+        assert wait_until(lambda: zt.get("readiness", "/healthz/ready")[0] == 200, "ready")
+        assert zt.ztunnel.protocol.workloads["uid-a"].state.admin_name == "Up"
+    finally:
+        assert zt.close() == 0
+
+
+@pytest.mark.root
+def test_a_fatal_record_in_the_first_snapshot_is_nacked_and_stops_the_ztunnel_as_on_the_loop(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    config = first_snapshot_config(agent)
+    first = FirstSnapshot(config)
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    _, payload, expected = FATAL["add without workload_info"]
+    fd = os.open(pod.path, os.O_RDONLY)
+    try:
+        conn.send(payload, [fd])
+    finally:
+        os.close(fd)
+    assert decode_ack(conn.recv()).error == f"failure to process message : {expected}"
+    handover = first.result()
+    assert not handover.reconciled
+    assert [type(event).__name__ for event in handover.events] == ["CloseConnection"], (
+        "the close is the loop's"
+    )
+    zt = InProcessZtunnel(config, {}, first.parts, handover)
+    conn.expect_closed()
+    assert zt.close() == 1
+    assert zt.ztunnel.protocol.fatal_error == f"failure to process message : {expected}"
+    assert not pod_ports(pod, os.getpid()), "the listeners were closed"
+
+
+@pytest.mark.root
+def test_a_stop_signal_while_the_first_snapshot_is_taken_stops_gracefully(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    assert pod_ports(pod, z.pid), "listening already (before the event loop)"
+    z.proc.send_signal(signal.SIGTERM)  # no SnapshotSent yet: still in the blocking part
+    conn.expect_closed()
+    assert z.wait_exit() == 0, z.output()
+    assert "zds ztunnel stopped" in z.output()
+    assert not listening(pod.name)

@@ -75,7 +75,8 @@ PENDING_RETRY_INTERVAL = 5.0
 #: longer be received, and the connection would fail for every pod).
 FD_RESERVE = 64
 #: The ztunnel side serves its HTTP endpoints once the first snapshot is in, or after this
-#: long (seconds) at the latest (their sockets listen from the start).
+#: long (seconds) at the latest (their sockets listen from the start); its first snapshot is
+#: taken before the event loop for at most this long (``zds.client.session``).
 HTTP_START_DELAY = 1.0
 #: In-pod listener ports (ztunnel's defaults).
 OUTBOUND_PORT = 15001
