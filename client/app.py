@@ -58,7 +58,6 @@ class Ztunnel:
         self.parts = parts or ZtunnelParts.build(config)
         self.metrics = self.parts.metrics
         self.protocol = self.parts.protocol
-        self.handover = handover
         #: Per-workload traffic through the data path (config_dump, /metrics).
         self.traffic: dict[str, WorkloadTraffic] = {}
         if handlers is None:

@@ -27,22 +27,19 @@ import asyncio
 import errno
 import logging
 import time
-from collections import deque
 
 from zds import defaults
 from zds.client.backoff import Backoff
 from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.session import Handover, conn_id_of, count_reply, log_reconciled, start_proxy
-from zds.client.workloads import WorkloadProxies, WorkloadProxy, workload_log_extra
+from zds.client.session import Handover, RecordWork, conn_id_of, log_reconciled
+from zds.client.workloads import WorkloadProxies, workload_log_extra
 from zds.errors import ProtocolError
 from zds.protocol.workloads import (
     CloseConnection,
     Event,
     SendReply,
     SnapshotReconciled,
-    StartProxy,
-    StopProxy,
 )
 from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
 from zds.transport import BusyPoll, SeqpacketConnection, connect
@@ -91,11 +88,10 @@ class ZdsClient:
         self._conn: SeqpacketConnection | None = None
         #: Set by interrupt_read: the wait for a record was cut short (a fault stops reading).
         self._interrupted = False
-        #: Set once the first snapshot is reconciled, or a connect failed (nothing to wait for):
-        #: from then on, work that is not the pods' (the HTTP endpoints) may start.
+        #: Set once the first snapshot is reconciled, or a connect failed (nothing to wait for),
+        #: or the first snapshot taken before the loop ran out of time: from then on, work that
+        #: is not the pods' (the HTTP endpoints) may start.
         self.settled = asyncio.Event()
-        #: Proxies started for the record at hand, served once its reply went out.
-        self._started: list[WorkloadProxy] = []
         #: The first connection, made before the event loop ran (``zds.client.session``).
         self._handover = handover
 
@@ -158,37 +154,26 @@ class ZdsClient:
         self._conn_id = conn_id_of(self.connections)
         answered = handover.answered if handover else False
         extra = {"conn": self._conn_id}
-        pending: list[Event] = []
+        work = handover.work if handover else None
         try:
             if handover is None:
-                self.metrics.inc("zds_ztunnel_connections_total")
-                hello = self.protocol.connection_made()
-                if self.faults is not None:
-                    hello = self.faults.hello()
-                self.connected_since = time.time()
-                try:
-                    await conn.send(hello)
-                except OSError as exc:
-                    self.last_error = f"node agent announcement failed: {exc}"
-                    log.error("node agent announcement failed (%s)", exc, extra=extra)
-                    return False
-                log.debug("hello sent to the node agent at %s", self.socket_path, extra=extra)
+                hello_error = await self._hello(conn)
             else:
+                hello_error = handover.hello_error
                 self.connected_since = handover.connected_since
-                self._started.extend(handover.started)
-                self._activate_started()
-                if handover.reconciled or handover.timed_out:
-                    self.settled.set()
-                if handover.error is not None:
-                    raise handover.error
-                pending = handover.events
+            if hello_error is not None:
+                self.last_error = f"node agent announcement failed: {hello_error}"
+                log.error("node agent announcement failed (%s)", hello_error, extra=extra)
+                return False
+            if handover is not None:
+                self._take_over(handover)
             self._conn = conn
             if self.faults is not None:
                 await self.write_extras()
             while True:
-                if pending:  # what the first snapshot left to do comes first
-                    events, pending = pending, []
-                    close = await self._apply(events, conn)
+                if work is not None:  # the rest of a record the first snapshot began
+                    close = await self._apply(work, conn)
+                    work = None
                     if close is not None:
                         return self._closed(close, answered)
                     continue
@@ -216,7 +201,7 @@ class ZdsClient:
                     await conn.send(answer)
                     continue
                 events = self.protocol.receive(record)  # it owns the record's fds now
-                close = await self._apply(events, conn)
+                close = await self._apply(self._work(events), conn)
                 if close is not None:
                     return self._closed(close, answered)
         except (ConnectionError, OSError) as exc:
@@ -230,6 +215,32 @@ class ZdsClient:
             self.protocol.connection_lost()
             self.connected_since = None
             self._retry_at = None
+
+    async def _hello(self, conn: SeqpacketConnection) -> OSError | None:
+        """Say hello on a new connection; the error if it could not be sent."""
+        self.metrics.inc("zds_ztunnel_connections_total")
+        hello = self.protocol.connection_made()
+        if self.faults is not None:
+            hello = self.faults.hello()
+        self.connected_since = time.time()
+        try:
+            await conn.send(hello)
+        except OSError as exc:
+            return exc
+        log.debug("hello sent to the node agent at %s", self.socket_path, extra={"conn": self._conn_id})
+        return None
+
+    def _take_over(self, handover: Handover) -> None:
+        """Carry on where the first snapshot stopped: serve the proxies it acked; a send that
+        failed there ends this session as one that fails here."""
+        for proxy in handover.to_serve:
+            self.proxies.serve(proxy)
+        if handover.reconciled or handover.timed_out:
+            self.settled.set()
+        if handover.error is not None:
+            if handover.work is not None:
+                self._finish(handover.work)
+            raise handover.error
 
     def _closed(self, close: CloseConnection, answered: bool) -> bool:
         """The connection ends as ``close`` says (FatalProtocolError: for good); ``answered``."""
@@ -262,35 +273,33 @@ class ZdsClient:
         return max(0.0, self._retry_at - loop.time())
 
     def _retry_pending(self) -> None:
-        for start in self.protocol.retry_pending():
+        starts = self.protocol.retry_pending()
+        for start in starts:
             log.info("retrying workload", extra=workload_log_extra(start.workload.uid, start.workload.info))
-            self._start_proxy(start)
-        self._activate_started()
+        work = self._work(list(starts))
+        while work.next() is not None:  # a retry answers nobody: its outcome is only the state
+            pass
+        self._finish(work)
         if not self.protocol.has_pending:
             log.info("every pending workload is up now", extra={"conn": self._conn_id})
 
     # -- events --------------------------------------------------------------------
-    async def _apply(self, events: list[Event], conn: SeqpacketConnection) -> CloseConnection | None:
-        """Carry out the state machine's events in order; return the close, if one came.
+    def _work(self, events: list[Event]) -> RecordWork:
+        return RecordWork(events, self.protocol, self.proxies, self._conn_id)
+
+    async def _apply(self, work: RecordWork, conn: SeqpacketConnection) -> CloseConnection | None:
+        """Carry out a record's events in order (``RecordWork``); return the close, if one came.
 
         The replies go out first; what only matters to this side (serving the new
         listeners, logs, metrics) is done after, while the node agent moves on."""
-        queue: deque[Event] = deque(events)
-        replies: list[SendReply] = []
         try:
-            while queue:
-                event = queue.popleft()
+            while (event := work.next()) is not None:
                 match event:
-                    case StartProxy():
-                        # Its outcome (the ack or nack) goes first, before later events.
-                        queue.extendleft(reversed(self._start_proxy(event)))
-                    case StopProxy(uid=uid, reason=reason):
-                        self.proxies.stop(uid, reason)
                     case SnapshotReconciled():
                         self.settled.set()
                         log_reconciled(self.protocol, event, self._conn_id)
                     case SendReply():
-                        replies.append(event)
+                        work.replies.append(event)
                         if self.faults is not None:
                             in_snapshot = self.protocol.state is ConnectionState.SNAPSHOT
                             action = await self.faults.reply(event, in_snapshot)
@@ -308,9 +317,14 @@ class ZdsClient:
                         return event
             return None
         finally:
-            self._activate_started()
-            for reply in replies:
-                self._count_reply(reply)
+            self._finish(work)
+
+    def _finish(self, work: RecordWork) -> None:
+        """A record's replies went out (or its connection failed): serve its new proxies, count."""
+        for proxy in work.started:
+            self.proxies.activate(proxy)
+        work.started = []
+        work.count_replies(self.metrics)
 
     async def write_extras(self) -> None:
         """Write what faults want said unasked (a second hello, an unsolicited ack), if connected."""
@@ -323,17 +337,3 @@ class ZdsClient:
         """Cut short a wait for a record (a fault stops reading at once)."""
         if self._conn is not None and self._conn.wake():
             self._interrupted = True
-
-    def _start_proxy(self, start: StartProxy) -> list[Event]:
-        events, proxy = start_proxy(self.protocol, self.proxies, start, self._conn_id)
-        if proxy is not None:
-            self._started.append(proxy)
-        return events
-
-    def _activate_started(self) -> None:
-        started, self._started = self._started, []
-        for proxy in started:
-            self.proxies.activate(proxy)
-
-    def _count_reply(self, reply: SendReply) -> None:
-        count_reply(self.metrics, reply, self._conn_id)

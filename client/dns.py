@@ -33,7 +33,6 @@ from zds.client.inpod import (
     parse_resolver,
 )
 from zds.client.listeners import AcceptedConnection, SocketWatcher
-from zds.netns import in_netns
 
 log = logging.getLogger("zds.ztunnel.dns")
 
@@ -79,7 +78,8 @@ def _local_address(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, byt
 
 @dataclass
 class DnsProxy:
-    """A pod's port 15053: UDP sockets (IPv4, IPv6) and a TCP listener made inside its netns."""
+    """A pod's DNS forwarder on port 15053: answers on the UDP sockets and TCP listeners
+    made inside its netns (``zds.client.inpod.DnsSockets``), which it owns."""
 
     udp: list[socket.socket]
     tcp: list[InpodListener]
@@ -89,22 +89,9 @@ class DnsProxy:
     _watcher: SocketWatcher | None = None
 
     @classmethod
-    def bind(cls, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]) -> DnsProxy:
-        """``DnsSockets.bind`` in the *current* netns, served with ``resolvers``."""
-        return cls.serving(DnsSockets.bind(port, mark=mark, reuse_port=reuse_port), resolvers)
-
-    @classmethod
     def serving(cls, sockets: DnsSockets, resolvers: list[Resolver]) -> DnsProxy:
         """The forwarder for sockets already made in a pod (it owns them now)."""
         return cls(udp=sockets.udp, tcp=sockets.tcp, resolvers=resolvers)
-
-    @classmethod
-    def open(
-        cls, netns_fd: int, port: int, *, mark: int, reuse_port: bool, resolvers: list[Resolver]
-    ) -> DnsProxy:
-        """``bind`` inside the netns ``netns_fd`` (inline setns)."""
-        with in_netns(netns_fd):
-            return cls.bind(port, mark=mark, reuse_port=reuse_port, resolvers=resolvers)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -8,7 +8,7 @@ functions create, configure, bind and listen: the three TCP listeners
 (15001 outbound, 15006 inbound, 15008 HBONE; ``zds.client.listeners`` serves
 them) and the DNS forwarder's UDP and TCP sockets on 15053 (``zds.client.dns``
 answers on them). Nothing here imports asyncio: ``zds ztunnel`` takes its first
-snapshot before the event loop exists (``zds.client.firstsnapshot``).
+snapshot before the event loop exists (``zds.client.session``).
 
 Address family: one dual-stack ``[::]`` socket per port, as ztunnel binds
 (``config.rs``: ``bind_wildcard`` is ``[::]`` when IPv6 is enabled). IPv4

@@ -2,9 +2,9 @@
 taken with blocking calls before asyncio is loaded.
 
 A ZDS session is driven by ``zds.client.connection.ZdsClient`` on the event loop. The
-steps that need no loop are here, shared: start a workload's proxy when the state
-machine asks (``start_proxy``), count and log each reply (``count_reply``), say the
-snapshot is reconciled (``log_reconciled``).
+steps that need no loop are here, shared: carry out the state machine's events for a
+record (``RecordWork``: start and stop proxies, up to each reply), count and log each
+reply (``count_reply``), say the snapshot is reconciled (``log_reconciled``).
 
 ``take_first_snapshot``: when ``zds ztunnel`` starts, the node agent's snapshot is what
 every pod on the node waits for, and loading asyncio, uvloop and the rest of the ztunnel
@@ -58,26 +58,8 @@ def conn_id_of(number: int) -> str:
     return f"zds-{number}"
 
 
-def start_proxy(
-    protocol: ZtunnelProtocol, proxies: WorkloadProxies, start: StartProxy, conn_id: str
-) -> tuple[list[Event], WorkloadProxy | None]:
-    """Start ``start.workload``'s proxy; the state machine's events for the outcome (the ack
-    or the nack) and the proxy, to serve once that reply went out (None: it failed)."""
-    workload = start.workload
-    try:
-        proxy = proxies.start(workload)
-    except Exception as exc:  # ProxyStartError, or anything unforeseen (EMFILE...): pending, retried
-        log.error(
-            "failed to start proxy: %s",
-            exc,
-            extra={**workload_log_extra(workload.uid, workload.info), "conn": conn_id},
-        )
-        return protocol.proxy_failed(workload.uid, str(exc)), None
-    return protocol.proxy_started(workload.uid), proxy
-
-
 def count_reply(metrics: ZtunnelMetrics, reply: SendReply, conn_id: str) -> None:
-    """Count a reply that went out (``zds_ztunnel_requests_total``, nacks by reason) and log it."""
+    """Count a reply handed to the connection (``zds_ztunnel_requests_total``, nacks by reason) and log it."""
     kind = request_kind(reply.request) if reply.request is not None else "unreadable"
     metrics.inc("zds_ztunnel_requests_total", kind=kind)
     uid = getattr(reply.request, "uid", "")
@@ -106,23 +88,84 @@ def log_reconciled(protocol: ZtunnelProtocol, event: SnapshotReconciled, conn_id
     )
 
 
+class RecordWork:
+    """The state machine's events for one record (or one retry), carried out in order.
+
+    ``next`` does what needs no connection on the spot — start a proxy (its ack or nack goes
+    first, before later events), stop one — and stops at what its driver must do: send a
+    reply, note the snapshot reconciled, close. Both drivers (the event loop's and the first
+    snapshot's) take the same steps; a handover passes the rest of a record on as it stands.
+    Once the record's replies went out, its driver serves ``started`` and counts ``replies``.
+    """
+
+    def __init__(
+        self, events: list[Event], protocol: ZtunnelProtocol, proxies: WorkloadProxies, conn_id: str
+    ) -> None:
+        self.queue: deque[Event] = deque(events)
+        self.protocol = protocol
+        self.proxies = proxies
+        self.conn_id = conn_id
+        #: Proxies started for this record: served once its replies went out.
+        self.started: list[WorkloadProxy] = []
+        #: Replies handed to the connection (counted once the record is done, sent or not).
+        self.replies: list[SendReply] = []
+
+    def next(self) -> SendReply | SnapshotReconciled | CloseConnection | None:
+        """Carry out events up to the next one for the driver; None when the record is done."""
+        while self.queue:
+            event = self.queue.popleft()
+            match event:
+                case StartProxy():
+                    self.queue.extendleft(reversed(self._start(event)))
+                case StopProxy(uid=uid, reason=reason):
+                    self.proxies.stop(uid, reason)
+                case SendReply() | SnapshotReconciled() | CloseConnection():
+                    return event
+        return None
+
+    def put_back(self, event: Event) -> None:
+        """``event`` (from ``next``) is to be done by whoever carries on."""
+        self.queue.appendleft(event)
+
+    def _start(self, start: StartProxy) -> list[Event]:
+        workload = start.workload
+        try:
+            proxy = self.proxies.start(workload)
+        except Exception as exc:  # ProxyStartError, or anything unforeseen (EMFILE...): pending, retried
+            log.error(
+                "failed to start proxy: %s",
+                exc,
+                extra={**workload_log_extra(workload.uid, workload.info), "conn": self.conn_id},
+            )
+            return self.protocol.proxy_failed(workload.uid, str(exc))
+        self.started.append(proxy)
+        return self.protocol.proxy_started(workload.uid)
+
+    def count_replies(self, metrics: ZtunnelMetrics) -> None:
+        for reply in self.replies:
+            count_reply(metrics, reply, self.conn_id)
+        self.replies = []
+
+
 @dataclass
 class Handover:
     """A connection ``take_first_snapshot`` made, for the event loop's session to carry on."""
 
     sock: socket.socket
     connected_since: float
+    #: The hello could not be sent: the session ends as when that fails on the loop.
+    hello_error: OSError | None = None
     #: The node agent answered the hello (its first record came).
     answered: bool = False
-    #: The snapshot is reconciled (its ack sent).
+    #: The snapshot is reconciled (SnapshotSent taken; its ack may still be in ``work``).
     reconciled: bool = False
-    #: ``within`` passed (found while waiting for the node agent, or for room to send).
+    #: ``within`` passed before the snapshot was in.
     timed_out: bool = False
-    #: The state machine's events not carried out yet, in order (the last record's rest).
-    events: list[Event] = field(default_factory=list)
-    #: Proxies started here (their acks sent): served once the loop runs.
-    started: list[WorkloadProxy] = field(default_factory=list)
-    #: A send that failed: the connection is over (as when it fails on the loop).
+    #: The rest of the record at hand (its replies not all sent, or its close), if any.
+    work: RecordWork | None = None
+    #: Proxies of the records done (their replies sent, started counted): served once the loop runs.
+    to_serve: list[WorkloadProxy] = field(default_factory=list)
+    #: A send failed: the connection is over, as when a send fails on the loop.
     error: OSError | None = None
 
 
@@ -142,15 +185,19 @@ class StopSignals:
 
 
 class _Stop(Exception):
-    """A stop signal ends the blocking part (see ``take_first_snapshot``)."""
+    """A stop signal ends the part without a loop (see ``take_first_snapshot``)."""
 
 
 class _Deadline(Exception):
     """``within`` passed."""
 
 
+class _HandOver(Exception):
+    """What comes next is the loop's to do (a close)."""
+
+
 class _FirstSnapshot:
-    """The blocking driver: one connection, until the snapshot is in or a handover is due."""
+    """The driver without a loop: one connection, until the snapshot is in or a handover is due."""
 
     def __init__(
         self,
@@ -158,38 +205,41 @@ class _FirstSnapshot:
         proxies: WorkloadProxies,
         metrics: ZtunnelMetrics,
         handover: Handover,
+        *,
         within: float,
-        conn_id: str,
         path: str,
         stop: StopSignals,
         busy_poll: float,
     ) -> None:
-        self.path = path
-        self.busy_poll = poll_budget(busy_poll)
-        self.stop = stop
         self.protocol = protocol
         self.proxies = proxies
         self.metrics = metrics
         self.handover = handover
-        self.conn_id = conn_id
         self.deadline = time.monotonic() + within
+        self.path = path
+        self.stop = stop
+        self.busy_poll = poll_budget(busy_poll)
+        self.conn_id = conn_id_of(1)
         self.poller = select.poll()
         self.poller.register(handover.sock, select.POLLIN)
 
+    def _check(self) -> None:
+        if self.stop.requested:
+            raise _Stop
+        if time.monotonic() >= self.deadline:
+            self.handover.timed_out = True
+            raise _Deadline
+
     def _wait(self, events: int) -> None:
-        """Until the socket is ready for ``events`` (or hung up); _Deadline or _Stop otherwise."""
+        """Until the socket is ready for ``events`` (or hung up); _Deadline or _Stop first."""
         self.poller.modify(self.handover.sock, events)
         while True:
-            if self.stop.requested:
-                raise _Stop
+            self._check()
             left = self.deadline - time.monotonic()
-            if left <= 0:
-                self.handover.timed_out = True
-                raise _Deadline
             if self.poller.poll(min(left, _STOP_CHECK) * 1000.0):
                 return
 
-    def send(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> None:
         while True:
             try:
                 send_record(self.handover.sock, data)
@@ -198,63 +248,53 @@ class _FirstSnapshot:
                 self._wait(select.POLLOUT)
 
     def run(self) -> None:
+        """Answer records until the snapshot is in; _Deadline, _Stop, _HandOver or OSError end it early."""
         handover = self.handover
-        self.send(self.protocol.connection_made())
-        log.debug("hello sent to the node agent at %s", self.path, extra={"conn": self.conn_id})
+        extra = {"conn": self.conn_id}
+        try:
+            send_record(handover.sock, self.protocol.connection_made())  # a fresh socket takes 2 bytes
+        except OSError as exc:
+            handover.hello_error = exc
+            return
+        log.debug("hello sent to the node agent at %s", self.path, extra=extra)
         while not handover.reconciled:
-            if self.stop.requested:
-                return
+            self._check()  # also between records that come without a pause
             record = recv_record(handover.sock)
             if record is None and handover.answered and self.busy_poll:
                 record = poll_record(handover.sock, self.busy_poll)  # the next one is due any moment
             if record is None:
                 self._wait(select.POLLIN)
                 continue
-            if record.is_eof:
-                return  # left in the socket: the loop's session reads the EOF again
-            if not handover.answered:
+            if not handover.answered and not record.is_eof:
                 handover.answered = True  # its first message answers the hello
-                log.info("connected to the node agent at %s", self.path, extra={"conn": self.conn_id})
-            self.apply(self.protocol.receive(record))  # it owns the record's fds now
-            if handover.events:
-                return
+                log.info("connected to the node agent at %s", self.path, extra=extra)
+            work = RecordWork(self.protocol.receive(record), self.protocol, self.proxies, self.conn_id)
+            handover.work = work  # until it is done
+            self._carry_out(work)
+            handover.work = None
+            for proxy in work.started:
+                self.proxies.announce(proxy)  # counted and logged now, served once the loop runs
+            handover.to_serve.extend(work.started)
+            work.count_replies(self.metrics)
 
-    def apply(self, events: list[Event]) -> None:
-        """Carry out ``events`` in order, as ``ZdsClient._apply`` does; what it should not do
-        here (a close) is left in ``handover.events`` with everything after it."""
-        queue: deque[Event] = deque(events)
-        replies: list[SendReply] = []
-        try:
-            while queue:
-                event = queue[0]
-                match event:
-                    case StartProxy():
-                        queue.popleft()
-                        outcome, proxy = start_proxy(self.protocol, self.proxies, event, self.conn_id)
-                        if proxy is not None:
-                            self.handover.started.append(proxy)
-                        queue.extendleft(reversed(outcome))  # its ack or nack goes first
-                        continue
-                    case StopProxy(uid=uid, reason=reason):
-                        self.proxies.stop(uid, reason)
-                    case SnapshotReconciled():
-                        log_reconciled(self.protocol, event, self.conn_id)
-                        self.handover.reconciled = True
-                    case SendReply():
-                        self.send(event.data)
-                        replies.append(event)
-                    case CloseConnection():
-                        break
-                queue.popleft()
-        except (_Deadline, _Stop):
-            pass
-        except OSError as exc:
-            self.handover.error = exc
-            queue.clear()  # the connection is over, as on the loop
-        finally:
-            self.handover.events = list(queue)
-            for reply in replies:
-                count_reply(self.metrics, reply, self.conn_id)
+    def _carry_out(self, work: RecordWork) -> None:
+        """``ZdsClient._apply`` without faults; a close is left to the loop (``_HandOver``)."""
+        while (event := work.next()) is not None:
+            match event:
+                case SnapshotReconciled():
+                    log_reconciled(self.protocol, event, self.conn_id)
+                    self.handover.reconciled = True
+                case SendReply():
+                    work.replies.append(event)  # counted even if the send fails, as on the loop
+                    try:
+                        self._send(event.data)
+                    except (_Deadline, _Stop):
+                        work.replies.pop()
+                        work.put_back(event)  # the loop sends it
+                        raise
+                case CloseConnection():
+                    work.put_back(event)
+                    raise _HandOver
 
 
 def take_first_snapshot(
@@ -267,11 +307,13 @@ def take_first_snapshot(
     stop: StopSignals,
     busy_poll: float = defaults.BUSY_POLL,
 ) -> Handover | None:
-    """Connect to the node agent at ``path``, say hello and answer its snapshot with blocking
-    calls (module docstring). None if no connection could be made (the loop's session tries
-    again, with its logs and backoff); otherwise the connection to carry on, the snapshot in
-    (``reconciled``) or not. A stop signal noted by ``stop`` (installed by the caller) ends
-    this part at once; the loop then stops."""
+    """Connect to the node agent at ``path``, say hello and answer its snapshot without an
+    event loop (module docstring). None if no connection was made (a stop came first, or the
+    connect failed: the loop's session tries, with its logs and backoff); otherwise the
+    connection to carry on, the snapshot in (``reconciled``) or not. A stop signal noted by
+    ``stop`` (installed by the caller) ends this part at once; the loop then stops."""
+    if stop.requested:
+        return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
     try:
@@ -282,12 +324,12 @@ def take_first_snapshot(
     handover = Handover(sock=sock, connected_since=time.time())
     metrics.inc("zds_ztunnel_connections_total")
     driver = _FirstSnapshot(
-        protocol, proxies, metrics, handover, within, conn_id_of(1), path, stop, busy_poll
+        protocol, proxies, metrics, handover, within=within, path=path, stop=stop, busy_poll=busy_poll
     )
     try:
         driver.run()
-    except (_Deadline, _Stop):
+    except (_Deadline, _Stop, _HandOver):
         pass
     except OSError as exc:
-        handover.error = exc
+        handover.error = exc  # the record's rest is the loop's to wind up, as after its own failed send
     return handover

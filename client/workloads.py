@@ -13,12 +13,14 @@ outcome is known before the ack is sent:
    ``FD_RESERVE`` free fds is refused (its sockets closed again);
 4. after the ack has gone out (``activate``), each listener is served from the
    event loop by a ``ListenerServer``: the sockets listen already, so nothing
-   that arrives meanwhile is lost, and the node agent is not kept waiting.
+   that arrives meanwhile is lost, and the node agent is not kept waiting
+   (during the first snapshot, taken before the loop runs, from when it runs).
 
 Starting needs no event loop, and this module loads none: ``zds ztunnel`` takes
-its first snapshot before asyncio is imported (``zds.client.firstsnapshot``), so
-the serving half (``zds.client.listeners``, ``zds.client.dns``) is imported
-when the first proxy is served.
+its first snapshot before asyncio is imported (``zds.client.session``), so the
+serving half (``zds.client.listeners``, ``zds.client.dns``) is imported when the
+first proxy is served; the proxies of that snapshot are counted and logged as
+their acks go out and served once the loop runs.
 
 A proxy keeps no fd of the pod's netns: its sockets hold the namespace, and a
 connection handler that must make a socket in the pod (the relays of 15001
@@ -285,9 +287,17 @@ class WorkloadProxies:
 
     def activate(self, proxy: WorkloadProxy) -> None:
         """Serve a started proxy's listeners (after its ack went out) and say so."""
+        self.serve(proxy)
+        self.announce(proxy)
+
+    def serve(self, proxy: WorkloadProxy) -> None:
+        """Serve a started proxy's listeners (needs a running event loop; not if it stopped since)."""
+        proxy.serve(self.handlers, self.watcher, list(self.settings.resolvers))
+
+    def announce(self, proxy: WorkloadProxy) -> None:
+        """Count and log a proxy started (its ack went out), unless it stopped since."""
         if proxy.closed:
             return
-        proxy.serve(self.handlers, self.watcher, list(self.settings.resolvers))
         self.metrics.inc("workload_manager_proxies_started_total")
         log.info(
             "proxy started%s",

@@ -44,6 +44,7 @@ from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.session import Handover, take_first_snapshot
+from zds.client.workloads import ProxySettings
 from zds.netns import in_netns, open_netns
 from zds.protocol.messages import (
     Ack,
@@ -827,6 +828,7 @@ class FirstSnapshot:
     """``take_first_snapshot`` in a thread (the test drives the node agent meanwhile)."""
 
     def __init__(self, config: ZtunnelConfig, within: float = 10.0) -> None:
+        self.config = config
         self.parts = ZtunnelParts.build(config)
         self.handover: Handover | None = None
         self._thread = threading.Thread(target=self._main, args=(config, within), daemon=True)
@@ -848,6 +850,14 @@ class FirstSnapshot:
         assert not self._thread.is_alive(), "the first snapshot did not end"
         assert self.handover is not None, "no connection was made"
         return self.handover
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def carry_on(self, handlers: dict[str, Any] | None = None) -> InProcessZtunnel:
+        """The event loop's half, given what this one did."""
+        return InProcessZtunnel(self.config, handlers or {}, self.parts, self.result())
 
 
 def first_snapshot_config(agent: FakeNodeAgent) -> ZtunnelConfig:
@@ -871,8 +881,9 @@ def test_the_first_snapshot_is_answered_before_the_event_loop_and_the_loop_carri
     assert conn.snapshot() == Ack()
     handover = first.result()
     assert handover.answered and handover.reconciled and not handover.timed_out
-    assert handover.events == [] and handover.error is None
-    assert [proxy.uid for proxy in handover.started] == ["uid-a"]
+    assert handover.work is None and handover.error is None
+    assert [proxy.uid for proxy in handover.to_serve] == ["uid-a"]
+    assert first.parts.metrics.value("workload_manager_proxies_started_total") == 1, "counted as acked"
     assert sorted(pod_ports(a, os.getpid())) == list(PORTS), "a's sockets listen before any loop runs"
     early = connect_in_pod(a, 15001)  # waits in the listener's backlog until the loop serves it
     zt = InProcessZtunnel(config, {"outbound": echo}, first.parts, handover)
@@ -933,9 +944,8 @@ def test_a_fatal_record_in_the_first_snapshot_is_nacked_and_stops_the_ztunnel_as
     assert decode_ack(conn.recv()).error == f"failure to process message : {expected}"
     handover = first.result()
     assert not handover.reconciled
-    assert [type(event).__name__ for event in handover.events] == ["CloseConnection"], (
-        "the close is the loop's"
-    )
+    assert handover.work is not None
+    assert [type(event).__name__ for event in handover.work.queue] == ["CloseConnection"], "the loop's to do"
     zt = InProcessZtunnel(config, {}, first.parts, handover)
     conn.expect_closed()
     assert zt.close() == 1
@@ -957,3 +967,84 @@ def test_a_stop_signal_while_the_first_snapshot_is_taken_stops_gracefully(
     assert z.wait_exit() == 0, z.output()
     assert "zds ztunnel stopped" in z.output()
     assert not listening(pod.name)
+
+
+@pytest.mark.root
+def test_a_send_that_fails_in_the_first_snapshot_ends_the_connection_as_on_the_loop(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    first = FirstSnapshot(first_snapshot_config(agent))
+    conn = agent.connect_and_hello()
+    conn.sock.shutdown(socket.SHUT_RD)  # the ack of what comes next cannot be written
+    fd = os.open(pod.path, os.O_RDONLY)
+    try:
+        conn.send(encode_request(AddWorkload(uid="uid-a", info=WorkloadInfo("pod-a", "default", "sa"))), [fd])
+    finally:
+        os.close(fd)
+    handover = first.result()
+    assert isinstance(handover.error, OSError) and handover.work is not None
+    assert [proxy.uid for proxy in handover.work.started] == ["uid-a"], "started, its ack not out"
+    assert not handover.to_serve
+    zt = first.carry_on()
+    try:
+        conn2 = agent.connect_and_hello()  # at once: the node agent had answered the hello
+        assert conn2.add("uid-a", pod.path) == Ack()
+        assert conn2.snapshot() == Ack()
+        metrics = zt.ztunnel.metrics
+        assert metrics.value("zds_ztunnel_connections_total") == 2
+        assert metrics.value("zds_ztunnel_requests_total", kind="add") == 2, "the failed ack counted too"
+        assert zt.ztunnel.protocol.workloads["uid-a"].state.admin_name == "Up"
+    finally:
+        assert zt.close() == 0
+
+
+@pytest.mark.root
+def test_an_empty_record_in_the_first_snapshot_closes_the_connection_as_on_the_loop(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    first = FirstSnapshot(first_snapshot_config(agent))
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    conn.send(b"")  # a 0-byte record: ztunnel reads it as EOF
+    handover = first.result()
+    assert handover.work is not None and not handover.reconciled
+    zt = first.carry_on()
+    try:
+        conn.expect_closed()
+        conn2 = agent.connect_and_hello()
+        assert conn2.snapshot() == Ack(), "a new snapshot on a new connection"
+        assert zt.ztunnel.metrics.value("zds_ztunnel_connections_total") == 2
+    finally:
+        assert zt.close() == 0
+
+
+@pytest.mark.root
+def test_records_that_keep_coming_past_the_limit_are_left_to_the_loop(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    pod = make_pod()
+    config = ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="off",
+        readiness_listen="127.0.0.1:0",
+        metrics_listen="off",
+        proxy=ProxySettings(listeners=False),
+    )
+    first = FirstSnapshot(config, within=0.05)
+    conn = agent.connect_and_hello()
+    sent = 0
+    while first.running and sent < 5000:  # one after the other, never a pause
+        assert conn.add(f"uid-{sent}", pod.path) == Ack()
+        sent += 1
+    handover = first.result()
+    assert handover.timed_out and not handover.reconciled and sent < 5000
+    zt = first.carry_on()
+    try:
+        assert conn.add(f"uid-{sent}", pod.path) == Ack()
+        assert conn.snapshot() == Ack()
+        assert wait_until(lambda: zt.get("readiness", "/healthz/ready")[0] == 200, "ready")
+        assert len(zt.ztunnel.protocol.workloads) == sent + 1
+    finally:
+        assert zt.close() == 0

@@ -1,7 +1,7 @@
 """Records on a connected AF_UNIX SOCK_SEQPACKET socket: one system call each, no event loop.
 
 ``zds.transport`` drives these from asyncio; ``zds ztunnel`` also calls them as they are
-to take its first snapshot before asyncio is loaded (``zds.client.firstsnapshot``).
+to take its first snapshot before asyncio is loaded (``zds.client.session``).
 """
 
 from __future__ import annotations
