@@ -233,8 +233,8 @@ class ZdsClient:
     def _take_over(self, handover: Handover) -> None:
         """Carry on where the first snapshot stopped: serve the proxies it acked; a send that
         failed there ends this session as one that fails here."""
-        for proxy in handover.to_serve:
-            self.proxies.serve(proxy)
+        for proxy in handover.to_activate:
+            self.proxies.activate(proxy)
         if handover.reconciled or handover.timed_out:
             self.settled.set()
         if handover.error is not None:

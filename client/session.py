@@ -163,8 +163,8 @@ class Handover:
     timed_out: bool = False
     #: The rest of the record at hand (its replies not all sent, or its close), if any.
     work: RecordWork | None = None
-    #: Proxies of the records done (their replies sent, started counted): served once the loop runs.
-    to_serve: list[WorkloadProxy] = field(default_factory=list)
+    #: Proxies of the records done (their replies sent): served, counted and logged once the loop runs.
+    to_activate: list[WorkloadProxy] = field(default_factory=list)
     #: A send failed: the connection is over, as when a send fails on the loop.
     error: OSError | None = None
 
@@ -272,9 +272,7 @@ class _FirstSnapshot:
             handover.work = work  # until it is done
             self._carry_out(work)
             handover.work = None
-            for proxy in work.started:
-                self.proxies.announce(proxy)  # counted and logged now, served once the loop runs
-            handover.to_serve.extend(work.started)
+            handover.to_activate.extend(work.started)  # their lines and counts can wait too
             work.count_replies(self.metrics)
 
     def _carry_out(self, work: RecordWork) -> None:

@@ -19,8 +19,8 @@ outcome is known before the ack is sent:
 Starting needs no event loop, and this module loads none: ``zds ztunnel`` takes
 its first snapshot before asyncio is imported (``zds.client.session``), so the
 serving half (``zds.client.listeners``, ``zds.client.dns``) is imported when the
-first proxy is served; the proxies of that snapshot are counted and logged as
-their acks go out and served once the loop runs.
+first proxy is served; the proxies of that snapshot are served, counted and
+logged once the loop runs (one stopped before is said started first).
 
 A proxy keeps no fd of the pod's netns: its sockets hold the namespace, and a
 connection handler that must make a socket in the pod (the relays of 15001
@@ -123,6 +123,8 @@ class WorkloadProxy:
         #: The pod's netns identity (``dev:ino``), for the log.
         self.netns = netns
         self.closed = False
+        #: Counted and logged as started (``WorkloadProxies.announce``).
+        self.announced = False
 
     @property
     def addresses(self) -> list[str]:
@@ -287,17 +289,14 @@ class WorkloadProxies:
 
     def activate(self, proxy: WorkloadProxy) -> None:
         """Serve a started proxy's listeners (after its ack went out) and say so."""
-        self.serve(proxy)
+        proxy.serve(self.handlers, self.watcher, list(self.settings.resolvers))  # not if it stopped since
         self.announce(proxy)
 
-    def serve(self, proxy: WorkloadProxy) -> None:
-        """Serve a started proxy's listeners (needs a running event loop; not if it stopped since)."""
-        proxy.serve(self.handlers, self.watcher, list(self.settings.resolvers))
-
     def announce(self, proxy: WorkloadProxy) -> None:
-        """Count and log a proxy started (its ack went out), unless it stopped since."""
-        if proxy.closed:
+        """Count and log a proxy started (its ack went out), once; not if it stopped since."""
+        if proxy.closed or proxy.announced:
             return
+        proxy.announced = True
         self.metrics.inc("workload_manager_proxies_started_total")
         log.info(
             "proxy started%s",
@@ -311,6 +310,7 @@ class WorkloadProxies:
         proxy = self._proxies.pop(uid, None)
         if proxy is None:
             return False
+        self.announce(proxy)  # one taken before the loop ran may not have been said started yet
         proxy.close(abort=abort)
         self.metrics.inc("workload_manager_proxies_stopped_total")
         log.info("proxy stopped: %s", reason, extra=proxy.log_extra)

@@ -882,8 +882,7 @@ def test_the_first_snapshot_is_answered_before_the_event_loop_and_the_loop_carri
     handover = first.result()
     assert handover.answered and handover.reconciled and not handover.timed_out
     assert handover.work is None and handover.error is None
-    assert [proxy.uid for proxy in handover.to_serve] == ["uid-a"]
-    assert first.parts.metrics.value("workload_manager_proxies_started_total") == 1, "counted as acked"
+    assert [proxy.uid for proxy in handover.to_activate] == ["uid-a"]
     assert sorted(pod_ports(a, os.getpid())) == list(PORTS), "a's sockets listen before any loop runs"
     early = connect_in_pod(a, 15001)  # waits in the listener's backlog until the loop serves it
     zt = InProcessZtunnel(config, {"outbound": echo}, first.parts, handover)
@@ -985,7 +984,7 @@ def test_a_send_that_fails_in_the_first_snapshot_ends_the_connection_as_on_the_l
     handover = first.result()
     assert isinstance(handover.error, OSError) and handover.work is not None
     assert [proxy.uid for proxy in handover.work.started] == ["uid-a"], "started, its ack not out"
-    assert not handover.to_serve
+    assert not handover.to_activate
     zt = first.carry_on()
     try:
         conn2 = agent.connect_and_hello()  # at once: the node agent had answered the hello
@@ -1046,5 +1045,31 @@ def test_records_that_keep_coming_past_the_limit_are_left_to_the_loop(
         assert conn.snapshot() == Ack()
         assert wait_until(lambda: zt.get("readiness", "/healthz/ready")[0] == 200, "ready")
         assert len(zt.ztunnel.protocol.workloads) == sent + 1
+    finally:
+        assert zt.close() == 0
+
+
+@pytest.mark.root
+def test_a_proxy_stopped_before_the_loop_ran_is_said_started_then_stopped(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    a, b = make_pod(), make_pod()
+    first = FirstSnapshot(first_snapshot_config(agent))
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", a.path) == Ack()
+    assert conn.add("uid-b", b.path) == Ack()
+    assert conn.delete("uid-a") == Ack()
+    assert conn.snapshot() == Ack()
+    handover = first.result()
+    assert [proxy.uid for proxy in handover.to_activate] == ["uid-a", "uid-b"]
+    metrics = first.parts.metrics
+    assert metrics.value("workload_manager_proxies_started_total") == 1, "uid-a: said started as it stopped"
+    assert metrics.value("workload_manager_proxies_stopped_total") == 1
+    zt = first.carry_on()
+    try:
+        assert wait_until(lambda: zt.get("readiness", "/healthz/ready")[0] == 200, "ready")
+        assert metrics.value("workload_manager_proxies_started_total") == 2, "uid-b once served"
+        assert list(zt.ztunnel.protocol.workloads) == ["uid-b"]
+        assert not pod_ports(a, os.getpid()) and sorted(pod_ports(b, os.getpid())) == list(PORTS)
     finally:
         assert zt.close() == 0
