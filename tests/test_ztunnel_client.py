@@ -885,7 +885,7 @@ def test_the_first_snapshot_is_answered_before_the_event_loop_and_the_loop_carri
     assert [proxy.uid for proxy in handover.to_activate] == ["uid-a"]
     assert sorted(pod_ports(a, os.getpid())) == list(PORTS), "a's sockets listen before any loop runs"
     early = connect_in_pod(a, 15001)  # waits in the listener's backlog until the loop serves it
-    zt = InProcessZtunnel(config, {"outbound": echo}, first.parts, handover)
+    zt = first.carry_on({"outbound": echo})
     try:
         early.sendall(b"early")
         assert early.recv(16) == b"early", "a connection made before the loop is served once it runs"
@@ -916,7 +916,7 @@ def test_a_node_agent_silent_mid_snapshot_hands_the_connection_to_the_loop(
     assert conn.add("uid-a", pod.path) == Ack()
     handover = first.result()  # nothing more within 0.3 s
     assert handover.timed_out and handover.answered and not handover.reconciled
-    zt = InProcessZtunnel(config, {}, first.parts, handover)
+    zt = first.carry_on()
     try:
         assert conn.snapshot() == Ack(), "the loop takes the rest of the snapshot"
         assert wait_until(lambda: zt.get("readiness", "/healthz/ready")[0] == 200, "ready")
@@ -945,7 +945,7 @@ def test_a_fatal_record_in_the_first_snapshot_is_nacked_and_stops_the_ztunnel_as
     assert not handover.reconciled
     assert handover.work is not None
     assert [type(event).__name__ for event in handover.work.queue] == ["CloseConnection"], "the loop's to do"
-    zt = InProcessZtunnel(config, {}, first.parts, handover)
+    zt = first.carry_on()
     conn.expect_closed()
     assert zt.close() == 1
     assert zt.ztunnel.protocol.fatal_error == f"failure to process message : {expected}"
