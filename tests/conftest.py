@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -26,6 +27,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("this test needs root, and CI=true turns the skip into a failure")
     pytest.skip("needs root (runs in CI as root)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_children() -> None:
+    """A suite started in the background of a shell without job control (``./dev test &``)
+    inherits SIGINT ignored, and so would every command a test starts: the Ctrl-C tests
+    would then see it ignored. Take SIGINT back, so children start with its default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
