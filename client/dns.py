@@ -26,7 +26,6 @@ from zds.client.datapath import DirectionStats, relay
 from zds.client.inpod import (
     IP_PKTINFO,
     DnsSockets,
-    InpodListener,
     Resolver,
     dns_port_error,
     node_resolvers,
@@ -81,17 +80,11 @@ class DnsProxy:
     """A pod's DNS forwarder on port 15053: answers on the UDP sockets and TCP listeners
     made inside its netns (``zds.client.inpod.DnsSockets``), which it owns."""
 
-    udp: list[socket.socket]
-    tcp: list[InpodListener]
+    sockets: DnsSockets
     resolvers: list[Resolver]
     stats: DirectionStats = field(default_factory=DirectionStats)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _watcher: SocketWatcher | None = None
-
-    @classmethod
-    def serving(cls, sockets: DnsSockets, resolvers: list[Resolver]) -> DnsProxy:
-        """The forwarder for sockets already made in a pod (it owns them now)."""
-        return cls(udp=sockets.udp, tcp=sockets.tcp, resolvers=resolvers)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -100,7 +93,7 @@ class DnsProxy:
 
     def start_udp(self, watcher: SocketWatcher) -> None:
         """Serve the UDP sockets from the event loop (needs a running loop)."""
-        for sock in self.udp:
+        for sock in self.sockets.udp:
             watcher.watch(sock.fileno(), functools.partial(self._readable, sock))
         self._watcher = watcher
 
@@ -148,15 +141,12 @@ class DnsProxy:
         conn.sock.close()
 
     def close(self) -> None:
-        if self._watcher is not None:
-            for sock in self.udp:
+        if self._watcher is not None:  # before the sockets close
+            for sock in self.sockets.udp:
                 if sock.fileno() >= 0:
                     self._watcher.unwatch(sock.fileno())
             self._watcher = None
-        for sock in self.udp:
-            sock.close()
-        for listener in self.tcp:
-            listener.sock.close()
+        self.sockets.close()
         for task in list(self._tasks):
             task.cancel()
 

@@ -146,7 +146,7 @@ class WorkloadProxy:
         if self.closed or self.servers:
             return
         if self.dns_sockets is not None:
-            self.dns = DnsProxy.serving(self.dns_sockets, resolvers)
+            self.dns = DnsProxy(self.dns_sockets, resolvers)
         for listener in self.listeners:
             server = ListenerServer(
                 listener=listener,
@@ -168,8 +168,8 @@ class WorkloadProxy:
                 server.abort_connections()
         close_listeners(self.listeners)
         if self.dns is not None:
-            self.dns.close()  # before its sockets close: it stops watching them
-        if self.dns_sockets is not None:
+            self.dns.close()  # it stops watching its sockets, then closes them
+        elif self.dns_sockets is not None:
             self.dns_sockets.close()
 
     async def wait_connections(self) -> None:
