@@ -198,22 +198,12 @@ def main(args: argparse.Namespace) -> int:
     parts.stop_signals.install()  # a stop from here on is graceful (the loop acts on it)
     handover = None
     if not config.faults_file:  # faults are armed on the event loop: no blocking start then
-        from zds.client.session import take_first_snapshot
-
         try:
             parts.prepare(config)
         except ListenAddressError as exc:
             print(f"zds ztunnel: {exc}", file=sys.stderr)
             return 1
-        handover = take_first_snapshot(
-            config.zds_socket,
-            parts.protocol,
-            parts.proxies,
-            parts.metrics,
-            within=defaults.HTTP_START_DELAY,
-            stop=parts.stop_signals,
-            busy_poll=config.busy_poll,
-        )
+        handover = parts.take_first_snapshot(config)
     from zds.client.app import Ztunnel
     from zds.client.faults import ZtunnelFaultError
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from zds import defaults
 from zds.client.admin import HttpEndpoints
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.session import StopSignals
+from zds.client.session import Handover, StopSignals, take_first_snapshot
 from zds.client.workloads import ProxySettings, WorkloadProxies
 from zds.netns import NetnsError, netns_identity
 from zds.protocol.ztunnel import ZtunnelProtocol
@@ -99,3 +99,17 @@ class ZtunnelParts:
         )
         self.prepared = True
         log.info("zds ztunnel connecting to the node agent at %s (%s)", config.zds_socket, config.describe())
+
+    def take_first_snapshot(
+        self, config: ZtunnelConfig, within: float = defaults.HTTP_START_DELAY
+    ) -> Handover | None:
+        """``zds.client.session.take_first_snapshot`` with these parts (None: no connection)."""
+        return take_first_snapshot(
+            config.zds_socket,
+            self.protocol,
+            self.proxies,
+            self.metrics,
+            within=within,
+            stop=self.stop_signals,
+            busy_poll=config.busy_poll,
+        )

@@ -43,7 +43,7 @@ from zds.client.backoff import Backoff
 from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.session import Handover, take_first_snapshot
+from zds.client.session import Handover
 from zds.client.workloads import ProxySettings
 from zds.netns import in_netns, open_netns
 from zds.protocol.messages import (
@@ -835,15 +835,7 @@ class FirstSnapshot:
         self._thread.start()
 
     def _main(self, config: ZtunnelConfig, within: float) -> None:
-        parts = self.parts
-        self.handover = take_first_snapshot(
-            config.zds_socket,
-            parts.protocol,
-            parts.proxies,
-            parts.metrics,
-            within=within,
-            stop=parts.stop_signals,
-        )
+        self.handover = self.parts.take_first_snapshot(config, within)
 
     def result(self) -> Handover:
         self._thread.join(15)
