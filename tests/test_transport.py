@@ -9,6 +9,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -135,6 +136,37 @@ async def test_a_poll_lets_the_event_loop_take_its_turn_first_when_it_had_none_l
     loop.call_soon(theirs.send, b"second")
     record = await BusyPoll(5.0, turn_every=0.0).poll(conn)
     assert record is not None and record.payload == b"second"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling is off on one CPU")
+async def test_while_the_peer_answers_slowly_the_loop_has_its_turn_before_every_poll(pair: Pair) -> None:
+    conn, theirs = pair
+    loop = asyncio.get_running_loop()
+    busy = BusyPoll(5.0, turn_every=10.0, slow_peer=0.005)
+    # A quick answer (there before the poll began): the next poll does not wait for a turn.
+    theirs.send(b"quick")
+    assert (record := await busy.poll(conn)) is not None and record.payload == b"quick"
+    assert not busy.peer_slow
+    # A slow one (another thread sends it 20 ms on, longer than slow_peer): the peer is slow...
+    sender = threading.Timer(0.02, theirs.send, (b"slow",))
+    sender.start()
+    try:
+        record = await busy.poll(conn)
+    finally:
+        sender.join()
+    assert record is not None and record.payload == b"slow"
+    assert busy.peer_slow
+    # ...so the next poll lets the loop run first although it had a turn just now: what the
+    # loop would send comes in at once, and, having come during the turn, says nothing
+    # about the peer's speed.
+    loop.call_soon(theirs.send, b"after a turn")
+    assert (record := await busy.poll(conn)) is not None and record.payload == b"after a turn"
+    assert not busy.peer_slow
+    # Not slow, a turn not due: the poll keeps the loop waiting, as before.
+    loop.call_soon(theirs.send, b"waits")
+    assert await BusyPoll(0.02, turn_every=10.0, slow_peer=0.005).poll(conn) is None
+    await asyncio.sleep(0)
+    assert (record := conn.try_recv()) is not None and record.payload == b"waits"
 
 
 def test_busy_polling_is_off_where_the_thread_may_use_one_cpu_only() -> None:

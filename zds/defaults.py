@@ -42,6 +42,10 @@ KEEPALIVE_PROBE = 0.01
 BUSY_POLL = 0.0005
 #: While it polls, a side lets its event loop have a turn at least this often (seconds).
 BUSY_POLL_SLICE = 0.001
+#: ... and before every poll while its peer's answers take at least this long (seconds): the
+#: loop's work waiting then (the node agent's next enrollments) overlaps the peer's instead
+#: of following it.
+BUSY_POLL_SLOW_PEER = 0.00005
 #: Accepted ztunnel connections per second (Istio's rate.NewLimiter(5, 1)).
 ACCEPTS_PER_SECOND = 5.0
 #: Concurrent ztunnel connections (an old and a new one during an upgrade).
