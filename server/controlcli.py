@@ -61,7 +61,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     add.add_argument("--json", action="store_true", help="print the answers as JSON")
     control_flags(add)
-    add.set_defaults(func=_pod_add, starts_itself=True)  # ended when its first request goes
+    # Its start-up ends when its first request goes; it prints, and configures logging only
+    # when it loads gRPC (not over the bulk lane).
+    add.set_defaults(func=_pod_add, starts_itself=True, logs_later=True)
 
     remove = pod_sub.add_parser(
         "remove",

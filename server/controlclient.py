@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zds import runtime
 from zds.errors import ZdsError
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class ControlTarget:
     @contextmanager
     def stub(self) -> Iterator[Any]:
         """A ``zds.v1.NodeAgent`` stub on a channel to the node agent (closed afterwards)."""
+        runtime.logs_needed()  # gRPC logs (a command may have left logging for now)
         from zds.gen import nodeagent_pb2_grpc  # gRPC: loaded when a call is made (~45 ms)
 
         with self._channel() as channel:

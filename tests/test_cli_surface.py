@@ -266,6 +266,36 @@ def test_zds_pod_add_reads_a_pods_file_without_loading_namespace_or_wire_code(tm
     )
 
 
+def test_logging_left_for_later_is_configured_as_asked_once_something_needs_it() -> None:
+    code = """
+import json, logging, sys
+from zds import runtime
+from zds.logs import BatchingStreamHandler, JsonFormatter
+def zds_handlers():
+    return [h for h in logging.getLogger().handlers if isinstance(h, BatchingStreamHandler)]
+runtime.logs_needed()  # nothing was left for later: nothing to do
+runtime.configure_logs_later("warning", "json")
+steps = [len(zds_handlers())]
+runtime.logs_needed()
+(handler,) = zds_handlers()
+runtime.logs_needed()  # configured once only
+steps += [len(zds_handlers()), isinstance(handler.formatter, JsonFormatter),
+          logging.getLevelName(logging.getLogger().level), zds_handlers() == [handler]]
+print(json.dumps(steps))
+"""
+    assert json.loads(run_python(code).splitlines()[-1]) == [0, 1, True, "WARNING", True]
+
+
+def test_pod_add_over_grpc_configures_logging_as_asked() -> None:
+    # A TCP address: the gRPC path, whose library logs; logging is configured when it loads.
+    run = (
+        "from zds.cli import main; main(['pod', 'add', '--uid', 'u', '--netns', '/var/run/netns/x', "
+        "'--grpc-address', '127.0.0.1:1', '--grpc-insecure', '--timeout', '0.1', '--log-format', 'json'])"
+    )
+    code = f"{run}\nimport json, logging\nprint(json.dumps([[type(h).__name__, type(h.formatter).__name__] for h in logging.getLogger().handlers]))"
+    assert json.loads(run_python(code).splitlines()[-1]) == [["BatchingStreamHandler", "JsonFormatter"]]
+
+
 def test_the_ztunnel_side_loads_no_node_agent_and_no_fixtures() -> None:
     loaded = _heavy_loaded("import zds.client.app")
     assert not [m for m in loaded if m.startswith(("pyroute2", "zds.demo", "zds.netns.podnet", "zds.server"))]

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from zds import __version__, cliflags, logs, runtime
+from zds import __version__, cliflags, runtime
 
 #: The parts that register commands, in the order ``zds --help`` lists them, with the
 #: commands each registers (a run builds only its command's part: every command's flags
@@ -70,14 +70,21 @@ def command_of(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` (default: this program's arguments). Run as the program, it
     holds garbage collection for the start-up (``runtime.starting``); a command whose start-up
-    goes on inside it (``starts_itself``) says when it is over, any other once it is parsed."""
+    goes on inside it (``starts_itself``) says when it is over, any other once it is parsed.
+    Logging is configured before the command runs, or (``logs_later``: a command that logs
+    nothing itself) when something that logs is loaded (``runtime.logs_needed``)."""
     if argv is None:
         argv = sys.argv[1:]
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:
         parser = build_parser(command_of(argv))
         args = parser.parse_args(argv)
-        logs.configure(args.log_level, args.log_format)
+        if getattr(args, "logs_later", False):
+            runtime.configure_logs_later(args.log_level, args.log_format)
+        else:
+            from zds import logs
+
+            logs.configure(args.log_level, args.log_format)
         if not getattr(args, "starts_itself", False):
             runtime.started()
         code: int = args.func(args)

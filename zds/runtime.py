@@ -30,6 +30,31 @@ def started() -> None:
         gc.enable()
 
 
+#: The log level and format of a command that configures logging only once something may
+#: log (``configure_logs_later``); None otherwise.
+_logs_later: tuple[str, str] | None = None
+
+
+def configure_logs_later(level: str, fmt: str) -> None:
+    """Configure logging (``zds.logs.configure``) when ``logs_needed`` is first called, not
+    now: a command whose own work logs nothing (``zds pod add`` over the bulk lane prints
+    its answers) would load ``logging`` for nothing, ~4 ms of its start (A/B here)."""
+    global _logs_later
+    _logs_later = (level, fmt)
+
+
+def logs_needed() -> None:
+    """Something that logs is about to be loaded (gRPC): configure logging now, if it was
+    left for later."""
+    global _logs_later
+    if _logs_later is not None:
+        from zds import logs
+
+        level, fmt = _logs_later
+        _logs_later = None
+        logs.configure(level, fmt)
+
+
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
     """Run ``main`` on uvloop when it is installed and wanted, else on asyncio's loop.
     (``main`` calls ``started`` when its start-up is over.)"""
