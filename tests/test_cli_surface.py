@@ -274,26 +274,44 @@ from zds.logs import BatchingStreamHandler, JsonFormatter
 def zds_handlers():
     return [h for h in logging.getLogger().handlers if isinstance(h, BatchingStreamHandler)]
 runtime.logs_needed()  # nothing was left for later: nothing to do
-runtime.configure_logs_later("warning", "json")
+runtime.configure_logs("debug", "text", later=True)  # an earlier command's, never needed...
+runtime.configure_logs("warning", "json", later=True)  # ...replaced by the next command's
 steps = [len(zds_handlers())]
 runtime.logs_needed()
 (handler,) = zds_handlers()
 runtime.logs_needed()  # configured once only
 steps += [len(zds_handlers()), isinstance(handler.formatter, JsonFormatter),
           logging.getLevelName(logging.getLogger().level), zds_handlers() == [handler]]
+runtime.configure_logs("debug", "text", later=True)
+runtime.configure_logs("error", "text")  # now: what was left for later is gone with it
+runtime.logs_needed()
+steps.append(logging.getLevelName(logging.getLogger().level))
 print(json.dumps(steps))
 """
-    assert json.loads(run_python(code).splitlines()[-1]) == [0, 1, True, "WARNING", True]
+    assert json.loads(run_python(code).splitlines()[-1]) == [0, 1, True, "WARNING", True, "ERROR"]
 
 
-def test_pod_add_over_grpc_configures_logging_as_asked() -> None:
-    # A TCP address: the gRPC path, whose library logs; logging is configured when it loads.
-    run = (
-        "from zds.cli import main; main(['pod', 'add', '--uid', 'u', '--netns', '/var/run/netns/x', "
-        "'--grpc-address', '127.0.0.1:1', '--grpc-insecure', '--timeout', '0.1', '--log-format', 'json'])"
-    )
-    code = f"{run}\nimport json, logging\nprint(json.dumps([[type(h).__name__, type(h.formatter).__name__] for h in logging.getLogger().handlers]))"
-    assert json.loads(run_python(code).splitlines()[-1]) == [["BatchingStreamHandler", "JsonFormatter"]]
+def test_pod_add_over_grpc_configures_logging_as_asked_before_grpc_loads() -> None:
+    # A TCP address: the gRPC path, whose library logs.
+    code = """
+import json, logging, sys
+import zds.logs
+real, grpc_loaded = zds.logs.configure, []
+def configure(level, fmt):
+    grpc_loaded.append("grpc" in sys.modules)
+    real(level, fmt)
+zds.logs.configure = configure
+from zds.cli import main
+main(["pod", "add", "--uid", "u", "--netns", "/var/run/netns/x", "--grpc-address", "127.0.0.1:1",
+      "--grpc-insecure", "--timeout", "0.1", "--log-format", "json"])
+handlers = [[type(h).__name__, type(h.formatter).__name__] for h in logging.getLogger().handlers]
+print(json.dumps([grpc_loaded, "grpc" in sys.modules, handlers]))
+"""
+    assert json.loads(run_python(code).splitlines()[-1]) == [
+        [False],
+        True,
+        [["BatchingStreamHandler", "JsonFormatter"]],
+    ]
 
 
 def test_the_ztunnel_side_loads_no_node_agent_and_no_fixtures() -> None:

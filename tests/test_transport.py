@@ -142,13 +142,13 @@ async def test_a_poll_lets_the_event_loop_take_its_turn_first_when_it_had_none_l
 async def test_while_the_peer_answers_slowly_the_loop_has_its_turn_before_every_poll(pair: Pair) -> None:
     conn, theirs = pair
     loop = asyncio.get_running_loop()
-    busy = BusyPoll(5.0, turn_every=10.0, slow_peer=0.005)
+    busy = BusyPoll(5.0, turn_every=10.0, slow_peer=0.05)
     # A quick answer (there before the poll began): the next poll does not wait for a turn.
     theirs.send(b"quick")
     assert (record := await busy.poll(conn)) is not None and record.payload == b"quick"
     assert not busy.peer_slow
-    # A slow one (another thread sends it 20 ms on, longer than slow_peer): the peer is slow...
-    sender = threading.Timer(0.02, theirs.send, (b"slow",))
+    # A slow one (another thread sends it 0.2 s on, longer than slow_peer): the peer is slow...
+    sender = threading.Timer(0.2, theirs.send, (b"slow",))
     sender.start()
     try:
         record = await busy.poll(conn)
@@ -164,9 +164,13 @@ async def test_while_the_peer_answers_slowly_the_loop_has_its_turn_before_every_
     assert not busy.peer_slow
     # Not slow, a turn not due: the poll keeps the loop waiting, as before.
     loop.call_soon(theirs.send, b"waits")
-    assert await BusyPoll(0.02, turn_every=10.0, slow_peer=0.005).poll(conn) is None
+    assert await BusyPoll(0.02, turn_every=10.0, slow_peer=0.05).poll(conn) is None
     await asyncio.sleep(0)
     assert (record := conn.try_recv()) is not None and record.payload == b"waits"
+    # Nothing came within the budget (an idle peer): the caller sleeps, and the next poll,
+    # whenever it comes, has its turn first.
+    idle = BusyPoll(0.02, turn_every=10.0, slow_peer=0.05)
+    assert await idle.poll(conn) is None and idle.peer_slow
 
 
 def test_busy_polling_is_off_where_the_thread_may_use_one_cpu_only() -> None:

@@ -79,12 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(command_of(argv))
         args = parser.parse_args(argv)
-        if getattr(args, "logs_later", False):
-            runtime.configure_logs_later(args.log_level, args.log_format)
-        else:
-            from zds import logs
-
-            logs.configure(args.log_level, args.log_format)
+        runtime.configure_logs(args.log_level, args.log_format, later=getattr(args, "logs_later", False))
         if not getattr(args, "starts_itself", False):
             runtime.started()
         code: int = args.func(args)

@@ -31,16 +31,19 @@ def started() -> None:
 
 
 #: The log level and format of a command that configures logging only once something may
-#: log (``configure_logs_later``); None otherwise.
+#: log (``configure_logs(later=True)``), until then; None otherwise.
 _logs_later: tuple[str, str] | None = None
 
 
-def configure_logs_later(level: str, fmt: str) -> None:
-    """Configure logging (``zds.logs.configure``) when ``logs_needed`` is first called, not
-    now: a command whose own work logs nothing (``zds pod add`` over the bulk lane prints
-    its answers) would load ``logging`` for nothing, ~4 ms of its start (A/B here)."""
+def configure_logs(level: str, fmt: str, *, later: bool = False) -> None:
+    """Configure logging (``zds.logs.configure``): now, or (``later``) when ``logs_needed``
+    is first called. A command whose own work logs nothing (``zds pod add`` over the bulk
+    lane prints its answers) would load ``logging`` for nothing, ~4 ms of its start (A/B
+    here). Settings left for later by an earlier command in this process are replaced."""
     global _logs_later
     _logs_later = (level, fmt)
+    if not later:
+        logs_needed()
 
 
 def logs_needed() -> None:

@@ -172,10 +172,13 @@ class BusyPoll:
     polling there would only keep the CPU from the peer it waits for.
 
     While the peer's answers take ``slow_peer`` seconds or more (ztunnel opening a pod's
-    sockets: ~150 us), the loop has its turn before every poll: what waits there (the node
+    sockets: ~150 us), the loop has its turn before the poll: what waits there (the node
     agent's next enrollments, the ztunnel side's proxies of the last pod) is done while the
     peer works instead of after. While they come sooner (a ZDS exchange alone: ~20 us), a
-    turn before every poll would only delay the next message by the turn's own work.
+    turn before every poll would only delay the next message by the turn's own work. An
+    answer that came during the turn says only that the turn took longer than the peer:
+    the next poll goes without a turn and measures the peer again (with much work waiting,
+    every other poll has a turn; taken for slow then, a quick peer would wait on every turn).
     """
 
     def __init__(
@@ -190,7 +193,8 @@ class BusyPoll:
         self.slow_peer = slow_peer
         #: When the event loop last had a turn (as far as this poller knows).
         self._turn = time.monotonic()
-        #: Whether the peer's last answer measured took ``slow_peer`` or more.
+        #: Whether the peer's last answer measured took ``slow_peer`` or more, or none came
+        #: within the budget (the peer idle: a turn before the next poll costs nothing).
         self.peer_slow = False
 
     async def poll(self, conn: SeqpacketConnection) -> Record | None:
@@ -211,7 +215,7 @@ class BusyPoll:
         end = time.monotonic()
         if record is None:
             self._turn = end  # the caller sleeps in the loop now
-        self.peer_slow = end - now >= self.slow_peer
+        self.peer_slow = record is None or end - now >= self.slow_peer
         return record
 
 
