@@ -27,6 +27,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import Iterable
 
 from zds import defaults
 from zds.client.backoff import Backoff
@@ -276,7 +277,7 @@ class ZdsClient:
         starts = self.protocol.retry_pending()
         for start in starts:
             log.info("retrying workload", extra=workload_log_extra(start.workload.uid, start.workload.info))
-        work = self._work(list(starts))
+        work = self._work(starts)
         while work.next() is not None:  # a retry answers nobody: its outcome is only the state
             pass
         self._finish(work)
@@ -284,7 +285,7 @@ class ZdsClient:
             log.info("every pending workload is up now", extra={"conn": self._conn_id})
 
     # -- events --------------------------------------------------------------------
-    def _work(self, events: list[Event]) -> RecordWork:
+    def _work(self, events: Iterable[Event]) -> RecordWork:
         return RecordWork(events, self.protocol, self.proxies, self._conn_id)
 
     async def _apply(self, work: RecordWork, conn: SeqpacketConnection) -> CloseConnection | None:

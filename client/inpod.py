@@ -87,14 +87,24 @@ class InpodListener:
         return self.sock.fileno() < 0
 
 
-def _format_addr(family: int, port: int) -> str:
-    return f"[::]:{port}" if family == socket.AF_INET6 else f"0.0.0.0:{port}"
+def _address(family: int, host: str, port: int) -> str:
+    """``host:port`` as logs and errors show it (``[host]:port`` for IPv6)."""
+    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def _set_ztunnel_options(sock: socket.socket, *, mark: int, reuse_port: bool) -> None:
+    """ztunnel's options on every socket it makes in a pod (module docstring)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
 
 def _bind_one(spec: ListenerSpec, *, mark: int, reuse_port: bool) -> InpodListener:
     """Create, configure, bind and listen one socket in the current netns."""
     for family in (socket.AF_INET6, socket.AF_INET):
-        addr = _format_addr(family, spec.port)
+        wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        addr = _address(family, wildcard, spec.port)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         except OSError as exc:
@@ -104,11 +114,8 @@ def _bind_one(spec: ListenerSpec, *, mark: int, reuse_port: bool) -> InpodListen
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", spec.port))
+            _set_ztunnel_options(sock, mark=mark, reuse_port=reuse_port)
+            sock.bind((wildcard, spec.port))
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
@@ -117,7 +124,7 @@ def _bind_one(spec: ListenerSpec, *, mark: int, reuse_port: bool) -> InpodListen
             raise ListenerError(addr, exc) from exc
         if spec.port == 0:  # the kernel picked the port: ask which
             host, port = sock.getsockname()[:2]
-            addr = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            addr = _address(family, host, port)
         return InpodListener(spec=spec, sock=sock, address=addr)
     raise ListenerError(f"0.0.0.0:{spec.port}", "no usable address family")
 
@@ -207,10 +214,7 @@ def _open_dns_socket(
     which the reply is sent from (so conntrack maps it back to the server the pod asked)."""
     sock = socket.socket(family, kind | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        _set_ztunnel_options(sock, mark=mark, reuse_port=reuse_port)
         if kind == socket.SOCK_DGRAM:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -218,7 +222,7 @@ def _open_dns_socket(
                 sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
-            sock.listen(128)
+            sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
@@ -250,8 +254,11 @@ class DnsSockets:
                     raise
                 udp.append(u)
                 t = _open_dns_socket(family, host, socket.SOCK_STREAM, port, mark=mark, reuse_port=reuse_port)
-                address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-                tcp.append(InpodListener(spec=ListenerSpec("dns", port), sock=t, address=address))
+                tcp.append(
+                    InpodListener(
+                        spec=ListenerSpec("dns", port), sock=t, address=_address(family, host, port)
+                    )
+                )
         except BaseException:
             cls(udp, tcp).close()
             raise

@@ -28,6 +28,7 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -99,7 +100,7 @@ class RecordWork:
     """
 
     def __init__(
-        self, events: list[Event], protocol: ZtunnelProtocol, proxies: WorkloadProxies, conn_id: str
+        self, events: Iterable[Event], protocol: ZtunnelProtocol, proxies: WorkloadProxies, conn_id: str
     ) -> None:
         self.queue: deque[Event] = deque(events)
         self.protocol = protocol
