@@ -382,3 +382,61 @@ def test_netns_delete_refuses_the_netns_of_an_enrolled_pod(tmp_path: pathlib.Pat
     finally:
         server.stop()
         delete_netns(name, missing_ok=True)
+
+
+def test_run_as_the_program_zds_never_runs_protobufs_pure_python_message_code() -> None:
+    # Imported by protobuf whatever its implementation, used only by the pure-Python one.
+    code = """
+import sys
+import zds.cli as cli
+sys.argv = ["zds", "pod", "list", "--control-socket", "/nonexistent/control.sock"]
+code = cli.main()
+from zds.gen import nodeagent_pb2
+from zds.protocol.messages import Ack, AddWorkload, WorkloadInfo, decode_ack, decode_request, encode_ack, encode_request
+add = AddWorkload(uid="u1", info=WorkloadInfo(name="p", namespace="n", service_account="sa"))
+assert decode_request(encode_request(add)) == add
+assert decode_ack(encode_ack(Ack(error="no"))) == Ack(error="no")
+assert nodeagent_pb2.AddPodsRequest.FromString(b"").pods == []
+print(type(sys.modules["google.protobuf.internal.python_message"]).__name__, "google.protobuf.text_format" in sys.modules, code)
+"""
+    assert run_python(code).split() == ["_LazyModule", "False", "1"]
+
+
+def test_with_protobufs_pure_python_implementation_its_message_code_runs_when_used() -> None:
+    code = """
+import sys
+from zds import runtime
+runtime.starting()
+from google.protobuf.internal import api_implementation
+from zds.gen import zds_pb2
+add = zds_pb2.WorkloadRequest(add=zds_pb2.AddWorkload(uid="u1"))
+assert zds_pb2.WorkloadRequest.FromString(add.SerializeToString()).add.uid == "u1"
+print(api_implementation.Type(), type(sys.modules["google.protobuf.internal.python_message"]).__name__)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"},
+    )
+    assert done.stdout.split() == ["python", "module"]
+
+
+def test_defer_import_runs_a_module_at_its_first_use_only(tmp_path: pathlib.Path) -> None:
+    package = tmp_path / "deferpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "heavy.py").write_text("import builtins\nbuiltins.heavy_ran = True\nVALUE = 42\n")
+    code = f"""
+import builtins, sys
+sys.path.insert(0, {str(tmp_path)!r})
+from zds import runtime
+runtime.defer_import("deferpkg.heavy")
+runtime.defer_import("deferpkg.missing")  # nothing to defer: nothing happens
+from deferpkg import heavy
+ran_at_import = getattr(builtins, "heavy_ran", False)
+print(ran_at_import, heavy.VALUE, builtins.heavy_ran, "deferpkg.missing" in sys.modules)
+"""
+    assert run_python(code).split() == ["False", "42", "True", "False"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -13,11 +14,48 @@ T = TypeVar("T")
 CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
 
 
+#: Modules that importing protobuf loads and that zds does not use with protobuf's default
+#: (upb) implementation: its pure-Python message classes (``descriptor_pool`` and ``builder``
+#: import them whatever the implementation; with them come text_format, the decoder and the
+#: well-known types). ~8 ms of every command that speaks protobuf (A/B here).
+UNUSED_AT_START = ("google.protobuf.internal.python_message",)
+
+
 def starting() -> None:
     """A command starts: no garbage collection until ``started``. Start-up (imports, the
     parsers, a pods file) allocates much and frees little, and the collector would scan it
-    all again and again: ~7 ms of ``zds ztunnel``'s ~100 ms to its hello (A/B here)."""
+    all again and again: ~7 ms of ``zds ztunnel``'s ~100 ms to its hello (A/B here).
+    The modules of ``UNUSED_AT_START`` are loaded only if something uses them."""
     gc.disable()
+    for name in UNUSED_AT_START:
+        defer_import(name)
+
+
+def defer_import(name: str) -> None:
+    """Import ``name`` now but run it only when one of its attributes is first used
+    (``importlib.util.LazyLoader``); nothing if it is loaded already or cannot be found."""
+    if name in sys.modules:
+        return
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return
+    if spec is None or spec.loader is None:
+        return
+    try:
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+    except TypeError:  # a loader that can only load at once
+        return
+    parent, _, child = name.rpartition(".")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    # As the import system does for a submodule. It also keeps ``from parent import child``
+    # from looking into the module (its __spec__), which would run it.
+    if parent:
+        setattr(sys.modules[parent], child, module)
 
 
 def started() -> None:
