@@ -33,7 +33,9 @@ def starting() -> None:
 
 def defer_import(name: str) -> None:
     """Import ``name`` now but run it only when one of its attributes is first used
-    (``importlib.util.LazyLoader``); nothing if it is loaded already or cannot be found."""
+    (``importlib.util.LazyLoader``); nothing if it is loaded already or cannot be found.
+    ``from parent import child`` does not run it; ``import parent.child`` does (the import
+    system looks into the module), and so does anything that reads from it."""
     if name in sys.modules:
         return
     import importlib.util
