@@ -126,7 +126,7 @@ def _bind_one(spec: ListenerSpec, *, mark: int, reuse_port: bool) -> InpodListen
             host, port = sock.getsockname()[:2]
             addr = _address(family, host, port)
         return InpodListener(spec=spec, sock=sock, address=addr)
-    raise ListenerError(f"0.0.0.0:{spec.port}", "no usable address family")
+    raise ListenerError(_address(socket.AF_INET, "0.0.0.0", spec.port), "no usable address family")
 
 
 def bind_listeners(

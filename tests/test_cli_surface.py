@@ -23,9 +23,9 @@ PARSER = build_parser()
 LEAVES = {leaf.prog: leaf for leaf in cliflags.leaf_parsers(PARSER)}
 
 
-def run_python(code: str) -> str:
+def run_python(code: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=env
     )
     return done.stdout
 
@@ -413,15 +413,8 @@ add = zds_pb2.WorkloadRequest(add=zds_pb2.AddWorkload(uid="u1"))
 assert zds_pb2.WorkloadRequest.FromString(add.SerializeToString()).add.uid == "u1"
 print(api_implementation.Type(), type(sys.modules["google.protobuf.internal.python_message"]).__name__)
 """
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env={**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"},
-    )
-    assert done.stdout.split() == ["python", "module"]
+    env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+    assert run_python(code, env).split() == ["python", "module"]
 
 
 def test_defer_import_runs_a_module_at_its_first_use_only(tmp_path: pathlib.Path) -> None:
