@@ -11,14 +11,22 @@ of delivery are unit-tested with stand-in connections, no root and no process:
   ztunnel gets it in its snapshot;
 - a removal is done whatever ztunnel answers, even with no ztunnel connected;
   its rules come out first, so no connection is redirected to closing listeners;
-- an enrollment or removal, once begun, completes even if its caller gives up.
+- an enrollment or removal, once begun, completes even if its caller gives up;
+- one enrollment or removal of a uid at a time, in the order they came (as Istio's
+  informer hands it a pod's events one after another): a removal never takes the
+  record or the place of the pod that re-enrolled under its uid meanwhile;
+- a pod counts as living in its netns from the moment its rules go in, before it
+  is cached: the removal of another pod there leaves the rules in place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,12 +34,13 @@ from opentelemetry import trace
 
 from zds import defaults
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, netns_cookie, open_netns_ref
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_cookie, open_netns_ref
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
 from zds.server.eventkinds import EventKind
 from zds.server.events import EventBus
 from zds.server.link import ConnectionLost, Connections
+from zds.server.locks import KeyedLocks
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, RulesError
@@ -118,6 +127,10 @@ class Enrollment:
         #: Set only while a fault that bends delivery is armed (add-to-oldest, del-to-newest-only,
         #: leak-netns-fds): otherwise delivery does not even ask.
         self.faults: FaultBook | None = None
+        #: One enrollment or removal of a uid at a time, in the order they came.
+        self._uids: KeyedLocks[str] = KeyedLocks()
+        #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
+        self._enrolling: collections.Counter[NetnsIdentity] = collections.Counter()
 
     def bend_delivery(self, faults: FaultBook | None) -> None:
         """Let ``faults`` bend delivery from now on (None: deliver by the rules again)."""
@@ -147,15 +160,13 @@ class Enrollment:
                 pod = Pod(spec=spec, netns=None)
                 await self._record(pod)
                 return self._cache(pod)
-            pod = Pod(spec=spec, netns=netns)
             try:
-                await self._install_rules(pod)
-                await self._record(pod)
+                pod = await self._install_and_keep(Pod(spec=spec, netns=netns))
             except EnrollmentError as exc:
                 spans.failed(span, exc)
                 raise
             span.set_attribute(spans.OUTCOME, "loaded")
-            return self._cache(pod)
+            return pod
 
     def restore(self, pod: Pod) -> None:
         """Cache a pod recovered from the store (it is stored already; nothing is sent)."""
@@ -172,17 +183,18 @@ class Enrollment:
         return self.tasks.spawn(self._add(spec))
 
     async def _add(self, spec: PodSpec) -> Enrolled:
-        with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
-            try:
-                enrolled = await self._enroll(spec, span)
-            except EnrollmentError as exc:
-                span.set_attribute(spans.OUTCOME, exc.outcome.value)
-                spans.failed(span, exc)
-                self.telemetry.enrollment(exc.outcome.value)
-                raise
-            span.set_attribute(spans.OUTCOME, EnrollmentOutcome.ACKED.value)
-            self.telemetry.enrollment(EnrollmentOutcome.ACKED.value)
-            return enrolled
+        async with self._uids.hold(spec.uid):
+            with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
+                try:
+                    enrolled = await self._enroll(spec, span)
+                except EnrollmentError as exc:
+                    span.set_attribute(spans.OUTCOME, exc.outcome.value)
+                    spans.failed(span, exc)
+                    self.telemetry.enrollment(exc.outcome.value)
+                    raise
+                span.set_attribute(spans.OUTCOME, EnrollmentOutcome.ACKED.value)
+                self.telemetry.enrollment(EnrollmentOutcome.ACKED.value)
+                return enrolled
 
     async def _enroll(self, spec: PodSpec, span: trace.Span) -> Enrolled:
         try:
@@ -192,10 +204,7 @@ class Enrollment:
             raise EnrollmentError(EnrollmentOutcome.REFUSED, str(exc)) from exc
         except (PodSpecError, NetnsError) as exc:
             raise EnrollmentError(EnrollmentOutcome.INVALID, str(exc)) from exc
-        pod = Pod(spec=spec, netns=netns)
-        await self._install_rules(pod)
-        await self._record(pod)
-        self._cache(pod)
+        pod = await self._install_and_keep(Pod(spec=spec, netns=netns))
         log.info("pod enrolled (netns %s)", netns.identity, extra=spec.log_extra)
         conn = self.registry.newest()
         if self.faults is not None:
@@ -237,12 +246,40 @@ class Enrollment:
             span.set_attribute(spans.NETNS_INODE, netns.identity.ino)
             return netns
 
+    async def _install_and_keep(self, pod: Pod) -> Pod:
+        """Install the pod's rules, commit it to the store and cache it. Until it is cached
+        it counts as living in its netns (``_enrolling``): a removal of another pod there
+        meanwhile keeps the rules this one just installed."""
+        with self._claim(pod):
+            await self._install_rules(pod)
+            await self._record(pod)
+            return self._cache(pod)
+
+    @contextlib.contextmanager
+    def _claim(self, pod: Pod) -> Iterator[None]:
+        identity = pod.netns.identity if pod.netns is not None else None
+        if identity is None:
+            yield
+            return
+        self._enrolling[identity] += 1
+        try:
+            yield
+        finally:
+            self._enrolling[identity] -= 1
+            if not self._enrolling[identity]:
+                del self._enrolling[identity]
+
+    def _in_use(self, identity: NetnsIdentity, *, claims: int = 0) -> bool:
+        """A cached pod lives in this netns, or more than ``claims`` pods being enrolled do
+        (``claims=1``: one being enrolled asks about the others)."""
+        return self.cache.uses_netns(identity) or self._enrolling[identity] > claims
+
     async def _install_rules(self, pod: Pod) -> None:
         """Install the in-pod rules; on failure close the netns and refuse the enrollment (nothing is sent)."""
         if self.rules is None:
             return
         try:
-            await self.rules.install(pod, self.cache.uses_netns)
+            await self.rules.install(pod, lambda identity: self._in_use(identity, claims=1))
         except asyncio.CancelledError:
             pod.close()
             raise
@@ -274,7 +311,7 @@ class Enrollment:
         except StoreError as exc:
             log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)
             try:
-                await self._remove_rules(pod)
+                await self._remove_rules(pod, claims=1)
             finally:
                 pod.close()
             raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
@@ -299,12 +336,19 @@ class Enrollment:
     # -- removal ----------------------------------------------------------------------
     async def remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
         """Forget a pod, remove its rules, send DelWorkload to every connection, close its
-        netns fd. Raises KeyError for an unknown uid."""
-        if uid not in self.cache:
+        netns fd; after the enrollment or removal of ``uid`` under way, if any. Raises
+        KeyError for an unknown uid."""
+        if uid not in self.cache and uid not in self._uids:
             raise KeyError(uid)
         return await self.tasks.run(self._remove(uid))
 
     async def _remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+        async with self._uids.hold(uid):
+            if uid not in self.cache:
+                raise KeyError(uid)  # its enrollment failed, or another removal took it
+            return await self._remove_cached(uid)
+
+    async def _remove_cached(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
         self._unrecord(uid, begin=True)
         pod = self.cache.pop(uid)
         log.info("pod removed", extra=pod.spec.log_extra)
@@ -344,9 +388,10 @@ class Enrollment:
         except StoreError as exc:
             log.error("cannot record the removal in the pod store: %s", exc, extra={"uid": uid})
 
-    async def _remove_rules(self, pod: Pod) -> None:
+    async def _remove_rules(self, pod: Pod, *, claims: int = 0) -> None:
+        """Take the pod's rules out unless another pod lives in its netns (``_in_use``)."""
         if self.rules is not None:
-            await self.rules.remove(pod, self.cache.uses_netns)
+            await self.rules.remove(pod, lambda identity: self._in_use(identity, claims=claims))
 
     async def _remove_rules_and_close(self, pod: Pod) -> None:
         try:

@@ -20,6 +20,10 @@ class KeyedLocks(Generic[K]):
     def __len__(self) -> int:
         return len(self._locks)
 
+    def __contains__(self, key: object) -> bool:
+        """Someone holds the lock of ``key`` or waits for it."""
+        return key in self._locks
+
     @contextlib.asynccontextmanager
     async def hold(self, key: K) -> AsyncIterator[None]:
         """Hold the lock of ``key``; one holder at a time per key, in the order they came."""

@@ -27,6 +27,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 from zds.errors import ZdsError
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError
@@ -94,7 +95,7 @@ class PodStore:
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, state_dir: str, *, used_before: bool) -> PodStore:
+    def open(cls, state_dir: str, *, used_before: bool) -> Self:
         """Open (or, on a first start, create) ``STATE_DIR/pods.db``.
 
         ``used_before``: the state directory held a node agent before (its lock file was

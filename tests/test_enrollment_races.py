@@ -1,0 +1,214 @@
+"""Enrollments and removals that overlap, with real rules in real namespaces and a real
+pod store: the interleavings that lost an acknowledged pod or stripped a pod's rules.
+
+A gate holds one step (the rules' removal, the store's commit) until the other request
+is under way, so each test makes exactly the interleaving it is about; everything else
+is the node agent's own code, in-process, with a ztunnel stand-in acking over the ZDS
+socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Pod, async_wait_until
+from tests.standins import AckingPeer
+from zds.netns import NetnsHandle, NetnsRef
+from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
+from zds.server.pods import PodSpec
+from zds.server.redirect import Redirector
+from zds.server.store import PodStore, StoredPod
+from zds.server.tasks import cancel_and_wait
+from zds.transport import bind_unix_listener
+
+pytestmark = pytest.mark.root
+
+
+class Gate:
+    """Holds whoever reaches it while closed; ``reached`` is set when someone does."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.reached = asyncio.Event()
+
+    def close(self) -> None:
+        self.open.clear()
+        self.reached.clear()
+
+    async def passing(self) -> None:
+        self.reached.set()
+        await self.open.wait()
+
+
+class GatedRedirector(Redirector):
+    """Istio's iptables rules, for real; a removal waits at ``removal`` first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.removal = Gate()
+
+    async def remove(self, netns: NetnsHandle) -> None:
+        await self.removal.passing()
+        await super().remove(netns)
+
+
+class GatedStore(PodStore):
+    """The real pod store; a pod's commit waits at ``commit`` first."""
+
+    commit: Gate
+
+    async def put_soon(self, pod: StoredPod) -> None:
+        await self.commit.passing()
+        await super().put_soon(pod)
+
+
+@dataclass
+class Agent:
+    agent: NodeAgent
+    redirector: GatedRedirector
+    store: GatedStore
+    peer: AckingPeer
+
+    def spec(self, uid: str, pod: Pod) -> PodSpec:
+        return PodSpec.create(uid, NetnsRef.of_path(pod.path), name=uid, namespace="default")
+
+    def stored(self) -> dict[str, tuple[int, int] | None]:
+        """uid -> the (dev, inode) of the netns the store holds it in."""
+        return {
+            p.spec.uid: (p.identity.dev, p.identity.ino) if p.identity is not None else None
+            for p in self.store.load()
+        }
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    redirector = GatedRedirector()
+    node_agent = NodeAgent(AgentConfig(), redirector)
+    store = GatedStore.open(str(tmp_path), used_before=False)
+    store.commit = Gate()
+    node_agent.use_store(store)
+    path = os.path.join(tmp_path, "ztunnel.sock")
+    listener = bind_unix_listener(path, mode=0o600)
+    serving = asyncio.create_task(node_agent.serve_zds(listener))
+    peer = AckingPeer(path)
+    try:
+        await async_wait_until(lambda: "snapshot_sent" in peer.kinds, "the snapshot")
+        yield Agent(node_agent, redirector, store, peer)
+    finally:
+        redirector.removal.open.set()
+        store.commit.open.set()
+        peer.close()
+        for uid in [pod.uid for pod in node_agent.pods]:
+            await node_agent.remove_pod(uid)  # their rules out of the namespaces before they go
+        await cancel_and_wait(serving)
+        listener.close()
+        node_agent.pods.close()
+        store.close()
+
+
+def has_rules(pod: Pod) -> bool:
+    """Istio's in-pod chains are in the pod's netns (iptables-save, IPv4)."""
+    saved = subprocess.run(
+        ["ip", "netns", "exec", pod.name, "iptables-save"], capture_output=True, text=True, check=True
+    ).stdout
+    return "ISTIO_OUTPUT" in saved
+
+
+def identity(pod: Pod) -> tuple[int, int]:
+    st = os.stat(pod.path)
+    return st.st_dev, st.st_ino
+
+
+async def test_a_uid_enrolled_again_during_its_removal_waits_for_it_and_stays(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """RemovePod(u1) is taking u1's rules out of A when AddPod(u1, B) comes: the add waits
+    for the removal, then enrolls u1 in B; the removal's end (its store delete, its
+    DelWorkload) never reaches the new pod."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    assert has_rules(a)
+    agent.redirector.removal.close()
+    removal = asyncio.create_task(agent.agent.remove_pod("u1"))
+    await asyncio.wait_for(agent.redirector.removal.reached.wait(), 10)
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not enrollment.done()
+    assert not has_rules(b), "the add went ahead while the removal of its uid was under way"
+    agent.redirector.removal.open.set()
+    await asyncio.wait_for(removal, 30)
+    enrolled = await asyncio.wait_for(enrollment, 30)
+    assert enrolled.pod.spec.netns.path == b.path
+    pod = agent.agent.pods.get("u1")
+    assert pod is enrolled.pod and pod.rules_installed
+    assert agent.stored() == {"u1": identity(b)}
+    assert has_rules(b) and not has_rules(a)
+    await async_wait_until(lambda: agent.peer.kinds.count("add") == 2, "the second add")
+    assert agent.peer.kinds == ["snapshot_sent", "add", "del", "add"]
+
+
+async def test_a_removal_after_an_add_in_flight_of_the_same_uid_removes_it(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """RemovePod(u1) while AddPod(u1) is still committing u1: not "unknown pod" and no
+    race: the removal waits for the enrollment, then takes it out."""
+    a = make_pod()
+    agent.store.commit.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", a)))
+    await asyncio.wait_for(agent.store.commit.reached.wait(), 10)
+    removal = asyncio.create_task(agent.agent.remove_pod("u1"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not removal.done()
+    agent.store.commit.open.set()
+    await asyncio.wait_for(enrollment, 30)
+    await asyncio.wait_for(removal, 30)
+    assert "u1" not in agent.agent.pods
+    assert agent.stored() == {}
+    assert not has_rules(a)
+
+
+async def test_a_removal_of_another_pod_keeps_the_rules_of_one_being_enrolled_in_its_netns(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """u1 lives in A; AddPod(u2, A) has installed the rules and is committing u2 when
+    RemovePod(u1) comes: u2 counts as living in A already, so the rules stay."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.store.commit.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u2", a)))
+    await asyncio.wait_for(agent.store.commit.reached.wait(), 10)
+    await asyncio.wait_for(agent.agent.remove_pod("u1"), 30)
+    assert has_rules(a), "u1's removal took out the rules of u2, which is being enrolled there"
+    agent.store.commit.open.set()
+    enrolled = await asyncio.wait_for(enrollment, 30)
+    assert enrolled.pod.rules_installed and has_rules(a)
+    rules = agent.agent.enrollment.rules
+    assert rules is not None and await rules.in_place(enrolled.pod)
+    assert agent.stored() == {"u2": identity(a)}
+    await agent.agent.remove_pod("u2")
+    assert not has_rules(a)
+
+
+async def test_an_enrollment_that_fails_to_commit_takes_its_own_rules_out(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """Counting a pod being enrolled as living in its netns must not keep its own rules
+    when its enrollment fails: a store that cannot commit leaves the netns as it was."""
+    a = make_pod()
+    agent.store.close()  # every commit fails from now on
+    with pytest.raises(EnrollmentError) as info:
+        await agent.agent.add_pod(agent.spec("u1", a))
+    assert info.value.outcome is EnrollmentOutcome.STORE
+    assert "u1" not in agent.agent.pods
+    assert not has_rules(a)
