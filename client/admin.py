@@ -52,7 +52,7 @@ def parse_listen(value: str) -> tuple[str, int]:
         host, sep, port_text = text.rpartition(":")
         if not sep:
             raise ListenAddressError(f"bad listen address {value!r}: expected HOST:PORT")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ListenAddressError(f"bad port in listen address {value!r}: expected 0-65535")
     return host or "0.0.0.0", int(port_text)
 

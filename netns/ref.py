@@ -55,7 +55,7 @@ class NetnsRef:
         text = text.strip()
         if text.startswith("pid:"):
             number = text[4:].strip()
-            if not number.isdigit() or int(number) <= 0:
+            if not (number.isascii() and number.isdigit()) or int(number) <= 0:
                 raise NetnsRefError(
                     f'bad netns reference "{text}": expected "pid:N" with N a process id, or a path'
                 )

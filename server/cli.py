@@ -258,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _id(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id")
     return int(text)
 
@@ -267,7 +267,7 @@ def _group(name: str) -> int:
     """A group's gid, by name or number."""
     import grp
 
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid

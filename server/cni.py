@@ -152,7 +152,9 @@ def _json_object(body: bytes, fields: str) -> dict[str, Any]:
     """The body as a JSON object; BadEvent (naming the ``fields`` it must have) otherwise."""
     try:
         doc: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError as exc:
+        raise BadEvent("body is not JSON zds reads: nested too deep") from exc
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of more digits than Python converts
         raise BadEvent(f"body is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise BadEvent(f"body must be a JSON object with {fields}")

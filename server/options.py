@@ -59,7 +59,7 @@ class ServerOptions:
 
 def split_host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise StartupError(f"{flag} {value!r}: expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 

@@ -83,6 +83,8 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
                     raise json.JSONDecodeError("Extra data", line, end)  # as json.loads says it
             except json.JSONDecodeError as exc:
                 raise PodSpecError(f"{path}:{n}: not valid JSON: {exc.msg}") from exc
+            except ValueError as exc:  # an integer of more digits than Python converts
+                raise PodSpecError(f"{path}:{n}: JSON that cannot be read: {exc}") from exc
             except RecursionError as exc:
                 raise PodSpecError(f"{path}:{n}: JSON nested too deep") from exc
             entries.append((entry, n))

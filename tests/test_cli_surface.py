@@ -433,3 +433,22 @@ ran_at_import = getattr(builtins, "heavy_ran", False)
 print(ran_at_import, heavy.VALUE, builtins.heavy_ran, "deferpkg.missing" in sys.modules)
 """
     assert run_python(code).split() == ["False", "42", "True", "False"]
+
+
+@pytest.mark.parametrize("digits", ["\u00b2", "1\u00b2", "\u0661"])
+def test_numbers_are_ascii_digits_other_digits_are_refused_in_one_line(digits: str) -> None:
+    """str.isdigit() also takes superscripts and other scripts' digits, which int() refuses
+    (or reads): each number a flag or a pods file gives is 0-9 only, refused in one line."""
+    from zds.client.admin import ListenAddressError, parse_listen
+    from zds.netns import NetnsRef, NetnsRefError
+    from zds.server.cli import _id
+    from zds.server.options import StartupError, split_host_port
+
+    with pytest.raises(ListenAddressError, match="bad port"):
+        parse_listen(f"127.0.0.1:{digits}")
+    with pytest.raises(StartupError, match="expected HOST:PORT"):
+        split_host_port(f"127.0.0.1:{digits}", "--http-listen")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a numeric id"):
+        _id(digits)
+    with pytest.raises(NetnsRefError, match="bad netns reference"):
+        NetnsRef.parse(f"pid:{digits}")

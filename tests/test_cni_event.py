@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from zds.server.cni import BadEvent, derived_uid, parse_add_event
+from zds.server.cni import BadEvent, derived_uid, parse_add_event, parse_del_event
 
 #: What Istio's plugin sends: IPConfig{Interface *int; Address net.IPNet; Gateway net.IP},
 #: net.IPNet marshalling IP as text and Mask as base64.
@@ -75,3 +75,20 @@ def test_empty_and_null_ip_fields_are_fine() -> None:
         body({**GO_BODY, "IPs": [None, {}, {"Address": {"IP": "", "Mask": None}, "Gateway": ""}]})
     )
     parse_add_event(body({**GO_BODY, "IPs": None}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b'{"IPs": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "nested too deep"),
+        (b'{"PodUID": ' + b"1" * 5000 + b"}", "body is not JSON: Exceeds the limit"),
+        (b"\xff{}", "body is not JSON"),
+    ],
+)
+def test_a_body_json_cannot_read_is_a_bad_event_not_a_crash(raw: bytes, text: str) -> None:
+    """A body under the size limit that is too deep for the decoder or holds an integer of
+    more digits than Python converts is refused in one line (a 400), as any other bad body."""
+    for parse in (parse_add_event, parse_del_event):
+        with pytest.raises(BadEvent, match=text) as refused:
+            parse(raw)
+        assert "\n" not in str(refused.value)

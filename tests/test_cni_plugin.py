@@ -243,6 +243,8 @@ def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: Stand
         ("ADD", {"name": "n", "type": "zds-cni"}, {}, 7, "no cniVersion"),
         ("ADD", {"cniVersion": "1.0.0", "type": "zds-cni"}, {}, 7, "no name"),
         ("ADD", b"{not json", {}, 6, "not JSON"),
+        ("ADD", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 6, "not JSON"),
+        ("ADD", b'{"cniVersion": "1.0.0", "n": ' + b"1" * 5000 + b"}", {}, 6, "not JSON"),
         ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t"}, {"CNI_NETNS": ""}, 4, "CNI_NETNS not set"),
         (
             "ADD",

@@ -52,6 +52,7 @@ def test_an_entry_spelling_the_service_account_both_ways_keeps_service_account_a
         ({"netns": "/run/netns/a"}, "missing uid"),
         ({"uid": "", "netns": ""}, "missing uid, netns"),
         ({"uid": "u1", "netns": "pid:0"}, 'bad netns reference "pid:0"'),
+        ({"uid": "u1", "netns": "pid:\u00b2"}, 'bad netns reference "pid:\u00b2"'),
         ({"uid": "u1", "netns": "/run/netns/a", "ips": "10.0.0.1"}, "ips must be a list of addresses"),
         (
             {"uid": "u1", "netns": "/run/netns/a", "ips": ["fd00::1", "web"]},
@@ -74,6 +75,11 @@ def test_a_line_that_is_not_json_and_a_uid_given_twice_are_refused() -> None:
         parse_pods('{"uid": "a", "netns": "x"}\n{"uid": "b", "netns": "y"} {}\n', "pods.jsonl")
     with pytest.raises(PodSpecError, match=r"^pods.jsonl: uid a appears twice$"):
         parse_pods(lines({"uid": "a", "netns": "x"}, {"uid": "a", "netns": "y"}), "pods.jsonl")
+
+
+def test_a_line_with_an_integer_too_long_to_convert_is_refused_in_one_line() -> None:
+    with pytest.raises(PodSpecError, match=r"^pods.jsonl:1: JSON that cannot be read: Exceeds the limit"):
+        parse_pods('{"uid": ' + "1" * 5000 + ', "netns": "x"}\n', "pods.jsonl")
 
 
 def test_yaml_entries_are_named_by_their_position() -> None:

@@ -129,7 +129,7 @@ def parse_config(data: bytes, command: str) -> dict[str, Any]:
     """The network configuration from stdin, checked as the spec requires of every plugin."""
     try:
         doc = json.loads(data) if data.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also too deep, or an integer too long to convert
         raise CniError(Code.DECODING_FAILURE, f"network configuration is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise CniError(Code.DECODING_FAILURE, "network configuration must be a JSON object")
