@@ -123,7 +123,7 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
             return web.json_response({"error": "faults cannot be armed here"}, status=404)
         try:
             entry = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return web.json_response(
                 {"error": "the body must be a JSON object {kind, count, delay, text}"}, status=400
             )

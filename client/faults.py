@@ -299,7 +299,7 @@ def load_faults(path: str, faults: ZtunnelFaults) -> list[ZtunnelFault]:
         else:
             doc = yaml.safe_load(text)
             entries = doc.get("faults", []) if isinstance(doc, dict) else doc
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:  # as in pods files
         raise ZtunnelFaultError(f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
     if not isinstance(entries, list):
         raise ZtunnelFaultError(f"{path}: expected a list of faults")

@@ -63,11 +63,15 @@ def load_faults_file(path: str) -> list[FaultSpec]:
                 entries.append((json.loads(line), f"{path}:{n}"))
             except json.JSONDecodeError as exc:
                 raise FaultError(Refusal.INVALID, f"{path}:{n}: not valid JSON: {exc.msg}") from exc
+            except (ValueError, RecursionError) as exc:  # too deep, an integer too long to convert
+                raise FaultError(Refusal.INVALID, f"{path}:{n}: JSON that cannot be read: {exc}") from exc
     else:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise FaultError(Refusal.INVALID, f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # as in pods files
+            raise FaultError(Refusal.INVALID, f"{path}: YAML that cannot be read: {exc}") from exc
         if isinstance(doc, dict) and "faults" in doc:
             doc = doc["faults"]
         if not isinstance(doc, list):

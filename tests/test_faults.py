@@ -249,3 +249,27 @@ def test_second_snapshot_sent_for_the_next_connection_comes_after_its_snapshot(
     again = peer.expect()
     assert isinstance(request_of(again), SnapshotSent)
     peer.ack('failure to process message : ProtocolError("pod snapshot received already")')
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("faults.jsonl", '{"kind": ' + "1" * 5000 + "}\n"),
+        ("faults.yaml", "- " + "[" * 5000 + "]" * 5000 + "\n"),
+    ],
+)
+def test_a_faults_file_json_or_yaml_cannot_read_is_refused_in_one_line(
+    tmp_path: pathlib.Path, name: str, text: str
+) -> None:
+    """Nested too deep, or an integer of more digits than Python converts: a refusal naming
+    the file, on both ends (the node agent's --faults, zds ztunnel's --faults)."""
+    from zds.client.faults import ZtunnelFaultError, ZtunnelFaults, load_faults
+    from zds.server.faultkinds import FaultError
+    from zds.server.faultsfile import load_faults_file
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(FaultError, match=f"^{path}"):
+        load_faults_file(str(path))
+    with pytest.raises(ZtunnelFaultError, match=f"^{path}"):
+        load_faults(str(path), ZtunnelFaults())
