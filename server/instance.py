@@ -24,6 +24,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -123,14 +124,22 @@ class SocketFile:
 
 
 def clear_socket_path(path: str) -> None:
-    """Make room for a socket at ``path``: remove a stale socket left by a crashed agent (the
-    caller holds the path's lock, so no live agent serves it); refuse anything that is not a socket."""
+    """Make room for a socket at ``path``: remove a stale socket, one nothing answers on (left
+    by a crashed agent: the caller holds the path's lock, so no live zds serves it); refuse a
+    socket something else still serves (another program's, Istio's node agent's) and anything
+    that is not a socket."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISSOCK(st.st_mode):
-        os.unlink(path)
+        if _answered(path):
+            raise InstanceError(
+                f"{path} is a socket another program serves; refusing to replace it (stop that "
+                "program, or choose another path)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         return
     kind = (
         "a directory"
@@ -143,6 +152,21 @@ def clear_socket_path(path: str) -> None:
         f"{path} is {kind}; refusing to replace it with a socket (remove it yourself if it is stale, "
         "or choose another path)"
     )
+
+
+def _answered(path: str) -> bool:
+    """Something listens on the unix socket at ``path``: a connect is not refused. A listener
+    of another socket type answers too (EPROTOTYPE); one that cannot be told is taken as live."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # EPROTOTYPE (a listener of another type), EAGAIN (its backlog full), ...
+    finally:
+        probe.close()
+    return True
 
 
 #: The longest path a unix socket can be bound at (``sun_path`` less its NUL).

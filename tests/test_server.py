@@ -419,6 +419,36 @@ def test_socket_file_is_0600_and_a_stale_one_is_replaced(start_server: StartServ
     peer.close()
 
 
+@pytest.mark.parametrize(
+    ("which", "kind"),
+    [
+        ("ztunnel/ztunnel.sock", socket.SOCK_SEQPACKET),
+        ("zds/control.sock", socket.SOCK_STREAM),
+        ("cni/pluginevent.sock", socket.SOCK_DGRAM),
+    ],
+)
+def test_a_socket_another_program_serves_is_left_alone_and_refused_in_one_line(
+    start_server: StartServer, tmp_path: object, which: str, kind: int
+) -> None:
+    """DESIGN §2: only a stale socket, one nothing answers on, is replaced. Istio's node
+    agent at the default path (no zds lock beside it) is a live one: zds refuses to start."""
+    path = os.path.join(str(tmp_path), which)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with socket.socket(socket.AF_UNIX, kind) as theirs:
+        theirs.bind(path)
+        if kind != socket.SOCK_DGRAM:
+            theirs.listen()
+        inode = os.stat(path).st_ino
+        server = start_server(ready=False)
+        assert server.proc.wait(15) == 1
+        server.wait_for_output(f"{path} is a socket another program serves; refusing to replace it")
+        assert "Traceback" not in server.output()
+        assert os.stat(path).st_ino == inode
+        if kind != socket.SOCK_DGRAM:
+            with socket.socket(socket.AF_UNIX, kind) as client:
+                client.connect(path)  # still theirs, still answering
+
+
 @pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock", "cni/pluginevent.sock"])
 def test_a_regular_file_at_a_socket_path_survives_and_is_refused_in_one_line(
     start_server: StartServer, tmp_path: object, which: str
