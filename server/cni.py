@@ -223,6 +223,9 @@ class CniPluginEndpoint:
             return code, text
         try:
             async with self.containers.serialized(spec.uid):
+                if (refusal := self.containers.held_elsewhere(spec.uid)) is not None:
+                    _log_add_failure(500, refusal, spec)
+                    return 500, refusal
                 await self.agent.add_pod(spec)
         except EnrollmentError as exc:
             # Refused (the node's netns, names Kubernetes would refuse): 400, as a bad body;

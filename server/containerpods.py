@@ -53,6 +53,14 @@ class ContainerPods:
         async with self._locks.hold(uid):
             yield
 
+    def held_elsewhere(self, uid: str) -> str | None:
+        """Why a CNI event must not replace the pod of ``uid``: another source enrolled it
+        (None: no pod, or a pod of a container). Asked while ``serialized(uid)`` is held."""
+        held = self.agent.pods.get(uid)
+        if held is None or held.spec.source.container:
+            return None
+        return f"uid {uid} is held by a pod from {held.spec.source.value}; not replaced"
+
     # -- facts --------------------------------------------------------------------------
     def learn(self, facts: ContainerFacts) -> None:
         self.facts[facts.id] = facts
@@ -97,9 +105,8 @@ class ContainerPods:
             spec, name=facts.pod_name, namespace=facts.namespace, service_account=facts.service_account
         )
         async with self.serialized(cid):
-            held = self.agent.pods.get(cid)
-            if held is not None and not held.spec.source.container:
-                return 500, f"uid {cid} is held by a pod from {held.spec.source.value}; not replaced"
+            if (refusal := self.held_elsewhere(cid)) is not None:
+                return 500, refusal
             try:
                 await self.agent.add_pod(spec)
             except EnrollmentError as exc:

@@ -597,6 +597,23 @@ def test_cni_event_with_explicit_uid_and_service_account(server: NodeAgentProc, 
     assert request_of(got) == AddWorkload("abc", WorkloadInfo("web", "shop", "web-sa"))
 
 
+def test_an_istio_cni_event_never_replaces_or_removes_a_pod_another_source_enrolled(
+    server: NodeAgentProc, peers: Peers
+) -> None:
+    """Istio's plugin event (no container id) names a uid the control API enrolled: refused
+    and left alone, as zds-cni's own events are (one source never takes another's pod)."""
+    peers.acking(server.zds_socket).wait_snapshot()
+    netns = pod_netns()
+    server.add_pod("api-pod", netns, name="web", namespace="shop")
+    body = json.dumps({"Netns": netns, "PodName": "other", "PodNamespace": "x", "PodUID": "api-pod"}).encode()
+    status, answer = post_unix(server.cni_socket, "/cmdadd", body)
+    assert (status, answer.strip()) == (500, "uid api-pod is held by a pod from api; not replaced")
+    status, answer = post_unix(server.cni_socket, "/cmddel", json.dumps({"PodUID": "api-pod"}).encode())
+    assert (status, answer.strip()) == (200, "left alone: enrolled by api")
+    [pod] = server.list_pods()
+    assert (pod.uid, pod.name, pod.namespace) == ("api-pod", "web", "shop")
+
+
 @pytest.mark.parametrize(
     ("body", "text"),
     [
