@@ -8,7 +8,10 @@ named namespaces (Istio's agent scans ``/proc`` too, ``podcgroupns.go``). A pod
 whose netns is found gets its rules checked (present and equal: left alone;
 missing or different: reinstalled). A pod whose netns is nowhere stays known
 and goes out as KeepWorkload, as Istio sends it for a pod whose netns it cannot
-find, so ztunnel keeps serving it and drops nothing. A removal that a crash
+find, so ztunnel keeps serving it and drops nothing; so does one whose path is at
+a place this run does not allow (``--netns-root`` changed), unless its netns is
+found by identity where it is allowed: never opened there, its rules untouched.
+Only a row naming the node's netns, or names zds refuses, is dropped. A removal that a crash
 interrupted is finished. Only then does the agent serve ztunnel, whose next
 snapshot holds every pod.
 """
@@ -56,7 +59,10 @@ class RecoveryOutcome(enum.Enum):
     RULES_FAILED = "rules failed"
     #: A removal the last run began and did not finish: finished now.
     REMOVAL_FINISHED = "removal finished"
-    #: Its row names the node's own netns or an identity zds refuses: dropped from the store.
+    #: Its path is at a place this run does not allow (``--netns-root`` changed) and its netns
+    #: was not found by identity elsewhere: not opened; known, its row kept, sent as KeepWorkload.
+    PLACE_REFUSED = "netns place not allowed"
+    #: Its row names the node's own netns or names zds refuses: dropped from the store.
     REFUSED = "refused"
 
 
@@ -79,6 +85,8 @@ class _Found:
     netns: NetnsHandle | None = None
     #: The path opened to a different netns.
     replaced: bool = False
+    #: The path is at a place this run does not allow: not opened.
+    place_refused: bool = False
     elsewhere: bool = False
 
 
@@ -108,7 +116,11 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
 
     await asyncio.gather(*(one(item) for item in found))
     for uid, outcome in report.outcomes.items():
-        if outcome in (RecoveryOutcome.NETNS_GONE, RecoveryOutcome.NETNS_REPLACED):
+        if outcome in (
+            RecoveryOutcome.NETNS_GONE,
+            RecoveryOutcome.NETNS_REPLACED,
+            RecoveryOutcome.PLACE_REFUSED,
+        ):
             log.warning(
                 "pod recovered without its netns (%s): sent to ztunnel as KeepWorkload",
                 outcome.value,
@@ -120,13 +132,12 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
 
 
 def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
-    """Why a stored pod may not be reloaded ('' if it may): a bad identity, or the node's netns."""
+    """Why a stored pod may not be reloaded ('' if it may): names zds refuses, or the node's
+    netns. (A path at a place not allowed now is not opened, ``_reopen``; the pod is kept.)"""
     try:
         row.spec.validate()
-        if policy is not None:
-            policy.check_place(row.spec.netns)
-            if row.identity is not None:
-                policy.check_identity(row.identity, str(row.spec.netns))
+        if policy is not None and row.identity is not None:
+            policy.check_identity(row.identity, str(row.spec.netns))
     except (PodSpecError, NetnsRefused) as exc:
         return str(exc)
     return ""
@@ -139,6 +150,11 @@ def _reopen(row: StoredPod, policy: NetnsPolicy | None) -> _Found:
         return item
     try:
         candidate = policy.open(row.spec.netns) if policy is not None else open_netns_ref(row.spec.netns)
+    except NetnsRefused as exc:
+        # --netns-root changed since it was enrolled: not opened there, looked for by identity.
+        log.warning("pod's stored netns path not opened: %s", exc, extra=row.spec.log_extra)
+        item.place_refused = True
+        return item
     except NetnsError:
         return item
     if _same(row, candidate):
@@ -205,6 +221,8 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
             if row.identity is None
             else RecoveryOutcome.NETNS_REPLACED
             if item.replaced
+            else RecoveryOutcome.PLACE_REFUSED
+            if item.place_refused
             else RecoveryOutcome.NETNS_GONE
         )
     else:
