@@ -136,9 +136,13 @@ class ControlTarget:
 
         code, details = exc.code(), exc.details() or ""
         lowered = details.lower()
+        if code is not grpc.StatusCode.UNAVAILABLE:
+            # The node agent answered: its own words, whatever they say (a netns it may not
+            # open is "permission denied" too, and an INVALID_ARGUMENT, not an unreachable agent).
+            return ControlError(f"{code.name}: {details}")
         if "permission denied" in lowered:
             return self._denied()
-        if code is grpc.StatusCode.UNAVAILABLE and any(t in lowered for t in _TRANSPORT):
+        if any(t in lowered for t in _TRANSPORT):
             hint = not_root_hint() if self.address is None else ""
             return ControlError(f"cannot reach the node agent at {self.where}: {details}{hint}")
         return ControlError(f"{code.name}: {details}")

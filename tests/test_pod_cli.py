@@ -187,6 +187,18 @@ def test_pod_remove_reports_each_connection(server: NodeAgentProc) -> None:
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 
+def test_the_node_agents_own_answer_is_shown_even_when_it_says_permission_denied(
+    server: NodeAgentProc,
+) -> None:
+    """Only a connection refused with EACCES is "cannot reach the node agent: permission
+    denied"; an answer whose words say so (a netns the agent may not open, a uid) is shown as
+    the agent gave it, with its status."""
+    missing = server.cli("pod", "remove", "--uid", "permission denied")
+    assert missing.returncode == 1
+    [line] = missing.stderr.splitlines()
+    assert line.startswith("zds pod remove: NOT_FOUND: ") and "permission denied" in line, line
+
+
 def test_pod_commands_say_when_the_node_agent_is_not_running(tmp_path: object) -> None:
     out = subprocess.run(
         [*ZDS, "pod", "list", "--control-socket", os.path.join(str(tmp_path), "nope.sock")],
