@@ -56,6 +56,12 @@ def test_demo_tells_the_whole_story_and_cleans_up() -> None:
         "nothing left behind",
     ):
         assert text in out, f"{text!r} missing from the demo's output:\n{out}"
+    # Each step shows its own log lines (the node agent writes them in batches).
+    enrolling = out[out.index("4. Enrolling") : out.index("5. ")]
+    removing = out[out.index("8. Removing") : out.index("9. ")]
+    assert re.search(r"ztunnel acked add in [\d.]+ ms  uid=demo-ratings", enrolling), enrolling
+    assert re.search(r"ztunnel acked del in [\d.]+ ms  uid=demo-ratings", removing), removing
+    assert "uid=demo-ratings" not in out[out.index("5. ") : out.index("8. Removing")]
     assert leftovers() == []
     pids = pids_in(out)
     assert len(pids) == 2 and not any(alive(p) for p in pids)

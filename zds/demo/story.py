@@ -194,6 +194,7 @@ class Demo:
             except grpc.RpcError as exc:
                 raise DemoError(f"enrolling {name} failed: {exc.code().name}: {exc.details()}") from exc
             self.n.ok(f"{name}: acked by ztunnel connection {resp.connection_id}")
+        self.wait_for_last_ack("add")
         self.show_logs()
 
     def show_listeners(self) -> None:
@@ -276,7 +277,19 @@ class Demo:
             "listeners closed in every pod; "
             + (f"rules still in {left}" if left else "rules removed from every pod")
         )
+        self.wait_for_last_ack("del")
         self.show_logs()
+
+    def wait_for_last_ack(self, kind: str) -> None:
+        """The node agent writes its lines in batches (within 5 ms of each): wait for its line
+        of the last pod's ack of ``kind`` (add, del), so that a step shows all of its lines."""
+        text, uid = f"ztunnel acked {kind}", f'"uid": "demo-{list(self.pods)[-1]}"'
+
+        def logged() -> bool:
+            lines = self.children.read_log("node-agent").splitlines()
+            return any(text in line and uid in line for line in lines)
+
+        wait_for(lambda: self.children.check_alive() or logged(), 10, f"the node agent's line '{text}'")
 
 
 @contextlib.contextmanager
