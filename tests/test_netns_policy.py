@@ -212,19 +212,15 @@ def test_an_add_pod_with_a_nul_in_its_netns_path_is_invalid_not_internal(server:
 
 
 def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_alone(
-    tmp_path: Path, make_pod: Callable[[], Pod]
+    tmp_path: Path, custom_root: tuple[Path, str]
 ) -> None:
     """Enrolled under --netns-root, the agent restarted without it: the stored path is not
     opened (its place is not allowed now) and the netns is not found by identity (only that
     bind mount holds it), so the pod stays known, sent as KeepWorkload, its row kept and its
     rules untouched; given --netns-root again, it is restored as it was."""
-    root = tmp_path / "netns-root"
-    root.mkdir()
-    pod = make_pod()
-    netns = root / "pod-a"
-    netns.touch()
-    subprocess.run(["mount", "--bind", pod.path, str(netns)], check=True)
-    subprocess.run(["ip", "netns", "delete", pod.name], check=True)  # the bind mount alone holds it
+    root, netns = custom_root
+    named = [name for name in os.listdir("/run/netns") if os.path.samefile(f"/run/netns/{name}", netns)]
+    subprocess.run(["ip", "netns", "delete", *named], check=True)  # the bind mount alone holds it
 
     def rules() -> str:
         """The netns's IPv4 rules as iptables-save prints them, less its dated comments."""
@@ -233,36 +229,33 @@ def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_
         ).stdout
         return "\n".join(line for line in saved.splitlines() if not line.startswith("#"))
 
+    first = NodeAgentProc(str(tmp_path), "--netns-root", str(root), redirect=True, name="first")
+    peer = AckingPeer(first.wait_ready().zds_socket)
     try:
-        first = NodeAgentProc(str(tmp_path), "--netns-root", str(root), redirect=True, name="first")
-        peer = AckingPeer(first.wait_ready().zds_socket)
-        try:
-            peer.wait_snapshot()
-            first.add_pod("u1", str(netns))
-        finally:
-            peer.close()
-            first.stop()
-        enrolled = rules()
-        assert "ISTIO_OUTPUT" in enrolled
-        second = NodeAgentProc(str(tmp_path), redirect=True, name="second").wait_ready()
-        peer = AckingPeer(second.zds_socket)
-        try:
-            peer.wait_snapshot()
-            [kept] = second.list_pods()
-            assert (kept.uid, kept.recovery) == ("u1", "netns place not allowed")
-            assert peer.kinds == ["keep", "snapshot_sent"]
-            assert f"netns path {netns} is not under an allowed root" in second.output()
-        finally:
-            peer.close()
-            second.stop()
-        assert rules() == enrolled
-        third = NodeAgentProc(str(tmp_path), "--netns-root", str(root), redirect=True, name="third")
-        try:
-            [restored] = third.wait_ready().list_pods()
-            assert (restored.uid, restored.recovery) == ("u1", "restored")
-            third.remove_pod("u1")
-        finally:
-            third.stop()
-        assert "ISTIO_OUTPUT" not in rules()
+        peer.wait_snapshot()
+        first.add_pod("u1", str(netns))
     finally:
-        subprocess.run(["umount", str(netns)], check=True)
+        peer.close()
+        first.stop()
+    enrolled = rules()
+    assert "ISTIO_OUTPUT" in enrolled
+    second = NodeAgentProc(str(tmp_path), redirect=True, name="second").wait_ready()
+    peer = AckingPeer(second.zds_socket)
+    try:
+        peer.wait_snapshot()
+        [kept] = second.list_pods()
+        assert (kept.uid, kept.recovery) == ("u1", "netns place not allowed")
+        assert peer.kinds == ["keep", "snapshot_sent"]
+        assert f"netns path {netns} is not under an allowed root" in second.output()
+    finally:
+        peer.close()
+        second.stop()
+    assert rules() == enrolled
+    third = NodeAgentProc(str(tmp_path), "--netns-root", str(root), redirect=True, name="third")
+    try:
+        [restored] = third.wait_ready().list_pods()
+        assert (restored.uid, restored.recovery) == ("u1", "restored")
+        third.remove_pod("u1")
+    finally:
+        third.stop()
+    assert "ISTIO_OUTPUT" not in rules()
