@@ -33,6 +33,7 @@ from zds.protocol.nodeagent import (
 from zds.server import spans
 from zds.server.connrecords import ConnectionInfo, ConnectionStats, Delivery, SnapshotSource
 from zds.server.link import ConnectionLost
+from zds.server.tasks import retrieve_exception
 from zds.transport import BusyPoll, PeerCredentials, SeqpacketConnection
 
 if TYPE_CHECKING:
@@ -363,17 +364,22 @@ class ZtunnelConnection:
                         Delivery(
                             request=item.request,
                             fd=item.fd,
-                            result=self._loop.create_future(),
+                            result=self._unawaited(),
                             trace_context=ctx,
                             payload=item.payload,
                         )
                     )
             root.set_attribute(spans.SNAPSHOT_PODS, self._snapshot_entries)
             await self._exchange(
-                Delivery(
-                    request=SnapshotSent(), fd=None, result=self._loop.create_future(), trace_context=ctx
-                )
+                Delivery(request=SnapshotSent(), fd=None, result=self._unawaited(), trace_context=ctx)
             )
+
+    def _unawaited(self) -> asyncio.Future[Ack]:
+        """The answer of a snapshot entry, which only this connection reads: a connection lost
+        mid-snapshot sets its error, which must not be logged as never retrieved."""
+        result: asyncio.Future[Ack] = self._loop.create_future()
+        result.add_done_callback(retrieve_exception)
+        return result
 
     async def _next_delivery(self) -> Delivery:
         """The next queued request. While idle, watch the socket: ztunnel never speaks

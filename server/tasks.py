@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _retrieve_exception(task: asyncio.Future[Any]) -> None:
-    """An owned task whose caller gave up still has its outcome read (no 'never retrieved')."""
+def retrieve_exception(task: asyncio.Future[Any]) -> None:
+    """Read a finished task's or future's outcome, so that an exception nobody awaited is not
+    logged as 'never retrieved' (an owned task whose caller gave up, a snapshot entry's answer)."""
     if not task.cancelled():
         task.exception()
 
@@ -34,7 +35,7 @@ class TaskOwner:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_retrieve_exception)
+        task.add_done_callback(retrieve_exception)
         return task
 
     async def run(self, coro: Coroutine[Any, Any, T]) -> T:

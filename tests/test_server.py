@@ -142,6 +142,26 @@ def test_snapshot_holds_every_cached_pod_each_acked_before_the_next(
     server.wait_for_output("netns unavailable; the pod stays known and is sent as KeepWorkload")
 
 
+def test_a_ztunnel_gone_mid_snapshot_is_one_line_not_a_traceback(
+    start_server: StartServer, peers: Peers, tmp_path: object
+) -> None:
+    """A ztunnel that restarts while its snapshot is sent: the entries not yet answered
+    fail with the connection, which nobody awaits; no "never retrieved" traceback later."""
+    entries = [{"uid": f"u{i}", "netns": pod_netns()} for i in range(3)]
+    server = start_server("--pods", pods_file(tmp_path, entries))
+    for _ in range(3):
+        peer = peers.raw(server.zds_socket)
+        peer.hello()
+        peer.expect().close_fds()
+        peer.close()  # before the first entry's ack
+        wait_until(lambda: "connection lost" in server.output() or "closed" in server.output(), "the loss")
+    for _ in range(30):  # allocations enough for the collector to run, and free the futures
+        server.list_pods()
+    connect(server, peers)  # a whole snapshot still goes out
+    output = server.output()
+    assert "never retrieved" not in output and "Traceback" not in output, output
+
+
 def test_pods_file_pods_are_listed_before_any_ztunnel_connects(
     start_server: StartServer, tmp_path: object
 ) -> None:
