@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from zds import defaults
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, AddWorkload, encode_ack, encode_hello
 from zds.protocol.reading import START_FAILURE
@@ -155,8 +156,8 @@ class ZtunnelFaults:
             raise ZtunnelFaultError(f"{kind.label}: count must be at least 1")
         if kind is ZtunnelFaultKind.DELAY_ACKS and delay <= 0:
             raise ZtunnelFaultError("delay-acks: give a delay in seconds (more than 0)")
-        if delay < 0:
-            raise ZtunnelFaultError(f"{kind.label}: delay must not be negative")
+        if not 0 <= delay <= defaults.FAULT_DELAY_MAX:  # (also NaN)
+            raise ZtunnelFaultError(f"{kind.label}: delay must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds")
         remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
         text = str(entry.get("text") or "")
         fault = ZtunnelFault(f"z{next(self._ids)}", kind, count, delay, text, remaining, self.records + after)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from zds import defaults
 from zds.server.eventkinds import EventKind
 from zds.server.faultkinds import NEEDS_POD, Category, FaultError, FaultKind, Refusal
 
@@ -151,6 +152,10 @@ class FaultBook:
             raise FaultError(Refusal.INVALID, f"{kind.label}: --count must be at least 1")
         if kind is FaultKind.DELAY and spec.delay <= 0:
             raise FaultError(Refusal.INVALID, "delay: give --delay SECONDS (more than 0)")
+        if not 0 <= spec.delay <= defaults.FAULT_DELAY_MAX:  # (also NaN)
+            raise FaultError(
+                Refusal.INVALID, f"{kind.label}: --delay must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds"
+            )
         if kind is FaultKind.OMIT_FROM_SNAPSHOT and not spec.uid:
             raise FaultError(Refusal.INVALID, "omit-from-snapshot: give --uid of the pod to leave out")
         if (

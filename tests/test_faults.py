@@ -273,3 +273,46 @@ def test_a_faults_file_json_or_yaml_cannot_read_is_refused_in_one_line(
         load_faults_file(str(path))
     with pytest.raises(ZtunnelFaultError, match=f"^{path}"):
         load_faults(str(path), ZtunnelFaults())
+
+
+def test_a_delay_no_timer_can_take_is_refused_and_a_watch_stream_lives_on(server: NodeAgentProc) -> None:
+    """A Duration of 2**63-1 seconds (or any delay past FAULT_DELAY_MAX): INVALID_ARGUMENT in
+    one line; nothing armed, no traceback, and a Watch stream open meanwhile goes on."""
+    from google.protobuf.duration_pb2 import Duration
+
+    from tests.harness import WatchStream
+
+    watch = WatchStream(server)
+    try:
+        watch.wait_for(nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END)
+        for seconds in (2**63 - 1, 3601):
+            with pytest.raises(grpc.RpcError) as refused:
+                inject(server, "delay", next_connection=True, delay=Duration(seconds=seconds))
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details() == "delay: --delay must be 0 to 3600 seconds"
+        armed = inject(server, "delay", next_connection=True, delay=Duration(seconds=2))
+        assert armed.delay.seconds == 2
+        [injected] = watch.wait_for(nodeagent_pb2.EVENT_KIND_FAULT_INJECTED)  # only the good one
+        assert injected.fault.delay.seconds == 2
+        assert watch.error is None and not watch.done.is_set()
+    finally:
+        watch.close()
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize("delay", ["1e300", "NaN", "-1"])
+def test_a_faults_file_delay_out_of_range_is_refused_on_both_ends(
+    start_server: StartServer, tmp_path: pathlib.Path, delay: str
+) -> None:
+    from zds.client.faults import ZtunnelFaultError, ZtunnelFaults, load_faults
+
+    node_agent = tmp_path / "node-agent.jsonl"
+    node_agent.write_text(f'{{"kind": "drop-before", "delay": {delay}}}\n')
+    failing = start_server("--faults", str(node_agent), ready=False)
+    assert failing.wait_exit() == 1
+    assert "drop-before: --delay must be 0 to 3600 seconds" in failing.output()
+    assert "Traceback" not in failing.output()
+    ztunnel = tmp_path / "ztunnel.jsonl"
+    ztunnel.write_text(f'{{"kind": "delay-acks", "delay": {delay}}}\n')
+    with pytest.raises(ZtunnelFaultError, match="delay"):
+        load_faults(str(ztunnel), ZtunnelFaults())

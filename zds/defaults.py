@@ -169,3 +169,7 @@ CONTAINER_LOOKUP_TIMEOUT = 10.0
 #: Reconnecting to the container engine: first delay and cap (seconds), doubling.
 ENGINE_RETRY_INITIAL = 0.5
 ENGINE_RETRY_MAX = 30.0
+
+#: The longest delay a fault may ask for (either end): an hour holds any test, and keeps a
+#: delay a timer can take (a Duration of 2**63 s is not one).
+FAULT_DELAY_MAX = 3600.0
