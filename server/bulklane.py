@@ -9,7 +9,8 @@ an end within a frame) is logged in one line and drops the connection; the enrol
 already started run on, as when a gRPC client goes away.
 
 What a client can make the node agent hold is bounded as gRPC's flow control bounds it:
-reading stops while :data:`READ_AHEAD` bytes of requests wait to be taken, and
+reading stops while :data:`READ_AHEAD` bytes of requests wait to be taken (each counted at
+least :data:`REQUEST_COST`), and
 ``bulk_add`` stops taking them while ``BULK_UNSENT`` answers wait to be sent (and sending
 waits while the transport's buffer is full).
 """
@@ -35,6 +36,9 @@ BulkServe = Callable[
 ]
 #: Bytes of requests decoded but not yet taken before the lane stops reading.
 READ_AHEAD = 1024 * 1024
+#: What a request waiting to be taken counts beyond its bytes (its decoded message, its place
+#: in the queue): an empty frame is not free, and a client sending empty ones must be stopped too.
+REQUEST_COST = 256
 
 
 class BulkLane(asyncio.Protocol):
@@ -46,7 +50,7 @@ class BulkLane(asyncio.Protocol):
         self._opening = Opening()
         self._deframer = Deframer()
         self._requests: asyncio.Queue[tuple[nodeagent_pb2.AddPodsRequest, int] | None] = asyncio.Queue()
-        self._queued = 0  # bytes of the requests in _requests
+        self._queued = 0  # what the requests in _requests count (their bytes, and REQUEST_COST each)
         self._writable = asyncio.Event()
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
@@ -79,8 +83,9 @@ class BulkLane(asyncio.Protocol):
             except DecodeError:
                 self._break("it sent a message that is not an AddPodsRequest")
                 return
-            self._requests.put_nowait((request, len(message)))
-            self._queued += len(message)
+            cost = len(message) + REQUEST_COST
+            self._requests.put_nowait((request, cost))
+            self._queued += cost
         if self._queued >= READ_AHEAD and self._transport is not None and self._transport.is_reading():
             self._transport.pause_reading()
 
@@ -126,8 +131,8 @@ class BulkLane(asyncio.Protocol):
 
     async def _incoming(self) -> AsyncIterator[nodeagent_pb2.AddPodsRequest]:
         while (item := await self._requests.get()) is not None:
-            request, size = item
-            self._queued -= size
+            request, cost = item
+            self._queued -= cost
             if self._queued < READ_AHEAD and self._transport is not None and not self._transport.is_reading():
                 self._transport.resume_reading()
             yield request

@@ -494,6 +494,27 @@ def test_a_bulk_lane_client_that_does_not_read_holds_the_node_agent_to_a_bound(s
     assert got.startswith(bulkwire.MAGIC) and len(got) > len(bulkwire.MAGIC)
 
 
+def test_a_bulk_lane_client_sending_empty_frames_is_held_to_a_bound_too(server: NodeAgentProc) -> None:
+    """Empty requests cost the node agent memory too (a decoded message each, its place in the
+    queue): once it stops taking requests (answers unread), they stop being read as well."""
+    pods = [nodeagent_pb2.AddPodRequest(uid=f"p{i}") for i in range(20_000)]  # refused at once
+    empty = bulkwire.frame(b"") * 65536
+    rss_before = _rss_kb(server.pid)
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(server.control_socket)
+        sock.settimeout(2)
+        try:
+            sock.sendall(lane_opening_and(nodeagent_pb2.AddPodsRequest(pods=pods)))
+            while sent < 64 * 1024 * 1024:  # 13 M empty requests offered
+                sent += sock.send(empty)
+        except TimeoutError:
+            pass  # it stopped reading: what the test is after
+        rss_during = _rss_kb(server.pid)
+    assert sent < 16 * 1024 * 1024, f"the node agent took {sent} bytes of empty requests"
+    assert rss_during - rss_before < 64 * 1024, (rss_before, rss_during)
+
+
 def test_bulk_answers_ready_together_go_in_replies_of_at_most_256(server: NodeAgentProc) -> None:
     """2,000 pods refused at once answer together: in replies of at most
     ``BULK_REPLY_RESULTS`` (a reply never nears a message's 4 MiB), each pod once."""
