@@ -130,6 +130,8 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     if ips is not None:
         if not isinstance(ips, list):
             raise BadEvent("IPs must be a list")
+        if len(ips) > defaults.MAX_POD_IPS:
+            raise BadEvent(f"IPs: {len(ips)} entries, over {defaults.MAX_POD_IPS} (a pod has one per family)")
         addresses = [a for index, entry in enumerate(ips) if (a := _check_ip_config(entry, index))]
     name, namespace = values["PodName"], values["PodNamespace"]
     try:

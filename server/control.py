@@ -11,7 +11,7 @@ import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,6 +55,22 @@ _STATUS = {
 }
 
 
+#: The longest status details (or answer text, or echoed uid) sent: gRPC refuses metadata past
+#: 8-16 KiB, so a refusal that quotes a caller's long value (a uid, a path) would reach it as
+#: a protocol error instead, and a bulk answer echoing it could outgrow a message.
+DETAILS_MAX = 1024
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= DETAILS_MAX else text[:DETAILS_MAX] + "..."
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End the call with ``code`` and ``details`` (cut to DETAILS_MAX characters)."""
+    await context.abort(code, _cut(details))
+    raise AssertionError("abort raises")  # pragma: no cover
+
+
 class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -64,12 +80,11 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     ) -> nodeagent_pb2.AddPodResponse:
         spec = pod_spec(request)
         if not isinstance(spec, PodSpec):
-            await context.abort(*spec)
-            raise AssertionError("abort raises")  # pragma: no cover
+            await _abort(context, *spec)
         try:
             enrolled = await self.agent.add_pod(spec)
         except EnrollmentError as exc:
-            await context.abort(_STATUS[exc.outcome], str(exc))
+            await _abort(context, _STATUS[exc.outcome], str(exc))
         return add_pod_response(enrolled)
 
     async def AddPods(
@@ -85,11 +100,11 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         self, request: nodeagent_pb2.RemovePodRequest, context: grpc.aio.ServicerContext
     ) -> nodeagent_pb2.RemovePodResponse:
         if not request.uid:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pod uid is empty")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "pod uid is empty")
         try:
             pod, results = await self.agent.remove_pod(request.uid)
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled")
         return nodeagent_pb2.RemovePodResponse(
             pod=pod_to_proto(pod),
             deliveries=[
@@ -116,7 +131,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             spec = fault_spec(request)
         except FaultError as exc:
             self.agent.telemetry.fault("unknown", "refused")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             fault = self.agent.inject_fault(spec)  # counts its own refusals
         except FaultError as exc:
@@ -125,7 +140,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 if exc.refusal is Refusal.INVALID
                 else grpc.StatusCode.FAILED_PRECONDITION
             )
-            await context.abort(status, str(exc))
+            await _abort(context, status, str(exc))
         if request.wait:
             await _wait_applied(fault, context)
         return nodeagent_pb2.InjectFaultResponse(fault=fault_to_proto(FaultView.of(fault)))
@@ -141,8 +156,10 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 for v in request.kinds
                 if EVENT_KIND_FROM_PROTO.get(v) in (None, EventKind.CURRENT_STATE_END)
             )
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"cannot watch event kind {bad}; expected one of {wanted}"
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cannot watch event kind {bad}; expected one of {wanted}",
             )
             return
         watcher = self.agent.watch(frozenset(k for k in kinds if k is not None) or None, request.uid)
@@ -151,12 +168,12 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 try:
                     event = await watcher.next()
                 except WatchEnded as ended:
-                    await context.abort(_WATCH_STATUS[ended.reason], ended.detail)
+                    await _abort(context, _WATCH_STATUS[ended.reason], ended.detail)
                     return
                 if not await _write(context, event_to_proto(event), watcher):
                     end = watcher.end
                     assert end is not None
-                    await context.abort(_WATCH_STATUS[end.reason], end.detail)
+                    await _abort(context, _WATCH_STATUS[end.reason], end.detail)
                     return
         finally:
             watcher.close()
@@ -196,7 +213,7 @@ async def bulk_add(
             code, message, response = grpc.StatusCode.OK, "", add_pod_response(outcome.result())
         answers.put_nowait(
             nodeagent_pb2.AddPodsResult(
-                index=index, uid=uid, code=code.value[0], message=message, response=response
+                index=index, uid=_cut(uid), code=code.value[0], message=_cut(message), response=response
             )
         )
 
@@ -281,7 +298,8 @@ async def _wait_applied(fault: Fault, context: grpc.aio.ServicerContext) -> None
     try:
         await asyncio.wait_for(fault.done.wait(), FAULT_WAIT)
     except TimeoutError:
-        await context.abort(
+        await _abort(
+            context,
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"fault {fault.id} ({fault.kind.label}) did not take effect within {FAULT_WAIT:g}s; it stays armed",
         )

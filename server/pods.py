@@ -63,10 +63,16 @@ def is_address(value: object) -> bool:
     return True
 
 
+def _too_many_ips(count: int) -> str:
+    return f"{count} addresses, over {defaults.MAX_POD_IPS} (Kubernetes gives a pod one per family)"
+
+
 def check_ips(ips: Sequence[object]) -> tuple[str, ...]:
     """A pod's addresses as its source gives them: each an IPv4 or IPv6 address in text, or
     PodSpecError naming the first that is not. Checked where a pod comes in (the API, a pods
     file; a CNI event checks its own): the pod store keeps what an older zds was given."""
+    if len(ips) > defaults.MAX_POD_IPS:
+        raise PodSpecError(f"ips: {_too_many_ips(len(ips))}")
     checked = []
     for index, ip in enumerate(ips):
         if not isinstance(ip, str):
@@ -151,6 +157,13 @@ class PodSpec:
         problem = names.pod_problem(self.uid, self.name, self.namespace, self.service_account)
         if problem:
             raise PodNameError(problem)
+        if len(self.ips) > defaults.MAX_POD_IPS:
+            raise PodSpecError(f"pod {self.uid}: {_too_many_ips(len(self.ips))}")
+        path = self.netns.location
+        if len(path.encode()) > defaults.MAX_NETNS_PATH:
+            raise PodSpecError(
+                f"pod {self.uid}: its netns path is {len(path.encode())} bytes, over {defaults.MAX_NETNS_PATH}"
+            )
         size = len(self.add_workload_bytes)
         # Kubernetes' limits keep a pod well under it; this is the backstop, as DESIGN.md asks.
         if size > defaults.MAX_MESSAGE_SIZE:

@@ -81,3 +81,41 @@ def test_the_same_defaults_whatever_the_pod_comes_by(tmp_path: Path) -> None:
     finally:
         peer.close()
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({"ips": [f"fd00::{i:x}" for i in range(17)]}, "ips: 17 addresses, over 16"),
+        (
+            {"netns_path": "/var/run/netns/" + "a" * 1_000_000},
+            "pod u1: its netns path is 1000015 bytes, over 4096",
+        ),
+    ],
+    ids=["ips", "netns-path"],
+)
+def test_a_pod_too_large_to_list_or_quote_is_refused_in_one_short_line(
+    server: NodeAgentProc, fields: dict[str, object], text: str
+) -> None:
+    """Every pod's addresses go out in each ListPods, reply and Watch event, and a refusal
+    quotes its path: more addresses than a pod has, or a path longer than PATH_MAX, would
+    make one client's pod break every client's ListPods, or its own refusal a protocol error."""
+    request = nodeagent_pb2.AddPodRequest(uid="u1", netns_path=pod_netns())
+    for name, value in fields.items():
+        if isinstance(value, list):
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    with server.control() as stub, pytest.raises(grpc.RpcError) as info:
+        stub.AddPod(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith(text) and len(info.value.details() or "") < 200
+    assert server.list_pods() == []
+
+
+def test_a_long_value_a_refusal_quotes_is_cut_so_the_reason_still_arrives(server: NodeAgentProc) -> None:
+    with server.control() as stub, pytest.raises(grpc.RpcError) as info:
+        stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="x" * 1_000_000), timeout=30)
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    details = info.value.details() or ""
+    assert details.startswith("no pod with uid xxx") and details.endswith("...") and len(details) <= 1030

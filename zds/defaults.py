@@ -173,3 +173,10 @@ ENGINE_RETRY_MAX = 30.0
 #: The longest delay a fault may ask for (either end): an hour holds any test, and keeps a
 #: delay a timer can take (a Duration of 2**63 s is not one).
 FAULT_DELAY_MAX = 3600.0
+
+#: The most addresses a pod may have (Kubernetes gives one per family, at most 2; a CNI
+#: result a few more): every pod's addresses go out in each ListPods, Watch event and reply.
+MAX_POD_IPS = 16
+#: The longest netns path taken (Linux's PATH_MAX): refusals quote it, and a status's
+#: details must stay well under gRPC's metadata limit (8 KiB).
+MAX_NETNS_PATH = 4096
