@@ -25,6 +25,7 @@ from typing import cast
 
 from google.protobuf.message import DecodeError
 
+from zds import defaults
 from zds.gen import nodeagent_pb2
 from zds.server.bulkwire import MAGIC, Deframer, Opening, frame
 
@@ -55,11 +56,18 @@ class BulkLane(asyncio.Protocol):
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
         self._broken = False
+        self._opening_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
+        self._opening_deadline = loop.call_later(defaults.CONTROL_OPENING_TIMEOUT, self._opening_late)
+
+    def _opening_late(self) -> None:
+        if not self._opening.complete and not self._broken:
+            self._break(f"it did not finish its opening within {defaults.CONTROL_OPENING_TIMEOUT:g}s")
 
     def data_received(self, data: bytes) -> None:
         if self._broken:
@@ -72,6 +80,8 @@ class BulkLane(asyncio.Protocol):
             return
         if not opened and self._opening.complete and self._transport is not None:
             self._transport.write(MAGIC)  # this node agent speaks the lane
+            if self._opening_deadline is not None:
+                self._opening_deadline.cancel()
         try:
             messages = self._deframer.feed(data)
         except ValueError as exc:
@@ -99,6 +109,8 @@ class BulkLane(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._opening_deadline is not None:
+            self._opening_deadline.cancel()
         if self._task is not None:
             self._task.cancel()
         self._writable.set()

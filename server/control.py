@@ -361,7 +361,11 @@ async def start_control_server(
 ) -> grpc.aio.Server:
     """Serve the control API on ``unix_path`` and, if given, on TCP ``tcp`` (with ``tls``,
     or plaintext when None: the caller decided that was asked for)."""
-    server = grpc.aio.server()
+    # A connection that has not finished gRPC's handshake is closed after this long (gRPC's
+    # default is 120 s): the control socket's door lets through only what speaks first.
+    server = grpc.aio.server(
+        options=[("grpc.server_handshake_timeout_ms", int(defaults.CONTROL_OPENING_TIMEOUT * 1000))]
+    )
     nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(agent), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,6 +17,7 @@ import logging
 import socket
 from typing import cast
 
+from zds import defaults
 from zds.server.bulklane import BulkLane, BulkServe
 from zds.server.bulkwire import MAGIC
 from zds.server.peers import PeerGuard
@@ -94,6 +95,8 @@ class PeerGate:
         self._server: asyncio.AbstractServer | None = None
         self._dialing: set[asyncio.Task[None]] = set()
         self._lanes: set[BulkLane] = set()
+        #: Doors let in that have said nothing yet, oldest first, with their deadlines.
+        self._silent: dict[_Door, asyncio.TimerHandle] = {}
         self._closed = False
 
     async def start(self, public: str, mode: int) -> None:
@@ -115,9 +118,32 @@ class PeerGate:
         self._closed = True
         if self._server is not None:
             self._server.close()
+        for door in list(self._silent):
+            self.spoke(door)
+            if door.transport is not None:
+                door.transport.close()
         for lane in list(self._lanes):
             await lane.stop()
         self._lanes.clear()
+
+    def wait_for_words(self, door: _Door) -> None:
+        """``door`` was let in: it has CONTROL_OPENING_TIMEOUT to say what it is, and the
+        oldest silent one goes when more than CONTROL_SILENT_MAX are."""
+        if len(self._silent) >= defaults.CONTROL_SILENT_MAX:
+            next(iter(self._silent)).give_up(
+                f"more than {defaults.CONTROL_SILENT_MAX} connections said nothing yet; the oldest goes"
+            )
+        self._silent[door] = asyncio.get_running_loop().call_later(
+            defaults.CONTROL_OPENING_TIMEOUT,
+            door.give_up,
+            f"it said nothing within {defaults.CONTROL_OPENING_TIMEOUT:g}s",
+        )
+
+    def spoke(self, door: _Door) -> None:
+        """``door`` said something, or closed."""
+        deadline = self._silent.pop(door, None)
+        if deadline is not None:
+            deadline.cancel()
 
     def open_lane(self, transport: asyncio.Transport, data: bytes) -> None:
         """Hand ``transport`` (its first bytes: ``data``) to a bulk lane."""
@@ -143,10 +169,24 @@ class _Door(_Pipe):
         sock = transport.get_extra_info("socket")
         if not self._gate.guard.check(peer_credentials(sock) if sock is not None else None):
             transport.close()
+            return
+        self._gate.wait_for_words(self)
+
+    def give_up(self, reason: str) -> None:
+        """Close a connection that said nothing (``PeerGate.wait_for_words``)."""
+        self._gate.spoke(self)
+        log.warning("control socket: a connection closed: %s", reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gate.spoke(self)
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self._chosen:
             self._chosen = True
+            self._gate.spoke(self)
             if self._gate._closed and self.transport is not None:
                 self.transport.close()  # the node agent is stopping
                 return

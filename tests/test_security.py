@@ -346,6 +346,49 @@ def test_the_control_api_on_tcp_with_server_tls_only_answers_grpcurl_and_zds_tha
 # -- floods -----------------------------------------------------------------------------------
 
 
+def test_control_connections_that_say_nothing_are_bounded_and_closed_in_time(tmp_path: Path) -> None:
+    """A connection to the control socket must say what it is (gRPC's preface, the bulk
+    lane's opening) within 10 s, and at most 64 may be silent at once (the oldest goes):
+    silent ones, a lane opening cut short and an HTTP/2 preface cut short are all closed,
+    each said in one line, and the socket serves on. (Otherwise each held its fds for good.)"""
+    from zds import defaults
+
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    held: list[socket.socket] = []
+
+    def connect(data: bytes) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(server.control_socket)
+        sock.sendall(data)
+        held.append(sock)
+        return sock
+
+    try:
+        cut = [connect(b""), connect(MAGIC[:6]), connect(b"PRI * HTTP/2.0\r\n")]
+        silent = [connect(b"") for _ in range(defaults.CONTROL_SILENT_MAX + 6)]
+        for sock in [cut[0], *silent[:6]]:  # 71 silent: the 7 oldest go at once
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+        assert server.list_pods() == []  # a client that speaks is served meanwhile
+        for sock in cut + silent:  # (gRPC speaks first on the cut preface: read to the end)
+            sock.settimeout(defaults.CONTROL_OPENING_TIMEOUT + 10)
+            while sock.recv(4096):
+                pass
+        out = server.output()
+        # The 7 oldest went at once, one more for the ListPods call's connection (it too
+        # was silent for a moment, while 64 others were), the rest at the timeout.
+        evicted = out.count("a connection closed: more than 64 connections said nothing yet")
+        timed_out = out.count("a connection closed: it said nothing within 10s")
+        assert evicted >= 7 and evicted + timed_out == 71, (evicted, timed_out)
+        assert out.count("a bulk-lane connection closed: it did not finish its opening within 10s") == 1
+        assert "Traceback" not in out
+        assert server.list_pods() == []
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
 def test_half_sent_cni_requests_are_closed_in_time_each_with_one_warning_never_a_traceback(
     tmp_path: Path,
 ) -> None:

@@ -180,3 +180,10 @@ MAX_POD_IPS = 16
 #: The longest netns path taken (Linux's PATH_MAX): refusals quote it, and a status's
 #: details must stay well under gRPC's metadata limit (8 KiB).
 MAX_NETNS_PATH = 4096
+
+#: A control-socket connection must say what it is (gRPC's preface, or the bulk lane's
+#: opening) within this many seconds (gRPC's own handshake, this too), and at most
+#: CONTROL_SILENT_MAX may be silent at once (the oldest is closed): as the ZDS socket's
+#: hello timeout and bound, so connections that say nothing cannot use up the fds.
+CONTROL_OPENING_TIMEOUT = 10.0
+CONTROL_SILENT_MAX = 64
