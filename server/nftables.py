@@ -241,8 +241,10 @@ class NftablesRedirector(Redirector):
         return [4, 6] if ipv6 else [4], digest
 
     def _remove_here(self) -> None:
-        libnftables().run(removal())
-        _routing(add=False)
+        try:
+            libnftables().run(removal())
+        finally:
+            _routing(add=False, ipv6=True)  # both families, whatever addresses the pod has now
 
     def _digest_here(self, *, routing: bool | None = None) -> str:
         """The digest of our tables as the kernel lists them and of the policy routing

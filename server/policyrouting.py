@@ -77,10 +77,9 @@ def policy_routing(add: bool, *, ipv6: bool | None = None) -> None:
                 rtnl.request(_encoded(RTM_NEWROUTE, family, lo), (), "add the local route")
                 rtnl.request(_encoded(RTM_NEWRULE, family, lo), (errno.EEXIST,), "add the fwmark rule")
             else:
-                rtnl.request(_encoded(RTM_DELRULE, family, lo), (errno.ENOENT,), "delete the fwmark rule")
-                rtnl.request(
-                    _encoded(RTM_DELROUTE, family, lo), (errno.ENOENT, errno.ESRCH), "delete the local route"
-                )
+                gone = (errno.ENOENT, errno.ESRCH, errno.EAFNOSUPPORT)  # (no IPv6 in this kernel)
+                rtnl.request(_encoded(RTM_DELRULE, family, lo), gone, "delete the fwmark rule")
+                rtnl.request(_encoded(RTM_DELROUTE, family, lo), gone, "delete the local route")
 
 
 @functools.cache

@@ -127,27 +127,51 @@ _CHAIN_RE = re.compile(r"^:(\S+) ")
 _JUMP_RE = re.compile(r"^-A (PREROUTING|OUTPUT) -j (ISTIO_PRERT|ISTIO_OUTPUT)$")
 
 
-def cleanup_rules(saved: str) -> str:
-    """``iptables-restore --noflush`` input that removes our jumps and chains found in ``saved``."""
+#: The tables the in-pod rules are in (Istio's): a chain of a pod's own named like ours in
+#: another table (filter) is not ours, and is left alone.
+RULE_TABLES = ("mangle", "nat", "raw")
+
+
+def cleanup_rules(saved: str, *, delete_chains: bool = True) -> str:
+    """``iptables-restore --noflush`` input that removes our jumps and chains found in
+    ``saved`` (in RULE_TABLES only); without ``delete_chains``, only the jumps and the rules in
+    the chains (``our_chains`` names them, to delete once emptied)."""
     out: list[str] = []
+    for table, jumps, ours in _ours_by_table(saved):
+        out.append(f"*{table}")
+        out += [f"-D {builtin} -j {chain}" for builtin, chain in jumps]
+        out += [f"-F {c}" for c in ours]
+        if delete_chains:
+            out += [f"-X {c}" for c in ours]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def our_chains(saved: str) -> list[tuple[str, str]]:
+    """(table, chain) of each of our chains found in ``saved`` (in RULE_TABLES)."""
+    return [(table, chain) for table, _, ours in _ours_by_table(saved) for chain in ours]
+
+
+def _ours_by_table(saved: str) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
+    """(table, our jumps as (built-in chain, our chain), our chains) for each of RULE_TABLES
+    in ``saved`` that holds any of them."""
+    found: list[tuple[str, list[tuple[str, str]], list[str]]] = []
     table = ""
-    body: list[str] = []
+    jumps: list[tuple[str, str]] = []
     ours: list[str] = []
     for line in saved.splitlines():
         line = line.strip()
         if line.startswith("*"):
-            table, body, ours = line[1:].strip(), [], []
+            table, jumps, ours = line[1:].strip(), [], []
+        elif table not in RULE_TABLES:
+            continue
         elif (m := _CHAIN_RE.match(line)) and m.group(1) in (PRERT, OUTPUT):
             ours.append(m.group(1))
         elif m := _JUMP_RE.match(line):
-            body.append(f"-D {m.group(1)} -j {m.group(2)}")
-        elif line == "COMMIT" and (body or ours):
-            out.append(f"*{table}")
-            out += body
-            out += [f"-F {c}" for c in ours]
-            out += [f"-X {c}" for c in ours]
-            out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
+            jumps.append((m.group(1), m.group(2)))
+        elif line == "COMMIT" and (jumps or ours):
+            found.append((table, jumps, ours))
+    return found
 
 
 def _run(argv: list[str], stdin: str = "") -> str:
@@ -172,13 +196,15 @@ _COUNTERS = re.compile(r"\s*\[\d+:\d+\]")
 
 def _ours(saved: str) -> list[str]:
     """The lines of ``iptables-save`` output that are our rules: our chains, the jumps to them,
-    and the rules in them (counters stripped), with the table each is in."""
+    and the rules in them (counters stripped), with the table each is in (RULE_TABLES only)."""
     lines: list[str] = []
     table = ""
     for raw in saved.splitlines():
         line = _COUNTERS.sub("", raw.strip())
         if line.startswith("*"):
             table = line
+        elif table[1:] not in RULE_TABLES:
+            continue
         elif (m := _CHAIN_RE.match(raw.strip())) and m.group(1) in (PRERT, OUTPUT):
             lines.append(f"{table} :{m.group(1)}")
         elif line.startswith("-A ") and (f" {PRERT}" in line or f" {OUTPUT}" in line):
@@ -277,11 +303,46 @@ class Redirector:
         return installed, self._digest_here()
 
     def _remove_here(self) -> None:
-        for _family, tool in _families():
-            cleanup = cleanup_rules(_run([f"{tool}-save"]))
-            if cleanup:
-                _run([f"{tool}-restore", "--noflush"], cleanup)
-        _routing(add=False)
+        """As Istio removes them, each step whatever the others did: per family (both, whatever
+        addresses the pod has now: it may have had IPv6 at the install), the jumps out and our
+        chains flushed, then the chains deleted (a chain a rule of the pod's own still jumps to
+        stays, empty: harmless); then the policy routing. RedirectError at the end names what
+        could not be done."""
+        errors: list[str] = []
+        for tool in ("iptables", "ip6tables"):
+            try:
+                cleanup = cleanup_rules(_run([f"{tool}-save"]), delete_chains=False)
+                if cleanup:
+                    _run([f"{tool}-restore", "--noflush"], cleanup)
+                    errors += _delete_chains(tool, our_chains(_run([f"{tool}-save"])))
+            except RedirectError as exc:
+                errors.append(str(exc))
+        try:
+            _routing(add=False, ipv6=True)
+        except RedirectError as exc:
+            errors.append(str(exc))
+        if errors:
+            raise RedirectError("; ".join(errors))
+
+
+def _delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:
+    """Delete our emptied ``chains``: in one restore, or, when one of them cannot go (a rule
+    of the pod's own still jumps to it), each on its own; what could not go, said."""
+    if not chains:
+        return []
+    script = "".join(f"*{table}\n-X {chain}\nCOMMIT\n" for table, chain in chains)
+    try:
+        _run([f"{tool}-restore", "--noflush"], script)
+        return []
+    except RedirectError:
+        pass
+    errors = []
+    for table, chain in chains:
+        try:
+            _run([tool, "-t", table, "-X", chain])
+        except RedirectError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 #: The rule backends ``zds server --redirect-backend`` takes.

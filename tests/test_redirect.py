@@ -21,7 +21,7 @@ from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
-from zds.server.redirect import RedirectConfig, Redirector, cleanup_rules, inpod_rules
+from zds.server.redirect import RedirectConfig, RedirectError, Redirector, cleanup_rules, inpod_rules
 
 GOLDEN4 = (DATA / "istio-inpod-iptables.golden").read_text()
 GOLDEN6_FILE = (DATA / "istio-inpod-iptables-ipv6.golden").read_text()
@@ -283,3 +283,74 @@ def test_remove_and_re_add_at_once_leaves_the_rules_of_the_new_enrollment(
     finally:
         peer.close()
         server.stop()
+
+
+def in_pod(path: str, *argv: str) -> str:
+    with open_netns(path) as ns, in_netns(ns):
+        return subprocess.run(list(argv), capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.root
+def test_a_chain_of_the_pods_own_named_like_ours_in_another_table_is_left_alone(
+    namespaces: list[str],
+) -> None:
+    """Istio's rules live in mangle, nat and raw: an ISTIO_OUTPUT the pod made in filter (and
+    its jump and rule) is its own, through install and removal."""
+    pod = scratch(namespaces)
+    restore_in(pod, "*filter\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\n"
+               "-A ISTIO_OUTPUT -p tcp --dport 2222 -j DROP\nCOMMIT\n")  # fmt: skip
+
+    def filter_table() -> list[str]:
+        saved = normalise(saved_in(pod))
+        start = saved.index("*filter")
+        return saved[start : saved.index("COMMIT", start) + 1]
+
+    before = filter_table()
+    assert "-A ISTIO_OUTPUT -p tcp -m tcp --dport 2222 -j DROP" in before
+    install(pod)
+    assert filter_table() == before
+    remove(pod)
+    assert filter_table() == before
+    assert "ISTIO_PRERT" not in saved_in(pod)
+
+
+@pytest.mark.root
+def test_a_removal_takes_the_redirection_out_even_when_a_chain_of_ours_cannot_go(
+    namespaces: list[str],
+) -> None:
+    """The pod made a rule of its own that jumps to our nat chain: the chain cannot be deleted
+    (EBUSY), as in Istio, but the jumps and every redirect go, the other family and the policy
+    routing too; what stayed is said."""
+    pod = scratch(namespaces)
+    install(pod)
+    in_pod(pod, "iptables", "-t", "nat", "-N", "MYOUT")
+    in_pod(pod, "iptables", "-t", "nat", "-A", "MYOUT", "-p", "udp", "--dport", "9999", "-j", "ISTIO_OUTPUT")
+    with pytest.raises(RedirectError, match="ISTIO_OUTPUT"):
+        remove(pod)
+    saved = saved_in(pod)
+    assert "REDIRECT" not in saved and "-j ISTIO_PRERT" not in saved
+    assert [line for line in saved.splitlines() if "ISTIO" in line] == [
+        ":ISTIO_OUTPUT - [0:0]",
+        "-A MYOUT -p udp -m udp --dport 9999 -j ISTIO_OUTPUT",
+    ]
+    assert "lookup 100" not in in_pod(pod, "ip", "rule")
+
+
+@pytest.mark.root
+def test_a_removal_takes_the_ipv6_rules_out_after_the_pod_lost_its_ipv6_address(
+    namespaces: list[str],
+) -> None:
+    """Installed for IPv4 and IPv6; the pod's global IPv6 address is gone by its removal: the
+    IPv6 rules and policy routing go anyway."""
+    pod = scratch(namespaces)
+    in_pod(
+        pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"
+    )  # (no dummy module here)
+    in_pod(pod, "ip", "link", "set", "eth0", "up")
+    in_pod(pod, "ip", "addr", "add", "fd99::2/64", "dev", "eth0", "nodad")
+    assert install(pod) == [4, 6]
+    assert "ISTIO" in saved_in(pod, "ip6tables-save") and "lookup 100" in in_pod(pod, "ip", "-6", "rule")
+    in_pod(pod, "ip", "addr", "del", "fd99::2/64", "dev", "eth0")
+    remove(pod)
+    assert "ISTIO" not in saved_in(pod, "ip6tables-save") + saved_in(pod)
+    assert "lookup 100" not in in_pod(pod, "ip", "-6", "rule") + in_pod(pod, "ip", "-4", "rule")
