@@ -466,6 +466,24 @@ def test_pod_add_from_file_says_in_one_line_when_nothing_listens_on_the_socket(t
     assert out.stderr == f"zds pod add: cannot reach the node agent at {dead}: Connection refused\n"
 
 
+def offer_without_reading(server: NodeAgentProc, first: bytes, chunk: bytes) -> tuple[int, int]:
+    """Send ``first``, then ``chunk`` again and again (up to 64 MiB) on a lane connection,
+    reading nothing, until the node agent stops reading (2 s without progress): (the bytes it
+    took, how much its RSS grew meanwhile, KiB)."""
+    rss_before = _rss_kb(server.pid)
+    sent = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(server.control_socket)
+        sock.settimeout(2)
+        try:
+            sock.sendall(first)
+            while sent < 64 * 1024 * 1024:
+                sent += sock.send(chunk)
+        except TimeoutError:
+            pass  # it stopped reading: what the tests are after
+        return sent, _rss_kb(server.pid) - rss_before
+
+
 def test_a_bulk_lane_client_that_does_not_read_holds_the_node_agent_to_a_bound(server: NodeAgentProc) -> None:
     """Pods refused at once (no netns) answer as fast as they come; a client that sends
     them without reading the answers is stopped by the node agent's flow control (as a
@@ -474,22 +492,11 @@ def test_a_bulk_lane_client_that_does_not_read_holds_the_node_agent_to_a_bound(s
     chunk = b"".join(
         bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=[pod] * 64).SerializeToString()) for _ in range(256)
     )
-    rss_before = _rss_kb(server.pid)
-    sent = 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(server.control_socket)
-        sock.settimeout(2)
-        try:
-            sock.sendall(bulkwire.MAGIC)
-            while sent < 64 * 1024 * 1024:  # 64 MiB of requests offered, ~33 M pods
-                sent += sock.send(chunk)
-        except TimeoutError:
-            pass  # it stopped reading: what the test is after
-        rss_during = _rss_kb(server.pid)
+    sent, grown_kb = offer_without_reading(server, bulkwire.MAGIC, chunk)  # 64 MiB: ~33 M pods
     assert sent < 16 * 1024 * 1024, (
         f"the node agent took {sent} bytes of requests whose answers were not read"
     )
-    assert rss_during - rss_before < 64 * 1024, (rss_before, rss_during)
+    assert grown_kb < 64 * 1024, grown_kb
     got = lane_send(server, lane_opening_and(_POD))
     assert got.startswith(bulkwire.MAGIC) and len(got) > len(bulkwire.MAGIC)
 
@@ -498,21 +505,10 @@ def test_a_bulk_lane_client_sending_empty_frames_is_held_to_a_bound_too(server: 
     """Empty requests cost the node agent memory too (a decoded message each, its place in the
     queue): once it stops taking requests (answers unread), they stop being read as well."""
     pods = [nodeagent_pb2.AddPodRequest(uid=f"p{i}") for i in range(20_000)]  # refused at once
-    empty = bulkwire.frame(b"") * 65536
-    rss_before = _rss_kb(server.pid)
-    sent = 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(server.control_socket)
-        sock.settimeout(2)
-        try:
-            sock.sendall(lane_opening_and(nodeagent_pb2.AddPodsRequest(pods=pods)))
-            while sent < 64 * 1024 * 1024:  # 13 M empty requests offered
-                sent += sock.send(empty)
-        except TimeoutError:
-            pass  # it stopped reading: what the test is after
-        rss_during = _rss_kb(server.pid)
+    first = lane_opening_and(nodeagent_pb2.AddPodsRequest(pods=pods))
+    sent, grown_kb = offer_without_reading(server, first, bulkwire.frame(b"") * 65536)  # 13 M of them
     assert sent < 16 * 1024 * 1024, f"the node agent took {sent} bytes of empty requests"
-    assert rss_during - rss_before < 64 * 1024, (rss_before, rss_during)
+    assert grown_kb < 64 * 1024, grown_kb
 
 
 def test_bulk_answers_ready_together_go_in_replies_of_at_most_256(server: NodeAgentProc) -> None:
