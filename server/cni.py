@@ -145,7 +145,7 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
         namespace=namespace,
         service_account=values["ServiceAccount"] or "",
         ips=tuple(addresses),
-        source=PodSource.CNI,
+        source=PodSource.CNI if values["ContainerID"] else PodSource.ISTIO_CNI,
     )
     return spec, values["ContainerID"] or None
 
@@ -225,7 +225,7 @@ class CniPluginEndpoint:
             return code, text
         try:
             async with self.containers.serialized(spec.uid):
-                if (refusal := self.containers.held_elsewhere(spec.uid)) is not None:
+                if (refusal := self.containers.held_elsewhere(spec.uid, istio=True)) is not None:
                     _log_add_failure(500, refusal, spec)
                     return 500, refusal
                 await self.agent.add_pod(spec)

@@ -4,8 +4,9 @@ Both sources name a container's pod by the container id and both go through
 here, one uid at a time (a lock per uid), so they agree on one pod: never two
 enrollments racing, never one source removing what the other just enrolled.
 Only pods of containers (source ``cni`` or ``container-engine``) are ever
-replaced or removed here; a pod another source enrolled under the same uid is
-left alone.
+replaced or removed here (and, by a CNI event, a pod an event as Istio's plugin
+sends it enrolled: source ``istio-cni``, which the engine never touches); a pod
+another source enrolled under the same uid is left alone.
 
 The CNI plugin runs while the runtime creates the container's network, before
 the container starts. Podman holds the container's lock all that time, so the
@@ -53,11 +54,12 @@ class ContainerPods:
         async with self._locks.hold(uid):
             yield
 
-    def held_elsewhere(self, uid: str) -> str | None:
-        """Why a CNI event must not replace the pod of ``uid``: another source enrolled it
-        (None: no pod, or a pod of a container). Asked while ``serialized(uid)`` is held."""
+    def held_elsewhere(self, uid: str, *, istio: bool = False) -> str | None:
+        """Why a CNI event (``istio``: as Istio's plugin sends it) must not replace the pod of
+        ``uid``: another source enrolled it (None: no pod, a pod of a container, or, for an
+        event as Istio's, one such an event enrolled). Asked while ``serialized(uid)`` is held."""
         held = self.agent.pods.get(uid)
-        if held is None or held.spec.source.container:
+        if held is None or (held.spec.source.cni if istio else held.spec.source.container):
             return None
         return f"uid {uid} is held by a pod from {held.spec.source.value}; not replaced"
 
@@ -101,8 +103,12 @@ class ContainerPods:
         if not selection.selected:
             log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
             return 200, f"not selected: container {facts.name} is {selection.reason}"
-        spec = dataclasses.replace(
-            spec, name=facts.pod_name, namespace=facts.namespace, service_account=facts.service_account
+        spec = dataclasses.replace(  # the pod of a container is named by its id, whatever PodUID said
+            spec,
+            uid=cid,
+            name=facts.pod_name,
+            namespace=facts.namespace,
+            service_account=facts.service_account,
         )
         async with self.serialized(cid):
             if (refusal := self.held_elsewhere(cid)) is not None:
@@ -119,7 +125,7 @@ class ContainerPods:
             held = self.agent.pods.get(uid)
             if held is None:
                 return 200, "not enrolled"
-            if not held.spec.source.container:
+            if not held.spec.source.cni:
                 return 200, f"left alone: enrolled by {held.spec.source.value}"
             if netns and held.spec.netns.path not in (None, netns):
                 return 200, f"left alone: enrolled in {held.spec.netns}, not {netns}"
@@ -163,7 +169,8 @@ class ContainerPods:
                     wanted = container_netns(info, self.agent.enrollment.policy)
                 except NetnsError as exc:
                     log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
-            selected = wanted is not None and self.facts[cid].selection.selected
+            known = self.facts.get(cid)
+            selected = wanted is not None and known is not None and known.selection.selected
             gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
             # A pod the CNI plugin enrolled goes with its container's netns; the labels were
             # its plugin's business (zds-cni's "enroll: all" enrolls unlabelled containers).
@@ -172,8 +179,8 @@ class ContainerPods:
                 log.info("container gone or changed: removing its pod", extra=held.spec.log_extra)
                 await self.agent.remove_pod(cid)
                 held = None
-            if selected and held is None and wanted is not None and info is not None:
-                spec = self.facts[cid].pod_spec(wanted.ref, addresses(info), PodSource.CONTAINER_ENGINE)
+            if selected and held is None and wanted is not None and info is not None and known is not None:
+                spec = known.pod_spec(wanted.ref, addresses(info), PodSource.CONTAINER_ENGINE)
                 try:
                     await self.agent.add_pod(spec)
                 except EnrollmentError as exc:

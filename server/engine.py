@@ -103,6 +103,9 @@ class ContainerEngineSource:
                 detail = str(exc)
             except _ENGINE_ERRORS as exc:
                 detail = _describe(exc)
+            except Exception as exc:  # what the engine said that zds did not expect: never the end
+                log.error("container engine %s: unexpected %r; reconnecting", self.detail, exc)
+                detail = f"unexpected {type(exc).__name__}: {exc}"
             if time.monotonic() - started > defaults.ENGINE_RETRY_MAX:
                 delay = defaults.ENGINE_RETRY_INITIAL  # it worked for a while: start over
             self._set(False, f"{detail} (next try in {delay:g}s)")
@@ -198,6 +201,11 @@ class ContainerEngineSource:
             if exc.status != 404 and "no such container" not in str(exc.message):
                 raise
             info = None
+        if info is not None and str(info.get("Id") or "") != cid:
+            # The engine looks a container up by name too: another container is named like
+            # this uid; the one with this id is gone.
+            info = None
+        if info is None:
             self.pods.forget(cid)
         await self.pods.sync(cid, info)
 

@@ -33,13 +33,21 @@ class PodSource(enum.Enum):
 
     API = "api"  # zds pod add, the gRPC API
     PODS_FILE = "pods-file"  # zds server --pods
-    CNI = "cni"  # a CNI plugin event (Istio's plugin or zds-cni)
+    CNI = "cni"  # zds-cni's event: a container's (it names the container)
+    ISTIO_CNI = "istio-cni"  # an event as Istio's plugin sends it (no container named)
     CONTAINER_ENGINE = "container-engine"  # zds server --container-engine
 
     @property
     def container(self) -> bool:
         """A pod of a container (its uid is the container id): the container sources own it together."""
         return self in (PodSource.CNI, PodSource.CONTAINER_ENGINE)
+
+    @property
+    def cni(self) -> bool:
+        """A pod a CNI plugin event may replace or remove (DEL): a container's, or one an
+        event as Istio's plugin sends it enrolled. (The container engine never looks at
+        the latter: no container of its has that uid.)"""
+        return self.container or self is PodSource.ISTIO_CNI
 
 
 class PodSpecError(ZdsError, ValueError):

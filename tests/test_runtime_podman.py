@@ -515,3 +515,25 @@ def test_a_docker_style_netns_outside_the_allowed_roots_is_taken_from_the_proces
                 container_netns(docker_info, policy)
     finally:
         subprocess.run(["ip", "netns", "del", other], check=True)
+
+
+def test_a_pod_from_an_event_as_istios_plugin_sends_it_is_not_the_engines_to_remove(
+    runtime: Runtime, node: Node, make_pod: Any
+) -> None:
+    """An event without a container id (Istio's plugin's) enrolls a pod of source istio-cni,
+    which names no container: the engine's reconcile, at each (re)connect, never takes it for
+    a container that is gone (it removed such pods, and their rules, at every reconnect)."""
+    from tests.harness import post_unix
+
+    pod = make_pod()
+    body = json.dumps({"Netns": pod.path, "PodName": "reviews", "PodNamespace": "bookinfo"}).encode()
+    status, answer = post_unix(node.agent.cni_socket, "/cmdadd", body)
+    assert status == 200, answer
+    [enrolled] = [p for p in node.pods().values() if p.name == "reviews"]
+    assert enrolled.source == "istio-cni" and istio_rules(pod)
+    runtime.stop_service()
+    wait_until(lambda: http_get(f"{node.http}/readyz")[0] == 503, "/readyz to say the engine is down")
+    runtime.start_service()
+    wait_until(lambda: http_get(f"{node.http}/readyz")[0] == 200, "the node agent to reconnect", timeout=60)
+    assert enrolled.uid in node.pods() and istio_rules(pod), "the engine's reconcile removed it"
+    assert "container gone or changed: removing its pod" not in node.agent.output()

@@ -1,0 +1,162 @@
+"""The container-engine source against a stand-in engine: a unix-socket HTTP server that
+answers what Podman's Docker-compatible API answers (``/version``, ``/containers/json``,
+``/events``, ``/containers/{id or name}/json``, a container looked up by its id *or its
+name*, as Podman and Docker do), with real namespaces and a real process in each. What a
+real engine cannot be made to do on cue (a container named like another's id; its event
+stream cut) is what these tests are about; tests/test_runtime_podman.py runs Podman itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.harness import NodeAgentProc, Pod, wait_until
+
+pytestmark = pytest.mark.root
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+class StandInEngine:
+    """Containers by id (their inspections), served over ``path`` from a thread of its own."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.containers: dict[str, dict[str, Any]] = {}
+        self._loop = asyncio.new_event_loop()
+        #: One per open event stream: set, the stream ends.
+        self._cuts: list[asyncio.Event] = []
+        self._runner: web.AppRunner | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self._thread.start()
+        assert started.wait(10), "the stand-in engine did not start"
+
+    def _serve(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/v1.41/containers/json", self._list)
+        app.router.add_get("/v1.41/containers/{ref}/json", self._inspect)
+        app.router.add_get("/v1.41/events", self._events)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.UnixSite(self._runner, self.path).start())
+        started.set()
+        self._loop.run_forever()
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"ApiVersion": "1.41"})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            [
+                {"Id": cid, "Names": [info["Name"]], "Labels": info["Config"]["Labels"], "HostConfig": {}}
+                for cid, info in self.containers.items()
+            ]
+        )
+
+    async def _inspect(self, request: web.Request) -> web.Response:
+        ref = request.match_info["ref"]
+        info = self.containers.get(ref) or next(
+            (i for i in self.containers.values() if i["Name"].lstrip("/") == ref), None
+        )
+        if info is None:
+            return web.json_response({"message": f"no such container: {ref}"}, status=404)
+        return web.json_response(info)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        stream = web.StreamResponse()
+        await stream.prepare(request)
+        cut = asyncio.Event()
+        self._cuts.append(cut)
+        await cut.wait()
+        return stream
+
+    def _cut(self) -> None:
+        for cut in self._cuts:
+            cut.set()
+        self._cuts.clear()
+
+    def cut_events(self) -> None:
+        """End every event stream: the node agent reconnects, lists and reconciles again."""
+        self._loop.call_soon_threadsafe(self._cut)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._cut()
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def inspection(cid: str, name: str, pod: Pod, pid: int) -> dict[str, Any]:
+    return {
+        "Id": cid,
+        "Name": f"/{name}",
+        "Config": {"Labels": AMBIENT},
+        "HostConfig": {"NetworkMode": "bridge"},
+        "State": {"Running": True, "Pid": pid},
+        "NetworkSettings": {"SandboxKey": pod.path, "Networks": {}},
+    }
+
+
+@pytest.fixture
+def in_netns() -> Iterator[Callable[[Pod], int]]:
+    """Start a process in a pod's netns (its "container"); the pid. All stopped at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(pod: Pod) -> int:
+        proc = subprocess.Popen(["ip", "netns", "exec", pod.name, "sleep", "600"])
+        started.append(proc)
+        netns = os.stat(pod.path).st_ino
+        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino == netns, "the process in its netns")
+        return proc.pid
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_container_named_like_a_gone_containers_id_is_not_taken_for_it(
+    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """Container c0ffee's pod is enrolled; then c0ffee is gone and another container is
+    *named* c0ffee. Looking c0ffee up answers with the other one: that is not c0ffee (it is
+    gone: its pod goes), the other is enrolled under its own id, and the source keeps
+    working (a KeyError there had ended it for good, silently)."""
+    engine = StandInEngine(str(tmp_path / "engine.sock"))
+    a, b = make_pod(), make_pod()
+    old, new = "c0ffee" + "0" * 58, "beef" + "0" * 60
+    engine.containers[old] = inspection(old, "app", a, in_netns(a))
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    try:
+        wait_until(lambda: [p.uid for p in server.list_pods()] == [old], "the container's pod")
+        del engine.containers[old]
+        engine.containers[new] = inspection(new, old, b, in_netns(b))  # named like the old one's id
+        engine.cut_events()
+        wait_until(lambda: [p.uid for p in server.list_pods()] == [new], "the old pod gone, the new enrolled")
+        [pod] = server.list_pods()
+        assert pod.netns.ino == os.stat(b.path).st_ino
+        # The source still works: cut again, it reconnects and reconciles again.
+        reconciled = server.output().count("listed and reconciled")
+        engine.cut_events()
+        wait_until(lambda: server.output().count("listed and reconciled") > reconciled, "another reconcile")
+        assert "Traceback" not in server.output() and "unexpected" not in server.output()
+    finally:
+        server.stop()
+        engine.close()
