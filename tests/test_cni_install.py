@@ -129,6 +129,7 @@ def test_what_it_cannot_do_is_said_in_one_line_and_nothing_is_touched(tmp_path: 
     (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
     done = zds_cni("install", *flags, "--network", "nope")
     assert done.returncode == 1 and "no network named 'nope'" in done.stderr
+    assert os.listdir(bin_dir) == [], "a failed install wrote the launcher"
     (bin_dir / "zds-cni").write_text("#!/bin/sh\necho someone else's\n")
     done = zds_cni("install", *flags)
     assert done.returncode == 1 and "is not zds-cni's launcher" in done.stderr
@@ -137,3 +138,30 @@ def test_what_it_cannot_do_is_said_in_one_line_and_nothing_is_touched(tmp_path: 
     done = zds_cni("uninstall", *flags)
     assert done.returncode == 1 and "left in place" in done.stderr
     assert (bin_dir / "zds-cni").exists()
+
+
+def test_uninstall_leaves_a_conf_someone_wrote_since_and_keeps_a_symlinked_conflist_a_symlink(
+    tmp_path: pathlib.Path,
+) -> None:
+    _, conf_dir, flags = dirs(tmp_path)
+    conf = conf_dir / "10-bridge.conf"
+    conf.write_text('{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "cni0"}\n')
+    assert zds_cni("install", *flags).returncode == 0
+    theirs = '{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "NEW"}\n'
+    conf.write_text(theirs)  # another tool writes the .conf again while it is a conflist
+    done = zds_cni("uninstall", *flags)
+    assert done.returncode == 0 and "not restored" in done.stdout, done.stdout
+    assert conf.read_text() == theirs
+    assert "zds-cni" not in (conf_dir / "10-bridge.conflist").read_text()
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mesh.conflist").write_text(PODMAN_CONFLIST)
+    for name in os.listdir(conf_dir):
+        os.unlink(conf_dir / name)
+    (conf_dir / "87-mesh.conflist").symlink_to(real / "mesh.conflist")
+    assert zds_cni("install", *flags).returncode == 0
+    assert (conf_dir / "87-mesh.conflist").is_symlink() and "zds-cni" in (real / "mesh.conflist").read_text()
+    assert zds_cni("uninstall", *flags).returncode == 0
+    assert (conf_dir / "87-mesh.conflist").is_symlink()
+    assert json.loads((real / "mesh.conflist").read_text()) == json.loads(PODMAN_CONFLIST)

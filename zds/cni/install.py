@@ -79,7 +79,8 @@ def plugin_entry(options: InstallOptions) -> dict[str, Any]:
 
 def write_atomically(path: str, data: str, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` in one rename, keeping its mode and owner
-    (``mode`` for a new file)."""
+    (``mode`` for a new file); a symlink stays one: the file it points to is replaced."""
+    path = os.path.realpath(path)
     directory = os.path.dirname(path) or "."
     try:
         st: os.stat_result | None = os.stat(path)
@@ -216,7 +217,9 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
 
 
 def install(options: InstallOptions) -> list[str]:
-    """Install and chain; what was done, one line each."""
+    """Install and chain; what was done, one line each. Nothing is written when the network
+    to chain into cannot be found or read (InstallError)."""
+    _target(options)
     binary, written = install_binary(options)
     done = [f"{'installed' if written else 'up to date:'} {binary}"]
     conf, changed = chain(options)
@@ -238,10 +241,16 @@ def uninstall(options: InstallOptions) -> list[str]:
         for index in reversed(ours):
             conflist = Conflist(conflist.without(index), path)
         original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
+        conf = original.removesuffix(ORIGINAL_SUFFIX)
         if os.path.exists(original) and _restorable(conflist, original):
-            os.rename(original, original.removesuffix(ORIGINAL_SUFFIX))
+            if os.path.lexists(conf):
+                # Someone wrote a .conf there since: it is theirs, and stays.
+                write_atomically(path, conflist.text)
+                done.append(f"took zds-cni out of {path} ({conf} exists again: {original} not restored)")
+                continue
+            os.rename(original, conf)
             os.unlink(path)
-            done.append(f"restored {original.removesuffix(ORIGINAL_SUFFIX)} (removed {path})")
+            done.append(f"restored {conf} (removed {path})")
             continue
         write_atomically(path, conflist.text)
         done.append(f"took zds-cni out of {path}")
