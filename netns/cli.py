@@ -135,7 +135,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
             _error("delete", str(e))
             code = 1
     if args.bridge and not remove_bridge_if_unused(args.bridge):
-        _error("delete", f"bridge {args.bridge} kept: it does not exist or pods are still attached")
+        _error(
+            "delete",
+            f"bridge {args.bridge} kept: it does not exist, pods are still attached, or zds netns did not make it",
+        )
     return code
 
 

@@ -59,6 +59,21 @@ def _link_index(ipr: Any, ifname: str) -> int | None:
     return int(found[0]) if found else None
 
 
+#: The alias ``zds netns create --bridge`` gives the links it makes in the host netns (the
+#: bridge, each pod's veth): ``zds netns delete`` deletes a link by name only if it has it.
+LINK_ALIAS = "zds netns"
+
+
+def _ours(ipr: Any, index: int, kind: str) -> bool:
+    """The link ``index`` is a ``kind`` (bridge, veth) ``zds netns`` made (its alias says so)."""
+    links = ipr.get_links(index)
+    if not links:
+        return False
+    info = links[0].get_attr("IFLA_LINKINFO")
+    made_here = links[0].get_attr("IFLA_IFALIAS") == LINK_ALIAS
+    return bool(made_here and info is not None and info.get_attr("IFLA_INFO_KIND") == kind)
+
+
 def _delete_link(ifname: str) -> None:
     """Delete a host link; one already gone is fine."""
     with IPRoute() as ipr:
@@ -124,15 +139,26 @@ def create_pods_on_bridge(names: list[str], bridge: str, subnet4: str, subnet6: 
 def delete_pod(name: str, *, missing_ok: bool = False) -> None:
     """Delete a pod made by ``create_pods_on_bridge``: its host veth first (a netns dies
     asynchronously, and its end of the pair with it), then the netns."""
-    off_event_loop(lambda: _delete_link(_ifname("zv-", name)))
+    off_event_loop(lambda: _delete_our_veth(_ifname("zv-", name)))
     delete_netns(name, missing_ok=missing_ok)
 
 
+def _delete_our_veth(ifname: str) -> None:
+    """Delete the host end of a pod's veth if ``zds netns`` made it (a link of that name that
+    is not ours stays; the pair of ours goes with the pod's netns anyway)."""
+    with IPRoute() as ipr:
+        index = _link_index(ipr, ifname)
+        if index is None or not _ours(ipr, index, "veth"):
+            return
+    _delete_link(ifname)
+
+
 def remove_bridge_if_unused(bridge: str) -> bool:
-    """Delete ``bridge`` if no interface is attached to it any more; True if it was deleted."""
+    """Delete ``bridge`` if ``zds netns`` made it and no interface is attached to it any more;
+    True if it was deleted."""
     with IPRoute() as ipr:
         index = _link_index(ipr, bridge)
-        if index is None:
+        if index is None or not _ours(ipr, index, "bridge"):
             return False
         if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
             return False
@@ -243,6 +269,7 @@ class PodNetwork:
                 raise NetnsError(f"cannot create bridge {self.bridge}: {e}") from None
             self._bridge_made = True
             index = _link_index(ipr, self.bridge)
+            ipr.link("set", index=index, ifalias=LINK_ALIAS)
             ipr.addr("add", index=index, address=self.gateway4, prefixlen=self._net4.prefixlen)
             ipr.addr(
                 "add",
@@ -272,6 +299,7 @@ class PodNetwork:
                     raise NetnsError(f"cannot create veth {pod.veth_host} for pod {pod.name}: {e}") from None
                 undo.callback(_delete_link, pod.veth_host)
                 host_index = _link_index(ipr, pod.veth_host)
+                ipr.link("set", index=host_index, ifalias=LINK_ALIAS)
                 ipr.link("set", index=host_index, master=bridge_index, state="up")
             with in_netns(handle), IPRoute() as ipr:
                 eth0 = _link_index(ipr, "eth0")

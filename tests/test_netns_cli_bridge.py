@@ -66,3 +66,19 @@ def test_a_bridge_with_other_addresses_is_refused(names: tuple[str, str, str]) -
     assert f"bridge {bridge} exists but does not have 10.185.0.1" in refused.stderr
     assert "zdst-never" not in list_netns()
     zds("delete", a, "--bridge", bridge)
+
+
+def test_delete_takes_only_links_zds_netns_made(names: tuple[str, str, str]) -> None:
+    """A bridge, or any link, named as --bridge says but made by someone else (docker0 on a
+    real node) stays, said in one line; so does a host link named like a pod's veth."""
+    a, _, bridge = names
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    veth = f"zv-{a}"
+    subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", f"zp{bridge[4:]}"], check=True)
+    try:
+        done = zds("delete", a, "--missing-ok", "--bridge", bridge)
+        assert f"bridge {bridge} kept" in done.stderr and "zds netns did not make it" in done.stderr
+        left = links()
+        assert bridge in left and veth in left
+    finally:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
