@@ -110,16 +110,20 @@ class PodStore:
                 "restore the file, or start empty with --reset-state (ztunnel then drops the pods it holds)"
             )
         try:
+            if not exists:
+                # Made 0600 before SQLite sees it: its -wal and -shm files take the mode of the
+                # database (made by SQLite, then chmod-ed, they were 0644).
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             # mode=rw never creates (or truncates) an existing file it cannot read.
             uri = f"file:{path}?mode={'rw' if exists else 'rwc'}"
             db = sqlite3.connect(uri, uri=True, timeout=0.5, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(
                 f"cannot open pod store {path}: {exc}; check the file and its directory"
             ) from exc
         try:
             if exists:
-                _check(db, path)
+                _check(db, path, used_before=used_before)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             _migrate(db, path)
@@ -280,7 +284,7 @@ class PodStore:
             raise StoreError(_explain(self.path, exc)) from exc
 
 
-def _check(db: sqlite3.Connection, path: str) -> None:
+def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:
     """Refuse a file that is not a zds pod store, is damaged, or is from a newer zds."""
     try:
         result = db.execute("PRAGMA quick_check").fetchone()
@@ -300,6 +304,14 @@ def _check(db: sqlite3.Connection, path: str) -> None:
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if (version >= 1 and "pods" not in tables) or (version == 0 and tables):
         raise StoreError(f"{path} is an SQLite database but not a zds pod store; use another --state-dir")
+    if version == 0 and used_before:
+        # Empty (truncated, or its -wal lost with every row in it) in a state directory a node
+        # agent used: starting empty would make ztunnel drop every pod.
+        raise StoreError(
+            f"pod store {path} is empty (no tables), but its state directory was used by a node agent "
+            "before; restore it (and its -wal) from a backup, or start empty with --reset-state "
+            "(ztunnel then drops the pods it holds)"
+        )
 
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:

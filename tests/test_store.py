@@ -34,6 +34,9 @@ def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: 
     store = open_store(state)
     try:
         assert len(store) == 0 and store.load() == []
+        # Open, it has its -wal and -shm files: made by SQLite with the database's mode.
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in state.glob("pods.db*")}
+        assert modes == {"pods.db": "0o600", "pods.db-wal": "0o600", "pods.db-shm": "0o600"}, modes
     finally:
         store.close()
     db = state / "pods.db"
@@ -133,6 +136,31 @@ def test_a_missing_store_in_a_used_state_directory_is_an_error_not_an_empty_star
         "restore the file, or start empty with --reset-state (ztunnel then drops the pods it holds)"
     )
     assert not (state / "pods.db").exists()
+
+
+@pytest.mark.parametrize("wal_lost", [False, True], ids=["truncated", "wal-lost"])
+def test_an_empty_store_in_a_used_state_directory_is_an_error_not_an_empty_start(
+    state: pathlib.Path, tmp_path: pathlib.Path, wal_lost: bool
+) -> None:
+    """Truncated, or its -wal (holding every row) lost: no tables. In a state directory a node
+    agent used, that is refused, and the file left as it was."""
+    state.mkdir()
+    db = state / "pods.db"
+    if wal_lost:  # the database as a kill -9 leaves it, without its -wal: its first page only
+        source = tmp_path / "source.db"
+        raw = sqlite3.connect(source)
+        raw.execute("PRAGMA journal_mode=WAL")
+        raw.execute("PRAGMA wal_autocheckpoint=0")
+        raw.execute("CREATE TABLE pods (uid TEXT PRIMARY KEY)")
+        raw.execute("PRAGMA user_version = 3")
+        db.write_bytes(source.read_bytes())
+        raw.close()
+    else:
+        db.write_bytes(b"")
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match=r"is empty \(no tables\), but its state directory was used"):
+        PodStore.open(str(state), used_before=True)
+    assert db.read_bytes() == before
 
 
 def test_a_locked_store_is_named_as_locked(state: pathlib.Path) -> None:
