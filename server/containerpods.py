@@ -28,7 +28,7 @@ from zds import defaults
 from zds.netns import NetnsError, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
-from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
+from zds.server.enrollment import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod, PodSource, PodSpec
 
@@ -129,7 +129,10 @@ class ContainerPods:
                 return 200, f"left alone: enrolled by {held.spec.source.value}"
             if netns and held.spec.netns.path not in (None, netns):
                 return 200, f"left alone: enrolled in {held.spec.netns}, not {netns}"
-            await self.agent.remove_pod(uid)
+            try:
+                await self.agent.remove_pod(uid)
+            except RemovalNotRecorded as exc:
+                return 500, str(exc)  # the runtime retries a DEL
         return 200, "removed"
 
     async def cni_check(self, spec: PodSpec, cid: str | None) -> tuple[int, str]:
@@ -177,7 +180,11 @@ class ContainerPods:
             unselected = held is not None and held.spec.source is PodSource.CONTAINER_ENGINE and not selected
             if held is not None and (gone or unselected):
                 log.info("container gone or changed: removing its pod", extra=held.spec.log_extra)
-                await self.agent.remove_pod(cid)
+                try:
+                    await self.agent.remove_pod(cid)
+                except RemovalNotRecorded as exc:
+                    log.error("%s", exc, extra=held.spec.log_extra)  # the next reconcile tries again
+                    return
                 held = None
             if selected and held is None and wanted is not None and info is not None and known is not None:
                 spec = known.pod_spec(wanted.ref, addresses(info), PodSource.CONTAINER_ENGINE)

@@ -30,7 +30,7 @@ from zds.server.controlwire import (
     pod_spec,
     pod_to_proto,
 )
-from zds.server.enrollment import Enrolled, EnrollmentError, EnrollmentOutcome
+from zds.server.enrollment import Enrolled, EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.eventkinds import EventKind
 from zds.server.events import FaultView, WatchEnded, WatchEnding, Watcher
 from zds.server.faultkinds import FaultError, Refusal
@@ -105,6 +105,8 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             pod, results = await self.agent.remove_pod(request.uid)
         except KeyError:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled")
+        except RemovalNotRecorded as exc:
+            await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
         return nodeagent_pb2.RemovePodResponse(
             pod=pod_to_proto(pod),
             deliveries=[

@@ -78,6 +78,11 @@ class EnrollmentOutcome(enum.Enum):
     STORE = "store"
 
 
+class RemovalNotRecorded(ZdsError):
+    """The pod store cannot record that a removal begins: nothing was removed (removed now,
+    the pod would come back at the next start, its rules installed again)."""
+
+
 class EnrollmentError(ZdsError):
     """Enrollment did not end with a clean ack; ``outcome`` says how."""
 
@@ -349,14 +354,21 @@ class Enrollment:
             return await self._remove_cached(uid)
 
     async def _remove_cached(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
-        self._unrecord(uid, begin=True)
+        if self.store is not None:
+            try:
+                self.store.mark_removing(uid)
+            except StoreError as exc:
+                raise RemovalNotRecorded(
+                    f"cannot record the removal of pod {uid} in the pod store: {exc}; "
+                    "nothing was removed (the pod stays enrolled)"
+                ) from exc
         pod = self.cache.pop(uid)
         log.info("pod removed", extra=pod.spec.log_extra)
         self.events.publish(EventKind.POD_REMOVED, pod=pod)
         try:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
                 await self._remove_rules(pod)
-                self._unrecord(uid, begin=False)
+                self._unrecord(uid)
                 conns = self.registry.ready()
                 if self.faults is not None:
                     conns = self.faults.route_del(conns)
@@ -374,17 +386,14 @@ class Enrollment:
             for conn, answer in zip(conns, answers, strict=True)
         ]
 
-    def _unrecord(self, uid: str, *, begin: bool) -> None:
-        """A removal in the store: marked when it begins (a crash before the rules are out is
-        finished on the next start), deleted once they are. A failure is logged: the removal
-        goes on (Istio's rule: a delete is done whatever happens)."""
+    def _unrecord(self, uid: str) -> None:
+        """The removal is done: its row goes. A failure is logged: the row stays marked
+        removing, and the next start finishes the removal (Istio's rule: a delete is done
+        whatever happens; marking it is what ``_remove_cached`` could not do without)."""
         if self.store is None:
             return
         try:
-            if begin:
-                self.store.mark_removing(uid)
-            else:
-                self.store.delete(uid)
+            self.store.delete(uid)
         except StoreError as exc:
             log.error("cannot record the removal in the pod store: %s", exc, extra={"uid": uid})
 

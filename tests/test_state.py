@@ -348,6 +348,33 @@ def test_a_removal_a_crash_interrupted_is_finished_on_the_next_start(
     assert "finished the removal a restart interrupted" in restarted.output()
 
 
+def test_a_removal_the_store_cannot_record_removes_nothing_and_says_so(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    """Removed without its row marked, the pod would come back at the next start, its rules
+    installed again: when the store cannot be written (here made immutable; a full disk is
+    the same), RemovePod fails in one line and the pod, its rules and its row stay."""
+    path = namespaces.make("a")
+    server = agents.start(redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    files = [os.path.join(server.state_dir, f) for f in ("pods.db", "pods.db-wal")]
+    subprocess.run(["chattr", "+i", *files], check=True)
+    try:
+        done = server.cli("pod", "remove", "--uid", "u1")
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("zds pod remove: INTERNAL: cannot record the removal of pod u1 in the pod store")
+    assert line.endswith("nothing was removed (the pod stays enrolled)")
+    assert "u1" in listed(server) and istio_rules(path) != []
+    server.stop()
+    restarted = agents.start(redirect=True)
+    assert "u1" in listed(restarted)
+    assert restarted.cli("pod", "remove", "--uid", "u1").returncode == 0  # writable again: it goes
+    assert istio_rules(path) == []
+
+
 # -- ztunnel killed mid-snapshot -------------------------------------------------------------
 
 KILLED_MID_SNAPSHOT = textwrap.dedent(
