@@ -120,10 +120,15 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
 
     async def arm_fault(request: web.Request) -> web.Response:
         if views.arm_fault is None:
-            return web.json_response({"error": "faults cannot be armed here"}, status=404)
+            return web.json_response(
+                {
+                    "error": "faults cannot be armed here: start zds ztunnel with --faults-api (or --faults FILE)"
+                },
+                status=404,
+            )
         try:
             entry = await request.json()
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError, LookupError):  # (LookupError: a charset Python lacks)
             return web.json_response(
                 {"error": "the body must be a JSON object {kind, count, delay, text}"}, status=400
             )

@@ -212,7 +212,7 @@ class Ztunnel:
             ready=lambda: self.ready,
             metrics=self.render_metrics,
             faults=lambda: [f.as_dict() for f in self.faults.faults],
-            arm_fault=self.arm_fault,
+            arm_fault=self.arm_fault if self.config.faults_api or self.config.faults_file else None,
         )
         await self.http.serve(
             {

@@ -134,6 +134,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="faults to arm at start, to test a node agent (YAML or JSON lines of {kind, count, delay, text}; "
         "POST /faults on the admin endpoint arms more) (default: none)",
     )
+    p.add_argument(
+        "--faults-api",
+        action="store_true",
+        help="serve POST /faults on the admin endpoint without --faults (off by default: whoever "
+        "reaches the admin port could make this ztunnel nack pods or stop reading)",
+    )
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     p.set_defaults(func=main, starts_itself=True)  # runtime.run ends its start-up
 
@@ -191,6 +197,7 @@ def main(args: argparse.Namespace) -> int:
         busy_poll=args.busy_poll,
         drain_timeout=args.drain_timeout,
         faults_file=args.faults,
+        faults_api=args.faults_api,
     )
     runtime.raise_fd_limit()  # as ztunnel: a pod takes 7 fds (see zds.client.workloads)
     runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)

@@ -38,6 +38,8 @@ class ZtunnelConfig:
     drain_timeout: float = defaults.DRAIN_TIMEOUT
     #: Faults to arm at start (zds ztunnel --faults FILE).
     faults_file: str | None = None
+    #: POST /faults is served (--faults-api, or --faults): faults can be armed while it runs.
+    faults_api: bool = False
 
     def ports(self) -> dict[str, int]:
         """Every in-pod port by listener name: outbound, inbound, hbone, and dns unless it is off."""

@@ -114,6 +114,10 @@ class ZtunnelFault:
 
 #: What a fault entry may say.
 FIELDS = ("kind", "count", "delay", "text", "after")
+#: The longest nack text a fault may give, and the most faults armed at once (each record
+#: looks at every armed one; a POST /faults client could otherwise grow the ztunnel without end).
+MAX_TEXT = 1024
+MAX_ARMED = 256
 #: A ZdsHello no node agent speaks: version 2 (Istio only logs the version; zds refuses it).
 BAD_HELLO = b"\x08\x02"
 
@@ -146,7 +150,7 @@ class ZtunnelFaults:
         try:
             count, delay = int(entry.get("count", 1)), float(entry.get("delay", 0.0))
             after = int(entry.get("after", 0))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ZtunnelFaultError(f"{kind.label}: {exc}") from None
         if after < 0:
             raise ZtunnelFaultError(f"{kind.label}: after must not be negative")
@@ -160,6 +164,14 @@ class ZtunnelFaults:
             raise ZtunnelFaultError(f"{kind.label}: delay must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds")
         remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
         text = str(entry.get("text") or "")
+        if len(text) > MAX_TEXT:  # it goes out in an Ack: ztunnel's own texts are one line
+            raise ZtunnelFaultError(f"{kind.label}: text is {len(text)} characters, over {MAX_TEXT}")
+        if len([f for f in self.faults if f.state == "armed"]) >= MAX_ARMED:
+            raise ZtunnelFaultError(f"{MAX_ARMED} faults are armed already; let some take effect first")
+        # Those that took effect are kept for GET /faults, the last MAX_ARMED of them.
+        done = [f for f in self.faults if f.state != "armed"]
+        for old in done[: max(0, len(done) - MAX_ARMED)]:
+            self.faults.remove(old)
         fault = ZtunnelFault(f"z{next(self._ids)}", kind, count, delay, text, remaining, self.records + after)
         self.faults.append(fault)
         log.warning("fault %s armed: %s (%s)", fault.id, kind.label, kind.description)

@@ -207,7 +207,7 @@ def test_each_check_fails_against_zds_ztunnel_with_the_matching_fault(
 
 def test_ztunnel_faults_are_counted_and_listed_on_the_admin_endpoint(tmp_path: pathlib.Path) -> None:
     agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
-    ztunnel = ZtunnelProc(agent.path, str(tmp_path / "ztunnel.log"), "--no-listeners")
+    ztunnel = ZtunnelProc(agent.path, str(tmp_path / "ztunnel.log"), "--no-listeners", "--faults-api")
     try:
         conn = agent.connect_and_hello()
         assert conn.snapshot().ok

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.root
 
 
 def ztunnel(server: NodeAgentProc, tmp_path: pathlib.Path, *faults: dict[str, Any]) -> ZtunnelProc:
-    extra = ["--no-listeners"]
+    extra = ["--no-listeners", "--faults-api"]
     if faults:
         extra += ["--faults", faults_file(tmp_path / "zfaults.jsonl", *faults)]
     return ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel.log"), *extra)
@@ -119,3 +119,49 @@ def test_a_ztunnel_that_stops_reading_times_out_on_the_node_agent(
         assert "stopped reading for good" in zt.output()
     finally:
         zt.stop()
+
+
+def test_post_faults_is_served_only_when_asked_for_and_refuses_what_it_cannot_read(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Off by default (whoever reaches the admin port could make a ztunnel nack pods); with
+    --faults-api, a body in a charset Python lacks, a count past a float's range, a text of a
+    megabyte, or more than 256 armed faults are each a 400 in one line, never a 500."""
+    import urllib.error
+    import urllib.request
+
+    from tests.standins import FakeNodeAgent  # (a node agent that never answers: faults stay armed)
+
+    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
+    plain = ZtunnelProc(agent.path, str(tmp_path / "plain.log"), "--no-listeners")
+    try:
+        status, body = http_post_json(f"http://{plain.address('admin')}/faults", {"kind": "nack-adds"})
+        assert status == 404 and "--faults-api" in body["error"]
+    finally:
+        plain.stop()
+    zt = ZtunnelProc(agent.path, str(tmp_path / "api.log"), "--no-listeners", "--faults-api")
+    try:
+        admin = f"http://{zt.address('admin')}/faults"
+        odd = urllib.request.Request(
+            admin, data=b'{"kind": "nack-adds"}', headers={"Content-Type": "application/json; charset=foo"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(odd, timeout=10)
+        assert refused.value.code == 400
+        for entry, says in (
+            ({"kind": "nack-adds", "count": 1e400}, "nack-adds: cannot convert float infinity"),
+            (
+                {"kind": "nack-adds", "text": "x" * 1_000_000},
+                "nack-adds: text is 1000000 characters, over 1024",
+            ),
+        ):
+            status, body = http_post_json(admin, entry)
+            assert status == 400 and body["error"].startswith(says), body
+        for _ in range(256):
+            assert http_post_json(admin, {"kind": "nack-adds"})[0] == 200
+        status, body = http_post_json(admin, {"kind": "nack-adds"})
+        assert status == 400 and "256 faults are armed already" in body["error"]
+        assert "Traceback" not in zt.output()
+    finally:
+        zt.stop()
+        agent.close()
