@@ -205,8 +205,10 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     rules = enrollment.rules
     if row.removing:
         try:
-            if rules is not None and pod.netns is not None and pod.rules_installed:
-                if row.rules != rules.name:
+            if pod.netns is not None and pod.rules_installed:
+                if rules is None:
+                    await _remove_rules_of_an_earlier_run(pod, row.rules)
+                elif row.rules != rules.name:
                     await rules.remove_other(pod, row.rules)
                 else:
                     await rules.remove(pod, enrollment.cache.uses_netns)
@@ -227,6 +229,11 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
         )
     else:
         outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
+        # This node agent installs none (--no-redirect): what an earlier run installed comes
+        # out now, while its row says where (else nothing would ever take it out).
+        if rules is None and row.rules and await _remove_rules_of_an_earlier_run(pod, row.rules):
+            pod.rules_installed = False
+            _rewrite(store, pod, "")
         if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
             if row.rules and row.rules != rules.name:
                 # Installed by the other backend (the agent was restarted with the other
@@ -246,6 +253,25 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     pod.recovery = outcome.value
     enrollment.restore(pod)
     return outcome
+
+
+async def _remove_rules_of_an_earlier_run(pod: Pod, backend: str) -> bool:
+    """Take out the ``backend`` rules an earlier run installed in the pod's netns, this node
+    agent installing none (--no-redirect). False, logged, if that failed."""
+    from zds.server.redirect import RedirectError, redirector
+
+    assert pod.netns is not None
+    try:
+        await redirector(backend).remove(pod.netns)
+    except (RedirectError, NetnsError, OSError, ValueError) as exc:
+        log.warning(
+            "cannot remove the %s rules an earlier run installed: %s", backend, exc, extra=pod.spec.log_extra
+        )
+        return False
+    log.info(
+        "%s rules removed: this node agent installs none (--no-redirect)", backend, extra=pod.spec.log_extra
+    )
+    return True
 
 
 def _rewrite(store: PodStore, pod: Pod, rules: str) -> None:

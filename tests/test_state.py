@@ -375,6 +375,33 @@ def test_a_removal_the_store_cannot_record_removes_nothing_and_says_so(
     assert istio_rules(path) == []
 
 
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_restart_with_no_redirect_takes_out_the_rules_an_earlier_run_installed(
+    agents: Agents, namespaces: Namespaces, backend: str
+) -> None:
+    """Rules an earlier run installed, restarted with --no-redirect: they come out at recovery,
+    while the row says which backend made them (a removal by this node agent, which installs
+    none, would leave them for good); the pod stays, without rules."""
+    path = namespaces.make("a")
+    server = agents.start("--redirect-backend", backend, redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    with open_netns(path) as ns, in_netns(ns):
+        ruleset = subprocess.run(
+            ["nft", "list", "ruleset"], capture_output=True, text=True, check=True
+        ).stdout
+    assert "istio" in (ruleset + "".join(istio_rules(path))).lower()
+    server.stop()
+    plain = agents.start()  # --no-redirect
+    [pod] = plain.list_pods()
+    assert pod.uid == "u1" and not pod.rules_installed
+    with open_netns(path) as ns, in_netns(ns):
+        ruleset = subprocess.run(
+            ["nft", "list", "ruleset"], capture_output=True, text=True, check=True
+        ).stdout
+    assert istio_rules(path) == [] and "istio" not in ruleset
+    assert f"{backend} rules removed: this node agent installs none (--no-redirect)" in plain.output()
+
+
 # -- ztunnel killed mid-snapshot -------------------------------------------------------------
 
 KILLED_MID_SNAPSHOT = textwrap.dedent(
