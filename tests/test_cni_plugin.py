@@ -12,6 +12,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,12 +37,15 @@ class StandInAgent:
         self.path = path
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.answers: dict[str, tuple[int, str]] = {}
+        #: Seconds to wait before answering a path (a node agent still at work).
+        self.delays: dict[str, float] = {}
         agent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 agent.requests.append((self.path, json.loads(body)))
+                time.sleep(agent.delays.get(self.path, 0.0))  # slow on purpose, not synchronisation
                 status, text = agent.answers.get(self.path, (200, ""))
                 self.send_response(status)
                 self.end_headers()
@@ -167,6 +171,18 @@ def test_a_failed_enrollment_fails_the_add_with_the_agents_words(
     assert exit_code == 1
     assert out["cniVersion"] == "0.4.0" and out["code"] == code
     assert out["msg"].endswith("no ztunnel connection")
+
+
+def test_an_add_the_agent_did_not_answer_in_time_is_followed_by_a_del(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    """The node agent took the ADD but had not answered within the timeout (it may enroll the
+    pod yet): the runtime is told it failed, so the node agent is told the container is gone."""
+    agent.delays["/cmdadd"] = 3.0
+    code, out, _ = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT, timeout=1))
+    assert code == 1 and out["code"] == 11 and "no answer from the node agent" in out["msg"]
+    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmddel"]
+    assert agent.requests[1][1] == {"PodUID": CID, "Netns": "/run/netns/netns-1"}
 
 
 def test_an_unreachable_agent_fails_the_add_try_again_later(tmp_path: pathlib.Path) -> None:

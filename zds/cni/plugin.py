@@ -31,6 +31,7 @@ without a Docker-compatible API to read labels from).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -135,7 +136,15 @@ def _event(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[s
 
 
 def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
-    status, text = _post(config, defaults.CNI_ADD_EVENT_PATH, _event(inv, config, doc))
+    try:
+        status, text = _post(config, defaults.CNI_ADD_EVENT_PATH, _event(inv, config, doc))
+    except AgentUnreachable as exc:
+        if isinstance(exc.__cause__, TimeoutError):
+            # It took the request and may still enroll the pod, which the runtime is now told
+            # failed: tell it the container is gone too (it serves the two in order), best effort.
+            with contextlib.suppress(AgentUnreachable):
+                _post(config, defaults.CNI_DEL_EVENT_PATH, {"PodUID": inv.container_id, "Netns": inv.netns})
+        raise
     if status == 200:
         log.info("ADD %s: %s", inv.container_id[:12], text or "enrolled", extra={"netns": inv.netns})
         return spec.add_result(doc)
