@@ -170,13 +170,21 @@ class PodStore:
             cookie,
         ) in rows:
             try:
+                _check_row(
+                    uid, name, namespace, sa, ips, dev, ino, rules, digest, removing, enrolled_at, cookie
+                )
                 ref = NetnsRef.parse(netns)
-                addresses = tuple(str(ip) for ip in json.loads(ips))
+                listed = json.loads(ips)
+                if not isinstance(listed, list) or not all(isinstance(ip, str) for ip in listed):
+                    raise ValueError("ips is not a list of addresses")
+                addresses = tuple(listed)
                 source = PodSource(src)
-            except (NetnsRefError, ValueError, TypeError) as exc:
+            except (NetnsRefError, ValueError, TypeError, RecursionError) as exc:
+                shown = repr(uid) if not isinstance(uid, str) or len(uid) <= 128 else repr(uid[:128] + "...")
                 raise StoreError(
-                    f"pod store {self.path}: the row of pod {uid!r} is damaged ({exc}); "
-                    "remove the pod with `zds pod remove`, or restore the file from a backup"
+                    f"pod store {self.path}: the row of pod {shown} is damaged ({exc}); restore the file "
+                    'from a backup, or delete that row (sqlite3 PATH "DELETE FROM pods WHERE uid = ...") '
+                    "while no node agent runs"
                 ) from exc
             spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses, source=source)
             identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
@@ -282,6 +290,26 @@ class PodStore:
                 yield
         except sqlite3.Error as exc:
             raise StoreError(_explain(self.path, exc)) from exc
+
+
+def _check_row(uid: object, *values: object) -> None:
+    """TypeError/ValueError unless a row's columns hold what zds writes there (the text columns
+    text, the numbers numbers, removing 0 or 1): a row written behind zds's back is refused
+    when read, not met later as a traceback."""
+    name, namespace, sa, ips, dev, ino, rules, digest, removing, enrolled_at, cookie = values
+    if not isinstance(uid, str) or not uid:
+        raise TypeError("its uid is not a non-empty text")
+    for column, value in (("name", name), ("namespace", namespace), ("service_account", sa),
+                          ("ips", ips), ("rules", rules), ("rules_digest", digest)):  # fmt: skip
+        if not isinstance(value, str):
+            raise TypeError(f"{column} is {type(value).__name__}, not text")
+    for column, value in (("netns_dev", dev), ("netns_ino", ino), ("netns_cookie", cookie)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"{column} is {value!r}, not a number")
+    if removing not in (0, 1):
+        raise ValueError(f"removing is {removing!r}, not 0 or 1")
+    if not isinstance(enrolled_at, int | float):
+        raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")
 
 
 def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:

@@ -236,16 +236,31 @@ async def test_a_group_commit_that_fails_unexpectedly_leaves_no_caller_waiting(s
         store.close()
 
 
-def test_a_damaged_row_is_named_with_its_uid(state: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("netns = 'pid:x'", "the row of pod 'u1' is damaged (bad netns reference"),
+        ("uid = NULL", "the row of pod None is damaged (its uid is not a non-empty text)"),
+        ("name = x'00ff'", "the row of pod 'u1' is damaged (name is bytes, not text)"),
+        ("enrolled_at = 'x'", "the row of pod 'u1' is damaged (enrolled_at is str, not a number)"),
+        ("removing = 'no'", "the row of pod 'u1' is damaged (removing is 'no', not 0 or 1)"),
+        ("ips = '\"ab\"'", "the row of pod 'u1' is damaged (ips is not a list of addresses)"),
+        ("netns_ino = -1", "the row of pod 'u1' is damaged (netns_ino is -1, not a number)"),
+    ],
+)
+def test_a_damaged_row_is_named_with_its_uid(state: pathlib.Path, change: str, says: str) -> None:
+    """Written behind zds's back: refused when read, in one line saying what to do (it was a
+    traceback at start, or a pod silently removed, or every later ListPods failing)."""
     store = open_store(state)
-    store.put(spec("u1"), None)
+    store.put(spec("u1"), NetnsIdentity(4, 4026531840))
     store.close()
     with sqlite3.connect(state / "pods.db") as raw:
-        raw.execute("UPDATE pods SET netns = 'pid:x' WHERE uid = 'u1'")
+        raw.execute(f"UPDATE pods SET {change} WHERE uid = 'u1'")
     store = open_store(state, used_before=True)
     try:
-        with pytest.raises(StoreError, match="the row of pod 'u1' is damaged"):
+        with pytest.raises(StoreError) as refused:
             store.load()
+        assert says in str(refused.value) and "restore the file from a backup" in str(refused.value)
     finally:
         store.close()
 
