@@ -304,17 +304,23 @@ class Redirector:
 
     def _remove_here(self) -> None:
         """As Istio removes them, each step whatever the others did: per family (both, whatever
-        addresses the pod has now: it may have had IPv6 at the install), the jumps out and our
-        chains flushed, then the chains deleted (a chain a rule of the pod's own still jumps to
-        stays, empty: harmless); then the policy routing. RedirectError at the end names what
-        could not be done."""
+        addresses the pod has now: it may have had IPv6 at the install), the jumps, rules and
+        chains in one restore; if that fails (a chain a rule of the pod's own still jumps to
+        cannot go), the jumps out and the chains flushed, then each chain deleted on its own
+        (one that cannot go stays, empty: harmless); then the policy routing. RedirectError at
+        the end names what could not be done."""
         errors: list[str] = []
         for tool in ("iptables", "ip6tables"):
             try:
-                cleanup = cleanup_rules(_run([f"{tool}-save"]), delete_chains=False)
-                if cleanup:
+                cleanup = cleanup_rules(_run([f"{tool}-save"]))
+                if not cleanup:
+                    continue
+                try:
                     _run([f"{tool}-restore", "--noflush"], cleanup)
-                    errors += _delete_chains(tool, our_chains(_run([f"{tool}-save"])))
+                except RedirectError:
+                    saved = _run([f"{tool}-save"])  # (tables before the failed one went already)
+                    _run([f"{tool}-restore", "--noflush"], cleanup_rules(saved, delete_chains=False))
+                    errors += _delete_chains(tool, our_chains(saved))
             except RedirectError as exc:
                 errors.append(str(exc))
         try:
@@ -326,16 +332,8 @@ class Redirector:
 
 
 def _delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:
-    """Delete our emptied ``chains``: in one restore, or, when one of them cannot go (a rule
-    of the pod's own still jumps to it), each on its own; what could not go, said."""
-    if not chains:
-        return []
-    script = "".join(f"*{table}\n-X {chain}\nCOMMIT\n" for table, chain in chains)
-    try:
-        _run([f"{tool}-restore", "--noflush"], script)
-        return []
-    except RedirectError:
-        pass
+    """Delete our emptied ``chains``, each on its own (one a rule of the pod's own still jumps
+    to cannot go); what could not go, said."""
     errors = []
     for table, chain in chains:
         try:
