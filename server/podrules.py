@@ -17,7 +17,7 @@ from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod
-from zds.server.redirect import RedirectError, Redirector, redirector
+from zds.server.redirect import RedirectConfig, RedirectError, Redirector, redirector
 
 log = logging.getLogger("zds.server")
 
@@ -89,15 +89,10 @@ class PodRules:
         restarted with the other ``--redirect-backend``). False, logged, if that failed."""
         if pod.netns is None:
             return True
-        try:
-            other = redirector(backend, self.redirector.config)
-            async with self._locks.hold(pod.netns.identity):
-                await other.remove(pod.netns)
-        except (RedirectError, NetnsError, OSError, ValueError) as exc:
-            log.warning("cannot remove the %s rules: %s", backend, exc, extra=pod.spec.log_extra)
-            return False
-        log.info("%s rules removed: this node agent uses %s", backend, self.name, extra=pod.spec.log_extra)
-        return True
+        async with self._locks.hold(pod.netns.identity):
+            return await remove_rules_of(
+                pod, backend, self.redirector.config, f"this node agent uses {self.name}"
+            )
 
     async def remove(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> None:
         """Take the pod's rules out, unless ``still_used(identity)``: another cached pod
@@ -116,3 +111,17 @@ class PodRules:
             except (RedirectError, NetnsError, OSError) as exc:
                 spans.failed(span, exc)
                 log.warning("cannot remove in-pod redirection rules: %s", exc, extra=pod.spec.log_extra)
+
+
+async def remove_rules_of(pod: Pod, backend: str, config: RedirectConfig, why: str) -> bool:
+    """Take out of the pod's netns the rules ``backend`` (as the pod store recorded it)
+    installed, ``why`` this node agent does not keep them (said in the log line). False,
+    logged, if that failed."""
+    assert pod.netns is not None
+    try:
+        await redirector(backend, config).remove(pod.netns)
+    except (RedirectError, NetnsError, OSError, ValueError) as exc:
+        log.warning("cannot remove the %s rules: %s", backend, exc, extra=pod.spec.log_extra)
+        return False
+    log.info("%s rules removed: %s", backend, why, extra=pod.spec.log_extra)
+    return True

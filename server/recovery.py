@@ -29,8 +29,9 @@ from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_cookie, open
 from zds.netns.search import find_by_identity
 from zds.server.enrollment import Enrollment
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
-from zds.server.podrules import RulesError
+from zds.server.podrules import RulesError, remove_rules_of
 from zds.server.pods import Pod, PodSpecError
+from zds.server.redirect import RedirectConfig
 from zds.server.store import PodStore, StoredPod, StoreError
 
 log = logging.getLogger("zds.server.recovery")
@@ -256,22 +257,11 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
 
 
 async def _remove_rules_of_an_earlier_run(pod: Pod, backend: str) -> bool:
-    """Take out the ``backend`` rules an earlier run installed in the pod's netns, this node
-    agent installing none (--no-redirect). False, logged, if that failed."""
-    from zds.server.redirect import RedirectError, redirector
-
-    assert pod.netns is not None
-    try:
-        await redirector(backend).remove(pod.netns)
-    except (RedirectError, NetnsError, OSError, ValueError) as exc:
-        log.warning(
-            "cannot remove the %s rules an earlier run installed: %s", backend, exc, extra=pod.spec.log_extra
-        )
-        return False
-    log.info(
-        "%s rules removed: this node agent installs none (--no-redirect)", backend, extra=pod.spec.log_extra
+    """Take out the ``backend`` rules an earlier run installed, this node agent installing
+    none (--no-redirect). False, logged, if that failed."""
+    return await remove_rules_of(
+        pod, backend, RedirectConfig(), "this node agent installs none (--no-redirect)"
     )
-    return True
 
 
 def _rewrite(store: PodStore, pod: Pod, rules: str) -> None:

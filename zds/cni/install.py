@@ -181,9 +181,12 @@ def _is_ours(path: str) -> bool:
         return False
 
 
-def chain(options: InstallOptions) -> tuple[str, bool]:
-    """zds-cni last in the target network's plugins: (the file, whether it was written)."""
-    path, loaded = _target(options)
+def chain(
+    options: InstallOptions, target: tuple[str, Conflist | dict[str, Any]] | None = None
+) -> tuple[str, bool]:
+    """zds-cni last in the target network's plugins (``target``: found already, else here):
+    (the file, whether it was written)."""
+    path, loaded = target or _target(options)
     entry = plugin_entry(options)
     if isinstance(loaded, dict):
         return _convert_conf(path, loaded, entry), True
@@ -219,10 +222,10 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
 def install(options: InstallOptions) -> list[str]:
     """Install and chain; what was done, one line each. Nothing is written when the network
     to chain into cannot be found or read (InstallError)."""
-    _target(options)
+    target = _target(options)
     binary, written = install_binary(options)
     done = [f"{'installed' if written else 'up to date:'} {binary}"]
-    conf, changed = chain(options)
+    conf, changed = chain(options, target)
     done.append(f"{'chained zds-cni into' if changed else 'already chained, unchanged:'} {conf}")
     return done
 
@@ -242,18 +245,16 @@ def uninstall(options: InstallOptions) -> list[str]:
             conflist = Conflist(conflist.without(index), path)
         original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
         conf = original.removesuffix(ORIGINAL_SUFFIX)
-        if os.path.exists(original) and _restorable(conflist, original):
-            if os.path.lexists(conf):
-                # Someone wrote a .conf there since: it is theirs, and stays.
-                write_atomically(path, conflist.text)
-                done.append(f"took zds-cni out of {path} ({conf} exists again: {original} not restored)")
-                continue
+        restorable = os.path.exists(original) and _restorable(conflist, original)
+        if restorable and not os.path.lexists(conf):
             os.rename(original, conf)
             os.unlink(path)
             done.append(f"restored {conf} (removed {path})")
             continue
         write_atomically(path, conflist.text)
-        done.append(f"took zds-cni out of {path}")
+        # A .conf written there since the install is someone else's, and stays.
+        kept = f" ({conf} exists again: {original} not restored)" if restorable else ""
+        done.append(f"took zds-cni out of {path}{kept}")
     path = os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE)
     if os.path.exists(path):
         if not _is_ours(path):
