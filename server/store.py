@@ -127,6 +127,7 @@ class PodStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             _migrate(db, path)
+            _check_writable(db)
         except StoreError:
             db.close()
             raise
@@ -354,6 +355,18 @@ def _migrate(db: sqlite3.Connection, path: str) -> None:
         log.info("pod store %s migrated to schema version %d", path, target)
 
 
+def _check_writable(db: sqlite3.Connection) -> None:
+    """Write nothing, but as a write would: SQLite opens a store it cannot write (the file
+    immutable, a read-only mount) for reading without a word, and the node agent would
+    then be ready and refuse every pod it is given. sqlite3.Error (SQLITE_READONLY) if so."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(f"PRAGMA user_version = {version}")
+    finally:
+        db.execute("ROLLBACK")
+
+
 def _explain(path: str, exc: sqlite3.Error) -> str:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -362,6 +375,11 @@ def _explain(path: str, exc: sqlite3.Error) -> str:
         return (
             f"pod store {path} is locked by another process ({exc}); close whatever holds it "
             "(another zds server, an sqlite3 shell) and start again"
+        )
+    if code == sqlite3.SQLITE_READONLY:
+        return (
+            f"pod store {path} cannot be written ({exc}); make the file, its -wal and its "
+            "directory writable (permissions, chattr -i, a read-only mount)"
         )
     if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
         return (

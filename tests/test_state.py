@@ -375,6 +375,36 @@ def test_a_removal_the_store_cannot_record_removes_nothing_and_says_so(
     assert istio_rules(path) == []
 
 
+def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    """SQLite opens a store it cannot write (here immutable; a read-only mount is the same)
+    for reading without a word: the node agent was ready, then refused every pod it was
+    given. It now refuses to start, in one line naming the file, and the store is unchanged."""
+    path = namespaces.make("a")
+    server = agents.start()
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    server.stop()
+    db = os.path.join(server.state_dir, "pods.db")
+    before = Path(db).read_bytes()
+    subprocess.run(["chattr", "+i", db], check=True)
+    try:
+        refused = agents.start(ready=False)
+        assert refused.wait_exit() == 1
+    finally:
+        subprocess.run(["chattr", "-i", db], check=True)
+    [line] = [line for line in refused.output().splitlines() if "pod store" in line]
+    assert line.endswith(
+        f"pod store {db} cannot be written (attempt to write a readonly database); make the file, "
+        "its -wal and its directory writable (permissions, chattr -i, a read-only mount)"
+    ), line
+    assert "Traceback" not in refused.output()
+    assert not os.path.exists(refused.zds_socket)
+    assert Path(db).read_bytes() == before
+    restarted = agents.start()  # writable again: the pod is there
+    assert list(listed(restarted)) == ["u1"]
+
+
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])
 def test_a_restart_with_no_redirect_takes_out_the_rules_an_earlier_run_installed(
     agents: Agents, namespaces: Namespaces, backend: str
