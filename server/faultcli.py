@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "newest connection unless --connection or --next-connection. Each fault is logged, counted "
         "(zds_faults_total) and shown by zds watch; one that makes no sense now is refused in one line.",
         epilog="kinds:\n" + kinds,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=cliflags.RawDescriptionHelpFormatter,
     )
     fault.add_argument(
         "kind", choices=[k.label for k in FaultKind], metavar="KIND", help="the fault (see below)"

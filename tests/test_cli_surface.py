@@ -244,6 +244,34 @@ def test_building_the_parser_loads_nothing_heavy() -> None:
     assert _heavy_loaded("from zds.cli import build_parser; build_parser()\nimport zds.netns") == []
 
 
+def test_parsing_a_command_line_never_asks_the_terminal_its_size() -> None:
+    """argparse sizes a formatter to the terminal (importing shutil for it) for every flag it
+    adds; zds's parsers do it only to format help or an error (cliflags.HelpFormatter)."""
+    code = (
+        "import sys\nfrom zds.cli import PART_OF, build_parser\n"
+        "for command in sorted(PART_OF):\n    build_parser(command)\n"
+        "build_parser().parse_args(['pod', 'list'])\nprint('shutil' in sys.modules)"
+    )
+    assert run_python(code).split() == ["False"]
+
+
+@pytest.mark.parametrize("argv", [["pod", "add", "--help"], ["fault", "--help"], ["ztunnel", "--nope"]])
+def test_help_and_usage_are_still_sized_to_the_terminal(argv: list[str]) -> None:
+    shown = {}
+    for columns in (50, 200):
+        done = subprocess.run(
+            [sys.executable, "-m", "zds", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": str(columns)},
+        )
+        shown[columns] = (done.stdout + done.stderr).splitlines()
+        assert shown[columns][0].startswith("usage: zds ")
+    assert len(shown[50]) > len(shown[200])  # wrapped to 50 columns, not to 200
+    assert max(len(line) for line in shown[200]) > 80
+
+
 def test_the_client_commands_load_nothing_heavy() -> None:
     run = "from zds.cli import main; main(['pod', 'list', '--control-socket', '/nonexistent'])"
     assert _heavy_loaded(run) == []

@@ -34,7 +34,7 @@ _TOP_FLAGS_WITH_VALUE = ("--log-level", "--log-format")
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """``zds``'s parser: every command's, or (``command`` one of them) only the part that
     registers it; the top-level parser and that command's parsers are the same either way."""
-    parser = argparse.ArgumentParser(
+    parser = cliflags.Parser(
         prog="zds",
         description="Both ends of Istio ambient mode's ZDS handshake: node agent and ztunnel side.",
     )
