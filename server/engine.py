@@ -43,6 +43,9 @@ log = logging.getLogger("zds.server.engine")
 _IGNORED_ACTIONS = ("exec", "attach", "resize", "top", "export", "commit", "copy", "archive")
 #: Errors that mean "the engine is not answering".
 _ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError, ValueError)
+#: Errors from what the engine said of one container that zds cannot read (a field missing,
+#: or of another type): that container's pod is left as it is, the others go on.
+_NOT_UNDERSTOOD = (ValueError, TypeError, KeyError, AttributeError)
 
 
 def engine_url(socket: str) -> str:
@@ -155,8 +158,17 @@ class ContainerEngineSource:
             if cid not in present:
                 self.pods.forget(cid)
         wanted = present | set(self.pods.owned())
-        await asyncio.gather(*(self._sync(docker, cid) for cid in wanted))
+        await asyncio.gather(*(self._sync_one(docker, cid) for cid in wanted))
         return len(present)
+
+    async def _sync_one(self, docker: aiodocker.Docker, cid: str) -> None:
+        """``_sync`` in a reconcile: a container whose answer zds cannot read is skipped, in
+        one line (it had failed every reconcile, and the source stayed down for good); an
+        engine that does not answer still ends the session."""
+        try:
+            await self._sync(docker, cid)
+        except _NOT_UNDERSTOOD as exc:
+            _not_understood(cid, exc)
 
     def _handle(self, docker: aiodocker.Docker, event: Mapping[str, Any]) -> None:
         action = str(event.get("Action") or event.get("status") or "")
@@ -186,8 +198,12 @@ class ContainerEngineSource:
                 self._again.discard(cid)
                 try:
                     await self._sync(docker, cid)
+                except _NOT_UNDERSTOOD as exc:
+                    _not_understood(cid, exc)
                 except _ENGINE_ERRORS as exc:
                     log.warning("cannot look at container %s: %s", cid[:12], _describe(exc))
+                except Exception as exc:  # never silent: the task's end is not logged by itself
+                    log.error("container %s: unexpected %r; its pod is left as it is", cid[:12], exc)
                 if cid not in self._again:
                     return
         finally:
@@ -217,6 +233,16 @@ def _from_listing(summary: Mapping[str, Any]) -> ContainerFacts:
         name=str(names[0] if names else summary["Id"]).lstrip("/"),
         labels=dict(summary.get("Labels") or {}),
         host_network=(summary.get("HostConfig") or {}).get("NetworkMode") == "host",
+    )
+
+
+def _not_understood(cid: str, exc: Exception) -> None:
+    log.warning(
+        "container %s: the engine's answer is not understood (%s: %s); its pod is left as it is",
+        cid[:12],
+        type(exc).__name__,
+        exc,
+        extra={"uid": cid},
     )
 
 

@@ -9,6 +9,7 @@ stream cut) is what these tests are about; tests/test_runtime_podman.py runs Pod
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import threading
@@ -35,6 +36,7 @@ class StandInEngine:
         self._loop = asyncio.new_event_loop()
         #: One per open event stream: set, the stream ends.
         self._cuts: list[asyncio.Event] = []
+        self._streams: list[web.StreamResponse] = []
         self._runner: web.AppRunner | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
@@ -79,8 +81,30 @@ class StandInEngine:
         await stream.prepare(request)
         cut = asyncio.Event()
         self._cuts.append(cut)
-        await cut.wait()
+        self._streams.append(stream)
+        try:
+            await cut.wait()
+        finally:
+            self._streams.remove(stream)
         return stream
+
+    def emit(self, cid: str, action: str) -> None:
+        """A container event on every open event stream, as Podman writes it."""
+        info = self.containers[cid]
+        event = {
+            "Type": "container",
+            "Action": action,
+            "Actor": {
+                "ID": cid,
+                "Attributes": {"name": info["Name"].lstrip("/"), **info["Config"]["Labels"]},
+            },
+        }
+
+        async def write() -> None:
+            for stream in self._streams:
+                await stream.write(json.dumps(event).encode() + b"\n")
+
+        asyncio.run_coroutine_threadsafe(write(), self._loop).result(10)
 
     def _cut(self) -> None:
         for cut in self._cuts:
@@ -157,6 +181,41 @@ def test_a_container_named_like_a_gone_containers_id_is_not_taken_for_it(
         engine.cut_events()
         wait_until(lambda: server.output().count("listed and reconciled") > reconciled, "another reconcile")
         assert "Traceback" not in server.output() and "unexpected" not in server.output()
+    finally:
+        server.stop()
+        engine.close()
+
+
+def test_a_container_the_engine_describes_wrongly_is_skipped_in_one_line_and_the_others_go_on(
+    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """A container whose inspection zds cannot read (a pid that is no number; a state that is
+    text): in a reconcile it failed the whole reconcile, every time, and the source stayed
+    down for good; after an event its sync ended without a word. Now that container is
+    skipped in one warning line and every other container's pod is made as the engine says."""
+    engine = StandInEngine(str(tmp_path / "engine.sock"))
+    a, b, c = make_pod(), make_pod(), make_pod()
+    good, bad, odd, late = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    engine.containers[good] = inspection(good, "good", a, in_netns(a))
+    engine.containers[bad] = {
+        **inspection(bad, "bad", b, in_netns(b)),
+        "State": {"Running": True, "Pid": "abc"},
+    }
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    try:
+        server.wait_for_output("listed and reconciled")
+        wait_until(lambda: [p.uid for p in server.list_pods()] == [good], "the good container's pod")
+        server.wait_for_output(
+            f"container {bad[:12]}: the engine's answer is not understood (ValueError: invalid literal"
+        )
+        engine.containers[odd] = {**inspection(odd, "odd", c, in_netns(c)), "State": "running"}
+        engine.emit(odd, "start")
+        server.wait_for_output(f"container {odd[:12]}: the engine's answer is not understood (AttributeError")
+        del engine.containers[bad]
+        engine.containers[late] = inspection(late, "late", b, in_netns(b))
+        engine.emit(late, "start")  # the source goes on following events
+        wait_until(lambda: {p.uid for p in server.list_pods()} == {good, late}, "the late container's pod")
+        assert "is down" not in server.output() and "Traceback" not in server.output()
     finally:
         server.stop()
         engine.close()
