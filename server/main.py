@@ -46,7 +46,7 @@ from zds.server.instance import (
     socket_lock,
     state_lock,
 )
-from zds.server.netnspolicy import NetnsPolicy
+from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
@@ -78,12 +78,11 @@ class NodeAgentServer:
             )
         except RedirectError as exc:
             raise StartupError(str(exc)) from exc
-        self.agent = NodeAgent(
-            options.agent,
-            rules,
-            self.telemetry,
-            netns_policy=NetnsPolicy.for_this_node(options.netns_roots),
-        )
+        try:
+            policy = NetnsPolicy.for_this_node(options.netns_roots)
+        except NodeNetnsUnknown as exc:
+            raise StartupError(str(exc)) from exc
+        self.agent = NodeAgent(options.agent, rules, self.telemetry, netns_policy=policy)
         self.store: PodStore | None = None
         self.cni: CniPluginEndpoint | None = None
         self.containers = ContainerPods(self.agent)

@@ -7,6 +7,14 @@ adds more), or a process's ``/proc/PID/ns/net`` — and (2) when what was opened
 the node agent's own netns nor pid 1's (the node's). The second check is on the
 identity of the opened file, so symlinks, ``..`` and ``/proc/PID/ns/net`` of a host
 process all end at the same refusal.
+
+Which netns is the node's: pid 1's (the node agent shares the node's pid namespace, as in
+the compose file). ``/proc/1/ns/net`` needs ptrace access to pid 1, which a node agent
+with fewer capabilities than pid 1 and without ``CAP_SYS_PTRACE`` does not have (the
+compose file's, with SYS_ADMIN and NET_ADMIN only, had not: the node's netns was then
+taken as a pod's). ``/proc/1/net/unix`` needs none, and lists the unix sockets of pid 1's
+netns: one the node agent makes is listed there when it runs in the node's netns. When
+neither tells, the node agent does not start (``NodeNetnsUnknown``).
 """
 
 from __future__ import annotations
@@ -14,16 +22,22 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from zds import defaults
+from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 
 #: Where named namespaces are, unless ``--netns-root`` adds more.
 DEFAULT_ROOTS = (defaults.NETNS_RUN_DIR, "/run/netns")
 
 _PROC_PID_NETNS = re.compile(r"^/proc/[1-9][0-9]*/ns/net$")
+
+
+class NodeNetnsUnknown(ZdsError):
+    """The node's netns cannot be told (so it could not be refused): the node agent must not start."""
 
 
 class NetnsRefused(NetnsError):
@@ -45,18 +59,29 @@ class NetnsPolicy:
 
     @classmethod
     def for_this_node(cls, extra_roots: Iterable[str] = ()) -> NetnsPolicy:
-        """The policy on this machine: the default roots plus ``extra_roots``; the node agent's
-        own netns and pid 1's are forbidden."""
-        forbidden: dict[NetnsIdentity, str] = {}
-        for path, what in (
-            ("/proc/1/ns/net", "pid 1's netns (the node's)"),
-            ("/proc/self/ns/net", "the node agent's own netns"),
-        ):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            forbidden.setdefault(NetnsIdentity(st.st_dev, st.st_ino), what)
+        """The policy on this machine: the default roots plus ``extra_roots``; the node's netns
+        (pid 1's) and the node agent's own are forbidden. NodeNetnsUnknown if the node's
+        cannot be told (module docstring)."""
+        own = os.stat("/proc/self/ns/net")
+        own_identity = NetnsIdentity(own.st_dev, own.st_ino)
+        try:
+            node = os.stat("/proc/1/ns/net")
+        except OSError as exc:
+            if not _shares_netns_with_pid_1():
+                raise NodeNetnsUnknown(
+                    "cannot tell which netns is the node's, so it could not be refused as a pod's: "
+                    f"/proc/1/ns/net: {exc.strerror}, and pid 1 is not in the node agent's own netns; "
+                    "give the node agent CAP_SYS_PTRACE (as Istio's node agent has), or run it in "
+                    "the node's netns"
+                ) from exc
+            node_identity = own_identity
+        else:
+            node_identity = NetnsIdentity(node.st_dev, node.st_ino)
+        forbidden = {own_identity: "the node agent's own netns"}
+        if node_identity == own_identity:
+            forbidden[own_identity] = "the node agent's own netns and pid 1's"
+        else:
+            forbidden[node_identity] = "pid 1's netns (the node's)"
         roots = tuple(dict.fromkeys(os.path.realpath(r) for r in (*DEFAULT_ROOTS, *extra_roots)))
         return cls(roots=roots, forbidden=forbidden)
 
@@ -118,6 +143,18 @@ class NetnsPolicy:
             handle.close()
             raise
         return handle
+
+
+def _shares_netns_with_pid_1() -> bool:
+    """Whether pid 1 is in this process's netns: a unix socket made here is among those
+    ``/proc/1/net/unix`` lists (the sockets of pid 1's netns, unbound ones too)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        inode = str(os.fstat(probe.fileno()).st_ino)
+        try:
+            with open("/proc/1/net/unix") as listing:
+                return any(line.split()[6:7] == [inode] for line in listing)
+        except OSError:
+            return False
 
 
 def _parent(path: str) -> str:

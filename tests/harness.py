@@ -390,7 +390,13 @@ class NodeAgentProc(ZdsProcess):
     ``redirect``."""
 
     def __init__(
-        self, tmp: str, *extra: str, name: str = "server", redirect: bool = False, env_path: str | None = None
+        self,
+        tmp: str,
+        *extra: str,
+        name: str = "server",
+        redirect: bool = False,
+        env_path: str | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.zds_socket = os.path.join(tmp, "ztunnel", "ztunnel.sock")
         self.control_socket = os.path.join(tmp, "zds", "control.sock")
@@ -412,7 +418,7 @@ class NodeAgentProc(ZdsProcess):
             *extra,
         ]
         env = {**os.environ, "PATH": env_path} if env_path is not None else None
-        super().__init__(args, os.path.join(tmp, f"{name}.log"), env)
+        super().__init__(args, os.path.join(tmp, f"{name}.log"), env, wrapper=wrapper)
 
     def wait_ready(self) -> NodeAgentProc:
         self.wait_for_output("node agent ready")

@@ -115,6 +115,62 @@ def test_zds_pod_add_naming_the_node_is_refused_in_one_line(
     assert rules_server.list_pods() == []
 
 
+#: The node agent's capabilities in the compose file: no ptrace access to pid 1 (which has more).
+COMPOSE_CAPS = ("setpriv", "--bounding-set=-all,+sys_admin,+net_admin", "--inh-caps=-all")
+
+
+@pytest.fixture
+def node_by_name() -> Iterator[str]:
+    """The node's netns under /var/run/netns (``ip netns attach``: a bind mount, which opening
+    needs no ptrace access for, as a container engine's ``ns:`` network names it)."""
+    name = f"zds-test-node-{os.getpid()}"
+    subprocess.run(["ip", "netns", "attach", name, str(os.getpid())], check=True)
+    try:
+        yield f"/var/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_a_node_agent_in_a_netns_of_its_own_that_cannot_tell_the_nodes_does_not_start(
+    tmp_path: Path, make_pod: Callable[[], Pod]
+) -> None:
+    """The compose file's node agent (SYS_ADMIN and NET_ADMIN only, a netns of its own) cannot
+    read /proc/1/ns/net, so it could not refuse the node's netns: it took it as a pod's, rules
+    and all. It does not start now, in one line saying why and what to do."""
+    own = make_pod()
+    server = NodeAgentProc(str(tmp_path), wrapper=("ip", "netns", "exec", own.name, *COMPOSE_CAPS))
+    try:
+        assert server.wait_exit() == 1
+        [line] = server.output().splitlines()
+        assert line.partition(" error zds.server: ")[2] == (
+            "cannot tell which netns is the node's, so it could not be refused as a pod's: "
+            "/proc/1/ns/net: Permission denied, and pid 1 is not in the node agent's own netns; give "
+            "the node agent CAP_SYS_PTRACE (as Istio's node agent has), or run it in the node's netns"
+        ), line
+        assert not os.path.exists(server.zds_socket) and not os.path.exists(server.control_socket)
+    finally:
+        server.stop()
+
+
+def test_a_node_agent_in_the_nodes_netns_without_ptrace_access_refuses_the_node(
+    tmp_path: Path, node_by_name: str, node_untouched: None
+) -> None:
+    """Without access to /proc/1/ns/net, the node agent finds pid 1 in its own netns by a socket
+    of its own in /proc/1/net/unix: the node's netns, refused by any name."""
+    server = NodeAgentProc(str(tmp_path), redirect=True, wrapper=COMPOSE_CAPS).wait_ready()
+    try:
+        for netns in (node_by_name, "/proc/self/ns/net"):
+            done = server.cli("pod", "add", "--uid", "u1", "--netns", netns)
+            assert done.returncode == 1
+            [line] = done.stderr.splitlines()
+            assert line.startswith("zds pod add: u1: INVALID_ARGUMENT: ") and (
+                "is the node agent's own netns and pid 1's (" in line
+            ), line
+        assert server.list_pods() == []
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def custom_root(tmp_path: Path, make_pod: Callable[[], Pod]) -> Iterator[tuple[Path, str]]:
     """A directory outside the default roots, with a pod's netns bind-mounted in it (as a

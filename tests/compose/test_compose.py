@@ -130,6 +130,11 @@ def test_the_applications_are_ordinary_labelled_containers_and_the_node_agent_wa
     assert "--container-engine=/var/run/zds-engine.sock" in agent["command"]
     assert "${ZDS_ENGINE_SOCKET:-/run/podman/podman.sock}:/var/run/zds-engine.sock" in agent["volumes"]
     assert ENGINE_NETNS in agent["volumes"] and agent["pid"] == "host"
+    # In the node's netns (so it knows that netns, and refuses it as a pod's), and only this
+    # file's containers are its own.
+    assert agent["network_mode"] == "host"
+    assert "--container-label=zds.io/node-agent=compose" in agent["command"]
+    assert all(services[app]["labels"]["zds.io/node-agent"] == "compose" for app in APPS)
     # ztunnel gets each netns as an fd over the ZDS socket, never by path.
     assert not any("netns" in v for v in services["ztunnel"]["volumes"])
     # Nobody enrolls pods by hand.
