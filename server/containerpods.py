@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from zds import defaults
@@ -44,6 +44,9 @@ class ContainerPods:
         #: Set once a container engine feeds this (zds server --container-engine): then labels decide.
         self.engine: str | None = None
         self.facts: dict[str, ContainerFacts] = {}
+        #: Set while a container engine is followed: makes a container's pod what the engine
+        #: says, soon (``ContainerEngineSource.request_sync``).
+        self.resync: Callable[[str], None] | None = None
         self._learned = asyncio.Event()
         self._locks: KeyedLocks[str] = KeyedLocks()
 
@@ -120,7 +123,10 @@ class ContainerPods:
         return 200, f"enrolled: container {facts.name} is {selection.reason}"
 
     async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:
-        """DEL: the pod is gone. Always 200 (a DEL must not fail on what is gone already)."""
+        """DEL: the pod is gone. Always 200 (a DEL must not fail on what is gone already).
+        A container's pod is then looked at again through the engine: a network the container
+        left (``podman network disconnect``) is not the container gone, and one that still
+        runs selected is enrolled again (its pod had stayed away until the next reconcile)."""
         async with self.serialized(uid):
             held = self.agent.pods.get(uid)
             if held is None:
@@ -133,6 +139,8 @@ class ContainerPods:
                 await self.agent.remove_pod(uid)
             except RemovalNotRecorded as exc:
                 return 500, str(exc)  # the runtime retries a DEL
+        if held.spec.source is PodSource.CNI and self.resync is not None:
+            self.resync(uid)
         return 200, "removed"
 
     async def cni_check(self, spec: PodSpec, cid: str | None) -> tuple[int, str]:

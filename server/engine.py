@@ -125,6 +125,7 @@ class ContainerEngineSource:
         try:
             listed = await self._reconcile(docker)
             self._set(True, f"{listed} container(s) listed and reconciled; watching events")
+            self.pods.resync = lambda cid: self.request_sync(docker, cid)
             while True:
                 getter = asyncio.ensure_future(subscriber.get())
                 await asyncio.wait({getter, stream}, return_when=asyncio.FIRST_COMPLETED)
@@ -137,6 +138,7 @@ class ContainerEngineSource:
                     raise EngineDown(_describe(error) if error else "its event stream ended")
                 self._handle(docker, event)
         finally:
+            self.pods.resync = None
             stream.cancel()
             with contextlib.suppress(BaseException):
                 await stream

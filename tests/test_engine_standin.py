@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.harness import NodeAgentProc, Pod, wait_until
+from tests.harness import NodeAgentProc, Pod, post_unix, wait_until
+from tests.standins import AckingPeer
 
 pytestmark = pytest.mark.root
 
@@ -217,5 +218,50 @@ def test_a_container_the_engine_describes_wrongly_is_skipped_in_one_line_and_the
         wait_until(lambda: {p.uid for p in server.list_pods()} == {good, late}, "the late container's pod")
         assert "is down" not in server.output() and "Traceback" not in server.output()
     finally:
+        server.stop()
+        engine.close()
+
+
+def test_a_cni_del_for_a_container_that_still_runs_selected_leaves_it_enrolled(
+    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """A labelled container's pod, enrolled again by zds-cni's ADD (a zds-cni network
+    connected to it): the DEL when that network is disconnected is not the container gone.
+    The pod had gone, and stayed away (no container event follows) until the next reconcile;
+    the DEL's pod is now looked at again through the engine and enrolled again."""
+    engine = StandInEngine(str(tmp_path / "engine.sock"))
+    a = make_pod()
+    cid = "e" * 64
+    engine.containers[cid] = inspection(cid, "web", a, in_netns(a))
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    peer = AckingPeer(server.zds_socket)  # a ztunnel: a CNI ADD is answered once it acked
+    try:
+        peer.wait_snapshot()
+        wait_until(
+            lambda: [(p.uid, p.source) for p in server.list_pods()] == [(cid, "container-engine")], "pod"
+        )
+        add = {"Netns": a.path, "PodName": "web", "PodNamespace": "default", "ContainerID": cid}
+        assert post_unix(server.cni_socket, "/cmdadd", json.dumps(add).encode())[0] == 200
+        assert [(p.uid, p.source) for p in server.list_pods()] == [(cid, "cni")]
+        deleted = {"PodUID": cid, "Netns": a.path}
+        assert post_unix(server.cni_socket, "/cmddel", json.dumps(deleted).encode()) == (200, "removed\n")
+        wait_until(
+            lambda: [(p.uid, p.source) for p in server.list_pods()] == [(cid, "container-engine")],
+            "the container's pod enrolled again",
+        )
+        [pod] = server.list_pods()
+        assert pod.netns.ino == os.stat(a.path).st_ino
+        # The DEL of a container that is gone: its pod goes, and stays away.
+        assert post_unix(server.cni_socket, "/cmdadd", json.dumps(add).encode())[0] == 200
+        del engine.containers[cid]
+        assert post_unix(server.cni_socket, "/cmddel", json.dumps(deleted).encode()) == (200, "removed\n")
+        reconciled = server.output().count("listed and reconciled")
+        engine.cut_events()  # a reconcile after the DEL's look: nothing to enroll either
+        wait_until(lambda: server.output().count("listed and reconciled") > reconciled, "a reconcile")
+        assert server.list_pods() == []
+        assert "Traceback" not in server.output()
+        assert peer.kinds.count("del") == 2  # one for each DEL
+    finally:
+        peer.close()
         server.stop()
         engine.close()
