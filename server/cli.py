@@ -161,6 +161,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--container-label",
         action="append",
         default=[],
+        type=_label_filter,
         metavar="KEY[=VALUE]",
         help="with --container-engine: only containers carrying this label are this node agent's "
         "(the engine's own label filter; repeat to require several) (default: every container)",
@@ -273,3 +274,12 @@ def _group(name: str) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise LookupError(f"no group named {name!r}") from None
+
+
+def _label_filter(text: str) -> str:
+    """``--container-label``: ``KEY`` or ``KEY=VALUE`` with a key (an empty one matched no
+    container, silently: the node agent then enrolled nothing from the engine)."""
+    key = text.partition("=")[0]
+    if not key.strip() or key != key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY or KEY=VALUE with a label key")
+    return text

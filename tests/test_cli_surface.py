@@ -480,3 +480,27 @@ def test_numbers_are_ascii_digits_other_digits_are_refused_in_one_line(digits: s
         _id(digits)
     with pytest.raises(NetnsRefError, match="bad netns reference"):
         NetnsRef.parse(f"pid:{digits}")
+
+
+@pytest.mark.parametrize("label", ["", "=ambient", " app"])
+def test_a_container_label_without_a_key_is_refused_in_one_line(label: str) -> None:
+    """It matched no container, silently: the node agent enrolled nothing from the engine."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zds",
+            "server",
+            "--container-label",
+            label,
+            "--container-engine",
+            "/nonexistent",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"zds server: error: argument --container-label: {label!r} is not KEY or KEY=VALUE with a label key"
+    )
