@@ -6,18 +6,19 @@ always brings it back, like ztunnel's ``InpodNetns::run``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import fcntl
-import functools
 import logging
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import NetnsError
 from .handle import NetnsHandle
@@ -104,6 +105,10 @@ async def run_in_netns(
     event loop's thread never changes namespace. The worker gets its own dup of
     the fd, so closing ``target`` meanwhile cannot pull the namespace away.
     ``executor``: whose threads (default: the event loop's default executor).
+
+    Cancelled, it returns (raising CancelledError) only once the work either never ran or
+    has finished: a worker thread cannot be stopped half-way, and a caller that takes out
+    what the work put in must not do so while the work still goes on.
     """
     import asyncio  # here: zds.netns stays light for commands that never await
 
@@ -113,14 +118,63 @@ async def run_in_netns(
     except OSError as e:
         raise NetnsError(f"cannot use netns {what}: {e.strerror}") from None
     loop = asyncio.get_running_loop()
-    call = functools.partial(contextvars.copy_context().run, _call_in_netns, own, fn, args)
+    job: _Job[T] = _Job(own, fn, args, loop.create_future(), loop)
     try:
-        # Once submitted, the worker closes ``own`` whatever happens (even if we are cancelled).
-        future = loop.run_in_executor(executor, call)
+        future = loop.run_in_executor(executor, contextvars.copy_context().run, job)
     except BaseException:
         os.close(own)
         raise
-    return await future
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if job.drop():  # never started (and now never will): its dup is closed here
+            raise
+        with contextlib.suppress(asyncio.CancelledError):  # a second cancel stops the wait
+            await job.finished
+        raise
+
+
+class _Dropped(Exception):
+    """A job dropped before it started (nobody waits for it)."""
+
+
+class _Job(Generic[T]):
+    """``run_in_netns``'s work: runs once, unless dropped before it starts; says when it
+    has finished, on the event loop's thread."""
+
+    def __init__(
+        self, fd: int, fn: Callable[..., T], args: tuple[Any, ...], finished: Any, loop: Any
+    ) -> None:
+        self.fd, self.fn, self.args = fd, fn, args
+        self.finished = finished
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._state = "queued"
+
+    def drop(self) -> bool:
+        """Keep it from starting; False if it started already. Its fd is closed when dropped."""
+        with self._lock:
+            if self._state != "queued":
+                return False
+            self._state = "dropped"
+        os.close(self.fd)
+        return True
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._state == "dropped":
+                raise _Dropped
+            self._state = "running"
+        try:
+            return _call_in_netns(self.fd, self.fn, self.args)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(_set_done, self.finished)
+
+
+def _set_done(future: Any) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 #: ``SO_NETNS_COOKIE`` (Linux 5.14): the 64-bit cookie of a socket's netns.

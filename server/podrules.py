@@ -8,6 +8,7 @@ lives in that namespace.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -44,6 +45,14 @@ class PodRules:
             async with self._locks.hold(pod.netns.identity):
                 try:
                     installed = await self.redirector.install(pod.netns)
+                except asyncio.CancelledError:
+                    # Stopping: the install's worker never ran or has finished (run_in_netns),
+                    # and what it may have put in comes out, as after a failed install (rules
+                    # no pod store row records stayed in the namespace for good). A second
+                    # cancel stops waiting for that.
+                    if not still_used(pod.netns.identity):
+                        await asyncio.shield(self._undo(pod))
+                    raise
                 except (RedirectError, NetnsError, OSError) as exc:
                     spans.failed(span, exc)
                     if not still_used(pod.netns.identity):

@@ -575,3 +575,42 @@ async def test_run_in_netns_leaks_no_fd(named_netns: str) -> None:
     with open_netns(named_netns) as target, pytest.raises(ZeroDivisionError):
         await run_in_netns(target, divmod, 1, 0)
     assert open_fds() == before
+
+
+@pytest.mark.root
+async def test_a_cancelled_run_in_netns_returns_once_its_work_never_ran_or_has_finished(
+    named_netns: str,
+) -> None:
+    """A worker thread cannot be stopped half-way: cancelled while its work runs, the call
+    waits for the work to finish (so a caller can take out what it put in, after it, not
+    beside it); cancelled while queued, the work never runs and its fd is closed."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    started, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def slow() -> None:
+        started.set()
+        release.wait(10)
+        ran.append("slow")
+
+    before = open_fds()
+    try:
+        with open_netns(named_netns) as target:
+            running = asyncio.ensure_future(run_in_netns(target, slow, executor=pool))
+            queued = asyncio.ensure_future(run_in_netns(target, ran.append, "queued", executor=pool))
+            await async_wait_until(started.is_set, "the first call's work running")
+            running.cancel()
+            queued.cancel()
+            await asyncio.sleep(0.1)
+            assert not running.done(), "it returned while its work still ran"
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            assert ran == ["slow"]
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert ran == ["slow"], "the queued work ran after all"
+    assert open_fds() == before

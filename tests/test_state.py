@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, wait_until
-from tests.standins import RawPeer, request_of
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.standins import AckingPeer, RawPeer, request_of
 from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
@@ -403,6 +403,43 @@ def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod
     assert Path(db).read_bytes() == before
     restarted = agents.start()  # writable again: the pod is there
     assert list(listed(restarted)) == ["u1"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_node_agent_stopped_mid_enrollment_leaves_no_rules_its_store_does_not_record(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path, sig: int
+) -> None:
+    """Stopped while a bulk enrollment installs rules: an install under way finished in its
+    thread after the enrollment was cancelled, and its rules stayed in a namespace no row
+    records (the next start knew nothing of them; ztunnel never heard of the pod). Now what
+    went in comes out, as after a failed install: every netns with rules has its pod's row."""
+    paths = {f"u{i}": namespaces.make(f"m{i}") for i in range(40)}
+    server = agents.start(redirect=True)
+    peer = AckingPeer(server.zds_socket)
+    adding: subprocess.Popen[str] | None = None
+    try:
+        peer.wait_snapshot()
+        pods = pods_file(tmp_path / "pods.jsonl", paths)
+        adding = subprocess.Popen(
+            [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        server.wait_for_output("in-pod redirection rules installed")
+        server.stop(sig)
+    finally:
+        peer.close()
+        if adding is not None:
+            adding.wait(60)
+    import sqlite3
+
+    with sqlite3.connect(os.path.join(server.state_dir, "pods.db")) as raw:
+        recorded = {uid for (uid,) in raw.execute("SELECT uid FROM pods")}
+    with_rules = {uid for uid, path in paths.items() if istio_rules(path)}
+    assert with_rules <= recorded, f"rules without a row: {sorted(with_rules - recorded)}"
+    restarted = agents.start(redirect=True)
+    assert set(listed(restarted)) == recorded
 
 
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])
