@@ -117,7 +117,7 @@ FIELDS = ("kind", "count", "delay", "text", "after")
 #: The longest nack text a fault may give, and the most faults armed at once (each record
 #: looks at every armed one; a POST /faults client could otherwise grow the ztunnel without end).
 MAX_TEXT = 1024
-MAX_ARMED = 256
+MAX_ARMED = defaults.FAULTS_ARMED_MAX
 #: A ZdsHello no node agent speaks: version 2 (Istio only logs the version; zds refuses it).
 BAD_HELLO = b"\x08\x02"
 

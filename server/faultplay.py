@@ -218,6 +218,8 @@ def attach(conn: ZtunnelConnection, fault: Fault, book: FaultBook) -> None:
     state = (
         conn.faults if conn.faults is not None else book.states.setdefault(conn.id, ConnectionFaults(book))
     )
+    # Those that took effect or were dropped go: a connection lives long, faults come and go.
+    state.faults = [f for f in state.faults if f.state == "armed"]
     state.faults.append(fault)
     conn.faults = state
     if conn.closed:

@@ -107,7 +107,9 @@ class FaultBook:
         self._events = events
         self._telemetry = telemetry
         self._ids = itertools.count(1)
-        self.faults: list[Fault] = []
+        #: Faults armed and not yet applied or dropped (pruned at each inject): at most
+        #: ``defaults.FAULTS_ARMED_MAX`` (one InjectFault each, they had no bound).
+        self._armed: list[Fault] = []
         #: Connection faults waiting for the next accepted connection.
         self._next: list[Fault] = []
         #: Delivery faults, by kind.
@@ -125,11 +127,18 @@ class FaultBook:
     def inject(self, spec: FaultSpec) -> Fault:
         """Check and arm a fault (FaultError when refused)."""
         try:
+            self._armed = [f for f in self._armed if f.state == "armed"]
+            if len(self._armed) >= defaults.FAULTS_ARMED_MAX:
+                raise FaultError(
+                    Refusal.PRECONDITION,
+                    f"{spec.kind.label}: {defaults.FAULTS_ARMED_MAX} faults are armed already; "
+                    "let some take effect first",
+                )
             fault, conn = self._arm(spec)
         except FaultError:
             self._telemetry.fault(spec.kind.label, "refused")
             raise
-        self.faults.append(fault)
+        self._armed.append(fault)
         self._telemetry.fault(spec.kind.label, "injected")
         log.warning(
             "fault %s armed: %s (%s) on %s", fault.id, spec.kind.label, spec.kind.description, fault.target
@@ -158,6 +167,8 @@ class FaultBook:
             )
         if kind is FaultKind.OMIT_FROM_SNAPSHOT and not spec.uid:
             raise FaultError(Refusal.INVALID, "omit-from-snapshot: give --uid of the pod to leave out")
+        if spec.uid and kind not in NEEDS_POD and kind is not FaultKind.OMIT_FROM_SNAPSHOT:
+            raise FaultError(Refusal.INVALID, f"{kind.label} takes no --uid")
         if (
             spec.uid
             and (kind in NEEDS_POD or kind is FaultKind.OMIT_FROM_SNAPSHOT)

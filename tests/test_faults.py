@@ -316,3 +316,26 @@ def test_a_faults_file_delay_out_of_range_is_refused_on_both_ends(
     ztunnel.write_text(f'{{"kind": "delay-acks", "delay": {delay}}}\n')
     with pytest.raises(ZtunnelFaultError, match="delay"):
         load_faults(str(ztunnel), ZtunnelFaults())
+
+
+def test_armed_faults_are_bounded_and_a_uid_only_where_a_kind_uses_one(server: NodeAgentProc) -> None:
+    """Every InjectFault was kept for good (20,000 with a 100 KB uid each: 2 GB): at most
+    FAULTS_ARMED_MAX are armed at once, one past it is refused in one line, and a kind that
+    uses no pod refuses a uid instead of keeping it."""
+    from google.protobuf.duration_pb2 import Duration
+
+    from zds import defaults
+
+    with pytest.raises(grpc.RpcError) as refused:
+        inject(server, "add-to-oldest", uid="u" * 100_000)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "add-to-oldest takes no --uid"
+    for _ in range(defaults.FAULTS_ARMED_MAX):
+        inject(server, "delay", next_connection=True, delay=Duration(seconds=1))
+    with pytest.raises(grpc.RpcError) as refused:
+        inject(server, "add-to-oldest")
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details() == (
+        f"add-to-oldest: {defaults.FAULTS_ARMED_MAX} faults are armed already; let some take effect first"
+    )
+    assert "Traceback" not in server.output()

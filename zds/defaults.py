@@ -173,6 +173,8 @@ ENGINE_RETRY_MAX = 30.0
 #: The longest delay a fault may ask for (either end): an hour holds any test, and keeps a
 #: delay a timer can take (a Duration of 2**63 s is not one).
 FAULT_DELAY_MAX = 3600.0
+#: Faults a node agent holds armed at once (the ztunnel side's bound too).
+FAULTS_ARMED_MAX = 256
 
 #: The most addresses a pod may have (Kubernetes gives one per family, at most 2; a CNI
 #: result a few more): every pod's addresses go out in each ListPods, Watch event and reply.
