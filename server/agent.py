@@ -79,6 +79,8 @@ class NodeAgent:
         self.pods = PodCache()
         self.registry: ConnectionRegistry[ZtunnelConnection] = ConnectionRegistry(self.config.max_connections)
         self.events = EventBus(self.config.watch_queue)
+        #: The last current state a watcher got, and the event sequence number it was made at.
+        self._current: tuple[int, list[AgentEvent]] | None = None
         self.telemetry = telemetry or Telemetry()
         self.tracer = self.telemetry.tracer
         self.tasks = TaskOwner()
@@ -198,7 +200,12 @@ class NodeAgent:
     def watch(self, kinds: frozenset[EventKind] | None = None, uid: str = "") -> Watcher:
         """A watcher that gets the current state, a marker, then every live event."""
         # One synchronous step: no event can fall between the state and the subscription.
-        return self.events.subscribe(self.current_state(), kinds=kinds, uid=uid)
+        # Watchers that come while nothing happened share one current state (its events are
+        # never changed): a watcher then holds references, not a copy of every pod.
+        sequence = self.events.sequence
+        if self._current is None or self._current[0] != sequence:
+            self._current = (sequence, self.current_state())
+        return self.events.subscribe(self._current[1], kinds=kinds, uid=uid)
 
     # -- connections -------------------------------------------------------------
     async def serve_zds(self, listener: socket.socket) -> None:

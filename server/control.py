@@ -36,6 +36,7 @@ from zds.server.events import FaultView, WatchEnded, WatchEnding, Watcher
 from zds.server.faultkinds import FaultError, Refusal
 from zds.server.faults import Fault
 from zds.server.pods import PodSpec
+from zds.server.tasks import retrieve_exception
 
 log = logging.getLogger("zds.server.control")
 
@@ -166,19 +167,29 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             return
         watcher = self.agent.watch(frozenset(k for k in kinds if k is not None) or None, request.uid)
         try:
-            while True:
-                try:
-                    event = await watcher.next()
-                except WatchEnded as ended:
-                    await _abort(context, _WATCH_STATUS[ended.reason], ended.detail)
-                    return
-                if not await _write(context, event_to_proto(event), watcher):
-                    end = watcher.end
-                    assert end is not None
-                    await _abort(context, _WATCH_STATUS[end.reason], end.detail)
-                    return
+            await self._watch(watcher, context)
+        except _ClientGone:
+            pass
         finally:
             watcher.close()
+
+    @staticmethod
+    async def _watch(watcher: Watcher, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            try:
+                event = await watcher.next()
+            except WatchEnded as ended:
+                await _abort(context, _WATCH_STATUS[ended.reason], ended.detail)
+            if not await _write(context, event_to_proto(event), watcher):
+                end = watcher.end
+                assert end is not None
+                try:
+                    await _abort(context, _WATCH_STATUS[end.reason], end.detail)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # gRPC still holds the abandoned write: no status can follow it
+                    log.debug("watcher's stream ended without its status (%s): %r", end.detail, exc)
+                return
 
 
 async def bulk_add(
@@ -310,6 +321,7 @@ async def _wait_applied(fault: Fault, context: grpc.aio.ServicerContext) -> None
 _WATCH_STATUS = {
     WatchEnding.FELL_BEHIND: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WatchEnding.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+    WatchEnding.TOO_MANY: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -323,6 +335,7 @@ async def _write(context: grpc.aio.ServicerContext, message: nodeagent_pb2.Event
     if watcher.fell_behind.is_set():
         return False
     write = asyncio.ensure_future(context.write(message))
+    write.add_done_callback(retrieve_exception)  # a client gone mid-write: its error is this call's end
     fell_behind = asyncio.ensure_future(watcher.fell_behind.wait())
     try:
         await asyncio.wait({write, fell_behind}, return_when=asyncio.FIRST_COMPLETED)
@@ -334,8 +347,13 @@ async def _write(context: grpc.aio.ServicerContext, message: nodeagent_pb2.Event
                 await write
     if write.cancelled():
         return False
-    write.result()  # a failed write (the client went away) ends the handler
+    if (failed := write.exception()) is not None:  # the client went away: nobody to tell
+        raise _ClientGone from failed
     return True
+
+
+class _ClientGone(Exception):
+    """A watcher's client went away mid-write (its stream is over; nothing to log)."""
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,8 @@ class WatchEnding(enum.Enum):
     FELL_BEHIND = "fell-behind"
     #: The node agent is shutting down (or the stream was closed).
     SHUTDOWN = "shutdown"
+    #: ``defaults.WATCHERS_MAX`` watchers are watching already.
+    TOO_MANY = "too-many"
 
 
 class WatchEnded(ZdsError):
@@ -267,6 +269,14 @@ class EventBus:
         watcher = Watcher(self, [*current_state, marker], kinds=kinds, uid=uid, limit=self.watch_queue)
         if self._closed is not None:
             watcher.finish(self._closed)
+        elif len(self._watchers) >= defaults.WATCHERS_MAX:
+            # Each holds its current state until sent, and a client may read none of it.
+            watcher.finish(
+                WatchEnded(
+                    WatchEnding.TOO_MANY,
+                    f"{defaults.WATCHERS_MAX} watchers are watching already; watch again once one ends",
+                )
+            )
         else:
             self._watchers.add(watcher)
         return watcher

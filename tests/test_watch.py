@@ -379,3 +379,33 @@ def test_zds_watch_without_a_node_agent_says_where_it_looked(tmp_path: object) -
         [*ZDS, "watch", "--control-socket", sock], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 1 and "cannot reach the node agent" in out.stderr and sock in out.stderr
+
+
+def test_watchers_are_bounded_and_share_one_current_state(
+    server: NodeAgentProc, streams: list[WatchStream]
+) -> None:
+    """Each watcher held a copy of every pod until sent, and nothing bounded them (1,441
+    watchers that read nothing, 2,000 pods: 1.2 GB). At most WATCHERS_MAX watch at once, one
+    more is told RESOURCE_EXHAUSTED in one line, and one that ends makes room."""
+    from zds import defaults
+
+    for _ in range(defaults.WATCHERS_MAX):
+        streams.append(WatchStream(server))
+    for stream in streams:
+        stream.wait_for(nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END)
+    extra = WatchStream(server)
+    streams.append(extra)
+    assert extra.done.wait(15)
+    assert extra.error is not None and extra.error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert extra.error.details() == (
+        f"{defaults.WATCHERS_MAX} watchers are watching already; watch again once one ends"
+    )
+    streams[0].close()
+
+    def watching_again() -> bool:  # once the node agent has seen the closed stream go
+        again = WatchStream(server)
+        streams.append(again)
+        wait_until(lambda: again.done.is_set() or bool(again.events), "an answer")
+        return again.error is None
+
+    wait_until(watching_again, "a watcher let in again")

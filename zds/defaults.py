@@ -67,6 +67,8 @@ BULK_UNSENT = 1024
 BULK_REPLY_RESULTS = 256
 #: Events a Watch stream may have queued before it is ended for falling behind.
 WATCH_QUEUE = 1024
+#: Watch streams a node agent serves at once (each holds the current state until it is sent).
+WATCHERS_MAX = 128
 
 # --- ztunnel side --------------------------------------------------------------
 #: ztunnel's reconnect backoff: first delay, cap (seconds).
