@@ -36,7 +36,7 @@ from zds.server.containerpods import ContainerPods
 from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
-from zds.server.http import health_app
+from zds.server.http import TcpGuard, health_app
 from zds.server.instance import (
     InstanceError,
     InstanceLock,
@@ -293,13 +293,24 @@ class NodeAgentServer:
 
     async def _serve_http(self, listen: str) -> None:
         host, port = split_host_port(listen, "--http-listen")
-        runner = web.AppRunner(health_app(self.readiness, self.telemetry.prometheus), access_log=None)
+        guard = TcpGuard()
+        app = health_app(self.readiness, self.telemetry.prometheus, middlewares=(guard.middleware,))
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=guard.header_timeout)
         await runner.setup()
         self._runners.append(runner)
+        assert runner.server is not None
+        loop = asyncio.get_running_loop()
         try:
-            await web.TCPSite(runner, host, port).start()
+            server = await loop.create_server(guard.protocol(runner.server), host, port, backlog=128)
         except OSError as exc:
             raise StartupError(f"cannot listen for HTTP on {listen}: {exc}") from exc
+
+        async def close() -> None:
+            server.close()
+
+        self._closers.append(close)
+        bound = server.sockets[0].getsockname()
+        log.info("HTTP (/healthz, /readyz, /metrics) listening on %s", _host_port(bound[0], bound[1]))
 
     # -- running and stopping -----------------------------------------------------------
     async def wait(self) -> None:
@@ -368,3 +379,7 @@ async def run_server(options: ServerOptions) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

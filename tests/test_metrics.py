@@ -178,3 +178,50 @@ def test_metrics_speak_openmetrics_when_asked(server: Server) -> None:
 def test_healthz_and_readyz_still_answer(server: Server) -> None:
     assert server.get("/healthz")[0] == "ok\n"
     assert server.get("/readyz")[0].startswith("ready: 0 ztunnel connection(s)")
+
+
+def test_an_accept_header_the_exporter_cannot_read_gets_the_text_format(server: Server) -> None:
+    """It was a 500 and a TypeError traceback in the node agent's log."""
+    text, content_type = server.get("/metrics", accept="application/openmetrics-text; version=abc")
+    assert content_type.startswith("text/plain") and "zds_pods_enrolled" in text
+    assert "Traceback" not in server.output()
+
+
+def test_half_requests_are_bounded_and_closed_in_time_and_the_agent_keeps_serving(server: Server) -> None:
+    """20,000 connections that each sent half a request held every fd the agent may open
+    (zds pod add then failed): at most 64 are kept, the others closed at once; those too
+    are closed once they bring no whole request within 10 s; the endpoint answers after."""
+    import socket
+    import time
+
+    from tests.harness import fd_count
+
+    host, port = server.http.split(":")
+    before = fd_count(server.pid)
+    held = []
+    try:
+        for _ in range(200):
+            conn = socket.create_connection((host, int(port)))
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
+            held.append(conn)
+        assert fd_count(server.pid) <= before + 64 + 2
+        started = time.monotonic()
+
+        def closed(conn: socket.socket) -> bool:
+            conn.settimeout(0.01)
+            try:
+                return conn.recv(1) == b""
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+
+        wait_until(lambda: all(closed(c) for c in held), "every half request closed", timeout=20)
+        assert time.monotonic() - started < 15
+    finally:
+        for conn in held:
+            conn.close()
+    assert server.get("/healthz")[0] == "ok\n"
+    wait_until(lambda: "connection(s) refused: 64 open already" in server.output(), "the warning line")
+    assert server.list_pods() == []  # the control API answers too
+    assert "Traceback" not in server.output()
