@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     fault.add_argument(
         "--skip-connections",
-        type=int,
+        type=cliflags.non_negative_int,
         default=0,
         metavar="N",
         help="with --next-connection: let N connections be accepted first (default: %(default)s)",

@@ -27,19 +27,24 @@ def spec_from_entry(entry: Any, where: str) -> FaultSpec:
         raise FaultError(Refusal.INVALID, f"{where}: missing kind")
     try:
         kind = FaultKind.named(str(entry["kind"]))
-        count = int(entry.get("count", 1))
-        delay = float(entry.get("delay", 0.0))
-        skips = int(entry.get("skip_connections", 0))
     except FaultError as exc:
         raise FaultError(Refusal.INVALID, f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise FaultError(Refusal.INVALID, f"{where}: {exc}") from None
+    # As written, or refused: "false" was true, 1.7 was 1, 1e400 a traceback.
+    count, skips = entry.get("count", 1), entry.get("skip_connections", 0)
+    delay, after = entry.get("delay", 0.0), entry.get("after_snapshot", False)
+    for name, value in (("count", count), ("skip_connections", skips)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+            raise FaultError(Refusal.INVALID, f"{where}: {name} must be a whole number from 0 to {2**31 - 1}")
+    if not isinstance(delay, int | float) or isinstance(delay, bool):
+        raise FaultError(Refusal.INVALID, f"{where}: delay must be a number of seconds")
+    if not isinstance(after, bool):
+        raise FaultError(Refusal.INVALID, f"{where}: after_snapshot must be true or false")
     return FaultSpec(
         kind=kind,
         count=count,
-        delay=delay,
+        delay=float(delay),
         uid=str(entry.get("uid") or ""),
-        after_snapshot=bool(entry.get("after_snapshot", False)),
+        after_snapshot=after,
         next_connection=kind.category is not Category.DELIVERY,
         skip_connections=skips,
     )

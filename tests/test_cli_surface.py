@@ -504,3 +504,42 @@ def test_a_container_label_without_a_key_is_refused_in_one_line(label: str) -> N
     assert done.stderr.splitlines()[-1] == (
         f"zds server: error: argument --container-label: {label!r} is not KEY or KEY=VALUE with a label key"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["fault", "delay", "--delay", "nan"], "argument --delay: nan is not a positive number of seconds"),
+        (["fault", "delay", "--delay", "inf"], "argument --delay: inf is not a positive number of seconds"),
+        (
+            ["fault", "delay", "--skip-connections", "-1"],
+            "argument --skip-connections: -1 is not a whole number",
+        ),
+        (
+            ["fault", "delay", "--count", "99999999999"],
+            "argument --count: 99999999999 is not a positive integer",
+        ),
+        (["pod", "list", "--timeout", "nan"], "argument --timeout: nan is not a positive number of seconds"),
+        (
+            ["server", "--ack-timeout", "nan"],
+            "argument --ack-timeout: nan is not a positive number of seconds",
+        ),
+    ],
+)
+def test_numbers_a_flag_cannot_take_are_refused_in_one_line(
+    argv: list[str], says: str, tmp_path: pathlib.Path
+) -> None:
+    """NaN and infinity were a ValueError or OverflowError traceback, a timeout of 0, or (the
+    node agent's --ack-timeout) "no ack within nans"; a count past the control API's 32 bits a
+    protobuf traceback."""
+    # Every path a scratch one: were the flag taken, nothing of this machine's is touched.
+    paths = ["--control-socket", str(tmp_path / "control.sock")]
+    if argv[0] == "server":
+        paths += ["--zds-socket", str(tmp_path / "zds.sock"), "--state-dir", str(tmp_path / "state")]
+        paths += ["--cni-socket", "off", "--http-listen", "off"]
+    done = subprocess.run(
+        [sys.executable, "-m", "zds", *argv, *paths], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"zds {argv[0]}") and says in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr

@@ -339,3 +339,26 @@ def test_armed_faults_are_bounded_and_a_uid_only_where_a_kind_uses_one(server: N
         f"add-to-oldest: {defaults.FAULTS_ARMED_MAX} faults are armed already; let some take effect first"
     )
     assert "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"kind": "delay", "delay": 1, "count": 1e400}, "count must be a whole number from 0 to 2147483647"),
+        ({"kind": "delay", "delay": 1, "count": 1.7}, "count must be a whole number"),
+        ({"kind": "delay", "delay": 1, "count": True}, "count must be a whole number"),
+        ({"kind": "delay", "delay": 1, "skip_connections": -1}, "skip_connections must be a whole number"),
+        ({"kind": "delay", "delay": "1"}, "delay must be a number of seconds"),
+        (
+            {"kind": "omit-from-snapshot", "uid": "u", "after_snapshot": "false"},
+            "after_snapshot must be true or false",
+        ),
+    ],
+)
+def test_a_faults_file_entry_is_taken_as_written_or_refused(entry: dict[str, object], says: str) -> None:
+    """ "false" was true, 1.7 was 1 and true was 1; a count of 1e400 was an OverflowError traceback."""
+    from zds.server.faultkinds import FaultError
+    from zds.server.faultsfile import spec_from_entry
+
+    with pytest.raises(FaultError, match=f"^entry 1: {says}"):
+        spec_from_entry(entry, "entry 1")

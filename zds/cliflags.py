@@ -8,6 +8,7 @@ one line, naming the value.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,13 +69,27 @@ class Parser(argparse.ArgumentParser):
 LOG_FORMATS = ("text", "json")
 
 
+#: The largest count, size or pid a flag takes (the control API's fields are 32-bit).
+INT_MAX = 2**31 - 1
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    if not 0 < value <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (at most {INT_MAX})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number from 0 to {INT_MAX}")
     return value
 
 
@@ -98,7 +113,7 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
+    if not 0 < value < math.inf:  # (also NaN: it was a timeout of 0, or a traceback)
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
 
