@@ -251,11 +251,17 @@ class Telemetry:
         resource = _resource(env)
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return cls(resource=resource)
-        processors: list[SpanProcessor] = [
-            BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
-            for exporter, batched in span_exporters_from_env(env)
-        ]
-        readers = [PeriodicExportingMetricReader(e) for e in metric_exporters_from_env(env)]
+        try:
+            processors: list[SpanProcessor] = [
+                BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
+                for exporter, batched in span_exporters_from_env(env)
+            ]
+            readers = [PeriodicExportingMetricReader(e) for e in metric_exporters_from_env(env)]
+        except (TypeError, ValueError, OverflowError) as exc:  # the SDK reads its OTEL_* values here
+            given = ", ".join(sorted(k for k in env if k.startswith("OTEL_"))) or "none"
+            raise TelemetryConfigError(
+                f"an OTEL_* setting the SDK refuses ({exc}); set here: {given}"
+            ) from exc
         return cls(span_processors=processors, metric_readers=readers, resource=resource)
 
     @property

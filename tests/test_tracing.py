@@ -436,3 +436,25 @@ def test_otlp_exporter_sends_the_trace_to_a_collector(
         assert {spans.OPEN_NETNS, spans.SEND, spans.WAIT_ACK, spans.SNAPSHOT} <= names
     finally:
         collector.close()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "-1"},
+        {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": "-5"},
+    ],
+)
+def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's own ValueError (it reads its values from the environment) was a traceback at start."""
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(TelemetryConfigError) as refused:
+        Telemetry.from_environment()
+    assert str(refused.value).endswith(f"; set here: {', '.join(sorted(env))}")
+    assert "\n" not in str(refused.value)
