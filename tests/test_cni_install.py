@@ -165,3 +165,16 @@ def test_uninstall_leaves_a_conf_someone_wrote_since_and_keeps_a_symlinked_confl
     assert zds_cni("uninstall", *flags).returncode == 0
     assert (conf_dir / "87-mesh.conflist").is_symlink()
     assert json.loads((real / "mesh.conflist").read_text()) == json.loads(PODMAN_CONFLIST)
+
+
+def test_a_config_that_is_not_utf8_is_named_in_one_line(tmp_path: pathlib.Path) -> None:
+    """It was a UnicodeDecodeError traceback."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    (conf_dir / "05-x.conflist").write_bytes(b"\xff{")
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    done = zds_cni("install", *flags, "--network", "mesh")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"zds cni install: cannot read {conf_dir / '05-x.conflist'}: not UTF-8 text (invalid start byte at byte 0)"
+    ]
+    assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST

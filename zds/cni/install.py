@@ -111,6 +111,8 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as exc:
         raise InstallError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InstallError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def config_files(conf_dir: str) -> list[str]:
