@@ -256,13 +256,22 @@ class ZtunnelConnection:
             return await self.faults.exchange(self, delivery)
         if delivery.trace_context is not None:
             return await self._exchange_traced(delivery)
-        try:
-            payload = self.protocol.send(delivery.request, _now(), payload=delivery.payload)
-        except Exception as exc:
-            delivery.drop(exc)
-            raise
+        payload = self._encode(delivery)
         await self._write(delivery, payload)
         return await self._await_ack(delivery)
+
+    def _encode(self, delivery: Delivery) -> bytes:
+        """The request's record; a connection closed meanwhile (the node agent stopping, a
+        peer gone) is that connection's end, not a failure with a traceback."""
+        try:
+            return self.protocol.send(delivery.request, _now(), payload=delivery.payload)
+        except Exception as exc:
+            if self.protocol.state is not ConnectionState.CLOSED:
+                delivery.drop(exc)
+                raise
+            lost = ConnectionLost(self.id, self.protocol.close_reason or "closed")
+            delivery.drop(lost)
+            raise lost from None
 
     async def _exchange_traced(self, delivery: Delivery) -> Ack:
         """``_exchange`` with a ``zds.send`` and a ``zds.wait_ack`` span in the delivery's trace."""
@@ -272,11 +281,7 @@ class ZtunnelConnection:
         if uid:
             attributes[spans.POD_UID] = uid
         with self._span(spans.SEND, delivery, attributes) as send_span:
-            try:
-                payload = self.protocol.send(delivery.request, _now(), payload=delivery.payload)
-            except Exception as exc:
-                delivery.drop(exc)
-                raise
+            payload = self._encode(delivery)
             try:
                 await self._write(delivery, payload)
             except ConnectionLost as lost:
