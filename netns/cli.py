@@ -75,7 +75,13 @@ def _error(command: str, message: str) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    """Create each NAME; report each failure on its own line; exit 1 if any failed."""
+    """Create each NAME; report each failure on its own line; exit 1 if any failed. SIGTERM
+    is taken as Ctrl-C: what is half made is undone (it was left, never printed)."""
+    with runtime.Interrupts():
+        return _create(args)
+
+
+def _create(args: argparse.Namespace) -> int:
     problem = runtime.privilege_error("netns create")
     if problem:
         print(problem, file=sys.stderr)
@@ -104,7 +110,13 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    """Delete each NAME; report each failure on its own line; exit 1 if any failed."""
+    """Delete each NAME; report each failure on its own line; exit 1 if any failed (SIGTERM
+    taken as Ctrl-C)."""
+    with runtime.Interrupts():
+        return _delete(args)
+
+
+def _delete(args: argparse.Namespace) -> int:
     problem = runtime.privilege_error("netns delete")
     if problem:
         print(problem, file=sys.stderr)

@@ -94,8 +94,12 @@ def _create_named(name: str, path: str) -> None:
             child.communicate()
     except FileExistsError:
         raise NetnsError(_exists_message(name, path)) from None
-    except Exception as e:
+    except BaseException as e:
+        # Ours (create_netns saw nothing there): also when interrupted (Ctrl-C, SIGTERM)
+        # while the child made it, which left a netns entry for good.
         _remove_entry(path)
+        if not isinstance(e, Exception):
+            raise
         hint = "; run as root (needs CAP_SYS_ADMIN)" if getattr(e, "errno", None) == errno.EPERM else ""
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise NetnsError(f"cannot create netns {name}: {reason}{hint}") from None

@@ -93,3 +93,38 @@ def test_ctrl_c_in_the_middle_still_cleans_up() -> None:
     assert "interrupted; cleaned up" in out
     wait_until(lambda: leftovers() == [], timeout=10, what="the demo's namespaces and bridge to go")
     assert not any(alive(p) for p in pids_in(out))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_the_clean_up_waits_for_its_end(sig: int) -> None:
+    """Interrupted as its clean-up began, the demo said "interrupted; cleaned up" and left its
+    node agent running for good, holding its sockets and the pods' namespaces. The clean-up
+    now runs to its end first; the interrupt is then reported as before."""
+    proc = subprocess.Popen(
+        [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if line.startswith("9. Cleaning up") or not line:
+                break
+        proc.send_signal(sig)
+        time.sleep(0.01)
+        proc.send_signal(sig)  # and again, as an impatient user does
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(seen) + rest
+    assert "9. Cleaning up" in out, out
+    assert proc.returncode == 130, out
+    assert "interrupted; cleaned up" in out and "Traceback" not in out
+    pids = pids_in(out)
+    assert len(pids) == 2
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=10, what="the demo's children gone")
+    assert leftovers() == []

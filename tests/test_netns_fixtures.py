@@ -472,3 +472,27 @@ def test_cli_without_privilege_says_which_capabilities_are_missing(
         " missing CAP_SYS_ADMIN, CAP_NET_ADMIN\n"
     )
     assert (netns_name in list_netns()) == (command == "delete")
+
+
+@pytest.mark.root
+def test_a_netns_interrupted_while_it_is_made_is_not_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM, taken as it) after the child had bind-mounted the new netns left
+    its entry for good, loopback down (the next demo then refused to start)."""
+    from pyroute2.process import ChildProcess
+
+    from zds.netns import fixtures
+
+    class Interrupted(ChildProcess):  # type: ignore[misc]  # pyroute2 is untyped
+        def communicate(self, *args: object, **kwargs: object) -> object:
+            super().communicate(*args, **kwargs)  # the netns is made and mounted ...
+            raise KeyboardInterrupt  # ... and then the interrupt comes
+
+    monkeypatch.setattr(fixtures, "ChildProcess", Interrupted)
+    name = f"zdst-int-{secrets.token_hex(4)}"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            create_netns(name)
+        assert name not in list_netns()
+        assert not os.path.lexists(f"/var/run/netns/{name}")
+    finally:
+        delete_netns(name, missing_ok=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -58,6 +60,75 @@ def defer_import(name: str) -> None:
     # from looking into the module (its __spec__), which would run it.
     if parent:
         setattr(sys.modules[parent], child, module)
+
+
+class Interrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, for a command that cleans up on Ctrl-C (the
+    demo, ``zds netns``): SIGTERM had killed it where it stood. In ``held()`` sections (starting
+    a child and noting it; the clean-up) an interrupt waits for the section's end, then is
+    raised. ``interrupted`` stays set: an interrupt raised where Python swallows exceptions
+    (logging's at-fork hook, when pyroute2 forks) is raised again at ``check()``."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._held = 0
+        self._pending = False
+        self.interrupted = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        global _interrupts
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        _interrupts = self
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        global _interrupts
+        _interrupts = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a forked helper must not run the command's clean-up
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.interrupted = True
+        if self._held:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held and self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+
+#: The ``Interrupts`` in effect, if any.
+_interrupts: Interrupts | None = None
+
+
+def interrupts_held() -> contextlib.AbstractContextManager[None]:
+    """The current ``Interrupts``' ``held()`` (nothing without one)."""
+    return _interrupts.held() if _interrupts is not None else contextlib.nullcontext()
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if an interrupt came and was swallowed (see ``Interrupts``)."""
+    if _interrupts is not None:
+        _interrupts.check()
 
 
 def started() -> None:

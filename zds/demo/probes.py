@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.errors import ZdsError
 from zds.netns import in_netns, open_netns
 
@@ -68,6 +68,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """Poll ``predicate`` (OSError/ValueError count as not yet) until truthy; DemoError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
+        runtime.check_interrupted()
         with contextlib.suppress(OSError, ValueError):
             value = predicate()
             if value:

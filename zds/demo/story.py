@@ -7,12 +7,9 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import types
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -292,25 +289,6 @@ class Demo:
         wait_for(lambda: self.children.check_alive() or logged(), 10, f"the node agent's line '{text}'")
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    me = os.getpid()
-
-    def handler(signum: int, frame: types.FrameType | None) -> None:
-        if os.getpid() != me:
-            # A forked helper (pyroute2 forks to make namespaces) must not run our cleanup.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     error = runtime.privilege_error("demo")
     if error:
@@ -326,13 +304,19 @@ def run_demo(args: argparse.Namespace) -> int:
     print("zds demo: Istio ambient's node-level handshake (ZDS), both ends, on this machine")
     demo: Demo | None = None
     try:
-        with _sigterm_as_interrupt():
-            demo = Demo(narrator, keep_logs=args.keep_logs)
+        with runtime.Interrupts() as interrupts:
+            with interrupts.held():
+                demo = Demo(narrator, keep_logs=args.keep_logs)
             try:
                 demo.run()
             finally:
-                narrator.title("Cleaning up: processes, pods, bridge, sockets")
-                demo.close()
+                # All of it, whatever comes: an interrupt waits for its end, and so does a
+                # title that cannot be printed (a closed pipe: `zds demo | head`).
+                with interrupts.held():
+                    try:
+                        narrator.title("Cleaning up: processes, pods, bridge, sockets")
+                    finally:
+                        demo.close()
                 narrator.ok("nothing left behind")
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from zds import runtime
 from zds.demo.narration import LogTail, Narrator
 from zds.demo.probes import DemoError
 
@@ -23,14 +24,15 @@ class Supervisor:
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         """``zds --log-format json ARGS`` as ``name``, its output in ``tmp/NAME.log``."""
         log_path = os.path.join(self.tmp, f"{name}.log")
-        with open(log_path, "wb") as log_file:
+        # Started and noted as one step: an interrupt in between left the child running.
+        with runtime.interrupts_held(), open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "zds", "--log-format", "json", *args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C goes to the demo, which stops them in order
             )
-        self.procs[name] = proc
+            self.procs[name] = proc
         self.logs[name] = LogTail(log_path, name)
         return proc
 
