@@ -81,6 +81,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     ) -> nodeagent_pb2.AddPodResponse:
         spec = pod_spec(request)
         if not isinstance(spec, PodSpec):
+            self.agent.telemetry.enrollment(EnrollmentOutcome.INVALID.value)  # as the enrollment's own
             await _abort(context, *spec)
         try:
             enrolled = await self.agent.add_pod(spec)
@@ -245,6 +246,7 @@ async def bulk_add(
                         task.add_done_callback(running.discard)
                         task.add_done_callback(functools.partial(answer, index, request.uid))
                     else:
+                        agent.telemetry.enrollment(EnrollmentOutcome.INVALID.value)
                         answer(index, request.uid, spec)
                     index += 1
             while running:

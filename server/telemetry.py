@@ -18,7 +18,8 @@ instruments below are named to come out as these series:
 ``zds_ack_latency_seconds{type}``        histo     from writing a request to its ack
 ``zds_pod_enrollments_total{outcome}``   counter   AddPod/CNI enrollments: acked,
                                                    nacked, no_connection, lost,
-                                                   invalid, rules
+                                                   timeout, invalid, refused, rules,
+                                                   store
 ``istio_cni_plugin_requests_total``      counter   CNI plugin requests by
 ``{response_code}``                                response_code (Istio's name)
 ``zds_watchers``                         gauge     open Watch streams

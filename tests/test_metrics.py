@@ -225,3 +225,29 @@ def test_half_requests_are_bounded_and_closed_in_time_and_the_agent_keeps_servin
     wait_until(lambda: "connection(s) refused: 64 open already" in server.output(), "the warning line")
     assert server.list_pods() == []  # the control API answers too
     assert "Traceback" not in server.output()
+
+
+def test_an_add_pod_refused_before_its_enrollment_counts_as_invalid(server: Server) -> None:
+    """A request with no netns, a relative path or a bad address was refused before the
+    enrollment began and was never counted (AddPod and the bulk path alike)."""
+    from zds.gen import nodeagent_pb2_grpc
+
+    requests = [
+        nodeagent_pb2.AddPodRequest(uid="u1"),
+        nodeagent_pb2.AddPodRequest(uid="u2", netns_path="relative/pod"),
+        nodeagent_pb2.AddPodRequest(uid="u3", netns_path="/var/run/netns/x", ips=["not-an-ip"]),
+    ]
+    with grpc.insecure_channel(f"unix:{server.control_socket}") as channel:
+        stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+        for request in requests:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.AddPod(request, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        results = [
+            r
+            for reply in stub.AddPods(iter([nodeagent_pb2.AddPodsRequest(pods=requests)]), timeout=10)
+            for r in reply.results
+        ]
+        assert len(results) == 3 and all(r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results)
+    server.wait_value(4, "zds_pod_enrollments_total", outcome="invalid")  # no netns, a bad address
+    assert server.value("zds_pod_enrollments_total", outcome="refused") == 2  # a relative path
