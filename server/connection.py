@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from zds import defaults
+from zds.errors import printable
 from zds.protocol.messages import Ack, Request, SnapshotSent, request_kind
 from zds.protocol.nodeagent import (
     AckReceived,
@@ -195,8 +197,13 @@ class ZtunnelConnection:
     def _handle(self, events: list[Event]) -> list[Event]:
         """Take in the protocol's events: a close raises ConnectionLost at once; the rest
         (observer calls) wait in ``_later`` until ``_catch_up``."""
-        for event in events:
+        for i, event in enumerate(events):
             match event:
+                case AckReceived(ack=Ack(error=error)) if error and not error.isprintable():
+                    # What ztunnel said goes to logs, terminals (zds pod add, pod list, watch)
+                    # and the control API: its escape sequences and newlines as escapes.
+                    events[i] = event = dataclasses.replace(event, ack=Ack(error=printable(error)))
+                    self._later.append((event, None))
                 case HelloAccepted() | AckReceived() | SnapshotComplete():
                     self._later.append((event, None))
                 case ConnectionClosed(reason=reason, ack_timeout=ack_timeout):

@@ -140,6 +140,27 @@ def test_pod_add_nack_exits_nonzero_with_the_nack_text(server: NodeAgentProc) ->
     assert "FAILED_PRECONDITION: failure to start proxy : address in use" in out.stderr
 
 
+def test_a_nack_with_escape_sequences_reaches_no_terminal_and_no_log_raw(server: NodeAgentProc) -> None:
+    """A ztunnel's nack text went raw to zds pod add's error, zds pod list's LAST-ERROR, zds
+    watch and the node agent's log: a title change and colours, or a line of its own. What
+    is not printable is now written as its escape, everywhere."""
+    hostile = "x\x1b]0;PWNED\x07\x1b[31mRED\nsecond line"
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1, error=hostile)
+        out = server.cli("pod", "add", "--uid", "u1", "--netns", pod_netns())
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line.endswith("x\\x1b]0;PWNED\\x07\\x1b[31mRED\\nsecond line"), line
+    listed = server.cli("pod", "list")
+    assert "\x1b" not in listed.stdout and "x\\x1b]0;PWNED" in listed.stdout
+    log = server.output()
+    assert "\x1b" not in log and "\nsecond line" not in log
+
+
 def test_pod_add_bad_netns_says_what_is_wrong(server: NodeAgentProc) -> None:
     out = server.cli("pod", "add", "--uid", "u1", "--netns", "/var/run/netns/zdst-missing")
     assert out.returncode == 1

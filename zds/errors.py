@@ -36,3 +36,11 @@ class CodecError(ProtocolError, ValueError):
 
 class NoPayload(CodecError):
     """A well-formed ``WorkloadRequest``/``WorkloadResponse`` whose ``payload`` oneof is unset."""
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable written as its escape (``\\x1b``,
+    ``\\n``): what a peer said, safe to put on a terminal or in a log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
