@@ -45,7 +45,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import trace
@@ -74,6 +77,10 @@ from zds.errors import ZdsError
 
 SERVICE_NAME = "zds-node-agent"
 SCOPE = "zds.server"
+#: The longest a stop waits for the exporters to flush.
+SHUTDOWN_WAIT = 5.0
+
+log = logging.getLogger("zds.server.telemetry")
 
 #: Ack latency buckets (seconds): a local ztunnel acks in well under a
 #: millisecond; the ack timeout is 5 s.
@@ -183,7 +190,9 @@ class Telemetry:
         processors = list(span_processors)
         self._tracer_provider: TracerProvider | None = None
         if processors:
-            self._tracer_provider = TracerProvider(resource=resource)
+            # Shut down by ``shutdown`` (bounded), not again at exit (unbounded: 20 s with a
+            # collector that accepts and never answers).
+            self._tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
             for processor in processors:
                 self._tracer_provider.add_span_processor(processor)
             self.tracer: trace.Tracer = self._tracer_provider.get_tracer(SCOPE, __version__)
@@ -193,7 +202,9 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         prometheus = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)
-        self._meter_provider = MeterProvider(resource=resource, metric_readers=[prometheus, *metric_readers])
+        self._meter_provider = MeterProvider(
+            resource=resource, metric_readers=[prometheus, *metric_readers], shutdown_on_exit=False
+        )
         meter = self._meter_provider.get_meter(SCOPE, __version__)
 
         self._connected: Callable[[], int] = lambda: 0
@@ -316,11 +327,31 @@ class Telemetry:
         return encoder(self.registry), content_type
 
     async def shutdown(self) -> None:
-        """Flush and stop the exporters (off the event loop: an OTLP flush may take a while)."""
+        """Flush and stop the exporters, off the event loop, for at most ``SHUTDOWN_WAIT``
+        seconds: a collector that accepts and never answers held the node agent's exit for 20 s
+        (each provider the exporter's timeout). What is not flushed by then is dropped, in a
+        warning line; the stopping thread is a daemon's, so the exit does not wait for it."""
+        loop = asyncio.get_running_loop()
+        stopped = loop.create_future()
 
         def stop() -> None:
-            if self._tracer_provider is not None:
-                self._tracer_provider.shutdown()
-            self._meter_provider.shutdown()
+            try:
+                if self._tracer_provider is not None:
+                    self._tracer_provider.shutdown()
+                self._meter_provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, stopped)
 
-        await asyncio.to_thread(stop)
+        threading.Thread(target=stop, name="zds-telemetry-stop", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(stopped), SHUTDOWN_WAIT)
+        except TimeoutError:
+            log.warning(
+                "OpenTelemetry exporters still flushing after %gs; what they hold is dropped", SHUTDOWN_WAIT
+            )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -458,3 +458,26 @@ def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
         Telemetry.from_environment()
     assert str(refused.value).endswith(f"; set here: {', '.join(sorted(env))}")
     assert "\n" not in str(refused.value)
+
+
+def test_a_collector_that_never_answers_holds_the_exit_at_most_the_shutdown_wait(
+    run_server: Callable[..., NodeAgentProc],
+) -> None:
+    """A collector that accepts and never answers held SIGTERM's exit for 20 s (each provider
+    the exporter's timeout, then again at exit). The flush now has SHUTDOWN_WAIT; what it
+    could not send is dropped in a warning line, and the exit is the clean one."""
+    import socket
+    import time
+
+    from zds.server.telemetry import SHUTDOWN_WAIT
+
+    with socket.socket() as blackhole:  # connections complete in its backlog; nothing is read
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        endpoint = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
+        server = run_server(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+        server.add_pod("u1", pod_netns())  # spans to flush
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < SHUTDOWN_WAIT + 5
+    assert "OpenTelemetry exporters still flushing after 5s" in server.output()
