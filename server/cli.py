@@ -164,7 +164,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=_label_filter,
         metavar="KEY[=VALUE]",
         help="with --container-engine: only containers carrying this label are this node agent's "
-        "(the engine's own label filter; repeat to require several) (default: every container)",
+        "(checked on every container the engine reports; repeat to require several) (default: every container)",
     )
     server.add_argument(
         "--faults",

@@ -31,6 +31,7 @@ from zds.server.containers import ContainerFacts, addresses, container_netns, ru
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod, PodSource, PodSpec
+from zds.server.selection import Selection
 
 log = logging.getLogger("zds.server.containers")
 
@@ -43,6 +44,9 @@ class ContainerPods:
         self.lookup_timeout = lookup_timeout
         #: Set once a container engine feeds this (zds server --container-engine): then labels decide.
         self.engine: str | None = None
+        #: ``--container-label``: every one (KEY or KEY=VALUE) a container must carry to be this
+        #: node agent's; one without is another's, answered at once ("not selected").
+        self.label_filter: tuple[str, ...] = ()
         self.facts: dict[str, ContainerFacts] = {}
         #: Set while a container engine is followed: makes a container's pod what the engine
         #: says, soon (``ContainerEngineSource.request_sync``).
@@ -67,6 +71,22 @@ class ContainerPods:
         return f"uid {uid} is held by a pod from {held.spec.source.value}; not replaced"
 
     # -- facts --------------------------------------------------------------------------
+    def mine(self, labels: Mapping[str, str]) -> bool:
+        """Whether a container with these labels carries every ``--container-label``."""
+        for wanted in self.label_filter:
+            key, eq, value = wanted.partition("=")
+            if key not in labels or (eq and labels[key] != value):
+                return False
+        return True
+
+    def selection(self, facts: ContainerFacts) -> Selection:
+        """Istio's rules on the container's labels, once it is this node agent's (``mine``)."""
+        if not self.mine(facts.labels):
+            return Selection(
+                False, f"without the label(s) {', '.join(self.label_filter)} (--container-label)"
+            )
+        return facts.selection
+
     def learn(self, facts: ContainerFacts) -> None:
         self.facts[facts.id] = facts
         self._learned.set()
@@ -102,7 +122,7 @@ class ContainerPods:
                 f"container {cid[:12]} is unknown to the container engine {self.engine} "
                 f"(waited {self.lookup_timeout:g}s for it); is the engine reachable?"
             )
-        selection = facts.selection
+        selection = self.selection(facts)
         if not selection.selected:
             log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
             return 200, f"not selected: container {facts.name} is {selection.reason}"
@@ -149,7 +169,7 @@ class ContainerPods:
             facts = await self.wait_facts(cid) if self.engine is not None else None
             if facts is None:
                 return 503, f"cannot tell whether container {cid[:12]} joins the mesh"
-            if not facts.selection.selected:
+            if not self.selection(facts).selected:
                 return 200, "not selected"
         held = self.agent.pods.get(spec.uid)
         if held is None:
@@ -181,7 +201,7 @@ class ContainerPods:
                 except NetnsError as exc:
                     log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
             known = self.facts.get(cid)
-            selected = wanted is not None and known is not None and known.selection.selected
+            selected = wanted is not None and known is not None and self.selection(known).selected
             gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
             # A pod the CNI plugin enrolled goes with its container's netns; the labels were
             # its plugin's business (zds-cni's "enroll: all" enrolls unlabelled containers).

@@ -64,8 +64,11 @@ class ContainerEngineSource:
         self, socket: str, pods: ContainerPods, tasks: TaskOwner, label_filter: tuple[str, ...] = ()
     ) -> None:
         self.url = engine_url(socket)
-        #: Only containers with these labels (KEY or KEY=VALUE, the engine's own filter) are ours.
+        #: Only containers with these labels (KEY or KEY=VALUE) are ours. Applied here, not as
+        #: the engine's filter: a container without them is then known, and zds-cni's ADD for
+        #: it answered "not selected" at once (it waited 10 s, then blamed the engine).
         self.label_filter = label_filter
+        pods.label_filter = label_filter
         self.name = f"container-engine {self.url}"
         self.pods = pods
         self.tasks = tasks
@@ -120,7 +123,7 @@ class ContainerEngineSource:
         subscriber = docker.events.subscribe(create_task=False)  # type: ignore[no-untyped-call]
         since = str(int(time.time()) - 1)  # events from just before the listing: none missed
         stream = asyncio.ensure_future(
-            docker.events.run(since=since, filters=json.dumps(self._filters({"type": ["container"]})))
+            docker.events.run(since=since, filters=json.dumps({"type": ["container"]}))
         )
         try:
             listed = await self._reconcile(docker)
@@ -145,23 +148,23 @@ class ContainerEngineSource:
             with contextlib.suppress(BaseException):
                 await docker.close()
 
-    def _filters(self, base: dict[str, list[str]]) -> dict[str, list[str]]:
-        return {**base, "label": list(self.label_filter)} if self.label_filter else base
-
     async def _reconcile(self, docker: aiodocker.Docker) -> int:
-        containers = await docker.containers.list(all=True, filters=json.dumps(self._filters({})))
-        present = set()
+        containers = await docker.containers.list(all=True)
+        present, mine = set(), set()
         for container in containers:
             summary: Mapping[str, Any] = container._container
             facts = _from_listing(summary)
             present.add(facts.id)
+            if self.pods.mine(facts.labels):
+                mine.add(facts.id)
             self.pods.learn(facts)
         for cid in list(self.pods.facts):
             if cid not in present:
                 self.pods.forget(cid)
-        wanted = present | set(self.pods.owned())
+        # Its own containers, and every pod of a container (one no longer its own goes).
+        wanted = mine | set(self.pods.owned())
         await asyncio.gather(*(self._sync_one(docker, cid) for cid in wanted))
-        return len(present)
+        return len(mine)
 
     async def _sync_one(self, docker: aiodocker.Docker, cid: str) -> None:
         """``_sync`` in a reconcile: a container whose answer zds cannot read is skipped, in
@@ -179,8 +182,8 @@ class ContainerEngineSource:
         facts = ContainerFacts.from_event(event)
         if facts is None:
             return
-        if action == "create":
-            self.pods.learn(facts)
+        if action == "create" or (not self.pods.mine(facts.labels) and facts.id not in self.pods.agent.pods):
+            self.pods.learn(facts)  # (another node agent's container: known, nothing to sync)
             return
         log.debug("container %s %s", facts.name, action, extra={"uid": facts.id})
         self.request_sync(docker, facts.id)

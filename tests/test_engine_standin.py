@@ -265,3 +265,41 @@ def test_a_cni_del_for_a_container_that_still_runs_selected_leaves_it_enrolled(
         peer.close()
         server.stop()
         engine.close()
+
+
+def test_a_container_without_the_container_label_is_another_node_agents(
+    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """With --container-label, zds-cni's ADD for an ambient container without that label
+    waited 10 s for facts the engine's label filter kept away, then blamed the engine; it is
+    now answered at once: not this node agent's. And a pod of a container that is no longer
+    its own (restarted with another --container-label) goes at the reconcile (it stayed,
+    followed by nobody)."""
+    engine = StandInEngine(str(tmp_path / "engine.sock"))
+    a, b = make_pod(), make_pod()
+    ours, other = "a" * 64, "b" * 64
+    engine.containers[ours] = inspection(ours, "ours", a, in_netns(a))
+    engine.containers[ours]["Config"]["Labels"] = {**AMBIENT, "zds-test": "1"}
+    engine.containers[other] = inspection(other, "other", b, in_netns(b))
+    first = NodeAgentProc(
+        str(tmp_path), "--container-engine", engine.path, "--container-label", "zds-test=1", name="first"
+    ).wait_ready()
+    try:
+        wait_until(lambda: [p.uid for p in first.list_pods()] == [ours], "only the labelled container's pod")
+        add = {"Netns": b.path, "PodName": "other", "PodNamespace": "default", "ContainerID": other}
+        status, text = post_unix(first.cni_socket, "/cmdadd", json.dumps(add).encode())
+        assert (status, text) == (
+            200,
+            "not selected: container other is without the label(s) zds-test=1 (--container-label)\n",
+        )
+        assert [p.uid for p in first.list_pods()] == [ours]
+    finally:
+        first.stop()
+    second = NodeAgentProc(
+        str(tmp_path), "--container-engine", engine.path, "--container-label", "zds-test=2", name="second"
+    ).wait_ready()
+    try:
+        wait_until(lambda: second.list_pods() == [], "the pod of a container no longer its own removed")
+    finally:
+        second.stop()
+        engine.close()
