@@ -178,3 +178,23 @@ def test_a_config_that_is_not_utf8_is_named_in_one_line(tmp_path: pathlib.Path) 
         f"zds cni install: cannot read {conf_dir / '05-x.conflist'}: not UTF-8 text (invalid start byte at byte 0)"
     ]
     assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
+
+
+def test_an_install_that_cannot_write_the_conf_dir_leaves_nothing_of_its_own(tmp_path: pathlib.Path) -> None:
+    """The conf dir immutable: it exited with a raw "[Errno 1]" and left its launcher; a .conf
+    it could not move aside left both it and the .conflist made from it (two configs of one
+    network; the next install refused). One line now, and nothing of the install stays."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    conf = conf_dir / "10-x.conf"
+    conf.write_text('{"cniVersion": "0.4.0", "name": "x", "type": "bridge", "bridge": "x0"}\n')
+    subprocess.run(["chattr", "+i", str(conf_dir)], check=True)
+    try:
+        done = zds_cni("install", *flags, "--network", "x")
+    finally:
+        subprocess.run(["chattr", "-i", str(conf_dir)], check=True)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"zds cni install: cannot chain zds-cni into {conf}: Operation not permitted; nothing was chained"
+    ]
+    assert os.listdir(bin_dir) == [] and sorted(os.listdir(conf_dir)) == ["10-x.conf"]
+    assert zds_cni("install", *flags, "--network", "x").returncode == 0  # writable again: it goes in

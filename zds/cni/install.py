@@ -217,7 +217,11 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
     }
     mode = os.stat(path).st_mode & 0o7777
     write_atomically(target, json.dumps(doc, indent=2) + "\n", mode=mode)
-    os.rename(path, path + ORIGINAL_SUFFIX)
+    try:
+        os.rename(path, path + ORIGINAL_SUFFIX)
+    except OSError:
+        os.unlink(target)  # both would be read as configs of one network: none of it, then
+        raise
     return target
 
 
@@ -225,9 +229,17 @@ def install(options: InstallOptions) -> list[str]:
     """Install and chain; what was done, one line each. Nothing is written when the network
     to chain into cannot be found or read (InstallError)."""
     target = _target(options)
+    existed = os.path.lexists(os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE))
     binary, written = install_binary(options)
     done = [f"{'installed' if written else 'up to date:'} {binary}"]
-    conf, changed = chain(options, target)
+    try:
+        conf, changed = chain(options, target)
+    except OSError as exc:  # a conf dir or file that cannot be written: nothing of this install stays
+        if written and not existed:
+            os.unlink(binary)
+        raise InstallError(
+            f"cannot chain zds-cni into {target[0]}: {exc.strerror}; nothing was chained"
+        ) from exc
     done.append(f"{'chained zds-cni into' if changed else 'already chained, unchanged:'} {conf}")
     return done
 
