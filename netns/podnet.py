@@ -235,7 +235,14 @@ class PodNetwork:
             index = _link_index(ipr, self.bridge)
             if index is None:
                 return False
+            [link] = ipr.get_links(index)
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
             addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
+        if kind != "bridge":
+            raise NetnsError(
+                f"{self.bridge} exists and is not a bridge (a {kind or 'device'}); pick another --bridge"
+            )
         if self.gateway4 not in addresses:
             raise NetnsError(
                 f"bridge {self.bridge} exists but does not have {self.gateway4}: it is not a pod "

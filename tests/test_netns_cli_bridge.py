@@ -129,3 +129,23 @@ def test_sigterm_while_pods_are_made_on_a_bridge_leaves_all_of_them_or_none(afte
         for name in pods:
             delete_netns(name, missing_ok=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_a_link_that_is_not_a_bridge_is_refused_in_one_line_and_kept() -> None:
+    """It failed with a bare "(95, 'Operation not supported')"."""
+    tag = secrets.token_hex(2)
+    link, pod = f"zdsv{tag}", f"zdst-{tag}-x"
+    subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name", f"zdsw{tag}"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.185.0.1/24", "dev", link], check=True)
+        done = zds(
+            "create", "--bridge", link, "--subnet4", "10.185.0.0/24", "--subnet6", "fd00:185::/64", pod
+        )
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            f"zds netns create: {link} exists and is not a bridge (a veth); pick another --bridge"
+        ]
+        assert pod not in list_netns() and link in links()
+    finally:
+        delete_netns(pod, missing_ok=True)
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
