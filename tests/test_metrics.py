@@ -251,3 +251,17 @@ def test_an_add_pod_refused_before_its_enrollment_counts_as_invalid(server: Serv
         assert len(results) == 3 and all(r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in results)
     server.wait_value(4, "zds_pod_enrollments_total", outcome="invalid")  # no netns, a bad address
     assert server.value("zds_pod_enrollments_total", outcome="refused") == 2  # a relative path
+
+
+def test_a_request_aiohttp_cannot_parse_is_one_warning_line_not_a_traceback(server: Server) -> None:
+    """A header over 8 KB was answered 400 and logged at error with aiohttp's traceback."""
+    import socket
+
+    host, port = server.http.split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
+        assert conn.recv(100).startswith(b"HTTP/1.0 400 Bad Request")
+    wait_until(lambda: "(LineTooLong); answered 400" in server.output(), "the warning line")
+    [line] = [line for line in server.output().splitlines() if "LineTooLong" in line]
+    assert " warning aiohttp.server: Error handling request from 127.0.0.1: 400" in line
+    assert "Traceback" not in server.output() and " error " not in server.output()

@@ -71,6 +71,25 @@ class _GoneStreams(logging.Filter):
         return True
 
 
+class _BadRequests(logging.Filter):
+    """aiohttp's error and traceback for a request it could not parse (a header over 8 KB,
+    bytes that are no HTTP): it answered 400 already; one warning line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "aiohttp.server" and record.exc_info and record.levelno >= logging.ERROR:
+            exc = record.exc_info[1]
+            if type(exc).__module__.startswith("aiohttp") and "BadHttpMessage" in {
+                c.__name__ for c in type(exc).__mro__
+            }:
+                record.msg, record.args = (
+                    f"%s: %s ({type(exc).__name__}); answered 400",
+                    (record.getMessage(), " ".join(str(exc).split())),
+                )
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
 class _Seconds:
     """The ``YYYY-mm-ddTHH:MM:SS`` of the last second formatted (a line per pod in a snapshot
     of thousands: formatting the same second again is most of a line's cost)."""
@@ -208,6 +227,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_QuietLibraries(("pyroute2",)))  # first: a dropped line costs nothing more
     handler.addFilter(_GoneStreams())
+    handler.addFilter(_BadRequests())
     handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
