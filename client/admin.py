@@ -28,6 +28,8 @@ from zds.client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from zds.errors import ZdsError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from aiohttp import web
 
 log = logging.getLogger("zds.ztunnel.http")
@@ -176,6 +178,7 @@ class HttpEndpoints:
 
     def __init__(self) -> None:
         self._runners: list[web.AppRunner] = []
+        self._servers: list[asyncio.AbstractServer] = []
         #: Bound and listening, not served yet: (endpoint names, socket).
         self._bound: list[tuple[list[str], socket.socket]] = []
         #: endpoint name → bound address, e.g. {"admin": "127.0.0.1:15000"}.
@@ -206,22 +209,34 @@ class HttpEndpoints:
 
     async def serve(self, routes: dict[str, list[web.RouteDef]]) -> None:
         """Serve ``routes[name]`` on each socket ``bind`` made (imports aiohttp)."""
+        import asyncio
+
         from aiohttp import web
 
+        from zds.httpguard import TcpGuard
+
+        loop = asyncio.get_running_loop()
         try:
             while self._bound:
                 names, sock = self._bound[0]
-                app = web.Application()
+                # Anyone on the node can connect: at most 64 at once, 10 s to bring a request
+                # (connections that said nothing had used up the fds the pods' sockets need).
+                guard = TcpGuard()
+                app = web.Application(middlewares=[guard.middleware])
                 for name in names:
                     app.add_routes(routes[name])
-                runner = web.AppRunner(app, access_log=None, handle_signals=False)
+                runner = web.AppRunner(
+                    app, access_log=None, handle_signals=False, keepalive_timeout=guard.header_timeout
+                )
                 try:
                     await runner.setup()
-                    await web.SockSite(runner, sock).start()
+                    assert runner.server is not None
+                    server = await loop.create_server(guard.protocol(runner.server), sock=sock, backlog=128)
                 except BaseException:
                     await runner.cleanup()
                     raise
                 self._bound.pop(0)
+                self._servers.append(server)
                 self._runners.append(runner)
                 for name in names:
                     log.info("%s listening on %s", name, self.bound[name])
@@ -242,6 +257,9 @@ class HttpEndpoints:
     async def close(self) -> None:
         """Stop every server (and close what was bound and never served)."""
         self._close_bound()
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()

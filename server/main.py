@@ -29,6 +29,7 @@ import grpc
 from aiohttp import web
 
 from zds import runtime
+from zds.httpguard import TcpGuard
 from zds.server import store as pod_store
 from zds.server.agent import NodeAgent
 from zds.server.cni import CniPluginEndpoint
@@ -36,7 +37,7 @@ from zds.server.containerpods import ContainerPods
 from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
-from zds.server.http import TcpGuard, health_app
+from zds.server.http import health_app
 from zds.server.instance import (
     InstanceError,
     InstanceLock,

@@ -622,3 +622,29 @@ def peers_dir() -> pathlib.Path | None:
     """Where the upstream reference peers are built (``ZDS_PEERS_DIR``, default /work/peers), if they are."""
     path = pathlib.Path(os.environ.get("ZDS_PEERS_DIR", "/work/peers"))
     return path if path.is_dir() else None
+
+
+def hold_half_requests(host: str, port: int, count: int, request: bytes) -> list[socket.socket]:
+    """``count`` connections to ``host:port`` that each send the start of ``request`` and stop."""
+    held = []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection((host, port))
+            conn.sendall(request)
+            held.append(conn)
+    except BaseException:
+        for conn in held:
+            conn.close()
+        raise
+    return held
+
+
+def closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the other end closed ``conn`` (EOF or a reset), without waiting."""
+    conn.settimeout(0.01)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True

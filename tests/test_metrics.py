@@ -191,32 +191,18 @@ def test_half_requests_are_bounded_and_closed_in_time_and_the_agent_keeps_servin
     """20,000 connections that each sent half a request held every fd the agent may open
     (zds pod add then failed): at most 64 are kept, the others closed at once; those too
     are closed once they bring no whole request within 10 s; the endpoint answers after."""
-    import socket
     import time
 
-    from tests.harness import fd_count
+    from tests.harness import closed_by_peer, fd_count, hold_half_requests
 
     host, port = server.http.split(":")
     before = fd_count(server.pid)
-    held = []
+    held = hold_half_requests(host, int(port), 200, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
     try:
-        for _ in range(200):
-            conn = socket.create_connection((host, int(port)))
-            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
-            held.append(conn)
         assert fd_count(server.pid) <= before + 64 + 2
         started = time.monotonic()
 
-        def closed(conn: socket.socket) -> bool:
-            conn.settimeout(0.01)
-            try:
-                return conn.recv(1) == b""
-            except TimeoutError:
-                return False
-            except OSError:
-                return True
-
-        wait_until(lambda: all(closed(c) for c in held), "every half request closed", timeout=20)
+        wait_until(lambda: all(closed_by_peer(c) for c in held), "every half request closed", timeout=20)
         assert time.monotonic() - started < 15
     finally:
         for conn in held:

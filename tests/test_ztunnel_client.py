@@ -1069,3 +1069,33 @@ def test_a_proxy_stopped_before_the_loop_ran_is_said_started_then_stopped(
         assert not pod_ports(a, os.getpid()) and sorted(pod_ports(b, os.getpid())) == list(PORTS)
     finally:
         assert zt.close() == 0
+
+
+def test_its_http_endpoints_keep_at_most_64_connections_and_close_half_requests(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
+) -> None:
+    """Anyone on the node can connect to the admin, readiness and metrics endpoints: 200
+    connections that send half a request held 200 fds (and so on, to the fds the pods'
+    sockets need). At most 64 are kept, the others closed at once, and those too once they
+    bring no request within 10 s; the endpoint answers after."""
+    import time
+
+    from tests.harness import closed_by_peer, fd_count, hold_half_requests
+
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert conn.snapshot() == Ack()
+    wait_until(lambda: z.ready_status() == 200, "ready")
+    host, port = z.address("readiness").rsplit(":", 1)
+    before = fd_count(z.pid)
+    held = hold_half_requests(host, int(port), 200, b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n")
+    try:
+        assert fd_count(z.pid) <= before + 64 + 2
+        started = time.monotonic()
+
+        wait_until(lambda: all(closed_by_peer(c) for c in held), "every half request closed", timeout=20)
+        assert time.monotonic() - started < 15
+    finally:
+        for half in held:
+            half.close()
+    assert z.ready_status() == 200

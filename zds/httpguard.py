@@ -1,0 +1,107 @@
+"""An HTTP endpoint on TCP that anyone on the node can reach, kept from using up its
+process's fds (the node agent's /healthz, /readyz, /metrics; the ztunnel side's admin,
+readiness and metrics endpoints). Imported only where aiohttp is."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+log = logging.getLogger("zds.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class TcpGuard:
+    """An HTTP endpoint on TCP anyone on the node can reach, kept from using up the node
+    agent's fds: at most ``max_connections`` open at once (more are closed at once, a warning
+    line at most every ``WARN_EVERY`` seconds), and a connection must bring its first request
+    within ``header_timeout`` (idle between requests, aiohttp's keep-alive timeout, the same).
+    20,000 connections that sent half a request had held every fd the node agent may open."""
+
+    WARN_EVERY = 10.0
+
+    def __init__(self, max_connections: int = 64, header_timeout: float = 10.0) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        #: Open connections, with the deadline of their first request (None once it came).
+        self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
+        self._warned = -self.WARN_EVERY
+        self._refused = 0
+
+    def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _Guarded(inner(), self)
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        if len(self._open) >= self.max_connections:
+            transport.close()
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._warned >= self.WARN_EVERY:
+                log.warning(
+                    "HTTP: %d connection(s) refused: %d open already (the most this endpoint keeps)",
+                    self._refused,
+                    len(self._open),
+                )
+                self._warned, self._refused = now, 0
+            return False
+        loop = asyncio.get_running_loop()
+        self._open[transport] = loop.call_later(self.header_timeout, _close, transport)
+        return True
+
+    def gone(self, transport: asyncio.BaseTransport) -> None:
+        timer = self._open.pop(transport, None)
+        if timer is not None:
+            timer.cancel()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None and (timer := self._open.get(transport)) is not None:
+            timer.cancel()
+            self._open[transport] = None
+        return await handler(request)
+
+
+def _close(transport: asyncio.BaseTransport) -> None:
+    if not transport.is_closing():
+        transport.close()
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's request handler behind ``TcpGuard.admit`` (told nothing of a refused one)."""
+
+    def __init__(self, inner: asyncio.Protocol, guard: TcpGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._admitted = self._guard.admit(transport)
+        if self._admitted:
+            self._transport = transport
+            self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._admitted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._guard.gone(self._transport)
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._admitted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._admitted:
+            self._inner.resume_writing()
