@@ -624,6 +624,22 @@ def peers_dir() -> pathlib.Path | None:
     return path if path.is_dir() else None
 
 
+def check_half_requests_bounded(pid: int, address: str, request: bytes) -> None:
+    """The HTTP endpoint at ``address`` of process ``pid``, given 200 connections that send the
+    start of ``request`` and stop: at most 64 kept (fds), every one closed within 15 s."""
+    host, port = address.rsplit(":", 1)
+    before = fd_count(pid)
+    held = hold_half_requests(host, int(port), 200, request)
+    try:
+        assert fd_count(pid) <= before + 64 + 2
+        started = time.monotonic()
+        wait_until(lambda: all(closed_by_peer(c) for c in held), "every half request closed", timeout=20)
+        assert time.monotonic() - started < 15
+    finally:
+        for conn in held:
+            conn.close()
+
+
 def hold_half_requests(host: str, port: int, count: int, request: bytes) -> list[socket.socket]:
     """``count`` connections to ``host:port`` that each send the start of ``request`` and stop."""
     held = []

@@ -67,7 +67,9 @@ def test_demo_tells_the_whole_story_and_cleans_up() -> None:
     assert len(pids) == 2 and not any(alive(p) for p in pids)
 
 
-def test_ctrl_c_in_the_middle_still_cleans_up() -> None:
+def interrupted_at(step: str, *signals: int) -> tuple[int, str]:
+    """Run the demo and send ``signals`` (10 ms apart) once a line starts with ``step``:
+    its exit code and everything it printed."""
     proc = subprocess.Popen(
         [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -78,18 +80,24 @@ def test_ctrl_c_in_the_middle_still_cleans_up() -> None:
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             seen.append(line)
-            if line.startswith("4. Enrolling"):
+            if line.startswith(step) or not line:
                 break
-        else:
-            pytest.fail("the demo never reached the enrollment step:\n" + "".join(seen))
-        proc.send_signal(signal.SIGINT)
+        if not seen[-1].startswith(step):
+            pytest.fail(f"the demo never reached {step!r}:\n" + "".join(seen))
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.01)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    out = "".join(seen) + rest
-    assert proc.returncode == 130, out
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_in_the_middle_still_cleans_up() -> None:
+    code, out = interrupted_at("4. Enrolling", signal.SIGINT)
+    assert code == 130, out
     assert "interrupted; cleaned up" in out
     wait_until(lambda: leftovers() == [], timeout=10, what="the demo's namespaces and bridge to go")
     assert not any(alive(p) for p in pids_in(out))
@@ -100,29 +108,8 @@ def test_an_interrupt_during_the_clean_up_waits_for_its_end(sig: int) -> None:
     """Interrupted as its clean-up began, the demo said "interrupted; cleaned up" and left its
     node agent running for good, holding its sockets and the pods' namespaces. The clean-up
     now runs to its end first; the interrupt is then reported as before."""
-    proc = subprocess.Popen(
-        [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    seen = []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            seen.append(line)
-            if line.startswith("9. Cleaning up") or not line:
-                break
-        proc.send_signal(sig)
-        time.sleep(0.01)
-        proc.send_signal(sig)  # and again, as an impatient user does
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = "".join(seen) + rest
-    assert "9. Cleaning up" in out, out
-    assert proc.returncode == 130, out
+    code, out = interrupted_at("9. Cleaning up", sig, sig)  # twice, as an impatient user does
+    assert code == 130, out
     assert "interrupted; cleaned up" in out and "Traceback" not in out
     pids = pids_in(out)
     assert len(pids) == 2
