@@ -112,7 +112,7 @@ class Interrupts:
                 raise KeyboardInterrupt
 
     def check(self) -> None:
-        if self.interrupted:
+        if self.interrupted and not self._held:  # (a held section raises at its end)
             raise KeyboardInterrupt
 
 
