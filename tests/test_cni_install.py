@@ -198,3 +198,28 @@ def test_an_install_that_cannot_write_the_conf_dir_leaves_nothing_of_its_own(tmp
     ]
     assert os.listdir(bin_dir) == [] and sorted(os.listdir(conf_dir)) == ["10-x.conf"]
     assert zds_cni("install", *flags, "--network", "x").returncode == 0  # writable again: it goes in
+
+
+def test_an_uninstall_that_cannot_remove_a_conflist_leaves_it_all_as_it_was(tmp_path: pathlib.Path) -> None:
+    """The conflist made from a .conf immutable: uninstall restored the .conf, failed to
+    remove the conflist (a raw error), and left both (two configs of one network). Now
+    neither moves, in one line, and the launcher stays while zds-cni is chained."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    (conf_dir / "10-x.conf").write_text('{"cniVersion": "0.4.0", "name": "x", "type": "bridge"}\n')
+    assert zds_cni("install", *flags, "--network", "x").returncode == 0
+    before = sorted(os.listdir(conf_dir))
+    assert before == ["10-x.conf.zds-cni-orig", "10-x.conflist"]
+    conflist = conf_dir / "10-x.conflist"
+    subprocess.run(["chattr", "+i", str(conflist)], check=True)
+    try:
+        done = zds_cni("uninstall", *flags)
+    finally:
+        subprocess.run(["chattr", "-i", str(conflist)], check=True)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"zds cni uninstall: cannot take zds-cni out of {conflist}: Operation not permitted; "
+        "that file is left as it was"
+    ]
+    assert sorted(os.listdir(conf_dir)) == before and os.listdir(bin_dir) == ["zds-cni"]
+    assert zds_cni("uninstall", *flags).returncode == 0  # writable again: it comes out
+    assert sorted(os.listdir(conf_dir)) == ["10-x.conf"] and os.listdir(bin_dir) == []

@@ -260,12 +260,17 @@ def uninstall(options: InstallOptions) -> list[str]:
         original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
         conf = original.removesuffix(ORIGINAL_SUFFIX)
         restorable = os.path.exists(original) and _restorable(conflist, original)
-        if restorable and not os.path.lexists(conf):
-            os.rename(original, conf)
-            os.unlink(path)
-            done.append(f"restored {conf} (removed {path})")
-            continue
-        write_atomically(path, conflist.text)
+        try:
+            if restorable and not os.path.lexists(conf):
+                _restore(original, conf, path)
+                done.append(f"restored {conf} (removed {path})")
+                continue
+            write_atomically(path, conflist.text)
+        except OSError as exc:  # (the CLI prints this one line; what came before it was done)
+            raise InstallError(
+                f"cannot take zds-cni out of {path}: {exc.strerror}; that file is left as it was"
+                + "".join(f"; {line}" for line in done)
+            ) from exc
         # A .conf written there since the install is someone else's, and stays.
         kept = f" ({conf} exists again: {original} not restored)" if restorable else ""
         done.append(f"took zds-cni out of {path}{kept}")
@@ -276,6 +281,17 @@ def uninstall(options: InstallOptions) -> list[str]:
         os.unlink(path)
         done.append(f"removed {path}")
     return done or ["nothing to do: zds-cni was not installed"]
+
+
+def _restore(original: str, conf: str, conflist: str) -> None:
+    """The kept .conf back, the .conflist made from it gone: both or neither (with both, a
+    runtime reads two configs of one network)."""
+    os.rename(original, conf)
+    try:
+        os.unlink(conflist)
+    except OSError:
+        os.rename(conf, original)
+        raise
 
 
 def _restorable(conflist: Conflist, original: str) -> bool:
