@@ -18,18 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from zds.httpguard import AdmittedProtocol, Handler
 from zds.server.peers import PeerGuard
 from zds.transport import PeerCredentials, bind_unix_listener, peer_credentials
 
 log = logging.getLogger("zds.server.http")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class GuardedUnixHttp:
         assert server is not None
 
         def protocol() -> asyncio.Protocol:
-            return _Admitted(server(), self._admit)
+            return AdmittedProtocol(server(), self._admit, self._gone)
 
         sock = bind_unix_listener(path, mode=mode, kind=socket.SOCK_STREAM)
         try:
@@ -81,16 +79,22 @@ class GuardedUnixHttp:
             await self._runner.cleanup()
 
     # -- per connection ------------------------------------------------------------------
-    def _admit(self, transport: asyncio.BaseTransport) -> None:
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
         sock = transport.get_extra_info("socket")
         peer = peer_credentials(sock) if sock is not None else None
         if not self.guard.check(peer):
             transport.close()
-            return
+            return False
         loop = asyncio.get_running_loop()
         self._deadlines[transport] = loop.call_later(
             self.limits.header_timeout, self._too_slow, transport, peer
         )
+        return True
+
+    def _gone(self, transport: asyncio.BaseTransport) -> None:
+        timer = self._deadlines.pop(transport, None)
+        if timer is not None:
+            timer.cancel()
 
     def _too_slow(self, transport: asyncio.BaseTransport, peer: PeerCredentials | None) -> None:
         self._deadlines.pop(transport, None)
@@ -144,33 +148,6 @@ class GuardedUnixHttp:
             return _closing(await handler(request))
         finally:
             self._in_flight -= 1
-
-
-class _Admitted(asyncio.Protocol):
-    """aiohttp's request handler, told first who connected (its class takes no new attributes)."""
-
-    def __init__(self, inner: asyncio.Protocol, admit: Callable[[asyncio.BaseTransport], None]) -> None:
-        self._inner = inner
-        self._admit = admit
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(transport)
-        self._admit(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
 
 
 def _peer_of(request: web.Request) -> PeerCredentials | None:

@@ -34,7 +34,7 @@ class TcpGuard:
         self._refused = 0
 
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        return lambda: _Guarded(inner(), self)
+        return lambda: AdmittedProtocol(inner(), self.admit, self.gone)
 
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         if len(self._open) >= self.max_connections:
@@ -72,36 +72,43 @@ def _close(transport: asyncio.BaseTransport) -> None:
         transport.close()
 
 
-class _Guarded(asyncio.Protocol):
-    """aiohttp's request handler behind ``TcpGuard.admit`` (told nothing of a refused one)."""
+class AdmittedProtocol(asyncio.Protocol):
+    """aiohttp's request handler (``inner``) behind ``admit(transport)``: a connection it
+    refuses (and closes) is never shown to the handler; ``gone(transport)`` when an admitted
+    one ends. Also the CNI endpoint's (``zds.server.unixhttp``)."""
 
-    def __init__(self, inner: asyncio.Protocol, guard: TcpGuard) -> None:
+    def __init__(
+        self,
+        inner: asyncio.Protocol,
+        admit: Callable[[asyncio.BaseTransport], bool],
+        gone: Callable[[asyncio.BaseTransport], None],
+    ) -> None:
         self._inner = inner
-        self._guard = guard
-        self._admitted = False
+        self._admit = admit
+        self._gone = gone
+        self._transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._admitted = self._guard.admit(transport)
-        if self._admitted:
+        if self._admit(transport):
             self._transport = transport
             self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._admitted:
+        if self._transport is not None:
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._admitted else None
+        return self._inner.eof_received() if self._transport is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._admitted:
-            self._guard.gone(self._transport)
+        if self._transport is not None:
+            self._gone(self._transport)
             self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self._admitted:
+        if self._transport is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._admitted:
+        if self._transport is not None:
             self._inner.resume_writing()
