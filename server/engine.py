@@ -64,10 +64,9 @@ class ContainerEngineSource:
         self, socket: str, pods: ContainerPods, tasks: TaskOwner, label_filter: tuple[str, ...] = ()
     ) -> None:
         self.url = engine_url(socket)
-        #: Only containers with these labels (KEY or KEY=VALUE) are ours. Applied here, not as
-        #: the engine's filter: a container without them is then known, and zds-cni's ADD for
-        #: it answered "not selected" at once (it waited 10 s, then blamed the engine).
-        self.label_filter = label_filter
+        # Only containers with these labels (KEY or KEY=VALUE) are ours: ``pods`` applies them,
+        # not the engine's filter, so a container without them is known, and zds-cni's ADD for
+        # it answered "not selected" at once (it waited 10 s, then blamed the engine).
         pods.label_filter = label_filter
         self.name = f"container-engine {self.url}"
         self.pods = pods

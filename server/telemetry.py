@@ -341,7 +341,7 @@ class Telemetry:
                 self._meter_provider.shutdown()
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_resolve, stopped)
+                    loop.call_soon_threadsafe(stopped.set_result, None)  # (shielded: never cancelled)
 
         threading.Thread(target=stop, name="zds-telemetry-stop", daemon=True).start()
         try:
@@ -350,8 +350,3 @@ class Telemetry:
             log.warning(
                 "OpenTelemetry exporters still flushing after %gs; what they hold is dropped", SHUTDOWN_WAIT
             )
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -73,24 +73,22 @@ LOG_FORMATS = ("text", "json")
 INT_MAX = 2**31 - 1
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, lowest: int, refusal: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 < value <= INT_MAX:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (at most {INT_MAX})")
+    if not lowest <= value <= INT_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is not {refusal}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1, f"a positive integer (at most {INT_MAX})")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= INT_MAX:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number from 0 to {INT_MAX}")
-    return value
+    return _whole_number(text, 0, f"a whole number from 0 to {INT_MAX}")
 
 
 def ip_address(text: str) -> str:
