@@ -64,14 +64,19 @@ def _link_index(ipr: Any, ifname: str) -> int | None:
 LINK_ALIAS = "zds netns"
 
 
-def _ours(ipr: Any, index: int, kind: str) -> bool:
-    """The link ``index`` is a ``kind`` (bridge, veth) ``zds netns`` made (its alias says so)."""
+def _kind_and_alias(ipr: Any, index: int) -> tuple[str | None, str | None]:
+    """The link ``index``'s kind (bridge, veth, ...; None for a plain device or none) and alias."""
     links = ipr.get_links(index)
     if not links:
-        return False
+        return None, None
     info = links[0].get_attr("IFLA_LINKINFO")
-    made_here = links[0].get_attr("IFLA_IFALIAS") == LINK_ALIAS
-    return bool(made_here and info is not None and info.get_attr("IFLA_INFO_KIND") == kind)
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return kind, links[0].get_attr("IFLA_IFALIAS")
+
+
+def _ours(ipr: Any, index: int, kind: str) -> bool:
+    """The link ``index`` is a ``kind`` (bridge, veth) ``zds netns`` made (its alias says so)."""
+    return _kind_and_alias(ipr, index) == (kind, LINK_ALIAS)
 
 
 def _delete_link(ifname: str) -> None:
@@ -235,9 +240,7 @@ class PodNetwork:
             index = _link_index(ipr, self.bridge)
             if index is None:
                 return False
-            [link] = ipr.get_links(index)
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            kind, _ = _kind_and_alias(ipr, index)
             addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
         if kind != "bridge":
             raise NetnsError(
