@@ -116,6 +116,12 @@ class StandInEngine:
         """End every event stream: the node agent reconnects, lists and reconciles again."""
         self._loop.call_soon_threadsafe(self._cut)
 
+    def reconcile_again(self, server: NodeAgentProc) -> None:
+        """``cut_events``, then wait until ``server`` has listed and reconciled again."""
+        reconciled = server.output().count("listed and reconciled")
+        self.cut_events()
+        wait_until(lambda: server.output().count("listed and reconciled") > reconciled, "another reconcile")
+
     def close(self) -> None:
         async def stop() -> None:
             self._cut()
@@ -126,6 +132,16 @@ class StandInEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[StandInEngine]:
+    """A stand-in engine on ``tmp_path/engine.sock``, closed at the end (also on failure)."""
+    made = StandInEngine(str(tmp_path / "engine.sock"))
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 def inspection(cid: str, name: str, pod: Pod, pid: int) -> dict[str, Any]:
@@ -158,13 +174,12 @@ def in_netns() -> Iterator[Callable[[Pod], int]]:
 
 
 def test_a_container_named_like_a_gone_containers_id_is_not_taken_for_it(
-    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
 ) -> None:
     """Container c0ffee's pod is enrolled; then c0ffee is gone and another container is
     *named* c0ffee. Looking c0ffee up answers with the other one: that is not c0ffee (it is
     gone: its pod goes), the other is enrolled under its own id, and the source keeps
     working (a KeyError there had ended it for good, silently)."""
-    engine = StandInEngine(str(tmp_path / "engine.sock"))
     a, b = make_pod(), make_pod()
     old, new = "c0ffee" + "0" * 58, "beef" + "0" * 60
     engine.containers[old] = inspection(old, "app", a, in_netns(a))
@@ -178,23 +193,19 @@ def test_a_container_named_like_a_gone_containers_id_is_not_taken_for_it(
         [pod] = server.list_pods()
         assert pod.netns.ino == os.stat(b.path).st_ino
         # The source still works: cut again, it reconnects and reconciles again.
-        reconciled = server.output().count("listed and reconciled")
-        engine.cut_events()
-        wait_until(lambda: server.output().count("listed and reconciled") > reconciled, "another reconcile")
+        engine.reconcile_again(server)
         assert "Traceback" not in server.output() and "unexpected" not in server.output()
     finally:
         server.stop()
-        engine.close()
 
 
 def test_a_container_the_engine_describes_wrongly_is_skipped_in_one_line_and_the_others_go_on(
-    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
 ) -> None:
     """A container whose inspection zds cannot read (a pid that is no number; a state that is
     text): in a reconcile it failed the whole reconcile, every time, and the source stayed
     down for good; after an event its sync ended without a word. Now that container is
     skipped in one warning line and every other container's pod is made as the engine says."""
-    engine = StandInEngine(str(tmp_path / "engine.sock"))
     a, b, c = make_pod(), make_pod(), make_pod()
     good, bad, odd, late = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
     engine.containers[good] = inspection(good, "good", a, in_netns(a))
@@ -219,17 +230,15 @@ def test_a_container_the_engine_describes_wrongly_is_skipped_in_one_line_and_the
         assert "is down" not in server.output() and "Traceback" not in server.output()
     finally:
         server.stop()
-        engine.close()
 
 
 def test_a_cni_del_for_a_container_that_still_runs_selected_leaves_it_enrolled(
-    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
 ) -> None:
     """A labelled container's pod, enrolled again by zds-cni's ADD (a zds-cni network
     connected to it): the DEL when that network is disconnected is not the container gone.
     The pod had gone, and stayed away (no container event follows) until the next reconcile;
     the DEL's pod is now looked at again through the engine and enrolled again."""
-    engine = StandInEngine(str(tmp_path / "engine.sock"))
     a = make_pod()
     cid = "e" * 64
     engine.containers[cid] = inspection(cid, "web", a, in_netns(a))
@@ -255,27 +264,23 @@ def test_a_cni_del_for_a_container_that_still_runs_selected_leaves_it_enrolled(
         assert post_unix(server.cni_socket, "/cmdadd", json.dumps(add).encode())[0] == 200
         del engine.containers[cid]
         assert post_unix(server.cni_socket, "/cmddel", json.dumps(deleted).encode()) == (200, "removed\n")
-        reconciled = server.output().count("listed and reconciled")
-        engine.cut_events()  # a reconcile after the DEL's look: nothing to enroll either
-        wait_until(lambda: server.output().count("listed and reconciled") > reconciled, "a reconcile")
+        engine.reconcile_again(server)  # after the DEL's look: nothing to enroll either
         assert server.list_pods() == []
         assert "Traceback" not in server.output()
         assert peer.kinds.count("del") == 2  # one for each DEL
     finally:
         peer.close()
         server.stop()
-        engine.close()
 
 
 def test_a_container_without_the_container_label_is_another_node_agents(
-    tmp_path: Path, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
 ) -> None:
     """With --container-label, zds-cni's ADD for an ambient container without that label
     waited 10 s for facts the engine's label filter kept away, then blamed the engine; it is
     now answered at once: not this node agent's. And a pod of a container that is no longer
     its own (restarted with another --container-label) goes at the reconcile (it stayed,
     followed by nobody)."""
-    engine = StandInEngine(str(tmp_path / "engine.sock"))
     a, b = make_pod(), make_pod()
     ours, other = "a" * 64, "b" * 64
     engine.containers[ours] = inspection(ours, "ours", a, in_netns(a))
@@ -302,4 +307,3 @@ def test_a_container_without_the_container_label_is_another_node_agents(
         wait_until(lambda: second.list_pods() == [], "the pod of a container no longer its own removed")
     finally:
         second.stop()
-        engine.close()
