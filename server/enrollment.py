@@ -256,6 +256,7 @@ class Enrollment:
         it counts as living in its netns (``_enrolling``): a removal of another pod there
         meanwhile keeps the rules this one just installed."""
         with self._claim(pod):
+            await self._intend(pod)
             await self._install_rules(pod)
             await self._record(pod)
             return self._cache(pod)
@@ -279,8 +280,24 @@ class Enrollment:
         (``claims=1``: one being enrolled asks about the others)."""
         return self.cache.uses_netns(identity) or self._enrolling[identity] > claims
 
+    async def _intend(self, pod: Pod) -> None:
+        """Before the rules go in, commit the pod's install row: a crash before its own row
+        is committed leaves rules no pod row records, and the next start takes them out."""
+        if self.rules is None or self.store is None or pod.netns is None:
+            return
+        try:
+            await self.store.intend_soon(self._stored(pod, rules=self.rules.name))
+        except asyncio.CancelledError:
+            pod.close()
+            raise
+        except StoreError as exc:
+            log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)
+            pod.close()
+            raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
+
     async def _install_rules(self, pod: Pod) -> None:
-        """Install the in-pod rules; on failure close the netns and refuse the enrollment (nothing is sent)."""
+        """Install the in-pod rules; on failure close the netns and refuse the enrollment
+        (nothing is sent; what went in came out, and its install row goes)."""
         if self.rules is None:
             return
         try:
@@ -290,7 +307,16 @@ class Enrollment:
             raise
         except RulesError as exc:
             pod.close()
+            self._forget_install(pod)
             raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
+
+    def _forget_install(self, pod: Pod) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.forget_install(pod.uid)
+        except StoreError as exc:  # the next start takes out rules that are already out
+            log.warning("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)
 
     async def _record(self, pod: Pod) -> None:
         """Commit the pod to the store (before anyone hears "enrolled"); if that fails, take
@@ -300,14 +326,8 @@ class Enrollment:
         try:
             # Committed with the others enrolled in this turn of the loop (the bulk path's).
             await self.store.put_soon(
-                StoredPod(
-                    pod.spec,
-                    pod.netns.identity if pod.netns is not None else None,
-                    rules=self.rules.name if self.rules is not None and pod.rules_installed else "",
-                    rules_digest=pod.rules_digest,
-                    removing=False,
-                    enrolled_at=pod.enrolled_at,
-                    cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
+                self._stored(
+                    pod, rules=self.rules.name if self.rules is not None and pod.rules_installed else ""
                 )
             )
         except asyncio.CancelledError:
@@ -319,7 +339,21 @@ class Enrollment:
                 await self._remove_rules(pod, claims=1)
             finally:
                 pod.close()
+            if not pod.rules_installed:  # out (or kept for another pod there): nothing left to do
+                self._forget_install(pod)
             raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
+
+    @staticmethod
+    def _stored(pod: Pod, *, rules: str) -> StoredPod:
+        return StoredPod(
+            pod.spec,
+            pod.netns.identity if pod.netns is not None else None,
+            rules=rules,
+            rules_digest=pod.rules_digest,
+            removing=False,
+            enrolled_at=pod.enrolled_at,
+            cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
+        )
 
     def _cache(self, pod: Pod) -> Pod:
         """Cache the pod (releasing the one it replaces) and tell the watchers."""

@@ -12,8 +12,10 @@ find, so ztunnel keeps serving it and drops nothing; so does one whose path is a
 a place this run does not allow (``--netns-root`` changed), unless its netns is
 found by identity where it is allowed: never opened there, its rules untouched.
 Only a row naming the node's netns, or names zds refuses, is dropped. A removal that a crash
-interrupted is finished. Only then does the agent serve ztunnel, whose next
-snapshot holds every pod.
+interrupted is finished, and so is an enrollment it interrupted while its rules went in
+(the store's ``installs`` table): those rules, which no pod row records, come out of
+their netns, unless a recovered pod lives there. Only then does the agent serve
+ztunnel, whose next snapshot holds every pod.
 """
 
 from __future__ import annotations
@@ -129,7 +131,36 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
             )
     if rows:
         log.info("recovered %d pod(s) from %s: %s", len(rows), store.path, report.summary())
+    await _finish_installs(store, enrollment)
     return report
+
+
+async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
+    """Take out the rules of enrollments a crash interrupted while they went in (after the
+    pods are back: a recovered pod in the same netns keeps them)."""
+    rows = store.load_installs()
+    found = [_reopen(row, enrollment.policy) for row in rows if not _refused(row, enrollment.policy)]
+    _search([f for f in found if f.netns is None and f.row.identity is not None])
+    for item in found:
+        pod = Pod(spec=item.row.spec, netns=item.netns)
+        try:
+            if pod.netns is None:
+                what = "its netns is gone"
+            elif enrollment.cache.uses_netns(pod.netns.identity):
+                what = "its rules kept: a recovered pod lives in its netns"
+            else:
+                pod.rules_installed = True
+                what = "what went in is taken out"
+                await _remove_recorded_rules(pod, item.row.rules, enrollment)
+        finally:
+            pod.close()
+        log.warning(
+            "an enrollment a restart interrupted while its rules went in: %s",
+            what,
+            extra=item.row.spec.log_extra,
+        )
+    for row in rows:
+        store.forget_install(row.spec.uid)
 
 
 def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
@@ -207,12 +238,7 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     if row.removing:
         try:
             if pod.netns is not None and pod.rules_installed:
-                if rules is None:
-                    await _remove_rules_of_an_earlier_run(pod, row.rules)
-                elif row.rules != rules.name:
-                    await rules.remove_other(pod, row.rules)
-                else:
-                    await rules.remove(pod, enrollment.cache.uses_netns)
+                await _remove_recorded_rules(pod, row.rules, enrollment)
             store.delete(row.spec.uid)
         finally:
             pod.close()
@@ -254,6 +280,18 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     pod.recovery = outcome.value
     enrollment.restore(pod)
     return outcome
+
+
+async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:
+    """Take out the rules ``backend`` (as the store recorded it) installed in the pod's netns,
+    whichever backend this node agent uses, if any (failures are logged)."""
+    rules = enrollment.rules
+    if rules is None:
+        await _remove_rules_of_an_earlier_run(pod, backend)
+    elif backend != rules.name:
+        await rules.remove_other(pod, backend)
+    else:
+        await rules.remove(pod, enrollment.cache.uses_netns)
 
 
 async def _remove_rules_of_an_earlier_run(pod: Pod, backend: str) -> bool:

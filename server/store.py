@@ -7,7 +7,11 @@ is (the reference it was enrolled with) and which netns that was (``st_dev``,
 ``st_ino``), whether the rules went in and which rule set. A pod is written
 (committed) before its caller hears "enrolled"; a removal marks the row first
 and deletes it once the rules are out, so a crash in between is finished on
-the next start. ``synchronous=NORMAL``: a commit survives the process being
+the next start. Before a pod's rules go in, its row is written to a second
+table, ``installs`` (committed), and taken out with the pod's own row (or once
+a failed install took out what went in): one found there at a start is an
+enrollment a crash interrupted, whose rules no pod row records, and they come
+out then. ``synchronous=NORMAL``: a commit survives the process being
 killed (it is in the WAL); only a power cut may lose the last ones, and a power
 cut takes the pods' namespaces with it.
 
@@ -27,7 +31,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from zds.errors import ZdsError
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError
@@ -59,7 +63,33 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 MIGRATIONS[2] = ("ALTER TABLE pods ADD COLUMN source TEXT NOT NULL DEFAULT 'api'",)
 #: The netns cookie (SO_NETNS_COOKIE): unlike an inode number, never given to another netns.
 MIGRATIONS[3] = ("ALTER TABLE pods ADD COLUMN netns_cookie INTEGER",)
+#: Pods whose rules are going in: a row as in ``pods``, there from before the install until the
+#: pod's own row is written (or the failed install's rules are out).
+MIGRATIONS[4] = (
+    """CREATE TABLE installs (
+        uid TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        service_account TEXT NOT NULL,
+        ips TEXT NOT NULL DEFAULT '[]',
+        netns TEXT NOT NULL,
+        netns_dev INTEGER,
+        netns_ino INTEGER,
+        rules TEXT NOT NULL DEFAULT '',
+        rules_digest TEXT NOT NULL DEFAULT '',
+        removing INTEGER NOT NULL DEFAULT 0,
+        enrolled_at REAL NOT NULL,
+        source TEXT NOT NULL DEFAULT 'api',
+        netns_cookie INTEGER
+    )""",
+)
 SCHEMA_VERSION = max(MIGRATIONS)
+
+#: The columns of a row, in both tables, in the order ``_values`` and ``_parse`` use.
+_COLUMNS = (
+    "uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
+    "rules, rules_digest, removing, enrolled_at, source, netns_cookie"
+)
 
 
 class StoreError(ZdsError):
@@ -90,8 +120,9 @@ class PodStore:
     def __init__(self, path: str, db: sqlite3.Connection) -> None:
         self.path = path
         self._db = db
-        #: ``put_soon``'s pods waiting for the next turn of the loop, with their waiters.
-        self._soon: list[tuple[StoredPod, asyncio.Future[None]]] = []
+        #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
+        #: their waiters (True: an install's row).
+        self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -145,52 +176,42 @@ class PodStore:
     # -- reading ------------------------------------------------------------------------
     def load(self) -> list[StoredPod]:
         """Every stored pod, oldest enrollment first."""
+        return self._load("pods")
+
+    def load_installs(self) -> list[StoredPod]:
+        """The pods whose rules were going in when the last run ended (their enrollment
+        never finished: no pod row records those rules), oldest first."""
+        return self._load("installs")
+
+    def _load(self, table: str) -> list[StoredPod]:
         try:
-            rows = self._db.execute(
-                "SELECT uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
-                "rules, rules_digest, removing, enrolled_at, source, netns_cookie FROM pods "
-                "ORDER BY enrolled_at, uid"
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM {table} ORDER BY enrolled_at, uid").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(_explain(self.path, exc)) from exc
-        pods = []
-        for (
-            uid,
-            name,
-            namespace,
-            sa,
-            ips,
-            netns,
-            dev,
-            ino,
-            rules,
-            digest,
-            removing,
-            enrolled_at,
-            src,
-            cookie,
-        ) in rows:
-            try:
-                _check_row(
-                    uid, name, namespace, sa, ips, dev, ino, rules, digest, removing, enrolled_at, cookie
-                )
-                ref = NetnsRef.parse(netns)
-                listed = json.loads(ips)
-                if not isinstance(listed, list) or not all(isinstance(ip, str) for ip in listed):
-                    raise ValueError("ips is not a list of addresses")
-                addresses = tuple(listed)
-                source = PodSource(src)
-            except (NetnsRefError, ValueError, TypeError, RecursionError) as exc:
-                shown = repr(uid) if not isinstance(uid, str) or len(uid) <= 128 else repr(uid[:128] + "...")
-                raise StoreError(
-                    f"pod store {self.path}: the row of pod {shown} is damaged ({exc}); restore the file "
-                    'from a backup, or delete that row (sqlite3 PATH "DELETE FROM pods WHERE uid = ...") '
-                    "while no node agent runs"
-                ) from exc
-            spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses, source=source)
-            identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
-            pods.append(StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at, cookie))
-        return pods
+        return [self._parse(table, row) for row in rows]
+
+    def _parse(self, table: str, row: Any) -> StoredPod:
+        uid, name, namespace, sa, ips, netns, dev, ino, rules, digest, removing, enrolled_at, src, cookie = (
+            row
+        )
+        try:
+            _check_row(uid, name, namespace, sa, ips, dev, ino, rules, digest, removing, enrolled_at, cookie)
+            ref = NetnsRef.parse(netns)
+            listed = json.loads(ips)
+            if not isinstance(listed, list) or not all(isinstance(ip, str) for ip in listed):
+                raise ValueError("ips is not a list of addresses")
+            addresses = tuple(listed)
+            source = PodSource(src)
+        except (NetnsRefError, ValueError, TypeError, RecursionError) as exc:
+            shown = repr(uid) if not isinstance(uid, str) or len(uid) <= 128 else repr(uid[:128] + "...")
+            raise StoreError(
+                f"pod store {self.path}: the {'' if table == 'pods' else table + ' '}row of pod {shown} is "
+                f'damaged ({exc}); restore the file from a backup, or delete that row (sqlite3 PATH "DELETE '
+                f'FROM {table} WHERE uid = ...") while no node agent runs'
+            ) from exc
+        spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses, source=source)
+        identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
+        return StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at, cookie)
 
     # -- writing ------------------------------------------------------------------------
     def put(
@@ -219,57 +240,66 @@ class PodStore:
         )
 
     def put_many(self, pods: list[StoredPod]) -> None:
-        """Write (or overwrite) pods, in order, in one transaction; committed when this returns."""
+        """Write (or overwrite) pods, in order, in one transaction (their install rows gone
+        with it); committed when this returns."""
         with self._write():
+            self._write_rows(pods, [])
+
+    def _write_rows(self, pods: list[StoredPod], installs: list[StoredPod]) -> None:
+        marks = ",".join("?" * 14)
+        if installs:
             self._db.executemany(
-                "INSERT OR REPLACE INTO pods (uid, name, namespace, service_account, ips, netns, netns_dev, "
-                "netns_ino, rules, rules_digest, removing, enrolled_at, source, netns_cookie) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        pod.spec.uid,
-                        pod.spec.name,
-                        pod.spec.namespace,
-                        pod.spec.service_account,
-                        json.dumps(list(pod.spec.ips)),
-                        str(pod.spec.netns),
-                        pod.identity.dev if pod.identity else None,
-                        pod.identity.ino if pod.identity else None,
-                        pod.rules,
-                        pod.rules_digest,
-                        int(pod.removing),
-                        pod.enrolled_at,
-                        pod.spec.source.value,
-                        pod.cookie,
-                    )
-                    for pod in pods
-                ],
+                f"INSERT OR REPLACE INTO installs ({_COLUMNS}) VALUES ({marks})", map(_values, installs)
             )
+        if pods:
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES ({marks})", map(_values, pods)
+            )
+            self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
 
     async def put_soon(self, pod: StoredPod) -> None:
         """``put_many`` of every pod asked for in the same turn of the event loop: committed
         together when the loop next turns, each caller woken once its pod is committed (or
         with the StoreError). The bulk path enrolls up to BULK_WINDOW pods at once: one
         transaction for them instead of one each (~30 us a pod, most of it the commit)."""
+        await self._soon_committed(pod, install=False)
+
+    async def intend_soon(self, pod: StoredPod) -> None:
+        """Write the row of a pod whose rules are about to go in to ``installs``, committed
+        with the other writes of this turn of the loop as ``put_soon``'s are. The pod's own
+        row takes it out (``put_many``), as does ``forget_install``."""
+        await self._soon_committed(pod, install=True)
+
+    async def _soon_committed(self, pod: StoredPod, *, install: bool) -> None:
         loop = asyncio.get_running_loop()
         if not self._soon:
             loop.call_soon(self._commit_soon)
         done = loop.create_future()
-        self._soon.append((pod, done))
+        self._soon.append((pod, install, done))
         await done
 
     def _commit_soon(self) -> None:
         batch, self._soon = self._soon, []
         try:
-            self.put_many([pod for pod, _ in batch])
+            with self._write():
+                self._write_rows(
+                    [pod for pod, install, _ in batch if not install],
+                    [pod for pod, install, _ in batch if install],
+                )
         except Exception as exc:  # a StoreError, each waiter its own; anything else (a bug) as it is
-            for _, done in batch:
+            for _, _, done in batch:
                 if not done.done():
                     done.set_exception(StoreError(str(exc)) if isinstance(exc, StoreError) else exc)
             return
-        for _, done in batch:
+        for _, _, done in batch:
             if not done.done():
                 done.set_result(None)
+
+    def forget_install(self, uid: str) -> None:
+        """The pod's rules are not going in (its install failed and what went in came out,
+        or it was taken out at a start): its install row goes."""
+        with self._write():
+            self._db.execute("DELETE FROM installs WHERE uid = ?", (uid,))
 
     def mark_removing(self, uid: str) -> None:
         """A removal begins: if it does not finish, the next start finishes it."""
@@ -291,6 +321,26 @@ class PodStore:
                 yield
         except sqlite3.Error as exc:
             raise StoreError(_explain(self.path, exc)) from exc
+
+
+def _values(pod: StoredPod) -> tuple[object, ...]:
+    """A row's columns, in ``_COLUMNS``' order."""
+    return (
+        pod.spec.uid,
+        pod.spec.name,
+        pod.spec.namespace,
+        pod.spec.service_account,
+        json.dumps(list(pod.spec.ips)),
+        str(pod.spec.netns),
+        pod.identity.dev if pod.identity else None,
+        pod.identity.ino if pod.identity else None,
+        pod.rules,
+        pod.rules_digest,
+        int(pod.removing),
+        pod.enrolled_at,
+        pod.spec.source.value,
+        pod.cookie,
+    )
 
 
 def _check_row(uid: object, *values: object) -> None:

@@ -10,7 +10,9 @@ socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,8 +26,8 @@ from zds.netns import NetnsHandle, NetnsRef
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
-from zds.server.redirect import Redirector
-from zds.server.store import PodStore, StoredPod
+from zds.server.redirect import Installed, RedirectError, Redirector
+from zds.server.store import PodStore, StoredPod, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.transport import bind_unix_listener
 
@@ -50,11 +52,20 @@ class Gate:
 
 
 class GatedRedirector(Redirector):
-    """Istio's iptables rules, for real; a removal waits at ``removal`` first."""
+    """Istio's iptables rules, for real; an install waits at ``install`` first (and fails
+    with ``refuse``), a removal at ``removal``."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.install_gate = Gate()
         self.removal = Gate()
+        self.refuse = ""
+
+    async def install(self, netns: NetnsHandle) -> Installed:
+        await self.install_gate.passing()
+        if self.refuse:
+            raise RedirectError(self.refuse)
+        return await super().install(netns)
 
     async def remove(self, netns: NetnsHandle) -> None:
         await self.removal.passing()
@@ -62,12 +73,16 @@ class GatedRedirector(Redirector):
 
 
 class GatedStore(PodStore):
-    """The real pod store; a pod's commit waits at ``commit`` first."""
+    """The real pod store; a pod's commit waits at ``commit`` first (and fails with
+    ``refuse``; its install row is written as ever)."""
 
     commit: Gate
+    refuse = ""
 
     async def put_soon(self, pod: StoredPod) -> None:
         await self.commit.passing()
+        if self.refuse:
+            raise StoreError(self.refuse)
         await super().put_soon(pod)
 
 
@@ -88,6 +103,11 @@ class Agent:
             for p in self.store.load()
         }
 
+    def committed(self, table: str) -> list[str]:
+        """The uids in a table of the store, as another process reads it: what is committed."""
+        with contextlib.closing(sqlite3.connect(self.store.path)) as reader:
+            return [uid for (uid,) in reader.execute(f"SELECT uid FROM {table} ORDER BY uid")]
+
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
@@ -104,6 +124,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         await async_wait_until(lambda: "snapshot_sent" in peer.kinds, "the snapshot")
         yield Agent(node_agent, redirector, store, peer)
     finally:
+        redirector.install_gate.open.set()
         redirector.removal.open.set()
         store.commit.open.set()
         peer.close()
@@ -206,9 +227,49 @@ async def test_an_enrollment_that_fails_to_commit_takes_its_own_rules_out(
     """Counting a pod being enrolled as living in its netns must not keep its own rules
     when its enrollment fails: a store that cannot commit leaves the netns as it was."""
     a = make_pod()
-    agent.store.close()  # every commit fails from now on
+    agent.store.refuse = "disk full"  # the pod's own row cannot be committed
     with pytest.raises(EnrollmentError) as info:
         await agent.agent.add_pod(agent.spec("u1", a))
     assert info.value.outcome is EnrollmentOutcome.STORE
     assert "u1" not in agent.agent.pods
+    assert not has_rules(a)
+    assert agent.committed("installs") == []  # its rules are out: nothing for a next start to do
+
+
+async def test_a_store_that_cannot_commit_an_install_row_refuses_the_pod_before_any_rule(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    a = make_pod()
+    agent.store.close()  # every write fails from now on
+    with pytest.raises(EnrollmentError) as info:
+        await agent.agent.add_pod(agent.spec("u1", a))
+    assert info.value.outcome is EnrollmentOutcome.STORE
+    assert "u1" not in agent.agent.pods
+    assert not has_rules(a) and agent.redirector.install_gate.reached.is_set() is False
+
+
+async def test_an_enrollment_commits_an_install_row_before_its_rules_go_in_and_its_own_row_takes_it_out(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """Killed between its rules going in and its row's commit, the node agent would leave
+    rules no row records (a pod's traffic redirected to listeners nobody opens, for good):
+    the install row, committed first, lets the next start take them out."""
+    a = make_pod()
+    agent.redirector.install_gate.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", a)))
+    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
+    assert agent.committed("installs") == ["u1"] and agent.committed("pods") == []
+    agent.redirector.install_gate.open.set()
+    await asyncio.wait_for(enrollment, 30)
+    assert agent.committed("installs") == [] and agent.committed("pods") == ["u1"]
+    assert has_rules(a)
+
+
+async def test_a_failed_install_leaves_no_install_row(agent: Agent, make_pod: Callable[[], Pod]) -> None:
+    a = make_pod()
+    agent.redirector.refuse = "iptables-restore: line 3 failed"
+    with pytest.raises(EnrollmentError) as info:
+        await agent.agent.add_pod(agent.spec("u1", a))
+    assert info.value.outcome is EnrollmentOutcome.RULES
+    assert agent.committed("installs") == [] and agent.committed("pods") == []
     assert not has_rules(a)

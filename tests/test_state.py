@@ -454,21 +454,119 @@ def test_a_restart_with_no_redirect_takes_out_the_rules_an_earlier_run_installed
     path = namespaces.make("a")
     server = agents.start("--redirect-backend", backend, redirect=True)
     server.cli("pod", "add", "--uid", "u1", "--netns", path)
-    with open_netns(path) as ns, in_netns(ns):
-        ruleset = subprocess.run(
-            ["nft", "list", "ruleset"], capture_output=True, text=True, check=True
-        ).stdout
-    assert "istio" in (ruleset + "".join(istio_rules(path))).lower()
+    assert redirected(path)
     server.stop()
     plain = agents.start()  # --no-redirect
     [pod] = plain.list_pods()
     assert pod.uid == "u1" and not pod.rules_installed
+    assert not redirected(path)
+    assert f"{backend} rules removed: this node agent installs none (--no-redirect)" in plain.output()
+
+
+def redirected(path: str) -> bool:
+    """Istio's in-pod rules of either backend are in the netns at ``path``."""
     with open_netns(path) as ns, in_netns(ns):
         ruleset = subprocess.run(
             ["nft", "list", "ruleset"], capture_output=True, text=True, check=True
         ).stdout
-    assert istio_rules(path) == [] and "istio" not in ruleset
-    assert f"{backend} rules removed: this node agent installs none (--no-redirect)" in plain.output()
+    return "istio" in ruleset or istio_rules(path) != []
+
+
+def _crashed_mid_install(state_dir: str, moved: str, written: list[tuple[str, str]]) -> None:
+    """Make the pod store a node agent killed mid-enrollment leaves: ``moved``'s row in the
+    installs table only (its rules went in, its row was never committed), and install rows
+    for (uid, netns path) of ``written`` as if their rules were going in."""
+    import asyncio
+    import dataclasses
+
+    from zds.netns import NetnsRef
+    from zds.server.store import PodStore
+
+    store = PodStore.open(state_dir, used_before=True)
+    try:
+        [row] = [r for r in store.load() if r.spec.uid == moved]
+        store.delete(moved)
+        rows = [row] + [
+            dataclasses.replace(
+                row,
+                spec=dataclasses.replace(row.spec, uid=uid, netns=NetnsRef.of_path(path)),
+                identity=NetnsIdentity(*_stat_identity(path)),
+                cookie=None,
+            )
+            for uid, path in written
+        ]
+
+        async def intend() -> None:
+            await asyncio.gather(*(store.intend_soon(r) for r in rows))
+
+        asyncio.run(intend())
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_the_rules_of_an_enrollment_a_crash_interrupted_come_out_on_the_next_start(
+    agents: Agents, namespaces: Namespaces, backend: str
+) -> None:
+    """Killed after a pod's rules went in and before its row was committed, the node agent
+    knew nothing of them at its next start: the pod's traffic stayed redirected to listeners
+    no ztunnel opens, for good. Its install row (committed before the rules) says where they
+    are: they come out, unless a recovered pod lives in that netns; the rows go."""
+    a, b, c = namespaces.make("a"), namespaces.make("b"), namespaces.make("c")
+    server = agents.start("--redirect-backend", backend, redirect=True)
+    for uid, path in (("u1", a), ("u2", b)):
+        assert server.cli("pod", "add", "--uid", uid, "--netns", path).returncode in (0, 1)
+    assert redirected(a) and redirected(b)
+    server.stop(signal.SIGKILL)
+    # u1's rules are in a, and only an install row says so; u3 was going into b, where u2
+    # lives; u4 into c, gone since.
+    _crashed_mid_install(server.state_dir, "u1", [("u3", b), ("u4", c)])
+    namespaces.delete("c")
+
+    restarted = agents.start("--redirect-backend", backend, redirect=True)
+    assert list(listed(restarted)) == ["u2"]
+    assert not redirected(a), "rules no pod row records stayed in the pod's netns"
+    assert redirected(b)
+    out = restarted.output()
+    said = "an enrollment a restart interrupted while its rules went in: "
+    assert f"{said}what went in is taken out" in out and "uid=u1" in out
+    assert f"{said}its rules kept: a recovered pod lives in its netns" in out
+    assert f"{said}its netns is gone" in out
+    restarted.stop()
+    import sqlite3
+
+    with sqlite3.connect(os.path.join(server.state_dir, "pods.db")) as raw:
+        assert raw.execute("SELECT uid FROM installs").fetchall() == []
+
+
+def test_a_node_agent_killed_mid_enrollment_leaves_no_rules_the_next_start_does_not_know(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """SIGKILL while a bulk enrollment installs rules (no clean-up runs): after the restart,
+    every netns with rules in it has its pod."""
+    paths = {f"u{i}": namespaces.make(f"k{i}") for i in range(40)}
+    server = agents.start(redirect=True)
+    peer = AckingPeer(server.zds_socket)
+    adding: subprocess.Popen[str] | None = None
+    try:
+        peer.wait_snapshot()
+        pods = pods_file(tmp_path / "pods.jsonl", paths)
+        adding = subprocess.Popen(
+            [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        server.wait_for_output("in-pod redirection rules installed")
+        server.stop(signal.SIGKILL)
+    finally:
+        peer.close()
+        if adding is not None:
+            adding.wait(60)
+    restarted = agents.start(redirect=True)
+    known = set(listed(restarted))
+    with_rules = {uid for uid, path in paths.items() if istio_rules(path)}
+    assert with_rules <= known, f"rules no pod of the restarted node agent has: {sorted(with_rules - known)}"
 
 
 # -- ztunnel killed mid-snapshot -------------------------------------------------------------

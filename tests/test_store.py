@@ -42,7 +42,7 @@ def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: 
     db = state / "pods.db"
     assert oct(db.stat().st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -202,6 +202,35 @@ async def test_pods_put_in_one_turn_of_the_loop_are_committed_together_each_befo
         store.close()
 
 
+async def test_an_install_row_is_committed_on_its_own_and_goes_with_the_pods_own_row(
+    state: pathlib.Path,
+) -> None:
+    """Written before a pod's rules go in (committed: another connection sees it), the pod's
+    own row takes it out in the same transaction; ``forget_install`` after a failed install."""
+    store = open_store(state)
+    reader = sqlite3.connect(state / "pods.db")
+
+    def committed() -> tuple[list[str], list[str]]:
+        installs, pods = (
+            [uid for (uid,) in reader.execute(f"SELECT uid FROM {table} ORDER BY uid")]
+            for table in ("installs", "pods")
+        )
+        return installs, pods
+
+    try:
+        await asyncio.gather(store.intend_soon(stored("u1")), store.intend_soon(stored("u2")))
+        assert committed() == (["u1", "u2"], [])
+        assert [p.spec.uid for p in store.load_installs()] == ["u1", "u2"] and store.load() == []
+        assert store.load_installs()[0] == stored("u1")
+        await store.put_soon(stored("u1"))
+        assert committed() == (["u2"], ["u1"])
+        store.forget_install("u2")
+        assert committed() == ([], ["u1"]) and store.load_installs() == []
+    finally:
+        reader.close()
+        store.close()
+
+
 async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_starts_afresh(
     state: pathlib.Path,
 ) -> None:
@@ -297,6 +326,7 @@ def test_a_schema_1_store_is_migrated_and_its_pods_came_from_the_api(state: path
     try:
         [row] = store.load()
         assert row.spec.source is PodSource.API
+        assert store.load_installs() == []  # and the installs table is there (schema 4)
         store.put(dataclasses.replace(spec("u2", "/run/netns/b"), source=PodSource.CNI), None)
         assert {r.spec.uid: r.spec.source for r in store.load()} == {"u1": PodSource.API, "u2": PodSource.CNI}
     finally:
