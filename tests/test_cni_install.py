@@ -167,17 +167,36 @@ def test_uninstall_leaves_a_conf_someone_wrote_since_and_keeps_a_symlinked_confl
     assert json.loads((real / "mesh.conflist").read_text()) == json.loads(PODMAN_CONFLIST)
 
 
-def test_a_config_that_is_not_utf8_is_named_in_one_line(tmp_path: pathlib.Path) -> None:
-    """It was a UnicodeDecodeError traceback."""
+def test_configs_that_cannot_be_read_are_skipped_and_named_as_istio_skips_them(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A file that is not UTF-8 (it was a traceback), a dangling symlink, a directory named as
+    a config: Istio's install-cni (getConfigFilenames) and libcni skip what they cannot load;
+    zds stopped install and uninstall there. Now each is skipped and named on a line."""
     bin_dir, conf_dir, flags = dirs(tmp_path)
     (conf_dir / "05-x.conflist").write_bytes(b"\xff{")
+    (conf_dir / "06-gone.conflist").symlink_to(tmp_path / "nowhere")
+    (conf_dir / "07-dir.conf").mkdir()
     (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
-    done = zds_cni("install", *flags, "--network", "mesh")
+    skipped = [
+        f"skipped {conf_dir / '05-x.conflist'}, which cannot be read: not UTF-8 text (invalid start byte at byte 0)",
+        f"skipped {conf_dir / '06-gone.conflist'}, which cannot be read: No such file or directory",
+        f"skipped {conf_dir / '07-dir.conf'}, which cannot be read: Is a directory",
+    ]
+    done = zds_cni("install", *flags)  # the first valid one: 87-mesh
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == skipped
+    assert done.stdout.splitlines()[-1] == f"chained zds-cni into {conf_dir / '87-mesh.conflist'}"
+    done = zds_cni("uninstall", *flags)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == skipped
+    assert (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST and os.listdir(bin_dir) == []
+    done = zds_cni("install", *flags, "--network", "other")
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
-        f"zds cni install: cannot read {conf_dir / '05-x.conflist'}: not UTF-8 text (invalid start byte at byte 0)"
+        f"zds cni install: no network named 'other' in {conf_dir} (podman network ls lists Podman's; "
+        f'the name is the config\'s "name"); ' + "; ".join(skipped)
     ]
-    assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
 
 
 def test_an_install_that_cannot_write_the_conf_dir_leaves_nothing_of_its_own(tmp_path: pathlib.Path) -> None:

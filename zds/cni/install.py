@@ -109,10 +109,14 @@ def _read(path: str) -> str:
     try:
         with open(path) as f:
             return f.read()
-    except OSError as exc:
-        raise InstallError(f"cannot read {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise InstallError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InstallError(f"cannot read {path}: {_why(exc)}") from exc
+
+
+def _why(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    return exc.strerror or str(exc)
 
 
 def config_files(conf_dir: str) -> list[str]:
@@ -126,9 +130,16 @@ def config_files(conf_dir: str) -> list[str]:
     return [os.path.join(conf_dir, n) for n in names if os.path.splitext(n)[1] in CONF_EXTENSIONS]
 
 
-def _load(path: str) -> Conflist | dict[str, Any] | None:
-    """A conflist, a single-plugin .conf (its document), or None for a file that is neither."""
-    text = _read(path)
+def _load(path: str, skipped: list[str]) -> Conflist | dict[str, Any] | None:
+    """A conflist, a single-plugin .conf (its document), or None for a file that is neither;
+    one that cannot be read (a dangling symlink, not UTF-8) is skipped, as Istio's
+    install-cni and libcni skip it, and said in ``skipped``."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        skipped.append(f"skipped {path}, which cannot be read: {_why(exc)}")
+        return None
     if path.endswith(".conflist"):
         try:
             conflist = Conflist(text, path)
@@ -142,22 +153,23 @@ def _load(path: str) -> Conflist | dict[str, Any] | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("type"), str) else None
 
 
-def _target(options: InstallOptions) -> tuple[str, Conflist | dict[str, Any]]:
+def _target(options: InstallOptions, skipped: list[str]) -> tuple[str, Conflist | dict[str, Any]]:
     for path in config_files(options.conf_dir):
-        loaded = _load(path)
+        loaded = _load(path, skipped)
         if loaded is None:
             continue
         name = loaded.name if isinstance(loaded, Conflist) else str(loaded.get("name", ""))
         if options.network is None or name == options.network:
             return path, loaded
+    unread = "".join(f"; {line}" for line in skipped)
     if options.network is not None:
         raise InstallError(
             f"no network named {options.network!r} in {options.conf_dir} "
-            "(podman network ls lists Podman's; the name is the config's \"name\")"
+            f"(podman network ls lists Podman's; the name is the config's \"name\"){unread}"
         )
     raise InstallError(
         f"no network config in {options.conf_dir} to chain zds-cni into; create the network first "
-        "(e.g. podman network create), or point --conf-dir at the runtime's"
+        f"(e.g. podman network create), or point --conf-dir at the runtime's{unread}"
     )
 
 
@@ -188,7 +200,7 @@ def chain(
 ) -> tuple[str, bool]:
     """zds-cni last in the target network's plugins (``target``: found already, else here):
     (the file, whether it was written)."""
-    path, loaded = target or _target(options)
+    path, loaded = target or _target(options, [])
     entry = plugin_entry(options)
     if isinstance(loaded, dict):
         return _convert_conf(path, loaded, entry), True
@@ -228,10 +240,11 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
 def install(options: InstallOptions) -> list[str]:
     """Install and chain; what was done, one line each. Nothing is written when the network
     to chain into cannot be found or read (InstallError)."""
-    target = _target(options)
+    done: list[str] = []
+    target = _target(options, done)
     existed = os.path.lexists(os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE))
     binary, written = install_binary(options)
-    done = [f"{'installed' if written else 'up to date:'} {binary}"]
+    done.append(f"{'installed' if written else 'up to date:'} {binary}")
     try:
         conf, changed = chain(options, target)
     except OSError as exc:  # a conf dir or file that cannot be written: nothing of this install stays
@@ -246,9 +259,10 @@ def install(options: InstallOptions) -> list[str]:
 
 def uninstall(options: InstallOptions) -> list[str]:
     """Take zds-cni out of every config in the conf dir and remove the launcher; what was done."""
-    done = []
+    done: list[str] = []
+    skipped: list[str] = []
     for path in config_files(options.conf_dir):
-        loaded = _load(path)
+        loaded = _load(path, skipped)
         if not isinstance(loaded, Conflist):
             continue
         ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
@@ -280,7 +294,7 @@ def uninstall(options: InstallOptions) -> list[str]:
             raise InstallError(f"{path} is not zds-cni's launcher; left in place")
         os.unlink(path)
         done.append(f"removed {path}")
-    return done or ["nothing to do: zds-cni was not installed"]
+    return skipped + (done or ["nothing to do: zds-cni was not installed"])
 
 
 def _restore(original: str, conf: str, conflist: str) -> None:
