@@ -9,7 +9,9 @@ and keeps two timers:
   error, a nack that closes it) the next attempt is immediate, as ztunnel's; a
   connect that fails, or a connection closed before anything answered the hello
   (a node agent that refuses this peer), waits the next backoff delay (10 ms
-  doubling to 15 s, with jitter); the backoff starts over once a connect succeeds;
+  doubling to 15 s, with jitter). As ztunnel's, the two have a backoff each: the
+  connect's starts over once a connect succeeds, the unanswered connection's only
+  once the node agent answers (ztunnel: once ready);
 - retrying: while a workload is pending, every 5 s its proxy is started again
   (the timer keeps running while records come and go, like ztunnel's).
 
@@ -73,7 +75,11 @@ class ZdsClient:
         self.proxies = proxies
         self.metrics = metrics
         self.retry_interval = retry_interval
+        #: Between failed connects (from the first delay again once one succeeds).
         self.backoff = backoff or Backoff()
+        #: Between connections closed before the hello was answered (from the first delay
+        #: again once one is answered: ztunnel's readiness backoff, reset when ready).
+        self.unanswered = Backoff(self.backoff.initial, self.backoff.maximum, jitter=self.backoff.jitter)
         #: After each ack, polls a moment for the next request (in a snapshot or a burst it
         #: comes within microseconds) before sleeping: ``zds.transport.BusyPoll``.
         self._busy = BusyPoll(busy_poll)
@@ -140,8 +146,11 @@ class ZdsClient:
             # After a read error or EOF ztunnel reconnects at once. A connection closed before
             # anything answered the hello (a node agent that refuses us, or is overloaded)
             # waits the backoff instead of spinning.
-            delay = 0.0 if answered else self.backoff.next()
-            if not answered:
+            if answered:
+                self.unanswered.reset()
+                delay = 0.0
+            else:
+                delay = self.unanswered.next()
                 log.warning(
                     "the node agent closed the connection before answering the hello (not allowed "
                     "to connect, or overloaded?); retrying in %.3fs",

@@ -823,6 +823,33 @@ def test_after_a_read_error_ztunnel_reconnects_at_once_every_time(
     conn.hello()
 
 
+@pytest.mark.root
+def test_a_node_agent_that_hangs_up_before_answering_gets_a_growing_backoff_until_it_answers(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
+) -> None:
+    """Connections closed before the hello is answered wait a backoff that grows (ztunnel's
+    announce-error backoff, reset only once ready); the connect succeeding each time had
+    started it over, so zds reconnected every ~10 ms for good (~70 connections a second).
+    Once the node agent answers, the next unanswered connection starts from 10 ms again."""
+    z = start_ztunnel("--no-listeners")
+    for _ in range(7):
+        agent.accept().close()
+    agent.connect_and_hello().snapshot()  # answered ...
+    agent.conns[-1].close()  # ... then gone: ztunnel reconnects at once
+    agent.accept().close()
+    said = "the node agent closed the connection before answering the hello"
+    z.wait_for_output(said, timeout=5)
+    wait_until(lambda: z.output().count(said) == 8, "the eighth unanswered connection's line")
+    delays = [
+        float(line.rsplit("retrying in ", 1)[1].rstrip("s"))
+        for line in z.output().splitlines()
+        if said in line
+    ]
+    assert all(0.008 <= d <= 0.012 for d in (delays[0], delays[7])), delays  # 10 ms +- 20%
+    assert all(later > earlier for earlier, later in itertools.pairwise(delays[:7])), delays
+    assert delays[6] >= 0.5, delays  # 640 ms +- 20%
+
+
 # =============================================================================================
 # The first snapshot, taken before the event loop (zds.client.session)
 # =============================================================================================
