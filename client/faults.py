@@ -57,7 +57,7 @@ class ZtunnelFaultKind(enum.Enum):
     )
     BAD_HELLO = (
         "bad-hello",
-        "say ZdsHello{version: 2}, a version no node agent speaks, on the next connection",
+        "say ZdsHello{version: 2}, a version there is not, on the next connection (Istio's node agent serves it as V1)",
     )
     ACK_BLINDLY = (
         "ack-blindly",

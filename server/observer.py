@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from zds.protocol.messages import Ack, AddWorkload, DelWorkload, Request, request_kind
+from zds.protocol.messages import VERSION_V1, Ack, AddWorkload, DelWorkload, Request, request_kind
 from zds.server.connection import ConnectionObserver, ZtunnelConnection
 from zds.server.eventkinds import EventKind
 from zds.server.events import EventBus
@@ -39,6 +39,13 @@ class AgentObserver(ConnectionObserver):
 
     def hello(self, conn: ZtunnelConnection, version: int) -> None:
         log.info("received hello from ztunnel (version %d)", version, extra=conn.log_extra)
+        if version != VERSION_V1:
+            log.warning(
+                "ztunnel's hello names version %d, not V1 (the only one there is): served as V1, "
+                "as Istio's node agent serves any hello",
+                version,
+                extra=conn.log_extra,
+            )
 
     def sent(self, conn: ZtunnelConnection, request: Request) -> None:
         kind = request_kind(request)

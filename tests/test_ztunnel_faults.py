@@ -79,14 +79,14 @@ def test_a_disconnect_in_the_middle_of_a_snapshot_gets_a_whole_new_one(
         zt.stop()
 
 
-def test_unasked_records_and_a_bad_hello_are_refused_by_the_node_agent(
+def test_unasked_records_are_refused_by_the_node_agent_and_a_bad_hello_served_as_by_istio(
     start_server: StartServer, tmp_path: pathlib.Path
 ) -> None:
     server = start_server()
     zt = ztunnel(server, tmp_path, {"kind": "bad-hello"})
     try:
-        server.wait_for_output("unsupported ZDS version 2 in hello")
-        wait_until(lambda: server.connected_count() == 1, "the ztunnel to come back with a V1 hello")
+        server.wait_for_output("ztunnel's hello names version 2, not V1")
+        wait_until(lambda: server.connected_count() == 1, "the ztunnel served")
         admin = f"http://{zt.address('admin')}/faults"
         for kind, says in (
             ("second-hello", "unexpected message from ztunnel"),

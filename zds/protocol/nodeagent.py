@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from zds import defaults
 from zds.errors import CodecError, ProtocolUsageError
 from zds.protocol.messages import (
-    VERSION_V1,
     Ack,
     AddWorkload,
     KeepWorkload,
@@ -138,10 +137,8 @@ class NodeAgentProtocol:
             hello = decode_hello(payload)
         except CodecError as exc:
             return self._close(f"bad hello: {exc}", peer_error=True)
-        if hello.version != VERSION_V1:
-            return self._close(
-                f"unsupported ZDS version {hello.version} in hello (only V1 is spoken)", peer_error=True
-            )
+        # Any version is taken, as Istio's node agent takes it (ztunnelserver.go handleConn
+        # logs it and sends the snapshot); the observer says when it is not V1.
         self.hello_version = hello.version
         self.state = ConnectionState.SNAPSHOT
         return [HelloAccepted(version=hello.version)]
