@@ -18,11 +18,12 @@ from zds.protocol.records import Record
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
-#: Room for fds in one received record: more than ztunnel ever gets, so a
-#: record carrying too many is seen (and refused) instead of silently cut.
-MAX_FDS_PER_RECORD = 4
 _FD_SIZE = array.array("i").itemsize
-_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECORD * _FD_SIZE)
+#: Room for fds in one received record: ztunnel's (``cmsg_space!(RawFd)`` in protocol.rs),
+#: which alignment makes room for two on 64-bit. Three or more come as two, the record
+#: flagged MSG_CTRUNC (the kernel closes the rest), and are refused as ztunnel refuses
+#: them: "Expected 1 FD, got 2".
+_CMSG_SPACE = socket.CMSG_SPACE(_FD_SIZE)
 
 
 def recv_record(sock: socket.socket, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record | None:
