@@ -11,7 +11,8 @@ them would race with the next agent taking them).
 A socket path is only ever unlinked when it holds a socket: a stale one (no
 agent holds its lock) is replaced; anything else there (a regular file, a
 directory) is refused. On exit a node agent unlinks a socket only if it is
-still the very file it bound (same ``st_dev``/``st_ino``).
+still the very file it bound (same ``st_dev``/``st_ino``): ``zds.transport``'s
+``clear_socket_path`` and ``SocketFile``, which ``zds check`` uses too.
 
 The control API's gRPC socket lives beside its public socket, in ``PATH.private``
 (``PrivateDir``), under the same lock: what a killed agent left there is the next one's to
@@ -24,10 +25,8 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from zds.errors import ZdsError
 
@@ -96,77 +95,6 @@ def _read_pid(fd: int) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(os.pread(fd, 32, 0).decode().strip() or "0") or None
     return None
-
-
-@dataclass(frozen=True)
-class SocketFile:
-    """A socket file this process bound: its path and the identity of the inode it made."""
-
-    path: str
-    dev: int
-    ino: int
-
-    @classmethod
-    def of(cls, path: str) -> SocketFile:
-        st = os.lstat(path)
-        return cls(path, st.st_dev, st.st_ino)
-
-    def remove(self) -> bool:
-        """Unlink the path only if it is still our socket (not one another agent made since)."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return False
-        if (st.st_dev, st.st_ino) != (self.dev, self.ino) or not stat.S_ISSOCK(st.st_mode):
-            return False
-        os.unlink(self.path)
-        return True
-
-
-def clear_socket_path(path: str) -> None:
-    """Make room for a socket at ``path``: remove a stale socket, one nothing answers on (left
-    by a crashed agent: the caller holds the path's lock, so no live zds serves it); refuse a
-    socket something else still serves (another program's, Istio's node agent's) and anything
-    that is not a socket."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISSOCK(st.st_mode):
-        if _answered(path):
-            raise InstanceError(
-                f"{path} is a socket another program serves; refusing to replace it (stop that "
-                "program, or choose another path)"
-            )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    kind = (
-        "a directory"
-        if stat.S_ISDIR(st.st_mode)
-        else "a symlink"
-        if stat.S_ISLNK(st.st_mode)
-        else "not a socket"
-    )
-    raise InstanceError(
-        f"{path} is {kind}; refusing to replace it with a socket (remove it yourself if it is stale, "
-        "or choose another path)"
-    )
-
-
-def _answered(path: str) -> bool:
-    """Something listens on the unix socket at ``path``: a connect is not refused. A listener
-    of another socket type answers too (EPROTOTYPE); one that cannot be told is taken as live."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True  # EPROTOTYPE (a listener of another type), EAGAIN (its backlog full), ...
-    finally:
-        probe.close()
-    return True
 
 
 #: The longest path a unix socket can be bound at (``sun_path`` less its NUL).

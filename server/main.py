@@ -38,15 +38,7 @@ from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
-from zds.server.instance import (
-    InstanceError,
-    InstanceLock,
-    PrivateDir,
-    SocketFile,
-    clear_socket_path,
-    socket_lock,
-    state_lock,
-)
+from zds.server.instance import InstanceError, InstanceLock, PrivateDir, socket_lock, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.peergate import PeerGate
@@ -59,7 +51,7 @@ from zds.server.store import PodStore, StoreError
 from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.server.unixhttp import GuardedUnixHttp
-from zds.transport import bind_unix_listener
+from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
 
 log = logging.getLogger("zds.server")
 
@@ -222,7 +214,7 @@ class NodeAgentServer:
         try:
             clear_socket_path(path)
             listener = bind_unix_listener(path, mode=self.options.socket_mode)
-        except InstanceError as exc:
+        except (InstanceError, SocketPathTaken) as exc:
             raise StartupError(f"cannot listen on ZDS socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on ZDS socket {path}: {exc}") from exc
@@ -239,7 +231,7 @@ class NodeAgentServer:
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             clear_socket_path(path)
-        except InstanceError as exc:
+        except (InstanceError, SocketPathTaken) as exc:
             raise StartupError(f"cannot listen on control socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on control socket {path}: {exc}") from exc
@@ -286,7 +278,7 @@ class NodeAgentServer:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             clear_socket_path(path)
             await http.start(path, self.options.socket_mode)
-        except InstanceError as exc:
+        except (InstanceError, SocketPathTaken) as exc:
             raise StartupError(f"cannot listen on CNI plugin socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on CNI plugin socket {path}: {exc}") from exc

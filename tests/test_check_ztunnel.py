@@ -5,7 +5,9 @@ check fails, with the right finding, against ``zds ztunnel`` with the matching f
 
 from __future__ import annotations
 
+import os
 import pathlib
+import stat
 import subprocess
 import sys
 import uuid
@@ -225,4 +227,32 @@ def test_ztunnel_faults_are_counted_and_listed_on_the_admin_endpoint(tmp_path: p
         )
     finally:
         ztunnel.stop()
+        agent.close()
+
+
+def test_what_is_at_its_zds_socket_path_and_is_not_a_stale_socket_is_refused_and_left_in_place(
+    tmp_path: pathlib.Path,
+) -> None:
+    """zds check ztunnel unlinked whatever was at --zds-socket when it ended, also what it had
+    refused: a file, a symlink, a running node agent's socket (no ztunnel could connect to that
+    agent again); a directory ended in a traceback."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    agent = FakeNodeAgent(str(tmp_path / "served.sock"))
+    try:
+        for name, says in (
+            ("file", "is not a socket"),
+            ("dir", "is a directory"),
+            ("link", "is a symlink"),
+            ("served.sock", "is a socket another program serves"),
+        ):
+            path = tmp_path / name
+            run = zds_check("ztunnel", "--zds-socket", str(path), "--only", "hello", *FAST, tmp=tmp_path)
+            assert run.returncode == 2, run.stdout + run.stderr
+            assert os.path.lexists(path), f"{name} was removed"
+            [line] = run.stderr.splitlines()
+            assert line.startswith(f"zds check ztunnel: {path} {says}; refusing to replace it"), line
+        assert stat.S_ISSOCK(os.lstat(agent.path).st_mode)
+    finally:
         agent.close()

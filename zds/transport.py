@@ -7,13 +7,16 @@ between a unix socket and the sans-I/O protocol objects; it decides nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass
 
 from zds import defaults
+from zds.errors import ZdsError
 from zds.protocol.records import Record
 from zds.seqpacket import poll_budget, poll_record, recv_record, send_record
 
@@ -229,7 +232,7 @@ def bind_unix_listener(
 ) -> socket.socket:
     """Bind a listening unix socket at ``path``: make the parent directory, restrict the
     file's mode. Whatever is at ``path`` already stays (the bind fails): clearing a stale
-    socket is the caller's decision (``zds.server.instance.clear_socket_path``)."""
+    socket is the caller's decision (``clear_socket_path``)."""
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, mode=0o750, exist_ok=True)
@@ -248,6 +251,81 @@ def bind_unix_listener(
         sock.close()
         raise
     return sock
+
+
+class SocketPathTaken(ZdsError):
+    """Something that is not a stale socket is where a socket is to be bound; the message says what."""
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """A socket file this process bound: its path and the identity of the inode it made."""
+
+    path: str
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, path: str) -> SocketFile:
+        st = os.lstat(path)
+        return cls(path, st.st_dev, st.st_ino)
+
+    def remove(self) -> bool:
+        """Unlink the path only if it is still our socket (not one another agent made since)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino) or not stat.S_ISSOCK(st.st_mode):
+            return False
+        os.unlink(self.path)
+        return True
+
+
+def clear_socket_path(path: str) -> None:
+    """Make room for a socket at ``path``: remove a stale socket, one nothing answers on (left
+    by a crashed process: a node agent holds the path's lock, so no live zds serves it); refuse a
+    socket something else still serves (another program's, Istio's node agent's) and anything
+    that is not a socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(st.st_mode):
+        if _answered(path):
+            raise SocketPathTaken(
+                f"{path} is a socket another program serves; refusing to replace it (stop that "
+                "program, or choose another path)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(st.st_mode)
+        else "a symlink"
+        if stat.S_ISLNK(st.st_mode)
+        else "not a socket"
+    )
+    raise SocketPathTaken(
+        f"{path} is {kind}; refusing to replace it with a socket (remove it yourself if it is stale, "
+        "or choose another path)"
+    )
+
+
+def _answered(path: str) -> bool:
+    """Something listens on the unix socket at ``path``: a connect is not refused. A listener
+    of another socket type answers too (EPROTOTYPE); one that cannot be told is taken as live."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # EPROTOTYPE (a listener of another type), EAGAIN (its backlog full), ...
+    finally:
+        probe.close()
+    return True
 
 
 async def accept(listener: socket.socket) -> SeqpacketConnection:

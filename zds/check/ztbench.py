@@ -20,7 +20,7 @@ from zds import defaults
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
 from zds.check.ztconn import ZtConn
-from zds.transport import bind_unix_listener
+from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Bench:
             f"{n}_port": str(_free_port()) for n in ("admin", "readiness", "metrics")
         }
         self._listener: socket.socket | None = None
+        self._socket_file: SocketFile | None = None
         self._accepted: asyncio.Queue[ZtConn] = asyncio.Queue()
         self._accepting: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -76,8 +77,13 @@ class Bench:
 
     # -- the socket and the process ---------------------------------------------------------
     async def start(self) -> None:
-        _clear(self.socket_path)
+        try:
+            # A stale socket goes; a served one, or anything that is no socket, stays.
+            clear_socket_path(self.socket_path)
+        except SocketPathTaken as exc:
+            raise CheckSetupError(f"{exc} (--zds-socket)") from exc
         self._listener = bind_unix_listener(self.socket_path, mode=defaults.ZDS_SOCKET_MODE)
+        self._socket_file = SocketFile.of(self.socket_path)
         self._accepting = asyncio.ensure_future(self._accept())
         if self.options.cmd:
             await self.launch()
@@ -216,8 +222,8 @@ class Bench:
         if self._listener is not None:
             self._listener.close()
         await self.stop_process()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self._socket_file is not None:
+            self._socket_file.remove()  # only the socket it bound: never what it refused
         self.pods.close()
 
     def log_tail(self, lines: int = 8) -> list[str]:
@@ -243,26 +249,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _clear(path: str) -> None:
-    """Make room for our socket: a stale socket goes; a live one or anything else is refused."""
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise CheckSetupError(f"{path} exists and is not a socket; remove it or choose another --zds-socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise CheckSetupError(
-        f"a node agent is serving {path} already; stop it, or give zds check another --zds-socket"
-    )
