@@ -29,6 +29,7 @@ import grpc
 from aiohttp import web
 
 from zds import runtime
+from zds.aio import cancel_and_wait
 from zds.httpguard import TcpGuard
 from zds.server import store as pod_store
 from zds.server.agent import NodeAgent
@@ -48,7 +49,6 @@ from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
 from zds.server.redirect import RedirectError, redirector
 from zds.server.store import PodStore, StoreError
-from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path

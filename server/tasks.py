@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from zds.aio import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -15,13 +16,6 @@ def retrieve_exception(task: asyncio.Future[Any]) -> None:
     logged as 'never retrieved' (an owned task whose caller gave up, a snapshot entry's answer)."""
     if not task.cancelled():
         task.exception()
-
-
-async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
-    """Cancel a task and wait for it to finish, swallowing its cancellation."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
 
 
 class TaskOwner:

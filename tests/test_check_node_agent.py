@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import sys
 from typing import Any
 
 import pytest
 
-from tests.harness import NodeAgentProc, Pod, StartServer, faults_file, zds_check
+from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, faults_file, wait_until, zds_check
 from zds.check.agentchecks import CHECKS
 
 pytestmark = pytest.mark.root
@@ -189,3 +191,34 @@ def test_a_node_agent_that_is_not_there_is_an_error_not_a_pass(tmp_path: pathlib
     assert "cannot connect to the node agent" in run.stdout
     made = os.listdir("/var/run/netns") if os.path.isdir("/var/run/netns") else []
     assert not [n for n in made if n.startswith("zdsck-")]
+
+
+def test_a_sigterm_stops_the_check_as_ctrl_c_and_it_removes_what_it_made(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    """SIGTERM (``timeout``, a CI runner) killed zds check where it stood: the namespaces of its
+    pods stayed for good. Now it stops as on Ctrl-C: clean-up, one line, exit 128+15."""
+    server = start_server()
+
+    def ours() -> set[str]:
+        return {n for n in os.listdir("/var/run/netns") if n.startswith("zdsck-")}
+
+    before = ours() if os.path.isdir("/var/run/netns") else set()
+    check = subprocess.Popen(
+        [*ZDS, "check", "node-agent", *check_args(server)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # (its own session: no signal from the test's terminal)
+    )
+    try:
+        wait_until(lambda: ours() - before, "the check's first pod netns")
+        check.send_signal(signal.SIGTERM)
+        _, err = check.communicate(timeout=60)
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.wait()
+    assert check.returncode == 128 + signal.SIGTERM, err
+    assert err.splitlines()[-1] == "zds check node-agent: stopped by SIGTERM; what it made is removed"
+    assert ours() - before == set()

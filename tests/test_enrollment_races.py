@@ -22,13 +22,13 @@ import pytest
 
 from tests.harness import Pod, async_wait_until
 from tests.standins import AckingPeer
+from zds.aio import cancel_and_wait
 from zds.netns import NetnsHandle, NetnsRef
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.redirect import Installed, RedirectError, Redirector
 from zds.server.store import PodStore, StoredPod, StoreError
-from zds.server.tasks import cancel_and_wait
 from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root

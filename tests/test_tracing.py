@@ -24,6 +24,7 @@ from opentelemetry.trace import StatusCode
 
 from tests.harness import NodeAgentProc, async_wait_until, free_port, pod_netns, wait_until
 from tests.standins import AckingPeer, RawPeer
+from zds.aio import cancel_and_wait
 from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans
@@ -31,7 +32,6 @@ from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.enrollment import EnrollmentError
 from zds.server.pods import PodSpec
 from zds.server.redirect import Redirector
-from zds.server.tasks import cancel_and_wait
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.transport import bind_unix_listener
 

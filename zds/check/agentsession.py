@@ -10,7 +10,6 @@ error, not a pass: no check can hold vacuously.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zds import defaults
+from zds.aio import cancel_and_wait
 from zds.check.agentchecks import BY_NAME
 from zds.check.pods import CheckPod, PodDriver, PodFactory
 from zds.check.records import ConnectionRules, Seen
@@ -186,8 +186,7 @@ class AgentSession:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
 
     # -- results -------------------------------------------------------------------------
     def result(self, name: str, duration: float) -> CheckResult:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from zds import runtime
 from zds.check.report import CheckSpec, Report
@@ -35,6 +37,9 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
     except ZdsError as exc:
         print(f"zds check {role}: {exc}", file=sys.stderr)
         return 2
+    except asyncio.CancelledError:
+        print(f"zds check {role}: stopped by SIGTERM; what it made is removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     sys.stdout.write(report.render_text())
     sys.stdout.flush()
     for path, text in ((args.json, report.render_json), (args.junit, report.render_junit)):
@@ -49,6 +54,18 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
 
 
 async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Report:
+    # SIGTERM stops the run as Ctrl-C does (cancelled, its clean-up takes out the namespaces
+    # and processes it made): it had killed the check where it stood, leaving them.
+    main = asyncio.current_task()
+    assert main is not None
+    old = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid(), asyncio.get_running_loop(), main))
+    try:
+        return await _checks(role, args, selected)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> Report:
     if role == "node-agent":
         from zds.check.agentrun import run_agent_checks
         from zds.check.agentsession import AgentCheckOptions
@@ -81,3 +98,24 @@ async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Repo
         grace=args.grace,
     )
     return await run_ztunnel_checks(zoptions, selected)
+
+
+def _on_sigterm(pid: int, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Report]) -> Any:
+    """A SIGTERM handler that cancels ``main`` once (a second one does not cut its clean-up
+    short). Not asyncio's add_signal_handler: a child forked to make a netns would pass its
+    own SIGTERM on to the check through the loop's wakeup socket; here a forked child dies of
+    its own as it would have."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(_stop, main)
+
+    return handler
+
+
+def _stop(main: asyncio.Task[Report]) -> None:
+    if not main.done() and not main.cancelling():
+        main.cancel()

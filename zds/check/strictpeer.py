@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from zds.aio import cancel_and_wait
 from zds.check.records import ConnectionRules, Seen, receive
 from zds.check.report import Finding
 from zds.errors import ZdsError
@@ -175,9 +176,7 @@ class StrictConnection:
         return got
 
     async def close(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
+        await cancel_and_wait(self._reader)
         self.sock.close()
 
 

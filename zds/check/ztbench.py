@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from zds import defaults
+from zds.aio import cancel_and_wait
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
 from zds.check.ztconn import ZtConn
@@ -216,9 +217,7 @@ class Bench:
         for conn in self._conns:
             await conn.close()
         if self._accepting is not None:
-            self._accepting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
+            await cancel_and_wait(self._accepting)
         if self._listener is not None:
             self._listener.close()
         await self.stop_process()

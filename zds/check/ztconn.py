@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from zds.aio import cancel_and_wait
 from zds.check.report import Finding
 from zds.errors import CodecError
 from zds.protocol.messages import Ack, decode_ack, encode_ack
@@ -174,8 +175,7 @@ class ZtConn:
             while self.closed_at is None and not self.conn.closed and _readable(self.conn.socket):
                 if not self._read_one():
                     break
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
+        await cancel_and_wait(self._reader)
         self.conn.close()
 
 
