@@ -16,6 +16,10 @@ from zds import defaults
 
 from .errors import NetnsError
 
+#: The largest process id a reference may name: the control API's field is an int32 (Linux's
+#: own pid_max is at most 2**22).
+PID_MAX = 2**31 - 1
+
 
 class NetnsRefError(NetnsError, ValueError):
     """A netns reference that names nothing usable (empty path, ``pid:x``, pid 0)."""
@@ -31,8 +35,10 @@ class NetnsRef:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.pid is None):
             raise NetnsRefError("a netns reference is a path or a pid, exactly one of them")
-        if self.pid is not None and (isinstance(self.pid, bool) or self.pid <= 0):
-            raise NetnsRefError(f"bad process id {self.pid!r}: expected a positive integer")
+        if self.pid is not None and (isinstance(self.pid, bool) or not 0 < self.pid <= PID_MAX):
+            raise NetnsRefError(
+                f"bad process id {self.pid!r}: expected a positive integer (at most {PID_MAX})"
+            )
         if self.path is not None and not self.path.strip():
             raise NetnsRefError('empty netns path: expected a path, a name or "pid:N"')
 
@@ -55,9 +61,12 @@ class NetnsRef:
         text = text.strip()
         if text.startswith("pid:"):
             number = text[4:].strip()
-            if not (number.isascii() and number.isdigit()) or int(number) <= 0:
+            if not (
+                number.isascii() and number.isdigit() and len(number) <= 10 and 0 < int(number) <= PID_MAX
+            ):
                 raise NetnsRefError(
-                    f'bad netns reference "{text}": expected "pid:N" with N a process id, or a path'
+                    f'bad netns reference "{text[:64]}": expected "pid:N" with N a process id '
+                    f"(at most {PID_MAX}), or a path"
                 )
             return cls.of_pid(int(number))
         if not text:

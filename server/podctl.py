@@ -65,7 +65,10 @@ def _specs(args: argparse.Namespace) -> list[PodSpec]:
             raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid/--ip")
         from zds.server.podsfile import load_pods_file
 
-        return load_pods_file(args.from_file)
+        specs = load_pods_file(args.from_file)
+        if not specs:  # exit 0 is for pods acked, and none was
+            raise PodSpecError(f"{args.from_file}: no pods in it, nothing to enroll")
+        return specs
     if args.uid is None:
         raise PodSpecError("--uid is required (or --from-file)")
     if not args.uid.strip():

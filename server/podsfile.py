@@ -33,26 +33,45 @@ def _spec(entry: Any) -> PodSpec:
         missing = [f for f in ("uid", "netns") if not get(f)]
         raise PodSpecError(f"missing {', '.join(missing)}")
     try:
-        netns = NetnsRef.parse(_text(netns_text))
+        netns = NetnsRef.parse(_text("netns", netns_text))
     except NetnsRefError as exc:
         raise PodSpecError(str(exc)) from exc
     ips = get("ips") or []
     if not isinstance(ips, list):
         raise PodSpecError("ips must be a list of addresses")
     return PodSpec.create(
-        _text(uid),
+        _text("uid", uid),
         netns,
-        name=_text(get("name")),
-        namespace=_text(get("namespace")),
-        service_account=_text(get("service_account")),
+        name=_text("name", get("name")),
+        namespace=_text("namespace", get("namespace")),
+        service_account=_text("service_account", get("service_account")),
         ips=check_ips(ips),
         source=PodSource.PODS_FILE,
     )
 
 
-def _text(value: Any) -> str:
-    """A text field's value as a string ('' for null)."""
-    return value if type(value) is str else "" if value is None else str(value)
+def _text(field: str, value: Any) -> str:
+    """A text field's value ('' for null); a number is taken as its digits (YAML reads an
+    unquoted 12345 as one), anything else refused: a list had become the path "['a']"."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, bool | float):  # YAML's yes/no/1.0 unquoted
+        raise PodSpecError(f"{field} must be text, not {str(value).lower()} (quote it in YAML)")
+    raise PodSpecError(f"{field} must be text, not a {type(value).__name__}")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error in one line: what, and where (its own text quotes the line, with a caret)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        context = getattr(exc, "context", None)
+        return f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def load_pods_file(path: str) -> list[PodSpec]:
@@ -94,7 +113,7 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
+            raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {_yaml_problem(exc)}") from exc
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # PyYAML's resolvers raise these on some scalars ("_0b_": int("", 2)); found by fuzzing.
             raise PodSpecError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc

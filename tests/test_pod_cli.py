@@ -112,6 +112,12 @@ def test_pod_add_records_the_addresses_given_and_refuses_what_is_not_one(
     pods = pods_file(tmp_path, [{"uid": "u3", "netns": pod_netns()}])
     mixed = server.cli("pod", "add", "--from-file", pods, "--ip", "10.0.0.9")
     assert mixed.returncode == 1 and "cannot be combined with --uid/--netns/--netns-pid/--ip" in mixed.stderr
+    empty = pods_file(tmp_path, [])
+    nothing = server.cli("pod", "add", "--from-file", empty)  # exited 0 with no word: nothing was acked
+    assert (
+        nothing.returncode == 1
+        and nothing.stderr == f"zds pod add: {empty}: no pods in it, nothing to enroll\n"
+    )
     assert [p["uid"] for p in json.loads(server.cli("pod", "list", "--json").stdout)] == ["u1"]
 
 

@@ -59,6 +59,16 @@ def test_an_entry_spelling_the_service_account_both_ways_keeps_service_account_a
             "ips[1] 'web' is not an IP address",
         ),
         ({"uid": "u1", "netns": "/run/netns/a", "ips": [5]}, "ips[0] must be an address string, not int"),
+        # a traceback from the control API's int32 field (zds pod add), a 5,000-digit int() before
+        ({"uid": "u1", "netns": "pid:2147483648"}, "with N a process id (at most 2147483647)"),
+        ({"uid": "u1", "netns": "pid:" + "9" * 5000}, 'bad netns reference "pid:999'),
+        # a list was taken as the path "['a']"; true as the name "True"
+        ({"uid": "u1", "netns": ["a"]}, "netns must be text, not a list"),
+        (
+            {"uid": "u1", "netns": "/run/netns/a", "name": True},
+            "name must be text, not true (quote it in YAML)",
+        ),
+        ({"uid": "u1", "netns": "/run/netns/a", "namespace": 1.5}, "namespace must be text, not 1.5"),
     ],
 )
 def test_a_bad_entry_is_refused_naming_the_file_its_line_and_what_is_wrong(
@@ -83,7 +93,17 @@ def test_a_line_with_an_integer_too_long_to_convert_is_refused_in_one_line() -> 
 
 
 def test_yaml_entries_are_named_by_their_position() -> None:
-    specs = parse_pods("pods:\n  - {uid: u1, netns: pid:7}\n", "pods.yaml")
-    assert [(s.uid, s.netns) for s in specs] == [("u1", NetnsRef(pid=7))]
+    specs = parse_pods("pods:\n  - {uid: u1, netns: pid:7}\n  - {uid: 12345, netns: b}\n", "pods.yaml")
+    assert [(s.uid, s.netns) for s in specs] == [("u1", NetnsRef(pid=7)), ("12345", NetnsRef.of_path("b"))]
     with pytest.raises(PodSpecError, match=r"^pods.yaml: entry 2: expected an object with uid, "):
         parse_pods("- {uid: u1, netns: pid:7}\n- just a string\n", "pods.yaml")
+
+
+def test_yaml_that_does_not_parse_is_said_in_one_line_with_where() -> None:
+    """PyYAML's own text is four or five lines (the line quoted, a caret under it)."""
+    with pytest.raises(PodSpecError) as refused:
+        parse_pods("pods:\n  - {uid: a\n", "pods.yaml")
+    assert str(refused.value) == (
+        "pods.yaml: neither JSON lines nor valid YAML: while parsing a flow mapping: "
+        "expected ',' or '}', but got '<stream end>' (line 3, column 1)"
+    )
