@@ -222,3 +222,23 @@ def test_a_sigterm_stops_the_check_as_ctrl_c_and_it_removes_what_it_made(
     assert check.returncode == 128 + signal.SIGTERM, err
     assert err.splitlines()[-1] == "zds check node-agent: stopped by SIGTERM; what it made is removed"
     assert ours() - before == set()
+
+
+def test_a_control_socket_that_does_not_answer_is_said_at_once_not_blamed_on_the_node_agent(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    """It ran for minutes, then failed four checks as the node agent's fault (pods missing from
+    snapshots that were never added) and passed fd-hygiene on no pods at all."""
+    server = start_server()
+    missing = str(tmp_path / "no-control.sock")
+    run = zds_check(
+        "node-agent", "--zds-socket", server.zds_socket, "--control-socket", missing, *FAST, tmp=tmp_path
+    )
+    assert run.returncode == 2, run.stdout
+    [line] = run.stderr.splitlines()
+    assert line.startswith(
+        f"zds check node-agent: cannot reach zds's control API at {missing} (UNAVAILABLE: "
+    )
+    assert line.endswith(
+        "give the node agent's --control-socket, or make pods come and go with --add-cmd/--remove-cmd"
+    )

@@ -36,6 +36,7 @@ async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> R
     wanted = {scenario_of(name) for name in selected}
     durations: dict[str, float] = {}
     try:
+        await driver.ready()
         for scenario in SCENARIOS:
             if scenario not in wanted and scenario != "hello-wait":
                 continue

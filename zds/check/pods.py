@@ -102,6 +102,7 @@ class PodDriver(Protocol):
     """How pods come and go on the node agent under test."""
 
     def describe(self) -> str: ...
+    async def ready(self) -> None: ...
     async def add(self, pod: CheckPod) -> str: ...
     async def remove(self, pod: CheckPod) -> str: ...
     async def close(self) -> None: ...
@@ -121,6 +122,22 @@ class ControlDriver:
 
     def describe(self) -> str:
         return f"pods via the control API at {self.control_socket}"
+
+    async def ready(self) -> None:
+        """The control API answers (ListPods); CheckSetupError in one line if not: every pod
+        scenario would fail and blame the node agent for pods it was never given."""
+        import grpc
+
+        from zds.gen import nodeagent_pb2
+
+        try:
+            await self._stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise CheckSetupError(
+                f"cannot reach zds's control API at {self.control_socket} ({exc.code().name}: "
+                f"{exc.details()}); give the node agent's --control-socket, or make pods come and go "
+                "with --add-cmd/--remove-cmd"
+            ) from exc
 
     async def add(self, pod: CheckPod) -> str:
         from zds.gen import nodeagent_pb2
@@ -163,6 +180,9 @@ class CommandDriver:
 
     def describe(self) -> str:
         return f"pods via --add-cmd {self.add_template!r} / --remove-cmd {self.remove_template!r}"
+
+    async def ready(self) -> None:
+        """Nothing to ask: the commands' outcome is judged on the wire."""
 
     async def add(self, pod: CheckPod) -> str:
         return await self._run(self.add_template, pod)
