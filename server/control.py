@@ -380,9 +380,10 @@ class TlsFiles:
 
 async def start_control_server(
     agent: NodeAgent, unix_path: str, tcp: str | None = None, tls: TlsFiles | None = None
-) -> grpc.aio.Server:
+) -> tuple[grpc.aio.Server, int | None]:
     """Serve the control API on ``unix_path`` and, if given, on TCP ``tcp`` (with ``tls``,
-    or plaintext when None: the caller decided that was asked for)."""
+    or plaintext when None: the caller decided that was asked for); the server, and the TCP
+    port it listens on (the one picked for port 0)."""
     # A connection that has not finished gRPC's handshake is closed after this long (gRPC's
     # default is 120 s): the control socket's door lets through only what speaks first.
     server = grpc.aio.server(
@@ -401,6 +402,7 @@ async def start_control_server(
     )
     if server.add_insecure_port(f"unix:{unix_path}") == 0:
         raise OSError(f"cannot listen for gRPC on unix:{unix_path}")
+    bound: int | None = None
     if tcp is not None:
         bound = server.add_secure_port(tcp, tls.credentials()) if tls else server.add_insecure_port(tcp)
         if bound == 0:
@@ -408,4 +410,4 @@ async def start_control_server(
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return server
+    return server, bound

@@ -83,6 +83,8 @@ class NodeAgentServer:
         self._engine_task: asyncio.Task[None] | None = None
         self._lock = InstanceLock()
         self._grpc: grpc.aio.Server | None = None
+        #: Where the control API listens on TCP (HOST:PORT, the port picked for 0); None: it does not.
+        self.grpc_address: str | None = None
         self._gate: PeerGate | None = None
         self._private: PrivateDir | None = None
         self._runners: list[web.AppRunner] = []
@@ -136,7 +138,7 @@ class NodeAgentServer:
             opts.control_socket,
             opts.cni_socket or "off",
             opts.http_listen or "off",
-            opts.grpc_listen or "off",
+            self.grpc_address or "off",
             opts.state_dir,
             opts.container_engine or "off",
             len(self.agent.pods),
@@ -241,7 +243,7 @@ class NodeAgentServer:
             raise StartupError(f"cannot serve the control API: {exc}") from exc
         private = self._private.socket
         try:
-            self._grpc = await start_control_server(self.agent, private, tcp, tls)
+            self._grpc, port = await start_control_server(self.agent, private, tcp, tls)
         except Exception as exc:
             where = f"{path}" + (f" and {opts.grpc_listen}" if opts.grpc_listen else "")
             raise StartupError(f"cannot serve the control API on {where}: {exc}") from exc
@@ -255,11 +257,16 @@ class NodeAgentServer:
         except OSError as exc:
             raise StartupError(f"cannot listen on control socket {path}: {exc}") from exc
         self._own(path)
-        if tcp is not None and tls is None:
+        if tcp is None or port is None or opts.grpc_listen is None:
+            return
+        host, _ = split_host_port(opts.grpc_listen, "--grpc-listen")
+        self.grpc_address = _host_port(host, port)
+        log.info("control API (gRPC) listening on %s (%s)", self.grpc_address, "TLS" if tls else "plaintext")
+        if tls is None:
             log.warning(
                 "the control API is served in PLAINTEXT on %s (--grpc-insecure): anyone who can reach it "
                 "can enroll pods into any allowed netns; use --tls-cert/--tls-key instead",
-                opts.grpc_listen,
+                self.grpc_address,
             )
 
     def _own(self, path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -261,6 +262,23 @@ def test_control_api_on_tcp_in_plaintext_only_when_asked_and_with_a_warning(tmp_
     try:
         proc.wait_ready()
         assert "the control API is served in PLAINTEXT on 127.0.0.1:" in proc.output()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service="zds.v1.NodeAgent"), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.stop()
+
+
+def test_a_control_api_on_tcp_port_0_logs_the_port_it_got(tmp_path: object) -> None:
+    """The ready line and the warning said 127.0.0.1:0; the port had to be found with ss."""
+    proc = NodeAgentProc(str(tmp_path), "--grpc-listen", "127.0.0.1:0", "--grpc-insecure")
+    try:
+        proc.wait_ready()
+        [port] = re.findall(
+            r"control API \(gRPC\) listening on 127\.0\.0\.1:(\d+) \(plaintext\)", proc.output()
+        )
+        assert int(port) > 0 and f"grpc=127.0.0.1:{port} " in proc.output()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = stub.Check(health_pb2.HealthCheckRequest(service="zds.v1.NodeAgent"), timeout=10)
