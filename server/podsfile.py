@@ -70,7 +70,9 @@ def _yaml_problem(exc: Exception) -> str:
     mark = getattr(exc, "problem_mark", None)
     if problem and mark is not None:
         context = getattr(exc, "context", None)
-        return f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+        return (
+            f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+        )
     return " ".join(str(exc).split())
 
 
