@@ -85,6 +85,27 @@ MIGRATIONS[4] = (
 )
 SCHEMA_VERSION = max(MIGRATIONS)
 
+#: The columns of ``pods`` each schema version brought: a table of that name without them (at a
+#: store's version) is another program's.
+_POD_COLUMNS: dict[int, tuple[str, ...]] = {
+    1: (
+        "uid",
+        "name",
+        "namespace",
+        "service_account",
+        "ips",
+        "netns",
+        "netns_dev",
+        "netns_ino",
+        "rules",
+        "rules_digest",
+        "removing",
+        "enrolled_at",
+    ),
+    2: ("source",),
+    3: ("netns_cookie",),
+}
+
 #: The columns of a row, in both tables, in the order ``_values`` and ``_parse`` use.
 _COLUMNS = (
     "uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
@@ -381,7 +402,14 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:
             "run the zds that wrote it"
         )
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if (version >= 1 and "pods" not in tables) or (version == 0 and tables):
+    columns = {row[1] for row in db.execute("PRAGMA table_info(pods)")}
+    needed = {column for since, added in _POD_COLUMNS.items() if since <= version for column in added}
+    if (
+        (version >= 1 and ("pods" not in tables or not needed <= columns))
+        or (version >= 4 and "installs" not in tables)
+        or (version == 0 and tables)
+    ):
+        # (refused before anything is written: a migration had changed another program's file)
         raise StoreError(f"{path} is an SQLite database but not a zds pod store; use another --state-dir")
     if version == 0 and used_before:
         # Empty (truncated, or its -wal lost with every row in it) in a state directory a node

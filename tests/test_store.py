@@ -117,6 +117,29 @@ def test_another_programs_database_is_refused(state: pathlib.Path) -> None:
     assert db.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "statements",
+    [
+        ["CREATE TABLE pods (x)", "PRAGMA user_version = 2"],  # migrated to 3, then "no such column: uid"
+        ["CREATE TABLE pods (uid TEXT PRIMARY KEY)", "PRAGMA user_version = 1"],
+        [*MIGRATIONS[1], "PRAGMA user_version = 3"],  # no source, no netns_cookie
+        [*MIGRATIONS[1], *MIGRATIONS[2], *MIGRATIONS[3], "PRAGMA user_version = 4"],  # no installs
+    ],
+)
+def test_a_database_with_a_pods_table_that_is_not_zds_is_refused_untouched(
+    state: pathlib.Path, statements: list[str]
+) -> None:
+    state.mkdir()
+    db = state / "pods.db"
+    with sqlite3.connect(db) as raw:
+        for statement in statements:
+            raw.execute(statement)
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match="is an SQLite database but not a zds pod store"):
+        PodStore.open(str(state), used_before=True)
+    assert db.read_bytes() == before
+
+
 def test_a_store_from_a_newer_zds_is_refused(state: pathlib.Path) -> None:
     open_store(state).close()
     with sqlite3.connect(state / "pods.db") as raw:
