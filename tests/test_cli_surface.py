@@ -255,7 +255,7 @@ def test_parsing_a_command_line_never_asks_the_terminal_its_size() -> None:
     assert run_python(code).split() == ["False"]
 
 
-@pytest.mark.parametrize("argv", [["pod", "add", "--help"], ["fault", "--help"], ["ztunnel", "--nope"]])
+@pytest.mark.parametrize("argv", [["pod", "add", "--help"], ["fault", "--help"], ["ztunnel", "--help"]])
 def test_help_and_usage_are_still_sized_to_the_terminal(argv: list[str]) -> None:
     shown = {}
     for columns in (50, 200):
@@ -270,6 +270,26 @@ def test_help_and_usage_are_still_sized_to_the_terminal(argv: list[str]) -> None
         assert shown[columns][0].startswith("usage: zds ")
     assert len(shown[50]) > len(shown[200])  # wrapped to 50 columns, not to 200
     assert max(len(line) for line in shown[200]) > 80
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["ztunnel", "--nope"], "zds: error: unrecognized arguments: --nope"),
+        (
+            ["pod", "add", "--uid", "u", "--ip", "1.2.3"],
+            "zds pod add: error: argument --ip: '1.2.3' is not an IPv4 or IPv6 address",
+        ),
+        (
+            ["server", "--ack-timeout", "0"],
+            "zds server: error: argument --ack-timeout: 0 is not a positive number of seconds",
+        ),
+    ],
+)
+def test_a_flag_argparse_refuses_is_one_line_and_exit_2(argv: list[str], line: str) -> None:
+    """README: every command's errors are one line; argparse printed the whole usage first."""
+    done = subprocess.run([sys.executable, "-m", "zds", *argv], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", line + "\n")
 
 
 def test_the_client_commands_load_nothing_heavy() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from zds import defaults
 
@@ -56,6 +56,11 @@ class Parser(argparse.ArgumentParser):
         self, *, formatter_class: type[argparse.HelpFormatter] = HelpFormatter, **kwargs: Any
     ) -> None:
         super().__init__(formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """A usage error in one line, argparse's own (``zds pod add: error: argument --ip: ...``),
+        exit 2; argparse printed the command's whole usage above it (``--help`` shows that)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
     def add_subparsers(self, **kwargs: Any) -> Any:
         """argparse's; its subcommands' ``prog`` is this parser's when no positional argument
