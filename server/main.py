@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -44,7 +45,7 @@ from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
-from zds.server.pods import PodSpecError
+from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
 from zds.server.redirect import RedirectError, redirector
@@ -52,6 +53,9 @@ from zds.server.store import PodStore, StoreError
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
+
+if TYPE_CHECKING:
+    from zds.server.faults import FaultSpec
 
 log = logging.getLogger("zds.server")
 
@@ -112,12 +116,13 @@ class NodeAgentServer:
 
     async def start(self) -> None:
         opts = self.options
+        pods, faults = self._read_flags()
         self._claim_paths()
         await self._restore_state()
         if opts.pods_file:
-            await self._load_pods(opts.pods_file)
+            await self._load_pods(opts.pods_file, pods)
         if opts.faults_file:
-            self._arm_faults(opts.faults_file)
+            self._arm_faults(opts.faults_file, faults)
         self._serve_zds()
         await self._serve_control()
         if opts.cni_socket:
@@ -147,6 +152,27 @@ class NodeAgentServer:
         )
 
     # -- start-up steps --------------------------------------------------------------
+    def _read_flags(self) -> tuple[list[PodSpec], list[FaultSpec]]:
+        """Check what the flags name (listen addresses, TLS, the pods and faults files) before
+        anything is claimed or written: a bad one stopped the start after the pod store and the
+        lock files were made. The files' pods and faults."""
+        from zds.server.faultkinds import FaultError
+        from zds.server.faultsfile import load_faults_file
+
+        opts = self.options
+        if opts.http_listen:
+            split_host_port(opts.http_listen, "--http-listen")
+        control_tcp(opts)
+        try:
+            pods = load_pods_file(opts.pods_file) if opts.pods_file else []
+        except PodSpecError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            faults = load_faults_file(opts.faults_file) if opts.faults_file else []
+        except FaultError as exc:
+            raise StartupError(f"--faults {opts.faults_file}: {exc}") from exc
+        return pods, faults
+
     def _claim_paths(self) -> None:
         """Lock every socket path and the state directory, or stop before touching anything."""
         opts = self.options
@@ -179,12 +205,8 @@ class NodeAgentServer:
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
 
-    async def _load_pods(self, path: str) -> None:
-        """Preload a pods file; a uid the store already holds (with its netns) keeps the stored pod."""
-        try:
-            specs = load_pods_file(path)
-        except PodSpecError as exc:
-            raise StartupError(str(exc)) from exc
+    async def _load_pods(self, path: str, specs: list[PodSpec]) -> None:
+        """Preload a pods file's pods; a uid the store already holds (with its netns) keeps the stored pod."""
         loaded = 0
         for spec in specs:
             held = self.agent.pods.get(spec.uid)
@@ -200,13 +222,12 @@ class NodeAgentServer:
                 log.error("pods file entry refused: %s", exc, extra={"uid": spec.uid})
         log.info("loaded %d pod(s) from %s", loaded, path)
 
-    def _arm_faults(self, path: str) -> None:
+    def _arm_faults(self, path: str, faults: list[FaultSpec]) -> None:
         """Arm every fault of a faults file; one that cannot be armed stops the start-up."""
         from zds.server.faultkinds import FaultError
-        from zds.server.faultsfile import load_faults_file
 
         try:
-            for spec in load_faults_file(path):
+            for spec in faults:
                 self.agent.inject_fault(spec)
         except FaultError as exc:
             raise StartupError(f"--faults {path}: {exc}") from exc

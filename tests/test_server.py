@@ -507,6 +507,30 @@ def test_a_directory_at_a_socket_path_is_refused_in_one_line(
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--http-listen", "foo"], "--http-listen 'foo': expected HOST:PORT"),
+        (["--grpc-listen", "127.0.0.1:0"], "--grpc-listen"),  # neither TLS nor --grpc-insecure
+        (["--pods", "{tmp}/pods.yaml"], "neither JSON lines nor valid YAML"),
+        (["--faults", "{tmp}/faults.jsonl"], "--faults {tmp}/faults.jsonl: "),
+    ],
+)
+def test_a_flag_naming_something_bad_stops_the_start_before_anything_is_written(
+    start_server: StartServer, tmp_path: Path, flags: list[str], says: str
+) -> None:
+    """Found only once the pod store (and, for files, the lock files and sockets) were made."""
+    (tmp_path / "pods.yaml").write_text("pods: [\n")
+    (tmp_path / "faults.jsonl").write_text('{"kind": "no-such-fault"}\n')
+    server = start_server(*(f.format(tmp=tmp_path) for f in flags), ready=False)
+    assert server.proc.wait(15) == 1
+    server.wait_for_output(says.format(tmp=tmp_path))
+    assert "Traceback" not in server.output()
+    assert not os.path.exists(server.state_dir), os.listdir(server.state_dir)
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
+
+
 def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) -> None:
     assert server.stop() == 0
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
