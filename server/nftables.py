@@ -165,11 +165,24 @@ class Libnftables:
             rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
             output = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
             if rc != 0:
-                error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
-                raise RedirectError(f"nftables transaction failed: {error or f'error {rc}'}")
+                error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+                raise RedirectError(f"nftables transaction failed: {one_line(error) or f'error {rc}'}")
             return output
         finally:
             lib.nft_ctx_free(ctx)
+
+
+def one_line(error: str) -> str:
+    """libnftables' errors in one line: each ``Error: ...`` once, with the command it names
+    (its own text quotes that command on the next line and underlines a part with carets)."""
+    lines = error.splitlines()
+    said = []
+    for i, line in enumerate(lines):
+        if line.startswith("Error: "):
+            command = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            at = f" (at: {command})" if command and not command.startswith(("Error: ", "^")) else ""
+            said.append(line.removeprefix("Error: ") + at)
+    return "; ".join(dict.fromkeys(said)) or " ".join(error.split())
 
 
 #: libnftables 1.0.6 waits for the kernel's answer with select(): a context whose netlink

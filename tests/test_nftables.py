@@ -254,3 +254,17 @@ def test_a_restart_with_the_other_backend_swaps_the_rules(
         assert not istio_iptables(pod) and not istio_tables(pod)
     finally:
         restarted.stop()
+
+
+@pytest.mark.root
+def test_a_failed_transaction_is_said_in_one_line(scratch: list[str]) -> None:
+    """libnftables' own text quotes each command it blames and underlines it with carets, one
+    error after the other: the node agent's refusal (INTERNAL, a log line) had all of it."""
+    path = scratch_netns(scratch)
+    with open_netns(path) as ns, in_netns(ns), pytest.raises(RedirectError) as failed:
+        nftables.libnftables().run("add rule inet nosuch c1 counter\nadd rule inet nosuch c2 counter\n")
+    # (libnftables 1.0.6 blames the first command twice here: said once)
+    assert str(failed.value) == (
+        "nftables transaction failed: Could not process rule: No such file or directory "
+        "(at: add rule inet nosuch c1 counter)"
+    )
