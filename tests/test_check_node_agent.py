@@ -242,3 +242,15 @@ def test_a_control_socket_that_does_not_answer_is_said_at_once_not_blamed_on_the
     assert line.endswith(
         "give the node agent's --control-socket, or make pods come and go with --add-cmd/--remove-cmd"
     )
+
+
+def test_an_agent_pid_that_is_no_process_is_refused_at_once(tmp_path: pathlib.Path) -> None:
+    """It was a skipped fd-hygiene check and exit 0."""
+    pid = 2**22 + 1  # above Linux's largest pid_max: never a process
+    run = zds_check(
+        "node-agent", "--zds-socket", str(tmp_path / "z.sock"), "--agent-pid", str(pid), tmp=tmp_path
+    )
+    assert (run.returncode, run.stderr) == (
+        2,
+        f"zds check node-agent: --agent-pid {pid}: no such process here\n",
+    )

@@ -32,6 +32,10 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    if getattr(args, "agent_pid", None) is not None and not os.path.isdir(f"/proc/{args.agent_pid}"):
+        # (a pid given by hand that is not there was a skipped fd-hygiene, and exit 0)
+        print(f"zds check {role}: --agent-pid {args.agent_pid}: no such process here", file=sys.stderr)
+        return 2
     try:
         report = asyncio.run(_run(role, args, selected))
     except ZdsError as exc:
