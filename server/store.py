@@ -63,25 +63,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 MIGRATIONS[2] = ("ALTER TABLE pods ADD COLUMN source TEXT NOT NULL DEFAULT 'api'",)
 #: The netns cookie (SO_NETNS_COOKIE): unlike an inode number, never given to another netns.
 MIGRATIONS[3] = ("ALTER TABLE pods ADD COLUMN netns_cookie INTEGER",)
-#: Pods whose rules are going in: a row as in ``pods``, there from before the install until the
-#: pod's own row is written (or the failed install's rules are out).
+#: Pods whose rules are going in: a row as in ``pods`` (its columns, uid unique), there from
+#: before the install until the pod's own row is written (or the failed install's rules are out).
 MIGRATIONS[4] = (
-    """CREATE TABLE installs (
-        uid TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        namespace TEXT NOT NULL,
-        service_account TEXT NOT NULL,
-        ips TEXT NOT NULL DEFAULT '[]',
-        netns TEXT NOT NULL,
-        netns_dev INTEGER,
-        netns_ino INTEGER,
-        rules TEXT NOT NULL DEFAULT '',
-        rules_digest TEXT NOT NULL DEFAULT '',
-        removing INTEGER NOT NULL DEFAULT 0,
-        enrolled_at REAL NOT NULL,
-        source TEXT NOT NULL DEFAULT 'api',
-        netns_cookie INTEGER
-    )""",
+    "CREATE TABLE installs AS SELECT * FROM pods WHERE 0",
+    "CREATE UNIQUE INDEX installs_uid ON installs (uid)",
 )
 SCHEMA_VERSION = max(MIGRATIONS)
 

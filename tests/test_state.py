@@ -405,14 +405,11 @@ def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod
     assert list(listed(restarted)) == ["u1"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_node_agent_stopped_mid_enrollment_leaves_no_rules_its_store_does_not_record(
+def _stopped_mid_bulk_enrollment(
     agents: Agents, namespaces: Namespaces, tmp_path: Path, sig: int
-) -> None:
-    """Stopped while a bulk enrollment installs rules: an install under way finished in its
-    thread after the enrollment was cancelled, and its rules stayed in a namespace no row
-    records (the next start knew nothing of them; ztunnel never heard of the pod). Now what
-    went in comes out, as after a failed install: every netns with rules has its pod's row."""
+) -> tuple[NodeAgentProc, dict[str, str]]:
+    """A node agent with rules, stopped by ``sig`` once a bulk enrollment of 40 pods has
+    installed its first rules; it, and uid -> netns path of the 40."""
     paths = {f"u{i}": namespaces.make(f"m{i}") for i in range(40)}
     server = agents.start(redirect=True)
     peer = AckingPeer(server.zds_socket)
@@ -432,6 +429,18 @@ def test_a_node_agent_stopped_mid_enrollment_leaves_no_rules_its_store_does_not_
         peer.close()
         if adding is not None:
             adding.wait(60)
+    return server, paths
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_node_agent_stopped_mid_enrollment_leaves_no_rules_its_store_does_not_record(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path, sig: int
+) -> None:
+    """Stopped while a bulk enrollment installs rules: an install under way finished in its
+    thread after the enrollment was cancelled, and its rules stayed in a namespace no row
+    records (the next start knew nothing of them; ztunnel never heard of the pod). Now what
+    went in comes out, as after a failed install: every netns with rules has its pod's row."""
+    server, paths = _stopped_mid_bulk_enrollment(agents, namespaces, tmp_path, sig)
     import sqlite3
 
     with sqlite3.connect(os.path.join(server.state_dir, "pods.db")) as raw:
@@ -544,25 +553,7 @@ def test_a_node_agent_killed_mid_enrollment_leaves_no_rules_the_next_start_does_
 ) -> None:
     """SIGKILL while a bulk enrollment installs rules (no clean-up runs): after the restart,
     every netns with rules in it has its pod."""
-    paths = {f"u{i}": namespaces.make(f"k{i}") for i in range(40)}
-    server = agents.start(redirect=True)
-    peer = AckingPeer(server.zds_socket)
-    adding: subprocess.Popen[str] | None = None
-    try:
-        peer.wait_snapshot()
-        pods = pods_file(tmp_path / "pods.jsonl", paths)
-        adding = subprocess.Popen(
-            [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        server.wait_for_output("in-pod redirection rules installed")
-        server.stop(signal.SIGKILL)
-    finally:
-        peer.close()
-        if adding is not None:
-            adding.wait(60)
+    _, paths = _stopped_mid_bulk_enrollment(agents, namespaces, tmp_path, signal.SIGKILL)
     restarted = agents.start(redirect=True)
     known = set(listed(restarted))
     with_rules = {uid for uid, path in paths.items() if istio_rules(path)}
