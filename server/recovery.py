@@ -145,7 +145,11 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
         pod = Pod(spec=item.row.spec, netns=item.netns)
         try:
             if pod.netns is None:
-                what = "its netns is gone"
+                what = (
+                    "its netns is at a place this run does not allow (--netns-root): left as it is"
+                    if item.place_refused
+                    else "its netns is gone"
+                )
             elif enrollment.cache.uses_netns(pod.netns.identity):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
