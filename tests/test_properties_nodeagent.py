@@ -286,11 +286,10 @@ class NodeAgentMachine(RuleBasedStateMachine):
             try:
                 version = decode_hello(payload).version
             except CodecError:
-                version = None
-            if version != VERSION_V1:
                 self._expect_closed(events)
                 return
-            assert events == [HelloAccepted(version=VERSION_V1)]
+            # Any version that parses, as Istio's node agent takes it (served as V1).
+            assert events == [HelloAccepted(version=version)]
             model.state = ConnectionState.SNAPSHOT
         elif model.in_flight is None:
             # ztunnel never speaks unprompted.
