@@ -5,11 +5,13 @@ check fails, with the right finding, against ``zds ztunnel`` with the matching f
 
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
 import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 from typing import Any
 
@@ -240,6 +242,7 @@ def test_what_is_at_its_zds_socket_path_and_is_not_a_stale_socket_is_refused_and
     (tmp_path / "dir").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "file")
     agent = FakeNodeAgent(str(tmp_path / "served.sock"))
+    scratch = set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-check-*")))
     try:
         for name, says in (
             ("file", "is not a socket"),
@@ -254,5 +257,7 @@ def test_what_is_at_its_zds_socket_path_and_is_not_a_stale_socket_is_refused_and
             [line] = run.stderr.splitlines()
             assert line.startswith(f"zds check ztunnel: {path} {says}; refusing to replace it"), line
         assert stat.S_ISSOCK(os.lstat(agent.path).st_mode)
+        # (a run that could not start left its scratch directory)
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-check-*"))) == scratch
     finally:
         agent.close()

@@ -69,6 +69,13 @@ EVIDENCE = {
 
 async def run_ztunnel_checks(options: ZtunnelCheckOptions, selected: list[str]) -> Report:
     bench = Bench(options)
+    try:
+        return await _run(bench, options, selected)
+    finally:
+        bench.remove_tmp()  # also when the check cannot start, or is stopped (it was left then)
+
+
+async def _run(bench: Bench, options: ZtunnelCheckOptions, selected: list[str]) -> Report:
     report = Report("ztunnel", options.cmd or bench.socket_path)
     order = [n for n in selected if n not in FATAL] + [n for n in selected if n in FATAL]
     durations: dict[str, float] = {}
@@ -119,7 +126,6 @@ async def run_ztunnel_checks(options: ZtunnelCheckOptions, selected: list[str]) 
     ]
     if not report.ok and options.cmd:
         report.context += ["the ztunnel's last output:", *(f"  {line}" for line in bench.log_tail())]
-    bench.remove_tmp()
     return report
 
 
