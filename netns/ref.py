@@ -18,7 +18,7 @@ from .errors import NetnsError
 
 #: The largest process id a reference may name: the control API's field is an int32 (Linux's
 #: own pid_max is at most 2**22).
-PID_MAX = 2**31 - 1
+PID_MAX = defaults.INT32_MAX
 
 
 class NetnsRefError(NetnsError, ValueError):

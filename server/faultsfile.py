@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from zds import defaults
 from zds.server.faultkinds import Category, FaultError, FaultKind, Refusal
 from zds.server.faults import FaultSpec
 
@@ -33,8 +34,10 @@ def spec_from_entry(entry: Any, where: str) -> FaultSpec:
     count, skips = entry.get("count", 1), entry.get("skip_connections", 0)
     delay, after = entry.get("delay", 0.0), entry.get("after_snapshot", False)
     for name, value in (("count", count), ("skip_connections", skips)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
-            raise FaultError(Refusal.INVALID, f"{where}: {name} must be a whole number from 0 to {2**31 - 1}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= defaults.INT32_MAX:
+            raise FaultError(
+                Refusal.INVALID, f"{where}: {name} must be a whole number from 0 to {defaults.INT32_MAX}"
+            )
     if not isinstance(delay, int | float) or isinstance(delay, bool):
         raise FaultError(Refusal.INVALID, f"{where}: delay must be a number of seconds")
     if not isinstance(after, bool):

@@ -75,7 +75,7 @@ LOG_FORMATS = ("text", "json")
 
 
 #: The largest count, size or pid a flag takes (the control API's fields are 32-bit).
-INT_MAX = 2**31 - 1
+INT_MAX = defaults.INT32_MAX
 
 
 def _whole_number(text: str, lowest: int, refusal: str) -> int:

@@ -28,6 +28,8 @@ STATE_DIR = "/var/lib/zds"
 # --- protocol ----------------------------------------------------------------
 #: ztunnel reads each record into a buffer of this size; a longer one is truncated.
 MAX_MESSAGE_SIZE = 1024
+#: The largest count, size or pid zds takes: the control API's fields (and faults') are int32.
+INT32_MAX = 2**31 - 1
 #: Seconds the node agent waits for ztunnel's hello (Istio's readWriteDeadline).
 HELLO_TIMEOUT = 5.0
 #: Seconds the node agent waits for each ack (Istio's readWriteDeadline).
