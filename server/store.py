@@ -93,10 +93,8 @@ _POD_COLUMNS: dict[int, tuple[str, ...]] = {
 }
 
 #: The columns of a row, in both tables, in the order ``_values`` and ``_parse`` use.
-_COLUMNS = (
-    "uid, name, namespace, service_account, ips, netns, netns_dev, netns_ino, "
-    "rules, rules_digest, removing, enrolled_at, source, netns_cookie"
-)
+_COLUMN_NAMES = tuple(column for added in _POD_COLUMNS.values() for column in added)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
 
 
 class StoreError(ZdsError):
@@ -253,7 +251,7 @@ class PodStore:
             self._write_rows(pods, [])
 
     def _write_rows(self, pods: list[StoredPod], installs: list[StoredPod]) -> None:
-        marks = ",".join("?" * 14)
+        marks = ",".join("?" * len(_COLUMN_NAMES))
         if installs:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO installs ({_COLUMNS}) VALUES ({marks})", map(_values, installs)
