@@ -90,9 +90,7 @@ class Interrupts:
             signal.signal(sig, old)
 
     def _handler(self, signum: int, frame: object) -> None:
-        if os.getpid() != self._pid:  # a forked helper must not run the command's clean-up
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if in_forked_child(self._pid, signum):  # a forked helper must not run the command's clean-up
             return
         self.interrupted = True
         if self._held:
@@ -114,6 +112,17 @@ class Interrupts:
     def check(self) -> None:
         if self.interrupted and not self._held:  # (a held section raises at its end)
             raise KeyboardInterrupt
+
+
+def in_forked_child(pid: int, signum: int) -> bool:
+    """For a signal handler installed by process ``pid``: False in that process; in a child
+    forked from it without exec (pyroute2 making a netns), the child dies of ``signum`` as it
+    would have without the handler, which must not act for the parent there."""
+    if os.getpid() == pid:
+        return False
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return True
 
 
 #: The ``Interrupts`` in effect, if any.

@@ -111,11 +111,8 @@ def _on_sigterm(pid: int, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Re
     its own as it would have."""
 
     def handler(signum: int, _frame: object) -> None:
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        loop.call_soon_threadsafe(_stop, main)
+        if not runtime.in_forked_child(pid, signum):
+            loop.call_soon_threadsafe(_stop, main)
 
     return handler
 
