@@ -275,7 +275,9 @@ def test_help_and_usage_are_still_sized_to_the_terminal(argv: list[str]) -> None
 @pytest.mark.parametrize(
     ("argv", "line"),
     [
-        (["ztunnel", "--nope"], "zds: error: unrecognized arguments: --nope"),
+        (["ztunnel", "--nope"], "zds ztunnel: error: unrecognized arguments: --nope"),
+        (["pod", "list", "--nope", "x"], "zds pod list: error: unrecognized arguments: --nope x"),
+        (["--log-level", "debug", "server", "extra"], "zds server: error: unrecognized arguments: extra"),
         (
             ["pod", "add", "--uid", "u", "--ip", "1.2.3"],
             "zds pod add: error: argument --ip: '1.2.3' is not an IPv4 or IPv6 address",

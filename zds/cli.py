@@ -49,6 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for leaf in cliflags.leaf_parsers(parser):
         if leaf is not parser:
             cliflags.add_log_flags(leaf)
+            leaf.set_defaults(command_parser=leaf)  # whose error an unknown argument is
     return parser
 
 
@@ -78,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:
         parser = build_parser(command_of(argv))
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the command's error (``zds pod add: ...``), not the top parser's
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         runtime.configure_logs(args.log_level, args.log_format, later=getattr(args, "logs_later", False))
         if not getattr(args, "starts_itself", False):
             runtime.started()
