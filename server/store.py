@@ -160,6 +160,10 @@ class PodStore:
         try:
             if exists:
                 _check(db, path, used_before=used_before)
+            made = not exists or _version(db) == 0  # (an existing empty file: the store is made here)
+            if made:
+                # Before SQLite makes the -wal and -shm files, which take the database's mode.
+                os.chmod(path, 0o600)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             _migrate(db, path)
@@ -170,8 +174,7 @@ class PodStore:
         except sqlite3.Error as exc:
             db.close()
             raise StoreError(_explain(path, exc)) from exc
-        if not exists:
-            os.chmod(path, 0o600)
+        if made:
             log.info("created the pod store %s", path)
         return cls(path, db)
 
@@ -368,11 +371,15 @@ def _check_row(uid: object, *values: object) -> None:
         raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")
 
 
+def _version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
 def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:
     """Refuse a file that is not a zds pod store, is damaged, or is from a newer zds."""
     try:
         result = db.execute("PRAGMA quick_check").fetchone()
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        version = _version(db)
     except sqlite3.Error as exc:
         raise StoreError(_explain(path, exc)) from exc
     if result is None or result[0] != "ok":
@@ -407,7 +414,7 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:
     """Bring the schema to SCHEMA_VERSION, one migration per transaction."""
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    version = _version(db)
     for target in range(version + 1, SCHEMA_VERSION + 1):
         with db:
             db.execute("BEGIN IMMEDIATE")
@@ -421,7 +428,7 @@ def _check_writable(db: sqlite3.Connection) -> None:
     """Write nothing, but as a write would: SQLite opens a store it cannot write (the file
     immutable, a read-only mount) for reading without a word, and the node agent would
     then be ready and refuse every pod it is given. sqlite3.Error (SQLITE_READONLY) if so."""
-    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    version = _version(db)
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(f"PRAGMA user_version = {version}")

@@ -46,6 +46,30 @@ def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: 
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_an_empty_file_in_a_new_state_directory_becomes_a_store_only_the_owner_can_read(
+    state: pathlib.Path,
+) -> None:
+    # (a file made ahead, with the usual umask's 0644: the pods' names went into it as they were)
+    state.mkdir()
+    db = state / "pods.db"
+    db.touch(0o644)
+    db.chmod(0o644)
+    store = open_store(state)
+    try:
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in state.glob("pods.db*")}
+        assert modes == {"pods.db": "0o600", "pods.db-wal": "0o600", "pods.db-shm": "0o600"}, modes
+    finally:
+        store.close()
+
+
+def test_an_existing_store_keeps_the_mode_it_was_given(state: pathlib.Path) -> None:
+    open_store(state).close()
+    db = state / "pods.db"
+    db.chmod(0o640)  # the operator's choice (a group that reads it): not zds's to undo
+    open_store(state, used_before=True).close()
+    assert oct(db.stat().st_mode & 0o777) == "0o640"
+
+
 def test_what_is_put_comes_back_as_it_was_written(state: pathlib.Path) -> None:
     store = open_store(state)
     try:
