@@ -180,8 +180,17 @@ class NodeAgentServer:
         self._used_before = os.path.exists(state_lock(opts.state_dir))
         try:
             os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
+            st = os.stat(opts.state_dir)
         except OSError as exc:
             raise StartupError(f"cannot use state directory {opts.state_dir}: {exc.strerror}") from exc
+        # The pod store says which namespaces get rules and go to ztunnel: whoever else can
+        # write the directory could put a store of their own in it.
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            who = "owned by another user" if st.st_uid != os.geteuid() else f"mode {st.st_mode & 0o7777:04o}"
+            raise StartupError(
+                f"cannot use state directory {opts.state_dir}: others can write it ({who}); "
+                "give zds a directory only its own user can write (chmod go-w, or another --state-dir)"
+            )
         try:
             self._lock.acquire(
                 [(path, socket_lock(path)) for path in sockets]

@@ -531,6 +531,34 @@ def test_a_flag_naming_something_bad_stops_the_start_before_anything_is_written(
         assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
 
 
+@pytest.mark.parametrize(
+    ("mode", "owner", "says"),
+    [
+        (0o777, 0, "mode 0777"),
+        (0o1777, 0, "mode 1777"),
+        (0o770, 0, "mode 0770"),
+        (0o700, 65534, "owned by another user"),
+    ],
+    ids=["0777", "1777", "0770", "another-owner"],
+)
+def test_a_state_directory_others_can_write_is_refused_before_anything_is_written(
+    start_server: StartServer, tmp_path: Path, mode: int, owner: int, says: str
+) -> None:
+    """Whoever can write it could put a pod store of their own there (netns paths that get
+    rules and go to ztunnel)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(mode)
+    os.chown(state, owner, -1)
+    server = start_server(ready=False)
+    assert server.proc.wait(15) == 1
+    server.wait_for_output(f"cannot use state directory {state}: others can write it ({says}); ")
+    assert "Traceback" not in server.output()
+    assert os.listdir(state) == [] and state.stat().st_mode & 0o7777 == mode  # left as it was
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
+
+
 def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) -> None:
     assert server.stop() == 0
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
