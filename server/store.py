@@ -158,9 +158,8 @@ class PodStore:
                 f"cannot open pod store {path}: {exc}; check the file and its directory"
             ) from exc
         try:
-            if exists:
-                _check(db, path, used_before=used_before)
-            made = not exists or _version(db) == 0  # (an existing empty file: the store is made here)
+            version = _check(db, path, used_before=used_before) if exists else 0
+            made = version == 0  # (also an existing empty file: the store is made here)
             if made:
                 # Before SQLite makes the -wal and -shm files, which take the database's mode.
                 os.chmod(path, 0o600)
@@ -375,8 +374,9 @@ def _version(db: sqlite3.Connection) -> int:
     return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:
-    """Refuse a file that is not a zds pod store, is damaged, or is from a newer zds."""
+def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> int:
+    """Refuse a file that is not a zds pod store, is damaged, or is from a newer zds; its
+    schema version (0: an empty file, in a state directory no node agent used)."""
     try:
         result = db.execute("PRAGMA quick_check").fetchone()
         version = _version(db)
@@ -410,6 +410,7 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> None:
             "before; restore it (and its -wal) from a backup, or start empty with --reset-state "
             "(ztunnel then drops the pods it holds)"
         )
+    return version
 
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:
