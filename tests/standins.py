@@ -121,7 +121,10 @@ class AckingPeer:
     def _run(self) -> None:
         while not self._stop.is_set():
             # The timeout only lets close() stop the thread; nothing waits on it.
-            got = self.raw.recv(timeout=0.1)
+            try:
+                got = self.raw.recv(timeout=0.1)
+            except ConnectionResetError:
+                return  # a node agent killed with a record unread: gone, as at EOF
             if got is None:
                 continue
             got.close_fds()
