@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import UTC
 from typing import Any, TextIO
@@ -228,11 +227,6 @@ def watch(args: argparse.Namespace) -> int:
     except ControlError as exc:
         print(f"zds watch: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        # The reader went away (``zds watch | head``): not an error. Keep Python
-        # from complaining again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     print("zds watch: the node agent ended the watch", file=sys.stderr)
     return 1
 

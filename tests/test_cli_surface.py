@@ -217,6 +217,60 @@ def test_errors_start_with_zds_and_the_command() -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def _run_into_a_closed_pipe(argv: list[str], unbuffered: bool) -> subprocess.CompletedProcess[str]:
+    """Run ``zds ARGV`` with its stdout a pipe whose reader is gone (``zds ... | true``)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "zds", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["--version"], ["server", "--help"], ["netns", "list"], ["check", "ztunnel", "--list"]],
+)
+def test_output_into_a_pipe_nobody_reads_is_no_error_and_no_traceback(
+    argv: list[str], unbuffered: bool
+) -> None:
+    done = _run_into_a_closed_pipe(argv, unbuffered)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone() -> None:
+    code = "import sys\nfrom zds.cli import _stdout_reader_gone\nsys.stderr.write(str(_stdout_reader_gone()))"
+    live = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert live.stderr == "False"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+    finally:
+        os.close(write_end)
+    assert gone.stderr == "True"
+
+
 HEAVY = (
     "pyroute2",
     "opentelemetry",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -78,19 +80,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:
-        parser = build_parser(command_of(argv))
-        args, unknown = parser.parse_known_args(argv)
-        if unknown:  # the command's error (``zds pod add: ...``), not the top parser's
-            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-        runtime.configure_logs(args.log_level, args.log_format, later=getattr(args, "logs_later", False))
-        if not getattr(args, "starts_itself", False):
-            runtime.started()
-        code: int = args.func(args)
+        try:
+            parser = build_parser(command_of(argv))
+            args, unknown = parser.parse_known_args(argv)
+            if unknown:  # the command's error (``zds pod add: ...``), not the top parser's
+                getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+            runtime.configure_logs(args.log_level, args.log_format, later=getattr(args, "logs_later", False))
+            if not getattr(args, "starts_itself", False):
+                runtime.started()
+            code: int = args.func(args)
+        finally:
+            sys.stdout.flush()  # here, so a reader that went away is found here (also after --help)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # The reader of the output went away (``zds netns list | head -1``): not an error.
+        # stdout is pointed at /dev/null so Python's flush at exit has nothing to complain of.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         runtime.started()  # (a command that ended early, before it said so)
     return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket nobody reads any more (poll: POLLERR/POLLHUP), as
+    opposed to a broken pipe of some other file (a socket of the command's own)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":
