@@ -9,8 +9,8 @@ One trace per enrollment::
     ├── zds.send                    (AddWorkload written to the newest connection)
     └── zds.wait_ack                (until ztunnel's Ack; zds.ack_error)
 
-one per removal (``zds.remove_pod``: ``zds.send``/``zds.wait_ack`` for each
-connection, then ``zds.remove_rules``) and one per snapshot sent to a new
+one per removal (``zds.remove_pod``: ``zds.remove_rules``, then ``zds.send``/``zds.wait_ack``
+for each connection) and one per snapshot sent to a new
 connection (``zds.snapshot``: ``zds.send``/``zds.wait_ack`` per entry).
 """
 
