@@ -93,6 +93,24 @@ def socket_in_netns(
     return sock
 
 
+def tune_relay_socket(sock: socket.socket) -> None:
+    """What ztunnel sets on both sockets of a relayed connection (``setup_socket``, and its
+    listeners' accept): TCP_NODELAY and keepalive with its default timings."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, defaults.RELAY_KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, defaults.RELAY_KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, defaults.RELAY_KEEPALIVE_PROBES)
+
+
+async def connect_within(sock: socket.socket, address: tuple[str, int], seconds: float) -> None:
+    """``sock_connect`` within ``seconds`` (else TimeoutError). A cancel that comes as the connect
+    completes is a cancel: Python 3.11's ``asyncio.wait_for`` returned the connect's result
+    then, and the relay went on, past the removal of its workload, for good."""
+    async with asyncio.timeout(seconds):
+        await asyncio.get_running_loop().sock_connect(sock, address)
+
+
 def peer_address(sock: socket.socket) -> str | None:
     """The client's address, v4-mapped IPv6 turned back into IPv4."""
     try:
@@ -154,27 +172,44 @@ async def _pump(
             writer.write_eof()
 
 
-async def relay(client: socket.socket, upstream: socket.socket, stats: DirectionStats) -> None:
-    """Relay both ways until both directions reached EOF; owns and closes both sockets."""
+async def relay(
+    client: socket.socket, upstream: socket.socket, stats: DirectionStats, *, idle: float | None = None
+) -> None:
+    """Relay both ways until both directions reached EOF (or, with ``idle``, until no byte
+    moved either way for that many seconds); owns and closes both sockets."""
     c_reader, c_writer = await asyncio.open_connection(sock=client)
     try:
         u_reader, u_writer = await asyncio.open_connection(sock=upstream)
     except BaseException:
         c_writer.close()
         raise
+    loop = asyncio.get_running_loop()
+    last = [loop.time()]
 
     def sent(n: int) -> None:
         stats.bytes_sent += n
+        last[0] = loop.time()
 
     def received(n: int) -> None:
         stats.bytes_received += n
+        last[0] = loop.time()
 
+    pumps = asyncio.gather(_pump(c_reader, u_writer, sent), _pump(u_reader, c_writer, received))
     try:
-        await asyncio.gather(_pump(c_reader, u_writer, sent), _pump(u_reader, c_writer, received))
+        if idle is None:
+            await pumps
+        else:
+            while not pumps.done() and (left := last[0] + idle - loop.time()) > 0:
+                await asyncio.wait([pumps], timeout=left)
+            if not pumps.done():
+                log.debug("relay idle for %g s: closed", idle)
+            else:
+                pumps.result()
     except ConnectionError as exc:
         # A reset from either side ends the relay; it is how TCP connections end, not an error here.
         log.debug("relay ended: %s", exc)
     finally:
+        pumps.cancel()  # (done already, or the relay is idle or cancelled)
         for writer in (c_writer, u_writer):
             writer.close()
         for writer in (c_writer, u_writer):
@@ -230,9 +265,8 @@ async def proxy_connection(
         finally:
             os.close(netns)
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(upstream, (address, port)), connect_timeout
-            )
+            tune_relay_socket(upstream)
+            await connect_within(upstream, (address, port), connect_timeout)
         except (OSError, TimeoutError) as exc:
             stats.failed += 1
             upstream.close()
@@ -240,6 +274,10 @@ async def proxy_connection(
             log.info("cannot connect to original destination %s:%d: %s", address, port, exc, extra=log_extra)
             return
         client.setblocking(False)
+        try:
+            tune_relay_socket(client)
+        except OSError as exc:  # (the client reset already: the relay finds out)
+            log.debug("cannot set the client socket's options: %s", exc, extra=log_extra)
         await relay(client, upstream, stats)
     finally:
         stats.active -= 1

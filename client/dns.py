@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from zds.client.datapath import DirectionStats, relay
+from zds.client.datapath import DirectionStats, connect_within, relay
 from zds.client.inpod import (
     IP_PKTINFO,
     DnsSockets,
@@ -35,9 +35,14 @@ from zds.client.listeners import AcceptedConnection, SocketWatcher
 
 log = logging.getLogger("zds.ztunnel.dns")
 
-#: How long to wait for a resolver's answer (per resolver tried).
+#: How long to wait for a resolver's answer (per resolver tried); also how long a TCP DNS
+#: connection may sit idle (ztunnel's DNS server: DEFAULT_TCP_REQUEST_TIMEOUT, 5 s).
 QUERY_TIMEOUT = 5.0
 MAX_UDP = 65535
+#: UDP queries of one pod being forwarded at a time (each holds a socket until its answer or
+#: QUERY_TIMEOUT): more are dropped, counted as failed, so a pod flooding its DNS cannot take
+#: every fd of the process and with them every other pod's data path.
+MAX_UDP_IN_FLIGHT = 128
 
 
 def _family(address: str) -> int:
@@ -48,14 +53,15 @@ async def forward_udp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     """Ask each resolver in turn over UDP from the node's netns; the first answer wins."""
     loop = asyncio.get_running_loop()
     for resolver in resolvers:
-        with socket.socket(_family(resolver[0]), socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.setblocking(False)
-            try:
+        try:
+            with socket.socket(_family(resolver[0]), socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
                 await loop.sock_connect(sock, resolver)
                 await loop.sock_sendall(sock, query)
-                return await asyncio.wait_for(loop.sock_recv(sock, MAX_UDP), QUERY_TIMEOUT)
-            except (OSError, TimeoutError) as exc:
-                log.debug("resolver %s did not answer: %s", resolver, exc)
+                async with asyncio.timeout(QUERY_TIMEOUT):
+                    return await loop.sock_recv(sock, MAX_UDP)
+        except (OSError, TimeoutError) as exc:  # (out of fds too: the query goes unanswered)
+            log.debug("resolver %s did not answer: %s", resolver, exc)
     return None
 
 
@@ -107,6 +113,10 @@ class DnsProxy:
             except OSError as exc:
                 log.debug("DNS recvmsg failed: %s", exc)
                 return
+            if len(self._tasks) >= MAX_UDP_IN_FLIGHT:
+                self.stats.connections += 1
+                self.stats.failed += 1
+                continue
             self.spawn(self._answer(sock, query, _local_address(ancdata), addr))
 
     async def _answer(
@@ -123,19 +133,23 @@ class DnsProxy:
             sock.sendmsg([answer], [source] if source else [], 0, addr)
 
     async def handle_tcp(self, conn: AcceptedConnection) -> None:
-        """TCP DNS: relay the stream to the first resolver that takes the connection."""
-        loop = asyncio.get_running_loop()
+        """TCP DNS: relay the stream to the first resolver that takes the connection, until
+        it ends or sits idle for QUERY_TIMEOUT (as ztunnel's DNS server closes it)."""
         for resolver in self.resolvers:
-            upstream = socket.socket(_family(resolver[0]), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                upstream = socket.socket(_family(resolver[0]), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                log.debug("cannot make a socket for resolver %s: %s", resolver, exc)
+                break
             upstream.setblocking(False)
             try:
-                await asyncio.wait_for(loop.sock_connect(upstream, resolver), QUERY_TIMEOUT)
+                await connect_within(upstream, resolver, QUERY_TIMEOUT)
             except (OSError, TimeoutError):
                 upstream.close()
                 continue
             self.stats.connections += 1
             conn.sock.setblocking(False)
-            await relay(conn.sock, upstream, self.stats)
+            await relay(conn.sock, upstream, self.stats, idle=QUERY_TIMEOUT)
             return
         self.stats.failed += 1
         conn.sock.close()

@@ -7,6 +7,8 @@ app in A -> A:15001 (outbound relay, inside A) -> B:15006 (inbound relay, inside
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import os
 import secrets
 import socket
@@ -75,13 +77,14 @@ class FakeResolver:
                 conn, _ = self.tcp.accept()
             except (TimeoutError, OSError):
                 continue
-            with conn:
+            with conn, contextlib.suppress(OSError):  # (a client gone: the next one)
                 conn.settimeout(10)
                 data = b""
                 while chunk := conn.recv(65535):
                     data += chunk
-                self.queries.append(data)
-                conn.sendall(b"answer:" + data)
+                if data:  # (a connection closed idle asked nothing)
+                    self.queries.append(data)
+                    conn.sendall(b"answer:" + data)
 
     def close(self) -> None:
         self._stop.set()
@@ -220,6 +223,62 @@ def test_fifty_concurrent_connections_all_complete(mesh: Mesh) -> None:
     wait_until(lambda: mesh.connections("b", "inbound") == before + 50, what="50 inbound relays")
 
 
+def _process_sockets(pid: int) -> Iterator[socket.socket]:
+    """Each socket of process ``pid``, as a copy of its fd in this process (pidfd_getfd(2),
+    syscall 438 on every architecture); closed after the caller's step."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            fd = libc.syscall(438, pidfd, int(name), 0)
+            if fd < 0:
+                continue  # (closed meanwhile)
+            with socket.socket(fileno=fd) as sock:
+                yield sock
+    finally:
+        os.close(pidfd)
+
+
+def test_both_relays_sockets_have_ztunnels_nodelay_and_keepalive(mesh: Mesh) -> None:
+    # ztunnel sets them on every accepted and every upstream socket (proxy.rs, socket.rs):
+    # without keepalive a relay whose peer vanished without a FIN (its rules or netns gone
+    # mid-connection) stayed open for good.
+    b = mesh.pods["b"].ipv4
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with client:
+        client.settimeout(10)
+        client.connect((b, APP_PORT))
+        client.sendall(b"held open\n")
+        assert client.recv(100) == b"held open\n"  # both relays are up
+        ends: list[tuple[int, int, tuple[int, int, int]]] = []  # (local port, peer port, options)
+        for sock in _process_sockets(mesh.ztunnel.pid):
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+                continue
+            with contextlib.suppress(OSError):
+                ends.append(
+                    (
+                        sock.getsockname()[1],
+                        sock.getpeername()[1],
+                        (
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                        ),
+                    )
+                )
+        # the app's port, ours, and those of the two upstream connections (the inbound
+        # relay's client is the outbound relay's upstream)
+        ports = {client.getsockname()[1], APP_PORT} | {local for local, peer, _ in ends if peer == APP_PORT}
+        options = [o for local, peer, o in ends if {local, peer} & ports]
+    # outbound in A: the app's connection and the one to B; inbound in B: A's and the one to the app
+    assert len(options) == 4
+    assert set(options) == {(1, 1, 180)}
+
+
 def test_dns_from_an_enrolled_pod_is_answered_through_the_forwarder(mesh: Mesh) -> None:
     """The rules send the pod's DNS (UDP and TCP 53) to 15053; zds forwards each query to
     the node's resolver and the answer comes back as if from the server the pod asked."""
@@ -243,6 +302,17 @@ def test_dns_from_an_enrolled_pod_is_answered_through_the_forwarder(mesh: Mesh) 
     assert query in mesh.resolver.queries and b"tcp query" in mesh.resolver.queries
     dns = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]["dns"]
     assert dns["connections"] >= 3 and dns["failed"] == 0
+
+
+def test_a_tcp_dns_connection_that_sits_idle_is_closed(mesh: Mesh) -> None:
+    # ztunnel's DNS server gives a TCP connection 5 s for each request
+    # (DEFAULT_TCP_REQUEST_TIMEOUT); zds held an idle one, and its resolver connection, for good.
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with tcp:
+        tcp.settimeout(30)
+        tcp.connect(("192.0.2.53", 53))
+        assert tcp.recv(100) == b""  # closed by the forwarder (a timeout here: never)
 
 
 def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mesh: Mesh) -> None:

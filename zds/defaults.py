@@ -93,6 +93,12 @@ INBOUND_HBONE_PORT = 15008
 DNS_PORT = 15053
 #: SO_MARK ztunnel puts on the sockets it creates in a pod's netns (0x539).
 ZTUNNEL_MARK = 1337
+#: TCP keepalive on both sockets of every relayed connection, as ztunnel's defaults
+#: (config.rs SocketConfig: idle 180 s, then 9 probes 180 s apart): a peer that vanished
+#: without a FIN or RST (its netns or rules gone mid-connection) frees the relay in ~30 min.
+RELAY_KEEPALIVE_IDLE = 180
+RELAY_KEEPALIVE_INTERVAL = 180
+RELAY_KEEPALIVE_PROBES = 9
 #: ztunnel's local endpoints.
 ADMIN_LISTEN = "127.0.0.1:15000"
 READINESS_LISTEN = "127.0.0.1:15021"

@@ -1,0 +1,157 @@
+"""The ztunnel side's bounds on what one connection or one pod can hold (client/datapath.py,
+client/dns.py), in-process over loopback: a relay's connect that a cancel meets as it
+completes, the relay's idle deadline, a pod's UDP DNS queries in flight, the relay socket
+options ztunnel sets."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from zds.client import dns
+from zds.client.datapath import DirectionStats, connect_within, relay, tune_relay_socket
+from zds.client.dns import MAX_UDP_IN_FLIGHT, DnsProxy
+from zds.client.inpod import DnsSockets
+from zds.client.listeners import SocketWatcher
+
+
+def own_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+async def test_a_cancel_that_comes_as_the_connect_completes_is_a_cancel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Python 3.11's asyncio.wait_for returned the connect's result here and the relay went
+    # on past its workload's removal (whose cancel it had swallowed), for good.
+    loop = asyncio.get_running_loop()
+    connected: asyncio.Future[None] = loop.create_future()
+    monkeypatch.setattr(loop, "sock_connect", lambda sock, address: connected)
+    with socket.socket() as sock:
+        task = asyncio.create_task(connect_within(sock, ("127.0.0.1", 9), 5.0))
+        await asyncio.sleep(0)  # the task now waits for the connect
+        connected.set_result(None)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_connect_that_takes_too_long_is_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "sock_connect", lambda sock, address: loop.create_future())
+    with socket.socket() as sock, pytest.raises(TimeoutError):
+        await connect_within(sock, ("127.0.0.1", 9), 0.05)
+
+
+async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(listener: socket.socket) -> None:
+    async def pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+        """(the far end of the client, the relay's client socket, the relay's upstream socket)"""
+        client_far, client = socket.socketpair()
+        upstream = socket.socket()
+        upstream.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(upstream, listener.getsockname())
+        client.setblocking(False)
+        client_far.setblocking(False)
+        return client_far, client, upstream
+
+    loop = asyncio.get_running_loop()
+    idle_far, idle_client, idle_upstream = await pair()
+    busy_far, busy_client, busy_upstream = await pair()
+    idle_relay = asyncio.create_task(relay(idle_client, idle_upstream, DirectionStats(), idle=0.3))
+    busy_relay = asyncio.create_task(relay(busy_client, busy_upstream, DirectionStats(), idle=0.3))
+    try:
+        for _ in range(8):  # 0.8 s of a byte every 0.1 s: never idle for 0.3 s
+            await loop.sock_sendall(busy_far, b"x")
+            await asyncio.sleep(0.1)
+        assert not busy_relay.done()
+        await asyncio.wait_for(idle_relay, 5)  # (it ended by itself)
+        assert await asyncio.wait_for(loop.sock_recv(idle_far, 10), 5) == b""  # EOF to the client
+    finally:
+        busy_relay.cancel()
+        await asyncio.gather(busy_relay, idle_relay, return_exceptions=True)
+        for sock in (idle_far, busy_far):
+            sock.close()
+        while (accepted := _accept_now(listener)) is not None:
+            accepted.close()
+
+
+def _accept_now(listener: socket.socket) -> socket.socket | None:
+    listener.setblocking(False)
+    try:
+        return listener.accept()[0]
+    except BlockingIOError:
+        return None
+
+
+async def test_a_pod_flooding_its_dns_holds_at_most_its_share_of_sockets() -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a resolver that never answers
+    silent.bind(("127.0.0.1", 0))
+    pod_side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pod_side.bind(("127.0.0.1", 0))
+    pod_side.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    watcher = SocketWatcher()
+    proxy = DnsProxy(DnsSockets(udp=[pod_side], tcp=[]), resolvers=[silent.getsockname()])
+    flood = MAX_UDP_IN_FLIGHT + 100
+    before = own_fds()
+    try:
+        proxy.start_udp(watcher)
+        for i in range(flood):
+            sender.sendto(b"query %d" % i, pod_side.getsockname())
+            if i % 16 == 15:
+                await asyncio.sleep(0.005)  # (the forwarder reads them: no datagram dropped)
+        for _ in range(1000):  # (10 s at most)
+            if proxy.stats.connections >= flood:
+                break
+            await asyncio.sleep(0.01)
+        assert proxy.stats.connections == flood
+        assert proxy.stats.failed == flood - MAX_UDP_IN_FLIGHT  # each over the bound, dropped
+        assert own_fds() - before <= MAX_UDP_IN_FLIGHT  # one socket per query in flight
+    finally:
+        proxy.close()  # (closes pod_side too)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        silent.close()
+        sender.close()
+    assert own_fds() <= before - 1  # every query's socket closed (and pod_side)
+
+
+def test_both_sockets_of_a_relay_get_ztunnels_options() -> None:
+    with socket.socket() as sock:
+        tune_relay_socket(sock)
+        got = {
+            "nodelay": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        }
+    # ztunnel's SocketConfig defaults (src/config.rs): keepalive 180 s, 180 s apart, 9 probes.
+    assert got == {"nodelay": 1, "keepalive": 1, "idle": 180, "interval": 180, "probes": 9}
+
+
+async def test_a_query_the_process_has_no_fd_for_goes_unanswered_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_fd_left(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_fd_left)  # (what zds.client.dns calls)
+    with caplog.at_level(logging.DEBUG, logger="zds.ztunnel.dns"):
+        assert await dns.forward_udp(b"query", [("127.0.0.1", 53), ("127.0.0.2", 53)]) is None
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG, logging.DEBUG]  # one per resolver
