@@ -205,8 +205,9 @@ async def relay(
                 log.debug("relay idle for %g s: closed", idle)
             else:
                 pumps.result()
-    except ConnectionError as exc:
-        # A reset from either side ends the relay; it is how TCP connections end, not an error here.
+    except OSError as exc:
+        # A reset from either side ends the relay, as does a peer keepalive found gone
+        # (ETIMEDOUT) or unreachable: how TCP connections end, not an error here.
         log.debug("relay ended: %s", exc)
     finally:
         pumps.cancel()  # (done already, or the relay is idle or cancelled)

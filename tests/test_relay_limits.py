@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from zds.client import dns
+from zds.client import datapath, dns
 from zds.client.datapath import DirectionStats, connect_within, relay, tune_relay_socket
 from zds.client.dns import MAX_UDP_IN_FLIGHT, DnsProxy
 from zds.client.inpod import DnsSockets
@@ -155,3 +155,22 @@ async def test_a_query_the_process_has_no_fd_for_goes_unanswered_without_a_trace
     with caplog.at_level(logging.DEBUG, logger="zds.ztunnel.dns"):
         assert await dns.forward_udp(b"query", [("127.0.0.1", 53), ("127.0.0.2", 53)]) is None
     assert [r.levelno for r in caplog.records] == [logging.DEBUG, logging.DEBUG]  # one per resolver
+
+
+async def test_a_relay_whose_peer_timed_out_ends_as_one_reset_does(
+    monkeypatch: pytest.MonkeyPatch, listener: socket.socket
+) -> None:
+    # What keepalive finds when nothing answers its probes: the read fails with ETIMEDOUT,
+    # which is no ConnectionError; it escaped the relay as a handler failure with a traceback.
+    async def timed_out(*args: object) -> None:
+        raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(datapath, "_pump", timed_out)
+    client_far, client = socket.socketpair()
+    upstream = socket.socket()
+    upstream.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(upstream, listener.getsockname())
+    client.setblocking(False)
+    with client_far:
+        await relay(client, upstream, DirectionStats())  # returns: no exception
+    assert client.fileno() == -1 and upstream.fileno() == -1  # both closed by the relay
