@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiodocker
@@ -111,43 +113,86 @@ class ContainerEngineSource:
             except Exception as exc:  # what the engine said that zds did not expect: never the end
                 log.error("container engine %s: unexpected %r; reconnecting", self.detail, exc)
                 detail = f"unexpected {type(exc).__name__}: {exc}"
-            if time.monotonic() - started > defaults.ENGINE_RETRY_MAX:
-                delay = defaults.ENGINE_RETRY_INITIAL  # it worked for a while: start over
+            if self.up or time.monotonic() - started > defaults.ENGINE_RETRY_MAX:
+                # It listed and followed events (Podman's file event logger ends the stream at
+                # each rotation of its log), or worked for a while: start over.
+                delay = defaults.ENGINE_RETRY_INITIAL
             self._set(False, f"{detail} (next try in {delay:g}s)")
             await asyncio.sleep(delay)
             delay = min(delay * 2, defaults.ENGINE_RETRY_MAX)
 
     async def _session(self) -> None:
+        """Subscribe, list and reconcile, then follow the events until the stream ends.
+
+        The events are read from the start, also while the listing is under way: the
+        engine does not answer a listing while a container's CNI plugins run (Podman holds
+        its lock), and zds-cni's ADD for it waits for its ``create`` event to learn who it
+        is. Each ``create`` is learnt at once; every event is handled, in order, once the
+        listing is reconciled."""
         docker = aiodocker.Docker(url=self.url)
+        await _pin_api_version(docker)
         subscriber = docker.events.subscribe(create_task=False)  # type: ignore[no-untyped-call]
-        since = str(int(time.time()) - 1)  # events from just before the listing: none missed
+        # From as far back as an ADD waits for its container's ``create`` (one made while the
+        # last session was ending, or the engine away, is learnt too); each replayed event is
+        # only a fresh look at its container.
+        since = str(int(time.time() - self.pods.lookup_timeout) - 1)
         stream = asyncio.ensure_future(
             docker.events.run(since=since, filters=json.dumps({"type": ["container"]}))
         )
+        held: list[Mapping[str, Any]] = []
+        learnt: set[str] = set()
+
+        def early(event: Mapping[str, Any]) -> None:
+            facts = ContainerFacts.from_event(event) if _action(event) == "create" else None
+            if facts is not None:
+                self.pods.learn(facts)  # (an ADD may be waiting for it)
+                learnt.add(facts.id)
+            held.append(event)
+
+        handle = early
+        follow = asyncio.ensure_future(self._follow(subscriber, stream, lambda event: handle(event)))
+        reconcile = asyncio.ensure_future(self._reconcile(docker, keep=learnt))
         try:
-            listed = await self._reconcile(docker)
+            await asyncio.wait({follow, reconcile}, return_when=asyncio.FIRST_COMPLETED)
+            if not reconcile.done():
+                follow.result()  # (the stream ended first: EngineDown)
+            listed = reconcile.result()
             self._set(True, f"{listed} container(s) listed and reconciled; watching events")
             self.pods.resync = lambda cid: self.request_sync(docker, cid)
-            while True:
-                getter = asyncio.ensure_future(subscriber.get())
-                await asyncio.wait({getter, stream}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    raise EngineDown(_describe(stream.exception()) if not stream.cancelled() else "cancelled")
-                event = getter.result()
-                if event is None:
-                    error = stream.exception() if stream.done() and not stream.cancelled() else None
-                    raise EngineDown(_describe(error) if error else "its event stream ended")
+            for event in held:
                 self._handle(docker, event)
+            handle = functools.partial(self._handle, docker)
+            await follow
         finally:
             self.pods.resync = None
-            stream.cancel()
-            with contextlib.suppress(BaseException):
-                await stream
+            for task in (reconcile, follow, stream):
+                task.cancel()
+            for task in (reconcile, follow, stream):
+                with contextlib.suppress(BaseException):
+                    await task
             with contextlib.suppress(BaseException):
                 await docker.close()
 
-    async def _reconcile(self, docker: aiodocker.Docker) -> int:
+    @staticmethod
+    async def _follow(
+        subscriber: Any, stream: asyncio.Future[Any], handle: Callable[[Mapping[str, Any]], None]
+    ) -> None:
+        """Hand every event to ``handle`` until the stream ends (EngineDown)."""
+        while True:
+            getter = asyncio.ensure_future(subscriber.get())
+            await asyncio.wait({getter, stream}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                raise EngineDown(_describe(stream.exception()) if not stream.cancelled() else "cancelled")
+            event = getter.result()
+            if event is None:
+                error = stream.exception() if stream.done() and not stream.cancelled() else None
+                raise EngineDown(_describe(error) if error else "its event stream ended")
+            handle(event)
+
+    async def _reconcile(self, docker: aiodocker.Docker, keep: set[str]) -> int:
+        """List, learn, and sync every container of ours and every pod of a container; what
+        the listing lacks is forgotten, unless its ``create`` event came meanwhile (``keep``)."""
         containers = await docker.containers.list(all=True)
         present, mine = set(), set()
         for container in containers:
@@ -158,7 +203,7 @@ class ContainerEngineSource:
                 mine.add(facts.id)
             self.pods.learn(facts)
         for cid in list(self.pods.facts):
-            if cid not in present:
+            if cid not in present and cid not in keep:
                 self.pods.forget(cid)
         # Its own containers, and every pod of a container (one no longer its own goes).
         wanted = mine | set(self.pods.owned())
@@ -175,7 +220,7 @@ class ContainerEngineSource:
             _not_understood(cid, exc)
 
     def _handle(self, docker: aiodocker.Docker, event: Mapping[str, Any]) -> None:
-        action = str(event.get("Action") or event.get("status") or "")
+        action = _action(event)
         if event.get("Type", "container") != "container" or action.startswith(_IGNORED_ACTIONS):
             return
         facts = ContainerFacts.from_event(event)
@@ -228,6 +273,22 @@ class ContainerEngineSource:
         if info is None:
             self.pods.forget(cid)
         await self.pods.sync(cid, info)
+
+
+async def _pin_api_version(docker: aiodocker.Docker) -> None:
+    """Tell aiodocker the engine's API version, from ``/_ping``'s ``Api-Version`` header
+    (Docker's and Podman's). Left to find it itself, aiodocker asks ``/version`` before its
+    first request, and Podman does not answer ``/version`` (nor a listing) while a
+    container's CNI plugins run: the session's event stream then waited with the listing,
+    and that container's ADD waited for its ``create`` event until it failed."""
+    async with docker.session.get(f"{docker.docker_host}/_ping") as response:
+        version = response.headers.get("Api-Version", "")
+    if re.fullmatch(r"\d+\.\d+", version):
+        docker.api_version = f"v{version}"
+
+
+def _action(event: Mapping[str, Any]) -> str:
+    return str(event.get("Action") or event.get("status") or "")
 
 
 def _from_listing(summary: Mapping[str, Any]) -> ContainerFacts:

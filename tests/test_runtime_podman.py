@@ -402,6 +402,32 @@ def test_the_node_agent_restarted_under_running_containers_reconciles_and_drops_
     wait_until(lambda: inbound(node.workloads(), reviews) >= 1, "traffic into reviews through ztunnel")
 
 
+def test_a_container_started_while_the_node_agent_lists_the_engine_is_enrolled(
+    runtime: Runtime, node: Node
+) -> None:
+    """Podman does not answer the node agent's listing while a container's CNI plugins run
+    (it holds the container's lock), and zds-cni's ADD waits for the container's ``create``
+    event: the node agent reads events while it lists. It read them only once the listing was
+    reconciled, so a container started then failed after 10 s ("unknown to the container
+    engine"), with the engine up all along."""
+    node.agent.stop()
+    node.agent = NodeAgentProc(
+        str(node.tmp), "--container-engine", runtime.api_socket, "--container-label", runtime.label,
+        "--http-listen", node.http.removeprefix("http://"), name="server2", redirect=True,
+    )  # fmt: skip
+    wait_until(lambda: os.path.exists(node.agent.cni_socket), "the node agent's CNI socket")
+    started = runtime.run("reviews", ECHO, AMBIENT, check=False)
+    assert "unknown to the container engine" not in started.stderr, started.stderr
+    if started.returncode != 0:
+        # (ztunnel not back yet on the new node agent: the fail-closed refusal of its own)
+        assert "no ztunnel connection" in started.stderr, started.stderr
+        return
+    reviews = runtime.cid("reviews")
+    wait_until(lambda: "listed and reconciled" in node.agent.output(), "the listing")
+    assert node.pods()[reviews].rules_installed
+    wait_until(lambda: node.workloads().get(reviews, {}).get("state") == "Up", "reviews Up in ztunnel")
+
+
 def test_a_labelled_container_started_while_the_node_agent_is_down_is_enrolled_when_it_starts(
     tmp_path: pathlib.Path, runtime: Runtime
 ) -> None:
