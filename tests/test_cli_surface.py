@@ -217,22 +217,15 @@ def test_errors_start_with_zds_and_the_command() -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def _run_into_a_closed_pipe(argv: list[str], unbuffered: bool) -> subprocess.CompletedProcess[str]:
-    """Run ``zds ARGV`` with its stdout a pipe whose reader is gone (``zds ... | true``)."""
+def _run_into_a_closed_pipe(argv: list[str], unbuffered: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with its stdout a pipe whose reader is gone (``... | true``)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     if unbuffered:
         env["PYTHONUNBUFFERED"] = "1"
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "zds", *argv],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        return subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, env=env)
     finally:
         os.close(write_end)
 
@@ -245,7 +238,7 @@ def _run_into_a_closed_pipe(argv: list[str], unbuffered: bool) -> subprocess.Com
 def test_output_into_a_pipe_nobody_reads_is_no_error_and_no_traceback(
     argv: list[str], unbuffered: bool
 ) -> None:
-    done = _run_into_a_closed_pipe(argv, unbuffered)
+    done = _run_into_a_closed_pipe([sys.executable, "-m", "zds", *argv], unbuffered)
     assert (done.returncode, done.stderr) == (0, "")
 
 
@@ -255,20 +248,7 @@ def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert live.stderr == "False"
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        gone = subprocess.run(
-            [sys.executable, "-c", code],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-    finally:
-        os.close(write_end)
-    assert gone.stderr == "True"
+    assert _run_into_a_closed_pipe([sys.executable, "-c", code]).stderr == "True"
 
 
 HEAVY = (
