@@ -58,20 +58,22 @@ async def test_a_connect_that_takes_too_long_is_a_timeout(monkeypatch: pytest.Mo
         await connect_within(sock, ("127.0.0.1", 9), 0.05)
 
 
-async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(listener: socket.socket) -> None:
-    async def pair() -> tuple[socket.socket, socket.socket, socket.socket]:
-        """(the far end of the client, the relay's client socket, the relay's upstream socket)"""
-        client_far, client = socket.socketpair()
-        upstream = socket.socket()
-        upstream.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(upstream, listener.getsockname())
-        client.setblocking(False)
-        client_far.setblocking(False)
-        return client_far, client, upstream
+async def relay_sockets(listener: socket.socket) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """(the far end of the client, the relay's client socket, the relay's upstream socket
+    connected to ``listener``), all non-blocking."""
+    client_far, client = socket.socketpair()
+    upstream = socket.socket()
+    upstream.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(upstream, listener.getsockname())
+    client.setblocking(False)
+    client_far.setblocking(False)
+    return client_far, client, upstream
 
+
+async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(listener: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    idle_far, idle_client, idle_upstream = await pair()
-    busy_far, busy_client, busy_upstream = await pair()
+    idle_far, idle_client, idle_upstream = await relay_sockets(listener)
+    busy_far, busy_client, busy_upstream = await relay_sockets(listener)
     idle_relay = asyncio.create_task(relay(idle_client, idle_upstream, DirectionStats(), idle=0.3))
     busy_relay = asyncio.create_task(relay(busy_client, busy_upstream, DirectionStats(), idle=0.3))
     try:
@@ -166,11 +168,7 @@ async def test_a_relay_whose_peer_timed_out_ends_as_one_reset_does(
         raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
 
     monkeypatch.setattr(datapath, "_pump", timed_out)
-    client_far, client = socket.socketpair()
-    upstream = socket.socket()
-    upstream.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(upstream, listener.getsockname())
-    client.setblocking(False)
+    client_far, client, upstream = await relay_sockets(listener)
     with client_far:
         await relay(client, upstream, DirectionStats())  # returns: no exception
     assert client.fileno() == -1 and upstream.fileno() == -1  # both closed by the relay
