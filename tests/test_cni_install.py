@@ -242,3 +242,32 @@ def test_an_uninstall_that_cannot_remove_a_conflist_leaves_it_all_as_it_was(tmp_
     assert sorted(os.listdir(conf_dir)) == before and os.listdir(bin_dir) == ["zds-cni"]
     assert zds_cni("uninstall", *flags).returncode == 0  # writable again: it comes out
     assert sorted(os.listdir(conf_dir)) == ["10-x.conf"] and os.listdir(bin_dir) == []
+
+
+def test_uninstall_of_one_network_keeps_the_others_and_the_launcher_they_run(tmp_path: pathlib.Path) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    mesh = conf_dir / "87-mesh.conflist"
+    mesh.write_text(PODMAN_CONFLIST)
+    other = conf_dir / "10-other.conflist"
+    other.write_text(OTHER)
+    for network in ("mesh", "other"):
+        assert zds_cni("install", *flags, "--network", network).returncode == 0
+    launcher = bin_dir / "zds-cni"
+
+    done = zds_cni("uninstall", *flags, "--network", "mesh")
+    assert done.returncode == 0, done.stderr
+    assert mesh.read_text() == PODMAN_CONFLIST
+    assert [p["type"] for p in json.loads(other.read_text())["plugins"]] == ["bridge", "zds-cni"]
+    assert launcher.exists()
+    assert f"kept {launcher}: zds-cni is still chained into 'other' ({other})" in done.stdout
+
+    again = zds_cni("uninstall", *flags, "--network", "mesh")
+    assert again.returncode == 0, again.stderr
+    assert f"zds-cni is not chained into a network named 'mesh' in {conf_dir}" in again.stdout
+    assert launcher.exists()
+
+    last = zds_cni("uninstall", *flags, "--network", "other")
+    assert last.returncode == 0, last.stderr
+    assert other.read_text() == OTHER
+    assert not launcher.exists()
+    assert f"removed {launcher}" in last.stdout

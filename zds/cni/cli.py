@@ -53,12 +53,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     install.set_defaults(func=cmd_install)
     uninstall = commands.add_parser(
         "uninstall",
-        help="take zds-cni out of every network config and remove it from the bin dir",
-        description="Take zds-cni's entry out of every config list in --conf-dir (leaving the rest of "
-        "each file as it was, and restoring a .conf install converted) and remove the zds-cni "
-        "executable from --bin-dir.",
+        help="take zds-cni out of the network configs and remove it from the bin dir",
+        description="Take zds-cni's entry out of every config list in --conf-dir, or only the one "
+        "named with --network (leaving the rest of each file as it was, and restoring a .conf "
+        "install converted), and remove the zds-cni executable from --bin-dir unless a network "
+        "in --conf-dir still chains it.",
     )
     _dirs(uninstall)
+    uninstall.add_argument(
+        "--network",
+        metavar="NAME",
+        help="only the network with this name (its config's name); default: every network",
+    )
     uninstall.set_defaults(func=cmd_uninstall)
 
 
@@ -102,7 +108,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from zds.cni.install import InstallError, InstallOptions, uninstall
 
     try:
-        done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir))
+        done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network))
     except (InstallError, OSError) as exc:
         print(f"zds cni uninstall: {exc}", file=sys.stderr)
         return 1

@@ -258,43 +258,56 @@ def install(options: InstallOptions) -> list[str]:
 
 
 def uninstall(options: InstallOptions) -> list[str]:
-    """Take zds-cni out of every config in the conf dir and remove the launcher; what was done."""
+    """Take zds-cni out of the configs in the conf dir (only the network named
+    ``options.network``, when given) and remove the launcher unless a network still chains
+    zds-cni; what was done, one line each."""
     done: list[str] = []
     skipped: list[str] = []
+    still: list[str] = []  # networks that keep zds-cni (not the one named)
     for path in config_files(options.conf_dir):
         loaded = _load(path, skipped)
-        if not isinstance(loaded, Conflist):
+        if not isinstance(loaded, Conflist) or not loaded.indices_of(defaults.CNI_PLUGIN_TYPE):
             continue
-        ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
-        if not ours:
+        if options.network is not None and loaded.name != options.network:
+            still.append(f"{loaded.name!r} ({path})")
             continue
-        conflist = loaded
-        for index in reversed(ours):
-            conflist = Conflist(conflist.without(index), path)
-        original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
-        conf = original.removesuffix(ORIGINAL_SUFFIX)
-        restorable = os.path.exists(original) and _restorable(conflist, original)
-        try:
-            if restorable and not os.path.lexists(conf):
-                _restore(original, conf, path)
-                done.append(f"restored {conf} (removed {path})")
-                continue
-            write_atomically(path, conflist.text)
-        except OSError as exc:  # (the CLI prints this one line; what came before it was done)
-            raise InstallError(
-                f"cannot take zds-cni out of {path}: {exc.strerror}; that file is left as it was"
-                + "".join(f"; {line}" for line in done)
-            ) from exc
-        # A .conf written there since the install is someone else's, and stays.
-        kept = f" ({conf} exists again: {original} not restored)" if restorable else ""
-        done.append(f"took zds-cni out of {path}{kept}")
+        _unchain(path, loaded, done)
+    if options.network is not None and not done:
+        done.append(f"zds-cni is not chained into a network named {options.network!r} in {options.conf_dir}")
     path = os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE)
     if os.path.exists(path):
         if not _is_ours(path):
             raise InstallError(f"{path} is not zds-cni's launcher; left in place")
-        os.unlink(path)
-        done.append(f"removed {path}")
+        if still:  # the runtime would fail every ADD of those networks without it
+            done.append(f"kept {path}: zds-cni is still chained into {', '.join(still)}")
+        else:
+            os.unlink(path)
+            done.append(f"removed {path}")
     return skipped + (done or ["nothing to do: zds-cni was not installed"])
+
+
+def _unchain(path: str, loaded: Conflist, done: list[str]) -> None:
+    """zds-cni's entries out of one conflist, or the .conf install converted back."""
+    conflist = loaded
+    for index in reversed(loaded.indices_of(defaults.CNI_PLUGIN_TYPE)):
+        conflist = Conflist(conflist.without(index), path)
+    original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
+    conf = original.removesuffix(ORIGINAL_SUFFIX)
+    restorable = os.path.exists(original) and _restorable(conflist, original)
+    try:
+        if restorable and not os.path.lexists(conf):
+            _restore(original, conf, path)
+            done.append(f"restored {conf} (removed {path})")
+            return
+        write_atomically(path, conflist.text)
+    except OSError as exc:  # (the CLI prints this one line; what came before it was done)
+        raise InstallError(
+            f"cannot take zds-cni out of {path}: {exc.strerror}; that file is left as it was"
+            + "".join(f"; {line}" for line in done)
+        ) from exc
+    # A .conf written there since the install is someone else's, and stays.
+    kept = f" ({conf} exists again: {original} not restored)" if restorable else ""
+    done.append(f"took zds-cni out of {path}{kept}")
 
 
 def _restore(original: str, conf: str, conflist: str) -> None:
