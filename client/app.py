@@ -231,7 +231,8 @@ class Ztunnel:
         """Serve HTTP once the first snapshot is in (or no node agent answered, or after
         ``HTTP_START_DELAY``): loading the HTTP stack then never delays a pod."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.client.settled.wait(), defaults.HTTP_START_DELAY)
+            async with asyncio.timeout(defaults.HTTP_START_DELAY):
+                await self.client.settled.wait()
         runtime.started()  # start-up is over: collection resumes (zds.cli held it)
         logs.flush()  # what was said so far goes out before the imports hold the loop up
         try:
@@ -246,7 +247,8 @@ class Ztunnel:
         if pending:
             log.info("waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(pending))
             try:
-                await asyncio.wait_for(asyncio.gather(*pending), self.config.drain_timeout)
+                async with asyncio.timeout(self.config.drain_timeout):
+                    await asyncio.gather(*pending)
             except TimeoutError:
                 log.warning("drain timeout: closing the connections still open")
             for proxy in stopped:

@@ -103,7 +103,8 @@ class ContainerPods:
             if remaining <= 0:
                 return None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._learned.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._learned.wait()
         return self.facts[cid]
 
     # -- the CNI plugin's events ------------------------------------------------------------

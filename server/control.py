@@ -311,7 +311,8 @@ FAULT_WAIT = 60.0
 
 async def _wait_applied(fault: Fault, context: grpc.aio.ServicerContext) -> None:
     try:
-        await asyncio.wait_for(fault.done.wait(), FAULT_WAIT)
+        async with asyncio.timeout(FAULT_WAIT):
+            await fault.done.wait()
     except TimeoutError:
         await _abort(
             context,

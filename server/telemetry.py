@@ -345,7 +345,8 @@ class Telemetry:
 
         threading.Thread(target=stop, name="zds-telemetry-stop", daemon=True).start()
         try:
-            await asyncio.wait_for(asyncio.shield(stopped), SHUTDOWN_WAIT)
+            async with asyncio.timeout(SHUTDOWN_WAIT):
+                await asyncio.shield(stopped)
         except TimeoutError:
             log.warning(
                 "OpenTelemetry exporters still flushing after %gs; what they hold is dropped", SHUTDOWN_WAIT

@@ -125,7 +125,8 @@ class GuardedUnixHttp:
         self._in_flight += 1
         try:
             try:
-                await asyncio.wait_for(request.read(), self.limits.body_timeout)
+                async with asyncio.timeout(self.limits.body_timeout):
+                    await request.read()
             except TimeoutError:
                 log.warning(
                     "closed a %s request from %s whose body did not arrive within %gs",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 import pytest
 
 from zds.netns import NetnsRef
+from zds.server.agent import NodeAgent
+from zds.server.containerpods import ContainerPods
 from zds.server.containers import ContainerFacts, addresses, dns_name, shares_netns
 from zds.server.pods import PodSource
 from zds.server.selection import select
@@ -87,3 +92,19 @@ def test_an_inspected_container_outside_compose_is_in_the_default_namespace() ->
     assert shares_netns({"HostConfig": {"NetworkMode": "container:infra"}})
     host = ContainerFacts.from_inspect({**info, "HostConfig": {"NetworkMode": "host"}})
     assert not host.selection.selected
+
+
+async def test_a_handler_cancelled_as_another_container_is_learnt_stops_waiting() -> None:
+    # Python 3.11's asyncio.wait_for returned the event here and swallowed the cancel: the
+    # cancelled ADD went on waiting for its container for the whole lookup timeout.
+    pods = ContainerPods(cast(NodeAgent, None), lookup_timeout=30.0)
+    waiting = asyncio.create_task(pods.wait_facts("wanted"))
+    await asyncio.sleep(0)  # it waits for the engine now
+    pods.learn(ContainerFacts(id="another", name="another"))
+    waiting.cancel()
+    try:
+        await asyncio.wait({waiting}, timeout=5)
+        assert waiting.cancelled()
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)

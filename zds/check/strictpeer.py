@@ -143,7 +143,8 @@ class StrictConnection:
         if self.peer_closed and self.queue.empty():
             raise PeerClosed(f"{self.name}: the node agent closed the connection")
         try:
-            seen = await asyncio.wait_for(self.queue.get(), within)
+            async with asyncio.timeout(within):
+                seen = await self.queue.get()
         except TimeoutError:
             return None
         if seen is None:

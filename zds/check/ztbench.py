@@ -123,7 +123,8 @@ class Bench:
         if self._proc is None:
             return None
         with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(self._proc.wait(), within)
+            async with asyncio.timeout(within):
+                return await self._proc.wait()
         return None
 
     async def stop_process(self) -> None:
@@ -133,7 +134,8 @@ class Bench:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # the session we started for it
         try:
-            await asyncio.wait_for(proc.wait(), 10)
+            async with asyncio.timeout(10):
+                await proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -153,7 +155,8 @@ class Bench:
             return None
         conn = getting.result()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(conn.hello_seen.wait(), self.options.timeout)
+            async with asyncio.timeout(self.options.timeout):
+                await conn.hello_seen.wait()
         if conn.hello_at is None and conn.closed_at is None:
             self.report(
                 "hello", Finding(f"no hello within {self.options.timeout:g}s of connecting", conn.name)

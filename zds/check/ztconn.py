@@ -154,9 +154,8 @@ class ZtConn:
 
     async def reply(self, within: float | None = None) -> Reply | None:
         try:
-            return await asyncio.wait_for(
-                self.replies.get(), self.bench.options.timeout if within is None else within
-            )
+            async with asyncio.timeout(self.bench.options.timeout if within is None else within):
+                return await self.replies.get()
         except TimeoutError:
             return None
 
@@ -165,7 +164,8 @@ class ZtConn:
         deadline = time.monotonic() + within
         while self.closed_at is None and (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._reader), left)
+                async with asyncio.timeout(left):
+                    await asyncio.shield(self._reader)
         return self.closed_at is not None
 
     async def close(self) -> None:
