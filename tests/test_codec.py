@@ -105,6 +105,30 @@ def test_garbage_is_refused() -> None:
         decode_request(b"\x0a\xff\xff")
 
 
+@pytest.mark.parametrize(
+    ("hexbytes", "where"),
+    [
+        ("0805", "WorkloadRequest field 1"),  # add as a varint
+        ("0a0408051200", "AddWorkload field 1"),  # uid as a varint
+        ("0a050a01751001", "AddWorkload field 2"),  # workload_info as a varint
+        ("0a070a017512020801", "WorkloadInfo field 1"),  # the name as a varint
+        ("12021001", "DelWorkload field 2"),  # uid as a varint
+        ("2a020801", "KeepWorkload field 1"),  # uid as a varint
+    ],
+)
+def test_a_known_field_with_another_wire_type_is_refused_as_ztunnel_refuses_it(
+    hexbytes: str, where: str
+) -> None:
+    # upb keeps such a field aside as unknown (Go too); ztunnel's prost fails the message
+    with pytest.raises(CodecError, match=f"{where} has the wrong wire type"):
+        decode_request(bytes.fromhex(hexbytes))
+
+
+def test_fields_the_schema_lacks_are_skipped_as_prost_skips_them() -> None:
+    # AddWorkload{uid: "u", field 9: varint 1}
+    assert decode_request(bytes.fromhex("0a050a01754801")) == AddWorkload(uid="u", info=None)
+
+
 def test_response_without_ack_is_refused() -> None:
     with pytest.raises(NoPayload, match="no ack"):
         decode_ack(b"")

@@ -20,11 +20,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from google.protobuf import unknown_fields
-from google.protobuf.message import DecodeError
-
 from zds import defaults
 from zds.check.report import Finding
+from zds.errors import CodecError, NoPayload
 from zds.gen import zds_pb2
 from zds.netns.kernel import CLONE_NEWNET, NS_GET_NSTYPE
 from zds.protocol.messages import (
@@ -35,6 +33,7 @@ from zds.protocol.messages import (
     SnapshotSent,
     decode_request,
     encode_request,
+    kept_aside,
     request_kind,
 )
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
@@ -140,32 +139,24 @@ def receive(conn: int, index: int, at: float, payload: bytes, fds: list[int], fl
 
 
 def strict_decode(payload: bytes) -> tuple[Request | None, str]:
-    """The request in ``payload`` and why it is not strict ("" when it is): a protobuf error,
-    no payload, a field ztunnel does not know (prost drops it without a word)."""
-    msg = zds_pb2.WorkloadRequest()
+    """The request in ``payload`` and why it is not strict ("" when it is): what ztunnel
+    cannot read (a protobuf error, a known field with another wire type), no payload, a
+    field ztunnel does not know (prost drops it without a word)."""
     try:
-        msg.ParseFromString(payload)
-    except DecodeError as exc:
-        return None, f"not a WorkloadRequest: {exc}"
-    which = msg.WhichOneof("payload")
-    if which is None:
+        request = decode_request(payload)
+    except NoPayload:
         return None, "a WorkloadRequest with no payload (ztunnel: 'no payload')"
-    request = decode_request(payload)
-    unknown = _unknown_fields(msg, "WorkloadRequest")
+    except CodecError as exc:
+        return None, f"not a WorkloadRequest: {exc.__cause__ or exc}"
+    msg = zds_pb2.WorkloadRequest()
+    msg.ParseFromString(payload)
+    unknown = [f"{descriptor.name} field {number}" for descriptor, number in kept_aside(msg)]
     if unknown:
         hint = ""
         if isinstance(request, DelWorkload) and "DelWorkload field 1" in unknown:
             hint = " (DelWorkload's uid is field 2, not 1: ztunnel reads an empty uid)"
         return request, f"fields ztunnel does not know: {', '.join(unknown)}{hint}"
     return request, ""
-
-
-def _unknown_fields(msg: object, name: str) -> list[str]:
-    found = [f"{name} field {f.field_number}" for f in unknown_fields.UnknownFieldSet(msg)]  # type: ignore[arg-type, attr-defined]
-    for descriptor, value in msg.ListFields():  # type: ignore[attr-defined]
-        if descriptor.message_type is not None:
-            found += _unknown_fields(value, descriptor.message_type.name)
-    return found
 
 
 def canonical(seen: Seen) -> bytes | None:

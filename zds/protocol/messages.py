@@ -8,11 +8,15 @@ generated classes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from zds.errors import CodecError, NoPayload
 from zds.gen import zds_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.descriptor import Descriptor
 
 #: ``Version.V1``, the only version ztunnel speaks.
 VERSION_V1 = zds_pb2.V1
@@ -131,9 +135,38 @@ def encode_request(request: Request) -> bytes:
 
 
 def decode_request(payload: bytes) -> Request:
-    """Parse a ``WorkloadRequest``; raise CodecError if it is malformed or has no payload."""
+    """Parse a ``WorkloadRequest`` as ztunnel (prost) does; raise CodecError if it is
+    malformed (also a known field sent with another wire type) or has no payload."""
     msg = zds_pb2.WorkloadRequest()
     _parse(msg, payload, "WorkloadRequest")
+    request = _request_of(msg)
+    if request is None or encode_request(request) != payload:  # not as a node agent writes it
+        for descriptor, number in kept_aside(msg):
+            if number in descriptor.fields_by_number:
+                # upb (and Go) keep such a field aside, unknown; prost fails the whole message
+                raise CodecError(
+                    f"cannot decode WorkloadRequest ({len(payload)} bytes): "
+                    f"{descriptor.name} field {number} has the wrong wire type"
+                )
+    if request is None:
+        raise NoPayload("WorkloadRequest has no payload")
+    return request
+
+
+def kept_aside(msg: Message) -> list[tuple[Descriptor, int]]:
+    """(message type, field number) of each field the parser kept as unknown, in ``msg`` and
+    the messages in it: numbers the schema lacks, or has with another wire type."""
+    from google.protobuf import unknown_fields  # (rare: not on the start-up path)
+
+    descriptor = cast("Descriptor", msg.DESCRIPTOR)
+    found = [(descriptor, f.field_number) for f in unknown_fields.UnknownFieldSet(msg)]  # type: ignore[attr-defined]
+    for field, value in msg.ListFields():
+        if field.message_type is not None:
+            found += kept_aside(value)
+    return found
+
+
+def _request_of(msg: zds_pb2.WorkloadRequest) -> Request | None:
     which = msg.WhichOneof("payload")
     if which == "add":
         info = None
@@ -147,7 +180,7 @@ def decode_request(payload: bytes) -> Request:
         return DelWorkload(uid=getattr(msg, "del").uid)
     if which == "snapshot_sent":
         return SnapshotSent()
-    raise NoPayload("WorkloadRequest has no payload")
+    return None
 
 
 def encode_ack(ack: Ack) -> bytes:
