@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.client.inpod import (
     DnsSockets,
     InpodListener,
@@ -196,7 +195,6 @@ class WorkloadProxies:
         #: The way back from each pod's netns, opened once (not once per pod).
         self._home: NetnsHandle | None = None
         self._watcher: SocketWatcher | None = None
-        self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
     def __contains__(self, uid: object) -> bool:
         return uid in self._proxies
@@ -273,14 +271,11 @@ class WorkloadProxies:
         socks = [listener.sock for listener in listeners] + (dns.udp if dns is not None else [])
         if not socks:
             return
-        limit = self._fd_limit
         reserve = self.settings.fd_reserve
-        if limit == resource.RLIM_INFINITY or max(s.fileno() for s in socks) < limit - reserve:
+        shortage = runtime.fd_shortage(reserve, highest=max(s.fileno() for s in socks))
+        if shortage is None:
             return
-        limit = self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # it may have been raised
-        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself had open
-        if limit - in_use >= reserve:
-            return
+        in_use, limit = shortage
         raise ProxyStartError(
             f"fd budget exhausted: {in_use} of {limit} fds open (RLIMIT_NOFILE), a pod takes "
             f"{len(socks)} and {reserve} are kept free; raise the limit (ulimit -n, LimitNOFILE) "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .enter import in_netns, netns_cookie, run_in_netns
-    from .errors import NetnsError
+    from .errors import NetnsError, OutOfFds
     from .handle import NetnsHandle, current_netns, open_netns, open_netns_pid, open_netns_ref
     from .kernel import NetnsIdentity, netns_identity, validate_netns_fd
     from .ref import NetnsRef, NetnsRefError
@@ -34,6 +34,7 @@ _HOME = {
     "open_netns_pid": "handle",
     "open_netns_ref": "handle",
     "NetnsError": "errors",
+    "OutOfFds": "errors",
     "NetnsIdentity": "kernel",
     "netns_identity": "kernel",
     "validate_netns_fd": "kernel",
@@ -59,6 +60,7 @@ __all__ = [
     "NetnsIdentity",
     "NetnsRef",
     "NetnsRefError",
+    "OutOfFds",
     "current_netns",
     "in_netns",
     "netns_cookie",

@@ -8,3 +8,7 @@ from zds.errors import ZdsError
 
 class NetnsError(ZdsError):
     """A network-namespace operation failed; the message says what, on what, and what to do."""
+
+
+class OutOfFds(NetnsError):
+    """The process has no fd to spare (EMFILE, ENFILE): nothing is wrong with the namespace."""

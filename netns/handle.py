@@ -6,6 +6,7 @@ The fd keeps the namespace alive, is what travels to ztunnel over
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -14,7 +15,7 @@ from contextlib import suppress
 
 from zds import defaults
 
-from .errors import NetnsError
+from .errors import NetnsError, OutOfFds
 from .kernel import (
     NSFS_MAGIC,
     THREAD_NETNS,
@@ -159,6 +160,10 @@ def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
             " (and CAP_SYS_PTRACE over the process, for /proc/PID/ns/net)"
         ) from None
     except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise OutOfFds(
+                f"cannot open netns {path}: {e.strerror}; raise the limit (ulimit -n, LimitNOFILE)"
+            ) from None
         raise NetnsError(f"cannot open netns {path}: {e.strerror}") from None
     except ValueError:  # os.open's "embedded null byte"
         raise NetnsError(f"cannot open netns {path!r}: a path has no NUL byte") from None

@@ -52,6 +52,7 @@ _STATUS = {
     EnrollmentOutcome.LOST: grpc.StatusCode.UNAVAILABLE,
     EnrollmentOutcome.RULES: grpc.StatusCode.INTERNAL,
     EnrollmentOutcome.STORE: grpc.StatusCode.INTERNAL,
+    EnrollmentOutcome.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     EnrollmentOutcome.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 

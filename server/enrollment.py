@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_cookie, open_netns_ref
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, OutOfFds, netns_cookie, open_netns_ref
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
 from zds.server.eventkinds import EventKind
@@ -76,6 +76,8 @@ class EnrollmentOutcome(enum.Enum):
     RULES = "rules"
     #: The pod could not be written to the pod store: its rules were taken out again, nothing cached.
     STORE = "store"
+    #: The node agent is out of fds (``NODE_AGENT_FD_RESERVE``): nothing cached, nothing touched.
+    EXHAUSTED = "exhausted"
 
 
 class RemovalNotRecorded(ZdsError):
@@ -207,6 +209,8 @@ class Enrollment:
             netns = self._open_netns(spec)
         except (PodNameError, NetnsRefused) as exc:
             raise EnrollmentError(EnrollmentOutcome.REFUSED, str(exc)) from exc
+        except OutOfFds as exc:
+            raise EnrollmentError(EnrollmentOutcome.EXHAUSTED, str(exc)) from exc
         except (PodSpecError, NetnsError) as exc:
             raise EnrollmentError(EnrollmentOutcome.INVALID, str(exc)) from exc
         pod = await self._install_and_keep(Pod(spec=spec, netns=netns))
@@ -249,6 +253,18 @@ class Enrollment:
                 raise
             netns.move_above(defaults.NETNS_FD_FLOOR)  # held for the pod's life: out of select()'s way
             span.set_attribute(spans.NETNS_INODE, netns.identity.ino)
+            # Below the floor it found no room above it: count then.
+            highest = netns.fileno() if netns.fileno() >= defaults.NETNS_FD_FLOOR else None
+            shortage = runtime.fd_shortage(defaults.NODE_AGENT_FD_RESERVE, highest=highest)
+            if shortage is not None:
+                netns.close()
+                in_use, limit = shortage
+                raise OutOfFds(
+                    f"fd budget exhausted: the node agent has {in_use} of {limit} fds open "
+                    f"(RLIMIT_NOFILE), a pod takes 1 and {defaults.NODE_AGENT_FD_RESERVE} are kept "
+                    "free (rules, connections, sends); raise the limit (ulimit -n, LimitNOFILE) "
+                    "or enroll fewer pods with this node agent"
+                )
             return netns
 
     async def _install_and_keep(self, pod: Pod) -> Pod:
@@ -307,7 +323,8 @@ class Enrollment:
             raise
         except RulesError as exc:
             pod.close()
-            self._forget_install(pod)
+            if exc.undone:  # else its install row stays: the next start takes the rules out
+                self._forget_install(pod)
             raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
 
     def _forget_install(self, pod: Pod) -> None:

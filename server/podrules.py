@@ -24,7 +24,12 @@ log = logging.getLogger("zds.server")
 
 
 class RulesError(Exception):
-    """The rules could not be installed; the message says why (iptables' own words)."""
+    """The rules could not be installed; the message says why (iptables' own words).
+    ``undone``: what went in came out again (or another pod's rules stay there)."""
+
+    def __init__(self, message: str, *, undone: bool = True) -> None:
+        super().__init__(message)
+        self.undone = undone
 
 
 class PodRules:
@@ -55,10 +60,11 @@ class PodRules:
                     raise
                 except (RedirectError, NetnsError, OSError) as exc:
                     spans.failed(span, exc)
-                    if not still_used(pod.netns.identity):
-                        await self._undo(pod)
+                    undone = still_used(pod.netns.identity) or await self._undo(pod)
+                    left = "" if undone else "; what went in could not be taken out: the next start does it"
                     raise RulesError(
-                        f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}"
+                        f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}{left}",
+                        undone=undone,
                     ) from exc
         pod.rules_installed = True
         pod.rules_digest = installed.digest
@@ -68,13 +74,16 @@ class PodRules:
             extra=pod.spec.log_extra,
         )
 
-    async def _undo(self, pod: Pod) -> None:
-        """A failed install leaves the namespace as it was: take out what may have gone in."""
+    async def _undo(self, pod: Pod) -> bool:
+        """A failed install leaves the namespace as it was: take out what may have gone in.
+        False (logged) if that failed too: the pod's install row must then stay."""
         assert pod.netns is not None
         try:
             await self.redirector.remove(pod.netns)
         except (RedirectError, NetnsError, OSError) as exc:
             log.error("cannot take out a partly installed rule set: %s", exc, extra=pod.spec.log_extra)
+            return False
+        return True
 
     async def in_place(self, pod: Pod) -> bool:
         """Whether the rules in the pod's netns are still the ones ``pod.rules_digest`` recorded."""

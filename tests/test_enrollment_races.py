@@ -60,15 +60,24 @@ class GatedRedirector(Redirector):
         self.install_gate = Gate()
         self.removal = Gate()
         self.refuse = ""
+        #: The install puts the rules in, then fails with this.
+        self.fail_after = ""
+        #: A removal fails with this.
+        self.refuse_removal = ""
 
     async def install(self, netns: NetnsHandle) -> Installed:
         await self.install_gate.passing()
         if self.refuse:
             raise RedirectError(self.refuse)
-        return await super().install(netns)
+        installed = await super().install(netns)
+        if self.fail_after:
+            raise RedirectError(self.fail_after)
+        return installed
 
     async def remove(self, netns: NetnsHandle) -> None:
         await self.removal.passing()
+        if self.refuse_removal:
+            raise RedirectError(self.refuse_removal)
         await super().remove(netns)
 
 
@@ -234,6 +243,22 @@ async def test_an_enrollment_that_fails_to_commit_takes_its_own_rules_out(
     assert "u1" not in agent.agent.pods
     assert not has_rules(a)
     assert agent.committed("installs") == []  # its rules are out: nothing for a next start to do
+
+
+async def test_an_install_that_cannot_be_taken_out_keeps_its_row_for_the_next_start(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    # (a node agent out of fds: iptables could not even be started to take its rules out)
+    a = make_pod()
+    agent.redirector.fail_after = "ip6tables-restore: Too many open files"
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    with pytest.raises(EnrollmentError) as info:
+        await agent.agent.add_pod(agent.spec("u1", a))
+    assert info.value.outcome is EnrollmentOutcome.RULES
+    assert str(info.value).endswith("what went in could not be taken out: the next start does it")
+    assert "u1" not in agent.agent.pods
+    assert has_rules(a)
+    assert agent.committed("installs") == ["u1"]  # forgotten, those rules would stay for good
 
 
 async def test_a_store_that_cannot_commit_an_install_row_refuses_the_pod_before_any_rule(

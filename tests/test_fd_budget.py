@@ -8,8 +8,10 @@ Run under ``prlimit --nofile=220:220`` so the limit is reached with a few pods."
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +27,15 @@ pytestmark = pytest.mark.root
 LIMIT = 220
 PODS = 24
 PER_POD = 7
+#: The node agent's: its reserve and ~60 of its own (gRPC, the pod store, the ZDS and control
+#: sockets, epoll, stdio), then one fd a pod.
+AGENT_LIMIT = defaults.NODE_AGENT_FD_RESERVE + 100
+AGENT_PODS = 120
 
 
-@pytest.fixture
-def netns_paths() -> Iterator[list[str]]:
+def made_netns(count: int) -> Iterator[list[str]]:
     tag = secrets.token_hex(3)
-    names = [f"zfd-{tag}-{i}" for i in range(PODS)]
+    names = [f"zfd-{tag}-{i}" for i in range(count)]
     paths: list[str] = []
     try:
         for name in names:
@@ -39,6 +44,16 @@ def netns_paths() -> Iterator[list[str]]:
     finally:
         for name in names:
             delete_netns(name, missing_ok=True)
+
+
+@pytest.fixture
+def netns_paths() -> Iterator[list[str]]:
+    yield from made_netns(PODS)
+
+
+@pytest.fixture
+def many_netns_paths() -> Iterator[list[str]]:
+    yield from made_netns(AGENT_PODS)
 
 
 def test_past_the_fd_budget_a_pod_is_nacked_and_pending_never_a_crash(
@@ -118,3 +133,66 @@ def test_both_sides_size_their_fd_table_at_start_within_the_soft_limit(tmp_path:
     finally:
         ztunnel.stop()
         server.stop()
+
+
+def ipt_rules(netns_path: str) -> str:
+    """The ISTIO lines of iptables-save in the netns at ``netns_path``."""
+    done = subprocess.run(
+        ["nsenter", f"--net={netns_path}", "iptables-save"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return "\n".join(line for line in done.stdout.splitlines() if "ISTIO" in line)
+
+
+def pipes_of(pid: int) -> int:
+    return sum(
+        os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:") for fd in os.listdir(f"/proc/{pid}/fd")
+    )
+
+
+def test_a_node_agent_out_of_fds_refuses_a_pod_before_touching_its_netns(
+    tmp_path: Path, many_netns_paths: list[str]
+) -> None:
+    # Out of fds mid-install, the rules it had put in could not be taken out (iptables could
+    # not be started), and each failed start of iptables leaked its pipes: never got there.
+    server = NodeAgentProc(
+        str(tmp_path), redirect=True, wrapper=["prlimit", f"--nofile={AGENT_LIMIT}:{AGENT_LIMIT}", "--"]
+    ).wait_ready()
+    ztunnel = ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel.log"), "--no-listeners")
+    try:
+        wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
+        pipes = pipes_of(server.pid)
+        acked: list[str] = []
+        refused: dict[str, str] = {}
+        for i, path in enumerate(many_netns_paths):
+            try:
+                server.add_pod(f"u{i}", path)
+                acked.append(f"u{i}")
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                refused[f"u{i}"] = exc.details() or ""
+            if len(refused) == 3:
+                break
+        assert acked == [f"u{i}" for i in range(len(acked))] and len(refused) == 3
+        assert len(acked) >= AGENT_LIMIT - defaults.NODE_AGENT_FD_RESERVE - 60
+        for uid, reason in refused.items():
+            assert re.fullmatch(
+                rf"fd budget exhausted: the node agent has \d+ of {AGENT_LIMIT} fds open \(RLIMIT_NOFILE\), "
+                rf"a pod takes 1 and {defaults.NODE_AGENT_FD_RESERVE} are kept free .*",
+                reason,
+            ), reason
+            assert ipt_rules(many_netns_paths[int(uid[1:])]) == "", f"{uid}'s netns was touched"
+        assert ipt_rules(many_netns_paths[0]), "the acked pods have their rules"
+        assert AGENT_LIMIT - fd_count(server.pid) >= defaults.NODE_AGENT_FD_RESERVE - 1
+        assert pipes_of(server.pid) == pipes
+        assert {p.uid for p in server.list_pods()} == set(acked)
+
+        # Room again: the refused pod goes in.
+        server.remove_pod(acked[0])
+        again = next(iter(refused))
+        server.add_pod(again, many_netns_paths[int(again[1:])])
+        assert ipt_rules(many_netns_paths[int(again[1:])])
+    finally:
+        ztunnel.stop()
+        server.stop()
+    assert "Traceback" not in server.output()

@@ -58,6 +58,11 @@ NETNS_FD_FLOOR = 1024
 #: Both sides make their fd table this large at start-up (``runtime.grow_fd_table``): the node
 #: agent's netns fds from NETNS_FD_FLOOR up, the ztunnel side's 7 a pod, need no growth below it.
 FD_TABLE_ENTRIES = 8192
+#: File descriptors the node agent keeps free: a pod whose netns fd would leave fewer is
+#: refused before anything is touched. What an enrollment needs besides its netns fd comes
+#: from here: iptables' pipes, the dup each queued send holds (BULK_WINDOW of them at once),
+#: client and ztunnel connections. Out of fds, an install could not be taken out again.
+NODE_AGENT_FD_RESERVE = 256
 #: Enrollments one AddPods stream (the bulk path) runs at a time.
 BULK_WINDOW = 64
 #: Once that many run, how many must end before more start (they then start together).

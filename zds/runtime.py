@@ -231,6 +231,23 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def fd_shortage(reserve: int, highest: int | None = None) -> tuple[int, int] | None:
+    """(fds open, soft RLIMIT_NOFILE) when fewer than ``reserve`` fds are free, else None.
+    ``highest``, the number of an fd just made, spares the count (a listing of every fd)
+    while it is far from the limit: fds are numbered from the lowest free one up."""
+    import os
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY or (highest is not None and highest < limit - reserve):
+        return None
+    try:
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one the listing had open
+    except OSError:  # (EMFILE: not even that one)
+        in_use = limit
+    return (in_use, limit) if limit - in_use < reserve else None
+
+
 def grow_fd_table(entries: int) -> None:
     """Make the kernel's fd table of this process hold ``entries`` fds now (at most the soft
     RLIMIT_NOFILE), so that opening that many needs no growth later. The kernel grows the
