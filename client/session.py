@@ -32,9 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import FrameType
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.workloads import WorkloadProxies, WorkloadProxy, workload_log_extra
+from zds.client.workloads import WorkloadProxies, WorkloadProxy, out_of_fds, workload_log_extra
 from zds.protocol.messages import request_kind
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 from zds.protocol.workloads import (
@@ -138,7 +138,17 @@ class RecordWork:
                 exc,
                 extra={**workload_log_extra(workload.uid, workload.info), "conn": self.conn_id},
             )
-            return self.protocol.proxy_failed(workload.uid, str(exc))
+            error, release = str(exc), False
+            floor = self.proxies.settings.fd_reserve // 2
+            if out_of_fds(exc) and runtime.fd_shortage(floor) is not None:
+                # Each pending pod holds its netns fd for the retry: past half the reserve,
+                # they would take the room a netns fd needs to be received at all.
+                error += (
+                    f"; its netns fd is let go (fewer than {floor} fds free): "
+                    "it starts once the node agent sends it again"
+                )
+                release = True
+            return self.protocol.proxy_failed(workload.uid, error, release_netns=release)
         self.started.append(proxy)
         return self.protocol.proxy_started(workload.uid)
 

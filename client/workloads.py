@@ -31,6 +31,7 @@ on 127.0.0.1 and ::1), 5 without.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -96,6 +97,22 @@ class ProxySettings:
 
 class ProxyStartError(ZdsError):
     """A proxy could not start; the text goes after ``failure to start proxy : ``."""
+
+
+class FdBudgetExhausted(ProxyStartError):
+    """Starting the proxy would leave the process fewer than ``fd_reserve`` fds."""
+
+
+def out_of_fds(exc: BaseException) -> bool:
+    """Whether a failed proxy start ran out of fds: the budget, or EMFILE/ENFILE on the way."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FdBudgetExhausted):
+            return True
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def workload_log_extra(uid: str, info: WorkloadInfo | None) -> dict[str, str]:
@@ -276,7 +293,7 @@ class WorkloadProxies:
         if shortage is None:
             return
         in_use, limit = shortage
-        raise ProxyStartError(
+        raise FdBudgetExhausted(
             f"fd budget exhausted: {in_use} of {limit} fds open (RLIMIT_NOFILE), a pod takes "
             f"{len(socks)} and {reserve} are kept free; raise the limit (ulimit -n, LimitNOFILE) "
             "or serve fewer pods with this ztunnel"

@@ -31,6 +31,8 @@ PER_POD = 7
 #: sockets, epoll, stdio), then one fd a pod.
 AGENT_LIMIT = defaults.NODE_AGENT_FD_RESERVE + 100
 AGENT_PODS = 120
+#: Past the ztunnel side's budget: its pods, then more pending ones than the reserve holds.
+OVERFLOW_PODS = (LIMIT - defaults.FD_RESERVE) // PER_POD + defaults.FD_RESERVE + 12
 
 
 def made_netns(count: int) -> Iterator[list[str]]:
@@ -196,3 +198,67 @@ def test_a_node_agent_out_of_fds_refuses_a_pod_before_touching_its_netns(
         ztunnel.stop()
         server.stop()
     assert "Traceback" not in server.output()
+
+
+@pytest.fixture
+def overflow_netns_paths() -> Iterator[list[str]]:
+    yield from made_netns(OVERFLOW_PODS)
+
+
+def test_pending_pods_past_half_the_reserve_let_their_netns_go_and_the_connection_holds(
+    tmp_path: Path, overflow_netns_paths: list[str]
+) -> None:
+    # Each pending pod held its netns fd for the retry: past the reserve, a netns fd could not
+    # be received (MSG_CTRUNC), the connection failed, the snapshot hit the same wall, for good;
+    # and a restart at the limit died importing its own code (EMFILE).
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    log = str(tmp_path / "ztunnel.log")
+    ztunnel = ZtunnelProc(server.zds_socket, log, "--retry-interval", "0.2", fd_limit=LIMIT)
+    try:
+        wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
+        outcomes: dict[str, str] = {}
+        for i, path in enumerate(overflow_netns_paths):
+            try:
+                server.add_pod(f"u{i}", path)
+                outcomes[f"u{i}"] = "acked"
+            except grpc.RpcError as exc:
+                assert exc.code() is grpc.StatusCode.FAILED_PRECONDITION, exc
+                outcomes[f"u{i}"] = exc.details() or ""
+        acked = [uid for uid, o in outcomes.items() if o == "acked"]
+        refused = {uid: o for uid, o in outcomes.items() if o != "acked"}
+        let_go = [uid for uid, o in refused.items() if "its netns fd is let go" in o]
+        assert all("fd budget exhausted" in o for o in refused.values()), refused
+        kept = [uid for uid in refused if uid not in let_go]
+        assert kept and let_go, refused
+        assert kept == list(refused)[: len(kept)], "pods keep their netns until half the reserve is left"
+        assert server.connected_count() == 1, "the connection held"
+        # (half the reserve free when the last pod let its netns go; HTTP may have taken some since)
+        assert LIMIT - fd_count(ztunnel.pid) >= defaults.FD_RESERVE // 4
+        states = ztunnel.config_dump()["workloadState"]
+        assert {uid for uid, w in states.items() if w["state"] == "Pending"} == set(refused)
+
+        # Room again: pods that kept their netns come up at the next retry, about one for each
+        # pod removed; those that let it go wait for the node agent's next snapshot.
+        for uid in acked:
+            server.remove_pod(uid)
+
+        def up() -> set[str]:
+            return {u for u, w in ztunnel.config_dump()["workloadState"].items() if w["state"] == "Up"}
+
+        wait_until(
+            lambda: len(up()) >= min(len(kept), len(acked) - 2), "pending pods that kept their netns up"
+        )
+        assert up() <= set(kept)
+        ztunnel.stop()
+        assert "Traceback" not in ztunnel.output()
+
+        # A restart at the limit with more pods than fit: up, serving, never out of fds.
+        ztunnel = ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel2.log"), fd_limit=LIMIT)
+        wait_until(lambda: "snapshot reconciled" in ztunnel.output(), "the restarted ztunnel's snapshot")
+        assert ztunnel.proc.poll() is None
+        assert LIMIT - fd_count(ztunnel.pid) >= defaults.FD_RESERVE // 4
+        assert ztunnel.config_dump()["workloadState"]
+    finally:
+        ztunnel.stop()
+        server.stop()
+    assert "Traceback" not in ztunnel.output()

@@ -339,6 +339,28 @@ def test_a_proxy_that_cannot_start_is_nacked_pending_and_retried(
     assert proto.retry_pending() == []
 
 
+def test_a_pending_workload_that_lets_its_netns_go_waits_for_the_node_agent(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    # (the ztunnel side out of fds: pending pods may not take the room a netns fd needs)
+    proto.connection_made()
+    fd = netns.new()
+    proto.receive(Record(add("a"), [fd]))
+    nack = only_reply(proto.proxy_failed("a", "fd budget exhausted", release_netns=True))
+    assert nack.error == "failure to start proxy : fd budget exhausted"
+    w = proto.workloads["a"]
+    assert not is_open(fd) and w.netns_fd is None
+    assert w.state is WorkloadState.PENDING and proto.has_pending
+    assert proto.retry_pending() == [], "nothing to retry with"
+    snapshot(proto)
+    assert not proto.ready
+    proto.connection_lost()
+    proto.connection_made()  # the node agent's next snapshot sends it again, with its netns
+    again = netns.new()
+    start_ok(proto, "a", again)
+    assert proto.workloads["a"].state is WorkloadState.UP
+
+
 def test_pending_workloads_are_forgotten_on_reconnect(proto: ZtunnelProtocol, netns: Netns) -> None:
     proto.connection_made()
     fd = netns.new()

@@ -301,11 +301,15 @@ class ZtunnelProtocol:
             return []
         return [self._ack(outstanding.request)]
 
-    def proxy_failed(self, uid: str, error: str) -> list[Event]:
-        """The proxy of ``uid`` could not start: it stays pending (retry later).
-        Returns the ``failure to start proxy`` nack if an Add was waiting for it."""
+    def proxy_failed(self, uid: str, error: str, *, release_netns: bool = False) -> list[Event]:
+        """The proxy of ``uid`` could not start: it stays pending (retry later; with
+        ``release_netns``, its netns fd is closed and it waits for the node agent to send
+        it again). Returns the ``failure to start proxy`` nack if an Add was waiting for it."""
         outstanding = self._take_outstanding(uid)
         self._set_state(outstanding.workload, WorkloadState.PENDING)
+        if release_netns and outstanding.workload.netns_fd is not None:
+            os.close(outstanding.workload.netns_fd)
+            outstanding.workload.netns_fd = None
         outstanding.workload.last_error = error
         outstanding.workload.failures += 1
         if outstanding.request is None:
@@ -318,7 +322,8 @@ class ZtunnelProtocol:
         if self.state is ConnectionState.STOPPED:
             return []
         starts: list[StartProxy] = []
-        for w in [w for w in self._workloads.values() if w.uid in self._pending]:
+        waiting = [w for w in self._workloads.values() if w.uid in self._pending and w.netns_fd is not None]
+        for w in waiting:
             self._set_state(w, WorkloadState.STARTING)
             self._outstanding[w.uid] = _Outstanding(request=None, workload=w)
             starts.append(StartProxy(w, retry=True))
