@@ -135,6 +135,10 @@ class NodeAgent:
         """Remove a pod: rules out, DelWorkload to every connection (see ``Enrollment.remove``)."""
         return await self.enrollment.remove(uid)
 
+    async def release_unknown(self, uid: str) -> list[DeleteResult]:
+        """DelWorkload to every connection for a uid no pod has (``Enrollment.release_unknown``)."""
+        return await self.enrollment.release_unknown(uid)
+
     def inject_fault(self, spec: FaultSpec) -> Fault:
         """Arm a fault (``FaultError`` when it makes no sense); see ``zds.server.faults``."""
         return self.fault_book.inject(spec)

@@ -107,7 +107,11 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         try:
             pod, results = await self.agent.remove_pod(request.uid)
         except KeyError:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled")
+            # Istio sends the delete whatever its cache holds; so does zds, and says it.
+            sent = await self._release_unknown(request.uid)
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled{sent}"
+            )
         except RemovalNotRecorded as exc:
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
         return nodeagent_pb2.RemovePodResponse(
@@ -116,6 +120,15 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 nodeagent_pb2.DeleteDelivery(connection_id=r.conn_id, error=r.error) for r in results
             ],
         )
+
+    async def _release_unknown(self, uid: str) -> str:
+        try:
+            results = await self.agent.release_unknown(uid)
+        except ValueError:  # enrolled meanwhile: that enrollment stands
+            return ""
+        if not results:
+            return ""
+        return f" (DelWorkload sent to {len(results)} ztunnel connection(s) anyway, as Istio does)"
 
     async def ListPods(
         self, request: nodeagent_pb2.ListPodsRequest, context: grpc.aio.ServicerContext

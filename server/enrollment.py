@@ -50,6 +50,8 @@ from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from opentelemetry import context as otel_context
+
     from zds.server.faults import FaultBook
 
 log = logging.getLogger("zds.server")
@@ -420,19 +422,33 @@ class Enrollment:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
                 await self._remove_rules(pod)
                 self._unrecord(uid)
-                conns = self.registry.ready()
-                if self.faults is not None:
-                    conns = self.faults.route_del(conns)
-                ctx = spans.trace_context(span)
-                answers = await asyncio.gather(
-                    *(c.deliver(DelWorkload(uid=uid), trace_context=ctx) for c in conns),
-                    return_exceptions=True,
-                )
+                results = await self._broadcast_del(uid, spans.trace_context(span))
         finally:
             self.cache.removed(uid)
             if self.faults is None or not self.faults.leak(pod):
                 pod.close()
-        return pod, [
+        return pod, results
+
+    async def release_unknown(self, uid: str) -> list[DeleteResult]:
+        """DelWorkload to every connection for a uid no pod has, as Istio's RemovePodFromMesh
+        sends it whatever its cache holds: a ztunnel still serving such a workload lets it
+        go; to the others it is a no-op. Nothing else changes."""
+        if uid in self.cache or uid in self._uids:
+            raise ValueError(f"pod {uid} is enrolled; remove it")
+        log.info("DelWorkload for a pod not enrolled", extra={"uid": uid})
+        return await self.tasks.run(self._broadcast_del(uid, None))
+
+    async def _broadcast_del(
+        self, uid: str, trace_context: otel_context.Context | None
+    ) -> list[DeleteResult]:
+        conns = self.registry.ready()
+        if self.faults is not None:
+            conns = self.faults.route_del(conns)
+        answers = await asyncio.gather(
+            *(c.deliver(DelWorkload(uid=uid), trace_context=trace_context) for c in conns),
+            return_exceptions=True,
+        )
+        return [
             DeleteResult(conn.id, answer.error if isinstance(answer, Ack) else str(answer))
             for conn, answer in zip(conns, answers, strict=True)
         ]

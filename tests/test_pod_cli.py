@@ -30,6 +30,7 @@ from tests.harness import (
 from tests.standins import RawPeer, request_of
 from zds import defaults
 from zds.gen import nodeagent_pb2
+from zds.protocol.messages import DelWorkload
 from zds.server import bulkwire
 
 pytestmark = pytest.mark.root
@@ -213,6 +214,32 @@ def test_pod_remove_reports_each_connection(server: NodeAgentProc) -> None:
     assert json.loads(server.cli("pod", "list", "--json").stdout) == []
     missing = server.cli("pod", "remove", "--uid", "u1")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_removing_a_pod_not_enrolled_still_tells_every_ztunnel_as_istio_does(server: NodeAgentProc) -> None:
+    # (a ztunnel may hold a workload the node agent forgot; Istio's RemovePodFromMesh sends
+    # DelWorkload whatever its cache holds)
+    peer = connected_peer(server)
+    received = []
+
+    def answer() -> None:
+        got = peer.expect()
+        got.close_fds()
+        received.append(request_of(got))
+        peer.ack("")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        out = server.cli("pod", "remove", "--uid", "ghost")
+        thread.join(10)
+    finally:
+        peer.close()
+    assert received == [DelWorkload(uid="ghost")]
+    assert out.returncode == 1
+    assert "NOT_FOUND" in out.stderr and "no pod with uid ghost is enrolled" in out.stderr
+    assert "DelWorkload sent to 1 ztunnel connection(s) anyway" in out.stderr
+    assert json.loads(server.cli("pod", "list", "--json").stdout) == []
 
 
 def test_the_node_agents_own_answer_is_shown_even_when_it_says_permission_denied(
