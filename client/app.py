@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -262,13 +261,12 @@ class Ztunnel:
         """Serve until SIGTERM/SIGINT (exit 0) or a fatal protocol error (exit 1)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
+        for sig in runtime.STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         try:
             return await self.serve(stop)
         finally:
-            for sig in signals:
+            for sig in runtime.STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     async def serve(self, stop: asyncio.Event) -> int:

@@ -188,7 +188,7 @@ class StopSignals:
         self.requested = False
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in runtime.STOP_SIGNALS:
             signal.signal(sig, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:

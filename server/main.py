@@ -22,7 +22,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -389,7 +388,7 @@ async def run_server(options: ServerOptions) -> int:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in runtime.STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
@@ -406,7 +405,7 @@ async def run_server(options: ServerOptions) -> int:
         log.error("%s", exc)
         return 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in runtime.STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         await server.stop()
 

@@ -196,11 +196,14 @@ def test_a_node_agent_that_is_not_there_is_an_error_not_a_pass(tmp_path: pathlib
     assert not [n for n in made if n.startswith("zdsck-")]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_sigterm_stops_the_check_as_ctrl_c_and_it_removes_what_it_made(
-    start_server: StartServer, tmp_path: pathlib.Path
+    start_server: StartServer, tmp_path: pathlib.Path, signum: signal.Signals
 ) -> None:
-    """SIGTERM (``timeout``, a CI runner) killed zds check where it stood: the namespaces of its
-    pods stayed for good. Now it stops as on Ctrl-C: clean-up, one line, exit 128+15."""
+    """SIGTERM (``timeout``, a CI runner) or SIGHUP (the terminal gone) killed zds check where it
+    stood: the namespaces of its pods stayed for good. Now it stops as on Ctrl-C: clean-up, one
+    line, exit 128+N; and the pods it had given the node agent are taken back (they stayed
+    enrolled there, holding their netns)."""
     server = start_server()
 
     def ours() -> set[str]:
@@ -215,16 +218,17 @@ def test_a_sigterm_stops_the_check_as_ctrl_c_and_it_removes_what_it_made(
         start_new_session=True,  # (its own session: no signal from the test's terminal)
     )
     try:
-        wait_until(lambda: ours() - before, "the check's first pod netns")
-        check.send_signal(signal.SIGTERM)
+        wait_until(lambda: server.list_pods(), "the check's first pod in the node agent")
+        check.send_signal(signum)
         _, err = check.communicate(timeout=60)
     finally:
         if check.poll() is None:
             check.kill()
             check.wait()
-    assert check.returncode == 128 + signal.SIGTERM, err
-    assert err.splitlines()[-1] == "zds check node-agent: stopped by SIGTERM; what it made is removed"
+    assert check.returncode == 128 + signum, err
+    assert err.splitlines()[-1] == f"zds check node-agent: stopped by {signum.name}; what it made is removed"
     assert ours() - before == set()
+    assert server.list_pods() == []
 
 
 def test_a_control_socket_that_does_not_answer_is_said_at_once_not_blamed_on_the_node_agent(

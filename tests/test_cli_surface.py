@@ -9,13 +9,15 @@ import io
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc
+from tests.harness import ZDS, NodeAgentProc, wait_until
 from zds import cliflags, defaults
 from zds.cli import PART_OF, build_parser, command_of
 
@@ -599,3 +601,56 @@ def test_numbers_a_flag_cannot_take_are_refused_in_one_line(
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines()[-1].startswith(f"zds {argv[0]}") and says in done.stderr.splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_command_started_with_stdin_stdout_or_stderr_closed_runs_as_with_dev_null(closed: int) -> None:
+    # The first file opened took the number: `zds netns list >&-` was a traceback.
+    done = subprocess.run(
+        [*ZDS, "netns", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(closed),  # (only os.close: safe after fork)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_the_ztunnel_side_started_with_a_std_fd_closed_stops_cleanly(
+    closed: int, tmp_path: pathlib.Path
+) -> None:
+    # uvloop's epoll fd took the number: log lines went into it, and at the stop libuv's
+    # own check (fd > STDERR_FILENO) aborted the process (exit 134, a core dump).
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                *ZDS,
+                "ztunnel",
+                "--zds-socket",
+                str(tmp_path / "nobody.sock"),
+                "--admin-listen",
+                "off",
+                "--readiness-listen",
+                "off",
+                "--metrics-listen",
+                "off",
+            ],
+            stdout=out,
+            stderr=out,
+            preexec_fn=lambda: os.close(closed),
+        )
+        try:
+            if closed == 2:
+                time.sleep(1.5)  # (nothing to read: its log goes to /dev/null)
+            else:
+                wait_until(lambda: "failed to connect to the node agent" in log.read_text(), "its first try")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -95,8 +95,10 @@ def interrupted_at(step: str, *signals: int) -> tuple[int, str]:
     return proc.returncode, "".join(seen) + rest
 
 
-def test_ctrl_c_in_the_middle_still_cleans_up() -> None:
-    code, out = interrupted_at("4. Enrolling", signal.SIGINT)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_in_the_middle_still_cleans_up(sig: int) -> None:
+    # (SIGHUP: the terminal or ssh session went away; it killed the demo where it stood)
+    code, out = interrupted_at("4. Enrolling", sig)
     assert code == 130, out
     assert "interrupted; cleaned up" in out
     wait_until(lambda: leftovers() == [], timeout=10, what="the demo's namespaces and bridge to go")

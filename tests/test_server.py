@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import threading
@@ -511,6 +512,8 @@ def test_a_directory_at_a_socket_path_is_refused_in_one_line(
     ("flags", "says"),
     [
         (["--http-listen", "foo"], "--http-listen 'foo': expected HOST:PORT"),
+        # (the kernel took 99999 as 34463)
+        (["--http-listen", "127.0.0.1:99999"], "port 99999 is not a TCP port (0-65535)"),
         (["--grpc-listen", "127.0.0.1:0"], "--grpc-listen"),  # neither TLS nor --grpc-insecure
         (["--pods", "{tmp}/pods.yaml"], "neither JSON lines nor valid YAML"),
         (["--faults", "{tmp}/faults.jsonl"], "--faults {tmp}/faults.jsonl: "),
@@ -561,6 +564,15 @@ def test_a_state_directory_others_can_write_is_refused_before_anything_is_writte
 
 def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) -> None:
     assert server.stop() == 0
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        assert not os.path.exists(path)
+
+
+def test_sighup_stops_it_as_sigterm_does(server: NodeAgentProc) -> None:
+    # (the terminal or ssh session it ran in went away: it died with its sockets left)
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.proc.wait(30) == 0
+    assert "node agent stopped" in server.output()
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
         assert not os.path.exists(path)
 

@@ -572,7 +572,7 @@ def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_stops_reading_closes_every_listener_and_exits_0(
     agent: FakeNodeAgent,
     start_ztunnel: Callable[..., ZtunnelProc],

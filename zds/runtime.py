@@ -62,8 +62,30 @@ def defer_import(name: str) -> None:
         setattr(sys.modules[parent], child, module)
 
 
+#: What stops a zds command the way Ctrl-C does, with its clean-up: also SIGHUP (the terminal
+#: or ssh session it ran in went away), which killed it where it stood.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ensure_std_fds() -> None:
+    """fds 0, 1 and 2 open (on /dev/null where a caller closed them): else the first file or
+    socket opened takes the number, and output, log lines (or libuv's own checks, which abort
+    the process) go to it."""
+    import sys
+
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (None: Python found it closed)
+
+
 class Interrupts:
-    """SIGINT and SIGTERM as KeyboardInterrupt, for a command that cleans up on Ctrl-C (the
+    """SIGINT, SIGTERM and SIGHUP as KeyboardInterrupt, for a command that cleans up on Ctrl-C (the
     demo, ``zds netns``): SIGTERM had killed it where it stood. In ``held()`` sections (starting
     a child and noting it; the clean-up) an interrupt waits for the section's end, then is
     raised. ``interrupted`` stays set: an interrupt raised where Python swallows exceptions
@@ -78,7 +100,7 @@ class Interrupts:
 
     def __enter__(self) -> Interrupts:
         global _interrupts
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handler)
         _interrupts = self
         return self

@@ -50,6 +50,7 @@ async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> R
             durations[scenario] = time.monotonic() - started
     finally:
         await session.shutdown()
+        await session.take_back()
         await driver.close()
         factory.close()
     report.context = [

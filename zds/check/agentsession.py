@@ -10,6 +10,7 @@ error, not a pass: no check can hold vacuously.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
@@ -87,6 +88,8 @@ class AgentSession:
         self.actions: list[str] = []
         self._connections: list[StrictConnection] = []
         self._tasks: list[asyncio.Task[str]] = []
+        #: Pods given to the node agent and not taken back yet (by uid).
+        self._given: dict[str, CheckPod] = {}
 
     @property
     def connection_count(self) -> int:
@@ -157,10 +160,22 @@ class AgentSession:
     # -- pods --------------------------------------------------------------------------
     def add(self, pod: CheckPod) -> asyncio.Task[str]:
         """Start adding ``pod`` on the node agent (in the background: it waits for our ack)."""
+        self._given[pod.uid] = pod
         return self._start(f"add {pod.name}", self.driver.add(pod))
 
     def remove(self, pod: CheckPod) -> asyncio.Task[str]:
+        self._given.pop(pod.uid, None)
         return self._start(f"remove {pod.name}", self.driver.remove(pod))
+
+    async def take_back(self, within: float = 15.0) -> None:
+        """Remove from the node agent every pod the check gave it and did not remove (a run
+        stopped midway): they would stay enrolled there, holding their netns."""
+        given, self._given = list(self._given.values()), {}
+        if not given:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await asyncio.gather(*(self.driver.remove(pod) for pod in given), return_exceptions=True)
 
     def _start(self, what: str, call: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
         task = asyncio.ensure_future(call)

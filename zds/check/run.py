@@ -42,8 +42,12 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
         print(f"zds check {role}: {exc}", file=sys.stderr)
         return 2
     except asyncio.CancelledError:
-        print(f"zds check {role}: stopped by SIGTERM; what it made is removed", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
+        print(
+            f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
+            file=sys.stderr,
+        )
+        return 128 + signum
     sys.stdout.write(report.render_text())
     sys.stdout.flush()
     for path, text in ((args.json, report.render_json), (args.junit, report.render_junit)):
@@ -62,11 +66,13 @@ async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Repo
     # and processes it made): it had killed the check where it stood, leaving them.
     main = asyncio.current_task()
     assert main is not None
-    old = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid(), asyncio.get_running_loop(), main))
+    handler = _on_sigterm(os.getpid(), asyncio.get_running_loop(), main)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return await _checks(role, args, selected)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> Report:
@@ -104,6 +110,10 @@ async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> R
     return await run_ztunnel_checks(zoptions, selected)
 
 
+#: The signals that stopped the run (SIGTERM, SIGHUP), in order.
+_stopped_by: list[int] = []
+
+
 def _on_sigterm(pid: int, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Report]) -> Any:
     """A SIGTERM handler that cancels ``main`` once (a second one does not cut its clean-up
     short). Not asyncio's add_signal_handler: a child forked to make a netns would pass its
@@ -112,6 +122,7 @@ def _on_sigterm(pid: int, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Re
 
     def handler(signum: int, _frame: object) -> None:
         if not runtime.in_forked_child(pid, signum):
+            _stopped_by.append(signum)
             loop.call_soon_threadsafe(_stop, main)
 
     return handler
