@@ -86,8 +86,11 @@ def _lock(path: str, lock: str) -> int:
                 "paths (--zds-socket, --control-socket, --cni-socket, --state-dir)"
             ) from None
         raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    # Who holds it, for another agent's refusal; the lock is the flock, so a full disk
+    # (ENOSPC: a traceback at start) leaves the pid out and nothing else.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 

@@ -61,6 +61,8 @@ def split_host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()):
         raise StartupError(f"{flag} {value!r}: expected HOST:PORT")
+    if int(port) > 65535:  # (the kernel would take it modulo 65536)
+        raise StartupError(f"{flag} {value!r}: port {port} is not a TCP port (0-65535)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
