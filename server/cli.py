@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -253,7 +254,15 @@ def main(args: argparse.Namespace) -> int:
             allow=AllowList.default(args.allow_uid, [*args.allow_gid, *([gid] if gid is not None else [])]),
         ),
     )
-    runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
+    soft, _ = runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
+    if soft < 2 * defaults.NODE_AGENT_FD_RESERVE:
+        logging.getLogger("zds.server").warning(
+            "RLIMIT_NOFILE is %d: %d fds are kept free, so at most ~%d pods can be enrolled; "
+            "raise the limit (ulimit -n, LimitNOFILE)",
+            soft,
+            defaults.NODE_AGENT_FD_RESERVE,
+            max(0, soft - defaults.NODE_AGENT_FD_RESERVE - 40),
+        )
     runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)  # before gRPC starts its threads
     return runtime.run(run_server(options), use_uvloop=not args.no_uvloop)
 

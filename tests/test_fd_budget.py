@@ -163,6 +163,10 @@ def test_a_node_agent_out_of_fds_refuses_a_pod_before_touching_its_netns(
     ztunnel = ZtunnelProc(server.zds_socket, str(tmp_path / "ztunnel.log"), "--no-listeners")
     try:
         wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
+        assert (
+            f"RLIMIT_NOFILE is {AGENT_LIMIT}: {defaults.NODE_AGENT_FD_RESERVE} fds are kept free"
+            in server.output()
+        )
         pipes = pipes_of(server.pid)
         acked: list[str] = []
         refused: dict[str, str] = {}
