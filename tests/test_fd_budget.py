@@ -58,6 +58,28 @@ def many_netns_paths() -> Iterator[list[str]]:
     yield from made_netns(AGENT_PODS)
 
 
+def add_each(
+    server: NodeAgentProc,
+    paths: list[str],
+    refusal: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION,
+    most_refused: int | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Add a pod u0, u1, ... in each netns, in turn (until ``most_refused`` were refused):
+    (the acked, {the refused: why}); each refusal must be ``refusal``."""
+    acked: list[str] = []
+    refused: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            server.add_pod(f"u{i}", path)
+            acked.append(f"u{i}")
+        except grpc.RpcError as exc:
+            assert exc.code() is refusal, exc
+            refused[f"u{i}"] = exc.details() or ""
+            if len(refused) == most_refused:
+                break
+    return acked, refused
+
+
 def test_past_the_fd_budget_a_pod_is_nacked_and_pending_never_a_crash(
     tmp_path: Path, netns_paths: list[str]
 ) -> None:
@@ -67,16 +89,7 @@ def test_past_the_fd_budget_a_pod_is_nacked_and_pending_never_a_crash(
     )
     try:
         wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
-        outcomes: dict[str, str] = {}
-        for i, path in enumerate(netns_paths):
-            try:
-                server.add_pod(f"u{i}", path)
-                outcomes[f"u{i}"] = "acked"
-            except grpc.RpcError as exc:
-                assert exc.code() is grpc.StatusCode.FAILED_PRECONDITION, exc
-                outcomes[f"u{i}"] = exc.details() or ""
-        acked = [uid for uid, o in outcomes.items() if o == "acked"]
-        refused = {uid: o for uid, o in outcomes.items() if o != "acked"}
+        acked, refused = add_each(server, netns_paths)
         # The first pods fit; from the first one that does not, every one is refused.
         assert acked == [f"u{i}" for i in range(len(acked))] and refused
         # ... and the budget is the fds, not a guess: all but the reserve and ~40 of the
@@ -168,17 +181,9 @@ def test_a_node_agent_out_of_fds_refuses_a_pod_before_touching_its_netns(
             in server.output()
         )
         pipes = pipes_of(server.pid)
-        acked: list[str] = []
-        refused: dict[str, str] = {}
-        for i, path in enumerate(many_netns_paths):
-            try:
-                server.add_pod(f"u{i}", path)
-                acked.append(f"u{i}")
-            except grpc.RpcError as exc:
-                assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                refused[f"u{i}"] = exc.details() or ""
-            if len(refused) == 3:
-                break
+        acked, refused = add_each(
+            server, many_netns_paths, grpc.StatusCode.RESOURCE_EXHAUSTED, most_refused=3
+        )
         assert acked == [f"u{i}" for i in range(len(acked))] and len(refused) == 3
         assert len(acked) >= AGENT_LIMIT - defaults.NODE_AGENT_FD_RESERVE - 60
         for uid, reason in refused.items():
@@ -220,16 +225,7 @@ def test_pending_pods_past_half_the_reserve_let_their_netns_go_and_the_connectio
     ztunnel = ZtunnelProc(server.zds_socket, log, "--retry-interval", "0.2", fd_limit=LIMIT)
     try:
         wait_until(lambda: server.connected_count() == 1, "ztunnel connected")
-        outcomes: dict[str, str] = {}
-        for i, path in enumerate(overflow_netns_paths):
-            try:
-                server.add_pod(f"u{i}", path)
-                outcomes[f"u{i}"] = "acked"
-            except grpc.RpcError as exc:
-                assert exc.code() is grpc.StatusCode.FAILED_PRECONDITION, exc
-                outcomes[f"u{i}"] = exc.details() or ""
-        acked = [uid for uid, o in outcomes.items() if o == "acked"]
-        refused = {uid: o for uid, o in outcomes.items() if o != "acked"}
+        acked, refused = add_each(server, overflow_netns_paths)
         let_go = [uid for uid, o in refused.items() if "its netns fd is let go" in o]
         assert all("fd budget exhausted" in o for o in refused.values()), refused
         kept = [uid for uid in refused if uid not in let_go]
