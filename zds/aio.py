@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import Any
 
 
@@ -21,3 +22,18 @@ async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
     except asyncio.CancelledError:
         if current is not None and current.cancelling() > before:
             raise
+
+
+async def finished_within(aw: Awaitable[Any], within: float) -> bool:
+    """Wait up to ``within`` seconds for ``aw``; False (it is cancelled) if it did not finish.
+    For a clean-up that runs after its task was cancelled: there, Python 3.11's
+    ``asyncio.timeout`` raises CancelledError instead of TimeoutError when the time is up
+    (it counts the earlier cancel as its own), which skipped the rest of the clean-up."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if task in done:
+        with contextlib.suppress(Exception):
+            task.result()  # (retrieved: its error is the caller's to find some other way)
+        return True
+    await cancel_and_wait(task)
+    return False

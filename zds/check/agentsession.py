@@ -10,7 +10,6 @@ error, not a pass: no check can hold vacuously.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zds import defaults
-from zds.aio import cancel_and_wait
+from zds.aio import cancel_and_wait, finished_within
 from zds.check.agentchecks import BY_NAME
 from zds.check.pods import CheckPod, PodDriver, PodFactory
 from zds.check.records import ConnectionRules, Seen
@@ -173,9 +172,9 @@ class AgentSession:
         given, self._given = list(self._given.values()), {}
         if not given:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await asyncio.gather(*(self.driver.remove(pod) for pod in given), return_exceptions=True)
+        await finished_within(
+            asyncio.gather(*(self.driver.remove(pod) for pod in given), return_exceptions=True), within
+        )
 
     def _start(self, what: str, call: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
         task = asyncio.ensure_future(call)

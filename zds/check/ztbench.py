@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from zds import defaults
-from zds.aio import cancel_and_wait
+from zds.aio import cancel_and_wait, finished_within
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
 from zds.check.ztconn import ZtConn
@@ -133,10 +133,7 @@ class Bench:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # the session we started for it
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
+        if not await finished_within(proc.wait(), 10):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
