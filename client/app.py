@@ -261,12 +261,12 @@ class Ztunnel:
         """Serve until SIGTERM/SIGINT (exit 0) or a fatal protocol error (exit 1)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in runtime.STOP_SIGNALS:
+        for sig in runtime.stop_signals():
             loop.add_signal_handler(sig, stop.set)
         try:
             return await self.serve(stop)
         finally:
-            for sig in runtime.STOP_SIGNALS:
+            for sig in runtime.stop_signals():
                 loop.remove_signal_handler(sig)
 
     async def serve(self, stop: asyncio.Event) -> int:

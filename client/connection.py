@@ -269,7 +269,7 @@ class ZdsClient:
         """How long until pending workloads are retried (None: nothing pending). The timer
         starts when a workload first goes pending and keeps running while records come and go."""
         loop = asyncio.get_running_loop()
-        if not self.protocol.has_pending:
+        if not self.protocol.has_retryable:  # (one that let its netns go waits for the node agent)
             self._retry_at = None
             return None
         if self._retry_at is None:

@@ -34,7 +34,13 @@ from types import FrameType
 
 from zds import defaults, runtime
 from zds.client.metrics import ZtunnelMetrics
-from zds.client.workloads import WorkloadProxies, WorkloadProxy, out_of_fds, workload_log_extra
+from zds.client.workloads import (
+    FdBudgetExhausted,
+    WorkloadProxies,
+    WorkloadProxy,
+    out_of_fds,
+    workload_log_extra,
+)
 from zds.protocol.messages import request_kind
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 from zds.protocol.workloads import (
@@ -140,7 +146,11 @@ class RecordWork:
             )
             error, release = str(exc), False
             floor = self.proxies.settings.fd_reserve // 2
-            if out_of_fds(exc) and runtime.fd_shortage(floor) is not None:
+            if isinstance(exc, FdBudgetExhausted):  # (it counted them: no second count)
+                short = exc.free < floor
+            else:
+                short = out_of_fds(exc) and runtime.fd_shortage(floor) is not None
+            if short:
                 # Each pending pod holds its netns fd for the retry: past half the reserve,
                 # they would take the room a netns fd needs to be received at all.
                 error += (
@@ -188,7 +198,7 @@ class StopSignals:
         self.requested = False
 
     def install(self) -> None:
-        for sig in runtime.STOP_SIGNALS:
+        for sig in runtime.stop_signals():
             signal.signal(sig, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:

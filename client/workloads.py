@@ -57,6 +57,7 @@ from zds.netns import (
     NetnsError,
     NetnsHandle,
     NetnsIdentity,
+    OutOfFds,
     current_netns,
     in_netns,
     netns_identity,
@@ -100,14 +101,19 @@ class ProxyStartError(ZdsError):
 
 
 class FdBudgetExhausted(ProxyStartError):
-    """Starting the proxy would leave the process fewer than ``fd_reserve`` fds."""
+    """Starting the proxy would leave the process fewer than ``fd_reserve`` fds; ``free``:
+    how many are free once its sockets are closed again."""
+
+    def __init__(self, message: str, free: int) -> None:
+        super().__init__(message)
+        self.free = free
 
 
 def out_of_fds(exc: BaseException) -> bool:
     """Whether a failed proxy start ran out of fds: the budget, or EMFILE/ENFILE on the way."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, FdBudgetExhausted):
+        if isinstance(seen, FdBudgetExhausted | OutOfFds):
             return True
         if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
             return True
@@ -296,7 +302,8 @@ class WorkloadProxies:
         raise FdBudgetExhausted(
             f"fd budget exhausted: {in_use} of {limit} fds open (RLIMIT_NOFILE), a pod takes "
             f"{len(socks)} and {reserve} are kept free; raise the limit (ulimit -n, LimitNOFILE) "
-            "or serve fewer pods with this ztunnel"
+            "or serve fewer pods with this ztunnel",
+            free=limit - in_use + len(socks),
         )
 
     def activate(self, proxy: WorkloadProxy) -> None:

@@ -433,10 +433,14 @@ class Enrollment:
         """DelWorkload to every connection for a uid no pod has, as Istio's RemovePodFromMesh
         sends it whatever its cache holds: a ztunnel still serving such a workload lets it
         go; to the others it is a no-op. Nothing else changes."""
-        if uid in self.cache or uid in self._uids:
-            raise ValueError(f"pod {uid} is enrolled; remove it")
-        log.info("DelWorkload for a pod not enrolled", extra={"uid": uid})
-        return await self.tasks.run(self._broadcast_del(uid, None))
+        return await self.tasks.run(self._release_unknown(uid))
+
+    async def _release_unknown(self, uid: str) -> list[DeleteResult]:
+        async with self._uids.hold(uid):  # (an Add of this uid under way goes first, and stands)
+            if uid in self.cache:
+                raise ValueError(f"pod {uid} is enrolled; remove it")
+            log.info("DelWorkload for a pod not enrolled", extra={"uid": uid})
+            return await self._broadcast_del(uid, None)
 
     async def _broadcast_del(
         self, uid: str, trace_context: otel_context.Context | None

@@ -388,7 +388,7 @@ async def run_server(options: ServerOptions) -> int:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in runtime.STOP_SIGNALS:
+    for sig in runtime.stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
@@ -405,7 +405,7 @@ async def run_server(options: ServerOptions) -> int:
         log.error("%s", exc)
         return 1
     finally:
-        for sig in runtime.STOP_SIGNALS:
+        for sig in runtime.stop_signals():
             loop.remove_signal_handler(sig)
         await server.stop()
 

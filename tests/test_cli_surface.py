@@ -654,3 +654,37 @@ def test_the_ztunnel_side_started_with_a_std_fd_closed_stops_cleanly(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.root
+def test_started_with_sighup_ignored_as_nohup_does_a_sighup_stops_nothing(tmp_path: pathlib.Path) -> None:
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                *ZDS,
+                "ztunnel",
+                "--zds-socket",
+                str(tmp_path / "nobody.sock"),
+                "--admin-listen",
+                "off",
+                "--readiness-listen",
+                "off",
+                "--metrics-listen",
+                "off",
+            ],
+            stdout=out,
+            stderr=out,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+        try:
+            wait_until(lambda: "failed to connect to the node agent" in log.read_text(), "its first try")
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(1)  # (nothing to wait for: it goes on)
+            assert proc.poll() is None, log.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

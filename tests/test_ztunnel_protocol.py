@@ -351,6 +351,7 @@ def test_a_pending_workload_that_lets_its_netns_go_waits_for_the_node_agent(
     w = proto.workloads["a"]
     assert not is_open(fd) and w.netns_fd is None
     assert w.state is WorkloadState.PENDING and proto.has_pending
+    assert not proto.has_retryable  # (no retry timer for it)
     assert proto.retry_pending() == [], "nothing to retry with"
     snapshot(proto)
     assert not proto.ready

@@ -62,9 +62,18 @@ def defer_import(name: str) -> None:
         setattr(sys.modules[parent], child, module)
 
 
-#: What stops a zds command the way Ctrl-C does, with its clean-up: also SIGHUP (the terminal
-#: or ssh session it ran in went away), which killed it where it stood.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stop_signals: tuple[signal.Signals, ...] | None = None
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """What stops a zds command the way Ctrl-C does, with its clean-up: also SIGHUP (the
+    terminal or ssh session it ran in went away), which killed it where it stood, unless the
+    process was started with SIGHUP ignored (``nohup``): that stays so. Decided once."""
+    global _stop_signals
+    if _stop_signals is None:
+        hup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+        _stop_signals = (signal.SIGINT, signal.SIGTERM, *hup)
+    return _stop_signals
 
 
 def ensure_std_fds() -> None:
@@ -100,7 +109,7 @@ class Interrupts:
 
     def __enter__(self) -> Interrupts:
         global _interrupts
-        for sig in STOP_SIGNALS:
+        for sig in stop_signals():
             self._old[sig] = signal.signal(sig, self._handler)
         _interrupts = self
         return self

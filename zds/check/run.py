@@ -67,7 +67,8 @@ async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Repo
     main = asyncio.current_task()
     assert main is not None
     handler = _on_sigterm(os.getpid(), asyncio.get_running_loop(), main)
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _stopped_by.clear()
+    old = {sig: signal.signal(sig, handler) for sig in runtime.stop_signals() if sig != signal.SIGINT}
     try:
         return await _checks(role, args, selected)
     finally:

@@ -120,6 +120,8 @@ class ZtunnelProtocol:
         # (they are asked once per record: a scan made a snapshot quadratic).
         self._up: set[str] = set()
         self._pending: set[str] = set()
+        #: Pending workloads that let their netns fd go: nothing to retry them with.
+        self._netnsless: set[str] = set()
         self.state = ConnectionState.DISCONNECTED
         #: Why the manager stopped for good (set with ConnectionState.STOPPED).
         self.fatal_error: str | None = None
@@ -139,6 +141,11 @@ class ZtunnelProtocol:
     def has_pending(self) -> bool:
         """Whether a workload waits for a retry of its proxy."""
         return bool(self._pending)
+
+    @property
+    def has_retryable(self) -> bool:
+        """Whether a pending workload can be retried (it still holds its netns fd)."""
+        return len(self._pending) > len(self._netnsless)
 
     @property
     def up_count(self) -> int:
@@ -310,6 +317,7 @@ class ZtunnelProtocol:
         if release_netns and outstanding.workload.netns_fd is not None:
             os.close(outstanding.workload.netns_fd)
             outstanding.workload.netns_fd = None
+            self._netnsless.add(uid)
         outstanding.workload.last_error = error
         outstanding.workload.failures += 1
         if outstanding.request is None:
@@ -322,7 +330,9 @@ class ZtunnelProtocol:
         if self.state is ConnectionState.STOPPED:
             return []
         starts: list[StartProxy] = []
-        waiting = [w for w in self._workloads.values() if w.uid in self._pending and w.netns_fd is not None]
+        waiting = [
+            w for w in self._workloads.values() if w.uid in self._pending and w.uid not in self._netnsless
+        ]
         for w in waiting:
             self._set_state(w, WorkloadState.STARTING)
             self._outstanding[w.uid] = _Outstanding(request=None, workload=w)
@@ -343,12 +353,15 @@ class ZtunnelProtocol:
         w.state = state
         (self._up.add if state is WorkloadState.UP else self._up.discard)(w.uid)
         (self._pending.add if state is WorkloadState.PENDING else self._pending.discard)(w.uid)
+        if state is not WorkloadState.PENDING:
+            self._netnsless.discard(w.uid)
 
     def _forget(self, uid: str) -> None:
         w = self._workloads.pop(uid, None)
         self._outstanding.pop(uid, None)
         self._up.discard(uid)
         self._pending.discard(uid)
+        self._netnsless.discard(uid)
         if w is not None and w.netns_fd is not None:
             os.close(w.netns_fd)
 
