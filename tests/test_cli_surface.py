@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -617,6 +618,29 @@ def test_a_command_started_with_stdin_stdout_or_stderr_closed_runs_as_with_dev_n
     assert "Traceback" not in done.stderr
 
 
+@contextlib.contextmanager
+def lonely_ztunnel(
+    tmp_path: pathlib.Path, prepare: Callable[[], object]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``zds ztunnel`` with no node agent to reach (it keeps trying), ``prepare`` run in the
+    child before exec; its log in ``tmp_path/log``; killed at the end if still running."""
+    argv = [*ZDS, "ztunnel", "--zds-socket", str(tmp_path / "nobody.sock")]
+    argv += ["--admin-listen", "off", "--readiness-listen", "off", "--metrics-listen", "off"]
+    with open(tmp_path / "log", "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, preexec_fn=prepare)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def tried_once(tmp_path: pathlib.Path) -> None:
+    log = tmp_path / "log"
+    wait_until(lambda: "failed to connect to the node agent" in log.read_text(), "its first try")
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("closed", [0, 1, 2])
 def test_the_ztunnel_side_started_with_a_std_fd_closed_stops_cleanly(
@@ -624,67 +648,21 @@ def test_the_ztunnel_side_started_with_a_std_fd_closed_stops_cleanly(
 ) -> None:
     # uvloop's epoll fd took the number: log lines went into it, and at the stop libuv's
     # own check (fd > STDERR_FILENO) aborted the process (exit 134, a core dump).
-    log = tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                *ZDS,
-                "ztunnel",
-                "--zds-socket",
-                str(tmp_path / "nobody.sock"),
-                "--admin-listen",
-                "off",
-                "--readiness-listen",
-                "off",
-                "--metrics-listen",
-                "off",
-            ],
-            stdout=out,
-            stderr=out,
-            preexec_fn=lambda: os.close(closed),
-        )
-        try:
-            if closed == 2:
-                time.sleep(1.5)  # (nothing to read: its log goes to /dev/null)
-            else:
-                wait_until(lambda: "failed to connect to the node agent" in log.read_text(), "its first try")
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with lonely_ztunnel(tmp_path, lambda: os.close(closed)) as proc:
+        if closed == 2:
+            time.sleep(1.5)  # (nothing to read: its log goes to /dev/null)
+        else:
+            tried_once(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 @pytest.mark.root
 def test_started_with_sighup_ignored_as_nohup_does_a_sighup_stops_nothing(tmp_path: pathlib.Path) -> None:
-    log = tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                *ZDS,
-                "ztunnel",
-                "--zds-socket",
-                str(tmp_path / "nobody.sock"),
-                "--admin-listen",
-                "off",
-                "--readiness-listen",
-                "off",
-                "--metrics-listen",
-                "off",
-            ],
-            stdout=out,
-            stderr=out,
-            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-        )
-        try:
-            wait_until(lambda: "failed to connect to the node agent" in log.read_text(), "its first try")
-            proc.send_signal(signal.SIGHUP)
-            time.sleep(1)  # (nothing to wait for: it goes on)
-            assert proc.poll() is None, log.read_text()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with lonely_ztunnel(tmp_path, lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as proc:
+        tried_once(tmp_path)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)  # (nothing to wait for: it goes on)
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
