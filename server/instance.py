@@ -71,6 +71,10 @@ def _lock(path: str, lock: str) -> int:
     try:
         if parent:
             os.makedirs(parent, mode=0o750, exist_ok=True)
+    except OSError as exc:  # (makedirs says "File exists" for a parent that is a file)
+        why = "not a directory" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
+        raise InstanceError(f"cannot use {path}: its directory {parent}: {why}") from exc
+    try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc

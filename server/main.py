@@ -39,7 +39,7 @@ from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
-from zds.server.instance import InstanceError, InstanceLock, PrivateDir, socket_lock, state_lock
+from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, PrivateDir, socket_lock, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.peergate import PeerGate
@@ -159,6 +159,10 @@ class NodeAgentServer:
         from zds.server.faultsfile import load_faults_file
 
         opts = self.options
+        for flag, path in (("--zds-socket", opts.zds_socket), ("--control-socket", opts.control_socket)):
+            _bindable(flag, path)
+        if opts.cni_socket:
+            _bindable("--cni-socket", opts.cni_socket)
         if opts.http_listen:
             split_host_port(opts.http_listen, "--http-listen")
         control_tcp(opts)
@@ -177,6 +181,7 @@ class NodeAgentServer:
         opts = self.options
         sockets = [opts.zds_socket, opts.control_socket] + ([opts.cni_socket] if opts.cni_socket else [])
         self._used_before = os.path.exists(state_lock(opts.state_dir))
+        made = not os.path.lexists(opts.state_dir)
         try:
             os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
             st = os.stat(opts.state_dir)
@@ -196,6 +201,9 @@ class NodeAgentServer:
                 + [(opts.state_dir, state_lock(opts.state_dir))]
             )
         except InstanceError as exc:
+            if made:  # (another agent serves a socket: the state directory this start made goes)
+                with contextlib.suppress(OSError):
+                    os.rmdir(opts.state_dir)
             raise StartupError(str(exc)) from exc
         self._claimed = True
 
@@ -408,6 +416,16 @@ async def run_server(options: ServerOptions) -> int:
         for sig in runtime.stop_signals():
             loop.remove_signal_handler(sig)
         await server.stop()
+
+
+def _bindable(flag: str, path: str) -> None:
+    """A unix socket can be bound at ``path`` (checked before anything is made for it)."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise StartupError(
+            f"{flag} {path}: {size} bytes, longer than a unix socket path may be ({SUN_PATH_MAX}); "
+            "give a shorter one"
+        )
 
 
 def _host_port(host: str, port: int) -> str:

@@ -514,6 +514,8 @@ def test_a_directory_at_a_socket_path_is_refused_in_one_line(
         (["--http-listen", "foo"], "--http-listen 'foo': expected HOST:PORT"),
         # (the kernel took 99999 as 34463)
         (["--http-listen", "127.0.0.1:99999"], "port 99999 is not a TCP port (0-65535)"),
+        # (its directory, its lock and the pod store were made first)
+        (["--zds-socket", "{tmp}/" + "d" * 100 + "/z.sock"], "longer than a unix socket path may be (107)"),
         (["--grpc-listen", "127.0.0.1:0"], "--grpc-listen"),  # neither TLS nor --grpc-insecure
         (["--pods", "{tmp}/pods.yaml"], "neither JSON lines nor valid YAML"),
         (["--faults", "{tmp}/faults.jsonl"], "--faults {tmp}/faults.jsonl: "),

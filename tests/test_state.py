@@ -624,6 +624,23 @@ def test_a_second_server_on_the_same_sockets_refuses_and_the_first_keeps_serving
         assert not os.path.exists(path)
 
 
+def test_a_second_server_refused_for_a_socket_leaves_no_state_dir_of_its_own(
+    agents: Agents, tmp_path: Path
+) -> None:
+    first = agents.start()
+    state = tmp_path / "second-state"
+    (tmp_path / "second").mkdir()
+    second = NodeAgentProc(
+        str(tmp_path / "second"), "--zds-socket", first.zds_socket, "--state-dir", str(state), name="second"
+    )
+    try:
+        assert second.wait_exit() == 1
+        assert f"another zds server (pid {first.pid}) is serving {first.zds_socket}" in second.output()
+        assert not state.exists(), "the refused start made a state directory and left it"
+    finally:
+        second.stop()
+
+
 def test_a_second_server_on_the_same_state_dir_refuses(agents: Agents, tmp_path: Path) -> None:
     first = agents.start()
     other = tmp_path / "other"
