@@ -277,7 +277,7 @@ class ZdsClient:
             log.info(
                 "scheduling retry of pending workloads in %gs: %s",
                 self.retry_interval,
-                ", ".join(self.protocol.pending_uids),
+                ", ".join(self.protocol.retryable_uids),
                 extra={"conn": self._conn_id},
             )
         return max(0.0, self._retry_at - loop.time())

@@ -31,3 +31,13 @@ async def test_a_clean_up_after_a_cancel_gets_its_bounded_wait_and_goes_on() -> 
 
 async def test_what_finishes_in_time_is_said_so() -> None:
     assert await finished_within(asyncio.sleep(0), 5) is True
+
+
+async def test_a_caller_cancelled_while_it_waits_takes_what_it_waited_for_along() -> None:
+    inner = asyncio.ensure_future(asyncio.sleep(30))
+    waiting = asyncio.create_task(finished_within(inner, 30))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert waiting.cancelled() and inner.cancelled()

@@ -30,7 +30,11 @@ async def finished_within(aw: Awaitable[Any], within: float) -> bool:
     ``asyncio.timeout`` raises CancelledError instead of TimeoutError when the time is up
     (it counts the earlier cancel as its own), which skipped the rest of the clean-up."""
     task = asyncio.ensure_future(aw)
-    done, _ = await asyncio.wait({task}, timeout=within)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=within)
+    except BaseException:  # cancelled while waiting: what it waited for goes too
+        task.cancel()
+        raise
     if task in done:
         with contextlib.suppress(Exception):
             task.result()  # (retrieved: its error is the caller's to find some other way)

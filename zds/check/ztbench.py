@@ -133,9 +133,13 @@ class Bench:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # the session we started for it
-        if not await finished_within(proc.wait(), 10):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            stopped = await finished_within(proc.wait(), 10)
+        finally:
+            if proc.returncode is None:  # (also when cancelled meanwhile: nobody else will)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if not stopped:
             await proc.wait()
 
     # -- connections --------------------------------------------------------------------------

@@ -133,14 +133,15 @@ class ZtunnelProtocol:
         return self._workloads
 
     @property
-    def pending_uids(self) -> list[str]:
-        """Workloads whose proxy is not up (failed, waiting for a retry, or starting)."""
-        return sorted(uid for uid in self._workloads if uid not in self._up)
+    def has_pending(self) -> bool:
+        """Whether a workload's proxy is not up (waiting for a retry, or, without its netns fd,
+        for the node agent to send it again)."""
+        return bool(self._pending)
 
     @property
-    def has_pending(self) -> bool:
-        """Whether a workload waits for a retry of its proxy."""
-        return bool(self._pending)
+    def retryable_uids(self) -> list[str]:
+        """The pending workloads a retry starts again (they still hold their netns fd)."""
+        return sorted(self._pending - self._netnsless)
 
     @property
     def has_retryable(self) -> bool:
