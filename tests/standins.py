@@ -134,7 +134,10 @@ class AckingPeer:
             self.received.append(request)
             if self.delay:
                 time.sleep(self.delay)  # being slow is the point (a slow ztunnel), not synchronisation
-            self.raw.ack(self.nack.get(request.uid, "") if isinstance(request, AddWorkload) else "")
+            try:
+                self.raw.ack(self.nack.get(request.uid, "") if isinstance(request, AddWorkload) else "")
+            except (BrokenPipeError, ConnectionResetError):
+                return  # a node agent stopped before it read the answer: gone, as at EOF
 
     def close(self) -> None:
         self._stop.set()
