@@ -266,7 +266,6 @@ def fd_shortage(reserve: int, highest: int | None = None) -> tuple[int, int] | N
     """(fds open, soft RLIMIT_NOFILE) when fewer than ``reserve`` fds are free, else None.
     ``highest``, the number of an fd just made, spares the count (a listing of every fd)
     while it is far from the limit: fds are numbered from the lowest free one up."""
-    import os
     import resource
 
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -287,7 +286,6 @@ def grow_fd_table(entries: int) -> None:
     the fd that needed it. Costs 8 bytes and two bits an entry of kernel memory; where it
     cannot be done, the table grows as it would have."""
     import fcntl
-    import os
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
