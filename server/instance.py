@@ -4,9 +4,11 @@ Each path a node agent serves (its sockets, its state directory) gets a lock
 file beside it (``PATH.lock``; ``DIR/zds.lock``) held with ``flock`` for the
 life of the process: the kernel drops the lock when the process dies, so a
 crashed agent never blocks the next one, and a second agent for any of the
-same paths is refused before it touches anything. The lock file holds the
-holder's pid, for the message. Lock files are left in place on exit (removing
-them would race with the next agent taking them).
+same paths is refused before it touches anything (the state directory is
+``flock``ed itself too: a deleted ``zds.lock`` does not let two agents share one
+pod store). The lock file holds the holder's pid, for the message. Lock files
+are left in place on exit (removing them would race with the next agent taking
+them).
 
 A socket path is only ever unlinked when it holds a socket: a stale one (no
 agent holds its lock) is replaced; anything else there (a regular file, a
@@ -53,10 +55,15 @@ class InstanceLock:
 
     def acquire(self, locks: Iterable[tuple[str, str]]) -> None:
         """Lock each ``(path, lock file)`` (creating parent directories); InstanceError, with
-        every lock taken so far released, if another agent holds one."""
+        every lock taken so far released, if another agent holds one. A lock file inside the
+        directory it guards (the state directory's) comes with a ``flock`` of that directory
+        itself: a lock file deleted while its agent runs would otherwise let a second agent
+        lock a new one there and open the same pod store."""
         try:
             for path, lock in locks:
                 self._fds.append(_lock(path, lock))
+                if lock == state_lock(path):
+                    self._fds.append(_lock_dir(path))
         except BaseException:
             self.release()
             raise
@@ -95,6 +102,25 @@ def _lock(path: str, lock: str) -> int:
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_dir(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InstanceError(f"cannot lock {path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            # Its lock file was taken away (this start made a new one): the pid is not known.
+            raise InstanceError(
+                f"another zds server is serving {path} (its lock file {state_lock(path)} was "
+                "deleted); stop it first, or give this one another --state-dir"
+            ) from None
+        raise InstanceError(f"cannot lock {path}: {exc.strerror}") from exc
     return fd
 
 

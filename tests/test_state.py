@@ -654,6 +654,26 @@ def test_a_second_server_on_the_same_state_dir_refuses(agents: Agents, tmp_path:
         second.stop()
 
 
+def test_a_second_server_on_a_state_dir_whose_lock_file_was_deleted_still_refuses(
+    agents: Agents, tmp_path: Path
+) -> None:
+    first = agents.start()
+    os.unlink(os.path.join(first.state_dir, "zds.lock"))  # (somebody tidying up)
+    other = tmp_path / "other"
+    other.mkdir()
+    second = NodeAgentProc(str(other), "--state-dir", first.state_dir, name="other")
+    try:
+        assert second.wait_exit() == 1
+        lines = [line for line in second.output().splitlines() if first.state_dir in line]
+        assert len(lines) == 1 and f"another zds server is serving {first.state_dir}" in lines[0]
+        assert "Traceback" not in second.output()
+        assert not os.path.exists(second.zds_socket)
+    finally:
+        second.stop()
+    assert first.list_pods() == []  # the first one serves on, its store its own
+    assert first.stop() == 0
+
+
 def test_on_exit_a_server_removes_only_the_socket_it_made(agents: Agents) -> None:
     server = agents.start()
     os.unlink(server.zds_socket)  # somebody replaced it meanwhile
