@@ -324,10 +324,39 @@ class Enrollment:
             pod.close()
             raise
         except RulesError as exc:
-            pod.close()
-            if exc.undone:  # else its install row stays: the next start takes the rules out
+            if exc.undone:
+                pod.close()
                 self._forget_install(pod)
+            else:  # its install row stays (the next start takes the rules out); until then:
+                self.tasks.spawn(self._undo_later(pod), name=f"undo-{pod.uid}")
             raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
+
+    async def _undo_later(self, pod: Pod) -> None:
+        """A failed install whose undo failed too left rules that redirect the pod's traffic to
+        listeners nobody opens: the undo is tried again, the pause growing (UNDO_RETRY_*), until
+        they are out (its install row goes), another pod lives in that netns (they are its
+        rules now; the row stays for the next start, which keeps them), or the node agent
+        stops (the row stays: the next start takes them out). Holds the pod's netns till then."""
+        assert self.rules is not None
+        pause = defaults.UNDO_RETRY_INITIAL
+        try:
+            while True:
+                await asyncio.sleep(pause)
+                async with self._uids.hold(pod.uid):  # (an Add of this uid writes its own row)
+                    out = await self.rules.undo_again(pod, self._in_use)
+                    if out is None:
+                        log.info(
+                            "rules a failed install left are kept: another pod lives in its netns now",
+                            extra=pod.spec.log_extra,
+                        )
+                        return
+                    if out:
+                        self._forget_install(pod)
+                        log.info("rules a failed install left are taken out now", extra=pod.spec.log_extra)
+                        return
+                pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
+        finally:
+            pod.close()
 
     def _forget_install(self, pod: Pod) -> None:
         if self.store is None:

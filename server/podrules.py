@@ -61,7 +61,12 @@ class PodRules:
                 except (RedirectError, NetnsError, OSError) as exc:
                     spans.failed(span, exc)
                     undone = still_used(pod.netns.identity) or await self._undo(pod)
-                    left = "" if undone else "; what went in could not be taken out: the next start does it"
+                    left = (
+                        ""
+                        if undone
+                        else "; what went in could not be taken out: tried again in the background "
+                        "(and at the next start)"
+                    )
                     raise RulesError(
                         f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}{left}",
                         undone=undone,
@@ -84,6 +89,16 @@ class PodRules:
             log.error("cannot take out a partly installed rule set: %s", exc, extra=pod.spec.log_extra)
             return False
         return True
+
+    async def undo_again(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> bool | None:
+        """Try again to take out what a failed install left (its undo had failed too): True
+        once out, False (logged) if that failed again, None if ``still_used``: another pod
+        lives in that netns now, and the rules there are its own."""
+        assert pod.netns is not None
+        async with self._locks.hold(pod.netns.identity):
+            if still_used(pod.netns.identity):
+                return None
+            return await self._undo(pod)
 
     async def in_place(self, pod: Pod) -> bool:
         """Whether the rules in the pod's netns are still the ones ``pod.rules_digest`` recorded."""

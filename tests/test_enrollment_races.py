@@ -22,6 +22,7 @@ import pytest
 
 from tests.harness import Pod, async_wait_until
 from tests.standins import AckingPeer
+from zds import defaults
 from zds.aio import cancel_and_wait
 from zds.netns import NetnsHandle, NetnsRef
 from zds.server.agent import AgentConfig, NodeAgent
@@ -255,10 +256,53 @@ async def test_an_install_that_cannot_be_taken_out_keeps_its_row_for_the_next_st
     with pytest.raises(EnrollmentError) as info:
         await agent.agent.add_pod(agent.spec("u1", a))
     assert info.value.outcome is EnrollmentOutcome.RULES
-    assert str(info.value).endswith("what went in could not be taken out: the next start does it")
+    assert str(info.value).endswith(
+        "what went in could not be taken out: tried again in the background (and at the next start)"
+    )
     assert "u1" not in agent.agent.pods
     assert has_rules(a)
     assert agent.committed("installs") == ["u1"]  # forgotten, those rules would stay for good
+
+
+async def _rules_left_by_a_failed_install(agent: Agent, netns: Pod) -> None:
+    """u1's install fails in ``netns`` and so does its undo: its rules stay there."""
+    agent.redirector.fail_after = "ip6tables-restore: Too many open files"
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    with pytest.raises(EnrollmentError):
+        await agent.agent.add_pod(agent.spec("u1", netns))
+    agent.redirector.fail_after = ""
+    assert has_rules(netns) and agent.committed("installs") == ["u1"]
+
+
+async def test_rules_a_failed_install_could_not_take_out_come_out_once_they_can(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """Until the next start, they redirected the pod's traffic to listeners nobody opens."""
+    a = make_pod()
+    await _rules_left_by_a_failed_install(agent, a)
+    await asyncio.sleep(defaults.UNDO_RETRY_INITIAL + 0.5)  # the first retry fails too
+    assert has_rules(a) and agent.committed("installs") == ["u1"]
+    agent.redirector.refuse_removal = ""
+    await async_wait_until(
+        lambda: not has_rules(a) and not agent.committed("installs"),
+        "the rules out and the install row gone",
+        timeout=3 * defaults.UNDO_RETRY_INITIAL + 5,
+    )
+    assert "u1" not in agent.agent.pods
+
+
+async def test_rules_a_failed_install_left_stay_once_another_pod_lives_in_that_netns(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    a = make_pod()
+    await _rules_left_by_a_failed_install(agent, a)
+    agent.redirector.refuse_removal = ""
+    enrolled = await agent.agent.add_pod(agent.spec("u2", a))  # before the first retry
+    assert enrolled.pod.rules_installed
+    await asyncio.sleep(defaults.UNDO_RETRY_INITIAL + 1.0)
+    rules = agent.agent.enrollment.rules
+    assert rules is not None and await rules.in_place(enrolled.pod), "the retry took out u2's rules"
+    assert agent.committed("installs") == ["u1"]  # the next start sees u2 there and keeps them
 
 
 async def test_a_store_that_cannot_commit_an_install_row_refuses_the_pod_before_any_rule(

@@ -155,6 +155,12 @@ HOST_PROBE_SNAT_IPV6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
 CHAIN_PREROUTING = "ISTIO_PRERT"
 CHAIN_OUTPUT = "ISTIO_OUTPUT"
 
+#: An install whose undo failed too (its rules left in the pod's netns, redirecting its traffic
+#: to listeners nobody opens): the undo is tried again after this many seconds, the pause
+#: doubling up to UNDO_RETRY_MAX, until the rules are out or another pod lives there.
+UNDO_RETRY_INITIAL = 2.0
+UNDO_RETRY_MAX = 60.0
+
 # --- pod sources: the CNI plugin and the container engine -------------------------------
 #: Istio's CNI plugin event paths on the CNI socket: ADD (Istio's), DEL and CHECK (zds's).
 CNI_DEL_EVENT_PATH = "/cmddel"
