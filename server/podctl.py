@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 from google.rpc import code_pb2
@@ -106,7 +106,7 @@ def add(args: argparse.Namespace) -> int:
                     else [_add_one(target, stub, specs[0], args)]
                 )
         if args.json:
-            print(json.dumps(answers, indent=2))
+            _report(lambda: print(json.dumps(answers, indent=2)))
         return 1 if any("error" in a for a in answers) else 0
     except (ControlError, PodSpecError) as exc:
         print(f"zds pod add: {exc}", file=sys.stderr)
@@ -185,7 +185,7 @@ def _answered(
             answers[result.index] = _enrolled(spec, result.response, args)
         else:
             answers[result.index] = _failed(spec, f"{status_name(result.code)}: {result.message}", args)
-    sys.stdout.flush()  # each batch of answers as it comes (not a write per line)
+    _report(sys.stdout.flush)  # each batch of answers as it comes (not a write per line)
 
 
 def _unanswered(
@@ -211,12 +211,22 @@ BULK_BATCH = 64
 BULK_SECONDS_PER_POD = 0.05
 
 
+def _report(write: Callable[[], object]) -> None:
+    """Write to stdout; once its reader is gone (``zds pod add --from-file ... | head -1``) the
+    rest of the report goes nowhere and the enrollment goes on, the exit code saying how it
+    went (stopping there left the pods after it unenrolled, and exited 0)."""
+    try:
+        write()
+    except BrokenPipeError:
+        if not runtime.stdout_reader_gone():
+            raise
+        runtime.discard_stdout()
+
+
 def _enrolled(spec: PodSpec, resp: nodeagent_pb2.AddPodResponse, args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
-        print(
-            f"pod {spec.uid} ({spec.namespace}/{spec.name}) enrolled: "
-            f"acked by ztunnel connection {resp.connection_id}"
-        )
+        line = f"pod {spec.uid} ({spec.namespace}/{spec.name}) enrolled: acked by ztunnel connection {resp.connection_id}"
+        _report(lambda: print(line))
         return {"uid": spec.uid}
     return {"uid": spec.uid, "connection_id": resp.connection_id, "pod": pod_dict(resp.pod)}
 

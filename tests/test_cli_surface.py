@@ -246,7 +246,9 @@ def test_output_into_a_pipe_nobody_reads_is_no_error_and_no_traceback(
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone() -> None:
-    code = "import sys\nfrom zds.cli import _stdout_reader_gone\nsys.stderr.write(str(_stdout_reader_gone()))"
+    code = (
+        "import sys\nfrom zds.runtime import stdout_reader_gone\nsys.stderr.write(str(stdout_reader_gone()))"
+    )
     live = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )

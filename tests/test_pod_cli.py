@@ -419,6 +419,44 @@ def test_pod_add_from_file_says_which_pods_failed_and_exits_one(
     assert "zds pod add: gone: INVALID_ARGUMENT: " in out.stderr and "zdst-missing" in out.stderr
 
 
+@pytest.mark.parametrize("json_output", [False, True], ids=["lines", "json"])
+def test_pod_add_from_file_into_a_pipe_whose_reader_went_away_still_enrolls_every_pod(
+    server: NodeAgentProc, tmp_path: object, json_output: bool
+) -> None:
+    """``zds pod add --from-file pods | head -1``: the command stopped at the broken pipe, the
+    pods after the first few hundred never enrolled, and it exited 0 (with --json: 0 though
+    a pod failed)."""
+    count = 600  # several bulk windows: the report breaks long before the last is sent
+    entries = [{"uid": f"piped-{i}", "netns": pod_netns()} for i in range(count)]
+    path = pods_file(tmp_path, [*entries, {"uid": "gone", "netns": "/var/run/netns/zdst-missing"}])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # (head has read its line and gone)
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, count)
+        done = subprocess.run(
+            [*ZDS, "pod", "add", "--from-file", path, "--control-socket", server.control_socket]
+            + (["--json"] if json_output else []),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+        thread.join(30)
+    finally:
+        os.close(write_end)
+        peer.close()
+    assert done.returncode == 1, "a pod failed"
+    if json_output:
+        assert done.stderr == ""
+    else:
+        assert (
+            done.stderr.startswith("zds pod add: gone: INVALID_ARGUMENT: ") and done.stderr.count("\n") == 1
+        )
+    assert not thread.is_alive(), "not every pod reached ztunnel"
+    assert len(server.list_pods()) == count
+
+
 # -- the bulk lane: zds pod add --from-file on the unix control socket, without gRPC ----------
 
 

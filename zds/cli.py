@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import select
 import sys
 from collections.abc import Sequence
 
@@ -95,27 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        if not _stdout_reader_gone():
+        if not runtime.stdout_reader_gone():
             raise
         # The reader of the output went away (``zds netns list | head -1``): not an error.
-        # stdout is pointed at /dev/null so Python's flush at exit has nothing to complain of.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        runtime.discard_stdout()
         return 0
     finally:
         runtime.started()  # (a command that ended early, before it said so)
     return code
-
-
-def _stdout_reader_gone() -> bool:
-    """Whether stdout is a pipe or socket nobody reads any more (poll: POLLERR/POLLHUP), as
-    opposed to a broken pipe of some other file (a socket of the command's own)."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, OSError):
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

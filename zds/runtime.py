@@ -145,6 +145,30 @@ class Interrupts:
             raise KeyboardInterrupt
 
 
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket nobody reads any more (poll: POLLERR/POLLHUP), as
+    opposed to a broken pipe of some other file (a socket of the command's own)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def discard_stdout() -> None:
+    """From now on what is written to stdout goes to /dev/null (its reader went away), so
+    neither a later write nor Python's flush at exit has anything to complain of."""
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def in_forked_child(pid: int, signum: int) -> bool:
     """For a signal handler installed by process ``pid``: False in that process; in a child
     forked from it without exec (pyroute2 making a netns), the child dies of ``signum`` as it
