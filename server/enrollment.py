@@ -26,6 +26,7 @@ import collections
 import contextlib
 import enum
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -140,6 +141,9 @@ class Enrollment:
         self._uids: KeyedLocks[str] = KeyedLocks()
         #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
         self._enrolling: collections.Counter[NetnsIdentity] = collections.Counter()
+        #: Netns where rules a failed install could not take out are tried again, and the
+        #: uids whose install rows say so (``_undo_later``).
+        self._undoing: dict[NetnsIdentity, set[str]] = {}
 
     def bend_delivery(self, faults: FaultBook | None) -> None:
         """Let ``faults`` bend delivery from now on (None: deliver by the rules again)."""
@@ -327,42 +331,71 @@ class Enrollment:
             if exc.undone:
                 pod.close()
                 self._forget_install(pod)
-            else:  # its install row stays (the next start takes the rules out); until then:
-                self.tasks.spawn(self._undo_later(pod), name=f"undo-{pod.uid}")
-            raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
+                raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
+            self._undo_later(pod)  # its install row stays (the next start takes the rules out)
+            raise EnrollmentError(
+                EnrollmentOutcome.RULES, f"{exc}: tried again in the background (and at the next start)"
+            ) from exc
 
-    async def _undo_later(self, pod: Pod) -> None:
-        """A failed install whose undo failed too left rules that redirect the pod's traffic to
-        listeners nobody opens: the undo is tried again, the pause growing (UNDO_RETRY_*), until
-        they are out (its install row goes), another pod lives in that netns (they are its
-        rules now; the row stays for the next start, which keeps them), or the node agent
-        stops (the row stays: the next start takes them out). Holds the pod's netns till then."""
-        assert self.rules is not None
+    def _undo_later(self, pod: Pod) -> None:
+        """A failed install whose undo failed too left rules that redirect the pod's traffic
+        to listeners nobody opens: the undo is tried again (``_retry_undo``), one task a netns
+        (a second such pod there joins the first's, and lets its netns fd go)."""
+        assert pod.netns is not None
+        uids = self._undoing.get(pod.netns.identity)
+        if uids is not None:
+            uids.add(pod.uid)
+            pod.close()
+            return
+        self._undoing[pod.netns.identity] = {pod.uid}
+        self.tasks.spawn(self._retry_undo(pod), name=f"undo-{pod.uid}")
+
+    async def _retry_undo(self, pod: Pod) -> None:
+        """The pause growing (UNDO_RETRY_*), until the rules are out (the install rows for
+        this netns go, but not one of a uid being enrolled or removed right now), the netns is
+        no longer at its path (the kernel takes them out with it once this fd lets it go; the
+        rows go), a pod is cached in that netns (they are its rules now; the rows stay for the
+        next start, which keeps them), or the node agent stops (the rows stay: the next start
+        takes them out). A pod being enrolled there, not cached yet, defers the try."""
+        assert self.rules is not None and pod.netns is not None
+        identity = pod.netns.identity
         pause = defaults.UNDO_RETRY_INITIAL
         try:
             while True:
                 await asyncio.sleep(pause)
-                async with self._uids.hold(pod.uid):  # (an Add of this uid writes its own row)
-                    out = await self.rules.undo_again(pod, self._in_use)
-                    if out is None:
-                        log.info(
-                            "rules a failed install left are kept: another pod lives in its netns now",
-                            extra=pod.spec.log_extra,
-                        )
-                        return
-                    if out:
-                        self._forget_install(pod)
-                        log.info("rules a failed install left are taken out now", extra=pod.spec.log_extra)
-                        return
                 pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
+                if not _still_at_its_path(pod):
+                    log.info(
+                        "rules a failed install left go with their netns: it is no longer at %s",
+                        pod.spec.netns,
+                        extra=pod.spec.log_extra,
+                    )
+                    break
+                if self.cache.uses_netns(identity):
+                    log.info(
+                        "rules a failed install left are kept: another pod lives in its netns now",
+                        extra=pod.spec.log_extra,
+                    )
+                    return
+                if await self.rules.undo_again(pod, self._in_use):
+                    log.info("rules a failed install left are taken out now", extra=pod.spec.log_extra)
+                    break
+            for uid in sorted(self._undoing[identity]):
+                if uid not in self._uids:  # (an Add or removal of it under way sees to its row)
+                    self._forget_install(pod, uid=uid)
         finally:
+            del self._undoing[identity]
             pod.close()
 
-    def _forget_install(self, pod: Pod) -> None:
+    def _forget_install(self, pod: Pod, *, uid: str = "") -> None:
+        """Take out the install row of ``pod`` (or of ``uid`` for ``pod``'s netns only)."""
         if self.store is None:
             return
         try:
-            self.store.forget_install(pod.uid)
+            if uid:
+                self.store.forget_install(uid, pod.netns.identity if pod.netns is not None else None)
+            else:
+                self.store.forget_install(pod.uid)
         except StoreError as exc:  # the next start takes out rules that are already out
             log.warning("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)
 
@@ -511,3 +544,13 @@ class Enrollment:
 
 def _attributes(spec: PodSpec) -> dict[str, str]:
     return spans.pod_attributes(spec.uid, spec.name, spec.namespace)
+
+
+def _still_at_its_path(pod: Pod) -> bool:
+    """Whether the pod's netns path still leads to the netns ``pod`` holds."""
+    assert pod.netns is not None
+    try:
+        st = os.stat(str(pod.spec.netns))
+    except OSError:
+        return False
+    return NetnsIdentity(st.st_dev, st.st_ino) == pod.netns.identity

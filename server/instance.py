@@ -117,8 +117,8 @@ def _lock_dir(path: str) -> int:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             # Its lock file was taken away (this start made a new one): the pid is not known.
             raise InstanceError(
-                f"another zds server is serving {path} (its lock file {state_lock(path)} was "
-                "deleted); stop it first, or give this one another --state-dir"
+                f"another zds server is serving {path} (its lock file {state_lock(path)} may have "
+                "been deleted); stop it first, or give this one another --state-dir"
             ) from None
         raise InstanceError(f"cannot lock {path}: {exc.strerror}") from exc
     return fd

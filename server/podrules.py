@@ -61,12 +61,7 @@ class PodRules:
                 except (RedirectError, NetnsError, OSError) as exc:
                     spans.failed(span, exc)
                     undone = still_used(pod.netns.identity) or await self._undo(pod)
-                    left = (
-                        ""
-                        if undone
-                        else "; what went in could not be taken out: tried again in the background "
-                        "(and at the next start)"
-                    )
+                    left = "" if undone else "; what went in could not be taken out"
                     raise RulesError(
                         f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}{left}",
                         undone=undone,
@@ -90,15 +85,13 @@ class PodRules:
             return False
         return True
 
-    async def undo_again(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> bool | None:
+    async def undo_again(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> bool:
         """Try again to take out what a failed install left (its undo had failed too): True
-        once out, False (logged) if that failed again, None if ``still_used``: another pod
-        lives in that netns now, and the rules there are its own."""
+        once out; False if that failed again (logged) or ``still_used`` (another pod lives,
+        or is being enrolled, in that netns: not now)."""
         assert pod.netns is not None
         async with self._locks.hold(pod.netns.identity):
-            if still_used(pod.netns.identity):
-                return None
-            return await self._undo(pod)
+            return not still_used(pod.netns.identity) and await self._undo(pod)
 
     async def in_place(self, pod: Pod) -> bool:
         """Whether the rules in the pod's netns are still the ones ``pod.rules_digest`` recorded."""

@@ -302,11 +302,18 @@ class PodStore:
             if not done.done():
                 done.set_result(None)
 
-    def forget_install(self, uid: str) -> None:
+    def forget_install(self, uid: str, identity: NetnsIdentity | None = None) -> None:
         """The pod's rules are not going in (its install failed and what went in came out,
-        or it was taken out at a start): its install row goes."""
+        or it was taken out at a start): its install row goes. With ``identity``, only a row
+        for that netns (the uid may have been sent again, for another netns, meanwhile)."""
         with self._write():
-            self._db.execute("DELETE FROM installs WHERE uid = ?", (uid,))
+            if identity is None:
+                self._db.execute("DELETE FROM installs WHERE uid = ?", (uid,))
+            else:
+                self._db.execute(
+                    "DELETE FROM installs WHERE uid = ? AND netns_dev = ? AND netns_ino = ?",
+                    (uid, identity.dev, identity.ino),
+                )
 
     def mark_removing(self, uid: str) -> None:
         """A removal begins: if it does not finish, the next start finishes it."""

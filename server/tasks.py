@@ -38,5 +38,7 @@ class TaskOwner:
         return await asyncio.shield(self.spawn(coro))
 
     async def cancel_all(self) -> None:
-        for task in list(self._tasks):
-            await cancel_and_wait(task)
+        """Cancel every task, also those a cancelled one spawned on its way out."""
+        while pending := [task for task in self._tasks if not task.done()]:
+            for task in pending:
+                await cancel_and_wait(task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ from tests.standins import AckingPeer
 from zds import defaults
 from zds.aio import cancel_and_wait
 from zds.netns import NetnsHandle, NetnsRef
+from zds.netns.fixtures import delete_netns
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
@@ -291,18 +293,66 @@ async def test_rules_a_failed_install_could_not_take_out_come_out_once_they_can(
     assert "u1" not in agent.agent.pods
 
 
+def undo_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("undo-")]
+
+
 async def test_rules_a_failed_install_left_stay_once_another_pod_lives_in_that_netns(
-    agent: Agent, make_pod: Callable[[], Pod]
+    agent: Agent, make_pod: Callable[[], Pod], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="zds.server")
     a = make_pod()
     await _rules_left_by_a_failed_install(agent, a)
+    assert len(undo_tasks()) == 1
     agent.redirector.refuse_removal = ""
     enrolled = await agent.agent.add_pod(agent.spec("u2", a))  # before the first retry
     assert enrolled.pod.rules_installed
-    await asyncio.sleep(defaults.UNDO_RETRY_INITIAL + 1.0)
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert "rules a failed install left are kept: another pod lives in its netns now" in caplog.text
     rules = agent.agent.enrollment.rules
     assert rules is not None and await rules.in_place(enrolled.pod), "the retry took out u2's rules"
     assert agent.committed("installs") == ["u1"]  # the next start sees u2 there and keeps them
+
+
+async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_netns_goes(
+    agent: Agent, make_pod: Callable[[], Pod], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each retry held a netns fd (the very thing short when removals fail), and kept a torn
+    down pod's netns, and its rules, alive for good."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    await _rules_left_by_a_failed_install(agent, a)
+    agent.redirector.fail_after = "ip6tables-restore: Too many open files"
+    for uid in ("u1", "u2"):
+        with pytest.raises(EnrollmentError):
+            await agent.agent.add_pod(agent.spec(uid, a))
+    assert len(undo_tasks()) == 1
+    assert sorted(agent.committed("installs")) == ["u1", "u2"]
+    assert netns_fds(a.path) == 1, "one netns fd for the retry, none for the pods that joined it"
+    held = os.open(a.path, os.O_RDONLY | os.O_CLOEXEC)  # (to count its fds once it is deleted)
+    delete_netns(a.name)  # the sandbox torn down; removals still fail
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert f"rules a failed install left go with their netns: it is no longer at {a.path}" in caplog.text
+    assert agent.committed("installs") == []
+    try:
+        assert netns_fds(f"/proc/self/fd/{held}") == 1, "the retry let the netns go"
+    finally:
+        os.close(held)
+
+
+def netns_fds(path: str) -> int:
+    """How many of this process's fds are the netns at ``path``."""
+    st = os.stat(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            held = os.stat(f"/proc/self/fd/{fd}")
+            count += (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
+    return count
 
 
 async def test_a_store_that_cannot_commit_an_install_row_refuses_the_pod_before_any_rule(
