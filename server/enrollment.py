@@ -141,9 +141,10 @@ class Enrollment:
         self._uids: KeyedLocks[str] = KeyedLocks()
         #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
         self._enrolling: collections.Counter[NetnsIdentity] = collections.Counter()
-        #: Netns where rules a failed install could not take out are tried again, and the
-        #: uids whose install rows say so (``_undo_later``).
-        self._undoing: dict[NetnsIdentity, set[str]] = {}
+        #: Netns where rules a failed install or removal could not take out are tried again,
+        #: and the uids whose rows say so (True: a pod row marked removing; False: an install
+        #: row) (``_undo_later``).
+        self._undoing: dict[NetnsIdentity, dict[str, bool]] = {}
 
     def bend_delivery(self, faults: FaultBook | None) -> None:
         """Let ``faults`` bend delivery from now on (None: deliver by the rules again)."""
@@ -337,26 +338,29 @@ class Enrollment:
                 EnrollmentOutcome.RULES, f"{exc}: tried again in the background (and at the next start)"
             ) from exc
 
-    def _undo_later(self, pod: Pod) -> None:
-        """A failed install whose undo failed too left rules that redirect the pod's traffic
-        to listeners nobody opens: the undo is tried again (``_retry_undo``), one task a netns
-        (a second such pod there joins the first's, and lets its netns fd go)."""
+    def _undo_later(self, pod: Pod, *, removal: bool = False) -> None:
+        """A failed install whose undo failed too (or a removal whose rules could not be
+        taken out: ``removal``) left rules that redirect the pod's traffic to listeners nobody
+        opens: taking them out is tried again (``_retry_undo``), one task a netns (a second
+        such pod there joins the first's, and lets its netns fd go)."""
         assert pod.netns is not None
         uids = self._undoing.get(pod.netns.identity)
         if uids is not None:
-            uids.add(pod.uid)
+            uids[pod.uid] = removal
             pod.close()
             return
-        self._undoing[pod.netns.identity] = {pod.uid}
-        self.tasks.spawn(self._retry_undo(pod), name=f"undo-{pod.uid}")
+        self._undoing[pod.netns.identity] = {pod.uid: removal}
+        what = "rules a failed removal left" if removal else "rules a failed install left"
+        self.tasks.spawn(self._retry_undo(pod, what), name=f"undo-{pod.uid}")
 
-    async def _retry_undo(self, pod: Pod) -> None:
-        """The pause growing (UNDO_RETRY_*), until the rules are out (the install rows for
-        this netns go, but not one of a uid being enrolled or removed right now), the netns is
-        no longer at its path (the kernel takes them out with it once this fd lets it go; the
-        rows go), a pod is cached in that netns (they are its rules now; the rows stay for the
-        next start, which keeps them), or the node agent stops (the rows stay: the next start
-        takes them out). A pod being enrolled there, not cached yet, defers the try."""
+    async def _retry_undo(self, pod: Pod, what: str) -> None:
+        """The pause growing (UNDO_RETRY_*), until the rules are out (the rows that record
+        them go: install rows for this netns, pod rows marked removing; not one of a uid
+        enrolled again or being enrolled or removed right now), the netns is no longer at its
+        path (the kernel takes them out with it once this fd lets it go; the rows go), a pod
+        is cached in that netns (they are its rules now; the rows stay for the next start,
+        which keeps them), or the node agent stops (the rows stay: the next start takes them
+        out). A pod being enrolled there, not cached yet, defers the try."""
         assert self.rules is not None and pod.netns is not None
         identity = pod.netns.identity
         pause = defaults.UNDO_RETRY_INITIAL
@@ -366,22 +370,28 @@ class Enrollment:
                 pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
                 if not _still_at_its_path(pod):
                     log.info(
-                        "rules a failed install left go with their netns: it is no longer at %s",
+                        "%s go with their netns: it is no longer at %s",
+                        what,
                         pod.spec.netns,
                         extra=pod.spec.log_extra,
                     )
                     break
                 if self.cache.uses_netns(identity):
                     log.info(
-                        "rules a failed install left are kept: another pod lives in its netns now",
+                        "%s are kept: another pod lives in its netns now",
+                        what,
                         extra=pod.spec.log_extra,
                     )
                     return
                 if await self.rules.undo_again(pod, self._in_use):
-                    log.info("rules a failed install left are taken out now", extra=pod.spec.log_extra)
+                    log.info("%s are taken out now", what, extra=pod.spec.log_extra)
                     break
-            for uid in sorted(self._undoing[identity]):
-                if uid not in self._uids:  # (an Add or removal of it under way sees to its row)
+            for uid, removal in sorted(self._undoing[identity].items()):
+                if uid in self._uids or uid in self.cache:  # (its row is its own now)
+                    continue
+                if removal:
+                    self._unrecord(uid)
+                else:
                     self._forget_install(pod, uid=uid)
         finally:
             del self._undoing[identity]
@@ -480,14 +490,21 @@ class Enrollment:
         pod = self.cache.pop(uid)
         log.info("pod removed", extra=pod.spec.log_extra)
         self.events.publish(EventKind.POD_REMOVED, pod=pod)
+        retried = False
         try:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
                 await self._remove_rules(pod)
-                self._unrecord(uid)
+                if self.rules is not None and pod.rules_installed and pod.netns is not None:
+                    # Its rules could not be taken out: its row stays marked removing (the next
+                    # start finishes the removal), and they are tried again meanwhile.
+                    self._undo_later(pod, removal=True)
+                    retried = True
+                else:
+                    self._unrecord(uid)
                 results = await self._broadcast_del(uid, spans.trace_context(span))
         finally:
             self.cache.removed(uid)
-            if self.faults is None or not self.faults.leak(pod):
+            if not retried and (self.faults is None or not self.faults.leak(pod)):
                 pod.close()
         return pod, results
 

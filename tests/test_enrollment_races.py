@@ -344,6 +344,27 @@ async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_n
         os.close(held)
 
 
+async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_once_they_can(
+    agent: Agent, make_pod: Callable[[], Pod], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pod's row went though its rules stayed: nothing would ever take them out (its
+    traffic redirected to listeners nobody opens for it, for good)."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    await agent.agent.remove_pod("u1")  # done whatever happens (Istio's rule)
+    assert "u1" not in agent.agent.pods and has_rules(a)
+    assert agent.committed("pods") == ["u1"], "the only record of those rules"
+    assert [p.removing for p in agent.store.load()] == [True]  # the next start finishes it
+    agent.redirector.refuse_removal = ""
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert "rules a failed removal left are taken out now" in caplog.text
+    assert not has_rules(a) and agent.committed("pods") == []
+
+
 def netns_fds(path: str) -> int:
     """How many of this process's fds are the netns at ``path``."""
     st = os.stat(path)
