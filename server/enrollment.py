@@ -390,7 +390,7 @@ class Enrollment:
                 if uid in self._uids or uid in self.cache:  # (its row is its own now)
                     continue
                 if removal:
-                    self._unrecord(uid)
+                    self._unrecord(uid, identity)
                 else:
                     self._forget_install(pod, uid=uid)
         finally:
@@ -536,14 +536,15 @@ class Enrollment:
             for conn, answer in zip(conns, answers, strict=True)
         ]
 
-    def _unrecord(self, uid: str) -> None:
-        """The removal is done: its row goes. A failure is logged: the row stays marked
-        removing, and the next start finishes the removal (Istio's rule: a delete is done
-        whatever happens; marking it is what ``_remove_cached`` could not do without)."""
+    def _unrecord(self, uid: str, identity: NetnsIdentity | None = None) -> None:
+        """The removal is done: its row goes (with ``identity``: only the removal's row for
+        that netns). A failure is logged: the row stays marked removing, and the next start
+        finishes the removal (Istio's rule: a delete is done whatever happens; marking it is
+        what ``_remove_cached`` could not do without)."""
         if self.store is None:
             return
         try:
-            self.store.delete(uid)
+            self.store.delete(uid, identity)
         except StoreError as exc:
             log.error("cannot record the removal in the pod store: %s", exc, extra={"uid": uid})
 

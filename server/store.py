@@ -320,9 +320,17 @@ class PodStore:
         with self._write():
             self._db.execute("UPDATE pods SET removing = 1 WHERE uid = ?", (uid,))
 
-    def delete(self, uid: str) -> None:
+    def delete(self, uid: str, identity: NetnsIdentity | None = None) -> None:
+        """Delete the pod's row; with ``identity``, only while it is a removal's in that netns
+        (the uid may have been enrolled again, in another netns, meanwhile)."""
         with self._write():
-            self._db.execute("DELETE FROM pods WHERE uid = ?", (uid,))
+            if identity is None:
+                self._db.execute("DELETE FROM pods WHERE uid = ?", (uid,))
+            else:
+                self._db.execute(
+                    "DELETE FROM pods WHERE uid = ? AND removing = 1 AND netns_dev = ? AND netns_ino = ?",
+                    (uid, identity.dev, identity.ino),
+                )
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM pods").fetchone()[0])

@@ -67,6 +67,8 @@ class GatedRedirector(Redirector):
         self.fail_after = ""
         #: A removal fails with this.
         self.refuse_removal = ""
+        #: A removal in a netns of these inodes fails too.
+        self.refuse_removal_in: set[int] = set()
 
     async def install(self, netns: NetnsHandle) -> Installed:
         await self.install_gate.passing()
@@ -79,8 +81,8 @@ class GatedRedirector(Redirector):
 
     async def remove(self, netns: NetnsHandle) -> None:
         await self.removal.passing()
-        if self.refuse_removal:
-            raise RedirectError(self.refuse_removal)
+        if self.refuse_removal or netns.identity.ino in self.refuse_removal_in:
+            raise RedirectError(self.refuse_removal or "iptables-restore: Too many open files")
         await super().remove(netns)
 
 
@@ -363,6 +365,26 @@ async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_onc
     )
     assert "rules a failed removal left are taken out now" in caplog.text
     assert not has_rules(a) and agent.committed("pods") == []
+
+
+async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_uid_elsewhere(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """u1's removal fails in A, u1 comes back in B and its removal fails there too: A's retry,
+    once A's rules were out, deleted the row by uid: B's rules then recorded nowhere."""
+    a, b = make_pod(), make_pod()
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    for netns in (a, b):
+        await agent.agent.add_pod(agent.spec("u1", netns))
+        await agent.agent.remove_pod("u1")
+    assert has_rules(a) and has_rules(b) and len(undo_tasks()) == 2
+    agent.redirector.refuse_removal = ""
+    agent.redirector.refuse_removal_in = {os.stat(b.path).st_ino}  # B's still fail
+    await async_wait_until(lambda: not has_rules(a), "A's rules out", timeout=defaults.UNDO_RETRY_INITIAL + 5)
+    await async_wait_until(lambda: len(undo_tasks()) == 1, "A's retry ended")
+    assert has_rules(b)
+    assert agent.committed("pods") == ["u1"], "B's row went: its rules recorded nowhere"
+    assert [p.identity.ino if p.identity else None for p in agent.store.load()] == [os.stat(b.path).st_ino]
 
 
 def netns_fds(path: str) -> int:
