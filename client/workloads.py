@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from zds.netns import (
     current_netns,
     in_netns,
     netns_identity,
+    netns_identity_of_path,
     validate_netns_fd,
 )
 from zds.netns.kernel import THREAD_NETNS
@@ -363,11 +363,3 @@ class WorkloadProxies:
     def all(self) -> list[WorkloadProxy]:
         """Every running proxy."""
         return list(self._proxies.values())
-
-
-def netns_identity_of_path(path: str) -> NetnsIdentity | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return NetnsIdentity(st.st_dev, st.st_ino)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .enter import in_netns, netns_cookie, run_in_netns
     from .errors import NetnsError, OutOfFds
     from .handle import NetnsHandle, current_netns, open_netns, open_netns_pid, open_netns_ref
-    from .kernel import NetnsIdentity, netns_identity, validate_netns_fd
+    from .kernel import NetnsIdentity, netns_identity, netns_identity_of_path, validate_netns_fd
     from .ref import NetnsRef, NetnsRefError
 
 #: Each name this package offers -> the module it lives in, loaded when the name is first
@@ -37,6 +37,7 @@ _HOME = {
     "OutOfFds": "errors",
     "NetnsIdentity": "kernel",
     "netns_identity": "kernel",
+    "netns_identity_of_path": "kernel",
     "validate_netns_fd": "kernel",
     "NetnsRef": "ref",
     "NetnsRefError": "ref",
@@ -65,6 +66,7 @@ __all__ = [
     "in_netns",
     "netns_cookie",
     "netns_identity",
+    "netns_identity_of_path",
     "open_netns",
     "open_netns_pid",
     "open_netns_ref",

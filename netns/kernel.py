@@ -152,6 +152,15 @@ def netns_identity(fd: int) -> NetnsIdentity:
     return NetnsIdentity(st.st_dev, st.st_ino)
 
 
+def netns_identity_of_path(path: str) -> NetnsIdentity | None:
+    """The identity of the namespace at ``path`` now (None if nothing is there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return NetnsIdentity(st.st_dev, st.st_ino)
+
+
 def socket_netns(sock_fd: int) -> int:
     """A new (close-on-exec) fd of the network namespace the socket ``sock_fd`` was made in.
 

@@ -26,7 +26,6 @@ import collections
 import contextlib
 import enum
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,7 +34,15 @@ from opentelemetry import trace
 
 from zds import defaults, runtime
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, OutOfFds, netns_cookie, open_netns_ref
+from zds.netns import (
+    NetnsError,
+    NetnsHandle,
+    NetnsIdentity,
+    OutOfFds,
+    netns_cookie,
+    netns_identity_of_path,
+    open_netns_ref,
+)
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
 from zds.server.eventkinds import EventKind
@@ -567,8 +574,4 @@ def _attributes(spec: PodSpec) -> dict[str, str]:
 def _still_at_its_path(pod: Pod) -> bool:
     """Whether the pod's netns path still leads to the netns ``pod`` holds."""
     assert pod.netns is not None
-    try:
-        st = os.stat(str(pod.spec.netns))
-    except OSError:
-        return False
-    return NetnsIdentity(st.st_dev, st.st_ino) == pod.netns.identity
+    return netns_identity_of_path(str(pod.spec.netns)) == pod.netns.identity
