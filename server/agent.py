@@ -25,12 +25,13 @@ from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
 from zds.server.connection import ZtunnelConnection
 from zds.server.connrecords import ConnectionInfo, SnapshotItem
-from zds.server.enrollment import DeleteResult, Enrolled, Enrollment
+from zds.server.enrollment import Enrollment
 from zds.server.eventkinds import EventKind
 from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
 from zds.server.faults import Fault, FaultBook, FaultSpec
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.observer import AgentObserver
+from zds.server.outcomes import DeleteResult, Enrolled
 from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules
@@ -111,7 +112,7 @@ class NodeAgent:
 
     def use_store(self, store: PodStore) -> None:
         """Keep pods in ``store`` from now on (set once at start-up, before recovery)."""
-        self.enrollment.store = store
+        self.enrollment.use_store(store)
 
     @property
     def connections(self) -> list[ZtunnelConnection]:

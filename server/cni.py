@@ -30,7 +30,7 @@ from zds.errors import ZdsError
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
 from zds.server.containerpods import ContainerPods
-from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
+from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSource, PodSpec, is_address
 from zds.server.unixhttp import HttpLimits
 

@@ -28,8 +28,8 @@ from zds import defaults
 from zds.netns import NetnsError, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
-from zds.server.enrollment import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.locks import KeyedLocks
+from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.pods import Pod, PodSource, PodSpec
 from zds.server.selection import Selection
 

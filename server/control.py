@@ -30,11 +30,11 @@ from zds.server.controlwire import (
     pod_spec,
     pod_to_proto,
 )
-from zds.server.enrollment import Enrolled, EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.eventkinds import EventKind
 from zds.server.events import FaultView, WatchEnded, WatchEnding, Watcher
 from zds.server.faultkinds import FaultError, Refusal
 from zds.server.faults import Fault
+from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.pods import PodSpec
 from zds.server.tasks import retrieve_exception
 

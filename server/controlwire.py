@@ -14,11 +14,11 @@ from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
 from zds.protocol.nodeagent import ConnectionState
 from zds.server.connrecords import ConnectionInfo
-from zds.server.enrollment import Enrolled
 from zds.server.eventkinds import EventKind
 from zds.server.events import AgentEvent, FaultView
 from zds.server.faultkinds import FaultError, FaultKind, Refusal
 from zds.server.faults import FaultSpec
+from zds.server.outcomes import Enrolled
 from zds.server.pods import Pod, PodSpec, PodSpecError, PodState, check_ips
 
 _STATE = {

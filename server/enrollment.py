@@ -22,38 +22,37 @@ of delivery are unit-tested with stand-in connections, no root and no process:
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import enum
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from zds import defaults, runtime
-from zds.errors import ZdsError
 from zds.netns import (
     NetnsError,
     NetnsHandle,
-    NetnsIdentity,
     OutOfFds,
-    netns_cookie,
-    netns_identity_of_path,
     open_netns_ref,
 )
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
 from zds.server.eventkinds import EventKind
 from zds.server.events import EventBus
+from zds.server.leftovers import Leftovers, delete_pod_row, forget_install_row
 from zds.server.link import ConnectionLost, Connections
 from zds.server.locks import KeyedLocks
-from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
+from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, hold_for_the_pod
+from zds.server.outcomes import (
+    DeleteResult,
+    Enrolled,
+    EnrollmentError,
+    EnrollmentOutcome,
+    RemovalNotRecorded,
+)
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, RulesError
 from zds.server.pods import Pod, PodNameError, PodSpec, PodSpecError
-from zds.server.store import PodStore, StoredPod, StoreError
+from zds.server.store import PodStore, StoredPod
+from zds.server.storefile import StoreError
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 
@@ -63,56 +62,6 @@ if TYPE_CHECKING:
     from zds.server.faults import FaultBook
 
 log = logging.getLogger("zds.server")
-
-
-class EnrollmentOutcome(enum.Enum):
-    """How an enrollment ended (the control API maps each to a gRPC status)."""
-
-    ACKED = "acked"
-    #: A netns that cannot be opened or is no netns, an AddWorkload too large: nothing was cached.
-    INVALID = "invalid"
-    #: Refused: the node's own netns, a netns from a place not allowed, names Kubernetes would
-    #: refuse. Nothing was cached, nothing touched.
-    REFUSED = "refused"
-    #: Cached; delivered in the next ztunnel's snapshot.
-    NO_CONNECTION = "no_connection"
-    #: ztunnel answered with an error; cached.
-    NACKED = "nacked"
-    #: The connection closed before the ack; cached.
-    LOST = "lost"
-    #: No ack within the ack timeout: the connection was closed; cached.
-    TIMEOUT = "timeout"
-    #: The redirection rules could not be installed: nothing cached, nothing sent.
-    RULES = "rules"
-    #: The pod could not be written to the pod store: its rules were taken out again, nothing cached.
-    STORE = "store"
-    #: The node agent is out of fds (``NODE_AGENT_FD_RESERVE``): nothing cached, nothing touched.
-    EXHAUSTED = "exhausted"
-
-
-class RemovalNotRecorded(ZdsError):
-    """The pod store cannot record that a removal begins: nothing was removed (removed now,
-    the pod would come back at the next start, its rules installed again)."""
-
-
-class EnrollmentError(ZdsError):
-    """Enrollment did not end with a clean ack; ``outcome`` says how."""
-
-    def __init__(self, outcome: EnrollmentOutcome, message: str) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-
-
-@dataclass
-class Enrolled:
-    pod: Pod
-    conn_id: str
-
-
-@dataclass
-class DeleteResult:
-    conn_id: str
-    error: str
 
 
 class Enrollment:
@@ -146,12 +95,19 @@ class Enrollment:
         self.faults: FaultBook | None = None
         #: One enrollment or removal of a uid at a time, in the order they came.
         self._uids: KeyedLocks[str] = KeyedLocks()
-        #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
-        self._enrolling: collections.Counter[NetnsIdentity] = collections.Counter()
-        #: Netns where rules a failed install or removal could not take out are tried again,
-        #: and the uids whose rows say so (True: a pod row marked removing; False: an install
-        #: row) (``_undo_later``).
-        self._undoing: dict[NetnsIdentity, dict[str, bool]] = {}
+        #: Rules a failed install or removal could not take out, tried again (None with
+        #: --no-redirect).
+        self.leftovers = (
+            Leftovers(rules, cache, store, tasks, under_way=self._uids.__contains__)
+            if rules is not None
+            else None
+        )
+
+    def use_store(self, store: PodStore) -> None:
+        """Keep pods in ``store`` from now on (set once at start-up, before recovery)."""
+        self.store = store
+        if self.leftovers is not None:
+            self.leftovers.store = store
 
     def bend_delivery(self, faults: FaultBook | None) -> None:
         """Let ``faults`` bend delivery from now on (None: deliver by the rules again)."""
@@ -265,50 +221,19 @@ class Enrollment:
             except NetnsError as exc:
                 spans.failed(span, exc)
                 raise
-            netns.move_above(defaults.NETNS_FD_FLOOR)  # held for the pod's life: out of select()'s way
             span.set_attribute(spans.NETNS_INODE, netns.identity.ino)
-            # Below the floor it found no room above it: count then.
-            highest = netns.fileno() if netns.fileno() >= defaults.NETNS_FD_FLOOR else None
-            shortage = runtime.fd_shortage(defaults.NODE_AGENT_FD_RESERVE, highest=highest)
-            if shortage is not None:
-                netns.close()
-                in_use, limit = shortage
-                raise OutOfFds(
-                    f"fd budget exhausted: the node agent has {in_use} of {limit} fds open "
-                    f"(RLIMIT_NOFILE), a pod takes 1 and {defaults.NODE_AGENT_FD_RESERVE} are kept "
-                    "free (rules, connections, sends); raise the limit (ulimit -n, LimitNOFILE) "
-                    "or enroll fewer pods with this node agent"
-                )
+            hold_for_the_pod(netns)
             return netns
 
     async def _install_and_keep(self, pod: Pod) -> Pod:
         """Install the pod's rules, commit it to the store and cache it. Until it is cached
-        it counts as living in its netns (``_enrolling``): a removal of another pod there
+        it counts as living in its netns (``PodCache.claim``): a removal of another pod there
         meanwhile keeps the rules this one just installed."""
-        with self._claim(pod):
+        with self.cache.claim(pod):
             await self._intend(pod)
             await self._install_rules(pod)
             await self._record(pod)
             return self._cache(pod)
-
-    @contextlib.contextmanager
-    def _claim(self, pod: Pod) -> Iterator[None]:
-        identity = pod.netns.identity if pod.netns is not None else None
-        if identity is None:
-            yield
-            return
-        self._enrolling[identity] += 1
-        try:
-            yield
-        finally:
-            self._enrolling[identity] -= 1
-            if not self._enrolling[identity]:
-                del self._enrolling[identity]
-
-    def _in_use(self, identity: NetnsIdentity, *, claims: int = 0) -> bool:
-        """A cached pod lives in this netns, or more than ``claims`` pods being enrolled do
-        (``claims=1``: one being enrolled asks about the others)."""
-        return self.cache.uses_netns(identity) or self._enrolling[identity] > claims
 
     async def _intend(self, pod: Pod) -> None:
         """Before the rules go in, commit the pod's install row: a crash before its own row
@@ -316,7 +241,7 @@ class Enrollment:
         if self.rules is None or self.store is None or pod.netns is None:
             return
         try:
-            await self.store.intend_soon(self._stored(pod, rules=self.rules.name))
+            await self.store.intend_soon(StoredPod.of(pod, rules=self.rules.name))
         except asyncio.CancelledError:
             pod.close()
             raise
@@ -331,90 +256,22 @@ class Enrollment:
         if self.rules is None:
             return
         try:
-            await self.rules.install(pod, lambda identity: self._in_use(identity, claims=1))
+            await self.rules.install(pod, lambda identity: self.cache.in_use(identity, claims=1))
         except asyncio.CancelledError:
             pod.close()
             raise
         except RulesError as exc:
             if exc.undone:
                 pod.close()
-                self._forget_install(pod)
+                forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
                 raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
-            self._undo_later(pod)  # its install row stays (the next start takes the rules out)
+            assert self.leftovers is not None
+            self.leftovers.retry(
+                pod, removal=False
+            )  # its install row stays (the next start takes the rules out)
             raise EnrollmentError(
                 EnrollmentOutcome.RULES, f"{exc}: tried again in the background (and at the next start)"
             ) from exc
-
-    def _undo_later(self, pod: Pod, *, removal: bool = False) -> None:
-        """A failed install whose undo failed too (or a removal whose rules could not be
-        taken out: ``removal``) left rules that redirect the pod's traffic to listeners nobody
-        opens: taking them out is tried again (``_retry_undo``), one task a netns (a second
-        such pod there joins the first's, and lets its netns fd go)."""
-        assert pod.netns is not None
-        uids = self._undoing.get(pod.netns.identity)
-        if uids is not None:
-            uids[pod.uid] = removal
-            pod.close()
-            return
-        self._undoing[pod.netns.identity] = {pod.uid: removal}
-        what = "rules a failed removal left" if removal else "rules a failed install left"
-        self.tasks.spawn(self._retry_undo(pod, what), name=f"undo-{pod.uid}")
-
-    async def _retry_undo(self, pod: Pod, what: str) -> None:
-        """The pause growing (UNDO_RETRY_*), until the rules are out (the rows that record
-        them go: install rows for this netns, pod rows marked removing; not one of a uid
-        enrolled again or being enrolled or removed right now), the netns is no longer at its
-        path (the kernel takes them out with it once this fd lets it go; the rows go), a pod
-        is cached in that netns (they are its rules now; the rows stay for the next start,
-        which keeps them), or the node agent stops (the rows stay: the next start takes them
-        out). A pod being enrolled there, not cached yet, defers the try."""
-        assert self.rules is not None and pod.netns is not None
-        identity = pod.netns.identity
-        pause = defaults.UNDO_RETRY_INITIAL
-        try:
-            while True:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
-                if not _still_at_its_path(pod):
-                    log.info(
-                        "%s go with their netns: it is no longer at %s",
-                        what,
-                        pod.spec.netns,
-                        extra=pod.spec.log_extra,
-                    )
-                    break
-                if self.cache.uses_netns(identity):
-                    log.info(
-                        "%s are kept: another pod lives in its netns now",
-                        what,
-                        extra=pod.spec.log_extra,
-                    )
-                    return
-                if await self.rules.undo_again(pod, self._in_use):
-                    log.info("%s are taken out now", what, extra=pod.spec.log_extra)
-                    break
-            for uid, removal in sorted(self._undoing[identity].items()):
-                if uid in self._uids or uid in self.cache:  # (its row is its own now)
-                    continue
-                if removal:
-                    self._unrecord(uid, identity)
-                else:
-                    self._forget_install(pod, uid=uid)
-        finally:
-            del self._undoing[identity]
-            pod.close()
-
-    def _forget_install(self, pod: Pod, *, uid: str = "") -> None:
-        """Take out the install row of ``pod`` (or of ``uid`` for ``pod``'s netns only)."""
-        if self.store is None:
-            return
-        try:
-            if uid:
-                self.store.forget_install(uid, pod.netns.identity if pod.netns is not None else None)
-            else:
-                self.store.forget_install(pod.uid)
-        except StoreError as exc:  # the next start takes out rules that are already out
-            log.warning("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)
 
     async def _record(self, pod: Pod) -> None:
         """Commit the pod to the store (before anyone hears "enrolled"); if that fails, take
@@ -424,7 +281,7 @@ class Enrollment:
         try:
             # Committed with the others enrolled in this turn of the loop (the bulk path's).
             await self.store.put_soon(
-                self._stored(
+                StoredPod.of(
                     pod, rules=self.rules.name if self.rules is not None and pod.rules_installed else ""
                 )
             )
@@ -438,20 +295,8 @@ class Enrollment:
             finally:
                 pod.close()
             if not pod.rules_installed:  # out (or kept for another pod there): nothing left to do
-                self._forget_install(pod)
+                forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
             raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
-
-    @staticmethod
-    def _stored(pod: Pod, *, rules: str) -> StoredPod:
-        return StoredPod(
-            pod.spec,
-            pod.netns.identity if pod.netns is not None else None,
-            rules=rules,
-            rules_digest=pod.rules_digest,
-            removing=False,
-            enrolled_at=pod.enrolled_at,
-            cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
-        )
 
     def _cache(self, pod: Pod) -> Pod:
         """Cache the pod (releasing the one it replaces) and tell the watchers."""
@@ -504,10 +349,11 @@ class Enrollment:
                 if self.rules is not None and pod.rules_installed and pod.netns is not None:
                     # Its rules could not be taken out: its row stays marked removing (the next
                     # start finishes the removal), and they are tried again meanwhile.
-                    self._undo_later(pod, removal=True)
+                    assert self.leftovers is not None
+                    self.leftovers.retry(pod, removal=True)
                     retried = True
                 else:
-                    self._unrecord(uid)
+                    delete_pod_row(self.store, uid)
                 results = await self._broadcast_del(uid, spans.trace_context(span))
         finally:
             self.cache.removed(uid)
@@ -543,22 +389,10 @@ class Enrollment:
             for conn, answer in zip(conns, answers, strict=True)
         ]
 
-    def _unrecord(self, uid: str, identity: NetnsIdentity | None = None) -> None:
-        """The removal is done: its row goes (with ``identity``: only the removal's row for
-        that netns). A failure is logged: the row stays marked removing, and the next start
-        finishes the removal (Istio's rule: a delete is done whatever happens; marking it is
-        what ``_remove_cached`` could not do without)."""
-        if self.store is None:
-            return
-        try:
-            self.store.delete(uid, identity)
-        except StoreError as exc:
-            log.error("cannot record the removal in the pod store: %s", exc, extra={"uid": uid})
-
     async def _remove_rules(self, pod: Pod, *, claims: int = 0) -> None:
-        """Take the pod's rules out unless another pod lives in its netns (``_in_use``)."""
+        """Take the pod's rules out unless another pod lives in its netns (``PodCache.in_use``)."""
         if self.rules is not None:
-            await self.rules.remove(pod, lambda identity: self._in_use(identity, claims=claims))
+            await self.rules.remove(pod, lambda identity: self.cache.in_use(identity, claims=claims))
 
     async def _remove_rules_and_close(self, pod: Pod) -> None:
         try:
@@ -569,9 +403,3 @@ class Enrollment:
 
 def _attributes(spec: PodSpec) -> dict[str, str]:
     return spans.pod_attributes(spec.uid, spec.name, spec.namespace)
-
-
-def _still_at_its_path(pod: Pod) -> bool:
-    """Whether the pod's netns path still leads to the netns ``pod`` holds."""
-    assert pod.netns is not None
-    return netns_identity_of_path(str(pod.spec.netns)) == pod.netns.identity

@@ -37,18 +37,19 @@ from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
 from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
-from zds.server.enrollment import EnrollmentError
 from zds.server.http import health_app
 from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, PrivateDir, socket_lock, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
+from zds.server.outcomes import EnrollmentError
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
 from zds.server.redirect import RedirectError, redirector
-from zds.server.store import PodStore, StoreError
+from zds.server.store import PodStore
+from zds.server.storefile import StoreError
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path

@@ -26,9 +26,9 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.errors import ZdsError
-from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, NetnsRef, open_netns
+from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, NetnsRef, OutOfFds, open_netns
 
 #: Where named namespaces are, unless ``--netns-root`` adds more.
 DEFAULT_ROOTS = (defaults.NETNS_RUN_DIR, "/run/netns")
@@ -164,3 +164,22 @@ def _parent(path: str) -> str:
     if os.path.basename(path) in ("", ".", "..") or "\0" in path:
         raise NetnsRefused(f"netns path {path!r} does not name a file")
     return os.path.dirname(path)
+
+
+def hold_for_the_pod(netns: NetnsHandle) -> None:
+    """Move a pod's netns fd, held for the pod's life, out of select()'s way (above
+    ``NETNS_FD_FLOOR``); OutOfFds (the fd closed) if holding it would leave the node agent
+    fewer than ``NODE_AGENT_FD_RESERVE`` free."""
+    netns.move_above(defaults.NETNS_FD_FLOOR)
+    # Below the floor it found no room above it: count then.
+    highest = netns.fileno() if netns.fileno() >= defaults.NETNS_FD_FLOOR else None
+    shortage = runtime.fd_shortage(defaults.NODE_AGENT_FD_RESERVE, highest=highest)
+    if shortage is not None:
+        netns.close()
+        in_use, limit = shortage
+        raise OutOfFds(
+            f"fd budget exhausted: the node agent has {in_use} of {limit} fds open "
+            f"(RLIMIT_NOFILE), a pod takes 1 and {defaults.NODE_AGENT_FD_RESERVE} are kept "
+            "free (rules, connections, sends); raise the limit (ulimit -n, LimitNOFILE) "
+            "or enroll fewer pods with this node agent"
+        )

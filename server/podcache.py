@@ -1,5 +1,5 @@
 """The node agent's pod cache (Istio's ``pod_cache.go``): every known pod and its
-open netns, nothing else.
+open netns, and which netns pods being enrolled (not cached yet) claim.
 
 It owns each cached pod's netns fd: a pod replaced or removed is handed back to
 the caller, which closes it (after taking its rules out where needed).
@@ -8,6 +8,7 @@ the caller, which closes it (after taking its rules out where needed).
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Iterator
 
 from zds.netns import NetnsIdentity
@@ -23,6 +24,8 @@ class PodCache:
         self._removing: dict[str, PodSpec] = {}
         #: How many cached pods live in each netns (asked on every removal: no scan).
         self._in_netns: collections.Counter[NetnsIdentity] = collections.Counter()
+        #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
+        self._claims: collections.Counter[NetnsIdentity] = collections.Counter()
 
     def get(self, uid: str) -> Pod | None:
         return self._pods.get(uid)
@@ -78,6 +81,27 @@ class PodCache:
     def uses_netns(self, identity: NetnsIdentity) -> bool:
         """Some cached pod lives in this network namespace."""
         return identity in self._in_netns
+
+    @contextlib.contextmanager
+    def claim(self, pod: Pod) -> Iterator[None]:
+        """Meanwhile ``pod``, being enrolled and not cached yet, counts as living in its netns
+        (``in_use``): a removal of another pod there keeps the rules it installed."""
+        identity = pod.netns.identity if pod.netns is not None else None
+        if identity is None:
+            yield
+            return
+        self._claims[identity] += 1
+        try:
+            yield
+        finally:
+            self._claims[identity] -= 1
+            if not self._claims[identity]:
+                del self._claims[identity]
+
+    def in_use(self, identity: NetnsIdentity, *, claims: int = 0) -> bool:
+        """A cached pod lives in this netns, or more than ``claims`` pods being enrolled do
+        (``claims=1``: one being enrolled asks about the others)."""
+        return identity in self._in_netns or self._claims[identity] > claims
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -34,7 +34,8 @@ from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.podrules import RulesError, remove_rules_of
 from zds.server.pods import Pod, PodSpecError
 from zds.server.redirect import RedirectConfig
-from zds.server.store import PodStore, StoredPod, StoreError
+from zds.server.store import PodStore, StoredPod
+from zds.server.storefile import StoreError
 
 log = logging.getLogger("zds.server.recovery")
 

@@ -15,9 +15,8 @@ out then. ``synchronous=NORMAL``: a commit survives the process being
 killed (it is in the WAL); only a power cut may lose the last ones, and a power
 cut takes the pods' namespaces with it.
 
-The schema is versioned (``PRAGMA user_version``) and migrated forward on open.
-What is wrong with a store is said in one line, naming the file and what to do;
-a store that cannot be read is never replaced or truncated.
+Opening the file, its versioned schema (``PRAGMA user_version``, migrated forward on
+open) and what is wrong with one: ``storefile``.
 """
 
 from __future__ import annotations
@@ -33,72 +32,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
-from zds.errors import ZdsError
-from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError
-from zds.server.pods import PodSource, PodSpec
+from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError, netns_cookie
+from zds.server.pods import Pod, PodSource, PodSpec
+from zds.server.storefile import COLUMN_NAMES, COLUMNS, DB_NAME, StoreError, explain, open_db
 
 log = logging.getLogger("zds.server.store")
-
-DB_NAME = "pods.db"
-
-#: Schema version -> the statements that take a store from the version before to it.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE pods (
-            uid TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            namespace TEXT NOT NULL,
-            service_account TEXT NOT NULL,
-            ips TEXT NOT NULL DEFAULT '[]',
-            netns TEXT NOT NULL,
-            netns_dev INTEGER,
-            netns_ino INTEGER,
-            rules TEXT NOT NULL DEFAULT '',
-            rules_digest TEXT NOT NULL DEFAULT '',
-            removing INTEGER NOT NULL DEFAULT 0,
-            enrolled_at REAL NOT NULL
-        )""",
-    ),
-}
-MIGRATIONS[2] = ("ALTER TABLE pods ADD COLUMN source TEXT NOT NULL DEFAULT 'api'",)
-#: The netns cookie (SO_NETNS_COOKIE): unlike an inode number, never given to another netns.
-MIGRATIONS[3] = ("ALTER TABLE pods ADD COLUMN netns_cookie INTEGER",)
-#: Pods whose rules are going in: a row as in ``pods`` (its columns, uid unique), there from
-#: before the install until the pod's own row is written (or the failed install's rules are out).
-MIGRATIONS[4] = (
-    "CREATE TABLE installs AS SELECT * FROM pods WHERE 0",
-    "CREATE UNIQUE INDEX installs_uid ON installs (uid)",
-)
-SCHEMA_VERSION = max(MIGRATIONS)
-
-#: The columns of ``pods`` each schema version brought: a table of that name without them (at a
-#: store's version) is another program's.
-_POD_COLUMNS: dict[int, tuple[str, ...]] = {
-    1: (
-        "uid",
-        "name",
-        "namespace",
-        "service_account",
-        "ips",
-        "netns",
-        "netns_dev",
-        "netns_ino",
-        "rules",
-        "rules_digest",
-        "removing",
-        "enrolled_at",
-    ),
-    2: ("source",),
-    3: ("netns_cookie",),
-}
-
-#: The columns of a row, in both tables, in the order ``_values`` and ``_parse`` use.
-_COLUMN_NAMES = tuple(column for added in _POD_COLUMNS.values() for column in added)
-_COLUMNS = ", ".join(_COLUMN_NAMES)
-
-
-class StoreError(ZdsError):
-    """The pod store cannot be used; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +55,19 @@ class StoredPod:
     enrolled_at: float
     #: The netns's cookie when it was enrolled (None: unknown, e.g. an older kernel).
     cookie: int | None = None
+
+    @classmethod
+    def of(cls, pod: Pod, *, rules: str) -> Self:
+        """The row of a pod as it is now (not removing), with the rule set ``rules``."""
+        return cls(
+            pod.spec,
+            pod.netns.identity if pod.netns is not None else None,
+            rules=rules,
+            rules_digest=pod.rules_digest,
+            removing=False,
+            enrolled_at=pod.enrolled_at,
+            cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
+        )
 
 
 class PodStore:
@@ -138,44 +89,7 @@ class PodStore:
         there): then a missing database is an error, not a first start, because starting
         empty would make ztunnel drop every pod.
         """
-        path = os.path.join(state_dir, DB_NAME)
-        exists = os.path.exists(path)
-        if not exists and used_before:
-            raise StoreError(
-                f"pod store {path} is missing, but {state_dir} was used by a node agent before; "
-                "restore the file, or start empty with --reset-state (ztunnel then drops the pods it holds)"
-            )
-        try:
-            if not exists:
-                # Made 0600 before SQLite sees it: its -wal and -shm files take the mode of the
-                # database (made by SQLite, then chmod-ed, they were 0644).
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-            # mode=rw never creates (or truncates) an existing file it cannot read.
-            uri = f"file:{path}?mode={'rw' if exists else 'rwc'}"
-            db = sqlite3.connect(uri, uri=True, timeout=0.5, isolation_level=None, check_same_thread=False)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(
-                f"cannot open pod store {path}: {exc}; check the file and its directory"
-            ) from exc
-        try:
-            version = _check(db, path, used_before=used_before) if exists else 0
-            made = version == 0  # (also an existing empty file: the store is made here)
-            if made:
-                # Before SQLite makes the -wal and -shm files, which take the database's mode.
-                os.chmod(path, 0o600)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            _migrate(db, path)
-            _check_writable(db)
-        except StoreError:
-            db.close()
-            raise
-        except sqlite3.Error as exc:
-            db.close()
-            raise StoreError(_explain(path, exc)) from exc
-        if made:
-            log.info("created the pod store %s", path)
-        return cls(path, db)
+        return cls(*open_db(state_dir, used_before=used_before))
 
     def close(self) -> None:
         self._db.close()
@@ -192,9 +106,9 @@ class PodStore:
 
     def _load(self, table: str) -> list[StoredPod]:
         try:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM {table} ORDER BY enrolled_at, uid").fetchall()
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM {table} ORDER BY enrolled_at, uid").fetchall()
         except sqlite3.Error as exc:
-            raise StoreError(_explain(self.path, exc)) from exc
+            raise StoreError(explain(self.path, exc)) from exc
         return [self._parse(table, row) for row in rows]
 
     def _parse(self, table: str, row: Any) -> StoredPod:
@@ -253,14 +167,14 @@ class PodStore:
             self._write_rows(pods, [])
 
     def _write_rows(self, pods: list[StoredPod], installs: list[StoredPod]) -> None:
-        marks = ",".join("?" * len(_COLUMN_NAMES))
+        marks = ",".join("?" * len(COLUMN_NAMES))
         if installs:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO installs ({_COLUMNS}) VALUES ({marks})", map(_values, installs)
+                f"INSERT OR REPLACE INTO installs ({COLUMNS}) VALUES ({marks})", map(_values, installs)
             )
         if pods:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES ({marks})", map(_values, pods)
+                f"INSERT OR REPLACE INTO pods ({COLUMNS}) VALUES ({marks})", map(_values, pods)
             )
             self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
 
@@ -342,11 +256,11 @@ class PodStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield
         except sqlite3.Error as exc:
-            raise StoreError(_explain(self.path, exc)) from exc
+            raise StoreError(explain(self.path, exc)) from exc
 
 
 def _values(pod: StoredPod) -> tuple[object, ...]:
-    """A row's columns, in ``_COLUMNS``' order."""
+    """A row's columns, in ``COLUMNS``' order."""
     return (
         pod.spec.uid,
         pod.spec.name,
@@ -383,95 +297,6 @@ def _check_row(uid: object, *values: object) -> None:
         raise ValueError(f"removing is {removing!r}, not 0 or 1")
     if not isinstance(enrolled_at, int | float):
         raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")
-
-
-def _version(db: sqlite3.Connection) -> int:
-    return int(db.execute("PRAGMA user_version").fetchone()[0])
-
-
-def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> int:
-    """Refuse a file that is not a zds pod store, is damaged, or is from a newer zds; its
-    schema version (0: an empty file, in a state directory no node agent used)."""
-    try:
-        result = db.execute("PRAGMA quick_check").fetchone()
-        version = _version(db)
-    except sqlite3.Error as exc:
-        raise StoreError(_explain(path, exc)) from exc
-    if result is None or result[0] != "ok":
-        raise StoreError(
-            f"pod store {path} is damaged ({result[0] if result else 'no answer'}); restore it from a "
-            "backup, or move it away and start empty with --reset-state"
-        )
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"pod store {path} has schema version {version}, newer than this zds knows ({SCHEMA_VERSION}); "
-            "run the zds that wrote it"
-        )
-    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    columns = {row[1] for row in db.execute("PRAGMA table_info(pods)")}
-    needed = {column for since, added in _POD_COLUMNS.items() if since <= version for column in added}
-    if (
-        (version >= 1 and ("pods" not in tables or not needed <= columns))
-        or (version >= 4 and "installs" not in tables)
-        or (version == 0 and tables)
-    ):
-        # (refused before anything is written: a migration had changed another program's file)
-        raise StoreError(f"{path} is an SQLite database but not a zds pod store; use another --state-dir")
-    if version == 0 and used_before:
-        # Empty (truncated, or its -wal lost with every row in it) in a state directory a node
-        # agent used: starting empty would make ztunnel drop every pod.
-        raise StoreError(
-            f"pod store {path} is empty (no tables), but its state directory was used by a node agent "
-            "before; restore it (and its -wal) from a backup, or start empty with --reset-state "
-            "(ztunnel then drops the pods it holds)"
-        )
-    return version
-
-
-def _migrate(db: sqlite3.Connection, path: str) -> None:
-    """Bring the schema to SCHEMA_VERSION, one migration per transaction."""
-    version = _version(db)
-    for target in range(version + 1, SCHEMA_VERSION + 1):
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            for statement in MIGRATIONS[target]:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {target}")
-        log.info("pod store %s migrated to schema version %d", path, target)
-
-
-def _check_writable(db: sqlite3.Connection) -> None:
-    """Write nothing, but as a write would: SQLite opens a store it cannot write (the file
-    immutable, a read-only mount) for reading without a word, and the node agent would
-    then be ready and refuse every pod it is given. sqlite3.Error (SQLITE_READONLY) if so."""
-    version = _version(db)
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute(f"PRAGMA user_version = {version}")
-    finally:
-        db.execute("ROLLBACK")
-
-
-def _explain(path: str, exc: sqlite3.Error) -> str:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        code &= 0xFF  # the primary result code, without the extended bits
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return (
-            f"pod store {path} is locked by another process ({exc}); close whatever holds it "
-            "(another zds server, an sqlite3 shell) and start again"
-        )
-    if code == sqlite3.SQLITE_READONLY:
-        return (
-            f"pod store {path} cannot be written ({exc}); make the file, its -wal and its "
-            "directory writable (permissions, chattr -i, a read-only mount)"
-        )
-    if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
-        return (
-            f"pod store {path} is not a readable zds pod store ({exc}); restore it from a backup, or "
-            "move it away and start empty with --reset-state"
-        )
-    return f"pod store {path}: {exc}"
 
 
 def reset(state_dir: str) -> str | None:

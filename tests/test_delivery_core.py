@@ -23,10 +23,11 @@ from tests.harness import is_open, open_fds
 from zds.netns import NetnsIdentity, NetnsRef, netns_identity
 from zds.protocol.messages import Ack, AddWorkload, DelWorkload, KeepWorkload, Request, encode_request
 from zds.server.agent import NodeAgent
-from zds.server.enrollment import DeleteResult, Enrollment, EnrollmentError, EnrollmentOutcome
+from zds.server.enrollment import Enrollment
 from zds.server.events import EventBus
 from zds.server.link import ConnectionLost
 from zds.server.netnspolicy import NetnsPolicy
+from zds.server.outcomes import DeleteResult, EnrollmentError, EnrollmentOutcome
 from zds.server.podcache import PodCache
 from zds.server.pods import PodSpec
 from zds.server.registry import ConnectionRegistry

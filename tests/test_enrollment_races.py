@@ -28,10 +28,11 @@ from zds.aio import cancel_and_wait
 from zds.netns import NetnsHandle, NetnsRef
 from zds.netns.fixtures import delete_netns
 from zds.server.agent import AgentConfig, NodeAgent
-from zds.server.enrollment import EnrollmentError, EnrollmentOutcome
+from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.redirect import Installed, RedirectError, Redirector
-from zds.server.store import PodStore, StoredPod, StoreError
+from zds.server.store import PodStore, StoredPod
+from zds.server.storefile import StoreError
 from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root

@@ -13,7 +13,8 @@ import pytest
 from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import store as pod_store
 from zds.server.pods import PodSource, PodSpec
-from zds.server.store import MIGRATIONS, SCHEMA_VERSION, PodStore, StoredPod, StoreError
+from zds.server.store import PodStore, StoredPod
+from zds.server.storefile import MIGRATIONS, SCHEMA_VERSION, StoreError
 
 
 def spec(uid: str, netns: str = "/var/run/netns/pod-a", ips: tuple[str, ...] = ()) -> PodSpec:

@@ -1,0 +1,60 @@
+"""How an enrollment or removal ended, as the node agent's callers (the control API, the CNI
+endpoint, the container engine's events) see it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from zds.errors import ZdsError
+from zds.server.pods import Pod
+
+
+class EnrollmentOutcome(enum.Enum):
+    """How an enrollment ended (the control API maps each to a gRPC status)."""
+
+    ACKED = "acked"
+    #: A netns that cannot be opened or is no netns, an AddWorkload too large: nothing was cached.
+    INVALID = "invalid"
+    #: Refused: the node's own netns, a netns from a place not allowed, names Kubernetes would
+    #: refuse. Nothing was cached, nothing touched.
+    REFUSED = "refused"
+    #: Cached; delivered in the next ztunnel's snapshot.
+    NO_CONNECTION = "no_connection"
+    #: ztunnel answered with an error; cached.
+    NACKED = "nacked"
+    #: The connection closed before the ack; cached.
+    LOST = "lost"
+    #: No ack within the ack timeout: the connection was closed; cached.
+    TIMEOUT = "timeout"
+    #: The redirection rules could not be installed: nothing cached, nothing sent.
+    RULES = "rules"
+    #: The pod could not be written to the pod store: its rules were taken out again, nothing cached.
+    STORE = "store"
+    #: The node agent is out of fds (``NODE_AGENT_FD_RESERVE``): nothing cached, nothing touched.
+    EXHAUSTED = "exhausted"
+
+
+class RemovalNotRecorded(ZdsError):
+    """The pod store cannot record that a removal begins: nothing was removed (removed now,
+    the pod would come back at the next start, its rules installed again)."""
+
+
+class EnrollmentError(ZdsError):
+    """Enrollment did not end with a clean ack; ``outcome`` says how."""
+
+    def __init__(self, outcome: EnrollmentOutcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+@dataclass
+class Enrolled:
+    pod: Pod
+    conn_id: str
+
+
+@dataclass
+class DeleteResult:
+    conn_id: str
+    error: str
