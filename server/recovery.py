@@ -63,6 +63,9 @@ class RecoveryOutcome(enum.Enum):
     RULES_FAILED = "rules failed"
     #: A removal the last run began and did not finish: finished now.
     REMOVAL_FINISHED = "removal finished"
+    #: Such a removal whose rules could not be taken out now: its row stays marked removing, and
+    #: taking them out is tried again in the background (``Leftovers``).
+    REMOVAL_RETRIED = "removal retried"
     #: Its path is at a place this run does not allow (``--netns-root`` changed) and its netns
     #: was not found by identity elsewhere: not opened; known, its row kept, sent as KeepWorkload.
     PLACE_REFUSED = "netns place not allowed"
@@ -241,12 +244,32 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     pod.rules_digest = row.rules_digest
     rules = enrollment.rules
     if row.removing:
+        retried = False
         try:
             if pod.netns is not None and pod.rules_installed:
                 await _remove_recorded_rules(pod, row.rules, enrollment)
-            store.delete(row.spec.uid)
+                if (
+                    pod.rules_installed
+                    and rules is not None
+                    and enrollment.leftovers is not None
+                    and row.rules == rules.name
+                ):
+                    # Not out: its row stays marked removing (the next start finishes the
+                    # removal), and taking them out is tried again meanwhile.
+                    enrollment.leftovers.retry(pod, removal=True)
+                    retried = True
+            if not retried:
+                store.delete(row.spec.uid)
         finally:
-            pod.close()
+            if not retried:
+                pod.close()
+        if retried:
+            log.warning(
+                "the removal a restart interrupted: its rules could not be taken out; tried again "
+                "in the background (and at the next start)",
+                extra=row.spec.log_extra,
+            )
+            return RecoveryOutcome.REMOVAL_RETRIED
         log.info("finished the removal a restart interrupted", extra=row.spec.log_extra)
         return RecoveryOutcome.REMOVAL_FINISHED
     if pod.netns is None:

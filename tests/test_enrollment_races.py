@@ -30,6 +30,7 @@ from zds.netns.fixtures import delete_netns
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
+from zds.server.recovery import RecoveryOutcome, recover
 from zds.server.redirect import Installed, RedirectError, Redirector
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
@@ -366,6 +367,38 @@ async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_onc
     )
     assert "rules a failed removal left are taken out now" in caplog.text
     assert not has_rules(a) and agent.committed("pods") == []
+
+
+async def test_a_removal_a_restart_interrupted_whose_rules_stay_in_keeps_its_row_and_is_retried(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery finished such a removal by deleting the pod's row even when its rules could
+    not be taken out at that start: nothing recorded them any more, nor took them out."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.store.mark_removing("u1")  # a removal begun, then the node agent killed
+    redirector = GatedRedirector()
+    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    restarted = NodeAgent(AgentConfig(), redirector)
+    store = PodStore.open(str(tmp_path), used_before=True)
+    restarted.use_store(store)
+    try:
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.REMOVAL_RETRIED}
+        assert has_rules(a) and "u1" not in restarted.pods
+        assert [p.removing for p in store.load()] == [True], "the only record of those rules"
+        assert len(undo_tasks()) == 1
+        redirector.refuse_removal = ""
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert "rules a failed removal left are taken out now" in caplog.text
+        assert not has_rules(a) and agent.committed("pods") == []
+    finally:
+        await restarted.tasks.cancel_all()
+        restarted.close()
+        store.close()
 
 
 async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_uid_elsewhere(
