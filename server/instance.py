@@ -55,16 +55,24 @@ class InstanceLock:
 
     def acquire(self, locks: Iterable[tuple[str, str]]) -> None:
         """Lock each ``(path, lock file)`` (creating parent directories); InstanceError, with
-        every lock taken so far released, if another agent holds one. A lock file inside the
-        directory it guards (the state directory's) comes with a ``flock`` of that directory
-        itself: a lock file deleted while its agent runs would otherwise let a second agent
-        lock a new one there and open the same pod store."""
+        every lock taken so far released and the lock files this call made removed, if another
+        agent holds one. A lock file inside the directory it guards (the state directory's)
+        comes with a ``flock`` of that directory itself: a lock file deleted while its agent
+        runs would otherwise let a second agent lock a new one there and open the same pod
+        store."""
+        made: list[str] = []
         try:
             for path, lock in locks:
-                self._fds.append(_lock(path, lock))
+                fd, created = _lock(path, lock)
+                self._fds.append(fd)
+                if created:
+                    made.append(lock)
                 if lock == state_lock(path):
                     self._fds.append(_lock_dir(path))
         except BaseException:
+            for lock in made:  # (while still locked: no other agent holds them)
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
             self.release()
             raise
 
@@ -73,7 +81,8 @@ class InstanceLock:
             os.close(self._fds.pop())  # closing the fd drops its flock
 
 
-def _lock(path: str, lock: str) -> int:
+def _lock(path: str, lock: str) -> tuple[int, bool]:
+    """The locked fd of ``lock``, and whether this call made the file."""
     parent = os.path.dirname(lock)
     try:
         if parent:
@@ -81,28 +90,60 @@ def _lock(path: str, lock: str) -> int:
     except OSError as exc:  # (makedirs says "File exists" for a parent that is a file)
         why = "not a directory" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
         raise InstanceError(f"cannot use {path}: its directory {parent}: {why}") from exc
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _read_pid(fd)
+    for _ in range(_LOCK_TRIES):
+        fd, created = _open_lock(path, lock)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f"pid {holder}" if holder else "pid unknown"
+                raise InstanceError(
+                    f"another zds server ({who}) is serving {path}; stop it first, or give this one "
+                    "other paths (--zds-socket, --control-socket, --cni-socket, --state-dir)"
+                ) from None
+            raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
+        if _still_there(fd, lock):
+            break
+        # Removed (by a refused start that had made it) between the open and the flock: the
+        # lock is on a file no one else will open.
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            who = f"pid {holder}" if holder else "pid unknown"
-            raise InstanceError(
-                f"another zds server ({who}) is serving {path}; stop it first, or give this one other "
-                "paths (--zds-socket, --control-socket, --cni-socket, --state-dir)"
-            ) from None
-        raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
+    else:
+        raise InstanceError(f"cannot lock {path}: {lock} keeps being replaced")
     # Who holds it, for another agent's refusal; the lock is the flock, so a full disk
     # (ENOSPC: a traceback at start) leaves the pid out and nothing else.
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
+    return fd, created
+
+
+#: How often a lock file replaced under the flock is opened again before giving up.
+_LOCK_TRIES = 5
+
+
+def _open_lock(path: str, lock: str) -> tuple[int, bool]:
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        try:
+            return os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            return os.open(lock, flags), False
+    except FileNotFoundError:  # (gone between the two opens)
+        return _open_lock(path, lock)
+    except OSError as exc:
+        raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
+
+
+def _still_there(fd: int, lock: str) -> bool:
+    """The file ``fd`` holds is still the one at ``lock``."""
+    try:
+        at_path = os.lstat(lock)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _lock_dir(path: str) -> int:

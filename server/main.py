@@ -38,16 +38,16 @@ from zds.server.containerpods import ContainerPods
 from zds.server.control import bulk_add, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
-from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, PrivateDir, socket_lock, state_lock
+from zds.server.instance import InstanceError, InstanceLock, PrivateDir
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.outcomes import EnrollmentError
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpec, PodSpecError
-from zds.server.podsfile import load_pods_file
 from zds.server.recovery import recover
 from zds.server.redirect import RedirectError, redirector
+from zds.server.startup import claim_paths, read_flags
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
 from zds.server.telemetry import Telemetry, TelemetryConfigError
@@ -116,8 +116,9 @@ class NodeAgentServer:
 
     async def start(self) -> None:
         opts = self.options
-        pods, faults = self._read_flags()
-        self._claim_paths()
+        pods, faults = read_flags(opts)
+        self._used_before = claim_paths(opts, self._lock)
+        self._claimed = True
         await self._restore_state()
         if opts.pods_file:
             await self._load_pods(opts.pods_file, pods)
@@ -152,62 +153,6 @@ class NodeAgentServer:
         )
 
     # -- start-up steps --------------------------------------------------------------
-    def _read_flags(self) -> tuple[list[PodSpec], list[FaultSpec]]:
-        """Check what the flags name (listen addresses, TLS, the pods and faults files) before
-        anything is claimed or written: a bad one stopped the start after the pod store and the
-        lock files were made. The files' pods and faults."""
-        from zds.server.faultkinds import FaultError
-        from zds.server.faultsfile import load_faults_file
-
-        opts = self.options
-        for flag, path in (("--zds-socket", opts.zds_socket), ("--control-socket", opts.control_socket)):
-            _bindable(flag, path)
-        if opts.cni_socket:
-            _bindable("--cni-socket", opts.cni_socket)
-        if opts.http_listen:
-            split_host_port(opts.http_listen, "--http-listen")
-        control_tcp(opts)
-        try:
-            pods = load_pods_file(opts.pods_file) if opts.pods_file else []
-        except PodSpecError as exc:
-            raise StartupError(str(exc)) from exc
-        try:
-            faults = load_faults_file(opts.faults_file) if opts.faults_file else []
-        except FaultError as exc:
-            raise StartupError(f"--faults {opts.faults_file}: {exc}") from exc
-        return pods, faults
-
-    def _claim_paths(self) -> None:
-        """Lock every socket path and the state directory, or stop before touching anything."""
-        opts = self.options
-        sockets = [opts.zds_socket, opts.control_socket] + ([opts.cni_socket] if opts.cni_socket else [])
-        self._used_before = os.path.exists(state_lock(opts.state_dir))
-        made = not os.path.lexists(opts.state_dir)
-        try:
-            os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
-            st = os.stat(opts.state_dir)
-        except OSError as exc:
-            raise StartupError(f"cannot use state directory {opts.state_dir}: {exc.strerror}") from exc
-        # The pod store says which namespaces get rules and go to ztunnel: whoever else can
-        # write the directory could put a store of their own in it.
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            who = "owned by another user" if st.st_uid != os.geteuid() else f"mode {st.st_mode & 0o7777:04o}"
-            raise StartupError(
-                f"cannot use state directory {opts.state_dir}: others can write it ({who}); "
-                "give zds a directory only its own user can write (chmod go-w, or another --state-dir)"
-            )
-        try:
-            self._lock.acquire(
-                [(path, socket_lock(path)) for path in sockets]
-                + [(opts.state_dir, state_lock(opts.state_dir))]
-            )
-        except InstanceError as exc:
-            if made:  # (another agent serves a socket: the state directory this start made goes)
-                with contextlib.suppress(OSError):
-                    os.rmdir(opts.state_dir)
-            raise StartupError(str(exc)) from exc
-        self._claimed = True
-
     async def _restore_state(self) -> None:
         opts = self.options
         try:
@@ -417,16 +362,6 @@ async def run_server(options: ServerOptions) -> int:
         for sig in runtime.stop_signals():
             loop.remove_signal_handler(sig)
         await server.stop()
-
-
-def _bindable(flag: str, path: str) -> None:
-    """A unix socket can be bound at ``path`` (checked before anything is made for it)."""
-    size = len(os.fsencode(path))
-    if size > SUN_PATH_MAX:
-        raise StartupError(
-            f"{flag} {path}: {size} bytes, longer than a unix socket path may be ({SUN_PATH_MAX}); "
-            "give a shorter one"
-        )
 
 
 def _host_port(host: str, port: int) -> str:

@@ -495,6 +495,13 @@ def test_a_regular_file_at_a_socket_path_survives_and_is_refused_in_one_line(
     assert "Traceback" not in server.output()
     with open(path) as f:
         assert f.read() == "somebody's data"
+    # Refused before anything was claimed: it made a state directory, a pod store and lock files.
+    assert not os.path.exists(server.state_dir)
+    assert not [name for name in _files_under(str(tmp_path)) if name.endswith(".lock")]
+
+
+def _files_under(top: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(top) for f in files]
 
 
 @pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock"])

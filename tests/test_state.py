@@ -650,6 +650,8 @@ def test_a_second_server_on_the_same_state_dir_refuses(agents: Agents, tmp_path:
         assert second.wait_exit() == 1
         assert f"another zds server (pid {first.pid}) is serving {first.state_dir}" in second.output()
         assert not os.path.exists(second.zds_socket)
+        for path in (second.zds_socket, second.control_socket, second.cni_socket):
+            assert not os.path.exists(path + ".lock"), "the refused start left its lock files"
     finally:
         second.stop()
 
@@ -668,6 +670,9 @@ def test_a_second_server_on_a_state_dir_whose_lock_file_was_deleted_still_refuse
         assert len(lines) == 1 and f"another zds server is serving {first.state_dir}" in lines[0]
         assert "Traceback" not in second.output()
         assert not os.path.exists(second.zds_socket)
+        assert not os.path.exists(os.path.join(first.state_dir, "zds.lock")), (
+            "the refused start left a lock file naming it, dead, as the state directory's holder"
+        )
     finally:
         second.stop()
     assert first.list_pods() == []  # the first one serves on, its store its own

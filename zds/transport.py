@@ -287,19 +287,26 @@ def clear_socket_path(path: str) -> None:
     by a crashed process: a node agent holds the path's lock, so no live zds serves it); refuse a
     socket something else still serves (another program's, Istio's node agent's) and anything
     that is not a socket."""
+    if not refuse_non_socket(path):
+        return
+    if _answered(path):
+        raise SocketPathTaken(
+            f"{path} is a socket another program serves; refusing to replace it (stop that "
+            "program, or choose another path)"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def refuse_non_socket(path: str) -> bool:
+    """SocketPathTaken if ``path`` holds anything but a socket (a file, a directory, a
+    symlink); whether it holds a socket."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISSOCK(st.st_mode):
-        if _answered(path):
-            raise SocketPathTaken(
-                f"{path} is a socket another program serves; refusing to replace it (stop that "
-                "program, or choose another path)"
-            )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
+        return True
     kind = (
         "a directory"
         if stat.S_ISDIR(st.st_mode)

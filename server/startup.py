@@ -1,0 +1,100 @@
+"""``zds server``'s first two start-up steps, before anything is served: what the flags name
+is checked, then every path is claimed. Each refuses in one line, leaving nothing behind
+(no lock file, no state directory, no pod store of its own making)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING
+
+from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, socket_lock, state_lock
+from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
+from zds.server.pods import PodSpec, PodSpecError
+from zds.server.podsfile import load_pods_file
+from zds.transport import SocketPathTaken, refuse_non_socket
+
+if TYPE_CHECKING:
+    from zds.server.faults import FaultSpec
+
+#: Each socket flag and what it serves (for the refusal).
+_SOCKETS = (
+    ("--zds-socket", "ZDS socket"),
+    ("--control-socket", "control socket"),
+    ("--cni-socket", "CNI plugin socket"),
+)
+
+
+def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
+    """Check what the flags name (socket paths, listen addresses, TLS, the pods and faults
+    files) before anything is claimed or written: a bad one stopped the start after the pod
+    store and the lock files were made. The files' pods and faults."""
+    from zds.server.faultkinds import FaultError
+    from zds.server.faultsfile import load_faults_file
+
+    for (flag, what), path in zip(_SOCKETS, socket_paths(opts), strict=False):
+        _bindable(flag, what, path)
+    if opts.http_listen:
+        split_host_port(opts.http_listen, "--http-listen")
+    control_tcp(opts)
+    try:
+        pods = load_pods_file(opts.pods_file) if opts.pods_file else []
+    except PodSpecError as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        faults = load_faults_file(opts.faults_file) if opts.faults_file else []
+    except FaultError as exc:
+        raise StartupError(f"--faults {opts.faults_file}: {exc}") from exc
+    return pods, faults
+
+
+def socket_paths(opts: ServerOptions) -> list[str]:
+    """The unix socket paths the node agent serves, in ``_SOCKETS``' order."""
+    return [opts.zds_socket, opts.control_socket] + ([opts.cni_socket] if opts.cni_socket else [])
+
+
+def claim_paths(opts: ServerOptions, lock: InstanceLock) -> bool:
+    """Lock every socket path and the state directory, or stop before touching anything;
+    whether the state directory held a node agent before (its lock file was there)."""
+    used_before = os.path.exists(state_lock(opts.state_dir))
+    made = not os.path.lexists(opts.state_dir)
+    try:
+        os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
+        st = os.stat(opts.state_dir)
+    except OSError as exc:
+        raise StartupError(f"cannot use state directory {opts.state_dir}: {exc.strerror}") from exc
+    # The pod store says which namespaces get rules and go to ztunnel: whoever else can
+    # write the directory could put a store of their own in it.
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        who = "owned by another user" if st.st_uid != os.geteuid() else f"mode {st.st_mode & 0o7777:04o}"
+        raise StartupError(
+            f"cannot use state directory {opts.state_dir}: others can write it ({who}); "
+            "give zds a directory only its own user can write (chmod go-w, or another --state-dir)"
+        )
+    try:
+        lock.acquire(
+            [(path, socket_lock(path)) for path in socket_paths(opts)]
+            + [(opts.state_dir, state_lock(opts.state_dir))]
+        )
+    except InstanceError as exc:
+        if made:  # (another agent serves a socket: the state directory this start made goes)
+            with contextlib.suppress(OSError):
+                os.rmdir(opts.state_dir)
+        raise StartupError(str(exc)) from exc
+    return used_before
+
+
+def _bindable(flag: str, what: str, path: str) -> None:
+    """A unix socket can be bound at ``path`` (checked before anything is made for it): the
+    path is short enough, and holds nothing but maybe a socket (a live one is told apart
+    once the path is claimed)."""
+    size = len(os.fsencode(path))
+    if size > SUN_PATH_MAX:
+        raise StartupError(
+            f"{flag} {path}: {size} bytes, longer than a unix socket path may be ({SUN_PATH_MAX}); "
+            "give a shorter one"
+        )
+    try:
+        refuse_non_socket(path)
+    except SocketPathTaken as exc:
+        raise StartupError(f"cannot listen on {what}: {exc}") from exc
