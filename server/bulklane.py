@@ -31,7 +31,7 @@ from zds.server.bulkwire import MAGIC, Deframer, Opening, frame
 
 log = logging.getLogger("zds.server.control")
 
-#: What serves a lane: ``control.bulk_add`` bound to the node agent.
+#: What serves a lane: ``bulkadd.bulk_add`` bound to the node agent.
 BulkServe = Callable[
     [AsyncIterator[nodeagent_pb2.AddPodsRequest]], AsyncGenerator[nodeagent_pb2.AddPodsReply, None]
 ]

@@ -8,7 +8,7 @@ API's own ``zds.v1.AddPodsRequest`` messages to the node agent and ``zds.v1.AddP
 messages back, each framed as gRPC frames a message (a flag byte 0, a 4-byte big-endian
 length, the message). The client half-closes after its last request; the node agent
 closes after the last answer. Behind the same peer check as gRPC, served by the same code
-as ``AddPods`` (``control.bulk_add``), answered the same.
+as ``AddPods`` (``bulkadd.bulk_add``), answered the same.
 
 A node agent from before the lane passes the opening on to gRPC, which answers in HTTP/2
 and closes, having taken nothing: the client sees that (:class:`LaneUnsupported`) and

@@ -8,7 +8,6 @@ Other tasks hand requests to it with ``deliver`` and wait for the ack.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -33,7 +32,13 @@ from zds.protocol.nodeagent import (
     SnapshotComplete,
 )
 from zds.server import spans
-from zds.server.connrecords import ConnectionInfo, ConnectionStats, Delivery, SnapshotSource
+from zds.server.connrecords import (
+    ConnectionInfo,
+    ConnectionObserver,
+    ConnectionStats,
+    Delivery,
+    SnapshotSource,
+)
 from zds.server.link import ConnectionLost
 from zds.server.tasks import retrieve_exception
 from zds.transport import BusyPoll, PeerCredentials, SeqpacketConnection
@@ -42,18 +47,6 @@ if TYPE_CHECKING:
     from zds.server.faultplay import ConnectionFaults
 
 log = logging.getLogger("zds.server")
-
-
-class ConnectionObserver:
-    """Hooks the node agent uses to follow a connection (logs, pod states, metrics)."""
-
-    def hello(self, conn: ZtunnelConnection, version: int) -> None: ...
-    def sent(self, conn: ZtunnelConnection, request: Request) -> None: ...
-    def acked(self, conn: ZtunnelConnection, request: Request, ack: Ack, latency: float) -> None: ...
-    def unanswered(self, conn: ZtunnelConnection, request: Request, reason: str) -> None:
-        """A sent request got no ack: the connection closed (or timed out) first."""
-
-    def snapshot_complete(self, conn: ZtunnelConnection, pods: int) -> None: ...
 
 
 class ZtunnelConnection:
@@ -287,14 +280,14 @@ class ZtunnelConnection:
         uid = getattr(delivery.request, "uid", "")
         if uid:
             attributes[spans.POD_UID] = uid
-        with self._span(spans.SEND, delivery, attributes) as send_span:
+        with spans.child_span(self._tracer, spans.SEND, delivery.trace_context, attributes) as send_span:
             payload = self._encode(delivery)
             try:
                 await self._write(delivery, payload)
             except ConnectionLost as lost:
                 send_span.set_status(Status(StatusCode.ERROR, lost.reason))
                 raise
-        with self._span(spans.WAIT_ACK, delivery, attributes) as ack_span:
+        with spans.child_span(self._tracer, spans.WAIT_ACK, delivery.trace_context, attributes) as ack_span:
             try:
                 ack = await self._await_ack(delivery)
             except ConnectionLost as lost:
@@ -339,20 +332,6 @@ class ZtunnelConnection:
                 return
         if not delivery.result.done():  # reported already (a close came with it)
             delivery.result.set_result(ack.ack)
-
-    def _span(
-        self, name: str, delivery: Delivery, attributes: dict[str, str]
-    ) -> contextlib.AbstractContextManager[trace.Span]:
-        """A child span of the delivery's trace; nothing when the delivery is not traced."""
-        if delivery.trace_context is None:
-            return contextlib.nullcontext(trace.INVALID_SPAN)
-        return self._tracer.start_as_current_span(
-            name,
-            context=delivery.trace_context,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
 
     async def _send_snapshot(self, source: SnapshotSource) -> None:
         """Every known pod (Add + fd, or Keep), each acked before the next, then SnapshotSent.

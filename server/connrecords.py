@@ -2,7 +2,8 @@
 
 A ``Delivery`` is a request waiting for its turn (its fd owned until sent), a
 ``SnapshotItem`` one entry of the snapshot read from a ``SnapshotSource``, and
-``ConnectionInfo`` the connection as ListConnections and Watch show it.
+``ConnectionInfo`` the connection as ListConnections and Watch show it, and a
+``ConnectionObserver`` what the node agent hears of it.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import context as otel_context
 
 from zds.protocol.messages import Ack, AddWorkload, KeepWorkload, Request
 from zds.protocol.nodeagent import ConnectionState
 from zds.transport import PeerCredentials
+
+if TYPE_CHECKING:
+    from zds.server.connection import ZtunnelConnection
 
 
 @dataclass
@@ -81,3 +85,15 @@ class SnapshotSource(Protocol):
 
     def snapshot_uids(self) -> list[str]: ...
     def snapshot_item(self, uid: str) -> SnapshotItem | None: ...
+
+
+class ConnectionObserver:
+    """Hooks the node agent uses to follow a connection (logs, pod states, metrics)."""
+
+    def hello(self, conn: ZtunnelConnection, version: int) -> None: ...
+    def sent(self, conn: ZtunnelConnection, request: Request) -> None: ...
+    def acked(self, conn: ZtunnelConnection, request: Request, ack: Ack, latency: float) -> None: ...
+    def unanswered(self, conn: ZtunnelConnection, request: Request, reason: str) -> None:
+        """A sent request got no ack: the connection closed (or timed out) first."""
+
+    def snapshot_complete(self, conn: ZtunnelConnection, pods: int) -> None: ...

@@ -33,9 +33,10 @@ from zds.aio import cancel_and_wait
 from zds.httpguard import TcpGuard
 from zds.server import store as pod_store
 from zds.server.agent import NodeAgent
+from zds.server.bulkadd import bulk_add
 from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
-from zds.server.control import bulk_add, start_control_server
+from zds.server.control import start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
 from zds.server.instance import InstanceError, InstanceLock, PrivateDir

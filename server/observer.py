@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 from zds.protocol.messages import VERSION_V1, Ack, AddWorkload, DelWorkload, Request, request_kind
-from zds.server.connection import ConnectionObserver, ZtunnelConnection
+from zds.server.connection import ZtunnelConnection
+from zds.server.connrecords import ConnectionObserver
 from zds.server.eventkinds import EventKind
 from zds.server.events import EventBus
 from zds.server.podcache import PodCache

@@ -17,7 +17,7 @@ connection (``zds.snapshot``: ``zds.send``/``zds.wait_ack`` per entry).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -72,3 +72,15 @@ def trace_context(current: trace.Span) -> otel_context.Context | None:
 
 def pod_attributes(uid: str, name: str, namespace: str) -> dict[str, str]:
     return {POD_UID: uid, POD_NAME: name, POD_NAMESPACE: namespace}
+
+
+def child_span(
+    tracer: trace.Tracer, name: str, parent: otel_context.Context | None, attributes: dict[str, str]
+) -> AbstractContextManager[trace.Span]:
+    """A child span in ``parent``'s trace, made current; nothing when ``parent`` is None (not
+    traced). Exceptions are neither recorded nor turned into its status (the caller says)."""
+    if parent is None:
+        return nullcontext(trace.INVALID_SPAN)
+    return tracer.start_as_current_span(
+        name, context=parent, attributes=attributes, record_exception=False, set_status_on_exception=False
+    )

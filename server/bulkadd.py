@@ -1,0 +1,159 @@
+"""The bulk path of the control API: ``AddPods``, and the control socket's bulk lane
+(bulklane.py), and the gRPC status of each enrollment outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc
+
+from zds import defaults
+from zds.gen import nodeagent_pb2
+from zds.server.agent import NodeAgent
+from zds.server.controlwire import add_pod_response, pod_spec
+from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome
+from zds.server.pods import PodSpec
+
+log = logging.getLogger("zds.server.control")
+
+#: AddPods answers wait this long (seconds) for others to go in the same message.
+BULK_REPLY_DELAY = 0.005
+
+STATUS = {
+    EnrollmentOutcome.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    EnrollmentOutcome.REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
+    EnrollmentOutcome.NO_CONNECTION: grpc.StatusCode.UNAVAILABLE,
+    EnrollmentOutcome.NACKED: grpc.StatusCode.FAILED_PRECONDITION,
+    EnrollmentOutcome.LOST: grpc.StatusCode.UNAVAILABLE,
+    EnrollmentOutcome.RULES: grpc.StatusCode.INTERNAL,
+    EnrollmentOutcome.STORE: grpc.StatusCode.INTERNAL,
+    EnrollmentOutcome.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    EnrollmentOutcome.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+#: The longest status details (or answer text, or echoed uid) sent: gRPC refuses metadata past
+#: 8-16 KiB, so a refusal that quotes a caller's long value (a uid, a path) would reach it as
+#: a protocol error instead, and a bulk answer echoing it could outgrow a message.
+DETAILS_MAX = 1024
+
+
+def cut(text: str) -> str:
+    return text if len(text) <= DETAILS_MAX else text[:DETAILS_MAX] + "..."
+
+
+async def bulk_add(
+    agent: NodeAgent, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest]
+) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
+    """The bulk path (``AddPods``, and the control socket's bulk lane: bulklane.py):
+    enrollments run concurrently (up to ``BULK_WINDOW``), each answered as it ends; their
+    AddWorkloads queue on the ztunnel connection in the order they are ready, so the node
+    agent opens and stores the next pods while ztunnel works. Pods come and go in batches: a
+    message per pod would cost more than enrolling it. Requests are taken only while fewer
+    than ``BULK_UNSENT`` answers wait to be sent: a client that does not read its answers
+    holds the node agent to that much (the transport's flow control does the rest)."""
+    answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
+    #: Every answer of the call is in ``answers`` (the last one goes out at once).
+    finished = asyncio.Event()
+    window = _Window(defaults.BULK_WINDOW, defaults.BULK_REFILL)
+    #: A request taken holds one until its answer is sent.
+    unsent = asyncio.Semaphore(defaults.BULK_UNSENT)
+    running: set[asyncio.Future[Any]] = set()
+
+    def answer(index: int, uid: str, outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str]) -> None:
+        window.give()
+        response = None
+        if isinstance(outcome, tuple):
+            code, message = outcome
+        elif outcome.cancelled():
+            code, message = grpc.StatusCode.UNAVAILABLE, "node agent shutting down"
+        elif isinstance(error := outcome.exception(), EnrollmentError):
+            code, message = STATUS[error.outcome], str(error)
+        elif error is not None:  # a bug: said as AddPod would (an INTERNAL status)
+            log.error("enrollment failed unexpectedly: %r", error, extra={"uid": uid})
+            code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error!r}"
+        else:
+            code, message, response = grpc.StatusCode.OK, "", add_pod_response(outcome.result())
+        answers.put_nowait(
+            nodeagent_pb2.AddPodsResult(
+                index=index, uid=cut(uid), code=code.value[0], message=cut(message), response=response
+            )
+        )
+
+    async def read() -> None:
+        try:
+            index = 0
+            async for batch in requests:
+                for request in batch.pods:
+                    await unsent.acquire()
+                    await window.take()
+                    spec = pod_spec(request)
+                    if isinstance(spec, PodSpec):
+                        # The enrollment's own task (it completes even if this call ends).
+                        task = agent.start_add(spec)
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                        task.add_done_callback(functools.partial(answer, index, request.uid))
+                    else:
+                        agent.telemetry.enrollment(EnrollmentOutcome.INVALID.value)
+                        answer(index, request.uid, spec)
+                    index += 1
+            while running:
+                await asyncio.wait(set(running))
+        finally:
+            answers.put_nowait(None)
+            finished.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        done = False
+        while not done:
+            batch = [await answers.get()]
+            if batch[0] is not None and not finished.is_set():
+                # Let more end first, unless the last one does meanwhile: a message per
+                # answer costs both ends more than the answer (~100 us of gRPC machinery
+                # each in the client alone).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BULK_REPLY_DELAY):
+                        await finished.wait()
+            while not answers.empty() and len(batch) < defaults.BULK_REPLY_RESULTS:
+                batch.append(answers.get_nowait())  # the answers ready now go in one message
+            done = batch[-1] is None
+            results = [answer for answer in batch if answer is not None]
+            if results:
+                yield nodeagent_pb2.AddPodsReply(results=results)
+                for _ in results:
+                    unsent.release()
+        await reader  # a failed read of the requests ends the call with its error
+    finally:
+        reader.cancel()
+
+
+class _Window:
+    """How many of an AddPods stream's enrollments may run at once: ``size``. Once full, it
+    opens again only when ``refill`` of them have ended, so the next ones start together in
+    one turn of the loop (and the pod store commits them in one transaction) instead of one
+    by one as each ack comes in."""
+
+    def __init__(self, size: int, refill: int) -> None:
+        self.size = size
+        self.refill = min(refill, size)
+        self.free = size
+        self._open = asyncio.Event()
+        self._open.set()
+
+    async def take(self) -> None:
+        while self.free == 0:
+            self._open.clear()
+            await self._open.wait()
+        self.free -= 1
+
+    def give(self) -> None:
+        self.free += 1
+        if self.free >= self.refill:
+            self._open.set()
