@@ -79,6 +79,11 @@ class PodStore:
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
+        #: ``installs`` may hold rows (it had some at open, or this store wrote one since): a pod's
+        #: row takes its install row out only then (with --no-redirect it never has one).
+        self._installs_used = True
+        with contextlib.suppress(sqlite3.Error):  # (if it cannot tell: as if it had)
+            self._installs_used = bool(db.execute("SELECT EXISTS (SELECT 1 FROM installs)").fetchone()[0])
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -169,6 +174,7 @@ class PodStore:
     def _write_rows(self, pods: list[StoredPod], installs: list[StoredPod]) -> None:
         marks = ",".join("?" * len(COLUMN_NAMES))
         if installs:
+            self._installs_used = True
             self._db.executemany(
                 f"INSERT OR REPLACE INTO installs ({COLUMNS}) VALUES ({marks})", map(_values, installs)
             )
@@ -176,7 +182,8 @@ class PodStore:
             self._db.executemany(
                 f"INSERT OR REPLACE INTO pods ({COLUMNS}) VALUES ({marks})", map(_values, pods)
             )
-            self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
+            if self._installs_used:
+                self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
 
     async def put_soon(self, pod: StoredPod) -> None:
         """``put_many`` of every pod asked for in the same turn of the event loop: committed

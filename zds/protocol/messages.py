@@ -186,8 +186,14 @@ def _request_of(msg: zds_pb2.WorkloadRequest) -> Request | None:
     return None
 
 
+#: ``WorkloadResponse{ack: Ack{}}``: field 1, length-delimited, empty (the vectors' clean ack).
+CLEAN_ACK = b"\n\x00"
+
+
 def encode_ack(ack: Ack) -> bytes:
-    """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack)."""
+    """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack: every pod's, written once)."""
+    if not ack.error:
+        return CLEAN_ACK
     return bytes(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=ack.error)).SerializeToString())
 
 
