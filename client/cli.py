@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="ADDR[:PORT]",
-        help="resolver the DNS forwarder asks (repeatable; default: the node's /etc/resolv.conf)",
+        help="resolver the DNS forwarder asks (repeatable) (default: the node's /etc/resolv.conf)",
     )
     p.add_argument(
         "--no-preserve-source",

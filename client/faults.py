@@ -17,7 +17,6 @@ import enum
 import itertools
 import json
 import logging
-import select
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from zds.protocol.messages import Ack, AddWorkload, encode_ack, encode_hello
 from zds.protocol.reading import START_FAILURE
 from zds.protocol.records import Record
 from zds.protocol.workloads import SendReply
+from zds.seqpacket import peer_hung_up
 
 log = logging.getLogger("zds.ztunnel.faults")
 
@@ -271,13 +271,6 @@ class ZtunnelFaults:
             await asyncio.sleep(fault.delay)
         else:
             await asyncio.Event().wait()
-
-
-def peer_hung_up(sock: socket.socket) -> bool:
-    """The peer closed (POLLRDHUP): a 0-byte read was its EOF, not a 0-byte record."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
-    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _is_add(record: Record) -> bool:

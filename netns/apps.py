@@ -1,5 +1,6 @@
-"""Applications for pod fixtures: a TCP echo server inside a pod, and a client that
-connects from inside a pod. Used by ``zds demo``, the compose ``pods`` service and tests."""
+"""Applications for pod fixtures: a TCP echo server inside a pod, a client that connects
+from inside a pod, and a free port on the node's loopback for a process to listen on. Used
+by ``zds demo``, ``zds check``, the compose ``pods`` service and tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import threading
 
 from .enter import in_netns
 from .handle import open_netns
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class EchoServer:

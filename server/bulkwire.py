@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
+from zds.errors import ZdsError
 from zds.gen import nodeagent_pb2
 
 #: The lane's first bytes, each way (an HTTP/2 connection opens with ``PRI * HTTP/2.0``).
@@ -39,7 +40,7 @@ MAX_MESSAGE = 4 * 1024 * 1024
 _CHUNK = 256 * 1024
 
 
-class LaneError(Exception):
+class LaneError(ZdsError):
     """The lane broke; the message is one line for the user."""
 
 

@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="UID",
-        help="another uid that may connect to the unix sockets (repeatable; default: root and the "
+        help="another uid that may connect to the unix sockets (repeatable) (default: root and the "
         "server's own uid)",
     )
     server.add_argument(
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="GID",
-        help="a gid whose members may connect to the unix sockets (repeatable; default: none)",
+        help="a gid whose members may connect to the unix sockets (repeatable) (default: none)",
     )
     server.add_argument(
         "--socket-group",
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="another directory that holds pods' named namespaces (repeatable; default: "
+        help="another directory that holds pods' named namespaces (repeatable) (default: "
         "/var/run/netns and /run/netns, plus any /proc/PID/ns/net)",
     )
     server.add_argument(

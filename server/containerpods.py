@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -127,13 +126,8 @@ class ContainerPods:
         if not selection.selected:
             log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
             return 200, f"not selected: container {facts.name} is {selection.reason}"
-        spec = dataclasses.replace(  # the pod of a container is named by its id, whatever PodUID said
-            spec,
-            uid=cid,
-            name=facts.pod_name,
-            namespace=facts.namespace,
-            service_account=facts.service_account,
-        )
+        # The pod of a container is named by its id (facts.id is cid), whatever PodUID said.
+        spec = facts.pod_spec(spec.netns, spec.ips, spec.source)
         async with self.serialized(cid):
             if (refusal := self.held_elsewhere(cid)) is not None:
                 return 500, refusal

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from opentelemetry import trace
 
+from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.locks import KeyedLocks
@@ -23,7 +24,7 @@ from zds.server.redirect import RedirectConfig, RedirectError, Redirector, redir
 log = logging.getLogger("zds.server")
 
 
-class RulesError(Exception):
+class RulesError(ZdsError):
     """The rules could not be installed; the message says why (iptables' own words).
     ``undone``: what went in came out again (or another pod's rules stay there)."""
 

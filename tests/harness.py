@@ -38,6 +38,7 @@ import grpc
 
 from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.netns.apps import free_port as free_port  # (the tests' name for it)
 
 T = TypeVar("T")
 
@@ -216,13 +217,6 @@ def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
     """The listeners process ``pid`` (a ztunnel) has in the pod, by port."""
     mine = socket_inodes(pid)
     return {lst.port: lst for lst in listening(pod.name) if lst.inode in mine}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _POD_NETNS: dict[str, Any] = {}

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,11 @@ def test_defaults_are_shown_one_way(prog: str) -> None:
         if "%(default)s" in text:
             assert "(default: %(default)s" in text or "default: %(default)s)" in text, (prog, text)
         assert "(default " not in text, (prog, text)
+    # And whatever the default, --help shows it as "(default: X)": never "; default: X" nor
+    # "(repeatable; default: X)", in a flag's help (with or without %(default)s) or anywhere else.
+    shown = " ".join(LEAVES[prog].format_help().split())
+    stray = re.findall(r".{0,40}(?<!\()(?<!by )default:.{0,20}", shown, flags=re.IGNORECASE)
+    assert not stray, (prog, stray)
 
 
 @pytest.mark.parametrize("prog", sorted(LEAVES))

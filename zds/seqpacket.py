@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import time
 
@@ -42,6 +43,14 @@ def recv_record(sock: socket.socket, max_size: int = defaults.MAX_MESSAGE_SIZE) 
             usable = len(data) - len(data) % _FD_SIZE
             fds.extend(array.array("i", data[:usable]))
     return Record(payload=payload, fds=fds, flags=flags)
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """The peer closed (POLLRDHUP): a 0-byte read was its EOF, not a 0-byte record (which
+    shows no POLLRDHUP; ztunnel would take it for EOF all the same)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def send_record(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:

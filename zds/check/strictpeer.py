@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import select
 import socket
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from zds.check.records import ConnectionRules, Seen, receive
 from zds.check.report import Finding
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, encode_ack, encode_hello
+from zds.seqpacket import peer_hung_up
 from zds.transport import PeerCredentials, SeqpacketConnection, connect
 
 #: Read buffers far larger than ztunnel's, so an oversized record is seen whole.
@@ -100,7 +100,7 @@ class StrictConnection:
                     fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
             now = time.monotonic()
             if not payload and not fds and not flags & socket.MSG_CTRUNC:
-                if _peer_hung_up(sock):
+                if peer_hung_up(sock):
                     self.closed_at = now
                     await self.queue.put(None)
                     return
@@ -187,9 +187,3 @@ def _waiting(sock: socket.socket) -> bool:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except OSError:
         return False
-
-
-def _peer_hung_up(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
-    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))

@@ -21,6 +21,7 @@ from zds.aio import cancel_and_wait, finished_within
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
 from zds.check.ztconn import ZtConn
+from zds.netns.apps import free_port
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
 
 
@@ -58,7 +59,7 @@ class Bench:
         self.socket_path = options.zds_socket or os.path.join(self._tmp, "ztunnel.sock")
         self.log_path = os.path.join(self._tmp, "ztunnel.log")
         self.values = {"socket": self.socket_path} | {
-            f"{n}_port": str(_free_port()) for n in ("admin", "readiness", "metrics")
+            f"{n}_port": str(free_port()) for n in ("admin", "readiness", "metrics")
         }
         self._listener: socket.socket | None = None
         self._socket_file: SocketFile | None = None
@@ -246,9 +247,3 @@ def _open_log(path: str, header: str) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     os.write(fd, header.encode())
     return fd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

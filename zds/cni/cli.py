@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     uninstall.add_argument(
         "--network",
         metavar="NAME",
-        help="only the network with this name (its config's name); default: every network",
+        help="only the network with this name (its config's name) (default: every network)",
     )
     uninstall.set_defaults(func=cmd_uninstall)
 

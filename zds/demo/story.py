@@ -7,7 +7,6 @@ import contextlib
 import functools
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from typing import Any
@@ -29,7 +28,7 @@ from zds.demo.probes import (
 from zds.demo.supervision import Supervisor
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns import NetnsError
-from zds.netns.apps import EchoServer, exchange
+from zds.netns.apps import EchoServer, exchange, free_port
 from zds.netns.fixtures import list_netns
 from zds.netns.podnet import PodFixture, PodNetwork
 
@@ -41,12 +40,6 @@ BRIDGE = "zdsdemo0"
 SUBNET4 = "10.177.77.0/24"
 SUBNET6 = "fd00:177:77::/64"
 PAYLOAD = b"hello reviews, this is productpage (through ztunnel)\n" * 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Demo:
