@@ -292,9 +292,13 @@ class Enrollment:
             log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)
             try:
                 await self._remove_rules(pod, claims=1)
-            finally:
+            except BaseException:
                 pod.close()
-            if not pod.rules_installed:  # out (or kept for another pod there): nothing left to do
+                raise
+            # Rules still in: their install row stays (the next start takes them out), and
+            # they are tried again meanwhile.
+            if not self._retry_if_left(pod, removal=False):
+                pod.close()  # out (or kept for another pod there): nothing left to do
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
             raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
 
@@ -309,7 +313,7 @@ class Enrollment:
                 and old.netns.identity != pod.netns.identity
             ):
                 # Replaced by a pod in another netns: take our rules out of the old one too.
-                self.tasks.spawn(self._remove_rules_and_close(old))
+                self.tasks.spawn(self._remove_replaced(old))
             else:
                 old.close()  # replaced: its fd goes now (queued sends hold their own dups)
         self.events.publish(EventKind.POD_ENROLLED, pod=pod)
@@ -346,13 +350,10 @@ class Enrollment:
         try:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
                 await self._remove_rules(pod)
-                if self.rules is not None and pod.rules_installed and pod.netns is not None:
-                    # Its rules could not be taken out: its row stays marked removing (the next
-                    # start finishes the removal), and they are tried again meanwhile.
-                    assert self.leftovers is not None
-                    self.leftovers.retry(pod, removal=True)
-                    retried = True
-                else:
+                # Rules that could not be taken out: its row stays marked removing (the next
+                # start finishes the removal), and they are tried again meanwhile.
+                retried = self._retry_if_left(pod, removal=True)
+                if not retried:
                     delete_pod_row(self.store, uid)
                 results = await self._broadcast_del(uid, spans.trace_context(span))
         finally:
@@ -394,11 +395,24 @@ class Enrollment:
         if self.rules is not None:
             await self.rules.remove(pod, lambda identity: self.cache.in_use(identity, claims=claims))
 
-    async def _remove_rules_and_close(self, pod: Pod) -> None:
+    async def _remove_replaced(self, old: Pod) -> None:
+        """Take the rules of a pod replaced by one in another netns out of its old netns (tried
+        again if they stay in: no row records them, the uid's rows are the new pod's)."""
         try:
-            await self._remove_rules(pod)
-        finally:
-            pod.close()
+            await self._remove_rules(old)
+        except BaseException:
+            old.close()
+            raise
+        if not self._retry_if_left(old, removal=True):
+            old.close()
+
+    def _retry_if_left(self, pod: Pod, *, removal: bool) -> bool:
+        """If the pod's rules are still in (taking them out failed), hand the pod, its netns fd
+        with it, to the retry (``Leftovers``): True."""
+        if self.leftovers is None or not pod.rules_installed or pod.netns is None:
+            return False
+        self.leftovers.retry(pod, removal=removal)
+        return True
 
 
 def _attributes(spec: PodSpec) -> dict[str, str]:

@@ -252,6 +252,48 @@ async def test_an_enrollment_that_fails_to_commit_takes_its_own_rules_out(
     assert agent.committed("installs") == []  # its rules are out: nothing for a next start to do
 
 
+async def test_rules_a_failed_commit_could_not_take_out_keep_their_row_and_are_retried(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """The pod's row cannot be committed and its rules will not come out: they were left to
+    the next start only (logged), redirecting the pod's traffic meanwhile."""
+    a = make_pod()
+    agent.store.refuse = "disk full"
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    with pytest.raises(EnrollmentError) as info:
+        await agent.agent.add_pod(agent.spec("u1", a))
+    assert info.value.outcome is EnrollmentOutcome.STORE
+    assert has_rules(a) and agent.committed("installs") == ["u1"]
+    assert len(undo_tasks()) == 1
+    agent.redirector.refuse_removal = ""
+    await async_wait_until(
+        lambda: not has_rules(a) and not agent.committed("installs"),
+        "the rules out and the install row gone",
+        timeout=defaults.UNDO_RETRY_INITIAL + 5,
+    )
+    assert netns_fds(a.path) == 0
+
+
+async def test_rules_of_a_pod_replaced_from_another_netns_that_stay_in_are_retried(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """u1 re-added in B: taking its rules out of A failed, and they stayed there for good
+    (no row records them: the uid's rows are B's now)."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.redirector.refuse_removal_in = {os.stat(a.path).st_ino}
+    await agent.agent.add_pod(agent.spec("u1", b))
+    await async_wait_until(lambda: len(undo_tasks()) == 1, "A's rules handed to the retry")
+    assert has_rules(a) and has_rules(b)
+    agent.redirector.refuse_removal_in = set()
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert not has_rules(a) and has_rules(b)
+    assert agent.stored() == {"u1": identity(b)} and agent.committed("installs") == []
+    assert netns_fds(a.path) == 0
+
+
 async def test_an_install_that_cannot_be_taken_out_keeps_its_row_for_the_next_start(
     agent: Agent, make_pod: Callable[[], Pod]
 ) -> None:
