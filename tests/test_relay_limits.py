@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.harness import async_wait_until
 from zds.client import datapath, dns
 from zds.client.datapath import DirectionStats, connect_within, relay, tune_relay_socket
 from zds.client.dns import MAX_UDP_IN_FLIGHT, DnsProxy
@@ -70,24 +71,47 @@ async def relay_sockets(listener: socket.socket) -> tuple[socket.socket, socket.
     return client_far, client, upstream
 
 
-async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(listener: socket.socket) -> None:
+#: The relays' idle deadline in the test below: the busy one gets a byte every 0.1 s, so only a
+#: stall of the event loop of several seconds could make it look idle.
+IDLE = 3.0
+
+
+async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(
+    listener: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="zds.ztunnel.datapath")
     loop = asyncio.get_running_loop()
     idle_far, idle_client, idle_upstream = await relay_sockets(listener)
     busy_far, busy_client, busy_upstream = await relay_sockets(listener)
-    idle_relay = asyncio.create_task(relay(idle_client, idle_upstream, DirectionStats(), idle=0.3))
-    busy_relay = asyncio.create_task(relay(busy_client, busy_upstream, DirectionStats(), idle=0.3))
+    busy_stats = DirectionStats()
+    busy_relay = asyncio.create_task(relay(busy_client, busy_upstream, busy_stats, idle=IDLE))
+    idle_relay: asyncio.Task[None] | None = None
     try:
-        for _ in range(8):  # 0.8 s of a byte every 0.1 s: never idle for 0.3 s
-            await loop.sock_sendall(busy_far, b"x")
-            await asyncio.sleep(0.1)
-        assert not busy_relay.done()
-        await asyncio.wait_for(idle_relay, 5)  # (it ended by itself)
+        await loop.sock_sendall(busy_far, b"x")
+        await async_wait_until(lambda: busy_stats.bytes_sent == 1, "the busy relay's first byte")
+        # Started after it: were the busy one's deadline not pushed on by its bytes, it would end first.
+        idle_relay = asyncio.create_task(relay(idle_client, idle_upstream, DirectionStats(), idle=IDLE))
+        sent = 1
+        for _ in range(int((IDLE + 30) / 0.1)):  # (the bound only ends a hung test)
+            await loop.sock_sendall(busy_far, b"x")  # a byte every 0.1 s: never idle for IDLE s
+            sent += 1
+            await asyncio.wait([idle_relay], timeout=0.1)
+            if idle_relay.done():
+                break
+        assert idle_relay.done(), "the idle relay never ended"
+        assert idle_relay.result() is None  # (it ended by itself)
         assert await asyncio.wait_for(loop.sock_recv(idle_far, 10), 5) == b""  # EOF to the client
+        assert caplog.text.count(f"relay idle for {IDLE:g} s: closed") == 1  # that one only
+        assert not busy_relay.done()
+        await async_wait_until(lambda: busy_stats.bytes_sent == sent, "every byte through the busy relay")
     finally:
         busy_relay.cancel()
-        await asyncio.gather(busy_relay, idle_relay, return_exceptions=True)
+        await asyncio.gather(busy_relay, *([idle_relay] if idle_relay else []), return_exceptions=True)
         for sock in (idle_far, busy_far):
             sock.close()
+        if idle_relay is None:  # (never handed to a relay, which closes its own)
+            idle_client.close()
+            idle_upstream.close()
         while (accepted := _accept_now(listener)) is not None:
             accepted.close()
 
