@@ -10,20 +10,16 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import async_wait_until
+from tests.harness import async_wait_until, fd_count
 from zds.client import datapath, dns
 from zds.client.datapath import DirectionStats, connect_within, relay, tune_relay_socket
 from zds.client.dns import MAX_UDP_IN_FLIGHT, DnsProxy
 from zds.client.inpod import DnsSockets
 from zds.client.listeners import SocketWatcher
-
-
-def own_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -134,27 +130,27 @@ async def test_a_pod_flooding_its_dns_holds_at_most_its_share_of_sockets() -> No
     watcher = SocketWatcher()
     proxy = DnsProxy(DnsSockets(udp=[pod_side], tcp=[]), resolvers=[silent.getsockname()])
     flood = MAX_UDP_IN_FLIGHT + 100
-    before = own_fds()
+    before = fd_count(os.getpid())
     try:
         proxy.start_udp(watcher)
+
+        def read(count: int) -> Callable[[], bool]:
+            return lambda: proxy.stats.connections >= count
+
         for i in range(flood):
             sender.sendto(b"query %d" % i, pod_side.getsockname())
-            if i % 16 == 15:
-                await asyncio.sleep(0.005)  # (the forwarder reads them: no datagram dropped)
-        for _ in range(1000):  # (10 s at most)
-            if proxy.stats.connections >= flood:
-                break
-            await asyncio.sleep(0.01)
+            if i % 16 == 15:  # (the forwarder reads them before more come: no datagram dropped)
+                await async_wait_until(read(i + 1), f"query {i} read")
+        await async_wait_until(lambda: proxy.stats.connections >= flood, "every query read")
         assert proxy.stats.connections == flood
         assert proxy.stats.failed == flood - MAX_UDP_IN_FLIGHT  # each over the bound, dropped
-        assert own_fds() - before <= MAX_UDP_IN_FLIGHT  # one socket per query in flight
+        assert fd_count(os.getpid()) - before <= MAX_UDP_IN_FLIGHT  # one socket per query in flight
     finally:
         proxy.close()  # (closes pod_side too)
-        for _ in range(20):
-            await asyncio.sleep(0)
         silent.close()
         sender.close()
-    assert own_fds() <= before - 1  # every query's socket closed (and pod_side)
+    # every query's socket closed (and pod_side; silent and sender were opened before `before`)
+    await async_wait_until(lambda: fd_count(os.getpid()) <= before - 3, "every query's socket closed")
 
 
 def test_both_sockets_of_a_relay_get_ztunnels_options() -> None:
