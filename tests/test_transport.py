@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import resource
 import socket
 import subprocess
 import sys
 import threading
-import time
+import types
 from collections.abc import AsyncIterator
 
 import pytest
 
+from zds import seqpacket
 from zds.protocol.records import Record
+from zds.seqpacket import recv_record
 from zds.transport import BusyPoll, SeqpacketConnection
 
 Pair = tuple[SeqpacketConnection, socket.socket]
@@ -166,12 +169,30 @@ async def test_a_record_due_any_moment_is_read_without_sleeping(
         os.close(release_w)
 
 
-async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was(pair: Pair) -> None:
+async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conn, theirs = pair
     busy = BusyPoll(0.02, turn_every=10.0)
-    started = time.monotonic()
+    tries: list[socket.socket] = []
+    if _one_cpu():  # off: returns at once, reads nothing
+        assert busy.budget == 0.0
+    else:
+        # Its clock, read once for the deadline and once after each try, moves a quarter of
+        # the budget a read: it gives up after exactly four tries, once the budget is spent.
+        reads = itertools.count()
+
+        def trying(sock: socket.socket) -> Record | None:
+            tries.append(sock)
+            return recv_record(sock)
+
+        monkeypatch.setattr(
+            seqpacket, "time", types.SimpleNamespace(monotonic=lambda: next(reads) * busy.budget / 4)
+        )
+        monkeypatch.setattr(seqpacket, "recv_record", trying)
     assert await busy.poll(conn) is None
-    assert time.monotonic() - started >= busy.budget
+    monkeypatch.undo()
+    assert len(tries) == (0 if _one_cpu() else 4)
     theirs.send(b"\x08\x01")
     record = conn.try_recv()
     assert record is not None and record.payload == b"\x08\x01"
