@@ -512,8 +512,16 @@ class StartServer(Protocol):
 class ZtunnelProc(ZdsProcess):
     """``zds ztunnel`` connecting to ``zds_socket``, its HTTP endpoints on ephemeral ports."""
 
-    def __init__(self, zds_socket: str, log_path: str, *extra: str, fd_limit: int | None = None) -> None:
-        """``fd_limit``: its RLIMIT_NOFILE (soft and hard), set with util-linux's prlimit."""
+    def __init__(
+        self,
+        zds_socket: str,
+        log_path: str,
+        *extra: str,
+        fd_limit: int | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """``fd_limit``: its RLIMIT_NOFILE (soft and hard), set with util-linux's prlimit;
+        ``wrapper``: a command that runs it (``nohup``), as ``ZdsProcess``'s."""
         args = [
             "ztunnel",
             "--zds-socket",
@@ -526,8 +534,8 @@ class ZtunnelProc(ZdsProcess):
             "127.0.0.1:0",
             *extra,
         ]
-        wrapper = ["prlimit", f"--nofile={fd_limit}:{fd_limit}", "--"] if fd_limit is not None else []
-        super().__init__(args, log_path, wrapper=wrapper)
+        limit = ["prlimit", f"--nofile={fd_limit}:{fd_limit}", "--"] if fd_limit is not None else []
+        super().__init__(args, log_path, wrapper=[*wrapper, *limit])
         self._addresses: dict[str, str] = {}
 
     def address(self, name: str) -> str:
