@@ -601,7 +601,9 @@ async def test_a_cancelled_run_in_netns_returns_once_its_work_never_ran_or_has_f
             await async_wait_until(started.is_set, "the first call's work running")
             running.cancel()
             queued.cancel()
-            await asyncio.sleep(0.1)
+            # Both cancels are delivered in one turn of the loop, the running call's first: once
+            # the queued call has ended, the running one has had its cancel too.
+            await async_wait_until(queued.done, "the queued call's cancel delivered")
             assert not running.done(), "it returned while its work still ran"
             release.set()
             with pytest.raises(asyncio.CancelledError):
