@@ -13,13 +13,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, wait_until
 from zds import cliflags, defaults
 from zds.cli import PART_OF, build_parser, command_of
 
@@ -626,27 +624,35 @@ def test_a_command_started_with_stdin_stdout_or_stderr_closed_runs_as_with_dev_n
     assert "Traceback" not in done.stderr
 
 
-@contextlib.contextmanager
-def lonely_ztunnel(
-    tmp_path: pathlib.Path, prepare: Callable[[], object]
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``zds ztunnel`` with no node agent to reach (it keeps trying), ``prepare`` run in the
-    child before exec; its log in ``tmp_path/log``; killed at the end if still running."""
-    argv = [*ZDS, "ztunnel", "--zds-socket", str(tmp_path / "nobody.sock")]
-    argv += ["--admin-listen", "off", "--readiness-listen", "off", "--metrics-listen", "off"]
-    with open(tmp_path / "log", "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=out, preexec_fn=prepare)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+def lonely_ztunnel(tmp_path: pathlib.Path, *wrapper: str) -> ZtunnelProc:
+    """``zds ztunnel`` with no node agent to reach (it keeps trying), run by ``wrapper``; no
+    HTTP endpoints (their sockets would take the lowest fds before its event loop's)."""
+    off = ["--admin-listen", "off", "--readiness-listen", "off", "--metrics-listen", "off"]
+    return ZtunnelProc(str(tmp_path / "nobody.sock"), str(tmp_path / "ztunnel.log"), *off, wrapper=wrapper)
 
 
-def tried_once(tmp_path: pathlib.Path) -> None:
-    log = tmp_path / "log"
-    wait_until(lambda: "failed to connect to the node agent" in log.read_text(), "its first try")
+def closing(fd: int) -> list[str]:
+    """A wrapper that runs the command with ``fd`` closed."""
+    redirect = "0<&-" if fd == 0 else f"{fd}>&-"
+    return ["sh", "-c", f'exec "$@" {redirect}', "sh"]
+
+
+def loop_made(pid: int) -> bool:
+    """Process ``pid`` has made its event loop (uvloop's, or asyncio's: an epoll fd)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # (closed meanwhile)
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return "anon_inode:[eventpoll]" in links
+
+
+def signal_mask(pid: int, field: str) -> int:
+    """The mask ``field`` (SigIgn, SigCgt, ...) of /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1], 16)
+    raise KeyError(field)
 
 
 @pytest.mark.root
@@ -656,21 +662,28 @@ def test_the_ztunnel_side_started_with_a_std_fd_closed_stops_cleanly(
 ) -> None:
     # uvloop's epoll fd took the number: log lines went into it, and at the stop libuv's
     # own check (fd > STDERR_FILENO) aborted the process (exit 134, a core dump).
-    with lonely_ztunnel(tmp_path, lambda: os.close(closed)) as proc:
-        if closed == 2:
-            time.sleep(1.5)  # (nothing to read: its log goes to /dev/null)
+    ztunnel = lonely_ztunnel(tmp_path, *closing(closed))
+    try:
+        if closed == 2:  # (its log goes to /dev/null: nothing to read)
+            wait_until(lambda: loop_made(ztunnel.pid), "its event loop")
         else:
-            tried_once(tmp_path)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+            ztunnel.wait_for_output("failed to connect to the node agent")
+    finally:
+        code = ztunnel.stop(signal.SIGTERM)
+    assert code == 0, ztunnel.output()
 
 
 @pytest.mark.root
 def test_started_with_sighup_ignored_as_nohup_does_a_sighup_stops_nothing(tmp_path: pathlib.Path) -> None:
-    with lonely_ztunnel(tmp_path, lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as proc:
-        tried_once(tmp_path)
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(1)  # (nothing to wait for: it goes on)
-        assert proc.poll() is None, (tmp_path / "log").read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+    sighup = 1 << (signal.SIGHUP - 1)
+    ztunnel = lonely_ztunnel(tmp_path, "nohup")
+    try:
+        # (logged by its event loop, once the loop's stop signals are set)
+        ztunnel.wait_for_output("failed to connect to the node agent")
+        # Still ignored (not taken over as a stop signal): the kernel drops a SIGHUP, and it goes on.
+        assert signal_mask(ztunnel.pid, "SigIgn") & sighup and not signal_mask(ztunnel.pid, "SigCgt") & sighup
+        ztunnel.proc.send_signal(signal.SIGHUP)
+        assert ztunnel.proc.poll() is None, ztunnel.output()
+    finally:
+        code = ztunnel.stop(signal.SIGTERM)
+    assert code == 0, ztunnel.output()

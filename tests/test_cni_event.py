@@ -72,16 +72,20 @@ def test_ip_configs_go_would_reject_are_refused(ip_config: Any, text: str) -> No
 
 def test_more_addresses_than_a_pod_has_are_refused() -> None:
     config = {"Address": {"IP": "10.0.0.5", "Mask": "////AA=="}}
-    parse_add_event(body({**GO_BODY, "IPs": [config] * 16}))
+    assert parse_add_event(body({**GO_BODY, "IPs": [config] * 16})).ips == ("10.0.0.5",) * 16
     with pytest.raises(BadEvent, match=r"^IPs: 17 entries, over 16"):
         parse_add_event(body({**GO_BODY, "IPs": [config] * 17}))
 
 
 def test_empty_and_null_ip_fields_are_fine() -> None:
-    parse_add_event(
-        body({**GO_BODY, "IPs": [None, {}, {"Address": {"IP": "", "Mask": None}, "Gateway": ""}]})
-    )
-    parse_add_event(body({**GO_BODY, "IPs": None}))
+    for ips in ([None, {}, {"Address": {"IP": "", "Mask": None}, "Gateway": ""}], None):
+        spec = parse_add_event(body({**GO_BODY, "IPs": ips}))
+        assert spec.ips == ()  # no address, and nothing refused
+        assert (spec.name, spec.namespace, str(spec.netns)) == (
+            "reviews-v1-abc",
+            "bookinfo",
+            "/var/run/netns/cni-1234",
+        )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from tests.harness import DATA, SHARED
 
 #: tests/data file -> where it was copied from, under ../shared.
@@ -36,14 +38,17 @@ def test_data_is_byte_for_byte_what_was_copied() -> None:
 
 
 def test_data_equals_its_origin_in_shared_when_shared_is_beside_the_clone() -> None:
-    """In a clone with nothing beside it there is nothing to compare; the pinned sums still hold."""
+    """In a clone with nothing beside it (CI's fresh clone) there is nothing to compare: skipped,
+    saying so, also with CI=true (conftest fails only the root tests' skips; ../shared, like the
+    upstream peers, is not the clone's to have). The pinned sums still hold there."""
+    if not SHARED.is_dir():
+        pytest.skip(f"no {SHARED} beside this clone: tests/data not compared with its origin")
     compared = []
-    if SHARED.is_dir():
-        for name, origin in ORIGIN.items():
-            original = SHARED / origin
-            assert original.is_file(), f"{original} is gone from ../shared"
-            assert (DATA / name).read_bytes() == original.read_bytes(), (
-                f"tests/data/{name} drifted from {original}; copy it again and update SHA256SUMS"
-            )
-            compared.append(name)
-        assert sorted(compared) == sorted(ORIGIN)
+    for name, origin in ORIGIN.items():
+        original = SHARED / origin
+        assert original.is_file(), f"{original} is gone from ../shared"
+        assert (DATA / name).read_bytes() == original.read_bytes(), (
+            f"tests/data/{name} drifted from {original}; copy it again and update SHA256SUMS"
+        )
+        compared.append(name)
+    assert sorted(compared) == sorted(ORIGIN)

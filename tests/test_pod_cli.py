@@ -83,14 +83,21 @@ def test_pod_add_prints_the_ack_and_exits_zero(server: NodeAgentProc) -> None:
 
 
 def test_pod_add_by_pid(server: NodeAgentProc) -> None:
+    pid = pod_netns_pid()
+    netns = os.stat(f"/proc/{pid}/ns/net")
+    assert netns.st_ino != os.stat("/proc/self/ns/net").st_ino  # (a pod's, not the node's)
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1)
-        out = server.cli("pod", "add", "--uid", "u1", "--netns-pid", str(pod_netns_pid()))
+        out = server.cli("pod", "add", "--uid", "u1", "--netns-pid", str(pid))
         thread.join(10)
     finally:
         peer.close()
     assert out.returncode == 0, out.stderr
+    assert "pod u1 (default/u1) enrolled: acked by ztunnel connection" in out.stdout
+    [pod] = json.loads(server.cli("pod", "list", "--json").stdout)
+    assert pod["uid"] == "u1" and pod["netns_path"] == f"/proc/{pid}/ns/net"
+    assert (int(pod["netns"]["dev"]), int(pod["netns"]["ino"])) == (netns.st_dev, netns.st_ino)
 
 
 def test_pod_add_records_the_addresses_given_and_refuses_what_is_not_one(

@@ -10,19 +10,16 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.harness import async_wait_until, fd_count
 from zds.client import datapath, dns
 from zds.client.datapath import DirectionStats, connect_within, relay, tune_relay_socket
 from zds.client.dns import MAX_UDP_IN_FLIGHT, DnsProxy
 from zds.client.inpod import DnsSockets
 from zds.client.listeners import SocketWatcher
-
-
-def own_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -70,24 +67,47 @@ async def relay_sockets(listener: socket.socket) -> tuple[socket.socket, socket.
     return client_far, client, upstream
 
 
-async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(listener: socket.socket) -> None:
+#: The relays' idle deadline in the test below: the busy one gets a byte every 0.1 s, so only a
+#: stall of the event loop of several seconds could make it look idle.
+IDLE = 3.0
+
+
+async def test_an_idle_relay_is_closed_and_a_busy_one_is_not(
+    listener: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="zds.ztunnel.datapath")
     loop = asyncio.get_running_loop()
     idle_far, idle_client, idle_upstream = await relay_sockets(listener)
     busy_far, busy_client, busy_upstream = await relay_sockets(listener)
-    idle_relay = asyncio.create_task(relay(idle_client, idle_upstream, DirectionStats(), idle=0.3))
-    busy_relay = asyncio.create_task(relay(busy_client, busy_upstream, DirectionStats(), idle=0.3))
+    busy_stats = DirectionStats()
+    busy_relay = asyncio.create_task(relay(busy_client, busy_upstream, busy_stats, idle=IDLE))
+    idle_relay: asyncio.Task[None] | None = None
     try:
-        for _ in range(8):  # 0.8 s of a byte every 0.1 s: never idle for 0.3 s
-            await loop.sock_sendall(busy_far, b"x")
-            await asyncio.sleep(0.1)
-        assert not busy_relay.done()
-        await asyncio.wait_for(idle_relay, 5)  # (it ended by itself)
+        await loop.sock_sendall(busy_far, b"x")
+        await async_wait_until(lambda: busy_stats.bytes_sent == 1, "the busy relay's first byte")
+        # Started after it: were the busy one's deadline not pushed on by its bytes, it would end first.
+        idle_relay = asyncio.create_task(relay(idle_client, idle_upstream, DirectionStats(), idle=IDLE))
+        sent = 1
+        for _ in range(int((IDLE + 30) / 0.1)):  # (the bound only ends a hung test)
+            await loop.sock_sendall(busy_far, b"x")  # a byte every 0.1 s: never idle for IDLE s
+            sent += 1
+            await asyncio.wait([idle_relay], timeout=0.1)
+            if idle_relay.done():
+                break
+        assert idle_relay.done(), "the idle relay never ended"
+        assert idle_relay.result() is None  # (it ended by itself)
         assert await asyncio.wait_for(loop.sock_recv(idle_far, 10), 5) == b""  # EOF to the client
+        assert caplog.text.count(f"relay idle for {IDLE:g} s: closed") == 1  # that one only
+        assert not busy_relay.done()
+        await async_wait_until(lambda: busy_stats.bytes_sent == sent, "every byte through the busy relay")
     finally:
         busy_relay.cancel()
-        await asyncio.gather(busy_relay, idle_relay, return_exceptions=True)
+        await asyncio.gather(busy_relay, *([idle_relay] if idle_relay else []), return_exceptions=True)
         for sock in (idle_far, busy_far):
             sock.close()
+        if idle_relay is None:  # (never handed to a relay, which closes its own)
+            idle_client.close()
+            idle_upstream.close()
         while (accepted := _accept_now(listener)) is not None:
             accepted.close()
 
@@ -110,27 +130,27 @@ async def test_a_pod_flooding_its_dns_holds_at_most_its_share_of_sockets() -> No
     watcher = SocketWatcher()
     proxy = DnsProxy(DnsSockets(udp=[pod_side], tcp=[]), resolvers=[silent.getsockname()])
     flood = MAX_UDP_IN_FLIGHT + 100
-    before = own_fds()
+    before = fd_count(os.getpid())
     try:
         proxy.start_udp(watcher)
+
+        def read(count: int) -> Callable[[], bool]:
+            return lambda: proxy.stats.connections >= count
+
         for i in range(flood):
             sender.sendto(b"query %d" % i, pod_side.getsockname())
-            if i % 16 == 15:
-                await asyncio.sleep(0.005)  # (the forwarder reads them: no datagram dropped)
-        for _ in range(1000):  # (10 s at most)
-            if proxy.stats.connections >= flood:
-                break
-            await asyncio.sleep(0.01)
+            if i % 16 == 15:  # (the forwarder reads them before more come: no datagram dropped)
+                await async_wait_until(read(i + 1), f"query {i} read")
+        await async_wait_until(lambda: proxy.stats.connections >= flood, "every query read")
         assert proxy.stats.connections == flood
         assert proxy.stats.failed == flood - MAX_UDP_IN_FLIGHT  # each over the bound, dropped
-        assert own_fds() - before <= MAX_UDP_IN_FLIGHT  # one socket per query in flight
+        assert fd_count(os.getpid()) - before <= MAX_UDP_IN_FLIGHT  # one socket per query in flight
     finally:
         proxy.close()  # (closes pod_side too)
-        for _ in range(20):
-            await asyncio.sleep(0)
         silent.close()
         sender.close()
-    assert own_fds() <= before - 1  # every query's socket closed (and pod_side)
+    # every query's socket closed (and pod_side; silent and sender were opened before `before`)
+    await async_wait_until(lambda: fd_count(os.getpid()) <= before - 3, "every query's socket closed")
 
 
 def test_both_sockets_of_a_relay_get_ztunnels_options() -> None:

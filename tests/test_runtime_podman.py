@@ -11,6 +11,7 @@ everything is removed at the end, also on failure.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -23,8 +24,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -402,6 +404,82 @@ def test_the_node_agent_restarted_under_running_containers_reconciles_and_drops_
     wait_until(lambda: inbound(node.workloads(), reviews) >= 1, "traffic into reviews through ztunnel")
 
 
+class EngineGate:
+    """A socket in front of the engine's API socket that holds every connection made to it
+    (accepted, nothing forwarded) until ``release``, then relays each both ways: a node agent
+    up and serving that has not reached its container engine yet."""
+
+    def __init__(self, path: str, upstream: str) -> None:
+        self.path = path
+        self.upstream = upstream
+        self._released = threading.Event()
+        self._closed = False
+        self._socks: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(16)
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _thread(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # (closed)
+            self._socks.append(conn)
+            self._thread(self._relay, conn)
+
+    def _relay(self, conn: socket.socket) -> None:
+        self._released.wait()
+        if self._closed:
+            return
+        engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socks.append(engine)
+        try:
+            engine.connect(self.upstream)
+        except OSError:
+            return
+        self._thread(_pump, engine, conn)
+        _pump(conn, engine)
+
+    def close(self) -> None:
+        self._closed = True
+        self._released.set()
+        for sock in [self._listener, *self._socks]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes a thread blocked on it)
+            sock.close()
+        for thread in self._threads:
+            thread.join(10)
+        os.unlink(self.path)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    """Bytes from ``src`` to ``dst`` until either end is done."""
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+
+
+def running(path: str) -> bool:
+    """Whether a process runs the program at ``path`` (its command line names it)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if path.encode() in f.read().split(b"\0"):
+                return True
+    return False
+
+
 def test_a_container_started_while_the_node_agent_lists_the_engine_is_enrolled(
     runtime: Runtime, node: Node
 ) -> None:
@@ -409,23 +487,32 @@ def test_a_container_started_while_the_node_agent_lists_the_engine_is_enrolled(
     (it holds the container's lock), and zds-cni's ADD waits for the container's ``create``
     event: the node agent reads events while it lists. It read them only once the listing was
     reconciled, so a container started then failed after 10 s ("unknown to the container
-    engine"), with the engine up all along."""
+    engine"), with the engine up all along. Here the restarted node agent, ztunnel connected
+    to it, reaches the engine only once the container's CNI plugins run (``EngineGate``): its
+    session with the engine begins while zds-cni's ADD waits."""
     node.agent.stop()
-    node.agent = NodeAgentProc(
-        str(node.tmp), "--container-engine", runtime.api_socket, "--container-label", runtime.label,
-        "--http-listen", node.http.removeprefix("http://"), name="server2", redirect=True,
-    )  # fmt: skip
-    wait_until(lambda: os.path.exists(node.agent.cni_socket), "the node agent's CNI socket")
-    started = runtime.run("reviews", ECHO, AMBIENT, check=False)
-    assert "unknown to the container engine" not in started.stderr, started.stderr
-    if started.returncode != 0:
-        # (ztunnel not back yet on the new node agent: the fail-closed refusal of its own)
-        assert "no ztunnel connection" in started.stderr, started.stderr
-        return
-    reviews = runtime.cid("reviews")
-    wait_until(lambda: "listed and reconciled" in node.agent.output(), "the listing")
-    assert node.pods()[reviews].rules_installed
-    wait_until(lambda: node.workloads().get(reviews, {}).get("state") == "Up", "reviews Up in ztunnel")
+    gate = EngineGate(str(node.tmp / "engine-gate.sock"), runtime.api_socket)
+    try:
+        node.agent = NodeAgentProc(
+            str(node.tmp), "--container-engine", gate.path, "--container-label", runtime.label,
+            "--http-listen", node.http.removeprefix("http://"), name="server2", redirect=True,
+        ).wait_ready()  # fmt: skip
+        wait_until(lambda: node.agent.connected_count() == 1, "ztunnel connected to the restarted node agent")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            starting = pool.submit(runtime.run, "reviews", ECHO, AMBIENT, check=False)
+            plugin = str(runtime.bin_dir / "zds-cni")
+            wait_until(lambda: running(plugin) or starting.done(), "the container's CNI plugins running")
+            gate.release()
+            started = starting.result(timeout=300)
+        assert started.returncode == 0, started.stderr
+        reviews = runtime.cid("reviews")
+        pod = node.pods()[reviews]
+        assert pod.source == "cni" and pod.rules_installed  # by zds-cni's ADD, with the engine's facts
+        wait_until(lambda: "listed and reconciled" in node.agent.output(), "the listing")
+        wait_until(lambda: node.workloads().get(reviews, {}).get("state") == "Up", "reviews Up in ztunnel")
+    finally:
+        node.agent.stop()
+        gate.close()
 
 
 def test_a_labelled_container_started_while_the_node_agent_is_down_is_enrolled_when_it_starts(

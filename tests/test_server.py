@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.harness import (
     NodeAgentProc,
     Pod,
     StartServer,
+    async_wait_until,
     fd_count,
     pod_netns,
     pod_netns_pid,
@@ -27,7 +29,7 @@ from tests.harness import (
     post_unix,
     wait_until,
 )
-from tests.standins import Peers, RawPeer, request_of
+from tests.standins import AckingPeer, Peers, RawPeer, request_of
 from zds.gen import nodeagent_pb2
 from zds.netns import netns_identity
 from zds.protocol.messages import (
@@ -414,21 +416,62 @@ def test_with_500_idle_connections_open_a_real_ztunnel_is_served_at_once(
     server.wait_for_output("that never said hello: more than 64 were waiting for theirs")
 
 
-def test_at_most_five_connections_are_accepted_per_second(start_server: StartServer, peers: Peers) -> None:
-    server = start_server("--max-connections", "20")
-    start = time.monotonic()
-    answered = []
-    opened = []
-    for _ in range(11):
-        peer = connect(server, peers, snapshot=False)
-        peer.hello()
-        opened.append(peer)
-    for peer in opened:
-        assert peer.expect().payload == bytes.fromhex("1a00")
-        answered.append(time.monotonic() - start)
-        peer.ack()
-    # burst 1 then one every 200 ms: the 11th cannot be served before 2 s have passed
-    assert answered[-1] >= 1.9
+async def test_at_most_five_connections_are_accepted_per_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Istio's rate.NewLimiter(5, 1) on the connections that said hello: each is served only
+    in its slot, the slots 1/5 s apart. In-process (the one test here that is), to see the
+    limiter's decisions and when, on the event loop's clock, each connection was served."""
+    from zds import defaults
+    from zds.aio import cancel_and_wait
+    from zds.protocol.nodeagent import AcceptLimiter
+    from zds.server.agent import AgentConfig, NodeAgent
+    from zds.transport import bind_unix_listener
+
+    loop = asyncio.get_running_loop()
+    agent = NodeAgent(AgentConfig(max_connections=20))
+    slots: list[float] = []  # each hello's slot: when it asked, plus the wait the limiter gave it
+    waits: list[float] = []
+    served: list[float] = []  # when each connection was served (said ready in the registry)
+    reserve, hello = AcceptLimiter.reserve, agent.registry.hello
+
+    def reserving(limiter: AcceptLimiter, now: float) -> float:
+        wait = reserve(limiter, now)
+        slots.append(now + wait)
+        waits.append(wait)
+        return wait
+
+    def serving(conn: Any) -> None:
+        served.append(loop.time())
+        hello(conn)
+
+    monkeypatch.setattr(AcceptLimiter, "reserve", reserving)
+    monkeypatch.setattr(agent.registry, "hello", serving)
+    path = str(tmp_path / "ztunnel.sock")
+    listener = bind_unix_listener(path, mode=0o600)
+    accepting = asyncio.create_task(agent.serve_zds(listener))
+    peers = [AckingPeer(path) for _ in range(11)]  # 11 hellos at once
+    try:
+        await async_wait_until(
+            lambda: len(agent.connections) == 11 and all(c.snapshot_complete for c in agent.connections),
+            "the 11 connections served",
+        )
+    finally:
+        for peer in peers:
+            peer.close()
+        await cancel_and_wait(accepting)
+        listener.close()
+        agent.close()
+        await agent.telemetry.shutdown()
+    assert len(slots) == len(served) == 11
+    # The limiter's decisions: burst 1, then a slot every 1/5 s.
+    assert all(
+        later - earlier >= 1 / defaults.ACCEPTS_PER_SECOND - 1e-9 for earlier, later in pairwise(slots)
+    )
+    assert waits[0] == 0.0 and max(waits) > 0, "the hellos came slower than the limit: none was held"
+    # Kept: none served before its slot (a timer fires no earlier than its time, less the
+    # clock's resolution), in the order they said hello.
+    assert all(at >= slot - 1e-6 for slot, at in zip(slots, served, strict=True)), (slots, served)
 
 
 # -- the socket file ------------------------------------------------------------------

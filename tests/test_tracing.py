@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import importlib
 import os
 import re
 import secrets
@@ -411,7 +412,13 @@ class Collector:
 def test_otlp_exporter_sends_the_trace_to_a_collector(
     run_server: Callable[..., NodeAgentProc], protocol: str
 ) -> None:
-    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
+    # The exporter of this protocol (a dev dependency, in the otlp extra): missing, the test fails.
+    importlib.import_module(
+        {
+            "grpc": "opentelemetry.exporter.otlp.proto.grpc",
+            "http/protobuf": "opentelemetry.exporter.otlp.proto.http",
+        }[protocol]
+    )
     collector = Collector(protocol)
     try:
         server = run_server(
@@ -467,7 +474,6 @@ def test_a_collector_that_never_answers_holds_the_exit_at_most_the_shutdown_wait
     the exporter's timeout, then again at exit). The flush now has SHUTDOWN_WAIT; what it
     could not send is dropped in a warning line, and the exit is the clean one."""
     import socket
-    import time
 
     from zds.server.telemetry import SHUTDOWN_WAIT
 
@@ -477,7 +483,5 @@ def test_a_collector_that_never_answers_holds_the_exit_at_most_the_shutdown_wait
         endpoint = f"http://127.0.0.1:{blackhole.getsockname()[1]}"
         server = run_server(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
         server.add_pod("u1", pod_netns())  # spans to flush
-        started = time.monotonic()
-        assert server.stop() == 0
-        assert time.monotonic() - started < SHUTDOWN_WAIT + 5
-    assert "OpenTelemetry exporters still flushing after 5s" in server.output()
+        assert server.stop() == 0  # (not killed: stop() kills what has not exited within 15 s)
+    assert f"OpenTelemetry exporters still flushing after {SHUTDOWN_WAIT:g}s" in server.output()

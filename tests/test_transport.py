@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import resource
 import socket
 import subprocess
 import sys
 import threading
-import time
+import types
 from collections.abc import AsyncIterator
 
 import pytest
 
+from zds import seqpacket
+from zds.protocol.records import Record
+from zds.seqpacket import recv_record
 from zds.transport import BusyPoll, SeqpacketConnection
 
 Pair = tuple[SeqpacketConnection, socket.socket]
@@ -71,20 +75,45 @@ def _voluntary_switches() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
-def _sender(sock: socket.socket, delay: float) -> subprocess.Popen[bytes]:
-    """Another process that sends one record on ``sock`` after ``delay`` seconds (and exits)."""
+def _one_cpu() -> bool:
+    """Whether this thread may run on one CPU only (busy polling is off there)."""
+    return len(os.sched_getaffinity(0)) < 2
+
+
+def _sender(sock: socket.socket, release: int, *, once_asleep: bool) -> subprocess.Popen[bytes]:
+    """Another process that sends one record on ``sock`` once a byte comes on the pipe
+    ``release`` (and exits); ``once_asleep``: and then only once this thread sleeps (its
+    /proc state S), so that the record comes while it waits for it."""
     code = (
-        "import socket, sys, time\n"
+        "import os, socket, sys\n"
         "s = socket.socket(fileno=int(sys.argv[1]))\n"
         "sys.stdout.write('up\\n'); sys.stdout.flush()\n"
-        f"time.sleep({delay})\n"
+        "os.read(int(sys.argv[2]), 1)\n"
+        "stat = sys.argv[3]\n"
+        "while stat and open(stat).read().rsplit(')', 1)[1].split()[0] != 'S':\n"
+        "    pass\n"
         "s.send(b'\\x08\\x01')\n"
     )
+    stat = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/stat" if once_asleep else ""
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(sock.fileno())], pass_fds=[sock.fileno()], stdout=subprocess.PIPE
+        [sys.executable, "-c", code, str(sock.fileno()), str(release), stat],
+        pass_fds=[sock.fileno(), release],
+        stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
     return proc
+
+
+def _reap(sender: subprocess.Popen[bytes]) -> None:
+    """Wait for the sender to exit (it has sent); killed if it has not (the test failed)."""
+    assert sender.stdout is not None
+    sender.stdout.close()
+    try:
+        sender.wait(30)
+    except subprocess.TimeoutExpired:
+        sender.kill()
+        sender.wait()
+        raise
 
 
 async def _wait_for_record(conn: SeqpacketConnection, busy: BusyPoll) -> tuple[bytes, int]:
@@ -92,31 +121,78 @@ async def _wait_for_record(conn: SeqpacketConnection, busy: BusyPoll) -> tuple[b
     before = _voluntary_switches()
     record = await busy.poll(conn)
     while record is None:
-        await conn.wait_readable(5.0)
+        assert await conn.wait_readable(30.0), "no record came"
         record = conn.try_recv()
     return record.payload, _voluntary_switches() - before
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling is off on one CPU")
-async def test_a_record_due_any_moment_is_read_without_sleeping(pair: Pair) -> None:
+async def test_a_record_due_any_moment_is_read_without_sleeping(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conn, theirs = pair
-    for budget, sleeps in ((5.0, False), (0.0, True)):
-        sender = _sender(theirs, 0.05)
+    if _one_cpu():  # busy polling is off: the poll reads nothing, not even a record waiting
+        theirs.send(b"\x08\x01")
+        busy = BusyPoll(5.0, turn_every=10.0)
+        assert busy.budget == 0.0 and await busy.poll(conn) is None
+        return
+    release_r, release_w = os.pipe()
+    polls = conn.poll
+
+    def poll_releasing(seconds: float) -> Record | None:
+        os.write(release_w, b"x")  # the record is sent once the poll has begun
+        return polls(seconds)
+
+    monkeypatch.setattr(conn, "poll", poll_releasing)
+    try:
+        # Polling (budget 5 s) never blocked the thread: the record came while it polled.
+        sender = _sender(theirs, release_r, once_asleep=False)
         try:
-            payload, switches = await _wait_for_record(conn, BusyPoll(budget, turn_every=10.0))
+            payload, switches = await _wait_for_record(conn, BusyPoll(5.0, turn_every=10.0))
         finally:
-            sender.wait(30)
+            _reap(sender)
         assert payload == b"\x08\x01"
-        # Polling never blocked the thread; waiting in the loop did (the measure can tell).
-        assert (switches > 0) is sleeps, (budget, switches)
+        assert switches == 0
+        # Waiting in the loop (budget 0: no poll) did, and the measure tells: the record is
+        # sent only once the thread sleeps.
+        sender = _sender(theirs, release_r, once_asleep=True)
+        try:
+            busy = BusyPoll(0.0)
+            assert await busy.poll(conn) is None
+            os.write(release_w, b"x")
+            payload, switches = await _wait_for_record(conn, busy)
+        finally:
+            _reap(sender)
+        assert payload == b"\x08\x01"
+        assert switches > 0
+    finally:
+        os.close(release_r)
+        os.close(release_w)
 
 
-async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was(pair: Pair) -> None:
+async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conn, theirs = pair
     busy = BusyPoll(0.02, turn_every=10.0)
-    started = time.monotonic()
+    tries: list[socket.socket] = []
+    if _one_cpu():  # off: returns at once, reads nothing
+        assert busy.budget == 0.0
+    else:
+        # Its clock, read once for the deadline and once after each try, moves a quarter of
+        # the budget a read: it gives up after exactly four tries, once the budget is spent.
+        reads = itertools.count()
+
+        def trying(sock: socket.socket) -> Record | None:
+            tries.append(sock)
+            return recv_record(sock)
+
+        monkeypatch.setattr(
+            seqpacket, "time", types.SimpleNamespace(monotonic=lambda: next(reads) * busy.budget / 4)
+        )
+        monkeypatch.setattr(seqpacket, "recv_record", trying)
     assert await busy.poll(conn) is None
-    assert time.monotonic() - started >= busy.budget
+    monkeypatch.undo()
+    assert len(tries) == (0 if _one_cpu() else 4)
     theirs.send(b"\x08\x01")
     record = conn.try_recv()
     assert record is not None and record.payload == b"\x08\x01"
@@ -126,6 +202,13 @@ async def test_a_poll_gives_up_after_its_budget_and_leaves_the_socket_as_it_was(
 async def test_a_poll_lets_the_event_loop_take_its_turn_first_when_it_had_none_lately(pair: Pair) -> None:
     conn, theirs = pair
     loop = asyncio.get_running_loop()
+    if _one_cpu():  # busy polling is off: the poll returns at once, without a turn
+        loop.call_soon(theirs.send, b"first")
+        assert await BusyPoll(5.0, turn_every=0.0).poll(conn) is None
+        assert conn.try_recv() is None  # (the loop has not run the send)
+        await asyncio.sleep(0)
+        assert (record := conn.try_recv()) is not None and record.payload == b"first"
+        return
     # The loop had a turn just now (turn_every 10 s): the poll keeps it waiting, so what
     # the loop would have sent comes only after the poll gave up.
     loop.call_soon(theirs.send, b"first")
@@ -138,11 +221,14 @@ async def test_a_poll_lets_the_event_loop_take_its_turn_first_when_it_had_none_l
     assert record is not None and record.payload == b"second"
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling is off on one CPU")
 async def test_while_the_peer_answers_slowly_the_loop_has_its_turn_before_every_poll(pair: Pair) -> None:
     conn, theirs = pair
     loop = asyncio.get_running_loop()
     busy = BusyPoll(5.0, turn_every=10.0, slow_peer=0.05)
+    if _one_cpu():  # busy polling is off: no poll, no turn, nothing measured
+        theirs.send(b"quick")
+        assert busy.budget == 0.0 and await busy.poll(conn) is None and not busy.peer_slow
+        return
     # A quick answer (there before the poll began): the next poll does not wait for a turn.
     theirs.send(b"quick")
     assert (record := await busy.poll(conn)) is not None and record.payload == b"quick"

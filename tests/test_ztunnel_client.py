@@ -1127,5 +1127,7 @@ def test_its_http_endpoints_keep_at_most_64_connections_and_close_half_requests(
     conn = agent.connect_and_hello()
     assert conn.snapshot() == Ack()
     wait_until(lambda: z.ready_status() == 200, "ready")
-    check_half_requests_bounded(z.pid, z.address("readiness"), b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n")
+    check_half_requests_bounded(
+        z.pid, z.address("readiness"), b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\n", z.output
+    )
     assert z.ready_status() == 200
