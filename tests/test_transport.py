@@ -230,9 +230,13 @@ async def test_while_the_peer_answers_slowly_the_loop_has_its_turn_before_every_
         assert busy.budget == 0.0 and await busy.poll(conn) is None and not busy.peer_slow
         return
     # A quick answer (there before the poll began): the next poll does not wait for a turn.
+    # (Quick: under a minute, so that a stall of this thread between the poll's two clock
+    # reads cannot make it slow.)
+    busy.slow_peer = 60.0
     theirs.send(b"quick")
     assert (record := await busy.poll(conn)) is not None and record.payload == b"quick"
     assert not busy.peer_slow
+    busy.slow_peer = 0.05
     # A slow one (another thread sends it 0.2 s on, longer than slow_peer): the peer is slow...
     sender = threading.Timer(0.2, theirs.send, (b"slow",))
     sender.start()
