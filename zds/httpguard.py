@@ -18,9 +18,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class TcpGuard:
     """An HTTP endpoint on TCP anyone on the node can reach, kept from using up the node
-    agent's fds: at most ``max_connections`` open at once (more are closed at once, a warning
-    line at most every ``WARN_EVERY`` seconds), and a connection must bring its first request
-    within ``header_timeout`` (idle between requests, aiohttp's keep-alive timeout, the same).
+    agent's fds: at most ``max_connections`` open at once (more are closed at once), and a
+    connection must bring its first request within ``header_timeout`` or is closed (idle
+    between requests, aiohttp's keep-alive timeout, the same). Each is said in a warning line
+    at most every ``WARN_EVERY`` seconds, with how many it was.
     20,000 connections that sent half a request had held every fd the node agent may open."""
 
     WARN_EVERY = 10.0
@@ -30,8 +31,8 @@ class TcpGuard:
         self.header_timeout = header_timeout
         #: Open connections, with the deadline of their first request (None once it came).
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
-        self._warned = -self.WARN_EVERY
-        self._refused = 0
+        self._refused = _Tally(self.WARN_EVERY)
+        self._too_slow = _Tally(self.WARN_EVERY)
 
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: AdmittedProtocol(inner(), self.admit, self.gone)
@@ -39,19 +40,19 @@ class TcpGuard:
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         if len(self._open) >= self.max_connections:
             transport.close()
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._warned >= self.WARN_EVERY:
-                log.warning(
-                    "HTTP: %d connection(s) refused: %d open already (the most this endpoint keeps)",
-                    self._refused,
-                    len(self._open),
-                )
-                self._warned, self._refused = now, 0
+            self._refused.add(
+                "HTTP: %d connection(s) refused: %d open already (the most this endpoint keeps)",
+                len(self._open),
+            )
             return False
         loop = asyncio.get_running_loop()
-        self._open[transport] = loop.call_later(self.header_timeout, _close, transport)
+        self._open[transport] = loop.call_later(self.header_timeout, self._close_slow, transport)
         return True
+
+    def _close_slow(self, transport: asyncio.BaseTransport) -> None:
+        if not transport.is_closing():
+            transport.close()
+            self._too_slow.add("HTTP: %d connection(s) closed: no request within %gs", self.header_timeout)
 
     def gone(self, transport: asyncio.BaseTransport) -> None:
         timer = self._open.pop(transport, None)
@@ -67,9 +68,33 @@ class TcpGuard:
         return await handler(request)
 
 
-def _close(transport: asyncio.BaseTransport) -> None:
-    if not transport.is_closing():
-        transport.close()
+class _Tally:
+    """Something that happens to many connections at once, said in one warning line at most
+    every ``every`` seconds, with how many times it happened: the first at once, the rest
+    when the ``every`` seconds are up."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._said = -every
+        self._count = 0
+        self._line: tuple[str, tuple[object, ...]] = ("", ())
+        self._flush: asyncio.TimerHandle | None = None
+
+    def add(self, text: str, *args: object) -> None:
+        """Count one; ``text`` takes the count, then ``args`` (the latest are said)."""
+        self._count += 1
+        self._line = (text, args)
+        wait = self._said + self.every - time.monotonic()
+        if wait <= 0:
+            self._say()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(wait, self._say)
+
+    def _say(self) -> None:
+        self._flush = None
+        text, args = self._line
+        log.warning(text, self._count, *args)
+        self._said, self._count = time.monotonic(), 0
 
 
 class AdmittedProtocol(asyncio.Protocol):

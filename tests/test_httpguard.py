@@ -1,0 +1,28 @@
+"""The TCP HTTP endpoints' guard says what it does to many connections in few lines, and
+loses no count."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.harness import async_wait_until
+from zds.httpguard import _Tally
+
+
+async def test_a_tally_says_the_first_at_once_and_the_rest_when_its_window_is_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="zds.http")
+    tally = _Tally(every=0.2)
+    for open_now in range(5):
+        tally.add("HTTP: %d connection(s) refused: %d open already", open_now)
+    assert [r.getMessage() for r in caplog.records] == ["HTTP: 1 connection(s) refused: 0 open already"]
+    # The other four: said once the window is up (they were lost until one more came later).
+    await async_wait_until(lambda: len(caplog.records) == 2, "the rest said", timeout=5)
+    assert caplog.records[1].getMessage() == "HTTP: 4 connection(s) refused: 4 open already"
+    tally.add("HTTP: %d connection(s) refused: %d open already", 9)  # (a line went just now: later)
+    assert len(caplog.records) == 2
+    await async_wait_until(lambda: len(caplog.records) == 3, "the next one said", timeout=5)
+    assert caplog.records[2].getMessage() == "HTTP: 1 connection(s) refused: 9 open already"
