@@ -86,7 +86,7 @@ def interrupted_at(step: str, *signals: int) -> tuple[int, str]:
             pytest.fail(f"the demo never reached {step!r}:\n" + "".join(seen))
         for sig in signals:
             proc.send_signal(sig)
-            time.sleep(0.01)
+            time.sleep(0.01)  # pacing: signals a person sends one after another, not synchronisation
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

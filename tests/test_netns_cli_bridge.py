@@ -112,7 +112,7 @@ def test_sigterm_while_pods_are_made_on_a_bridge_leaves_all_of_them_or_none(afte
         text=True,
     )
     try:
-        time.sleep(after)
+        time.sleep(after)  # when the signal lands is the point (either outcome is checked)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         made = [name for name in pods if name in list_netns()]
