@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 from zds import defaults
 from zds.netns import NetnsIdentity, netns_identity_of_path
+from zds.netns.search import find_by_identity
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules
 from zds.server.pods import Pod
@@ -27,7 +28,8 @@ log = logging.getLogger("zds.server")
 
 class Leftovers:
     """The netns whose leftover rules are being tried again, and the uids whose rows record
-    them there (True: a pod row marked removing; False: an install row)."""
+    them there (each with its rows' kinds: True, a pod row marked removing; False, an install
+    row)."""
 
     def __init__(
         self,
@@ -44,7 +46,7 @@ class Leftovers:
         self.tasks = tasks
         #: An enrollment or removal of the uid is under way.
         self._under_way = under_way
-        self._netns: dict[NetnsIdentity, dict[str, bool]] = {}
+        self._netns: dict[NetnsIdentity, dict[str, set[bool]]] = {}
 
     def __contains__(self, identity: object) -> bool:
         return identity in self._netns
@@ -56,17 +58,18 @@ class Leftovers:
         assert pod.netns is not None
         uids = self._netns.get(pod.netns.identity)
         if uids is not None:
-            uids[pod.uid] = removal
+            uids.setdefault(pod.uid, set()).add(removal)
             pod.close()
             return
-        self._netns[pod.netns.identity] = {pod.uid: removal}
+        self._netns[pod.netns.identity] = {pod.uid: {removal}}
         self.tasks.spawn(self._retry(pod), name=f"undo-{pod.uid}")
 
     async def _retry(self, pod: Pod) -> None:
         """Until the rules are out (the rows that record them go: install rows for this netns,
         pod rows marked removing; not one of a uid enrolled again or being enrolled or removed
-        right now), the netns is no longer at its path (the kernel takes them out with it once
-        this fd lets it go; the rows go), a pod is cached in that netns (they are its rules
+        right now), nothing but this fd holds the netns any more (neither its path nor any
+        process or named netns: the kernel takes the rules out with it once this fd lets it go;
+        the rows go), a pod is cached in that netns (they are its rules
         now; the rows stay for the next start, which keeps them), or the node agent stops (the
         rows stay: the next start takes them out). A pod being enrolled there, not cached yet,
         defers the try."""
@@ -78,9 +81,9 @@ class Leftovers:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
                 what = _what(self._netns[identity])
-                if netns_identity_of_path(str(pod.spec.netns)) != identity:
+                if _gone(pod):
                     log.info(
-                        "%s go with their netns: it is no longer at %s",
+                        "%s go with their netns: it is no longer at %s nor anywhere else",
                         what,
                         pod.spec.netns,
                         extra=pod.spec.log_extra,
@@ -94,20 +97,31 @@ class Leftovers:
                 if await self.rules.undo_again(pod, self.cache.in_use):
                     log.info("%s are taken out now", what, extra=pod.spec.log_extra)
                     break
-            for uid, removal in sorted(self._netns[identity].items()):
-                if self._under_way(uid) or uid in self.cache:  # (its row is its own now)
+            for uid, kinds in sorted(self._netns[identity].items()):
+                if self._under_way(uid) or uid in self.cache:  # (its rows are its own now)
                     continue
-                if removal:
+                if True in kinds:
                     delete_pod_row(self.store, uid, identity)
-                else:
+                if False in kinds:
                     forget_install_row(self.store, uid, identity)
         finally:
             del self._netns[identity]
             pod.close()
 
 
-def _what(uids: dict[str, bool]) -> str:
-    kinds = set(uids.values())
+def _gone(pod: Pod) -> bool:
+    """Nothing but the retry's fd holds the pod's netns: neither the place it was enrolled
+    from (a path, ``/proc/PID/ns/net``) nor any process or named netns (a pod recovered from
+    elsewhere, a pid that is gone while the pod's other processes live on)."""
+    assert pod.netns is not None
+    identity = pod.netns.identity
+    if netns_identity_of_path(pod.spec.netns.location) == identity:
+        return False
+    return identity not in find_by_identity({identity})
+
+
+def _what(uids: dict[str, set[bool]]) -> str:
+    kinds = set().union(*uids.values())
     if kinds == {True}:
         return "rules a failed removal left"
     if kinds == {False}:

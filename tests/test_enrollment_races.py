@@ -15,13 +15,13 @@ import logging
 import os
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Pod, async_wait_until
+from tests.harness import Pod, async_wait_until, wait_until
 from tests.standins import AckingPeer
 from zds import defaults
 from zds.aio import cancel_and_wait
@@ -394,7 +394,10 @@ async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_n
     await async_wait_until(
         lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
     )
-    assert f"rules a failed install left go with their netns: it is no longer at {a.path}" in caplog.text
+    assert (
+        f"rules a failed install left go with their netns: it is no longer at {a.path} nor anywhere else"
+        in caplog.text
+    )
     assert agent.committed("installs") == []
     try:
         assert netns_fds(f"/proc/self/fd/{held}") == 1, "the retry let the netns go"
@@ -473,6 +476,74 @@ async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_ui
     assert has_rules(b)
     assert agent.committed("pods") == ["u1"], "B's row went: its rules recorded nowhere"
     assert [p.identity.ino if p.identity else None for p in agent.store.load()] == [os.stat(b.path).st_ino]
+
+
+@pytest.fixture
+def sleeper_in(make_pod: Callable[[], Pod]) -> Iterator[Callable[[Pod], subprocess.Popen[bytes]]]:
+    """A process in a pod's netns (holds it alive without its name); each killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(pod: Pod) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["ip", "netns", "exec", pod.name, "sleep", "300"])
+        started.append(proc)
+        wait_until(lambda: _netns_of(proc.pid) == identity(pod), "the process in the pod's netns")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def _netns_of(pid: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def rules_in_netns_of(pid: int) -> bool:
+    """``has_rules`` for the netns process ``pid`` is in (a netns without a name)."""
+    saved = subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", "iptables-save"], capture_output=True, text=True, check=True
+    ).stdout
+    return "ISTIO_OUTPUT" in saved
+
+
+@pytest.mark.parametrize("by", ["pid", "path, its name gone"])
+async def test_a_removal_retry_goes_on_while_anything_holds_the_netns(
+    agent: Agent,
+    make_pod: Callable[[], Pod],
+    sleeper_in: Callable[[Pod], subprocess.Popen[bytes]],
+    caplog: pytest.LogCaptureFixture,
+    by: str,
+) -> None:
+    """The retry asked whether the pod's netns was still at ``str(ref)``: for a pod enrolled
+    by pid that is "pid:N", never a file, so its first try ended it ("go with their netns")
+    and deleted the row while the rules stayed in a live netns; as for a pod whose path went
+    while its processes live on (a recovered pod found elsewhere)."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    proc = sleeper_in(a)
+    ref = NetnsRef.of_pid(proc.pid) if by == "pid" else NetnsRef.of_path(a.path)
+    await agent.agent.add_pod(PodSpec.create("u1", ref, name="u1", namespace="default"))
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    await agent.agent.remove_pod("u1")
+    if by != "pid":
+        delete_netns(a.name)  # its path goes; the process keeps the netns
+    tried = agent.redirector.removals_tried
+    await async_wait_until(
+        lambda: agent.redirector.removals_tried > tried, "a retry", timeout=defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert len(undo_tasks()) == 1 and "go with their netns" not in caplog.text
+    assert rules_in_netns_of(proc.pid) and agent.committed("pods") == ["u1"]
+    agent.redirector.refuse_removal = ""
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert "rules a failed removal left are taken out now" in caplog.text
+    assert not rules_in_netns_of(proc.pid) and agent.committed("pods") == []
 
 
 def netns_fds(path: str) -> int:
