@@ -52,6 +52,8 @@ class InstanceLock:
 
     def __init__(self) -> None:
         self._fds: list[int] = []
+        #: The lock files ``acquire`` made (they were not there).
+        self.made: list[str] = []
 
     def acquire(self, locks: Iterable[tuple[str, str]]) -> None:
         """Lock each ``(path, lock file)`` (creating parent directories); InstanceError, with
@@ -60,21 +62,27 @@ class InstanceLock:
         comes with a ``flock`` of that directory itself: a lock file deleted while its agent
         runs would otherwise let a second agent lock a new one there and open the same pod
         store."""
-        made: list[str] = []
         try:
             for path, lock in locks:
                 fd, created = _lock(path, lock)
                 self._fds.append(fd)
                 if created:
-                    made.append(lock)
+                    self.made.append(lock)
                 if lock == state_lock(path):
                     self._fds.append(_lock_dir(path))
         except BaseException:
-            for lock in made:  # (while still locked: no other agent holds them)
-                with contextlib.suppress(OSError):
-                    os.unlink(lock)
+            self.remove_made()
             self.release()
             raise
+
+    def remove_made(self, keep: Iterable[str] = ()) -> None:
+        """Remove the lock files ``acquire`` made, but ``keep`` (a start that failed: before
+        ``release``, while they are still locked, so no other agent holds them)."""
+        for lock in self.made:
+            if lock not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+        self.made = [lock for lock in self.made if lock in keep]
 
     def release(self) -> None:
         while self._fds:
@@ -83,15 +91,11 @@ class InstanceLock:
 
 def _lock(path: str, lock: str) -> tuple[int, bool]:
     """The locked fd of ``lock``, and whether this call made the file."""
-    parent = os.path.dirname(lock)
-    try:
-        if parent:
-            os.makedirs(parent, mode=0o750, exist_ok=True)
-    except OSError as exc:  # (makedirs says "File exists" for a parent that is a file)
-        why = "not a directory" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
-        raise InstanceError(f"cannot use {path}: its directory {parent}: {why}") from exc
     for _ in range(_LOCK_TRIES):
-        fd, created = _open_lock(path, lock)
+        opened = _open_lock(path, lock)
+        if opened is None:
+            continue  # (its directory went meanwhile: a refused start took the one it made)
+        fd, created = opened
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -110,7 +114,7 @@ def _lock(path: str, lock: str) -> tuple[int, bool]:
         # lock is on a file no one else will open.
         os.close(fd)
     else:
-        raise InstanceError(f"cannot lock {path}: {lock} keeps being replaced")
+        raise InstanceError(f"cannot lock {path}: {lock} keeps being replaced or removed")
     # Who holds it, for another agent's refusal; the lock is the flock, so a full disk
     # (ENOSPC: a traceback at start) leaves the pid out and nothing else.
     with contextlib.suppress(OSError):
@@ -123,15 +127,24 @@ def _lock(path: str, lock: str) -> tuple[int, bool]:
 _LOCK_TRIES = 5
 
 
-def _open_lock(path: str, lock: str) -> tuple[int, bool]:
+def _open_lock(path: str, lock: str) -> tuple[int, bool] | None:
+    """``lock`` opened (made, with its directory, if missing), and whether this call made it;
+    None if it or its directory went between the steps."""
+    parent = os.path.dirname(lock)
+    try:
+        if parent:
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+    except OSError as exc:  # (makedirs says "File exists" for a parent that is a file)
+        why = "not a directory" if isinstance(exc, FileExistsError | NotADirectoryError) else exc.strerror
+        raise InstanceError(f"cannot use {path}: its directory {parent}: {why}") from exc
     flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         try:
             return os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o600), True
         except FileExistsError:
             return os.open(lock, flags), False
-    except FileNotFoundError:  # (gone between the two opens)
-        return _open_lock(path, lock)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
         raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
 

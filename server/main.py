@@ -39,7 +39,7 @@ from zds.server.containerpods import ContainerPods
 from zds.server.control import start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
-from zds.server.instance import InstanceError, InstanceLock, PrivateDir
+from zds.server.instance import InstanceError, InstanceLock, PrivateDir, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.outcomes import EnrollmentError
@@ -48,9 +48,10 @@ from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.recovery import recover
 from zds.server.redirect import RedirectError, redirector
-from zds.server.startup import claim_paths, read_flags
+from zds.server.startup import Claim, claim_paths, clear_sockets, read_flags
 from zds.server.store import PodStore
-from zds.server.storefile import StoreError
+from zds.server.storefile import StoreError, remove_if_unused
+from zds.server.storefile import exists as store_exists
 from zds.server.telemetry import Telemetry, TelemetryConfigError
 from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
@@ -101,7 +102,12 @@ class NodeAgentServer:
         self._used_before = False
         #: Every path was claimed (so there is something to stop).
         self._claimed = False
+        self._claim: Claim | None = None
+        #: This start made the pod store (none was there, or --reset-state moved it aside).
+        self._store_made = False
         self._ready = False
+        #: ``start`` went to its end.
+        self._started = False
 
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:
@@ -118,8 +124,10 @@ class NodeAgentServer:
     async def start(self) -> None:
         opts = self.options
         pods, faults = read_flags(opts)
-        self._used_before = claim_paths(opts, self._lock)
+        self._claim = claim_paths(opts, self._lock)
+        self._used_before = self._claim.used_before
         self._claimed = True
+        clear_sockets(opts)
         await self._restore_state()
         if opts.pods_file:
             await self._load_pods(opts.pods_file, pods)
@@ -136,7 +144,7 @@ class NodeAgentServer:
                 opts.container_engine, self.containers, self.agent.tasks, opts.container_label
             )
             self._engine_task = asyncio.create_task(self.engine.run(), name="container-engine")
-        self._ready = True
+        self._ready = self._started = True
         runtime.started()  # (zds.cli held garbage collection for the start-up)
         log.info(
             "node agent ready: zds=%s control=%s cni=%s http=%s grpc=%s state=%s engine=%s pods=%d rules=%s "
@@ -162,6 +170,7 @@ class NodeAgentServer:
                 if aside:
                     log.warning("--reset-state: the old pod store was moved to %s; starting empty", aside)
                 self._used_before = False
+            self._store_made = not store_exists(opts.state_dir)
             self.store = PodStore.open(opts.state_dir, used_before=self._used_before)
             self.agent.use_store(self.store)
             await recover(self.store, self.agent.enrollment)
@@ -328,10 +337,26 @@ class NodeAgentServer:
             self.store.close()
         for socket_file in self._sockets:
             socket_file.remove()
+        if self._claim is not None and not self._started:
+            self._undo_claim(self._claim)
         self._lock.release()
         await self.telemetry.shutdown()
         if self._claimed:
             log.info("node agent stopped")
+
+    def _undo_claim(self, claim: Claim) -> None:
+        """A start refused once its paths were claimed leaves nothing of its own: the pod store
+        it made (unless a pod went in: ``--pods`` loads them before the sockets are served),
+        the lock files it made (the state directory's stays with such a store), the state
+        directory it made (once empty)."""
+        state_dir = self.options.state_dir
+        keep = []
+        if self._store_made and not remove_if_unused(state_dir):
+            keep.append(state_lock(state_dir))
+        self._lock.remove_made(keep)
+        if claim.made_state_dir and not keep:
+            with contextlib.suppress(OSError):
+                os.rmdir(state_dir)
 
 
 async def run_server(options: ServerOptions) -> int:

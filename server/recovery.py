@@ -145,6 +145,7 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
     rows = store.load_installs()
     found = [_reopen(row, enrollment.policy) for row in rows if not _refused(row, enrollment.policy)]
     _search([f for f in found if f.netns is None and f.row.identity is not None])
+    retried = set()
     for item in found:
         pod = Pod(spec=item.row.spec, netns=item.netns)
         try:
@@ -160,15 +161,21 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
                 pod.rules_installed = True
                 what = "what went in is taken out"
                 await _remove_recorded_rules(pod, item.row.rules, enrollment)
+                if _retry_if_left(pod, item.row, enrollment, removal=False):
+                    # (its install row stays: the next start takes them out)
+                    what = "what went in could not be taken out: tried again in the background"
+                    retried.add(item.row.spec.uid)
         finally:
-            pod.close()
+            if item.row.spec.uid not in retried:
+                pod.close()
         log.warning(
             "an enrollment a restart interrupted while its rules went in: %s",
             what,
             extra=item.row.spec.log_extra,
         )
     for row in rows:
-        store.forget_install(row.spec.uid)
+        if row.spec.uid not in retried:
+            store.forget_install(row.spec.uid)
 
 
 def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
@@ -248,16 +255,9 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
         try:
             if pod.netns is not None and pod.rules_installed:
                 await _remove_recorded_rules(pod, row.rules, enrollment)
-                if (
-                    pod.rules_installed
-                    and rules is not None
-                    and enrollment.leftovers is not None
-                    and row.rules == rules.name
-                ):
-                    # Not out: its row stays marked removing (the next start finishes the
-                    # removal), and taking them out is tried again meanwhile.
-                    enrollment.leftovers.retry(pod, removal=True)
-                    retried = True
+                # Not out: its row stays marked removing (the next start finishes the
+                # removal), and taking them out is tried again meanwhile.
+                retried = _retry_if_left(pod, row, enrollment, removal=True)
             if not retried:
                 store.delete(row.spec.uid)
         finally:
@@ -308,6 +308,16 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     pod.recovery = outcome.value
     enrollment.restore(pod)
     return outcome
+
+
+def _retry_if_left(pod: Pod, row: StoredPod, enrollment: Enrollment, *, removal: bool) -> bool:
+    """If the rules this run's backend installed could not be taken out of the pod's netns,
+    hand the pod (its netns fd with it) to the retry (``Leftovers``): True."""
+    rules, leftovers = enrollment.rules, enrollment.leftovers
+    if not pod.rules_installed or rules is None or leftovers is None or row.rules != rules.name:
+        return False
+    leftovers.retry(pod, removal=removal)
+    return True
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, socket_lock, state_lock
 from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
-from zds.transport import SocketPathTaken, refuse_non_socket
+from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
 
 if TYPE_CHECKING:
     from zds.server.faults import FaultSpec
@@ -53,9 +54,18 @@ def socket_paths(opts: ServerOptions) -> list[str]:
     return [opts.zds_socket, opts.control_socket] + ([opts.cni_socket] if opts.cni_socket else [])
 
 
-def claim_paths(opts: ServerOptions, lock: InstanceLock) -> bool:
-    """Lock every socket path and the state directory, or stop before touching anything;
-    whether the state directory held a node agent before (its lock file was there)."""
+@dataclass(frozen=True)
+class Claim:
+    """What ``claim_paths`` found."""
+
+    #: The state directory held a node agent before (its lock file was there).
+    used_before: bool
+    #: This start made the state directory.
+    made_state_dir: bool
+
+
+def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
+    """Lock every socket path and the state directory, or stop before touching anything."""
     used_before = os.path.exists(state_lock(opts.state_dir))
     made = not os.path.lexists(opts.state_dir)
     try:
@@ -81,7 +91,32 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> bool:
             with contextlib.suppress(OSError):
                 os.rmdir(opts.state_dir)
         raise StartupError(str(exc)) from exc
-    return used_before
+    try:
+        now = os.stat(opts.state_dir)
+    except OSError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        # Removed (by a refused start that had made it) and made again by the lock file's
+        # creation, unchecked: not the directory checked above.
+        lock.remove_made()
+        lock.release()
+        raise StartupError(
+            f"cannot use state directory {opts.state_dir}: it was replaced while this node agent "
+            "started (another start that was refused removed it); start again"
+        )
+    return Claim(used_before, made)
+
+
+def clear_sockets(opts: ServerOptions) -> None:
+    """Each socket path claimed: a stale socket there goes, another program's live one is
+    refused now, before the pod store is opened (and a start refused made it)."""
+    for (_, what), path in zip(_SOCKETS, socket_paths(opts), strict=False):
+        try:
+            clear_socket_path(path)
+        except SocketPathTaken as exc:
+            raise StartupError(f"cannot listen on {what}: {exc}") from exc
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {what} {path}: {exc}") from exc
 
 
 def _bindable(flag: str, what: str, path: str) -> None:

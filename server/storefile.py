@@ -4,6 +4,7 @@ never replaced or truncated."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -202,3 +203,32 @@ def explain(path: str, exc: sqlite3.Error) -> str:
             "move it away and start empty with --reset-state"
         )
     return f"pod store {path}: {exc}"
+
+
+def exists(state_dir: str) -> bool:
+    """Whether ``STATE_DIR/pods.db`` is there."""
+    return os.path.exists(os.path.join(state_dir, DB_NAME))
+
+
+def remove_if_unused(state_dir: str) -> bool:
+    """Remove ``STATE_DIR/pods.db`` (and its -wal, -shm) unless it holds a pod or an install
+    row, or cannot be read and is not empty (for a start that made it and failed). Whether it
+    is gone."""
+    path = os.path.join(state_dir, DB_NAME)
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if any(
+                db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
+                for t in ("pods", "installs")
+                if t in tables
+            ):
+                return False
+    except sqlite3.Error:
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path):
+                return False
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
+    return True

@@ -458,6 +458,40 @@ async def test_a_removal_a_restart_interrupted_whose_rules_stay_in_keeps_its_row
         store.close()
 
 
+async def test_an_install_a_restart_interrupted_whose_rules_stay_in_keeps_its_row_and_is_retried(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery deleted the install row of an enrollment a crash interrupted even when its
+    rules could not be taken out at that start: nothing recorded them any more."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    (row,) = agent.store.load()
+    await agent.store.intend_soon(row)  # as if killed after the rules went in, before its row
+    agent.store.delete("u1")
+    assert agent.committed("installs") == ["u1"] and agent.committed("pods") == []
+    redirector = GatedRedirector()
+    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    restarted = NodeAgent(AgentConfig(), redirector)
+    store = PodStore.open(str(tmp_path), used_before=True)
+    restarted.use_store(store)
+    try:
+        await recover(store, restarted.enrollment)
+        assert "what went in could not be taken out: tried again in the background" in caplog.text
+        assert has_rules(a) and agent.committed("installs") == ["u1"], "the only record of those rules"
+        assert len(undo_tasks()) == 1
+        redirector.refuse_removal = ""
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert "rules a failed install left are taken out now" in caplog.text
+        assert not has_rules(a) and agent.committed("installs") == []
+    finally:
+        await restarted.tasks.cancel_all()
+        restarted.close()
+        store.close()
+
+
 async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_uid_elsewhere(
     agent: Agent, make_pod: Callable[[], Pod]
 ) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import Callable
 from itertools import pairwise
@@ -521,6 +523,49 @@ def test_a_socket_another_program_serves_is_left_alone_and_refused_in_one_line(
         if kind != socket.SOCK_DGRAM:
             with socket.socket(socket.AF_UNIX, kind) as client:
                 client.connect(path)  # still theirs, still answering
+        # Refused before the pod store was opened: no state directory, no lock file of its own.
+        assert not os.path.exists(server.state_dir)
+        assert not [name for name in _files_under(str(tmp_path)) if name.endswith(".lock")]
+
+
+def test_a_socket_path_whose_directory_is_a_file_is_refused_in_one_line(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "afile" / "z.sock"
+    server = start_server("--zds-socket", str(path), ready=False)
+    assert server.proc.wait(15) == 1
+    server.wait_for_output(f"cannot use {path}: its directory {tmp_path / 'afile'}: not a directory")
+    assert "Traceback" not in server.output()
+    assert not os.path.exists(server.state_dir)
+
+
+def test_a_start_refused_once_its_pod_store_was_made_leaves_nothing_and_the_next_start_works(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A full disk at the first start left an empty pods.db and a zds.lock: every later start
+    was refused ("empty, but its state directory was used by a node agent before") until
+    someone passed --reset-state."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "zds-test", str(disk)], check=True)
+    try:
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):  # the disk full
+            while True:
+                f.write(b"x" * 4096)
+        state = disk / "state"
+        server = start_server("--state-dir", str(state), ready=False)
+        assert server.proc.wait(15) == 1
+        assert "pod store" in server.output() and "Traceback" not in server.output()
+        assert not state.exists(), "the refused start left its state directory (pods.db, zds.lock)"
+        assert not [name for name in _files_under(str(tmp_path)) if name.endswith(".lock")]
+        filler.unlink()
+        again = start_server("--state-dir", str(state), name="again")  # ready: it started
+        assert (state / "pods.db").exists() and (state / "zds.lock").exists()
+        assert again.stop() == 0
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 @pytest.mark.parametrize("which", ["ztunnel/ztunnel.sock", "zds/control.sock", "cni/pluginevent.sock"])

@@ -303,7 +303,7 @@ def refuse_non_socket(path: str) -> bool:
     symlink); whether it holds a socket."""
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
+    except OSError:  # (nothing there, or its directory is not one: what binds it will say)
         return False
     if stat.S_ISSOCK(st.st_mode):
         return True
