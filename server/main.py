@@ -2,8 +2,10 @@
 
 Start-up, in order, each step refusing in one line what it cannot do:
 
-1. claim every path (a lock beside each socket and in the state directory): a
-   second node agent for any of them stops here, having touched nothing;
+1. check what the flags name, claim every path (a lock beside each socket and in the
+   state directory) and refuse a socket path another program serves: a second node agent
+   for any of them stops here, having touched nothing (a start refused later removes what
+   it made: ``_undo_claim``);
 2. open the pod store and recover from it (netns reopened and checked, rules
    checked), then preload ``--pods`` (the store wins for a uid both name), then arm
    ``--faults`` (for the first connection accepted);
