@@ -426,6 +426,35 @@ async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_onc
     assert not has_rules(a) and agent.committed("pods") == []
 
 
+@contextlib.asynccontextmanager
+async def restarted_on(tmp_path: Path) -> AsyncIterator[tuple[NodeAgent, GatedRedirector, PodStore]]:
+    """A second node agent on the first one's pod store, as after a restart, whose rule
+    removals fail (until the test says otherwise); its retries stopped at the end."""
+    redirector = GatedRedirector()
+    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    restarted = NodeAgent(AgentConfig(), redirector)
+    store = PodStore.open(str(tmp_path), used_before=True)
+    restarted.use_store(store)
+    try:
+        yield restarted, redirector, store
+    finally:
+        await restarted.tasks.cancel_all()
+        restarted.close()
+        store.close()
+
+
+async def one_retry_takes_them_out(
+    redirector: GatedRedirector, caplog: pytest.LogCaptureFixture, what: str
+) -> None:
+    """One retry runs; once removals work again, it takes ``what`` out and ends."""
+    assert len(undo_tasks()) == 1
+    redirector.refuse_removal = ""
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert f"{what} are taken out now" in caplog.text
+
+
 async def test_a_removal_a_restart_interrupted_whose_rules_stay_in_keeps_its_row_and_is_retried(
     agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -435,27 +464,13 @@ async def test_a_removal_a_restart_interrupted_whose_rules_stay_in_keeps_its_row
     a = make_pod()
     await agent.agent.add_pod(agent.spec("u1", a))
     agent.store.mark_removing("u1")  # a removal begun, then the node agent killed
-    redirector = GatedRedirector()
-    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
-    restarted = NodeAgent(AgentConfig(), redirector)
-    store = PodStore.open(str(tmp_path), used_before=True)
-    restarted.use_store(store)
-    try:
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
         report = await recover(store, restarted.enrollment)
         assert report.outcomes == {"u1": RecoveryOutcome.REMOVAL_RETRIED}
         assert has_rules(a) and "u1" not in restarted.pods
         assert [p.removing for p in store.load()] == [True], "the only record of those rules"
-        assert len(undo_tasks()) == 1
-        redirector.refuse_removal = ""
-        await async_wait_until(
-            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
-        )
-        assert "rules a failed removal left are taken out now" in caplog.text
+        await one_retry_takes_them_out(redirector, caplog, "rules a failed removal left")
         assert not has_rules(a) and agent.committed("pods") == []
-    finally:
-        await restarted.tasks.cancel_all()
-        restarted.close()
-        store.close()
 
 
 async def test_an_install_a_restart_interrupted_whose_rules_stay_in_keeps_its_row_and_is_retried(
@@ -470,26 +485,12 @@ async def test_an_install_a_restart_interrupted_whose_rules_stay_in_keeps_its_ro
     await agent.store.intend_soon(row)  # as if killed after the rules went in, before its row
     agent.store.delete("u1")
     assert agent.committed("installs") == ["u1"] and agent.committed("pods") == []
-    redirector = GatedRedirector()
-    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
-    restarted = NodeAgent(AgentConfig(), redirector)
-    store = PodStore.open(str(tmp_path), used_before=True)
-    restarted.use_store(store)
-    try:
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
         await recover(store, restarted.enrollment)
         assert "what went in could not be taken out: tried again in the background" in caplog.text
         assert has_rules(a) and agent.committed("installs") == ["u1"], "the only record of those rules"
-        assert len(undo_tasks()) == 1
-        redirector.refuse_removal = ""
-        await async_wait_until(
-            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
-        )
-        assert "rules a failed install left are taken out now" in caplog.text
+        await one_retry_takes_them_out(redirector, caplog, "rules a failed install left")
         assert not has_rules(a) and agent.committed("installs") == []
-    finally:
-        await restarted.tasks.cancel_all()
-        restarted.close()
-        store.close()
 
 
 async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_uid_elsewhere(
