@@ -88,21 +88,25 @@ def _create(args: argparse.Namespace) -> int:
         return 1
     from .errors import NetnsError
     from .fixtures import create_netns
-    from .podnet import create_pods_on_bridge
+    from .podnet import PodFixture, create_pods_on_bridge
 
     if args.bridge:
+
+        def announce(pods: list[PodFixture]) -> None:
+            for pod in pods:
+                print(f"{pod.netns_path} {pod.ipv4} {pod.ipv6} bridge={args.bridge}")
+
         try:
-            pods = create_pods_on_bridge(args.names, args.bridge, args.subnet4, args.subnet6)
+            create_pods_on_bridge(args.names, args.bridge, args.subnet4, args.subnet6, announce)
         except NetnsError as e:
             _error("create", str(e))
             return 1
-        for pod in pods:
-            print(f"{pod.netns_path} {pod.ipv4} {pod.ipv6} bridge={args.bridge}")
         return 0
     code = 0
     for name in args.names:
         try:
-            print(create_netns(name))
+            with runtime.interrupts_held():  # (each one made is printed: an interrupt waits)
+                print(create_netns(name))
         except NetnsError as e:
             _error("create", str(e))
             code = 1

@@ -15,11 +15,14 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
+
+from zds import runtime
 
 from .enter import in_netns
 from .errors import NetnsError
@@ -123,9 +126,17 @@ def pod_addresses(path: str) -> list[str]:
         return []
 
 
-def create_pods_on_bridge(names: list[str], bridge: str, subnet4: str, subnet6: str) -> list[PodFixture]:
+def create_pods_on_bridge(
+    names: list[str],
+    bridge: str,
+    subnet4: str,
+    subnet6: str,
+    announce: Callable[[list[PodFixture]], None] = lambda pods: None,
+) -> list[PodFixture]:
     """Pods that outlive this process (``zds netns create --bridge``): the bridge is made or
-    reused, each pod gets the next free addresses. On a failure, what this call made is undone."""
+    reused, each pod gets the next free addresses. On a failure or an interrupt, what this
+    call made is undone; once all are made, ``announce`` tells of them in the same held
+    section that lets them go (an interrupt then waits for it: all made and told, or none)."""
 
     def make() -> list[PodFixture]:
         net = PodNetwork(bridge=bridge, subnet4=subnet4, subnet6=subnet6)
@@ -133,10 +144,14 @@ def create_pods_on_bridge(names: list[str], bridge: str, subnet4: str, subnet6: 
         try:
             for name in names:
                 net._add_pod(name)
+            with runtime.interrupts_held():
+                pods = net.detach()
+                announce(pods)
         except BaseException:
-            net._close()
+            with runtime.interrupts_held():  # (a second interrupt waits for the clean-up)
+                net._close()
             raise
-        return net.detach()
+        return pods
 
     return off_event_loop(make)
 
@@ -266,7 +281,7 @@ class PodNetwork:
             return pods
 
     def _make_bridge(self) -> None:
-        with IPRoute() as ipr:
+        with IPRoute() as ipr, runtime.interrupts_held():  # (made and noted at once)
             try:
                 ipr.link("add", ifname=self.bridge, kind="bridge")
             except NetlinkError as e:
@@ -297,17 +312,20 @@ class PodNetwork:
         with open_netns(pod.netns_path) as handle:
             with IPRoute() as ipr:
                 bridge_index = _link_index(ipr, self.bridge)
-                try:
-                    # The peer is born inside the pod's netns as eth0: no name clash in the host.
-                    ipr.link(
-                        "add",
-                        ifname=pod.veth_host,
-                        kind="veth",
-                        peer={"ifname": "eth0", "net_ns_fd": handle.fileno()},
-                    )
-                except NetlinkError as e:
-                    raise NetnsError(f"cannot create veth {pod.veth_host} for pod {pod.name}: {e}") from None
-                undo.callback(_delete_link, pod.veth_host)
+                with runtime.interrupts_held():
+                    try:
+                        # The peer is born inside the pod's netns as eth0: no name clash in the host.
+                        ipr.link(
+                            "add",
+                            ifname=pod.veth_host,
+                            kind="veth",
+                            peer={"ifname": "eth0", "net_ns_fd": handle.fileno()},
+                        )
+                    except NetlinkError as e:
+                        raise NetnsError(
+                            f"cannot create veth {pod.veth_host} for pod {pod.name}: {e}"
+                        ) from None
+                    undo.callback(_delete_link, pod.veth_host)
                 host_index = _link_index(ipr, pod.veth_host)
                 ipr.link("set", index=host_index, ifalias=LINK_ALIAS)
                 ipr.link("set", index=host_index, master=bridge_index, state="up")
@@ -340,14 +358,18 @@ class PodNetwork:
                 veth_host=_ifname("zv-", name),
             )
             with ExitStack() as undo:
-                create_netns(name)
-                undo.callback(delete_netns, name, missing_ok=True)
+                # Each thing made is noted in the same held section (an interrupt, Ctrl-C or
+                # SIGTERM, waits for its end): one landing in between left it for good.
+                with runtime.interrupts_held():
+                    create_netns(name)
+                    undo.callback(delete_netns, name, missing_ok=True)
                 try:
                     self._wire_pod(pod, undo)
                 except NetlinkError as e:
                     raise NetnsError(f"cannot set up the network of pod {name}: {e}") from None
-                undo.pop_all()
-            self._pods[name] = (pod, index)
+                with runtime.interrupts_held():
+                    undo.pop_all()
+                    self._pods[name] = (pod, index)
             log.debug("pod added", extra={"pod": name, "netns": pod.netns_path})
             return pod
 

@@ -142,6 +142,20 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def signal_mask(pid: int, field: str) -> int:
+    """The mask ``field`` (SigIgn, SigCgt, ...) of /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1], 16)
+    raise KeyError(field)
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Process ``pid`` has a handler of its own for ``sig`` (it is caught, not left to the default)."""
+    return bool(signal_mask(pid, "SigCgt") & (1 << (sig - 1)))
+
+
 def file_fd_count(pid: int) -> int:
     """The fds of ``pid`` that are not sockets: netns fds and other received files.
     Unaffected by HTTP requests, so exact at any moment."""

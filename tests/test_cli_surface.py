@@ -17,7 +17,7 @@ import sys
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, signal_mask, wait_until
 from zds import cliflags, defaults
 from zds.cli import PART_OF, build_parser, command_of
 
@@ -644,15 +644,6 @@ def loop_made(pid: int) -> bool:
         with contextlib.suppress(FileNotFoundError):  # (closed meanwhile)
             links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
     return "anon_inode:[eventpoll]" in links
-
-
-def signal_mask(pid: int, field: str) -> int:
-    """The mask ``field`` (SigIgn, SigCgt, ...) of /proc/PID/status."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1], 16)
-    raise KeyError(field)
 
 
 @pytest.mark.root
