@@ -199,7 +199,7 @@ def _nsfs_dev() -> int | None:
 def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
     from .fixtures import netns_path
     from .kernel import NetnsIdentity
-    from .podnet import pod_addresses
+    from .links import pod_addresses
 
     path = netns_path(name)
     entry: dict[str, Any] = {"name": name, "path": path, "identity": None}

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import atexit
 import errno
-import hashlib
 import ipaddress
 import logging
 import socket
 import threading
 from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -26,15 +24,23 @@ from zds import runtime
 
 from .enter import in_netns
 from .errors import NetnsError
-from .fixtures import check_name, create_netns, delete_netns, list_netns, netns_path, off_event_loop
+from .fixtures import check_name, create_netns, delete_netns, netns_path, off_event_loop
 from .handle import open_netns
+from .links import (
+    IFNAME_MAX,
+    LINK_ALIAS,
+    delete_link,
+    ifname_for,
+    is_ours,
+    kind_and_alias,
+    link_index,
+    used_host_indices,
+)
 
 log = logging.getLogger(__name__)
 
 # linux/if_addr.h: usable at once, no duplicate address detection.
 IFA_F_NODAD = 0x02
-# linux/if.h IFNAMSIZ (16) minus the NUL.
-IFNAME_MAX = 15
 
 
 @dataclass
@@ -46,84 +52,6 @@ class PodFixture:
     ipv4: str
     ipv6: str
     veth_host: str
-
-
-def _ifname(prefix: str, name: str) -> str:
-    """An interface name for ``name`` within IFNAMSIZ: readable when it fits, hashed when not."""
-    if len(prefix) + len(name) <= IFNAME_MAX:
-        return prefix + name
-    digest = hashlib.sha256(name.encode()).hexdigest()
-    keep = IFNAME_MAX - len(prefix) - 7
-    return f"{prefix}{name[:keep]}-{digest[:6]}"
-
-
-def _link_index(ipr: Any, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return int(found[0]) if found else None
-
-
-#: The alias ``zds netns create --bridge`` gives the links it makes in the host netns (the
-#: bridge, each pod's veth): ``zds netns delete`` deletes a link by name only if it has it.
-LINK_ALIAS = "zds netns"
-
-
-def _kind_and_alias(ipr: Any, index: int) -> tuple[str | None, str | None]:
-    """The link ``index``'s kind (bridge, veth, ...; None for a plain device or none) and alias."""
-    links = ipr.get_links(index)
-    if not links:
-        return None, None
-    info = links[0].get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-    return kind, links[0].get_attr("IFLA_IFALIAS")
-
-
-def _ours(ipr: Any, index: int, kind: str) -> bool:
-    """The link ``index`` is a ``kind`` (bridge, veth) ``zds netns`` made (its alias says so)."""
-    return _kind_and_alias(ipr, index) == (kind, LINK_ALIAS)
-
-
-def _delete_link(ifname: str) -> None:
-    """Delete a host link; one already gone is fine."""
-    with IPRoute() as ipr:
-        try:
-            ipr.link("del", ifname=ifname)
-        except NetlinkError as e:
-            if e.code != errno.ENODEV:
-                raise
-
-
-def _eth0_addresses(path: str) -> list[str]:
-    """The addresses on a netns's eth0 (none if it has no eth0)."""
-    with open_netns(path) as handle, in_netns(handle), IPRoute() as ipr:
-        index = _link_index(ipr, "eth0")
-        if index is None:
-            return []
-        # Global addresses only: link-local ones say nothing about the pod network.
-        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index) if a["scope"] == 0]
-
-
-def _used_host_indices(net4: ipaddress.IPv4Network) -> set[int]:
-    """Host indices in ``net4`` that a named netns's eth0 already has."""
-    used: set[int] = set()
-    for name in list_netns():
-        try:
-            addresses = _eth0_addresses(netns_path(name))
-        except (NetnsError, OSError):
-            continue
-        for address in addresses:
-            with suppress(ValueError):
-                ip = ipaddress.ip_address(address)
-                if ip in net4:
-                    used.add(int(ip) - int(net4.network_address))
-    return used
-
-
-def pod_addresses(path: str) -> list[str]:
-    """A pod's eth0 addresses (for ``zds netns list``); empty for a bare namespace."""
-    try:
-        return _eth0_addresses(path)
-    except (NetnsError, OSError):
-        return []
 
 
 def create_pods_on_bridge(
@@ -159,7 +87,7 @@ def create_pods_on_bridge(
 def delete_pod(name: str, *, missing_ok: bool = False) -> None:
     """Delete a pod made by ``create_pods_on_bridge``: its host veth first (a netns dies
     asynchronously, and its end of the pair with it), then the netns."""
-    off_event_loop(lambda: _delete_our_veth(_ifname("zv-", name)))
+    off_event_loop(lambda: _delete_our_veth(ifname_for("zv-", name)))
     delete_netns(name, missing_ok=missing_ok)
 
 
@@ -167,22 +95,22 @@ def _delete_our_veth(ifname: str) -> None:
     """Delete the host end of a pod's veth if ``zds netns`` made it (a link of that name that
     is not ours stays; the pair of ours goes with the pod's netns anyway)."""
     with IPRoute() as ipr:
-        index = _link_index(ipr, ifname)
-        if index is None or not _ours(ipr, index, "veth"):
+        index = link_index(ipr, ifname)
+        if index is None or not is_ours(ipr, index, "veth"):
             return
-    _delete_link(ifname)
+    delete_link(ifname)
 
 
 def remove_bridge_if_unused(bridge: str) -> bool:
     """Delete ``bridge`` if ``zds netns`` made it and no interface is attached to it any more;
     True if it was deleted."""
     with IPRoute() as ipr:
-        index = _link_index(ipr, bridge)
-        if index is None or not _ours(ipr, index, "bridge"):
+        index = link_index(ipr, bridge)
+        if index is None or not is_ours(ipr, index, "bridge"):
             return False
         if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
             return False
-    _delete_link(bridge)
+    delete_link(bridge)
     return True
 
 
@@ -252,10 +180,10 @@ class PodNetwork:
         check its gateway address, reserve the addresses of the pods already on it. It is
         never deleted by this object. False if there is no such bridge yet."""
         with IPRoute() as ipr:
-            index = _link_index(ipr, self.bridge)
+            index = link_index(ipr, self.bridge)
             if index is None:
                 return False
-            kind, _ = _kind_and_alias(ipr, index)
+            kind, _ = kind_and_alias(ipr, index)
             addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
         if kind != "bridge":
             raise NetnsError(
@@ -267,7 +195,7 @@ class PodNetwork:
                 "bridge for this subnet; pick another --bridge or --subnet4"
             )
         self._bridge_made = self._bridge_adopted = True
-        self._reserved |= _used_host_indices(self._net4)
+        self._reserved |= used_host_indices(self._net4)
         return True
 
     def detach(self) -> list[PodFixture]:
@@ -293,7 +221,7 @@ class PodNetwork:
                     ) from None
                 raise NetnsError(f"cannot create bridge {self.bridge}: {e}") from None
             self._bridge_made = True
-            index = _link_index(ipr, self.bridge)
+            index = link_index(ipr, self.bridge)
             ipr.link("set", index=index, ifalias=LINK_ALIAS)
             ipr.addr("add", index=index, address=self.gateway4, prefixlen=self._net4.prefixlen)
             ipr.addr(
@@ -311,7 +239,7 @@ class PodNetwork:
     def _wire_pod(self, pod: PodFixture, undo: ExitStack) -> None:
         with open_netns(pod.netns_path) as handle:
             with IPRoute() as ipr:
-                bridge_index = _link_index(ipr, self.bridge)
+                bridge_index = link_index(ipr, self.bridge)
                 with runtime.interrupts_held():
                     try:
                         # The peer is born inside the pod's netns as eth0: no name clash in the host.
@@ -325,12 +253,12 @@ class PodNetwork:
                         raise NetnsError(
                             f"cannot create veth {pod.veth_host} for pod {pod.name}: {e}"
                         ) from None
-                    undo.callback(_delete_link, pod.veth_host)
-                host_index = _link_index(ipr, pod.veth_host)
+                    undo.callback(delete_link, pod.veth_host)
+                host_index = link_index(ipr, pod.veth_host)
                 ipr.link("set", index=host_index, ifalias=LINK_ALIAS)
                 ipr.link("set", index=host_index, master=bridge_index, state="up")
             with in_netns(handle), IPRoute() as ipr:
-                eth0 = _link_index(ipr, "eth0")
+                eth0 = link_index(ipr, "eth0")
                 ipr.addr("add", index=eth0, address=pod.ipv4, prefixlen=self._net4.prefixlen)
                 ipr.addr(
                     "add", index=eth0, address=pod.ipv6, prefixlen=self._net6.prefixlen, flags=IFA_F_NODAD
@@ -355,7 +283,7 @@ class PodNetwork:
                 netns_path=netns_path(name),
                 ipv4=str(self._net4[index]),
                 ipv6=str(self._net6[index]),
-                veth_host=_ifname("zv-", name),
+                veth_host=ifname_for("zv-", name),
             )
             with ExitStack() as undo:
                 # Each thing made is noted in the same held section (an interrupt, Ctrl-C or
@@ -385,7 +313,7 @@ class PodNetwork:
                 raise NetnsError(f"no pod {name} in this PodNetwork (on bridge {self.bridge})")
             pod, _ = self._pods[name]
             # The veth first: a netns dies asynchronously, and its end of the pair with it.
-            _delete_link(pod.veth_host)
+            delete_link(pod.veth_host)
             delete_netns(name, missing_ok=True)
             del self._pods[name]
 
@@ -404,7 +332,7 @@ class PodNetwork:
                     self._pods.pop(name, None)
             if self._bridge_made and not self._bridge_adopted:
                 try:
-                    _delete_link(self.bridge)
+                    delete_link(self.bridge)
                 except Exception as e:
                     failures.append(f"bridge {self.bridge}: {e}")
                 self._bridge_made = False
