@@ -42,9 +42,13 @@ def socket_lock(path: str) -> str:
     return path + ".lock"
 
 
+#: The state directory's lock file.
+STATE_LOCK_NAME = "zds.lock"
+
+
 def state_lock(directory: str) -> str:
     """The lock file of a state directory."""
-    return os.path.join(directory, "zds.lock")
+    return os.path.join(directory, STATE_LOCK_NAME)
 
 
 class InstanceLock:
@@ -54,6 +58,9 @@ class InstanceLock:
         self._fds: list[int] = []
         #: The lock files ``acquire`` made (they were not there).
         self.made: list[str] = []
+        #: Every lock file held, and the directories made for them.
+        self._held: list[str] = []
+        self._made_dirs: list[str] = []
 
     def acquire(self, locks: Iterable[tuple[str, str]]) -> None:
         """Lock each ``(path, lock file)`` (creating parent directories); InstanceError, with
@@ -64,14 +71,19 @@ class InstanceLock:
         store."""
         try:
             for path, lock in locks:
+                parent = os.path.dirname(lock)
+                if parent and not os.path.isdir(parent):
+                    self._made_dirs.append(parent)
                 fd, created = _lock(path, lock)
                 self._fds.append(fd)
+                self._held.append(lock)
                 if created:
                     self.made.append(lock)
                 if lock == state_lock(path):
                     self._fds.append(_lock_dir(path))
         except BaseException:
             self.remove_made()
+            self._remove_made_dirs()
             self.release()
             raise
 
@@ -83,6 +95,22 @@ class InstanceLock:
                 with contextlib.suppress(OSError):
                     os.unlink(lock)
         self.made = [lock for lock in self.made if lock in keep]
+
+    def remove_socket_locks(self) -> None:
+        """A stop: remove every lock file held but the state directory's (its ``zds.lock`` says
+        the directory held a node agent), while still held, then the directories made for
+        them once empty. An agent that opened one meanwhile finds it gone once it holds its
+        ``flock`` (``_still_there``) and opens a new one."""
+        for lock in self._held:
+            if os.path.basename(lock) != STATE_LOCK_NAME:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+        self._remove_made_dirs()
+
+    def _remove_made_dirs(self) -> None:
+        for directory in reversed(self._made_dirs):
+            with contextlib.suppress(OSError):  # (not empty: someone else's files, or a socket)
+                os.rmdir(directory)
 
     def release(self) -> None:
         while self._fds:
