@@ -27,12 +27,7 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from zds.netns import (
-    NetnsError,
-    NetnsHandle,
-    OutOfFds,
-    open_netns_ref,
-)
+from zds.netns import NetnsError, NetnsHandle, OutOfFds, open_netns_ref
 from zds.protocol.messages import Ack, DelWorkload
 from zds.server import spans
 from zds.server.eventkinds import EventKind
@@ -265,10 +260,8 @@ class Enrollment:
                 pod.close()
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
                 raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
-            assert self.leftovers is not None
-            self.leftovers.retry(
-                pod, removal=False
-            )  # its install row stays (the next start takes the rules out)
+            assert self.leftovers is not None  # (its install row stays: the next start takes them out)
+            self.leftovers.retry(pod, removal=False)
             raise EnrollmentError(
                 EnrollmentOutcome.RULES, f"{exc}: tried again in the background (and at the next start)"
             ) from exc
@@ -409,10 +402,7 @@ class Enrollment:
     def _retry_if_left(self, pod: Pod, *, removal: bool) -> bool:
         """If the pod's rules are still in (taking them out failed), hand the pod, its netns fd
         with it, to the retry (``Leftovers``): True."""
-        if self.leftovers is None or not pod.rules_installed or pod.netns is None:
-            return False
-        self.leftovers.retry(pod, removal=removal)
-        return True
+        return self.leftovers is not None and self.leftovers.take_if_left(pod, removal=removal)
 
 
 def _attributes(spec: PodSpec) -> dict[str, str]:

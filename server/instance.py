@@ -42,13 +42,9 @@ def socket_lock(path: str) -> str:
     return path + ".lock"
 
 
-#: The state directory's lock file.
-STATE_LOCK_NAME = "zds.lock"
-
-
 def state_lock(directory: str) -> str:
     """The lock file of a state directory."""
-    return os.path.join(directory, STATE_LOCK_NAME)
+    return os.path.join(directory, "zds.lock")
 
 
 class InstanceLock:
@@ -58,8 +54,9 @@ class InstanceLock:
         self._fds: list[int] = []
         #: The lock files ``acquire`` made (they were not there).
         self.made: list[str] = []
-        #: Every lock file held, and the directories made for them.
-        self._held: list[str] = []
+        #: The socket lock files held (not the state directory's), and the directories made
+        #: for the lock files.
+        self._socket_locks: list[str] = []
         self._made_dirs: list[str] = []
 
     def acquire(self, locks: Iterable[tuple[str, str]]) -> None:
@@ -76,11 +73,12 @@ class InstanceLock:
                     self._made_dirs.append(parent)
                 fd, created = _lock(path, lock)
                 self._fds.append(fd)
-                self._held.append(lock)
                 if created:
                     self.made.append(lock)
                 if lock == state_lock(path):
                     self._fds.append(_lock_dir(path))
+                else:
+                    self._socket_locks.append(lock)
         except BaseException:
             self.remove_made()
             self._remove_made_dirs()
@@ -101,10 +99,9 @@ class InstanceLock:
         the directory held a node agent), while still held, then the directories made for
         them once empty. An agent that opened one meanwhile finds it gone once it holds its
         ``flock`` (``_still_there``) and opens a new one."""
-        for lock in self._held:
-            if os.path.basename(lock) != STATE_LOCK_NAME:
-                with contextlib.suppress(OSError):
-                    os.unlink(lock)
+        for lock in self._socket_locks:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
         self._remove_made_dirs()
 
     def _remove_made_dirs(self) -> None:

@@ -64,6 +64,14 @@ class Leftovers:
         self._netns[pod.netns.identity] = {pod.uid: {removal}}
         self.tasks.spawn(self._retry(pod), name=f"undo-{pod.uid}")
 
+    def take_if_left(self, pod: Pod, *, removal: bool) -> bool:
+        """If taking the pod's rules out failed (they are still in), hand the pod, its netns
+        fd with it, to ``retry``: True."""
+        if not pod.rules_installed or pod.netns is None:
+            return False
+        self.retry(pod, removal=removal)
+        return True
+
     async def _retry(self, pod: Pod) -> None:
         """Until the rules are out (the rows that record them go: install rows for this netns,
         pod rows marked removing; not one of a uid enrolled again or being enrolled or removed

@@ -102,8 +102,7 @@ class NodeAgentServer:
         self._sockets: list[SocketFile] = []
         #: The state directory held a node agent before this one (its lock file was there).
         self._used_before = False
-        #: Every path was claimed (so there is something to stop).
-        self._claimed = False
+        #: What claiming every path found (None: not claimed, so there is nothing to stop).
         self._claim: Claim | None = None
         #: This start made the pod store (none was there, or --reset-state moved it aside).
         self._store_made = False
@@ -128,7 +127,6 @@ class NodeAgentServer:
         pods, faults = read_flags(opts)
         self._claim = claim_paths(opts, self._lock)
         self._used_before = self._claim.used_before
-        self._claimed = True
         clear_sockets(opts)
         await self._restore_state()
         if opts.pods_file:
@@ -344,7 +342,7 @@ class NodeAgentServer:
         self._lock.remove_socket_locks()
         self._lock.release()
         await self.telemetry.shutdown()
-        if self._claimed:
+        if self._claim is not None:
             log.info("node agent stopped")
 
     def _undo_claim(self, claim: Claim) -> None:

@@ -314,10 +314,9 @@ def _retry_if_left(pod: Pod, row: StoredPod, enrollment: Enrollment, *, removal:
     """If the rules this run's backend installed could not be taken out of the pod's netns,
     hand the pod (its netns fd with it) to the retry (``Leftovers``): True."""
     rules, leftovers = enrollment.rules, enrollment.leftovers
-    if not pod.rules_installed or rules is None or leftovers is None or row.rules != rules.name:
+    if rules is None or leftovers is None or row.rules != rules.name:
         return False
-    leftovers.retry(pod, removal=removal)
-    return True
+    return leftovers.take_if_left(pod, removal=removal)
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:

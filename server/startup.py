@@ -18,13 +18,6 @@ from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
 if TYPE_CHECKING:
     from zds.server.faults import FaultSpec
 
-#: Each socket flag and what it serves (for the refusal).
-_SOCKETS = (
-    ("--zds-socket", "ZDS socket"),
-    ("--control-socket", "control socket"),
-    ("--cni-socket", "CNI plugin socket"),
-)
-
 
 def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     """Check what the flags name (socket paths, listen addresses, TLS, the pods and faults
@@ -33,7 +26,7 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     from zds.server.faultkinds import FaultError
     from zds.server.faultsfile import load_faults_file
 
-    for (flag, what), path in zip(_SOCKETS, socket_paths(opts), strict=False):
+    for flag, what, path in _sockets(opts):
         _bindable(flag, what, path)
     if opts.http_listen:
         split_host_port(opts.http_listen, "--http-listen")
@@ -49,9 +42,16 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     return pods, faults
 
 
-def socket_paths(opts: ServerOptions) -> list[str]:
-    """The unix socket paths the node agent serves, in ``_SOCKETS``' order."""
-    return [opts.zds_socket, opts.control_socket] + ([opts.cni_socket] if opts.cni_socket else [])
+def _sockets(opts: ServerOptions) -> list[tuple[str, str, str]]:
+    """The unix sockets the node agent serves: each one's flag, what it serves (for a
+    refusal) and path."""
+    sockets = [
+        ("--zds-socket", "ZDS socket", opts.zds_socket),
+        ("--control-socket", "control socket", opts.control_socket),
+    ]
+    if opts.cni_socket:
+        sockets.append(("--cni-socket", "CNI plugin socket", opts.cni_socket))
+    return sockets
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
         )
     try:
         lock.acquire(
-            [(path, socket_lock(path)) for path in socket_paths(opts)]
+            [(path, socket_lock(path)) for _, _, path in _sockets(opts)]
             + [(opts.state_dir, state_lock(opts.state_dir))]
         )
     except InstanceError as exc:
@@ -110,7 +110,7 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
 def clear_sockets(opts: ServerOptions) -> None:
     """Each socket path claimed: a stale socket there goes, another program's live one is
     refused now, before the pod store is opened (and a start refused made it)."""
-    for (_, what), path in zip(_SOCKETS, socket_paths(opts), strict=False):
+    for _, what, path in _sockets(opts):
         try:
             clear_socket_path(path)
         except SocketPathTaken as exc:
