@@ -90,19 +90,14 @@ class Enrollment:
         self.faults: FaultBook | None = None
         #: One enrollment or removal of a uid at a time, in the order they came.
         self._uids: KeyedLocks[str] = KeyedLocks()
-        #: Rules a failed install or removal could not take out, tried again (None with
-        #: --no-redirect).
-        self.leftovers = (
-            Leftovers(rules, cache, store, tasks, under_way=self._uids.__contains__)
-            if rules is not None
-            else None
-        )
+        #: Rules a failed install or removal could not take out (with --no-redirect: an
+        #: earlier run's, found at start), tried again.
+        self.leftovers = Leftovers(rules, cache, store, tasks, under_way=self._uids.__contains__)
 
     def use_store(self, store: PodStore) -> None:
         """Keep pods in ``store`` from now on (set once at start-up, before recovery)."""
         self.store = store
-        if self.leftovers is not None:
-            self.leftovers.store = store
+        self.leftovers.store = store
 
     def bend_delivery(self, faults: FaultBook | None) -> None:
         """Let ``faults`` bend delivery from now on (None: deliver by the rules again)."""
@@ -260,8 +255,7 @@ class Enrollment:
                 pod.close()
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
                 raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
-            assert self.leftovers is not None  # (its install row stays: the next start takes them out)
-            self.leftovers.retry(pod, removal=False)
+            self.leftovers.retry(pod, removal=False)  # (recorded: the next start takes them out)
             raise EnrollmentError(
                 EnrollmentOutcome.RULES, f"{exc}: tried again in the background (and at the next start)"
             ) from exc
@@ -288,8 +282,8 @@ class Enrollment:
             except BaseException:
                 pod.close()
                 raise
-            # Rules still in: their install row stays (the next start takes them out), and
-            # they are tried again meanwhile.
+            # Rules still in: recorded as left there (the next start takes them out), and
+            # tried again meanwhile.
             if not self._retry_if_left(pod, removal=False):
                 pod.close()  # out (or kept for another pod there): nothing left to do
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
@@ -343,8 +337,8 @@ class Enrollment:
         try:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
                 await self._remove_rules(pod)
-                # Rules that could not be taken out: its row stays marked removing (the next
-                # start finishes the removal), and they are tried again meanwhile.
+                # Rules that could not be taken out: its row becomes a record of them (the
+                # next start takes them out), and they are tried again meanwhile.
                 retried = self._retry_if_left(pod, removal=True)
                 if not retried:
                     delete_pod_row(self.store, uid)
@@ -402,7 +396,7 @@ class Enrollment:
     def _retry_if_left(self, pod: Pod, *, removal: bool) -> bool:
         """If the pod's rules are still in (taking them out failed), hand the pod, its netns fd
         with it, to the retry (``Leftovers``): True."""
-        return self.leftovers is not None and self.leftovers.take_if_left(pod, removal=removal)
+        return self.leftovers.take_if_left(pod, removal=removal)
 
 
 def _attributes(spec: PodSpec) -> dict[str, str]:

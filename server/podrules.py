@@ -86,13 +86,20 @@ class PodRules:
             return False
         return True
 
-    async def undo_again(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> bool:
-        """Try again to take out what a failed install left (its undo had failed too): True
-        once out; False if that failed again (logged) or ``still_used`` (another pod lives,
-        or is being enrolled, in that netns: not now)."""
+    async def undo_again(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool], backend: str) -> bool:
+        """Try again to take out the rules ``backend`` (as the pod store records it) left in the
+        pod's netns (a failed install's, a removal's): True once out; False if that failed
+        again (logged) or ``still_used`` (another pod lives, or is being enrolled, in that
+        netns: not now)."""
         assert pod.netns is not None
         async with self._locks.hold(pod.netns.identity):
-            return not still_used(pod.netns.identity) and await self._undo(pod)
+            if still_used(pod.netns.identity):
+                return False
+            if backend != self.name:
+                return await remove_rules_of(
+                    pod, backend, self.redirector.config, f"this node agent uses {self.name}"
+                )
+            return await self._undo(pod)
 
     async def in_place(self, pod: Pod) -> bool:
         """Whether the rules in the pod's netns are still the ones ``pod.rules_digest`` recorded."""

@@ -14,7 +14,9 @@ found by identity where it is allowed: never opened there, its rules untouched.
 Only a row naming the node's netns, or names zds refuses, is dropped. A removal that a crash
 interrupted is finished, and so is an enrollment it interrupted while its rules went in
 (the store's ``installs`` table): those rules, which no pod row records, come out of
-their netns, unless a recovered pod lives there. Only then does the agent serve
+their netns, unless a recovered pod lives there, as do the rules an earlier run could not
+take out (the store's ``leftovers``); rules that will not come out now either are handed to
+the retry (``Leftovers``), their rows kept. Only then does the agent serve
 ztunnel, whose next snapshot holds every pod.
 """
 
@@ -24,6 +26,7 @@ import asyncio
 import enum
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zds import defaults
@@ -63,7 +66,7 @@ class RecoveryOutcome(enum.Enum):
     RULES_FAILED = "rules failed"
     #: A removal the last run began and did not finish: finished now.
     REMOVAL_FINISHED = "removal finished"
-    #: Such a removal whose rules could not be taken out now: its row stays marked removing, and
+    #: Such a removal whose rules could not be taken out now: its row moves to ``leftovers``, and
     #: taking them out is tried again in the background (``Leftovers``).
     REMOVAL_RETRIED = "removal retried"
     #: Its path is at a place this run does not allow (``--netns-root`` changed) and its netns
@@ -136,6 +139,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     if rows:
         log.info("recovered %d pod(s) from %s: %s", len(rows), store.path, report.summary())
     await _finish_installs(store, enrollment)
+    await _finish_leftovers(store, enrollment)
     return report
 
 
@@ -143,9 +147,38 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
     """Take out the rules of enrollments a crash interrupted while they went in (after the
     pods are back: a recovered pod in the same netns keeps them)."""
     rows = store.load_installs()
+    handed = await _take_out(
+        rows, enrollment, lambda _: "an enrollment a restart interrupted while its rules went in"
+    )
+    for row in rows:
+        if id(row) not in handed:  # (a handed row moved to leftovers)
+            store.forget_install(row.spec.uid)
+
+
+async def _finish_leftovers(store: PodStore, enrollment: Enrollment) -> None:
+    """Take out the rules an earlier run could not take out (``Leftovers``), or hand them
+    back to the retry."""
+    rows = store.load_leftovers()
+    handed = await _take_out(
+        rows,
+        enrollment,
+        lambda row: f"rules a failed {'removal' if row.removing else 'install'} left before this start",
+        recorded=True,
+    )
+    for row in rows:
+        if id(row) not in handed:
+            store.forget_leftover(row)
+
+
+async def _take_out(
+    rows: list[StoredPod], enrollment: Enrollment, said: Callable[[StoredPod], str], *, recorded: bool = False
+) -> set[int]:
+    """Take the rules each row records out of its netns (unless a recovered pod lives there:
+    they are its rules); the ``id`` of each row whose rules stay in, handed to the retry
+    (``Leftovers``)."""
     found = [_reopen(row, enrollment.policy) for row in rows if not _refused(row, enrollment.policy)]
     _search([f for f in found if f.netns is None and f.row.identity is not None])
-    retried = set()
+    handed: set[int] = set()
     for item in found:
         pod = Pod(spec=item.row.spec, netns=item.netns)
         try:
@@ -155,27 +188,23 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
                     if item.place_refused
                     else "its netns is gone"
                 )
-            elif enrollment.cache.uses_netns(pod.netns.identity):
+            elif enrollment.rules is not None and enrollment.cache.uses_netns(pod.netns.identity):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
                 pod.rules_installed = True
                 what = "what went in is taken out"
                 await _remove_recorded_rules(pod, item.row.rules, enrollment)
-                if _retry_if_left(pod, item.row, enrollment, removal=False):
-                    # (its install row stays: the next start takes them out)
+                if pod.rules_installed:
+                    enrollment.leftovers.retry(
+                        pod, removal=item.row.removing, backend=item.row.rules, recorded=recorded
+                    )
+                    handed.add(id(item.row))
                     what = "what went in could not be taken out: tried again in the background"
-                    retried.add(item.row.spec.uid)
         finally:
-            if item.row.spec.uid not in retried:
+            if id(item.row) not in handed:
                 pod.close()
-        log.warning(
-            "an enrollment a restart interrupted while its rules went in: %s",
-            what,
-            extra=item.row.spec.log_extra,
-        )
-    for row in rows:
-        if row.spec.uid not in retried:
-            store.forget_install(row.spec.uid)
+        log.warning("%s: %s", said(item.row), what, extra=item.row.spec.log_extra)
+    return handed
 
 
 def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
@@ -255,8 +284,8 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
         try:
             if pod.netns is not None and pod.rules_installed:
                 await _remove_recorded_rules(pod, row.rules, enrollment)
-                # Not out: its row stays marked removing (the next start finishes the
-                # removal), and taking them out is tried again meanwhile.
+                # Not out: its row moves to leftovers (the next start tries again), and
+                # taking them out is tried again meanwhile.
                 retried = _retry_if_left(pod, row, enrollment, removal=True)
             if not retried:
                 store.delete(row.spec.uid)
@@ -311,22 +340,20 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
 
 
 def _retry_if_left(pod: Pod, row: StoredPod, enrollment: Enrollment, *, removal: bool) -> bool:
-    """If the rules this run's backend installed could not be taken out of the pod's netns,
-    hand the pod (its netns fd with it) to the retry (``Leftovers``): True."""
-    rules, leftovers = enrollment.rules, enrollment.leftovers
-    if rules is None or leftovers is None or row.rules != rules.name:
-        return False
-    return leftovers.take_if_left(pod, removal=removal)
+    """If the rules the store recorded could not be taken out of the pod's netns, hand the
+    pod (its netns fd with it) to the retry (``Leftovers``): True."""
+    return enrollment.leftovers.take_if_left(pod, removal=removal, backend=row.rules)
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:
     """Take out the rules ``backend`` (as the store recorded it) installed in the pod's netns,
-    whichever backend this node agent uses, if any (failures are logged)."""
+    whichever backend this node agent uses, if any (failures are logged; the pod's
+    ``rules_installed`` says whether they are still in)."""
     rules = enrollment.rules
     if rules is None:
-        await _remove_rules_of_an_earlier_run(pod, backend)
+        pod.rules_installed = not await _remove_rules_of_an_earlier_run(pod, backend)
     elif backend != rules.name:
-        await rules.remove_other(pod, backend)
+        pod.rules_installed = not await rules.remove_other(pod, backend)
     else:
         await rules.remove(pod, enrollment.cache.uses_netns)
 

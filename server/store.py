@@ -11,7 +11,10 @@ the next start. Before a pod's rules go in, its row is written to a second
 table, ``installs`` (committed), and taken out with the pod's own row (or once
 a failed install took out what went in): one found there at a start is an
 enrollment a crash interrupted, whose rules no pod row records, and they come
-out then. ``synchronous=NORMAL``: a commit survives the process being
+out then. Rules that could not be taken out (a failed install's undo failed too, a removal's
+stayed) move to a third table, ``leftovers``, one row per uid, netns and rule set, until they
+are out or their netns is gone (``Leftovers``; a start takes them out too).
+``synchronous=NORMAL``: a commit survives the process being
 killed (it is in the WAL); only a power cut may lose the last ones, and a power
 cut takes the pods' namespaces with it.
 
@@ -28,7 +31,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -108,6 +111,11 @@ class PodStore:
         """The pods whose rules were going in when the last run ended (their enrollment
         never finished: no pod row records those rules), oldest first."""
         return self._load("installs")
+
+    def load_leftovers(self) -> list[StoredPod]:
+        """Rules pods left in their netns that the last run could not take out (``removing``: a
+        removal's; ``rules``: the rule set), oldest first."""
+        return self._load("leftovers")
 
     def _load(self, table: str) -> list[StoredPod]:
         try:
@@ -223,35 +231,65 @@ class PodStore:
             if not done.done():
                 done.set_result(None)
 
-    def forget_install(self, uid: str, identity: NetnsIdentity | None = None) -> None:
+    def forget_install(self, uid: str) -> None:
         """The pod's rules are not going in (its install failed and what went in came out,
-        or it was taken out at a start): its install row goes. With ``identity``, only a row
-        for that netns (the uid may have been sent again, for another netns, meanwhile)."""
+        or it was taken out at a start): its install row goes."""
         with self._write():
-            if identity is None:
-                self._db.execute("DELETE FROM installs WHERE uid = ?", (uid,))
-            else:
-                self._db.execute(
-                    "DELETE FROM installs WHERE uid = ? AND netns_dev = ? AND netns_ino = ?",
-                    (uid, identity.dev, identity.ino),
-                )
+            self._db.execute("DELETE FROM installs WHERE uid = ?", (uid,))
+
+    def keep_leftover(self, row: StoredPod) -> None:
+        """The rules ``row``'s pod installed (``row.rules``) could not be taken out of its netns:
+        record them in ``leftovers`` (one row per uid, netns and rule set) and, in the same
+        transaction, take out the row that recorded them until now (``row.removing``: the pod
+        row its removal marked; else its install row), both only for that netns."""
+        assert row.identity is not None
+        marks = ",".join("?" * len(COLUMN_NAMES))
+        with self._write():
+            self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", _values(row))
+            self._forget_rows(row.spec.uid, row.identity, "pods" if row.removing else "installs")
+
+    def forget_leftovers(
+        self, identity: NetnsIdentity, uids: Iterable[str], *, rows_of: Iterable[str] = ()
+    ) -> None:
+        """The rules the pods ``uids`` left in the netns ``identity`` are out (or went with it):
+        their ``leftovers`` rows go, and for the uids ``rows_of`` the rows that recorded them
+        where moving them there failed (the removal's pod row, the install row; the other
+        uids' rows there are a later enrollment's)."""
+        with self._write():
+            for uid in uids:
+                self._forget_rows(uid, identity, "leftovers")
+            for uid in rows_of:
+                self._forget_rows(uid, identity, "pods")
+                self._forget_rows(uid, identity, "installs")
+
+    def forget_leftover(self, row: StoredPod) -> None:
+        """Take out the ``leftovers`` row ``row`` (its rules are out, kept for a pod living
+        there, or went with their netns)."""
+        identity = row.identity
+        with self._write():
+            self._db.execute(
+                "DELETE FROM leftovers WHERE uid = ? AND netns_dev IS ? AND netns_ino IS ? AND rules = ?",
+                (row.spec.uid, identity and identity.dev, identity and identity.ino, row.rules),
+            )
+
+    def _forget_rows(self, uid: str, identity: NetnsIdentity, table: str) -> None:
+        """Delete ``uid``'s rows in ``table`` for the netns ``identity`` (in ``pods`` only one
+        marked removing: the uid may have been enrolled again there meanwhile)."""
+        removing = " AND removing = 1" if table == "pods" else ""
+        self._db.execute(
+            f"DELETE FROM {table} WHERE uid = ? AND netns_dev = ? AND netns_ino = ?{removing}",
+            (uid, identity.dev, identity.ino),
+        )
 
     def mark_removing(self, uid: str) -> None:
         """A removal begins: if it does not finish, the next start finishes it."""
         with self._write():
             self._db.execute("UPDATE pods SET removing = 1 WHERE uid = ?", (uid,))
 
-    def delete(self, uid: str, identity: NetnsIdentity | None = None) -> None:
-        """Delete the pod's row; with ``identity``, only while it is a removal's in that netns
-        (the uid may have been enrolled again, in another netns, meanwhile)."""
+    def delete(self, uid: str) -> None:
+        """Delete the pod's row."""
         with self._write():
-            if identity is None:
-                self._db.execute("DELETE FROM pods WHERE uid = ?", (uid,))
-            else:
-                self._db.execute(
-                    "DELETE FROM pods WHERE uid = ? AND removing = 1 AND netns_dev = ? AND netns_ino = ?",
-                    (uid, identity.dev, identity.ino),
-                )
+            self._db.execute("DELETE FROM pods WHERE uid = ?", (uid,))
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM pods").fetchone()[0])

@@ -43,6 +43,14 @@ MIGRATIONS[4] = (
     "CREATE TABLE installs AS SELECT * FROM pods WHERE 0",
     "CREATE UNIQUE INDEX installs_uid ON installs (uid)",
 )
+#: Rules a pod left in a netns that could not be taken out at the time (a failed install whose
+#: undo failed too, a removal whose rules stayed): a row as in ``pods`` (``removing``: a
+#: removal's), one per uid, netns and rule set, there until they are out or the netns is gone.
+#: (In ``pods`` or ``installs``, keyed by uid alone, a re-add of the uid elsewhere overwrote it.)
+MIGRATIONS[5] = (
+    "CREATE TABLE leftovers AS SELECT * FROM pods WHERE 0",
+    "CREATE UNIQUE INDEX leftovers_key ON leftovers (uid, netns_dev, netns_ino, rules)",
+)
 SCHEMA_VERSION = max(MIGRATIONS)
 
 #: The columns of ``pods`` each schema version brought: a table of that name without them (at a
@@ -144,6 +152,7 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> int:
     if (
         (version >= 1 and ("pods" not in tables or not needed <= columns))
         or (version >= 4 and "installs" not in tables)
+        or (version >= 5 and "leftovers" not in tables)
         or (version == 0 and tables)
     ):
         # (refused before anything is written: a migration had changed another program's file)

@@ -25,13 +25,14 @@ from tests.harness import Pod, async_wait_until, wait_until
 from tests.standins import AckingPeer
 from zds import defaults
 from zds.aio import cancel_and_wait
-from zds.netns import NetnsHandle, NetnsRef
+from zds.netns import NetnsHandle, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
+from zds.server import pods
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
-from zds.server.redirect import Installed, RedirectError, Redirector
+from zds.server.redirect import Installed, RedirectError, Redirector, redirector
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
 from zds.transport import bind_unix_listener
@@ -266,12 +267,12 @@ async def test_rules_a_failed_commit_could_not_take_out_keep_their_row_and_are_r
     with pytest.raises(EnrollmentError) as info:
         await agent.agent.add_pod(agent.spec("u1", a))
     assert info.value.outcome is EnrollmentOutcome.STORE
-    assert has_rules(a) and agent.committed("installs") == ["u1"]
+    assert has_rules(a) and agent.committed("leftovers") == ["u1"] and agent.committed("installs") == []
     assert len(undo_tasks()) == 1
     agent.redirector.refuse_removal = ""
     await async_wait_until(
-        lambda: not has_rules(a) and not agent.committed("installs"),
-        "the rules out and the install row gone",
+        lambda: not has_rules(a) and not agent.committed("leftovers"),
+        "the rules out and their row gone",
         timeout=defaults.UNDO_RETRY_INITIAL + 5,
     )
     assert netns_fds(a.path) == 0
@@ -312,7 +313,8 @@ async def test_an_install_that_cannot_be_taken_out_keeps_its_row_for_the_next_st
     )
     assert "u1" not in agent.agent.pods
     assert has_rules(a)
-    assert agent.committed("installs") == ["u1"]  # forgotten, those rules would stay for good
+    assert agent.committed("leftovers") == ["u1"]  # forgotten, those rules would stay for good
+    assert agent.committed("installs") == []  # (moved, in one transaction)
 
 
 async def _rules_left_by_a_failed_install(agent: Agent, netns: Pod) -> None:
@@ -322,7 +324,7 @@ async def _rules_left_by_a_failed_install(agent: Agent, netns: Pod) -> None:
     with pytest.raises(EnrollmentError):
         await agent.agent.add_pod(agent.spec("u1", netns))
     agent.redirector.fail_after = ""
-    assert has_rules(netns) and agent.committed("installs") == ["u1"]
+    assert has_rules(netns) and agent.committed("leftovers") == ["u1"]
 
 
 async def test_rules_a_failed_install_could_not_take_out_come_out_once_they_can(
@@ -337,11 +339,11 @@ async def test_rules_a_failed_install_could_not_take_out_come_out_once_they_can(
         "the first retry",
         timeout=defaults.UNDO_RETRY_INITIAL + 5,
     )
-    assert has_rules(a) and agent.committed("installs") == ["u1"]  # it failed too
+    assert has_rules(a) and agent.committed("leftovers") == ["u1"]  # it failed too
     agent.redirector.refuse_removal = ""
     await async_wait_until(
-        lambda: not has_rules(a) and not agent.committed("installs"),
-        "the rules out and the install row gone",
+        lambda: not has_rules(a) and not agent.committed("leftovers"),
+        "the rules out and their row gone",
         timeout=3 * defaults.UNDO_RETRY_INITIAL + 5,
     )
     assert "u1" not in agent.agent.pods
@@ -371,7 +373,8 @@ async def test_rules_a_failed_install_left_stay_once_another_pod_lives_in_that_n
     assert agent.redirector.removals_tried == tried, "the retry tried to take them out"
     rules = agent.agent.enrollment.rules
     assert rules is not None and await rules.in_place(enrolled.pod), "the retry took out u2's rules"
-    assert agent.committed("installs") == ["u1"]  # the next start sees u2 there and keeps them
+    # They are u2's now (its row records them; its removal takes them out): their row goes.
+    assert agent.committed("leftovers") == [] and agent.committed("pods") == ["u2"]
 
 
 async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_netns_goes(
@@ -387,7 +390,7 @@ async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_n
         with pytest.raises(EnrollmentError):
             await agent.agent.add_pod(agent.spec(uid, a))
     assert len(undo_tasks()) == 1
-    assert sorted(agent.committed("installs")) == ["u1", "u2"]
+    assert sorted(agent.committed("leftovers")) == ["u1", "u2"]
     assert netns_fds(a.path) == 1, "one netns fd for the retry, none for the pods that joined it"
     held = os.open(a.path, os.O_RDONLY | os.O_CLOEXEC)  # (to count its fds once it is deleted)
     delete_netns(a.name)  # the sandbox torn down; removals still fail
@@ -398,7 +401,7 @@ async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_n
         f"rules a failed install left go with their netns: it is no longer at {a.path} nor anywhere else"
         in caplog.text
     )
-    assert agent.committed("installs") == []
+    assert agent.committed("leftovers") == []
     try:
         assert netns_fds(f"/proc/self/fd/{held}") == 1, "the retry let the netns go"
     finally:
@@ -416,14 +419,15 @@ async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_onc
     agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
     await agent.agent.remove_pod("u1")  # done whatever happens (Istio's rule)
     assert "u1" not in agent.agent.pods and has_rules(a)
-    assert agent.committed("pods") == ["u1"], "the only record of those rules"
-    assert [p.removing for p in agent.store.load()] == [True]  # the next start finishes it
+    assert agent.committed("leftovers") == ["u1"], "the only record of those rules"
+    assert [p.removing for p in agent.store.load_leftovers()] == [True]  # (a removal's)
+    assert agent.committed("pods") == []  # (moved, in one transaction)
     agent.redirector.refuse_removal = ""
     await async_wait_until(
         lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
     )
     assert "rules a failed removal left are taken out now" in caplog.text
-    assert not has_rules(a) and agent.committed("pods") == []
+    assert not has_rules(a) and agent.committed("leftovers") == []
 
 
 @contextlib.asynccontextmanager
@@ -468,9 +472,10 @@ async def test_a_removal_a_restart_interrupted_whose_rules_stay_in_keeps_its_row
         report = await recover(store, restarted.enrollment)
         assert report.outcomes == {"u1": RecoveryOutcome.REMOVAL_RETRIED}
         assert has_rules(a) and "u1" not in restarted.pods
-        assert [p.removing for p in store.load()] == [True], "the only record of those rules"
+        assert [p.removing for p in store.load_leftovers()] == [True], "the only record of those rules"
+        assert store.load() == []
         await one_retry_takes_them_out(redirector, caplog, "rules a failed removal left")
-        assert not has_rules(a) and agent.committed("pods") == []
+        assert not has_rules(a) and agent.committed("leftovers") == []
 
 
 async def test_an_install_a_restart_interrupted_whose_rules_stay_in_keeps_its_row_and_is_retried(
@@ -488,9 +493,10 @@ async def test_an_install_a_restart_interrupted_whose_rules_stay_in_keeps_its_ro
     async with restarted_on(tmp_path) as (restarted, redirector, store):
         await recover(store, restarted.enrollment)
         assert "what went in could not be taken out: tried again in the background" in caplog.text
-        assert has_rules(a) and agent.committed("installs") == ["u1"], "the only record of those rules"
+        assert has_rules(a) and agent.committed("leftovers") == ["u1"], "the only record of those rules"
+        assert agent.committed("installs") == []
         await one_retry_takes_them_out(redirector, caplog, "rules a failed install left")
-        assert not has_rules(a) and agent.committed("installs") == []
+        assert not has_rules(a) and agent.committed("leftovers") == []
 
 
 async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_uid_elsewhere(
@@ -509,8 +515,10 @@ async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_ui
     await async_wait_until(lambda: not has_rules(a), "A's rules out", timeout=defaults.UNDO_RETRY_INITIAL + 5)
     await async_wait_until(lambda: len(undo_tasks()) == 1, "A's retry ended")
     assert has_rules(b)
-    assert agent.committed("pods") == ["u1"], "B's row went: its rules recorded nowhere"
-    assert [p.identity.ino if p.identity else None for p in agent.store.load()] == [os.stat(b.path).st_ino]
+    assert agent.committed("leftovers") == ["u1"], "B's row went: its rules recorded nowhere"
+    assert [p.identity.ino if p.identity else None for p in agent.store.load_leftovers()] == [
+        os.stat(b.path).st_ino
+    ]
 
 
 @pytest.fixture
@@ -572,13 +580,13 @@ async def test_a_removal_retry_goes_on_while_anything_holds_the_netns(
         lambda: agent.redirector.removals_tried > tried, "a retry", timeout=defaults.UNDO_RETRY_INITIAL + 5
     )
     assert len(undo_tasks()) == 1 and "go with their netns" not in caplog.text
-    assert rules_in_netns_of(proc.pid) and agent.committed("pods") == ["u1"]
+    assert rules_in_netns_of(proc.pid) and agent.committed("leftovers") == ["u1"]
     agent.redirector.refuse_removal = ""
     await async_wait_until(
         lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
     )
     assert "rules a failed removal left are taken out now" in caplog.text
-    assert not rules_in_netns_of(proc.pid) and agent.committed("pods") == []
+    assert not rules_in_netns_of(proc.pid) and agent.committed("leftovers") == []
 
 
 def netns_fds(path: str) -> int:
@@ -629,3 +637,74 @@ async def test_a_failed_install_leaves_no_install_row(agent: Agent, make_pod: Ca
     assert info.value.outcome is EnrollmentOutcome.RULES
     assert agent.committed("installs") == [] and agent.committed("pods") == []
     assert not has_rules(a)
+
+
+async def test_rules_a_removal_left_outlive_a_re_add_of_their_uid_elsewhere_and_a_restart(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """u1's removal left its rules in A; u1 came back in B before the retry took them out, and
+    its row (one per uid) overwrote the one that recorded A's rules: after a stop, nothing
+    recorded them, nor ever took them out."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    await agent.agent.remove_pod("u1")
+    await agent.agent.add_pod(agent.spec("u1", b))
+    await cancel_and_wait(*undo_tasks())  # the node agent stopped before the retry took them out
+    assert has_rules(a) and has_rules(b)
+    assert agent.stored() == {"u1": identity(b)}
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        redirector.refuse_removal = ""
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.RESTORED}
+        assert not has_rules(a), "rules no row recorded stayed in A"
+        assert has_rules(b) and store.load_leftovers() == []
+        assert "rules a failed removal left before this start: what went in is taken out" in caplog.text
+
+
+async def _nftables_rules_in(pod: Pod) -> NetnsHandle:
+    """Istio's nftables rules put in ``pod``'s netns (by the real backend); its netns, open."""
+    netns = open_netns(pod.path)
+    await redirector("nftables").install(netns)
+    return netns
+
+
+def nftables_rules(pod: Pod) -> bool:
+    listed = subprocess.run(
+        ["ip", "netns", "exec", pod.name, "nft", "list", "tables"], capture_output=True, text=True, check=True
+    ).stdout
+    return "istio" in listed
+
+
+@pytest.mark.parametrize("this_run", ["iptables", "--no-redirect"])
+async def test_a_retry_takes_rules_out_with_the_rule_set_that_installed_them(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, this_run: str
+) -> None:
+    """Rules of the other backend, or of any under --no-redirect (an earlier run's, found at
+    start), whose removal failed: the retry used this run's backend only (and there was
+    none under --no-redirect), so their rows were deleted and the rules left for good."""
+    a = make_pod()
+    netns = await _nftables_rules_in(a)
+    assert nftables_rules(a)
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        # (this run's own removals keep failing: only the nftables backend's can take them out)
+        node_agent = restarted if this_run == "iptables" else NodeAgent(AgentConfig(), None)
+        node_agent.use_store(store)
+        try:
+            pod = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
+            left = pods.Pod(spec=pod, netns=netns)
+            left.rules_installed = True
+            assert node_agent.enrollment.leftovers.take_if_left(left, removal=True, backend="nftables")
+            assert [(r.spec.uid, r.rules, r.removing) for r in store.load_leftovers()] == [
+                ("u1", "nftables", True)
+            ]
+            await async_wait_until(
+                lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+            )
+            assert not nftables_rules(a) and store.load_leftovers() == []
+            assert redirector.removals_tried == 0
+        finally:
+            if node_agent is not restarted:
+                await node_agent.tasks.cancel_all()
+                node_agent.close()

@@ -3,6 +3,7 @@ real rules, real traffic. The pod store, recovery, one instance per socket, live
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -470,6 +471,44 @@ def test_a_restart_with_no_redirect_takes_out_the_rules_an_earlier_run_installed
     assert pod.uid == "u1" and not pod.rules_installed
     assert not redirected(path)
     assert f"{backend} rules removed: this node agent installs none (--no-redirect)" in plain.output()
+
+
+@pytest.mark.parametrize(
+    ("backend", "restarted_with"),
+    [("nftables", ("--redirect-backend", "iptables")), ("iptables", ())],
+    ids=["nftables-then-iptables", "iptables-then-no-redirect"],
+)
+def test_rules_an_earlier_run_could_not_take_out_come_out_at_the_next_start_whichever_backend(
+    agents: Agents, namespaces: Namespaces, backend: str, restarted_with: tuple[str, ...]
+) -> None:
+    """A removal whose rules stayed in left them recorded in ``leftovers``, with the rule set
+    that made them: the next start takes them out with that one, though it runs the other
+    backend or none (the retry and recovery used this run's backend only)."""
+    import sqlite3
+
+    from zds.server.store import PodStore
+
+    path = namespaces.make("a")
+    server = agents.start("--redirect-backend", backend, redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    server.stop(signal.SIGKILL)
+    store = PodStore.open(server.state_dir, used_before=True)
+    try:  # as a removal whose rules would not come out leaves the store
+        [row] = store.load()
+        store.mark_removing("u1")
+        store.keep_leftover(dataclasses.replace(row, removing=True))
+    finally:
+        store.close()
+    assert redirected(path)
+    restarted = agents.start(*restarted_with, redirect=bool(restarted_with))
+    assert listed(restarted) == {}
+    assert not redirected(path), "rules the store recorded stayed in the pod's netns"
+    out = restarted.output()
+    assert "rules a failed removal left before this start: what went in is taken out" in out
+    assert f"{backend} rules removed" in out
+    restarted.stop()
+    with sqlite3.connect(os.path.join(server.state_dir, "pods.db")) as raw:
+        assert raw.execute("SELECT uid FROM leftovers").fetchall() == []
 
 
 def redirected(path: str) -> bool:

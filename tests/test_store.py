@@ -43,7 +43,7 @@ def test_a_first_start_creates_a_versioned_store_only_the_owner_can_read(state: 
     db = state / "pods.db"
     assert oct(db.stat().st_mode & 0o777) == "0o600"
     with sqlite3.connect(db) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -149,6 +149,13 @@ def test_another_programs_database_is_refused(state: pathlib.Path) -> None:
         ["CREATE TABLE pods (uid TEXT PRIMARY KEY)", "PRAGMA user_version = 1"],
         [*MIGRATIONS[1], "PRAGMA user_version = 3"],  # no source, no netns_cookie
         [*MIGRATIONS[1], *MIGRATIONS[2], *MIGRATIONS[3], "PRAGMA user_version = 4"],  # no installs
+        [
+            *MIGRATIONS[1],
+            *MIGRATIONS[2],
+            *MIGRATIONS[3],
+            *MIGRATIONS[4],
+            "PRAGMA user_version = 5",
+        ],  # no leftovers
     ],
 )
 def test_a_database_with_a_pods_table_that_is_not_zds_is_refused_untouched(
@@ -279,6 +286,63 @@ async def test_an_install_row_is_committed_on_its_own_and_goes_with_the_pods_own
         store.close()
 
 
+def test_rules_left_in_a_netns_are_recorded_per_uid_netns_and_rule_set_apart_from_the_uids_later_rows(
+    state: pathlib.Path,
+) -> None:
+    """Recorded in ``pods`` (marked removing) or ``installs``, keyed by uid alone, rules a
+    failed removal or install left in netns A were overwritten by the uid's next row, for
+    another netns: nothing recorded them any more."""
+    store = open_store(state)
+    a, b = NetnsIdentity(4, 100), NetnsIdentity(4, 200)
+    in_a = dataclasses.replace(stored("u1"), rules="iptables")
+    try:
+        store.put_many([in_a])
+        store.mark_removing("u1")
+        store.keep_leftover(dataclasses.replace(in_a, removing=True))  # its removal's rules stayed
+        assert store.load() == []  # the removal's row moved, in one transaction
+        store.put_many([dataclasses.replace(in_a, identity=b)])  # u1 again, in B
+        assert [(r.spec.uid, r.identity, r.removing) for r in store.load_leftovers()] == [("u1", a, True)]
+        # A failed install's in A, under the other rule set: its install row moves.
+        install = dataclasses.replace(stored("u2"), rules="nftables")
+        store._write_rows([], [install])
+        store.keep_leftover(install)
+        other = dataclasses.replace(in_a, rules="nftables")
+        store.keep_leftover(other)  # u1's under the other rule set, in A too: a row of its own
+        assert store.load_installs() == []
+        assert sorted((r.spec.uid, r.rules) for r in store.load_leftovers()) == [
+            ("u1", "iptables"),
+            ("u1", "nftables"),
+            ("u2", "nftables"),
+        ]
+        store.forget_leftover(other)
+        assert sorted((r.spec.uid, r.rules) for r in store.load_leftovers()) == [
+            ("u1", "iptables"),
+            ("u2", "nftables"),
+        ]
+        store.mark_removing("u1")  # u1's removal in B has begun: its row is not A's
+        store.forget_leftovers(a, ["u1", "u2"], rows_of=["u1"])
+        assert store.load_leftovers() == []
+        assert [(r.spec.uid, r.identity, r.removing) for r in store.load()] == [("u1", b, True)]
+    finally:
+        store.close()
+
+
+def test_rows_that_moving_to_leftovers_left_behind_go_with_them_for_that_netns_only(
+    state: pathlib.Path,
+) -> None:
+    store = open_store(state)
+    a, b = NetnsIdentity(4, 100), NetnsIdentity(4, 200)
+    try:
+        store.put_many([stored("u1"), dataclasses.replace(stored("u3"), identity=b)])
+        store.mark_removing("u1")
+        store.mark_removing("u3")
+        store._write_rows([], [stored("u2")])
+        store.forget_leftovers(a, ["u1", "u2", "u3"], rows_of=["u1", "u2", "u3"])
+        assert [r.spec.uid for r in store.load()] == ["u3"] and store.load_installs() == []
+    finally:
+        store.close()
+
+
 async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_starts_afresh(
     state: pathlib.Path,
 ) -> None:
@@ -374,7 +438,7 @@ def test_a_schema_1_store_is_migrated_and_its_pods_came_from_the_api(state: path
     try:
         [row] = store.load()
         assert row.spec.source is PodSource.API
-        assert store.load_installs() == []  # and the installs table is there (schema 4)
+        assert store.load_installs() == [] == store.load_leftovers()  # their tables are there (schemas 4, 5)
         store.put(dataclasses.replace(spec("u2", "/run/netns/b"), source=PodSource.CNI), None)
         assert {r.spec.uid: r.spec.source for r in store.load()} == {"u1": PodSource.API, "u2": PodSource.CNI}
     finally:
