@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from zds import defaults
-from zds.netns import NetnsIdentity, netns_identity_of_path
+from zds.netns import NetnsHandle, NetnsIdentity, netns_identity_of_path
 from zds.netns.search import find_by_identity
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, remove_rules_of
@@ -71,93 +71,151 @@ class Leftovers:
     def __contains__(self, identity: object) -> bool:
         return identity in self._netns
 
-    def retry(self, pod: Pod, *, removal: bool, backend: str = "", recorded: bool = False) -> None:
+    def retry(self, pod: Pod, *, removal: bool, recorded: bool = False) -> None:
         """Try again to take out the rules ``pod`` left (``removal``: its removal's; else a
-        failed install's), installed by ``backend`` (default: this node agent's rule set).
-        Their row moves to the store's ``leftovers`` unless ``recorded`` there already. Takes
-        ``pod``'s netns fd: one task a netns holds one (a second pod there joins the first's
-        task, and its fd goes now)."""
-        assert pod.netns is not None
-        if not backend:
-            assert self.rules is not None
-            backend = self.rules.name
+        failed install's), of the rule set ``pod.rules_backend``. Their row moves to the
+        store's ``leftovers`` unless ``recorded`` there already. Takes ``pod``'s netns fd: one
+        task a netns holds one (a second pod there joins the first's task, and its fd goes
+        now)."""
+        assert pod.netns is not None and pod.rules_backend
+        identity, key = pod.netns.identity, (pod.uid, pod.rules_backend)
         if not recorded:
-            self._record(pod, removal, backend)
-        left = self._netns.get(pod.netns.identity)
+            self._record(pod, removal)
+        left = self._netns.get(identity)
         if left is not None:
-            left.rows.setdefault((pod.uid, backend), set()).add(removal)
-            left.out.discard(backend)
+            left.rows.setdefault(key, set()).add(removal)
+            left.out.discard(pod.rules_backend)
             pod.close()
             return
-        self._netns[pod.netns.identity] = _Left({(pod.uid, backend): {removal}})
-        self.tasks.spawn(self._retry(pod), name=f"undo-{pod.uid}")
+        self._netns[identity] = left = _Left({key: {removal}})
+        task = self.tasks.spawn(self._retry(pod, left), name=f"undo-{pod.uid}")
+        # (for a task cancelled before it ever ran, a stop right after this: its finally never runs)
+        task.add_done_callback(lambda _: self._ended(identity, pod, left))
 
-    def take_if_left(self, pod: Pod, *, removal: bool, backend: str = "") -> bool:
+    def take_if_left(self, pod: Pod, *, removal: bool) -> bool:
         """If taking the pod's rules out failed (they are still in), hand the pod, its netns
         fd with it, to ``retry``: True."""
         if not pod.rules_installed or pod.netns is None:
             return False
-        self.retry(pod, removal=removal, backend=backend)
+        self.retry(pod, removal=removal)
         return True
 
-    def _record(self, pod: Pod, removal: bool, backend: str) -> None:
-        """Move the row that records the rules (a removal's pod row, an install row) to
-        ``leftovers``. If that fails it stays where it is (logged), and goes once they are out."""
+    def retry_beside(self, pod: Pod, backend: str) -> None:
+        """``retry`` for rules of ``backend`` left in the netns of a pod that stays cached (at a
+        start: a failed reinstall's, or the other backend's that would not come out), with a
+        netns fd of its own; they wait while a pod lives there. If no fd is left for it, they
+        are only recorded (the next start takes them out)."""
+        assert pod.netns is not None
+        try:
+            netns = NetnsHandle(pod.netns.dup(), pod.netns.path, pod.netns.identity)
+        except OSError as exc:
+            log.warning("cannot hold the pod's netns to try again: %s", exc, extra=pod.spec.log_extra)
+            self.keep_row(StoredPod.of(pod, rules=backend))
+            return
+        netns.move_above(defaults.NETNS_FD_FLOOR)
+        self.retry(
+            Pod(spec=pod.spec, netns=netns, rules_installed=True, rules_backend=backend), removal=False
+        )
+
+    def _record(self, pod: Pod, removal: bool) -> None:
+        self.keep_row(dataclasses.replace(StoredPod.of(pod, rules=pod.rules_backend), removing=removal))
+
+    def keep_row(self, row: StoredPod) -> None:
+        """Record the rules ``row`` records in the store's ``leftovers`` (the row that recorded
+        them so far, a removal's pod row or an install row, moves there). If that fails it
+        stays where it is (logged), and goes once they are out."""
         if self.store is None:
             return
         try:
-            self.store.keep_leftover(dataclasses.replace(StoredPod.of(pod, rules=backend), removing=removal))
+            self.store.keep_leftover(row)
         except StoreError as exc:
             log.error(
                 "cannot record the rules left in the pod store: %s (tried again all the same; the "
                 "next start knows of them only from the row that recorded them so far, if any)",
                 exc,
-                extra=pod.spec.log_extra,
+                extra=row.spec.log_extra,
             )
 
-    async def _retry(self, pod: Pod) -> None:
+    def _ended(self, identity: NetnsIdentity, pod: Pod, left: _Left) -> None:
+        """A retry is over: a pod of its netns hands its rules to a new one from now on."""
+        if self._netns.get(identity) is left:
+            del self._netns[identity]
+        pod.close()
+
+    def ours_there(self, identity: NetnsIdentity) -> bool:
+        """A cached pod has this node agent's rules in the netns ``identity``: leftovers of
+        this rule set there are its rules now (its row records them)."""
+        return self.rules is not None and any(
+            pod.rules_installed
+            and pod.rules_backend == self.rules.name
+            and pod.netns is not None
+            and pod.netns.identity == identity
+            for pod in self.cache
+        )
+
+    async def _retry(self, pod: Pod, left: _Left) -> None:
         """Until the rules are out (their rows go: in ``leftovers``, and where moving them
         there failed, a removal's pod row or an install row for this netns, unless the uid was
         enrolled again or is being enrolled or removed right now), nothing but this fd holds
         the netns any more (neither its path nor any process or named netns: the kernel takes
-        the rules out with it once this fd lets it go; the rows go), a pod of this node agent's
-        is cached in that netns (they are its rules now, its own row records them; the rows
-        go), or the node agent stops (the rows stay: the next start takes them out). A pod
-        being enrolled there, not cached yet, defers the try."""
+        the rules out with it once this fd lets it go; the rows go), or the node agent stops
+        (the rows stay: the next start takes them out). Those of this node agent's rule set
+        in a netns where a cached pod has its rules now are that pod's (its row records them:
+        their rows go); a pod living, or being enrolled, there defers the others (the two
+        rule sets share the policy routing)."""
         assert pod.netns is not None
         identity = pod.netns.identity
-        left = self._netns[identity]
-        pause = defaults.UNDO_RETRY_INITIAL
         try:
-            while True:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
-                what = left.what()
-                if _gone(pod):
-                    log.info(
-                        "%s go with their netns: it is no longer at %s nor anywhere else",
-                        what,
-                        pod.spec.netns,
-                        extra=pod.spec.log_extra,
-                    )
-                    break
-                if self.rules is not None and self.cache.uses_netns(identity):
-                    log.info(
-                        "%s are kept: another pod lives in its netns now", what, extra=pod.spec.log_extra
-                    )
-                    break
-                if await self._take_out(pod, left):
-                    log.info("%s are taken out now", what, extra=pod.spec.log_extra)
-                    break
+            await self._until_out(pod, left)
             self._forget(identity, left)
         finally:
-            del self._netns[identity]
-            pod.close()
+            self._ended(identity, pod, left)
+
+    async def _until_out(self, pod: Pod, left: _Left) -> None:
+        assert pod.netns is not None
+        identity = pod.netns.identity
+        pause = defaults.UNDO_RETRY_INITIAL
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
+            what = left.what()
+            if _gone(pod):
+                log.info(
+                    "%s go with their netns: it is no longer at %s nor anywhere else",
+                    what,
+                    pod.spec.netns,
+                    extra=pod.spec.log_extra,
+                )
+                return
+            if self.rules is not None and self.ours_there(identity):
+                kept = _Left({key: kinds for key, kinds in left.rows.items() if key[1] == self.rules.name})
+                if kept.rows:
+                    log.info(
+                        "%s are kept: another pod lives in its netns now",
+                        kept.what(),
+                        extra=pod.spec.log_extra,
+                    )
+                    self._forget(identity, kept)
+                    left.rows = {key: kinds for key, kinds in left.rows.items() if key not in kept.rows}
+                    if not left.rows:
+                        return
+            if await self._take_out(pod, left):
+                log.info("%s are taken out now", what, extra=pod.spec.log_extra)
+                return
 
     async def _take_out(self, pod: Pod, left: _Left) -> bool:
-        """Try each rule set left there once (one already out is not tried again): True once
-        all are out."""
-        for backend in sorted({backend for _, backend in left.rows} - left.out):
+        """Try each rule set left there once (one already out is not tried again, unless
+        another pod's of that set joined meanwhile): True once all are out."""
+        assert pod.netns is not None
+        while pending := {backend for _, backend in left.rows} - left.out:
+            if self.rules is not None and self.cache.in_use(pod.netns.identity):
+                log.debug(
+                    "%s wait: a pod lives, or is being enrolled, in its netns",
+                    left.what(),
+                    extra=pod.spec.log_extra,
+                )
+                return False
+            backend = min(pending)
             if self.rules is not None:
                 out = await self.rules.undo_again(pod, self.cache.in_use, backend)
             else:
@@ -170,15 +228,15 @@ class Leftovers:
         return True
 
     def _forget(self, identity: NetnsIdentity, left: _Left) -> None:
-        """The rules are out: their rows go. A failure is logged (the next start takes out
-        rules that are already out)."""
-        if self.store is None:
+        """The rules ``left`` records are out (or another pod's now): their rows go. A failure
+        is logged (the next start takes out rules that are already out)."""
+        if self.store is None or not left.rows:
             return
         uids = sorted({uid for uid, _ in left.rows})
         # (a uid enrolled again, or being enrolled or removed: its pod and install rows are its own now)
         rows_of = [uid for uid in uids if not self._under_way(uid) and uid not in self.cache]
         try:
-            self.store.forget_leftovers(identity, uids, rows_of=rows_of)
+            self.store.forget_leftovers(identity, sorted(left.rows), rows_of=rows_of)
         except StoreError as exc:
             log.warning("cannot update the pod store: %s", exc, extra={"uid": uids[0]})
 

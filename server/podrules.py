@@ -47,6 +47,7 @@ class PodRules:
         ``still_used``: another cached pod lives in that netns and keeps its rules."""
         if pod.netns is None:
             return
+        pod.rules_backend = self.name  # (also what a failed install leaves is of this rule set)
         with spans.span(self._tracer, spans.INSTALL_RULES, {spans.POD_UID: pod.uid}) as span:
             async with self._locks.hold(pod.netns.identity):
                 try:

@@ -193,6 +193,8 @@ class Pod:
     last_error: str = ""
     enrolled_at: float = field(default_factory=time.time)
     rules_installed: bool = False
+    #: The rule set that installed them (the redirect backend's name), while ``rules_installed``.
+    rules_backend: str = ""
     #: What the installed rules looked like (the redirect backend's digest), for the store.
     rules_digest: str = ""
     #: How this pod came back after a node-agent restart ('' for a pod enrolled by this run).

@@ -14,9 +14,10 @@ found by identity where it is allowed: never opened there, its rules untouched.
 Only a row naming the node's netns, or names zds refuses, is dropped. A removal that a crash
 interrupted is finished, and so is an enrollment it interrupted while its rules went in
 (the store's ``installs`` table): those rules, which no pod row records, come out of
-their netns, unless a recovered pod lives there, as do the rules an earlier run could not
-take out (the store's ``leftovers``); rules that will not come out now either are handed to
-the retry (``Leftovers``), their rows kept. Only then does the agent serve
+their netns, unless a recovered pod has this run's rules there (they are its rules), as do
+the rules an earlier run could not take out (the store's ``leftovers``); rules that will not
+come out now, or sit beside a recovered pod's (the two rule sets share the policy routing),
+are handed to the retry (``Leftovers``), their rows kept. Only then does the agent serve
 ztunnel, whose next snapshot holds every pod.
 """
 
@@ -147,11 +148,11 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
     """Take out the rules of enrollments a crash interrupted while they went in (after the
     pods are back: a recovered pod in the same netns keeps them)."""
     rows = store.load_installs()
-    handed = await _take_out(
+    kept = await _take_out(
         rows, enrollment, lambda _: "an enrollment a restart interrupted while its rules went in"
     )
     for row in rows:
-        if id(row) not in handed:  # (a handed row moved to leftovers)
+        if id(row) not in kept:  # (a row kept moved to leftovers)
             store.forget_install(row.spec.uid)
 
 
@@ -159,52 +160,61 @@ async def _finish_leftovers(store: PodStore, enrollment: Enrollment) -> None:
     """Take out the rules an earlier run could not take out (``Leftovers``), or hand them
     back to the retry."""
     rows = store.load_leftovers()
-    handed = await _take_out(
+    kept = await _take_out(
         rows,
         enrollment,
         lambda row: f"rules a failed {'removal' if row.removing else 'install'} left before this start",
         recorded=True,
     )
     for row in rows:
-        if id(row) not in handed:
+        if id(row) not in kept:
             store.forget_leftover(row)
 
 
 async def _take_out(
     rows: list[StoredPod], enrollment: Enrollment, said: Callable[[StoredPod], str], *, recorded: bool = False
 ) -> set[int]:
-    """Take the rules each row records out of its netns (unless a recovered pod lives there:
-    they are its rules); the ``id`` of each row whose rules stay in, handed to the retry
-    (``Leftovers``)."""
+    """Take the rules each row records out of its netns (unless a recovered pod has this run's
+    rules there: they are its rules); the ``id`` of each row whose rules stay in and stay
+    recorded (handed to the retry, ``Leftovers``, or in a netns at a place this run does not
+    allow)."""
     found = [_reopen(row, enrollment.policy) for row in rows if not _refused(row, enrollment.policy)]
     _search([f for f in found if f.netns is None and f.row.identity is not None])
-    handed: set[int] = set()
+    kept: set[int] = set()
     for item in found:
-        pod = Pod(spec=item.row.spec, netns=item.netns)
+        row = item.row
+        pod = Pod(spec=row.spec, netns=item.netns, rules_installed=True, rules_backend=row.rules)
         try:
             if pod.netns is None:
-                what = (
-                    "its netns is at a place this run does not allow (--netns-root): left as it is"
-                    if item.place_refused
-                    else "its netns is gone"
-                )
-            elif enrollment.rules is not None and enrollment.cache.uses_netns(pod.netns.identity):
+                what = "its netns is gone"
+                if item.place_refused:
+                    what = "its netns is at a place this run does not allow (--netns-root): left as it is"
+                    if not recorded:
+                        enrollment.leftovers.keep_row(row)
+                    kept.add(id(row))
+            elif (
+                enrollment.leftovers.ours_there(pod.netns.identity)
+                and enrollment.rules is not None
+                and row.rules == enrollment.rules.name
+            ):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
-                pod.rules_installed = True
-                what = "what went in is taken out"
-                await _remove_recorded_rules(pod, item.row.rules, enrollment)
+                if enrollment.rules is not None and enrollment.cache.uses_netns(pod.netns.identity):
+                    # (beside a recovered pod: not while it lives there, the rule sets share the policy routing)
+                    what = "a recovered pod lives in its netns: taken out once it is gone"
+                else:
+                    what = "what went in is taken out"
+                    await _remove_recorded_rules(pod, row.rules, enrollment)
+                    if pod.rules_installed:
+                        what = "what went in could not be taken out: tried again in the background"
                 if pod.rules_installed:
-                    enrollment.leftovers.retry(
-                        pod, removal=item.row.removing, backend=item.row.rules, recorded=recorded
-                    )
-                    handed.add(id(item.row))
-                    what = "what went in could not be taken out: tried again in the background"
+                    enrollment.leftovers.retry(pod, removal=row.removing, recorded=recorded)
+                    kept.add(id(row))
         finally:
-            if id(item.row) not in handed:
+            if id(row) not in kept:
                 pod.close()
-        log.warning("%s: %s", said(item.row), what, extra=item.row.spec.log_extra)
-    return handed
+        log.warning("%s: %s", said(row), what, extra=row.spec.log_extra)
+    return kept
 
 
 def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
@@ -276,8 +286,7 @@ def _search(missing: list[_Found]) -> None:
 async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> RecoveryOutcome:
     row = item.row
     pod = Pod(spec=row.spec, netns=item.netns, enrolled_at=row.enrolled_at)
-    pod.rules_installed = bool(row.rules)
-    pod.rules_digest = row.rules_digest
+    pod.rules_installed, pod.rules_backend, pod.rules_digest = bool(row.rules), row.rules, row.rules_digest
     rules = enrollment.rules
     if row.removing:
         retried = False
@@ -286,7 +295,7 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
                 await _remove_recorded_rules(pod, row.rules, enrollment)
                 # Not out: its row moves to leftovers (the next start tries again), and
                 # taking them out is tried again meanwhile.
-                retried = _retry_if_left(pod, row, enrollment, removal=True)
+                retried = enrollment.leftovers.take_if_left(pod, removal=True)
             if not retried:
                 store.delete(row.spec.uid)
         finally:
@@ -319,15 +328,18 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
             pod.rules_installed = False
             _rewrite(store, pod, "")
         if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
-            if row.rules and row.rules != rules.name:
+            if row.rules and row.rules != rules.name and not await rules.remove_other(pod, row.rules):
                 # Installed by the other backend (the agent was restarted with the other
-                # --redirect-backend): its rules come out, this one's go in.
-                await rules.remove_other(pod, row.rules)
+                # --redirect-backend): its rules come out, this one's go in; if they will
+                # not, they are taken out once the pod is gone (the two share the routing).
+                enrollment.leftovers.retry_beside(pod, row.rules)
             try:
                 await rules.install(pod, enrollment.cache.uses_netns)  # replaces an earlier copy
             except RulesError as exc:
                 log.error("%s", exc, extra=row.spec.log_extra)
                 pod.rules_installed = False
+                if not exc.undone:  # (what went in stays, recorded, until the pod is gone)
+                    enrollment.leftovers.retry_beside(pod, rules.name)
                 outcome = RecoveryOutcome.RULES_FAILED
             else:
                 outcome = (
@@ -337,12 +349,6 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
     pod.recovery = outcome.value
     enrollment.restore(pod)
     return outcome
-
-
-def _retry_if_left(pod: Pod, row: StoredPod, enrollment: Enrollment, *, removal: bool) -> bool:
-    """If the rules the store recorded could not be taken out of the pod's netns, hand the
-    pod (its netns fd with it) to the retry (``Leftovers``): True."""
-    return enrollment.leftovers.take_if_left(pod, removal=removal, backend=row.rules)
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:

@@ -249,15 +249,19 @@ class PodStore:
             self._forget_rows(row.spec.uid, row.identity, "pods" if row.removing else "installs")
 
     def forget_leftovers(
-        self, identity: NetnsIdentity, uids: Iterable[str], *, rows_of: Iterable[str] = ()
+        self, identity: NetnsIdentity, keys: Iterable[tuple[str, str]], *, rows_of: Iterable[str] = ()
     ) -> None:
-        """The rules the pods ``uids`` left in the netns ``identity`` are out (or went with it):
-        their ``leftovers`` rows go, and for the uids ``rows_of`` the rows that recorded them
-        where moving them there failed (the removal's pod row, the install row; the other
-        uids' rows there are a later enrollment's)."""
+        """The rules the pods left in the netns ``identity`` are out (or went with it, or are
+        another pod's now): the ``leftovers`` rows of ``keys`` (uid, rule set) go, and for the
+        uids ``rows_of`` the rows that recorded them where moving them there failed (the
+        removal's pod row, the install row; the other uids' rows there are a later
+        enrollment's)."""
         with self._write():
-            for uid in uids:
-                self._forget_rows(uid, identity, "leftovers")
+            for uid, rules in keys:
+                self._db.execute(
+                    "DELETE FROM leftovers WHERE uid = ? AND netns_dev = ? AND netns_ino = ? AND rules = ?",
+                    (uid, identity.dev, identity.ino, rules),
+                )
             for uid in rows_of:
                 self._forget_rows(uid, identity, "pods")
                 self._forget_rows(uid, identity, "installs")
@@ -273,8 +277,9 @@ class PodStore:
             )
 
     def _forget_rows(self, uid: str, identity: NetnsIdentity, table: str) -> None:
-        """Delete ``uid``'s rows in ``table`` for the netns ``identity`` (in ``pods`` only one
-        marked removing: the uid may have been enrolled again there meanwhile)."""
+        """Delete ``uid``'s row in ``table`` (``pods`` or ``installs``) for the netns
+        ``identity`` (in ``pods`` only one marked removing: the uid may have been enrolled
+        again there meanwhile)."""
         removing = " AND removing = 1" if table == "pods" else ""
         self._db.execute(
             f"DELETE FROM {table} WHERE uid = ? AND netns_dev = ? AND netns_ino = ?{removing}",

@@ -52,6 +52,8 @@ MIGRATIONS[5] = (
     "CREATE UNIQUE INDEX leftovers_key ON leftovers (uid, netns_dev, netns_ino, rules)",
 )
 SCHEMA_VERSION = max(MIGRATIONS)
+#: The tables whose rows record pods or their rules.
+ROW_TABLES = ("pods", "installs", "leftovers")
 
 #: The columns of ``pods`` each schema version brought: a table of that name without them (at a
 #: store's version) is another program's.
@@ -220,18 +222,14 @@ def exists(state_dir: str) -> bool:
 
 
 def remove_if_unused(state_dir: str) -> bool:
-    """Remove ``STATE_DIR/pods.db`` (and its -wal, -shm) unless it holds a pod or an install
-    row, or cannot be read and is not empty (for a start that made it and failed). Whether it
-    is gone."""
+    """Remove ``STATE_DIR/pods.db`` (and its -wal, -shm) unless it holds a row (a pod, an
+    install, rules left), or cannot be read and is not empty (for a start that made it and
+    failed). Whether it is gone."""
     path = os.path.join(state_dir, DB_NAME)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if any(
-                db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()
-                for t in ("pods", "installs")
-                if t in tables
-            ):
+            if any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ROW_TABLES if t in tables):
                 return False
     except sqlite3.Error:
         with contextlib.suppress(OSError):

@@ -677,34 +677,111 @@ def nftables_rules(pod: Pod) -> bool:
     return "istio" in listed
 
 
-@pytest.mark.parametrize("this_run", ["iptables", "--no-redirect"])
-async def test_a_retry_takes_rules_out_with_the_rule_set_that_installed_them(
-    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, this_run: str
+async def test_a_pod_recovered_under_no_redirect_with_rules_that_stayed_in_hands_them_to_the_retry(
+    make_pod: Callable[[], Pod], tmp_path: Path
 ) -> None:
-    """Rules of the other backend, or of any under --no-redirect (an earlier run's, found at
-    start), whose removal failed: the retry used this run's backend only (and there was
-    none under --no-redirect), so their rows were deleted and the rules left for good."""
+    """A --no-redirect start could not take out the rules an earlier run (nftables) installed:
+    the pod stays cached with them in. Its removal then failed with an AssertionError (the
+    retry knew only this run's rule set, and there is none): no DelWorkload, its row left
+    marked removing. Now the retry takes them out with the rule set that installed them."""
     a = make_pod()
     netns = await _nftables_rules_in(a)
-    assert nftables_rules(a)
+    store = PodStore.open(str(tmp_path), used_before=False)
+    node_agent = NodeAgent(AgentConfig(), None)
+    node_agent.use_store(store)
+    try:
+        spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
+        store.put(spec, netns.identity, rules="nftables")
+        # (as recovery leaves it when taking them out failed)
+        node_agent.enrollment.restore(
+            pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
+        )
+        await node_agent.remove_pod("u1")
+        assert [(r.spec.uid, r.rules, r.removing) for r in store.load_leftovers()] == [
+            ("u1", "nftables", True)
+        ]
+        assert store.load() == [] and nftables_rules(a)
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert not nftables_rules(a) and store.load_leftovers() == []
+    finally:
+        await node_agent.tasks.cancel_all()
+        node_agent.close()
+        store.close()
+
+
+async def test_the_other_rule_sets_leftovers_wait_while_a_pod_of_this_run_lives_there(
+    agent: Agent, make_pod: Callable[[], Pod], caplog: pytest.LogCaptureFixture
+) -> None:
+    """nftables rules left in A (an earlier run's), and a pod of this run's (iptables) enrolled
+    there: the retry took that pod's rules for theirs ("kept"), dropped their row, and the
+    nftables rules stayed in A for good once the pod was gone. Taking them out while the pod
+    lives there would take its policy routing too: they wait for it."""
+    caplog.set_level(logging.DEBUG, logger="zds.server")
+    a = make_pod()
+    netns = await _nftables_rules_in(a)
+    await agent.agent.add_pod(agent.spec("u2", a))
+    spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
+    left = pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
+    assert agent.agent.enrollment.leftovers.take_if_left(left, removal=True)
+    await async_wait_until(
+        lambda: "rules a failed removal left wait: a pod lives" in caplog.text,
+        "a retry that waits",
+        timeout=defaults.UNDO_RETRY_INITIAL + 5,
+    )
+    assert "are kept" not in caplog.text and agent.committed("leftovers") == ["u1"]
+    assert nftables_rules(a) and has_rules(a)
+    await agent.agent.remove_pod("u2")
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert not nftables_rules(a) and not has_rules(a) and agent.committed("leftovers") == []
+
+
+async def test_a_retry_stopped_before_it_ever_ran_lets_its_netns_go(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    a = make_pod()
+    spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
+    left = pods.Pod(spec=spec, netns=open_netns(a.path), rules_installed=True, rules_backend="iptables")
+    leftovers = agent.agent.enrollment.leftovers
+    leftovers.retry(left, removal=True)
+    (task,) = undo_tasks()
+    task.cancel()  # (a stop right after: the task never ran)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert netns_fds(a.path) == 0
+    assert left.netns is not None and left.netns.identity not in leftovers
+
+
+async def test_rules_a_failed_reinstall_at_a_start_left_stay_recorded_and_come_out_once_the_pod_is_gone(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """A start found a pod's rules changed, reinstalled them, and that failed half-way with
+    its undo failing too: the pod stayed (`rules failed`), its row rewritten without rules,
+    and what went in was recorded nowhere, in its netns for good."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    change_rules(a)
     async with restarted_on(tmp_path) as (restarted, redirector, store):
-        # (this run's own removals keep failing: only the nftables backend's can take them out)
-        node_agent = restarted if this_run == "iptables" else NodeAgent(AgentConfig(), None)
-        node_agent.use_store(store)
-        try:
-            pod = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
-            left = pods.Pod(spec=pod, netns=netns)
-            left.rules_installed = True
-            assert node_agent.enrollment.leftovers.take_if_left(left, removal=True, backend="nftables")
-            assert [(r.spec.uid, r.rules, r.removing) for r in store.load_leftovers()] == [
-                ("u1", "nftables", True)
-            ]
-            await async_wait_until(
-                lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
-            )
-            assert not nftables_rules(a) and store.load_leftovers() == []
-            assert redirector.removals_tried == 0
-        finally:
-            if node_agent is not restarted:
-                await node_agent.tasks.cancel_all()
-                node_agent.close()
+        redirector.fail_after = "ip6tables-restore: Too many open files"  # (its undo fails too)
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.RULES_FAILED}
+        assert has_rules(a) and [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [
+            ("u1", "iptables")
+        ]
+        assert len(undo_tasks()) == 1  # (waiting while the pod lives there)
+        redirector.refuse_removal = ""
+        await restarted.remove_pod("u1")
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert not has_rules(a) and store.load_leftovers() == [] and store.load() == []
+
+
+def change_rules(pod: Pod) -> None:
+    """Change Istio's rules in the pod's netns behind the node agent's back (a chain flushed)."""
+    subprocess.run(
+        ["ip", "netns", "exec", pod.name, "iptables", "-t", "nat", "-F", "ISTIO_OUTPUT"], check=True
+    )

@@ -12,6 +12,7 @@ import pytest
 
 from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import store as pod_store
+from zds.server import storefile
 from zds.server.pods import PodSource, PodSpec
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import MIGRATIONS, SCHEMA_VERSION, StoreError
@@ -319,8 +320,11 @@ def test_rules_left_in_a_netns_are_recorded_per_uid_netns_and_rule_set_apart_fro
             ("u1", "iptables"),
             ("u2", "nftables"),
         ]
+        store.keep_leftover(other)
         store.mark_removing("u1")  # u1's removal in B has begun: its row is not A's
-        store.forget_leftovers(a, ["u1", "u2"], rows_of=["u1"])
+        store.forget_leftovers(a, [("u1", "iptables"), ("u2", "nftables")], rows_of=["u1"])
+        assert [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [("u1", "nftables")]  # (not done)
+        store.forget_leftovers(a, [("u1", "nftables")])
         assert store.load_leftovers() == []
         assert [(r.spec.uid, r.identity, r.removing) for r in store.load()] == [("u1", b, True)]
     finally:
@@ -337,10 +341,30 @@ def test_rows_that_moving_to_leftovers_left_behind_go_with_them_for_that_netns_o
         store.mark_removing("u1")
         store.mark_removing("u3")
         store._write_rows([], [stored("u2")])
-        store.forget_leftovers(a, ["u1", "u2", "u3"], rows_of=["u1", "u2", "u3"])
+        store.forget_leftovers(a, [], rows_of=["u1", "u2", "u3"])
         assert [r.spec.uid for r in store.load()] == ["u3"] and store.load_installs() == []
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("table", ["pods", "installs", "leftovers", None])
+def test_a_refused_first_start_removes_the_store_it_made_only_if_nothing_went_in(
+    state: pathlib.Path, table: str | None
+) -> None:
+    """A store holding only rules left in a netns (an install of a --pods entry whose undo
+    failed, then a start refused later) was removed with them: the rules recorded nowhere."""
+    store = open_store(state)
+    try:
+        if table == "pods":
+            store.put_many([stored("u1")])
+        elif table == "installs":
+            store._write_rows([], [stored("u1")])
+        elif table == "leftovers":
+            store.keep_leftover(stored("u1"))
+    finally:
+        store.close()
+    assert storefile.remove_if_unused(str(state)) is (table is None)
+    assert (state / "pods.db").exists() is (table is not None)
 
 
 async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_starts_afresh(
