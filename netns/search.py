@@ -10,11 +10,13 @@ it looks at every ``/proc/PID/ns/net`` and every named namespace
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 
 from zds import defaults
 
+from .errors import OutOfFds
 from .kernel import NetnsIdentity
 
 #: Where named namespaces are bind-mounted (``ip netns``, CNI runtimes).
@@ -23,7 +25,8 @@ NAMED_DIRS = (defaults.NETNS_RUN_DIR, "/run/netns")
 
 def find_by_identity(wanted: Iterable[NetnsIdentity]) -> dict[NetnsIdentity, str]:
     """A path that holds each of ``wanted`` now (a named netns first, else the oldest
-    process's ``/proc/PID/ns/net``); identities not found are absent from the answer."""
+    process's ``/proc/PID/ns/net``); identities not found are absent from the answer.
+    OutOfFds if a directory could not be listed for want of an fd."""
     remaining = set(wanted)
     found: dict[NetnsIdentity, str] = {}
     if not remaining:
@@ -54,7 +57,9 @@ def _match(path: str, remaining: set[NetnsIdentity], found: dict[NetnsIdentity, 
 def _names(directory: str) -> list[str]:
     try:
         return os.listdir(directory)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # (not "nothing there": it could not look)
+            raise OutOfFds(f"cannot list {directory}: {exc.strerror}") from None
         return []
 
 

@@ -22,6 +22,7 @@ of delivery are unit-tested with stand-in connections, no root and no process:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,10 @@ class Enrollment:
         as KeepWorkload, as after a node-agent restart in Istio.
         """
         spec.validate()
+        async with self._uids.hold(spec.uid):
+            return await self._load(spec)
+
+    async def _load(self, spec: PodSpec) -> Pod:
         with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
             try:
                 netns = self._open_netns(spec)
@@ -293,14 +298,21 @@ class Enrollment:
         """Cache the pod (releasing the one it replaces) and tell the watchers."""
         old = self.cache.put(pod)
         if old is not None:
-            if (
-                old.rules_installed
-                and old.netns is not None
-                and pod.netns is not None
-                and old.netns.identity != pod.netns.identity
-            ):
-                # Replaced by a pod in another netns: take our rules out of the old one too.
+            elsewhere = pod.netns is None or (
+                old.netns is not None and old.netns.identity != pod.netns.identity
+            )
+            if old.rules_installed and old.netns is not None and elsewhere:
+                # Replaced by a pod elsewhere: its rules come out of the old netns too. The uid's
+                # row is the new pod's now: they are recorded as left there first.
+                self.leftovers.keep_row(
+                    dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True)
+                )
                 self.tasks.spawn(self._remove_replaced(old))
+            elif old.rules_installed and not pod.rules_installed:
+                # In the same netns, the new pod installs none (--no-redirect): an earlier run's
+                # rules that would not come out go to the retry.
+                if not self.leftovers.take_if_left(old, removal=True):
+                    old.close()
             else:
                 old.close()  # replaced: its fd goes now (queued sends hold their own dups)
         self.events.publish(EventKind.POD_ENROLLED, pod=pod)
@@ -340,7 +352,11 @@ class Enrollment:
                 # Rules that could not be taken out: its row becomes a record of them (the
                 # next start takes them out), and they are tried again meanwhile.
                 retried = self._retry_if_left(pod, removal=True)
-                if not retried:
+                if pod.netns is None and pod.rules_installed:
+                    # (recovered without opening its netns: its row, marked removing, records
+                    # its rules for a start that can open it)
+                    log.warning("its rules stay where they are, recorded", extra=pod.spec.log_extra)
+                elif not retried:
                     delete_pod_row(self.store, uid)
                 results = await self._broadcast_del(uid, spans.trace_context(span))
         finally:
@@ -388,9 +404,10 @@ class Enrollment:
         try:
             await self._remove_rules(old)
         except BaseException:
-            old.close()
+            old.close()  # (stopping: its rules stay recorded, for the next start)
             raise
-        if not self._retry_if_left(old, removal=True):
+        if not self.leftovers.take_if_left(old, removal=True, recorded=True):
+            self.leftovers.forget_row(old, old.rules_backend)
             old.close()
 
     def _retry_if_left(self, pod: Pod, *, removal: bool) -> bool:

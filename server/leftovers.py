@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from zds import defaults
-from zds.netns import NetnsHandle, NetnsIdentity, netns_identity_of_path
+from zds.netns import NetnsHandle, NetnsIdentity, OutOfFds, netns_identity_of_path
 from zds.netns.search import find_by_identity
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, remove_rules_of
@@ -92,13 +92,23 @@ class Leftovers:
         # (for a task cancelled before it ever ran, a stop right after this: its finally never runs)
         task.add_done_callback(lambda _: self._ended(identity, pod, left))
 
-    def take_if_left(self, pod: Pod, *, removal: bool) -> bool:
+    def take_if_left(self, pod: Pod, *, removal: bool, recorded: bool = False) -> bool:
         """If taking the pod's rules out failed (they are still in), hand the pod, its netns
         fd with it, to ``retry``: True."""
         if not pod.rules_installed or pod.netns is None:
             return False
-        self.retry(pod, removal=removal)
+        self.retry(pod, removal=removal, recorded=recorded)
         return True
+
+    def forget_row(self, pod: Pod, backend: str) -> None:
+        """The rules of ``backend`` recorded as left in the pod's netns are out: their row goes
+        (a failure is logged: the next start takes out rules that are already out)."""
+        if self.store is None or pod.netns is None:
+            return
+        try:
+            self.store.forget_leftovers(pod.netns.identity, [(pod.uid, backend)])
+        except StoreError as exc:
+            log.warning("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)
 
     def retry_beside(self, pod: Pod, backend: str) -> None:
         """``retry`` for rules of ``backend`` left in the netns of a pod that stays cached (at a
@@ -143,15 +153,10 @@ class Leftovers:
         pod.close()
 
     def ours_there(self, identity: NetnsIdentity) -> bool:
-        """A cached pod has this node agent's rules in the netns ``identity``: leftovers of
-        this rule set there are its rules now (its row records them)."""
-        return self.rules is not None and any(
-            pod.rules_installed
-            and pod.rules_backend == self.rules.name
-            and pod.netns is not None
-            and pod.netns.identity == identity
-            for pod in self.cache
-        )
+        """A cached pod has this node agent's rules in the netns ``identity`` (with rules on,
+        a cached pod's rules are always of this run's rule set): leftovers of this rule set
+        there are its rules now (its row records them)."""
+        return self.rules is not None and self.cache.has_rules_in(identity)
 
     async def _retry(self, pod: Pod, left: _Left) -> None:
         """Until the rules are out (their rows go: in ``leftovers``, and where moving them
@@ -232,13 +237,13 @@ class Leftovers:
         is logged (the next start takes out rules that are already out)."""
         if self.store is None or not left.rows:
             return
-        uids = sorted({uid for uid, _ in left.rows})
+        keys = sorted(left.rows)
         # (a uid enrolled again, or being enrolled or removed: its pod and install rows are its own now)
-        rows_of = [uid for uid in uids if not self._under_way(uid) and uid not in self.cache]
+        rows_of = [(uid, rules) for uid, rules in keys if not self._under_way(uid) and uid not in self.cache]
         try:
-            self.store.forget_leftovers(identity, sorted(left.rows), rows_of=rows_of)
+            self.store.forget_leftovers(identity, keys, rows_of=rows_of)
         except StoreError as exc:
-            log.warning("cannot update the pod store: %s", exc, extra={"uid": uids[0]})
+            log.warning("cannot update the pod store: %s", exc, extra={"uid": keys[0][0]})
 
 
 def _gone(pod: Pod) -> bool:
@@ -249,7 +254,10 @@ def _gone(pod: Pod) -> bool:
     identity = pod.netns.identity
     if netns_identity_of_path(pod.spec.netns.location) == identity:
         return False
-    return identity not in find_by_identity({identity})
+    try:
+        return identity not in find_by_identity({identity})
+    except OutOfFds:
+        return False  # (it could not look: not gone for all it knows)
 
 
 def forget_install_row(

@@ -22,8 +22,10 @@ class PodCache:
     def __init__(self) -> None:
         self._pods: dict[str, Pod] = {}
         self._removing: dict[str, PodSpec] = {}
-        #: How many cached pods live in each netns (asked on every removal: no scan).
-        self._in_netns: collections.Counter[NetnsIdentity] = collections.Counter()
+        #: How many cached pods have their rules in each netns (asked on every removal: no scan),
+        #: and where each such pod was counted (its rules do not change while it is cached).
+        self._rules_in: collections.Counter[NetnsIdentity] = collections.Counter()
+        self._counted: dict[str, NetnsIdentity] = {}
         #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
         self._claims: collections.Counter[NetnsIdentity] = collections.Counter()
 
@@ -48,22 +50,23 @@ class PodCache:
         if old is pod:
             return None
         self._pods[pod.uid] = pod
-        self._count(pod, 1)
-        if old is not None:
-            self._count(old, -1)
+        self._uncount(pod.uid)
+        if pod.netns is not None and pod.rules_installed:
+            self._counted[pod.uid] = pod.netns.identity
+            self._rules_in[pod.netns.identity] += 1
         return old
 
-    def _count(self, pod: Pod, delta: int) -> None:
-        if pod.netns is not None:
-            identity = pod.netns.identity
-            self._in_netns[identity] += delta
-            if self._in_netns[identity] <= 0:
-                del self._in_netns[identity]
+    def _uncount(self, uid: str) -> None:
+        identity = self._counted.pop(uid, None)
+        if identity is not None:
+            self._rules_in[identity] -= 1
+            if self._rules_in[identity] <= 0:
+                del self._rules_in[identity]
 
     def pop(self, uid: str) -> Pod:
         """Forget a pod (KeyError if unknown); its spec stays findable until ``removed``."""
         pod = self._pods.pop(uid)
-        self._count(pod, -1)
+        self._uncount(uid)
         self._removing[uid] = pod.spec
         return pod
 
@@ -78,9 +81,10 @@ class PodCache:
         pod = self._pods.get(uid)
         return pod.spec if pod is not None else None
 
-    def uses_netns(self, identity: NetnsIdentity) -> bool:
-        """Some cached pod lives in this network namespace."""
-        return identity in self._in_netns
+    def has_rules_in(self, identity: NetnsIdentity) -> bool:
+        """Some cached pod has its rules in this network namespace (a pod without them, one
+        whose rules failed at a start, does not count: the rules there are nobody's)."""
+        return identity in self._rules_in
 
     @contextlib.contextmanager
     def claim(self, pod: Pod) -> Iterator[None]:
@@ -99,9 +103,9 @@ class PodCache:
                 del self._claims[identity]
 
     def in_use(self, identity: NetnsIdentity, *, claims: int = 0) -> bool:
-        """A cached pod lives in this netns, or more than ``claims`` pods being enrolled do
-        (``claims=1``: one being enrolled asks about the others)."""
-        return identity in self._in_netns or self._claims[identity] > claims
+        """A cached pod has its rules in this netns, or more than ``claims`` pods being
+        enrolled there do (``claims=1``: one being enrolled asks about the others)."""
+        return identity in self._rules_in or self._claims[identity] > claims
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -118,4 +122,5 @@ class PodCache:
         for pod in self:
             pod.close()
         self._pods.clear()
-        self._in_netns.clear()
+        self._rules_in.clear()
+        self._counted.clear()

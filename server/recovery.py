@@ -31,7 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zds import defaults
-from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, netns_cookie, open_netns, open_netns_ref
+from zds.netns import (
+    NetnsError,
+    NetnsHandle,
+    NetnsIdentity,
+    OutOfFds,
+    netns_cookie,
+    open_netns,
+    open_netns_ref,
+)
 from zds.netns.search import find_by_identity
 from zds.server.enrollment import Enrollment
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
@@ -70,6 +78,9 @@ class RecoveryOutcome(enum.Enum):
     #: Such a removal whose rules could not be taken out now: its row moves to ``leftovers``, and
     #: taking them out is tried again in the background (``Leftovers``).
     REMOVAL_RETRIED = "removal retried"
+    #: Such a removal whose netns cannot be opened now (a place this run does not allow, no
+    #: fd to spare): its row stays, marked removing, for a later start.
+    REMOVAL_LEFT = "removal left"
     #: Its path is at a place this run does not allow (``--netns-root`` changed) and its netns
     #: was not found by identity elsewhere: not opened; known, its row kept, sent as KeepWorkload.
     PLACE_REFUSED = "netns place not allowed"
@@ -98,6 +109,8 @@ class _Found:
     replaced: bool = False
     #: The path is at a place this run does not allow: not opened.
     place_refused: bool = False
+    #: Why its netns could not be looked for now (no fd to spare): '' if it could.
+    unreachable: str = ""
     elsewhere: bool = False
 
 
@@ -105,6 +118,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     """Rebuild ``enrollment``'s pod cache from ``store``; nothing is sent to ztunnel here."""
     report = RecoveryReport()
     policy = enrollment.policy
+    left_rows = store.load_leftovers()  # (before this start adds its own)
     rows = []
     for row in store.load():
         refused = _refused(row, policy)
@@ -120,10 +134,13 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     found = [_reopen(row, policy) for row in rows]
     _search([f for f in found if f.netns is None and f.row.identity is not None])
     semaphore = asyncio.Semaphore(CONCURRENCY)
+    #: The netns of the pods coming back (a removal's rules there wait for them: a restored
+    #: pod's own are the same rules, or share its policy routing).
+    homes = {row.identity for row in rows if not row.removing and row.identity is not None}
 
     async def one(item: _Found) -> None:
         async with semaphore:
-            report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment)
+            report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment, homes)
 
     await asyncio.gather(*(one(item) for item in found))
     for uid, outcome in report.outcomes.items():
@@ -140,7 +157,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     if rows:
         log.info("recovered %d pod(s) from %s: %s", len(rows), store.path, report.summary())
     await _finish_installs(store, enrollment)
-    await _finish_leftovers(store, enrollment)
+    await _finish_leftovers(store, enrollment, left_rows)
     return report
 
 
@@ -156,10 +173,9 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
             store.forget_install(row.spec.uid)
 
 
-async def _finish_leftovers(store: PodStore, enrollment: Enrollment) -> None:
-    """Take out the rules an earlier run could not take out (``Leftovers``), or hand them
-    back to the retry."""
-    rows = store.load_leftovers()
+async def _finish_leftovers(store: PodStore, enrollment: Enrollment, rows: list[StoredPod]) -> None:
+    """Take out the rules an earlier run could not take out (``Leftovers``; its ``rows``), or
+    hand them back to the retry."""
     kept = await _take_out(
         rows,
         enrollment,
@@ -178,7 +194,13 @@ async def _take_out(
     rules there: they are its rules); the ``id`` of each row whose rules stay in and stay
     recorded (handed to the retry, ``Leftovers``, or in a netns at a place this run does not
     allow)."""
-    found = [_reopen(row, enrollment.policy) for row in rows if not _refused(row, enrollment.policy)]
+    found = []
+    for row in rows:
+        refused = _refused(row, enrollment.policy)
+        if refused:  # (never the node's netns: the row goes, nothing is touched)
+            log.error("%s: refused, its row dropped: %s", said(row), refused, extra=row.spec.log_extra)
+        else:
+            found.append(_reopen(row, enrollment.policy))
     _search([f for f in found if f.netns is None and f.row.identity is not None])
     kept: set[int] = set()
     for item in found:
@@ -187,8 +209,13 @@ async def _take_out(
         try:
             if pod.netns is None:
                 what = "its netns is gone"
-                if item.place_refused:
-                    what = "its netns is at a place this run does not allow (--netns-root): left as it is"
+                if item.place_refused or item.unreachable:
+                    what = (
+                        f"its netns cannot be looked for now ({item.unreachable}): left as it is, recorded"
+                        if item.unreachable
+                        else "its netns is at a place this run does not allow (--netns-root): left as it is, "
+                        "recorded"
+                    )
                     if not recorded:
                         enrollment.leftovers.keep_row(row)
                     kept.add(id(row))
@@ -199,7 +226,7 @@ async def _take_out(
             ):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
-                if enrollment.rules is not None and enrollment.cache.uses_netns(pod.netns.identity):
+                if enrollment.rules is not None and enrollment.cache.has_rules_in(pod.netns.identity):
                     # (beside a recovered pod: not while it lives there, the rule sets share the policy routing)
                     what = "a recovered pod lives in its netns: taken out once it is gone"
                 else:
@@ -241,6 +268,9 @@ def _reopen(row: StoredPod, policy: NetnsPolicy | None) -> _Found:
         log.warning("pod's stored netns path not opened: %s", exc, extra=row.spec.log_extra)
         item.place_refused = True
         return item
+    except OutOfFds as exc:  # (not a sign the netns is gone)
+        item.unreachable = str(exc)
+        return item
     except NetnsError:
         return item
     if _same(row, candidate):
@@ -267,13 +297,21 @@ def _same(row: StoredPod, candidate: NetnsHandle) -> bool:
 def _search(missing: list[_Found]) -> None:
     """Look for the netns of each pod whose path failed, by identity, in one pass over /proc."""
     wanted = {item.row.identity for item in missing if item.row.identity is not None}
-    paths = find_by_identity(wanted)
+    try:
+        paths = find_by_identity(wanted)
+    except OutOfFds as exc:
+        for item in missing:
+            item.unreachable = item.unreachable or str(exc)
+        return
     for item in missing:
         path = paths.get(item.row.identity) if item.row.identity is not None else None
         if path is None:
             continue
         try:
             candidate = open_netns(path)
+        except OutOfFds as exc:
+            item.unreachable = str(exc)
+            continue
         except NetnsError:
             continue  # gone between the scan and now
         if _same(item.row, candidate):
@@ -283,24 +321,37 @@ def _search(missing: list[_Found]) -> None:
             candidate.close()
 
 
-async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> RecoveryOutcome:
+async def _restore(
+    item: _Found, store: PodStore, enrollment: Enrollment, homes: set[NetnsIdentity]
+) -> RecoveryOutcome:
     row = item.row
     pod = Pod(spec=row.spec, netns=item.netns, enrolled_at=row.enrolled_at)
     pod.rules_installed, pod.rules_backend, pod.rules_digest = bool(row.rules), row.rules, row.rules_digest
     rules = enrollment.rules
     if row.removing:
-        retried = False
+        retried = left = False
         try:
             if pod.netns is not None and pod.rules_installed:
-                await _remove_recorded_rules(pod, row.rules, enrollment)
-                # Not out: its row moves to leftovers (the next start tries again), and
-                # taking them out is tried again meanwhile.
+                if rules is None or row.identity not in homes:
+                    await _remove_recorded_rules(pod, row.rules, enrollment)
+                # Not out (or beside a pod coming back): its row moves to leftovers (the
+                # next start tries again), and taking them out is tried again meanwhile.
                 retried = enrollment.leftovers.take_if_left(pod, removal=True)
-            if not retried:
+            elif pod.rules_installed and (item.place_refused or item.unreachable):
+                left = True  # (its row, marked removing, records them for a later start)
+            if not retried and not left:
                 store.delete(row.spec.uid)
         finally:
             if not retried:
                 pod.close()
+        if left:
+            log.warning(
+                "the removal a restart interrupted: its netns cannot be opened now (%s); its rules "
+                "stay where they are, recorded",
+                item.unreachable or "a place this run does not allow",
+                extra=row.spec.log_extra,
+            )
+            return RecoveryOutcome.REMOVAL_LEFT
         if retried:
             log.warning(
                 "the removal a restart interrupted: its rules could not be taken out; tried again "
@@ -334,7 +385,7 @@ async def _restore(item: _Found, store: PodStore, enrollment: Enrollment) -> Rec
                 # not, they are taken out once the pod is gone (the two share the routing).
                 enrollment.leftovers.retry_beside(pod, row.rules)
             try:
-                await rules.install(pod, enrollment.cache.uses_netns)  # replaces an earlier copy
+                await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy
             except RulesError as exc:
                 log.error("%s", exc, extra=row.spec.log_extra)
                 pod.rules_installed = False
@@ -361,7 +412,7 @@ async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment)
     elif backend != rules.name:
         pod.rules_installed = not await rules.remove_other(pod, backend)
     else:
-        await rules.remove(pod, enrollment.cache.uses_netns)
+        await rules.remove(pod, enrollment.cache.has_rules_in)
 
 
 async def _remove_rules_of_an_earlier_run(pod: Pod, backend: str) -> bool:

@@ -246,25 +246,26 @@ class PodStore:
         marks = ",".join("?" * len(COLUMN_NAMES))
         with self._write():
             self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", _values(row))
-            self._forget_rows(row.spec.uid, row.identity, "pods" if row.removing else "installs")
+            self._forget_rows(row.spec.uid, row.identity, row.rules, "pods" if row.removing else "installs")
 
     def forget_leftovers(
-        self, identity: NetnsIdentity, keys: Iterable[tuple[str, str]], *, rows_of: Iterable[str] = ()
+        self,
+        identity: NetnsIdentity,
+        keys: Iterable[tuple[str, str]],
+        *,
+        rows_of: Iterable[tuple[str, str]] = (),
     ) -> None:
         """The rules the pods left in the netns ``identity`` are out (or went with it, or are
         another pod's now): the ``leftovers`` rows of ``keys`` (uid, rule set) go, and for the
-        uids ``rows_of`` the rows that recorded them where moving them there failed (the
+        keys ``rows_of`` the rows that recorded them where moving them there failed (the
         removal's pod row, the install row; the other uids' rows there are a later
         enrollment's)."""
         with self._write():
             for uid, rules in keys:
-                self._db.execute(
-                    "DELETE FROM leftovers WHERE uid = ? AND netns_dev = ? AND netns_ino = ? AND rules = ?",
-                    (uid, identity.dev, identity.ino, rules),
-                )
-            for uid in rows_of:
-                self._forget_rows(uid, identity, "pods")
-                self._forget_rows(uid, identity, "installs")
+                self._forget_rows(uid, identity, rules, "leftovers")
+            for uid, rules in rows_of:
+                self._forget_rows(uid, identity, rules, "pods")
+                self._forget_rows(uid, identity, rules, "installs")
 
     def forget_leftover(self, row: StoredPod) -> None:
         """Take out the ``leftovers`` row ``row`` (its rules are out, kept for a pod living
@@ -276,14 +277,14 @@ class PodStore:
                 (row.spec.uid, identity and identity.dev, identity and identity.ino, row.rules),
             )
 
-    def _forget_rows(self, uid: str, identity: NetnsIdentity, table: str) -> None:
-        """Delete ``uid``'s row in ``table`` (``pods`` or ``installs``) for the netns
+    def _forget_rows(self, uid: str, identity: NetnsIdentity, rules: str, table: str) -> None:
+        """Delete ``uid``'s row of the rule set ``rules`` in ``table`` for the netns
         ``identity`` (in ``pods`` only one marked removing: the uid may have been enrolled
         again there meanwhile)."""
         removing = " AND removing = 1" if table == "pods" else ""
         self._db.execute(
-            f"DELETE FROM {table} WHERE uid = ? AND netns_dev = ? AND netns_ino = ?{removing}",
-            (uid, identity.dev, identity.ino),
+            f"DELETE FROM {table} WHERE uid = ? AND netns_dev = ? AND netns_ino = ? AND rules = ?{removing}",
+            (uid, identity.dev, identity.ino, rules),
         )
 
     def mark_removing(self, uid: str) -> None:

@@ -25,7 +25,7 @@ from tests.harness import Pod, async_wait_until, wait_until
 from tests.standins import AckingPeer
 from zds import defaults
 from zds.aio import cancel_and_wait
-from zds.netns import NetnsHandle, NetnsRef, open_netns
+from zds.netns import NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
 from zds.server import pods
 from zds.server.agent import AgentConfig, NodeAgent
@@ -755,12 +755,13 @@ async def test_a_retry_stopped_before_it_ever_ran_lets_its_netns_go(
     assert left.netns is not None and left.netns.identity not in leftovers
 
 
-async def test_rules_a_failed_reinstall_at_a_start_left_stay_recorded_and_come_out_once_the_pod_is_gone(
+async def test_rules_a_failed_reinstall_at_a_start_left_are_recorded_and_come_out(
     agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
 ) -> None:
     """A start found a pod's rules changed, reinstalled them, and that failed half-way with
     its undo failing too: the pod stayed (`rules failed`), its row rewritten without rules,
-    and what went in was recorded nowhere, in its netns for good."""
+    and what went in was recorded nowhere, in its netns for good. They are nobody's (the pod
+    has none, as its row says): they come out while it stays."""
     a = make_pod()
     await agent.agent.add_pod(agent.spec("u1", a))
     change_rules(a)
@@ -771,13 +772,13 @@ async def test_rules_a_failed_reinstall_at_a_start_left_stay_recorded_and_come_o
         assert has_rules(a) and [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [
             ("u1", "iptables")
         ]
-        assert len(undo_tasks()) == 1  # (waiting while the pod lives there)
+        assert len(undo_tasks()) == 1
         redirector.refuse_removal = ""
-        await restarted.remove_pod("u1")
         await async_wait_until(
-            lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
         )
-        assert not has_rules(a) and store.load_leftovers() == [] and store.load() == []
+        assert not has_rules(a) and store.load_leftovers() == []
+        assert "u1" in restarted.pods and [(r.spec.uid, r.rules) for r in store.load()] == [("u1", "")]
 
 
 def change_rules(pod: Pod) -> None:
@@ -785,3 +786,114 @@ def change_rules(pod: Pod) -> None:
     subprocess.run(
         ["ip", "netns", "exec", pod.name, "iptables", "-t", "nat", "-F", "ISTIO_OUTPUT"], check=True
     )
+
+
+async def test_rules_a_pod_re_added_elsewhere_leaves_are_recorded_before_they_are_taken_out(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """u1's row became B's at once, while A's rules came out later: a kill -9, or a stop that
+    cancelled that removal, meanwhile left them in A recorded nowhere."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.redirector.removal.close()
+    await agent.agent.add_pod(agent.spec("u1", b))
+    await asyncio.wait_for(agent.redirector.removal.reached.wait(), 10)
+    assert agent.committed("leftovers") == ["u1"] and agent.stored() == {"u1": identity(b)}
+    agent.redirector.removal.open.set()
+    await async_wait_until(lambda: not agent.committed("leftovers"), "A's rules out and their row gone")
+    assert not has_rules(a) and has_rules(b)
+
+
+async def test_a_pod_without_rules_in_a_netns_does_not_keep_the_rules_of_one_removed_from_it(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """A pod whose rules failed at a start (cached without them) counted as keeping the rules
+    there: a pod enrolled beside it and removed left its rules in, recorded nowhere."""
+    a = make_pod()
+    spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
+    agent.agent.enrollment.restore(pods.Pod(spec=spec, netns=open_netns(a.path)))  # (rules failed)
+    await agent.agent.add_pod(agent.spec("u2", a))
+    await agent.agent.remove_pod("u2")
+    assert not has_rules(a), "u2's rules stayed for a pod that has none"
+
+
+async def test_a_pod_re_added_in_its_netns_under_no_redirect_hands_an_earlier_runs_rules_to_the_retry(
+    make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Recovered with an earlier run's rules that would not come out, then added again in the
+    same netns: the new row (no rules) replaced the only record of them, for good."""
+    a = make_pod()
+    netns = await _nftables_rules_in(a)
+    store = PodStore.open(str(tmp_path), used_before=False)
+    node_agent = NodeAgent(AgentConfig(), None)
+    node_agent.use_store(store)
+    try:
+        spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
+        store.put(spec, netns.identity, rules="nftables")
+        node_agent.enrollment.restore(
+            pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
+        )
+        await node_agent.enrollment.load(spec)  # (no ztunnel here: cached, not delivered)
+        assert [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [("u1", "nftables")]
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert not nftables_rules(a) and store.load_leftovers() == []
+    finally:
+        await node_agent.tasks.cancel_all()
+        node_agent.close()
+        store.close()
+
+
+async def test_the_removal_of_a_pod_recovered_without_opening_its_netns_keeps_the_record_of_its_rules(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """Its netns at a place this run does not allow (or no fd to open it): the removal deleted
+    its row while its rules stayed in that netns."""
+    a = make_pod()
+    spec = agent.spec("u1", a)
+    agent.store.put(spec, NetnsIdentity(*identity(a)), rules="iptables")
+    # (as recovery caches it when it could not open its netns)
+    agent.agent.enrollment.restore(
+        pods.Pod(spec=spec, netns=None, rules_installed=True, rules_backend="iptables")
+    )
+    await agent.agent.remove_pod("u1")
+    assert [(p.spec.uid, p.removing) for p in agent.store.load()] == [("u1", True)]
+
+
+async def test_a_start_with_no_fd_to_open_a_netns_keeps_the_record_of_the_rules_left_there(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """A netns that could not be opened for want of an fd was taken for gone, and the row of
+    the rules left there deleted (no fds: the very state that leaves rules behind)."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    await agent.agent.remove_pod("u1")
+    await cancel_and_wait(*undo_tasks())
+    assert agent.committed("leftovers") == ["u1"]
+    async with restarted_on(tmp_path) as (restarted, _, store):
+        with no_fd_to_spare():
+            await recover(store, restarted.enrollment)
+        assert [r.spec.uid for r in store.load_leftovers()] == ["u1"] and has_rules(a)
+
+
+@contextlib.contextmanager
+def no_fd_to_spare() -> Iterator[None]:
+    """Every fd number below the soft limit taken meanwhile (the limit lowered to the highest
+    in use, the holes below it filled)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

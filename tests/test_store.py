@@ -322,7 +322,7 @@ def test_rules_left_in_a_netns_are_recorded_per_uid_netns_and_rule_set_apart_fro
         ]
         store.keep_leftover(other)
         store.mark_removing("u1")  # u1's removal in B has begun: its row is not A's
-        store.forget_leftovers(a, [("u1", "iptables"), ("u2", "nftables")], rows_of=["u1"])
+        store.forget_leftovers(a, [("u1", "iptables"), ("u2", "nftables")], rows_of=[("u1", "iptables")])
         assert [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [("u1", "nftables")]  # (not done)
         store.forget_leftovers(a, [("u1", "nftables")])
         assert store.load_leftovers() == []
@@ -337,12 +337,15 @@ def test_rows_that_moving_to_leftovers_left_behind_go_with_them_for_that_netns_o
     store = open_store(state)
     a, b = NetnsIdentity(4, 100), NetnsIdentity(4, 200)
     try:
-        store.put_many([stored("u1"), dataclasses.replace(stored("u3"), identity=b)])
+        store.put_many([stored("u1"), dataclasses.replace(stored("u3"), identity=b), stored("u4")])
         store.mark_removing("u1")
-        store.mark_removing("u3")
-        store._write_rows([], [stored("u2")])
-        store.forget_leftovers(a, [], rows_of=["u1", "u2", "u3"])
-        assert [r.spec.uid for r in store.load()] == ["u3"] and store.load_installs() == []
+        store.mark_removing("u3")  # (in B)
+        store._write_rows([], [stored("u2"), dataclasses.replace(stored("u5"), rules="nftables")])
+        keys = [(uid, "") for uid in ("u1", "u2", "u3", "u4", "u5")]
+        store.forget_leftovers(a, [], rows_of=keys)
+        # u4 enrolled again in A (not removing), u5's install row of another rule set: theirs
+        assert [r.spec.uid for r in store.load()] == ["u3", "u4"]
+        assert [r.spec.uid for r in store.load_installs()] == ["u5"]
     finally:
         store.close()
 
