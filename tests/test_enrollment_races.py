@@ -897,3 +897,27 @@ def no_fd_to_spare() -> Iterator[None]:
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_removal_a_restart_interrupted_beside_a_pod_coming_back_leaves_its_rules_to_it(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """u1's removal interrupted in A, where u2 lives: recovery took the rules (and the policy
+    routing) out of A whenever u1's row came before u2 was back (eight at a time), with u2's
+    rules, or the other backend's beside them. They are left to the retry, which finds them
+    u2's."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    for uid in ("u1", "u2"):
+        await agent.agent.add_pod(agent.spec(uid, a))
+    agent.store.mark_removing("u1")  # a removal begun, then the node agent killed
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.REMOVAL_RETRIED, "u2": RecoveryOutcome.RESTORED}
+        assert redirector.removals_tried == 0 and has_rules(a)
+        assert [r.spec.uid for r in store.load_leftovers()] == ["u1"]
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert "rules a failed removal left are kept: another pod lives in its netns now" in caplog.text
+        assert store.load_leftovers() == [] and has_rules(a) and redirector.removals_tried == 0
