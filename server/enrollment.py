@@ -22,7 +22,6 @@ of delivery are unit-tested with stand-in connections, no root and no process:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -298,23 +297,7 @@ class Enrollment:
         """Cache the pod (releasing the one it replaces) and tell the watchers."""
         old = self.cache.put(pod)
         if old is not None:
-            elsewhere = pod.netns is None or (
-                old.netns is not None and old.netns.identity != pod.netns.identity
-            )
-            if old.rules_installed and old.netns is not None and elsewhere:
-                # Replaced by a pod elsewhere: its rules come out of the old netns too. The uid's
-                # row is the new pod's now: they are recorded as left there first.
-                self.leftovers.keep_row(
-                    dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True)
-                )
-                self.tasks.spawn(self._remove_replaced(old))
-            elif old.rules_installed and not pod.rules_installed:
-                # In the same netns, the new pod installs none (--no-redirect): an earlier run's
-                # rules that would not come out go to the retry.
-                if not self.leftovers.take_if_left(old, removal=True):
-                    old.close()
-            else:
-                old.close()  # replaced: its fd goes now (queued sends hold their own dups)
+            self.leftovers.replaced(old, pod)
         self.events.publish(EventKind.POD_ENROLLED, pod=pod)
         return pod
 
@@ -397,18 +380,6 @@ class Enrollment:
         """Take the pod's rules out unless another pod lives in its netns (``PodCache.in_use``)."""
         if self.rules is not None:
             await self.rules.remove(pod, lambda identity: self.cache.in_use(identity, claims=claims))
-
-    async def _remove_replaced(self, old: Pod) -> None:
-        """Take the rules of a pod replaced by one in another netns out of its old netns (tried
-        again if they stay in: no row records them, the uid's rows are the new pod's)."""
-        try:
-            await self._remove_rules(old)
-        except BaseException:
-            old.close()  # (stopping: its rules stay recorded, for the next start)
-            raise
-        if not self.leftovers.take_if_left(old, removal=True, recorded=True):
-            self.leftovers.forget_row(old, old.rules_backend)
-            old.close()
 
     def _retry_if_left(self, pod: Pod, *, removal: bool) -> bool:
         """If the pod's rules are still in (taking them out failed), hand the pod, its netns fd

@@ -110,6 +110,31 @@ class Leftovers:
         except StoreError as exc:
             log.warning("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)
 
+    def replaced(self, old: Pod, new: Pod) -> None:
+        """``old`` was replaced in the cache by ``new`` (the same uid): its netns fd goes, and
+        with it, if ``new`` lives elsewhere, its rules, recorded as left there first (the uid's
+        row is ``new``'s now); in the same netns, an earlier run's rules that would not come
+        out go to the retry if ``new`` installs none (--no-redirect)."""
+        elsewhere = new.netns is None or (old.netns is not None and old.netns.identity != new.netns.identity)
+        if old.rules_installed and old.netns is not None and elsewhere:
+            self.keep_row(dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True))
+            self.tasks.spawn(self._take_out_replaced(old))
+        elif not (old.rules_installed and not new.rules_installed and self.take_if_left(old, removal=True)):
+            old.close()  # (queued sends hold their own dups)
+
+    async def _take_out_replaced(self, old: Pod) -> None:
+        """Take the rules of a pod replaced by one elsewhere out of its old netns (unless a pod
+        with rules lives there: they are its rules); tried again if they stay in."""
+        try:
+            if self.rules is not None:
+                await self.rules.remove(old, self.cache.in_use)
+        except BaseException:
+            old.close()  # (stopping: its rules stay recorded, for the next start)
+            raise
+        if not self.take_if_left(old, removal=True, recorded=True):
+            self.forget_row(old, old.rules_backend)
+            old.close()
+
     def retry_beside(self, pod: Pod, backend: str) -> None:
         """``retry`` for rules of ``backend`` left in the netns of a pod that stays cached (at a
         start: a failed reinstall's, or the other backend's that would not come out), with a

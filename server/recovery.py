@@ -30,22 +30,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from zds import defaults
 from zds.netns import (
-    NetnsError,
-    NetnsHandle,
     NetnsIdentity,
-    OutOfFds,
     netns_cookie,
-    open_netns,
-    open_netns_ref,
 )
-from zds.netns.search import find_by_identity
 from zds.server.enrollment import Enrollment
-from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
 from zds.server.podrules import RulesError, remove_rules_of
-from zds.server.pods import Pod, PodSpecError
+from zds.server.pods import Pod
 from zds.server.redirect import RedirectConfig
+from zds.server.refind import Found, reopen, search, why_refused
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
 
@@ -99,21 +92,6 @@ class RecoveryReport:
         return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no pods"
 
 
-@dataclass
-class _Found:
-    """A stored pod and what recovery found of it."""
-
-    row: StoredPod
-    netns: NetnsHandle | None = None
-    #: The path opened to a different netns.
-    replaced: bool = False
-    #: The path is at a place this run does not allow: not opened.
-    place_refused: bool = False
-    #: Why its netns could not be looked for now (no fd to spare): '' if it could.
-    unreachable: str = ""
-    elsewhere: bool = False
-
-
 async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     """Rebuild ``enrollment``'s pod cache from ``store``; nothing is sent to ztunnel here."""
     report = RecoveryReport()
@@ -121,7 +99,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     left_rows = store.load_leftovers()  # (before this start adds its own)
     rows = []
     for row in store.load():
-        refused = _refused(row, policy)
+        refused = why_refused(row, policy)
         if refused:
             # Never the node, not even from the store: the row goes, nothing is touched.
             log.error(
@@ -131,14 +109,14 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
             report.outcomes[row.spec.uid] = RecoveryOutcome.REFUSED
         else:
             rows.append(row)
-    found = [_reopen(row, policy) for row in rows]
-    _search([f for f in found if f.netns is None and f.row.identity is not None])
+    found = [reopen(row, policy) for row in rows]
+    search([f for f in found if f.netns is None and f.row.identity is not None])
     semaphore = asyncio.Semaphore(CONCURRENCY)
     #: The netns of the pods coming back (a removal's rules there wait for them: a restored
     #: pod's own are the same rules, or share its policy routing).
     homes = {row.identity for row in rows if not row.removing and row.identity is not None}
 
-    async def one(item: _Found) -> None:
+    async def one(item: Found) -> None:
         async with semaphore:
             report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment, homes)
 
@@ -196,12 +174,12 @@ async def _take_out(
     allow)."""
     found = []
     for row in rows:
-        refused = _refused(row, enrollment.policy)
+        refused = why_refused(row, enrollment.policy)
         if refused:  # (never the node's netns: the row goes, nothing is touched)
             log.error("%s: refused, its row dropped: %s", said(row), refused, extra=row.spec.log_extra)
         else:
-            found.append(_reopen(row, enrollment.policy))
-    _search([f for f in found if f.netns is None and f.row.identity is not None])
+            found.append(reopen(row, enrollment.policy))
+    search([f for f in found if f.netns is None and f.row.identity is not None])
     kept: set[int] = set()
     for item in found:
         row = item.row
@@ -244,85 +222,8 @@ async def _take_out(
     return kept
 
 
-def _refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
-    """Why a stored pod may not be reloaded ('' if it may): names zds refuses, or the node's
-    netns. (A path at a place not allowed now is not opened, ``_reopen``; the pod is kept.)"""
-    try:
-        row.spec.validate()
-        if policy is not None and row.identity is not None:
-            policy.check_identity(row.identity, str(row.spec.netns))
-    except (PodSpecError, NetnsRefused) as exc:
-        return str(exc)
-    return ""
-
-
-def _reopen(row: StoredPod, policy: NetnsPolicy | None) -> _Found:
-    """Open the pod's netns reference and keep it only if it is the same netns."""
-    item = _Found(row)
-    if row.identity is None:
-        return item
-    try:
-        candidate = policy.open(row.spec.netns) if policy is not None else open_netns_ref(row.spec.netns)
-    except NetnsRefused as exc:
-        # --netns-root changed since it was enrolled: not opened there, looked for by identity.
-        log.warning("pod's stored netns path not opened: %s", exc, extra=row.spec.log_extra)
-        item.place_refused = True
-        return item
-    except OutOfFds as exc:  # (not a sign the netns is gone)
-        item.unreachable = str(exc)
-        return item
-    except NetnsError:
-        return item
-    if _same(row, candidate):
-        candidate.move_above(defaults.NETNS_FD_FLOOR)  # as enrollment does
-        item.netns = candidate
-    else:
-        candidate.close()
-        item.replaced = True
-    return item
-
-
-def _same(row: StoredPod, candidate: NetnsHandle) -> bool:
-    """Whether ``candidate`` is the netns the pod was enrolled with: the same identity and,
-    where both are known, the same cookie (an inode number can be given to a netns made
-    after the pod's was destroyed; a cookie never is)."""
-    if candidate.identity != row.identity:
-        return False
-    if row.cookie is None:
-        return True
-    now = netns_cookie(candidate)
-    return now is None or now == row.cookie
-
-
-def _search(missing: list[_Found]) -> None:
-    """Look for the netns of each pod whose path failed, by identity, in one pass over /proc."""
-    wanted = {item.row.identity for item in missing if item.row.identity is not None}
-    try:
-        paths = find_by_identity(wanted)
-    except OutOfFds as exc:
-        for item in missing:
-            item.unreachable = item.unreachable or str(exc)
-        return
-    for item in missing:
-        path = paths.get(item.row.identity) if item.row.identity is not None else None
-        if path is None:
-            continue
-        try:
-            candidate = open_netns(path)
-        except OutOfFds as exc:
-            item.unreachable = str(exc)
-            continue
-        except NetnsError:
-            continue  # gone between the scan and now
-        if _same(item.row, candidate):
-            candidate.move_above(defaults.NETNS_FD_FLOOR)
-            item.netns, item.elsewhere = candidate, True
-        else:
-            candidate.close()
-
-
 async def _restore(
-    item: _Found, store: PodStore, enrollment: Enrollment, homes: set[NetnsIdentity]
+    item: Found, store: PodStore, enrollment: Enrollment, homes: set[NetnsIdentity]
 ) -> RecoveryOutcome:
     row = item.row
     pod = Pod(spec=row.spec, netns=item.netns, enrolled_at=row.enrolled_at)

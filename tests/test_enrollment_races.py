@@ -677,6 +677,28 @@ def nftables_rules(pod: Pod) -> bool:
     return "istio" in listed
 
 
+@contextlib.asynccontextmanager
+async def recovered_under_no_redirect(pod: Pod, tmp_path: Path) -> AsyncIterator[tuple[NodeAgent, PodStore]]:
+    """A --no-redirect node agent with u1 in ``pod``'s netns as recovery leaves it when an
+    earlier run's (nftables) rules there would not come out: cached, its rules still in; its
+    retries stopped at the end."""
+    netns = await _nftables_rules_in(pod)
+    store = PodStore.open(str(tmp_path), used_before=False)
+    node_agent = NodeAgent(AgentConfig(), None)
+    node_agent.use_store(store)
+    try:
+        spec = PodSpec.create("u1", NetnsRef.of_path(pod.path), name="u1", namespace="default")
+        store.put(spec, netns.identity, rules="nftables")
+        node_agent.enrollment.restore(
+            pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
+        )
+        yield node_agent, store
+    finally:
+        await node_agent.tasks.cancel_all()
+        node_agent.close()
+        store.close()
+
+
 async def test_a_pod_recovered_under_no_redirect_with_rules_that_stayed_in_hands_them_to_the_retry(
     make_pod: Callable[[], Pod], tmp_path: Path
 ) -> None:
@@ -685,17 +707,7 @@ async def test_a_pod_recovered_under_no_redirect_with_rules_that_stayed_in_hands
     retry knew only this run's rule set, and there is none): no DelWorkload, its row left
     marked removing. Now the retry takes them out with the rule set that installed them."""
     a = make_pod()
-    netns = await _nftables_rules_in(a)
-    store = PodStore.open(str(tmp_path), used_before=False)
-    node_agent = NodeAgent(AgentConfig(), None)
-    node_agent.use_store(store)
-    try:
-        spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
-        store.put(spec, netns.identity, rules="nftables")
-        # (as recovery leaves it when taking them out failed)
-        node_agent.enrollment.restore(
-            pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
-        )
+    async with recovered_under_no_redirect(a, tmp_path) as (node_agent, store):
         await node_agent.remove_pod("u1")
         assert [(r.spec.uid, r.rules, r.removing) for r in store.load_leftovers()] == [
             ("u1", "nftables", True)
@@ -705,10 +717,6 @@ async def test_a_pod_recovered_under_no_redirect_with_rules_that_stayed_in_hands
             lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
         )
         assert not nftables_rules(a) and store.load_leftovers() == []
-    finally:
-        await node_agent.tasks.cancel_all()
-        node_agent.close()
-        store.close()
 
 
 async def test_the_other_rule_sets_leftovers_wait_while_a_pod_of_this_run_lives_there(
@@ -823,26 +831,14 @@ async def test_a_pod_re_added_in_its_netns_under_no_redirect_hands_an_earlier_ru
     """Recovered with an earlier run's rules that would not come out, then added again in the
     same netns: the new row (no rules) replaced the only record of them, for good."""
     a = make_pod()
-    netns = await _nftables_rules_in(a)
-    store = PodStore.open(str(tmp_path), used_before=False)
-    node_agent = NodeAgent(AgentConfig(), None)
-    node_agent.use_store(store)
-    try:
+    async with recovered_under_no_redirect(a, tmp_path) as (node_agent, store):
         spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
-        store.put(spec, netns.identity, rules="nftables")
-        node_agent.enrollment.restore(
-            pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
-        )
         await node_agent.enrollment.load(spec)  # (no ztunnel here: cached, not delivered)
         assert [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [("u1", "nftables")]
         await async_wait_until(
             lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
         )
         assert not nftables_rules(a) and store.load_leftovers() == []
-    finally:
-        await node_agent.tasks.cancel_all()
-        node_agent.close()
-        store.close()
 
 
 async def test_the_removal_of_a_pod_recovered_without_opening_its_netns_keeps_the_record_of_its_rules(
