@@ -138,8 +138,8 @@ class Leftovers:
     def retry_beside(self, pod: Pod, backend: str) -> None:
         """``retry`` for rules of ``backend`` left in the netns of a pod that stays cached (at a
         start: a failed reinstall's, or the other backend's that would not come out), with a
-        netns fd of its own; they wait while a pod lives there. If no fd is left for it, they
-        are only recorded (the next start takes them out)."""
+        netns fd of its own (the other backend's wait while a pod with rules lives there). If
+        no fd is left for it, they are only recorded (the next start takes them out)."""
         assert pod.netns is not None
         try:
             netns = NetnsHandle(pod.netns.dup(), pod.netns.path, pod.netns.identity)
