@@ -288,7 +288,7 @@ class Enrollment:
                 raise
             # Rules still in: recorded as left there (the next start takes them out), and
             # tried again meanwhile.
-            if not self._retry_if_left(pod, removal=False):
+            if not self.leftovers.take_if_left(pod, removal=False):
                 pod.close()  # out (or kept for another pod there): nothing left to do
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
             raise EnrollmentError(EnrollmentOutcome.STORE, str(exc)) from exc
@@ -334,7 +334,7 @@ class Enrollment:
                 await self._remove_rules(pod)
                 # Rules that could not be taken out: its row becomes a record of them (the
                 # next start takes them out), and they are tried again meanwhile.
-                retried = self._retry_if_left(pod, removal=True)
+                retried = self.leftovers.take_if_left(pod, removal=True)
                 if pod.netns is None and pod.rules_installed:
                     # (recovered without opening its netns: its row, marked removing, records
                     # its rules for a start that can open it)
@@ -380,11 +380,6 @@ class Enrollment:
         """Take the pod's rules out unless another pod lives in its netns (``PodCache.in_use``)."""
         if self.rules is not None:
             await self.rules.remove(pod, lambda identity: self.cache.in_use(identity, claims=claims))
-
-    def _retry_if_left(self, pod: Pod, *, removal: bool) -> bool:
-        """If the pod's rules are still in (taking them out failed), hand the pod, its netns fd
-        with it, to the retry (``Leftovers``): True."""
-        return self.leftovers.take_if_left(pod, removal=removal)
 
 
 def _attributes(spec: PodSpec) -> dict[str, str]:

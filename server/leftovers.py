@@ -19,9 +19,8 @@ from zds import defaults
 from zds.netns import NetnsHandle, NetnsIdentity, OutOfFds, netns_identity_of_path
 from zds.netns.search import find_by_identity
 from zds.server.podcache import PodCache
-from zds.server.podrules import PodRules, remove_rules_of
+from zds.server.podrules import PodRules, remove_earlier_rules
 from zds.server.pods import Pod
-from zds.server.redirect import RedirectConfig
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
 from zds.server.tasks import TaskOwner
@@ -249,9 +248,7 @@ class Leftovers:
             if self.rules is not None:
                 out = await self.rules.undo_again(pod, self.cache.in_use, backend)
             else:
-                out = await remove_rules_of(
-                    pod, backend, RedirectConfig(), "this node agent installs none (--no-redirect)"
-                )
+                out = await remove_earlier_rules(pod, backend)
             if not out:
                 return False
             left.out.add(backend)

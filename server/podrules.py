@@ -148,6 +148,14 @@ class PodRules:
                 log.warning("cannot remove in-pod redirection rules: %s", exc, extra=pod.spec.log_extra)
 
 
+async def remove_earlier_rules(pod: Pod, backend: str) -> bool:
+    """Take out the ``backend`` rules an earlier run installed, this node agent installing
+    none (--no-redirect). False, logged, if that failed."""
+    return await remove_rules_of(
+        pod, backend, RedirectConfig(), "this node agent installs none (--no-redirect)"
+    )
+
+
 async def remove_rules_of(pod: Pod, backend: str, config: RedirectConfig, why: str) -> bool:
     """Take out of the pod's netns the rules ``backend`` (as the pod store recorded it)
     installed, ``why`` this node agent does not keep them (said in the log line). False,

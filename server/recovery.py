@@ -35,9 +35,8 @@ from zds.netns import (
     netns_cookie,
 )
 from zds.server.enrollment import Enrollment
-from zds.server.podrules import RulesError, remove_rules_of
+from zds.server.podrules import RulesError, remove_earlier_rules
 from zds.server.pods import Pod
-from zds.server.redirect import RedirectConfig
 from zds.server.refind import Found, reopen, search, why_refused
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
@@ -162,7 +161,7 @@ async def _finish_leftovers(store: PodStore, enrollment: Enrollment, rows: list[
     )
     for row in rows:
         if id(row) not in kept:
-            store.forget_leftover(row)
+            store.forget_leftovers(row.identity, [(row.spec.uid, row.rules)])
 
 
 async def _take_out(
@@ -197,14 +196,12 @@ async def _take_out(
                     if not recorded:
                         enrollment.leftovers.keep_row(row)
                     kept.add(id(row))
-            elif (
-                enrollment.leftovers.ours_there(pod.netns.identity)
-                and enrollment.rules is not None
-                and row.rules == enrollment.rules.name
+            elif (ours_there := enrollment.leftovers.ours_there(pod.netns.identity)) and (
+                enrollment.rules is not None and row.rules == enrollment.rules.name
             ):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
-                if enrollment.rules is not None and enrollment.cache.has_rules_in(pod.netns.identity):
+                if ours_there:
                     # (beside a recovered pod: not while it lives there, the rule sets share the policy routing)
                     what = "a recovered pod lives in its netns: taken out once it is gone"
                 else:
@@ -276,7 +273,7 @@ async def _restore(
         outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
         # This node agent installs none (--no-redirect): what an earlier run installed comes
         # out now, while its row says where (else nothing would ever take it out).
-        if rules is None and row.rules and await _remove_rules_of_an_earlier_run(pod, row.rules):
+        if rules is None and row.rules and await remove_earlier_rules(pod, row.rules):
             pod.rules_installed = False
             _rewrite(store, pod, "")
         if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
@@ -309,19 +306,11 @@ async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment)
     ``rules_installed`` says whether they are still in)."""
     rules = enrollment.rules
     if rules is None:
-        pod.rules_installed = not await _remove_rules_of_an_earlier_run(pod, backend)
+        pod.rules_installed = not await remove_earlier_rules(pod, backend)
     elif backend != rules.name:
         pod.rules_installed = not await rules.remove_other(pod, backend)
     else:
         await rules.remove(pod, enrollment.cache.has_rules_in)
-
-
-async def _remove_rules_of_an_earlier_run(pod: Pod, backend: str) -> bool:
-    """Take out the ``backend`` rules an earlier run installed, this node agent installing
-    none (--no-redirect). False, logged, if that failed."""
-    return await remove_rules_of(
-        pod, backend, RedirectConfig(), "this node agent installs none (--no-redirect)"
-    )
 
 
 def _rewrite(store: PodStore, pod: Pod, rules: str) -> None:

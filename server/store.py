@@ -250,7 +250,7 @@ class PodStore:
 
     def forget_leftovers(
         self,
-        identity: NetnsIdentity,
+        identity: NetnsIdentity | None,
         keys: Iterable[tuple[str, str]],
         *,
         rows_of: Iterable[tuple[str, str]] = (),
@@ -267,24 +267,15 @@ class PodStore:
                 self._forget_rows(uid, identity, rules, "pods")
                 self._forget_rows(uid, identity, rules, "installs")
 
-    def forget_leftover(self, row: StoredPod) -> None:
-        """Take out the ``leftovers`` row ``row`` (its rules are out, kept for a pod living
-        there, or went with their netns)."""
-        identity = row.identity
-        with self._write():
-            self._db.execute(
-                "DELETE FROM leftovers WHERE uid = ? AND netns_dev IS ? AND netns_ino IS ? AND rules = ?",
-                (row.spec.uid, identity and identity.dev, identity and identity.ino, row.rules),
-            )
-
-    def _forget_rows(self, uid: str, identity: NetnsIdentity, rules: str, table: str) -> None:
+    def _forget_rows(self, uid: str, identity: NetnsIdentity | None, rules: str, table: str) -> None:
         """Delete ``uid``'s row of the rule set ``rules`` in ``table`` for the netns
-        ``identity`` (in ``pods`` only one marked removing: the uid may have been enrolled
-        again there meanwhile)."""
+        ``identity`` (None: a row without one, written behind zds's back; in ``pods`` only one
+        marked removing: the uid may have been enrolled again there meanwhile)."""
         removing = " AND removing = 1" if table == "pods" else ""
+        dev, ino = (identity.dev, identity.ino) if identity is not None else (None, None)
         self._db.execute(
-            f"DELETE FROM {table} WHERE uid = ? AND netns_dev = ? AND netns_ino = ? AND rules = ?{removing}",
-            (uid, identity.dev, identity.ino, rules),
+            f"DELETE FROM {table} WHERE uid = ? AND netns_dev IS ? AND netns_ino IS ? AND rules = ?{removing}",
+            (uid, dev, ino, rules),
         )
 
     def mark_removing(self, uid: str) -> None:

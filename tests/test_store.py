@@ -315,7 +315,7 @@ def test_rules_left_in_a_netns_are_recorded_per_uid_netns_and_rule_set_apart_fro
             ("u1", "nftables"),
             ("u2", "nftables"),
         ]
-        store.forget_leftover(other)
+        store.forget_leftovers(a, [("u1", "nftables")])
         assert sorted((r.spec.uid, r.rules) for r in store.load_leftovers()) == [
             ("u1", "iptables"),
             ("u2", "nftables"),
