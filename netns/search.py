@@ -5,7 +5,8 @@ by the pod uid in each process's cgroup path). zds knows more: the identity
 (``st_dev``, ``st_ino``) the netns had at enrollment, and a netns is alive
 exactly as long as something holds it — a process in it, or a bind mount. So
 it looks at every ``/proc/PID/ns/net`` and every named namespace
-(``/var/run/netns``, ``/run/netns``) for those identities, in one pass.
+(``/var/run/netns``, ``/run/netns``, and any other directory the caller names: the node
+agent's ``--netns-root`` directories) for those identities, in one pass.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from .kernel import NetnsIdentity
 NAMED_DIRS = (defaults.NETNS_RUN_DIR, "/run/netns")
 
 
-def find_by_identity(wanted: Iterable[NetnsIdentity]) -> dict[NetnsIdentity, str]:
-    """A path that holds each of ``wanted`` now (a named netns first, else the oldest
-    process's ``/proc/PID/ns/net``); identities not found are absent from the answer.
-    OutOfFds if a directory could not be listed for want of an fd."""
+def find_by_identity(
+    wanted: Iterable[NetnsIdentity], named_dirs: Iterable[str] = NAMED_DIRS
+) -> dict[NetnsIdentity, str]:
+    """A path that holds each of ``wanted`` now (a named netns in one of ``named_dirs`` first,
+    each directory's own entries only, else the oldest process's ``/proc/PID/ns/net``);
+    identities not found are absent from the answer. OutOfFds if a directory could not be
+    listed for want of an fd."""
     remaining = set(wanted)
     found: dict[NetnsIdentity, str] = {}
     if not remaining:
         return found
-    for directory in NAMED_DIRS:
+    for directory in dict.fromkeys(named_dirs):
         for path in _entries(directory):
             _match(path, remaining, found)
     pids = sorted(int(name) for name in _names("/proc") if name.isdigit())

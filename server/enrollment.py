@@ -92,7 +92,9 @@ class Enrollment:
         self._uids: KeyedLocks[str] = KeyedLocks()
         #: Rules a failed install or removal could not take out (with --no-redirect: an
         #: earlier run's, found at start), tried again.
-        self.leftovers = Leftovers(rules, cache, store, tasks, under_way=self._uids.__contains__)
+        self.leftovers = Leftovers(
+            rules, cache, store, tasks, under_way=self._uids.__contains__, policy=policy
+        )
 
     def use_store(self, store: PodStore) -> None:
         """Keep pods in ``store`` from now on (set once at start-up, before recovery)."""

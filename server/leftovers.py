@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from zds import defaults
 from zds.netns import NetnsHandle, NetnsIdentity, OutOfFds, netns_identity_of_path
 from zds.netns.search import find_by_identity
+from zds.server.netnspolicy import NetnsPolicy, named_dirs
 from zds.server.podcache import PodCache
 from zds.server.podrules import PodRules, remove_earlier_rules
 from zds.server.pods import Pod
@@ -57,6 +58,7 @@ class Leftovers:
         tasks: TaskOwner,
         *,
         under_way: Callable[[str], bool],
+        policy: NetnsPolicy | None = None,
     ) -> None:
         #: This node agent's rules (None with --no-redirect: only an earlier run's are left).
         self.rules = rules
@@ -65,6 +67,8 @@ class Leftovers:
         self.tasks = tasks
         #: An enrollment or removal of the uid is under way.
         self._under_way = under_way
+        #: Where named namespaces may be (the allowed roots): looked at before a netns is taken for gone.
+        self._named_dirs = named_dirs(policy)
         self._netns: dict[NetnsIdentity, _Left] = {}
 
     def __contains__(self, identity: object) -> bool:
@@ -208,7 +212,7 @@ class Leftovers:
             await asyncio.sleep(pause)
             pause = min(pause * 2, defaults.UNDO_RETRY_MAX)
             what = left.what()
-            if _gone(pod):
+            if _gone(pod, self._named_dirs):
                 log.info(
                     "%s go with their netns: it is no longer at %s nor anywhere else",
                     what,
@@ -268,16 +272,16 @@ class Leftovers:
             log.warning("cannot update the pod store: %s", exc, extra={"uid": keys[0][0]})
 
 
-def _gone(pod: Pod) -> bool:
+def _gone(pod: Pod, dirs: tuple[str, ...]) -> bool:
     """Nothing but the retry's fd holds the pod's netns: neither the place it was enrolled
-    from (a path, ``/proc/PID/ns/net``) nor any process or named netns (a pod recovered from
-    elsewhere, a pid that is gone while the pod's other processes live on)."""
+    from (a path, ``/proc/PID/ns/net``) nor any process or named netns in ``dirs`` (a pod
+    recovered from elsewhere, a pid that is gone while the pod's other processes live on)."""
     assert pod.netns is not None
     identity = pod.netns.identity
     if netns_identity_of_path(pod.spec.netns.location) == identity:
         return False
     try:
-        return identity not in find_by_identity({identity})
+        return identity not in find_by_identity({identity}, dirs)
     except OutOfFds:
         return False  # (it could not look: not gone for all it knows)
 

@@ -36,6 +36,12 @@ DEFAULT_ROOTS = (defaults.NETNS_RUN_DIR, "/run/netns")
 _PROC_PID_NETNS = re.compile(r"^/proc/[1-9][0-9]*/ns/net$")
 
 
+def named_dirs(policy: NetnsPolicy | None) -> tuple[str, ...]:
+    """The directories of named namespaces to look in for a netns by identity: the allowed
+    roots, ``--netns-root`` ones included (the default roots without a policy)."""
+    return policy.roots if policy is not None else DEFAULT_ROOTS
+
+
 class NodeNetnsUnknown(ZdsError):
     """The node's netns cannot be told (so it could not be refused): the node agent must not start."""
 

@@ -109,7 +109,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
         else:
             rows.append(row)
     found = [reopen(row, policy) for row in rows]
-    search([f for f in found if f.netns is None and f.row.identity is not None])
+    search([f for f in found if f.netns is None and f.row.identity is not None], policy)
     semaphore = asyncio.Semaphore(CONCURRENCY)
     #: The netns of the pods coming back (a removal's rules there wait for them: a restored
     #: pod's own are the same rules, or share its policy routing).
@@ -178,7 +178,7 @@ async def _take_out(
             log.error("%s: refused, its row dropped: %s", said(row), refused, extra=row.spec.log_extra)
         else:
             found.append(reopen(row, enrollment.policy))
-    search([f for f in found if f.netns is None and f.row.identity is not None])
+    search([f for f in found if f.netns is None and f.row.identity is not None], enrollment.policy)
     kept: set[int] = set()
     for item in found:
         row = item.row

@@ -1,6 +1,6 @@
 """A stored row's netns found again at a start (``recovery``): reopened at its path if that is
 still the same netns (its identity and cookie), else looked for by identity in
-``/proc/*/ns/net`` and the named namespaces. What could not be looked for (no fd to spare)
+``/proc/*/ns/net`` and the named namespaces (``--netns-root`` directories too). What could not be looked for (no fd to spare)
 is told from what is gone: only the latter lets a row go."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from zds import defaults
 from zds.netns import NetnsError, NetnsHandle, OutOfFds, netns_cookie, open_netns, open_netns_ref
 from zds.netns.search import find_by_identity
-from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
+from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, named_dirs
 from zds.server.pods import PodSpecError
 from zds.server.store import StoredPod
 
@@ -83,11 +83,12 @@ def same(row: StoredPod, candidate: NetnsHandle) -> bool:
     return now is None or now == row.cookie
 
 
-def search(missing: list[Found]) -> None:
-    """Look for the netns of each pod whose path failed, by identity, in one pass over /proc."""
+def search(missing: list[Found], policy: NetnsPolicy | None) -> None:
+    """Look for the netns of each pod whose path failed, by identity, in one pass over the
+    named namespaces (the allowed roots) and /proc."""
     wanted = {item.row.identity for item in missing if item.row.identity is not None}
     try:
-        paths = find_by_identity(wanted)
+        paths = find_by_identity(wanted, named_dirs(policy))
     except OutOfFds as exc:
         for item in missing:
             item.unreachable = item.unreachable or str(exc)

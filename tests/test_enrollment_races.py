@@ -29,6 +29,7 @@ from zds.netns import NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
 from zds.server import pods
 from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.netnspolicy import NetnsPolicy
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
@@ -129,10 +130,15 @@ class Agent:
             return [uid for (uid,) in reader.execute(f"SELECT uid FROM {table} ORDER BY uid")]
 
 
+def with_netns_root(tmp_path: Path) -> NetnsPolicy:
+    """This node's policy with ``tmp_path/netns-root`` as a --netns-root directory."""
+    return NetnsPolicy.for_this_node([str(tmp_path / "netns-root")])
+
+
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     redirector = GatedRedirector()
-    node_agent = NodeAgent(AgentConfig(), redirector)
+    node_agent = NodeAgent(AgentConfig(), redirector, netns_policy=with_netns_root(tmp_path))
     store = GatedStore.open(str(tmp_path), used_before=False)
     store.commit = Gate()
     node_agent.use_store(store)
@@ -158,10 +164,35 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
 
 def has_rules(pod: Pod) -> bool:
     """Istio's in-pod chains are in the pod's netns (iptables-save, IPv4)."""
+    return rules_at(pod.path)
+
+
+def rules_at(path: str) -> bool:
+    """``has_rules`` for the netns at ``path`` (a named one, a bind mount, /proc/PID/ns/net)."""
     saved = subprocess.run(
-        ["ip", "netns", "exec", pod.name, "iptables-save"], capture_output=True, text=True, check=True
+        ["nsenter", f"--net={path}", "iptables-save"], capture_output=True, text=True, check=True
     ).stdout
     return "ISTIO_OUTPUT" in saved
+
+
+@pytest.fixture
+def moved_under_root(tmp_path: Path) -> Iterator[Callable[[Pod], str]]:
+    """Moves a pod's netns from its name to a bind mount in the node agents' --netns-root
+    directory (``with_netns_root``), which alone holds it then; unmounted at the end."""
+    mounted: list[str] = []
+
+    def move(pod: Pod) -> str:
+        target = tmp_path / "netns-root" / pod.name
+        target.parent.mkdir(exist_ok=True)
+        target.touch()
+        subprocess.run(["mount", "--bind", pod.path, str(target)], check=True)
+        mounted.append(str(target))
+        delete_netns(pod.name)
+        return str(target)
+
+    yield move
+    for path in mounted:
+        subprocess.run(["umount", path], check=False)
 
 
 def identity(pod: Pod) -> tuple[int, int]:
@@ -436,7 +467,7 @@ async def restarted_on(tmp_path: Path) -> AsyncIterator[tuple[NodeAgent, GatedRe
     removals fail (until the test says otherwise); its retries stopped at the end."""
     redirector = GatedRedirector()
     redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
-    restarted = NodeAgent(AgentConfig(), redirector)
+    restarted = NodeAgent(AgentConfig(), redirector, netns_policy=with_netns_root(tmp_path))
     store = PodStore.open(str(tmp_path), used_before=True)
     restarted.use_store(store)
     try:
@@ -546,47 +577,63 @@ def _netns_of(pid: int) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def rules_in_netns_of(pid: int) -> bool:
-    """``has_rules`` for the netns process ``pid`` is in (a netns without a name)."""
-    saved = subprocess.run(
-        ["nsenter", "-t", str(pid), "-n", "iptables-save"], capture_output=True, text=True, check=True
-    ).stdout
-    return "ISTIO_OUTPUT" in saved
-
-
-@pytest.mark.parametrize("by", ["pid", "path, its name gone"])
+@pytest.mark.parametrize("by", ["pid", "path, its name gone", "path, moved under --netns-root"])
 async def test_a_removal_retry_goes_on_while_anything_holds_the_netns(
     agent: Agent,
     make_pod: Callable[[], Pod],
     sleeper_in: Callable[[Pod], subprocess.Popen[bytes]],
+    moved_under_root: Callable[[Pod], str],
     caplog: pytest.LogCaptureFixture,
     by: str,
 ) -> None:
     """The retry asked whether the pod's netns was still at ``str(ref)``: for a pod enrolled
     by pid that is "pid:N", never a file, so its first try ended it ("go with their netns")
     and deleted the row while the rules stayed in a live netns; as for a pod whose path went
-    while its processes live on (a recovered pod found elsewhere)."""
+    while its processes live on (a recovered pod found elsewhere), and for one whose netns
+    only a bind mount in a --netns-root directory holds (only /run/netns was looked at)."""
     caplog.set_level(logging.INFO, logger="zds.server")
     a = make_pod()
-    proc = sleeper_in(a)
-    ref = NetnsRef.of_pid(proc.pid) if by == "pid" else NetnsRef.of_path(a.path)
+    proc = sleeper_in(a) if "moved" not in by else None
+    ref = NetnsRef.of_pid(proc.pid) if proc is not None and by == "pid" else NetnsRef.of_path(a.path)
     await agent.agent.add_pod(PodSpec.create("u1", ref, name="u1", namespace="default"))
     agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
     await agent.agent.remove_pod("u1")
-    if by != "pid":
-        delete_netns(a.name)  # its path goes; the process keeps the netns
+    if proc is None:
+        held = moved_under_root(a)  # its name goes; a bind mount elsewhere keeps the netns
+    else:
+        held = f"/proc/{proc.pid}/ns/net"
+        if by != "pid":
+            delete_netns(a.name)  # its path goes; the process keeps the netns
     tried = agent.redirector.removals_tried
     await async_wait_until(
         lambda: agent.redirector.removals_tried > tried, "a retry", timeout=defaults.UNDO_RETRY_INITIAL + 5
     )
     assert len(undo_tasks()) == 1 and "go with their netns" not in caplog.text
-    assert rules_in_netns_of(proc.pid) and agent.committed("leftovers") == ["u1"]
+    assert rules_at(held) and agent.committed("leftovers") == ["u1"]
     agent.redirector.refuse_removal = ""
     await async_wait_until(
         lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
     )
     assert "rules a failed removal left are taken out now" in caplog.text
-    assert not rules_in_netns_of(proc.pid) and agent.committed("leftovers") == []
+    assert not rules_at(held) and agent.committed("leftovers") == []
+
+
+async def test_a_pod_whose_netns_only_a_netns_root_directory_holds_is_found_there_at_a_restart(
+    agent: Agent, make_pod: Callable[[], Pod], moved_under_root: Callable[[Pod], str], tmp_path: Path
+) -> None:
+    """Recovery looked for a netns whose path went only in /proc and /run/netns: one that a
+    bind mount in a --netns-root directory holds was taken for gone, its row dropped while
+    its rules stayed in (recorded nowhere)."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    held = moved_under_root(a)
+    async with restarted_on(tmp_path) as (restarted, _, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.FOUND_ELSEWHERE}
+        pod = restarted.pods.get("u1")
+        assert pod is not None and pod.rules_installed and pod.netns is not None
+        assert pod.netns.identity == NetnsIdentity(os.stat(held).st_dev, os.stat(held).st_ino)
+        assert rules_at(held) and [row.spec.uid for row in store.load()] == ["u1"]
 
 
 def netns_fds(path: str) -> int:
