@@ -116,12 +116,21 @@ class Leftovers:
     def replaced(self, old: Pod, new: Pod) -> None:
         """``old`` was replaced in the cache by ``new`` (the same uid): its netns fd goes, and
         with it, if ``new`` lives elsewhere, its rules, recorded as left there first (the uid's
-        row is ``new``'s now); in the same netns, an earlier run's rules that would not come
+        row is ``new``'s now; for an ``old`` recovered without opening its netns, only
+        recorded); in the same netns, an earlier run's rules that would not come
         out go to the retry if ``new`` installs none (--no-redirect)."""
-        elsewhere = new.netns is None or (old.netns is not None and old.netns.identity != new.netns.identity)
-        if old.rules_installed and old.netns is not None and elsewhere:
+        was = old.netns.identity if old.netns is not None else old.unopened.identity if old.unopened else None
+        elsewhere = new.netns is None or (was is not None and was != new.netns.identity)
+        if old.rules_installed and was is not None and elsewhere:
             self.keep_row(dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True))
-            self.tasks.spawn(self._take_out_replaced(old))
+            if old.netns is not None:
+                self.tasks.spawn(self._take_out_replaced(old))
+            else:  # (recovered without opening it: a start that can takes them out)
+                log.warning(
+                    "the pod's rules in the netns it was recovered from without opening it stay "
+                    "there, recorded for a start that can open it",
+                    extra=old.spec.log_extra,
+                )
         elif not (old.rules_installed and not new.rules_installed and self.take_if_left(old, removal=True)):
             old.close()  # (queued sends hold their own dups)
 

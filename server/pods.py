@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from zds import defaults
 from zds.errors import ZdsError
-from zds.netns import NetnsRef
+from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import names
 
 if TYPE_CHECKING:
@@ -183,6 +183,16 @@ class PodSpec:
             )
 
 
+@dataclass(frozen=True)
+class Unopened:
+    """The netns a pod was enrolled in, as stored, for a pod recovered without opening it (at
+    a place this run does not allow, or no fd to look for it): it may live on, with the
+    pod's rules in it."""
+
+    identity: NetnsIdentity
+    cookie: int | None
+
+
 @dataclass
 class Pod:
     """A cache entry: the spec, the open netns (None when it could not be opened) and delivery state."""
@@ -199,6 +209,9 @@ class Pod:
     rules_digest: str = ""
     #: How this pod came back after a node-agent restart ('' for a pod enrolled by this run).
     recovery: str = ""
+    #: Recovered without opening its netns, which may live on: which netns that is (its row,
+    #: rewritten, or its rules recorded as left when it is replaced, still say so).
+    unopened: Unopened | None = None
 
     @property
     def uid(self) -> str:

@@ -36,7 +36,7 @@ from zds.netns import (
 )
 from zds.server.enrollment import Enrollment
 from zds.server.podrules import RulesError, remove_earlier_rules
-from zds.server.pods import Pod
+from zds.server.pods import Pod, Unopened
 from zds.server.refind import Found, reopen, search, why_refused
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
@@ -260,6 +260,8 @@ async def _restore(
         log.info("finished the removal a restart interrupted", extra=row.spec.log_extra)
         return RecoveryOutcome.REMOVAL_FINISHED
     if pod.netns is None:
+        if row.identity is not None and (item.place_refused or item.unreachable):
+            pod.unopened = Unopened(row.identity, row.cookie)  # (it may live on, with the pod's rules)
         outcome = (
             RecoveryOutcome.WITHOUT_NETNS
             if row.identity is None

@@ -61,15 +61,22 @@ class StoredPod:
 
     @classmethod
     def of(cls, pod: Pod, *, rules: str) -> Self:
-        """The row of a pod as it is now (not removing), with the rule set ``rules``."""
+        """The row of a pod as it is now (not removing), with the rule set ``rules`` (a pod
+        recovered without opening its netns: the netns it was stored with)."""
+        identity: NetnsIdentity | None = None
+        cookie: int | None = None
+        if pod.netns is not None:
+            identity, cookie = pod.netns.identity, netns_cookie(pod.netns)
+        elif pod.unopened is not None:
+            identity, cookie = pod.unopened.identity, pod.unopened.cookie
         return cls(
             pod.spec,
-            pod.netns.identity if pod.netns is not None else None,
+            identity,
             rules=rules,
             rules_digest=pod.rules_digest,
             removing=False,
             enrolled_at=pod.enrolled_at,
-            cookie=netns_cookie(pod.netns) if pod.netns is not None else None,
+            cookie=cookie,
         )
 
 

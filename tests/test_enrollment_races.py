@@ -191,12 +191,16 @@ def moved_under_root(tmp_path: Path) -> Iterator[Callable[[Pod], str]]:
         return str(target)
 
     yield move
-    for path in mounted:
-        subprocess.run(["umount", path], check=False)
+    for path in mounted:  # (lazily: a node agent's fd opened there may still be open)
+        subprocess.run(["umount", "--lazy", path], check=False)
 
 
 def identity(pod: Pod) -> tuple[int, int]:
-    st = os.stat(pod.path)
+    return identity_at(pod.path)
+
+
+def identity_at(path: str) -> tuple[int, int]:
+    st = os.stat(path)
     return st.st_dev, st.st_ino
 
 
@@ -462,12 +466,15 @@ async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_onc
 
 
 @contextlib.asynccontextmanager
-async def restarted_on(tmp_path: Path) -> AsyncIterator[tuple[NodeAgent, GatedRedirector, PodStore]]:
+async def restarted_on(
+    tmp_path: Path, policy: NetnsPolicy | None = None
+) -> AsyncIterator[tuple[NodeAgent, GatedRedirector, PodStore]]:
     """A second node agent on the first one's pod store, as after a restart, whose rule
-    removals fail (until the test says otherwise); its retries stopped at the end."""
+    removals fail (until the test says otherwise); its retries stopped at the end. Its
+    netns policy: ``policy`` (default: ``with_netns_root``, as the first one's)."""
     redirector = GatedRedirector()
     redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
-    restarted = NodeAgent(AgentConfig(), redirector, netns_policy=with_netns_root(tmp_path))
+    restarted = NodeAgent(AgentConfig(), redirector, netns_policy=policy or with_netns_root(tmp_path))
     store = PodStore.open(str(tmp_path), used_before=True)
     restarted.use_store(store)
     try:
@@ -632,7 +639,7 @@ async def test_a_pod_whose_netns_only_a_netns_root_directory_holds_is_found_ther
         assert report.outcomes == {"u1": RecoveryOutcome.FOUND_ELSEWHERE}
         pod = restarted.pods.get("u1")
         assert pod is not None and pod.rules_installed and pod.netns is not None
-        assert pod.netns.identity == NetnsIdentity(os.stat(held).st_dev, os.stat(held).st_ino)
+        assert pod.netns.identity == NetnsIdentity(*identity_at(held))
         assert rules_at(held) and [row.spec.uid for row in store.load()] == ["u1"]
 
 
@@ -708,6 +715,34 @@ async def test_rules_a_removal_left_outlive_a_re_add_of_their_uid_elsewhere_and_
         assert not has_rules(a), "rules no row recorded stayed in A"
         assert has_rules(b) and store.load_leftovers() == []
         assert "rules a failed removal left before this start: what went in is taken out" in caplog.text
+
+
+async def test_rules_of_a_pod_recovered_without_opening_its_netns_stay_recorded_when_it_is_re_added_elsewhere(
+    agent: Agent, make_pod: Callable[[], Pod], moved_under_root: Callable[[Pod], str], tmp_path: Path
+) -> None:
+    """u1 was enrolled from a --netns-root directory, and recovered by a start without it (its
+    netns not opened); re-added in B, its row became B's and nothing recorded its rules in
+    the first netns any more: a start with the directory again left them there for good."""
+    a, b = make_pod(), make_pod()
+    held = moved_under_root(a)
+    await agent.agent.add_pod(PodSpec.create("u1", NetnsRef.of_path(held), name="u1", namespace="default"))
+    async with restarted_on(tmp_path, NetnsPolicy.for_this_node()) as (restarted, _, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.PLACE_REFUSED}
+        with pytest.raises(EnrollmentError, match="no ztunnel connection"):  # (stays cached)
+            await restarted.add_pod(agent.spec("u1", b))
+        assert has_rules(b) and agent.stored() == {"u1": identity(b)}
+        (left,) = store.load_leftovers()
+        assert (
+            left.removing and left.rules == "iptables" and left.identity == NetnsIdentity(*identity_at(held))
+        )
+    assert rules_at(held)
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        redirector.refuse_removal = ""
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.RESTORED}
+        assert not rules_at(held), "the rules no row recorded stayed"
+        assert has_rules(b) and store.load_leftovers() == []
 
 
 async def _nftables_rules_in(pod: Pod) -> NetnsHandle:
