@@ -114,10 +114,11 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     #: The netns of the pods coming back (a removal's rules there wait for them: a restored
     #: pod's own are the same rules, or share its policy routing).
     homes = {row.identity for row in rows if not row.removing and row.identity is not None}
+    swept: set[tuple[NetnsIdentity, str]] = set()
 
     async def one(item: Found) -> None:
         async with semaphore:
-            report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment, homes)
+            report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment, homes, swept)
 
     await asyncio.gather(*(one(item) for item in found))
     for uid, outcome in report.outcomes.items():
@@ -220,8 +221,14 @@ async def _take_out(
 
 
 async def _restore(
-    item: Found, store: PodStore, enrollment: Enrollment, homes: set[NetnsIdentity]
+    item: Found,
+    store: PodStore,
+    enrollment: Enrollment,
+    homes: set[NetnsIdentity],
+    swept: set[tuple[NetnsIdentity, str]],
 ) -> RecoveryOutcome:
+    """Restore one stored pod (``homes``: the netns of the pods coming back; ``swept``: the
+    netns and rule sets whose other backend's rules a pod restored before took care of)."""
     row = item.row
     pod = Pod(spec=row.spec, netns=item.netns, enrolled_at=row.enrolled_at)
     pod.rules_installed, pod.rules_backend, pod.rules_digest = bool(row.rules), row.rules, row.rules_digest
@@ -279,11 +286,16 @@ async def _restore(
             pod.rules_installed = False
             _rewrite(store, pod, "")
         if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
-            if row.rules and row.rules != rules.name and not await rules.remove_other(pod, row.rules):
+            if row.rules and row.rules != rules.name and (pod.netns.identity, row.rules) not in swept:
                 # Installed by the other backend (the agent was restarted with the other
                 # --redirect-backend): its rules come out, this one's go in; if they will
-                # not, they are taken out once the pod is gone (the two share the routing).
-                enrollment.leftovers.retry_beside(pod, row.rules)
+                # not, or a pod restored in that netns has this one's already, they are taken
+                # out once the pod is gone (the two share the policy routing). Once a netns.
+                swept.add((pod.netns.identity, row.rules))
+                if enrollment.cache.has_rules_in(pod.netns.identity) or not await rules.remove_other(
+                    pod, row.rules
+                ):
+                    enrollment.leftovers.retry_beside(pod, row.rules)
             try:
                 await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy
             except RulesError as exc:

@@ -27,9 +27,10 @@ from zds import defaults
 from zds.aio import cancel_and_wait
 from zds.netns import NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
-from zds.server import pods
+from zds.server import pods, recovery
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.netnspolicy import NetnsPolicy
+from zds.server.nftables import NftablesRedirector
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
@@ -743,6 +744,52 @@ async def test_rules_of_a_pod_recovered_without_opening_its_netns_stay_recorded_
         assert report.outcomes == {"u1": RecoveryOutcome.RESTORED}
         assert not rules_at(held), "the rules no row recorded stayed"
         assert has_rules(b) and store.load_leftovers() == []
+
+
+class FailingInstall(NftablesRedirector):
+    """Istio's nftables rules, for real; its ``nth`` install fails before anything goes in."""
+
+    def __init__(self, nth: int) -> None:
+        super().__init__()
+        self.nth, self.installs = nth, 0
+
+    async def install(self, netns: NetnsHandle) -> Installed:
+        self.installs += 1
+        if self.installs == self.nth:
+            raise RedirectError("nft: Could not process rule: No buffer space available")
+        return await super().install(netns)
+
+
+async def test_a_pod_restored_beside_others_with_the_other_backends_rules_leaves_their_policy_routing(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Pods sharing a netns, stored with iptables rules, restored by a start with nftables: each
+    took the iptables rules and the policy routing they share out again, also once others were
+    restored there with nftables; the one whose install then failed left them without it."""
+    a = make_pod()
+    uids = [f"u{i}" for i in range(recovery.CONCURRENCY + 1)]  # (the last waits for a restored one)
+    for uid in uids:
+        await agent.agent.add_pod(agent.spec(uid, a))
+    restarted = NodeAgent(
+        AgentConfig(), FailingInstall(nth=len(uids)), netns_policy=with_netns_root(tmp_path)
+    )
+    store = PodStore.open(str(tmp_path), used_before=True)
+    restarted.use_store(store)
+    try:
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {
+            uid: RecoveryOutcome.RULES_FAILED if uid == uids[-1] else RecoveryOutcome.RULES_REINSTALLED
+            for uid in uids
+        }
+        assert not has_rules(a)
+        rules = restarted.enrollment.rules
+        first = restarted.pods.get(uids[0])
+        assert rules is not None and first is not None
+        assert await rules.in_place(first), "the restored pods' rules (their policy routing) were taken out"
+    finally:
+        await restarted.tasks.cancel_all()
+        restarted.close()
+        store.close()
 
 
 async def _nftables_rules_in(pod: Pod) -> NetnsHandle:
