@@ -76,6 +76,9 @@ class RecoveryOutcome(enum.Enum):
     #: Its path is at a place this run does not allow (``--netns-root`` changed) and its netns
     #: was not found by identity elsewhere: not opened; known, its row kept, sent as KeepWorkload.
     PLACE_REFUSED = "netns place not allowed"
+    #: Its netns could not be opened or looked for now, for want of an fd (the node agent at
+    #: its fd limit): not taken for gone; known, its row kept, sent as KeepWorkload.
+    NETNS_NOT_OPENED = "netns not opened (no fd)"
     #: Its row names the node's own netns or names zds refuses: dropped from the store.
     REFUSED = "refused"
 
@@ -126,6 +129,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
             RecoveryOutcome.NETNS_GONE,
             RecoveryOutcome.NETNS_REPLACED,
             RecoveryOutcome.PLACE_REFUSED,
+            RecoveryOutcome.NETNS_NOT_OPENED,
         ):
             log.warning(
                 "pod recovered without its netns (%s): sent to ztunnel as KeepWorkload",
@@ -272,6 +276,8 @@ async def _restore(
         outcome = (
             RecoveryOutcome.WITHOUT_NETNS
             if row.identity is None
+            else RecoveryOutcome.NETNS_NOT_OPENED
+            if item.unreachable
             else RecoveryOutcome.NETNS_REPLACED
             if item.replaced
             else RecoveryOutcome.PLACE_REFUSED

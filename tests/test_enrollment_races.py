@@ -1003,6 +1003,25 @@ async def test_a_start_with_no_fd_to_open_a_netns_keeps_the_record_of_the_rules_
         assert [r.spec.uid for r in store.load_leftovers()] == ["u1"] and has_rules(a)
 
 
+async def test_a_pod_whose_netns_a_start_has_no_fd_to_open_is_not_said_gone_and_keeps_its_netns(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Recovered as ``netns gone`` though its netns lives (only no fd to open it), and without
+    the netns's identity: re-added elsewhere, nothing recorded the rules it left there."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    async with restarted_on(tmp_path) as (restarted, _, store):
+        with no_fd_to_spare():
+            report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.NETNS_NOT_OPENED}
+        pod = restarted.pods.get("u1")
+        assert pod is not None and pod.netns is None and pod.recovery == "netns not opened (no fd)"
+        with pytest.raises(EnrollmentError, match="no ztunnel connection"):  # (stays cached)
+            await restarted.add_pod(agent.spec("u1", b))
+        (left,) = store.load_leftovers()
+        assert left.identity == NetnsIdentity(*identity(a)) and has_rules(a)
+
+
 @contextlib.contextmanager
 def no_fd_to_spare() -> Iterator[None]:
     """Every fd number below the soft limit taken meanwhile (the limit lowered to the highest
