@@ -22,6 +22,7 @@ of delivery are unit-tested with stand-in connections, no root and no process:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -339,8 +340,13 @@ class Enrollment:
                 retried = self.leftovers.take_if_left(pod, removal=True)
                 if pod.netns is None and pod.rules_installed:
                     # (recovered without opening its netns: its row, marked removing, records
-                    # its rules for a start that can open it)
+                    # its rules for a start that can open it; in leftovers if it knows that
+                    # netns, where a re-add of the uid leaves it alone)
                     log.warning("its rules stay where they are, recorded", extra=pod.spec.log_extra)
+                    if pod.unopened is not None:
+                        self.leftovers.keep_row(
+                            dataclasses.replace(StoredPod.of(pod, rules=pod.rules_backend), removing=True)
+                        )
                 elif not retried:
                     delete_pod_row(self.store, uid)
                 results = await self._broadcast_del(uid, spans.trace_context(span))

@@ -117,8 +117,9 @@ class Leftovers:
         """``old`` was replaced in the cache by ``new`` (the same uid): its netns fd goes, and
         with it, if ``new`` lives elsewhere, its rules, recorded as left there first (the uid's
         row is ``new``'s now; for an ``old`` recovered without opening its netns, only
-        recorded); in the same netns, an earlier run's rules that would not come
-        out go to the retry if ``new`` installs none (--no-redirect)."""
+        recorded); in the same netns, an earlier run's rules that would not come out, or
+        that ``old`` was recovered with without opening it, go to the retry if ``new``
+        installs none (--no-redirect) or the other rule set."""
         was = old.netns.identity if old.netns is not None else old.unopened.identity if old.unopened else None
         elsewhere = new.netns is None or (was is not None and was != new.netns.identity)
         if old.rules_installed and was is not None and elsewhere:
@@ -131,6 +132,9 @@ class Leftovers:
                     "there, recorded for a start that can open it",
                     extra=old.spec.log_extra,
                 )
+        elif old.unopened is not None and old.rules_installed and old.rules_backend != new.rules_backend:
+            # (the same netns, open now through ``new``, which installs none or the other rule set)
+            self.retry_beside(new, old.rules_backend, removal=True)
         elif not (old.rules_installed and not new.rules_installed and self.take_if_left(old, removal=True)):
             old.close()  # (queued sends hold their own dups)
 
@@ -147,7 +151,7 @@ class Leftovers:
             self.forget_row(old, old.rules_backend)
             old.close()
 
-    def retry_beside(self, pod: Pod, backend: str) -> None:
+    def retry_beside(self, pod: Pod, backend: str, *, removal: bool = False) -> None:
         """``retry`` for rules of ``backend`` left in the netns of a pod that stays cached (at a
         start: a failed reinstall's, or the other backend's that would not come out), with a
         netns fd of its own (the other backend's wait while a pod with rules lives there). If
@@ -157,11 +161,11 @@ class Leftovers:
             netns = NetnsHandle(pod.netns.dup(), pod.netns.path, pod.netns.identity)
         except OSError as exc:
             log.warning("cannot hold the pod's netns to try again: %s", exc, extra=pod.spec.log_extra)
-            self.keep_row(StoredPod.of(pod, rules=backend))
+            self.keep_row(dataclasses.replace(StoredPod.of(pod, rules=backend), removing=removal))
             return
         netns.move_above(defaults.NETNS_FD_FLOOR)
         self.retry(
-            Pod(spec=pod.spec, netns=netns, rules_installed=True, rules_backend=backend), removal=False
+            Pod(spec=pod.spec, netns=netns, rules_installed=True, rules_backend=backend), removal=removal
         )
 
     def _record(self, pod: Pod, removal: bool) -> None:

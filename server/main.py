@@ -178,11 +178,12 @@ class NodeAgentServer:
             raise StartupError(str(exc)) from exc
 
     async def _load_pods(self, path: str, specs: list[PodSpec]) -> None:
-        """Preload a pods file's pods; a uid the store already holds (with its netns) keeps the stored pod."""
+        """Preload a pods file's pods; a uid the store already holds (with its netns, or one
+        it could not open now) keeps the stored pod."""
         loaded = 0
         for spec in specs:
             held = self.agent.pods.get(spec.uid)
-            if held is not None and held.netns is not None:
+            if held is not None and (held.netns is not None or held.unopened is not None):
                 log.info(
                     "pods file entry skipped: the pod store holds this pod already", extra=spec.log_extra
                 )

@@ -118,13 +118,26 @@ class PodRules:
         """The rule set, as the pod store records it."""
         return self.redirector.name
 
-    async def remove_other(self, pod: Pod, backend: str) -> bool:
+    async def remove_other(
+        self, pod: Pod, backend: str, still_used: Callable[[NetnsIdentity], bool] = lambda _: False
+    ) -> bool:
         """Take out the rules another backend (``backend``, as the pod store recorded it)
         installed in the pod's netns, before this one installs its own (a node agent
-        restarted with the other ``--redirect-backend``). False, logged, if that failed."""
+        restarted with the other ``--redirect-backend``). False, logged, if that failed, or
+        (not tried) if ``still_used``: a pod with this backend's rules lives in that netns
+        (the two rule sets share the policy routing)."""
         if pod.netns is None:
             return True
         async with self._locks.hold(pod.netns.identity):
+            if still_used(pod.netns.identity):
+                log.info(
+                    "the %s rules stay while a pod with %s rules lives in this netns (they share the "
+                    "policy routing)",
+                    backend,
+                    self.name,
+                    extra=pod.spec.log_extra,
+                )
+                return False
             return await remove_rules_of(
                 pod, backend, self.redirector.config, f"this node agent uses {self.name}"
             )

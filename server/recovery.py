@@ -298,9 +298,7 @@ async def _restore(
                 # not, or a pod restored in that netns has this one's already, they are taken
                 # out once the pod is gone (the two share the policy routing). Once a netns.
                 swept.add((pod.netns.identity, row.rules))
-                if enrollment.cache.has_rules_in(pod.netns.identity) or not await rules.remove_other(
-                    pod, row.rules
-                ):
+                if not await rules.remove_other(pod, row.rules, enrollment.cache.has_rules_in):
                     enrollment.leftovers.retry_beside(pod, row.rules)
             try:
                 await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy

@@ -467,23 +467,33 @@ async def test_rules_a_removal_could_not_take_out_stay_recorded_and_come_out_onc
 
 
 @contextlib.asynccontextmanager
-async def restarted_on(
-    tmp_path: Path, policy: NetnsPolicy | None = None
-) -> AsyncIterator[tuple[NodeAgent, GatedRedirector, PodStore]]:
-    """A second node agent on the first one's pod store, as after a restart, whose rule
-    removals fail (until the test says otherwise); its retries stopped at the end. Its
-    netns policy: ``policy`` (default: ``with_netns_root``, as the first one's)."""
-    redirector = GatedRedirector()
-    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
-    restarted = NodeAgent(AgentConfig(), redirector, netns_policy=policy or with_netns_root(tmp_path))
+async def started_on(
+    tmp_path: Path, rules: Redirector | None, policy: NetnsPolicy | None = None
+) -> AsyncIterator[tuple[NodeAgent, PodStore]]:
+    """A node agent on the first one's pod store, as after a restart, with ``rules`` (None:
+    --no-redirect) and ``policy`` (default: ``with_netns_root``, as the first one's); its
+    retries stopped at the end."""
+    restarted = NodeAgent(AgentConfig(), rules, netns_policy=policy or with_netns_root(tmp_path))
     store = PodStore.open(str(tmp_path), used_before=True)
     restarted.use_store(store)
     try:
-        yield restarted, redirector, store
+        yield restarted, store
     finally:
         await restarted.tasks.cancel_all()
         restarted.close()
         store.close()
+
+
+@contextlib.asynccontextmanager
+async def restarted_on(
+    tmp_path: Path, policy: NetnsPolicy | None = None
+) -> AsyncIterator[tuple[NodeAgent, GatedRedirector, PodStore]]:
+    """``started_on`` with Istio's iptables rules whose removals fail (until the test says
+    otherwise)."""
+    redirector = GatedRedirector()
+    redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    async with started_on(tmp_path, redirector, policy) as (restarted, store):
+        yield restarted, redirector, store
 
 
 async def one_retry_takes_them_out(
@@ -709,13 +719,19 @@ async def test_rules_a_removal_left_outlive_a_re_add_of_their_uid_elsewhere_and_
     await cancel_and_wait(*undo_tasks())  # the node agent stopped before the retry took them out
     assert has_rules(a) and has_rules(b)
     assert agent.stored() == {"u1": identity(b)}
+    await a_start_takes_out_what_is_left(tmp_path, a.path, b)
+    assert "rules a failed removal left before this start: what went in is taken out" in caplog.text
+
+
+async def a_start_takes_out_what_is_left(tmp_path: Path, left_at: str, b: Pod) -> None:
+    """A start whose removals work restores u1 in ``b`` and takes out the rules recorded as
+    left in the netns at ``left_at``."""
     async with restarted_on(tmp_path) as (restarted, redirector, store):
         redirector.refuse_removal = ""
         report = await recover(store, restarted.enrollment)
         assert report.outcomes == {"u1": RecoveryOutcome.RESTORED}
-        assert not has_rules(a), "rules no row recorded stayed in A"
+        assert not rules_at(left_at), "rules no row recorded stayed"
         assert has_rules(b) and store.load_leftovers() == []
-        assert "rules a failed removal left before this start: what went in is taken out" in caplog.text
 
 
 async def test_rules_of_a_pod_recovered_without_opening_its_netns_stay_recorded_when_it_is_re_added_elsewhere(
@@ -738,12 +754,7 @@ async def test_rules_of_a_pod_recovered_without_opening_its_netns_stay_recorded_
             left.removing and left.rules == "iptables" and left.identity == NetnsIdentity(*identity_at(held))
         )
     assert rules_at(held)
-    async with restarted_on(tmp_path) as (restarted, redirector, store):
-        redirector.refuse_removal = ""
-        report = await recover(store, restarted.enrollment)
-        assert report.outcomes == {"u1": RecoveryOutcome.RESTORED}
-        assert not rules_at(held), "the rules no row recorded stayed"
-        assert has_rules(b) and store.load_leftovers() == []
+    await a_start_takes_out_what_is_left(tmp_path, held, b)
 
 
 class FailingInstall(NftablesRedirector):
@@ -770,12 +781,7 @@ async def test_a_pod_restored_beside_others_with_the_other_backends_rules_leaves
     uids = [f"u{i}" for i in range(recovery.CONCURRENCY + 1)]  # (the last waits for a restored one)
     for uid in uids:
         await agent.agent.add_pod(agent.spec(uid, a))
-    restarted = NodeAgent(
-        AgentConfig(), FailingInstall(nth=len(uids)), netns_policy=with_netns_root(tmp_path)
-    )
-    store = PodStore.open(str(tmp_path), used_before=True)
-    restarted.use_store(store)
-    try:
+    async with started_on(tmp_path, FailingInstall(nth=len(uids))) as (restarted, store):
         report = await recover(store, restarted.enrollment)
         assert report.outcomes == {
             uid: RecoveryOutcome.RULES_FAILED if uid == uids[-1] else RecoveryOutcome.RULES_REINSTALLED
@@ -786,10 +792,28 @@ async def test_a_pod_restored_beside_others_with_the_other_backends_rules_leaves
         first = restarted.pods.get(uids[0])
         assert rules is not None and first is not None
         assert await rules.in_place(first), "the restored pods' rules (their policy routing) were taken out"
-    finally:
-        await restarted.tasks.cancel_all()
-        restarted.close()
-        store.close()
+
+
+async def test_a_pod_restored_with_the_new_backends_rules_keeps_them_beside_one_with_the_old(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """u0 (nftables, in place) and u1 (iptables) in one netns, a start with nftables: u1 took
+    the iptables rules, and the policy routing both share, out once u0 was back; its own
+    install failing then, u0 was left without it. The iptables rules wait for the pods."""
+    a = make_pod()
+    with contextlib.closing(open_netns(a.path)) as netns:
+        installed = await redirector("nftables").install(netns)
+        agent.store.put(agent.spec("u0", a), netns.identity, rules="nftables", rules_digest=installed.digest)
+    await agent.agent.add_pod(agent.spec("u1", a))  # (after u0: restored in that order)
+    async with started_on(tmp_path, FailingInstall(nth=1)) as (restarted, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u0": RecoveryOutcome.RESTORED, "u1": RecoveryOutcome.RULES_FAILED}
+        rules, u0 = restarted.enrollment.rules, restarted.pods.get("u0")
+        assert rules is not None and u0 is not None
+        assert await rules.in_place(u0), "u0's policy routing was taken out"
+        assert has_rules(a) and [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [
+            ("u1", "iptables")
+        ]
 
 
 async def _nftables_rules_in(pod: Pod) -> NetnsHandle:
@@ -1020,6 +1044,47 @@ async def test_a_pod_whose_netns_a_start_has_no_fd_to_open_is_not_said_gone_and_
             await restarted.add_pod(agent.spec("u1", b))
         (left,) = store.load_leftovers()
         assert left.identity == NetnsIdentity(*identity(a)) and has_rules(a)
+
+
+async def test_rules_a_pod_recovered_with_no_fd_left_are_recorded_when_it_is_re_added_there_without_rules(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Re-added in the same netns by a --no-redirect node agent, a pod recovered without opening
+    it had its row replaced by one without rules: nothing recorded (or took out) the rules an
+    earlier run put there."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    async with started_on(tmp_path, None) as (restarted, store):
+        with no_fd_to_spare():
+            report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.NETNS_NOT_OPENED}
+        with pytest.raises(EnrollmentError, match="no ztunnel connection"):  # (stays cached)
+            await restarted.add_pod(agent.spec("u1", a))
+        assert [(r.spec.uid, r.rules, r.identity) for r in store.load_leftovers()] == [
+            ("u1", "iptables", NetnsIdentity(*identity(a)))
+        ]
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert not has_rules(a) and store.load_leftovers() == []
+
+
+async def test_the_removal_of_a_pod_recovered_with_no_fd_left_keeps_its_rules_recorded_past_a_re_add(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Its row, marked removing, was the only record of its rules: a re-add of the uid
+    elsewhere replaced it."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    async with restarted_on(tmp_path) as (restarted, _, store):
+        with no_fd_to_spare():
+            await recover(store, restarted.enrollment)
+        await restarted.remove_pod("u1")
+        assert store.load() == [] and [r.removing for r in store.load_leftovers()] == [True]
+        with pytest.raises(EnrollmentError, match="no ztunnel connection"):  # (stays cached)
+            await restarted.add_pod(agent.spec("u1", b))
+        assert [r.identity for r in store.load_leftovers()] == [NetnsIdentity(*identity(a))]
+        assert has_rules(a) and agent.stored() == {"u1": identity(b)}
 
 
 @contextlib.contextmanager

@@ -268,13 +268,16 @@ def test_an_add_pod_with_a_nul_in_its_netns_path_is_invalid_not_internal(server:
 
 
 def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_alone(
-    tmp_path: Path, custom_root: tuple[Path, str]
+    tmp_path: Path, custom_root: tuple[Path, str], make_pod: Callable[[], Pod]
 ) -> None:
     """Enrolled under --netns-root, the agent restarted without it: the stored path is not
     opened (its place is not allowed now) and the netns is not found by identity (only that
     bind mount holds it), so the pod stays known, sent as KeepWorkload, its row kept and its
-    rules untouched; given --netns-root again, it is restored as it was."""
+    rules untouched (a --pods entry of its uid elsewhere does not replace it: the store
+    wins); given --netns-root again, it is restored as it was."""
     root, netns = custom_root
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps({"uid": "u1", "netns": make_pod().path}) + "\n")
     named = [name for name in os.listdir("/run/netns") if os.path.samefile(f"/run/netns/{name}", netns)]
     subprocess.run(["ip", "netns", "delete", *named], check=True)  # the bind mount alone holds it
 
@@ -295,7 +298,7 @@ def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_
         first.stop()
     enrolled = rules()
     assert "ISTIO_OUTPUT" in enrolled
-    second = NodeAgentProc(str(tmp_path), redirect=True, name="second").wait_ready()
+    second = NodeAgentProc(str(tmp_path), "--pods", str(pods), redirect=True, name="second").wait_ready()
     peer = AckingPeer(second.zds_socket)
     try:
         peer.wait_snapshot()
@@ -303,6 +306,7 @@ def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_
         assert (kept.uid, kept.recovery) == ("u1", "netns place not allowed")
         assert peer.kinds == ["keep", "snapshot_sent"]
         assert f"netns path {netns} is not under an allowed root" in second.output()
+        assert "pods file entry skipped: the pod store holds this pod already" in second.output()
     finally:
         peer.close()
         second.stop()
