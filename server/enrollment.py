@@ -272,12 +272,16 @@ class Enrollment:
         its rules out again and refuse: a namespace is never left half-configured."""
         if self.store is None:
             return
+        old = self.cache.get(pod.uid)
         try:
-            # Committed with the others enrolled in this turn of the loop (the bulk path's).
+            # Committed with the others enrolled in this turn of the loop (the bulk path's),
+            # with the record of the rules a pod it replaces leaves (a stop between the two
+            # would leave them recorded nowhere).
             await self.store.put_soon(
                 StoredPod.of(
                     pod, rules=self.rules.name if self.rules is not None and pod.rules_installed else ""
-                )
+                ),
+                left=self.leftovers.left_by_replacing(old, pod) if old is not None else None,
             )
         except asyncio.CancelledError:
             pod.close()  # (shutting down: the pod, if committed, comes back on the next start)

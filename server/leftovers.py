@@ -113,29 +113,35 @@ class Leftovers:
         except StoreError as exc:
             log.warning("cannot update the pod store: %s", exc, extra=pod.spec.log_extra)
 
+    def left_by_replacing(self, old: Pod, new: Pod) -> StoredPod | None:
+        """The record of the rules ``old`` leaves in its netns once ``new`` (the same uid)
+        replaces it (``replaced``), for the store's ``leftovers`` in the very transaction that
+        commits ``new``'s row over ``old``'s; None if it leaves none."""
+        if not _left_by(old, new):
+            return None
+        return dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True)
+
     def replaced(self, old: Pod, new: Pod) -> None:
-        """``old`` was replaced in the cache by ``new`` (the same uid): its netns fd goes, and
-        with it, if ``new`` lives elsewhere, its rules, recorded as left there first (the uid's
-        row is ``new``'s now; for an ``old`` recovered without opening its netns, only
-        recorded); in the same netns, an earlier run's rules that would not come out, or
-        that ``old`` was recovered with without opening it, go to the retry if ``new``
-        installs none (--no-redirect) or the other rule set."""
-        was = old.netns.identity if old.netns is not None else old.unopened.identity if old.unopened else None
-        elsewhere = new.netns is None or (was is not None and was != new.netns.identity)
-        if old.rules_installed and was is not None and elsewhere:
-            self.keep_row(dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True))
-            if old.netns is not None:
-                self.tasks.spawn(self._take_out_replaced(old))
-            else:  # (recovered without opening it: a start that can takes them out)
-                log.warning(
-                    "the pod's rules in the netns it was recovered from without opening it stay "
-                    "there, recorded for a start that can open it",
-                    extra=old.spec.log_extra,
-                )
-        elif old.unopened is not None and old.rules_installed and old.rules_backend != new.rules_backend:
-            # (the same netns, open now through ``new``, which installs none or the other rule set)
-            self.retry_beside(new, old.rules_backend, removal=True)
-        elif not (old.rules_installed and not new.rules_installed and self.take_if_left(old, removal=True)):
+        """``old`` was replaced in the cache by ``new`` (the same uid), and the rules it leaves
+        recorded (``left_by_replacing``): its netns fd goes, and with it, if ``new`` lives
+        elsewhere, its rules (for an ``old`` recovered without opening its netns: they stay,
+        recorded); in the same netns, the rules of the rule set ``new`` does not install
+        (an earlier run's that would not come out, or those ``old`` was recovered with without
+        opening its netns) go to the retry."""
+        where = _left_by(old, new)
+        if where == "elsewhere" and old.netns is not None:
+            self.tasks.spawn(self._take_out_replaced(old))
+        elif where == "elsewhere":  # (recovered without opening it: a start that can takes them out)
+            log.warning(
+                "the pod's rules in the netns it was recovered from without opening it stay there, "
+                "recorded for a start that can open it",
+                extra=old.spec.log_extra,
+            )
+        elif where and old.netns is not None:
+            self.retry(old, removal=True, recorded=True)
+        elif where:  # (its netns, open now through ``new``)
+            self.retry_beside(new, old.rules_backend, removal=True, recorded=True)
+        else:
             old.close()  # (queued sends hold their own dups)
 
     async def _take_out_replaced(self, old: Pod) -> None:
@@ -151,7 +157,7 @@ class Leftovers:
             self.forget_row(old, old.rules_backend)
             old.close()
 
-    def retry_beside(self, pod: Pod, backend: str, *, removal: bool = False) -> None:
+    def retry_beside(self, pod: Pod, backend: str, *, removal: bool = False, recorded: bool = False) -> None:
         """``retry`` for rules of ``backend`` left in the netns of a pod that stays cached (at a
         start: a failed reinstall's, or the other backend's that would not come out), with a
         netns fd of its own (the other backend's wait while a pod with rules lives there). If
@@ -161,11 +167,14 @@ class Leftovers:
             netns = NetnsHandle(pod.netns.dup(), pod.netns.path, pod.netns.identity)
         except OSError as exc:
             log.warning("cannot hold the pod's netns to try again: %s", exc, extra=pod.spec.log_extra)
-            self.keep_row(dataclasses.replace(StoredPod.of(pod, rules=backend), removing=removal))
+            if not recorded:
+                self.keep_row(dataclasses.replace(StoredPod.of(pod, rules=backend), removing=removal))
             return
         netns.move_above(defaults.NETNS_FD_FLOOR)
         self.retry(
-            Pod(spec=pod.spec, netns=netns, rules_installed=True, rules_backend=backend), removal=removal
+            Pod(spec=pod.spec, netns=netns, rules_installed=True, rules_backend=backend),
+            removal=removal,
+            recorded=recorded,
         )
 
     def _record(self, pod: Pod, removal: bool) -> None:
@@ -195,9 +204,9 @@ class Leftovers:
 
     def ours_there(self, identity: NetnsIdentity) -> bool:
         """A cached pod has this node agent's rules in the netns ``identity`` (with rules on,
-        a cached pod's rules are always of this run's rule set): leftovers of this rule set
-        there are its rules now (its row records them)."""
-        return self.rules is not None and self.cache.has_rules_in(identity)
+        the rules of a cached pod whose netns is open are always of this run's rule set):
+        leftovers of this rule set there are its rules now (its row records them)."""
+        return self.rules is not None and self.cache.has_open_rules_in(identity)
 
     async def _retry(self, pod: Pod, left: _Left) -> None:
         """Until the rules are out (their rows go: in ``leftovers``, and where moving them
@@ -283,6 +292,18 @@ class Leftovers:
             self.store.forget_leftovers(identity, keys, rows_of=rows_of)
         except StoreError as exc:
             log.warning("cannot update the pod store: %s", exc, extra={"uid": keys[0][0]})
+
+
+def _left_by(old: Pod, new: Pod) -> str:
+    """Where ``old``'s rules stay once ``new`` (the same uid) replaces it: ``elsewhere`` (its
+    netns is not ``new``'s), ``here`` (the same netns, where ``new`` installs none or the
+    other rule set), or '' (nowhere: none, or ``new``'s are the same rules)."""
+    was = old.netns.identity if old.netns is not None else old.unopened.identity if old.unopened else None
+    if not old.rules_installed or was is None:
+        return ""
+    if new.netns is None or was != new.netns.identity:
+        return "elsewhere"
+    return "here" if old.rules_backend != new.rules_backend else ""
 
 
 def _gone(pod: Pod, dirs: tuple[str, ...]) -> bool:

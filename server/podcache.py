@@ -25,7 +25,9 @@ class PodCache:
         #: How many cached pods have their rules in each netns (asked on every removal: no scan),
         #: and where each such pod was counted (its rules do not change while it is cached).
         self._rules_in: collections.Counter[NetnsIdentity] = collections.Counter()
-        self._counted: dict[str, NetnsIdentity] = {}
+        self._counted: dict[str, tuple[NetnsIdentity, bool]] = {}
+        #: Of those, the pods recovered without opening their netns (theirs may be either rule set).
+        self._unopened_in: collections.Counter[NetnsIdentity] = collections.Counter()
         #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
         self._claims: collections.Counter[NetnsIdentity] = collections.Counter()
 
@@ -51,17 +53,25 @@ class PodCache:
             return None
         self._pods[pod.uid] = pod
         self._uncount(pod.uid)
-        if pod.netns is not None and pod.rules_installed:
-            self._counted[pod.uid] = pod.netns.identity
-            self._rules_in[pod.netns.identity] += 1
+        # (a pod recovered without opening its netns counts there too: its rules may be in)
+        identity = (
+            pod.netns.identity if pod.netns is not None else pod.unopened.identity if pod.unopened else None
+        )
+        if identity is not None and pod.rules_installed:
+            self._counted[pod.uid] = identity, pod.netns is None
+            self._rules_in[identity] += 1
+            self._unopened_in[identity] += pod.netns is None
         return old
 
     def _uncount(self, uid: str) -> None:
-        identity = self._counted.pop(uid, None)
-        if identity is not None:
-            self._rules_in[identity] -= 1
-            if self._rules_in[identity] <= 0:
-                del self._rules_in[identity]
+        counted = self._counted.pop(uid, None)
+        if counted is None:
+            return
+        identity, unopened = counted
+        for counter in (self._rules_in, self._unopened_in) if unopened else (self._rules_in,):
+            counter[identity] -= 1
+            if counter[identity] <= 0:
+                del counter[identity]
 
     def pop(self, uid: str) -> Pod:
         """Forget a pod (KeyError if unknown); its spec stays findable until ``removed``."""
@@ -83,8 +93,14 @@ class PodCache:
 
     def has_rules_in(self, identity: NetnsIdentity) -> bool:
         """Some cached pod has its rules in this network namespace (a pod without them, one
-        whose rules failed at a start, does not count: the rules there are nobody's)."""
+        whose rules failed at a start, does not count: the rules there are nobody's; one
+        recovered without opening it does: they may be in)."""
         return identity in self._rules_in
+
+    def has_open_rules_in(self, identity: NetnsIdentity) -> bool:
+        """``has_rules_in`` by a pod whose netns is open (with rules on, its rules are this
+        node agent's rule set)."""
+        return self._rules_in[identity] > self._unopened_in[identity]
 
     @contextlib.contextmanager
     def claim(self, pod: Pod) -> Iterator[None]:

@@ -247,7 +247,9 @@ async def _restore(
                 # next start tries again), and taking them out is tried again meanwhile.
                 retried = enrollment.leftovers.take_if_left(pod, removal=True)
             elif pod.rules_installed and (item.place_refused or item.unreachable):
-                left = True  # (its row, marked removing, records them for a later start)
+                # Recorded for a later start, in leftovers (a re-add of the uid leaves it alone)
+                enrollment.leftovers.keep_row(row)
+                left = True
             if not retried and not left:
                 store.delete(row.spec.uid)
         finally:

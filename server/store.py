@@ -89,6 +89,8 @@ class PodStore:
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
+        #: ``put_soon``'s ``left`` rows, committed with them.
+        self._soon_left: list[StoredPod] = []
         #: ``installs`` may hold rows (it had some at open, or this store wrote one since): a pod's
         #: row takes its install row out only then (with --no-redirect it never has one).
         self._installs_used = True
@@ -186,8 +188,14 @@ class PodStore:
         with self._write():
             self._write_rows(pods, [])
 
-    def _write_rows(self, pods: list[StoredPod], installs: list[StoredPod]) -> None:
+    def _write_rows(
+        self, pods: list[StoredPod], installs: list[StoredPod], left: list[StoredPod] | None = None
+    ) -> None:
         marks = ",".join("?" * len(COLUMN_NAMES))
+        if left:
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", map(_values, left)
+            )
         if installs:
             self._installs_used = True
             self._db.executemany(
@@ -200,11 +208,16 @@ class PodStore:
             if self._installs_used:
                 self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
 
-    async def put_soon(self, pod: StoredPod) -> None:
+    async def put_soon(self, pod: StoredPod, *, left: StoredPod | None = None) -> None:
         """``put_many`` of every pod asked for in the same turn of the event loop: committed
         together when the loop next turns, each caller woken once its pod is committed (or
         with the StoreError). The bulk path enrolls up to BULK_WINDOW pods at once: one
-        transaction for them instead of one each (~30 us a pod, most of it the commit)."""
+        transaction for them instead of one each (~30 us a pod, most of it the commit).
+        ``left``: the rules the pod this one replaces leaves, recorded in ``leftovers`` in
+        the same transaction."""
+        if left is not None:
+            assert left.identity is not None
+            self._soon_left.append(left)
         await self._soon_committed(pod, install=False)
 
     async def intend_soon(self, pod: StoredPod) -> None:
@@ -223,11 +236,13 @@ class PodStore:
 
     def _commit_soon(self) -> None:
         batch, self._soon = self._soon, []
+        left, self._soon_left = self._soon_left, []
         try:
             with self._write():
                 self._write_rows(
                     [pod for pod, install, _ in batch if not install],
                     [pod for pod, install, _ in batch if install],
+                    left,
                 )
         except Exception as exc:  # a StoreError, each waiter its own; anything else (a bug) as it is
             for _, _, done in batch:

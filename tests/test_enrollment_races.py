@@ -96,16 +96,23 @@ class GatedRedirector(Redirector):
 
 class GatedStore(PodStore):
     """The real pod store; a pod's commit waits at ``commit`` first (and fails with
-    ``refuse``; its install row is written as ever)."""
+    ``refuse``; its install row is written as ever); ``committed`` is called right after
+    each batch of pods is committed, before their callers are woken."""
 
     commit: Gate
     refuse = ""
+    committed: Callable[[], object] | None = None
 
-    async def put_soon(self, pod: StoredPod) -> None:
+    async def put_soon(self, pod: StoredPod, *, left: StoredPod | None = None) -> None:
         await self.commit.passing()
         if self.refuse:
             raise StoreError(self.refuse)
-        await super().put_soon(pod)
+        await super().put_soon(pod, left=left)
+
+    def _commit_soon(self) -> None:
+        super()._commit_soon()
+        if self.committed is not None:
+            self.committed()
 
 
 @dataclass
@@ -1027,6 +1034,24 @@ async def test_a_start_with_no_fd_to_open_a_netns_keeps_the_record_of_the_rules_
         assert [r.spec.uid for r in store.load_leftovers()] == ["u1"] and has_rules(a)
 
 
+async def test_a_stop_right_after_a_re_added_pods_row_is_committed_leaves_its_old_rules_recorded(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """u1 re-added from A to B: its row became B's in one transaction, the record of A's rules
+    was written once it was cached, a turn of the loop later; a stop in between (its add
+    cancelled) left them in A recorded nowhere."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    adding = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
+    # The stop: its add cancelled right after its row's commit (not its install row's, before).
+    agent.store.committed = lambda: agent.stored()["u1"] == identity(b) and adding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    assert agent.stored() == {"u1": identity(b)}
+    assert agent.committed("leftovers") == ["u1"] and has_rules(a)
+    assert [r.identity for r in agent.store.load_leftovers()] == [NetnsIdentity(*identity(a))]
+
+
 async def test_a_pod_whose_netns_a_start_has_no_fd_to_open_is_not_said_gone_and_keeps_its_netns(
     agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
 ) -> None:
@@ -1085,6 +1110,42 @@ async def test_the_removal_of_a_pod_recovered_with_no_fd_left_keeps_its_rules_re
             await restarted.add_pod(agent.spec("u1", b))
         assert [r.identity for r in store.load_leftovers()] == [NetnsIdentity(*identity(a))]
         assert has_rules(a) and agent.stored() == {"u1": identity(b)}
+
+
+async def test_a_removal_a_restart_interrupted_whose_netns_it_cannot_open_stays_recorded_past_a_re_add(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Its row, marked removing, stayed the only record of its rules (``removal left``): a
+    re-add of the uid replaced it."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.store.mark_removing("u1")  # a removal begun, then the node agent killed
+    async with restarted_on(tmp_path) as (restarted, _, store):
+        with no_fd_to_spare():
+            report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.REMOVAL_LEFT}
+        assert store.load() == [] and [r.removing for r in store.load_leftovers()] == [True]
+        with pytest.raises(EnrollmentError, match="no ztunnel connection"):  # (stays cached)
+            await restarted.add_pod(agent.spec("u1", b))
+        assert [r.identity for r in store.load_leftovers()] == [NetnsIdentity(*identity(a))]
+        assert has_rules(a)
+
+
+async def test_a_pod_recovered_without_opening_its_netns_keeps_its_rules_from_a_removal_beside_it(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """u1 came back without its netns opened (no fd), its rules in A; u2 enrolled in A and
+    removed took them out (only pods whose netns was open counted as living there)."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        with no_fd_to_spare():
+            await recover(store, restarted.enrollment)
+        redirector.refuse_removal = ""
+        with pytest.raises(EnrollmentError, match="no ztunnel connection"):  # (stays cached)
+            await restarted.add_pod(agent.spec("u2", a))
+        await restarted.remove_pod("u2")
+        assert has_rules(a), "u2's removal took out the rules of u1"
 
 
 @contextlib.contextmanager
