@@ -206,7 +206,7 @@ class Leftovers:
         """A cached pod has this node agent's rules in the netns ``identity`` (with rules on,
         the rules of a cached pod whose netns is open are always of this run's rule set):
         leftovers of this rule set there are its rules now (its row records them)."""
-        return self.rules is not None and self.cache.has_open_rules_in(identity)
+        return self.rules is not None and self.cache.has_rules_in(identity)
 
     async def _retry(self, pod: Pod, left: _Left) -> None:
         """Until the rules are out (their rows go: in ``leftovers``, and where moving them
@@ -243,7 +243,15 @@ class Leftovers:
                 )
                 return
             if self.rules is not None and self.ours_there(identity):
-                kept = _Left({key: kinds for key, kinds in left.rows.items() if key[1] == self.rules.name})
+                # (not the rows of a uid being enrolled or removed now: a re-add elsewhere
+                # records them again in its commit, while its old pod still counts here)
+                kept = _Left(
+                    {
+                        key: kinds
+                        for key, kinds in left.rows.items()
+                        if key[1] == self.rules.name and not self._under_way(key[0])
+                    }
+                )
                 if kept.rows:
                     log.info(
                         "%s are kept: another pod lives in its netns now",

@@ -22,11 +22,13 @@ class PodCache:
     def __init__(self) -> None:
         self._pods: dict[str, Pod] = {}
         self._removing: dict[str, PodSpec] = {}
-        #: How many cached pods have their rules in each netns (asked on every removal: no scan),
-        #: and where each such pod was counted (its rules do not change while it is cached).
+        #: How many cached pods whose netns is open have their rules in each netns (asked on
+        #: every removal: no scan), and where each pod with rules was counted (its rules do not
+        #: change while it is cached; True: in ``_unopened_in``).
         self._rules_in: collections.Counter[NetnsIdentity] = collections.Counter()
         self._counted: dict[str, tuple[NetnsIdentity, bool]] = {}
-        #: Of those, the pods recovered without opening their netns (theirs may be either rule set).
+        #: How many pods recovered without opening their netns may have their rules in each
+        #: (of either rule set): they count only for ``in_use``.
         self._unopened_in: collections.Counter[NetnsIdentity] = collections.Counter()
         #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
         self._claims: collections.Counter[NetnsIdentity] = collections.Counter()
@@ -53,22 +55,19 @@ class PodCache:
             return None
         self._pods[pod.uid] = pod
         self._uncount(pod.uid)
-        # (a pod recovered without opening its netns counts there too: its rules may be in)
-        identity = (
-            pod.netns.identity if pod.netns is not None else pod.unopened.identity if pod.unopened else None
-        )
-        if identity is not None and pod.rules_installed:
-            self._counted[pod.uid] = identity, pod.netns is None
-            self._rules_in[identity] += 1
-            self._unopened_in[identity] += pod.netns is None
+        if pod.rules_installed and pod.netns is not None:
+            self._counted[pod.uid] = pod.netns.identity, False
+            self._rules_in[pod.netns.identity] += 1
+        elif pod.rules_installed and pod.unopened is not None:
+            self._counted[pod.uid] = pod.unopened.identity, True
+            self._unopened_in[pod.unopened.identity] += 1
         return old
 
     def _uncount(self, uid: str) -> None:
         counted = self._counted.pop(uid, None)
-        if counted is None:
-            return
-        identity, unopened = counted
-        for counter in (self._rules_in, self._unopened_in) if unopened else (self._rules_in,):
+        if counted is not None:
+            identity, unopened = counted
+            counter = self._unopened_in if unopened else self._rules_in
             counter[identity] -= 1
             if counter[identity] <= 0:
                 del counter[identity]
@@ -92,15 +91,10 @@ class PodCache:
         return pod.spec if pod is not None else None
 
     def has_rules_in(self, identity: NetnsIdentity) -> bool:
-        """Some cached pod has its rules in this network namespace (a pod without them, one
-        whose rules failed at a start, does not count: the rules there are nobody's; one
-        recovered without opening it does: they may be in)."""
+        """Some cached pod whose netns is open has its rules in this network namespace (a pod
+        without them, one whose rules failed at a start, does not count: the rules there are
+        nobody's; with rules on, a counted pod's rules are this node agent's rule set)."""
         return identity in self._rules_in
-
-    def has_open_rules_in(self, identity: NetnsIdentity) -> bool:
-        """``has_rules_in`` by a pod whose netns is open (with rules on, its rules are this
-        node agent's rule set)."""
-        return self._rules_in[identity] > self._unopened_in[identity]
 
     @contextlib.contextmanager
     def claim(self, pod: Pod) -> Iterator[None]:
@@ -119,9 +113,10 @@ class PodCache:
                 del self._claims[identity]
 
     def in_use(self, identity: NetnsIdentity, *, claims: int = 0) -> bool:
-        """A cached pod has its rules in this netns, or more than ``claims`` pods being
-        enrolled there do (``claims=1``: one being enrolled asks about the others)."""
-        return identity in self._rules_in or self._claims[identity] > claims
+        """A cached pod has (or, recovered without opening its netns, may have) its rules in
+        this netns, or more than ``claims`` pods being enrolled there do (``claims=1``: one
+        being enrolled asks about the others)."""
+        return identity in self._rules_in or identity in self._unopened_in or self._claims[identity] > claims
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -71,7 +71,7 @@ class RecoveryOutcome(enum.Enum):
     #: taking them out is tried again in the background (``Leftovers``).
     REMOVAL_RETRIED = "removal retried"
     #: Such a removal whose netns cannot be opened now (a place this run does not allow, no
-    #: fd to spare): its row stays, marked removing, for a later start.
+    #: fd to spare): its row moves to ``leftovers``, for a later start.
     REMOVAL_LEFT = "removal left"
     #: Its path is at a place this run does not allow (``--netns-root`` changed) and its netns
     #: was not found by identity elsewhere: not opened; known, its row kept, sent as KeepWorkload.
@@ -201,13 +201,14 @@ async def _take_out(
                     if not recorded:
                         enrollment.leftovers.keep_row(row)
                     kept.add(id(row))
-            elif (ours_there := enrollment.leftovers.ours_there(pod.netns.identity)) and (
+            elif enrollment.leftovers.ours_there(pod.netns.identity) and (
                 enrollment.rules is not None and row.rules == enrollment.rules.name
             ):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
-                if ours_there:
-                    # (beside a recovered pod: not while it lives there, the rule sets share the policy routing)
+                if enrollment.rules is not None and enrollment.cache.in_use(pod.netns.identity):
+                    # (beside a recovered pod, also one whose netns was not opened: not while it
+                    # lives there, the rule sets share the policy routing)
                     what = "a recovered pod lives in its netns: taken out once it is gone"
                 else:
                     what = "what went in is taken out"
@@ -300,7 +301,7 @@ async def _restore(
                 # not, or a pod restored in that netns has this one's already, they are taken
                 # out once the pod is gone (the two share the policy routing). Once a netns.
                 swept.add((pod.netns.identity, row.rules))
-                if not await rules.remove_other(pod, row.rules, enrollment.cache.has_rules_in):
+                if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
                     enrollment.leftovers.retry_beside(pod, row.rules)
             try:
                 await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy

@@ -577,6 +577,36 @@ async def test_a_removal_retry_leaves_alone_the_row_of_a_later_removal_of_its_ui
     ]
 
 
+async def test_a_retry_leaves_alone_the_rows_of_a_uid_being_enrolled_while_another_pod_lives_there(
+    agent: Agent, make_pod: Callable[[], Pod], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retry in A found a pod with rules there (u2) and dropped u1's row as that pod's, also
+    while u1 was being enrolled: a re-add of u1 elsewhere records A's rules in its commit,
+    while the old u1 still counts as living in A, and the retry took that fresh row too."""
+    caplog.set_level(logging.DEBUG, logger="zds.server")
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.redirector.refuse_removal = "cannot start iptables-restore: Too many open files"
+    await agent.agent.remove_pod("u1")
+    await agent.agent.add_pod(agent.spec("u2", a))  # (its rules: the same ones, in A)
+    agent.store.commit.close()  # u1's enrollment held before its row is committed
+    adding = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", a)))
+    await asyncio.wait_for(agent.store.commit.reached.wait(), 10)
+    await async_wait_until(
+        lambda: "wait: a pod lives" in caplog.text or "are kept" in caplog.text,
+        "a retry",
+        timeout=defaults.UNDO_RETRY_INITIAL + 5,
+    )
+    assert "are kept" not in caplog.text and agent.committed("leftovers") == ["u1"]
+    agent.store.commit.open.set()
+    await adding
+    await async_wait_until(
+        lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
+    )
+    assert "rules a failed removal left are kept: another pod lives in its netns now" in caplog.text
+    assert agent.committed("leftovers") == [] and has_rules(a)
+
+
 @pytest.fixture
 def sleeper_in(make_pod: Callable[[], Pod]) -> Iterator[Callable[[Pod], subprocess.Popen[bytes]]]:
     """A process in a pod's netns (holds it alive without its name); each killed at the end."""
