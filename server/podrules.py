@@ -124,17 +124,17 @@ class PodRules:
         """Take out the rules another backend (``backend``, as the pod store recorded it)
         installed in the pod's netns, before this one installs its own (a node agent
         restarted with the other ``--redirect-backend``). False, logged, if that failed, or
-        (not tried) if ``still_used``: a pod with this backend's rules lives in that netns
-        (the two rule sets share the policy routing)."""
+        (not tried) if ``still_used``: a pod with rules lives in that netns (this backend's,
+        or those of a pod recovered without opening it: the two rule sets share the policy
+        routing)."""
         if pod.netns is None:
             return True
         async with self._locks.hold(pod.netns.identity):
             if still_used(pod.netns.identity):
                 log.info(
-                    "the %s rules stay while a pod with %s rules lives in this netns (they share the "
-                    "policy routing)",
+                    "the %s rules stay while a pod with rules lives in this netns (the rule sets "
+                    "share the policy routing)",
                     backend,
-                    self.name,
                     extra=pod.spec.log_extra,
                 )
                 return False
