@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 from zds import defaults
 from zds.errors import ZdsError
-from zds.netns import NetnsIdentity, NetnsRef
+from zds.netns import NetnsRef
 from zds.server import names
 
 if TYPE_CHECKING:
     # (Loaded where used: ``zds pod add`` makes PodSpecs and never encodes one, ~3 ms.)
-    from zds.netns import NetnsHandle
+    from zds.netns import NetnsHandle, NetnsIdentity
     from zds.protocol.messages import AddWorkload, WorkloadInfo
 
 
