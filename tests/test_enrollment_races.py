@@ -1072,8 +1072,8 @@ async def test_a_stop_right_after_a_re_added_pods_row_is_committed_leaves_its_ol
     cancelled) left them in A recorded nowhere."""
     a, b = make_pod(), make_pod()
     await agent.agent.add_pod(agent.spec("u1", a))
-    adding = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
-    # The stop: its add cancelled right after its row's commit (not its install row's, before).
+    adding = agent.agent.start_add(agent.spec("u1", b))  # (the enrollment's own task)
+    # The stop: that task cancelled right after its row's commit (not its install row's, before).
     agent.store.committed = lambda: agent.stored()["u1"] == identity(b) and adding.cancel()
     with pytest.raises(asyncio.CancelledError):
         await adding
