@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from zds.aio import cancel_and_wait
 from zds.netns import (
     NetnsIdentity,
     netns_cookie,
@@ -119,11 +120,25 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     homes = {row.identity for row in rows if not row.removing and row.identity is not None}
     swept: set[tuple[NetnsIdentity, str]] = set()
 
+    reached: set[int] = set()
+
     async def one(item: Found) -> None:
         async with semaphore:
+            reached.add(id(item))
             report.outcomes[item.row.spec.uid] = await _restore(item, store, enrollment, homes, swept)
 
-    await asyncio.gather(*(one(item) for item in found))
+    tasks = [asyncio.ensure_future(one(item)) for item in found]
+    try:
+        await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        # A stop during recovery: the pods' tasks end first (a reinstall under way takes out
+        # what went in), then the netns handles of the pods they never reached are closed.
+        for task in tasks:
+            await cancel_and_wait(task)
+        for item in found:
+            if id(item) not in reached and item.netns is not None:
+                item.netns.close()
+        raise
     for uid, outcome in report.outcomes.items():
         if outcome in (
             RecoveryOutcome.NETNS_GONE,
@@ -288,36 +303,49 @@ async def _restore(
             else RecoveryOutcome.NETNS_GONE
         )
     else:
-        outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
-        # This node agent installs none (--no-redirect): what an earlier run installed comes
-        # out now, while its row says where (else nothing would ever take it out).
-        if rules is None and row.rules and await remove_earlier_rules(pod, row.rules):
-            pod.rules_installed = False
-            _rewrite(store, pod, "")
-        if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
-            if row.rules and row.rules != rules.name and (pod.netns.identity, row.rules) not in swept:
-                # Installed by the other backend (the agent was restarted with the other
-                # --redirect-backend): its rules come out, this one's go in; if they will
-                # not, or a pod restored in that netns has this one's already, they are taken
-                # out once the pod is gone (the two share the policy routing). Once a netns.
-                swept.add((pod.netns.identity, row.rules))
-                if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
-                    enrollment.leftovers.retry_beside(pod, row.rules)
-            try:
-                await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy
-            except RulesError as exc:
-                log.error("%s", exc, extra=row.spec.log_extra)
-                pod.rules_installed = False
-                if not exc.undone:  # (what went in stays, recorded, until the pod is gone)
-                    enrollment.leftovers.retry_beside(pod, rules.name)
-                outcome = RecoveryOutcome.RULES_FAILED
-            else:
-                outcome = (
-                    RecoveryOutcome.RULES_REINSTALLED if outcome is RecoveryOutcome.RESTORED else outcome
-                )
-            _rewrite(store, pod, rules.name if pod.rules_installed else "")
+        try:
+            outcome = await _rules_back(pod, item, store, enrollment, swept)
+        except asyncio.CancelledError:
+            pod.close()  # (a stop during recovery: the pod is not restored)
+            raise
     pod.recovery = outcome.value
     enrollment.restore(pod)
+    return outcome
+
+
+async def _rules_back(
+    pod: Pod, item: Found, store: PodStore, enrollment: Enrollment, swept: set[tuple[NetnsIdentity, str]]
+) -> RecoveryOutcome:
+    """The rules of a restored pod whose netns is open, back as its row records them (or as
+    this run's rule set, or none under --no-redirect); how it came back."""
+    assert pod.netns is not None
+    row, rules = item.row, enrollment.rules
+    outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
+    # This node agent installs none (--no-redirect): what an earlier run installed comes
+    # out now, while its row says where (else nothing would ever take it out).
+    if rules is None and row.rules and await remove_earlier_rules(pod, row.rules):
+        pod.rules_installed = False
+        _rewrite(store, pod, "")
+    if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
+        if row.rules and row.rules != rules.name and (pod.netns.identity, row.rules) not in swept:
+            # Installed by the other backend (the agent was restarted with the other
+            # --redirect-backend): its rules come out, this one's go in; if they will
+            # not, or a pod restored in that netns has this one's already, they are taken
+            # out once the pod is gone (the two share the policy routing). Once a netns.
+            swept.add((pod.netns.identity, row.rules))
+            if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
+                enrollment.leftovers.retry_beside(pod, row.rules)
+        try:
+            await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy
+        except RulesError as exc:
+            log.error("%s", exc, extra=row.spec.log_extra)
+            pod.rules_installed = False
+            if not exc.undone:  # (what went in stays, recorded, until the pod is gone)
+                enrollment.leftovers.retry_beside(pod, rules.name)
+            outcome = RecoveryOutcome.RULES_FAILED
+        else:
+            outcome = RecoveryOutcome.RULES_REINSTALLED if outcome is RecoveryOutcome.RESTORED else outcome
+        _rewrite(store, pod, rules.name if pod.rules_installed else "")
     return outcome
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sqlite3
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -792,6 +794,33 @@ async def test_rules_of_a_pod_recovered_without_opening_its_netns_stay_recorded_
         )
     assert rules_at(held)
     await a_start_takes_out_what_is_left(tmp_path, held, b)
+
+
+async def test_a_recovery_stopped_midway_closes_the_netns_it_opened(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """A stop during recovery left the netns fds of the pods it had not restored (waiting
+    their turn, or with their rules going in) to the garbage collector."""
+    made = [make_pod() for _ in range(recovery.CONCURRENCY + 2)]
+    for n, pod in enumerate(made):
+        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
+    before = [netns_fds(pod.path) for pod in made]  # (the first node agent's, ztunnel's stand-in's)
+    for row in agent.store.load():  # (their rules no longer as recorded: each goes in again)
+        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        redirector.install_gate.close()
+        recovering = asyncio.create_task(recover(store, restarted.enrollment))
+        await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
+        recovering.cancel()  # the stop, while the first pods' rules go in and the others wait
+        with pytest.raises(asyncio.CancelledError):
+            await recovering
+        del recovering
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            gc.collect()
+        assert [str(w.message) for w in caught if "NetnsHandle" in str(w.message)] == []
+        assert len(restarted.pods) == 0
+        assert [netns_fds(pod.path) for pod in made] == before
 
 
 class FailingInstall(NftablesRedirector):
