@@ -22,7 +22,6 @@ of delivery are unit-tested with stand-in connections, no root and no process:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -348,9 +347,7 @@ class Enrollment:
                     # netns, where a re-add of the uid leaves it alone)
                     log.warning("its rules stay where they are, recorded", extra=pod.spec.log_extra)
                     if pod.unopened is not None:
-                        self.leftovers.keep_row(
-                            dataclasses.replace(StoredPod.of(pod, rules=pod.rules_backend), removing=True)
-                        )
+                        self.leftovers.keep_row(StoredPod.of(pod, rules=pod.rules_backend, removing=True))
                 elif not retried:
                     delete_pod_row(self.store, uid)
                 results = await self._broadcast_del(uid, spans.trace_context(span))

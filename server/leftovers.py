@@ -119,7 +119,7 @@ class Leftovers:
         commits ``new``'s row over ``old``'s; None if it leaves none."""
         if not _left_by(old, new):
             return None
-        return dataclasses.replace(StoredPod.of(old, rules=old.rules_backend), removing=True)
+        return StoredPod.of(old, rules=old.rules_backend, removing=True)
 
     def replaced(self, old: Pod, new: Pod) -> None:
         """``old`` was replaced in the cache by ``new`` (the same uid), and the rules it leaves
@@ -168,7 +168,7 @@ class Leftovers:
         except OSError as exc:
             log.warning("cannot hold the pod's netns to try again: %s", exc, extra=pod.spec.log_extra)
             if not recorded:
-                self.keep_row(dataclasses.replace(StoredPod.of(pod, rules=backend), removing=removal))
+                self.keep_row(StoredPod.of(pod, rules=backend, removing=removal))
             return
         netns.move_above(defaults.NETNS_FD_FLOOR)
         self.retry(
@@ -178,7 +178,7 @@ class Leftovers:
         )
 
     def _record(self, pod: Pod, removal: bool) -> None:
-        self.keep_row(dataclasses.replace(StoredPod.of(pod, rules=pod.rules_backend), removing=removal))
+        self.keep_row(StoredPod.of(pod, rules=pod.rules_backend, removing=removal))
 
     def keep_row(self, row: StoredPod) -> None:
         """Record the rules ``row`` records in the store's ``leftovers`` (the row that recorded

@@ -134,4 +134,5 @@ class PodCache:
             pod.close()
         self._pods.clear()
         self._rules_in.clear()
+        self._unopened_in.clear()
         self._counted.clear()

@@ -31,10 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zds.aio import cancel_and_wait
-from zds.netns import (
-    NetnsIdentity,
-    netns_cookie,
-)
+from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
 from zds.server.podrules import RulesError, remove_earlier_rules
 from zds.server.pods import Pod, Unopened

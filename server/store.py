@@ -60,9 +60,9 @@ class StoredPod:
     cookie: int | None = None
 
     @classmethod
-    def of(cls, pod: Pod, *, rules: str) -> Self:
-        """The row of a pod as it is now (not removing), with the rule set ``rules`` (a pod
-        recovered without opening its netns: the netns it was stored with)."""
+    def of(cls, pod: Pod, *, rules: str, removing: bool = False) -> Self:
+        """The row of a pod as it is now, with the rule set ``rules`` (a pod recovered without
+        opening its netns: the netns it was stored with), marked ``removing`` or not."""
         identity: NetnsIdentity | None = None
         cookie: int | None = None
         if pod.netns is not None:
@@ -74,7 +74,7 @@ class StoredPod:
             identity,
             rules=rules,
             rules_digest=pod.rules_digest,
-            removing=False,
+            removing=removing,
             enrolled_at=pod.enrolled_at,
             cookie=cookie,
         )
