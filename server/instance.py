@@ -94,15 +94,20 @@ class InstanceLock:
                     os.unlink(lock)
         self.made = [lock for lock in self.made if lock in keep]
 
-    def remove_socket_locks(self) -> None:
+    def remove_socket_locks(self, *, served: bool) -> None:
         """A stop: remove every lock file held but the state directory's (its ``zds.lock`` says
-        the directory held a node agent), while still held, then the directories made for
-        them once empty. An agent that opened one meanwhile finds it gone once it holds its
-        ``flock`` (``_still_there``) and opens a new one."""
+        the directory held a node agent), while still held. An agent that opened one meanwhile
+        finds it gone once it holds its ``flock`` (``_still_there``) and opens a new one.
+
+        The directories made for them go too (once empty) only if the agent never ``served``
+        its sockets: once it did, a ztunnel may have bind-mounted a socket's directory (a
+        container's volume), and a directory made anew at the next start would be one that
+        mount never shows (Istio's node agent never removes it either)."""
         for lock in self._socket_locks:
             with contextlib.suppress(OSError):
                 os.unlink(lock)
-        self._remove_made_dirs()
+        if not served:
+            self._remove_made_dirs()
 
     def _remove_made_dirs(self) -> None:
         for directory in reversed(self._made_dirs):

@@ -340,7 +340,7 @@ class NodeAgentServer:
             socket_file.remove()
         if self._claim is not None and not self._started:
             self._undo_claim(self._claim)
-        self._lock.remove_socket_locks()
+        self._lock.remove_socket_locks(served=self._started)
         self._lock.release()
         await self.telemetry.shutdown()
         if self._claim is not None:

@@ -665,6 +665,30 @@ def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) ->
         assert not os.path.exists(path)
 
 
+def test_a_socket_directory_the_agent_made_stays_for_a_bind_mount_of_it(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A ztunnel container bind-mounts the ZDS socket's directory: removed at a stop and made
+    anew at the next start, the mount would show the removed one, and that ztunnel would
+    never find the socket again (Istio's agent leaves the directory)."""
+    server = start_server()
+    made = os.path.dirname(server.zds_socket)
+    mounted = tmp_path / "ztunnel-container-view"
+    mounted.mkdir()
+    subprocess.run(["mount", "--bind", made, str(mounted)], check=True)
+    try:
+        assert server.stop() == 0
+        for path in (server.zds_socket, server.control_socket, server.cni_socket):
+            assert os.path.isdir(os.path.dirname(path)) and not os.path.lexists(path)
+            assert not os.path.lexists(path + ".lock")
+        again = start_server(name="again")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as ztunnel:
+            ztunnel.connect(str(mounted / "ztunnel.sock"))
+        assert again.stop() == 0
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+
+
 def test_sighup_stops_it_as_sigterm_does(server: NodeAgentProc) -> None:
     # (the terminal or ssh session it ran in went away: it died with its sockets left)
     server.proc.send_signal(signal.SIGHUP)
