@@ -66,6 +66,11 @@ class Claim:
 
 def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
     """Lock every socket path and the state directory, or stop before touching anything."""
+    seen: dict[str, str] = {}
+    for flag, _, path in _sockets(opts):
+        where = os.path.normpath(os.path.abspath(path))
+        if (other := seen.setdefault(where, flag)) != flag:
+            raise StartupError(f"{other} and {flag} are the same path {path}: give each socket its own")
     used_before = os.path.exists(state_lock(opts.state_dir))
     made = not os.path.lexists(opts.state_dir)
     try:

@@ -612,6 +612,11 @@ def test_a_directory_at_a_socket_path_is_refused_in_one_line(
         # (its directory, its lock and the pod store were made first)
         (["--zds-socket", "{tmp}/" + "d" * 100 + "/z.sock"], "longer than a unix socket path may be (107)"),
         (["--grpc-listen", "127.0.0.1:0"], "--grpc-listen"),  # neither TLS nor --grpc-insecure
+        (
+            ["--cni-socket", "{tmp}/zds/./control.sock"],
+            "--control-socket and --cni-socket are the same path {tmp}/zds/./control.sock: "
+            "give each socket its own",
+        ),
         (["--pods", "{tmp}/pods.yaml"], "neither JSON lines nor valid YAML"),
         (["--faults", "{tmp}/faults.jsonl"], "--faults {tmp}/faults.jsonl: "),
     ],
