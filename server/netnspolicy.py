@@ -103,6 +103,8 @@ class NetnsPolicy:
     def _check_resolved(self, path: str, parent: str) -> None:
         """``check_place`` with ``path``'s directory resolved to ``parent`` (absolute, normal)."""
         if parent.startswith("/proc/") and _PROC_PID_NETNS.match(f"{parent}/{os.path.basename(path)}"):
+            if parent == "/proc/1/ns":  # (refused even when it cannot be opened to be compared)
+                raise NetnsRefused(f"netns path {path} is pid 1's: the node is never enrolled as a pod")
             return
         if not any(parent == root or parent.startswith(under) for root, under in self._under):
             raise NetnsRefused(

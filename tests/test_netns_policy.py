@@ -171,6 +171,28 @@ def test_a_node_agent_in_the_nodes_netns_without_ptrace_access_refuses_the_node(
         server.stop()
 
 
+def test_pid_1_is_refused_by_name_even_where_its_netns_cannot_be_opened(tmp_path: Path) -> None:
+    """Without ptrace access /proc/1/ns/net cannot be opened, so its identity cannot be
+    compared: a pods file entry naming it was kept as a pod known without netns (KeepWorkload
+    to every ztunnel). Pid 1 is never a pod, whatever its netns."""
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps({"uid": "u1", "netns": "pid:1"}) + "\n")
+    server = NodeAgentProc(str(tmp_path), "--pods", str(pods), wrapper=COMPOSE_CAPS).wait_ready()
+    try:
+        assert server.list_pods() == []
+        server.wait_for_output("pods file entry refused: netns path /proc/1/ns/net is pid 1's")
+        for how in (["--netns-pid", "1"], ["--netns", "/proc/1/../1/ns/net"]):
+            done = server.cli("pod", "add", "--uid", "u2", *how)
+            assert done.returncode == 1
+            [line] = done.stderr.splitlines()
+            assert line.startswith("zds pod add: u2: INVALID_ARGUMENT: netns path /proc/1/") and (
+                "/ns/net is pid 1's: the node is never enrolled as a pod" in line
+            ), line
+        assert server.list_pods() == []
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def custom_root(tmp_path: Path, make_pod: Callable[[], Pod]) -> Iterator[tuple[Path, str]]:
     """A directory outside the default roots, with a pod's netns bind-mounted in it (as a
