@@ -20,18 +20,23 @@ SUBDOMAIN_MAX = 253
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-def _shown(value: str) -> str:
-    """A value as a message shows it: quoted, and cut when long (the message stays one short line)."""
-    return repr(value if len(value) <= 40 else value[:40] + "...")
+def cut(value: str) -> str:
+    """``value`` cut when long (a message stays one short line)."""
+    return value if len(value) <= 40 else value[:40] + "..."
+
+
+def shown(value: str) -> str:
+    """A value as a message shows it: quoted, and cut when long."""
+    return repr(cut(value))
 
 
 def uid_problem(uid: str) -> str | None:
     if not uid.strip():
-        return "pod uid is empty" if not uid else f"pod uid {_shown(uid)} is blank"
+        return "pod uid is empty" if not uid else f"pod uid {shown(uid)} is blank"
     if not uid.isprintable():
-        return f"pod uid {_shown(uid)} has characters that are not printable"
+        return f"pod uid {shown(uid)} has characters that are not printable"
     if len(uid.encode()) > UID_MAX_BYTES:
-        return f"pod uid {_shown(uid)} is {len(uid.encode())} bytes, over {UID_MAX_BYTES}"
+        return f"pod uid {shown(uid)} is {len(uid.encode())} bytes, over {UID_MAX_BYTES}"
     return None
 
 
@@ -39,7 +44,7 @@ def label_problem(value: str, what: str) -> str | None:
     """``value`` as a DNS-1123 label (a Kubernetes namespace)."""
     if len(value) > LABEL_MAX or not _LABEL.match(value):
         return (
-            f"{what} {_shown(value)} is not a DNS-1123 label (lower-case letters, digits and '-', "
+            f"{what} {shown(value)} is not a DNS-1123 label (lower-case letters, digits and '-', "
             f"starting and ending with a letter or digit, at most {LABEL_MAX} characters)"
         )
     return None
@@ -49,7 +54,7 @@ def subdomain_problem(value: str, what: str) -> str | None:
     """``value`` as a DNS-1123 subdomain (a Kubernetes pod or service-account name)."""
     if len(value) > SUBDOMAIN_MAX or not all(_LABEL.match(part) for part in value.split(".")):
         return (
-            f"{what} {_shown(value)} is not a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', "
+            f"{what} {shown(value)} is not a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', "
             f"each part starting and ending with a letter or digit, at most {SUBDOMAIN_MAX} characters)"
         )
     return None

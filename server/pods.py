@@ -161,7 +161,19 @@ class PodSpec:
     def validate(self) -> None:
         """Refuse what Kubernetes would refuse (the uid, name, namespace and service
         account rules of ``names``), and what ztunnel would: an AddWorkload over its
-        1024-byte buffer. The same check on every path a pod comes in by."""
+        1024-byte buffer (first: names that long break Kubernetes' rules too, and this says
+        what ztunnel would do with them). The same check on every path a pod comes in by."""
+        try:
+            size = len(self.add_workload_bytes)
+        except UnicodeEncodeError:  # (a lone surrogate: the names' rules refuse it below)
+            size = 0
+        if size > defaults.MAX_MESSAGE_SIZE:
+            # Istio's agent sends it anyway and ztunnel rejects it as truncated; refuse it here instead.
+            raise PodSpecError(
+                f"pod {names.cut(self.uid)}: its AddWorkload would be {size} bytes, over ztunnel's "
+                f"{defaults.MAX_MESSAGE_SIZE}-byte receive buffer; shorten its uid, name, namespace "
+                "or service account"
+            )
         problem = names.pod_problem(self.uid, self.name, self.namespace, self.service_account)
         if problem:
             raise PodNameError(problem)
@@ -171,15 +183,6 @@ class PodSpec:
         if len(path.encode()) > defaults.MAX_NETNS_PATH:
             raise PodSpecError(
                 f"pod {self.uid}: its netns path is {len(path.encode())} bytes, over {defaults.MAX_NETNS_PATH}"
-            )
-        size = len(self.add_workload_bytes)
-        # Kubernetes' limits keep a pod well under it; this is the backstop, as DESIGN.md asks.
-        if size > defaults.MAX_MESSAGE_SIZE:
-            # Istio's agent sends it anyway and ztunnel rejects it as truncated; refuse it here instead.
-            raise PodSpecError(
-                f"pod {self.uid}: its AddWorkload would be {size} bytes, over ztunnel's "
-                f"{defaults.MAX_MESSAGE_SIZE}-byte receive buffer; shorten its uid, name, namespace "
-                "or service account"
             )
 
 
