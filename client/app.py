@@ -239,17 +239,20 @@ class Ztunnel:
         except Exception:
             log.exception("cannot serve the HTTP endpoints")
 
-    async def shutdown(self) -> None:
-        """Close every listener now, let connections finish (bounded), release every netns fd."""
-        stopped = self.proxies.stop_all("ztunnel is shutting down", abort=False)
-        pending = [proxy.wait_connections() for proxy in stopped if proxy.connection_count]
-        if pending:
-            log.info("waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(pending))
-            try:
-                async with asyncio.timeout(self.config.drain_timeout):
-                    await asyncio.gather(*pending)
-            except TimeoutError:
-                log.warning("drain timeout: closing the connections still open")
+    async def shutdown(self, *, drain: bool = True) -> None:
+        """Close every listener now, let connections finish (bounded; not at all without
+        ``drain``: a fatal protocol error, on which ztunnel exits at once), release every
+        netns fd."""
+        stopped = self.proxies.stop_all("ztunnel is shutting down", abort=not drain)
+        busy = [proxy for proxy in stopped if proxy.connection_count]
+        if busy:
+            if drain:
+                log.info("waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(busy))
+                try:
+                    async with asyncio.timeout(self.config.drain_timeout):
+                        await asyncio.gather(*(proxy.wait_connections() for proxy in busy))
+                except TimeoutError:
+                    log.warning("drain timeout: closing the connections still open")
             for proxy in stopped:
                 for server in proxy.servers:
                     server.abort_connections()
@@ -291,6 +294,7 @@ class Ztunnel:
                 stopping.cancel()
                 exc = client.exception()
                 if isinstance(exc, FatalProtocolError):
+                    # ztunnel exits at once (process::exit): its connections end with it.
                     log.error("in-pod workload manager stopped for good: %s", exc)
                     code = 1
                 elif exc is not None:
@@ -301,7 +305,7 @@ class Ztunnel:
                 client.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await client
-            await self.shutdown()
+            await self.shutdown(drain=code == 0)
             log.info("zds ztunnel stopped")
             return code
         finally:

@@ -10,6 +10,7 @@ a connection handler and runs it in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import json
@@ -447,6 +448,11 @@ class InProcessZtunnel:
         address = wait_until(lambda: self.ztunnel.http.bound.get(name), f"{name} bound")
         return http_get(f"http://{address}{path}")
 
+    def ended(self, within: float) -> bool:
+        """Whether it stopped on its own within ``within`` seconds."""
+        self._thread.join(within)
+        return not self._thread.is_alive()
+
     def close(self) -> int | None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.stop_event.set)
@@ -564,6 +570,39 @@ def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish
             zt.close()
         elif stopper.is_alive():
             stopper.join(60)
+
+
+@pytest.mark.root
+def test_a_protocol_error_cuts_established_connections_at_once_as_ztunnel_exits(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    """ztunnel exits at once on a ProtocolError (process::exit): no drain, whatever
+    --drain-timeout says (zds waited for it, 60 s here, before exiting 1)."""
+    pod = make_pod()
+    config = ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="off",
+        readiness_listen="off",
+        metrics_listen="off",
+        drain_timeout=60,
+    )
+    zt = InProcessZtunnel(config, {"outbound": echo})
+    try:
+        conn = agent.connect_and_hello()
+        assert conn.add("uid-a", pod.path) == Ack()
+        assert conn.snapshot() == Ack()
+        client = connect_in_pod(pod, 15001)
+        client.settimeout(15)
+        client.sendall(b"hi")
+        assert client.recv(2) == b"hi"
+        conn.send(SNAP)
+        assert decode_ack(conn.recv()).error.startswith("failure to process message : ProtocolError(")
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(16) == b"", "the established connection is cut"
+        client.close()
+        assert zt.ended(within=15), "it exits without waiting for the drain timeout"
+    finally:
+        assert zt.close() == 1
 
 
 # =============================================================================================
