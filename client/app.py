@@ -247,7 +247,9 @@ class Ztunnel:
         busy = [proxy for proxy in stopped if proxy.connection_count]
         if busy:
             if drain:
-                log.info("waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(busy))
+                log.info(
+                    "waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(busy)
+                )
                 try:
                     async with asyncio.timeout(self.config.drain_timeout):
                         await asyncio.gather(*(proxy.wait_connections() for proxy in busy))

@@ -286,7 +286,12 @@ POD_NETNS = "<the pod netns>"  # resolved when the test runs (making it needs ro
         ("u1", "/var/run/netns/../../../etc/hostname", "x", "is not under an allowed root"),
         ("u1", f"/proc/{os.getpid()}/ns/net", "x", "is the node agent's own netns"),  # a host process
         # (over 253 characters too: what ztunnel would do with it comes first)
-        ("u1", POD_NETNS, "n" * 1100, "pod u1: its AddWorkload would be 1121 bytes, over ztunnel's 1024-byte"),
+        (
+            "u1",
+            POD_NETNS,
+            "n" * 1100,
+            "pod u1: its AddWorkload would be 1121 bytes, over ztunnel's 1024-byte",
+        ),
         ("u1", POD_NETNS, "n" * 300, "at most 253 characters"),
         ("u1", POD_NETNS, "Web_1", "is not a DNS-1123 subdomain"),
         ("  ", POD_NETNS, "x", "is blank"),
