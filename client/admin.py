@@ -159,7 +159,7 @@ def readiness_routes(views: Views) -> list[web.RouteDef]:
             text=f"not ready, pending: {defaults.READINESS_TASK}\n",
         )
 
-    return [web.get("/healthz/ready", ready)]
+    return [web.get("/healthz/ready", ready, allow_head=False)]  # (ztunnel: GET only, else 405)
 
 
 def metrics_routes(views: Views) -> list[web.RouteDef]:

@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -646,6 +648,11 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     assert conn.snapshot() == Ack()
     assert z.ready_status() == 200
     assert z.get("readiness", "/healthz/ready")[1] == "ready\n"
+    for method in ("HEAD", "POST"):  # ztunnel's readiness answers GET only
+        request = urllib.request.Request(f"http://{z.address('readiness')}/healthz/ready", method=method)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 405, method
     dump = z.config_dump()
     w = dump["workloadState"]["pod-uid-1"]
     assert w["state"] == "Up"
