@@ -269,7 +269,7 @@ class WorkloadProxies:
             if self._home is None:
                 self._home = current_netns()
             with in_netns(fd, back=self._home):
-                listeners = bind_listeners(settings.specs, mark=settings.mark, reuse_port=settings.reuse_port)
+                # DNS first, as ztunnel's proxy factory: with several ports taken, the nack names 15053.
                 if settings.dns_port is not None:
                     try:
                         dns = DnsSockets.bind(
@@ -277,6 +277,8 @@ class WorkloadProxies:
                         )
                     except OSError as exc:
                         raise ProxyStartError(dns_port_error(exc, settings.dns_port)) from exc
+                listeners = bind_listeners(settings.specs, mark=settings.mark, reuse_port=settings.reuse_port)
+                if dns is not None:
                     listeners.extend(dns.tcp)
             self._check_fd_budget(listeners, dns)
         except BaseException as exc:

@@ -210,6 +210,27 @@ def test_a_port_taken_in_the_pod_is_nacked_pending_and_retried_until_it_works(
 
 
 @pytest.mark.root
+def test_with_several_ports_taken_the_nack_names_the_dns_port_as_ztunnels(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
+) -> None:
+    """ztunnel's proxy factory binds the DNS proxy before the workload's listeners."""
+    pod = make_pod()
+    with open_netns(pod.path) as handle, in_netns(handle):
+        squatters = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for squatter, address in zip(squatters, [("0.0.0.0", 15006), ("127.0.0.1", 15053)], strict=True):
+            squatter.bind(address)
+            squatter.listen()
+        start_ztunnel()
+        nack = agent.connect_and_hello().add("uid-a", pod.path)
+        assert nack.error.startswith("failure to start proxy : ") and "15053" in nack.error, nack.error
+        assert "15006" not in nack.error, nack.error
+    finally:
+        for squatter in squatters:
+            squatter.close()
+
+
+@pytest.mark.root
 def test_a_pending_workload_deleted_is_forgotten_and_readiness_returns(
     agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
 ) -> None:
