@@ -93,6 +93,8 @@ class NodeAgentServer:
         self._grpc: grpc.aio.Server | None = None
         #: Where the control API listens on TCP (HOST:PORT, the port picked for 0); None: it does not.
         self.grpc_address: str | None = None
+        #: Where the HTTP endpoints listen, as bound (an ephemeral port resolved).
+        self.http_address: str | None = None
         self._gate: PeerGate | None = None
         self._private: PrivateDir | None = None
         self._runners: list[web.AppRunner] = []
@@ -152,7 +154,7 @@ class NodeAgentServer:
             opts.zds_socket,
             opts.control_socket,
             opts.cni_socket or "off",
-            opts.http_listen or "off",
+            self.http_address or "off",
             self.grpc_address or "off",
             opts.state_dir,
             opts.container_engine or "off",
@@ -304,7 +306,8 @@ class NodeAgentServer:
 
         self._closers.append(close)
         bound = server.sockets[0].getsockname()
-        log.info("HTTP (/healthz, /readyz, /metrics) listening on %s", _host_port(bound[0], bound[1]))
+        self.http_address = _host_port(bound[0], bound[1])
+        log.info("HTTP (/healthz, /readyz, /metrics) listening on %s", self.http_address)
 
     # -- running and stopping -----------------------------------------------------------
     async def wait(self) -> None:

@@ -5,8 +5,10 @@ stand-ins connect, ack, nack and go away."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -173,6 +175,19 @@ def test_metrics_speak_openmetrics_when_asked(server: Server) -> None:
     assert text.rstrip().endswith("# EOF")
     names = {f.name for f in parse_openmetrics(text)}  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     assert {"ztunnel_connected", "zds_pods_enrolled"} <= names
+
+
+def test_the_ready_line_names_the_port_an_ephemeral_http_listen_was_given(tmp_path: Path) -> None:
+    proc = NodeAgentProc(str(tmp_path), "--http-listen", "127.0.0.1:0")
+    try:
+        proc.wait_ready()
+        [bound] = re.findall(r"HTTP \(/healthz, /readyz, /metrics\) listening on (\S+)", proc.output())
+        assert not bound.endswith(":0")
+        assert re.search(rf"node agent ready: .* http={re.escape(bound)} ", proc.output()), proc.output()
+        with urllib.request.urlopen(f"http://{bound}/healthz", timeout=10) as resp:
+            assert resp.read() == b"ok\n"
+    finally:
+        proc.stop()
 
 
 def test_healthz_and_readyz_still_answer(server: Server) -> None:
