@@ -56,7 +56,9 @@ def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
         netns_path=pod.netns.path if pod.netns is not None else str(pod.spec.netns),
         state=_STATE[pod.state],
         last_error=pod.last_error,
-        rules_installed=pod.rules_installed,
+        # (a pod recovered without its netns, which is nowhere, has none: they went with it;
+        # one whose netns could not be opened may still have them where it lives)
+        rules_installed=pod.rules_installed and (pod.netns is not None or pod.unopened is not None),
         ips=list(pod.spec.ips),
         recovery=pod.recovery,
         source=pod.spec.source.value,

@@ -326,6 +326,7 @@ def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_
         peer.wait_snapshot()
         [kept] = second.list_pods()
         assert (kept.uid, kept.recovery) == ("u1", "netns place not allowed")
+        assert kept.rules_installed, "where its netns lives, so do its rules"
         assert peer.kinds == ["keep", "snapshot_sent"]
         assert f"netns path {netns} is not under an allowed root" in second.output()
         assert "pods file entry skipped: the pod store holds this pod already" in second.output()

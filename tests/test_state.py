@@ -273,6 +273,7 @@ def test_a_named_netns_recreated_under_the_same_name_is_not_taken_for_the_old_po
     restarted = agents.start(redirect=True)
     [pod] = restarted.list_pods()
     assert pod.recovery == "netns replaced" and not pod.HasField("netns")
+    assert not pod.rules_installed, "its rules went with its netns"
     assert istio_rules(new) == [], "the rules never go into a netns that is not the pod's"
     assert (
         "pod recovered without its netns (netns replaced): sent to ztunnel as KeepWorkload"
