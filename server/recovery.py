@@ -30,7 +30,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from zds.aio import cancel_and_wait
 from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
 from zds.server.podrules import RulesError, remove_earlier_rules
@@ -130,8 +129,14 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     except asyncio.CancelledError:
         # A stop during recovery: the pods' tasks end first (a reinstall under way takes out
         # what went in), then the netns handles of the pods they never reached are closed.
+        # The gather cancelled each of them already and ends with the first that ends: a
+        # second cancel would cut short a task waiting for its worker thread in the netns
+        # (run_in_netns), which then ran on, with its dup of the netns fd, past the stop.
+        if pending := [task for task in tasks if not task.done()]:
+            await asyncio.wait(pending)  # (a second stop stops this wait)
         for task in tasks:
-            await cancel_and_wait(task)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("stopping: a pod's recovery failed: %s", exc)
         for item in found:
             if id(item) not in reached and item.netns is not None:
                 item.netns.close()

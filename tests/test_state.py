@@ -733,13 +733,14 @@ def test_on_exit_a_server_removes_only_the_socket_it_made(agents: Agents) -> Non
         os.unlink(server.zds_socket)
 
 
-def test_a_clean_stop_leaves_only_the_state_directory(agents: Agents) -> None:
-    """Each stop left a lock file beside every socket, and the directories made for them (a
-    default start left /run/istio-cni/pluginevent.sock.lock behind for good)."""
+def test_a_clean_stop_leaves_only_the_state_directory_and_the_socket_directories(agents: Agents) -> None:
+    """Each stop left a lock file beside every socket (a default start left
+    /run/istio-cni/pluginevent.sock.lock behind for good). The directories made for the
+    sockets stay, empty (a ztunnel container may have bind-mounted one)."""
     server = agents.start()
     assert server.stop() == 0
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
-        assert not os.path.lexists(os.path.dirname(path)), f"{os.listdir(os.path.dirname(path))} stayed"
+        assert os.listdir(os.path.dirname(path)) == [], path
     # zds.lock stays: it says the state directory held a node agent (a pods.db gone is an error then).
     assert sorted(os.listdir(server.state_dir)) == ["pods.db", "zds.lock"]
 
