@@ -64,7 +64,9 @@ def pod_problem(uid: str, name: str, namespace: str, service_account: str) -> st
     """The first thing wrong with a pod's identity, or None."""
     return (
         uid_problem(uid)
-        or subdomain_problem(name, f"pod {uid}: name")
+        or subdomain_problem(
+            name, f"pod {uid}: name" + (" (the uid, the name when none is given)" if name == uid else "")
+        )
         or label_problem(namespace, f"pod {uid}: namespace")
         or subdomain_problem(service_account, f"pod {uid}: service account")
     )

@@ -63,6 +63,20 @@ def test_what_kubernetes_refuses_is_400_and_one_warning_on_the_cni_path(
     assert " error " not in server.output() and "Traceback" not in server.output()
 
 
+def test_a_uid_that_is_no_name_says_so_when_it_stands_for_the_name(server: NodeAgentProc) -> None:
+    """``zds pod add --uid pod_1`` without ``--name``: the name is the uid, which Kubernetes
+    would not take for a name; the refusal says where that name came from."""
+    done = server.cli("pod", "add", "--uid", "pod_1", "--netns", pod_netns())
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert (
+        "pod pod_1: name (the uid, the name when none is given) 'pod_1' is not a DNS-1123 subdomain" in line
+    ), line
+    named = server.cli("pod", "add", "--uid", "pod_1", "--name", "pod-1", "--netns", pod_netns())
+    assert "no ztunnel connection" in named.stderr  # (enrolled and cached all the same)
+    assert [pod.name for pod in server.list_pods()] == ["pod-1"]
+
+
 def test_the_same_defaults_whatever_the_pod_comes_by(tmp_path: Path) -> None:
     """No name, namespace or service account: the name is the uid, the namespace and the
     service account ``default`` — from a pods file at start, gRPC AddPod and zds pod add."""
