@@ -486,6 +486,19 @@ class InProcessZtunnel:
         return self.code
 
 
+def echoing_ztunnel(agent: FakeNodeAgent) -> InProcessZtunnel:
+    """An in-process ztunnel side whose outbound listener echoes, drained for up to 60 s at a
+    stop, without HTTP endpoints."""
+    config = ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="off",
+        readiness_listen="off",
+        metrics_listen="off",
+        drain_timeout=60,
+    )
+    return InProcessZtunnel(config, {"outbound": echo})
+
+
 async def echo(conn: AcceptedConnection) -> None:
     loop = asyncio.get_running_loop()
     conn.sock.setblocking(False)
@@ -550,14 +563,7 @@ def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish
     agent: FakeNodeAgent, make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
-    config = ZtunnelConfig(
-        zds_socket=agent.path,
-        admin_listen="off",
-        readiness_listen="off",
-        metrics_listen="off",
-        drain_timeout=60,
-    )
-    zt = InProcessZtunnel(config, {"outbound": echo})
+    zt = echoing_ztunnel(agent)
     stopper: threading.Thread | None = None
     try:
         conn = agent.connect_and_hello()
@@ -602,14 +608,7 @@ def test_a_protocol_error_cuts_established_connections_at_once_as_ztunnel_exits(
     """ztunnel exits at once on a ProtocolError (process::exit): no drain, whatever
     --drain-timeout says (zds waited for it, 60 s here, before exiting 1)."""
     pod = make_pod()
-    config = ZtunnelConfig(
-        zds_socket=agent.path,
-        admin_listen="off",
-        readiness_listen="off",
-        metrics_listen="off",
-        drain_timeout=60,
-    )
-    zt = InProcessZtunnel(config, {"outbound": echo})
+    zt = echoing_ztunnel(agent)
     try:
         conn = agent.connect_and_hello()
         assert conn.add("uid-a", pod.path) == Ack()
