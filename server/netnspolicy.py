@@ -31,8 +31,7 @@ from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, NetnsRef, OutOfFds, open_netns
 from zds.netns.search import NAMED_DIRS
 
-#: Where named namespaces are, unless ``--netns-root`` adds more.
-#: Allowed without --netns-root: the directories of named namespaces.
+#: Where named namespaces are, allowed unless ``--netns-root`` adds more.
 DEFAULT_ROOTS = NAMED_DIRS
 
 _PROC_PID_NETNS = re.compile(r"^/proc/[1-9][0-9]*/ns/net$")
