@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "list",
         help="list enrolled pods",
         description="List the node agent's pods: uid, name, namespace, service account, delivery "
-        "state (pending, acked, failed), netns identity and path, rules, last error.",
+        "state (pending, acked, failed), netns identity and path, rules, how it came back at the "
+        "last start (recovery), where it came from (source), last error.",
     )
     lst.add_argument("--json", action="store_true", help="JSON instead of a table")
     control_flags(lst)

@@ -345,7 +345,13 @@ class Enrollment:
                     # (recovered without opening its netns: its row, marked removing, records
                     # its rules for a start that can open it; in leftovers if it knows that
                     # netns, where a re-add of the uid leaves it alone)
-                    log.warning("its rules stay where they are, recorded", extra=pod.spec.log_extra)
+                    # (netns gone, netns replaced: nowhere the start looked; kept all the same)
+                    said = (
+                        "stay where they are"
+                        if pod.unopened
+                        else "went with its netns (nowhere at the start), or stay"
+                    )
+                    log.warning("its rules %s, recorded", said, extra=pod.spec.log_extra)
                     if pod.unopened is not None:
                         self.leftovers.keep_row(StoredPod.of(pod, rules=pod.rules_backend, removing=True))
                 elif not retried:

@@ -316,7 +316,7 @@ class NodeAgentServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._zds_task
 
-    async def stop(self) -> None:
+    async def stop(self, *, refused: bool = False) -> None:
         self._ready = False
         if self._engine_task is not None:
             await cancel_and_wait(self._engine_task)
@@ -346,7 +346,7 @@ class NodeAgentServer:
         self._lock.remove_socket_locks(served=self._started)
         self._lock.release()
         await self.telemetry.shutdown()
-        if self._claim is not None:
+        if self._claim is not None and not refused:  # (a refused start says so in one line)
             log.info("node agent stopped")
 
     def _undo_claim(self, claim: Claim) -> None:
@@ -373,6 +373,7 @@ async def run_server(options: ServerOptions) -> int:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    refused = False
     for sig in runtime.stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -388,11 +389,12 @@ async def run_server(options: ServerOptions) -> int:
         return 0
     except StartupError as exc:
         log.error("%s", exc)
+        refused = True
         return 1
     finally:
         for sig in runtime.stop_signals():
             loop.remove_signal_handler(sig)
-        await server.stop()
+        await server.stop(refused=refused)
 
 
 def _host_port(host: str, port: int) -> str:

@@ -275,7 +275,7 @@ async def _restore(
                 pod.close()
         if left:
             log.warning(
-                "the removal a restart interrupted: its netns cannot be opened now (%s); its rules "
+                "the removal the last run began: its netns cannot be opened now (%s); its rules "
                 "stay where they are, recorded",
                 item.unreachable or "a place this run does not allow",
                 extra=row.spec.log_extra,
@@ -283,12 +283,12 @@ async def _restore(
             return RecoveryOutcome.REMOVAL_LEFT
         if retried:
             log.warning(
-                "the removal a restart interrupted: its rules could not be taken out; tried again "
+                "the removal the last run began: its rules could not be taken out; tried again "
                 "in the background (and at the next start)",
                 extra=row.spec.log_extra,
             )
             return RecoveryOutcome.REMOVAL_RETRIED
-        log.info("finished the removal a restart interrupted", extra=row.spec.log_extra)
+        log.info("finished the removal the last run began", extra=row.spec.log_extra)
         return RecoveryOutcome.REMOVAL_FINISHED
     if pod.netns is None:
         if row.identity is not None and (item.place_refused or item.unreachable):

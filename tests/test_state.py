@@ -347,7 +347,7 @@ def test_a_removal_a_crash_interrupted_is_finished_on_the_next_start(
     restarted = agents.start(redirect=True)
     assert restarted.list_pods() == []
     assert istio_rules(path) == []
-    assert "finished the removal a restart interrupted" in restarted.output()
+    assert "finished the removal the last run began" in restarted.output()
 
 
 def test_a_removal_the_store_cannot_record_removes_nothing_and_says_so(
@@ -395,7 +395,7 @@ def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod
         assert refused.wait_exit() == 1
     finally:
         subprocess.run(["chattr", "-i", db], check=True)
-    [line] = [line for line in refused.output().splitlines() if "pod store" in line]
+    [line] = refused.output().splitlines()  # that line alone (no "node agent stopped" after it)
     assert line.endswith(
         f"pod store {db} cannot be written (attempt to write a readonly database); make the file, "
         "its -wal and its directory writable (permissions, chattr -i, a read-only mount)"
