@@ -138,7 +138,8 @@ class ContainerPods:
         return 200, f"enrolled: container {facts.name} is {selection.reason}"
 
     async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:
-        """DEL: the pod is gone. Always 200 (a DEL must not fail on what is gone already).
+        """DEL: the pod is gone. 200 (a DEL must not fail on what is gone already), but 500
+        when its removal cannot be recorded (the pod stays enrolled).
         A container's pod is then looked at again through the engine: a network the container
         left (``podman network disconnect``) is not the container gone, and one that still
         runs selected is enrolled again (its pod had stayed away until the next reconcile)."""
@@ -153,7 +154,9 @@ class ContainerPods:
             try:
                 await self.agent.remove_pod(uid)
             except RemovalNotRecorded as exc:
-                return 500, str(exc)  # the runtime retries a DEL
+                # (zds-cni logs it and succeeds, as a DEL must; the engine watch and the next
+                # start's reconciliation, finding the container gone, try the removal again)
+                return 500, str(exc)
         if held.spec.source is PodSource.CNI and self.resync is not None:
             self.resync(uid)
         return 200, "removed"

@@ -7,11 +7,12 @@ Istio's CNI agent enrolls a pod when one of its enablement selectors matches
 - its namespace is labelled ``istio.io/dataplane-mode=ambient`` and the pod is
   not labelled ``istio.io/dataplane-mode=none``;
 
-and never a pod on the host network, nor one that has a sidecar
-(annotation ``sidecar.istio.io/status``). A container engine has no namespace
-objects to label: zds takes the namespace's labels from where the engine
-exposes them (none, for a compose project), so on a plain container it is the
-container's own label that decides.
+and never a pod on the host network, nor one that has a sidecar (Istio: the
+annotation ``sidecar.istio.io/status``; a container engine's API shows no
+annotations, so zds looks for that key among the labels). A container engine
+has no namespace objects to label: zds takes the namespace's labels from where
+the engine exposes them (none, for a compose project), so on a plain container
+it is the container's own label that decides.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ SIDECAR_STATUS = "sidecar.istio.io/status"
 @dataclass(frozen=True)
 class Selection:
     selected: bool
-    #: Why, in a few words (logged, and answered to the CNI plugin).
+    #: Why, in a few words that follow "container NAME is" (logged, and answered to the CNI plugin).
     reason: str
 
 
@@ -44,11 +45,11 @@ def select(
     if host_network:
         return Selection(False, "on the host network")
     if SIDECAR_STATUS in labels:
-        return Selection(False, f"has a sidecar ({SIDECAR_STATUS})")
+        return Selection(False, f"with a sidecar ({SIDECAR_STATUS})")
     if mode == defaults.DATAPLANE_MODE_AMBIENT:
         return Selection(True, f"labelled {key}={mode}")
     if mode == defaults.DATAPLANE_MODE_NONE:
         return Selection(False, f"labelled {key}={mode}")
     if (namespace_labels or {}).get(key) == defaults.DATAPLANE_MODE_AMBIENT:
-        return Selection(True, f"its namespace is labelled {key}={defaults.DATAPLANE_MODE_AMBIENT}")
+        return Selection(True, f"in a namespace labelled {key}={defaults.DATAPLANE_MODE_AMBIENT}")
     return Selection(False, f"not labelled {key}={defaults.DATAPLANE_MODE_AMBIENT}")

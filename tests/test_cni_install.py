@@ -89,6 +89,35 @@ def test_install_chains_last_and_changes_nothing_else_and_uninstall_restores_the
     assert os.listdir(bin_dir) == []
 
 
+def test_a_conflist_with_crlf_line_ends_keeps_them_and_comes_back_byte_for_byte(
+    tmp_path: pathlib.Path,
+) -> None:
+    _, conf_dir, flags = dirs(tmp_path)
+    mesh = conf_dir / "87-mesh.conflist"
+    original = PODMAN_CONFLIST.replace("\n", "\r\n").encode()
+    mesh.write_bytes(original)
+    assert zds_cni("install", *flags, "--network", "mesh").returncode == 0
+    chained = mesh.read_bytes()
+    assert json.loads(chained)["plugins"][-1]["type"] == "zds-cni"
+    assert b"\n" not in chained.replace(b"\r\n", b""), "a line end that is not CRLF"
+    assert zds_cni("uninstall", *flags).returncode == 0
+    assert mesh.read_bytes() == original
+
+
+def test_a_network_whose_cni_version_zds_cni_does_not_speak_is_not_chained(tmp_path: pathlib.Path) -> None:
+    """Chained, every container on it would fail to start (zds-cni refuses its config)."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    old = '{"cniVersion": "0.2.0", "name": "old", "plugins": [{"type": "bridge", "bridge": "x0"}]}\n'
+    (conf_dir / "10-old.conflist").write_text(old)
+    done = zds_cni("install", *flags, "--network", "old")
+    assert done.returncode == 1, done.stdout
+    [line] = done.stderr.splitlines()
+    assert "has cniVersion '0.2.0', which zds-cni does not speak" in line and line.endswith(
+        "nothing was changed"
+    )
+    assert (conf_dir / "10-old.conflist").read_text() == old and os.listdir(bin_dir) == []
+
+
 def test_the_installed_plugin_runs_from_the_bin_dir(tmp_path: pathlib.Path) -> None:
     bin_dir, conf_dir, flags = dirs(tmp_path)
     (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)

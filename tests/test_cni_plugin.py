@@ -185,6 +185,20 @@ def test_an_add_the_agent_did_not_answer_in_time_is_followed_by_a_del(
     assert agent.requests[1][1] == {"PodUID": CID, "Netns": "/run/netns/netns-1"}
 
 
+def test_the_del_after_an_unanswered_add_waits_briefly(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
+    """A node agent that hung answers neither: the ADD waited its timeout, the DEL after it
+    waits only CLEANUP_TIMEOUT (it waited the timeout again: a runtime waited twice as long)."""
+    agent.delays["/cmdadd"] = agent.delays["/cmddel"] = 5.0
+    code, out, _ = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT, timeout=3))
+    assert code == 1 and out["code"] == 11 and out["msg"].endswith("within 3s")
+    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmddel"]
+    logged = (tmp_path / "zds-cni.log").read_text()
+    assert (
+        f"the DEL after it failed too: zds-cni: no answer from the node agent on {agent.path} within 2s"
+        in logged
+    )
+
+
 def test_an_unreachable_agent_fails_the_add_try_again_later(tmp_path: pathlib.Path) -> None:
     code, out, _ = plugin("ADD", config(tmp_path))
     assert code == 1 and out["code"] == 11
@@ -270,6 +284,9 @@ def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: Stand
             "container id",
         ),
         ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": -1}, {}, 7, "timeout"),
+        ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": NaN}', {}, 7, "timeout"),
+        ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": 1e999}', {}, 7, "timeout"),
+        ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": 1e300}, {}, 7, "timeout"),
         ("FROB", {"cniVersion": "1.0.0", "name": "n", "type": "t"}, {}, 4, "unknown CNI_COMMAND"),
     ],
 )

@@ -22,10 +22,15 @@ MODE = "istio.io/dataplane-mode"
     [
         ({MODE: "ambient"}, {}, True, "labelled istio.io/dataplane-mode=ambient"),
         ({MODE: "none"}, {MODE: "ambient"}, False, "labelled istio.io/dataplane-mode=none"),
-        ({}, {MODE: "ambient"}, True, "its namespace is labelled"),
+        ({}, {MODE: "ambient"}, True, "in a namespace labelled istio.io/dataplane-mode=ambient"),
         ({}, {}, False, "not labelled"),
         ({MODE: "sidecar"}, {}, False, "not labelled"),
-        ({MODE: "ambient", "sidecar.istio.io/status": "{}"}, {}, False, "has a sidecar"),
+        (
+            {MODE: "ambient", "sidecar.istio.io/status": "{}"},
+            {},
+            False,
+            "with a sidecar (sidecar.istio.io/status)",
+        ),
     ],
 )
 def test_istios_default_enablement_selectors(

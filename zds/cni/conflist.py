@@ -126,7 +126,8 @@ class Conflist:
         if "\n" in lead:
             base = lead.rsplit("\n", 1)[1]
             unit = base[len(key_indent) :] if base.startswith(key_indent) and base != key_indent else "  "
-            body = json.dumps(entry, indent=unit).replace("\n", "\n" + base)
+            eol = "\r\n" if "\r\n" in lead else "\n"  # (a file with CRLF line ends keeps them)
+            body = json.dumps(entry, indent=unit).replace("\n", eol + base)
         else:
             body = json.dumps(entry)
         at = spans[-1].end

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zds import __version__, defaults
+from zds.cni import spec
 from zds.cni.conflist import Conflist, ConflistError
 from zds.errors import ZdsError
 
@@ -88,7 +89,7 @@ def write_atomically(path: str, data: str, *, mode: int | None = None) -> None:
         st = None
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", newline="") as f:  # (the text's own line ends, CRLF too)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -107,7 +108,7 @@ def write_atomically(path: str, data: str, *, mode: int | None = None) -> None:
 
 def _read(path: str) -> str:
     try:
-        with open(path) as f:
+        with open(path, newline="") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise InstallError(f"cannot read {path}: {_why(exc)}") from exc
@@ -135,7 +136,7 @@ def _load(path: str, skipped: list[str]) -> Conflist | dict[str, Any] | None:
     one that cannot be read (a dangling symlink, not UTF-8) is skipped, as Istio's
     install-cni and libcni skip it, and said in ``skipped``."""
     try:
-        with open(path) as f:
+        with open(path, newline="") as f:  # its line ends as they are: uninstall gives the bytes back
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         skipped.append(f"skipped {path}, which cannot be read: {_why(exc)}")
@@ -237,11 +238,23 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
     return target
 
 
+def _check_version(path: str, loaded: Conflist | dict[str, Any]) -> None:
+    """A network whose cniVersion zds-cni refuses is not chained: every ADD on it would fail."""
+    version = (loaded.doc if isinstance(loaded, Conflist) else loaded).get("cniVersion")
+    if version is not None and version not in spec.SUPPORTED_VERSIONS:
+        raise InstallError(
+            f"{path} has cniVersion {version!r}, which zds-cni does not speak (it speaks "
+            f"{', '.join(spec.SUPPORTED_VERSIONS)}): every container on it would fail to start; "
+            "nothing was changed"
+        )
+
+
 def install(options: InstallOptions) -> list[str]:
     """Install and chain; what was done, one line each. Nothing is written when the network
     to chain into cannot be found or read (InstallError)."""
     done: list[str] = []
     target = _target(options, done)
+    _check_version(*target)
     existed = os.path.lexists(os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE))
     binary, written = install_binary(options)
     done.append(f"{'installed' if written else 'up to date:'} {binary}")

@@ -11,8 +11,9 @@ logs to its own file (``log_file``, default ``/var/log/zds-cni.log``).
   the container's labels (through its container engine) whether the pod joins
   the mesh, and enrolls it. A selected pod whose enrollment fails fails the
   ADD, so no pod starts unredirected (Istio's rule). A node agent that cannot
-  be reached fails the ADD too (code 11, try again later), as Istio's plugin
-  does. Then prints ``prevResult`` unchanged.
+  be reached fails the ADD too, as Istio's plugin fails it (zds-cni says code
+  11, try again later; Istio's error reaches the runtime as code 999). Then
+  prints ``prevResult`` unchanged.
 - DEL: tells the node agent the pod is gone (``/cmddel``); succeeds even when
   the agent cannot be reached (the spec: DEL must not fail on what is already
   gone; the agent's engine watch and its restart recovery find the pod gone).
@@ -31,7 +32,6 @@ without a Docker-compatible API to read labels from).
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import logging
@@ -47,6 +47,10 @@ from zds.cni.spec import CniError, Code, Invocation
 log = logging.getLogger("zds.cni")
 
 ENROLL_MODES = ("labelled", "all")
+#: How long the DEL that follows an ADD the node agent did not answer in time waits (seconds).
+CLEANUP_TIMEOUT = 2.0
+#: The longest ``timeout`` a config may give (seconds): a runtime waits that long for an ADD.
+MAX_TIMEOUT = 3600
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -86,8 +90,15 @@ class PluginConfig:
         if self.enroll not in ENROLL_MODES:
             raise CniError(Code.INVALID_CONFIG, f"enroll {self.enroll!r}: expected labelled or all")
         timeout = doc.get("timeout", defaults.CNI_PLUGIN_TIMEOUT)
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-            raise CniError(Code.INVALID_CONFIG, f"timeout {timeout!r}: expected a positive number of seconds")
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout <= MAX_TIMEOUT  # (also NaN; 1e999 is inf)
+        ):
+            raise CniError(
+                Code.INVALID_CONFIG,
+                f"timeout {timeout!r}: expected a positive number of seconds, at most {MAX_TIMEOUT}",
+            )
         self.timeout = float(timeout)
 
 
@@ -98,9 +109,13 @@ def _string(doc: dict[str, Any], key: str, default: str) -> str:
     return value
 
 
-def _post(config: PluginConfig, path: str, body: dict[str, Any]) -> tuple[int, str]:
-    """POST ``body`` to the node agent; (status, text). AgentUnreachable if it does not answer."""
-    conn = _UnixConnection(config.cni_socket, config.timeout)
+def _post(
+    config: PluginConfig, path: str, body: dict[str, Any], timeout: float | None = None
+) -> tuple[int, str]:
+    """POST ``body`` to the node agent; (status, text). AgentUnreachable if it does not answer
+    within ``timeout`` seconds (the config's by default)."""
+    timeout = config.timeout if timeout is None else timeout
+    conn = _UnixConnection(config.cni_socket, timeout)
     try:
         conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -108,7 +123,7 @@ def _post(config: PluginConfig, path: str, body: dict[str, Any]) -> tuple[int, s
     except TimeoutError as exc:
         raise AgentUnreachable(
             Code.TRY_AGAIN_LATER,
-            f"zds-cni: no answer from the node agent on {config.cni_socket} within {config.timeout:g}s",
+            f"zds-cni: no answer from the node agent on {config.cni_socket} within {timeout:g}s",
         ) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise AgentUnreachable(
@@ -141,9 +156,13 @@ def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[
     except AgentUnreachable as exc:
         if isinstance(exc.__cause__, TimeoutError):
             # It took the request and may still enroll the pod, which the runtime is now told
-            # failed: tell it the container is gone too (it serves the two in order), best effort.
-            with contextlib.suppress(AgentUnreachable):
-                _post(config, defaults.CNI_DEL_EVENT_PATH, {"PodUID": inv.container_id, "Netns": inv.netns})
+            # failed: tell it the container is gone too (it serves the two in order), best effort
+            # and briefly (a node agent that hung would make the ADD wait twice its timeout).
+            body = {"PodUID": inv.container_id, "Netns": inv.netns}
+            try:
+                _post(config, defaults.CNI_DEL_EVENT_PATH, body, min(config.timeout, CLEANUP_TIMEOUT))
+            except AgentUnreachable as gone:
+                log.warning("ADD %s: the DEL after it failed too: %s", inv.container_id[:12], gone.msg)
         raise
     if status == 200:
         log.info("ADD %s: %s", inv.container_id[:12], text or "enrolled", extra={"netns": inv.netns})
