@@ -189,6 +189,8 @@ class ZdsClient:
                     continue
                 if self.faults is not None:
                     await self.faults.wait_to_read()
+                    if not self.faults.armed:  # all took effect: the no-fault path again (POST re-arms)
+                        self.faults = None
                 record = conn.try_recv()
                 if record is None and answered and self.faults is None:
                     record = await self._busy.poll(conn)

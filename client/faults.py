@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
-import json
 import logging
 import socket
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zds import defaults
+from zds.entryfile import EntryFileError, read_entries
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, AddWorkload, encode_ack, encode_hello
 from zds.protocol.reading import START_FAILURE
@@ -146,33 +146,37 @@ class ZtunnelFaults:
         unknown = sorted(set(entry) - set(FIELDS))
         if unknown:
             raise ZtunnelFaultError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
-        kind = ZtunnelFaultKind.named(str(entry.get("kind", "")))
-        try:
-            count, delay = int(entry.get("count", 1)), float(entry.get("delay", 0.0))
-            after = int(entry.get("after", 0))
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise ZtunnelFaultError(f"{kind.label}: {exc}") from None
-        if after < 0:
-            raise ZtunnelFaultError(f"{kind.label}: after must not be negative")
-        if kind is ZtunnelFaultKind.STOP_READING:
-            count = int(entry.get("count", 0))
-        if count < (0 if kind is ZtunnelFaultKind.STOP_READING else 1):
-            raise ZtunnelFaultError(f"{kind.label}: count must be at least 1")
-        if kind is ZtunnelFaultKind.DELAY_ACKS and delay <= 0:
-            raise ZtunnelFaultError("delay-acks: give a delay in seconds (more than 0)")
+        label = entry.get("kind", "")
+        kind = ZtunnelFaultKind.named(label if isinstance(label, str) else repr(label))
+        # As written, or refused (as the node agent's faults files): 1.7 was 1, "5" 5, true 1.
+        stop_reading = kind is ZtunnelFaultKind.STOP_READING
+        count = _whole(entry, "count", kind, 0 if stop_reading else 1, least=0 if stop_reading else 1)
+        after = _whole(entry, "after", kind, 0, least=0)
+        delay, text = entry.get("delay", 0.0), entry.get("text", "")
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            raise ZtunnelFaultError(f"{kind.label}: delay must be a number of seconds")
         if not 0 <= delay <= defaults.FAULT_DELAY_MAX:  # (also NaN)
             raise ZtunnelFaultError(f"{kind.label}: delay must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds")
-        remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
-        text = str(entry.get("text") or "")
+        if kind is ZtunnelFaultKind.DELAY_ACKS and delay <= 0:
+            raise ZtunnelFaultError("delay-acks: give a delay in seconds (more than 0)")
+        if delay and kind not in (ZtunnelFaultKind.DELAY_ACKS, ZtunnelFaultKind.STOP_READING):
+            raise ZtunnelFaultError(f"{kind.label} takes no delay")
+        if not isinstance(text, str) or not text.isprintable():
+            raise ZtunnelFaultError(f"{kind.label}: text must be one line of printable text")
+        if text and kind is not ZtunnelFaultKind.NACK_ADDS:
+            raise ZtunnelFaultError(f"{kind.label} takes no text")
         if len(text) > MAX_TEXT:  # it goes out in an Ack: ztunnel's own texts are one line
             raise ZtunnelFaultError(f"{kind.label}: text is {len(text)} characters, over {MAX_TEXT}")
+        remaining = 1 if kind is ZtunnelFaultKind.DISCONNECT_IN_SNAPSHOT else count
         if len([f for f in self.faults if f.state == "armed"]) >= MAX_ARMED:
             raise ZtunnelFaultError(f"{MAX_ARMED} faults are armed already; let some take effect first")
         # Those that took effect are kept for GET /faults, the last MAX_ARMED of them.
         done = [f for f in self.faults if f.state != "armed"]
         for old in done[: max(0, len(done) - MAX_ARMED)]:
             self.faults.remove(old)
-        fault = ZtunnelFault(f"z{next(self._ids)}", kind, count, delay, text, remaining, self.records + after)
+        fault = ZtunnelFault(
+            f"z{next(self._ids)}", kind, count, float(delay), text, remaining, self.records + after
+        )
         self.faults.append(fault)
         log.warning("fault %s armed: %s (%s)", fault.id, kind.label, kind.description)
         self._count(kind, "injected")
@@ -289,30 +293,26 @@ def _what(reply: SendReply) -> str:
     return request_kind(reply.request) if reply.request is not None else "a record"
 
 
+def _whole(entry: dict[str, Any], name: str, kind: ZtunnelFaultKind, default: int, *, least: int) -> int:
+    """``entry[name]``: a whole number from ``least`` to INT32_MAX (not a bool, a float, a string)."""
+    value = entry.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= defaults.INT32_MAX:
+        raise ZtunnelFaultError(
+            f"{kind.label}: {name} must be a whole number from {least} to {defaults.INT32_MAX}"
+        )
+    return int(value)
+
+
 def load_faults(path: str, faults: ZtunnelFaults) -> list[ZtunnelFault]:
     """Arm every fault of a faults file (YAML list, ``faults:`` holding one, or JSON lines)."""
-    import yaml
-
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ZtunnelFaultError(f"cannot read faults file {path}: {exc.strerror}") from exc
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    try:
-        if lines and all(line.startswith("{") for line in lines):
-            entries = [json.loads(line) for line in lines]
-        else:
-            doc = yaml.safe_load(text)
-            entries = doc.get("faults", []) if isinstance(doc, dict) else doc
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:  # as in pods files
-        raise ZtunnelFaultError(f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
-    if not isinstance(entries, list):
-        raise ZtunnelFaultError(f"{path}: expected a list of faults")
+        entries = read_entries(path, key="faults", what="fault", max_entries=MAX_ARMED)
+    except EntryFileError as exc:
+        raise ZtunnelFaultError(str(exc)) from exc
     armed = []
-    for i, entry in enumerate(entries, 1):
+    for entry, where in entries:
         try:
             armed.append(faults.arm(entry))
         except ZtunnelFaultError as exc:
-            raise ZtunnelFaultError(f"{path}: entry {i}: {exc}") from None
+            raise ZtunnelFaultError(f"{where}: {exc}") from None
     return armed

@@ -8,9 +8,22 @@ import json
 import sys
 from typing import Any
 
-from zds import cliflags
+from zds import cliflags, defaults
 from zds.server.controlcli import control_flags
 from zds.server.faultkinds import FaultKind
+
+
+def _delay(text: str) -> float:
+    """``--delay``: 0 to FAULT_DELAY_MAX seconds (1e300 was a traceback, 0 refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= defaults.FAULT_DELAY_MAX:  # (also NaN)
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a number of seconds from 0 to {defaults.FAULT_DELAY_MAX:g}"
+        )
+    return value
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -56,7 +69,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="messages, records or deliveries it applies to (default: %(default)s)",
     )
     fault.add_argument(
-        "--delay", type=cliflags.seconds, default=0.0, metavar="SECONDS", help="delay: how long (default: 0)"
+        "--delay", type=_delay, default=0.0, metavar="SECONDS", help="delay: how long (default: 0)"
     )
     fault.add_argument(
         "--uid",

@@ -29,7 +29,7 @@ from zds.protocol.messages import (
     request_kind,
 )
 from zds.protocol.nodeagent import AckReceived, ConnectionState
-from zds.server.faultkinds import Category, FaultError, FaultKind
+from zds.server.faultkinds import Category, FaultError, FaultKind, MadeUpAdd
 from zds.server.faults import Fault, FaultBook
 from zds.server.link import ConnectionLost
 
@@ -261,10 +261,12 @@ def make_record(fault: Fault, book: FaultBook) -> tuple[Request, bytes, list[int
     pod = book.pod_for(spec)
     assert pod.netns is not None
     if kind is FaultKind.ADD_WITHOUT_WORKLOAD_INFO:
-        request = AddWorkload(uid=pod.uid, info=None)
+        request = MadeUpAdd(uid=pod.uid, info=None)
         return request, encode_request(request), [pod.netns.dup()]
-    fds = [pod.netns.dup(), pod.netns.dup()] if kind is FaultKind.ADD_WITH_TWO_FDS else [pod.netns.dup()]
-    return pod.spec.add_workload, pod.spec.add_workload_bytes, fds
+    if kind is FaultKind.ADD_WITH_TWO_FDS:
+        request = MadeUpAdd(uid=pod.uid, info=pod.spec.info)
+        return request, pod.spec.add_workload_bytes, [pod.netns.dup(), pod.netns.dup()]
+    return pod.spec.add_workload, pod.spec.add_workload_bytes, [pod.netns.dup()]
 
 
 async def _write(

@@ -71,6 +71,42 @@ class FaultSpec:
     skip_connections: int = 0
 
 
+def _flag(name: str) -> str:
+    """A field as zds fault names it (``--skip-connections``)."""
+    return "--" + name.replace("_", "-")
+
+
+def spec_problem(spec: FaultSpec, field: Callable[[str], str]) -> str | None:
+    """What is wrong with ``spec`` whatever the node agent's state (None: nothing), each
+    field named by ``field`` (a flag of zds fault, a key of a faults file)."""
+    kind, label = spec.kind, spec.kind.label
+    if spec.count < 1:
+        return f"{label}: {field('count')} must be at least 1"
+    if kind.category is Category.CONNECTION and spec.count > 1:
+        return f"{label} acts once on its connection: {field('count')} must be 1"
+    if kind is FaultKind.DELAY and spec.delay <= 0:
+        return f"delay: give {field('delay')} SECONDS (more than 0)"
+    if not 0 <= spec.delay <= defaults.FAULT_DELAY_MAX:  # (also NaN)
+        return f"{label}: {field('delay')} must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds"
+    if spec.delay and kind is not FaultKind.DELAY:
+        return f"{label} takes no {field('delay')}"
+    if kind is FaultKind.OMIT_FROM_SNAPSHOT and not spec.uid:
+        return f"omit-from-snapshot: give {field('uid')} of the pod to leave out"
+    if spec.uid and kind not in NEEDS_POD and kind is not FaultKind.OMIT_FROM_SNAPSHOT:
+        return f"{label} takes no {field('uid')}"
+    if spec.after_snapshot and kind.category not in (Category.MESSAGE, Category.RECORD):
+        return f"{label} takes no {field('after_snapshot')} (message and record faults do)"
+    if kind.category is Category.DELIVERY:
+        if spec.connection_id or spec.next_connection or spec.skip_connections:
+            return f"{label} acts on the node agent's delivery, not on one connection"
+        return None
+    if spec.skip_connections < 0:
+        return f"{label}: {field('skip_connections')} must not be negative"
+    if spec.skip_connections and not spec.next_connection:
+        return f"{label}: {field('skip_connections')} goes with {field('next_connection')}"
+    return None
+
+
 @dataclass
 class Fault:
     """An injected fault and what became of it."""
@@ -157,18 +193,8 @@ class FaultBook:
 
     def _arm(self, spec: FaultSpec) -> tuple[Fault, ZtunnelConnection | None]:
         kind = spec.kind
-        if spec.count < 1:
-            raise FaultError(Refusal.INVALID, f"{kind.label}: --count must be at least 1")
-        if kind is FaultKind.DELAY and spec.delay <= 0:
-            raise FaultError(Refusal.INVALID, "delay: give --delay SECONDS (more than 0)")
-        if not 0 <= spec.delay <= defaults.FAULT_DELAY_MAX:  # (also NaN)
-            raise FaultError(
-                Refusal.INVALID, f"{kind.label}: --delay must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds"
-            )
-        if kind is FaultKind.OMIT_FROM_SNAPSHOT and not spec.uid:
-            raise FaultError(Refusal.INVALID, "omit-from-snapshot: give --uid of the pod to leave out")
-        if spec.uid and kind not in NEEDS_POD and kind is not FaultKind.OMIT_FROM_SNAPSHOT:
-            raise FaultError(Refusal.INVALID, f"{kind.label} takes no --uid")
+        if (problem := spec_problem(spec, _flag)) is not None:
+            raise FaultError(Refusal.INVALID, problem)
         if (
             spec.uid
             and (kind in NEEDS_POD or kind is FaultKind.OMIT_FROM_SNAPSHOT)
@@ -178,15 +204,7 @@ class FaultBook:
         if kind in NEEDS_POD:
             self.pod_for(spec)
         if kind.category is Category.DELIVERY:
-            if spec.connection_id or spec.next_connection:
-                raise FaultError(
-                    Refusal.INVALID, f"{kind.label} acts on the node agent's delivery, not on one connection"
-                )
             return Fault(self._next_id(), spec, "the node agent", spec.count), None
-        if spec.skip_connections < 0:
-            raise FaultError(Refusal.INVALID, f"{kind.label}: --skip-connections must not be negative")
-        if spec.skip_connections and not spec.next_connection:
-            raise FaultError(Refusal.INVALID, f"{kind.label}: --skip-connections goes with --next-connection")
         if spec.next_connection:
             target = (
                 "the next connection"

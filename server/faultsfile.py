@@ -6,12 +6,12 @@ delivery fault for the node agent."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from zds import defaults
+from zds.entryfile import EntryFileError, read_entries
 from zds.server.faultkinds import Category, FaultError, FaultKind, Refusal
-from zds.server.faults import FaultSpec
+from zds.server.faults import FaultSpec, spec_problem
 
 FIELDS = ("kind", "count", "delay", "uid", "after_snapshot", "skip_connections")
 
@@ -42,47 +42,27 @@ def spec_from_entry(entry: Any, where: str) -> FaultSpec:
         raise FaultError(Refusal.INVALID, f"{where}: delay must be a number of seconds")
     if not isinstance(after, bool):
         raise FaultError(Refusal.INVALID, f"{where}: after_snapshot must be true or false")
-    return FaultSpec(
+    uid = entry.get("uid", "")
+    if not isinstance(uid, str):
+        raise FaultError(Refusal.INVALID, f"{where}: uid must be a string")
+    spec = FaultSpec(
         kind=kind,
         count=count,
         delay=float(delay),
-        uid=str(entry.get("uid") or ""),
+        uid=uid,
         after_snapshot=after,
         next_connection=kind.category is not Category.DELIVERY,
         skip_connections=skips,
     )
+    if (problem := spec_problem(spec, str)) is not None:  # (before anything starts: the same checks)
+        raise FaultError(Refusal.INVALID, f"{where}: {problem}")
+    return spec
 
 
 def load_faults_file(path: str) -> list[FaultSpec]:
     """Read a faults file; FaultError names the file (and line or entry) of the first problem."""
-    import yaml
-
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise FaultError(Refusal.INVALID, f"cannot read faults file {path}: {exc.strerror}") from exc
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
-    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
-    if lines and all(line.startswith("{") for _, line in lines):
-        entries = []
-        for n, line in lines:
-            try:
-                entries.append((json.loads(line), f"{path}:{n}"))
-            except json.JSONDecodeError as exc:
-                raise FaultError(Refusal.INVALID, f"{path}:{n}: not valid JSON: {exc.msg}") from exc
-            except (ValueError, RecursionError) as exc:  # too deep, an integer too long to convert
-                raise FaultError(Refusal.INVALID, f"{path}:{n}: JSON that cannot be read: {exc}") from exc
-    else:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise FaultError(Refusal.INVALID, f"{path}: neither JSON lines nor valid YAML: {exc}") from exc
-        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # as in pods files
-            raise FaultError(Refusal.INVALID, f"{path}: YAML that cannot be read: {exc}") from exc
-        if isinstance(doc, dict) and "faults" in doc:
-            doc = doc["faults"]
-        if not isinstance(doc, list):
-            raise FaultError(Refusal.INVALID, f"{path}: expected a list of faults")
-        entries = [(e, f"{path}: entry {i}") for i, e in enumerate(doc, 1)]
-    return [spec_from_entry(e, where) for e, where in entries]
+        entries = read_entries(path, key="faults", what="fault", max_entries=defaults.FAULTS_ARMED_MAX)
+    except EntryFileError as exc:
+        raise FaultError(Refusal.INVALID, str(exc)) from exc
+    return [spec_from_entry(entry, where) for entry, where in entries]

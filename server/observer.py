@@ -10,6 +10,7 @@ from zds.server.connection import ZtunnelConnection
 from zds.server.connrecords import ConnectionObserver
 from zds.server.eventkinds import EventKind
 from zds.server.events import EventBus
+from zds.server.faultkinds import MadeUpAdd
 from zds.server.podcache import PodCache
 from zds.server.pods import PodSpec, PodState
 from zds.server.telemetry import Telemetry
@@ -70,7 +71,12 @@ class AgentObserver(ConnectionObserver):
             log.debug("ztunnel acked %s in %.1f ms", kind, latency * 1000, extra=extra)
         else:
             log.error("ztunnel nacked %s: %s", kind, ack.error, extra=extra)
-        pod = self.cache.get(uid) if isinstance(request, AddWorkload) else None
+        # (not one a fault made up with the pod's uid: its answer is not the pod's)
+        pod = (
+            self.cache.get(uid)
+            if isinstance(request, AddWorkload) and not isinstance(request, MadeUpAdd)
+            else None
+        )
         if pod is not None:
             pod.state = PodState.ACKED if ack.ok else PodState.FAILED
             pod.last_error = ack.error

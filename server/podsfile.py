@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from zds.entryfile import yaml_problem
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.pods import PodSource, PodSpec, PodSpecError, check_ips
 
@@ -64,18 +65,6 @@ def _text(field: str, value: Any) -> str:
     raise PodSpecError(f"{field} must be text, not a {type(value).__name__}")
 
 
-def _yaml_problem(exc: Exception) -> str:
-    """PyYAML's error in one line: what, and where (its own text quotes the line, with a caret)."""
-    problem = getattr(exc, "problem", None)
-    mark = getattr(exc, "problem_mark", None)
-    if problem and mark is not None:
-        context = getattr(exc, "context", None)
-        return (
-            f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
-        )
-    return " ".join(str(exc).split())
-
-
 def load_pods_file(path: str) -> list[PodSpec]:
     """Read a pods file; PodSpecError names the file (and line or entry) of the first problem."""
     try:
@@ -115,7 +104,7 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {_yaml_problem(exc)}") from exc
+            raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {yaml_problem(exc)}") from exc
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             # PyYAML's resolvers raise these on some scalars ("_0b_": int("", 2)); found by fuzzing.
             raise PodSpecError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc

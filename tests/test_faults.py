@@ -115,6 +115,31 @@ def test_add_with_two_fds_and_duplicate_add_use_the_pods_own_netns(
         record.close_fds()
 
 
+def test_an_add_a_fault_made_up_with_a_pods_uid_leaves_the_pods_state_alone(
+    server: NodeAgentProc, peers: Peers, make_pod: Any
+) -> None:
+    """ztunnel refuses these records (ztunnel itself then stops); the pod's own AddWorkload
+    was acked all the same: it stays acked, not failed with the fault's error."""
+    peer = connected(server, peers)
+    adding = add_pod(server, "u1", make_pod().path)
+    peer.expect().close_fds()
+    peer.ack()
+    adding.join()
+    inject(server, "add-without-workload-info", uid="u1")
+    peer.expect().close_fds()
+    peer.ack("workload_info is required but not present")
+    inject(server, "add-with-two-fds", uid="u1")
+    peer.expect().close_fds()
+    peer.ack("failure to read message : Expected 1 FD, got 2")
+    adding = add_pod(server, "u2", make_pod().path)  # (its write has the answers before it reported)
+    peer.expect().close_fds()
+    peer.ack()
+    adding.join()
+    states = {pod.uid: (pod.state, pod.last_error) for pod in server.list_pods()}
+    assert states == {"u1": (nodeagent_pb2.POD_STATE_ACKED, ""), "u2": (nodeagent_pb2.POD_STATE_ACKED, "")}
+    assert "ztunnel nacked add: failure to read message : Expected 1 FD, got 2" in server.output()
+
+
 def test_omit_from_snapshot_leaves_the_pod_out_of_the_next_snapshot(
     server: NodeAgentProc, peers: Peers, make_pod: Any
 ) -> None:
@@ -253,27 +278,75 @@ def test_second_snapshot_sent_for_the_next_connection_comes_after_its_snapshot(
 
 
 @pytest.mark.parametrize(
-    ("name", "text"),
+    ("name", "data", "says"),
     [
-        ("faults.jsonl", '{"kind": ' + "1" * 5000 + "}\n"),
-        ("faults.yaml", "- " + "[" * 5000 + "]" * 5000 + "\n"),
+        ("faults.jsonl", b'{"kind": ' + b"1" * 5000 + b"}\n", ":1: JSON that cannot be read"),
+        ("faults.yaml", b"- " + b"[" * 5000 + b"]" * 5000 + b"\n", ": YAML that cannot be read"),
+        ("faults.yaml", b"\xff\xfe\x00bad\n", ": not UTF-8 text"),
+        ("faults.yaml", b"- kind: [nack-adds\n", ": neither JSON lines nor valid YAML: "),
+        ("faults.yaml", b"kind: nack-adds\n", ": expected a list of faults (or faults: holding one)"),
+        ("faults.yaml", b"- {kind: delay}\n" * 100_000, ": over 1024 KiB; a fault file is a few lines"),
+        ("faults.yaml", b"- {kind: delay}\n" * 257, ": 257 faults, more than the 256 that can be armed"),
     ],
 )
-def test_a_faults_file_json_or_yaml_cannot_read_is_refused_in_one_line(
-    tmp_path: pathlib.Path, name: str, text: str
+def test_a_faults_file_that_cannot_be_read_is_refused_in_one_line(
+    tmp_path: pathlib.Path, name: str, data: bytes, says: str
 ) -> None:
-    """Nested too deep, or an integer of more digits than Python converts: a refusal naming
-    the file, on both ends (the node agent's --faults, zds ztunnel's --faults)."""
+    """Nested too deep, an integer of more digits than Python converts, not UTF-8 (a
+    traceback), one mapping (the ztunnel side armed nothing), too large (read whole, then
+    refused at entry 257): a refusal in one line naming the file, before anything is armed,
+    on both ends (the node agent's --faults, zds ztunnel's --faults)."""
     from zds.client.faults import ZtunnelFaultError, ZtunnelFaults, load_faults
     from zds.server.faultkinds import FaultError
     from zds.server.faultsfile import load_faults_file
 
     path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(FaultError, match=f"^{path}"):
+    path.write_bytes(data)
+    with pytest.raises(FaultError) as refused:
         load_faults_file(str(path))
-    with pytest.raises(ZtunnelFaultError, match=f"^{path}"):
-        load_faults(str(path), ZtunnelFaults())
+    assert str(refused.value).startswith(f"{path}{says}") and "\n" not in str(refused.value), refused.value
+    faults = ZtunnelFaults()
+    with pytest.raises(ZtunnelFaultError) as also:
+        load_faults(str(path), faults)
+    assert str(also.value) == str(refused.value) and faults.faults == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"kind": "delay"}, "delay: give delay SECONDS (more than 0)"),
+        ({"kind": "drop-before", "count": 0}, "drop-before: count must be at least 1"),
+        ({"kind": "drop-before", "delay": 2}, "drop-before takes no delay"),
+        (
+            {"kind": "record-before-hello", "count": 2},
+            "record-before-hello acts once on its connection: count must be 1",
+        ),
+        (
+            {"kind": "add-to-oldest", "skip_connections": 2},
+            "add-to-oldest acts on the node agent's delivery, not on one",
+        ),
+        ({"kind": "add-to-oldest", "after_snapshot": True}, "add-to-oldest takes no after_snapshot"),
+        (
+            {"kind": "withhold-snapshot-sent", "after_snapshot": True},
+            "withhold-snapshot-sent takes no after_snapshot",
+        ),
+        ({"kind": "omit-from-snapshot", "uid": 0}, "uid must be a string"),
+        ({"kind": "unknown-field", "uid": "u1"}, "unknown-field takes no uid"),
+    ],
+)
+def test_a_faults_file_entry_that_makes_no_sense_is_refused_before_the_start(
+    tmp_path: pathlib.Path, entry: dict[str, Any], says: str
+) -> None:
+    """Refused while the file is read (before the state directory is claimed, the store
+    opened, pods recovered), naming the entry and its keys, not zds fault's flags; an option
+    a kind does not use was taken and ignored."""
+    from zds.server.faultkinds import FaultError
+    from zds.server.faultsfile import load_faults_file
+
+    path = faults_file(tmp_path / "faults.jsonl", {"kind": "delay", "delay": 1}, entry)
+    with pytest.raises(FaultError) as refused:
+        load_faults_file(path)
+    assert str(refused.value).startswith(f"{path}:2: {says}"), refused.value
 
 
 def test_a_delay_no_timer_can_take_is_refused_and_a_watch_stream_lives_on(server: NodeAgentProc) -> None:
@@ -311,7 +384,7 @@ def test_a_faults_file_delay_out_of_range_is_refused_on_both_ends(
     node_agent.write_text(f'{{"kind": "drop-before", "delay": {delay}}}\n')
     failing = start_server("--faults", str(node_agent), ready=False)
     assert failing.wait_exit() == 1
-    assert "drop-before: --delay must be 0 to 3600 seconds" in failing.output()
+    assert f"{node_agent}:1: drop-before: delay must be 0 to 3600 seconds" in failing.output()
     assert "Traceback" not in failing.output()
     ztunnel = tmp_path / "ztunnel.jsonl"
     ztunnel.write_text(f'{{"kind": "delay-acks", "delay": {delay}}}\n')

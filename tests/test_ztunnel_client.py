@@ -31,6 +31,7 @@ from tests.harness import (
     PORTS,
     Pod,
     ZtunnelProc,
+    faults_file,
     fd_count,
     file_fd_count,
     http_get,
@@ -599,6 +600,36 @@ def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish
             zt.close()
         elif stopper.is_alive():
             stopper.join(60)
+
+
+@pytest.mark.root
+def test_once_its_faults_took_effect_the_client_is_back_on_the_path_without_faults(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod], tmp_path: Any
+) -> None:
+    """Every record went through the faults' checks for the life of the process after one
+    fault was armed (the busy poll off with them); GET /faults still lists it."""
+    faults = faults_file(
+        tmp_path / "faults.jsonl", {"kind": "nack-adds", "text": "failure to start proxy : no"}
+    )
+    config = ZtunnelConfig(
+        zds_socket=agent.path,
+        admin_listen="off",
+        readiness_listen="off",
+        metrics_listen="off",
+        proxy=ProxySettings(listeners=False),
+        faults_file=faults,
+    )
+    zt = InProcessZtunnel(config, {})
+    try:
+        conn = agent.connect_and_hello()
+        assert zt.ztunnel.client.faults is zt.ztunnel.faults
+        assert conn.add("uid-a", make_pod().path) == Ack(error="failure to start proxy : no")
+        assert conn.snapshot() == Ack()
+        assert conn.add("uid-b", make_pod().path) == Ack()
+        assert zt.ztunnel.client.faults is None
+        assert [f.state for f in zt.ztunnel.faults.faults] == ["applied"]
+    finally:
+        zt.close()
 
 
 @pytest.mark.root

@@ -149,7 +149,19 @@ def test_post_faults_is_served_only_when_asked_for_and_refuses_what_it_cannot_re
             urllib.request.urlopen(odd, timeout=10)
         assert refused.value.code == 400
         for entry, says in (
-            ({"kind": "nack-adds", "count": 1e400}, "nack-adds: cannot convert float infinity"),
+            ({"kind": "nack-adds", "count": 1e400}, "nack-adds: count must be a whole number from 1"),
+            ({"kind": "nack-adds", "count": 1.7}, "nack-adds: count must be a whole number from 1"),
+            ({"kind": "nack-adds", "count": "5"}, "nack-adds: count must be a whole number from 1"),
+            ({"kind": "nack-adds", "count": True}, "nack-adds: count must be a whole number from 1"),
+            ({"kind": "nack-adds", "after": 2.9}, "nack-adds: after must be a whole number from 0"),
+            ({"kind": "stop-reading", "delay": "2"}, "stop-reading: delay must be a number of seconds"),
+            ({"kind": "nack-adds", "text": {"a": 1}}, "nack-adds: text must be one line of printable text"),
+            (
+                {"kind": "nack-adds", "text": "two\nlines"},
+                "nack-adds: text must be one line of printable text",
+            ),
+            ({"kind": "second-hello", "delay": 1}, "second-hello takes no delay"),
+            ({"kind": "never-ack", "text": "no"}, "never-ack takes no text"),
             (
                 {"kind": "nack-adds", "text": "x" * 1_000_000},
                 "nack-adds: text is 1000000 characters, over 1024",

@@ -1,0 +1,84 @@
+"""Files of entries, as both ends read their faults files: JSON lines (every line that is
+not blank or a ``#`` comment one object) or YAML (a list, or a mapping whose ``key`` holds
+one). Each entry comes with where it is (``FILE:LINE`` or ``FILE: entry N``) for the caller's
+message about it; whatever is wrong with the file itself is one line (EntryFileError)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from zds.errors import ZdsError
+
+#: A file of entries larger than this is refused before it is read (a faults file is a few lines).
+MAX_BYTES = 1024 * 1024
+
+
+class EntryFileError(ZdsError):
+    """The file cannot be read as entries; the message names it, in one line."""
+
+
+def yaml_problem(exc: Exception) -> str:
+    """PyYAML's error in one line: what, and where (its own text quotes the line, with a caret)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        context = getattr(exc, "context", None)
+        return (
+            f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+        )
+    return " ".join(str(exc).split())
+
+
+def read_entries(path: str, *, key: str, what: str, max_entries: int) -> list[tuple[Any, str]]:
+    """Every entry of the file at ``path`` with where it is; EntryFileError when the file
+    cannot be read, is not JSON lines or YAML, is not a list (``what``: what it lists, for the
+    message), or holds more than ``max_entries``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise EntryFileError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_BYTES:
+        raise EntryFileError(f"{path}: over {MAX_BYTES // 1024} KiB; a {what} file is a few lines")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EntryFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if lines and all(line.startswith("{") for _, line in lines):
+        entries = [(_json_line(line, f"{path}:{n}"), f"{path}:{n}") for n, line in lines]
+    else:
+        entries = [
+            (entry, f"{path}: entry {n}") for n, entry in enumerate(_yaml_list(text, path, key, what), 1)
+        ]
+    if len(entries) > max_entries:
+        raise EntryFileError(f"{path}: {len(entries)} {what}s, more than the {max_entries} that can be armed")
+    return entries
+
+
+def _json_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise EntryFileError(f"{where}: not valid JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # nested too deep, an integer too long to convert
+        raise EntryFileError(f"{where}: JSON that cannot be read: {exc}") from exc
+
+
+def _yaml_list(text: str, path: str, key: str, what: str) -> list[Any]:
+    import yaml  # only YAML files need it (~10 ms of imports)
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EntryFileError(f"{path}: neither JSON lines nor valid YAML: {yaml_problem(exc)}") from exc
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # PyYAML's resolvers raise these on some scalars ("_0b_": int("", 2)); found by fuzzing.
+        raise EntryFileError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc
+    if isinstance(doc, dict) and key in doc:
+        doc = doc[key]
+    if not isinstance(doc, list):
+        raise EntryFileError(f"{path}: expected a list of {what}s (or {key}: holding one)")
+    return doc
