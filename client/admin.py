@@ -100,6 +100,8 @@ class Views:
     faults: Callable[[], list[dict[str, Any]]] = list
     #: POST /faults: arm one (None: faults cannot be armed here).
     arm_fault: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None
+    #: DELETE /faults[/ID]: clear one, or every armed one (None where they cannot be armed).
+    clear_faults: Callable[[str], list[dict[str, Any]]] | None = None
 
 
 def admin_routes(views: Views) -> list[web.RouteDef]:
@@ -114,20 +116,20 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
     async def index(request: web.Request) -> web.Response:
         return web.Response(
             text="zds ztunnel admin\n  /config_dump  dump the current state\n"
-            "  /faults       faults on demand: GET lists them, POST {kind, count, delay, text} arms one\n"
+            "  /faults       faults on demand: GET lists them, POST {kind, count, delay, text} arms one,\n"
+            "                DELETE clears every armed one (DELETE /faults/ID: that one)\n"
         )
 
     async def list_faults(request: web.Request) -> web.Response:
         return web.json_response(views.faults())
 
+    not_here = {
+        "error": "faults cannot be armed here: start zds ztunnel with --faults-api (or --faults FILE)"
+    }
+
     async def arm_fault(request: web.Request) -> web.Response:
         if views.arm_fault is None:
-            return web.json_response(
-                {
-                    "error": "faults cannot be armed here: start zds ztunnel with --faults-api (or --faults FILE)"
-                },
-                status=404,
-            )
+            return web.json_response(not_here, status=404)
         try:
             entry = await request.json()
         except (ValueError, RecursionError, LookupError):  # (LookupError: a charset Python lacks)
@@ -140,11 +142,21 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(fault)
 
+    async def clear_faults(request: web.Request) -> web.Response:
+        if views.clear_faults is None:
+            return web.json_response(not_here, status=404)
+        try:
+            return web.json_response(views.clear_faults(request.match_info.get("id", "")))
+        except ValueError as exc:  # ZtunnelFaultError: no such fault
+            return web.json_response({"error": str(exc)}, status=404)
+
     return [
         web.get("/config_dump", config_dump),
         web.get("/", index),
         web.get("/faults", list_faults),
         web.post("/faults", arm_fault),
+        web.delete("/faults", clear_faults),
+        web.delete("/faults/{id}", clear_faults),
     ]
 
 

@@ -212,6 +212,11 @@ class Ztunnel:
             metrics=self.render_metrics,
             faults=lambda: [f.as_dict() for f in self.faults.faults],
             arm_fault=self.arm_fault if self.config.faults_api or self.config.faults_file else None,
+            clear_faults=(
+                (lambda fault_id: [f.as_dict() for f in self.faults.clear(fault_id)])
+                if self.config.faults_api or self.config.faults_file
+                else None
+            ),
         )
         await self.http.serve(
             {

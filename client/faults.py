@@ -13,6 +13,7 @@ bytes of its hello; the cost when nothing is armed is one check per record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -134,6 +135,9 @@ class ZtunnelFaults:
     snapshot_answers: int = 0
     #: Records received since zds ztunnel started (``after`` counts from here).
     records: int = 0
+    #: The stop-reading in effect, and what ends it early (``clear``).
+    _stopped: ZtunnelFault | None = None
+    _resume: asyncio.Event | None = None
 
     @property
     def armed(self) -> bool:
@@ -271,10 +275,31 @@ class ZtunnelFaults:
             return
         fault.remaining = 1  # _used takes it to 0: applied
         self._used(fault, "stopped reading" + (f" for {fault.delay:g}s" if fault.delay else " for good"))
-        if fault.delay:
-            await asyncio.sleep(fault.delay)
-        else:
-            await asyncio.Event().wait()
+        self._stopped, self._resume = fault, asyncio.Event()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(fault.delay or None):  # (0: until it is cleared)
+                    await self._resume.wait()
+        finally:
+            self._stopped = self._resume = None
+
+    def clear(self, fault_id: str = "") -> list[ZtunnelFault]:
+        """Disarm the armed fault ``fault_id`` (every armed one: "") and end the stop-reading
+        in effect it names (any, with ""); the faults cleared. ZtunnelFaultError when there is
+        no such fault."""
+        cleared = [
+            f
+            for f in self.faults
+            if (f.state == "armed" or f is self._stopped) and (not fault_id or f.id == fault_id)
+        ]
+        if fault_id and not cleared:
+            raise ZtunnelFaultError(f"no armed fault {fault_id} (GET /faults lists them)")
+        for fault in cleared:
+            fault.state, fault.detail = "cleared", "cleared (DELETE /faults)"
+            log.warning("fault %s (%s) cleared", fault.id, fault.kind.label)
+            if fault is self._stopped and self._resume is not None:
+                self._resume.set()
+        return cleared
 
 
 def _is_add(record: Record) -> bool:

@@ -139,6 +139,21 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             await _wait_applied(fault, context)
         return nodeagent_pb2.InjectFaultResponse(fault=fault_to_proto(FaultView.of(fault)))
 
+    async def ListFaults(
+        self, request: nodeagent_pb2.ListFaultsRequest, context: grpc.aio.ServicerContext
+    ) -> nodeagent_pb2.ListFaultsResponse:
+        armed = self.agent.fault_book.armed()
+        return nodeagent_pb2.ListFaultsResponse(faults=[fault_to_proto(FaultView.of(f)) for f in armed])
+
+    async def ClearFaults(
+        self, request: nodeagent_pb2.ClearFaultsRequest, context: grpc.aio.ServicerContext
+    ) -> nodeagent_pb2.ClearFaultsResponse:
+        try:
+            cleared = self.agent.fault_book.clear(request.id)
+        except FaultError as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        return nodeagent_pb2.ClearFaultsResponse(cleared=[fault_to_proto(FaultView.of(f)) for f in cleared])
+
     async def Watch(self, request: nodeagent_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
         kinds = {EVENT_KIND_FROM_PROTO.get(value) for value in request.kinds}
         if None in kinds or EventKind.CURRENT_STATE_END in kinds:

@@ -97,6 +97,84 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     fault.set_defaults(func=inject)
 
+    faults = sub.add_parser(
+        "faults",
+        help="the node agent's armed faults: list them, clear them",
+        description="List the faults armed in the node agent (zds fault, --faults), or clear them: a "
+        "cleared fault is dropped, never to take effect (a zds fault --wait waiting for it answers).",
+    )
+    what = faults.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = what.add_parser(
+        "list",
+        help="the armed faults, in the order they were armed",
+        description="List the faults armed in the node agent now (ListFaults): id, kind, target, count, uid, "
+        "what it did last.",
+    )
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    control_flags(listing)
+    listing.set_defaults(func=list_faults)
+    clearing = what.add_parser(
+        "clear",
+        help="clear one armed fault, or every one",
+        description="Clear the armed fault ID, or every armed fault (ClearFaults): each is dropped, never to "
+        "take effect; a delay it was waiting out ends at once.",
+    )
+    clearing.add_argument(
+        "id", nargs="?", default="", metavar="ID", help="the fault (f1, ...); none: every one"
+    )
+    control_flags(clearing)
+    clearing.set_defaults(func=clear_faults)
+
+
+def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """``method`` of the control API, or ControlError (said by the caller)."""
+    from zds.server.controlclient import ControlTarget
+
+    target = ControlTarget.from_args(args)
+    with target.stub() as stub:
+        return target.call(getattr(stub, method), request, args.timeout)
+
+
+def list_faults(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from zds.gen import nodeagent_pb2
+    from zds.server.controlclient import ControlError
+    from zds.server.controlwire import FAULT_KIND_FROM_PROTO
+    from zds.server.podctl import table
+
+    try:
+        armed = _call(args, "ListFaults", nodeagent_pb2.ListFaultsRequest()).faults
+    except ControlError as exc:
+        print(f"zds faults list: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([MessageToDict(f, preserving_proto_field_name=True) for f in armed], indent=2))
+        return 0
+    rows = [
+        [f.id, FAULT_KIND_FROM_PROTO[f.kind].label, f.target, str(f.count), f.uid or "-", f.detail or "-"]
+        for f in armed
+    ]
+    print(table(["ID", "KIND", "TARGET", "COUNT", "UID", "DETAIL"], rows))
+    return 0
+
+
+def clear_faults(args: argparse.Namespace) -> int:
+    from zds.gen import nodeagent_pb2
+    from zds.server.controlclient import ControlError
+    from zds.server.controlwire import FAULT_KIND_FROM_PROTO
+
+    try:
+        cleared = _call(args, "ClearFaults", nodeagent_pb2.ClearFaultsRequest(id=args.id)).cleared
+    except ControlError as exc:
+        print(f"zds faults clear: {exc}", file=sys.stderr)
+        return 1
+    for fault in cleared:
+        print(f"fault {fault.id} cleared ({FAULT_KIND_FROM_PROTO[fault.kind].label} on {fault.target})")
+    if not cleared:
+        print("no fault was armed")
+    return 0
+
 
 def inject(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict

@@ -153,8 +153,11 @@ class ConnectionFaults:
             self.book.consume(f, f"pod {uid} left out of conn {conn.id}'s snapshot")
             return _settle(delivery, Ack())
         if f := self._take(FaultKind.DELAY, in_snapshot=in_snapshot):
-            await asyncio.sleep(f.spec.delay)
-            self.book.consume(f, f"{kind} on conn {conn.id} written {f.spec.delay:g}s late")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(f.spec.delay):
+                    await f.done.wait()  # (set while it waits only when it is cleared, or dropped)
+            if f.state == "armed":
+                self.book.consume(f, f"{kind} on conn {conn.id} written {f.spec.delay:g}s late")
         if f := self._take(FaultKind.DROP_BEFORE, in_snapshot=in_snapshot):
             self.book.consume(f, f"conn {conn.id} closed instead of writing {kind}")
             raise _close(conn, f"fault {f.id} drop-before: closed instead of writing {kind}")

@@ -350,8 +350,28 @@ class FaultBook:
         if state is not None:
             state.closed(reason)
 
+    def armed(self) -> list[Fault]:
+        """The faults armed now, in the order they were armed."""
+        return [f for f in self._armed if f.state == "armed"]
+
+    def clear(self, fault_id: str = "") -> list[Fault]:
+        """Disarm the armed fault ``fault_id`` (every armed one: ""): each is dropped, as
+        "cleared"; the faults cleared. FaultError when no armed fault has that id."""
+        cleared = [f for f in self.armed() if not fault_id or f.id == fault_id]
+        if fault_id and not cleared:
+            raise FaultError(Refusal.INVALID, f"no armed fault {fault_id} (zds faults list shows them)")
+        for fault in cleared:
+            self.dropped(fault, "cleared (zds faults clear)")
+        # (a connection's faults are taken only while armed: nothing more to do there)
+        self._next = [f for f in self._next if f.state == "armed"]
+        for kind, faults in list(self._delivery.items()):
+            self._delivery[kind] = [f for f in faults if f.state == "armed"]
+        if not any(self._delivery.values()):
+            self.on_delivery(None)
+        return cleared
+
     def dropped(self, fault: Fault, reason: str) -> None:
-        """``fault`` can no longer take effect (its connection closed first)."""
+        """``fault`` can no longer take effect (its connection closed first, or it was cleared)."""
         if fault.state != "armed":
             return
         fault.state = "dropped"

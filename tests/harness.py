@@ -313,9 +313,17 @@ def post_unix(path: str, url: str, body: bytes) -> tuple[int, str]:
 
 def http_post_json(url: str, body: Any) -> tuple[int, Any]:
     """POST ``body`` as JSON to ``url``: (status, the JSON answer), also for an error status."""
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+    return _http_json("POST", url, json.dumps(body).encode())
+
+
+def http_delete_json(url: str) -> tuple[int, Any]:
+    """DELETE ``url``: (status, the JSON answer), also for an error status."""
+    return _http_json("DELETE", url, None)
+
+
+def _http_json(method: str, url: str, data: bytes | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return int(resp.status), json.loads(resp.read())

@@ -50,6 +50,8 @@ def test_every_command_is_a_leaf_we_know() -> None:
         "zds check node-agent",
         "zds check ztunnel",
         "zds fault",
+        "zds faults list",
+        "zds faults clear",
     }
 
 
@@ -574,9 +576,18 @@ def test_a_container_label_without_a_key_is_refused_in_one_line(label: str) -> N
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["fault", "delay", "--delay", "nan"], "argument --delay: nan is not a number of seconds from 0 to 3600"),
-        (["fault", "delay", "--delay", "inf"], "argument --delay: inf is not a number of seconds from 0 to 3600"),
-        (["fault", "delay", "--delay", "1e300"], "argument --delay: 1e300 is not a number of seconds from 0 to 3600"),
+        (
+            ["fault", "delay", "--delay", "nan"],
+            "argument --delay: nan is not a number of seconds from 0 to 3600",
+        ),
+        (
+            ["fault", "delay", "--delay", "inf"],
+            "argument --delay: inf is not a number of seconds from 0 to 3600",
+        ),
+        (
+            ["fault", "delay", "--delay", "1e300"],
+            "argument --delay: 1e300 is not a number of seconds from 0 to 3600",
+        ),
         (
             ["fault", "delay", "--skip-connections", "-1"],
             "argument --skip-connections: -1 is not a whole number",

@@ -140,6 +140,62 @@ def test_an_add_a_fault_made_up_with_a_pods_uid_leaves_the_pods_state_alone(
     assert "ztunnel nacked add: failure to read message : Expected 1 FD, got 2" in server.output()
 
 
+def test_armed_faults_are_listed_and_cleared_one_or_all(
+    server: NodeAgentProc, peers: Peers, make_pod: Any
+) -> None:
+    """A fault armed for good (a count of 2**31-1, a delay of an hour, a connection that never
+    comes) took a restart to be rid of. A cleared one is dropped: a delay it was waiting out
+    ends at once, and an InjectFault waiting for it answers."""
+    peer = connected(server, peers)
+    assert server.cli("fault", "delay", "--delay", "3600", "--count", "2147483647").returncode == 0
+    assert server.cli("fault", "leak-netns-fds", "--count", "2147483647").returncode == 0
+    waiting = subprocess.Popen(
+        [
+            *ZDS,
+            "fault",
+            "keep-unknown-uid",
+            "--next-connection",
+            "--wait",
+            "--control-socket",
+            server.control_socket,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: "f3 armed" in server.output(), "the third fault armed")
+        listed = server.cli("faults", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+            ["ID", "KIND"],
+            ["f1", "delay"],
+            ["f2", "leak-netns-fds"],
+            ["f3", "keep-unknown-uid"],
+        ]
+        adding = add_pod(server, "u1", make_pod().path)  # waits out f1's hour...
+        wait_until(lambda: "sent add" in server.output() or server.list_pods(), "the pod in the cache")
+        cleared = server.cli("faults", "clear", "f1")
+        assert cleared.stdout == "fault f1 cleared (delay on conn " + cleared.stdout.split("conn ")[1]
+        peer.expect().close_fds()  # ... no longer
+        peer.ack()
+        adding.join()
+        assert server.cli("faults", "clear").stdout.splitlines() == [
+            "fault f2 cleared (leak-netns-fds on the node agent)",
+            "fault f3 cleared (keep-unknown-uid on the next connection)",
+        ]
+        assert waiting.wait(30) == 1 and "f3 dropped" in waiting.communicate()[0]
+        assert server.cli("faults", "list").stdout.splitlines() == ["ID  KIND  TARGET  COUNT  UID  DETAIL"]
+        assert server.cli("faults", "clear").stdout == "no fault was armed\n"
+        gone = server.cli("faults", "clear", "f1")
+        assert gone.returncode == 1
+        assert gone.stderr == "zds faults clear: NOT_FOUND: no armed fault f1 (zds faults list shows them)\n"
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert "fault f1 (delay) dropped: cleared (zds faults clear)" in server.output()
+
+
 def test_omit_from_snapshot_leaves_the_pod_out_of_the_next_snapshot(
     server: NodeAgentProc, peers: Peers, make_pod: Any
 ) -> None:

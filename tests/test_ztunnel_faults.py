@@ -3,6 +3,7 @@ are meant to be: to test a node agent — here zds's own, whose answer to each i
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
@@ -13,6 +14,7 @@ from tests.harness import (
     StartServer,
     ZtunnelProc,
     faults_file,
+    http_delete_json,
     http_get,
     http_post_json,
     wait_until,
@@ -177,3 +179,38 @@ def test_post_faults_is_served_only_when_asked_for_and_refuses_what_it_cannot_re
     finally:
         zt.stop()
         agent.close()
+
+
+def test_faults_are_cleared_one_or_all_and_a_reader_stopped_for_good_reads_again(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    """stop-reading with no delay stopped zds ztunnel reading for good: a restart was the way out."""
+    server = start_server()
+    zt = ztunnel(server, tmp_path)
+    try:
+        wait_until(lambda: server.connected_count() == 1, "the ztunnel")
+        faults = f"http://{zt.address('admin')}/faults"
+        assert http_post_json(faults, {"kind": "nack-adds"})[0] == 200
+        assert http_post_json(faults, {"kind": "stop-reading"})[0] == 200
+        zt.wait_for_output("fault z2 (stop-reading) took effect: stopped reading for good")
+        assert http_delete_json(f"{faults}/z1") == (200, [_as(zt, "z1", "nack-adds")])
+        assert http_delete_json(f"{faults}/z1")[0] == 404  # cleared already
+        status, cleared = http_delete_json(faults)
+        assert status == 200 and [f["id"] for f in cleared] == ["z2"] and cleared[0]["state"] == "cleared"
+        done = server.cli("pod", "add", "--uid", "u1", "--netns", make_pod().path)
+        assert done.returncode == 0, done.stderr  # read, and not nacked
+        assert http_delete_json(faults) == (200, [])
+    finally:
+        zt.stop()
+
+
+def _as(zt: ZtunnelProc, fault_id: str, kind: str) -> dict[str, Any]:
+    """How GET /faults shows a cleared fault."""
+    listed: list[dict[str, Any]] = json.loads(http_get(f"http://{zt.address('admin')}/faults")[1])
+    [fault] = [f for f in listed if f["id"] == fault_id]
+    assert (
+        fault["kind"] == kind
+        and fault["state"] == "cleared"
+        and fault["detail"] == "cleared (DELETE /faults)"
+    )
+    return fault

@@ -19,7 +19,7 @@ from zds import __version__, cliflags, runtime
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("zds.server.cli", ("server",)),
     ("zds.server.controlcli", ("pod", "connections", "watch")),
-    ("zds.server.faultcli", ("fault",)),
+    ("zds.server.faultcli", ("fault", "faults")),
     ("zds.client.cli", ("ztunnel",)),
     ("zds.netns.cli", ("netns",)),
     ("zds.cni.cli", ("cni",)),

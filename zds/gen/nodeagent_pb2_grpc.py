@@ -69,6 +69,16 @@ class NodeAgentStub:
                 request_serializer=nodeagent__pb2.InjectFaultRequest.SerializeToString,
                 response_deserializer=nodeagent__pb2.InjectFaultResponse.FromString,
                 _registered_method=True)
+        self.ListFaults = channel.unary_unary(
+                '/zds.v1.NodeAgent/ListFaults',
+                request_serializer=nodeagent__pb2.ListFaultsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.ListFaultsResponse.FromString,
+                _registered_method=True)
+        self.ClearFaults = channel.unary_unary(
+                '/zds.v1.NodeAgent/ClearFaults',
+                request_serializer=nodeagent__pb2.ClearFaultsRequest.SerializeToString,
+                response_deserializer=nodeagent__pb2.ClearFaultsResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -179,6 +189,22 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFaults(self, request, context):
+        """The faults armed now (InjectFault, --faults), in the order they were armed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearFaults(self, request, context):
+        """Disarm the armed fault id, or every armed fault (no id): each is dropped
+        ("cleared"; an InjectFault waiting for it answers). NOT_FOUND: no armed
+        fault has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +242,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.InjectFault,
                     request_deserializer=nodeagent__pb2.InjectFaultRequest.FromString,
                     response_serializer=nodeagent__pb2.InjectFaultResponse.SerializeToString,
+            ),
+            'ListFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFaults,
+                    request_deserializer=nodeagent__pb2.ListFaultsRequest.FromString,
+                    response_serializer=nodeagent__pb2.ListFaultsResponse.SerializeToString,
+            ),
+            'ClearFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearFaults,
+                    request_deserializer=nodeagent__pb2.ClearFaultsRequest.FromString,
+                    response_serializer=nodeagent__pb2.ClearFaultsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +443,60 @@ class NodeAgent:
             '/zds.v1.NodeAgent/InjectFault',
             nodeagent__pb2.InjectFaultRequest.SerializeToString,
             nodeagent__pb2.InjectFaultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zds.v1.NodeAgent/ListFaults',
+            nodeagent__pb2.ListFaultsRequest.SerializeToString,
+            nodeagent__pb2.ListFaultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zds.v1.NodeAgent/ClearFaults',
+            nodeagent__pb2.ClearFaultsRequest.SerializeToString,
+            nodeagent__pb2.ClearFaultsResponse.FromString,
             options,
             channel_credentials,
             insecure,
