@@ -151,6 +151,25 @@ def test_a_single_plugin_conf_becomes_a_conflist_and_comes_back(tmp_path: pathli
     assert conf.read_text() == original and sorted(os.listdir(conf_dir)) == ["10-bridge.conf"]
 
 
+def test_a_converted_conf_edited_since_keeps_its_edits_and_its_original_is_named(
+    tmp_path: pathlib.Path,
+) -> None:
+    _, conf_dir, flags = dirs(tmp_path)
+    conf = conf_dir / "10-bridge.conf"
+    conf.write_text('{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "cni0"}\n')
+    assert zds_cni("install", *flags).returncode == 0
+    conflist = conf_dir / "10-bridge.conflist"
+    conflist.write_text(conflist.read_text().replace('"cni0"', '"cni1"'))  # someone's edit
+    done = zds_cni("uninstall", *flags)
+    assert done.returncode == 0, done.stderr
+    original = conf_dir / "10-bridge.conf.zds-cni-orig"
+    assert done.stdout.splitlines()[0] == (
+        f"took zds-cni out of {conflist} ({original} kept: {conflist} was edited since the install)"
+    )
+    assert [p["bridge"] for p in json.loads(conflist.read_text())["plugins"]] == ["cni1"]
+    assert original.exists() and not conf.exists()
+
+
 def test_what_it_cannot_do_is_said_in_one_line_and_nothing_is_touched(tmp_path: pathlib.Path) -> None:
     bin_dir, conf_dir, flags = dirs(tmp_path)
     done = zds_cni("install", *flags)
@@ -165,8 +184,31 @@ def test_what_it_cannot_do_is_said_in_one_line_and_nothing_is_touched(tmp_path: 
     assert (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
     assert (bin_dir / "zds-cni").read_text() == "#!/bin/sh\necho someone else's\n"
     done = zds_cni("uninstall", *flags)
-    assert done.returncode == 1 and "left in place" in done.stderr
+    assert (
+        done.returncode == 0
+        and done.stdout == f"left {bin_dir / 'zds-cni'} in place: it is not zds-cni's launcher\n"
+    )
     assert (bin_dir / "zds-cni").exists()
+
+
+def test_uninstall_takes_zds_cni_out_beside_another_programs_binary_and_says_what_it_did(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The binary in the bin dir became another program's since the install: uninstall
+    failed on it, after taking zds-cni out of the configs, and said nothing of that."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    mesh = conf_dir / "87-mesh.conflist"
+    mesh.write_text(PODMAN_CONFLIST)
+    assert zds_cni("install", *flags).returncode == 0
+    (bin_dir / "zds-cni").write_text("#!/bin/sh\necho someone else's\n")
+    done = zds_cni("uninstall", *flags)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"took zds-cni out of {mesh}",
+        f"left {bin_dir / 'zds-cni'} in place: it is not zds-cni's launcher",
+    ]
+    assert mesh.read_text() == PODMAN_CONFLIST
+    assert (bin_dir / "zds-cni").read_text() == "#!/bin/sh\necho someone else's\n"
 
 
 def test_uninstall_leaves_a_conf_someone_wrote_since_and_keeps_a_symlinked_conflist_a_symlink(

@@ -290,8 +290,10 @@ def uninstall(options: InstallOptions) -> list[str]:
     path = os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE)
     if os.path.exists(path):
         if not _is_ours(path):
-            raise InstallError(f"{path} is not zds-cni's launcher; left in place")
-        if still:  # the runtime would fail every ADD of those networks without it
+            # Another program's, not zds's to remove: said, and what was done still is (it was
+            # an error that hid the configs restored before it, and failed every uninstall after).
+            done.append(f"left {path} in place: it is not zds-cni's launcher")
+        elif still:  # the runtime would fail every ADD of those networks without it
             done.append(f"kept {path}: zds-cni is still chained into {', '.join(still)}")
         else:
             os.unlink(path)
@@ -320,6 +322,8 @@ def _unchain(path: str, loaded: Conflist, done: list[str]) -> None:
         ) from exc
     # A .conf written there since the install is someone else's, and stays.
     kept = f" ({conf} exists again: {original} not restored)" if restorable else ""
+    if not restorable and os.path.exists(original):  # (the .conflist is the truth now)
+        kept = f" ({original} kept: {path} was edited since the install)"
     done.append(f"took zds-cni out of {path}{kept}")
 
 
