@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zds.entryfile import yaml_problem
+from zds.entryfile import EntryFileError, yaml_list
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.pods import PodSource, PodSpec, PodSpecError, check_ips
 
@@ -99,21 +99,10 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
                 raise PodSpecError(f"{path}:{n}: JSON nested too deep") from exc
             entries.append((entry, n))
     else:
-        import yaml  # only YAML files need it (~10 ms of imports)
-
         try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise PodSpecError(f"{path}: neither JSON lines nor valid YAML: {yaml_problem(exc)}") from exc
-        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-            # PyYAML's resolvers raise these on some scalars ("_0b_": int("", 2)); found by fuzzing.
-            raise PodSpecError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc
-        if isinstance(doc, dict) and "pods" in doc:
-            doc = doc["pods"]
-        if doc is None:
-            doc = []
-        if not isinstance(doc, list):
-            raise PodSpecError(f"{path}: expected a list of pods")
+            doc = yaml_list(text, path, key="pods", what="pod", empty_ok=True)
+        except EntryFileError as exc:
+            raise PodSpecError(str(exc)) from exc
         entries = [(entry, number) for number, entry in enumerate(doc, 1)]
         where = f"{path}: entry {{}}"
     specs = []

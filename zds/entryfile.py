@@ -51,7 +51,8 @@ def read_entries(path: str, *, key: str, what: str, max_entries: int) -> list[tu
         entries = [(_json_line(line, f"{path}:{n}"), f"{path}:{n}") for n, line in lines]
     else:
         entries = [
-            (entry, f"{path}: entry {n}") for n, entry in enumerate(_yaml_list(text, path, key, what), 1)
+            (entry, f"{path}: entry {n}")
+            for n, entry in enumerate(yaml_list(text, path, key=key, what=what), 1)
         ]
     if len(entries) > max_entries:
         raise EntryFileError(f"{path}: {len(entries)} {what}s, more than the {max_entries} that can be armed")
@@ -67,7 +68,9 @@ def _json_line(line: str, where: str) -> Any:
         raise EntryFileError(f"{where}: JSON that cannot be read: {exc}") from exc
 
 
-def _yaml_list(text: str, path: str, key: str, what: str) -> list[Any]:
+def yaml_list(text: str, path: str, *, key: str, what: str, empty_ok: bool = False) -> list[Any]:
+    """The list a YAML file holds (itself, or under ``key``); EntryFileError naming ``path``
+    otherwise (``empty_ok``: an empty file is an empty list)."""
     import yaml  # only YAML files need it (~10 ms of imports)
 
     try:
@@ -79,6 +82,8 @@ def _yaml_list(text: str, path: str, key: str, what: str) -> list[Any]:
         raise EntryFileError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc
     if isinstance(doc, dict) and key in doc:
         doc = doc[key]
+    if doc is None and empty_ok:
+        doc = []
     if not isinstance(doc, list):
         raise EntryFileError(f"{path}: expected a list of {what}s (or {key}: holding one)")
     return doc
