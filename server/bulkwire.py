@@ -11,8 +11,9 @@ closes after the last answer. Behind the same peer check as gRPC, served by the 
 as ``AddPods`` (``bulkadd.bulk_add``), answered the same.
 
 A node agent from before the lane passes the opening on to gRPC, which answers in HTTP/2
-and closes, having taken nothing: the client sees that (:class:`LaneUnsupported`) and
-can send the pods over ``AddPods`` instead.
+and closes, having taken nothing; one with BULK_LANES_MAX lanes open answers :data:`BUSY`
+and closes: the client sees either (:class:`LaneUnsupported`) and can send the pods over
+``AddPods`` instead.
 
 This module is the wire and the client, and imports neither grpc nor asyncio; the node
 agent's end is ``bulklane.py``.
@@ -33,6 +34,8 @@ from zds.gen import nodeagent_pb2
 
 #: The lane's first bytes, each way (an HTTP/2 connection opens with ``PRI * HTTP/2.0``).
 MAGIC = b"ZDS-BULK/1\n"
+#: The node agent's answer to the opening when it has lanes enough open (then it closes).
+BUSY = b"ZDS-BULK-BUSY\n"
 #: A message's frame header: flag (0: not compressed), length.
 HEADER = struct.Struct(">BI")
 #: The largest message either end takes, as gRPC's default.
@@ -172,7 +175,7 @@ def exchange(
                 yield reply
 
 
-_UNSUPPORTED = "the node agent does not speak the bulk lane (a zds from before it?)"
+_UNSUPPORTED = "the node agent does not take the bulk lane (a zds from before it, or lanes enough open)"
 
 
 def _send(sock: socket.socket, out: bytearray, sent: int) -> int:

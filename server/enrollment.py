@@ -260,7 +260,8 @@ class Enrollment:
             if exc.undone:
                 pod.close()
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)
-                raise EnrollmentError(EnrollmentOutcome.RULES, str(exc)) from exc
+                outcome = EnrollmentOutcome.REFUSED if exc.refused else EnrollmentOutcome.RULES
+                raise EnrollmentError(outcome, str(exc)) from exc
             self.leftovers.retry(pod, removal=False)  # (recorded: the next start takes them out)
             raise EnrollmentError(
                 EnrollmentOutcome.RULES, f"{exc}: tried again in the background (and at the next start)"
@@ -342,15 +343,10 @@ class Enrollment:
                 # next start takes them out), and they are tried again meanwhile.
                 retried = self.leftovers.take_if_left(pod, removal=True)
                 if pod.netns is None and pod.rules_installed:
-                    # (recovered without opening its netns: its row, marked removing, records
-                    # its rules for a start that can open it; in leftovers if it knows that
-                    # netns, where a re-add of the uid leaves it alone)
-                    # (netns gone, netns replaced: nowhere the start looked; kept all the same)
-                    said = (
-                        "stay where they are"
-                        if pod.unopened
-                        else "went with its netns (nowhere at the start), or stay"
-                    )
+                    # (recovered without opening its netns, or with it nowhere: its row, marked
+                    # removing, records its rules for a start that can open it; in leftovers if
+                    # it knows that netns, where a re-add of the uid leaves it alone)
+                    said = "stay where they are" if pod.unopened else "went with its netns, or stay"
                     log.warning("its rules %s, recorded", said, extra=pod.spec.log_extra)
                     if pod.unopened is not None:
                         self.leftovers.keep_row(StoredPod.of(pod, rules=pod.rules_backend, removing=True))

@@ -19,7 +19,7 @@ from typing import cast
 
 from zds import defaults
 from zds.server.bulklane import BulkLane, BulkServe
-from zds.server.bulkwire import MAGIC
+from zds.server.bulkwire import BUSY, MAGIC
 from zds.server.peers import PeerGuard
 from zds.transport import bind_unix_listener, peer_credentials
 
@@ -148,6 +148,14 @@ class PeerGate:
     def open_lane(self, transport: asyncio.Transport, data: bytes) -> None:
         """Hand ``transport`` (its first bytes: ``data``) to a bulk lane."""
         self._lanes = {lane for lane in self._lanes if not lane.done}
+        if len(self._lanes) >= defaults.BULK_LANES_MAX:  # (each may hold ~5 MiB: the memory bounded)
+            log.warning(
+                "control socket: %d bulk lanes are open; one more is closed (its client goes over AddPods)",
+                len(self._lanes),
+            )
+            transport.write(BUSY)  # (not the opening: the client sends its pods over AddPods)
+            transport.close()
+            return
         lane = BulkLane(self.bulk)
         self._lanes.add(lane)
         transport.set_protocol(lane)

@@ -19,7 +19,7 @@ from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod
-from zds.server.redirect import RedirectConfig, RedirectError, Redirector, redirector
+from zds.server.redirect import RedirectConfig, RedirectError, Redirector, RulesNotOurs, redirector
 
 log = logging.getLogger("zds.server")
 
@@ -28,9 +28,11 @@ class RulesError(ZdsError):
     """The rules could not be installed; the message says why (iptables' own words).
     ``undone``: what went in came out again (or another pod's rules stay there)."""
 
-    def __init__(self, message: str, *, undone: bool = True) -> None:
+    def __init__(self, message: str, *, undone: bool = True, refused: bool = False) -> None:
         super().__init__(message)
         self.undone = undone
+        #: Refused before anything was touched (rules there that are not ours).
+        self.refused = refused
 
 
 class PodRules:
@@ -60,6 +62,9 @@ class PodRules:
                     if not still_used(pod.netns.identity):
                         await asyncio.shield(self._undo(pod))
                     raise
+                except RulesNotOurs as exc:  # (nothing went in: nothing to take out)
+                    spans.failed(span, exc)
+                    raise RulesError(f"pod {pod.uid} not enrolled: {exc}", refused=True) from exc
                 except (RedirectError, NetnsError, OSError) as exc:
                     spans.failed(span, exc)
                     undone = still_used(pod.netns.identity) or await self._undo(pod)

@@ -42,6 +42,10 @@ JUMPS = (
 )
 
 
+class RulesNotOurs(ZdsError):
+    """The netns holds rules not ours that our install would break; nothing was touched."""
+
+
 class RedirectError(ZdsError):
     """Installing or removing the rules failed; the message has iptables' own words."""
 
@@ -145,6 +149,25 @@ def cleanup_rules(saved: str, *, delete_chains: bool = True) -> str:
             out += [f"-X {c}" for c in ours]
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
+
+
+#: A rule that jumps (or goes) into one of our chains.
+_INTO_OURS_RE = re.compile(rf"^-A (\S+) .*-[jg] ({PRERT}|{OUTPUT})(?:\s|$)")
+
+
+def foreign_jumps(saved: str) -> list[str]:
+    """``table: rule`` of each rule in ``saved`` (RULE_TABLES) that jumps into a chain named as
+    ours and is not one of our jumps: an Istio sidecar's istio-init puts ``-A OUTPUT -p tcp -j
+    ISTIO_OUTPUT`` in nat. Our install takes those chains out first, which would break them."""
+    found: list[str] = []
+    table = ""
+    for raw in saved.splitlines():
+        line = _COUNTERS.sub("", raw.strip())
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif table in RULE_TABLES and _INTO_OURS_RE.match(line) and not _JUMP_RE.match(line):
+            found.append(f"{table}: {line}")
+    return found
 
 
 def our_chains(saved: str) -> list[tuple[str, str]]:
@@ -295,8 +318,16 @@ class Redirector:
         """Replace our rules, add policy routing; the families covered and the digest of what
         is now installed."""
         installed = []
-        for family, tool in _families():
-            cleanup = cleanup_rules(_run([f"{tool}-save"]))
+        families = _families()
+        saved = {tool: _run([f"{tool}-save"]) for _, tool in families}
+        if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
+            raise RulesNotOurs(  # (every family looked at before any change)
+                f"the netns holds a rule zds did not make that jumps into its chains ({foreign[0]}; an "
+                "Istio sidecar's istio-init makes such rules, and a pod with a sidecar is never enrolled "
+                "in ambient): installing would take that chain out from under it; nothing was changed"
+            )
+        for family, tool in families:
+            cleanup = cleanup_rules(saved[tool])
             _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
         _routing(add=True)

@@ -8,6 +8,8 @@ the same endpoint with aiohttp, guarded:
   connection, the body within ``body_timeout`` (a half-sent request is closed);
 - at most ``max_concurrent`` requests in flight (more get 503 at once, never a queue),
   and bodies of at most ``max_body`` bytes (413);
+- at most ``max_waiting`` connections whose request has not come yet (the oldest is
+  closed): idle connections cannot use up the fds;
 - one request per connection (``Connection: close``; Istio's plugin makes one);
 - one WARNING line per refused, aborted or bad request, with the peer's pid — never a
   traceback.
@@ -23,6 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
+from zds import defaults
 from zds.httpguard import AdmittedProtocol, Handler
 from zds.server.peers import PeerGuard
 from zds.transport import PeerCredentials, bind_unix_listener, peer_credentials
@@ -36,6 +39,7 @@ class HttpLimits:
     body_timeout: float = 10.0
     max_concurrent: int = 64
     max_body: int = 64 * 1024
+    max_waiting: int = defaults.CONTROL_SILENT_MAX
 
 
 class GuardedUnixHttp:
@@ -85,6 +89,15 @@ class GuardedUnixHttp:
         if not self.guard.check(peer):
             transport.close()
             return False
+        if len(self._deadlines) >= self.limits.max_waiting:
+            oldest = next(iter(self._deadlines))
+            self._deadlines.pop(oldest).cancel()
+            log.warning(
+                "closed a %s connection whose request had not come whole: more than %d were waiting",
+                self.guard.socket_name,
+                self.limits.max_waiting,
+            )
+            oldest.close()
         loop = asyncio.get_running_loop()
         self._deadlines[transport] = loop.call_later(
             self.limits.header_timeout, self._too_slow, transport, peer

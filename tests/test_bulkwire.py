@@ -185,7 +185,7 @@ def test_a_node_agent_from_before_the_lane_is_told_apart(tmp_path: object) -> No
 
     with (
         stand_in(tmp_path, grpc_like) as path,
-        pytest.raises(LaneUnsupported, match="does not speak the bulk lane"),
+        pytest.raises(LaneUnsupported, match="does not take the bulk lane"),
     ):
         list(add_pods(path, batches(3), timeout=60))
 

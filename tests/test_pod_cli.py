@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -626,6 +628,36 @@ def test_a_bulk_lane_client_sending_empty_frames_is_held_to_a_bound_too(server: 
     sent, grown_kb = offer_without_reading(server, first, bulkwire.frame(b"") * 65536)  # 13 M of them
     assert sent < 16 * 1024 * 1024, f"the node agent took {sent} bytes of empty requests"
     assert grown_kb < 64 * 1024, grown_kb
+
+
+def test_lanes_held_open_with_half_sent_frames_are_bounded_and_the_next_client_goes_over_addpods(
+    server: NodeAgentProc, tmp_path: object
+) -> None:
+    """Each lane may hold a frame of up to 4 MiB: 300 lanes holding one each took the node agent
+    from 144 MB to 1.4 GB. At most BULK_LANES_MAX are open; one more is answered BUSY and
+    closed, and `zds pod add --from-file` then sends its pods over AddPods."""
+    rss_before = _rss_kb(server.pid)
+    half_frame = bulkwire.MAGIC + struct.pack(">BI", 0, 4 * 1024 * 1024 - 1) + b"\0" * (4 * 1024 * 1024 - 2)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(defaults.BULK_LANES_MAX + 8):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.settimeout(10)
+            sock.connect(server.control_socket)
+            with contextlib.suppress(OSError):  # (one turned away may be closed mid-send)
+                sock.sendall(half_frame)
+        answers = [sock.recv(64) for sock in held]
+        assert answers.count(bulkwire.MAGIC) == defaults.BULK_LANES_MAX, answers
+        assert answers.count(bulkwire.BUSY) == 8, answers
+        assert _rss_kb(server.pid) - rss_before < (defaults.BULK_LANES_MAX * 5 + 64) * 1024
+        path = pods_file(tmp_path, [{"uid": "busy-1", "netns": "/nonexistent"}])
+        out = server.cli("pod", "add", "--from-file", path)  # refused (no such netns), over AddPods
+        assert out.returncode == 1 and "zds pod add: busy-1: INVALID_ARGUMENT: " in out.stderr, out.stderr
+        server.wait_for_output(f"{defaults.BULK_LANES_MAX} bulk lanes are open; one more is closed")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_bulk_answers_ready_together_go_in_replies_of_at_most_256(server: NodeAgentProc) -> None:

@@ -21,7 +21,14 @@ from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
-from zds.server.redirect import RedirectConfig, RedirectError, Redirector, cleanup_rules, inpod_rules
+from zds.server.redirect import (
+    RedirectConfig,
+    RedirectError,
+    Redirector,
+    RulesNotOurs,
+    cleanup_rules,
+    inpod_rules,
+)
 
 GOLDEN4 = (DATA / "istio-inpod-iptables.golden").read_text()
 GOLDEN6_FILE = (DATA / "istio-inpod-iptables-ipv6.golden").read_text()
@@ -312,6 +319,46 @@ def test_a_chain_of_the_pods_own_named_like_ours_in_another_table_is_left_alone(
     remove(pod)
     assert filter_table() == before
     assert "ISTIO_PRERT" not in saved_in(pod)
+
+
+#: What an Istio sidecar's istio-init leaves in a pod's nat table (abridged): its own ISTIO_OUTPUT,
+#: named as ours, jumped to by a rule that is not ours.
+SIDECAR_RULES = (
+    "*nat\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n"
+    "-A OUTPUT -p tcp -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"
+    "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+)
+
+
+@pytest.mark.root
+def test_a_netns_with_a_sidecars_rules_is_refused_and_left_exactly_as_it_was(
+    tmp_path: object, namespaces: list[str]
+) -> None:
+    """The install took every ISTIO_OUTPUT out first: the sidecar's chain was flushed (its
+    pod's traffic no longer redirected) and, its jump left pointing at it, the chain could not
+    be deleted: the enrollment failed, the rollback failed, and its retry ran for good."""
+    pod = scratch(namespaces)
+    restore_in(pod, SIDECAR_RULES)
+    before = normalise(saved_in(pod))
+    with pytest.raises(
+        RulesNotOurs, match=r"iptables nat: -A OUTPUT -p tcp -j ISTIO_OUTPUT; an Istio sidecar"
+    ):
+        install(pod)
+    assert normalise(saved_in(pod)) == before
+    server = NodeAgentProc(str(tmp_path), redirect=True).wait_ready()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            server.add_pod("u1", pod)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (info.value.details() or "").startswith(
+            "pod u1 not enrolled: the netns holds a rule zds did not make that jumps into its chains"
+        )
+        assert server.list_pods() == []
+        assert normalise(saved_in(pod)) == before
+        assert "lookup 100" not in in_pod(pod, "ip", "rule")
+    finally:
+        server.stop()
+    assert "leftovers" not in server.output() and "tried again" not in server.output()
 
 
 @pytest.mark.root

@@ -70,6 +70,10 @@ BULK_REFILL = 8
 #: Answers of one bulk stream not yet sent (its client reads slowly, or not at all) before
 #: the node agent stops taking its requests: what a client can make it hold is bounded.
 BULK_UNSENT = 1024
+#: Bulk lanes (``zds pod add --from-file`` on the control socket) open at once; each may hold
+#: a frame of up to 4 MiB and READ_AHEAD of requests. One more is closed without a word, and
+#: its client sends the pods over gRPC's AddPods (flow-controlled) instead.
+BULK_LANES_MAX = 16
 #: Answers in one AddPodsReply at most (well under a message's 4 MiB).
 BULK_REPLY_RESULTS = 256
 #: Events a Watch stream may have queued before it is ended for falling behind.
