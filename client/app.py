@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -206,17 +207,23 @@ class Ztunnel:
 
     async def serve_http(self) -> None:
         """Serve the bound endpoints (this loads the HTTP stack)."""
+        armable = self.config.faults_api or bool(self.config.faults_file)
+        admin = self.http.bound.get("admin")
+        if armable and admin is not None and not _loopback(admin):
+            log.warning(  # (as zds server's --grpc-insecure: said once, at start)
+                "faults can be armed and cleared on %s/faults by anyone who reaches that address "
+                "(--faults-api or --faults with a non-loopback --admin-listen)",
+                admin,
+            )
         views = Views(
             config_dump=self.config_dump,
             ready=lambda: self.ready,
             metrics=self.render_metrics,
             faults=lambda: [f.as_dict() for f in self.faults.faults],
-            arm_fault=self.arm_fault if self.config.faults_api or self.config.faults_file else None,
-            clear_faults=(
-                (lambda fault_id: [f.as_dict() for f in self.faults.clear(fault_id)])
-                if self.config.faults_api or self.config.faults_file
-                else None
-            ),
+            arm_fault=self.arm_fault if armable else None,
+            clear_faults=(lambda fault_id: [f.as_dict() for f in self.faults.clear(fault_id)])
+            if armable
+            else None,
         )
         await self.http.serve(
             {
@@ -325,3 +332,12 @@ class Ztunnel:
             self.protocol.drain()
             self.proxies.close()
             await self.http.close()
+
+
+def _loopback(address: str) -> bool:
+    """Whether a bound ``host:port`` (``[v6]:port``) is on a loopback address."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -21,6 +21,7 @@ from .kernel import (
     THREAD_NETNS,
     NetnsIdentity,
     fstatfs_type,
+    kernel_has_nstype_ioctl,
     netns_identity,
     validate_netns_fd,
 )
@@ -146,12 +147,17 @@ def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
     if not path:
         raise NetnsError("cannot open netns: empty path")
     try:
-        # O_NONBLOCK so a FIFO at that path fails validation instead of hanging the open.
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-        if directory is None:
-            fd = os.open(path, flags)
-        else:
-            fd = os.open(os.path.basename(path), flags, dir_fd=directory)
+        # First without opening what is there (O_PATH: no device's open, no FIFO's wait), and
+        # opened only if it is an nsfs file: a path that led to /dev/watchdog or a tape
+        # started it, one to /etc/shadow opened it as root.
+        where = os.open(path if directory is None else os.path.basename(path), _PATH_ONLY, dir_fd=directory)
+        try:
+            if fstatfs_type(where) != NSFS_MAGIC and kernel_has_nstype_ioctl():
+                raise NetnsError(f"{path} is not a network namespace" + _stale_hint(where, path))
+            # (O_NONBLOCK, as before O_PATH: a FIFO fails validation instead of hanging the open)
+            fd = os.open(f"/proc/self/fd/{where}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        finally:
+            os.close(where)
     except FileNotFoundError:
         raise NetnsError(_missing_message(path)) from None
     except PermissionError:
@@ -171,10 +177,7 @@ def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
         validate_netns_fd(fd, path)
         os.set_blocking(fd, True)
     except NetnsError as e:
-        message = str(e)
-        if _is_stale_entry(fd, path):
-            name = os.path.basename(path)
-            message += f'; it is a stale entry: remove it with "zds netns delete {name}"'
+        message = str(e) + _stale_hint(fd, path)
         os.close(fd)
         raise NetnsError(message) from None
     except BaseException:
@@ -183,14 +186,21 @@ def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
     return NetnsHandle.from_fd(fd, path, validate=False)
 
 
-def _is_stale_entry(fd: int, path: str) -> bool:
-    """A plain file in the run dir: a named namespace whose bind mount is gone."""
+#: How a netns path is looked at before it is opened (its file system, never its content).
+_PATH_ONLY = os.O_PATH | os.O_CLOEXEC
+
+
+def _stale_hint(fd: int, path: str) -> str:
+    """For a plain file in the run dir (a named namespace whose bind mount is gone), how to
+    remove it; '' otherwise."""
     if os.path.normpath(os.path.dirname(path)) != os.path.normpath(defaults.NETNS_RUN_DIR):
-        return False
+        return ""
     try:
-        return fstatfs_type(fd) != NSFS_MAGIC
+        if fstatfs_type(fd) == NSFS_MAGIC:
+            return ""
     except OSError:
-        return False
+        return ""
+    return f'; it is a stale entry: remove it with "zds netns delete {os.path.basename(path)}"'
 
 
 def open_netns_pid(pid: int) -> NetnsHandle:

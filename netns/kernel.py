@@ -89,7 +89,7 @@ def fstatfs_type(fd: int) -> int:
 
 
 @functools.cache
-def _kernel_has_nstype_ioctl() -> bool:
+def kernel_has_nstype_ioctl() -> bool:
     """Whether NS_GET_NSTYPE works here (Linux >= 4.11), probed on our own netns.
 
     When it does, an fd that answers ENOTTY is simply not a namespace; only on
@@ -129,7 +129,7 @@ def validate_netns_fd(fd: int, what: str = "") -> None:
             raise NetnsError(f"{what} is not an open file descriptor") from None
         if e.errno not in (errno.ENOTTY, errno.EINVAL):
             raise NetnsError(f"cannot check whether {what} is a network namespace: {e.strerror}") from None
-        if _kernel_has_nstype_ioctl():
+        if kernel_has_nstype_ioctl():
             raise NetnsError(f"{what} is not a network namespace") from None
         try:
             magic = fstatfs_type(fd)

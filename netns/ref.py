@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from zds import defaults
+from zds.errors import printable
 
 from .errors import NetnsError
 
@@ -41,6 +42,13 @@ class NetnsRef:
             )
         if self.path is not None and not self.path.strip():
             raise NetnsRefError('empty netns path: expected a path, a name or "pid:N"')
+        if (
+            self.path is not None and not self.path.replace("\0", "").isprintable()
+        ):  # (NUL: refused at the open)
+            # A newline or an escape went into log lines and answers as it was (a forged line).
+            raise NetnsRefError(
+                f"netns path {printable(self.path[:256])} has a character that is not printable"
+            )
 
     @classmethod
     def of_pid(cls, pid: int) -> NetnsRef:

@@ -142,7 +142,13 @@ class NetnsPolicy:
             handle = open_netns(path)
         else:
             try:
-                self._check_resolved(path, os.readlink(f"/proc/self/fd/{directory}"))
+                resolved = os.readlink(f"/proc/self/fd/{directory}")
+                if not _is(directory, resolved):  # (/proc/PID/root/...: that process's view)
+                    raise NetnsRefused(
+                        f"netns path {path} is in another mount namespace (its directory is {resolved} "
+                        "there): not under an allowed root"
+                    )
+                self._check_resolved(path, resolved)
                 handle = open_netns(path, directory=directory)
             finally:
                 os.close(directory)
@@ -164,6 +170,15 @@ def _shares_netns_with_pid_1() -> bool:
                 return any(line.split()[6:7] == [inode] for line in listing)
         except OSError:
             return False
+
+
+def _is(fd: int, path: str) -> bool:
+    """Whether ``path``, in this process's view, is the file ``fd`` is open on."""
+    try:
+        there, here = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _parent(path: str) -> str:

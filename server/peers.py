@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from zds.errors import printable
 from zds.transport import PeerCredentials
 
 log = logging.getLogger("zds.server.peers")
@@ -24,8 +25,10 @@ REMEMBERED = 1024
 
 
 def executable(pid: int) -> str:
+    """The program of process ``pid``, as a log line may show it (its name is anyone's choice:
+    a newline or an escape in it is written as its escape)."""
     try:
-        return os.readlink(f"/proc/{pid}/exe")
+        return printable(os.readlink(f"/proc/{pid}/exe"))
     except OSError:
         return "?"
 

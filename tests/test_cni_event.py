@@ -103,3 +103,13 @@ def test_a_body_json_cannot_read_is_a_bad_event_not_a_crash(raw: bytes, text: st
         with pytest.raises(BadEvent, match=text) as refused:
             parse(raw)
         assert "\n" not in str(refused.value)
+
+
+def test_a_netns_path_with_a_newline_or_an_escape_is_a_bad_event() -> None:
+    """It went into the log line and the answer as it was: a forged log line, a cleared terminal."""
+    for netns in (
+        "/var/run/netns/x\n2026-12-02T00:00:00.000Z info  zds.server: pod enrolled",
+        "/run/netns/\x1b[2J",
+    ):
+        with pytest.raises(BadEvent, match=r"^Netns: netns path .* has a character that is not printable$"):
+            parse_add_event(body({**GO_BODY, "Netns": netns}))

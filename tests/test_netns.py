@@ -195,6 +195,30 @@ def test_fifo_is_refused_without_hanging(tmp_path: os.PathLike[str]) -> None:
         open_netns(path)
 
 
+def test_what_is_not_a_netns_is_never_opened(tmp_path: os.PathLike[str]) -> None:
+    """A path that led to a device was opened as root (/dev/watchdog starts its timer on open,
+    a tape rewinds): only an nsfs file is. Seen here on a FIFO: a writer waits in its open until
+    a reader opens it, and stays waiting."""
+    path = os.path.join(tmp_path, "fifo")
+    os.mkfifo(path)
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(path, os.O_WRONLY)  # until someone opens it for reading
+        opened.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(NetnsError, match="is not a network namespace"):
+            open_netns(path)
+        assert not opened.wait(0.5), "the FIFO was opened"
+    finally:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer go
+        thread.join(10)
+
+
 def test_dead_pid_does_not_exist() -> None:
     pid = dead_pid()
     with pytest.raises(NetnsError) as caught:

@@ -264,12 +264,38 @@ def test_the_place_is_checked_where_the_kernel_opened_the_directory(
         subprocess.run(["umount", str(elsewhere / "pod")], check=True)
 
 
+def test_a_netns_in_another_mount_namespace_is_not_under_an_allowed_root() -> None:
+    """/proc/PID/root/run/netns/X: the kernel names that directory as the process sees it,
+    /run/netns, which passed for the node's. A netns from any mount namespace was taken so."""
+    name = f"zds-test-mnt-{os.getpid()}"
+    script = f"mount -t tmpfs none /run/netns && ip netns add {name} && echo ready && exec sleep 60"
+    child = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        path = f"/proc/{child.pid}/root/run/netns/{name}"
+        assert os.path.exists(path) and not os.path.exists(f"/run/netns/{name}")
+        with pytest.raises(
+            NetnsRefused, match=r"is in another mount namespace .*: not under an allowed root"
+        ):
+            NetnsPolicy.for_this_node().open(NetnsRef.of_path(path)).close()
+    finally:
+        child.kill()
+        child.wait(10)
+
+
 @pytest.mark.parametrize(
     ("path", "message"),
     [
         ("/var/run/netns/a\0b", "does not name a file"),
         ("/var/run\0/netns/ab", "does not name a file"),
         ("/var/run/netns/..", "does not name a file"),
+        (
+            "/var/run/netns/x\n2026-12-02T00:00:00.000Z info  zds.server: pod enrolled",
+            r"x\\n2026.*not printable",
+        ),
+        ("/var/run/netns/\x1b[2Jx", r"/var/run/netns/\\x1b\[2Jx has a character that is not printable"),
         ("relative/pod", "is not absolute"),
         ("/proc/999999999/ns/net", "process 999999999 does not exist"),
         ("/var/run/netns/zds-test-none", 'create it with "zds netns create zds-test-none"'),

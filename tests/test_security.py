@@ -630,3 +630,19 @@ def test_the_control_gate_closes_a_spliced_connection_once_both_sides_are_done(t
         wait_until(lambda: len(socket_inodes(server.pid)) <= before, "the gate to let go of every connection")
     finally:
         server.stop()
+
+
+def test_a_peers_program_is_named_with_its_escapes_in_a_log_line(tmp_path: Path) -> None:
+    """Any local user names their program: a newline in it forged a log line of the node agent's."""
+    from zds.server.peers import executable
+
+    program = tmp_path / "x\n2026-12-02T00:00:00.000Z info  zds.server: pod enrolled \x1b[2J"
+    shutil.copy("/bin/sleep", program)
+    running = subprocess.Popen([str(program), "30"])
+    try:
+        wait_until(lambda: os.path.exists(f"/proc/{running.pid}/exe"), "the program running")
+        named = executable(running.pid)
+        assert named == f"{tmp_path}/x\\n2026-12-02T00:00:00.000Z info  zds.server: pod enrolled \\x1b[2J"
+    finally:
+        running.kill()
+        running.wait(10)

@@ -214,3 +214,23 @@ def _as(zt: ZtunnelProc, fault_id: str, kind: str) -> dict[str, Any]:
         and fault["detail"] == "cleared (DELETE /faults)"
     )
     return fault
+
+
+def test_faults_that_anyone_who_reaches_the_admin_address_can_arm_are_said_at_start(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    """As zds server's --grpc-insecure: served as asked, and said once (POST /faults on
+    0.0.0.0 let any host on the network stop this ztunnel answering)."""
+    server = start_server()
+    zt = ZtunnelProc(server.zds_socket, str(tmp_path / "open.log"), "--no-listeners", "--faults-api",
+                     "--admin-listen", "0.0.0.0:0")  # fmt: skip
+    local = ztunnel(server, tmp_path)
+    try:
+        zt.wait_for_output("faults can be armed and cleared on 0.0.0.0:")
+        assert (
+            http_get(f"http://{local.address('admin')}/faults")[0] == 200
+        )  # (served: past the warning's place)
+        assert "faults can be armed and cleared" not in local.output()
+    finally:
+        zt.stop()
+        local.stop()
