@@ -176,26 +176,6 @@ def test_list_names_every_check_with_its_description(zds_cmd: list[str]) -> None
         assert f"{check.name}  " in done.stdout and check.description in done.stdout
 
 
-def test_a_node_agent_that_is_not_there_is_an_error_not_a_pass(tmp_path: pathlib.Path) -> None:
-    # (pods through commands: with the control API, its absence is said first, below)
-    run = zds_check(
-        "node-agent",
-        "--zds-socket",
-        str(tmp_path / "nobody.sock"),
-        "--add-cmd",
-        "true",
-        "--remove-cmd",
-        "true",
-        *FAST,
-        tmp=tmp_path,
-    )
-    assert run.returncode == 1
-    assert set(run.statuses().values()) == {"error"}
-    assert "cannot connect to the node agent" in run.stdout
-    made = os.listdir("/var/run/netns") if os.path.isdir("/var/run/netns") else []
-    assert not [n for n in made if n.startswith("zdsck-")]
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_sigterm_stops_the_check_as_ctrl_c_and_it_removes_what_it_made(
     start_server: StartServer, tmp_path: pathlib.Path, signum: signal.Signals
@@ -261,3 +241,25 @@ def test_an_agent_pid_that_is_no_process_is_refused_at_once(tmp_path: pathlib.Pa
         2,
         f"zds check node-agent: --agent-pid {pid}: no such process here\n",
     )
+
+
+def test_a_node_agent_that_is_not_there_is_one_line_and_exit_2_not_a_pass(tmp_path: pathlib.Path) -> None:
+    """Each check had its own ERROR for it, and the run exit 1 (README: exit 2 when it cannot start)."""
+    for path, says in (
+        (tmp_path / "none.sock", "no node agent socket at"),
+        (tmp_path / "file", "is not a socket"),
+    ):
+        if path.name == "file":
+            path.write_text("")
+        done = subprocess.run(
+            [*ZDS, "check", "node-agent", "--zds-socket", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stdout + done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith("zds check node-agent: ") and says in line, line
+        assert done.stdout == ""
+    made = os.listdir("/var/run/netns") if os.path.isdir("/var/run/netns") else []
+    assert not [n for n in made if n.startswith("zdsck-")]

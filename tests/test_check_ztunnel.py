@@ -209,6 +209,18 @@ def test_each_check_fails_against_zds_ztunnel_with_the_matching_fault(
     assert "source: istio/ztunnel" in run.stdout
 
 
+@pytest.mark.parametrize("name", ["listeners-closed-on-del", "readd-same-netns"])
+def test_a_check_of_what_listeners_do_fails_when_they_never_came_up(
+    name: str, tmp_path: pathlib.Path
+) -> None:
+    """A ztunnel that opened no listener passed both: nothing was listening after the Del,
+    and nothing before and after the re-add was "untouched"."""
+    run = zds_check("ztunnel", "--cmd", ZTUNNEL + " --no-listeners", "--only", name, *FAST, tmp=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.status(name) == "fail", run.stdout
+    assert "not seen: the pod's listeners never all came up after its AddWorkload" in run.findings(name)
+
+
 def test_ztunnel_faults_are_counted_and_listed_on_the_admin_endpoint(tmp_path: pathlib.Path) -> None:
     agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
     ztunnel = ZtunnelProc(agent.path, str(tmp_path / "ztunnel.log"), "--no-listeners", "--faults-api")

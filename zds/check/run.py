@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,10 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
         # (a pid given by hand that is not there was a skipped fd-hygiene, and exit 0)
         print(f"zds check {role}: --agent-pid {args.agent_pid}: no such process here", file=sys.stderr)
         return 2
+    if role == "node-agent" and (missing := _no_socket(args.zds_socket)):
+        # (every check had its own ERROR for it, exit 1: 19 lines saying one thing)
+        print(f"zds check {role}: {missing}", file=sys.stderr)
+        return 2
     try:
         report = asyncio.run(_run(role, args, selected))
     except ZdsError as exc:
@@ -59,6 +64,18 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
                 print(f"zds check {role}: cannot write {path}: {exc.strerror}", file=sys.stderr)
                 return 2
     return 0 if report.ok else 1
+
+
+def _no_socket(path: str) -> str:
+    """Why no node agent can be listening at ``path`` ('' when a socket is there)."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            return ""
+    except FileNotFoundError:
+        return f"no node agent socket at {path} (is the node agent running? --zds-socket names its socket)"
+    except OSError as exc:
+        return f"cannot use {path}: {exc.strerror}"
+    return f"{path} is not a socket (--zds-socket names the node agent's ZDS socket)"
 
 
 async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Report:

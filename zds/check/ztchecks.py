@@ -101,10 +101,11 @@ CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec(
         "proxy-start-failure",
         "an Add whose fd is not a netns is nacked 'failure to start proxy : ...', the connection stays, the "
-        "workload is pending (not ready) until a Del",
+        "workload is pending until a Del, and ready after it (readiness while pending is noted, not judged: "
+        "ztunnel's nack path leaves it as it was)",
         "a proxy that cannot start is a transient error: nack, keep the connection, keep the workload pending and "
-        "retry it; not ready while anything is pending",
-        (src.ZT_START_NACK, src.ZT_PENDING, src.ZT_READY),
+        "retry it; readiness is looked at again only when a message is acked or a retry runs",
+        (src.ZT_START_NACK, src.ZT_PENDING, src.ZT_READY, src.ZT_CHECK_READY),
     ),
     CheckSpec(
         "pending-retry",
