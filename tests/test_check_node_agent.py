@@ -165,6 +165,22 @@ def test_each_check_fails_against_zds_server_with_the_matching_fault(
         assert f"fault f1 ({entries[0]['kind']}) took effect" in server.output()
 
 
+def test_adds_to_the_older_connection_fail_also_when_its_ack_deadline_comes_first(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    """The older connection was watched only after the newer one's wait (3 s here): the node
+    agent's 2 s ack deadline closed it first, and the check said ERROR ("cannot write")."""
+    held = make_pod()
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps(pod_entry(held)) + "\n")
+    faults = faults_file(tmp_path / "faults.jsonl", {"kind": "add-to-oldest", "count": 5})
+    server = start_server("--pods", str(pods), "--faults", faults, "--ack-timeout", "2")
+    run = zds_check("node-agent", *check_args(server, "--only", "adds-to-newest"), tmp=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.status("adds-to-newest") == "fail", run.stdout
+    assert "arrived on the older connection" in run.findings("adds-to-newest"), run.stdout
+
+
 def test_list_names_every_check_with_its_description(zds_cmd: list[str]) -> None:
     import subprocess
 
