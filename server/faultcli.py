@@ -180,7 +180,7 @@ def inject(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from zds.gen import nodeagent_pb2
-    from zds.server.controlclient import ControlError, ControlTarget
+    from zds.server.controlclient import ControlError
     from zds.server.controlwire import FAULT_KIND_TO_PROTO
 
     request = nodeagent_pb2.InjectFaultRequest(
@@ -195,10 +195,8 @@ def inject(args: argparse.Namespace) -> int:
     )
     if args.delay:
         request.delay.FromNanoseconds(int(args.delay * 1e9))
-    target = ControlTarget.from_args(args)
     try:
-        with target.stub() as stub:
-            fault = target.call(stub.InjectFault, request, args.timeout).fault
+        fault = _call(args, "InjectFault", request).fault
     except ControlError as exc:
         print(f"zds fault: {exc}", file=sys.stderr)
         return 1
