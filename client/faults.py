@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zds import defaults
-from zds.entryfile import EntryFileError, read_entries
+from zds.entryfile import EntryFileError, read_entries, real_number, whole_number
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, AddWorkload, encode_ack, encode_hello
 from zds.protocol.reading import START_FAILURE
@@ -157,7 +157,7 @@ class ZtunnelFaults:
         count = _whole(entry, "count", kind, 0 if stop_reading else 1, least=0 if stop_reading else 1)
         after = _whole(entry, "after", kind, 0, least=0)
         delay, text = entry.get("delay", 0.0), entry.get("text", "")
-        if not isinstance(delay, int | float) or isinstance(delay, bool):
+        if not real_number(delay):
             raise ZtunnelFaultError(f"{kind.label}: delay must be a number of seconds")
         if not 0 <= delay <= defaults.FAULT_DELAY_MAX:  # (also NaN)
             raise ZtunnelFaultError(f"{kind.label}: delay must be 0 to {defaults.FAULT_DELAY_MAX:g} seconds")
@@ -321,7 +321,7 @@ def _what(reply: SendReply) -> str:
 def _whole(entry: dict[str, Any], name: str, kind: ZtunnelFaultKind, default: int, *, least: int) -> int:
     """``entry[name]``: a whole number from ``least`` to INT32_MAX (not a bool, a float, a string)."""
     value = entry.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= defaults.INT32_MAX:
+    if not whole_number(value, least):
         raise ZtunnelFaultError(
             f"{kind.label}: {name} must be a whole number from {least} to {defaults.INT32_MAX}"
         )

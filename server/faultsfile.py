@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from zds import defaults
-from zds.entryfile import EntryFileError, read_entries
+from zds.entryfile import EntryFileError, read_entries, real_number, whole_number
 from zds.server.faultkinds import Category, FaultError, FaultKind, Refusal
 from zds.server.faults import FaultSpec, spec_problem
 
@@ -34,11 +34,11 @@ def spec_from_entry(entry: Any, where: str) -> FaultSpec:
     count, skips = entry.get("count", 1), entry.get("skip_connections", 0)
     delay, after = entry.get("delay", 0.0), entry.get("after_snapshot", False)
     for name, value in (("count", count), ("skip_connections", skips)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= defaults.INT32_MAX:
+        if not whole_number(value):
             raise FaultError(
                 Refusal.INVALID, f"{where}: {name} must be a whole number from 0 to {defaults.INT32_MAX}"
             )
-    if not isinstance(delay, int | float) or isinstance(delay, bool):
+    if not real_number(delay):
         raise FaultError(Refusal.INVALID, f"{where}: delay must be a number of seconds")
     if not isinstance(after, bool):
         raise FaultError(Refusal.INVALID, f"{where}: after_snapshot must be true or false")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from zds import defaults
 from zds.errors import ZdsError
 
 #: A file of entries larger than this is refused before it is read (a faults file is a few lines).
@@ -18,7 +19,7 @@ class EntryFileError(ZdsError):
     """The file cannot be read as entries; the message names it, in one line."""
 
 
-def yaml_problem(exc: Exception) -> str:
+def _yaml_problem(exc: Exception) -> str:
     """PyYAML's error in one line: what, and where (its own text quotes the line, with a caret)."""
     problem = getattr(exc, "problem", None)
     mark = getattr(exc, "problem_mark", None)
@@ -28,6 +29,17 @@ def yaml_problem(exc: Exception) -> str:
             f"{context + ': ' if context else ''}{problem} (line {mark.line + 1}, column {mark.column + 1})"
         )
     return " ".join(str(exc).split())
+
+
+def whole_number(value: Any, least: int = 0) -> bool:
+    """Whether an entry's ``value`` is a whole number from ``least`` to INT32_MAX as written
+    (not a bool, a float or a string: 1.7 was taken for 1, "5" for 5, true for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= defaults.INT32_MAX
+
+
+def real_number(value: Any) -> bool:
+    """Whether an entry's ``value`` is a number as written (not a bool or a string)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def read_entries(path: str, *, key: str, what: str, max_entries: int) -> list[tuple[Any, str]]:
@@ -76,7 +88,7 @@ def yaml_list(text: str, path: str, *, key: str, what: str, empty_ok: bool = Fal
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise EntryFileError(f"{path}: neither JSON lines nor valid YAML: {yaml_problem(exc)}") from exc
+        raise EntryFileError(f"{path}: neither JSON lines nor valid YAML: {_yaml_problem(exc)}") from exc
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         # PyYAML's resolvers raise these on some scalars ("_0b_": int("", 2)); found by fuzzing.
         raise EntryFileError(f"{path}: YAML that cannot be read: {type(exc).__name__}: {exc}") from exc
