@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zds import defaults, logs, runtime
-from zds.client.admin import Views, admin_routes, metrics_routes, readiness_routes
+from zds.client.admin import Views, admin_routes, metrics_routes, parse_listen, readiness_routes
 from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.connection import FatalProtocolError, ZdsClient
 from zds.client.datapath import WorkloadTraffic, proxy_connection
@@ -336,7 +336,7 @@ class Ztunnel:
 
 def _loopback(address: str) -> bool:
     """Whether a bound ``host:port`` (``[v6]:port``) is on a loopback address."""
-    host = address.rsplit(":", 1)[0].strip("[]")
+    host, _ = parse_listen(address)
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
