@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -159,15 +160,11 @@ def foreign_jumps(saved: str) -> list[str]:
     """``table: rule`` of each rule in ``saved`` (RULE_TABLES) that jumps into a chain named as
     ours and is not one of our jumps: an Istio sidecar's istio-init puts ``-A OUTPUT -p tcp -j
     ISTIO_OUTPUT`` in nat. Our install takes those chains out first, which would break them."""
-    found: list[str] = []
-    table = ""
-    for raw in saved.splitlines():
-        line = _COUNTERS.sub("", raw.strip())
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif table in RULE_TABLES and _INTO_OURS_RE.match(line) and not _JUMP_RE.match(line):
-            found.append(f"{table}: {line}")
-    return found
+    return [
+        f"{table}: {line}"
+        for table, line in _table_lines(saved)
+        if _INTO_OURS_RE.match(line) and not _JUMP_RE.match(line)
+    ]
 
 
 def our_chains(saved: str) -> list[tuple[str, str]]:
@@ -221,18 +218,24 @@ def _ours(saved: str) -> list[str]:
     """The lines of ``iptables-save`` output that are our rules: our chains, the jumps to them,
     and the rules in them (counters stripped), with the table each is in (RULE_TABLES only)."""
     lines: list[str] = []
+    for table, line in _table_lines(saved):
+        if (m := _CHAIN_RE.match(line)) and m.group(1) in (PRERT, OUTPUT):
+            lines.append(f"*{table} :{m.group(1)}")
+        elif line.startswith("-A ") and (f" {PRERT}" in line or f" {OUTPUT}" in line):
+            lines.append(f"*{table} {line}")
+    return lines
+
+
+def _table_lines(saved: str) -> Iterator[tuple[str, str]]:
+    """(table, line) of each line of ``iptables-save`` output in one of RULE_TABLES, its
+    counters stripped."""
     table = ""
     for raw in saved.splitlines():
         line = _COUNTERS.sub("", raw.strip())
         if line.startswith("*"):
-            table = line
-        elif table[1:] not in RULE_TABLES:
-            continue
-        elif (m := _CHAIN_RE.match(raw.strip())) and m.group(1) in (PRERT, OUTPUT):
-            lines.append(f"{table} :{m.group(1)}")
-        elif line.startswith("-A ") and (f" {PRERT}" in line or f" {OUTPUT}" in line):
-            lines.append(f"{table} {line}")
-    return lines
+            table = line[1:]
+        elif table in RULE_TABLES:
+            yield table, line
 
 
 def _routing(add: bool, *, ipv6: bool | None = None) -> None:
