@@ -130,7 +130,15 @@ class ContainerEngineSource:
         is. Each ``create`` is learnt at once; every event is handled, in order, once the
         listing is reconciled."""
         docker = aiodocker.Docker(url=self.url)
-        await _pin_api_version(docker)
+        try:
+            await _pin_api_version(docker)
+            await self._watch(docker)
+        finally:
+            with contextlib.suppress(BaseException):
+                await docker.close()  # also when the engine did not answer (a session per try)
+
+    async def _watch(self, docker: aiodocker.Docker) -> None:
+        """The session once the engine answered (``_session``)."""
         subscriber = docker.events.subscribe(create_task=False)  # type: ignore[no-untyped-call]
         # From as far back as an ADD waits for its container's ``create`` (one made while the
         # last session was ending, or the engine away, is learnt too); each replayed event is
@@ -170,8 +178,6 @@ class ContainerEngineSource:
             for task in (reconcile, follow, stream):
                 with contextlib.suppress(BaseException):
                     await task
-            with contextlib.suppress(BaseException):
-                await docker.close()
 
     @staticmethod
     async def _follow(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -307,3 +308,19 @@ def test_a_container_without_the_container_label_is_another_node_agents(
         wait_until(lambda: second.list_pods() == [], "the pod of a container no longer its own removed")
     finally:
         second.stop()
+
+
+def test_an_engine_that_does_not_answer_costs_no_session_per_try(tmp_path: Path) -> None:
+    """An engine socket nobody listens on: each try's HTTP session was left open when the
+    first request failed (asyncio said ``Unclosed client session`` for each at the stop, and
+    they piled up while the engine stayed away). Each is closed with its try now."""
+    path = str(tmp_path / "engine.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(path)  # a socket file nobody listens on: each connect is refused
+    server = NodeAgentProc(str(tmp_path), "--container-engine", path).wait_ready()
+    try:
+        wait_until(lambda: server.output().count("next try in") >= 3, "three failed tries", timeout=20)
+    finally:
+        server.stop()
+    assert "Connection refused" in server.output(), server.output()
+    assert "Unclosed" not in server.output(), server.output()
