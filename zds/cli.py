@@ -90,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             code: int = args.func(args)
         finally:
             sys.stdout.flush()  # here, so a reader that went away is found here (also after --help)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return runtime.interrupt_exit_code(exc)
     except BrokenPipeError:
         if not runtime.stdout_reader_gone():
             raise

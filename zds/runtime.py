@@ -93,8 +93,22 @@ def ensure_std_fds() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (None: Python found it closed)
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal taken as Ctrl-C (``Interrupts``): which one. The command exits 128 + it, as
+    a shell reports a process the signal killed (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the command (SIGINT for a plain KeyboardInterrupt)."""
+    return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+
+
 class Interrupts:
-    """SIGINT, SIGTERM and SIGHUP as KeyboardInterrupt, for a command that cleans up on Ctrl-C (the
+    """SIGINT, SIGTERM and SIGHUP as KeyboardInterrupt (``Stopped``), for a command that cleans up on Ctrl-C (the
     demo, ``zds netns``): SIGTERM had killed it where it stood. In ``held()`` sections (starting
     a child and noting it; the clean-up) an interrupt waits for the section's end, then is
     raised. ``interrupted`` stays set: an interrupt raised where Python swallows exceptions
@@ -105,6 +119,8 @@ class Interrupts:
         self._held = 0
         self._pending = False
         self.interrupted = False
+        #: The first stop signal that came (what the command's exit code says).
+        self.signum = signal.SIGINT.value
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupts:
@@ -123,11 +139,13 @@ class Interrupts:
     def _handler(self, signum: int, frame: object) -> None:
         if in_forked_child(self._pid, signum):  # a forked helper must not run the command's clean-up
             return
+        if not self.interrupted:
+            self.signum = signum
         self.interrupted = True
         if self._held:
             self._pending = True
             return
-        raise KeyboardInterrupt
+        raise Stopped(self.signum)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -138,11 +156,11 @@ class Interrupts:
             self._held -= 1
             if not self._held and self._pending:
                 self._pending = False
-                raise KeyboardInterrupt
+                raise Stopped(self.signum)
 
     def check(self) -> None:
         if self.interrupted and not self._held:  # (a held section raises at its end)
-            raise KeyboardInterrupt
+            raise Stopped(self.signum)
 
 
 def stdout_reader_gone() -> bool:

@@ -30,7 +30,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "pods, show the handshake, the in-pod listeners and rules, send a connection from one pod to "
         "another through both ztunnel listeners, then remove everything (also on Ctrl-C).",
     )
-    demo.add_argument("--keep-logs", action="store_true", help="keep the two processes' logs (path printed)")
+    demo.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the two processes' logs and the node agent's state directory (path printed)",
+    )
     demo.add_argument("--no-color", action="store_true", help="plain output")
     demo.set_defaults(func=_run)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -42,10 +45,29 @@ SUBNET6 = "fd00:177:77::/64"
 PAYLOAD = b"hello reviews, this is productpage (through ztunnel)\n" * 20
 
 
+#: Bound while a demo runs (an abstract unix socket: the kernel lets it go with the process).
+CLAIM = "\0zds-demo"
+
+
+def _claim() -> socket.socket:
+    """One demo at a time: its namespaces, bridge and addresses have fixed names, and a second
+    one took the first one's namespaces for an earlier run's leftovers (and said to delete them)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(CLAIM)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise DemoError("another zds demo is running on this machine; wait for it to end") from None
+    return sock
+
+
 class Demo:
     """Owns every resource the demo makes, and removes them in ``close``."""
 
     def __init__(self, narrator: Narrator, keep_logs: bool) -> None:
+        self.claim = _claim()
         self.n = narrator
         self.keep_logs = keep_logs
         self.tmp = tempfile.mkdtemp(prefix="zds-demo-")
@@ -70,6 +92,7 @@ class Demo:
             print(f"   logs kept in {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        self.claim.close()
 
     def stub(self) -> Any:
         if self.channel is None:
@@ -311,9 +334,10 @@ def run_demo(args: argparse.Namespace) -> int:
                     finally:
                         demo.close()
                 narrator.ok("nothing left behind")
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaned up", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, runtime.Stopped) and exc.signum != signal.SIGINT
+        print(f"\n{f'stopped by {exc}' if stopped else 'interrupted'}; cleaned up", file=sys.stderr)
+        return runtime.interrupt_exit_code(exc)
     except (DemoError, NetnsError) as exc:
         print(f"zds demo: {exc}", file=sys.stderr)
         return 1
