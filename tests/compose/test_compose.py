@@ -47,7 +47,7 @@ CAPABILITIES: dict[str, set[str]] = {
     "check": set(),
 }
 APPS = ("productpage", "reviews")
-ENGINE_NETNS = "${ZDS_ENGINE_NETNS_DIR:-/run/netns}:${ZDS_ENGINE_NETNS_DIR:-/run/netns}:rslave"
+ENGINE_NETNS = "${ZDS_ENGINE_NETNS_DIR:-/run/netns}:${ZDS_ENGINE_NETNS_DIR:-/run/netns}:ro,rslave"
 
 
 def missing_tool(what: str) -> None:
