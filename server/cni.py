@@ -181,36 +181,34 @@ class CniPluginEndpoint:
     def __init__(self, agent: NodeAgent, containers: ContainerPods) -> None:
         self.agent = agent
         self.containers = containers
-        self.requests_by_code: dict[int, int] = {}
         self.app = web.Application(client_max_size=HttpLimits.max_body)
         self.app.router.add_post(defaults.CNI_ADD_EVENT_PATH, self.handle_add)
         self.app.router.add_post(defaults.CNI_DEL_EVENT_PATH, self.handle_del)
         self.app.router.add_post(defaults.CNI_CHECK_EVENT_PATH, self.handle_check)
 
-    def _answer(self, code: int, text: str) -> web.Response:
-        self.requests_by_code[code] = self.requests_by_code.get(code, 0) + 1
-        self.agent.telemetry.cni_request(code)
+    def _answer(self, event: str, code: int, text: str) -> web.Response:
+        self.agent.telemetry.cni_event(event, code)
         return web.Response(status=code, text=text + "\n" if text else "")
 
     async def handle_add(self, request: web.Request) -> web.Response:
-        return self._answer(*await self._process(await request.read()))
+        return self._answer("add", *await self._process(await request.read()))
 
     async def handle_del(self, request: web.Request) -> web.Response:
         try:
             uid, netns = parse_del_event(await request.read())
         except BadEvent as exc:
             log.warning("bad CNI plugin DEL event: %s", exc)
-            return self._answer(400, str(exc))
+            return self._answer("del", 400, str(exc))
         code, text = await self.containers.cni_del(uid, netns)
         log.info("CNI DEL: %s", text, extra={"uid": uid})
-        return self._answer(code, text)
+        return self._answer("del", code, text)
 
     async def handle_check(self, request: web.Request) -> web.Response:
         try:
             spec, container_id = parse_event(await request.read())
         except BadEvent as exc:
-            return self._answer(400, str(exc))
-        return self._answer(*await self.containers.cni_check(spec, container_id))
+            return self._answer("check", 400, str(exc))
+        return self._answer("check", *await self.containers.cni_check(spec, container_id))
 
     async def _process(self, body: bytes) -> tuple[int, str]:
         try:

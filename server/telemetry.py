@@ -19,9 +19,11 @@ instruments below are named to come out as these series:
 ``zds_pod_enrollments_total{outcome}``   counter   AddPod/CNI enrollments: acked,
                                                    nacked, no_connection, lost,
                                                    timeout, invalid, refused, rules,
-                                                   store
-``istio_cni_plugin_requests_total``      counter   CNI plugin requests by
+                                                   store, exhausted
+``istio_cni_plugin_requests_total``      counter   CNI plugin ``/cmdadd`` requests by
 ``{response_code}``                                response_code (Istio's name)
+``zds_cni_events_total``                 counter   CNI plugin events answered: add,
+``{event,response_code}``                          del, check
 ``zds_watchers``                         gauge     open Watch streams
 ``zds_faults_total{kind,outcome}``       counter   faults on demand: injected, applied,
                                                    refused
@@ -49,7 +51,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from opentelemetry import trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -74,6 +76,7 @@ from prometheus_client.exposition import choose_encoder
 
 from zds import __version__
 from zds.errors import ZdsError
+from zds.server.outcomes import EnrollmentOutcome
 
 SERVICE_NAME = "zds-node-agent"
 SCOPE = "zds.server"
@@ -172,6 +175,19 @@ def _resource(environ: Mapping[str, str]) -> Resource:
     return Resource.create({} if named else {"service.name": SERVICE_NAME})
 
 
+@contextlib.contextmanager
+def _sdk_not_disabled() -> Iterator[None]:
+    """``OTEL_SDK_DISABLED`` hidden from the SDK while the meter provider is made: with it the
+    SDK hands out no-op meters, and ``/metrics`` (served by the node agent itself, not pushed)
+    lost every zds series. The variable turns off the exporters (``from_environment``)."""
+    saved = os.environ.pop("OTEL_SDK_DISABLED", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["OTEL_SDK_DISABLED"] = saved
+
+
 class Telemetry:
     """The node agent's tracer and metric instruments, and the Prometheus registry behind /metrics.
 
@@ -202,9 +218,10 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         prometheus = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)
-        self._meter_provider = MeterProvider(
-            resource=resource, metric_readers=[prometheus, *metric_readers], shutdown_on_exit=False
-        )
+        with _sdk_not_disabled():
+            self._meter_provider = MeterProvider(
+                resource=resource, metric_readers=[prometheus, *metric_readers], shutdown_on_exit=False
+            )
         meter = self._meter_provider.get_meter(SCOPE, __version__)
 
         self._connected: Callable[[], int] = lambda: 0
@@ -245,11 +262,15 @@ class Telemetry:
         meter.create_observable_counter(
             "zds_pod_enrollments",
             callbacks=[self._observe_enrollments],
-            description="pod enrollments by outcome (acked, nacked, no_connection, lost, invalid, rules)",
+            description=f"pod enrollments by outcome ({', '.join(o.value for o in EnrollmentOutcome)})",
         )
         self._cni_requests = meter.create_counter(
             "istio_cni_plugin_requests",
             description="The total number of CNI plugin requests handled by the node agent.",
+        )
+        self._cni_events = meter.create_counter(
+            "zds_cni_events",
+            description="CNI plugin events (add, del, check) answered, by HTTP response code",
         )
         self._faults = meter.create_counter(
             "zds_faults",
@@ -314,8 +335,12 @@ class Telemetry:
     def enrollment(self, outcome: str) -> None:
         self._enrollment_counts[outcome] += 1
 
-    def cni_request(self, code: int) -> None:
-        self._cni_requests.add(1, {"response_code": str(code)})
+    def cni_event(self, event: str, code: int) -> None:
+        """A CNI plugin event answered: ``event`` add, del or check. Istio's counter is of
+        ``/cmdadd`` only (its other paths are zds's)."""
+        if event == "add":
+            self._cni_requests.add(1, {"response_code": str(code)})
+        self._cni_events.add(1, {"event": event, "response_code": str(code)})
 
     def fault(self, kind: str, outcome: str) -> None:
         self._faults.add(1, {"kind": kind, "outcome": outcome})

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import NodeAgentProc, free_port, pod_netns, post_unix, wait_until
 from tests.standins import Peers, RawPeer
 from zds.gen import nodeagent_pb2
+from zds.server.outcomes import EnrollmentOutcome
 
 pytestmark = pytest.mark.root
 
@@ -149,13 +150,27 @@ def test_cni_plugin_requests_are_counted_by_response_code(server: Server, peers:
     server.wait_value(1, "ztunnel_connected")
     assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 200
     assert post_unix(server.cni_socket, "/cmdadd", body)[0] == 200
+    assert post_unix(server.cni_socket, "/cmdcheck", body)[0] == 200
+    assert post_unix(server.cni_socket, "/cmddel", json.dumps({"Netns": pod_netns()}).encode())[0] == 400
     samples = server.scrape()
     counts = {
         dict(labels)["response_code"]: value
         for (name, labels), value in samples.items()
         if name == "istio_cni_plugin_requests_total"
     }
-    assert counts == {"200": 2, "400": 1, "500": 1}
+    assert counts == {"200": 2, "400": 1, "500": 1}  # /cmdadd only, as Istio (DEL and CHECK were counted)
+    events = {
+        (dict(labels)["event"], dict(labels)["response_code"]): value
+        for (name, labels), value in samples.items()
+        if name == "zds_cni_events_total"
+    }
+    assert events == {
+        ("add", "200"): 2,
+        ("add", "400"): 1,
+        ("add", "500"): 1,
+        ("check", "200"): 1,
+        ("del", "400"): 1,
+    }
 
 
 def test_watchers_are_a_gauge(server: Server) -> None:
@@ -254,3 +269,25 @@ def test_a_request_aiohttp_cannot_parse_is_one_warning_line_not_a_traceback(serv
     [line] = [line for line in server.output().splitlines() if "LineTooLong" in line]
     assert " warning aiohttp.server: Error handling request from 127.0.0.1: 400" in line
     assert "Traceback" not in server.output() and " error " not in server.output()
+
+
+def test_otel_sdk_disabled_turns_off_the_exporters_not_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK reads OTEL_SDK_DISABLED itself and made every instrument a no-op: /metrics then
+    had only the process_* series. The README says the variable leaves /metrics answering."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    server = Server(str(tmp_path))
+    try:
+        server.wait_ready()
+        assert server.value("ztunnel_connected") == 0
+        add(server, "u-disabled")  # no ztunnel: an enrollment that found no connection
+        server.wait_value(1, "zds_pod_enrollments_total", outcome="no_connection")
+        # Its HELP names every outcome (it named 6 of the 11).
+        text, _ = server.get("/metrics")
+        [help_text] = [
+            f.documentation for f in text_string_to_metric_families(text) if f.name == "zds_pod_enrollments"
+        ]
+        assert [o.value for o in EnrollmentOutcome if o.value not in help_text] == [], help_text
+    finally:
+        server.stop()
