@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from zds import defaults
-from zds.httpguard import AdmittedProtocol, Handler
+from zds.httpguard import AdmittedProtocol, Handler, answer_and_close
 from zds.server.peers import PeerGuard
 from zds.transport import PeerCredentials, bind_unix_listener, peer_credentials
 
@@ -147,7 +147,7 @@ class GuardedUnixHttp:
                     _who(peer),
                     self.limits.body_timeout,
                 )
-                return _closing(web.Response(status=408, text="request body too slow\n"))
+                return await answer_and_close(request, 408, "request body too slow\n")
             except web.HTTPRequestEntityTooLarge:
                 log.warning(
                     "refused a %s request from %s: body over %d bytes",

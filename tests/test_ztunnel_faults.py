@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import socket
 from typing import Any
 
 import pytest
@@ -234,3 +235,26 @@ def test_faults_that_anyone_who_reaches_the_admin_address_can_arm_are_said_at_st
     finally:
         zt.stop()
         local.stop()
+
+
+def test_a_request_body_that_does_not_arrive_in_time_is_answered_408(tmp_path: pathlib.Path) -> None:
+    """Headers, then a body a byte at a time: the head's 10 s deadline ended with the head, and
+    the handler's read of the body had none (the connection was held for good). The body must
+    follow within as long again: 408, closed, one line in the log."""
+    from tests.standins import FakeNodeAgent
+
+    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
+    zt = ZtunnelProc(agent.path, str(tmp_path / "api.log"), "--no-listeners", "--faults-api")
+    try:
+        host, port = zt.address("admin").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"POST /faults HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n{")
+            answer = b""
+            while chunk := conn.recv(4096):  # (no more comes: without the deadline, a timeout here)
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer  # and closed: recv saw the end
+        zt.wait_for_output("request(s) answered 408: body not in within 10s")
+        assert http_post_json(f"http://{zt.address('admin')}/faults", {"kind": "nack-adds"})[0] == 200
+    finally:
+        zt.stop()
+        agent.close()

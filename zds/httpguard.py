@@ -20,7 +20,8 @@ class TcpGuard:
     """An HTTP endpoint on TCP anyone on the node can reach, kept from using up the node
     agent's fds: at most ``max_connections`` open at once (more are closed at once), and a
     connection must bring its first request within ``header_timeout`` or is closed (idle
-    between requests, aiohttp's keep-alive timeout, the same). Each is said in a warning line
+    between requests, aiohttp's keep-alive timeout, the same), and a request's body must
+    follow within as long again (else 408, and the connection closed). Each is said in a warning line
     at most every ``WARN_EVERY`` seconds, with how many it was.
     20,000 connections that sent half a request had held every fd the node agent may open."""
 
@@ -33,6 +34,7 @@ class TcpGuard:
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
         self._refused = _Tally(self.WARN_EVERY)
         self._too_slow = _Tally(self.WARN_EVERY)
+        self._slow_body = _Tally(self.WARN_EVERY)
 
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: AdmittedProtocol(inner(), self.admit, self.gone)
@@ -65,7 +67,30 @@ class TcpGuard:
         if transport is not None and (timer := self._open.get(transport)) is not None:
             timer.cancel()
             self._open[transport] = None
+        if request.body_exists:
+            # The body within the same time as the request's head (a handler's read had none:
+            # a body dribbled a byte a second held its connection for good).
+            try:
+                async with asyncio.timeout(self.header_timeout):
+                    await request.read()
+            except TimeoutError:
+                self._slow_body.add(
+                    "HTTP: %d request(s) answered 408: body not in within %gs", self.header_timeout
+                )
+                return await answer_and_close(request, 408, "request body too slow\n")
         return await handler(request)
+
+
+async def answer_and_close(request: web.Request, status: int, text: str) -> web.StreamResponse:
+    """Answer ``status`` and close the connection at once: aiohttp would otherwise read the
+    rest of an unread body for up to 10 s more (its lingering) before it closes."""
+    response = web.Response(status=status, text=text)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # (what was written goes out first)
+    return response
 
 
 class _Tally:
