@@ -23,7 +23,7 @@ from zds.client.connection import FatalProtocolError, ZdsClient
 from zds.client.datapath import WorkloadTraffic, proxy_connection
 from zds.client.faults import ZtunnelFaultKind, ZtunnelFaults, load_faults
 from zds.client.listeners import AcceptedConnection, ConnectionHandler
-from zds.client.session import Handover
+from zds.client.session import Handover, count_answer
 from zds.client.workloads import WorkloadProxy
 from zds.netns import NetnsIdentity
 from zds.protocol.workloads import WorkloadState
@@ -79,7 +79,8 @@ class Ztunnel:
         self.faults = ZtunnelFaults(
             on_count=lambda kind, outcome: self.metrics.inc(
                 "zds_ztunnel_faults_total", kind=kind, outcome=outcome
-            )
+            ),
+            on_nack=lambda text: count_answer(self.metrics, "add", text),
         )
         if config.faults_file:
             load_faults(config.faults_file, self.faults)

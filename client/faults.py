@@ -129,6 +129,8 @@ class ZtunnelFaults:
 
     #: Told (kind, outcome) for every fault injected or applied (the metrics).
     on_count: Callable[[str, str], None] | None = None
+    #: Told the text of every AddWorkload a fault nacked (the requests and nacks metrics).
+    on_nack: Callable[[str], None] | None = None
     faults: list[ZtunnelFault] = field(default_factory=list)
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     #: Answers given in the current snapshot (disconnect-in-snapshot counts them).
@@ -242,6 +244,8 @@ class ZtunnelFaults:
             record.close_fds()
             text = fault.text or f"{START_FAILURE}nack requested (zds ztunnel fault {fault.id})"
             self._used(fault, f"nacked an AddWorkload: {text}")
+            if self.on_nack is not None:
+                self.on_nack(text)
             return encode_ack(Ack(text))
         return None
 

@@ -65,22 +65,27 @@ def conn_id_of(number: int) -> str:
     return f"zds-{number}"
 
 
-def count_reply(metrics: ZtunnelMetrics, reply: SendReply, conn_id: str) -> None:
-    """Count a reply handed to the connection (``zds_ztunnel_requests_total``, nacks by reason) and log it."""
-    kind = request_kind(reply.request) if reply.request is not None else "unreadable"
+def count_answer(metrics: ZtunnelMetrics, kind: str, error: str = "") -> None:
+    """A request of ``kind`` answered (``zds_ztunnel_requests_total``); a nack (``error``) also
+    by its reason (``zds_ztunnel_nacks_total``). Also for an AddWorkload a fault nacked."""
     metrics.inc("zds_ztunnel_requests_total", kind=kind)
-    uid = getattr(reply.request, "uid", "")
-    extra = {"conn": conn_id, "kind": kind, "uid": uid}
+    if error:
+        reason = "other"
+        for prefix, name in ((READ_FAILURE, "read"), (PROCESS_FAILURE, "process"), (START_FAILURE, "start")):
+            if error.startswith(prefix):
+                reason = name
+        metrics.inc("zds_ztunnel_nacks_total", reason=reason)
+
+
+def count_reply(metrics: ZtunnelMetrics, reply: SendReply, conn_id: str) -> None:
+    """Count a reply handed to the connection (``count_answer``) and log it."""
+    kind = request_kind(reply.request) if reply.request is not None else "unreadable"
+    count_answer(metrics, kind, reply.ack.error)
+    extra = {"conn": conn_id, "kind": kind, "uid": getattr(reply.request, "uid", "")}
     if reply.ack.ok:
         log.debug("acked %s", kind, extra=extra)
-        return
-    error = reply.ack.error
-    reason = "other"
-    for prefix, name in ((READ_FAILURE, "read"), (PROCESS_FAILURE, "process"), (START_FAILURE, "start")):
-        if error.startswith(prefix):
-            reason = name
-    metrics.inc("zds_ztunnel_nacks_total", reason=reason)
-    log.warning("nacked %s: %s", kind, error, extra=extra)
+    else:
+        log.warning("nacked %s: %s", kind, reply.ack.error, extra=extra)
 
 
 def log_reconciled(protocol: ZtunnelProtocol, event: SnapshotReconciled, conn_id: str) -> None:

@@ -44,6 +44,10 @@ def test_nacked_adds_leave_the_pod_cached_as_failed(
         [pod] = server.list_pods()
         assert pod.last_error == "failure to start proxy : port taken"
         assert '"state": "applied"' in http_get(f"http://{zt.address('admin')}/faults")[1].replace(": ", ": ")
+        # The nack is counted as any other (it was in neither counter).
+        metrics = zt.metrics()
+        assert metrics['zds_ztunnel_requests_total{kind="add"}'] == 1
+        assert metrics['zds_ztunnel_nacks_total{reason="start"}'] == 1
     finally:
         zt.stop()
 
