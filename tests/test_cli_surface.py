@@ -598,6 +598,11 @@ def test_a_container_label_without_a_key_is_refused_in_one_line(label: str) -> N
         ),
         (["pod", "list", "--timeout", "nan"], "argument --timeout: nan is not a positive number of seconds"),
         (
+            ["pod", "add", "--from-file", "x", "--timeout", "1e308"],
+            "argument --timeout: 1e308 seconds is over a day",
+        ),
+        (["pod", "list", "--timeout", "1e10"], "argument --timeout: 1e10 seconds is over a day (86400)"),
+        (
             ["server", "--ack-timeout", "nan"],
             "argument --ack-timeout: nan is not a positive number of seconds",
         ),

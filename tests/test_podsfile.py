@@ -3,13 +3,17 @@ line that names the first problem (file, line or entry, field). Nothing here nee
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pathlib
+import sys
 
 import pytest
 
 from zds.netns import NetnsRef
 from zds.server.pods import PodSource, PodSpecError
-from zds.server.podsfile import parse_pods
+from zds.server.podsfile import load_pods_file, parse_pods
 
 
 def lines(*entries: object) -> str:
@@ -107,3 +111,22 @@ def test_yaml_that_does_not_parse_is_said_in_one_line_with_where() -> None:
         "pods.yaml: neither JSON lines nor valid YAML: while parsing a flow mapping: "
         "expected ',' or '}', but got '<stream end>' (line 3, column 1)"
     )
+
+
+def test_a_pods_file_is_read_up_to_16_mib_and_a_fifo_nobody_writes_to_does_not_hang(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/zero was read until memory ran out (a MemoryError traceback under a ulimit), and a
+    FIFO without a writer held the command for good, --timeout or not."""
+    with pytest.raises(PodSpecError) as refused:
+        load_pods_file("/dev/zero")
+    assert str(refused.value) == "/dev/zero: over 16 MiB; not a pods file"
+    fifo = tmp_path / "pods.fifo"
+    os.mkfifo(fifo)
+    assert load_pods_file(str(fifo)) == []  # nobody writes: empty, at once
+    monkeypatch.setattr(
+        sys, "stdin", io.TextIOWrapper(io.BytesIO(lines({"uid": "u1", "netns": "pid:7"}).encode()))
+    )
+    assert [s.uid for s in load_pods_file("-")] == ["u1"]  # "-" is stdin
+    with pytest.raises(PodSpecError, match=r"^cannot read pods file .*: Is a directory$"):
+        load_pods_file(str(tmp_path))

@@ -111,6 +111,10 @@ def ip_address(text: str) -> str:
 BUSY_POLL_MAX_USEC = 10_000
 
 
+#: The longest time a flag in seconds takes: a day.
+SECONDS_MAX = 86400.0
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -118,6 +122,8 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0 < value < math.inf:  # (also NaN: it was a timeout of 0, or a traceback)
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    if value > SECONDS_MAX:  # (1e308 was an OverflowError traceback, 1e10 a deadline past at once)
+        raise argparse.ArgumentTypeError(f"{text} seconds is over a day ({SECONDS_MAX:g})")
     return value
 
 
