@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from typing import Any
 
@@ -126,7 +127,6 @@ def _delete(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return 1
     from .errors import NetnsError
-    from .fixtures import delete_netns
     from .podnet import delete_pod, remove_bridge_if_unused
 
     code = 0
@@ -143,10 +143,9 @@ def _delete(args: argparse.Namespace) -> int:
             code = 1
             continue
         try:
-            if args.bridge:
-                delete_pod(name, missing_ok=args.missing_ok)
-            else:
-                delete_netns(name, missing_ok=args.missing_ok)
+            # Its veth too, if zds netns made one (a netns the node agent holds outlives this,
+            # and its pair with it: the veth stayed on the bridge, its address given again).
+            delete_pod(name, missing_ok=args.missing_ok)
         except NetnsError as e:
             _error("delete", str(e))
             code = 1
@@ -180,7 +179,12 @@ def _enrolled_netns(control_socket: str) -> dict[tuple[int, int] | None, tuple[s
     try:
         with target.stub() as stub:
             pods = target.call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), 5).pods
-    except ControlError:
+    except ControlError as exc:
+        print(
+            f"zds netns delete: warning: no answer from the node agent at {control_socket} ({exc});"
+            " deleting without knowing whether a pod lives there",
+            file=sys.stderr,
+        )
         return {}
     return {
         (p.netns.dev, p.netns.ino): (p.uid, f"{p.namespace}/{p.name}") for p in pods if p.HasField("netns")
@@ -207,6 +211,9 @@ def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
         st = os.stat(path)
     except OSError as e:
         entry["error"] = f"cannot stat {path}: {e.strerror}"
+        return entry
+    if stat.S_ISDIR(st.st_mode):
+        entry["error"] = f"a directory, not a namespace; remove it with rmdir {path}"
         return entry
     if nsfs_dev is not None and st.st_dev != nsfs_dev:
         entry["error"] = f'not a namespace (stale entry?); remove it with "zds netns delete {name}"'

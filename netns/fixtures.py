@@ -53,7 +53,7 @@ def off_event_loop(fn: Callable[[], T]) -> T:
 
 
 def check_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # (match: $ also matched before a last newline)
         raise NetnsError(
             f'bad netns name "{name}": use letters, digits, ".", "_" and "-", starting with a letter or digit'
         )

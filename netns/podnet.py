@@ -12,6 +12,7 @@ import atexit
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -183,11 +184,15 @@ class PodNetwork:
             index = link_index(ipr, self.bridge)
             if index is None:
                 return False
-            kind, _ = kind_and_alias(ipr, index)
+            kind, alias = kind_and_alias(ipr, index)
             addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index)}
         if kind != "bridge":
             raise NetnsError(
                 f"{self.bridge} exists and is not a bridge (a {kind or 'device'}); pick another --bridge"
+            )
+        if alias != LINK_ALIAS:  # (someone else's bridge, whatever its addresses: not ours to use)
+            raise NetnsError(
+                f"bridge {self.bridge} exists and zds netns did not make it; pick another --bridge"
             )
         if self.gateway4 not in addresses:
             raise NetnsError(
@@ -208,8 +213,23 @@ class PodNetwork:
             self._bridge_made = False
             return pods
 
+    def _subnet_taken(self, ipr: IPRoute) -> str | None:
+        """An address of this host inside the pods' subnets (another bridge on them: a second
+        gateway, pods given addresses already in use), said as "ADDRESS on LINK"."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for entry in ipr.get_addr():
+            address = ipaddress.ip_address(entry.get_attr("IFA_ADDRESS"))
+            if address in self._net4 or address in self._net6:
+                return f"{address} on {names.get(entry['index'], entry['index'])}"
+        return None
+
     def _make_bridge(self) -> None:
         with IPRoute() as ipr, runtime.interrupts_held():  # (made and noted at once)
+            if (taken := self._subnet_taken(ipr)) is not None:
+                raise NetnsError(
+                    f"the pod subnets {self._net4} and {self._net6} are in use on this host ({taken});"
+                    " pick others (--subnet4, --subnet6)"
+                )
             try:
                 ipr.link("add", ifname=self.bridge, kind="bridge")
             except NetlinkError as e:
@@ -219,7 +239,7 @@ class PodNetwork:
                         " previous run left it behind; pick another bridge name, or delete that"
                         " link if it is stale"
                     ) from None
-                raise NetnsError(f"cannot create bridge {self.bridge}: {e}") from None
+                raise NetnsError(f"cannot create bridge {self.bridge}: {os.strerror(e.code)}") from None
             self._bridge_made = True
             index = link_index(ipr, self.bridge)
             ipr.link("set", index=index, ifalias=LINK_ALIAS)
@@ -251,7 +271,7 @@ class PodNetwork:
                         )
                     except NetlinkError as e:
                         raise NetnsError(
-                            f"cannot create veth {pod.veth_host} for pod {pod.name}: {e}"
+                            f"cannot create veth {pod.veth_host} for pod {pod.name}: {os.strerror(e.code)}"
                         ) from None
                     undo.callback(delete_link, pod.veth_host)
                 host_index = link_index(ipr, pod.veth_host)

@@ -98,7 +98,7 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
     """The pods in a pods file's ``text`` (``path`` names it in messages)."""
     #: Each entry with its line (JSON lines) or its number (YAML), and how a message names it.
     entries: list[tuple[Any, int]] = []
-    where = f"{path}:{{}}"
+    where, unit = f"{path}:{{}}", "line"
     stripped = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     json_lines = [(n, line) for n, line in stripped if line and not line.startswith("#")]
     if json_lines and all(line.startswith("{") for _, line in json_lines):
@@ -121,16 +121,17 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
         except EntryFileError as exc:
             raise PodSpecError(str(exc)) from exc
         entries = [(entry, number) for number, entry in enumerate(doc, 1)]
-        where = f"{path}: entry {{}}"
+        where, unit = f"{path}: entry {{}}", "entry"
     specs = []
-    seen: set[str] = set()
+    #: uid -> where it came first
+    seen: dict[str, int] = {}
     for entry, number in entries:
         try:
             spec = _spec(entry)
         except PodSpecError as exc:
             raise PodSpecError(f"{where.format(number)}: {exc}") from exc
-        if spec.uid in seen:
-            raise PodSpecError(f"{path}: uid {spec.uid} appears twice")
-        seen.add(spec.uid)
+        if (first := seen.get(spec.uid)) is not None:
+            raise PodSpecError(f"{where.format(number)}: uid {spec.uid} appears twice (first at {unit} {first})")
+        seen[spec.uid] = number
         specs.append(spec)
     return specs

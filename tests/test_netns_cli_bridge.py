@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +194,79 @@ def test_an_interrupt_right_after_a_pod_part_is_made_leaves_nothing(
         for name in pods:
             delete_netns(name, missing_ok=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_a_bridge_someone_else_made_is_not_used_and_a_subnet_in_use_not_taken_again(
+    names: tuple[str, str, str],
+) -> None:
+    """A bridge of someone else's with the gateway address was taken as a pod bridge (the pod
+    on a bridge that was down, with no IPv6 gateway); a new bridge on a subnet another bridge
+    has got the same gateway address and handed out addresses already in use."""
+    a, b, bridge = names
+    subnet = ["--subnet4", "10.186.0.0/24", "--subnet6", "fd00:186::/64"]
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.186.0.1/24", "dev", bridge], check=True)
+    foreign = zds("create", a, "--bridge", bridge, *subnet)
+    assert foreign.returncode == 1
+    assert foreign.stderr == (
+        f"zds netns create: bridge {bridge} exists and zds netns did not make it; pick another --bridge\n"
+    )
+    other = f"zdsc{secrets.token_hex(2)}"
+    try:
+        taken = zds("create", b, "--bridge", other, *subnet)  # a new bridge, on that bridge's subnet
+        assert taken.returncode == 1
+        assert (
+            "the pod subnets 10.186.0.0/24 and fd00:186::/64 are in use on this host "
+            f"(10.186.0.1 on {bridge}); pick others (--subnet4, --subnet6)"
+        ) in taken.stderr
+        assert a not in list_netns() and b not in list_netns() and other not in links()
+    finally:
+        subprocess.run(["ip", "link", "del", other], capture_output=True)
+
+
+def test_delete_without_bridge_takes_the_pods_veth_also_while_the_netns_lives_on(
+    names: tuple[str, str, str],
+) -> None:
+    """A netns something holds (the node agent, here this test) outlives its name, and its
+    veth pair with it: `delete --force` without --bridge left the veth on the bridge and its
+    address was handed out again."""
+    a, b, bridge = names
+    subnet = ["--subnet4", "10.187.0.0/24", "--subnet6", "fd00:187::/64"]
+    assert zds("create", a, "--bridge", bridge, *subnet).returncode == 0
+    held = os.open(f"/var/run/netns/{a}", os.O_RDONLY)
+    try:
+        deleted = zds("delete", a, "--force")
+        assert deleted.returncode == 0, deleted.stderr
+        assert f"zv-{a}" not in links()
+        again = zds("create", b, "--bridge", bridge, *subnet)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.split()[1] == "10.187.0.2"  # free again
+    finally:
+        os.close(held)
+        zds("delete", b, "--bridge", bridge)
+
+
+def test_netns_names_with_a_newline_and_stale_directories() -> None:
+    """A name ending in a newline was made (the regex's $ matched before it) and broke the
+    table; a directory where a netns belongs was said to go with zds netns delete (which cannot)."""
+    refused = zds("create", "zdst-nl\n")
+    assert refused.returncode == 1 and "zdst-nl\n" not in list_netns(), refused.stderr
+    stale = f"/var/run/netns/zdst-dir-{secrets.token_hex(2)}"
+    os.mkdir(stale)
+    try:
+        [entry] = [e for e in json.loads(zds("list", "--json").stdout) if e["path"] == stale]
+        assert entry["error"] == f"a directory, not a namespace; remove it with rmdir {stale}"
+    finally:
+        os.rmdir(stale)
+
+
+def test_delete_says_when_the_node_agent_does_not_answer(names: tuple[str, str, str], tmp_path: Path) -> None:
+    a, _, _ = names
+    assert zds("create", a).returncode == 0
+    dead = str(tmp_path / "control.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(dead)  # bound, never listened on
+        deleted = zds("delete", a, "--control-socket", dead)
+    assert deleted.returncode == 0 and a not in list_netns()
+    assert deleted.stderr.startswith(f"zds netns delete: warning: no answer from the node agent at {dead} (")
+    assert deleted.stderr.endswith("); deleting without knowing whether a pod lives there\n"), deleted.stderr

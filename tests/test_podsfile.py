@@ -87,7 +87,7 @@ def test_a_bad_entry_is_refused_naming_the_file_its_line_and_what_is_wrong(
 def test_a_line_that_is_not_json_and_a_uid_given_twice_are_refused() -> None:
     with pytest.raises(PodSpecError, match=r"^pods.jsonl:2: not valid JSON: Extra data$"):
         parse_pods('{"uid": "a", "netns": "x"}\n{"uid": "b", "netns": "y"} {}\n', "pods.jsonl")
-    with pytest.raises(PodSpecError, match=r"^pods.jsonl: uid a appears twice$"):
+    with pytest.raises(PodSpecError, match=r"^pods.jsonl:2: uid a appears twice \(first at line 1\)$"):
         parse_pods(lines({"uid": "a", "netns": "x"}, {"uid": "a", "netns": "y"}), "pods.jsonl")
 
 
