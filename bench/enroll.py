@@ -30,7 +30,7 @@ import time
 
 import grpc
 import podns
-from procs import stop_process
+from procs import run_main, stop_process, whole
 
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
@@ -46,14 +46,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-n", type=int, default=300, help="pods (default %(default)s)")
+    parser.add_argument("-n", type=whole(1), default=300, help="pods (default %(default)s)")
     parser.add_argument(
         "-m", choices=["proto", "listen"], default="listen", help="ztunnel mode (default %(default)s)"
     )
     parser.add_argument(
         "--rules", choices=["off", "iptables", "nftables"], default="nftables", help="(default %(default)s)"
     )
-    parser.add_argument("--window", type=int, default=64, help="removals at a time (default %(default)s)")
+    parser.add_argument(
+        "--window", type=whole(1), default=64, help="removals at a time (default %(default)s)"
+    )
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -64,10 +66,11 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="zds-bench-")
     zds_sock, ctl = os.path.join(tmp, "zds.sock"), os.path.join(tmp, "ctl.sock")
     procs: list[subprocess.Popen[bytes]] = []
-    paths = podns.create([f"zdsbench-{os.getpid()}-{i}" for i in range(args.n)])
+    paths: list[str] = []
     loop_flag = ["--no-uvloop"] if args.no_uvloop else []
     rules = ["--no-redirect"] if args.rules == "off" else ["--redirect-backend", args.rules]
     try:
+        paths = podns.create([f"zdsbench-{os.getpid()}-{i}" for i in range(args.n)])
         server_args = ["server", "--zds-socket", zds_sock, "--control-socket", ctl, "--cni-socket", "off"]
         server_args += ["--state-dir", os.path.join(tmp, "state"), "--http-listen", "off", *rules, *loop_flag]
         ztunnel_args = ["ztunnel", "--zds-socket", zds_sock]
@@ -165,4 +168,4 @@ def remove_all(stub: nodeagent_pb2_grpc.NodeAgentStub, n: int, window: int) -> t
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("bench/enroll.py", main))

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from procs import stop_process
+from procs import run_main, stop_process, whole
 
 from zds.protocol.messages import encode_hello
 
@@ -77,8 +77,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--idle", type=int, default=500, help="silent connections (default %(default)s)")
-    parser.add_argument("--runs", type=int, default=5, help="runs (default %(default)s)")
+    parser.add_argument("--idle", type=whole(0), default=500, help="silent connections (default %(default)s)")
+    parser.add_argument("--runs", type=whole(1), default=5, help="runs (default %(default)s)")
     args = parser.parse_args()
     times = []
     for run in range(args.runs):
@@ -92,4 +92,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("bench/flood.py", main))

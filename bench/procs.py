@@ -8,12 +8,14 @@ or that an enrollment was acked, at the moment it was said, without polling.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 #: How long any one milestone may take before the run is abandoned (a hung run, not a timing).
@@ -22,6 +24,39 @@ DEADLINE = 120.0
 
 class BenchError(Exception):
     """A bench step failed; the message says what and where its output is."""
+
+
+def whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``least`` (0 pods hung a run or crashed its report)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {least}")
+        return value
+
+    return parse
+
+
+def run_main(name: str, main: Callable[[], int]) -> int:
+    """A bench script's ``main``: SIGTERM and SIGHUP stop it as Ctrl-C does, so its clean-up
+    runs (processes, namespaces, the temp dir: a SIGTERM left them all); an interrupt, or a
+    BenchError, is one line and an exit code (128 + the signal; 1), not a traceback."""
+    from zds import runtime
+
+    try:
+        with runtime.Interrupts():
+            return main()
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, runtime.Stopped) and exc.signum != signal.SIGINT
+        print(f"{name}: {f'stopped by {exc}' if stopped else 'interrupted'}; cleaned up", file=sys.stderr)
+        return runtime.interrupt_exit_code(exc)
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
 
 
 @dataclass

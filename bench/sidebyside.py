@@ -29,6 +29,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ import firstrequest
 import podns
 import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
-from procs import BenchError, loadavg, wait_idle
+from procs import BenchError, loadavg, run_main, wait_idle, whole
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEERS = os.environ.get("ZDS_PEERS", os.path.join(os.path.dirname(REPO), "peers"))
@@ -48,13 +49,17 @@ UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", help="pod counts (default: 200,1000,2500; --smoke: 20)")
-    p.add_argument("--runs", type=int, help="runs of each configuration (default: 5; --smoke: 1)")
+    p.add_argument("--runs", type=whole(1), help="runs of each configuration (default: 5; --smoke: 1)")
     p.add_argument("--modes", default="snapshot,live", help="(default: %(default)s)")
     p.add_argument("--listeners", default="on,off", help="listeners on, off or both (default: %(default)s)")
     p.add_argument("--pairs", help=f"(default: {','.join(PAIRS)}; --smoke: zds,zds-asyncio)")
     p.add_argument("--no-floor", action="store_true", help="do not run the C floor (zds-limit)")
     p.add_argument("--peers", default=DEFAULT_PEERS, help="where the peers are built (default: %(default)s)")
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="(default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(tempfile.gettempdir(), "zds-sidebyside"),
+        help="where the results go (default: %(default)s; the recorded ones: --out bench/results)",
+    )
     p.add_argument(
         "--name", default="sidebyside", help="file name stem of the results (default: %(default)s)"
     )
@@ -71,6 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.pairs.split(",") if name not in PAIRS]
     if unknown:
         p.error(f"unknown pair(s) {', '.join(unknown)}; expected some of {', '.join(PAIRS)}")
+    for flag, given, allowed in (
+        ("--modes", args.modes, ("snapshot", "live")),
+        ("--listeners", args.listeners, ("on", "off")),
+    ):
+        if not set(given.split(",")) <= set(allowed):  # ("bogus" was timed as live, a typo as off)
+            p.error(f"{flag} {given}: expected some of {','.join(allowed)}")
+    sizes = args.sizes.split(",")
+    if not all(size.isascii() and size.isdigit() and int(size) > 0 for size in sizes):
+        p.error(f"--sizes {args.sizes}: expected pod counts from 1, comma-separated")
     return args
 
 
@@ -329,4 +343,4 @@ def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, ru
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("bench/sidebyside.py", main))

@@ -4,14 +4,19 @@ No timing is asserted: timings are what ``bench/`` records, not what tests check
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_until
+from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
 
@@ -79,3 +84,73 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
     assert "| snapshot | 20 | on |" in table and "| live | 20 | off |" in table
     assert "skipped, istio-zds-server" in table
     assert "| N | exec to first request |" in table and "\n| 20 | " in table
+
+
+#: The bench scripts' zds is this checkout's (not whichever the venv's editable install names).
+THIS_CHECKOUT = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_bench_arguments_it_cannot_use_are_refused_in_one_line() -> None:
+    """0 pods hung enroll.py (a semaphore of 0) or crashed sidebyside.py's report; a mode it
+    does not know was timed as live."""
+    for script, args, says in (
+        ("enroll.py", ["-n", "0"], "argument -n: '0' is not a whole number from 1"),
+        ("enroll.py", ["--window", "0"], "argument --window: '0' is not a whole number from 1"),
+        ("sidebyside.py", ["--sizes", "0"], "--sizes 0: expected pod counts from 1, comma-separated"),
+        ("sidebyside.py", ["--modes", "live,bogus"], "--modes live,bogus: expected some of snapshot,live"),
+        ("sidebyside.py", ["--listeners", "onn"], "--listeners onn: expected some of on,off"),
+        ("sidebyside.py", ["--runs", "0"], "argument --runs: '0' is not a whole number from 1"),
+        ("soak.py", ["--pods", "0"], "argument --pods: '0' is not a whole number from 1"),
+        ("flood.py", ["--runs", "-1"], "argument --runs: '-1' is not a whole number from 1"),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / script), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=THIS_CHECKOUT,
+        )
+        assert done.returncode == 2 and done.stderr.strip().endswith(says), (script, args, done.stderr)
+
+
+def test_a_bench_stopped_by_sigterm_removes_its_processes_namespaces_and_temp_dir() -> None:
+    """SIGTERM (timeout, kill, a cancelled CI job) left the node agent and the ztunnel side
+    running under pid 1, the pods' namespaces and the temp dir: only Ctrl-C ran the clean-up."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "enroll.py"), "-n", "50", "-m", "proto", "--rules", "off"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=THIS_CHECKOUT,
+    )
+    prefix = f"zdsbench-{proc.pid}-"
+    temp_dirs = set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-bench-*")))
+    try:
+        # Its servers started: children of it (their pids), its namespaces made.
+        wait_until(lambda: len(children(proc.pid)) == 2 or proc.poll() is not None, "the bench's servers")
+        started = children(proc.pid)
+        assert any(name.startswith(prefix) for name in list_netns())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert err.endswith("bench/enroll.py: stopped by SIGTERM; cleaned up\n"), err
+    assert not [name for name in list_netns() if name.startswith(prefix)]
+    assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-bench-*"))) == temp_dirs
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
