@@ -177,7 +177,8 @@ class Ztunnel:
                     for listener in (proxy.listeners if proxy else [])
                 ],
                 "activeConnections": proxy.connection_count if proxy else 0,
-                "traffic": self.traffic_of(uid).as_dict(),
+                # (a look, not traffic_of: reading config_dump made its zero series in /metrics)
+                "traffic": (self.traffic.get(uid) or WorkloadTraffic()).as_dict(),
                 "dns": proxy.dns.stats.as_dict() if proxy and proxy.dns else None,
                 "lastError": w.last_error or None,
                 "startFailures": w.failures,

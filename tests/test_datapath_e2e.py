@@ -392,3 +392,20 @@ def test_the_dns_forwarder_is_not_an_open_resolver_on_the_pods_address(mesh: Mes
     # (15053 is one of ztunnel's own ports), never forwarded to a resolver.
     assert dropped(mesh.pods["c"].netns_path, mesh.pods["b"].ipv4, 15053)
     assert len(mesh.resolver.queries) == asked
+
+
+def test_proxied_traffic_is_in_metrics_and_reading_config_dump_makes_no_series(mesh: Mesh) -> None:
+    """The relays' counters are /metrics' zds_ztunnel_proxied_* series by uid; a pod without
+    traffic has none, also once config_dump was read (reading it made a zero series)."""
+    assert exchange_from(mesh.pods["a"].netns_path, mesh.pods["b"].ipv4, APP_PORT, b"ping") == b"ping"
+    wait_until(lambda: mesh.counters("b", "inbound")["active"] == 0, what="the inbound relay to finish")
+    metrics = mesh.ztunnel.metrics()
+    assert metrics['zds_ztunnel_proxied_connections_total{direction="outbound",uid="uid-a"}'] >= 1
+    assert metrics['zds_ztunnel_proxied_bytes_total{direction="inbound",flow="received",uid="uid-b"}'] >= 4
+    mesh.enroll("c")
+    try:
+        wait_until(lambda: mesh.uid("c") in mesh.ztunnel.config_dump()["workloadState"], what="C in ztunnel")
+        assert mesh.counters("c", "outbound")["connections"] == 0
+        assert not [name for name in mesh.ztunnel.metrics() if 'uid="uid-c"' in name]
+    finally:
+        assert mesh.server.cli("pod", "remove", "--uid", mesh.uid("c")).returncode == 0
