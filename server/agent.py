@@ -291,12 +291,13 @@ class NodeAgent:
 
     async def _run_connection(self, conn: ZtunnelConnection) -> None:
         reason = "closed"
+        served = False
         try:
             reason = await conn.serve(self, lambda: self._on_hello(conn))
         finally:
             self._connection_tasks.pop(conn, None)
             self.fault_book.connection_closed(conn.id, conn.protocol.close_reason or reason)
-            if self.registry.remove(conn):
+            if served := self.registry.remove(conn):
                 self.events.publish(
                     EventKind.ZTUNNEL_DISCONNECTED,
                     connection=conn.info(),
@@ -309,9 +310,17 @@ class NodeAgent:
                 conn.protocol.close_reason,
                 extra=conn.log_extra,
             )
-        log.info(
-            "ztunnel disconnected: %s; total connected: %d", reason, len(self.registry), extra=conn.log_extra
-        )
+        if served:
+            log.info(
+                "ztunnel disconnected: %s; total connected: %d",
+                reason,
+                len(self.registry),
+                extra=conn.log_extra,
+            )
+        else:  # (it was never a connected ztunnel: "disconnected" read as if one had gone)
+            log.info(
+                "connection from %s closed before its hello: %s", _peer(conn), reason, extra=conn.log_extra
+            )
 
     async def close_connections(self, reason: str) -> None:
         for conn in self.registry.live():

@@ -131,7 +131,9 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
         except PodSpecError as exc:
             raise PodSpecError(f"{where.format(number)}: {exc}") from exc
         if (first := seen.get(spec.uid)) is not None:
-            raise PodSpecError(f"{where.format(number)}: uid {spec.uid} appears twice (first at {unit} {first})")
+            raise PodSpecError(
+                f"{where.format(number)}: uid {spec.uid} appears twice (first at {unit} {first})"
+            )
         seen[spec.uid] = number
         specs.append(spec)
     return specs
