@@ -90,6 +90,21 @@ class _BadRequests(logging.Filter):
         return True
 
 
+class _UndecodableRequests(logging.Filter):
+    """gRPC's error and traceback for a request whose bytes are no message of its method's
+    type (a hand-made call, another API's client): it answered UNKNOWN already; one warning
+    line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "grpc._cython.cygrpc" and record.exc_info and record.levelno >= logging.ERROR:
+            exc = record.exc_info[1]
+            if type(exc).__name__ == "DecodeError" and type(exc).__module__.startswith("google.protobuf"):
+                record.msg, record.args = "%s: %s (answered UNKNOWN)", (record.getMessage(), exc)
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
 class _Seconds:
     """The ``YYYY-mm-ddTHH:MM:SS`` of the last second formatted (a line per pod in a snapshot
     of thousands: formatting the same second again is most of a line's cost)."""
@@ -228,6 +243,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     handler.addFilter(_QuietLibraries(("pyroute2",)))  # first: a dropped line costs nothing more
     handler.addFilter(_GoneStreams())
     handler.addFilter(_BadRequests())
+    handler.addFilter(_UndecodableRequests())
     handler.addFilter(TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
