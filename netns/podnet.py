@@ -218,7 +218,10 @@ class PodNetwork:
         gateway, pods given addresses already in use), said as "ADDRESS on LINK"."""
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for entry in ipr.get_addr():
-            address = ipaddress.ip_address(entry.get_attr("IFA_ADDRESS"))
+            text = entry.get_attr("IFA_ADDRESS") or entry.get_attr("IFA_LOCAL")
+            if not text:
+                continue
+            address = ipaddress.ip_address(text)
             if address in self._net4 or address in self._net6:
                 return f"{address} on {names.get(entry['index'], entry['index'])}"
         return None
