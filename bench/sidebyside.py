@@ -10,12 +10,12 @@ after run, times every pair on them (see ``pairs.py`` for what is timed):
 with listeners on and off, plus the C floor of ../shared/bench-limit (``zds-limit``: one
 ZDS exchange per pod, nothing else). Each result is the median of the runs; the ratio is
 to Istio's pair (Istio's node agent + Istio's fake ztunnel) in the same run. Results go to
-``OUT/NAME.json`` and ``OUT/NAME.md`` (with the machine, the load and the exact command),
+``OUT/NAME.json`` and ``OUT/NAME.md`` (OUT: /tmp/zds-sidebyside unless ``--out``) (with the machine, the load and the exact command),
 plots to ``OUT/NAME-*.png``. The upstream peers are used when they are built (``--peers``,
 default ``../peers`` beside the repository, as ../shared/peers/README.md builds them);
 without them their pairs are skipped, and the results say so. Run as root:
 
-    flock /tmp/zds-suite.lock .venv/bin/python bench/sidebyside.py           # everything
+    flock /tmp/zds-suite.lock .venv/bin/python bench/sidebyside.py --out bench/results   # everything, recorded
     .venv/bin/python bench/sidebyside.py --smoke --out /tmp/smoke             # N=20, zds only
 """
 
@@ -37,7 +37,7 @@ import firstrequest
 import podns
 import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
-from procs import BenchError, loadavg, run_main, wait_idle, whole
+from procs import BenchError, loadavg, run_main, stop_process, wait_idle, whole
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEERS = os.environ.get("ZDS_PEERS", os.path.join(os.path.dirname(REPO), "peers"))
@@ -164,18 +164,24 @@ def machine(peers: str) -> dict[str, Any]:
 
 
 def floor(zds_limit: str, n: int, runs: int, mode: str, env: dict[str, str]) -> list[float]:
-    """Wall times (ms) of ``runs`` runs of the C floor: n adds over n netns."""
-    done = subprocess.run(
-        [zds_limit, "-m", mode, "-n", str(n), "-N", str(n), "-r", str(runs), "-p", f"zlim{os.getpid()}-"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"zds-limit failed ({done.returncode}): {done.stderr.strip()}")
+    """Wall times (ms) of ``runs`` runs of the C floor: n adds over n netns. Stopped (an
+    interrupt), it is asked with SIGTERM, which it takes to remove its namespaces (a SIGKILL
+    left them); what it left anyway is removed here."""
+    prefix = f"zlim{os.getpid()}-"
+    argv = [zds_limit, "-m", mode, "-n", str(n), "-N", str(n), "-r", str(runs), "-p", prefix]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except BaseException:
+        stop_process(proc, 30)
+        raise
+    finally:
+        left = [name for name in os.listdir(podns.NETNS_DIR) if name.startswith(prefix)]
+        podns.remove([os.path.join(podns.NETNS_DIR, name) for name in left])
+    if proc.returncode != 0:
+        raise BenchError(f"zds-limit failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
     walls = []
-    for line in done.stdout.splitlines():
+    for line in out.decode(errors="replace").splitlines():
         fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
         if line.startswith("mode=") and "wall_s" in fields:
             walls.append(float(fields["wall_s"]) * 1e3)

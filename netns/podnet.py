@@ -99,7 +99,10 @@ def _delete_our_veth(ifname: str) -> None:
         index = link_index(ipr, ifname)
         if index is None or not is_ours(ipr, index, "veth"):
             return
-    delete_link(ifname)
+    try:
+        delete_link(ifname)
+    except NetlinkError as e:  # (one already gone is fine: delete_link says nothing then)
+        raise NetnsError(f"cannot delete veth {ifname}: {os.strerror(e.code)}") from None
 
 
 def remove_bridge_if_unused(bridge: str) -> bool:
@@ -215,9 +218,12 @@ class PodNetwork:
 
     def _subnet_taken(self, ipr: IPRoute) -> str | None:
         """An address of this host inside the pods' subnets (another bridge on them: a second
-        gateway, pods given addresses already in use), said as "ADDRESS on LINK"."""
+        gateway, pods given addresses already in use), said as "ADDRESS on LINK". Not one on a
+        link named as the bridge: that bridge exists (its own message says what to do)."""
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for entry in ipr.get_addr():
+            if names.get(entry["index"]) == self.bridge:
+                continue
             text = entry.get_attr("IFA_ADDRESS") or entry.get_attr("IFA_LOCAL")
             if not text:
                 continue

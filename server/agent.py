@@ -317,9 +317,12 @@ class NodeAgent:
                 len(self.registry),
                 extra=conn.log_extra,
             )
-        else:  # (it was never a connected ztunnel: "disconnected" read as if one had gone)
+        else:  # (never a connected ztunnel: "disconnected" read as if one had gone)
             log.info(
-                "connection from %s closed before its hello: %s", _peer(conn), reason, extra=conn.log_extra
+                "connection from %s closed before it was served: %s",
+                _peer(conn),
+                reason,
+                extra=conn.log_extra,
             )
 
     async def close_connections(self, reason: str) -> None:

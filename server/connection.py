@@ -218,7 +218,8 @@ class ZtunnelConnection:
                         self.stats.acked += 1
                     else:
                         self.stats.nacked += 1
-                    self._observer.acked(self, request, ack, latency)
+                    with spans.within(delivery.trace_context if delivery is not None else None):
+                        self._observer.acked(self, request, ack, latency)  # (a nack's line: its trace)
                     if delivery is not None and not delivery.result.done():
                         delivery.result.set_result(ack)
                 case SnapshotComplete():

@@ -6,11 +6,10 @@ and ``ips`` an optional list of addresses."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
-from zds.entryfile import EntryFileError, yaml_list
+from zds.entryfile import EntryFileError, read_bounded, yaml_list
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.pods import PodSource, PodSpec, PodSpecError, check_ips
 
@@ -74,15 +73,9 @@ MAX_BYTES = 16 * 1024 * 1024
 
 def load_pods_file(path: str) -> list[PodSpec]:
     """Read a pods file (``-``: stdin); PodSpecError names the file (and line or entry) of the
-    first problem. A FIFO nobody writes to reads as empty (opening it waited for good)."""
+    first problem. A FIFO is read from its writer, and refused at once without one."""
     try:
-        if path == "-":
-            data = sys.stdin.buffer.read(MAX_BYTES + 1)
-        else:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            with open(fd, "rb") as f:
-                os.set_blocking(fd, True)  # (a FIFO with a writer: read what it writes)
-                data = f.read(MAX_BYTES + 1)
+        data = sys.stdin.buffer.read(MAX_BYTES + 1) if path == "-" else read_bounded(path, MAX_BYTES)
     except OSError as exc:
         raise PodSpecError(f"cannot read pods file {path}: {exc.strerror}") from exc
     if len(data) > MAX_BYTES:

@@ -74,6 +74,21 @@ def pod_attributes(uid: str, name: str, namespace: str) -> dict[str, str]:
     return {POD_UID: uid, POD_NAME: name, POD_NAMESPACE: namespace}
 
 
+@contextmanager
+def within(parent: otel_context.Context | None) -> Iterator[None]:
+    """``parent`` made current (nothing when None: not traced): a log line written in it names
+    its trace, also where it is written later than the span's own work (an ack reported once
+    the next request is on its way)."""
+    if parent is None:
+        yield
+        return
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def child_span(
     tracer: trace.Tracer, name: str, parent: otel_context.Context | None, attributes: dict[str, str]
 ) -> AbstractContextManager[trace.Span]:

@@ -117,7 +117,7 @@ def test_a_bench_stopped_by_sigterm_removes_its_processes_namespaces_and_temp_di
     """SIGTERM (timeout, kill, a cancelled CI job) left the node agent and the ztunnel side
     running under pid 1, the pods' namespaces and the temp dir: only Ctrl-C ran the clean-up."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "enroll.py"), "-n", "50", "-m", "proto", "--rules", "off"],
+        [sys.executable, str(ROOT / "bench" / "enroll.py"), "-n", "300", "-m", "proto", "--rules", "off"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

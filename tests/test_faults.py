@@ -6,6 +6,7 @@ proven by tests/test_check_node_agent.py; the others are proven here."""
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import re
 import subprocess
@@ -492,3 +493,21 @@ def test_a_faults_file_entry_is_taken_as_written_or_refused(entry: dict[str, obj
 
     with pytest.raises(FaultError, match=f"^entry 1: {says}"):
         spec_from_entry(entry, "entry 1")
+
+
+def test_a_faults_file_that_is_a_fifo_nobody_writes_to_is_refused_at_once(tmp_path: pathlib.Path) -> None:
+    """Opening it waited for a writer for good, on both ends (a start that never came)."""
+    from zds.client.faults import ZtunnelFaultError, ZtunnelFaults, load_faults
+    from zds.server.faultkinds import FaultError
+    from zds.server.faultsfile import load_faults_file
+
+    fifo = tmp_path / "faults.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(FaultError) as refused:
+        load_faults_file(str(fifo))
+    assert (
+        str(refused.value)
+        == f"cannot read fault file {fifo}: a FIFO that gave nothing (is its writer started?)"
+    )
+    with pytest.raises(ZtunnelFaultError):
+        load_faults(str(fifo), ZtunnelFaults())

@@ -107,9 +107,9 @@ def test_sigterm_while_pods_are_made_on_a_bridge_leaves_all_of_them_or_none(afte
             "--bridge",
             bridge,
             "--subnet4",
-            "10.184.0.0/24",
+            "10.192.0.0/24",
             "--subnet6",
-            "fd00:184::/64",
+            "fd00:192::/64",
             *pods,
         ],
         stdout=subprocess.PIPE,
@@ -187,7 +187,7 @@ def test_an_interrupt_right_after_a_pod_part_is_made_leaves_nothing(
     told: list[object] = []
     try:
         with pytest.raises(KeyboardInterrupt), runtime.Interrupts():
-            podnet.create_pods_on_bridge(pods, bridge, "10.185.0.0/24", "fd00:185::/64", told.extend)
+            podnet.create_pods_on_bridge(pods, bridge, "10.191.0.0/24", "fd00:191::/64", told.extend)
         assert [name for name in pods if name in list_netns()] == [] and told == []
         assert bridge not in links() and f"zv-{pods[0]}" not in links()
     finally:

@@ -496,3 +496,20 @@ def test_a_netns_interrupted_while_it_is_made_is_not_left_behind(monkeypatch: py
         assert not os.path.lexists(f"/var/run/netns/{name}")
     finally:
         delete_netns(name, missing_ok=True)
+
+
+def test_a_bridge_left_behind_is_said_as_such_not_as_a_subnet_in_use() -> None:
+    """A bridge of the same name with the gateway address (a killed demo's zdsdemo0): the
+    subnet check took its address for someone else's and said to pick other subnets (the demo
+    has no such flags); it is the bridge that is in the way, and the message says so."""
+    bridge = unique("zdst-br-")[:15]
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.193.0.1/24", "dev", bridge], check=True)
+        net = PodNetwork(bridge, "10.193.0.0/24", "fd00:193::/64")
+        with pytest.raises(
+            NetnsError, match=rf"^bridge {bridge} exists already: .* delete that link if it is stale"
+        ):
+            net.add_pod(unique())
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=False)

@@ -118,7 +118,7 @@ def digest(path: str) -> str:
 @pytest.fixture
 def pods() -> Iterator[PodNetwork]:
     """Pods with IPv4 and IPv6 addresses on a bridge (a pod's rules cover IPv6 only when it has it)."""
-    net = PodNetwork(bridge=f"zdsn{secrets.token_hex(2)}", subnet4="10.183.0.0/24", subnet6="fd00:183::/64")
+    net = PodNetwork(bridge=f"zdsn{secrets.token_hex(2)}", subnet4="10.188.0.0/24", subnet6="fd00:188::/64")
     try:
         yield net
     finally:

@@ -113,17 +113,23 @@ def test_yaml_that_does_not_parse_is_said_in_one_line_with_where() -> None:
     )
 
 
-def test_a_pods_file_is_read_up_to_16_mib_and_a_fifo_nobody_writes_to_does_not_hang(
+def test_a_pods_file_is_read_up_to_16_mib_and_a_fifo_nobody_writes_to_is_refused_at_once(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """/dev/zero was read until memory ran out (a MemoryError traceback under a ulimit), and a
-    FIFO without a writer held the command for good, --timeout or not."""
+    FIFO without a writer held the command for good, --timeout or not (now refused at once;
+    one read as empty would have started a node agent with no pods, silently)."""
     with pytest.raises(PodSpecError) as refused:
         load_pods_file("/dev/zero")
     assert str(refused.value) == "/dev/zero: over 16 MiB; not a pods file"
     fifo = tmp_path / "pods.fifo"
     os.mkfifo(fifo)
-    assert load_pods_file(str(fifo)) == []  # nobody writes: empty, at once
+    with pytest.raises(PodSpecError) as refused:  # nobody writes to it: at once, said
+        load_pods_file(str(fifo))
+    assert (
+        str(refused.value)
+        == f"cannot read pods file {fifo}: a FIFO that gave nothing (is its writer started?)"
+    )
     monkeypatch.setattr(
         sys, "stdin", io.TextIOWrapper(io.BytesIO(lines({"uid": "u1", "netns": "pid:7"}).encode()))
     )

@@ -184,7 +184,7 @@ def test_a_pod_with_ipv6_gets_the_ipv6_rules_too(namespaces: list[str]) -> None:
     reference = scratch(namespaces)
     v6 = golden_part(GOLDEN6_FILE, 1)
     restore_in(reference, v6, "ip6tables-restore")
-    net = PodNetwork(bridge=f"zdsb{secrets.token_hex(2)}", subnet4="10.179.0.0/24", subnet6="fd00:179::/64")
+    net = PodNetwork(bridge=f"zdsb{secrets.token_hex(2)}", subnet4="10.190.0.0/24", subnet6="fd00:190::/64")
     try:
         pod = net.add_pod(f"zdst-{secrets.token_hex(3)}")
         assert install(pod.netns_path, RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6)) == [4, 6]

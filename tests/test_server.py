@@ -98,7 +98,7 @@ def test_a_hello_that_does_not_parse_closes_the_connection(server: NodeAgentProc
     peer.send(bytes.fromhex("ff"))
     peer.expect_closed()
     # Never a connected ztunnel: not "ztunnel disconnected" (which read as if one had gone).
-    server.wait_for_output("closed before its hello: bad hello")
+    server.wait_for_output("closed before it was served: bad hello")
     assert "ztunnel disconnected" not in server.output()
 
 

@@ -134,7 +134,7 @@ def _stat_identity(path: str) -> tuple[int, int]:
 
 def test_sigkill_with_200_pods_rules_and_live_traffic_drops_nothing(agents: Agents, tmp_path: Path) -> None:
     tag = secrets.token_hex(2)
-    net = PodNetwork(bridge=f"zdsr{tag}", subnet4="10.183.0.0/24", subnet6="fd00:183::/64")
+    net = PodNetwork(bridge=f"zdsr{tag}", subnet4="10.189.0.0/24", subnet6="fd00:189::/64")
     namespaces = Namespaces()
     app: EchoServer | None = None
     ztunnel: ZtunnelProc | None = None

@@ -312,7 +312,7 @@ def run_server(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
     started: list[NodeAgentProc] = []
     peers: list[AckingPeer] = []
 
-    def start(**environ: str) -> NodeAgentProc:
+    def start(nack: dict[str, str] | None = None, **environ: str) -> NodeAgentProc:
         for key, value in environ.items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
@@ -320,7 +320,7 @@ def run_server(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
         server = NodeAgentProc(str(tmp_path))
         started.append(server)
         server.wait_ready()
-        peers.append(AckingPeer(server.zds_socket))
+        peers.append(AckingPeer(server.zds_socket, nack))
         wait_until(lambda: "snapshot sent to ztunnel" in server.output(), what="the snapshot")
         return server
 
@@ -346,6 +346,23 @@ def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., 
     [line] = [x for x in out.splitlines() if "pod enrolled (netns" in x]
     trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
     assert trace_id is not None and f'"trace_id": "0x{trace_id.group(1)}"' in out
+
+
+def test_a_nacks_log_line_names_the_enrollments_trace(run_server: Callable[..., NodeAgentProc]) -> None:
+    """The line is written when the ack is reported (once the next request is on its way, or by
+    the connection's reader): it carried no trace, though the timeout's line did."""
+    server = run_server(
+        nack={"u-nacked": "failure to start proxy : port taken"}, OTEL_TRACES_EXPORTER="console"
+    )
+    with pytest.raises(grpc.RpcError):
+        server.add_pod("u-nacked", pod_netns())
+    wait_until(lambda: "ztunnel nacked add" in server.output(), what="the nack's log line")
+    wait_until(lambda: '"name": "zds.enroll_pod"' in server.output(), what="the root span printed")
+    out = server.output()
+    [line] = [x for x in out.splitlines() if "ztunnel nacked add" in x]
+    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
+    assert trace_id is not None, line
+    assert f'"trace_id": "0x{trace_id.group(1)}"' in out  # the enrollment's trace
 
 
 class Collector:

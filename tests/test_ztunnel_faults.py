@@ -262,3 +262,26 @@ def test_a_request_body_that_does_not_arrive_in_time_is_answered_408(tmp_path: p
     finally:
         zt.stop()
         agent.close()
+
+
+def test_a_request_body_that_breaks_off_is_one_warning_line(tmp_path: pathlib.Path) -> None:
+    """A body shorter than its Content-Length, then the client's end of the stream: the body's
+    read raised inside the endpoint (an error with a traceback in the log)."""
+    from tests.standins import FakeNodeAgent
+
+    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
+    zt = ZtunnelProc(agent.path, str(tmp_path / "api.log"), "--no-listeners", "--faults-api")
+    try:
+        host, port = zt.address("admin").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"POST /faults HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
+            conn.shutdown(socket.SHUT_WR)  # (its answer can still be read)
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+        assert not answer.startswith(b"HTTP/1.1 500"), answer
+        zt.wait_for_output("HTTP: 1 request(s) closed: body broken off or malformed (Connection lost)")
+        assert "Traceback" not in zt.output() and " error " not in zt.output(), zt.output()
+    finally:
+        zt.stop()
+        agent.close()

@@ -5,7 +5,10 @@ message about it; whatever is wrong with the file itself is one line (EntryFileE
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from typing import Any
 
 from zds import defaults
@@ -42,13 +45,26 @@ def real_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def read_bounded(path: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` + 1 bytes of the file at ``path`` (the caller refuses more:
+    ``/dev/zero`` was read until memory ran out). A FIFO is opened without waiting for a
+    writer (that waited for good) and read to its end; one that gave nothing (no writer yet)
+    is an OSError saying so."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        os.set_blocking(fd, True)  # (a FIFO with a writer: read what it writes)
+        data = f.read(max_bytes + 1)
+        if not data and stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(errno.ENODATA, "a FIFO that gave nothing (is its writer started?)")
+    return data
+
+
 def read_entries(path: str, *, key: str, what: str, max_entries: int) -> list[tuple[Any, str]]:
     """Every entry of the file at ``path`` with where it is; EntryFileError when the file
     cannot be read, is not JSON lines or YAML, is not a list (``what``: what it lists, for the
     message), or holds more than ``max_entries``."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        data = read_bounded(path, MAX_BYTES)
     except OSError as exc:
         raise EntryFileError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
     if len(data) > MAX_BYTES:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("zds.http")
 
@@ -35,6 +36,7 @@ class TcpGuard:
         self._refused = _Tally(self.WARN_EVERY)
         self._too_slow = _Tally(self.WARN_EVERY)
         self._slow_body = _Tally(self.WARN_EVERY)
+        self._bad_body = _Tally(self.WARN_EVERY)
 
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: AdmittedProtocol(inner(), self.admit, self.gone)
@@ -78,6 +80,9 @@ class TcpGuard:
                     "HTTP: %d request(s) answered 408: body not in within %gs", self.header_timeout
                 )
                 return await answer_and_close(request, 408, "request body too slow\n")
+            except (HttpProcessingError, ConnectionError, OSError) as exc:  # (a bad chunk, a reset)
+                self._bad_body.add("HTTP: %d request(s) closed: body broken off or malformed (%s)", exc)
+                return await answer_and_close(request, 400, "request body broken off or malformed\n")
         return await handler(request)
 
 
@@ -86,10 +91,14 @@ async def answer_and_close(request: web.Request, status: int, text: str) -> web.
     rest of an unread body for up to 10 s more (its lingering) before it closes."""
     response = web.Response(status=status, text=text)
     response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
-    if request.transport is not None:
-        request.transport.close()  # (what was written goes out first)
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionError, OSError):
+        pass  # (the client is gone: nothing to answer)
+    finally:
+        if request.transport is not None:
+            request.transport.close()  # (what was written goes out first)
     return response
 
 

@@ -98,8 +98,11 @@ class Stopped(KeyboardInterrupt):
     a shell reports a process the signal killed (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signum)  # (the number: copy and pickle make it again from its args)
         self.signum = signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
