@@ -74,19 +74,27 @@ def pod_attributes(uid: str, name: str, namespace: str) -> dict[str, str]:
     return {POD_UID: uid, POD_NAME: name, POD_NAMESPACE: namespace}
 
 
-@contextmanager
-def within(parent: otel_context.Context | None) -> Iterator[None]:
-    """``parent`` made current (nothing when None: not traced): a log line written in it names
-    its trace, also where it is written later than the span's own work (an ack reported once
-    the next request is on its way)."""
-    if parent is None:
-        yield
-        return
-    token = otel_context.attach(parent)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+def within(parent: otel_context.Context | None) -> AbstractContextManager[object]:
+    """``parent`` made current (nothing when None: not traced, on every ack, so a shared no-op):
+    a log line written in it names its trace, also where it is written later than the span's
+    own work (an ack reported once the next request is on its way)."""
+    return _UNTRACED if parent is None else _Within(parent)
+
+
+_UNTRACED: AbstractContextManager[object] = nullcontext()
+
+
+class _Within(AbstractContextManager[object]):
+    def __init__(self, parent: otel_context.Context) -> None:
+        self._parent = parent
+        self._token: object = None
+
+    def __enter__(self) -> object:
+        self._token = otel_context.attach(self._parent)
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 def child_span(
