@@ -10,8 +10,9 @@ after run, times every pair on them (see ``pairs.py`` for what is timed):
 with listeners on and off, plus the C floor of ../shared/bench-limit (``zds-limit``: one
 ZDS exchange per pod, nothing else). Each result is the median of the runs; the ratio is
 to Istio's pair (Istio's node agent + Istio's fake ztunnel) in the same run. Results go to
-``OUT/NAME.json`` and ``OUT/NAME.md`` (OUT: /tmp/zds-sidebyside unless ``--out``) (with the machine, the load and the exact command),
-plots to ``OUT/NAME-*.png``. The upstream peers are used when they are built (``--peers``,
+``OUT/NAME.json`` and ``OUT/NAME.md`` (with the machine, the load and the exact command),
+plots to ``OUT/NAME-*.png``; OUT is /tmp/zds-sidebyside unless ``--out`` says otherwise
+(``bench/results``: the recorded ones). The upstream peers are used when they are built (``--peers``,
 default ``../peers`` beside the repository, as ../shared/peers/README.md builds them);
 without them their pairs are skipped, and the results say so. Run as root:
 

@@ -241,10 +241,10 @@ def test_faults_that_anyone_who_reaches_the_admin_address_can_arm_are_said_at_st
         local.stop()
 
 
-def test_a_request_body_that_does_not_arrive_in_time_is_answered_408(tmp_path: pathlib.Path) -> None:
-    """Headers, then a body a byte at a time: the head's 10 s deadline ended with the head, and
-    the handler's read of the body had none (the connection was held for good). The body must
-    follow within as long again: 408, closed, one line in the log."""
+def post_faults_raw(tmp_path: pathlib.Path, head: bytes, *, end_stream: bool) -> tuple[bytes, ZtunnelProc]:
+    """Send ``head`` (and then, with ``end_stream``, the end of the stream) to the admin
+    endpoint of a ztunnel side armed with --faults-api; everything it answers until it closes,
+    and the ztunnel side (still running: the caller stops it)."""
     from tests.standins import FakeNodeAgent
 
     agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
@@ -252,36 +252,42 @@ def test_a_request_body_that_does_not_arrive_in_time_is_answered_408(tmp_path: p
     try:
         host, port = zt.address("admin").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=30) as conn:
-            conn.sendall(b"POST /faults HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n{")
+            conn.sendall(head)
+            if end_stream:
+                conn.shutdown(socket.SHUT_WR)  # (its answer can still be read)
             answer = b""
-            while chunk := conn.recv(4096):  # (no more comes: without the deadline, a timeout here)
+            while chunk := conn.recv(4096):  # (without a deadline for the body: a timeout here)
                 answer += chunk
+        return answer, zt
+    except BaseException:
+        zt.stop()
+        raise
+    finally:
+        agent.close()
+
+
+def test_a_request_body_that_does_not_arrive_in_time_is_answered_408(tmp_path: pathlib.Path) -> None:
+    """Headers, then a body a byte at a time: the head's 10 s deadline ended with the head, and
+    the handler's read of the body had none (the connection was held for good). The body must
+    follow within as long again: 408, closed, one line in the log."""
+    head = b"POST /faults HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n{"
+    answer, zt = post_faults_raw(tmp_path, head, end_stream=False)
+    try:
         assert answer.startswith(b"HTTP/1.1 408"), answer  # and closed: recv saw the end
         zt.wait_for_output("request(s) answered 408: body not in within 10s")
         assert http_post_json(f"http://{zt.address('admin')}/faults", {"kind": "nack-adds"})[0] == 200
     finally:
         zt.stop()
-        agent.close()
 
 
 def test_a_request_body_that_breaks_off_is_one_warning_line(tmp_path: pathlib.Path) -> None:
     """A body shorter than its Content-Length, then the client's end of the stream: the body's
     read raised inside the endpoint (an error with a traceback in the log)."""
-    from tests.standins import FakeNodeAgent
-
-    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
-    zt = ZtunnelProc(agent.path, str(tmp_path / "api.log"), "--no-listeners", "--faults-api")
+    head = b"POST /faults HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}"
+    answer, zt = post_faults_raw(tmp_path, head, end_stream=True)
     try:
-        host, port = zt.address("admin").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=30) as conn:
-            conn.sendall(b"POST /faults HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}")
-            conn.shutdown(socket.SHUT_WR)  # (its answer can still be read)
-            answer = b""
-            while chunk := conn.recv(4096):
-                answer += chunk
         assert not answer.startswith(b"HTTP/1.1 500"), answer
         zt.wait_for_output("HTTP: 1 request(s) closed: body broken off or malformed (Connection lost)")
         assert "Traceback" not in zt.output() and " error " not in zt.output(), zt.output()
     finally:
         zt.stop()
-        agent.close()
