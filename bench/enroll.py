@@ -30,8 +30,9 @@ import time
 
 import grpc
 import podns
-from procs import run_main, stop_process, whole
+from procs import run_main, stop_process
 
+from zds.cliflags import positive_int
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
 UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED")
@@ -46,7 +47,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-n", type=whole(1), default=300, help="pods (default %(default)s)")
+    parser.add_argument("-n", type=positive_int, default=300, help="pods (default %(default)s)")
     parser.add_argument(
         "-m", choices=["proto", "listen"], default="listen", help="ztunnel mode (default %(default)s)"
     )
@@ -54,7 +55,7 @@ def main() -> int:
         "--rules", choices=["off", "iptables", "nftables"], default="nftables", help="(default %(default)s)"
     )
     parser.add_argument(
-        "--window", type=whole(1), default=64, help="removals at a time (default %(default)s)"
+        "--window", type=positive_int, default=64, help="removals at a time (default %(default)s)"
     )
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args()

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 
-from procs import run_main, stop_process, whole
+from procs import run_main, stop_process
 
+from zds.cliflags import non_negative_int, positive_int
 from zds.protocol.messages import encode_hello
 
 
@@ -77,8 +78,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--idle", type=whole(0), default=500, help="silent connections (default %(default)s)")
-    parser.add_argument("--runs", type=whole(1), default=5, help="runs (default %(default)s)")
+    parser.add_argument(
+        "--idle", type=non_negative_int, default=500, help="silent connections (default %(default)s)"
+    )
+    parser.add_argument("--runs", type=positive_int, default=5, help="runs (default %(default)s)")
     args = parser.parse_args()
     times = []
     for run in range(args.runs):

@@ -8,7 +8,6 @@ or that an enrollment was acked, at the moment it was said, without polling.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -24,21 +23,6 @@ DEADLINE = 120.0
 
 class BenchError(Exception):
     """A bench step failed; the message says what and where its output is."""
-
-
-def whole(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``least`` (0 pods hung a run or crashed its report)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = least - 1
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {least}")
-        return value
-
-    return parse
 
 
 def run_main(name: str, main: Callable[[], int]) -> int:

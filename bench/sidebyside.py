@@ -38,7 +38,9 @@ import firstrequest
 import podns
 import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
-from procs import BenchError, loadavg, run_main, stop_process, wait_idle, whole
+from procs import BenchError, loadavg, run_main, stop_process, wait_idle
+
+from zds.cliflags import positive_int
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEERS = os.environ.get("ZDS_PEERS", os.path.join(os.path.dirname(REPO), "peers"))
@@ -50,7 +52,7 @@ UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", help="pod counts (default: 200,1000,2500; --smoke: 20)")
-    p.add_argument("--runs", type=whole(1), help="runs of each configuration (default: 5; --smoke: 1)")
+    p.add_argument("--runs", type=positive_int, help="runs of each configuration (default: 5; --smoke: 1)")
     p.add_argument("--modes", default="snapshot,live", help="(default: %(default)s)")
     p.add_argument("--listeners", default="on,off", help="listeners on, off or both (default: %(default)s)")
     p.add_argument("--pairs", help=f"(default: {','.join(PAIRS)}; --smoke: zds,zds-asyncio)")

@@ -25,8 +25,9 @@ import time
 from typing import Any
 
 import grpc
-from procs import run_main, stop_process, whole
+from procs import run_main, stop_process
 
+from zds.cliflags import non_negative_int, positive_int
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns.fixtures import create_netns, delete_netns
 
@@ -56,13 +57,16 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--cycles", type=whole(1), default=10000, help="enroll/remove cycles (default %(default)s)"
+        "--cycles", type=positive_int, default=10000, help="enroll/remove cycles (default %(default)s)"
     )
     parser.add_argument(
-        "--pods", type=whole(1), default=4, help="pod namespaces cycled through (default %(default)s)"
+        "--pods", type=positive_int, default=4, help="pod namespaces cycled through (default %(default)s)"
     )
     parser.add_argument(
-        "--warmup", type=whole(0), default=20, help="cycles before the first count (default %(default)s)"
+        "--warmup",
+        type=non_negative_int,
+        default=20,
+        help="cycles before the first count (default %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
     args = parser.parse_args()

@@ -94,14 +94,22 @@ def test_bench_arguments_it_cannot_use_are_refused_in_one_line() -> None:
     """0 pods hung enroll.py (a semaphore of 0) or crashed sidebyside.py's report; a mode it
     does not know was timed as live."""
     for script, args, says in (
-        ("enroll.py", ["-n", "0"], "argument -n: '0' is not a whole number from 1"),
-        ("enroll.py", ["--window", "0"], "argument --window: '0' is not a whole number from 1"),
+        ("enroll.py", ["-n", "0"], "argument -n: 0 is not a positive integer (at most 2147483647)"),
+        (
+            "enroll.py",
+            ["--window", "0"],
+            "argument --window: 0 is not a positive integer (at most 2147483647)",
+        ),
         ("sidebyside.py", ["--sizes", "0"], "--sizes 0: expected pod counts from 1, comma-separated"),
         ("sidebyside.py", ["--modes", "live,bogus"], "--modes live,bogus: expected some of snapshot,live"),
         ("sidebyside.py", ["--listeners", "onn"], "--listeners onn: expected some of on,off"),
-        ("sidebyside.py", ["--runs", "0"], "argument --runs: '0' is not a whole number from 1"),
-        ("soak.py", ["--pods", "0"], "argument --pods: '0' is not a whole number from 1"),
-        ("flood.py", ["--runs", "-1"], "argument --runs: '-1' is not a whole number from 1"),
+        (
+            "sidebyside.py",
+            ["--runs", "0"],
+            "argument --runs: 0 is not a positive integer (at most 2147483647)",
+        ),
+        ("soak.py", ["--pods", "0"], "argument --pods: 0 is not a positive integer (at most 2147483647)"),
+        ("flood.py", ["--runs", "-1"], "argument --runs: -1 is not a positive integer (at most 2147483647)"),
     ):
         done = subprocess.run(
             [sys.executable, str(ROOT / "bench" / script), *args],
