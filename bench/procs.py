@@ -35,8 +35,7 @@ def run_main(name: str, main: Callable[[], int]) -> int:
         with runtime.Interrupts():
             return main()
     except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, runtime.Stopped) and exc.signum != signal.SIGINT
-        print(f"{name}: {f'stopped by {exc}' if stopped else 'interrupted'}; cleaned up", file=sys.stderr)
+        print(f"{name}: {runtime.how_stopped(exc)}; cleaned up", file=sys.stderr)
         return runtime.interrupt_exit_code(exc)
     except BenchError as exc:
         print(f"{name}: {exc}", file=sys.stderr)

@@ -105,6 +105,11 @@ class Stopped(KeyboardInterrupt):
         return signal.Signals(self.signum).name
 
 
+def how_stopped(exc: KeyboardInterrupt) -> str:
+    """How a command says it was stopped: "interrupted" (Ctrl-C), or "stopped by SIGTERM"."""
+    return f"stopped by {exc}" if isinstance(exc, Stopped) and exc.signum != signal.SIGINT else "interrupted"
+
+
 def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
     """128 + the signal that stopped the command (SIGINT for a plain KeyboardInterrupt)."""
     return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)

@@ -8,7 +8,6 @@ import errno
 import functools
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -335,8 +334,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         demo.close()
                 narrator.ok("nothing left behind")
     except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, runtime.Stopped) and exc.signum != signal.SIGINT
-        print(f"\n{f'stopped by {exc}' if stopped else 'interrupted'}; cleaned up", file=sys.stderr)
+        print(f"\n{runtime.how_stopped(exc)}; cleaned up", file=sys.stderr)
         return runtime.interrupt_exit_code(exc)
     except (DemoError, NetnsError) as exc:
         print(f"zds demo: {exc}", file=sys.stderr)
