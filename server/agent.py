@@ -291,7 +291,6 @@ class NodeAgent:
 
     async def _run_connection(self, conn: ZtunnelConnection) -> None:
         reason = "closed"
-        served = False
         try:
             reason = await conn.serve(self, lambda: self._on_hello(conn))
         finally:
