@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             plots = report.plots(doc, stem)
         except ImportError as exc:
-            print(f"bench: no plots ({exc}); pip install -e '.[bench]' for matplotlib", file=sys.stderr)
+            print(
+                f"bench: no plots ({exc}); pip install -e '.[bench]' --config-settings editable_mode=compat for matplotlib",
+                file=sys.stderr,
+            )
     with open(stem + ".md", "w") as f:
         f.write(report.markdown(doc, [os.path.basename(p) for p in plots]))
     print(f"bench: results in {stem}.json and {stem}.md", file=sys.stderr)
