@@ -204,6 +204,17 @@ def test_ztunnel_faults_are_checked_when_armed() -> None:
         faults.arm({"kind": "never-ack", "when": "now"})
 
 
+def test_the_unasked_record_faults_act_count_times_as_the_readme_says() -> None:
+    """second-hello and unsolicited-ack: one now, then one after each next hello; bad-hello:
+    the next ``count`` hellos (README, the ztunnel side's faults)."""
+    faults = ZtunnelFaults()
+    faults.arm({"kind": "bad-hello", "count": 2})
+    assert [faults.hello() for _ in range(3)] == [b"\x08\x02", b"\x08\x02", b"\x08\x01"]
+    faults.arm({"kind": "second-hello", "count": 2})
+    faults.arm({"kind": "unsolicited-ack"})
+    assert [len(faults.extras()) for _ in range(3)] == [2, 1, 0]
+
+
 def test_a_ztunnel_fault_waits_for_its_after_records() -> None:
     faults = ZtunnelFaults()
     faults.arm({"kind": "ack-blindly", "after": 1})
