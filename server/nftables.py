@@ -30,7 +30,14 @@ import os
 
 from zds import defaults
 from zds.server.policyrouting import has_ipv6
-from zds.server.redirect import RedirectConfig, RedirectError, Redirector, _routing, _routing_present
+from zds.server.redirect import (
+    NothingChanged,
+    RedirectConfig,
+    RedirectError,
+    Redirector,
+    _routing,
+    _routing_present,
+)
 
 TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
 LIBRARY = "libnftables.so.1"
@@ -244,7 +251,10 @@ class NftablesRedirector(Redirector):
         # tables was there before (~0.2 ms to ask, where listing the ruleset takes ~0.6 ms,
         # as long as the install itself): there the listing of the first such pod serves.
         fresh = not our_tables(lib.run("list tables inet"))
-        lib.run(rules)
+        try:
+            lib.run(rules)
+        except RedirectError as exc:  # (one transaction: the kernel took none of it)
+            raise NothingChanged(f"{exc}; nothing was changed") from exc
         _routing(add=True, ipv6=ipv6)
         digest = self._fresh_digests.get(rules) if fresh else None
         if digest is None:

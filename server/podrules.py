@@ -19,7 +19,14 @@ from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.locks import KeyedLocks
 from zds.server.pods import Pod
-from zds.server.redirect import RedirectConfig, RedirectError, Redirector, RulesNotOurs, redirector
+from zds.server.redirect import (
+    NothingChanged,
+    RedirectConfig,
+    RedirectError,
+    Redirector,
+    RulesNotOurs,
+    redirector,
+)
 
 log = logging.getLogger("zds.server")
 
@@ -43,10 +50,18 @@ class PodRules:
         self._tracer = tracer
         self._locks: KeyedLocks[NetnsIdentity] = KeyedLocks()
 
-    async def install(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool] = lambda _: False) -> None:
+    async def install(
+        self,
+        pod: Pod,
+        still_used: Callable[[NetnsIdentity], bool] = lambda _: False,
+        *,
+        recorded: bool = False,
+    ) -> None:
         """Install the rules in the pod's netns; RulesError (with iptables' words) on failure,
         after taking out whatever went in (an IPv4 set before a failed IPv6 one), unless
-        ``still_used``: another cached pod lives in that netns and keeps its rules."""
+        ``still_used``: another cached pod lives in that netns and keeps its rules. A failed
+        transaction that changed nothing (nftables) takes nothing out, unless ``recorded``:
+        the pod store says this rule set is in that netns already (a restart's reinstall)."""
         if pod.netns is None:
             return
         pod.rules_backend = self.name  # (also what a failed install leaves is of this rule set)
@@ -67,7 +82,9 @@ class PodRules:
                     raise RulesError(f"pod {pod.uid} not enrolled: {exc}", refused=True) from exc
                 except (RedirectError, NetnsError, OSError) as exc:
                     spans.failed(span, exc)
-                    undone = still_used(pod.netns.identity) or await self._undo(pod)
+                    # (tables with our names and someone else's chains, for one: they stay)
+                    kept = isinstance(exc, NothingChanged) and not recorded
+                    undone = kept or still_used(pod.netns.identity) or await self._undo(pod)
                     left = "" if undone else "; what went in could not be taken out"
                     raise RulesError(
                         f"cannot install in-pod redirection rules for pod {pod.uid}: {exc}{left}",

@@ -338,7 +338,8 @@ async def _rules_back(
             if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
                 enrollment.leftovers.retry_beside(pod, row.rules)
         try:
-            await rules.install(pod, enrollment.cache.has_rules_in)  # replaces an earlier copy
+            # (replaces an earlier copy; one recorded as this rule set's comes out if it fails)
+            await rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name)
         except RulesError as exc:
             log.error("%s", exc, extra=row.spec.log_extra)
             pod.rules_installed = False

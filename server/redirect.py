@@ -51,6 +51,12 @@ class RedirectError(ZdsError):
     """Installing or removing the rules failed; the message has iptables' own words."""
 
 
+class NothingChanged(RedirectError):
+    """An install failed in one atomic transaction (nftables): nothing of it went in, and
+    what the namespace held before is as it was (tables with our names that someone else
+    made, say: a clean-up would delete them)."""
+
+
 @dataclass(frozen=True)
 class RedirectConfig:
     """What varies between pods and nodes."""

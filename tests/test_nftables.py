@@ -268,3 +268,58 @@ def test_a_failed_transaction_is_said_in_one_line(scratch: list[str]) -> None:
         "nftables transaction failed: Could not process rule: No such file or directory "
         "(at: add rule inet nosuch c1 counter)"
     )
+
+
+@pytest.mark.root
+def test_a_failed_transaction_leaves_tables_someone_else_made_as_they_were(
+    tmp_path: Path, scratch: list[str]
+) -> None:
+    """A table with our name whose ``prerouting`` chain is someone else's plain chain: the
+    transaction fails (our base chain of that name cannot go in), and since the kernel took
+    none of it, nothing is cleaned up either (the clean-up deleted all three tables, theirs
+    with them). Istio takes nothing out after a failed install either (net_linux.go)."""
+    pod = scratch_netns(scratch)
+    nft(pod, "add", "table", "inet", "istio-ambient-nat")
+    nft(pod, "add", "chain", "inet", "istio-ambient-nat", "prerouting")
+    nft(pod, "add", "rule", "inet", "istio-ambient-nat", "prerouting", "counter", "comment", '"owner"')
+    nft(pod, "add", "chain", "inet", "istio-ambient-nat", "mine")
+    before = ruleset(pod)
+    server = NodeAgentProc(str(tmp_path), "--redirect-backend", "nftables", redirect=True).wait_ready()
+    try:
+        done = server.cli("pod", "add", "--uid", "u1", "--netns", pod)
+        assert done.returncode != 0
+        [line] = done.stderr.strip().splitlines()
+        assert "nftables transaction failed: Could not process rule: File exists" in line
+        assert "nothing was changed" in line
+        assert ruleset(pod) == before
+        assert "lookup 100" not in ip(pod, "rule")
+        assert server.list_pods() == []
+    finally:
+        server.stop()
+    assert ruleset(pod) == before
+
+
+@pytest.mark.root
+def test_a_restart_whose_reinstall_fails_takes_out_the_rules_the_store_recorded(
+    tmp_path: Path, scratch: list[str]
+) -> None:
+    """The other half: where the pod store records this rule set in the netns, the tables are
+    ours, and a reinstall that fails (someone made our base chain a plain one while the node
+    agent was down) takes them out rather than leave a rule set nothing records."""
+    pod = scratch_netns(scratch)
+    server = NodeAgentProc(str(tmp_path), "--redirect-backend", "nftables", redirect=True).wait_ready()
+    try:
+        server.cli("pod", "add", "--uid", "u1", "--netns", pod)
+        assert istio_tables(pod)
+    finally:
+        server.stop(signal.SIGKILL)
+    nft(pod, "delete", "chain", "inet", "istio-ambient-nat", "prerouting")
+    nft(pod, "add", "chain", "inet", "istio-ambient-nat", "prerouting")
+    restarted = NodeAgentProc(str(tmp_path), "--redirect-backend", "nftables", redirect=True, name="again")
+    try:
+        restarted.wait_ready()
+        [listed] = restarted.list_pods()
+        assert (listed.uid, listed.recovery, listed.rules_installed) == ("u1", "rules failed", False)
+        assert not istio_tables(pod) and "lookup 100" not in ip(pod, "rule")
+    finally:
+        restarted.stop()
