@@ -35,7 +35,9 @@ from zds import defaults
 from zds.errors import ZdsError
 
 NETLINK_ROUTE = 0
-RTPROT_STATIC = 4
+#: What Istio's routes carry (netlink's default; `ip route` leaves it out): a removal's
+#: request names none, so it matches a route whoever made it, as ``ip route del`` does.
+RTPROT_BOOT = 3
 RT_SCOPE_HOST = 254
 RTN_LOCAL = 2
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -62,6 +64,16 @@ def has_ipv6() -> bool:
     return False
 
 
+def _lo_ipv6_disabled() -> bool:
+    """Whether IPv6 is disabled on this thread's netns's lo (/proc/sys/net follows the calling
+    thread); unreadable: not disabled, and the route is tried (as Istio does)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def policy_routing(add: bool, *, ipv6: bool | None = None) -> None:
     """Add (or remove) the rule and the local route, for IPv4 and, where the pod has it,
     IPv6; removal ignores what is already gone.
@@ -74,7 +86,10 @@ def policy_routing(add: bool, *, ipv6: bool | None = None) -> None:
     with _Rtnl() as rtnl:
         for family in [socket.AF_INET] + ([socket.AF_INET6] if ipv6 else []):
             if add:
-                rtnl.request(_encoded(RTM_NEWROUTE, family, lo), (), "add the local route")
+                # IPv6 on, but not on lo: no ::/0 route there (the kernel refuses it), the rule
+                # all the same (Istio's forEachLoopbackRoute skips the route alike)
+                if family == socket.AF_INET or not _lo_ipv6_disabled():
+                    rtnl.request(_encoded(RTM_NEWROUTE, family, lo), (), "add the local route")
                 rtnl.request(_encoded(RTM_NEWRULE, family, lo), (errno.EEXIST,), "add the fwmark rule")
             else:
                 gone = (errno.ENOENT, errno.ESRCH, errno.EAFNOSUPPORT)  # (no IPv6 in this kernel)
@@ -90,20 +105,22 @@ def _encoded(kind: int, family: int, lo: int) -> bytes:
         RTM_NEWROUTE: NLM_F_CREATE | NLM_F_REPLACE,
         RTM_NEWRULE: NLM_F_CREATE | NLM_F_EXCL,
     }.get(kind, 0)
-    msg: nlmsg = _route(family, lo) if kind in (RTM_NEWROUTE, RTM_DELROUTE) else _rule(family)
+    msg: nlmsg = (
+        _route(family, lo, kind == RTM_NEWROUTE) if kind in (RTM_NEWROUTE, RTM_DELROUTE) else _rule(family)
+    )
     msg["header"]["type"] = kind
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
     msg.encode()
     return bytes(msg.data)
 
 
-def _route(family: int, lo: int) -> rtmsg:
-    """``local 0.0.0.0/0 (::/0) dev lo table 100 scope host proto static``."""
+def _route(family: int, lo: int, add: bool) -> rtmsg:
+    """``local 0.0.0.0/0 (::/0) dev lo table 100 scope host`` (proto boot when added)."""
     msg = rtmsg()
     msg["family"] = family
     msg["dst_len"] = 0
     msg["table"] = defaults.INPOD_ROUTE_TABLE
-    msg["proto"] = RTPROT_STATIC
+    msg["proto"] = RTPROT_BOOT if add else 0
     msg["scope"] = RT_SCOPE_HOST
     msg["type"] = RTN_LOCAL
     msg["attrs"] = [("RTA_TABLE", defaults.INPOD_ROUTE_TABLE), ("RTA_OIF", lo)]

@@ -195,6 +195,52 @@ def test_a_pod_with_ipv6_gets_the_ipv6_rules_too(namespaces: list[str]) -> None:
         net.close()
 
 
+@pytest.mark.root
+def test_ipv6_with_lo_ipv6_disabled_gets_the_rule_but_no_local_route(namespaces: list[str]) -> None:
+    """A pod with a global IPv6 address but IPv6 off on lo: the kernel refuses a ::/0 local
+    route there, and the pod was refused for it; Istio skips that route (forEachLoopbackRoute)."""
+    pod = scratch(namespaces)
+    with open_netns(pod) as ns, in_netns(ns):
+        for argv in (
+            ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],  # (no dummy module here)
+            ["ip", "link", "set", "v0", "up"],
+            ["ip", "addr", "add", "fd00:99::2/64", "dev", "v0", "nodad"],
+            ["sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1"],
+        ):
+            subprocess.run(argv, check=True, capture_output=True)
+    assert install(pod) == [4, 6]
+
+    def ip(*args: str) -> str:
+        with open_netns(pod) as ns, in_netns(ns):
+            return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+    assert "fwmark 0x111/0xfff lookup 100" in ip("-6", "rule")
+    assert ip("-6", "route", "show", "table", "100").strip() == ""
+    assert "local default dev lo" in ip("route", "show", "table", "100")
+    remove(pod)
+    assert "lookup 100" not in ip("-6", "rule") + ip("rule")
+
+
+@pytest.mark.root
+def test_the_policy_routing_reads_as_istios_and_goes_whoever_made_it(namespaces: list[str]) -> None:
+    """Istio's route is netlink's default protocol (``ip route`` prints no ``proto``); zds
+    added its own as ``proto static`` and deleted with that, which left a route Istio's agent
+    (or ``ip route add``) had made in place."""
+    pod = scratch(namespaces)
+
+    def ip(*args: str) -> str:
+        with open_netns(pod) as ns, in_netns(ns):
+            return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+    install(pod)
+    assert ip("route", "show", "table", "100").split() == "local default dev lo scope host".split()
+    remove(pod)
+    ip("rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100")
+    ip("route", "add", "local", "default", "dev", "lo", "table", "100")
+    remove(pod)
+    assert "lookup 100" not in ip("rule") and ip("route", "show", "table", "100").strip() == ""
+
+
 # -- through the node agent -----------------------------------------------------------------
 
 
