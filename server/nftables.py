@@ -242,6 +242,9 @@ class NftablesRedirector(Redirector):
         #: that had none of our tables, as a digest.
         self._fresh_digests: dict[str, str] = {}
 
+    def rule_texts(self) -> list[str]:
+        return [nft_rules(self.config, ipv6=ipv6) for ipv6 in (False, True)]
+
     def _install_here(self) -> tuple[list[int], str]:
         ipv6 = has_ipv6()
         rules = nft_rules(self.config, ipv6=ipv6)
@@ -275,5 +278,5 @@ class NftablesRedirector(Redirector):
         lines = our_tables(libnftables().run("list ruleset", stateless=True))
         if not lines:
             return ""
-        lines.append(f"policy-routing {_routing_present() if routing is None else routing}")
+        lines += [f"policy-routing {_routing_present() if routing is None else routing}", self._config_line]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]

@@ -297,6 +297,15 @@ class Redirector:
 
     def __init__(self, config: RedirectConfig = RedirectConfig()) -> None:
         self.config = config
+        # In every digest: rules a node agent with another configuration installed (before a
+        # restart with --no-dns-capture, say) are not in place, and go in again (as Istio's
+        # reconcile at start-up replaces rules that differ from what it would install).
+        texts = "".join(self.rule_texts()).encode()
+        self._config_line = f"config {hashlib.sha256(texts).hexdigest()[:16]}"
+
+    def rule_texts(self) -> list[str]:
+        """Every text this configuration may install (each family's)."""
+        return [inpod_rules(family, self.config) for family in (4, 6)]
 
     async def install(self, netns: NetnsHandle) -> Installed:
         """Install (or re-install) the rules in ``netns``."""
@@ -320,7 +329,7 @@ class Redirector:
             lines += [f"{family} {line}" for line in _ours(_run([f"{tool}-save"]))]
         if not lines:
             return ""
-        lines.append(f"policy-routing {_routing_present()}")
+        lines += [f"policy-routing {_routing_present()}", self._config_line]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
 
     def _install_here(self) -> tuple[list[int], str]:

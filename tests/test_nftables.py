@@ -323,3 +323,38 @@ def test_a_restart_whose_reinstall_fails_takes_out_the_rules_the_store_recorded(
         assert not istio_tables(pod) and "lookup 100" not in ip(pod, "rule")
     finally:
         restarted.stop()
+
+
+def dns_captured(path: str, backend: str) -> bool:
+    if backend == "iptables":
+        return any("15053" in line for line in istio_iptables(path))
+    return "dport 53" in ruleset(path)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_a_restart_with_another_rule_configuration_reinstalls_the_rules(
+    backend: str, tmp_path: Path, scratch: list[str]
+) -> None:
+    """Rules an earlier configuration installed are not in place: a node agent restarted with
+    --no-dns-capture left every enrolled pod's DNS going to a 15053 nobody listens on (Istio's
+    reconcile at start-up, on by default, replaces them). The same configuration again: kept."""
+    pod = scratch_netns(scratch)
+    flags = ("--redirect-backend", backend)
+    server = NodeAgentProc(str(tmp_path), *flags, redirect=True).wait_ready()
+    try:
+        server.cli("pod", "add", "--uid", "u1", "--netns", pod)
+        assert dns_captured(pod, backend)
+    finally:
+        server.stop(signal.SIGKILL)
+    for run, (extra, recovery) in enumerate(
+        [(("--no-dns-capture",), "rules reinstalled"), (("--no-dns-capture",), "restored")]
+    ):
+        again = NodeAgentProc(str(tmp_path), *flags, *extra, redirect=True, name=f"again{run}")
+        try:
+            again.wait_ready()
+            [listed] = again.list_pods()
+            assert (listed.recovery, listed.rules_installed) == (recovery, True)
+            assert not dns_captured(pod, backend)
+        finally:
+            again.stop(signal.SIGKILL)
