@@ -206,7 +206,7 @@ def _run(argv: list[str], stdin: str = "") -> str:
     except FileNotFoundError as exc:
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
     if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip()
+        detail = "; ".join(line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip())
         raise RedirectError(f"{' '.join(argv)} failed (exit {done.returncode}): {detail}")
     return done.stdout
 

@@ -26,6 +26,7 @@ from zds.server.redirect import (
     RedirectError,
     Redirector,
     RulesNotOurs,
+    _run,
     cleanup_rules,
     inpod_rules,
 )
@@ -57,6 +58,23 @@ def test_without_dns_capture_no_port_53_rule_and_no_raw_table() -> None:
     rules = inpod_rules(4, RedirectConfig(dns_capture=False))
     assert "15053" not in rules and "* raw" not in rules and "--dport 53" not in rules
     assert "--to-ports 15001" in rules and "--to-ports 15006" in rules
+
+
+def test_a_failing_tool_is_said_in_one_line() -> None:
+    """ip6tables-restore says which lines failed on lines of their own: the refusal a client
+    sees, and the log line, were several lines."""
+    with pytest.raises(RedirectError) as failed:
+        _run(
+            [
+                "sh",
+                "-c",
+                "echo 'ip6tables-restore v1.8.9 (nf_tables): ' >&2; echo 'line 2: failed' >&2; exit 1",
+            ]
+        )
+    said = str(failed.value)
+    assert "\n" not in said and said.endswith(
+        "failed (exit 1): ip6tables-restore v1.8.9 (nf_tables):; line 2: failed"
+    )
 
 
 def test_cleanup_removes_exactly_our_jumps_and_chains() -> None:
@@ -233,7 +251,7 @@ def test_the_policy_routing_reads_as_istios_and_goes_whoever_made_it(namespaces:
             return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
 
     install(pod)
-    assert ip("route", "show", "table", "100").split() == "local default dev lo scope host".split()
+    assert ip("route", "show", "table", "100").split() == ["local", "default", "dev", "lo", "scope", "host"]
     remove(pod)
     ip("rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100")
     ip("route", "add", "local", "default", "dev", "lo", "table", "100")
