@@ -257,6 +257,7 @@ class Enrollment:
             pod.close()
             raise
         except RulesError as exc:
+            log.warning("%s", exc, extra=pod.spec.log_extra)  # (the caller's answer says it too)
             if exc.undone:
                 pod.close()
                 forget_install_row(self.store, pod.uid, log_extra=pod.spec.log_extra)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DATA, NodeAgentProc
+from tests.harness import DATA, NodeAgentProc, wait_until
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
@@ -294,6 +294,7 @@ def test_a_failed_transaction_leaves_tables_someone_else_made_as_they_were(
         assert ruleset(pod) == before
         assert "lookup 100" not in ip(pod, "rule")
         assert server.list_pods() == []
+        wait_until(lambda: "nothing was changed" in server.output(), what="the refusal in the log")
     finally:
         server.stop()
     assert ruleset(pod) == before
