@@ -174,7 +174,11 @@ class _Rtnl:
 
 
 def policy_routing_present() -> bool:
-    """Whether our IPv4 fwmark rule is there (call inside the netns)."""
+    """Whether our IPv4 fwmark rule and table 100's local route are there (call inside the
+    netns): without the route, replies to the inbound relay's connections go astray."""
     with IPRoute() as ipr:
         rules = ipr.get_rules(family=socket.AF_INET, table=defaults.INPOD_ROUTE_TABLE)
-        return any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules)
+        if not any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules):
+            return False
+        routes = ipr.get_routes(family=socket.AF_INET, table=defaults.INPOD_ROUTE_TABLE)
+        return any(r["type"] == RTN_LOCAL and r["dst_len"] == 0 for r in routes)

@@ -338,8 +338,17 @@ async def _rules_back(
             if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
                 enrollment.leftovers.retry_beside(pod, row.rules)
         try:
+            if row.rules != rules.name:
+                # Recorded first, as an enrollment's: a crash before the row below is
+                # rewritten leaves an install row, and the next start takes them out or keeps
+                # them (the row still names the rules it had, or none).
+                await store.intend_soon(StoredPod.of(pod, rules=rules.name))
             # (replaces an earlier copy; one recorded as this rule set's comes out if it fails)
             await rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name)
+        except StoreError as exc:
+            log.error("cannot store the pod, its rules not installed: %s", exc, extra=row.spec.log_extra)
+            pod.rules_installed = False
+            outcome = RecoveryOutcome.RULES_FAILED
         except RulesError as exc:
             log.error("%s", exc, extra=row.spec.log_extra)
             pod.rules_installed = False

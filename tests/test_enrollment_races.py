@@ -1250,3 +1250,39 @@ async def test_a_removal_a_restart_interrupted_beside_a_pod_coming_back_leaves_i
         )
         assert "rules a failed removal left are kept: another pod lives in its netns now" in caplog.text
         assert store.load_leftovers() == [] and has_rules(a) and redirector.removals_tried == 0
+
+
+class GatedNftables(NftablesRedirector):
+    """Istio's nftables rules, for real; an install waits at ``gate`` first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+
+    async def install(self, netns: NetnsHandle) -> Installed:
+        await self.gate.passing()
+        return await super().install(netns)
+
+
+async def test_a_restart_with_the_other_backend_commits_an_install_row_before_its_rules_go_in(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Killed between the new backend's rules going in and the pod's row being rewritten, the
+    row named the old backend: the next start with the new one took its rules for the pod's
+    (kept both rule sets), one with the old one never took them out. The install row, as an
+    enrollment's, records them meanwhile."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    nft = GatedNftables()
+    nft.gate.close()
+    async with started_on(tmp_path, nft) as (restarted, store):
+        recovering = asyncio.create_task(recover(store, restarted.enrollment))
+        await asyncio.wait_for(nft.gate.reached.wait(), 10)
+        with contextlib.closing(sqlite3.connect(store.path)) as reader:
+            assert reader.execute("SELECT uid, rules FROM installs").fetchall() == [("u1", "nftables")]
+            assert reader.execute("SELECT uid, rules FROM pods").fetchall() == [("u1", "iptables")]
+        nft.gate.open.set()
+        report = await asyncio.wait_for(recovering, 30)
+        assert report.outcomes == {"u1": RecoveryOutcome.RULES_REINSTALLED}
+        assert agent.committed("installs") == [] and nftables_rules(a) and not has_rules(a)
+        assert [(row.spec.uid, row.rules) for row in store.load()] == [("u1", "nftables")]

@@ -170,6 +170,10 @@ def test_reinstalling_is_idempotent_and_the_digest_sees_a_change(scratch: list[s
     assert digest(pod) != stamp
     install(pod, RedirectConfig())
     assert digest(pod) == stamp
+    ip(pod, "route", "flush", "table", "100")  # the policy routing's route gone: not in place
+    assert digest(pod) != stamp
+    install(pod, RedirectConfig())
+    assert digest(pod) == stamp
     install(pod, RedirectConfig(dns_capture=False))  # a change of configuration replaces it all
     assert "istio-ambient-raw" not in ruleset(pod) and "dport 53" not in ruleset(pod)
 
