@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import NetnsHandle, run_in_netns
+from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_chains, our_lines
 
 log = logging.getLogger("zds.server.redirect")
 
@@ -134,72 +133,6 @@ def _chain_order(table: str, chains: list[str]) -> list[str]:
     return [OUTPUT, PRERT] if table == "raw" else [PRERT, OUTPUT]
 
 
-_CHAIN_RE = re.compile(r"^:(\S+) ")
-_JUMP_RE = re.compile(r"^-A (PREROUTING|OUTPUT) -j (ISTIO_PRERT|ISTIO_OUTPUT)$")
-
-
-#: The tables the in-pod rules are in (Istio's): a chain of a pod's own named like ours in
-#: another table (filter) is not ours, and is left alone.
-RULE_TABLES = ("mangle", "nat", "raw")
-
-
-def cleanup_rules(saved: str, *, delete_chains: bool = True) -> str:
-    """``iptables-restore --noflush`` input that removes our jumps and chains found in
-    ``saved`` (in RULE_TABLES only); without ``delete_chains``, only the jumps and the rules in
-    the chains (``our_chains`` names them, to delete once emptied)."""
-    out: list[str] = []
-    for table, jumps, ours in _ours_by_table(saved):
-        out.append(f"*{table}")
-        out += [f"-D {builtin} -j {chain}" for builtin, chain in jumps]
-        out += [f"-F {c}" for c in ours]
-        if delete_chains:
-            out += [f"-X {c}" for c in ours]
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
-
-
-#: A rule that jumps (or goes) into one of our chains.
-_INTO_OURS_RE = re.compile(rf"^-A (\S+) .*-[jg] ({PRERT}|{OUTPUT})(?:\s|$)")
-
-
-def foreign_jumps(saved: str) -> list[str]:
-    """``table: rule`` of each rule in ``saved`` (RULE_TABLES) that jumps into a chain named as
-    ours and is not one of our jumps: an Istio sidecar's istio-init puts ``-A OUTPUT -p tcp -j
-    ISTIO_OUTPUT`` in nat. Our install takes those chains out first, which would break them."""
-    return [
-        f"{table}: {line}"
-        for table, line in _table_lines(saved)
-        if _INTO_OURS_RE.match(line) and not _JUMP_RE.match(line)
-    ]
-
-
-def our_chains(saved: str) -> list[tuple[str, str]]:
-    """(table, chain) of each of our chains found in ``saved`` (in RULE_TABLES)."""
-    return [(table, chain) for table, _, ours in _ours_by_table(saved) for chain in ours]
-
-
-def _ours_by_table(saved: str) -> list[tuple[str, list[tuple[str, str]], list[str]]]:
-    """(table, our jumps as (built-in chain, our chain), our chains) for each of RULE_TABLES
-    in ``saved`` that holds any of them."""
-    found: list[tuple[str, list[tuple[str, str]], list[str]]] = []
-    table = ""
-    jumps: list[tuple[str, str]] = []
-    ours: list[str] = []
-    for line in saved.splitlines():
-        line = line.strip()
-        if line.startswith("*"):
-            table, jumps, ours = line[1:].strip(), [], []
-        elif table not in RULE_TABLES:
-            continue
-        elif (m := _CHAIN_RE.match(line)) and m.group(1) in (PRERT, OUTPUT):
-            ours.append(m.group(1))
-        elif m := _JUMP_RE.match(line):
-            jumps.append((m.group(1), m.group(2)))
-        elif line == "COMMIT" and (jumps or ours):
-            found.append((table, jumps, ours))
-    return found
-
-
 def _run(argv: list[str], stdin: str = "") -> str:
     try:
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
@@ -215,33 +148,6 @@ def _families() -> list[tuple[int, str]]:
     from zds.server.policyrouting import has_ipv6
 
     return [(4, "iptables")] + ([(6, "ip6tables")] if has_ipv6() else [])
-
-
-_COUNTERS = re.compile(r"\s*\[\d+:\d+\]")
-
-
-def _ours(saved: str) -> list[str]:
-    """The lines of ``iptables-save`` output that are our rules: our chains, the jumps to them,
-    and the rules in them (counters stripped), with the table each is in (RULE_TABLES only)."""
-    lines: list[str] = []
-    for table, line in _table_lines(saved):
-        if (m := _CHAIN_RE.match(line)) and m.group(1) in (PRERT, OUTPUT):
-            lines.append(f"*{table} :{m.group(1)}")
-        elif line.startswith("-A ") and (f" {PRERT}" in line or f" {OUTPUT}" in line):
-            lines.append(f"*{table} {line}")
-    return lines
-
-
-def _table_lines(saved: str) -> Iterator[tuple[str, str]]:
-    """(table, line) of each line of ``iptables-save`` output in one of RULE_TABLES, its
-    counters stripped."""
-    table = ""
-    for raw in saved.splitlines():
-        line = _COUNTERS.sub("", raw.strip())
-        if line.startswith("*"):
-            table = line[1:]
-        elif table in RULE_TABLES:
-            yield table, line
 
 
 def _routing(add: bool, *, ipv6: bool | None = None) -> None:
@@ -326,7 +232,7 @@ class Redirector:
         routing; '' when none is there."""
         lines: list[str] = []
         for family, tool in _families():
-            lines += [f"{family} {line}" for line in _ours(_run([f"{tool}-save"]))]
+            lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
         if not lines:
             return ""
         lines += [f"policy-routing {_routing_present()}", self._config_line]
@@ -381,14 +287,20 @@ class Redirector:
 
 
 def _delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:
-    """Delete our emptied ``chains``, each on its own (one a rule of the pod's own still jumps
-    to cannot go); what could not go, said."""
+    """Delete our emptied ``chains``, each on its own; what could not go, said. One a rule of
+    the pod's own still jumps to (EBUSY) stays, empty, as in Istio: a warning, not a failure
+    (the redirection is out; retrying would fail until that rule goes, for as long as the pod)."""
     errors = []
     for table, chain in chains:
         try:
             _run([tool, "-t", table, "-X", chain])
         except RedirectError as exc:
-            errors.append(str(exc))
+            if "resource busy" in str(exc) or "Too many links" in str(exc):  # (nft; legacy)
+                log.warning(
+                    "%s %s chain %s stays, empty: a rule of the pod's own jumps to it", tool, table, chain
+                )
+            else:
+                errors.append(str(exc))
     return errors
 
 
