@@ -27,6 +27,7 @@ import functools
 import hashlib
 import ipaddress
 import os
+import re
 
 from zds import defaults
 from zds.server.policyrouting import has_ipv6
@@ -153,12 +154,26 @@ class Libnftables:
             fn.argtypes = [ctypes.c_void_p]
             fn.restype = ctypes.c_char_p
         lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        for fn in (lib.nft_run_cmd_from_buffer, lib.nft_run_cmd_from_filename):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            fn.restype = ctypes.c_int
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._lib = lib
 
     def run(self, commands: str, *, stateless: bool = False) -> str:
         """Run ``commands`` (one transaction); their output, or RedirectError with nft's words."""
+        rc, output, error = self._call(commands, stateless=stateless)
+        if rc != 0:
+            # libnftables 1.0.6 quotes a buffer's first command for an error the kernel gives,
+            # whichever command it was; read from a file, it names the right one: the same
+            # commands again, as a dry run (the kernel checks them, nothing is applied).
+            located = self._call(commands, dry_run=True)[2]
+            raise RedirectError(f"nftables transaction failed: {one_line(located or error) or f'error {rc}'}")
+        return output
+
+    def _call(self, commands: str, *, stateless: bool = False, dry_run: bool = False) -> tuple[int, str, str]:
+        """(return code, output, error text) of ``commands``; ``dry_run``: checked, not applied,
+        read from a memfd."""
         _check_fd_room()
         lib = self._lib
         ctx = lib.nft_ctx_new(0)
@@ -169,14 +184,25 @@ class Libnftables:
             lib.nft_ctx_buffer_error(ctx)
             if stateless:
                 lib.nft_ctx_output_set_flags(ctx, _OUTPUT_STATELESS)
-            rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+            if dry_run:
+                lib.nft_ctx_set_dry_run(ctx, True)
+                fd = os.memfd_create("zds-nft", os.MFD_CLOEXEC)
+                try:
+                    os.write(fd, commands.encode())  # (a memfd takes it all at once)
+                    rc = lib.nft_run_cmd_from_filename(ctx, f"/proc/self/fd/{fd}".encode())
+                finally:
+                    os.close(fd)
+            else:
+                rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
             output = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-            if rc != 0:
-                error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-                raise RedirectError(f"nftables transaction failed: {one_line(error) or f'error {rc}'}")
-            return output
+            error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace") if rc else ""
+            return rc, output, error
         finally:
             lib.nft_ctx_free(ctx)
+
+
+#: An error line of libnftables: ``Error: ...``, or ``FILE:LINE:COLUMNS: Error: ...``.
+_ERROR_RE = re.compile(r"^(?:\S+:\d+:[\d-]+: )?Error: (.*)$")
 
 
 def one_line(error: str) -> str:
@@ -185,10 +211,10 @@ def one_line(error: str) -> str:
     lines = error.splitlines()
     said = []
     for i, line in enumerate(lines):
-        if line.startswith("Error: "):
+        if m := _ERROR_RE.match(line):
             command = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            at = f" (at: {command})" if command and not command.startswith(("Error: ", "^")) else ""
-            said.append(line.removeprefix("Error: ") + at)
+            at = f" (at: {command})" if command and not _ERROR_RE.match(command) and command[0] != "^" else ""
+            said.append(m.group(1) + at)
     return "; ".join(dict.fromkeys(said)) or " ".join(error.split())
 
 
