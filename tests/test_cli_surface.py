@@ -251,6 +251,27 @@ def test_output_into_a_pipe_nobody_reads_is_no_error_and_no_traceback(
     assert (done.returncode, done.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["server", "--help"], ["check", "ztunnel", "--list"]]
+)
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(argv: list[str], unbuffered: bool) -> None:
+    """``> /dev/full`` (ENOSPC; EIO alike): a traceback from wherever the write was."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "zds", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert (done.returncode, done.stderr) == (1, "zds: cannot write the output: No space left on device\n")
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone() -> None:
     code = (
         "import sys\nfrom zds.runtime import stdout_reader_gone\nsys.stderr.write(str(stdout_reader_gone()))"

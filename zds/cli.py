@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         runtime.ensure_std_fds()
+        runtime.watch_stdout()
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:
         try:
@@ -98,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of the output went away (``zds netns list | head -1``): not an error.
         runtime.discard_stdout()
         return 0
+    except OSError as exc:
+        # The output cannot be written (``> /dev/full``: ENOSPC, EIO): one line, not a
+        # traceback; what the command did before, it did (a pod enrolled stays enrolled).
+        if not runtime.output_failed():
+            raise
+        runtime.discard_stdout()
+        print(f"zds: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     finally:
         runtime.started()  # (a command that ended early, before it said so)
     return code

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -183,6 +183,42 @@ def stdout_reader_gone() -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+class _WatchedOutput:
+    """``sys.stdout``, noting whether writing it failed: an OSError escaping a command then
+    came from its output (``> /dev/full``), not from something else it did."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self.failed = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def watch_stdout() -> None:
+    """From now on, note whether writing stdout fails (``output_failed``)."""
+    if not isinstance(sys.stdout, _WatchedOutput):
+        sys.stdout = cast(TextIO, _WatchedOutput(sys.stdout))
+
+
+def output_failed() -> bool:
+    return isinstance(sys.stdout, _WatchedOutput) and sys.stdout.failed
 
 
 def discard_stdout() -> None:
