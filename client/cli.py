@@ -98,7 +98,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--mark",
-        type=int,
+        type=cliflags.mark,
         default=defaults.ZTUNNEL_MARK,
         help="SO_MARK on the sockets made in pods (default: %(default)s, ztunnel's PACKET_MARK)",
     )

@@ -73,6 +73,8 @@ def control_tcp(opts: ServerOptions) -> tuple[str | None, TlsFiles | None]:
     if not opts.grpc_listen:
         if tls_flags:
             raise StartupError("--tls-cert, --tls-key and --tls-client-ca only apply with --grpc-listen")
+        if opts.grpc_insecure:
+            raise StartupError("--grpc-insecure only applies with --grpc-listen")
         return None, None
     host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
     tcp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -28,6 +28,10 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
 
     for flag, what, path in _sockets(opts):
         _bindable(flag, what, path)
+    if opts.container_label and not opts.container_engine:
+        raise StartupError("--container-label only applies with --container-engine")
+    if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
+        raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
     if opts.http_listen:
         split_host_port(opts.http_listen, "--http-listen")
     control_tcp(opts)

@@ -648,6 +648,35 @@ def test_numbers_a_flag_cannot_take_are_refused_in_one_line(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--grpc-insecure"], "--grpc-insecure only applies with --grpc-listen"),
+        (["--container-label", "a=b"], "--container-label only applies with --container-engine"),
+        (["--netns-root", "pods/netns"], "--netns-root pods/netns: give an absolute path"),
+    ],
+)
+def test_a_server_flag_that_would_be_ignored_is_refused_before_anything_is_made(
+    flags: list[str], says: str, tmp_path: pathlib.Path
+) -> None:
+    """Each was taken and did nothing (``--tls-*`` without ``--grpc-listen`` was refused)."""
+    paths = ["--control-socket", str(tmp_path / "control.sock"), "--zds-socket", str(tmp_path / "zds.sock")]
+    paths += ["--state-dir", str(tmp_path / "state"), "--cni-socket", "off", "--http-listen", "off"]
+    done = subprocess.run([*ZDS, "server", *flags, *paths], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1].endswith(f"error zds.server: {says}")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("mark", ["-1", "4294967296", "0x539"])
+def test_a_ztunnel_mark_that_is_no_socket_mark_is_refused(mark: str) -> None:
+    """``--mark -1`` was taken (and logged as "mark -1"); SO_MARK is 32 bits."""
+    done = subprocess.run([*ZDS, "ztunnel", f"--mark={mark}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"zds ztunnel: error: argument --mark: {mark!r} is not a socket mark (0-4294967295)"
+    )
+
+
 @pytest.mark.parametrize("closed", [0, 1, 2])
 def test_a_command_started_with_stdin_stdout_or_stderr_closed_runs_as_with_dev_null(closed: int) -> None:
     # The first file opened took the number: `zds netns list >&-` was a traceback.

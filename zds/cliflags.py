@@ -155,6 +155,13 @@ def port(text: str) -> int:
     return int(text)
 
 
+def mark(text: str) -> int:
+    """A socket mark (SO_MARK: 32 bits)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a socket mark (0-4294967295)")
+    return int(text)
+
+
 def off(value: str | None) -> str | None:
     """None for a flag given as 'off' (or empty): that endpoint is disabled."""
     return None if value is None or value.strip().lower() in ("", "off", "none") else value
