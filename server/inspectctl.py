@@ -173,9 +173,11 @@ def event_details(event: nodeagent_pb2.Event) -> str:
 class EventPrinter:
     """Prints events as they come: one readable line each, or one JSON object per line."""
 
-    def __init__(self, out: TextIO, *, as_json: bool) -> None:
+    def __init__(self, out: TextIO, *, as_json: bool, filtered: bool = False) -> None:
         self.out = out
         self.as_json = as_json
+        #: --kind or --uid: the current state's counts are of what they let through.
+        self.filtered = filtered
         self.received = 0
         self._pods = 0
         self._connections = 0
@@ -186,9 +188,10 @@ class EventPrinter:
             doc = MessageToDict(event, preserving_proto_field_name=True)
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         elif event.kind == nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END:
+            shown = " shown (--kind, --uid)" if self.filtered else ""
             self.out.write(
                 f"{_when(event.time)}  --- current state: {self._pods} pod(s), "
-                f"{self._connections} ztunnel connection(s); live events follow ---\n"
+                f"{self._connections} ztunnel connection(s){shown}; live events follow ---\n"
             )
         else:
             if event.current_state:
@@ -210,7 +213,7 @@ def watch_request(args: argparse.Namespace) -> nodeagent_pb2.WatchRequest:
 
 def watch(args: argparse.Namespace) -> int:
     """Print events until Ctrl-C (exit 0) or until the node agent goes away (exit 1)."""
-    printer = EventPrinter(sys.stdout, as_json=args.json)
+    printer = EventPrinter(sys.stdout, as_json=args.json, filtered=bool(args.kind or args.uid))
     try:
         target = ControlTarget.from_args(args)
         with target.stub() as stub:

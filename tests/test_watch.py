@@ -3,6 +3,7 @@ raw-socket ztunnel stand-in connects, acks and nacks."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -409,3 +410,22 @@ def test_watchers_are_bounded_and_share_one_current_state(
         return again.error is None
 
     wait_until(watching_again, "a watcher let in again")
+
+
+def test_the_current_states_counts_say_when_a_filter_chose_them() -> None:
+    """With --kind or --uid, "current state: 0 pod(s)" read as if the node agent had none."""
+    from zds.server.inspectctl import EventPrinter
+
+    said = []
+    for filtered in (False, True):
+        out = io.StringIO()
+        printer = EventPrinter(out, as_json=False, filtered=filtered)
+        printer.print(
+            nodeagent_pb2.Event(kind=nodeagent_pb2.EVENT_KIND_ZTUNNEL_CONNECTED, current_state=True)
+        )
+        printer.print(nodeagent_pb2.Event(kind=nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END))
+        said.append(out.getvalue().splitlines()[-1].split("  ", 1)[1])
+    assert said == [
+        "--- current state: 0 pod(s), 1 ztunnel connection(s); live events follow ---",
+        "--- current state: 0 pod(s), 1 ztunnel connection(s) shown (--kind, --uid); live events follow ---",
+    ]
