@@ -114,6 +114,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     watch.add_argument("--uid", default="", help="only events about this pod uid")
     control_flags(watch, timeout=False)
+    watch.add_argument(
+        "--timeout",
+        type=cliflags.seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="for the node agent's first answer, the current state (the watch itself has none) (default: %(default)s)",
+    )
     watch.set_defaults(func=_watch)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from datetime import UTC
 from typing import Any, TextIO
 
@@ -218,15 +219,30 @@ def watch(args: argparse.Namespace) -> int:
         target = ControlTarget.from_args(args)
         with target.stub() as stub:
             stream = stub.Watch(watch_request(args))
+            # (a socket that accepts and never answers held the watch silently for good)
+            timed_out = threading.Event()
+
+            def give_up() -> None:
+                timed_out.set()
+                stream.cancel()
+
+            unanswered = threading.Timer(args.timeout, give_up)
+            unanswered.start()
             try:
                 for event in stream:
+                    unanswered.cancel()
                     printer.print(event)
             except KeyboardInterrupt:
                 stream.cancel()
                 return 0
             except grpc.RpcError as exc:
-                print(f"zds watch: {_stream_error(exc, printer.received, target)}", file=sys.stderr)
+                said = _stream_error(exc, printer.received, target)
+                if timed_out.is_set() and printer.received == 0:
+                    said = f"no answer from the node agent at {target.where} within {args.timeout:g} s"
+                print(f"zds watch: {said}", file=sys.stderr)
                 return 1
+            finally:
+                unanswered.cancel()
     except ControlError as exc:
         print(f"zds watch: {exc}", file=sys.stderr)
         return 1

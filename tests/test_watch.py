@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -429,3 +430,25 @@ def test_the_current_states_counts_say_when_a_filter_chose_them() -> None:
         "--- current state: 0 pod(s), 1 ztunnel connection(s); live events follow ---",
         "--- current state: 0 pod(s), 1 ztunnel connection(s) shown (--kind, --uid); live events follow ---",
     ]
+
+
+def test_zds_watch_gives_up_on_a_socket_that_never_answers(tmp_path: object) -> None:
+    """Something accepts on the control socket and says nothing: the watch waited silently for
+    good (every other client gives up after --timeout)."""
+    path = os.path.join(str(tmp_path), "silent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)  # (the kernel accepts into the backlog; nobody ever reads)
+    try:
+        done = subprocess.run(
+            [*ZDS, "watch", "--control-socket", path, "--timeout", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        listener.close()
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"zds watch: no answer from the node agent at {path} within 1 s\n",
+    )
