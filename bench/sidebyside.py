@@ -43,7 +43,16 @@ from procs import BenchError, loadavg, run_main, stop_process, wait_idle
 from zds.cliflags import positive_int
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PEERS = os.environ.get("ZDS_PEERS", os.path.join(os.path.dirname(REPO), "peers"))
+#: $ZDS_PEERS (or $ZDS_PEERS_DIR), else ../peers beside the repository, else /work/peers (as the
+#: tests look for them).
+DEFAULT_PEERS = (
+    os.environ.get("ZDS_PEERS")
+    or os.environ.get("ZDS_PEERS_DIR")
+    or next(
+        (p for p in (os.path.join(os.path.dirname(REPO), "peers"), "/work/peers") if os.path.isdir(p)),
+        os.path.join(os.path.dirname(REPO), "peers"),
+    )
+)
 #: Environment variables of the caller's session that would change what is measured
 #: (no bytecode cache: every import compiled again; unbuffered output).
 UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE")

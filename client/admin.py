@@ -116,7 +116,7 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
     async def index(request: web.Request) -> web.Response:
         return web.Response(
             text="zds ztunnel admin\n  /config_dump  dump the current state\n"
-            "  /faults       faults on demand: GET lists them, POST {kind, count, delay, text} arms one,\n"
+            "  /faults       faults on demand: GET lists them, POST {kind, count, delay, text, after} arms one,\n"
             "                DELETE clears every armed one (DELETE /faults/ID: that one)\n"
         )
 
@@ -134,7 +134,7 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
             entry = await request.json()
         except (ValueError, RecursionError, LookupError):  # (LookupError: a charset Python lacks)
             return web.json_response(
-                {"error": "the body must be a JSON object {kind, count, delay, text}"}, status=400
+                {"error": "the body must be a JSON object {kind, count, delay, text, after}"}, status=400
             )
         try:
             fault = await views.arm_fault(entry)

@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--faults",
         metavar="FILE",
-        help="faults to arm at start, to test a node agent (YAML or JSON lines of {kind, count, delay, text}; "
+        help="faults to arm at start, to test a node agent (YAML or JSON lines of {kind, count, delay, text, after}; "
         "POST /faults on the admin endpoint arms more) (default: none)",
     )
     p.add_argument(

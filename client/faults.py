@@ -146,9 +146,9 @@ class ZtunnelFaults:
         return any(f.state == "armed" for f in self.faults)
 
     def arm(self, entry: dict[str, Any]) -> ZtunnelFault:
-        """Arm one fault from ``{kind, count, delay, text}`` (ZtunnelFaultError when it is wrong)."""
+        """Arm one fault from ``{kind, count, delay, text, after}`` (ZtunnelFaultError when it is wrong)."""
         if not isinstance(entry, dict):
-            raise ZtunnelFaultError("a fault is an object with kind, count, delay, text")
+            raise ZtunnelFaultError("a fault is an object with kind, count, delay, text, after")
         unknown = sorted(set(entry) - set(FIELDS))
         if unknown:
             raise ZtunnelFaultError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")

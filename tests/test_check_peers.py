@@ -1,5 +1,5 @@
 """``zds check`` against Istio's and ztunnel's own ZDS code (the reference peers of
-``../shared/peers``, found in ``ZDS_PEERS_DIR``, default /work/peers). Skipped, not failed — even
+``../shared/peers``, found by ``harness.peers_dir``: ``$ZDS_PEERS``, ../peers, /work/peers). Skipped, not failed — even
 with CI=true — when they are not built there: CI cannot build them.
 
 What the checks find in upstream's own code is pinned here, not hidden: Istio's node agent keeps
@@ -36,7 +36,7 @@ def peer(relative: str) -> str:
     base = peers_dir()
     path = base / relative if base is not None else None
     if path is None or not os.access(path, os.X_OK):
-        pytest.skip(f"the reference peer {relative} is not built (set ZDS_PEERS_DIR; see ../shared/peers)")
+        pytest.skip(f"the reference peer {relative} is not built (set ZDS_PEERS; see ../shared/peers)")
     return str(path)
 
 
