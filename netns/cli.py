@@ -150,9 +150,10 @@ def _delete(args: argparse.Namespace) -> int:
             _error("delete", str(e))
             code = 1
     if args.bridge and not remove_bridge_if_unused(args.bridge):
-        _error(
+        _error(  # (a note, not a failure: the exit code is the namespaces')
             "delete",
-            f"bridge {args.bridge} kept: it does not exist, pods are still attached, or zds netns did not make it",
+            f"note: bridge {args.bridge} kept: it does not exist, pods are still attached, or zds netns "
+            "did not make it",
         )
     return code
 

@@ -216,10 +216,11 @@ class PodNetwork:
             self._bridge_made = False
             return pods
 
-    def _subnet_taken(self, ipr: IPRoute) -> str | None:
+    def _subnet_taken(self, ipr: IPRoute) -> tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
         """An address of this host inside the pods' subnets (another bridge on them: a second
-        gateway, pods given addresses already in use), said as "ADDRESS on LINK". Not one on a
-        link named as the bridge: that bridge exists (its own message says what to do)."""
+        gateway, pods given addresses already in use), said as "ADDRESS on LINK", and the
+        subnet it is in. Not one on a link named as the bridge: that bridge exists (its own
+        message says what to do)."""
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for entry in ipr.get_addr():
             if names.get(entry["index"]) == self.bridge:
@@ -228,16 +229,18 @@ class PodNetwork:
             if not text:
                 continue
             address = ipaddress.ip_address(text)
-            if address in self._net4 or address in self._net6:
-                return f"{address} on {names.get(entry['index'], entry['index'])}"
+            for net in (self._net4, self._net6):
+                if address in net:
+                    return f"{address} on {names.get(entry['index'], entry['index'])}", net
         return None
 
     def _make_bridge(self) -> None:
         with IPRoute() as ipr, runtime.interrupts_held():  # (made and noted at once)
             if (taken := self._subnet_taken(ipr)) is not None:
+                address, which = taken
                 raise NetnsError(
-                    f"the pod subnets {self._net4} and {self._net6} are in use on this host ({taken});"
-                    " pick others (--subnet4, --subnet6)"
+                    f"the pod subnet {which} is in use on this host ({address}); pick another"
+                    f" (--subnet{which.version})"
                 )
             try:
                 ipr.link("add", ifname=self.bridge, kind="bridge")
