@@ -113,14 +113,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="only these kinds (repeatable): " + ", ".join(WATCHABLE),
     )
     watch.add_argument("--uid", default="", help="only events about this pod uid")
-    control_flags(watch, timeout=False)
-    watch.add_argument(
-        "--timeout",
-        type=cliflags.seconds,
-        default=30.0,
-        metavar="SECONDS",
-        help="for the node agent's first answer, the current state (the watch itself has none) (default: %(default)s)",
-    )
+    control_flags(watch, timeout="for the node agent's first event (the watch itself has none)")
     watch.set_defaults(func=_watch)
 
 
@@ -137,7 +130,9 @@ def _event_kinds(text: str) -> list[str]:
     return kinds
 
 
-def control_flags(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
+def control_flags(parser: argparse.ArgumentParser, *, timeout: str | None = "per call") -> None:
+    """The flags that say where the control API is; ``timeout``: what --timeout bounds (None:
+    no such flag)."""
     parser.add_argument(
         "--control-socket",
         default=defaults.CONTROL_SOCKET,
@@ -157,13 +152,13 @@ def control_flags(parser: argparse.ArgumentParser, *, timeout: bool = True) -> N
         action="store_true",
         help="plaintext on --grpc-address (zds server --grpc-insecure)",
     )
-    if timeout:
+    if timeout is not None:
         parser.add_argument(
             "--timeout",
             type=cliflags.seconds,
             default=30.0,
             metavar="SECONDS",
-            help="per call (default: %(default)s)",
+            help=f"{timeout} (default: %(default)s)",
         )
 
 

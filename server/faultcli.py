@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--wait", action="store_true", help="answer once the fault took effect, with what it did"
     )
     fault.add_argument("--json", action="store_true", help="print the fault as JSON")
-    control_flags(fault, timeout=False)
+    control_flags(fault, timeout=None)
     fault.add_argument(
         "--timeout",
         type=cliflags.seconds,

@@ -220,17 +220,23 @@ def watch(args: argparse.Namespace) -> int:
         with target.stub() as stub:
             stream = stub.Watch(watch_request(args))
             # (a socket that accepts and never answers held the watch silently for good)
-            timed_out = threading.Event()
+            timed_out, answered, decided = threading.Event(), threading.Event(), threading.Lock()
 
             def give_up() -> None:
-                timed_out.set()
+                with decided:  # (not a stream whose first event came meanwhile)
+                    if answered.is_set():
+                        return
+                    timed_out.set()
                 stream.cancel()
 
             unanswered = threading.Timer(args.timeout, give_up)
             unanswered.start()
             try:
                 for event in stream:
-                    unanswered.cancel()
+                    if not answered.is_set():
+                        with decided:
+                            answered.set()
+                        unanswered.cancel()
                     printer.print(event)
             except KeyboardInterrupt:
                 stream.cancel()

@@ -167,7 +167,10 @@ class Libnftables:
             # libnftables 1.0.6 quotes a buffer's first command for an error the kernel gives,
             # whichever command it was; read from a file, it names the right one: the same
             # commands again, as a dry run (the kernel checks them, nothing is applied).
-            located = self._call(commands, dry_run=True)[2]
+            try:
+                located = self._call(commands, dry_run=True)[2]
+            except (OSError, RedirectError):  # (no fd left for the memfd, say: nft's own words)
+                located = ""
             raise RedirectError(f"nftables transaction failed: {one_line(located or error) or f'error {rc}'}")
         return output
 
@@ -279,8 +282,8 @@ class NftablesRedirector(Redirector):
         # the kernel lists afterwards is the same in every netns only where none of our
         # tables was there before (~0.2 ms to ask, where listing the ruleset takes ~0.6 ms,
         # as long as the install itself): there the listing of the first such pod serves.
-        fresh = not our_tables(lib.run("list tables inet"))
         try:
+            fresh = not our_tables(lib.run("list tables inet"))
             lib.run(rules)
         except RedirectError as exc:  # (one transaction: the kernel took none of it)
             raise NothingChanged(f"{exc}; nothing was changed") from exc

@@ -139,7 +139,9 @@ def _run(argv: list[str], stdin: str = "") -> str:
     except FileNotFoundError as exc:
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
     if done.returncode != 0:
-        detail = "; ".join(line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip())
+        detail = ""
+        for line in filter(None, map(str.strip, (done.stderr or done.stdout).splitlines())):
+            detail += (" " if detail.endswith(":") else "; " if detail else "") + line
         raise RedirectError(f"{' '.join(argv)} failed (exit {done.returncode}): {detail}")
     return done.stdout
 

@@ -69,12 +69,12 @@ def test_a_failing_tool_is_said_in_one_line() -> None:
             [
                 "sh",
                 "-c",
-                "echo 'ip6tables-restore v1.8.9 (nf_tables): ' >&2; echo 'line 2: failed' >&2; exit 1",
+                "echo 'ip6tables-restore v1.8.9 (nf_tables): ' >&2; echo 'line 2: failed' >&2; echo 'line 4: failed' >&2; exit 1",
             ]
         )
     said = str(failed.value)
     assert "\n" not in said and said.endswith(
-        "failed (exit 1): ip6tables-restore v1.8.9 (nf_tables):; line 2: failed"
+        "failed (exit 1): ip6tables-restore v1.8.9 (nf_tables): line 2: failed; line 4: failed"
     )
 
 

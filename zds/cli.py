@@ -7,6 +7,7 @@ and outside tests call them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -89,8 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not getattr(args, "starts_itself", False):
                 runtime.started()
             code: int = args.func(args)
-        finally:
-            sys.stdout.flush()  # here, so a reader that went away is found here (also after --help)
+        except SystemExit:  # (--help, --version: their output flushed here, as a command's)
+            sys.stdout.flush()
+            raise
+        except BaseException:  # (what ended the command is what is said, not a flush after it)
+            with contextlib.suppress(OSError):
+                sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, so a reader that went away is found here
     except KeyboardInterrupt as exc:
         return runtime.interrupt_exit_code(exc)
     except BrokenPipeError:
@@ -105,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runtime.output_failed():
             raise
         runtime.discard_stdout()
-        print(f"zds: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # (stderr as full as stdout: the exit code says it)
+            print(f"zds: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
         runtime.started()  # (a command that ended early, before it said so)

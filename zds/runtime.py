@@ -7,7 +7,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TextIO, TypeVar, cast
 
 T = TypeVar("T")
@@ -200,6 +200,10 @@ class _WatchedOutput:
             self.failed = True
             raise
 
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         try:
             self._stream.flush()
@@ -207,6 +211,8 @@ class _WatchedOutput:
             self.failed = True
             raise
 
+    # (what else a caller asks of stdout is the stream's own; ``buffer`` writes are not watched,
+    # nor is it a TextIOBase: nothing in zds asks either)
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
