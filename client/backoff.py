@@ -1,8 +1,9 @@
 """Reconnect backoff: exponential, capped, with jitter; no clock inside.
 
-ztunnel waits between failed connects to the node agent starting around
-10 ms and doubling up to 15 s (``workloadmanager.rs``); jitter keeps many
-ztunnels (or restarts) from reconnecting in lockstep.
+Between failed connects to the node agent zds waits from 10 ms (DESIGN.md), doubling up
+to 15 s; ztunnel doubles before its first sleep, 20, 40 ms ... 15 s, without jitter
+(``workloadmanager.rs``; README, Where zds differs). Jitter keeps many ztunnel sides (or
+restarts) from reconnecting in lockstep.
 """
 
 from __future__ import annotations
