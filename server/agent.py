@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from zds import defaults
 from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
+from zds.seqpacket import peer_hung_up
 from zds.server.connection import ZtunnelConnection
 from zds.server.connrecords import ConnectionInfo, SnapshotItem
 from zds.server.enrollment import Enrollment
@@ -42,6 +43,9 @@ from zds.server.store import PodStore
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 from zds.transport import accept
+
+#: Why a connection whose peer closed right after its hello is not served.
+GONE_AFTER_HELLO = "the peer closed it after its hello"
 
 log = logging.getLogger("zds.server")
 
@@ -268,8 +272,15 @@ class NodeAgent:
                 task.cancel()
 
     async def _on_hello(self, conn: ZtunnelConnection) -> str:
-        """A connection said hello: '' if it is served now, else why it is refused."""
+        """A connection said hello: '' if it is served now, else why it is refused. One whose
+        peer is gone takes no slot of the rate limit and is not announced (a flood of hellos
+        that closed at once held a real ztunnel back a fifth of a second each, and each was
+        "connected", then a broken pipe)."""
+        if peer_hung_up(conn.sock.socket):
+            return GONE_AFTER_HELLO
         await asyncio.sleep(self._limiter.reserve(asyncio.get_running_loop().time()))
+        if peer_hung_up(conn.sock.socket):
+            return GONE_AFTER_HELLO
         if self.registry.full():
             log.warning(
                 "refusing ztunnel connection from %s: already %d connected (--max-connections)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -477,6 +478,52 @@ async def test_at_most_five_connections_are_accepted_per_second(
     # Kept: none served before its slot (a timer fires no earlier than its time, less the
     # clock's resolution), in the order they said hello.
     assert all(at >= slot - 1e-6 for slot, at in zip(slots, served, strict=True)), (slots, served)
+
+
+async def test_connections_that_said_hello_and_went_take_no_slot_of_the_rate_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 connections that say hello and close at once: each took a slot of the 5-a-second
+    limit (a real ztunnel behind them waited 4 s; Istio's limiter, before its accept, makes it
+    wait as long) and was announced connected, then failed with a broken pipe."""
+    from zds.aio import cancel_and_wait
+    from zds.protocol.nodeagent import AcceptLimiter
+    from zds.server.agent import GONE_AFTER_HELLO, AgentConfig, NodeAgent
+    from zds.transport import bind_unix_listener
+
+    caplog.set_level(logging.INFO, logger="zds.server")
+    agent = NodeAgent(AgentConfig(max_connections=2))
+    waits: list[float] = []
+    reserve = AcceptLimiter.reserve
+
+    def reserving(limiter: AcceptLimiter, now: float) -> float:
+        waits.append(reserve(limiter, now))
+        return waits[-1]
+
+    monkeypatch.setattr(AcceptLimiter, "reserve", reserving)
+    path = str(tmp_path / "ztunnel.sock")
+    listener = bind_unix_listener(path, mode=0o600)
+    for _ in range(20):  # (in the backlog, gone, before the node agent accepts them)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
+            gone.connect(path)
+            gone.send(bytes.fromhex("0801"))
+    accepting = asyncio.create_task(agent.serve_zds(listener))
+    peer = AckingPeer(path)
+    try:
+        await async_wait_until(
+            lambda: len(agent.connections) == 1 and all(c.snapshot_complete for c in agent.connections),
+            "the real one served",
+        )
+    finally:
+        peer.close()
+        await cancel_and_wait(accepting)
+        listener.close()
+        agent.close()
+        await agent.telemetry.shutdown()
+    assert waits == [0.0], "only the real one took a slot"
+    said = [r.getMessage() for r in caplog.records]
+    assert sum(GONE_AFTER_HELLO in line and "closed before it was served" in line for line in said) == 20
+    assert sum("ztunnel connected" in line for line in said) == 1
 
 
 # -- the socket file ------------------------------------------------------------------
