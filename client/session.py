@@ -154,7 +154,11 @@ class RecordWork:
             if isinstance(exc, FdBudgetExhausted):  # (it counted them: no second count)
                 short = exc.free < floor
             else:
-                short = out_of_fds(exc) and runtime.fd_shortage(floor) is not None
+                # Whatever the failure: a pod pending for a taken port or an fd that is no
+                # netns holds its fd all the same (a first snapshot of such pods used them
+                # all, and the event loop's code could not be imported: a traceback).
+                highest = None if out_of_fds(exc) else workload.netns_fd
+                short = runtime.fd_shortage(floor, highest=highest) is not None
             if short:
                 # Each pending pod holds its netns fd for the retry: past half the reserve,
                 # they would take the room a netns fd needs to be received at all.

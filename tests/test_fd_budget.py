@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.standins import FakeNodeAgent
 from zds import defaults
 from zds.netns.fixtures import create_netns, delete_netns
 
@@ -261,4 +262,37 @@ def test_pending_pods_past_half_the_reserve_let_their_netns_go_and_the_connectio
     finally:
         ztunnel.stop()
         server.stop()
+    assert "Traceback" not in ztunnel.output()
+
+
+def test_pods_pending_for_another_reason_let_their_fd_go_too_in_the_first_snapshot(tmp_path: Path) -> None:
+    """Pods pending for something else than fds (here an fd that is no netns; a taken port
+    alike) held their fd each: a first snapshot of hundreds used them all, and the ztunnel
+    side died importing its event loop's code (EMFILE, a traceback). Past half the reserve
+    they let it go, as pods short of fds do."""
+    from zds.protocol.messages import AddWorkload, WorkloadInfo
+
+    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
+    ztunnel = ZtunnelProc(agent.path, str(tmp_path / "ztunnel.log"), "--no-listeners", fd_limit=LIMIT)
+    try:
+        conn = agent.connect_and_hello()
+        said = []
+        for i in range(LIMIT + 40):
+            read_end, write_end = os.pipe()
+            try:
+                info = WorkloadInfo(name=f"pod-{i}", namespace="default", service_account="default")
+                said.append(conn.request(AddWorkload(uid=f"u{i}", info=info), [read_end]).error)
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+        assert all("not a network namespace" in error for error in said), said[0]
+        assert any("its netns fd is let go" in error for error in said)
+        assert conn.snapshot().ok
+        wait_until(lambda: "snapshot reconciled" in ztunnel.output(), "the first snapshot reconciled")
+        wait_until(lambda: ztunnel.config_dump()["workloadState"], "served after it (its event loop up)")
+        assert ztunnel.proc.poll() is None
+        assert LIMIT - fd_count(ztunnel.pid) >= defaults.FD_RESERVE // 4
+    finally:
+        ztunnel.stop()
+        agent.close()
     assert "Traceback" not in ztunnel.output()
