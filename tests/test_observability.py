@@ -197,6 +197,18 @@ def test_text_logs_with_the_global_flags(tmp_path: object) -> None:
     assert not text.lstrip().startswith("{")
 
 
+def test_a_field_a_peer_sent_with_control_characters_stays_on_its_line() -> None:
+    """The ztunnel side logs the uids a node agent sends: ``u\n\x1b[31mX`` forged a second
+    line and sent an escape sequence to the terminal."""
+    from zds.logs import TextFormatter
+
+    record = logging.LogRecord("zds.ztunnel", logging.INFO, __file__, 1, "proxy started", None, None)
+    record.uid = "u\n\x1b[31mX"
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\x1b" not in line
+    assert line.endswith(' uid="u\\n\\u001b[31mX"')
+
+
 def test_a_closed_stderr_never_fails_the_code_that_logs(tmp_path: Path) -> None:
     # A log line in the middle of the node agent's work (an ack's, a nack's) must not raise.
     closed = open(tmp_path / "stderr", "w")  # noqa: SIM115 (closed on purpose, at once)

@@ -134,7 +134,10 @@ class TextFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value not in (None, ""):
                 text = str(value)
-                parts.append(f"{key}={json.dumps(text) if ' ' in text or not text else text}")
+                # quoted (json escapes) when it has a space, or a control character a peer
+                # sent (a uid with a newline forged a line; an escape sequence a terminal's)
+                quoted = " " in text or not text or not text.isprintable()
+                parts.append(f"{key}={json.dumps(text) if quoted else text}")
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
