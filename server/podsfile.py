@@ -80,6 +80,11 @@ def load_pods_file(path: str) -> list[PodSpec]:
         raise PodSpecError(f"cannot read pods file {path}: {exc.strerror}") from exc
     if len(data) > MAX_BYTES:
         raise PodSpecError(f"{path}: over {MAX_BYTES // 1024 // 1024} MiB; not a pods file")
+    return parse_pods_bytes(data, path)
+
+
+def parse_pods_bytes(data: bytes, path: str) -> list[PodSpec]:
+    """The pods in a pods file's bytes (UTF-8), as ``parse_pods``."""
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:
