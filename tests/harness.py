@@ -32,13 +32,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
 from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns.apps import free_port as free_port  # (the tests' name for it)
+
+if TYPE_CHECKING:
+    from zds.server.agent import NodeAgent
 
 T = TypeVar("T")
 
@@ -105,6 +108,21 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def stop_served_agent(
+    agent: NodeAgent, serving: asyncio.Task[None], listener: socket.socket, peers: Sequence[Any] = ()
+) -> None:
+    """Stop a node agent a test serves on its own loop: its peers closed first, then its accept
+    loop, its listener, its connections and its telemetry."""
+    from zds.aio import cancel_and_wait
+
+    for peer in peers:
+        peer.close()
+    await cancel_and_wait(serving)
+    listener.close()
+    agent.close()
+    await agent.telemetry.shutdown()
 
 
 async def async_wait_until(predicate: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:  # noqa: ASYNC109 (wait_until's signature)

@@ -30,6 +30,7 @@ from tests.harness import (
     pod_netns_pid,
     pods_file,
     post_unix,
+    stop_served_agent,
     wait_until,
 )
 from tests.standins import AckingPeer, Peers, RawPeer, request_of
@@ -429,7 +430,6 @@ async def test_at_most_five_connections_are_accepted_per_second(
     in its slot, the slots 1/5 s apart. In-process (the one test here that is), to see the
     limiter's decisions and when, on the event loop's clock, each connection was served."""
     from zds import defaults
-    from zds.aio import cancel_and_wait
     from zds.protocol.nodeagent import AcceptLimiter
     from zds.server.agent import AgentConfig, NodeAgent
     from zds.transport import bind_unix_listener
@@ -463,12 +463,7 @@ async def test_at_most_five_connections_are_accepted_per_second(
             "the 11 connections served",
         )
     finally:
-        for peer in peers:
-            peer.close()
-        await cancel_and_wait(accepting)
-        listener.close()
-        agent.close()
-        await agent.telemetry.shutdown()
+        await stop_served_agent(agent, accepting, listener, peers)
     assert len(slots) == len(served) == 11
     # The limiter's decisions: burst 1, then a slot every 1/5 s.
     assert all(
@@ -486,7 +481,6 @@ async def test_connections_that_said_hello_and_went_take_no_slot_of_the_rate_lim
     """20 connections that say hello and close at once: each took a slot of the 5-a-second
     limit (a real ztunnel behind them waited 4 s; Istio's limiter, before its accept, makes it
     wait as long) and was announced connected, then failed with a broken pipe."""
-    from zds.aio import cancel_and_wait
     from zds.protocol.nodeagent import AcceptLimiter
     from zds.server.agent import GONE_AFTER_HELLO, AgentConfig, NodeAgent
     from zds.transport import bind_unix_listener
@@ -515,11 +509,7 @@ async def test_connections_that_said_hello_and_went_take_no_slot_of_the_rate_lim
             "the real one served",
         )
     finally:
-        peer.close()
-        await cancel_and_wait(accepting)
-        listener.close()
-        agent.close()
-        await agent.telemetry.shutdown()
+        await stop_served_agent(agent, accepting, listener, [peer])
     assert waits == [0.0], "only the real one took a slot"
     said = [r.getMessage() for r in caplog.records]
     assert sum(GONE_AFTER_HELLO in line and "closed before it was served" in line for line in said) == 20

@@ -23,9 +23,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tests.harness import NodeAgentProc, async_wait_until, free_port, pod_netns, wait_until
+from tests.harness import NodeAgentProc, async_wait_until, free_port, pod_netns, stop_served_agent, wait_until
 from tests.standins import AckingPeer, RawPeer
-from zds.aio import cancel_and_wait
 from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans
@@ -77,12 +76,7 @@ async def env(tmp_path: object) -> AsyncIterator[InProcess]:
     try:
         yield env
     finally:
-        for peer in env.peers:
-            peer.close()
-        await cancel_and_wait(task)
-        listener.close()
-        agent.close()
-        await agent.telemetry.shutdown()
+        await stop_served_agent(agent, task, listener, env.peers)
 
 
 def spec(uid: str, netns: str | None = None) -> PodSpec:
@@ -235,11 +229,7 @@ async def test_an_ack_timeout_fails_the_wait(tmp_path: object) -> None:
         assert wait.name == spans.WAIT_ACK and wait.status.status_code is StatusCode.ERROR
         assert "no ack" in str(wait.status.description)
     finally:
-        peer.close()
-        await cancel_and_wait(task)
-        listener.close()
-        agent.close()
-        await agent.telemetry.shutdown()
+        await stop_served_agent(agent, task, listener, [peer])
 
 
 async def test_installing_and_removing_rules_are_spans(tmp_path: object) -> None:
@@ -265,12 +255,7 @@ async def test_installing_and_removing_rules_are_spans(tmp_path: object) -> None
         names = [s.name for s in children(env.spans(), removal)]
         assert names[:2] == [spans.REMOVE_RULES, spans.SEND], names
     finally:
-        for peer in env.peers:
-            peer.close()
-        await cancel_and_wait(task)
-        listener.close()
-        agent.close()
-        await agent.telemetry.shutdown()
+        await stop_served_agent(agent, task, listener, env.peers)
         delete_netns(name, missing_ok=True)
 
 
