@@ -21,6 +21,19 @@ from dataclasses import dataclass, field
 DEADLINE = 120.0
 
 
+def peers_dir() -> str:
+    """Where the upstream reference peers are built: ``$ZDS_PEERS`` (or ``$ZDS_PEERS_DIR``),
+    else ``../peers`` beside the repository, else /work/peers; ``../peers`` when neither is
+    there (the bench then skips their pairs; the tests, ``harness.peers_dir``, their checks)."""
+    given = os.environ.get("ZDS_PEERS") or os.environ.get("ZDS_PEERS_DIR")
+    if given:
+        return given
+    beside = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "peers"
+    )
+    return next((path for path in (beside, "/work/peers") if os.path.isdir(path)), beside)
+
+
 class BenchError(Exception):
     """A bench step failed; the message says what and where its output is."""
 

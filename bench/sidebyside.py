@@ -38,21 +38,12 @@ import firstrequest
 import podns
 import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
-from procs import BenchError, loadavg, run_main, stop_process, wait_idle
+from procs import BenchError, loadavg, peers_dir, run_main, stop_process, wait_idle
 
 from zds.cliflags import positive_int
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: $ZDS_PEERS (or $ZDS_PEERS_DIR), else ../peers beside the repository, else /work/peers (as the
-#: tests look for them).
-DEFAULT_PEERS = (
-    os.environ.get("ZDS_PEERS")
-    or os.environ.get("ZDS_PEERS_DIR")
-    or next(
-        (p for p in (os.path.join(os.path.dirname(REPO), "peers"), "/work/peers") if os.path.isdir(p)),
-        os.path.join(os.path.dirname(REPO), "peers"),
-    )
-)
+DEFAULT_PEERS = peers_dir()
 #: Environment variables of the caller's session that would change what is measured
 #: (no bytecode cache: every import compiled again; unbuffered output).
 UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE")

@@ -661,12 +661,12 @@ def faults_file(path: pathlib.Path, *entries: dict[str, Any]) -> str:
 
 
 def peers_dir() -> pathlib.Path | None:
-    """Where the upstream reference peers are built, if they are: ``$ZDS_PEERS`` (or
-    ``$ZDS_PEERS_DIR``), else ``../peers`` beside the repository, else /work/peers (as the
-    bench looks for them)."""
-    given = os.environ.get("ZDS_PEERS") or os.environ.get("ZDS_PEERS_DIR")
-    places = [pathlib.Path(given)] if given else [ROOT.parent / "peers", pathlib.Path("/work/peers")]
-    return next((path for path in places if path.is_dir()), None)
+    """Where the upstream reference peers are built, if they are: where the bench looks for
+    them (``bench/procs.py``'s ``peers_dir``)."""
+    from bench.procs import peers_dir as where
+
+    path = pathlib.Path(where())
+    return path if path.is_dir() else None
 
 
 def check_half_requests_bounded(pid: int, address: str, request: bytes, output: Callable[[], str]) -> None:
