@@ -21,7 +21,7 @@ from zds.gen import nodeagent_pb2
 with atheris.instrument_imports():
     from zds.server.bulkwire import MAGIC, Deframer, Opening
     from zds.server.controlwire import pod_spec
-    from zds.server.pods import PodSpecError
+    from zds.server.pods import PodSpec, PodSpecError
 
 
 def read(stream: bytes, cuts: list[int]) -> tuple[list[bytes], bool]:
@@ -65,7 +65,7 @@ def one_input(data: bytes) -> None:
             continue
         for pod in request.pods:
             spec = pod_spec(pod)
-            if isinstance(spec, tuple):
+            if not isinstance(spec, PodSpec):
                 code, reason = spec
                 if code is not grpc.StatusCode.INVALID_ARGUMENT:
                     raise AssertionError(f"pod_spec answered {code} for {pod!r}")

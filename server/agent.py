@@ -34,9 +34,9 @@ from zds.server.netnspolicy import NetnsPolicy
 from zds.server.observer import AgentObserver
 from zds.server.outcomes import DeleteResult, Enrolled
 from zds.server.peers import AllowList, PeerGuard
-from zds.server.podcache import PodCache
+from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules
-from zds.server.pods import Pod, PodSpec
+from zds.server.pods import PodSpec
 from zds.server.redirect import Redirector
 from zds.server.registry import ConnectionRegistry
 from zds.server.store import PodStore

@@ -29,7 +29,8 @@ from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
 from zds.server.locks import KeyedLocks
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
-from zds.server.pods import Pod, PodSource, PodSpec
+from zds.server.podcache import Pod
+from zds.server.pods import PodSource, PodSpec
 from zds.server.selection import Selection
 
 log = logging.getLogger("zds.server.containers")

@@ -19,7 +19,8 @@ from zds.server.events import AgentEvent, FaultView
 from zds.server.faultkinds import FaultError, FaultKind, Refusal
 from zds.server.faults import FaultSpec
 from zds.server.outcomes import Enrolled
-from zds.server.pods import Pod, PodSpec, PodSpecError, PodState, check_ips
+from zds.server.podcache import Pod
+from zds.server.pods import PodSpec, PodSpecError, PodState, check_ips
 
 _STATE = {
     PodState.PENDING: nodeagent_pb2.POD_STATE_PENDING,

@@ -43,9 +43,9 @@ from zds.server.outcomes import (
     EnrollmentOutcome,
     RemovalNotRecorded,
 )
-from zds.server.podcache import PodCache
+from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules, RulesError
-from zds.server.pods import Pod, PodNameError, PodSpec, PodSpecError
+from zds.server.pods import PodNameError, PodSpec, PodSpecError
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
 from zds.server.tasks import TaskOwner

@@ -26,7 +26,7 @@ from zds.server.eventkinds import EventKind
 if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
     from zds.server.connrecords import ConnectionInfo
     from zds.server.faults import Fault
-    from zds.server.pods import Pod
+    from zds.server.podcache import Pod
 
 log = logging.getLogger("zds.server.watch")
 

@@ -45,8 +45,7 @@ if TYPE_CHECKING:
     from zds.server.events import EventBus
     from zds.server.faultplay import ConnectionFaults
     from zds.server.link import ZtunnelLink
-    from zds.server.podcache import PodCache
-    from zds.server.pods import Pod
+    from zds.server.podcache import Pod, PodCache
     from zds.server.registry import ConnectionRegistry
     from zds.server.telemetry import Telemetry
 

@@ -19,9 +19,8 @@ from zds import defaults
 from zds.netns import NetnsHandle, NetnsIdentity, OutOfFds, netns_identity_of_path
 from zds.netns.search import find_by_identity
 from zds.server.netnspolicy import NetnsPolicy, named_dirs
-from zds.server.podcache import PodCache
+from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules, remove_earlier_rules
-from zds.server.pods import Pod
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError
 from zds.server.tasks import TaskOwner

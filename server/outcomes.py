@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from zds.errors import ZdsError
-from zds.server.pods import Pod
+from zds.server.podcache import Pod
 
 
 class EnrollmentOutcome(enum.Enum):

@@ -9,10 +9,56 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from zds.netns import NetnsIdentity
-from zds.server.pods import Pod, PodSpec
+from zds.server.pods import PodSpec, PodState
+
+if TYPE_CHECKING:
+    from zds.netns import NetnsHandle
+
+
+@dataclass(frozen=True)
+class Unopened:
+    """The netns a pod was enrolled in, as stored, for a pod recovered without opening it (at
+    a place this run does not allow, or no fd to look for it): it may live on, with the
+    pod's rules in it."""
+
+    identity: NetnsIdentity
+    cookie: int | None
+
+
+@dataclass
+class Pod:
+    """A cache entry: the spec, the open netns (None when it could not be opened) and delivery state."""
+
+    spec: PodSpec
+    netns: NetnsHandle | None
+    state: PodState = PodState.PENDING
+    last_error: str = ""
+    enrolled_at: float = field(default_factory=time.time)
+    rules_installed: bool = False
+    #: The rule set that installed them (the redirect backend's name), while ``rules_installed``.
+    rules_backend: str = ""
+    #: What the installed rules looked like (the redirect backend's digest), for the store.
+    rules_digest: str = ""
+    #: How this pod came back after a node-agent restart ('' for a pod enrolled by this run).
+    recovery: str = ""
+    #: Recovered without opening its netns, which may live on: which netns that is (its row,
+    #: rewritten, or its rules recorded as left when it is replaced, still say so).
+    unopened: Unopened | None = None
+
+    @property
+    def uid(self) -> str:
+        return self.spec.uid
+
+    def close(self) -> None:
+        """Close the netns fd now (not whenever a garbage collector gets to it)."""
+        if self.netns is not None:
+            self.netns.close()
 
 
 class PodCache:

@@ -18,7 +18,7 @@ from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.locks import KeyedLocks
-from zds.server.pods import Pod
+from zds.server.podcache import Pod
 from zds.server.redirect import (
     NothingChanged,
     RedirectConfig,

@@ -1,15 +1,17 @@
 """What the node agent knows about a pod: who it is (``PodSpec``, from the API,
-a pods file or the CNI plugin) and its cache entry (``Pod``: the open netns fd
-and how delivering it went)."""
+a pods file or the CNI plugin), where it came from and what became of it. (Its cache
+entry, ``Pod``, is the pod cache's: ``podcache``.)
+
+No dataclass here: ``zds pod add`` reads its pods through this module, and ``dataclasses``
+alone is ~5 ms of its start-up (it imports ``inspect``).
+"""
 
 from __future__ import annotations
 
 import enum
 import functools
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from zds import defaults
 from zds.errors import ZdsError
@@ -18,7 +20,6 @@ from zds.server import names
 
 if TYPE_CHECKING:
     # (Loaded where used: ``zds pod add`` makes PodSpecs and never encodes one, ~3 ms.)
-    from zds.netns import NetnsHandle, NetnsIdentity
     from zds.protocol.messages import AddWorkload, WorkloadInfo
 
 
@@ -92,14 +93,7 @@ def check_ips(ips: Sequence[object]) -> tuple[str, ...]:
     return tuple(checked)
 
 
-@dataclass(frozen=True)
-class PodSpec:
-    """A pod to enroll: who it is and where its netns is.
-
-    Build it with ``PodSpec.create``, the one place the defaults are applied,
-    whatever the pod came from (CLI, gRPC, pods file, CNI plugin).
-    """
-
+class _PodSpecFields(NamedTuple):
     uid: str
     name: str
     namespace: str
@@ -109,6 +103,15 @@ class PodSpec:
     ips: tuple[str, ...] = ()
     #: Where it came from (not part of what ztunnel is told).
     source: PodSource = PodSource.API
+
+
+class PodSpec(_PodSpecFields):
+    """A pod to enroll: who it is and where its netns is (immutable; a subclass of its
+    fields' NamedTuple, so that ``add_workload_bytes`` has an instance dict to be kept in).
+
+    Build it with ``PodSpec.create``, the one place the defaults are applied,
+    whatever the pod came from (CLI, gRPC, pods file, CNI plugin).
+    """
 
     @classmethod
     def create(
@@ -184,43 +187,3 @@ class PodSpec:
             raise PodSpecError(
                 f"pod {self.uid}: its netns path is {len(path.encode())} bytes, over {defaults.MAX_NETNS_PATH}"
             )
-
-
-@dataclass(frozen=True)
-class Unopened:
-    """The netns a pod was enrolled in, as stored, for a pod recovered without opening it (at
-    a place this run does not allow, or no fd to look for it): it may live on, with the
-    pod's rules in it."""
-
-    identity: NetnsIdentity
-    cookie: int | None
-
-
-@dataclass
-class Pod:
-    """A cache entry: the spec, the open netns (None when it could not be opened) and delivery state."""
-
-    spec: PodSpec
-    netns: NetnsHandle | None
-    state: PodState = PodState.PENDING
-    last_error: str = ""
-    enrolled_at: float = field(default_factory=time.time)
-    rules_installed: bool = False
-    #: The rule set that installed them (the redirect backend's name), while ``rules_installed``.
-    rules_backend: str = ""
-    #: What the installed rules looked like (the redirect backend's digest), for the store.
-    rules_digest: str = ""
-    #: How this pod came back after a node-agent restart ('' for a pod enrolled by this run).
-    recovery: str = ""
-    #: Recovered without opening its netns, which may live on: which netns that is (its row,
-    #: rewritten, or its rules recorded as left when it is replaced, still say so).
-    unopened: Unopened | None = None
-
-    @property
-    def uid(self) -> str:
-        return self.spec.uid
-
-    def close(self) -> None:
-        """Close the netns fd now (not whenever a garbage collector gets to it)."""
-        if self.netns is not None:
-            self.netns.close()

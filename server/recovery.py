@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
+from zds.server.podcache import Pod, Unopened
 from zds.server.podrules import RulesError, remove_earlier_rules
-from zds.server.pods import Pod, Unopened
 from zds.server.refind import Found, reopen, search, why_refused
 from zds.server.store import PodStore, StoredPod
 from zds.server.storefile import StoreError

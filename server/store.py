@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError, netns_cookie
-from zds.server.pods import Pod, PodSource, PodSpec
+from zds.server.podcache import Pod
+from zds.server.pods import PodSource, PodSpec
 from zds.server.storefile import COLUMN_NAMES, COLUMNS, DB_NAME, StoreError, explain, open_db
 
 log = logging.getLogger("zds.server.store")

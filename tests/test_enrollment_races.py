@@ -29,7 +29,7 @@ from zds import defaults
 from zds.aio import cancel_and_wait
 from zds.netns import NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
-from zds.server import pods, recovery
+from zds.server import podcache, recovery
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.nftables import NftablesRedirector
@@ -909,7 +909,7 @@ async def recovered_under_no_redirect(pod: Pod, tmp_path: Path) -> AsyncIterator
         spec = PodSpec.create("u1", NetnsRef.of_path(pod.path), name="u1", namespace="default")
         store.put(spec, netns.identity, rules="nftables")
         node_agent.enrollment.restore(
-            pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
+            podcache.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
         )
         yield node_agent, store
     finally:
@@ -950,7 +950,7 @@ async def test_the_other_rule_sets_leftovers_wait_while_a_pod_of_this_run_lives_
     netns = await _nftables_rules_in(a)
     await agent.agent.add_pod(agent.spec("u2", a))
     spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
-    left = pods.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
+    left = podcache.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
     assert agent.agent.enrollment.leftovers.take_if_left(left, removal=True)
     await async_wait_until(
         lambda: "rules a failed removal left wait: a pod lives" in caplog.text,
@@ -971,7 +971,7 @@ async def test_a_retry_stopped_before_it_ever_ran_lets_its_netns_go(
 ) -> None:
     a = make_pod()
     spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
-    left = pods.Pod(spec=spec, netns=open_netns(a.path), rules_installed=True, rules_backend="iptables")
+    left = podcache.Pod(spec=spec, netns=open_netns(a.path), rules_installed=True, rules_backend="iptables")
     leftovers = agent.agent.enrollment.leftovers
     leftovers.retry(left, removal=True)
     (task,) = undo_tasks()
@@ -1038,7 +1038,7 @@ async def test_a_pod_without_rules_in_a_netns_does_not_keep_the_rules_of_one_rem
     there: a pod enrolled beside it and removed left its rules in, recorded nowhere."""
     a = make_pod()
     spec = PodSpec.create("u1", NetnsRef.of_path(a.path), name="u1", namespace="default")
-    agent.agent.enrollment.restore(pods.Pod(spec=spec, netns=open_netns(a.path)))  # (rules failed)
+    agent.agent.enrollment.restore(podcache.Pod(spec=spec, netns=open_netns(a.path)))  # (rules failed)
     await agent.agent.add_pod(agent.spec("u2", a))
     await agent.agent.remove_pod("u2")
     assert not has_rules(a), "u2's rules stayed for a pod that has none"
@@ -1070,7 +1070,7 @@ async def test_the_removal_of_a_pod_recovered_without_opening_its_netns_keeps_th
     agent.store.put(spec, NetnsIdentity(*identity(a)), rules="iptables")
     # (as recovery caches it when it could not open its netns)
     agent.agent.enrollment.restore(
-        pods.Pod(spec=spec, netns=None, rules_installed=True, rules_backend="iptables")
+        podcache.Pod(spec=spec, netns=None, rules_installed=True, rules_backend="iptables")
     )
     await agent.agent.remove_pod("u1")
     assert [(p.spec.uid, p.removing) for p in agent.store.load()] == [("u1", True)]

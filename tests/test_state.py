@@ -538,7 +538,7 @@ def _crashed_mid_install(state_dir: str, moved: str, written: list[tuple[str, st
         rows = [row] + [
             dataclasses.replace(
                 row,
-                spec=dataclasses.replace(row.spec, uid=uid, netns=NetnsRef.of_path(path)),
+                spec=row.spec._replace(uid=uid, netns=NetnsRef.of_path(path)),
                 identity=NetnsIdentity(*_stat_identity(path)),
                 cookie=None,
             )

@@ -392,7 +392,7 @@ async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_sta
 
 async def test_a_group_commit_that_fails_unexpectedly_leaves_no_caller_waiting(state: pathlib.Path) -> None:
     store = open_store(state)
-    unwritable = dataclasses.replace(stored("u2"), spec=dataclasses.replace(spec("u2"), ips=(object(),)))  # type: ignore[arg-type]
+    unwritable = dataclasses.replace(stored("u2"), spec=spec("u2")._replace(ips=(object(),)))  # type: ignore[arg-type]
     try:
         outcomes = await asyncio.wait_for(
             asyncio.gather(store.put_soon(stored("u1")), store.put_soon(unwritable), return_exceptions=True),
@@ -466,7 +466,7 @@ def test_a_schema_1_store_is_migrated_and_its_pods_came_from_the_api(state: path
         [row] = store.load()
         assert row.spec.source is PodSource.API
         assert store.load_installs() == [] == store.load_leftovers()  # their tables are there (schemas 4, 5)
-        store.put(dataclasses.replace(spec("u2", "/run/netns/b"), source=PodSource.CNI), None)
+        store.put(spec("u2", "/run/netns/b")._replace(source=PodSource.CNI), None)
         assert {r.spec.uid: r.spec.source for r in store.load()} == {"u1": PodSource.API, "u2": PodSource.CNI}
     finally:
         store.close()
