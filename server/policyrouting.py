@@ -173,12 +173,19 @@ class _Rtnl:
             raise PolicyRoutingError(f"policy routing in pod netns: cannot {what}: {os.strerror(code)}")
 
 
-def policy_routing_present() -> bool:
-    """Whether our IPv4 fwmark rule and table 100's local route are there (call inside the
-    netns): without the route, replies to the inbound relay's connections go astray."""
+def policy_routing_present(*, ipv6: bool | None = None) -> bool:
+    """Whether our fwmark rule and table 100's local route are there, for IPv4 and, where the
+    pod has it (``ipv6``; None: asked here), IPv6 as ``policy_routing`` adds them (call inside
+    the netns): without the route, replies to the inbound relay's connections go astray."""
+    ipv6 = has_ipv6() if ipv6 is None else ipv6
     with IPRoute() as ipr:
-        rules = ipr.get_rules(family=socket.AF_INET, table=defaults.INPOD_ROUTE_TABLE)
-        if not any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules):
-            return False
-        routes = ipr.get_routes(family=socket.AF_INET, table=defaults.INPOD_ROUTE_TABLE)
-        return any(r["type"] == RTN_LOCAL and r["dst_len"] == 0 for r in routes)
+        for family in [socket.AF_INET] + ([socket.AF_INET6] if ipv6 else []):
+            rules = ipr.get_rules(family=family, table=defaults.INPOD_ROUTE_TABLE)
+            if not any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules):
+                return False
+            if family == socket.AF_INET6 and _lo_ipv6_disabled():
+                continue  # (no route was added: the kernel refuses it there)
+            routes = ipr.get_routes(family=family, table=defaults.INPOD_ROUTE_TABLE)
+            if not any(r["type"] == RTN_LOCAL and r["dst_len"] == 0 for r in routes):
+                return False
+    return True

@@ -179,6 +179,24 @@ def test_reinstalling_is_idempotent_and_the_digest_sees_a_change(scratch: list[s
 
 
 @pytest.mark.root
+def test_the_digest_sees_the_ipv6_policy_routing_go(pods: PodNetwork) -> None:
+    """A pod with IPv6 has the fwmark rule and table 100's route for it too: either gone, the
+    rules are not in place (a restart reinstalls them)."""
+    pod = pods.add_pod(f"zdsn-{secrets.token_hex(3)}").netns_path
+    assert install(pod, RedirectConfig()) == [4, 6]
+    stamp = digest(pod)
+    ip(pod, "-6", "route", "flush", "table", "100")
+    assert digest(pod) != stamp
+    install(pod, RedirectConfig())
+    assert "local default dev lo" in ip(pod, "-6", "route", "show", "table", "100")
+    assert digest(pod) == stamp
+    ip(pod, "-6", "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100")
+    assert digest(pod) != stamp
+    install(pod, RedirectConfig())
+    assert digest(pod) == stamp
+
+
+@pytest.mark.root
 def test_the_digest_recorded_at_install_is_what_the_kernel_lists_in_every_pod(
     pods: PodNetwork, scratch: list[str]
 ) -> None:
