@@ -250,6 +250,7 @@ class NodeAgent:
 
     def _admit(self, conn: ZtunnelConnection) -> None:
         if not self.zds_peers.check(conn.peer):
+            self.telemetry.connection_refused("not_allowed")
             conn.close("permission denied")
             return
         log.debug("ztunnel connection accepted from %s", _peer(conn), extra=conn.log_extra)
@@ -263,6 +264,7 @@ class NodeAgent:
                 self.registry.max_waiting,
                 extra=evicted.log_extra,
             )
+            self.telemetry.connection_refused("crowded")
             reason = "dropped: too many connections waiting for their hello"
             evicted.protocol.close(reason)
             task = self._connection_tasks.pop(evicted, None)
@@ -288,6 +290,7 @@ class NodeAgent:
                 len(self.registry),
                 extra=conn.log_extra,
             )
+            self.telemetry.connection_refused("limit")
             return "connection limit reached"
         self.registry.hello(conn)
         self.fault_book.admitted(conn, hello=True)

@@ -25,6 +25,11 @@ instruments below are named to come out as these series:
 ``zds_cni_events_total``                 counter   CNI plugin events answered: add,
 ``{event,response_code}``                          del, check
 ``zds_watchers``                         gauge     open Watch streams
+``zds_ztunnel_connections_refused_total`` counter   ZDS connections refused or dropped:
+``{reason}``                                       not_allowed (peer credentials),
+                                                   limit (--max-connections),
+                                                   crowded (more than 64 waiting for
+                                                   their hello)
 ``zds_faults_total{kind,outcome}``       counter   faults on demand: injected, applied,
                                                    refused
 =======================================  ========  =====================================
@@ -272,6 +277,11 @@ class Telemetry:
             "zds_cni_events",
             description="CNI plugin events (add, del, check) answered, by HTTP response code",
         )
+        self._refused = meter.create_counter(
+            "zds_ztunnel_connections_refused",
+            description="ZDS connections refused or dropped, by reason (not_allowed: peer credentials, "
+            "limit: --max-connections, crowded: too many waiting for their hello)",
+        )
         self._faults = meter.create_counter(
             "zds_faults",
             description="faults on demand (zds fault, --faults) by kind and outcome (injected, applied, refused)",
@@ -341,6 +351,9 @@ class Telemetry:
         if event == "add":
             self._cni_requests.add(1, {"response_code": str(code)})
         self._cni_events.add(1, {"event": event, "response_code": str(code)})
+
+    def connection_refused(self, reason: str) -> None:
+        self._refused.add(1, {"reason": reason})
 
     def fault(self, kind: str, outcome: str) -> None:
         self._faults.add(1, {"kind": kind, "outcome": outcome})

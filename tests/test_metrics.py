@@ -87,6 +87,26 @@ def test_metrics_are_prometheus_text_with_the_documented_names(server: Server) -
     assert "otel_scope_name" not in text  # no per-series scope labels: the names are the API
 
 
+def test_refused_and_dropped_ztunnel_connections_are_counted_by_reason(tmp_path: Path, peers: Peers) -> None:
+    server = Server(str(tmp_path), "--max-connections", "1", "--hello-timeout", "60")
+    try:
+        server.wait_ready()
+        served = peers.raw(server.zds_socket)
+        served.hello()
+        assert served.expect().payload == bytes.fromhex("1a00")  # the (empty) snapshot
+        served.ack()
+        refused = peers.raw(server.zds_socket)
+        refused.hello()
+        refused.expect_closed()
+        server.wait_value(1, "zds_ztunnel_connections_refused_total", reason="limit")
+        for _ in range(64 + 2):  # silent: 64 may wait for their hello, the 2 oldest are dropped
+            peers.raw(server.zds_socket)
+        server.wait_value(2, "zds_ztunnel_connections_refused_total", reason="crowded")
+        assert server.value("zds_ztunnel_connections_refused_total", reason="limit") == 1
+    finally:
+        server.stop()
+
+
 def test_metrics_follow_connections_pods_and_acks(server: Server, peers: Peers) -> None:
     assert isinstance(add(server, "u1"), grpc.RpcError)  # no ztunnel: cached, pending
     server.wait_value(1, "zds_pods_enrolled", state="pending")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,7 +103,7 @@ def reachable(server: NodeAgentProc, mode: int = 0o666) -> None:
 def opened_sockets(public_dir: Path) -> Iterator[NodeAgentProc]:
     """A node agent whose socket files anyone may open (mode 0666 set by the test), so that only
     its SO_PEERCRED check stands between another user and it."""
-    server = NodeAgentProc(str(public_dir)).wait_ready()
+    server = NodeAgentProc(str(public_dir), "--http-listen", "127.0.0.1:0").wait_ready()
     try:
         reachable(server)
         yield server
@@ -126,6 +128,12 @@ def test_a_peer_not_on_the_allow_list_is_refused_on_every_socket_and_logged_once
         server.wait_for_output(f"refused a connection on the {name} socket from pid")
     lines = [line for line in server.output().splitlines() if "refused a connection" in line]
     assert len(lines) == 3 and all(f"uid {NOBODY} gid {NOBODY}" in line for line in lines)
+    # The ZDS socket's refusal is counted as well (the others are no ztunnel connections).
+    http = re.search(r"\(/healthz, /readyz, /metrics\) listening on (\S+)", server.output())
+    assert http is not None
+    with urllib.request.urlopen(f"http://{http[1]}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'zds_ztunnel_connections_refused_total{reason="not_allowed"} 1.0' in metrics.splitlines()
     assert all("permission denied" in line and "/usr/bin/python3" in line for line in lines)
     # The bulk lane (zds pod add --from-file without gRPC) is behind the same door.
     pod = nodeagent_pb2.AddPodRequest(uid="u", netns_path=pod_netns())
