@@ -254,7 +254,17 @@ def main(args: argparse.Namespace) -> int:
             allow=AllowList.default(args.allow_uid, [*args.allow_gid, *([gid] if gid is not None else [])]),
         ),
     )
-    soft, _ = runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
+    soft, hard = runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
+    if soft < defaults.NODE_AGENT_MIN_FDS:  # (before anything is opened or claimed: nothing to undo)
+        logging.getLogger("zds.server").error(
+            "RLIMIT_NOFILE is %d (hard limit %d): the node agent keeps %d fds free and needs at least "
+            "%d to start; raise the limit (ulimit -n, LimitNOFILE)",
+            soft,
+            hard,
+            defaults.NODE_AGENT_FD_RESERVE,
+            defaults.NODE_AGENT_MIN_FDS,
+        )
+        return 1
     if soft < 2 * defaults.NODE_AGENT_FD_RESERVE:
         logging.getLogger("zds.server").warning(
             "RLIMIT_NOFILE is %d: %d fds are kept free, so at most ~%d pods can be enrolled; "

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, wait_until
 from tests.standins import FakeNodeAgent
 from zds import defaults
 from zds.netns.fixtures import create_netns, delete_netns
@@ -164,6 +164,27 @@ def pipes_of(pid: int) -> int:
     return sum(
         os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:") for fd in os.listdir(f"/proc/{pid}/fd")
     )
+
+
+def test_a_node_agent_with_too_few_fds_to_work_refuses_to_start_and_touches_nothing(tmp_path: Path) -> None:
+    # Under its reserve, a start's recovery ran out of fds checking the stored pods' rules:
+    # they were "reinstalled" (and failed, and the rows rewritten), then it could not listen.
+    limit = defaults.NODE_AGENT_MIN_FDS - 1
+    paths = {"--zds-socket": "z/zds.sock", "--control-socket": "c/control.sock", "--state-dir": "state"}
+    argv = [*ZDS, "server", "--cni-socket", "off", "--http-listen", "off", "--no-redirect"]
+    for flag, path in paths.items():
+        argv += [flag, str(tmp_path / path)]
+    done = subprocess.run(
+        ["prlimit", f"--nofile={limit}:{limit}", "--", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.endswith(
+        f"RLIMIT_NOFILE is {limit} (hard limit {limit}): the node agent keeps "
+        f"{defaults.NODE_AGENT_FD_RESERVE} fds free and needs at least {defaults.NODE_AGENT_MIN_FDS} "
+        "to start; raise the limit (ulimit -n, LimitNOFILE)"
+    ), line
+    assert list(tmp_path.iterdir()) == []  # no socket, no state directory
 
 
 def test_a_node_agent_out_of_fds_refuses_a_pod_before_touching_its_netns(

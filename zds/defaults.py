@@ -63,6 +63,10 @@ FD_TABLE_ENTRIES = 8192
 #: from here: iptables' pipes, the dup each queued send holds (BULK_WINDOW of them at once),
 #: client and ztunnel connections. Out of fds, an install could not be taken out again.
 NODE_AGENT_FD_RESERVE = 256
+#: Below this RLIMIT_NOFILE (after raising it to the hard limit) the node agent refuses to
+#: start: with the reserve kept free, hardly a pod could be enrolled, and a start's recovery
+#: of stored pods would run out of fds checking their rules.
+NODE_AGENT_MIN_FDS = NODE_AGENT_FD_RESERVE + 64
 #: Enrollments one AddPods stream (the bulk path) runs at a time.
 BULK_WINDOW = 64
 #: Once that many run, how many must end before more start (they then start together).
