@@ -85,6 +85,8 @@ class NodeAgentServer:
             raise StartupError(str(exc)) from exc
         self.agent = NodeAgent(options.agent, rules, self.telemetry, netns_policy=policy)
         self.store: PodStore | None = None
+        #: The pod store could not be written out as it closed (the exit status says so).
+        self.store_lost = False
         self.cni: CniPluginEndpoint | None = None
         self.containers = ContainerPods(self.agent)
         self.engine: ContainerEngineSource | None = None
@@ -338,7 +340,11 @@ class NodeAgentServer:
         await self.agent.tasks.cancel_all()
         self.agent.close()
         if self.store is not None:
-            self.store.close()
+            try:
+                self.store.close()
+            except StoreError as exc:
+                log.error("%s", exc)
+                self.store_lost = True
         for socket_file in self._sockets:
             socket_file.remove()
         if self._claim is not None and not self._started:
@@ -365,7 +371,8 @@ class NodeAgentServer:
 
 
 async def run_server(options: ServerOptions) -> int:
-    """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 when it cannot start."""
+    """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 when it cannot start (or its pod store
+    could not be written out as it stopped)."""
     try:
         server = NodeAgentServer(options)
     except StartupError as exc:
@@ -373,7 +380,7 @@ async def run_server(options: ServerOptions) -> int:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    refused = False
+    refused, code = False, 1
     for sig in runtime.stop_signals():
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -384,17 +391,17 @@ async def run_server(options: ServerOptions) -> int:
         stopper.cancel()
         if waiter.done() and not stop.is_set():
             log.error("ZDS accept loop ended unexpectedly")
-            return 1
-        waiter.cancel()
-        return 0
+        else:
+            waiter.cancel()
+            code = 0
     except StartupError as exc:
         log.error("%s", exc)
         refused = True
-        return 1
     finally:
         for sig in runtime.stop_signals():
             loop.remove_signal_handler(sig)
         await server.stop(refused=refused)
+    return 1 if server.store_lost else code
 
 
 def _host_port(host: str, port: int) -> str:

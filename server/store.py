@@ -110,7 +110,20 @@ class PodStore:
         return cls(*open_db(state_dir, used_before=used_before))
 
     def close(self) -> None:
-        self._db.close()
+        """Write what was committed into the database file and close it. A commit is on disk
+        once checkpointed (``synchronous=NORMAL``): StoreError if this last checkpoint failed
+        (a disk that fails, a filesystem remounted read-only); the store is closed anyway."""
+        try:
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                raise sqlite3.OperationalError("the database is busy")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot write pod store {self.path} out as it closes ({exc}): the pods committed since "
+                "its last checkpoint may not be on disk; check the disk (dmesg) before starting again"
+            ) from exc
+        finally:
+            self._db.close()
 
     # -- reading ------------------------------------------------------------------------
     def load(self) -> list[StoredPod]:

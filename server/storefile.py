@@ -213,6 +213,10 @@ def explain(path: str, exc: sqlite3.Error) -> str:
             f"pod store {path} is not a readable zds pod store ({exc}); restore it from a backup, or "
             "move it away and start empty with --reset-state"
         )
+    if code == sqlite3.SQLITE_FULL:
+        return f"pod store {path}: {exc}; free space on its filesystem (or use another --state-dir)"
+    if code == sqlite3.SQLITE_IOERR:
+        return f"pod store {path}: {exc}; its disk or filesystem failed (see the kernel's log, dmesg)"
     return f"pod store {path}: {exc}"
 
 

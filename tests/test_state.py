@@ -3,6 +3,7 @@ real rules, real traffic. The pod store, recovery, one instance per socket, live
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -375,6 +376,64 @@ def test_a_removal_the_store_cannot_record_removes_nothing_and_says_so(
     assert "u1" in listed(restarted)
     assert restarted.cli("pod", "remove", "--uid", "u1").returncode == 0  # writable again: it goes
     assert istio_rules(path) == []
+
+
+@pytest.fixture
+def failing_disk(tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """The state directory on a filesystem of its own (ext4 in a file, remounted read-only on
+    an error, as a root filesystem usually is); calling what it yields makes it fail."""
+    image, state = tmp_path / "disk.img", tmp_path / "state"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    state.mkdir()
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(state)], check=True)
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(state)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    def fail() -> None:
+        Path(f"/sys/fs/ext4/{os.path.basename(device)}/trigger_fs_error").write_text("zds test\n")
+
+    try:
+        yield fail
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=True)  # (its loop device goes with it)
+
+
+def test_a_store_whose_disk_failed_is_said_so_at_stop_and_the_exit_status_is_1(
+    failing_disk: Callable[[], None], agents: Agents, namespaces: Namespaces
+) -> None:
+    """Commits are on disk once checkpointed (synchronous=NORMAL), the last time as the node
+    agent stops: a disk that failed since cannot take it, and that is said, not hidden."""
+    server = agents.start()
+    server.cli("pod", "add", "--uid", "u1", "--netns", namespaces.make("a"))  # (no ztunnel: cached)
+    assert "u1" in listed(server)
+    failing_disk()
+    assert server.stop() == 1
+    [line] = [line for line in server.output().splitlines() if "cannot write pod store" in line]
+    assert line.endswith(
+        f"cannot write pod store {server.state_dir}/pods.db out as it closes (disk I/O error): the pods "
+        "committed since its last checkpoint may not be on disk; check the disk (dmesg) before starting again"
+    ), line
+
+
+def test_a_state_directory_on_a_full_filesystem_is_refused_at_start_saying_what_to_do(
+    agents: Agents, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(state)], check=True)
+    with contextlib.suppress(OSError), open(state / "filler", "wb") as filler:
+        filler.write(b"\0" * (32 << 10))  # (ENOSPC: as full as it gets)
+    try:
+        refused = agents.start(ready=False)
+        assert refused.wait_exit() == 1
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=True)
+    [line] = [line for line in refused.output().splitlines() if "pod store" in line]
+    assert line.endswith("free space on its filesystem (or use another --state-dir)"), line
+    assert "Traceback" not in refused.output()
 
 
 def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod(
