@@ -10,7 +10,8 @@ table) reads it; nothing parses ``pid:N`` twice. Pure: no file is touched here.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Self
 
 from zds import defaults
 from zds.errors import printable
@@ -38,7 +39,7 @@ class NetnsRef(_NetnsRefFields):
 
     __slots__ = ()
 
-    def __new__(cls, path: str | None = None, pid: int | None = None) -> NetnsRef:
+    def __new__(cls, path: str | None = None, pid: int | None = None) -> Self:
         if (path is None) == (pid is None):
             raise NetnsRefError("a netns reference is a path or a pid, exactly one of them")
         if pid is not None and (isinstance(pid, bool) or not 0 < pid <= PID_MAX):
@@ -49,6 +50,11 @@ class NetnsRef(_NetnsRefFields):
             # A newline or an escape went into log lines and answers as it was (a forged line).
             raise NetnsRefError(f"netns path {printable(path[:256])} has a character that is not printable")
         return super().__new__(cls, path, pid)
+
+    @classmethod
+    def _make(cls, iterable: Iterable[Any]) -> Self:  # type: ignore[override]  # (typeshed: generic _cls)
+        """Checked as every other way of making one (``_replace`` goes through here)."""
+        return cls(*iterable)
 
     @classmethod
     def of_pid(cls, pid: int) -> NetnsRef:

@@ -113,6 +113,10 @@ class PodSpec(_PodSpecFields):
     whatever the pod came from (CLI, gRPC, pods file, CNI plugin).
     """
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # (The instance dict is only for the cached bytes, which cached_property writes there.)
+        raise AttributeError(f"a PodSpec is immutable: cannot set {name!r}")
+
     @classmethod
     def create(
         cls,

@@ -42,6 +42,16 @@ def pod_spec(uid: str = "pod-a", netns: NetnsRef = SELF_NETNS) -> PodSpec:
     return PodSpec.create(uid, netns, name=f"{uid}-name", namespace="bookinfo", service_account="reviews")
 
 
+def test_a_pod_spec_is_immutable_and_encodes_its_add_workload_once() -> None:
+    spec = pod_spec()
+    encoded = spec.add_workload_bytes
+    assert spec.add_workload_bytes is encoded  # (kept: sent again in every snapshot)
+    for name, value in (("uid", "other"), ("add_workload_bytes", b""), ("extra", 1)):
+        with pytest.raises(AttributeError):
+            setattr(spec, name, value)
+    assert spec.add_workload_bytes is encoded and spec.uid == "pod-a"
+
+
 @dataclass
 class Delivery:
     """What one ``deliver`` call got."""

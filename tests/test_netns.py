@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import fcntl
+import json
+import logging
 import os
 import secrets
 import signal
@@ -23,6 +25,7 @@ from typing import ParamSpec, TypeVar
 import pytest
 
 from tests.harness import async_wait_until, open_fds, wait_until
+from zds.logs import JsonFormatter
 from zds.netns import (
     NetnsError,
     NetnsHandle,
@@ -260,6 +263,24 @@ def test_a_path_with_a_nul_byte_is_refused_in_one_line() -> None:
 def test_bad_references_are_refused(ref: str) -> None:
     with pytest.raises(NetnsRefError, match="netns reference"):
         NetnsRef.parse(ref)
+
+
+def test_a_reference_is_checked_however_it_is_made() -> None:
+    """A NamedTuple: ``_make`` and ``_replace`` make one too, and check it as ``NetnsRef()`` does."""
+    good = NetnsRef.of_path("/var/run/netns/pod")
+    with pytest.raises(NetnsRefError, match="empty netns path"):
+        good._replace(path=" ")
+    with pytest.raises(NetnsRefError, match="exactly one of them"):
+        good._replace(pid=7)
+    with pytest.raises(NetnsRefError, match="exactly one of them"):
+        NetnsRef._make([None, None])
+    assert good._replace(path="/var/run/netns/b") == NetnsRef(path="/var/run/netns/b")
+
+
+def test_a_reference_in_a_json_log_line_is_written_as_a_pods_file_writes_it() -> None:
+    record = logging.LogRecord("zds.server", logging.INFO, __file__, 1, "pod enrolled", None, None)
+    record.netns = NetnsRef.of_pid(42)  # (a tuple: json.dumps alone would write [null, 42])
+    assert json.loads(JsonFormatter().format(record))["netns"] == "pid:42"
 
 
 @pytest.mark.parametrize("pid", [0, -1, True])

@@ -159,7 +159,8 @@ class JsonFormatter(logging.Formatter):
         for key in FIELDS:
             value = getattr(record, key, None)
             if value not in (None, ""):
-                doc[key] = value
+                # (as the text lines: json.dumps would write a NamedTuple such as a NetnsRef as a list)
+                doc[key] = value if isinstance(value, (str, int, float)) else str(value)
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
