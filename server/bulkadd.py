@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -71,7 +72,7 @@ async def bulk_add(
         if isinstance(outcome, tuple):
             code, message = outcome
         elif outcome.cancelled():
-            code, message = grpc.StatusCode.UNAVAILABLE, "node agent shutting down"
+            code, message = grpc.StatusCode.UNAVAILABLE, _shutting_down(agent, uid)
         elif isinstance(error := outcome.exception(), EnrollmentError):
             code, message = STATUS[error.outcome], str(error)
         elif error is not None:  # a bug: said as AddPod would (an INTERNAL status)
@@ -157,3 +158,16 @@ class _Window:
         self.free += 1
         if self.free >= self.refill:
             self._open.set()
+
+
+def _shutting_down(agent: NodeAgent, uid: str) -> str:
+    """Why an enrollment the node agent's stop cut short has no answer, and whether the pod
+    comes back when it starts again (its row committed) or was not enrolled."""
+    store = agent.enrollment.store
+    try:
+        stored = store is not None and store.holds(uid)
+    except sqlite3.Error:
+        return "node agent shutting down; whether the pod was stored is not known (zds pod list tells)"
+    if stored:
+        return "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
+    return "node agent shutting down; the pod was not enrolled"

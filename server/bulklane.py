@@ -37,6 +37,8 @@ BulkServe = Callable[
 ]
 #: Bytes of requests decoded but not yet taken before the lane stops reading.
 READ_AHEAD = 1024 * 1024
+#: At the node agent's stop, how long a lane has to send the answers of what it took.
+LANE_STOP_GRACE = 1.0
 #: What a request waiting to be taken counts beyond its bytes (its decoded message, its place
 #: in the queue): an empty frame is not free, and a client sending empty ones must be stopped too.
 REQUEST_COST = 256
@@ -128,14 +130,22 @@ class BulkLane(asyncio.Protocol):
             self._transport.abort()  # nothing more is sent: answers not yet read are dropped
 
     async def stop(self) -> None:
-        """Drop the connection and end its stream (the node agent stops: no new enrollments)."""
-        self._broken = True
-        if self._transport is not None:
-            self._transport.abort()
+        """End its stream (the node agent stops): no request is taken any more, the answers to
+        those taken go out (its stop cancelled their enrollments first: each says whether its
+        pod was stored), for at most ``LANE_STOP_GRACE``; then the connection is dropped."""
+        self._broken = True  # (nothing more is read)
+        while not self._requests.empty():
+            self._requests.get_nowait()
+        self._requests.put_nowait(None)
         if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LANE_STOP_GRACE):
+                    await asyncio.shield(self._task)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._transport is not None:
+            self._transport.abort()
 
     @property
     def done(self) -> bool:

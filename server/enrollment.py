@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from zds.server.faults import FaultBook
 
 log = logging.getLogger("zds.server")
+#: What an enrollment answered without ztunnel's ack says of its pod (it was stored and
+#: cached: a node agent's stop keeps it, and it comes back when it starts again).
+CACHED = "(the pod stays cached and goes out in the next snapshot)"
 
 
 class Enrollment:
@@ -188,7 +191,7 @@ class Enrollment:
             pod.last_error = "no ztunnel connection"
             raise EnrollmentError(
                 EnrollmentOutcome.NO_CONNECTION,
-                "no ztunnel connection (the pod stays cached and goes out in the next snapshot)",
+                f"no ztunnel connection {CACHED}",
             )
         span.set_attribute(spans.CONNECTION_ID, conn.id)
         try:
@@ -202,7 +205,7 @@ class Enrollment:
             if self.cache.get(spec.uid) is pod:
                 pod.last_error = str(lost)
             outcome = EnrollmentOutcome.TIMEOUT if lost.ack_timeout else EnrollmentOutcome.LOST
-            raise EnrollmentError(outcome, str(lost)) from lost
+            raise EnrollmentError(outcome, f"{lost} {CACHED}") from lost
         span.set_attribute(spans.ACK_ERROR, ack.error)
         if ack.error:
             raise EnrollmentError(EnrollmentOutcome.NACKED, ack.error)

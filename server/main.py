@@ -326,6 +326,9 @@ class NodeAgentServer:
             await cancel_and_wait(self._zds_task)
         # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.
         self.agent.events.close("node agent shutting down")
+        # Enrollments cut short now, while their callers (bulk lanes, gRPC) can still be told
+        # whether each pod was stored; then those streams end.
+        await self.agent.tasks.cancel_all()
         if self._gate is not None:
             await self._gate.close()
         if self._grpc is not None:

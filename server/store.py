@@ -126,6 +126,10 @@ class PodStore:
             self._db.close()
 
     # -- reading ------------------------------------------------------------------------
+    def holds(self, uid: str) -> bool:
+        """Whether a pod row for ``uid`` is committed (it comes back at the next start)."""
+        return self._db.execute("SELECT 1 FROM pods WHERE uid = ?", (uid,)).fetchone() is not None
+
     def load(self) -> list[StoredPod]:
         """Every stored pod, oldest enrollment first."""
         return self._load("pods")

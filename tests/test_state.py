@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -434,6 +435,40 @@ def test_a_state_directory_on_a_full_filesystem_is_refused_at_start_saying_what_
     [line] = [line for line in refused.output().splitlines() if "pod store" in line]
     assert line.endswith("free space on its filesystem (or use another --state-dir)"), line
     assert "Traceback" not in refused.output()
+
+
+def test_pods_a_stop_cut_short_are_told_they_were_stored_and_come_back(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """A SIGTERM while a bulk enrollment waits for ztunnel's acks: each pod is answered, and
+    the answer says it stays (the lane was closed first: "closed the connection without
+    answering", as if nothing had been enrolled)."""
+    server = agents.start("--ack-timeout", "60")
+    slow = AckingPeer(server.zds_socket, delay=60)  # (its snapshot's ack too: nothing is acked)
+    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": namespaces.make(f"p{i}") for i in range(3)})
+    client = subprocess.Popen(
+        [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: len(server.list_pods()) == 3, "the three pods stored, waiting for acks")
+        server.stop()
+        out, err = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+        slow.close()
+    assert client.returncode == 1 and out == "" and len(err.splitlines()) == 3
+    stays = (  # lost with the connection (sent, unanswered), or cut short (stored, not yet sent)
+        r"ztunnel connection \w+ closed: node agent shutting down \(the pod stays cached and goes out "
+        r"in the next snapshot\)|node agent shutting down; the pod is stored: it comes back when the node "
+        r"agent starts again"
+    )
+    for i, line in enumerate(sorted(err.splitlines())):
+        assert re.fullmatch(rf"zds pod add: u{i}: UNAVAILABLE: ({stays})", line), line
+    assert sorted(listed(agents.start())) == ["u0", "u1", "u2"]
 
 
 def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod(
