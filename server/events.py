@@ -265,18 +265,20 @@ class EventBus:
 
         Call it in the same synchronous step that computed ``current_state``.
         """
-        marker = AgentEvent(kind=EventKind.CURRENT_STATE_END, time=time.time(), sequence=self.sequence)
-        watcher = Watcher(self, [*current_state, marker], kinds=kinds, uid=uid, limit=self.watch_queue)
-        if self._closed is not None:
-            watcher.finish(self._closed)
-        elif len(self._watchers) >= defaults.WATCHERS_MAX:
+        refused = self._closed
+        if refused is None and len(self._watchers) >= defaults.WATCHERS_MAX:
             # Each holds its current state until sent, and a client may read none of it.
-            watcher.finish(
-                WatchEnded(
-                    WatchEnding.TOO_MANY,
-                    f"{defaults.WATCHERS_MAX} watchers are watching already; watch again once one ends",
-                )
+            refused = WatchEnded(
+                WatchEnding.TOO_MANY,
+                f"{defaults.WATCHERS_MAX} watchers are watching already; watch again once one ends",
             )
+        # A refused watcher is told at once, with nothing before (it was sent the whole current
+        # state first, and held it as long as its client did not read it: no bound at all).
+        marker = AgentEvent(kind=EventKind.CURRENT_STATE_END, time=time.time(), sequence=self.sequence)
+        initial = [] if refused is not None else [*current_state, marker]
+        watcher = Watcher(self, initial, kinds=kinds, uid=uid, limit=self.watch_queue)
+        if refused is not None:
+            watcher.finish(refused)
         else:
             self._watchers.add(watcher)
         return watcher

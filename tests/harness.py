@@ -669,22 +669,26 @@ def peers_dir() -> pathlib.Path | None:
     return path if path.is_dir() else None
 
 
-def check_half_requests_bounded(pid: int, address: str, request: bytes, output: Callable[[], str]) -> None:
+def check_half_requests_bounded(
+    pid: int, address: str, request: bytes, output: Callable[[], str], path: str
+) -> None:
     """The HTTP endpoint at ``address`` of process ``pid`` (``output``: its log so far), given
-    200 connections that send the start of ``request`` and stop: it keeps 64 and closes the
-    others at once, then closes the 64 too (they never bring a whole request), saying each in
-    its log (zds.httpguard)."""
+    200 connections that send the start of ``request`` and stop: it keeps 64, each new one
+    taking the place of the oldest, answers a real ``GET path`` all the same, then closes the
+    64 too (they never bring a whole request), saying each in its log (zds.httpguard)."""
     host, port = address.rsplit(":", 1)
     before = fd_count(pid)
     held = hold_half_requests(host, int(port), 200, request)
     try:
         wait_until(
-            lambda: "connection(s) refused: 64 open already" in output(), "the refusal line in its log"
+            lambda: "connection(s) closed to make room: 64 open already" in output(), "the line in its log"
         )
-        # Once the 136 it refused are closed it has accepted all 200: what it holds now is the 64
-        # it kept (fewer, were some closed already), not sockets it accepted and has yet to refuse.
-        wait_until(lambda: sum(closed_by_peer(c) for c in held) >= 200 - 64, "the refused connections closed")
+        # Once the 136 oldest are closed it has accepted all 200: what it holds now is the 64
+        # newest (fewer, were some closed already), not sockets it accepted and has yet to drop.
+        wait_until(lambda: sum(closed_by_peer(c) for c in held[:136]) == 136, "the oldest closed")
         assert fd_count(pid) <= before + 64 + 2
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as answer:  # (not shut out)
+            assert answer.status == 200
         wait_until(lambda: all(closed_by_peer(c) for c in held), "every half request closed", timeout=20)
         assert "connection(s) closed: no request within 10s" in output()
     finally:

@@ -402,6 +402,7 @@ def test_watchers_are_bounded_and_share_one_current_state(
     assert extra.error.details() == (
         f"{defaults.WATCHERS_MAX} watchers are watching already; watch again once one ends"
     )
+    assert extra.events == []  # told at once: not sent (and made to hold) the current state first
     streams[0].close()
 
     def watching_again() -> bool:  # once the node agent has seen the closed stream go

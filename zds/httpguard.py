@@ -19,7 +19,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class TcpGuard:
     """An HTTP endpoint on TCP anyone on the node can reach, kept from using up the node
-    agent's fds: at most ``max_connections`` open at once (more are closed at once), and a
+    agent's fds: at most ``max_connections`` open at once (the oldest that has brought no request
+    yet makes room for a new one; if none has, the new one is closed at once), and a
     connection must bring its first request within ``header_timeout`` or is closed (idle
     between requests, aiohttp's keep-alive timeout, the same), and a request's body must
     follow within as long again (else 408, and the connection closed). Each is said in a warning line
@@ -34,6 +35,7 @@ class TcpGuard:
         #: Open connections, with the deadline of their first request (None once it came).
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
         self._refused = _Tally(self.WARN_EVERY)
+        self._dropped = _Tally(self.WARN_EVERY)
         self._too_slow = _Tally(self.WARN_EVERY)
         self._slow_body = _Tally(self.WARN_EVERY)
         self._bad_body = _Tally(self.WARN_EVERY)
@@ -43,12 +45,24 @@ class TcpGuard:
 
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         if len(self._open) >= self.max_connections:
-            transport.close()
-            self._refused.add(
-                "HTTP: %d connection(s) refused: %d open already (the most this endpoint keeps)",
-                len(self._open),
+            # The oldest that has brought no request yet makes room (as on the ZDS and control
+            # sockets): refusing the newest let idle connections, opened again as they were
+            # closed, keep every scrape and probe out.
+            waiting = next((t for t, deadline in self._open.items() if deadline is not None), None)
+            if waiting is None:
+                transport.close()
+                self._refused.add(
+                    "HTTP: %d connection(s) refused: %d open already (the most this endpoint keeps)",
+                    len(self._open),
+                )
+                return False
+            self.gone(waiting)
+            waiting.close()
+            self._dropped.add(
+                "HTTP: %d connection(s) closed to make room: %d open already, the oldest had brought "
+                "no request",
+                self.max_connections,
             )
-            return False
         loop = asyncio.get_running_loop()
         self._open[transport] = loop.call_later(self.header_timeout, self._close_slow, transport)
         return True
