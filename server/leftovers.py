@@ -349,4 +349,9 @@ def delete_pod_row(store: PodStore | None, uid: str) -> None:
     try:
         store.delete(uid)
     except StoreError as exc:
-        log.error("cannot record the removal in the pod store: %s", exc, extra={"uid": uid})
+        log.error(
+            "cannot delete the removed pod's row from the pod store (it stays marked removing: the "
+            "next start finishes the removal): %s",
+            exc,
+            extra={"uid": uid},
+        )
