@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from zds import defaults
 from zds.errors import ZdsError
+from zds.logs import Tally
 from zds.server.eventkinds import EventKind
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module for the event kinds
@@ -165,7 +166,7 @@ class Watcher:
             self._queue.clear()
             self._initial.clear()
             self.fell_behind.set()
-            log.warning("ended a watcher: %s", end.detail)
+            self._bus.fell_behind.add("ended %d watcher(s): %s", end.detail)
         self._wakeup.set()
 
     @property
@@ -201,6 +202,9 @@ class EventBus:
         self.sequence = 0
         self._watchers: set[Watcher] = set()
         self._closed: WatchEnded | None = None
+        #: Watchers ended for falling behind, said in a line every 10 s at most (they fall
+        #: behind together, and one that watches again in a loop falls behind again).
+        self.fell_behind = Tally(10.0, log)
 
     @property
     def watchers(self) -> int:

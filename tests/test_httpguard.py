@@ -8,14 +8,14 @@ import logging
 import pytest
 
 from tests.harness import async_wait_until
-from zds.httpguard import _Tally
+from zds.logs import Tally
 
 
 async def test_a_tally_says_the_first_at_once_and_the_rest_when_its_window_is_up(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="zds.http")
-    tally = _Tally(every=0.2)
+    tally = Tally(every=0.2, logger=logging.getLogger("zds.http"))
     for open_now in range(5):
         tally.add("HTTP: %d connection(s) refused: %d open already", open_now)
     assert [r.getMessage() for r in caplog.records] == ["HTTP: 1 connection(s) refused: 0 open already"]

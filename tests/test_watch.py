@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,7 +17,15 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, StartServer, WatchStream, pod_netns, wait_until
+from tests.harness import (
+    ZDS,
+    NodeAgentProc,
+    StartServer,
+    WatchStream,
+    async_wait_until,
+    pod_netns,
+    wait_until,
+)
 from tests.standins import Peers
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 
@@ -230,7 +239,7 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
         )
         assert enroll.returncode == 0, enroll.stderr
         assert len(server.list_pods()) == 1000
-        server.wait_for_output("ended a watcher: watcher fell behind")
+        server.wait_for_output("ended 1 watcher(s): watcher fell behind")
         # Now read: what was already in flight, then RESOURCE_EXHAUSTED.
         received = 0
         with pytest.raises(grpc.RpcError) as info:
@@ -453,3 +462,25 @@ def test_zds_watch_gives_up_on_a_socket_that_never_answers(tmp_path: object) -> 
         1,
         f"zds watch: no answer from the node agent at {path} within 1 s\n",
     )
+
+
+async def test_watchers_that_fall_behind_together_are_said_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """65 watchers that stopped reading were 65 identical warnings in one millisecond."""
+    from zds.server.eventkinds import EventKind
+    from zds.server.events import EventBus
+
+    caplog.set_level(logging.WARNING, logger="zds.server.watch")
+    bus = EventBus(watch_queue=1)
+    bus.fell_behind.every = 0.2  # (10 s in a node agent)
+    watchers = [bus.subscribe([]) for _ in range(65)]
+    for _ in range(2):  # the first event fills each queue, the second ends each watch
+        bus.publish(EventKind.POD_ENROLLED, uid="u1")
+    assert all(w.end is not None for w in watchers)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ended 1 watcher(s): watcher fell behind: 1 events were waiting to be sent (--watch-queue); "
+        "watch again to get the current state"
+    ]
+    await async_wait_until(lambda: len(caplog.records) == 2, "the rest said", timeout=15)
+    assert caplog.records[1].getMessage().startswith("ended 64 watcher(s): watcher fell behind")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+
+from zds.logs import Tally
 
 log = logging.getLogger("zds.http")
 
@@ -34,11 +35,11 @@ class TcpGuard:
         self.header_timeout = header_timeout
         #: Open connections, with the deadline of their first request (None once it came).
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
-        self._refused = _Tally(self.WARN_EVERY)
-        self._dropped = _Tally(self.WARN_EVERY)
-        self._too_slow = _Tally(self.WARN_EVERY)
-        self._slow_body = _Tally(self.WARN_EVERY)
-        self._bad_body = _Tally(self.WARN_EVERY)
+        self._refused = Tally(self.WARN_EVERY, log)
+        self._dropped = Tally(self.WARN_EVERY, log)
+        self._too_slow = Tally(self.WARN_EVERY, log)
+        self._slow_body = Tally(self.WARN_EVERY, log)
+        self._bad_body = Tally(self.WARN_EVERY, log)
 
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: AdmittedProtocol(inner(), self.admit, self.gone)
@@ -114,35 +115,6 @@ async def answer_and_close(request: web.Request, status: int, text: str) -> web.
         if request.transport is not None:
             request.transport.close()  # (what was written goes out first)
     return response
-
-
-class _Tally:
-    """Something that happens to many connections at once, said in one warning line at most
-    every ``every`` seconds, with how many times it happened: the first at once, the rest
-    when the ``every`` seconds are up."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self._said = -every
-        self._count = 0
-        self._line: tuple[str, tuple[object, ...]] = ("", ())
-        self._flush: asyncio.TimerHandle | None = None
-
-    def add(self, text: str, *args: object) -> None:
-        """Count one; ``text`` takes the count, then ``args`` (the latest are said)."""
-        self._count += 1
-        self._line = (text, args)
-        wait = self._said + self.every - time.monotonic()
-        if wait <= 0:
-            self._say()
-        elif self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(wait, self._say)
-
-    def _say(self) -> None:
-        self._flush = None
-        text, args = self._line
-        log.warning(text, self._count, *args)
-        self._said, self._count = time.monotonic(), 0
 
 
 class AdmittedProtocol(asyncio.Protocol):

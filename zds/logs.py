@@ -255,3 +255,35 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     # grpc and aiohttp are chatty at debug; keep them at warning unless asked.
     for noisy in ("grpc", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Tally:
+    """Something that happens to many at once (connections, watchers), said in one warning
+    line of ``logger``'s at most every ``every`` seconds, with how many times it happened:
+    the first at once, the rest when the ``every`` seconds are up (on the running loop)."""
+
+    def __init__(self, every: float, logger: logging.Logger) -> None:
+        self.every = every
+        self.logger = logger
+        self._said = -every
+        self._count = 0
+        self._line: tuple[str, tuple[object, ...]] = ("", ())
+        self._flush: Any = None  # (an asyncio.TimerHandle: asyncio is not loaded here)
+
+    def add(self, text: str, *args: object) -> None:
+        """Count one; ``text`` takes the count, then ``args`` (the latest are said)."""
+        self._count += 1
+        self._line = (text, args)
+        wait = self._said + self.every - time.monotonic()
+        if wait <= 0:
+            self._say()
+        elif self._flush is None:
+            import asyncio
+
+            self._flush = asyncio.get_running_loop().call_later(wait, self._say)
+
+    def _say(self) -> None:
+        self._flush = None
+        text, args = self._line
+        self.logger.warning(text, self._count, *args)
+        self._said, self._count = time.monotonic(), 0
