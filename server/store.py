@@ -87,6 +87,7 @@ class PodStore:
     def __init__(self, path: str, db: sqlite3.Connection) -> None:
         self.path = path
         self._db = db
+        self._closed = False
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
@@ -112,7 +113,11 @@ class PodStore:
     def close(self) -> None:
         """Write what was committed into the database file and close it. A commit is on disk
         once checkpointed (``synchronous=NORMAL``): StoreError if this last checkpoint failed
-        (a disk that fails, a filesystem remounted read-only); the store is closed anyway."""
+        (a disk that fails, a filesystem remounted read-only); the store is closed anyway.
+        Closed already: nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             if busy:

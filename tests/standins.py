@@ -13,7 +13,6 @@ import os
 import select
 import socket
 import threading
-import time
 from collections.abc import Sequence
 
 from tests.harness import wait_until
@@ -132,8 +131,10 @@ class AckingPeer:
                 return
             request = request_of(got)
             self.received.append(request)
-            if self.delay:
-                time.sleep(self.delay)  # being slow is the point (a slow ztunnel), not synchronisation
+            # Being slow is the point (a slow ztunnel), not synchronisation; close() cuts it short
+            # (a thread still asleep when its socket was closed acked on a closed fd, or another's).
+            if self.delay and self._stop.wait(self.delay):
+                return
             try:
                 self.raw.ack(self.nack.get(request.uid, "") if isinstance(request, AddWorkload) else "")
             except (BrokenPipeError, ConnectionResetError):
