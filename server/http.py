@@ -16,7 +16,8 @@ def health_app(
     metrics: Callable[[str], tuple[bytes, str]] | None = None,
     middlewares: Iterable[Callable[..., Awaitable[web.StreamResponse]]] = (),
 ) -> web.Application:
-    """``/healthz``: the process is up. ``/readyz``: every listener is up (else 503 with what is not).
+    """``/healthz``: the process is up. ``/readyz``: ``ready()``, 200 or 503 with what is not
+    (every listener up, the container engine answering, the pod store's last write done).
     ``/metrics``: ``metrics(accept_header)`` gives the body and its content type (an Accept the
     exporter cannot read gets the text format)."""
 

@@ -121,6 +121,8 @@ class NodeAgentServer:
             return False, "ZDS listener is down"
         if self.engine is not None and not self.engine.up:
             return False, f"{self.engine.name} is down: {self.engine.detail}"
+        if self.store is not None and self.store.failing:  # (no pod can be enrolled)
+            return False, f"the pod store's last write failed: {self.store.failing}"
         return (
             True,
             f"ready: {len(self.agent.connections)} ztunnel connection(s), {len(self.agent.pods)} pod(s)",

@@ -88,6 +88,8 @@ class PodStore:
         self.path = path
         self._db = db
         self._closed = False
+        #: Why the last write failed ('' once one succeeds): the node agent is not ready.
+        self.failing = ""
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
@@ -338,12 +340,16 @@ class PodStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
+        changes = self._db.total_changes
         try:
             with self._db:  # one transaction, committed on exit
                 self._db.execute("BEGIN IMMEDIATE")
                 yield
         except sqlite3.Error as exc:
-            raise StoreError(explain(self.path, exc)) from exc
+            self.failing = explain(self.path, exc)
+            raise StoreError(self.failing) from exc
+        if self._db.total_changes != changes:  # (one that wrote nothing proves nothing)
+            self.failing = ""
 
 
 def _values(pod: StoredPod) -> tuple[object, ...]:
