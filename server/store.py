@@ -340,8 +340,8 @@ class PodStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
-        changes = self._db.total_changes
         try:
+            changes = self._db.total_changes
             with self._db:  # one transaction, committed on exit
                 self._db.execute("BEGIN IMMEDIATE")
                 yield
