@@ -458,6 +458,20 @@ class NodeAgentProc(ZdsProcess):
         self.wait_for_output("node agent ready")
         return self
 
+    def http_address(self) -> str:
+        """Where its HTTP endpoints listen, as its log says (``--http-listen`` port 0: the one picked)."""
+        found = re.search(r"HTTP \(/healthz, /readyz, /metrics\) listening on (\S+)", self.output())
+        assert found is not None, "no HTTP endpoints in its log"
+        return found[1]
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """``GET path`` on its HTTP endpoints: the status and the body (also of a 503)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_address()}{path}", timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+
     def connected_count(self) -> int | None:
         """The node agent's latest "total connected: N" (None before any)."""
         counts = re.findall(r"total connected: (\d+)", self.output())

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,10 +127,7 @@ def test_a_peer_not_on_the_allow_list_is_refused_on_every_socket_and_logged_once
     lines = [line for line in server.output().splitlines() if "refused a connection" in line]
     assert len(lines) == 3 and all(f"uid {NOBODY} gid {NOBODY}" in line for line in lines)
     # The ZDS socket's refusal is counted as well (the others are no ztunnel connections).
-    http = re.search(r"\(/healthz, /readyz, /metrics\) listening on (\S+)", server.output())
-    assert http is not None
-    with urllib.request.urlopen(f"http://{http[1]}/metrics", timeout=10) as resp:
-        metrics = resp.read().decode()
+    metrics = server.http_get("/metrics")[1]
     assert 'zds_ztunnel_connections_refused_total{reason="not_allowed"} 1.0' in metrics.splitlines()
     assert all("permission denied" in line and "/usr/bin/python3" in line for line in lines)
     # The bulk lane (zds pod add --from-file without gRPC) is behind the same door.

@@ -16,8 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -411,21 +409,14 @@ def test_a_store_whose_disk_failed_is_said_so_at_stop_and_the_exit_status_is_1(
     agent stops: a disk that failed since cannot take it, and that is said, not hidden; a
     write that fails makes the node agent not ready (it said ready while no pod could go in)."""
     server = agents.start("--http-listen", "127.0.0.1:0")
-    http = re.search(r"\(/healthz, /readyz, /metrics\) listening on (\S+)", server.output())
-    assert http is not None
     server.cli("pod", "add", "--uid", "u1", "--netns", namespaces.make("a"))  # (no ztunnel: cached)
     assert "u1" in listed(server)
     failing_disk()
     refused = server.cli("pod", "add", "--uid", "u2", "--netns", namespaces.make("b"))
     assert refused.returncode == 1 and "INTERNAL" in refused.stderr, refused.stderr
-    with pytest.raises(urllib.error.HTTPError) as answer:
-        urllib.request.urlopen(f"http://{http[1]}/readyz", timeout=10)
-    assert answer.value.code == 503
-    assert (
-        answer.value.read()
-        .decode()
-        .startswith(f"the pod store's last write failed: pod store {server.state_dir}/pods.db: ")
-    )
+    status, detail = server.http_get("/readyz")
+    assert status == 503
+    assert detail.startswith(f"the pod store's last write failed: pod store {server.state_dir}/pods.db: ")
     assert server.stop() == 1
     [line] = [line for line in server.output().splitlines() if "cannot write pod store" in line]
     assert line.endswith(
@@ -442,27 +433,17 @@ def test_a_node_agent_whose_store_filled_up_is_not_ready_until_a_pod_goes_in_aga
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True)
     try:
         server = agents.start("--http-listen", "127.0.0.1:0")
-        http = re.search(r"\(/healthz, /readyz, /metrics\) listening on (\S+)", server.output())
-        assert http is not None
-
-        def readyz() -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(f"http://{http[1]}/readyz", timeout=10) as answer:
-                    return answer.status, answer.read().decode()
-            except urllib.error.HTTPError as refused:
-                return refused.code, refused.read().decode()
-
         server.cli("pod", "add", "--uid", "u1", "--netns", namespaces.make("a"))  # (no ztunnel: cached)
-        assert readyz()[0] == 200
+        assert server.http_get("/readyz")[0] == 200
         with contextlib.suppress(OSError), open(state / "filler", "wb") as filler:
             filler.write(b"\0" * (2 << 20))  # (ENOSPC: as full as it gets)
         full = server.cli("pod", "add", "--uid", "u2", "--netns", namespaces.make("b"))
         assert full.returncode == 1 and "database or disk is full" in full.stderr, full.stderr
-        status, detail = readyz()
+        status, detail = server.http_get("/readyz")
         assert status == 503 and detail.startswith("the pod store's last write failed: pod store "), detail
         os.unlink(state / "filler")
         server.cli("pod", "add", "--uid", "u3", "--netns", namespaces.make("c"))
-        assert readyz()[0] == 200 and set(listed(server)) == {"u1", "u3"}
+        assert server.http_get("/readyz")[0] == 200 and set(listed(server)) == {"u1", "u3"}
         server.stop()
     finally:
         subprocess.run(["umount", "-l", str(state)], check=True)
