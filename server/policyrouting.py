@@ -64,6 +64,18 @@ def has_ipv6() -> bool:
     return False
 
 
+def _families(ipv6: bool | None) -> list[socket.AddressFamily]:
+    """IPv4 and, where the pod has it (``ipv6``; None: asked here), IPv6."""
+    return [socket.AF_INET] + ([socket.AF_INET6] if (has_ipv6() if ipv6 is None else ipv6) else [])
+
+
+def _has_local_route(family: int) -> bool:
+    """Whether table 100 gets its local route in ``family``: IPv6 on, but not on lo, has none
+    (the kernel refuses ::/0 there), the rule all the same (Istio's forEachLoopbackRoute skips
+    the route alike)."""
+    return family == socket.AF_INET or not _lo_ipv6_disabled()
+
+
 def _lo_ipv6_disabled() -> bool:
     """Whether IPv6 is disabled on this thread's netns's lo (/proc/sys/net follows the calling
     thread); unreadable: not disabled, and the route is tried (as Istio does)."""
@@ -81,14 +93,11 @@ def policy_routing(add: bool, *, ipv6: bool | None = None) -> None:
     pyroute2's message classes over one plain netlink socket made here (so in the pod's
     netns): its ``IPRoute`` runs an event loop of its own per instance, ~0.8 ms a pod,
     which with thousands of pods was most of what installing the rules cost."""
-    ipv6 = has_ipv6() if ipv6 is None else ipv6
     lo = socket.if_nametoindex("lo")  # in this thread's netns (a netlink dump costs 30x as much)
     with _Rtnl() as rtnl:
-        for family in [socket.AF_INET] + ([socket.AF_INET6] if ipv6 else []):
+        for family in _families(ipv6):
             if add:
-                # IPv6 on, but not on lo: no ::/0 route there (the kernel refuses it), the rule
-                # all the same (Istio's forEachLoopbackRoute skips the route alike)
-                if family == socket.AF_INET or not _lo_ipv6_disabled():
+                if _has_local_route(family):
                     rtnl.request(_encoded(RTM_NEWROUTE, family, lo), (), "add the local route")
                 rtnl.request(_encoded(RTM_NEWRULE, family, lo), (errno.EEXIST,), "add the fwmark rule")
             else:
@@ -177,14 +186,13 @@ def policy_routing_present(*, ipv6: bool | None = None) -> bool:
     """Whether our fwmark rule and table 100's local route are there, for IPv4 and, where the
     pod has it (``ipv6``; None: asked here), IPv6 as ``policy_routing`` adds them (call inside
     the netns): without the route, replies to the inbound relay's connections go astray."""
-    ipv6 = has_ipv6() if ipv6 is None else ipv6
     with IPRoute() as ipr:
-        for family in [socket.AF_INET] + ([socket.AF_INET6] if ipv6 else []):
+        for family in _families(ipv6):
             rules = ipr.get_rules(family=family, table=defaults.INPOD_ROUTE_TABLE)
             if not any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules):
                 return False
-            if family == socket.AF_INET6 and _lo_ipv6_disabled():
-                continue  # (no route was added: the kernel refuses it there)
+            if not _has_local_route(family):
+                continue
             routes = ipr.get_routes(family=family, table=defaults.INPOD_ROUTE_TABLE)
             if not any(r["type"] == RTN_LOCAL and r["dst_len"] == 0 for r in routes):
                 return False

@@ -13,7 +13,10 @@ import logging
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio  # (loaded where a tally first waits: ``zds pod add`` loads no asyncio)
 
 #: Context fields that go on a log line when present (``extra={...}``).
 FIELDS = ("conn", "uid", "pod", "namespace", "netns", "error", "kind", "trace_id", "span_id")
@@ -268,7 +271,7 @@ class Tally:
         self._said = -every
         self._count = 0
         self._line: tuple[str, tuple[object, ...]] = ("", ())
-        self._flush: Any = None  # (an asyncio.TimerHandle: asyncio is not loaded here)
+        self._flush: asyncio.TimerHandle | None = None
 
     def add(self, text: str, *args: object) -> None:
         """Count one; ``text`` takes the count, then ``args`` (the latest are said)."""
