@@ -20,12 +20,12 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zds import defaults
 from zds.client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from zds.errors import ZdsError
+from zds.values import frozen
 
 if TYPE_CHECKING:
     import asyncio
@@ -89,8 +89,8 @@ def format_sockname(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
 
 
-@dataclass(frozen=True)
-class Views:
+@frozen
+class Views(NamedTuple):
     """Where the endpoints read from: callables, so they always show the current state."""
 
     config_dump: Callable[[], dict[str, Any]]

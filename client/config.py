@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from zds import defaults
 from zds.client.admin import HttpEndpoints
@@ -19,19 +19,20 @@ from zds.client.session import Handover, StopSignals, take_first_snapshot
 from zds.client.workloads import ProxySettings, WorkloadProxies
 from zds.netns import NetnsError, netns_identity
 from zds.protocol.ztunnel import ZtunnelProtocol
+from zds.values import frozen
 
 log = logging.getLogger("zds.ztunnel")
 
 
-@dataclass(frozen=True)
-class ZtunnelConfig:
+@frozen
+class ZtunnelConfig(NamedTuple):
     """Everything ``zds ztunnel`` is told on its command line."""
 
     zds_socket: str = defaults.ZDS_SOCKET
     admin_listen: str = defaults.ADMIN_LISTEN
     readiness_listen: str = defaults.READINESS_LISTEN
     metrics_listen: str = defaults.METRICS_LISTEN
-    proxy: ProxySettings = field(default_factory=ProxySettings)
+    proxy: ProxySettings = ProxySettings()
     retry_interval: float = defaults.PENDING_RETRY_INTERVAL
     #: Seconds to poll for the next message after each ack (0: never; ``zds.transport.BusyPoll``).
     busy_poll: float = defaults.BUSY_POLL
@@ -64,18 +65,26 @@ def identify_netns(fd: int) -> Hashable:
         raise OSError(str(exc)) from exc
 
 
-@dataclass
 class ZtunnelParts:
     """What a ztunnel is made of before its event loop runs."""
 
-    metrics: ZtunnelMetrics
-    protocol: ZtunnelProtocol
-    proxies: WorkloadProxies
-    http: HttpEndpoints
-    #: SIGTERM and SIGINT until the event loop's handlers take over (``install``-ed by ``zds ztunnel``).
-    stop_signals: StopSignals = field(default_factory=StopSignals)
-    #: ``prepare`` was done.
-    prepared: bool = False
+    __slots__ = ("http", "metrics", "prepared", "protocol", "proxies", "stop_signals")
+
+    def __init__(
+        self,
+        metrics: ZtunnelMetrics,
+        protocol: ZtunnelProtocol,
+        proxies: WorkloadProxies,
+        http: HttpEndpoints,
+    ) -> None:
+        self.metrics = metrics
+        self.protocol = protocol
+        self.proxies = proxies
+        self.http = http
+        #: SIGTERM and SIGINT until the event loop's handlers take over (``install``-ed by ``zds ztunnel``).
+        self.stop_signals = StopSignals()
+        #: ``prepare`` was done.
+        self.prepared = False
 
     @classmethod
     def build(cls, config: ZtunnelConfig) -> ZtunnelParts:

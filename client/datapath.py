@@ -24,7 +24,6 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from zds import defaults
 from zds.errors import ZdsError
@@ -121,16 +120,18 @@ def peer_address(sock: socket.socket) -> str | None:
     return str(ip) if ip.version == 4 else host
 
 
-@dataclass
 class DirectionStats:
     """Counters of one listener role of one workload."""
 
-    connections: int = 0
-    active: int = 0
-    failed: int = 0
-    #: Bytes from the connecting client towards the destination, and back.
-    bytes_sent: int = 0
-    bytes_received: int = 0
+    __slots__ = ("active", "bytes_received", "bytes_sent", "connections", "failed")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.active = 0
+        self.failed = 0
+        #: Bytes from the connecting client towards the destination, and back.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -142,12 +143,14 @@ class DirectionStats:
         }
 
 
-@dataclass
 class WorkloadTraffic:
     """Per-workload traffic through its listeners."""
 
-    outbound: DirectionStats = field(default_factory=DirectionStats)
-    inbound: DirectionStats = field(default_factory=DirectionStats)
+    __slots__ = ("inbound", "outbound")
+
+    def __init__(self) -> None:
+        self.outbound = DirectionStats()
+        self.inbound = DirectionStats()
 
     def role(self, name: str) -> DirectionStats:
         return self.inbound if name == "inbound" else self.outbound

@@ -19,7 +19,6 @@ import logging
 import socket
 import struct
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from zds.client.datapath import DirectionStats, connect_within, relay
@@ -81,16 +80,16 @@ def _local_address(ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, byt
     return None
 
 
-@dataclass
 class DnsProxy:
     """A pod's DNS forwarder on port 15053: answers on the UDP sockets and TCP listeners
     made inside its netns (``zds.client.inpod.DnsSockets``), which it owns."""
 
-    sockets: DnsSockets
-    resolvers: list[Resolver]
-    stats: DirectionStats = field(default_factory=DirectionStats)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _watcher: SocketWatcher | None = None
+    def __init__(self, sockets: DnsSockets, resolvers: list[Resolver]) -> None:
+        self.sockets = sockets
+        self.resolvers = resolvers
+        self.stats = DirectionStats()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: SocketWatcher | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

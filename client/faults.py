@@ -18,8 +18,7 @@ import enum
 import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from zds import defaults
@@ -85,19 +84,32 @@ class ZtunnelFaultError(ZdsError, ValueError):
     """A fault that cannot be armed; the message says why."""
 
 
-@dataclass
 class ZtunnelFault:
-    id: str
-    kind: ZtunnelFaultKind
-    count: int = 1
-    delay: float = 0.0
-    text: str = ""
-    remaining: int = 1
-    #: Records (counted from the start of zds ztunnel) that must have passed before it acts:
-    #: those seen when it was armed, plus ``after``.
-    passed: int = 0
-    state: str = "armed"
-    detail: str = ""
+    """One armed fault, and what became of it (GET /faults shows ``as_dict``)."""
+
+    __slots__ = ("count", "delay", "detail", "id", "kind", "passed", "remaining", "state", "text")
+
+    def __init__(
+        self,
+        id: str,
+        kind: ZtunnelFaultKind,
+        count: int,
+        delay: float,
+        text: str,
+        remaining: int,
+        passed: int,
+    ) -> None:
+        self.id = id
+        self.kind = kind
+        self.count = count
+        self.delay = delay
+        self.text = text
+        self.remaining = remaining
+        #: Records (counted from the start of zds ztunnel) that must have passed before it acts:
+        #: those seen when it was armed, plus ``after``.
+        self.passed = passed
+        self.state = "armed"
+        self.detail = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,23 +135,27 @@ MAX_ARMED = defaults.FAULTS_ARMED_MAX
 BAD_HELLO = b"\x08\x02"
 
 
-@dataclass
 class ZtunnelFaults:
     """The faults of one ``zds ztunnel``."""
 
-    #: Told (kind, outcome) for every fault injected or applied (the metrics).
-    on_count: Callable[[str, str], None] | None = None
-    #: Told the text of every AddWorkload a fault nacked (the requests and nacks metrics).
-    on_nack: Callable[[str], None] | None = None
-    faults: list[ZtunnelFault] = field(default_factory=list)
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-    #: Answers given in the current snapshot (disconnect-in-snapshot counts them).
-    snapshot_answers: int = 0
-    #: Records received since zds ztunnel started (``after`` counts from here).
-    records: int = 0
-    #: The stop-reading in effect, and what ends it early (``clear``).
-    _stopped: ZtunnelFault | None = None
-    _resume: asyncio.Event | None = None
+    def __init__(
+        self,
+        on_count: Callable[[str, str], None] | None = None,
+        on_nack: Callable[[str], None] | None = None,
+    ) -> None:
+        #: Told (kind, outcome) for every fault injected or applied (the metrics).
+        self.on_count = on_count
+        #: Told the text of every AddWorkload a fault nacked (the requests and nacks metrics).
+        self.on_nack = on_nack
+        self.faults: list[ZtunnelFault] = []
+        self._ids = itertools.count(1)
+        #: Answers given in the current snapshot (disconnect-in-snapshot counts them).
+        self.snapshot_answers = 0
+        #: Records received since zds ztunnel started (``after`` counts from here).
+        self.records = 0
+        #: The stop-reading in effect, and what ends it early (``clear``).
+        self._stopped: ZtunnelFault | None = None
+        self._resume: asyncio.Event | None = None
 
     @property
     def armed(self) -> bool:

@@ -32,11 +32,12 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from zds import defaults
 from zds.errors import ZdsError
 from zds.netns import in_netns
+from zds.values import frozen
 
 DNS_PORT = 53
 
@@ -44,8 +45,8 @@ DNS_PORT = 53
 LISTEN_BACKLOG = 128
 
 
-@dataclass(frozen=True)
-class ListenerSpec:
+@frozen
+class ListenerSpec(NamedTuple):
     """What to listen on in a pod: a named role and a TCP port."""
 
     name: str
@@ -74,8 +75,8 @@ class ListenerError(ZdsError):
         self.errno = cause.errno if isinstance(cause, OSError) else None
 
 
-@dataclass
-class InpodListener:
+@frozen
+class InpodListener(NamedTuple):
     """A listening socket that lives in a pod's netns (created there, served from here)."""
 
     spec: ListenerSpec
@@ -229,8 +230,8 @@ def _open_dns_socket(
     return sock
 
 
-@dataclass
-class DnsSockets:
+@frozen
+class DnsSockets(NamedTuple):
     """A pod's port 15053: UDP sockets (IPv4, IPv6) and TCP listeners, made inside its netns."""
 
     udp: list[socket.socket]

@@ -17,7 +17,7 @@ import logging
 import select
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from zds.client.inpod import (
     InpodListener,
@@ -29,14 +29,15 @@ from zds.client.inpod import (
     open_listeners,
 )
 from zds.netns import NetnsError
+from zds.values import frozen
 
 log = logging.getLogger(__name__)
 
 # -- serving ------------------------------------------------------------------------
 
 
-@dataclass
-class AcceptedConnection:
+@frozen
+class AcceptedConnection(NamedTuple):
     """One connection accepted on an in-pod listener; the handler owns ``sock``."""
 
     sock: socket.socket
@@ -109,7 +110,6 @@ class SocketWatcher:
         self._epoll.close()
 
 
-@dataclass
 class ListenerServer:
     """Accepts on one in-pod listener from the event loop and hands each connection to ``handler``.
 
@@ -117,16 +117,23 @@ class ListenerServer:
     arrives: a node with thousands of pods has several idle listeners per pod); each
     accepted connection gets a task of its own."""
 
-    listener: InpodListener
-    handler: ConnectionHandler
-    owner: object = None
-    log_extra: dict[str, str] = field(default_factory=dict)
-    accepted: int = 0
-    _watcher: SocketWatcher | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
-    _watched: int = -1
-    _resume: asyncio.TimerHandle | None = None
-    _connections: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(
+        self,
+        listener: InpodListener,
+        handler: ConnectionHandler,
+        owner: object = None,
+        log_extra: dict[str, str] | None = None,
+    ) -> None:
+        self.listener = listener
+        self.handler = handler
+        self.owner = owner
+        self.log_extra = {} if log_extra is None else log_extra
+        self.accepted = 0
+        self._watcher: SocketWatcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched = -1
+        self._resume: asyncio.TimerHandle | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     def start(self, watcher: SocketWatcher) -> None:
         """Start accepting (needs a running event loop)."""

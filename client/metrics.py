@@ -14,20 +14,21 @@ is written here directly (version 0.0.4).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 #: Content type of the text exposition format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@dataclass
 class _Family:
-    name: str
-    kind: str  # "counter" | "gauge"
-    help: str
-    labeled: bool = False
-    values: dict[tuple[tuple[str, str], ...], float] = field(default_factory=dict)
-    read: Callable[[], float] | None = None
+    __slots__ = ("help", "kind", "labeled", "name", "read", "values")
+
+    def __init__(self, name: str, kind: str, help: str, *, labeled: bool = False) -> None:
+        self.name = name
+        self.kind = kind  # "counter" | "gauge"
+        self.help = help
+        self.labeled = labeled
+        self.values: dict[tuple[tuple[str, str], ...], float] = {}
+        self.read: Callable[[], float] | None = None
 
 
 def _escape_label(value: str) -> str:

@@ -29,7 +29,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from types import FrameType
 
 from zds import defaults, runtime
@@ -177,26 +176,38 @@ class RecordWork:
         self.replies = []
 
 
-@dataclass
 class Handover:
     """A connection ``take_first_snapshot`` made, for the event loop's session to carry on."""
 
-    sock: socket.socket
-    connected_since: float
-    #: The hello could not be sent: the session ends as when that fails on the loop.
-    hello_error: OSError | None = None
-    #: The node agent answered the hello (its first record came).
-    answered: bool = False
-    #: The snapshot is reconciled (SnapshotSent taken; its ack may still be in ``work``).
-    reconciled: bool = False
-    #: ``within`` passed before the snapshot was in.
-    timed_out: bool = False
-    #: The rest of the record at hand (its replies not all sent, or its close), if any.
-    work: RecordWork | None = None
-    #: Proxies of the records done (their replies sent): served, counted and logged once the loop runs.
-    to_activate: list[WorkloadProxy] = field(default_factory=list)
-    #: A send failed: the connection is over, as when a send fails on the loop.
-    error: OSError | None = None
+    __slots__ = (
+        "answered",
+        "connected_since",
+        "error",
+        "hello_error",
+        "reconciled",
+        "sock",
+        "timed_out",
+        "to_activate",
+        "work",
+    )
+
+    def __init__(self, sock: socket.socket, connected_since: float) -> None:
+        self.sock = sock
+        self.connected_since = connected_since
+        #: The hello could not be sent: the session ends as when that fails on the loop.
+        self.hello_error: OSError | None = None
+        #: The node agent answered the hello (its first record came).
+        self.answered = False
+        #: The snapshot is reconciled (SnapshotSent taken; its ack may still be in ``work``).
+        self.reconciled = False
+        #: ``within`` passed before the snapshot was in.
+        self.timed_out = False
+        #: The rest of the record at hand (its replies not all sent, or its close), if any.
+        self.work: RecordWork | None = None
+        #: Proxies of the records done (their replies sent): served, counted and logged once the loop runs.
+        self.to_activate: list[WorkloadProxy] = []
+        #: A send failed: the connection is over, as when a send fails on the loop.
+        self.error: OSError | None = None
 
 
 class StopSignals:

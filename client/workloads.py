@@ -35,8 +35,7 @@ import errno
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from zds import defaults, runtime
 from zds.client.inpod import (
@@ -66,6 +65,7 @@ from zds.netns import (
 from zds.netns.kernel import THREAD_NETNS
 from zds.protocol.messages import WorkloadInfo
 from zds.protocol.workloads import Workload
+from zds.values import frozen
 
 if TYPE_CHECKING:  # serving needs asyncio, loaded once the first snapshot is in (module docstring)
     from zds.client.dns import DnsProxy
@@ -74,13 +74,13 @@ if TYPE_CHECKING:  # serving needs asyncio, loaded once the first snapshot is in
 log = logging.getLogger("zds.ztunnel.proxy")
 
 
-@dataclass(frozen=True)
-class ProxySettings:
+@frozen
+class ProxySettings(NamedTuple):
     """How proxies are made: which listeners, with which mark, or none at all."""
 
     #: False: protocol-only mode (``--no-listeners``); the netns is still checked.
     listeners: bool = True
-    specs: tuple[ListenerSpec, ...] = field(default_factory=default_specs)
+    specs: tuple[ListenerSpec, ...] = default_specs()
     mark: int = defaults.ZTUNNEL_MARK
     #: SO_REUSEPORT on the listeners (ztunnel's INPOD_PORT_REUSE, default on).
     reuse_port: bool = True

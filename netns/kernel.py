@@ -11,7 +11,9 @@ import errno
 import fcntl
 import functools
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
+
+from zds.values import frozen
 
 from .errors import NetnsError
 
@@ -41,8 +43,8 @@ _NS_TYPE_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class NetnsIdentity:
+@frozen
+class NetnsIdentity(NamedTuple):
     """What makes a network namespace itself: the (st_dev, st_ino) of its nsfs inode.
 
     Two fds refer to the same namespace exactly when their identities are equal

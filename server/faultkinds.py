@@ -4,17 +4,17 @@ their own so the CLI can name them without importing the node agent."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from zds.errors import ZdsError
 from zds.protocol.messages import AddWorkload
 
 
-@dataclass(frozen=True)
 class MadeUpAdd(AddWorkload):
     """An AddWorkload a record fault made up with a pod's uid (``add-with-two-fds``,
     ``add-without-workload-info``): its answer says nothing of the pod's own delivery,
     whose state stays as it was."""
+
+    __slots__ = ()
 
 
 class Category(enum.Enum):

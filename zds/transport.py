@@ -13,16 +13,17 @@ import socket
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from zds import defaults
 from zds.errors import ZdsError
 from zds.protocol.records import Record
 from zds.seqpacket import poll_budget, poll_record, recv_record, send_record
+from zds.values import frozen
 
 
-@dataclass(frozen=True)
-class PeerCredentials:
+@frozen
+class PeerCredentials(NamedTuple):
     """``SO_PEERCRED`` of a unix socket peer."""
 
     pid: int
@@ -257,8 +258,8 @@ class SocketPathTaken(ZdsError):
     """Something that is not a stale socket is where a socket is to be bound; the message says what."""
 
 
-@dataclass(frozen=True)
-class SocketFile:
+@frozen
+class SocketFile(NamedTuple):
     """A socket file this process bound: its path and the identity of the inode it made."""
 
     path: str

@@ -7,13 +7,13 @@ generated classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from google.protobuf.message import DecodeError, Message
 
 from zds.errors import CodecError, NoPayload
 from zds.gen import zds_pb2
+from zds.values import frozen
 
 if TYPE_CHECKING:
     from google.protobuf.descriptor import Descriptor
@@ -22,15 +22,15 @@ if TYPE_CHECKING:
 VERSION_V1 = zds_pb2.V1
 
 
-@dataclass(frozen=True)
-class Hello:
+@frozen
+class Hello(NamedTuple):
     """``ZdsHello``: the first record ztunnel sends."""
 
     version: int = VERSION_V1
 
 
-@dataclass(frozen=True)
-class WorkloadInfo:
+@frozen
+class WorkloadInfo(NamedTuple):
     """Who a workload is: ``WorkloadInfo`` (name, namespace, service account)."""
 
     name: str
@@ -38,8 +38,8 @@ class WorkloadInfo:
     service_account: str
 
 
-@dataclass(frozen=True)
-class AddWorkload:
+@frozen
+class AddWorkload(NamedTuple):
     """``AddWorkload``: start serving a pod; its netns fd travels with it.
 
     ``info`` is None only when a peer sent an Add without ``workload_info``
@@ -50,30 +50,30 @@ class AddWorkload:
     info: WorkloadInfo | None
 
 
-@dataclass(frozen=True)
-class KeepWorkload:
+@frozen
+class KeepWorkload(NamedTuple):
     """``KeepWorkload``: snapshot only; keep the workload although no fd comes with it."""
 
     uid: str
 
 
-@dataclass(frozen=True)
-class DelWorkload:
+@frozen
+class DelWorkload(NamedTuple):
     """``DelWorkload``: stop serving a pod."""
 
     uid: str
 
 
-@dataclass(frozen=True)
-class SnapshotSent:
+@frozen
+class SnapshotSent(NamedTuple):
     """``SnapshotSent``: the snapshot is complete; drop what it did not name."""
 
 
 Request = AddWorkload | KeepWorkload | DelWorkload | SnapshotSent
 
 
-@dataclass(frozen=True)
-class Ack:
+@frozen
+class Ack(NamedTuple):
     """``Ack``: the answer to every request; an empty error means success."""
 
     error: str = ""
@@ -97,8 +97,10 @@ def request_kind(request: Request) -> str:
     raise TypeError(f"not a ZDS request: {request!r}")
 
 
-def encode_hello(hello: Hello = Hello()) -> bytes:
-    return bytes(zds_pb2.ZdsHello(version=hello.version).SerializeToString())  # type: ignore[arg-type]
+def encode_hello(hello: Hello | None = None) -> bytes:
+    """The hello's bytes (``Hello()``, version 1, when none is given)."""
+    version = VERSION_V1 if hello is None else hello.version
+    return bytes(zds_pb2.ZdsHello(version=version).SerializeToString())  # type: ignore[arg-type]
 
 
 def decode_hello(payload: bytes) -> Hello:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import dataclass, field
 
 
-@dataclass
 class Record:
     """One packet as ``recvmsg`` gave it: its bytes, the fds that came with it, its flags.
 
@@ -16,10 +14,16 @@ class Record:
     object hands it the fds too (it closes every one it does not keep).
     """
 
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-    #: recvmsg flags; ``MSG_TRUNC``/``MSG_CTRUNC`` say the payload or the fds were cut.
-    flags: int = 0
+    __slots__ = ("fds", "flags", "payload")
+
+    def __init__(self, payload: bytes, fds: list[int] | None = None, flags: int = 0) -> None:
+        self.payload = payload
+        self.fds = [] if fds is None else fds
+        #: recvmsg flags; ``MSG_TRUNC``/``MSG_CTRUNC`` say the payload or the fds were cut.
+        self.flags = flags
+
+    def __repr__(self) -> str:
+        return f"Record(payload={self.payload!r}, fds={self.fds!r}, flags={self.flags!r})"
 
     @property
     def truncated(self) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Hashable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from zds.protocol.messages import Ack, Request, WorkloadInfo
+from zds.values import frozen
 
 
 class WorkloadState(enum.Enum):
@@ -23,26 +24,28 @@ class WorkloadState(enum.Enum):
         return "Up" if self is WorkloadState.UP else "Pending"
 
 
-@dataclass
 class Workload:
     """One pod ztunnel serves: who it is, its netns fd and its proxy state.
 
     ``netns_fd`` is owned here while the proxy is not up (a retry needs it); once it is
     up, the proxy's sockets hold the namespace and the fd is closed (None)."""
 
-    uid: str
-    info: WorkloadInfo
-    netns_fd: int | None
-    netns_id: Hashable
-    state: WorkloadState = WorkloadState.STARTING
-    last_error: str = ""
-    #: How many times starting its proxy failed since the last success.
-    failures: int = 0
+    __slots__ = ("failures", "info", "last_error", "netns_fd", "netns_id", "state", "uid")
+
+    def __init__(self, uid: str, info: WorkloadInfo, netns_fd: int | None, netns_id: Hashable) -> None:
+        self.uid = uid
+        self.info = info
+        self.netns_fd = netns_fd
+        self.netns_id = netns_id
+        self.state = WorkloadState.STARTING
+        self.last_error = ""
+        #: How many times starting its proxy failed since the last success.
+        self.failures = 0
 
 
 # -- events ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class SendReply:
+@frozen
+class SendReply(NamedTuple):
     """Send ``data`` (a ``WorkloadResponse{ack}``) to the node agent."""
 
     ack: Ack
@@ -50,8 +53,8 @@ class SendReply:
     request: Request | None = None
 
 
-@dataclass(frozen=True)
-class StartProxy:
+@frozen
+class StartProxy(NamedTuple):
     """Start ``workload``'s proxy (listeners in its netns), then report the
     outcome with ``proxy_started`` or ``proxy_failed`` before the next record."""
 
@@ -59,23 +62,23 @@ class StartProxy:
     retry: bool = False
 
 
-@dataclass(frozen=True)
-class StopProxy:
+@frozen
+class StopProxy(NamedTuple):
     """Stop the proxy of ``uid`` (close its listeners); its netns fd is already closed."""
 
     uid: str
     reason: str
 
 
-@dataclass(frozen=True)
-class SnapshotReconciled:
+@frozen
+class SnapshotReconciled(NamedTuple):
     """SnapshotSent processed; ``removed`` are the uids the snapshot did not name."""
 
     removed: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class CloseConnection:
+@frozen
+class CloseConnection(NamedTuple):
     """Close the connection now. ``fatal``: do not reconnect (ztunnel exits);
     otherwise reconnect at once. ``peer_closed``: the node agent went first (EOF)."""
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from zds.errors import ProtocolUsageError
 from zds.protocol.messages import (
@@ -72,6 +72,7 @@ from zds.protocol.workloads import (
     Workload,
     WorkloadState,
 )
+from zds.values import frozen
 
 
 def fstat_identity(fd: int) -> Hashable:
@@ -92,20 +93,22 @@ class ConnectionState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass
-class _Outstanding:
+@frozen
+class _Outstanding(NamedTuple):
     """A proxy start handed to the caller and not reported yet."""
 
     request: AddWorkload | None  # the Add awaiting its ack; None for a retry
     workload: Workload
 
 
-@dataclass
 class _Snapshot:
     """Per-connection snapshot bookkeeping (ztunnel's snapshot_names/snapshot_received)."""
 
-    received: bool = False
-    marked: set[str] = field(default_factory=set)
+    __slots__ = ("marked", "received")
+
+    def __init__(self, received: bool = False) -> None:
+        self.received = received
+        self.marked: set[str] = set()
 
 
 class ZtunnelProtocol:
