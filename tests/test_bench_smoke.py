@@ -110,6 +110,12 @@ def test_bench_arguments_it_cannot_use_are_refused_in_one_line() -> None:
         ),
         ("soak.py", ["--pods", "0"], "argument --pods: 0 is not a positive integer (at most 2147483647)"),
         ("flood.py", ["--runs", "-1"], "argument --runs: -1 is not a positive integer (at most 2147483647)"),
+        ("hello.py", ["--runs", "0"], "argument --runs: 0 is not a positive integer (at most 2147483647)"),
+        (
+            "hello.py",
+            ["/nonexistent"],
+            "argument checkouts: /nonexistent: not a zds checkout (no zds/__main__.py)",
+        ),
     ):
         done = subprocess.run(
             [sys.executable, str(ROOT / "bench" / script), *args],
@@ -119,6 +125,22 @@ def test_bench_arguments_it_cannot_use_are_refused_in_one_line() -> None:
             env=THIS_CHECKOUT,
         )
         assert done.returncode == 2 and done.stderr.strip().endswith(says), (script, args, done.stderr)
+
+
+def test_the_hello_bench_times_this_checkout_and_leaves_nothing() -> None:
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-hello-*")))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "hello.py"), "--runs", "2", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=THIS_CHECKOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{ROOT}: exec to hello, median "), done.stdout
+    assert lines[0].endswith("; 2 runs)"), done.stdout
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-hello-*"))) == before
 
 
 def test_a_bench_stopped_by_sigterm_removes_its_processes_namespaces_and_temp_dir() -> None:
