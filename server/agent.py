@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from zds import defaults
+from zds.logs import Tally
 from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
 from zds.seqpacket import peer_hung_up
@@ -102,6 +103,8 @@ class NodeAgent:
         #: Who may connect to the ZDS socket (SO_PEERCRED).
         self.zds_peers = PeerGuard(self.config.allow, "ZDS")
         self._limiter = AcceptLimiter(self.config.accepts_per_second)
+        #: Silent connections dropped for newer ones: a flood is a line every 10 s, not one each.
+        self._crowded = Tally(10.0, log)
         self._connection_tasks: dict[ZtunnelConnection, asyncio.Task[None]] = {}
         #: Pod sources that can be up or down (the container engine): name -> (up, detail).
         self.sources: dict[str, tuple[bool, str]] = {}
@@ -258,11 +261,11 @@ class NodeAgent:
         self.fault_book.admitted(conn, hello=False)
         self._connection_tasks[conn] = self.tasks.spawn(self._run_connection(conn), name=f"ztunnel-{conn.id}")
         if evicted is not None:
-            log.warning(
-                "dropped a connection from %s that never said hello: more than %d were waiting for theirs",
-                _peer(evicted),
+            self._crowded.add(
+                "dropped %d connection(s) that never said hello: more than %d were waiting for theirs"
+                " (the latest from %s)",
                 self.registry.max_waiting,
-                extra=evicted.log_extra,
+                _peer(evicted),
             )
             self.telemetry.connection_refused("crowded")
             reason = "dropped: too many connections waiting for their hello"

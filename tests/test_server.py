@@ -420,7 +420,12 @@ def test_with_500_idle_connections_open_a_real_ztunnel_is_served_at_once(
 
     wait_until(dropped, "all but 64 of the silent connections dropped")
     assert max(closed) < 499, "the newest silent connection is kept"
-    server.wait_for_output("that never said hello: more than 64 were waiting for theirs")
+    # Said in a line every 10 s, not one each (436 lines of the same, for one flood).
+    server.wait_for_output(
+        "dropped 1 connection(s) that never said hello: more than 64 were waiting for theirs"
+    )
+    said = [line for line in server.output().splitlines() if "never said hello" in line]
+    assert len(said) <= 2, said  # (a second one only if the flood took over 10 s)
 
 
 async def test_at_most_five_connections_are_accepted_per_second(
