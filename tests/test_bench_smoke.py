@@ -111,6 +111,7 @@ def test_bench_arguments_it_cannot_use_are_refused_in_one_line() -> None:
         ("soak.py", ["--pods", "0"], "argument --pods: 0 is not a positive integer (at most 2147483647)"),
         ("flood.py", ["--runs", "-1"], "argument --runs: -1 is not a positive integer (at most 2147483647)"),
         ("hello.py", ["--runs", "0"], "argument --runs: 0 is not a positive integer (at most 2147483647)"),
+        ("hello.py", [str(ROOT), str(ROOT)], "a checkout is named twice"),
         (
             "hello.py",
             ["/nonexistent"],
@@ -141,6 +142,23 @@ def test_the_hello_bench_times_this_checkout_and_leaves_nothing() -> None:
     assert len(lines) == 1 and lines[0].startswith(f"{ROOT}: exec to hello, median "), done.stdout
     assert lines[0].endswith("; 2 runs)"), done.stdout
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-hello-*"))) == before
+
+
+def test_the_hello_bench_says_at_once_when_a_checkouts_zds_exits_before_its_hello(tmp_path: Path) -> None:
+    (tmp_path / "zds").mkdir()
+    (tmp_path / "zds" / "__init__.py").write_text("")
+    (tmp_path / "zds" / "__main__.py").write_text('import sys\nsys.exit("zds: it breaks at start")\n')
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "hello.py"), "--runs", "1", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=20,  # (not the 30 s a missing hello is waited for)
+        env=THIS_CHECKOUT,
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"bench/hello.py: {tmp_path}: zds ztunnel exited 1 before its hello: zds: it breaks at start\n",
+    )
 
 
 def test_a_bench_stopped_by_sigterm_removes_its_processes_namespaces_and_temp_dir() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
+
+import pytest
 
 from zds.client.inpod import ListenerSpec
 from zds.protocol.messages import Ack, AddWorkload, DelWorkload, Hello, KeepWorkload, SnapshotSent
@@ -33,3 +36,9 @@ def test_a_record_is_always_true_and_hashed_by_its_fields() -> None:
     assert {KeepWorkload("u"): 1}[KeepWorkload("u")] == 1
     assert len({KeepWorkload("u"), DelWorkload("u")}) == 2
     assert repr(DelWorkload("u")) == "DelWorkload(uid='u')"
+
+
+def test_a_record_has_no_order_and_lets_the_other_operand_compare() -> None:
+    with pytest.raises(TypeError):
+        sorted([KeepWorkload("b"), KeepWorkload("a")])
+    assert same(Ack("x"), mock.ANY) and not differ(Ack("x"), mock.ANY)

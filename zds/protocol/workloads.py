@@ -42,6 +42,9 @@ class Workload:
         #: How many times starting its proxy failed since the last success.
         self.failures = 0
 
+    def __repr__(self) -> str:
+        return f"Workload(uid={self.uid!r}, state={self.state.value}, netns_fd={self.netns_fd!r})"
+
 
 # -- events ---------------------------------------------------------------------
 @frozen
