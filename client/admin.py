@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zds import defaults
-from zds.client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from zds.client.metrics import content_type
 from zds.errors import ZdsError
 from zds.values import frozen
 
@@ -179,7 +179,7 @@ def metrics_routes(views: Views) -> list[web.RouteDef]:
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(text=views.metrics())
-        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        response.headers["Content-Type"] = content_type(request.headers.getall("Accept", ()))
         return response
 
     return [web.get("/metrics", metrics), web.get("/stats/prometheus", metrics)]

@@ -91,7 +91,8 @@ class Ztunnel:
         )
         self.metrics.observe(
             "workload_manager_pending_proxy_count",
-            lambda: sum(1 for w in self.protocol.workloads.values() if w.state is not WorkloadState.UP),
+            # (ztunnel's: those waiting for a retry; one whose proxy is starting is in neither)
+            lambda: sum(1 for w in self.protocol.workloads.values() if w.state is WorkloadState.PENDING),
         )
         self.metrics.observe("zds_ztunnel_connected", lambda: float(self.client.connected))
         self.metrics.observe("zds_ztunnel_ready", lambda: float(self.ready))

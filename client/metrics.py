@@ -1,4 +1,4 @@
-"""The ztunnel side's metrics, in the Prometheus text exposition format.
+"""The ztunnel side's metrics, in the OpenMetrics text format, as ztunnel writes them.
 
 The four in-pod metrics keep ztunnel's names: ztunnel registers them in
 ``src/inpod/metrics.rs`` under the ``workload_manager`` prefix (``app.rs``),
@@ -7,16 +7,33 @@ so they read ``workload_manager_active_proxy_count``,
 ``workload_manager_proxies_started_total`` and
 ``workload_manager_proxies_stopped_total``. zds's own additions carry the
 ``zds_ztunnel_`` prefix (connections, requests, nacks, the data path's
-connections and bytes per workload). A handful of numbers, so the text format
-is written here directly (version 0.0.4).
+connections and bytes per workload). A handful of numbers, so the text is written here
+directly, as ztunnel's ``prometheus-client`` crate writes it: a counter family named
+without ``_total`` in its HELP and TYPE lines (its sample with it), a full stop after each
+help text, whole numbers without a fraction, ``# EOF`` at the end. ztunnel writes that
+text whatever is asked for and says ``application/openmetrics-text`` only to a client whose
+``Accept`` names it (``content_type``, as ``src/metrics/server.rs``'s).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-#: Content type of the text exposition format.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The Content-Type of /metrics unless the client accepts OpenMetrics (ztunnel's words).
+PLAIN_TEXT = "text/plain; charset=utf-8"
+#: The Content-Type of /metrics for a client whose Accept names OpenMetrics (ztunnel's words).
+OPENMETRICS = "application/openmetrics-text;charset=utf-8;version=1.0.0"
+
+
+def content_type(accept: Iterable[str]) -> str:
+    """The Content-Type ztunnel answers /metrics with, given the request's ``Accept`` headers:
+    OpenMetrics if an entry (split on commas, not trimmed, lowercased) is
+    ``application/openmetrics-text`` before its first ``;``, else plain text."""
+    for header in accept:
+        for entry in header.split(","):
+            if entry.lower().split(";", 1)[0] == "application/openmetrics-text":
+                return OPENMETRICS
+    return PLAIN_TEXT
 
 
 class _Family:
@@ -99,6 +116,7 @@ class ZtunnelMetrics:
         self._families[name] = _Family(name, "gauge", help)
 
     def _counter(self, name: str, help: str, *, labeled: bool = False) -> None:
+        assert name.endswith("_total"), name  # (its sample's name; the family's is without)
         self._families[name] = _Family(name, "counter", help, labeled=labeled)
 
     # -- updates --------------------------------------------------------------
@@ -152,11 +170,12 @@ class ZtunnelMetrics:
 
     # -- exposition --------------------------------------------------------------
     def render(self) -> str:
-        """Every metric in the Prometheus text format."""
+        """Every metric in the OpenMetrics text format (ztunnel's, see the module's doc)."""
         lines: list[str] = []
         for family in self._families.values():
-            lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-            lines.append(f"# TYPE {family.name} {family.kind}")
+            name = family.name.removesuffix("_total") if family.kind == "counter" else family.name
+            lines.append(f"# HELP {name} {_escape_help(family.help)}.")
+            lines.append(f"# TYPE {name} {family.kind}")
             values = dict(family.values)
             if family.read is not None:
                 values[()] = family.read()
@@ -168,4 +187,5 @@ class ZtunnelMetrics:
                     lines.append(f"{family.name}{{{labels}}} {_format_value(value)}")
                 else:
                     lines.append(f"{family.name} {_format_value(value)}")
+        lines.append("# EOF")
         return "\n".join(lines) + "\n"

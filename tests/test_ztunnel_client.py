@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from tests.harness import (
     PORTS,
@@ -46,7 +47,7 @@ from zds.client.app import Ztunnel
 from zds.client.backoff import Backoff
 from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.listeners import AcceptedConnection, ListenerError, ListenerSpec, open_listeners
-from zds.client.metrics import ZtunnelMetrics
+from zds.client.metrics import OPENMETRICS, PLAIN_TEXT, ZtunnelMetrics, content_type
 from zds.client.session import Handover
 from zds.client.workloads import ProxySettings
 from zds.netns import in_netns, open_netns
@@ -725,9 +726,17 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     assert metrics['zds_ztunnel_requests_total{kind="add"}'] == 1
     assert metrics["zds_ztunnel_ready"] == 1
     status, text = z.get("metrics", "/metrics")
-    assert "# TYPE workload_manager_proxies_started_total counter" in text
+    assert "# TYPE workload_manager_proxies_started counter" in text  # (ztunnel's: without _total)
     assert "# TYPE workload_manager_active_proxy_count gauge" in text
+    assert text.endswith("\n# EOF\n")
     assert z.get("metrics", "/stats/prometheus") == (status, text)
+    # The same text; its Content-Type as ztunnel's: OpenMetrics only when the client asks for it.
+    for accept, expected in ((None, PLAIN_TEXT), (PROMETHEUS_ACCEPT, OPENMETRICS)):
+        request = urllib.request.Request(f"http://{z.address('metrics')}/metrics")
+        if accept is not None:
+            request.add_header("Accept", accept)
+        with urllib.request.urlopen(request, timeout=10) as got:
+            assert (got.headers["Content-Type"], got.read().decode()) == (expected, text)
     assert conn.delete("pod-uid-1") == Ack()
     assert z.config_dump()["workloadState"] == {}
     metrics = z.metrics()
@@ -873,6 +882,51 @@ def test_without_ipv6_in_the_kernel_listeners_fall_back_to_ipv4(
     finally:
         for lst in made:
             lst.sock.close()
+
+
+#: Prometheus's default scrape Accept (ztunnel's src/metrics/server.rs tests it so).
+PROMETHEUS_ACCEPT = (
+    "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.6,"
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+    "text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+)
+
+#: ztunnel's in-pod metrics as its prometheus-client crate writes them (src/inpod/metrics.rs,
+#: registered under "workload_manager" in src/app.rs; the crate adds the full stop), all 0 yet.
+ZTUNNEL_INPOD_METRICS = """\
+# HELP workload_manager_active_proxy_count The total number current workloads with active proxies (unstable).
+# TYPE workload_manager_active_proxy_count gauge
+workload_manager_active_proxy_count 0
+# HELP workload_manager_pending_proxy_count The total number current workloads with pending proxies (unstable).
+# TYPE workload_manager_pending_proxy_count gauge
+workload_manager_pending_proxy_count 0
+# HELP workload_manager_proxies_started The total number of proxies that were started (unstable).
+# TYPE workload_manager_proxies_started counter
+workload_manager_proxies_started_total 0
+# HELP workload_manager_proxies_stopped The total number of proxies that were stopped (unstable).
+# TYPE workload_manager_proxies_stopped counter
+workload_manager_proxies_stopped_total 0
+"""
+
+
+def test_metrics_are_ztunnels_openmetrics_text() -> None:
+    text = ZtunnelMetrics().render()
+    assert text.startswith(ZTUNNEL_INPOD_METRICS) and text.endswith("\n# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]  # (refuses what is not OpenMetrics)
+    assert families["workload_manager_proxies_started"].type == "counter"
+    assert [s.name for s in families["zds_ztunnel_connections"].samples] == ["zds_ztunnel_connections_total"]
+
+
+def test_the_metrics_content_type_is_chosen_from_accept_as_ztunnel_does() -> None:
+    assert content_type([]) == PLAIN_TEXT == "text/plain; charset=utf-8"
+    assert content_type(["application/json", "application/openmetrics-text; other stuff"]) == OPENMETRICS
+    assert OPENMETRICS == "application/openmetrics-text;charset=utf-8;version=1.0.0"
+    assert content_type([PROMETHEUS_ACCEPT]) == OPENMETRICS
+    assert content_type(["APPLICATION/OpenMetrics-Text"]) == OPENMETRICS
+    assert content_type(["application/json"]) == PLAIN_TEXT
+    # ztunnel splits on commas and does not trim: after ", " it is not the name.
+    assert content_type(["text/plain, application/openmetrics-text"]) == PLAIN_TEXT
 
 
 def test_metrics_text_format() -> None:
