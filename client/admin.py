@@ -180,6 +180,7 @@ def metrics_routes(views: Views) -> list[web.RouteDef]:
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(text=views.metrics())
         response.headers["Content-Type"] = content_type(request.headers.getall("Accept", ()))
+        response.enable_compression()  # (as ztunnel's stats server: by Accept-Encoding, gzip for Prometheus)
         return response
 
     return [web.get("/metrics", metrics), web.get("/stats/prometheus", metrics)]

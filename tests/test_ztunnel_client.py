@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gzip
 import itertools
 import json
 import os
@@ -737,6 +738,11 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
             request.add_header("Accept", accept)
         with urllib.request.urlopen(request, timeout=10) as got:
             assert (got.headers["Content-Type"], got.read().decode()) == (expected, text)
+    request = urllib.request.Request(
+        f"http://{z.address('metrics')}/metrics", headers={"Accept-Encoding": "gzip"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as got:  # (compressed when asked, as ztunnel's)
+        assert got.headers["Content-Encoding"] == "gzip" and gzip.decompress(got.read()).decode() == text
     assert conn.delete("pod-uid-1") == Ack()
     assert z.config_dump()["workloadState"] == {}
     metrics = z.metrics()
