@@ -138,12 +138,11 @@ class BulkLane(asyncio.Protocol):
             self._requests.get_nowait()
         self._requests.put_nowait(None)
         if self._task is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(LANE_STOP_GRACE):
-                    await asyncio.shield(self._task)
+            # (asyncio.wait, not the task itself: a lane cut off before the stop has a
+            # cancelled task, whose CancelledError would have ended the node agent's stop)
+            await asyncio.wait({self._task}, timeout=LANE_STOP_GRACE)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})
         if self._transport is not None:
             self._transport.abort()
 

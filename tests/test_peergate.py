@@ -1,12 +1,14 @@
-"""The control socket's door at the node agent's stop: its bulk lanes are ended together."""
+"""The control socket's door at the node agent's stop: its bulk lanes are ended together,
+and one that broke before does not stop the others' ending (nor the node agent's stop)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import pathlib
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import pytest
 
@@ -17,46 +19,83 @@ from zds.server.peergate import PeerGate
 from zds.server.peers import AllowList, PeerGuard
 
 
-async def test_the_bulk_lanes_have_their_grace_together_at_the_stop(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each lane's answers get LANE_STOP_GRACE; one lane after the other, 16 lanes whose
-    answers never went out held the node agent's stop for 16 s. Every lane's stream is ended
-    before any lane's grace is up."""
-    monkeypatch.setattr(bulklane, "LANE_STOP_GRACE", 0.2)
-    events: list[tuple[str, int]] = []
-    numbers = itertools.count()
-    never = asyncio.Event()
+class Lanes:
+    """A door on ``tmp``/control.sock whose bulk lanes never answer: what each lane's
+    stream did (``ended``: its requests ended; ``cancelled``) in ``events``, in order."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.events: list[tuple[str, int]] = []
+        self._numbers = itertools.count()
+        self._never = asyncio.Event()
+        self.public = str(tmp / "control.sock")
+        self.gate = PeerGate(str(tmp / "private.sock"), PeerGuard(AllowList.default(), "control"), self.serve)
+        self.clients: list[socket.socket] = []
 
     async def serve(
-        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+        self, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest]
     ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
-        lane = next(numbers)
+        lane = next(self._numbers)
         try:
             async for _ in requests:
                 pass
-            events.append(("ended", lane))
-            await never.wait()  # its answers never go out
+            self.events.append(("ended", lane))
+            await self._never.wait()  # its answers never go out
         except asyncio.CancelledError:
-            events.append(("cancelled", lane))
+            self.events.append(("cancelled", lane))
             raise
         yield nodeagent_pb2.AddPodsReply()  # (not reached)
 
-    gate = PeerGate(str(tmp_path / "private.sock"), PeerGuard(AllowList.default(), "control"), serve)
-    public = str(tmp_path / "control.sock")
-    await gate.start(public, 0o600)
-    loop = asyncio.get_running_loop()
-    clients: list[socket.socket] = []
+    async def open(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self.clients.append(sock)
+        await loop.sock_connect(sock, self.public)
+        await loop.sock_sendall(sock, MAGIC)
+        assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC  # a lane now
+        return sock
+
+
+@pytest.fixture
+def lanes(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lanes]:
+    monkeypatch.setattr(bulklane, "LANE_STOP_GRACE", 0.2)
+    made = Lanes(tmp_path)
     try:
-        for _ in range(3):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            clients.append(sock)
-            await loop.sock_connect(sock, public)
-            await loop.sock_sendall(sock, MAGIC)
-            assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC  # a lane now
-        await gate.close()
+        yield made
     finally:
-        for sock in clients:
+        for sock in made.clients:
             sock.close()
-    assert sorted(events) == [("cancelled", i) for i in range(3)] + [("ended", i) for i in range(3)]
-    assert [what for what, _ in events[:3]] == ["ended"] * 3, events
+
+
+async def test_the_bulk_lanes_have_their_grace_together_at_the_stop(lanes: Lanes) -> None:
+    """Each lane's answers get LANE_STOP_GRACE; one lane after the other, 16 lanes whose
+    answers never went out held the node agent's stop for 16 s. Every lane's stream is ended
+    before any lane's grace is up."""
+    await lanes.gate.start(lanes.public, 0o600)
+    for _ in range(3):
+        await lanes.open()
+    await lanes.gate.close()
+    assert sorted(lanes.events) == [("cancelled", i) for i in range(3)] + [("ended", i) for i in range(3)]
+    assert [what for what, _ in lanes.events[:3]] == ["ended"] * 3, lanes.events
+
+
+async def test_a_lane_broken_before_the_stop_does_not_break_the_stop(lanes: Lanes) -> None:
+    """A lane whose client sent a frame no zds end sends is cut off (its stream cancelled) and
+    stays among the lanes until the next opens: at the stop, its cancelled stream raised
+    CancelledError out of the door's close, and the node agent's stop ended there (gRPC, the
+    pod store's close, the socket files: all skipped)."""
+    await lanes.gate.start(lanes.public, 0o600)
+    broken = await lanes.open()
+    for _ in range(2):
+        await lanes.open()
+    await asyncio.get_running_loop().sock_sendall(broken, b"\x07" + b"\xff" * 8)  # no such frame
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.get_running_loop().sock_recv(broken, 64):
+            pass  # (until it is closed)
+    await lanes.gate.close()
+    assert ("cancelled", 0) in lanes.events and ("ended", 0) not in lanes.events
+    assert sorted(e for e in lanes.events if e[1] != 0) == [
+        ("cancelled", 1),
+        ("cancelled", 2),
+        ("ended", 1),
+        ("ended", 2),
+    ]
