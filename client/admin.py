@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
+    from zds.httpguard import TcpGuard
+
 log = logging.getLogger("zds.ztunnel.http")
 
 #: What a listen flag accepts to mean "do not serve this endpoint".
@@ -174,13 +176,42 @@ def readiness_routes(views: Views) -> list[web.RouteDef]:
     return [web.get("/healthz/ready", ready, allow_head=False)]  # (ztunnel: GET only, else 405)
 
 
+#: What /metrics may be compressed with, preferred first on equal q-values (ztunnel's
+#: tower-http also offers zstd and br, ahead of these).
+CODINGS = ("gzip", "deflate")
+
+
+def metrics_coding(accept_encoding: str) -> str | None:
+    """The coding of ``CODINGS`` the client's ``Accept-Encoding`` prefers by its q-values
+    (``*`` for any; q=0 refuses one), or None: the body goes as it is."""
+    weights: dict[str, float] = {}
+    for entry in accept_encoding.lower().split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, number = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(number)
+                except ValueError:
+                    q = 0.0
+        weights[name] = q
+    q_of = {coding: weights.get(coding, weights.get("*", 0.0)) for coding in CODINGS}
+    best = max(CODINGS, key=lambda coding: q_of[coding])  # (the first of the best: gzip on a tie)
+    return best if q_of[best] > 0 else None
+
+
 def metrics_routes(views: Views) -> list[web.RouteDef]:
     from aiohttp import web
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(text=views.metrics())
         response.headers["Content-Type"] = content_type(request.headers.getall("Accept", ()))
-        response.enable_compression()  # (as ztunnel's stats server: by Accept-Encoding, gzip for Prometheus)
+        # Compressed as ztunnel's stats server does (gzip for Prometheus's scrapes).
+        response.headers["Vary"] = "accept-encoding"
+        coding = metrics_coding(request.headers.get("Accept-Encoding", ""))
+        if coding is not None:
+            response.enable_compression(web.ContentCoding(coding))
         return response
 
     return [web.get("/metrics", metrics), web.get("/stats/prometheus", metrics)]
@@ -192,6 +223,7 @@ class HttpEndpoints:
     def __init__(self) -> None:
         self._runners: list[web.AppRunner] = []
         self._servers: list[asyncio.AbstractServer] = []
+        self._guards: list[TcpGuard] = []
         #: Bound and listening, not served yet: (endpoint names, socket).
         self._bound: list[tuple[list[str], socket.socket]] = []
         #: endpoint name → bound address, e.g. {"admin": "127.0.0.1:15000"}.
@@ -251,6 +283,7 @@ class HttpEndpoints:
                 self._bound.pop(0)
                 self._servers.append(server)
                 self._runners.append(runner)
+                self._guards.append(guard)
                 for name in names:
                     log.info("%s listening on %s", name, self.bound[name])
         except BaseException:
@@ -276,3 +309,6 @@ class HttpEndpoints:
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
+        guards, self._guards = self._guards, []
+        for guard in guards:
+            guard.flush()

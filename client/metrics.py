@@ -53,7 +53,7 @@ def _escape_label(value: str) -> str:
 
 
 def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')  # (OpenMetrics's)
 
 
 def _format_value(value: float) -> str:

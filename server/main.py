@@ -307,6 +307,7 @@ class NodeAgentServer:
 
         async def close() -> None:
             server.close()
+            guard.flush()
 
         self._closers.append(close)
         bound = server.sockets[0].getsockname()

@@ -26,3 +26,17 @@ async def test_a_tally_says_the_first_at_once_and_the_rest_when_its_window_is_up
     assert len(caplog.records) == 2
     await async_wait_until(lambda: len(caplog.records) == 3, "the next one said", timeout=5)
     assert caplog.records[2].getMessage() == "HTTP: 1 connection(s) refused: 9 open already"
+
+
+async def test_a_tally_flushed_says_what_it_holds_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="zds.http")
+    tally = Tally(every=60, logger=logging.getLogger("zds.http"))
+    tally.flush()  # nothing counted: nothing said
+    for open_now in range(3):
+        tally.add("HTTP: %d connection(s) refused: %d open already", open_now)
+    tally.flush()  # (a stop: the 60 s are not waited for)
+    tally.flush()
+    assert [r.getMessage() for r in caplog.records] == [
+        "HTTP: 1 connection(s) refused: 0 open already",
+        "HTTP: 2 connection(s) refused: 2 open already",
+    ]

@@ -16,6 +16,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from tests.harness import (
 )
 from tests.standins import FakeConnection, FakeNodeAgent
 from zds.check.inpod import socket_inodes
+from zds.client.admin import metrics_coding
 from zds.client.app import Ztunnel
 from zds.client.backoff import Backoff
 from zds.client.config import ZtunnelConfig, ZtunnelParts
@@ -743,6 +745,7 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     )
     with urllib.request.urlopen(request, timeout=10) as got:  # (compressed when asked, as ztunnel's)
         assert got.headers["Content-Encoding"] == "gzip" and gzip.decompress(got.read()).decode() == text
+        assert got.headers["Vary"] == "accept-encoding"
     assert conn.delete("pod-uid-1") == Ack()
     assert z.config_dump()["workloadState"] == {}
     metrics = z.metrics()
@@ -933,6 +936,23 @@ def test_the_metrics_content_type_is_chosen_from_accept_as_ztunnel_does() -> Non
     assert content_type(["application/json"]) == PLAIN_TEXT
     # ztunnel splits on commas and does not trim: after ", " it is not the name.
     assert content_type(["text/plain, application/openmetrics-text"]) == PLAIN_TEXT
+
+
+def test_the_metrics_coding_follows_accept_encodings_q_values() -> None:
+    for accept_encoding, coding in (
+        ("", None),
+        ("gzip", "gzip"),
+        ("gzip, deflate", "gzip"),  # (aiohttp's own choice would be deflate: the first it finds)
+        ("deflate, gzip, br, zstd", "gzip"),
+        ("deflate", "deflate"),
+        ("gzip;q=0.5, deflate", "deflate"),
+        ("gzip;q=0", None),
+        ("br", None),
+        ("*", "gzip"),
+        ("*;q=0", None),
+        ("GZIP", "gzip"),
+    ):
+        assert metrics_coding(accept_encoding) == coding, accept_encoding
 
 
 def test_metrics_text_format() -> None:
@@ -1293,3 +1313,10 @@ def test_its_http_endpoints_keep_at_most_64_connections_and_close_half_requests(
         "/healthz/ready",
     )
     assert z.ready_status() == 200
+    # Each of the 200 counted, closed to make room or at the 10 s: those not said yet (in the
+    # 10 s after a first line) are said at the stop.
+    assert z.stop() == 0
+    counts = re.findall(
+        r"HTTP: (\d+) connection\(s\) closed(?: to make room|: no request within 10s)", z.output()
+    )
+    assert sum(map(int, counts)) == 200, counts

@@ -41,6 +41,11 @@ class TcpGuard:
         self._slow_body = Tally(self.WARN_EVERY, log)
         self._bad_body = Tally(self.WARN_EVERY, log)
 
+    def flush(self) -> None:
+        """Say what the tallies hold now (the server stops)."""
+        for tally in (self._refused, self._dropped, self._too_slow, self._slow_body, self._bad_body):
+            tally.flush()
+
     def protocol(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: AdmittedProtocol(inner(), self.admit, self.gone)
 

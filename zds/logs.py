@@ -285,6 +285,12 @@ class Tally:
 
             self._flush = asyncio.get_running_loop().call_later(wait, self._say)
 
+    def flush(self) -> None:
+        """Say what is counted and not said yet, now (at a stop: the timer would die with the loop)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._say()
+
     def _say(self) -> None:
         self._flush = None
         text, args = self._line
