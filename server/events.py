@@ -291,7 +291,9 @@ class EventBus:
         self._watchers.discard(watcher)
 
     def close(self, detail: str) -> None:
-        """End every watch (shutdown); later subscribers are ended at once."""
+        """End every watch (shutdown); later subscribers are ended at once. Watchers ended for
+        falling behind and not said yet are said now."""
         self._closed = WatchEnded(WatchEnding.SHUTDOWN, detail)
         for watcher in list(self._watchers):
             watcher.finish(self._closed)
+        self.fell_behind.flush()

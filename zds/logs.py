@@ -271,7 +271,7 @@ class Tally:
         self._said = -every
         self._count = 0
         self._line: tuple[str, tuple[object, ...]] = ("", ())
-        self._flush: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def add(self, text: str, *args: object) -> None:
         """Count one; ``text`` takes the count, then ``args`` (the latest are said)."""
@@ -280,19 +280,19 @@ class Tally:
         wait = self._said + self.every - time.monotonic()
         if wait <= 0:
             self._say()
-        elif self._flush is None:
+        elif self._timer is None:
             import asyncio
 
-            self._flush = asyncio.get_running_loop().call_later(wait, self._say)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._say)
 
     def flush(self) -> None:
         """Say what is counted and not said yet, now (at a stop: the timer would die with the loop)."""
-        if self._flush is not None:
-            self._flush.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
             self._say()
 
     def _say(self) -> None:
-        self._flush = None
+        self._timer = None
         text, args = self._line
         self.logger.warning(text, self._count, *args)
         self._said, self._count = time.monotonic(), 0
