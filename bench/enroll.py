@@ -30,12 +30,10 @@ import time
 
 import grpc
 import podns
-from procs import run_main, stop_process
+from procs import measuring_env, run_main, stop_process
 
 from zds.cliflags import positive_int
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
-
-UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -63,7 +61,7 @@ def main() -> int:
         print("bench/enroll.py: run as root (it creates network namespaces)", file=sys.stderr)
         return 1
 
-    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env = measuring_env()
     tmp = tempfile.mkdtemp(prefix="zds-bench-")
     zds_sock, ctl = os.path.join(tmp, "zds.sock"), os.path.join(tmp, "ctl.sock")
     procs: list[subprocess.Popen[bytes]] = []

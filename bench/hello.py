@@ -16,7 +16,6 @@ Run as root or not:
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shutil
 import socket
@@ -26,14 +25,12 @@ import sys
 import tempfile
 import time
 
-from procs import BenchError, run_main, stop_process
+from procs import BenchError, compile_bytecode, measuring_env, run_main, stop_process
 
 from zds.cliflags import positive_int
 from zds.protocol.messages import encode_hello
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: The packages a checkout holds (zds's subpackages are links to the top-level ones).
-PACKAGES = ("zds", "client", "server", "netns")
 #: Seconds a run waits for the connection, and then for the hello.
 HELLO_TIMEOUT = 30.0
 
@@ -46,21 +43,13 @@ def checkout(path: str) -> str:
     return root
 
 
-def compiled(root: str) -> str:
-    """``root``, its bytecode compiled."""
-    for package in PACKAGES:
-        if os.path.isdir(os.path.join(root, package)):
-            compileall.compile_dir(os.path.join(root, package), quiet=1)
-    return root
-
-
 def one_run(root: str, path: str) -> float:
     """Seconds from starting ``root``'s ``zds ztunnel`` to its hello on a socket bound at
     ``path`` for this run alone (a reconnect of the one before cannot be taken for it)."""
     argv = [sys.executable, "-m", "zds", "--log-level", "warning", "ztunnel", "--zds-socket", path]
     for flag in ("--admin-listen", "--readiness-listen", "--metrics-listen"):
         argv += [flag, "127.0.0.1:0"]
-    env = {**os.environ, "PYTHONPATH": root, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = measuring_env(PYTHONPATH=root)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as listener:
         listener.bind(path)
         try:
@@ -118,7 +107,9 @@ def main() -> int:
     args = parser.parse_args()
     if len(set(args.checkouts)) < len(args.checkouts):
         parser.error("a checkout is named twice")
-    roots = [compiled(root) for root in args.checkouts]
+    roots = args.checkouts
+    for root in roots:
+        compile_bytecode(root, measuring_env())
     times: dict[str, list[float]] = {root: [] for root in roots}
     tmp = tempfile.mkdtemp(prefix="zds-hello-")
     try:

@@ -19,6 +19,34 @@ from dataclasses import dataclass, field
 
 #: How long any one milestone may take before the run is abandoned (a hung run, not a timing).
 DEADLINE = 120.0
+#: Environment variables of the caller's session that would change what is measured
+#: (no bytecode cache: every import compiled again; unbuffered output; import profiling).
+UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE")
+#: A checkout's packages (zds's subpackages are links to the top-level ones).
+PACKAGES = ("zds", "server", "client", "netns")
+
+
+def measuring_env(**extra: str) -> dict[str, str]:
+    """This process's environment without ``UNSET``, with ``extra``: what measured processes get."""
+    return {**{k: v for k, v in os.environ.items() if k not in UNSET}, **extra}
+
+
+def compile_bytecode(root: str, env: dict[str, str]) -> None:
+    """Compile the checkout at ``root`` beforehand, as a pip install does: no run pays for it
+    (the packages it has: an older or a made-up checkout may lack some)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            *(p for p in PACKAGES if os.path.isdir(os.path.join(root, p))),
+        ],
+        cwd=root,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def peers_dir() -> str:

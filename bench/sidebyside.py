@@ -38,15 +38,21 @@ import firstrequest
 import podns
 import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
-from procs import BenchError, loadavg, peers_dir, run_main, stop_process, wait_idle
+from procs import (
+    BenchError,
+    compile_bytecode,
+    loadavg,
+    measuring_env,
+    peers_dir,
+    run_main,
+    stop_process,
+    wait_idle,
+)
 
 from zds.cliflags import positive_int
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEERS = peers_dir()
-#: Environment variables of the caller's session that would change what is measured
-#: (no bytecode cache: every import compiled again; unbuffered output).
-UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def find_tools(peers: str) -> tuple[Tools, str | None]:
     """The programs (a peer that is not built: None) and the C floor (or None)."""
-    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env = measuring_env()
     found = {
         "istio_server": os.path.join(peers, "istio-go", "bin", "istio-zds-server"),
         "istio_client": os.path.join(peers, "istio-go", "bin", "istio-zds-client"),
@@ -215,14 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped.append(f"C floor: skipped, zds-limit not built under {args.peers}")
     for line in skipped:
         print(f"bench: {line}", file=sys.stderr)
-    # Bytecode compiled beforehand, as a pip install does: no run pays for compiling.
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", "zds", "server", "client", "netns"],
-        cwd=REPO,
-        env=tools.env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    compile_bytecode(REPO, tools.env)
     doc: dict[str, Any] = {
         "command": shlex.join(
             [os.path.relpath(sys.executable, REPO), "bench/sidebyside.py", *(argv or sys.argv[1:])]
