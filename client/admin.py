@@ -153,8 +153,8 @@ def admin_routes(views: Views) -> list[web.RouteDef]:
             return web.json_response({"error": str(exc)}, status=404)
 
     return [
-        web.get("/config_dump", config_dump),
-        web.get("/", index),
+        web.route("*", "/config_dump", config_dump),  # (ztunnel's answer any method)
+        web.route("*", "/", index),
         web.get("/faults", list_faults),
         web.post("/faults", arm_fault),
         web.delete("/faults", clear_faults),
@@ -214,7 +214,24 @@ def metrics_routes(views: Views) -> list[web.RouteDef]:
             response.enable_compression(web.ContentCoding(coding))
         return response
 
-    return [web.get("/metrics", metrics), web.get("/stats/prometheus", metrics)]
+    return [
+        web.route("*", "/metrics", metrics),
+        web.route("*", "/stats/prometheus", metrics),
+    ]  # (any method, as ztunnel's)
+
+
+async def _empty_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The router's 404 and 405 without a body, as ztunnel's servers answer them
+    (``empty_response``; a 405 keeps aiohttp's Allow header)."""
+    from aiohttp import web
+
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        allow = exc.headers.get("Allow")
+        return web.Response(status=exc.status, headers={"Allow": allow} if allow is not None else None)
 
 
 class HttpEndpoints:
@@ -267,7 +284,7 @@ class HttpEndpoints:
                 # Anyone on the node can connect: at most 64 at once, 10 s to bring a request
                 # (connections that said nothing had used up the fds the pods' sockets need).
                 guard = TcpGuard()
-                app = web.Application(middlewares=[guard.middleware])
+                app = web.Application(middlewares=[guard.middleware, web.middleware(_empty_errors)])
                 for name in names:
                     app.add_routes(routes[name])
                 runner = web.AppRunner(

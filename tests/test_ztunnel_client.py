@@ -703,11 +703,11 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     assert conn.snapshot() == Ack()
     assert z.ready_status() == 200
     assert z.get("readiness", "/healthz/ready")[1] == "ready\n"
-    for method in ("HEAD", "POST"):  # ztunnel's readiness answers GET only
+    for method in ("HEAD", "POST"):  # ztunnel's readiness answers GET only, with an empty 405
         request = urllib.request.Request(f"http://{z.address('readiness')}/healthz/ready", method=method)
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 405, method
+        assert (refused.value.code, refused.value.read()) == (405, b""), method
     dump = z.config_dump()
     w = dump["workloadState"]["pod-uid-1"]
     assert w["state"] == "Up"
@@ -751,7 +751,16 @@ def test_config_dump_readiness_and_metrics_follow_the_state(
     metrics = z.metrics()
     assert metrics["workload_manager_active_proxy_count"] == 0
     assert metrics["workload_manager_proxies_stopped_total"] == 1
-    assert z.get("admin", "/nope")[0] == 404
+    # Elsewhere an empty 404 on each of the three, and /metrics for any method, as ztunnel's
+    # (hyper_util::empty_response; its stats server matches the path only).
+    for name in ("admin", "readiness", "metrics"):
+        assert z.get(name, "/nope") == (404, ""), name
+    request = urllib.request.Request(f"http://{z.address('metrics')}/metrics", method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=10) as got:
+        assert got.read().decode().endswith("\n# EOF\n")
+    request = urllib.request.Request(f"http://{z.address('admin')}/config_dump", method="POST", data=b"")
+    with urllib.request.urlopen(request, timeout=10) as got:
+        assert json.loads(got.read())["workloadState"] == {}
 
 
 def test_ztunnels_own_netns_is_refused_unless_allowed(
