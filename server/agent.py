@@ -33,7 +33,7 @@ from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
 from zds.server.faults import Fault, FaultBook, FaultSpec
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.observer import AgentObserver
-from zds.server.outcomes import DeleteResult, Enrolled
+from zds.server.outcomes import ANY_POD, DeleteResult, Enrolled, Expect
 from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules
@@ -131,17 +131,17 @@ class NodeAgent:
         """Cache a pod without delivering it (start-up ``--pods``)."""
         return await self.enrollment.load(spec)
 
-    async def add_pod(self, spec: PodSpec) -> Enrolled:
+    async def add_pod(self, spec: PodSpec, *, expect: Pod | Expect | None = ANY_POD) -> Enrolled:
         """Enroll a pod and wait for ztunnel's ack (see ``Enrollment.add``)."""
-        return await self.enrollment.add(spec)
+        return await self.enrollment.add(spec, expect=expect)
 
     def start_add(self, spec: PodSpec) -> asyncio.Task[Enrolled]:
         """Begin enrolling a pod; the enrollment's own task (``add_pod`` without the wait)."""
         return self.enrollment.start(spec)
 
-    async def remove_pod(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+    async def remove_pod(self, uid: str, *, expect: Pod | Expect = ANY_POD) -> tuple[Pod, list[DeleteResult]]:
         """Remove a pod: rules out, DelWorkload to every connection (see ``Enrollment.remove``)."""
-        return await self.enrollment.remove(uid)
+        return await self.enrollment.remove(uid, expect=expect)
 
     async def release_unknown(self, uid: str) -> list[DeleteResult]:
         """DelWorkload to every connection for a uid no pod has (``Enrollment.release_unknown``)."""

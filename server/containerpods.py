@@ -2,7 +2,10 @@
 
 Both sources name a container's pod by the container id and both go through
 here, one uid at a time (a lock per uid), so they agree on one pod: never two
-enrollments racing, never one source removing what the other just enrolled.
+enrollments racing, never one source removing what the other just enrolled. The
+control API takes no such lock: what it enrolls or removes meanwhile shows when the
+enrollment or removal decided on here has its turn (``expect``, ``PodChanged``), and
+the decision is made again on what is there then.
 Only pods of containers (source ``cni`` or ``container-engine``) are ever
 replaced or removed here (and, by a CNI event, a pod an event as Istio's plugin
 sends it enrolled: source ``istio-cni``, which the engine never touches); a pod
@@ -28,7 +31,7 @@ from zds.netns import NetnsError, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
 from zds.server.locks import KeyedLocks
-from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
+from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, PodChanged, RemovalNotRecorded
 from zds.server.podcache import Pod
 from zds.server.pods import PodSource, PodSpec
 from zds.server.selection import Selection
@@ -130,12 +133,17 @@ class ContainerPods:
         # The pod of a container is named by its id (facts.id is cid), whatever PodUID said.
         spec = facts.pod_spec(spec.netns, spec.ips, spec.source)
         async with self.serialized(cid):
-            if (refusal := self.held_elsewhere(cid)) is not None:
-                return 500, refusal
-            try:
-                await self.agent.add_pod(spec)
-            except EnrollmentError as exc:
-                return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
+            while True:  # (again when the control API changed the uid's pod meanwhile)
+                held = self.agent.pods.get(cid)
+                if (refusal := self.held_elsewhere(cid)) is not None:
+                    return 500, refusal
+                try:
+                    await self.agent.add_pod(spec, expect=held)
+                    break
+                except PodChanged:
+                    continue
+                except EnrollmentError as exc:
+                    return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
         return 200, f"enrolled: container {facts.name} is {selection.reason}"
 
     async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:
@@ -145,19 +153,23 @@ class ContainerPods:
         left (``podman network disconnect``) is not the container gone, and one that still
         runs selected is enrolled again (its pod had stayed away until the next reconcile)."""
         async with self.serialized(uid):
-            held = self.agent.pods.get(uid)
-            if held is None:
-                return 200, "not enrolled"
-            if not held.spec.source.cni:
-                return 200, f"left alone: enrolled by {held.spec.source.value}"
-            if netns and held.spec.netns.path not in (None, netns):
-                return 200, f"left alone: enrolled in {held.spec.netns}, not {netns}"
-            try:
-                await self.agent.remove_pod(uid)
-            except RemovalNotRecorded as exc:
-                # (zds-cni logs it and succeeds, as a DEL must; the engine watch and the next
-                # start's reconciliation, finding the container gone, try the removal again)
-                return 500, str(exc)
+            while True:  # (again when the control API changed the uid's pod meanwhile)
+                held = self.agent.pods.get(uid)
+                if held is None:
+                    return 200, "not enrolled"
+                if not held.spec.source.cni:
+                    return 200, f"left alone: enrolled by {held.spec.source.value}"
+                if netns and held.spec.netns.path not in (None, netns):
+                    return 200, f"left alone: enrolled in {held.spec.netns}, not {netns}"
+                try:
+                    await self.agent.remove_pod(uid, expect=held)
+                    break
+                except PodChanged:
+                    continue
+                except RemovalNotRecorded as exc:
+                    # (zds-cni logs it and succeeds, as a DEL must; the engine watch and the next
+                    # start's reconciliation, finding the container gone, try the removal again)
+                    return 500, str(exc)
         if held.spec.source is PodSource.CNI and self.resync is not None:
             self.resync(uid)
         return 200, "removed"
@@ -188,37 +200,45 @@ class ContainerPods:
             facts = ContainerFacts.from_inspect(info)
             self.learn(facts)
         async with self.serialized(cid):
-            held = self.agent.pods.get(cid)
-            if held is not None and not held.spec.source.container:
+            while True:  # (again when the control API changed the uid's pod meanwhile)
+                try:
+                    return await self._sync(cid, info)
+                except PodChanged:
+                    continue
+
+    async def _sync(self, cid: str, info: Mapping[str, Any] | None) -> None:
+        """``sync`` once: PodChanged when the control API changed the pod it decided on."""
+        held = self.agent.pods.get(cid)
+        if held is not None and not held.spec.source.container:
+            return
+        if held is not None and info is not None and _still_in(held, info):
+            return  # not running (yet): starting again in the netns its CNI plugin just made
+        wanted = None
+        if info is not None and not shares_netns(info):
+            try:
+                wanted = container_netns(info, self.agent.enrollment.policy)
+            except NetnsError as exc:
+                log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
+        known = self.facts.get(cid)
+        selected = wanted is not None and known is not None and self.selection(known).selected
+        gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
+        # A pod the CNI plugin enrolled goes with its container's netns; the labels were
+        # its plugin's business (zds-cni's "enroll: all" enrolls unlabelled containers).
+        unselected = held is not None and held.spec.source is PodSource.CONTAINER_ENGINE and not selected
+        if held is not None and (gone or unselected):
+            log.info("container gone or changed: removing its pod", extra=held.spec.log_extra)
+            try:
+                await self.agent.remove_pod(cid, expect=held)
+            except RemovalNotRecorded as exc:
+                log.error("%s", exc, extra=held.spec.log_extra)  # the next reconcile tries again
                 return
-            if held is not None and info is not None and _still_in(held, info):
-                return  # not running (yet): starting again in the netns its CNI plugin just made
-            wanted = None
-            if info is not None and not shares_netns(info):
-                try:
-                    wanted = container_netns(info, self.agent.enrollment.policy)
-                except NetnsError as exc:
-                    log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
-            known = self.facts.get(cid)
-            selected = wanted is not None and known is not None and self.selection(known).selected
-            gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
-            # A pod the CNI plugin enrolled goes with its container's netns; the labels were
-            # its plugin's business (zds-cni's "enroll: all" enrolls unlabelled containers).
-            unselected = held is not None and held.spec.source is PodSource.CONTAINER_ENGINE and not selected
-            if held is not None and (gone or unselected):
-                log.info("container gone or changed: removing its pod", extra=held.spec.log_extra)
-                try:
-                    await self.agent.remove_pod(cid)
-                except RemovalNotRecorded as exc:
-                    log.error("%s", exc, extra=held.spec.log_extra)  # the next reconcile tries again
-                    return
-                held = None
-            if selected and held is None and wanted is not None and info is not None and known is not None:
-                spec = known.pod_spec(wanted.ref, addresses(info), PodSource.CONTAINER_ENGINE)
-                try:
-                    await self.agent.add_pod(spec)
-                except EnrollmentError as exc:
-                    log.error("container %s: %s", spec.name, exc, extra=spec.log_extra)
+            held = None
+        if selected and held is None and wanted is not None and info is not None and known is not None:
+            spec = known.pod_spec(wanted.ref, addresses(info), PodSource.CONTAINER_ENGINE)
+            try:
+                await self.agent.add_pod(spec, expect=None)
+            except EnrollmentError as exc:
+                log.error("container %s: %s", spec.name, exc, extra=spec.log_extra)
 
     def owned(self) -> list[str]:
         """The uids of every pod of a container."""

@@ -37,10 +37,13 @@ from zds.server.link import ConnectionLost, Connections
 from zds.server.locks import KeyedLocks
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, hold_for_the_pod
 from zds.server.outcomes import (
+    ANY_POD,
     DeleteResult,
     Enrolled,
     EnrollmentError,
     EnrollmentOutcome,
+    Expect,
+    PodChanged,
     RemovalNotRecorded,
 )
 from zds.server.podcache import Pod, PodCache
@@ -149,17 +152,24 @@ class Enrollment:
         self._cache(pod)
 
     # -- enrollment -------------------------------------------------------------------
-    async def add(self, spec: PodSpec) -> Enrolled:
+    async def add(self, spec: PodSpec, *, expect: Pod | Expect | None = ANY_POD) -> Enrolled:
         """Enroll a pod: open its netns, install the rules, cache it, deliver AddWorkload +
-        fd to the newest ztunnel and wait for the ack. One trace (``zds.enroll_pod``)."""
-        return await self.tasks.run(self._add(spec))
+        fd to the newest ztunnel and wait for the ack. One trace (``zds.enroll_pod``).
+        ``expect``: only if this is the uid's pod (None: no pod) when its turn comes, else
+        PodChanged (a source that decided on what it saw: the CNI plugin, the engine)."""
+        return await self.tasks.run(self._add(spec, expect))
 
     def start(self, spec: PodSpec) -> asyncio.Task[Enrolled]:
         """Begin ``add``: the enrollment as an owned task (it completes whoever waits for it)."""
-        return self.tasks.spawn(self._add(spec))
+        return self.tasks.spawn(self._add(spec, ANY_POD))
 
-    async def _add(self, spec: PodSpec) -> Enrolled:
+    def _check_expected(self, uid: str, expect: Pod | Expect | None) -> None:
+        if expect is not ANY_POD and self.cache.get(uid) is not expect:
+            raise PodChanged(f"the pod of {uid} changed meanwhile")
+
+    async def _add(self, spec: PodSpec, expect: Pod | Expect | None) -> Enrolled:
         async with self._uids.hold(spec.uid):
+            self._check_expected(spec.uid, expect)
             with spans.span(self.tracer, spans.ENROLL_POD, _attributes(spec)) as span:
                 try:
                     enrolled = await self._enroll(spec, span)
@@ -313,16 +323,17 @@ class Enrollment:
         return pod
 
     # -- removal ----------------------------------------------------------------------
-    async def remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+    async def remove(self, uid: str, *, expect: Pod | Expect = ANY_POD) -> tuple[Pod, list[DeleteResult]]:
         """Forget a pod, remove its rules, send DelWorkload to every connection, close its
         netns fd; after the enrollment or removal of ``uid`` under way, if any. Raises
-        KeyError for an unknown uid."""
-        if uid not in self.cache and uid not in self._uids:
+        KeyError for an unknown uid; ``expect`` as for ``add``."""
+        if expect is ANY_POD and uid not in self.cache and uid not in self._uids:
             raise KeyError(uid)
-        return await self.tasks.run(self._remove(uid))
+        return await self.tasks.run(self._remove(uid, expect))
 
-    async def _remove(self, uid: str) -> tuple[Pod, list[DeleteResult]]:
+    async def _remove(self, uid: str, expect: Pod | Expect) -> tuple[Pod, list[DeleteResult]]:
         async with self._uids.hold(uid):
+            self._check_expected(uid, expect)
             if uid not in self.cache:
                 raise KeyError(uid)  # its enrollment failed, or another removal took it
             return await self._remove_cached(uid)

@@ -40,6 +40,20 @@ class RemovalNotRecorded(ZdsError):
     the pod would come back at the next start, its rules installed again)."""
 
 
+class PodChanged(ZdsError):
+    """Once its turn came, the pod of the uid was not the one the caller had decided on (another
+    source enrolled, replaced or removed it meanwhile): nothing was done; look again."""
+
+
+class Expect(enum.Enum):
+    """``expect`` of an enrollment or removal that acts on whatever pod holds the uid then."""
+
+    ANY_POD = "any pod"
+
+
+ANY_POD = Expect.ANY_POD
+
+
 class EnrollmentError(ZdsError):
     """Enrollment did not end with a clean ack; ``outcome`` says how."""
 

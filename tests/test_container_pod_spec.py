@@ -24,7 +24,8 @@ class _Agent:
         self.pods: dict[str, object] = {}
         self.added: list[PodSpec] = []
 
-    async def add_pod(self, spec: PodSpec) -> None:
+    async def add_pod(self, spec: PodSpec, *, expect: object = None) -> None:
+        assert expect is None  # (no pod held the uid: the one cni_add decided on)
         self.added.append(spec)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import sqlite3
@@ -31,10 +32,12 @@ from zds.netns import NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
 from zds.server import podcache, recovery
 from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.cni import CniPluginEndpoint
+from zds.server.containerpods import ContainerPods
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.nftables import NftablesRedirector
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
-from zds.server.pods import PodSpec
+from zds.server.pods import PodSource, PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
 from zds.server.redirect import Installed, RedirectError, Redirector, redirector
 from zds.server.store import PodStore, StoredPod
@@ -1286,3 +1289,61 @@ async def test_a_restart_with_the_other_backend_commits_an_install_row_before_it
         assert report.outcomes == {"u1": RecoveryOutcome.RULES_REINSTALLED}
         assert agent.committed("installs") == [] and nftables_rules(a) and not has_rules(a)
         assert [(row.spec.uid, row.rules) for row in store.load()] == [("u1", "nftables")]
+
+
+# -- a CNI event or the engine beside the control API, for one uid --------------------------
+
+
+def cni_spec(uid: str, pod: Pod) -> PodSpec:
+    """The pod of an event as Istio's CNI plugin sends it (no container named)."""
+    return PodSpec.create(
+        uid, NetnsRef.of_path(pod.path), name=uid, namespace="default", source=PodSource.ISTIO_CNI
+    )
+
+
+async def test_a_cni_del_leaves_alone_the_pod_the_control_api_enrolled_meanwhile(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """u1 is the CNI plugin's pod in A; AddPod(u1, B) is installing its rules when the
+    plugin's DEL for u1 comes. The DEL looked at the plugin's pod, but by its turn the pod is
+    the control API's: left alone, as a DEL that came after it (it removed the acked pod)."""
+    a, b = make_pod(), make_pod()
+    containers = ContainerPods(agent.agent)
+    await agent.agent.add_pod(cni_spec("u1", a))
+    agent.redirector.install_gate.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
+    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
+    deleting = asyncio.create_task(containers.cni_del("u1", ""))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not deleting.done()
+    agent.redirector.install_gate.open.set()
+    enrolled = await asyncio.wait_for(enrollment, 30)
+    assert await asyncio.wait_for(deleting, 30) == (200, "left alone: enrolled by api")
+    assert agent.agent.pods.get("u1") is enrolled.pod
+    assert agent.stored() == {"u1": identity(b)}
+    assert has_rules(b)
+    await async_wait_until(lambda: not has_rules(a), "the replaced pod's rules out of A")
+
+
+async def test_a_cni_add_does_not_replace_the_pod_the_control_api_enrolled_meanwhile(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """AddPod(u1, B) is installing its rules when an ADD as Istio's plugin sends it names u1
+    in A: refused once its turn comes, as an ADD that came after it (it replaced the acked pod)."""
+    a, b = make_pod(), make_pod()
+    endpoint = CniPluginEndpoint(agent.agent, ContainerPods(agent.agent))
+    agent.redirector.install_gate.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
+    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
+    body = json.dumps({"Netns": a.path, "PodName": "web", "PodNamespace": "shop", "PodUID": "u1"}).encode()
+    adding = asyncio.create_task(endpoint._process(body))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not adding.done()
+    agent.redirector.install_gate.open.set()
+    enrolled = await asyncio.wait_for(enrollment, 30)
+    assert await asyncio.wait_for(adding, 30) == (500, "uid u1 is held by a pod from api; not replaced")
+    assert agent.agent.pods.get("u1") is enrolled.pod
+    assert agent.stored() == {"u1": identity(b)}
+    assert has_rules(b) and not has_rules(a)
