@@ -72,7 +72,7 @@ async def bulk_add(
         if isinstance(outcome, tuple):
             code, message = outcome
         elif outcome.cancelled():
-            code, message = grpc.StatusCode.UNAVAILABLE, _shutting_down(agent, uid)
+            code, message = grpc.StatusCode.UNAVAILABLE, shutting_down(agent, uid)
         elif isinstance(error := outcome.exception(), EnrollmentError):
             code, message = STATUS[error.outcome], str(error)
         elif error is not None:  # a bug: said as AddPod would (an INTERNAL status)
@@ -160,7 +160,7 @@ class _Window:
             self._open.set()
 
 
-def _shutting_down(agent: NodeAgent, uid: str) -> str:
+def shutting_down(agent: NodeAgent, uid: str) -> str:
     """Why an enrollment the node agent's stop cut short has no answer, and whether the pod
     comes back when it starts again (its row committed) or was not enrolled."""
     store = agent.enrollment.store

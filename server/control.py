@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from zds import defaults
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.server.agent import NodeAgent
-from zds.server.bulkadd import STATUS, bulk_add, cut
+from zds.server.bulkadd import STATUS, bulk_add, cut, shutting_down
 from zds.server.controlwire import (
     EVENT_KIND_FROM_PROTO,
     add_pod_response,
@@ -49,6 +49,14 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detai
     raise AssertionError("abort raises")  # pragma: no cover
 
 
+def _cancelled_itself() -> None:
+    """Re-raise the CancelledError being handled if the call itself is cancelled (its client
+    gone, gRPC's stop); else it came from the enrollment or removal the call waited for."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
     def __init__(self, agent: NodeAgent) -> None:
         self.agent = agent
@@ -64,6 +72,11 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             enrolled = await self.agent.add_pod(spec)
         except EnrollmentError as exc:
             await _abort(context, STATUS[exc.outcome], str(exc))
+        except asyncio.CancelledError:
+            _cancelled_itself()  # (the client gone, gRPC's own stop)
+            # The node agent's stop cut the enrollment short: whether the pod comes back, as
+            # the bulk path says it.
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, shutting_down(self.agent, spec.uid))
         return add_pod_response(enrolled)
 
     async def AddPods(
@@ -90,6 +103,19 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             )
         except RemovalNotRecorded as exc:
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
+        except asyncio.CancelledError:
+            _cancelled_itself()
+            gone = request.uid not in self.agent.pods
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "node agent shutting down; "
+                + (
+                    "the pod is removed (its removal ends at its next start)"
+                    if gone
+                    else "the pod was not removed"
+                ),
+            )
         return nodeagent_pb2.RemovePodResponse(
             pod=pod_to_proto(pod),
             deliveries=[

@@ -22,18 +22,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.harness import Pod, async_wait_until, wait_until
 from tests.standins import AckingPeer
 from zds import defaults
 from zds.aio import cancel_and_wait
+from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns import NetnsHandle, NetnsIdentity, NetnsRef, open_netns
 from zds.netns.fixtures import delete_netns
 from zds.server import podcache, recovery
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
+from zds.server.control import start_control_server
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.nftables import NftablesRedirector
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
@@ -1347,3 +1350,46 @@ async def test_a_cni_add_does_not_replace_the_pod_the_control_api_enrolled_meanw
     assert agent.agent.pods.get("u1") is enrolled.pod
     assert agent.stored() == {"u1": identity(b)}
     assert has_rules(b) and not has_rules(a)
+
+
+# -- the node agent's stop cutting short a control API call ---------------------------------
+
+
+async def test_unary_calls_a_stop_cuts_short_are_told_what_became_of_their_pod(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """The stop cancels the enrollments and removals under way (``tasks.cancel_all``) while
+    their callers can still be answered: AddPod and RemovePod then say so, as the bulk path
+    does (they were ended by gRPC's stop with "Cancelling all calls", nothing said)."""
+    a, b = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u2", b))
+    path = str(tmp_path / "control.sock")
+    server, _ = await start_control_server(agent.agent, path)
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+            agent.store.commit.close()
+            adding = asyncio.ensure_future(
+                stub.AddPod(
+                    nodeagent_pb2.AddPodRequest(uid="u1", netns_path=a.path, name="u1", namespace="default")
+                )
+            )
+            await asyncio.wait_for(agent.store.commit.reached.wait(), 10)
+            agent.redirector.removal.close()
+            removing = asyncio.ensure_future(stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="u2")))
+            await asyncio.wait_for(agent.redirector.removal.reached.wait(), 10)
+            await agent.agent.tasks.cancel_all()
+            for call, details in (
+                (adding, "node agent shutting down; the pod was not enrolled"),
+                (
+                    removing,
+                    "node agent shutting down; the pod is removed (its removal ends at its next start)",
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await asyncio.wait_for(call, 10)
+                assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.UNAVAILABLE, details)
+    finally:
+        agent.store.commit.open.set()
+        agent.redirector.removal.open.set()
+        await server.stop(None)
