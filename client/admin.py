@@ -3,8 +3,8 @@
 As ztunnel serves them: admin on 127.0.0.1:15000 (``/config_dump``, whose
 ``workloadState`` key is the in-pod manager's view, ``src/inpod/admin.rs``),
 readiness on 15021 (``/healthz/ready``: 200 ``ready``, or 500 ``not ready,
-pending: ...``, ``src/readiness/server.rs``) and Prometheus metrics on 15020
-(``/metrics`` and ``/stats/prometheus``).
+pending: ...``, ``src/readiness/server.rs``) and metrics on 15020
+(``/metrics`` and ``/stats/prometheus``, ztunnel's OpenMetrics text).
 
 In two steps: ``bind`` (at start-up: a taken port stops ``zds ztunnel`` at once)
 and ``serve`` (aiohttp, imported only then: ~125 ms from the first snapshot's ack to
@@ -306,11 +306,6 @@ class HttpEndpoints:
         except BaseException:
             await self.close()
             raise
-
-    async def start(self, listens: dict[str, str], routes: dict[str, list[web.RouteDef]]) -> None:
-        """``bind`` then ``serve``."""
-        self.bind(listens)
-        await self.serve(routes)
 
     def _close_bound(self) -> None:
         bound, self._bound = self._bound, []

@@ -1,5 +1,5 @@
 """``zds ztunnel`` put together: the ZDS client, the proxies, the HTTP endpoints,
-and a graceful stop on SIGTERM/SIGINT.
+and a graceful stop on SIGTERM/SIGINT/SIGHUP.
 
 Shutdown, as ztunnel drains: stop reading from the node agent, close every
 listener at once, give established connections ``drain_timeout`` to finish,
@@ -236,11 +236,6 @@ class Ztunnel:
             }
         )
 
-    async def start_http(self) -> None:
-        """Bind and serve the admin, readiness and metrics endpoints now."""
-        self.bind_http()
-        await self.serve_http()
-
     async def _serve_http_once_settled(self) -> None:
         """Serve HTTP once the first snapshot is in (or no node agent answered, or after
         ``HTTP_START_DELAY``): loading the HTTP stack then never delays a pod."""
@@ -281,7 +276,7 @@ class Ztunnel:
         await self.http.close()
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT (exit 0) or a fatal protocol error (exit 1)."""
+        """Serve until SIGTERM/SIGINT/SIGHUP (exit 0) or a fatal protocol error (exit 1)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in runtime.stop_signals():

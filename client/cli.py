@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--metrics-listen",
         default=defaults.METRICS_LISTEN,
         metavar="HOST:PORT",
-        help="Prometheus endpoint, /metrics (default: %(default)s)",
+        help="metrics endpoint, /metrics in ztunnel's OpenMetrics text (default: %(default)s)",
     )
     p.add_argument(
         "--no-listeners",
@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=cliflags.seconds,
         default=defaults.DRAIN_TIMEOUT,
         metavar="SECONDS",
-        help="on SIGTERM, wait this long for established connections (default: %(default)s)",
+        help="on SIGTERM/SIGINT/SIGHUP, wait this long for established connections (default: %(default)s)",
     )
     p.add_argument(
         "--allow-own-netns",

@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         grpc_insecure=args.grpc_insecure,
         netns_roots=tuple(args.netns_root),
-        socket_mode=0o660 if gid is not None else 0o600,
+        socket_mode=0o660 if gid is not None else defaults.SOCKET_MODE,
         socket_gid=gid,
         cni_socket=cliflags.off(args.cni_socket),
         cni_limits=HttpLimits(

@@ -402,7 +402,8 @@ class ZtunnelConnection:
                 continue
             if not self.protocol.keepalive_due(now):
                 continue
-            # The probe: nothing to read means alive, EOF means gone.
+            # The probe: nothing to read means alive, EOF means gone (Istio's reads for 10 ms;
+            # an EOF is there at once).
             record = self.sock.try_recv()
             if record is None:
                 self.protocol.keepalive_probed(now)

@@ -9,7 +9,7 @@ and again when it takes effect.
 Kinds, by what they act on:
 
 - the next message(s) on a connection: ``delay``, ``drop-before``, ``drop-after``,
-  ``pipeline``, ``non-canonical``;
+  ``pipeline``, ``non-canonical``, ``wrong-netns``;
 - a record of its own, written at the connection's next free moment (inside a
   snapshot too, unless ``after_snapshot``): ``oversize-record``, ``unknown-field``,
   ``no-payload``, ``empty-record``, ``add-without-fd``, ``add-with-two-fds``,

@@ -39,7 +39,7 @@ class ServerOptions:
     #: Directories besides /var/run/netns and /run/netns that hold pods' named namespaces.
     netns_roots: tuple[str, ...] = ()
     #: Mode of every socket file: 0600, or 0660 with --socket-group.
-    socket_mode: int = 0o600
+    socket_mode: int = defaults.SOCKET_MODE
     #: The group of every socket file (--socket-group), or None to leave it root's.
     socket_gid: int | None = None
     #: A Docker-compatible API socket (Podman's or Docker's): containers become pods.

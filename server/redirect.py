@@ -328,5 +328,5 @@ def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redir
 
 
 def iptables_save(family: int = 4) -> str:
-    """``iptables-save`` of the current netns (call inside it; for tests and ``zds pod rules``)."""
+    """``iptables-save`` of the current netns (call inside it; for tests)."""
     return _run(["iptables-save" if family == 4 else "ip6tables-save"])

@@ -3,15 +3,16 @@ code, the tests and the README agree), and the helpers that open them.
 
 One trace per enrollment::
 
-    zds.enroll_pod                  k8s.pod.uid, k8s.pod.name, k8s.namespace.name,
-    ├── zds.open_netns              zds.connection_id, zds.ack_error
+    zds.enroll_pod       k8s.pod.uid, k8s.pod.name, k8s.namespace.name, zds.connection_id,
+    │                    zds.ack_error, zds.outcome
+    ├── zds.open_netns   zds.netns.path, zds.netns.inode
     ├── zds.install_rules
-    ├── zds.send                    (AddWorkload written to the newest connection)
-    └── zds.wait_ack                (until ztunnel's Ack; zds.ack_error)
+    ├── zds.send         AddWorkload written to the newest connection (zds.message_type)
+    └── zds.wait_ack     until ztunnel's Ack (zds.ack_error; status ERROR on a nack)
 
 one per removal (``zds.remove_pod``: ``zds.remove_rules``, then ``zds.send``/``zds.wait_ack``
-for each connection) and one per snapshot sent to a new
-connection (``zds.snapshot``: ``zds.send``/``zds.wait_ack`` per entry).
+for each connection) and one per snapshot sent to a new connection (``zds.snapshot``,
+``zds.snapshot.pods``: ``zds.send``/``zds.wait_ack`` per entry, then SnapshotSent).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""asyncio helpers both ends and ``zds check`` share."""
+"""asyncio helpers the node agent and ``zds check`` share."""
 
 from __future__ import annotations
 

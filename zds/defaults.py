@@ -17,10 +17,9 @@ CNI_SOCKET = "/var/run/istio-cni/pluginevent.sock"
 CNI_ADD_EVENT_PATH = "/cmdadd"
 #: Node agent health/metrics HTTP (Istio's node agent uses port 8000).
 NODE_AGENT_HTTP = "127.0.0.1:8000"
-#: Mode of the ZDS socket file: only root (the node agent's peers) may connect.
-ZDS_SOCKET_MODE = 0o600
-#: Mode of the control socket file.
-CONTROL_SOCKET_MODE = 0o600
+#: Mode of the node agent's socket files (ZDS, control, CNI): only root may connect (0660
+#: with --socket-group: its members too).
+SOCKET_MODE = 0o600
 
 #: Where the node agent keeps its pod store (``pods.db``) and lock.
 STATE_DIR = "/var/lib/zds"
@@ -36,8 +35,6 @@ HELLO_TIMEOUT = 5.0
 ACK_TIMEOUT = 5.0
 #: Idle seconds after which the node agent probes a connection (Istio: 5 s).
 KEEPALIVE_INTERVAL = 5.0
-#: How long the keepalive probe reads (Istio: time.Second / 100).
-KEEPALIVE_PROBE = 0.01
 #: Seconds both ends poll the ZDS socket for an answer due any moment (the node agent an ack,
 #: the ztunnel side the next request) before they sleep until the kernel wakes them
 #: (``zds.transport.BusyPoll``; 0: never; off where the process may use one CPU only).
@@ -75,7 +72,7 @@ BULK_REFILL = 8
 #: the node agent stops taking its requests: what a client can make it hold is bounded.
 BULK_UNSENT = 1024
 #: Bulk lanes (``zds pod add --from-file`` on the control socket) open at once; each may hold
-#: a frame of up to 4 MiB and READ_AHEAD of requests. One more is closed without a word, and
+#: a frame of up to 4 MiB and READ_AHEAD of requests. One more is answered BUSY and closed, and
 #: its client sends the pods over gRPC's AddPods (flow-controlled) instead.
 BULK_LANES_MAX = 16
 #: Answers in one AddPodsReply at most (well under a message's 4 MiB).

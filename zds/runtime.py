@@ -1,4 +1,6 @@
-"""Event loop selection and privilege checks shared by every command."""
+"""What every command shares at start-up and stop: the event loop, privilege checks, the
+stop signals and interrupts, stdout, fd limits and the fd table, logging, and what is
+put off until after the first work."""
 
 from __future__ import annotations
 

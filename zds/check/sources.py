@@ -115,7 +115,6 @@ ZT_READINESS_500 = ztunnel("src/readiness/server.rs", "readiness handler", 75, 7
 IS_DEADLINE = istio("cni/pkg/nodeagent/ztunnelserver.go", "readWriteDeadline", 36)
 IS_LATEST_CONN = istio("cni/pkg/nodeagent/ztunnelserver.go", "connMgr.LatestConn", 74, 83)
 IS_SINGLE_WRITER = istio("cni/pkg/nodeagent/ztunnelserver.go", "handleConn", 165, 169)
-IS_HANDLE_CONN = istio("cni/pkg/nodeagent/ztunnelserver.go", "handleConn", 170, 252)
 IS_HELLO_FIRST = istio("cni/pkg/nodeagent/ztunnelserver.go", "handleConn", 179, 188)
 IS_ACK_TIMEOUT_KEPT = istio("cni/pkg/nodeagent/ztunnelserver.go", "handleConn", 198, 218)
 IS_KEEPALIVE = istio("cni/pkg/nodeagent/ztunnelserver.go", "handleConn", 226, 246)

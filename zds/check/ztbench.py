@@ -84,7 +84,7 @@ class Bench:
             clear_socket_path(self.socket_path)
         except SocketPathTaken as exc:
             raise CheckSetupError(f"{exc} (--zds-socket)") from exc
-        self._listener = bind_unix_listener(self.socket_path, mode=defaults.ZDS_SOCKET_MODE)
+        self._listener = bind_unix_listener(self.socket_path, mode=defaults.SOCKET_MODE)
         self._socket_file = SocketFile.of(self.socket_path)
         self._accepting = asyncio.ensure_future(self._accept())
         if self.options.cmd:

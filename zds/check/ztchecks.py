@@ -186,5 +186,3 @@ FATAL = frozenset({"add-without-workload-info", "keep-after-snapshot", "second-s
 LISTENERS = frozenset(
     {"listeners-in-pod", "no-listeners-on-host", "listeners-closed-on-del", "pending-retry"}
 )
-#: Judged over the whole run (every connection, every answer), not by one scenario.
-CONTINUOUS = frozenset({"hello", "replies-canonical", "speaks-only-when-asked", "reconnect"})

@@ -1,8 +1,8 @@
 """Sans-I/O ZDS protocol: the codec and the two roles' state machines.
 
 Nothing here touches a socket, a clock or the event loop: callers pass in a
-``Record`` (payload, fds, flags) and the current time, and get back events and
-the bytes to send. Both ends (``zds.server``, ``zds.client``) share it.
+``Record`` (payload, fds, flags) and, for the node agent's role, the current time,
+and get back events and the bytes to send. Both ends (``zds.server``, ``zds.client``) share it.
 
 - ``messages``: ZDS messages as Python values, and their protobuf wire codec;
 - ``records``: ``Record``, one received packet, the shape both roles take;

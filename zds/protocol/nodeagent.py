@@ -4,7 +4,8 @@ One object per connection. The caller feeds it what arrived (``receive``),
 asks it for the bytes of the next request (``send``) and tells it the time;
 it answers with events. It knows the rules Istio's node agent follows:
 
-- the first record must be ``ZdsHello{V1}``, within the hello timeout;
+- the first record must be a ``ZdsHello`` that decodes, within the hello timeout (any
+  version, as Istio's node agent takes it; the observer warns when it is not V1);
 - then the snapshot (Add/Keep for every known pod, then SnapshotSent);
 - exactly one request in flight: acks correlate by order only, so a second
   request before the ack would make the next ack ambiguous;
@@ -44,7 +45,7 @@ class ConnectionState(enum.Enum):
 
 @dataclass(frozen=True)
 class HelloAccepted:
-    """ztunnel said hello with a version we speak; the snapshot may start."""
+    """ztunnel said hello (with any version); the snapshot may start."""
 
     version: int
 

@@ -152,11 +152,6 @@ class ZtunnelProtocol:
         return len(self._pending) > len(self._netnsless)
 
     @property
-    def up_count(self) -> int:
-        """How many workloads have their proxy up."""
-        return len(self._up)
-
-    @property
     def ready(self) -> bool:
         """ztunnel's readiness: connected, snapshot reconciled, no proxy pending."""
         return self.state is ConnectionState.SYNCED and len(self._up) == len(self._workloads)
