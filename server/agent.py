@@ -24,7 +24,7 @@ from zds import defaults
 from zds.logs import Tally
 from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
-from zds.seqpacket import peer_hung_up
+from zds.server.admission import Admission
 from zds.server.connection import ZtunnelConnection
 from zds.server.connrecords import ConnectionInfo, SnapshotItem
 from zds.server.enrollment import Enrollment
@@ -102,7 +102,8 @@ class NodeAgent:
         )
         #: Who may connect to the ZDS socket (SO_PEERCRED).
         self.zds_peers = PeerGuard(self.config.allow, "ZDS")
-        self._limiter = AcceptLimiter(self.config.accepts_per_second)
+        #: Who of the connections that said hello is served next, at the accept rate.
+        self.admission = Admission(AcceptLimiter(self.config.accepts_per_second), self.tasks)
         #: Silent connections dropped for newer ones: a flood is a line every 10 s, not one each.
         self._crowded = Tally(10.0, log)
         self._connection_tasks: dict[ZtunnelConnection, asyncio.Task[None]] = {}
@@ -262,7 +263,7 @@ class NodeAgent:
         self._connection_tasks[conn] = self.tasks.spawn(self._run_connection(conn), name=f"ztunnel-{conn.id}")
         if evicted is not None:
             self._crowded.add(
-                "dropped %d connection(s) that never said hello: more than %d were waiting for theirs"
+                "dropped %d connection(s) waiting for their hello or their turn: more than %d were waiting"
                 " (the latest from %s)",
                 self.registry.max_waiting,
                 _peer(evicted),
@@ -281,10 +282,7 @@ class NodeAgent:
         peer is gone takes no slot of the rate limit and is not announced (a flood of hellos
         that closed at once held a real ztunnel back a fifth of a second each, and each was
         "connected", then a broken pipe)."""
-        if peer_hung_up(conn.sock.socket):
-            return GONE_AFTER_HELLO
-        await asyncio.sleep(self._limiter.reserve(asyncio.get_running_loop().time()))
-        if peer_hung_up(conn.sock.socket):
+        if not await self.admission.turn(conn.sock.socket):
             return GONE_AFTER_HELLO
         if self.registry.full():
             log.warning(

@@ -266,14 +266,6 @@ class AcceptLimiter:
         self._tokens = float(burst)
         self._updated: float | None = None
 
-    def reserve(self, now: float) -> float:
-        """Take the next slot, now or later: seconds until it comes (0: now). Callers that
-        reserve while the bucket is empty queue up, each after the one before (as Go's
-        ``rate.Limiter.Reserve``)."""
-        self._refill(now)
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= -1e-9 else -self._tokens * self._interval
-
     def _refill(self, now: float) -> None:
         if self._updated is None:
             self._updated = now
