@@ -298,19 +298,66 @@ class TlsFiles:
         )
 
 
+class ControlServers:
+    """The control API's gRPC servers: the control socket's (behind its door) and, with
+    --grpc-listen, the TCP one, with a bound of its own on the connections it holds."""
+
+    def __init__(self, servers: list[grpc.aio.Server]) -> None:
+        self.servers = servers
+
+    async def stop(self, grace: float | None) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self.servers))
+
+
 async def start_control_server(
     agent: NodeAgent, unix_path: str, tcp: str | None = None, tls: TlsFiles | None = None
-) -> tuple[grpc.aio.Server, int | None]:
+) -> tuple[ControlServers, int | None]:
     """Serve the control API on ``unix_path`` and, if given, on TCP ``tcp`` (with ``tls``,
-    or plaintext when None: the caller decided that was asked for); the server, and the TCP
-    port it listens on (the one picked for port 0)."""
-    # A connection that has not finished gRPC's handshake is closed after this long (gRPC's
-    # default is 120 s): the control socket's door lets through only what speaks first.
-    server = grpc.aio.server(
-        options=[("grpc.server_handshake_timeout_ms", int(defaults.CONTROL_OPENING_TIMEOUT * 1000))]
-    )
-    nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(NodeAgentService(agent), server)  # type: ignore[no-untyped-call]
+    or plaintext when None: the caller decided that was asked for); the servers, and the
+    TCP port (the one picked for port 0)."""
+    service = NodeAgentService(agent)
     health_servicer = health.aio.HealthServicer()
+    unix_server = _grpc_server(service, health_servicer)
+    servers = ControlServers([unix_server])
+    if unix_server.add_insecure_port(f"unix:{unix_path}") == 0:
+        raise OSError(f"cannot listen for gRPC on unix:{unix_path}")
+    bound: int | None = None
+    if tcp is not None:
+        tcp_server = _grpc_server(
+            service,
+            health_servicer,
+            [("grpc.max_allowed_incoming_connections", defaults.CONTROL_TCP_CONNECTIONS)],
+        )
+        servers.servers.append(tcp_server)
+        bound = (
+            tcp_server.add_secure_port(tcp, tls.credentials()) if tls else tcp_server.add_insecure_port(tcp)
+        )
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {tcp}")
+    for server in servers.servers:
+        await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return servers, bound
+
+
+def _grpc_server(
+    service: NodeAgentService,
+    health_servicer: health.aio.HealthServicer,
+    options: list[tuple[str, int]] | None = None,
+) -> grpc.aio.Server:
+    """A gRPC server of the control API (the node agent's service, health, reflection)."""
+    server = grpc.aio.server(
+        options=[
+            # A connection that has not finished gRPC's handshake is closed after this long
+            # (gRPC's default is 120 s): the control socket's door lets through only what
+            # speaks first; one with no call under way after CONTROL_IDLE.
+            ("grpc.server_handshake_timeout_ms", int(defaults.CONTROL_OPENING_TIMEOUT * 1000)),
+            ("grpc.max_connection_idle_ms", int(defaults.CONTROL_IDLE * 1000)),
+            *(options or []),
+        ]
+    )
+    nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -320,14 +367,4 @@ async def start_control_server(
         ),
         server,
     )
-    if server.add_insecure_port(f"unix:{unix_path}") == 0:
-        raise OSError(f"cannot listen for gRPC on unix:{unix_path}")
-    bound: int | None = None
-    if tcp is not None:
-        bound = server.add_secure_port(tcp, tls.credentials()) if tls else server.add_insecure_port(tcp)
-        if bound == 0:
-            raise OSError(f"cannot listen for gRPC on {tcp}")
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    return server

@@ -27,7 +27,6 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import grpc
 from aiohttp import web
 
 from zds import runtime
@@ -38,7 +37,7 @@ from zds.server.agent import NodeAgent
 from zds.server.bulkadd import bulk_add
 from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
-from zds.server.control import start_control_server
+from zds.server.control import ControlServers, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
 from zds.server.instance import InstanceError, InstanceLock, PrivateDir, state_lock
@@ -92,7 +91,7 @@ class NodeAgentServer:
         self.engine: ContainerEngineSource | None = None
         self._engine_task: asyncio.Task[None] | None = None
         self._lock = InstanceLock()
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: ControlServers | None = None
         #: Where the control API listens on TCP (HOST:PORT, the port picked for 0); None: it does not.
         self.grpc_address: str | None = None
         #: Where the HTTP endpoints listen, as bound (an ephemeral port resolved).

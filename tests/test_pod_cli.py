@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import socket
 import struct
 import subprocess
@@ -23,6 +24,7 @@ from tests.harness import (
     ZDS,
     NodeAgentProc,
     StartServer,
+    fd_count,
     free_port,
     pod_netns,
     pod_netns_pid,
@@ -320,6 +322,37 @@ def test_a_control_api_on_tcp_port_0_logs_the_port_it_got(tmp_path: object) -> N
             resp = stub.Check(health_pb2.HealthCheckRequest(service="zds.v1.NodeAgent"), timeout=10)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
+        proc.stop()
+
+
+def test_the_tcp_control_api_holds_a_bounded_number_of_connections(tmp_path: object) -> None:
+    """Who reaches --grpc-listen and finishes gRPC's handshake, then says nothing: each such
+    connection was held for as long as its client liked (300 held 300 fds, the pods' fd
+    budget). Now at most CONTROL_TCP_CONNECTIONS are, and calls work again once they go."""
+    proc = NodeAgentProc(str(tmp_path), "--grpc-listen", "127.0.0.1:0", "--grpc-insecure")
+    held: list[socket.socket] = []
+    try:
+        proc.wait_ready()
+        [port] = re.findall(r"control API \(gRPC\) listening on 127\.0\.0\.1:(\d+)", proc.output())
+        before = fd_count(proc.pid)
+        settings = bytes.fromhex("000000040000000000")  # an empty SETTINGS frame
+        for _ in range(defaults.CONTROL_TCP_CONNECTIONS + 36):
+            conn = socket.create_connection(("127.0.0.1", int(port)))
+            held.append(conn)
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
+        # Each is answered (the server's SETTINGS) or refused (closed) by now.
+        wait_until(
+            lambda: all(select.select([conn], [], [], 0)[0] for conn in held), "each answered or refused"
+        )
+        assert fd_count(proc.pid) - before <= defaults.CONTROL_TCP_CONNECTIONS
+        for conn in held:
+            conn.close()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for conn in held:
+            conn.close()
         proc.stop()
 
 

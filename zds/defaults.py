@@ -215,3 +215,10 @@ MAX_NETNS_PATH = 4096
 #: hello timeout and bound, so connections that say nothing cannot use up the fds.
 CONTROL_OPENING_TIMEOUT = 10.0
 CONTROL_SILENT_MAX = 64
+#: A control API connection with no call under way is closed after this many seconds (its
+#: client opens another for its next call), on the control socket and on TCP alike.
+CONTROL_IDLE = 30.0
+#: Connections the TCP control API (--grpc-listen) holds at once; one more is refused. Who
+#: reaches the port and finished the handshake could otherwise hold fds without limit (the
+#: control socket's connections are only its allowed peers').
+CONTROL_TCP_CONNECTIONS = 64
