@@ -30,6 +30,10 @@ from zds.protocol.workloads import WorkloadState
 
 log = logging.getLogger("zds.ztunnel")
 
+#: Traffic counters of workloads that are gone kept before a new connection prunes them (a
+#: /metrics scrape prunes them too).
+TRAFFIC_SLACK = 64
+
 
 async def serve_dns_tcp(conn: AcceptedConnection) -> None:
     """TCP DNS on 15053: forwarded by the workload's DNS proxy."""
@@ -108,7 +112,12 @@ class Ztunnel:
         return fault.as_dict()
 
     def traffic_of(self, uid: str) -> WorkloadTraffic:
-        return self.traffic.setdefault(uid, WorkloadTraffic())
+        traffic = self.traffic.get(uid)
+        if traffic is None:
+            if len(self.traffic) > len(self.protocol.workloads) + TRAFFIC_SLACK:
+                self._prune_traffic()  # (as each scrape does: with no scrape, gone pods' stayed)
+            traffic = self.traffic[uid] = WorkloadTraffic()
+        return traffic
 
     async def relay(self, conn: AcceptedConnection) -> None:
         """The data path of 15001 and 15006: relay to the original destination from inside the pod."""

@@ -1329,3 +1329,15 @@ def test_its_http_endpoints_keep_at_most_64_connections_and_close_half_requests(
         r"HTTP: (\d+) connection\(s\) closed(?: to make room|: no request within 10s)", z.output()
     )
     assert sum(map(int, counts)) == 200, counts
+
+
+def test_the_traffic_of_workloads_that_are_gone_is_pruned_without_a_scrape() -> None:
+    """Counters of each workload that ever relayed a connection were pruned only by a /metrics
+    scrape: on a ztunnel side nobody scrapes they grew with every pod that ever came."""
+    from zds.client.app import TRAFFIC_SLACK
+
+    ztunnel = Ztunnel(ZtunnelConfig(zds_socket="/nonexistent", admin_listen="off", readiness_listen="off"))
+    for i in range(10 * TRAFFIC_SLACK):
+        ztunnel.traffic_of(f"gone-{i}").outbound.connections += 1
+    assert len(ztunnel.traffic) <= TRAFFIC_SLACK + 2
+    assert ztunnel.traffic_of(f"gone-{10 * TRAFFIC_SLACK - 1}").outbound.connections == 1  # (the newest kept)
