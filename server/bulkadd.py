@@ -17,8 +17,10 @@ from zds import defaults
 from zds.gen import nodeagent_pb2
 from zds.server.agent import NodeAgent
 from zds.server.controlwire import add_pod_response, pod_spec
+from zds.server.enrollment import STOPPING
 from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
+from zds.server.storefile import StoreError
 
 log = logging.getLogger("zds.server.control")
 
@@ -66,13 +68,19 @@ async def bulk_add(
     unsent = asyncio.Semaphore(defaults.BULK_UNSENT)
     running: set[asyncio.Future[Any]] = set()
 
-    def answer(index: int, uid: str, outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str]) -> None:
+    def answer(
+        index: int,
+        uid: str,
+        outcome: asyncio.Future[Enrolled] | tuple[grpc.StatusCode, str],
+        spec: PodSpec | None = None,
+    ) -> None:
         window.give()
         response = None
         if isinstance(outcome, tuple):
             code, message = outcome
         elif outcome.cancelled():
-            code, message = grpc.StatusCode.UNAVAILABLE, shutting_down(agent, uid)
+            assert spec is not None  # (a task's: started from a spec)
+            code, message = grpc.StatusCode.UNAVAILABLE, shutting_down(agent, spec)
         elif isinstance(error := outcome.exception(), EnrollmentError):
             code, message = STATUS[error.outcome], str(error)
         elif error is not None:  # a bug: said as AddPod would (an INTERNAL status)
@@ -99,7 +107,7 @@ async def bulk_add(
                         task = agent.start_add(spec)
                         running.add(task)
                         task.add_done_callback(running.discard)
-                        task.add_done_callback(functools.partial(answer, index, request.uid))
+                        task.add_done_callback(functools.partial(answer, index, request.uid, spec=spec))
                     else:
                         agent.telemetry.enrollment(EnrollmentOutcome.INVALID.value)
                         answer(index, request.uid, spec)
@@ -160,14 +168,15 @@ class _Window:
             self._open.set()
 
 
-def shutting_down(agent: NodeAgent, uid: str) -> str:
+def shutting_down(agent: NodeAgent, spec: PodSpec) -> str:
     """Why an enrollment the node agent's stop cut short has no answer, and whether the pod
-    comes back when it starts again (its row committed) or was not enrolled."""
+    comes back when it starts again (its row committed) or was not enrolled (an earlier pod
+    of the uid, stored, is not this one)."""
     store = agent.enrollment.store
     try:
-        stored = store is not None and store.holds(uid)
-    except sqlite3.Error:
+        row = store.row(spec.uid) if store is not None else None
+    except (sqlite3.Error, StoreError):
         return "node agent shutting down; whether the pod was stored is not known (zds pod list tells)"
-    if stored:
-        return "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
+    if row is not None and row.spec == spec:
+        return STOPPING
     return "node agent shutting down; the pod was not enrolled"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NoReturn
@@ -36,6 +37,7 @@ from zds.server.faultkinds import FaultError, Refusal
 from zds.server.faults import Fault
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.pods import PodSpec
+from zds.server.storefile import StoreError
 from zds.server.tasks import retrieve_exception
 
 log = logging.getLogger("zds.server.control")
@@ -47,6 +49,20 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detai
     """End the call with ``code`` and ``details`` (cut to DETAILS_MAX characters)."""
     await context.abort(code, cut(details))
     raise AssertionError("abort raises")  # pragma: no cover
+
+
+def _removal_cut_short(agent: NodeAgent, uid: str) -> str:
+    """What became of a pod whose removal the node agent's stop cut short, by its row."""
+    store = agent.enrollment.store
+    try:
+        row = store.row(uid) if store is not None else None
+    except (sqlite3.Error, StoreError):
+        return "node agent shutting down; whether the pod was removed is not known (zds pod list tells)"
+    if row is None:
+        return "node agent shutting down; the pod is removed"
+    if row.removing:
+        return "node agent shutting down; the pod's removal is recorded: it ends when the node agent starts again"
+    return "node agent shutting down; the pod was not removed"
 
 
 def _cancelled_itself() -> None:
@@ -76,7 +92,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             _cancelled_itself()  # (the client gone, gRPC's own stop)
             # The node agent's stop cut the enrollment short: whether the pod comes back, as
             # the bulk path says it.
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, shutting_down(self.agent, spec.uid))
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, shutting_down(self.agent, spec))
         return add_pod_response(enrolled)
 
     async def AddPods(
@@ -97,7 +113,11 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             pod, results = await self.agent.remove_pod(request.uid)
         except KeyError:
             # Istio sends the delete whatever its cache holds; so does zds, and says it.
-            sent = await self._release_unknown(request.uid)
+            try:
+                sent = await self._release_unknown(request.uid)
+            except asyncio.CancelledError:
+                _cancelled_itself()
+                sent = " (the node agent shut down before DelWorkload went out)"
             await _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled{sent}"
             )
@@ -105,17 +125,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc))
         except asyncio.CancelledError:
             _cancelled_itself()
-            gone = request.uid not in self.agent.pods
-            await _abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                "node agent shutting down; "
-                + (
-                    "the pod is removed (its removal ends at its next start)"
-                    if gone
-                    else "the pod was not removed"
-                ),
-            )
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, _removal_cut_short(self.agent, request.uid))
         return nodeagent_pb2.RemovePodResponse(
             pod=pod_to_proto(pod),
             deliveries=[

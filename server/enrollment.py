@@ -63,6 +63,8 @@ log = logging.getLogger("zds.server")
 #: What an enrollment answered without ztunnel's ack says of its pod (it was stored and
 #: cached: a node agent's stop keeps it, and it comes back when it starts again).
 CACHED = "(the pod stays cached and goes out in the next snapshot)"
+NOT_CONNECTED = f"no ztunnel connection {CACHED}"
+STOPPING = "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
 
 
 class Enrollment:
@@ -96,6 +98,9 @@ class Enrollment:
         self.faults: FaultBook | None = None
         #: One enrollment or removal of a uid at a time, in the order they came.
         self._uids: KeyedLocks[str] = KeyedLocks()
+        #: The node agent is stopping (its ztunnel connections closed): an enrollment that
+        #: finds none says so, not that the pod goes out in the next snapshot.
+        self.stopping = False
         #: Rules a failed install or removal could not take out (with --no-redirect: an
         #: earlier run's, found at start), tried again.
         self.leftovers = Leftovers(
@@ -200,8 +205,7 @@ class Enrollment:
         if conn is None:
             pod.last_error = "no ztunnel connection"
             raise EnrollmentError(
-                EnrollmentOutcome.NO_CONNECTION,
-                f"no ztunnel connection {CACHED}",
+                EnrollmentOutcome.NO_CONNECTION, STOPPING if self.stopping else NOT_CONNECTED
             )
         span.set_attribute(spans.CONNECTION_ID, conn.id)
         try:

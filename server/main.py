@@ -322,22 +322,25 @@ class NodeAgentServer:
 
     async def stop(self, *, refused: bool = False) -> None:
         self._ready = False
-        if self._engine_task is not None:
-            await cancel_and_wait(self._engine_task)
-        if self._zds_task is not None:
-            await cancel_and_wait(self._zds_task)
-        # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.
-        self.agent.events.close("node agent shutting down")
+        self.agent.enrollment.stopping = True
         # No new gRPC call from here on (one that came during the bulk lanes' grace started an
-        # enrollment that the last cancel_all cut short); those under way have 0.5 s to answer.
+        # enrollment the last cancel_all cut short); those under way have 0.5 s to answer.
         grpc_stop = asyncio.ensure_future(self._grpc.stop(grace=0.5)) if self._grpc is not None else None
-        # Enrollments cut short now, while their callers (bulk lanes, gRPC) can still be told
-        # whether each pod was stored; then those streams end.
-        await self.agent.tasks.cancel_all()
-        if self._gate is not None:
-            await self._gate.close()
-        if grpc_stop is not None:
-            await grpc_stop
+        try:
+            if self._engine_task is not None:
+                await cancel_and_wait(self._engine_task)
+            if self._zds_task is not None:
+                await cancel_and_wait(self._zds_task)
+            # Watchers get what is queued (the disconnections just now), then UNAVAILABLE.
+            self.agent.events.close("node agent shutting down")
+            # Enrollments cut short now, while their callers (bulk lanes, gRPC) can still be
+            # told whether each pod was stored; then those streams end.
+            await self.agent.tasks.cancel_all()
+            if self._gate is not None:
+                await self._gate.close()
+        finally:
+            if grpc_stop is not None:
+                await grpc_stop
         if self._private is not None:
             self._private.remove()
         for runner in self._runners:

@@ -133,9 +133,13 @@ class PodStore:
             self._db.close()
 
     # -- reading ------------------------------------------------------------------------
-    def holds(self, uid: str) -> bool:
-        """Whether a pod row for ``uid`` is committed (it comes back at the next start)."""
-        return self._db.execute("SELECT 1 FROM pods WHERE uid = ?", (uid,)).fetchone() is not None
+    def row(self, uid: str) -> StoredPod | None:
+        """The committed pod row of ``uid`` (what comes back at the next start), if any."""
+        try:
+            found = self._db.execute(f"SELECT {COLUMNS} FROM pods WHERE uid = ?", (uid,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(explain(self.path, exc)) from exc
+        return None if found is None else self._parse("pods", found)
 
     def load(self) -> list[StoredPod]:
         """Every stored pod, oldest enrollment first."""

@@ -1383,7 +1383,7 @@ async def test_unary_calls_a_stop_cuts_short_are_told_what_became_of_their_pod(
                 (adding, "node agent shutting down; the pod was not enrolled"),
                 (
                     removing,
-                    "node agent shutting down; the pod is removed (its removal ends at its next start)",
+                    "node agent shutting down; the pod's removal is recorded: it ends when the node agent starts again",
                 ),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
@@ -1393,3 +1393,20 @@ async def test_unary_calls_a_stop_cuts_short_are_told_what_became_of_their_pod(
         agent.store.commit.open.set()
         agent.redirector.removal.open.set()
         await server.stop(None)
+
+
+async def test_an_enrollment_during_the_stop_says_the_pod_comes_back_not_the_next_snapshot(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """A pod enrolled while the node agent stops (its ztunnel connections closed already) was
+    told it goes out "in the next snapshot": there is none before the next start."""
+    agent.peer.close()
+    await async_wait_until(lambda: not agent.agent.registry.ready(), "the ztunnel connection gone")
+    agent.agent.enrollment.stopping = True
+    with pytest.raises(EnrollmentError) as failed:
+        await agent.agent.add_pod(agent.spec("u1", make_pod()))
+    assert failed.value.outcome is EnrollmentOutcome.NO_CONNECTION
+    assert str(failed.value) == (
+        "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
+    )
+    assert agent.stored() == {"u1": agent.stored()["u1"]}
