@@ -20,9 +20,9 @@ from zds import defaults, logs, runtime
 from zds.client.admin import Views, admin_routes, metrics_routes, parse_listen, readiness_routes
 from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.connection import FatalProtocolError, ZdsClient
-from zds.client.datapath import WorkloadTraffic, proxy_connection
+from zds.client.datapath import WorkloadTraffic, flush_drops, proxy_connection
 from zds.client.faults import ZtunnelFaultKind, ZtunnelFaults, load_faults
-from zds.client.listeners import AcceptedConnection, ConnectionHandler
+from zds.client.listeners import AcceptedConnection, ConnectionHandler, flush_refusals
 from zds.client.session import Handover, count_answer
 from zds.client.workloads import WorkloadProxy
 from zds.netns import NetnsIdentity
@@ -283,6 +283,8 @@ class Ztunnel:
                 await proxy.wait_connections()
         self.protocol.drain()
         await self.http.close()
+        flush_refusals()
+        flush_drops()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT/SIGHUP (exit 0) or a fatal protocol error (exit 1)."""

@@ -27,14 +27,28 @@ from collections.abc import Callable
 
 from zds import defaults
 from zds.errors import ZdsError
+from zds.logs import Tally
 from zds.netns import NetnsError, NetnsHandle, in_netns
 from zds.netns.kernel import socket_netns
 
 log = logging.getLogger("zds.ztunnel.datapath")
+#: Connections dropped for want of an upstream socket (out of fds), said every 10 s.
+_NO_UPSTREAM = Tally(10.0, log)
+
+
+def flush_drops() -> None:
+    """Say the drops counted and not said yet (at a stop)."""
+    _NO_UPSTREAM.flush()
+
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number
-#: Read size per relay step; with drain() this bounds what one connection buffers.
-CHUNK = 64 * 1024
+#: What a relay buffers each way before it stops reading: a reader's limit (it stops at twice
+#: that) and a writer's high-water mark. asyncio's defaults held ~340 KiB a relay whose
+#: destination does not read (ztunnel's copy starts at 1 KiB buffers and grows them with the
+#: bytes moved); at 16 KiB, ~100 KiB.
+RELAY_BUFFER = 16 * 1024
+#: Read size per relay step.
+CHUNK = 2 * RELAY_BUFFER
 
 
 class OriginalDestinationError(ZdsError, OSError):
@@ -180,12 +194,14 @@ async def relay(
 ) -> None:
     """Relay both ways until both directions reached EOF (or, with ``idle``, until no byte
     moved either way for that many seconds); owns and closes both sockets."""
-    c_reader, c_writer = await asyncio.open_connection(sock=client)
+    c_reader, c_writer = await asyncio.open_connection(sock=client, limit=RELAY_BUFFER)
     try:
-        u_reader, u_writer = await asyncio.open_connection(sock=upstream)
+        u_reader, u_writer = await asyncio.open_connection(sock=upstream, limit=RELAY_BUFFER)
     except BaseException:
         c_writer.close()
         raise
+    for writer in (c_writer, u_writer):
+        writer.transport.set_write_buffer_limits(high=RELAY_BUFFER)
     loop = asyncio.get_running_loop()
     last = [loop.time()]
 
@@ -266,6 +282,10 @@ async def proxy_connection(
             return
         try:
             upstream = _upstream_socket(netns, family, mark, client if preserve_source else None, log_extra)
+        except (OSError, NetnsError) as exc:  # (out of fds: a line every 10 s, no traceback each)
+            stats.failed += 1
+            _NO_UPSTREAM.add("dropped %d connection(s): cannot make the upstream socket: %s", exc)
+            return
         finally:
             os.close(netns)
         try:

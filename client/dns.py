@@ -21,7 +21,7 @@ import struct
 from collections.abc import Coroutine
 from typing import Any
 
-from zds.client.datapath import DirectionStats, connect_within, relay
+from zds.client.datapath import DirectionStats, connect_within
 from zds.client.inpod import (
     IP_PKTINFO,
     DnsSockets,
@@ -35,13 +35,15 @@ from zds.client.listeners import AcceptedConnection, SocketWatcher
 log = logging.getLogger("zds.ztunnel.dns")
 
 #: How long to wait for a resolver's answer (per resolver tried); also how long a TCP DNS
-#: connection may sit idle (ztunnel's DNS server: DEFAULT_TCP_REQUEST_TIMEOUT, 5 s).
+#: query may take to come whole (ztunnel's DNS server: DEFAULT_TCP_REQUEST_TIMEOUT, 5 s).
 QUERY_TIMEOUT = 5.0
 MAX_UDP = 65535
 #: UDP queries of one pod being forwarded at a time (each holds a socket until its answer or
 #: QUERY_TIMEOUT): more are dropped, counted as failed, so a pod flooding its DNS cannot take
 #: every fd of the process and with them every other pod's data path.
 MAX_UDP_IN_FLIGHT = 128
+#: TCP DNS connections of one pod open at a time: more are closed at once, counted as failed.
+MAX_TCP_CONNECTIONS = 64
 
 
 def _family(address: str) -> int:
@@ -62,6 +64,50 @@ async def forward_udp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
         except (OSError, TimeoutError) as exc:  # (out of fds too: the query goes unanswered)
             log.debug("resolver %s did not answer: %s", resolver, exc)
     return None
+
+
+async def forward_tcp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
+    """Ask each resolver in turn over TCP from the node's netns (a connection a query); the
+    first answer wins."""
+    loop = asyncio.get_running_loop()
+    for resolver in resolvers:
+        try:
+            with socket.socket(_family(resolver[0]), socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+                sock.setblocking(False)
+                await connect_within(sock, resolver, QUERY_TIMEOUT)
+                async with asyncio.timeout(QUERY_TIMEOUT):
+                    await loop.sock_sendall(sock, _framed(query))
+                    answer = await read_message(sock)
+                if answer is not None:
+                    return answer
+        except (OSError, TimeoutError) as exc:
+            log.debug("resolver %s did not answer over TCP: %s", resolver, exc)
+    return None
+
+
+def _framed(message: bytes) -> bytes:
+    """A DNS message as TCP carries it: its length in two bytes first (RFC 1035 4.2.2)."""
+    return len(message).to_bytes(2, "big") + message
+
+
+async def read_message(sock: socket.socket) -> bytes | None:
+    """The next DNS message on a TCP connection (non-blocking socket); None at its end, or
+    for one cut short or of length 0."""
+    head = await _read_exactly(sock, 2)
+    if head is None or (size := int.from_bytes(head, "big")) == 0:
+        return None
+    return await _read_exactly(sock, size)
+
+
+async def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < size:
+        chunk = await loop.sock_recv(sock, size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
 
 
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
@@ -89,6 +135,7 @@ class DnsProxy:
         self.resolvers = resolvers
         self.stats = DirectionStats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tcp_connections = 0
         self._watcher: SocketWatcher | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -132,26 +179,38 @@ class DnsProxy:
             sock.sendmsg([answer], [source] if source else [], 0, addr)
 
     async def handle_tcp(self, conn: AcceptedConnection) -> None:
-        """TCP DNS: relay the stream to the first resolver that takes the connection, until
-        it ends or sits idle for QUERY_TIMEOUT (as ztunnel's DNS server closes it)."""
-        for resolver in self.resolvers:
-            try:
-                upstream = socket.socket(_family(resolver[0]), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            except OSError as exc:
-                log.debug("cannot make a socket for resolver %s: %s", resolver, exc)
-                break
-            upstream.setblocking(False)
-            try:
-                await connect_within(upstream, resolver, QUERY_TIMEOUT)
-            except (OSError, TimeoutError):
-                upstream.close()
-                continue
-            self.stats.connections += 1
-            conn.sock.setblocking(False)
-            await relay(conn.sock, upstream, self.stats, idle=QUERY_TIMEOUT)
+        """TCP DNS, as ztunnel's DNS server takes it: each query must come whole within
+        QUERY_TIMEOUT (of the connection, or of the answer before), else the connection is
+        closed (a byte now and then no longer kept it, and a resolver connection, open);
+        each goes to the first resolver that answers it, its answer back; at most
+        MAX_TCP_CONNECTIONS of a pod at once."""
+        sock = conn.sock
+        self.stats.connections += 1
+        if self._tcp_connections >= MAX_TCP_CONNECTIONS:
+            self.stats.failed += 1
+            sock.close()
             return
-        self.stats.failed += 1
-        conn.sock.close()
+        self._tcp_connections += 1
+        sock.setblocking(False)
+        try:
+            while True:
+                async with asyncio.timeout(QUERY_TIMEOUT):
+                    query = await read_message(sock)
+                if query is None:
+                    return
+                self.stats.bytes_sent += len(query)
+                answer = await forward_tcp(query, self.resolvers)
+                if answer is None:
+                    self.stats.failed += 1
+                    return
+                self.stats.bytes_received += len(answer)
+                async with asyncio.timeout(QUERY_TIMEOUT):
+                    await asyncio.get_running_loop().sock_sendall(sock, _framed(answer))
+        except (OSError, TimeoutError):
+            return  # (the pod's end reset, or was too slow: closed, as ztunnel closes it)
+        finally:
+            self._tcp_connections -= 1
+            sock.close()
 
     def close(self) -> None:
         if self._watcher is not None:  # before the sockets close

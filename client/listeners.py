@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import errno
 import logging
+import resource
 import select
 import socket
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from zds import defaults
 from zds.client.inpod import (
     InpodListener,
     ListenerError,
@@ -28,10 +30,26 @@ from zds.client.inpod import (
     default_specs,
     open_listeners,
 )
+from zds.logs import Tally
 from zds.netns import NetnsError
 from zds.values import frozen
 
 log = logging.getLogger(__name__)
+
+#: Connections refused for want of fds, said in a line every 10 s (a flood would be a line each).
+_REFUSED = Tally(10.0, log)
+
+
+def flush_refusals() -> None:
+    """Say the refusals counted and not said yet (at a stop)."""
+    _REFUSED.flush()
+
+
+def _data_path_ceiling() -> int:
+    """The lowest fd number a connection accepted into a pod may not have."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (1 << 62) if limit == resource.RLIM_INFINITY else limit - defaults.DATA_PATH_FD_RESERVE
+
 
 # -- serving ------------------------------------------------------------------------
 
@@ -129,6 +147,8 @@ class ListenerServer:
         self.owner = owner
         self.log_extra = {} if log_extra is None else log_extra
         self.accepted = 0
+        #: Connections closed as they were accepted: too few fds free (DATA_PATH_FD_RESERVE).
+        self.refused = 0
         self._watcher: SocketWatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched = -1
@@ -180,6 +200,18 @@ class ListenerServer:
                 if not self.listener.closed:
                     log.error("accept on %s failed: %s", self.listener.address, exc, extra=self.log_extra)
                 return
+            if sock.fileno() >= _data_path_ceiling():
+                # Fewer than DATA_PATH_FD_RESERVE fds free (fds are numbered from the lowest
+                # free one up: so many are in use): the pods' own sockets come first.
+                sock.close()
+                self.refused += 1
+                _REFUSED.add(
+                    "refused %d connection(s) into pods: fewer than %d fds free (RLIMIT_NOFILE), kept for "
+                    "the pods' own sockets (the latest on %s)",
+                    defaults.DATA_PATH_FD_RESERVE,
+                    self.listener.address,
+                )
+                continue
             sock.setblocking(False)
             self.accepted += 1
             conn = AcceptedConnection(

@@ -14,6 +14,7 @@ import secrets
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,15 @@ APP_PORT = 8080
 MIB = os.urandom(1024 * 1024)
 
 
+def dns_framed(message: bytes) -> bytes:
+    """A DNS message as TCP carries it: two bytes of length, then the message."""
+    return len(message).to_bytes(2, "big") + message
+
+
 class FakeResolver:
     """A stand-in for the node's resolver on 127.0.0.1 (UDP and TCP, one port): answers
-    each query with ``b"answer:" + query`` (TCP: the stream echoed back with that prefix)."""
+    each query with ``b"answer:" + query`` (TCP: each message, framed as DNS over TCP frames
+    it, two bytes of length first)."""
 
     def __init__(self) -> None:
         # A port free for both UDP and TCP: the first free UDP port may be taken for TCP.
@@ -79,12 +86,11 @@ class FakeResolver:
                 continue
             with conn, contextlib.suppress(OSError):  # (a client gone: the next one)
                 conn.settimeout(10)
-                data = b""
-                while chunk := conn.recv(65535):
-                    data += chunk
-                if data:  # (a connection closed idle asked nothing)
-                    self.queries.append(data)
-                    conn.sendall(b"answer:" + data)
+                reader = conn.makefile("rb")
+                while len(head := reader.read(2)) == 2:
+                    query = reader.read(int.from_bytes(head, "big"))
+                    self.queries.append(query)
+                    conn.sendall(dns_framed(b"answer:" + query))
 
     def close(self) -> None:
         self._stop.set()
@@ -298,21 +304,37 @@ def test_dns_from_an_enrolled_pod_is_answered_through_the_forwarder(mesh: Mesh) 
         udp6.sendto(b"v6 query", ("2001:db8::53", 53))
         answer6, source6 = udp6.recvfrom(65535)
     assert answer6 == b"answer:v6 query" and source6[:2] == ("2001:db8::53", 53)
-    assert exchange_from(mesh.pods["a"].netns_path, "192.0.2.53", 53, b"tcp query") == b"answer:tcp query"
+    # TCP: each message whole, answered in turn on the same connection.
+    asked = dns_framed(b"tcp query") + dns_framed(b"and another")
+    answered = dns_framed(b"answer:tcp query") + dns_framed(b"answer:and another")
+    assert exchange_from(mesh.pods["a"].netns_path, "192.0.2.53", 53, asked) == answered
     assert query in mesh.resolver.queries and b"tcp query" in mesh.resolver.queries
     dns = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]["dns"]
     assert dns["connections"] >= 3 and dns["failed"] == 0
 
 
-def test_a_tcp_dns_connection_that_sits_idle_is_closed(mesh: Mesh) -> None:
+@pytest.mark.parametrize("trickle", [False, True])
+def test_a_tcp_dns_connection_whose_query_does_not_come_whole_in_5s_is_closed(
+    mesh: Mesh, trickle: bool
+) -> None:
     # ztunnel's DNS server gives a TCP connection 5 s for each request
-    # (DEFAULT_TCP_REQUEST_TIMEOUT); zds held an idle one, and its resolver connection, for good.
+    # (DEFAULT_TCP_REQUEST_TIMEOUT); zds held an idle one, and its resolver connection, for
+    # good, and one that sent a byte now and then (each byte started the 5 s again).
     with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
         tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with tcp:
         tcp.settimeout(30)
         tcp.connect(("192.0.2.53", 53))
-        assert tcp.recv(100) == b""  # closed by the forwarder (a timeout here: never)
+        if trickle:  # a message of 100 bytes, a byte every second: never whole in 5 s
+            started = time.monotonic()
+            tcp.sendall(b"\x00\x64")
+            with contextlib.suppress(OSError):  # (until the forwarder has closed it)
+                while time.monotonic() - started < 20:
+                    tcp.sendall(b"x")
+                    time.sleep(1)
+            assert time.monotonic() - started < 20, "a byte a second kept it open"
+        with contextlib.suppress(ConnectionResetError):  # (closed with bytes unread: a reset)
+            assert tcp.recv(100) == b""  # closed by the forwarder (a timeout here: never)
 
 
 def test_after_removal_traffic_to_the_pod_goes_direct_and_its_rules_are_gone(mesh: Mesh) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 
@@ -192,3 +193,50 @@ async def test_a_relay_whose_peer_timed_out_ends_as_one_reset_does(
     with client_far:
         await relay(client, upstream, DirectionStats())  # returns: no exception
     assert client.fileno() == -1 and upstream.fileno() == -1  # both closed by the relay
+
+
+async def test_connections_into_pods_past_the_data_paths_fd_reserve_are_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pod's connections (a relay holds two fds) took every fd of the process, the ones
+    kept for other pods' sockets too: those pods were nacked, and stayed broken. Past the
+    data path's reserve a connection is closed as it is accepted, said in one line."""
+    from zds.client import listeners
+    from zds.client.inpod import InpodListener, ListenerSpec
+
+    held: list[listeners.AcceptedConnection] = []
+    forever = asyncio.Event()
+
+    async def hold(conn: listeners.AcceptedConnection) -> None:
+        held.append(conn)
+        await forever.wait()
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    watcher = SocketWatcher()
+    server = listeners.ListenerServer(InpodListener(ListenerSpec("outbound", 0), sock, "test"), hold)
+    clients = [socket.create_connection(sock.getsockname()) for _ in range(10)]
+    # As if the limit left 5 fds above the next free one (fds are numbered from the lowest free up).
+    probe = os.dup(0)
+    os.close(probe)
+    monkeypatch.setattr(listeners, "_data_path_ceiling", lambda: probe + 5)
+    try:
+        server.start(watcher)
+        await async_wait_until(lambda: server.accepted + server.refused == 10, "the 10 accepted or refused")
+        assert (server.accepted, server.refused) == (5, 5) and len(held) == 5
+        assert all(conn.sock.fileno() < probe + 5 for conn in held)
+        listeners.flush_refusals()  # (the first said at once, the rest in a line every 10 s)
+        said = [r.getMessage() for r in caplog.records if "into pods" in r.getMessage()]
+        counts = [
+            re.findall(r"^refused (\d+) connection\(s\) into pods: fewer than 128 fds free", line)
+            for line in said
+        ]
+        assert all(len(count) == 1 for count in counts), said
+        assert sum(int(count[0]) for count in counts) == 5 and len(said) <= 2, said
+    finally:
+        forever.set()
+        await server.wait_connections()  # (each closes its socket)
+        server.close()
+        watcher.close()
+        for client in clients:
+            client.close()

@@ -92,6 +92,10 @@ PENDING_RETRY_INTERVAL = 5.0
 #: refused (nacked, Pending) instead of the process running out (a netns fd could then no
 #: longer be received, and the connection would fail for every pod).
 FD_RESERVE = 64
+#: File descriptors the data path leaves free (twice FD_RESERVE: pods can still start): a
+#: connection into a pod accepted past it is closed at once, so that a pod's connections
+#: (a relay holds two fds) cannot take the fds other pods' sockets and netns fds need.
+DATA_PATH_FD_RESERVE = 2 * FD_RESERVE
 #: The ztunnel side serves its HTTP endpoints once the first snapshot is in, or after this
 #: long (seconds) at the latest (their sockets listen from the start); its first snapshot is
 #: taken before the event loop for at most this long (``zds.client.session``).
