@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.client.backoff import Backoff
 from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
@@ -201,7 +201,8 @@ class ZdsClient:
                         self._interrupted = False
                     elif not ready:
                         self._retry_at = None
-                        self._retry_pending()
+                        if (close := self._retry_pending()) is not None:
+                            return self._closed(close, answered)
                     continue
                 if not answered and not record.is_eof:
                     answered = True  # its first message answers the hello
@@ -271,20 +272,31 @@ class ZdsClient:
         """How long until pending workloads are retried (None: nothing pending). The timer
         starts when a workload first goes pending and keeps running while records come and go."""
         loop = asyncio.get_running_loop()
-        if not self.protocol.has_retryable:  # (one that let its netns go waits for the node agent)
+        if not self.protocol.has_retryable and not self.protocol.netnsless_uids:
             self._retry_at = None
             return None
         if self._retry_at is None:
             self._retry_at = loop.time() + self.retry_interval
-            log.info(
-                "scheduling retry of pending workloads in %gs: %s",
-                self.retry_interval,
-                ", ".join(self.protocol.retryable_uids),
-                extra={"conn": self._conn_id},
-            )
+            if self.protocol.has_retryable:
+                log.info(
+                    "scheduling retry of pending workloads in %gs: %s",
+                    self.retry_interval,
+                    ", ".join(self.protocol.retryable_uids),
+                    extra={"conn": self._conn_id},
+                )
         return max(0.0, self._retry_at - loop.time())
 
-    def _retry_pending(self) -> None:
+    def _retry_pending(self) -> CloseConnection | None:
+        """Start the pending proxies again; a close when pods that let their netns fd go can be
+        sent again: fds are free once more, and a new connection's snapshot brings them (as
+        ztunnel, which keeps the fd, would retry them)."""
+        let_go = self.protocol.netnsless_uids
+        room = self.proxies.settings.fd_reserve + defaults.POD_FDS + 1  # (one more pod, and its netns fd)
+        if let_go and runtime.fd_shortage(room) is None:
+            return CloseConnection(
+                reason=f"{len(let_go)} pending pod(s) let their netns fd go for want of fds, and fds are "
+                "free again: reconnecting for a snapshot that sends them again"
+            )
         starts = self.protocol.retry_pending()
         for start in starts:
             log.info("retrying workload", extra=workload_log_extra(start.workload.uid, start.workload.info))
@@ -294,6 +306,7 @@ class ZdsClient:
         self._finish(work)
         if not self.protocol.has_pending:
             log.info("every pending workload is up now", extra={"conn": self._conn_id})
+        return None
 
     # -- events --------------------------------------------------------------------
     def _work(self, events: Iterable[Event]) -> RecordWork:

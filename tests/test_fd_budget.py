@@ -317,3 +317,41 @@ def test_pods_pending_for_another_reason_let_their_fd_go_too_in_the_first_snapsh
         ztunnel.stop()
         agent.close()
     assert "Traceback" not in ztunnel.output()
+
+
+def test_pods_that_let_their_netns_go_come_back_with_a_new_snapshot_once_fds_are_free(tmp_path: Path) -> None:
+    """A pod that let its netns fd go for want of fds waited for the node agent to send it
+    again: the next snapshot (the node agent restarted) or the pod added again, so after the
+    shortage it stayed broken, its rules sending its traffic to ports nobody listened on
+    (ztunnel keeps the fd, and retries). Once fds are free again the ztunnel side reconnects,
+    and the new connection's snapshot sends it again."""
+    from zds.protocol.messages import AddWorkload, DelWorkload, WorkloadInfo
+
+    agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
+    log = str(tmp_path / "ztunnel.log")
+    ztunnel = ZtunnelProc(agent.path, log, "--no-listeners", "--retry-interval", "0.2", fd_limit=LIMIT)
+    try:
+        conn = agent.connect_and_hello()
+        held: list[int] = []  # fds of the test's own pipes: sent, so the ztunnel side holds a copy each
+        said = []
+        for i in range(LIMIT):
+            read_end, write_end = os.pipe()
+            held += [read_end, write_end]
+            info = WorkloadInfo(name=f"pod-{i}", namespace="default", service_account="default")
+            said.append(conn.request(AddWorkload(uid=f"u{i}", info=info), [read_end]).error)
+            if "its netns fd is let go" in said[-1]:
+                break
+        assert "its netns fd is let go" in said[-1], said[-1]
+        assert conn.snapshot().ok
+        # The pods holding their fd are removed: room again.
+        for i in range(len(said) - 1):
+            conn.request(DelWorkload(uid=f"u{i}"))
+        again = agent.connect_and_hello(timeout=30)
+        assert "reconnecting for a snapshot that sends them again" in ztunnel.output()
+        again.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        ztunnel.stop()
+        agent.close()
+    assert "Traceback" not in ztunnel.output()

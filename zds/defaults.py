@@ -92,6 +92,8 @@ PENDING_RETRY_INTERVAL = 5.0
 #: refused (nacked, Pending) instead of the process running out (a netns fd could then no
 #: longer be received, and the connection would fail for every pod).
 FD_RESERVE = 64
+#: The fds a pod's proxy takes (with IPv6): 3 TCP listeners, UDP+TCP DNS on 127.0.0.1 and ::1.
+POD_FDS = 7
 #: File descriptors the data path leaves free (twice FD_RESERVE: pods can still start): a
 #: connection into a pod accepted past it is closed at once, so that a pod's connections
 #: (a relay holds two fds) cannot take the fds other pods' sockets and netns fds need.

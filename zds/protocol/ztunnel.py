@@ -142,6 +142,11 @@ class ZtunnelProtocol:
         return bool(self._pending)
 
     @property
+    def netnsless_uids(self) -> list[str]:
+        """The pending workloads that let their netns fd go (the node agent must send them again)."""
+        return sorted(self._pending & self._netnsless)
+
+    @property
     def retryable_uids(self) -> list[str]:
         """The pending workloads a retry starts again (they still hold their netns fd)."""
         return sorted(self._pending - self._netnsless)
