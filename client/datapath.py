@@ -26,6 +26,7 @@ import struct
 from collections.abc import Callable
 
 from zds import defaults
+from zds.client.listeners import past_data_path_reserve
 from zds.errors import ZdsError
 from zds.logs import Tally
 from zds.netns import NetnsError, NetnsHandle, in_netns
@@ -34,21 +35,34 @@ from zds.netns.kernel import socket_netns
 log = logging.getLogger("zds.ztunnel.datapath")
 #: Connections dropped for want of an upstream socket (out of fds), said every 10 s.
 _NO_UPSTREAM = Tally(10.0, log)
+#: What a pod's traffic makes happen to many connections at once is said in a line every 10 s
+#: with a count and the latest (a pod connecting to a closed port in a loop wrote a line per
+#: connection: 44,000 in 30 s); each connection's own line is at debug.
+_NOT_REDIRECTED = Tally(10.0, log)
+_REFUSED_DESTINATION = Tally(10.0, log)
+_UNREACHABLE = Tally(10.0, log)
+
+
+def _uid(log_extra: dict[str, str] | None) -> str:
+    return (log_extra or {}).get("uid", "?")
 
 
 def flush_drops() -> None:
     """Say the drops counted and not said yet (at a stop)."""
-    _NO_UPSTREAM.flush()
+    for tally in (_NO_UPSTREAM, _NOT_REDIRECTED, _REFUSED_DESTINATION, _UNREACHABLE):
+        tally.flush()
 
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same number
-#: What a relay buffers each way before it stops reading: a reader's limit (it stops at twice
-#: that) and a writer's high-water mark. asyncio's defaults held ~340 KiB a relay whose
-#: destination does not read (ztunnel's copy starts at 1 KiB buffers and grows them with the
-#: bytes moved); at 16 KiB, ~100 KiB.
+#: What a relay lets wait each way before it stops reading: a reader's limit (it pauses at
+#: twice that) and a writer's high-water mark (asyncio's defaults: 64 KiB; one read of the
+#: transport may still bring up to 256 KiB; ztunnel's copy starts at 1 KiB buffers and grows
+#: them with the bytes moved).
 RELAY_BUFFER = 16 * 1024
 #: Read size per relay step.
 CHUNK = 2 * RELAY_BUFFER
+#: Seconds a relay that ended gives what it still buffers to go out before its sockets are cut.
+RELAY_CLOSE_GRACE = 5.0
 
 
 class OriginalDestinationError(ZdsError, OSError):
@@ -228,13 +242,23 @@ async def relay(
         # A reset from either side ends the relay, as does a peer keepalive found gone
         # (ETIMEDOUT) or unreachable: how TCP connections end, not an error here.
         log.debug("relay ended: %s", exc)
+    except asyncio.CancelledError:  # (its pod removed, the process stopping): cut, not flushed
+        for writer in (c_writer, u_writer):
+            writer.transport.abort()
+        raise
     finally:
         pumps.cancel()  # (done already, or the relay is idle or cancelled)
         for writer in (c_writer, u_writer):
             writer.close()
+        # What is still buffered has RELAY_CLOSE_GRACE to go out: a close waits for it, and one
+        # to a destination that never reads waited for good, its sockets and buffers held
+        # past its pod's removal.
+        with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+            async with asyncio.timeout(RELAY_CLOSE_GRACE):
+                for writer in (c_writer, u_writer):
+                    await writer.wait_closed()
         for writer in (c_writer, u_writer):
-            with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
+            writer.transport.abort()  # (closed already: nothing)
 
 
 async def proxy_connection(
@@ -261,7 +285,10 @@ async def proxy_connection(
             family, address, port = original_destination(client)
         except OriginalDestinationError as exc:
             stats.failed += 1
-            log.warning("connection without an original destination dropped: %s", exc, extra=log_extra)
+            log.debug("connection without an original destination dropped: %s", exc, extra=log_extra)
+            _NOT_REDIRECTED.add(
+                "dropped %d connection(s) without an original destination (the latest: %s)", exc
+            )
             client.close()
             return
         refusal = _refuse(client, address, port, own_ports, inbound=inbound)
@@ -269,7 +296,10 @@ async def proxy_connection(
             # ztunnel refuses these too (its illegal_ports): relaying would dial our own
             # listener again, and again, until the process runs out of fds.
             stats.failed += 1
-            log.info("dropped a connection to %s:%d: %s", address, port, refusal, extra=log_extra)
+            log.debug("dropped a connection to %s:%d: %s", address, port, refusal, extra=log_extra)
+            _REFUSED_DESTINATION.add(
+                "dropped %d connection(s) (the latest to %s:%d: %s)", address, port, refusal
+            )
             client.close()
             return
         if ipaddress.ip_address(address).version == 4:
@@ -278,7 +308,7 @@ async def proxy_connection(
             netns = socket_netns(client.fileno())
         except NetnsError as exc:
             stats.failed += 1
-            log.warning("connection dropped: %s", exc, extra=log_extra)
+            _NO_UPSTREAM.add("dropped %d connection(s): cannot make the upstream socket: %s", exc)
             return
         try:
             upstream = _upstream_socket(netns, family, mark, client if preserve_source else None, log_extra)
@@ -288,6 +318,14 @@ async def proxy_connection(
             return
         finally:
             os.close(netns)
+        if past_data_path_reserve(upstream.fileno()):
+            stats.failed += 1
+            upstream.close()
+            _NO_UPSTREAM.add(
+                "dropped %d connection(s): cannot make the upstream socket: %s",
+                f"fewer than {defaults.DATA_PATH_FD_RESERVE} fds free, kept for the pods' own sockets",
+            )
+            return
         try:
             tune_relay_socket(upstream)
             await connect_within(upstream, (address, port), connect_timeout)
@@ -295,7 +333,13 @@ async def proxy_connection(
             stats.failed += 1
             upstream.close()
             client.close()
-            log.info("cannot connect to original destination %s:%d: %s", address, port, exc, extra=log_extra)
+            log.debug("cannot connect to original destination %s:%d: %s", address, port, exc, extra=log_extra)
+            _UNREACHABLE.add(
+                "%d connection(s) could not reach their original destination (the latest %s:%d: %s)",
+                address,
+                port,
+                exc,
+            )
             return
         client.setblocking(False)
         try:

@@ -30,7 +30,7 @@ from zds.client.inpod import (
     node_resolvers,
     parse_resolver,
 )
-from zds.client.listeners import AcceptedConnection, SocketWatcher
+from zds.client.listeners import AcceptedConnection, SocketWatcher, past_data_path_reserve
 
 log = logging.getLogger("zds.ztunnel.dns")
 
@@ -56,6 +56,8 @@ async def forward_udp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     for resolver in resolvers:
         try:
             with socket.socket(_family(resolver[0]), socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                if past_data_path_reserve(sock.fileno()):
+                    return None  # (counted as failed: the pods' own sockets come first)
                 sock.setblocking(False)
                 await loop.sock_connect(sock, resolver)
                 await loop.sock_sendall(sock, query)
@@ -73,6 +75,8 @@ async def forward_tcp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     for resolver in resolvers:
         try:
             with socket.socket(_family(resolver[0]), socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+                if past_data_path_reserve(sock.fileno()):
+                    return None  # (counted as failed: the pods' own sockets come first)
                 sock.setblocking(False)
                 await connect_within(sock, resolver, QUERY_TIMEOUT)
                 async with asyncio.timeout(QUERY_TIMEOUT):

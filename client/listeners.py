@@ -45,6 +45,15 @@ def flush_refusals() -> None:
     _REFUSED.flush()
 
 
+def past_data_path_reserve(fd: int) -> bool:
+    """Whether ``fd``, just made for the data path (an accepted connection, a relay's upstream
+    socket, a DNS query's), is numbered within the top DATA_PATH_FD_RESERVE of RLIMIT_NOFILE:
+    fds are numbered from the lowest free one up, so fewer than that are free. The data path
+    then closes it and gives up what it was for: it never holds one of those fds, which stay
+    for the pods' own sockets and netns fds."""
+    return fd >= _data_path_ceiling()
+
+
 def _data_path_ceiling() -> int:
     """The lowest fd number a connection accepted into a pod may not have."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -200,16 +209,15 @@ class ListenerServer:
                 if not self.listener.closed:
                     log.error("accept on %s failed: %s", self.listener.address, exc, extra=self.log_extra)
                 return
-            if sock.fileno() >= _data_path_ceiling():
-                # Fewer than DATA_PATH_FD_RESERVE fds free (fds are numbered from the lowest
-                # free one up: so many are in use): the pods' own sockets come first.
+            if past_data_path_reserve(sock.fileno()):  # (the pods' own sockets come first)
                 sock.close()
                 self.refused += 1
                 _REFUSED.add(
                     "refused %d connection(s) into pods: fewer than %d fds free (RLIMIT_NOFILE), kept for "
-                    "the pods' own sockets (the latest on %s)",
+                    "the pods' own sockets (the latest to %s of pod %s)",
                     defaults.DATA_PATH_FD_RESERVE,
                     self.listener.address,
+                    getattr(self.owner, "uid", "?"),
                 )
                 continue
             sock.setblocking(False)

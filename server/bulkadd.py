@@ -177,6 +177,6 @@ def shutting_down(agent: NodeAgent, spec: PodSpec) -> str:
         row = store.row(spec.uid) if store is not None else None
     except (sqlite3.Error, StoreError):
         return "node agent shutting down; whether the pod was stored is not known (zds pod list tells)"
-    if row is not None and row.spec == spec:
+    if row is not None and row.spec == spec and not row.removing:
         return STOPPING
     return "node agent shutting down; the pod was not enrolled"

@@ -30,7 +30,7 @@ from zds.errors import ZdsError
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
 from zds.server.containerpods import ContainerPods
-from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, PodChanged
+from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSource, PodSpec, is_address
 from zds.server.unixhttp import HttpLimits
 
@@ -223,16 +223,9 @@ class CniPluginEndpoint:
             return code, text
         try:
             async with self.containers.serialized(spec.uid):
-                while True:  # (again when the control API changed the uid's pod meanwhile)
-                    held = self.agent.pods.get(spec.uid)
-                    if (refusal := self.containers.held_elsewhere(spec.uid, istio=True)) is not None:
-                        _log_add_failure(500, refusal, spec)
-                        return 500, refusal
-                    try:
-                        await self.agent.add_pod(spec, expect=held)
-                        break
-                    except PodChanged:
-                        continue
+                if (refusal := await self.containers.add_unless_held(spec, istio=True)) is not None:
+                    _log_add_failure(500, refusal, spec)
+                    return 500, refusal
         except EnrollmentError as exc:
             # Refused (the node's netns, names Kubernetes would refuse): 400, as a bad body;
             # anything else is Istio's 500 with the reason.

@@ -73,6 +73,21 @@ class ContainerPods:
             return None
         return f"uid {uid} is held by a pod from {held.spec.source.value}; not replaced"
 
+    async def add_unless_held(self, spec: PodSpec, *, istio: bool = False) -> str | None:
+        """Enroll ``spec`` unless another source holds its uid (``held_elsewhere``: the refusal
+        is returned), deciding again when the control API changed the uid's pod by the
+        enrollment's turn. Called while ``serialized(spec.uid)`` is held; EnrollmentError as
+        ``NodeAgent.add_pod``."""
+        while True:
+            held = self.agent.pods.get(spec.uid)
+            if (refusal := self.held_elsewhere(spec.uid, istio=istio)) is not None:
+                return refusal
+            try:
+                await self.agent.add_pod(spec, expect=held)
+                return None
+            except PodChanged:
+                continue
+
     # -- facts --------------------------------------------------------------------------
     def mine(self, labels: Mapping[str, str]) -> bool:
         """Whether a container with these labels carries every ``--container-label``."""
@@ -133,17 +148,11 @@ class ContainerPods:
         # The pod of a container is named by its id (facts.id is cid), whatever PodUID said.
         spec = facts.pod_spec(spec.netns, spec.ips, spec.source)
         async with self.serialized(cid):
-            while True:  # (again when the control API changed the uid's pod meanwhile)
-                held = self.agent.pods.get(cid)
-                if (refusal := self.held_elsewhere(cid)) is not None:
+            try:
+                if (refusal := await self.add_unless_held(spec)) is not None:
                     return 500, refusal
-                try:
-                    await self.agent.add_pod(spec, expect=held)
-                    break
-                except PodChanged:
-                    continue
-                except EnrollmentError as exc:
-                    return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
+            except EnrollmentError as exc:
+                return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
         return 200, f"enrolled: container {facts.name} is {selection.reason}"
 
     async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:

@@ -316,7 +316,12 @@ class ControlServers:
         self.servers = servers
 
     async def stop(self, grace: float | None) -> None:
-        await asyncio.gather(*(server.stop(grace) for server in self.servers))
+        """Stop them together; one that fails to is said, and the others stop all the same."""
+        for failed in await asyncio.gather(
+            *(server.stop(grace) for server in self.servers), return_exceptions=True
+        ):
+            if failed is not None:
+                log.error("control API: a gRPC server failed to stop: %r", failed)
 
 
 async def start_control_server(

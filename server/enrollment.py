@@ -63,6 +63,7 @@ log = logging.getLogger("zds.server")
 #: What an enrollment answered without ztunnel's ack says of its pod (it was stored and
 #: cached: a node agent's stop keeps it, and it comes back when it starts again).
 CACHED = "(the pod stays cached and goes out in the next snapshot)"
+COMES_BACK = "(the pod is stored: it comes back when the node agent starts again)"
 NOT_CONNECTED = f"no ztunnel connection {CACHED}"
 STOPPING = "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
 
@@ -219,7 +220,7 @@ class Enrollment:
             if self.cache.get(spec.uid) is pod:
                 pod.last_error = str(lost)
             outcome = EnrollmentOutcome.TIMEOUT if lost.ack_timeout else EnrollmentOutcome.LOST
-            raise EnrollmentError(outcome, f"{lost} {CACHED}") from lost
+            raise EnrollmentError(outcome, f"{lost} {COMES_BACK if self.stopping else CACHED}") from lost
         span.set_attribute(spans.ACK_ERROR, ack.error)
         if ack.error:
             raise EnrollmentError(EnrollmentOutcome.NACKED, ack.error)

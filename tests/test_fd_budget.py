@@ -21,6 +21,7 @@ import pytest
 from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, wait_until
 from tests.standins import FakeNodeAgent
 from zds import defaults
+from zds.netns import open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 
 pytestmark = pytest.mark.root
@@ -324,34 +325,48 @@ def test_pods_that_let_their_netns_go_come_back_with_a_new_snapshot_once_fds_are
     again: the next snapshot (the node agent restarted) or the pod added again, so after the
     shortage it stayed broken, its rules sending its traffic to ports nobody listened on
     (ztunnel keeps the fd, and retries). Once fds are free again the ztunnel side reconnects,
-    and the new connection's snapshot sends it again."""
+    and the new connection's snapshot sends it again: it is up."""
     from zds.protocol.messages import AddWorkload, DelWorkload, WorkloadInfo
+
+    def info(name: str) -> WorkloadInfo:
+        return WorkloadInfo(name=name, namespace="default", service_account="default")
 
     agent = FakeNodeAgent(str(tmp_path / "zds.sock"))
     log = str(tmp_path / "ztunnel.log")
-    ztunnel = ZtunnelProc(agent.path, log, "--no-listeners", "--retry-interval", "0.2", fd_limit=LIMIT)
+    ztunnel = ZtunnelProc(agent.path, log, "--retry-interval", "0.2", fd_limit=LIMIT)
+    held: list[int] = []  # the test's own pipes: each read end sent as a pod's "netns" (pending, held)
+    name = f"zfd-{secrets.token_hex(3)}-real"
+    pod = create_netns(name)
     try:
         conn = agent.connect_and_hello()
-        held: list[int] = []  # fds of the test's own pipes: sent, so the ztunnel side holds a copy each
-        said = []
-        for i in range(LIMIT):
+        for i in range(LIMIT):  # until past half the reserve: pods let their netns go
             read_end, write_end = os.pipe()
             held += [read_end, write_end]
-            info = WorkloadInfo(name=f"pod-{i}", namespace="default", service_account="default")
-            said.append(conn.request(AddWorkload(uid=f"u{i}", info=info), [read_end]).error)
-            if "its netns fd is let go" in said[-1]:
+            if (
+                "its netns fd is let go"
+                in conn.request(AddWorkload(uid=f"u{i}", info=info(f"p{i}")), [read_end]).error
+            ):
                 break
-        assert "its netns fd is let go" in said[-1], said[-1]
+        fillers = i
+        with open_netns(pod) as netns:
+            said = conn.request(AddWorkload(uid="real", info=info("real")), [netns.fd]).error
+        assert "its netns fd is let go" in said, said
         assert conn.snapshot().ok
-        # The pods holding their fd are removed: room again.
-        for i in range(len(said) - 1):
+        for i in range(fillers + 1):  # room again
             conn.request(DelWorkload(uid=f"u{i}"))
-        again = agent.connect_and_hello(timeout=30)
+        again = agent.connect_and_hello(timeout=30)  # the ztunnel side's new connection
         assert "reconnecting for a snapshot that sends them again" in ztunnel.output()
+        with open_netns(pod) as netns:
+            assert again.request(AddWorkload(uid="real", info=info("real")), [netns.fd]).ok
+        assert again.snapshot().ok
+        wait_until(
+            lambda: ztunnel.config_dump()["workloadState"].get("real", {}).get("state") == "Up", "the pod up"
+        )
         again.close()
     finally:
         for fd in held:
             os.close(fd)
         ztunnel.stop()
         agent.close()
+        delete_netns(name, missing_ok=True)
     assert "Traceback" not in ztunnel.output()

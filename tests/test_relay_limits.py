@@ -6,6 +6,7 @@ options ztunnel sets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -240,3 +241,34 @@ async def test_connections_into_pods_past_the_data_paths_fd_reserve_are_refused(
         watcher.close()
         for client in clients:
             client.close()
+
+
+async def test_a_relay_cut_short_while_its_destination_does_not_read_lets_its_sockets_go(
+    listener: socket.socket,
+) -> None:
+    """A relay cancelled (its pod removed) while the destination read nothing waited in its
+    close for the buffered bytes to go out, for good: its task, sockets and buffers stayed
+    until the process ended. Now it cuts them, and one that ended itself waits a bounded time."""
+    loop = asyncio.get_running_loop()
+    far, client, upstream = await relay_sockets(listener)
+    accepted = None
+    stats = DirectionStats()
+    task = asyncio.create_task(relay(client, upstream, stats))
+    try:
+        accepted = await loop.run_in_executor(None, listener.accept)  # (the destination: never reads)
+        chunk = b"x" * 65536
+        with contextlib.suppress(TimeoutError):  # write until everything between is full
+            async with asyncio.timeout(2):
+                while True:
+                    await loop.sock_sendall(far, chunk)
+        assert stats.bytes_sent > 0
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done, "the cancelled relay is still closing its sockets"
+        assert client.fileno() == -1 and upstream.fileno() == -1
+    finally:
+        if not task.done():
+            task.cancel()
+        far.close()
+        if accepted is not None:
+            accepted[0].close()

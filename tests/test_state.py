@@ -492,9 +492,9 @@ def test_pods_a_stop_cut_short_are_told_they_were_stored_and_come_back(
         slow.close()
     assert client.returncode == 1 and out == "" and len(err.splitlines()) == 3
     stays = (  # lost with the connection (sent, unanswered), or cut short (stored, not yet sent)
-        r"ztunnel connection \w+ closed: node agent shutting down \(the pod stays cached and goes out "
-        r"in the next snapshot\)|node agent shutting down; the pod is stored: it comes back when the node "
-        r"agent starts again"
+        r"ztunnel connection \w+ closed: node agent shutting down \(the pod is stored: it comes back when "
+        r"the node agent starts again\)|node agent shutting down; the pod is stored: it comes back when the "
+        r"node agent starts again"
     )
     for i, line in enumerate(sorted(err.splitlines())):
         assert re.fullmatch(rf"zds pod add: u{i}: UNAVAILABLE: ({stays})", line), line
