@@ -3,7 +3,9 @@ loses no count."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import pytest
 
@@ -39,4 +41,22 @@ async def test_a_tally_flushed_says_what_it_holds_at_once(caplog: pytest.LogCapt
     assert [r.getMessage() for r in caplog.records] == [
         "HTTP: 1 connection(s) refused: 0 open already",
         "HTTP: 2 connection(s) refused: 2 open already",
+    ]
+
+
+async def test_a_tally_said_by_an_add_after_its_time_says_no_line_of_0_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An add that came once the seconds were up (the loop busy: its timer late) said the
+    count at once, and the timer said it again as 0 when it came (with the latest before)."""
+    caplog.set_level(logging.WARNING, logger="zds.http")
+    tally = Tally(every=0.05, logger=logging.getLogger("zds.http"))
+    tally.add("%d happened (the latest: %s)", "a")  # said at once
+    tally.add("%d happened (the latest: %s)", "b")  # the timer is armed
+    time.sleep(0.1)  # noqa: ASYNC251 (the point: the loop kept busy, the timer late)
+    tally.add("%d happened (the latest: %s)", "c")  # the seconds are up: said at once
+    await asyncio.sleep(0.2)  # the late timer's time
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 happened (the latest: a)",
+        "2 happened (the latest: c)",
     ]

@@ -292,7 +292,11 @@ class Tally:
             self._say()
 
     def _say(self) -> None:
-        self._timer = None
+        if self._timer is not None:  # (said by ``add`` before its timer came: that timer goes)
+            self._timer.cancel()
+            self._timer = None
+        if not self._count:
+            return
         text, args = self._line
         self.logger.warning(text, self._count, *args)
         self._said, self._count = time.monotonic(), 0
