@@ -17,8 +17,7 @@ from zds import defaults
 from zds.gen import nodeagent_pb2
 from zds.server.agent import NodeAgent
 from zds.server.controlwire import add_pod_response, pod_spec
-from zds.server.enrollment import STOPPING
-from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome
+from zds.server.outcomes import STOPPING, Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.storefile import StoreError
 

@@ -38,6 +38,10 @@ from zds.server.locks import KeyedLocks
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, hold_for_the_pod
 from zds.server.outcomes import (
     ANY_POD,
+    CACHED,
+    COMES_BACK,
+    NOT_CONNECTED,
+    STOPPING,
     DeleteResult,
     Enrolled,
     EnrollmentError,
@@ -60,12 +64,6 @@ if TYPE_CHECKING:
     from zds.server.faults import FaultBook
 
 log = logging.getLogger("zds.server")
-#: What an enrollment answered without ztunnel's ack says of its pod (it was stored and
-#: cached: a node agent's stop keeps it, and it comes back when it starts again).
-CACHED = "(the pod stays cached and goes out in the next snapshot)"
-COMES_BACK = "(the pod is stored: it comes back when the node agent starts again)"
-NOT_CONNECTED = f"no ztunnel connection {CACHED}"
-STOPPING = "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
 
 
 class Enrollment:

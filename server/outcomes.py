@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from zds.errors import ZdsError
 from zds.server.podcache import Pod
 
+#: What an enrollment answered without ztunnel's ack says of its pod (it was stored and
+#: cached: a node agent's stop keeps it, and it comes back when it starts again).
+CACHED = "(the pod stays cached and goes out in the next snapshot)"
+COMES_BACK = "(the pod is stored: it comes back when the node agent starts again)"
+NOT_CONNECTED = f"no ztunnel connection {CACHED}"
+STOPPING = "node agent shutting down; the pod is stored: it comes back when the node agent starts again"
+
 
 class EnrollmentOutcome(enum.Enum):
     """How an enrollment ended (the control API maps each to a gRPC status)."""
