@@ -43,8 +43,8 @@ _REFUSED_DESTINATION = Tally(10.0, log)
 _UNREACHABLE = Tally(10.0, log)
 
 
-def _uid(log_extra: dict[str, str] | None) -> str:
-    return (log_extra or {}).get("uid", "?")
+def _no_upstream(reason: object) -> None:
+    _NO_UPSTREAM.add("dropped %d connection(s): cannot make the upstream socket: %s", reason)
 
 
 def flush_drops() -> None:
@@ -308,22 +308,21 @@ async def proxy_connection(
             netns = socket_netns(client.fileno())
         except NetnsError as exc:
             stats.failed += 1
-            _NO_UPSTREAM.add("dropped %d connection(s): cannot make the upstream socket: %s", exc)
+            _no_upstream(exc)
             return
         try:
             upstream = _upstream_socket(netns, family, mark, client if preserve_source else None, log_extra)
         except (OSError, NetnsError) as exc:  # (out of fds: a line every 10 s, no traceback each)
             stats.failed += 1
-            _NO_UPSTREAM.add("dropped %d connection(s): cannot make the upstream socket: %s", exc)
+            _no_upstream(exc)
             return
         finally:
             os.close(netns)
         if past_data_path_reserve(upstream.fileno()):
             stats.failed += 1
             upstream.close()
-            _NO_UPSTREAM.add(
-                "dropped %d connection(s): cannot make the upstream socket: %s",
-                f"fewer than {defaults.DATA_PATH_FD_RESERVE} fds free, kept for the pods' own sockets",
+            _no_upstream(
+                f"fewer than {defaults.DATA_PATH_FD_RESERVE} fds free, kept for the pods' own sockets"
             )
             return
         try:

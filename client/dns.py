@@ -50,15 +50,26 @@ def _family(address: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
 
+def _resolver_socket(resolver: Resolver, kind: int) -> socket.socket | None:
+    """A non-blocking socket to ask ``resolver`` with (OSError as ``socket()`` raises it), or
+    None when it would be one of the fds kept for the pods' own sockets: the query is then
+    dropped (counted as failed)."""
+    sock = socket.socket(_family(resolver[0]), kind | socket.SOCK_CLOEXEC)
+    if past_data_path_reserve(sock.fileno()):
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
 async def forward_udp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     """Ask each resolver in turn over UDP from the node's netns; the first answer wins."""
     loop = asyncio.get_running_loop()
     for resolver in resolvers:
         try:
-            with socket.socket(_family(resolver[0]), socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                if past_data_path_reserve(sock.fileno()):
-                    return None  # (counted as failed: the pods' own sockets come first)
-                sock.setblocking(False)
+            if (sock := _resolver_socket(resolver, socket.SOCK_DGRAM)) is None:
+                return None
+            with sock:
                 await loop.sock_connect(sock, resolver)
                 await loop.sock_sendall(sock, query)
                 async with asyncio.timeout(QUERY_TIMEOUT):
@@ -74,10 +85,9 @@ async def forward_tcp(query: bytes, resolvers: list[Resolver]) -> bytes | None:
     loop = asyncio.get_running_loop()
     for resolver in resolvers:
         try:
-            with socket.socket(_family(resolver[0]), socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-                if past_data_path_reserve(sock.fileno()):
-                    return None  # (counted as failed: the pods' own sockets come first)
-                sock.setblocking(False)
+            if (sock := _resolver_socket(resolver, socket.SOCK_STREAM)) is None:
+                return None
+            with sock:
                 await connect_within(sock, resolver, QUERY_TIMEOUT)
                 async with asyncio.timeout(QUERY_TIMEOUT):
                     await loop.sock_sendall(sock, _framed(query))

@@ -55,7 +55,7 @@ def past_data_path_reserve(fd: int) -> bool:
 
 
 def _data_path_ceiling() -> int:
-    """The lowest fd number a connection accepted into a pod may not have."""
+    """The lowest fd number the data path may not keep."""
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return (1 << 62) if limit == resource.RLIM_INFINITY else limit - defaults.DATA_PATH_FD_RESERVE
 

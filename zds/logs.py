@@ -288,8 +288,7 @@ class Tally:
     def flush(self) -> None:
         """Say what is counted and not said yet, now (at a stop: the timer would die with the loop)."""
         if self._timer is not None:
-            self._timer.cancel()
-            self._say()
+            self._say()  # (which cancels the timer)
 
     def _say(self) -> None:
         if self._timer is not None:  # (said by ``add`` before its timer came: that timer goes)
