@@ -18,6 +18,7 @@ import pytest
 from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, is_root, release_pod_netns
 from tests.standins import Peers
 from zds import defaults
+from zds.netns import NetnsError
 from zds.netns.fixtures import create_netns, delete_netns
 
 
@@ -99,5 +100,10 @@ def make_pod() -> Iterator[Callable[[], Pod]]:
         return Pod(name, path)
 
     yield make
-    for name in made:
-        delete_netns(name, missing_ok=True)
+    left = []
+    for name in made:  # every one, whichever fails
+        try:
+            delete_netns(name, missing_ok=True)
+        except NetnsError as exc:
+            left.append(str(exc))
+    assert not left, "; ".join(left)

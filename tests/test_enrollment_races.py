@@ -1352,6 +1352,73 @@ async def test_a_cni_add_does_not_replace_the_pod_the_control_api_enrolled_meanw
     assert has_rules(b) and not has_rules(a)
 
 
+def engine_spec(uid: str, pod: Pod) -> PodSpec:
+    """The pod of container ``uid`` as the container engine enrolls it."""
+    return PodSpec.create(
+        uid, NetnsRef.of_path(pod.path), name=uid, namespace="default", source=PodSource.CONTAINER_ENGINE
+    )
+
+
+def inspection(cid: str, pod: Pod, pid: int) -> dict[str, object]:
+    """The engine's inspection of a running container labelled for ambient, in ``pod``'s netns."""
+    return {
+        "Id": cid,
+        "Name": "/web",
+        "Config": {"Labels": {defaults.DATAPLANE_MODE_LABEL: defaults.DATAPLANE_MODE_AMBIENT}},
+        "State": {"Running": True, "Pid": pid},
+        "HostConfig": {"NetworkMode": "bridge"},
+        "NetworkSettings": {"SandboxKey": pod.path, "Networks": {}},
+    }
+
+
+async def test_the_engine_leaves_alone_the_pod_the_control_api_enrolled_while_it_decided_a_removal(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """Container c1's pod is the engine's, in A; AddPod(c1, B) is installing its rules when the
+    engine says c1 is gone. The engine decided on its own pod, but by its turn the pod is the
+    control API's: left alone (it removed the acked pod)."""
+    a, b = make_pod(), make_pod()
+    containers = ContainerPods(agent.agent)
+    await agent.agent.add_pod(engine_spec("c1", a))
+    agent.redirector.install_gate.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("c1", b)))
+    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
+    syncing = asyncio.create_task(containers.sync("c1", None))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not syncing.done()
+    agent.redirector.install_gate.open.set()
+    enrolled = await asyncio.wait_for(enrollment, 30)
+    await asyncio.wait_for(syncing, 30)
+    assert agent.agent.pods.get("c1") is enrolled.pod
+    assert agent.stored() == {"c1": identity(b)}
+    assert has_rules(b)
+
+
+async def test_the_engine_does_not_replace_the_pod_the_control_api_enrolled_while_it_decided_an_enrollment(
+    agent: Agent, make_pod: Callable[[], Pod], sleeper_in: Callable[[Pod], subprocess.Popen[bytes]]
+) -> None:
+    """Container c1 runs selected in A, no pod yet; AddPod(c1, B) is installing its rules when
+    the engine reports c1. The engine decided to enroll it, but by its turn the uid's pod is
+    the control API's: left alone (it replaced the acked pod with A)."""
+    a, b = make_pod(), make_pod()
+    container = sleeper_in(a)
+    containers = ContainerPods(agent.agent)
+    agent.redirector.install_gate.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("c1", b)))
+    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
+    syncing = asyncio.create_task(containers.sync("c1", inspection("c1", a, container.pid)))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not syncing.done()
+    agent.redirector.install_gate.open.set()
+    enrolled = await asyncio.wait_for(enrollment, 30)
+    await asyncio.wait_for(syncing, 30)
+    assert agent.agent.pods.get("c1") is enrolled.pod
+    assert agent.stored() == {"c1": identity(b)}
+    assert has_rules(b) and not has_rules(a)
+
+
 # -- the node agent's stop cutting short a control API call ---------------------------------
 
 
