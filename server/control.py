@@ -117,7 +117,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
                 sent = await self._release_unknown(request.uid)
             except asyncio.CancelledError:
                 _cancelled_itself()
-                sent = " (the node agent shut down before DelWorkload went out)"
+                sent = " (the node agent shut down before every ztunnel connection acked its DelWorkload)"
             await _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no pod with uid {request.uid} is enrolled{sent}"
             )
@@ -140,7 +140,10 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             return ""
         if not results:
             return ""
-        return f" (DelWorkload sent to {len(results)} ztunnel connection(s) anyway, as Istio does)"
+        said = f"DelWorkload sent to {len(results)} ztunnel connection(s) anyway, as Istio does"
+        if unacked := [r.error for r in results if r.error]:
+            said += f"; not acked by {len(unacked)}: {unacked[0]}"
+        return f" ({said})"
 
     async def ListPods(
         self, request: nodeagent_pb2.ListPodsRequest, context: grpc.aio.ServicerContext

@@ -1462,6 +1462,31 @@ async def test_unary_calls_a_stop_cuts_short_are_told_what_became_of_their_pod(
         await server.stop(None)
 
 
+async def test_a_removal_of_an_unknown_uid_says_which_connections_never_acked_its_delworkload(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """RemovePod of a uid no pod has sends DelWorkload anyway (as Istio); a ztunnel gone before
+    it acked is said (the answer read as if every connection had let the workload go)."""
+    path = str(tmp_path / "control.sock")
+    server, _ = await start_control_server(agent.agent, path)
+    agent.peer.delay = 60.0  # (close() cuts it short)
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
+            removing = asyncio.ensure_future(stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="gone")))
+            await async_wait_until(lambda: "del" in agent.peer.kinds, "the DelWorkload out")
+            agent.peer.close()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await asyncio.wait_for(removing, 10)
+            assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+            assert failed.value.details().startswith(
+                "no pod with uid gone is enrolled (DelWorkload sent to 1 ztunnel connection(s) anyway, "
+                "as Istio does; not acked by 1: "
+            )
+    finally:
+        await server.stop(None)
+
+
 async def test_an_enrollment_during_the_stop_says_the_pod_comes_back_not_the_next_snapshot(
     agent: Agent, make_pod: Callable[[], Pod]
 ) -> None:
