@@ -7,6 +7,7 @@ privilege is a failure, never a silent skip.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import signal
@@ -15,10 +16,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, is_root, release_pod_netns
+from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, is_root, release_pod_netns, run_all
 from tests.standins import Peers
 from zds import defaults
-from zds.netns import NetnsError
 from zds.netns.fixtures import create_netns, delete_netns
 
 
@@ -68,8 +68,7 @@ def start_server(tmp_path: pathlib.Path) -> Iterator[StartServer]:
         return proc.wait_ready() if ready else proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    run_all([proc.stop for proc in started], "start_server")
 
 
 @pytest.fixture
@@ -100,10 +99,4 @@ def make_pod() -> Iterator[Callable[[], Pod]]:
         return Pod(name, path)
 
     yield make
-    left = []
-    for name in made:  # every one, whichever fails
-        try:
-            delete_netns(name, missing_ok=True)
-        except NetnsError as exc:
-            left.append(str(exc))
-    assert not left, "; ".join(left)
+    run_all([functools.partial(delete_netns, name, missing_ok=True) for name in made], "make_pod")

@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -89,6 +89,19 @@ def wire_vector(name: str) -> bytes:
 
 
 # -- polling -----------------------------------------------------------------------------
+
+
+def run_all(steps: Iterable[Callable[[], object]], what: str) -> None:
+    """Run every cleanup step, whichever fails (one that raised stopped the rest: their
+    namespaces and processes were left behind); then raise what failed, all of it."""
+    failed: list[Exception] = []
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise ExceptionGroup(f"{what}: {len(failed)} step(s) failed", failed)
 
 
 def wait_until(
@@ -455,7 +468,13 @@ class NodeAgentProc(ZdsProcess):
         super().__init__(args, os.path.join(tmp, f"{name}.log"), env, wrapper=wrapper)
 
     def wait_ready(self) -> NodeAgentProc:
-        self.wait_for_output("node agent ready")
+        """Wait for "node agent ready"; a node agent that never says it is stopped (callers
+        start it and wait in one expression, before their ``try``)."""
+        try:
+            self.wait_for_output("node agent ready")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def http_address(self) -> str:

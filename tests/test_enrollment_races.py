@@ -161,21 +161,25 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     path = os.path.join(tmp_path, "ztunnel.sock")
     listener = bind_unix_listener(path, mode=0o600)
     serving = asyncio.create_task(node_agent.serve_zds(listener))
-    peer = AckingPeer(path)
+    peer: AckingPeer | None = None
     try:
+        peer = AckingPeer(path)
         await async_wait_until(lambda: "snapshot_sent" in peer.kinds, "the snapshot")
         yield Agent(node_agent, redirector, store, peer)
     finally:
         redirector.install_gate.open.set()
         redirector.removal.open.set()
         store.commit.open.set()
-        peer.close()
-        for uid in [pod.uid for pod in node_agent.pods]:
-            await node_agent.remove_pod(uid)  # their rules out of the namespaces before they go
-        await cancel_and_wait(serving)
-        listener.close()
-        node_agent.pods.close()
-        store.close()
+        if peer is not None:
+            peer.close()
+        try:
+            for uid in [pod.uid for pod in node_agent.pods]:
+                await node_agent.remove_pod(uid)  # their rules out of the namespaces before they go
+        finally:
+            await cancel_and_wait(serving)
+            listener.close()
+            node_agent.pods.close()
+            store.close()
 
 
 def has_rules(pod: Pod) -> bool:

@@ -261,6 +261,7 @@ def test_faults_are_logged_counted_and_streamed_in_watch(
         stdout=subprocess.PIPE,
         text=True,
     )
+    fault: subprocess.Popen[str] | None = None
     try:
         assert watch.stdout is not None
         assert "live events follow" in watch.stdout.readline()  # subscribed: nothing is missed from here
@@ -289,13 +290,16 @@ def test_faults_are_logged_counted_and_streamed_in_watch(
         lines: list[str] = []
         while len(lines) < 2:
             line = watch.stdout.readline()
+            assert line, f"zds watch ended ({watch.wait(15)}) after {lines}"
             if "fault" in line:
                 lines.append(line)
         assert "fault injected" in lines[0] and "f1 unknown-field" in lines[0] and "state=armed" in lines[0]
         assert "fault applied" in lines[1] and "ztunnel acked it" in lines[1]
     finally:
-        watch.terminate()
-        watch.wait(15)
+        for proc in (watch, fault):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(15)
     assert "fault f1 armed: unknown-field" in server.output()
 
 

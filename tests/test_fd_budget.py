@@ -8,6 +8,7 @@ Run under ``prlimit --nofile=220:220`` so the limit is reached with a few pods."
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, run_all, wait_until
 from tests.standins import FakeNodeAgent
 from zds import defaults
 from zds.netns import open_netns
@@ -46,8 +47,7 @@ def made_netns(count: int) -> Iterator[list[str]]:
             paths.append(create_netns(name))
         yield paths
     finally:
-        for name in names:
-            delete_netns(name, missing_ok=True)
+        run_all([functools.partial(delete_netns, name, missing_ok=True) for name in names], "namespaces")
 
 
 @pytest.fixture

@@ -41,10 +41,18 @@ def test_every_fuzz_target_runs_a_minute_and_finds_nothing(tmp_path: Path) -> No
             f"-artifact_prefix={tmp_path / target}/",
             "-rss_limit_mb=2048",
         )
-    for target, proc in running.items():
-        out, _ = proc.communicate(timeout=SECONDS * 4)
-        crashes = [
-            p.name for p in (tmp_path / target).iterdir() if p.name.startswith(("crash-", "oom-", "timeout-"))
-        ]
-        assert proc.returncode == 0 and not crashes, f"{target} found something:\n{out[-4000:]}"
-        assert "Done" in out and "runs in" in out, out[-2000:]
+    try:
+        for target, proc in running.items():
+            out, _ = proc.communicate(timeout=SECONDS * 4)
+            crashes = [
+                p.name
+                for p in (tmp_path / target).iterdir()
+                if p.name.startswith(("crash-", "oom-", "timeout-"))
+            ]
+            assert proc.returncode == 0 and not crashes, f"{target} found something:\n{out[-4000:]}"
+            assert "Done" in out and "runs in" in out, out[-2000:]
+    finally:  # (a failed target left the others running)
+        for proc in running.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

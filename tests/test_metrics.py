@@ -4,6 +4,7 @@ stand-ins connect, ack, nack and go away."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import urllib.request
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import NodeAgentProc, free_port, pod_netns, post_unix, wait_until
+from tests.harness import NodeAgentProc, pod_netns, post_unix, wait_until
 from tests.standins import Peers, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.server.outcomes import EnrollmentOutcome
@@ -28,8 +29,12 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 class Server(NodeAgentProc):
     def __init__(self, tmp: str, *extra: str) -> None:
-        self.http = f"127.0.0.1:{free_port()}"
-        super().__init__(tmp, "--http-listen", self.http, "--keepalive-interval", "0.2", *extra)
+        super().__init__(tmp, "--http-listen", "127.0.0.1:0", "--keepalive-interval", "0.2", *extra)
+
+    @functools.cached_property
+    def http(self) -> str:
+        """Where its HTTP endpoints listen (the port the kernel picked: none taken meanwhile)."""
+        return self.http_address()
 
     def get(self, path: str, accept: str = "") -> tuple[str, str]:
         req = urllib.request.Request(

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ZDS, catches, wait_until
+from tests.harness import ZDS, catches, run_all, wait_until
 from zds.netns.apps import EchoServer, exchange
 from zds.netns.fixtures import delete_netns, list_netns
 
@@ -21,6 +22,15 @@ pytestmark = pytest.mark.root
 
 def zds(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ZDS, "netns", *args], capture_output=True, text=True, timeout=60)
+
+
+def remove_all(pods: Sequence[str], bridge: str) -> None:
+    """Delete the pods' namespaces and the bridge, every one whichever fails."""
+    steps: list[Callable[[], object]] = [
+        functools.partial(delete_netns, name, missing_ok=True) for name in pods
+    ]
+    steps.append(lambda: subprocess.run(["ip", "link", "del", bridge], capture_output=True))
+    run_all(steps, "pods and bridge")
 
 
 def links() -> str:
@@ -32,9 +42,7 @@ def names() -> Iterator[tuple[str, str, str]]:
     tag = secrets.token_hex(2)
     made = (f"zdst-{tag}-a", f"zdst-{tag}-b", f"zdsb{tag}")
     yield made
-    for name in made[:2]:
-        delete_netns(name, missing_ok=True)
-    subprocess.run(["ip", "link", "del", made[2]], capture_output=True)
+    remove_all(made[:2], made[2])
 
 
 def test_pods_made_by_separate_commands_share_the_bridge_and_talk(names: tuple[str, str, str]) -> None:
@@ -135,9 +143,7 @@ def test_sigterm_while_pods_are_made_on_a_bridge_leaves_all_of_them_or_none(afte
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for name in pods:
-            delete_netns(name, missing_ok=True)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        remove_all(pods, bridge)
 
 
 def test_a_link_that_is_not_a_bridge_is_refused_in_one_line_and_kept() -> None:
@@ -193,9 +199,7 @@ def test_an_interrupt_right_after_a_pod_part_is_made_leaves_nothing(
         assert [name for name in pods if name in list_netns()] == [] and told == []
         assert bridge not in links() and f"zv-{pods[0]}" not in links()
     finally:
-        for name in pods:
-            delete_netns(name, missing_ok=True)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        remove_all(pods, bridge)
 
 
 def test_a_bridge_someone_else_made_is_not_used_and_a_subnet_in_use_not_taken_again(

@@ -7,6 +7,7 @@ takes the old backend's rules out before it puts its own in."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import secrets
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, wait_until
+from tests.harness import DATA, NodeAgentProc, run_all, wait_until
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
@@ -129,8 +130,7 @@ def pods() -> Iterator[PodNetwork]:
 def scratch() -> Iterator[list[str]]:
     made: list[str] = []
     yield made
-    for name in made:
-        delete_netns(name, missing_ok=True)
+    run_all([functools.partial(delete_netns, name, missing_ok=True) for name in made], "scratch")
 
 
 def scratch_netns(made: list[str]) -> str:

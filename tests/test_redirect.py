@@ -5,6 +5,7 @@ rule set restored into a scratch namespace."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, wait_until
+from tests.harness import DATA, NodeAgentProc, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
@@ -134,8 +135,7 @@ def restore_in(netns_path: str, rules: str, tool: str = "iptables-restore") -> N
 def namespaces() -> Iterator[list[str]]:
     made: list[str] = []
     yield made
-    for name in made:
-        delete_netns(name, missing_ok=True)
+    run_all([functools.partial(delete_netns, name, missing_ok=True) for name in made], "namespaces")
 
 
 def scratch(namespaces: list[str]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.harness import NodeAgentProc, Pod
+from tests.harness import NodeAgentProc, Pod, run_all
 from tests.standins import RawPeer
 
 pytestmark = pytest.mark.root
@@ -93,8 +93,7 @@ def rules_server(tmp_path: Path) -> Iterator[Callable[..., NodeAgentProc]]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    run_all([server.stop for server in started], "node agents")
 
 
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])

@@ -42,6 +42,7 @@ from tests.harness import (
     http_get,
     listening,
     pod_ports,
+    run_all,
     wait_until,
 )
 from zds.gen import nodeagent_pb2
@@ -128,7 +129,11 @@ class Runtime:
     def stop_service(self) -> None:
         if self.service is not None and self.service.poll() is None:
             self.service.send_signal(signal.SIGTERM)
-            self.service.wait(30)
+            try:
+                self.service.wait(30)
+            except subprocess.TimeoutExpired:
+                self.service.kill()
+                self.service.wait()
         self.service = None
         if os.path.exists(self.api_socket):
             os.unlink(self.api_socket)
@@ -189,8 +194,7 @@ class Runtime:
                 problems.append(f"network {network} left behind")
             # host-local IPAM's state for the network (Podman leaves it): ours, by the network's name.
             shutil.rmtree(f"/var/lib/cni/networks/{network}", ignore_errors=True)
-        self.drop_firewall_rules()
-        self.stop_service()
+        run_all([self.drop_firewall_rules, self.stop_service], "the runtime")
         return problems
 
     def drop_firewall_rules(self) -> None:
@@ -216,8 +220,16 @@ class Node:
         self.runtime = runtime
         self.http = f"http://127.0.0.1:{free_port()}"
         self.agent = self.start_agent()
-        self.ztunnel = ZtunnelProc(self.agent.zds_socket, str(tmp / "ztunnel.log"))
-        wait_until(lambda: self.ztunnel.ready_status() == 200, "ztunnel ready")
+        try:
+            self.ztunnel = ZtunnelProc(self.agent.zds_socket, str(tmp / "ztunnel.log"))
+        except BaseException:
+            self.agent.stop()
+            raise
+        try:
+            wait_until(lambda: self.ztunnel.ready_status() == 200, "ztunnel ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def start_agent(self, name: str = "server") -> NodeAgentProc:
         agent = NodeAgentProc(
@@ -232,8 +244,14 @@ class Node:
             name=name,
             redirect=True,
         )
-        agent.wait_ready()
-        wait_until(lambda: "listed and reconciled" in agent.output(), "the node agent to list the containers")
+        try:
+            agent.wait_ready()
+            wait_until(
+                lambda: "listed and reconciled" in agent.output(), "the node agent to list the containers"
+            )
+        except BaseException:
+            agent.stop()
+            raise
         return agent
 
     def workloads(self) -> dict[str, Any]:
@@ -244,8 +262,7 @@ class Node:
         return {p.uid: p for p in self.agent.list_pods()}
 
     def stop(self) -> None:
-        self.ztunnel.stop()
-        self.agent.stop()
+        run_all([self.ztunnel.stop, self.agent.stop], "the node")
 
 
 @pytest.fixture

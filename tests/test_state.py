@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer, request_of
 from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
@@ -52,8 +53,7 @@ class Namespaces:
         delete_netns(f"zst-{self.tag}-{name}", missing_ok=True)
 
     def close(self) -> None:
-        for name in self.names:
-            delete_netns(name, missing_ok=True)
+        run_all([functools.partial(delete_netns, name, missing_ok=True) for name in self.names], "namespaces")
 
 
 @pytest.fixture
@@ -78,8 +78,7 @@ class Agents:
         return proc.wait_ready() if ready else proc
 
     def close(self) -> None:
-        for proc in self.started:
-            proc.stop()
+        run_all([proc.stop for proc in self.started], "node agents")
 
 
 @pytest.fixture

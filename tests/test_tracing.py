@@ -23,7 +23,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tests.harness import NodeAgentProc, async_wait_until, free_port, pod_netns, stop_served_agent, wait_until
+from tests.harness import (
+    NodeAgentProc,
+    async_wait_until,
+    pod_netns,
+    run_all,
+    stop_served_agent,
+    wait_until,
+)
 from tests.standins import AckingPeer, RawPeer
 from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
@@ -310,10 +317,7 @@ def run_server(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Ca
         return server
 
     yield start
-    for peer in peers:
-        peer.close()
-    for server in started:
-        server.stop()
+    run_all([*(peer.close for peer in peers), *(server.stop for server in started)], "peers and node agents")
 
 
 def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., NodeAgentProc]) -> None:
@@ -357,7 +361,6 @@ class Collector:
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
         self.requests: list[Any] = []
-        self.port = free_port()
         received = self.requests
         self._grpc: grpc.Server | None = None
         self._http: http.server.HTTPServer | None = None
@@ -370,7 +373,7 @@ class Collector:
 
             self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
             trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self._grpc)  # type: ignore[no-untyped-call]  # generated without annotations
-            self._grpc.add_insecure_port(f"127.0.0.1:{self.port}")
+            self.port = self._grpc.add_insecure_port("127.0.0.1:0")
             self._grpc.start()
         else:
 
@@ -387,7 +390,8 @@ class Collector:
                 def log_message(self, *args: Any) -> None:
                     pass
 
-            self._http = http.server.HTTPServer(("127.0.0.1", self.port), Handler)
+            self._http = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+            self.port = self._http.server_address[1]
             threading.Thread(target=self._http.serve_forever, daemon=True).start()
 
     def spans(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
