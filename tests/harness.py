@@ -104,6 +104,18 @@ def run_all(steps: Iterable[Callable[[], object]], what: str) -> None:
         raise ExceptionGroup(f"{what}: {len(failed)} step(s) failed", failed)
 
 
+def stop_cleanly(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 60.0) -> None:
+    """Stop a process that cleans up on ``sig`` (a test that failed before signalling it; a
+    kill would leave its children and namespaces): ``sig`` by its PID, a kill if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
 def wait_until(
     predicate: Callable[[], T | None], what: str, timeout: float = 15.0, *, interval: float = POLL_INTERVAL
 ) -> T:

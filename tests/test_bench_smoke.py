@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, wait_until
+from tests.harness import ROOT, stop_cleanly, wait_until
 from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
@@ -181,9 +181,7 @@ def test_a_bench_stopped_by_sigterm_removes_its_processes_namespaces_and_temp_di
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_cleanly(proc)
     assert proc.returncode == 143, err
     assert err.endswith("bench/enroll.py: stopped by SIGTERM; cleaned up\n"), err
     assert not [name for name in list_netns() if name.startswith(prefix)]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.harness import ZDS, wait_until
+from tests.harness import ZDS, stop_cleanly, wait_until
 from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
@@ -89,9 +89,7 @@ def interrupted_at(step: str, *signals: int) -> tuple[int, str]:
             time.sleep(0.01)  # pacing: signals a person sends one after another, not synchronisation
         rest, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_cleanly(proc, signal.SIGINT)  # (a failure above: it cleans up as on Ctrl-C)
     return proc.returncode, "".join(seen) + rest
 
 
@@ -139,13 +137,6 @@ def test_a_second_demo_while_one_runs_says_so_and_touches_nothing() -> None:
         assert "remove them" not in second.stdout + second.stderr and "Cleaning up" not in second.stdout
         rest, _ = first.communicate(timeout=120)
     finally:
-        if first.poll() is None:  # (a failure above: the first one cleans up as on Ctrl-C)
-            first.send_signal(signal.SIGINT)
-            try:
-                first.communicate(timeout=60)
-            finally:
-                if first.poll() is None:
-                    first.kill()
-                    first.wait()
+        stop_cleanly(first, signal.SIGINT)  # (a failure above: it cleans up as on Ctrl-C)
     assert first.returncode == 0, "".join(seen) + rest
     assert leftovers() == []

@@ -448,16 +448,16 @@ async def test_failed_installs_in_one_netns_share_one_retry_that_ends_when_the_n
     assert sorted(agent.committed("leftovers")) == ["u1", "u2"]
     assert netns_fds(a.path) == 1, "one netns fd for the retry, none for the pods that joined it"
     held = os.open(a.path, os.O_RDONLY | os.O_CLOEXEC)  # (to count its fds once it is deleted)
-    delete_netns(a.name)  # the sandbox torn down; removals still fail
-    await async_wait_until(
-        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
-    )
-    assert (
-        f"rules a failed install left go with their netns: it is no longer at {a.path} nor anywhere else"
-        in caplog.text
-    )
-    assert agent.committed("leftovers") == []
     try:
+        delete_netns(a.name)  # the sandbox torn down; removals still fail
+        await async_wait_until(
+            lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
+        )
+        assert (
+            f"rules a failed install left go with their netns: it is no longer at {a.path} nor anywhere else"
+            in caplog.text
+        )
+        assert agent.committed("leftovers") == []
         assert netns_fds(f"/proc/self/fd/{held}") == 1, "the retry let the netns go"
     finally:
         os.close(held)
