@@ -32,7 +32,7 @@ from aiohttp import web
 from zds import runtime
 from zds.aio import cancel_and_wait
 from zds.httpguard import TcpGuard
-from zds.server import store as pod_store
+from zds.server import storefile
 from zds.server.agent import NodeAgent
 from zds.server.bulkadd import bulk_add
 from zds.server.cni import CniPluginEndpoint
@@ -169,18 +169,26 @@ class NodeAgentServer:
     # -- start-up steps --------------------------------------------------------------
     async def _restore_state(self) -> None:
         opts = self.options
+        aside = None
         try:
             if opts.reset_state:
-                aside = pod_store.reset(opts.state_dir)
+                aside = storefile.reset(opts.state_dir)
                 if aside:
                     log.warning("--reset-state: the old pod store was moved to %s; starting empty", aside)
                 self._used_before = False
-            self._store_made = not store_exists(opts.state_dir)
+            fresh = not store_exists(opts.state_dir)
             self.store = PodStore.open(opts.state_dir, used_before=self._used_before)
+            self._store_made = fresh  # (one that failed to open removed what it made itself)
+        except StoreError as exc:
+            if aside is not None and storefile.put_back(aside, opts.state_dir):
+                raise StartupError(f"{exc} (--reset-state undone: the old pod store is back)") from exc
+            raise StartupError(str(exc)) from exc
+        try:
             self.agent.use_store(self.store)
             await recover(self.store, self.agent.enrollment)
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
+        self.store.checkpoint()
 
     async def _load_pods(self, path: str, specs: list[PodSpec]) -> None:
         """Preload a pods file's pods; a uid the store already holds (with its netns, or one

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -38,7 +37,7 @@ from typing import Any, Self
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError, netns_cookie
 from zds.server.podcache import Pod
 from zds.server.pods import PodSource, PodSpec
-from zds.server.storefile import COLUMN_NAMES, COLUMNS, DB_NAME, StoreError, explain, open_db
+from zds.server.storefile import COLUMN_NAMES, COLUMNS, StoreError, explain, open_db
 
 log = logging.getLogger("zds.server.store")
 
@@ -126,11 +125,20 @@ class PodStore:
                 raise sqlite3.OperationalError("the database is busy")
         except sqlite3.Error as exc:
             raise StoreError(
-                f"cannot write pod store {self.path} out as it closes ({exc}): the pods committed since "
-                "its last checkpoint may not be on disk; check the disk (dmesg) before starting again"
+                f"cannot write the pod store out as it closes: {explain(self.path, exc)}; what was "
+                "committed since its last checkpoint is in its -wal only: keep that file beside it"
             ) from exc
         finally:
             self._db.close()
+
+    def checkpoint(self) -> None:
+        """Write what the -wal holds into the database file and empty the -wal (a start's,
+        once recovered: the file then holds the pods, not only its -wal). A failure is only
+        logged: the -wal keeps it all, and SQLite checkpoints again as it grows."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("pod store not checkpointed: %s", explain(self.path, exc))
 
     # -- reading ------------------------------------------------------------------------
     def row(self, uid: str) -> StoredPod | None:
@@ -394,16 +402,3 @@ def _check_row(uid: object, *values: object) -> None:
         raise ValueError(f"removing is {removing!r}, not 0 or 1")
     if not isinstance(enrolled_at, int | float):
         raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")
-
-
-def reset(state_dir: str) -> str | None:
-    """``--reset-state``: move an existing store aside (never delete it); the new name, if any."""
-    path = os.path.join(state_dir, DB_NAME)
-    if not os.path.exists(path):
-        return None
-    aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.bak"
-    os.rename(path, aside)
-    for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(path + suffix, aside + suffix)
-    return aside

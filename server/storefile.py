@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import time
 
 from zds.errors import ZdsError
 
@@ -89,21 +90,31 @@ def open_db(state_dir: str, *, used_before: bool) -> tuple[str, sqlite3.Connecti
     """Open (or, on a first start, create) ``STATE_DIR/pods.db``, checked and migrated: its
     path and the connection (``PodStore.open``)."""
     path = os.path.join(state_dir, DB_NAME)
-    exists = os.path.exists(path)
+    exists = os.path.lexists(path)  # (a dangling symlink is there: refused, never replaced)
     if not exists and used_before:
         raise StoreError(
             f"pod store {path} is missing, but {state_dir} was used by a node agent before; "
             "restore the file, or start empty with --reset-state (ztunnel then drops the pods it holds)"
         )
+    if not exists and os.path.lexists(path + "-wal"):
+        # (a store made beside it would take its pages for its own; it may hold every pod)
+        raise StoreError(
+            f"pod store {path} is missing, but its -wal is there (it may hold every pod); restore the "
+            "file beside it, or start empty with --reset-state (which moves the -wal aside)"
+        )
+    made = False
     try:
         if not exists:
             # Made 0600 before SQLite sees it: its -wal and -shm files take the mode of the
             # database (made by SQLite, then chmod-ed, they were 0644).
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            made = True
         # mode=rw never creates (or truncates) an existing file it cannot read.
         uri = f"file:{path}?mode={'rw' if exists else 'rwc'}"
         db = sqlite3.connect(uri, uri=True, timeout=0.5, isolation_level=None, check_same_thread=False)
     except (sqlite3.Error, OSError) as exc:
+        if made:
+            _remove_made(path)
         raise StoreError(f"cannot open pod store {path}: {exc}; check the file and its directory") from exc
     try:
         version = _check(db, path, used_before=used_before) if exists else 0
@@ -115,11 +126,12 @@ def open_db(state_dir: str, *, used_before: bool) -> tuple[str, sqlite3.Connecti
         db.execute("PRAGMA synchronous=NORMAL")
         _migrate(db, path)
         _check_writable(db)
-    except StoreError:
+    except (StoreError, sqlite3.Error) as exc:
         db.close()
-        raise
-    except sqlite3.Error as exc:
-        db.close()
+        if not exists:  # (what this start made goes: a refused start leaves what it found only)
+            _remove_made(path)
+        if isinstance(exc, StoreError):
+            raise
         raise StoreError(explain(path, exc)) from exc
     if made:
         log.info("created the pod store %s", path)
@@ -139,9 +151,10 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> int:
     except sqlite3.Error as exc:
         raise StoreError(explain(path, exc)) from exc
     if result is None or result[0] != "ok":
+        damage = " ".join(str(result[0]).split()) if result else "no answer"  # (one line: it lists pages)
         raise StoreError(
-            f"pod store {path} is damaged ({result[0] if result else 'no answer'}); restore it from a "
-            "backup, or move it away and start empty with --reset-state"
+            f"pod store {path} is damaged ({damage}); restore it from a backup, or move it away and "
+            "start empty with --reset-state"
         )
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -201,7 +214,7 @@ def explain(path: str, exc: sqlite3.Error) -> str:
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return (
             f"pod store {path} is locked by another process ({exc}); close whatever holds it "
-            "(another zds server, an sqlite3 shell) and start again"
+            "(another zds server, an sqlite3 shell)"
         )
     if code == sqlite3.SQLITE_READONLY:
         return (
@@ -221,8 +234,16 @@ def explain(path: str, exc: sqlite3.Error) -> str:
 
 
 def exists(state_dir: str) -> bool:
-    """Whether ``STATE_DIR/pods.db`` is there."""
-    return os.path.exists(os.path.join(state_dir, DB_NAME))
+    """Whether ``STATE_DIR/pods.db`` is there (a symlink to nothing too)."""
+    return os.path.lexists(os.path.join(state_dir, DB_NAME))
+
+
+def _remove_made(path: str) -> None:
+    """Remove the store file this start made at ``path``, and the -wal and -shm SQLite made
+    beside it (open_db refuses to make one where a -wal is)."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
 
 
 def remove_if_unused(state_dir: str) -> bool:
@@ -239,7 +260,32 @@ def remove_if_unused(state_dir: str) -> bool:
         with contextlib.suppress(OSError):
             if os.path.getsize(path):
                 return False
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False  # (not a store file a start made)
+    _remove_made(path)
+    return True
+
+
+def reset(state_dir: str) -> str | None:
+    """``--reset-state``: move an existing store aside (never delete it), with its -wal and
+    -shm (also those of a store that is gone: a new one would take their pages); the new
+    name, if anything was moved."""
+    path = os.path.join(state_dir, DB_NAME)
+    there = [suffix for suffix in ("", "-wal", "-shm") if os.path.lexists(path + suffix)]
+    if not there:
+        return None
+    aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.bak"
+    for suffix in there:
+        os.rename(path + suffix, aside + suffix)
+    return aside
+
+
+def put_back(aside: str, state_dir: str) -> bool:
+    """Undo ``reset`` (the start it was for refused before it made a store): whether it was."""
+    path = os.path.join(state_dir, DB_NAME)
+    if any(os.path.lexists(path + suffix) for suffix in ("", "-wal", "-shm")):
+        return False
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + suffix)
+            os.rename(aside + suffix, path + suffix)
     return True

@@ -417,10 +417,11 @@ def test_a_store_whose_disk_failed_is_said_so_at_stop_and_the_exit_status_is_1(
     assert status == 503
     assert detail.startswith(f"the pod store's last write failed: pod store {server.state_dir}/pods.db: ")
     assert server.stop() == 1
-    [line] = [line for line in server.output().splitlines() if "cannot write pod store" in line]
+    [line] = [line for line in server.output().splitlines() if "cannot write the pod store" in line]
     assert line.endswith(
-        f"cannot write pod store {server.state_dir}/pods.db out as it closes (disk I/O error): the pods "
-        "committed since its last checkpoint may not be on disk; check the disk (dmesg) before starting again"
+        f"cannot write the pod store out as it closes: pod store {server.state_dir}/pods.db: disk I/O "
+        "error; its disk or filesystem failed (see the kernel's log, dmesg); what was committed since "
+        "its last checkpoint is in its -wal only: keep that file beside it"
     ), line
 
 
@@ -764,6 +765,82 @@ def test_a_ztunnel_killed_in_the_middle_of_a_1000_pod_snapshot_is_followed_by_on
     finally:
         peer.close()
     wait_until(lambda: fd_count(server.pid) <= before, "the agent's fds back to where they were")
+
+
+# -- a refused start leaves what it found ----------------------------------------------------
+
+
+def test_a_start_refused_for_a_missing_store_leaves_its_wal_which_may_hold_every_pod(agents: Agents) -> None:
+    """pods.db moved away (a backup tool) after a kill -9: its -wal holds every pod. The start
+    refused ("restore the file") and deleted the -wal and -shm with it, as if it had made them."""
+    agents.start().stop(signal.SIGKILL)
+    db = os.path.join(agents.started[0].state_dir, "pods.db")
+    os.rename(db, db + ".aside")
+    for suffix, content in (("-wal", b"the pages of every pod"), ("-shm", b"its index")):
+        with open(db + suffix, "wb") as f:
+            f.write(content)
+    refused = agents.start(ready=False)
+    assert refused.wait_exit() == 1
+    assert f"pod store {db} is missing, but" in refused.output()
+    with open(db + "-wal", "rb") as f:
+        assert f.read() == b"the pages of every pod"
+    assert os.path.exists(db + "-shm")
+
+
+def test_a_first_start_refuses_a_wal_without_its_store_and_leaves_it(agents: Agents, tmp_path: Path) -> None:
+    """A -wal with no pods.db in a state directory no node agent used (its lock file gone too):
+    a store made beside it would take its pages."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "pods.db-wal").write_bytes(b"the pages of every pod")
+    refused = agents.start(ready=False)
+    assert refused.wait_exit() == 1
+    assert f"pod store {state / 'pods.db'} is missing, but its -wal is there" in refused.output()
+    assert sorted(os.listdir(state)) == ["pods.db-wal"]
+
+
+def test_a_start_refused_for_a_store_that_is_a_dangling_symlink_leaves_the_symlink(
+    agents: Agents, tmp_path: Path
+) -> None:
+    """pods.db a symlink to a volume not mounted yet: the start made nothing there, and
+    removed the symlink as a store it had made."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.symlink(tmp_path / "volume" / "pods.db", state / "pods.db")
+    refused = agents.start(ready=False)
+    assert refused.wait_exit() == 1
+    assert f"cannot open pod store {state / 'pods.db'}" in refused.output()
+    assert os.readlink(state / "pods.db") == str(tmp_path / "volume" / "pods.db")
+
+
+@pytest.fixture
+def full_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/state on a small tmpfs; unmounted at the end."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(state)], check=True)
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "--lazy", str(state)], check=True)
+
+
+def test_a_reset_whose_new_store_cannot_be_made_puts_the_old_one_back(
+    agents: Agents, full_state_dir: Path
+) -> None:
+    """--reset-state on a full disk moved the store aside, failed to make the new one, and the
+    next start without the flag said the store was missing (its .bak unnamed)."""
+    agents.start().stop()
+    before = sorted(os.listdir(full_state_dir))
+    with open(full_state_dir / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:  # (until the disk is full)
+            filler.write(b"x" * 4096)
+    refused = agents.start("--reset-state", ready=False)
+    assert refused.wait_exit() == 1
+    assert "(--reset-state undone: the old pod store is back)" in refused.output()
+    os.unlink(full_state_dir / "filler")
+    assert sorted(os.listdir(full_state_dir)) == before
+    agents.start().stop()  # (the old store, as it was)
 
 
 # -- one instance per socket, and its socket files ------------------------------------------

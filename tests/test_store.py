@@ -11,7 +11,6 @@ import sqlite3
 import pytest
 
 from zds.netns import NetnsIdentity, NetnsRef
-from zds.server import store as pod_store
 from zds.server import storefile
 from zds.server.pods import PodSource, PodSpec
 from zds.server.store import PodStore, StoredPod
@@ -437,12 +436,12 @@ def test_reset_moves_the_store_aside_and_never_deletes_it(state: pathlib.Path) -
     store = open_store(state)
     store.put(spec("u1"), None)
     store.close()
-    aside = pod_store.reset(str(state))
+    aside = storefile.reset(str(state))
     assert aside is not None and aside.startswith(str(state / "pods.db.")) and aside.endswith(".bak")
     assert not (state / "pods.db").exists()
     with sqlite3.connect(aside) as raw:
         assert raw.execute("SELECT uid FROM pods").fetchall() == [("u1",)]
-    assert pod_store.reset(str(state)) is None  # nothing there to move
+    assert storefile.reset(str(state)) is None  # nothing there to move
     fresh = open_store(state)
     try:
         assert fresh.load() == []
