@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, pod_netns, wait_until
+from tests.harness import ZDS, NodeAgentProc, pod_netns, stop_cleanly, wait_until
 from tests.standins import Peers
+from zds import logs
 from zds.gen import nodeagent_pb2
 from zds.logs import BatchingStreamHandler
 
@@ -224,3 +226,82 @@ def test_a_closed_stderr_never_fails_the_code_that_logs(tmp_path: Path) -> None:
     finally:
         logger.removeHandler(handler)
     assert handler._pending == []  # dropped, not piling up
+
+
+def test_a_stderr_nobody_reads_never_holds_the_node_agent_up(tmp_path: Path) -> None:
+    """Its stderr a pipe whose reader stalled (``zds server 2>&1 | slow``): the 64 KiB the pipe
+    holds filled up and the event loop blocked in write(2): no pod, no health check, no
+    ack and no stop signal got through until someone read."""
+    pods = tmp_path / "pods.jsonl"
+    with open(pods, "w") as f:
+        for i in range(1500):  # (~160 KB of lines: more than the pipe holds)
+            f.write(
+                json.dumps({"uid": f"u{i}", "name": f"p{i}", "namespace": "ns", "netns": pod_netns()}) + "\n"
+            )
+    control = str(tmp_path / "control.sock")
+    server = subprocess.Popen(
+        [
+            *ZDS, "server", "--zds-socket", str(tmp_path / "ztunnel.sock"), "--control-socket", control,
+            "--cni-socket", "off", "--http-listen", "off", "--state-dir", str(tmp_path / "state"),
+            "--no-redirect", "--log-level", "debug",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # (never read until the end)
+    )  # fmt: skip
+    try:
+        wait_until(lambda: os.path.exists(control) or server.poll() is not None, "the control socket")
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            command = [*ZDS, *args, "--control-socket", control]
+            return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+        added = cli("pod", "add", "--from-file", str(pods))
+        assert added.stderr.count("the pod stays cached") == 1500, added.stderr[-2000:]
+        listed = cli("pod", "list", "--json")
+        assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 1500
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        assert server.stderr is not None
+        said = server.stderr.read()  # (what the pipe held; the rest went with the process)
+    finally:
+        stop_cleanly(server)
+    assert b"node agent ready" in said
+
+
+def test_lines_past_what_the_writer_holds_are_dropped_counted_and_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While nobody reads: LINES lines wait, the rest are dropped, and their count is said
+    where they would have been once writing goes on."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    stream = os.fdopen(write_end, "w")
+    monkeypatch.setattr(logs._Writer, "LINES", 10)
+    handler = BatchingStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    received = bytearray()
+
+    def read_until(end: bytes) -> None:
+        deadline = time.monotonic() + 30
+        while not received.endswith(end) and time.monotonic() < deadline:
+            try:
+                received.extend(os.read(read_end, 1 << 20))
+            except BlockingIOError:
+                time.sleep(0.01)  # (a pipe polled: nothing to wait on in this thread)
+
+    try:
+        writer = logs._Writer(handler)
+        writer.put("x" * (1 << 20) + "\n", 1)  # (more than the pipe holds: the writer blocks in it)
+        for i in range(20):
+            writer.put(f"line {i}\n", 1)
+        read_until(b"line 8\n")
+        writer.put("after\n", 1)
+        read_until(b"after\n")
+        assert received.decode().splitlines()[1:] == [
+            *(f"line {i}" for i in range(9)),
+            "11 log lines dropped: stderr was not read for a while",
+            "after",
+        ]
+    finally:
+        stream.close()
+        os.close(read_end)

@@ -7,6 +7,7 @@ carries ``trace_id`` and ``span_id``, to find the trace from the log.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -169,6 +170,68 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class _Writer:
+    """Writes a handler's batches on a thread of its own, in order: a reader of stderr that
+    stops reading (a pipe nobody drains) blocks that thread, never the event loop (it froze
+    acks, health checks, the data path and the stop). Past ``LINES`` lines waiting, lines
+    are dropped and counted, and the count said where they would have been, before the next
+    batch that fits (ztunnel's writer thread buffers 10,000 lines too, then blocks)."""
+
+    LINES = 10_000
+
+    def __init__(self, handler: BatchingStreamHandler) -> None:
+        self._handler = handler
+        self._batches: collections.deque[tuple[str, int]] = collections.deque()
+        self._lines = 0
+        self._dropped = 0
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="zds-log-writer", daemon=True).start()
+
+    def put(self, text: str, lines: int) -> None:
+        with self._cond:
+            if self._lines + lines > self.LINES:
+                self._dropped += lines
+                return
+            if self._dropped:
+                text, lines = self._said_dropped() + text, lines + 1
+            self._batches.append((text, lines))
+            self._lines += lines
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Say what was dropped last, and wait up to ``timeout`` seconds for what is queued
+        to be written (at exit)."""
+        with self._cond:
+            if self._dropped:
+                self._batches.append((self._said_dropped(), 1))
+                self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._batches, timeout)
+
+    def _said_dropped(self) -> str:
+        record = logging.makeLogRecord(
+            {
+                "name": "zds.logs",
+                "levelno": logging.WARNING,
+                "levelname": "WARNING",
+                "msg": "%d log lines dropped: stderr was not read for a while",
+                "args": (self._dropped,),
+            }
+        )
+        self._dropped = 0
+        return self._handler.format(record) + self._handler.terminator
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._batches))
+                text, lines = self._batches[0]
+            self._handler.write(text)
+            with self._cond:
+                self._batches.popleft()
+                self._lines -= lines
+                self._cond.notify_all()
+
+
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that, on an event loop's thread, writes lines in batches: a daemon
     handling thousands of pods a second logs a line per pod, and one write(2) per line (each
@@ -177,16 +240,20 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     Lines logged on a running loop's thread are written at the latest ``DELAY`` seconds later
     (or at once when ``LIMIT`` bytes wait); a warning or an error flushes at once, with
     everything before it, so nothing is reordered; so does any line logged from another
-    thread or with no loop running, and ``logging.shutdown()`` at exit."""
+    thread or with no loop running, and ``logging.shutdown()`` at exit. From the first batch
+    flushed on a loop's thread on, every batch is written by a thread of its own (``_Writer``);
+    ``close`` (at exit) waits up to ``DRAIN`` seconds for them."""
 
     DELAY = 0.005
     LIMIT = 64 * 1024
+    DRAIN = 5.0
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
         self._size = 0
         self._timer: Any = None
+        self._writer: _Writer | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -214,13 +281,28 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.release()
 
     def flush(self) -> None:
-        # As StreamHandler's emit: a broken or closed stderr never fails the caller (a log line
-        # in the node agent's ack handling would otherwise leave an enrollment waiting).
         pending, self._pending, self._size = self._pending, [], 0
-        with contextlib.suppress(Exception):
+        if self._writer is None and _running_loop() is not None:
+            self._writer = _Writer(self)  # (the loop's thread must never block on stderr)
+        if self._writer is not None:
             if pending:
-                self.stream.write("".join(pending))
-            super().flush()
+                self._writer.put("".join(pending), len(pending))
+        elif pending:
+            self.write("".join(pending))
+
+    def write(self, text: str) -> None:
+        """Write and flush ``text``. As StreamHandler's emit, a broken or closed stderr never
+        fails the caller (a log line in the node agent's ack handling would otherwise leave
+        an enrollment waiting)."""
+        with contextlib.suppress(Exception):
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.drain(self.DRAIN)
+        super().close()
 
 
 def flush() -> None:
