@@ -206,10 +206,10 @@ def main(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 1
     from zds.server.agent import AgentConfig
-    from zds.server.main import run_server
     from zds.server.options import ServerOptions
     from zds.server.peers import AllowList
     from zds.server.redirect import RedirectConfig
+    from zds.server.run import run_server
     from zds.server.unixhttp import HttpLimits
 
     try:

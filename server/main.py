@@ -1,4 +1,4 @@
-"""``zds server``: the node agent wired to its sockets and its state, run until a signal.
+"""``zds server``: the node agent wired to its sockets and its state (``zds.server.run`` runs it until a signal).
 
 Start-up, in order, each step refusing in one line what it cannot do:
 
@@ -387,40 +387,6 @@ class NodeAgentServer:
         if claim.made_state_dir and not keep:
             with contextlib.suppress(OSError):
                 os.rmdir(state_dir)
-
-
-async def run_server(options: ServerOptions) -> int:
-    """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 when it cannot start (or its pod store
-    could not be written out as it stopped)."""
-    try:
-        server = NodeAgentServer(options)
-    except StartupError as exc:
-        log.error("%s", exc)
-        return 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    refused, code = False, 1
-    for sig in runtime.stop_signals():
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-        waiter = asyncio.create_task(server.wait())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if waiter.done() and not stop.is_set():
-            log.error("ZDS accept loop ended unexpectedly")
-        else:
-            waiter.cancel()
-            code = 0
-    except StartupError as exc:
-        log.error("%s", exc)
-        refused = True
-    finally:
-        for sig in runtime.stop_signals():
-            loop.remove_signal_handler(sig)
-        await server.stop(refused=refused)
-    return 1 if server.store_lost else code
 
 
 def _host_port(host: str, port: int) -> str:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -844,6 +845,21 @@ def test_a_reset_whose_new_store_cannot_be_made_puts_the_old_one_back(
 
 
 # -- one instance per socket, and its socket files ------------------------------------------
+
+
+def test_stop_signals_that_keep_coming_during_the_stop_do_not_cut_it_short(agents: Agents) -> None:
+    """A second SIGTERM (an impatient operator, a supervisor) came once the stop had begun:
+    its default action ended the process half-way (exit 143; socket and lock files left)."""
+    server = agents.start()
+    while server.proc.poll() is None:  # (polled: the pid stays ours until it is reaped)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.001)  # pacing: signals one after another, not synchronisation
+    assert server.proc.returncode == 0, server.output()
+    assert "Traceback" not in server.output()
+    assert "node agent stopped" in server.output()
+    assert server.output().count("while stopping: ignored") <= 1
+    for path in (server.zds_socket, server.control_socket, server.cni_socket):
+        assert not os.path.exists(path) and not os.path.exists(path + ".lock")
 
 
 def test_a_second_server_on_the_same_sockets_refuses_and_the_first_keeps_serving(agents: Agents) -> None:
