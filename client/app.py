@@ -79,6 +79,9 @@ class Ztunnel:
             handover=handover,
         )
         self.http = self.parts.http
+        #: Set by a stop signal that comes while draining: the drain is cut short (ztunnel's
+        #: "Double Ctrl+C, exit immediately").
+        self.again = asyncio.Event()
         #: Faults on demand; the client only consults them once one was armed.
         self.faults = ZtunnelFaults(
             on_count=lambda kind, outcome: self.metrics.inc(
@@ -272,11 +275,16 @@ class Ztunnel:
                 log.info(
                     "waiting up to %gs for %d proxies' connections", self.config.drain_timeout, len(busy)
                 )
-                try:
-                    async with asyncio.timeout(self.config.drain_timeout):
-                        await asyncio.gather(*(proxy.wait_connections() for proxy in busy))
-                except TimeoutError:
-                    log.warning("drain timeout: closing the connections still open")
+                finished: asyncio.Future[Any] = asyncio.gather(*(p.wait_connections() for p in busy))
+                again: asyncio.Future[Any] = asyncio.ensure_future(self.again.wait())
+                done, _ = await asyncio.wait(
+                    {finished, again}, timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in (finished, again):
+                    waiter.cancel()
+                if finished not in done:
+                    said = "stop signal again" if again in done else "drain timeout"
+                    log.warning("%s: closing the connections still open", said)
             for proxy in stopped:
                 for server in proxy.servers:
                     server.abort_connections()
@@ -291,7 +299,7 @@ class Ztunnel:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in runtime.stop_signals():
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, lambda: (self.again if stop.is_set() else stop).set())
         try:
             return await self.serve(stop)
         finally:

@@ -607,6 +607,35 @@ def test_a_stop_closes_listeners_at_once_and_lets_established_connections_finish
 
 
 @pytest.mark.root
+def test_a_stop_signal_while_draining_closes_the_connections_still_open_at_once(
+    agent: FakeNodeAgent, make_pod: Callable[[], Pod]
+) -> None:
+    """ztunnel's "Double Ctrl+C, exit immediately": a second stop signal while established
+    connections drain (60 s here) ends them now (zds waited the whole drain, the signal not
+    even said)."""
+    pod = make_pod()
+    zt = echoing_ztunnel(agent)
+    try:
+        conn = agent.connect_and_hello()
+        assert conn.add("uid-a", pod.path) == Ack()
+        client = connect_in_pod(pod, 15001)
+        client.settimeout(15)
+        client.sendall(b"hi")
+        assert client.recv(2) == b"hi"
+        zt.loop.call_soon_threadsafe(zt.stop_event.set)  # the first signal: draining
+        conn.expect_closed()
+        client.sendall(b"still here")
+        assert client.recv(10) == b"still here", "drained, not cut"
+        zt.loop.call_soon_threadsafe(zt.ztunnel.again.set)  # the second
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(16) == b"", "the established connection is cut"
+        client.close()
+        assert zt.ended(within=15), "it exits without waiting out the drain"
+    finally:
+        assert zt.close() == 0
+
+
+@pytest.mark.root
 def test_once_its_faults_took_effect_the_client_is_back_on_the_path_without_faults(
     agent: FakeNodeAgent, make_pod: Callable[[], Pod], tmp_path: Any
 ) -> None:
