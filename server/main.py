@@ -42,7 +42,7 @@ from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
 from zds.server.instance import InstanceError, InstanceLock, PrivateDir, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
-from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
+from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
 from zds.server.outcomes import EnrollmentError
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
@@ -267,7 +267,7 @@ class NodeAgentServer:
         if tcp is None or port is None or opts.grpc_listen is None:
             return
         host, _ = split_host_port(opts.grpc_listen, "--grpc-listen")
-        self.grpc_address = _host_port(host, port)
+        self.grpc_address = host_port(host, port)
         log.info("control API (gRPC) listening on %s (%s)", self.grpc_address, "TLS" if tls else "plaintext")
         if tls is None:
             log.warning(
@@ -318,7 +318,7 @@ class NodeAgentServer:
 
         self._closers.append(close)
         bound = server.sockets[0].getsockname()
-        self.http_address = _host_port(bound[0], bound[1])
+        self.http_address = host_port(bound[0], bound[1])
         log.info("HTTP (/healthz, /readyz, /metrics) listening on %s", self.http_address)
 
     # -- running and stopping -----------------------------------------------------------
@@ -387,7 +387,3 @@ class NodeAgentServer:
         if claim.made_state_dir and not keep:
             with contextlib.suppress(OSError):
                 os.rmdir(state_dir)
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

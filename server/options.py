@@ -66,6 +66,11 @@ def split_host_port(value: str, flag: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, ``[v6]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def control_tcp(opts: ServerOptions) -> tuple[str | None, TlsFiles | None]:
     """Where the control API listens on TCP, and with which TLS; StartupError for a
     combination that would serve it in plaintext unasked, or TLS files it cannot read."""
@@ -77,7 +82,7 @@ def control_tcp(opts: ServerOptions) -> tuple[str | None, TlsFiles | None]:
             raise StartupError("--grpc-insecure only applies with --grpc-listen")
         return None, None
     host, port = split_host_port(opts.grpc_listen, "--grpc-listen")
-    tcp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    tcp = host_port(host, port)
     if opts.grpc_insecure:
         if tls_flags:
             raise StartupError("--grpc-insecure and --tls-cert/--tls-key contradict each other; pick one")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, socket_lock, state_lock
-from zds.server.options import ServerOptions, StartupError, control_tcp, split_host_port
+from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
@@ -33,8 +34,10 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
     if opts.http_listen:
-        split_host_port(opts.http_listen, "--http-listen")
+        _free_port("--http-listen", *split_host_port(opts.http_listen, "--http-listen"))
     control_tcp(opts)
+    if opts.grpc_listen:
+        _free_port("--grpc-listen", *split_host_port(opts.grpc_listen, "--grpc-listen"))
     try:
         pods = load_pods_file(opts.pods_file) if opts.pods_file else []
     except PodSpecError as exc:
@@ -44,6 +47,20 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     except FaultError as exc:
         raise StartupError(f"--faults {opts.faults_file}: {exc}") from exc
     return pods, faults
+
+
+def _free_port(flag: str, host: str, port: int) -> None:
+    """Refuse a TCP address something holds now, before anything is touched (found when it
+    was bound, the pods were recovered and their rules in, and the ZDS socket served)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the servers bind)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"{flag} {host_port(host, port)}: {exc.strerror}") from None
 
 
 def _sockets(opts: ServerOptions) -> list[tuple[str, str, str]]:

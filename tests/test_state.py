@@ -847,6 +847,25 @@ def test_a_reset_whose_new_store_cannot_be_made_puts_the_old_one_back(
 # -- one instance per socket, and its socket files ------------------------------------------
 
 
+@pytest.mark.parametrize("flag", ["--http-listen", "--grpc-listen"])
+def test_a_tcp_address_something_holds_is_refused_before_the_store_or_any_socket(
+    agents: Agents, tmp_path: Path, flag: str
+) -> None:
+    """Found when it was bound: after the pods were recovered (their rules in) and the ZDS
+    socket served (a ztunnel waiting there took a snapshot from an agent that then exited),
+    the gRPC one as gRPC core's own line before zds's, which named no errno."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        extra = ("--grpc-insecure",) if flag == "--grpc-listen" else ()
+        refused = agents.start(flag, address, *extra, ready=False)
+        assert refused.wait_exit() == 1
+    [line] = refused.output().splitlines()
+    assert line.endswith(f"{flag} {address}: Address already in use"), line
+    assert not (tmp_path / "state").exists() and not os.path.exists(refused.zds_socket)
+
+
 def test_stop_signals_that_keep_coming_during_the_stop_do_not_cut_it_short(agents: Agents) -> None:
     """A second SIGTERM (an impatient operator, a supervisor) came once the stop had begun:
     its default action ended the process half-way (exit 143; socket and lock files left)."""
