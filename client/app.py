@@ -294,12 +294,16 @@ class Ztunnel:
         flush_refusals()
         flush_drops()
 
+    def stop_signal(self, stop: asyncio.Event) -> None:
+        """A stop signal: the first stops (``stop``), one more cuts the drain short."""
+        (self.again if stop.is_set() else stop).set()
+
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT/SIGHUP (exit 0) or a fatal protocol error (exit 1)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in runtime.stop_signals():
-            loop.add_signal_handler(sig, lambda: (self.again if stop.is_set() else stop).set())
+            loop.add_signal_handler(sig, self.stop_signal, stop)
         try:
             return await self.serve(stop)
         finally:

@@ -49,7 +49,7 @@ from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.recovery import recover
 from zds.server.redirect import RedirectError, redirector
-from zds.server.startup import Claim, claim_paths, clear_sockets, read_flags
+from zds.server.startup import Claim, check_ports, claim_paths, clear_sockets, read_flags
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError, remove_if_unused
 from zds.server.storefile import exists as store_exists
@@ -109,6 +109,8 @@ class NodeAgentServer:
         self._claim: Claim | None = None
         #: This start made the pod store (none was there, or --reset-state moved it aside).
         self._store_made = False
+        #: Where --reset-state moved the old store (put back if the start is refused).
+        self._aside: str | None = None
         self._ready = False
         #: ``start`` went to its end.
         self._started = False
@@ -132,6 +134,7 @@ class NodeAgentServer:
         pods, faults = read_flags(opts)
         self._claim = claim_paths(opts, self._lock)
         self._used_before = self._claim.used_before
+        check_ports(opts)
         clear_sockets(opts)
         await self._restore_state()
         if opts.pods_file:
@@ -172,7 +175,7 @@ class NodeAgentServer:
         aside = None
         try:
             if opts.reset_state:
-                aside = storefile.reset(opts.state_dir)
+                aside = self._aside = storefile.reset(opts.state_dir)
                 if aside:
                     log.warning("--reset-state: the old pod store was moved to %s; starting empty", aside)
                 self._used_before = False
@@ -382,6 +385,9 @@ class NodeAgentServer:
         state_dir = self.options.state_dir
         keep = []
         if self._store_made and not remove_if_unused(state_dir):
+            keep.append(state_lock(state_dir))
+        elif self._aside is not None and storefile.put_back(self._aside, state_dir):
+            log.info("--reset-state undone: the old pod store is back")
             keep.append(state_lock(state_dir))
         self._lock.remove_made(keep)
         if claim.made_state_dir and not keep:

@@ -51,9 +51,12 @@ async def run_server(options: ServerOptions) -> int:
         try:
             await server.stop(refused=refused)
         finally:
+            # Stopped: what is left is the exit. (Between the two calls the default is back for
+            # an instant; blocking the signals instead would not do: the other threads, the log
+            # writer's and gRPC's, take them then.)
             for sig in runtime.stop_signals():
                 loop.remove_signal_handler(sig)
-                signal.signal(sig, signal.SIG_IGN)  # (stopped: what is left is the exit)
+                signal.signal(sig, signal.SIG_IGN)
     return 1 if server.store_lost else code
 
 

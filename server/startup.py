@@ -5,6 +5,7 @@ is checked, then every path is claimed. Each refuses in one line, leaving nothin
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -34,10 +35,8 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
     if opts.http_listen:
-        _free_port("--http-listen", *split_host_port(opts.http_listen, "--http-listen"))
+        split_host_port(opts.http_listen, "--http-listen")
     control_tcp(opts)
-    if opts.grpc_listen:
-        _free_port("--grpc-listen", *split_host_port(opts.grpc_listen, "--grpc-listen"))
     try:
         pods = load_pods_file(opts.pods_file) if opts.pods_file else []
     except PodSpecError as exc:
@@ -49,14 +48,28 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     return pods, faults
 
 
-def _free_port(flag: str, host: str, port: int) -> None:
-    """Refuse a TCP address something holds now, before anything is touched (found when it
-    was bound, the pods were recovered and their rules in, and the ZDS socket served)."""
+def check_ports(opts: ServerOptions) -> None:
+    """Refuse a TCP address something holds now: once the paths are claimed (a second node
+    agent is named as one first), before the pod store is opened (it was found when bound,
+    the pods recovered with their rules and the ZDS socket served)."""
+    if opts.http_listen:
+        # (aiohttp binds an IPv6 address v6-only; gRPC binds it for both families)
+        _free_port("--http-listen", *split_host_port(opts.http_listen, "--http-listen"), v6only=True)
+    if opts.grpc_listen:
+        _free_port("--grpc-listen", *split_host_port(opts.grpc_listen, "--grpc-listen"), v6only=False)
+
+
+def _free_port(flag: str, host: str, port: int, *, v6only: bool) -> None:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # (a name: its server says what it finds when it binds)
     if port == 0:
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the servers bind)
+        if address.version == 6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -274,7 +274,12 @@ def reset(state_dir: str) -> str | None:
     there = [suffix for suffix in ("", "-wal", "-shm") if os.path.lexists(path + suffix)]
     if not there:
         return None
-    aside = f"{path}.{time.strftime('%Y%m%dT%H%M%S')}.bak"
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = f"{path}.{stamp}.bak"
+    n = 1
+    while any(os.path.lexists(aside + suffix) for suffix in ("", "-wal", "-shm")):
+        n += 1  # (a reset within the same second: a rename would replace the earlier backup)
+        aside = f"{path}.{stamp}-{n}.bak"
     for suffix in there:
         os.rename(path + suffix, aside + suffix)
     return aside

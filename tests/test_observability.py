@@ -277,6 +277,7 @@ def test_lines_past_what_the_writer_holds_are_dropped_counted_and_said(
     os.set_blocking(read_end, False)
     stream = os.fdopen(write_end, "w")
     monkeypatch.setattr(logs._Writer, "LINES", 10)
+    monkeypatch.setattr(logs._Writer, "STUCK", 0.0)  # (stuck from its first instant)
     handler = BatchingStreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
     received = bytearray()
@@ -292,6 +293,7 @@ def test_lines_past_what_the_writer_holds_are_dropped_counted_and_said(
     try:
         writer = logs._Writer(handler)
         writer.put("x" * (1 << 20) + "\n", 1)  # (more than the pipe holds: the writer blocks in it)
+        wait_until(lambda: writer._writing is not None, "the writer in its write")
         for i in range(20):
             writer.put(f"line {i}\n", 1)
         read_until(b"line 8\n")

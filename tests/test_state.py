@@ -866,14 +866,42 @@ def test_a_tcp_address_something_holds_is_refused_before_the_store_or_any_socket
     assert not (tmp_path / "state").exists() and not os.path.exists(refused.zds_socket)
 
 
+def test_a_reset_start_refused_later_puts_the_old_store_back(agents: Agents) -> None:
+    """--reset-state, then a refusal after the new store was made (a file where the control
+    socket's private directory goes): the old store stayed aside as a .bak, and the next
+    start said the store was missing."""
+    first = agents.start()
+    state = first.state_dir
+    first.stop()
+    before = sorted(os.listdir(state))
+    Path(first.control_socket + ".private").touch()
+    refused = agents.start("--reset-state", ready=False)
+    assert refused.wait_exit() == 1
+    assert "--reset-state undone: the old pod store is back" in refused.output()
+    assert sorted(os.listdir(state)) == before
+    os.unlink(first.control_socket + ".private")
+    agents.start().stop()
+
+
+def test_a_second_server_with_the_same_flags_is_named_before_its_ports(agents: Agents) -> None:
+    """The HTTP port the first one holds was refused first: "Address already in use",
+    not which node agent holds it."""
+    first = agents.start("--http-listen", "127.0.0.1:0")
+    address = first.http_address()
+    second = agents.start("--http-listen", address, ready=False)
+    assert second.wait_exit() == 1
+    assert f"another zds server (pid {first.pid}) is serving" in second.output()
+
+
 def test_stop_signals_that_keep_coming_during_the_stop_do_not_cut_it_short(agents: Agents) -> None:
     """A second SIGTERM (an impatient operator, a supervisor) came once the stop had begun:
     its default action ended the process half-way (exit 143; socket and lock files left)."""
     server = agents.start()
-    while server.proc.poll() is None:  # (polled: the pid stays ours until it is reaped)
+    # (polled: the pid stays ours until it is reaped)
+    while server.proc.poll() is None and "node agent stopped" not in server.output():
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.001)  # pacing: signals one after another, not synchronisation
-    assert server.proc.returncode == 0, server.output()
+    assert server.wait_exit() == 0, server.output()
     assert "Traceback" not in server.output()
     assert "node agent stopped" in server.output()
     assert server.output().count("while stopping: ignored") <= 1

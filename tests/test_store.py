@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -448,6 +449,21 @@ def test_reset_moves_the_store_aside_and_never_deletes_it(state: pathlib.Path) -
     finally:
         fresh.close()
     assert sorted(os.listdir(state))[0] == "pods.db"
+
+
+def test_resets_within_one_second_each_keep_their_own_backup(state: pathlib.Path) -> None:
+    """The second one's rename replaced the first backup (its name has a second's resolution)."""
+    asides = []
+    for uid in ("u1", "u2"):
+        store = open_store(state)
+        store.put(spec(uid), None)
+        store.close()
+        asides.append(storefile.reset(str(state)))
+    first, second = asides
+    assert first is not None and second is not None and first != second
+    for aside, uid in ((first, "u1"), (second, "u2")):
+        with contextlib.closing(sqlite3.connect(aside)) as raw:
+            assert raw.execute("SELECT uid FROM pods").fetchall() == [(uid,)]
 
 
 def test_a_schema_1_store_is_migrated_and_its_pods_came_from_the_api(state: pathlib.Path) -> None:

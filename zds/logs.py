@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
+import os
 import sys
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -173,23 +176,34 @@ class JsonFormatter(logging.Formatter):
 class _Writer:
     """Writes a handler's batches on a thread of its own, in order: a reader of stderr that
     stops reading (a pipe nobody drains) blocks that thread, never the event loop (it froze
-    acks, health checks, the data path and the stop). Past ``LINES`` lines waiting, lines
-    are dropped and counted, and the count said where they would have been, before the next
-    batch that fits (ztunnel's writer thread buffers 10,000 lines too, then blocks)."""
+    acks, health checks, the data path and the stop). Lines are dropped only while that
+    thread is stuck: past ``LINES`` lines waiting with one write(2) under way for ``STUCK``
+    seconds; they are counted and the count said where they would have been, before the next
+    batch that goes (ztunnel's writer thread buffers 10,000 lines too, then blocks). A writer
+    merely late (the loop takes the GIL back at every system call: it can wait ~0.2 s for
+    it under load) drops nothing."""
 
     LINES = 10_000
+    STUCK = 1.0
 
     def __init__(self, handler: BatchingStreamHandler) -> None:
         self._handler = handler
         self._batches: collections.deque[tuple[str, int]] = collections.deque()
         self._lines = 0
         self._dropped = 0
+        #: When the write under way began (None: none is).
+        self._writing: float | None = None
         self._cond = threading.Condition()
         threading.Thread(target=self._run, name="zds-log-writer", daemon=True).start()
 
     def put(self, text: str, lines: int) -> None:
         with self._cond:
-            if self._lines + lines > self.LINES:
+            writing = self._writing
+            if (
+                self._lines + lines > self.LINES
+                and writing is not None
+                and time.monotonic() - writing >= self.STUCK
+            ):
                 self._dropped += lines
                 return
             if self._dropped:
@@ -225,8 +239,10 @@ class _Writer:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._batches))
                 text, lines = self._batches[0]
+                self._writing = time.monotonic()
             self._handler.write(text)
             with self._cond:
+                self._writing = None
                 self._batches.popleft()
                 self._lines -= lines
                 self._cond.notify_all()
@@ -254,6 +270,8 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._size = 0
         self._timer: Any = None
         self._writer: _Writer | None = None
+        # A child forked without exec (pyroute2 makes namespaces so) has no writer thread.
+        os.register_at_fork(after_in_child=functools.partial(_forked, weakref.ref(self)))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -303,6 +321,11 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if self._writer is not None:
             self._writer.drain(self.DRAIN)
         super().close()
+
+
+def _forked(handler: weakref.ref[BatchingStreamHandler]) -> None:
+    if (alive := handler()) is not None:
+        alive._writer = None  # (its lines written as before the loop: at once)
 
 
 def flush() -> None:
