@@ -18,9 +18,10 @@ import os
 import sqlite3
 import subprocess
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -39,7 +40,7 @@ from zds.server.containerpods import ContainerPods
 from zds.server.control import start_control_server
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.nftables import NftablesRedirector
-from zds.server.outcomes import EnrollmentError, EnrollmentOutcome
+from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSource, PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
 from zds.server.redirect import Installed, RedirectError, Redirector, redirector
@@ -48,6 +49,8 @@ from zds.server.storefile import StoreError
 from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root
+
+T = TypeVar("T")
 
 
 class Gate:
@@ -1308,6 +1311,23 @@ def cni_spec(uid: str, pod: Pod) -> PodSpec:
     )
 
 
+async def decided_while_the_api_installs(
+    agent: Agent, spec: PodSpec, decide: Coroutine[Any, Any, T]
+) -> tuple[Enrolled, T]:
+    """AddPod(``spec``) from the control API holds at its rules' install while another source
+    decides on the uid (``decide``, on what it saw before): that waits for the enrollment's
+    turn to end; then both finish. The enrollment and what ``decide`` said."""
+    agent.redirector.install_gate.close()
+    enrollment = asyncio.create_task(agent.agent.add_pod(spec))
+    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
+    deciding = asyncio.create_task(decide)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not deciding.done()
+    agent.redirector.install_gate.open.set()
+    return await asyncio.wait_for(enrollment, 30), await asyncio.wait_for(deciding, 30)
+
+
 async def test_a_cni_del_leaves_alone_the_pod_the_control_api_enrolled_meanwhile(
     agent: Agent, make_pod: Callable[[], Pod]
 ) -> None:
@@ -1317,16 +1337,10 @@ async def test_a_cni_del_leaves_alone_the_pod_the_control_api_enrolled_meanwhile
     a, b = make_pod(), make_pod()
     containers = ContainerPods(agent.agent)
     await agent.agent.add_pod(cni_spec("u1", a))
-    agent.redirector.install_gate.close()
-    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
-    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
-    deleting = asyncio.create_task(containers.cni_del("u1", ""))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not deleting.done()
-    agent.redirector.install_gate.open.set()
-    enrolled = await asyncio.wait_for(enrollment, 30)
-    assert await asyncio.wait_for(deleting, 30) == (200, "left alone: enrolled by api")
+    enrolled, said = await decided_while_the_api_installs(
+        agent, agent.spec("u1", b), containers.cni_del("u1", "")
+    )
+    assert said == (200, "left alone: enrolled by api")
     assert agent.agent.pods.get("u1") is enrolled.pod
     assert agent.stored() == {"u1": identity(b)}
     assert has_rules(b)
@@ -1340,17 +1354,9 @@ async def test_a_cni_add_does_not_replace_the_pod_the_control_api_enrolled_meanw
     in A: refused once its turn comes, as an ADD that came after it (it replaced the acked pod)."""
     a, b = make_pod(), make_pod()
     endpoint = CniPluginEndpoint(agent.agent, ContainerPods(agent.agent))
-    agent.redirector.install_gate.close()
-    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u1", b)))
-    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
     body = json.dumps({"Netns": a.path, "PodName": "web", "PodNamespace": "shop", "PodUID": "u1"}).encode()
-    adding = asyncio.create_task(endpoint._process(body))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not adding.done()
-    agent.redirector.install_gate.open.set()
-    enrolled = await asyncio.wait_for(enrollment, 30)
-    assert await asyncio.wait_for(adding, 30) == (500, "uid u1 is held by a pod from api; not replaced")
+    enrolled, said = await decided_while_the_api_installs(agent, agent.spec("u1", b), endpoint._process(body))
+    assert said == (500, "uid u1 is held by a pod from api; not replaced")
     assert agent.agent.pods.get("u1") is enrolled.pod
     assert agent.stored() == {"u1": identity(b)}
     assert has_rules(b) and not has_rules(a)
@@ -1384,16 +1390,9 @@ async def test_the_engine_leaves_alone_the_pod_the_control_api_enrolled_while_it
     a, b = make_pod(), make_pod()
     containers = ContainerPods(agent.agent)
     await agent.agent.add_pod(engine_spec("c1", a))
-    agent.redirector.install_gate.close()
-    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("c1", b)))
-    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
-    syncing = asyncio.create_task(containers.sync("c1", None))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not syncing.done()
-    agent.redirector.install_gate.open.set()
-    enrolled = await asyncio.wait_for(enrollment, 30)
-    await asyncio.wait_for(syncing, 30)
+    enrolled, _ = await decided_while_the_api_installs(
+        agent, agent.spec("c1", b), containers.sync("c1", None)
+    )
     assert agent.agent.pods.get("c1") is enrolled.pod
     assert agent.stored() == {"c1": identity(b)}
     assert has_rules(b)
@@ -1408,16 +1407,8 @@ async def test_the_engine_does_not_replace_the_pod_the_control_api_enrolled_whil
     a, b = make_pod(), make_pod()
     container = sleeper_in(a)
     containers = ContainerPods(agent.agent)
-    agent.redirector.install_gate.close()
-    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("c1", b)))
-    await asyncio.wait_for(agent.redirector.install_gate.reached.wait(), 10)
-    syncing = asyncio.create_task(containers.sync("c1", inspection("c1", a, container.pid)))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert not syncing.done()
-    agent.redirector.install_gate.open.set()
-    enrolled = await asyncio.wait_for(enrollment, 30)
-    await asyncio.wait_for(syncing, 30)
+    syncing = containers.sync("c1", inspection("c1", a, container.pid))
+    enrolled, _ = await decided_while_the_api_installs(agent, agent.spec("c1", b), syncing)
     assert agent.agent.pods.get("c1") is enrolled.pod
     assert agent.stored() == {"c1": identity(b)}
     assert has_rules(b) and not has_rules(a)

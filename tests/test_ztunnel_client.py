@@ -511,6 +511,15 @@ async def echo(conn: AcceptedConnection) -> None:
         await loop.sock_sendall(conn.sock, data)
 
 
+def assert_cut(client: socket.socket) -> None:
+    """The established connection ``client`` was cut (EOF or a reset); closed then."""
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            assert client.recv(16) == b"", "the established connection is cut"
+    finally:
+        client.close()
+
+
 def connect_in_pod(pod: Pod, port: int) -> socket.socket:
     """A TCP connection made from inside the pod to its own ``port`` (over loopback)."""
     with open_netns(pod.path) as handle, in_netns(handle):
@@ -628,9 +637,7 @@ def test_a_stop_signal_while_draining_closes_the_connections_still_open_at_once(
         client.sendall(b"still here")
         assert client.recv(10) == b"still here", "drained, not cut"
         zt.loop.call_soon_threadsafe(zt.ztunnel.stop_signal, zt.stop_event)  # the second
-        with contextlib.suppress(ConnectionResetError):
-            assert client.recv(16) == b"", "the established connection is cut"
-        client.close()
+        assert_cut(client)
         assert zt.ended(within=15), "it exits without waiting out the drain"
     finally:
         code = zt.close()
@@ -685,9 +692,7 @@ def test_a_protocol_error_cuts_established_connections_at_once_as_ztunnel_exits(
         assert client.recv(2) == b"hi"
         conn.send(SNAP)
         assert decode_ack(conn.recv()).error.startswith("failure to process message : ProtocolError(")
-        with contextlib.suppress(ConnectionResetError):
-            assert client.recv(16) == b"", "the established connection is cut"
-        client.close()
+        assert_cut(client)
         assert zt.ended(within=15), "it exits without waiting for the drain timeout"
     finally:
         code = zt.close()
