@@ -260,7 +260,9 @@ class ListenerServer:
     async def wait_connections(self) -> None:
         """Wait until every connection accepted here is done."""
         while self._connections:
-            await asyncio.gather(*list(self._connections), return_exceptions=True)
+            # (wait, not gather: a waiter cut short leaves the connections to their owner, and
+            # no gathering future with nobody to read it)
+            await asyncio.wait(list(self._connections))
 
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from zds import runtime
@@ -48,16 +49,16 @@ async def run_server(options: ServerOptions) -> int:
         said: list[str] = []
         for sig in runtime.stop_signals():
             loop.add_signal_handler(sig, _stopping_already, sig.name, said)
-        try:
-            await server.stop(refused=refused)
-        finally:
-            # Stopped: what is left is the exit. (Between the two calls the default is back for
-            # an instant; blocking the signals instead would not do: the other threads, the log
-            # writer's and gRPC's, take them then.)
-            for sig in runtime.stop_signals():
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, signal.SIG_IGN)
-    return 1 if server.store_lost else code
+        await server.stop(refused=refused)
+    # Stopped: what is left is the exit, the stop signals ignored. Set over the loop's own
+    # handlers: removing those puts the default back, and a signal met it (4% of the runs
+    # under a stream of them, the GIL handed to another thread just then); the loop's close
+    # would put it back too, so the process ends here. (Blocking the signals would not do:
+    # the other threads, the log writer's and gRPC's, would take them.)
+    for sig in runtime.stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
+    logging.shutdown()  # (the lines waiting for the writer thread; what atexit would do)
+    os._exit(1 if server.store_lost else code)
 
 
 def _stopping_already(name: str, said: list[str]) -> None:
