@@ -1,4 +1,4 @@
-"""``zds server``: the node agent wired to its sockets and its state (``zds.server.run`` runs it until a signal).
+"""``zds server``: the node agent wired to its sockets and its state (``run.py`` runs it).
 
 Start-up, in order, each step refusing in one line what it cannot do:
 
