@@ -172,18 +172,19 @@ class NodeAgentServer:
     # -- start-up steps --------------------------------------------------------------
     async def _restore_state(self) -> None:
         opts = self.options
-        aside = None
         try:
             if opts.reset_state:
-                aside = self._aside = storefile.reset(opts.state_dir)
-                if aside:
-                    log.warning("--reset-state: the old pod store was moved to %s; starting empty", aside)
+                self._aside = storefile.reset(opts.state_dir)
+                if self._aside:
+                    log.warning(
+                        "--reset-state: the old pod store was moved to %s; starting empty", self._aside
+                    )
                 self._used_before = False
             fresh = not store_exists(opts.state_dir)
             self.store = PodStore.open(opts.state_dir, used_before=self._used_before)
             self._store_made = fresh  # (one that failed to open removed what it made itself)
         except StoreError as exc:
-            if aside is not None and storefile.put_back(aside, opts.state_dir):
+            if self._aside is not None and storefile.put_back(self._aside, opts.state_dir):
                 raise StartupError(f"{exc} (--reset-state undone: the old pod store is back)") from exc
             raise StartupError(str(exc)) from exc
         try:

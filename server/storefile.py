@@ -233,6 +233,10 @@ def explain(path: str, exc: sqlite3.Error) -> str:
     return f"pod store {path}: {exc}"
 
 
+#: The store's files: the database, its -wal and its -shm (suffixes to its path).
+_FILES = ("", "-wal", "-shm")
+
+
 def exists(state_dir: str) -> bool:
     """Whether ``STATE_DIR/pods.db`` is there (a symlink to nothing too)."""
     return os.path.lexists(os.path.join(state_dir, DB_NAME))
@@ -241,7 +245,7 @@ def exists(state_dir: str) -> bool:
 def _remove_made(path: str) -> None:
     """Remove the store file this start made at ``path``, and the -wal and -shm SQLite made
     beside it (open_db refuses to make one where a -wal is)."""
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in _FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + suffix)
 
@@ -271,13 +275,13 @@ def reset(state_dir: str) -> str | None:
     -shm (also those of a store that is gone: a new one would take their pages); the new
     name, if anything was moved."""
     path = os.path.join(state_dir, DB_NAME)
-    there = [suffix for suffix in ("", "-wal", "-shm") if os.path.lexists(path + suffix)]
+    there = [suffix for suffix in _FILES if os.path.lexists(path + suffix)]
     if not there:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = f"{path}.{stamp}.bak"
     n = 1
-    while any(os.path.lexists(aside + suffix) for suffix in ("", "-wal", "-shm")):
+    while any(os.path.lexists(aside + suffix) for suffix in _FILES):
         n += 1  # (a reset within the same second: a rename would replace the earlier backup)
         aside = f"{path}.{stamp}-{n}.bak"
     for suffix in there:
@@ -288,9 +292,9 @@ def reset(state_dir: str) -> str | None:
 def put_back(aside: str, state_dir: str) -> bool:
     """Undo ``reset`` (the start it was for refused before it made a store): whether it was."""
     path = os.path.join(state_dir, DB_NAME)
-    if any(os.path.lexists(path + suffix) for suffix in ("", "-wal", "-shm")):
+    if any(os.path.lexists(path + suffix) for suffix in _FILES):
         return False
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in _FILES:
         with contextlib.suppress(FileNotFoundError):
             os.rename(aside + suffix, path + suffix)
     return True
