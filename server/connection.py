@@ -189,7 +189,12 @@ class ZtunnelConnection:
 
     def _handle(self, events: list[Event]) -> list[Event]:
         """Take in the protocol's events: a close raises ConnectionLost at once; the rest
-        (observer calls) wait in ``_later`` until ``_catch_up``."""
+        (observer calls) wait in ``_later`` until ``_catch_up``.
+
+        A protocol closed from outside (the node agent's stop) says nothing of what comes
+        next: ``receive`` gives no event. That too ends the connection here: a waiter for an
+        ack that went on reading would read the peer's EOF again and again without awaiting,
+        and the stop would never get the event loop back."""
         for i, event in enumerate(events):
             match event:
                 case AckReceived(ack=Ack(error=error)) if error and not error.isprintable():
@@ -202,6 +207,9 @@ class ZtunnelConnection:
                 case ConnectionClosed(reason=reason, ack_timeout=ack_timeout):
                     self._catch_up()
                     raise ConnectionLost(self.id, reason, ack_timeout=ack_timeout)
+        if self.protocol.state is ConnectionState.CLOSED:
+            self._catch_up()
+            raise ConnectionLost(self.id, self.protocol.close_reason or "closed")
         return events
 
     def _catch_up(self) -> None:

@@ -46,7 +46,13 @@ from zds.protocol.messages import (
     SnapshotSent,
     WorkloadInfo,
     encode_ack,
+    encode_hello,
 )
+from zds.protocol.records import Record
+from zds.server.connection import ZtunnelConnection
+from zds.server.connrecords import ConnectionObserver
+from zds.server.link import ConnectionLost
+from zds.transport import SeqpacketConnection
 
 pytestmark = pytest.mark.root
 
@@ -949,3 +955,48 @@ def test_cni_failed_enrollment_is_500_with_the_reason(server: NodeAgentProc) -> 
     ).encode()
     status, answer = post_unix(server.cni_socket, "/cmdadd", body)
     assert status == 500 and "/var/run/netns/zds-never-made" in answer
+
+
+async def test_a_connection_closed_while_it_waits_for_an_ack_ends_at_what_comes_next() -> None:
+    """The node agent's stop closes every connection's protocol, then cancels their tasks one
+    by one. One waiting for an ack meanwhile reads the peer's EOF: it ends there, said as the
+    stop's reason, instead of reading that EOF again and again without ever awaiting (the
+    stop then never had the event loop back: 100% CPU, only SIGKILL ended it)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        sock = SeqpacketConnection(ours)
+        reads = 0
+        try_recv = sock.try_recv
+
+        def counted(max_size: int = 64 * 1024) -> Record | None:
+            nonlocal reads
+            reads += 1
+            if reads > 100:
+                raise RuntimeError("read the same EOF over and over")
+            return try_recv(max_size)
+
+        sock.try_recv = counted  # type: ignore[method-assign]
+        conn = ZtunnelConnection(sock, observer=ConnectionObserver(), busy_poll=0.0)
+
+        class NoPods:
+            def snapshot_uids(self) -> list[str]:
+                return []
+
+            def snapshot_item(self, uid: str) -> None:
+                return None
+
+        async def accept() -> str:
+            return ""
+
+        served = asyncio.ensure_future(conn.serve(NoPods(), accept))
+        theirs.send(encode_hello())
+        await asyncio.to_thread(theirs.recv, 4096)  # SnapshotSent
+        theirs.send(encode_ack(Ack(error="")))
+        sent = asyncio.ensure_future(conn.deliver(DelWorkload(uid="u1")))
+        await asyncio.to_thread(theirs.recv, 4096)  # the DelWorkload, never acked
+        conn.protocol.close("node agent stopping")  # as NodeAgent.close_connections does
+        theirs.shutdown(socket.SHUT_WR)  # ztunnel gone: EOF
+        assert await asyncio.wait_for(served, 10) == "node agent stopping"
+        with pytest.raises(ConnectionLost, match="node agent stopping"):
+            await sent
+        assert reads < 100
