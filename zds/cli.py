@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         runtime.ensure_std_fds()
+        runtime.follow_parent()
         runtime.watch_stdout()
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:

@@ -95,6 +95,27 @@ def ensure_std_fds() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 (None: Python found it closed)
 
 
+#: Set by a parent (``zds demo``) for its children: its pid, which they end with.
+PARENT_PID_ENV = "ZDS_PARENT_PID"
+
+
+def follow_parent() -> None:
+    """A child of ``zds demo`` is sent SIGTERM when the demo dies, also by SIGKILL (which it
+    cannot pass on): else its node agent and ztunnel side served on, with their namespaces
+    and rules, until someone found them. A parent already gone: SIGTERM now."""
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if not parent.isdigit():
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # (not Linux's prctl: nothing to follow with)
+    if os.getppid() != int(parent):  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Stopped(KeyboardInterrupt):
     """A stop signal taken as Ctrl-C (``Interrupts``): which one. The command exits 128 + it, as
     a shell reports a process the signal killed (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""

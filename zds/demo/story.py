@@ -118,7 +118,7 @@ class Demo:
         if leftovers:
             raise DemoError(
                 f"namespaces from an earlier demo exist: {', '.join(leftovers)}; "
-                f"remove them with: zds netns delete {' '.join(leftovers)}"
+                f"remove them with: zds netns delete --bridge {BRIDGE} {' '.join(leftovers)}"
             )
         self.net = PodNetwork(bridge=BRIDGE, subnet4=SUBNET4, subnet6=SUBNET6)
         for name in PODS:

@@ -31,6 +31,7 @@ class Supervisor:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C goes to the demo, which stops them in order
+                env={**os.environ, runtime.PARENT_PID_ENV: str(os.getpid())},  # and its death ends them
             )
             self.procs[name] = proc
         self.logs[name] = LogTail(log_path, name)
