@@ -5,11 +5,12 @@ is checked, then every path is claimed. Each refuses in one line, leaving nothin
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, socket_lock, state_lock
 from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
@@ -60,20 +61,35 @@ def check_ports(opts: ServerOptions) -> None:
 
 
 def _free_port(flag: str, host: str, port: int, *, v6only: bool) -> None:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return  # (a name: its server says what it finds when it binds)
+    """Refuse ``host:port`` when it cannot be bound; a host name: each address it resolves to
+    (its server binds them all), an address this host has no use for (no IPv6) left to it."""
     if port == 0:
         return
-    with socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the servers bind)
-        if address.version == 6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    try:
+        version = ipaddress.ip_address(host).version
+        addresses: list[tuple[socket.AddressFamily, tuple[Any, ...]]] = [
+            (socket.AF_INET6 if version == 6 else socket.AF_INET, (host, port))
+        ]
+        named = False
+    except ValueError:
         try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise StartupError(f"{flag} {host_port(host, port)}: {exc.strerror}") from None
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return  # (a name that does not resolve: its server says so when it binds)
+        addresses = list(dict.fromkeys((info[0], info[4]) for info in found))
+        named = True
+    for family, sockaddr in addresses:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the servers bind)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if named and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    continue
+                which = f" ({sockaddr[0]})" if named else ""
+                raise StartupError(f"{flag} {host_port(host, port)}{which}: {exc.strerror}") from None
 
 
 def _sockets(opts: ServerOptions) -> list[tuple[str, str, str]]:

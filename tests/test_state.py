@@ -867,6 +867,24 @@ def test_a_tcp_address_something_holds_is_refused_before_the_store_or_any_socket
     assert not (tmp_path / "state").exists() and not os.path.exists(refused.zds_socket)
 
 
+@pytest.mark.parametrize("flag", ["--http-listen", "--grpc-listen"])
+def test_a_host_name_is_refused_when_something_holds_one_of_its_addresses(
+    agents: Agents, tmp_path: Path, flag: str
+) -> None:
+    """A name was left to its server, which found the address taken only once the pods were
+    recovered and the ZDS socket served (gRPC: bound the name's other addresses, if any)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"localhost:{holder.getsockname()[1]}"
+        extra = ("--grpc-insecure",) if flag == "--grpc-listen" else ()
+        refused = agents.start(flag, address, *extra, ready=False)
+        assert refused.wait_exit() == 1
+    [line] = refused.output().splitlines()
+    assert line.endswith(f"{flag} {address} (127.0.0.1): Address already in use"), line
+    assert not (tmp_path / "state").exists() and not os.path.exists(refused.zds_socket)
+
+
 def test_a_reset_start_refused_later_puts_the_old_store_back(agents: Agents) -> None:
     """--reset-state, then a refusal after the new store was made (a file where the control
     socket's private directory goes): the old store stayed aside as a .bak, and the next
