@@ -3,6 +3,7 @@
 - paths and the golden test data;
 - polling (``wait_until``, ``async_wait_until``): tests wait on a condition, never on a clock;
 - fds and sockets of a process (``open_fds``, ``fd_count``, ``listening``, ...);
+- free pod subnets (``free_subnets``);
 - real ``zds`` processes (``ZdsProcess``, ``NodeAgentProc``, ``ZtunnelProc``);
 - stand-ins for the other end are in ``tests/standins.py``.
 
@@ -18,9 +19,11 @@ import contextlib
 import errno
 import fcntl
 import http.client
+import ipaddress
 import json
 import os
 import pathlib
+import random
 import re
 import signal
 import socket
@@ -32,7 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 
@@ -41,6 +44,7 @@ from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns.apps import free_port as free_port  # (the tests' name for it)
 
 if TYPE_CHECKING:
+    from zds.netns.podnet import PodNetwork
     from zds.server.agent import NodeAgent
 
 T = TypeVar("T")
@@ -270,6 +274,104 @@ def listening(netns: str | None) -> list[Listening]:
             Listening(port, int(inode.group(1)) if inode else 0, int(mark.group(1), 16) if mark else 0)
         )
     return found
+
+
+# -- free pod subnets ---------------------------------------------------------------------
+
+
+class Subnets(NamedTuple):
+    """A pod IPv4 /24 and IPv6 /64 that nothing on this host uses (``free_subnets``);
+    ``PodNetwork(bridge, *subnets)``."""
+
+    v4: str
+    v6: str
+
+    def ip4(self, n: int) -> str:
+        """The ``n``-th address of the IPv4 subnet (1: the bridge's, the pods' gateway)."""
+        return str(ipaddress.IPv4Network(self.v4)[n])
+
+    def ip6(self, n: int) -> str:
+        """The ``n``-th address of the IPv6 subnet (1: the bridge's, the pods' gateway)."""
+        return str(ipaddress.IPv6Network(self.v6)[n])
+
+
+#: What ``free_subnets`` draws A and B of 10.A.B.0/24 from: a generator of its own (a plugin
+#: that seeds ``random`` alike in each worker cannot make two test processes draw the same
+#: ones; a test can put a scripted one in its place).
+_RANDOM = random.Random()
+
+#: Subnets handed out in this process (one test's bridge may not be made yet when the next asks).
+_HANDED_OUT: set[Subnets] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+#: A route (or an address's prefix) wider than this says where the rest of a big range goes
+#: (a default route, a VPN's 10.0.0.0/8, OpenVPN's 0.0.0.0/1): a pod bridge's /24 or /64 is
+#: more specific and leaves it be for everything else, so it rules nothing out.
+_WIDEST_COUNTED = {4: 16, 6: 32}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def host_networks() -> list[Network]:
+    """What of the address space this host uses (its own netns, every table): each address of
+    each link as a /32 or /128, and each address's prefix and each route's destination no
+    wider than ``_WIDEST_COUNTED``."""
+
+    def read() -> list[Network]:
+        from pyroute2 import IPRoute
+
+        found: list[Network] = []
+
+        def add(text: object, prefixlen: int, *, exact: bool) -> None:
+            if not text:
+                return
+            address = ipaddress.ip_address(str(text))
+            if exact:
+                found.append(ipaddress.ip_network(address))
+            if prefixlen >= _WIDEST_COUNTED[address.version]:
+                found.append(ipaddress.ip_network(f"{address}/{prefixlen}", strict=False))
+
+        with IPRoute() as ipr:
+            for entry in ipr.get_addr():
+                for attr in ("IFA_LOCAL", "IFA_ADDRESS"):  # (on a point-to-point link: ours, the peer's)
+                    add(entry.get_attr(attr), entry["prefixlen"], exact=True)
+            for route in ipr.get_routes():  # (every table: local, main, policy routing's)
+                add(route.get_attr("RTA_DST"), route["dst_len"], exact=False)
+        return found
+
+    from zds.netns.fixtures import off_event_loop
+
+    return off_event_loop(read)  # (pyroute2's IPRoute cannot run under this thread's running loop)
+
+
+def free_subnets() -> Subnets:
+    """A pod IPv4 /24 and IPv6 /64, 10.A.B.0/24 and fd00:A:B::/64 (A 176-199 at random, written
+    alike in both; B 0-255 at random, in hex in the IPv6 one), that overlap no address or route
+    of this host (``host_networks``) and were not handed out in this process before: a bridge
+    a killed run left, or a network of the user's, is never taken (``PodNetwork`` refuses a
+    subnet in use on this host, and fixed subnets made tests fail for it)."""
+    taken = host_networks()
+    with _HANDED_OUT_LOCK:
+        for _ in range(1000):
+            a, b = _RANDOM.randrange(176, 200), _RANDOM.randrange(256)
+            subnets = Subnets(f"10.{a}.{b}.0/24", f"fd00:{a}:{b:x}::/64")
+            mine = (ipaddress.IPv4Network(subnets.v4), ipaddress.IPv6Network(subnets.v6))
+            if subnets in _HANDED_OUT or any(
+                net.overlaps(other) for net in mine for other in taken if net.version == other.version
+            ):
+                continue
+            _HANDED_OUT.add(subnets)
+            return subnets
+    raise AssertionError(
+        "no free pod subnets in 10.176-199.x.0/24 and fd00:176-199:x::/64 on this host after 1000 picks"
+    )
+
+
+def pod_network(bridge: str) -> PodNetwork:
+    """A ``PodNetwork`` on ``bridge`` (made with its first pod) and free subnets of its own."""
+    from zds.netns.podnet import PodNetwork
+
+    return PodNetwork(bridge, *free_subnets())
 
 
 @dataclass

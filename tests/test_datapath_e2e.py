@@ -22,11 +22,11 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, wait_until
+from tests.harness import NodeAgentProc, ZtunnelProc, fd_count, pod_network, wait_until
 from zds.netns import in_netns, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
-from zds.netns.podnet import PodFixture, PodNetwork
+from zds.netns.podnet import PodFixture
 
 pytestmark = pytest.mark.root
 
@@ -141,7 +141,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     backend: str = request.param
     tmp = tmp_path_factory.mktemp(f"mesh-{backend}")
     tag = secrets.token_hex(2)
-    net = PodNetwork(bridge=f"zdsm{tag}", subnet4="10.181.0.0/24", subnet6="fd00:181::/64")
+    net = pod_network(f"zdsm{tag}")
     server: NodeAgentProc | None = None
     ztunnel: ZtunnelProc | None = None
     apps: dict[str, EchoServer] = {}

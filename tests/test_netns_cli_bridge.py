@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ZDS, catches, run_all, wait_until
+from tests.harness import ZDS, catches, free_subnets, run_all, wait_until
 from zds.netns.apps import EchoServer, exchange
 from zds.netns.fixtures import delete_netns, list_netns
 
@@ -47,18 +47,19 @@ def names() -> Iterator[tuple[str, str, str]]:
 
 def test_pods_made_by_separate_commands_share_the_bridge_and_talk(names: tuple[str, str, str]) -> None:
     a, b, bridge = names
-    subnet = ["--subnet4", "10.183.0.0/24", "--subnet6", "fd00:183::/64"]
+    subnets = free_subnets()
+    subnet = ["--subnet4", subnets.v4, "--subnet6", subnets.v6]
     first = zds("create", a, "--bridge", bridge, *subnet)
     second = zds("create", b, "--bridge", bridge, *subnet)  # another process: the bridge is reused
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert first.stdout.split()[1:3] == ["10.183.0.2", "fd00:183::2"]
-    assert second.stdout.split()[1:3] == ["10.183.0.3", "fd00:183::3"]  # the next free address
+    assert first.stdout.split()[1:3] == [subnets.ip4(2), subnets.ip6(2)]
+    assert second.stdout.split()[1:3] == [subnets.ip4(3), subnets.ip6(3)]  # the next free address
     listed = {e["name"]: e for e in json.loads(zds("list", "--json").stdout)}
-    assert listed[b]["addresses"] == ["10.183.0.3", "fd00:183::3"]
+    assert listed[b]["addresses"] == [subnets.ip4(3), subnets.ip6(3)]
     app = EchoServer(f"/var/run/netns/{b}", 7000)
     try:
-        assert exchange(f"/var/run/netns/{a}", "10.183.0.3", 7000, b"ping") == b"ping"
-        assert exchange(f"/var/run/netns/{a}", "fd00:183::3", 7000, b"ping6") == b"ping6"
+        assert exchange(f"/var/run/netns/{a}", subnets.ip4(3), 7000, b"ping") == b"ping"
+        assert exchange(f"/var/run/netns/{a}", subnets.ip6(3), 7000, b"ping6") == b"ping6"
     finally:
         app.close()
     deleted = zds("delete", a, b, "--bridge", bridge)
@@ -71,10 +72,11 @@ def test_pods_made_by_separate_commands_share_the_bridge_and_talk(names: tuple[s
 
 def test_a_bridge_with_other_addresses_is_refused(names: tuple[str, str, str]) -> None:
     a, _, bridge = names
-    assert zds("create", a, "--bridge", bridge, "--subnet4", "10.184.0.0/24").returncode == 0
-    refused = zds("create", "zdst-never", "--bridge", bridge, "--subnet4", "10.185.0.0/24")
+    mine, other = free_subnets(), free_subnets()
+    assert zds("create", a, "--bridge", bridge, "--subnet4", mine.v4, "--subnet6", mine.v6).returncode == 0
+    refused = zds("create", "zdst-never", "--bridge", bridge, "--subnet4", other.v4, "--subnet6", other.v6)
     assert refused.returncode == 1
-    assert f"bridge {bridge} exists but does not have 10.185.0.1" in refused.stderr
+    assert f"bridge {bridge} exists but does not have {other.ip4(1)}" in refused.stderr
     assert "zdst-never" not in list_netns()
     zds("delete", a, "--bridge", bridge)
 
@@ -109,6 +111,7 @@ def test_sigterm_while_pods_are_made_on_a_bridge_leaves_all_of_them_or_none(afte
 
     tag = secrets.token_hex(2)
     pods, bridge = [f"zdst-{tag}-{i}" for i in range(40)], f"zdsb{tag}"
+    subnets = free_subnets()
     proc = subprocess.Popen(
         [
             *ZDS,
@@ -117,9 +120,9 @@ def test_sigterm_while_pods_are_made_on_a_bridge_leaves_all_of_them_or_none(afte
             "--bridge",
             bridge,
             "--subnet4",
-            "10.192.0.0/24",
+            subnets.v4,
             "--subnet6",
-            "fd00:192::/64",
+            subnets.v6,
             *pods,
         ],
         stdout=subprocess.PIPE,
@@ -150,12 +153,11 @@ def test_a_link_that_is_not_a_bridge_is_refused_in_one_line_and_kept() -> None:
     """It failed with a bare "(95, 'Operation not supported')"."""
     tag = secrets.token_hex(2)
     link, pod = f"zdsv{tag}", f"zdst-{tag}-x"
+    subnets = free_subnets()
     subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name", f"zdsw{tag}"], check=True)
     try:
-        subprocess.run(["ip", "addr", "add", "10.185.0.1/24", "dev", link], check=True)
-        done = zds(
-            "create", "--bridge", link, "--subnet4", "10.185.0.0/24", "--subnet6", "fd00:185::/64", pod
-        )
+        subprocess.run(["ip", "addr", "add", f"{subnets.ip4(1)}/24", "dev", link], check=True)
+        done = zds("create", "--bridge", link, "--subnet4", subnets.v4, "--subnet6", subnets.v6, pod)
         assert done.returncode == 1
         assert done.stderr.splitlines() == [
             f"zds netns create: {link} exists and is not a bridge (a veth); pick another --bridge"
@@ -192,10 +194,11 @@ def test_an_interrupt_right_after_a_pod_part_is_made_leaves_nothing(
         monkeypatch.setattr(podnet.PodNetwork, "_wire_pod", then_interrupted)
     tag = secrets.token_hex(2)
     pods, bridge = [f"zdst-{tag}-{i}" for i in range(2)], f"zdsb{tag}"
+    subnets = free_subnets()
     told: list[object] = []
     try:
         with pytest.raises(KeyboardInterrupt), runtime.Interrupts():
-            podnet.create_pods_on_bridge(pods, bridge, "10.191.0.0/24", "fd00:191::/64", told.extend)
+            podnet.create_pods_on_bridge(pods, bridge, subnets.v4, subnets.v6, told.extend)
         assert [name for name in pods if name in list_netns()] == [] and told == []
         assert bridge not in links() and f"zv-{pods[0]}" not in links()
     finally:
@@ -209,9 +212,10 @@ def test_a_bridge_someone_else_made_is_not_used_and_a_subnet_in_use_not_taken_ag
     on a bridge that was down, with no IPv6 gateway); a new bridge on a subnet another bridge
     has got the same gateway address and handed out addresses already in use."""
     a, b, bridge = names
-    subnet = ["--subnet4", "10.186.0.0/24", "--subnet6", "fd00:186::/64"]
+    subnets = free_subnets()
+    subnet = ["--subnet4", subnets.v4, "--subnet6", subnets.v6]
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
-    subprocess.run(["ip", "addr", "add", "10.186.0.1/24", "dev", bridge], check=True)
+    subprocess.run(["ip", "addr", "add", f"{subnets.ip4(1)}/24", "dev", bridge], check=True)
     foreign = zds("create", a, "--bridge", bridge, *subnet)
     assert foreign.returncode == 1
     assert foreign.stderr == (
@@ -222,7 +226,8 @@ def test_a_bridge_someone_else_made_is_not_used_and_a_subnet_in_use_not_taken_ag
         taken = zds("create", b, "--bridge", other, *subnet)  # a new bridge, on that bridge's subnet
         assert taken.returncode == 1
         assert (  # (only the IPv4 one: it said both)
-            f"the pod subnet 10.186.0.0/24 is in use on this host (10.186.0.1 on {bridge}); pick another (--subnet4)"
+            f"the pod subnet {subnets.v4} is in use on this host ({subnets.ip4(1)} on {bridge});"
+            " pick another (--subnet4)"
         ) in taken.stderr
         assert a not in list_netns() and b not in list_netns() and other not in links()
     finally:
@@ -236,7 +241,8 @@ def test_delete_without_bridge_takes_the_pods_veth_also_while_the_netns_lives_on
     veth pair with it: `delete --force` without --bridge left the veth on the bridge and its
     address was handed out again."""
     a, b, bridge = names
-    subnet = ["--subnet4", "10.187.0.0/24", "--subnet6", "fd00:187::/64"]
+    subnets = free_subnets()
+    subnet = ["--subnet4", subnets.v4, "--subnet6", subnets.v6]
     assert zds("create", a, "--bridge", bridge, *subnet).returncode == 0
     held = os.open(f"/var/run/netns/{a}", os.O_RDONLY)
     try:
@@ -245,7 +251,7 @@ def test_delete_without_bridge_takes_the_pods_veth_also_while_the_netns_lives_on
         assert f"zv-{a}" not in links()
         again = zds("create", b, "--bridge", bridge, *subnet)
         assert again.returncode == 0, again.stderr
-        assert again.stdout.split()[1] == "10.187.0.2"  # free again
+        assert again.stdout.split()[1] == subnets.ip4(2)  # free again
     finally:
         os.close(held)
         zds("delete", b, "--bridge", bridge)

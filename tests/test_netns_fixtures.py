@@ -1,6 +1,7 @@
 """zds.netns fixtures: named namespaces, pods on a bridge, and ``zds netns``.
 
-Every name is unique ("zdst-" + random) and every test cleans up after itself,
+Every name is unique ("zdst-" + random), every pod subnet free (``free_subnets``), and
+every test cleans up after itself,
 so these run beside other tests that make namespaces and bridges.
 """
 
@@ -22,7 +23,8 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from tests.harness import open_fds
+from tests import harness
+from tests.harness import Subnets, free_subnets, open_fds, pod_network
 from zds.netns import NetnsError, NetnsIdentity, in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns, list_netns
 from zds.netns.podnet import PodFixture, PodNetwork
@@ -66,13 +68,8 @@ def netns_name() -> Iterator[str]:
 
 @pytest.fixture
 def network() -> Iterator[PodNetwork]:
-    """A PodNetwork on a bridge and subnets of its own; closed and checked empty afterwards."""
-    octet = random.randrange(256)
-    net = PodNetwork(
-        bridge=unique("zdst-br-"),
-        subnet4=f"10.178.{octet}.0/24",
-        subnet6=f"fd00:178:{octet:x}::/64",
-    )
+    """A PodNetwork on a bridge and free subnets of its own; closed and checked empty afterwards."""
+    net = pod_network(unique("zdst-br-"))
     try:
         yield net
     finally:
@@ -281,8 +278,7 @@ def test_long_pod_names_get_short_interface_names(network: PodNetwork) -> None:
 
 
 def test_close_removes_every_pod_veth_and_the_bridge_and_is_idempotent() -> None:
-    octet = random.randrange(256)
-    net = PodNetwork(unique("zdst-br-"), f"10.179.{octet}.0/24", f"fd00:179:{octet:x}::/64")
+    net = pod_network(unique("zdst-br-"))
     try:
         pods = [net.add_pod(unique()) for _ in range(3)]
         assert net.bridge in host_links()
@@ -295,17 +291,16 @@ def test_close_removes_every_pod_veth_and_the_bridge_and_is_idempotent() -> None
 
 
 def test_context_manager_closes() -> None:
-    octet = random.randrange(256)
-    with PodNetwork(unique("zdst-br-"), f"10.179.{octet}.0/24", f"fd00:179:{octet:x}::/64") as net:
+    with pod_network(unique("zdst-br-")) as net:
         pod = net.add_pod(unique())
     assert pod.name not in list_netns()
     assert not {net.bridge, pod.veth_host} & host_links()
 
 
 def test_a_pod_network_cycle_leaks_no_fd_no_child_and_no_exit_hook() -> None:
-    octet = random.randrange(256)
+    net = pod_network(unique("zdst-br-"))  # (reads the host's addresses: before the fds are counted)
     before = open_fds()
-    with PodNetwork(unique("zdst-br-"), f"10.179.{octet}.0/24", f"fd00:179:{octet:x}::/64") as net:
+    with net:
         net.remove_pod(net.add_pod(unique()).name)
         net.add_pod(unique())
     assert open_fds() == before
@@ -319,11 +314,11 @@ def test_a_pod_network_cycle_leaks_no_fd_no_child_and_no_exit_hook() -> None:
 
 def test_a_pod_network_left_open_is_removed_at_exit_even_after_an_error() -> None:
     bridge, pod = unique("zdst-br-"), unique()
-    octet = random.randrange(256)
+    subnets = free_subnets()
     script = textwrap.dedent(
         f"""
         from zds.netns.podnet import PodNetwork
-        net = PodNetwork({bridge!r}, "10.179.{octet}.0/24", "fd00:179:{octet:x}::/64")
+        net = PodNetwork({bridge!r}, {subnets.v4!r}, {subnets.v6!r})
         net.add_pod({pod!r})
         print("made", flush=True)
         raise SystemExit("crash before close()")
@@ -368,7 +363,7 @@ def test_an_existing_bridge_is_refused_and_left_alone() -> None:
     with IPRoute() as ipr:
         ipr.link("add", ifname=bridge, kind="bridge")
     try:
-        net = PodNetwork(bridge, "10.180.0.0/24", "fd00:180::/64")
+        net = pod_network(bridge)
         name = unique()
         with pytest.raises(NetnsError, match=f"bridge {bridge} exists already"):
             net.add_pod(name)
@@ -505,11 +500,74 @@ def test_a_bridge_left_behind_is_said_as_such_not_as_a_subnet_in_use() -> None:
     bridge = unique("zdst-br-")[:15]
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     try:
-        subprocess.run(["ip", "addr", "add", "10.193.0.1/24", "dev", bridge], check=True)
-        net = PodNetwork(bridge, "10.193.0.0/24", "fd00:193::/64")
+        subnets = free_subnets()
+        subprocess.run(["ip", "addr", "add", f"{subnets.ip4(1)}/24", "dev", bridge], check=True)
+        net = PodNetwork(bridge, *subnets)
         with pytest.raises(
             NetnsError, match=rf"^bridge {bridge} exists already: .* delete that link if it is stale"
         ):
             net.add_pod(unique())
     finally:
         subprocess.run(["ip", "link", "del", bridge], check=False)
+
+
+# --- free pod subnets (tests/harness.py) ---------------------------------------------------------
+
+
+class Scripted(random.Random):
+    """A random source that draws ``picks``' A and B (10.A.B.0/24), in turn."""
+
+    def __init__(self, *picks: Subnets) -> None:
+        super().__init__()
+        self._draws = iter([int(part) for pick in picks for part in pick.v4.split(".")[1:3]])
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+        drawn = next(self._draws, None)
+        assert drawn is not None, "free_subnets drew past the scripted picks"
+        return drawn
+
+
+def test_subnets_name_their_nth_addresses() -> None:
+    subnets = Subnets("10.180.5.0/24", "fd00:180:5::/64")
+    assert (subnets.ip4(1), subnets.ip4(2), subnets.ip6(1), subnets.ip6(255)) == (
+        "10.180.5.1",
+        "10.180.5.2",
+        "fd00:180:5::1",
+        "fd00:180:5::ff",
+    )
+
+
+@pytest.mark.parametrize("what", ["ipv4 /32", "ipv4 /24", "ipv6 /128", "ipv4 route"])
+def test_free_subnets_leaves_out_a_subnet_the_host_has_on_a_link(
+    what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address (or a route) in a subnet, on a link of this host: that subnet drawn first
+    is passed over for the next one drawn (fixed subnets were taken though in use, e.g. by a
+    bridge a killed run left)."""
+    monkeypatch.setattr(harness, "_HANDED_OUT", set())
+    taken, other = free_subnets(), free_subnets()
+    monkeypatch.setattr(harness, "_HANDED_OUT", set())  # (both may be handed out again)
+    link = unique("zdst-fs-")
+    subprocess.run(["ip", "link", "add", link, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        command = {
+            "ipv4 /32": ["addr", "add", f"{taken.ip4(7)}/32", "dev", link],
+            "ipv4 /24": ["addr", "add", f"{taken.ip4(1)}/24", "dev", link],
+            "ipv6 /128": ["addr", "add", f"{taken.ip6(7)}/128", "dev", link, "nodad"],
+            "ipv4 route": ["route", "add", taken.v4, "dev", link],
+        }[what]
+        subprocess.run(["ip", *command], check=True)
+        monkeypatch.setattr(harness, "_RANDOM", Scripted(taken, other))
+        assert free_subnets() == other
+    finally:
+        subprocess.run(["ip", "link", "del", link], check=False)
+    assert link not in host_links()
+
+
+def test_free_subnets_never_hands_out_one_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "_HANDED_OUT", set())
+    first, other = free_subnets(), free_subnets()
+    monkeypatch.setattr(harness, "_HANDED_OUT", {first})
+    monkeypatch.setattr(harness, "_RANDOM", Scripted(first, other))
+    assert free_subnets() == other

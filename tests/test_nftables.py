@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, run_all, wait_until
+from tests.harness import DATA, NodeAgentProc, pod_network, run_all, wait_until
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
@@ -119,7 +119,7 @@ def digest(path: str) -> str:
 @pytest.fixture
 def pods() -> Iterator[PodNetwork]:
     """Pods with IPv4 and IPv6 addresses on a bridge (a pod's rules cover IPv6 only when it has it)."""
-    net = PodNetwork(bridge=f"zdsn{secrets.token_hex(2)}", subnet4="10.188.0.0/24", subnet6="fd00:188::/64")
+    net = pod_network(f"zdsn{secrets.token_hex(2)}")
     try:
         yield net
     finally:

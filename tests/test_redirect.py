@@ -17,12 +17,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, run_all, wait_until
+from tests.harness import DATA, NodeAgentProc, pod_network, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
-from zds.netns.podnet import PodNetwork
 from zds.server.iptablesave import cleanup_rules
 from zds.server.redirect import (
     RedirectConfig,
@@ -203,7 +202,7 @@ def test_a_pod_with_ipv6_gets_the_ipv6_rules_too(namespaces: list[str]) -> None:
     reference = scratch(namespaces)
     v6 = golden_part(GOLDEN6_FILE, 1)
     restore_in(reference, v6, "ip6tables-restore")
-    net = PodNetwork(bridge=f"zdsb{secrets.token_hex(2)}", subnet4="10.190.0.0/24", subnet6="fd00:190::/64")
+    net = pod_network(f"zdsb{secrets.token_hex(2)}")
     try:
         pod = net.add_pod(f"zdst-{secrets.token_hex(3)}")
         assert install(pod.netns_path, RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6)) == [4, 6]

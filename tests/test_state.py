@@ -24,13 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, run_all, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, pod_network, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer, request_of
 from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
 from zds.netns.fixtures import create_netns, delete_netns
-from zds.netns.podnet import PodNetwork
 from zds.protocol.messages import AddWorkload, KeepWorkload
 from zds.server.redirect import iptables_save
 
@@ -137,7 +136,7 @@ def _stat_identity(path: str) -> tuple[int, int]:
 
 def test_sigkill_with_200_pods_rules_and_live_traffic_drops_nothing(agents: Agents, tmp_path: Path) -> None:
     tag = secrets.token_hex(2)
-    net = PodNetwork(bridge=f"zdsr{tag}", subnet4="10.189.0.0/24", subnet6="fd00:189::/64")
+    net = pod_network(f"zdsr{tag}")
     namespaces = Namespaces()
     app: EchoServer | None = None
     ztunnel: ZtunnelProc | None = None
