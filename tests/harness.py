@@ -3,7 +3,7 @@
 - paths and the golden test data;
 - polling (``wait_until``, ``async_wait_until``): tests wait on a condition, never on a clock;
 - fds and sockets of a process (``open_fds``, ``fd_count``, ``listening``, ...);
-- free pod subnets (``free_subnets``);
+- free pod subnets and names no earlier run left behind (``free_subnets``, ``run_unique``);
 - real ``zds`` processes (``ZdsProcess``, ``NodeAgentProc``, ``ZtunnelProc``);
 - stand-ins for the other end are in ``tests/standins.py``.
 
@@ -25,6 +25,7 @@ import os
 import pathlib
 import random
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -276,7 +277,14 @@ def listening(netns: str | None) -> list[Listening]:
     return found
 
 
-# -- free pod subnets ---------------------------------------------------------------------
+# -- free pod subnets and unique names ------------------------------------------------------
+
+
+def run_unique(prefix: str) -> str:
+    """``prefix`` + this process's PID + a short random tag: a name an earlier run, killed
+    before it cleaned up, cannot have left behind (a PID comes round again; the tag does not).
+    Fine for a netns (up to 255 characters); a link name has 15 at most: mind the prefix."""
+    return f"{prefix}{os.getpid()}-{secrets.token_hex(2)}"
 
 
 class Subnets(NamedTuple):
@@ -407,7 +415,7 @@ def pod_netns() -> str:
     if "path" not in _POD_NETNS:
         from zds.netns.fixtures import create_netns
 
-        _POD_NETNS["name"] = f"zds-test-{os.getpid()}"
+        _POD_NETNS["name"] = run_unique("zds-test-")
         _POD_NETNS["path"] = create_netns(_POD_NETNS["name"])
     path: str = _POD_NETNS["path"]
     return path

@@ -17,7 +17,7 @@ import sys
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, signal_mask, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, run_unique, signal_mask, wait_until
 from zds import cliflags, defaults
 from zds.cli import PART_OF, build_parser, command_of
 
@@ -464,7 +464,7 @@ def test_a_node_agent_without_rules_never_loads_the_netlink_code_and_one_with_ru
 def test_debug_logs_are_zds_s_not_every_netlink_message_of_pyroute2() -> None:
     from zds.netns.fixtures import delete_netns
 
-    name = f"zds-clidebug-{os.getpid()}"
+    name = run_unique("zds-clidebug-")
     try:
         done = subprocess.run(
             [*ZDS, "--log-level", "debug", "netns", "create", name],
@@ -483,7 +483,7 @@ def test_debug_logs_are_zds_s_not_every_netlink_message_of_pyroute2() -> None:
 def test_netns_delete_refuses_the_netns_of_an_enrolled_pod(tmp_path: pathlib.Path) -> None:
     from zds.netns.fixtures import create_netns, delete_netns
 
-    name = f"zds-clitest-{os.getpid()}"
+    name = run_unique("zds-clitest-")
     path = create_netns(name)
     server = NodeAgentProc(str(tmp_path)).wait_ready()
     try:

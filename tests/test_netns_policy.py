@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.harness import NodeAgentProc, Pod, post_unix
+from tests.harness import NodeAgentProc, Pod, post_unix, run_unique
 from tests.standins import AckingPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsError, NetnsRef, open_netns
@@ -78,7 +78,7 @@ def rules_server(tmp_path: Path, node_untouched: None) -> Iterator[NodeAgentProc
 @pytest.fixture
 def link_to_the_node() -> Iterator[str]:
     """A name under /var/run/netns that is a symlink to the node's netns."""
-    link = f"/var/run/netns/zds-test-node-{os.getpid()}"
+    link = f"/var/run/netns/{run_unique('zds-test-node-')}"
     os.symlink("/proc/self/ns/net", link)
     try:
         yield link
@@ -123,7 +123,7 @@ COMPOSE_CAPS = ("setpriv", "--bounding-set=-all,+sys_admin,+net_admin", "--inh-c
 def node_by_name() -> Iterator[str]:
     """The node's netns under /var/run/netns (``ip netns attach``: a bind mount, which opening
     needs no ptrace access for, as a container engine's ``ns:`` network names it)."""
-    name = f"zds-test-node-{os.getpid()}"
+    name = run_unique("zds-test-node-")
     subprocess.run(["ip", "netns", "attach", name, str(os.getpid())], check=True)
     try:
         yield f"/var/run/netns/{name}"
@@ -253,7 +253,7 @@ def test_the_place_is_checked_where_the_kernel_opened_the_directory(
     elsewhere.mkdir()
     (elsewhere / "pod").touch()
     subprocess.run(["mount", "--bind", pod.path, str(elsewhere / "pod")], check=True)
-    link = f"/var/run/netns/zds-test-dir-{os.getpid()}"
+    link = f"/var/run/netns/{run_unique('zds-test-dir-')}"
     os.symlink(elsewhere, link)
     try:
         for path in (f"{link}/pod", f"/var/run/netns/../..{elsewhere}/pod"):
@@ -267,7 +267,7 @@ def test_the_place_is_checked_where_the_kernel_opened_the_directory(
 def test_a_netns_in_another_mount_namespace_is_not_under_an_allowed_root() -> None:
     """/proc/PID/root/run/netns/X: the kernel names that directory as the process sees it,
     /run/netns, which passed for the node's. A netns from any mount namespace was taken so."""
-    name = f"zds-test-mnt-{os.getpid()}"
+    name = run_unique("zds-test-mnt-")
     script = f"mount -t tmpfs none /run/netns && ip netns add {name} && echo ready && exec sleep 60"
     child = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=subprocess.PIPE, text=True

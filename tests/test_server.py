@@ -31,6 +31,7 @@ from tests.harness import (
     pod_netns_pid,
     pods_file,
     post_unix,
+    run_unique,
     stop_served_agent,
     wait_until,
 )
@@ -323,7 +324,7 @@ def test_bad_input_is_invalid_argument_and_not_cached(
 def test_the_node_is_never_enrolled_whatever_path_leads_to_it(server: NodeAgentProc, tmp_path: Path) -> None:
     """Symlinks, '..' and a host process's /proc/PID/ns/net all end at the same refusal, and
     nothing goes into the node's netns (no rules, nothing cached)."""
-    link = f"/var/run/netns/zds-test-link-{os.getpid()}"
+    link = f"/var/run/netns/{run_unique('zds-test-link-')}"
     os.symlink(f"/proc/{os.getpid()}/ns/net", link)
     try:
         for path in (
