@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import ZDS, stop_cleanly, wait_until
+from tests.harness import ZDS, free_subnets, run_unique, stop_cleanly, wait_until
 from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
@@ -185,3 +185,31 @@ def test_a_killed_demo_takes_its_node_agent_and_ztunnel_side_with_it() -> None:
         subprocess.run(["ip", "link", "del", "zdsdemo0"], capture_output=True)
         for tmp in set(glob.glob("/tmp/zds-demo-*")) - tmp_before:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_pod_subnets_this_host_uses_are_refused_in_one_line_and_others_can_be_given() -> None:
+    """The demo's fixed subnets, in use on this host, were refused with "pick another
+    (--subnet4)": a flag the demo did not have. It has now; the refusal leaves nothing."""
+    link = run_unique("zdt")[:15]
+    subprocess.run(["ip", "link", "add", link, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.177.77.9/32", "dev", link], check=True)
+        refused = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert refused.stderr.endswith(
+            f"zds demo: the pod subnet 10.177.77.0/24 is in use on this host (10.177.77.9 on {link});"
+            " pick another (--subnet4)\n"
+        ), refused.stderr
+        assert leftovers() == []
+        subnets = free_subnets()
+        done = subprocess.run(
+            [*ZDS, "demo", "--no-color", "--subnet4", subnets.v4, "--subnet6", subnets.v6],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"productpage -> reviews {subnets.ip4(3)}:9080" in done.stdout, done.stdout
+        assert leftovers() == []
+    finally:
+        subprocess.run(["ip", "link", "del", link], check=True)

@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="keep the two processes' logs and the node agent's state directory (path printed)",
     )
     demo.add_argument("--no-color", action="store_true", help="plain output")
+    demo.add_argument(
+        "--subnet4", default="10.177.77.0/24", help="the pods' IPv4 subnet (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--subnet6", default="fd00:177:77::/64", help="the pods' IPv6 subnet (default: %(default)s)"
+    )
     demo.set_defaults(func=_run)
 
 

@@ -39,8 +39,6 @@ PODS = ("productpage", "reviews", "ratings")
 APP_PORT = 9080
 PREFIX = "zdsdemo-"
 BRIDGE = "zdsdemo0"
-SUBNET4 = "10.177.77.0/24"
-SUBNET6 = "fd00:177:77::/64"
 PAYLOAD = b"hello reviews, this is productpage (through ztunnel)\n" * 20
 
 
@@ -65,12 +63,15 @@ def _claim() -> socket.socket:
 class Demo:
     """Owns every resource the demo makes, and removes them in ``close``."""
 
-    def __init__(self, narrator: Narrator, keep_logs: bool) -> None:
+    def __init__(self, narrator: Narrator, keep_logs: bool, subnets: tuple[str, str]) -> None:
+        # The pods' network, checked before anything is made (made with the first pod).
+        network = PodNetwork(BRIDGE, *subnets)
         self.claim = _claim()
         self.n = narrator
         self.keep_logs = keep_logs
         self.tmp = tempfile.mkdtemp(prefix="zds-demo-")
         self.net: PodNetwork | None = None
+        self._network = network
         self.pods: dict[str, PodFixture] = {}
         self.children = Supervisor(self.tmp)
         self.app: EchoServer | None = None
@@ -120,7 +121,7 @@ class Demo:
                 f"namespaces from an earlier demo exist: {', '.join(leftovers)}; "
                 f"remove them with: zds netns delete --bridge {BRIDGE} {' '.join(leftovers)}"
             )
-        self.net = PodNetwork(bridge=BRIDGE, subnet4=SUBNET4, subnet6=SUBNET6)
+        self.net = self._network
         for name in PODS:
             pod = self.net.add_pod(PREFIX + name)
             self.pods[name] = pod
@@ -321,7 +322,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         with runtime.Interrupts() as interrupts:
             with interrupts.held():
-                demo = Demo(narrator, keep_logs=args.keep_logs)
+                demo = Demo(narrator, keep_logs=args.keep_logs, subnets=(args.subnet4, args.subnet6))
             try:
                 demo.run()
             finally:
