@@ -200,14 +200,21 @@ class ListenerServer:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
+                # The listener stays readable (level-triggered) while accept fails: called
+                # again at once, for good. Out of fds or memory: stop watching for a moment.
+                # Anything else (a listener taken out of LISTEN under us, `ss -K`: EINVAL for
+                # good): stop watching, said once.
+                self._unwatch()
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of fds or memory: stop watching for a moment instead of spinning.
                     log.warning("accept on %s failed: %s", self.listener.address, exc, extra=self.log_extra)
-                    self._unwatch()
                     self._resume = self._loop.call_later(0.1, self._watch)
-                    return
-                if not self.listener.closed:
-                    log.error("accept on %s failed: %s", self.listener.address, exc, extra=self.log_extra)
+                elif not self.listener.closed:
+                    log.error(
+                        "accept on %s failed: %s; no longer accepting there",
+                        self.listener.address,
+                        exc,
+                        extra=self.log_extra,
+                    )
                 return
             if past_data_path_reserve(sock.fileno()):  # (the pods' own sockets come first)
                 sock.close()

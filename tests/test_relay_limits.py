@@ -272,3 +272,32 @@ async def test_a_relay_cut_short_while_its_destination_does_not_read_lets_its_so
         far.close()
         if accepted is not None:
             accepted[0].close()
+
+
+async def test_a_listener_taken_out_of_listen_under_the_side_is_given_up_in_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pod's listener shut down by something else in its netns (`ss -K`, a shutdown) stays
+    readable while accept fails with EINVAL: the watcher called it again at every turn of the
+    loop, ~60,000 error lines a second at 100% CPU, every other pod slowed, until the pod went."""
+    from zds.client import listeners
+    from zds.client.inpod import InpodListener, ListenerSpec
+
+    async def never(conn: listeners.AcceptedConnection) -> None:
+        raise AssertionError("nothing connects")
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    watcher = SocketWatcher()
+    server = listeners.ListenerServer(InpodListener(ListenerSpec("outbound", 0), sock, "test"), never)
+    try:
+        server.start(watcher)
+        sock.shutdown(socket.SHUT_RDWR)  # (out of LISTEN, still open: what `ss -K` leaves)
+        for _ in range(200):  # turns of the loop, in each of which a watched listener is served
+            await asyncio.sleep(0)
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("accept on")]
+        assert len(said) == 1 and said[0].endswith("Invalid argument; no longer accepting there"), said[:3]
+    finally:
+        server.close()
+        watcher.close()
+        sock.close()
