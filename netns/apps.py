@@ -48,7 +48,10 @@ class EchoServer:
         while not self._stop.is_set():
             try:
                 conn, addr = self.sock.accept()
-            except (TimeoutError, OSError):
+            except TimeoutError:
+                continue
+            except OSError:  # (out of fds: it would fail again at once, spinning)
+                self._stop.wait(0.1)
                 continue
             self.peers.append(str(addr[0]).removeprefix("::ffff:"))
             thread = threading.Thread(target=self._echo, args=(conn,), daemon=True)
