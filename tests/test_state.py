@@ -848,39 +848,24 @@ def test_a_reset_whose_new_store_cannot_be_made_puts_the_old_one_back(
 
 
 @pytest.mark.parametrize("flag", ["--http-listen", "--grpc-listen"])
+@pytest.mark.parametrize(("host", "named"), [("127.0.0.1", ""), ("localhost", " (127.0.0.1)")])
 def test_a_tcp_address_something_holds_is_refused_before_the_store_or_any_socket(
-    agents: Agents, tmp_path: Path, flag: str
+    agents: Agents, tmp_path: Path, flag: str, host: str, named: str
 ) -> None:
     """Found when it was bound: after the pods were recovered (their rules in) and the ZDS
     socket served (a ztunnel waiting there took a snapshot from an agent that then exited),
-    the gRPC one as gRPC core's own line before zds's, which named no errno."""
+    the gRPC one as gRPC core's own line before zds's, which named no errno. A host name was
+    left to its server so, and gRPC served on the name's other addresses: each of its
+    addresses is tried, the refusal names the one taken."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        address = f"{host}:{holder.getsockname()[1]}"
         extra = ("--grpc-insecure",) if flag == "--grpc-listen" else ()
         refused = agents.start(flag, address, *extra, ready=False)
         assert refused.wait_exit() == 1
     [line] = refused.output().splitlines()
-    assert line.endswith(f"{flag} {address}: Address already in use"), line
-    assert not (tmp_path / "state").exists() and not os.path.exists(refused.zds_socket)
-
-
-@pytest.mark.parametrize("flag", ["--http-listen", "--grpc-listen"])
-def test_a_host_name_is_refused_when_something_holds_one_of_its_addresses(
-    agents: Agents, tmp_path: Path, flag: str
-) -> None:
-    """A name was left to its server, which found the address taken only once the pods were
-    recovered and the ZDS socket served (gRPC: bound the name's other addresses, if any)."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        address = f"localhost:{holder.getsockname()[1]}"
-        extra = ("--grpc-insecure",) if flag == "--grpc-listen" else ()
-        refused = agents.start(flag, address, *extra, ready=False)
-        assert refused.wait_exit() == 1
-    [line] = refused.output().splitlines()
-    assert line.endswith(f"{flag} {address} (127.0.0.1): Address already in use"), line
+    assert line.endswith(f"{flag} {address}{named}: Address already in use"), line
     assert not (tmp_path / "state").exists() and not os.path.exists(refused.zds_socket)
 
 
