@@ -220,10 +220,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"zds ztunnel: --faults: {exc}", file=sys.stderr)
         return 2
     try:
-        code = runtime.run(ztunnel.run(), use_uvloop=not args.no_uvloop)
+        runtime.run(ztunnel.run(), use_uvloop=not args.no_uvloop)  # (the process ends in it once served)
     except ListenAddressError as exc:
         print(f"zds ztunnel: {exc}", file=sys.stderr)
         return 1
-    if code != 0 and ztunnel.protocol.fatal_error:
-        print(f"zds ztunnel: stopped for good: {ztunnel.protocol.fatal_error}", file=sys.stderr)
-    return code
