@@ -45,6 +45,10 @@ STATUS = {
 DETAILS_MAX = 1024
 
 
+#: What a pod the node agent's stop kept from enrolling is told.
+NOT_ENROLLED = "node agent shutting down; the pod was not enrolled"
+
+
 def cut(text: str) -> str:
     return text if len(text) <= DETAILS_MAX else text[:DETAILS_MAX] + "..."
 
@@ -101,7 +105,11 @@ async def bulk_add(
                     await unsent.acquire()
                     await window.take()
                     spec = pod_spec(request)
-                    if isinstance(spec, PodSpec):
+                    if agent.enrollment.stopping:
+                        # The stop began: nothing new starts. (Its cancels give their places in
+                        # the window back: the rest of the stream came in, each enrolled.)
+                        answer(index, request.uid, (grpc.StatusCode.UNAVAILABLE, NOT_ENROLLED))
+                    elif isinstance(spec, PodSpec):
                         # The enrollment's own task (it completes even if this call ends).
                         task = agent.start_add(spec)
                         running.add(task)
@@ -178,4 +186,4 @@ def shutting_down(agent: NodeAgent, spec: PodSpec) -> str:
         return "node agent shutting down; whether the pod was stored is not known (zds pod list tells)"
     if row is not None and row.spec == spec and not row.removing:
         return STOPPING
-    return "node agent shutting down; the pod was not enrolled"
+    return NOT_ENROLLED

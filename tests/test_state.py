@@ -26,6 +26,7 @@ import pytest
 
 from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, pod_network, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer, request_of
+from zds import defaults
 from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
@@ -500,6 +501,40 @@ def test_pods_a_stop_cut_short_are_told_they_were_stored_and_come_back(
     for i, line in enumerate(sorted(err.splitlines())):
         assert re.fullmatch(rf"zds pod add: u{i}: UNAVAILABLE: ({stays})", line), line
     assert sorted(listed(agents.start())) == ["u0", "u1", "u2"]
+
+
+def test_pods_a_bulk_enrollment_sends_once_the_stop_began_are_not_enrolled(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """The stop cancels the enrollments under way, each giving its place in the bulk window
+    back: the lane took the next pod and enrolled it, and so on to the end of the file (1,000
+    pods: a 20 s stop, every pod enrolled after the signal). Once the stop began, a pod the
+    lane reads is answered "not enrolled" and nothing of it is stored."""
+    server = agents.start("--ack-timeout", "60")
+    slow = AckingPeer(server.zds_socket, delay=60)  # (nothing is acked)
+    paths = [namespaces.make(f"p{i}") for i in range(4)]
+    count = defaults.BULK_WINDOW * 3
+    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": paths[i % 4] for i in range(count)})
+    client = subprocess.Popen(
+        [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The window's pods stored and waiting for their acks; the rest wait for a place.
+        wait_until(lambda: len(server.list_pods()) == defaults.BULK_WINDOW, "the window's pods stored")
+        server.stop()
+        out, err = client.communicate(timeout=60)
+    finally:
+        client.kill()
+        client.wait()
+        slow.close()
+    lines = err.splitlines()
+    assert client.returncode == 1 and out == "" and len(lines) == count, err[-2000:]
+    stored = [line for line in lines if "the pod is stored" in line]
+    assert len(stored) == defaults.BULK_WINDOW, err[-2000:]
+    assert sorted(listed(agents.start())) == sorted(line.split(":")[1].strip() for line in stored)
 
 
 def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod(
