@@ -28,21 +28,34 @@ async def run_server(options: ServerOptions) -> int:
     refused, code = False, 1
     for sig in runtime.stop_signals():
         loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
     try:
-        await server.start()
-        waiter = asyncio.create_task(server.wait())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if waiter.done() and not stop.is_set():
-            log.error("ZDS accept loop ended unexpectedly")
-        else:
-            waiter.cancel()
+        # A stop signal during the start (the pods' recovery, a --pods preload: seconds with
+        # thousands of pods) cuts it short, as any stop: the pods under way finish, those
+        # not reached stay stored as they were (it waited for the whole start, then stopped).
+        starting = asyncio.create_task(server.start())
+        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop requested during start-up: cutting it short")
+            starting.cancel()
+            await asyncio.wait({starting})
+            if not starting.cancelled():
+                starting.result()  # (it ended otherwise first: a refusal says so)
             code = 0
+        else:
+            starting.result()
+            waiter = asyncio.create_task(server.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter.done() and not stop.is_set():
+                log.error("ZDS accept loop ended unexpectedly")
+            else:
+                waiter.cancel()
+                code = 0
     except StartupError as exc:
         log.error("%s", exc)
         refused = True
     finally:
+        stopper.cancel()
         # Signals stay caught through the stop (their default would end it half-way: socket
         # and lock files left, a traceback) and are ignored, as Istio's agent does; the first
         # says so.
