@@ -108,7 +108,8 @@ async def bulk_add(
                     if agent.enrollment.stopping:
                         # The stop began: nothing new starts. (Its cancels give their places in
                         # the window back: the rest of the stream came in, each enrolled.)
-                        answer(index, request.uid, (grpc.StatusCode.UNAVAILABLE, NOT_ENROLLED))
+                        said = shutting_down(agent, spec) if isinstance(spec, PodSpec) else NOT_ENROLLED
+                        answer(index, request.uid, (grpc.StatusCode.UNAVAILABLE, said))
                     elif isinstance(spec, PodSpec):
                         # The enrollment's own task (it completes even if this call ends).
                         task = agent.start_add(spec)

@@ -189,12 +189,8 @@ class ZtunnelConnection:
 
     def _handle(self, events: list[Event]) -> list[Event]:
         """Take in the protocol's events: a close raises ConnectionLost at once; the rest
-        (observer calls) wait in ``_later`` until ``_catch_up``.
-
-        A protocol closed from outside (the node agent's stop) says nothing of what comes
-        next: ``receive`` gives no event. That too ends the connection here: a waiter for an
-        ack that went on reading would read the peer's EOF again and again without awaiting,
-        and the stop would never get the event loop back."""
+        (observer calls) wait in ``_later`` until ``_catch_up``. A protocol closed from outside
+        (the stop) gives no event: that ends it too (else an ack's waiter read EOF forever)."""
         for i, event in enumerate(events):
             match event:
                 case AckReceived(ack=Ack(error=error)) if error and not error.isprintable():

@@ -114,6 +114,9 @@ class NodeAgentServer:
         self._ready = False
         #: ``start`` went to its end.
         self._started = False
+        #: ``start`` is in its long steps (the recovery, a --pods preload), where a stop may
+        #: cancel it; not once it serves (a server it starts must be there for ``stop``).
+        self.cuttable = False
 
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:
@@ -136,9 +139,11 @@ class NodeAgentServer:
         self._used_before = self._claim.used_before
         check_ports(opts)
         clear_sockets(opts)
+        self.cuttable = True
         await self._restore_state()
         if opts.pods_file:
             await self._load_pods(opts.pods_file, pods)
+        self.cuttable = False
         if opts.faults_file:
             self._arm_faults(opts.faults_file, faults)
         self._serve_zds()

@@ -29,6 +29,15 @@ async def run_server(options: ServerOptions) -> int:
     for sig in runtime.stop_signals():
         loop.add_signal_handler(sig, stop.set)
     stopper = asyncio.create_task(stop.wait())
+    said: list[str] = []
+
+    def ignore_more() -> None:
+        # Signals stay caught through the stop (their default would end it half-way: socket
+        # and lock files left, a traceback) and are ignored, as Istio's agent does; the first
+        # says so.
+        for sig in runtime.stop_signals():
+            loop.add_signal_handler(sig, _stopping_already, sig.name, said)
+
     try:
         # A stop signal during the start (the pods' recovery, a --pods preload: seconds with
         # thousands of pods) cuts it short, as any stop: the pods under way finish, those
@@ -36,8 +45,10 @@ async def run_server(options: ServerOptions) -> int:
         starting = asyncio.create_task(server.start())
         await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            log.info("stop requested during start-up: cutting it short")
-            starting.cancel()
+            ignore_more()
+            if server.cuttable:  # (else it is serving already: a matter of milliseconds)
+                log.info("stop requested during start-up: cutting it short")
+                starting.cancel()
             await asyncio.wait({starting})
             if not starting.cancelled():
                 starting.result()  # (it ended otherwise first: a refusal says so)
@@ -56,12 +67,7 @@ async def run_server(options: ServerOptions) -> int:
         refused = True
     finally:
         stopper.cancel()
-        # Signals stay caught through the stop (their default would end it half-way: socket
-        # and lock files left, a traceback) and are ignored, as Istio's agent does; the first
-        # says so.
-        said: list[str] = []
-        for sig in runtime.stop_signals():
-            loop.add_signal_handler(sig, _stopping_already, sig.name, said)
+        ignore_more()
         await server.stop(refused=refused)
     # Stopped: what is left is the exit, the stop signals ignored. Set over the loop's own
     # handlers: removing those puts the default back, and a signal met it (4% of the runs

@@ -79,17 +79,17 @@ def _free_port(flag: str, host: str, port: int, *, v6only: bool) -> None:
         addresses = list(dict.fromkeys((info[0], info[4]) for info in found))
         named = True
     for family, sockaddr in addresses:
-        with socket.socket(family) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the servers bind)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-            try:
+        try:
+            with socket.socket(family) as probe:  # (no IPv6 on this host: EAFNOSUPPORT here)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the servers bind)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
                 probe.bind(sockaddr)
-            except OSError as exc:
-                if named and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    continue
-                which = f" ({sockaddr[0]})" if named else ""
-                raise StartupError(f"{flag} {host_port(host, port)}{which}: {exc.strerror}") from None
+        except OSError as exc:
+            if named and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue  # (its server binds the name's other addresses)
+            which = f" ({sockaddr[0]})" if named else ""
+            raise StartupError(f"{flag} {host_port(host, port)}{which}: {exc.strerror}") from None
 
 
 def _sockets(opts: ServerOptions) -> list[tuple[str, str, str]]:
