@@ -58,6 +58,11 @@ class BulkLane(asyncio.Protocol):
         self._writable.set()
         self._task: asyncio.Task[None] | None = None
         self._broken = False
+        #: ``stop`` began: nothing more is read, the answers of what was taken still go out.
+        self._stopping = False
+        #: The client ended its requests (reading is never resumed after it: uvloop would
+        #: deliver the EOF again).
+        self._eof = False
         self._opening_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,6 +107,9 @@ class BulkLane(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self._stopping:
+            return True  # (kept open for the stop's answers: closing it dropped every one)
+        self._eof = True
         if self._broken:
             return False
         if not self._opening.complete or self._deframer.pending:
@@ -133,7 +141,7 @@ class BulkLane(asyncio.Protocol):
         """End its stream (the node agent stops): no request is taken any more, the answers to
         those taken go out (its stop cancelled their enrollments first: each says whether its
         pod was stored), for at most ``LANE_STOP_GRACE``; then the connection is dropped."""
-        self._broken = True  # (nothing more is read)
+        self._stopping = self._broken = True  # (nothing more is read)
         while not self._requests.empty():
             self._requests.get_nowait()
         self._requests.put_nowait(None)
@@ -154,7 +162,12 @@ class BulkLane(asyncio.Protocol):
         while (item := await self._requests.get()) is not None:
             request, cost = item
             self._queued -= cost
-            if self._queued < READ_AHEAD and self._transport is not None and not self._transport.is_reading():
+            if (
+                self._queued < READ_AHEAD
+                and not self._eof
+                and self._transport is not None
+                and not self._transport.is_reading()
+            ):
                 self._transport.resume_reading()
             yield request
 

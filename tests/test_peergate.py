@@ -12,9 +12,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import pytest
 
+from tests.harness import async_wait_until
 from zds.gen import nodeagent_pb2
 from zds.server import bulklane
-from zds.server.bulkwire import MAGIC
+from zds.server.bulkwire import MAGIC, Deframer, frame
 from zds.server.peergate import PeerGate
 from zds.server.peers import AllowList, PeerGuard
 
@@ -99,3 +100,46 @@ async def test_a_lane_broken_before_the_stop_does_not_break_the_stop(lanes: Lane
         ("ended", 1),
         ("ended", 2),
     ]
+
+
+async def test_a_lanes_answers_go_out_though_its_client_ends_its_requests_during_the_stop(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that half-closed (its last request sent) while the stop gave the lane its
+    grace: the lane took that EOF for a broken client and closed, and every answer of the
+    pods the stop had cut short was dropped ("closed the connection without answering";
+    uvloop delivered an early EOF again once reading resumed, so it came then too)."""
+    monkeypatch.setattr(bulklane, "LANE_STOP_GRACE", 10.0)  # (an answer comes at once)
+    taken, go = asyncio.Event(), asyncio.Event()
+
+    async def serve(
+        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+    ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
+        async for request in requests:
+            taken.set()
+            await go.wait()  # (an enrollment under way, cut short by the stop)
+            yield nodeagent_pb2.AddPodsReply(
+                results=[nodeagent_pb2.AddPodsResult(index=0, uid=request.pods[0].uid, code=14)]
+            )
+
+    loop = asyncio.get_running_loop()
+    gate = PeerGate(str(tmp_path / "private.sock"), PeerGuard(AllowList.default(), "control"), serve)
+    await gate.start(str(tmp_path / "control.sock"), 0o600)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
+        await loop.sock_connect(sock, str(tmp_path / "control.sock"))
+        request = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="u0")])
+        await loop.sock_sendall(sock, MAGIC + frame(request.SerializeToString()))
+        assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC
+        await asyncio.wait_for(taken.wait(), 10)
+        closing = asyncio.ensure_future(gate.close())
+        await async_wait_until(lambda: all(lane._broken for lane in gate._lanes), "the lane's stop begun")
+        sock.shutdown(socket.SHUT_WR)  # its requests end during the grace
+        for _ in range(20):  # turns of the loop: the EOF is read in one of them
+            await asyncio.sleep(0)
+        go.set()
+        received = bytearray()
+        while data := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+            received += data
+        await asyncio.wait_for(closing, 10)
+    [reply] = Deframer().feed(bytes(received))
+    assert nodeagent_pb2.AddPodsReply.FromString(reply).results[0].uid == "u0"
