@@ -469,15 +469,13 @@ def test_a_state_directory_on_a_full_filesystem_is_refused_at_start_saying_what_
     assert "Traceback" not in refused.output()
 
 
-def test_pods_a_stop_cut_short_are_told_they_were_stored_and_come_back(
-    agents: Agents, namespaces: Namespaces, tmp_path: Path
-) -> None:
-    """A SIGTERM while a bulk enrollment waits for ztunnel's acks: each pod is answered, and
-    the answer says it stays (the lane was closed first: "closed the connection without
-    answering", as if nothing had been enrolled)."""
+def stopped_while_stored(
+    agents: Agents, pods: str, stored: int, timeout: float
+) -> tuple[subprocess.Popen[str], str, str]:
+    """``zds pod add --from-file pods`` against a node agent whose ztunnel never acks, stopped
+    (SIGTERM) once ``stored`` pods are stored and wait for their acks: the client, its output."""
     server = agents.start("--ack-timeout", "60")
     slow = AckingPeer(server.zds_socket, delay=60)  # (its snapshot's ack too: nothing is acked)
-    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": namespaces.make(f"p{i}") for i in range(3)})
     client = subprocess.Popen(
         [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
         stdout=subprocess.PIPE,
@@ -485,13 +483,24 @@ def test_pods_a_stop_cut_short_are_told_they_were_stored_and_come_back(
         text=True,
     )
     try:
-        wait_until(lambda: len(server.list_pods()) == 3, "the three pods stored, waiting for acks")
+        wait_until(lambda: len(server.list_pods()) == stored, f"{stored} pods stored, waiting for acks")
         server.stop()
-        out, err = client.communicate(timeout=30)
+        out, err = client.communicate(timeout=timeout)
     finally:
         client.kill()
         client.wait()
         slow.close()
+    return client, out, err
+
+
+def test_pods_a_stop_cut_short_are_told_they_were_stored_and_come_back(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """A SIGTERM while a bulk enrollment waits for ztunnel's acks: each pod is answered, and
+    the answer says it stays (the lane was closed first: "closed the connection without
+    answering", as if nothing had been enrolled)."""
+    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": namespaces.make(f"p{i}") for i in range(3)})
+    client, out, err = stopped_while_stored(agents, pods, 3, timeout=30)
     assert client.returncode == 1 and out == "" and len(err.splitlines()) == 3
     stays = (  # lost with the connection (sent, unanswered), or cut short (stored, not yet sent)
         r"ztunnel connection \w+ closed: node agent shutting down \(the pod is stored: it comes back when "
@@ -510,26 +519,11 @@ def test_pods_a_bulk_enrollment_sends_once_the_stop_began_are_not_enrolled(
     back: the lane took the next pod and enrolled it, and so on to the end of the file (1,000
     pods: a 20 s stop, every pod enrolled after the signal). Once the stop began, a pod the
     lane reads is answered "not enrolled" and nothing of it is stored."""
-    server = agents.start("--ack-timeout", "60")
-    slow = AckingPeer(server.zds_socket, delay=60)  # (nothing is acked)
     paths = [namespaces.make(f"p{i}") for i in range(4)]
     count = defaults.BULK_WINDOW * 3
     pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": paths[i % 4] for i in range(count)})
-    client = subprocess.Popen(
-        [*ZDS, "pod", "add", "--from-file", pods, "--control-socket", server.control_socket],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # The window's pods stored and waiting for their acks; the rest wait for a place.
-        wait_until(lambda: len(server.list_pods()) == defaults.BULK_WINDOW, "the window's pods stored")
-        server.stop()
-        out, err = client.communicate(timeout=60)
-    finally:
-        client.kill()
-        client.wait()
-        slow.close()
+    # Stopped once the window's pods are stored and wait for their acks; the rest wait for a place.
+    client, out, err = stopped_while_stored(agents, pods, defaults.BULK_WINDOW, timeout=60)
     lines = err.splitlines()
     assert client.returncode == 1 and out == "" and len(lines) == count, err[-2000:]
     # Stored: the window's pods only, those the stop found under way (their answers say so;
