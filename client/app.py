@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -314,20 +312,9 @@ class Ztunnel:
             for sig in runtime.stop_signals():
                 loop.remove_signal_handler(sig)
             raise
-        # Stopped: the stop signals ignored from here to the exit, set over the loop's own
-        # handlers. Removing those put the default back, and with signals still coming (a
-        # second Ctrl-C, a supervisor repeating its SIGTERM) one met it: killed by the signal,
-        # the last lines lost (25 of 25 runs under a signal every 2 ms); the loop's close would
-        # put it back too, so the process ends here, as zds server's does (server/run.py).
-        for sig in runtime.stop_signals():
-            signal.signal(sig, signal.SIG_IGN)
         if code != 0 and self.protocol.fatal_error:
             print(f"zds ztunnel: stopped for good: {self.protocol.fatal_error}", file=sys.stderr)
-        logging.shutdown()  # (the lines waiting for the writer thread; what atexit would do)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        runtime.end_process(code)  # (the signals ignored to the end, as zds server's)
 
     async def serve(self, stop: asyncio.Event) -> int:
         """Serve until ``stop`` is set (0) or a fatal protocol error (1); then drain."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 
 from zds import runtime
 from zds.server.main import NodeAgentServer
@@ -69,15 +67,7 @@ async def run_server(options: ServerOptions) -> int:
         stopper.cancel()
         ignore_more()
         await server.stop(refused=refused)
-    # Stopped: what is left is the exit, the stop signals ignored. Set over the loop's own
-    # handlers: removing those puts the default back, and a signal met it (4% of the runs
-    # under a stream of them, the GIL handed to another thread just then); the loop's close
-    # would put it back too, so the process ends here. (Blocking the signals would not do:
-    # the other threads, the log writer's and gRPC's, would take them.)
-    for sig in runtime.stop_signals():
-        signal.signal(sig, signal.SIG_IGN)
-    logging.shutdown()  # (the lines waiting for the writer thread; what atexit would do)
-    os._exit(1 if server.store_lost else code)
+    runtime.end_process(1 if server.store_lost else code)  # (the signals ignored to the end)
 
 
 def _stopping_already(name: str, said: list[str]) -> None:

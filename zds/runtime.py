@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Iterable, Iterator
-from typing import Any, TextIO, TypeVar, cast
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -114,6 +114,25 @@ def follow_parent() -> None:
         return  # (not Linux's prctl: nothing to follow with)
     if os.getppid() != int(parent):  # it died before the prctl
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def end_process(code: int) -> NoReturn:
+    """A daemon stopped: end the process with ``code``, the stop signals ignored from here.
+    Set over the loop's own handlers: removing those put the default back, and with signals
+    still coming (a second Ctrl-C, a supervisor repeating its SIGTERM) one met it: killed by
+    the signal, the last lines lost (25 of 25 runs of ``zds ztunnel`` under a signal every
+    2 ms); the loop's close would put it back too. (Blocking them would not do: the other
+    threads, the log writer's and gRPC's, would take them.) The log lines waiting for the
+    writer thread and stdout go out first, as atexit would have them."""
+    import logging
+
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 class Stopped(KeyboardInterrupt):
