@@ -571,3 +571,49 @@ def test_free_subnets_never_hands_out_one_twice(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(harness, "_HANDED_OUT", {first})
     monkeypatch.setattr(harness, "_RANDOM", Scripted(first, other))
     assert free_subnets() == other
+
+
+def test_the_echo_app_out_of_fds_waits_between_accepts_instead_of_spinning() -> None:
+    # A connection waits while the process has no fd left for it: accept fails at once
+    # (EMFILE) for as long as that lasts; the app tried again at once, ~0.8 CPU.
+    script = textwrap.dedent(
+        """
+        import os, resource, socket, time
+        from zds.netns.apps import EchoServer
+
+        class Counting:
+            def __init__(self, sock):
+                self.sock, self.calls = sock, 0
+            def accept(self):
+                self.calls += 1
+                return self.sock.accept()
+            def close(self):
+                self.sock.close()
+
+        app = EchoServer("/proc/self/ns/net", 0)
+        port = app.sock.getsockname()[1]
+        counting = app.sock = Counting(app.sock)
+        lowest_free = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest_free)
+        limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        client = socket.socket()  # (takes the lowest free fd: none left for the accept)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, limits[1]))
+        client.connect(("127.0.0.1", port))
+        time.sleep(0.3)
+        before = counting.calls
+        time.sleep(1)
+        during = counting.calls - before
+        accepted = len(app.peers)
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        client.sendall(b"ping")
+        client.shutdown(socket.SHUT_WR)
+        client.settimeout(10)
+        print(during, accepted, client.recv(16).decode())
+        client.close()
+        app.close()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    during, accepted, echoed = out.stdout.split()
+    assert (accepted, echoed) == ("0", "ping")  # (out of fds, then accepted once they were there)
+    assert 0 < int(during) <= 30, f"{during} accepts in 1 s out of fds (one every 0.1 s expected)"
