@@ -613,7 +613,9 @@ def test_the_echo_app_out_of_fds_waits_between_accepts_instead_of_spinning() -> 
         app.close()
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     during, accepted, echoed = out.stdout.split()
     assert (accepted, echoed) == ("0", "ping")  # (out of fds, then accepted once they were there)
     assert 0 < int(during) <= 30, f"{during} accepts in 1 s out of fds (one every 0.1 s expected)"
