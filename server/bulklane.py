@@ -64,6 +64,7 @@ class BulkLane(asyncio.Protocol):
         #: deliver the EOF again).
         self._eof = False
         self._opening_deadline: asyncio.TimerHandle | None = None
+        self._lost = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -124,6 +125,7 @@ class BulkLane(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         self._writable.set()
+        self._lost.set()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -145,6 +147,8 @@ class BulkLane(asyncio.Protocol):
         while not self._requests.empty():
             self._requests.get_nowait()
         self._requests.put_nowait(None)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + LANE_STOP_GRACE
         if self._task is not None:
             # (asyncio.wait, not the task itself: a lane cut off before the stop has a
             # cancelled task, whose CancelledError would have ended the node agent's stop)
@@ -152,6 +156,11 @@ class BulkLane(asyncio.Protocol):
             self._task.cancel()
             await asyncio.wait({self._task})
         if self._transport is not None:
+            # What the transport still holds goes out as its close flushes it, in what is
+            # left of the grace (aborted at once, the last answers written were dropped).
+            lost = asyncio.ensure_future(self._lost.wait())
+            await asyncio.wait({lost}, timeout=max(0.0, until - loop.time()))
+            lost.cancel()
             self._transport.abort()
 
     @property

@@ -143,3 +143,46 @@ async def test_a_lanes_answers_go_out_though_its_client_ends_its_requests_during
         await asyncio.wait_for(closing, 10)
     [reply] = Deframer().feed(bytes(received))
     assert nodeagent_pb2.AddPodsReply.FromString(reply).results[0].uid == "u0"
+
+
+async def test_a_lanes_last_answers_still_buffered_at_the_stop_go_out(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers written while the client read slowly wait in the transport's buffer; the stop
+    aborted the connection as soon as the lane's stream ended, and what the buffer held was
+    dropped (the client saw a cut frame, its last pods unanswered). The close flushes it."""
+    monkeypatch.setattr(bulklane, "LANE_STOP_GRACE", 10.0)
+    count, message = 64, "x" * 16_000  # (~1 MB of answers: more than the socket holds)
+    taken = asyncio.Event()
+
+    async def serve(
+        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+    ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
+        async for _ in requests:
+            taken.set()
+            for i in range(count):
+                yield nodeagent_pb2.AddPodsReply(
+                    results=[nodeagent_pb2.AddPodsResult(index=i, uid=f"u{i}", code=14, message=message)]
+                )
+            return
+
+    loop = asyncio.get_running_loop()
+    gate = PeerGate(str(tmp_path / "private.sock"), PeerGuard(AllowList.default(), "control"), serve)
+    await gate.start(str(tmp_path / "control.sock"), 0o600)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
+        await loop.sock_connect(sock, str(tmp_path / "control.sock"))
+        request = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="u0")])
+        await loop.sock_sendall(sock, MAGIC + frame(request.SerializeToString()))
+        assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC
+        await asyncio.wait_for(taken.wait(), 10)
+        [lane] = gate._lanes
+        await async_wait_until(lambda: not lane._writable.is_set(), "the lane's writing paused")
+        closing = asyncio.ensure_future(gate.close())
+        await async_wait_until(lambda: lane._stopping, "the lane's stop begun")
+        received = bytearray()
+        with contextlib.suppress(ConnectionResetError):
+            while data := await asyncio.wait_for(loop.sock_recv(sock, 4096), 10):
+                received += data
+        await asyncio.wait_for(closing, 10)
+    replies = [nodeagent_pb2.AddPodsReply.FromString(r) for r in Deframer().feed(bytes(received))]
+    assert [reply.results[0].index for reply in replies] == list(range(count))
