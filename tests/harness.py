@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import grpc
 
+from zds import runtime
 from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns.apps import free_port as free_port  # (the tests' name for it)
@@ -506,6 +507,17 @@ def http_get(url: str) -> tuple[int, str]:
 # -- real zds processes --------------------------------------------------------------------
 
 
+def following(env: dict[str, str] | None) -> dict[str, str]:
+    """``env`` (else this process's) for a zds child that ends with the test run, as ``zds
+    demo``'s children end with it: a run killed (a CI timeout) left its node agents and
+    ztunnel sides serving. Only from the main thread: the kernel tells the child when the
+    thread that started it ends."""
+    env = dict(os.environ if env is None else env)
+    if threading.current_thread() is threading.main_thread():
+        env[runtime.PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
 class ZdsProcess:
     """A ``zds ARGS`` subprocess, its output (stdout and stderr) captured to a file."""
 
@@ -522,7 +534,7 @@ class ZdsProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [*wrapper, *ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env
+            [*wrapper, *ZDS, *args], stdout=self._log, stderr=subprocess.STDOUT, env=following(env)
         )
 
     @property
