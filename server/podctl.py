@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from google.rpc import code_pb2
 
-from zds import runtime
+from zds import output, runtime
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server import bulkwire
@@ -218,9 +218,9 @@ def _report(write: Callable[[], object]) -> None:
     try:
         write()
     except BrokenPipeError:
-        if not runtime.stdout_reader_gone():
+        if not output.stdout_reader_gone():
             raise
-        runtime.discard_stdout()
+        output.discard_stdout()
 
 
 def _enrolled(spec: PodSpec, resp: nodeagent_pb2.AddPodResponse, args: argparse.Namespace) -> dict[str, Any]:

@@ -274,7 +274,7 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(argv: list[st
 
 def test_a_broken_pipe_that_is_not_stdout_is_not_taken_for_a_reader_gone() -> None:
     code = (
-        "import sys\nfrom zds.runtime import stdout_reader_gone\nsys.stderr.write(str(stdout_reader_gone()))"
+        "import sys\nfrom zds.output import stdout_reader_gone\nsys.stderr.write(str(stdout_reader_gone()))"
     )
     live = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from zds import __version__, cliflags, runtime
+from zds import __version__, cliflags, output, runtime
 
 #: The parts that register commands, in the order ``zds --help`` lists them, with the
 #: commands each registers (a run builds only its command's part: every command's flags
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
         runtime.ensure_std_fds()
         runtime.follow_parent()
-        runtime.watch_stdout()
+        output.watch_stdout()
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)
     try:
         try:
@@ -102,17 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return runtime.interrupt_exit_code(exc)
     except BrokenPipeError:
-        if not runtime.stdout_reader_gone():
+        if not output.stdout_reader_gone():
             raise
         # The reader of the output went away (``zds netns list | head -1``): not an error.
-        runtime.discard_stdout()
+        output.discard_stdout()
         return 0
     except OSError as exc:
         # The output cannot be written (``> /dev/full``: ENOSPC, EIO): one line, not a
         # traceback; what the command did before, it did (a pod enrolled stays enrolled).
-        if not runtime.output_failed():
+        if not output.output_failed():
             raise
-        runtime.discard_stdout()
+        output.discard_stdout()
         with contextlib.suppress(OSError):  # (stderr as full as stdout: the exit code says it)
             print(f"zds: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
         return 1
