@@ -20,97 +20,13 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from zds import logfilters
+
 if TYPE_CHECKING:
     import asyncio  # (loaded where a tally first waits: ``zds pod add`` loads no asyncio)
 
 #: Context fields that go on a log line when present (``extra={...}``).
 FIELDS = ("conn", "uid", "pod", "namespace", "netns", "error", "kind", "trace_id", "span_id")
-
-
-class TraceContextFilter(logging.Filter):
-    """Adds ``trace_id``/``span_id`` of the current span, if one is being recorded."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # Without OpenTelemetry loaded there is no span (and a client command need not load it).
-        trace = sys.modules.get("opentelemetry.trace")
-        if trace is None:
-            return True
-        context = trace.get_current_span().get_span_context()
-        if context.is_valid and not hasattr(record, "trace_id"):
-            record.trace_id = format(context.trace_id, "032x")
-            record.span_id = format(context.span_id, "016x")
-        return True
-
-
-class _QuietLibraries(logging.Filter):
-    """Drops the debug and info lines of libraries that log every message they handle
-    (pyroute2: every netlink message). Their loggers' levels cannot be set beforehand:
-    pyroute2 sets its own when it is imported, which is lazily, after ``configure``."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self._names = names
-        self._prefixes = tuple(name + "." for name in names)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        return not (record.name in self._names or record.name.startswith(self._prefixes))
-
-
-class _GoneStreams(logging.Filter):
-    """gRPC's own error, with its traceback, when it ends a ``Watch`` stream whose client went
-    away mid-write (or stopped reading, its write abandoned): the stream is over either way
-    and zds has said so (it was a traceback for 62 of 300 watchers cancelled). Kept at debug."""
-
-    GONE = "ExecuteBatchError raised in core by servicer method [/zds.v1.NodeAgent/Watch]"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "grpc._cython.cygrpc" or not record.getMessage().startswith(self.GONE):
-            return True
-        if logging.getLogger("zds").getEffectiveLevel() > logging.DEBUG:
-            return False
-        record.levelno, record.levelname, record.exc_info, record.exc_text = (
-            logging.DEBUG,
-            "DEBUG",
-            None,
-            None,
-        )
-        return True
-
-
-class _BadRequests(logging.Filter):
-    """aiohttp's error and traceback for a request it could not parse (a header over 8 KB,
-    bytes that are no HTTP): it answered 400 already; one warning line, no traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "aiohttp.server" and record.exc_info and record.levelno >= logging.ERROR:
-            exc = record.exc_info[1]
-            if type(exc).__module__.startswith("aiohttp") and "BadHttpMessage" in {
-                c.__name__ for c in type(exc).__mro__
-            }:
-                record.msg, record.args = (
-                    f"%s: %s ({type(exc).__name__}); answered 400",
-                    (record.getMessage(), " ".join(str(exc).split())),
-                )
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
-                record.exc_info, record.exc_text = None, None
-        return True
-
-
-class _UndecodableRequests(logging.Filter):
-    """gRPC's error and traceback for a request whose bytes are no message of its method's
-    type (a hand-made call, another API's client): it answered UNKNOWN already; one warning
-    line, no traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "grpc._cython.cygrpc" and record.exc_info and record.levelno >= logging.ERROR:
-            exc = record.exc_info[1]
-            if type(exc).__name__ == "DecodeError" and type(exc).__module__.startswith("google.protobuf"):
-                record.msg, record.args = "%s: %s (answered UNKNOWN)", (record.getMessage(), exc)
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
-                record.exc_info, record.exc_text = None, None
-        return True
 
 
 class _Seconds:
@@ -373,11 +289,11 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     logging._srcfile = None
     handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_QuietLibraries(("pyroute2",)))  # first: a dropped line costs nothing more
-    handler.addFilter(_GoneStreams())
-    handler.addFilter(_BadRequests())
-    handler.addFilter(_UndecodableRequests())
-    handler.addFilter(TraceContextFilter())
+    handler.addFilter(logfilters.QuietLibraries(("pyroute2",)))  # first: a dropped line costs nothing more
+    handler.addFilter(logfilters.GoneStreams())
+    handler.addFilter(logfilters.BadRequests())
+    handler.addFilter(logfilters.UndecodableRequests())
+    handler.addFilter(logfilters.TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,0 +1,94 @@
+"""What the log handler adds to a line (the trace it was logged in) and what it quiets:
+libraries that log every message, and the tracebacks gRPC and aiohttp log for what they
+answered already (one warning line instead)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds ``trace_id``/``span_id`` of the current span, if one is being recorded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Without OpenTelemetry loaded there is no span (and a client command need not load it).
+        trace = sys.modules.get("opentelemetry.trace")
+        if trace is None:
+            return True
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid and not hasattr(record, "trace_id"):
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+        return True
+
+
+class QuietLibraries(logging.Filter):
+    """Drops the debug and info lines of libraries that log every message they handle
+    (pyroute2: every netlink message). Their loggers' levels cannot be set beforehand:
+    pyroute2 sets its own when it is imported, which is lazily, after ``configure``."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self._names = names
+        self._prefixes = tuple(name + "." for name in names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not (record.name in self._names or record.name.startswith(self._prefixes))
+
+
+class GoneStreams(logging.Filter):
+    """gRPC's own error, with its traceback, when it ends a ``Watch`` stream whose client went
+    away mid-write (or stopped reading, its write abandoned): the stream is over either way
+    and zds has said so (it was a traceback for 62 of 300 watchers cancelled). Kept at debug."""
+
+    GONE = "ExecuteBatchError raised in core by servicer method [/zds.v1.NodeAgent/Watch]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "grpc._cython.cygrpc" or not record.getMessage().startswith(self.GONE):
+            return True
+        if logging.getLogger("zds").getEffectiveLevel() > logging.DEBUG:
+            return False
+        record.levelno, record.levelname, record.exc_info, record.exc_text = (
+            logging.DEBUG,
+            "DEBUG",
+            None,
+            None,
+        )
+        return True
+
+
+class BadRequests(logging.Filter):
+    """aiohttp's error and traceback for a request it could not parse (a header over 8 KB,
+    bytes that are no HTTP): it answered 400 already; one warning line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "aiohttp.server" and record.exc_info and record.levelno >= logging.ERROR:
+            exc = record.exc_info[1]
+            if type(exc).__module__.startswith("aiohttp") and "BadHttpMessage" in {
+                c.__name__ for c in type(exc).__mro__
+            }:
+                record.msg, record.args = (
+                    f"%s: %s ({type(exc).__name__}); answered 400",
+                    (record.getMessage(), " ".join(str(exc).split())),
+                )
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+class UndecodableRequests(logging.Filter):
+    """gRPC's error and traceback for a request whose bytes are no message of its method's
+    type (a hand-made call, another API's client): it answered UNKNOWN already; one warning
+    line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "grpc._cython.cygrpc" and record.exc_info and record.levelno >= logging.ERROR:
+            exc = record.exc_info[1]
+            if type(exc).__name__ == "DecodeError" and type(exc).__module__.startswith("google.protobuf"):
+                record.msg, record.args = "%s: %s (answered UNKNOWN)", (record.getMessage(), exc)
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                record.exc_info, record.exc_text = None, None
+        return True
