@@ -485,3 +485,27 @@ def test_a_schema_1_store_is_migrated_and_its_pods_came_from_the_api(state: path
         assert {r.spec.uid: r.spec.source for r in store.load()} == {"u1": PodSource.API, "u2": PodSource.CNI}
     finally:
         store.close()
+
+
+def test_the_wal_grown_behind_a_long_reader_is_cut_back_once_it_is_gone(state: pathlib.Path) -> None:
+    """A reader holding its snapshot over many writes (a ``sqlite3`` shell left in a
+    transaction) keeps the -wal file growing; it stayed at its largest until the node agent
+    stopped."""
+    store = open_store(state)
+    wal = state / "pods.db-wal"
+    try:
+        reader = sqlite3.connect(f"file:{state / 'pods.db'}?mode=ro", uri=True, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM pods").fetchone()
+            for i in range(1500):
+                store.put(spec(f"u{i % 50}", ips=(f"10.0.{i % 200}.1",)), NetnsIdentity(4, i))
+            grown = wal.stat().st_size
+            assert grown > 2 * storefile.WAL_SIZE_LIMIT
+        finally:
+            reader.close()
+        for i in range(1100):  # (past SQLite's checkpoint at 1,000 pages: the log starts over)
+            store.put(spec(f"u{i % 50}"), NetnsIdentity(4, i))
+        assert wal.stat().st_size <= storefile.WAL_SIZE_LIMIT, f"{grown} -> {wal.stat().st_size}"
+    finally:
+        store.close()
