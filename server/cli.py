@@ -187,6 +187,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="install the rules without DNS capture (UDP/TCP 53 -> 15053 is left out)",
     )
+    server.add_argument(
+        "--netns-sweep",
+        type=cliflags.seconds_or_never,
+        default=defaults.NETNS_SWEEP,
+        metavar="SECONDS",
+        help="how often pods of CNI events are looked for a netns nothing holds any more (no "
+        "process, no name: the pod is gone, and no DEL came); those are removed "
+        "(default: %(default)s; 0: never)",
+    )
     server.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     server.add_argument(
         "--watch-queue",
@@ -240,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
         pods_file=args.pods,
         container_engine=cliflags.off(args.container_engine),
         container_label=tuple(args.container_label),
+        netns_sweep=args.netns_sweep,
         faults_file=args.faults,
         redirect=not args.no_redirect,
         redirect_backend=args.redirect_backend,

@@ -42,6 +42,7 @@ from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
 from zds.server.instance import InstanceError, InstanceLock, PrivateDir, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
+from zds.server.netnssweep import NetnsSweep
 from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
 from zds.server.outcomes import EnrollmentError
 from zds.server.peergate import PeerGate
@@ -157,6 +158,8 @@ class NodeAgentServer:
                 opts.container_engine, self.containers, self.agent.tasks, opts.container_label
             )
             self._engine_task = asyncio.create_task(self.engine.run(), name="container-engine")
+        if opts.netns_sweep:
+            self.agent.tasks.spawn(NetnsSweep(self.containers, opts.netns_sweep).run(), name="netns-sweep")
         self._ready = self._started = True
         runtime.started()  # (zds.cli held garbage collection for the start-up)
         log.info(

@@ -46,6 +46,8 @@ class ServerOptions:
     container_engine: str | None = None
     #: Only the engine's containers with these labels (KEY or KEY=VALUE) are this node agent's.
     container_label: tuple[str, ...] = ()
+    #: How often pods of CNI events whose netns is gone are looked for and removed (0: never).
+    netns_sweep: float = defaults.NETNS_SWEEP
     #: Faults to arm at start-up (zds server --faults), for testing a ztunnel.
     faults_file: str | None = None
     redirect: bool = True

@@ -127,6 +127,11 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_never(text: str) -> float:
+    """A number of seconds, or 0: never."""
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+
+
 def busy_poll(text: str) -> float:
     """``--busy-poll USEC``: microseconds on the command line, seconds in the program."""
     if not (text.isascii() and text.isdigit()) or int(text) > BUSY_POLL_MAX_USEC:
