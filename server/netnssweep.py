@@ -17,7 +17,9 @@ go by hand, the container engine's with its containers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 
 from zds.netns import NetnsIdentity
 from zds.netns.errors import OutOfFds
@@ -48,10 +50,9 @@ class NetnsSweep:
         watched = {pod.uid: (pod, identity_of(pod)) for pod in self.agent.pods if pod.spec.source.cni}
         if not watched:
             return 0
-        wanted = {identity for _, identity in watched.values() if identity is not None}
         dirs = named_dirs(self.agent.enrollment.policy)
         try:
-            found = await asyncio.to_thread(find_by_identity, wanted, dirs)
+            found = await asyncio.to_thread(held, list(watched.values()), dirs)
         except OutOfFds as exc:
             log.warning(
                 "cannot look for the netns of the pods of CNI events: %s; again in %gs", exc, self.interval
@@ -81,6 +82,24 @@ class NetnsSweep:
                 log.error("%s (tried again in %gs)", exc, self.interval, extra=pod.spec.log_extra)
                 return False
         return True
+
+
+def held(pods: list[tuple[Pod, NetnsIdentity | None]], dirs: tuple[str, ...]) -> set[NetnsIdentity]:
+    """Which of the pods' netns something holds: its own path first (it may be deeper than the
+    directories' own entries), then the directories and every process (``find_by_identity``)."""
+    found: set[NetnsIdentity] = set()
+    for pod, identity in pods:
+        path = pod.spec.netns.path
+        with contextlib.suppress(OSError):
+            if identity is not None and path is not None and identity_at(path) == identity:
+                found.add(identity)
+    wanted = {identity for _, identity in pods if identity is not None and identity not in found}
+    return found | set(find_by_identity(wanted, dirs))
+
+
+def identity_at(path: str) -> NetnsIdentity:
+    st = os.stat(path)
+    return NetnsIdentity(st.st_dev, st.st_ino)
 
 
 def identity_of(pod: Pod) -> NetnsIdentity | None:
