@@ -82,7 +82,7 @@ def test_a_cni_pod_whose_netns_nothing_holds_is_removed_and_no_other(tmp_path: P
         wait_until(lambda: "gone" not in listed(server), "the pod whose netns is gone removed")
         dels = [r for r in peer.received if isinstance(r, DelWorkload)]
         assert len(dels) == 1, peer.kinds  # (its own: ztunnel lets the netns go)
-        assert "its netns is gone" in server.output()
+        server.wait_for_output("its netns is gone")
         inside.kill()
         inside.wait()
         # Nothing holds that one now either: the next look finds it gone.
