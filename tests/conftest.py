@@ -16,7 +16,16 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, is_root, release_pod_netns, run_all
+from tests.harness import (
+    ZDS,
+    Namespaces,
+    NodeAgentProc,
+    Pod,
+    StartServer,
+    is_root,
+    release_pod_netns,
+    run_all,
+)
 from tests.standins import Peers
 from zds import defaults
 from zds.netns.fixtures import create_netns, delete_netns
@@ -100,3 +109,12 @@ def make_pod() -> Iterator[Callable[[], Pod]]:
 
     yield make
     run_all([functools.partial(delete_netns, name, missing_ok=True) for name in made], "make_pod")
+
+
+@pytest.fixture
+def namespaces() -> Iterator[Namespaces]:
+    made = Namespaces()
+    try:
+        yield made
+    finally:
+        made.close()

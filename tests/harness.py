@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import http.client
 import ipaddress
 import json
@@ -44,6 +45,7 @@ from zds import runtime
 from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns.apps import free_port as free_port  # (the tests' name for it)
+from zds.netns.fixtures import create_netns, delete_netns
 
 if TYPE_CHECKING:
     from zds.netns.podnet import PodNetwork
@@ -505,6 +507,25 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 # -- real zds processes --------------------------------------------------------------------
+
+
+class Namespaces:
+    """Named namespaces a test makes; every one is deleted at the end."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        self.names: list[str] = []
+
+    def make(self, name: str) -> str:
+        full = f"zst-{self.tag}-{name}"
+        self.names.append(full)
+        return create_netns(full)
+
+    def delete(self, name: str) -> None:
+        delete_netns(f"zst-{self.tag}-{name}", missing_ok=True)
+
+    def close(self) -> None:
+        run_all([functools.partial(delete_netns, name, missing_ok=True) for name in self.names], "namespaces")
 
 
 def following(env: dict[str, str] | None) -> dict[str, str]:

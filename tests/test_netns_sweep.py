@@ -7,45 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import NodeAgentProc, post_unix, run_unique, wait_until
+from tests.harness import Namespaces, NodeAgentProc, post_unix, wait_until
 from tests.standins import AckingPeer
-from zds.netns.fixtures import create_netns, delete_netns
 from zds.protocol.messages import DelWorkload
 
 pytestmark = pytest.mark.root
-
-
-class Named:
-    """Named namespaces made for one test, each removed at its end (if it still is there)."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def make(self, label: str) -> str:
-        name = run_unique(f"zdsw-{label}-")
-        self.names.append(name)
-        return create_netns(name)
-
-    def delete(self, path: str) -> None:
-        delete_netns(os.path.basename(path))
-
-    def close(self) -> None:
-        for name in self.names:
-            delete_netns(name, missing_ok=True)
-
-
-@pytest.fixture
-def named() -> Iterator[Named]:
-    made = Named()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 def cni_add(server: NodeAgentProc, netns: str, name: str) -> None:
@@ -59,13 +29,17 @@ def listed(server: NodeAgentProc) -> set[str]:
     return {pod.name for pod in server.list_pods()}
 
 
-def test_a_cni_pod_whose_netns_nothing_holds_is_removed_and_no_other(tmp_path: Path, named: Named) -> None:
+def test_a_cni_pod_whose_netns_nothing_holds_is_removed_and_no_other(
+    tmp_path: Path, namespaces: Namespaces
+) -> None:
     server = NodeAgentProc(str(tmp_path), "--netns-sweep", "0.2").wait_ready()
     peer = AckingPeer(server.zds_socket)
     inside: subprocess.Popen[bytes] | None = None
     try:
         peer.wait_snapshot()
-        gone, lived_in, by_hand, stays = (named.make(label) for label in ("gone", "lived", "hand", "stays"))
+        gone, lived_in, by_hand, stays = (
+            namespaces.make(label) for label in ("gone", "lived", "hand", "stays")
+        )
         cni_add(server, gone, "gone")
         cni_add(server, lived_in, "lived-in")
         cni_add(server, stays, "stays")
@@ -77,8 +51,8 @@ def test_a_cni_pod_whose_netns_nothing_holds_is_removed_and_no_other(tmp_path: P
             lambda: os.stat(f"/proc/{inside.pid}/ns/net").st_ino == os.stat(lived_in).st_ino,
             "the process in the netns",
         )
-        for path in (gone, lived_in, by_hand):
-            named.delete(path)
+        for label in ("gone", "lived", "hand"):
+            namespaces.delete(label)
         wait_until(lambda: "gone" not in listed(server), "the pod whose netns is gone removed")
         dels = [r for r in peer.received if isinstance(r, DelWorkload)]
         assert len(dels) == 1, peer.kinds  # (its own: ztunnel lets the netns go)

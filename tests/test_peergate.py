@@ -102,6 +102,22 @@ async def test_a_lane_broken_before_the_stop_does_not_break_the_stop(lanes: Lane
     ]
 
 
+@contextlib.asynccontextmanager
+async def lane_client(
+    tmp_path: pathlib.Path, serve: bulklane.BulkServe
+) -> AsyncIterator[tuple[PeerGate, socket.socket]]:
+    """A control socket's door serving ``serve``, and a client whose lane is open, one pod sent."""
+    loop = asyncio.get_running_loop()
+    gate = PeerGate(str(tmp_path / "private.sock"), PeerGuard(AllowList.default(), "control"), serve)
+    await gate.start(str(tmp_path / "control.sock"), 0o600)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
+        await loop.sock_connect(sock, str(tmp_path / "control.sock"))
+        request = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="u0")])
+        await loop.sock_sendall(sock, MAGIC + frame(request.SerializeToString()))
+        assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC
+        yield gate, sock
+
+
 async def test_a_lanes_answers_go_out_though_its_client_ends_its_requests_during_the_stop(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,13 +139,7 @@ async def test_a_lanes_answers_go_out_though_its_client_ends_its_requests_during
             )
 
     loop = asyncio.get_running_loop()
-    gate = PeerGate(str(tmp_path / "private.sock"), PeerGuard(AllowList.default(), "control"), serve)
-    await gate.start(str(tmp_path / "control.sock"), 0o600)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
-        await loop.sock_connect(sock, str(tmp_path / "control.sock"))
-        request = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="u0")])
-        await loop.sock_sendall(sock, MAGIC + frame(request.SerializeToString()))
-        assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC
+    async with lane_client(tmp_path, serve) as (gate, sock):
         await asyncio.wait_for(taken.wait(), 10)
         closing = asyncio.ensure_future(gate.close())
         await async_wait_until(lambda: all(lane._broken for lane in gate._lanes), "the lane's stop begun")
@@ -167,13 +177,7 @@ async def test_a_lanes_last_answers_still_buffered_at_the_stop_go_out(
             return
 
     loop = asyncio.get_running_loop()
-    gate = PeerGate(str(tmp_path / "private.sock"), PeerGuard(AllowList.default(), "control"), serve)
-    await gate.start(str(tmp_path / "control.sock"), 0o600)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as sock:
-        await loop.sock_connect(sock, str(tmp_path / "control.sock"))
-        request = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="u0")])
-        await loop.sock_sendall(sock, MAGIC + frame(request.SerializeToString()))
-        assert await loop.sock_recv(sock, len(MAGIC)) == MAGIC
+    async with lane_client(tmp_path, serve) as (gate, sock):
         await asyncio.wait_for(taken.wait(), 10)
         [lane] = gate._lanes
         await async_wait_until(lambda: not lane._writable.is_set(), "the lane's writing paused")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import random
@@ -24,47 +23,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, fd_count, pod_network, run_all, wait_until
+from tests.harness import (
+    ZDS,
+    Namespaces,
+    NodeAgentProc,
+    ZtunnelProc,
+    fd_count,
+    pod_network,
+    run_all,
+    wait_until,
+)
 from tests.standins import AckingPeer, RawPeer, request_of
 from zds import defaults
 from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
-from zds.netns.fixtures import create_netns, delete_netns
 from zds.protocol.messages import AddWorkload, KeepWorkload
 from zds.server.redirect import iptables_save
 
 pytestmark = pytest.mark.root
 
 APP_PORT = 8080
-
-
-class Namespaces:
-    """Named namespaces a test makes; every one is deleted at the end."""
-
-    def __init__(self) -> None:
-        self.tag = secrets.token_hex(3)
-        self.names: list[str] = []
-
-    def make(self, name: str) -> str:
-        full = f"zst-{self.tag}-{name}"
-        self.names.append(full)
-        return create_netns(full)
-
-    def delete(self, name: str) -> None:
-        delete_netns(f"zst-{self.tag}-{name}", missing_ok=True)
-
-    def close(self) -> None:
-        run_all([functools.partial(delete_netns, name, missing_ok=True) for name in self.names], "namespaces")
-
-
-@pytest.fixture
-def namespaces() -> Iterator[Namespaces]:
-    made = Namespaces()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 class Agents:
