@@ -159,9 +159,11 @@ class BulkLane(asyncio.Protocol):
             # What the transport still holds goes out as its close flushes it, in what is
             # left of the grace (aborted at once, the last answers written were dropped).
             lost = asyncio.ensure_future(self._lost.wait())
-            await asyncio.wait({lost}, timeout=max(0.0, until - loop.time()))
-            lost.cancel()
-            self._transport.abort()
+            try:
+                await asyncio.wait({lost}, timeout=max(0.0, until - loop.time()))
+            finally:
+                lost.cancel()
+                self._transport.abort()
 
     @property
     def done(self) -> bool:

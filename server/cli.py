@@ -192,9 +192,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=cliflags.seconds_or_never,
         default=defaults.NETNS_SWEEP,
         metavar="SECONDS",
-        help="how often pods of CNI events are looked for a netns nothing holds any more (no "
-        "process, no name: the pod is gone, and no DEL came); those are removed "
-        "(default: %(default)s; 0: never)",
+        help="look this often for the pods of CNI events whose netns nothing holds any more (no "
+        "process, no name, no mount: the pod is gone, and no DEL came) and remove them "
+        "(default: never)",
     )
     server.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
     server.add_argument(

@@ -1,35 +1,44 @@
-"""Pods of CNI events whose netns is gone: removed, as the DEL that never came would have.
+"""Pods of CNI events whose netns is gone: removed, as the DEL that never came would have
+(``zds server --netns-sweep``, off unless asked for).
 
 Istio's plugin sends no event when a pod goes (Istio's agent learns that from Kubernetes),
 and zds-cni's DEL is lost while the node agent is down; without ``--container-engine``
 nothing else tells. Such a pod stayed enrolled with its netns fd held by the node agent and
 its sockets by ztunnel: the namespace (~225 kB of kernel memory a pod, with its rules)
-outlived the pod for as long as the node agent ran, and a restart sent it as KeepWorkload.
+outlived the pod for as long as the node agent ran.
 
-Every ``interval`` seconds, each pod a CNI event enrolled (``PodSource.cni``) is looked for
-as recovery looks for a netns (``find_by_identity``: the named-netns directories, then every
-``/proc/PID/ns/net``); one no name and no process holds any more is removed: its rules, then
-DelWorkload. A netns cannot come back once nothing holds it, so nothing removed here could
-have been wanted. Pods of the other sources are theirs: the control API's and a pods file's
-go by hand, the container engine's with its containers.
+Every ``interval`` seconds each pod an event as Istio's plugin sends or zds-cni's enrolled
+(``PodSource.ISTIO_CNI``, ``PodSource.CNI``) is looked for among what can hold a netns: its
+own path, a bind mount of it anywhere (``/proc/self/mountinfo``), and every thread of every
+process (``/proc/PID/task/TID/ns/net``). A removal takes a pod out of the mesh, so a pod is
+removed only when the look could see every process (without CAP_SYS_PTRACE, or in a PID
+namespace of its own, the node agent cannot: the sweep says so and removes nothing) and
+found nothing twice in a row (a process can move between the listing and its turn). Pods
+recovered with their netns nowhere, and the pods of the other sources, are left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
+from zds import runtime
 from zds.netns import NetnsIdentity
-from zds.netns.errors import OutOfFds
-from zds.netns.search import find_by_identity
 from zds.server.containerpods import ContainerPods
-from zds.server.netnspolicy import named_dirs
 from zds.server.outcomes import PodChanged, RemovalNotRecorded
 from zds.server.podcache import Pod
+from zds.server.pods import PodSource
 
 log = logging.getLogger("zds.server")
+
+#: The initial PID namespace's inode (linux/proc_ns.h PROC_PID_INIT_INO): a node agent in
+#: another one does not see the node's processes.
+PID_INIT_INO = 0xEFFFFFFC
+
+
+class Blind(Exception):
+    """The look could not see everything that may hold a netns: nothing is removed."""
 
 
 class NetnsSweep:
@@ -39,29 +48,45 @@ class NetnsSweep:
         self.containers = containers
         self.agent = containers.agent
         self.interval = interval
+        #: uid -> the pod found nowhere at the last look (removed if the next finds it nowhere).
+        self._missed: dict[str, Pod] = {}
+        self._said_blind = False
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:  # (a bug: said, and the next look goes on)
+                log.exception("the netns sweep failed")
 
     async def sweep(self) -> int:
         """One look: how many pods were removed."""
-        watched = {pod.uid: (pod, identity_of(pod)) for pod in self.agent.pods if pod.spec.source.cni}
+        watched = {
+            pod.uid: (pod, pod.netns.identity)
+            for pod in self.agent.pods
+            if pod.spec.source in (PodSource.CNI, PodSource.ISTIO_CNI) and pod.netns is not None
+        }
         if not watched:
+            self._missed.clear()
             return 0
-        dirs = named_dirs(self.agent.enrollment.policy)
         try:
-            found = await asyncio.to_thread(held, list(watched.values()), dirs)
-        except OutOfFds as exc:
-            log.warning(
-                "cannot look for the netns of the pods of CNI events: %s; again in %gs", exc, self.interval
+            held = await asyncio.to_thread(
+                holders, [(pod.spec.netns.path, identity) for pod, identity in watched.values()]
             )
+        except Blind as exc:
+            self._missed.clear()
+            if not self._said_blind:
+                self._said_blind = True
+                log.warning("netns sweep: %s; no pod is removed while that lasts", exc)
             return 0
+        missed = {uid: pod for uid, (pod, identity) in watched.items() if identity not in held}
+        gone = [(uid, pod) for uid, pod in missed.items() if self._missed.get(uid) is pod]
+        self._missed = missed
         removed = 0
-        for uid, (pod, identity) in watched.items():
-            if identity in found or self.agent.enrollment.stopping:
-                continue
+        for uid, pod in gone:
+            if self.agent.enrollment.stopping:
+                break
             if await self._remove(uid, pod):
                 removed += 1
         return removed
@@ -71,7 +96,7 @@ class NetnsSweep:
             if self.agent.pods.get(uid) is not pod:
                 return False  # (removed or replaced meanwhile: by its DEL, a new ADD)
             log.info(
-                "its netns is gone (nothing holds it but zds and ztunnel): removing the pod",
+                "its netns is gone (no process, no name and no mount holds it): removing the pod",
                 extra=pod.spec.log_extra,
             )
             try:
@@ -79,31 +104,82 @@ class NetnsSweep:
             except PodChanged:
                 return False
             except RemovalNotRecorded as exc:
-                log.error("%s (tried again in %gs)", exc, self.interval, extra=pod.spec.log_extra)
+                log.error("%s (tried again at the next look)", exc, extra=pod.spec.log_extra)
                 return False
+        self._missed.pop(uid, None)
         return True
 
 
-def held(pods: list[tuple[Pod, NetnsIdentity | None]], dirs: tuple[str, ...]) -> set[NetnsIdentity]:
-    """Which of the pods' netns something holds: its own path first (it may be deeper than the
-    directories' own entries), then the directories and every process (``find_by_identity``)."""
+def holders(pods: list[tuple[str | None, NetnsIdentity]]) -> set[NetnsIdentity]:
+    """Which of the pods' netns something holds: a path (the pod's own, or a bind mount
+    anywhere in this mount namespace) or a thread of a process. Blind if not every process
+    could be looked at."""
+    wanted = {identity for _, identity in pods}
     found: set[NetnsIdentity] = set()
-    for pod, identity in pods:
-        path = pod.spec.netns.path
-        with contextlib.suppress(OSError):
-            if identity is not None and path is not None and identity_at(path) == identity:
-                found.add(identity)
-    wanted = {identity for _, identity in pods if identity is not None and identity not in found}
-    return found | set(find_by_identity(wanted, dirs))
+    for path, identity in pods:
+        if path is not None and _identity_at(path) == identity:
+            found.add(identity)
+    found |= wanted & _bind_mounted()
+    if wanted - found:
+        found |= wanted & _in_processes()
+    return found
 
 
-def identity_at(path: str) -> NetnsIdentity:
-    st = os.stat(path)
+def _identity_at(path: str) -> NetnsIdentity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return NetnsIdentity(st.st_dev, st.st_ino)
 
 
-def identity_of(pod: Pod) -> NetnsIdentity | None:
-    """The netns the pod is in, as far as this run knows (None: recovery found it nowhere)."""
-    if pod.netns is not None:
-        return pod.netns.identity
-    return pod.unopened.identity if pod.unopened is not None else None
+def _bind_mounted() -> set[NetnsIdentity]:
+    """The network namespaces bind-mounted anywhere (nsfs mounts whose root is ``net:[INO]``)."""
+    found: set[NetnsIdentity] = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise Blind(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 5 or not fields[3].startswith("net:[") or " - nsfs " not in line:
+            continue
+        major, _, minor = fields[2].partition(":")
+        try:
+            found.add(NetnsIdentity(os.makedev(int(major), int(minor)), int(fields[3][5:-1])))
+        except ValueError:
+            continue
+    return found
+
+
+def _in_processes() -> set[NetnsIdentity]:
+    """The network namespaces some thread of some process is in."""
+    if runtime.missing_capabilities(("CAP_SYS_PTRACE",)):
+        raise Blind("without CAP_SYS_PTRACE the node agent cannot see the netns of the node's processes")
+    try:
+        if os.stat("/proc/self/ns/pid").st_ino != PID_INIT_INO:
+            raise Blind(
+                "the node agent runs in a PID namespace of its own and does not see the node's processes"
+            )
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError as exc:
+        raise Blind(f"cannot list the node's processes: {exc.strerror}") from None
+    found: set[NetnsIdentity] = set()
+    own = str(os.getpid())
+    for pid in pids:
+        if pid == own:
+            continue
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # (exited meanwhile)
+        for tid in tids:
+            try:
+                st = os.stat(f"/proc/{pid}/task/{tid}/ns/net")
+            except OSError:
+                # Exited meanwhile; or, with CAP_SYS_PTRACE, a process of a more privileged
+                # user namespace (or an LSM's): not in a pod's netns, which zds could enter.
+                continue
+            found.add(NetnsIdentity(st.st_dev, st.st_ino))
+    return found

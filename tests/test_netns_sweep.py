@@ -1,12 +1,14 @@
 """The pods of CNI events whose netns is gone are removed (``--netns-sweep``): Istio's plugin
 sends no event when a pod goes, and zds-cni's DEL is lost while the node agent is down; the
-pod stayed enrolled, its netns kept alive by the node agent's fd and ztunnel's sockets."""
+pod stayed enrolled, its netns kept alive by the node agent's fd and ztunnel's sockets. A
+removal takes a pod out of the mesh: never one whose netns something still holds."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from tests.standins import AckingPeer
 from zds.protocol.messages import DelWorkload
 
 pytestmark = pytest.mark.root
+
+#: The capabilities the compose file gives the node agent: no CAP_SYS_PTRACE.
+COMPOSE_CAPS = ("setpriv", "--bounding-set=-all,+sys_admin,+net_admin", "--inh-caps=-all")
 
 
 def cni_add(server: NodeAgentProc, netns: str, name: str) -> None:
@@ -29,43 +34,87 @@ def listed(server: NodeAgentProc) -> set[str]:
     return {pod.name for pod in server.list_pods()}
 
 
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test leaves inside a netns; killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def live_in(netns: str, processes: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["ip", "netns", "exec", os.path.basename(netns), "sleep", "infinity"])
+    processes.append(proc)
+    wait_until(
+        lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(netns).st_ino, "a process in the netns"
+    )
+    return proc
+
+
 def test_a_cni_pod_whose_netns_nothing_holds_is_removed_and_no_other(
-    tmp_path: Path, namespaces: Namespaces
+    tmp_path: Path, namespaces: Namespaces, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     server = NodeAgentProc(str(tmp_path), "--netns-sweep", "0.2").wait_ready()
     peer = AckingPeer(server.zds_socket)
-    inside: subprocess.Popen[bytes] | None = None
+    hold = tmp_path / "hold"
+    hold.touch()
+    mounted = False
     try:
         peer.wait_snapshot()
-        gone, lived_in, by_hand, stays = (
-            namespaces.make(label) for label in ("gone", "lived", "hand", "stays")
+        gone, lived_in, mount, by_hand, stays = (
+            namespaces.make(label) for label in ("gone", "lived", "mount", "hand", "stays")
         )
-        cni_add(server, gone, "gone")
-        cni_add(server, lived_in, "lived-in")
-        cni_add(server, stays, "stays")
+        for path, name in ((gone, "gone"), (lived_in, "lived-in"), (mount, "mounted"), (stays, "stays")):
+            cni_add(server, path, name)
         server.add_pod("by-hand", by_hand, name="by-hand")
-        # A process in it: the netns lives on without its name (a pod whose runtime let go
-        # of the name, a /proc/PID/ns/net pod).
-        inside = subprocess.Popen(["ip", "netns", "exec", os.path.basename(lived_in), "sleep", "infinity"])
-        wait_until(
-            lambda: os.stat(f"/proc/{inside.pid}/ns/net").st_ino == os.stat(lived_in).st_ino,
-            "the process in the netns",
-        )
-        for label in ("gone", "lived", "hand"):
+        # Held without its name: by a process in it, by a bind mount elsewhere.
+        inside = live_in(lived_in, processes)
+        subprocess.run(["mount", "--bind", mount, str(hold)], check=True)
+        mounted = True
+        for label in ("gone", "lived", "mount", "hand"):
             namespaces.delete(label)
         wait_until(lambda: "gone" not in listed(server), "the pod whose netns is gone removed")
         dels = [r for r in peer.received if isinstance(r, DelWorkload)]
         assert len(dels) == 1, peer.kinds  # (its own: ztunnel lets the netns go)
         server.wait_for_output("its netns is gone")
+        assert listed(server) == {"lived-in", "mounted", "stays", "by-hand"}
         inside.kill()
         inside.wait()
-        # Nothing holds that one now either: the next look finds it gone.
         wait_until(lambda: "lived-in" not in listed(server), "the pod whose last process ended removed")
+        subprocess.run(["umount", str(hold)], check=True)
+        mounted = False
+        wait_until(lambda: "mounted" not in listed(server), "the pod whose last mount went removed")
         # Not CNI's: the control API's pods go by hand, whatever became of their netns.
         assert listed(server) == {"stays", "by-hand"}
     finally:
-        if inside is not None and inside.poll() is None:
-            inside.kill()
-            inside.wait()
+        if mounted:
+            subprocess.run(["umount", str(hold)], check=False)
+        peer.close()
+        server.stop()
+
+
+def test_a_node_agent_that_cannot_see_every_process_removes_nothing_and_says_why(
+    tmp_path: Path, namespaces: Namespaces, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    # Without CAP_SYS_PTRACE (the compose file's capabilities) another process's netns cannot
+    # be read: its pod was taken for gone and removed while the process lived in its netns.
+    server = NodeAgentProc(str(tmp_path), "--netns-sweep", "0.2", wrapper=COMPOSE_CAPS).wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    try:
+        peer.wait_snapshot()
+        path = namespaces.make("blind")
+        cni_add(server, path, "lived-in")
+        live_in(path, processes)
+        namespaces.delete("blind")
+        server.wait_for_output("netns sweep: without CAP_SYS_PTRACE the node agent cannot see")
+        server.wait_for_output("no pod is removed while that lasts")
+        assert listed(server) == {"lived-in"}
+        assert not [r for r in peer.received if isinstance(r, DelWorkload)]
+    finally:
         peer.close()
         server.stop()

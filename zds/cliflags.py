@@ -129,7 +129,15 @@ def seconds(text: str) -> float:
 
 def seconds_or_never(text: str) -> float:
     """A number of seconds, or 0: never."""
-    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # (said as seconds says it)
+    value = seconds(text)
+    if value < 0.1:  # (back to back, a look would never end)
+        raise argparse.ArgumentTypeError(f"{text} seconds is under 0.1 (0: never)")
+    return value
 
 
 def busy_poll(text: str) -> float:

@@ -198,8 +198,9 @@ COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 #: (Podman holds a container's lock while its CNI plugins run, so it cannot be inspected then:
 #: its labels come from the engine's ``create`` event).
 CONTAINER_LOOKUP_TIMEOUT = 10.0
-#: How often the pods of CNI events are looked for a netns that is gone (seconds).
-NETNS_SWEEP = 60.0
+#: How often the pods of CNI events are looked for a netns that is gone (seconds; 0: never,
+#: the default: a removal takes a pod out of the mesh, so it is asked for).
+NETNS_SWEEP = 0.0
 #: Reconnecting to the container engine: first delay and cap (seconds), doubling.
 ENGINE_RETRY_INITIAL = 0.5
 ENGINE_RETRY_MAX = 30.0

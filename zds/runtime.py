@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 T = TypeVar("T")
 
 # Bits of /proc/self/status CapEff (linux/capability.h).
-CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21}
 
 
 #: Modules that importing protobuf loads and that zds does not use with protobuf's default
@@ -112,8 +112,20 @@ def follow_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
         return  # (not Linux's prctl: nothing to follow with)
-    if os.getppid() != int(parent):  # it died before the prctl
+    if os.getppid() != int(parent) and not _alive(int(parent)):  # it died before the prctl
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` is there (a parent run through a wrapper that forks is not the
+    direct one, and was taken for dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def end_process(code: int) -> NoReturn:
