@@ -9,10 +9,10 @@ outlived the pod for as long as the node agent ran.
 
 Every ``interval`` seconds each pod an event as Istio's plugin sends or zds-cni's enrolled
 (``PodSource.ISTIO_CNI``, ``PodSource.CNI``) is looked for among what can hold a netns: its
-own path, a bind mount of it anywhere (``/proc/self/mountinfo``), and every thread of every
-process (``/proc/PID/task/TID/ns/net``). A removal takes a pod out of the mesh, so a pod is
-removed only when the look could see every process (without CAP_SYS_PTRACE, or in a PID
-namespace of its own, the node agent cannot: the sweep says so and removes nothing) and
+own path, a bind mount of it in the node agent's mount namespace (``/proc/self/mountinfo``),
+and every thread of every process (``/proc/PID/task/TID/ns/net``). A removal takes a pod out of the mesh, so a pod is
+removed only when the look could see every process (without CAP_SYS_PTRACE, or in a PID or
+user namespace of its own, the node agent cannot: the sweep says so and removes nothing) and
 found nothing twice in a row (a process can move between the listing and its turn). Pods
 recovered with their netns nowhere, and the pods of the other sources, are left alone.
 """
@@ -35,6 +35,11 @@ log = logging.getLogger("zds.server")
 #: The initial PID namespace's inode (linux/proc_ns.h PROC_PID_INIT_INO): a node agent in
 #: another one does not see the node's processes.
 PID_INIT_INO = 0xEFFFFFFC
+#: The initial user namespace's (PROC_USER_INIT_INO): in another, CAP_SYS_PTRACE is its own,
+#: and the processes of the node's are not to be looked at.
+USER_INIT_INO = 0xEFFFFFFD
+#: How many times /proc is listed in one look before it is given up (processes kept coming).
+LISTINGS = 20
 
 
 class Blind(Exception):
@@ -111,8 +116,9 @@ class NetnsSweep:
 
 
 def holders(pods: list[tuple[str | None, NetnsIdentity]]) -> set[NetnsIdentity]:
-    """Which of the pods' netns something holds: a path (the pod's own, or a bind mount
-    anywhere in this mount namespace) or a thread of a process. Blind if not every process
+    """Which of the pods' netns something holds: a path (the pod's own, or a bind mount in
+    this mount namespace) or a thread of a process (an open fd does not count: the node agent
+    and ztunnel hold theirs). Blind if not every process
     could be looked at."""
     wanted = {identity for _, identity in pods}
     found: set[NetnsIdentity] = set()
@@ -134,7 +140,8 @@ def _identity_at(path: str) -> NetnsIdentity | None:
 
 
 def _bind_mounted() -> set[NetnsIdentity]:
-    """The network namespaces bind-mounted anywhere (nsfs mounts whose root is ``net:[INO]``)."""
+    """The network namespaces bind-mounted in this mount namespace (nsfs mounts whose root is
+    ``net:[INO]``)."""
     found: set[NetnsIdentity] = set()
     try:
         with open("/proc/self/mountinfo") as f:
@@ -154,7 +161,10 @@ def _bind_mounted() -> set[NetnsIdentity]:
 
 
 def _in_processes() -> set[NetnsIdentity]:
-    """The network namespaces some thread of some process is in."""
+    """The network namespaces some thread of some process is in. A process that forks and
+    exits while it is looked for leaves a child the listing did not have: ``/proc`` is listed
+    again, and the new processes looked at, until a listing brings none (a child is made
+    before its parent ends, so then none in a netns was passed over)."""
     if runtime.missing_capabilities(("CAP_SYS_PTRACE",)):
         raise Blind("without CAP_SYS_PTRACE the node agent cannot see the netns of the node's processes")
     try:
@@ -162,24 +172,39 @@ def _in_processes() -> set[NetnsIdentity]:
             raise Blind(
                 "the node agent runs in a PID namespace of its own and does not see the node's processes"
             )
-        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+        if os.stat("/proc/self/ns/user").st_ino != USER_INIT_INO:
+            raise Blind(
+                "the node agent runs in a user namespace of its own and cannot see the node's processes"
+            )
     except OSError as exc:
-        raise Blind(f"cannot list the node's processes: {exc.strerror}") from None
+        raise Blind(f"cannot tell its own namespaces: {exc.strerror}") from None
     found: set[NetnsIdentity] = set()
-    own = str(os.getpid())
-    for pid in pids:
-        if pid == own:
-            continue
+    seen = {str(os.getpid())}
+    for _ in range(LISTINGS):
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
+            pids = {name for name in os.listdir("/proc") if name.isdigit()} - seen
+        except OSError as exc:
+            raise Blind(f"cannot list the node's processes: {exc.strerror}") from None
+        if not pids:
+            return found
+        seen |= pids
+        for pid in pids:
+            found |= _threads_in(pid)
+    raise Blind(f"processes kept coming while it looked ({LISTINGS} listings of /proc)")
+
+
+def _threads_in(pid: str) -> set[NetnsIdentity]:
+    found: set[NetnsIdentity] = set()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found  # (exited meanwhile)
+    for tid in tids:
+        try:
+            st = os.stat(f"/proc/{pid}/task/{tid}/ns/net")
         except OSError:
-            continue  # (exited meanwhile)
-        for tid in tids:
-            try:
-                st = os.stat(f"/proc/{pid}/task/{tid}/ns/net")
-            except OSError:
-                # Exited meanwhile; or, with CAP_SYS_PTRACE, a process of a more privileged
-                # user namespace (or an LSM's): not in a pod's netns, which zds could enter.
-                continue
-            found.add(NetnsIdentity(st.st_dev, st.st_ino))
+            # Exited meanwhile; or denied by a security module (pid 1 of some VMs is, to root
+            # with CAP_SYS_PTRACE in the initial user namespace): not counted.
+            continue
+        found.add(NetnsIdentity(st.st_dev, st.st_ino))
     return found

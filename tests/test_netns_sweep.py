@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +47,13 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def in_netns(pid: int, netns: str) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(netns).st_ino
+    except OSError:
+        return False
 
 
 def live_in(netns: str, processes: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
@@ -115,6 +124,31 @@ def test_a_node_agent_that_cannot_see_every_process_removes_nothing_and_says_why
         server.wait_for_output("no pod is removed while that lasts")
         assert listed(server) == {"lived-in"}
         assert not [r for r in peer.received if isinstance(r, DelWorkload)]
+    finally:
+        peer.close()
+        server.stop()
+
+
+def test_a_netns_held_by_processes_that_fork_and_exit_is_not_taken_for_gone(
+    tmp_path: Path, namespaces: Namespaces, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    # Each one forks and exits: /proc was listed once, the child came after the listing and
+    # its parent was gone at its turn, so no process was found in the netns (299 looks of 300).
+    server = NodeAgentProc(str(tmp_path), "--netns-sweep", "0.2").wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    hop = "import os, time\ntime.sleep(1)\nend = time.time() + 4\nwhile time.time() < end:\n    if os.fork():\n        os._exit(0)\n"
+    try:
+        peer.wait_snapshot()
+        path = namespaces.make("hop")
+        cni_add(server, path, "hopping")
+        first = subprocess.Popen(["ip", "netns", "exec", os.path.basename(path), sys.executable, "-c", hop])
+        processes.append(first)
+        wait_until(lambda: in_netns(first.pid, path), "the first of the chain in the netns")  # (it waits 1 s)
+        namespaces.delete("hop")
+        time.sleep(3)  # (15 looks: each sees the chain, or is given up)
+        assert listed(server) == {"hopping"}, server.output()[-2000:]
+        # The chain ends after 4 s: nothing holds the netns then.
+        wait_until(lambda: not listed(server), "the pod removed once the chain ended")
     finally:
         peer.close()
         server.stop()
