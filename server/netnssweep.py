@@ -24,7 +24,7 @@ import logging
 import os
 
 from zds import runtime
-from zds.netns import NetnsIdentity
+from zds.netns import NetnsIdentity, netns_identity_of_path
 from zds.server.containerpods import ContainerPods
 from zds.server.outcomes import PodChanged, RemovalNotRecorded
 from zds.server.podcache import Pod
@@ -123,20 +123,12 @@ def holders(pods: list[tuple[str | None, NetnsIdentity]]) -> set[NetnsIdentity]:
     wanted = {identity for _, identity in pods}
     found: set[NetnsIdentity] = set()
     for path, identity in pods:
-        if path is not None and _identity_at(path) == identity:
+        if path is not None and netns_identity_of_path(path) == identity:
             found.add(identity)
     found |= wanted & _bind_mounted()
     if wanted - found:
         found |= wanted & _in_processes()
     return found
-
-
-def _identity_at(path: str) -> NetnsIdentity | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return NetnsIdentity(st.st_dev, st.st_ino)
 
 
 def _bind_mounted() -> set[NetnsIdentity]:
