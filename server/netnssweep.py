@@ -10,10 +10,10 @@ outlived the pod for as long as the node agent ran.
 Every ``interval`` seconds each pod an event as Istio's plugin sends or zds-cni's enrolled
 (``PodSource.ISTIO_CNI``, ``PodSource.CNI``) is looked for among what can hold a netns: its
 own path, a bind mount of it in the node agent's mount namespace (``/proc/self/mountinfo``),
-and every thread of every process (``/proc/PID/task/TID/ns/net``). A removal takes a pod out of the mesh, so a pod is
-removed only when the look could see every process (without CAP_SYS_PTRACE, or in a PID or
-user namespace of its own, the node agent cannot: the sweep says so and removes nothing) and
-found nothing twice in a row (a process can move between the listing and its turn). Pods
+and every thread of every process (``/proc/PID/task/TID/ns/net``). A removal takes a pod out
+of the mesh, so a pod is removed only when the look could see every process (without
+CAP_SYS_PTRACE, or in a PID or user namespace of its own, the node agent cannot: the sweep
+says so and removes nothing) and found nothing twice in a row (a process can move between the listing and its turn). Pods
 recovered with their netns nowhere, and the pods of the other sources, are left alone.
 """
 
@@ -118,14 +118,14 @@ class NetnsSweep:
 def holders(pods: list[tuple[str | None, NetnsIdentity]]) -> set[NetnsIdentity]:
     """Which of the pods' netns something holds: a path (the pod's own, or a bind mount in
     this mount namespace) or a thread of a process (an open fd does not count: the node agent
-    and ztunnel hold theirs). Blind if not every process
-    could be looked at."""
+    and ztunnel hold theirs). Blind if not every process could be looked at."""
     wanted = {identity for _, identity in pods}
     found: set[NetnsIdentity] = set()
     for path, identity in pods:
         if path is not None and netns_identity_of_path(path) == identity:
             found.add(identity)
-    found |= wanted & _bind_mounted()
+    if wanted - found:
+        found |= wanted & _bind_mounted()
     if wanted - found:
         found |= wanted & _in_processes()
     return found
