@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from procs import BenchError, Proc, Stream
+from procs import BenchError, Proc, Steal, Stream
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,30 @@ class Measurement:
     #: Per pod, in order: when its ack was reported by the ztunnel side, in ms since the
     #: start (zds's lines come in batches, so to within ~5 ms; the peers print a line each).
     acked_ms: list[float] = field(default_factory=list)
+    #: CPU (user + system) each process used in the timed section, ms: "server", "ztunnel"
+    #: (snapshot: its whole life to its acked SnapshotSent) and, zds live, "client" (``zds pod add``).
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    #: The share of the machine's CPU time its hypervisor gave others meanwhile, %.
+    steal_pct: float | None = None
+
+
+class CpuWatch:
+    """The CPU each process uses from when it is added (less ``baseline``: what it had
+    used by then) to ``read``, and the machine's steal over the same time."""
+
+    def __init__(self) -> None:
+        self._procs: dict[str, tuple[Proc, float]] = {}
+        self._steal = Steal()
+
+    def add(self, role: str, proc: Proc, *, whole_life: bool = False) -> None:
+        self._procs[role] = (proc, 0.0 if whole_life else (proc.cpu_ms() or 0.0))
+
+    def read(self, m: Measurement) -> None:
+        for role, (proc, baseline) in self._procs.items():
+            used = proc.cpu_ms()
+            if used is not None:
+                m.cpu_ms[role] = round(used - baseline, 1)
+        m.steal_pct = self._steal.percent()
 
 
 # -- the two ends ----------------------------------------------------------------------------
@@ -197,10 +221,11 @@ class Pair:
         return missing
 
     def snapshot(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
-        with self._running(tools, pods, listeners) as (_, server, ztunnel, t0):
+        with self._running(tools, pods, listeners) as (_, server, ztunnel, t0, cpu):
             stream = self.ztunnel.stream(ztunnel)
             done = stream.wait_for(self.ztunnel.snapshot_done, after=t0)
             m = Measurement(wall_ms=(done - t0) * 1e3)
+            cpu.read(m)
             if self.server.name == "zds" and self.ztunnel.name == "zds":
                 m.hello_ms = (server.err.wait_for("received hello", after=t0) - t0) * 1e3
             m.acked_ms = self._acked(stream, t0, len(pods))
@@ -209,31 +234,38 @@ class Pair:
             return m
 
     def live(self, tools: Tools, pods: Pods, listeners: bool) -> Measurement:
-        with self._running(tools, None, listeners) as (tmp, server, ztunnel, begun):
+        with self._running(tools, None, listeners) as (tmp, server, ztunnel, begun, _):
             self.ztunnel.stream(ztunnel).wait_for(self.ztunnel.snapshot_done, after=begun)
             self.ztunnel.settle(ztunnel, begun)
+            cpu = CpuWatch()
+            cpu.add("server", server)
+            cpu.add("ztunnel", ztunnel)
             if self.server.name == "zds":
                 m, t0 = self._live_zds(tools, tmp, pods, server)
             else:
                 m, t0 = self._live_istio(pods, server)
             m.acked_ms = self._acked(self.ztunnel.stream(ztunnel), t0, len(pods))
+            cpu.read(m)
             self._footprint(m, server, ztunnel)
             return m
 
     @contextmanager
     def _running(
         self, tools: Tools, preloaded: Pods | None, listeners: bool
-    ) -> Iterator[tuple[str, Proc, Proc, float]]:
+    ) -> Iterator[tuple[str, Proc, Proc, float, CpuWatch]]:
         """Both ends in a scratch directory: the node agent started (with ``preloaded`` pods),
         then the ztunnel side; yields (directory, node agent, ztunnel side, when the ztunnel
-        side was started) and stops both, ztunnel side first."""
+        side was started, the CPU both used from then) and stops both, ztunnel side first."""
         with scratch() as tmp:
             server = self.server.start(tools, tmp, preloaded, self.uvloop)
             ztunnel: Proc | None = None
             try:
+                cpu = CpuWatch()
+                cpu.add("server", server)
                 t0 = time.perf_counter()
                 ztunnel = self.ztunnel.start(tools, os.path.join(tmp, "zds.sock"), listeners, self.uvloop)
-                yield tmp, server, ztunnel, t0
+                cpu.add("ztunnel", ztunnel, whole_life=True)
+                yield tmp, server, ztunnel, t0, cpu
             finally:
                 if ztunnel is not None:
                     ztunnel.stop()
@@ -253,13 +285,17 @@ class Pair:
         cli = Proc("zds pod add", argv, env=tools.env)
         try:
             last = cli.out.wait_for(" enrolled", count=len(pods), after=t0)
+            used = cli.cpu_ms()  # (before it exits: it has nothing left to do but that)
             first = server.err.wait_for("pod enrolled", after=t0)
             code = cli.popen.wait(60)
         finally:
             cli.stop()
         if code != 0:
             raise BenchError(f"zds pod add --from-file exited {code}: {cli.err.tail()}")
-        return Measurement(wall_ms=(last - t0) * 1e3, first_enrolled_ms=(first - t0) * 1e3), t0
+        m = Measurement(wall_ms=(last - t0) * 1e3, first_enrolled_ms=(first - t0) * 1e3)
+        if used is not None:
+            m.cpu_ms["client"] = round(used, 1)
+        return m, t0
 
     def _live_istio(self, pods: Pods, server: Proc) -> tuple[Measurement, float]:
         lines = pods.istio_lines(prefix="add ")

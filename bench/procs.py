@@ -24,6 +24,8 @@ DEADLINE = 120.0
 UNSET = ("PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PYTHONPROFILEIMPORTTIME", "PYTHONDEVMODE")
 #: A checkout's packages (zds's subpackages are links to the top-level ones).
 PACKAGES = ("zds", "server", "client", "netns")
+#: The kernel's clock ticks a second (/proc/PID/stat counts CPU time in them).
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def measuring_env(**extra: str) -> dict[str, str]:
@@ -196,6 +198,16 @@ class Proc:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def cpu_ms(self) -> float | None:
+        """CPU time the process used so far, user and system, every thread's (also those that
+        ended), in ms (to the kernel's clock tick, 10 ms here); None once it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        return (int(fields[11]) + int(fields[12])) * 1e3 / CLOCK_TICKS
+
     def stop(self, *, quit_line: str | None = None, timeout: float = 20.0) -> None:
         """Ask it to stop (a stdin command, else SIGTERM); SIGKILL by PID if it does not."""
         if self.popen.poll() is None:
@@ -224,11 +236,33 @@ def stop_process(popen: subprocess.Popen[bytes], timeout: float = 15.0, *, signa
         popen.wait()
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(idle, total) jiffies of all CPUs so far (/proc/stat)."""
+def _cpu_fields() -> list[int]:
+    """The jiffies of all CPUs so far (/proc/stat's ``cpu`` line: user, nice, system, idle,
+    iowait, irq, softirq, steal, ...)."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs so far."""
+    fields = _cpu_fields()
     return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+class Steal:
+    """The share of the machine's CPU time its hypervisor gave to others (steal) from when
+    this is made to ``percent()``: a run on a virtual machine whose host is busy is slower
+    for that alone, and by more for whichever pair needs more CPU."""
+
+    def __init__(self) -> None:
+        self._start = _cpu_fields()
+
+    def percent(self) -> float | None:
+        now = _cpu_fields()
+        total = sum(now) - sum(self._start)
+        if total <= 0 or len(now) < 8:
+            return None
+        return round(100 * (now[7] - self._start[7]) / total, 1)
 
 
 def wait_idle(*, idle: float = 0.9, window: float = 0.1, limit: float = 5.0) -> float:

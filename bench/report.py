@@ -227,9 +227,48 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
         lines.append(
             f"| {mode} | {n:,} | {'on' if listeners else 'off'} | {srv:.1f} | {zt:.1f} | {fds:,.0f} |"
         )
+    lines += cpu_table(doc)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def cpu_table(doc: dict[str, Any]) -> list[str]:
+    """The CPU each pair's processes used in the timed section, and the machine's steal:
+    what a run on 2 vCPUs has to go round, and how much of it the hypervisor kept."""
+    groups: dict[tuple[str, int, bool, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in doc["results"]:
+        if r.get("cpu_ms"):
+            groups[r["mode"], r["n"], r["listeners"], r["pair"]].append(r)
+    if not groups:
+        return []
+    lines = [
+        "",
+        "## CPU in the timed section (median of the runs, ms) and the machine's steal",
+        "",
+        "User and system time from `/proc/PID/stat` (to the clock tick, 10 ms): the node agent "
+        "and the ztunnel side over the timed section (snapshot: the ztunnel side's whole life "
+        "to its acked SnapshotSent), `zds pod add` over its life to its last line; steal: the "
+        "share of both CPUs' time the hypervisor gave to others meanwhile.",
+        "",
+        "| bench | N | listeners | pair | node agent | ztunnel side | `zds pod add` | steal % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def median(rows: list[dict[str, Any]], role: str) -> str:
+        values = [r["cpu_ms"][role] for r in rows if role in r["cpu_ms"]]
+        return f"{statistics.median(values):.0f}" if values else "-"
+
+    for (mode, n, listeners, pair), rows in sorted(groups.items()):
+        steals = [r["steal_pct"] for r in rows if r.get("steal_pct") is not None]
+        steal = f"{statistics.median(steals):.1f}" if steals else "-"
+        cells = [median(rows, role) for role in ("server", "ztunnel", "client")]
+        lines.append(
+            f"| {mode} | {n:,} | {'on' if listeners else 'off'} | {doc['pairs'][pair]} | "
+            + " | ".join(cells)
+            + f" | {steal} |"
+        )
+    return lines
 
 
 #: The four panels of each plot: (bench, listeners).

@@ -336,6 +336,8 @@ def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, ru
         "idle_wait_s": round(waited, 2),
         "rss_kb": m.rss_kb,
         "fds": m.fds,
+        "cpu_ms": m.cpu_ms,
+        "steal_pct": m.steal_pct,
         "acked_ms": report.percentiles(m.acked_ms),
     }
     if m.hello_ms is not None:
@@ -346,7 +348,9 @@ def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, ru
         row["acked_all_ms"] = m.acked_ms  # for the per-pod distribution plot
     print(
         f"bench: {mode:8} n={len(pods):5} listeners={'on ' if listeners else 'off'} {pair.name:18} run {run}: "
-        f"{m.wall_ms:8.1f} ms (load {load:.2f}, {waited:.1f} s to idle)",
+        f"{m.wall_ms:8.1f} ms (load {load:.2f}, {waited:.1f} s to idle; CPU "
+        + ", ".join(f"{role} {ms:.0f}" for role, ms in m.cpu_ms.items())
+        + f" ms; steal {'-' if m.steal_pct is None else m.steal_pct}%)",
         file=sys.stderr,
         flush=True,
     )

@@ -66,6 +66,12 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
         assert r["fds"]["ztunnel"] >= (7 * 20 if r["listeners"] else 0)
         assert ("hello_ms" in r) == (r["mode"] == "snapshot")
         assert ("first_enrolled_ms" in r) == (r["mode"] == "live")
+        # The CPU of the timed section: the ztunnel side's whole start-up in a snapshot, zds pod
+        # add's in a live run (tens of ms each: never 0 ticks); the steal, a share.
+        cpu = r["cpu_ms"]
+        assert set(cpu) == ({"server", "ztunnel", "client"} if r["mode"] == "live" else {"server", "ztunnel"})
+        assert min(cpu.values()) >= 0 and cpu["client" if r["mode"] == "live" else "ztunnel"] > 0, cpu
+        assert r["steal_pct"] is None or 0 <= r["steal_pct"] <= 100
     assert {(s["mode"], s["n"], s["pair"]) for s in doc["summary"]} == {
         ("snapshot", 20, "zds"),
         ("live", 20, "zds"),
@@ -84,6 +90,8 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
     assert "| snapshot | 20 | on |" in table and "| live | 20 | off |" in table
     assert "skipped, istio-zds-server" in table
     assert "| N | exec to first request |" in table and "\n| 20 | " in table
+    assert "| bench | N | listeners | pair | node agent | ztunnel side | `zds pod add` | steal % |" in table
+    assert "| live | 20 | on | zds server + zds ztunnel (uvloop) | " in table
 
 
 #: The bench scripts' zds is this checkout's (not whichever the venv's editable install names).
