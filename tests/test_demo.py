@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from tests.harness import ZDS, free_subnets, run_unique, stop_cleanly, wait_until
+from zds.demo.remains import RECORD
 from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
@@ -145,46 +147,95 @@ def test_a_second_demo_while_one_runs_says_so_and_touches_nothing() -> None:
     assert leftovers() == []
 
 
-def test_a_killed_demo_takes_its_node_agent_and_ztunnel_side_with_it() -> None:
-    """SIGKILL leaves the demo no time to stop its children (each in a session of its own): they
-    served on, holding their sockets and the pods' namespaces, until found by hand. They are
-    sent SIGTERM as the demo dies; what stays is what the README says, and the next demo names
-    the command that removes it."""
-    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
+def killed_demo() -> tuple[subprocess.Popen[str], list[int]]:
+    """A demo SIGKILLed once both its children run (its pods made and wired): the demo and the
+    pids of its children, which are made to stop as it dies."""
     proc = subprocess.Popen(
         [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert proc.stdout is not None
     seen: list[str] = []
+    while not seen or (seen[-1] and not seen[-1].startswith("4. ")):  # both children run
+        seen.append(proc.stdout.readline())
+    pids = pids_in("".join(seen))
+    assert len(pids) == 2, "".join(seen)
+    proc.kill()
+    proc.wait(10)
+    return proc, pids
+
+
+def clean_after_killed(proc: subprocess.Popen[str], pids: list[int], tmp_before: set[str]) -> None:
+    """What a killed demo's test leaves, removed whatever failed (by PID: the demo's children)."""
+    stop_cleanly(proc, signal.SIGKILL)
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # (the children's own stop, if it never came)
+        for pid in filter(alive, pids):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + 20
+        while any(map(alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    names = [name for name in list_netns() if name.startswith("zdsdemo-")]
+    subprocess.run([*ZDS, "netns", "delete", "--bridge", "zdsdemo0", *names], capture_output=True)
+    subprocess.run(["ip", "link", "del", "zdsdemo0"], capture_output=True)
+    for tmp in set(glob.glob("/tmp/zds-demo-*")) - tmp_before:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(RECORD)
+
+
+def test_a_killed_demo_takes_its_children_with_it_and_the_next_demo_removes_what_it_left() -> None:
+    """SIGKILL leaves the demo no time to stop its children (each in a session of its own): they
+    served on, holding their sockets and the pods' namespaces, until found by hand. They are
+    sent SIGTERM as the demo dies. Its namespaces, bridge and temp directory stayed, and the next
+    demo refused to start until they were removed by hand; it removes them itself now, as the
+    killed demo's record names them, says so, and runs."""
+    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
+    proc: subprocess.Popen[str] | None = None
     pids: list[int] = []
     try:
-        while not seen or (seen[-1] and not seen[-1].startswith("4. ")):  # both children run
-            seen.append(proc.stdout.readline())
-        pids = pids_in("".join(seen))
-        assert len(pids) == 2, "".join(seen)
-        proc.kill()
-        proc.wait(10)
+        proc, pids = killed_demo()
         wait_until(lambda: not any(alive(p) for p in pids), timeout=20, what="the demo's children to stop")
-        again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=60)
-        assert again.returncode == 1
-        named = re.search(r"remove them with: (zds netns delete .*)", again.stdout + again.stderr)
-        assert named, again.stdout + again.stderr
-        removed = subprocess.run([*ZDS, *named[1].split()[1:]], capture_output=True, text=True, timeout=60)
-        assert removed.returncode == 0, removed.stderr
-        assert leftovers() == []
+        [tmp] = set(glob.glob("/tmp/zds-demo-*")) - tmp_before  # what it left
+        assert os.path.exists(RECORD)
+        again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert (
+            "   removed what an earlier demo that did not end left: zdsdemo-productpage, zdsdemo-ratings, "
+            f"zdsdemo-reviews, bridge zdsdemo0, {tmp}\n"
+        ) in again.stdout, again.stdout
+        assert leftovers() == [] and not os.path.exists(tmp) and not os.path.exists(RECORD)
+        assert set(glob.glob("/tmp/zds-demo-*")) == tmp_before
     finally:
-        stop_cleanly(proc, signal.SIGKILL)
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # (the children's own stop, if it never came)
-            for pid in filter(alive, pids):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + 20
-            while any(map(alive, pids)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        names = [name for name in list_netns() if name.startswith("zdsdemo-")]
-        subprocess.run([*ZDS, "netns", "delete", "--bridge", "zdsdemo0", *names], capture_output=True)
-        subprocess.run(["ip", "link", "del", "zdsdemo0"], capture_output=True)
-        for tmp in set(glob.glob("/tmp/zds-demo-*")) - tmp_before:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if proc is not None:
+            clean_after_killed(proc, pids, tmp_before)
+
+
+def test_a_namespace_of_the_demos_names_it_did_not_make_is_never_removed() -> None:
+    """Only what the killed demo's record proves it made goes: a namespace made since under
+    one of its names (another identity) stays, and the next demo names the command instead."""
+    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
+    proc: subprocess.Popen[str] | None = None
+    pids: list[int] = []
+    try:
+        proc, pids = killed_demo()
+        wait_until(lambda: not any(alive(p) for p in pids), timeout=20, what="the demo's children to stop")
+        for argv in (["delete", "zdsdemo-reviews"], ["create", "zdsdemo-reviews"]):  # someone else's now
+            subprocess.run([*ZDS, "netns", *argv], check=True, capture_output=True)
+        theirs = os.stat("/var/run/netns/zdsdemo-reviews").st_ino
+        again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert again.stderr == (
+            "zds demo: namespaces from an earlier demo exist: zdsdemo-reviews; "
+            "remove them with: zds netns delete --bridge zdsdemo0 zdsdemo-reviews\n"
+        )
+        assert (
+            "removed what an earlier demo that did not end left: zdsdemo-productpage, zdsdemo-ratings, "
+            in (again.stdout)
+        )
+        assert [n for n in list_netns() if n.startswith("zdsdemo-")] == ["zdsdemo-reviews"]
+        assert os.stat("/var/run/netns/zdsdemo-reviews").st_ino == theirs
+    finally:
+        if proc is not None:
+            clean_after_killed(proc, pids, tmp_before)
 
 
 def test_pod_subnets_this_host_uses_are_refused_in_one_line_and_others_can_be_given() -> None:

@@ -27,11 +27,11 @@ from zds.demo.probes import (
     no_listeners,
     wait_for,
 )
+from zds.demo.remains import Record, clear_earlier
 from zds.demo.supervision import Supervisor
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns import NetnsError
 from zds.netns.apps import EchoServer, exchange, free_port
-from zds.netns.fixtures import list_netns
 from zds.netns.podnet import PodFixture, PodNetwork
 
 #: The pods of the story (Istio's bookinfo) and the port reviews' app listens on.
@@ -79,6 +79,8 @@ class Demo:
         self.control_socket = os.path.join(self.tmp, "control.sock")
         self.admin = f"127.0.0.1:{free_port()}"
         self.channel: grpc.Channel | None = None
+        #: What it made, for the next demo if this one does not end (``zds.demo.remains``).
+        self.record: Record | None = None
 
     def close(self) -> None:
         if self.channel is not None:
@@ -92,6 +94,8 @@ class Demo:
             print(f"   logs kept in {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.record is not None:
+            self.record.done()
         self.claim.close()
 
     def stub(self) -> Any:
@@ -115,15 +119,12 @@ class Demo:
 
     def make_pods(self) -> None:
         self.n.title("Pods: network namespaces on a bridge, as a CNI would make them")
-        leftovers = [name for name in list_netns() if name.startswith(PREFIX)]
-        if leftovers:
-            raise DemoError(
-                f"namespaces from an earlier demo exist: {', '.join(leftovers)}; "
-                f"remove them with: zds netns delete --bridge {BRIDGE} {' '.join(leftovers)}"
-            )
+        clear_earlier([PREFIX + name for name in PODS], PREFIX, BRIDGE, self.n.say)
+        self.record = Record(self.tmp, self.keep_logs)
         self.net = self._network
         for name in PODS:
             pod = self.net.add_pod(PREFIX + name)
+            self.record.made(pod.name)
             self.pods[name] = pod
             self.n.say(f"{name:12} {pod.ipv4:15} {pod.ipv6:18} {pod.netns_path}")
         self.app = EchoServer(self.pods["reviews"].netns_path, APP_PORT)
