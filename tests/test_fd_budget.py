@@ -111,9 +111,13 @@ def test_past_the_fd_budget_a_pod_is_nacked_and_pending_never_a_crash(
         assert ztunnel.proc.poll() is None
         assert LIMIT - fd_count(ztunnel.pid) >= defaults.FD_RESERVE - PER_POD
         states = ztunnel.config_dump()["workloadState"]
-        assert {uid for uid, w in states.items() if w["state"] == "Up"} == set(acked)
-        assert {uid for uid, w in states.items() if w["state"] == "Pending"} == set(refused)
-        assert all("fd budget exhausted" in states[uid]["lastError"] for uid in refused)
+        up = {uid for uid, w in states.items() if w["state"] == "Up"}
+        pending = {uid for uid, w in states.items() if w["state"] == "Pending"}
+        # (A refused pod may come Up on a retry, every 0.2 s here, once fds are free again: the
+        # pods pending past half the reserve let their netns fd go. Never past the budget.)
+        assert set(acked) <= up and up | pending == set(acked) | set(refused) and pending
+        assert len(up) <= (LIMIT - defaults.FD_RESERVE) // PER_POD
+        assert all("fd budget exhausted" in states[uid]["lastError"] for uid in pending)
         assert ztunnel.get("readiness", "/healthz/ready")[0] == 500  # not ready: pods pending
         assert {p.uid: p.state for p in server.list_pods()}[next(iter(refused))] == 3  # POD_STATE_FAILED
 
