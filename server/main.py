@@ -126,7 +126,7 @@ class NodeAgentServer:
             return False, "ZDS listener is down"
         if self.engine is not None and not self.engine.up:
             return False, f"{self.engine.name} is down: {self.engine.detail}"
-        if self.store is not None and self.store.failing:  # (no pod can be enrolled)
+        if self.store is not None and self.store.probe():  # (no pod can be enrolled)
             return False, f"the pod store's last write failed: {self.store.failing}"
         return (
             True,

@@ -41,6 +41,9 @@ from zds.server.storefile import COLUMN_NAMES, COLUMNS, StoreError, explain, ope
 
 log = logging.getLogger("zds.server.store")
 
+#: How often (seconds) ``/readyz`` may try a write while the pod store's last one failed.
+PROBE_EVERY = 1.0
+
 
 @dataclass(frozen=True)
 class StoredPod:
@@ -89,6 +92,8 @@ class PodStore:
         self._closed = False
         #: Why the last write failed ('' once one succeeds): the node agent is not ready.
         self.failing = ""
+        #: When ``probe`` last tried a write (``time.monotonic``).
+        self._probed = 0.0
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
@@ -349,6 +354,21 @@ class PodStore:
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM pods").fetchone()[0])
+
+    def probe(self, every: float = PROBE_EVERY) -> str:
+        """While the last write failed: try a write that changes nothing (the schema version
+        written again: a page, committed), at most once every ``every`` seconds, so that a
+        store whose disk has room again is said to be writable without waiting for a pod to
+        go in; ``failing`` then ('' once the write went through)."""
+        if not self.failing or self._closed or time.monotonic() - self._probed < every:
+            return self.failing
+        self._probed = time.monotonic()
+        with contextlib.suppress(StoreError):
+            with self._write():
+                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+                self._db.execute(f"PRAGMA user_version = {version}")
+            self.failing = ""  # (no row changed, but a page was written and committed)
+        return self.failing
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:

@@ -40,6 +40,7 @@ from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
 from zds.protocol.messages import AddWorkload, KeepWorkload
 from zds.server.redirect import iptables_save
+from zds.server.store import PROBE_EVERY
 
 pytestmark = pytest.mark.root
 
@@ -406,9 +407,12 @@ def test_a_store_whose_disk_failed_is_said_so_at_stop_and_the_exit_status_is_1(
     ), line
 
 
-def test_a_node_agent_whose_store_filled_up_is_not_ready_until_a_pod_goes_in_again(
+def test_a_node_agent_whose_store_filled_up_is_not_ready_until_it_can_write_again(
     agents: Agents, namespaces: Namespaces, tmp_path: Path
 ) -> None:
+    """Not ready while its last write failed; once the disk has room again, ready again at
+    the next /readyz (it tries a write that changes nothing, at most once a second: it stayed
+    503 until a pod went in, and a pod source that waits for ready sends none)."""
     state = tmp_path / "state"
     state.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True)
@@ -422,7 +426,12 @@ def test_a_node_agent_whose_store_filled_up_is_not_ready_until_a_pod_goes_in_aga
         assert full.returncode == 1 and "database or disk is full" in full.stderr, full.stderr
         status, detail = server.http_get("/readyz")
         assert status == 503 and detail.startswith("the pod store's last write failed: pod store "), detail
+        time.sleep(PROBE_EVERY)  # (a write is tried at most once a second: this one fails)
+        status, detail = server.http_get("/readyz")
+        assert status == 503 and "database or disk is full" in detail, detail
         os.unlink(state / "filler")
+        time.sleep(PROBE_EVERY)
+        assert server.http_get("/readyz")[0] == 200
         server.cli("pod", "add", "--uid", "u3", "--netns", namespaces.make("c"))
         assert server.http_get("/readyz")[0] == 200 and set(listed(server)) == {"u1", "u3"}
         server.stop()
