@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -37,12 +38,17 @@ from typing import Any, Self
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError, netns_cookie
 from zds.server.podcache import Pod
 from zds.server.pods import PodSource, PodSpec
-from zds.server.storefile import COLUMN_NAMES, COLUMNS, StoreError, explain, open_db
+from zds.server.storefile import COLUMN_NAMES, COLUMNS, WAL_SIZE_LIMIT, StoreError, explain, open_db
 
 log = logging.getLogger("zds.server.store")
 
 #: How often (seconds) ``/readyz`` may try a write while the pod store's last one failed.
 PROBE_EVERY = 1.0
+#: The -wal file past this (bytes) has outgrown its checkpoints: a reader holds them back.
+WAL_WARN_SIZE = 4 * WAL_SIZE_LIMIT
+#: Its size is looked at once every this many writes, and said at most this often (seconds).
+WAL_LOOK_WRITES = 256
+WAL_WARN_EVERY = 600.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,9 @@ class PodStore:
         self.failing = ""
         #: When ``probe`` last tried a write (``time.monotonic``).
         self._probed = 0.0
+        #: Writes committed, and when the -wal's size was last said (``_look_at_wal``).
+        self._writes = 0
+        self._wal_said: float | None = None
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
@@ -382,6 +391,29 @@ class PodStore:
             raise StoreError(self.failing) from exc
         if self._db.total_changes != changes:  # (one that wrote nothing proves nothing)
             self.failing = ""
+        self._writes += 1
+        if self._writes % WAL_LOOK_WRITES == 0:
+            self._look_at_wal()
+
+    def _look_at_wal(self) -> None:
+        """Say so when the -wal file has outgrown its checkpoints (at most every
+        WAL_WARN_EVERY seconds): a reader holding a snapshot keeps them from finishing, and
+        the file grows with every write until that reader ends (then it is cut back)."""
+        try:
+            size = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        now = time.monotonic()
+        if size > WAL_WARN_SIZE and (self._wal_said is None or now - self._wal_said >= WAL_WARN_EVERY):
+            self._wal_said = now
+            log.warning(
+                "the pod store's write-ahead log %s-wal is %d MB and growing: a reader holds its "
+                "checkpoints back (a sqlite3 shell left in a transaction, a backup); it is cut back "
+                "to %d MB once that reader ends",
+                self.path,
+                size >> 20,
+                WAL_SIZE_LIMIT >> 20,
+            )
 
 
 def _values(pod: StoredPod) -> tuple[object, ...]:
