@@ -53,8 +53,9 @@ from zds.server.outcomes import (
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules, RulesError
 from zds.server.pods import PodNameError, PodSpec, PodSpecError
-from zds.server.store import PodStore, StoredPod
+from zds.server.store import PodStore
 from zds.server.storefile import StoreError
+from zds.server.storerows import StoredPod
 from zds.server.tasks import TaskOwner
 from zds.server.telemetry import Telemetry
 

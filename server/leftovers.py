@@ -21,8 +21,9 @@ from zds.netns.search import find_by_identity
 from zds.server.netnspolicy import NetnsPolicy, named_dirs
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules, remove_earlier_rules
-from zds.server.store import PodStore, StoredPod
+from zds.server.store import PodStore
 from zds.server.storefile import StoreError
+from zds.server.storerows import StoredPod
 from zds.server.tasks import TaskOwner
 
 log = logging.getLogger("zds.server")

@@ -35,8 +35,9 @@ from zds.server.enrollment import Enrollment
 from zds.server.podcache import Pod, Unopened
 from zds.server.podrules import RulesError, remove_earlier_rules
 from zds.server.refind import Found, reopen, search, why_refused
-from zds.server.store import PodStore, StoredPod
+from zds.server.store import PodStore
 from zds.server.storefile import StoreError
+from zds.server.storerows import StoredPod
 
 log = logging.getLogger("zds.server.recovery")
 

@@ -13,7 +13,7 @@ from zds.netns import NetnsError, NetnsHandle, OutOfFds, netns_cookie, open_netn
 from zds.netns.search import find_by_identity
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, named_dirs
 from zds.server.pods import PodSpecError
-from zds.server.store import StoredPod
+from zds.server.storerows import StoredPod
 
 log = logging.getLogger("zds.server.recovery")
 

@@ -19,26 +19,25 @@ killed (it is in the WAL); only a power cut may lose the last ones, and a power
 cut takes the pods' namespaces with it.
 
 Opening the file, its versioned schema (``PRAGMA user_version``, migrated forward on
-open) and what is wrong with one: ``storefile``.
+open) and what is wrong with one: ``storefile``; a row (``StoredPod``) and its checks:
+``storerows``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Self
+from typing import Self
 
-from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError, netns_cookie
-from zds.server.podcache import Pod
-from zds.server.pods import PodSource, PodSpec
+from zds.netns import NetnsIdentity
+from zds.server.pods import PodSpec
 from zds.server.storefile import COLUMN_NAMES, COLUMNS, WAL_SIZE_LIMIT, StoreError, explain, open_db
+from zds.server.storerows import StoredPod, parse_row, values
 
 log = logging.getLogger("zds.server.store")
 
@@ -49,44 +48,6 @@ WAL_WARN_SIZE = 4 * WAL_SIZE_LIMIT
 #: Its size is looked at once every this many writes, and said at most this often (seconds).
 WAL_LOOK_WRITES = 256
 WAL_WARN_EVERY = 600.0
-
-
-@dataclass(frozen=True)
-class StoredPod:
-    """One row: a pod as it was when last written."""
-
-    spec: PodSpec
-    #: The netns the pod was enrolled with; None: it was known without one.
-    identity: NetnsIdentity | None
-    #: The rule set installed ('' for none): the redirect backend's name.
-    rules: str
-    #: What the installed rules looked like (the backend's digest), to tell them apart from others.
-    rules_digest: str
-    #: A removal began and did not finish.
-    removing: bool
-    enrolled_at: float
-    #: The netns's cookie when it was enrolled (None: unknown, e.g. an older kernel).
-    cookie: int | None = None
-
-    @classmethod
-    def of(cls, pod: Pod, *, rules: str, removing: bool = False) -> Self:
-        """The row of a pod as it is now, with the rule set ``rules`` (a pod recovered without
-        opening its netns: the netns it was stored with), marked ``removing`` or not."""
-        identity: NetnsIdentity | None = None
-        cookie: int | None = None
-        if pod.netns is not None:
-            identity, cookie = pod.netns.identity, netns_cookie(pod.netns)
-        elif pod.unopened is not None:
-            identity, cookie = pod.unopened.identity, pod.unopened.cookie
-        return cls(
-            pod.spec,
-            identity,
-            rules=rules,
-            rules_digest=pod.rules_digest,
-            removing=removing,
-            enrolled_at=pod.enrolled_at,
-            cookie=cookie,
-        )
 
 
 class PodStore:
@@ -161,7 +122,7 @@ class PodStore:
             found = self._db.execute(f"SELECT {COLUMNS} FROM pods WHERE uid = ?", (uid,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(explain(self.path, exc)) from exc
-        return None if found is None else self._parse("pods", found)
+        return None if found is None else parse_row(self.path, "pods", found)
 
     def load(self) -> list[StoredPod]:
         """Every stored pod, oldest enrollment first."""
@@ -182,30 +143,7 @@ class PodStore:
             rows = self._db.execute(f"SELECT {COLUMNS} FROM {table} ORDER BY enrolled_at, uid").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(explain(self.path, exc)) from exc
-        return [self._parse(table, row) for row in rows]
-
-    def _parse(self, table: str, row: Any) -> StoredPod:
-        uid, name, namespace, sa, ips, netns, dev, ino, rules, digest, removing, enrolled_at, src, cookie = (
-            row
-        )
-        try:
-            _check_row(uid, name, namespace, sa, ips, dev, ino, rules, digest, removing, enrolled_at, cookie)
-            ref = NetnsRef.parse(netns)
-            listed = json.loads(ips)
-            if not isinstance(listed, list) or not all(isinstance(ip, str) for ip in listed):
-                raise ValueError("ips is not a list of addresses")
-            addresses = tuple(listed)
-            source = PodSource(src)
-        except (NetnsRefError, ValueError, TypeError, RecursionError) as exc:
-            shown = repr(uid) if not isinstance(uid, str) or len(uid) <= 128 else repr(uid[:128] + "...")
-            raise StoreError(
-                f"pod store {self.path}: the {'' if table == 'pods' else table + ' '}row of pod {shown} is "
-                f'damaged ({exc}); restore the file from a backup, or delete that row (sqlite3 PATH "DELETE '
-                f'FROM {table} WHERE uid = ...") while no node agent runs'
-            ) from exc
-        spec = PodSpec(uid, name, namespace, sa, ref, ips=addresses, source=source)
-        identity = NetnsIdentity(dev, ino) if dev is not None and ino is not None else None
-        return StoredPod(spec, identity, rules, digest, bool(removing), enrolled_at, cookie)
+        return [parse_row(self.path, table, row) for row in rows]
 
     # -- writing ------------------------------------------------------------------------
     def put(
@@ -245,16 +183,16 @@ class PodStore:
         marks = ",".join("?" * len(COLUMN_NAMES))
         if left:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", map(_values, left)
+                f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", map(values, left)
             )
         if installs:
             self._installs_used = True
             self._db.executemany(
-                f"INSERT OR REPLACE INTO installs ({COLUMNS}) VALUES ({marks})", map(_values, installs)
+                f"INSERT OR REPLACE INTO installs ({COLUMNS}) VALUES ({marks})", map(values, installs)
             )
         if pods:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO pods ({COLUMNS}) VALUES ({marks})", map(_values, pods)
+                f"INSERT OR REPLACE INTO pods ({COLUMNS}) VALUES ({marks})", map(values, pods)
             )
             if self._installs_used:
                 self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
@@ -318,7 +256,7 @@ class PodStore:
         assert row.identity is not None
         marks = ",".join("?" * len(COLUMN_NAMES))
         with self._write():
-            self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", _values(row))
+            self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", values(row))
             self._forget_rows(row.spec.uid, row.identity, row.rules, "pods" if row.removing else "installs")
 
     def forget_leftovers(
@@ -414,43 +352,3 @@ class PodStore:
                 size >> 20,
                 WAL_SIZE_LIMIT >> 20,
             )
-
-
-def _values(pod: StoredPod) -> tuple[object, ...]:
-    """A row's columns, in ``COLUMNS``' order."""
-    return (
-        pod.spec.uid,
-        pod.spec.name,
-        pod.spec.namespace,
-        pod.spec.service_account,
-        json.dumps(list(pod.spec.ips)),
-        str(pod.spec.netns),
-        pod.identity.dev if pod.identity else None,
-        pod.identity.ino if pod.identity else None,
-        pod.rules,
-        pod.rules_digest,
-        int(pod.removing),
-        pod.enrolled_at,
-        pod.spec.source.value,
-        pod.cookie,
-    )
-
-
-def _check_row(uid: object, *values: object) -> None:
-    """TypeError/ValueError unless a row's columns hold what zds writes there (the text columns
-    text, the numbers numbers, removing 0 or 1): a row written behind zds's back is refused
-    when read, not met later as a traceback."""
-    name, namespace, sa, ips, dev, ino, rules, digest, removing, enrolled_at, cookie = values
-    if not isinstance(uid, str) or not uid:
-        raise TypeError("its uid is not a non-empty text")
-    for column, value in (("name", name), ("namespace", namespace), ("service_account", sa),
-                          ("ips", ips), ("rules", rules), ("rules_digest", digest)):  # fmt: skip
-        if not isinstance(value, str):
-            raise TypeError(f"{column} is {type(value).__name__}, not text")
-    for column, value in (("netns_dev", dev), ("netns_ino", ino), ("netns_cookie", cookie)):
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"{column} is {value!r}, not a number")
-    if removing not in (0, 1):
-        raise ValueError(f"removing is {removing!r}, not 0 or 1")
-    if not isinstance(enrolled_at, int | float):
-        raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")

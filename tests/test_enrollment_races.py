@@ -44,8 +44,9 @@ from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSource, PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
 from zds.server.redirect import Installed, RedirectError, Redirector, redirector
-from zds.server.store import PodStore, StoredPod
+from zds.server.store import PodStore
 from zds.server.storefile import StoreError
+from zds.server.storerows import StoredPod
 from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root

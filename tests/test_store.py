@@ -16,8 +16,9 @@ import pytest
 from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import storefile
 from zds.server.pods import PodSource, PodSpec
-from zds.server.store import WAL_LOOK_WRITES, WAL_WARN_SIZE, PodStore, StoredPod
+from zds.server.store import WAL_LOOK_WRITES, WAL_WARN_SIZE, PodStore
 from zds.server.storefile import MIGRATIONS, SCHEMA_VERSION, StoreError
+from zds.server.storerows import StoredPod
 
 
 def spec(uid: str, netns: str = "/var/run/netns/pod-a", ips: tuple[str, ...] = ()) -> PodSpec:
