@@ -200,7 +200,8 @@ class Proc:
 
     def cpu_ms(self) -> float | None:
         """CPU time the process used so far, user and system, every thread's (also those that
-        ended), in ms (to the kernel's clock tick, 10 ms here); None once it is gone."""
+        ended), in ms (to the kernel's clock tick, 10 ms here); None once it is gone. Not its
+        children's (the bench runs zds with --no-redirect: no iptables-restore to count)."""
         try:
             with open(f"/proc/{self.pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
@@ -259,7 +260,8 @@ class Steal:
 
     def percent(self) -> float | None:
         now = _cpu_fields()
-        total = sum(now) - sum(self._start)
+        # (user to steal: guest and guest_nice, after them, are counted in user and nice too)
+        total = sum(now[:8]) - sum(self._start[:8])
         if total <= 0 or len(now) < 8:
             return None
         return round(100 * (now[7] - self._start[7]) / total, 1)

@@ -249,7 +249,8 @@ def cpu_table(doc: dict[str, Any]) -> list[str]:
         "User and system time from `/proc/PID/stat` (to the clock tick, 10 ms): the node agent "
         "and the ztunnel side over the timed section (snapshot: the ztunnel side's whole life "
         "to its acked SnapshotSent), `zds pod add` over its life to its last line; steal: the "
-        "share of both CPUs' time the hypervisor gave to others meanwhile.",
+        "share of both CPUs' time the hypervisor gave to others meanwhile (also in ticks: over "
+        "a run of 100 ms, 20 of them, so one tick is 5%).",
         "",
         "| bench | N | listeners | pair | node agent | ztunnel side | `zds pod add` | steal % |",
         "|---|---|---|---|---|---|---|---|",
