@@ -105,12 +105,13 @@ def _delete_our_veth(ifname: str) -> None:
         raise NetnsError(f"cannot delete veth {ifname}: {os.strerror(e.code)}") from None
 
 
-def remove_bridge_if_unused(bridge: str) -> bool:
-    """Delete ``bridge`` if ``zds netns`` made it and no interface is attached to it any more;
-    True if it was deleted."""
+def remove_bridge_if_unused(bridge: str, *, index: int | None = None) -> bool:
+    """Delete ``bridge`` if ``zds netns`` made it and no interface is attached to it any more
+    (and, given ``index``, it is still that link); True if it was deleted."""
+    expected = index
     with IPRoute() as ipr:
         index = link_index(ipr, bridge)
-        if index is None or not is_ours(ipr, index, "bridge"):
+        if index is None or not is_ours(ipr, index, "bridge") or expected not in (None, index):
             return False
         if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
             return False
@@ -133,7 +134,11 @@ class PodNetwork:
         bridge: str = "zds-br0",
         subnet4: str = "10.177.0.0/24",
         subnet6: str = "fd00:177::/64",
+        *,
+        made: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``made(kind, name)``: told of each bridge and netns made, in the very section that
+        makes it (before anything else is done with it), for a record of what is whose."""
         if not bridge or len(bridge) > IFNAME_MAX or "/" in bridge or bridge.strip() != bridge:
             raise NetnsError(f'bad bridge name "{bridge}": 1 to {IFNAME_MAX} characters, no "/" or spaces')
         try:
@@ -151,6 +156,7 @@ class PodNetwork:
         #: Host indices taken by pods this object did not make.
         self._reserved: set[int] = set()
         self._lock = threading.RLock()
+        self._made = made
 
     @property
     def gateway4(self) -> str:
@@ -253,6 +259,8 @@ class PodNetwork:
                     ) from None
                 raise NetnsError(f"cannot create bridge {self.bridge}: {os.strerror(e.code)}") from None
             self._bridge_made = True
+            if self._made is not None:
+                self._made("bridge", self.bridge)
             index = link_index(ipr, self.bridge)
             ipr.link("set", index=index, ifalias=LINK_ALIAS)
             ipr.addr("add", index=index, address=self.gateway4, prefixlen=self._net4.prefixlen)
@@ -323,6 +331,8 @@ class PodNetwork:
                 with runtime.interrupts_held():
                     create_netns(name)
                     undo.callback(delete_netns, name, missing_ok=True)
+                    if self._made is not None:
+                        self._made("netns", name)
                 try:
                     self._wire_pod(pod, undo)
                 except NetlinkError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -236,6 +237,66 @@ def test_a_namespace_of_the_demos_names_it_did_not_make_is_never_removed() -> No
     finally:
         if proc is not None:
             clean_after_killed(proc, pids, tmp_before)
+
+
+def test_a_record_it_cannot_write_is_said_in_one_line_before_anything_is_made() -> None:
+    """A record that could not be written ended the demo in a traceback and left its half-written
+    file beside it."""
+    os.mkdir(RECORD)  # (a directory where the record goes: it cannot be replaced by a file)
+    try:
+        done = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr == (
+            f"zds demo: cannot write its record of what it makes, {RECORD}: Is a directory\n"
+        ), done.stderr
+        assert leftovers() == [] and not glob.glob(f"{RECORD}.*")
+    finally:
+        os.rmdir(RECORD)
+
+
+def test_a_bridge_of_the_demos_name_the_dead_demo_did_not_make_stays() -> None:
+    """A dead demo's record took any unused zds bridge of the demo's name for its own, also one
+    a user made with zds netns; only the recorded link goes, and this one stays."""
+    subnets = free_subnets()
+    pod = run_unique("zrv")
+    made = [*ZDS, "netns", "create", "--bridge", "zdsdemo0", "--subnet4", subnets.v4, "--subnet6", subnets.v6]
+    subprocess.run([*made, pod], check=True, capture_output=True)
+    try:
+        subprocess.run([*ZDS, "netns", "delete", pod], check=True, capture_output=True)  # (the bridge stays)
+        with open(RECORD, "w") as record:  # a demo that died before it made anything
+            json.dump(
+                {
+                    "pid": 2**22 + 1,
+                    "started": 1,
+                    "tmp": None,
+                    "keep_logs": False,
+                    "netns": {},
+                    "bridge": None,
+                },
+                record,
+            )
+        done = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "bridge zdsdemo0 exists already" in done.stderr, done.stderr
+        assert "removed what" not in done.stdout and not os.path.exists(RECORD)
+        assert "zdsdemo0" in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*ZDS, "netns", "delete", "--missing-ok", pod], capture_output=True)
+        subprocess.run(["ip", "link", "del", "zdsdemo0"], capture_output=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(RECORD)
+
+
+@pytest.mark.parametrize("garbled", ["[" * 200_000, '{"pid": "1"}', "", "not json"])
+def test_a_garbled_record_is_not_trusted_and_not_a_traceback(garbled: str) -> None:
+    with open(RECORD, "w") as record:
+        record.write(garbled)
+    try:
+        done = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "removed what" not in done.stdout and not os.path.exists(RECORD) and leftovers() == []
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(RECORD)
 
 
 def test_pod_subnets_this_host_uses_are_refused_in_one_line_and_others_can_be_given() -> None:

@@ -27,6 +27,7 @@ from tests import harness
 from tests.harness import Subnets, free_subnets, open_fds, pod_network
 from zds.netns import NetnsError, NetnsIdentity, in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns, list_netns
+from zds.netns.links import ifname_for
 from zds.netns.podnet import PodFixture, PodNetwork
 
 pytestmark = pytest.mark.root
@@ -619,3 +620,21 @@ def test_the_echo_app_out_of_fds_waits_between_accepts_instead_of_spinning() -> 
     during, accepted, echoed = out.stdout.split()
     assert (accepted, echoed) == ("0", "ping")  # (out of fds, then accepted once they were there)
     assert 0 < int(during) <= 30, f"{during} accepts in 1 s out of fds (one every 0.1 s expected)"
+
+
+def test_a_pod_networks_made_hook_hears_of_each_thing_as_it_is_made_before_it_is_wired() -> None:
+    """A record of what is whose (``zds demo``'s) must name each thing before anything else is
+    done with it: a demo killed while it wired a pod left a namespace its record did not name."""
+    heard: list[tuple[str, str, bool]] = []
+    name = unique()
+
+    def made(kind: str, what: str) -> None:  # (the pod's veth: not there yet when its netns is heard of)
+        heard.append((kind, what, ifname_for("zv-", name) in host_links()))
+
+    net = PodNetwork(unique("zdst-br-"), *free_subnets(), made=made)
+    try:
+        net.add_pod(name)
+        assert heard == [("bridge", net.bridge, False), ("netns", name, False)]
+        assert ifname_for("zv-", name) in host_links()
+    finally:
+        net.close()

@@ -1,13 +1,14 @@
 """What a demo that did not end left behind (SIGKILL, a crash, the OOM killer), removed by
 the next one once it knows that it is that demo's.
 
-A demo writes ``RECORD`` before it makes anything: its pid and when it started, its temp
-directory, and, as each pod is made, the pod's namespace by name, identity and cookie. Its
-clean-up removes the record last. The next demo (holding the one-demo claim) finds the
-record of a process that is gone and removes exactly what it names and is still the same
-thing: a namespace of that name with the recorded identity and cookie, the pod's veth and
-the bridge if ``zds netns`` made them, the temp directory (kept if ``--keep-logs`` asked
-for it). A namespace of the demo's names it cannot prove it made (no record, another
+A demo writes ``RECORD`` before it makes anything (its pid and when it started), then as it
+makes each thing, in the section that makes it: its temp directory, the bridge (name and
+link index), each pod's namespace (name, identity and cookie). Its clean-up removes the
+record last. The next demo (holding the one-demo claim) finds the record of a process that
+is gone and removes exactly what it names and is still the same thing: a namespace of that
+name with the recorded identity and cookie (and the pod's veth, if ``zds netns`` made it),
+the bridge if it is still that link and unused, the temp directory (kept if ``--keep-logs``
+asked for it). A namespace of the demo's names it cannot prove it made (no record, another
 identity) stays, and the demo refuses with the command that removes it by hand.
 """
 
@@ -17,9 +18,12 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from pyroute2 import IPRoute
 
 from zds import defaults
 from zds.demo.probes import DemoError
@@ -28,12 +32,15 @@ from zds.netns.enter import netns_cookie
 from zds.netns.fixtures import list_netns, netns_path
 from zds.netns.handle import open_netns
 from zds.netns.kernel import netns_identity_of_path
+from zds.netns.links import link_index
 from zds.netns.podnet import delete_pod, remove_bridge_if_unused
 
 #: Where a running demo says what it made (beside /var/run/netns: gone at a reboot with them).
 RECORD = os.path.join(os.path.dirname(defaults.NETNS_RUN_DIR), "zds-demo.json")
 #: The temp directories demos make (``tempfile.mkdtemp(prefix=...)``).
 TMP_PREFIX = "zds-demo-"
+#: A record is small; anything bigger at ``RECORD`` is not one.
+RECORD_MAX = 64 * 1024
 
 
 def _started(pid: int) -> int | None:
@@ -62,26 +69,35 @@ def _fingerprint(path: str) -> list[int] | None:
     return [identity.dev, identity.ino, -1 if cookie is None else cookie]
 
 
-class Record:
-    """This demo's record of what it made (``RECORD``)."""
+def _link_index(name: str) -> int | None:
+    with IPRoute() as ipr:
+        return link_index(ipr, name)
 
-    def __init__(self, tmp: str, keep_logs: bool) -> None:
+
+class Record:
+    """This demo's record of what it made (``RECORD``), written before anything is made and
+    again as each thing is (``made``, ``tmp``); DemoError if it cannot be written."""
+
+    def __init__(self) -> None:
         pid = os.getpid()
-        self._doc: dict[str, Any] = {
-            "pid": pid,
-            "started": _started(pid),
-            "tmp": tmp,
-            "keep_logs": keep_logs,
-            "netns": {},
-        }
+        self._doc: dict[str, Any] = {"pid": pid, "started": _started(pid), "tmp": None, "keep_logs": False}
+        self._doc.update(netns={}, bridge=None)
         self._write()
 
-    def made(self, name: str) -> None:
-        """The pod namespace ``name`` was made (and wired)."""
-        fingerprint = _fingerprint(netns_path(name))
-        if fingerprint is not None:
-            self._doc["netns"][name] = fingerprint
-            self._write()
+    def tmp(self, path: str, keep_logs: bool) -> None:
+        """Its temp directory (``keep_logs``: to be kept)."""
+        self._doc.update(tmp=path, keep_logs=keep_logs)
+        self._write()
+
+    def made(self, kind: str, name: str) -> None:
+        """``PodNetwork``'s ``made``: a bridge or a pod's namespace was made just now."""
+        if kind == "netns":
+            fingerprint = _fingerprint(netns_path(name))
+            if fingerprint is not None:
+                self._doc["netns"][name] = fingerprint
+        elif kind == "bridge":
+            self._doc["bridge"] = [name, _link_index(name)]
+        self._write()
 
     def done(self) -> None:
         """Everything it names is gone."""
@@ -90,26 +106,50 @@ class Record:
 
     def _write(self) -> None:
         partial = f"{RECORD}.{os.getpid()}"
-        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
-            json.dump(self._doc, f)
-        os.replace(partial, RECORD)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(partial, flags, 0o600), "w") as f:
+                json.dump(self._doc, f)
+            os.replace(partial, RECORD)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise DemoError(f"cannot write its record of what it makes, {RECORD}: {exc.strerror}") from None
 
 
 def _read() -> dict[str, Any] | None:
-    """The record a demo left, if it is one (anything else at ``RECORD`` is not trusted)."""
+    """The record a demo left, if it is one (anything else at ``RECORD`` is not trusted: not a
+    regular file, too big, not what ``Record`` writes)."""
     try:
-        with open(RECORD) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        fd = os.open(RECORD, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with open(fd) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            doc = json.loads(f.read(RECORD_MAX + 1))
+    except (OSError, ValueError, RecursionError):
         return None
     if not (
         isinstance(doc, dict)
-        and isinstance(doc.get("pid"), int)
-        and isinstance(doc.get("tmp"), str)
+        and all(type(doc.get(key)) is int for key in ("pid", "started"))
+        and isinstance(doc.get("tmp"), str | None)
         and isinstance(doc.get("netns"), dict)
         and all(
-            isinstance(v, list) and len(v) == 3 and all(isinstance(x, int) for x in v)
+            isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v)
             for v in doc["netns"].values()
+        )
+        and (
+            doc.get("bridge") is None
+            or (
+                isinstance(doc["bridge"], list)
+                and len(doc["bridge"]) == 2
+                and isinstance(doc["bridge"][0], str)
+                and type(doc["bridge"][1]) is int
+            )
         )
     ):
         return None
@@ -118,36 +158,30 @@ def _read() -> dict[str, Any] | None:
 
 def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[[str], None]) -> None:
     """Remove what a demo that did not end left, as its record names it (module docstring):
-    of its pods' namespaces only those of ``names``; ``say`` what was removed. DemoError if
-    namespaces named ``prefix``* stay that no record proves to be a gone demo's (they are left
-    as they are)."""
+    of its pods' namespaces only those of ``names``, the bridge only if it made it (``bridge``,
+    the same link still); ``say`` what was removed. DemoError if namespaces named ``prefix``*
+    stay that no record proves to be a gone demo's (they are left as they are)."""
     ours = set(names)
-    removed: list[str] = []
     doc = _read()
     if doc is not None:
         pid = doc["pid"]
-        if doc.get("started") is not None and _started(pid) == doc["started"]:
+        if _started(pid) == doc["started"]:
             raise DemoError(
                 f"the zds demo with pid {pid} still runs (it holds its namespaces); wait for it to end"
             )
+        removed: list[str] = []
         for name, fingerprint in sorted(doc["netns"].items()):
             if name in ours and _fingerprint(netns_path(name)) == fingerprint:
                 delete_pod(name)
                 removed.append(name)
-        if remove_bridge_if_unused(bridge):
-            removed.append(f"bridge {bridge}")
-        tmp = doc["tmp"]
+        made_bridge = doc.get("bridge")
         if (
-            os.path.dirname(tmp) == tempfile.gettempdir()
-            and os.path.basename(tmp).startswith(TMP_PREFIX)
-            and os.path.isdir(tmp)
-            and not os.path.islink(tmp)
+            made_bridge is not None
+            and made_bridge[0] == bridge
+            and remove_bridge_if_unused(bridge, index=made_bridge[1])
         ):
-            if doc.get("keep_logs") is True:
-                removed.append(f"(its logs stay in {tmp}, as --keep-logs asked)")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(tmp)
+            removed.append(f"bridge {bridge}")
+        removed += _clear_tmp(doc)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(RECORD)
         if removed:
@@ -158,3 +192,17 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
             f"namespaces from an earlier demo exist: {', '.join(stay)}; "
             f"remove them with: zds netns delete --bridge {bridge} {' '.join(stay)}"
         )
+
+
+def _clear_tmp(doc: dict[str, Any]) -> list[str]:
+    """The recorded temp directory removed (kept if its demo asked to keep its logs, or if it
+    is not where, and as, demos make theirs): what to say of it."""
+    tmp = doc["tmp"]
+    if tmp is None or not os.path.isdir(tmp) or os.path.islink(tmp):
+        return []
+    if os.path.dirname(tmp) != tempfile.gettempdir() or not os.path.basename(tmp).startswith(TMP_PREFIX):
+        return [f"(its temporary directory {tmp} stays: not a {tempfile.gettempdir()}/{TMP_PREFIX}* one)"]
+    if doc.get("keep_logs") is True:
+        return [f"(its logs stay in {tmp}, as --keep-logs asked)"]
+    shutil.rmtree(tmp, ignore_errors=True)
+    return [tmp]

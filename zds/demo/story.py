@@ -27,7 +27,7 @@ from zds.demo.probes import (
     no_listeners,
     wait_for,
 )
-from zds.demo.remains import Record, clear_earlier
+from zds.demo.remains import TMP_PREFIX, Record, clear_earlier
 from zds.demo.supervision import Supervisor
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns import NetnsError
@@ -65,11 +65,16 @@ class Demo:
 
     def __init__(self, narrator: Narrator, keep_logs: bool, subnets: tuple[str, str]) -> None:
         # The pods' network, checked before anything is made (made with the first pod).
-        network = PodNetwork(BRIDGE, *subnets)
+        network = PodNetwork(BRIDGE, *subnets, made=lambda kind, name: self.record.made(kind, name))
         self.claim = _claim()
         self.n = narrator
         self.keep_logs = keep_logs
-        self.tmp = tempfile.mkdtemp(prefix="zds-demo-")
+        # What an earlier demo that did not end left goes first; then this one's record of
+        # what it makes, before it makes anything (``zds.demo.remains``).
+        clear_earlier([PREFIX + name for name in PODS], PREFIX, BRIDGE, narrator.say)
+        self.record = Record()
+        self.tmp = tempfile.mkdtemp(prefix=TMP_PREFIX)
+        self.record.tmp(self.tmp, keep_logs)
         self.net: PodNetwork | None = None
         self._network = network
         self.pods: dict[str, PodFixture] = {}
@@ -79,8 +84,6 @@ class Demo:
         self.control_socket = os.path.join(self.tmp, "control.sock")
         self.admin = f"127.0.0.1:{free_port()}"
         self.channel: grpc.Channel | None = None
-        #: What it made, for the next demo if this one does not end (``zds.demo.remains``).
-        self.record: Record | None = None
 
     def close(self) -> None:
         if self.channel is not None:
@@ -94,8 +97,7 @@ class Demo:
             print(f"   logs kept in {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
-        if self.record is not None:
-            self.record.done()
+        self.record.done()
         self.claim.close()
 
     def stub(self) -> Any:
@@ -119,12 +121,9 @@ class Demo:
 
     def make_pods(self) -> None:
         self.n.title("Pods: network namespaces on a bridge, as a CNI would make them")
-        clear_earlier([PREFIX + name for name in PODS], PREFIX, BRIDGE, self.n.say)
-        self.record = Record(self.tmp, self.keep_logs)
         self.net = self._network
         for name in PODS:
             pod = self.net.add_pod(PREFIX + name)
-            self.record.made(pod.name)
             self.pods[name] = pod
             self.n.say(f"{name:12} {pod.ipv4:15} {pod.ipv6:18} {pod.netns_path}")
         self.app = EchoServer(self.pods["reviews"].netns_path, APP_PORT)
