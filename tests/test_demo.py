@@ -268,7 +268,7 @@ def test_a_bridge_of_the_demos_name_the_dead_demo_did_not_make_stays() -> None:
                 {
                     "pid": 2**22 + 1,
                     "started": 1,
-                    "tmp": None,
+                    "tmp": "/tmp/zds-demo-gone",
                     "keep_logs": False,
                     "netns": {},
                     "bridge": None,
