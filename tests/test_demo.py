@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -148,21 +149,29 @@ def test_a_second_demo_while_one_runs_says_so_and_touches_nothing() -> None:
     assert leftovers() == []
 
 
-def killed_demo() -> tuple[subprocess.Popen[str], list[int]]:
-    """A demo SIGKILLed once both its children run (its pods made and wired): the demo and the
-    pids of its children, which are made to stop as it dies."""
+@pytest.fixture
+def killed() -> Iterator[set[str]]:
+    """A demo SIGKILLed once both its children run (its pods made and wired), its children
+    gone with it; yields the demo temp directories there were before it. Whatever it and the
+    test leave is removed afterwards, also when the test fails."""
+    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
     proc = subprocess.Popen(
         [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    assert proc.stdout is not None
-    seen: list[str] = []
-    while not seen or (seen[-1] and not seen[-1].startswith("4. ")):  # both children run
-        seen.append(proc.stdout.readline())
-    pids = pids_in("".join(seen))
-    assert len(pids) == 2, "".join(seen)
-    proc.kill()
-    proc.wait(10)
-    return proc, pids
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        while not seen or (seen[-1] and not seen[-1].startswith("4. ")):  # both children run
+            seen.append(proc.stdout.readline())
+        pids = pids_in("".join(seen))
+        assert len(pids) == 2, "".join(seen)
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not any(alive(p) for p in pids), timeout=20, what="the demo's children to stop")
+        yield tmp_before
+    finally:
+        clean_after_killed(proc, pids, tmp_before)
 
 
 def clean_after_killed(proc: subprocess.Popen[str], pids: list[int], tmp_before: set[str]) -> None:
@@ -183,60 +192,43 @@ def clean_after_killed(proc: subprocess.Popen[str], pids: list[int], tmp_before:
         os.unlink(RECORD)
 
 
-def test_a_killed_demo_takes_its_children_with_it_and_the_next_demo_removes_what_it_left() -> None:
+def test_a_killed_demo_takes_its_children_with_it_and_the_next_demo_removes_what_it_left(
+    killed: set[str],
+) -> None:
     """SIGKILL leaves the demo no time to stop its children (each in a session of its own): they
     served on, holding their sockets and the pods' namespaces, until found by hand. They are
     sent SIGTERM as the demo dies. Its namespaces, bridge and temp directory stayed, and the next
     demo refused to start until they were removed by hand; it removes them itself now, as the
     killed demo's record names them, says so, and runs."""
-    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
-    proc: subprocess.Popen[str] | None = None
-    pids: list[int] = []
-    try:
-        proc, pids = killed_demo()
-        wait_until(lambda: not any(alive(p) for p in pids), timeout=20, what="the demo's children to stop")
-        [tmp] = set(glob.glob("/tmp/zds-demo-*")) - tmp_before  # what it left
-        assert os.path.exists(RECORD)
-        again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert (
-            "   removed what an earlier demo that did not end left: zdsdemo-productpage, zdsdemo-ratings, "
-            f"zdsdemo-reviews, bridge zdsdemo0, {tmp}\n"
-        ) in again.stdout, again.stdout
-        assert leftovers() == [] and not os.path.exists(tmp) and not os.path.exists(RECORD)
-        assert set(glob.glob("/tmp/zds-demo-*")) == tmp_before
-    finally:
-        if proc is not None:
-            clean_after_killed(proc, pids, tmp_before)
+    [tmp] = set(glob.glob("/tmp/zds-demo-*")) - killed  # what it left
+    assert os.path.exists(RECORD)
+    again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (
+        "   removed what an earlier demo that did not end left: zdsdemo-productpage, zdsdemo-ratings, "
+        f"zdsdemo-reviews, bridge zdsdemo0, {tmp}\n"
+    ) in again.stdout, again.stdout
+    assert leftovers() == [] and not os.path.exists(tmp) and not os.path.exists(RECORD)
+    assert set(glob.glob("/tmp/zds-demo-*")) == killed
 
 
-def test_a_namespace_of_the_demos_names_it_did_not_make_is_never_removed() -> None:
+def test_a_namespace_of_the_demos_names_it_did_not_make_is_never_removed(killed: set[str]) -> None:
     """Only what the killed demo's record proves it made goes: a namespace made since under
     one of its names (another identity) stays, and the next demo names the command instead."""
-    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
-    proc: subprocess.Popen[str] | None = None
-    pids: list[int] = []
-    try:
-        proc, pids = killed_demo()
-        wait_until(lambda: not any(alive(p) for p in pids), timeout=20, what="the demo's children to stop")
-        for argv in (["delete", "zdsdemo-reviews"], ["create", "zdsdemo-reviews"]):  # someone else's now
-            subprocess.run([*ZDS, "netns", *argv], check=True, capture_output=True)
-        theirs = os.stat("/var/run/netns/zdsdemo-reviews").st_ino
-        again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=120)
-        assert again.returncode == 1, again.stdout + again.stderr
-        assert again.stderr == (
-            "zds demo: namespaces from an earlier demo exist: zdsdemo-reviews; "
-            "remove them with: zds netns delete --bridge zdsdemo0 zdsdemo-reviews\n"
-        )
-        assert (
-            "removed what an earlier demo that did not end left: zdsdemo-productpage, zdsdemo-ratings, "
-            in (again.stdout)
-        )
-        assert [n for n in list_netns() if n.startswith("zdsdemo-")] == ["zdsdemo-reviews"]
-        assert os.stat("/var/run/netns/zdsdemo-reviews").st_ino == theirs
-    finally:
-        if proc is not None:
-            clean_after_killed(proc, pids, tmp_before)
+    for argv in (["delete", "zdsdemo-reviews"], ["create", "zdsdemo-reviews"]):  # someone else's now
+        subprocess.run([*ZDS, "netns", *argv], check=True, capture_output=True)
+    theirs = os.stat("/var/run/netns/zdsdemo-reviews").st_ino
+    again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert again.stderr == (
+        "zds demo: namespaces from an earlier demo exist: zdsdemo-reviews; "
+        "remove them with: zds netns delete --bridge zdsdemo0 zdsdemo-reviews\n"
+    )
+    assert "removed what an earlier demo that did not end left: zdsdemo-productpage, zdsdemo-ratings, " in (
+        again.stdout
+    )
+    assert [n for n in list_netns() if n.startswith("zdsdemo-")] == ["zdsdemo-reviews"]
+    assert os.stat("/var/run/netns/zdsdemo-reviews").st_ino == theirs
 
 
 def test_a_record_it_cannot_write_is_said_in_one_line_before_anything_is_made() -> None:
