@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TypeVar
@@ -33,6 +35,7 @@ from zds import defaults
 from .enter import in_netns
 from .errors import NetnsError
 from .handle import open_netns
+from .kernel import CLONE_NEWNET, THREAD_NETNS, _libc
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,43 @@ def _set_link_up(ifname: str) -> None:
         ipr.link("set", index=index, state="up")
 
 
-def _create_named(name: str, path: str) -> None:
+def _made_in_a_thread(path: str, told: Callable[[str], None]) -> None:
+    """A new netns bind-mounted on ``path`` by a thread of its own (unshare changes that
+    thread's netns only, and the thread ends with it), ``told`` first of the namespace by a
+    path that names it before ``path`` does (the thread's own, ``THREAD_NETNS``), and
+    loopback up. What went wrong is raised here."""
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            if _libc().unshare(CLONE_NEWNET) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+            told(THREAD_NETNS)
+            pyroute2_netns._create(path, None, pid="thread-self")  # (no unshare: given the pid)
+            _set_link_up("lo")
+        except BaseException as e:  # (raised in the caller's thread)
+            failed.append(e)
+
+    thread = threading.Thread(target=make, name="zds-netns-create", daemon=True)
+    thread.start()
+    interrupted: BaseException | None = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except BaseException as e:  # (Ctrl-C: what the thread began ends first, then is undone)
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    if failed:
+        raise failed[0]
+
+
+def _create_named(name: str, path: str, told: Callable[[str], None] | None = None) -> None:
     try:
+        if told is not None:
+            _made_in_a_thread(path, told)
+            return
         # What pyroute2.netns.create does (a forked child unshares and bind-mounts
         # its netns on path), but with the child always reaped: netns.create
         # leaves a zombie behind when the child reports an error.
@@ -113,13 +151,16 @@ def _create_named(name: str, path: str) -> None:
         raise
 
 
-def create_netns(name: str) -> str:
-    """Create the named network namespace ``/var/run/netns/NAME`` with loopback up; return its path."""
+def create_netns(name: str, *, told: Callable[[str], None] | None = None) -> str:
+    """Create the named network namespace ``/var/run/netns/NAME`` with loopback up; return its path.
+
+    ``told(where)``: called with a path that names the new namespace before it has its name
+    (a record of what is whose then names it before anyone can find it by name)."""
     check_name(name)
     path = netns_path(name)
     if os.path.lexists(path):
         raise NetnsError(_exists_message(name, path))
-    off_event_loop(lambda: _create_named(name, path))
+    off_event_loop(lambda: _create_named(name, path, told))
     log.debug("created netns", extra={"netns": path})
     return path
 

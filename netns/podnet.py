@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import ipaddress
 import logging
 import os
+import random
 import socket
 import threading
 from collections.abc import Callable
@@ -106,12 +108,17 @@ def _delete_our_veth(ifname: str) -> None:
 
 
 def remove_bridge_if_unused(bridge: str, *, index: int | None = None) -> bool:
-    """Delete ``bridge`` if ``zds netns`` made it and no interface is attached to it any more
-    (and, given ``index``, it is still that link); True if it was deleted."""
+    """Delete ``bridge`` if no interface is attached to it any more and it is ours: ``zds
+    netns`` made it (its alias says so), or, given ``index``, a record made as it was made
+    says it is that link (which has no alias yet if its maker died at once); True if deleted."""
     expected = index
     with IPRoute() as ipr:
         index = link_index(ipr, bridge)
-        if index is None or not is_ours(ipr, index, "bridge") or expected not in (None, index):
+        if index is None:
+            return False
+        if expected is None and not is_ours(ipr, index, "bridge"):
+            return False
+        if expected is not None and (index != expected or kind_and_alias(ipr, index)[0] != "bridge"):
             return False
         if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
             return False
@@ -135,10 +142,11 @@ class PodNetwork:
         subnet4: str = "10.177.0.0/24",
         subnet6: str = "fd00:177::/64",
         *,
-        made: Callable[[str, str], None] | None = None,
+        made: Callable[[str, str, str | int], None] | None = None,
     ) -> None:
-        """``made(kind, name)``: told of each bridge and netns made, in the very section that
-        makes it (before anything else is done with it), for a record of what is whose."""
+        """``made(kind, name, where)``: told of each bridge and netns before it is made or named,
+        for a record of what is whose: a netns before it has its name (``where``: a path that
+        names it then), the bridge before it is made (``where``: the ifindex it is made with)."""
         if not bridge or len(bridge) > IFNAME_MAX or "/" in bridge or bridge.strip() != bridge:
             raise NetnsError(f'bad bridge name "{bridge}": 1 to {IFNAME_MAX} characters, no "/" or spaces')
         try:
@@ -249,18 +257,16 @@ class PodNetwork:
                     f" (--subnet{which.version})"
                 )
             try:
-                ipr.link("add", ifname=self.bridge, kind="bridge")
+                self._add_bridge(ipr)
             except NetlinkError as e:
                 if e.code == errno.EEXIST:
                     raise NetnsError(
                         f"bridge {self.bridge} exists already: another PodNetwork is using it or a"
                         " previous run left it behind; pick another bridge name, or delete that"
-                        " link if it is stale"
+                        f" link if it is stale (ip link del {self.bridge})"
                     ) from None
                 raise NetnsError(f"cannot create bridge {self.bridge}: {os.strerror(e.code)}") from None
             self._bridge_made = True
-            if self._made is not None:
-                self._made("bridge", self.bridge)
             index = link_index(ipr, self.bridge)
             ipr.link("set", index=index, ifalias=LINK_ALIAS)
             ipr.addr("add", index=index, address=self.gateway4, prefixlen=self._net4.prefixlen)
@@ -275,6 +281,23 @@ class PodNetwork:
         # Until close() is called, interpreter exit cleans up (bound methods compare equal,
         # so close() can unregister this very registration).
         atexit.register(self.close)
+
+    def _add_bridge(self, ipr: IPRoute) -> None:
+        """The bridge link; with a ``made`` hook, at an ifindex told to it before the link is
+        made (a record then names it, name and index, before anyone can find it)."""
+        if self._made is None:
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+            return
+        for _ in range(8):
+            index = random.randrange(1 << 20, 1 << 30)
+            self._made("bridge", self.bridge, index)
+            try:
+                ipr.link("add", ifname=self.bridge, kind="bridge", index=index)
+                return
+            except NetlinkError as e:
+                if e.code != errno.EEXIST or link_index(ipr, self.bridge) is not None:
+                    raise  # (EEXIST of the name: said by the caller)
+        raise NetnsError(f"cannot create bridge {self.bridge}: no free interface index found")
 
     def _wire_pod(self, pod: PodFixture, undo: ExitStack) -> None:
         with open_netns(pod.netns_path) as handle:
@@ -329,10 +352,9 @@ class PodNetwork:
                 # Each thing made is noted in the same held section (an interrupt, Ctrl-C or
                 # SIGTERM, waits for its end): one landing in between left it for good.
                 with runtime.interrupts_held():
-                    create_netns(name)
+                    told = None if self._made is None else functools.partial(self._made, "netns", name)
+                    create_netns(name, told=told)
                     undo.callback(delete_netns, name, missing_ok=True)
-                    if self._made is not None:
-                        self._made("netns", name)
                 try:
                     self._wire_pod(pod, undo)
                 except NetlinkError as e:

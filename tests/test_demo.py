@@ -231,6 +231,61 @@ def test_a_namespace_of_the_demos_names_it_did_not_make_is_never_removed(killed:
     assert os.stat("/var/run/netns/zdsdemo-reviews").st_ino == theirs
 
 
+def test_a_killed_demo_not_reaped_yet_is_gone_and_a_record_it_was_writing_goes_too() -> None:
+    """A killed demo its parent had not reaped yet (a zombie) was taken for one that still runs,
+    and a record it was killed writing (RECORD.PID) stayed for good."""
+    partial = f"{RECORD}.{2**22 + 1}"  # (no process has that pid: above the largest pid_max)
+    with open(partial, "w") as f:
+        f.write('{"pid": ')
+    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
+    proc = subprocess.Popen(
+        [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        seen = [proc.stdout.readline()]
+        while seen[-1] and not seen[-1].startswith("4. "):
+            seen.append(proc.stdout.readline())
+        pids = pids_in("".join(seen))
+        os.kill(proc.pid, signal.SIGKILL)  # (not reaped: a zombie until proc.wait below)
+        wait_until(lambda: not alive(proc.pid), timeout=10, what="the demo to die")
+        again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "removed what an earlier demo that did not end left: zdsdemo-productpage" in again.stdout
+        assert not os.path.exists(partial) and leftovers() == []
+    finally:
+        proc.wait(10)
+        clean_after_killed(proc, pids, tmp_before)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+
+
+def test_a_name_a_killed_demo_made_and_did_not_mount_yet_goes_too() -> None:
+    """Killed between a pod namespace's name (an empty file) and its mount, a demo left an empty
+    entry its record names, and the next one refused for good (the record gone by then)."""
+    entry = "/var/run/netns/zdsdemo-reviews"
+    with open(RECORD, "w") as record:
+        json.dump(
+            {"pid": 2**22 + 1, "started": 1, "tmp": None, "keep_logs": False, "bridge": None}
+            | {"netns": {"zdsdemo-reviews": [4, 4026531840, 1]}},
+            record,
+        )
+    open(entry, "x").close()
+    try:
+        done = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert (
+            "removed what an earlier demo that did not end left: zdsdemo-reviews (an empty entry)\n"
+            in done.stdout
+        )
+        assert leftovers() == [] and not os.path.exists(RECORD)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(RECORD)
+        subprocess.run([*ZDS, "netns", "delete", "--missing-ok", "zdsdemo-reviews"], capture_output=True)
+
+
 def test_a_record_it_cannot_write_is_said_in_one_line_before_anything_is_made() -> None:
     """A record that could not be written ended the demo in a traceback and left its half-written
     file beside it."""

@@ -183,8 +183,8 @@ def test_an_interrupt_right_after_a_pod_part_is_made_leaves_nothing(
 
     real = getattr(podnet, after) if after == "create_netns" else getattr(podnet.PodNetwork, after)
 
-    def then_interrupted(*args: object) -> object:
-        done = real(*args)
+    def then_interrupted(*args: object, **kwargs: object) -> object:
+        done = real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return done
 

@@ -27,6 +27,7 @@ from tests import harness
 from tests.harness import Subnets, free_subnets, open_fds, pod_network
 from zds.netns import NetnsError, NetnsIdentity, in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns, list_netns
+from zds.netns.kernel import netns_identity_of_path
 from zds.netns.links import ifname_for
 from zds.netns.podnet import PodFixture, PodNetwork
 
@@ -622,19 +623,29 @@ def test_the_echo_app_out_of_fds_waits_between_accepts_instead_of_spinning() -> 
     assert 0 < int(during) <= 30, f"{during} accepts in 1 s out of fds (one every 0.1 s expected)"
 
 
-def test_a_pod_networks_made_hook_hears_of_each_thing_as_it_is_made_before_it_is_wired() -> None:
-    """A record of what is whose (``zds demo``'s) must name each thing before anything else is
-    done with it: a demo killed while it wired a pod left a namespace its record did not name."""
-    heard: list[tuple[str, str, bool]] = []
+def test_a_pod_networks_made_hook_hears_of_each_netns_before_it_has_its_name() -> None:
+    """A record of what is whose (``zds demo``'s) must name each namespace before anyone can
+    find it by its name: a demo killed while it made or wired a pod left a namespace its record
+    did not name, and the next one refused to start."""
+    heard: list[tuple[str, str, bool, object]] = []
     name = unique()
+    bridge = unique("zdst-br-")
 
-    def made(kind: str, what: str) -> None:  # (the pod's veth: not there yet when its netns is heard of)
-        heard.append((kind, what, ifname_for("zv-", name) in host_links()))
+    def made(kind: str, what: str, where: str | int) -> None:
+        # (a netns is heard of before it has its name, by a path that names it then; the bridge
+        # before it is made, by the ifindex it is made with)
+        there = os.path.exists(f"/var/run/netns/{name}") if kind == "netns" else bridge in host_links()
+        heard.append((kind, what, there, netns_identity_of_path(str(where)) if kind == "netns" else where))
 
-    net = PodNetwork(unique("zdst-br-"), *free_subnets(), made=made)
+    net = PodNetwork(bridge, *free_subnets(), made=made)
     try:
         net.add_pod(name)
-        assert heard == [("bridge", net.bridge, False), ("netns", name, False)]
+        [made_bridge, made_netns] = heard
+        assert made_bridge[:3] == ("bridge", bridge, False)
+        with IPRoute() as ipr:
+            assert made_bridge[3] == ipr.link_lookup(ifname=bridge)[0]  # the link made since
+        assert made_netns[:3] == ("netns", name, False)
+        assert made_netns[3] == netns_identity_of_path(f"/var/run/netns/{name}")  # the one named since
         assert ifname_for("zv-", name) in host_links()
     finally:
         net.close()

@@ -2,12 +2,13 @@
 the next one once it knows that it is that demo's.
 
 A demo writes ``RECORD`` before it makes anything (its pid and when it started), then as it
-makes each thing, in the section that makes it: its temp directory, the bridge (name and
-link index), each pod's namespace (name, identity and cookie). Its clean-up removes the
+makes each thing: its temp directory, the bridge (name and the ifindex it is made with)
+before it is made, each pod's namespace (name, identity and cookie) before it has that name. Its clean-up removes the
 record last. The next demo (holding the one-demo claim) finds the record of a process that
 is gone and removes exactly what it names and is still the same thing: a namespace of that
 name with the recorded identity and cookie (and the pod's veth, if ``zds netns`` made it),
-the bridge if it is still that link and unused, the temp directory (kept if ``--keep-logs``
+the bridge if it is still that link and unused (its alias not needed: it has none if its
+maker died at once), the temp directory (kept if ``--keep-logs``
 asked for it). A namespace of the demo's names it cannot prove it made (no record, another
 identity) stays, and the demo refuses with the command that removes it by hand.
 """
@@ -15,24 +16,23 @@ identity) stays, and the demo refuses with the command that removes it by hand.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from zds import defaults
 from zds.demo.probes import DemoError
 from zds.netns import NetnsError
 from zds.netns.enter import netns_cookie
-from zds.netns.fixtures import list_netns, netns_path
+from zds.netns.fixtures import delete_netns, list_netns, netns_path
 from zds.netns.handle import open_netns
 from zds.netns.kernel import netns_identity_of_path
-from zds.netns.links import link_index
 from zds.netns.podnet import delete_pod, remove_bridge_if_unused
 
 #: Where a running demo says what it made (beside /var/run/netns: gone at a reboot with them).
@@ -44,10 +44,12 @@ RECORD_MAX = 64 * 1024
 
 
 def _started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot); None if there is none."""
+    """When process ``pid`` started (clock ticks since boot); None if there is none (or only
+    its zombie, which its parent has not reaped yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])
+            fields = f.read().rpartition(")")[2].split()
+        return None if fields[0] == "Z" else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -69,11 +71,6 @@ def _fingerprint(path: str) -> list[int] | None:
     return [identity.dev, identity.ino, -1 if cookie is None else cookie]
 
 
-def _link_index(name: str) -> int | None:
-    with IPRoute() as ipr:
-        return link_index(ipr, name)
-
-
 class Record:
     """This demo's record of what it made (``RECORD``), written before anything is made and
     again as each thing is (``made``, ``tmp``); DemoError if it cannot be written."""
@@ -84,19 +81,29 @@ class Record:
         self._doc.update(netns={}, bridge=None)
         self._write()
 
-    def tmp(self, path: str, keep_logs: bool) -> None:
-        """Its temp directory (``keep_logs``: to be kept)."""
-        self._doc.update(tmp=path, keep_logs=keep_logs)
-        self._write()
+    def make_tmp(self, keep_logs: bool) -> str:
+        """Its temp directory, recorded before it is made (``keep_logs``: to be kept); as
+        ``tempfile.mkdtemp`` makes one (a new random name, mode 0700)."""
+        while True:
+            path = os.path.join(tempfile.gettempdir(), TMP_PREFIX + secrets.token_hex(6))
+            self._doc.update(tmp=path, keep_logs=keep_logs)
+            self._write()
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                continue
+            return path
 
-    def made(self, kind: str, name: str) -> None:
-        """``PodNetwork``'s ``made``: a bridge or a pod's namespace was made just now."""
+    def made(self, kind: str, name: str, where: str | int) -> None:
+        """``PodNetwork``'s ``made``: a pod's namespace is being made (``where`` names it, not
+        yet ``name``), or the bridge is about to be (``where``: its ifindex to be)."""
         if kind == "netns":
-            fingerprint = _fingerprint(netns_path(name))
-            if fingerprint is not None:
-                self._doc["netns"][name] = fingerprint
-        elif kind == "bridge":
-            self._doc["bridge"] = [name, _link_index(name)]
+            fingerprint = _fingerprint(str(where))
+            if fingerprint is None:
+                raise DemoError(f"cannot tell which namespace {name} is ({where}): not recorded, not made")
+            self._doc["netns"][name] = fingerprint
+        elif kind == "bridge" and isinstance(where, int):
+            self._doc["bridge"] = [name, where]
         self._write()
 
     def done(self) -> None:
@@ -162,6 +169,7 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
     the same link still); ``say`` what was removed. DemoError if namespaces named ``prefix``*
     stay that no record proves to be a gone demo's (they are left as they are)."""
     ours = set(names)
+    _clear_partials()
     doc = _read()
     if doc is not None:
         pid = doc["pid"]
@@ -171,9 +179,14 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
             )
         removed: list[str] = []
         for name, fingerprint in sorted(doc["netns"].items()):
-            if name in ours and _fingerprint(netns_path(name)) == fingerprint:
+            if name not in ours:
+                continue
+            if _fingerprint(netns_path(name)) == fingerprint:
                 delete_pod(name)
                 removed.append(name)
+            elif _half_made(netns_path(name)):  # (killed between the name's file and its mount)
+                delete_netns(name)
+                removed.append(f"{name} (an empty entry)")
         made_bridge = doc.get("bridge")
         if (
             made_bridge is not None
@@ -194,12 +207,33 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
         )
 
 
+def _half_made(path: str) -> bool:
+    """``path`` is what a netns name is before the namespace is mounted on it: an empty
+    regular file of its own, no mount point."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0 and not os.path.ismount(path)
+
+
+def _clear_partials() -> None:
+    """Records a demo was killed while writing (``RECORD.PID``, the pid gone) are removed."""
+    for partial in glob.glob(f"{glob.escape(RECORD)}.*"):
+        pid = partial.rpartition(".")[2]
+        if pid.isdigit() and _started(int(pid)) is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+
+
 def _clear_tmp(doc: dict[str, Any]) -> list[str]:
     """The recorded temp directory removed (kept if its demo asked to keep its logs, or if it
     is not where, and as, demos make theirs): what to say of it."""
     tmp = doc["tmp"]
     if tmp is None or not os.path.isdir(tmp) or os.path.islink(tmp):
         return []
+    if os.lstat(tmp).st_uid != os.getuid():  # (its name reused by someone else since)
+        return [f"(its temporary directory {tmp} stays: it is not this user's)"]
     if os.path.dirname(tmp) != tempfile.gettempdir() or not os.path.basename(tmp).startswith(TMP_PREFIX):
         return [f"(its temporary directory {tmp} stays: not a {tempfile.gettempdir()}/{TMP_PREFIX}* one)"]
     if doc.get("keep_logs") is True:

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from typing import Any
 
 import grpc
@@ -27,7 +26,7 @@ from zds.demo.probes import (
     no_listeners,
     wait_for,
 )
-from zds.demo.remains import TMP_PREFIX, Record, clear_earlier
+from zds.demo.remains import Record, clear_earlier
 from zds.demo.supervision import Supervisor
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.netns import NetnsError
@@ -65,7 +64,7 @@ class Demo:
 
     def __init__(self, narrator: Narrator, keep_logs: bool, subnets: tuple[str, str]) -> None:
         # The pods' network, checked before anything is made (made with the first pod).
-        network = PodNetwork(BRIDGE, *subnets, made=lambda kind, name: self.record.made(kind, name))
+        network = PodNetwork(BRIDGE, *subnets, made=lambda *what: self.record.made(*what))
         self.claim = _claim()
         self.n = narrator
         self.keep_logs = keep_logs
@@ -73,8 +72,7 @@ class Demo:
         # what it makes, before it makes anything (``zds.demo.remains``).
         clear_earlier([PREFIX + name for name in PODS], PREFIX, BRIDGE, narrator.say)
         self.record = Record()
-        self.tmp = tempfile.mkdtemp(prefix=TMP_PREFIX)
-        self.record.tmp(self.tmp, keep_logs)
+        self.tmp = self.record.make_tmp(keep_logs)
         self.net: PodNetwork | None = None
         self._network = network
         self.pods: dict[str, PodFixture] = {}
