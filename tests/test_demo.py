@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -149,11 +150,19 @@ def test_a_second_demo_while_one_runs_says_so_and_touches_nothing() -> None:
     assert leftovers() == []
 
 
+@dataclasses.dataclass
+class Enrolling:
+    """A demo at its step 4 (its pods made and wired, both children running)."""
+
+    proc: subprocess.Popen[str]
+    pids: list[int]
+    tmp_before: set[str]
+
+
 @pytest.fixture
-def killed() -> Iterator[set[str]]:
-    """A demo SIGKILLed once both its children run (its pods made and wired), its children
-    gone with it; yields the demo temp directories there were before it. Whatever it and the
-    test leave is removed afterwards, also when the test fails."""
+def enrolling() -> Iterator[Enrolling]:
+    """A demo once both its children run; whatever it and the test leave is removed afterwards
+    (by PID: the demo and its children), also when the test fails."""
     tmp_before = set(glob.glob("/tmp/zds-demo-*"))
     proc = subprocess.Popen(
         [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -166,12 +175,21 @@ def killed() -> Iterator[set[str]]:
             seen.append(proc.stdout.readline())
         pids = pids_in("".join(seen))
         assert len(pids) == 2, "".join(seen)
-        proc.kill()
-        proc.wait(10)
-        wait_until(lambda: not any(alive(p) for p in pids), timeout=20, what="the demo's children to stop")
-        yield tmp_before
+        yield Enrolling(proc, pids, tmp_before)
     finally:
         clean_after_killed(proc, pids, tmp_before)
+
+
+@pytest.fixture
+def killed(enrolling: Enrolling) -> set[str]:
+    """That demo SIGKILLed, its children gone with it: the demo temp directories there were
+    before it."""
+    enrolling.proc.kill()
+    enrolling.proc.wait(10)
+    wait_until(
+        lambda: not any(alive(p) for p in enrolling.pids), timeout=20, what="the demo's children to stop"
+    )
+    return enrolling.tmp_before
 
 
 def clean_after_killed(proc: subprocess.Popen[str], pids: list[int], tmp_before: set[str]) -> None:
@@ -231,32 +249,22 @@ def test_a_namespace_of_the_demos_names_it_did_not_make_is_never_removed(killed:
     assert os.stat("/var/run/netns/zdsdemo-reviews").st_ino == theirs
 
 
-def test_a_killed_demo_not_reaped_yet_is_gone_and_a_record_it_was_writing_goes_too() -> None:
+def test_a_killed_demo_not_reaped_yet_is_gone_and_a_record_it_was_writing_goes_too(
+    enrolling: Enrolling,
+) -> None:
     """A killed demo its parent had not reaped yet (a zombie) was taken for one that still runs,
     and a record it was killed writing (RECORD.PID) stayed for good."""
     partial = f"{RECORD}.{2**22 + 1}"  # (no process has that pid: above the largest pid_max)
     with open(partial, "w") as f:
         f.write('{"pid": ')
-    tmp_before = set(glob.glob("/tmp/zds-demo-*"))
-    proc = subprocess.Popen(
-        [*ZDS, "demo", "--no-color"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    pids: list[int] = []
     try:
-        assert proc.stdout is not None
-        seen = [proc.stdout.readline()]
-        while seen[-1] and not seen[-1].startswith("4. "):
-            seen.append(proc.stdout.readline())
-        pids = pids_in("".join(seen))
-        os.kill(proc.pid, signal.SIGKILL)  # (not reaped: a zombie until proc.wait below)
-        wait_until(lambda: not alive(proc.pid), timeout=10, what="the demo to die")
+        os.kill(enrolling.proc.pid, signal.SIGKILL)  # (not reaped: a zombie until the clean-up)
+        wait_until(lambda: not alive(enrolling.proc.pid), timeout=10, what="the demo to die")
         again = subprocess.run([*ZDS, "demo", "--no-color"], capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "removed what an earlier demo that did not end left: zdsdemo-productpage" in again.stdout
         assert not os.path.exists(partial) and leftovers() == []
     finally:
-        proc.wait(10)
-        clean_after_killed(proc, pids, tmp_before)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
 

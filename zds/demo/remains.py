@@ -37,7 +37,7 @@ from zds.netns.podnet import delete_pod, remove_bridge_if_unused
 
 #: Where a running demo says what it made (beside /var/run/netns: gone at a reboot with them).
 RECORD = os.path.join(os.path.dirname(defaults.NETNS_RUN_DIR), "zds-demo.json")
-#: The temp directories demos make (``tempfile.mkdtemp(prefix=...)``).
+#: The names of the temp directories demos make (``Record.make_tmp``).
 TMP_PREFIX = "zds-demo-"
 #: A record is small; anything bigger at ``RECORD`` is not one.
 RECORD_MAX = 64 * 1024
@@ -73,7 +73,7 @@ def _fingerprint(path: str) -> list[int] | None:
 
 class Record:
     """This demo's record of what it made (``RECORD``), written before anything is made and
-    again as each thing is (``made``, ``tmp``); DemoError if it cannot be written."""
+    again before each thing is (``make_tmp``, ``made``); DemoError if it cannot be written."""
 
     def __init__(self) -> None:
         pid = os.getpid()
