@@ -47,9 +47,12 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
         print(f"zds check {role}: {exc}", file=sys.stderr)
         return 2
     except asyncio.CancelledError:
-        return _stopped(role)
-    if _stopped_by:  # (it came as the last check ended, too late to cut it short: said the same)
-        return _stopped(role)
+        signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
+        print(
+            f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
+            file=sys.stderr,
+        )
+        return 128 + signum
     sys.stdout.write(report.render_text())
     sys.stdout.flush()
     for path, text in ((args.json, report.render_json), (args.junit, report.render_junit)):
@@ -61,16 +64,6 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
                 print(f"zds check {role}: cannot write {path}: {exc.strerror}", file=sys.stderr)
                 return 2
     return 0 if report.ok else 1
-
-
-def _stopped(role: str) -> int:
-    """A stop signal ended the run (its clean-up done): one line, 128 + the signal."""
-    signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
-    print(
-        f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
-        file=sys.stderr,
-    )
-    return 128 + signum
 
 
 def _no_socket(path: str) -> str:
