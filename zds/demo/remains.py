@@ -26,6 +26,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pyroute2 import NetlinkError
+
 from zds import defaults
 from zds.demo.probes import DemoError
 from zds.netns import NetnsError
@@ -177,24 +179,10 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
             raise DemoError(
                 f"the zds demo with pid {pid} still runs (it holds its namespaces); wait for it to end"
             )
-        removed: list[str] = []
-        for name, fingerprint in sorted(doc["netns"].items()):
-            if name not in ours:
-                continue
-            if _fingerprint(netns_path(name)) == fingerprint:
-                delete_pod(name)
-                removed.append(name)
-            elif _half_made(netns_path(name)):  # (killed between the name's file and its mount)
-                delete_netns(name)
-                removed.append(f"{name} (an empty entry)")
-        made_bridge = doc.get("bridge")
-        if (
-            made_bridge is not None
-            and made_bridge[0] == bridge
-            and remove_bridge_if_unused(bridge, index=made_bridge[1])
-        ):
-            removed.append(f"bridge {bridge}")
-        removed += _clear_tmp(doc)
+        try:
+            removed = _remove_recorded(doc, ours, bridge)
+        except (NetlinkError, OSError) as exc:  # (NetnsError: said as it is by the demo)
+            raise DemoError(f"cannot remove what an earlier demo left: {exc}") from None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(RECORD)
         if removed:
@@ -205,6 +193,30 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
             f"namespaces from an earlier demo exist: {', '.join(stay)}; "
             f"remove them with: zds netns delete --bridge {bridge} {' '.join(stay)}"
         )
+
+
+def _remove_recorded(doc: dict[str, Any], ours: set[str], bridge: str) -> list[str]:
+    """What ``doc`` names and is still that thing, removed: what to say of it. A namespace
+    is proven by its identity *and* its cookie (inode numbers are reused; without a cookie
+    from the kernel, -1, nothing proves it)."""
+    removed: list[str] = []
+    for name, fingerprint in sorted(doc["netns"].items()):
+        if name not in ours:
+            continue
+        if fingerprint[2] != -1 and _fingerprint(netns_path(name)) == fingerprint:
+            delete_pod(name)
+            removed.append(name)
+        elif _half_made(netns_path(name)):  # (killed between the name's file and its mount)
+            delete_netns(name)
+            removed.append(f"{name} (an empty entry)")
+    made_bridge = doc.get("bridge")
+    if (
+        made_bridge is not None
+        and made_bridge[0] == bridge
+        and remove_bridge_if_unused(bridge, index=made_bridge[1])
+    ):
+        removed.append(f"bridge {bridge}")
+    return removed + _clear_tmp(doc)
 
 
 def _half_made(path: str) -> bool:
