@@ -111,16 +111,15 @@ def remove_bridge_if_unused(bridge: str, *, index: int | None = None) -> bool:
     """Delete ``bridge`` if no interface is attached to it any more and it is ours: ``zds
     netns`` made it (its alias says so), or, given ``index``, a record made as it was made
     says it is that link (which has no alias yet if its maker died at once); True if deleted."""
-    expected = index
     with IPRoute() as ipr:
-        index = link_index(ipr, bridge)
-        if index is None:
+        found = link_index(ipr, bridge)
+        if found is None:
             return False
-        if expected is None and not is_ours(ipr, index, "bridge"):
+        if index is None and not is_ours(ipr, found, "bridge"):
             return False
-        if expected is not None and (index != expected or kind_and_alias(ipr, index)[0] != "bridge"):
+        if index is not None and (found != index or kind_and_alias(ipr, found)[0] != "bridge"):
             return False
-        if any(link.get_attr("IFLA_MASTER") == index for link in ipr.get_links()):
+        if any(link.get_attr("IFLA_MASTER") == found for link in ipr.get_links()):
             return False
     delete_link(bridge)
     return True

@@ -36,7 +36,15 @@ from typing import Self
 
 from zds.netns import NetnsIdentity
 from zds.server.pods import PodSpec
-from zds.server.storefile import COLUMN_NAMES, COLUMNS, WAL_SIZE_LIMIT, StoreError, explain, open_db
+from zds.server.storefile import (
+    COLUMN_NAMES,
+    COLUMNS,
+    WAL_SIZE_LIMIT,
+    StoreError,
+    explain,
+    open_db,
+    schema_version,
+)
 from zds.server.storerows import StoredPod, parse_row, values
 
 log = logging.getLogger("zds.server.store")
@@ -312,8 +320,7 @@ class PodStore:
         self._probed = time.monotonic()
         with contextlib.suppress(StoreError):
             with self._write():
-                version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-                self._db.execute(f"PRAGMA user_version = {version}")
+                self._db.execute(f"PRAGMA user_version = {schema_version(self._db)}")
             self.failing = ""  # (no row changed, but a page was written and committed)
         return self.failing
 

@@ -34,7 +34,6 @@ from zds.netns import NetnsError
 from zds.netns.enter import netns_cookie
 from zds.netns.fixtures import delete_netns, list_netns, netns_path
 from zds.netns.handle import open_netns
-from zds.netns.kernel import netns_identity_of_path
 from zds.netns.podnet import delete_pod, remove_bridge_if_unused
 
 #: Where a running demo says what it made (beside /var/run/netns: gone at a reboot with them).
@@ -59,9 +58,6 @@ def _started(pid: int) -> int | None:
 def _fingerprint(path: str) -> list[int] | None:
     """[dev, ino, cookie] of the namespace at ``path`` (cookie -1 where the kernel has none);
     None if no namespace is there."""
-    identity = netns_identity_of_path(path)
-    if identity is None:
-        return None
     try:
         handle = open_netns(path)
     except NetnsError:
@@ -70,7 +66,7 @@ def _fingerprint(path: str) -> list[int] | None:
         cookie = netns_cookie(handle)
     finally:
         handle.close()
-    return [identity.dev, identity.ino, -1 if cookie is None else cookie]
+    return [handle.identity.dev, handle.identity.ino, -1 if cookie is None else cookie]
 
 
 class Record:
