@@ -34,7 +34,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Self
 
-from zds.netns import NetnsIdentity
+from zds.defaults import MAX_NETNS_PATH, MAX_POD_IPS
+from zds.netns import NetnsIdentity, NetnsRef
 from zds.server.pods import PodSpec
 from zds.server.storefile import (
     COLUMN_NAMES,
@@ -43,7 +44,6 @@ from zds.server.storefile import (
     StoreError,
     explain,
     open_db,
-    schema_version,
 )
 from zds.server.storerows import StoredPod, parse_row, values
 
@@ -51,11 +51,41 @@ log = logging.getLogger("zds.server.store")
 
 #: How often (seconds) ``/readyz`` may try a write while the pod store's last one failed.
 PROBE_EVERY = 1.0
+#: Free space (bytes) on the store's filesystem a probe asks for before it tries a write.
+PROBE_ROOM = 256 * 1024
+#: What a probe writes: a row of the largest size a pod's can have (each name at Kubernetes'
+#: longest, the most addresses, the longest netns path), of a uid no pod has (no NUL in one).
+_PROBE_ROW = StoredPod(
+    PodSpec(
+        "\0zds-probe",
+        "n" * 253,
+        "s" * 63,
+        "a" * 253,
+        NetnsRef.of_path("/" + "p" * (MAX_NETNS_PATH - 1)),
+        ips=("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",) * MAX_POD_IPS,
+    ),
+    NetnsIdentity(2**63 - 1, 2**63 - 1),
+    rules="r" * 16,
+    rules_digest="d" * 64,
+    removing=False,
+    enrolled_at=0.0,
+    cookie=2**63 - 1,
+)
 #: The -wal file past this (bytes) has outgrown its checkpoints: a reader holds them back.
 WAL_WARN_SIZE = 4 * WAL_SIZE_LIMIT
 #: Its size is looked at once every this many writes, and said at most this often (seconds).
 WAL_LOOK_WRITES = 256
 WAL_WARN_EVERY = 600.0
+
+
+def _has_room(directory: str, room: int) -> bool:
+    """Whether ``directory``'s filesystem has ``room`` bytes free for whoever is not root (a
+    disk past that is as good as full); True when it cannot be told."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return True
+    return fs.f_bavail * fs.f_frsize >= room
 
 
 class PodStore:
@@ -72,6 +102,9 @@ class PodStore:
         #: Writes committed, and when the -wal's size was last said (``_look_at_wal``).
         self._writes = 0
         self._wal_said: float | None = None
+        #: The -wal's size at the last look (said only while it grows: a reader gone since
+        #: leaves it at that size until a write restarts it).
+        self._wal_seen = 0
         #: ``put_soon``'s and ``intend_soon``'s rows waiting for the next turn of the loop, with
         #: their waiters (True: an install's row).
         self._soon: list[tuple[StoredPod, bool, asyncio.Future[None]]] = []
@@ -311,17 +344,31 @@ class PodStore:
         return int(self._db.execute("SELECT count(*) FROM pods").fetchone()[0])
 
     def probe(self, every: float = PROBE_EVERY) -> str:
-        """While the last write failed: try a write that changes nothing (the schema version
-        written again: a page, committed), at most once every ``every`` seconds, so that a
-        store whose disk has room again is said to be writable without waiting for a pod to
-        go in; ``failing`` then ('' once the write went through)."""
+        """While the last write failed: try what a pod's write does, at most once every
+        ``every`` seconds, so that a store whose disk has room again is said to be writable
+        without waiting for a pod to go in; ``failing`` then ('' once the write went through).
+
+        The write is a row of the largest size a pod's can have, put into ``pods`` and
+        ``installs`` and deleted again in one transaction (nothing changes; their pages are
+        written and committed: a page written elsewhere proved nothing of theirs); it is tried
+        only with ``PROBE_ROOM`` free on the store's filesystem (room for one pod's rows is not
+        room for the next pod's: ready, then not, at every pod) and without waiting for a lock
+        another process holds (``/readyz`` answers on the event loop)."""
         if not self.failing or self._closed or time.monotonic() - self._probed < every:
             return self.failing
         self._probed = time.monotonic()
-        with contextlib.suppress(StoreError):
-            with self._write():
-                self._db.execute(f"PRAGMA user_version = {schema_version(self._db)}")
-            self.failing = ""  # (no row changed, but a page was written and committed)
+        if not _has_room(os.path.dirname(self.path), PROBE_ROOM):
+            return self.failing
+        busy = int(self._db.execute("PRAGMA busy_timeout").fetchone()[0])
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            with contextlib.suppress(StoreError), self._write():
+                marks = ", ".join("?" * len(COLUMN_NAMES))
+                for table in ("pods", "installs"):
+                    self._db.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES ({marks})", values(_PROBE_ROW))
+                    self._db.execute(f"DELETE FROM {table} WHERE uid = ?", (_PROBE_ROW.spec.uid,))
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {busy}")
         return self.failing
 
     @contextlib.contextmanager
@@ -348,8 +395,13 @@ class PodStore:
             size = os.stat(f"{self.path}-wal").st_size
         except OSError:
             return
-        now = time.monotonic()
-        if size > WAL_WARN_SIZE and (self._wal_said is None or now - self._wal_said >= WAL_WARN_EVERY):
+        now, grew = time.monotonic(), size > self._wal_seen
+        self._wal_seen = size
+        if (
+            size > WAL_WARN_SIZE
+            and grew
+            and (self._wal_said is None or now - self._wal_said >= WAL_WARN_EVERY)
+        ):
             self._wal_said = now
             log.warning(
                 "the pod store's write-ahead log %s-wal is %d MB and growing: a reader holds its "

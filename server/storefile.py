@@ -77,7 +77,7 @@ _POD_COLUMNS: dict[int, tuple[str, ...]] = {
     3: ("netns_cookie",),
 }
 
-#: The columns of a row, in both tables, in the order ``store``'s ``_values`` and ``_parse`` use.
+#: The columns of a row, in every table, in the order ``storerows``' ``values`` and ``parse_row`` use.
 COLUMN_NAMES = tuple(column for added in _POD_COLUMNS.values() for column in added)
 COLUMNS = ", ".join(COLUMN_NAMES)
 
@@ -146,7 +146,7 @@ def open_db(state_dir: str, *, used_before: bool) -> tuple[str, sqlite3.Connecti
     return path, db
 
 
-def schema_version(db: sqlite3.Connection) -> int:
+def _schema_version(db: sqlite3.Connection) -> int:
     """The file's schema version (``PRAGMA user_version``)."""
     return int(db.execute("PRAGMA user_version").fetchone()[0])
 
@@ -156,7 +156,7 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> int:
     schema version (0: an empty file, in a state directory no node agent used)."""
     try:
         result = db.execute("PRAGMA quick_check").fetchone()
-        version = schema_version(db)
+        version = _schema_version(db)
     except sqlite3.Error as exc:
         raise StoreError(explain(path, exc)) from exc
     if result is None or result[0] != "ok":
@@ -194,7 +194,7 @@ def _check(db: sqlite3.Connection, path: str, *, used_before: bool) -> int:
 
 def _migrate(db: sqlite3.Connection, path: str) -> None:
     """Bring the schema to SCHEMA_VERSION, one migration per transaction."""
-    version = schema_version(db)
+    version = _schema_version(db)
     for target in range(version + 1, SCHEMA_VERSION + 1):
         with db:
             db.execute("BEGIN IMMEDIATE")
@@ -208,7 +208,7 @@ def _check_writable(db: sqlite3.Connection) -> None:
     """Write nothing, but as a write would: SQLite opens a store it cannot write (the file
     immutable, a read-only mount) for reading without a word, and the node agent would
     then be ready and refuse every pod it is given. sqlite3.Error (SQLITE_READONLY) if so."""
-    version = schema_version(db)
+    version = _schema_version(db)
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute(f"PRAGMA user_version = {version}")

@@ -10,13 +10,15 @@ import os
 import pathlib
 import re
 import sqlite3
+import subprocess
+import threading
 
 import pytest
 
 from zds.netns import NetnsIdentity, NetnsRef
 from zds.server import storefile
 from zds.server.pods import PodSource, PodSpec
-from zds.server.store import WAL_LOOK_WRITES, WAL_WARN_SIZE, PodStore
+from zds.server.store import PROBE_EVERY, WAL_LOOK_WRITES, WAL_WARN_EVERY, WAL_WARN_SIZE, PodStore
 from zds.server.storefile import MIGRATIONS, SCHEMA_VERSION, StoreError
 from zds.server.storerows import StoredPod
 
@@ -515,12 +517,23 @@ def test_the_wal_grown_behind_a_long_reader_is_cut_back_once_it_is_gone(state: p
 
 
 def test_a_wal_a_reader_keeps_from_its_checkpoints_is_said_once(
-    state: pathlib.Path, caplog: pytest.LogCaptureFixture
+    state: pathlib.Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Held back by a reader, the -wal grew to 92 MB in a soak with nothing said: now a warning
-    names the file, its size and why, once (not at every write); none while checkpoints work."""
+    names the file, its size and why, once (not at every look past the size: again only
+    WAL_WARN_EVERY later, and only while it grows); none while checkpoints work."""
     store = open_store(state)
     caplog.set_level(logging.WARNING, logger="zds.server.store")
+    looks_past = 0
+    look = store._look_at_wal
+
+    def counted() -> None:
+        nonlocal looks_past
+        looks_past += (state / "pods.db-wal").stat().st_size > WAL_WARN_SIZE
+        look()
+
+    monkeypatch.setattr(store, "_look_at_wal", counted)
+    wal = state / "pods.db-wal"
     try:
         for i in range(3 * WAL_LOOK_WRITES):  # (no reader: the checkpoints keep it small)
             store.put(spec(f"u{i % 50}"), NetnsIdentity(4, i))
@@ -530,17 +543,89 @@ def test_a_wal_a_reader_keeps_from_its_checkpoints_is_said_once(
             reader.execute("BEGIN")
             reader.execute("SELECT count(*) FROM pods").fetchone()
             i = 0
-            while (state / "pods.db-wal").stat().st_size <= WAL_WARN_SIZE + 2 * WAL_LOOK_WRITES * 8192:
+            while looks_past < 3:
                 store.put(spec(f"u{i % 50}", ips=("10.0.0.1",)), NetnsIdentity(4, i))
                 i += 1
+            [said] = [r.getMessage() for r in caplog.records]
+            assert re.fullmatch(
+                rf"the pod store's write-ahead log {state}/pods.db-wal is \d+ MB and growing: a reader holds its "
+                r"checkpoints back \(a sqlite3 shell left in a transaction, a backup\); it is cut back to 4 MB "
+                r"once that reader ends",
+                said,
+            ), said
+            assert store._wal_said is not None
+            store._wal_said -= WAL_WARN_EVERY  # (said that long ago)
+            store._wal_seen = wal.stat().st_size  # (a look at a -wal that did not grow since)
+            look()
+            assert len(caplog.records) == 1
+            for _ in range(WAL_LOOK_WRITES):
+                store.put(spec(f"u{i % 50}", ips=("10.0.0.1",)), NetnsIdentity(4, i))
+                i += 1
+            assert len(caplog.records) == 2, "not said again once WAL_WARN_EVERY went by"
         finally:
             reader.close()
-        [said] = [r.getMessage() for r in caplog.records]
-        assert re.fullmatch(
-            rf"the pod store's write-ahead log {state}/pods.db-wal is \d+ MB and growing: a reader holds its "
-            r"checkpoints back \(a sqlite3 shell left in a transaction, a backup\); it is cut back to 4 MB "
-            r"once that reader ends",
-            said,
-        ), said
     finally:
         store.close()
+
+
+def test_a_probe_waits_for_no_lock_another_holds_and_tries_at_most_once_every_so_often(
+    state: pathlib.Path,
+) -> None:
+    """``/readyz``'s probe answers on the event loop: with another process holding the write
+    lock it fails at once (it waited out the busy timeout, 0.5 s, once a second for as long as
+    anyone asked), keeps the connection's busy timeout as it was, and tries again only
+    PROBE_EVERY later."""
+    store = open_store(state)
+    other = sqlite3.connect(state / "pods.db", isolation_level=None)
+    try:
+        store.put(spec("u1"), NetnsIdentity(4, 1))
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked"):
+            store.put(spec("u2"), NetnsIdentity(4, 2))
+        store._db.execute("PRAGMA busy_timeout = 600000")  # (a probe that waits: ten minutes)
+        answered: list[str] = []
+        probing = threading.Thread(target=lambda: answered.append(store.probe()), daemon=True)
+        probing.start()
+        probing.join(60)
+        assert answered and "locked" in answered[0], "the probe waited for the lock"
+        assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 600000
+        other.rollback()
+        writes = store._writes
+        assert "locked" in store.probe() and store._writes == writes  # (tried less than PROBE_EVERY ago)
+        store._probed -= PROBE_EVERY
+        assert store.probe() == "" and store._writes == writes + 1
+        assert [pod.spec.uid for pod in store.load()] == ["u1"]  # (the probe's row is not left)
+    finally:
+        other.close()
+        store.close()
+
+
+@pytest.mark.root
+def test_a_probe_says_writable_only_with_room_for_pods_not_for_a_page(state: pathlib.Path) -> None:
+    """A disk with a few pages free took a probe that wrote one page (ready), then refused the
+    next pod (not ready), again and again: a probe writes what a pod's write does and asks
+    for PROBE_ROOM free."""
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(state)], check=True)
+    try:
+        store = open_store(state)
+        try:
+            store.put(spec("u1"), NetnsIdentity(4, 1))
+            with contextlib.suppress(OSError), open(state / "filler", "wb") as filler:
+                filler.write(b"\0" * (2 << 20))  # (ENOSPC: as full as it gets)
+            big = spec("u2" + "x" * 250, netns="/var/run/netns/" + "p" * 200, ips=("10.0.0.1",) * 16)
+            with pytest.raises(StoreError, match="full"):
+                store.put(big, NetnsIdentity(4, 2))
+            os.truncate(state / "filler", os.stat(state / "filler").st_size - 6 * 4096)  # (6 pages)
+            for _ in range(3):
+                store._probed -= PROBE_EVERY
+                assert "full" in store.probe()
+            os.unlink(state / "filler")
+            store._probed -= PROBE_EVERY
+            assert store.probe() == ""
+            store.put(big, NetnsIdentity(4, 2))
+            assert {pod.spec.uid for pod in store.load()} == {"u1", big.uid}
+        finally:
+            store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=True)
