@@ -74,8 +74,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     fault.add_argument(
         "--uid",
         default="",
-        help="omit-from-snapshot: the pod to leave out; record faults: the pod whose netns they use "
-        "(default: the last one enrolled)",
+        help="omit-from-snapshot: the pod to leave out; add-with-two-fds, add-without-workload-info and "
+        "duplicate-add: the pod whose netns they use (default: the last one enrolled); the others take none",
     )
     fault.add_argument(
         "--after-snapshot",
