@@ -241,11 +241,10 @@ class Pair:
             cpu.add("server", server)
             cpu.add("ztunnel", ztunnel)
             if self.server.name == "zds":
-                m, t0 = self._live_zds(tools, tmp, pods, server)
+                m, t0 = self._live_zds(tools, tmp, pods, server, cpu)
             else:
-                m, t0 = self._live_istio(pods, server)
+                m, t0 = self._live_istio(pods, server, cpu)
             m.acked_ms = self._acked(self.ztunnel.stream(ztunnel), t0, len(pods))
-            cpu.read(m)
             self._footprint(m, server, ztunnel)
             return m
 
@@ -276,7 +275,9 @@ class Pair:
         stream.wait_for(self.ztunnel.per_pod, count=n, after=t0)
         return [round((t - t0) * 1e3, 3) for t in stream.times(self.ztunnel.per_pod, after=t0)[:n]]
 
-    def _live_zds(self, tools: Tools, tmp: str, pods: Pods, server: Proc) -> tuple[Measurement, float]:
+    def _live_zds(
+        self, tools: Tools, tmp: str, pods: Pods, server: Proc, cpu: CpuWatch
+    ) -> tuple[Measurement, float]:
         pods_file = pods.zds_file(tmp)
         argv = tools.zds(
             "pod", "add", "--from-file", pods_file, "--control-socket", os.path.join(tmp, "control.sock")
@@ -285,28 +286,31 @@ class Pair:
         cli = Proc("zds pod add", argv, env=tools.env)
         try:
             last = cli.out.wait_for(" enrolled", count=len(pods), after=t0)
+            m = Measurement(wall_ms=(last - t0) * 1e3)
+            cpu.read(m)  # (at the timed section's end, as Istio's: not after the client's exit)
             used = cli.cpu_ms()  # (before it exits: it has nothing left to do but that)
-            first = server.err.wait_for("pod enrolled", after=t0)
+            m.first_enrolled_ms = (server.err.wait_for("pod enrolled", after=t0) - t0) * 1e3
             code = cli.popen.wait(60)
         finally:
             cli.stop()
         if code != 0:
             raise BenchError(f"zds pod add --from-file exited {code}: {cli.err.tail()}")
-        m = Measurement(wall_ms=(last - t0) * 1e3, first_enrolled_ms=(first - t0) * 1e3)
         if used is not None:
             m.cpu_ms["client"] = round(used, 1)
         return m, t0
 
-    def _live_istio(self, pods: Pods, server: Proc) -> tuple[Measurement, float]:
+    def _live_istio(self, pods: Pods, server: Proc, cpu: CpuWatch) -> tuple[Measurement, float]:
         lines = pods.istio_lines(prefix="add ")
         t0 = time.perf_counter()
         server.write(lines)
         last = server.out.wait_for("", count=len(pods), after=t0)
+        m = Measurement(wall_ms=(last - t0) * 1e3)
+        cpu.read(m)
         replies = [line for t, line in server.out.lines if t >= t0]
         failed = [r for r in replies[: len(pods)] if r != "ok"]
         if failed:
             raise BenchError(f"istio-zds-server refused {len(failed)} adds, e.g. {failed[0]}")
-        return Measurement(wall_ms=(last - t0) * 1e3), t0
+        return m, t0
 
     @staticmethod
     def _footprint(m: Measurement, server: Proc, ztunnel: Proc) -> None:

@@ -242,6 +242,7 @@ def cpu_table(doc: dict[str, Any]) -> list[str]:
             groups[r["mode"], r["n"], r["listeners"], r["pair"]].append(r)
     if not groups:
         return []
+    cpus = doc.get("machine", {}).get("cpus") or 1
     lines = [
         "",
         "## CPU in the timed section (median of the runs, ms) and the machine's steal",
@@ -249,8 +250,8 @@ def cpu_table(doc: dict[str, Any]) -> list[str]:
         "User and system time from `/proc/PID/stat` (to the clock tick, 10 ms): the node agent "
         "and the ztunnel side over the timed section (snapshot: the ztunnel side's whole life "
         "to its acked SnapshotSent), `zds pod add` over its life to its last line; steal: the "
-        "share of both CPUs' time the hypervisor gave to others meanwhile (also in ticks: over "
-        "a run of 100 ms, 20 of them, so one tick is 5%).",
+        f"share of all {cpus} CPUs' time the hypervisor gave to others meanwhile (also in ticks: "
+        f"over a run of 100 ms, {10 * cpus} of them, so one tick is {10 / cpus:g}%).",
         "",
         "| bench | N | listeners | pair | node agent | ztunnel side | `zds pod add` | steal % |",
         "|---|---|---|---|---|---|---|---|",
