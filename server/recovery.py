@@ -27,8 +27,9 @@ import asyncio
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
@@ -338,6 +339,7 @@ async def _rules_back(
             swept.add((pod.netns.identity, row.rules))
             if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
                 enrollment.leftovers.retry_beside(pod, row.rules)
+        stop = _Stop()
         try:
             if row.rules != rules.name:
                 # Recorded first, as an enrollment's: a crash before the row below is
@@ -345,7 +347,9 @@ async def _rules_back(
                 # them (the row still names the rules it had, or none).
                 await store.intend_soon(StoredPod.of(pod, rules=rules.name))
             # (replaces an earlier copy; one recorded as this rule set's comes out if it fails)
-            await rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name)
+            await _to_its_end(
+                rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name), stop
+            )
         except StoreError as exc:
             log.error("cannot store the pod, its rules not installed: %s", exc, extra=row.spec.log_extra)
             pod.rules_installed = False
@@ -359,7 +363,31 @@ async def _rules_back(
         else:
             outcome = RecoveryOutcome.RULES_REINSTALLED if outcome is RecoveryOutcome.RESTORED else outcome
         _rewrite(store, pod, rules.name if pod.rules_installed else "")
+        if stop.seen:
+            raise asyncio.CancelledError  # (the stop's, held back until the row says what is in)
     return outcome
+
+
+class _Stop:
+    """Whether a stop came while a reinstall ran (``_to_its_end``)."""
+
+    seen = False
+
+
+async def _to_its_end(install: Coroutine[Any, Any, None], stop: _Stop) -> None:
+    """Run a restored pod's reinstall to its end even if a stop cancels the recovery
+    meanwhile (bounded: its worker's run is, ``run_in_netns``), and say so in ``stop``: the
+    caller records what the reinstall left, then stops. Cancelled, a reinstall takes out what
+    it put in, and with it the rules the pod had before, which worked: the pod, still recorded
+    with them, was left without any until the next start. A second cancel is passed on."""
+    task = asyncio.ensure_future(install)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise  # (cancelled itself, not by the stop)
+        stop.seen = True
+        await task  # (its error, if any, is handled as ever; the caller stops after it)
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:

@@ -826,6 +826,7 @@ async def test_a_recovery_stopped_midway_closes_the_netns_it_opened(
         recovering = asyncio.create_task(recover(store, restarted.enrollment))
         await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
         recovering.cancel()  # the stop, while the first pods' rules go in and the others wait
+        redirector.install_gate.open.set()  # (those under way go in to their end)
         with pytest.raises(asyncio.CancelledError):
             await recovering
         del recovering
@@ -835,6 +836,36 @@ async def test_a_recovery_stopped_midway_closes_the_netns_it_opened(
         assert [str(w.message) for w in caught if "NetnsHandle" in str(w.message)] == []
         assert len(restarted.pods) == 0
         assert [netns_fds(pod.path) for pod in made] == before
+
+
+async def test_a_recovery_stopped_while_rules_go_in_again_leaves_every_pod_its_rules(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """A stop while a start reinstalled pods' rules (their rules not as recorded: another
+    --no-dns-capture, an upgrade) cancelled those reinstalls, and a cancelled install takes
+    out what went in: with it the rules the pod had, which worked. The pods under way were
+    left without any, still recorded with them, until the next start. Now those reinstalls
+    go in to their end and their rows say so; the stop comes after them."""
+    made = [make_pod() for _ in range(recovery.CONCURRENCY + 2)]
+    for n, pod in enumerate(made):
+        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
+    for row in agent.store.load():  # (their rules no longer as recorded: each goes in again)
+        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
+    assert all(has_rules(pod) for pod in made)
+    async with restarted_on(tmp_path) as (restarted, redirector, store):
+        redirector.refuse_removal = ""  # (a cancelled install's undo takes the rules out)
+        redirector.install_gate.close()
+        recovering = asyncio.create_task(recover(store, restarted.enrollment))
+        await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
+        recovering.cancel()  # the stop, while the first pods' rules go in and the others wait
+        await asyncio.sleep(0.05)
+        redirector.install_gate.open.set()
+        with pytest.raises(asyncio.CancelledError):
+            await recovering
+        assert [n for n, pod in enumerate(made) if not has_rules(pod)] == []
+        assert redirector.removals_tried == 0
+        reinstalled = {row.spec.uid: row.rules_digest for row in store.load()}
+        assert 0 < sum(digest != "stale" for digest in reinstalled.values()) <= recovery.CONCURRENCY
 
 
 class FailingInstall(NftablesRedirector):
