@@ -137,15 +137,42 @@ class PodStore:
         self._closed = True
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            if busy:
-                raise sqlite3.OperationalError("the database is busy")
         except sqlite3.Error as exc:
-            raise StoreError(
-                f"cannot write the pod store out as it closes: {explain(self.path, exc)}; what was "
-                "committed since its last checkpoint is in its -wal only: keep that file beside it"
-            ) from exc
+            if getattr(exc, "sqlite_errorcode", None) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StoreError(
+                    f"cannot write the pod store out as it closes: {explain(self.path, exc)}; what was "
+                    "committed since its last checkpoint is in its -wal only: keep that file beside it"
+                ) from exc
+            busy = True
         finally:
             self._db.close()
+        if busy:
+            self._keep_in_wal()
+
+    def _keep_in_wal(self) -> None:
+        """The last checkpoint could not finish: another process reads the store (a ``sqlite3``
+        shell, a backup), which is allowed. Nothing is lost, the -wal holds what it did not
+        write out (synced here: a commit is on disk once checkpointed) and the next start
+        reads it; only a -wal that cannot be synced is an error (StoreError)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return  # (all of it written out: nothing left in a -wal)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write the pod store out as it closes: pod store {self.path}: its -wal cannot "
+                f"be synced ({exc.strerror}); what was committed since its last checkpoint is in its "
+                "-wal only: keep that file beside it"
+            ) from exc
+        log.warning(
+            "pod store %s not written out into the file as it closes: another process reads it (a "
+            "sqlite3 shell, a backup); nothing is lost, its -wal keeps the rest (synced) for the next start",
+            self.path,
+        )
 
     def checkpoint(self) -> None:
         """Write what the -wal holds into the database file and empty the -wal (a start's,
