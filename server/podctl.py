@@ -160,7 +160,10 @@ def _add_many_over_lane(
     if all(answer is None for answer in answers):  # turned away, or it stopped: nothing came
         closed = f"the node agent at {target.socket} closed the connection without answering{not_root_hint()}"
     else:
-        closed = "no answer: the node agent closed the connection"
+        closed = (
+            "no answer: the node agent closed the connection (its stop, if it was stopping); "
+            "whether the pod was enrolled is not known: zds pod list tells"
+        )
     _unanswered(specs, answers, closed, args)
     return cast(list[dict[str, Any]], answers)
 

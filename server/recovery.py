@@ -167,7 +167,7 @@ async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
     pods are back: a recovered pod in the same netns keeps them)."""
     rows = store.load_installs()
     kept = await _take_out(
-        rows, enrollment, lambda _: "an enrollment a restart interrupted while its rules went in"
+        rows, enrollment, lambda _: "an enrollment a stop or crash interrupted while its rules went in"
     )
     for row in rows:
         if id(row) not in kept:  # (a row kept moved to leftovers)

@@ -783,7 +783,7 @@ def test_the_rules_of_an_enrollment_a_crash_interrupted_come_out_on_the_next_sta
     assert not redirected(a), "rules no pod row records stayed in the pod's netns"
     assert redirected(b)
     out = restarted.output()
-    said = "an enrollment a restart interrupted while its rules went in: "
+    said = "an enrollment a stop or crash interrupted while its rules went in: "
     assert f"{said}what went in is taken out" in out and "uid=u1" in out
     assert f"{said}its rules kept: a recovered pod lives in its netns" in out
     assert f"{said}its netns is gone" in out
