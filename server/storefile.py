@@ -265,7 +265,8 @@ def remove_if_unused(state_dir: str) -> bool:
     failed). Whether it is gone."""
     path = os.path.join(state_dir, DB_NAME)
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        # (read-write: a read-only connection, the last to close, leaves a -wal and -shm behind)
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ROW_TABLES if t in tables):
                 return False

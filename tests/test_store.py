@@ -373,6 +373,7 @@ def test_a_refused_first_start_removes_the_store_it_made_only_if_nothing_went_in
         store.close()
     assert storefile.remove_if_unused(str(state)) is (table is None)
     assert (state / "pods.db").exists() is (table is not None)
+    assert not (state / "pods.db-wal").exists() and not (state / "pods.db-shm").exists()  # (kept or not)
 
 
 async def test_a_failed_group_commit_fails_every_pod_in_it_and_the_next_turn_starts_afresh(
