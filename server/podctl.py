@@ -162,7 +162,7 @@ def _add_many_over_lane(
     else:
         closed = (
             "no answer: the node agent closed the connection (its stop, if it was stopping); "
-            "whether the pod was enrolled is not known: zds pod list tells"
+            "whether the pod was enrolled is not known (zds pod list, once it runs again)"
         )
     _unanswered(specs, answers, closed, args)
     return cast(list[dict[str, Any]], answers)

@@ -34,7 +34,7 @@ from typing import Any
 from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
 from zds.server.podcache import Pod, Unopened
-from zds.server.podrules import RulesError, remove_earlier_rules
+from zds.server.podrules import PodRules, RulesError, remove_earlier_rules
 from zds.server.refind import Found, reopen, search, why_refused
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
@@ -129,8 +129,8 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     try:
         await asyncio.gather(*tasks)
     except asyncio.CancelledError:
-        # A stop during recovery: the pods' tasks end first (a reinstall under way takes out
-        # what went in), then the netns handles of the pods they never reached are closed.
+        # A stop during recovery: the pods' tasks end first (a reinstall under way goes in to
+        # its end: ``_to_its_end``), then the netns handles of the pods they never reached are closed.
         # The gather cancelled each of them already and ends with the first that ends: a
         # second cancel would cut short a task waiting for its worker thread in the netns
         # (run_in_netns), which then ran on, with its dup of the netns fd, past the stop.
@@ -331,25 +331,9 @@ async def _rules_back(
         pod.rules_installed = False
         _rewrite(store, pod, "")
     if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
-        if row.rules and row.rules != rules.name and (pod.netns.identity, row.rules) not in swept:
-            # Installed by the other backend (the agent was restarted with the other
-            # --redirect-backend): its rules come out, this one's go in; if they will
-            # not, or a pod restored in that netns has this one's already, they are taken
-            # out once the pod is gone (the two share the policy routing). Once a netns.
-            swept.add((pod.netns.identity, row.rules))
-            if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
-                enrollment.leftovers.retry_beside(pod, row.rules)
         stop = _Stop()
         try:
-            if row.rules != rules.name:
-                # Recorded first, as an enrollment's: a crash before the row below is
-                # rewritten leaves an install row, and the next start takes them out or keeps
-                # them (the row still names the rules it had, or none).
-                await store.intend_soon(StoredPod.of(pod, rules=rules.name))
-            # (replaces an earlier copy; one recorded as this rule set's comes out if it fails)
-            await _to_its_end(
-                rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name), stop
-            )
+            await _to_its_end(_reinstall(pod, row, rules, store, enrollment, swept), stop)
         except StoreError as exc:
             log.error("cannot store the pod, its rules not installed: %s", exc, extra=row.spec.log_extra)
             pod.rules_installed = False
@@ -368,26 +352,54 @@ async def _rules_back(
     return outcome
 
 
+async def _reinstall(
+    pod: Pod,
+    row: StoredPod,
+    rules: PodRules,
+    store: PodStore,
+    enrollment: Enrollment,
+    swept: set[tuple[NetnsIdentity, str]],
+) -> None:
+    """This run's rules in the restored pod's netns, in place of what its row records."""
+    assert pod.netns is not None
+    if row.rules and row.rules != rules.name and (pod.netns.identity, row.rules) not in swept:
+        # Installed by the other backend (the agent was restarted with the other
+        # --redirect-backend): its rules come out, this one's go in; if they will not, or a
+        # pod restored in that netns has this one's already, they are taken out once the pod
+        # is gone (the two share the policy routing). Once a netns.
+        swept.add((pod.netns.identity, row.rules))
+        if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
+            enrollment.leftovers.retry_beside(pod, row.rules)
+    if row.rules != rules.name:
+        # Recorded first, as an enrollment's: a crash before the row is rewritten leaves an
+        # install row, and the next start takes them out or keeps them (the row still names
+        # the rules it had, or none).
+        await store.intend_soon(StoredPod.of(pod, rules=rules.name))
+    # (replaces an earlier copy; one recorded as this rule set's comes out if it fails)
+    await rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name)
+
+
 class _Stop:
     """Whether a stop came while a reinstall ran (``_to_its_end``)."""
 
     seen = False
 
 
-async def _to_its_end(install: Coroutine[Any, Any, None], stop: _Stop) -> None:
+async def _to_its_end(reinstall: Coroutine[Any, Any, None], stop: _Stop) -> None:
     """Run a restored pod's reinstall to its end even if a stop cancels the recovery
-    meanwhile (bounded: its worker's run is, ``run_in_netns``), and say so in ``stop``: the
-    caller records what the reinstall left, then stops. Cancelled, a reinstall takes out what
-    it put in, and with it the rules the pod had before, which worked: the pod, still recorded
-    with them, was left without any until the next start. A second cancel is passed on."""
-    task = asyncio.ensure_future(install)
+    meanwhile (bounded: its workers' runs are, ``run_in_netns``), and say so in ``stop``: the
+    caller records what the reinstall left, then stops. Cut short, a reinstall left the pod
+    without rules while its row still named the ones it had, which worked: cancelled, an
+    install takes out what it put in, and those with it; a stop after the other backend's
+    rules came out left none in. A second cancel is passed on."""
+    task = asyncio.ensure_future(reinstall)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
-        if task.done():
+        if task.cancelled():
             raise  # (cancelled itself, not by the stop)
         stop.seen = True
-        await task  # (its error, if any, is handled as ever; the caller stops after it)
+        await task  # (done already, or soon; its error, if any, is handled as ever, then the stop)
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:

@@ -36,7 +36,8 @@ from typing import Self
 
 from zds.defaults import MAX_NETNS_PATH, MAX_POD_IPS
 from zds.netns import NetnsIdentity, NetnsRef
-from zds.server.pods import PodSpec
+from zds.server.names import UID_MAX_BYTES
+from zds.server.pods import PodSource, PodSpec
 from zds.server.storefile import (
     COLUMN_NAMES,
     COLUMNS,
@@ -57,12 +58,13 @@ PROBE_ROOM = 256 * 1024
 #: longest, the most addresses, the longest netns path), of a uid no pod has (no NUL in one).
 _PROBE_ROW = StoredPod(
     PodSpec(
-        "\0zds-probe",
+        "\0" + "p" * (UID_MAX_BYTES - 1),
         "n" * 253,
         "s" * 63,
         "a" * 253,
         NetnsRef.of_path("/" + "p" * (MAX_NETNS_PATH - 1)),
         ips=("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",) * MAX_POD_IPS,
+        source=PodSource.CONTAINER_ENGINE,
     ),
     NetnsIdentity(2**63 - 1, 2**63 - 1),
     rules="r" * 16,
@@ -79,13 +81,13 @@ WAL_WARN_EVERY = 600.0
 
 
 def _has_room(directory: str, room: int) -> bool:
-    """Whether ``directory``'s filesystem has ``room`` bytes free for whoever is not root (a
-    disk past that is as good as full); True when it cannot be told."""
+    """Whether ``directory``'s filesystem has ``room`` bytes free for this process (root may
+    use the blocks kept for it); True when it cannot be told."""
     try:
         fs = os.statvfs(directory)
     except OSError:
         return True
-    return fs.f_bavail * fs.f_frsize >= room
+    return (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize >= room
 
 
 class PodStore:
@@ -138,7 +140,8 @@ class PodStore:
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
-            if getattr(exc, "sqlite_errorcode", None) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            # (LOCKED is this connection's own statement still open: a bug, not a reader)
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                 raise StoreError(
                     f"cannot write the pod store out as it closes: {explain(self.path, exc)}; what was "
                     "committed since its last checkpoint is in its -wal only: keep that file beside it"

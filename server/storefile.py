@@ -264,6 +264,8 @@ def remove_if_unused(state_dir: str) -> bool:
     install, rules left), or cannot be read and is not empty (for a start that made it and
     failed). Whether it is gone."""
     path = os.path.join(state_dir, DB_NAME)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False  # (not a store file a start made)
     try:
         # (read-write: a read-only connection, the last to close, leaves a -wal and -shm behind)
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
@@ -274,8 +276,6 @@ def remove_if_unused(state_dir: str) -> bool:
         with contextlib.suppress(OSError):
             if os.path.getsize(path):
                 return False
-    if not os.path.isfile(path) or os.path.islink(path):
-        return False  # (not a store file a start made)
     _remove_made(path)
     return True
 

@@ -868,6 +868,40 @@ async def test_a_recovery_stopped_while_rules_go_in_again_leaves_every_pod_its_r
         assert 0 < sum(digest != "stale" for digest in reinstalled.values()) <= recovery.CONCURRENCY
 
 
+async def test_a_recovery_stopped_after_the_other_backends_rules_came_out_puts_this_ones_in(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """Restarted with the other --redirect-backend, a start takes each pod's iptables rules out
+    and puts nftables' in: a stop between the two left the pod without any (its row still
+    naming iptables) until the next start. The reinstall now goes to its end first."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    async with started_on(tmp_path, NftablesRedirector()) as (restarted, store):
+        rules = restarted.enrollment.rules
+        assert rules is not None
+        out, gate = asyncio.Event(), asyncio.Event()
+        remove_other = rules.remove_other
+
+        async def then_wait(*args: Any) -> bool:
+            done = await remove_other(*args)
+            out.set()
+            await gate.wait()  # (the stop comes here: iptables' rules out, nftables' not in)
+            return done
+
+        rules.remove_other = then_wait  # type: ignore[method-assign,assignment]
+        recovering = asyncio.create_task(recover(store, restarted.enrollment))
+        await asyncio.wait_for(out.wait(), 10)
+        assert not has_rules(a)
+        recovering.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await recovering
+        assert nftables_rules(a) and not has_rules(a)
+        assert [(row.spec.uid, row.rules) for row in store.load()] == [("u1", "nftables")]
+        assert store.load_installs() == []
+
+
 class FailingInstall(NftablesRedirector):
     """Istio's nftables rules, for real; its ``nth`` install fails before anything goes in."""
 
