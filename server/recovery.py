@@ -27,10 +27,10 @@ import asyncio
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from zds.aio import Cancelled, to_its_end
 from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
 from zds.server.podcache import Pod, Unopened
@@ -130,7 +130,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
         await asyncio.gather(*tasks)
     except asyncio.CancelledError:
         # A stop during recovery: the pods' tasks end first (a reinstall under way goes in to
-        # its end: ``_to_its_end``), then the netns handles of the pods they never reached are closed.
+        # its end: ``to_its_end``), then the netns handles of the pods they never reached are closed.
         # The gather cancelled each of them already and ends with the first that ends: a
         # second cancel would cut short a task waiting for its worker thread in the netns
         # (run_in_netns), which then ran on, with its dup of the netns fd, past the stop.
@@ -309,8 +309,8 @@ async def _restore(
     else:
         try:
             outcome = await _rules_back(pod, item, store, enrollment, swept)
-        except asyncio.CancelledError:
-            pod.close()  # (a stop during recovery: the pod is not restored)
+        except BaseException:
+            pod.close()  # (a stop during recovery, or a bug: the pod is not restored)
             raise
     pod.recovery = outcome.value
     enrollment.restore(pod)
@@ -331,9 +331,13 @@ async def _rules_back(
         pod.rules_installed = False
         _rewrite(store, pod, "")
     if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
-        stop = _Stop()
+        stop = Cancelled()
         try:
-            await _to_its_end(_reinstall(pod, row, rules, store, enrollment, swept), stop)
+            # (cut short, a reinstall left the pod without rules while its row still named the
+            # ones it had, which worked: cancelled, an install takes out what it put in, and
+            # those with it; a stop after the other backend's rules came out left none in;
+            # bounded: each iptables run ends within 30 s)
+            await to_its_end(_reinstall(pod, row, rules, store, enrollment, swept), stop)
         except StoreError as exc:
             log.error("cannot store the pod, its rules not installed: %s", exc, extra=row.spec.log_extra)
             pod.rules_installed = False
@@ -344,6 +348,13 @@ async def _rules_back(
             if not exc.undone:  # (what went in stays, recorded, until the pod is gone)
                 enrollment.leftovers.retry_beside(pod, rules.name)
             outcome = RecoveryOutcome.RULES_FAILED
+        except Exception as exc:
+            if not stop.seen:
+                raise
+            # (a bug, after the stop came: said, and the stop goes on; the row stays as it was,
+            # which the next start reads as ever)
+            log.error("reinstalling the pod's rules failed: %r", exc, extra=row.spec.log_extra)
+            raise asyncio.CancelledError from exc
         else:
             outcome = RecoveryOutcome.RULES_REINSTALLED if outcome is RecoveryOutcome.RESTORED else outcome
         _rewrite(store, pod, rules.name if pod.rules_installed else "")
@@ -377,29 +388,6 @@ async def _reinstall(
         await store.intend_soon(StoredPod.of(pod, rules=rules.name))
     # (replaces an earlier copy; one recorded as this rule set's comes out if it fails)
     await rules.install(pod, enrollment.cache.has_rules_in, recorded=row.rules == rules.name)
-
-
-class _Stop:
-    """Whether a stop came while a reinstall ran (``_to_its_end``)."""
-
-    seen = False
-
-
-async def _to_its_end(reinstall: Coroutine[Any, Any, None], stop: _Stop) -> None:
-    """Run a restored pod's reinstall to its end even if a stop cancels the recovery
-    meanwhile (bounded: its workers' runs are, ``run_in_netns``), and say so in ``stop``: the
-    caller records what the reinstall left, then stops. Cut short, a reinstall left the pod
-    without rules while its row still named the ones it had, which worked: cancelled, an
-    install takes out what it put in, and those with it; a stop after the other backend's
-    rules came out left none in. A second cancel is passed on."""
-    task = asyncio.ensure_future(reinstall)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if task.cancelled():
-            raise  # (cancelled itself, not by the stop)
-        stop.seen = True
-        await task  # (done already, or soon; its error, if any, is handled as ever, then the stop)
 
 
 async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment) -> None:

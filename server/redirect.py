@@ -138,6 +138,8 @@ def _run(argv: list[str], stdin: str = "") -> str:
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
     except FileNotFoundError as exc:
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
+    except subprocess.TimeoutExpired as exc:  # (a hung iptables: a failure like any other)
+        raise RedirectError(f"{' '.join(argv)} did not end within {exc.timeout:g} s") from exc
     if done.returncode != 0:
         detail = ""
         for line in filter(None, map(str.strip, (done.stderr or done.stdout).splitlines())):

@@ -34,19 +34,19 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Self
 
-from zds.defaults import MAX_NETNS_PATH, MAX_POD_IPS
-from zds.netns import NetnsIdentity, NetnsRef
-from zds.server.names import UID_MAX_BYTES
-from zds.server.pods import PodSource, PodSpec
+from zds.netns import NetnsIdentity
+from zds.server.pods import PodSpec
 from zds.server.storefile import (
     COLUMN_NAMES,
     COLUMNS,
     WAL_SIZE_LIMIT,
     StoreError,
     explain,
+    has_room,
     open_db,
+    sync_wal,
 )
-from zds.server.storerows import StoredPod, parse_row, values
+from zds.server.storerows import PROBE_ROW, StoredPod, parse_row, values
 
 log = logging.getLogger("zds.server.store")
 
@@ -54,40 +54,11 @@ log = logging.getLogger("zds.server.store")
 PROBE_EVERY = 1.0
 #: Free space (bytes) on the store's filesystem a probe asks for before it tries a write.
 PROBE_ROOM = 256 * 1024
-#: What a probe writes: a row of the largest size a pod's can have (each name at Kubernetes'
-#: longest, the most addresses, the longest netns path), of a uid no pod has (no NUL in one).
-_PROBE_ROW = StoredPod(
-    PodSpec(
-        "\0" + "p" * (UID_MAX_BYTES - 1),
-        "n" * 253,
-        "s" * 63,
-        "a" * 253,
-        NetnsRef.of_path("/" + "p" * (MAX_NETNS_PATH - 1)),
-        ips=("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",) * MAX_POD_IPS,
-        source=PodSource.CONTAINER_ENGINE,
-    ),
-    NetnsIdentity(2**63 - 1, 2**63 - 1),
-    rules="r" * 16,
-    rules_digest="d" * 64,
-    removing=False,
-    enrolled_at=0.0,
-    cookie=2**63 - 1,
-)
 #: The -wal file past this (bytes) has outgrown its checkpoints: a reader holds them back.
 WAL_WARN_SIZE = 4 * WAL_SIZE_LIMIT
 #: Its size is looked at once every this many writes, and said at most this often (seconds).
 WAL_LOOK_WRITES = 256
 WAL_WARN_EVERY = 600.0
-
-
-def _has_room(directory: str, room: int) -> bool:
-    """Whether ``directory``'s filesystem has ``room`` bytes free for this process (root may
-    use the blocks kept for it); True when it cannot be told."""
-    try:
-        fs = os.statvfs(directory)
-    except OSError:
-        return True
-    return (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize >= room
 
 
 class PodStore:
@@ -157,20 +128,7 @@ class PodStore:
         shell, a backup), which is allowed. Nothing is lost, the -wal holds what it did not
         write out (synced here: a commit is on disk once checkpointed) and the next start
         reads it; only a -wal that cannot be synced is an error (StoreError)."""
-        try:
-            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            return  # (all of it written out: nothing left in a -wal)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write the pod store out as it closes: pod store {self.path}: its -wal cannot "
-                f"be synced ({exc.strerror}); what was committed since its last checkpoint is in its "
-                "-wal only: keep that file beside it"
-            ) from exc
+        sync_wal(self.path)
         log.warning(
             "pod store %s not written out into the file as it closes: another process reads it (a "
             "sqlite3 shell, a backup); nothing is lost, its -wal keeps the rest (synced) for the next start",
@@ -387,7 +345,7 @@ class PodStore:
         if not self.failing or self._closed or time.monotonic() - self._probed < every:
             return self.failing
         self._probed = time.monotonic()
-        if not _has_room(os.path.dirname(self.path), PROBE_ROOM):
+        if not has_room(os.path.dirname(self.path), PROBE_ROOM):
             return self.failing
         busy = int(self._db.execute("PRAGMA busy_timeout").fetchone()[0])
         self._db.execute("PRAGMA busy_timeout = 0")
@@ -395,8 +353,8 @@ class PodStore:
             with contextlib.suppress(StoreError), self._write():
                 marks = ", ".join("?" * len(COLUMN_NAMES))
                 for table in ("pods", "installs"):
-                    self._db.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES ({marks})", values(_PROBE_ROW))
-                    self._db.execute(f"DELETE FROM {table} WHERE uid = ?", (_PROBE_ROW.spec.uid,))
+                    self._db.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES ({marks})", values(PROBE_ROW))
+                    self._db.execute(f"DELETE FROM {table} WHERE uid = ?", (PROBE_ROW.spec.uid,))
         finally:
             self._db.execute(f"PRAGMA busy_timeout = {busy}")
         return self.failing

@@ -308,3 +308,33 @@ def put_back(aside: str, state_dir: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
             os.rename(aside + suffix, path + suffix)
     return True
+
+
+def has_room(directory: str, room: int) -> bool:
+    """Whether ``directory``'s filesystem has ``room`` bytes free for whoever is not root
+    (what root may use beyond that is not told apart from what it may not: ext4 keeps some
+    blocks from root too; a pod's write that goes through says ready meanwhile); True when
+    it cannot be told."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return True
+    return fs.f_bavail * fs.f_frsize >= room
+
+
+def sync_wal(path: str) -> None:
+    """fsync the store's -wal (nothing if there is none); StoreError if it cannot be."""
+    try:
+        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return  # (all of it written out: nothing left in a -wal)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write the pod store out as it closes: pod store {path}: its -wal cannot "
+            f"be synced ({exc.strerror}); what was committed since its last checkpoint is in its "
+            "-wal only: keep that file beside it"
+        ) from exc

@@ -1,6 +1,6 @@
 """A row of the pod store (``zds.server.store``): ``StoredPod``, the columns it is written as,
-and the checks of a row read back (one written behind zds's back is refused, not met later
-as a traceback)."""
+the checks of a row read back (one written behind zds's back is refused, not met later
+as a traceback), and the largest row a pod can have (what ``/readyz``'s probe writes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Self
 
+from zds.defaults import MAX_NETNS_PATH, MAX_POD_IPS
 from zds.netns import NetnsIdentity, NetnsRef, NetnsRefError, netns_cookie
+from zds.server.names import UID_MAX_BYTES
 from zds.server.podcache import Pod
 from zds.server.pods import PodSource, PodSpec
 from zds.server.storefile import StoreError
@@ -114,3 +116,24 @@ def _check_row(uid: object, *values: object) -> None:
         raise ValueError(f"removing is {removing!r}, not 0 or 1")
     if not isinstance(enrolled_at, int | float):
         raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")
+
+
+#: What ``PodStore.probe`` writes: a row of the largest size a pod's can have (each name at Kubernetes'
+#: longest, the most addresses, the longest netns path), of a uid no pod has (no NUL in one).
+PROBE_ROW = StoredPod(
+    PodSpec(
+        "\0" + "p" * (UID_MAX_BYTES - 1),
+        "n" * 253,
+        "s" * 63,
+        "a" * 253,
+        NetnsRef.of_path("/" + "p" * (MAX_NETNS_PATH - 1)),
+        ips=("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",) * MAX_POD_IPS,
+        source=PodSource.CONTAINER_ENGINE,
+    ),
+    NetnsIdentity(2**63 - 1, 2**63 - 1),
+    rules="r" * 16,
+    rules_digest="d" * 64,
+    removing=False,
+    enrolled_at=0.0,
+    cookie=2**63 - 1,
+)

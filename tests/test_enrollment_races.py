@@ -902,6 +902,42 @@ async def test_a_recovery_stopped_after_the_other_backends_rules_came_out_puts_t
         assert store.load_installs() == []
 
 
+class BuggyInstall(GatedRedirector):
+    """An install that fails with what no rule backend raises (a bug), once past the gate."""
+
+    async def install(self, netns: NetnsHandle) -> Installed:
+        await self.install_gate.passing()
+        raise KeyError("a bug")
+
+
+async def test_a_bug_in_a_reinstall_the_stop_let_finish_is_said_and_the_stop_goes_on(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reinstall let run to its end after the stop came, failing with what nothing expects,
+    ended the start with that error (a traceback, not the stop) and left the other pods' tasks
+    running: it is said in a line, and the stop goes on as the others end."""
+    made = [make_pod() for _ in range(2)]
+    for n, pod in enumerate(made):
+        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
+    for row in agent.store.load():  # (their rules no longer as recorded: each goes in again)
+        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
+    before = [netns_fds(pod.path) for pod in made]
+    redirector = BuggyInstall()
+    async with started_on(tmp_path, redirector) as (restarted, store):
+        redirector.install_gate.close()
+        recovering = asyncio.create_task(recover(store, restarted.enrollment))
+        await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
+        recovering.cancel()
+        await asyncio.sleep(0)
+        redirector.install_gate.open.set()
+        with pytest.raises(asyncio.CancelledError):
+            await recovering
+        assert "reinstalling the pod's rules failed: KeyError('a bug')" in caplog.text
+        assert len(restarted.pods) == 0
+        gc.collect()
+        assert [netns_fds(pod.path) for pod in made] == before
+
+
 class FailingInstall(NftablesRedirector):
     """Istio's nftables rules, for real; its ``nth`` install fails before anything goes in."""
 

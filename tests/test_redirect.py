@@ -22,6 +22,7 @@ from tests.standins import AckingPeer, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
+from zds.server import redirect as redirect_module
 from zds.server.iptablesave import cleanup_rules
 from zds.server.redirect import (
     RedirectConfig,
@@ -469,3 +470,18 @@ def test_a_removal_takes_the_ipv6_rules_out_after_the_pod_lost_its_ipv6_address(
     remove(pod)
     assert "ISTIO" not in saved_in(pod, "ip6tables-save") + saved_in(pod)
     assert "lookup 100" not in in_pod(pod, "ip", "-6", "rule") + in_pod(pod, "ip", "-4", "rule")
+
+
+def test_an_iptables_run_that_does_not_end_is_a_rule_failure_like_any_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung iptables ended its run with subprocess' TimeoutExpired, which no caller takes for
+    a rule failure: an install or a removal then failed as a bug (a traceback; at a stop during
+    the start, the start's end with that error instead of the stop)."""
+
+    def hung(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(argv, 30)
+
+    monkeypatch.setattr(subprocess, "run", hung)
+    with pytest.raises(RedirectError, match=r"^iptables-save -t nat did not end within 30 s$"):
+        redirect_module._run(["iptables-save", "-t", "nat"])

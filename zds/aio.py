@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
@@ -41,3 +43,24 @@ async def finished_within(aw: Awaitable[Any], within: float) -> bool:
         return True
     await cancel_and_wait(task)
     return False
+
+
+class Cancelled:
+    """Whether a cancel came while ``to_its_end`` waited."""
+
+    seen = False
+
+
+async def to_its_end(aw: Awaitable[T], cancelled: Cancelled) -> T:
+    """``aw`` to its end even if the caller is cancelled meanwhile, for work that, cut short,
+    leaves things worse than done or not begun (bounded by ``aw`` itself); ``cancelled.seen``
+    says a cancel came: the caller, once it recorded the outcome (a result or an error),
+    raises CancelledError itself. A second cancel is passed on to ``aw``."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.cancelled():
+            raise  # (cancelled itself, not by the caller's cancel)
+        cancelled.seen = True
+        return await task  # (done already, or soon; its error, if any, is the caller's)
