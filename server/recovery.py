@@ -130,8 +130,8 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
         await asyncio.gather(*tasks)
     except asyncio.CancelledError:
         # A stop during recovery: the pods' tasks end first (a reinstall under way goes in to
-        # its end: ``to_its_end``), then the netns handles of the pods they never reached are closed.
-        # The gather cancelled each of them already and ends with the first that ends: a
+        # its end: ``to_its_end``), then the netns handles of the pods they never reached are
+        # closed. The gather cancelled each of them already and ends with the first that ends: a
         # second cancel would cut short a task waiting for its worker thread in the netns
         # (run_in_netns), which then ran on, with its dup of the netns fd, past the stop.
         if pending := [task for task in tasks if not task.done()]:
