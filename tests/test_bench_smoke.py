@@ -208,3 +208,16 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 pass
     return found
+
+
+def test_the_steal_share_is_read_from_its_own_column_over_the_cpu_time_that_went_by(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/proc/stat's ``cpu`` line: user, nice, system, idle, iowait, irq, softirq, steal, guest,
+    guest_nice (the last two counted in user and nice already): the steal share is the steal
+    column's growth over that of the first eight, whatever the others did."""
+    from bench import procs
+
+    lines = iter([[100, 5, 50, 800, 3, 1, 2, 10, 40, 7], [150, 5, 70, 900, 3, 1, 2, 30, 90, 7]])
+    monkeypatch.setattr(procs, "_cpu_fields", lambda: next(lines))
+    assert procs.Steal().percent() == round(100 * 20 / 190, 1)
