@@ -35,6 +35,7 @@ from zds.server.eventkinds import EventKind
 from zds.server.events import FaultView, WatchEnded, WatchEnding, Watcher
 from zds.server.faultkinds import FaultError, Refusal
 from zds.server.faults import Fault
+from zds.server.names import uid_problem
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.pods import PodSpec
 from zds.server.storefile import StoreError
@@ -43,6 +44,8 @@ from zds.server.tasks import retrieve_exception
 log = logging.getLogger("zds.server.control")
 
 SERVICE_NAME = "zds.v1.NodeAgent"
+#: The most event kinds a Watch may name (each at most once is enough; a few repeats pass).
+WATCH_KINDS_MAX = 64
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -112,6 +115,8 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         try:
             pod, results = await self.agent.remove_pod(request.uid)
         except KeyError:
+            if problem := uid_problem(request.uid):  # (no pod has it: nor does any ztunnel)
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
             # Istio sends the delete whatever its cache holds; so does zds, and says it.
             try:
                 sent = await self._release_unknown(request.uid)
@@ -194,6 +199,19 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         return nodeagent_pb2.ClearFaultsResponse(cleared=[fault_to_proto(FaultView.of(f)) for f in cleared])
 
     async def Watch(self, request: nodeagent_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        # (checked before anything is kept: a watcher held a 4 MB uid, or went through
+        # millions of kinds on the event loop, for each stream a client opened)
+        if request.uid and (problem := uid_problem(request.uid)):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot watch: {problem}")
+            return
+        if len(request.kinds) > WATCH_KINDS_MAX:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cannot watch {len(request.kinds)} event kinds: at most {WATCH_KINDS_MAX} (there are "
+                f"{len(EventKind) - 1})",
+            )
+            return
         kinds = {EVENT_KIND_FROM_PROTO.get(value) for value in request.kinds}
         if None in kinds or EventKind.CURRENT_STATE_END in kinds:
             wanted = ", ".join(
@@ -201,7 +219,7 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
             )
             bad = ", ".join(
                 str(v)
-                for v in request.kinds
+                for v in sorted(set(request.kinds))
                 if EVENT_KIND_FROM_PROTO.get(v) in (None, EventKind.CURRENT_STATE_END)
             )
             await _abort(

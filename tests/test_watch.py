@@ -171,6 +171,33 @@ def test_an_unknown_kind_is_invalid_argument(server: NodeAgentProc) -> None:
     assert "EVENT_KIND_POD_ENROLLED" in (info.value.details() or "")
 
 
+def test_a_watch_for_a_uid_no_pod_can_have_or_with_more_kinds_than_there_are_is_refused(
+    server: NodeAgentProc,
+) -> None:
+    """A Watch's uid and kinds were taken as they came: 128 watchers of a 4 MB uid each held
+    1.5 GB in the node agent, and millions of kinds were gone through on its event loop (0.5 s
+    a request). Both are refused before anything is kept; a RemovePod of such a uid, which no
+    pod can have, is refused too (its status echoed the uid, newlines and all)."""
+    with server.control() as stub:
+        for request, said in [
+            (nodeagent_pb2.WatchRequest(uid="u" * 4096), "cannot watch: pod uid 'uuuu"),
+            (nodeagent_pb2.WatchRequest(uid="a\nb"), "cannot watch: pod uid 'a\\nb' has characters"),
+            (
+                nodeagent_pb2.WatchRequest(kinds=[nodeagent_pb2.EVENT_KIND_POD_ENROLLED] * 65),
+                "cannot watch 65 event kinds: at most 64 (there are ",
+            ),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Watch(request, timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (info.value.details() or "").startswith(said), info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="evil\n2026 error forged"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "\n" not in (info.value.details() or ""), info.value.details()
+        assert server.proc.poll() is None
+
+
 def test_a_late_watcher_agrees_with_one_that_watched_from_the_start(
     server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
