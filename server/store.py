@@ -37,8 +37,8 @@ from typing import Self
 from zds.netns import NetnsIdentity
 from zds.server.pods import PodSpec
 from zds.server.storefile import (
-    COLUMN_NAMES,
     COLUMNS,
+    MARKS,
     WAL_SIZE_LIMIT,
     StoreError,
     explain,
@@ -59,6 +59,14 @@ WAL_WARN_SIZE = 4 * WAL_SIZE_LIMIT
 #: Its size is looked at once every this many writes, and said at most this often (seconds).
 WAL_LOOK_WRITES = 256
 WAL_WARN_EVERY = 600.0
+
+
+def _not_written_out(why: str) -> StoreError:
+    """The store's last checkpoint, as it closes, failed for ``why``."""
+    return StoreError(
+        f"cannot write the pod store out as it closes: {why}; what was committed since its last "
+        "checkpoint is in its -wal only: keep that file beside it"
+    )
 
 
 class PodStore:
@@ -113,10 +121,7 @@ class PodStore:
         except sqlite3.Error as exc:
             # (LOCKED is this connection's own statement still open: a bug, not a reader)
             if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
-                raise StoreError(
-                    f"cannot write the pod store out as it closes: {explain(self.path, exc)}; what was "
-                    "committed since its last checkpoint is in its -wal only: keep that file beside it"
-                ) from exc
+                raise _not_written_out(explain(self.path, exc)) from exc
             busy = True
         finally:
             self._db.close()
@@ -128,7 +133,12 @@ class PodStore:
         shell, a backup), which is allowed. Nothing is lost, the -wal holds what it did not
         write out (synced here: a commit is on disk once checkpointed) and the next start
         reads it; only a -wal that cannot be synced is an error (StoreError)."""
-        sync_wal(self.path)
+        try:
+            sync_wal(self.path)
+        except OSError as exc:
+            raise _not_written_out(
+                f"pod store {self.path}: its -wal cannot be synced ({exc.strerror})"
+            ) from exc
         log.warning(
             "pod store %s not written out into the file as it closes: another process reads it (a "
             "sqlite3 shell, a backup); nothing is lost, its -wal keeps the rest (synced) for the next start",
@@ -209,19 +219,18 @@ class PodStore:
     def _write_rows(
         self, pods: list[StoredPod], installs: list[StoredPod], left: list[StoredPod] | None = None
     ) -> None:
-        marks = ",".join("?" * len(COLUMN_NAMES))
         if left:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", map(values, left)
+                f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})", map(values, left)
             )
         if installs:
             self._installs_used = True
             self._db.executemany(
-                f"INSERT OR REPLACE INTO installs ({COLUMNS}) VALUES ({marks})", map(values, installs)
+                f"INSERT OR REPLACE INTO installs ({COLUMNS}) VALUES ({MARKS})", map(values, installs)
             )
         if pods:
             self._db.executemany(
-                f"INSERT OR REPLACE INTO pods ({COLUMNS}) VALUES ({marks})", map(values, pods)
+                f"INSERT OR REPLACE INTO pods ({COLUMNS}) VALUES ({MARKS})", map(values, pods)
             )
             if self._installs_used:
                 self._db.executemany("DELETE FROM installs WHERE uid = ?", [(pod.spec.uid,) for pod in pods])
@@ -283,9 +292,8 @@ class PodStore:
         transaction, take out the row that recorded them until now (``row.removing``: the pod
         row its removal marked; else its install row), both only for that netns."""
         assert row.identity is not None
-        marks = ",".join("?" * len(COLUMN_NAMES))
         with self._write():
-            self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({marks})", values(row))
+            self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})", values(row))
             self._forget_rows(row.spec.uid, row.identity, row.rules, "pods" if row.removing else "installs")
 
     def forget_leftovers(
@@ -351,9 +359,8 @@ class PodStore:
         self._db.execute("PRAGMA busy_timeout = 0")
         try:
             with contextlib.suppress(StoreError), self._write():
-                marks = ", ".join("?" * len(COLUMN_NAMES))
                 for table in ("pods", "installs"):
-                    self._db.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES ({marks})", values(PROBE_ROW))
+                    self._db.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES ({MARKS})", values(PROBE_ROW))
                     self._db.execute(f"DELETE FROM {table} WHERE uid = ?", (PROBE_ROW.spec.uid,))
         finally:
             self._db.execute(f"PRAGMA busy_timeout = {busy}")
