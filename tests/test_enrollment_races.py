@@ -810,26 +810,41 @@ async def test_rules_of_a_pod_recovered_without_opening_its_netns_stay_recorded_
     await a_start_takes_out_what_is_left(tmp_path, held, b)
 
 
+async def enrolled_with_stale_rules(agent: Agent, make_pod: Callable[[], Pod], count: int) -> list[Pod]:
+    """``count`` pods enrolled, their rows then saying their rules are not as recorded (each
+    goes in again at the next start)."""
+    made = [make_pod() for _ in range(count)]
+    for n, pod in enumerate(made):
+        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
+    for row in agent.store.load():
+        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
+    return made
+
+
+async def recovery_stopped_at_the_gate(
+    store: PodStore, restarted: NodeAgent, redirector: GatedRedirector
+) -> None:
+    """A recovery stopped while the first pods' rules wait at ``redirector``'s install gate and
+    the others wait their turn; the gate then opened: it ends with CancelledError."""
+    redirector.install_gate.close()
+    recovering = asyncio.create_task(recover(store, restarted.enrollment))
+    await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
+    recovering.cancel()
+    await asyncio.sleep(0)
+    redirector.install_gate.open.set()  # (those under way go in to their end)
+    with pytest.raises(asyncio.CancelledError):
+        await recovering
+
+
 async def test_a_recovery_stopped_midway_closes_the_netns_it_opened(
     agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
 ) -> None:
     """A stop during recovery left the netns fds of the pods it had not restored (waiting
     their turn, or with their rules going in) to the garbage collector."""
-    made = [make_pod() for _ in range(recovery.CONCURRENCY + 2)]
-    for n, pod in enumerate(made):
-        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
+    made = await enrolled_with_stale_rules(agent, make_pod, recovery.CONCURRENCY + 2)
     before = [netns_fds(pod.path) for pod in made]  # (the first node agent's, ztunnel's stand-in's)
-    for row in agent.store.load():  # (their rules no longer as recorded: each goes in again)
-        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
     async with restarted_on(tmp_path) as (restarted, redirector, store):
-        redirector.install_gate.close()
-        recovering = asyncio.create_task(recover(store, restarted.enrollment))
-        await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
-        recovering.cancel()  # the stop, while the first pods' rules go in and the others wait
-        redirector.install_gate.open.set()  # (those under way go in to their end)
-        with pytest.raises(asyncio.CancelledError):
-            await recovering
-        del recovering
+        await recovery_stopped_at_the_gate(store, restarted, redirector)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             gc.collect()
@@ -846,22 +861,11 @@ async def test_a_recovery_stopped_while_rules_go_in_again_leaves_every_pod_its_r
     out what went in: with it the rules the pod had, which worked. The pods under way were
     left without any, still recorded with them, until the next start. Now those reinstalls
     go in to their end and their rows say so; the stop comes after them."""
-    made = [make_pod() for _ in range(recovery.CONCURRENCY + 2)]
-    for n, pod in enumerate(made):
-        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
-    for row in agent.store.load():  # (their rules no longer as recorded: each goes in again)
-        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
+    made = await enrolled_with_stale_rules(agent, make_pod, recovery.CONCURRENCY + 2)
     assert all(has_rules(pod) for pod in made)
     async with restarted_on(tmp_path) as (restarted, redirector, store):
         redirector.refuse_removal = ""  # (a cancelled install's undo takes the rules out)
-        redirector.install_gate.close()
-        recovering = asyncio.create_task(recover(store, restarted.enrollment))
-        await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
-        recovering.cancel()  # the stop, while the first pods' rules go in and the others wait
-        await asyncio.sleep(0.05)
-        redirector.install_gate.open.set()
-        with pytest.raises(asyncio.CancelledError):
-            await recovering
+        await recovery_stopped_at_the_gate(store, restarted, redirector)
         assert [n for n, pod in enumerate(made) if not has_rules(pod)] == []
         assert redirector.removals_tried == 0
         reinstalled = {row.spec.uid: row.rules_digest for row in store.load()}
@@ -916,22 +920,11 @@ async def test_a_bug_in_a_reinstall_the_stop_let_finish_is_said_and_the_stop_goe
     """A reinstall let run to its end after the stop came, failing with what nothing expects,
     ended the start with that error (a traceback, not the stop) and left the other pods' tasks
     running: it is said in a line, and the stop goes on as the others end."""
-    made = [make_pod() for _ in range(2)]
-    for n, pod in enumerate(made):
-        await agent.agent.add_pod(agent.spec(f"u{n}", pod))
-    for row in agent.store.load():  # (their rules no longer as recorded: each goes in again)
-        agent.store.put(row.spec, row.identity, rules=row.rules, rules_digest="stale", cookie=row.cookie)
+    made = await enrolled_with_stale_rules(agent, make_pod, 2)
     before = [netns_fds(pod.path) for pod in made]
     redirector = BuggyInstall()
     async with started_on(tmp_path, redirector) as (restarted, store):
-        redirector.install_gate.close()
-        recovering = asyncio.create_task(recover(store, restarted.enrollment))
-        await asyncio.wait_for(redirector.install_gate.reached.wait(), 10)
-        recovering.cancel()
-        await asyncio.sleep(0)
-        redirector.install_gate.open.set()
-        with pytest.raises(asyncio.CancelledError):
-            await recovering
+        await recovery_stopped_at_the_gate(store, restarted, redirector)
         assert "reinstalling the pod's rules failed: KeyError('a bug')" in caplog.text
         assert len(restarted.pods) == 0
         gc.collect()
