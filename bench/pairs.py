@@ -9,6 +9,12 @@ real processes on the same pods, and how one snapshot or one live bulk enrollmen
   N enrollments at once through its bulk path (zds: starting one ``zds pod add --from-file``,
   its start-up included; Istio's server: writing N ``add`` lines to its stdin at once) to
   the N-th acked enrollment as its client sees it.
+
+With listeners every ztunnel side opens the same sockets in each pod, ztunnel's three TCP
+listeners (15001, 15006, 15008), as Istio's fake ztunnel (``--listen``) and ztunnel's peer
+do: zds's with ``--no-dns``. The ``zds-dns`` pair is zds's ztunnel side at its default, its
+DNS forwarder too (ztunnel's default: UDP and TCP 15053 on 127.0.0.1 and ::1, four sockets a
+pod more than the peers): what the forwarder costs, beside the same work.
 """
 
 from __future__ import annotations
@@ -164,6 +170,9 @@ class ServerKind:
 @dataclass(frozen=True)
 class ZtunnelKind:
     name: str
+    #: zds only: its DNS forwarder too (ztunnel's default: UDP and TCP 15053 on 127.0.0.1 and
+    #: ::1, 4 sockets a pod more); without it a pod gets the 3 TCP listeners the peers open.
+    dns: bool = False
 
     def start(self, tools: Tools, sock: str, listeners: bool, uvloop: bool) -> Proc:
         if self.name == "zds":
@@ -172,6 +181,8 @@ class ZtunnelKind:
                 argv += [flag, "127.0.0.1:0"]
             if not listeners:
                 argv.append("--no-listeners")
+            elif not self.dns:
+                argv.append("--no-dns")
             if not uvloop:
                 argv.append("--no-uvloop")
             return Proc("zds ztunnel", argv, env=tools.env)
@@ -336,6 +347,12 @@ PAIRS = {
         Pair("istio", "Istio server + Istio fake ztunnel", ISTIO, ZtunnelKind("istio")),
         Pair("zds", "zds server + zds ztunnel (uvloop)", ZDS, ZtunnelKind("zds")),
         Pair("zds-asyncio", "zds server + zds ztunnel (asyncio loop)", ZDS, ZtunnelKind("zds"), uvloop=False),
+        Pair(
+            "zds-dns",
+            "zds server + zds ztunnel (uvloop, DNS forwarder on)",
+            ZDS,
+            ZtunnelKind("zds", dns=True),
+        ),
         Pair("istio+zds", "Istio server + zds ztunnel", ISTIO, ZtunnelKind("zds")),
         Pair("istio+ztunnel-rs", "Istio server + ztunnel's in-pod code", ISTIO, RS),
     )

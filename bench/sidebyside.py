@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=positive_int, help="runs of each configuration (default: 5; --smoke: 1)")
     p.add_argument("--modes", default="snapshot,live", help="(default: %(default)s)")
     p.add_argument("--listeners", default="on,off", help="listeners on, off or both (default: %(default)s)")
-    p.add_argument("--pairs", help=f"(default: {','.join(PAIRS)}; --smoke: zds,zds-asyncio)")
+    p.add_argument("--pairs", help=f"(default: {','.join(PAIRS)}; --smoke: zds,zds-asyncio,zds-dns)")
     p.add_argument("--no-floor", action="store_true", help="do not run the C floor (zds-limit)")
     p.add_argument("--peers", default=DEFAULT_PEERS, help="where the peers are built (default: %(default)s)")
     p.add_argument(
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib needed)")
     p.add_argument("--smoke", action="store_true", help="N=20, one run, zds pairs only, no floor (CI)")
     args = p.parse_args(argv)
-    smoke = {"sizes": "20", "runs": 1, "pairs": "zds,zds-asyncio"}
+    smoke = {"sizes": "20", "runs": 1, "pairs": "zds,zds-asyncio,zds-dns"}
     full = {"sizes": "200,1000,2500", "runs": 5, "pairs": ",".join(PAIRS)}
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:

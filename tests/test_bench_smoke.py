@@ -29,7 +29,7 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
             str(ROOT / "bench" / "sidebyside.py"),
             "--smoke",
             "--pairs",
-            "istio,zds",
+            "istio,zds,zds-dns",
             "--peers",
             str(tmp_path / "no-peers-here"),
             "--out",
@@ -50,7 +50,10 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
     assert doc["command"].endswith("--no-plots") and "--smoke" in doc["command"]
     assert {"os", "kernel", "cpus", "python", "zds_commit"} <= set(doc["machine"])
     assert len(doc["load_start"]) == 3 and len(doc["load_end"]) == 3
-    assert doc["pairs"] == {"zds": "zds server + zds ztunnel (uvloop)"}
+    assert doc["pairs"] == {
+        "zds": "zds server + zds ztunnel (uvloop)",
+        "zds-dns": "zds server + zds ztunnel (uvloop, DNS forwarder on)",
+    }
     assert any("istio-zds-server" in line for line in doc["skipped"])
     timed = [r for r in doc["results"] if r["run"] >= 1]
     assert {(r["mode"], r["listeners"]) for r in timed} == {
@@ -60,10 +63,13 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
         ("live", False),
     }
     for r in timed:
-        assert (r["pair"], r["n"]) == ("zds", 20)
+        assert r["pair"] in ("zds", "zds-dns") and r["n"] == 20
         assert r["wall_ms"] > 0 and 0 < r["acked_ms"]["p50"] <= r["acked_ms"]["max"]
         assert r["rss_kb"]["server"]["VmRSS"] > 0 and r["rss_kb"]["ztunnel"]["VmRSS"] > 0
-        assert r["fds"]["ztunnel"] >= (7 * 20 if r["listeners"] else 0)
+        # With listeners the peers' 3 TCP ones a pod (the bench's zds: --no-dns), and the DNS
+        # forwarder's 4 sockets more with it; a pod's netns fd is the node agent's, not counted.
+        sockets = (7 if r["pair"] == "zds-dns" else 3) if r["listeners"] else 0
+        assert sockets * 20 <= r["fds"]["ztunnel"] < (sockets + 1) * 20 + 64, r["fds"]
         assert ("hello_ms" in r) == (r["mode"] == "snapshot")
         assert ("first_enrolled_ms" in r) == (r["mode"] == "live")
         # The CPU of the timed section: the ztunnel side's whole start-up in a snapshot, zds pod
@@ -73,8 +79,7 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
         assert min(cpu.values()) >= 0 and cpu["client" if r["mode"] == "live" else "ztunnel"] > 0, cpu
         assert r["steal_pct"] is None or 0 <= r["steal_pct"] <= 100
     assert {(s["mode"], s["n"], s["pair"]) for s in doc["summary"]} == {
-        ("snapshot", 20, "zds"),
-        ("live", 20, "zds"),
+        (mode, 20, pair) for mode in ("snapshot", "live") for pair in ("zds", "zds-dns")
     }
     assert all(s["ratio"] is None for s in doc["summary"])  # no Istio pair to compare with
     assert {t["target"] for t in doc["targets"]} >= {
@@ -86,7 +91,10 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
     assert 0 < doc["first_request"][0]["first_request_ms"] < doc["first_request"][0]["exit_ms"]
 
     table = (out / "sidebyside.md").read_text()
-    assert "| bench | N | listeners | zds server + zds ztunnel (uvloop) |" in table
+    assert (
+        "| bench | N | listeners | zds server + zds ztunnel (uvloop) "
+        "| zds server + zds ztunnel (uvloop, DNS forwarder on) |" in table
+    )
     assert "| snapshot | 20 | on |" in table and "| live | 20 | off |" in table
     assert "skipped, istio-zds-server" in table
     assert "| N | exec to first request |" in table and "\n| 20 | " in table
