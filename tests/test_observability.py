@@ -211,6 +211,43 @@ def test_a_field_a_peer_sent_with_control_characters_stays_on_its_line() -> None
     assert line.endswith(' uid="u\\n\\u001b[31mX"')
 
 
+def test_grpcs_error_for_a_stream_its_client_left_is_quieted_for_each_streaming_method_only() -> None:
+    """GoneStreams named Watch alone: AddPods cancelled with its answers unread logged gRPC's
+    error and traceback (tests/test_pod_cli.py shows it end to end). It names every method the
+    proto streams answers from, and lets another method's error, or another error, through."""
+    from zds.logfilters import GoneStreams
+
+    service = nodeagent_pb2.DESCRIPTOR.services_by_name["NodeAgent"]
+    assert set(GoneStreams.STREAMING) == {m.name for m in service.methods if m.server_streaming}
+
+    def record(message: str) -> logging.LogRecord:
+        failed = RuntimeError('Failed "execute_batch"')
+        return logging.LogRecord(
+            "grpc._cython.cygrpc", logging.ERROR, __file__, 1, message, None, (RuntimeError, failed, None)
+        )
+
+    gone = "ExecuteBatchError raised in core by servicer method [/zds.v1.NodeAgent/{}]"
+    zds_logger = logging.getLogger("zds")
+    level = zds_logger.level
+    try:
+        zds_logger.setLevel(logging.INFO)
+        for method in ("AddPods", "Watch"):
+            assert not GoneStreams().filter(record(gone.format(method)))
+        zds_logger.setLevel(logging.DEBUG)
+        quieted = record(gone.format("AddPods"))
+        assert GoneStreams().filter(quieted)
+        assert (quieted.levelno, quieted.levelname, quieted.exc_info) == (logging.DEBUG, "DEBUG", None)
+        for message in (
+            gone.format("AddPod"),
+            "Unexpected [RuntimeError] raised by servicer method [/zds.v1.NodeAgent/AddPods]",
+        ):
+            kept = record(message)
+            assert GoneStreams().filter(kept)
+            assert kept.levelno == logging.ERROR and kept.exc_info is not None
+    finally:
+        zds_logger.setLevel(level)
+
+
 def test_a_closed_stderr_never_fails_the_code_that_logs(tmp_path: Path) -> None:
     # A log line in the middle of the node agent's work (an ack's, a nack's) must not raise.
     closed = open(tmp_path / "stderr", "w")  # noqa: SIM115 (closed on purpose, at once)

@@ -12,6 +12,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from tests.harness import (
 )
 from tests.standins import RawPeer, request_of
 from zds import defaults
-from zds.gen import nodeagent_pb2
+from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.protocol.messages import DelWorkload
 from zds.server import bulkwire
 
@@ -788,3 +790,40 @@ def test_pod_add_from_file_falls_back_to_addpods_on_a_node_agent_from_before_the
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("enrolled: acked by ztunnel connection old") == 3
     assert taken == ["old-0", "old-1", "old-2"]  # each once: the lane took nothing
+
+
+def test_addpods_calls_cancelled_with_their_answers_unread_end_without_a_traceback(
+    start_server: StartServer,
+) -> None:
+    """Clients that send pods refused at once, read none of the answers, then cancel: gRPC
+    failed the write the node agent still had out and logged an error with its traceback for
+    most of them, as it did for Watch. One debug line each now (the call is over either way)."""
+    server = start_server("--log-level", "debug")
+    pods = [nodeagent_pb2.AddPodRequest(uid="u" * 1000) for _ in range(64)]  # no netns: refused
+    sent = [0]
+
+    def requests() -> Iterator[nodeagent_pb2.AddPodsRequest]:
+        for _ in range(2000):
+            sent[0] += 1
+            yield nodeagent_pb2.AddPodsRequest(pods=pods)
+
+    def stopped_reading() -> bool:  # no request taken for half a second: flow control holds them
+        before = sent[0]
+        time.sleep(0.5)
+        return sent[0] == before
+
+    channels = [grpc.insecure_channel(f"unix:{server.control_socket}") for _ in range(20)]
+    try:
+        stubs = [nodeagent_pb2_grpc.NodeAgentStub(c) for c in channels]  # type: ignore[no-untyped-call]
+        calls = [stub.AddPods(requests()) for stub in stubs]
+        wait_until(stopped_reading, "the node agent to stop taking requests")
+        for call in calls:
+            call.cancel()
+        gone = "ExecuteBatchError raised in core by servicer method [/zds.v1.NodeAgent/AddPods]"
+        wait_until(lambda: gone in server.output(), "a write cut short by a cancel")
+    finally:
+        for channel in channels:
+            channel.close()
+    out = server.output()
+    assert f"debug grpc._cython.cygrpc: {gone}\n" in out
+    assert "Traceback" not in out and " error " not in out

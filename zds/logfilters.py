@@ -40,11 +40,17 @@ class QuietLibraries(logging.Filter):
 
 
 class GoneStreams(logging.Filter):
-    """gRPC's own error, with its traceback, when it ends a ``Watch`` stream whose client went
-    away mid-write (or stopped reading, its write abandoned): the stream is over either way
-    and zds has said so (it was a traceback for 62 of 300 watchers cancelled). Kept at debug."""
+    """gRPC's own error, with its traceback, when it ends a stream of answers (``Watch``,
+    ``AddPods``) whose client went away mid-write (or stopped reading, its write abandoned):
+    the stream is over either way (it was a traceback for 62 of 300 watchers cancelled, and
+    for AddPods calls cancelled while their answers waited unread). Kept at debug."""
 
-    GONE = "ExecuteBatchError raised in core by servicer method [/zds.v1.NodeAgent/Watch]"
+    #: zds.v1.NodeAgent's methods that stream answers (a test holds this to the proto).
+    STREAMING = ("AddPods", "Watch")
+    GONE = tuple(
+        f"ExecuteBatchError raised in core by servicer method [/zds.v1.NodeAgent/{method}]"
+        for method in STREAMING
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "grpc._cython.cygrpc" or not record.getMessage().startswith(self.GONE):
