@@ -128,8 +128,11 @@ def fault_to_proto(fault: FaultView) -> nodeagent_pb2.Fault:
 def fault_spec(request: nodeagent_pb2.InjectFaultRequest) -> FaultSpec:
     """What an InjectFault asks for (FaultError INVALID for an unknown or missing kind)."""
     kind = FAULT_KIND_FROM_PROTO.get(request.kind)
-    if kind is None:
+    if kind is None and request.kind == nodeagent_pb2.FAULT_KIND_UNSPECIFIED:
         raise FaultError(Refusal.INVALID, "kind is required: one of " + ", ".join(k.label for k in FaultKind))
+    if kind is None:  # a number no zds.v1.FaultKind has (its enum is open: any int32 decodes)
+        known = ", ".join(f"{number} ({k.label})" for number, k in sorted(FAULT_KIND_FROM_PROTO.items()))
+        raise FaultError(Refusal.INVALID, f"unknown fault kind {request.kind} (known: {known})")
     return FaultSpec(
         kind=kind,
         count=request.count or 1,

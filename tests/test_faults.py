@@ -252,6 +252,24 @@ def test_a_fault_that_makes_no_sense_now_is_refused_in_one_line(server: NodeAgen
     assert "said hello already" in hello.value.details()
 
 
+def test_an_unset_kind_is_required_and_an_unknown_one_is_named(server: NodeAgentProc) -> None:
+    """A kind no zds.v1.FaultKind has (999) was told "kind is required", as if none was given:
+    each is refused INVALID_ARGUMENT in one line, saying which it was."""
+    from zds.server.faultkinds import FaultKind
+
+    with server.control() as stub:
+        for kind, says in (
+            (nodeagent_pb2.FAULT_KIND_UNSPECIFIED, "kind is required: one of delay, drop-before, "),
+            (999, "unknown fault kind 999 (known: 1 (delay), 2 (drop-before), "),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.InjectFault(nodeagent_pb2.InjectFaultRequest(kind=kind), timeout=60)  # type: ignore[arg-type]
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            details = refused.value.details()
+            assert details.startswith(says) and "\n" not in details, details
+    assert all(f"({known.label})" in details for known in FaultKind), details  # every kind named
+
+
 def test_faults_are_logged_counted_and_streamed_in_watch(
     start_server: StartServer, peers: Peers, tmp_path: pathlib.Path
 ) -> None:
