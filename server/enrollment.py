@@ -269,7 +269,7 @@ class Enrollment:
         if self.rules is None:
             return
         try:
-            await self.rules.install(pod, lambda identity: self.cache.in_use(identity, claims=1))
+            await self.rules.install(pod, lambda identity: self.cache.in_use(identity, besides=pod))
         except asyncio.CancelledError:
             pod.close()
             raise
@@ -307,7 +307,7 @@ class Enrollment:
         except StoreError as exc:
             log.error("cannot store the pod: %s", exc, extra=pod.spec.log_extra)
             try:
-                await self._remove_rules(pod, claims=1)
+                await self._remove_rules(pod, besides=pod)
             except BaseException:
                 pod.close()
                 raise
@@ -406,10 +406,11 @@ class Enrollment:
             for conn, answer in zip(conns, answers, strict=True)
         ]
 
-    async def _remove_rules(self, pod: Pod, *, claims: int = 0) -> None:
-        """Take the pod's rules out unless another pod lives in its netns (``PodCache.in_use``)."""
+    async def _remove_rules(self, pod: Pod, *, besides: Pod | None = None) -> None:
+        """Take the pod's rules out unless another pod lives in its netns (``PodCache.in_use``;
+        ``besides``: the pod itself, being enrolled, does not count)."""
         if self.rules is not None:
-            await self.rules.remove(pod, lambda identity: self.cache.in_use(identity, claims=claims))
+            await self.rules.remove(pod, lambda identity: self.cache.in_use(identity, besides=besides))
 
 
 def _attributes(spec: PodSpec) -> dict[str, str]:

@@ -76,8 +76,8 @@ class PodCache:
         #: How many pods recovered without opening their netns may have their rules in each
         #: (of either rule set): they count only for ``in_use``.
         self._unopened_in: collections.Counter[NetnsIdentity] = collections.Counter()
-        #: Pods whose rules went in (or are going in) and that are not cached yet, by netns.
-        self._claims: collections.Counter[NetnsIdentity] = collections.Counter()
+        #: Pods being enrolled (not cached yet), by netns: those whose rules went in count.
+        self._claims: dict[NetnsIdentity, list[Pod]] = {}
 
     def get(self, uid: str) -> Pod | None:
         return self._pods.get(uid)
@@ -145,24 +145,30 @@ class PodCache:
     @contextlib.contextmanager
     def claim(self, pod: Pod) -> Iterator[None]:
         """Meanwhile ``pod``, being enrolled and not cached yet, counts as living in its netns
-        (``in_use``): a removal of another pod there keeps the rules it installed."""
+        once its rules are in (``in_use``): a removal of another pod there keeps them. Not
+        before: a removal that kept the rules for it left them to a pod that could still be
+        refused without touching them (rules not ours), and then they were nobody's."""
         identity = pod.netns.identity if pod.netns is not None else None
         if identity is None:
             yield
             return
-        self._claims[identity] += 1
+        self._claims.setdefault(identity, []).append(pod)
         try:
             yield
         finally:
-            self._claims[identity] -= 1
-            if not self._claims[identity]:
+            claimants = self._claims[identity]
+            claimants.remove(pod)
+            if not claimants:
                 del self._claims[identity]
 
-    def in_use(self, identity: NetnsIdentity, *, claims: int = 0) -> bool:
+    def in_use(self, identity: NetnsIdentity, *, besides: Pod | None = None) -> bool:
         """A cached pod has (or, recovered without opening its netns, may have) its rules in
-        this netns, or more than ``claims`` pods being enrolled there do (``claims=1``: one
-        being enrolled asks about the others)."""
-        return identity in self._rules_in or identity in self._unopened_in or self._claims[identity] > claims
+        this netns, or a pod being enrolled there other than ``besides`` installed them."""
+        return (
+            identity in self._rules_in
+            or identity in self._unopened_in
+            or any(p.rules_installed and p is not besides for p in self._claims.get(identity, ()))
+        )
 
     def by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

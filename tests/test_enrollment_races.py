@@ -43,7 +43,7 @@ from zds.server.nftables import NftablesRedirector
 from zds.server.outcomes import Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSource, PodSpec
 from zds.server.recovery import RecoveryOutcome, recover
-from zds.server.redirect import Installed, RedirectError, Redirector, redirector
+from zds.server.redirect import Installed, RedirectError, Redirector, RulesNotOurs, redirector
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
 from zds.server.storerows import StoredPod
@@ -80,6 +80,8 @@ class GatedRedirector(Redirector):
         self.install_gate = Gate()
         self.removal = Gate()
         self.refuse = ""
+        #: An install finds rules not ours in the netns (RulesNotOurs: nothing touched).
+        self.not_ours = ""
         #: The install puts the rules in, then fails with this.
         self.fail_after = ""
         #: A removal fails with this.
@@ -93,6 +95,8 @@ class GatedRedirector(Redirector):
         await self.install_gate.passing()
         if self.refuse:
             raise RedirectError(self.refuse)
+        if self.not_ours:
+            raise RulesNotOurs(self.not_ours)
         installed = await super().install(netns)
         if self.fail_after:
             raise RedirectError(self.fail_after)
@@ -112,8 +116,14 @@ class GatedStore(PodStore):
     each batch of pods is committed, before their callers are woken."""
 
     commit: Gate
+    #: A pod's install row waits here first (the pod counts as being enrolled in its netns).
+    intend: Gate
     refuse = ""
     committed: Callable[[], object] | None = None
+
+    async def intend_soon(self, pod: StoredPod) -> None:
+        await self.intend.passing()
+        await super().intend_soon(pod)
 
     async def put_soon(self, pod: StoredPod, *, left: StoredPod | None = None) -> None:
         await self.commit.passing()
@@ -161,6 +171,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     node_agent = NodeAgent(AgentConfig(), redirector, netns_policy=with_netns_root(tmp_path))
     store = GatedStore.open(str(tmp_path), used_before=False)
     store.commit = Gate()
+    store.intend = Gate()
     node_agent.use_store(store)
     path = os.path.join(tmp_path, "ztunnel.sock")
     listener = bind_unix_listener(path, mode=0o600)
@@ -174,6 +185,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
         redirector.install_gate.open.set()
         redirector.removal.open.set()
         store.commit.open.set()
+        store.intend.open.set()
         if peer is not None:
             peer.close()
         try:
@@ -298,6 +310,37 @@ async def test_a_removal_of_another_pod_keeps_the_rules_of_one_being_enrolled_in
     assert agent.stored() == {"u2": identity(a)}
     await agent.agent.remove_pod("u2")
     assert not has_rules(a)
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["refused", "installed"])
+async def test_a_removal_takes_the_rules_out_while_the_pod_being_enrolled_there_has_none_yet(
+    agent: Agent, make_pod: Callable[[], Pod], refused: bool
+) -> None:
+    """u1 lives in A; AddPod(u2, A) has begun (its install row) but installed nothing yet when
+    RemovePod(u1) comes. Counted as living in A all the same, u2 kept u1's rules and u1's row
+    went; u2 then refused (rules not ours: nothing touched, nothing undone) and the rules stayed
+    in A for good, recorded nowhere (review, HIGH). The removal takes them out now; u2, if it
+    goes on, installs its own."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    agent.store.intend.close()
+    if refused:
+        agent.redirector.not_ours = "the netns holds a rule zds did not make that jumps into its chains"
+    enrollment = asyncio.create_task(agent.agent.add_pod(agent.spec("u2", a)))
+    await asyncio.wait_for(agent.store.intend.reached.wait(), 10)
+    await asyncio.wait_for(agent.agent.remove_pod("u1"), 30)
+    assert not has_rules(a), "u1's rules stayed for u2, which had installed none"
+    agent.store.intend.open.set()
+    if refused:
+        with pytest.raises(EnrollmentError) as info:
+            await asyncio.wait_for(enrollment, 30)
+        assert info.value.outcome is EnrollmentOutcome.REFUSED
+        assert not has_rules(a) and "u2" not in agent.agent.pods
+        assert agent.stored() == {} and agent.committed("installs") == []
+    else:
+        enrolled = await asyncio.wait_for(enrollment, 30)
+        assert enrolled.pod.rules_installed and has_rules(a)
+        assert agent.stored() == {"u2": identity(a)}
 
 
 async def test_an_enrollment_that_fails_to_commit_takes_its_own_rules_out(
