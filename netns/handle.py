@@ -51,17 +51,19 @@ class NetnsHandle:
         self.identity = identity
 
     @classmethod
-    def from_fd(cls, fd: int, path: str = "", *, validate: bool = True) -> NetnsHandle:
+    def from_fd(cls, fd: int, path: str = "", *, validate: bool = True, cloexec: bool = False) -> NetnsHandle:
         """Take ownership of ``fd``: on any failure here it is closed too.
 
         The fd is made close-on-exec (it must not leak into iptables-restore and
-        other children). ``path`` is only for messages and display.
+        other children); ``cloexec``: it was opened so already (no system call to make it
+        so). ``path`` is only for messages and display.
         """
         try:
             if validate:
                 validate_netns_fd(fd, path or f"fd {fd}")
             identity = netns_identity(fd)
-            os.set_inheritable(fd, False)
+            if not cloexec:
+                os.set_inheritable(fd, False)
         except BaseException:
             with suppress(OSError):
                 os.close(fd)
@@ -183,7 +185,7 @@ def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
     except BaseException:
         os.close(fd)
         raise
-    return NetnsHandle.from_fd(fd, path, validate=False)
+    return NetnsHandle.from_fd(fd, path, validate=False, cloexec=True)  # (opened with O_CLOEXEC)
 
 
 #: How a netns path is looked at before it is opened (its file system, never its content).

@@ -16,7 +16,7 @@ import grpc
 from zds import defaults
 from zds.gen import nodeagent_pb2
 from zds.server.agent import NodeAgent
-from zds.server.controlwire import add_pod_response, pod_spec
+from zds.server.controlwire import fill_add_pod_response, pod_spec
 from zds.server.outcomes import STOPPING, Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
 from zds.server.storefile import StoreError
@@ -78,7 +78,7 @@ async def bulk_add(
         spec: PodSpec | None = None,
     ) -> None:
         window.give()
-        response = None
+        enrolled = None
         if isinstance(outcome, tuple):
             code, message = outcome
         elif outcome.cancelled():
@@ -90,12 +90,13 @@ async def bulk_add(
             log.error("enrollment failed unexpectedly: %r", error, extra={"uid": uid})
             code, message = grpc.StatusCode.INTERNAL, f"unexpected error: {error!r}"
         else:
-            code, message, response = grpc.StatusCode.OK, "", add_pod_response(outcome.result())
-        answers.put_nowait(
-            nodeagent_pb2.AddPodsResult(
-                index=index, uid=cut(uid), code=code.value[0], message=cut(message), response=response
-            )
+            code, message, enrolled = grpc.StatusCode.OK, "", outcome.result()
+        result = nodeagent_pb2.AddPodsResult(
+            index=index, uid=cut(uid), code=code.value[0], message=cut(message)
         )
+        if enrolled is not None:
+            fill_add_pod_response(result.response, enrolled)  # (in place: not built, then copied)
+        answers.put_nowait(result)
 
     async def read() -> None:
         try:

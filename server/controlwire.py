@@ -49,26 +49,32 @@ def _timestamp(seconds: float) -> Timestamp:
 
 
 def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
-    msg = nodeagent_pb2.Pod(
-        uid=pod.spec.uid,
-        name=pod.spec.name,
-        namespace=pod.spec.namespace,
-        service_account=pod.spec.service_account,
-        netns_path=pod.netns.path if pod.netns is not None else str(pod.spec.netns),
-        state=_STATE[pod.state],
-        last_error=pod.last_error,
-        # (a pod recovered without its netns, which is nowhere, has none: they went with it;
-        # one whose netns could not be opened may still have them where it lives)
-        rules_installed=pod.rules_installed and (pod.netns is not None or pod.unopened is not None),
-        ips=list(pod.spec.ips),
-        recovery=pod.recovery,
-        source=pod.spec.source.value,
-    )
+    msg = nodeagent_pb2.Pod()
+    fill_pod(msg, pod)
+    return msg
+
+
+def fill_pod(msg: nodeagent_pb2.Pod, pod: Pod) -> None:
+    """Write ``pod`` into ``msg`` (empty; a field of the answer it goes in: the bulk path's
+    answers are built in place, not built and then copied into it twice)."""
+    spec = pod.spec
+    msg.uid = spec.uid
+    msg.name = spec.name
+    msg.namespace = spec.namespace
+    msg.service_account = spec.service_account
+    msg.netns_path = pod.netns.path if pod.netns is not None else str(spec.netns)
+    msg.state = _STATE[pod.state]
+    msg.last_error = pod.last_error
+    # (a pod recovered without its netns, which is nowhere, has none: they went with it;
+    # one whose netns could not be opened may still have them where it lives)
+    msg.rules_installed = pod.rules_installed and (pod.netns is not None or pod.unopened is not None)
+    msg.ips.extend(spec.ips)
+    msg.recovery = pod.recovery
+    msg.source = spec.source.value
     if pod.netns is not None:
         msg.netns.dev = pod.netns.identity.dev
         msg.netns.ino = pod.netns.identity.ino
-    msg.enrolled_at.CopyFrom(_timestamp(pod.enrolled_at))
-    return msg
+    msg.enrolled_at.FromNanoseconds(int(pod.enrolled_at * 1e9))
 
 
 def connection_to_proto(info: ConnectionInfo) -> nodeagent_pb2.Connection:
@@ -196,4 +202,12 @@ def pod_spec(request: nodeagent_pb2.AddPodRequest) -> PodSpec | tuple[grpc.Statu
 
 
 def add_pod_response(enrolled: Enrolled) -> nodeagent_pb2.AddPodResponse:
-    return nodeagent_pb2.AddPodResponse(pod=pod_to_proto(enrolled.pod), connection_id=enrolled.conn_id)
+    msg = nodeagent_pb2.AddPodResponse()
+    fill_add_pod_response(msg, enrolled)
+    return msg
+
+
+def fill_add_pod_response(msg: nodeagent_pb2.AddPodResponse, enrolled: Enrolled) -> None:
+    """Write ``enrolled``'s answer into ``msg`` (empty), as ``fill_pod``."""
+    fill_pod(msg.pod, enrolled.pod)
+    msg.connection_id = enrolled.conn_id

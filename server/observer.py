@@ -52,7 +52,8 @@ class AgentObserver(ConnectionObserver):
     def sent(self, conn: ZtunnelConnection, request: Request) -> None:
         kind = request_kind(request)
         uid, spec = self._about(request)
-        log.debug("sent %s", kind, extra=self._extra(conn, uid, spec))
+        if log.isEnabledFor(logging.DEBUG):  # (its fields only for a line that is written)
+            log.debug("sent %s", kind, extra=self._extra(conn, uid, spec))
         self.events.publish(
             EventKind.MESSAGE_SENT,
             connection_id=conn.id,
@@ -65,12 +66,11 @@ class AgentObserver(ConnectionObserver):
     def acked(self, conn: ZtunnelConnection, request: Request, ack: Ack, latency: float) -> None:
         kind = request_kind(request)
         uid, spec = self._about(request)
-        extra = self._extra(conn, uid, spec)
-        if ack.ok:
+        if not ack.ok:
+            log.error("ztunnel nacked %s: %s", kind, ack.error, extra=self._extra(conn, uid, spec))
+        elif log.isEnabledFor(logging.DEBUG):  # (its fields only for a line that is written)
             # Per message: debug, as Istio's "ztunnel acked" (the pod's own lines are info).
-            log.debug("ztunnel acked %s in %.1f ms", kind, latency * 1000, extra=extra)
-        else:
-            log.error("ztunnel nacked %s: %s", kind, ack.error, extra=extra)
+            log.debug("ztunnel acked %s in %.1f ms", kind, latency * 1000, extra=self._extra(conn, uid, spec))
         # (not one a fault made up with the pod's uid: its answer is not the pod's)
         pod = (
             self.cache.get(uid)

@@ -107,14 +107,15 @@ class _PodSpecFields(NamedTuple):
 
 class PodSpec(_PodSpecFields):
     """A pod to enroll: who it is and where its netns is (immutable; a subclass of its
-    fields' NamedTuple, so that ``add_workload_bytes`` has an instance dict to be kept in).
+    fields' NamedTuple, so that ``add_workload`` and its bytes have an instance dict to be kept in).
 
     Build it with ``PodSpec.create``, the one place the defaults are applied,
     whatever the pod came from (CLI, gRPC, pods file, CNI plugin).
     """
 
     def __setattr__(self, name: str, value: object) -> None:
-        # (The instance dict is only for the cached bytes, which cached_property writes there.)
+        # (The instance dict is only for the cached AddWorkload and its bytes, which cached_property
+        # writes there.)
         raise AttributeError(f"a PodSpec is immutable: cannot set {name!r}")
 
     @classmethod
@@ -152,8 +153,10 @@ class PodSpec(_PodSpecFields):
         """The fields a log line about this pod carries."""
         return {"uid": self.uid, "pod": self.name, "namespace": self.namespace}
 
-    @property
+    @functools.cached_property
     def add_workload(self) -> AddWorkload:
+        """The pod's AddWorkload, made once (immutable, as the spec is): encoded for the checks
+        and sent with its bytes, it was built twice a pod."""
         from zds.protocol.messages import AddWorkload
 
         return AddWorkload(uid=self.uid, info=self.info)

@@ -48,13 +48,19 @@ OUTCOME = "zds.outcome"
 
 
 # -- helpers ------------------------------------------------------------------------
-@contextmanager
-def span(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[trace.Span]:
+def span(
+    tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]
+) -> AbstractContextManager[trace.Span]:
     """A span named ``name``; the caller sets its status (exceptions are not recorded twice).
-    With tracing off (a no-op tracer) nothing at all: not even the trace context is touched."""
+    With tracing off (a no-op tracer) nothing at all: not even the trace context is touched
+    (a shared no-op, not a generator made and run for each of an enrollment's spans)."""
     if isinstance(tracer, trace.NoOpTracer):
-        yield trace.INVALID_SPAN
-        return
+        return _NO_SPAN
+    return _span(tracer, name, attributes)
+
+
+@contextmanager
+def _span(tracer: trace.Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[trace.Span]:
     with tracer.start_as_current_span(
         name, attributes=dict(attributes), record_exception=False, set_status_on_exception=False
     ) as current:
@@ -83,6 +89,7 @@ def within(parent: otel_context.Context | None) -> AbstractContextManager[object
 
 
 _UNTRACED: AbstractContextManager[object] = nullcontext()
+_NO_SPAN: AbstractContextManager[trace.Span] = nullcontext(trace.INVALID_SPAN)
 
 
 class _Within(AbstractContextManager[object]):
