@@ -112,14 +112,19 @@ def decode_hello(payload: bytes) -> Hello:
 def _to_proto(request: Request) -> zds_pb2.WorkloadRequest:
     match request:
         case AddWorkload(uid=uid, info=info):
-            add = zds_pb2.AddWorkload(uid=uid)
+            # Written in place (each part set even when empty, as a copy of it would be): built
+            # apart, each was copied into the next, on every pod's enrollment.
+            msg = zds_pb2.WorkloadRequest()
+            add = msg.add
+            add.SetInParent()
+            add.uid = uid
             if info is not None:
-                add.workload_info.CopyFrom(
-                    zds_pb2.WorkloadInfo(
-                        name=info.name, namespace=info.namespace, service_account=info.service_account
-                    )
-                )
-            return zds_pb2.WorkloadRequest(add=add)
+                workload_info = add.workload_info
+                workload_info.SetInParent()
+                workload_info.name = info.name
+                workload_info.namespace = info.namespace
+                workload_info.service_account = info.service_account
+            return msg
         case KeepWorkload(uid=uid):
             return zds_pb2.WorkloadRequest(keep=zds_pb2.KeepWorkload(uid=uid))
         case DelWorkload(uid=uid):
