@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from zds import defaults
-from zds.netns import NetnsError, open_netns
+from zds.netns import NetnsError, NetnsRef, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
 from zds.server.locks import KeyedLocks
@@ -168,7 +169,7 @@ class ContainerPods:
                     return 200, "not enrolled"
                 if not held.spec.source.cni:
                     return 200, f"left alone: enrolled by {held.spec.source.value}"
-                if netns and held.spec.netns.path not in (None, netns):
+                if netns and not _same_place(held.spec.netns, netns):
                     return 200, f"left alone: enrolled in {held.spec.netns}, not {netns}"
                 try:
                     await self.agent.remove_pod(uid, expect=held)
@@ -194,8 +195,10 @@ class ContainerPods:
         held = self.agent.pods.get(spec.uid)
         if held is None:
             return 500, f"pod {spec.uid[:12]} is not enrolled"
-        if held.spec.netns.path != spec.netns.path:
+        if spec.netns.path is None or not _same_place(held.spec.netns, spec.netns.path):
             return 500, f"pod {spec.uid[:12]} is enrolled in {held.spec.netns}, not {spec.netns}"
+        if held.netns is not None and not _still_at(held, spec.netns.path):
+            return 500, f"pod {spec.uid[:12]} is enrolled in a netns that is no longer at {spec.netns}"
         if self.agent.enrollment.rules is not None and not held.rules_installed:
             return 500, f"pod {spec.uid[:12]} has no redirection rules"
         return 200, "enrolled"
@@ -270,3 +273,31 @@ def _still_in(pod: Pod, info: Mapping[str, Any]) -> bool:
 
 def _identity(pod: Pod) -> object:
     return pod.netns.identity if pod.netns is not None else None
+
+
+def _same_place(enrolled: NetnsRef, given: str) -> bool:
+    """Whether an event's ``Netns`` names the place a pod was enrolled from, however it is
+    written: as an ADD's is read (a bare name, spaces around it), its directory resolved
+    (``/run/netns`` is ``/var/run/netns``). A pod enrolled by pid has no place to differ."""
+    if enrolled.path is None:
+        return True
+    path = NetnsRef.of_path(given).path or ""
+    if path == enrolled.path:
+        return True
+    return _resolved(path) == _resolved(enrolled.path)
+
+
+def _resolved(path: str) -> str:
+    """``path`` with its directory resolved (the file itself may be gone: a DEL's often is)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _still_at(pod: Pod, path: str) -> bool:
+    """Whether the netns at ``path`` is still the one the pod holds (not one made again
+    under the same name)."""
+    assert pod.netns is not None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (pod.netns.identity.dev, pod.netns.identity.ino)

@@ -933,6 +933,56 @@ def test_an_istio_cni_event_never_replaces_or_removes_a_pod_another_source_enrol
     assert (pod.uid, pod.name, pod.namespace) == ("api-pod", "web", "shop")
 
 
+def test_a_cni_del_naming_the_pods_netns_another_way_removes_it_and_a_stale_one_does_not(
+    server: NodeAgentProc, peers: Peers, make_pod: Callable[[], Pod]
+) -> None:
+    """An ADD's ``Netns`` is read as a bare name or a path, spaces around it, and a DEL's was
+    compared as it came: a DEL naming the pod's netns as its ADD did (a bare name), with a
+    space, or under /run for /var/run left the pod and its rules enrolled (review, MED).
+    A DEL naming another netns (a container's earlier one) still leaves it alone."""
+    peers.acking(server.zds_socket).wait_snapshot()
+    pod = make_pod()
+    assert pod.path == f"/var/run/netns/{pod.name}"
+    for added, deleted in (
+        (pod.name, pod.name),
+        (pod.path, f" {pod.path} "),
+        (pod.path, f"/run/netns/{pod.name}"),
+    ):
+        add = {"Netns": added, "PodName": "web", "PodNamespace": "shop", "PodUID": "cni-pod"}
+        assert post_unix(server.cni_socket, "/cmdadd", json.dumps(add).encode()) == (200, "")
+        stale = {"PodUID": "cni-pod", "Netns": "/var/run/netns/gone-long-ago"}
+        status, answer = post_unix(server.cni_socket, "/cmddel", json.dumps(stale).encode())
+        assert (status, answer.strip()) == (200, f"left alone: enrolled in {pod.path}, not {stale['Netns']}")
+        status, answer = post_unix(
+            server.cni_socket, "/cmddel", json.dumps({"PodUID": "cni-pod", "Netns": deleted}).encode()
+        )
+        assert (status, answer.strip()) == (200, "removed"), (added, deleted)
+        assert server.list_pods() == []
+
+
+def test_a_cni_check_fails_once_the_pods_netns_is_not_the_one_at_its_path(
+    server: NodeAgentProc, peers: Peers, make_pod: Callable[[], Pod]
+) -> None:
+    """CHECK compared paths only: a netns deleted and made again under the pod's name (rules
+    and listeners gone with the old one) still checked as enrolled (review, LOW)."""
+    from zds.netns.fixtures import create_netns, delete_netns
+
+    peers.acking(server.zds_socket).wait_snapshot()
+    pod = make_pod()
+    event = json.dumps({"Netns": pod.path, "PodName": "web", "PodNamespace": "shop", "PodUID": "cni-pod"})
+    assert post_unix(server.cni_socket, "/cmdadd", event.encode()) == (200, "")
+    assert post_unix(server.cni_socket, "/cmdcheck", event.encode()) == (200, "enrolled\n")
+    at_run = event.replace("/var/run/", "/run/")
+    assert post_unix(server.cni_socket, "/cmdcheck", at_run.encode()) == (200, "enrolled\n")
+    delete_netns(pod.name)
+    create_netns(pod.name)
+    status, answer = post_unix(server.cni_socket, "/cmdcheck", event.encode())
+    assert (status, answer.strip()) == (
+        500,
+        f"pod cni-pod is enrolled in a netns that is no longer at {pod.path}",
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "text"),
     [
