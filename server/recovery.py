@@ -259,9 +259,11 @@ async def _restore(
     rules = enrollment.rules
     if row.removing:
         retried = left = False
+        # (beside a pod coming back its rules stay, on purpose: not a failure to say so)
+        beside_home = rules is not None and row.identity in homes
         try:
             if pod.netns is not None and pod.rules_installed:
-                if rules is None or row.identity not in homes:
+                if not beside_home:
                     await _remove_recorded_rules(pod, row.rules, enrollment)
                 # Not out (or beside a pod coming back): its row moves to leftovers (the
                 # next start tries again), and taking them out is tried again meanwhile.
@@ -284,9 +286,11 @@ async def _restore(
             )
             return RecoveryOutcome.REMOVAL_LEFT
         if retried:
-            log.warning(
-                "the removal the last run began: its rules could not be taken out; tried again "
-                "in the background (and at the next start)",
+            (log.info if beside_home else log.warning)(
+                "the removal the last run began: %s",
+                "its rules stay while a recovered pod lives in its netns; taken out once it is gone"
+                if beside_home
+                else "its rules could not be taken out; tried again in the background (and at the next start)",
                 extra=row.spec.log_extra,
             )
             return RecoveryOutcome.REMOVAL_RETRIED

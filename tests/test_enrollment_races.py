@@ -593,6 +593,27 @@ async def test_a_removal_a_restart_interrupted_whose_rules_stay_in_keeps_its_row
         assert not has_rules(a) and agent.committed("leftovers") == []
 
 
+async def test_a_removal_a_restart_interrupted_beside_a_recovered_pod_says_its_rules_stay_for_it(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its rules stay on purpose (u2, recovered, lives in that netns): it was said as a failure
+    to take them out (review, LOW); they are still recorded and come out once u2 is gone."""
+    caplog.set_level(logging.INFO, logger="zds.server")
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    await agent.agent.add_pod(agent.spec("u2", a))
+    agent.store.mark_removing("u1")  # a removal begun, then the node agent killed
+    async with started_on(tmp_path, GatedRedirector()) as (restarted, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes["u1"] is RecoveryOutcome.REMOVAL_RETRIED
+        assert "its rules stay while a recovered pod lives in its netns" in caplog.text
+        assert "could not be taken out" not in caplog.text
+        assert has_rules(a) and [p.spec.uid for p in store.load_leftovers()] == ["u1"]
+        await restarted.remove_pod("u2")
+        await async_wait_until(lambda: not has_rules(a), "the rules out once u2 is gone", timeout=30)
+        await async_wait_until(lambda: store.load_leftovers() == [], "their record gone", timeout=30)
+
+
 async def test_an_install_a_restart_interrupted_whose_rules_stay_in_keeps_its_row_and_is_retried(
     agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
