@@ -164,14 +164,21 @@ def _json_object(body: bytes, fields: str) -> dict[str, Any]:
 
 
 def parse_del_event(body: bytes) -> tuple[str, str]:
-    """zds-cni's DEL: (the pod's uid, its netns path or '')."""
+    """zds-cni's DEL: (the pod's uid, its netns path, read as an ADD's is, or '': none given)."""
     doc = _json_object(body, "PodUID")
     uid, netns = _field(doc, "PodUID"), _field(doc, "Netns") or ""
     if not isinstance(uid, str) or not uid:
         raise BadEvent("PodUID is missing or not a non-empty string")
     if not isinstance(netns, str):
         raise BadEvent("Netns must be a string")
-    return uid, netns
+    if not netns.strip():
+        return uid, ""
+    if "\0" in netns:
+        raise BadEvent("Netns: a path has no NUL byte")
+    try:
+        return uid, NetnsRef.of_path(netns).location
+    except NetnsRefError as exc:
+        raise BadEvent(f"Netns: {exc}") from exc
 
 
 class CniPluginEndpoint:

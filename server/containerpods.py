@@ -281,10 +281,11 @@ def _same_place(enrolled: NetnsRef, given: str) -> bool:
     (``/run/netns`` is ``/var/run/netns``). A pod enrolled by pid has no place to differ."""
     if enrolled.path is None:
         return True
-    path = NetnsRef.of_path(given).path or ""
-    if path == enrolled.path:
-        return True
-    return _resolved(path) == _resolved(enrolled.path)
+    try:
+        path = NetnsRef.of_path(given).location
+        return path == enrolled.path or _resolved(path) == _resolved(enrolled.path)
+    except ValueError:  # (not a path: a NUL in it, nothing printable)
+        return False
 
 
 def _resolved(path: str) -> str:
@@ -298,6 +299,6 @@ def _still_at(pod: Pod, path: str) -> bool:
     assert pod.netns is not None
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # (gone; a NUL in it)
         return False
     return (st.st_dev, st.st_ino) == (pod.netns.identity.dev, pod.netns.identity.ino)

@@ -958,6 +958,23 @@ def test_a_cni_del_naming_the_pods_netns_another_way_removes_it_and_a_stale_one_
         )
         assert (status, answer.strip()) == (200, "removed"), (added, deleted)
         assert server.list_pods() == []
+    # A Netns no ADD could have named is refused in one line (it was a traceback and a bare 500).
+    add = {"Netns": pod.path, "PodName": "web", "PodNamespace": "shop", "PodUID": "cni-pod"}
+    assert post_unix(server.cni_socket, "/cmdadd", json.dumps(add).encode()) == (200, "")
+    for odd, says in (
+        ("/var/run/netns/a\x1bb", "has a character that is not printable"),
+        ("/var/ru\0n/netns/x", "a path has no NUL byte"),
+    ):
+        status, answer = post_unix(
+            server.cni_socket, "/cmddel", json.dumps({"PodUID": "cni-pod", "Netns": odd}).encode()
+        )
+        assert status == 400 and says in answer and answer.count("\n") == 1, answer
+    check = json.dumps({**add, "Netns": "/var/ru\0n/netns/x"}).encode()
+    status, answer = post_unix(server.cni_socket, "/cmdcheck", check)
+    assert status == 500 and answer.startswith(f"pod cni-pod is enrolled in {pod.path}, not "), answer
+    blank = json.dumps({"PodUID": "cni-pod", "Netns": "   "}).encode()  # (as none: whichever it is in)
+    assert post_unix(server.cni_socket, "/cmddel", blank) == (200, "removed\n")
+    assert "Traceback" not in server.output()
 
 
 def test_a_cni_check_fails_once_the_pods_netns_is_not_the_one_at_its_path(
