@@ -273,7 +273,7 @@ class Leftovers:
         while pending := {backend for _, backend in left.rows} - left.out:
             if self.rules is not None and self.cache.in_use(pod.netns.identity):
                 log.debug(
-                    "%s wait: a pod lives, or is being enrolled, in its netns",
+                    "%s wait: a pod lives in its netns, or one being enrolled there has its rules in",
                     left.what(),
                     extra=pod.spec.log_extra,
                 )

@@ -157,7 +157,7 @@ class PodCache:
             yield
         finally:
             claimants = self._claims[identity]
-            claimants.remove(pod)
+            del claimants[next(i for i, p in enumerate(claimants) if p is pod)]  # (this one, not an equal)
             if not claimants:
                 del self._claims[identity]
 
