@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 from zds.errors import CodecError, NoPayload, ProtocolError
 from zds.protocol.messages import AddWorkload, Request, decode_request
+from zds.protocol.records import CUT
 
 #: Nack prefixes, as ztunnel writes them (workloadmanager.rs), so logs read alike.
 READ_FAILURE = "failure to read message : "
@@ -32,7 +32,7 @@ def read_record(payload: bytes, fds: list[int], flags: int) -> tuple[Request, in
         # Count the fds first, so that whatever else is wrong none of them leaks.
         if len(fds) > 1:
             raise ReadError(f"Expected 1 FD, got {len(fds)}")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if flags & CUT:
             raise ReadError("received truncated message")
         try:
             request = decode_request(payload)

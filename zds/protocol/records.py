@@ -7,7 +7,7 @@ import os
 import socket
 
 #: recvmsg's "cut" flags as a plain int: or-ing socket's IntFlag members costs ~1.4 us, on every record.
-_CUT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+CUT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class Record:
@@ -31,7 +31,7 @@ class Record:
     @property
     def truncated(self) -> bool:
         """The payload or the fds did not fit the receive buffers (MSG_TRUNC/MSG_CTRUNC)."""
-        return bool(self.flags & _CUT)
+        return bool(self.flags & CUT)
 
     @property
     def is_eof(self) -> bool:
