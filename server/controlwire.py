@@ -42,10 +42,9 @@ EVENT_KIND_TO_PROTO: dict[EventKind, nodeagent_pb2.EventKind] = {
 EVENT_KIND_FROM_PROTO: dict[int, EventKind] = {int(v): k for k, v in EVENT_KIND_TO_PROTO.items()}
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
+def _set_time(ts: Timestamp, seconds: float) -> None:
+    """``ts`` (a message's field: set in place, present even at 0) to ``seconds``."""
     ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def pod_to_proto(pod: Pod) -> nodeagent_pb2.Pod:
@@ -74,7 +73,7 @@ def fill_pod(msg: nodeagent_pb2.Pod, pod: Pod) -> None:
     if pod.netns is not None:
         msg.netns.dev = pod.netns.identity.dev
         msg.netns.ino = pod.netns.identity.ino
-    msg.enrolled_at.FromNanoseconds(int(pod.enrolled_at * 1e9))
+    _set_time(msg.enrolled_at, pod.enrolled_at)
 
 
 def connection_to_proto(info: ConnectionInfo) -> nodeagent_pb2.Connection:
@@ -98,7 +97,7 @@ def connection_to_proto(info: ConnectionInfo) -> nodeagent_pb2.Connection:
         msg.peer.pid = info.peer.pid
         msg.peer.uid = info.peer.uid
         msg.peer.gid = info.peer.gid
-    msg.connected_at.CopyFrom(_timestamp(info.connected_at))
+    _set_time(msg.connected_at, info.connected_at)
     return msg
 
 
@@ -165,7 +164,7 @@ def event_to_proto(event: AgentEvent) -> nodeagent_pb2.Event:
         snapshot_pods=event.snapshot_pods,
         pod_source=event.pod_source,
     )
-    msg.time.CopyFrom(_timestamp(event.time))
+    _set_time(msg.time, event.time)
     if event.ack_latency is not None:
         msg.ack_latency.CopyFrom(_duration(event.ack_latency))
     if event.pod is not None:
