@@ -275,16 +275,15 @@ def _identity(pod: Pod) -> object:
     return pod.netns.identity if pod.netns is not None else None
 
 
-def _same_place(enrolled: NetnsRef, given: str) -> bool:
-    """Whether an event's ``Netns`` names the place a pod was enrolled from, however it is
-    written: as an ADD's is read (a bare name, spaces around it), its directory resolved
+def _same_place(enrolled: NetnsRef, path: str) -> bool:
+    """Whether an event's ``Netns``, read as an ADD's is (``NetnsRef.of_path``: the events'
+    parsers did), names the place a pod was enrolled from, its directory resolved
     (``/run/netns`` is ``/var/run/netns``). A pod enrolled by pid has no place to differ."""
-    if enrolled.path is None:
+    if enrolled.path is None or path == enrolled.path:
         return True
     try:
-        path = NetnsRef.of_path(given).location
-        return path == enrolled.path or _resolved(path) == _resolved(enrolled.path)
-    except ValueError:  # (not a path: a NUL in it, nothing printable)
+        return _resolved(path) == _resolved(enrolled.path)
+    except ValueError:  # (a NUL in it: a CHECK's; a DEL's is refused before)
         return False
 
 
