@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     agent.add_argument(
         "--add-cmd",
         metavar="TEMPLATE",
-        help="command that adds a pod to the node agent under test (default: none: the control API)",
+        help="command that adds a pod to the node agent under test, returning once the agent has it "
+        "(default: none: the control API)",
     )
     agent.add_argument(
         "--remove-cmd",
