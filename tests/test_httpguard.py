@@ -17,7 +17,9 @@ async def test_a_tally_says_the_first_at_once_and_the_rest_when_its_window_is_up
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="zds.http")
-    tally = Tally(every=0.2, logger=logging.getLogger("zds.http"))
+    # (a window of 1 s: a poll that saw the second line later than the window, on a loaded
+    # machine, would find the next add said at once)
+    tally = Tally(every=1.0, logger=logging.getLogger("zds.http"))
     for open_now in range(5):
         tally.add("HTTP: %d connection(s) refused: %d open already", open_now)
     assert [r.getMessage() for r in caplog.records] == ["HTTP: 1 connection(s) refused: 0 open already"]
@@ -50,12 +52,14 @@ async def test_a_tally_said_by_an_add_after_its_time_says_no_line_of_0_after(
     """An add that came once the seconds were up (the loop busy: its timer late) said the
     count at once, and the timer said it again as 0 when it came (with the latest before)."""
     caplog.set_level(logging.WARNING, logger="zds.http")
-    tally = Tally(every=0.05, logger=logging.getLogger("zds.http"))
+    # (a window of 0.5 s: the process stalled as long between the first two adds, on a loaded
+    # machine, would say the second at once)
+    tally = Tally(every=0.5, logger=logging.getLogger("zds.http"))
     tally.add("%d happened (the latest: %s)", "a")  # said at once
     tally.add("%d happened (the latest: %s)", "b")  # the timer is armed
-    time.sleep(0.1)  # noqa: ASYNC251 (the point: the loop kept busy, the timer late)
+    time.sleep(1.0)  # noqa: ASYNC251 (the point: the loop kept busy, the timer late)
     tally.add("%d happened (the latest: %s)", "c")  # the seconds are up: said at once
-    await asyncio.sleep(0.2)  # the late timer's time
+    await asyncio.sleep(1.0)  # the late timer's time
     assert [r.getMessage() for r in caplog.records] == [
         "1 happened (the latest: a)",
         "2 happened (the latest: c)",

@@ -314,6 +314,7 @@ def test_a_caller_that_gives_up_does_not_leave_rules_and_cache_disagreeing(
     try:
         peer.wait_snapshot()
         with server.control() as stub:
+            stub.ListPods(nodeagent_pb2.ListPodsRequest(), timeout=30)  # connected: the 0.3 s are the calls'
             request = nodeagent_pb2.AddPodRequest(uid="u1", name="a", namespace="ns", netns_path=pod)
             with pytest.raises(grpc.RpcError) as info:
                 stub.AddPod(request, timeout=0.3)  # gives up while ztunnel is still acking
@@ -327,7 +328,9 @@ def test_a_caller_that_gives_up_does_not_leave_rules_and_cache_disagreeing(
             with pytest.raises(grpc.RpcError) as info:
                 stub.RemovePod(nodeagent_pb2.RemovePodRequest(uid="u1"), timeout=0.3)
             assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            wait_until(lambda: server.list_pods() == [], what="the removal to complete")
+            # (the pod leaves the cache as its removal begins; DelWorkload goes once its rules are out)
+            wait_until(lambda: "del" in peer.kinds, what="the DelWorkload, sent once the rules are out")
+            assert server.list_pods() == []
             assert "ISTIO" not in saved_in(pod)
     finally:
         peer.close()

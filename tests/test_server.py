@@ -453,7 +453,8 @@ async def test_at_most_five_connections_are_accepted_per_second(
 
     loop = asyncio.get_running_loop()
     agent = NodeAgent(AgentConfig(max_connections=20))
-    slots = taken_slots(agent, monkeypatch)
+    waits: list[tuple[float, float]] = []  # each decision to wait: (when, how long)
+    slots = taken_slots(agent, monkeypatch, waits)
     served: list[float] = []  # when each connection was served (said ready in the registry)
     hello = agent.registry.hello
 
@@ -478,19 +479,23 @@ async def test_at_most_five_connections_are_accepted_per_second(
     assert all(
         later - earlier >= 1 / defaults.ACCEPTS_PER_SECOND - 1e-9 for earlier, later in pairwise(slots)
     )
-    # None left unused while connections waited: the next taken within the slot after (a gap
-    # of two slots would be one unused; the bound leaves a wake-up up to a slot late, not a sum).
-    assert all(later - earlier < 2 / defaults.ACCEPTS_PER_SECOND for earlier, later in pairwise(slots)), (
-        "slots left unused between them"
-    )
-    # Served in them: no two within one slot.
-    assert all(
-        later - earlier >= 1 / defaults.ACCEPTS_PER_SECOND - 1e-3 for earlier, later in pairwise(served)
-    )
+    # None left unused while connections waited: after each slot the limiter waits only until
+    # the next (a wait to two slots on would leave one unused). When the wait ends is the
+    # loop's scheduling, not the limiter's: a sleep woken late (a loaded machine) is no fault.
+    for earlier, later in pairwise(slots):
+        between = [when + wait for when, wait in waits if earlier <= when < later]
+        until = between[-1] if between else later
+        assert until - earlier < 2 / defaults.ACCEPTS_PER_SECOND, "slots left unused between them"
+    # Served in them: the k-th served no earlier than the k-th slot was taken (how long after is
+    # the loop's scheduling; the slots' spacing above is the limit).
+    assert all(at >= slot for at, slot in zip(sorted(served), slots, strict=True))
 
 
-def taken_slots(agent: Any, monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """When (on the loop's clock) each slot of ``agent``'s accept rate was taken, as it comes."""
+def taken_slots(
+    agent: Any, monkeypatch: pytest.MonkeyPatch, waits: list[tuple[float, float]] | None = None
+) -> list[float]:
+    """When (on the loop's clock) each slot of ``agent``'s accept rate was taken, as it comes;
+    each decision to wait instead goes into ``waits`` as (when, how long)."""
     from zds.protocol.nodeagent import AcceptLimiter
 
     taken: list[float] = []
@@ -500,6 +505,8 @@ def taken_slots(agent: Any, monkeypatch: pytest.MonkeyPatch) -> list[float]:
         wait = delay(limiter, now)
         if wait == 0:
             taken.append(now)
+        elif waits is not None:
+            waits.append((now, wait))
         return wait
 
     monkeypatch.setattr(agent.admission.limiter, "delay", deciding.__get__(agent.admission.limiter))
