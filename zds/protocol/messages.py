@@ -195,6 +195,7 @@ def _request_of(msg: zds_pb2.WorkloadRequest) -> Request | None:
 
 #: ``WorkloadResponse{ack: Ack{}}``: field 1, length-delimited, empty (the vectors' clean ack).
 CLEAN_ACK = b"\n\x00"
+_CLEAN = Ack()
 
 
 def encode_ack(ack: Ack) -> bytes:
@@ -206,6 +207,8 @@ def encode_ack(ack: Ack) -> bytes:
 
 def decode_ack(payload: bytes) -> Ack:
     """Parse a ``WorkloadResponse``; raise CodecError if it is malformed or not an ack."""
+    if payload == CLEAN_ACK:
+        return _CLEAN  # every pod's answer: the same bytes, the same (immutable) ack
     msg = zds_pb2.WorkloadResponse()
     _parse(msg, payload, "WorkloadResponse")
     if msg.WhichOneof("payload") != "ack":
