@@ -93,6 +93,10 @@ class StdinRelay:
                 return
             with conn.makefile("rb") as lines:
                 line = lines.readline()
+            if not line.strip():  # (the server skips a blank line: its answer would be the next's)
+                with conn, contextlib.suppress(OSError):
+                    conn.sendall(b"err blank command\n")
+                continue
             with self._lock:
                 self._waiting.append(conn)
                 self._stdin.write(line)
