@@ -4,6 +4,7 @@ matching fault armed (``--faults FILE``) — so no check can hold vacuously."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -72,6 +73,53 @@ def test_pods_come_and_go_through_command_templates(
     assert run.returncode == 0, run.stdout + run.stderr
     assert set(run.statuses().values()) == {"pass"}, run.stdout
     assert "pods via --add-cmd" in run.stdout
+
+
+def test_an_agent_that_takes_pods_after_its_add_command_returns_passes_with_settle(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    """An agent that learns pods asynchronously (an informer, a queue): its add command returns
+    before the agent has the pod. The snapshot scenario connects as the adds return, so it
+    finds them missing, and says to give --settle; with --settle it waits, and passes."""
+    server = start_server("--ack-timeout", ACK_DEADLINE)
+    pids = tmp_path / "late-adds.pids"
+    zds = f"{sys.executable} -m zds"
+    # The pod reaches the agent 2 s after the command returned (in the background).
+    add = (
+        f"(sleep 2; {zds} pod add --uid {{uid}} --name {{name}} --namespace {{namespace}} "
+        f"--service-account {{service_account}} --netns {{netns}} --control-socket {server.control_socket}) "
+        f">/dev/null 2>&1 & echo $! >> {pids}"
+    )
+    remove = f"{zds} pod remove --uid {{uid}} --control-socket {server.control_socket}"
+    args = ["--zds-socket", server.zds_socket, "--add-cmd", add, "--remove-cmd", remove, *FAST]
+    args += ["--only", "snapshot-complete"]
+    try:
+        early = zds_check("node-agent", *args, tmp=tmp_path)
+        assert early.returncode == 1, early.stdout + early.stderr
+        assert early.statuses() == {"snapshot-complete": "fail"}, early.stdout
+        assert (
+            "is not in the snapshot; if the node agent takes a pod after its add command returns"
+            in early.stdout
+        )
+        settled = zds_check("node-agent", *args, "--settle", "6", tmp=tmp_path)
+        assert settled.returncode == 0, settled.stdout + settled.stderr
+        assert settled.statuses() == {"snapshot-complete": "pass"}, settled.stdout
+    finally:
+        _end_started(pids)
+
+
+def _end_started(pids: pathlib.Path) -> None:
+    """Wait for the background adds the check's commands started, and kill (by pid) any left."""
+    started = [int(line) for line in pids.read_text().split()] if pids.exists() else []
+    assert started, "the add command never ran"
+    try:
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in started), "the late adds", 30)
+    finally:
+        for pid in started:
+            if os.path.exists(f"/proc/{pid}"):
+                subprocess.run(["pkill", "-KILL", "-P", str(pid)], check=False)  # (its sleep or zds)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def pod_entry(pod: Pod) -> dict[str, str]:

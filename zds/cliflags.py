@@ -127,6 +127,16 @@ def seconds(text: str) -> float:
     return value
 
 
+def seconds_or_none(text: str) -> float:
+    """A number of seconds, or 0: no wait."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # (said as seconds says it)
+    return seconds(text)
+
+
 def seconds_or_never(text: str) -> float:
     """A number of seconds, or 0: never."""
     try:

@@ -95,6 +95,8 @@ async def snapshot(s: AgentSession) -> None:
     """Pods added with no ztunnel connected are in the next snapshot; after a reconnect, again."""
     pods = [s.factory.make() for _ in range(s.options.pods)]
     await s.settle([s.add(p) for p in pods])
+    if s.options.settle:
+        await asyncio.sleep(s.options.settle)
     for check in ("snapshot-complete", "reconnect-snapshot"):
         conn, entries, sent = await s.synced()
         _judge_snapshot(s, check, conn, pods, entries, sent)
@@ -114,8 +116,14 @@ def _judge_snapshot(
     s.exercised[check] += 1
     named = _uids(entries)
     missing = [p for p in pods if p.uid not in named]
+    # (an agent that takes a pod after its add command returned: the wait that lets it, said)
+    late = (
+        "; if the node agent takes a pod after its add command returns, give --settle SECONDS"
+        if s.options.add_cmd is not None and not s.options.settle
+        else ""
+    )
     for pod in missing:
-        s.report(check, Finding(f"pod {pod.name} (uid {pod.uid}) is not in the snapshot", conn.name))
+        s.report(check, Finding(f"pod {pod.name} (uid {pod.uid}) is not in the snapshot{late}", conn.name))
     if sent is None:
         s.report(
             check,

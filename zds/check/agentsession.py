@@ -50,6 +50,9 @@ class AgentCheckOptions:
     cycles: int = 20
     #: Pods in the snapshot scenario.
     pods: int = 3
+    #: How long the snapshot scenario waits, once its adds returned, before it connects (an
+    #: agent that takes a pod after its add command returned: nothing on the wire says when).
+    settle: float = 0.0
 
 
 #: What each check's evidence is called when it passes (check -> what was counted).

@@ -51,7 +51,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--add-cmd",
         metavar="TEMPLATE",
         help="command that adds a pod to the node agent under test, returning once the agent has it "
-        "(default: none: the control API)",
+        "(or see --settle) (default: none: the control API)",
+    )
+    agent.add_argument(
+        "--settle",
+        type=cliflags.seconds_or_none,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the snapshot scenario's add commands return, wait this long before connecting: for "
+        "a node agent that takes a pod some time after its add command returns (an informer, a queue) "
+        "(default: 0, none)",
     )
     agent.add_argument(
         "--remove-cmd",

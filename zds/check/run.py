@@ -110,6 +110,7 @@ async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> R
             hello_wait=args.hello_wait,
             timeout=args.timeout,
             cycles=args.cycles,
+            settle=args.settle,
         )
         return await run_agent_checks(options, selected)
     from zds.check.ztrun import ZtunnelCheckOptions, run_ztunnel_checks
