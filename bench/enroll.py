@@ -56,6 +56,11 @@ def main() -> int:
         "--window", type=positive_int, default=64, help="removals at a time (default %(default)s)"
     )
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="IPv4 rules only (zds server --no-ipv6; default: both, as Istio)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/enroll.py: run as root (it creates network namespaces)", file=sys.stderr)
@@ -68,6 +73,7 @@ def main() -> int:
     paths: list[str] = []
     loop_flag = ["--no-uvloop"] if args.no_uvloop else []
     rules = ["--no-redirect"] if args.rules == "off" else ["--redirect-backend", args.rules]
+    rules += ["--no-ipv6"] if args.no_ipv6 else []
     try:
         paths = podns.create([f"zdsbench-{os.getpid()}-{i}" for i in range(args.n)])
         server_args = ["server", "--zds-socket", zds_sock, "--control-socket", ctl, "--cni-socket", "off"]

@@ -188,6 +188,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="install the rules without DNS capture (UDP/TCP 53 -> 15053 is left out)",
     )
     server.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="install the IPv4 rules and policy routing only (Istio's AMBIENT_IPV6=false); by default "
+        "every pod gets the IPv6 ones too, whatever addresses it has, as Istio's",
+    )
+    server.add_argument(
         "--netns-sweep",
         type=cliflags.seconds_or_never,
         default=defaults.NETNS_SWEEP,
@@ -253,7 +259,7 @@ def main(args: argparse.Namespace) -> int:
         faults_file=args.faults,
         redirect=not args.no_redirect,
         redirect_backend=args.redirect_backend,
-        redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture),
+        redirect_config=RedirectConfig(dns_capture=not args.no_dns_capture, ipv6=not args.no_ipv6),
         agent=AgentConfig(
             max_connections=args.max_connections,
             ack_timeout=args.ack_timeout,

@@ -30,7 +30,6 @@ import os
 import re
 
 from zds import defaults
-from zds.server.policyrouting import has_ipv6
 from zds.server.redirect import (
     NothingChanged,
     RedirectConfig,
@@ -272,10 +271,10 @@ class NftablesRedirector(Redirector):
         self._fresh_digests: dict[str, str] = {}
 
     def rule_texts(self) -> list[str]:
-        return [nft_rules(self.config, ipv6=ipv6) for ipv6 in (False, True)]
+        return [nft_rules(self.config, ipv6=self.config.ipv6)]
 
     def _install_here(self) -> tuple[list[int], str]:
-        ipv6 = has_ipv6()
+        ipv6 = self.config.ipv6
         rules = nft_rules(self.config, ipv6=ipv6)
         lib = libnftables()
         # Istio's transaction flushes our tables but keeps chains it does not name, so what
@@ -307,5 +306,6 @@ class NftablesRedirector(Redirector):
         lines = our_tables(libnftables().run("list ruleset", stateless=True))
         if not lines:
             return ""
-        lines += [f"policy-routing {_routing_present() if routing is None else routing}", self._config_line]
+        present = _routing_present(self.config.ipv6) if routing is None else routing
+        lines += [f"policy-routing {present}", self._config_line]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]

@@ -49,24 +49,9 @@ class PolicyRoutingError(ZdsError):
     """The policy routing could not be changed; the message has netlink's words."""
 
 
-def has_ipv6() -> bool:
-    """Whether the current netns has IPv6 enabled with a non-link-local address (call inside the netns)."""
-    try:
-        # /proc/net follows the main thread; this thread may be in another netns.
-        with open("/proc/thread-self/net/if_inet6") as f:
-            for line in f:
-                fields = line.split()
-                # scope 00 = global; skip loopback (::1, scope 10) and link-local (20)
-                if len(fields) >= 4 and fields[3] == "00":
-                    return True
-    except OSError:
-        return False
-    return False
-
-
-def _families(ipv6: bool | None) -> list[socket.AddressFamily]:
-    """IPv4 and, where the pod has it (``ipv6``; None: asked here), IPv6."""
-    return [socket.AF_INET] + ([socket.AF_INET6] if (has_ipv6() if ipv6 is None else ipv6) else [])
+def _families(ipv6: bool) -> list[socket.AddressFamily]:
+    """IPv4 and, with ``ipv6`` (the node agent's, not the pod's addresses: as Istio), IPv6."""
+    return [socket.AF_INET] + ([socket.AF_INET6] if ipv6 else [])
 
 
 def _has_local_route(family: int) -> bool:
@@ -86,9 +71,10 @@ def _lo_ipv6_disabled() -> bool:
         return False
 
 
-def policy_routing(add: bool, *, ipv6: bool | None = None) -> None:
-    """Add (or remove) the rule and the local route, for IPv4 and, where the pod has it,
-    IPv6; removal ignores what is already gone.
+def policy_routing(add: bool, *, ipv6: bool) -> None:
+    """Add (or remove) the rule and the local route, for IPv4 and, with ``ipv6``, IPv6 (no
+    IPv6 route where the pod's ``lo`` has IPv6 off, as Istio); removal ignores what is
+    already gone.
 
     pyroute2's message classes over one plain netlink socket made here (so in the pod's
     netns): its ``IPRoute`` runs an event loop of its own per instance, ~0.8 ms a pod,
@@ -182,9 +168,9 @@ class _Rtnl:
             raise PolicyRoutingError(f"policy routing in pod netns: cannot {what}: {os.strerror(code)}")
 
 
-def policy_routing_present(*, ipv6: bool | None = None) -> bool:
-    """Whether our fwmark rule and table 100's local route are there, for IPv4 and, where the
-    pod has it (``ipv6``; None: asked here), IPv6 as ``policy_routing`` adds them (call inside
+def policy_routing_present(*, ipv6: bool) -> bool:
+    """Whether our fwmark rule and table 100's local route are there, for IPv4 and, with
+    ``ipv6``, IPv6 as ``policy_routing`` adds them (call inside
     the netns): without the route, replies to the inbound relay's connections go astray."""
     with IPRoute() as ipr:
         for family in _families(ipv6):

@@ -12,11 +12,12 @@ earlier copy of our chains, so re-applying is idempotent.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from zds import defaults
 from zds.errors import ZdsError
@@ -56,11 +57,15 @@ class NothingChanged(RedirectError):
     made, say: a clean-up would delete them)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RedirectConfig:
     """What varies between pods and nodes."""
 
     dns_capture: bool = True
+    #: The IPv6 rules and policy routing too, in every pod whatever addresses it has (Istio's
+    #: AMBIENT_IPV6, on by default); off: IPv4 only (``zds server --no-ipv6``, or a kernel
+    #: without IPv6).
+    ipv6: bool = True
     probe_snat_ipv4: str = defaults.HOST_PROBE_SNAT_IPV4
     probe_snat_ipv6: str = defaults.HOST_PROBE_SNAT_IPV6
     outbound_port: int = defaults.OUTBOUND_PORT
@@ -148,13 +153,11 @@ def _run(argv: list[str], stdin: str = "") -> str:
     return done.stdout
 
 
-def _families() -> list[tuple[int, str]]:
-    from zds.server.policyrouting import has_ipv6
-
-    return [(4, "iptables")] + ([(6, "ip6tables")] if has_ipv6() else [])
+def _families(ipv6: bool) -> list[tuple[int, str]]:
+    return [(4, "iptables")] + ([(6, "ip6tables")] if ipv6 else [])
 
 
-def _routing(add: bool, *, ipv6: bool | None = None) -> None:
+def _routing(add: bool, *, ipv6: bool) -> None:
     from zds.server.policyrouting import PolicyRoutingError, policy_routing
 
     try:
@@ -163,16 +166,16 @@ def _routing(add: bool, *, ipv6: bool | None = None) -> None:
         raise RedirectError(str(exc)) from exc
 
 
-def _routing_present() -> bool:
+def _routing_present(ipv6: bool) -> bool:
     from zds.server.policyrouting import PolicyRoutingError, policy_routing_present
 
     try:
-        return policy_routing_present()
+        return policy_routing_present(ipv6=ipv6)
     except PolicyRoutingError as exc:
         raise RedirectError(str(exc)) from exc
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Installed:
     """What an install did: the address families covered, and the digest of the rules now there."""
 
@@ -214,8 +217,8 @@ class Redirector:
         self._config_line = f"config {hashlib.sha256(texts).hexdigest()[:16]}"
 
     def rule_texts(self) -> list[str]:
-        """Every text this configuration may install (each family's)."""
-        return [inpod_rules(family, self.config) for family in (4, 6)]
+        """Every text this configuration installs (each family's)."""
+        return [inpod_rules(family, self.config) for family in ((4, 6) if self.config.ipv6 else (4,))]
 
     async def install(self, netns: NetnsHandle) -> Installed:
         """Install (or re-install) the rules in ``netns``."""
@@ -235,18 +238,18 @@ class Redirector:
         """A digest of our chains and jumps in every family's tables and of the policy
         routing; '' when none is there."""
         lines: list[str] = []
-        for family, tool in _families():
+        for family, tool in _families(self.config.ipv6):
             lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
         if not lines:
             return ""
-        lines += [f"policy-routing {_routing_present()}", self._config_line]
+        lines += [f"policy-routing {_routing_present(self.config.ipv6)}", self._config_line]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
 
     def _install_here(self) -> tuple[list[int], str]:
         """Replace our rules, add policy routing; the families covered and the digest of what
         is now installed."""
         installed = []
-        families = _families()
+        families = _families(self.config.ipv6)
         saved = {tool: _run([f"{tool}-save"]) for _, tool in families}
         if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
             raise RulesNotOurs(  # (every family looked at before any change)
@@ -258,7 +261,7 @@ class Redirector:
             cleanup = cleanup_rules(saved[tool])
             _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
-        _routing(add=True)
+        _routing(add=True, ipv6=self.config.ipv6)
         return installed, self._digest_here()
 
     def _remove_here(self) -> None:
@@ -320,6 +323,10 @@ def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redir
     rules (``--no-redirect``) never loads it."""
     import zds.server.policyrouting  # noqa: F401
 
+    if config.ipv6 and not os.path.exists("/proc/net/if_inet6"):
+        # (ip6tables and IPv6 netlink would fail every pod; Istio's agent does not start then)
+        log.info("this kernel has no IPv6: the in-pod rules and policy routing are IPv4 only")
+        config = dataclasses.replace(config, ipv6=False)
     if backend == "nftables":
         from zds.server.nftables import NftablesRedirector
 

@@ -27,11 +27,12 @@ from zds.server.redirect import RedirectConfig, RedirectError, iptables_save
 
 #: The IPv6 probe SNAT address Istio's golden test data was generated with.
 GOLDEN_PROBE6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"
-#: (golden file, the configuration Istio generated it with, IPv6 in the pod)
+#: (golden file, the configuration Istio generated it with, IPv6 (its EnableIPv6; the pod has
+#: an IPv6 address then too))
 CASES = {
-    "default": (RedirectConfig(), False),
+    "default": (RedirectConfig(ipv6=False), False),
     "default_ipv6": (RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6), True),
-    "dns_pod_disabled_and_on_globally": (RedirectConfig(dns_capture=False), False),
+    "dns_pod_disabled_and_on_globally": (RedirectConfig(dns_capture=False, ipv6=False), False),
     "dns_pod_disabled_and_on_globally_ipv6": (
         RedirectConfig(dns_capture=False, probe_snat_ipv6=GOLDEN_PROBE6),
         True,
@@ -219,11 +220,12 @@ def test_the_digest_recorded_at_install_is_what_the_kernel_lists_in_every_pod(
         return done
 
     recorded = asyncio.run(install_all())
-    assert [families for families, _ in recorded] == [[4], [4], [4, 6]]
+    assert [families for families, _ in recorded] == [[4, 6], [4, 6], [4, 6]]  # (every pod: as Istio)
     assert "chain leftover" in ruleset(again)
     for path, (_, stamp) in zip((plain, again, dual), recorded, strict=True):
         assert stamp != "" and digest(path) == stamp, path
-    assert len({stamp for _, stamp in recorded}) == 3
+    # (the same rules in the plain and the dual-stack pod, IPv6 in both; the leftover chain differs)
+    assert recorded[0][1] == recorded[2][1] != recorded[1][1]
 
 
 @pytest.mark.root

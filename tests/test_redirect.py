@@ -166,9 +166,27 @@ def test_installed_rules_read_back_like_the_golden_rule_set(namespaces: list[str
     pod, reference = scratch(namespaces), scratch(namespaces)
     # Without its two command-name lines: iptables-restore 1.8.9 here refuses them ("line 1 failed").
     restore_in(reference, golden_part(GOLDEN4, 0))
-    assert install(pod) == [4]
+    assert install(pod) == [4, 6]  # (IPv6 too, whatever addresses the pod has: as Istio's default)
     assert normalise(saved_in(pod)) == normalise(saved_in(reference))
     assert "ISTIO_OUTPUT" in saved_in(pod)
+
+
+@pytest.mark.root
+def test_a_pod_without_ipv6_addresses_gets_the_ipv6_rules_too_unless_told_not_to(
+    namespaces: list[str],
+) -> None:
+    """Istio installs the IPv6 rules and policy routing in every pod when its AMBIENT_IPV6 is on
+    (its default), not by the pod's addresses; ``zds server --no-ipv6`` is that setting off."""
+    reference, pod, v4_only = scratch(namespaces), scratch(namespaces), scratch(namespaces)
+    restore_in(reference, golden_part(GOLDEN6_FILE, 1), "ip6tables-restore")
+    assert install(pod, RedirectConfig(probe_snat_ipv6=GOLDEN_PROBE6)) == [4, 6]
+    assert normalise(saved_in(pod, "ip6tables-save")) == normalise(saved_in(reference, "ip6tables-save"))
+    assert "fwmark 0x111/0xfff lookup 100" in in_pod(pod, "ip", "-6", "rule")
+    assert "local default dev lo" in in_pod(pod, "ip", "-6", "route", "show", "table", "100")
+    assert install(v4_only, RedirectConfig(ipv6=False)) == [4]
+    assert "ISTIO" not in saved_in(v4_only, "ip6tables-save") and "ISTIO" in saved_in(v4_only)
+    assert "lookup 100" not in in_pod(v4_only, "ip", "-6", "rule")
+    assert "lookup 100" in in_pod(v4_only, "ip", "-4", "rule")
 
 
 @pytest.mark.root
@@ -276,8 +294,26 @@ def test_enrollment_installs_rules_and_removal_takes_them_out(
         [listed] = server.list_pods()
         assert listed.rules_installed
         assert "-A OUTPUT -j ISTIO_OUTPUT" in saved_in(pod)
+        assert "-A OUTPUT -j ISTIO_OUTPUT" in saved_in(pod, "ip6tables-save")  # (no IPv6 address: as Istio)
         server.remove_pod("u1")
-        assert "ISTIO" not in saved_in(pod)
+        assert "ISTIO" not in saved_in(pod) + saved_in(pod, "ip6tables-save")
+    finally:
+        server.stop()
+
+
+@pytest.mark.root
+def test_a_node_agent_told_no_ipv6_installs_the_ipv4_rules_only(
+    tmp_path: object, namespaces: list[str]
+) -> None:
+    pod = scratch(namespaces)
+    server = NodeAgentProc(str(tmp_path), "--no-ipv6", redirect=True).wait_ready()
+    try:
+        with pytest.raises(grpc.RpcError):  # (no ztunnel: enrolled with rules all the same)
+            server.add_pod("u1", pod)
+        assert server.list_pods()[0].rules_installed
+        assert "-A OUTPUT -j ISTIO_OUTPUT" in saved_in(pod)
+        assert "ISTIO" not in saved_in(pod, "ip6tables-save")
+        assert "lookup 100" not in in_pod(pod, "ip", "-6", "rule")
     finally:
         server.stop()
 
@@ -488,3 +524,21 @@ def test_an_iptables_run_that_does_not_end_is_a_rule_failure_like_any_other(
     monkeypatch.setattr(subprocess, "run", hung)
     with pytest.raises(RedirectError, match=r"^iptables-save -t nat did not end within 30 s$"):
         redirect_module._run(["iptables-save", "-t", "nat"])
+
+
+def test_a_kernel_without_ipv6_gets_ipv4_rules_only_and_it_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ip6tables and IPv6 netlink would fail every pod on a kernel without IPv6 (booted with
+    ipv6.disable=1: no /proc/net/if_inet6, not something a test can make here)."""
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda path: path != "/proc/net/if_inet6" and real_exists(path))
+    with caplog.at_level(logging.INFO, logger="zds.server.redirect"):
+        for backend in ("iptables", "nftables"):
+            assert redirect_module.redirector(backend, RedirectConfig()).config.ipv6 is False
+    assert (
+        caplog.text.count("this kernel has no IPv6: the in-pod rules and policy routing are IPv4 only") == 2
+    )
+    monkeypatch.undo()
+    assert redirect_module.redirector("iptables", RedirectConfig()).config.ipv6 is True
+    assert redirect_module.redirector("iptables", RedirectConfig(ipv6=False)).config.ipv6 is False
