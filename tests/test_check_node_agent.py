@@ -84,9 +84,10 @@ def test_an_agent_that_takes_pods_after_its_add_command_returns_passes_with_sett
     server = start_server("--ack-timeout", ACK_DEADLINE)
     pids = tmp_path / "late-adds.pids"
     zds = f"{sys.executable} -m zds"
-    # The pod reaches the agent 2 s after the command returned (in the background).
+    # The pod reaches the agent 4 s after the command returned (in the background): the early
+    # run's snapshot is judged well before (0.5 s of hello wait), the settled one well after.
     add = (
-        f"(sleep 2; {zds} pod add --uid {{uid}} --name {{name}} --namespace {{namespace}} "
+        f"(sleep 4; {zds} pod add --uid {{uid}} --name {{name}} --namespace {{namespace}} "
         f"--service-account {{service_account}} --netns {{netns}} --control-socket {server.control_socket}) "
         f">/dev/null 2>&1 & echo $! >> {pids}"
     )
@@ -101,7 +102,7 @@ def test_an_agent_that_takes_pods_after_its_add_command_returns_passes_with_sett
             "is not in the snapshot; if the node agent takes a pod after its add command returns"
             in early.stdout
         )
-        settled = zds_check("node-agent", *args, "--settle", "6", tmp=tmp_path)
+        settled = zds_check("node-agent", *args, "--settle", "10", tmp=tmp_path)
         assert settled.returncode == 0, settled.stdout + settled.stderr
         assert settled.statuses() == {"snapshot-complete": "pass"}, settled.stdout
     finally:

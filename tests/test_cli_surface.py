@@ -643,6 +643,15 @@ def test_a_container_label_without_a_key_is_refused_in_one_line(label: str) -> N
             ["server", "--ack-timeout", "nan"],
             "argument --ack-timeout: nan is not a positive number of seconds",
         ),
+        # (flags that take 0 say so)
+        (
+            ["server", "--netns-sweep", "-1"],
+            "argument --netns-sweep: -1 is neither 0 (never) nor a positive number of seconds",
+        ),
+        (
+            ["check", "node-agent", "--settle", "nan"],
+            "argument --settle: nan is neither 0 (none) nor a positive number of seconds",
+        ),
     ],
 )
 def test_numbers_a_flag_cannot_take_are_refused_in_one_line(

@@ -127,25 +127,28 @@ def seconds(text: str) -> float:
     return value
 
 
+def _zero_or_seconds(text: str, zero: str) -> float:
+    """0 (``zero`` says what it means) or a number of seconds as ``seconds`` takes it."""
+    try:
+        value = float(text)
+    except ValueError:
+        return seconds(text)  # (which says why)
+    if value == 0:
+        return 0.0
+    if not value > 0:  # (negative, or NaN)
+        raise argparse.ArgumentTypeError(f"{text} is neither 0 ({zero}) nor a positive number of seconds")
+    return seconds(text)
+
+
 def seconds_or_none(text: str) -> float:
     """A number of seconds, or 0: no wait."""
-    try:
-        if float(text) == 0:
-            return 0.0
-    except ValueError:
-        pass  # (said as seconds says it)
-    return seconds(text)
+    return _zero_or_seconds(text, "none")
 
 
 def seconds_or_never(text: str) -> float:
     """A number of seconds, or 0: never."""
-    try:
-        if float(text) == 0:
-            return 0.0
-    except ValueError:
-        pass  # (said as seconds says it)
-    value = seconds(text)
-    if value < 0.1:  # (back to back, a look would never end)
+    value = _zero_or_seconds(text, "never")
+    if 0 < value < 0.1:  # (back to back, a look would never end)
         raise argparse.ArgumentTypeError(f"{text} seconds is under 0.1 (0: never)")
     return value
 

@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     agent.add_argument(
         "--add-cmd",
         metavar="TEMPLATE",
-        help="command that adds a pod to the node agent under test, returning once the agent has it "
-        "(or see --settle) (default: none: the control API)",
+        help="command that adds a pod to the node agent under test, returning once the agent has it, "
+        "or see --settle (default: none: the control API)",
     )
     agent.add_argument(
         "--settle",
