@@ -49,7 +49,7 @@ from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.recovery import recover
-from zds.server.redirect import RedirectError, redirector
+from zds.server.redirect import RedirectError, node_config, redirector
 from zds.server.startup import Claim, check_ports, claim_paths, clear_sockets, read_flags
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError, remove_if_unused
@@ -74,8 +74,11 @@ class NodeAgentServer:
         except TelemetryConfigError as exc:
             raise StartupError(f"cannot set up OpenTelemetry: {exc}") from exc
         try:
+            backend = options.redirect_backend
             rules = (
-                redirector(options.redirect_backend, options.redirect_config) if options.redirect else None
+                redirector(backend, node_config(backend, options.redirect_config))
+                if options.redirect
+                else None
             )
         except RedirectError as exc:
             raise StartupError(str(exc)) from exc

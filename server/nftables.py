@@ -2,8 +2,8 @@
 
 The same redirection as the iptables backend, as Istio writes it for nftables: three
 ``inet`` tables (``istio-ambient-nat``, ``-mangle``, ``-raw``), each with base chains
-``prerouting``/``output`` jumping to ``istio-prerouting``/``istio-output``, IPv4 and (when
-the pod has IPv6) IPv6 rules side by side in the same tables. The rule text is Istio's,
+``prerouting``/``output`` jumping to ``istio-prerouting``/``istio-output``, IPv4 and (unless
+``--no-ipv6``) IPv6 rules side by side in the same tables. The rule text is Istio's,
 line for line (pinned by its golden files ``istio-inpod-nftables-*.golden``), and goes to
 the kernel as **one transaction** through libnftables (Debian's ``libnftables1``, called
 with ctypes from a worker thread inside the pod's netns): no process is forked, and a
@@ -37,6 +37,7 @@ from zds.server.redirect import (
     Redirector,
     _routing,
     _routing_present,
+    kernel_has_ipv6,
 )
 
 TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
@@ -298,7 +299,7 @@ class NftablesRedirector(Redirector):
         try:
             libnftables().run(removal())
         finally:
-            _routing(add=False, ipv6=True)  # both families, whatever addresses the pod has now
+            _routing(add=False, ipv6=kernel_has_ipv6())  # both families, whatever is configured now
 
     def _digest_here(self, *, routing: bool | None = None) -> str:
         """The digest of our tables as the kernel lists them and of the policy routing

@@ -3,7 +3,7 @@
 worker thread inside the pod's netns:
 
     ip rule add fwmark 0x111/0xfff pref 32764 lookup 100
-    ip route replace local 0.0.0.0/0 dev lo table 100      (and ::/0 where the pod has IPv6)
+    ip route replace local 0.0.0.0/0 dev lo table 100      (and ::/0 unless --no-ipv6)
 
 Replies to connections the inbound relay made with the client's source address
 (IP_TRANSPARENT) are delivered locally through table 100.

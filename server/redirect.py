@@ -13,6 +13,7 @@ earlier copy of our chains, so re-applying is idempotent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -235,10 +236,11 @@ class Redirector:
 
     # -- in a worker thread inside the pod's netns ----------------------------------------
     def _digest_here(self) -> str:
-        """A digest of our chains and jumps in every family's tables and of the policy
-        routing; '' when none is there."""
+        """A digest of our chains and jumps in every family's tables (both, whatever this
+        configuration installs: IPv6 rules of an earlier one are not in place) and of the
+        policy routing; '' when none is there."""
         lines: list[str] = []
-        for family, tool in _families(self.config.ipv6):
+        for family, tool in _families(kernel_has_ipv6()):
             lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
         if not lines:
             return ""
@@ -250,7 +252,9 @@ class Redirector:
         is now installed."""
         installed = []
         families = _families(self.config.ipv6)
-        saved = {tool: _run([f"{tool}-save"]) for _, tool in families}
+        # (IPv6 rules an earlier configuration installed come out, as Istio's reconcile takes
+        # out what it would not install)
+        saved = {tool: _run([f"{tool}-save"]) for _, tool in _families(kernel_has_ipv6())}
         if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
             raise RulesNotOurs(  # (every family looked at before any change)
                 f"the netns holds a rule zds did not make that jumps into its chains ({foreign[0]}; an "
@@ -261,6 +265,8 @@ class Redirector:
             cleanup = cleanup_rules(saved[tool])
             _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
+        if not self.config.ipv6 and (stale := cleanup_rules(saved.get("ip6tables", ""))):
+            _run(["ip6tables-restore", "--noflush"], stale)
         _routing(add=True, ipv6=self.config.ipv6)
         return installed, self._digest_here()
 
@@ -272,7 +278,7 @@ class Redirector:
         (one that cannot go stays, empty: harmless); then the policy routing. RedirectError at
         the end names what could not be done."""
         errors: list[str] = []
-        for tool in ("iptables", "ip6tables"):
+        for _, tool in _families(kernel_has_ipv6()):
             try:
                 cleanup = cleanup_rules(_run([f"{tool}-save"]))
                 if not cleanup:
@@ -286,7 +292,7 @@ class Redirector:
             except RedirectError as exc:
                 errors.append(str(exc))
         try:
-            _routing(add=False, ipv6=True)
+            _routing(add=False, ipv6=kernel_has_ipv6())
         except RedirectError as exc:
             errors.append(str(exc))
         if errors:
@@ -323,10 +329,6 @@ def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redir
     rules (``--no-redirect``) never loads it."""
     import zds.server.policyrouting  # noqa: F401
 
-    if config.ipv6 and not os.path.exists("/proc/net/if_inet6"):
-        # (ip6tables and IPv6 netlink would fail every pod; Istio's agent does not start then)
-        log.info("this kernel has no IPv6: the in-pod rules and policy routing are IPv4 only")
-        config = dataclasses.replace(config, ipv6=False)
     if backend == "nftables":
         from zds.server.nftables import NftablesRedirector
 
@@ -334,6 +336,33 @@ def redirector(backend: str, config: RedirectConfig = RedirectConfig()) -> Redir
     if backend != "iptables":
         raise ValueError(f"unknown redirect backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     return Redirector(config)
+
+
+def node_config(backend: str, config: RedirectConfig) -> RedirectConfig:
+    """``config`` as this node can have it, checked once at start-up: IPv4 only on a kernel
+    without IPv6 (said: ip6tables and IPv6 netlink would fail every pod there); RedirectError
+    where the iptables backend is to install IPv6 rules and ``ip6tables-save`` does not work
+    (as Istio's agent, which does not start without a working ip6tables while IPv6 is on: a
+    pod would get its IPv4 rules taken out again by the failure of its IPv6 ones)."""
+    if not config.ipv6:
+        return config
+    if not kernel_has_ipv6():
+        log.info("this kernel has no IPv6: the in-pod rules and policy routing are IPv4 only")
+        return dataclasses.replace(config, ipv6=False)
+    if backend == "iptables":
+        try:
+            _run(["ip6tables-save"])
+        except RedirectError as exc:
+            raise RedirectError(
+                f"{exc}; the pods' IPv6 rules need a working ip6tables (or give --no-ipv6)"
+            ) from None
+    return config
+
+
+@functools.cache
+def kernel_has_ipv6() -> bool:
+    """Whether this kernel has IPv6 at all (not booted with ``ipv6.disable=1``)."""
+    return os.path.exists("/proc/net/if_inet6")
 
 
 def iptables_save(family: int = 4) -> str:

@@ -119,7 +119,7 @@ def digest(path: str) -> str:
 
 @pytest.fixture
 def pods() -> Iterator[PodNetwork]:
-    """Pods with IPv4 and IPv6 addresses on a bridge (a pod's rules cover IPv6 only when it has it)."""
+    """Pods with IPv4 and IPv6 addresses on a bridge."""
     net = pod_network(f"zdsn{secrets.token_hex(2)}")
     try:
         yield net

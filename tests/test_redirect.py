@@ -8,6 +8,7 @@ import asyncio
 import functools
 import logging
 import os
+import pathlib
 import re
 import secrets
 import subprocess
@@ -234,17 +235,10 @@ def test_a_pod_with_ipv6_gets_the_ipv6_rules_too(namespaces: list[str]) -> None:
 
 @pytest.mark.root
 def test_ipv6_with_lo_ipv6_disabled_gets_the_rule_but_no_local_route(namespaces: list[str]) -> None:
-    """A pod with a global IPv6 address but IPv6 off on lo: the kernel refuses a ::/0 local
-    route there, and the pod was refused for it; Istio skips that route (forEachLoopbackRoute)."""
+    """IPv6 off on the pod's lo: the kernel refuses a ::/0 local route there, and the pod was
+    refused for it; Istio skips that route (forEachLoopbackRoute), the rule all the same."""
     pod = scratch(namespaces)
-    with open_netns(pod) as ns, in_netns(ns):
-        for argv in (
-            ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],  # (no dummy module here)
-            ["ip", "link", "set", "v0", "up"],
-            ["ip", "addr", "add", "fd00:99::2/64", "dev", "v0", "nodad"],
-            ["sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1"],
-        ):
-            subprocess.run(argv, check=True, capture_output=True)
+    in_pod(pod, "sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1")
     assert install(pod) == [4, 6]
 
     def ip(*args: str) -> str:
@@ -321,8 +315,9 @@ def test_a_node_agent_told_no_ipv6_installs_the_ipv4_rules_only(
 @pytest.mark.root
 def test_a_rule_failure_fails_enrollment_and_nothing_is_sent(tmp_path: object, namespaces: list[str]) -> None:
     pod = scratch(namespaces)
-    # No iptables on the node agent's PATH: installing the rules must fail.
-    server = NodeAgentProc(str(tmp_path), redirect=True, env_path="/nonexistent").wait_ready()
+    # No iptables on the node agent's PATH: installing the rules must fail. (IPv4 rules only:
+    # with IPv6 on, a node agent without a working ip6tables does not start at all, below.)
+    server = NodeAgentProc(str(tmp_path), "--no-ipv6", redirect=True, env_path="/nonexistent").wait_ready()
     peer = RawPeer(server.zds_socket)
     try:
         peer.hello()
@@ -338,6 +333,17 @@ def test_a_rule_failure_fails_enrollment_and_nothing_is_sent(tmp_path: object, n
         peer.close()
         server.stop()
     assert os.path.exists(pod)
+
+
+@pytest.mark.root
+def test_a_node_agent_without_a_working_ip6tables_does_not_start_with_ipv6_on(tmp_path: pathlib.Path) -> None:
+    server = NodeAgentProc(str(tmp_path), redirect=True, env_path="/nonexistent")
+    assert server.proc.wait(timeout=60) == 1
+    last = server.output().strip().splitlines()[-1]
+    assert last.endswith(
+        "ip6tables-save not found; install Debian's iptables package; the pods' IPv6 rules need a "
+        "working ip6tables (or give --no-ipv6)"
+    ), last
 
 
 @pytest.mark.root
@@ -492,23 +498,32 @@ def test_a_removal_takes_the_redirection_out_even_when_a_chain_of_ours_cannot_go
 
 
 @pytest.mark.root
-def test_a_removal_takes_the_ipv6_rules_out_after_the_pod_lost_its_ipv6_address(
+def test_a_node_agent_that_no_longer_installs_ipv6_rules_takes_the_earlier_ones_out(
     namespaces: list[str],
 ) -> None:
-    """Installed for IPv4 and IPv6; the pod's global IPv6 address is gone by its removal: the
-    IPv6 rules and policy routing go anyway."""
-    pod = scratch(namespaces)
-    in_pod(
-        pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"
-    )  # (no dummy module here)
-    in_pod(pod, "ip", "link", "set", "eth0", "up")
-    in_pod(pod, "ip", "addr", "add", "fd99::2/64", "dev", "eth0", "nodad")
-    assert install(pod) == [4, 6]
-    assert "ISTIO" in saved_in(pod, "ip6tables-save") and "lookup 100" in in_pod(pod, "ip", "-6", "rule")
-    in_pod(pod, "ip", "addr", "del", "fd99::2/64", "dev", "eth0")
-    remove(pod)
-    assert "ISTIO" not in saved_in(pod, "ip6tables-save") + saved_in(pod)
-    assert "lookup 100" not in in_pod(pod, "ip", "-6", "rule") + in_pod(pod, "ip", "-4", "rule")
+    """Installed for IPv4 and IPv6, then a restart with --no-ipv6: the pod's recorded rules are
+    not taken for in place (a pod of a zds that installed IPv4 only, at the first start of one
+    that installs both, neither), its reinstall takes the IPv6 chains out (as Istio's
+    reconcile takes out what it would not install), and a removal takes out both families."""
+    pod, earlier = scratch(namespaces), scratch(namespaces)
+    both, v4_only = Redirector(RedirectConfig()), Redirector(RedirectConfig(ipv6=False))
+
+    async def run() -> None:
+        with open_netns(pod) as ns, open_netns(earlier) as old:
+            recorded = (await both.install(ns)).digest
+            assert "ISTIO" in saved_in(pod, "ip6tables-save")
+            assert await v4_only.digest(ns) != recorded  # (the IPv6 chains are not v4_only's)
+            assert (await v4_only.install(ns)).families == [4]
+            assert "ISTIO" not in saved_in(pod, "ip6tables-save") and "ISTIO" in saved_in(pod)
+            recorded = (await v4_only.install(old)).digest
+            assert await both.digest(old) != recorded  # (no IPv6 rules: reinstalled at the start)
+            await both.remove(old)
+            await both.install(old)
+            await v4_only.remove(old)  # (removal: both families, whatever is configured)
+
+    asyncio.run(run())
+    assert "ISTIO" not in saved_in(earlier, "ip6tables-save") + saved_in(earlier)
+    assert "lookup 100" not in in_pod(earlier, "ip", "-6", "rule") + in_pod(earlier, "ip", "-4", "rule")
 
 
 def test_an_iptables_run_that_does_not_end_is_a_rule_failure_like_any_other(
@@ -531,14 +546,32 @@ def test_a_kernel_without_ipv6_gets_ipv4_rules_only_and_it_is_said(
 ) -> None:
     """ip6tables and IPv6 netlink would fail every pod on a kernel without IPv6 (booted with
     ipv6.disable=1: no /proc/net/if_inet6, not something a test can make here)."""
-    real_exists = os.path.exists
-    monkeypatch.setattr(os.path, "exists", lambda path: path != "/proc/net/if_inet6" and real_exists(path))
+    monkeypatch.setattr(redirect_module, "kernel_has_ipv6", lambda: False)
     with caplog.at_level(logging.INFO, logger="zds.server.redirect"):
         for backend in ("iptables", "nftables"):
-            assert redirect_module.redirector(backend, RedirectConfig()).config.ipv6 is False
+            assert redirect_module.node_config(backend, RedirectConfig()).ipv6 is False
     assert (
         caplog.text.count("this kernel has no IPv6: the in-pod rules and policy routing are IPv4 only") == 2
     )
     monkeypatch.undo()
-    assert redirect_module.redirector("iptables", RedirectConfig()).config.ipv6 is True
-    assert redirect_module.redirector("iptables", RedirectConfig(ipv6=False)).config.ipv6 is False
+    assert redirect_module.node_config("iptables", RedirectConfig()).ipv6 is True
+    assert redirect_module.node_config("iptables", RedirectConfig(ipv6=False)).ipv6 is False
+
+
+def test_ipv6_rules_without_a_working_ip6tables_stop_the_start_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """As Istio's agent, which does not start without a working ip6tables while IPv6 is on: a
+    pod would otherwise get its IPv4 rules taken out again by the failure of its IPv6 ones."""
+    fake = tmp_path / "ip6tables-save"
+    fake.write_text('#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(RedirectError) as info:
+        redirect_module.node_config("iptables", RedirectConfig())
+    assert str(info.value) == (
+        "ip6tables-save failed (exit 1): ip6tables-save: can't initialize ip6tables table; the pods' "
+        "IPv6 rules need a working ip6tables (or give --no-ipv6)"
+    )
+    assert redirect_module.node_config("iptables", RedirectConfig(ipv6=False)).ipv6 is False
+    assert redirect_module.node_config("nftables", RedirectConfig()).ipv6 is True  # (no ip6tables used)

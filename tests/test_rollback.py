@@ -75,8 +75,7 @@ def netns_state(pod: Pod) -> dict[str, str]:
 
 
 def a_pod_of_its_own(pod: Pod) -> None:
-    """Give the pod rules of its own, IPv4 and IPv6, and a global IPv6 address (so the
-    rules go in for both families)."""
+    """Give the pod rules of its own, IPv4 and IPv6, and a global IPv6 address."""
     in_pod(pod, "iptables-restore", "--noflush", stdin=OWN_RULES)
     in_pod(pod, "ip6tables-restore", "--noflush", stdin=OWN_RULES)
     in_pod(pod, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
