@@ -236,11 +236,12 @@ class Redirector:
 
     # -- in a worker thread inside the pod's netns ----------------------------------------
     def _digest_here(self) -> str:
-        """A digest of our chains and jumps in every family's tables (both, whatever this
-        configuration installs: IPv6 rules of an earlier one are not in place) and of the
+        """A digest of our chains and jumps in the tables of the families this configuration
+        installs (another configuration's rules differ in the configuration line: a restart
+        with --no-ipv6 reinstalls, and the reinstall takes the IPv6 chains out) and of the
         policy routing; '' when none is there."""
         lines: list[str] = []
-        for family, tool in _families(kernel_has_ipv6()):
+        for family, tool in _families(self.config.ipv6):
             lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
         if not lines:
             return ""
@@ -252,9 +253,7 @@ class Redirector:
         is now installed."""
         installed = []
         families = _families(self.config.ipv6)
-        # (IPv6 rules an earlier configuration installed come out, as Istio's reconcile takes
-        # out what it would not install)
-        saved = {tool: _run([f"{tool}-save"]) for _, tool in _families(kernel_has_ipv6())}
+        saved = {tool: _run([f"{tool}-save"]) for _, tool in families}
         if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
             raise RulesNotOurs(  # (every family looked at before any change)
                 f"the netns holds a rule zds did not make that jumps into its chains ({foreign[0]}; an "
@@ -265,20 +264,36 @@ class Redirector:
             cleanup = cleanup_rules(saved[tool])
             _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
-        if not self.config.ipv6 and (stale := cleanup_rules(saved.get("ip6tables", ""))):
-            _run(["ip6tables-restore", "--noflush"], stale)
+        if not self.config.ipv6:
+            self._take_out_ipv6_rules()
         _routing(add=True, ipv6=self.config.ipv6)
         return installed, self._digest_here()
 
+    def _take_out_ipv6_rules(self) -> None:
+        """IPv4 only: IPv6 chains an earlier configuration installed come out, as Istio's
+        reconcile takes out what it would not install; best effort, as Istio's (IPv6 off, it
+        runs without a working ip6tables and skips what ip6tables-save cannot tell it)."""
+        if not kernel_has_ipv6():
+            return
+        try:
+            if stale := cleanup_rules(_run(["ip6tables-save"])):
+                _run(["ip6tables-restore", "--noflush"], stale)
+        except RedirectError as exc:
+            log.debug("IPv6 rules left as they are: %s", exc)
+
     def _remove_here(self) -> None:
         """As Istio removes them, each step whatever the others did: per family (both, whatever
-        addresses the pod has now: it may have had IPv6 at the install), the jumps, rules and
+        is configured now: an earlier configuration may have installed IPv6; with --no-ipv6
+        those only at best), the jumps, rules and
         chains in one restore; if that fails (a chain a rule of the pod's own still jumps to
         cannot go), the jumps out and the chains flushed, then each chain deleted on its own
         (one that cannot go stays, empty: harmless); then the policy routing. RedirectError at
         the end names what could not be done."""
         errors: list[str] = []
-        for _, tool in _families(kernel_has_ipv6()):
+        for family, tool in _families(kernel_has_ipv6()):
+            if family == 6 and not self.config.ipv6:
+                self._take_out_ipv6_rules()  # (best effort: a node agent told --no-ipv6 needs no ip6tables)
+                continue
             try:
                 cleanup = cleanup_rules(_run([f"{tool}-save"]))
                 if not cleanup:

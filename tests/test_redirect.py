@@ -502,9 +502,10 @@ def test_a_node_agent_that_no_longer_installs_ipv6_rules_takes_the_earlier_ones_
     namespaces: list[str],
 ) -> None:
     """Installed for IPv4 and IPv6, then a restart with --no-ipv6: the pod's recorded rules are
-    not taken for in place (a pod of a zds that installed IPv4 only, at the first start of one
-    that installs both, neither), its reinstall takes the IPv6 chains out (as Istio's
-    reconcile takes out what it would not install), and a removal takes out both families."""
+    not taken for in place (the configuration differs; a pod of a zds that installed IPv4 only,
+    at the first start of one that installs both: its IPv6 rule is missing too), its reinstall
+    takes the IPv6 chains out (as Istio's reconcile takes out what it would not install), and a
+    removal takes out both families."""
     pod, earlier = scratch(namespaces), scratch(namespaces)
     both, v4_only = Redirector(RedirectConfig()), Redirector(RedirectConfig(ipv6=False))
 
@@ -575,3 +576,30 @@ def test_ipv6_rules_without_a_working_ip6tables_stop_the_start_in_one_line(
     )
     assert redirect_module.node_config("iptables", RedirectConfig(ipv6=False)).ipv6 is False
     assert redirect_module.node_config("nftables", RedirectConfig()).ipv6 is True  # (no ip6tables used)
+
+
+@pytest.mark.root
+def test_a_node_agent_told_no_ipv6_needs_no_working_ip6tables(
+    namespaces: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """What the start's refusal says to give: with --no-ipv6 the IPv6 side is best effort, as
+    Istio's agent with IPv6 off (an install, its digest and a removal that asked a broken
+    ip6tables-save failed every pod)."""
+    pod = scratch(namespaces)
+    fake = tmp_path / "ip6tables-save"
+    fake.write_text('#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    config = redirect_module.node_config("iptables", RedirectConfig(ipv6=False))
+    v4_only = Redirector(config)
+
+    async def run() -> None:
+        with open_netns(pod) as ns:
+            installed = await v4_only.install(ns)
+            assert installed.families == [4]
+            assert await v4_only.digest(ns) == installed.digest
+            assert "-A OUTPUT -j ISTIO_OUTPUT" in saved_in(pod)
+            await v4_only.remove(ns)
+
+    asyncio.run(run())
+    assert "ISTIO" not in saved_in(pod)
