@@ -236,13 +236,14 @@ class Redirector:
 
     # -- in a worker thread inside the pod's netns ----------------------------------------
     def _digest_here(self) -> str:
-        """A digest of our chains and jumps in the tables of the families this configuration
-        installs (another configuration's rules differ in the configuration line: a restart
-        with --no-ipv6 reinstalls, and the reinstall takes the IPv6 chains out) and of the
-        policy routing; '' when none is there."""
+        """A digest of our chains and jumps in every family's tables (with --no-ipv6 the IPv6
+        ones as far as ip6tables can tell: IPv6 chains left there are not in place, and the
+        reinstall takes them out) and of the policy routing; '' when none is there."""
         lines: list[str] = []
         for family, tool in _families(self.config.ipv6):
             lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
+        if not self.config.ipv6:
+            lines += [f"6 {line}" for line in our_lines(_ipv6_save_if_any())]
         if not lines:
             return ""
         lines += [f"policy-routing {_routing_present(self.config.ipv6)}", self._config_line]
@@ -273,13 +274,12 @@ class Redirector:
         """IPv4 only: IPv6 chains an earlier configuration installed come out, as Istio's
         reconcile takes out what it would not install; best effort, as Istio's (IPv6 off, it
         runs without a working ip6tables and skips what ip6tables-save cannot tell it)."""
-        if not kernel_has_ipv6():
-            return
         try:
-            if stale := cleanup_rules(_run(["ip6tables-save"])):
-                _run(["ip6tables-restore", "--noflush"], stale)
+            errors = _remove_family("ip6tables", _ipv6_save_if_any())
         except RedirectError as exc:
-            log.debug("IPv6 rules left as they are: %s", exc)
+            errors = [str(exc)]
+        if errors:
+            log.warning("IPv6 rules of an earlier configuration left in part: %s", "; ".join(errors))
 
     def _remove_here(self) -> None:
         """As Istio removes them, each step whatever the others did: per family (both, whatever
@@ -295,15 +295,7 @@ class Redirector:
                 self._take_out_ipv6_rules()  # (best effort: a node agent told --no-ipv6 needs no ip6tables)
                 continue
             try:
-                cleanup = cleanup_rules(_run([f"{tool}-save"]))
-                if not cleanup:
-                    continue
-                try:
-                    _run([f"{tool}-restore", "--noflush"], cleanup)
-                except RedirectError:
-                    saved = _run([f"{tool}-save"])  # (tables before the failed one went already)
-                    _run([f"{tool}-restore", "--noflush"], cleanup_rules(saved, delete_chains=False))
-                    errors += _delete_chains(tool, our_chains(saved))
+                errors += _remove_family(tool, _run([f"{tool}-save"]))
             except RedirectError as exc:
                 errors.append(str(exc))
         try:
@@ -312,6 +304,34 @@ class Redirector:
             errors.append(str(exc))
         if errors:
             raise RedirectError("; ".join(errors))
+
+
+def _remove_family(tool: str, saved: str) -> list[str]:
+    """Take our jumps, rules and chains found in ``saved`` (``tool``'s save) out: in one
+    restore; if that fails, the jumps out and the chains flushed, then each chain deleted
+    on its own. What could not be done, said (RedirectError if a step failed outright)."""
+    cleanup = cleanup_rules(saved)
+    if not cleanup:
+        return []
+    try:
+        _run([f"{tool}-restore", "--noflush"], cleanup)
+    except RedirectError:
+        saved = _run([f"{tool}-save"])  # (tables before the failed one went already)
+        _run([f"{tool}-restore", "--noflush"], cleanup_rules(saved, delete_chains=False))
+        return _delete_chains(tool, our_chains(saved))
+    return []
+
+
+def _ipv6_save_if_any() -> str:
+    """``ip6tables-save``'s output, or '' where it cannot tell (no IPv6 in the kernel, no
+    working ip6tables): a node agent told --no-ipv6 needs none, as Istio's with IPv6 off."""
+    if not kernel_has_ipv6():
+        return ""
+    try:
+        return _run(["ip6tables-save"])
+    except RedirectError as exc:
+        log.debug("ip6tables cannot tell: %s", exc)
+        return ""
 
 
 def _delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:

@@ -498,6 +498,36 @@ def test_a_removal_takes_the_redirection_out_even_when_a_chain_of_ours_cannot_go
 
 
 @pytest.mark.root
+def test_a_no_ipv6_removal_takes_the_ipv6_redirection_out_even_when_a_chain_cannot_go(
+    namespaces: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above for the IPv6 rules an earlier configuration installed, removed by a node agent
+    told --no-ipv6 (best effort there: what stays is said, the removal is done)."""
+    pod = scratch(namespaces)
+    install(pod)
+    in_pod(pod, "ip6tables", "-t", "nat", "-N", "MYOUT")
+    in_pod(pod, "ip6tables", "-t", "nat", "-A", "MYOUT", "-p", "udp", "--dport", "9999", "-j", "ISTIO_OUTPUT")
+
+    async def run() -> None:
+        with open_netns(pod) as ns:
+            await Redirector(RedirectConfig(ipv6=False)).remove(ns)
+
+    with caplog.at_level(logging.WARNING, logger="zds.server.redirect"):
+        asyncio.run(run())
+    assert [r.getMessage() for r in caplog.records] == [
+        "ip6tables nat chain ISTIO_OUTPUT stays, empty: a rule of the pod's own jumps to it"
+    ]
+    saved = saved_in(pod, "ip6tables-save")
+    assert "REDIRECT" not in saved and "-j ISTIO_PRERT" not in saved
+    assert [line for line in saved.splitlines() if "ISTIO" in line] == [
+        ":ISTIO_OUTPUT - [0:0]",
+        "-A MYOUT -p udp -m udp --dport 9999 -j ISTIO_OUTPUT",
+    ]
+    assert "ISTIO" not in saved_in(pod)
+    assert "lookup 100" not in in_pod(pod, "ip", "-6", "rule") + in_pod(pod, "ip", "rule")
+
+
+@pytest.mark.root
 def test_a_node_agent_that_no_longer_installs_ipv6_rules_takes_the_earlier_ones_out(
     namespaces: list[str],
 ) -> None:
@@ -519,7 +549,9 @@ def test_a_node_agent_that_no_longer_installs_ipv6_rules_takes_the_earlier_ones_
             recorded = (await v4_only.install(old)).digest
             assert await both.digest(old) != recorded  # (no IPv6 rules: reinstalled at the start)
             await both.remove(old)
-            await both.install(old)
+            recorded = (await v4_only.install(old)).digest
+            await both.install(old)  # (and a crash before its digest was stored)
+            assert await v4_only.digest(old) != recorded  # (IPv6 chains there: not in place)
             await v4_only.remove(old)  # (removal: both families, whatever is configured)
 
     asyncio.run(run())
