@@ -290,14 +290,13 @@ class Redirector:
         (one that cannot go stays, empty: harmless); then the policy routing. RedirectError at
         the end names what could not be done."""
         errors: list[str] = []
-        for family, tool in _families(kernel_has_ipv6()):
-            if family == 6 and not self.config.ipv6:
-                self._take_out_ipv6_rules()  # (best effort: a node agent told --no-ipv6 needs no ip6tables)
-                continue
+        for _, tool in _families(self.config.ipv6 and kernel_has_ipv6()):
             try:
                 errors += _remove_family(tool, _run([f"{tool}-save"]))
             except RedirectError as exc:
                 errors.append(str(exc))
+        if not self.config.ipv6:
+            self._take_out_ipv6_rules()  # (best effort: a node agent told --no-ipv6 needs no ip6tables)
         try:
             _routing(add=False, ipv6=kernel_has_ipv6())
         except RedirectError as exc:

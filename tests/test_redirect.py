@@ -591,15 +591,19 @@ def test_a_kernel_without_ipv6_gets_ipv4_rules_only_and_it_is_said(
     assert redirect_module.node_config("iptables", RedirectConfig(ipv6=False)).ipv6 is False
 
 
-def test_ipv6_rules_without_a_working_ip6tables_stop_the_start_in_one_line(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
-) -> None:
-    """As Istio's agent, which does not start without a working ip6tables while IPv6 is on: a
-    pod would otherwise get its IPv4 rules taken out again by the failure of its IPv6 ones."""
+@pytest.fixture
+def broken_ip6tables(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """An ``ip6tables-save`` first on PATH that fails as a legacy one without its table does."""
     fake = tmp_path / "ip6tables-save"
     fake.write_text('#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+@pytest.mark.usefixtures("broken_ip6tables")
+def test_ipv6_rules_without_a_working_ip6tables_stop_the_start_in_one_line() -> None:
+    """As Istio's agent, which does not start without a working ip6tables while IPv6 is on: a
+    pod would otherwise get its IPv4 rules taken out again by the failure of its IPv6 ones."""
     with pytest.raises(RedirectError) as info:
         redirect_module.node_config("iptables", RedirectConfig())
     assert str(info.value) == (
@@ -611,17 +615,12 @@ def test_ipv6_rules_without_a_working_ip6tables_stop_the_start_in_one_line(
 
 
 @pytest.mark.root
-def test_a_node_agent_told_no_ipv6_needs_no_working_ip6tables(
-    namespaces: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
-) -> None:
+@pytest.mark.usefixtures("broken_ip6tables")
+def test_a_node_agent_told_no_ipv6_needs_no_working_ip6tables(namespaces: list[str]) -> None:
     """What the start's refusal says to give: with --no-ipv6 the IPv6 side is best effort, as
     Istio's agent with IPv6 off (an install, its digest and a removal that asked a broken
     ip6tables-save failed every pod)."""
     pod = scratch(namespaces)
-    fake = tmp_path / "ip6tables-save"
-    fake.write_text('#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     config = redirect_module.node_config("iptables", RedirectConfig(ipv6=False))
     v4_only = Redirector(config)
 
