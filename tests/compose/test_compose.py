@@ -47,6 +47,11 @@ CAPABILITIES: dict[str, set[str]] = {
     "check": set(),
 }
 APPS = ("productpage", "reviews")
+#: The images' HEALTHCHECK endpoints (the Dockerfile's), read again when a check fails.
+HEALTH_URLS = {
+    "node-agent": "http://127.0.0.1:8000/readyz",
+    "ztunnel": "http://127.0.0.1:15021/healthz/ready",
+}
 ENGINE_NETNS = "${ZDS_ENGINE_NETNS_DIR:-/run/netns}:${ZDS_ENGINE_NETNS_DIR:-/run/netns}:ro,rslave"
 
 
@@ -346,7 +351,17 @@ def test_compose_scenario_labelled_containers_join_the_mesh_by_themselves(compos
     assert sorted(p["source"] for p in json.loads(listed)) == ["container-engine", "container-engine"], listed
     # The images' HEALTHCHECKs: node agent /readyz, ztunnel /healthz/ready (podman runs them
     # on demand here: it has no systemd to schedule them).
-    for service in ("node-agent", "ztunnel"):
+    for service, url in HEALTH_URLS.items():
+        assert f'"{url}"' in DOCKERFILE.read_text(), f"the Dockerfile's HEALTHCHECK of {service} is not {url}"
+        started = time.monotonic()
         health = run.podman("healthcheck", "run", run.container(service), check=False)
-        assert health.returncode == 0, f"{service} healthcheck: {health.stdout}{health.stderr}\n{logs}"
+        if health.returncode != 0:
+            # What the endpoint says now, and how long the check took (its timeout is 3 s):
+            # tells a probe that failed from one that was slow.
+            took = time.monotonic() - started
+            body = run.podman("exec", run.container(service), "zds-get", url, check=False)
+            raise AssertionError(
+                f"{service} healthcheck ({took:.1f} s): {health.stdout}{health.stderr}; {url} now: "
+                f"exit {body.returncode} {body.stdout}{body.stderr}\n{logs}"
+            )
     print(logs)
