@@ -147,17 +147,25 @@ def container_netns(info: Mapping[str, Any], policy: NetnsPolicy | None = None) 
     pid = int(info["State"]["Pid"])
     sandbox = str((info.get("NetworkSettings") or {}).get("SandboxKey") or "")
     by_key: NetnsIdentity | None = None
+    unseen = ""
     if sandbox:
         try:
             with open_netns(sandbox) as handle:
                 by_key = handle.identity
-        except NetnsError:
-            pass  # not visible here (another mount namespace): the process's netns decides
+        except NetnsError as exc:
+            unseen = str(exc)  # not visible here (another mount namespace): the process's netns decides
     key_allowed = bool(sandbox) and (policy is None or policy.allows_place(NetnsRef.of_path(sandbox)))
     try:
         with open_netns(f"/proc/{pid}/ns/net") as handle:
             by_pid = handle.identity
-    except NetnsError:
+    except NetnsError as exc:
+        if by_key is None and unseen:
+            # (a node agent in a container sees the engine's namespaces made after its start
+            # only if their directory is a shared mount on the host)
+            raise type(exc)(
+                f"{exc}; the engine's SandboxKey: {unseen} (a node agent in a container: is the "
+                "engine's netns directory a shared mount on the host? mount --make-shared)"
+            ) from None
         if by_key is None or not key_allowed:
             raise
         # The process is not ours to look at (another user, more capabilities: no CAP_SYS_PTRACE

@@ -349,8 +349,12 @@ def test_the_tcp_control_api_holds_a_bounded_number_of_connections(tmp_path: obj
         assert fd_count(proc.pid) - before <= defaults.CONTROL_TCP_CONNECTIONS
         for conn in held:
             conn.close()
+        # (the node agent sees the closes a little later: until then a new connection is one
+        # too many and is closed; the call waits for the channel to connect again)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True
+            )
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         for conn in held:

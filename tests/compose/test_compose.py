@@ -271,10 +271,22 @@ class ComposeRun:
         return problems
 
 
+def share_netns_dir(path: str = "/run/netns") -> None:
+    """Make Podman's netns directory a shared mount, as ``ip netns add`` does the first time (a
+    bind mount of itself, shared; left so: iproute2 and Podman keep it so too). The node agent's
+    ``rslave`` mount of it sees the containers' namespaces made after it started only then:
+    on a host where none was ever made, it saw empty files (README, "With Podman")."""
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["mount", "--make-shared", path], capture_output=True).returncode != 0:
+        subprocess.run(["mount", "--bind", path, path], check=True, capture_output=True)
+        subprocess.run(["mount", "--make-shared", path], check=True, capture_output=True)
+
+
 @pytest.fixture
 def compose_run(tmp_path: pathlib.Path) -> Iterator[ComposeRun]:
     started = time.time()
     setup = run_setup("all", timeout=1200)
+    share_netns_dir()
     project = f"zdsci{os.getpid()}"
     # Podman with the compose network's CNI config in a directory of the test's own.
     conf_dir = tmp_path / "net.d"
