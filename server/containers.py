@@ -159,7 +159,7 @@ def container_netns(info: Mapping[str, Any], policy: NetnsPolicy | None = None) 
         with open_netns(f"/proc/{pid}/ns/net") as handle:
             by_pid = handle.identity
     except NetnsError as exc:
-        if by_key is None and unseen:
+        if unseen:  # (the engine's file could not be opened either)
             # (a node agent in a container sees the engine's namespaces made after its start
             # only if their directory is a shared mount on the host)
             raise type(exc)(

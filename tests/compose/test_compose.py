@@ -363,8 +363,9 @@ def test_compose_scenario_labelled_containers_join_the_mesh_by_themselves(compos
     assert sorted(p["source"] for p in json.loads(listed)) == ["container-engine", "container-engine"], listed
     # The images' HEALTHCHECKs: node agent /readyz, ztunnel /healthz/ready (podman runs them
     # on demand here: it has no systemd to schedule them).
+    dockerfile = DOCKERFILE.read_text()
     for service, url in HEALTH_URLS.items():
-        assert f'"{url}"' in DOCKERFILE.read_text(), f"the Dockerfile's HEALTHCHECK of {service} is not {url}"
+        assert f'"{url}"' in dockerfile, f"the Dockerfile's HEALTHCHECK of {service} is not {url}"
         started = time.monotonic()
         health = run.podman("healthcheck", "run", run.container(service), check=False)
         if health.returncode != 0:
