@@ -38,7 +38,7 @@ from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules
 from zds.server.pods import PodSpec
-from zds.server.redirect import Redirector
+from zds.server.redirect import RedirectConfig, Redirector
 from zds.server.registry import ConnectionRegistry
 from zds.server.store import PodStore
 from zds.server.tasks import TaskOwner
@@ -80,6 +80,7 @@ class NodeAgent:
         redirector: Redirector | None = None,
         telemetry: Telemetry | None = None,
         netns_policy: NetnsPolicy | None = None,
+        redirect_config: RedirectConfig | None = None,
     ) -> None:
         self.config = config or AgentConfig()
         self.pods = PodCache()
@@ -99,6 +100,7 @@ class NodeAgent:
             self.telemetry,
             self.tasks,
             policy=netns_policy or NetnsPolicy.for_this_node(),
+            earlier=redirect_config,
         )
         #: Who may connect to the ZDS socket (SO_PEERCRED).
         self.zds_peers = PeerGuard(self.config.allow, "ZDS")

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from opentelemetry import context as otel_context
 
     from zds.server.faults import FaultBook
+    from zds.server.redirect import RedirectConfig
 
 log = logging.getLogger("zds.server")
 
@@ -80,6 +81,7 @@ class Enrollment:
         tasks: TaskOwner,
         store: PodStore | None = None,
         policy: NetnsPolicy | None = None,
+        earlier: RedirectConfig | None = None,
     ) -> None:
         self.cache = cache
         #: Which netns may be a pod's (never the node's); None only in unit tests.
@@ -104,7 +106,7 @@ class Enrollment:
         #: Rules a failed install or removal could not take out (with --no-redirect: an
         #: earlier run's, found at start), tried again.
         self.leftovers = Leftovers(
-            rules, cache, store, tasks, under_way=self._uids.__contains__, policy=policy
+            rules, cache, store, tasks, under_way=self._uids.__contains__, policy=policy, earlier=earlier
         )
 
     def use_store(self, store: PodStore) -> None:

@@ -21,6 +21,7 @@ from zds.netns.search import find_by_identity
 from zds.server.netnspolicy import NetnsPolicy, named_dirs
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules, remove_earlier_rules
+from zds.server.redirect import RedirectConfig
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
 from zds.server.storerows import StoredPod
@@ -59,9 +60,13 @@ class Leftovers:
         *,
         under_way: Callable[[str], bool],
         policy: NetnsPolicy | None = None,
+        earlier: RedirectConfig | None = None,
     ) -> None:
         #: This node agent's rules (None with --no-redirect: only an earlier run's are left).
         self.rules = rules
+        #: With --no-redirect, the configuration an earlier run's rules are taken out with: the
+        #: node agent's own (told --no-ipv6, their IPv6 side at best, needing no ip6tables).
+        self._earlier = earlier or RedirectConfig()
         self.cache = cache
         self.store = store
         self.tasks = tasks
@@ -73,6 +78,11 @@ class Leftovers:
 
     def __contains__(self, identity: object) -> bool:
         return identity in self._netns
+
+    async def remove_earlier(self, pod: Pod, backend: str) -> bool:
+        """With --no-redirect: take out the ``backend`` rules an earlier run installed in the
+        pod's netns (``remove_earlier_rules``, with this node agent's configuration)."""
+        return await remove_earlier_rules(pod, backend, self._earlier)
 
     def retry(self, pod: Pod, *, removal: bool, recorded: bool = False) -> None:
         """Try again to take out the rules ``pod`` left (``removal``: its removal's; else a
@@ -282,7 +292,7 @@ class Leftovers:
             if self.rules is not None:
                 out = await self.rules.undo_again(pod, self.cache.in_use, backend)
             else:
-                out = await remove_earlier_rules(pod, backend)
+                out = await self.remove_earlier(pod, backend)
             if not out:
                 return False
             left.out.add(backend)

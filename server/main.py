@@ -86,7 +86,9 @@ class NodeAgentServer:
             policy = NetnsPolicy.for_this_node(options.netns_roots)
         except NodeNetnsUnknown as exc:
             raise StartupError(str(exc)) from exc
-        self.agent = NodeAgent(options.agent, rules, self.telemetry, netns_policy=policy)
+        self.agent = NodeAgent(
+            options.agent, rules, self.telemetry, netns_policy=policy, redirect_config=options.redirect_config
+        )
         self.store: PodStore | None = None
         #: The pod store could not be written out as it closed (the exit status says so).
         self.store_lost = False

@@ -183,12 +183,11 @@ class PodRules:
                 log.warning("cannot remove in-pod redirection rules: %s", exc, extra=pod.spec.log_extra)
 
 
-async def remove_earlier_rules(pod: Pod, backend: str) -> bool:
+async def remove_earlier_rules(pod: Pod, backend: str, config: RedirectConfig) -> bool:
     """Take out the ``backend`` rules an earlier run installed, this node agent installing
-    none (--no-redirect). False, logged, if that failed."""
-    return await remove_rules_of(
-        pod, backend, RedirectConfig(), "this node agent installs none (--no-redirect)"
-    )
+    none (--no-redirect), as ``config`` (its flags) says: told --no-ipv6, their IPv6 side at
+    best (as its own would be), needing no working ip6tables. False, logged, if that failed."""
+    return await remove_rules_of(pod, backend, config, "this node agent installs none (--no-redirect)")
 
 
 async def remove_rules_of(pod: Pod, backend: str, config: RedirectConfig, why: str) -> bool:

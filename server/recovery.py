@@ -34,7 +34,7 @@ from zds.aio import Cancelled, to_its_end
 from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
 from zds.server.podcache import Pod, Unopened
-from zds.server.podrules import PodRules, RulesError, remove_earlier_rules
+from zds.server.podrules import PodRules, RulesError
 from zds.server.refind import Found, reopen, search, why_refused
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
@@ -331,7 +331,7 @@ async def _rules_back(
     outcome = RecoveryOutcome.FOUND_ELSEWHERE if item.elsewhere else RecoveryOutcome.RESTORED
     # This node agent installs none (--no-redirect): what an earlier run installed comes
     # out now, while its row says where (else nothing would ever take it out).
-    if rules is None and row.rules and await remove_earlier_rules(pod, row.rules):
+    if rules is None and row.rules and await enrollment.leftovers.remove_earlier(pod, row.rules):
         pod.rules_installed = False
         _rewrite(store, pod, "")
     if rules is not None and not (row.rules == rules.name and await rules.in_place(pod)):
@@ -400,7 +400,7 @@ async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment)
     ``rules_installed`` says whether they are still in)."""
     rules = enrollment.rules
     if rules is None:
-        pod.rules_installed = not await remove_earlier_rules(pod, backend)
+        pod.rules_installed = not await enrollment.leftovers.remove_earlier(pod, backend)
     elif backend != rules.name:
         pod.rules_installed = not await rules.remove_other(pod, backend)
     else:

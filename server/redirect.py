@@ -236,14 +236,19 @@ class Redirector:
 
     # -- in a worker thread inside the pod's netns ----------------------------------------
     def _digest_here(self) -> str:
+        return self._iptables_digest(None)
+
+    def _iptables_digest(self, ipv6_saved: str | None) -> str:
         """A digest of our chains and jumps in every family's tables (with --no-ipv6 the IPv6
         ones as far as ip6tables can tell: IPv6 chains left there are not in place, and the
-        reinstall takes them out) and of the policy routing; '' when none is there."""
+        reinstall takes them out; ``ipv6_saved``: its save, read already) and of the policy
+        routing; '' when none is there."""
         lines: list[str] = []
         for family, tool in _families(self.config.ipv6):
             lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
         if not self.config.ipv6:
-            lines += [f"6 {line}" for line in our_lines(_ipv6_save_if_any())]
+            saved = _ipv6_save_if_any() if ipv6_saved is None else ipv6_saved
+            lines += [f"6 {line}" for line in our_lines(saved)]
         if not lines:
             return ""
         lines += [f"policy-routing {_routing_present(self.config.ipv6)}", self._config_line]
@@ -265,21 +270,25 @@ class Redirector:
             cleanup = cleanup_rules(saved[tool])
             _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
-        if not self.config.ipv6:
-            self._take_out_ipv6_rules()
+        ipv6_saved = None if self.config.ipv6 else self._take_out_ipv6_rules()
         _routing(add=True, ipv6=self.config.ipv6)
-        return installed, self._digest_here()
+        return installed, self._iptables_digest(ipv6_saved)
 
-    def _take_out_ipv6_rules(self) -> None:
+    def _take_out_ipv6_rules(self) -> str:
         """IPv4 only: IPv6 chains an earlier configuration installed come out, as Istio's
         reconcile takes out what it would not install; best effort, as Istio's (IPv6 off, it
-        runs without a working ip6tables and skips what ip6tables-save cannot tell it)."""
+        runs without a working ip6tables and skips what ip6tables-save cannot tell it). What
+        ``ip6tables-save`` says afterwards (read again only if something of ours was there)."""
+        saved = _ipv6_save_if_any()
+        if not cleanup_rules(saved):
+            return saved  # (none of ours there)
         try:
-            errors = _remove_family("ip6tables", _ipv6_save_if_any())
+            errors = _remove_family("ip6tables", saved)
         except RedirectError as exc:
             errors = [str(exc)]
         if errors:
             log.warning("IPv6 rules of an earlier configuration left in part: %s", "; ".join(errors))
+        return _ipv6_save_if_any()
 
     def _remove_here(self) -> None:
         """As Istio removes them, each step whatever the others did: per family (both, whatever

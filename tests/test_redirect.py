@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import secrets
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -634,3 +635,28 @@ def test_a_node_agent_told_no_ipv6_needs_no_working_ip6tables(namespaces: list[s
 
     asyncio.run(run())
     assert "ISTIO" not in saved_in(pod)
+
+
+@pytest.mark.root
+def test_a_no_ipv6_install_asks_ip6tables_save_once_unless_ipv6_rules_of_ours_were_there(
+    namespaces: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """An IPv4-only install reads ip6tables-save for IPv6 chains of an earlier configuration
+    and again for its digest: the second read (a fork and exec, ~2 ms a pod) only when the
+    first found some to take out (the digest must see what is there after)."""
+    calls = tmp_path / "calls"
+    real = shutil.which("ip6tables-save")
+    assert real is not None
+    counting = tmp_path / "ip6tables-save"
+    counting.write_text(f'#!/bin/sh\necho x >> {calls}\nexec {real} "$@"\n')
+    counting.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    pod, earlier = scratch(namespaces), scratch(namespaces)
+    install(earlier)  # (IPv4 and IPv6)
+    calls.write_text("")
+    assert install(pod, RedirectConfig(ipv6=False)) == [4]
+    assert calls.read_text().count("x") == 1
+    calls.write_text("")
+    assert install(earlier, RedirectConfig(ipv6=False)) == [4]
+    assert calls.read_text().count("x") == 2  # (before and after taking the IPv6 chains out)
+    assert "ISTIO" not in saved_in(earlier, "ip6tables-save") and "ISTIO" in saved_in(earlier)

@@ -55,8 +55,11 @@ class Agents:
         self.tmp = str(tmp)
         self.started: list[NodeAgentProc] = []
 
-    def start(self, *extra: str, redirect: bool = False, ready: bool = True) -> NodeAgentProc:
-        proc = NodeAgentProc(self.tmp, *extra, name=f"server-{len(self.started)}", redirect=redirect)
+    def start(
+        self, *extra: str, redirect: bool = False, ready: bool = True, env_path: str | None = None
+    ) -> NodeAgentProc:
+        name = f"server-{len(self.started)}"
+        proc = NodeAgentProc(self.tmp, *extra, name=name, redirect=redirect, env_path=env_path)
         self.started.append(proc)
         return proc.wait_ready() if ready else proc
 
@@ -677,6 +680,32 @@ def test_a_restart_with_no_redirect_takes_out_the_rules_an_earlier_run_installed
     assert pod.uid == "u1" and not pod.rules_installed
     assert not redirected(path)
     assert f"{backend} rules removed: this node agent installs none (--no-redirect)" in plain.output()
+
+
+def test_a_no_redirect_start_told_no_ipv6_takes_earlier_rules_out_without_a_working_ip6tables(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """As an iptables node agent told --no-ipv6 needs no working ip6tables (the IPv6 side at
+    best), neither does a --no-redirect one told so, taking out what an earlier run installed:
+    its removal asked ip6tables-save as if IPv6 were on, failed, and left the pod recorded
+    with rules (tried again for ever) though its IPv4 rules were out."""
+    path = namespaces.make("a")
+    server = agents.start("--no-ipv6", redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    assert redirected(path)
+    server.stop()
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "ip6tables-save").write_text(
+        '#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n'
+    )
+    (broken / "ip6tables-save").chmod(0o755)
+    plain = agents.start("--no-ipv6", env_path=f"{broken}:{os.environ['PATH']}")  # --no-redirect
+    [pod] = plain.list_pods()
+    assert pod.uid == "u1" and not pod.rules_installed
+    assert not redirected(path)
+    assert "iptables rules removed: this node agent installs none (--no-redirect)" in plain.output()
+    assert "cannot remove" not in plain.output()
 
 
 @pytest.mark.parametrize(
