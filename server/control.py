@@ -15,10 +15,10 @@ from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from zds import defaults
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
+from zds.server import grpcreflect
 from zds.server.agent import NodeAgent
 from zds.server.bulkadd import STATUS, bulk_add, cut, shutting_down
 from zds.server.controlwire import (
@@ -395,12 +395,11 @@ def _grpc_server(
     )
     nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    grpcreflect.enable(
+        server,
         (
             nodeagent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
         ),
-        server,
     )
     return server

@@ -87,6 +87,25 @@ def test_grpcurl_describes_the_node_agent(server: NodeAgentProc) -> None:
     assert out.returncode == 0 and "EVENT_KIND_CURRENT_STATE_END = 9;" in out.stdout
 
 
+def test_grpcurl_describes_a_method_and_is_told_of_a_symbol_that_is_not_there(server: NodeAgentProc) -> None:
+    """protobuf's default pool has no file for a method's name: grpcurl's ``describe
+    SERVICE.METHOD`` said "Symbol not found" (it works against Go's and C++'s reflection)."""
+    for method, shown in (
+        (
+            "zds.v1.NodeAgent.AddPod",
+            "rpc AddPod ( .zds.v1.AddPodRequest ) returns ( .zds.v1.AddPodResponse );",
+        ),
+        ("zds.v1.NodeAgent.Watch", "rpc Watch ( .zds.v1.WatchRequest ) returns ( stream .zds.v1.Event );"),
+        ("grpc.health.v1.Health.Check", "rpc Check ( .grpc.health.v1.HealthCheckRequest ) returns"),
+    ):
+        out = grpcurl(server, "describe", method)
+        assert out.returncode == 0, out.stderr
+        assert f"{method} is a method:" in out.stdout and shown in out.stdout
+    for missing in ("zds.v1.NodeAgent.NoSuchMethod", "zds.v1.NoSuchService.AddPod", "zds.v1.Pod.no_such"):
+        out = grpcurl(server, "describe", missing)
+        assert out.returncode != 0 and f"Symbol not found: {missing}" in out.stderr
+
+
 def test_grpcurl_health_check_answers_serving(server: NodeAgentProc) -> None:
     for data in (None, '{"service": "zds.v1.NodeAgent"}'):
         out = grpcurl(server, "grpc.health.v1.Health/Check", data=data)
