@@ -32,7 +32,8 @@ class _MethodsToo:
                 service = self._pool.FindServiceByName(service_name)
             except KeyError:
                 service = None
-            if service is None or method not in service.methods_by_name:
+            # (by name: upb's map would take "AddPod\0x" for "AddPod")
+            if service is None or not any(m.name == method for m in service.methods):
                 raise
             return service.file
 

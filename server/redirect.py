@@ -241,8 +241,8 @@ class Redirector:
     def _iptables_digest(self, ipv6_saved: str | None) -> str:
         """A digest of our chains and jumps in every family's tables (with --no-ipv6 the IPv6
         ones as far as ip6tables can tell: IPv6 chains left there are not in place, and the
-        reinstall takes them out; ``ipv6_saved``: its save, read already) and of the policy
-        routing; '' when none is there."""
+        reinstall takes them out; ``ipv6_saved``: its save as it stands, read already) and of
+        the policy routing; '' when none is there."""
         lines: list[str] = []
         for family, tool in _families(self.config.ipv6):
             lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
@@ -274,21 +274,21 @@ class Redirector:
         _routing(add=True, ipv6=self.config.ipv6)
         return installed, self._iptables_digest(ipv6_saved)
 
-    def _take_out_ipv6_rules(self) -> str:
+    def _take_out_ipv6_rules(self) -> str | None:
         """IPv4 only: IPv6 chains an earlier configuration installed come out, as Istio's
         reconcile takes out what it would not install; best effort, as Istio's (IPv6 off, it
         runs without a working ip6tables and skips what ip6tables-save cannot tell it). What
-        ``ip6tables-save`` says afterwards (read again only if something of ours was there)."""
+        ``ip6tables-save`` said, if none of ours was there (so still says); else None."""
         saved = _ipv6_save_if_any()
         if not cleanup_rules(saved):
-            return saved  # (none of ours there)
+            return saved
         try:
             errors = _remove_family("ip6tables", saved)
         except RedirectError as exc:
             errors = [str(exc)]
         if errors:
             log.warning("IPv6 rules of an earlier configuration left in part: %s", "; ".join(errors))
-        return _ipv6_save_if_any()
+        return None
 
     def _remove_here(self) -> None:
         """As Istio removes them, each step whatever the others did: per family (both, whatever

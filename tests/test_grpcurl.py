@@ -229,3 +229,17 @@ def test_grpcurl_injects_a_fault_and_sees_it_refused_when_it_makes_no_sense(
     )
     assert out.returncode != 0 and "Code: FailedPrecondition" in out.stderr
     assert "has sent its snapshot already; use --next-connection" in out.stderr
+
+
+def test_reflection_takes_a_method_by_its_exact_name_only() -> None:
+    """upb's map of a service's methods cuts a key at its first NUL: "AddPod\\0x" would pass."""
+    from google.protobuf import descriptor_pool
+
+    from zds.gen import nodeagent_pb2
+    from zds.server.grpcreflect import _MethodsToo
+
+    pool = _MethodsToo(descriptor_pool.Default())
+    assert pool.FindFileContainingSymbol("zds.v1.NodeAgent.AddPod") is nodeagent_pb2.DESCRIPTOR
+    for wrong in ("zds.v1.NodeAgent.AddPod\0x", "zds.v1.NodeAgent.addpod", "zds.v1.NodeAgent.", ""):
+        with pytest.raises(KeyError):
+            pool.FindFileContainingSymbol(wrong)

@@ -653,10 +653,16 @@ def test_a_no_ipv6_install_asks_ip6tables_save_once_unless_ipv6_rules_of_ours_we
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     pod, earlier = scratch(namespaces), scratch(namespaces)
     install(earlier)  # (IPv4 and IPv6)
-    calls.write_text("")
-    assert install(pod, RedirectConfig(ipv6=False)) == [4]
-    assert calls.read_text().count("x") == 1
-    calls.write_text("")
-    assert install(earlier, RedirectConfig(ipv6=False)) == [4]
-    assert calls.read_text().count("x") == 2  # (before and after taking the IPv6 chains out)
+    v4_only = Redirector(RedirectConfig(ipv6=False))
+
+    async def run(path: str) -> tuple[int, bool]:
+        """How often an install read ip6tables-save; whether its digest is what is there."""
+        with open_netns(path) as ns:
+            calls.write_text("")
+            installed = await v4_only.install(ns)
+            reads = calls.read_text().count("x")
+            return reads, installed.digest == await v4_only.digest(ns)
+
+    assert asyncio.run(run(pod)) == (1, True)
+    assert asyncio.run(run(earlier)) == (2, True)  # (before and after taking the IPv6 chains out)
     assert "ISTIO" not in saved_in(earlier, "ip6tables-save") and "ISTIO" in saved_in(earlier)
