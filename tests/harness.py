@@ -894,6 +894,15 @@ def check_half_requests_bounded(
             conn.close()
 
 
+def failing_ip6tables_save(directory: pathlib.Path) -> str:
+    """An ``ip6tables-save`` in ``directory`` that fails as a legacy one without its table
+    does; the ``PATH`` that finds it first."""
+    fake = directory / "ip6tables-save"
+    fake.write_text('#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    return f"{directory}:{os.environ['PATH']}"
+
+
 def hold_half_requests(host: str, port: int, count: int, request: bytes) -> list[socket.socket]:
     """``count`` connections to ``host:port`` that each send the start of ``request`` and stop."""
     held = []

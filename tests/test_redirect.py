@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, pod_network, run_all, wait_until
+from tests.harness import DATA, NodeAgentProc, failing_ip6tables_save, pod_network, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
@@ -595,10 +595,7 @@ def test_a_kernel_without_ipv6_gets_ipv4_rules_only_and_it_is_said(
 @pytest.fixture
 def broken_ip6tables(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """An ``ip6tables-save`` first on PATH that fails as a legacy one without its table does."""
-    fake = tmp_path / "ip6tables-save"
-    fake.write_text('#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", failing_ip6tables_save(tmp_path))
 
 
 @pytest.mark.usefixtures("broken_ip6tables")

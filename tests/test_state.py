@@ -29,6 +29,7 @@ from tests.harness import (
     Namespaces,
     NodeAgentProc,
     ZtunnelProc,
+    failing_ip6tables_save,
     fd_count,
     pod_network,
     run_all,
@@ -694,13 +695,7 @@ def test_a_no_redirect_start_told_no_ipv6_takes_earlier_rules_out_without_a_work
     server.cli("pod", "add", "--uid", "u1", "--netns", path)
     assert redirected(path)
     server.stop()
-    broken = tmp_path / "bin"
-    broken.mkdir()
-    (broken / "ip6tables-save").write_text(
-        '#!/bin/sh\necho "ip6tables-save: can\'t initialize ip6tables table" >&2\nexit 1\n'
-    )
-    (broken / "ip6tables-save").chmod(0o755)
-    plain = agents.start("--no-ipv6", env_path=f"{broken}:{os.environ['PATH']}")  # --no-redirect
+    plain = agents.start("--no-ipv6", env_path=failing_ip6tables_save(tmp_path))  # --no-redirect
     [pod] = plain.list_pods()
     assert pod.uid == "u1" and not pod.rules_installed
     assert not redirected(path)
