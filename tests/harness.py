@@ -894,6 +894,64 @@ def check_half_requests_bounded(
             conn.close()
 
 
+def check_places_not_held(address: str, path: str, output: Callable[[], str], *, read: bool) -> None:
+    """The HTTP endpoint at ``address`` (``output``: its log so far), given 70 connections that
+    each brought requests and now only wait: ``read``, one ``GET path`` whose answer they read
+    (kept open: HTTP/1.1 keep-alive); else 300 ``GET path`` at once, no answer read (a 4 KiB
+    receive buffer). Each new one takes the place of the oldest, cut off at once, and a real
+    request is answered meanwhile (before, such connections held the 64 places, refusing every
+    other: keep-alive's 10 s; ~16 s for unread answers, each again as often as it connected)."""
+    host, port = address.rsplit(":", 1)
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(70):
+            conn = socket.socket()
+            held.append(conn)
+            if not read:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            conn.settimeout(5)
+            conn.connect((host, int(port)))
+            if read:
+                conn.sendall(request)
+                head = conn.recv(4096)
+                assert head.startswith(b"HTTP/1.1 200 "), (len(held), head[:100])
+                continue
+            conn.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                conn.send(request * 300)
+            # (an answer in: the endpoint is past this connection's first request)
+            wait_until(functools.partial(answer_waiting, conn), "a first answer")
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as answer:
+            assert answer.status == 200
+        wait_until(lambda: sum(map(tcp_closed, held)) >= 7, "the 7 oldest cut off")
+        assert not any(map(tcp_closed, held[7:]))  # (the newest kept)
+        assert (
+            "connection(s) closed to make room: 64 open already, the oldest was not in a request" in output()
+        )
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def answer_waiting(conn: socket.socket) -> bool:
+    """Whether ``conn`` (non-blocking) has something to read, left there to read."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+def tcp_closed(conn: socket.socket) -> bool:
+    """Whether the TCP connection of ``conn`` is no longer established (a reset, or a FIN from
+    the other end), whatever it still holds unread."""
+    return conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+
+
+#: ``tcpi_state`` of an established connection (linux/tcp_states.h).
+TCP_ESTABLISHED = 1
+
+
 def failing_ip6tables_save(directory: pathlib.Path) -> str:
     """An ``ip6tables-save`` in ``directory`` that fails as a legacy one without its table
     does; the ``PATH`` that finds it first."""

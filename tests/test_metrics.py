@@ -257,6 +257,18 @@ def test_half_requests_are_bounded_and_closed_in_time_and_the_agent_keeps_servin
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.parametrize("read", [True, False], ids=["kept-open-after-an-answer", "answers-unread"])
+def test_connections_not_in_a_request_make_room(server: Server, read: bool) -> None:
+    """64 connections that each asked once and stayed open, or pipelined requests and read no
+    answer, held every place (keep-alive's 10 s; ~16 s): anyone on the node could keep /readyz
+    and /metrics from answering, connecting again as they were closed."""
+    from tests.harness import check_places_not_held
+
+    check_places_not_held(server.http, "/healthz", server.output, read=read)
+    assert server.get("/healthz")[0] == "ok\n"
+    assert "Traceback" not in server.output()
+
+
 def test_an_add_pod_refused_before_its_enrollment_counts_as_invalid(server: Server) -> None:
     """A request with no netns, a relative path or a bad address was refused before the
     enrollment began and was never counted (AddPod and the bulk path alike)."""

@@ -1396,6 +1396,23 @@ def test_its_http_endpoints_keep_at_most_64_connections_and_close_half_requests(
     assert sum(map(int, counts)) == 200, counts
 
 
+@pytest.mark.parametrize("read", [True, False], ids=["kept-open-after-an-answer", "answers-unread"])
+def test_its_http_endpoints_let_connections_not_in_a_request_make_room(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], read: bool
+) -> None:
+    """The node agent's guard: 64 connections that asked once and stayed open, or read none of
+    their answers, no longer keep the readiness probe out."""
+    from tests.harness import check_places_not_held
+
+    z = start_ztunnel()
+    conn = agent.connect_and_hello()
+    assert conn.snapshot() == Ack()
+    wait_until(lambda: z.ready_status() == 200, "ready")
+    check_places_not_held(z.address("readiness"), "/healthz/ready", z.output, read=read)
+    assert z.ready_status() == 200
+    assert "Traceback" not in z.output()
+
+
 def test_the_traffic_of_workloads_that_are_gone_is_pruned_without_a_scrape() -> None:
     """Counters of each workload that ever relayed a connection were pruned only by a /metrics
     scrape: on a ztunnel side nobody scrapes they grew with every pod that ever came."""

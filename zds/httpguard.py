@@ -5,8 +5,12 @@ readiness and metrics endpoints). Imported only where aiohttp is."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -20,8 +24,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class TcpGuard:
     """An HTTP endpoint on TCP anyone on the node can reach, kept from using up the node
-    agent's fds: at most ``max_connections`` open at once (the oldest that has brought no request
-    yet makes room for a new one; if none has, the new one is closed at once), and a
+    agent's fds: at most ``max_connections`` open at once (the oldest not in a request makes room
+    for a new one, cut off at once: one waiting for its first request, or for its next, or for
+    its answer to be read; if every one is in a request, the new one is closed at once), and a
     connection must bring its first request within ``header_timeout`` or is closed (idle
     between requests, aiohttp's keep-alive timeout, the same), and a request's body must
     follow within as long again (else 408, and the connection closed). Each is said in a warning line
@@ -35,6 +40,8 @@ class TcpGuard:
         self.header_timeout = header_timeout
         #: Open connections, with the deadline of their first request (None once it came).
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
+        #: Those in a request (its head in, its handler not yet returned): not cut off for room.
+        self._in_request: set[asyncio.BaseTransport] = set()
         self._refused = Tally(self.WARN_EVERY, log)
         self._dropped = Tally(self.WARN_EVERY, log)
         self._too_slow = Tally(self.WARN_EVERY, log)
@@ -51,10 +58,11 @@ class TcpGuard:
 
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         if len(self._open) >= self.max_connections:
-            # The oldest that has brought no request yet makes room (as on the ZDS and control
-            # sockets): refusing the newest let idle connections, opened again as they were
-            # closed, keep every scrape and probe out.
-            waiting = next((t for t, deadline in self._open.items() if deadline is not None), None)
+            # The oldest not in a request makes room (as on the ZDS and control sockets): refusing
+            # the newest let idle connections, opened again as they were closed, keep every scrape
+            # and probe out, and so did connections kept open after an answer (keep-alive) or
+            # whose answers nobody read (pipelined requests).
+            waiting = next((t for t in self._open if t not in self._in_request), None)
             if waiting is None:
                 transport.close()
                 self._refused.add(
@@ -63,10 +71,10 @@ class TcpGuard:
                 )
                 return False
             self.gone(waiting)
-            waiting.close()
+            cut_off(waiting)
             self._dropped.add(
-                "HTTP: %d connection(s) closed to make room: %d open already, the oldest had brought "
-                "no request",
+                "HTTP: %d connection(s) closed to make room: %d open already, the oldest was not in a "
+                "request",
                 self.max_connections,
             )
         loop = asyncio.get_running_loop()
@@ -79,6 +87,7 @@ class TcpGuard:
             self._too_slow.add("HTTP: %d connection(s) closed: no request within %gs", self.header_timeout)
 
     def gone(self, transport: asyncio.BaseTransport) -> None:
+        self._in_request.discard(transport)
         timer = self._open.pop(transport, None)
         if timer is not None:
             timer.cancel()
@@ -86,9 +95,18 @@ class TcpGuard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
-        if transport is not None and (timer := self._open.get(transport)) is not None:
+        if transport is None or transport not in self._open:
+            return await self._handle(request, handler)
+        if (timer := self._open[transport]) is not None:
             timer.cancel()
             self._open[transport] = None
+        self._in_request.add(transport)
+        try:
+            return await self._handle(request, handler)
+        finally:
+            self._in_request.discard(transport)  # (its answer is aiohttp's to write now)
+
+    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.body_exists:
             # The body within the same time as the request's head (a handler's read had none:
             # a body dribbled a byte a second held its connection for good).
@@ -104,6 +122,17 @@ class TcpGuard:
                 self._bad_body.add("HTTP: %d request(s) closed: body broken off or malformed (%s)", exc)
                 return await answer_and_close(request, 400, "request body broken off or malformed\n")
         return await handler(request)
+
+
+def cut_off(transport: asyncio.BaseTransport) -> None:
+    """Close ``transport`` at once with a reset, what it had to send dropped: a close waits for
+    that to go out (and the kernel goes on trying after the fd is closed), for ever if the peer
+    reads nothing."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cast(asyncio.Transport, transport).abort()  # (a stream's, asyncio's or uvloop's: both have it)
 
 
 async def answer_and_close(request: web.Request, status: int, text: str) -> web.StreamResponse:
