@@ -894,41 +894,49 @@ def check_half_requests_bounded(
             conn.close()
 
 
-def check_places_not_held(address: str, path: str, output: Callable[[], str], *, read: bool) -> None:
+#: How the connections of ``check_places_not_held`` wait, each after what it sent.
+WAYS_OF_WAITING = ("kept-open-after-an-answer", "answers-unread", "body-awaited")
+
+
+def check_places_not_held(address: str, path: str, output: Callable[[], str], *, how: str) -> None:
     """The HTTP endpoint at ``address`` (``output``: its log so far), given 70 connections that
-    each brought requests and now only wait: ``read``, one ``GET path`` whose answer they read
-    (kept open: HTTP/1.1 keep-alive); else 300 ``GET path`` at once, no answer read (a 4 KiB
-    receive buffer). Each new one takes the place of the oldest, cut off at once, and a real
-    request is answered meanwhile (before, such connections held the 64 places, refusing every
-    other: keep-alive's 10 s; ~16 s for unread answers, each again as often as it connected)."""
+    each brought something and now only wait, ``how``: one ``GET path`` whose answer they read
+    (kept open: HTTP/1.1 keep-alive); 300 ``GET path`` at once, no answer read (a 4 KiB receive
+    buffer); a ``POST path`` head whose 100-byte body never comes. Each new one takes the place
+    of the one least recently in a request, cut off at once, and a real request is answered
+    meanwhile (before, such connections held the 64 places, refusing every other: keep-alive's
+    10 s, ~16 s for unread answers, a body's 10 s; again as often as they connected)."""
     host, port = address.rsplit(":", 1)
-    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = {
+        "kept-open-after-an-answer": f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "answers-unread": f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n" * 300,
+        "body-awaited": f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+    }[how].encode()
     held: list[socket.socket] = []
     try:
         for _ in range(70):
             conn = socket.socket()
             held.append(conn)
-            if not read:
+            if how == "answers-unread":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             conn.settimeout(5)
             conn.connect((host, int(port)))
-            if read:
-                conn.sendall(request)
-                head = conn.recv(4096)
-                assert head.startswith(b"HTTP/1.1 200 "), (len(held), head[:100])
-                continue
             conn.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                conn.send(request * 300)
-            # (an answer in: the endpoint is past this connection's first request)
-            wait_until(functools.partial(answer_waiting, conn), "a first answer")
+                conn.send(request)
+            if how != "body-awaited":
+                # (an answer in: the endpoint is past this connection's first request)
+                wait_until(functools.partial(answer_waiting, conn), "a first answer")
+        if how == "body-awaited":
+            time.sleep(0.3)  # (each head read, not a bound: without it a wrong guard may pass)
         with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as answer:
             assert answer.status == 200
-        wait_until(lambda: sum(map(tcp_closed, held)) >= 7, "the 7 oldest cut off")
-        assert not any(map(tcp_closed, held[7:]))  # (the newest kept)
-        assert (
-            "connection(s) closed to make room: 64 open already, the oldest was not in a request" in output()
-        )
+        wait_until(lambda: sum(map(tcp_closed, held)) >= 7, "7 cut off")
+        if how == "answers-unread":  # (which: the order their last answers were written in)
+            assert sum(map(tcp_closed, held)) == 7
+        else:
+            assert not any(map(tcp_closed, held[7:]))  # (the oldest 7 cut off, the newest kept)
+        assert "connection(s) closed to make room: 64 open already, each the one least recently" in output()
     finally:
         for conn in held:
             conn.close()

@@ -24,9 +24,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class TcpGuard:
     """An HTTP endpoint on TCP anyone on the node can reach, kept from using up the node
-    agent's fds: at most ``max_connections`` open at once (the oldest not in a request makes room
-    for a new one, cut off at once: one waiting for its first request, or for its next, or for
-    its answer to be read; if every one is in a request, the new one is closed at once), and a
+    agent's fds: at most ``max_connections`` open at once (the one least recently in a request makes
+    room for a new one, cut off at once: one waiting for its first request, its next, a body, or
+    its answer to be read; if every one is in its handler, the new one is closed at once), and a
     connection must bring its first request within ``header_timeout`` or is closed (idle
     between requests, aiohttp's keep-alive timeout, the same), and a request's body must
     follow within as long again (else 408, and the connection closed). Each is said in a warning line
@@ -38,9 +38,10 @@ class TcpGuard:
     def __init__(self, max_connections: int = 64, header_timeout: float = 10.0) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
-        #: Open connections, with the deadline of their first request (None once it came).
+        #: Open connections, the least recently in a request first, with the deadline of their
+        #: first request (None once it came).
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}
-        #: Those in a request (its head in, its handler not yet returned): not cut off for room.
+        #: Those in a request's handler (its body in, if any): not cut off for room.
         self._in_request: set[asyncio.BaseTransport] = set()
         self._refused = Tally(self.WARN_EVERY, log)
         self._dropped = Tally(self.WARN_EVERY, log)
@@ -58,7 +59,7 @@ class TcpGuard:
 
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         if len(self._open) >= self.max_connections:
-            # The oldest not in a request makes room (as on the ZDS and control sockets): refusing
+            # The least recently in a request makes room (as on the ZDS and control sockets): refusing
             # the newest let idle connections, opened again as they were closed, keep every scrape
             # and probe out, and so did connections kept open after an answer (keep-alive) or
             # whose answers nobody read (pipelined requests).
@@ -73,8 +74,8 @@ class TcpGuard:
             self.gone(waiting)
             cut_off(waiting)
             self._dropped.add(
-                "HTTP: %d connection(s) closed to make room: %d open already, the oldest was not in a "
-                "request",
+                "HTTP: %d connection(s) closed to make room: %d open already, each the one least recently "
+                "in a request",
                 self.max_connections,
             )
         loop = asyncio.get_running_loop()
@@ -96,32 +97,48 @@ class TcpGuard:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
         if transport is None or transport not in self._open:
-            return await self._handle(request, handler)
+            return _nobody_to_answer()  # (cut off to make room between its head and now)
         if (timer := self._open[transport]) is not None:
             timer.cancel()
             self._open[transport] = None
+        if request.body_exists and (refusal := await self._read_body(request)) is not None:
+            return refusal
+        if transport not in self._open:
+            return _nobody_to_answer()  # (cut off to make room while its body came)
+        # In a request from here to the handler's return only: a head whose body does not come
+        # (or comes a byte a second) must not keep its place for the body's 10 s.
         self._in_request.add(transport)
         try:
-            return await self._handle(request, handler)
+            return await handler(request)
         finally:
             self._in_request.discard(transport)  # (its answer is aiohttp's to write now)
+            if transport in self._open:  # (the least recently in a request makes room first)
+                self._open[transport] = self._open.pop(transport)
 
-    async def _handle(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.body_exists:
-            # The body within the same time as the request's head (a handler's read had none:
-            # a body dribbled a byte a second held its connection for good).
-            try:
-                async with asyncio.timeout(self.header_timeout):
-                    await request.read()
-            except TimeoutError:
-                self._slow_body.add(
-                    "HTTP: %d request(s) answered 408: body not in within %gs", self.header_timeout
-                )
-                return await answer_and_close(request, 408, "request body too slow\n")
-            except (HttpProcessingError, ConnectionError, OSError) as exc:  # (a bad chunk, a reset)
-                self._bad_body.add("HTTP: %d request(s) closed: body broken off or malformed (%s)", exc)
-                return await answer_and_close(request, 400, "request body broken off or malformed\n")
-        return await handler(request)
+    async def _read_body(self, request: web.Request) -> web.StreamResponse | None:
+        """The body within the same time as the request's head (a handler's read had none: a
+        body dribbled a byte a second held its connection for good); None once it is in, else
+        the 408 or 400 the request was answered."""
+        try:
+            async with asyncio.timeout(self.header_timeout):
+                await request.read()
+        except TimeoutError:
+            self._slow_body.add(
+                "HTTP: %d request(s) answered 408: body not in within %gs", self.header_timeout
+            )
+            return await answer_and_close(request, 408, "request body too slow\n")
+        except (HttpProcessingError, ConnectionError, OSError, RuntimeError) as exc:
+            # (a bad chunk, a reset; RuntimeError: aiohttp's "Connection closed." once cut off)
+            self._bad_body.add("HTTP: %d request(s) closed: body broken off or malformed (%s)", exc)
+            return await answer_and_close(request, 400, "request body broken off or malformed\n")
+        return None
+
+
+def _nobody_to_answer() -> web.StreamResponse:
+    """The answer to a request whose connection is gone: aiohttp's write of it fails quietly."""
+    response = web.Response(status=503)
+    response.force_close()
+    return response
 
 
 def cut_off(transport: asyncio.BaseTransport) -> None:
