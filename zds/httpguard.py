@@ -95,6 +95,8 @@ class TcpGuard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """For an app served through ``protocol``: a request on a connection it did not admit
+        is taken for one cut off and answered nobody."""
         transport = request.transport
         if transport is None or transport not in self._open:
             return _nobody_to_answer()  # (cut off to make room between its head and now)
@@ -127,8 +129,9 @@ class TcpGuard:
                 "HTTP: %d request(s) answered 408: body not in within %gs", self.header_timeout
             )
             return await answer_and_close(request, 408, "request body too slow\n")
-        except (HttpProcessingError, ConnectionError, OSError, RuntimeError) as exc:
-            # (a bad chunk, a reset; RuntimeError: aiohttp's "Connection closed." once cut off)
+        except (HttpProcessingError, ConnectionError, OSError) as exc:  # (a bad chunk, a reset)
+            if request.transport not in self._open:
+                return _nobody_to_answer()  # (cut off to make room while its body came)
             self._bad_body.add("HTTP: %d request(s) closed: body broken off or malformed (%s)", exc)
             return await answer_and_close(request, 400, "request body broken off or malformed\n")
         return None
