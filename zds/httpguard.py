@@ -130,8 +130,7 @@ class TcpGuard:
             )
             return await answer_and_close(request, 408, "request body too slow\n")
         except (HttpProcessingError, ConnectionError, OSError) as exc:  # (a bad chunk, a reset)
-            if request.transport not in self._open:
-                return _nobody_to_answer()  # (cut off to make room while its body came)
+            # (also one cut off to make room while its body came: gone alike, said alike)
             self._bad_body.add("HTTP: %d request(s) closed: body broken off or malformed (%s)", exc)
             return await answer_and_close(request, 400, "request body broken off or malformed\n")
         return None
