@@ -17,7 +17,15 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import WAYS_OF_WAITING, NodeAgentProc, pod_netns, post_unix, wait_until
+from tests.harness import (
+    WAYS_OF_WAITING,
+    NodeAgentProc,
+    check_half_requests_bounded,
+    check_places_not_held,
+    pod_netns,
+    post_unix,
+    wait_until,
+)
 from tests.standins import Peers, RawPeer
 from zds.gen import nodeagent_pb2
 from zds.server.outcomes import EnrollmentOutcome
@@ -247,8 +255,6 @@ def test_half_requests_are_bounded_and_closed_in_time_and_the_agent_keeps_servin
     (zds pod add then failed): at most 64 are kept, each new one in the place of the oldest
     (a real request is answered meanwhile); those too are closed once they bring no whole
     request within 10 s; the endpoint answers after."""
-    from tests.harness import check_half_requests_bounded
-
     check_half_requests_bounded(
         server.pid, server.http, b"GET /metrics HTTP/1.1\r\nHost: x\r\n", server.output, "/healthz"
     )
@@ -263,8 +269,6 @@ def test_connections_not_in_a_request_make_room(server: Server, how: str) -> Non
     answer, or sent a head and no body held every place (keep-alive's 10 s; ~16 s; the body's
     10 s): anyone on the node could keep /readyz and /metrics from answering, connecting again
     as they were closed."""
-    from tests.harness import check_places_not_held
-
     check_places_not_held(server.http, "/healthz", server.output, how=how)
     assert server.get("/healthz")[0] == "ok\n"
     assert "Traceback" not in server.output()

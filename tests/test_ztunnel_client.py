@@ -37,6 +37,8 @@ from tests.harness import (
     WAYS_OF_WAITING,
     Pod,
     ZtunnelProc,
+    check_half_requests_bounded,
+    check_places_not_held,
     faults_file,
     fd_count,
     file_fd_count,
@@ -1374,8 +1376,6 @@ def test_its_http_endpoints_keep_at_most_64_connections_and_close_half_requests(
     sockets need). At most 64 are kept, each new one in the place of the oldest (a real
     request is answered meanwhile), and those too once they bring no request within 10 s;
     the endpoint answers after."""
-    from tests.harness import check_half_requests_bounded
-
     z = start_ztunnel()
     conn = agent.connect_and_hello()
     assert conn.snapshot() == Ack()
@@ -1403,8 +1403,6 @@ def test_its_http_endpoints_let_connections_not_in_a_request_make_room(
 ) -> None:
     """The node agent's guard: 64 connections that asked once and stayed open, read none of
     their answers, or send no body after a head, no longer keep the readiness probe out."""
-    from tests.harness import check_places_not_held
-
     z = start_ztunnel()
     conn = agent.connect_and_hello()
     assert conn.snapshot() == Ack()
