@@ -17,7 +17,11 @@ UID_MAX_BYTES = 128
 LABEL_MAX = 63
 SUBDOMAIN_MAX = 253
 
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_RE = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+#: Matched whole (``fullmatch``: ``$`` also matches before a last newline, and Go's, which
+#: Kubernetes checks with, does not).
+_LABEL = re.compile(_LABEL_RE)
+_SUBDOMAIN = re.compile(rf"{_LABEL_RE}(?:\.{_LABEL_RE})*")
 
 
 def cut(value: str) -> str:
@@ -42,7 +46,7 @@ def uid_problem(uid: str) -> str | None:
 
 def label_problem(value: str, what: str) -> str | None:
     """``value`` as a DNS-1123 label (a Kubernetes namespace)."""
-    if len(value) > LABEL_MAX or not _LABEL.match(value):
+    if len(value) > LABEL_MAX or not _LABEL.fullmatch(value):
         return (
             f"{what} {shown(value)} is not a DNS-1123 label (lower-case letters, digits and '-', "
             f"starting and ending with a letter or digit, at most {LABEL_MAX} characters)"
@@ -52,7 +56,7 @@ def label_problem(value: str, what: str) -> str | None:
 
 def subdomain_problem(value: str, what: str) -> str | None:
     """``value`` as a DNS-1123 subdomain (a Kubernetes pod or service-account name)."""
-    if len(value) > SUBDOMAIN_MAX or not all(_LABEL.match(part) for part in value.split(".")):
+    if len(value) > SUBDOMAIN_MAX or not _SUBDOMAIN.fullmatch(value):
         return (
             f"{what} {shown(value)} is not a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', "
             f"each part starting and ending with a letter or digit, at most {SUBDOMAIN_MAX} characters)"

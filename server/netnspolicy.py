@@ -34,7 +34,7 @@ from zds.netns.search import NAMED_DIRS
 #: Where named namespaces are, allowed unless ``--netns-root`` adds more.
 DEFAULT_ROOTS = NAMED_DIRS
 
-_PROC_PID_NETNS = re.compile(r"^/proc/[1-9][0-9]*/ns/net$")
+_PROC_PID_NETNS = re.compile(r"/proc/[1-9][0-9]*/ns/net")  # (fullmatch: no last newline either)
 
 
 def named_dirs(policy: NetnsPolicy | None) -> tuple[str, ...]:
@@ -101,7 +101,7 @@ class NetnsPolicy:
 
     def _check_resolved(self, path: str, parent: str) -> None:
         """``check_place`` with ``path``'s directory resolved to ``parent`` (absolute, normal)."""
-        if parent.startswith("/proc/") and _PROC_PID_NETNS.match(f"{parent}/{os.path.basename(path)}"):
+        if parent.startswith("/proc/") and _PROC_PID_NETNS.fullmatch(f"{parent}/{os.path.basename(path)}"):
             if parent == "/proc/1/ns":  # (refused even when it cannot be opened to be compared)
                 raise NetnsRefused(f"netns path {path} is pid 1's: the node is never enrolled as a pod")
             return

@@ -283,6 +283,13 @@ def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: Stand
             4,
             "container id",
         ),
+        (  # (libcni's check, in Go: its $ matches at the very end only)
+            "ADD",
+            {"cniVersion": "1.0.0", "name": "n", "type": "t"},
+            {"CNI_CONTAINERID": "abc\n"},
+            4,
+            "container id",
+        ),
         ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": -1}, {}, 7, "timeout"),
         ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": NaN}', {}, 7, "timeout"),
         ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": 1e999}', {}, 7, "timeout"),

@@ -13,6 +13,7 @@ import pytest
 from tests.harness import NodeAgentProc, pod_netns, post_unix
 from tests.standins import AckingPeer
 from zds.gen import nodeagent_pb2
+from zds.server import names
 
 pytestmark = pytest.mark.root
 
@@ -23,6 +24,8 @@ BAD = [
     ("ü" * 65, "sa", "is 130 bytes, over 128"),  # 65 characters, 130 bytes
     ("u1", "Default_SA", "service account 'Default_SA' is not a DNS-1123 subdomain"),
     ("u1", "sa..x", "service account 'sa..x' is not a DNS-1123 subdomain"),
+    # (a regex's $ matches before a last newline too: Kubernetes' check, in Go, does not)
+    ("u1", "sa\n", "service account 'sa\\n' is not a DNS-1123 subdomain"),
 ]
 
 
@@ -61,6 +64,14 @@ def test_what_kubernetes_refuses_is_400_and_one_warning_on_the_cni_path(
     [line] = [line for line in server.output().splitlines() if text in line]
     assert " warning zds.server.cni: refused CNI add event: " in line
     assert " error " not in server.output() and "Traceback" not in server.output()
+
+
+@pytest.mark.parametrize("field", ["name", "namespace", "service_account"])
+@pytest.mark.parametrize("value", ["web\n", "\nweb", "web\nweb", "web.\n", "web\r"])
+def test_a_name_with_a_line_break_anywhere_is_refused(field: str, value: str) -> None:
+    identity = {"uid": "u1", "name": "web", "namespace": "shop", "service_account": "sa", field: value}
+    problem = names.pod_problem(**identity)
+    assert problem is not None and repr(value) in problem and "\n" not in problem, problem
 
 
 def test_a_uid_that_is_no_name_says_so_when_it_stands_for_the_name(server: NodeAgentProc) -> None:

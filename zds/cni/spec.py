@@ -34,7 +34,8 @@ REQUIRED_ENV: dict[str, tuple[str, ...]] = {
 #: Commands a config older than their spec version may not ask for (libcni's skel refuses
 #: them the same way: code 1, "config version does not allow CHECK").
 SINCE: dict[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
-_CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+#: libcni's rule, matched whole (``fullmatch``: Python's ``$`` also matches before a last newline).
+_CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 
 
 class Code(enum.IntEnum):
@@ -97,7 +98,7 @@ class Invocation:
         if missing:
             raise CniError(Code.INVALID_ENVIRONMENT, f"{command}: {', '.join(missing)} not set")
         container_id = env.get("CNI_CONTAINERID", "")
-        if container_id and not _CONTAINER_ID.match(container_id):
+        if container_id and not _CONTAINER_ID.fullmatch(container_id):
             raise CniError(
                 Code.INVALID_ENVIRONMENT, f"CNI_CONTAINERID {container_id!r} is not a container id"
             )
