@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from zds import defaults
+from zds.cni.spec import is_container_id
 from zds.errors import ZdsError
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server.agent import NodeAgent
@@ -45,8 +46,14 @@ class BadEvent(ZdsError, ValueError):
 
 
 def derived_uid(namespace: str, name: str) -> str:
-    """The uid zds gives a pod the CNI plugin names without one."""
-    return str(uuid.uuid5(DERIVED_UID_NAMESPACE, f"{namespace}/{name}"))
+    """The uid zds gives a pod the CNI plugin names without one; BadEvent for a name that
+    is no text (a lone surrogate: the names' rules would refuse it too)."""
+    try:
+        return str(uuid.uuid5(DERIVED_UID_NAMESPACE, f"{namespace}/{name}"))
+    except UnicodeEncodeError:
+        raise BadEvent(
+            f"PodNamespace {namespace[:80]!r} or PodName {name[:80]!r} is not valid text"
+        ) from None
 
 
 def _field(doc: dict[str, Any], name: str) -> Any:
@@ -125,6 +132,8 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
         if value is not None and not isinstance(value, str):
             raise BadEvent(f"{key} must be a string")
         values[key] = value
+    if values["ContainerID"] and not is_container_id(values["ContainerID"]):
+        raise BadEvent(f"ContainerID {values['ContainerID'][:80]!r} is not a container id")
     ips = _field(doc, "IPs")
     addresses: list[str] = []
     if ips is not None:

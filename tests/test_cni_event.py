@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from zds.server.cni import BadEvent, derived_uid, parse_add_event, parse_del_event
+from zds.server.cni import BadEvent, derived_uid, parse_add_event, parse_del_event, parse_event
 
 #: What Istio's plugin sends: IPConfig{Interface *int; Address net.IPNet; Gateway net.IP},
 #: net.IPNet marshalling IP as text and Mask as base64.
@@ -113,3 +113,23 @@ def test_a_netns_path_with_a_newline_or_an_escape_is_a_bad_event() -> None:
     ):
         with pytest.raises(BadEvent, match=r"^Netns: netns path .* has a character that is not printable$"):
             parse_add_event(body({**GO_BODY, "Netns": netns}))
+
+
+@pytest.mark.parametrize("key", ["PodName", "PodNamespace"])
+def test_a_name_that_is_no_text_is_a_bad_event_when_the_uid_comes_from_it(key: str) -> None:
+    """Without PodUID or ContainerID the uid is derived from the namespace and name: a lone
+    surrogate there (JSON's "\\ud800") raised out of the handler (a traceback and a 500)."""
+    raw = body({**GO_BODY, key: "\ud800"})
+    with pytest.raises(BadEvent, match=r"is not valid text$") as refused:
+        parse_add_event(raw)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("container_id", ["a\nb", "abc\n", "-abc", "a/b", "a b", "\x1b[2J"])
+def test_a_container_id_libcni_would_refuse_is_a_bad_event(container_id: str) -> None:
+    """The same rule as zds-cni's (libcni's): the id went raw into messages and log lines."""
+    with pytest.raises(BadEvent, match=r"^ContainerID .* is not a container id$") as refused:
+        parse_event(body({**GO_BODY, "PodUID": "u1", "ContainerID": container_id}))
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+    spec, container = parse_event(body({**GO_BODY, "PodUID": "u1", "ContainerID": "0123abc_x.y-z"}))
+    assert container == "0123abc_x.y-z" and spec.uid == "u1"

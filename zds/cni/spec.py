@@ -38,6 +38,12 @@ SINCE: dict[str, str] = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
 _CONTAINER_ID = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 
 
+def is_container_id(value: str) -> bool:
+    """Whether ``value`` is a container id as libcni takes one (the node agent's CNI
+    endpoint checks the plugin's ``ContainerID`` so too)."""
+    return _CONTAINER_ID.fullmatch(value) is not None
+
+
 class Code(enum.IntEnum):
     """The spec's well-known error codes; 100 and up are zds-cni's own."""
 
@@ -98,7 +104,7 @@ class Invocation:
         if missing:
             raise CniError(Code.INVALID_ENVIRONMENT, f"{command}: {', '.join(missing)} not set")
         container_id = env.get("CNI_CONTAINERID", "")
-        if container_id and not _CONTAINER_ID.fullmatch(container_id):
+        if container_id and not is_container_id(container_id):
             raise CniError(
                 Code.INVALID_ENVIRONMENT, f"CNI_CONTAINERID {container_id!r} is not a container id"
             )
