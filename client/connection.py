@@ -37,7 +37,7 @@ from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.session import Handover, RecordWork, conn_id_of, log_reconciled
 from zds.client.workloads import WorkloadProxies, workload_log_extra
-from zds.errors import ProtocolError
+from zds.errors import ProtocolError, printable
 from zds.protocol.workloads import (
     CloseConnection,
     Event,
@@ -281,7 +281,7 @@ class ZdsClient:
                 log.info(
                     "scheduling retry of pending workloads in %gs: %s",
                     self.retry_interval,
-                    ", ".join(self.protocol.retryable_uids),
+                    ", ".join(map(printable, self.protocol.retryable_uids)),
                     extra={"conn": self._conn_id},
                 )
         return max(0.0, self._retry_at - loop.time())

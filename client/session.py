@@ -40,6 +40,7 @@ from zds.client.workloads import (
     out_of_fds,
     workload_log_extra,
 )
+from zds.errors import printable
 from zds.protocol.messages import request_kind
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 from zds.protocol.workloads import (
@@ -94,7 +95,7 @@ def log_reconciled(protocol: ZtunnelProtocol, event: SnapshotReconciled, conn_id
         "snapshot reconciled: %d workload(s) held, %d dropped%s",
         len(protocol.workloads),
         len(removed),
-        f" ({', '.join(removed)})" if removed else "",
+        f" ({', '.join(map(printable, removed))})" if removed else "",
         extra={"conn": conn_id},
     )
 

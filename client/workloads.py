@@ -50,7 +50,7 @@ from zds.client.inpod import (
     dns_port_error,
 )
 from zds.client.metrics import ZtunnelMetrics
-from zds.errors import ZdsError
+from zds.errors import ZdsError, printable
 from zds.netns import (
     NetnsError,
     NetnsHandle,
@@ -228,7 +228,7 @@ class WorkloadProxies:
     def _refuse_own_netns(self, uid: str, identity: NetnsIdentity) -> None:
         if identity == self._own_netns and not self.settings.allow_own_netns:
             raise ProxyStartError(
-                f"the netns fd of {uid} is ztunnel's own network namespace ({identity}): serving it would "
+                f"the netns fd of {printable(uid)} is ztunnel's own network namespace ({identity}): serving it would "
                 "listen on the node; refusing (zds ztunnel --allow-own-netns serves it anyway)"
             )
 
@@ -245,9 +245,9 @@ class WorkloadProxies:
             self.stop(uid, "replaced")
         fd = workload.netns_fd
         if fd is None:
-            raise ProxyStartError(f"the netns fd of {uid} is gone")
+            raise ProxyStartError(f"the netns fd of {printable(uid)} is gone")
         try:
-            validate_netns_fd(fd, f"the netns fd of {uid}")
+            validate_netns_fd(fd, f"the netns fd of {printable(uid)}")
             self._refuse_own_netns(uid, netns_identity(fd))
         except NetnsError as exc:
             raise ProxyStartError(str(exc)) from exc

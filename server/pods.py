@@ -180,7 +180,8 @@ class PodSpec(_PodSpecFields):
         if size > defaults.MAX_MESSAGE_SIZE:
             # Istio's agent sends it anyway and ztunnel rejects it as truncated; refuse it here instead.
             raise PodSpecError(
-                f"pod {names.cut(self.uid)}: its AddWorkload would be {size} bytes, over ztunnel's "
+                f"pod {names.cut(self.uid) if self.uid.isprintable() else names.shown(self.uid)}: "
+                f"its AddWorkload would be {size} bytes, over ztunnel's "
                 f"{defaults.MAX_MESSAGE_SIZE}-byte receive buffer; shorten its uid, name, namespace "
                 "or service account"
             )

@@ -13,7 +13,9 @@ import pytest
 from tests.harness import NodeAgentProc, pod_netns, post_unix
 from tests.standins import AckingPeer
 from zds.gen import nodeagent_pb2
+from zds.netns import NetnsRef
 from zds.server import names
+from zds.server.pods import PodSpec, PodSpecError
 
 pytestmark = pytest.mark.root
 
@@ -72,6 +74,19 @@ def test_a_name_with_a_line_break_anywhere_is_refused(field: str, value: str) ->
     identity = {"uid": "u1", "name": "web", "namespace": "shop", "service_account": "sa", field: value}
     problem = names.pod_problem(**identity)
     assert problem is not None and repr(value) in problem and "\n" not in problem, problem
+
+
+def test_a_uid_with_a_line_break_is_said_escaped_when_its_addworkload_is_too_long() -> None:
+    """That refusal comes before the names' rules: it put the uid in as it was (a forged log
+    line where the CNI path logs it)."""
+    spec = PodSpec.create(
+        "x\n2026-12-04T00:00:00.000Z error forged", NetnsRef.of_path(pod_netns()), name="n" * 1100
+    )
+    with pytest.raises(
+        PodSpecError, match=r"^pod 'x\\n2026-.*: its AddWorkload would be \d+ bytes"
+    ) as refused:
+        spec.validate()
+    assert "\n" not in str(refused.value)
 
 
 def test_a_uid_that_is_no_name_says_so_when_it_stands_for_the_name(server: NodeAgentProc) -> None:

@@ -866,6 +866,28 @@ def test_no_listeners_mode_acks_checks_the_netns_and_opens_nothing(
     assert z.stop() == 0
 
 
+def test_a_uid_with_a_line_break_is_escaped_in_the_nack_and_every_log_line(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
+) -> None:
+    """A peer's uid went as it was into the nack's text and the proxy's and the retry's log
+    lines (the structured fields were quoted, the messages not): a forged log line."""
+    z = start_ztunnel("--no-listeners", "--retry-interval", "1")
+    conn = agent.connect_and_hello()
+    uid = "x\n2026-12-04T00:00:00.000Z error forged"
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        nack = conn.request(AddWorkload(uid=uid, info=INFO), [fd])
+    finally:
+        os.close(fd)
+    shown = "x\\n2026-12-04T00:00:00.000Z error forged"
+    assert nack.error == f"failure to start proxy : the netns fd of {shown} is not a network namespace"
+    assert conn.snapshot() == Ack()
+    z.wait_for_output(f"scheduling retry of pending workloads in 1s: {shown}")
+    z.wait_for_output(f"failed to start proxy: the netns fd of {shown} is not")
+    assert not [line for line in z.output().splitlines() if line.startswith("2026-12-04T00:00:00.000Z")]
+    assert z.stop() == 0
+
+
 def test_http_listen_flags_are_checked(tmp_path: Any) -> None:
     cmd = [sys.executable, "-m", "zds", "ztunnel", "--zds-socket", str(tmp_path / "x.sock"), "--no-listeners"]
     bad = subprocess.run([*cmd, "--admin-listen", "127.0.0.1"], capture_output=True, text=True, timeout=60)
