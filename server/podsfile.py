@@ -53,8 +53,9 @@ def _spec(entry: Any) -> PodSpec:
 
 
 def _text(field: str, value: Any) -> str:
-    """A text field's value ('' for null); a number is taken as its digits (YAML reads an
-    unquoted 12345 as one), anything else refused: a list had become the path "['a']"."""
+    """A text field's value ('' for null); a number is taken as its digits (JSON's 12345; YAML's
+    unquoted integers are read as the text they were written as), anything else refused: a
+    list had become the path "['a']"."""
     if type(value) is str:
         return value
     if value is None:
@@ -115,7 +116,7 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
             entries.append((entry, n))
     else:
         try:
-            doc = yaml_list(text, path, key="pods", what="pod", empty_ok=True)
+            doc = yaml_list(text, path, key="pods", what="pod", empty_ok=True, ints_as_written=True)
         except EntryFileError as exc:
             raise PodSpecError(str(exc)) from exc
         entries = [(entry, number) for number, entry in enumerate(doc, 1)]

@@ -103,6 +103,18 @@ def test_yaml_entries_are_named_by_their_position() -> None:
         parse_pods("- {uid: u1, netns: pid:7}\n- just a string\n", "pods.yaml")
 
 
+@pytest.mark.parametrize("written", ["0123", "1_000", "0x1f", "1:30", "0o17", "+12", "0b101"])
+def test_an_unquoted_yaml_integer_is_the_text_it_was_written_as(written: str) -> None:
+    """YAML 1.1 reads these as 83, 1000, 31, 90, ...: the pod was enrolled under a uid, name
+    or namespace that was never written. JSON's integers are written only one way."""
+    [spec] = parse_pods(
+        f"- {{uid: {written}, name: {written}, namespace: {written}, netns: b}}\n", "pods.yaml"
+    )
+    assert (spec.uid, spec.name, spec.namespace) == (written, written, written)
+    [spec] = parse_pods('{"uid": 83, "netns": "b"}\n', "pods.jsonl")
+    assert spec.uid == "83"
+
+
 def test_yaml_that_does_not_parse_is_said_in_one_line_with_where() -> None:
     """PyYAML's own text is four or five lines (the line quoted, a caret under it)."""
     with pytest.raises(PodSpecError) as refused:

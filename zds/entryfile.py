@@ -6,6 +6,7 @@ message about it; whatever is wrong with the file itself is one line (EntryFileE
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import stat
@@ -96,13 +97,17 @@ def _json_line(line: str, where: str) -> Any:
         raise EntryFileError(f"{where}: JSON that cannot be read: {exc}") from exc
 
 
-def yaml_list(text: str, path: str, *, key: str, what: str, empty_ok: bool = False) -> list[Any]:
+def yaml_list(
+    text: str, path: str, *, key: str, what: str, empty_ok: bool = False, ints_as_written: bool = False
+) -> list[Any]:
     """The list a YAML file holds (itself, or under ``key``); EntryFileError naming ``path``
-    otherwise (``empty_ok``: an empty file is an empty list)."""
+    otherwise (``empty_ok``: an empty file is an empty list). ``ints_as_written``: an
+    unquoted integer is kept as the text it was written as (YAML 1.1 reads ``0123`` as 83,
+    ``1_000`` as 1000, ``1:30`` as 90: a name of digits became another)."""
     import yaml  # only YAML files need it (~10 ms of imports)
 
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_loader(ints_as_written))  # (a safe loader, always)
     except yaml.YAMLError as exc:
         raise EntryFileError(f"{path}: neither JSON lines nor valid YAML: {_yaml_problem(exc)}") from exc
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
@@ -115,3 +120,21 @@ def yaml_list(text: str, path: str, *, key: str, what: str, empty_ok: bool = Fal
     if not isinstance(doc, list):
         raise EntryFileError(f"{path}: expected a list of {what}s (or {key}: holding one)")
     return doc
+
+
+@functools.cache
+def _loader(ints_as_written: bool) -> Any:
+    """PyYAML's safe loader, or one of its kind that keeps integers as they were written."""
+    import yaml
+
+    if not ints_as_written:
+        return yaml.SafeLoader
+
+    class IntsAsWritten(yaml.SafeLoader):
+        pass
+
+    def as_written(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+        return str(loader.construct_scalar(node))
+
+    IntsAsWritten.add_constructor("tag:yaml.org,2002:int", as_written)
+    return IntsAsWritten
