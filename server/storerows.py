@@ -98,6 +98,10 @@ def values(pod: StoredPod) -> tuple[object, ...]:
     )
 
 
+#: The last second a ``google.protobuf.Timestamp`` holds (9999-12-31T23:59:59Z).
+LATEST_TIME = 253_402_300_799
+
+
 def _check_row(uid: object, *values: object) -> None:
     """TypeError/ValueError unless a row's columns hold what zds writes there (the text columns
     text, the numbers numbers, removing 0 or 1): a row written behind zds's back is refused
@@ -116,6 +120,8 @@ def _check_row(uid: object, *values: object) -> None:
         raise ValueError(f"removing is {removing!r}, not 0 or 1")
     if not isinstance(enrolled_at, int | float):
         raise TypeError(f"enrolled_at is {type(enrolled_at).__name__}, not a number")
+    if not 0 <= enrolled_at <= LATEST_TIME:  # (NaN too; protobuf's Timestamp ends with 9999)
+        raise ValueError(f"enrolled_at is {enrolled_at!r}, not a time from 1970 to 9999")
 
 
 #: What ``PodStore.probe`` writes: a row of the largest size a pod's can have (each name at Kubernetes'

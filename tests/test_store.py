@@ -417,6 +417,13 @@ async def test_a_group_commit_that_fails_unexpectedly_leaves_no_caller_waiting(s
         ("uid = NULL", "the row of pod None is damaged (its uid is not a non-empty text)"),
         ("name = x'00ff'", "the row of pod 'u1' is damaged (name is bytes, not text)"),
         ("enrolled_at = 'x'", "the row of pod 'u1' is damaged (enrolled_at is str, not a number)"),
+        # (these broke every ListPods and Watch later: a Timestamp cannot hold them)
+        ("enrolled_at = 1e12", "the row of pod 'u1' is damaged (enrolled_at is 1000000000000.0, not a time"),
+        ("enrolled_at = 9e999", "the row of pod 'u1' is damaged (enrolled_at is inf, not a time from 1970"),
+        (
+            "enrolled_at = -1",
+            "the row of pod 'u1' is damaged (enrolled_at is -1.0, not a time from 1970 to 9999)",
+        ),
         ("removing = 'no'", "the row of pod 'u1' is damaged (removing is 'no', not 0 or 1)"),
         ("ips = '\"ab\"'", "the row of pod 'u1' is damaged (ips is not a list of addresses)"),
         ("netns_ino = -1", "the row of pod 'u1' is damaged (netns_ino is -1, not a number)"),
