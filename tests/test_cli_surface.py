@@ -203,6 +203,21 @@ def test_a_port_is_ascii_digits_from_1_to_65535() -> None:
         assert err.getvalue().strip().endswith(f"argument --dns-port: {bad!r} is not a TCP port (1-65535)")
 
 
+@pytest.mark.parametrize("parent", ["\u00b2", "\u0661\u0662", " 1", "x"])
+def test_a_parent_pid_that_is_no_pid_is_not_followed(parent: str) -> None:
+    """ZDS_PARENT_PID (set by ``zds demo`` for its children) of a digit int() cannot read
+    ("²") was a traceback from every command; one it reads as another number ("١٢": 12)
+    was followed."""
+    done = subprocess.run(
+        [*ZDS, "netns", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ZDS_PARENT_PID": parent},
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_an_empty_uid_is_called_empty_not_missing() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "zds", "pod", "add", "--uid", "", "--netns", "x"],

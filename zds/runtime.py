@@ -104,7 +104,7 @@ def follow_parent() -> None:
     cannot pass on): else its node agent and ztunnel side served on, with their namespaces
     and rules, until someone found them. A parent already gone: SIGTERM now."""
     parent = os.environ.pop(PARENT_PID_ENV, "")
-    if not parent.isdigit():
+    if not (parent.isascii() and parent.isdigit()):  # ("²" is a digit int() cannot read)
         return
     import ctypes
 
