@@ -11,6 +11,7 @@ from typing import Any
 
 from zds.entryfile import EntryFileError, read_bounded, yaml_list
 from zds.netns import NetnsRef, NetnsRefError
+from zds.server import names
 from zds.server.pods import PodSource, PodSpec, PodSpecError, check_ips
 
 FIELDS = ("uid", "name", "namespace", "service_account", "netns", "ips")
@@ -30,19 +31,20 @@ def _spec(entry: Any) -> PodSpec:
         unknown = sorted(str(key) for key in entry.keys() - _KNOWN)
         raise PodSpecError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(FIELDS)}")
     get = entry.get
-    uid, netns_text = get("uid"), get("netns")
+    # (as text first: 0 is the uid "0" in JSON as in YAML)
+    uid, netns_text = _text("uid", get("uid")), _text("netns", get("netns"))
     if not uid or not netns_text:
-        missing = [f for f in ("uid", "netns") if not get(f)]
+        missing = [field for field, value in (("uid", uid), ("netns", netns_text)) if not value]
         raise PodSpecError(f"missing {', '.join(missing)}")
     try:
-        netns = NetnsRef.parse(_text("netns", netns_text))
+        netns = NetnsRef.parse(netns_text)
     except NetnsRefError as exc:
         raise PodSpecError(str(exc)) from exc
     ips = get("ips") or []
     if not isinstance(ips, list):
         raise PodSpecError("ips must be a list of addresses")
     return PodSpec.create(
-        _text("uid", uid),
+        uid,
         netns,
         name=_text("name", get("name")),
         namespace=_text("namespace", get("namespace")),
@@ -131,7 +133,7 @@ def parse_pods(text: str, path: str) -> list[PodSpec]:
             raise PodSpecError(f"{where.format(number)}: {exc}") from exc
         if (first := seen.get(spec.uid)) is not None:
             raise PodSpecError(
-                f"{where.format(number)}: uid {spec.uid} appears twice (first at {unit} {first})"
+                f"{where.format(number)}: uid {names.shown(spec.uid)} appears twice (first at {unit} {first})"
             )
         seen[spec.uid] = number
         specs.append(spec)

@@ -68,6 +68,15 @@ def test_what_kubernetes_refuses_is_400_and_one_warning_on_the_cni_path(
     assert " error " not in server.output() and "Traceback" not in server.output()
 
 
+def test_a_container_id_libcni_would_refuse_is_400_on_the_cni_path(server: NodeAgentProc) -> None:
+    body = {"Netns": pod_netns(), "PodName": "web", "PodNamespace": "shop", "PodUID": "u1"}
+    status, answer = post_unix(
+        server.cni_socket, "/cmdadd", json.dumps({**body, "ContainerID": "c1\nforged"}).encode()
+    )
+    assert status == 400 and "ContainerID 'c1\\nforged' is not a container id" in answer, answer
+    assert server.list_pods() == []
+
+
 @pytest.mark.parametrize("field", ["name", "namespace", "service_account"])
 @pytest.mark.parametrize("value", ["web\n", "\nweb", "web\nweb", "web.\n", "web\r"])
 def test_a_name_with_a_line_break_anywhere_is_refused(field: str, value: str) -> None:

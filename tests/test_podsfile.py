@@ -87,7 +87,7 @@ def test_a_bad_entry_is_refused_naming_the_file_its_line_and_what_is_wrong(
 def test_a_line_that_is_not_json_and_a_uid_given_twice_are_refused() -> None:
     with pytest.raises(PodSpecError, match=r"^pods.jsonl:2: not valid JSON: Extra data$"):
         parse_pods('{"uid": "a", "netns": "x"}\n{"uid": "b", "netns": "y"} {}\n', "pods.jsonl")
-    with pytest.raises(PodSpecError, match=r"^pods.jsonl:2: uid a appears twice \(first at line 1\)$"):
+    with pytest.raises(PodSpecError, match=r"^pods.jsonl:2: uid 'a' appears twice \(first at line 1\)$"):
         parse_pods(lines({"uid": "a", "netns": "x"}, {"uid": "a", "netns": "y"}), "pods.jsonl")
 
 
@@ -103,7 +103,7 @@ def test_yaml_entries_are_named_by_their_position() -> None:
         parse_pods("- {uid: u1, netns: pid:7}\n- just a string\n", "pods.yaml")
 
 
-@pytest.mark.parametrize("written", ["0123", "1_000", "0x1f", "1:30", "0o17", "+12", "0b101"])
+@pytest.mark.parametrize("written", ["0123", "1_000", "0x1f", "1:30", "+12", "0b101", "-0"])
 def test_an_unquoted_yaml_integer_is_the_text_it_was_written_as(written: str) -> None:
     """YAML 1.1 reads these as 83, 1000, 31, 90, ...: the pod was enrolled under a uid, name
     or namespace that was never written. JSON's integers are written only one way."""
@@ -113,6 +113,15 @@ def test_an_unquoted_yaml_integer_is_the_text_it_was_written_as(written: str) ->
     assert (spec.uid, spec.name, spec.namespace) == (written, written, written)
     [spec] = parse_pods('{"uid": 83, "netns": "b"}\n', "pods.jsonl")
     assert spec.uid == "83"
+
+
+def test_zero_is_a_uid_in_json_lines_as_in_yaml() -> None:
+    """It was "missing uid" in JSON lines (0 is falsy) and the uid "0" in YAML."""
+    for text, path in (('{"uid": 0, "netns": 0}\n', "pods.jsonl"), ("- {uid: 0, netns: 0}\n", "pods.yaml")):
+        [spec] = parse_pods(text, path)
+        assert (spec.uid, spec.netns) == ("0", NetnsRef.of_path("/var/run/netns/0")), path
+    with pytest.raises(PodSpecError, match=r"^pods.jsonl:1: missing uid$"):
+        parse_pods('{"uid": "", "netns": "b"}\n', "pods.jsonl")
 
 
 def test_yaml_that_does_not_parse_is_said_in_one_line_with_where() -> None:

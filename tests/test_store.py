@@ -417,7 +417,8 @@ async def test_a_group_commit_that_fails_unexpectedly_leaves_no_caller_waiting(s
         ("uid = NULL", "the row of pod None is damaged (its uid is not a non-empty text)"),
         ("name = x'00ff'", "the row of pod 'u1' is damaged (name is bytes, not text)"),
         ("enrolled_at = 'x'", "the row of pod 'u1' is damaged (enrolled_at is str, not a number)"),
-        # (these broke every ListPods and Watch later: a Timestamp cannot hold them)
+        # (the first two broke every ListPods and Watch later: a Timestamp cannot hold them;
+        # before 1970 is no time zds writes)
         ("enrolled_at = 1e12", "the row of pod 'u1' is damaged (enrolled_at is 1000000000000.0, not a time"),
         ("enrolled_at = 9e999", "the row of pod 'u1' is damaged (enrolled_at is inf, not a time from 1970"),
         (

@@ -97,6 +97,8 @@ def ensure_std_fds() -> None:
 
 #: Set by a parent (``zds demo``) for its children: its pid, which they end with.
 PARENT_PID_ENV = "ZDS_PARENT_PID"
+#: The largest pid Linux gives (2**22, include/linux/threads.h).
+PID_MAX_LIMIT = 4_194_304
 
 
 def follow_parent() -> None:
@@ -104,7 +106,8 @@ def follow_parent() -> None:
     cannot pass on): else its node agent and ztunnel side served on, with their namespaces
     and rules, until someone found them. A parent already gone: SIGTERM now."""
     parent = os.environ.pop(PARENT_PID_ENV, "")
-    if not (parent.isascii() and parent.isdigit()):  # ("²" is a digit int() cannot read)
+    # ("²" is a digit int() cannot read; past Linux's PID_MAX_LIMIT os.kill overflows)
+    if not (parent.isascii() and parent.isdigit() and 0 < int(parent) <= PID_MAX_LIMIT):
         return
     import ctypes
 
