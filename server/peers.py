@@ -1,10 +1,11 @@
 """Who may talk to the node agent over its unix sockets: ``SO_PEERCRED`` against an allow-list.
 
 The ZDS socket (ztunnel), the control socket (``zds pod``, grpcurl) and the CNI plugin
-socket each check the kernel's word on who connected: the peer's uid, gid and pid,
-which it cannot fake. Allowed by default: root and the node agent's own uid; ``--allow-uid``
-and ``--allow-gid`` add more (and ``--socket-group`` allows that group). A refused peer
-is logged once per process — pid, uid, gid and executable — and closed.
+socket each check the kernel's word on who connected: the peer's uid, gid, supplementary
+groups (``SO_PEERGROUPS``) and pid, which it cannot fake. Allowed by default: root and the
+node agent's own uid; ``--allow-uid`` and ``--allow-gid`` add more (and ``--socket-group``
+allows that group, a peer's primary or supplementary one). A refused peer is logged once per
+process — pid, uid, gid and executable — and closed.
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ class AllowList:
         return cls(uids=frozenset({0, os.geteuid(), *uids}), gids=frozenset(gids))
 
     def allows(self, peer: PeerCredentials | None) -> bool:
-        return peer is not None and (peer.uid in self.uids or peer.gid in self.gids)
+        """A gid allowed lets in a peer of that primary group or with it among its
+        supplementary ones (``usermod -aG``, a pod's ``supplementalGroups``: the socket
+        file's group lets those connect too)."""
+        return peer is not None and (
+            peer.uid in self.uids or peer.gid in self.gids or not self.gids.isdisjoint(peer.groups)
+        )
 
     def describe(self) -> str:
         parts = [f"uid {', '.join(map(str, sorted(self.uids)))}"]

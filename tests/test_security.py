@@ -56,13 +56,15 @@ AS_OTHER_USER = textwrap.dedent(
 )
 
 
-def as_user(uid: int, path: str, kind: str, data: bytes, *, gid: int | None = None) -> str:
+def as_user(
+    uid: int, path: str, kind: str, data: bytes, *, gid: int | None = None, groups: tuple[int, ...] = ()
+) -> str:
     done = subprocess.run(
         [
             "setpriv",
             f"--reuid={uid}",
             f"--regid={gid if gid is not None else uid}",
-            "--clear-groups",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups",
             "/usr/bin/python3",
             "-c",
             AS_OTHER_USER,
@@ -160,6 +162,15 @@ def test_socket_group_gives_the_sockets_to_a_group_and_lets_it_in(public_dir: Pa
             assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", group)
         reachable(server, mode=0)
         assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO, gid=group) == "answer:1a00"
+        # As a supplementary group too (usermod -aG, a pod's supplementalGroups): the file let
+        # that user connect, and the node agent turned it away, knowing its primary gid only.
+        for path, kind, data in (
+            (server.zds_socket, "seqpacket", HELLO),
+            (server.cni_socket, "stream", HTTP),
+        ):
+            answer = as_user(NOBODY, path, kind, data, groups=(77, group))
+            assert answer.startswith("answer:") and answer != "answer:", (path, answer)
+        assert "refused a connection" not in server.output()
         # Without the group, the file's mode already keeps that user out.
         assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "error:Permission denied"
     finally:

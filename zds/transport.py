@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -24,22 +25,42 @@ from zds.values import frozen
 
 @frozen
 class PeerCredentials(NamedTuple):
-    """``SO_PEERCRED`` of a unix socket peer."""
+    """``SO_PEERCRED`` of a unix socket peer, and its supplementary groups (``SO_PEERGROUPS``)."""
 
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
+
+
+#: asm-generic/socket.h (Linux >= 4.13; not in Python 3.11's socket module).
+SO_PEERGROUPS = 59
+#: Room for this many groups at first; more (up to NGROUPS_MAX, 65,536) is asked again.
+_GROUPS_FIRST = 64
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
     """``SO_PEERCRED`` of a connected unix socket: who is at the other end, in the kernel's
-    words (None if it cannot say)."""
+    words (None if it cannot say), with the groups it was in when it connected (none where the
+    kernel cannot say)."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return None
     pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCredentials(pid=pid, uid=uid, gid=gid)
+    return PeerCredentials(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    for room in (_GROUPS_FIRST, 65_536):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * room)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue  # (more groups than room)
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return ()
 
 
 class SeqpacketConnection:
