@@ -132,3 +132,16 @@ def test_fields_the_schema_lacks_are_skipped_as_prost_skips_them() -> None:
 def test_response_without_ack_is_refused() -> None:
     with pytest.raises(NoPayload, match="no ack"):
         decode_ack(b"")
+
+
+@pytest.mark.parametrize("error", ["e" * 1018, "e" * 1019, "\\x7f" * 300, "é" * 600, "€" * 5000])
+def test_a_nack_is_cut_to_fit_the_record_a_node_agent_reads_it_into(error: str) -> None:
+    """A node agent reads an ack into 1,024 bytes (Istio's and zds's): a longer one was a
+    truncated message there and the connection lost, again on the next connection."""
+    data = encode_ack(Ack(error))
+    assert len(data) <= 1024
+    said = decode_ack(data).error
+    if len(error.encode()) <= 1018:
+        assert said == error
+    else:
+        assert said.endswith("...") and error.startswith(said.removesuffix("...")) and len(data) >= 1021

@@ -888,6 +888,27 @@ def test_a_uid_with_a_line_break_is_escaped_in_the_nack_and_every_log_line(
     assert z.stop() == 0
 
 
+def test_a_nack_that_says_a_long_uid_fits_the_record_a_node_agent_reads(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
+) -> None:
+    """A 317-byte Add whose uid is 300 DELs (each said as its 4-character escape) was nacked
+    in 1,274 bytes: a truncated message for a node agent reading 1,024 (Istio's ended the
+    connection, and the snapshot sent the same Add again)."""
+    z = start_ztunnel("--no-listeners")
+    conn = agent.connect_and_hello()
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        conn.send(encode_request(AddWorkload(uid="\x7f" * 300, info=INFO)), [fd])
+    finally:
+        os.close(fd)
+    reply = conn.recv()
+    assert 1000 < len(reply) <= 1024, len(reply)
+    error = decode_ack(reply).error
+    assert error.startswith("failure to start proxy : the netns fd of \\x7f") and error.endswith("..."), error
+    assert conn.snapshot() == Ack()  # the connection goes on
+    assert z.stop() == 0
+
+
 def test_http_listen_flags_are_checked(tmp_path: Any) -> None:
     cmd = [sys.executable, "-m", "zds", "ztunnel", "--zds-socket", str(tmp_path / "x.sock"), "--no-listeners"]
     bad = subprocess.run([*cmd, "--admin-listen", "127.0.0.1"], capture_output=True, text=True, timeout=60)

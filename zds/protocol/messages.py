@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 
 from google.protobuf.message import DecodeError, Message
 
+from zds import defaults
 from zds.errors import CodecError, NoPayload
 from zds.gen import zds_pb2
 from zds.values import frozen
@@ -199,10 +200,24 @@ _CLEAN = Ack()
 
 
 def encode_ack(ack: Ack) -> bytes:
-    """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack: every pod's, written once)."""
+    """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack: every pod's, written once).
+    An error text too long for the reader's 1,024-byte record is cut to fit, ``...`` at its
+    end: a node agent reads an ack into that much (Istio's and zds's), and one longer was a
+    truncated message there, the connection lost, and the same nack again on the next."""
     if not ack.error:
         return CLEAN_ACK
-    return bytes(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=ack.error)).SerializeToString())
+    data = _ack_bytes(ack.error)
+    if len(data) > defaults.MAX_MESSAGE_SIZE:
+        room = defaults.MAX_MESSAGE_SIZE - (len(data) - len(ack.error.encode())) - len(_CUT_MARK)
+        data = _ack_bytes(ack.error.encode()[:room].decode(errors="ignore") + _CUT_MARK)
+    return data
+
+
+_CUT_MARK = "..."
+
+
+def _ack_bytes(error: str) -> bytes:
+    return bytes(zds_pb2.WorkloadResponse(ack=zds_pb2.Ack(error=error)).SerializeToString())
 
 
 def decode_ack(payload: bytes) -> Ack:
