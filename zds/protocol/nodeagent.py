@@ -18,6 +18,7 @@ it answers with events. It knows the rules Istio's node agent follows:
 from __future__ import annotations
 
 import enum
+import socket
 from dataclasses import dataclass
 
 from zds import defaults
@@ -119,14 +120,18 @@ class NodeAgentProtocol:
         self._last_activity = now
         if eof:
             return self._close("ztunnel closed the connection", peer_gone=True)
-        if record.truncated:
+        if record.flags & socket.MSG_TRUNC:
             return self._close(
                 f"record from ztunnel exceeds {defaults.MAX_MESSAGE_SIZE} bytes", peer_error=True
             )
-        if fd_count:
-            return self._close(
-                f"ztunnel sent {fd_count} file descriptor(s); it never should", peer_error=True
+        if fd_count or record.flags & socket.MSG_CTRUNC:
+            # (MSG_CTRUNC: more fds than the read had room for; those that came are closed above)
+            said = (
+                "file descriptors, more than a record is read with"
+                if record.flags & socket.MSG_CTRUNC
+                else f"{fd_count} file descriptor(s)"
             )
+            return self._close(f"ztunnel sent {said}; it never should", peer_error=True)
         if self.state is ConnectionState.AWAITING_HELLO:
             return self._receive_hello(record.payload)
         if self.in_flight is None:
