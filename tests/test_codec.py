@@ -145,3 +145,5 @@ def test_a_nack_is_cut_to_fit_the_record_a_node_agent_reads_it_into(error: str) 
         assert said == error
     else:
         assert said.endswith("...") and error.startswith(said.removesuffix("...")) and len(data) >= 1021
+    # Whole, for `zds check ztunnel` to compare with what another ztunnel sent (upstream's is never cut).
+    assert decode_ack(encode_ack(Ack(error), whole=True)).error == error

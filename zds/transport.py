@@ -33,10 +33,13 @@ class PeerCredentials(NamedTuple):
     groups: tuple[int, ...] = ()
 
 
-#: asm-generic/socket.h (Linux >= 4.13; not in Python 3.11's socket module).
-SO_PEERGROUPS = 59
-#: Room for this many groups at first; more (up to NGROUPS_MAX, 65,536) is asked again.
-_GROUPS_FIRST = 64
+#: SO_PEERGROUPS (Linux >= 4.13; not in Python 3.11's socket module): asm-generic/socket.h's,
+#: but sparc's and parisc's own (on sparc 59 is another option).
+SO_PEERGROUPS = {"sparc": 0x3D, "parisc": 0x4034}.get(os.uname().machine.rstrip("0123456789"), 59)
+#: The largest buffer Python's getsockopt takes (1024 bytes: 256 groups); a peer in more is
+#: asked through libc with room for NGROUPS_MAX.
+_GROUPS_AT_ONCE = 256
+_NGROUPS_MAX = 65_536
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
@@ -52,15 +55,25 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
 
 
 def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    for room in (_GROUPS_FIRST, 65_536):
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * room)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                continue  # (more groups than room)
-            return ()
-        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
-    return ()
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _GROUPS_AT_ONCE)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            return ()  # (a kernel without the option)
+        raw = _many_peer_groups(sock.fileno())
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+
+
+def _many_peer_groups(fd: int) -> bytes:
+    """SO_PEERGROUPS of a peer in more groups than Python's getsockopt has room for."""
+    import ctypes
+
+    size = ctypes.c_uint32(4 * _NGROUPS_MAX)
+    buffer = ctypes.create_string_buffer(size.value)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, SO_PEERGROUPS, buffer, ctypes.byref(size)) != 0:
+        return b""
+    return buffer.raw[: size.value]
 
 
 class SeqpacketConnection:

@@ -121,14 +121,14 @@ class ZtConn:
                 "replies-canonical",
                 Finding(f"the answer is not a WorkloadResponse{{ack}}: {exc}", where, received=payload),
             )
-        if ack is not None and (encode_ack(ack) != payload or fds):
+        if ack is not None and (encode_ack(ack, whole=True) != payload or fds):
             report(
                 "replies-canonical",
                 Finding(
                     f"the answer is not canonical{_fds(fds)}",
                     where,
                     received=payload,
-                    detail=[f"canonical: {encode_ack(ack).hex(' ')}"],
+                    detail=[f"canonical: {encode_ack(ack, whole=True).hex(' ')}"],
                 ),
             )
         self.replies.put_nowait(Reply(payload, ack, now))

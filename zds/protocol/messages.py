@@ -199,15 +199,16 @@ CLEAN_ACK = b"\n\x00"
 _CLEAN = Ack()
 
 
-def encode_ack(ack: Ack) -> bytes:
+def encode_ack(ack: Ack, *, whole: bool = False) -> bytes:
     """``WorkloadResponse{ack}`` bytes (``0a 00`` for a clean ack: every pod's, written once).
     An error text too long for the reader's 1,024-byte record is cut to fit, ``...`` at its
     end: a node agent reads an ack into that much (Istio's and zds's), and one longer was a
-    truncated message there, the connection lost, and the same nack again on the next."""
+    truncated message there, the connection lost, and the same nack again on the next.
+    ``whole``: never cut (the canonical bytes of what another ztunnel sent, to compare)."""
     if not ack.error:
         return CLEAN_ACK
     data = _ack_bytes(ack.error)
-    if len(data) > defaults.MAX_MESSAGE_SIZE:
+    if len(data) > defaults.MAX_MESSAGE_SIZE and not whole:
         room = defaults.MAX_MESSAGE_SIZE - (len(data) - len(ack.error.encode())) - len(_CUT_MARK)
         data = _ack_bytes(ack.error.encode()[:room].decode(errors="ignore") + _CUT_MARK)
     return data

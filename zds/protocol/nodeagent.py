@@ -18,7 +18,6 @@ it answers with events. It knows the rules Istio's node agent follows:
 from __future__ import annotations
 
 import enum
-import socket
 from dataclasses import dataclass
 
 from zds import defaults
@@ -34,7 +33,7 @@ from zds.protocol.messages import (
     encode_request,
     request_kind,
 )
-from zds.protocol.records import Record
+from zds.protocol.records import FDS_CUT, TRUNCATED, Record
 
 
 class ConnectionState(enum.Enum):
@@ -120,15 +119,14 @@ class NodeAgentProtocol:
         self._last_activity = now
         if eof:
             return self._close("ztunnel closed the connection", peer_gone=True)
-        if record.flags & socket.MSG_TRUNC:
+        if record.flags & TRUNCATED:
             return self._close(
                 f"record from ztunnel exceeds {defaults.MAX_MESSAGE_SIZE} bytes", peer_error=True
             )
-        if fd_count or record.flags & socket.MSG_CTRUNC:
-            # (MSG_CTRUNC: more fds than the read had room for; those that came are closed above)
+        if fd_count or record.flags & FDS_CUT:  # (those that came are closed above)
             said = (
-                "file descriptors, more than a record is read with"
-                if record.flags & socket.MSG_CTRUNC
+                "file descriptors (more than one, or none free here to take them)"
+                if record.flags & FDS_CUT
                 else f"{fd_count} file descriptor(s)"
             )
             return self._close(f"ztunnel sent {said}; it never should", peer_error=True)

@@ -8,6 +8,10 @@ import socket
 
 #: recvmsg's "cut" flags as a plain int: or-ing socket's IntFlag members costs ~1.4 us, on every record.
 CUT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+#: Each of them: the bytes cut (``TRUNCATED``), the fds (``FDS_CUT``: more than there was room
+#: for, or none free to take them).
+TRUNCATED = int(socket.MSG_TRUNC)
+FDS_CUT = int(socket.MSG_CTRUNC)
 
 
 class Record:
