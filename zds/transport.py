@@ -39,6 +39,9 @@ SO_PEERGROUPS = {"sparc": 0x3D, "parisc": 0x4034}.get(os.uname().machine.rstrip(
 #: The largest buffer Python's getsockopt takes (1024 bytes: 256 groups); a peer in more is
 #: asked through libc with room for NGROUPS_MAX.
 _GROUPS_AT_ONCE = 256
+#: struct ucred: pid_t, and uid_t and gid_t unsigned (a gid past 2**31 is that number, as
+#: in the groups and in --allow-gid).
+_UCRED = struct.Struct("iII")
 _NGROUPS_MAX = 65_536
 
 
@@ -47,10 +50,10 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
     words (None if it cannot say), with the groups it was in when it connected (none where the
     kernel cannot say)."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except OSError:
         return None
-    pid, uid, gid = struct.unpack("3i", raw)
+    pid, uid, gid = _UCRED.unpack(raw)
     return PeerCredentials(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock))
 
 
