@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from zds import cliflags, defaults
+from zds.errors import printable
 from zds.server.controlcli import control_flags
 from zds.server.faultkinds import FaultKind
 
@@ -135,12 +136,19 @@ def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
         return target.call(getattr(stub, method), request, args.timeout)
 
 
+def _kind(kind: int) -> str:
+    """A fault kind as ``zds faults`` names it; its number when this client does not know it."""
+    from zds.server.controlwire import FAULT_KIND_FROM_PROTO
+
+    known = FAULT_KIND_FROM_PROTO.get(kind)
+    return known.label if known is not None else str(kind)
+
+
 def list_faults(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from zds.gen import nodeagent_pb2
     from zds.server.controlclient import ControlError
-    from zds.server.controlwire import FAULT_KIND_FROM_PROTO
     from zds.server.podctl import table
 
     try:
@@ -151,10 +159,7 @@ def list_faults(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([MessageToDict(f, preserving_proto_field_name=True) for f in armed], indent=2))
         return 0
-    rows = [
-        [f.id, FAULT_KIND_FROM_PROTO[f.kind].label, f.target, str(f.count), f.uid or "-", f.detail or "-"]
-        for f in armed
-    ]
+    rows = [[f.id, _kind(f.kind), f.target, str(f.count), f.uid or "-", f.detail or "-"] for f in armed]
     print(table(["ID", "KIND", "TARGET", "COUNT", "UID", "DETAIL"], rows))
     return 0
 
@@ -162,7 +167,6 @@ def list_faults(args: argparse.Namespace) -> int:
 def clear_faults(args: argparse.Namespace) -> int:
     from zds.gen import nodeagent_pb2
     from zds.server.controlclient import ControlError
-    from zds.server.controlwire import FAULT_KIND_FROM_PROTO
 
     try:
         cleared = _call(args, "ClearFaults", nodeagent_pb2.ClearFaultsRequest(id=args.id)).cleared
@@ -170,7 +174,7 @@ def clear_faults(args: argparse.Namespace) -> int:
         print(f"zds faults clear: {exc}", file=sys.stderr)
         return 1
     for fault in cleared:
-        print(f"fault {fault.id} cleared ({FAULT_KIND_FROM_PROTO[fault.kind].label} on {fault.target})")
+        print(printable(f"fault {fault.id} cleared ({_kind(fault.kind)} on {fault.target})"))
     if not cleared:
         print("no fault was armed")
     return 0

@@ -7,7 +7,7 @@ import json
 import sys
 import threading
 from datetime import UTC
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -15,23 +15,34 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from zds.gen import nodeagent_pb2
 from zds.server.controlclient import ControlError, ControlTarget
-from zds.server.podctl import table
+from zds.server.podctl import enum_label, table
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 _VERSIONS = {1: "V1"}
 
 
 def _when(ts: Timestamp) -> str:
-    """UTC, to the millisecond, as in the logs."""
-    dt = ts.ToDatetime(tzinfo=UTC)
+    """UTC, to the millisecond, as in the logs (the seconds as they came, when no date holds
+    them: a node agent's value out of range was a traceback)."""
+    try:
+        dt = ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"{ts.seconds}s"
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
 
 
 def _value(text: str) -> str:
-    return json.dumps(text) if not text or any(c.isspace() or c == '"' for c in text) else text
+    """``text`` as a word of a line: quoted (JSON) when empty, with spaces or quotes, or with
+    what is not printable (written as its escape: never a terminal's control sequence)."""
+    if not text or not text.isprintable() or any(c.isspace() or c == '"' for c in text):
+        return json.dumps(text)
+    return text
 
 
-def _enum(name: str, prefix: str) -> str:
-    return name.removeprefix(prefix).lower().replace("_", "-")
+def _enum(enum: EnumTypeWrapper, value: int, prefix: str) -> str:
+    return enum_label(enum, value, prefix).replace("_", "-")
 
 
 # -- zds connections ------------------------------------------------------------------
@@ -46,7 +57,7 @@ def connection_dict(conn: nodeagent_pb2.Connection) -> dict[str, Any]:
 
 def connection_row(conn: nodeagent_pb2.Connection) -> list[str]:
     has_peer = conn.HasField("peer")
-    state = _enum(nodeagent_pb2.ConnectionState.Name(conn.state), "CONNECTION_STATE_")
+    state = _enum(nodeagent_pb2.ConnectionState, conn.state, "CONNECTION_STATE_")
     return [
         conn.id,
         str(conn.peer.pid) if has_peer else "-",
@@ -99,7 +110,7 @@ def connections(args: argparse.Namespace) -> int:
 
 def kind_name(kind: int) -> str:
     """EVENT_KIND_POD_ENROLLED -> "pod enrolled"."""
-    return str(nodeagent_pb2.EventKind.Name(kind)).removeprefix("EVENT_KIND_").lower().replace("_", " ")
+    return enum_label(nodeagent_pb2.EventKind, kind, "EVENT_KIND_").replace("_", " ")
 
 
 def _pod_ref(event: nodeagent_pb2.Event) -> list[str]:
@@ -120,20 +131,18 @@ def event_details(event: nodeagent_pb2.Event) -> str:
             parts.append(f"sa={_value(pod.service_account)}")
         if kind == nodeagent_pb2.EVENT_KIND_POD_ENROLLED:
             parts.append(f"netns={pod.netns.dev}:{pod.netns.ino}" if pod.HasField("netns") else "netns=-")
-            parts.append(f"state={_enum(nodeagent_pb2.PodState.Name(pod.state), 'POD_STATE_')}")
+            parts.append(f"state={_enum(nodeagent_pb2.PodState, pod.state, 'POD_STATE_')}")
             parts.append(f"rules={'yes' if pod.rules_installed else 'no'}")
             if pod.last_error:
                 parts.append(f"last_error={_value(pod.last_error)}")
     elif kind in (nodeagent_pb2.EVENT_KIND_ZTUNNEL_CONNECTED, nodeagent_pb2.EVENT_KIND_ZTUNNEL_DISCONNECTED):
         conn = event.connection
-        parts.append(f"conn={event.connection_id}")
+        parts.append(f"conn={_value(event.connection_id)}")
         if conn.HasField("peer"):
             parts.append(f"pid={conn.peer.pid} uid={conn.peer.uid} gid={conn.peer.gid}")
         if kind == nodeagent_pb2.EVENT_KIND_ZTUNNEL_CONNECTED:
             parts.append(f"version={_VERSIONS.get(conn.hello_version, str(conn.hello_version))}")
-            parts.append(
-                f"state={_enum(nodeagent_pb2.ConnectionState.Name(conn.state), 'CONNECTION_STATE_')}"
-            )
+            parts.append(f"state={_enum(nodeagent_pb2.ConnectionState, conn.state, 'CONNECTION_STATE_')}")
             if conn.newest:
                 parts.append("newest")
         else:
@@ -145,15 +154,15 @@ def event_details(event: nodeagent_pb2.Event) -> str:
         nodeagent_pb2.EVENT_KIND_MESSAGE_ACKED,
         nodeagent_pb2.EVENT_KIND_MESSAGE_NACKED,
     ):
-        parts.append(f"conn={event.connection_id}")
-        parts.append(event.message_type)
+        parts.append(f"conn={_value(event.connection_id)}")
+        parts.append(_value(event.message_type))
         parts += _pod_ref(event)
         if event.HasField("ack_latency"):
             parts.append(f"latency={event.ack_latency.ToNanoseconds() / 1e6:.2f}ms")
         if kind == nodeagent_pb2.EVENT_KIND_MESSAGE_NACKED:
             parts.append(f"error={_value(event.error)}")
     elif kind == nodeagent_pb2.EVENT_KIND_SNAPSHOT_COMPLETE:
-        parts.append(f"conn={event.connection_id} pods={event.snapshot_pods}")
+        parts.append(f"conn={_value(event.connection_id)} pods={event.snapshot_pods}")
     elif kind in (nodeagent_pb2.EVENT_KIND_POD_SOURCE_UP, nodeagent_pb2.EVENT_KIND_POD_SOURCE_DOWN):
         parts.append(f"source={_value(event.pod_source)}")
         if event.error:
@@ -162,7 +171,7 @@ def event_details(event: nodeagent_pb2.Event) -> str:
             )
     elif kind in (nodeagent_pb2.EVENT_KIND_FAULT_INJECTED, nodeagent_pb2.EVENT_KIND_FAULT_APPLIED):
         fault = event.fault
-        parts.append(f"{fault.id} {_enum(nodeagent_pb2.FaultKind.Name(fault.kind), 'FAULT_KIND_')}")
+        parts.append(f"{_value(fault.id)} {_enum(nodeagent_pb2.FaultKind, fault.kind, 'FAULT_KIND_')}")
         parts.append(f"target={_value(fault.target)} state={fault.state}")
         if kind == nodeagent_pb2.EVENT_KIND_FAULT_APPLIED:
             parts.append(f"detail={_value(event.error)}")

@@ -6,16 +6,20 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from google.rpc import code_pb2
 
 from zds import output, runtime
+from zds.errors import printable
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server import bulkwire
 from zds.server.controlclient import ControlError, ControlTarget, not_root_hint
 from zds.server.pods import PodSpec, PodSpecError
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 
 def pod_dict(pod: nodeagent_pb2.Pod) -> dict[str, Any]:
@@ -28,7 +32,17 @@ def pod_dict(pod: nodeagent_pb2.Pod) -> dict[str, Any]:
 
 
 def _state(pod: nodeagent_pb2.Pod) -> str:
-    return str(nodeagent_pb2.PodState.Name(pod.state)).removeprefix("POD_STATE_").lower()
+    return enum_label(nodeagent_pb2.PodState, pod.state, "POD_STATE_")
+
+
+def enum_label(enum: EnumTypeWrapper, value: int, prefix: str) -> str:
+    """An enum value's name, less ``prefix``, lower-case; its number when this client does not
+    know it (a newer node agent's: it was a traceback)."""
+    try:
+        name = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return str(name).removeprefix(prefix).lower()
 
 
 def _netns(pod: nodeagent_pb2.Pod) -> str:
@@ -36,7 +50,9 @@ def _netns(pod: nodeagent_pb2.Pod) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An aligned text table."""
+    """An aligned text table; what is not printable in a cell (a node agent's text: a uid, an
+    error) is written as its escape, never sent to the terminal as it is."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

@@ -1,0 +1,46 @@
+"""What the control API's clients print of a node agent's answers: values a newer (or a
+hostile) node agent sends are shown, never a traceback, and nothing in them reaches the
+terminal as a control sequence."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from zds.gen import nodeagent_pb2
+from zds.server.faultcli import _kind
+from zds.server.inspectctl import _when, connection_row, event_details, kind_name
+from zds.server.podctl import table
+
+#: A terminal's title set and its screen cleared.
+ESCAPES = "\x1b]0;x\x07\x1b[2J"
+
+
+def test_an_enum_value_this_client_does_not_know_is_its_number() -> None:
+    """It was ValueError out of ``EnumTypeWrapper.Name`` (KeyError for a fault kind)."""
+    assert kind_name(99) == "99"
+    conn = nodeagent_pb2.Connection(id="c1", state=cast("nodeagent_pb2.ConnectionState", 77))
+    assert connection_row(conn)[6] == "77"
+    event = nodeagent_pb2.Event(kind=nodeagent_pb2.EVENT_KIND_POD_ENROLLED, uid="u1")
+    event.pod.state = cast("nodeagent_pb2.PodState", 55)  # (proto3 keeps a value it does not know)
+    assert "state=55" in event_details(event)
+    assert _kind(4242) == "4242"
+    assert kind_name(nodeagent_pb2.EVENT_KIND_POD_ENROLLED) == "pod enrolled"
+
+
+def test_a_time_no_date_holds_is_its_seconds() -> None:
+    assert _when(Timestamp(seconds=2**62)) == f"{2**62}s"
+    assert _when(Timestamp(seconds=0, nanos=5_000_000)) == "1970-01-01T00:00:00.005Z"
+
+
+def test_what_is_not_printable_is_written_as_its_escape() -> None:
+    printed = table(["UID", "ERROR"], [["u1", f"bad{ESCAPES}"]])
+    assert "\x1b" not in printed and "\x07" not in printed and "\\x1b]0;x\\x07\\x1b[2J" in printed
+    event = nodeagent_pb2.Event(
+        kind=nodeagent_pb2.EVENT_KIND_POD_SOURCE_DOWN, pod_source="engine", error=ESCAPES
+    )
+    details = event_details(event)
+    assert "\x1b" not in details and details.startswith("source=engine reason=")
+    event = nodeagent_pb2.Event(kind=nodeagent_pb2.EVENT_KIND_SNAPSHOT_COMPLETE, connection_id=f"c{ESCAPES}")
+    assert "\x1b" not in event_details(event)
