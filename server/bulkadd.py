@@ -50,7 +50,14 @@ NOT_ENROLLED = "node agent shutting down; the pod was not enrolled"
 
 
 def cut(text: str) -> str:
-    return text if len(text) <= DETAILS_MAX else text[:DETAILS_MAX] + "..."
+    """``text`` cut to DETAILS_MAX bytes of UTF-8 (gRPC's limit is on the bytes, each sent as
+    3 when percent-encoded: 1,024 characters of emoji had been ~12 KiB), ``...`` at its end."""
+    if len(text) <= DETAILS_MAX // 4:  # (no character is more than 4 bytes)
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= DETAILS_MAX:
+        return text
+    return data[:DETAILS_MAX].decode("utf-8", "ignore") + "..."
 
 
 async def bulk_add(

@@ -49,7 +49,7 @@ WATCH_KINDS_MAX = 64
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
-    """End the call with ``code`` and ``details`` (cut to DETAILS_MAX characters)."""
+    """End the call with ``code`` and ``details`` (cut to DETAILS_MAX bytes)."""
     await context.abort(code, cut(details))
     raise AssertionError("abort raises")  # pragma: no cover
 

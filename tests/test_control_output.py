@@ -9,6 +9,7 @@ from typing import cast
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zds.gen import nodeagent_pb2
+from zds.server.bulkadd import cut
 from zds.server.faultcli import _kind
 from zds.server.inspectctl import _when, connection_row, event_details, kind_name
 from zds.server.podctl import table
@@ -44,3 +45,13 @@ def test_what_is_not_printable_is_written_as_its_escape() -> None:
     assert "\x1b" not in details and details.startswith("source=engine reason=")
     event = nodeagent_pb2.Event(kind=nodeagent_pb2.EVENT_KIND_SNAPSHOT_COMPLETE, connection_id=f"c{ESCAPES}")
     assert "\x1b" not in event_details(event)
+
+
+def test_a_status_details_is_cut_by_its_bytes() -> None:
+    """gRPC's limit is on bytes (each percent-encoded as 3): 1,024 characters of emoji were
+    ~12 KiB of status details, over it, and the refusal reached the caller as another error."""
+    assert cut("u" * 1024) == "u" * 1024
+    assert cut("u" * 1025) == "u" * 1024 + "..."
+    said = cut("/var/run/netns/" + "\U0001f600" * 1000)
+    assert len(said.encode()) <= 1024 + 3 and said.endswith("\U0001f600...")
+    assert cut("é" * 511 + "x") == "é" * 511 + "x"  # (1,023 bytes)
