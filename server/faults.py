@@ -72,7 +72,7 @@ class FaultSpec:
 
 def _flag(name: str) -> str:
     """A field as zds fault names it (``--skip-connections``)."""
-    return "--" + name.replace("_", "-")
+    return "--connection" if name == "connection_id" else "--" + name.replace("_", "-")
 
 
 def spec_problem(spec: FaultSpec, field: Callable[[str], str]) -> str | None:
@@ -103,6 +103,8 @@ def spec_problem(spec: FaultSpec, field: Callable[[str], str]) -> str | None:
         return f"{label}: {field('skip_connections')} must not be negative"
     if spec.skip_connections and not spec.next_connection:
         return f"{label}: {field('skip_connections')} goes with {field('next_connection')}"
+    if spec.connection_id and spec.next_connection:  # (the id was kept, unused, whatever its size)
+        return f"{label}: {field('connection_id')} or {field('next_connection')}, not both"
     return None
 
 

@@ -235,6 +235,11 @@ def test_a_fault_that_makes_no_sense_now_is_refused_in_one_line(server: NodeAgen
             grpc.StatusCode.INVALID_ARGUMENT,
             "no ztunnel connection nope",
         ),
+        (  # (the id was kept, never used, whatever its size: 256 faults of 4 MB ids)
+            {"kind": "drop-after", "connection_id": "c" * 100_000, "next_connection": True},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "drop-after: --connection or --next-connection, not both",
+        ),
     ]
     for fields, code, says in cases:
         kind = str(fields.pop("kind"))
