@@ -6,12 +6,15 @@ check fails, with the right finding, against ``zds ztunnel`` with the matching f
 from __future__ import annotations
 
 import glob
+import http.server
+import json
 import os
 import pathlib
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from typing import Any
 
@@ -66,6 +69,45 @@ def test_every_check_holds_against_zds_ztunnel_without_listeners(tmp_path: pathl
     statuses = run.statuses()
     assert {n for n, s in statuses.items() if s == "skip"} == LISTENERS
     assert {s for n, s in statuses.items() if n not in LISTENERS} == {"pass"}, run.stdout
+
+
+@pytest.mark.parametrize("states", [None, [{"uid": "x"}]])
+def test_a_config_dump_whose_workload_state_is_no_object_is_a_finding(
+    tmp_path: pathlib.Path, states: Any
+) -> None:
+    """It was a traceback (a set of null, or of unhashable objects) and no report at all."""
+    body = json.dumps({"workloadState": states}).encode()
+
+    class Dump(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dump) as dump:
+        threading.Thread(target=dump.serve_forever, daemon=True).start()
+        try:
+            run = zds_check(
+                "ztunnel",
+                "--cmd",
+                ZTUNNEL + " --no-listeners",
+                "--protocol-only",
+                "--config-dump-url",
+                f"http://127.0.0.1:{dump.server_address[1]}/config_dump",
+                "--only",
+                "reconcile",
+                *FAST,
+                tmp=tmp_path,
+            )
+        finally:
+            dump.shutdown()
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.statuses()["reconcile"] == "fail", run.stdout
+    assert "config_dump's workloadState is " in run.stdout and "not an object by uid" in run.stdout
 
 
 def test_a_ztunnel_that_connects_by_itself_is_checked_too(tmp_path: pathlib.Path) -> None:

@@ -167,9 +167,16 @@ async def reconcile(b: Bench) -> None:
     conn = await b.fresh([keep(a.uid), add(c), delete(c.uid)])
     b.exercised["reconcile"] += 1
     if dump:
-        held = set((await http_json(dump) or {}).get("workloadState", {}))
-        ours = held & {a.uid, gone.uid, c.uid}
-        if ours != {a.uid}:
+        states = (await http_json(dump) or {}).get("workloadState", {})
+        ours = set(states) & {a.uid, gone.uid, c.uid} if isinstance(states, dict) else None
+        if ours is None:  # (a set of a list of objects, or of null, was a traceback: no report)
+            b.report(
+                "reconcile",
+                Finding(
+                    f"config_dump's workloadState is {type(states).__name__}, not an object by uid", conn.name
+                ),
+            )
+        elif ours != {a.uid}:
             b.report(
                 "reconcile",
                 Finding(f"config_dump holds {sorted(ours)} of ours; expected only {a.uid} (A)", conn.name),
