@@ -186,6 +186,17 @@ def test_reports_carry_the_rule_the_bytes_and_the_source_in_every_form() -> None
     assert suite.find("testcase/failure").get("message") == "carried 0 fds"  # type: ignore[union-attr]
 
 
+def test_a_junit_report_of_what_a_peer_said_in_control_characters_still_parses() -> None:
+    """ElementTree writes them as they are: the file a CI reads did not parse."""
+    said = "uid x\x1b[2J\x07\x00 \ud800 and \ufffe"
+    failing = CheckResult(SPEC, Status.FAIL, [Finding(said, "conn 1")], notes=[said])
+    report = Report("node-agent", f"/run/{said}", [failing, CheckResult(SPEC, Status.ERROR, notes=[said])])
+    suite = ET.fromstring(report.render_junit().split("\n", 1)[1])
+    message = suite.find("testcase/failure").get("message")  # type: ignore[union-attr]
+    assert message == "uid x\\x1b[2J\\x07\\x00 \\ud800 and \\ufffe", message
+    assert suite.find("testcase/error").get("message") == message  # type: ignore[union-attr]
+
+
 def test_only_and_skip_select_by_name_in_catalogue_order() -> None:
     assert select(["a", "b", "c"], ["c,a"], []) == ["a", "c"]
     assert select(["a", "b", "c"], [], ["b"]) == ["a", "c"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ class Report:
             timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started)),
         )
         props = ET.SubElement(suite, "properties")
-        ET.SubElement(props, "property", name="target", value=self.target)
+        ET.SubElement(props, "property", name="target", value=_xml(self.target))
         for result in self.results:
             case = ET.SubElement(
                 suite,
@@ -174,19 +175,21 @@ class Report:
                 name=result.spec.name,
                 time=f"{result.duration:.3f}",
             )
-            body = (
+            body = _xml(
                 "\n".join(_failure_lines(result, indent="")) if result.findings else "\n".join(result.notes)
             )
             if result.status is Status.FAIL:
-                message = result.findings[0].message if result.findings else result.spec.rule
+                message = _xml(result.findings[0].message if result.findings else result.spec.rule)
                 ET.SubElement(case, "failure", message=message, type=result.spec.name).text = body
             elif result.status is Status.ERROR:
-                message = result.notes[0] if result.notes else "error"
+                message = _xml(result.notes[0] if result.notes else "error")
                 ET.SubElement(case, "error", message=message).text = body
             elif result.status is Status.SKIP:
-                ET.SubElement(case, "skipped", message=result.notes[0] if result.notes else "skipped")
+                ET.SubElement(case, "skipped", message=_xml(result.notes[0] if result.notes else "skipped"))
             else:
-                ET.SubElement(case, "system-out").text = "\n".join([result.spec.description, *result.notes])
+                ET.SubElement(case, "system-out").text = _xml(
+                    "\n".join([result.spec.description, *result.notes])
+                )
         ET.indent(suite)
         return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
 
@@ -198,6 +201,16 @@ def hex_block(data: bytes, *, limit: int | None = HEX_SHOWN) -> str:
     if len(shown) < len(data):
         text += f" ... ({len(data)} bytes in all)"
     return text or "(0 bytes)"
+
+
+#: What XML 1.0 cannot hold (control characters but tab and line breaks, lone surrogates, U+FFFE
+#: and U+FFFF): ElementTree writes them as they are, and the file no longer parses.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml(text: str) -> str:
+    """``text`` with what XML cannot hold written as its escape (a peer's uid, its error text)."""
+    return _NOT_XML.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _failure_lines(result: CheckResult, indent: str = "      ") -> list[str]:
