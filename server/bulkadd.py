@@ -16,6 +16,7 @@ import grpc
 from zds import defaults
 from zds.gen import nodeagent_pb2
 from zds.server.agent import NodeAgent
+from zds.server.bulkwire import too_many_pods
 from zds.server.controlwire import fill_add_pod_response, pod_spec
 from zds.server.outcomes import STOPPING, Enrolled, EnrollmentError, EnrollmentOutcome
 from zds.server.pods import PodSpec
@@ -58,6 +59,21 @@ def cut(text: str) -> str:
     if len(data) <= DETAILS_MAX:
         return text
     return data[:DETAILS_MAX].decode("utf-8", "ignore") + "..."
+
+
+class TooManyPods(Exception):
+    """An AddPodsRequest of more than ``BULK_REQUEST_PODS`` pods: the call ends INVALID_ARGUMENT."""
+
+
+async def at_most_pods(
+    requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+) -> AsyncIterator[nodeagent_pb2.AddPodsRequest]:
+    """``requests``, refused at one of more than ``BULK_REQUEST_PODS`` pods: counted before one
+    of them is looked at (each taken makes a Python object; decoded they are ~60x their bytes)."""
+    async for request in requests:
+        if (pods := len(request.pods)) > defaults.BULK_REQUEST_PODS:
+            raise TooManyPods(too_many_pods(pods))
+        yield request
 
 
 async def bulk_add(

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from zds import defaults
 from zds.gen import nodeagent_pb2
-from zds.server.bulkwire import MAGIC, Deframer, Opening, frame
+from zds.server.bulkwire import MAGIC, Deframer, Opening, frame, too_many_pods
 
 log = logging.getLogger("zds.server.control")
 
@@ -42,6 +42,8 @@ LANE_STOP_GRACE = 1.0
 #: What a request waiting to be taken counts beyond its bytes (its decoded message, its place
 #: in the queue): an empty frame is not free, and a client sending empty ones must be stopped too.
 REQUEST_COST = 256
+#: What a pod of a request counts besides its bytes (what it takes decoded beyond them).
+POD_COST = 128
 
 
 class BulkLane(asyncio.Protocol):
@@ -51,7 +53,7 @@ class BulkLane(asyncio.Protocol):
         self._serve = serve
         self._transport: asyncio.Transport | None = None
         self._opening = Opening()
-        self._deframer = Deframer()
+        self._deframer = Deframer(defaults.CONTROL_MAX_REQUEST)
         self._requests: asyncio.Queue[tuple[nodeagent_pb2.AddPodsRequest, int] | None] = asyncio.Queue()
         self._queued = 0  # what the requests in _requests count (their bytes, and REQUEST_COST each)
         self._writable = asyncio.Event()
@@ -101,7 +103,10 @@ class BulkLane(asyncio.Protocol):
             except DecodeError:
                 self._break("it sent a message that is not an AddPodsRequest")
                 return
-            cost = len(message) + REQUEST_COST
+            if (pods := len(request.pods)) > defaults.BULK_REQUEST_PODS:
+                self._break(f"it sent {too_many_pods(pods)}")
+                return
+            cost = len(message) + REQUEST_COST + POD_COST * pods
             self._requests.put_nowait((request, cost))
             self._queued += cost
         if self._queued >= READ_AHEAD and self._transport is not None and self._transport.is_reading():

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
+from zds import defaults
 from zds.errors import ZdsError
 from zds.gen import nodeagent_pb2
 
@@ -50,6 +51,11 @@ class LaneError(ZdsError):
 class LaneUnsupported(LaneError):
     """The node agent answered the opening with something else (one from before the lane):
     nothing was taken."""
+
+
+def too_many_pods(pods: int) -> str:
+    """Why an AddPodsRequest of ``pods`` pods is refused (over ``BULK_REQUEST_PODS``)."""
+    return f"an AddPodsRequest of {pods} pods (at most {defaults.BULK_REQUEST_PODS} a message)"
 
 
 def frame(message: bytes) -> bytes:
@@ -81,8 +87,9 @@ class Deframer:
     """Messages out of a byte stream: :meth:`feed` bytes, get whole messages; ValueError
     (one line) on a frame no zds end sends."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_MESSAGE) -> None:
         self._buf = bytearray()
+        self._limit = limit
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
@@ -91,8 +98,8 @@ class Deframer:
             flag, length = HEADER.unpack_from(self._buf)
             if flag != 0:
                 raise ValueError(f"a frame with flag {flag} (compression is not supported)")
-            if length > MAX_MESSAGE:
-                raise ValueError(f"a {length}-byte message (the limit is {MAX_MESSAGE})")
+            if length > self._limit:
+                raise ValueError(f"a {length}-byte message (the limit is {self._limit})")
             end = HEADER.size + length
             if len(self._buf) < end:
                 break

@@ -20,7 +20,7 @@ from zds import defaults
 from zds.gen import nodeagent_pb2, nodeagent_pb2_grpc
 from zds.server import grpcreflect
 from zds.server.agent import NodeAgent
-from zds.server.bulkadd import STATUS, bulk_add, cut, shutting_down
+from zds.server.bulkadd import STATUS, TooManyPods, at_most_pods, bulk_add, cut, shutting_down
 from zds.server.controlwire import (
     EVENT_KIND_FROM_PROTO,
     add_pod_response,
@@ -103,9 +103,12 @@ class NodeAgentService(nodeagent_pb2_grpc.NodeAgentServicer):
         request_iterator: AsyncIterator[nodeagent_pb2.AddPodsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[nodeagent_pb2.AddPodsReply]:
-        async with contextlib.aclosing(bulk_add(self.agent, request_iterator)) as replies:
-            async for reply in replies:
-                yield reply
+        try:
+            async with contextlib.aclosing(bulk_add(self.agent, at_most_pods(request_iterator))) as replies:
+                async for reply in replies:
+                    yield reply
+        except TooManyPods as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def RemovePod(
         self, request: nodeagent_pb2.RemovePodRequest, context: grpc.aio.ServicerContext
@@ -390,6 +393,8 @@ def _grpc_server(
             # speaks first; one with no call under way after CONTROL_IDLE.
             ("grpc.server_handshake_timeout_ms", int(defaults.CONTROL_OPENING_TIMEOUT * 1000)),
             ("grpc.max_connection_idle_ms", int(defaults.CONTROL_IDLE * 1000)),
+            # (gRPC's default is 4 MiB: a message of empty pods decodes to ~60 times that)
+            ("grpc.max_receive_message_length", defaults.CONTROL_MAX_REQUEST),
             *(options or []),
         ]
     )

@@ -567,12 +567,16 @@ _POD = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="x", n
     [
         (b"ZDS-BULK/9\n" + bulkwire.frame(_POD.SerializeToString()), "it opened with b'ZDS-BULK/9"),
         (bulkwire.MAGIC + bulkwire.HEADER.pack(1, 2) + b"xx", "a frame with flag 1"),
-        (bulkwire.MAGIC + bulkwire.HEADER.pack(0, bulkwire.MAX_MESSAGE + 1), "the limit is 4194304"),
+        (bulkwire.MAGIC + bulkwire.HEADER.pack(0, 1024 * 1024 + 1), "the limit is 1048576"),
+        (
+            lane_opening_and(nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest()] * 1025)),
+            "it sent an AddPodsRequest of 1025 pods (at most 1024 a message)",
+        ),
         (bulkwire.MAGIC + bulkwire.frame(b"\xff\xff\xff"), "not an AddPodsRequest"),
         (lane_opening_and(_POD)[:-3], "it ended within a frame"),
         (b"ZDS", "it ended within a frame"),
     ],
-    ids=["opening", "compressed", "oversized", "undecodable", "cut", "cut-opening"],
+    ids=["opening", "compressed", "oversized", "too-many-pods", "undecodable", "cut", "cut-opening"],
 )
 def test_a_broken_bulk_lane_is_closed_with_one_line_and_the_node_agent_serves_on(
     server: NodeAgentProc, data: bytes, reason: str
@@ -590,6 +594,23 @@ def test_a_broken_bulk_lane_is_closed_with_one_line_and_the_node_agent_serves_on
     answer = bulkwire.Deframer().feed(got[len(bulkwire.MAGIC) :])
     (result,) = nodeagent_pb2.AddPodsReply.FromString(answer[0]).results
     assert (result.uid, result.code) == ("x", grpc.StatusCode.INVALID_ARGUMENT.value[0])
+
+
+def test_an_addpods_message_of_too_many_pods_or_bytes_is_refused_before_a_pod_is_looked_at(
+    server: NodeAgentProc,
+) -> None:
+    """Empty pods decode to ~60 times their bytes: 4 MiB of them had been ~250 MB a message."""
+    with server.control() as stub:
+        many = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest()] * 1025)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.AddPods(iter([many]), timeout=30))
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == "an AddPodsRequest of 1025 pods (at most 1024 a message)"
+        big = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest()] * 600_000)
+        with pytest.raises(grpc.RpcError) as too_big:
+            list(stub.AddPods(iter([big]), timeout=30))
+        assert too_big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, too_big.value.details()
+    assert server.list_pods() == [] and "Traceback" not in server.output()
 
 
 def test_a_bulk_lane_client_gone_early_does_not_stop_its_enrollments(server: NodeAgentProc) -> None:
@@ -662,8 +683,9 @@ def test_a_bulk_lane_client_that_does_not_read_holds_the_node_agent_to_a_bound(s
 def test_a_bulk_lane_client_sending_empty_frames_is_held_to_a_bound_too(server: NodeAgentProc) -> None:
     """Empty requests cost the node agent memory too (a decoded message each, its place in the
     queue): once it stops taking requests (answers unread), they stop being read as well."""
-    pods = [nodeagent_pb2.AddPodRequest(uid=f"p{i}") for i in range(20_000)]  # refused at once
-    first = lane_opening_and(nodeagent_pb2.AddPodsRequest(pods=pods))
+    pods = [nodeagent_pb2.AddPodRequest(uid=f"p{i}") for i in range(1000)]  # refused at once
+    batch = nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString()
+    first = bulkwire.MAGIC + bulkwire.frame(batch) * 20  # 20,000 answers
     sent, grown_kb = offer_without_reading(server, first, bulkwire.frame(b"") * 65536)  # 13 M of them
     assert sent < 16 * 1024 * 1024, f"the node agent took {sent} bytes of empty requests"
     assert grown_kb < 64 * 1024, grown_kb
@@ -672,11 +694,11 @@ def test_a_bulk_lane_client_sending_empty_frames_is_held_to_a_bound_too(server: 
 def test_lanes_held_open_with_half_sent_frames_are_bounded_and_the_next_client_goes_over_addpods(
     server: NodeAgentProc, tmp_path: object
 ) -> None:
-    """Each lane may hold a frame of up to 4 MiB: 300 lanes holding one each took the node agent
-    from 144 MB to 1.4 GB. At most BULK_LANES_MAX are open; one more is answered BUSY and
+    """Each lane may hold a frame of up to 1 MiB (4 MiB once: 300 lanes holding one each took the
+    node agent from 144 MB to 1.4 GB). At most BULK_LANES_MAX are open; one more is answered BUSY and
     closed, and `zds pod add --from-file` then sends its pods over AddPods."""
     rss_before = _rss_kb(server.pid)
-    half_frame = bulkwire.MAGIC + struct.pack(">BI", 0, 4 * 1024 * 1024 - 1) + b"\0" * (4 * 1024 * 1024 - 2)
+    half_frame = bulkwire.MAGIC + struct.pack(">BI", 0, 1024 * 1024 - 1) + b"\0" * (1024 * 1024 - 2)
     held: list[socket.socket] = []
     try:
         for _ in range(defaults.BULK_LANES_MAX + 8):
@@ -704,7 +726,8 @@ def test_bulk_answers_ready_together_go_in_replies_of_at_most_256(server: NodeAg
     ``BULK_REPLY_RESULTS`` (a reply never nears a message's 4 MiB), each pod once."""
     pods = [nodeagent_pb2.AddPodRequest(uid=f"n-{i}") for i in range(2000)]  # no netns: refused
     lane = bulkwire.connect(server.control_socket, 30)
-    replies = list(bulkwire.exchange(lane, [nodeagent_pb2.AddPodsRequest(pods=pods)], 60))
+    batches = [nodeagent_pb2.AddPodsRequest(pods=pods[i : i + 1000]) for i in (0, 1000)]
+    replies = list(bulkwire.exchange(lane, batches, 60))
     assert max(len(reply.results) for reply in replies) <= defaults.BULK_REPLY_RESULTS
     assert sorted(r.index for reply in replies for r in reply.results) == list(range(2000))
 

@@ -71,8 +71,14 @@ BULK_REFILL = 8
 #: Answers of one bulk stream not yet sent (its client reads slowly, or not at all) before
 #: the node agent stops taking its requests: what a client can make it hold is bounded.
 BULK_UNSENT = 1024
+#: Pods in one AddPodsRequest at most (``zds pod add --from-file`` sends 64): a message of
+#: empty pods decodes to ~60 times its size, so a 4 MiB one had been ~250 MB.
+BULK_REQUEST_PODS = 1024
+#: The largest request the control API takes (a bulk lane's frame, a gRPC message): 64 pods
+#: of the largest (a 4,096-byte netns path, 16 addresses) are ~350 KB.
+CONTROL_MAX_REQUEST = 1024 * 1024
 #: Bulk lanes (``zds pod add --from-file`` on the control socket) open at once; each may hold
-#: a frame of up to 4 MiB and READ_AHEAD of requests. One more is answered BUSY and closed, and
+#: a frame of up to CONTROL_MAX_REQUEST and READ_AHEAD of requests. One more is answered BUSY and closed, and
 #: its client sends the pods over gRPC's AddPods (flow-controlled) instead.
 BULK_LANES_MAX = 16
 #: Answers in one AddPodsReply at most (well under a message's 4 MiB).
