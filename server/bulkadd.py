@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from zds import defaults
+from zds.errors import cut_to_bytes
 from zds.gen import nodeagent_pb2
 from zds.server.agent import NodeAgent
 from zds.server.bulkwire import too_many_pods
@@ -53,12 +54,7 @@ NOT_ENROLLED = "node agent shutting down; the pod was not enrolled"
 def cut(text: str) -> str:
     """``text`` cut to DETAILS_MAX bytes of UTF-8 (gRPC's limit is on the bytes, each sent as
     3 when percent-encoded: 1,024 characters of emoji had been ~12 KiB), ``...`` at its end."""
-    if len(text) <= DETAILS_MAX // 4:  # (no character is more than 4 bytes)
-        return text
-    data = text.encode("utf-8", "surrogatepass")
-    if len(data) <= DETAILS_MAX:
-        return text
-    return data[:DETAILS_MAX].decode("utf-8", "ignore") + "..."
+    return cut_to_bytes(text, DETAILS_MAX)
 
 
 class TooManyPods(Exception):
@@ -68,11 +64,10 @@ class TooManyPods(Exception):
 async def at_most_pods(
     requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
 ) -> AsyncIterator[nodeagent_pb2.AddPodsRequest]:
-    """``requests``, refused at one of more than ``BULK_REQUEST_PODS`` pods: counted before one
-    of them is looked at (each taken makes a Python object; decoded they are ~60x their bytes)."""
+    """``requests``, refused at one of more than ``BULK_REQUEST_PODS`` pods (``too_many_pods``)."""
     async for request in requests:
-        if (pods := len(request.pods)) > defaults.BULK_REQUEST_PODS:
-            raise TooManyPods(too_many_pods(pods))
+        if (refused := too_many_pods(request)) is not None:
+            raise TooManyPods(refused)
         yield request
 
 

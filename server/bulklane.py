@@ -103,10 +103,10 @@ class BulkLane(asyncio.Protocol):
             except DecodeError:
                 self._break("it sent a message that is not an AddPodsRequest")
                 return
-            if (pods := len(request.pods)) > defaults.BULK_REQUEST_PODS:
-                self._break(f"it sent {too_many_pods(pods)}")
+            if (refused := too_many_pods(request)) is not None:
+                self._break(f"it sent {refused}")
                 return
-            cost = len(message) + REQUEST_COST + POD_COST * pods
+            cost = len(message) + REQUEST_COST + POD_COST * len(request.pods)
             self._requests.put_nowait((request, cost))
             self._queued += cost
         if self._queued >= READ_AHEAD and self._transport is not None and self._transport.is_reading():

@@ -38,6 +38,22 @@ class NoPayload(CodecError):
     """A well-formed ``WorkloadRequest``/``WorkloadResponse`` whose ``payload`` oneof is unset."""
 
 
+#: What a text cut by ``cut_to_bytes`` ends with.
+CUT_MARK = "..."
+
+
+def cut_to_bytes(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` bytes of UTF-8, ``CUT_MARK`` after them when cut (a
+    character is never split): what another program takes by its bytes (gRPC's status
+    details, a record's room)."""
+    if len(text) <= limit // 4:  # (no character is more than 4 bytes)
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore") + CUT_MARK
+
+
 def printable(text: str) -> str:
     """``text`` with each character that is not printable written as its escape (``\\x1b``,
     ``\\n``): what a peer said, safe to put on a terminal or in a log line."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 from google.protobuf.message import DecodeError, Message
 
 from zds import defaults
-from zds.errors import CodecError, NoPayload
+from zds.errors import CUT_MARK, CodecError, NoPayload, cut_to_bytes
 from zds.gen import zds_pb2
 from zds.values import frozen
 
@@ -209,12 +209,9 @@ def encode_ack(ack: Ack, *, whole: bool = False) -> bytes:
         return CLEAN_ACK
     data = _ack_bytes(ack.error)
     if len(data) > defaults.MAX_MESSAGE_SIZE and not whole:
-        room = defaults.MAX_MESSAGE_SIZE - (len(data) - len(ack.error.encode())) - len(_CUT_MARK)
-        data = _ack_bytes(ack.error.encode()[:room].decode(errors="ignore") + _CUT_MARK)
+        framing = len(data) - len(ack.error.encode())  # (the tags and lengths around the text)
+        data = _ack_bytes(cut_to_bytes(ack.error, defaults.MAX_MESSAGE_SIZE - framing - len(CUT_MARK)))
     return data
-
-
-_CUT_MARK = "..."
 
 
 def _ack_bytes(error: str) -> bytes:
