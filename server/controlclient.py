@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from zds import runtime
+from zds import defaults, runtime
 from zds.errors import ZdsError
 
 if TYPE_CHECKING:
@@ -78,9 +78,9 @@ class ControlTarget(NamedTuple):
 
         if self.address is None:
             self.check_socket()
-            return grpc.insecure_channel(f"unix:{self.socket}")
+            return grpc.insecure_channel(f"unix:{self.socket}", defaults.CONTROL_CLIENT_OPTIONS)
         if self.insecure:
-            return grpc.insecure_channel(self.address)
+            return grpc.insecure_channel(self.address, defaults.CONTROL_CLIENT_OPTIONS)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ControlError("--tls-cert and --tls-key go together (mutual TLS)")
         try:
@@ -91,7 +91,7 @@ class ControlTarget(NamedTuple):
             )
         except OSError as exc:
             raise ControlError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-        return grpc.secure_channel(self.address, credentials)
+        return grpc.secure_channel(self.address, credentials, defaults.CONTROL_CLIENT_OPTIONS)
 
     def check_socket(self) -> None:
         """ControlError unless the unix socket is there and may be reached."""

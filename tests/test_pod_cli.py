@@ -854,3 +854,26 @@ def test_addpods_calls_cancelled_with_their_answers_unread_end_without_a_traceba
     out = server.output()
     assert f"debug grpc._cython.cygrpc: {gone}\n" in out
     assert "Traceback" not in out and " error " not in out
+
+
+def test_pod_list_shows_every_pod_when_the_answer_passes_grpcs_default_4_mib(
+    server: NodeAgentProc, tmp_path: Path
+) -> None:
+    # 1,100 pods with the longest netns path taken (4,096 bytes): ~4.6 MB of ListPods answer,
+    # over the 4 MiB a gRPC client takes by default ("received message larger than max").
+    netns = pod_netns()
+    head, name = os.path.split(netns)
+    long_path = head + "/." * ((defaults.MAX_NETNS_PATH - len(netns)) // 2 - 1) + "/" + name
+    assert len(long_path.encode()) <= defaults.MAX_NETNS_PATH
+    count = 1100
+    path = tmp_path / "pods.jsonl"
+    path.write_text("".join(json.dumps({"uid": f"u{i}", "netns": long_path}) + "\n" for i in range(count)))
+    out = server.cli("pod", "add", "--from-file", str(path))  # (no ztunnel: every pod Pending)
+    assert out.stderr.count("UNAVAILABLE: no ztunnel connection") == count, out.stderr[-2000:]
+    listed = server.cli("pod", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == count + 1
+    answer = server.cli("pod", "list", "--json")
+    assert answer.returncode == 0, answer.stderr
+    pods = json.loads(answer.stdout)
+    assert len(pods) == count and {p["netns_path"] for p in pods} == {long_path}

@@ -81,6 +81,12 @@ CONTROL_MAX_REQUEST = 1024 * 1024
 #: a frame of up to CONTROL_MAX_REQUEST and READ_AHEAD of requests. One more is answered BUSY and closed, and
 #: its client sends the pods over gRPC's AddPods (flow-controlled) instead.
 BULK_LANES_MAX = 16
+#: The largest answer zds's own clients take from the control API (gRPC's default is 4 MiB):
+#: a ListPods answer holds every pod, up to ~4 KB each (a 4,096-byte netns path, 16
+#: addresses), ~1,000 of them in 4 MiB; the node agent's fds (one a pod) end before this.
+CONTROL_MAX_ANSWER = 256 * 1024 * 1024
+#: gRPC channel options of zds's own control API clients.
+CONTROL_CLIENT_OPTIONS = (("grpc.max_receive_message_length", CONTROL_MAX_ANSWER),)
 #: Answers in one AddPodsReply at most (well under a message's 4 MiB).
 BULK_REPLY_RESULTS = 256
 #: Events a Watch stream may have queued before it is ended for falling behind.

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from zds import defaults
 from zds.errors import ZdsError
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.kernel import netns_identity
@@ -117,7 +118,7 @@ class ControlDriver:
         from zds.gen import nodeagent_pb2_grpc
 
         self.control_socket = control_socket
-        self._channel = grpc.aio.insecure_channel(f"unix:{control_socket}")
+        self._channel = grpc.aio.insecure_channel(f"unix:{control_socket}", defaults.CONTROL_CLIENT_OPTIONS)
         self._stub = nodeagent_pb2_grpc.NodeAgentStub(self._channel)  # type: ignore[no-untyped-call]
 
     def describe(self) -> str:

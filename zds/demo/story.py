@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from zds import runtime
+from zds import defaults, runtime
 from zds.demo.narration import Narrator
 from zds.demo.probes import (
     ZTUNNEL_PORTS,
@@ -100,7 +100,9 @@ class Demo:
 
     def stub(self) -> Any:
         if self.channel is None:
-            self.channel = grpc.insecure_channel(f"unix:{self.control_socket}")
+            self.channel = grpc.insecure_channel(
+                f"unix:{self.control_socket}", defaults.CONTROL_CLIENT_OPTIONS
+            )
         return nodeagent_pb2_grpc.NodeAgentStub(self.channel)  # type: ignore[no-untyped-call]
 
     def show_logs(self) -> None:
