@@ -197,6 +197,19 @@ def test_a_junit_report_of_what_a_peer_said_in_control_characters_still_parses()
     assert suite.find("testcase/error").get("message") == message  # type: ignore[union-attr]
 
 
+def test_the_text_report_writes_what_a_peer_said_in_control_characters_as_escapes() -> None:
+    """It went to the terminal as it was: a peer's escape sequences cleared the screen, its
+    newline forged a report line."""
+    said = "uid x\x1b[2J\x07\nPASS  forged \ud800"
+    failing = CheckResult(SPEC, Status.FAIL, [Finding(said, "conn 1", detail=[said])])
+    text = Report(
+        "node-agent", f"/run/{said}", [failing, CheckResult(SPEC, Status.ERROR, notes=[said])]
+    ).render_text()
+    assert text.isascii() and "\x1b" not in text and "\x07" not in text and "\ud800" not in text
+    assert not [line for line in text.splitlines() if line.startswith("PASS")], text
+    assert "uid x\\x1b[2J\\x07\\nPASS  forged \\ud800" in text
+
+
 def test_only_and_skip_select_by_name_in_catalogue_order() -> None:
     assert select(["a", "b", "c"], ["c,a"], []) == ["a", "c"]
     assert select(["a", "b", "c"], [], ["b"]) == ["a", "c"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zds.check.sources import Source
+from zds.errors import printable
 
 #: Bytes shown in full up to this many; longer ones are cut in the human summary (never in JSON).
 HEX_SHOWN = 96
@@ -138,7 +139,8 @@ class Report:
             if result.status in (Status.FAIL, Status.ERROR):
                 lines.extend(_failure_lines(result))
         lines += ["", self.summary_line()]
-        return "\n".join(lines) + "\n"
+        # (a peer's text, a uid it sent, an error it wrote: escaped, as zds's other tables)
+        return "\n".join(printable(line) for line in lines) + "\n"
 
     def as_dict(self) -> dict[str, Any]:
         return {
