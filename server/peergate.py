@@ -97,6 +97,10 @@ class PeerGate:
         self._lanes: set[BulkLane] = set()
         #: Doors let in that have said nothing yet, oldest first, with their deadlines.
         self._silent: dict[_Door, asyncio.TimerHandle] = {}
+        #: Doors let in and open (silent, or let through to gRPC; not those made lanes).
+        self._open: set[_Door] = set()
+        #: A connection was closed for CONTROL_SOCKET_CONNECTIONS since the count was last under it.
+        self._said_full = False
         self._closed = False
 
     async def start(self, public: str, mode: int) -> None:
@@ -131,7 +135,29 @@ class PeerGate:
                 log.error("control socket: a bulk lane failed to stop: %r", failed)
         self._lanes.clear()
 
-    def wait_for_words(self, door: _Door) -> None:
+    def let_in(self, door: _Door) -> bool:
+        """Whether ``door`` (its peer allowed) may stay: at most CONTROL_SOCKET_CONNECTIONS are
+        open at once (the first closed for it since there were fewer is said, not each one)."""
+        if len(self._open) >= defaults.CONTROL_SOCKET_CONNECTIONS:
+            if not self._said_full:
+                self._said_full = True
+                log.warning(
+                    "control socket: %d connections are open; more are closed until some end",
+                    len(self._open),
+                )
+            return False
+        self._open.add(door)
+        self._wait_for_words(door)
+        return True
+
+    def gone(self, door: _Door) -> None:
+        """``door`` closed, or was made a bulk lane (counted among the lanes then)."""
+        self.spoke(door)
+        self._open.discard(door)
+        if len(self._open) < defaults.CONTROL_SOCKET_CONNECTIONS:
+            self._said_full = False
+
+    def _wait_for_words(self, door: _Door) -> None:
         """``door`` was let in: it has CONTROL_OPENING_TIMEOUT to say what it is, and the
         oldest silent one goes when more than CONTROL_SILENT_MAX are."""
         if len(self._silent) >= defaults.CONTROL_SILENT_MAX:
@@ -183,7 +209,8 @@ class _Door(_Pipe):
         if not self._gate.guard.check(peer_credentials(sock) if sock is not None else None):
             transport.close()
             return
-        self._gate.wait_for_words(self)
+        if not self._gate.let_in(self):
+            transport.close()
 
     def give_up(self, reason: str) -> None:
         """Close a connection that said nothing (``PeerGate.wait_for_words``)."""
@@ -193,7 +220,7 @@ class _Door(_Pipe):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._gate.spoke(self)
+        self._gate.gone(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -204,6 +231,7 @@ class _Door(_Pipe):
                 self.transport.close()  # the node agent is stopping
                 return
             if data[:1] == MAGIC[:1] and self.transport is not None:
+                self._gate.gone(self)  # (its connection is the lane's now: bounded as a lane)
                 self._gate.open_lane(self.transport, data)
                 return
             self._dial_grpc()

@@ -416,6 +416,51 @@ def test_control_connections_that_say_nothing_are_bounded_and_closed_in_time(tmp
         server.stop()
 
 
+def closed(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (reset: it left what was sent unread)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_control_socket_connections_that_speak_are_bounded_too(tmp_path: Path) -> None:
+    """Each connection let through to gRPC holds 3 fds for as long as its client keeps a call
+    open: an allowed client could hold them without limit. At most 256 are open at once; more
+    are closed, said once, and the socket serves again once some end."""
+    from zds import defaults
+
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    held: list[socket.socket] = []
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # + SETTINGS
+    try:
+        before = fd_count(server.pid)
+        for _ in range(defaults.CONTROL_SOCKET_CONNECTIONS + 20):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(server.control_socket)
+            sock.sendall(preface)
+            held.append(sock)
+        kept, extra = held[: defaults.CONTROL_SOCKET_CONNECTIONS], held[defaults.CONTROL_SOCKET_CONNECTIONS :]
+        for sock in held:
+            sock.settimeout(10)
+        assert all(sock.recv(9)[3:4] == b"\x04" for sock in kept)  # gRPC's SETTINGS: let through
+        assert all(closed(sock) for sock in extra)
+        assert fd_count(server.pid) - before <= 3 * defaults.CONTROL_SOCKET_CONNECTIONS + 8
+        wait_until(lambda: "connections are open; more are closed" in server.output(), "the warning")
+        assert server.output().count("connections are open; more are closed") == 1
+        for sock in held:
+            sock.close()
+        held.clear()
+        # (the node agent sees the closes a moment later: the call waits for its channel)
+        wait_until(lambda: fd_count(server.pid) - before < 16, "the connections' fds given back")
+        assert server.list_pods() == []
+        assert "Traceback" not in server.output()
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
 def test_half_sent_cni_requests_are_closed_in_time_each_with_one_warning_never_a_traceback(
     tmp_path: Path,
 ) -> None:

@@ -240,6 +240,9 @@ CONTROL_SILENT_MAX = 64
 #: client opens another for its next call), on the control socket and on TCP alike.
 CONTROL_IDLE = 30.0
 #: Connections the TCP control API (--grpc-listen) holds at once; one more is refused. Who
-#: reaches the port and finished the handshake could otherwise hold fds without limit (the
-#: control socket's connections are only its allowed peers').
+#: reaches the port and finished the handshake could otherwise hold fds without limit.
 CONTROL_TCP_CONNECTIONS = 64
+#: Connections the control socket holds at once besides its bulk lanes (each let through to
+#: gRPC holds 3 fds); one more is closed. Only its allowed peers get this far, but a client
+#: holding calls open (AddPods, Watch) could otherwise hold fds without limit.
+CONTROL_SOCKET_CONNECTIONS = 256
