@@ -145,11 +145,9 @@ def _kind(kind: int) -> str:
 
 
 def list_faults(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from zds.gen import nodeagent_pb2
     from zds.server.controlclient import ControlError
-    from zds.server.podctl import table
+    from zds.server.podctl import message_dict, table
 
     try:
         armed = _call(args, "ListFaults", nodeagent_pb2.ListFaultsRequest()).faults
@@ -157,7 +155,7 @@ def list_faults(args: argparse.Namespace) -> int:
         print(f"zds faults list: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps([MessageToDict(f, preserving_proto_field_name=True) for f in armed], indent=2))
+        print(json.dumps([message_dict(f) for f in armed], indent=2))
         return 0
     rows = [[f.id, _kind(f.kind), f.target, str(f.count), f.uid or "-", f.detail or "-"] for f in armed]
     print(table(["ID", "KIND", "TARGET", "COUNT", "UID", "DETAIL"], rows))
@@ -181,11 +179,10 @@ def clear_faults(args: argparse.Namespace) -> int:
 
 
 def inject(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
-
     from zds.gen import nodeagent_pb2
     from zds.server.controlclient import ControlError
     from zds.server.controlwire import FAULT_KIND_TO_PROTO
+    from zds.server.podctl import message_dict
 
     request = nodeagent_pb2.InjectFaultRequest(
         kind=FAULT_KIND_TO_PROTO[FaultKind.named(args.kind)],  # type: ignore[arg-type]
@@ -205,7 +202,7 @@ def inject(args: argparse.Namespace) -> int:
         print(f"zds fault: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(MessageToDict(fault, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(message_dict(fault), indent=2))
     else:
         detail = f": {fault.detail}" if fault.state != "armed" and fault.detail else ""
         print(f"fault {fault.id} {fault.state} ({args.kind} on {fault.target}){detail}")

@@ -10,12 +10,11 @@ from datetime import UTC
 from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zds.gen import nodeagent_pb2
 from zds.server.controlclient import ControlError, ControlTarget
-from zds.server.podctl import enum_label, table
+from zds.server.podctl import enum_label, message_dict, table
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
@@ -49,10 +48,7 @@ def _enum(enum: EnumTypeWrapper, value: int, prefix: str) -> str:
 
 
 def connection_dict(conn: nodeagent_pb2.Connection) -> dict[str, Any]:
-    doc: dict[str, Any] = MessageToDict(
-        conn, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return doc
+    return message_dict(conn, every_field=True)
 
 
 def connection_row(conn: nodeagent_pb2.Connection) -> list[str]:
@@ -195,7 +191,7 @@ class EventPrinter:
     def print(self, event: nodeagent_pb2.Event) -> None:
         self.received += 1
         if self.as_json:
-            doc = MessageToDict(event, preserving_proto_field_name=True)
+            doc = message_dict(event)
             self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
         elif event.kind == nodeagent_pb2.EVENT_KIND_CURRENT_STATE_END:
             shown = " shown (--kind, --uid)" if self.filtered else ""

@@ -20,15 +20,68 @@ from zds.server.pods import PodSpec, PodSpecError
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+    from google.protobuf.message import Message
 
 
 def pod_dict(pod: nodeagent_pb2.Pod) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict  # --json only (~15 ms of imports)
+    return message_dict(pod, every_field=True)
 
-    doc: dict[str, Any] = MessageToDict(
-        pod, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return doc
+
+def message_dict(message: Message, *, every_field: bool = False) -> dict[str, Any]:
+    """A node agent's answer as ``--json`` writes it (proto field names; ``every_field``: those
+    at their default too); a time or duration JSON cannot hold (a newer or broken node
+    agent's) is its seconds, as the tables write it: it was a traceback."""
+    from google.protobuf import json_format  # --json only (~15 ms of imports)
+
+    def as_dict(m: Message) -> dict[str, Any]:
+        doc: dict[str, Any] = json_format.MessageToDict(
+            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=every_field
+        )
+        return doc
+
+    try:
+        return as_dict(message)
+    except (json_format.Error, ValueError):
+        copy = type(message)()
+        copy.CopyFrom(message)
+        cut = _cut_bad_times(copy)
+        doc = as_dict(copy)
+        for path, seconds in cut:
+            place: Any = doc
+            for key in path[:-1]:
+                place = place[key]
+            place[path[-1]] = f"{seconds}s"
+        return doc
+
+
+_TIMES = ("google.protobuf.Timestamp", "google.protobuf.Duration")
+
+
+def _cut_bad_times(
+    message: Message, path: tuple[str | int, ...] = ()
+) -> list[tuple[tuple[str | int, ...], int]]:
+    """Clear each time or duration in ``message`` that JSON cannot hold; where each was and its seconds."""
+    from google.protobuf import json_format
+
+    cut: list[tuple[tuple[str | int, ...], int]] = []
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        repeated = field.is_repeated
+        for index, item in enumerate(value) if repeated else [(0, value)]:
+            where = (*path, field.name, index) if repeated else (*path, field.name)
+            if item.DESCRIPTOR.full_name not in _TIMES:
+                cut += _cut_bad_times(item, where)
+                continue
+            try:
+                json_format.MessageToDict(item)
+            except (json_format.Error, ValueError):  # (ValueError from a Timestamp's own check)
+                cut.append((where, item.seconds))
+                if repeated:
+                    item.Clear()
+                else:
+                    message.ClearField(field.name)
+    return cut
 
 
 def _state(pod: nodeagent_pb2.Pod) -> str:

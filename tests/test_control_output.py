@@ -12,7 +12,7 @@ from zds.gen import nodeagent_pb2
 from zds.server.bulkadd import cut
 from zds.server.faultcli import _kind
 from zds.server.inspectctl import _when, connection_row, event_details, kind_name
-from zds.server.podctl import table
+from zds.server.podctl import message_dict, pod_dict, table
 
 #: A terminal's title set and its screen cleared.
 ESCAPES = "\x1b]0;x\x07\x1b[2J"
@@ -33,6 +33,27 @@ def test_an_enum_value_this_client_does_not_know_is_its_number() -> None:
 def test_a_time_no_date_holds_is_its_seconds() -> None:
     assert _when(Timestamp(seconds=2**62)) == f"{2**62}s"
     assert _when(Timestamp(seconds=0, nanos=5_000_000)) == "1970-01-01T00:00:00.005Z"
+
+
+def test_json_writes_a_time_no_date_holds_as_its_seconds_and_the_rest_as_ever() -> None:
+    """``--json`` raised json_format's SerializeToJsonError (a traceback) on such a time."""
+    event = nodeagent_pb2.Event(kind=nodeagent_pb2.EVENT_KIND_POD_ENROLLED, uid="u1")
+    event.time.seconds = 1_700_000_000
+    event.pod.uid = "u1"
+    event.pod.enrolled_at.seconds = 2**62
+    doc = message_dict(event)
+    assert doc["pod"] == {"uid": "u1", "enrolled_at": f"{2**62}s"}
+    assert doc["time"] == "2023-11-14T22:13:20Z" and doc["uid"] == "u1"
+    assert event.pod.enrolled_at.seconds == 2**62  # (its own message left as it was)
+    pod = pod_dict(nodeagent_pb2.Pod(uid="u2", enrolled_at=Timestamp(seconds=-(2**40))))
+    assert pod["enrolled_at"] == f"{-(2**40)}s" and pod["state"] == "POD_STATE_UNSPECIFIED"
+    fault = nodeagent_pb2.Fault(id="f1")
+    fault.delay.seconds = 2**62
+    assert message_dict(fault) == {"id": "f1", "delay": f"{2**62}s"}
+    assert message_dict(nodeagent_pb2.Pod(uid="u3", enrolled_at=Timestamp(seconds=5))) == {
+        "uid": "u3",
+        "enrolled_at": "1970-01-01T00:00:05Z",
+    }
 
 
 def test_what_is_not_printable_is_written_as_its_escape() -> None:
