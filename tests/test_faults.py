@@ -248,6 +248,7 @@ def test_a_fault_that_makes_no_sense_now_is_refused_in_one_line(server: NodeAgen
         assert refused.value.code() == code, (kind, refused.value.details())
         assert says in refused.value.details() and "\n" not in refused.value.details()
     connected(server, peers)
+    server.wait_for_output("snapshot sent to ztunnel")  # (its ack read: the snapshot is complete)
     with pytest.raises(grpc.RpcError) as late:
         inject(server, "withhold-snapshot-sent")
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -42,6 +42,8 @@ GRPCURL = grpcurl_binary()
 def peer(server: NodeAgentProc, peers: Peers) -> AckingPeer:
     peer = peers.acking(server.zds_socket)
     peer.wait_snapshot()
+    # (the node agent has read its ack too: the snapshot's events are out before a Watch opens)
+    server.wait_for_output("snapshot sent to ztunnel")
     return peer
 
 

@@ -290,6 +290,8 @@ def test_watchers_are_told_when_the_node_agent_shuts_down(
     server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
     peers.acking(server.zds_socket)
+    # (its snapshot's events, acked, complete, are all out by this line: none is live then)
+    server.wait_for_output("snapshot sent to ztunnel")
     stream = WatchStream(server)
     streams.append(stream)
     stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
