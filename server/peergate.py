@@ -85,6 +85,23 @@ class _Pipe(asyncio.Protocol):
             self.peer.transport.resume_reading()
 
 
+#: The warning that connections were closed for want of room comes at most this often (s).
+FULL_SAID_EVERY = 10.0
+
+
+def connection_capacity(soft: int | None = None) -> int:
+    """How many control-socket connections may be open at once: CONTROL_SOCKET_CONNECTIONS,
+    or at most half the fds beyond the node agent's reserve (3 each), at least 16; ``soft``
+    is RLIMIT_NOFILE's (this process's when None)."""
+    import resource
+
+    if soft is None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return defaults.CONTROL_SOCKET_CONNECTIONS
+    return max(16, min(defaults.CONTROL_SOCKET_CONNECTIONS, (soft - defaults.NODE_AGENT_FD_RESERVE) // 6))
+
+
 class PeerGate:
     """Lets allowed peers of ``public`` through to ``private``, or to ``bulk``'s lane."""
 
@@ -99,8 +116,11 @@ class PeerGate:
         self._silent: dict[_Door, asyncio.TimerHandle] = {}
         #: Doors let in and open (silent, or let through to gRPC; not those made lanes).
         self._open: set[_Door] = set()
-        #: A connection was closed for CONTROL_SOCKET_CONNECTIONS since the count was last under it.
-        self._said_full = False
+        #: How many may be open at once (see CONTROL_SOCKET_CONNECTIONS).
+        self.capacity = connection_capacity()
+        #: Connections closed for want of room since that was last said, and when it may be again.
+        self._turned_away = 0
+        self._say_full_at = 0.0
         self._closed = False
 
     async def start(self, public: str, mode: int) -> None:
@@ -136,39 +156,50 @@ class PeerGate:
         self._lanes.clear()
 
     def let_in(self, door: _Door) -> bool:
-        """Whether ``door`` (its peer allowed) may stay: at most CONTROL_SOCKET_CONNECTIONS are
-        open at once (the first closed for it since there were fewer is said, not each one)."""
-        if len(self._open) >= defaults.CONTROL_SOCKET_CONNECTIONS:
-            if not self._said_full:
-                self._said_full = True
+        """Whether ``door`` (its peer allowed) may stay: it has CONTROL_OPENING_TIMEOUT to say
+        what it is; past CONTROL_SILENT_MAX silent ones, or CONTROL_SOCKET_CONNECTIONS open
+        ones, the oldest silent one goes (once silent CONTROL_SILENT_GRACE); if none can, a
+        door beyond ``capacity`` is closed (said at most once every FULL_SAID_EVERY seconds)."""
+        loop = asyncio.get_running_loop()
+        if len(self._silent) >= defaults.CONTROL_SILENT_MAX:
+            self._close_oldest_silent(
+                f"more than {defaults.CONTROL_SILENT_MAX} connections said nothing yet; the oldest goes"
+            )
+        if len(self._open) >= self.capacity:
+            self._close_oldest_silent(f"{self.capacity} connections are open; the oldest silent one goes")
+        if len(self._open) >= self.capacity:
+            self._turned_away += 1
+            if loop.time() >= self._say_full_at:
+                self._say_full_at = loop.time() + FULL_SAID_EVERY
                 log.warning(
-                    "control socket: %d connections are open; more are closed until some end",
+                    "control socket: %d connections are open; %d more closed (said at most every %gs)",
                     len(self._open),
+                    self._turned_away,
+                    FULL_SAID_EVERY,
                 )
+                self._turned_away = 0
             return False
         self._open.add(door)
-        self._wait_for_words(door)
+        self._silent[door] = loop.call_later(
+            defaults.CONTROL_OPENING_TIMEOUT,
+            door.give_up,
+            f"it said nothing within {defaults.CONTROL_OPENING_TIMEOUT:g}s",
+        )
         return True
+
+    def _close_oldest_silent(self, reason: str) -> None:
+        """Close the door silent longest, if it has been for CONTROL_SILENT_GRACE."""
+        if not self._silent:
+            return
+        door, deadline = next(iter(self._silent.items()))
+        silent_since = deadline.when() - defaults.CONTROL_OPENING_TIMEOUT
+        if asyncio.get_running_loop().time() - silent_since >= defaults.CONTROL_SILENT_GRACE:
+            door.give_up(reason)
 
     def gone(self, door: _Door) -> None:
         """``door`` closed, or was made a bulk lane (counted among the lanes then)."""
         self.spoke(door)
         self._open.discard(door)
-        if len(self._open) < defaults.CONTROL_SOCKET_CONNECTIONS:
-            self._said_full = False
-
-    def _wait_for_words(self, door: _Door) -> None:
-        """``door`` was let in: it has CONTROL_OPENING_TIMEOUT to say what it is, and the
-        oldest silent one goes when more than CONTROL_SILENT_MAX are."""
-        if len(self._silent) >= defaults.CONTROL_SILENT_MAX:
-            next(iter(self._silent)).give_up(
-                f"more than {defaults.CONTROL_SILENT_MAX} connections said nothing yet; the oldest goes"
-            )
-        self._silent[door] = asyncio.get_running_loop().call_later(
-            defaults.CONTROL_OPENING_TIMEOUT,
-            door.give_up,
-            f"it said nothing within {defaults.CONTROL_OPENING_TIMEOUT:g}s",
-        )
 
     def spoke(self, door: _Door) -> None:
         """``door`` said something, or closed."""
@@ -213,8 +244,8 @@ class _Door(_Pipe):
             transport.close()
 
     def give_up(self, reason: str) -> None:
-        """Close a connection that said nothing (``PeerGate.wait_for_words``)."""
-        self._gate.spoke(self)
+        """Close a connection that said nothing (``PeerGate.let_in``)."""
+        self._gate.gone(self)  # (its place free at once: its close is seen a moment later)
         log.warning("control socket: a connection closed: %s", reason)
         if self.transport is not None:
             self.transport.close()

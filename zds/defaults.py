@@ -236,6 +236,10 @@ MAX_NETNS_PATH = 4096
 #: hello timeout and bound, so connections that say nothing cannot use up the fds.
 CONTROL_OPENING_TIMEOUT = 10.0
 CONTROL_SILENT_MAX = 64
+#: A connection is closed for being silent (one too many, or to make room) only once it has
+#: been for this long: a burst of clients is accepted before any is read, and the oldest of
+#: them went while its first bytes waited to be read.
+CONTROL_SILENT_GRACE = 1.0
 #: A control API connection with no call under way is closed after this many seconds (its
 #: client opens another for its next call), on the control socket and on TCP alike.
 CONTROL_IDLE = 30.0
@@ -243,6 +247,8 @@ CONTROL_IDLE = 30.0
 #: reaches the port and finished the handshake could otherwise hold fds without limit.
 CONTROL_TCP_CONNECTIONS = 64
 #: Connections the control socket holds at once besides its bulk lanes (each let through to
-#: gRPC holds 3 fds); one more is closed. Only its allowed peers get this far, but a client
-#: holding calls open (AddPods, Watch) could otherwise hold fds without limit.
+#: gRPC holds 3 fds; fewer where RLIMIT_NOFILE is low: at most half the fds beyond the
+#: reserve); one more is closed, unless a silent one makes room. Only its allowed peers get
+#: this far, but a client holding calls open (AddPods, Watch) could otherwise hold fds
+#: without limit.
 CONTROL_SOCKET_CONNECTIONS = 256
