@@ -134,7 +134,10 @@ class GuardedUnixHttp:
                 _who(peer),
                 self._in_flight,
             )
-            return _closing(web.Response(status=503, text="too many requests in flight; try again\n"))
+            # (Retry-After: zds-cni asks again within its timeout; other 503s are answers)
+            busy = web.Response(status=503, text="too many requests in flight; try again\n")
+            busy.headers["Retry-After"] = "1"
+            return _closing(busy)
         self._in_flight += 1
         try:
             try:

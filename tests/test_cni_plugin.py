@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from zds.cni.plugin import DEL_TIMEOUT
 from zds.server.cni import parse_event
 
 PREV_RESULT = {
@@ -39,12 +40,22 @@ class StandInAgent:
         self.answers: dict[str, tuple[int, str]] = {}
         #: Seconds to wait before answering a path (a node agent still at work).
         self.delays: dict[str, float] = {}
+        #: How many requests of a path are answered "too busy" first (the node agent's 503 with
+        #: Retry-After, its requests in flight at their bound).
+        self.busy: dict[str, int] = {}
         agent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 agent.requests.append((self.path, json.loads(body)))
+                if agent.busy.get(self.path, 0) > 0:
+                    agent.busy[self.path] -= 1
+                    self.send_response(503)
+                    self.send_header("Retry-After", "1")
+                    self.end_headers()
+                    self.wfile.write(b"too many requests in flight; try again\n")
+                    return
                 time.sleep(agent.delays.get(self.path, 0.0))  # slow on purpose, not synchronisation
                 status, text = agent.answers.get(self.path, (200, ""))
                 self.send_response(status)
@@ -197,6 +208,48 @@ def test_the_del_after_an_unanswered_add_waits_briefly(tmp_path: pathlib.Path, a
         f"the DEL after it failed too: zds-cni: no answer from the node agent on {agent.path} within 2s"
         in logged
     )
+
+
+def test_a_node_agent_too_busy_is_asked_again_until_the_timeout(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    """Its 503 with Retry-After (64 requests in flight) was taken for "cannot tell whether the
+    container joins" (101): a burst of containers failed, and a DEL was dropped."""
+    agent.busy["/cmdadd"] = agent.busy["/cmddel"] = 3
+    code, out, _ = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT))
+    assert (code, out) == (0, PREV_RESULT)
+    assert (code := plugin("DEL", config(tmp_path))[0]) == 0
+    assert [path for path, _ in agent.requests] == ["/cmdadd"] * 4 + ["/cmddel"] * 4
+    agent.busy["/cmdadd"] = 1000  # busy for good: the runtime is told to try again later
+    code, out, _ = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT, timeout=1))
+    assert code == 1 and out["code"] == 11
+    assert (
+        out["msg"]
+        == f"zds-cni: the node agent on {agent.path} was too busy for 1s: too many requests in flight; try again"
+    )
+
+
+def test_a_503_without_retry_after_is_the_node_agents_answer_not_asked_again(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    agent.answers["/cmdadd"] = agent.answers["/cmdcheck"] = (503, "cannot tell whether container x joins")
+    code, out, _ = plugin("ADD", config(tmp_path, prevResult=PREV_RESULT))
+    assert code == 1 and out["code"] == 101 and out["msg"].endswith("cannot tell whether container x joins")
+    code, out, _ = plugin("CHECK", config(tmp_path, prevResult=PREV_RESULT))
+    assert code == 1 and out["code"] == 101  # (as the ADD's; it was 100)
+    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmdcheck"]
+
+
+def test_a_del_waits_for_a_node_agent_that_hung_at_most_del_timeout(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    """It waited the ADD's timeout (20 s by default, up to an hour) for an answer that changes
+    nothing: every container's teardown held that long."""
+    agent.delays["/cmddel"] = DEL_TIMEOUT + 3
+    code, out, _ = plugin("DEL", config(tmp_path, timeout=60))
+    assert (code, out) == (0, None)
+    logged = (tmp_path / "zds-cni.log").read_text()
+    assert f"no answer from the node agent on {agent.path} within {DEL_TIMEOUT:g}s" in logged
 
 
 def test_an_unreachable_agent_fails_the_add_try_again_later(tmp_path: pathlib.Path) -> None:

@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from typing import IO, Any
 
 from zds import defaults, logs
@@ -49,8 +50,18 @@ log = logging.getLogger("zds.cni")
 ENROLL_MODES = ("labelled", "all")
 #: How long the DEL that follows an ADD the node agent did not answer in time waits (seconds).
 CLEANUP_TIMEOUT = 2.0
+#: How long a DEL waits for the node agent at most (seconds): its answer changes nothing (the
+#: DEL succeeds whatever it is; a removal under way goes on), and a node agent that hung held
+#: each container's teardown for the ADD's whole timeout.
+DEL_TIMEOUT = 5.0
+#: A node agent too busy (a 503 with Retry-After: its requests in flight at their bound) is
+#: asked again after this pause, doubling up to BUSY_PAUSE_MAX, until the timeout.
+BUSY_PAUSE = 0.05
+BUSY_PAUSE_MAX = 1.0
 #: The longest ``timeout`` a config may give (seconds): a runtime waits that long for an ADD.
 MAX_TIMEOUT = 3600
+#: The most of a node agent's answer read (its answers are a line; as Istio's plugin, 1 MiB).
+MAX_ANSWER = 1024 * 1024
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -112,14 +123,36 @@ def _string(doc: dict[str, Any], key: str, default: str) -> str:
 def _post(
     config: PluginConfig, path: str, body: dict[str, Any], timeout: float | None = None
 ) -> tuple[int, str]:
-    """POST ``body`` to the node agent; (status, text). AgentUnreachable if it does not answer
-    within ``timeout`` seconds (the config's by default)."""
+    """POST ``body`` to the node agent; (status, text). Asked again while it says it is too
+    busy; AgentUnreachable if it does not answer, or is still busy, within ``timeout``
+    seconds (the config's by default)."""
     timeout = config.timeout if timeout is None else timeout
-    conn = _UnixConnection(config.cni_socket, timeout)
+    deadline = time.monotonic() + timeout
+    pause = BUSY_PAUSE
+    while True:
+        status, text, busy = _post_once(config, path, body, timeout, deadline - time.monotonic())
+        if not busy:
+            return status, text
+        if deadline - time.monotonic() <= pause:
+            raise AgentUnreachable(
+                Code.TRY_AGAIN_LATER,
+                f"zds-cni: the node agent on {config.cni_socket} was too busy for {timeout:g}s: {text}",
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, BUSY_PAUSE_MAX)
+
+
+def _post_once(
+    config: PluginConfig, path: str, body: dict[str, Any], timeout: float, left: float
+) -> tuple[int, str, bool]:
+    """One POST with ``left`` seconds (of ``timeout``) to answer: (status, text, whether it was
+    the node agent's "too busy": a 503 with Retry-After)."""
+    conn = _UnixConnection(config.cni_socket, max(left, 0.001))
     try:
         conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
         response = conn.getresponse()
-        return response.status, response.read().decode(errors="replace").strip()
+        text = response.read(MAX_ANSWER).decode(errors="replace").strip()
+        return response.status, text, response.status == 503 and response.getheader("Retry-After") is not None
     except TimeoutError as exc:
         raise AgentUnreachable(
             Code.TRY_AGAIN_LATER,
@@ -174,7 +207,7 @@ def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[
 def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
     body = {"PodUID": inv.container_id, "Netns": inv.netns}
     try:
-        status, text = _post(config, defaults.CNI_DEL_EVENT_PATH, body)
+        status, text = _post(config, defaults.CNI_DEL_EVENT_PATH, body, min(config.timeout, DEL_TIMEOUT))
     except AgentUnreachable as exc:
         log.warning("DEL %s: %s (the node agent finds the pod gone by itself)", inv.container_id[:12], exc)
         return
@@ -185,7 +218,8 @@ def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
 def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
     status, text = _post(config, defaults.CNI_CHECK_EVENT_PATH, _event(inv, config, doc))
     if status != 200:
-        raise CniError(Code.ENROLLMENT_FAILED, f"zds-cni: CHECK of container {inv.container_id[:12]}: {text}")
+        code = Code.SELECTION_FAILED if status == 503 else Code.ENROLLMENT_FAILED  # (as ADD's)
+        raise CniError(code, f"zds-cni: CHECK of container {inv.container_id[:12]}: {text}")
 
 
 def cmd_status(config: PluginConfig) -> None:
