@@ -7,8 +7,11 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
+import zds
 from tests.harness import ZDS
+from zds.cni.install import launcher
 
 #: A conflist as `podman network create` writes it (3-space indent, no final newline).
 PODMAN_CONFLIST = """{
@@ -135,6 +138,59 @@ def test_the_installed_plugin_runs_from_the_bin_dir(tmp_path: pathlib.Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["supportedVersions"][-2:] == ["1.0.0", "1.1.0"]
+
+
+#: A Python that cannot import zds when run as a CNI runtime runs the launcher (isolated, -I):
+#: Debian's own, which ./dev made the venv from, with zds found only through PYTHONPATH.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def test_a_python_that_cannot_import_zds_isolated_is_refused_and_nothing_is_written(
+    tmp_path: pathlib.Path,
+) -> None:
+    """zds run from a checkout through PYTHONPATH (or a user site) installed a launcher that
+    could not import zds: every ADD and DEL on that network a traceback, the install "done"."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    site = subprocess.run(
+        [sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    checkout = str(pathlib.Path(zds.__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-m", "zds", "cni", "install", *flags],
+        env={**os.environ, "PYTHONPATH": f"{checkout}:{site}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith(
+        f"zds cni install: {SYSTEM_PYTHON} -I cannot import zds (ModuleNotFoundError"
+    )
+    assert "a CNI runtime runs the plugin that way" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
+
+
+def test_a_launcher_that_cannot_load_zds_says_so_as_the_spec_asks_and_lets_a_del_succeed(
+    tmp_path: pathlib.Path,
+) -> None:
+    plugin = tmp_path / "zds-cni"
+    plugin.write_text(launcher(SYSTEM_PYTHON))
+    plugin.chmod(0o755)
+
+    def run(command: str) -> subprocess.CompletedProcess[bytes]:
+        env = {"CNI_COMMAND": command, "PATH": "/usr/bin:/bin"}
+        return subprocess.run([str(plugin)], input=b"{}", env=env, cwd="/", capture_output=True, timeout=60)
+
+    added = run("ADD")
+    assert added.returncode == 1 and added.stderr == b""
+    said = json.loads(added.stdout)
+    assert said["code"] == 999 and said["msg"] == "zds-cni: cannot load zds: No module named 'zds'"
+    assert said["details"].startswith(SYSTEM_PYTHON) and set(said) == {"cniVersion", "code", "msg", "details"}
+    deleted = run("DEL")
+    assert (deleted.returncode, deleted.stdout, deleted.stderr) == (0, b"", b"")
 
 
 def test_a_single_plugin_conf_becomes_a_conflist_and_comes_back(tmp_path: pathlib.Path) -> None:

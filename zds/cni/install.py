@@ -57,14 +57,50 @@ class InstallOptions:
 
 
 def launcher(python: str) -> str:
+    # (-I, as a runtime runs it anyway: no PYTHONPATH, no user site, not its directory. zds not
+    # importable there is the spec's error on stdout, and a DEL that succeeds, not a traceback.)
     return (
         f"#!{python} -I\n"
         f"{LAUNCHER_MARK} (zds {__version__}).\n"
         "# It runs zds.cni.plugin from the Python environment zds is installed in.\n"
         "import sys\n\n"
-        "from zds.cni.plugin import main\n\n"
+        "try:\n"
+        "    from zds.cni.plugin import main\n"
+        "except Exception as exc:\n"
+        "    import json, os\n\n"
+        '    if os.environ.get("CNI_COMMAND") == "DEL":\n'
+        "        sys.exit(0)\n"
+        '    said = {"cniVersion": "1.0.0", "code": 999, "msg": f"zds-cni: cannot load zds: {exc}",\n'
+        '            "details": f"{sys.executable} -I cannot import zds.cni.plugin; run zds cni install again"}\n'
+        "    print(json.dumps(said))\n"
+        "    sys.exit(1)\n\n"
         "sys.exit(main())\n"
     )
+
+
+def check_python(python: str) -> None:
+    """InstallError unless ``python`` imports zds's plugin as a runtime will run the launcher:
+    isolated (-I), from another directory, with a bare environment."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [python, "-I", "-c", "import zds.cni.plugin"],
+            cwd="/",
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"cannot run {python} to check it imports zds: {exc}") from exc
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise InstallError(
+            f"{python} -I cannot import zds ({said}), and a CNI runtime runs the plugin that way "
+            "(no PYTHONPATH, no user site, not this directory): install zds into that Python's "
+            "environment (./dev setup makes .venv) and run zds cni install from there"
+        )
 
 
 def plugin_entry(options: InstallOptions) -> dict[str, Any]:
@@ -255,6 +291,7 @@ def install(options: InstallOptions) -> list[str]:
     done: list[str] = []
     target = _target(options, done)
     _check_version(*target)
+    check_python(options.python)
     existed = os.path.lexists(os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE))
     binary, written = install_binary(options)
     done.append(f"{'installed' if written else 'up to date:'} {binary}")
