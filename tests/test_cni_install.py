@@ -193,6 +193,21 @@ def test_a_launcher_that_cannot_load_zds_says_so_as_the_spec_asks_and_lets_a_del
     assert (deleted.returncode, deleted.stdout, deleted.stderr) == (0, b"", b"")
 
 
+def test_a_conflist_of_zds_cni_alone_is_neither_chained_into_nor_emptied(tmp_path: pathlib.Path) -> None:
+    """Install was a traceback (an empty plugins list) that left its launcher; uninstall wrote
+    ``"plugins": []``, which libcni refuses."""
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    alone = '{"cniVersion": "1.0.0", "name": "mesh", "plugins": [{"type": "zds-cni", "cni_socket": "/x"}]}\n'
+    (conf_dir / "87-mesh.conflist").write_text(alone)
+    done = zds_cni("install", *flags)
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "network 'mesh' has no plugin but zds-cni" in done.stderr and "Traceback" not in done.stderr
+    assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == alone
+    done = zds_cni("uninstall", *flags)
+    assert done.returncode == 0 and "zds-cni is its only plugin" in done.stdout
+    assert (conf_dir / "87-mesh.conflist").read_text() == alone
+
+
 def test_a_single_plugin_conf_becomes_a_conflist_and_comes_back(tmp_path: pathlib.Path) -> None:
     _, conf_dir, flags = dirs(tmp_path)
     conf = conf_dir / "10-bridge.conf"

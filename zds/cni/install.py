@@ -244,6 +244,11 @@ def chain(
     ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
     if ours == [len(loaded.plugins) - 1] and loaded.plugins[-1] == entry:
         return path, False
+    if len(ours) == len(loaded.plugins):
+        raise InstallError(
+            f"{path}: network {loaded.name!r} has no plugin but zds-cni, which chains after a "
+            "network's own (bridge, ...); give it its plugins, or chain into another with --network"
+        )
     conflist = loaded
     for index in reversed(ours):
         conflist = Conflist(conflist.without(index), path)
@@ -297,9 +302,11 @@ def install(options: InstallOptions) -> list[str]:
     done.append(f"{'installed' if written else 'up to date:'} {binary}")
     try:
         conf, changed = chain(options, target)
-    except OSError as exc:  # a conf dir or file that cannot be written: nothing of this install stays
+    except (OSError, InstallError) as exc:  # nothing of this install stays
         if written and not existed:
             os.unlink(binary)
+        if isinstance(exc, InstallError):
+            raise
         raise InstallError(
             f"cannot chain zds-cni into {target[0]}: {exc.strerror}; nothing was chained"
         ) from exc
@@ -340,8 +347,12 @@ def uninstall(options: InstallOptions) -> list[str]:
 
 def _unchain(path: str, loaded: Conflist, done: list[str]) -> None:
     """zds-cni's entries out of one conflist, or the .conf install converted back."""
+    ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
+    if len(ours) == len(loaded.plugins):  # (not install's: it chains after a network's own)
+        done.append(f"left {path} as it is: zds-cni is its only plugin (libcni refuses an empty list)")
+        return
     conflist = loaded
-    for index in reversed(loaded.indices_of(defaults.CNI_PLUGIN_TYPE)):
+    for index in reversed(ours):
         conflist = Conflist(conflist.without(index), path)
     original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
     conf = original.removesuffix(ORIGINAL_SUFFIX)
