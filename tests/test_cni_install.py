@@ -80,10 +80,22 @@ def test_install_chains_last_and_changes_nothing_else_and_uninstall_restores_the
     assert "already chained, unchanged" in again.stdout and "up to date" in again.stdout
     assert (mesh.stat().st_ino, mesh.stat().st_mtime_ns) == (inode, mtime)
 
-    # Other options: the entry is replaced, still last.
+    # Other options: the entry is replaced, still last; keys set by hand stay.
+    mesh.write_text(mesh.read_text().replace('"type": "zds-cni",', '"type": "zds-cni", "timeout": 5,'))
     zds_cni("install", *flags, "--network", "mesh", "--enroll", "all")
     plugins = json.loads(mesh.read_text())["plugins"]
     assert [p["type"] for p in plugins] == ["bridge", "portmap", "zds-cni"] and plugins[-1]["enroll"] == "all"
+    assert plugins[-1]["timeout"] == 5 and plugins[-1]["cni_socket"] == "/var/run/istio-cni/pluginevent.sock"
+    inode = mesh.stat().st_ino
+    again = zds_cni("install", *flags, "--network", "mesh", "--enroll", "all")
+    assert "already chained, unchanged" in again.stdout and mesh.stat().st_ino == inode
+    zds_cni("install", *flags, "--network", "mesh")  # (labelled: its "enroll" goes, "timeout" stays)
+    assert json.loads(mesh.read_text())["plugins"][-1] == {
+        "type": "zds-cni",
+        "cni_socket": "/var/run/istio-cni/pluginevent.sock",
+        "log_file": "/var/log/zds-cni.log",
+        "timeout": 5,
+    }
 
     gone = zds_cni("uninstall", *flags)
     assert gone.returncode == 0, gone.stderr

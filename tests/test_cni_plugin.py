@@ -252,6 +252,16 @@ def test_a_del_waits_for_a_node_agent_that_hung_at_most_del_timeout(
     assert f"no answer from the node agent on {agent.path} within {DEL_TIMEOUT:g}s" in logged
 
 
+def test_an_error_found_before_the_config_is_read_carries_the_configs_version() -> None:
+    """A 0.3.1 network's missing CNI_NETNS was answered as 1.1.0 (the environment is checked
+    first); the spec has an error carry the config's version."""
+    conf = {"cniVersion": "0.3.1", "name": "n", "type": "zds-cni"}
+    code, out, _ = plugin("ADD", conf, CNI_NETNS="")
+    assert code == 1 and out["code"] == 4 and out["cniVersion"] == "0.3.1"
+    code, out, _ = plugin("ADD", b"{not json", CNI_NETNS="")
+    assert code == 1 and out["cniVersion"] == "1.1.0"  # (none to be read: the newest)
+
+
 def test_an_unreachable_agent_fails_the_add_try_again_later(tmp_path: pathlib.Path) -> None:
     code, out, _ = plugin("ADD", config(tmp_path))
     assert code == 1 and out["code"] == 11

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from zds import defaults
+from zds.errors import printable
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -98,9 +99,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     try:
         done = install(options)
     except (InstallError, OSError) as exc:
-        print(f"zds cni install: {exc}", file=sys.stderr)
+        print(f"zds cni install: {printable(str(exc))}", file=sys.stderr)
         return 1
-    print("\n".join(done))
+    print("\n".join(printable(line) for line in done))  # (file names in the conf dir: anyone's)
     return 0
 
 
@@ -110,7 +111,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     try:
         done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network))
     except (InstallError, OSError) as exc:
-        print(f"zds cni uninstall: {exc}", file=sys.stderr)
+        print(f"zds cni uninstall: {printable(str(exc))}", file=sys.stderr)
         return 1
-    print("\n".join(done))
+    print("\n".join(printable(line) for line in done))
     return 0

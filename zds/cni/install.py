@@ -103,6 +103,10 @@ def check_python(python: str) -> None:
         )
 
 
+#: The keys of zds-cni's entry install sets from its options (the others are the operator's).
+ENTRY_KEYS = ("type", "cni_socket", "log_file", "enroll")
+
+
 def plugin_entry(options: InstallOptions) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "type": defaults.CNI_PLUGIN_TYPE,
@@ -242,6 +246,8 @@ def chain(
     if isinstance(loaded, dict):
         return _convert_conf(path, loaded, entry), True
     ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
+    if ours:  # keys install does not set (timeout, log_level: set by hand) stay as they were
+        entry |= {k: v for k, v in loaded.plugins[ours[-1]].items() if k not in ENTRY_KEYS}
     if ours == [len(loaded.plugins) - 1] and loaded.plugins[-1] == entry:
         return path, False
     if len(ours) == len(loaded.plugins):

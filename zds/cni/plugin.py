@@ -252,7 +252,7 @@ def _configure_logging(config: PluginConfig) -> None:
 
 def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
     """One invocation: (exit code, what to print on stdout, if anything)."""
-    version = spec.CURRENT_VERSION
+    version = spec.config_version(stdin)  # (an error carries the config's version, when it has one)
     try:
         inv = Invocation.from_environment(env)
         doc = spec.parse_config(stdin, inv.command)
@@ -273,7 +273,8 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
         return 0, None
     except CniError as exc:
         log.error("%s", exc.msg)
-        return 1, exc.document(version)
+        # (a refusal of the config's version is in the plugin's own, as libcni's skel's)
+        return 1, exc.document(spec.CURRENT_VERSION if exc.code is Code.INCOMPATIBLE_VERSION else version)
     except Exception as exc:  # the runtime must get the spec's error object, whatever happened
         log.exception("internal error")
         return 1, CniError(Code.INTERNAL, f"zds-cni: internal error: {exc!r}").document(version)

@@ -167,6 +167,17 @@ def parse_config(data: bytes, command: str) -> dict[str, Any]:
     return doc
 
 
+def config_version(data: bytes) -> str:
+    """The cniVersion of the configuration on stdin, if it has one zds-cni speaks (an error
+    carries it: the spec); else the newest. Reads what it can, never raises."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return CURRENT_VERSION
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    return version if version in SUPPORTED_VERSIONS else CURRENT_VERSION
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
