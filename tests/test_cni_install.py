@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import zds
 from tests.harness import ZDS
 from zds.cni.install import launcher
@@ -220,13 +222,18 @@ def test_a_conflist_of_zds_cni_alone_is_neither_chained_into_nor_emptied(tmp_pat
     assert (conf_dir / "87-mesh.conflist").read_text() == alone
 
 
+@pytest.mark.root  # (chown)
 def test_a_single_plugin_conf_becomes_a_conflist_and_comes_back(tmp_path: pathlib.Path) -> None:
     _, conf_dir, flags = dirs(tmp_path)
     conf = conf_dir / "10-bridge.conf"
     original = '{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "cni0"}\n'
     conf.write_text(original)
+    conf.chmod(0o640)
+    os.chown(conf, 4242, 4343)  # (tests run as root; the conflist made from it was root's)
     assert zds_cni("install", *flags).returncode == 0
     assert not conf.exists()
+    made = (conf_dir / "10-bridge.conflist").stat()
+    assert (made.st_mode & 0o777, made.st_uid, made.st_gid) == (0o640, 4242, 4343)
     doc = json.loads((conf_dir / "10-bridge.conflist").read_text())
     assert doc["name"] == "k8s" and doc["cniVersion"] == "0.3.1"
     assert [p["type"] for p in doc["plugins"]] == ["bridge", "zds-cni"]

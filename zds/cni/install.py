@@ -118,9 +118,12 @@ def plugin_entry(options: InstallOptions) -> dict[str, Any]:
     return entry
 
 
-def write_atomically(path: str, data: str, *, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` in one rename, keeping its mode and owner
-    (``mode`` for a new file); a symlink stays one: the file it points to is replaced."""
+def write_atomically(
+    path: str, data: str, *, mode: int | None = None, owner: tuple[int, int] | None = None
+) -> None:
+    """Replace ``path`` with ``data`` in one rename, keeping its mode and owner (``mode`` and
+    ``owner`` for a new file); a symlink stays one: the file it points to is replaced. The
+    directory is synced after the rename (a crash then cannot bring the old file back)."""
     path = os.path.realpath(path)
     directory = os.path.dirname(path) or "."
     try:
@@ -139,11 +142,20 @@ def write_atomically(path: str, data: str, *, mode: int | None = None) -> None:
                 os.chown(tmp, st.st_uid, st.st_gid)
         else:
             os.chmod(tmp, mode if mode is not None else 0o644)
+            if owner is not None:
+                with contextlib.suppress(PermissionError):
+                    os.chown(tmp, *owner)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):  # (a filesystem that cannot sync a directory: as before)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _read(path: str) -> str:
@@ -275,8 +287,10 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
         "name": conf.get("name", ""),
         "plugins": [plugin, entry],
     }
-    mode = os.stat(path).st_mode & 0o7777
-    write_atomically(target, json.dumps(doc, indent=2) + "\n", mode=mode)
+    st = os.stat(path)  # (the conflist made from it is theirs as the .conf was: mode and owner)
+    write_atomically(
+        target, json.dumps(doc, indent=2) + "\n", mode=st.st_mode & 0o7777, owner=(st.st_uid, st.st_gid)
+    )
     try:
         os.rename(path, path + ORIGINAL_SUFFIX)
     except OSError:
