@@ -13,7 +13,7 @@ import pytest
 
 import zds
 from tests.harness import ZDS
-from zds.cni.install import launcher
+from zds.cni.launcher import InstallError, check_python, launcher
 
 #: A conflist as `podman network create` writes it (3-space indent, no final newline).
 PODMAN_CONFLIST = """{
@@ -82,22 +82,30 @@ def test_install_chains_last_and_changes_nothing_else_and_uninstall_restores_the
     assert "already chained, unchanged" in again.stdout and "up to date" in again.stdout
     assert (mesh.stat().st_ino, mesh.stat().st_mtime_ns) == (inode, mtime)
 
-    # Other options: the entry is replaced, still last; keys set by hand stay.
+    # Other options: the entry is replaced, still last; what no flag gives stays as it was
+    # (the socket given before, keys set by hand).
     mesh.write_text(mesh.read_text().replace('"type": "zds-cni",', '"type": "zds-cni", "timeout": 5,'))
     zds_cni("install", *flags, "--network", "mesh", "--enroll", "all")
     plugins = json.loads(mesh.read_text())["plugins"]
     assert [p["type"] for p in plugins] == ["bridge", "portmap", "zds-cni"] and plugins[-1]["enroll"] == "all"
-    assert plugins[-1]["timeout"] == 5 and plugins[-1]["cni_socket"] == "/var/run/istio-cni/pluginevent.sock"
+    assert plugins[-1]["timeout"] == 5 and plugins[-1]["cni_socket"] == "/run/zds/cni.sock"
     inode = mesh.stat().st_ino
-    again = zds_cni("install", *flags, "--network", "mesh", "--enroll", "all")
+    again = zds_cni("install", *flags, "--network", "mesh")  # (an upgrade's reinstall: all stays)
     assert "already chained, unchanged" in again.stdout and mesh.stat().st_ino == inode
-    zds_cni("install", *flags, "--network", "mesh")  # (labelled: its "enroll" goes, "timeout" stays)
+    zds_cni("install", *flags, "--network", "mesh", "--enroll", "labelled")  # ("enroll" goes)
     assert json.loads(mesh.read_text())["plugins"][-1] == {
         "type": "zds-cni",
-        "cni_socket": "/var/run/istio-cni/pluginevent.sock",
+        "cni_socket": "/run/zds/cni.sock",
         "log_file": "/var/log/zds-cni.log",
         "timeout": 5,
     }
+    # A key set by hand that zds-cni would refuse: said, nothing written.
+    mesh.write_text(mesh.read_text().replace('"timeout": 5', '"timeout": "30"'))
+    before = mesh.read_text()
+    refused = zds_cni("install", *flags, "--network", "mesh")
+    assert refused.returncode == 1 and "zds-cni's entry would not load: timeout '30'" in refused.stderr
+    assert mesh.read_text() == before
+    mesh.write_text(before.replace('"timeout": "30"', '"timeout": 5'))
 
     gone = zds_cni("uninstall", *flags)
     assert gone.returncode == 0, gone.stderr
@@ -187,6 +195,32 @@ def test_a_python_that_cannot_import_zds_isolated_is_refused_and_nothing_is_writ
     assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
 
 
+def test_an_interpreter_path_the_kernel_cannot_run_as_a_launcher_line_is_refused(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A space splits a #! line (the kernel ran "/opt/my" with "venv/bin/python -I"), and Linux
+    runs at most 255 bytes of it: every ADD and DEL failed to exec, the install "done"."""
+    for python in ("/opt/my venv/bin/python", "/" + "p" * 260):
+        with pytest.raises(InstallError, match="cannot be the launcher's #! line"):
+            check_python(python)
+
+
+@pytest.mark.root  # (mount)
+def test_a_launcher_the_bin_dir_will_not_run_is_taken_back_and_nothing_chained(
+    tmp_path: pathlib.Path,
+) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=1m", "zds-test", str(bin_dir)], check=True)
+    try:
+        done = zds_cni("install", *flags)
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert f"the launcher {bin_dir / 'zds-cni'} does not run: [Errno 13] Permission denied" in done.stderr
+        assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
+    finally:
+        subprocess.run(["umount", str(bin_dir)], check=True)
+
+
 def test_a_launcher_that_cannot_load_zds_says_so_as_the_spec_asks_and_lets_a_del_succeed(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -196,13 +230,15 @@ def test_a_launcher_that_cannot_load_zds_says_so_as_the_spec_asks_and_lets_a_del
 
     def run(command: str) -> subprocess.CompletedProcess[bytes]:
         env = {"CNI_COMMAND": command, "PATH": "/usr/bin:/bin"}
-        return subprocess.run([str(plugin)], input=b"{}", env=env, cwd="/", capture_output=True, timeout=60)
+        conf = b'{"cniVersion": "0.4.0", "name": "n", "type": "zds-cni"}'
+        return subprocess.run([str(plugin)], input=conf, env=env, cwd="/", capture_output=True, timeout=60)
 
     added = run("ADD")
     assert added.returncode == 1 and added.stderr == b""
     said = json.loads(added.stdout)
     assert said["code"] == 999 and said["msg"] == "zds-cni: cannot load zds: No module named 'zds'"
     assert said["details"].startswith(SYSTEM_PYTHON) and set(said) == {"cniVersion", "code", "msg", "details"}
+    assert said["cniVersion"] == "0.4.0"  # (the config's)
     deleted = run("DEL")
     assert (deleted.returncode, deleted.stdout, deleted.stderr) == (0, b"", b"")
 
@@ -217,9 +253,15 @@ def test_a_conflist_of_zds_cni_alone_is_neither_chained_into_nor_emptied(tmp_pat
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "network 'mesh' has no plugin but zds-cni" in done.stderr and "Traceback" not in done.stderr
     assert os.listdir(bin_dir) == [] and (conf_dir / "87-mesh.conflist").read_text() == alone
+    (conf_dir / "10-other.conflist").write_text(OTHER)
+    assert zds_cni("install", *flags, "--network", "other").returncode == 0
     done = zds_cni("uninstall", *flags)
     assert done.returncode == 0 and "zds-cni is its only plugin" in done.stdout
     assert (conf_dir / "87-mesh.conflist").read_text() == alone
+    assert (conf_dir / "10-other.conflist").read_text() == OTHER
+    # (the network it is left in still runs it: the launcher stays)
+    assert f"kept {bin_dir / 'zds-cni'}: zds-cni is still chained into 'mesh'" in done.stdout
+    assert (bin_dir / "zds-cni").exists()
 
 
 @pytest.mark.root  # (chown)

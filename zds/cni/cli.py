@@ -34,22 +34,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     install.add_argument(
         "--cni-socket",
-        default=defaults.CNI_SOCKET,
         metavar="PATH",
-        help="the node agent's CNI socket, written into the plugin's config (default: %(default)s)",
+        help=f"the node agent's CNI socket, written into the plugin's config (default: what the "
+        f"network's zds-cni entry has, else {defaults.CNI_SOCKET})",
     )
     install.add_argument(
         "--log-file",
-        default=defaults.CNI_PLUGIN_LOG,
         metavar="PATH",
-        help="where zds-cni logs, written into its config (default: %(default)s)",
+        help=f"where zds-cni logs, written into its config (default: what the network's zds-cni entry "
+        f"has, else {defaults.CNI_PLUGIN_LOG})",
     )
     install.add_argument(
         "--enroll",
         choices=("labelled", "all"),
-        default="labelled",
         help="labelled: the container's istio.io/dataplane-mode label decides (the node agent reads it "
-        "through its --container-engine); all: every pod on the network joins (default: %(default)s)",
+        "through its --container-engine); all: every pod on the network joins (default: what the "
+        "network's zds-cni entry has, else labelled)",
     )
     install.set_defaults(func=cmd_install)
     uninstall = commands.add_parser(
@@ -86,7 +86,8 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from zds.cni.install import InstallError, InstallOptions, install
+    from zds.cni.install import InstallOptions, install
+    from zds.cni.launcher import InstallError
 
     options = InstallOptions(
         bin_dir=args.bin_dir,
@@ -106,7 +107,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from zds.cni.install import InstallError, InstallOptions, uninstall
+    from zds.cni.install import InstallOptions, uninstall
+    from zds.cni.launcher import InstallError
 
     try:
         done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network))

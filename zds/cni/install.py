@@ -26,20 +26,14 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from zds import __version__, defaults
+from zds import defaults
 from zds.cni import spec
 from zds.cni.conflist import Conflist, ConflistError
-from zds.errors import ZdsError
+from zds.cni.launcher import InstallError, check_launcher, check_python, is_ours, launcher
 
-#: The launcher's second line: how uninstall knows the executable is zds's.
-LAUNCHER_MARK = "# zds-cni: zds's CNI plugin, written by `zds cni install`"
 #: Beside a .conf that install turned into a .conflist: the original, for uninstall.
 ORIGINAL_SUFFIX = ".zds-cni-orig"
 CONF_EXTENSIONS = (".conf", ".conflist")
-
-
-class InstallError(ZdsError):
-    """What ``zds cni install|uninstall`` cannot do; the message says what to do."""
 
 
 @dataclass
@@ -48,73 +42,43 @@ class InstallOptions:
     conf_dir: str = defaults.CNI_CONF_DIR
     #: The network to chain into (its config's ``name``); None: the primary one.
     network: str | None = None
-    cni_socket: str = defaults.CNI_SOCKET
-    log_file: str = defaults.CNI_PLUGIN_LOG
+    #: These three, when None (not given): what the network's zds-cni entry has, else the default.
+    cni_socket: str | None = None
+    log_file: str | None = None
     #: "labelled" (the container's labels decide) or "all".
-    enroll: str = "labelled"
+    enroll: str | None = None
     #: The interpreter the launcher runs (the one zds is installed with).
     python: str = field(default_factory=lambda: sys.executable)
-
-
-def launcher(python: str) -> str:
-    # (-I, as a runtime runs it anyway: no PYTHONPATH, no user site, not its directory. zds not
-    # importable there is the spec's error on stdout, and a DEL that succeeds, not a traceback.)
-    return (
-        f"#!{python} -I\n"
-        f"{LAUNCHER_MARK} (zds {__version__}).\n"
-        "# It runs zds.cni.plugin from the Python environment zds is installed in.\n"
-        "import sys\n\n"
-        "try:\n"
-        "    from zds.cni.plugin import main\n"
-        "except Exception as exc:\n"
-        "    import json, os\n\n"
-        '    if os.environ.get("CNI_COMMAND") == "DEL":\n'
-        "        sys.exit(0)\n"
-        '    said = {"cniVersion": "1.0.0", "code": 999, "msg": f"zds-cni: cannot load zds: {exc}",\n'
-        '            "details": f"{sys.executable} -I cannot import zds.cni.plugin; run zds cni install again"}\n'
-        "    print(json.dumps(said))\n"
-        "    sys.exit(1)\n\n"
-        "sys.exit(main())\n"
-    )
-
-
-def check_python(python: str) -> None:
-    """InstallError unless ``python`` imports zds's plugin as a runtime will run the launcher:
-    isolated (-I), from another directory, with a bare environment."""
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            [python, "-I", "-c", "import zds.cni.plugin"],
-            cwd="/",
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InstallError(f"cannot run {python} to check it imports zds: {exc}") from exc
-    if done.returncode != 0:
-        said = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise InstallError(
-            f"{python} -I cannot import zds ({said}), and a CNI runtime runs the plugin that way "
-            "(no PYTHONPATH, no user site, not this directory): install zds into that Python's "
-            "environment (./dev setup makes .venv) and run zds cni install from there"
-        )
 
 
 #: The keys of zds-cni's entry install sets from its options (the others are the operator's).
 ENTRY_KEYS = ("type", "cni_socket", "log_file", "enroll")
 
 
-def plugin_entry(options: InstallOptions) -> dict[str, Any]:
+def plugin_entry(options: InstallOptions, existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """zds-cni's entry: what ``options`` give, else what the ``existing`` entry has (a
+    reinstall with no flags changes nothing: it had switched an ``all`` network to labelled,
+    a custom socket to the default), else the defaults; the keys install does not set
+    (``timeout``, ``log_level``, set by hand) kept. InstallError if it would not load."""
+    existing = existing or {}
     entry: dict[str, Any] = {
         "type": defaults.CNI_PLUGIN_TYPE,
-        "cni_socket": options.cni_socket,
-        "log_file": options.log_file,
+        "cni_socket": options.cni_socket or existing.get("cni_socket", defaults.CNI_SOCKET),
+        "log_file": options.log_file or existing.get("log_file", defaults.CNI_PLUGIN_LOG),
     }
-    if options.enroll != "labelled":
-        entry["enroll"] = options.enroll
+    enroll = options.enroll or existing.get("enroll", "labelled")
+    if enroll != "labelled":
+        entry["enroll"] = enroll
+    entry |= {k: v for k, v in existing.items() if k not in ENTRY_KEYS}
+    from zds.cni.plugin import PluginConfig
+    from zds.cni.spec import CniError
+
+    try:
+        PluginConfig(entry)
+    except CniError as exc:
+        raise InstallError(
+            f"zds-cni's entry would not load: {exc}; correct it (or remove it) and install again"
+        ) from exc
     return entry
 
 
@@ -234,18 +198,10 @@ def install_binary(options: InstallOptions) -> tuple[str, bool]:
     content = launcher(options.python)
     if os.path.isfile(path) and _read(path) == content and os.access(path, os.X_OK):
         return path, False
-    if os.path.exists(path) and not _is_ours(path):
+    if os.path.exists(path) and not is_ours(path):
         raise InstallError(f"{path} exists and is not zds-cni's launcher; remove it or use another --bin-dir")
     write_atomically(path, content, mode=0o755)
     return path, True
-
-
-def _is_ours(path: str) -> bool:
-    try:
-        with open(path) as f:
-            return LAUNCHER_MARK in f.read(4096)
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 def chain(
@@ -254,19 +210,18 @@ def chain(
     """zds-cni last in the target network's plugins (``target``: found already, else here):
     (the file, whether it was written)."""
     path, loaded = target or _target(options, [])
-    entry = plugin_entry(options)
     if isinstance(loaded, dict):
-        return _convert_conf(path, loaded, entry), True
+        return _convert_conf(path, loaded, plugin_entry(options)), True
     ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
-    if ours:  # keys install does not set (timeout, log_level: set by hand) stay as they were
-        entry |= {k: v for k, v in loaded.plugins[ours[-1]].items() if k not in ENTRY_KEYS}
-    if ours == [len(loaded.plugins) - 1] and loaded.plugins[-1] == entry:
-        return path, False
-    if len(ours) == len(loaded.plugins):
+    if ours and len(ours) == len(loaded.plugins):
         raise InstallError(
             f"{path}: network {loaded.name!r} has no plugin but zds-cni, which chains after a "
             "network's own (bridge, ...); give it its plugins, or chain into another with --network"
         )
+    existing = loaded.plugins[ours[-1]] if ours else None
+    entry = plugin_entry(options, existing if isinstance(existing, dict) else None)
+    if ours == [len(loaded.plugins) - 1] and loaded.plugins[-1] == entry:
+        return path, False
     conflist = loaded
     for index in reversed(ours):
         conflist = Conflist(conflist.without(index), path)
@@ -321,6 +276,7 @@ def install(options: InstallOptions) -> list[str]:
     binary, written = install_binary(options)
     done.append(f"{'installed' if written else 'up to date:'} {binary}")
     try:
+        check_launcher(binary)
         conf, changed = chain(options, target)
     except (OSError, InstallError) as exc:  # nothing of this install stays
         if written and not existed:
@@ -348,12 +304,17 @@ def uninstall(options: InstallOptions) -> list[str]:
         if options.network is not None and loaded.name != options.network:
             still.append(f"{loaded.name!r} ({path})")
             continue
+        if len(loaded.indices_of(defaults.CNI_PLUGIN_TYPE)) == len(loaded.plugins):
+            # (not install's: it chains after a network's own; libcni refuses an empty list)
+            done.append(f"left {path} as it is: zds-cni is its only plugin")
+            still.append(f"{loaded.name!r} ({path})")
+            continue
         _unchain(path, loaded, done)
     if options.network is not None and not done:
         done.append(f"zds-cni is not chained into a network named {options.network!r} in {options.conf_dir}")
     path = os.path.join(options.bin_dir, defaults.CNI_PLUGIN_TYPE)
     if os.path.exists(path):
-        if not _is_ours(path):
+        if not is_ours(path):
             # Another program's, not zds's to remove: said, and what was done still is (it was
             # an error that hid the configs restored before it, and failed every uninstall after).
             done.append(f"left {path} in place: it is not zds-cni's launcher")
@@ -367,12 +328,8 @@ def uninstall(options: InstallOptions) -> list[str]:
 
 def _unchain(path: str, loaded: Conflist, done: list[str]) -> None:
     """zds-cni's entries out of one conflist, or the .conf install converted back."""
-    ours = loaded.indices_of(defaults.CNI_PLUGIN_TYPE)
-    if len(ours) == len(loaded.plugins):  # (not install's: it chains after a network's own)
-        done.append(f"left {path} as it is: zds-cni is its only plugin (libcni refuses an empty list)")
-        return
     conflist = loaded
-    for index in reversed(ours):
+    for index in reversed(loaded.indices_of(defaults.CNI_PLUGIN_TYPE)):
         conflist = Conflist(conflist.without(index), path)
     original = os.path.splitext(path)[0] + ".conf" + ORIGINAL_SUFFIX
     conf = original.removesuffix(ORIGINAL_SUFFIX)
