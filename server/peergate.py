@@ -121,6 +121,7 @@ class PeerGate:
         #: Connections closed for want of room since that was last said, and when it may be again.
         self._turned_away = 0
         self._say_full_at = 0.0
+        self._say_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     async def start(self, public: str, mode: int) -> None:
@@ -140,6 +141,9 @@ class PeerGate:
         """No new connections, and the bulk lanes' streams ended (their enrollments must not
         start while the node agent stops: gRPC's streams are ended by its own stop)."""
         self._closed = True
+        if self._say_timer is not None:
+            self._say_timer.cancel()
+            self._say_turned_away()
         if self._server is not None:
             self._server.close()
         for door in list(self._silent):
@@ -170,14 +174,9 @@ class PeerGate:
         if len(self._open) >= self.capacity:
             self._turned_away += 1
             if loop.time() >= self._say_full_at:
-                self._say_full_at = loop.time() + FULL_SAID_EVERY
-                log.warning(
-                    "control socket: %d connections are open; %d more closed (said at most every %gs)",
-                    len(self._open),
-                    self._turned_away,
-                    FULL_SAID_EVERY,
-                )
-                self._turned_away = 0
+                self._say_turned_away()
+            elif self._say_timer is None:  # (those of the quiet time said at its end)
+                self._say_timer = loop.call_at(self._say_full_at, self._say_turned_away)
             return False
         self._open.add(door)
         self._silent[door] = loop.call_later(
@@ -186,6 +185,18 @@ class PeerGate:
             f"it said nothing within {defaults.CONTROL_OPENING_TIMEOUT:g}s",
         )
         return True
+
+    def _say_turned_away(self) -> None:
+        self._say_timer = None
+        if self._turned_away:
+            log.warning(
+                "control socket: %d connections are open; %d more closed (said at most every %gs)",
+                len(self._open),
+                self._turned_away,
+                FULL_SAID_EVERY,
+            )
+            self._turned_away = 0
+            self._say_full_at = asyncio.get_running_loop().time() + FULL_SAID_EVERY
 
     def _close_oldest_silent(self, reason: str) -> None:
         """Close the door silent longest, if it has been for CONTROL_SILENT_GRACE."""

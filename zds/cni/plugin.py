@@ -58,6 +58,8 @@ DEL_TIMEOUT = 5.0
 #: asked again after this pause, doubling up to BUSY_PAUSE_MAX, until the timeout.
 BUSY_PAUSE = 0.05
 BUSY_PAUSE_MAX = 1.0
+#: A try while busy is made only with at least this long (or a quarter of the timeout) left.
+BUSY_LAST_TRY = 0.5
 #: The longest ``timeout`` a config may give (seconds): a runtime waits that long for an ADD.
 MAX_TIMEOUT = 3600
 #: The most of a node agent's answer read (its answers are a line; as Istio's plugin, 1 MiB).
@@ -133,7 +135,8 @@ def _post(
         status, text, busy = _post_once(config, path, body, timeout, deadline - time.monotonic())
         if not busy:
             return status, text
-        if deadline - time.monotonic() <= pause:
+        # (a last try with hardly any time left would be taken, then cut off as unanswered)
+        if deadline - time.monotonic() - pause < min(BUSY_LAST_TRY, timeout / 4):
             raise AgentUnreachable(
                 Code.TRY_AGAIN_LATER,
                 f"zds-cni: the node agent on {config.cni_socket} was too busy for {timeout:g}s: {text}",
