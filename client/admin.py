@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zds import defaults
 from zds.client.metrics import content_type
-from zds.errors import ZdsError
+from zds.errors import ZdsError, resolvable_name
 from zds.values import frozen
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ def parse_listen(value: str) -> tuple[str, int]:
             raise ListenAddressError(f"bad listen address {value!r}: expected HOST:PORT")
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ListenAddressError(f"bad port in listen address {value!r}: expected 0-65535")
+    if not resolvable_name(host):
+        raise ListenAddressError(f"bad listen address {value!r}: {host!r} is no host name or address")
     return host or "0.0.0.0", int(port_text)
 
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from zds import defaults
-from zds.errors import ZdsError
+from zds.errors import ZdsError, resolvable_name
 from zds.server.agent import AgentConfig
 from zds.server.control import TlsFiles
 from zds.server.redirect import RedirectConfig
@@ -65,7 +65,9 @@ def split_host_port(value: str, flag: str) -> tuple[str, int]:
         raise StartupError(f"{flag} {value!r}: expected HOST:PORT")
     if int(port) > 65535:  # (the kernel would take it modulo 65536)
         raise StartupError(f"{flag} {value!r}: port {port} is not a TCP port (0-65535)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if not resolvable_name(host := host.strip("[]")):
+        raise StartupError(f"{flag} {value!r}: {host!r} is no host name or address")
+    return host or "0.0.0.0", int(port)
 
 
 def host_port(host: str, port: int) -> str:

@@ -785,3 +785,57 @@ def test_started_with_sighup_ignored_as_nohup_does_a_sighup_stops_nothing(tmp_pa
     finally:
         code = ztunnel.stop(signal.SIGTERM)
     assert code == 0, ztunnel.output()
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            [b"pod", b"add", b"--uid", b"\xff", b"--netns", b"/x"],
+            "zds pod add: error: argument \\xff is not UTF-8 text",
+        ),
+        ([b"watch", b"--uid", b"a\xfe"], "zds watch: error: argument a\\xfe is not UTF-8 text"),
+        (
+            [b"pod", b"list", b"--grpc-address", b"\xff:1", b"--grpc-insecure"],
+            "argument \\xff:1 is not UTF-8",
+        ),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_refused_in_one_line(argv: list[bytes], said: str) -> None:
+    """Protobuf fields and gRPC targets take UTF-8 only: UnicodeEncodeError tracebacks."""
+    done = subprocess.run([*(a.encode() for a in ZDS), *argv], capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 2 and said in err and len(err.splitlines()) <= 3, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["server", "--http-listen", "a..b:8000"],
+            "--http-listen 'a..b:8000': 'a..b' is no host name or address",
+        ),
+        (["ztunnel", "--admin-listen", "a..b:0"], "'a..b' is no host name or address"),
+    ],
+)
+def test_a_host_no_resolver_can_be_asked_for_is_refused_in_one_line(
+    argv: list[str], said: str, tmp_path: pathlib.Path
+) -> None:
+    """IDNA cannot encode ``a..b``: getaddrinfo raised UnicodeError, a traceback."""
+    paths = {
+        "server": [
+            "--zds-socket",
+            f"{tmp_path}/z.sock",
+            "--control-socket",
+            f"{tmp_path}/c.sock",
+            "--cni-socket",
+            f"{tmp_path}/cni.sock",
+            "--state-dir",
+            f"{tmp_path}/state",
+        ],
+        "ztunnel": ["--zds-socket", f"{tmp_path}/z.sock"],
+    }[argv[0]]
+    done = subprocess.run([*ZDS, *argv, *paths], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path)) == [], "a refused start left something behind"

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from zds import __version__, cliflags, output, runtime
+from zds.errors import printable
 
 #: The parts that register commands, in the order ``zds --help`` lists them, with the
 #: commands each registers (a run builds only its command's part: every command's flags
@@ -69,6 +70,17 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def not_utf8(argv: Sequence[str]) -> str | None:
+    """The first argument that is not UTF-8 text (bytes Python took in with surrogateescape),
+    escaped, if any."""
+    for arg in argv:
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            return printable(arg.encode(errors="surrogateescape").decode(errors="backslashreplace"))
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` (default: this program's arguments). Run as the program, it
     holds garbage collection for the start-up (``runtime.starting``); a command whose start-up
@@ -84,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             parser = build_parser(command_of(argv))
+            if (bad := not_utf8(argv)) is not None:
+                # (protobuf fields, gRPC targets and log lines take UTF-8 only: it was a
+                # UnicodeEncodeError traceback from wherever the argument went first)
+                getattr(parser.parse_known_args(argv)[0], "command_parser", parser).error(
+                    f"argument {bad} is not UTF-8 text"
+                )
             args, unknown = parser.parse_known_args(argv)
             if unknown:  # the command's error (``zds pod add: ...``), not the top parser's
                 getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -60,3 +60,14 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def resolvable_name(host: str) -> bool:
+    """Whether ``host`` can be asked of the resolver at all (an address, or a name IDNA can
+    encode: ``a..b`` or a label over 63 characters made getaddrinfo raise UnicodeError)."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
