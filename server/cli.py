@@ -294,9 +294,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _id(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id")
+    if not (text.isascii() and text.isdigit()) or int(text) > GID_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id (0-{GID_MAX})")
     return int(text)
+
+
+#: The largest gid (gid_t's (gid_t)-1 is chown's "no change").
+GID_MAX = 2**32 - 2
 
 
 def _group(name: str) -> int:
@@ -304,6 +308,8 @@ def _group(name: str) -> int:
     import grp
 
     if name.isascii() and name.isdigit():
+        if int(name) > GID_MAX:  # (past gid_t: OverflowError at the chown; its -1: no change)
+            raise LookupError(f"{name!r} is not a gid (0-{GID_MAX})")
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid

@@ -839,3 +839,24 @@ def test_a_host_no_resolver_can_be_asked_for_is_refused_in_one_line(
     done = subprocess.run([*ZDS, *argv, *paths], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert sorted(os.listdir(tmp_path)) == [], "a refused start left something behind"
+
+
+def test_ids_past_gid_t_are_refused_in_one_line(tmp_path: pathlib.Path) -> None:
+    """--socket-group 99999999999 was an OverflowError traceback at the chown (the ZDS socket
+    bound by then); 4294967295 is chown's "no change": the sockets kept root's group."""
+    paths = [
+        "--zds-socket",
+        f"{tmp_path}/z",
+        "--control-socket",
+        f"{tmp_path}/c",
+        "--state-dir",
+        f"{tmp_path}/s",
+    ]
+    for flags, said in (
+        (["--socket-group", "99999999999"], "zds server: --socket-group: '99999999999' is not a gid"),
+        (["--socket-group", "4294967295"], "is not a gid (0-4294967294)"),
+        (["--allow-uid", "4294967295"], "argument --allow-uid: '4294967295' is not a numeric id"),
+    ):
+        done = subprocess.run([*ZDS, "server", *flags, *paths], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []
