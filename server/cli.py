@@ -220,12 +220,19 @@ def main(args: argparse.Namespace) -> int:
     if error:
         print(error, file=sys.stderr)
         return 1
-    from zds.server.agent import AgentConfig
-    from zds.server.options import ServerOptions
-    from zds.server.peers import AllowList
-    from zds.server.redirect import RedirectConfig
-    from zds.server.run import run_server
-    from zds.server.unixhttp import HttpLimits
+    try:
+        from zds.server.agent import AgentConfig
+        from zds.server.options import ServerOptions
+        from zds.server.peers import AllowList
+        from zds.server.redirect import RedirectConfig
+        from zds.server.run import run_server
+        from zds.server.unixhttp import HttpLimits
+    except ValueError as exc:  # (OpenTelemetry's SDK reads some OTEL_* values as it is imported)
+        print(
+            f"zds server: cannot set up OpenTelemetry: an OTEL_* setting the SDK refuses ({exc})",
+            file=sys.stderr,
+        )
+        return 1
 
     try:
         gid = _group(args.socket_group) if args.socket_group else None

@@ -292,20 +292,22 @@ class Telemetry:
         """Exporters from OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER (default: none)."""
         env = os.environ if environ is None else environ
         resource = _resource(env)
-        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-            return cls(resource=resource)
         try:
+            if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+                return cls(resource=resource)
             processors: list[SpanProcessor] = [
                 BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
                 for exporter, batched in span_exporters_from_env(env)
             ]
             readers = [PeriodicExportingMetricReader(e) for e in metric_exporters_from_env(env)]
-        except (TypeError, ValueError, OverflowError) as exc:  # the SDK reads its OTEL_* values here
+            return cls(span_processors=processors, metric_readers=readers, resource=resource)
+        except TelemetryConfigError:
+            raise
+        except Exception as exc:  # the SDK reads its OTEL_* values here, each its own way
             given = ", ".join(sorted(k for k in env if k.startswith("OTEL_"))) or "none"
             raise TelemetryConfigError(
                 f"an OTEL_* setting the SDK refuses ({exc}); set here: {given}"
             ) from exc
-        return cls(span_processors=processors, metric_readers=readers, resource=resource)
 
     @property
     def tracing(self) -> bool:

@@ -860,3 +860,41 @@ def test_ids_past_gid_t_are_refused_in_one_line(tmp_path: pathlib.Path) -> None:
         done = subprocess.run([*ZDS, "server", *flags, *paths], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "abc"}, "must be a non-negative integer but got abc"),
+        ({"OTEL_METRICS_EXEMPLAR_FILTER": "bogus"}, "Unknown exemplar filter 'bogus'"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, 'Invalid value "zstd"'),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SPAN_EVENT_COUNT_LIMIT": "x"}, "got x"),
+    ],
+)
+def test_an_otel_setting_the_sdk_refuses_is_one_line_and_nothing_made(
+    env: dict[str, str], said: str, tmp_path: pathlib.Path
+) -> None:
+    """Each was a traceback: read as the SDK is imported, or as a provider or exporter is made,
+    outside what was caught."""
+    paths = [
+        "--zds-socket",
+        f"{tmp_path}/z",
+        "--control-socket",
+        f"{tmp_path}/c",
+        "--cni-socket",
+        f"{tmp_path}/n",
+    ]
+    done = subprocess.run(
+        [*ZDS, "server", *paths, "--state-dir", f"{tmp_path}/s", "--http-listen", "127.0.0.1:0"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        done.returncode == 1
+        and "cannot set up OpenTelemetry: an OTEL_* setting the SDK refuses" in done.stderr
+    )
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == [], "a refused start left something behind"
