@@ -315,3 +315,37 @@ def test_what_is_at_its_zds_socket_path_and_is_not_a_stale_socket_is_refused_and
         assert set(glob.glob(os.path.join(tempfile.gettempdir(), "zds-check-*"))) == scratch
     finally:
         agent.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "template", "said"),
+    [
+        (
+            "--cmd",
+            "true {sock}",
+            "--cmd 'true {sock}': unknown placeholder {sock}; use {socket}, {admin_port}",
+        ),
+        ("--cmd", "true {", "--cmd 'true {': Single '{' encountered"),
+        (
+            "--ready-url",
+            "http://127.0.0.1:{port}/",
+            "--ready-url 'http://127.0.0.1:{port}/': unknown placeholder",
+        ),
+        ("--config-dump-url", "http://x/{", "--config-dump-url 'http://x/{': Single '{'"),
+    ],
+)
+def test_a_template_with_a_placeholder_zds_check_does_not_fill_is_refused_before_anything_runs(
+    flag: str, template: str, said: str
+) -> None:
+    """--cmd's was a KeyError traceback (exit 1); the URLs' failed the run midway, after the
+    namespaces were made."""
+    before = set(glob.glob("/tmp/zds-check-*"))
+    argv = ["--cmd", "true"] if flag != "--cmd" else []
+    done = subprocess.run(
+        [*ZDS, "check", "ztunnel", *argv, flag, template], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        done.returncode == 2 and done.stderr == f"zds check ztunnel: {said}" + done.stderr.split(said, 1)[1]
+    )
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+    assert set(glob.glob("/tmp/zds-check-*")) == before

@@ -70,4 +70,3 @@ def resolvable_name(host: str) -> bool:
     except UnicodeError:
         return False
     return True
-

@@ -215,7 +215,7 @@ def fill(template: str, values: dict[str, str]) -> str:
     return template.format_map({k: shlex.quote(v) for k, v in values.items()})
 
 
-def check_template(flag: str, template: str) -> None:
+def check_template(flag: str, template: str, placeholders: tuple[str, ...] = PLACEHOLDERS) -> None:
     """Refuse a template that names a placeholder we do not fill (or is not a template)."""
     import string
 
@@ -223,9 +223,9 @@ def check_template(flag: str, template: str) -> None:
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise CheckSetupError(f"{flag} {template!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
-    unknown = sorted({n for n in names if n not in PLACEHOLDERS})
+    unknown = sorted({n for n in names if n not in placeholders})
     if unknown:
         raise CheckSetupError(
             f"{flag} {template!r}: unknown placeholder {{{unknown[0]}}}; use "
-            + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+            + ", ".join(f"{{{p}}}" for p in placeholders)
         )

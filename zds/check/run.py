@@ -113,8 +113,17 @@ async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> R
             settle=args.settle,
         )
         return await run_agent_checks(options, selected)
+    from zds.check.pods import check_template
     from zds.check.ztrun import ZtunnelCheckOptions, run_ztunnel_checks
 
+    # (before anything is made: a bad one was a KeyError traceback, or failed a run midway)
+    for flag, template in (
+        ("--cmd", args.cmd),
+        ("--ready-url", args.ready_url),
+        ("--config-dump-url", args.config_dump_url),
+    ):
+        if template:
+            check_template(flag, template, ("socket", "admin_port", "readiness_port", "metrics_port"))
     zoptions = ZtunnelCheckOptions(
         cmd=args.cmd,
         zds_socket=args.zds_socket,
