@@ -47,6 +47,27 @@ def state_lock(directory: str) -> str:
     return os.path.join(directory, "zds.lock")
 
 
+def missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, outermost first: what ``makedirs``
+    would make (a refused start removes them deepest first, once empty)."""
+    missing: list[str] = []
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing[::-1]
+
+
+def remove_dirs(made: list[str]) -> None:
+    """Remove the directories ``made`` (outermost first) deepest first, each once empty."""
+    for directory in reversed(made):
+        with contextlib.suppress(OSError):  # (not empty: someone else's files, or a socket)
+            os.rmdir(directory)
+
+
 class InstanceLock:
     """The ``flock``s of every path one node agent serves; ``acquire`` all or none."""
 
@@ -69,8 +90,8 @@ class InstanceLock:
         try:
             for path, lock in locks:
                 parent = os.path.dirname(lock)
-                if parent and not os.path.isdir(parent):
-                    self._made_dirs.append(parent)
+                if parent:  # (each level makedirs will make: a refused start leaves none)
+                    self._made_dirs += [d for d in missing_dirs(parent) if d not in self._made_dirs]
                 fd, created = _lock(path, lock)
                 self._fds.append(fd)
                 if created:
@@ -110,9 +131,7 @@ class InstanceLock:
             self._remove_made_dirs()
 
     def _remove_made_dirs(self) -> None:
-        for directory in reversed(self._made_dirs):
-            with contextlib.suppress(OSError):  # (not empty: someone else's files, or a socket)
-                os.rmdir(directory)
+        remove_dirs(self._made_dirs)
 
     def release(self) -> None:
         while self._fds:

@@ -40,7 +40,7 @@ from zds.server.containerpods import ContainerPods
 from zds.server.control import ControlServers, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
-from zds.server.instance import InstanceError, InstanceLock, PrivateDir, state_lock
+from zds.server.instance import InstanceError, InstanceLock, PrivateDir, remove_dirs, state_lock
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.netnssweep import NetnsSweep
 from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
@@ -404,6 +404,5 @@ class NodeAgentServer:
             log.info("--reset-state undone: the old pod store is back")
             keep.append(state_lock(state_dir))
         self._lock.remove_made(keep)
-        if claim.made_state_dir and not keep:
-            with contextlib.suppress(OSError):
-                os.rmdir(state_dir)
+        if not keep:
+            remove_dirs(claim.made_dirs)

@@ -4,7 +4,6 @@ is checked, then every path is claimed. Each refuses in one line, leaving nothin
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import ipaddress
 import os
@@ -12,7 +11,15 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zds.server.instance import SUN_PATH_MAX, InstanceError, InstanceLock, socket_lock, state_lock
+from zds.server.instance import (
+    SUN_PATH_MAX,
+    InstanceError,
+    InstanceLock,
+    missing_dirs,
+    remove_dirs,
+    socket_lock,
+    state_lock,
+)
 from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
@@ -110,8 +117,8 @@ class Claim:
 
     #: The state directory held a node agent before (its lock file was there).
     used_before: bool
-    #: This start made the state directory.
-    made_state_dir: bool
+    #: The directories this start made for the state directory (it and missing parents, outermost first).
+    made_dirs: list[str]
 
 
 def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
@@ -122,7 +129,7 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
         if (other := seen.setdefault(where, flag)) != flag:
             raise StartupError(f"{other} and {flag} are the same path {path}: give each socket its own")
     used_before = os.path.exists(state_lock(opts.state_dir))
-    made = not os.path.lexists(opts.state_dir)
+    made = missing_dirs(opts.state_dir)
     try:
         os.makedirs(opts.state_dir, mode=0o700, exist_ok=True)
         st = os.stat(opts.state_dir)
@@ -142,9 +149,7 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
             + [(opts.state_dir, state_lock(opts.state_dir))]
         )
     except InstanceError as exc:
-        if made:  # (another agent serves a socket: the state directory this start made goes)
-            with contextlib.suppress(OSError):
-                os.rmdir(opts.state_dir)
+        remove_dirs(made)  # (another agent serves a socket: what this start made goes)
         raise StartupError(str(exc)) from exc
     try:
         now = os.stat(opts.state_dir)

@@ -898,3 +898,28 @@ def test_an_otel_setting_the_sdk_refuses_is_one_line_and_nothing_made(
     )
     assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert os.listdir(tmp_path) == [], "a refused start left something behind"
+
+
+@pytest.mark.root
+def test_a_refused_start_removes_every_directory_level_it_made(tmp_path: pathlib.Path) -> None:
+    """Only the last level of each path was removed: a/, c/, e/ and s1/ stayed."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                *ZDS,
+                "server",
+                *("--zds-socket", f"{tmp_path}/a/b/z.sock", "--control-socket", f"{tmp_path}/c/d/c.sock"),
+                *("--cni-socket", f"{tmp_path}/e/f/cni.sock", "--state-dir", f"{tmp_path}/s1/s2"),
+                *("--http-listen", f"127.0.0.1:{port}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1 and "Address already in use" in done.stderr, done.stderr
+    assert os.listdir(tmp_path) == []
