@@ -314,21 +314,17 @@ class _ClientGone(Exception):
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """The control API's TLS on TCP: its certificate and key; with ``client_ca``, clients
-    must present a certificate that CA signed (mutual TLS)."""
+    """The control API's TLS on TCP: its certificate and key (PEM, read once at start); with
+    ``client_ca``, clients must present a certificate that CA signed (mutual TLS)."""
 
-    cert: str
-    key: str
-    client_ca: str | None = None
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
-        def read(path: str) -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
-
-        ca = read(self.client_ca) if self.client_ca else None
+        ca = self.client_ca
         return grpc.ssl_server_credentials(
-            [(read(self.key), read(self.cert))], root_certificates=ca, require_client_auth=ca is not None
+            [(self.key, self.cert)], root_certificates=ca, require_client_auth=ca is not None
         )
 
 

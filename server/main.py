@@ -141,6 +141,7 @@ class NodeAgentServer:
     async def start(self) -> None:
         opts = self.options
         pods, faults = read_flags(opts)
+        self._control_tcp = control_tcp(opts)  # (its TLS files read once, before anything is claimed)
         self._claim = claim_paths(opts, self._lock)
         self._used_before = self._claim.used_before
         check_ports(opts)
@@ -253,7 +254,7 @@ class NodeAgentServer:
         checks each peer first; on TCP only with TLS, or plaintext if --grpc-insecure said so."""
         opts = self.options
         path = opts.control_socket
-        tcp, tls = control_tcp(self.options)
+        tcp, tls = self._control_tcp
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             clear_socket_path(path)

@@ -3,7 +3,6 @@ that refuse a combination of them in one line before anything is opened."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from zds import defaults
@@ -59,6 +58,10 @@ class ServerOptions:
     telemetry: Telemetry | None = None
 
 
+#: The largest TLS file read (certificate chains are a few KiB).
+TLS_FILE_MAX = 1024 * 1024
+
+
 def split_host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()):
@@ -97,12 +100,24 @@ def control_tcp(opts: ServerOptions) -> tuple[str | None, TlsFiles | None]:
             "rewrite their firewalls: never serve it in plaintext on a network), or --grpc-insecure "
             "to do so anyway"
         )
-    tls = TlsFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca)
-    for flag, file in (
-        ("--tls-cert", tls.cert),
-        ("--tls-key", tls.key),
-        ("--tls-client-ca", tls.client_ca),
-    ):
-        if file is not None and not os.access(file, os.R_OK):
-            raise StartupError(f"{flag} {file}: cannot read it")
-    return tcp, tls
+    cert = _pem("--tls-cert", opts.tls_cert, "CERTIFICATE-----")
+    key = _pem("--tls-key", opts.tls_key, "PRIVATE KEY-----")
+    ca = _pem("--tls-client-ca", opts.tls_client_ca, "CERTIFICATE-----") if opts.tls_client_ca else None
+    return tcp, TlsFiles(cert, key, ca)
+
+
+def _pem(flag: str, path: str, marker: str) -> bytes:
+    """The PEM file at ``path``, read now (a FIFO with no writer, a directory, a file over
+    1 MiB or one with no ``-----BEGIN ...marker`` is refused: they blocked the start, were
+    refused after the store was opened, or made gRPC say it could not bind)."""
+    from zds.entryfile import read_bounded
+
+    try:
+        data = read_bounded(path, TLS_FILE_MAX)
+    except OSError as exc:
+        raise StartupError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if len(data) > TLS_FILE_MAX:
+        raise StartupError(f"{flag} {path}: over {TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB")
+    if b"-----BEGIN " not in data or marker.encode() not in data:
+        raise StartupError(f"{flag} {path}: no PEM {marker.removesuffix('-----').lower()} in it")
+    return data

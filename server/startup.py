@@ -20,7 +20,7 @@ from zds.server.instance import (
     socket_lock,
     state_lock,
 )
-from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
+from zds.server.options import ServerOptions, StartupError, host_port, split_host_port
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
 from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
-    """Check what the flags name (socket paths, listen addresses, TLS, the pods and faults
+    """Check what the flags name (socket paths, listen addresses, the pods and faults
     files) before anything is claimed or written: a bad one stopped the start after the pod
     store and the lock files were made. The files' pods and faults."""
     from zds.server.faultkinds import FaultError
@@ -44,7 +44,6 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
     if opts.http_listen:
         split_host_port(opts.http_listen, "--http-listen")
-    control_tcp(opts)
     try:
         pods = load_pods_file(opts.pods_file) if opts.pods_file else []
     except PodSpecError as exc:

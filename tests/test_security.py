@@ -283,6 +283,41 @@ def test_grpc_listen_without_tls_refuses_to_start_in_one_line(tmp_path: Path) ->
         proc.stop()
 
 
+def test_tls_files_that_are_no_pem_or_cannot_be_read_are_refused_before_anything_is_made(
+    tmp_path: Path, certs: dict[str, str]
+) -> None:
+    """A FIFO with no writer blocked the start for good (only SIGKILL ended it, its sockets left);
+    a directory was refused after the store was opened; garbage made gRPC say it could not bind."""
+    fifo, garbage, directory = tmp_path / "fifo", tmp_path / "garbage.pem", tmp_path / "dir"
+    os.mkfifo(fifo)
+    garbage.write_text("not a certificate\n")
+    directory.mkdir()
+    cases = (
+        (str(fifo), f"--tls-cert {fifo}: cannot read it (a FIFO that gave nothing"),
+        (str(garbage), f"--tls-cert {garbage}: no PEM certificate in it"),
+        (str(directory), f"--tls-cert {directory}: cannot read it (Is a directory)"),
+        (certs["server.key"], "no PEM certificate in it"),
+    )
+    for i, (cert, said) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        flags = [
+            "--grpc-listen",
+            f"127.0.0.1:{free_port()}",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            certs["server.key"],
+        ]
+        proc = NodeAgentProc(str(run), *flags)
+        try:
+            assert proc.wait_exit() == 1
+            assert said in proc.output() and "Traceback" not in proc.output(), proc.output()
+            assert sorted(os.listdir(run)) == ["server.log"], "a refused start left something behind"
+        finally:
+            proc.stop()
+
+
 def agent_with_tls(tmp_path: Path, certs: dict[str, str], *extra: str) -> tuple[str, NodeAgentProc]:
     """A node agent serving the control API on 127.0.0.1 with the server certificate (and
     ``extra`` flags); its address and the process."""
