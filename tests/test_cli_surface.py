@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, run_unique, signal_mask, wait_until
-from zds import cliflags, defaults
+from zds import cliflags, defaults, runtime
 from zds.cli import PART_OF, build_parser, command_of
 
 PARSER = build_parser()
@@ -216,6 +216,25 @@ def test_a_parent_pid_that_is_no_pid_is_not_followed(parent: str) -> None:
         env={**os.environ, "ZDS_PARENT_PID": parent},
     )
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_parent_pid_of_a_parent_gone_ends_the_command_saying_so() -> None:
+    """A stale ZDS_PARENT_PID in a shell's environment ended every command: "Terminated", 143."""
+    done = subprocess.run(
+        [*ZDS, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "ZDS_PARENT_PID": str(runtime.PID_MAX_LIMIT - 1),
+        },  # (no process: pid_max is lower)
+    )
+    assert done.returncode == -signal.SIGTERM and done.stdout == ""
+    assert (
+        done.stderr
+        == f"zds: ZDS_PARENT_PID={runtime.PID_MAX_LIMIT - 1}: the parent it names is gone; ending\n"
+    )
 
 
 def test_an_empty_uid_is_called_empty_not_missing() -> None:
