@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -228,6 +229,8 @@ def main(args: argparse.Namespace) -> int:
         from zds.server.run import run_server
         from zds.server.unixhttp import HttpLimits
     except ValueError as exc:  # (OpenTelemetry's SDK reads some OTEL_* values as it is imported)
+        if not any(k.startswith("OTEL_") for k in os.environ):
+            raise  # (none set: a bug, not a setting)
         print(
             f"zds server: cannot set up OpenTelemetry: an OTEL_* setting the SDK refuses ({exc})",
             file=sys.stderr,
@@ -301,7 +304,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _id(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > GID_MAX:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > GID_MAX:
         raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id (0-{GID_MAX})")
     return int(text)
 
@@ -315,7 +318,9 @@ def _group(name: str) -> int:
     import grp
 
     if name.isascii() and name.isdigit():
-        if int(name) > GID_MAX:  # (past gid_t: OverflowError at the chown; its -1: no change)
+        if (
+            len(name) > 10 or int(name) > GID_MAX
+        ):  # (int() refuses over 4,300 digits)  # (past gid_t: OverflowError at the chown; its -1: no change)
             raise LookupError(f"{name!r} is not a gid (0-{GID_MAX})")
         return int(name)
     try:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
@@ -318,7 +318,7 @@ class TlsFiles:
     ``client_ca``, clients must present a certificate that CA signed (mutual TLS)."""
 
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # (never in a log line or a traceback)
     client_ca: bytes | None = None
 
     def credentials(self) -> grpc.ServerCredentials:

@@ -384,19 +384,21 @@ class NodeAgentServer:
                 self.store_lost = True
         for socket_file in self._sockets:
             socket_file.remove()
+        made: list[str] = []
         if self._claim is not None and not self._started:
-            self._undo_claim(self._claim)
+            made = self._undo_claim(self._claim)
         self._lock.remove_socket_locks(served=self._started)
+        remove_dirs(made)  # (after the lock's own: a parent they share goes last)
         self._lock.release()
         await self.telemetry.shutdown()
         if self._claim is not None and not refused:  # (a refused start says so in one line)
             log.info("node agent stopped")
 
-    def _undo_claim(self, claim: Claim) -> None:
+    def _undo_claim(self, claim: Claim) -> list[str]:
         """A start refused once its paths were claimed leaves nothing of its own: the pod store
         it made (unless a pod went in: ``--pods`` loads them before the sockets are served),
-        the lock files it made (the state directory's stays with such a store), the state
-        directory it made (once empty)."""
+        the lock files it made (the state directory's stays with such a store); the
+        directories it made for the state directory, to remove once empty (none if kept)."""
         state_dir = self.options.state_dir
         keep = []
         if self._store_made and not remove_if_unused(state_dir):
@@ -405,5 +407,4 @@ class NodeAgentServer:
             log.info("--reset-state undone: the old pod store is back")
             keep.append(state_lock(state_dir))
         self._lock.remove_made(keep)
-        if not keep:
-            remove_dirs(claim.made_dirs)
+        return [] if keep else claim.made_dirs

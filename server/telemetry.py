@@ -304,9 +304,11 @@ class Telemetry:
         except TelemetryConfigError:
             raise
         except Exception as exc:  # the SDK reads its OTEL_* values here, each its own way
-            given = ", ".join(sorted(k for k in env if k.startswith("OTEL_"))) or "none"
+            given = ", ".join(sorted(k for k in env if k.startswith("OTEL_")))
+            if not given:
+                raise  # (none set: a bug, not a setting)
             raise TelemetryConfigError(
-                f"an OTEL_* setting the SDK refuses ({exc}); set here: {given}"
+                f"an OTEL_* setting the SDK refuses ({type(exc).__name__}: {exc}); set here: {given}"
             ) from exc
 
     @property

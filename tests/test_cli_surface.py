@@ -940,5 +940,18 @@ def test_a_refused_start_removes_every_directory_level_it_made(tmp_path: pathlib
             text=True,
             timeout=60,
         )
-    assert done.returncode == 1 and "Address already in use" in done.stderr, done.stderr
-    assert os.listdir(tmp_path) == []
+        assert done.returncode == 1 and "Address already in use" in done.stderr, done.stderr
+        assert os.listdir(tmp_path) == []
+        # A parent the state directory and a socket share: it went before the socket's, so stayed.
+        shared = [
+            *("--zds-socket", f"{tmp_path}/x/z/z.sock", "--control-socket", f"{tmp_path}/x/c.sock"),
+            *("--cni-socket", f"{tmp_path}/x/n.sock", "--state-dir", f"{tmp_path}/x/state"),
+        ]
+        done = subprocess.run(
+            [*ZDS, "server", *shared, "--http-listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and "Address already in use" in done.stderr, done.stderr
+        assert os.listdir(tmp_path) == []

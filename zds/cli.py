@@ -70,6 +70,11 @@ def command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+#: The commands whose arguments go into protobuf fields and gRPC targets (UTF-8 only; a
+#: path elsewhere may be any bytes Linux takes).
+UTF8_ONLY = frozenset({"pod", "watch", "connections", "fault", "faults", "netns"})
+
+
 def not_utf8(argv: Sequence[str]) -> str | None:
     """The first argument that is not UTF-8 text (bytes Python took in with surrogateescape),
     escaped, if any."""
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             parser = build_parser(command_of(argv))
-            if (bad := not_utf8(argv)) is not None:
+            if command_of(argv) in UTF8_ONLY and (bad := not_utf8(argv)) is not None:
                 # (protobuf fields, gRPC targets and log lines take UTF-8 only: it was a
                 # UnicodeEncodeError traceback from wherever the argument went first)
                 getattr(parser.parse_known_args(argv)[0], "command_parser", parser).error(

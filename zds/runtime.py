@@ -117,7 +117,8 @@ def follow_parent() -> None:
         return  # (not Linux's prctl: nothing to follow with)
     if os.getppid() != int(parent) and not _alive(int(parent)):  # it died before the prctl
         # (said: a stale value in a shell's environment ended every command with no word)
-        print(f"zds: {PARENT_PID_ENV}={parent}: the parent it names is gone; ending", file=sys.stderr)
+        with contextlib.suppress(OSError):  # (a stderr gone: the ending all the same)
+            print(f"zds: {PARENT_PID_ENV}={parent}: the parent it names is gone; ending", file=sys.stderr)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
