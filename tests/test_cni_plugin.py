@@ -8,6 +8,8 @@ import http.server
 import json
 import os
 import pathlib
+import signal
+import socket
 import socketserver
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import NodeAgentProc
 from zds.cni.plugin import DEL_TIMEOUT
 from zds.server.cni import parse_event
 
@@ -61,6 +64,12 @@ class StandInAgent:
                 self.send_response(status)
                 self.end_headers()
                 self.wfile.write(text.encode())
+
+            def do_GET(self) -> None:  # (STATUS: the node agent refuses the method, as aiohttp does)
+                agent.requests.append((f"GET {self.path}", {}))
+                status = 503 if agent.busy.get(self.path, 0) > 0 else 405
+                self.send_response(status)
+                self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -327,6 +336,43 @@ def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: Stand
     assert code == 1 and out["code"] == 1 and out["msg"] == "config version does not allow STATUS"
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=str(tmp_path / "none.sock")))
     assert code == 1 and out["code"] == 50
+    assert [path for path, _ in agent.requests] == ["GET /cmdadd"]  # (an HTTP request, answered)
+
+
+def test_status_fails_for_a_node_agent_that_takes_the_connection_and_never_answers(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The kernel takes connections into a listening socket's backlog whatever its process
+    does: a connect alone said ready for a node agent that had hung."""
+    path = str(tmp_path / "hung.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+        hung.bind(path)
+        hung.listen(8)
+        code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=path, timeout=1))
+    assert code == 1 and out["code"] == 50
+    assert out["msg"] == f"zds-cni: the node agent on {path} did not answer within 1s"
+
+
+def test_status_fails_while_the_node_agent_says_it_is_busy(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    agent.busy["/cmdadd"] = 1
+    code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
+    assert code == 1 and out["code"] == 50 and out["msg"].endswith("is not ready: HTTP 503")
+
+
+def test_status_against_the_node_agent_itself_and_the_same_one_stopped(
+    tmp_path: pathlib.Path, server: NodeAgentProc
+) -> None:
+    conf = config(tmp_path, version="1.1.0", cni_socket=server.cni_socket, timeout=1)
+    assert plugin("STATUS", conf)[:2] == (0, None)
+    os.kill(server.proc.pid, signal.SIGSTOP)  # hung: its socket still takes connections
+    try:
+        code, out, _ = plugin("STATUS", conf)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert code == 1 and out["code"] == 50 and "did not answer within 1s" in out["msg"]
+    assert plugin("STATUS", conf)[:2] == (0, None)
 
 
 @pytest.mark.parametrize(

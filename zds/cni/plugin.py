@@ -19,8 +19,8 @@ logs to its own file (``log_file``, default ``/var/log/zds-cni.log``).
   gone; the agent's engine watch and its restart recovery find the pod gone).
 - CHECK: asks the node agent (``/cmdcheck``) whether a selected pod is enrolled
   in this netns with its rules.
-- STATUS (1.1.0 configs): fails (code 50) while the node agent's socket does
-  not answer. GC: nothing to collect (the node agent watches its pods).
+- STATUS (1.1.0 configs): fails (code 50) while the node agent does not answer
+  an HTTP request on its socket within 5 s. GC: nothing to collect (the node agent watches its pods).
 - VERSION: the versions it speaks.
 
 Config keys besides the spec's: ``cni_socket`` (the node agent's, default
@@ -54,6 +54,9 @@ CLEANUP_TIMEOUT = 2.0
 #: DEL succeeds whatever it is; a removal under way goes on), and a node agent that hung held
 #: each container's teardown for the ADD's whole timeout.
 DEL_TIMEOUT = 5.0
+#: How long STATUS waits for the node agent's answer at most (seconds; the config's timeout
+#: when shorter).
+STATUS_TIMEOUT = 5.0
 #: A node agent too busy (a 503 with Retry-After: its requests in flight at their bound) is
 #: asked again after this pause, doubling up to BUSY_PAUSE_MAX, until the timeout.
 BUSY_PAUSE = 0.05
@@ -226,16 +229,33 @@ def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> Non
 
 
 def cmd_status(config: PluginConfig) -> None:
-    conn = _UnixConnection(config.cni_socket, config.timeout)
+    """Ready when the node agent answers an HTTP request on its socket within STATUS_TIMEOUT
+    (a GET of the ADD path: refused as a method it does not take, 405, with no effect). A
+    connect alone said ready for a node agent that had hung: the kernel takes connections
+    into the socket's backlog whatever the process does."""
+    timeout = min(config.timeout, STATUS_TIMEOUT)
+    conn = _UnixConnection(config.cni_socket, timeout)
     try:
-        conn.connect()
-    except OSError as exc:
+        conn.request("GET", defaults.CNI_ADD_EVENT_PATH)
+        response = conn.getresponse()
+        response.read(MAX_ANSWER)
+    except TimeoutError as exc:
+        raise CniError(
+            Code.PLUGIN_NOT_AVAILABLE,
+            f"zds-cni: the node agent on {config.cni_socket} did not answer within {timeout:g}s",
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:
         raise CniError(
             Code.PLUGIN_NOT_AVAILABLE,
             f"zds-cni: the node agent on {config.cni_socket} does not answer: {exc}",
         ) from exc
     finally:
         conn.close()
+    if response.status >= 500:  # (its busy 503 too: not ready for an ADD now)
+        raise CniError(
+            Code.PLUGIN_NOT_AVAILABLE,
+            f"zds-cni: the node agent on {config.cni_socket} is not ready: HTTP {response.status}",
+        )
 
 
 def _configure_logging(config: PluginConfig) -> None:
