@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--zds-socket",
+        type=cliflags.unix_socket,
         default=defaults.ZDS_SOCKET,
         metavar="PATH",
         help="the node agent's ZDS socket (default: %(default)s; ztunnel's INPOD_UDS)",

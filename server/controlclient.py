@@ -51,6 +51,15 @@ class ControlTarget(NamedTuple):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ControlTarget:
+        """The target the flags name; ControlError for flags that do not go together (a TLS
+        flag without --grpc-address was ignored: the control socket takes no TLS)."""
+        tls = [
+            f"--{f.replace('_', '-')}" for f in ("tls_ca", "tls_cert", "tls_key") if getattr(args, f, None)
+        ]
+        if tls and not getattr(args, "grpc_address", None):
+            raise ControlError(f"{tls[0]} only applies with --grpc-address (the control socket takes no TLS)")
+        if tls and getattr(args, "grpc_insecure", False):
+            raise ControlError(f"{tls[0]} and --grpc-insecure exclude each other (TLS, or plaintext)")
         return cls(
             socket=args.control_socket,
             address=getattr(args, "grpc_address", None),

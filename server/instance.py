@@ -30,6 +30,7 @@ import os
 import stat
 from collections.abc import Iterable
 
+from zds import defaults
 from zds.errors import ZdsError
 
 
@@ -233,8 +234,6 @@ def _read_pid(fd: int) -> int | None:
     return None
 
 
-#: The longest path a unix socket can be bound at (``sun_path`` less its NUL).
-SUN_PATH_MAX = 107
 _NOT_OURS = "refusing to use it (remove it yourself if it is stale)"
 
 
@@ -299,7 +298,7 @@ class PrivateDir:
         """Where the gRPC socket is bound and dialled: its path, or, when that is longer than a
         unix socket path may be, the same file through this process's fd of the directory."""
         path = os.path.join(self.path, self.SOCKET)
-        if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        if len(os.fsencode(path)) <= defaults.SUN_PATH_MAX:
             return path
         return f"/proc/self/fd/{self._fd}/{self.SOCKET}"
 

@@ -11,8 +11,8 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zds import defaults
 from zds.server.instance import (
-    SUN_PATH_MAX,
     InstanceError,
     InstanceLock,
     missing_dirs,
@@ -28,18 +28,33 @@ from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
 if TYPE_CHECKING:
     from zds.server.faults import FaultSpec
 
+#: The URLs ``--container-engine`` may be (the Docker client library's, but Windows' named
+#: pipes and SSH, which needs a library zds does not install).
+ENGINE_SCHEMES = ("unix", "tcp", "http", "https")
+
 
 def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     """Check what the flags name (socket paths, listen addresses, the pods and faults
     files) before anything is claimed or written: a bad one stopped the start after the pod
     store and the lock files were made. The files' pods and faults."""
+    from zds.cli import not_utf8
     from zds.server.faultkinds import FaultError
     from zds.server.faultsfile import load_faults_file
 
     for flag, what, path in _sockets(opts):
         _bindable(flag, what, path)
+    if (bad := not_utf8([opts.control_socket])) is not None:
+        # (it was refused only once the pod store was made, in gRPC's codec's words)
+        raise StartupError(f"--control-socket {bad}: not UTF-8 text, and gRPC serves only a UTF-8 path")
     if opts.container_label and not opts.container_engine:
         raise StartupError("--container-label only applies with --container-engine")
+    if opts.container_engine and "://" in opts.container_engine:
+        scheme = opts.container_engine.partition("://")[0]
+        if scheme not in ENGINE_SCHEMES:  # (it was retried for good: "Missing protocol scheme")
+            raise StartupError(
+                f"--container-engine {opts.container_engine}: give the API socket's path, or a "
+                "unix://, tcp://, http:// or https:// URL"
+            )
     if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
     if opts.http_listen:
@@ -182,10 +197,12 @@ def _bindable(flag: str, what: str, path: str) -> None:
     """A unix socket can be bound at ``path`` (checked before anything is made for it): the
     path is short enough, and holds nothing but maybe a socket (a live one is told apart
     once the path is claimed)."""
+    if not path:
+        raise StartupError(f"{flag}: give a path (an empty one names no socket)")
     size = len(os.fsencode(path))
-    if size > SUN_PATH_MAX:
+    if size > defaults.SUN_PATH_MAX:
         raise StartupError(
-            f"{flag} {path}: {size} bytes, longer than a unix socket path may be ({SUN_PATH_MAX}); "
+            f"{flag} {path}: {size} bytes, longer than a unix socket path may be ({defaults.SUN_PATH_MAX}); "
             "give a shorter one"
         )
     try:

@@ -713,6 +713,12 @@ def test_numbers_a_flag_cannot_take_are_refused_in_one_line(
         (["--grpc-insecure"], "--grpc-insecure only applies with --grpc-listen"),
         (["--container-label", "a=b"], "--container-label only applies with --container-engine"),
         (["--netns-root", "pods/netns"], "--netns-root pods/netns: give an absolute path"),
+        # (retried for good: the Docker client library's "Missing protocol scheme")
+        (
+            ["--container-engine", "ftp://x"],
+            "--container-engine ftp://x: give the API socket's path, or a unix://, tcp://, http:// or "
+            "https:// URL",
+        ),
     ],
 )
 def test_a_server_flag_that_would_be_ignored_is_refused_before_anything_is_made(
@@ -734,6 +740,58 @@ def test_a_ztunnel_mark_that_is_no_socket_mark_is_refused(mark: str) -> None:
     assert done.stderr.splitlines()[-1] == (
         f"zds ztunnel: error: argument --mark: {mark!r} is not a socket mark (0-4294967295)"
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("", "give a path (an empty one names no socket)"),
+        ("/run/" + "z" * 110, f"'/run/{'z' * 110}': 115 bytes, longer than a unix socket path may be (107)"),
+    ],
+)
+def test_a_ztunnel_zds_socket_that_cannot_be_one_is_refused(path: str, says: str) -> None:
+    """Either was taken, and the connection retried for good ("Invalid argument", "AF_UNIX path
+    too long")."""
+    done = subprocess.run([*ZDS, "ztunnel", "--zds-socket", path], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"zds ztunnel: error: argument --zds-socket: {says}"
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (
+            ["--tls-ca", "ca.pem"],
+            "--tls-ca only applies with --grpc-address (the control socket takes no TLS)",
+        ),
+        (["--tls-cert", "c.pem", "--tls-key", "c.key"], "--tls-cert only applies with --grpc-address"),
+        (
+            ["--grpc-address", "127.0.0.1:1", "--grpc-insecure", "--tls-key", "c.key"],
+            "--tls-key and --grpc-insecure exclude each other (TLS, or plaintext)",
+        ),
+    ],
+)
+def test_a_client_tls_flag_that_would_be_ignored_is_refused(
+    flags: list[str], says: str, tmp_path: pathlib.Path
+) -> None:
+    """Each was taken and did nothing: the request went over the control socket, or in plaintext."""
+    for command in (["pod", "list"], ["connections"], ["faults", "list"], ["pod", "remove", "--uid", "u"]):
+        done = subprocess.run(
+            [*ZDS, *command, *flags, "--control-socket", str(tmp_path / "c.sock")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        prog = " ".join(command[:2]) if command[0] != "connections" else "connections"
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr.startswith(f"zds {prog}: {says}") and len(done.stderr.splitlines()) == 1
+
+
+def test_every_help_text_is_ascii() -> None:
+    """A stdout that takes ASCII only (``PYTHONIOENCODING=ascii``) made ``zds check ztunnel
+    --help`` a UnicodeEncodeError (its description's section sign)."""
+    for leaf in [PARSER, *LEAVES.values()]:
+        assert leaf.format_help().isascii(), leaf.prog
 
 
 @pytest.mark.parametrize("closed", [0, 1, 2])

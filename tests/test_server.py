@@ -717,6 +717,12 @@ def test_a_directory_at_a_socket_path_is_refused_in_one_line(
         (["--http-listen", "127.0.0.1:99999"], "port 99999 is not a TCP port (0-65535)"),
         # (its directory, its lock and the pod store were made first)
         (["--zds-socket", "{tmp}/" + "d" * 100 + "/z.sock"], "longer than a unix socket path may be (107)"),
+        (["--zds-socket", ""], "--zds-socket: give a path (an empty one names no socket)"),  # (ENOENT)
+        # (gRPC's codec refused it once the pod store was made)
+        (
+            ["--control-socket", "{tmp}/zds/\udcff.sock"],
+            "--control-socket {tmp}/zds/\\xff.sock: not UTF-8 text, and gRPC serves only a UTF-8 path",
+        ),
         (["--grpc-listen", "127.0.0.1:0"], "--grpc-listen"),  # neither TLS nor --grpc-insecure
         (
             ["--cni-socket", "{tmp}/zds/./control.sock"],

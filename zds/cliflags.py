@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -186,6 +187,19 @@ def mark(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) > 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"{text!r} is not a socket mark (0-4294967295)")
     return int(text)
+
+
+def unix_socket(text: str) -> str:
+    """A unix socket's path: not empty, and short enough to bind or connect to (a longer or
+    empty one was only found out by retrying the connection for good)."""
+    if not text:
+        raise argparse.ArgumentTypeError("give a path (an empty one names no socket)")
+    size = len(os.fsencode(text))
+    if size > defaults.SUN_PATH_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {size} bytes, longer than a unix socket path may be ({defaults.SUN_PATH_MAX})"
+        )
+    return text
 
 
 def off(value: str | None) -> str | None:

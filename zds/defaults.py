@@ -229,6 +229,8 @@ MAX_POD_IPS = 16
 #: The longest netns path taken (Linux's PATH_MAX): refusals quote it, and a status's
 #: details must stay well under gRPC's metadata limit (8 KiB).
 MAX_NETNS_PATH = 4096
+#: The longest path a unix socket can be bound at or connected to (``sun_path`` less its NUL).
+SUN_PATH_MAX = 107
 
 #: A control-socket connection must say what it is (gRPC's preface, or the bulk lane's
 #: opening) within this many seconds (gRPC's own handshake, this too), and at most

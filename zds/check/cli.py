@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     zt = roles.add_parser(
         "ztunnel",
         help="zds plays a strict node agent against a ztunnel",
-        description="Listen on a ZDS socket as a strict node agent and send a ztunnel DESIGN §1's table of "
+        description="Listen on a ZDS socket as a strict node agent and send a ztunnel DESIGN.md section 1's table of "
         "edge and bad messages: nack prefixes, which errors drop the connection and which stop it for "
         "good, pending retry, reconcile across reconnects, re-adds, listeners in the pod and none on the "
         "host, readiness. With --cmd zds starts the ztunnel (and restarts it after a check that stops it "
