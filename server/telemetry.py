@@ -54,6 +54,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -175,9 +176,33 @@ def metric_exporters_from_env(environ: Mapping[str, str]) -> list[MetricExporter
 
 
 def _resource(environ: Mapping[str, str]) -> Resource:
-    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our default name.
-    named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our default name; empty, they name
+    # nothing (the SDK ignores an empty OTEL_SERVICE_NAME: it was "unknown_service:python").
+    attributes = environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    named = bool(environ.get("OTEL_SERVICE_NAME", "").strip()) or any(
+        key.strip() == "service.name" and value.strip()
+        for key, _, value in (attribute.partition("=") for attribute in attributes)
+    )
     return Resource.create({} if named else {"service.name": SERVICE_NAME})
+
+
+def _export_interval(environ: Mapping[str, str]) -> None:
+    """TelemetryConfigError unless OTEL_METRIC_EXPORT_INTERVAL (when set) is a number of
+    milliseconds the exporter's thread can wait: the SDK exported nothing at all for 0, a
+    negative or an infinite one, fell back to a minute for one it could not read, and its
+    thread died at the first wait for one over ``threading.TIMEOUT_MAX`` seconds."""
+    text = environ.get("OTEL_METRIC_EXPORT_INTERVAL", "")
+    if not text.strip():  # (empty: unset, as the OpenTelemetry spec has every variable)
+        return
+    try:
+        millis = float(text)
+    except ValueError:
+        millis = math.nan
+    if not 0 < millis <= threading.TIMEOUT_MAX * 1000:
+        raise TelemetryConfigError(
+            f"OTEL_METRIC_EXPORT_INTERVAL={text!r}: give the milliseconds between metric exports "
+            f"(a number over 0, at most {threading.TIMEOUT_MAX * 1000:.3g})"
+        )
 
 
 @contextlib.contextmanager
@@ -299,7 +324,10 @@ class Telemetry:
                 BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
                 for exporter, batched in span_exporters_from_env(env)
             ]
-            readers = [PeriodicExportingMetricReader(e) for e in metric_exporters_from_env(env)]
+            exporters = metric_exporters_from_env(env)
+            if exporters:
+                _export_interval(env)
+            readers = [PeriodicExportingMetricReader(e) for e in exporters]
             return cls(span_processors=processors, metric_readers=readers, resource=resource)
         except TelemetryConfigError:
             raise

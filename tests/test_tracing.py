@@ -456,7 +456,6 @@ def test_otlp_exporter_sends_the_trace_to_a_collector(
     [
         {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
         {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "-1"},
-        {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": "-5"},
     ],
 )
 def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
@@ -471,6 +470,49 @@ def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
         Telemetry.from_environment()
     assert str(refused.value).endswith(f"; set here: {', '.join(sorted(env))}")
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"OTEL_SERVICE_NAME": ""}, "zds-node-agent"),  # (the SDK ignores it: "unknown_service:python")
+        ({"OTEL_SERVICE_NAME": " "}, "zds-node-agent"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "a=b,service.name="}, "zds-node-agent"),
+        ({"OTEL_SERVICE_NAME": "agent-7"}, "agent-7"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "a=b, service.name = agent-8"}, "agent-8"),
+    ],
+)
+def test_an_empty_service_name_leaves_zds_own(
+    env: dict[str, str], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # (the SDK reads them from the environment itself)
+    text = Telemetry.from_environment().prometheus()[0].decode()
+    assert re.search(r'^target_info\{.*\bservice_name="([^"]*)"', text, re.M)[1] == name  # type: ignore[index]
+
+
+@pytest.mark.parametrize("interval", ["1e13", "0", "-5", "inf", "nan", "abc"])
+def test_a_metric_export_interval_no_exporter_can_keep_is_refused(
+    interval: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1e13 ms killed the exporter's thread at its first wait (over threading.TIMEOUT_MAX); 0, a
+    negative or an infinite one exported nothing at all; one the SDK could not read became a
+    minute, with a warning."""
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    env = {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": interval}
+    with pytest.raises(TelemetryConfigError) as refused:
+        Telemetry.from_environment(env)
+    assert str(refused.value) == (
+        f"OTEL_METRIC_EXPORT_INTERVAL={interval!r}: give the milliseconds between metric exports "
+        "(a number over 0, at most 9.22e+12)"
+    )
+    for taken in ("60000", ""):  # ("": unset, as the OpenTelemetry spec has every variable)
+        asyncio.run(Telemetry.from_environment({**env, "OTEL_METRIC_EXPORT_INTERVAL": taken}).shutdown())
+    # Without a metric exporter the value is read by nothing: not refused.
+    Telemetry.from_environment({"OTEL_METRIC_EXPORT_INTERVAL": interval})
 
 
 def test_a_collector_that_never_answers_holds_the_exit_at_most_the_shutdown_wait(
