@@ -301,6 +301,50 @@ def test_a_control_socket_that_does_not_answer_is_said_at_once_not_blamed_on_the
     )
 
 
+def test_a_report_file_that_cannot_be_written_is_refused_before_anything_runs(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    """It was found out after the whole run (minutes), the report lost; and a report file made
+    for a run that then cannot start goes again."""
+    server = start_server()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for flag, path, says in (
+        ("--json", tmp_path / "no" / "r.json", "No such file or directory"),
+        ("--junit", tmp_path, "Is a directory"),
+        ("--json", fifo, "No such device or address"),  # (nobody reads it: not waited on for good)
+    ):
+        done = subprocess.run(
+            [*ZDS, "check", "node-agent", "--zds-socket", server.zds_socket, flag, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr == f"zds check node-agent: {flag} {path}: cannot write it: {says}\n"
+    report, kept = tmp_path / "r.json", tmp_path / "kept.xml"
+    kept.write_text("an earlier report")
+    missing = str(tmp_path / "no-control.sock")
+    reports = ["--json", str(report), "--junit", str(kept)]
+    done = subprocess.run(
+        [
+            *ZDS,
+            "check",
+            "node-agent",
+            "--zds-socket",
+            server.zds_socket,
+            "--control-socket",
+            missing,
+            *reports,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "cannot reach zds's control API" in done.stderr
+    assert not report.exists() and kept.read_text() == "an earlier report"
+
+
 def test_an_agent_pid_that_is_no_process_is_refused_at_once(tmp_path: pathlib.Path) -> None:
     """It was a skipped fd-hygiene check and exit 0."""
     pid = 2**22 + 1  # above Linux's largest pid_max: never a process

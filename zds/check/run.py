@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import stat
@@ -41,12 +42,19 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
         # (every check had its own ERROR for it, exit 1: 19 lines saying one thing)
         print(f"zds check {role}: {missing}", file=sys.stderr)
         return 2
+    made, problem = _claim_reports(args)
+    if problem:
+        _unmake(made)
+        print(f"zds check {role}: {problem}", file=sys.stderr)
+        return 2
     try:
         report = asyncio.run(_run(role, args, selected))
     except ZdsError as exc:
+        _unmake(made)
         print(f"zds check {role}: {exc}", file=sys.stderr)
         return 2
     except asyncio.CancelledError:
+        _unmake(made)
         signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
         print(
             f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
@@ -64,6 +72,31 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
                 print(f"zds check {role}: cannot write {path}: {exc.strerror}", file=sys.stderr)
                 return 2
     return 0 if report.ok else 1
+
+
+def _claim_reports(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Each ``--json``/``--junit`` file opened for writing before anything runs (a path that
+    could not be written was found out only after the whole run): the files made here, and
+    why one cannot be written ('' when each can). Nothing is written to them yet."""
+    made: list[str] = []
+    for flag, path in (("--json", args.json), ("--junit", args.junit)):
+        if not path:
+            continue
+        existed = os.path.lexists(path)
+        try:  # (not truncated yet; O_NONBLOCK: a FIFO nobody reads is refused, not waited on)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666))
+        except OSError as exc:
+            return made, f"{flag} {path}: cannot write it: {exc.strerror}"
+        if not existed:
+            made.append(path)
+    return made, ""
+
+
+def _unmake(paths: list[str]) -> None:
+    """Remove the report files ``_claim_reports`` made, for a run that wrote no report."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _no_socket(path: str) -> str:
