@@ -57,6 +57,9 @@ class ContainerPods:
         self.resync: Callable[[str], None] | None = None
         self._learned = asyncio.Event()
         self._locks: KeyedLocks[str] = KeyedLocks()
+        #: Each container's ADDs from their arrival until they hold its lock (a DEL of it
+        #: meanwhile marks them: the runtime gave those up).
+        self._adds_waiting: dict[str, list[_WaitingAdd]] = {}
 
     # -- serialization ----------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -129,32 +132,57 @@ class ContainerPods:
     # -- the CNI plugin's events ------------------------------------------------------------
     async def cni_add(self, spec: PodSpec, cid: str) -> tuple[int, str]:
         """zds-cni's ADD: (HTTP status, text). 200 enrolled or not selected; 500 the
-        enrollment failed; 503 it cannot be told whether the container joins."""
+        enrollment failed; 503 it cannot be told whether the container joins; 409 its DEL came
+        while it waited (the runtime gave it up: not enrolled)."""
         if self.engine is None:
             return 503, (
                 f"cannot tell whether container {cid[:12]} joins the mesh: this node agent has no "
                 "container engine to read its labels from (zds server --container-engine SOCKET); "
                 "or chain zds-cni with enroll: all"
             )
-        facts = await self.wait_facts(cid)
-        if facts is None:
-            return 503, (
-                f"container {cid[:12]} is unknown to the container engine {self.engine} "
-                f"(waited {self.lookup_timeout:g}s for it); is the engine reachable?"
-            )
-        selection = self.selection(facts)
-        if not selection.selected:
-            log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
-            return 200, f"not selected: container {facts.name} is {selection.reason}"
-        # The pod of a container is named by its id (facts.id is cid), whatever PodUID said.
-        spec = facts.pod_spec(spec.netns, spec.ips, spec.source)
-        async with self.serialized(cid):
-            try:
-                if (refusal := await self.add_unless_held(spec)) is not None:
-                    return 500, refusal
-            except EnrollmentError as exc:
-                return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
-        return 200, f"enrolled: container {facts.name} is {selection.reason}"
+        waiting = self._add_arrived(cid)
+        try:
+            facts = await self.wait_facts(cid)
+            if facts is None:
+                return 503, (
+                    f"container {cid[:12]} is unknown to the container engine {self.engine} "
+                    f"(waited {self.lookup_timeout:g}s for it); is the engine reachable?"
+                )
+            selection = self.selection(facts)
+            if not selection.selected:
+                log.info("container %s not enrolled: %s", facts.name, selection.reason, extra={"uid": cid})
+                return 200, f"not selected: container {facts.name} is {selection.reason}"
+            # The pod of a container is named by its id (facts.id is cid), whatever PodUID said.
+            spec = facts.pod_spec(spec.netns, spec.ips, spec.source)
+            async with self.serialized(cid):
+                self._add_served(cid, waiting)
+                if waiting.deleted:
+                    # The DEL came while this waited for the container's facts or the lock: the
+                    # runtime gave the ADD up (zds-cni sends it after a timeout shorter than
+                    # the wait for the facts); enrolled now, the pod would stay for a container
+                    # the runtime was told has no network.
+                    return 409, f"container {facts.name}: its DEL came while this ADD waited; not enrolled"
+                try:
+                    if (refusal := await self.add_unless_held(spec)) is not None:
+                        return 500, refusal
+                except EnrollmentError as exc:
+                    return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
+            return 200, f"enrolled: container {facts.name} is {selection.reason}"
+        finally:
+            self._add_served(cid, waiting)
+
+    def _add_arrived(self, cid: str) -> _WaitingAdd:
+        waiting = _WaitingAdd()
+        self._adds_waiting.setdefault(cid, []).append(waiting)
+        return waiting
+
+    def _add_served(self, cid: str, waiting: _WaitingAdd) -> None:
+        """``waiting`` holds the lock (or gave up): a DEL from now on comes after it."""
+        adds = self._adds_waiting.get(cid, [])
+        if waiting in adds:
+            adds.remove(waiting)
+            if not adds:
+                del self._adds_waiting[cid]
 
     async def cni_del(self, uid: str, netns: str) -> tuple[int, str]:
         """DEL: the pod is gone. 200 (a DEL must not fail on what is gone already), but 500
@@ -162,6 +190,8 @@ class ContainerPods:
         A container's pod is then looked at again through the engine: a network the container
         left (``podman network disconnect``) is not the container gone, and one that still
         runs selected is enrolled again (its pod had stayed away until the next reconcile)."""
+        for waiting in self._adds_waiting.get(uid, ()):
+            waiting.deleted = True
         async with self.serialized(uid):
             while True:  # (again when the control API changed the uid's pod meanwhile)
                 held = self.agent.pods.get(uid)
@@ -301,3 +331,13 @@ def _still_at(pod: Pod, path: str) -> bool:
     except (OSError, ValueError):  # (gone; a NUL in it)
         return False
     return (st.st_dev, st.st_ino) == (pod.netns.identity.dev, pod.netns.identity.ino)
+
+
+class _WaitingAdd:
+    """A CNI ADD between its arrival and its turn at the container's lock."""
+
+    __slots__ = ("deleted",)
+
+    def __init__(self) -> None:
+        #: A DEL of the container came meanwhile.
+        self.deleted = False

@@ -37,6 +37,7 @@ from zds.server import podcache, recovery
 from zds.server.agent import AgentConfig, NodeAgent
 from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
+from zds.server.containers import ContainerFacts
 from zds.server.control import start_control_server
 from zds.server.leftovers import Leftovers
 from zds.server.netnspolicy import NetnsPolicy
@@ -1535,6 +1536,40 @@ async def test_a_cni_add_does_not_replace_the_pod_the_control_api_enrolled_meanw
     assert agent.agent.pods.get("u1") is enrolled.pod
     assert agent.stored() == {"u1": identity(b)}
     assert has_rules(b) and not has_rules(a)
+
+
+async def test_a_cni_add_whose_del_came_while_it_waited_for_the_container_is_not_enrolled(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """zds-cni's config timeout under the node agent's wait for the container's facts (10 s):
+    the plugin gives the ADD up, tells the runtime it failed and sends the DEL, which found
+    nothing yet; the ADD, once the engine reported the container, enrolled it all the same (a
+    pod, with rules, for a container the runtime was told has no network). An ADD no DEL
+    overtook is enrolled as before."""
+    a, b = make_pod(), make_pod()
+    containers = ContainerPods(agent.agent)
+    containers.engine = "stand-in"
+    ambient = {defaults.DATAPLANE_MODE_LABEL: defaults.DATAPLANE_MODE_AMBIENT}
+    given_up, kept = "c" * 64, "d" * 64
+
+    def added(cid: str, pod: Pod) -> asyncio.Task[tuple[int, str]]:
+        spec = PodSpec.create(cid, NetnsRef.of_path(pod.path), source=PodSource.CNI)
+        return asyncio.ensure_future(containers.cni_add(spec, cid))
+
+    adds = added(given_up, a), added(kept, b)
+    await asyncio.sleep(0)  # (both arrived: waiting for their containers' facts)
+    assert not any(add.done() for add in adds)
+    assert await containers.cni_del(given_up, a.path) == (200, "not enrolled")
+    containers.learn(ContainerFacts(id=given_up, name="gone", labels=ambient))
+    containers.learn(ContainerFacts(id=kept, name="web", labels=ambient))
+    said = list(await asyncio.wait_for(asyncio.gather(*adds), 30))
+    assert said == [
+        (409, "container gone: its DEL came while this ADD waited; not enrolled"),
+        (200, "enrolled: container web is labelled istio.io/dataplane-mode=ambient"),
+    ]
+    assert agent.agent.pods.get(given_up) is None and not has_rules(a)
+    assert agent.stored() == {kept: identity(b)} and has_rules(b)
+    assert not containers._adds_waiting  # (nothing kept once the ADDs are answered)
 
 
 def engine_spec(uid: str, pod: Pod) -> PodSpec:
