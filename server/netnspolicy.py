@@ -160,14 +160,15 @@ class NetnsPolicy:
         return handle
 
 
-def _shares_netns_with_pid_1() -> bool:
+def _shares_netns_with_pid_1(listing: str = "/proc/1/net/unix") -> bool:
     """Whether pid 1 is in this process's netns: a unix socket made here is among those
-    ``/proc/1/net/unix`` lists (the sockets of pid 1's netns, unbound ones too)."""
+    ``listing`` lists (pid 1's: the sockets of its netns, unbound ones too). Read as bytes:
+    the sockets' paths are any bytes any process bound (one not UTF-8 stopped the start)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
-        inode = str(os.fstat(probe.fileno()).st_ino)
+        inode = str(os.fstat(probe.fileno()).st_ino).encode()
         try:
-            with open("/proc/1/net/unix") as listing:
-                return any(line.split()[6:7] == [inode] for line in listing)
+            with open(listing, "rb") as lines:
+                return any(line.split()[6:7] == [inode] for line in lines)
         except OSError:
             return False
 

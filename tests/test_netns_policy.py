@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.harness import NodeAgentProc, Pod, post_unix, run_unique
 from tests.standins import AckingPeer
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsError, NetnsRef, open_netns
-from zds.server.netnspolicy import NetnsPolicy, NetnsRefused
+from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, _shares_netns_with_pid_1
 from zds.server.redirect import Redirector
 
 pytestmark = pytest.mark.root
@@ -169,6 +170,18 @@ def test_a_node_agent_in_the_nodes_netns_without_ptrace_access_refuses_the_node(
         assert server.list_pods() == []
     finally:
         server.stop()
+
+
+def test_the_socket_listing_is_read_whatever_bytes_a_socket_path_holds(tmp_path: Path) -> None:
+    """Any process may bind a unix socket at a path that is not UTF-8: read as text, the
+    listing was a UnicodeDecodeError that stopped the node agent's start (where pid 1's netns
+    cannot be stat'ed: a container without ptrace access)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as odd:
+        odd.bind(os.fsencode(tmp_path) + b"/\xff.sock")
+        odd.listen(1)
+        # (this process's own listing: the odd path is in it, and so is the probe)
+        assert _shares_netns_with_pid_1("/proc/self/net/unix")
+    assert not _shares_netns_with_pid_1(str(tmp_path / "no-listing"))
 
 
 def test_pid_1_is_refused_by_name_even_where_its_netns_cannot_be_opened(tmp_path: Path) -> None:
