@@ -136,8 +136,9 @@ def _bind_mounted() -> set[NetnsIdentity]:
     ``net:[INO]``)."""
     found: set[NetnsIdentity] = set()
     try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
+        # (bytes: a mount point is any bytes, and one that is not UTF-8 made every sweep fail)
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode(errors="surrogateescape").splitlines()
     except OSError as exc:
         raise Blind(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
     for line in lines:

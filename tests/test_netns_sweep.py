@@ -17,7 +17,9 @@ import pytest
 
 from tests.harness import Namespaces, NodeAgentProc, post_unix, wait_until
 from tests.standins import AckingPeer
+from zds.netns import NetnsIdentity
 from zds.protocol.messages import DelWorkload
+from zds.server import netnssweep
 
 pytestmark = pytest.mark.root
 
@@ -108,6 +110,23 @@ def test_a_cni_pod_whose_netns_nothing_holds_is_removed_and_no_other(
             subprocess.run(["umount", str(hold)], check=False)
         peer.close()
         server.stop()
+
+
+def test_a_netns_bind_mounted_at_a_path_that_is_not_utf8_is_found(
+    tmp_path: Path, namespaces: Namespaces
+) -> None:
+    """A mount point is any bytes: /proc/self/mountinfo read as text was a UnicodeDecodeError
+    in every sweep while one that is not UTF-8 was mounted anywhere on the node."""
+    netns = namespaces.make("odd")
+    odd = os.fsencode(tmp_path) + b"/\xff"
+    with open(odd, "w"):
+        pass
+    subprocess.run(["mount", "--bind", netns, odd], check=True)
+    try:
+        st = os.stat(odd)
+        assert NetnsIdentity(st.st_dev, st.st_ino) in netnssweep._bind_mounted()
+    finally:
+        subprocess.run(["umount", odd], check=True)
 
 
 def test_a_node_agent_that_cannot_see_every_process_removes_nothing_and_says_why(
