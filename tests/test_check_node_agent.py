@@ -345,6 +345,41 @@ def test_a_report_file_that_cannot_be_written_is_refused_before_anything_runs(
     assert not report.exists() and kept.read_text() == "an earlier report"
 
 
+def test_a_report_to_a_fifo_reaches_its_reader(start_server: StartServer, tmp_path: pathlib.Path) -> None:
+    """A reader that ends at its first end-of-file (``cat FIFO > FILE``): the file opened at
+    the start and opened again for the report left it gone, and the check waited for good."""
+    server = start_server()
+    fifo, got = tmp_path / "fifo", tmp_path / "got.json"
+    os.mkfifo(fifo)
+    with open(got, "wb") as out:
+        reader = subprocess.Popen(["cat", str(fifo)], stdout=out)
+    try:
+        wait_until(lambda: _waits_for_a_writer(reader.pid), "the reader at the FIFO")
+        sockets = ["--zds-socket", server.zds_socket, "--control-socket", server.control_socket]
+        done = subprocess.run(
+            [*ZDS, "check", "node-agent", *sockets, "--only", "hello-first", "--json", str(fifo)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert reader.wait(30) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert [c["name"] for c in json.loads(got.read_text())["checks"]] == ["hello-first"]
+
+
+def _waits_for_a_writer(pid: int) -> bool:
+    """Whether process ``pid`` is in its FIFO's open, waiting for a writer."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read() == "wait_for_partner"
+    except OSError:
+        return False
+
+
 def test_an_agent_pid_that_is_no_process_is_refused_at_once(tmp_path: pathlib.Path) -> None:
     """It was a skipped fd-hygiene check and exit 0."""
     pid = 2**22 + 1  # above Linux's largest pid_max: never a process

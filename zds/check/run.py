@@ -10,7 +10,7 @@ import signal
 import stat
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from zds import runtime
 from zds.check.report import CheckSpec, Report
@@ -42,61 +42,81 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
         # (every check had its own ERROR for it, exit 1: 19 lines saying one thing)
         print(f"zds check {role}: {missing}", file=sys.stderr)
         return 2
-    made, problem = _claim_reports(args)
+    claimed, problem = _claim_reports(args)
     if problem:
-        _unmake(made)
         print(f"zds check {role}: {problem}", file=sys.stderr)
         return 2
+    written = False
     try:
-        report = asyncio.run(_run(role, args, selected))
-    except ZdsError as exc:
-        _unmake(made)
-        print(f"zds check {role}: {exc}", file=sys.stderr)
-        return 2
-    except asyncio.CancelledError:
-        _unmake(made)
-        signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
-        print(
-            f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
-            file=sys.stderr,
-        )
-        return 128 + signum
-    sys.stdout.write(report.render_text())
-    sys.stdout.flush()
-    for path, text in ((args.json, report.render_json), (args.junit, report.render_junit)):
-        if path:
+        try:
+            report = asyncio.run(_run(role, args, selected))
+        except ZdsError as exc:
+            print(f"zds check {role}: {exc}", file=sys.stderr)
+            return 2
+        except asyncio.CancelledError:
+            signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
+            print(
+                f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
+                file=sys.stderr,
+            )
+            return 128 + signum
+        sys.stdout.write(report.render_text())
+        sys.stdout.flush()
+        written = True
+        for claim in claimed:
             try:
-                with open(path, "w") as out:
-                    out.write(text())
+                claim.write(report.render_json() if claim.flag == "--json" else report.render_junit())
             except OSError as exc:
-                print(f"zds check {role}: cannot write {path}: {exc.strerror}", file=sys.stderr)
+                print(f"zds check {role}: cannot write {claim.path}: {exc.strerror}", file=sys.stderr)
                 return 2
-    return 0 if report.ok else 1
+        return 0 if report.ok else 1
+    finally:
+        for claim in claimed:
+            claim.close(remove_made=not written)
 
 
-def _claim_reports(args: argparse.Namespace) -> tuple[list[str], str]:
+class _Claimed(NamedTuple):
+    """A report file opened before the run (``--json``/``--junit``), written through the same
+    fd after it: a FIFO's reader, kept waiting, reads it (opened again, a reader that had
+    seen the first close was gone and the write waited for good)."""
+
+    flag: str
+    path: str
+    fd: int
+    #: The file made for it (where a symlink led), removed again if no report is written.
+    made: str | None
+
+    def write(self, text: str) -> None:
+        os.set_blocking(self.fd, True)
+        if stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.ftruncate(self.fd, 0)
+        with open(self.fd, "w", closefd=False) as out:
+            out.write(text)
+
+    def close(self, *, remove_made: bool) -> None:
+        os.close(self.fd)
+        if remove_made and self.made is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.made)
+
+
+def _claim_reports(args: argparse.Namespace) -> tuple[list[_Claimed], str]:
     """Each ``--json``/``--junit`` file opened for writing before anything runs (a path that
-    could not be written was found out only after the whole run): the files made here, and
-    why one cannot be written ('' when each can). Nothing is written to them yet."""
-    made: list[str] = []
+    could not be written was found out only after the whole run), nothing written yet; or
+    none, and why one cannot be written."""
+    claimed: list[_Claimed] = []
     for flag, path in (("--json", args.json), ("--junit", args.junit)):
         if not path:
             continue
-        existed = os.path.lexists(path)
+        made = None if os.path.exists(path) else os.path.realpath(path)
         try:  # (not truncated yet; O_NONBLOCK: a FIFO nobody reads is refused, not waited on)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            return made, f"{flag} {path}: cannot write it: {exc.strerror}"
-        if not existed:
-            made.append(path)
-    return made, ""
-
-
-def _unmake(paths: list[str]) -> None:
-    """Remove the report files ``_claim_reports`` made, for a run that wrote no report."""
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+            for claim in claimed:
+                claim.close(remove_made=True)
+            return [], f"{flag} {path}: cannot write it: {exc.strerror}"
+        claimed.append(_Claimed(flag, path, fd, made))
+    return claimed, ""
 
 
 def _no_socket(path: str) -> str:
