@@ -65,11 +65,14 @@ class StandInAgent:
                 self.end_headers()
                 self.wfile.write(text.encode())
 
-            def do_GET(self) -> None:  # (STATUS: the node agent refuses the method, as aiohttp does)
+            def do_GET(self) -> None:  # (STATUS: a path the node agent does not serve)
                 agent.requests.append((f"GET {self.path}", {}))
-                status = 503 if agent.busy.get(self.path, 0) > 0 else 405
+                status, text = agent.answers.get(f"GET {self.path}", (404, "Not Found"))
                 self.send_response(status)
+                if agent.busy.get(self.path, 0) > 0:
+                    self.send_header("Retry-After", "1")
                 self.end_headers()
+                self.wfile.write(text.encode())
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -336,7 +339,7 @@ def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: Stand
     assert code == 1 and out["code"] == 1 and out["msg"] == "config version does not allow STATUS"
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=str(tmp_path / "none.sock")))
     assert code == 1 and out["code"] == 50
-    assert [path for path, _ in agent.requests] == ["GET /cmdadd"]  # (an HTTP request, answered)
+    assert [path for path, _ in agent.requests] == ["GET /"]  # (an HTTP request, answered)
 
 
 def test_status_fails_for_a_node_agent_that_takes_the_connection_and_never_answers(
@@ -353,12 +356,21 @@ def test_status_fails_for_a_node_agent_that_takes_the_connection_and_never_answe
     assert out["msg"] == f"zds-cni: the node agent on {path} did not answer within 1s"
 
 
-def test_status_fails_while_the_node_agent_says_it_is_busy(
+def test_status_is_ready_while_the_node_agent_is_busy_and_not_on_its_other_errors(
     tmp_path: pathlib.Path, agent: StandInAgent
 ) -> None:
-    agent.busy["/cmdadd"] = 1
+    """Busy (a 503 with Retry-After) is serving: an ADD asks again. A runtime that takes a
+    failed STATUS for a network not ready (containerd) would stop starting the pods that
+    made it busy."""
+    agent.answers["GET /"] = (503, "too many requests in flight; try again")
+    agent.busy["/"] = 1
+    assert plugin("STATUS", config(tmp_path, version="1.1.0"))[:2] == (0, None)
+    agent.busy["/"] = 0
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
     assert code == 1 and out["code"] == 50 and out["msg"].endswith("is not ready: HTTP 503")
+    agent.answers["GET /"] = (500, "")
+    code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
+    assert code == 1 and out["code"] == 50 and out["msg"].endswith("is not ready: HTTP 500")
 
 
 def test_status_against_the_node_agent_itself_and_the_same_one_stopped(

@@ -20,7 +20,8 @@ logs to its own file (``log_file``, default ``/var/log/zds-cni.log``).
 - CHECK: asks the node agent (``/cmdcheck``) whether a selected pod is enrolled
   in this netns with its rules.
 - STATUS (1.1.0 configs): fails (code 50) while the node agent does not answer
-  an HTTP request on its socket within 5 s. GC: nothing to collect (the node agent watches its pods).
+  an HTTP request on its socket (each step within 5 s), or answers it with an
+  error other than its "too busy". GC: nothing to collect (the node agent watches its pods).
 - VERSION: the versions it speaks.
 
 Config keys besides the spec's: ``cni_socket`` (the node agent's, default
@@ -229,14 +230,17 @@ def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> Non
 
 
 def cmd_status(config: PluginConfig) -> None:
-    """Ready when the node agent answers an HTTP request on its socket within STATUS_TIMEOUT
-    (a GET of the ADD path: refused as a method it does not take, 405, with no effect). A
-    connect alone said ready for a node agent that had hung: the kernel takes connections
-    into the socket's backlog whatever the process does."""
+    """Ready when the node agent answers an HTTP request on its socket (a ``GET /``, which
+    neither zds's node agent nor Istio's serves: a 404, no effect, no log line), each step
+    within STATUS_TIMEOUT. A connect alone said ready for a node agent that had hung: the
+    kernel takes connections into the socket's backlog whatever the process does. Its "too
+    busy" (a 503 with Retry-After, its requests in flight at their bound) is ready: an ADD
+    asks again, and a runtime that takes a failed STATUS for a network not ready would stop
+    starting the very pods that made it busy."""
     timeout = min(config.timeout, STATUS_TIMEOUT)
     conn = _UnixConnection(config.cni_socket, timeout)
     try:
-        conn.request("GET", defaults.CNI_ADD_EVENT_PATH)
+        conn.request("GET", "/")
         response = conn.getresponse()
         response.read(MAX_ANSWER)
     except TimeoutError as exc:
@@ -251,7 +255,8 @@ def cmd_status(config: PluginConfig) -> None:
         ) from exc
     finally:
         conn.close()
-    if response.status >= 500:  # (its busy 503 too: not ready for an ADD now)
+    busy = response.status == 503 and response.getheader("Retry-After") is not None
+    if response.status >= 500 and not busy:
         raise CniError(
             Code.PLUGIN_NOT_AVAILABLE,
             f"zds-cni: the node agent on {config.cni_socket} is not ready: HTTP {response.status}",
