@@ -293,10 +293,17 @@ class PrivateDir:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cls.SOCKET, dir_fd=fd)
 
+    @classmethod
+    def socket_path(cls, public: str) -> str | None:
+        """The gRPC socket's own path beside ``public``, if it is bound and dialled there; None
+        when that is longer than a unix socket path may be (then ``socket`` is the same file
+        through this process's fd of the directory)."""
+        path = os.path.join(public + cls.SUFFIX, cls.SOCKET)
+        return path if len(os.fsencode(path)) <= defaults.SUN_PATH_MAX else None
+
     @property
     def socket(self) -> str:
-        """Where the gRPC socket is bound and dialled: its path, or, when that is longer than a
-        unix socket path may be, the same file through this process's fd of the directory."""
+        """Where the gRPC socket is bound and dialled (``socket_path``)."""
         path = os.path.join(self.path, self.SOCKET)
         if len(os.fsencode(path)) <= defaults.SUN_PATH_MAX:
             return path

@@ -15,6 +15,7 @@ from zds import defaults
 from zds.server.instance import (
     InstanceError,
     InstanceLock,
+    PrivateDir,
     missing_dirs,
     remove_dirs,
     socket_lock,
@@ -29,8 +30,14 @@ if TYPE_CHECKING:
     from zds.server.faults import FaultSpec
 
 #: The URLs ``--container-engine`` may be (the Docker client library's, but Windows' named
-#: pipes and SSH, which needs a library zds does not install).
+#: pipes; and SSH, which needs a library zds does not install, where that is there).
 ENGINE_SCHEMES = ("unix", "tcp", "http", "https")
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
@@ -43,17 +50,23 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
 
     for flag, what, path in _sockets(opts):
         _bindable(flag, what, path)
-    if (bad := not_utf8([opts.control_socket])) is not None:
-        # (it was refused only once the pod store was made, in gRPC's codec's words)
-        raise StartupError(f"--control-socket {bad}: not UTF-8 text, and gRPC serves only a UTF-8 path")
+    grpc_path = PrivateDir.socket_path(opts.control_socket)
+    if grpc_path is not None and (bad := not_utf8([opts.control_socket])) is not None:
+        # (it was refused only once the pod store was made, in gRPC's codec's words; a longer
+        # one is served through /proc/self/fd/N/grpc.sock, whatever bytes the path holds)
+        raise StartupError(
+            f"--control-socket {bad}: not UTF-8 text, and gRPC serves only a UTF-8 path "
+            f"(its socket {PrivateDir.SUFFIX}/{PrivateDir.SOCKET} beside it); give a UTF-8 path"
+        )
     if opts.container_label and not opts.container_engine:
         raise StartupError("--container-label only applies with --container-engine")
     if opts.container_engine and "://" in opts.container_engine:
         scheme = opts.container_engine.partition("://")[0]
-        if scheme not in ENGINE_SCHEMES:  # (it was retried for good: "Missing protocol scheme")
+        if scheme not in ENGINE_SCHEMES and not (scheme == "ssh" and _have("asyncssh")):
+            # (it was retried for good: "Missing protocol scheme")
             raise StartupError(
                 f"--container-engine {opts.container_engine}: give the API socket's path, or a "
-                "unix://, tcp://, http:// or https:// URL"
+                "unix://, tcp://, http:// or https:// URL (ssh:// with asyncssh installed)"
             )
     if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")

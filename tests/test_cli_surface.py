@@ -173,6 +173,18 @@ def _commands(parser: argparse.ArgumentParser) -> list[str]:
     return list(sub.choices)
 
 
+def test_the_nodes_resolvers_are_read_past_a_comment_in_another_encoding(tmp_path: pathlib.Path) -> None:
+    """A Latin-1 comment in /etc/resolv.conf was a UnicodeDecodeError traceback at every start
+    of ``zds ztunnel``."""
+    from zds.client.inpod import node_resolvers
+
+    conf = tmp_path / "resolv.conf"
+    conf.write_bytes(
+        b"# G\xe9n\xe9r\xe9 par NetworkManager\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\n"
+    )
+    assert node_resolvers(str(conf)) == [("192.0.2.53", 53), ("fe80::1", 53)]
+
+
 def test_the_ztunnel_help_and_config_name_the_dns_port() -> None:
     help_text = LEAVES["zds ztunnel"].format_help()
     assert "15053" in help_text and "--dns-port" in help_text
@@ -717,7 +729,7 @@ def test_numbers_a_flag_cannot_take_are_refused_in_one_line(
         (
             ["--container-engine", "ftp://x"],
             "--container-engine ftp://x: give the API socket's path, or a unix://, tcp://, http:// or "
-            "https:// URL",
+            "https:// URL (ssh:// with asyncssh installed)",
         ),
     ],
 )

@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from tests.harness import (
+    ZDS,
     NodeAgentProc,
     Pod,
     StartServer,
@@ -721,7 +722,8 @@ def test_a_directory_at_a_socket_path_is_refused_in_one_line(
         # (gRPC's codec refused it once the pod store was made)
         (
             ["--control-socket", "{tmp}/zds/\udcff.sock"],
-            "--control-socket {tmp}/zds/\\xff.sock: not UTF-8 text, and gRPC serves only a UTF-8 path",
+            "--control-socket {tmp}/zds/\\xff.sock: not UTF-8 text, and gRPC serves only a UTF-8 path "
+            "(its socket .private/grpc.sock beside it); give a UTF-8 path",
         ),
         (["--grpc-listen", "127.0.0.1:0"], "--grpc-listen"),  # neither TLS nor --grpc-insecure
         (
@@ -746,6 +748,22 @@ def test_a_flag_naming_something_bad_stops_the_start_before_anything_is_written(
     assert not os.path.exists(server.state_dir), os.listdir(server.state_dir)
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
         assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
+
+
+def test_a_control_socket_path_that_is_not_utf8_and_long_is_served(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """The gRPC socket beside a path that long is bound and dialled through the node agent's
+    fd of its directory (/proc/self/fd/N/grpc.sock), whatever bytes the path holds: taken."""
+    public = os.fsencode(tmp_path) + b"/" + b"c" * (100 - len(os.fsencode(tmp_path))) + b"\xff.sock"
+    server = start_server("--control-socket", os.fsdecode(public))
+    link = tmp_path / "control.sock"
+    link.symlink_to(os.fsdecode(public))  # (zds's client commands take UTF-8 paths only)
+    done = subprocess.run(
+        [*ZDS, "pod", "list", "--control-socket", str(link)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in server.output()
 
 
 @pytest.mark.parametrize(
