@@ -177,9 +177,10 @@ def metric_exporters_from_env(environ: Mapping[str, str]) -> list[MetricExporter
 
 def _resource(environ: Mapping[str, str]) -> Resource:
     # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over our default name; empty, they name
-    # nothing (the SDK ignores an empty OTEL_SERVICE_NAME: it was "unknown_service:python").
+    # nothing (the SDK ignores an empty OTEL_SERVICE_NAME: it was "unknown_service:python";
+    # one of spaces it takes, as it is).
     attributes = environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
-    named = bool(environ.get("OTEL_SERVICE_NAME", "").strip()) or any(
+    named = bool(environ.get("OTEL_SERVICE_NAME")) or any(
         key.strip() == "service.name" and value.strip()
         for key, _, value in (attribute.partition("=") for attribute in attributes)
     )
@@ -188,9 +189,10 @@ def _resource(environ: Mapping[str, str]) -> Resource:
 
 def _export_interval(environ: Mapping[str, str]) -> None:
     """TelemetryConfigError unless OTEL_METRIC_EXPORT_INTERVAL (when set) is a number of
-    milliseconds the exporter's thread can wait: the SDK exported nothing at all for 0, a
-    negative or an infinite one, fell back to a minute for one it could not read, and its
-    thread died at the first wait for one over ``threading.TIMEOUT_MAX`` seconds."""
+    milliseconds the exporter's thread can wait: the SDK exported nothing at all for an
+    infinite one (or NaN), fell back to a minute for one it could not read, and its thread
+    died at the first wait for one over ``threading.TIMEOUT_MAX`` seconds (0 or a negative
+    one it refuses itself: said here in the same words)."""
     text = environ.get("OTEL_METRIC_EXPORT_INTERVAL", "")
     if not text.strip():  # (empty: unset, as the OpenTelemetry spec has every variable)
         return

@@ -476,7 +476,7 @@ def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
     ("env", "name"),
     [
         ({"OTEL_SERVICE_NAME": ""}, "zds-node-agent"),  # (the SDK ignores it: "unknown_service:python")
-        ({"OTEL_SERVICE_NAME": " "}, "zds-node-agent"),
+        ({"OTEL_SERVICE_NAME": " ", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"}, " "),  # (the SDK's)
         ({"OTEL_RESOURCE_ATTRIBUTES": "a=b,service.name="}, "zds-node-agent"),
         ({"OTEL_SERVICE_NAME": "agent-7"}, "agent-7"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "a=b, service.name = agent-8"}, "agent-8"),
@@ -497,22 +497,26 @@ def test_an_empty_service_name_leaves_zds_own(
 def test_a_metric_export_interval_no_exporter_can_keep_is_refused(
     interval: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """1e13 ms killed the exporter's thread at its first wait (over threading.TIMEOUT_MAX); 0, a
-    negative or an infinite one exported nothing at all; one the SDK could not read became a
-    minute, with a warning."""
+    """1e13 ms killed the exporter's thread at its first wait (over threading.TIMEOUT_MAX); an
+    infinite one (or NaN) exported nothing at all; one the SDK could not read became a minute,
+    with a warning (0 and negative ones the SDK refused itself)."""
     for key in [k for k in os.environ if k.startswith("OTEL_")]:
         monkeypatch.delenv(key)
-    env = {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": interval}
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "console")  # (the SDK reads the environment itself)
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", interval)
     with pytest.raises(TelemetryConfigError) as refused:
-        Telemetry.from_environment(env)
+        Telemetry.from_environment()
     assert str(refused.value) == (
         f"OTEL_METRIC_EXPORT_INTERVAL={interval!r}: give the milliseconds between metric exports "
         "(a number over 0, at most 9.22e+12)"
     )
     for taken in ("60000", ""):  # ("": unset, as the OpenTelemetry spec has every variable)
-        asyncio.run(Telemetry.from_environment({**env, "OTEL_METRIC_EXPORT_INTERVAL": taken}).shutdown())
+        monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", taken)
+        asyncio.run(Telemetry.from_environment().shutdown())
     # Without a metric exporter the value is read by nothing: not refused.
-    Telemetry.from_environment({"OTEL_METRIC_EXPORT_INTERVAL": interval})
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", interval)
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER")
+    asyncio.run(Telemetry.from_environment().shutdown())
 
 
 def test_a_collector_that_never_answers_holds_the_exit_at_most_the_shutdown_wait(
