@@ -175,7 +175,9 @@ Resolver = tuple[str, int]
 def node_resolvers(path: str = "/etc/resolv.conf") -> list[Resolver]:
     """The ``nameserver`` addresses of the node (the resolvers zds forwards to), port 53."""
     found: list[Resolver] = []
-    with contextlib.suppress(OSError), open(path) as f:
+    # (errors replaced: a comment in another encoding, "# G\xe9n\xe9r\xe9" in Latin-1, was a
+    # UnicodeDecodeError traceback at every start; the nameserver lines are ASCII)
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
         for line in f:
             fields = line.split()
             if len(fields) >= 2 and fields[0] == "nameserver":

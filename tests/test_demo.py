@@ -11,13 +11,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.harness import ZDS, free_subnets, run_unique, stop_cleanly, wait_until
-from zds.demo.remains import RECORD
+from zds.demo.remains import RECORD, _started
 from zds.netns.fixtures import list_netns
 
 pytestmark = pytest.mark.root
@@ -380,3 +381,18 @@ def test_pod_subnets_this_host_uses_are_refused_in_one_line_and_others_can_be_gi
         assert leftovers() == []
     finally:
         subprocess.run(["ip", "link", "del", link], check=True)
+
+
+def test_a_process_whose_name_is_not_utf8_is_still_told_apart_by_its_start() -> None:
+    """Its /proc/PID/stat read as text was a UnicodeDecodeError, taken for "no such process":
+    a recorded process of the demo's would not have been ended."""
+    code = "import ctypes, sys, time; ctypes.CDLL(None).prctl(15, b'z\\xff', 0, 0, 0); print(1, flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"1\n"
+        with open(f"/proc/{proc.pid}/comm", "rb") as comm:
+            assert comm.read() == b"z\xff\n"
+        assert isinstance(_started(proc.pid), int)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -48,9 +48,9 @@ def _started(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot); None if there is none (or only
     its zombie, which its parent has not reaped yet)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return None if fields[0] == "Z" else int(fields[19])
+        with open(f"/proc/{pid}/stat", "rb") as f:  # (its name is any bytes the process set)
+            fields = f.read().rpartition(b")")[2].split()
+        return None if fields[0] == b"Z" else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
