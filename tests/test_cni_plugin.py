@@ -353,7 +353,7 @@ def test_status_fails_for_a_node_agent_that_takes_the_connection_and_never_answe
         hung.listen(8)
         code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=path, timeout=1))
     assert code == 1 and out["code"] == 50
-    assert out["msg"] == f"zds-cni: the node agent on {path} did not answer within 1s"
+    assert out["msg"] == f"zds-cni: no answer from the node agent on {path} within 1s"
 
 
 def test_status_is_ready_while_the_node_agent_is_busy_and_not_on_its_other_errors(
@@ -383,7 +383,7 @@ def test_status_against_the_node_agent_itself_and_the_same_one_stopped(
         code, out, _ = plugin("STATUS", conf)
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
-    assert code == 1 and out["code"] == 50 and "did not answer within 1s" in out["msg"]
+    assert code == 1 and out["code"] == 50 and "no answer from the node agent on" in out["msg"]
     assert plugin("STATUS", conf)[:2] == (0, None)
 
 

@@ -154,20 +154,29 @@ def _post_once(
 ) -> tuple[int, str, bool]:
     """One POST with ``left`` seconds (of ``timeout``) to answer: (status, text, whether it was
     the node agent's "too busy": a 503 with Retry-After)."""
+    return _request(config, "POST", path, json.dumps(body), timeout, left, Code.TRY_AGAIN_LATER)
+
+
+def _request(
+    config: PluginConfig, method: str, path: str, body: str | None, timeout: float, left: float, code: Code
+) -> tuple[int, str, bool]:
+    """One request with ``left`` seconds (of ``timeout``) for each step: (status, text, whether
+    it was the node agent's "too busy": a 503 with Retry-After); AgentUnreachable (``code``)
+    if it does not answer."""
     conn = _UnixConnection(config.cni_socket, max(left, 0.001))
     try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         text = response.read(MAX_ANSWER).decode(errors="replace").strip()
         return response.status, text, response.status == 503 and response.getheader("Retry-After") is not None
     except TimeoutError as exc:
         raise AgentUnreachable(
-            Code.TRY_AGAIN_LATER,
-            f"zds-cni: no answer from the node agent on {config.cni_socket} within {timeout:g}s",
+            code, f"zds-cni: no answer from the node agent on {config.cni_socket} within {timeout:g}s"
         ) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise AgentUnreachable(
-            Code.TRY_AGAIN_LATER,
+            code,
             f"zds-cni: cannot reach the node agent on {config.cni_socket}: {exc}",
             "is `zds server` running with this --cni-socket?",
         ) from exc
@@ -238,28 +247,11 @@ def cmd_status(config: PluginConfig) -> None:
     asks again, and a runtime that takes a failed STATUS for a network not ready would stop
     starting the very pods that made it busy."""
     timeout = min(config.timeout, STATUS_TIMEOUT)
-    conn = _UnixConnection(config.cni_socket, timeout)
-    try:
-        conn.request("GET", "/")
-        response = conn.getresponse()
-        response.read(MAX_ANSWER)
-    except TimeoutError as exc:
+    status, _, busy = _request(config, "GET", "/", None, timeout, timeout, Code.PLUGIN_NOT_AVAILABLE)
+    if status >= 500 and not busy:
         raise CniError(
             Code.PLUGIN_NOT_AVAILABLE,
-            f"zds-cni: the node agent on {config.cni_socket} did not answer within {timeout:g}s",
-        ) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise CniError(
-            Code.PLUGIN_NOT_AVAILABLE,
-            f"zds-cni: the node agent on {config.cni_socket} does not answer: {exc}",
-        ) from exc
-    finally:
-        conn.close()
-    busy = response.status == 503 and response.getheader("Retry-After") is not None
-    if response.status >= 500 and not busy:
-        raise CniError(
-            Code.PLUGIN_NOT_AVAILABLE,
-            f"zds-cni: the node agent on {config.cni_socket} is not ready: HTTP {response.status}",
+            f"zds-cni: the node agent on {config.cni_socket} is not ready: HTTP {status}",
         )
 
 
