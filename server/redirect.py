@@ -21,7 +21,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 from zds import defaults
-from zds.errors import ZdsError
+from zds.errors import ZdsError, printable
 from zds.netns import NetnsHandle, run_in_netns
 from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_chains, our_lines
 
@@ -140,8 +140,19 @@ def _chain_order(table: str, chains: list[str]) -> list[str]:
 
 
 def _run(argv: list[str], stdin: str = "") -> str:
+    """What ``argv`` printed, its bytes as they are (surrogateescape: ``iptables-save`` lists
+    every rule of the pod's netns, whose comments a pod with NET_ADMIN writes in any bytes; read
+    as UTF-8 text one such made every install, removal and restart of the node agent fail)."""
     try:
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            encoding="utf-8",
+            errors="surrogateescape",
+            timeout=30,
+            check=False,
+        )
     except FileNotFoundError as exc:
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
     except subprocess.TimeoutExpired as exc:  # (a hung iptables: a failure like any other)
@@ -149,7 +160,7 @@ def _run(argv: list[str], stdin: str = "") -> str:
     if done.returncode != 0:
         detail = ""
         for line in filter(None, map(str.strip, (done.stderr or done.stdout).splitlines())):
-            detail += (" " if detail.endswith(":") else "; " if detail else "") + line
+            detail += (" " if detail.endswith(":") else "; " if detail else "") + printable(line)
         raise RedirectError(f"{' '.join(argv)} failed (exit {done.returncode}): {detail}")
     return done.stdout
 
@@ -252,7 +263,7 @@ class Redirector:
         if not lines:
             return ""
         lines += [f"policy-routing {_routing_present(self.config.ipv6)}", self._config_line]
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+        return hashlib.sha256("\n".join(lines).encode(errors="surrogateescape")).hexdigest()[:32]
 
     def _install_here(self) -> tuple[list[int], str]:
         """Replace our rules, add policy routing; the families covered and the digest of what
@@ -262,7 +273,7 @@ class Redirector:
         saved = {tool: _run([f"{tool}-save"]) for _, tool in families}
         if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
             raise RulesNotOurs(  # (every family looked at before any change)
-                f"the netns holds a rule zds did not make that jumps into its chains ({foreign[0]}; an "
+                f"the netns holds a rule zds did not make that jumps into its chains ({printable(foreign[0])}; an "
                 "Istio sidecar's istio-init makes such rules, and a pod with a sidecar is never enrolled "
                 "in ambient): installing would take that chain out from under it; nothing was changed"
             )

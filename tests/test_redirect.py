@@ -472,6 +472,44 @@ def test_a_netns_with_a_sidecars_rules_is_refused_and_left_exactly_as_it_was(
     assert "leftovers" not in server.output() and "tried again" not in server.output()
 
 
+def in_pod_bytes(path: str, *argv: bytes) -> bytes:
+    with open_netns(path) as ns, in_netns(ns):
+        return subprocess.run(argv, capture_output=True, check=True).stdout
+
+
+@pytest.mark.root
+def test_a_pods_rule_whose_comment_is_not_utf8_is_read_and_left_as_it_is(namespaces: list[str]) -> None:
+    """iptables-save lists every rule of the pod's netns, comments written in any bytes by a
+    pod with NET_ADMIN: read as UTF-8 text, one such failed every install, removal and
+    digest there (a UnicodeDecodeError nothing caught: the node agent's restart too)."""
+    pod = scratch(namespaces)
+    in_pod_bytes(
+        pod, b"iptables", b"-A", b"INPUT", b"-m", b"comment", b"--comment", b"caf\xe9", b"-j", b"ACCEPT"
+    )
+    before = in_pod_bytes(pod, b"iptables", b"-S", b"INPUT")
+    assert install(pod) == [4, 6]
+
+    async def digest() -> str:
+        with open_netns(pod) as ns:
+            return await Redirector(RedirectConfig()).digest(ns)
+
+    assert asyncio.run(digest())
+    remove(pod)
+    assert "ISTIO" not in saved_in(pod, "ip6tables-save")
+    assert in_pod_bytes(pod, b"iptables", b"-S", b"INPUT") == before
+    assert b"ISTIO" not in in_pod_bytes(pod, b"iptables-save")
+    # A rule of the pod's own into our chains, its comment a terminal escape and not UTF-8:
+    # refused, the rule said escaped (it went into log lines and answers as it was).
+    in_pod_bytes(pod, b"iptables", b"-t", b"nat", b"-N", b"ISTIO_OUTPUT")
+    comment = b"x\x1b[31m\xe9"
+    jump = [b"-p", b"tcp", b"-m", b"comment", b"--comment", comment, b"-j", b"ISTIO_OUTPUT"]
+    in_pod_bytes(pod, b"iptables", b"-t", b"nat", b"-A", b"OUTPUT", *jump)
+    with pytest.raises(RulesNotOurs) as refused:
+        install(pod)
+    assert "\x1b" not in str(refused.value) and str(refused.value).isprintable()
+    assert "\\x1b[31m\\udce9" in str(refused.value)
+
+
 @pytest.mark.root
 def test_a_removal_takes_the_redirection_out_even_when_a_chain_of_ours_cannot_go(
     namespaces: list[str], caplog: pytest.LogCaptureFixture
