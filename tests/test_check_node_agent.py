@@ -322,8 +322,9 @@ def test_a_report_file_that_cannot_be_written_is_refused_before_anything_runs(
         )
         assert (done.returncode, done.stdout) == (2, "")
         assert done.stderr == f"zds check node-agent: {flag} {path}: cannot write it: {says}\n"
-    report, kept = tmp_path / "r.json", tmp_path / "kept.xml"
+    report, kept, dangling = tmp_path / "r.json", tmp_path / "kept.xml", tmp_path / "link.xml"
     kept.write_text("an earlier report")
+    dangling.symlink_to(tmp_path / "target.xml")
     missing = str(tmp_path / "no-control.sock")
     reports = ["--json", str(report), "--junit", str(kept)]
     done = subprocess.run(
@@ -343,6 +344,43 @@ def test_a_report_file_that_cannot_be_written_is_refused_before_anything_runs(
     )
     assert done.returncode == 2 and "cannot reach zds's control API" in done.stderr
     assert not report.exists() and kept.read_text() == "an earlier report"
+    # The file made where a dangling symlink led goes too.
+    reports = ["--junit", str(dangling)]
+    done = subprocess.run(
+        [
+            *ZDS,
+            "check",
+            "node-agent",
+            "--zds-socket",
+            server.zds_socket,
+            "--control-socket",
+            missing,
+            *reports,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and not (tmp_path / "target.xml").exists() and dangling.is_symlink()
+
+
+def test_the_report_files_are_written_when_stdout_is_gone(
+    start_server: StartServer, tmp_path: pathlib.Path
+) -> None:
+    """``zds check ... --json FILE | head -1``: the text report went first, the write to a
+    stdout whose reader had gone ended the command, and the report files were lost."""
+    server = start_server()
+    report = tmp_path / "r.json"
+    sockets = ["--zds-socket", server.zds_socket, "--control-socket", server.control_socket]
+    proc = subprocess.Popen(
+        [*ZDS, "check", "node-agent", *sockets, "--only", "hello-first", "--json", str(report)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # (the reader gone before anything was written)
+    proc.wait(120)
+    assert [c["name"] for c in json.loads(report.read_text())["checks"]] == ["hello-first"]
 
 
 def test_a_report_to_a_fifo_reaches_its_reader(start_server: StartServer, tmp_path: pathlib.Path) -> None:

@@ -46,7 +46,7 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
     if problem:
         print(f"zds check {role}: {problem}", file=sys.stderr)
         return 2
-    written = False
+    written: set[str] = set()
     try:
         try:
             report = asyncio.run(_run(role, args, selected))
@@ -60,19 +60,21 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
                 file=sys.stderr,
             )
             return 128 + signum
-        sys.stdout.write(report.render_text())
-        sys.stdout.flush()
-        written = True
+        # The report files first: a stdout whose reader went away (``| head -1``) ends the
+        # command in the write to it, and they were lost with it.
         for claim in claimed:
             try:
                 claim.write(report.render_json() if claim.flag == "--json" else report.render_junit())
             except OSError as exc:
                 print(f"zds check {role}: cannot write {claim.path}: {exc.strerror}", file=sys.stderr)
                 return 2
+            written.add(claim.flag)
+        sys.stdout.write(report.render_text())
+        sys.stdout.flush()
         return 0 if report.ok else 1
     finally:
-        for claim in claimed:
-            claim.close(remove_made=not written)
+        for claim in claimed:  # (one made here and not written whole goes again)
+            claim.close(remove_made=claim.flag not in written)
 
 
 class _Claimed(NamedTuple):
@@ -108,15 +110,36 @@ def _claim_reports(args: argparse.Namespace) -> tuple[list[_Claimed], str]:
     for flag, path in (("--json", args.json), ("--junit", args.junit)):
         if not path:
             continue
-        made = None if os.path.exists(path) else os.path.realpath(path)
-        try:  # (not truncated yet; O_NONBLOCK: a FIFO nobody reads is refused, not waited on)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        try:
+            fd, made = _open_report(path)
         except OSError as exc:
-            for claim in claimed:
-                claim.close(remove_made=True)
+            _close_all(claimed)
             return [], f"{flag} {path}: cannot write it: {exc.strerror}"
         claimed.append(_Claimed(flag, path, fd, made))
     return claimed, ""
+
+
+def _open_report(path: str) -> tuple[int, str | None]:
+    """The report file opened for writing, not truncated yet (O_NONBLOCK: a FIFO nobody reads
+    is refused, not waited on), and the file made for it (None: it was there). Made only
+    where nothing is, never over one another process made meanwhile; where a dangling symlink
+    leads, made there."""
+    flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666), path
+    except FileExistsError:
+        pass
+    try:
+        return os.open(path, flags), None
+    except FileNotFoundError:
+        if not os.path.islink(path):
+            raise
+    return os.open(path, flags | os.O_CREAT, 0o666), os.path.realpath(path)
+
+
+def _close_all(claimed: list[_Claimed]) -> None:
+    for claim in claimed:
+        claim.close(remove_made=True)
 
 
 def _no_socket(path: str) -> str:
