@@ -140,7 +140,7 @@ class ContainerPods:
                 "container engine to read its labels from (zds server --container-engine SOCKET); "
                 "or chain zds-cni with enroll: all"
             )
-        waiting = self._add_arrived(cid)
+        waiting = self._add_arrived(cid, spec.netns)
         try:
             facts = await self.wait_facts(cid)
             if facts is None:
@@ -171,8 +171,8 @@ class ContainerPods:
         finally:
             self._add_served(cid, waiting)
 
-    def _add_arrived(self, cid: str) -> _WaitingAdd:
-        waiting = _WaitingAdd()
+    def _add_arrived(self, cid: str, netns: NetnsRef) -> _WaitingAdd:
+        waiting = _WaitingAdd(netns)
         self._adds_waiting.setdefault(cid, []).append(waiting)
         return waiting
 
@@ -191,7 +191,8 @@ class ContainerPods:
         left (``podman network disconnect``) is not the container gone, and one that still
         runs selected is enrolled again (its pod had stayed away until the next reconcile)."""
         for waiting in self._adds_waiting.get(uid, ()):
-            waiting.deleted = True
+            # (as for an enrolled pod below: a DEL naming another place is not this ADD's)
+            waiting.deleted = waiting.deleted or not netns or _same_place(waiting.netns, netns)
         async with self.serialized(uid):
             while True:  # (again when the control API changed the uid's pod meanwhile)
                 held = self.agent.pods.get(uid)
@@ -336,8 +337,10 @@ def _still_at(pod: Pod, path: str) -> bool:
 class _WaitingAdd:
     """A CNI ADD between its arrival and its turn at the container's lock."""
 
-    __slots__ = ("deleted",)
+    __slots__ = ("deleted", "netns")
 
-    def __init__(self) -> None:
-        #: A DEL of the container came meanwhile.
+    def __init__(self, netns: NetnsRef) -> None:
+        #: Where it enrolls the container's pod from.
+        self.netns = netns
+        #: A DEL of the container (for that place, or naming none) came meanwhile.
         self.deleted = False

@@ -1560,6 +1560,8 @@ async def test_a_cni_add_whose_del_came_while_it_waited_for_the_container_is_not
     await asyncio.sleep(0)  # (both arrived: waiting for their containers' facts)
     assert not any(add.done() for add in adds)
     assert await containers.cni_del(given_up, a.path) == (200, "not enrolled")
+    # (a DEL naming another place is not that ADD's, as it is not an enrolled pod's)
+    assert await containers.cni_del(kept, a.path) == (200, "not enrolled")
     containers.learn(ContainerFacts(id=given_up, name="gone", labels=ambient))
     containers.learn(ContainerFacts(id=kept, name="web", labels=ambient))
     said = list(await asyncio.wait_for(asyncio.gather(*adds), 30))
