@@ -34,10 +34,14 @@ if TYPE_CHECKING:
 ENGINE_SCHEMES = ("unix", "tcp", "http", "https")
 
 
-def _have(module: str) -> bool:
+def _have(*modules: str) -> bool:
+    """Whether every one of ``modules`` can be imported (``aiodocker.ssh``: aiodocker from 0.25)."""
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return all(importlib.util.find_spec(module) is not None for module in modules)
+    except ImportError:  # (a parent package missing)
+        return False
 
 
 def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
@@ -62,7 +66,7 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
         raise StartupError("--container-label only applies with --container-engine")
     if opts.container_engine and "://" in opts.container_engine:
         scheme = opts.container_engine.partition("://")[0]
-        if scheme not in ENGINE_SCHEMES and not (scheme == "ssh" and _have("asyncssh")):
+        if scheme not in ENGINE_SCHEMES and not (scheme == "ssh" and _have("asyncssh", "aiodocker.ssh")):
             # (it was retried for good: "Missing protocol scheme")
             raise StartupError(
                 f"--container-engine {opts.container_engine}: give the API socket's path, or a "
