@@ -136,9 +136,11 @@ def _bind_mounted() -> set[NetnsIdentity]:
     ``net:[INO]``)."""
     found: set[NetnsIdentity] = set()
     try:
-        # (bytes: a mount point is any bytes, and one that is not UTF-8 made every sweep fail)
+        # (bytes: a mount point is any bytes, and one that is not UTF-8 made every sweep fail;
+        # lines end at a newline only, the one byte the kernel escapes there besides space, tab
+        # and backslash: str.splitlines also split a mount point at \r or \x1c)
         with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().decode(errors="surrogateescape").splitlines()
+            lines = f.read().decode(errors="surrogateescape").split("\n")
     except OSError as exc:
         raise Blind(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
     for line in lines:

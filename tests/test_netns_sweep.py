@@ -117,16 +117,18 @@ def test_a_netns_bind_mounted_at_a_path_that_is_not_utf8_is_found(
 ) -> None:
     """A mount point is any bytes: /proc/self/mountinfo read as text was a UnicodeDecodeError
     in every sweep while one that is not UTF-8 was mounted anywhere on the node."""
-    netns = namespaces.make("odd")
-    odd = os.fsencode(tmp_path) + b"/\xff"
-    with open(odd, "w"):
-        pass
-    subprocess.run(["mount", "--bind", netns, odd], check=True)
-    try:
-        st = os.stat(odd)
-        assert NetnsIdentity(st.st_dev, st.st_ino) in netnssweep._bind_mounted()
-    finally:
-        subprocess.run(["umount", odd], check=True)
+    for name in (b"\xff", b"a\rb", b"a\x1cb\x1d"):  # (str.splitlines split a line at the last two)
+        netns = namespaces.make(f"odd{len(name)}")
+        odd = os.fsencode(tmp_path) + b"/" + name
+        with open(odd, "w"):
+            pass
+        subprocess.run(["mount", "--bind", netns, odd], check=True)
+        namespaces.delete(f"odd{len(name)}")  # (bind-mounted at the odd path alone now)
+        try:
+            st = os.stat(odd)
+            assert NetnsIdentity(st.st_dev, st.st_ino) in netnssweep._bind_mounted(), name
+        finally:
+            subprocess.run(["umount", odd], check=True)
 
 
 def test_a_node_agent_that_cannot_see_every_process_removes_nothing_and_says_why(
