@@ -35,13 +35,15 @@ def health_app(
         render = metrics
 
         async def metrics_page(request: web.Request) -> web.Response:
-            try:
-                body, content_type = render(request.headers.get("Accept", ""))
-            except (TypeError, ValueError) as exc:  # e.g. openmetrics with version=abc
-                log.debug(
-                    "/metrics: Accept %r not understood (%s): text format", request.headers["Accept"], exc
-                )
+            accept = request.headers.get("Accept", "")
+            if not accept:
                 body, content_type = render("")
+            else:
+                try:
+                    body, content_type = render(accept)
+                except (TypeError, ValueError) as exc:  # e.g. openmetrics with version=abc
+                    log.debug("/metrics: Accept %r not understood (%s): text format", accept, exc)
+                    body, content_type = render("")
             return web.Response(body=body, headers={"Content-Type": content_type})
 
         app.router.add_get("/metrics", metrics_page)

@@ -318,6 +318,10 @@ class Telemetry:
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Telemetry:
         """Exporters from OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER (default: none)."""
         env = os.environ if environ is None else environ
+        for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+            if not env.get(name, "").isprintable():  # (bytes that are not UTF-8, a newline)
+                # (it went into every /metrics page: each scrape a 500, the start said nothing)
+                raise TelemetryConfigError(f"{name}: give printable UTF-8 text")
         resource = _resource(env)
         try:
             if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":

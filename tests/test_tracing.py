@@ -476,13 +476,13 @@ def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
     ("env", "name"),
     [
         ({"OTEL_SERVICE_NAME": ""}, "zds-node-agent"),  # (the SDK ignores it: "unknown_service:python")
-        ({"OTEL_SERVICE_NAME": " ", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"}, " "),  # (the SDK's)
+        ({"OTEL_SERVICE_NAME": " "}, " "),  # (taken as the SDK takes it)
         ({"OTEL_RESOURCE_ATTRIBUTES": "a=b,service.name="}, "zds-node-agent"),
         ({"OTEL_SERVICE_NAME": "agent-7"}, "agent-7"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "a=b, service.name = agent-8"}, "agent-8"),
     ],
 )
-def test_an_empty_service_name_leaves_zds_own(
+def test_an_empty_service_name_leaves_zds_own_and_any_other_is_taken(
     env: dict[str, str], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for key in [k for k in os.environ if k.startswith("OTEL_")]:
@@ -491,6 +491,28 @@ def test_an_empty_service_name_leaves_zds_own(
         monkeypatch.setenv(key, value)  # (the SDK reads them from the environment itself)
     text = Telemetry.from_environment().prometheus()[0].decode()
     assert re.search(r'^target_info\{.*\bservice_name="([^"]*)"', text, re.M)[1] == name  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_SERVICE_NAME": os.fsdecode(b"agent-\xff")},
+        {"OTEL_RESOURCE_ATTRIBUTES": os.fsdecode(b"service.name=agent-\xff")},
+        {"OTEL_SERVICE_NAME": "agent\n7"},
+    ],
+)
+def test_a_resource_that_is_not_printable_text_is_refused(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes that are not UTF-8 went into every /metrics page (target_info): each scrape a 500
+    (prometheus_client could not encode it), the start said nothing."""
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(TelemetryConfigError) as refused:
+        Telemetry.from_environment()
+    assert str(refused.value) == f"{next(iter(env))}: give printable UTF-8 text"
 
 
 @pytest.mark.parametrize("interval", ["1e13", "0", "-5", "inf", "nan", "abc"])
