@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from zds import defaults, runtime
-from zds.errors import ZdsError
+from zds.errors import ZdsError, printable
 from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, NetnsRef, OutOfFds, open_netns
 from zds.netns.search import NAMED_DIRS
 
@@ -145,7 +145,7 @@ class NetnsPolicy:
                 resolved = os.readlink(f"/proc/self/fd/{directory}")
                 if not _is(directory, resolved):  # (/proc/PID/root/...: that process's view)
                     raise NetnsRefused(
-                        f"netns path {path} is in another mount namespace (its directory is {resolved} "
+                        f"netns path {path} is in another mount namespace (its directory is {printable(resolved)} "
                         "there): not under an allowed root"
                     )
                 self._check_resolved(path, resolved)

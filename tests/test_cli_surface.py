@@ -173,6 +173,23 @@ def _commands(parser: argparse.ArgumentParser) -> list[str]:
     return list(sub.choices)
 
 
+def test_the_capabilities_are_read_whatever_bytes_the_process_name_holds() -> None:
+    """/proc/self/status starts with the process's name, any bytes: read as text, one that is
+    not UTF-8 made every privilege check a traceback (zds run as a program so named)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/comm", "rb") as comm:
+        name = comm.read().rstrip(b"\n")
+    assert libc.prctl(15, b"zds-\xff", 0, 0, 0) == 0  # PR_SET_NAME
+    try:
+        with open("/proc/self/status", "rb") as status:
+            assert status.readline() == b"Name:\tzds-\xff\n"
+        assert runtime.missing_capabilities(("CAP_SYS_ADMIN",)) == []
+    finally:
+        libc.prctl(15, name, 0, 0, 0)
+
+
 def test_the_nodes_resolvers_are_read_past_a_comment_in_another_encoding(tmp_path: pathlib.Path) -> None:
     """A Latin-1 comment in /etc/resolv.conf was a UnicodeDecodeError traceback at every start
     of ``zds ztunnel``."""

@@ -203,6 +203,9 @@ def test_an_interpreter_path_the_kernel_cannot_run_as_a_launcher_line_is_refused
     for python in ("/opt/my venv/bin/python", "/" + "p" * 260):
         with pytest.raises(InstallError, match="cannot be the launcher's #! line"):
             check_python(python)
+    # A path that is not UTF-8 (a venv under such a directory): a UnicodeEncodeError traceback.
+    with pytest.raises(InstallError, match=r"^/opt/\\xff/bin/python: the path of Python is not UTF-8 text"):
+        check_python(os.fsdecode(b"/opt/\xff/bin/python"))
 
 
 @pytest.mark.root  # (mount)

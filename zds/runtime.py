@@ -315,9 +315,9 @@ def missing_capabilities(needed: tuple[str, ...] = ("CAP_SYS_ADMIN", "CAP_NET_AD
     """The capabilities in ``needed`` this process does not have."""
     effective = 0
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", "rb") as status:  # (its Name: is any bytes the program's name is)
             for line in status:
-                if line.startswith("CapEff:"):
+                if line.startswith(b"CapEff:"):
                     effective = int(line.split()[1], 16)
     except OSError:
         return list(needed)

@@ -75,7 +75,15 @@ def check_python(python: str) -> None:
     isolated (-I), from another directory, with a bare environment."""
     import subprocess
 
-    if any(c.isspace() for c in python) or len(f"#!{python} -I".encode()) > SHEBANG_MAX:
+    try:
+        shebang = f"#!{python} -I".encode()
+    except UnicodeEncodeError:  # (a traceback: the launcher is text, its #! line too)
+        shown = python.encode(errors="surrogateescape").decode(errors="backslashreplace")
+        raise InstallError(
+            f"{shown}: the path of Python is not UTF-8 text, and the launcher's #! line must be; "
+            "install zds under a UTF-8 path"
+        ) from None
+    if any(c.isspace() for c in python) or len(shebang) > SHEBANG_MAX:
         raise InstallError(
             f"{python!r} cannot be the launcher's #! line (a space in it, or over {SHEBANG_MAX} "
             "bytes): the kernel would not run it; install zds under a path without spaces"
