@@ -131,6 +131,11 @@ def holders(pods: list[tuple[str | None, NetnsIdentity]]) -> set[NetnsIdentity]:
     return found
 
 
+#: How often a thread's netns denied is looked at again before it counts as hidden (a thread
+#: that exits meanwhile is denied too, once).
+DENIED_LOOKS = 3
+
+
 def _bind_mounted() -> set[NetnsIdentity]:
     """The network namespaces bind-mounted in this mount namespace (nsfs mounts whose root is
     ``net:[INO]``)."""
@@ -195,16 +200,27 @@ def _threads_in(pid: str) -> set[NetnsIdentity]:
     except OSError:
         return found  # (exited meanwhile)
     for tid in tids:
-        try:
-            st = os.stat(f"/proc/{pid}/task/{tid}/ns/net")
-        except PermissionError:
-            # Denied by a security module: pid 1 of some VMs is, to root with CAP_SYS_PTRACE in
-            # the initial user namespace (the node's init: never in a pod's netns). Any other
-            # process so hidden may be the only one holding a pod's netns: nothing is swept.
-            if pid == "1":
-                continue
-            raise Blind(f"the netns of process {pid} cannot be seen (denied: a security module?)") from None
-        except OSError:
-            continue  # (exited meanwhile)
-        found.add(NetnsIdentity(st.st_dev, st.st_ino))
+        identity = _thread_netns(pid, tid)
+        if identity is not None:
+            found.add(identity)
     return found
+
+
+def _thread_netns(pid: str, tid: str) -> NetnsIdentity | None:
+    """The netns thread ``tid`` of ``pid`` is in; None once it has exited. Blind if it is
+    hidden: denied by a security module (but pid 1's, as some VMs deny it to root with
+    CAP_SYS_PTRACE in the initial user namespace: the node's init, never in a pod's netns).
+    Any other process so hidden may be the only one holding a pod's netns."""
+    task = f"/proc/{pid}/task/{tid}"
+    for _ in range(DENIED_LOOKS):
+        try:
+            st = os.stat(f"{task}/ns/net")
+            return NetnsIdentity(st.st_dev, st.st_ino)
+        except PermissionError:
+            # (the kernel says EACCES too for a thread reaped between the path's walk and its
+            # namespace's lookup: 825 of ~370,000 looks at threads that come and go)
+            if pid == "1" or not os.path.exists(task):
+                return None
+        except OSError:
+            return None  # (exited meanwhile)
+    raise Blind(f"the netns of process {pid} cannot be seen (denied: a security module?)")

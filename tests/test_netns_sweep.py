@@ -140,7 +140,7 @@ def test_a_process_a_security_module_hides_makes_the_sweep_blind(monkeypatch: py
     real_stat = os.stat
 
     def denied(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if isinstance(path, str) and path.startswith(f"/proc/{hidden}/task/"):
+        if isinstance(path, str) and path.startswith(f"/proc/{hidden}/task/") and path.endswith("/ns/net"):
             raise PermissionError(13, "Permission denied", path)
         return real_stat(path, *args, **kwargs)
 
@@ -150,6 +150,18 @@ def test_a_process_a_security_module_hides_makes_the_sweep_blind(monkeypatch: py
     hidden = str(os.getpid())
     with pytest.raises(netnssweep.Blind, match=f"the netns of process {hidden} cannot be seen"):
         netnssweep._threads_in(hidden)
+    # A thread denied once, as the kernel denies one reaped meanwhile, then seen: counted.
+    denials = [1]
+
+    def denied_once(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if isinstance(path, str) and path.endswith("/ns/net") and denials:
+            denials.pop()
+            raise PermissionError(13, "Permission denied", path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied_once)
+    st = real_stat(f"/proc/{hidden}/ns/net")
+    assert NetnsIdentity(st.st_dev, st.st_ino) in netnssweep._threads_in(hidden)
 
 
 def test_a_node_agent_that_cannot_see_every_process_removes_nothing_and_says_why(
