@@ -63,7 +63,7 @@ def _ours_by_table(saved: str) -> list[tuple[str, list[tuple[str, str]], list[st
     table = ""
     jumps: list[tuple[str, str]] = []
     ours: list[str] = []
-    for line in saved.splitlines():
+    for line in saved.split("\n"):
         line = line.strip()
         if line.startswith("*"):
             table, jumps, ours = line[1:].strip(), [], []
@@ -95,9 +95,11 @@ def our_lines(saved: str) -> list[str]:
 
 def _table_lines(saved: str) -> Iterator[tuple[str, str]]:
     """(table, line) of each line of ``iptables-save`` output in one of RULE_TABLES, its
-    counters stripped."""
+    counters stripped. Lines end at a newline only: a rule's comment is any bytes the pod
+    wrote, and str.splitlines split one at \\x1c or \\r (a comment that forged ``*filter``
+    hid a sidecar's jump into our chains, and kept ours from being taken out)."""
     table = ""
-    for raw in saved.splitlines():
+    for raw in saved.split("\n"):
         line = _COUNTERS.sub("", raw.strip())
         if line.startswith("*"):
             table = line[1:]

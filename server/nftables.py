@@ -247,7 +247,7 @@ def our_tables(ruleset: str) -> list[str]:
     """The lines of our three tables in a ``list ruleset`` output (in the order listed)."""
     lines: list[str] = []
     inside = False
-    for line in ruleset.splitlines():
+    for line in ruleset.split("\n"):  # (a newline only: a comment of the pod's may hold \x1c or \r)
         if line.startswith("table "):
             inside = line.split()[1:3] in (["inet", t] for t in TABLES)
         if inside and line.strip():

@@ -25,7 +25,7 @@ from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import redirect as redirect_module
-from zds.server.iptablesave import cleanup_rules
+from zds.server.iptablesave import cleanup_rules, foreign_jumps
 from zds.server.redirect import (
     RedirectConfig,
     RedirectError,
@@ -79,6 +79,19 @@ def test_a_failing_tool_is_said_in_one_line() -> None:
     assert "\n" not in said and said.endswith(
         "failed (exit 1): ip6tables-restore v1.8.9 (nf_tables): line 2: failed; line 4: failed"
     )
+
+
+def test_a_comment_cannot_forge_a_line_of_iptables_save() -> None:
+    """A rule's comment is any bytes the pod wrote, and iptables-save prints them as they are:
+    read with str.splitlines, one with \\x1c or \\r in it split its line, and a forged
+    ``*filter`` hid the sidecar's jump into our chain below it, and our chains from the cleanup."""
+    saved = (
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n"
+        '-A OUTPUT -m comment --comment "x\x1c*filter\x1cy" -j ACCEPT\n'
+        "-A OUTPUT -p tcp -j ISTIO_OUTPUT\nCOMMIT\n"
+    )
+    assert foreign_jumps(saved) == ["nat: -A OUTPUT -p tcp -j ISTIO_OUTPUT"]
+    assert cleanup_rules(saved) == "*nat\n-F ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT\n"
 
 
 def test_cleanup_removes_exactly_our_jumps_and_chains() -> None:
