@@ -173,6 +173,7 @@ def _commands(parser: argparse.ArgumentParser) -> list[str]:
     return list(sub.choices)
 
 
+@pytest.mark.root  # (it asks for a capability root has)
 def test_the_capabilities_are_read_whatever_bytes_the_process_name_holds() -> None:
     """/proc/self/status starts with the process's name, any bytes: read as text, one that is
     not UTF-8 made every privilege check a traceback (zds run as a program so named)."""

@@ -134,7 +134,8 @@ def _open_report(path: str) -> tuple[int, str | None]:
     except FileNotFoundError:
         if not os.path.islink(path):
             raise
-    return os.open(path, flags | os.O_CREAT, 0o666), os.path.realpath(path)
+    target = os.path.realpath(path)
+    return os.open(target, flags | os.O_CREAT | os.O_EXCL, 0o666), target
 
 
 def _close_all(claimed: list[_Claimed]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from zds import __version__
-from zds.errors import ZdsError
+from zds.errors import ZdsError, printable
 
 #: The launcher's second line: how uninstall knows the executable is zds's.
 LAUNCHER_MARK = "# zds-cni: zds's CNI plugin, written by `zds cni install`"
@@ -78,7 +78,7 @@ def check_python(python: str) -> None:
     try:
         shebang = f"#!{python} -I".encode()
     except UnicodeEncodeError:  # (a traceback: the launcher is text, its #! line too)
-        shown = python.encode(errors="surrogateescape").decode(errors="backslashreplace")
+        shown = printable(python.encode(errors="surrogateescape").decode(errors="backslashreplace"))
         raise InstallError(
             f"{shown}: the path of Python is not UTF-8 text, and the launcher's #! line must be; "
             "install zds under a UTF-8 path"

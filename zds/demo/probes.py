@@ -54,7 +54,7 @@ def no_listeners(path: str) -> bool:
 def iptables_nat(netns_path: str) -> list[str]:
     with open_netns(netns_path) as ns, in_netns(ns):
         out = subprocess.run(
-            ["iptables-save", "-t", "nat"], capture_output=True, text=True, check=True
+            ["iptables-save", "-t", "nat"], capture_output=True, text=True, errors="replace", check=True
         ).stdout
     return [line for line in out.splitlines() if "ISTIO" in line and line.startswith("-A")]
 
