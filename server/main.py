@@ -44,6 +44,7 @@ from zds.server.instance import InstanceError, InstanceLock, PrivateDir, remove_
 from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
 from zds.server.netnssweep import NetnsSweep
 from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
+from zds.server.otelenv import TelemetryConfigError
 from zds.server.outcomes import EnrollmentError
 from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
@@ -54,7 +55,7 @@ from zds.server.startup import Claim, check_ports, claim_paths, clear_sockets, r
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError, remove_if_unused
 from zds.server.storefile import exists as store_exists
-from zds.server.telemetry import Telemetry, TelemetryConfigError
+from zds.server.telemetry import Telemetry
 from zds.server.unixhttp import GuardedUnixHttp
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
 

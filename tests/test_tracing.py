@@ -36,10 +36,11 @@ from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans
 from zds.server.agent import AgentConfig, NodeAgent
+from zds.server.otelenv import TelemetryConfigError
 from zds.server.outcomes import EnrollmentError
 from zds.server.pods import PodSpec
 from zds.server.redirect import Redirector
-from zds.server.telemetry import Telemetry, TelemetryConfigError
+from zds.server.telemetry import Telemetry
 from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root
