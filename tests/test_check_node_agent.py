@@ -326,41 +326,16 @@ def test_a_report_file_that_cannot_be_written_is_refused_before_anything_runs(
     kept.write_text("an earlier report")
     dangling.symlink_to(tmp_path / "target.xml")
     missing = str(tmp_path / "no-control.sock")
-    reports = ["--json", str(report), "--junit", str(kept)]
-    done = subprocess.run(
-        [
-            *ZDS,
-            "check",
-            "node-agent",
-            "--zds-socket",
-            server.zds_socket,
-            "--control-socket",
-            missing,
-            *reports,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def cannot_start(*reports: str) -> subprocess.CompletedProcess[str]:
+        argv = ["node-agent", "--zds-socket", server.zds_socket, "--control-socket", missing, *reports]
+        return subprocess.run([*ZDS, "check", *argv], capture_output=True, text=True, timeout=60)
+
+    done = cannot_start("--json", str(report), "--junit", str(kept))
     assert done.returncode == 2 and "cannot reach zds's control API" in done.stderr
     assert not report.exists() and kept.read_text() == "an earlier report"
     # The file made where a dangling symlink led goes too.
-    reports = ["--junit", str(dangling)]
-    done = subprocess.run(
-        [
-            *ZDS,
-            "check",
-            "node-agent",
-            "--zds-socket",
-            server.zds_socket,
-            "--control-socket",
-            missing,
-            *reports,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = cannot_start("--junit", str(dangling))
     assert done.returncode == 2 and not (tmp_path / "target.xml").exists() and dangling.is_symlink()
 
 

@@ -452,6 +452,14 @@ def test_otlp_exporter_sends_the_trace_to_a_collector(
         collector.close()
 
 
+def only_these_otel_variables(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """The environment's OTEL_* variables are ``env``'s (where the SDK reads them itself)."""
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -463,10 +471,7 @@ def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The SDK's own ValueError (it reads its values from the environment) was a traceback at start."""
-    for key in [k for k in os.environ if k.startswith("OTEL_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    only_these_otel_variables(monkeypatch, env)
     with pytest.raises(TelemetryConfigError) as refused:
         Telemetry.from_environment()
     assert str(refused.value).endswith(f"; set here: {', '.join(sorted(env))}")
@@ -486,10 +491,7 @@ def test_an_otel_value_the_sdk_refuses_is_a_config_error_naming_the_settings(
 def test_an_empty_service_name_leaves_zds_own_and_any_other_is_taken(
     env: dict[str, str], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key in [k for k in os.environ if k.startswith("OTEL_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)  # (the SDK reads them from the environment itself)
+    only_these_otel_variables(monkeypatch, env)
     text = Telemetry.from_environment().prometheus()[0].decode()
     assert re.search(r'^target_info\{.*\bservice_name="([^"]*)"', text, re.M)[1] == name  # type: ignore[index]
 
@@ -507,10 +509,7 @@ def test_a_resource_that_is_not_printable_text_is_refused(
 ) -> None:
     """Bytes that are not UTF-8 went into every /metrics page (target_info): each scrape a 500
     (prometheus_client could not encode it), the start said nothing."""
-    for key in [k for k in os.environ if k.startswith("OTEL_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    only_these_otel_variables(monkeypatch, env)
     with pytest.raises(TelemetryConfigError) as refused:
         Telemetry.from_environment()
     assert str(refused.value) == f"{next(iter(env))}: give printable UTF-8 text"
@@ -523,10 +522,9 @@ def test_a_metric_export_interval_no_exporter_can_keep_is_refused(
     """1e13 ms killed the exporter's thread at its first wait (over threading.TIMEOUT_MAX); an
     infinite one (or NaN) exported nothing at all; one the SDK could not read became a minute,
     with a warning (0 and negative ones the SDK refused itself)."""
-    for key in [k for k in os.environ if k.startswith("OTEL_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "console")  # (the SDK reads the environment itself)
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", interval)
+    only_these_otel_variables(
+        monkeypatch, {"OTEL_METRICS_EXPORTER": "console", "OTEL_METRIC_EXPORT_INTERVAL": interval}
+    )
     with pytest.raises(TelemetryConfigError) as refused:
         Telemetry.from_environment()
     assert str(refused.value) == (
