@@ -135,8 +135,10 @@ def _post(
     timeout = config.timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
     pause = BUSY_PAUSE
+    data = json.dumps(body)
     while True:
-        status, text, busy = _post_once(config, path, body, timeout, deadline - time.monotonic())
+        left = deadline - time.monotonic()
+        status, text, busy = _request(config, "POST", path, data, timeout, left, Code.TRY_AGAIN_LATER)
         if not busy:
             return status, text
         # (a last try with hardly any time left would be taken, then cut off as unanswered)
@@ -147,14 +149,6 @@ def _post(
             )
         time.sleep(pause)
         pause = min(2 * pause, BUSY_PAUSE_MAX)
-
-
-def _post_once(
-    config: PluginConfig, path: str, body: dict[str, Any], timeout: float, left: float
-) -> tuple[int, str, bool]:
-    """One POST with ``left`` seconds (of ``timeout``) to answer: (status, text, whether it was
-    the node agent's "too busy": a 503 with Retry-After)."""
-    return _request(config, "POST", path, json.dumps(body), timeout, left, Code.TRY_AGAIN_LATER)
 
 
 def _request(
@@ -216,8 +210,16 @@ def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[
     if status == 200:
         log.info("ADD %s: %s", inv.container_id[:12], text or "enrolled", extra={"netns": inv.netns})
         return spec.add_result(doc)
-    code = Code.SELECTION_FAILED if status == 503 else Code.ENROLLMENT_FAILED
-    raise CniError(code, f"zds-cni: the node agent did not enroll container {inv.container_id[:12]}: {text}")
+    raise CniError(
+        _failure_code(status),
+        f"zds-cni: the node agent did not enroll container {inv.container_id[:12]}: {text}",
+    )
+
+
+def _failure_code(status: int) -> Code:
+    """The CNI error code of a node agent's answer other than 200 to an ADD or a CHECK: 503,
+    it cannot tell whether the container joins (no engine, or the container not known)."""
+    return Code.SELECTION_FAILED if status == 503 else Code.ENROLLMENT_FAILED
 
 
 def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
@@ -234,8 +236,7 @@ def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
 def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
     status, text = _post(config, defaults.CNI_CHECK_EVENT_PATH, _event(inv, config, doc))
     if status != 200:
-        code = Code.SELECTION_FAILED if status == 503 else Code.ENROLLMENT_FAILED  # (as ADD's)
-        raise CniError(code, f"zds-cni: CHECK of container {inv.container_id[:12]}: {text}")
+        raise CniError(_failure_code(status), f"zds-cni: CHECK of container {inv.container_id[:12]}: {text}")
 
 
 def cmd_status(config: PluginConfig) -> None:
@@ -272,7 +273,7 @@ def _configure_logging(config: PluginConfig) -> None:
 
 def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
     """One invocation: (exit code, what to print on stdout, if anything)."""
-    version = spec.config_version(stdin)  # (an error carries the config's version, when it has one)
+    version = ""  # (the config's, once it is read)
     try:
         inv = Invocation.from_environment(env)
         doc = spec.parse_config(stdin, inv.command)
@@ -293,11 +294,15 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
         return 0, None
     except CniError as exc:
         log.error("%s", exc.msg)
-        # (a refusal of the config's version is in the plugin's own, as libcni's skel's)
-        return 1, exc.document(spec.CURRENT_VERSION if exc.code is Code.INCOMPATIBLE_VERSION else version)
+        # (a refusal of the config's version is in the plugin's own, as libcni's skel's; an
+        # error before the config is read carries its version, when it has one)
+        if exc.code is Code.INCOMPATIBLE_VERSION:
+            return 1, exc.document(spec.CURRENT_VERSION)
+        return 1, exc.document(version or spec.config_version(stdin))
     except Exception as exc:  # the runtime must get the spec's error object, whatever happened
         log.exception("internal error")
-        return 1, CniError(Code.INTERNAL, f"zds-cni: internal error: {exc!r}").document(version)
+        error = CniError(Code.INTERNAL, f"zds-cni: internal error: {exc!r}")
+        return 1, error.document(version or spec.config_version(stdin))
 
 
 def main(stdout: IO[str] | None = None) -> int:
