@@ -304,10 +304,8 @@ class PrivateDir:
     @property
     def socket(self) -> str:
         """Where the gRPC socket is bound and dialled (``socket_path``)."""
-        path = os.path.join(self.path, self.SOCKET)
-        if len(os.fsencode(path)) <= defaults.SUN_PATH_MAX:
-            return path
-        return f"/proc/self/fd/{self._fd}/{self.SOCKET}"
+        public = self.path.removesuffix(self.SUFFIX)
+        return self.socket_path(public) or f"/proc/self/fd/{self._fd}/{self.SOCKET}"
 
     def remove(self) -> None:
         """Take the directory out (its socket first, if gRPC left it), only if it is still the

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zds import defaults
+from zds.errors import not_utf8
 from zds.server.instance import (
     InstanceError,
     InstanceLock,
@@ -48,7 +49,6 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     """Check what the flags name (socket paths, listen addresses, the pods and faults
     files) before anything is claimed or written: a bad one stopped the start after the pod
     store and the lock files were made. The files' pods and faults."""
-    from zds.cli import not_utf8
     from zds.server.faultkinds import FaultError
     from zds.server.faultsfile import load_faults_file
 

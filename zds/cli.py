@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from zds import __version__, cliflags, output, runtime
-from zds.errors import printable
+from zds.errors import not_utf8
 
 #: The parts that register commands, in the order ``zds --help`` lists them, with the
 #: commands each registers (a run builds only its command's part: every command's flags
@@ -73,17 +73,6 @@ def command_of(argv: Sequence[str]) -> str | None:
 #: The commands whose arguments go into protobuf fields and gRPC targets (UTF-8 only; a
 #: path elsewhere may be any bytes Linux takes).
 UTF8_ONLY = frozenset({"pod", "watch", "connections", "fault", "faults", "netns"})
-
-
-def not_utf8(argv: Sequence[str]) -> str | None:
-    """The first argument that is not UTF-8 text (bytes Python took in with surrogateescape),
-    escaped, if any."""
-    for arg in argv:
-        try:
-            arg.encode()
-        except UnicodeEncodeError:
-            return printable(arg.encode(errors="surrogateescape").decode(errors="backslashreplace"))
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

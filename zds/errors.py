@@ -16,6 +16,8 @@ under ``ZdsError``; the protocol's shared ones live here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ZdsError(Exception):
     """Base of every error zds raises on purpose; the message is ready for a user."""
@@ -60,6 +62,24 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def as_bytes_read(text: str) -> str:
+    """``text`` as its bytes read: those that are not UTF-8 (taken in with surrogateescape, as
+    Python takes arguments and paths) as ``\\xNN``, other characters that are not printable
+    escaped too."""
+    return printable(text.encode(errors="surrogateescape").decode(errors="backslashreplace"))
+
+
+def not_utf8(texts: Iterable[str]) -> str | None:
+    """The first of ``texts`` that is not UTF-8 text (bytes taken in with surrogateescape),
+    escaped (``as_bytes_read``), if any."""
+    for text in texts:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return as_bytes_read(text)
+    return None
 
 
 def resolvable_name(host: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from zds import __version__
-from zds.errors import ZdsError, printable
+from zds.errors import ZdsError, as_bytes_read
 
 #: The launcher's second line: how uninstall knows the executable is zds's.
 LAUNCHER_MARK = "# zds-cni: zds's CNI plugin, written by `zds cni install`"
@@ -78,9 +78,8 @@ def check_python(python: str) -> None:
     try:
         shebang = f"#!{python} -I".encode()
     except UnicodeEncodeError:  # (a traceback: the launcher is text, its #! line too)
-        shown = printable(python.encode(errors="surrogateescape").decode(errors="backslashreplace"))
         raise InstallError(
-            f"{shown}: the path of Python is not UTF-8 text, and the launcher's #! line must be; "
+            f"{as_bytes_read(python)}: the path of Python is not UTF-8 text, and the launcher's #! line must be; "
             "install zds under a UTF-8 path"
         ) from None
     if any(c.isspace() for c in python) or len(shebang) > SHEBANG_MAX:
