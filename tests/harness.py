@@ -283,6 +283,15 @@ def listening(netns: str | None) -> list[Listening]:
 # -- free pod subnets and unique names ------------------------------------------------------
 
 
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A TCP port on 127.0.0.1 something listens on (this process) while the block runs."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
 def run_unique(prefix: str) -> str:
     """``prefix`` + this process's PID + a short random tag: a name an earlier run, killed
     before it cleaned up, cannot have left behind (a PID comes round again; the tag does not).

@@ -17,7 +17,7 @@ import sys
 import grpc
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, run_unique, signal_mask, wait_until
+from tests.harness import ZDS, NodeAgentProc, ZtunnelProc, run_unique, signal_mask, taken_port, wait_until
 from zds import cliflags, defaults, runtime
 from zds.cli import PART_OF, build_parser, command_of
 
@@ -1010,12 +1010,7 @@ def test_an_otel_setting_the_sdk_refuses_is_one_line_and_nothing_made(
 @pytest.mark.root
 def test_a_refused_start_removes_every_directory_level_it_made(tmp_path: pathlib.Path) -> None:
     """Only the last level of each path was removed: a/, c/, e/ and s1/ stayed."""
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         done = subprocess.run(
             [
                 *ZDS,

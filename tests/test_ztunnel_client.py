@@ -46,6 +46,7 @@ from tests.harness import (
     listening,
     pod_ports,
     settled_fd_count,
+    taken_port,
     wait_until,
 )
 from tests.standins import FakeConnection, FakeNodeAgent
@@ -920,10 +921,7 @@ def test_http_listen_flags_are_checked(tmp_path: Any) -> None:
         timeout=60,
     )
     assert same.returncode == 2 and "must differ" in same.stderr
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         busy = subprocess.run(
             [
                 *cmd,
