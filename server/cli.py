@@ -304,9 +304,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _id(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > GID_MAX:
+    if not (text.isascii() and text.isdigit()) or not _id_in_range(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id (0-{GID_MAX})")
     return int(text)
+
+
+def _id_in_range(digits: str) -> bool:
+    """Whether a number written in ``digits`` is a uid or gid (int() refuses over 4,300 digits;
+    past gid_t it was an OverflowError at the chown, and its -1 is chown's "no change")."""
+    return len(digits) <= 10 and int(digits) <= GID_MAX
 
 
 #: The largest gid (gid_t's (gid_t)-1 is chown's "no change").
@@ -318,9 +324,7 @@ def _group(name: str) -> int:
     import grp
 
     if name.isascii() and name.isdigit():
-        if (
-            len(name) > 10 or int(name) > GID_MAX
-        ):  # (int() refuses over 4,300 digits)  # (past gid_t: OverflowError at the chown; its -1: no change)
+        if not _id_in_range(name):
             raise LookupError(f"{name!r} is not a gid (0-{GID_MAX})")
         return int(name)
     try:
