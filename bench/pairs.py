@@ -354,6 +354,7 @@ PAIRS = {
             ZtunnelKind("zds", dns=True),
         ),
         Pair("istio+zds", "Istio server + zds ztunnel", ISTIO, ZtunnelKind("zds")),
+        Pair("zds+istio", "zds server + Istio fake ztunnel", ZDS, ZtunnelKind("istio")),
         Pair("istio+ztunnel-rs", "Istio server + ztunnel's in-pod code", ISTIO, RS),
     )
 }
