@@ -184,6 +184,7 @@ class ZdsClient:
                 if work is not None:  # the rest of a record the first snapshot began
                     close = await self._apply(work, conn)
                     work = None
+                    self._schedule_retry()
                     if close is not None:
                         return self._closed(close, answered)
                     continue
@@ -201,7 +202,7 @@ class ZdsClient:
                         self._interrupted = False
                     elif not ready:
                         self._retry_at = None
-                        if (close := self._retry_pending()) is not None:
+                        if self.protocol.has_pending and (close := self._retry_pending()) is not None:
                             return self._closed(close, answered)
                     continue
                 if not answered and not record.is_eof:
@@ -215,6 +216,7 @@ class ZdsClient:
                     continue
                 events = self.protocol.receive(record)  # it owns the record's fds now
                 close = await self._apply(self._work(events), conn)
+                self._schedule_retry()  # (a nack's: before the next record, a Del, is read)
                 if close is not None:
                     return self._closed(close, answered)
         except (ConnectionError, OSError) as exc:
@@ -268,23 +270,30 @@ class ZdsClient:
             log.warning("closing the connection: %s", close.reason, extra=extra)
         return answered
 
+    def _schedule_retry(self) -> None:
+        """Start the retry timer if a workload is pending and none runs. As ztunnel's
+        (``schedule_retry``, at each nack), once started it runs to its end while records come
+        and go, also if a Del took every pending workload meanwhile: one that goes pending
+        before it ends is retried then."""
+        if self._retry_at is not None or (
+            not self.protocol.has_retryable and not self.protocol.netnsless_uids
+        ):
+            return
+        self._retry_at = asyncio.get_running_loop().time() + self.retry_interval
+        if self.protocol.has_retryable:
+            log.info(
+                "scheduling retry of pending workloads in %gs: %s",
+                self.retry_interval,
+                ", ".join(map(printable, self.protocol.retryable_uids)),
+                extra={"conn": self._conn_id},
+            )
+
     def _retry_timeout(self) -> float | None:
-        """How long until pending workloads are retried (None: nothing pending). The timer
-        starts when a workload first goes pending and keeps running while records come and go."""
-        loop = asyncio.get_running_loop()
-        if not self.protocol.has_retryable and not self.protocol.netnsless_uids:
-            self._retry_at = None
-            return None
+        """How long until pending workloads are retried (None: no timer)."""
+        self._schedule_retry()
         if self._retry_at is None:
-            self._retry_at = loop.time() + self.retry_interval
-            if self.protocol.has_retryable:
-                log.info(
-                    "scheduling retry of pending workloads in %gs: %s",
-                    self.retry_interval,
-                    ", ".join(map(printable, self.protocol.retryable_uids)),
-                    extra={"conn": self._conn_id},
-                )
-        return max(0.0, self._retry_at - loop.time())
+            return None
+        return max(0.0, self._retry_at - asyncio.get_running_loop().time())
 
     def _retry_pending(self) -> CloseConnection | None:
         """Start the pending proxies again; a close when pods that let their netns fd go can be

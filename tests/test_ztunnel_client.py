@@ -265,6 +265,45 @@ def test_a_pending_workload_deleted_is_forgotten_and_readiness_returns(
     assert file_fd_count(z.pid) == baseline
 
 
+@pytest.mark.root
+def test_the_retry_timer_runs_to_its_end_when_a_del_takes_the_pending_workload(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
+) -> None:
+    """ztunnel's ``schedule_retry`` arms its timer only when none is armed, and a Del that
+    leaves nothing pending does not disarm it: a workload that goes pending before it ends is
+    retried then, not a whole interval after its own nack."""
+    interval = 3.0
+    first, second = make_pod(), make_pod()
+    squatters = []
+    for pod in (first, second):
+        with open_netns(pod.path) as handle, in_netns(handle):
+            squatters.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    try:
+        for squatter in squatters:
+            squatter.bind(("0.0.0.0", 15006))
+            squatter.listen()
+        z = start_ztunnel("--no-dns", "--retry-interval", str(interval))
+        conn = agent.connect_and_hello()
+        assert conn.snapshot() == Ack()
+        armed = time.monotonic()
+        assert conn.add("uid-a", first.path).error.startswith("failure to start proxy : ")
+        assert conn.delete("uid-a") == Ack()
+        time.sleep(interval / 2)
+        nacked = time.monotonic()
+        assert conn.add("uid-b", second.path).error.startswith("failure to start proxy : ")
+        squatters.pop().close()  # the second pod's port is free before the first timer ends
+        wait_until(lambda: z.workload_states() == {"uid-b": "Up"}, "the retry", timeout=3 * interval)
+        up = time.monotonic()
+    finally:
+        for squatter in squatters:
+            squatter.close()
+    # (a machine slow by half an interval could only make it later: never a false pass)
+    assert up - nacked < interval, (
+        f"retried {up - nacked:.1f} s after its nack, {up - armed:.1f} s after the timer began"
+    )
+    assert z.output().count("scheduling retry of pending workloads") == 1, z.output()
+
+
 # =============================================================================================
 # Bad records: nack text, follow-up, no fd leaked
 # =============================================================================================
