@@ -6,10 +6,13 @@ Start-up, in order, each step refusing in one line what it cannot do:
    state directory) and refuse a socket path another program serves: a second node agent
    for any of them stops here, having touched nothing (a start refused later removes what
    it made: ``_undo_claim``);
-2. open the pod store and recover from it (netns reopened and checked, rules
+2. bind the ZDS socket (not yet accepting: as Istio's agent, whose listener is made before
+   its snapshot, a ztunnel that connects during the next step waits in the backlog and gets
+   its snapshot once served, instead of backing off on a refused connect for up to 15 s);
+   open the pod store and recover from it (netns reopened and checked, rules
    checked), then preload ``--pods`` (the store wins for a uid both name), then arm
    ``--faults`` (for the first connection accepted);
-3. only then listen: ZDS, control API, CNI plugin endpoint, HTTP. A socket
+3. only then serve: ZDS (accepting), control API, CNI plugin endpoint, HTTP. A socket
    path is only cleared when it holds a stale socket, and on exit only the
    socket this process bound is removed;
 4. with ``--container-engine``, follow the engine's containers (list,
@@ -24,6 +27,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -109,6 +113,8 @@ class NodeAgentServer:
         #: What else must be closed at stop (guarded endpoints).
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._zds_task: asyncio.Task[None] | None = None
+        #: The ZDS socket, bound and not yet served (``_serve_zds`` hands it to the accept loop).
+        self._zds_listener: socket.socket | None = None
         self._sockets: list[SocketFile] = []
         #: The state directory held a node agent before this one (its lock file was there).
         self._used_before = False
@@ -147,6 +153,7 @@ class NodeAgentServer:
         self._used_before = self._claim.used_before
         check_ports(opts)
         clear_sockets(opts)
+        self._listen_zds()
         self.cuttable = True
         await self._restore_state()
         if opts.pods_file:
@@ -237,16 +244,21 @@ class NodeAgentServer:
         except FaultError as exc:
             raise StartupError(f"--faults {path}: {exc}") from exc
 
-    def _serve_zds(self) -> None:
+    def _listen_zds(self) -> None:
+        """Bind the ZDS socket; connections wait in its backlog until ``_serve_zds``."""
         path = self.options.zds_socket
         try:
             clear_socket_path(path)
-            listener = bind_unix_listener(path, mode=self.options.socket_mode)
+            self._zds_listener = bind_unix_listener(path, mode=self.options.socket_mode)
         except (InstanceError, SocketPathTaken) as exc:
             raise StartupError(f"cannot listen on ZDS socket: {exc}") from exc
         except OSError as exc:
             raise StartupError(f"cannot listen on ZDS socket {path}: {exc}") from exc
         self._own(path)
+
+    def _serve_zds(self) -> None:
+        listener, self._zds_listener = self._zds_listener, None
+        assert listener is not None
         self._zds_task = asyncio.create_task(self.agent.serve_zds(listener), name="zds-accept")
         self._zds_task.add_done_callback(lambda _: listener.close())
 
@@ -383,6 +395,8 @@ class NodeAgentServer:
             except StoreError as exc:
                 log.error("%s", exc)
                 self.store_lost = True
+        if self._zds_listener is not None:  # (a start refused or stopped before it was served)
+            self._zds_listener.close()
         for socket_file in self._sockets:
             socket_file.remove()
         made: list[str] = []

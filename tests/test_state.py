@@ -586,6 +586,37 @@ def test_a_stop_signal_during_the_recovery_cuts_it_short_and_the_next_start_fini
     assert not any("istio-ambient" in nft_ruleset(path) for path in paths)
 
 
+def test_a_ztunnel_that_connects_during_the_recovery_waits_and_gets_its_snapshot_once_served(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """As Istio's agent (its ZDS listener is made before its snapshot), the ZDS socket is
+    bound before the recovery: a ztunnel that connects meanwhile is not refused (it would back
+    off, up to 15 s) but waits in the backlog, and gets the recovered pods once served."""
+    count = 50
+    paths = [namespaces.make(f"w{i}") for i in range(count)]
+    server = agents.start("--redirect-backend", "nftables", redirect=True)
+    peer = AckingPeer(server.zds_socket)
+    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": path for i, path in enumerate(paths)})
+    try:
+        added = server.cli("pod", "add", "--from-file", pods)
+    finally:
+        peer.close()
+    assert added.returncode == 0, added.stderr
+    server.stop()
+    # Each pod's nftables rules out, iptables' in: the recovery takes a while.
+    restarted = agents.start("--redirect-backend", "iptables", redirect=True, ready=False)
+    wait_until(lambda: "rules removed" in restarted.output(), "the recovery under way")
+    waiting = AckingPeer(restarted.zds_socket)
+    try:
+        assert "node agent ready" not in restarted.output(), "connected only after the recovery"
+        restarted.wait_ready()
+        waiting.wait_snapshot()
+        assert waiting.kinds == ["add"] * count + ["snapshot_sent"]
+        assert sorted(r.uid for r in waiting.received[:-1]) == sorted(f"u{i}" for i in range(count))  # type: ignore[union-attr]
+    finally:
+        waiting.close()
+
+
 def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod(
     agents: Agents, namespaces: Namespaces
 ) -> None:
