@@ -243,18 +243,18 @@ class CniPluginEndpoint:
                     _log_add_failure(500, refusal, spec)
                     return 500, refusal
         except EnrollmentError as exc:
-            # Refused (the node's netns, names Kubernetes would refuse): 400, as a bad body;
-            # anything else is Istio's 500 with the reason.
-            code = 400 if exc.outcome is EnrollmentOutcome.REFUSED else 500
-            _log_add_failure(code, str(exc), spec)
-            return code, str(exc)
+            # Istio's 500 with the reason, as its agent answers every failure once the body
+            # parsed; refused (the node's netns, names Kubernetes would refuse) too.
+            _log_add_failure(500, str(exc), spec, refused=exc.outcome is EnrollmentOutcome.REFUSED)
+            return 500, str(exc)
         return 200, ""
 
 
-def _log_add_failure(code: int, text: str, spec: PodSpec) -> None:
-    """One line: a WARNING for a request refused for what it asked (4xx), an ERROR for a
-    failure on the node agent's side (5xx)."""
-    if code < 500:
+def _log_add_failure(code: int, text: str, spec: PodSpec, *, refused: bool = False) -> None:
+    """One line: a WARNING for a request refused for what it asked (4xx, or ``refused``:
+    the node's netns, a name Kubernetes would refuse), an ERROR for a failure on the node
+    agent's side."""
+    if code < 500 or refused:
         log.warning("refused CNI add event: %s", text, extra=spec.log_extra)
     else:
         log.error("failed to handle CNI add event: %s", text, extra=spec.log_extra)

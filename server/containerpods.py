@@ -32,7 +32,7 @@ from zds.netns import NetnsError, NetnsRef, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
 from zds.server.locks import KeyedLocks
-from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, PodChanged, RemovalNotRecorded
+from zds.server.outcomes import EnrollmentError, PodChanged, RemovalNotRecorded
 from zds.server.podcache import Pod
 from zds.server.pods import PodSource, PodSpec
 from zds.server.selection import Selection
@@ -166,7 +166,7 @@ class ContainerPods:
                     if (refusal := await self.add_unless_held(spec)) is not None:
                         return 500, refusal
                 except EnrollmentError as exc:
-                    return (400 if exc.outcome is EnrollmentOutcome.REFUSED else 500), str(exc)
+                    return 500, str(exc)  # (refused too: as an Istio-style event's)
             return 200, f"enrolled: container {facts.name} is {selection.reason}"
         finally:
             self._add_served(cid, waiting)

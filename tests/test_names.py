@@ -48,7 +48,7 @@ def test_what_kubernetes_refuses_is_invalid_argument_on_the_grpc_path(
 
 
 @pytest.mark.parametrize(("uid", "service_account", "text"), BAD)
-def test_what_kubernetes_refuses_is_400_and_one_warning_on_the_cni_path(
+def test_what_kubernetes_refuses_is_500_as_istios_and_one_warning_on_the_cni_path(
     server: NodeAgentProc, uid: str, service_account: str, text: str
 ) -> None:
     body = {
@@ -59,7 +59,7 @@ def test_what_kubernetes_refuses_is_400_and_one_warning_on_the_cni_path(
         "ServiceAccount": service_account,
     }
     status, answer = post_unix(server.cni_socket, "/cmdadd", json.dumps(body).encode())
-    assert status == 400 and text in answer, answer
+    assert status == 500 and text in answer, answer
     assert answer.count("\n") == 1
     assert server.list_pods() == []
     server.wait_for_output("refused CNI add event")

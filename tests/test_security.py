@@ -732,7 +732,7 @@ def test_names_are_checked_like_kubernetes_on_the_cni_path_too(
     try:
         body = json.dumps({"Netns": pod_netns(), "PodName": name, "PodNamespace": namespace}).encode()
         status, answer = post_unix(server.cni_socket, "/cmdadd", body)
-        assert status == 400 and text in answer
+        assert status == 500 and text in answer
         assert server.list_pods() == []
     finally:
         server.stop()
