@@ -177,6 +177,7 @@ class ZdsClient:
                 return False
             if handover is not None:
                 self._take_over(handover)
+                self._schedule_retry()  # (the first snapshot's nacks)
             self._conn = conn
             if self.faults is not None:
                 await self.write_extras()
@@ -184,9 +185,9 @@ class ZdsClient:
                 if work is not None:  # the rest of a record the first snapshot began
                     close = await self._apply(work, conn)
                     work = None
-                    self._schedule_retry()
                     if close is not None:
                         return self._closed(close, answered)
+                    self._schedule_retry()
                     continue
                 if self.faults is not None:
                     await self.faults.wait_to_read()
@@ -216,9 +217,9 @@ class ZdsClient:
                     continue
                 events = self.protocol.receive(record)  # it owns the record's fds now
                 close = await self._apply(self._work(events), conn)
-                self._schedule_retry()  # (a nack's: before the next record, a Del, is read)
                 if close is not None:
                     return self._closed(close, answered)
+                self._schedule_retry()  # (a nack's: before the next record, a Del, is read)
         except (ConnectionError, OSError) as exc:
             self.last_error = f"connection to the node agent failed: {exc}"
             log.warning("connection to the node agent failed: %s", exc, extra=extra)

@@ -232,12 +232,12 @@ class CniPluginEndpoint:
         except BadEvent as exc:
             log.warning("bad CNI plugin event: %s", exc)
             return 400, str(exc)
-        if container_id is not None:
-            code, text = await self.containers.cni_add(spec, container_id)
-            if code != 200:
-                _log_add_failure(code, text, spec)
-            return code, text
         try:
+            if container_id is not None:
+                code, text = await self.containers.cni_add(spec, container_id)
+                if code != 200:
+                    _log_add_failure(code, text, spec)
+                return code, text
             async with self.containers.serialized(spec.uid):
                 if (refusal := await self.containers.add_unless_held(spec, istio=True)) is not None:
                     _log_add_failure(500, refusal, spec)

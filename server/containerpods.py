@@ -131,9 +131,10 @@ class ContainerPods:
 
     # -- the CNI plugin's events ------------------------------------------------------------
     async def cni_add(self, spec: PodSpec, cid: str) -> tuple[int, str]:
-        """zds-cni's ADD: (HTTP status, text). 200 enrolled or not selected; 500 the
-        enrollment failed; 503 it cannot be told whether the container joins; 409 its DEL came
-        while it waited (the runtime gave it up: not enrolled)."""
+        """zds-cni's ADD: (HTTP status, text). 200 enrolled or not selected; 500 the uid is
+        another source's; 503 it cannot be told whether the container joins; 409 its DEL came
+        while it waited (the runtime gave it up: not enrolled). EnrollmentError: the enrollment
+        failed (the caller answers it as an Istio-style event's)."""
         if self.engine is None:
             return 503, (
                 f"cannot tell whether container {cid[:12]} joins the mesh: this node agent has no "
@@ -162,11 +163,8 @@ class ContainerPods:
                     # the wait for the facts); enrolled now, the pod would stay for a container
                     # the runtime was told has no network.
                     return 409, f"container {facts.name}: its DEL came while this ADD waited; not enrolled"
-                try:
-                    if (refusal := await self.add_unless_held(spec)) is not None:
-                        return 500, refusal
-                except EnrollmentError as exc:
-                    return 500, str(exc)  # (refused too: as an Istio-style event's)
+                if (refusal := await self.add_unless_held(spec)) is not None:
+                    return 500, refusal
             return 200, f"enrolled: container {facts.name} is {selection.reason}"
         finally:
             self._add_served(cid, waiting)

@@ -12,7 +12,7 @@ Start-up, in order, each step refusing in one line what it cannot do:
    open the pod store and recover from it (netns reopened and checked, rules
    checked), then preload ``--pods`` (the store wins for a uid both name), then arm
    ``--faults`` (for the first connection accepted);
-3. only then serve: ZDS (accepting), control API, CNI plugin endpoint, HTTP. A socket
+3. only then serve: control API, CNI plugin endpoint, HTTP, then ZDS (accepting). A socket
    path is only cleared when it holds a stale socket, and on exit only the
    socket this process bound is removed;
 4. with ``--container-engine``, follow the engine's containers (list,
@@ -161,12 +161,12 @@ class NodeAgentServer:
         self.cuttable = False
         if opts.faults_file:
             self._arm_faults(opts.faults_file, faults)
-        self._serve_zds()
         await self._serve_control()
         if opts.cni_socket:
             await self._serve_cni(opts.cni_socket)
         if opts.http_listen:
             await self._serve_http(opts.http_listen)
+        self._serve_zds()  # (last: a start refused above sends a waiting ztunnel no snapshot)
         if opts.container_engine:
             self.engine = ContainerEngineSource(
                 opts.container_engine, self.containers, self.agent.tasks, opts.container_label

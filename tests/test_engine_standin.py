@@ -274,6 +274,31 @@ def test_a_cni_del_for_a_container_that_still_runs_selected_leaves_it_enrolled(
         server.stop()
 
 
+def test_a_containers_cni_add_naming_the_node_is_500_with_one_warning_line(
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """A refused enrollment on the ContainerID path is answered as an Istio-style event's:
+    500 with the reason (Istio's agent: any failure once the body parsed), said in one
+    warning line (it was an ERROR line there once the answer was 500)."""
+    a = make_pod()
+    cid = "f" * 64
+    engine.containers[cid] = inspection(cid, "web", a, in_netns(a))
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    try:
+        peer.wait_snapshot()
+        add = {"Netns": "/proc/self/ns/net", "PodName": "web", "PodNamespace": "default", "ContainerID": cid}
+        status, text = post_unix(server.cni_socket, "/cmdadd", json.dumps(add).encode())
+        assert status == 500 and "the node is never enrolled as a pod" in text, text
+        server.wait_for_output("refused CNI add event")
+        [line] = [line for line in server.output().splitlines() if "the node is never enrolled" in line]
+        assert " warning zds.server.cni: refused CNI add event: " in line, line
+        assert "Traceback" not in server.output()
+    finally:
+        peer.close()
+        server.stop()
+
+
 def test_a_container_without_the_container_label_is_another_node_agents(
     tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
 ) -> None:
