@@ -293,6 +293,64 @@ def test_del_tells_the_agent_and_succeeds_even_when_it_is_gone(
     assert "the node agent finds the pod gone by itself" in (tmp_path / "zds-cni.log").read_text()
 
 
+def test_istios_keys_exclude_namespaces_and_ambient_enabled_keep_the_node_agent_untold(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    """As Istio's plugin (doAddRun): a pod in an excluded namespace, or any pod with
+    ambient_enabled false, is not told to the node agent; its ADD passes prevResult on."""
+    excluded = config(tmp_path, prevResult=PREV_RESULT, exclude_namespaces=["kube-system"])
+    in_it = {"CNI_ARGS": "K8S_POD_NAME=dns;K8S_POD_NAMESPACE=kube-system"}
+    assert plugin("ADD", excluded, **in_it)[:2] == (0, PREV_RESULT)
+    assert plugin("CHECK", excluded, **in_it)[:2] == (0, None)
+    off = config(tmp_path, prevResult=PREV_RESULT, ambient_enabled=False)
+    assert plugin("ADD", off)[:2] == (0, PREV_RESULT)
+    assert agent.requests == []
+    assert "pod namespace kube-system excluded" in (tmp_path / "zds-cni.log").read_text()
+    # Another namespace, or ambient_enabled true (absent: on), is told as before.
+    assert plugin("ADD", excluded, CNI_ARGS="K8S_POD_NAME=web;K8S_POD_NAMESPACE=shop")[0] == 0
+    assert plugin("ADD", config(tmp_path, ambient_enabled=True))[0] == 0
+    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmdadd"]
+    for bad, says in ((["a", 1], "exclude_namespaces"), ("kube-system", "exclude_namespaces")):
+        code, out, _ = plugin("ADD", config(tmp_path, exclude_namespaces=bad))
+        assert code == 1 and out["code"] == 7 and says in out["msg"], out
+    code, out, _ = plugin("ADD", config(tmp_path, ambient_enabled="yes"))
+    assert code == 1 and out["code"] == 7 and "ambient_enabled" in out["msg"], out
+
+
+def test_istios_cni_agent_run_dir_names_the_socket_when_cni_socket_does_not(tmp_path: pathlib.Path) -> None:
+    run_dir = tmp_path / "istio-cni"
+    run_dir.mkdir()
+    there = StandInAgent(str(run_dir / "pluginevent.sock"))
+    try:
+        conf = {**config(tmp_path, cni_agent_run_dir=str(run_dir)), "log_level": "warn"}
+        del conf["cni_socket"]
+        assert plugin("ADD", conf)[0] == 0
+        assert [path for path, _ in there.requests] == ["/cmdadd"]
+    finally:
+        there.close()
+
+
+def test_a_del_whose_config_has_an_error_in_zds_cnis_keys_succeeds_and_tells_nobody(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    """Istio's DEL reads no config: a container's teardown must not wait on a key only ADD
+    needs. What libcni's skel refuses for a DEL too (a version it does not speak, a config
+    that is not JSON) is still refused."""
+    unversioned = config(tmp_path)
+    del unversioned["cniVersion"]
+    for conf in (config(tmp_path, log_level="verbose"), config(tmp_path, timeout=0), unversioned):
+        code, out, err = plugin("DEL", conf)
+        assert (code, out) == (0, None), (conf, out)
+        assert "the node agent is not told" in err and err.count("\n") == 1, err
+    assert agent.requests == []
+    code, out, _ = plugin("DEL", config(tmp_path, version="9.9.9"))
+    assert code == 1 and out["code"] == 1, out
+    code, out, _ = plugin("DEL", b"{not json")
+    assert code == 1 and out["code"] == 6, out
+    code, out, _ = plugin("ADD", config(tmp_path, timeout=0))
+    assert code == 1 and out["code"] == 7, out
+
+
 def test_check_asks_the_agent(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
     assert plugin("CHECK", config(tmp_path, prevResult=PREV_RESULT))[:2] == (0, None)
     agent.answers["/cmdcheck"] = (500, "pod 6b6fc439b315 is not enrolled")

@@ -28,7 +28,14 @@ Config keys besides the spec's: ``cni_socket`` (the node agent's, default
 ``/var/run/istio-cni/pluginevent.sock``), ``log_file``, ``log_level``,
 ``timeout`` (seconds, default 20), ``enroll``: ``labelled`` (default; the
 labels decide) or ``all`` (every pod on this network joins: for runtimes
-without a Docker-compatible API to read labels from).
+without a Docker-compatible API to read labels from). Istio's plugin's keys as it
+reads them: ``exclude_namespaces`` (ADD and CHECK of a pod in one of them tell the
+node agent nothing), ``ambient_enabled`` (``false``: the same for every pod; absent:
+on, zds-cni's purpose), ``cni_agent_run_dir`` (the socket is its
+``pluginevent.sock`` when ``cni_socket`` is not given).
+
+A DEL whose config has an error in these keys, or no cniVersion, succeeds and tells the
+node agent nothing (Istio's DEL reads no config: a container's teardown waits on it).
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from zds.cni.spec import CniError, Code, Invocation
 log = logging.getLogger("zds.cni")
 
 ENROLL_MODES = ("labelled", "all")
+#: The node agent's socket in Istio's ``cni_agent_run_dir`` (its ``constants.CNIEventSocketName``).
+CNI_SOCKET_NAME = "pluginevent.sock"
 #: How long the DEL that follows an ADD the node agent did not answer in time waits (seconds).
 CLEANUP_TIMEOUT = 2.0
 #: How long a DEL waits for the node agent at most (seconds): its answer changes nothing (the
@@ -96,13 +105,26 @@ class PluginConfig:
     """zds-cni's own keys of the network configuration, checked once."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
-        self.cni_socket = _string(doc, "cni_socket", defaults.CNI_SOCKET)
+        run_dir = _string(doc, "cni_agent_run_dir", "") if "cni_agent_run_dir" in doc else ""
+        default_socket = os.path.join(run_dir, CNI_SOCKET_NAME) if run_dir else defaults.CNI_SOCKET
+        self.cni_socket = _string(doc, "cni_socket", default_socket)
         self.log_file = _string(doc, "log_file", defaults.CNI_PLUGIN_LOG)
-        self.log_level = _string(doc, "log_level", "info").lower()
+        level = _string(doc, "log_level", "info").lower()
+        self.log_level = "warning" if level == "warn" else level  # (Istio's name for it)
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise CniError(
-                Code.INVALID_CONFIG, f"log_level {self.log_level!r}: expected debug, info, warning or error"
+                Code.INVALID_CONFIG, f"log_level {level!r}: expected debug, info, warn(ing) or error"
             )
+        excluded = doc.get("exclude_namespaces", [])
+        if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
+            raise CniError(Code.INVALID_CONFIG, "exclude_namespaces must be a list of strings")
+        #: Namespaces whose pods zds-cni tells the node agent nothing of (Istio's key).
+        self.exclude_namespaces = frozenset(excluded)
+        ambient = doc.get("ambient_enabled", True)
+        if not isinstance(ambient, bool):
+            raise CniError(Code.INVALID_CONFIG, "ambient_enabled must be true or false")
+        #: Istio's key: false, no pod is told to the node agent (absent: on).
+        self.ambient_enabled = ambient
         self.enroll = _string(doc, "enroll", "labelled")
         if self.enroll not in ENROLL_MODES:
             raise CniError(Code.INVALID_CONFIG, f"enroll {self.enroll!r}: expected labelled or all")
@@ -193,7 +215,18 @@ def _event(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[s
     return body
 
 
+def _skipped(inv: Invocation, config: PluginConfig) -> str:
+    """Why the node agent is not told of this pod (Istio's keys), or ''."""
+    if not config.ambient_enabled:
+        return "ambient_enabled is false"
+    namespace = inv.args.get("K8S_POD_NAMESPACE") or defaults.POD_NAMESPACE
+    return f"pod namespace {namespace} excluded" if namespace in config.exclude_namespaces else ""
+
+
 def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
+    if skipped := _skipped(inv, config):
+        log.info("ADD %s: %s; the node agent is not told", inv.container_id[:12], skipped)
+        return spec.add_result(doc)
     try:
         status, text = _post(config, defaults.CNI_ADD_EVENT_PATH, _event(inv, config, doc))
     except AgentUnreachable as exc:
@@ -234,6 +267,8 @@ def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
 
 
 def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
+    if _skipped(inv, config):
+        return
     status, text = _post(config, defaults.CNI_CHECK_EVENT_PATH, _event(inv, config, doc))
     if status != 200:
         raise CniError(_failure_code(status), f"zds-cni: CHECK of container {inv.container_id[:12]}: {text}")
@@ -276,11 +311,22 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
     version = ""  # (the config's, once it is read)
     try:
         inv = Invocation.from_environment(env)
-        doc = spec.parse_config(stdin, inv.command)
-        if inv.command == "VERSION":
-            return 0, spec.version_info()
-        version = doc["cniVersion"]
-        config = PluginConfig(doc)
+        try:
+            doc = spec.parse_config(stdin, inv.command)
+            if inv.command == "VERSION":
+                return 0, spec.version_info()
+            version = doc["cniVersion"]
+            config = PluginConfig(doc)
+        except CniError as exc:
+            if inv.command != "DEL" or exc.code is Code.INCOMPATIBLE_VERSION or not spec.is_object(stdin):
+                raise
+            # (libcni's skel refuses, for a DEL too, a version it does not speak and a config
+            # that is not JSON; the rest is zds-cni's own checking)
+            print(
+                f"zds-cni: DEL {inv.container_id[:12]}: {exc.msg}; the node agent is not told",
+                file=sys.stderr,
+            )
+            return 0, None
         _configure_logging(config)
         log.debug("%s container=%s netns=%s args=%s", inv.command, inv.container_id, inv.netns, inv.args)
         if inv.command == "ADD":

@@ -167,6 +167,14 @@ def parse_config(data: bytes, command: str) -> dict[str, Any]:
     return doc
 
 
+def is_object(data: bytes) -> bool:
+    """Whether ``data`` is a JSON object (what libcni's skel reads a config's version from)."""
+    try:
+        return isinstance(json.loads(data), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def config_version(data: bytes) -> str:
     """The cniVersion of the configuration on stdin, if it has one zds-cni speaks (an error
     carries it: the spec); else the newest. Reads what it can, never raises."""
