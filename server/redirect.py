@@ -20,7 +20,7 @@ import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.errors import ZdsError, printable
 from zds.netns import NetnsHandle, run_in_netns
 from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_chains, our_lines
@@ -145,7 +145,7 @@ def _run(argv: list[str], stdin: str = "") -> str:
     as UTF-8 text one such made every install, removal and restart of the node agent fail)."""
     try:
         done = subprocess.run(
-            argv,
+            [*runtime.killed_with_parent(), *argv],
             input=stdin,
             capture_output=True,
             encoding="utf-8",
@@ -157,6 +157,12 @@ def _run(argv: list[str], stdin: str = "") -> str:
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
     except subprocess.TimeoutExpired as exc:  # (a hung iptables: a failure like any other)
         raise RedirectError(f"{' '.join(argv)} did not end within {exc.timeout:g} s") from exc
+    if (
+        done.returncode == 127
+        and done.stderr.startswith("setpriv: failed to execute")
+        and "No such file" in done.stderr
+    ):
+        raise RedirectError(f"{argv[0]} not found; install Debian's iptables package")
     if done.returncode != 0:
         detail = ""
         for line in filter(None, map(str.strip, (done.stderr or done.stdout).splitlines())):

@@ -586,6 +586,48 @@ def test_a_stop_signal_during_the_recovery_cuts_it_short_and_the_next_start_fini
     assert not any("istio-ambient" in nft_ruleset(path) for path in paths)
 
 
+def test_an_iptables_restore_under_way_does_not_outlive_a_sigkilled_node_agent(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """An ``iptables-restore`` the node agent forked kept running after a SIGKILL, and
+    committed after the next start had recovered: rules no pod store row records (here: the
+    install's), or taken out of a pod enrolled again meanwhile. It now dies with its parent."""
+    path = namespaces.make("slow")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    pid_file, go = tmp_path / "restore.pid", tmp_path / "go"
+    (fake / "iptables-restore").write_text(
+        f"#!/bin/sh\necho $$ > {pid_file}\n"
+        f"while [ ! -e {go} ]; do sleep 0.05; done\n"  # (until the test lets it go)
+        'exec /usr/sbin/iptables-restore "$@"\n'
+    )
+    (fake / "iptables-restore").chmod(0o755)
+    server = agents.start(redirect=True, env_path=f"{fake}:{os.environ['PATH']}")
+    peer = AckingPeer(server.zds_socket)
+    adding = subprocess.Popen(
+        [*ZDS, "pod", "add", "--uid", "u1", "--netns", path, "--control-socket", server.control_socket],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    restore = 0
+    try:
+        wait_until(
+            lambda: pid_file.exists() and pid_file.read_text().strip(), "the install's iptables-restore"
+        )
+        restore = int(pid_file.read_text())
+        server.stop(signal.SIGKILL)
+        wait_until(
+            lambda: not os.path.exists(f"/proc/{restore}"), "the iptables-restore killed with its parent", 10
+        )
+    finally:
+        go.touch()  # (a restore that outlived it goes on, and ends)
+        peer.close()
+        adding.wait(30)
+    assert not istio_rules(path)
+    restarted = agents.start(redirect=True)
+    assert listed(restarted) == {} and not istio_rules(path)
+
+
 def test_a_ztunnel_that_connects_during_the_recovery_waits_and_gets_its_snapshot_once_served(
     agents: Agents, namespaces: Namespaces, tmp_path: Path
 ) -> None:

@@ -5,11 +5,12 @@ after the first work (its stdout: ``zds.output``)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -101,6 +102,30 @@ PARENT_PID_ENV = "ZDS_PARENT_PID"
 PID_MAX_LIMIT = 4_194_304
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+@functools.cache
+def killed_with_parent() -> list[str]:
+    """What to run a child that must not outlive the node agent with: util-linux's ``setpriv
+    --pdeathsig KILL --`` (SIGKILL once the thread that started it is gone; ``subprocess.run``
+    waits in that thread, so it lives as long as the child). An ``iptables-restore`` that
+    outlived a SIGKILLed node agent committed after the next one had recovered: rules no pod
+    store row records, or taken out of an acked pod. Not a ``preexec_fn``: that forks the whole
+    process, gRPC's threads and all (its children crashed). [] where there is no setpriv."""
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
 def follow_parent() -> None:
     """A child of ``zds demo`` is sent SIGTERM when the demo dies, also by SIGKILL (which it
     cannot pass on): else its node agent and ztunnel side served on, with their namespaces
@@ -109,11 +134,7 @@ def follow_parent() -> None:
     # ("²" is a digit int() cannot read; past Linux's PID_MAX_LIMIT os.kill overflows)
     if not (parent.isascii() and parent.isdigit() and 0 < int(parent) <= PID_MAX_LIMIT):
         return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+    if _prctl()(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         return  # (not Linux's prctl: nothing to follow with)
     if os.getppid() != int(parent) and not _alive(int(parent)):  # it died before the prctl
         # (said: a stale value in a shell's environment ended every command with no word)
