@@ -618,7 +618,9 @@ class NodeAgentProc(ZdsProcess):
         redirect: bool = False,
         env_path: str | None = None,
         wrapper: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``env``: variables set for it besides this process's (``env_path``: its PATH)."""
         self.zds_socket = os.path.join(tmp, "ztunnel", "ztunnel.sock")
         self.control_socket = os.path.join(tmp, "zds", "control.sock")
         self.cni_socket = os.path.join(tmp, "cni", "pluginevent.sock")
@@ -638,8 +640,8 @@ class NodeAgentProc(ZdsProcess):
             *([] if redirect else ["--no-redirect"]),
             *extra,
         ]
-        env = {**os.environ, "PATH": env_path} if env_path is not None else None
-        super().__init__(args, os.path.join(tmp, f"{name}.log"), env, wrapper=wrapper)
+        environment = {**os.environ, **(env or {}), **({"PATH": env_path} if env_path is not None else {})}
+        super().__init__(args, os.path.join(tmp, f"{name}.log"), environment, wrapper=wrapper)
 
     def wait_ready(self) -> NodeAgentProc:
         """Wait for "node agent ready"; a node agent that never says it is stopped (callers

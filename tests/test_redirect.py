@@ -327,6 +327,38 @@ def test_a_node_agent_told_no_ipv6_installs_the_ipv4_rules_only(
 
 
 @pytest.mark.root
+def test_rules_forked_with_fork_not_vfork_work_and_leave_no_thread_in_the_pods_netns(
+    tmp_path: pathlib.Path, namespaces: list[str]
+) -> None:
+    """CPython falls back to fork() when vfork() fails (and a loaded machine made it fail):
+    gRPC's fork handlers then ran in the worker thread inside the pod's netns, started gRPC's
+    threads there for good (the netns held after its pod and name were gone) and the forked
+    iptables-save died (SIGSEGV, SIGABRT). With gRPC's fork support off, nothing of gRPC runs
+    at a fork. Here every fork is a fork (``subprocess._USE_VFORK`` off)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import subprocess\nsubprocess._USE_VFORK = False\n")
+    pods = [scratch(namespaces) for _ in range(2)]
+    server = NodeAgentProc(str(tmp_path), redirect=True, env={"PYTHONPATH": str(site)}).wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    try:
+        for i, pod in enumerate(pods):
+            assert server.add_pod(f"u{i}", pod).pod.rules_installed
+        for i in range(len(pods)):
+            server.remove_pod(f"u{i}")
+        inodes = {os.stat(pod).st_ino for pod in pods}
+        threads = {
+            t: os.stat(f"/proc/{server.pid}/task/{t}/ns/net").st_ino
+            for t in os.listdir(f"/proc/{server.pid}/task")
+        }
+        assert not [t for t, ino in threads.items() if ino in inodes], "threads left in a pod's netns"
+        assert "fork_posix" not in server.output() and " exit -" not in server.output(), server.output()
+    finally:
+        peer.close()
+        server.stop()
+
+
+@pytest.mark.root
 def test_a_rule_failure_fails_enrollment_and_nothing_is_sent(tmp_path: object, namespaces: list[str]) -> None:
     pod = scratch(namespaces)
     # No iptables on the node agent's PATH: installing the rules must fail. (IPv4 rules only:

@@ -105,6 +105,15 @@ PID_MAX_LIMIT = 4_194_304
 _PR_SET_PDEATHSIG = 1
 
 
+def no_grpc_at_fork() -> None:
+    """gRPC's fork support off, before gRPC is loaded: zds never uses gRPC in a child. With it
+    on, a fork (CPython forks when vfork fails, as it did on a loaded machine) ran gRPC's fork
+    handlers in the rule worker's thread inside the pod's netns: gRPC's threads were started
+    there for good (the netns held after its pod and name were gone), and the forked
+    ``iptables-save`` ran gRPC's event engine and died (SIGSEGV, SIGABRT)."""
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
+
 @functools.cache
 def _prctl() -> Callable[..., int]:
     import ctypes
