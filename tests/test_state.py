@@ -562,19 +562,7 @@ def test_a_stop_signal_during_the_recovery_cuts_it_short_and_the_next_start_fini
     stop. A stop signal now cuts the recovery short: the pods under way finish, the rest stay
     stored as they were, and the next start recovers them all."""
     count = 200  # (~3 s of recovery here: the signal comes within its first pods)
-    paths = [namespaces.make(f"r{i}") for i in range(count)]
-    server = agents.start("--redirect-backend", "nftables", redirect=True)
-    peer = AckingPeer(server.zds_socket)
-    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": path for i, path in enumerate(paths)})
-    try:
-        added = server.cli("pod", "add", "--from-file", pods)
-    finally:
-        peer.close()
-    assert added.returncode == 0, added.stderr
-    server.stop()
-    # Each pod's nftables rules out, iptables' in: the recovery takes a while.
-    restarted = agents.start("--redirect-backend", "iptables", redirect=True, ready=False)
-    wait_until(lambda: "rules removed" in restarted.output(), "the recovery under way")
+    paths, restarted = recovering(agents, namespaces, tmp_path, "r", count)
     restarted.proc.send_signal(signal.SIGTERM)
     assert restarted.wait_exit(60) == 0, restarted.output()
     out = restarted.output()
@@ -584,6 +572,27 @@ def test_a_stop_signal_during_the_recovery_cuts_it_short_and_the_next_start_fini
     assert sorted(listed(final)) == sorted(f"u{i}" for i in range(count))
     assert all(istio_rules(path) for path in paths)
     assert not any("istio-ambient" in nft_ruleset(path) for path in paths)
+
+
+def recovering(
+    agents: Agents, namespaces: Namespaces, tmp_path: Path, prefix: str, count: int
+) -> tuple[list[str], NodeAgentProc]:
+    """``count`` pods enrolled with the nftables backend, then a start with iptables' under way:
+    each pod's nftables rules out, iptables' in, so the recovery takes a while. The pods' netns
+    paths and the node agent in its recovery."""
+    paths = [namespaces.make(f"{prefix}{i}") for i in range(count)]
+    server = agents.start("--redirect-backend", "nftables", redirect=True)
+    peer = AckingPeer(server.zds_socket)
+    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": path for i, path in enumerate(paths)})
+    try:
+        added = server.cli("pod", "add", "--from-file", pods)
+    finally:
+        peer.close()
+    assert added.returncode == 0, added.stderr
+    server.stop()
+    restarted = agents.start("--redirect-backend", "iptables", redirect=True, ready=False)
+    wait_until(lambda: "rules removed" in restarted.output(), "the recovery under way")
+    return paths, restarted
 
 
 def test_an_iptables_restore_under_way_does_not_outlive_a_sigkilled_node_agent(
@@ -635,19 +644,7 @@ def test_a_ztunnel_that_connects_during_the_recovery_waits_and_gets_its_snapshot
     bound before the recovery: a ztunnel that connects meanwhile is not refused (it would back
     off, up to 15 s) but waits in the backlog, and gets the recovered pods once served."""
     count = 50
-    paths = [namespaces.make(f"w{i}") for i in range(count)]
-    server = agents.start("--redirect-backend", "nftables", redirect=True)
-    peer = AckingPeer(server.zds_socket)
-    pods = pods_file(tmp_path / "pods.jsonl", {f"u{i}": path for i, path in enumerate(paths)})
-    try:
-        added = server.cli("pod", "add", "--from-file", pods)
-    finally:
-        peer.close()
-    assert added.returncode == 0, added.stderr
-    server.stop()
-    # Each pod's nftables rules out, iptables' in: the recovery takes a while.
-    restarted = agents.start("--redirect-backend", "iptables", redirect=True, ready=False)
-    wait_until(lambda: "rules removed" in restarted.output(), "the recovery under way")
+    _, restarted = recovering(agents, namespaces, tmp_path, "w", count)
     waiting = AckingPeer(restarted.zds_socket)
     try:
         assert "node agent ready" not in restarted.output(), "connected only after the recovery"
