@@ -99,6 +99,17 @@ def test_install_chains_last_and_changes_nothing_else_and_uninstall_restores_the
         "log_file": "/var/log/zds-cni.log",
         "timeout": 5,
     }
+    # Istio's cni_agent_run_dir in place of cni_socket (the socket is its pluginevent.sock):
+    # a reinstall writes no cni_socket over it.
+    mesh.write_text(
+        mesh.read_text().replace('"cni_socket": "/run/zds/cni.sock"', '"cni_agent_run_dir": "/run/zds"')
+    )
+    zds_cni("install", *flags, "--network", "mesh", "--enroll", "all")
+    entry = json.loads(mesh.read_text())["plugins"][-1]
+    assert entry["cni_agent_run_dir"] == "/run/zds" and "cni_socket" not in entry and entry["enroll"] == "all"
+    zds_cni(
+        "install", *flags, "--network", "mesh", "--enroll", "labelled", "--cni-socket", "/run/zds/cni.sock"
+    )
     # A key set by hand that zds-cni would refuse: said, nothing written.
     mesh.write_text(mesh.read_text().replace('"timeout": 5', '"timeout": "30"'))
     before = mesh.read_text()

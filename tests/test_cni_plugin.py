@@ -298,7 +298,7 @@ def test_istios_keys_exclude_namespaces_and_ambient_enabled_keep_the_node_agent_
 ) -> None:
     """As Istio's plugin (doAddRun): a pod in an excluded namespace, or any pod with
     ambient_enabled false, is not told to the node agent; its ADD passes prevResult on."""
-    excluded = config(tmp_path, prevResult=PREV_RESULT, exclude_namespaces=["kube-system"])
+    excluded = config(tmp_path, prevResult=PREV_RESULT, exclude_namespaces=["kube-system", "default"])
     in_it = {"CNI_ARGS": "K8S_POD_NAME=dns;K8S_POD_NAMESPACE=kube-system"}
     assert plugin("ADD", excluded, **in_it)[:2] == (0, PREV_RESULT)
     assert plugin("CHECK", excluded, **in_it)[:2] == (0, None)
@@ -306,10 +306,15 @@ def test_istios_keys_exclude_namespaces_and_ambient_enabled_keep_the_node_agent_
     assert plugin("ADD", off)[:2] == (0, PREV_RESULT)
     assert agent.requests == []
     assert "pod namespace kube-system excluded" in (tmp_path / "zds-cni.log").read_text()
-    # Another namespace, or ambient_enabled true (absent: on), is told as before.
+    # Another namespace, a container that is no Kubernetes pod (Istio's plugin looks only at
+    # a pod with both a name and a namespace), ambient_enabled true, or null as Istio's
+    # installer writes an empty list (Go's zero value: absent, on), is told as before.
     assert plugin("ADD", excluded, CNI_ARGS="K8S_POD_NAME=web;K8S_POD_NAMESPACE=shop")[0] == 0
+    assert plugin("ADD", excluded, CNI_ARGS="K8S_POD_NAMESPACE=default")[0] == 0
     assert plugin("ADD", config(tmp_path, ambient_enabled=True))[0] == 0
-    assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmdadd"]
+    nulls = config(tmp_path, exclude_namespaces=None, ambient_enabled=None, cni_agent_run_dir=None)
+    assert plugin("ADD", nulls)[0] == 0
+    assert [path for path, _ in agent.requests] == ["/cmdadd"] * 4
     for bad, says in ((["a", 1], "exclude_namespaces"), ("kube-system", "exclude_namespaces")):
         code, out, _ = plugin("ADD", config(tmp_path, exclude_namespaces=bad))
         assert code == 1 and out["code"] == 7 and says in out["msg"], out

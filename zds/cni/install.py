@@ -61,11 +61,11 @@ def plugin_entry(options: InstallOptions, existing: dict[str, Any] | None = None
     a custom socket to the default), else the defaults; the keys install does not set
     (``timeout``, ``log_level``, set by hand) kept. InstallError if it would not load."""
     existing = existing or {}
-    entry: dict[str, Any] = {
-        "type": defaults.CNI_PLUGIN_TYPE,
-        "cni_socket": options.cni_socket or existing.get("cni_socket", defaults.CNI_SOCKET),
-        "log_file": options.log_file or existing.get("log_file", defaults.CNI_PLUGIN_LOG),
-    }
+    entry: dict[str, Any] = {"type": defaults.CNI_PLUGIN_TYPE}
+    if options.cni_socket or "cni_socket" in existing or not existing.get("cni_agent_run_dir"):
+        # (an entry naming Istio's cni_agent_run_dir instead keeps it: its socket is there)
+        entry["cni_socket"] = options.cni_socket or existing.get("cni_socket", defaults.CNI_SOCKET)
+    entry["log_file"] = options.log_file or existing.get("log_file", defaults.CNI_PLUGIN_LOG)
     enroll = options.enroll or existing.get("enroll", "labelled")
     if enroll != "labelled":
         entry["enroll"] = enroll

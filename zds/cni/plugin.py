@@ -29,7 +29,7 @@ Config keys besides the spec's: ``cni_socket`` (the node agent's, default
 ``timeout`` (seconds, default 20), ``enroll``: ``labelled`` (default; the
 labels decide) or ``all`` (every pod on this network joins: for runtimes
 without a Docker-compatible API to read labels from). Istio's plugin's keys as it
-reads them: ``exclude_namespaces`` (ADD and CHECK of a pod in one of them tell the
+reads them: ``exclude_namespaces`` (ADD and CHECK of a Kubernetes pod in one of them tell the
 node agent nothing), ``ambient_enabled`` (``false``: the same for every pod; absent:
 on, zds-cni's purpose), ``cni_agent_run_dir`` (the socket is its
 ``pluginevent.sock`` when ``cni_socket`` is not given).
@@ -105,7 +105,10 @@ class PluginConfig:
     """zds-cni's own keys of the network configuration, checked once."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
-        run_dir = _string(doc, "cni_agent_run_dir", "") if "cni_agent_run_dir" in doc else ""
+        # (Istio's keys: null, as its installer writes an empty list, or "" is Go's zero value)
+        run_dir = doc.get("cni_agent_run_dir") or ""
+        if not isinstance(run_dir, str):
+            raise CniError(Code.INVALID_CONFIG, "cni_agent_run_dir must be a string")
         default_socket = os.path.join(run_dir, CNI_SOCKET_NAME) if run_dir else defaults.CNI_SOCKET
         self.cni_socket = _string(doc, "cni_socket", default_socket)
         self.log_file = _string(doc, "log_file", defaults.CNI_PLUGIN_LOG)
@@ -115,12 +118,13 @@ class PluginConfig:
             raise CniError(
                 Code.INVALID_CONFIG, f"log_level {level!r}: expected debug, info, warn(ing) or error"
             )
-        excluded = doc.get("exclude_namespaces", [])
+        excluded = doc.get("exclude_namespaces") or []
         if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
             raise CniError(Code.INVALID_CONFIG, "exclude_namespaces must be a list of strings")
         #: Namespaces whose pods zds-cni tells the node agent nothing of (Istio's key).
         self.exclude_namespaces = frozenset(excluded)
-        ambient = doc.get("ambient_enabled", True)
+        ambient = doc.get("ambient_enabled")
+        ambient = True if ambient is None else ambient
         if not isinstance(ambient, bool):
             raise CniError(Code.INVALID_CONFIG, "ambient_enabled must be true or false")
         #: Istio's key: false, no pod is told to the node agent (absent: on).
@@ -219,8 +223,11 @@ def _skipped(inv: Invocation, config: PluginConfig) -> str:
     """Why the node agent is not told of this pod (Istio's keys), or ''."""
     if not config.ambient_enabled:
         return "ambient_enabled is false"
-    namespace = inv.args.get("K8S_POD_NAMESPACE") or defaults.POD_NAMESPACE
-    return f"pod namespace {namespace} excluded" if namespace in config.exclude_namespaces else ""
+    # (as Istio's: a Kubernetes pod's, both given; a plain container is in no namespace yet)
+    namespace = inv.args.get("K8S_POD_NAMESPACE", "")
+    if inv.args.get("K8S_POD_NAME") and namespace in config.exclude_namespaces:
+        return f"pod namespace {namespace} excluded"
+    return ""
 
 
 def cmd_add(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
