@@ -157,11 +157,7 @@ def _run(argv: list[str], stdin: str = "") -> str:
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
     except subprocess.TimeoutExpired as exc:  # (a hung iptables: a failure like any other)
         raise RedirectError(f"{' '.join(argv)} did not end within {exc.timeout:g} s") from exc
-    if (
-        done.returncode == 127
-        and done.stderr.startswith("setpriv: failed to execute")
-        and "No such file" in done.stderr
-    ):
+    if done.returncode == 127 and done.stderr.startswith(f"setpriv: failed to execute {argv[0]}: No such"):
         raise RedirectError(f"{argv[0]} not found; install Debian's iptables package")
     if done.returncode != 0:
         detail = ""

@@ -21,6 +21,7 @@ import pytest
 
 from tests.harness import DATA, NodeAgentProc, failing_ip6tables_save, pod_network, run_all, wait_until
 from tests.standins import AckingPeer, RawPeer
+from zds import runtime
 from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
@@ -62,6 +63,15 @@ def test_without_dns_capture_no_port_53_rule_and_no_raw_table() -> None:
     rules = inpod_rules(4, RedirectConfig(dns_capture=False))
     assert "15053" not in rules and "* raw" not in rules and "--dport 53" not in rules
     assert "--to-ports 15001" in rules and "--to-ports 15006" in rules
+
+
+def test_a_tool_not_there_is_said_so_through_setpriv_too() -> None:
+    """The tools run under ``setpriv --pdeathsig`` (on this machine): a missing one is
+    setpriv's exit 127, said as a missing tool, as without setpriv."""
+    assert runtime.killed_with_parent(), "setpriv (util-linux) is on every Debian"
+    with pytest.raises(RedirectError) as failed:
+        _run(["iptables-nowhere-save"])
+    assert str(failed.value) == "iptables-nowhere-save not found; install Debian's iptables package"
 
 
 def test_a_failing_tool_is_said_in_one_line() -> None:
