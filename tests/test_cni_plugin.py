@@ -348,6 +348,10 @@ def test_a_del_whose_config_has_an_error_in_zds_cnis_keys_succeeds_and_tells_nob
         assert (code, out) == (0, None), (conf, out)
         assert "the node agent is not told" in err and err.count("\n") == 1, err
     assert agent.requests == []
+    assert plugin("DEL", config(tmp_path), CNI_ARGS="garbage")[:2] == (0, None)  # (told, as any DEL)
+    assert agent.requests == [("/cmddel", {"PodUID": CID, "Netns": "/run/netns/netns-1"})]
+    code, out, _ = plugin("ADD", config(tmp_path), CNI_ARGS="garbage")
+    assert code == 1 and out["code"] == 4, out
     code, out, _ = plugin("DEL", config(tmp_path, version="9.9.9"))
     assert code == 1 and out["code"] == 1, out
     code, out, _ = plugin("DEL", b"{not json")

@@ -111,12 +111,18 @@ class Invocation:
         ifname = env.get("CNI_IFNAME", "")
         if ifname and (len(ifname) > 15 or ifname in (".", "..") or re.search(r"[/:\s]", ifname)):
             raise CniError(Code.INVALID_ENVIRONMENT, f"CNI_IFNAME {ifname!r} is not an interface name")
+        try:
+            args = parse_args(env.get("CNI_ARGS", ""))
+        except CniError:
+            if command != "DEL":
+                raise
+            args = {}  # (libcni's skel reads no CNI_ARGS, and Istio's DEL nothing: a DEL must not fail)
         return cls(
             command=command,
             container_id=container_id,
             netns=env.get("CNI_NETNS", ""),
             ifname=ifname,
-            args=parse_args(env.get("CNI_ARGS", "")),
+            args=args,
             path=env.get("CNI_PATH", ""),
         )
 
