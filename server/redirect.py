@@ -143,6 +143,7 @@ def _run(argv: list[str], stdin: str = "") -> str:
     """What ``argv`` printed, its bytes as they are (surrogateescape: ``iptables-save`` lists
     every rule of the pod's netns, whose comments a pod with NET_ADMIN writes in any bytes; read
     as UTF-8 text one such made every install, removal and restart of the node agent fail)."""
+    missing = f"{argv[0]} not found; install Debian's iptables package"  # (setpriv's 127, or none)
     try:
         done = subprocess.run(
             [*runtime.killed_with_parent(), *argv],
@@ -154,11 +155,11 @@ def _run(argv: list[str], stdin: str = "") -> str:
             check=False,
         )
     except FileNotFoundError as exc:
-        raise RedirectError(f"{argv[0]} not found; install Debian's iptables package") from exc
+        raise RedirectError(missing) from exc
     except subprocess.TimeoutExpired as exc:  # (a hung iptables: a failure like any other)
         raise RedirectError(f"{' '.join(argv)} did not end within {exc.timeout:g} s") from exc
     if done.returncode == 127 and done.stderr.startswith(f"setpriv: failed to execute {argv[0]}: No such"):
-        raise RedirectError(f"{argv[0]} not found; install Debian's iptables package")
+        raise RedirectError(missing)
     if done.returncode != 0:
         detail = ""
         for line in filter(None, map(str.strip, (done.stderr or done.stdout).splitlines())):

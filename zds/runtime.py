@@ -10,7 +10,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -102,9 +102,6 @@ PARENT_PID_ENV = "ZDS_PARENT_PID"
 PID_MAX_LIMIT = 4_194_304
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 def no_grpc_at_fork() -> None:
     """gRPC's fork support off, before gRPC is loaded: zds never uses gRPC in a child. With it
     on, a fork (CPython forks when vfork fails, as it did on a loaded machine) ran gRPC's fork
@@ -112,13 +109,6 @@ def no_grpc_at_fork() -> None:
     there for good (the netns held after its pod and name were gone), and the forked
     ``iptables-save`` ran gRPC's event engine and died (SIGSEGV, SIGABRT)."""
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
-
-
-@functools.cache
-def _prctl() -> Callable[..., int]:
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 @functools.cache
@@ -143,7 +133,11 @@ def follow_parent() -> None:
     # ("²" is a digit int() cannot read; past Linux's PID_MAX_LIMIT os.kill overflows)
     if not (parent.isascii() and parent.isdigit() and 0 < int(parent) <= PID_MAX_LIMIT):
         return
-    if _prctl()(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
         return  # (not Linux's prctl: nothing to follow with)
     if os.getppid() != int(parent) and not _alive(int(parent)):  # it died before the prctl
         # (said: a stale value in a shell's environment ended every command with no word)

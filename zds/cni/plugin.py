@@ -325,7 +325,11 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
             version = doc["cniVersion"]
             config = PluginConfig(doc)
         except CniError as exc:
-            if inv.command != "DEL" or exc.code is Code.INCOMPATIBLE_VERSION or not spec.is_object(stdin):
+            if (
+                inv.command != "DEL"
+                or exc.code is Code.INCOMPATIBLE_VERSION
+                or spec.json_object(stdin) is None
+            ):
                 raise
             # (libcni's skel refuses, for a DEL too, a version it does not speak and a config
             # that is not JSON; the rest is zds-cni's own checking)

@@ -173,22 +173,20 @@ def parse_config(data: bytes, command: str) -> dict[str, Any]:
     return doc
 
 
-def is_object(data: bytes) -> bool:
-    """Whether ``data`` is a JSON object (what libcni's skel reads a config's version from)."""
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """``data`` as a JSON object (what libcni's skel reads a config's version from); None if
+    it is not one. Never raises."""
     try:
-        return isinstance(json.loads(data), dict)
+        doc = json.loads(data)
     except (ValueError, RecursionError):
-        return False
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def config_version(data: bytes) -> str:
     """The cniVersion of the configuration on stdin, if it has one zds-cni speaks (an error
     carries it: the spec); else the newest. Reads what it can, never raises."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        return CURRENT_VERSION
-    version = doc.get("cniVersion") if isinstance(doc, dict) else None
+    version = (json_object(data) or {}).get("cniVersion")
     return version if version in SUPPORTED_VERSIONS else CURRENT_VERSION
 
 
