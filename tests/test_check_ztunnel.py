@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import pathlib
+import socket
 import stat
 import subprocess
 import sys
@@ -347,3 +348,91 @@ def test_a_template_with_a_placeholder_zds_check_does_not_fill_is_refused_before
     assert done.returncode == 2 and done.stderr.startswith(f"zds check ztunnel: {said}"), done.stderr
     assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
     assert set(glob.glob("/tmp/zds-check-*")) == before
+
+
+#: A ztunnel that gets one thing wrong (argv: socket, how): ``late`` answers a bad record as
+#: ztunnel does but connects again only 2 s after that close; ``lingers`` answers every record
+#: after SnapshotSent with a ProtocolError nack and then neither reconnects nor exits; ``long``
+#: nacks every other record with a 1,100-byte text (Istio's node agent reads 1,024). Otherwise it
+#: answers as ztunnel does: hello first, SnapshotSent acked, anything else acked.
+MISBEHAVING_ZTUNNEL = """
+import socket, sys, time
+from zds.protocol.messages import Ack, encode_ack
+path, how = sys.argv[1], sys.argv[2]
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(path)
+    except OSError:
+        time.sleep(0.05)
+        continue
+    s.sendall(bytes([8, 1]))
+    snapshot_done = False
+    while True:
+        msg, anc, _, _ = s.recvmsg(2048, socket.CMSG_SPACE(64))
+        if not msg:
+            break
+        if msg == bytes([0x1A, 0]):
+            snapshot_done = True
+            s.sendall(encode_ack(Ack("")))
+        elif how == "late" and len(msg) == 3:
+            s.sendall(encode_ack(Ack("failure to read message : undecodable")))
+            s.close()
+            time.sleep(2)
+            break
+        elif how == "lingers" and snapshot_done:
+            s.sendall(encode_ack(Ack("failure to process message : ProtocolError(\\"late keep\\")")))
+            s.close()
+            time.sleep(3600)
+        elif how == "long":
+            s.sendall(encode_ack(Ack("failure to start proxy : " + "x" * 1100), whole=True))
+        else:
+            s.sendall(encode_ack(Ack("")))
+    s.close()
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "name", "says"),
+    [
+        ("late", "undecodable-record", "back only"),
+        ("lingers", "keep-after-snapshot", "still running 3s later; a ProtocolError stops ztunnel"),
+        ("long", "replies-canonical", "Istio's node agent reads an answer into 1024"),
+    ],
+)
+def test_a_ztunnel_late_back_still_running_or_answering_long_fails(
+    how: str, name: str, says: str, tmp_path: pathlib.Path
+) -> None:
+    script = tmp_path / "ztunnel.py"
+    script.write_text(MISBEHAVING_ZTUNNEL)
+    command = f"{sys.executable} {script} {{socket}} {how}"
+    # (replies-canonical's own exchange sends no Add: proxy-start-failure's gets the long nack)
+    only = f"{name},proxy-start-failure" if how == "long" else name
+    run = zds_check("ztunnel", "--cmd", command, "--only", only, "--protocol-only", *FAST, tmp=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.status(name) == "fail", run.stdout
+    assert says in run.findings(name), run.stdout
+
+
+def test_a_record_sent_unasked_right_after_the_hello_is_seen(tmp_path: pathlib.Path) -> None:
+    # (The check closes the first connection as soon as it read the hello: before it read on
+    # a moment more, the Ack the fault sends right after it slipped by in about half the runs.)
+    command = (
+        ZTUNNEL + " --no-listeners --faults " + faults_file(tmp_path / "f.jsonl", {"kind": "unsolicited-ack"})
+    )
+    for _ in range(3):
+        run = zds_check("ztunnel", "--cmd", command, "--only", "speaks-only-when-asked", *FAST, tmp=tmp_path)
+        assert run.status("speaks-only-when-asked") == "fail", run.stdout
+        assert "a record nobody asked for" in run.findings("speaks-only-when-asked"), run.stdout
+
+
+def test_readiness_that_does_not_answer_500_before_the_snapshot_fails(tmp_path: pathlib.Path) -> None:
+    with socket.socket() as unused:  # (a port nobody listens on once closed: connection refused)
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/healthz/ready"
+    run = zds_check(
+        "ztunnel", "--cmd", ZTUNNEL, "--only", "readiness", "--ready-url", url, *FAST, tmp=tmp_path
+    )
+    assert run.status("readiness") == "fail", run.stdout
+    assert "no answer from" in run.findings("readiness"), run.stdout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from zds.check.agentchecks import RECORD_CHECKS, SCENARIOS, scenario_of
-from zds.check.agentscenarios import SCENARIO_FUNCS
+from zds.check.agentscenarios import SCENARIO_FUNCS, judge_held
 from zds.check.agentsession import AgentCheckOptions, AgentSession
 from zds.check.pods import CommandDriver, ControlDriver, PodDriver, PodFactory
 from zds.check.report import Report
@@ -48,6 +48,9 @@ async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> R
                 if scenario == "hello-wait":
                     break  # not even the first connection worked: the others would fail alike
             durations[scenario] = time.monotonic() - started
+        snapshot_checks = [name for name in ("snapshot-complete", "reconnect-snapshot") if name in selected]
+        if snapshot_checks:
+            judge_held(session, snapshot_checks[0])
     finally:
         await session.shutdown()
         await session.take_back()

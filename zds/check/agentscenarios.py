@@ -44,6 +44,7 @@ async def hello_wait(s: AgentSession) -> None:
     await conn.hello()
     entries, sent = await conn.take_snapshot(s.options.timeout)
     s.known = _uids(entries)
+    s.snapshots.append((conn.name, s.known))
     if sent is None:
         s.report(
             "snapshot-complete",
@@ -139,6 +140,23 @@ def _judge_snapshot(
         + (f"; uids named twice: {', '.join(twice)}" if twice else "")
         + (f"; pods held before the check and missing now: {', '.join(lost)}" if lost else ""),
     )
+
+
+def judge_held(s: AgentSession, check: str) -> None:
+    """A pod the node agent held before the check, left out of one snapshot and named in a
+    later one, was held all along: at that SnapshotSent ztunnel dropped its proxy. (One left
+    out for good may have been removed meanwhile: only noted, by ``_judge_snapshot``.)"""
+    for i, (conn, named) in enumerate(s.snapshots):
+        later = set().union(*(uids for _, uids in s.snapshots[i + 1 :]))
+        for uid in sorted((s.known - named) & later):
+            s.report(
+                check,
+                Finding(
+                    f"pod uid {uid}, held before the check, is not in the snapshot but is in a later one: "
+                    "ztunnel drops whatever a snapshot does not name",
+                    conn,
+                ),
+            )
 
 
 async def two_connections(s: AgentSession) -> None:

@@ -86,6 +86,8 @@ class AgentSession:
         self.seen: list[Seen] = []
         #: uids the node agent held before the check added any (its first snapshot).
         self.known: set[str] = set()
+        #: Each connection's snapshot, in order: (connection, the uids it named).
+        self.snapshots: list[tuple[str, set[str]]] = []
         self.agent_pid: int | None = options.agent_pid
         self.actions: list[str] = []
         self._connections: list[StrictConnection] = []
@@ -124,6 +126,7 @@ class AgentSession:
             try:
                 await conn.hello()
                 entries, sent = await conn.take_snapshot(self.options.timeout)
+                self.snapshots.append((conn.name, {seen.uid for seen in entries if seen.uid}))
                 return conn, entries, sent
             except PeerClosed:
                 if conn.received or attempt == 5:

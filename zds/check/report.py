@@ -22,6 +22,10 @@ from zds.errors import printable
 #: Bytes shown in full up to this many; longer ones are cut in the human summary (never in JSON).
 HEX_SHOWN = 96
 
+#: Both checkers read a connection this long more before they close it: a record the other end
+#: sends unasked right after its last word (a hello, an answer, SnapshotSent) is judged too.
+CLOSE_LINGER = 0.1
+
 
 class Status(enum.Enum):
     PASS = "pass"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from zds.aio import cancel_and_wait
 from zds.check.records import ConnectionRules, Seen, receive
-from zds.check.report import Finding
+from zds.check.report import CLOSE_LINGER, Finding
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, encode_ack, encode_hello
 from zds.seqpacket import peer_hung_up
@@ -177,6 +177,9 @@ class StrictConnection:
         return got
 
     async def close(self) -> None:
+        """Close our end, after a moment in which what the node agent still sends is judged
+        (a record right after SnapshotSent or an answer must not slip by)."""
+        await asyncio.wait({self._reader}, timeout=CLOSE_LINGER)
         await cancel_and_wait(self._reader)
         self.sock.close()
 

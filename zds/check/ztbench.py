@@ -186,11 +186,12 @@ class Bench:
             raise ZtunnelGone(f"no connection from the ztunnel within {within:g}s" + self.exit_said())
         if old is not None and old.closed_at is None:
             self.exercised["reconnect"] += 1
-            self.note(
-                "reconnect",
-                f"{conn.name} came {max(0.0, conn.accepted_at - closed_by_us) * 1000:.1f} ms after the node agent "
-                f"closed {old.name}",
-            )
+            after = max(0.0, conn.accepted_at - closed_by_us)
+            came = f"{conn.name} came {after * 1000:.1f} ms after the node agent closed {old.name}"
+            if after > self.options.grace:
+                self.report("reconnect", Finding(f"{came}; ztunnel connects again at once", old.name))
+            else:
+                self.note("reconnect", came)
         return conn
 
     async def fresh(self, snapshot: list[tuple[bytes, list[int]]] | None) -> ZtConn:

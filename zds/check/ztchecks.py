@@ -26,9 +26,11 @@ CHECKS: tuple[CheckSpec, ...] = (
     ),
     CheckSpec(
         "replies-canonical",
-        "every answer is one WorkloadResponse{ack} in canonical bytes (0a 00 for success), with no fd",
-        "ztunnel answers each request with exactly one WorkloadResponse{ack: Ack{error}} (prost encoding)",
-        (src.ZT_SEND_ACK, src.ZT_PROCESS),
+        "every answer is one WorkloadResponse{ack} in canonical bytes (0a 00 for success), with no fd, "
+        "at most 1024 bytes",
+        "ztunnel answers each request with exactly one WorkloadResponse{ack: Ack{error}} (prost encoding); "
+        "Istio's node agent reads an answer into 1024 bytes and refuses a longer one",
+        (src.ZT_SEND_ACK, src.ZT_PROCESS, src.IS_READ_PROTO),
     ),
     CheckSpec(
         "speaks-only-when-asked",
@@ -39,7 +41,7 @@ CHECKS: tuple[CheckSpec, ...] = (
     ),
     CheckSpec(
         "reconnect",
-        "after the node agent closes the connection, ztunnel connects again at once and says hello",
+        "after the node agent closes the connection, ztunnel connects again at once (within --grace) and says hello",
         "on EOF ztunnel's manager loops back to connect(), whose first attempt is immediate",
         (src.ZT_RECONNECT, src.ZT_CONNECT),
     ),

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from zds import defaults
 from zds.aio import cancel_and_wait
-from zds.check.report import Finding
-from zds.errors import CodecError
+from zds.check.report import CLOSE_LINGER, Finding
+from zds.errors import CodecError, ZdsError
 from zds.protocol.messages import Ack, decode_ack, encode_ack
 from zds.transport import SeqpacketConnection
 
@@ -131,6 +132,16 @@ class ZtConn:
                     detail=[f"canonical: {encode_ack(ack, whole=True).hex(' ')}"],
                 ),
             )
+        if len(payload) > defaults.MAX_MESSAGE_SIZE:
+            report(
+                "replies-canonical",
+                Finding(
+                    f"the answer is {len(payload)} bytes: Istio's node agent reads an answer into "
+                    f"{defaults.MAX_MESSAGE_SIZE} and refuses a longer one as truncated",
+                    where,
+                    received=payload,
+                ),
+            )
         self.replies.put_nowait(Reply(payload, ack, now))
 
     async def send(self, payload: bytes, fds: list[int] | None = None, *, expect_reply: bool = True) -> None:
@@ -141,6 +152,10 @@ class ZtConn:
                 await self.conn.send(payload, fds or [])
             else:
                 self.conn.socket.send(b"")
+        except OSError as exc:
+            raise ZtunnelClosed(
+                f"{self.name}: cannot write to the ztunnel, which closed the connection ({exc.strerror or exc})"
+            ) from exc
         finally:
             for fd in fds or []:
                 os.close(fd)
@@ -169,7 +184,9 @@ class ZtConn:
         return self.closed_at is not None
 
     async def close(self) -> None:
-        """Close our end; what ztunnel sent before is judged first (nothing unasked slips by)."""
+        """Close our end; what ztunnel sent before, and in a moment more, is judged first
+        (nothing unasked slips by: a record sent right after the hello or an answer)."""
+        await asyncio.wait({self._reader}, timeout=CLOSE_LINGER)
         self._reader.cancel()
         with contextlib.suppress(OSError):
             while self.closed_at is None and not self.conn.closed and _readable(self.conn.socket):
@@ -177,6 +194,10 @@ class ZtConn:
                     break
         await cancel_and_wait(self._reader)
         self.conn.close()
+
+
+class ZtunnelClosed(ZdsError):
+    """The ztunnel closed a connection a record was being written to (mid-snapshot, say)."""
 
 
 def _readable(sock: socket.socket) -> bool:

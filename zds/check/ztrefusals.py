@@ -58,7 +58,16 @@ async def _refused(
             ),
         )
         return
-    if nacked and reply is not None and reply.ack is not None:
+    if back.accepted_at - (conn.closed_at or back.accepted_at) > b.options.grace:
+        b.report(
+            name,
+            Finding(
+                f"after {what}, back only {_since(back.accepted_at, conn.closed_at)} after the close; "
+                "ztunnel connects again at once (it waits only when a connect fails: 20 ms, doubling)",
+                conn.name,
+            ),
+        )
+    elif nacked and reply is not None and reply.ack is not None:
         b.note(
             name,
             f"{what}: nacked {reply.ack.error!r}, closed, back {_since(back.accepted_at, conn.closed_at)} later"
@@ -213,7 +222,17 @@ async def _stops(b: Bench, name: str, conn: ZtConn, entry: Entry, what: str) -> 
             ),
         )
         return
-    status = await b.exited(b.options.grace)
+    status = await b.exited(b.options.timeout)
+    if b.options.cmd and status in (None, 0):
+        b.report(
+            name,
+            Finding(
+                f"after {what}, "
+                + ("still running" if status is None else "exited with status 0")
+                + f" {b.options.timeout:g}s later; a ProtocolError stops ztunnel, which exits 1",
+                conn.name,
+            ),
+        )
     b.note(
         name,
         f"{what}: nacked {reply.ack.error if reply and reply.ack else ''!r}; no reconnect"
