@@ -24,6 +24,7 @@ ztunnel, whose next snapshot holds every pod.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 from collections import Counter
@@ -78,7 +79,8 @@ class RecoveryOutcome(enum.Enum):
     #: Its netns could not be opened or looked for now, for want of an fd (the node agent at
     #: its fd limit): not taken for gone; known, its row kept, sent as KeepWorkload.
     NETNS_NOT_OPENED = "netns not opened (no fd)"
-    #: Its row names the node's own netns or names zds refuses: dropped from the store.
+    #: Its row names the node's own netns: dropped from the store, nothing touched. (A row with
+    #: names zds refuses now is removed instead: REMOVAL_FINISHED, its rules taken out.)
     REFUSED = "refused"
 
 
@@ -100,14 +102,20 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     left_rows = store.load_leftovers()  # (before this start adds its own)
     rows = []
     for row in store.load():
-        refused = why_refused(row, policy)
-        if refused:
+        if refused := why_refused(row, policy, names=False):
             # Never the node, not even from the store: the row goes, nothing is touched.
             log.error(
                 "pod refused on reload, dropped from the pod store: %s", refused, extra=row.spec.log_extra
             )
             store.delete(row.spec.uid)
             report.outcomes[row.spec.uid] = RecoveryOutcome.REFUSED
+        elif not row.removing and (refused := why_refused(row, policy)):
+            # Names this version refuses (an earlier one took them, or the row was edited): not
+            # served again, but removed as a removal is, its rules taken out (the row alone
+            # dropped left them in the pod's netns, recorded nowhere).
+            log.error("pod refused on reload, removed: %s", refused, extra=row.spec.log_extra)
+            store.mark_removing(row.spec.uid)
+            rows.append(dataclasses.replace(row, removing=True))
         else:
             rows.append(row)
     found = [reopen(row, policy) for row in rows]
@@ -197,8 +205,10 @@ async def _take_out(
     allow)."""
     found = []
     for row in rows:
-        refused = why_refused(row, enrollment.policy)
-        if refused:  # (never the node's netns: the row goes, nothing is touched)
+        # (never the node's netns: the row goes, nothing is touched; names do not matter here,
+        # the rules come out of the netns the row records whatever the pod was called)
+        refused = why_refused(row, enrollment.policy, names=False)
+        if refused:
             log.error("%s: refused, its row dropped: %s", said(row), refused, extra=row.spec.log_extra)
         else:
             found.append(reopen(row, enrollment.policy))

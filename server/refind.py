@@ -33,11 +33,13 @@ class Found:
     elsewhere: bool = False
 
 
-def why_refused(row: StoredPod, policy: NetnsPolicy | None) -> str:
-    """Why a stored pod may not be reloaded ('' if it may): names zds refuses, or the node's
-    netns. (A path at a place not allowed now is not opened, ``reopen``; the row is kept.)"""
+def why_refused(row: StoredPod, policy: NetnsPolicy | None, *, names: bool = True) -> str:
+    """Why a stored pod may not be reloaded ('' if it may): names zds refuses (unless not
+    ``names``), or the node's netns. (A path at a place not allowed now is not opened,
+    ``reopen``; the row is kept.)"""
     try:
-        row.spec.validate()
+        if names:
+            row.spec.validate()
         if policy is not None and row.identity is not None:
             policy.check_identity(row.identity, str(row.spec.netns))
     except (PodSpecError, NetnsRefused) as exc:

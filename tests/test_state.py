@@ -734,6 +734,39 @@ def test_a_node_agent_stopped_mid_enrollment_leaves_no_rules_its_store_does_not_
     assert set(listed(restarted)) == recorded
 
 
+@pytest.mark.parametrize(("column", "value"), [("namespace", "Shop"), ("name", "web\n")])
+def test_a_stored_pod_whose_names_are_refused_now_is_removed_with_its_rules_and_a_leftover_of_it_too(
+    agents: Agents, namespaces: Namespaces, column: str, value: str
+) -> None:
+    """A row whose names this version refuses (an earlier one took a name ending in a
+    newline; or the row was edited) was dropped alone: its rules stayed in the pod's netns,
+    recorded nowhere. Now it is removed as a removal is, rules and all; and a leftover row of
+    that name has its rules taken out too (it was dropped the same way)."""
+    pod, leftover = namespaces.make("a"), namespaces.make("b")
+    server = agents.start(redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", pod)
+    server.cli("pod", "add", "--uid", "u2", "--netns", leftover)
+    server.stop(signal.SIGKILL)
+    from zds.server.store import PodStore
+
+    store = PodStore.open(server.state_dir, used_before=True)
+    try:  # u2 as a removal whose rules would not come out leaves the store
+        row = next(row for row in store.load() if row.spec.uid == "u2")
+        store.mark_removing("u2")
+        store.keep_leftover(dataclasses.replace(row, removing=True))
+        store.delete("u2")
+    finally:
+        store.close()
+    with sqlite3.connect(os.path.join(server.state_dir, "pods.db")) as db:
+        db.execute(f"UPDATE pods SET {column} = ?", (value,))
+        db.execute(f"UPDATE leftovers SET {column} = ?", (value,))
+    db.close()
+    again = agents.start(redirect=True)
+    assert again.list_pods() == []
+    assert "pod refused on reload, removed" in again.output()
+    assert not redirected(pod) and not redirected(leftover), again.output()
+
+
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])
 def test_a_restart_with_no_redirect_takes_out_the_rules_an_earlier_run_installed(
     agents: Agents, namespaces: Namespaces, backend: str
