@@ -1,8 +1,8 @@
 """What the node agent does, as a stream of events for ``Watch`` watchers.
 
 Publishing never waits: each watcher has a bounded queue, and one whose queue
-is full is ended (the control API answers RESOURCE_EXHAUSTED) instead of
-holding the node agent back or growing without bound. A watcher starts with
+is full while its client reads nothing is ended (the control API answers
+RESOURCE_EXHAUSTED) instead of holding the node agent back or growing without bound. A watcher starts with
 the current state (handed to ``subscribe`` by the node agent in the same
 synchronous step that registers it, so nothing falls between the two).
 """
@@ -119,14 +119,19 @@ class Watcher:
         kinds: frozenset[EventKind] | None,
         uid: str,
         limit: int,
+        stall: float = defaults.WATCH_STALL,
     ) -> None:
         self._bus = bus
         self.kinds = kinds
         self.uid = uid
         self.limit = limit
+        self.stall = stall
         self._initial = deque(e for e in initial if self.wants(e))
         self._queue: deque[AgentEvent] = deque()
         self._wakeup = asyncio.Event()
+        #: When its writer last took an event (it reads on, or not).
+        self._taken_at = time.monotonic()
+        self._stall_check: asyncio.TimerHandle | None = None
         #: Set when the watcher fell behind: a write to it that is still pending
         #: must be abandoned (the client is not reading).
         self.fell_behind = asyncio.Event()
@@ -140,20 +145,42 @@ class Watcher:
         return not self.uid or event.uid == self.uid
 
     def offer(self, event: AgentEvent) -> None:
-        """Queue ``event`` if wanted; never waits. A full queue ends the watch."""
+        """Queue ``event`` if wanted; never waits. A full queue ends the watch once its writer
+        has taken no event for ``stall`` seconds (its client stopped reading), or at
+        ``WATCH_QUEUE_HARD`` times the limit: a bulk enrollment or a snapshot makes events
+        faster than a watcher that reads on is sent them (400 pods ended every one)."""
         if self._end is not None or not self.wants(event):
             return
         if len(self._queue) >= self.limit:
-            self.finish(
-                WatchEnded(
-                    WatchEnding.FELL_BEHIND,
-                    f"watcher fell behind: {self.limit} events were waiting to be sent "
-                    "(--watch-queue); watch again to get the current state",
-                )
-            )
-            return
+            if len(self._queue) >= self.limit * defaults.WATCH_QUEUE_HARD or self._stalled():
+                self._fall_behind()
+                return
+            if self._stall_check is None:
+                self._stall_check = asyncio.get_running_loop().call_later(self.stall, self._check_stall)
         self._queue.append(event)
         self._wakeup.set()
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - self._taken_at >= self.stall
+
+    def _check_stall(self) -> None:
+        self._stall_check = None
+        if self._end is not None or len(self._queue) < self.limit:
+            return
+        if self._stalled():
+            self._fall_behind()
+        else:
+            left = self.stall - (time.monotonic() - self._taken_at)
+            self._stall_check = asyncio.get_running_loop().call_later(left, self._check_stall)
+
+    def _fall_behind(self) -> None:
+        self.finish(
+            WatchEnded(
+                WatchEnding.FELL_BEHIND,
+                f"watcher fell behind: {self.limit} events were waiting to be sent "
+                "(--watch-queue); watch again to get the current state",
+            )
+        )
 
     def finish(self, end: WatchEnded) -> None:
         """End the watch: ``next`` raises ``end`` — at once when the watcher fell
@@ -162,6 +189,9 @@ class Watcher:
             return
         self._end = end
         self._bus.unsubscribe(self)
+        if self._stall_check is not None:
+            self._stall_check.cancel()
+            self._stall_check = None
         if end.reason is WatchEnding.FELL_BEHIND:
             self._queue.clear()
             self._initial.clear()
@@ -176,6 +206,7 @@ class Watcher:
     async def next(self) -> AgentEvent:
         """The next event, waiting for one; raises WatchEnded once the watch is over."""
         while True:
+            self._taken_at = time.monotonic()
             if self._initial:
                 return self._initial.popleft()
             if self._queue:
@@ -188,6 +219,9 @@ class Watcher:
     def close(self) -> None:
         """The watcher went away (stream cancelled or over)."""
         self._bus.unsubscribe(self)
+        if self._stall_check is not None:
+            self._stall_check.cancel()
+            self._stall_check = None
         self._queue.clear()
         self._initial.clear()
         if self._end is None:
@@ -197,8 +231,11 @@ class Watcher:
 class EventBus:
     """Fans events out to watchers; numbers every event, watched or not."""
 
-    def __init__(self, watch_queue: int = DEFAULT_WATCH_QUEUE) -> None:
+    def __init__(
+        self, watch_queue: int = DEFAULT_WATCH_QUEUE, watch_stall: float = defaults.WATCH_STALL
+    ) -> None:
         self.watch_queue = watch_queue
+        self.watch_stall = watch_stall
         self.sequence = 0
         self._watchers: set[Watcher] = set()
         self._closed: WatchEnded | None = None
@@ -280,7 +317,7 @@ class EventBus:
         # state first, and held it as long as its client did not read it: no bound at all).
         marker = AgentEvent(kind=EventKind.CURRENT_STATE_END, time=time.time(), sequence=self.sequence)
         initial = [] if refused is not None else [*current_state, marker]
-        watcher = Watcher(self, initial, kinds=kinds, uid=uid, limit=self.watch_queue)
+        watcher = Watcher(self, initial, kinds=kinds, uid=uid, limit=self.watch_queue, stall=self.watch_stall)
         if refused is not None:
             watcher.finish(refused)
         else:

@@ -286,6 +286,35 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
         fresh.close()
 
 
+def test_a_watcher_that_reads_on_is_not_ended_by_a_burst_past_its_queue(
+    start_server: StartServer, peers: Peers, tmp_path: object
+) -> None:
+    """A bulk enrollment makes events faster than the node agent sends them to a watcher that
+    reads all the while: 400 pods ended every such watcher at the default queue (here 128 and
+    200 pods, ~600 events). Only one whose client reads nothing for 2 s is ended."""
+    server = start_server("--watch-queue", "128")
+    peers.acking(server.zds_socket)
+    stream = WatchStream(server)
+    try:
+        stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
+        path = os.path.join(str(tmp_path), "pods.jsonl")
+        with open(path, "w") as f:
+            for i in range(200):
+                f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": pod_netns()}) + "\n")
+        enroll = subprocess.run(
+            [*ZDS, "pod", "add", "--from-file", path, "--control-socket", server.control_socket],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert enroll.returncode == 0, enroll.stderr
+        stream.wait_for(K.EVENT_KIND_POD_ENROLLED, count=200)
+        assert stream.error is None and not stream.done.is_set()
+        assert "fell behind" not in server.output()
+    finally:
+        stream.close()
+
+
 def test_watchers_are_told_when_the_node_agent_shuts_down(
     server: NodeAgentProc, peers: Peers, streams: list[WatchStream]
 ) -> None:
@@ -501,7 +530,7 @@ async def test_watchers_that_fall_behind_together_are_said_in_one_line(
     from zds.server.events import EventBus
 
     caplog.set_level(logging.WARNING, logger="zds.server.watch")
-    bus = EventBus(watch_queue=1)
+    bus = EventBus(watch_queue=1, watch_stall=0.0)  # (none of them reads: ended at the first one over)
     bus.fell_behind.every = 0.2  # (10 s in a node agent)
     watchers = [bus.subscribe([]) for _ in range(65)]
     for _ in range(2):  # the first event fills each queue, the second ends each watch

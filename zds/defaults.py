@@ -91,6 +91,10 @@ CONTROL_CLIENT_OPTIONS = (("grpc.max_receive_message_length", CONTROL_MAX_ANSWER
 BULK_REPLY_RESULTS = 256
 #: Events a Watch stream may have queued before it is ended for falling behind.
 WATCH_QUEUE = 1024
+#: ... ended then once its writer has taken none for this long (seconds): it stopped reading.
+WATCH_STALL = 2.0
+#: ... or at this many times WATCH_QUEUE waiting, whatever it reads.
+WATCH_QUEUE_HARD = 8
 #: Watch streams a node agent serves at once (each holds the current state until it is sent).
 WATCHERS_MAX = 128
 
