@@ -60,10 +60,12 @@ class PodNameError(PodSpecError):
 
 
 def is_address(value: object) -> bool:
-    """Whether ``value`` is an IPv4 or IPv6 address in text."""
+    """Whether ``value`` is an IPv4 or IPv6 address in text. Without a zone (``fe80::1%eth0``):
+    Python takes any text after the ``%``, so an address was any size and any bytes, out in
+    every ListPods and Watch; Go's ``net.ParseIP`` (Istio's CNI event) takes none."""
     import ipaddress  # (here: most pods come without, and ``zds pod add`` starts without it)
 
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "%" in value:
         return False
     try:
         ipaddress.ip_address(value)

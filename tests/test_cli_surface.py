@@ -412,6 +412,10 @@ def test_help_and_usage_are_still_sized_to_the_terminal(argv: list[str]) -> None
             ["pod", "add", "--uid", "u", "--ip", "1.2.3"],
             "zds pod add: error: argument --ip: '1.2.3' is not an IPv4 or IPv6 address",
         ),
+        (  # (a zone: any text, any size, taken by Python's ipaddress; Go's net.ParseIP takes none)
+            ["pod", "add", "--uid", "u", "--ip", "fe80::1%eth0"],
+            "zds pod add: error: argument --ip: 'fe80::1%eth0' is not an IPv4 or IPv6 address",
+        ),
         (
             ["server", "--ack-timeout", "0"],
             "zds server: error: argument --ack-timeout: 0 is not a positive number of seconds",

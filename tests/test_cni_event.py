@@ -59,6 +59,7 @@ def test_keys_match_case_insensitively_as_in_go() -> None:
     [
         ({"Address": "10.0.0.5/24"}, "Address must be an object"),
         ({"Address": {"IP": "notanip"}}, "not an IP address"),
+        ({"Address": {"IP": "fe80::1%eth0\nFAKE"}}, "not an IP address"),  # (a zone: net.ParseIP takes none)
         ({"Address": {"IP": "10.0.0.5", "Mask": "%%%"}}, "not base64"),
         ({"Interface": "eth0"}, "Interface must be an integer"),
         ({"Gateway": "gw"}, "Gateway 'gw' is not an IP address"),

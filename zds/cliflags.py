@@ -98,10 +98,12 @@ def non_negative_int(text: str) -> int:
 
 
 def ip_address(text: str) -> str:
-    """An IPv4 or IPv6 address, as given."""
+    """An IPv4 or IPv6 address, as given, without a zone (as the node agent's ``is_address``)."""
     import ipaddress  # (here: only a command given an address needs it)
 
     try:
+        if "%" in text:
+            raise ValueError(text)
         ipaddress.ip_address(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 or IPv6 address") from None
