@@ -162,6 +162,12 @@ class ControlTarget(NamedTuple):
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded":
+                # This client's own deadline (the node agent's ack timeout says its own words).
+                raise ControlError(
+                    f"no answer from the node agent at {self.where} within {timeout:g} s (--timeout): "
+                    "busy, or not a node agent; what was asked may still be done there"
+                ) from exc
             raise self.failure(exc) from exc
 
 

@@ -877,3 +877,23 @@ def test_pod_list_shows_every_pod_when_the_answer_passes_grpcs_default_4_mib(
     assert answer.returncode == 0, answer.stderr
     pods = json.loads(answer.stdout)
     assert len(pods) == count and {p["netns_path"] for p in pods} == {long_path}
+
+
+@pytest.mark.parametrize("argv", [["pod", "list"], ["pod", "remove", "--uid", "u1"]])
+def test_a_client_timeout_is_said_as_its_own_not_as_the_node_agents(argv: list[str], tmp_path: Path) -> None:
+    """A socket that takes the connection and never answers: the client's own deadline was a
+    bare ``DEADLINE_EXCEEDED: Deadline Exceeded``, as the node agent's ack timeout looks."""
+    path = str(tmp_path / "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(path)
+        silent.listen(8)
+        done = subprocess.run(
+            [*ZDS, *argv, "--control-socket", path, "--timeout", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f"zds {' '.join(argv[:2])}: no answer from the node agent at {path} within 1 s"
+    )
