@@ -93,6 +93,27 @@ def our_lines(saved: str) -> list[str]:
     return lines
 
 
+def unreadable_line(saved: str) -> str:
+    """The first line of ``saved`` whose quoted string does not end on it ('' if none): a rule's
+    comment (or other string) holding a newline, which iptables-save writes as it is, quoted
+    (``xtables_save_string``: anything but ``[-_0-9A-Za-z]`` is, its ``"``, ``\\`` and ``'``
+    escaped). The lines after it are then the pod's words, not iptables-save's: a forged
+    ``COMMIT`` and ``*filter`` moved a sidecar's jump out of nat, past the refusal, and its
+    chain was flushed."""
+    for line in saved.split("\n"):
+        quoted = escaped = False
+        for char in line if '"' in line else "":
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = not quoted
+        if quoted:
+            return line
+    return ""
+
+
 def _table_lines(saved: str) -> Iterator[tuple[str, str]]:
     """(table, line) of each line of ``iptables-save`` output in one of RULE_TABLES, its
     counters stripped. Lines end at a newline only: a rule's comment is any bytes the pod

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from zds import defaults, runtime
 from zds.errors import ZdsError, printable
 from zds.netns import NetnsHandle, run_in_netns
-from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_chains, our_lines
+from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_chains, our_lines, unreadable_line
 
 log = logging.getLogger("zds.server.redirect")
 
@@ -50,6 +50,10 @@ class RulesNotOurs(ZdsError):
 
 class RedirectError(ZdsError):
     """Installing or removing the rules failed; the message has iptables' own words."""
+
+
+class UnreadableSave(RedirectError):
+    """``iptables-save`` printed a rule whose string holds a newline: its lines cannot be told apart."""
 
 
 class NothingChanged(RedirectError):
@@ -259,7 +263,7 @@ class Redirector:
         the policy routing; '' when none is there."""
         lines: list[str] = []
         for family, tool in _families(self.config.ipv6):
-            lines += [f"{family} {line}" for line in our_lines(_run([f"{tool}-save"]))]
+            lines += [f"{family} {line}" for line in our_lines(_save(tool))]
         if not self.config.ipv6:
             saved = _ipv6_save_if_any() if ipv6_saved is None else ipv6_saved
             lines += [f"6 {line}" for line in our_lines(saved)]
@@ -273,7 +277,10 @@ class Redirector:
         is now installed."""
         installed = []
         families = _families(self.config.ipv6)
-        saved = {tool: _run([f"{tool}-save"]) for _, tool in families}
+        try:
+            saved = {tool: _save(tool) for _, tool in families}
+        except UnreadableSave as exc:
+            raise RulesNotOurs(f"{exc}; nothing was changed") from exc
         if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
             raise RulesNotOurs(  # (every family looked at before any change)
                 f"the netns holds a rule zds did not make that jumps into its chains ({printable(foreign[0])}; an "
@@ -315,7 +322,7 @@ class Redirector:
         errors: list[str] = []
         for _, tool in _families(self.config.ipv6 and kernel_has_ipv6()):
             try:
-                errors += _remove_family(tool, _run([f"{tool}-save"]))
+                errors += _remove_family(tool, _save(tool))
             except RedirectError as exc:
                 errors.append(str(exc))
         if not self.config.ipv6:
@@ -338,10 +345,22 @@ def _remove_family(tool: str, saved: str) -> list[str]:
     try:
         _run([f"{tool}-restore", "--noflush"], cleanup)
     except RedirectError:
-        saved = _run([f"{tool}-save"])  # (tables before the failed one went already)
+        saved = _save(tool)  # (tables before the failed one went already)
         _run([f"{tool}-restore", "--noflush"], cleanup_rules(saved, delete_chains=False))
         return _delete_chains(tool, our_chains(saved))
     return []
+
+
+def _save(tool: str) -> str:
+    """``TOOL-save``'s output; UnreadableSave where a rule's string runs past its line (what
+    follows it there is the pod's, and read as iptables-save's it misled a removal)."""
+    saved = _run([f"{tool}-save"])
+    if line := unreadable_line(saved):
+        raise UnreadableSave(
+            f"{tool}-save's output cannot be read safely: a string in a rule of the pod's runs past its "
+            f"line (a comment with a newline?): {printable(line)}"
+        )
+    return saved
 
 
 def _ipv6_save_if_any() -> str:
@@ -350,8 +369,8 @@ def _ipv6_save_if_any() -> str:
     if not kernel_has_ipv6():
         return ""
     try:
-        return _run(["ip6tables-save"])
-    except RedirectError as exc:
+        return _save("ip6tables")
+    except RedirectError as exc:  # (an unreadable save too: nothing of it is taken out)
         log.debug("ip6tables cannot tell: %s", exc)
         return ""
 

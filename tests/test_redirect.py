@@ -527,6 +527,25 @@ def test_a_netns_with_a_sidecars_rules_is_refused_and_left_exactly_as_it_was(
     assert "leftovers" not in server.output() and "tried again" not in server.output()
 
 
+@pytest.mark.root
+def test_a_comment_with_a_newline_cannot_forge_iptables_saves_lines(namespaces: list[str]) -> None:
+    """iptables-save writes a comment's newline as it is: "x\nCOMMIT\n*filter\ny" made the
+    sidecar's jump into ISTIO_OUTPUT after it read as filter's, past the refusal, and the
+    install flushed the sidecar's chain. A save whose quoted string runs past its line is
+    refused, nothing changed."""
+    pod = scratch(namespaces)
+    nat = ("iptables", "-t", "nat")
+    in_pod(pod, *nat, "-N", "ISTIO_OUTPUT")
+    in_pod(pod, *nat, "-A", "ISTIO_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+    forged = "x\nCOMMIT\n*filter\ny"
+    in_pod(pod, *nat, "-A", "OUTPUT", "-p", "udp", "-m", "comment", "--comment", forged, "-j", "ACCEPT")
+    in_pod(pod, *nat, "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT")
+    before = normalise(saved_in(pod))
+    with pytest.raises(RulesNotOurs, match="a string in a rule of the pod's runs past its line"):
+        install(pod)
+    assert normalise(saved_in(pod)) == before
+
+
 def in_pod_bytes(path: str, *argv: bytes) -> bytes:
     with open_netns(path) as ns, in_netns(ns):
         return subprocess.run(argv, capture_output=True, check=True).stdout
