@@ -4,6 +4,7 @@ is checked, then every path is claimed. Each refuses in one line, leaving nothin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -25,6 +26,7 @@ from zds.server.instance import (
 from zds.server.options import ServerOptions, StartupError, host_port, split_host_port
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.podsfile import load_pods_file
+from zds.server.storefile import DB_NAME
 from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
 
 if TYPE_CHECKING:
@@ -152,6 +154,13 @@ class Claim:
     made_dirs: list[str]
 
 
+def _others_write(st: os.stat_result) -> str:
+    """Who besides this user can write what ``st`` describes ('' if none)."""
+    if st.st_uid != os.geteuid():
+        return "owned by another user"
+    return f"mode {st.st_mode & 0o7777:04o}" if st.st_mode & 0o022 else ""
+
+
 def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
     """Lock every socket path and the state directory, or stop before touching anything."""
     seen: dict[str, str] = {}
@@ -168,12 +177,19 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
         raise StartupError(f"cannot use state directory {opts.state_dir}: {exc.strerror}") from exc
     # The pod store says which namespaces get rules and go to ztunnel: whoever else can
     # write the directory could put a store of their own in it.
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        who = "owned by another user" if st.st_uid != os.geteuid() else f"mode {st.st_mode & 0o7777:04o}"
+    if who := _others_write(st):
         raise StartupError(
             f"cannot use state directory {opts.state_dir}: others can write it ({who}); "
             "give zds a directory only its own user can write (chmod go-w, or another --state-dir)"
         )
+    for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):  # (the files in it as much)
+        path = os.path.join(opts.state_dir, name)
+        with contextlib.suppress(FileNotFoundError):
+            if who := _others_write(os.stat(path)):
+                raise StartupError(
+                    f"cannot use the pod store's {path}: others can write it ({who}), and it says which "
+                    "namespaces get rules; chown or chmod go-w it if it is this node agent's, else move it away"
+                )
     try:
         lock.acquire(
             [(path, socket_lock(path)) for _, _, path in _sockets(opts)]

@@ -794,6 +794,27 @@ def test_a_state_directory_others_can_write_is_refused_before_anything_is_writte
         assert not os.path.lexists(path) and not os.path.lexists(path + ".lock")
 
 
+@pytest.mark.parametrize(
+    ("name", "mode", "owner", "says"),
+    [("pods.db", 0o600, 65534, "owned by another user"), ("pods.db-wal", 0o666, 0, "mode 0666")],
+)
+def test_a_pod_store_others_can_write_is_refused_and_left_as_it_was(
+    start_server: StartServer, tmp_path: Path, name: str, mode: int, owner: int, says: str
+) -> None:
+    """The directory was checked, not its files: a pods.db another user owned was used, and
+    that user could put in it the namespaces that get rules (and go to ztunnel)."""
+    first = start_server()
+    first.stop()
+    path = Path(first.state_dir) / name
+    path.touch()
+    path.chmod(mode)
+    os.chown(path, owner, -1)
+    again = start_server(ready=False, name="again")
+    assert again.proc.wait(15) == 1
+    again.wait_for_output(f"cannot use the pod store's {path}: others can write it ({says}), ")
+    assert path.stat().st_uid == owner and path.stat().st_mode & 0o7777 == mode
+
+
 def test_sigterm_stops_cleanly_and_removes_the_sockets(server: NodeAgentProc) -> None:
     assert server.stop() == 0
     for path in (server.zds_socket, server.control_socket, server.cni_socket):
