@@ -192,11 +192,32 @@ def _open_lock(path: str, lock: str) -> tuple[int, bool] | None:
         try:
             return os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o600), True
         except FileExistsError:
-            return os.open(lock, flags), False
+            fd = os.open(lock, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise InstanceError(f"cannot lock {path}: {lock}: {exc.strerror}") from exc
+    if why := _not_a_lock_file(fd):
+        os.close(fd)
+        # (it is written with a pid and removed at the stop: a file of someone else's was lost)
+        raise InstanceError(
+            f"cannot lock {path}: {lock} is there and is not a zds lock file ({why}); {_NOT_OURS}"
+        )
+    return fd, False
+
+
+def _not_a_lock_file(fd: int) -> str:
+    """Why the file at ``fd`` is not one a zds lock leaves ('' if it may be): a regular file of
+    this user holding a pid, or nothing (a start killed before it wrote one)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return "owned by another user"
+    text = os.pread(fd, 32, 0)
+    if st.st_size > 21 or (text.strip() and not text.rstrip(b"\n").isdigit()):
+        return "it holds something else than a pid"
+    return ""
 
 
 def _still_there(fd: int, lock: str) -> bool:

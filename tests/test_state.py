@@ -1206,6 +1206,30 @@ def test_on_exit_a_server_removes_only_the_socket_it_made(agents: Agents) -> Non
         os.unlink(server.zds_socket)
 
 
+@pytest.mark.parametrize(("content", "owner"), [(b"precious data\n", 0), (b"1234\n", 65534)])
+def test_a_file_at_a_sockets_lock_path_that_is_no_zds_lock_is_refused_and_left_as_it_was(
+    agents: Agents, content: bytes, owner: int
+) -> None:
+    """Any regular file at ``SOCKET.lock`` was taken: written over with the pid, then
+    removed at the stop. A lock file a killed zds left (its pid in it) is still taken."""
+    first = agents.start()
+    first.stop(signal.SIGKILL)
+    lock = first.control_socket + ".lock"
+    assert os.path.exists(lock)  # (a killed one leaves its own: taken, below)
+    killed = agents.start()
+    killed.stop()
+    with open(lock, "wb") as f:
+        f.write(content)
+    os.chown(lock, owner, -1)
+    refused = agents.start(ready=False)
+    assert refused.proc.wait(15) == 1
+    refused.wait_for_output(f"{lock} is there and is not a zds lock file (")
+    with open(lock, "rb") as f:
+        assert f.read() == content
+    assert os.stat(lock).st_uid == owner
+    os.unlink(lock)
+
+
 def test_a_clean_stop_leaves_only_the_state_directory_and_the_socket_directories(agents: Agents) -> None:
     """Each stop left a lock file beside every socket (a default start left
     /run/istio-cni/pluginevent.sock.lock behind for good). The directories made for the
