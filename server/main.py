@@ -45,7 +45,7 @@ from zds.server.control import ControlServers, start_control_server
 from zds.server.engine import ContainerEngineSource
 from zds.server.http import health_app
 from zds.server.instance import InstanceError, InstanceLock, PrivateDir, remove_dirs, state_lock
-from zds.server.netnspolicy import NetnsPolicy, NodeNetnsUnknown
+from zds.server.netnspolicy import NetnsPolicy, NetnsRootUnsafe, NodeNetnsUnknown
 from zds.server.netnssweep import NetnsSweep
 from zds.server.options import ServerOptions, StartupError, control_tcp, host_port, split_host_port
 from zds.server.otelenv import TelemetryConfigError
@@ -89,7 +89,7 @@ class NodeAgentServer:
             raise StartupError(str(exc)) from exc
         try:
             policy = NetnsPolicy.for_this_node(options.netns_roots)
-        except NodeNetnsUnknown as exc:
+        except (NodeNetnsUnknown, NetnsRootUnsafe) as exc:
             raise StartupError(str(exc)) from exc
         self.agent = NodeAgent(
             options.agent, rules, self.telemetry, netns_policy=policy, redirect_config=options.redirect_config

@@ -90,6 +90,8 @@ class NetnsPolicy:
         else:
             forbidden[node_identity] = "pid 1's netns (the node's)"
         roots = tuple(dict.fromkeys(os.path.realpath(r) for r in (*DEFAULT_ROOTS, *extra_roots)))
+        for root in extra_roots:
+            _only_root_writes(root)
         return cls(roots=roots, forbidden=forbidden)
 
     def check_place(self, ref: NetnsRef) -> None:
@@ -158,6 +160,29 @@ class NetnsPolicy:
             handle.close()
             raise
         return handle
+
+
+def _only_root_writes(root: str) -> None:
+    """NetnsRootUnsafe if others than root can write ``root`` (a ``--netns-root``): they could
+    put there a symlink to any netns (another pod's) for the node agent to take as a pod's."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return  # (none yet: nothing is there to take)
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        who = (
+            "owned by another user"
+            if st.st_uid not in (0, os.geteuid())
+            else f"mode {st.st_mode & 0o7777:04o}"
+        )
+        raise NetnsRootUnsafe(
+            f"cannot use --netns-root {root}: others can write it ({who}), and could put there a link to any "
+            "netns to be taken as a pod's; give a directory only root can write"
+        )
+
+
+class NetnsRootUnsafe(ZdsError):
+    """A ``--netns-root`` others can write: the node agent does not start."""
 
 
 def _shares_netns_with_pid_1(listing: str = "/proc/1/net/unix") -> bool:

@@ -381,3 +381,24 @@ def test_a_pod_whose_netns_root_is_no_longer_allowed_is_kept_and_its_rules_left_
     finally:
         third.stop()
     assert "ISTIO_OUTPUT" not in rules()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("mode", "owner", "says"), [(0o1777, 0, "mode 1777"), (0o755, 65534, "owned by another user")]
+)
+def test_a_netns_root_others_can_write_is_refused_at_start(
+    tmp_path: Path, mode: int, owner: int, says: str
+) -> None:
+    """Whoever could write a --netns-root could put there a link to any netns (another
+    pod's) for the node agent to take as a pod's: it was taken silently."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(mode)
+    os.chown(root, owner, -1)
+    server = NodeAgentProc(str(tmp_path), "--netns-root", str(root))
+    try:
+        assert server.proc.wait(15) == 1
+        server.wait_for_output(f"cannot use --netns-root {root}: others can write it ({says})")
+    finally:
+        server.stop()
