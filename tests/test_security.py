@@ -355,6 +355,17 @@ def test_the_control_api_on_tcp_with_mutual_tls_answers_grpcurl_and_zds_with_cer
         assert refused.returncode == 1
         assert refused.stderr.startswith(f"zds pod list: cannot reach the node agent at {address}")
         assert len(refused.stderr.strip().splitlines()) == 1
+        # A server certificate it does not trust: gRPC core's "I1205 ... Handshake failed" line
+        # came first (the one line after it says the same).
+        untrusted = [*mutual[:2], "--tls-ca", certs["client.pem"], *mutual[4:]]
+        refused = subprocess.run(
+            [*ZDS, "pod", "list", *untrusted], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"zds pod list: cannot reach the node agent at {address}"), (
+            refused.stderr
+        )
+        assert len(refused.stderr.strip().splitlines()) == 1
     finally:
         proc.stop()
 
