@@ -56,13 +56,22 @@ def derived_uid(namespace: str, name: str) -> str:
         ) from None
 
 
+class _GoObject(dict[str, Any]):
+    """A JSON object that keeps its keys as written, in order: Go's encoding/json sets a field
+    from each key that matches it in any case, the last one winning (``{"Netns": A, "netns":
+    B}`` is B: zds took A)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
 def _field(doc: dict[str, Any], name: str) -> Any:
-    """A field the way Go's encoding/json finds it: the exact key first, then any case."""
-    if name in doc:
-        return doc[name]
-    lowered = name.lower()
-    for key, value in doc.items():
-        if key.lower() == lowered:
+    """A field the way Go's encoding/json finds it: the last key that is its name in any case
+    (Go folds case as ``casefold`` does for these names)."""
+    folded = name.casefold()
+    for key, value in reversed(doc.pairs if isinstance(doc, _GoObject) else list(doc.items())):
+        if key.casefold() == folded:
             return value
     return None
 
@@ -162,7 +171,7 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
 def _json_object(body: bytes, fields: str) -> dict[str, Any]:
     """The body as a JSON object; BadEvent (naming the ``fields`` it must have) otherwise."""
     try:
-        doc: Any = json.loads(body)
+        doc: Any = json.loads(body, object_pairs_hook=_GoObject)
     except RecursionError as exc:
         raise BadEvent("body is not JSON zds reads: nested too deep") from exc
     except ValueError as exc:  # not JSON, not UTF-8, an integer of more digits than Python converts

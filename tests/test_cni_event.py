@@ -134,3 +134,13 @@ def test_a_container_id_libcni_would_refuse_is_a_bad_event(container_id: str) ->
     assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
     spec, container = parse_event(body({**GO_BODY, "PodUID": "u1", "ContainerID": "0123abc_x.y-z"}))
     assert container == "0123abc_x.y-z" and spec.uid == "u1"
+
+
+def test_a_field_given_twice_in_any_case_is_the_last_as_go_reads_it() -> None:
+    """Go's encoding/json sets a field from every key that is its name in any case, in order:
+    the last wins (zds took the exact-case one, whichever came)."""
+    doc = {k: v for k, v in GO_BODY.items() if k != "Netns"}
+    text = json.dumps(doc)[:-1] + ', "Netns": "/var/run/netns/a", "netns": "/var/run/netns/b"}'
+    assert str(parse_add_event(text.encode()).netns) == "/var/run/netns/b"
+    text = json.dumps(doc)[:-1] + ', "netns": "/var/run/netns/b", "NETNS": "/var/run/netns/c"}'
+    assert str(parse_add_event(text.encode()).netns) == "/var/run/netns/c"
