@@ -55,6 +55,21 @@ def add(server: NodeAgentProc, uid: str, **kw: str) -> Any:
         return exc
 
 
+def enroll_from_file(server: NodeAgentProc, tmp_path: object, count: int) -> None:
+    """``count`` pods through one ``zds pod add --from-file`` (the bulk path), all acked."""
+    path = os.path.join(str(tmp_path), "pods.jsonl")
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": pod_netns()}) + "\n")
+    enroll = subprocess.run(
+        [*ZDS, "pod", "add", "--from-file", path, "--control-socket", server.control_socket],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert enroll.returncode == 0, enroll.stderr
+
+
 def kinds(events: list[nodeagent_pb2.Event]) -> list[str]:
     return [K.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in events]
 
@@ -252,19 +267,9 @@ def test_a_stalled_watcher_is_ended_with_resource_exhausted_and_never_slows_enro
         stub = nodeagent_pb2_grpc.NodeAgentStub(channel)  # type: ignore[no-untyped-call]
         stalled = stub.Watch(nodeagent_pb2.WatchRequest())
         stalled.initial_metadata()  # the server has subscribed it and written the current state
-        path = os.path.join(str(tmp_path), "pods.jsonl")
-        with open(path, "w") as f:
-            for i in range(1000):
-                f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": pod_netns()}) + "\n")
         # 1000 enrollments, each 3 events (enrolled, sent, acked): far past the
         # default queue of 1024 events plus what HTTP/2 holds.
-        enroll = subprocess.run(
-            [*ZDS, "pod", "add", "--from-file", path, "--control-socket", server.control_socket],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert enroll.returncode == 0, enroll.stderr
+        enroll_from_file(server, tmp_path, 1000)
         assert len(server.list_pods()) == 1000
         server.wait_for_output("ended 1 watcher(s): watcher fell behind")
         # Now read: what was already in flight, then RESOURCE_EXHAUSTED.
@@ -297,17 +302,7 @@ def test_a_watcher_that_reads_on_is_not_ended_by_a_burst_past_its_queue(
     stream = WatchStream(server)
     try:
         stream.wait_for(K.EVENT_KIND_CURRENT_STATE_END)
-        path = os.path.join(str(tmp_path), "pods.jsonl")
-        with open(path, "w") as f:
-            for i in range(200):
-                f.write(json.dumps({"uid": f"pod-{i:04d}", "name": f"p{i}", "netns": pod_netns()}) + "\n")
-        enroll = subprocess.run(
-            [*ZDS, "pod", "add", "--from-file", path, "--control-socket", server.control_socket],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert enroll.returncode == 0, enroll.stderr
+        enroll_from_file(server, tmp_path, 200)
         stream.wait_for(K.EVENT_KIND_POD_ENROLLED, count=200)
         assert stream.error is None and not stream.done.is_set()
         assert "fell behind" not in server.output()
