@@ -93,25 +93,64 @@ def our_lines(saved: str) -> list[str]:
     return lines
 
 
+#: The tables iptables-save prints, and the shape of a line in one of them (a comment, a
+#: chain, a rule, the commit; empty).
+_TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
+_LINE = re.compile(r"#.*|:\S+ \S+ \[\d+:\d+\]|-A \S+.*|COMMIT|")
+
+
 def unreadable_line(saved: str) -> str:
-    """The first line of ``saved`` whose quoted string does not end on it ('' if none): a rule's
-    comment (or other string) holding a newline, which iptables-save writes as it is, quoted
-    (``xtables_save_string``: anything but ``[-_0-9A-Za-z]`` is, its ``"``, ``\\`` and ``'``
-    escaped). The lines after it are then the pod's words, not iptables-save's: a forged
-    ``COMMIT`` and ``*filter`` moved a sidecar's jump out of nat, past the refusal, and its
-    chain was flushed."""
+    """The first line of ``saved`` that iptables-save cannot have written as it reads ('' if
+    none): a string of a rule's holding a newline is written as it is (a comment quoted, by
+    ``xtables_save_string``: its ``"`` and ``\\`` escaped; an IDLETIMER label, a RATEEST name
+    not even that), and the lines after it are then the pod's words: a forged ``COMMIT`` and
+    ``*filter`` moved a sidecar's jump out of nat, past the refusal, and its chain was
+    flushed. So: a quoted string that does not end on its line; a line of no shape of its
+    own; a table opened inside another, twice, or one iptables has not; a commit of none; a
+    rule in a chain its table did not declare."""
+    table = ""
+    seen: set[str] = set()
+    chains: set[str] = set()  # (declared in the table open: a rule is in one of them)
     for line in saved.split("\n"):
-        quoted = escaped = False
-        for char in line if '"' in line else "":
+        if line.startswith("*"):
+            if table or line[1:] not in _TABLES or line[1:] in seen:
+                return line
+            table = line[1:]
+            seen.add(table)
+            chains = set()
+        elif line == "COMMIT":
+            if not table:
+                return line
+            table = ""
+        elif (
+            not _LINE.fullmatch(line)
+            or (not table and line and not line.startswith("#"))
+            or _open_quote(line)
+            or (line.startswith("-A ") and line[3:].split(" ", 1)[0] not in chains)
+        ):
+            return line
+        elif line.startswith(":"):
+            chains.add(line[1:].split(" ", 1)[0])
+    return ""
+
+
+def _open_quote(line: str) -> bool:
+    """Whether a string ``xtables_save_string`` quoted (opened by `` "``) is still open at the
+    line's end (a ``"`` inside a word, an interface's name, opens none)."""
+    quoted = escaped = False
+    before = " "
+    for char in line if '"' in line else "":
+        if quoted:
             if escaped:
                 escaped = False
             elif char == "\\":
                 escaped = True
             elif char == '"':
-                quoted = not quoted
-        if quoted:
-            return line
-    return ""
+                quoted = False
+        elif char == '"' and before == " ":
+            quoted = True
+        before = char
+    return quoted
 
 
 def _table_lines(saved: str) -> Iterator[tuple[str, str]]:

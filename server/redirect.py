@@ -357,8 +357,8 @@ def _save(tool: str) -> str:
     saved = _run([f"{tool}-save"])
     if line := unreadable_line(saved):
         raise UnreadableSave(
-            f"{tool}-save's output cannot be read safely: a string in a rule of the pod's runs past its "
-            f"line (a comment with a newline?): {printable(line)}"
+            f"{tool}-save's output cannot be read safely: a string in a rule of the pod's (a comment, a "
+            f"label) holding a newline?: {printable(line)}"
         )
     return saved
 
