@@ -131,6 +131,8 @@ class Watcher:
         self._wakeup = asyncio.Event()
         #: When its writer last took an event (it reads on, or not).
         self._taken_at = time.monotonic()
+        #: Its writer waits in ``next`` for an event (woken, not yet run: not stalled).
+        self._waiting = False
         self._stall_check: asyncio.TimerHandle | None = None
         #: Set when the watcher fell behind: a write to it that is still pending
         #: must be abandoned (the client is not reading).
@@ -161,7 +163,7 @@ class Watcher:
         self._wakeup.set()
 
     def _stalled(self) -> bool:
-        return time.monotonic() - self._taken_at >= self.stall
+        return not self._waiting and time.monotonic() - self._taken_at >= self.stall
 
     def _check_stall(self) -> None:
         self._stall_check = None
@@ -170,7 +172,7 @@ class Watcher:
         if self._stalled():
             self._fall_behind()
         else:
-            left = self.stall - (time.monotonic() - self._taken_at)
+            left = max(self.stall - (time.monotonic() - self._taken_at), 0.1)  # (its writer woken, not run)
             self._stall_check = asyncio.get_running_loop().call_later(left, self._check_stall)
 
     def _fall_behind(self) -> None:
@@ -214,7 +216,11 @@ class Watcher:
             if self._end is not None:
                 raise self._end
             self._wakeup.clear()
-            await self._wakeup.wait()
+            self._waiting = True
+            try:
+                await self._wakeup.wait()
+            finally:
+                self._waiting = False
 
     def close(self) -> None:
         """The watcher went away (stream cancelled or over)."""

@@ -3,6 +3,7 @@ raw-socket ztunnel stand-in connects, acks and nacks."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -537,3 +538,22 @@ async def test_watchers_that_fall_behind_together_are_said_in_one_line(
     ]
     await async_wait_until(lambda: len(caplog.records) == 2, "the rest said", timeout=15)
     assert caplog.records[1].getMessage().startswith("ended 64 watcher(s): watcher fell behind")
+
+
+async def test_a_watcher_whose_writer_waits_for_events_is_not_taken_for_stalled() -> None:
+    """Its writer idle in ``next`` past the stall time, a burst over the queue in one step
+    ended it at the first event over: idle is not stalled."""
+    from zds.server.eventkinds import EventKind
+    from zds.server.events import EventBus
+
+    bus = EventBus(watch_queue=4, watch_stall=0.2)
+    watcher = bus.subscribe([])
+    assert (await watcher.next()).kind is EventKind.CURRENT_STATE_END
+    waiting = asyncio.ensure_future(watcher.next())
+    await asyncio.sleep(0.5)
+    for _ in range(6):
+        bus.publish(EventKind.POD_ENROLLED, uid="u1")
+    assert watcher.end is None
+    got = [await waiting] + [await watcher.next() for _ in range(5)]
+    assert [event.kind for event in got] == [EventKind.POD_ENROLLED] * 6
+    watcher.close()
