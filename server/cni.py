@@ -68,10 +68,11 @@ class _GoObject(dict[str, Any]):
 
 def _field(doc: dict[str, Any], name: str) -> Any:
     """A field the way Go's encoding/json finds it: the last key that is its name in any case
-    (Go folds case as ``casefold`` does for these names)."""
+    (Go folds case as ``casefold`` does for these names) and is not null. (A wrong type at an
+    earlier key, which fails Go's whole decode, is not looked at.)"""
     folded = name.casefold()
     for key, value in reversed(doc.pairs if isinstance(doc, _GoObject) else list(doc.items())):
-        if key.casefold() == folded:
+        if key.casefold() == folded and value is not None:  # (a null sets nothing in Go)
             return value
     return None
 

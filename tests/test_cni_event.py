@@ -144,3 +144,8 @@ def test_a_field_given_twice_in_any_case_is_the_last_as_go_reads_it() -> None:
     assert str(parse_add_event(text.encode()).netns) == "/var/run/netns/b"
     text = json.dumps(doc)[:-1] + ', "netns": "/var/run/netns/b", "NETNS": "/var/run/netns/c"}'
     assert str(parse_add_event(text.encode()).netns) == "/var/run/netns/c"
+
+
+def test_a_null_given_after_a_field_leaves_it_as_go_does() -> None:
+    text = json.dumps(GO_BODY)[:-1] + ', "podname": null}'
+    assert parse_add_event(text.encode()).name == GO_BODY["PodName"]
