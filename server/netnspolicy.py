@@ -163,13 +163,13 @@ class NetnsPolicy:
 
 
 def _only_root_writes(root: str) -> None:
-    """NetnsRootUnsafe if others than root can write ``root`` (a ``--netns-root``): they could
+    """NetnsRootUnsafe if others than root (and group root) can write ``root`` (a ``--netns-root``): they could
     put there a symlink to any netns (another pod's) for the node agent to take as a pod's."""
     try:
         st = os.stat(root)
     except OSError:
         return  # (none yet: nothing is there to take)
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
         who = (
             "owned by another user"
             if st.st_uid not in (0, os.geteuid())

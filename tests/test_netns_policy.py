@@ -402,3 +402,13 @@ def test_a_netns_root_others_can_write_is_refused_at_start(
         server.wait_for_output(f"cannot use --netns-root {root}: others can write it ({says})")
     finally:
         server.stop()
+
+
+@pytest.mark.root
+def test_a_netns_root_only_root_and_its_group_can_write_is_taken(tmp_path: Path) -> None:
+    """As a directory made by root under umask 002 is (0775 root:root)."""
+    root = tmp_path / "grouped"
+    root.mkdir()
+    root.chmod(0o775)
+    os.chown(root, 0, 0)
+    assert str(root) in NetnsPolicy.for_this_node([str(root)]).roots
