@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         runtime.ensure_std_fds()
-        runtime.no_grpc_at_fork()
+        runtime.no_grpc_at_fork(quiet=command_of(argv) != "server")
         runtime.follow_parent()
         output.watch_stdout()
         runtime.starting()  # the process is this command's (a call from Python leaves it alone)

@@ -102,16 +102,18 @@ PARENT_PID_ENV = "ZDS_PARENT_PID"
 PID_MAX_LIMIT = 4_194_304
 
 
-def no_grpc_at_fork() -> None:
-    """gRPC's fork support off (and its core's logging) before gRPC is loaded: zds never uses
+def no_grpc_at_fork(*, quiet: bool = True) -> None:
+    """gRPC's fork support off (and, ``quiet``, its core's logging) before gRPC is loaded: zds never uses
     gRPC in a child. With it on, a fork (CPython forks when vfork fails, as it did on a loaded machine) ran gRPC's fork
     handlers in the rule worker's thread inside the pod's netns: gRPC's threads were started
     there for good (the netns held after its pod and name were gone), and the forked
     ``iptables-save`` ran gRPC's event engine and died (SIGSEGV, SIGABRT)."""
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
-    # gRPC core's own log lines (a TLS handshake that failed: "I1205 ... Handshake failed ...")
-    # went to stderr before zds's one line that says it too; GRPC_VERBOSITY given still counts.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    if quiet:
+        # A client's: gRPC core's own log lines (a TLS handshake that failed: "I1205 ...
+        # Handshake failed ...") went to stderr before zds's one line that says it too
+        # (GRPC_VERBOSITY given still counts; the node agent keeps them: its only report).
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 @functools.cache

@@ -44,7 +44,8 @@ async def hello_wait(s: AgentSession) -> None:
     await conn.hello()
     entries, sent = await conn.take_snapshot(s.options.timeout)
     s.known = _uids(entries)
-    s.snapshots.append((conn.name, s.known))
+    if sent is not None:
+        s.snapshots.append((conn.name, s.known))
     if sent is None:
         s.report(
             "snapshot-complete",

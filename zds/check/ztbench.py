@@ -169,9 +169,9 @@ class Bench:
     async def reconnected(self, first: bool = False) -> ZtConn:
         """Close the current connection (if ztunnel has not) and take the next one."""
         old = self.current
-        closed_by_us = time.monotonic()
         if old is not None:
             await old.close()
+        closed_by_us = time.monotonic()  # (after close's linger: the close itself)
         within = self.options.connect_timeout if first or old is None else self.options.timeout
         conn = await self.accept(within)
         if conn is None and old is not None:
