@@ -31,6 +31,7 @@ from zds.server.enrollment import Enrollment
 from zds.server.eventkinds import EventKind
 from zds.server.events import DEFAULT_WATCH_QUEUE, AgentEvent, EventBus, Watcher
 from zds.server.faults import Fault, FaultBook, FaultSpec
+from zds.server.inpodrules import RedirectConfig
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.observer import AgentObserver
 from zds.server.outcomes import ANY_POD, DeleteResult, Enrolled, Expect
@@ -38,7 +39,7 @@ from zds.server.peers import AllowList, PeerGuard
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules
 from zds.server.pods import PodSpec
-from zds.server.redirect import RedirectConfig, Redirector
+from zds.server.redirect import Redirector
 from zds.server.registry import ConnectionRegistry
 from zds.server.store import PodStore
 from zds.server.tasks import TaskOwner

@@ -223,9 +223,9 @@ def main(args: argparse.Namespace) -> int:
         return 1
     try:
         from zds.server.agent import AgentConfig
+        from zds.server.inpodrules import RedirectConfig
         from zds.server.options import ServerOptions
         from zds.server.peers import AllowList
-        from zds.server.redirect import RedirectConfig
         from zds.server.run import run_server
         from zds.server.unixhttp import HttpLimits
     except ValueError as exc:  # (OpenTelemetry's SDK reads some OTEL_* values as it is imported)

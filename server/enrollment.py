@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from opentelemetry import context as otel_context
 
     from zds.server.faults import FaultBook
-    from zds.server.redirect import RedirectConfig
+    from zds.server.inpodrules import RedirectConfig
 
 log = logging.getLogger("zds.server")
 

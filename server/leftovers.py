@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from zds import defaults
 from zds.netns import NetnsHandle, NetnsIdentity, OutOfFds, netns_identity_of_path
 from zds.netns.search import find_by_identity
+from zds.server.inpodrules import RedirectConfig
 from zds.server.netnspolicy import NetnsPolicy, named_dirs
 from zds.server.podcache import Pod, PodCache
 from zds.server.podrules import PodRules, remove_earlier_rules
-from zds.server.redirect import RedirectConfig
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
 from zds.server.storerows import StoredPod

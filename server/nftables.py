@@ -30,9 +30,9 @@ import os
 import re
 
 from zds import defaults
+from zds.server.inpodrules import RedirectConfig
 from zds.server.redirect import (
     NothingChanged,
-    RedirectConfig,
     RedirectError,
     Redirector,
     _routing,

@@ -9,7 +9,7 @@ from zds import defaults
 from zds.errors import ZdsError, resolvable_name
 from zds.server.agent import AgentConfig
 from zds.server.control import TlsFiles
-from zds.server.redirect import RedirectConfig
+from zds.server.inpodrules import RedirectConfig
 from zds.server.telemetry import Telemetry
 from zds.server.unixhttp import HttpLimits
 

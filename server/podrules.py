@@ -17,16 +17,10 @@ from opentelemetry import trace
 from zds.errors import ZdsError
 from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
+from zds.server.inpodrules import RedirectConfig
 from zds.server.locks import KeyedLocks
 from zds.server.podcache import Pod
-from zds.server.redirect import (
-    NothingChanged,
-    RedirectConfig,
-    RedirectError,
-    Redirector,
-    RulesNotOurs,
-    redirector,
-)
+from zds.server.redirect import NothingChanged, RedirectError, Redirector, RulesNotOurs, redirector
 
 log = logging.getLogger("zds.server")
 

@@ -22,8 +22,9 @@ from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
 from zds.server import nftables
+from zds.server.inpodrules import RedirectConfig
 from zds.server.nftables import NftablesRedirector, nft_rules, removal
-from zds.server.redirect import RedirectConfig, RedirectError, iptables_save
+from zds.server.redirect import RedirectError, iptables_save
 
 #: The IPv6 probe SNAT address Istio's golden test data was generated with.
 GOLDEN_PROBE6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"

@@ -26,15 +26,9 @@ from zds.gen import nodeagent_pb2
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import redirect as redirect_module
+from zds.server.inpodrules import RedirectConfig, inpod_rules
 from zds.server.iptablesave import cleanup_rules, foreign_jumps, unreadable_line
-from zds.server.redirect import (
-    RedirectConfig,
-    RedirectError,
-    Redirector,
-    RulesNotOurs,
-    _run,
-    inpod_rules,
-)
+from zds.server.redirect import RedirectError, Redirector, RulesNotOurs, _run
 
 GOLDEN4 = (DATA / "istio-inpod-iptables.golden").read_text()
 GOLDEN6_FILE = (DATA / "istio-inpod-iptables-ipv6.golden").read_text()
