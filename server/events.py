@@ -175,6 +175,11 @@ class Watcher:
             left = max(self.stall - (time.monotonic() - self._taken_at), 0.1)  # (its writer woken, not run)
             self._stall_check = asyncio.get_running_loop().call_later(left, self._check_stall)
 
+    def _no_stall_check(self) -> None:
+        if self._stall_check is not None:
+            self._stall_check.cancel()
+            self._stall_check = None
+
     def _fall_behind(self) -> None:
         self.finish(
             WatchEnded(
@@ -191,9 +196,7 @@ class Watcher:
             return
         self._end = end
         self._bus.unsubscribe(self)
-        if self._stall_check is not None:
-            self._stall_check.cancel()
-            self._stall_check = None
+        self._no_stall_check()
         if end.reason is WatchEnding.FELL_BEHIND:
             self._queue.clear()
             self._initial.clear()
@@ -225,9 +228,7 @@ class Watcher:
     def close(self) -> None:
         """The watcher went away (stream cancelled or over)."""
         self._bus.unsubscribe(self)
-        if self._stall_check is not None:
-            self._stall_check.cancel()
-            self._stall_check = None
+        self._no_stall_check()
         self._queue.clear()
         self._initial.clear()
         if self._end is None:

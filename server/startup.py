@@ -182,9 +182,8 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
             f"cannot use state directory {opts.state_dir}: others can write it ({who}); "
             "give zds a directory only its own user can write (chmod go-w, or another --state-dir)"
         )
-    for name in (
-        () if opts.reset_state else (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm")
-    ):  # (moved aside then)
+    stored = () if opts.reset_state else (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm")  # (else moved aside)
+    for name in stored:
         path = os.path.join(opts.state_dir, name)
         with contextlib.suppress(FileNotFoundError):
             if who := _others_write(os.stat(path)):
