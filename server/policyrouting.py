@@ -170,16 +170,59 @@ class _Rtnl:
 
 def policy_routing_present(*, ipv6: bool) -> bool:
     """Whether our fwmark rule and table 100's local route are there, for IPv4 and, with
-    ``ipv6``, IPv6 as ``policy_routing`` adds them (call inside
-    the netns): without the route, replies to the inbound relay's connections go astray."""
+    ``ipv6``, IPv6, exactly as ``policy_routing`` adds them (call inside the netns): a rule
+    moved past ``main``, with another mask or action, or a route on another device does not
+    do their work (replies to the inbound relay's connections go astray), and a restart
+    that took it for ours kept it; Istio's reconcile adds the rule and replaces the route."""
+    lo = socket.if_nametoindex("lo")
     with IPRoute() as ipr:
         for family in _families(ipv6):
-            rules = ipr.get_rules(family=family, table=defaults.INPOD_ROUTE_TABLE)
-            if not any(r.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK for r in rules):
+            if not any(map(_is_our_rule, ipr.get_rules(family=family))):
                 return False
             if not _has_local_route(family):
                 continue
             routes = ipr.get_routes(family=family, table=defaults.INPOD_ROUTE_TABLE)
-            if not any(r["type"] == RTN_LOCAL and r["dst_len"] == 0 for r in routes):
+            if not any(_is_our_route(route, lo) for route in routes):
                 return False
     return True
+
+
+#: fib_rule_hdr's flag that inverts a rule's selector.
+FIB_RULE_INVERT = 0x2
+#: What else a rule can select on (a rule with any of them does less than ours)...
+_SELECTORS = (
+    "FRA_SRC",
+    "FRA_DST",
+    "FRA_IIFNAME",
+    "FRA_OIFNAME",
+    "FRA_GOTO",
+    "FRA_FLOW",
+    "FRA_TUN_ID",
+    "FRA_L3MDEV",
+    "FRA_UID_RANGE",
+    "FRA_IP_PROTO",
+    "FRA_SPORT_RANGE",
+    "FRA_DPORT_RANGE",
+)
+#: ... and the two the kernel reports as -1 when unset.
+_SUPPRESSORS = ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP")
+
+
+def _is_our_rule(rule: fibmsg) -> bool:
+    """``fwmark 0x111/0xfff pref 32764 lookup 100`` and nothing more to it."""
+    return (
+        rule["action"] == FR_ACT_TO_TBL
+        and not rule["flags"] & FIB_RULE_INVERT
+        and rule["src_len"] == rule["dst_len"] == rule["tos"] == 0
+        and (rule.get_attr("FRA_TABLE") or rule["table"]) == defaults.INPOD_ROUTE_TABLE
+        and rule.get_attr("FRA_PRIORITY") == defaults.INPOD_RULE_PRIORITY
+        and rule.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK
+        and rule.get_attr("FRA_FWMASK") == defaults.INPOD_TPROXY_MASK
+        and all(rule.get_attr(name) is None for name in _SELECTORS)
+        and all(rule.get_attr(name) in (None, 0xFFFFFFFF) for name in _SUPPRESSORS)
+    )
+
+
+def _is_our_route(route: rtmsg, lo: int) -> bool:
+    """``local 0.0.0.0/0 (::/0) dev lo`` in table 100."""
+    return bool(route["type"] == RTN_LOCAL and route["dst_len"] == 0 and route.get_attr("RTA_OIF") == lo)

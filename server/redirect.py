@@ -24,7 +24,16 @@ from zds import runtime
 from zds.errors import ZdsError, printable
 from zds.netns import NetnsHandle, run_in_netns
 from zds.server.inpodrules import RedirectConfig, inpod_rules
-from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_chains, our_lines, unreadable_line
+from zds.server.iptablesave import (
+    OUTPUT,
+    PRERT,
+    RULE_TABLES,
+    cleanup_rules,
+    foreign_jumps,
+    our_chains,
+    our_lines,
+    unreadable_line,
+)
 
 log = logging.getLogger("zds.server.redirect")
 
@@ -138,6 +147,9 @@ class Redirector:
         # reconcile at start-up replaces rules that differ from what it would install).
         texts = "".join(self.rule_texts()).encode()
         self._config_line = f"config {hashlib.sha256(texts).hexdigest()[:16]}"
+        #: The digest of what the last whole install left (the same in every pod: our rules
+        #: only), which a netns whose rules of ours are all in place has too.
+        self._whole: str | None = None
 
     def rule_texts(self) -> list[str]:
         """Every text this configuration installs (each family's)."""
@@ -158,19 +170,19 @@ class Redirector:
 
     # -- in a worker thread inside the pod's netns ----------------------------------------
     def _digest_here(self) -> str:
-        return self._iptables_digest(None)
+        return self._iptables_digest()
 
-    def _iptables_digest(self, ipv6_saved: str | None) -> str:
+    def _iptables_digest(self, saved: dict[str, str] | None = None, ipv6_saved: str | None = None) -> str:
         """A digest of our chains and jumps in every family's tables (with --no-ipv6 the IPv6
         ones as far as ip6tables can tell: IPv6 chains left there are not in place, and the
-        reinstall takes them out; ``ipv6_saved``: its save as it stands, read already) and of
-        the policy routing; '' when none is there."""
+        reinstall takes them out; ``ipv6_saved``: its save as it stands, read already; ``saved``:
+        each tool's, read already) and of the policy routing; '' when none is there."""
         lines: list[str] = []
         for family, tool in _families(self.config.ipv6):
-            lines += [f"{family} {line}" for line in our_lines(_save(tool))]
+            lines += [f"{family} {line}" for line in our_lines(saved[tool] if saved else _save(tool))]
         if not self.config.ipv6:
-            saved = _ipv6_save_if_any() if ipv6_saved is None else ipv6_saved
-            lines += [f"6 {line}" for line in our_lines(saved)]
+            ipv6 = _ipv6_save_if_any() if ipv6_saved is None else ipv6_saved
+            lines += [f"6 {line}" for line in our_lines(ipv6)]
         if not lines:
             return ""
         lines += [f"policy-routing {_routing_present(self.config.ipv6)}", self._config_line]
@@ -191,22 +203,44 @@ class Redirector:
                 "Istio sidecar's istio-init makes such rules, and a pod with a sidecar is never enrolled "
                 "in ambient): installing would take that chain out from under it; nothing was changed"
             )
+        ipv6_saved = None
+        if self._whole is not None and any(map(our_lines, saved.values())):
+            # Ours there already (the uid enrolled again, another pod of this netns): as
+            # Istio's reconcile (VerifyIptablesState), while every rule of ours is in place
+            # nothing is replaced, only the policy routing added again. Replaced, our jumps
+            # went to the end of their chains, behind a pod's own rules that had come after
+            # them: traffic they had redirected was not any more.
+            _routing(add=True, ipv6=self.config.ipv6)
+            ipv6_saved = None if self.config.ipv6 else _ipv6_save_if_any()
+            if (digest := self._iptables_digest(saved, ipv6_saved)) == self._whole:
+                return [family for family, _ in families], digest
         for family, tool in families:
             cleanup = cleanup_rules(saved[tool])
             _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
-        ipv6_saved = None if self.config.ipv6 else self._take_out_ipv6_rules()
+        ipv6_saved = None if self.config.ipv6 else self._take_out_ipv6_rules(ipv6_saved, installing=True)
         _routing(add=True, ipv6=self.config.ipv6)
-        return installed, self._iptables_digest(ipv6_saved)
+        self._whole = digest = self._iptables_digest(None, ipv6_saved)
+        return installed, digest
 
-    def _take_out_ipv6_rules(self) -> str | None:
+    def _take_out_ipv6_rules(self, saved: str | None = None, *, installing: bool = False) -> str | None:
         """IPv4 only: IPv6 chains an earlier configuration installed come out, as Istio's
         reconcile takes out what it would not install; best effort, as Istio's (IPv6 off, it
         runs without a working ip6tables and skips what ip6tables-save cannot tell it). What
-        ``ip6tables-save`` said, if none of ours was there (so still says); else None."""
-        saved = _ipv6_save_if_any()
+        ``ip6tables-save`` said (``saved``: read already), if none of ours was there (so still
+        says); else None. ``installing``: not those a rule of the pod's own jumps into (with
+        IPv6 on, the install is refused for them; a removal takes them out, as Istio's)."""
+        if saved is None:
+            saved = _ipv6_save_if_any()
         if not cleanup_rules(saved):
             return saved
+        if installing and (foreign := foreign_jumps(saved)):
+            # (a rule of the pod's own jumps into a chain named as ours: taken out, that chain
+            # went from under it; Istio's, IPv6 off, never looks)
+            log.warning(
+                "IPv6 chains named as ours left as they are: %s jumps into one", printable(foreign[0])
+            )
+            return None
         try:
             errors = _remove_family("ip6tables", saved)
         except RedirectError as exc:
@@ -226,7 +260,13 @@ class Redirector:
         errors: list[str] = []
         for _, tool in _families(self.config.ipv6 and kernel_has_ipv6()):
             try:
-                errors += _remove_family(tool, _save(tool))
+                try:
+                    saved = _save(tool)
+                except UnreadableSave as exc:
+                    log.warning("%s: our rules are taken out without it, as Istio's removal does", exc)
+                    errors += _remove_family_unread(tool)
+                else:
+                    errors += _remove_family(tool, saved)
             except RedirectError as exc:
                 errors.append(str(exc))
         if not self.config.ipv6:
@@ -253,6 +293,33 @@ def _remove_family(tool: str, saved: str) -> list[str]:
         _run([f"{tool}-restore", "--noflush"], cleanup_rules(saved, delete_chains=False))
         return _delete_chains(tool, our_chains(saved))
     return []
+
+
+#: How many copies of one jump of ours a removal that cannot read the save takes out at most.
+JUMP_COPIES = 8
+
+
+def _remove_family_unread(tool: str) -> list[str]:
+    """Take our jumps and chains out of a netns whose ``tool``-save cannot be read, as Istio
+    removes them (``executeDeleteCommands``: fixed commands, none of which needs the save):
+    each jump of ours deleted (every copy, up to ``JUMP_COPIES``), each chain of ours flushed,
+    then deleted (``_delete_chains``). A command with nothing to do is no failure."""
+    for table in RULE_TABLES:
+        for builtin, chain in (("PREROUTING", PRERT), ("OUTPUT", OUTPUT)):
+            for _ in range(JUMP_COPIES):
+                try:
+                    _run([tool, "-t", table, "-D", builtin, "-j", chain])
+                except RedirectError:
+                    break
+    flushed = []
+    for table in RULE_TABLES:
+        for chain in (PRERT, OUTPUT):
+            try:
+                _run([tool, "-t", table, "-F", chain])
+            except RedirectError:
+                continue  # (not there)
+            flushed.append((table, chain))
+    return _delete_chains(tool, flushed)
 
 
 def _save(tool: str) -> str:

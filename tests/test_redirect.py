@@ -542,6 +542,105 @@ def test_a_comment_with_a_newline_cannot_forge_iptables_saves_lines(namespaces: 
     assert normalise(saved_in(pod)) == before
 
 
+@pytest.mark.root
+def test_a_removal_takes_our_rules_out_of_a_netns_whose_save_cannot_be_read(
+    namespaces: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rule of the pod's own whose comment holds a newline makes iptables-save unreadable: a
+    removal then left every rule of that family in (the policy routing went), and its retry
+    failed the same for as long as the pod lived. It takes them out as Istio's does, with
+    commands that need no save: the pod's rule stays."""
+    pod = scratch(namespaces)
+    install(pod)
+    comment = ("-m", "comment", "--comment", "x\nCOMMIT\ny")
+    in_pod(pod, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", *comment, "-j", "ACCEPT")
+    in_pod(pod, "iptables", "-t", "nat", "-A", "OUTPUT", "-j", "ISTIO_OUTPUT")  # (twice: both go)
+    with caplog.at_level(logging.WARNING, logger="zds.server.redirect"):
+        remove(pod)
+    assert "our rules are taken out without it, as Istio's removal does" in caplog.text
+    for table in ("mangle", "nat", "raw"):
+        assert "ISTIO" not in in_pod(pod, "iptables", "-t", table, "-S")
+    assert in_pod(pod, "iptables", "-t", "nat", "-S", "OUTPUT") == (
+        '-P OUTPUT ACCEPT\n-A OUTPUT -p udp -m comment --comment "x\nCOMMIT\ny" -j ACCEPT\n'
+    )
+    assert "ISTIO" not in saved_in(pod, "ip6tables-save") and "lookup 100" not in in_pod(pod, "ip", "rule")
+
+
+@pytest.mark.root
+def test_installing_again_leaves_rules_of_ours_in_place_where_they_are(namespaces: list[str]) -> None:
+    """The same uid enrolled again, or another pod of the netns: our rules were replaced, their
+    jumps appended behind a rule of the pod's own that had come after them, and traffic they
+    had redirected (TCP to 8443 here) went past. As Istio's reconcile, while all of ours are in
+    place nothing is replaced; one missing, they go in again."""
+    pod = scratch(namespaces)
+    redirector = Redirector()
+
+    async def run() -> list[str]:
+        with open_netns(pod) as ns:
+            return [(await redirector.install(ns)).digest for _ in range(2)]
+
+    first = asyncio.run(run())
+    in_pod(pod, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "8443", "-j", "ACCEPT")
+    before = in_pod(pod, "iptables", "-t", "nat", "-S", "OUTPUT")
+    assert before.splitlines()[1:] == [
+        "-A OUTPUT -j ISTIO_OUTPUT",
+        "-A OUTPUT -p tcp -m tcp --dport 8443 -j ACCEPT",
+    ]
+    again = asyncio.run(run())
+    assert in_pod(pod, "iptables", "-t", "nat", "-S", "OUTPUT") == before
+    assert len(set(first + again)) == 1
+    ours = in_pod(pod, "iptables", "-t", "nat", "-S", "ISTIO_OUTPUT")
+    in_pod(pod, "iptables", "-t", "nat", "-D", "ISTIO_OUTPUT", "1")
+    asyncio.run(run())
+    assert in_pod(pod, "iptables", "-t", "nat", "-S", "ISTIO_OUTPUT") == ours
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "40000", "lookup", "100"),
+        ("ip", "rule", "add", "fwmark", "0x111/0xffffffff", "pref", "32764", "lookup", "100"),
+        ("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "unreachable"),
+        ("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "iif", "lo", "lookup", "100"),
+        ("ip", "route", "add", "local", "default", "dev", "zdsd0", "table", "100"),
+    ],
+)
+def test_policy_routing_changed_by_hand_is_not_taken_for_ours(
+    namespaces: list[str], change: tuple[str, ...]
+) -> None:
+    """The restart's check took any fwmark rule in table 100 and any local default route there
+    for ours, and kept them: moved past main, another mask or action, a route on another device.
+    Such a change makes the digest differ (a restart installs them again); the install adds ours."""
+    pod = scratch(namespaces)
+    in_pod(pod, "ip", "link", "add", "zdsd0", "type", "veth", "peer", "name", "zdsd1")
+    in_pod(pod, "ip", "link", "set", "zdsd0", "up")
+    redirector = Redirector()
+
+    async def digest() -> str:
+        with open_netns(pod) as ns:
+            return await redirector.digest(ns)
+
+    install(pod)
+    installed = asyncio.run(digest())
+    wrong = "rule" if change[1] == "rule" else "route"
+    in_pod(
+        pod,
+        "ip",
+        wrong,
+        "del",
+        *(
+            ("fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100")
+            if wrong == "rule"
+            else ("local", "default", "dev", "lo", "table", "100")
+        ),
+    )
+    in_pod(pod, *change)
+    assert asyncio.run(digest()) != installed
+    install(pod)
+    assert asyncio.run(digest()) == installed
+
+
 #: An iptables-save of a pod's nat table as it may legitimately be: quotes escaped in a comment
 #: and a log prefix, a ``"`` inside an interface's name (which opens no string).
 SAVED_OK = (
@@ -662,6 +761,23 @@ def test_a_no_ipv6_removal_takes_the_ipv6_redirection_out_even_when_a_chain_cann
     ]
     assert "ISTIO" not in saved_in(pod)
     assert "lookup 100" not in in_pod(pod, "ip", "-6", "rule") + in_pod(pod, "ip", "rule")
+
+
+@pytest.mark.root
+def test_a_no_ipv6_install_leaves_ipv6_chains_a_rule_of_the_pods_own_jumps_into(
+    namespaces: list[str],
+) -> None:
+    """Told --no-ipv6, an install takes IPv6 chains of ours an earlier configuration left out;
+    one a rule of the pod's own jumps into (a sidecar's) was flushed from under it, where the
+    same with IPv6 on is refused. Istio's, IPv6 off, never looks: it stays as it is."""
+    pod = scratch(namespaces)
+    nat = ("ip6tables", "-t", "nat")
+    in_pod(pod, *nat, "-N", "ISTIO_OUTPUT")
+    in_pod(pod, *nat, "-A", "ISTIO_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
+    in_pod(pod, *nat, "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT")
+    before = normalise(saved_in(pod, "ip6tables-save"))
+    assert install(pod, RedirectConfig(ipv6=False)) == [4]
+    assert normalise(saved_in(pod, "ip6tables-save")) == before
 
 
 @pytest.mark.root
