@@ -99,6 +99,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
     """Rebuild ``enrollment``'s pod cache from ``store``; nothing is sent to ztunnel here."""
     report = RecoveryReport()
     policy = enrollment.policy
+    interrupted = {_key(row) for row in store.installs_to_leftovers()}
     left_rows = store.load_leftovers()  # (before this start adds its own)
     rows = []
     for row in store.load():
@@ -165,32 +166,34 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
             )
     if rows:
         log.info("recovered %d pod(s) from %s: %s", len(rows), store.path, report.summary())
-    await _finish_installs(store, enrollment)
-    await _finish_leftovers(store, enrollment, left_rows)
+    await _finish_leftovers(store, enrollment, left_rows, interrupted)
     return report
 
 
-async def _finish_installs(store: PodStore, enrollment: Enrollment) -> None:
-    """Take out the rules of enrollments a crash interrupted while they went in (after the
-    pods are back: a recovered pod in the same netns keeps them)."""
-    rows = store.load_installs()
-    kept = await _take_out(
-        rows, enrollment, lambda _: "an enrollment a stop or crash interrupted while its rules went in"
-    )
-    for row in rows:
-        if id(row) not in kept:  # (a row kept moved to leftovers)
-            store.forget_install(row.spec.uid)
+#: What tells a ``leftovers`` row from another (its table's key): uid, netns dev and inode, rule set.
+RowKey = tuple[str, int | None, int | None, str]
 
 
-async def _finish_leftovers(store: PodStore, enrollment: Enrollment, rows: list[StoredPod]) -> None:
-    """Take out the rules an earlier run could not take out (``Leftovers``; its ``rows``), or
-    hand them back to the retry."""
-    kept = await _take_out(
-        rows,
-        enrollment,
-        lambda row: f"rules a failed {'removal' if row.removing else 'install'} left before this start",
-        recorded=True,
-    )
+def _key(row: StoredPod) -> RowKey:
+    """``row``'s ``RowKey``."""
+    identity = row.identity
+    return (row.spec.uid, *((identity.dev, identity.ino) if identity else (None, None)), row.rules)
+
+
+async def _finish_leftovers(
+    store: PodStore, enrollment: Enrollment, rows: list[StoredPod], interrupted: set[RowKey]
+) -> None:
+    """Take out the rules an earlier run could not take out (``Leftovers``; its ``rows``) and
+    those of the enrollments it was installing when it ended (``interrupted``, moved here
+    from ``installs``), after the pods are back (a recovered pod in the same netns keeps
+    them), or hand them back to the retry."""
+
+    def said(row: StoredPod) -> str:
+        if _key(row) in interrupted:
+            return "an enrollment a stop or crash interrupted while its rules went in"
+        return f"rules a failed {'removal' if row.removing else 'install'} left before this start"
+
+    kept = await _take_out(rows, enrollment, said, recorded=True)
     for row in rows:
         if id(row) not in kept:
             store.forget_leftovers(row.identity, [(row.spec.uid, row.rules)])
@@ -358,7 +361,10 @@ async def _rules_back(
             outcome = RecoveryOutcome.RULES_FAILED
         except RulesError as exc:
             log.error("%s", exc, extra=row.spec.log_extra)
-            pod.rules_installed = False
+            # Refused with nothing touched (a rule of the pod's own now jumps into ours): the
+            # rules the row records are still in, and stay recorded (the removal takes them
+            # out, as Istio's; forgotten, they stayed in the netns for good).
+            pod.rules_installed = exc.refused and row.rules == rules.name
             if not exc.undone:  # (what went in stays, recorded, until the pod is gone)
                 enrollment.leftovers.retry_beside(pod, rules.name)
             outcome = RecoveryOutcome.RULES_FAILED

@@ -172,6 +172,21 @@ class PodStore:
         never finished: no pod row records those rules), oldest first."""
         return self._load("installs")
 
+    def installs_to_leftovers(self) -> list[StoredPod]:
+        """At a start, before anything else is written: the install rows (enrollments the last
+        run's end interrupted while their rules went in) move to ``leftovers``, in one
+        transaction, where no write of their uid's rows takes them out (in ``installs``, one row
+        a uid, a restored pod's row rewritten in its own netns took out the row of the netns a
+        re-add was installing in, those rules recorded nowhere from then on); the rows moved."""
+        rows = self.load_installs()
+        if rows:
+            with self._write():
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})", map(values, rows)
+                )
+                self._db.execute("DELETE FROM installs")
+        return rows
+
     def load_leftovers(self) -> list[StoredPod]:
         """Rules pods left in their netns that the last run could not take out (``removing``: a
         removal's; ``rules``: the rule set), oldest first."""

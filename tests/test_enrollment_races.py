@@ -39,6 +39,7 @@ from zds.server.cni import CniPluginEndpoint
 from zds.server.containerpods import ContainerPods
 from zds.server.containers import ContainerFacts
 from zds.server.control import start_control_server
+from zds.server.inpodrules import RedirectConfig
 from zds.server.leftovers import Leftovers
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.nftables import NftablesRedirector
@@ -1069,6 +1070,58 @@ async def test_a_pod_restored_with_the_new_backends_rules_keeps_them_beside_one_
         assert has_rules(a) and [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [
             ("u1", "iptables")
         ]
+
+
+def run_at(path: str, *argv: str) -> str:
+    """What ``argv`` printed, run in the netns at ``path``."""
+    return subprocess.run(
+        ["nsenter", f"--net={path}", *argv], capture_output=True, text=True, check=True
+    ).stdout
+
+
+async def test_a_restart_whose_reinstall_is_refused_keeps_the_rules_recorded_for_the_removal(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """While the node agent was down, a rule of the pod's own came to jump into ISTIO_OUTPUT:
+    the restart's reinstall is refused, nothing touched, and the rules stay in; the row said
+    no rules from then on, and the pod's removal left them in the netns for good (Istio's
+    reconcile leaves the pod as it is, its removal takes them out)."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    run_at(a.path, "iptables", "-t", "nat", "-I", "OUTPUT", "-p", "udp", "-j", "ISTIO_OUTPUT")
+    async with started_on(tmp_path, Redirector()) as (restarted, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.RULES_FAILED}
+        assert [row.rules for row in store.load()] == ["iptables"]
+        await restarted.remove_pod("u1")
+    saved = run_at(a.path, "iptables-save")
+    assert "REDIRECT" not in saved and "ISTIO_PRERT" not in saved
+    assert [line for line in saved.splitlines() if "ISTIO" in line] == [
+        ":ISTIO_OUTPUT - [0:0]",
+        "-A OUTPUT -p udp -j ISTIO_OUTPUT",
+    ]
+    assert "lookup 100" not in run_at(a.path, "ip", "rule")
+
+
+async def test_an_install_a_crash_cut_short_is_taken_out_though_the_restart_rewrites_the_pods_row(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """u1 lives in A; a crash cut its re-add into C short while C's rules went in (its install
+    row). A restart of another configuration reinstalls u1's rules in A and rewrites its row,
+    which took C's install row with it (``installs`` holds one row a uid): C's rules stayed,
+    recorded nowhere, for good. The install rows move to ``leftovers`` before anything else."""
+    a, c = make_pod(), make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    with contextlib.closing(open_netns(c.path)) as netns:
+        await Redirector().install(netns)
+        await agent.store.intend_soon(
+            StoredPod(agent.spec("u1", c), netns.identity, "iptables", "", removing=False, enrolled_at=1.0)
+        )
+    async with started_on(tmp_path, Redirector(RedirectConfig(dns_capture=False))) as (restarted, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.RULES_REINSTALLED}
+        assert store.load_installs() == [] == store.load_leftovers()
+    assert has_rules(a) and not has_rules(c)
 
 
 async def _nftables_rules_in(pod: Pod) -> NetnsHandle:
