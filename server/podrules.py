@@ -124,7 +124,9 @@ class PodRules:
             return False
         try:
             async with self._locks.hold(pod.netns.identity):
-                return await self.redirector.digest(pod.netns) == pod.rules_digest
+                if same := await self.redirector.digest(pod.netns) == pod.rules_digest:
+                    self.redirector.remember_whole(pod.rules_digest)
+                return same
         except (RedirectError, NetnsError, OSError) as exc:
             log.warning("cannot read the in-pod rules: %s", exc, extra=pod.spec.log_extra)
             return False

@@ -189,22 +189,13 @@ def policy_routing_present(*, ipv6: bool) -> bool:
 
 #: fib_rule_hdr's flag that inverts a rule's selector.
 FIB_RULE_INVERT = 0x2
-#: What else a rule can select on (a rule with any of them does less than ours)...
-_SELECTORS = (
-    "FRA_SRC",
-    "FRA_DST",
-    "FRA_IIFNAME",
-    "FRA_OIFNAME",
-    "FRA_GOTO",
-    "FRA_FLOW",
-    "FRA_TUN_ID",
-    "FRA_L3MDEV",
-    "FRA_UID_RANGE",
-    "FRA_IP_PROTO",
-    "FRA_SPORT_RANGE",
-    "FRA_DPORT_RANGE",
+#: The attributes our rule has (anything else, a selector pyroute2 may not even know, makes a
+#: rule that does less than ours)...
+_RULE_ATTRS = frozenset(
+    {"FRA_TABLE", "FRA_PRIORITY", "FRA_FWMARK", "FRA_FWMASK", "FRA_PROTOCOL"}
+    | {"FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP"}
 )
-#: ... and the two the kernel reports as -1 when unset.
+#: ... of which these two the kernel reports as -1 when unset.
 _SUPPRESSORS = ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP")
 
 
@@ -218,11 +209,15 @@ def _is_our_rule(rule: fibmsg) -> bool:
         and rule.get_attr("FRA_PRIORITY") == defaults.INPOD_RULE_PRIORITY
         and rule.get_attr("FRA_FWMARK") == defaults.INPOD_TPROXY_MARK
         and rule.get_attr("FRA_FWMASK") == defaults.INPOD_TPROXY_MASK
-        and all(rule.get_attr(name) is None for name in _SELECTORS)
+        and all(name in _RULE_ATTRS for name, *_ in rule["attrs"])
         and all(rule.get_attr(name) in (None, 0xFFFFFFFF) for name in _SUPPRESSORS)
     )
 
 
 def _is_our_route(route: rtmsg, lo: int) -> bool:
     """``local 0.0.0.0/0 (::/0) dev lo`` in table 100."""
-    return bool(route["type"] == RTN_LOCAL and route["dst_len"] == 0 and route.get_attr("RTA_OIF") == lo)
+    return bool(
+        route["type"] == RTN_LOCAL
+        and route["dst_len"] == route["src_len"] == route["tos"] == 0
+        and route.get_attr("RTA_OIF") == lo
+    )

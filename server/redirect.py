@@ -17,72 +17,19 @@ import functools
 import hashlib
 import logging
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-from zds import runtime
-from zds.errors import ZdsError, printable
+from zds.errors import printable
 from zds.netns import NetnsHandle, run_in_netns
 from zds.server.inpodrules import RedirectConfig, inpod_rules
-from zds.server.iptablesave import (
-    OUTPUT,
-    PRERT,
-    RULE_TABLES,
-    cleanup_rules,
-    foreign_jumps,
-    our_chains,
-    our_lines,
-    unreadable_line,
-)
+from zds.server.iptablesave import cleanup_rules, foreign_jumps, our_lines
+from zds.server.iptablesrun import NothingChanged as NothingChanged
+from zds.server.iptablesrun import RedirectError as RedirectError
+from zds.server.iptablesrun import RulesNotOurs as RulesNotOurs
+from zds.server.iptablesrun import UnreadableSave as UnreadableSave
+from zds.server.iptablesrun import remove_family, remove_family_unread, run_tool, save
 
 log = logging.getLogger("zds.server.redirect")
-
-
-class RulesNotOurs(ZdsError):
-    """The netns holds rules not ours that our install would break; nothing was touched."""
-
-
-class RedirectError(ZdsError):
-    """Installing or removing the rules failed; the message has iptables' own words."""
-
-
-class UnreadableSave(RedirectError):
-    """``iptables-save`` printed a rule whose string holds a newline: its lines cannot be told apart."""
-
-
-class NothingChanged(RedirectError):
-    """An install failed in one atomic transaction (nftables): nothing of it went in, and
-    what the namespace held before is as it was (tables with our names that someone else
-    made, say: a clean-up would delete them)."""
-
-
-def _run(argv: list[str], stdin: str = "") -> str:
-    """What ``argv`` printed, its bytes as they are (surrogateescape: ``iptables-save`` lists
-    every rule of the pod's netns, whose comments a pod with NET_ADMIN writes in any bytes; read
-    as UTF-8 text one such made every install, removal and restart of the node agent fail)."""
-    missing = f"{argv[0]} not found; install Debian's iptables package"  # (setpriv's 127, or none)
-    try:
-        done = subprocess.run(
-            [*runtime.killed_with_parent(), *argv],
-            input=stdin,
-            capture_output=True,
-            encoding="utf-8",
-            errors="surrogateescape",
-            timeout=30,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise RedirectError(missing) from exc
-    except subprocess.TimeoutExpired as exc:  # (a hung iptables: a failure like any other)
-        raise RedirectError(f"{' '.join(argv)} did not end within {exc.timeout:g} s") from exc
-    if done.returncode == 127 and done.stderr.startswith(f"setpriv: failed to execute {argv[0]}: No such"):
-        raise RedirectError(missing)
-    if done.returncode != 0:
-        detail = ""
-        for line in filter(None, map(str.strip, (done.stderr or done.stdout).splitlines())):
-            detail += (" " if detail.endswith(":") else "; " if detail else "") + printable(line)
-        raise RedirectError(f"{' '.join(argv)} failed (exit {done.returncode}): {detail}")
-    return done.stdout
 
 
 def _families(ipv6: bool) -> list[tuple[int, str]]:
@@ -172,20 +119,28 @@ class Redirector:
     def _digest_here(self) -> str:
         return self._iptables_digest()
 
-    def _iptables_digest(self, saved: dict[str, str] | None = None, ipv6_saved: str | None = None) -> str:
+    def _iptables_digest(
+        self,
+        saved: dict[str, str] | None = None,
+        ipv6_saved: str | None = None,
+        *,
+        routing: bool | None = None,
+    ) -> str:
         """A digest of our chains and jumps in every family's tables (with --no-ipv6 the IPv6
         ones as far as ip6tables can tell: IPv6 chains left there are not in place, and the
         reinstall takes them out; ``ipv6_saved``: its save as it stands, read already; ``saved``:
-        each tool's, read already) and of the policy routing; '' when none is there."""
+        each tool's, read already) and of the policy routing (``routing``: whether it is there,
+        known already); '' when none is there."""
         lines: list[str] = []
         for family, tool in _families(self.config.ipv6):
-            lines += [f"{family} {line}" for line in our_lines(saved[tool] if saved else _save(tool))]
+            lines += [f"{family} {line}" for line in our_lines(saved[tool] if saved else save(tool))]
         if not self.config.ipv6:
             ipv6 = _ipv6_save_if_any() if ipv6_saved is None else ipv6_saved
             lines += [f"6 {line}" for line in our_lines(ipv6)]
         if not lines:
             return ""
-        lines += [f"policy-routing {_routing_present(self.config.ipv6)}", self._config_line]
+        present = _routing_present(self.config.ipv6) if routing is None else routing
+        lines += [f"policy-routing {present}", self._config_line]
         return hashlib.sha256("\n".join(lines).encode(errors="surrogateescape")).hexdigest()[:32]
 
     def _install_here(self) -> tuple[list[int], str]:
@@ -194,7 +149,7 @@ class Redirector:
         installed = []
         families = _families(self.config.ipv6)
         try:
-            saved = {tool: _save(tool) for _, tool in families}
+            saved = {tool: save(tool) for _, tool in families}
         except UnreadableSave as exc:
             raise RulesNotOurs(f"{exc}; nothing was changed") from exc
         if foreign := [f"{tool} {rule}" for tool, text in saved.items() for rule in foreign_jumps(text)]:
@@ -210,39 +165,48 @@ class Redirector:
             # nothing is replaced, only the policy routing added again. Replaced, our jumps
             # went to the end of their chains, behind a pod's own rules that had come after
             # them: traffic they had redirected was not any more.
-            _routing(add=True, ipv6=self.config.ipv6)
+            routing = self._add_routing()
             ipv6_saved = None if self.config.ipv6 else _ipv6_save_if_any()
-            if (digest := self._iptables_digest(saved, ipv6_saved)) == self._whole:
+            if (digest := self._iptables_digest(saved, ipv6_saved, routing=routing)) == self._whole:
                 return [family for family, _ in families], digest
         for family, tool in families:
             cleanup = cleanup_rules(saved[tool])
-            _run([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
+            run_tool([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
-        ipv6_saved = None if self.config.ipv6 else self._take_out_ipv6_rules(ipv6_saved, installing=True)
-        _routing(add=True, ipv6=self.config.ipv6)
-        self._whole = digest = self._iptables_digest(None, ipv6_saved)
+        ipv6_saved = None if self.config.ipv6 else self._take_out_ipv6_rules(ipv6_saved)
+        routing = self._add_routing()
+        self._whole = digest = self._iptables_digest(None, ipv6_saved, routing=routing)
         return installed, digest
 
-    def _take_out_ipv6_rules(self, saved: str | None = None, *, installing: bool = False) -> str | None:
+    def _add_routing(self) -> bool:
+        """Add the policy routing; whether it is ours now (a rule of the pod's own at our pref that
+        the kernel takes for ours, ``from`` or ``tos`` besides, keeps ours out: said)."""
+        _routing(add=True, ipv6=self.config.ipv6)
+        if not (present := _routing_present(self.config.ipv6)):
+            log.warning(
+                "the policy routing in the pod's netns is not ours as added: a rule of its own at pref "
+                "32764 with our fwmark that the kernel takes for the same?"
+            )
+        return present
+
+    def remember_whole(self, digest: str) -> None:
+        """``digest``, read from a netns whose rules an earlier run installed whole, is what a whole
+        install leaves (a restart: before its first install, an install there replaced them)."""
+        if self._whole is None:
+            self._whole = digest
+
+    def _take_out_ipv6_rules(self, saved: str | None = None) -> str | None:
         """IPv4 only: IPv6 chains an earlier configuration installed come out, as Istio's
         reconcile takes out what it would not install; best effort, as Istio's (IPv6 off, it
         runs without a working ip6tables and skips what ip6tables-save cannot tell it). What
         ``ip6tables-save`` said (``saved``: read already), if none of ours was there (so still
-        says); else None. ``installing``: not those a rule of the pod's own jumps into (with
-        IPv6 on, the install is refused for them; a removal takes them out, as Istio's)."""
+        says); else None."""
         if saved is None:
             saved = _ipv6_save_if_any()
         if not cleanup_rules(saved):
             return saved
-        if installing and (foreign := foreign_jumps(saved)):
-            # (a rule of the pod's own jumps into a chain named as ours: taken out, that chain
-            # went from under it; Istio's, IPv6 off, never looks)
-            log.warning(
-                "IPv6 chains named as ours left as they are: %s jumps into one", printable(foreign[0])
-            )
-            return None
         try:
-            errors = _remove_family("ip6tables", saved)
+            errors = remove_family("ip6tables", saved)
         except RedirectError as exc:
             errors = [str(exc)]
         if errors:
@@ -261,12 +225,12 @@ class Redirector:
         for _, tool in _families(self.config.ipv6 and kernel_has_ipv6()):
             try:
                 try:
-                    saved = _save(tool)
+                    saved = save(tool)
                 except UnreadableSave as exc:
                     log.warning("%s: our rules are taken out without it, as Istio's removal does", exc)
-                    errors += _remove_family_unread(tool)
+                    errors += remove_family_unread(tool)
                 else:
-                    errors += _remove_family(tool, saved)
+                    errors += remove_family(tool, saved)
             except RedirectError as exc:
                 errors.append(str(exc))
         if not self.config.ipv6:
@@ -279,89 +243,16 @@ class Redirector:
             raise RedirectError("; ".join(errors))
 
 
-def _remove_family(tool: str, saved: str) -> list[str]:
-    """Take our jumps, rules and chains found in ``saved`` (``tool``'s save) out: in one
-    restore; if that fails, the jumps out and the chains flushed, then each chain deleted
-    on its own. What could not be done, said (RedirectError if a step failed outright)."""
-    cleanup = cleanup_rules(saved)
-    if not cleanup:
-        return []
-    try:
-        _run([f"{tool}-restore", "--noflush"], cleanup)
-    except RedirectError:
-        saved = _save(tool)  # (tables before the failed one went already)
-        _run([f"{tool}-restore", "--noflush"], cleanup_rules(saved, delete_chains=False))
-        return _delete_chains(tool, our_chains(saved))
-    return []
-
-
-#: How many copies of one jump of ours a removal that cannot read the save takes out at most.
-JUMP_COPIES = 8
-
-
-def _remove_family_unread(tool: str) -> list[str]:
-    """Take our jumps and chains out of a netns whose ``tool``-save cannot be read, as Istio
-    removes them (``executeDeleteCommands``: fixed commands, none of which needs the save):
-    each jump of ours deleted (every copy, up to ``JUMP_COPIES``), each chain of ours flushed,
-    then deleted (``_delete_chains``). A command with nothing to do is no failure."""
-    for table in RULE_TABLES:
-        for builtin, chain in (("PREROUTING", PRERT), ("OUTPUT", OUTPUT)):
-            for _ in range(JUMP_COPIES):
-                try:
-                    _run([tool, "-t", table, "-D", builtin, "-j", chain])
-                except RedirectError:
-                    break
-    flushed = []
-    for table in RULE_TABLES:
-        for chain in (PRERT, OUTPUT):
-            try:
-                _run([tool, "-t", table, "-F", chain])
-            except RedirectError:
-                continue  # (not there)
-            flushed.append((table, chain))
-    return _delete_chains(tool, flushed)
-
-
-def _save(tool: str) -> str:
-    """``TOOL-save``'s output; UnreadableSave where a rule's string runs past its line (what
-    follows it there is the pod's, and read as iptables-save's it misled a removal)."""
-    saved = _run([f"{tool}-save"])
-    if line := unreadable_line(saved):
-        raise UnreadableSave(
-            f"{tool}-save's output cannot be read safely: a string in a rule of the pod's (a comment, a "
-            f"label) holding a newline?: {printable(line)}"
-        )
-    return saved
-
-
 def _ipv6_save_if_any() -> str:
     """``ip6tables-save``'s output, or '' where it cannot tell (no IPv6 in the kernel, no
     working ip6tables): a node agent told --no-ipv6 needs none, as Istio's with IPv6 off."""
     if not kernel_has_ipv6():
         return ""
     try:
-        return _save("ip6tables")
+        return save("ip6tables")
     except RedirectError as exc:  # (an unreadable save too: nothing of it is taken out)
         log.debug("ip6tables cannot tell: %s", exc)
         return ""
-
-
-def _delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:
-    """Delete our emptied ``chains``, each on its own; what could not go, said. One a rule of
-    the pod's own still jumps to (EBUSY) stays, empty, as in Istio: a warning, not a failure
-    (the redirection is out; retrying would fail until that rule goes, for as long as the pod)."""
-    errors = []
-    for table, chain in chains:
-        try:
-            _run([tool, "-t", table, "-X", chain])
-        except RedirectError as exc:
-            if "resource busy" in str(exc) or "Too many links" in str(exc):  # (nft; legacy)
-                log.warning(
-                    "%s %s chain %s stays, empty: a rule of the pod's own jumps to it", tool, table, chain
-                )
-            else:
-                errors.append(str(exc))
-    return errors
 
 
 #: The rule backends ``zds server --redirect-backend`` takes.
@@ -398,7 +289,7 @@ def node_config(backend: str, config: RedirectConfig) -> RedirectConfig:
         return dataclasses.replace(config, ipv6=False)
     if backend == "iptables":
         try:
-            _run(["ip6tables-save"])
+            run_tool(["ip6tables-save"])
         except RedirectError as exc:
             raise RedirectError(
                 f"{exc}; the pods' IPv6 rules need a working ip6tables (or give --no-ipv6)"
@@ -414,4 +305,4 @@ def kernel_has_ipv6() -> bool:
 
 def iptables_save(family: int = 4) -> str:
     """``iptables-save`` of the current netns (call inside it; for tests)."""
-    return _run(["iptables-save" if family == 4 else "ip6tables-save"])
+    return run_tool(["iptables-save" if family == 4 else "ip6tables-save"])

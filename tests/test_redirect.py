@@ -28,7 +28,8 @@ from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import redirect as redirect_module
 from zds.server.inpodrules import RedirectConfig, inpod_rules
 from zds.server.iptablesave import cleanup_rules, foreign_jumps, unreadable_line
-from zds.server.redirect import RedirectError, Redirector, RulesNotOurs, _run
+from zds.server.iptablesrun import run_tool
+from zds.server.redirect import RedirectError, Redirector, RulesNotOurs
 
 GOLDEN4 = (DATA / "istio-inpod-iptables.golden").read_text()
 GOLDEN6_FILE = (DATA / "istio-inpod-iptables-ipv6.golden").read_text()
@@ -64,7 +65,7 @@ def test_a_tool_not_there_is_said_so_through_setpriv_too() -> None:
     setpriv's exit 127, said as a missing tool, as without setpriv."""
     assert runtime.killed_with_parent(), "setpriv (util-linux) is on every Debian"
     with pytest.raises(RedirectError) as failed:
-        _run(["iptables-nowhere-save"])
+        run_tool(["iptables-nowhere-save"])
     assert str(failed.value) == "iptables-nowhere-save not found; install Debian's iptables package"
 
 
@@ -72,7 +73,7 @@ def test_a_failing_tool_is_said_in_one_line() -> None:
     """ip6tables-restore says which lines failed on lines of their own: the refusal a client
     sees, and the log line, were several lines."""
     with pytest.raises(RedirectError) as failed:
-        _run(
+        run_tool(
             [
                 "sh",
                 "-c",
@@ -601,7 +602,7 @@ def test_installing_again_leaves_rules_of_ours_in_place_where_they_are(namespace
     [
         ("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "40000", "lookup", "100"),
         ("ip", "rule", "add", "fwmark", "0x111/0xffffffff", "pref", "32764", "lookup", "100"),
-        ("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "unreachable"),
+        ("ip", "route", "add", "local", "default", "tos", "0x10", "dev", "lo", "table", "100"),
         ("ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32764", "iif", "lo", "lookup", "100"),
         ("ip", "route", "add", "local", "default", "dev", "zdsd0", "table", "100"),
     ],
@@ -764,23 +765,6 @@ def test_a_no_ipv6_removal_takes_the_ipv6_redirection_out_even_when_a_chain_cann
 
 
 @pytest.mark.root
-def test_a_no_ipv6_install_leaves_ipv6_chains_a_rule_of_the_pods_own_jumps_into(
-    namespaces: list[str],
-) -> None:
-    """Told --no-ipv6, an install takes IPv6 chains of ours an earlier configuration left out;
-    one a rule of the pod's own jumps into (a sidecar's) was flushed from under it, where the
-    same with IPv6 on is refused. Istio's, IPv6 off, never looks: it stays as it is."""
-    pod = scratch(namespaces)
-    nat = ("ip6tables", "-t", "nat")
-    in_pod(pod, *nat, "-N", "ISTIO_OUTPUT")
-    in_pod(pod, *nat, "-A", "ISTIO_OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001")
-    in_pod(pod, *nat, "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT")
-    before = normalise(saved_in(pod, "ip6tables-save"))
-    assert install(pod, RedirectConfig(ipv6=False)) == [4]
-    assert normalise(saved_in(pod, "ip6tables-save")) == before
-
-
-@pytest.mark.root
 def test_a_node_agent_that_no_longer_installs_ipv6_rules_takes_the_earlier_ones_out(
     namespaces: list[str],
 ) -> None:
@@ -824,7 +808,7 @@ def test_an_iptables_run_that_does_not_end_is_a_rule_failure_like_any_other(
 
     monkeypatch.setattr(subprocess, "run", hung)
     with pytest.raises(RedirectError, match=r"^iptables-save -t nat did not end within 30 s$"):
-        redirect_module._run(["iptables-save", "-t", "nat"])
+        run_tool(["iptables-save", "-t", "nat"])
 
 
 def test_a_kernel_without_ipv6_gets_ipv4_rules_only_and_it_is_said(
@@ -915,3 +899,26 @@ def test_a_no_ipv6_install_asks_ip6tables_save_once_unless_ipv6_rules_of_ours_we
     assert asyncio.run(run(pod)) == (1, True)
     assert asyncio.run(run(earlier)) == (2, True)  # (before and after taking the IPv6 chains out)
     assert "ISTIO" not in saved_in(earlier, "ip6tables-save") and "ISTIO" in saved_in(earlier)
+
+
+def test_a_removal_without_the_save_says_what_failed_besides_what_was_not_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each failure of its fixed commands was taken for "not there": one that timed out left
+    the rules in and the removal said it was done (no retry)."""
+    from zds.server import iptablesrun
+
+    def run(argv: list[str], stdin: str = "") -> str:
+        if argv[3] == "-D" and argv[2] == "nat":
+            raise RedirectError(f"{' '.join(argv)} did not end within 30 s")
+        if argv[3] == "-D":
+            raise RedirectError("iptables: Bad rule (does a matching rule exist in that chain?).")
+        if argv[3] == "-F":
+            raise RedirectError("iptables: No chain/target/match by that name.")
+        return ""
+
+    monkeypatch.setattr(iptablesrun, "run_tool", run)
+    assert iptablesrun.remove_family_unread("iptables") == [
+        "iptables -t nat -D PREROUTING -j ISTIO_PRERT did not end within 30 s",
+        "iptables -t nat -D OUTPUT -j ISTIO_OUTPUT did not end within 30 s",
+    ]
