@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import ipaddress
 import os
 import re
@@ -36,7 +35,6 @@ from zds.server.redirect import (
     RedirectError,
     Redirector,
     _routing,
-    _routing_present,
     kernel_has_ipv6,
 )
 
@@ -304,9 +302,4 @@ class NftablesRedirector(Redirector):
     def _digest_here(self, *, routing: bool | None = None) -> str:
         """The digest of our tables as the kernel lists them and of the policy routing
         (``routing``: known to be there, just added: not asked again)."""
-        lines = our_tables(libnftables().run("list ruleset", stateless=True))
-        if not lines:
-            return ""
-        present = _routing_present(self.config.ipv6) if routing is None else routing
-        lines += [f"policy-routing {present}", self._config_line]
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+        return self._digest(our_tables(libnftables().run("list ruleset", stateless=True)), routing)

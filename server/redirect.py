@@ -137,10 +137,15 @@ class Redirector:
         if not self.config.ipv6:
             ipv6 = _ipv6_save_if_any() if ipv6_saved is None else ipv6_saved
             lines += [f"6 {line}" for line in our_lines(ipv6)]
+        return self._digest(lines, routing)
+
+    def _digest(self, lines: list[str], routing: bool | None) -> str:
+        """The digest of ``lines`` (our rules as the kernel lists them), the policy routing
+        (``routing``: whether it is there, known already) and this configuration; '' for none."""
         if not lines:
             return ""
         present = _routing_present(self.config.ipv6) if routing is None else routing
-        lines += [f"policy-routing {present}", self._config_line]
+        lines = [*lines, f"policy-routing {present}", self._config_line]
         return hashlib.sha256("\n".join(lines).encode(errors="surrogateescape")).hexdigest()[:32]
 
     def _install_here(self) -> tuple[list[int], str]:
@@ -158,7 +163,7 @@ class Redirector:
                 "Istio sidecar's istio-init makes such rules, and a pod with a sidecar is never enrolled "
                 "in ambient): installing would take that chain out from under it; nothing was changed"
             )
-        ipv6_saved = None
+        ipv6_saved, routing = None, None
         if self._whole is not None and any(map(our_lines, saved.values())):
             # Ours there already (the uid enrolled again, another pod of this netns): as
             # Istio's reconcile (VerifyIptablesState), while every rule of ours is in place
@@ -174,7 +179,8 @@ class Redirector:
             run_tool([f"{tool}-restore", "--noflush"], cleanup + inpod_rules(family, self.config))
             installed.append(family)
         ipv6_saved = None if self.config.ipv6 else self._take_out_ipv6_rules(ipv6_saved)
-        routing = self._add_routing()
+        if routing is None:  # (added already, where ours were looked at first)
+            routing = self._add_routing()
         self._whole = digest = self._iptables_digest(None, ipv6_saved, routing=routing)
         return installed, digest
 

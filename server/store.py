@@ -49,6 +49,8 @@ from zds.server.storefile import (
 from zds.server.storerows import PROBE_ROW, StoredPod, parse_row, values
 
 log = logging.getLogger("zds.server.store")
+#: A row recorded in ``leftovers`` (its key: uid, netns, rule set; a later one of that key replaces it).
+_INTO_LEFTOVERS = f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})"
 
 #: How often (seconds) ``/readyz`` may try a write while the pod store's last one failed.
 PROBE_EVERY = 1.0
@@ -181,9 +183,7 @@ class PodStore:
         rows = self.load_installs()
         if rows:
             with self._write():
-                self._db.executemany(
-                    f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})", map(values, rows)
-                )
+                self._db.executemany(_INTO_LEFTOVERS, map(values, rows))
                 self._db.execute("DELETE FROM installs")
         return rows
 
@@ -235,9 +235,7 @@ class PodStore:
         self, pods: list[StoredPod], installs: list[StoredPod], left: list[StoredPod] | None = None
     ) -> None:
         if left:
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})", map(values, left)
-            )
+            self._db.executemany(_INTO_LEFTOVERS, map(values, left))
         if installs:
             self._installs_used = True
             self._db.executemany(
@@ -308,7 +306,7 @@ class PodStore:
         row its removal marked; else its install row), both only for that netns."""
         assert row.identity is not None
         with self._write():
-            self._db.execute(f"INSERT OR REPLACE INTO leftovers ({COLUMNS}) VALUES ({MARKS})", values(row))
+            self._db.execute(_INTO_LEFTOVERS, values(row))
             self._forget_rows(row.spec.uid, row.identity, row.rules, "pods" if row.removing else "installs")
 
     def forget_leftovers(

@@ -208,10 +208,7 @@ def has_rules(pod: Pod) -> bool:
 
 def rules_at(path: str) -> bool:
     """``has_rules`` for the netns at ``path`` (a named one, a bind mount, /proc/PID/ns/net)."""
-    saved = subprocess.run(
-        ["nsenter", f"--net={path}", "iptables-save"], capture_output=True, text=True, check=True
-    ).stdout
-    return "ISTIO_OUTPUT" in saved
+    return "ISTIO_OUTPUT" in run_at(path, "iptables-save")
 
 
 @pytest.fixture
