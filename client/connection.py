@@ -177,7 +177,7 @@ class ZdsClient:
                 return False
             if handover is not None:
                 self._take_over(handover)
-                self._schedule_retry()  # (the first snapshot's nacks)
+                self._schedule_retry(since=handover.pending_since)  # (the first snapshot's nacks)
             self._conn = conn
             if self.faults is not None:
                 await self.write_extras()
@@ -271,20 +271,22 @@ class ZdsClient:
             log.warning("closing the connection: %s", close.reason, extra=extra)
         return answered
 
-    def _schedule_retry(self) -> None:
+    def _schedule_retry(self, *, since: float | None = None) -> None:
         """Start the retry timer if a workload is pending and none runs. As ztunnel's
         (``schedule_retry``, at each nack), once started it runs to its end while records come
         and go, also if a Del took every pending workload meanwhile: one that goes pending
-        before it ends is retried then."""
+        before it ends is retried then. ``since``: when (``time.monotonic()``) the nack came,
+        if before now (the first snapshot's, answered before the loop ran)."""
         if self._retry_at is not None or (
             not self.protocol.has_retryable and not self.protocol.netnsless_uids
         ):
             return
-        self._retry_at = asyncio.get_running_loop().time() + self.retry_interval
+        ago = 0.0 if since is None else max(0.0, time.monotonic() - since)
+        self._retry_at = asyncio.get_running_loop().time() + max(0.0, self.retry_interval - ago)
         if self.protocol.has_retryable:
             log.info(
                 "scheduling retry of pending workloads in %gs: %s",
-                self.retry_interval,
+                round(max(0.0, self.retry_interval - ago), 3),
                 ", ".join(map(printable, self.protocol.retryable_uids)),
                 extra={"conn": self._conn_id},
             )

@@ -185,6 +185,7 @@ class Handover:
         "connected_since",
         "error",
         "hello_error",
+        "pending_since",
         "reconciled",
         "sock",
         "timed_out",
@@ -209,6 +210,9 @@ class Handover:
         self.to_activate: list[WorkloadProxy] = []
         #: A send failed: the connection is over, as when a send fails on the loop.
         self.error: OSError | None = None
+        #: When (``time.monotonic()``) a workload first went pending (a nack): the loop's
+        #: retry timer runs from then, as ztunnel's starts at the nack, not at the handover.
+        self.pending_since: float | None = None
 
 
 class StopSignals:
@@ -312,7 +316,13 @@ class _FirstSnapshot:
                 log.info("connected to the node agent at %s", self.path, extra=extra)
             work = RecordWork(self.protocol.receive(record), self.protocol, self.proxies, self.conn_id)
             handover.work = work  # until it is done
-            self._carry_out(work)
+            try:
+                self._carry_out(work)
+            finally:
+                if handover.pending_since is None and (
+                    self.protocol.has_retryable or self.protocol.netnsless_uids
+                ):
+                    handover.pending_since = time.monotonic()
             handover.work = None
             handover.to_activate.extend(work.started)  # their lines and counts can wait too
             work.count_replies(self.metrics)

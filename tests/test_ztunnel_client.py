@@ -304,6 +304,37 @@ def test_the_retry_timer_runs_to_its_end_when_a_del_takes_the_pending_workload(
     assert z.output().count("scheduling retry of pending workloads") == 1, z.output()
 
 
+@pytest.mark.root
+def test_a_nack_in_the_first_snapshot_is_retried_an_interval_after_the_nack(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
+) -> None:
+    """The first snapshot is answered before the event loop runs; the retry timer of its nacks
+    still runs from the nack (ztunnel's ``schedule_retry``), not from when the loop took over
+    (at SnapshotSent, up to ``HTTP_START_DELAY`` later)."""
+    interval, before_snapshot = 3.0, 0.8
+    pod = make_pod()
+    with open_netns(pod.path) as handle, in_netns(handle):
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        squatter.bind(("0.0.0.0", 15006))
+        squatter.listen()
+        z = start_ztunnel("--no-dns", "--retry-interval", str(interval))
+        conn = agent.connect_and_hello()
+        assert conn.add("uid-a", pod.path).error.startswith("failure to start proxy : ")
+        nacked = time.monotonic()
+        time.sleep(before_snapshot)
+        assert conn.snapshot() == Ack()
+        squatter.close()
+        wait_until(lambda: z.workload_states() == {"uid-a": "Up"}, "the retry", timeout=3 * interval)
+        up = time.monotonic()
+    finally:
+        squatter.close()
+    # (from the handover it came at ~interval + before_snapshot)
+    assert interval - 0.2 < up - nacked < interval + before_snapshot / 2, (
+        f"retried {up - nacked:.2f} s after the nack"
+    )
+
+
 # =============================================================================================
 # Bad records: nack text, follow-up, no fd leaked
 # =============================================================================================
