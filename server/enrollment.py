@@ -354,11 +354,11 @@ class Enrollment:
                     "nothing was removed (the pod stays enrolled)"
                 ) from exc
         pod = self.cache.pop(uid)
-        log.info("pod removed", extra=pod.spec.log_extra)
         self.events.publish(EventKind.POD_REMOVED, pod=pod)
         retried = False
         try:
             with spans.span(self.tracer, spans.REMOVE_POD, _attributes(pod.spec)) as span:
+                log.info("pod removed", extra=pod.spec.log_extra)  # (in its trace, as "pod enrolled")
                 await self._remove_rules(pod)
                 # Rules that could not be taken out: its row becomes a record of them (the
                 # next start takes them out), and they are tried again meanwhile.

@@ -355,6 +355,21 @@ def test_a_nacks_log_line_names_the_enrollments_trace(run_server: Callable[..., 
     assert f'"trace_id": "0x{trace_id.group(1)}"' in out  # the enrollment's trace
 
 
+def test_the_removals_log_line_names_the_removals_trace(run_server: Callable[..., NodeAgentProc]) -> None:
+    server = run_server(OTEL_TRACES_EXPORTER="console")
+    server.add_pod("u1", pod_netns())
+    server.remove_pod("u1")
+    wait_until(lambda: '"name": "zds.remove_pod"' in server.output(), what="the removal's span printed")
+    wait_until(lambda: "pod removed" in server.output(), what="the removal's log line")
+    out = server.output()
+    [line] = [x for x in out.splitlines() if "pod removed" in x]
+    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
+    assert trace_id is not None, line
+    span = re.search(r'"name": "zds.remove_pod",\s*"context": \{\s*"trace_id": "0x([0-9a-f]{32})"', out)
+    assert span is not None, out
+    assert span.group(1) == trace_id.group(1)
+
+
 class Collector:
     """A stand-in OpenTelemetry collector: OTLP/gRPC or OTLP/HTTP, keeping what it receives."""
 
