@@ -124,8 +124,8 @@ class ZdsClient:
                 # ztunnel logs every failure; only the first and the slow ones here, to keep the log readable.
                 level = logging.WARNING if self.backoff.attempts == 1 or delay >= 1.0 else logging.DEBUG
                 why = (
-                    "permission denied (the node agent's sockets are root's: run as root, or have it let "
-                    "you in with zds server --socket-group/--allow-uid)"
+                    "permission denied (the node agent's sockets are root's: run as root, or have it give "
+                    "them to a group of yours with zds server --socket-group)"
                     if exc.errno == errno.EACCES
                     else f"{exc.strerror or exc} (is it running?)"
                 )

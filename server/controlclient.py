@@ -36,6 +36,11 @@ _NOT_ROOT_HINT = (
     " (you are not root: the node agent lets in root and the uids and gids it was told to: "
     "zds server --allow-uid, --allow-gid, --socket-group)"
 )
+#: ... when the socket file itself kept this user out (EACCES at connect).
+_FILE_HINT = (
+    " (you are not root, and the socket file is not open to you: zds server --socket-group GROUP gives "
+    "it to a group of yours; --allow-uid/--allow-gid let you past the node agent's check only)"
+)
 
 
 class ControlTarget(NamedTuple):
@@ -135,7 +140,7 @@ class ControlTarget(NamedTuple):
 
     def _denied(self) -> ControlError:
         return ControlError(
-            f"cannot reach the node agent at {self.where}: permission denied{not_root_hint()}"
+            f"cannot reach the node agent at {self.where}: permission denied{_FILE_HINT if os.geteuid() else ''}"
         )
 
     def failure(self, exc: grpc.RpcError) -> ControlError:

@@ -131,6 +131,11 @@ class InstanceLock:
         if not served:
             self._remove_made_dirs()
 
+    @property
+    def made_dirs(self) -> list[str]:
+        """The directories made for the lock files (absolute, outermost first)."""
+        return list(self._made_dirs)
+
     def _remove_made_dirs(self) -> None:
         remove_dirs(self._made_dirs)
 

@@ -36,7 +36,7 @@ from aiohttp import web
 from zds import runtime
 from zds.aio import cancel_and_wait
 from zds.httpguard import TcpGuard
-from zds.server import storefile
+from zds.server import socketaccess, storefile
 from zds.server.agent import NodeAgent
 from zds.server.bulkadd import bulk_add
 from zds.server.cni import CniPluginEndpoint
@@ -166,6 +166,7 @@ class NodeAgentServer:
             await self._serve_cni(opts.cni_socket)
         if opts.http_listen:
             await self._serve_http(opts.http_listen)
+        socketaccess.say_kept_out(opts, self.agent.config.allow)
         self._serve_zds()  # (last: a start refused above sends a waiting ztunnel no snapshot)
         if opts.container_engine:
             self.engine = ContainerEngineSource(
@@ -308,9 +309,7 @@ class NodeAgentServer:
             )
 
     def _own(self, path: str) -> None:
-        """Give a socket file its group (--socket-group); its mode was set when it was bound."""
-        if self.options.socket_gid is not None:
-            os.chown(path, -1, self.options.socket_gid)
+        socketaccess.give(path, self.options, self._lock.made_dirs)
         self._sockets.append(SocketFile.of(path))
 
     async def _serve_cni(self, path: str) -> None:

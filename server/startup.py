@@ -54,7 +54,7 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     from zds.server.faultkinds import FaultError
     from zds.server.faultsfile import load_faults_file
 
-    for flag, what, path in _sockets(opts):
+    for flag, what, path in sockets(opts):
         _bindable(flag, what, path)
     grpc_path = PrivateDir.socket_path(opts.control_socket)
     if grpc_path is not None and (bad := not_utf8([opts.control_socket])) is not None:
@@ -132,7 +132,7 @@ def _free_port(flag: str, host: str, port: int, *, v6only: bool) -> None:
             raise StartupError(f"{flag} {host_port(host, port)}{which}: {exc.strerror}") from None
 
 
-def _sockets(opts: ServerOptions) -> list[tuple[str, str, str]]:
+def sockets(opts: ServerOptions) -> list[tuple[str, str, str]]:
     """The unix sockets the node agent serves: each one's flag, what it serves (for a
     refusal) and path."""
     sockets = [
@@ -164,7 +164,7 @@ def _others_write(st: os.stat_result) -> str:
 def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
     """Lock every socket path and the state directory, or stop before touching anything."""
     seen: dict[str, str] = {}
-    for flag, _, path in _sockets(opts):
+    for flag, _, path in sockets(opts):
         where = os.path.normpath(os.path.abspath(path))
         if (other := seen.setdefault(where, flag)) != flag:
             raise StartupError(f"{other} and {flag} are the same path {path}: give each socket its own")
@@ -193,7 +193,7 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
                 )
     try:
         lock.acquire(
-            [(path, socket_lock(path)) for _, _, path in _sockets(opts)]
+            [(path, socket_lock(path)) for _, _, path in sockets(opts)]
             + [(opts.state_dir, state_lock(opts.state_dir))]
         )
     except InstanceError as exc:
@@ -218,7 +218,7 @@ def claim_paths(opts: ServerOptions, lock: InstanceLock) -> Claim:
 def clear_sockets(opts: ServerOptions) -> None:
     """Each socket path claimed: a stale socket there goes, another program's live one is
     refused now, before the pod store is opened (and a start refused made it)."""
-    for _, what, path in _sockets(opts):
+    for _, what, path in sockets(opts):
         try:
             clear_socket_path(path)
         except SocketPathTaken as exc:

@@ -148,13 +148,52 @@ def test_a_peer_not_on_the_allow_list_is_refused_on_every_socket_and_logged_once
 
 
 def test_allow_uid_lets_that_user_in(public_dir: Path) -> None:
+    """The allow-list decides: the files are 0666 and the directories the start made 0755."""
     server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
     try:
-        reachable(server)
+        for path in (server.zds_socket, server.control_socket, server.cni_socket):
+            assert oct(os.stat(path).st_mode & 0o777) == "0o666"
+            assert oct(os.stat(os.path.dirname(path)).st_mode & 0o777) == "0o755"
         # The hello is answered with the (empty) snapshot: SnapshotSent.
         assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "answer:1a00"
+        assert "cannot connect to" not in server.output()
     finally:
         server.stop()
+
+
+def test_a_directory_the_start_did_not_make_that_keeps_an_allowed_peer_out_is_said(public_dir: Path) -> None:
+    (public_dir / "ztunnel").mkdir(mode=0o700)  # (made beforehand: the start leaves its mode)
+    (public_dir / "zds").mkdir(mode=0o700)
+    os.setxattr(public_dir / "zds", "system.posix_acl_access", _ACL_NOBODY_ENTERS)
+    server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
+    try:
+        # Kept out of the ZDS socket (and said, in one line); let in by the ACL to the control socket.
+        assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "error:Permission denied"
+        server.wait_for_output(
+            f"uid {NOBODY} cannot connect to {server.zds_socket} (mode 0666 group 0, in "
+            f"{public_dir / 'ztunnel'}: mode 0700 group 0): the node agent lets them in"
+        )
+        assert as_user(NOBODY, server.control_socket, "stream", b"x").startswith(
+            "answer:"
+        )  # (let in: gRPC's settings)
+        lines = [line for line in server.output().splitlines() if "cannot connect to" in line]
+        assert len(lines) == 1, lines
+    finally:
+        server.stop()
+
+
+#: A directory's ACL (the kernel's xattr form: a version, then tag, permissions, id each):
+#: owner rwx, user NOBODY x, group ---, mask x, others ---.
+_ACL_NOBODY_ENTERS = (2).to_bytes(4, "little") + b"".join(
+    tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+    for tag, perm, ident in (
+        (1, 7, 2**32 - 1),
+        (2, 1, NOBODY),
+        (4, 0, 2**32 - 1),
+        (16, 1, 2**32 - 1),
+        (32, 0, 2**32 - 1),
+    )
+)
 
 
 def test_socket_group_gives_the_sockets_to_a_group_and_lets_it_in(public_dir: Path) -> None:
@@ -162,9 +201,11 @@ def test_socket_group_gives_the_sockets_to_a_group_and_lets_it_in(public_dir: Pa
     server = NodeAgentProc(str(public_dir), "--socket-group", str(group)).wait_ready()
     try:
         for path in (server.zds_socket, server.control_socket, server.cni_socket):
-            st = os.stat(path)
+            st, parent = os.stat(path), os.stat(os.path.dirname(path))
             assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", group)
-        reachable(server, mode=0)
+            # The directory this start made for it: the group may enter (nobody else).
+            assert (oct(parent.st_mode & 0o777), parent.st_gid) == ("0o750", group)
+        assert "cannot connect to" not in server.output()
         assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO, gid=group) == "answer:1a00"
         # As a supplementary group too (usermod -aG, a pod's supplementalGroups): the file let
         # that user connect, and the node agent turned it away, knowing its primary gid only.
@@ -201,7 +242,7 @@ def test_a_client_that_may_not_reach_the_socket_is_told_permission_denied(tmp_pa
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
         assert out.startswith(f"cannot reach the node agent at {server.control_socket}: permission denied")
-        assert "--allow-uid" in out
+        assert "the socket file is not open to you: zds server --socket-group GROUP" in out, out
     finally:
         server.stop()
 
@@ -234,7 +275,8 @@ def test_pod_add_from_file_as_a_user_kept_out_is_told_permission_denied(public_d
         kept_out = run()
         assert kept_out.returncode == 1
         assert kept_out.stderr.startswith(
-            f"zds pod add: cannot reach the node agent at {server.control_socket}: permission denied (you are not root"
+            f"zds pod add: cannot reach the node agent at {server.control_socket}: permission denied (you are not "
+            "root, and the socket file is not open to you"
         ), kept_out.stderr
         reachable(server)  # the file open to all: the allow-list turns the user away
         turned_away = run()
