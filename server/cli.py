@@ -345,4 +345,13 @@ def _label_filter(text: str) -> str:
     key = text.partition("=")[0]
     if not key.strip() or key != key.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY or KEY=VALUE with a label key")
+    from zds.server.containers import EVENT_ATTRIBUTES
+
+    if key in EVENT_ATTRIBUTES:
+        # (the engines' events carry the container's name, image, ... under these keys, over a
+        # label of the same name: a container's create event could not say it is this agent's)
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the container engines' events use the key {key!r} for their own attribute; "
+            "label the containers with another key"
+        )
     return text

@@ -28,11 +28,11 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from zds import defaults
-from zds.netns import NetnsError, NetnsRef, open_netns
+from zds.netns import NetnsError, NetnsRef, OutOfFds, open_netns
 from zds.server.agent import NodeAgent
 from zds.server.containers import ContainerFacts, addresses, container_netns, running, shares_netns
 from zds.server.locks import KeyedLocks
-from zds.server.outcomes import EnrollmentError, PodChanged, RemovalNotRecorded
+from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, PodChanged, RemovalNotRecorded
 from zds.server.podcache import Pod
 from zds.server.pods import PodSource, PodSpec
 from zds.server.selection import Selection
@@ -258,14 +258,24 @@ class ContainerPods:
         if info is not None and not shares_netns(info):
             try:
                 wanted = container_netns(info, self.agent.enrollment.policy)
+            except OutOfFds as exc:
+                # Not a netns gone: nothing can be told now (the pod it has stays; its next
+                # event, or the next reconcile, looks again).
+                log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
+                return
             except NetnsError as exc:
                 log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
         known = self.facts.get(cid)
         selected = wanted is not None and known is not None and self.selection(known).selected
         gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
-        # A pod the CNI plugin enrolled goes with its container's netns; the labels were
-        # its plugin's business (zds-cni's "enroll: all" enrolls unlabelled containers).
-        unselected = held is not None and held.spec.source is PodSource.CONTAINER_ENGINE and not selected
+        # A pod the CNI plugin enrolled goes with its container's netns, or once the container
+        # is no longer this node agent's (--container-label); Istio's labels were its plugin's
+        # business (zds-cni's "enroll: all" enrolls unlabelled containers).
+        unselected = held is not None and (
+            not selected
+            if held.spec.source is PodSource.CONTAINER_ENGINE
+            else known is not None and not self.mine(known.labels)
+        )
         if held is not None and (gone or unselected):
             log.info("container gone or changed: removing its pod", extra=held.spec.log_extra)
             try:
@@ -279,7 +289,9 @@ class ContainerPods:
             try:
                 await self.agent.add_pod(spec, expect=None)
             except EnrollmentError as exc:
-                log.error("container %s: %s", spec.name, exc, extra=spec.log_extra)
+                # (no ztunnel connected yet: the pod is cached, and goes out in its snapshot)
+                level = logging.INFO if exc.outcome is EnrollmentOutcome.NO_CONNECTION else logging.ERROR
+                log.log(level, "container %s: %s", spec.name, exc, extra=spec.log_extra)
 
     def owned(self) -> list[str]:
         """The uids of every pod of a container."""

@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import sqlite3
 import subprocess
 import warnings
@@ -1674,6 +1675,52 @@ async def test_the_engine_does_not_replace_the_pod_the_control_api_enrolled_whil
     assert agent.agent.pods.get("c1") is enrolled.pod
     assert agent.stored() == {"c1": identity(b)}
     assert has_rules(b) and not has_rules(a)
+
+
+async def test_a_zds_cni_pod_goes_once_its_container_is_no_longer_this_node_agents(
+    agent: Agent, make_pod: Callable[[], Pod], sleeper_in: Callable[[Pod], subprocess.Popen[bytes]]
+) -> None:
+    """zds-cni enrolled c1 (its Istio labels the plugin's business); the node agent restarted
+    with a --container-label c1 does not carry: the reconcile takes the pod out, as an engine
+    pod's (it stayed, with its rules). One that carries it stays."""
+    a, b = make_pod(), make_pod()
+    containers = ContainerPods(agent.agent)
+    containers.label_filter = ("team=a",)
+    for cid, pod in (("c1", a), ("c2", b)):
+        await agent.agent.add_pod(
+            PodSpec.create(
+                cid, NetnsRef.of_path(pod.path), name=cid, namespace="default", source=PodSource.CNI
+            )
+        )
+    theirs, ours = inspection("c1", a, sleeper_in(a).pid), inspection("c2", b, sleeper_in(b).pid)
+    ours["Config"] = {"Labels": {"team": "a"}}  # (no Istio label: zds-cni's "enroll: all" took it)
+    await containers.sync("c1", theirs)
+    await containers.sync("c2", ours)
+    assert list(agent.stored()) == ["c2"] and [pod.uid for pod in agent.agent.pods] == ["c2"]
+    assert not has_rules(a) and has_rules(b)
+
+
+async def test_the_engine_keeps_a_pod_whose_netns_it_cannot_open_for_want_of_fds(
+    agent: Agent, make_pod: Callable[[], Pod], sleeper_in: Callable[[Pod], subprocess.Popen[bytes]]
+) -> None:
+    """Out of fds (EMFILE), the engine's look at a running container's netns says nothing
+    about the container: its pod stays (it was removed as a container gone, and came back
+    only with the container's next event)."""
+    a = make_pod()
+    containers = ContainerPods(agent.agent)
+    info = inspection("c1", a, sleeper_in(a).pid)
+    await containers.sync("c1", info)
+    pod = agent.agent.pods.get("c1")
+    assert pod is not None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # (no fd to open from here)
+    try:
+        await containers.sync("c1", info)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert agent.agent.pods.get("c1") is pod and agent.stored() == {"c1": identity(a)} and has_rules(a)
 
 
 # -- the node agent's stop cutting short a control API call ---------------------------------
