@@ -127,11 +127,15 @@ def _add_request(spec: PodSpec) -> nodeagent_pb2.AddPodRequest:
     return req
 
 
+class _Usage(PodSpecError):
+    """Flags missing or that do not go together: refused as argparse refuses one (exit 2)."""
+
+
 def _specs(args: argparse.Namespace) -> list[PodSpec]:
     """The pods to enroll: the flags' one, or a pods file's."""
     if args.from_file:
         if args.uid is not None or args.netns or args.netns_pid or args.ips:
-            raise PodSpecError("--from-file cannot be combined with --uid/--netns/--netns-pid/--ip")
+            raise _Usage("--from-file cannot be combined with --uid/--netns/--netns-pid/--ip")
         from zds.server.podsfile import load_pods_file
 
         specs = load_pods_file(args.from_file)
@@ -139,11 +143,11 @@ def _specs(args: argparse.Namespace) -> list[PodSpec]:
             raise PodSpecError(f"{args.from_file}: no pods in it, nothing to enroll")
         return specs
     if args.uid is None:
-        raise PodSpecError("--uid is required (or --from-file)")
+        raise _Usage("--uid is required (or --from-file)")
     if not args.uid.strip():
         raise PodSpecError("--uid is empty")
     if not args.netns and not args.netns_pid:
-        raise PodSpecError("--netns PATH or --netns-pid PID is required")
+        raise _Usage("--netns PATH or --netns-pid PID is required")
     try:
         netns = NetnsRef.of_pid(args.netns_pid) if args.netns_pid else NetnsRef.of_path(args.netns)
     except NetnsRefError as exc:
@@ -177,6 +181,9 @@ def add(args: argparse.Namespace) -> int:
         if args.json:
             _report(lambda: print(json.dumps(answers, indent=2)))
         return 1 if any("error" in a for a in answers) else 0
+    except _Usage as exc:
+        args.command_parser.error(str(exc))  # (exits 2)
+        raise
     except (ControlError, PodSpecError) as exc:
         print(f"zds pod add: {exc}", file=sys.stderr)
         return 1

@@ -126,7 +126,19 @@ def test_pod_add_records_the_addresses_given_and_refuses_what_is_not_one(
     assert "argument --ip: '10.0.0.256' is not an IPv4 or IPv6 address" in bad.stderr
     pods = pods_file(tmp_path, [{"uid": "u3", "netns": pod_netns()}])
     mixed = server.cli("pod", "add", "--from-file", pods, "--ip", "10.0.0.9")
-    assert mixed.returncode == 1 and "cannot be combined with --uid/--netns/--netns-pid/--ip" in mixed.stderr
+    assert mixed.returncode == 2 and mixed.stderr.splitlines()[-1] == (
+        "zds pod add: error: --from-file cannot be combined with --uid/--netns/--netns-pid/--ip"
+    )
+    # (as zds pod remove without --uid: the flags a command needs, refused as argparse refuses them)
+    for flags, said in ((["--netns", pod_netns()], "--uid is required (or --from-file)"),
+                        (["--uid", "u4"], "--netns PATH or --netns-pid PID is required")):  # fmt: skip
+        missing = server.cli("pod", "add", *flags)
+        assert missing.returncode == 2 and missing.stderr.splitlines()[-1] == f"zds pod add: error: {said}"
+    no_uid = server.cli("pod", "remove")
+    assert (
+        no_uid.returncode == 2
+        and "zds pod remove: error: the following arguments are required: --uid" in no_uid.stderr
+    )
     empty = pods_file(tmp_path, [])
     nothing = server.cli("pod", "add", "--from-file", empty)  # exited 0 with no word: nothing was acked
     assert (
