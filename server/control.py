@@ -35,6 +35,7 @@ from zds.server.eventkinds import EventKind
 from zds.server.events import FaultView, WatchEnded, WatchEnding, Watcher
 from zds.server.faultkinds import FaultError, Refusal
 from zds.server.faults import Fault
+from zds.server.grpcdecode import RefuseUndecodable
 from zds.server.names import uid_problem
 from zds.server.outcomes import EnrollmentError, EnrollmentOutcome, RemovalNotRecorded
 from zds.server.pods import PodSpec
@@ -383,6 +384,7 @@ def _grpc_server(
 ) -> grpc.aio.Server:
     """A gRPC server of the control API (the node agent's service, health, reflection)."""
     server = grpc.aio.server(
+        interceptors=[RefuseUndecodable()],
         options=[
             # A connection that has not finished gRPC's handshake is closed after this long
             # (gRPC's default is 120 s): the control socket's door lets through only what
@@ -392,7 +394,7 @@ def _grpc_server(
             # (gRPC's default is 4 MiB: a message of empty pods decodes to ~60 times that)
             ("grpc.max_receive_message_length", defaults.CONTROL_MAX_REQUEST),
             *(options or []),
-        ]
+        ],
     )
     nodeagent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 
 class _MethodsToo:
@@ -38,8 +38,24 @@ class _MethodsToo:
             return service.file
 
 
+#: The reflection service's released name (grpcio-reflection serves ``v1alpha`` only; Go's and
+#: C++'s servers serve both, and clients that speak only ``v1`` exist).
+V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+
+
 def enable(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
-    """Serve reflection on ``server`` for ``service_names`` (and for itself)."""
-    reflection.enable_server_reflection(
-        (*service_names, reflection.SERVICE_NAME), server, pool=_MethodsToo(descriptor_pool.Default())
+    """Serve reflection on ``server`` for ``service_names`` (and for itself), as ``v1alpha``
+    and as ``v1``: the same messages on the wire (only the proto package differs), so the same
+    servicer answers both. (Listed is ``v1alpha`` only: its descriptors are the ones loaded.)"""
+    servicer = reflection.aio.ReflectionServicer(
+        (*service_names, reflection.SERVICE_NAME), pool=_MethodsToo(descriptor_pool.Default())
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": info}),)
     )

@@ -305,7 +305,15 @@ def test_reflection_lists_the_node_agent_service(server: NodeAgentProc) -> None:
             stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         )
         names = {s.name for s in resp.list_services_response.service}
+        # The same under v1's name (the messages are v1alpha's on the wire): it was UNIMPLEMENTED.
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        [by_v1] = list(v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
     assert {"zds.v1.NodeAgent", "grpc.health.v1.Health"} <= names
+    assert {s.name for s in by_v1.list_services_response.service} == names
 
 
 def test_control_api_on_tcp_in_plaintext_only_when_asked_and_with_a_warning(tmp_path: object) -> None:

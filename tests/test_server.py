@@ -322,6 +322,38 @@ def test_bad_input_is_invalid_argument_and_not_cached(
     assert server.list_pods() == []
 
 
+def test_a_request_that_does_not_decode_is_invalid_argument_on_every_kind_of_method(
+    server: NodeAgentProc,
+) -> None:
+    """A uid that is not UTF-8, bytes that are no protobuf: grpcio's deserializer let the
+    DecodeError out (UNKNOWN, "Unexpected <class ...DecodeError>", and an error line with a
+    traceback in the node agent's log for each)."""
+    not_utf8 = bytes.fromhex("0a02fffe")  # (AddPodRequest.uid, two bytes that are not UTF-8)
+    with grpc.insecure_channel(f"unix:{server.control_socket}") as channel:
+        calls: dict[str, Callable[[bytes], object]] = {
+            "AddPod": lambda data: channel.unary_unary("/zds.v1.NodeAgent/AddPod")(data, timeout=30),
+            "RemovePod": lambda data: channel.unary_unary("/zds.v1.NodeAgent/RemovePod")(data, timeout=30),
+            "Watch": lambda data: list(channel.unary_stream("/zds.v1.NodeAgent/Watch")(data, timeout=30)),
+            "AddPods": lambda data: list(
+                channel.stream_stream("/zds.v1.NodeAgent/AddPods")(iter([data]), timeout=30)
+            ),
+        }
+        for method, call in calls.items():
+            for data in (not_utf8, b"\xff\xff\xff\xff"):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(data)
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, info.value)
+                details = info.value.details() or ""
+                assert details.startswith(
+                    "the request is not a message of this method: Error parsing message"
+                ), (
+                    method,
+                    details,
+                )
+    assert "Unexpected" not in server.output() and "Traceback" not in server.output()
+    assert server.list_pods() == []
+
+
 def test_the_node_is_never_enrolled_whatever_path_leads_to_it(server: NodeAgentProc, tmp_path: Path) -> None:
     """Symlinks, '..' and a host process's /proc/PID/ns/net all end at the same refusal, and
     nothing goes into the node's netns (no rules, nothing cached)."""
