@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiodocker
@@ -48,6 +48,8 @@ _ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutEr
 #: Errors from what the engine said of one container that zds cannot read (a field missing,
 #: or of another type): that container's pod is left as it is, the others go on.
 _NOT_UNDERSTOOD = (ValueError, TypeError, KeyError, AttributeError)
+#: aiodocker's status for a request the engine did not answer (the connection failed).
+_NO_ANSWER = 900
 
 
 def engine_url(socket: str) -> str:
@@ -199,7 +201,8 @@ class ContainerEngineSource:
     async def _reconcile(self, docker: aiodocker.Docker, keep: set[str]) -> int:
         """List, learn, and sync every container of ours and every pod of a container; what
         the listing lacks is forgotten, unless its ``create`` event came meanwhile (``keep``)."""
-        containers = await docker.containers.list(all=True)
+        async with _answer_within("a listing"):
+            containers = await docker.containers.list(all=True)
         present, mine = set(), set()
         for container in containers:
             summary: Mapping[str, Any] = container._container
@@ -224,6 +227,11 @@ class ContainerEngineSource:
             await self._sync(docker, cid)
         except _NOT_UNDERSTOOD as exc:
             _not_understood(cid, exc)
+        except (aiodocker.DockerError, TimeoutError) as exc:
+            if isinstance(exc, aiodocker.DockerError) and exc.status == _NO_ANSWER:
+                raise
+            # (an answer about this container, or none about it alone: the others go on)
+            log.warning("cannot look at container %s: %s; its pod is left as it is", cid[:12], _describe(exc))
 
     def _handle(self, docker: aiodocker.Docker, event: Mapping[str, Any]) -> None:
         action = _action(event)
@@ -266,7 +274,8 @@ class ContainerEngineSource:
 
     async def _sync(self, docker: aiodocker.Docker, cid: str) -> None:
         try:
-            info: Mapping[str, Any] | None = await docker.containers.container(cid).show()
+            async with _answer_within(f"the inspection of container {cid[:12]}"):
+                info: Mapping[str, Any] | None = await docker.containers.container(cid).show()
         except aiodocker.DockerError as exc:
             # Podman 4.3 answers 500 "no such container" for one removed while it was being looked at.
             if exc.status != 404 and "no such container" not in str(exc.message):
@@ -287,10 +296,20 @@ async def _pin_api_version(docker: aiodocker.Docker) -> None:
     first request, and Podman does not answer ``/version`` (nor a listing) while a
     container's CNI plugins run: the session's event stream then waited with the listing,
     and that container's ADD waited for its ``create`` event until it failed."""
-    async with docker.session.get(f"{docker.docker_host}/_ping") as response:
+    async with _answer_within("/_ping"), docker.session.get(f"{docker.docker_host}/_ping") as response:
         version = response.headers.get("Api-Version", "")
     if re.fullmatch(r"\d+\.\d+", version):
         docker.api_version = f"v{version}"
+
+
+@contextlib.asynccontextmanager
+async def _answer_within(what: str) -> AsyncIterator[None]:
+    """TimeoutError, saying ``what`` went unanswered, once ``ENGINE_ANSWER_TIMEOUT`` passed."""
+    try:
+        async with asyncio.timeout(defaults.ENGINE_ANSWER_TIMEOUT):
+            yield
+    except TimeoutError:
+        raise TimeoutError(f"no answer to {what} within {defaults.ENGINE_ANSWER_TIMEOUT:g}s") from None
 
 
 def _action(event: Mapping[str, Any]) -> str:
@@ -322,6 +341,8 @@ def _describe(exc: BaseException | None) -> str:
         return "no error"
     if isinstance(exc, aiodocker.DockerError):
         # aiodocker reports a failed connection as status 900.
-        return str(exc.message) if exc.status == 900 else f"engine answered {exc.status}: {exc.message}"
+        return (
+            str(exc.message) if exc.status == _NO_ANSWER else f"engine answered {exc.status}: {exc.message}"
+        )
     text = str(exc) or type(exc).__name__
     return text

@@ -23,6 +23,8 @@ from aiohttp import web
 
 from tests.harness import NodeAgentProc, Pod, post_unix, wait_until
 from tests.standins import AckingPeer
+from zds import defaults
+from zds.server import engine as engine_module
 
 pytestmark = pytest.mark.root
 
@@ -35,6 +37,8 @@ class StandInEngine:
     def __init__(self, path: str) -> None:
         self.path = path
         self.containers: dict[str, dict[str, Any]] = {}
+        #: Containers whose inspection fails with this status.
+        self.failing: dict[str, int] = {}
         self._loop = asyncio.new_event_loop()
         #: One per open event stream: set, the stream ends.
         self._cuts: list[asyncio.Event] = []
@@ -71,6 +75,8 @@ class StandInEngine:
 
     async def _inspect(self, request: web.Request) -> web.Response:
         ref = request.match_info["ref"]
+        if ref in self.failing:
+            return web.json_response({"message": f"cannot inspect {ref}"}, status=self.failing[ref])
         info = self.containers.get(ref) or next(
             (i for i in self.containers.values() if i["Name"].lstrip("/") == ref), None
         )
@@ -231,6 +237,42 @@ def test_a_container_the_engine_describes_wrongly_is_skipped_in_one_line_and_the
         assert "is down" not in server.output() and "Traceback" not in server.output()
     finally:
         server.stop()
+
+
+def test_a_container_whose_inspection_fails_is_skipped_and_the_source_stays_up(
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """One container's inspection answered 500 in a reconcile: the whole source went down,
+    tried again every 30 s, and no other container was followed."""
+    a, b = make_pod(), make_pod()
+    good, bad = "a" * 64, "b" * 64
+    engine.containers[good] = inspection(good, "good", a, in_netns(a))
+    engine.containers[bad] = inspection(bad, "bad", b, in_netns(b))
+    engine.failing[bad] = 500
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    try:
+        server.wait_for_output("listed and reconciled")
+        line = f"cannot look at container {bad[:12]}: engine answered 500: "
+        server.wait_for_output(line)
+        assert "its pod is left as it is" in next(x for x in server.output().splitlines() if line in x)
+        wait_until(lambda: [p.uid for p in server.list_pods()] == [good], "the good container's pod")
+        del engine.failing[bad]
+        engine.emit(bad, "start")  # (followed: the next event looks again)
+        wait_until(lambda: {p.uid for p in server.list_pods()} == {good, bad}, "the other pod")
+        assert "is down" not in server.output()
+    finally:
+        server.stop()
+
+
+async def test_an_engine_answer_not_given_in_time_is_a_timeout_that_says_what(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Engine calls had no timeout: an engine that never answered its ping or a listing held
+    the source at "not connected yet" for good, without a line."""
+    monkeypatch.setattr(defaults, "ENGINE_ANSWER_TIMEOUT", 0.05)
+    with pytest.raises(TimeoutError, match=r"^no answer to a listing within 0.05s$"):
+        async with engine_module._answer_within("a listing"):
+            await asyncio.sleep(10)
 
 
 def test_a_cni_del_for_a_container_that_still_runs_selected_leaves_it_enrolled(

@@ -220,6 +220,9 @@ NETNS_SWEEP = 0.0
 #: Reconnecting to the container engine: first delay and cap (seconds), doubling.
 ENGINE_RETRY_INITIAL = 0.5
 ENGINE_RETRY_MAX = 30.0
+#: How long a container engine has to answer a listing or a container's inspection (seconds):
+#: longer than zds-cni's ADD (Podman answers neither while a container's CNI plugins run).
+ENGINE_ANSWER_TIMEOUT = 30.0
 
 #: The longest delay a fault may ask for (either end): an hour holds any test, and keeps a
 #: delay a timer can take (a Duration of 2**63 s is not one).
