@@ -9,6 +9,7 @@ import errno
 import ipaddress
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,12 +68,17 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     if opts.container_label and not opts.container_engine:
         raise StartupError("--container-label only applies with --container-engine")
     if opts.container_engine and "://" in opts.container_engine:
-        scheme = opts.container_engine.partition("://")[0]
+        scheme, _, rest = opts.container_engine.partition("://")
         if scheme not in ENGINE_SCHEMES and not (scheme == "ssh" and _have("asyncssh", "aiodocker.ssh")):
             # (it was retried for good: "Missing protocol scheme")
             raise StartupError(
                 f"--container-engine {opts.container_engine}: give the API socket's path, or a "
                 "unix://, tcp://, http:// or https:// URL (ssh:// with asyncssh installed)"
+            )
+        if not _engine_address_ok(scheme, rest):  # (each was retried for good, in a line that did not say)
+            raise StartupError(
+                f"--container-engine {opts.container_engine}: "
+                + ("no socket path after unix://" if scheme == "unix" else "not a URL with a host (and port)")
             )
     if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
@@ -87,6 +93,18 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     except FaultError as exc:
         raise StartupError(f"--faults {opts.faults_file}: {exc}") from exc
     return pods, faults
+
+
+def _engine_address_ok(scheme: str, rest: str) -> bool:
+    """Whether what follows ``scheme://`` in ``--container-engine`` names something."""
+    if scheme == "unix":
+        return bool(rest)
+    try:
+        parsed = urllib.parse.urlsplit(f"{scheme}://{rest}")
+        _ = parsed.port  # (ValueError: not a port)
+    except ValueError:
+        return False
+    return bool(parsed.hostname)
 
 
 def check_ports(opts: ServerOptions) -> None:

@@ -781,6 +781,16 @@ def test_numbers_a_flag_cannot_take_are_refused_in_one_line(
             "--container-engine ftp://x: give the API socket's path, or a unix://, tcp://, http:// or "
             "https:// URL (ssh:// with asyncssh installed)",
         ),
+        # (each retried for good, in a line that did not say: "[Invalid argument]", "is down: http://[::1/_ping")
+        (["--container-engine", "unix://"], "--container-engine unix://: no socket path after unix://"),
+        (
+            ["--container-engine", "http://[::1"],
+            "--container-engine http://[::1: not a URL with a host (and port)",
+        ),
+        (
+            ["--container-engine", "tcp://:2375"],
+            "--container-engine tcp://:2375: not a URL with a host (and port)",
+        ),
     ],
 )
 def test_a_server_flag_that_would_be_ignored_is_refused_before_anything_is_made(
