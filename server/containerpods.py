@@ -52,6 +52,8 @@ class ContainerPods:
         #: node agent's; one without is another's, answered at once ("not selected").
         self.label_filter: tuple[str, ...] = ()
         self.facts: dict[str, ContainerFacts] = {}
+        #: The node agent is stopping: an ADD waiting for its container's facts is answered now.
+        self.stopping = False
         #: Set while a container engine is followed: makes a container's pod what the engine
         #: says, soon (``ContainerEngineSource.request_sync``).
         self.resync: Callable[[str], None] | None = None
@@ -117,12 +119,18 @@ class ContainerPods:
     def forget(self, cid: str) -> None:
         self.facts.pop(cid, None)
 
+    def stop(self) -> None:
+        """The node agent stops: what waits for a container's facts gives up now."""
+        self.stopping = True
+        self._learned.set()
+
     async def wait_facts(self, cid: str) -> ContainerFacts | None:
-        """The container's facts, waiting up to the lookup timeout for the engine to report it."""
+        """The container's facts, waiting up to the lookup timeout for the engine to report it
+        (None: not reported by then, or the node agent stops)."""
         deadline = time.monotonic() + self.lookup_timeout
         while cid not in self.facts:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self.stopping:
                 return None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
@@ -144,6 +152,8 @@ class ContainerPods:
         waiting = self._add_arrived(cid, spec.netns)
         try:
             facts = await self.wait_facts(cid)
+            if facts is None and self.stopping:
+                return 503, "node agent shutting down; the pod was not enrolled"
             if facts is None:
                 return 503, (
                     f"container {cid[:12]} is unknown to the container engine {self.engine} "

@@ -361,6 +361,7 @@ class NodeAgentServer:
     async def stop(self, *, refused: bool = False) -> None:
         self._ready = False
         self.agent.enrollment.stopping = True
+        self.containers.stop()  # (a CNI ADD waiting for its container is answered now)
         # No new gRPC call from here on (one that came during the bulk lanes' grace started an
         # enrollment the last cancel_all cut short); those under way have 0.5 s to answer.
         grpc_stop = asyncio.ensure_future(self._grpc.stop(grace=0.5)) if self._grpc is not None else None

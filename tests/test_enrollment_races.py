@@ -1625,6 +1625,23 @@ async def test_a_cni_add_whose_del_came_while_it_waited_for_the_container_is_not
     assert not containers._adds_waiting  # (nothing kept once the ADDs are answered)
 
 
+async def test_a_cni_add_waiting_for_its_container_is_answered_at_the_stop(
+    agent: Agent, make_pod: Callable[[], Pod]
+) -> None:
+    """The stop waited for an ADD's wait for the engine's facts (10 s), and the ADD was then
+    told the engine may be unreachable."""
+    a = make_pod()
+    containers = ContainerPods(agent.agent, lookup_timeout=60.0)
+    containers.engine = "stand-in"
+    spec = PodSpec.create("c" * 64, NetnsRef.of_path(a.path), source=PodSource.CNI)
+    add = asyncio.ensure_future(containers.cni_add(spec, "c" * 64))
+    await asyncio.sleep(0)  # (it waits for its container's facts)
+    assert not add.done()
+    containers.stop()
+    assert await asyncio.wait_for(add, 5) == (503, "node agent shutting down; the pod was not enrolled")
+    assert agent.agent.pods.get("c" * 64) is None and not has_rules(a)
+
+
 def engine_spec(uid: str, pod: Pod) -> PodSpec:
     """The pod of container ``uid`` as the container engine enrolls it."""
     return PodSpec.create(
