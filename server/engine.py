@@ -43,6 +43,8 @@ log = logging.getLogger("zds.server.engine")
 
 #: Container event actions that do not change where a container's pod stands.
 _IGNORED_ACTIONS = ("exec", "attach", "resize", "top", "export", "commit", "copy", "archive")
+#: A container gone for good (Podman's action, Docker's).
+_GONE_ACTIONS = ("remove", "destroy")
 #: Errors that mean "the engine is not answering".
 _ENGINE_ERRORS = (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError, ValueError)
 #: Errors from what the engine said of one container that zds cannot read (a field missing,
@@ -241,7 +243,10 @@ class ContainerEngineSource:
         if facts is None:
             return
         if action == "create" or (not self.pods.mine(facts.labels) and facts.id not in self.pods.agent.pods):
-            self.pods.learn(facts)  # (another node agent's container: known, nothing to sync)
+            if action in _GONE_ACTIONS:
+                self.pods.forget(facts.id)  # (another agent's container gone: its facts were kept for good)
+            else:
+                self.pods.learn(facts)  # (another node agent's container: known, nothing to sync)
             return
         log.debug("container %s %s", facts.name, action, extra={"uid": facts.id})
         self.request_sync(docker, facts.id)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -11,8 +12,10 @@ from zds.netns import NetnsRef
 from zds.server.agent import NodeAgent
 from zds.server.containerpods import ContainerPods
 from zds.server.containers import ContainerFacts, addresses, dns_name, shares_netns
+from zds.server.engine import ContainerEngineSource
 from zds.server.pods import PodSource
 from zds.server.selection import select
+from zds.server.tasks import TaskOwner
 
 MODE = "istio.io/dataplane-mode"
 
@@ -113,3 +116,19 @@ async def test_a_handler_cancelled_as_another_container_is_learnt_stops_waiting(
     finally:
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
+
+
+async def test_the_facts_of_another_agents_container_go_with_it() -> None:
+    """With --container-label, every event of another agent's container was learnt, its
+    removal's too: their facts piled up until the next reconnect (10,000 containers made
+    and removed, 10,000 kept)."""
+    pods = ContainerPods(cast(NodeAgent, SimpleNamespace(pods={})))
+    source = ContainerEngineSource("/nonexistent/engine.sock", pods, TaskOwner(), ("team=a",))
+
+    def event(action: str) -> dict[str, object]:
+        return {"Type": "container", "Action": action, "Actor": {"ID": "c1", "Attributes": {"team": "b"}}}
+
+    docker = cast(Any, None)  # (another agent's container: nothing is asked of the engine)
+    for action, known in (("create", True), ("start", True), ("died", True), ("remove", False)):
+        source._handle(docker, event(action))
+        assert ("c1" in pods.facts) is known, action
