@@ -167,7 +167,13 @@ class ContainerEngineSource:
         try:
             await asyncio.wait({follow, reconcile}, return_when=asyncio.FIRST_COMPLETED)
             if not reconcile.done():
-                follow.result()  # (the stream ended first: EngineDown)
+                try:
+                    follow.result()  # (the stream ended first: EngineDown)
+                except EngineDown as down:
+                    raise EngineDown(
+                        f"{down} before its containers were listed (an engine without events? Podman's "
+                        'events_logger = "none" has none: zds needs "file" or "journald")'
+                    ) from None
             listed = reconcile.result()
             self._set(True, f"{listed} container(s) listed and reconciled; watching events")
             self.pods.resync = lambda cid: self.request_sync(docker, cid)

@@ -39,6 +39,9 @@ class StandInEngine:
         self.containers: dict[str, dict[str, Any]] = {}
         #: Containers whose inspection fails with this status.
         self.failing: dict[str, int] = {}
+        #: As Podman with events_logger = "none": each event stream ends at once (and a
+        #: listing takes a moment).
+        self.no_events = False
         self._loop = asyncio.new_event_loop()
         #: One per open event stream: set, the stream ends.
         self._cuts: list[asyncio.Event] = []
@@ -66,6 +69,8 @@ class StandInEngine:
         return web.json_response({"ApiVersion": "1.41"})
 
     async def _list(self, request: web.Request) -> web.Response:
+        if self.no_events:
+            await asyncio.sleep(0.5)
         return web.json_response(
             [
                 {"Id": cid, "Names": [info["Name"]], "Labels": info["Config"]["Labels"], "HostConfig": {}}
@@ -87,6 +92,8 @@ class StandInEngine:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         stream = web.StreamResponse()
         await stream.prepare(request)
+        if self.no_events:
+            return stream
         cut = asyncio.Event()
         self._cuts.append(cut)
         self._streams.append(stream)
@@ -260,6 +267,20 @@ def test_a_container_whose_inspection_fails_is_skipped_and_the_source_stays_up(
         engine.emit(bad, "start")  # (followed: the next event looks again)
         wait_until(lambda: {p.uid for p in server.list_pods()} == {good, bad}, "the other pod")
         assert "is down" not in server.output()
+    finally:
+        server.stop()
+
+
+def test_an_engine_without_events_is_down_and_says_why(tmp_path: Path, engine: StandInEngine) -> None:
+    """Podman with events_logger = "none" ends the stream at once, before each listing is
+    reconciled: nothing was ever enrolled, and the line said only that the stream ended."""
+    engine.no_events = True
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    try:
+        server.wait_for_output(
+            "its event stream ended before its containers were listed (an engine without events? "
+            'Podman\'s events_logger = "none" has none: zds needs "file" or "journald")'
+        )
     finally:
         server.stop()
 
