@@ -163,6 +163,11 @@ def open_netns(path: str, *, directory: int | None = None) -> NetnsHandle:
     except FileNotFoundError:
         raise NetnsError(_missing_message(path)) from None
     except PermissionError:
+        if os.geteuid() == 0:  # (root told to be root was no help: a sandbox's pid 1, a security module)
+            raise NetnsError(
+                f"cannot open netns {path}: permission denied, as root (the kernel or a security module "
+                "keeps what it leads to from this process: not a netns the node agent may open)"
+            ) from None
         raise NetnsError(
             f"cannot open netns {path}: permission denied; run as root with CAP_SYS_ADMIN"
             " (and CAP_SYS_PTRACE over the process, for /proc/PID/ns/net)"

@@ -378,6 +378,25 @@ def test_the_node_is_never_enrolled_whatever_path_leads_to_it(server: NodeAgentP
         server.add_pod("u1", "/proc/1/ns/net")
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == "netns path /proc/1/ns/net is pid 1's: the node is never enrolled as a pod"
+    # ... and through a link: opened, the node's; where even root may not open it (a sandbox's
+    # pid 1), that is what is said (it told root to run as root).
+    link = f"/var/run/netns/{run_unique('zds-test-pid1-')}"
+    os.symlink("/proc/1/ns/net", link)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            server.add_pod("u1", link)
+    finally:
+        os.unlink(link)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    try:
+        os.close(os.open("/proc/1/ns/net", os.O_RDONLY))
+    except PermissionError:
+        assert info.value.details() == (
+            f"cannot open netns {link}: permission denied, as root (the kernel or a security module keeps "
+            "what it leads to from this process: not a netns the node agent may open)"
+        )
+    else:
+        assert "is the node agent's own netns" in (info.value.details() or "")
     assert server.list_pods() == []
 
 
