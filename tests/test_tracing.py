@@ -333,9 +333,7 @@ def test_console_exporter_prints_the_enrollment_trace(run_server: Callable[..., 
     assert '"k8s.pod.uid": "u1"' in out
     assert "tracing=on" in out
     # the log line about it names the trace it belongs to
-    [line] = [x for x in out.splitlines() if "pod enrolled (netns" in x]
-    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
-    assert trace_id is not None and f'"trace_id": "0x{trace_id.group(1)}"' in out
+    assert f'"trace_id": "0x{trace_of_line(out, "pod enrolled (netns")}"' in out
 
 
 def test_a_nacks_log_line_names_the_enrollments_trace(run_server: Callable[..., NodeAgentProc]) -> None:
@@ -349,10 +347,7 @@ def test_a_nacks_log_line_names_the_enrollments_trace(run_server: Callable[..., 
     wait_until(lambda: "ztunnel nacked add" in server.output(), what="the nack's log line")
     wait_until(lambda: '"name": "zds.enroll_pod"' in server.output(), what="the root span printed")
     out = server.output()
-    [line] = [x for x in out.splitlines() if "ztunnel nacked add" in x]
-    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
-    assert trace_id is not None, line
-    assert f'"trace_id": "0x{trace_id.group(1)}"' in out  # the enrollment's trace
+    assert f'"trace_id": "0x{trace_of_line(out, "ztunnel nacked add")}"' in out  # the enrollment's trace
 
 
 def test_the_removals_log_line_names_the_removals_trace(run_server: Callable[..., NodeAgentProc]) -> None:
@@ -362,12 +357,17 @@ def test_the_removals_log_line_names_the_removals_trace(run_server: Callable[...
     wait_until(lambda: '"name": "zds.remove_pod"' in server.output(), what="the removal's span printed")
     wait_until(lambda: "pod removed" in server.output(), what="the removal's log line")
     out = server.output()
-    [line] = [x for x in out.splitlines() if "pod removed" in x]
-    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
-    assert trace_id is not None, line
     span = re.search(r'"name": "zds.remove_pod",\s*"context": \{\s*"trace_id": "0x([0-9a-f]{32})"', out)
     assert span is not None, out
-    assert span.group(1) == trace_id.group(1)
+    assert span.group(1) == trace_of_line(out, "pod removed")
+
+
+def trace_of_line(out: str, marker: str) -> str:
+    """The ``trace_id`` of the one log line in ``out`` that holds ``marker``."""
+    [line] = [x for x in out.splitlines() if marker in x]
+    trace_id = re.search(r"trace_id=([0-9a-f]{32})", line)
+    assert trace_id is not None, line
+    return trace_id.group(1)
 
 
 class Collector:

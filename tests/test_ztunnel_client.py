@@ -182,16 +182,26 @@ def test_re_add_same_netns_is_a_no_op_and_another_netns_moves_the_listeners(
 # =============================================================================================
 
 
+def squat(pod: Pod, port: int = 15006) -> socket.socket:
+    """A listener of the test's on ``port`` in ``pod``'s netns: the port taken for ztunnel."""
+    with open_netns(pod.path) as handle, in_netns(handle):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("0.0.0.0", port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 @pytest.mark.root
 def test_a_port_taken_in_the_pod_is_nacked_pending_and_retried_until_it_works(
     agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc], make_pod: Callable[[], Pod]
 ) -> None:
     pod = make_pod()
-    with open_netns(pod.path) as handle, in_netns(handle):
-        squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter = squat(pod)
     try:
-        squatter.bind(("0.0.0.0", 15006))
-        squatter.listen()
         z = start_ztunnel("--retry-interval", "0.3")
         conn = agent.connect_and_hello()
         nack = conn.add("uid-a", pod.path)
@@ -274,14 +284,9 @@ def test_the_retry_timer_runs_to_its_end_when_a_del_takes_the_pending_workload(
     retried then, not a whole interval after its own nack."""
     interval = 3.0
     first, second = make_pod(), make_pod()
-    squatters = []
-    for pod in (first, second):
-        with open_netns(pod.path) as handle, in_netns(handle):
-            squatters.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    squatters = [squat(first)]
     try:
-        for squatter in squatters:
-            squatter.bind(("0.0.0.0", 15006))
-            squatter.listen()
+        squatters.append(squat(second))
         z = start_ztunnel("--no-dns", "--retry-interval", str(interval))
         conn = agent.connect_and_hello()
         assert conn.snapshot() == Ack()
@@ -313,11 +318,8 @@ def test_a_nack_in_the_first_snapshot_is_retried_an_interval_after_the_nack(
     (at SnapshotSent, up to ``HTTP_START_DELAY`` later)."""
     interval, before_snapshot = 3.0, 0.8
     pod = make_pod()
-    with open_netns(pod.path) as handle, in_netns(handle):
-        squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter = squat(pod)
     try:
-        squatter.bind(("0.0.0.0", 15006))
-        squatter.listen()
         z = start_ztunnel("--no-dns", "--retry-interval", str(interval))
         conn = agent.connect_and_hello()
         assert conn.add("uid-a", pod.path).error.startswith("failure to start proxy : ")
