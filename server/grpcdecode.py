@@ -1,7 +1,7 @@
 """A request the control API cannot decode is refused as a request with a bad field is:
 ``INVALID_ARGUMENT`` with protobuf's reason. grpcio's own deserializer let the ``DecodeError``
-out of the call (``UNKNOWN: Unexpected <class '...DecodeError'>``, an error line with a
-traceback in the node agent's log for each such request).
+out of the call (``UNKNOWN: Unexpected <class '...DecodeError'>``, and a warning line in the
+node agent's log for each such request).
 
 A server interceptor wraps each method's deserializer: what does not decode becomes an
 :class:`Undecodable` in the request's place, and the method's behaviour, wrapped too, refuses

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tests.harness import (
@@ -823,23 +822,3 @@ def test_a_peers_program_is_named_with_its_escapes_in_a_log_line(tmp_path: Path)
     finally:
         running.kill()
         running.wait(10)
-
-
-def test_a_grpc_request_that_does_not_decode_is_one_warning_line(tmp_path: Path) -> None:
-    """Bytes that are no ListPodsRequest: gRPC answered UNKNOWN and logged an error with a
-    seven-line traceback of its own code."""
-    server = NodeAgentProc(str(tmp_path)).wait_ready()
-    try:
-        with grpc.insecure_channel(f"unix:{server.control_socket}") as channel:
-            call = channel.unary_unary("/zds.v1.NodeAgent/ListPods")
-            with pytest.raises(grpc.RpcError) as refused:
-                call(b"\xff\xff\xff", timeout=10)
-        assert refused.value.code() is grpc.StatusCode.UNKNOWN
-        server.wait_for_output("Wire format was corrupt (answered UNKNOWN)")
-        [line] = [line for line in server.output().splitlines() if "ListPods" in line]
-        assert " warning grpc._cython.cygrpc: Unexpected [DecodeError] raised by servicer method" in line, (
-            line
-        )
-        assert "Traceback" not in server.output()
-    finally:
-        server.stop()

@@ -83,18 +83,3 @@ class BadRequests(logging.Filter):
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
                 record.exc_info, record.exc_text = None, None
         return True
-
-
-class UndecodableRequests(logging.Filter):
-    """gRPC's error and traceback for a request whose bytes are no message of its method's
-    type (a hand-made call, another API's client): it answered UNKNOWN already; one warning
-    line, no traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "grpc._cython.cygrpc" and record.exc_info and record.levelno >= logging.ERROR:
-            exc = record.exc_info[1]
-            if type(exc).__name__ == "DecodeError" and type(exc).__module__.startswith("google.protobuf"):
-                record.msg, record.args = "%s: %s (answered UNKNOWN)", (record.getMessage(), exc)
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
-                record.exc_info, record.exc_text = None, None
-        return True
