@@ -54,8 +54,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="UID",
-        help="another uid that may connect to the unix sockets (repeatable; the socket files are then 0666: "
-        "this list decides) (default: root and the server's own uid)",
+        help="another uid that may connect to the unix sockets (repeatable; an ACL entry opens the socket "
+        "files to it) (default: root and the server's own uid)",
     )
     server.add_argument(
         "--allow-gid",
@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="append",
         default=[],
         metavar="GID",
-        help="a gid whose members may connect to the unix sockets (repeatable; the socket files are then "
-        "0666, as with --allow-uid) (default: none)",
+        help="a gid whose members may connect to the unix sockets (repeatable; an ACL entry opens the "
+        "socket files to it) (default: none)",
     )
     server.add_argument(
         "--socket-group",
@@ -252,12 +252,7 @@ def main(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         grpc_insecure=args.grpc_insecure,
         netns_roots=tuple(args.netns_root),
-        # (with --allow-uid/--allow-gid, the allow-list decides: the file lets everyone try)
-        socket_mode=0o666
-        if args.allow_uid or args.allow_gid
-        else 0o660
-        if gid is not None
-        else defaults.SOCKET_MODE,
+        socket_mode=0o660 if gid is not None else defaults.SOCKET_MODE,
         socket_gid=gid,
         cni_socket=cliflags.off(args.cni_socket),
         cni_limits=HttpLimits(

@@ -166,7 +166,7 @@ class NodeAgentServer:
             await self._serve_cni(opts.cni_socket)
         if opts.http_listen:
             await self._serve_http(opts.http_listen)
-        socketaccess.say_kept_out(opts, self.agent.config.allow)
+        socketaccess.say_kept_out(opts, socketaccess.Peers.of(opts, self.agent.config.allow))
         self._serve_zds()  # (last: a start refused above sends a waiting ztunnel no snapshot)
         if opts.container_engine:
             self.engine = ContainerEngineSource(
@@ -309,7 +309,8 @@ class NodeAgentServer:
             )
 
     def _own(self, path: str) -> None:
-        socketaccess.give(path, self.options, self._lock.made_dirs)
+        peers = socketaccess.Peers.of(self.options, self.agent.config.allow)
+        socketaccess.give(path, self.options, peers, self._lock.made_dirs)
         self._sockets.append(SocketFile.of(path))
 
     async def _serve_cni(self, path: str) -> None:

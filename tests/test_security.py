@@ -146,22 +146,25 @@ def test_a_peer_not_on_the_allow_list_is_refused_on_every_socket_and_logged_once
     assert server.list_pods() == []
 
 
-def test_allow_uid_lets_that_user_in(public_dir: Path) -> None:
-    """The allow-list decides: the files are 0666 and the directories the start made 0755."""
+def test_allow_uid_lets_that_user_in_and_no_other(public_dir: Path) -> None:
+    """An ACL entry opens the files (and the directories the start made) to that user alone:
+    the flag alone let no one in (the files root's, 0600), and another user is kept out by
+    the kernel before the node agent's own check."""
+    other = NOBODY - 1
     server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
     try:
-        for path in (server.zds_socket, server.control_socket, server.cni_socket):
-            assert oct(os.stat(path).st_mode & 0o777) == "0o666"
-            assert oct(os.stat(os.path.dirname(path)).st_mode & 0o777) == "0o755"
         # The hello is answered with the (empty) snapshot: SnapshotSent.
         assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "answer:1a00"
-        assert "cannot connect to" not in server.output()
+        assert as_user(NOBODY, server.cni_socket, "stream", HTTP).startswith("answer:")
+        for path in (server.zds_socket, server.control_socket, server.cni_socket):
+            assert as_user(other, path, "stream", b"x") == "error:Permission denied", path
+        assert "cannot connect to" not in server.output() and "refused a connection" not in server.output()
     finally:
         server.stop()
 
 
 def test_a_directory_the_start_did_not_make_that_keeps_an_allowed_peer_out_is_said(public_dir: Path) -> None:
-    (public_dir / "ztunnel").mkdir(mode=0o700)  # (made beforehand: the start leaves its mode)
+    (public_dir / "ztunnel").mkdir(mode=0o700)  # (made beforehand: the start leaves it as it is)
     (public_dir / "zds").mkdir(mode=0o700)
     os.setxattr(public_dir / "zds", "system.posix_acl_access", _ACL_NOBODY_ENTERS)
     server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
@@ -169,14 +172,27 @@ def test_a_directory_the_start_did_not_make_that_keeps_an_allowed_peer_out_is_sa
         # Kept out of the ZDS socket (and said, in one line); let in by the ACL to the control socket.
         assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "error:Permission denied"
         server.wait_for_output(
-            f"uid {NOBODY} cannot connect to {server.zds_socket} (mode 0666 group 0, in "
-            f"{public_dir / 'ztunnel'}: mode 0700 group 0): the node agent lets them in"
+            f"uid {NOBODY} (may not enter {public_dir / 'ztunnel'}) cannot connect to {server.zds_socket}: "
+            "the node agent lets them in, the filesystem does not"
         )
         assert as_user(NOBODY, server.control_socket, "stream", b"x").startswith(
             "answer:"
-        )  # (let in: gRPC's settings)
+        )  # (gRPC's settings)
         lines = [line for line in server.output().splitlines() if "cannot connect to" in line]
         assert len(lines) == 1, lines
+        assert oct(os.stat(public_dir / "ztunnel").st_mode & 0o777) == "0o700"  # (not this start's)
+    finally:
+        server.stop()
+
+
+def test_a_directory_further_up_that_keeps_an_allowed_peer_out_is_said_too(public_dir: Path) -> None:
+    """Only each socket's own directory was looked at."""
+    deep = public_dir / "deep"
+    deep.mkdir(mode=0o700)
+    server = NodeAgentProc(str(deep), "--allow-uid", str(NOBODY)).wait_ready()
+    try:
+        for path in (server.zds_socket, server.control_socket, server.cni_socket):
+            server.wait_for_output(f"uid {NOBODY} (may not enter {deep}) cannot connect to {path}: ")
     finally:
         server.stop()
 
