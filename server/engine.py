@@ -81,6 +81,11 @@ class ContainerEngineSource:
         self.detail = "not connected yet"
         self._syncing: set[str] = set()
         self._again: set[str] = set()
+        #: The session whose containers are followed (None: none now): a sync whose engine
+        #: call failed tries again while it lasts.
+        self._live: aiodocker.Docker | None = None
+        #: The containers the last reconcile could not look at.
+        self._failed: set[str] = set()
         pods.engine = self.url
 
     # -- status -------------------------------------------------------------------------
@@ -177,12 +182,16 @@ class ContainerEngineSource:
             listed = reconcile.result()
             self._set(True, f"{listed} container(s) listed and reconciled; watching events")
             self.pods.resync = lambda cid: self.request_sync(docker, cid)
+            self._live = docker
+            for cid in self._failed:  # (skipped in the reconcile: again, after a while)
+                self.request_sync(docker, cid, after=defaults.ENGINE_RETRY_INITIAL)
             for event in held:
                 self._handle(docker, event)
             handle = functools.partial(self._handle, docker)
             await follow
         finally:
             self.pods.resync = None
+            self._live = None
             for task in (reconcile, follow, stream):
                 task.cancel()
             for task in (reconcile, follow, stream):
@@ -224,13 +233,17 @@ class ContainerEngineSource:
                 self.pods.forget(cid)
         # Its own containers, and every pod of a container (one no longer its own goes).
         wanted = mine | set(self.pods.owned())
-        await asyncio.gather(*(self._sync_one(docker, cid) for cid in wanted))
+        failed = await asyncio.gather(*(self._sync_one(docker, cid) for cid in wanted))
+        if wanted and all(isinstance(error, TimeoutError) for error in failed):
+            raise TimeoutError(f"no answer to any of {len(wanted)} container inspection(s)")
+        self._failed = {cid for cid, error in zip(wanted, failed, strict=True) if error is not None}
         return len(mine)
 
-    async def _sync_one(self, docker: aiodocker.Docker, cid: str) -> None:
+    async def _sync_one(self, docker: aiodocker.Docker, cid: str) -> Exception | None:
         """``_sync`` in a reconcile: a container whose answer zds cannot read is skipped, in
-        one line (it had failed every reconcile, and the source stayed down for good); an
-        engine that does not answer still ends the session."""
+        one line (it had failed every reconcile, and the source stayed down for good), and so
+        is one whose inspection fails or goes unanswered (it is looked at again once the
+        source is up: that error); an engine that does not answer at all ends the session."""
         try:
             await self._sync(docker, cid)
         except _NOT_UNDERSTOOD as exc:
@@ -238,8 +251,9 @@ class ContainerEngineSource:
         except (aiodocker.DockerError, TimeoutError) as exc:
             if isinstance(exc, aiodocker.DockerError) and exc.status == _NO_ANSWER:
                 raise
-            # (an answer about this container, or none about it alone: the others go on)
-            log.warning("cannot look at container %s: %s; its pod is left as it is", cid[:12], _describe(exc))
+            log.warning("cannot look at container %s: %s; looked at again later", cid[:12], _describe(exc))
+            return exc
+        return None
 
     def _handle(self, docker: aiodocker.Docker, event: Mapping[str, Any]) -> None:
         action = _action(event)
@@ -257,17 +271,23 @@ class ContainerEngineSource:
         log.debug("container %s %s", facts.name, action, extra={"uid": facts.id})
         self.request_sync(docker, facts.id)
 
-    def request_sync(self, docker: aiodocker.Docker, cid: str) -> None:
-        """Bring container ``cid``'s pod up to date: one sync per container at a time, and
-        one more after it if something happened meanwhile (each looks at the engine afresh)."""
+    def request_sync(self, docker: aiodocker.Docker, cid: str, *, after: float = 0.0) -> None:
+        """Bring container ``cid``'s pod up to date (``after`` seconds from now): one sync per
+        container at a time, and one more after it if something happened meanwhile (each looks
+        at the engine afresh)."""
         if cid in self._syncing:
             self._again.add(cid)
             return
         self._syncing.add(cid)
-        self.tasks.spawn(self._sync_loop(docker, cid), name=f"sync-{cid[:12]}")
+        self.tasks.spawn(self._sync_loop(docker, cid, after), name=f"sync-{cid[:12]}")
 
-    async def _sync_loop(self, docker: aiodocker.Docker, cid: str) -> None:
+    async def _sync_loop(self, docker: aiodocker.Docker, cid: str, after: float) -> None:
+        """The syncs of ``request_sync``; one whose engine call fails is tried again, from
+        ``ENGINE_RETRY_INITIAL`` doubling to ``ENGINE_RETRY_MAX``, while the session lasts."""
+        delay = defaults.ENGINE_RETRY_INITIAL
         try:
+            if after:
+                await asyncio.sleep(after)
             while True:
                 self._again.discard(cid)
                 try:
@@ -275,7 +295,15 @@ class ContainerEngineSource:
                 except _NOT_UNDERSTOOD as exc:
                     _not_understood(cid, exc)
                 except _ENGINE_ERRORS as exc:
-                    log.warning("cannot look at container %s: %s", cid[:12], _describe(exc))
+                    if self._live is not docker:
+                        return  # (the session is over: the next one reconciles)
+                    log.warning(
+                        "cannot look at container %s: %s (again in %gs)", cid[:12], _describe(exc), delay
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, defaults.ENGINE_RETRY_MAX)
+                    if self._live is docker:
+                        self._again.add(cid)
                 except Exception as exc:  # never silent: the task's end is not logged by itself
                     log.error("container %s: unexpected %r; its pod is left as it is", cid[:12], exc)
                 if cid not in self._again:
