@@ -40,6 +40,8 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         kind = ("stream" if handler.request_streaming else "unary") + "_"
         kind += "stream" if handler.response_streaming else "unary"
         behaviour = getattr(handler, kind)
+        if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+            return handler  # (a synchronous one, as grpc.aio allows: none of zds's)
         wrap = _streamed if handler.request_streaming else _single
         # (RpcMethodHandler is a NamedTuple in grpcio)
         return handler._replace(
