@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -86,6 +85,8 @@ class ContainerEngineSource:
         self._live: aiodocker.Docker | None = None
         #: The containers the last reconcile could not look at.
         self._failed: set[str] = set()
+        #: Set to end a sync's wait to try again (its container's event came).
+        self._wakes: dict[str, asyncio.Event] = {}
         pods.engine = self.url
 
     # -- status -------------------------------------------------------------------------
@@ -181,13 +182,13 @@ class ContainerEngineSource:
                     ) from None
             listed = reconcile.result()
             self._set(True, f"{listed} container(s) listed and reconciled; watching events")
-            self.pods.resync = lambda cid: self.request_sync(docker, cid)
+            self.pods.resync = self.request_sync
             self._live = docker
             for cid in self._failed:  # (skipped in the reconcile: again, after a while)
-                self.request_sync(docker, cid, after=defaults.ENGINE_RETRY_INITIAL)
+                self.request_sync(cid, after=defaults.ENGINE_RETRY_INITIAL)
             for event in held:
-                self._handle(docker, event)
-            handle = functools.partial(self._handle, docker)
+                self._handle(event)
+            handle = self._handle
             await follow
         finally:
             self.pods.resync = None
@@ -234,7 +235,7 @@ class ContainerEngineSource:
         # Its own containers, and every pod of a container (one no longer its own goes).
         wanted = mine | set(self.pods.owned())
         failed = await asyncio.gather(*(self._sync_one(docker, cid) for cid in wanted))
-        if wanted and all(isinstance(error, TimeoutError) for error in failed):
+        if len(wanted) > 1 and all(isinstance(error, TimeoutError) for error in failed):
             raise TimeoutError(f"no answer to any of {len(wanted)} container inspection(s)")
         self._failed = {cid for cid, error in zip(wanted, failed, strict=True) if error is not None}
         return len(mine)
@@ -255,7 +256,7 @@ class ContainerEngineSource:
             return exc
         return None
 
-    def _handle(self, docker: aiodocker.Docker, event: Mapping[str, Any]) -> None:
+    def _handle(self, event: Mapping[str, Any]) -> None:
         action = _action(event)
         if event.get("Type", "container") != "container" or action.startswith(_IGNORED_ACTIONS):
             return
@@ -269,47 +270,66 @@ class ContainerEngineSource:
                 self.pods.learn(facts)  # (another node agent's container: known, nothing to sync)
             return
         log.debug("container %s %s", facts.name, action, extra={"uid": facts.id})
-        self.request_sync(docker, facts.id)
+        self.request_sync(facts.id)
 
-    def request_sync(self, docker: aiodocker.Docker, cid: str, *, after: float = 0.0) -> None:
-        """Bring container ``cid``'s pod up to date (``after`` seconds from now): one sync per
-        container at a time, and one more after it if something happened meanwhile (each looks
-        at the engine afresh)."""
+    def request_sync(self, cid: str, *, after: float = 0.0) -> None:
+        """Bring container ``cid``'s pod up to date (``after`` seconds from now), through the
+        session under way: one sync per container at a time, and one more after it if something
+        happened meanwhile (each looks at the engine afresh; one waiting to try again tries now)."""
         if cid in self._syncing:
             self._again.add(cid)
+            if (wake := self._wakes.get(cid)) is not None:
+                wake.set()
             return
         self._syncing.add(cid)
-        self.tasks.spawn(self._sync_loop(docker, cid, after), name=f"sync-{cid[:12]}")
+        self.tasks.spawn(self._sync_loop(cid, after), name=f"sync-{cid[:12]}")
 
-    async def _sync_loop(self, docker: aiodocker.Docker, cid: str, after: float) -> None:
-        """The syncs of ``request_sync``; one whose engine call fails is tried again, from
-        ``ENGINE_RETRY_INITIAL`` doubling to ``ENGINE_RETRY_MAX``, while the session lasts."""
-        delay = defaults.ENGINE_RETRY_INITIAL
+    async def _sync_loop(self, cid: str, after: float) -> None:
+        """The syncs of ``request_sync``, each through the session under way (none: over, the
+        next session's reconcile looks at every container). One whose engine call fails is
+        tried again, from ``ENGINE_RETRY_INITIAL`` doubling to ``ENGINE_RETRY_MAX``, or at once
+        when the container's next event comes; said once (then at debug) until it succeeds."""
+        delay, said = defaults.ENGINE_RETRY_INITIAL, False
         try:
             if after:
-                await asyncio.sleep(after)
-            while True:
+                await self._pause(cid, after)
+            while (docker := self._live) is not None:
                 self._again.discard(cid)
                 try:
                     await self._sync(docker, cid)
-                except _NOT_UNDERSTOOD as exc:
-                    _not_understood(cid, exc)
-                except _ENGINE_ERRORS as exc:
-                    if self._live is not docker:
-                        return  # (the session is over: the next one reconciles)
-                    log.warning(
-                        "cannot look at container %s: %s (again in %gs)", cid[:12], _describe(exc), delay
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, defaults.ENGINE_RETRY_MAX)
-                    if self._live is docker:
+                    said = False
+                except Exception as exc:
+                    if self._live is not docker:  # (the session ended under it: the next one's turn)
+                        continue
+                    if isinstance(exc, _NOT_UNDERSTOOD):
+                        _not_understood(cid, exc)
+                    elif isinstance(exc, _ENGINE_ERRORS):
+                        log.log(
+                            logging.DEBUG if said else logging.WARNING,
+                            "cannot look at container %s: %s (again in %gs, or at its next event)",
+                            cid[:12],
+                            _describe(exc),
+                            delay,
+                        )
+                        said = True
+                        await self._pause(cid, delay)
+                        delay = min(delay * 2, defaults.ENGINE_RETRY_MAX)
                         self._again.add(cid)
-                except Exception as exc:  # never silent: the task's end is not logged by itself
-                    log.error("container %s: unexpected %r; its pod is left as it is", cid[:12], exc)
+                    else:  # never silent: the task's end is not logged by itself
+                        log.error("container %s: unexpected %r; its pod is left as it is", cid[:12], exc)
                 if cid not in self._again:
                     return
         finally:
             self._syncing.discard(cid)
+            self._wakes.pop(cid, None)
+
+    async def _pause(self, cid: str, seconds: float) -> None:
+        """Wait ``seconds``, or less if ``request_sync`` asks for the container meanwhile."""
+        wake = self._wakes.setdefault(cid, asyncio.Event())
+        wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await wake.wait()
 
     async def _sync(self, docker: aiodocker.Docker, cid: str) -> None:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
@@ -128,7 +128,6 @@ async def test_the_facts_of_another_agents_container_go_with_it() -> None:
     def event(action: str) -> dict[str, object]:
         return {"Type": "container", "Action": action, "Actor": {"ID": "c1", "Attributes": {"team": "b"}}}
 
-    docker = cast(Any, None)  # (another agent's container: nothing is asked of the engine)
     for action, known in (("create", True), ("start", True), ("died", True), ("remove", False)):
-        source._handle(docker, event(action))
+        source._handle(event(action))  # (another agent's container: nothing is asked of the engine)
         assert ("c1" in pods.facts) is known, action

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,29 @@ def test_a_container_whose_inspection_fails_is_skipped_and_looked_at_again(
         del engine.failing[bad]  # (no event: the retry finds it)
         wait_until(lambda: {p.uid for p in server.list_pods()} == {good, bad}, "the other pod")
         assert "is down" not in server.output()
+    finally:
+        server.stop()
+
+
+def test_a_container_looked_at_again_is_looked_at_through_the_next_session(
+    tmp_path: Path, engine: StandInEngine, make_pod: Callable[[], Pod], in_netns: Callable[[Pod], int]
+) -> None:
+    """A sync waiting to try again kept the session it began in: once that ended (a
+    reconnect), its next try met a closed session ("unexpected RuntimeError") and ended, and
+    the new session's reconcile only asked it for one more: the container stayed unenrolled."""
+    a = make_pod()
+    bad = "b" * 64
+    engine.containers[bad] = inspection(bad, "bad", a, in_netns(a))
+    engine.failing[bad] = 500
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    try:
+        server.wait_for_output(f"cannot look at container {bad[:12]}: engine answered 500: ")
+        server.wait_for_output("(again in 0.5s")
+        time.sleep(2.5)  # (its tries 0.5, 1 and 2 s apart: it waits 2 s now, across the reconnect)
+        engine.reconcile_again(server)
+        del engine.failing[bad]  # (no event: the next try finds it)
+        wait_until(lambda: [p.uid for p in server.list_pods()] == [bad], "the pod, through the new session")
+        assert "unexpected" not in server.output()
     finally:
         server.stop()
 
