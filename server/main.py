@@ -309,9 +309,15 @@ class NodeAgentServer:
             )
 
     def _own(self, path: str) -> None:
+        self._sockets.append(SocketFile.of(path))  # (first: a start refused below removes it)
         peers = socketaccess.Peers.of(self.options, self.agent.config.allow)
-        socketaccess.give(path, self.options, peers, self._lock.made_dirs)
-        self._sockets.append(SocketFile.of(path))
+        try:
+            socketaccess.give(path, self.options, peers, self._lock.made_dirs)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot open {path} to --socket-group/--allow-uid/--allow-gid "
+                f"({len(peers.uids) + len(peers.gids)} ACL entries asked for): {exc.strerror or exc}"
+            ) from exc
 
     async def _serve_cni(self, path: str) -> None:
         self.cni = CniPluginEndpoint(self.agent, self.containers)

@@ -16,6 +16,7 @@ PyPI without building against libacl."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import logging
@@ -32,6 +33,7 @@ from zds.server.startup import sockets
 log = logging.getLogger("zds.server")
 
 _ACL_XATTR = "system.posix_acl_access"
+_DEFAULT_ACL_XATTR = "system.posix_acl_default"
 _ACL_VERSION = 2
 _ENTRY = struct.Struct("<HHI")
 _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -55,7 +57,7 @@ def give(path: str, opts: ServerOptions, peers: Peers, made_dirs: Iterable[str])
     ACL), and so each directory on its path this start made (``made_dirs``). A directory is
     changed only through an fd opened without following a link, and only if it is this
     process's own: not one put in its place while it was made."""
-    gid = opts.socket_gid
+    gid, path = opts.socket_gid, os.path.abspath(path)
     if gid is not None:
         os.chown(path, -1, gid)
     if peers.uids or peers.gids:
@@ -72,27 +74,25 @@ def give(path: str, opts: ServerOptions, peers: Peers, made_dirs: Iterable[str])
                 os.fchown(fd, -1, gid)
             if peers.uids or peers.gids:
                 _grant(fd, peers, _X)
+                with contextlib.suppress(OSError):  # (none, or no ACLs here)
+                    os.removexattr(fd, _DEFAULT_ACL_XATTR)  # (nothing made in it inherits entries)
         finally:
             os.close(fd)
 
 
 def _grant(target: str | int, peers: Peers, perm: int) -> None:
-    """Add ``perm`` for ``peers`` to ``target``'s ACL (a path, or an fd); where the filesystem
-    has no ACLs nothing changes (the start's warning then says who is kept out)."""
+    """Give ``target`` (a path, or an fd) an ACL of its owner, group and others as they are in
+    effect now, and ``perm`` for ``peers``: nothing else (entries a parent's default ACL put
+    there, masked out so far, stay out). Where the filesystem has no ACLs nothing changes
+    (the start's warning then says who is kept out)."""
     st = os.stat(target)
-    _, users, group_obj, groups, _, other = _entries(target, st)
-    for uid in peers.uids:
-        users[uid] = users.get(uid, 0) | perm
-    for gid in peers.gids:
-        groups[gid] = groups.get(gid, 0) | perm
-    mask = group_obj
-    for granted in (*users.values(), *groups.values()):
-        mask |= granted
+    acl = _entries(target, st)
+    group_obj = acl.group_obj & (7 if acl.mask is None else acl.mask)
     table = [(_USER_OBJ, (st.st_mode >> 6) & 7, _NO_ID)]
-    table += [(_USER, users[uid], uid) for uid in sorted(users)]
+    table += [(_USER, perm, uid) for uid in sorted(peers.uids)]
     table += [(_GROUP_OBJ, group_obj, _NO_ID)]
-    table += [(_GROUP, groups[gid], gid) for gid in sorted(groups)]
-    table += [(_MASK, mask, _NO_ID), (_OTHER, other, _NO_ID)]
+    table += [(_GROUP, perm, gid) for gid in sorted(peers.gids)]
+    table += [(_MASK, group_obj | perm, _NO_ID), (_OTHER, st.st_mode & 7, _NO_ID)]
     data = struct.pack("<I", _ACL_VERSION) + b"".join(_ENTRY.pack(*entry) for entry in table)
     try:
         os.setxattr(target, _ACL_XATTR, data)
@@ -112,8 +112,7 @@ class _Acl(NamedTuple):
 
 def _entries(target: str | int, st: os.stat_result) -> _Acl:
     """``target``'s ACL; its mode's bits as one where it has none (or an ACL not understood)."""
-    mode = st.st_mode
-    plain = _Acl((mode >> 6) & 7, {}, (mode >> 3) & 7, {}, None, mode & 7)
+    plain = _plain(st)
     try:
         data = os.getxattr(target, _ACL_XATTR)
     except OSError:
@@ -134,11 +133,18 @@ def _entries(target: str | int, st: os.stat_result) -> _Acl:
     return acl._replace(mask=mask)
 
 
+def _plain(st: os.stat_result) -> _Acl:
+    """The ACL a file's mode alone is."""
+    mode = st.st_mode
+    return _Acl((mode >> 6) & 7, {}, (mode >> 3) & 7, {}, None, mode & 7)
+
+
 def _permits(path: str, uid: int | None, groups: frozenset[int], want: int) -> bool:
     """Whether a peer of ``uid`` (None: any user not the owner) in ``groups`` has ``want`` on
-    ``path``, by its mode and ACL as the kernel decides (owner, named user, groups, others)."""
+    ``path``, by its mode and ACL as the kernel decides (owner, named user, groups, others;
+    an ACL whose mask is empty is not looked at: the group bits of the mode are nothing)."""
     st = os.stat(path)
-    acl = _entries(path, st)
+    acl = _entries(path, st) if st.st_mode & 0o070 else _plain(st)
     mask = 7 if acl.mask is None else acl.mask
     if uid is not None and uid == st.st_uid:
         return acl.user_obj & want == want
@@ -189,7 +195,7 @@ def _blocked(path: str, uid: int | None, groups: frozenset[int]) -> str | None:
     for directory in ancestors:
         if not _permits(directory, uid, groups, _X):
             return f"may not enter {directory}"
-    if not _permits(path, uid, groups, _R | _W):
+    if not _permits(path, uid, groups, _W):  # (a connect() needs write only)
         return "the file is not open to it"
     return None
 

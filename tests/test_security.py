@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,9 @@ from tests.harness import (
 from tests.standins import RawPeer
 from zds.check.inpod import socket_inodes
 from zds.gen import nodeagent_pb2
+from zds.server import socketaccess
 from zds.server.bulkwire import MAGIC, frame
+from zds.server.options import ServerOptions
 from zds.server.peergate import connection_capacity
 
 pytestmark = pytest.mark.root
@@ -197,18 +200,105 @@ def test_a_directory_further_up_that_keeps_an_allowed_peer_out_is_said_too(publi
         server.stop()
 
 
-#: A directory's ACL (the kernel's xattr form: a version, then tag, permissions, id each):
-#: owner rwx, user NOBODY x, group ---, mask x, others ---.
-_ACL_NOBODY_ENTERS = (2).to_bytes(4, "little") + b"".join(
-    tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
-    for tag, perm, ident in (
-        (1, 7, 2**32 - 1),
-        (2, 1, NOBODY),
-        (4, 0, 2**32 - 1),
-        (16, 1, 2**32 - 1),
-        (32, 0, 2**32 - 1),
+def test_more_allowed_peers_than_an_acl_holds_is_a_refused_start_that_leaves_nothing(
+    public_dir: Path,
+) -> None:
+    """tmpfs takes some 8,000 entries: a traceback, and the socket and its directory left."""
+    paths = ["--zds-socket", str(public_dir / "z" / "ztunnel.sock"), "--state-dir", str(public_dir / "state")]
+    paths += [
+        "--control-socket",
+        str(public_dir / "control.sock"),
+        "--cni-socket",
+        "off",
+        "--http-listen",
+        "off",
+    ]
+    flags = [f"--allow-uid={uid}" for uid in range(20_000, 29_000)]
+    done = subprocess.run([*ZDS, "server", *paths, *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1].endswith(
+        f"error zds.server: cannot open {public_dir / 'z' / 'ztunnel.sock'} to --socket-group/--allow-uid/"
+        "--allow-gid (9000 ACL entries asked for): Argument list too long"
+    ), done.stderr[-2000:]
+    assert sorted(os.listdir(public_dir)) == []
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    """An ACL as the kernel's xattr holds it: a version, then (tag, permissions, id) each;
+    tags 1 owner, 2 a user, 4 the group, 8 a group, 16 the mask, 32 others."""
+    return (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+        for tag, perm, ident in entries
     )
-)
+
+
+NO_ID = 2**32 - 1
+#: A directory's: owner rwx, user NOBODY x, group ---, mask x, others ---.
+_ACL_NOBODY_ENTERS = acl((1, 7, NO_ID), (2, 1, NOBODY), (4, 0, NO_ID), (16, 1, NO_ID), (32, 0, NO_ID))
+
+
+def test_entries_a_parent_s_default_acl_puts_on_the_files_stay_masked_out(public_dir: Path) -> None:
+    """With --allow-uid, the ACL written kept every entry already there and widened the mask
+    for them: those a parent's default ACL had put there (masked out by the 0600 and 0750 so
+    far) came into effect: another user could connect, and rename the ZDS socket away."""
+    other, group = 1000, 2000
+    full = ((1, 7, NO_ID), (2, 7, other), (4, 5, NO_ID), (8, 7, group), (16, 7, NO_ID), (32, 5, NO_ID))
+    os.setxattr(public_dir, "system.posix_acl_default", acl(*full))
+    server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
+    try:
+        assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "answer:1a00"
+        for uid, gid in ((other, other), (NOBODY - 1, group)):
+            assert as_user(uid, server.zds_socket, "seqpacket", HELLO, gid=gid) == "error:Permission denied"
+        made = os.path.dirname(server.zds_socket)
+        with pytest.raises(OSError):
+            os.getxattr(made, "system.posix_acl_default")  # (nothing made in it inherits them)
+    finally:
+        server.stop()
+
+
+def test_a_socket_named_by_a_relative_path_opens_the_directory_made_for_it(
+    public_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directories the start made are absolute paths: one made for ``rel/x.sock`` was
+    never taken for one (left 0750 root's, its allowed user kept out)."""
+    monkeypatch.chdir(public_dir)
+    os.mkdir("rel", 0o750)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind("rel/x.sock")
+        listener.listen()
+        os.chmod("rel/x.sock", 0o600)
+        peers = socketaccess.Peers(uids=frozenset({NOBODY}), gids=frozenset())
+        socketaccess.give("rel/x.sock", ServerOptions(), peers, [str(public_dir / "rel")])
+
+        def answer() -> None:
+            with listener.accept()[0] as conn:
+                conn.recv(16)  # (read: a close with the byte unread is a reset)
+
+        closer = threading.Thread(target=answer, daemon=True)
+        closer.start()
+        assert as_user(NOBODY, str(public_dir / "rel" / "x.sock"), "stream", b"x") == "answer:"
+        closer.join(10)
+
+
+def test_a_directory_whose_acl_mask_is_empty_is_judged_by_its_mode_as_the_kernel_does(
+    public_dir: Path,
+) -> None:
+    """The kernel does not look at an ACL whose mask (the mode's group bits) is empty: a
+    named user's entry counts for nothing, others' bits decide. The start said such a user
+    kept out of a directory it can enter."""
+    (public_dir / "ztunnel").mkdir()
+    os.setxattr(
+        public_dir / "ztunnel",
+        "system.posix_acl_access",
+        acl((1, 7, NO_ID), (2, 0, NOBODY), (4, 0, NO_ID), (16, 0, NO_ID), (32, 1, NO_ID)),
+    )
+    server = NodeAgentProc(str(public_dir), "--allow-uid", str(NOBODY)).wait_ready()
+    try:
+        assert as_user(NOBODY, server.zds_socket, "seqpacket", HELLO) == "answer:1a00"
+        assert "cannot connect to" not in server.output()
+    finally:
+        server.stop()
 
 
 def test_socket_group_gives_the_sockets_to_a_group_and_lets_it_in(public_dir: Path) -> None:
