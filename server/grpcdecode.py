@@ -86,12 +86,13 @@ def _single(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _streamed(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    """A method of a stream of requests: refused when the stream reaches the undecodable one."""
+    """A method of a stream of requests: refused when the stream reaches the undecodable one,
+    once the behaviour has ended on it (the answers to the requests before it go out first)."""
 
-    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, Undecodable):
-                await _refuse(context, request)
+                raise _Refused(request)
             yield request
 
     if inspect.isasyncgenfunction(behaviour):
@@ -99,12 +100,27 @@ def _streamed(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def stream(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            async for reply in behaviour(checked(requests, context), context):
-                yield reply
+            try:
+                async for reply in behaviour(checked(requests), context):
+                    yield reply
+            except _Refused as refused:
+                await _refuse(context, refused.request)
 
         return stream
 
     async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        return await behaviour(checked(requests, context), context)
+        try:
+            return await behaviour(checked(requests), context)
+        except _Refused as refused:
+            await _refuse(context, refused.request)
 
     return call
+
+
+class _Refused(Exception):
+    """An undecodable request met in a stream: the method's behaviour ends on it as on an error
+    of its own (answering what came before), then the call is refused."""
+
+    def __init__(self, request: Undecodable) -> None:
+        super().__init__(request.reason)
+        self.request = request

@@ -350,6 +350,19 @@ def test_a_request_that_does_not_decode_is_invalid_argument_on_every_kind_of_met
                     method,
                     details,
                 )
+        # Refused once the stream reaches it: the answers to what came before go out first
+        # (they were lost: refused from within the stream's reader, while those were under way).
+        bulk = channel.stream_stream("/zds.v1.NodeAgent/AddPods")
+        first = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="", netns_path="/x")])
+        replies: list[bytes] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for reply in bulk(iter([first.SerializeToString(), b"\xff\xff\xff\xff"]), timeout=30):
+                replies.append(reply)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        [answer] = [
+            result for data in replies for result in nodeagent_pb2.AddPodsReply.FromString(data).results
+        ]
+        assert (answer.index, answer.code) == (0, grpc.StatusCode.INVALID_ARGUMENT.value[0]), answer
     assert "DecodeError" not in server.output() and "Traceback" not in server.output()
     assert server.list_pods() == []
 
