@@ -277,9 +277,7 @@ class ZdsClient:
         and go, also if a Del took every pending workload meanwhile: one that goes pending
         before it ends is retried then. ``since``: when (``time.monotonic()``) the nack came,
         if before now (the first snapshot's, answered before the loop ran)."""
-        if self._retry_at is not None or (
-            not self.protocol.has_retryable and not self.protocol.netnsless_uids
-        ):
+        if self._retry_at is not None or not self.protocol.has_pending:
             return
         ago = 0.0 if since is None else max(0.0, time.monotonic() - since)
         self._retry_at = asyncio.get_running_loop().time() + max(0.0, self.retry_interval - ago)

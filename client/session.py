@@ -319,9 +319,7 @@ class _FirstSnapshot:
             try:
                 self._carry_out(work)
             finally:
-                if handover.pending_since is None and (
-                    self.protocol.has_retryable or self.protocol.netnsless_uids
-                ):
+                if handover.pending_since is None and self.protocol.has_pending:
                     handover.pending_since = time.monotonic()
             handover.work = None
             handover.to_activate.extend(work.started)  # their lines and counts can wait too
