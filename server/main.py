@@ -99,6 +99,8 @@ class NodeAgentServer:
         self.store_lost = False
         self.cni: CniPluginEndpoint | None = None
         self.containers = ContainerPods(self.agent)
+        #: Who the socket flags let in besides root and this process's uid.
+        self._peers = socketaccess.Peers.of(options, self.agent.config.allow)
         self.engine: ContainerEngineSource | None = None
         self._engine_task: asyncio.Task[None] | None = None
         self._lock = InstanceLock()
@@ -166,7 +168,7 @@ class NodeAgentServer:
             await self._serve_cni(opts.cni_socket)
         if opts.http_listen:
             await self._serve_http(opts.http_listen)
-        socketaccess.say_kept_out(opts, socketaccess.Peers.of(opts, self.agent.config.allow))
+        socketaccess.say_kept_out(opts, self._peers)
         self._serve_zds()  # (last: a start refused above sends a waiting ztunnel no snapshot)
         if opts.container_engine:
             self.engine = ContainerEngineSource(
@@ -310,13 +312,12 @@ class NodeAgentServer:
 
     def _own(self, path: str) -> None:
         self._sockets.append(SocketFile.of(path))  # (first: a start refused below removes it)
-        peers = socketaccess.Peers.of(self.options, self.agent.config.allow)
         try:
-            socketaccess.give(path, self.options, peers, self._lock.made_dirs)
+            socketaccess.give(path, self.options, self._peers, self._lock.made_dirs)
         except OSError as exc:
             raise StartupError(
                 f"cannot open {path} to --socket-group/--allow-uid/--allow-gid "
-                f"({len(peers.uids) + len(peers.gids)} ACL entries asked for): {exc.strerror or exc}"
+                f"({len(self._peers.uids) + len(self._peers.gids)} ACL entries asked for): {exc.strerror or exc}"
             ) from exc
 
     async def _serve_cni(self, path: str) -> None:
