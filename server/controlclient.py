@@ -140,7 +140,7 @@ class ControlTarget(NamedTuple):
 
     def _denied(self) -> ControlError:
         return ControlError(
-            f"cannot reach the node agent at {self.where}: permission denied{_FILE_HINT if os.geteuid() else ''}"
+            f"cannot reach the node agent at {self.where}: permission denied{not_root_hint(_FILE_HINT)}"
         )
 
     def failure(self, exc: grpc.RpcError) -> ControlError:
@@ -176,9 +176,10 @@ class ControlTarget(NamedTuple):
             raise self.failure(exc) from exc
 
 
-def not_root_hint() -> str:
-    """What may be why the node agent turned this user away ("" for root)."""
-    return _NOT_ROOT_HINT if os.geteuid() != 0 else ""
+def not_root_hint(hint: str = _NOT_ROOT_HINT) -> str:
+    """What may be why the node agent turned this user away (``hint``), or the socket file
+    kept it out (``_FILE_HINT``); "" for root."""
+    return hint if os.geteuid() != 0 else ""
 
 
 def _read(path: str | None) -> bytes | None:
