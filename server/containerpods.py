@@ -268,13 +268,12 @@ class ContainerPods:
         if info is not None and not shares_netns(info):
             try:
                 wanted = container_netns(info, self.agent.enrollment.policy)
-            except OutOfFds as exc:
-                # Not a netns gone: nothing can be told now (the pod it has stays; its next
-                # event, or the next reconcile, looks again).
-                log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
-                return
             except NetnsError as exc:
                 log.warning("container %s: %s", cid[:12], exc, extra={"uid": cid})
+                if isinstance(exc, OutOfFds):
+                    # Not a netns gone: nothing can be told now (the pod it has stays; its
+                    # next event, or the next reconcile, looks again).
+                    return
         known = self.facts.get(cid)
         selected = wanted is not None and known is not None and self.selection(known).selected
         gone = held is not None and (wanted is None or _identity(held) != wanted.identity)
