@@ -83,8 +83,6 @@ class ContainerEngineSource:
         #: The session whose containers are followed (None: none now): a sync whose engine
         #: call failed tries again while it lasts.
         self._live: aiodocker.Docker | None = None
-        #: The containers the last reconcile could not look at.
-        self._failed: set[str] = set()
         #: Set to end a sync's wait to try again (its container's event came).
         self._wakes: dict[str, asyncio.Event] = {}
         pods.engine = self.url
@@ -180,11 +178,11 @@ class ContainerEngineSource:
                         f"{down} before its containers were listed (an engine without events? Podman's "
                         'events_logger = "none" has none: zds needs "file" or "journald")'
                     ) from None
-            listed = reconcile.result()
+            listed, skipped = reconcile.result()
             self._set(True, f"{listed} container(s) listed and reconciled; watching events")
             self.pods.resync = self.request_sync
             self._live = docker
-            for cid in self._failed:  # (skipped in the reconcile: again, after a while)
+            for cid in skipped:  # (the reconcile could not look at them: again, after a while)
                 self.request_sync(cid, after=defaults.ENGINE_RETRY_INITIAL)
             for event in held:
                 self._handle(event)
@@ -216,9 +214,10 @@ class ContainerEngineSource:
                 raise EngineDown(_describe(error) if error else "its event stream ended")
             handle(event)
 
-    async def _reconcile(self, docker: aiodocker.Docker, keep: set[str]) -> int:
+    async def _reconcile(self, docker: aiodocker.Docker, keep: set[str]) -> tuple[int, set[str]]:
         """List, learn, and sync every container of ours and every pod of a container; what
-        the listing lacks is forgotten, unless its ``create`` event came meanwhile (``keep``)."""
+        the listing lacks is forgotten, unless its ``create`` event came meanwhile (``keep``).
+        How many containers are ours, and those it could not look at."""
         async with _answer_within("a listing"):
             containers = await docker.containers.list(all=True)
         present, mine = set(), set()
@@ -237,8 +236,7 @@ class ContainerEngineSource:
         failed = await asyncio.gather(*(self._sync_one(docker, cid) for cid in wanted))
         if len(wanted) > 1 and all(isinstance(error, TimeoutError) for error in failed):
             raise TimeoutError(f"no answer to any of {len(wanted)} container inspection(s)")
-        self._failed = {cid for cid, error in zip(wanted, failed, strict=True) if error is not None}
-        return len(mine)
+        return len(mine), {cid for cid, error in zip(wanted, failed, strict=True) if error is not None}
 
     async def _sync_one(self, docker: aiodocker.Docker, cid: str) -> Exception | None:
         """``_sync`` in a reconcile: a container whose answer zds cannot read is skipped, in
