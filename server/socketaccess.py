@@ -119,18 +119,19 @@ def _entries(target: str | int, st: os.stat_result) -> _Acl:
         return plain
     if len(data) < 4 or (len(data) - 4) % _ENTRY.size or struct.unpack_from("<I", data)[0] != _ACL_VERSION:
         return plain
-    acl = _Acl(plain.user_obj, {}, plain.group_obj, {}, None, plain.other)
-    mask = None
+    users: dict[int, int] = {}
+    groups: dict[int, int] = {}
+    group_obj, mask = plain.group_obj, None
     for tag, perm, ident in _ENTRY.iter_unpack(data[4:]):
         if tag == _USER:
-            acl.users[ident] = perm & 7
+            users[ident] = perm & 7
         elif tag == _GROUP:
-            acl.groups[ident] = perm & 7
+            groups[ident] = perm & 7
         elif tag == _GROUP_OBJ:
-            acl = acl._replace(group_obj=perm & 7)
+            group_obj = perm & 7
         elif tag == _MASK:
             mask = perm & 7
-    return acl._replace(mask=mask)
+    return plain._replace(users=users, groups=groups, group_obj=group_obj, mask=mask)
 
 
 def _plain(st: os.stat_result) -> _Acl:
