@@ -266,7 +266,7 @@ class NftablesRedirector(Redirector):
         libnftables()
         ipaddress.ip_address(self.config.probe_snat_ipv6)
         #: What the kernel lists after each rule text (IPv4 only, or both) went into a netns
-        #: that had none of our tables, as a digest.
+        #: that had none of our tables, and the policy routing as ours, as a digest.
         self._fresh_digests: dict[str, str] = {}
 
     def rule_texts(self) -> list[str]:
@@ -285,11 +285,11 @@ class NftablesRedirector(Redirector):
             lib.run(rules)
         except RedirectError as exc:  # (one transaction: the kernel took none of it)
             raise NothingChanged(f"{exc}; nothing was changed") from exc
-        _routing(add=True, ipv6=ipv6)
-        digest = self._fresh_digests.get(rules) if fresh else None
+        routing = self._add_routing()
+        digest = self._fresh_digests.get(rules) if fresh and routing else None
         if digest is None:
-            digest = self._digest_here(routing=True)
-            if fresh:
+            digest = self._digest_here(routing=routing)
+            if fresh and routing:
                 self._fresh_digests[rules] = digest
         return [4, 6] if ipv6 else [4], digest
 

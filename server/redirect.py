@@ -36,11 +36,12 @@ def _families(ipv6: bool) -> list[tuple[int, str]]:
     return [(4, "iptables")] + ([(6, "ip6tables")] if ipv6 else [])
 
 
-def _routing(add: bool, *, ipv6: bool) -> None:
+def _routing(add: bool, *, ipv6: bool) -> bool:
+    """``policy_routing`` (whether the rule is ours now), its failure a RedirectError."""
     from zds.server.policyrouting import PolicyRoutingError, policy_routing
 
     try:
-        policy_routing(add=add, ipv6=ipv6)
+        return policy_routing(add=add, ipv6=ipv6)
     except PolicyRoutingError as exc:
         raise RedirectError(str(exc)) from exc
 
@@ -187,13 +188,7 @@ class Redirector:
     def _add_routing(self) -> bool:
         """Add the policy routing; whether it is ours now (a rule of the pod's own at our pref that
         the kernel takes for ours, ``from`` or ``tos`` besides, keeps ours out: said)."""
-        _routing(add=True, ipv6=self.config.ipv6)
-        if not (present := _routing_present(self.config.ipv6)):
-            log.warning(
-                "the policy routing in the pod's netns is not ours as added: a rule of its own at pref "
-                "32764 with our fwmark that the kernel takes for the same?"
-            )
-        return present
+        return _routing(add=True, ipv6=self.config.ipv6)
 
     def remember_whole(self, digest: str) -> None:
         """``digest``, read from a netns whose rules an earlier run installed whole, is what a whole

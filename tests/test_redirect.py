@@ -29,6 +29,7 @@ from zds.server import redirect as redirect_module
 from zds.server.inpodrules import RedirectConfig, inpod_rules
 from zds.server.iptablesave import cleanup_rules, foreign_jumps, unreadable_line
 from zds.server.iptablesrun import run_tool
+from zds.server.nftables import NftablesRedirector
 from zds.server.redirect import RedirectError, Redirector, RulesNotOurs
 
 GOLDEN4 = (DATA / "istio-inpod-iptables.golden").read_text()
@@ -640,6 +641,82 @@ def test_policy_routing_changed_by_hand_is_not_taken_for_ours(
     assert asyncio.run(digest()) != installed
     install(pod)
     assert asyncio.run(digest()) == installed
+
+
+def backend_install(path: str, backend: type[Redirector]) -> tuple[str, str]:
+    """Install with ``backend``: the digest the install recorded, and the one a restart reads."""
+
+    async def run() -> tuple[str, str]:
+        with open_netns(path) as ns:
+            installed = await backend().install(ns)
+            return installed.digest, await backend().digest(ns)
+
+    return asyncio.run(run())
+
+
+def backend_remove(path: str, backend: type[Redirector]) -> None:
+    async def run() -> None:
+        with open_netns(path) as ns:
+            await backend().remove(ns)
+
+    asyncio.run(run())
+
+
+def our_pref(path: str) -> list[str]:
+    return [line for line in in_pod(path, "ip", "rule").splitlines() if line.startswith("32764:")]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", [Redirector, NftablesRedirector], ids=["iptables", "nftables"])
+@pytest.mark.parametrize("theirs", ["iif lo", "from 10.0.0.0/8"])
+def test_a_rule_of_the_pods_own_at_our_pref_is_never_deleted(
+    namespaces: list[str], backend: type[Redirector], theirs: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kernel deletes the first rule at pref 32764 matching what the request names (our
+    fwmark, mask, table): a rule of the pod's own with a selector more, there before ours, was
+    deleted in ours' place, ours left (Istio's removal does the same). Now the pod's stays, and
+    ours with it, said. A ``from`` one also keeps ours out at the install (the kernel takes it for
+    ours): said by both backends, and the nftables one recorded the routing as ours all the same
+    (every restart then found the pod's rules changed and installed them again)."""
+    pod = scratch(namespaces)
+    in_pod(
+        pod, "ip", "rule", "add", "pref", "32764", *theirs.split(), "fwmark", "0x111/0xfff", "lookup", "100"
+    )
+    with caplog.at_level(logging.WARNING, logger="zds.server.redirect"):
+        recorded, read = backend_install(pod, backend)
+        kept_out = "from" in theirs
+        assert ("not ours as added" in caplog.text) == kept_out
+        assert recorded == read
+        assert len(our_pref(pod)) == (1 if kept_out else 2)
+        backend_remove(pod, backend)
+    left = our_pref(pod)
+    assert theirs in left[0] and len(left) == (1 if kept_out else 2)  # (ours behind it: left)
+    assert ("deleting ours would delete it" in caplog.text) == (not kept_out)
+    assert in_pod(pod, "ip", "route", "show", "table", "100").strip() == ""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", [Redirector, NftablesRedirector], ids=["iptables", "nftables"])
+def test_a_default_route_of_the_pods_own_in_table_100_is_replaced_and_said(
+    namespaces: list[str], backend: type[Redirector], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Istio replaces whatever default route table 100 has (``RouteReplace``); so does zds, and it
+    said nothing of the pod's route it took out. A route of ours there already is no news."""
+    pod = scratch(namespaces)
+    in_pod(pod, "ip", "link", "add", "zdsd0", "type", "veth", "peer", "name", "zdsd1")
+    in_pod(pod, "ip", "link", "set", "zdsd0", "up")
+    in_pod(pod, "ip", "addr", "add", "10.77.0.2/24", "dev", "zdsd0")
+    in_pod(pod, "ip", "route", "add", "default", "via", "10.77.0.1", "dev", "zdsd0", "table", "100")
+    with caplog.at_level(logging.WARNING, logger="zds.server.redirect"):
+        backend_install(pod, backend)
+        assert "the pod's own default route in table 100 (type 1 via 10.77.0.1" in caplog.text
+        assert in_pod(pod, "ip", "route", "show", "table", "100").split() == [
+            *("local", "default", "dev", "lo", "scope", "host")
+        ]
+        caplog.clear()
+        backend_install(pod, backend)  # (ours there: nothing to say)
+        assert "default route" not in caplog.text
+    backend_remove(pod, backend)
 
 
 #: An iptables-save of a pod's nat table as it may legitimately be: quotes escaped in a comment
