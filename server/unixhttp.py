@@ -162,7 +162,15 @@ class GuardedUnixHttp:
             except (ConnectionError, OSError) as exc:
                 log.warning("a %s request from %s was aborted: %s", self.guard.socket_name, _who(peer), exc)
                 return _closing(web.Response(status=400, text="request aborted\n"))
-            return _closing(await handler(request))
+            try:
+                response = await handler(request)
+            except (
+                web.HTTPException
+            ) as exc:  # (aiohttp's 404 and 405, raised: kept alive, outside every limit)
+                response = web.Response(
+                    status=exc.status, reason=exc.reason, text=exc.text, headers=exc.headers
+                )
+            return _closing(response)
         finally:
             self._in_flight -= 1
 

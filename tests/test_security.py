@@ -708,6 +708,28 @@ def test_half_sent_cni_requests_are_closed_in_time_each_with_one_warning_never_a
         server.stop()
 
 
+def test_a_cni_request_aiohttp_answers_itself_closes_its_connection_too(tmp_path: Path) -> None:
+    """A path or method the CNI endpoint does not serve (404, 405: raised by aiohttp's router,
+    past the middleware's own answer) was answered keep-alive: its connection stayed open for
+    aiohttp's 75 s, outside the limit on connections waiting, and a client looping on it held
+    any number of the node agent's fds."""
+    server = NodeAgentProc(str(tmp_path)).wait_ready()
+    try:
+        for request, status in ((b"GET /nope", b"404"), (b"DELETE /cmdadd", b"405")):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(server.cni_socket)
+                sock.sendall(request + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(5)
+                answer = b""
+                while chunk := sock.recv(65536):  # (to the node agent's close: a timeout fails)
+                    answer += chunk
+                head = answer.split(b"\r\n\r\n")[0].lower()
+                assert head.startswith(b"http/1.1 " + status) and b"connection: close" in head
+        assert "Traceback" not in server.output()
+    finally:
+        server.stop()
+
+
 def test_idle_cni_connections_cannot_use_up_the_node_agents_fds(tmp_path: Path) -> None:
     """Each connection that says nothing lived its 10 s: 20,000 of them took every fd the node
     agent had, and the control API with them. At most 64 wait at once (the oldest is closed)."""
