@@ -139,9 +139,14 @@ async def bulk_add(
                         agent.telemetry.enrollment(EnrollmentOutcome.INVALID.value)
                         answer(index, request.uid, spec)
                     index += 1
-            while running:
-                await asyncio.wait(set(running))
         finally:
+            # Ended or refused (a message over the limit, undecodable: raised above), the pods
+            # taken before answer first: a refusal put ahead of them lost their answers, or,
+            # with one coming during the reply delay, hung the call to its deadline. (Not
+            # once the call ended: nothing more goes out then.)
+            current = asyncio.current_task()
+            while running and not (current is not None and current.cancelling()):
+                await asyncio.wait(set(running))
             answers.put_nowait(None)
             finished.set()
 

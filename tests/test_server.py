@@ -352,9 +352,8 @@ def test_a_request_that_does_not_decode_is_invalid_argument_on_every_kind_of_met
                 )
         # Refused once the stream reaches it, and the stream ends as on its own errors: the
         # answers to what came before are not lost (refused from within the stream's reader,
-        # they had been). (The garbage goes once the first answer is in: sent at once, the
-        # call can hang, as a request of too many pods after an answered one can: a race
-        # left, see the closing note.)
+        # they had been). (Sent at once after pods still enrolling:
+        # test_a_refused_message_in_a_stream_comes_after_every_answer_before_it.)
         bulk = channel.stream_stream("/zds.v1.NodeAgent/AddPods")
         first = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="", netns_path="/x")])
         answered = threading.Event()
@@ -376,6 +375,33 @@ def test_a_request_that_does_not_decode_is_invalid_argument_on_every_kind_of_met
         assert (answer.index, answer.code) == (0, grpc.StatusCode.INVALID_ARGUMENT.value[0]), answer
     assert "DecodeError" not in server.output() and "Traceback" not in server.output()
     assert server.list_pods() == []
+
+
+@pytest.mark.parametrize("refused", ["undecodable", "too many pods"])
+def test_a_refused_message_in_a_stream_comes_after_every_answer_before_it(
+    server: NodeAgentProc, refused: str
+) -> None:
+    """A message refused while the pods of the messages before it were still enrolling put the
+    stream's end ahead of their answers: the call ended with some or none of them, or (one
+    answer coming during the reply delay, behind the end) hung until the client's deadline."""
+    netns = pod_netns()
+    pods = [nodeagent_pb2.AddPodRequest(uid=f"web-{i}", netns_path=netns) for i in range(200)]
+    over = [nodeagent_pb2.AddPodRequest(uid=f"x-{i}", netns_path=netns) for i in range(1025)]
+    last = (
+        b"\xff\xff\xff\xff"
+        if refused == "undecodable"
+        else nodeagent_pb2.AddPodsRequest(pods=over).SerializeToString()
+    )
+    with grpc.insecure_channel(f"unix:{server.control_socket}") as channel:
+        bulk = channel.stream_stream("/zds.v1.NodeAgent/AddPods")
+        requests = [nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString(), last]
+        replies: list[bytes] = []
+        with pytest.raises(grpc.RpcError) as info:
+            replies.extend(bulk(iter(requests), timeout=20))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value
+    answers = [result for data in replies for result in nodeagent_pb2.AddPodsReply.FromString(data).results]
+    assert sorted(answer.index for answer in answers) == list(range(200))
+    assert len(server.list_pods()) == 200
 
 
 def test_the_node_is_never_enrolled_whatever_path_leads_to_it(server: NodeAgentProc, tmp_path: Path) -> None:
