@@ -41,6 +41,7 @@ from zds.server.storefile import (
     MARKS,
     WAL_SIZE_LIMIT,
     StoreError,
+    StoreFile,
     explain,
     has_room,
     open_db,
@@ -77,6 +78,7 @@ class PodStore:
     def __init__(self, path: str, db: sqlite3.Connection) -> None:
         self.path = path
         self._db = db
+        self._file = StoreFile(path)
         self._closed = False
         #: Why the last write failed ('' once one succeeds): the node agent is not ready.
         self.failing = ""
@@ -118,6 +120,11 @@ class PodStore:
         if self._closed:
             return
         self._closed = True
+        if what := self._file.gone():
+            try:
+                raise self._file.keep_aside(self._db, what)
+            finally:
+                self._db.close()
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
@@ -381,6 +388,9 @@ class PodStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
+        if what := self._file.gone():
+            self.failing = self._file.moved(what)
+            raise StoreError(self.failing)
         try:
             changes = self._db.total_changes
             with self._db:  # one transaction, committed on exit

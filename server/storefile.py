@@ -334,3 +334,55 @@ def sync_wal(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class StoreFile:
+    """Which file ``STATE_DIR/pods.db`` was when the store opened it (device and inode).
+    Deleted or replaced under a running node agent, the file SQLite holds open is no longer
+    the one a start reads: every pod stored since would be lost, and the pods before it too
+    (deleted) or those the other file lacks (replaced)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._opened = self._now()
+
+    def _now(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def gone(self) -> str:
+        """'' while the path is still the file opened; else what became of it."""
+        now = self._now()
+        if now == self._opened:
+            return ""
+        return "deleted" if now is None else "replaced by another file"
+
+    def moved(self, what: str) -> str:
+        """Why a write is refused once the file is ``what`` (``gone``'s answer)."""
+        return (
+            f"pod store {self.path} was {what} while the node agent ran: nothing more is stored, so no "
+            "pod is enrolled or removed, until it restarts; stop it (what it holds is written out "
+            "beside the file then) and put the file back"
+        )
+
+    def keep_aside(self, db: sqlite3.Connection, what: str) -> StoreError:
+        """At the close, the file being ``what``: what the store holds, written into a new file
+        beside it (never over what is at the path now), and the error that says where."""
+        kept = f"{self.path}.kept-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        try:
+            # (made 0600 and empty first: VACUUM INTO writes into an empty file, with its mode)
+            os.close(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            db.execute("VACUUM INTO ?", (kept,))
+        except (OSError, sqlite3.Error) as exc:
+            return StoreError(
+                f"pod store {self.path} was {what} while the node agent ran, and what it held could not "
+                f"be written out as {kept} ({exc}): the pods it stored are lost"
+            )
+        return StoreError(
+            f"pod store {self.path} was {what} while the node agent ran; what it held is written out "
+            f"as {kept}: move that file to {self.path} (and remove any -wal and -shm beside it) before "
+            "the next start"
+        )

@@ -653,3 +653,35 @@ def test_a_close_its_own_open_statement_keeps_from_writing_out_is_an_error_not_a
     assert cursor.fetchone() is not None  # (one row read, one to come: the statement stays open)
     with pytest.raises(StoreError, match=r"cannot write the pod store out as it closes: .*locked"):
         store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced by another file"])
+def test_a_store_file_deleted_or_replaced_under_it_stores_nothing_more_and_is_kept_aside(
+    state: pathlib.Path, how: str
+) -> None:
+    """Its writes went on into the file SQLite held open, which no start reads: pods acked
+    since were lost, and (deleted) every pod before them, or (replaced) a start recovered the
+    other file's shorter list without a word. Now no write goes in (the enrollment fails, the
+    node agent is not ready), and the close writes what the store holds beside the file."""
+    store = open_store(state)
+    path = state / "pods.db"
+    store.put(spec("u1"), None, enrolled_at=1.0)
+    if how == "deleted":
+        for name in ("pods.db", "pods.db-wal", "pods.db-shm"):
+            (state / name).unlink(missing_ok=True)
+    else:
+        other = state / "other.db"
+        sqlite3.connect(other).close()
+        os.replace(other, path)
+    with pytest.raises(StoreError, match=f"was {how} while the node agent ran: nothing more is stored"):
+        store.put(spec("u2"), None, enrolled_at=2.0)
+    assert store.failing.startswith(f"pod store {path} was {how}")
+    with pytest.raises(StoreError, match="what it held is written out as") as info:
+        store.close()
+    found = re.search(r"written out as (\S+):", str(info.value))
+    assert found is not None
+    kept = found.group(1)
+    assert os.stat(kept).st_mode & 0o777 == 0o600
+    with contextlib.closing(sqlite3.connect(kept)) as db:
+        assert db.execute("SELECT uid FROM pods").fetchall() == [("u1",)]
+    assert path.exists() == (how != "deleted")  # (the file put in its place is not touched)
