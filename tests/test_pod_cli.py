@@ -241,6 +241,36 @@ def test_pod_remove_reports_each_connection(server: NodeAgentProc) -> None:
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 
+def test_pod_remove_says_rules_that_would_not_come_out(tmp_path: Path) -> None:
+    """The removal's answer said only how each ztunnel took the DelWorkload: rules still in the
+    pod's netns (their removal failed, and is retried) went unsaid but in the node agent's log."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    broken = tmp_path / "broken"
+    real = subprocess.run(["sh", "-c", "command -v iptables-restore"], capture_output=True, text=True).stdout
+    fake = tools / "iptables-restore"
+    fake.write_text(
+        f'#!/bin/sh\n[ -e {broken} ] && {{ echo "boom" >&2; exit 1; }}\nexec {real.strip()} "$@"\n'
+    )
+    fake.chmod(0o755)
+    server = NodeAgentProc(
+        str(tmp_path), redirect=True, env_path=f"{tools}:{os.environ['PATH']}"
+    ).wait_ready()
+    try:
+        added = server.cli("pod", "add", "--uid", "u1", "--netns", pod_netns())
+        assert json.loads(server.cli("pod", "list", "--json").stdout)[0]["rules_installed"], added.stderr
+        broken.touch()
+        out = server.cli("pod", "remove", "--uid", "u1")
+        assert out.returncode == 0, out.stderr
+        assert "u1: its in-pod rules are still in its netns" in out.stderr
+        broken.unlink()
+        wait_until(lambda: "rules a failed removal left are taken out now" in server.output(), "the retry")
+        again = server.cli("pod", "add", "--uid", "u2", "--netns", pod_netns())
+        assert "still in" not in server.cli("pod", "remove", "--uid", "u2").stderr, again.stderr
+    finally:
+        server.stop()
+
+
 def test_removing_a_pod_not_enrolled_still_tells_every_ztunnel_as_istio_does(server: NodeAgentProc) -> None:
     # (a ztunnel may hold a workload the node agent forgot; Istio's RemovePodFromMesh sends
     # DelWorkload whatever its cache holds)
