@@ -334,7 +334,7 @@ class NodeAgent:
                 len(self.registry),
                 extra=conn.log_extra,
             )
-        else:  # (never a connected ztunnel: "disconnected" read as if one had gone)
+        elif not conn.protocol.peer_error:  # (never a ztunnel; a peer's error said above, once)
             log.info(
                 "connection from %s closed before it was served: %s",
                 _peer(conn),
