@@ -9,9 +9,10 @@ Replies to connections the inbound relay made with the client's source address
 (IP_TRANSPARENT) are delivered locally through table 100.
 
 Where the pod has routing of its own in the way, Istio's netlink calls act on it as on ours;
-zds does what Istio does and says so, except that it never deletes a rule of the pod's: the
-kernel deletes the first rule at our pref that matches what the request names, and a rule of
-the pod's with a selector more (``iif``, ``from``) matches.
+zds does what Istio does and says so, except that its removal never deletes a rule or route
+of the pod's: the kernel deletes the first rule at our pref that matches what the request
+names, and a rule of the pod's with a selector more (``iif``, ``proto``) matches; IPv6 deletes
+the first default route in table 100 on ``lo`` whatever its type, unless the metric is named.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ NETLINK_ROUTE = 0
 RTPROT_BOOT = 3
 RT_SCOPE_HOST = 254
 RTN_LOCAL = 2
+#: The metric an IPv6 route added without one gets (ours, as Istio's).
+IP6_RT_PRIO_USER = 1024
 _NLMSGHDR = struct.Struct("=IHHII")
 _ERRNO = struct.Struct("=i")
 _SEQ = struct.Struct("=I")  # nlmsghdr.nlmsg_seq, at offset 8
@@ -147,7 +150,8 @@ def _add_rule(rtnl: _Rtnl, family: int) -> bool:
         "the policy routing in the pod's netns is not ours as added: the kernel takes a rule of the "
         "pod's own at pref %d for ours (%s)",
         defaults.INPOD_RULE_PRIORITY,
-        "; ".join(_rule_text(rule) for rule in rules if _taken_for_ours(rule)) or "?",
+        "; ".join(_rule_text(rule) for rule in rules if _taken_for_ours(rule) and not _is_our_rule(rule))
+        or "?",
     )
     return False
 
@@ -198,6 +202,10 @@ def _route(family: int, lo: int, add: bool) -> rtmsg:
     msg["scope"] = RT_SCOPE_HOST
     msg["type"] = RTN_LOCAL
     msg["attrs"] = [("RTA_TABLE", defaults.INPOD_ROUTE_TABLE), ("RTA_OIF", lo)]
+    if family == socket.AF_INET6 and not add:
+        # (IPv6's delete takes the first route matching what it names, whatever its type: a
+        # route of the pod's own at a lower metric went in ours' place; ours has the default)
+        msg["attrs"].append(("RTA_PRIORITY", IP6_RT_PRIO_USER))
     return msg
 
 
@@ -318,6 +326,7 @@ def _is_our_rule(rule: fibmsg) -> bool:
         and rule.get_attr("FRA_FWMASK") == defaults.INPOD_TPROXY_MASK
         and all(name in _RULE_ATTRS for name, *_ in rule["attrs"])
         and all(rule.get_attr(name) in (None, 0xFFFFFFFF) for name in _SUPPRESSORS)
+        and not rule.get_attr("FRA_PROTOCOL")  # (a pod's ``proto static`` one is not ours)
     )
 
 
@@ -335,7 +344,14 @@ def _taken_for_ours(rule: fibmsg) -> bool:
 
 def _rule_text(rule: fibmsg) -> str:
     """A rule's selectors beyond ours, as netlink names them (what an ``ip rule`` line shows)."""
-    more = [f"{name}={value}" for name, value in rule["attrs"] if name not in _RULE_ATTRS]
+    more = ["not"] if rule["flags"] & FIB_RULE_INVERT else []
+    more += [f"{name}={value}" for name, value in rule["attrs"] if name not in _RULE_ATTRS]
+    more += [
+        f"{name}={rule.get_attr(name)}"
+        for name in _SUPPRESSORS
+        if rule.get_attr(name) not in (None, 0xFFFFFFFF)
+    ]
+    more += [f"FRA_PROTOCOL={proto}" for proto in [rule.get_attr("FRA_PROTOCOL")] if proto]
     more += [f"{field}={rule[field]}" for field in ("src_len", "dst_len", "tos") if rule[field]]
     return ", ".join(more) or "nothing more than ours"
 

@@ -120,20 +120,20 @@ class PodStore:
         if self._closed:
             return
         self._closed = True
-        if what := self._file.gone():
-            try:
-                raise self._file.keep_aside(self._db, what)
-            finally:
-                self._db.close()
+        # (deleted or replaced: kept aside, and checkpointed all the same: a -wal left full at
+        # its path was the replacing file's at the next open, and broke it)
+        kept = self._file.keep_aside(self._db, what) if (what := self._file.gone()) else None
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
             # (LOCKED is this connection's own statement still open: a bug, not a reader)
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+            if kept is None and getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                 raise _not_written_out(explain(self.path, exc)) from exc
             busy = True
         finally:
             self._db.close()
+        if kept is not None:
+            raise kept
         if busy:
             self._keep_in_wal()
 

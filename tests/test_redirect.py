@@ -668,9 +668,16 @@ def our_pref(path: str) -> list[str]:
 
 @pytest.mark.root
 @pytest.mark.parametrize("backend", [Redirector, NftablesRedirector], ids=["iptables", "nftables"])
-@pytest.mark.parametrize("theirs", ["iif lo", "from 10.0.0.0/8"])
+@pytest.mark.parametrize(
+    ("theirs", "shown"),
+    [("iif lo", "iif lo"), ("from 10.0.0.0/8", "from 10.0.0.0/8"), ("protocol static", "proto static")],
+)
 def test_a_rule_of_the_pods_own_at_our_pref_is_never_deleted(
-    namespaces: list[str], backend: type[Redirector], theirs: str, caplog: pytest.LogCaptureFixture
+    namespaces: list[str],
+    backend: type[Redirector],
+    theirs: str,
+    shown: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The kernel deletes the first rule at pref 32764 matching what the request names (our
     fwmark, mask, table): a rule of the pod's own with a selector more, there before ours, was
@@ -690,9 +697,26 @@ def test_a_rule_of_the_pods_own_at_our_pref_is_never_deleted(
         assert len(our_pref(pod)) == (1 if kept_out else 2)
         backend_remove(pod, backend)
     left = our_pref(pod)
-    assert theirs in left[0] and len(left) == (1 if kept_out else 2)  # (ours behind it: left)
+    assert shown in left[0] and len(left) == (1 if kept_out else 2)  # (ours behind it: left)
     assert ("deleting ours would delete it" in caplog.text) == (not kept_out)
     assert in_pod(pod, "ip", "route", "show", "table", "100").strip() == ""
+
+
+@pytest.mark.root
+def test_an_ipv6_route_of_the_pods_own_at_a_lower_metric_in_table_100_stays_at_the_removal(
+    namespaces: list[str],
+) -> None:
+    """IPv6's delete takes the first route that matches what it names, whatever its type: the
+    pod's own default route in table 100 at a lower metric went in ours' place, ours left
+    (Istio's removal names no metric either)."""
+    pod = scratch(namespaces)
+    in_pod(pod, "ip", "link", "set", "lo", "up")
+    in_pod(pod, "ip", "-6", "route", "add", "unreachable", "::/0", "table", "100", "metric", "100")
+    backend_install(pod, Redirector)
+    assert "local default dev lo" in in_pod(pod, "ip", "-6", "route", "show", "table", "100")
+    backend_remove(pod, Redirector)
+    assert in_pod(pod, "ip", "-6", "route", "show", "table", "100").split()[:2] == ["unreachable", "default"]
+    assert "local" not in in_pod(pod, "ip", "-6", "route", "show", "table", "100")
 
 
 @pytest.mark.root
