@@ -46,12 +46,19 @@ def _missing_otlp(exc: ImportError) -> TelemetryConfigError:
     )
 
 
-def span_exporters_from_env(environ: Mapping[str, str]) -> list[tuple[SpanExporter, bool]]:
-    """(exporter, batched) for each name in OTEL_TRACES_EXPORTER."""
-    exporters: list[tuple[SpanExporter, bool]] = []
+#: How soon the console exporter prints the spans that ended (ms): batched too, written by
+#: the batch's thread (written on the loop as each span ended, a stdout nobody read stopped
+#: every enrollment, and the stop).
+CONSOLE_SPAN_DELAY_MS = 200
+
+
+def span_exporters_from_env(environ: Mapping[str, str]) -> list[tuple[SpanExporter, int | None]]:
+    """(exporter, its batch's delay in ms: None for the SDK's, OTEL_BSP_SCHEDULE_DELAY or 5 s)
+    for each name in OTEL_TRACES_EXPORTER."""
+    exporters: list[tuple[SpanExporter, int | None]] = []
     for name in _exporter_names(environ, "OTEL_TRACES_EXPORTER"):
         if name == "console":
-            exporters.append((ConsoleSpanExporter(), False))  # printed as each span ends
+            exporters.append((ConsoleSpanExporter(), CONSOLE_SPAN_DELAY_MS))
         elif name == "otlp":
             try:
                 if _otlp_protocol(environ, "TRACES") == "grpc":
@@ -62,7 +69,7 @@ def span_exporters_from_env(environ: Mapping[str, str]) -> list[tuple[SpanExport
                     )
             except ImportError as exc:
                 raise _missing_otlp(exc) from exc
-            exporters.append((OTLPSpanExporter(), True))
+            exporters.append((OTLPSpanExporter(), None))
         else:
             raise TelemetryConfigError(
                 f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none"

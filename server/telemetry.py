@@ -70,7 +70,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
-    SimpleSpanProcessor,
 )
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -203,8 +202,8 @@ class Telemetry:
             if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
                 return cls(resource=resource)
             processors: list[SpanProcessor] = [
-                BatchSpanProcessor(exporter) if batched else SimpleSpanProcessor(exporter)
-                for exporter, batched in span_exporters_from_env(env)
+                BatchSpanProcessor(exporter, schedule_delay_millis=delay)
+                for exporter, delay in span_exporters_from_env(env)
             ]
             exporters = metric_exporters_from_env(env)
             if exporters:

@@ -32,6 +32,7 @@ from tests.harness import (
     wait_until,
 )
 from tests.standins import AckingPeer, RawPeer
+from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.server import spans
@@ -573,3 +574,31 @@ def test_a_collector_that_never_answers_holds_the_exit_at_most_the_shutdown_wait
         server.add_pod("u1", pod_netns())  # spans to flush
         assert server.stop() == 0  # (not killed: stop() kills what has not exited within 15 s)
     assert f"OpenTelemetry exporters still flushing after {SHUTDOWN_WAIT:g}s" in server.output()
+
+
+def test_console_spans_never_hold_the_loop_on_a_stdout_nobody_reads(tmp_path: Any) -> None:
+    """The console exporter wrote each span on the event loop as it ended: with stdout a pipe
+    nobody read (a terminal paused, a log shipper stuck), its 64 KiB filled after a few
+    pods and every enrollment waited, and the stop too (SIGTERM was never taken). Now written
+    by its batch's thread: spans wait there (dropped past its queue), the loop goes on."""
+    fifo = os.path.join(str(tmp_path), "stdout")
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # (there, never reading)
+    server = NodeAgentProc(
+        str(tmp_path), env={"OTEL_TRACES_EXPORTER": "console"}, wrapper=["sh", "-c", 'exec "$@" >"$0"', fifo]
+    ).wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    try:
+        netns = pod_netns()
+        with server.control() as stub:
+            for i in range(200):  # (~4 spans a pod, ~1 KiB each)
+                request = nodeagent_pb2.AddPodRequest(uid=f"u{i}", netns_path=netns)
+                stub.AddPod(request, timeout=10)
+        assert len(server.list_pods()) == 200
+    finally:
+        run_all([peer.close, lambda: assert_stopped(server)], "the peer and the node agent")
+        os.close(reader)
+
+
+def assert_stopped(server: NodeAgentProc) -> None:
+    assert server.stop() == 0  # (stop() kills one that has not exited within 15 s: not 0 then)
