@@ -181,11 +181,18 @@ class Watcher:
             self._stall_check = None
 
     def _fall_behind(self) -> None:
+        waiting = len(self._queue)
+        why = (
+            f"it took none for {self.stall:g}s"
+            if self._stalled()
+            else f"{defaults.WATCH_QUEUE_HARD}x --watch-queue {self.limit}: the node agent made them faster "
+            "than this stream takes them (watch fewer kinds, or raise --watch-queue)"
+        )
         self.finish(
             WatchEnded(
                 WatchEnding.FELL_BEHIND,
-                f"watcher fell behind: {self.limit} events were waiting to be sent "
-                "(--watch-queue); watch again to get the current state",
+                f"watcher fell behind: {waiting} events were waiting to be sent ({why}); watch again "
+                "to get the current state",
             )
         )
 

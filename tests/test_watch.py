@@ -533,11 +533,30 @@ async def test_watchers_that_fall_behind_together_are_said_in_one_line(
         bus.publish(EventKind.POD_ENROLLED, uid="u1")
     assert all(w.end is not None for w in watchers)
     assert [r.getMessage() for r in caplog.records] == [
-        "ended 1 watcher(s): watcher fell behind: 1 events were waiting to be sent (--watch-queue); "
+        "ended 1 watcher(s): watcher fell behind: 1 events were waiting to be sent (it took none for 0s); "
         "watch again to get the current state"
     ]
     await async_wait_until(lambda: len(caplog.records) == 2, "the rest said", timeout=15)
     assert caplog.records[1].getMessage().startswith("ended 64 watcher(s): watcher fell behind")
+
+
+async def test_a_watcher_that_reads_on_but_too_slowly_is_told_so_not_blamed_on_its_queue() -> None:
+    """Ended at the hard limit (the node agent making events faster than the stream is sent
+    them, the writer taking them all along), the end said the limit's count and ``--watch-queue``
+    as if the watcher had stopped reading: how many waited, and why, now."""
+    from zds import defaults
+    from zds.server.eventkinds import EventKind
+    from zds.server.events import EventBus
+
+    bus = EventBus(watch_queue=2, watch_stall=60.0)
+    watcher = bus.subscribe([])
+    assert (await watcher.next()).kind is EventKind.CURRENT_STATE_END  # (it took one just now)
+    for _ in range(2 * defaults.WATCH_QUEUE_HARD + 1):
+        bus.publish(EventKind.POD_ENROLLED, uid="u1")
+    assert watcher.end is not None
+    said = str(watcher.end)
+    assert f"{2 * defaults.WATCH_QUEUE_HARD} events were waiting" in said
+    assert f"{defaults.WATCH_QUEUE_HARD}x --watch-queue 2: the node agent made them faster" in said
 
 
 async def test_a_watcher_whose_writer_waits_for_events_is_not_taken_for_stalled() -> None:
