@@ -344,3 +344,41 @@ def test_lines_past_what_the_writer_holds_are_dropped_counted_and_said(
     finally:
         stream.close()
         os.close(read_end)
+
+
+def test_exporter_failures_are_one_line_a_logger_at_most_every_so_often_without_a_traceback() -> None:
+    """A collector down or failing: OpenTelemetry's exporters logged each failed batch and each
+    retry (a traceback with a gRPC collector's UNKNOWN), at the rate pods were enrolled."""
+    from zds.logfilters import ExporterFailures
+
+    kept: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    handler = Keep()
+    handler.addFilter(ExporterFailures(every=0.3))
+    exporter = logging.getLogger("opentelemetry.exporter.otlp.test")
+    otel = logging.getLogger("opentelemetry")
+    otel.addHandler(handler)
+    otel.propagate = False
+    try:
+        for i in range(50):
+            try:
+                raise RuntimeError(f"collector\nsaid no {i}")
+            except RuntimeError:
+                exporter.exception("Failed to export batch code: %d", 500)
+        logging.getLogger("opentelemetry.other").warning("its own line")  # (another logger: said)
+        time.sleep(0.35)
+        exporter.error("Failed to export batch code: %d", 503)
+    finally:
+        otel.removeHandler(handler)
+        otel.propagate = True
+    assert [r.getMessage() for r in kept] == [
+        "Failed to export batch code: 500 (RuntimeError: collector said no 0)",
+        "its own line",
+        "Failed to export batch code: 503 (49 more from opentelemetry.exporter.otlp.test in the 0.3s "
+        "before not shown)",
+    ]
+    assert all(r.exc_info is None for r in kept)

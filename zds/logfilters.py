@@ -1,11 +1,13 @@
 """What the log handler adds to a line (the trace it was logged in) and what it quiets:
-libraries that log every message, and the tracebacks gRPC and aiohttp log for what they
-answered already (one warning line instead)."""
+libraries that log every message, the tracebacks gRPC and aiohttp log for what they
+answered already (one warning line instead), and OpenTelemetry's exporters' failures."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 
 
 class TraceContextFilter(logging.Filter):
@@ -82,4 +84,44 @@ class BadRequests(logging.Filter):
                 )
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
                 record.exc_info, record.exc_text = None, None
+        return True
+
+
+class ExporterFailures(logging.Filter):
+    """OpenTelemetry's exporters log every export that failed (each batch of spans, each
+    retry, and for a gRPC collector's ``UNKNOWN`` a traceback of 16 lines): a collector down or
+    failing filled the node agent's log at the rate pods were enrolled. One line a logger at
+    most every ``every`` seconds, without its traceback (its exception in the line), saying
+    how many were left out since."""
+
+    EVERY = 10.0
+    #: What the line keeps of the exception's text (a gRPC error's runs long).
+    EXCEPTION_TEXT = 300
+
+    def __init__(self, every: float = EVERY) -> None:
+        super().__init__()
+        self.every = every
+        self._lock = threading.Lock()  # (the exporters log from threads of their own)
+        self._said: dict[str, float] = {}
+        self._left: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("opentelemetry."):
+            return True
+        now = time.monotonic()
+        with self._lock:
+            said = self._said.get(record.name)
+            if said is not None and now - said < self.every:
+                self._left[record.name] = self._left.get(record.name, 0) + 1
+                return False
+            self._said[record.name] = now
+            left = self._left.pop(record.name, 0)
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text = " ".join(str(exc).split())[: self.EXCEPTION_TEXT]
+            message += f" ({type(exc).__name__}: {text})" if text else f" ({type(exc).__name__})"
+        if left:
+            message += f" ({left} more from {record.name} in the {self.every:g}s before not shown)"
+        record.msg, record.args, record.exc_info, record.exc_text = message, None, None, None
         return True

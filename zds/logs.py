@@ -292,6 +292,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     handler.addFilter(logfilters.QuietLibraries(("pyroute2",)))  # first: a dropped line costs nothing more
     handler.addFilter(logfilters.GoneStreams())
     handler.addFilter(logfilters.BadRequests())
+    handler.addFilter(logfilters.ExporterFailures())
     handler.addFilter(logfilters.TraceContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
