@@ -396,6 +396,7 @@ class NodeAgentServer:
             await close()
         # Outstanding enrollments and removals finish (or are cancelled) before the store closes.
         await self.agent.tasks.cancel_all()
+        self.telemetry.hold_pods()
         self.agent.close()
         if self.store is not None:
             try:

@@ -236,6 +236,12 @@ class Telemetry:
         self._pods_by_state = pods_by_state
         self._watchers = watchers
 
+    def hold_pods(self) -> None:
+        """The node agent stops: its pods are counted as they are now from here on (its cache is
+        emptied as it closes, and the exporters' last push at the stop said every pod gone)."""
+        counts = dict(self._pods_by_state())
+        self._pods_by_state = lambda: counts
+
     def _observe_messages(self, _: CallbackOptions) -> Iterable[Observation]:
         return [
             Observation(n, {"type": kind, "outcome": outcome})

@@ -334,3 +334,34 @@ def test_otel_sdk_disabled_turns_off_the_exporters_not_metrics(
         assert [o.value for o in EnrollmentOutcome if o.value not in help_text] == [], help_text
     finally:
         server.stop()
+
+
+def test_the_pods_gauge_holds_its_count_through_the_stop() -> None:
+    """The node agent's cache is emptied as it closes, before the exporters' last push: that
+    push said 0 pods in every state, as if every pod were gone at each restart."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+
+    from zds.server.telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(metric_readers=[reader])
+    pods = {"acked": 500}
+    telemetry.observe(connected=lambda: 1, pods_by_state=lambda: pods, watchers=lambda: 0)
+
+    def acked() -> float:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return next(
+            point.value
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "zds_pods_enrolled"
+            for point in metric.data.data_points
+            if isinstance(point, NumberDataPoint) and point.attributes == {"state": "acked"}
+        )
+
+    assert acked() == 500
+    telemetry.hold_pods()
+    pods.clear()  # (the cache, closed)
+    assert acked() == 500
