@@ -329,10 +329,11 @@ def remove(args: argparse.Namespace) -> int:
     for d in resp.deliveries:
         answer = f"error: {d.error}" if d.error else "acked"
         print(f"pod {args.uid} removed: DelWorkload to ztunnel connection {d.connection_id}: {answer}")
-    if resp.pod.rules_installed:  # (a removal they did not come out of: the node agent retries)
+    if resp.pod.rules_installed:  # (a removal they did not come out of: taken out later)
         print(
-            f"zds pod remove: {args.uid}: its in-pod rules are still in its netns: they would not come out "
-            "(the node agent's log says why) and are tried again until they do",
+            f"zds pod remove: {args.uid}: its in-pod rules are still in its netns: they did not come out "
+            "with it (the node agent's log says why, and when they go: retried, or at a start that can "
+            "open its netns)",
             file=sys.stderr,
         )
     return 0

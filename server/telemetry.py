@@ -74,7 +74,7 @@ from opentelemetry.sdk.trace.export import (
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from zds import __version__
+from zds import __version__, logfilters
 from zds.server.otelenv import (
     SERVICE_NAME,
     TelemetryConfigError,
@@ -308,3 +308,4 @@ class Telemetry:
             log.warning(
                 "OpenTelemetry exporters still flushing after %gs; what they hold is dropped", SHUTDOWN_WAIT
             )
+        logfilters.say_left_out()  # (their failures' lines left out since last said)

@@ -382,3 +382,29 @@ def test_exporter_failures_are_one_line_a_logger_at_most_every_so_often_without_
         "before not shown)",
     ]
     assert all(r.exc_info is None for r in kept)
+
+
+def test_exporter_failures_left_out_are_counted_at_the_stop_and_the_sdks_other_lines_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A count left out was said only with the next line of its kind, which a stop never
+    brought (a console exporter dropping 3,440 spans said it once, no number); and the SDK's
+    lines on bad settings (one per bad pair) were cut to the first of each logger."""
+    from zds.logfilters import ExporterFailures, say_left_out
+
+    failures = ExporterFailures(every=60.0)
+    queue = logging.LogRecord(
+        "opentelemetry.sdk._shared_internal", logging.WARNING, "", 0, "Queue full", None, None
+    )
+    said = [failures.filter(logging.makeLogRecord(queue.__dict__)) for _ in range(5)]
+    assert said == [True, False, False, False, False]
+    settings = [
+        logging.LogRecord(
+            "opentelemetry.sdk.resources", logging.WARNING, "", 0, "Invalid pair %s", (k,), None
+        )
+        for k in ("k1", "k2")
+    ]
+    assert all(failures.filter(record) for record in settings)
+    caplog.set_level(logging.WARNING, logger="zds.server.telemetry")
+    say_left_out()
+    assert "4 more line(s) from opentelemetry.sdk._shared_internal like 'Queue full' not shown" in caplog.text

@@ -262,7 +262,7 @@ def test_pod_remove_says_rules_that_would_not_come_out(tmp_path: Path) -> None:
         broken.touch()
         out = server.cli("pod", "remove", "--uid", "u1")
         assert out.returncode == 0, out.stderr
-        assert "u1: its in-pod rules are still in its netns" in out.stderr
+        assert "u1: its in-pod rules are still in its netns: they did not come out" in out.stderr
         broken.unlink()
         wait_until(lambda: "rules a failed removal left are taken out now" in server.output(), "the retry")
         again = server.cli("pod", "add", "--uid", "u2", "--netns", pod_netns())

@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 
 
 class TraceContextFilter(logging.Filter):
@@ -89,33 +90,44 @@ class BadRequests(logging.Filter):
 
 class ExporterFailures(logging.Filter):
     """OpenTelemetry's exporters log every export that failed (each batch of spans, each
-    retry, and for a gRPC collector's ``UNKNOWN`` a traceback of 16 lines): a collector down or
-    failing filled the node agent's log at the rate pods were enrolled. One line a logger at
-    most every ``every`` seconds, without its traceback (its exception in the line), saying
-    how many were left out since."""
+    retry, and for a gRPC collector's ``UNKNOWN`` a traceback of 16 lines), and its span
+    queue every span it drops: a collector down or failing filled the node agent's log at
+    the rate pods were enrolled. Those loggers' lines (not the SDK's others: a bad setting
+    is said each time) are one line a kind at most every ``every`` seconds, without the
+    traceback (its exception in the line), saying how many were left out since; what is
+    left out at the stop is said then (``say_left``)."""
 
     EVERY = 10.0
     #: What the line keeps of the exception's text (a gRPC error's runs long).
     EXCEPTION_TEXT = 300
+    #: The loggers of the exporters and of the span and metric export queues.
+    LOGGERS = (
+        "opentelemetry.exporter.",
+        "opentelemetry.sdk._shared_internal",
+        "opentelemetry.sdk.trace.export",
+        "opentelemetry.sdk.metrics._internal.export",
+    )
 
     def __init__(self, every: float = EVERY) -> None:
         super().__init__()
         self.every = every
         self._lock = threading.Lock()  # (the exporters log from threads of their own)
-        self._said: dict[str, float] = {}
-        self._left: dict[str, int] = {}
+        #: By logger and message (before its arguments): when last said, how many left out.
+        self._said: dict[tuple[str, object], float] = {}
+        self._left: dict[tuple[str, object], int] = {}
+        _FILTERS.add(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or not record.name.startswith("opentelemetry."):
+        if record.levelno < logging.WARNING or not record.name.startswith(self.LOGGERS):
             return True
-        now = time.monotonic()
+        kind, now = (record.name, record.msg), time.monotonic()
         with self._lock:
-            said = self._said.get(record.name)
+            said = self._said.get(kind)
             if said is not None and now - said < self.every:
-                self._left[record.name] = self._left.get(record.name, 0) + 1
+                self._left[kind] = self._left.get(kind, 0) + 1
                 return False
-            self._said[record.name] = now
-            left = self._left.pop(record.name, 0)
+            self._said[kind] = now
+            left = self._left.pop(kind, 0)
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
@@ -125,3 +137,26 @@ class ExporterFailures(logging.Filter):
             message += f" ({left} more from {record.name} in the {self.every:g}s before not shown)"
         record.msg, record.args, record.exc_info, record.exc_text = message, None, None, None
         return True
+
+    def say_left(self) -> None:
+        """Say how many lines were left out since each kind was last said (at the stop)."""
+        with self._lock:
+            left, self._left = self._left, {}
+        for (name, msg), count in left.items():
+            logging.getLogger("zds.server.telemetry").warning(
+                "%d more line(s) from %s like %r not shown in the last %gs",
+                count,
+                name,
+                str(msg)[:120],
+                self.every,
+            )
+
+
+#: The filters made (one per log handler set up): their counts are said at the stop.
+_FILTERS: weakref.WeakSet[ExporterFailures] = weakref.WeakSet()
+
+
+def say_left_out() -> None:
+    """Every ``ExporterFailures``' ``say_left``."""
+    for kept in list(_FILTERS):
+        kept.say_left()
