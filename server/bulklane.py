@@ -44,6 +44,10 @@ LANE_STOP_GRACE = 1.0
 REQUEST_COST = 256
 #: What a pod of a request counts besides its bytes (what it takes decoded beyond them).
 POD_COST = 128
+#: How long a lane past its opening may send nothing while it is owed no answer (s): a client
+#: that opened lanes and went silent held them (at most ``BULK_LANES_MAX``), and with them the
+#: bulk path, shut for as long as it liked.
+LANE_IDLE = defaults.CONTROL_OPENING_TIMEOUT
 
 
 class BulkLane(asyncio.Protocol):
@@ -67,6 +71,12 @@ class BulkLane(asyncio.Protocol):
         self._eof = False
         self._opening_deadline: asyncio.TimerHandle | None = None
         self._lost = asyncio.Event()
+        #: When its last bytes came (the loop's time), and its pods taken and answered so far:
+        #: a lane silent for LANE_IDLE with every pod answered is closed (``_idle_check``).
+        self._heard = 0.0
+        self._pods_taken = 0
+        self._pods_answered = 0
+        self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -88,10 +98,14 @@ class BulkLane(asyncio.Protocol):
         except ValueError as exc:
             self._break(str(exc))
             return
-        if not opened and self._opening.complete and self._transport is not None:
-            self._transport.write(MAGIC)  # this node agent speaks the lane
-            if self._opening_deadline is not None:
-                self._opening_deadline.cancel()
+        if self._opening.complete:
+            loop = asyncio.get_running_loop()
+            self._heard = loop.time()
+            if not opened and self._transport is not None:
+                self._transport.write(MAGIC)  # this node agent speaks the lane
+                if self._opening_deadline is not None:
+                    self._opening_deadline.cancel()
+                self._idle = loop.call_later(LANE_IDLE, self._idle_check)
         try:
             messages = self._deframer.feed(data)
         except ValueError as exc:
@@ -106,6 +120,7 @@ class BulkLane(asyncio.Protocol):
             if (refused := too_many_pods(request)) is not None:
                 self._break(f"it sent {refused}")
                 return
+            self._pods_taken += len(request.pods)
             cost = len(message) + REQUEST_COST + POD_COST * len(request.pods)
             self._requests.put_nowait((request, cost))
             self._queued += cost
@@ -124,9 +139,22 @@ class BulkLane(asyncio.Protocol):
         self._requests.put_nowait(None)  # the last request: answers still go out
         return True
 
+    def _idle_check(self) -> None:
+        self._idle = None
+        if self._broken or self._eof or self._stopping:
+            return  # (its requests ended: it closes after its last answer)
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._heard
+        if quiet >= LANE_IDLE and self._pods_answered >= self._pods_taken:
+            self._break(f"it sent nothing for {LANE_IDLE:g}s and was owed no answer")
+            return
+        self._idle = loop.call_later(LANE_IDLE - quiet if quiet < LANE_IDLE else LANE_IDLE, self._idle_check)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._opening_deadline is not None:
             self._opening_deadline.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
         if self._task is not None:
             self._task.cancel()
         self._writable.set()
@@ -196,6 +224,7 @@ class BulkLane(asyncio.Protocol):
                     if self._transport.is_closing():
                         return
                     self._transport.write(frame(reply.SerializeToString()))
+                    self._pods_answered += len(reply.results)
         except Exception as exc:  # a bug: the client sees the connection close
             log.error("control socket: the bulk lane failed: %r", exc)
         finally:

@@ -102,6 +102,30 @@ async def test_a_lane_broken_before_the_stop_does_not_break_the_stop(lanes: Lane
     ]
 
 
+async def test_a_lane_silent_once_open_is_closed_unless_it_is_owed_answers(
+    lanes: Lanes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an unfinished opening had a deadline: 16 clients that opened lanes and said nothing
+    more held every lane, and the bulk path with them, for as long as they liked. A lane whose
+    pods are still being enrolled waits for its answers however long they take."""
+    monkeypatch.setattr(bulklane, "LANE_IDLE", 0.3)
+    loop = asyncio.get_running_loop()
+    await lanes.gate.start(lanes.public, 0o600)
+    try:
+        silent = await lanes.open()
+        owed = await lanes.open()  # (the stand-in never answers: its pod stays owed)
+        request = nodeagent_pb2.AddPodsRequest(pods=[nodeagent_pb2.AddPodRequest(uid="u0")])
+        await loop.sock_sendall(owed, frame(request.SerializeToString()))
+        async with asyncio.timeout(5):
+            with contextlib.suppress(ConnectionError):
+                assert await loop.sock_recv(silent, 64) == b""  # closed by the node agent
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):  # (3 idle times: still open)
+                await loop.sock_recv(owed, 64)
+    finally:
+        await lanes.gate.close()
+
+
 @contextlib.asynccontextmanager
 async def lane_client(
     tmp_path: pathlib.Path, serve: bulklane.BulkServe
