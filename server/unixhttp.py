@@ -164,9 +164,9 @@ class GuardedUnixHttp:
                 return _closing(web.Response(status=400, text="request aborted\n"))
             try:
                 response = await handler(request)
-            except (
-                web.HTTPException
-            ) as exc:  # (aiohttp's 404 and 405, raised: kept alive, outside every limit)
+            except web.HTTPException as exc:
+                # (aiohttp's 404 and 405, raised past the answers above: kept alive, they were
+                # outside every limit on connections)
                 response = web.Response(
                     status=exc.status, reason=exc.reason, text=exc.text, headers=exc.headers
                 )
