@@ -24,7 +24,6 @@ import os
 import socket
 import struct
 
-from pyroute2 import IPRoute
 from pyroute2.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
@@ -123,11 +122,7 @@ def _add_local_route(rtnl: _Rtnl, family: int, lo: int) -> None:
     ``RouteReplace`` does (said: the removal takes ours out, and the pod's stays gone)."""
     if not rtnl.request(_encoded(RTM_NEWROUTE, family, lo), (errno.EEXIST,), "add the local route"):
         return
-    theirs = [
-        route
-        for route in rtnl.dump(RTM_GETROUTE, family, ())
-        if _in_our_table(route) and route["dst_len"] == 0 and route["tos"] == 0
-    ]
+    theirs = [route for route in _table_routes(rtnl, family) if route["dst_len"] == 0 and route["tos"] == 0]
     if any(_is_our_route(route, lo) for route in theirs):
         return
     log.warning(
@@ -290,14 +285,13 @@ def policy_routing_present(*, ipv6: bool) -> bool:
     do their work (replies to the inbound relay's connections go astray), and a restart
     that took it for ours kept it; Istio's reconcile adds the rule and replaces the route."""
     lo = socket.if_nametoindex("lo")
-    with IPRoute() as ipr:
+    with _Rtnl() as rtnl:
         for family in _families(ipv6):
-            if not any(map(_is_our_rule, ipr.get_rules(family=family))):
+            if not any(map(_is_our_rule, rtnl.dump(RTM_GETRULE, family, ()))):
                 return False
-            if not _has_local_route(family):
-                continue
-            routes = ipr.get_routes(family=family, table=defaults.INPOD_ROUTE_TABLE)
-            if not any(_is_our_route(route, lo) for route in routes):
+            if _has_local_route(family) and not any(
+                _is_our_route(r, lo) for r in _table_routes(rtnl, family)
+            ):
                 return False
     return True
 
@@ -356,8 +350,13 @@ def _rule_text(rule: fibmsg) -> str:
     return ", ".join(more) or "nothing more than ours"
 
 
-def _in_our_table(route: rtmsg) -> bool:
-    return bool((route.get_attr("RTA_TABLE") or route["table"]) == defaults.INPOD_ROUTE_TABLE)
+def _table_routes(rtnl: _Rtnl, family: int) -> list[rtmsg]:
+    """The routes of ``family`` in table 100."""
+    return [
+        route
+        for route in rtnl.dump(RTM_GETROUTE, family, ())
+        if (route.get_attr("RTA_TABLE") or route["table"]) == defaults.INPOD_ROUTE_TABLE
+    ]
 
 
 def _route_text(route: rtmsg) -> str:
