@@ -391,6 +391,12 @@ class PodStore:
         if what := self._file.gone():
             self.failing = self._file.moved(what)
             raise StoreError(self.failing)
+        if what := self._file.wal_gone():
+            try:
+                self._file.make_wal_again(self._db, what)
+            except StoreError as exc:
+                self.failing = str(exc)
+                raise
         try:
             changes = self._db.total_changes
             with self._db:  # one transaction, committed on exit

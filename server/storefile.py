@@ -344,21 +344,48 @@ class StoreFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._opened = self._now()
-
-    def _now(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
+        self._opened = _identity(path)
+        #: The -wal SQLite has open (None: none seen yet; the first read after the journal
+        #: mode is set makes it).
+        self._wal = _identity(path + "-wal")
 
     def gone(self) -> str:
         """'' while the path is still the file opened; else what became of it."""
-        now = self._now()
-        if now == self._opened:
+        return _became(self._opened, _identity(self.path))
+
+    def wal_gone(self) -> str:
+        """'' while ``PATH-wal`` is the -wal SQLite writes into; else what became of it. SQLite
+        goes on writing into the file it holds open: deleted or replaced, every commit since
+        its last checkpoint is lost at a crash (a start reads the file at the path)."""
+        now = _identity(self.path + "-wal")
+        if self._wal is None:
+            self._wal = now
             return ""
-        return "deleted" if now is None else "replaced by another file"
+        return _became(self._wal, now)
+
+    def make_wal_again(self, db: sqlite3.Connection, what: str) -> None:
+        """The -wal being ``what`` (``wal_gone``'s answer): write the pages SQLite holds in it
+        into the database file and start a new -wal at its path (the journal mode set to
+        DELETE and back to WAL, which needs no other connection open on the store; a file put
+        at its path is removed then: a start would read it as the store's -wal). StoreError
+        if that cannot be done now (tried again at the next write)."""
+        try:
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # (makes the -wal)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"pod store {self.path}'s -wal was {what} while the node agent ran, and what it "
+                f"holds cannot be written into the store now ({explain(self.path, exc)}): nothing "
+                "more is stored until it can (each write tries again)"
+            ) from exc
+        self._wal = _identity(self.path + "-wal")
+        log.warning(
+            "pod store %s's -wal was %s while the node agent ran (what it held would have been lost "
+            "at a crash): written into the store, and a new -wal made",
+            self.path,
+            what,
+        )
 
     def moved(self, what: str) -> str:
         """Why a write is refused once the file is ``what`` (``gone``'s answer)."""
@@ -386,3 +413,19 @@ class StoreFile:
             f"as {kept}: move that file to {self.path} (and remove any -wal and -shm beside it) before "
             "the next start"
         )
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device and inode); None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _became(opened: tuple[int, int] | None, now: tuple[int, int] | None) -> str:
+    """'' if the file at a path is still the one ``opened``; else what became of it."""
+    if now == opened:
+        return ""
+    return "deleted" if now is None else "replaced by another file"

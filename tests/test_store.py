@@ -11,6 +11,7 @@ import pathlib
 import re
 import sqlite3
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -693,3 +694,74 @@ def test_a_store_file_deleted_or_replaced_under_it_stores_nothing_more_and_is_ke
         with contextlib.closing(sqlite3.connect(path)) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             assert db.execute("SELECT count(*) FROM theirs").fetchone() == (300,)
+
+
+_CRASH_AFTER = """
+import os, sys
+from zds.netns import NetnsRef
+from zds.server.pods import PodSpec
+from zds.server.store import PodStore
+state, how = sys.argv[1], sys.argv[2]
+def spec(uid):
+    return PodSpec.create(uid, NetnsRef.parse("/var/run/netns/pod-a"), name="n-" + uid, namespace="shop")
+store = PodStore.open(state, used_before=False)
+store.put(spec("u1"), None, enrolled_at=1.0)
+wal = os.path.join(state, "pods.db-wal")
+os.unlink(wal)
+if how == "replaced by another file":
+    with open(wal, "wb") as f:
+        f.write(b"not a wal")
+store.put(spec("u2"), None, enrolled_at=2.0)
+print(store.failing or "stored")
+sys.stdout.flush()
+os._exit(0)  # (as a SIGKILL: no checkpoint, no close)
+"""
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced by another file"])
+def test_a_wal_deleted_or_replaced_under_it_is_written_into_the_store_and_made_again(
+    state: pathlib.Path, how: str
+) -> None:
+    """SQLite went on writing into the -wal it held open: a crash then lost every pod committed
+    since the last checkpoint (the first start after it found none, not even the store's
+    tables). Now the next write puts what that -wal held into the store and starts a new one."""
+    state.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASH_AFTER, str(state), how], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stored"
+    assert re.search(
+        rf"pod store \S+'s -wal was {how} while the node agent ran .*a new -wal made", done.stderr
+    )
+    store = open_store(state, used_before=True)
+    try:
+        assert sorted(pod.spec.uid for pod in store.load()) == ["u1", "u2"]
+    finally:
+        store.close()
+
+
+def test_a_wal_that_cannot_be_made_again_refuses_writes_until_it_can(state: pathlib.Path) -> None:
+    """Another connection open on the store keeps the journal mode from changing: the write is
+    refused (the node agent not ready) and the next one, once it closed, goes through."""
+    store = open_store(state)
+    try:
+        store.put(spec("u1"), None, enrolled_at=1.0)
+        other = sqlite3.connect(state / "pods.db", isolation_level=None)
+        other.execute("BEGIN")
+        other.execute("SELECT count(*) FROM pods").fetchall()  # (a reader's snapshot, held)
+        (state / "pods.db-wal").unlink()
+        with pytest.raises(
+            StoreError, match="-wal was deleted while the node agent ran, and what it holds cannot"
+        ):
+            store.put(spec("u2"), None, enrolled_at=2.0)
+        assert "-wal was deleted" in store.failing
+        other.rollback()
+        other.close()
+        store.put(spec("u2"), None, enrolled_at=2.0)
+        assert store.failing == ""
+        assert (state / "pods.db-wal").exists()
+        with contextlib.closing(sqlite3.connect(f"file:{state / 'pods.db'}?mode=ro", uri=True)) as db:
+            assert sorted(db.execute("SELECT uid FROM pods").fetchall()) == [("u1",), ("u2",)]
+    finally:
+        store.close()
