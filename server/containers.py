@@ -15,27 +15,16 @@ by the process (Docker's ``/var/run/docker/netns/ID`` is under no allowed root).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from zds import defaults
 from zds.netns import NetnsError, NetnsIdentity, NetnsRef, open_netns
+from zds.server.names import dns_name
 from zds.server.netnspolicy import NetnsPolicy
 from zds.server.pods import PodSource, PodSpec, is_address
 from zds.server.selection import Selection, select
-
-_NOT_DNS = re.compile(r"[^a-z0-9.-]+")
-
-
-def dns_name(text: str, limit: int) -> str:
-    """A container's name (or compose project) as Kubernetes would have it: a DNS-1123
-    name, lower-cased, every other character ('_' from podman-compose) a '-'."""
-    name = _NOT_DNS.sub("-", text.lower())[:limit]
-    name = ".".join(part.strip("-") for part in name.split(".") if part.strip("-"))
-    return name or "container"
-
 
 #: Keys Podman and Docker put into a container event's attributes beside its labels.
 EVENT_ATTRIBUTES = frozenset({"name", "image", "containerExitCode", "podId", "exitCode", "signal"})

@@ -22,6 +22,7 @@ _LABEL_RE = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
 #: Kubernetes checks with, does not).
 _LABEL = re.compile(_LABEL_RE)
 _SUBDOMAIN = re.compile(rf"{_LABEL_RE}(?:\.{_LABEL_RE})*")
+_NOT_DNS = re.compile(r"[^a-z0-9.-]+")
 
 
 def cut(value: str) -> str:
@@ -74,3 +75,11 @@ def pod_problem(uid: str, name: str, namespace: str, service_account: str) -> st
         or label_problem(namespace, f"pod {uid}: namespace")
         or subdomain_problem(service_account, f"pod {uid}: service account")
     )
+
+
+def dns_name(text: str, limit: int) -> str:
+    """A container's name (or compose project) as Kubernetes would have it: a DNS-1123
+    name, lower-cased, every other character ('_' from podman-compose) a '-'."""
+    name = _NOT_DNS.sub("-", text.lower())[:limit]
+    name = ".".join(part.strip("-") for part in name.split(".") if part.strip("-"))
+    return name or "container"

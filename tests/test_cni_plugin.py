@@ -183,6 +183,23 @@ def test_enroll_all_leaves_the_decision_to_the_network(tmp_path: pathlib.Path, a
     assert "ContainerID" not in body and (body["PodNamespace"], body["PodUID"]) == ("shop", CID)
 
 
+def test_a_containers_name_is_sent_as_the_engine_names_its_pod_and_a_kubernetes_pods_as_it_is(
+    tmp_path: pathlib.Path, agent: StandInAgent
+) -> None:
+    """Podman gives a container's name as K8S_POD_NAME (and no namespace): ``My_App``, or
+    podman-compose's ``proj_web_1``, is no DNS-1123 name, and with ``enroll: all`` the node
+    agent refused every such container (it never started)."""
+    for args, sent in [
+        ("IgnoreUnknown=1;K8S_POD_NAME=My_App", "my-app"),
+        ("K8S_POD_NAME=proj_web_1", "proj-web-1"),
+        ("K8S_POD_NAME=web.v2", "web.v2"),
+        ("K8S_POD_NAMESPACE=shop;K8S_POD_NAME=My_App", "My_App"),  # (Kubernetes': refused as it is)
+    ]:
+        agent.requests.clear()
+        assert plugin("ADD", config(tmp_path, enroll="all"), CNI_ARGS=args)[0] == 0
+        assert agent.requests[0][1]["PodName"] == sent, args
+
+
 @pytest.mark.parametrize(
     ("status", "code"), [(500, 100), (503, 101), (400, 100)], ids=["enrollment", "undecided", "bad"]
 )

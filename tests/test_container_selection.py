@@ -11,8 +11,9 @@ import pytest
 from zds.netns import NetnsRef
 from zds.server.agent import NodeAgent
 from zds.server.containerpods import ContainerPods
-from zds.server.containers import ContainerFacts, addresses, dns_name, shares_netns
+from zds.server.containers import ContainerFacts, addresses, shares_netns
 from zds.server.engine import ContainerEngineSource
+from zds.server.names import dns_name
 from zds.server.pods import PodSource
 from zds.server.selection import select
 from zds.server.tasks import TaskOwner

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from tests.harness import ROOT, is_root, wait_until
-from zds.server.containers import dns_name
+from zds.server.names import dns_name
 
 SETUP = ROOT / "tests" / "compose" / "setup.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"

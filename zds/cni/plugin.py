@@ -52,6 +52,7 @@ from typing import IO, Any
 from zds import defaults, logs
 from zds.cni import spec
 from zds.cni.spec import CniError, Code, Invocation
+from zds.server import names
 
 log = logging.getLogger("zds.cni")
 
@@ -207,9 +208,14 @@ def _request(
 def _event(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
     """Istio's CNIPluginAddEvent, plus the uid zds needs (the container id: the container
     engine names the pod the same way) and, when the labels decide, the container to look up."""
+    name = inv.args.get("K8S_POD_NAME") or inv.container_id
+    if "K8S_POD_NAMESPACE" not in inv.args and names.subdomain_problem(name, "pod name"):
+        # A container's name, not a Kubernetes pod's (Podman gives only K8S_POD_NAME): named
+        # as the node agent's container engine names it (``My_App``: ``my-app``).
+        name = names.dns_name(name, names.SUBDOMAIN_MAX)
     body: dict[str, Any] = {
         "Netns": inv.netns,
-        "PodName": inv.args.get("K8S_POD_NAME") or inv.container_id,
+        "PodName": name,
         "PodNamespace": inv.args.get("K8S_POD_NAMESPACE") or defaults.POD_NAMESPACE,
         "IPs": spec.plugin_event_ips(doc.get("prevResult")),
         "PodUID": inv.container_id,
