@@ -21,6 +21,7 @@ import binascii
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -204,13 +205,47 @@ class CniPluginEndpoint:
     """aiohttp application for the plugin's events; counts requests by response code
     (``istio_cni_plugin_requests_total{response_code}``, Istio's metric)."""
 
-    def __init__(self, agent: NodeAgent, containers: ContainerPods) -> None:
+    def __init__(
+        self,
+        agent: NodeAgent,
+        containers: ContainerPods,
+        ready: Callable[[bool], tuple[bool, str]] = lambda engine: (True, ""),
+    ) -> None:
         self.agent = agent
         self.containers = containers
+        #: The node agent's readiness (``/readyz``'s; the argument: whether the container
+        #: engine counts).
+        self.ready = ready
         self.app = web.Application(client_max_size=HttpLimits.max_body)
         self.app.router.add_post(defaults.CNI_ADD_EVENT_PATH, self.handle_add)
         self.app.router.add_post(defaults.CNI_DEL_EVENT_PATH, self.handle_del)
         self.app.router.add_post(defaults.CNI_CHECK_EVENT_PATH, self.handle_check)
+        self.app.router.add_get(defaults.CNI_STATUS_PATH, self.handle_status)
+
+    async def handle_status(self, request: web.Request) -> web.Response:
+        """zds-cni's STATUS (``?enroll=labelled`` or ``all``, its config's): 200 while an ADD
+        could go through now, else 503 with what every ADD would meet. Neither logged nor
+        counted: a runtime asks every few seconds."""
+        problem = self.add_problem(labelled=request.query.get("enroll", "labelled") != "all")
+        if problem:
+            return web.Response(status=503, text=problem + "\n")
+        return web.Response(text="ready\n")
+
+    def add_problem(self, *, labelled: bool) -> str:
+        """What would fail an ADD now ('' if nothing): the node agent not ready, no ztunnel
+        connected (Istio's node agent fails the ADD then too), or, for a pod the labels
+        decide, no container engine answering."""
+        ok, detail = self.ready(labelled)
+        if not ok:
+            return f"node agent not ready: {detail}"
+        if self.agent.registry.newest() is None:
+            return "no ztunnel connection: every ADD fails until ztunnel connects"
+        if labelled and self.containers.engine is None:
+            return (
+                "no container engine to read the containers' labels from (zds server --container-engine "
+                "SOCKET); or chain zds-cni with enroll: all"
+            )
+        return ""
 
     def _answer(self, event: str, code: int, text: str) -> web.Response:
         self.agent.telemetry.cni_event(event, code)

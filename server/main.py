@@ -133,12 +133,13 @@ class NodeAgentServer:
         #: cancel it; not once it serves (a server it starts must be there for ``stop``).
         self.cuttable = False
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self, *, engine: bool = True) -> tuple[bool, str]:
+        """``/readyz``'s answer (``engine``: the container engine counts)."""
         if not self._ready:
             return False, "starting"
         if self._zds_task is None or self._zds_task.done():
             return False, "ZDS listener is down"
-        if self.engine is not None and not self.engine.up:
+        if engine and self.engine is not None and not self.engine.up:
             return False, f"{self.engine.name} is down: {self.engine.detail}"
         if self.store is not None and self.store.probe():  # (no pod can be enrolled)
             return False, f"the pod store's last write failed: {self.store.failing}"
@@ -321,7 +322,9 @@ class NodeAgentServer:
             ) from exc
 
     async def _serve_cni(self, path: str) -> None:
-        self.cni = CniPluginEndpoint(self.agent, self.containers)
+        self.cni = CniPluginEndpoint(
+            self.agent, self.containers, lambda engine: self.readiness(engine=engine)
+        )
         http = GuardedUnixHttp(
             self.cni.app, PeerGuard(self.agent.config.allow, "CNI plugin"), self.options.cni_limits
         )

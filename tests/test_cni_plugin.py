@@ -4,6 +4,7 @@ the config on stdin) against a stand-in node agent that records what it is told.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.harness import NodeAgentProc
+from tests.standins import Peers
 from zds.cni.plugin import DEL_TIMEOUT
 from zds.server.cni import parse_event
 
@@ -269,6 +271,51 @@ def test_a_503_without_retry_after_is_the_node_agents_answer_not_asked_again(
     assert [path for path, _ in agent.requests] == ["/cmdadd", "/cmdcheck"]
 
 
+@pytest.mark.parametrize("how", ["trickled", "cut short"])
+def test_an_answer_trickled_or_cut_short_fails_the_add_within_its_timeout(
+    tmp_path: pathlib.Path, how: str
+) -> None:
+    """The timeout was each read's: an answer trickled a byte at a time held the runtime for
+    as long as it went on (Istio's plugin: one deadline for the whole exchange), and one cut
+    off in its headers was an empty 200, the pod "enrolled"."""
+    path = str(tmp_path / "odd.sock")
+    stop = threading.Event()
+
+    def answer(listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    if how == "cut short":
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Zds: a")
+                        continue
+                    for byte in b"HTTP/1.1 200 OK\r\nX-Zds: " + b"a" * 300:
+                        if stop.wait(0.1):
+                            break
+                        conn.sendall(bytes([byte]))
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        thread = threading.Thread(target=answer, args=(listener,), daemon=True)
+        thread.start()
+        try:
+            started = time.monotonic()
+            code, out, _ = plugin("ADD", config(tmp_path, cni_socket=path, timeout=1, prevResult=PREV_RESULT))
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            listener.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
+    assert code == 1 and out["code"] == 11, out
+    if how == "cut short":
+        assert out["msg"] == f"zds-cni: the node agent's answer on {path} was cut short (0 bytes)"
+    else:
+        assert out["msg"] == f"zds-cni: no answer from the node agent on {path} within 1s"
+        assert took < 15, took  # (the trickle: 30 s; the ADD's 1 s and the DEL's after it)
+
+
 def test_a_del_waits_for_a_node_agent_that_hung_at_most_del_timeout(
     tmp_path: pathlib.Path, agent: StandInAgent
 ) -> None:
@@ -377,6 +424,18 @@ def test_a_del_whose_config_has_an_error_in_zds_cnis_keys_succeeds_and_tells_nob
     assert code == 1 and out["code"] == 7, out
 
 
+@pytest.mark.parametrize("number", ["NaN", "-Infinity", "1e999"])
+def test_numbers_json_has_not_are_refused_not_printed_back(
+    tmp_path: pathlib.Path, agent: StandInAgent, number: str
+) -> None:
+    """Python's json takes NaN, Infinity and 1e999 (as infinity), and wrote them back in the
+    result as ``Infinity``: no JSON a runtime can read. Refused as any undecodable config."""
+    conf = json.dumps(config(tmp_path, prevResult={"cniVersion": "0.4.0", "x": 1}))
+    code, out, _ = plugin("ADD", conf.replace('"x": 1', f'"x": {number}').encode())
+    assert code == 1 and out["code"] == 6 and number in out["msg"], out
+    assert agent.requests == []
+
+
 def test_check_asks_the_agent(tmp_path: pathlib.Path, agent: StandInAgent) -> None:
     assert plugin("CHECK", config(tmp_path, prevResult=PREV_RESULT))[:2] == (0, None)
     agent.answers["/cmdcheck"] = (500, "pod 6b6fc439b315 is not enrolled")
@@ -423,7 +482,8 @@ def test_status_and_gc_only_for_1_1_configs(tmp_path: pathlib.Path, agent: Stand
     assert code == 1 and out["code"] == 1 and out["msg"] == "config version does not allow STATUS"
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0", cni_socket=str(tmp_path / "none.sock")))
     assert code == 1 and out["code"] == 50
-    assert [path for path, _ in agent.requests] == ["GET /"]  # (an HTTP request, answered)
+    # (an HTTP request, answered: a 404 is a node agent without it, Istio's)
+    assert [path for path, _ in agent.requests] == ["GET /cmdstatus?enroll=labelled"]
 
 
 def test_status_fails_for_a_node_agent_that_takes_the_connection_and_never_answers(
@@ -446,22 +506,38 @@ def test_status_is_ready_while_the_node_agent_is_busy_and_not_on_its_other_error
     """Busy (a 503 with Retry-After) is serving: an ADD asks again. A runtime that takes a
     failed STATUS for a network not ready (containerd) would stop starting the pods that
     made it busy."""
-    agent.answers["GET /"] = (503, "too many requests in flight; try again")
-    agent.busy["/"] = 1
+    path = "/cmdstatus?enroll=labelled"
+    agent.answers[f"GET {path}"] = (503, "too many requests in flight; try again")
+    agent.busy[path] = 1
     assert plugin("STATUS", config(tmp_path, version="1.1.0"))[:2] == (0, None)
-    agent.busy["/"] = 0
+    agent.busy[path] = 0
+    agent.answers[f"GET {path}"] = (503, "no ztunnel connection: every ADD fails until ztunnel connects")
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
-    assert code == 1 and out["code"] == 50 and out["msg"].endswith("is not ready: HTTP 503")
-    agent.answers["GET /"] = (500, "")
+    assert (
+        code == 1
+        and out["code"] == 50
+        and out["msg"].endswith("is not ready: no ztunnel connection: every ADD fails until ztunnel connects")
+    )
+    agent.answers[f"GET {path}"] = (500, "")
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
     assert code == 1 and out["code"] == 50 and out["msg"].endswith("is not ready: HTTP 500")
 
 
 def test_status_against_the_node_agent_itself_and_the_same_one_stopped(
-    tmp_path: pathlib.Path, server: NodeAgentProc
+    tmp_path: pathlib.Path, server: NodeAgentProc, peers: Peers
 ) -> None:
-    conf = config(tmp_path, version="1.1.0", cni_socket=server.cni_socket, timeout=1)
+    """Ready only while an ADD could go through: it said ready with no ztunnel connected and,
+    for labelled pods, no container engine, and every ADD then failed."""
+    conf = config(tmp_path, version="1.1.0", cni_socket=server.cni_socket, timeout=1, enroll="all")
+    code, out, _ = plugin("STATUS", conf)
+    assert code == 1 and out["code"] == 50
+    assert out["msg"].endswith("is not ready: no ztunnel connection: every ADD fails until ztunnel connects")
+    peers.acking(server.zds_socket).wait_snapshot()
     assert plugin("STATUS", conf)[:2] == (0, None)
+    code, out, _ = plugin("STATUS", {**conf, "enroll": "labelled"})
+    assert (
+        code == 1 and out["code"] == 50 and "no container engine to read the containers' labels" in out["msg"]
+    )
     os.kill(server.proc.pid, signal.SIGSTOP)  # hung: its socket still takes connections
     try:
         code, out, _ = plugin("STATUS", conf)
@@ -496,8 +572,8 @@ def test_status_against_the_node_agent_itself_and_the_same_one_stopped(
             "container id",
         ),
         ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": -1}, {}, 7, "timeout"),
-        ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": NaN}', {}, 7, "timeout"),
-        ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": 1e999}', {}, 7, "timeout"),
+        ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": NaN}', {}, 6, "not JSON"),
+        ("ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": 1e999}', {}, 6, "not JSON"),
         ("ADD", {"cniVersion": "1.0.0", "name": "n", "type": "t", "timeout": 1e300}, {}, 7, "timeout"),
         ("FROB", {"cniVersion": "1.0.0", "name": "n", "type": "t"}, {}, 4, "unknown CNI_COMMAND"),
     ],

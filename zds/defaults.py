@@ -192,6 +192,8 @@ UNDO_RETRY_MAX = 60.0
 #: Istio's CNI plugin event paths on the CNI socket: ADD (Istio's), DEL and CHECK (zds's).
 CNI_DEL_EVENT_PATH = "/cmddel"
 CNI_CHECK_EVENT_PATH = "/cmdcheck"
+#: zds-cni's STATUS asks here (GET): whether an ADD could go through now.
+CNI_STATUS_PATH = "/cmdstatus"
 #: The plugin's ``type`` in a conflist, and its executable's name in the CNI bin dir.
 CNI_PLUGIN_TYPE = "zds-cni"
 #: Where ``zds-cni`` logs (its config's ``log_file``).

@@ -20,8 +20,10 @@ logs to its own file (``log_file``, default ``/var/log/zds-cni.log``).
 - CHECK: asks the node agent (``/cmdcheck``) whether a selected pod is enrolled
   in this netns with its rules.
 - STATUS (1.1.0 configs): fails (code 50) while the node agent does not answer
-  an HTTP request on its socket (each step within 5 s), or answers it with an
-  error other than its "too busy". GC: nothing to collect (the node agent watches its pods).
+  ``GET /cmdstatus`` on its socket within 5 s, or answers that an ADD would fail now (not
+  ready, no ztunnel connected, no container engine for labelled pods), or another error
+  than its "too busy" (a 404 is a node agent without it: Istio's). GC: nothing to collect
+  (the node agent watches its pods).
 - VERSION: the versions it speaks.
 
 Config keys besides the spec's: ``cni_socket`` (the node agent's, default
@@ -47,12 +49,15 @@ import os
 import socket
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from zds import defaults, logs
 from zds.cni import spec
 from zds.cni.spec import CniError, Code, Invocation
 from zds.server import names
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 log = logging.getLogger("zds.cni")
 
@@ -81,21 +86,46 @@ MAX_ANSWER = 1024 * 1024
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over the node agent's unix socket (as Istio's plugin dials it)."""
+    """HTTP over the node agent's unix socket (as Istio's plugin dials it), the whole exchange
+    within ``timeout`` seconds (as Go's ``http.Client.Timeout``, Istio's plugin's)."""
 
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
+        self.exchange_timeout = timeout
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
+        sock = _DeadlineSocket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.deadline = time.monotonic() + self.exchange_timeout
+        sock.settimeout(self.exchange_timeout)
         try:
             sock.connect(self.socket_path)
         except OSError:
             sock.close()
             raise
         self.sock = sock
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every wait counts against one ``deadline`` (``time.monotonic``): a
+    timeout alone is per call, and a node agent that trickled its answer a byte at a time
+    held the runtime for as long as it went on."""
+
+    deadline = float("inf")
+
+    def _left(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.settimeout(left)
+
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0, flags: int = 0) -> int:
+        self._left()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def sendall(self, data: ReadableBuffer, flags: int = 0, /) -> None:
+        self._left()
+        super().sendall(data, flags)
 
 
 class AgentUnreachable(CniError):
@@ -181,7 +211,7 @@ def _post(
 def _request(
     config: PluginConfig, method: str, path: str, body: str | None, timeout: float, left: float, code: Code
 ) -> tuple[int, str, bool]:
-    """One request with ``left`` seconds (of ``timeout``) for each step: (status, text, whether
+    """One request, the whole exchange within ``left`` seconds (of ``timeout``): (status, text, whether
     it was the node agent's "too busy": a 503 with Retry-After); AgentUnreachable (``code``)
     if it does not answer."""
     conn = _UnixConnection(config.cni_socket, max(left, 0.001))
@@ -189,7 +219,13 @@ def _request(
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        text = response.read(MAX_ANSWER).decode(errors="replace").strip()
+        answer = response.read(MAX_ANSWER)
+        if not _whole(response, answer):
+            raise AgentUnreachable(
+                code,
+                f"zds-cni: the node agent's answer on {config.cni_socket} was cut short ({len(answer)} bytes)",
+            )
+        text = answer.decode(errors="replace").strip()
         return response.status, text, response.status == 503 and response.getheader("Retry-After") is not None
     except TimeoutError as exc:
         raise AgentUnreachable(
@@ -203,6 +239,16 @@ def _request(
         ) from exc
     finally:
         conn.close()
+
+
+def _whole(response: http.client.HTTPResponse, answer: bytes) -> bool:
+    """Whether an answer came whole: all its Content-Length (or MAX_ANSWER of it), or chunked
+    (a chunk cut short raises). An HTTP/1.1 one with neither ends where the connection did,
+    as one cut off in its headers does (it read as an empty 200, "enrolled"): the node agents
+    (aiohttp's, Go's net/http) always say its length. HTTP/1.0 answers end so."""
+    if response.chunked or response.version == 10:
+        return True
+    return response.length is not None and (response.length == 0 or len(answer) == MAX_ANSWER)
 
 
 def _event(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> dict[str, Any]:
@@ -288,19 +334,22 @@ def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> Non
 
 
 def cmd_status(config: PluginConfig) -> None:
-    """Ready when the node agent answers an HTTP request on its socket (a ``GET /``, which
-    neither zds's node agent nor Istio's serves: a 404, no effect, no log line), each step
-    within STATUS_TIMEOUT. A connect alone said ready for a node agent that had hung: the
-    kernel takes connections into the socket's backlog whatever the process does. Its "too
+    """Ready when the node agent says an ADD could go through now (``GET /cmdstatus?enroll=``
+    the config's mode: it answers 503 with what every ADD would meet: not ready, no ztunnel
+    connected, no container engine for labelled pods), the whole exchange within
+    STATUS_TIMEOUT. A node agent that does not serve it (a 404: Istio's, whose plugin has no
+    STATUS) is ready once it answers: a connect alone said ready for one that had hung (the
+    kernel takes connections into the socket's backlog whatever the process does). Its "too
     busy" (a 503 with Retry-After, its requests in flight at their bound) is ready: an ADD
     asks again, and a runtime that takes a failed STATUS for a network not ready would stop
     starting the very pods that made it busy."""
     timeout = min(config.timeout, STATUS_TIMEOUT)
-    status, _, busy = _request(config, "GET", "/", None, timeout, timeout, Code.PLUGIN_NOT_AVAILABLE)
-    if status >= 500 and not busy:
+    path = f"{defaults.CNI_STATUS_PATH}?enroll={config.enroll}"
+    status, text, busy = _request(config, "GET", path, None, timeout, timeout, Code.PLUGIN_NOT_AVAILABLE)
+    if status >= 400 and status != 404 and not busy:
         raise CniError(
             Code.PLUGIN_NOT_AVAILABLE,
-            f"zds-cni: the node agent on {config.cni_socket} is not ready: HTTP {status}",
+            f"zds-cni: the node agent on {config.cni_socket} is not ready: {text or f'HTTP {status}'}",
         )
 
 

@@ -11,6 +11,7 @@ import base64
 import enum
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -141,7 +142,7 @@ def parse_args(text: str) -> dict[str, str]:
 def parse_config(data: bytes, command: str) -> dict[str, Any]:
     """The network configuration from stdin, checked as the spec requires of every plugin."""
     try:
-        doc = json.loads(data) if data.strip() else {}
+        doc = _loads(data) if data.strip() else {}
     except (ValueError, RecursionError) as exc:  # also too deep, or an integer too long to convert
         raise CniError(Code.DECODING_FAILURE, f"network configuration is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -173,11 +174,29 @@ def parse_config(data: bytes, command: str) -> dict[str, Any]:
     return doc
 
 
+def _loads(data: bytes) -> Any:
+    """JSON as the spec means it (RFC 8259, what Go's runtimes read): Python's ``NaN``,
+    ``Infinity`` and numbers beyond a double (``1e999``) are refused (ValueError): taken, they
+    came out in the result as ``Infinity``, which no runtime can read."""
+    return json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def json_object(data: bytes) -> dict[str, Any] | None:
     """``data`` as a JSON object (what libcni's skel reads a config's version from); None if
     it is not one. Never raises."""
     try:
-        doc = json.loads(data)
+        doc = _loads(data)
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
