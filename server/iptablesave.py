@@ -97,6 +97,9 @@ def our_lines(saved: str) -> list[str]:
 #: chain, a rule, the commit; empty).
 _TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
 _LINE = re.compile(r"#.*|:\S+ \S+ \[\d+:\d+\]|-A \S+.*|COMMIT|")
+#: iptables-nft's line in place of a table it cannot print (``# Table `nat' is incompatible,
+#: use 'nft' tool.``): its opening and its words.
+INCOMPATIBLE = ("# Table `", "' is incompatible")
 
 
 def unreadable_line(saved: str) -> str:
@@ -107,11 +110,15 @@ def unreadable_line(saved: str) -> str:
     ``*filter`` moved a sidecar's jump out of nat, past the refusal, and its chain was
     flushed. So: a quoted string that does not end on its line; a line of no shape of its
     own; a table opened inside another, twice, or one iptables has not; a commit of none; a
-    rule in a chain its table did not declare."""
+    rule in a chain its table did not declare. And iptables-nft's word for a table holding a
+    rule it cannot print (one made with ``nft``): the table is left out, our rules in it with it
+    (a removal that read no nat table left our whole redirection in the pod)."""
     table = ""
     seen: set[str] = set()
     chains: set[str] = set()  # (declared in the table open: a rule is in one of them)
     for line in saved.split("\n"):
+        if line.startswith(INCOMPATIBLE[0]) and INCOMPATIBLE[1] in line:
+            return line
         if line.startswith("*"):
             if table or line[1:] not in _TABLES or line[1:] in seen:
                 return line

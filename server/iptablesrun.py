@@ -9,7 +9,15 @@ import subprocess
 
 from zds import runtime
 from zds.errors import ZdsError, printable
-from zds.server.iptablesave import OUTPUT, PRERT, RULE_TABLES, cleanup_rules, our_chains, unreadable_line
+from zds.server.iptablesave import (
+    INCOMPATIBLE,
+    OUTPUT,
+    PRERT,
+    RULE_TABLES,
+    cleanup_rules,
+    our_chains,
+    unreadable_line,
+)
 
 log = logging.getLogger("zds.server.redirect")
 
@@ -66,6 +74,11 @@ def save(tool: str) -> str:
     follows it there is the pod's, and read as iptables-save's it misled a removal)."""
     saved = run_tool([f"{tool}-save"])
     if line := unreadable_line(saved):
+        if line.startswith(INCOMPATIBLE[0]) and INCOMPATIBLE[1] in line:
+            raise UnreadableSave(
+                f"{tool}-save cannot print a table of the pod's, which holds a rule made with nft that "
+                f"iptables cannot read ({printable(line)}); `nft list ruleset` in the pod's netns shows it"
+            )
         raise UnreadableSave(
             f"{tool}-save's output cannot be read safely: a string in a rule of the pod's (a comment, a "
             f"label) holding a newline?: {printable(line)}"
@@ -91,12 +104,15 @@ def remove_family(tool: str, saved: str) -> list[str]:
 
 #: How many copies of one jump of ours a removal that cannot read the save takes out at most.
 JUMP_COPIES = 8
-#: What iptables says of a rule or chain that is not there (nft; legacy).
+#: What iptables says of a rule or chain that is not there (nft; legacy); and, looking for a
+#: jump to delete, of a rule it cannot read (one made with nft): no copy of ours is found past
+#: it (one there keeps our emptied chain from going, said as a rule of the pod's that jumps to it).
 NOT_THERE = (
     "does not exist",
     "No chain/target/match by that name",
     "does a matching rule exist",
     "Couldn't load target",
+    "Parsing nftables rule failed",
 )
 
 

@@ -1002,6 +1002,40 @@ def test_a_no_ipv6_install_asks_ip6tables_save_once_unless_ipv6_rules_of_ours_we
     assert "ISTIO" not in saved_in(earlier, "ip6tables-save") and "ISTIO" in saved_in(earlier)
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_rule_made_with_nft_that_iptables_cannot_print_refuses_the_install_and_not_the_removal(
+    namespaces: list[str], caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    """iptables-nft prints ``# Table `nat' is incompatible`` in place of a table holding a rule
+    it cannot read: read as a comment, the table was empty, and a removal left our whole nat
+    redirection in the pod without a word (no retry); an install missed the jumps there. Now
+    the install is refused, nothing changed, and a removal takes ours out as Istio's does
+    (a jump iptables cannot look past is the end of our copies)."""
+    pod = scratch(namespaces)
+    native = ("nft", "add", "rule", "ip", "nat", "OUTPUT", "numgen", "inc", "mod", "2", "0", "counter")
+    if when == "before":
+        in_pod(pod, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT")
+        in_pod(pod, *native)
+        before = in_pod(pod, "nft", "list", "ruleset")
+        with pytest.raises(
+            RulesNotOurs,
+            match=r"iptables-save cannot print a table of the pod's, which holds a rule made with nft",
+        ):
+            install(pod)
+        assert in_pod(pod, "nft", "list", "ruleset") == before
+        return
+    install(pod)
+    in_pod(pod, *native)
+    with caplog.at_level(logging.WARNING, logger="zds.server.redirect"):
+        remove(pod)
+    assert "our rules are taken out without it, as Istio's removal does" in caplog.text
+    ruleset = in_pod(pod, "nft", "list", "ruleset")
+    assert "ISTIO" not in ruleset and "redirect" not in ruleset, ruleset
+    assert "numgen inc mod 2" in ruleset  # (the pod's own rule stays)
+    assert "lookup 100" not in in_pod(pod, "ip", "rule")
+
+
 def test_a_removal_without_the_save_says_what_failed_besides_what_was_not_there(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
