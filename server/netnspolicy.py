@@ -151,6 +151,12 @@ class NetnsPolicy:
                         "there): not under an allowed root"
                     )
                 self._check_resolved(path, resolved)
+                if not resolved.startswith("/proc/") and (who := _others_write(os.fstat(directory))):
+                    # (the check at start saw a root as it was then, or not yet made)
+                    raise NetnsRefused(
+                        f"netns path {path}: others can write its directory {printable(resolved)} ({who}), "
+                        "and could have put there a link to any netns; not taken as a pod's"
+                    )
                 handle = open_netns(path, directory=directory)
             finally:
                 os.close(directory)
@@ -168,17 +174,21 @@ def _only_root_writes(root: str) -> None:
     try:
         st = os.stat(root)
     except OSError:
-        return  # (none yet: nothing is there to take)
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
-        who = (
-            "owned by another user"
-            if st.st_uid not in (0, os.geteuid())
-            else f"mode {st.st_mode & 0o7777:04o}"
-        )
+        return  # (none yet: nothing is there to take; each open looks again)
+    if who := _others_write(st):
         raise NetnsRootUnsafe(
             f"cannot use --netns-root {root}: others can write it ({who}), and could put there a link to any "
             "netns to be taken as a pod's; give a directory only root can write"
         )
+
+
+def _others_write(st: os.stat_result) -> str:
+    """Who besides root (and group root) can write a directory, '' if nobody."""
+    if st.st_uid not in (0, os.geteuid()):
+        return "owned by another user"
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
+        return f"mode {st.st_mode & 0o7777:04o}"
+    return ""
 
 
 class NetnsRootUnsafe(ZdsError):

@@ -405,6 +405,34 @@ def test_a_netns_root_others_can_write_is_refused_at_start(
 
 
 @pytest.mark.root
+def test_a_netns_root_made_or_opened_to_others_after_the_start_is_refused_at_each_open(
+    tmp_path: Path, make_pod: Callable[[], Pod]
+) -> None:
+    """The check at start saw a root as it was then: one not there yet, or opened to others
+    since (a directory of the same name made by another user), let a link put there name any
+    netns, and it was enrolled."""
+    pod = make_pod()
+    root = tmp_path / "later"
+    policy = NetnsPolicy.for_this_node([str(root)])  # (not there yet: taken)
+    root.mkdir()
+    os.chmod(root, 0o777)
+    (root / "pod").touch()
+    subprocess.run(["mount", "--bind", pod.path, str(root / "pod")], check=True)
+    try:
+        with pytest.raises(NetnsRefused, match=f"others can write its directory {root} \\(mode 0777\\)"):
+            policy.open(NetnsRef.of_path(str(root / "pod"))).close()
+        os.chmod(root, 0o755)
+        os.chown(root, 65534, -1)
+        with pytest.raises(NetnsRefused, match="owned by another user"):
+            policy.open(NetnsRef.of_path(str(root / "pod"))).close()
+        os.chown(root, 0, -1)
+        with policy.open(NetnsRef.of_path(str(root / "pod"))) as handle:
+            assert handle.identity.ino == os.stat(pod.path).st_ino
+    finally:
+        subprocess.run(["umount", str(root / "pod")], check=True)
+
+
+@pytest.mark.root
 def test_a_netns_root_only_root_and_its_group_can_write_is_taken(tmp_path: Path) -> None:
     """As a directory made by root under umask 002 is (0775 root:root)."""
     root = tmp_path / "grouped"
