@@ -370,8 +370,10 @@ class StoreFile:
         at its path is removed then: a start would read it as the store's -wal). StoreError
         if that cannot be done now (tried again at the next write)."""
         try:
-            db.execute("PRAGMA journal_mode=DELETE")
-            db.execute("PRAGMA journal_mode=WAL")
+            # (a mode that cannot be changed may also be answered with the mode as it was)
+            for mode in ("delete", "wal"):
+                if (now := db.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]) != mode:
+                    raise sqlite3.OperationalError(f"the journal mode stayed {now}")
             db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # (makes the -wal)
         except sqlite3.Error as exc:
             raise StoreError(
