@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -427,6 +428,47 @@ def test_a_node_agent_that_is_not_there_is_one_line_and_exit_2_not_a_pass(tmp_pa
     assert not [n for n in made if n.startswith("zdsck-")]
 
 
+def test_a_socket_nothing_listens_on_or_not_a_seqpacket_one_is_one_line_and_exit_2(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A socket file left by a node agent that is gone, or a SOCK_STREAM socket: the first
+    connect failed, each check had its own ERROR for it, and the run exit 1."""
+    stale, stream = tmp_path / "stale.sock", tmp_path / "stream.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
+        gone.bind(str(stale))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(stream))
+        listener.listen()
+        for path, says in (
+            (stale, "Connection refused (nothing listens there: a socket file left by a node agent"),
+            (stream, "(it is not a SOCK_SEQPACKET socket, which a ZDS socket is)"),
+        ):
+            # (pods by commands: no control API to reach first)
+            done = subprocess.run(
+                [
+                    *ZDS,
+                    "check",
+                    "node-agent",
+                    "--zds-socket",
+                    str(path),
+                    "--add-cmd",
+                    "true",
+                    "--remove-cmd",
+                    "true",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 2, done.stdout + done.stderr
+            [line] = done.stderr.splitlines()
+            assert line.startswith(f"zds check node-agent: cannot connect to the node agent at {path}: "), (
+                line
+            )
+            assert says in line, line
+            assert done.stdout == ""
+
+
 def test_a_pod_held_before_the_check_and_left_out_of_one_snapshot_fails_it(
     start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
 ) -> None:
@@ -444,3 +486,46 @@ def test_a_pod_held_before_the_check_and_left_out_of_one_snapshot_fails_it(
     assert run.status("snapshot-complete") == "fail", run.stdout
     said = f"pod uid {uid}, held before the check, is not in the snapshot but is in a later one"
     assert said in run.findings("snapshot-complete"), run.stdout
+
+
+def test_a_pod_held_before_the_check_and_left_out_of_the_last_snapshot_fails_the_check_of_that_snapshot(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    """Left out of the reconnect snapshot (the run's last), it was only noted and the check
+    passed; and a pod left out of any snapshot failed whichever snapshot check came first."""
+    held = make_pod()
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps(pod_entry(held)) + "\n")
+    uid = pod_entry(held)["uid"]
+    omit = {"kind": "omit-from-snapshot", "uid": uid, "skip_connections": 2}
+    server = start_server("--pods", str(pods), "--faults", faults_file(tmp_path / "faults.jsonl", omit))
+    run = zds_check(
+        "node-agent", *check_args(server, "--only", "snapshot-complete,reconnect-snapshot"), tmp=tmp_path
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.statuses() == {"snapshot-complete": "pass", "reconnect-snapshot": "fail"}, run.stdout
+    [finding] = run.check("reconnect-snapshot")["findings"]
+    assert finding["where"] == "conn 3", finding
+    assert finding["message"].startswith(
+        f"pod uid {uid}, held before the check, is not in the snapshot and no DelWorkload for it came"
+    ), finding
+
+
+def test_the_adds_of_pods_made_after_their_connection_opened_are_compared_with_the_pods_netns(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
+) -> None:
+    """Each connection had its pods' netns copied when it opened: the ack-deadline scenario
+    makes its pods later, and a wrong netns on their Adds passed."""
+    held = make_pod()  # (the other pod whose netns the fault sends)
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps(pod_entry(held)) + "\n")
+    # The ack-deadline scenario's first connection (after hello-wait's and the exchange's).
+    wrong = {"kind": "wrong-netns", "skip_connections": 2, "after_snapshot": True}
+    faults = faults_file(tmp_path / "faults.jsonl", wrong)
+    server = start_server("--pods", str(pods), "--faults", faults, "--ack-timeout", ACK_DEADLINE)
+    only = ["--only", "add-netns-is-the-pods,ack-deadline", "--ack-deadline", ACK_DEADLINE]
+    run = zds_check("node-agent", *check_args(server, *only), tmp=tmp_path)
+    assert run.status("add-netns-is-the-pods") == "fail", run.stdout
+    assert "not the pod's own netns" in run.findings("add-netns-is-the-pods"), run.stdout
+    assert [f["where"] for f in run.check("add-netns-is-the-pods")["findings"]] == ["conn 3, record 3"]
+    assert "fault f1 (wrong-netns) took effect" in server.output()

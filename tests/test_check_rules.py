@@ -1,9 +1,10 @@
-"""The rules ``zds check`` judges by, on the socket-free core: a strict ztunnel's reading of each
-record, the answers real ztunnel would give, the reports, check selection, and the faults'
-own validation. No root, no process."""
+"""The rules ``zds check`` judges by, on the socket-free core (a socket pair where only a socket
+shows it): a strict ztunnel's reading of each record, the answers real ztunnel would give, the
+reports, check selection, and the faults' own validation. No root, no process."""
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import xml.etree.ElementTree as ET
@@ -14,6 +15,7 @@ from zds.check.cli import select
 from zds.check.records import ConnectionRules, Seen, receive, strict_decode, ztunnel_answer
 from zds.check.report import CheckResult, CheckSpec, Finding, Report, Status, verdict
 from zds.check.sources import ZT_NO_CONTROL_MESSAGE
+from zds.check.strictpeer import StrictConnection
 from zds.client.faults import ZtunnelFaultError, ZtunnelFaults
 from zds.protocol.messages import (
     AddWorkload,
@@ -24,6 +26,7 @@ from zds.protocol.messages import (
     encode_request,
 )
 from zds.protocol.records import Record
+from zds.transport import SeqpacketConnection
 
 INFO = WorkloadInfo("a", "ns", "sa")
 ADD = encode_request(AddWorkload("u1", INFO))
@@ -86,7 +89,7 @@ def test_an_add_needs_exactly_one_netns_fd_and_nothing_else_carries_one() -> Non
 def test_the_fd_must_be_the_pods_own_netns() -> None:
     fd = own_netns()
     st = os.fstat(fd)
-    r, found = rules(pod_netns={"u1": (st.st_dev, st.st_ino + 1)})
+    r, found = rules(netns_of={"u1": (st.st_dev, st.st_ino + 1)}.get)
     r.inspect(seen(ADD, [fd]))
     assert names(found) == ["add-netns-is-the-pods"]
 
@@ -127,6 +130,8 @@ def test_state_rules_after_the_snapshot() -> None:
     ("payload", "fds", "flags", "snapshot_done", "answer"),
     [
         (ADD, 2, 0, False, "failure to read message : Expected 1 FD, got 2"),
+        # (ztunnel's control buffer holds two: it never counts more)
+        (ADD, 3, 0, False, "failure to read message : Expected 1 FD, got 2"),
         (ADD, 1, socket.MSG_TRUNC, False, "failure to read message : received truncated message"),
         (b"\x78\x01", 0, 0, False, "failure to read message : no payload"),
         (ADD, 0, 0, False, "failure to read message : No control message"),
@@ -161,6 +166,29 @@ def test_every_received_fd_is_closed_once_described() -> None:
         os.fstat(fd)
 
 
+async def test_a_0_byte_record_with_an_fd_is_an_empty_record_as_ztunnel_reads_it_not_a_request() -> None:
+    """ztunnel's read_message takes any 0-byte read for EOF, fds or not; the strict ztunnel
+    read one with an fd as a WorkloadRequest with no payload, and answered it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, found = rules()
+    conn = StrictConnection(1, SeqpacketConnection(ours), r, lambda _: None)
+    try:
+        fd = devnull()
+        try:
+            theirs.sendmsg([b""], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        finally:
+            os.close(fd)
+        theirs.send(encode_request(SnapshotSent()))
+        after = await conn.next(5)
+    finally:
+        await conn.close()
+        theirs.close()
+    assert after is not None and (after.kind, after.index) == ("snapshot_sent", 2)  # (it alone was queued)
+    assert names(found) == ["no-empty-record"]
+    assert found[0][1].message.startswith("a 0-byte record carrying 1 fd(s): ztunnel reads it as EOF")
+    assert found[0][1].detail == ["fd: not a namespace /dev/null"]
+
+
 # -- reports and selection ------------------------------------------------------------------------
 SPEC = CheckSpec("add-one-fd", "an Add carries one fd", "one fd per Add", (ZT_NO_CONTROL_MESSAGE,))
 
@@ -184,6 +212,16 @@ def test_reports_carry_the_rule_the_bytes_and_the_source_in_every_form() -> None
     suite = ET.fromstring(report.render_junit().split("\n", 1)[1])
     assert suite.get("failures") == "1" and suite.get("skipped") == "1"
     assert suite.find("testcase/failure").get("message") == "carried 0 fds"  # type: ignore[union-attr]
+
+
+def test_the_junit_suite_takes_the_runs_wall_time_not_its_checks_added_up() -> None:
+    """The checks one scenario exercises each have its whole time: a 29 s run said 58 s."""
+    shared = [CheckResult(SPEC, Status.PASS, duration=29.0), CheckResult(SPEC, Status.PASS, duration=29.0)]
+    report = Report("node-agent", "/run/z.sock", shared)
+    report.clock_started -= 30.0  # (a run that took 30 s)
+    report.finish()
+    suite = ET.fromstring(report.render_junit().split("\n", 1)[1])
+    assert 30.0 <= float(suite.get("time", "")) < 31.0
 
 
 def test_a_junit_report_of_what_a_peer_said_in_control_characters_still_parses() -> None:
@@ -215,6 +253,18 @@ def test_only_and_skip_select_by_name_in_catalogue_order() -> None:
     assert select(["a", "b", "c"], [], ["b"]) == ["a", "c"]
     with pytest.raises(ValueError, match="unknown check 'd'; see --list"):
         select(["a"], ["d"], [])
+
+
+def test_a_choice_of_checks_that_names_none_or_leaves_none_is_refused() -> None:
+    """``--only ,`` ran every check; ``--only a --skip a`` ran none and passed."""
+    with pytest.raises(ValueError, match="--only ',' names no check; see --list"):
+        select(["a", "b"], [","], [])
+    with pytest.raises(ValueError, match="--skip ' ' names no check"):
+        select(["a", "b"], [], [" "])
+    with pytest.raises(ValueError, match="--only/--skip leave no check to run"):
+        select(["a", "b"], ["a"], ["a"])
+    with pytest.raises(ValueError, match="--only/--skip leave no check to run"):
+        select(["a", "b"], [], ["a,b"])
 
 
 # -- the ztunnel side's faults -----------------------------------------------------------------------

@@ -8,13 +8,15 @@ whatever happened.
 
 from __future__ import annotations
 
+import errno
 import time
 
 from zds.check.agentchecks import RECORD_CHECKS, SCENARIOS, scenario_of
 from zds.check.agentscenarios import SCENARIO_FUNCS, judge_held
 from zds.check.agentsession import AgentCheckOptions, AgentSession
-from zds.check.pods import CommandDriver, ControlDriver, PodDriver, PodFactory
+from zds.check.pods import CheckSetupError, CommandDriver, ControlDriver, PodDriver, PodFactory
 from zds.check.report import Report
+from zds.check.strictpeer import CannotConnect
 from zds.errors import ZdsError
 
 
@@ -44,13 +46,14 @@ async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> R
             try:
                 await SCENARIO_FUNCS[scenario](session)
             except (ZdsError, OSError, TimeoutError) as exc:
+                if isinstance(exc, CannotConnect) and not session.connection_count:
+                    # (the run cannot start: each check had its own ERROR for it, exit 1)
+                    raise CheckSetupError(_cannot_start(exc)) from exc
                 _stopped(session, scenario, selected, exc)
                 if scenario == "hello-wait":
                     break  # not even the first connection worked: the others would fail alike
             durations[scenario] = time.monotonic() - started
-        snapshot_checks = [name for name in ("snapshot-complete", "reconnect-snapshot") if name in selected]
-        if snapshot_checks:
-            judge_held(session, snapshot_checks[0])
+        judge_held(session)  # (findings of checks not selected are not reported)
     finally:
         await session.shutdown()
         await session.take_back()
@@ -63,7 +66,17 @@ async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> R
         f"{len(session.seen)} records received on {session.connection_count} connections",
     ]
     report.results = [session.result(name, durations.get(scenario_of(name), 0.0)) for name in selected]
+    report.finish()
     return report
+
+
+def _cannot_start(exc: CannotConnect) -> str:
+    """The first connection failed: why, and what to look at."""
+    why = {
+        errno.ECONNREFUSED: "nothing listens there: a socket file left by a node agent that is gone",
+        errno.EPROTOTYPE: "it is not a SOCK_SEQPACKET socket, which a ZDS socket is",
+    }.get(exc.errno or 0, "is the node agent running?")
+    return f"{exc} ({why}); --zds-socket names the node agent's ZDS socket"
 
 
 def _stopped(session: AgentSession, scenario: str, selected: list[str], exc: BaseException) -> None:

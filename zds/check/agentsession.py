@@ -14,7 +14,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from zds import defaults
 from zds.aio import cancel_and_wait, finished_within
@@ -71,6 +71,16 @@ EVIDENCE = {
 }
 
 
+class TakenSnapshot(NamedTuple):
+    """One connection's whole snapshot: the check it belongs to and the uids it named."""
+
+    check: str
+    conn: str
+    named: set[str]
+    #: Records received (on any connection) when it ended: what had arrived before it.
+    seen_before: int
+
+
 class AgentSession:
     """The strict ztunnel's state across scenarios."""
 
@@ -86,8 +96,8 @@ class AgentSession:
         self.seen: list[Seen] = []
         #: uids the node agent held before the check added any (its first snapshot).
         self.known: set[str] = set()
-        #: Each connection's snapshot, in order: (connection, the uids it named).
-        self.snapshots: list[tuple[str, set[str]]] = []
+        #: Each connection's snapshot, in order.
+        self.snapshots: list[TakenSnapshot] = []
         self.agent_pid: int | None = options.agent_pid
         self.actions: list[str] = []
         self._connections: list[StrictConnection] = []
@@ -106,11 +116,16 @@ class AgentSession:
     def note(self, check: str, text: str) -> None:
         self.notes[check].append(text)
 
+    def _netns_of(self, uid: str) -> tuple[int, int] | None:
+        """The netns identity of the check's pod ``uid``, asked as its Add arrives (copied at
+        connect time, a pod made later on that connection went uncompared)."""
+        pod = self.factory.pods.get(uid)
+        return pod.identity if pod is not None else None
+
     # -- connections -----------------------------------------------------------------
     async def connect(self) -> StrictConnection:
         no = len(self._connections) + 1
-        rules = ConnectionRules(no, self.report, exercised=self.exercised)
-        rules.pod_netns = {uid: pod.identity for uid, pod in self.factory.pods.items()}
+        rules = ConnectionRules(no, self.report, exercised=self.exercised, netns_of=self._netns_of)
         conn = await StrictConnection.open(self.options.zds_socket, no, rules, self.seen.append)
         self._connections.append(conn)
         if self.agent_pid is None:
@@ -119,15 +134,18 @@ class AgentSession:
                 self.agent_pid = creds.pid
         return conn
 
-    async def synced(self) -> tuple[StrictConnection, list[Seen], Seen | None]:
-        """A new connection that said hello and took (answered) its whole snapshot."""
+    async def synced(
+        self, check: str = "reconnect-snapshot"
+    ) -> tuple[StrictConnection, list[Seen], Seen | None]:
+        """A new connection that said hello and took (answered) its whole snapshot, which
+        ``check`` judges (a pod held before the check and missing from it fails that check)."""
         for attempt in range(1, 6):
             conn = await self.connect()
             try:
                 await conn.hello()
                 entries, sent = await conn.take_snapshot(self.options.timeout)
                 if sent is not None:  # (one cut short drops nothing in ztunnel)
-                    self.snapshots.append((conn.name, {seen.uid for seen in entries if seen.uid}))
+                    self.took_snapshot(check, conn, entries)
                 return conn, entries, sent
             except PeerClosed:
                 if conn.received or attempt == 5:
@@ -137,6 +155,11 @@ class AgentSession:
             await conn.close()
             await asyncio.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
+
+    def took_snapshot(self, check: str, conn: StrictConnection, entries: list[Seen]) -> None:
+        """Keep what a whole snapshot named, for ``judge_held`` at the end."""
+        named = {seen.uid for seen in entries if seen.uid}
+        self.snapshots.append(TakenSnapshot(check, conn.name, named, len(self.seen)))
 
     async def expect(
         self,

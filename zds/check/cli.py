@@ -195,13 +195,21 @@ def _report_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def select(names: Sequence[str], only: list[str], skip: list[str]) -> list[str]:
-    """The checks to run, in catalogue order; ValueError names an unknown one."""
+    """The checks to run, in catalogue order; ValueError names an unknown one, a flag that
+    names none (``--only ,`` ran them all), or a choice that leaves none to run (it passed)."""
+    for flag, args in (("--only", only), ("--skip", skip)):
+        for arg in args:
+            if not arg.replace(",", "").strip():
+                raise ValueError(f"{flag} {arg!r} names no check; see --list")
     wanted = [n.strip() for arg in only for n in arg.split(",") if n.strip()]
     unwanted = [n.strip() for arg in skip for n in arg.split(",") if n.strip()]
     for name in wanted + unwanted:
         if name not in names:
             raise ValueError(f"unknown check {name!r}; see --list")
-    return [n for n in names if (not wanted or n in wanted) and n not in unwanted]
+    chosen = [n for n in names if (not wanted or n in wanted) and n not in unwanted]
+    if not chosen:
+        raise ValueError("--only/--skip leave no check to run; see --list")
+    return chosen
 
 
 def _node_agent(args: argparse.Namespace) -> int:

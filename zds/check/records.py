@@ -11,6 +11,7 @@ answer, so the node agent under test hears what it would hear in production.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -40,6 +41,11 @@ from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 
 _NS_NAMES = {0x00020000: "mnt", 0x02000000: "cgroup", 0x04000000: "uts", 0x08000000: "ipc"}
 _NS_NAMES |= {0x10000000: "user", 0x20000000: "pid", 0x40000000: "net", 0x00000080: "time"}
+
+_FD_SIZE = array.array("i").itemsize  # (a RawFd)
+#: The fds ztunnel's read_message can receive: its control buffer is ``cmsg_space!(RawFd)``,
+#: which alignment makes room for two on 64-bit; the kernel closes the rest (MSG_CTRUNC).
+ZTUNNEL_FD_ROOM = (socket.CMSG_SPACE(_FD_SIZE) - socket.CMSG_LEN(0)) // _FD_SIZE
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,13 @@ class Seen:
 
 def receive(conn: int, index: int, at: float, payload: bytes, fds: list[int], flags: int) -> Seen:
     """Describe a received record, closing its fds (only what they are is kept)."""
+    seen = Seen(conn=conn, index=index, at=at, payload=payload, fds=take_fds(fds), flags=flags)
+    seen.request, seen.decode_error = strict_decode(payload)
+    return seen
+
+
+def take_fds(fds: list[int]) -> list[FdInfo]:
+    """What each received fd is, every one of them closed."""
     infos = []
     for fd in fds:
         try:
@@ -133,9 +146,7 @@ def receive(conn: int, index: int, at: float, payload: bytes, fds: list[int], fl
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    seen = Seen(conn=conn, index=index, at=at, payload=payload, fds=infos, flags=flags)
-    seen.request, seen.decode_error = strict_decode(payload)
-    return seen
+    return infos
 
 
 def strict_decode(payload: bytes) -> tuple[Request | None, str]:
@@ -168,7 +179,7 @@ def ztunnel_answer(seen: Seen, snapshot_done: bool) -> str:
     """What real ztunnel answers this record with ("" is a clean ack): its read checks
     (protocol.rs), then its state rules (statemanager.rs)."""
     if len(seen.fds) > 1:
-        return f"{READ_FAILURE}Expected 1 FD, got {len(seen.fds)}"
+        return f"{READ_FAILURE}{_too_many_fds(seen)}"
     if seen.truncated or len(seen.payload) > defaults.MAX_MESSAGE_SIZE:
         return f"{READ_FAILURE}received truncated message"
     request = seen.request
@@ -187,6 +198,11 @@ def ztunnel_answer(seen: Seen, snapshot_done: bool) -> str:
     if isinstance(request, AddWorkload) and not seen.fds[0].is_netns:
         return f'{START_FAILURE}Io(Os {{ code: 22, kind: InvalidInput, message: "Invalid argument" }})'
     return ""
+
+
+def _too_many_fds(seen: Seen) -> str:
+    """ztunnel's read error for more than one fd: it counts only those its buffer held."""
+    return f"Expected 1 FD, got {min(len(seen.fds), ZTUNNEL_FD_ROOM)}"
 
 
 #: Called with (check name, finding) for every departure a record shows.
@@ -211,8 +227,9 @@ class ConnectionRules:
     #: The ack of ``unanswered`` is withheld on purpose (the ack-deadline scenario): a record
     #: arriving meanwhile is judged by that scenario, not by the one-in-flight rule.
     withholding: bool = False
-    #: Netns identity of each pod the check made, by uid (to check an Add's fd is its pod's).
-    pod_netns: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: The netns identity of the pod the check made with this uid (None: not one of its pods),
+    #: looked up as each Add arrives: a pod made after the connection opened is compared too.
+    netns_of: Callable[[str], tuple[int, int] | None] = lambda uid: None
 
     def inspect(self, seen: Seen) -> None:
         """Check one record; departures go to ``report``."""
@@ -293,11 +310,7 @@ class ConnectionRules:
                         detail=[f"fd: {info}" for info in seen.fds]
                         + [
                             "ztunnel: "
-                            + (
-                                "'No control message'"
-                                if not seen.fds
-                                else f"'Expected 1 FD, got {len(seen.fds)}'"
-                            )
+                            + ("'No control message'" if not seen.fds else f"'{_too_many_fds(seen)}'")
                         ],
                     ),
                 )
@@ -313,7 +326,7 @@ class ConnectionRules:
                         ),
                     )
                     continue
-                expected = self.pod_netns.get(seen.uid)
+                expected = self.netns_of(seen.uid)
                 if expected is not None:
                     self.exercised["add-netns-is-the-pods"] += 1
                     if info.identity != expected:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from zds.aio import cancel_and_wait
-from zds.check.records import ConnectionRules, Seen, receive
+from zds.check.records import ConnectionRules, Seen, receive, take_fds
 from zds.check.report import CLOSE_LINGER, Finding
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, encode_ack, encode_hello
@@ -33,6 +33,15 @@ _FD_SIZE = array.array("i").itemsize
 
 class PeerClosed(ZdsError):
     """The node agent closed the connection."""
+
+
+class CannotConnect(PeerClosed):
+    """Connecting to the node agent's socket failed (refused, not a SOCK_SEQPACKET socket)."""
+
+    def __init__(self, path: str, exc: OSError) -> None:
+        super().__init__(f"cannot connect to the node agent at {path}: {exc.strerror or exc}")
+        self.path = path
+        self.errno = exc.errno
 
 
 class StrictConnection:
@@ -58,7 +67,7 @@ class StrictConnection:
         try:
             sock = await connect(path)
         except OSError as exc:
-            raise PeerClosed(f"cannot connect to the node agent at {path}: {exc.strerror or exc}") from exc
+            raise CannotConnect(path, exc) from exc
         return cls(no, sock, rules, log)
 
     @property
@@ -99,21 +108,13 @@ class StrictConnection:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(array.array("i", data[: len(data) - len(data) % _FD_SIZE]))
             now = time.monotonic()
-            if not payload and not fds and not flags & socket.MSG_CTRUNC:
-                if peer_hung_up(sock):
+            if not payload:
+                # (an EOF carries no fds: one that came with some is a record)
+                if not fds and not flags & socket.MSG_CTRUNC and peer_hung_up(sock):
                     self.closed_at = now
                     await self.queue.put(None)
                     return
-                self._count += 1
-                self.rules.exercised["no-empty-record"] += 1
-                self.rules.report(
-                    "no-empty-record",
-                    Finding(
-                        "a 0-byte record (the peer did not close): ztunnel reads it as EOF and reconnects",
-                        f"{self.name}, record {self._count}",
-                        received=b"",
-                    ),
-                )
+                self._empty_record(fds)
                 continue
             self._count += 1
             self.rules.exercised["no-empty-record"] += 1
@@ -121,6 +122,23 @@ class StrictConnection:
             self.rules.inspect(seen)
             self._log(seen)
             await self.queue.put(seen)
+
+    def _empty_record(self, fds: list[int]) -> None:
+        """A 0-byte record: ztunnel's read_message takes any (whatever fds came with it) for
+        EOF and reconnects, so it is judged here and never answered; its fds are closed."""
+        infos = take_fds(fds)
+        self._count += 1
+        self.rules.exercised["no-empty-record"] += 1
+        what = f"carrying {len(infos)} fd(s)" if infos else "(the peer did not close)"
+        self.rules.report(
+            "no-empty-record",
+            Finding(
+                f"a 0-byte record {what}: ztunnel reads it as EOF and reconnects",
+                f"{self.name}, record {self._count}",
+                received=b"",
+                detail=[f"fd: {info}" for info in infos],
+            ),
+        )
 
     # -- talking -------------------------------------------------------------------
     async def hello(self) -> None:

@@ -124,6 +124,7 @@ async def _run(bench: Bench, options: ZtunnelCheckOptions, selected: list[str]) 
         )
         for name in selected
     ]
+    report.finish()
     if not report.ok and options.cmd:
         report.context += ["the ztunnel's last output:", *(f"  {line}" for line in bench.log_tail())]
     return report
