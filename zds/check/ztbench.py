@@ -14,15 +14,20 @@ import socket
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from zds import defaults
 from zds.aio import cancel_and_wait, finished_within
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
-from zds.check.ztconn import ZtConn
+from zds.check.ztconn import Reply, ZtConn
 from zds.netns.apps import free_port
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
+
+SNAPSHOT_SENT = b"\x1a\x00"
+#: sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
+_SUN_PATH_MAX = 107
 
 
 @dataclass
@@ -52,6 +57,9 @@ class Bench:
         self.exercised: Counter[str] = Counter()
         self.pods = PodFactory()
         self.current: ZtConn | None = None
+        #: The check that stopped the ztunnel for good, and its last connection: it is restarted
+        #: (or awaited) before the next check, never after the last.
+        self.stopped: tuple[str, ZtConn] | None = None
         self.pid: int | None = None
         self.starts = 0
         self.exits: list[str] = []
@@ -67,6 +75,7 @@ class Bench:
         self._accepting: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._conns: list[ZtConn] = []
+        self._made_dirs: list[str] = []
 
     def report(self, check: str, finding: Finding) -> None:
         self.findings[check].append(finding)
@@ -84,7 +93,19 @@ class Bench:
             clear_socket_path(self.socket_path)
         except SocketPathTaken as exc:
             raise CheckSetupError(f"{exc} (--zds-socket)") from exc
-        self._listener = bind_unix_listener(self.socket_path, mode=defaults.SOCKET_MODE)
+        if (size := len(os.fsencode(self.socket_path))) > _SUN_PATH_MAX:
+            raise CheckSetupError(
+                f"cannot listen on {self.socket_path} (--zds-socket): the path is {size} bytes, "
+                f"a unix socket's at most {_SUN_PATH_MAX}; choose a shorter one"
+            )
+        self._made_dirs = _missing_dirs(self.socket_path)
+        try:
+            self._listener = bind_unix_listener(self.socket_path, mode=defaults.SOCKET_MODE)
+        except OSError as exc:  # (a file as its directory, /proc: one line, exit 2)
+            said = f"{exc.strerror or exc}"
+            if isinstance(exc, FileExistsError):  # (making its directory: a file is there)
+                said = f"{exc.filename} is not a directory"
+            raise CheckSetupError(f"cannot listen on {self.socket_path} (--zds-socket): {said}") from exc
         self._socket_file = SocketFile.of(self.socket_path)
         self._accepting = asyncio.ensure_future(self._accept())
         if self.options.cmd:
@@ -119,6 +140,19 @@ class Bench:
             return ""
         return f"; it exited with status {self._proc.returncode} (its last output is shown above)"
 
+    def never_connected(self, within: float) -> str:
+        """Why the check cannot start: the ztunnel never connected (one line: no report follows)."""
+        if self._proc is not None and self._proc.returncode is not None:
+            last = next((line for line in reversed(self.log_tail()) if not line.startswith("--- start")), "")
+            return (
+                f"the ztunnel command exited with status {self._proc.returncode} before it connected to "
+                f"{self.socket_path}"
+                + (f"; its last output: {last.strip()}" if last.strip() else "; it printed nothing")
+            )
+        if self.options.cmd:
+            return f"the ztunnel command runs but did not connect to {self.socket_path} within {within:g}s"
+        return f"no ztunnel connected to {self.socket_path} within {within:g}s"
+
     async def exited(self, within: float) -> int | None:
         """The exit status of the ztunnel we started, if it exits within ``within`` seconds."""
         if self._proc is None:
@@ -129,25 +163,32 @@ class Bench:
         return None
 
     async def stop_process(self) -> None:
+        """Stop the ztunnel we started and everything it started: its session's process group,
+        SIGTERM, then SIGKILL for what is left after 10 s (a child that ignores SIGTERM
+        outlived the /bin/sh we waited for)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the session we started for it
+        if proc.returncode is not None and not _group_members(proc.pid):
+            return
+        _signal_group(proc.pid, signal.SIGTERM)  # the session we started for it
+        stopped = False
         try:
-            stopped = await finished_within(proc.wait(), 10)
+            stopped = await _group_ended(proc, 10)
         finally:
-            if proc.returncode is None:  # (also when cancelled meanwhile: nobody else will)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            if not stopped:  # (also when cancelled meanwhile: nobody else will)
+                _signal_group(proc.pid, signal.SIGKILL)
         if not stopped:
-            await proc.wait()
+            await _group_ended(proc, 10)
 
     # -- connections --------------------------------------------------------------------------
-    async def accept(self, within: float) -> ZtConn | None:
-        """The next connection from ztunnel, once it said hello (None when none comes)."""
+    async def accept(self, within: float, until: Awaitable[None] | None = None) -> ZtConn | None:
+        """The next connection from ztunnel, once it said hello (None when none comes, or
+        ``until`` is done first)."""
         getting = asyncio.ensure_future(self._accepted.get())
         waits: set[asyncio.Future[object]] = {getting}  # type: ignore[arg-type]
+        if until is not None:
+            waits.add(asyncio.ensure_future(until))
         if self._proc is not None and self._proc.returncode is None:
             waits.add(asyncio.ensure_future(self._proc.wait()))  # a ztunnel that dies will not connect
         done, pending = await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
@@ -166,6 +207,48 @@ class Bench:
         self.current = conn
         return conn
 
+    async def after_stop(self, old: ZtConn) -> ZtConn | None:
+        """The next connection after ``old``'s ztunnel stopped for good, if one comes while the
+        process that had ``old`` lives (--timeout at most): else it did not come back, and a
+        connection that comes later is another process's (a supervisor's restart). Its pid
+        unknown, any within --grace."""
+        if not old.pid:
+            return await self.accept(self.options.grace)
+        return await self.accept(self.options.timeout, until=self._gone(old.pid))
+
+    @staticmethod
+    async def _gone(pid: int) -> None:
+        """Return once process ``pid`` has ended (its pidfd turns readable then: no polling)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return  # (gone already)
+        ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_reader(fd, ended.set)
+            try:
+                await ended.wait()
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+
+    def alive(self, pid: int | None) -> bool:
+        """Whether process ``pid`` runs (a zombie does not; an unknown pid is not judged: False)."""
+        if not pid:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    def restarted(self, old: ZtConn, new: ZtConn) -> bool:
+        """Whether ``new`` comes from another process, ``old``'s gone: a restart, no reconnect."""
+        return bool(old.pid and new.pid and new.pid != old.pid and not self.alive(old.pid))
+
     async def reconnected(self, first: bool = False) -> ZtConn:
         """Close the current connection (if ztunnel has not) and take the next one."""
         old = self.current
@@ -182,6 +265,8 @@ class Bench:
                     old.name,
                 ),
             )
+        if conn is None and first:
+            raise ZtunnelGone(self.never_connected(within))
         if conn is None:
             raise ZtunnelGone(f"no connection from the ztunnel within {within:g}s" + self.exit_said())
         if old is not None and old.closed_at is None:
@@ -194,29 +279,20 @@ class Bench:
                 self.note("reconnect", came)
         return conn
 
-    async def fresh(self, snapshot: list[tuple[bytes, list[int]]] | None) -> ZtConn:
+    async def fresh(self, snapshot: list[tuple[bytes, list[int]]] | None, check: str = "") -> ZtConn:
         """A new connection that said hello and, unless ``snapshot`` is None, took a snapshot of
-        these entries (each acked) and SnapshotSent."""
+        these entries (each acked: else a finding of ``check``) and SnapshotSent."""
         conn = await self.reconnected()
         if snapshot is None:
             return conn
         for payload, fds in snapshot:
-            await conn.request(payload, fds)
-        reply = await conn.request(b"\x1a\x00")
+            reply = await conn.request(payload, fds, check=check)
+            if reply is None or reply.ack is None or reply.ack.error:
+                self.report(check, _answered("a snapshot entry", payload, reply, conn))
+        reply = await conn.request(SNAPSHOT_SENT, check="snapshot-sent-acked")
         self.exercised["snapshot-sent-acked"] += 1
         if reply is None or reply.ack is None or reply.ack.error:
-            said = (
-                "nothing" if reply is None else repr(reply.ack.error if reply.ack else reply.payload.hex(" "))
-            )
-            self.report(
-                "snapshot-sent-acked",
-                Finding(
-                    f"SnapshotSent was answered with {said}",
-                    conn.name,
-                    sent=b"\x1a\x00",
-                    received=reply.payload if reply else None,
-                ),
-            )
+            self.report("snapshot-sent-acked", _answered("SnapshotSent", SNAPSHOT_SENT, reply, conn))
         return conn
 
     async def close(self) -> None:
@@ -229,6 +305,9 @@ class Bench:
         await self.stop_process()
         if self._socket_file is not None:
             self._socket_file.remove()  # only the socket it bound: never what it refused
+        for path in reversed(self._made_dirs):  # the directories binding made for it, deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         self.pods.close()
 
     def log_tail(self, lines: int = 8) -> list[str]:
@@ -242,6 +321,57 @@ class Bench:
 
 class ZtunnelGone(CheckSetupError):
     """The ztunnel under test did not connect (again)."""
+
+
+def _answered(what: str, sent: bytes, reply: Reply | None, conn: ZtConn) -> Finding:
+    said = "nothing" if reply is None else repr(reply.ack.error if reply.ack else reply.payload.hex(" "))
+    return Finding(
+        f"{what} was answered with {said}", conn.name, sent=sent, received=reply.payload if reply else None
+    )
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The directories above ``path`` that are not there yet (binding makes them), outermost first."""
+    missing: list[str] = []
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
+    return missing
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of group ``pgid`` (a zombie is not: it waits for a parent to reap it)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(group) == pgid and state not in ("Z", "X"):
+                members.append(int(entry))
+    return members
+
+
+async def _group_ended(proc: asyncio.subprocess.Process, within: float) -> bool:
+    """Whether /bin/sh (reaped here) and every process of its group are gone within ``within`` s."""
+    deadline = time.monotonic() + within
+    if not await finished_within(proc.wait(), within):
+        return False
+    for _ in range(int(within / 0.05) + 1):
+        if not _group_members(proc.pid):
+            return True
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return False
 
 
 def _open_log(path: str, header: str) -> int:

@@ -1,7 +1,7 @@
 """The checks of ``zds check ztunnel``: what a ztunnel must do with each message of DESIGN §1's
 table, as ztunnel's own ``src/inpod/`` does it, and where in its source each rule comes from.
 
-``FATAL`` checks stop the ztunnel for good (a ProtocolError): they run last, each
+``FATAL`` checks stop the ztunnel for good (a ProtocolError): they run last, each but the last
 followed by a restart. ``LISTENERS`` checks need a ztunnel that opens listeners
 (skipped with --protocol-only).
 """

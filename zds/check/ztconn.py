@@ -3,7 +3,10 @@ sees it.
 
 Every record ztunnel sends is judged as it arrives: the first must be exactly
 ``08 01``; every later one must answer a request (nothing unasked), be a strict,
-canonical ``WorkloadResponse{ack}`` and carry no fd.
+canonical ``WorkloadResponse{ack}`` and carry no fd. Every request must be answered
+within ``--timeout`` (Istio's node agent waits 5 s): one that is not is a finding of
+the check that sent it, and the connection is used no more (a late answer would be
+taken as the next request's).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from zds import defaults
 from zds.aio import cancel_and_wait
 from zds.check.report import CLOSE_LINGER, Finding
 from zds.errors import CodecError, ZdsError
-from zds.protocol.messages import Ack, decode_ack, encode_ack
+from zds.protocol.messages import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    decode_ack,
+    decode_request,
+    encode_ack,
+)
 from zds.transport import SeqpacketConnection
 
 if TYPE_CHECKING:
@@ -50,6 +61,8 @@ class ZtConn:
         self.hello_at: float | None = None
         self.closed_at: float | None = None
         self.awaiting = False
+        #: The request left unanswered (when it was sent, its finding): the connection is done.
+        self.unanswered: tuple[float, Finding] | None = None
         self.replies: asyncio.Queue[Reply | None] = asyncio.Queue()
         self.hello_seen = asyncio.Event()
         creds = self.conn.peer_credentials()
@@ -108,11 +121,24 @@ class ZtConn:
                     ),
                 )
             return
+        if not self.awaiting and self.unanswered is not None:
+            # The answer that came too late: the request's own finding says so, not an unasked record.
+            sent_at, finding = self.unanswered
+            self.unanswered = None
+            finding.detail.append(f"its answer came {now - sent_at:.2f}s after it was sent")
+            finding.received = payload
+            self._judge_answer(payload, fds, where)
+            return
         if not self.awaiting:
             what = "a second ZdsHello" if payload == HELLO else "a record nobody asked for"
             report("speaks-only-when-asked", Finding(f"{what}{_fds(fds)}", where, received=payload))
             return
         self.awaiting = False
+        self.replies.put_nowait(Reply(payload, self._judge_answer(payload, fds, where), now))
+
+    def _judge_answer(self, payload: bytes, fds: int, where: str) -> Ack | None:
+        """Judge an answer's bytes (replies-canonical); its Ack, if it decodes."""
+        report = self.bench.report
         self.bench.exercised["replies-canonical"] += 1
         ack: Ack | None = None
         try:
@@ -142,10 +168,14 @@ class ZtConn:
                     received=payload,
                 ),
             )
-        self.replies.put_nowait(Reply(payload, ack, now))
+        return ack
 
     async def send(self, payload: bytes, fds: list[int] | None = None, *, expect_reply: bool = True) -> None:
         """Write one record (even an empty one); ``fds`` are closed here."""
+        if self.unanswered is not None:
+            for fd in fds or []:
+                os.close(fd)
+            raise Unanswered(f"{self.name} is not used after a request it left unanswered")
         self.awaiting = expect_reply
         try:
             if payload:
@@ -160,19 +190,36 @@ class ZtConn:
             for fd in fds or []:
                 os.close(fd)
 
-    async def request(
-        self, payload: bytes, fds: list[int] | None = None, within: float | None = None
-    ) -> Reply | None:
-        """Send a request and wait for its answer (None: none came, or the connection closed)."""
-        await self.send(payload, fds)
-        return await self.reply(within)
+    async def request(self, payload: bytes, fds: list[int] | None = None, *, check: str) -> Reply | None:
+        """Send a request and wait for its answer (None: the connection closed first).
 
-    async def reply(self, within: float | None = None) -> Reply | None:
-        try:
-            async with asyncio.timeout(self.bench.options.timeout if within is None else within):
+        No answer within ``--timeout`` is a finding of ``check`` and raises Unanswered: the
+        connection is done, since its late answer would be read as the next request's."""
+        await self.send(payload, fds)
+        sent_at = time.monotonic()
+        within = self.bench.options.timeout
+        reply = await self.reply(within)
+        if reply is not None or self.closed_at is not None:
+            return reply
+        self.awaiting = False
+        finding = Finding(
+            f"{request_named(payload)} was answered with nothing within {within:g}s; ztunnel answers "
+            "every request (Istio's node agent waits 5 s: an answer after that is read as the next one's)",
+            self.name,
+            sent=payload,
+        )
+        self.unanswered = (sent_at, finding)
+        self.bench.report(check, finding)
+        raise Unanswered(
+            f"{self.name}: {request_named(payload)} was answered with nothing within {within:g}s"
+        )
+
+    async def reply(self, within: float) -> Reply | None:
+        """The next answer, if one comes within ``within`` seconds (None: none, or the connection closed)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
                 return await self.replies.get()
-        except TimeoutError:
-            return None
+        return None if self.replies.empty() else self.replies.get_nowait()
 
     async def closed_within(self, within: float) -> bool:
         """Whether ztunnel closes the connection within ``within`` seconds."""
@@ -198,6 +245,20 @@ class ZtConn:
 
 class ZtunnelClosed(ZdsError):
     """The ztunnel closed a connection a record was being written to (mid-snapshot, say)."""
+
+
+class Unanswered(ZdsError):
+    """A request was not answered in time: what its scenario had left to judge is not judged."""
+
+
+def request_named(payload: bytes) -> str:
+    """How a finding names a request it sent: "AddWorkload uid=u1", "a 3-byte record"."""
+    try:
+        request = decode_request(payload)
+    except ZdsError:
+        return f"a {len(payload)}-byte record"
+    uid = f" uid={request.uid}" if isinstance(request, AddWorkload | KeepWorkload | DelWorkload) else ""
+    return f"{type(request).__name__}{uid}"
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -35,7 +35,7 @@ async def _refused(
     """Send ``entry``; it must be nacked with ``prefix``, the connection closed, and ztunnel back at once."""
     payload, fds = entry
     with_fds = _fds_of(fds)
-    reply = await conn.request(payload, fds)
+    reply = await conn.request(payload, fds, check=name)
     b.exercised[name] += 1
     nacked = expect_nack(b, name, conn, reply, payload, prefix, with_fds)
     if not await conn.closed_within(b.options.timeout):
@@ -187,7 +187,7 @@ async def speaks_only_when_asked(b: Bench) -> None:
 async def _stops(b: Bench, name: str, conn: ZtConn, entry: Entry, what: str) -> None:
     payload, fds = entry
     with_fds = _fds_of(fds)
-    reply = await conn.request(payload, fds)
+    reply = await conn.request(payload, fds, check=name)
     b.exercised[name] += 1
     if (
         expect_nack(b, name, conn, reply, payload, PROCESS_FAILURE, with_fds)
@@ -212,47 +212,69 @@ async def _stops(b: Bench, name: str, conn: ZtConn, entry: Entry, what: str) -> 
                 sent=payload,
             ),
         )
-    again = await b.accept(b.options.grace)
-    if again is not None:
+    again = await b.after_stop(conn)
+    if again is not None and not b.restarted(conn, again):
         b.report(
             name,
             Finding(
-                f"after {what}, ztunnel connected again ({again.name}); a ProtocolError stops it for good",
+                f"after {what}, ztunnel connected again ({again.name}{_pid_said(again)}); "
+                "a ProtocolError stops it for good",
                 conn.name,
             ),
         )
         return
+    nacked = f"{what}: nacked {reply.ack.error if reply and reply.ack else ''!r}"
+    if again is not None:  # (a supervisor's quick restart is no reconnect: the same process is not back)
+        b.note(name, f"{nacked}; pid {conn.pid} exited and pid {again.pid} connected ({again.name})")
+        return
     status = await b.exited(b.options.timeout)
-    if b.options.cmd and status in (None, 0):
+    # (without --cmd: the process that had the connection, if known, waited for by after_stop)
+    running = status is None and (bool(b.options.cmd) or b.alive(conn.pid))
+    if running or status == 0:
         b.report(
             name,
             Finding(
                 f"after {what}, "
-                + ("still running" if status is None else "exited with status 0")
+                + ("still running" if running else "exited with status 0")
                 + f" {b.options.timeout:g}s later; a ProtocolError stops ztunnel, which exits 1",
                 conn.name,
             ),
         )
     b.note(
-        name,
-        f"{what}: nacked {reply.ack.error if reply and reply.ack else ''!r}; no reconnect"
-        + (f"; it exited with status {status}" if status is not None else ""),
+        name, f"{nacked}; no reconnect" + (f"; it exited with status {status}" if status is not None else "")
     )
     b.exits.append(f"{name}: exit status {status}")
-    await restart(b)
+    b.stopped = (name, conn)
 
 
 async def restart(b: Bench) -> None:
-    """After a stop for good: start the ztunnel again (--cmd), or wait for whoever restarts it."""
+    """After a stop for good, before the next check: start the ztunnel again (--cmd), or wait for
+    whoever restarts it — and a connection from the very process that stopped is a reconnect."""
+    assert b.stopped is not None
+    (name, old), b.stopped = b.stopped, None
     b.current = None
     if b.options.cmd:
         await b.stop_process()
         await b.launch()
-    if await b.accept(b.options.connect_timeout) is None:
+    back = await b.accept(b.options.connect_timeout)
+    if back is None:
         raise ZtunnelGone(
             f"the ztunnel did not connect again within {b.options.connect_timeout:g}s after it stopped for good"
             + ("" if b.options.cmd else " (restart it, or let zds do it with --cmd)")
         )
+    if not b.options.cmd and old.pid and back.pid == old.pid:
+        b.report(
+            name,
+            Finding(
+                f"the process that stopped for good (pid {old.pid}) connected again later ({back.name}); "
+                "a ProtocolError stops it for good",
+                old.name,
+            ),
+        )
+
+
+def _pid_said(conn: ZtConn) -> str:
+    return f", pid {conn.pid}" if conn.pid else ""
 
 
 async def add_without_workload_info(b: Bench) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from zds.check.inpod import INPOD_PORTS, PortBlocker, own_netns, ports_of
 from zds.check.report import Finding
 from zds.check.ztbench import Bench
+from zds.check.ztconn import ZtConn
 from zds.check.ztsteps import (
     ALL,
     SNAPSHOT_SENT,
@@ -36,9 +37,16 @@ async def add_acked(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
     payload, fds = add(pod)
-    if acked(b, "add-acked", conn, await conn.request(payload, fds), payload, f"AddWorkload for {pod.name}"):
+    reply = await conn.request(payload, fds, check="add-acked")
+    if acked(b, "add-acked", conn, reply, payload, f"AddWorkload for {pod.name}"):
         b.note("add-acked", f"AddWorkload for {pod.name} ({len(payload)} bytes + its netns fd) acked 0a 00")
-    await conn.request(*delete(pod.uid))
+    await removed(b, "add-acked", conn, pod.uid)
+
+
+async def removed(b: Bench, name: str, conn: ZtConn, uid: str) -> None:
+    """Send the DelWorkload that ends a scenario: it too must be acked (a finding of ``name``)."""
+    payload, _ = delete(uid)
+    acked(b, name, conn, await conn.request(payload, check=name), payload, f"the DelWorkload for {uid}")
 
 
 #: Why a check of what listeners do could not pass: they never were there to do it.
@@ -49,7 +57,9 @@ async def listeners(b: Bench) -> None:
     """listeners-in-pod, no-listeners-on-host and listeners-closed-on-del, on one pod."""
     pod = b.pods.make()
     conn = await b.fresh([])
-    await conn.request(*add(pod))
+    payload, fds = add(pod)
+    reply = await conn.request(payload, fds, check="listeners-in-pod")
+    acked(b, "listeners-in-pod", conn, reply, payload, f"AddWorkload for {pod.name}")
     ok, ports, took = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
     b.exercised["listeners-in-pod"] += 1
     if ok:
@@ -71,7 +81,7 @@ async def listeners(b: Bench) -> None:
         )
     else:
         b.note("no-listeners-on-host", f"nothing on {sorted(ALL)} in {own_netns(b.pid)}")
-    await conn.request(*delete(pod.uid))
+    await removed(b, "listeners-closed-on-del", conn, pod.uid)
     gone, left, took = await wait_for(ports_probe(b, pod.netns), lambda p: not p, b.options.timeout)
     b.exercised["listeners-closed-on-del"] += 1
     if not ok:  # (nothing that was never open can be seen closing: not a pass)
@@ -89,9 +99,14 @@ async def del_unknown_uid(b: Bench) -> None:
     conn = await b.fresh([])
     payload, _ = delete("zds-check-nobody")
     if acked(
-        b, "del-unknown-uid", conn, await conn.request(payload), payload, "DelWorkload for an unknown uid"
+        b,
+        "del-unknown-uid",
+        conn,
+        await conn.request(payload, check="del-unknown-uid"),
+        payload,
+        "DelWorkload for an unknown uid",
     ):
-        again = await conn.request(payload)
+        again = await conn.request(payload, check="del-unknown-uid")
         if acked(b, "del-unknown-uid", conn, again, payload, "a second DelWorkload on the same connection"):
             b.note("del-unknown-uid", "acked, twice, on the same connection")
 
@@ -100,11 +115,17 @@ async def readd_same_netns(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
     payload, fds = add(pod)
-    await conn.request(payload, fds)
+    first = await conn.request(payload, fds, check="readd-same-netns")
+    acked(b, "readd-same-netns", conn, first, payload, "the first AddWorkload")
     up, before, _ = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
     again, fds = add(pod)
     if acked(
-        b, "readd-same-netns", conn, await conn.request(again, fds), again, "the same AddWorkload again"
+        b,
+        "readd-same-netns",
+        conn,
+        await conn.request(again, fds, check="readd-same-netns"),
+        again,
+        "the same AddWorkload again",
     ):
         after = await ports_of(pod.netns, b.pid)
         if not b.options.protocol_only and not up:
@@ -118,19 +139,27 @@ async def readd_same_netns(b: Bench) -> None:
             b.note(
                 "readd-same-netns", "acked; listeners untouched" if not b.options.protocol_only else "acked"
             )
-    await conn.request(*delete(pod.uid))
+    await removed(b, "readd-same-netns", conn, pod.uid)
 
 
 async def readd_new_netns(b: Bench) -> None:
     pod, other = b.pods.make(), b.pods.make()
     conn = await b.fresh([])
-    await conn.request(*add(pod))
+    first, fds = add(pod)
+    acked(
+        b,
+        "readd-new-netns",
+        conn,
+        await conn.request(first, fds, check="readd-new-netns"),
+        first,
+        "the first AddWorkload",
+    )
     payload, fds = add(pod, other.netns)
     if acked(
         b,
         "readd-new-netns",
         conn,
-        await conn.request(payload, fds),
+        await conn.request(payload, fds, check="readd-new-netns"),
         payload,
         "the AddWorkload with another netns",
     ):
@@ -151,7 +180,7 @@ async def readd_new_netns(b: Bench) -> None:
                 b.note("readd-new-netns", "acked; the listeners moved to the new netns")
         else:
             b.note("readd-new-netns", "acked")
-    await conn.request(*delete(pod.uid))
+    await removed(b, "readd-new-netns", conn, pod.uid)
 
 
 async def reconcile(b: Bench) -> None:
@@ -162,9 +191,9 @@ async def reconcile(b: Bench) -> None:
         )
         return
     a, gone, c = b.pods.make(), b.pods.make(), b.pods.make()
-    await b.fresh([add(a), add(gone)])
+    await b.fresh([add(a), add(gone)], "reconcile")
     before = await ports_of(a.netns, b.pid)
-    conn = await b.fresh([keep(a.uid), add(c), delete(c.uid)])
+    conn = await b.fresh([keep(a.uid), add(c), delete(c.uid)], "reconcile")
     b.exercised["reconcile"] += 1
     if dump:
         states = (await http_json(dump) or {}).get("workloadState", {})
@@ -215,7 +244,7 @@ async def reconcile(b: Bench) -> None:
             "reconcile",
             "A kept as it was, B (not named) and C (added then deleted before SnapshotSent) dropped",
         )
-    await conn.request(*delete(a.uid))
+    await removed(b, "reconcile", conn, a.uid)
 
 
 async def _listening_any(b: Bench, netns: list[str]) -> list[str]:
@@ -227,7 +256,7 @@ async def proxy_start_failure(b: Bench) -> None:
     conn = await b.fresh([])
     uid = "zds-check-not-a-netns"
     payload = encode_request(AddWorkload(uid, WorkloadInfo("not-a-netns", "zds-check", "zds-check")))
-    reply = await conn.request(payload, [open_fd("/dev/null")])
+    reply = await conn.request(payload, [open_fd("/dev/null")], check="proxy-start-failure")
     b.exercised["proxy-start-failure"] += 1
     if not expect_nack(b, "proxy-start-failure", conn, reply, payload, START_FAILURE):
         return
@@ -235,12 +264,16 @@ async def proxy_start_failure(b: Bench) -> None:
     pending = await http_status(ready) if ready else None
     # (200 is ztunnel's own answer here: its nack path does not look at readiness again,
     # which stays as the SnapshotSent left it until the next acked message or retry)
-    still = await conn.request(*delete(uid))
+    removal, _ = delete(uid)
+    still = await conn.request(removal, check="proxy-start-failure")
     if conn.closed_at is not None or still is None:
         b.report(
             "proxy-start-failure", Finding("the connection did not stay after the start failure", conn.name)
         )
         return
+    acked(
+        b, "proxy-start-failure", conn, still, removal, "the DelWorkload of the workload that failed to start"
+    )
     if ready:
         ok, status, _ = await wait_for(lambda: http_status(ready), lambda s: s == 200, b.options.timeout)
         if not ok:
@@ -261,7 +294,7 @@ async def pending_retry(b: Bench) -> None:
     conn = await b.fresh([])
     payload, fds = add(pod)
     try:
-        reply = await conn.request(payload, fds)
+        reply = await conn.request(payload, fds, check="pending-retry")
         b.exercised["pending-retry"] += 1
         if not expect_nack(b, "pending-retry", conn, reply, payload, START_FAILURE):
             return
@@ -281,7 +314,7 @@ async def pending_retry(b: Bench) -> None:
                 conn.name,
             ),
         )
-    await conn.request(*delete(pod.uid))
+    await removed(b, "pending-retry", conn, pod.uid)
 
 
 async def readiness(b: Bench) -> None:
@@ -291,7 +324,8 @@ async def readiness(b: Bench) -> None:
         return
     conn = await b.fresh(None)
     before = await http_status(url)
-    reply = await conn.request(SNAPSHOT_SENT)
+    reply = await conn.request(SNAPSHOT_SENT, check="readiness")
+    acked(b, "readiness", conn, reply, SNAPSHOT_SENT, "SnapshotSent")
     ok, after, took = await wait_for(lambda: http_status(url), lambda s: s == 200, b.options.timeout)
     b.exercised["readiness"] += 1
     if before != 500:

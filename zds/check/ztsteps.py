@@ -16,11 +16,11 @@ from typing import Any
 from zds.check.inpod import INPOD_PORTS, ports_of
 from zds.check.pods import CheckPod
 from zds.check.report import Finding
+from zds.check.ztbench import SNAPSHOT_SENT as SNAPSHOT_SENT  # (the bench sends it in every snapshot)
 from zds.check.ztbench import Bench
 from zds.check.ztconn import Reply, ZtConn
 from zds.protocol.messages import AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_request
 
-SNAPSHOT_SENT = b"\x1a\x00"
 NO_PAYLOAD = b"\x78\x01"
 UNDECODABLE = b"\x0a\xff\x01"
 #: Field 15 as 1100 bytes: pushes a DelWorkload past ztunnel's 1024-byte buffer.
