@@ -78,6 +78,8 @@ class ContainerEngineSource:
         self.tasks = tasks
         self.up = False
         self.detail = "not connected yet"
+        #: How many sessions came up (listed, reconciled, following events).
+        self._ups = 0
         self._syncing: set[str] = set()
         self._again: set[str] = set()
         #: The session whose containers are followed (None: none now): a sync whose engine
@@ -89,13 +91,15 @@ class ContainerEngineSource:
 
     # -- status -------------------------------------------------------------------------
     def _set(self, up: bool, detail: str) -> None:
+        if up:
+            self._ups += 1
         changed = up != self.up or (not up and detail != self.detail)
         self.up, self.detail = up, detail
+        if up:  # (each session that comes up: a reconnect at once too)
+            log.info("container engine %s: %s", self.url, detail)
         if not changed:
             return
-        if up:
-            log.info("container engine %s: %s", self.url, detail)
-        else:
+        if not up:
             log.warning("container engine %s is down: %s; retrying", self.url, detail)
         self.pods.agent.sources[self.name] = (up, detail)
         self.pods.agent.events.publish(
@@ -110,7 +114,7 @@ class ContainerEngineSource:
         self.pods.agent.sources[self.name] = (False, self.detail)
         delay = defaults.ENGINE_RETRY_INITIAL
         while True:
-            started = time.monotonic()
+            started, ups = time.monotonic(), self._ups
             try:
                 await self._session()
                 detail = "its event stream ended"
@@ -121,6 +125,12 @@ class ContainerEngineSource:
             except Exception as exc:  # what the engine said that zds did not expect: never the end
                 log.error("container engine %s: unexpected %r; reconnecting", self.detail, exc)
                 detail = f"unexpected {type(exc).__name__}: {exc}"
+            if self._ups != ups and time.monotonic() - started >= defaults.ENGINE_RECONNECT_AT_ONCE:
+                # It came up and followed events a while, then the stream ended (Podman's file
+                # event logger ends it at each rotation of its log): reconnect at once, still up;
+                # said down (/readyz 503) only if that fails (each rotation flapped readiness).
+                log.info("container engine %s: %s; reconnecting", self.url, detail)
+                continue
             if self.up or time.monotonic() - started > defaults.ENGINE_RETRY_MAX:
                 # It listed and followed events (Podman's file event logger ends the stream at
                 # each rotation of its log), or worked for a while: start over.

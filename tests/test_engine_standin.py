@@ -296,6 +296,31 @@ def test_a_container_looked_at_again_is_looked_at_through_the_next_session(
         server.stop()
 
 
+def test_an_event_stream_that_ends_after_a_while_is_followed_again_at_once_and_the_engine_stays_up(
+    tmp_path: Path, engine: StandInEngine
+) -> None:
+    """Podman's file event logger ends the stream at each rotation of its log: the source was
+    said down (a warning, ``/readyz`` 503, Watch's ``pod source down``) until the reconnect
+    0.5 s later, and the compose file's HEALTHCHECK caught the node agent unhealthy then. It
+    reconnects at once, still up; down only when that reconnect fails."""
+    server = NodeAgentProc(str(tmp_path), "--container-engine", engine.path).wait_ready()
+    try:
+        server.wait_for_output("listed and reconciled; watching events")
+        time.sleep(defaults.ENGINE_RECONNECT_AT_ONCE)
+        engine.reconcile_again(server)
+        assert (
+            f"container engine {engine_module.engine_url(engine.path)}: its event stream ended; reconnecting"
+            in (server.output())
+        )
+        assert "is down" not in server.output()
+        time.sleep(defaults.ENGINE_RECONNECT_AT_ONCE)
+        engine.no_events = True  # (the reconnect's stream ends before its listing: it failed)
+        engine.cut_events()
+        server.wait_for_output("is down: its event stream ended before its containers were listed")
+    finally:
+        server.stop()
+
+
 def test_an_engine_without_events_is_down_and_says_why(tmp_path: Path, engine: StandInEngine) -> None:
     """Podman with events_logger = "none" ends the stream at once, before each listing is
     reconciled: nothing was ever enrolled, and the line said only that the stream ended."""

@@ -222,6 +222,9 @@ NETNS_SWEEP = 0.0
 #: Reconnecting to the container engine: first delay and cap (seconds), doubling.
 ENGINE_RETRY_INITIAL = 0.5
 ENGINE_RETRY_MAX = 30.0
+#: A container engine's event stream that ends this long (seconds) or more after its session came
+#: up is reconnected at once, the source still up (Podman ends it at each rotation of its event log).
+ENGINE_RECONNECT_AT_ONCE = 1.0
 #: How long a container engine has to answer a listing or a container's inspection (seconds):
 #: longer than zds-cni's ADD (Podman answers neither while a container's CNI plugins run).
 ENGINE_ANSWER_TIMEOUT = 30.0
