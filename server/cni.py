@@ -223,23 +223,23 @@ class CniPluginEndpoint:
         self.app.router.add_get(defaults.CNI_STATUS_PATH, self.handle_status)
 
     async def handle_status(self, request: web.Request) -> web.Response:
-        """zds-cni's STATUS (``?enroll=labelled`` or ``all``, its config's): 200 while an ADD
-        could go through now, else 503 with what every ADD would meet. Neither logged nor
-        counted: a runtime asks every few seconds."""
+        """zds-cni's STATUS (``?enroll=labelled`` or ``all``, its config's): 200 unless every ADD
+        would fail now, else 503 with what they would meet. Neither logged nor counted: a
+        runtime asks every few seconds."""
         problem = self.add_problem(labelled=request.query.get("enroll", "labelled") != "all")
         if problem:
             return web.Response(status=503, text=problem + "\n")
         return web.Response(text="ready\n")
 
     def add_problem(self, *, labelled: bool) -> str:
-        """What would fail an ADD now ('' if nothing): the node agent not ready, no ztunnel
-        connected (Istio's node agent fails the ADD then too), or, for a pod the labels
-        decide, no container engine answering."""
+        """What would fail every ADD now ('' if nothing): the node agent not ready, or, for pods
+        the labels decide, no container engine answering. Not a ztunnel missing: a runtime
+        that reads a failed STATUS as its network not ready (containerd, kubelet) starts no
+        pod off the host's network, and ztunnel's own is one: it would never come (each
+        ADD of a pod that joins says so, as Istio's node agent does)."""
         ok, detail = self.ready(labelled)
         if not ok:
             return f"node agent not ready: {detail}"
-        if self.agent.registry.newest() is None:
-            return "no ztunnel connection: every ADD fails until ztunnel connects"
         if labelled and self.containers.engine is None:
             return (
                 "no container engine to read the containers' labels from (zds server --container-engine "

@@ -511,13 +511,12 @@ def test_status_is_ready_while_the_node_agent_is_busy_and_not_on_its_other_error
     agent.busy[path] = 1
     assert plugin("STATUS", config(tmp_path, version="1.1.0"))[:2] == (0, None)
     agent.busy[path] = 0
-    agent.answers[f"GET {path}"] = (503, "no ztunnel connection: every ADD fails until ztunnel connects")
+    agent.answers[f"GET {path}"] = (503, "node agent not ready: ZDS listener is down")
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
-    assert (
-        code == 1
-        and out["code"] == 50
-        and out["msg"].endswith("is not ready: no ztunnel connection: every ADD fails until ztunnel connects")
-    )
+    assert code == 1 and out["code"] == 50
+    assert out["msg"].endswith("is not ready: node agent not ready: ZDS listener is down")
+    # (no ADD asks the node agent anything: neither does STATUS)
+    assert plugin("STATUS", config(tmp_path, version="1.1.0", ambient_enabled=False))[:2] == (0, None)
     agent.answers[f"GET {path}"] = (500, "")
     code, out, _ = plugin("STATUS", config(tmp_path, version="1.1.0"))
     assert code == 1 and out["code"] == 50 and out["msg"].endswith("is not ready: HTTP 500")
@@ -526,12 +525,12 @@ def test_status_is_ready_while_the_node_agent_is_busy_and_not_on_its_other_error
 def test_status_against_the_node_agent_itself_and_the_same_one_stopped(
     tmp_path: pathlib.Path, server: NodeAgentProc, peers: Peers
 ) -> None:
-    """Ready only while an ADD could go through: it said ready with no ztunnel connected and,
-    for labelled pods, no container engine, and every ADD then failed."""
+    """Not ready while every ADD would fail: it said ready for labelled pods with no container
+    engine to decide them. Ready with no ztunnel connected: a runtime that reads a failed
+    STATUS as its network not ready starts no pod off the host's network, ztunnel's own
+    included (each ADD of a pod that joins fails meanwhile, as with Istio's node agent)."""
     conf = config(tmp_path, version="1.1.0", cni_socket=server.cni_socket, timeout=1, enroll="all")
-    code, out, _ = plugin("STATUS", conf)
-    assert code == 1 and out["code"] == 50
-    assert out["msg"].endswith("is not ready: no ztunnel connection: every ADD fails until ztunnel connects")
+    assert plugin("STATUS", conf)[:2] == (0, None)
     peers.acking(server.zds_socket).wait_snapshot()
     assert plugin("STATUS", conf)[:2] == (0, None)
     code, out, _ = plugin("STATUS", {**conf, "enroll": "labelled"})

@@ -20,8 +20,8 @@ logs to its own file (``log_file``, default ``/var/log/zds-cni.log``).
 - CHECK: asks the node agent (``/cmdcheck``) whether a selected pod is enrolled
   in this netns with its rules.
 - STATUS (1.1.0 configs): fails (code 50) while the node agent does not answer
-  ``GET /cmdstatus`` on its socket within 5 s, or answers that an ADD would fail now (not
-  ready, no ztunnel connected, no container engine for labelled pods), or another error
+  ``GET /cmdstatus`` on its socket within 5 s, or answers that every ADD would fail now (not
+  ready, no container engine for labelled pods), or another error
   than its "too busy" (a 404 is a node agent without it: Istio's). GC: nothing to collect
   (the node agent watches its pods).
 - VERSION: the versions it speaks.
@@ -334,15 +334,17 @@ def cmd_check(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> Non
 
 
 def cmd_status(config: PluginConfig) -> None:
-    """Ready when the node agent says an ADD could go through now (``GET /cmdstatus?enroll=``
-    the config's mode: it answers 503 with what every ADD would meet: not ready, no ztunnel
-    connected, no container engine for labelled pods), the whole exchange within
-    STATUS_TIMEOUT. A node agent that does not serve it (a 404: Istio's, whose plugin has no
+    """Ready unless the node agent says every ADD would fail now (``GET /cmdstatus?enroll=``
+    the config's mode: it answers 503 with what they would meet: not ready, no container
+    engine for labelled pods; not "no ztunnel": ztunnel's own pod would never start), the
+    whole exchange within STATUS_TIMEOUT; with ``ambient_enabled: false`` always (no ADD asks). A node agent that does not serve it (a 404: Istio's, whose plugin has no
     STATUS) is ready once it answers: a connect alone said ready for one that had hung (the
     kernel takes connections into the socket's backlog whatever the process does). Its "too
     busy" (a 503 with Retry-After, its requests in flight at their bound) is ready: an ADD
     asks again, and a runtime that takes a failed STATUS for a network not ready would stop
     starting the very pods that made it busy."""
+    if not config.ambient_enabled:
+        return  # (no ADD asks the node agent anything)
     timeout = min(config.timeout, STATUS_TIMEOUT)
     path = f"{defaults.CNI_STATUS_PATH}?enroll={config.enroll}"
     status, text, busy = _request(config, "GET", path, None, timeout, timeout, Code.PLUGIN_NOT_AVAILABLE)
