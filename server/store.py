@@ -123,8 +123,13 @@ class PodStore:
         # (deleted or replaced: kept aside, and checkpointed all the same: a -wal left full at
         # its path was the replacing file's at the next open, and broke it)
         kept = self._file.keep_aside(self._db, what) if (what := self._file.gone()) else None
+        wal = self._file.wal_gone() if kept is None else ""
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy and wal:
+                # (a reader kept the checkpoint from finishing, and SQLite's -wal is no longer at
+                # its path: what it holds is in a file no start reads, gone once closed)
+                kept = self._file.keep_aside(self._db, f"left without its -wal ({wal})")
         except sqlite3.Error as exc:
             # (LOCKED is this connection's own statement still open: a bug, not a reader)
             if kept is None and getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:

@@ -765,3 +765,30 @@ def test_a_wal_that_cannot_be_made_again_refuses_writes_until_it_can(state: path
             assert sorted(db.execute("SELECT uid FROM pods").fetchall()) == [("u1",), ("u2",)]
     finally:
         store.close()
+
+
+def test_a_wal_deleted_while_a_reader_keeps_the_last_checkpoint_from_finishing_is_kept_aside_at_the_stop(
+    state: pathlib.Path,
+) -> None:
+    """The stop's checkpoint, kept from finishing by a reader, left what it could not write
+    out in SQLite's -wal, no longer at its path: gone once closed, and the stop said "nothing
+    is lost". Now what the store holds is written out beside it, and the stop says so."""
+    store = open_store(state)
+    store.put(spec("u1"), None, enrolled_at=1.0)
+    store.checkpoint()
+    reader = sqlite3.connect(f"file:{state / 'pods.db'}?mode=ro", uri=True, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM pods").fetchall()  # (its snapshot: u1 only)
+        store.put(spec("u2"), None, enrolled_at=2.0)
+        (state / "pods.db-wal").unlink()
+        with pytest.raises(
+            StoreError, match=r"was left without its -wal \(deleted\) .* written out as"
+        ) as info:
+            store.close()
+    finally:
+        reader.close()
+    found = re.search(r"written out as (\S+):", str(info.value))
+    assert found is not None
+    with contextlib.closing(sqlite3.connect(found.group(1))) as db:
+        assert sorted(db.execute("SELECT uid FROM pods").fetchall()) == [("u1",), ("u2",)]
