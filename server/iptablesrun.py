@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Collection
 
 from zds import runtime
 from zds.errors import ZdsError, printable
@@ -104,16 +105,16 @@ def remove_family(tool: str, saved: str) -> list[str]:
 
 #: How many copies of one jump of ours a removal that cannot read the save takes out at most.
 JUMP_COPIES = 8
-#: What iptables says of a rule or chain that is not there (nft; legacy); and, looking for a
-#: jump to delete, of a rule it cannot read (one made with nft): no copy of ours is found past
-#: it (one there keeps our emptied chain from going, said as a rule of the pod's that jumps to it).
+#: What iptables says of a rule or chain that is not there (nft; legacy).
 NOT_THERE = (
     "does not exist",
     "No chain/target/match by that name",
     "does a matching rule exist",
     "Couldn't load target",
-    "Parsing nftables rule failed",
 )
+#: iptables-nft's word when looking for a rule to delete it met one it cannot read (made with
+#: nft): no copy of ours is found past it (one there keeps our emptied chain from going).
+UNREADABLE_RULE = "Parsing nftables rule failed"
 
 
 def remove_family_unread(tool: str) -> list[str]:
@@ -123,12 +124,15 @@ def remove_family_unread(tool: str) -> list[str]:
     then deleted (``delete_chains``). A command that finds nothing there is no failure; what
     else failed, said."""
     errors: list[str] = []
+    unreadable: list[str] = []  # (chains a search for our jumps could not look past a rule in)
 
     def done(argv: list[str]) -> bool:
         try:
             run_tool(argv)
         except RedirectError as exc:
-            if not any(words in str(exc) for words in NOT_THERE):
+            if UNREADABLE_RULE in str(exc):
+                unreadable.append(argv[-1])
+            elif not any(words in str(exc) for words in NOT_THERE):
                 errors.append(str(exc))
             return False
         return True
@@ -144,10 +148,12 @@ def remove_family_unread(tool: str) -> list[str]:
         for chain in (PRERT, OUTPUT)
         if done([tool, "-t", table, "-F", chain])
     ]
-    return errors + delete_chains(tool, flushed)
+    return errors + delete_chains(tool, flushed, behind_unreadable=set(unreadable))
 
 
-def delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:
+def delete_chains(
+    tool: str, chains: list[tuple[str, str]], *, behind_unreadable: Collection[str] = ()
+) -> list[str]:
     """Delete our emptied ``chains``, each on its own; what could not go, said. One a rule of
     the pod's own still jumps to (EBUSY) stays, empty, as in Istio: a warning, not a failure
     (the redirection is out; retrying would fail until that rule goes, for as long as the pod)."""
@@ -158,7 +164,13 @@ def delete_chains(tool: str, chains: list[tuple[str, str]]) -> list[str]:
         except RedirectError as exc:
             if "resource busy" in str(exc) or "Too many links" in str(exc):  # (nft; legacy)
                 log.warning(
-                    "%s %s chain %s stays, empty: a rule of the pod's own jumps to it", tool, table, chain
+                    "%s %s chain %s stays, empty: %s jumps to it",
+                    tool,
+                    table,
+                    chain,
+                    "a jump of ours behind a rule iptables cannot read (made with nft), or a rule of the pod's own,"
+                    if chain in behind_unreadable
+                    else "a rule of the pod's own",
                 )
             else:
                 errors.append(str(exc))

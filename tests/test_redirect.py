@@ -1036,6 +1036,27 @@ def test_a_rule_made_with_nft_that_iptables_cannot_print_refuses_the_install_and
     assert "lookup 100" not in in_pod(pod, "ip", "rule")
 
 
+@pytest.mark.root
+def test_a_jump_of_ours_behind_a_rule_made_with_nft_is_said_as_ours_when_its_chain_stays(
+    namespaces: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """iptables cannot look past a rule it cannot read for our jump to delete: the jump stays,
+    and so does our emptied chain, which the warning blamed on a rule of the pod's own."""
+    pod = scratch(namespaces)
+    install(pod)
+    in_pod(
+        pod, "nft", "insert", "rule", "ip", "nat", "PREROUTING", "numgen", "inc", "mod", "2", "0", "counter"
+    )
+    with caplog.at_level(logging.WARNING, logger="zds.server.redirect"):
+        remove(pod)
+    assert (
+        "iptables nat chain ISTIO_PRERT stays, empty: a jump of ours behind a rule iptables cannot read "
+        "(made with nft), or a rule of the pod's own, jumps to it"
+    ) in caplog.text
+    ruleset = in_pod(pod, "nft", "list", "table", "ip", "nat")
+    assert "redirect" not in ruleset, ruleset  # (the redirection is out all the same)
+
+
 def test_a_removal_without_the_save_says_what_failed_besides_what_was_not_there(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
