@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ZDS, NodeAgentProc, Pod, StartServer, faults_file, wait_until, zds_check
+from tests.harness import ZDS, CheckRun, NodeAgentProc, Pod, StartServer, faults_file, wait_until, zds_check
 from zds.check.agentchecks import CHECKS
 
 pytestmark = pytest.mark.root
@@ -469,19 +469,27 @@ def test_a_socket_nothing_listens_on_or_not_a_seqpacket_one_is_one_line_and_exit
             assert done.stdout == ""
 
 
+def _held_pod_left_out(
+    start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path, skip: int, only: str
+) -> tuple[str, CheckRun]:
+    """A node agent holding a pod from its ``--pods`` file, which it leaves out of the
+    snapshot of its connection after ``skip``; the check of ``only`` against it."""
+    held = make_pod()
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(json.dumps(pod_entry(held)) + "\n")
+    uid = pod_entry(held)["uid"]
+    omit = {"kind": "omit-from-snapshot", "uid": uid, "skip_connections": skip}
+    server = start_server("--pods", str(pods), "--faults", faults_file(tmp_path / "faults.jsonl", omit))
+    return uid, zds_check("node-agent", *check_args(server, "--only", only), tmp=tmp_path)
+
+
 def test_a_pod_held_before_the_check_and_left_out_of_one_snapshot_fails_it(
     start_server: StartServer, make_pod: Any, tmp_path: pathlib.Path
 ) -> None:
     """Only the check's own pods could fail it: one the agent held already, left out of the
     second connection's snapshot (ztunnel drops its proxy there) and named in the third's again,
     was only noted, and the check passed."""
-    held = make_pod()
-    pods = tmp_path / "pods.jsonl"
-    pods.write_text(json.dumps(pod_entry(held)) + "\n")
-    uid = pod_entry(held)["uid"]
-    omit = {"kind": "omit-from-snapshot", "uid": uid, "skip_connections": 1}
-    server = start_server("--pods", str(pods), "--faults", faults_file(tmp_path / "faults.jsonl", omit))
-    run = zds_check("node-agent", *check_args(server, "--only", "snapshot-complete"), tmp=tmp_path)
+    uid, run = _held_pod_left_out(start_server, make_pod, tmp_path, 1, "snapshot-complete")
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.status("snapshot-complete") == "fail", run.stdout
     said = f"pod uid {uid}, held before the check, is not in the snapshot but is in a later one"
@@ -493,15 +501,7 @@ def test_a_pod_held_before_the_check_and_left_out_of_the_last_snapshot_fails_the
 ) -> None:
     """Left out of the reconnect snapshot (the run's last), it was only noted and the check
     passed; and a pod left out of any snapshot failed whichever snapshot check came first."""
-    held = make_pod()
-    pods = tmp_path / "pods.jsonl"
-    pods.write_text(json.dumps(pod_entry(held)) + "\n")
-    uid = pod_entry(held)["uid"]
-    omit = {"kind": "omit-from-snapshot", "uid": uid, "skip_connections": 2}
-    server = start_server("--pods", str(pods), "--faults", faults_file(tmp_path / "faults.jsonl", omit))
-    run = zds_check(
-        "node-agent", *check_args(server, "--only", "snapshot-complete,reconnect-snapshot"), tmp=tmp_path
-    )
+    uid, run = _held_pod_left_out(start_server, make_pod, tmp_path, 2, "snapshot-complete,reconnect-snapshot")
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.statuses() == {"snapshot-complete": "pass", "reconnect-snapshot": "fail"}, run.stdout
     [finding] = run.check("reconnect-snapshot")["findings"]
