@@ -36,6 +36,7 @@ from zds.protocol.messages import (
     encode_request,
     kept_aside,
     request_kind,
+    request_label,
 )
 from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE, START_FAILURE
 
@@ -116,14 +117,7 @@ class Seen:
     @property
     def label(self) -> str:
         """``AddWorkload uid=...`` (how findings name a record)."""
-        names = {
-            "add": "AddWorkload",
-            "keep": "KeepWorkload",
-            "del": "DelWorkload",
-            "snapshot_sent": "SnapshotSent",
-        }
-        name = names.get(self.kind, self.kind)
-        return f"{name} uid={self.uid}" if self.uid else name
+        return request_label(self.request) if self.request is not None else self.kind
 
     @property
     def truncated(self) -> bool:

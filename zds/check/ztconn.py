@@ -25,15 +25,7 @@ from zds import defaults
 from zds.aio import cancel_and_wait
 from zds.check.report import CLOSE_LINGER, Finding
 from zds.errors import CodecError, ZdsError
-from zds.protocol.messages import (
-    Ack,
-    AddWorkload,
-    DelWorkload,
-    KeepWorkload,
-    decode_ack,
-    decode_request,
-    encode_ack,
-)
+from zds.protocol.messages import Ack, decode_ack, decode_request, encode_ack, request_label
 from zds.transport import SeqpacketConnection
 
 if TYPE_CHECKING:
@@ -254,11 +246,9 @@ class Unanswered(ZdsError):
 def request_named(payload: bytes) -> str:
     """How a finding names a request it sent: "AddWorkload uid=u1", "a 3-byte record"."""
     try:
-        request = decode_request(payload)
+        return request_label(decode_request(payload))
     except ZdsError:
         return f"a {len(payload)}-byte record"
-    uid = f" uid={request.uid}" if isinstance(request, AddWorkload | KeepWorkload | DelWorkload) else ""
-    return f"{type(request).__name__}{uid}"
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -98,6 +98,12 @@ def request_kind(request: Request) -> str:
     raise TypeError(f"not a ZDS request: {request!r}")
 
 
+def request_label(request: Request) -> str:
+    """How a message names a request: ``AddWorkload uid=u1``, ``SnapshotSent``."""
+    uid = getattr(request, "uid", "")
+    return f"{type(request).__name__} uid={uid}" if uid else type(request).__name__
+
+
 def encode_hello(hello: Hello | None = None) -> bytes:
     """The hello's bytes (``Hello()``, version 1, when none is given)."""
     version = VERSION_V1 if hello is None else hello.version
