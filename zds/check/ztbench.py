@@ -21,7 +21,7 @@ from zds import defaults
 from zds.aio import cancel_and_wait, finished_within
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
-from zds.check.ztconn import Reply, ZtConn
+from zds.check.ztconn import ZtConn, unacked
 from zds.netns.apps import free_port
 from zds.transport import SocketFile, SocketPathTaken, bind_unix_listener, clear_socket_path
 
@@ -287,12 +287,12 @@ class Bench:
             return conn
         for payload, fds in snapshot:
             reply = await conn.request(payload, fds, check=check)
-            if reply is None or reply.ack is None or reply.ack.error:
-                self.report(check, _answered("a snapshot entry", payload, reply, conn))
+            if (finding := unacked("a snapshot entry", payload, reply, conn)) is not None:
+                self.report(check, finding)
         reply = await conn.request(SNAPSHOT_SENT, check="snapshot-sent-acked")
         self.exercised["snapshot-sent-acked"] += 1
-        if reply is None or reply.ack is None or reply.ack.error:
-            self.report("snapshot-sent-acked", _answered("SnapshotSent", SNAPSHOT_SENT, reply, conn))
+        if (finding := unacked("SnapshotSent", SNAPSHOT_SENT, reply, conn)) is not None:
+            self.report("snapshot-sent-acked", finding)
         return conn
 
     async def close(self) -> None:
@@ -321,13 +321,6 @@ class Bench:
 
 class ZtunnelGone(CheckSetupError):
     """The ztunnel under test did not connect (again)."""
-
-
-def _answered(what: str, sent: bytes, reply: Reply | None, conn: ZtConn) -> Finding:
-    said = "nothing" if reply is None else repr(reply.ack.error if reply.ack else reply.payload.hex(" "))
-    return Finding(
-        f"{what} was answered with {said}", conn.name, sent=sent, received=reply.payload if reply else None
-    )
 
 
 def _missing_dirs(path: str) -> list[str]:

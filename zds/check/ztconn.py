@@ -42,6 +42,28 @@ class Reply:
     at: float
 
 
+def said(reply: Reply | None) -> str:
+    """What a request was answered with, as a finding says it."""
+    if reply is None:
+        return "nothing"
+    if reply.ack is None:  # (bytes that are no Ack: replies-canonical judges them)
+        return repr(reply.payload.hex(" "))
+    return repr(reply.ack.error) if reply.ack.error else "an empty Ack (success)"
+
+
+def unacked(what: str, sent: bytes, reply: Reply | None, conn: ZtConn) -> Finding | None:
+    """The finding for a request (``what``, its bytes ``sent``) that ``reply`` did not ack;
+    None if it did."""
+    if reply is not None and reply.ack is not None and not reply.ack.error:
+        return None
+    return Finding(
+        f"{what} was answered with {said(reply)}",
+        conn.name,
+        sent=sent,
+        received=reply.payload if reply else None,
+    )
+
+
 class ZtConn:
     """One connection from the ztunnel under test."""
 

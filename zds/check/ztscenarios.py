@@ -25,6 +25,7 @@ from zds.check.ztsteps import (
     keep,
     open_fd,
     ports_probe,
+    request_acked,
     said,
     wait_for,
 )
@@ -36,17 +37,15 @@ from zds.protocol.reading import START_FAILURE
 async def add_acked(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
-    payload, fds = add(pod)
-    reply = await conn.request(payload, fds, check="add-acked")
-    if acked(b, "add-acked", conn, reply, payload, f"AddWorkload for {pod.name}"):
-        b.note("add-acked", f"AddWorkload for {pod.name} ({len(payload)} bytes + its netns fd) acked 0a 00")
+    entry = add(pod)
+    if await request_acked(b, "add-acked", conn, entry, f"AddWorkload for {pod.name}"):
+        b.note("add-acked", f"AddWorkload for {pod.name} ({len(entry[0])} bytes + its netns fd) acked 0a 00")
     await removed(b, "add-acked", conn, pod.uid)
 
 
 async def removed(b: Bench, name: str, conn: ZtConn, uid: str) -> None:
     """Send the DelWorkload that ends a scenario: it too must be acked (a finding of ``name``)."""
-    payload, _ = delete(uid)
-    acked(b, name, conn, await conn.request(payload, check=name), payload, f"the DelWorkload for {uid}")
+    await request_acked(b, name, conn, delete(uid), f"the DelWorkload for {uid}")
 
 
 #: Why a check of what listeners do could not pass: they never were there to do it.
@@ -57,9 +56,7 @@ async def listeners(b: Bench) -> None:
     """listeners-in-pod, no-listeners-on-host and listeners-closed-on-del, on one pod."""
     pod = b.pods.make()
     conn = await b.fresh([])
-    payload, fds = add(pod)
-    reply = await conn.request(payload, fds, check="listeners-in-pod")
-    acked(b, "listeners-in-pod", conn, reply, payload, f"AddWorkload for {pod.name}")
+    await request_acked(b, "listeners-in-pod", conn, add(pod), f"AddWorkload for {pod.name}")
     ok, ports, took = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
     b.exercised["listeners-in-pod"] += 1
     if ok:
@@ -97,36 +94,18 @@ async def listeners(b: Bench) -> None:
 
 async def del_unknown_uid(b: Bench) -> None:
     conn = await b.fresh([])
-    payload, _ = delete("zds-check-nobody")
-    if acked(
-        b,
-        "del-unknown-uid",
-        conn,
-        await conn.request(payload, check="del-unknown-uid"),
-        payload,
-        "DelWorkload for an unknown uid",
-    ):
-        again = await conn.request(payload, check="del-unknown-uid")
-        if acked(b, "del-unknown-uid", conn, again, payload, "a second DelWorkload on the same connection"):
-            b.note("del-unknown-uid", "acked, twice, on the same connection")
+    nobody, name = delete("zds-check-nobody"), "del-unknown-uid"
+    once = await request_acked(b, name, conn, nobody, "DelWorkload for an unknown uid")
+    if once and await request_acked(b, name, conn, nobody, "a second DelWorkload on the same connection"):
+        b.note("del-unknown-uid", "acked, twice, on the same connection")
 
 
 async def readd_same_netns(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
-    payload, fds = add(pod)
-    first = await conn.request(payload, fds, check="readd-same-netns")
-    acked(b, "readd-same-netns", conn, first, payload, "the first AddWorkload")
+    await request_acked(b, "readd-same-netns", conn, add(pod), "the first AddWorkload")
     up, before, _ = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
-    again, fds = add(pod)
-    if acked(
-        b,
-        "readd-same-netns",
-        conn,
-        await conn.request(again, fds, check="readd-same-netns"),
-        again,
-        "the same AddWorkload again",
-    ):
+    if await request_acked(b, "readd-same-netns", conn, add(pod), "the same AddWorkload again"):
         after = await ports_of(pod.netns, b.pid)
         if not b.options.protocol_only and not up:
             b.report("readd-same-netns", Finding(NEVER_UP, conn.name))
@@ -145,23 +124,9 @@ async def readd_same_netns(b: Bench) -> None:
 async def readd_new_netns(b: Bench) -> None:
     pod, other = b.pods.make(), b.pods.make()
     conn = await b.fresh([])
-    first, fds = add(pod)
-    acked(
-        b,
-        "readd-new-netns",
-        conn,
-        await conn.request(first, fds, check="readd-new-netns"),
-        first,
-        "the first AddWorkload",
-    )
-    payload, fds = add(pod, other.netns)
-    if acked(
-        b,
-        "readd-new-netns",
-        conn,
-        await conn.request(payload, fds, check="readd-new-netns"),
-        payload,
-        "the AddWorkload with another netns",
+    await request_acked(b, "readd-new-netns", conn, add(pod), "the first AddWorkload")
+    if await request_acked(
+        b, "readd-new-netns", conn, add(pod, other.netns), "the AddWorkload with another netns"
     ):
         if not b.options.protocol_only:
             moved, new, took = await wait_for(

@@ -18,7 +18,8 @@ from zds.check.pods import CheckPod
 from zds.check.report import Finding
 from zds.check.ztbench import SNAPSHOT_SENT as SNAPSHOT_SENT  # (the bench sends it in every snapshot)
 from zds.check.ztbench import Bench
-from zds.check.ztconn import Reply, ZtConn
+from zds.check.ztconn import Reply, ZtConn, unacked
+from zds.check.ztconn import said as said  # (the scenarios say answers with it too)
 from zds.protocol.messages import AddWorkload, DelWorkload, KeepWorkload, WorkloadInfo, encode_request
 
 NO_PAYLOAD = b"\x78\x01"
@@ -45,25 +46,18 @@ def keep(uid: str, fds: list[int] | None = None) -> Entry:
     return encode_request(KeepWorkload(uid)), fds or []
 
 
-def said(reply: Reply | None) -> str:
-    if reply is None:
-        return "nothing"
-    return repr(reply.ack.error) if reply.ack is not None and reply.ack.error else "an empty Ack (success)"
+async def request_acked(b: Bench, name: str, conn: ZtConn, entry: Entry, what: str) -> bool:
+    """Send ``entry`` as a request of check ``name``: whether it was acked (``acked``)."""
+    payload, fds = entry
+    return acked(b, name, conn, await conn.request(payload, fds, check=name), payload, what)
 
 
 def acked(b: Bench, name: str, conn: ZtConn, reply: Reply | None, sent: bytes, what: str) -> bool:
+    """Whether ``reply`` acked the request (else a finding of ``name``)."""
     b.exercised[name] += 1
-    if reply is not None and reply.ack is not None and not reply.ack.error:
+    if (finding := unacked(what, sent, reply, conn)) is None:
         return True
-    b.report(
-        name,
-        Finding(
-            f"{what} was answered with {said(reply)}",
-            conn.name,
-            sent=sent,
-            received=reply.payload if reply else None,
-        ),
-    )
+    b.report(name, finding)
     return False
 
 
