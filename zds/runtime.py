@@ -151,6 +151,17 @@ def follow_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the process's name (its state first: proc(5)'s
+    field 3 on); None if there is no such process. Read as bytes: the name is any bytes the
+    process set (one that is not UTF-8 made a text read fail)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` is there (a parent run through a wrapper that forks is not the
     direct one, and was taken for dead)."""

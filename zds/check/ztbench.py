@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.aio import cancel_and_wait, finished_within
 from zds.check.pods import CheckSetupError, PodFactory
 from zds.check.report import Finding
@@ -236,14 +236,8 @@ class Bench:
 
     def alive(self, pid: int | None) -> bool:
         """Whether process ``pid`` runs (a zombie does not; an unknown pid is not judged: False)."""
-        if not pid:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X")
+        fields = runtime.proc_stat(pid) if pid else None
+        return fields[0] not in _ENDED if fields else False
 
     def restarted(self, old: ZtConn, new: ZtConn) -> bool:
         """Whether ``new`` comes from another process, ``old``'s gone: a restart, no reconnect."""
@@ -340,17 +334,19 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 def _group_members(pgid: int) -> list[int]:
     """The live processes of group ``pgid`` (a zombie is not: it waits for a parent to reap it)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
-            except (OSError, ValueError):
-                continue
-            if int(group) == pgid and state not in ("Z", "X"):
-                members.append(int(entry))
-    return members
+    group = str(pgid).encode()
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit()
+        and (fields := runtime.proc_stat(entry))
+        and fields[2:3] == [group]
+        and fields[0] not in _ENDED
+    ]
+
+
+#: A process's states in /proc/PID/stat once it ended (a zombie waits for its parent to reap it).
+_ENDED = (b"Z", b"X")
 
 
 async def _group_ended(proc: asyncio.subprocess.Process, within: float) -> bool:

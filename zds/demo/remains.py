@@ -28,7 +28,7 @@ from typing import Any
 
 from pyroute2 import NetlinkError
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.demo.probes import DemoError
 from zds.netns import NetnsError
 from zds.netns.enter import netns_cookie
@@ -47,11 +47,10 @@ RECORD_MAX = 64 * 1024
 def _started(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot); None if there is none (or only
     its zombie, which its parent has not reaped yet)."""
+    fields = runtime.proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:  # (its name is any bytes the process set)
-            fields = f.read().rpartition(b")")[2].split()
-        return None if fields[0] == b"Z" else int(fields[19])
-    except (OSError, IndexError, ValueError):
+        return None if not fields or fields[0] == b"Z" else int(fields[19])
+    except (IndexError, ValueError):
         return None
 
 
