@@ -97,9 +97,12 @@ def our_lines(saved: str) -> list[str]:
 #: chain, a rule, the commit; empty).
 _TABLES = frozenset({"filter", "nat", "mangle", "raw", "security"})
 _LINE = re.compile(r"#.*|:\S+ \S+ \[\d+:\d+\]|-A \S+.*|COMMIT|")
-#: iptables-nft's line in place of a table it cannot print (``# Table `nat' is incompatible,
-#: use 'nft' tool.``): its opening and its words.
-INCOMPATIBLE = ("# Table `", "' is incompatible")
+
+
+def is_incompatible(line: str) -> bool:
+    """Whether ``line`` is iptables-nft's in place of a table it cannot print (``# Table `nat'
+    is incompatible, use 'nft' tool.``)."""
+    return line.startswith("# Table `") and "' is incompatible" in line
 
 
 def unreadable_line(saved: str) -> str:
@@ -117,7 +120,7 @@ def unreadable_line(saved: str) -> str:
     seen: set[str] = set()
     chains: set[str] = set()  # (declared in the table open: a rule is in one of them)
     for line in saved.split("\n"):
-        if line.startswith(INCOMPATIBLE[0]) and INCOMPATIBLE[1] in line:
+        if is_incompatible(line):
             return line
         if line.startswith("*"):
             if table or line[1:] not in _TABLES or line[1:] in seen:

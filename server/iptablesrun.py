@@ -11,11 +11,11 @@ from collections.abc import Collection
 from zds import runtime
 from zds.errors import ZdsError, printable
 from zds.server.iptablesave import (
-    INCOMPATIBLE,
     OUTPUT,
     PRERT,
     RULE_TABLES,
     cleanup_rules,
+    is_incompatible,
     our_chains,
     unreadable_line,
 )
@@ -75,7 +75,7 @@ def save(tool: str) -> str:
     follows it there is the pod's, and read as iptables-save's it misled a removal)."""
     saved = run_tool([f"{tool}-save"])
     if line := unreadable_line(saved):
-        if line.startswith(INCOMPATIBLE[0]) and INCOMPATIBLE[1] in line:
+        if is_incompatible(line):
             raise UnreadableSave(
                 f"{tool}-save cannot print a table of the pod's, which holds a rule made with nft that "
                 f"iptables cannot read ({printable(line)}); `nft list ruleset` in the pod's netns shows it"
