@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.harness import ZDS, ZtunnelProc, wait_until, zds_check
+from tests.harness import ZDS, CheckRun, ZtunnelProc, wait_until, zds_check
 from tests.test_check_ztunnel import FAST, ZTUNNEL
 
 pytestmark = pytest.mark.root
@@ -28,6 +28,11 @@ def running(pid: int) -> bool:
         return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def check_at(path: str, only: str, *args: str, tmp: pathlib.Path) -> CheckRun:
+    """``zds check ztunnel`` of the checks ``only`` against a ztunnel that connects to ``path``."""
+    return zds_check("ztunnel", "--zds-socket", path, "--only", only, *args, tmp=tmp)
 
 
 def check_ztunnel(*args: str) -> subprocess.CompletedProcess[str]:
@@ -115,9 +120,7 @@ def test_without_a_restarter_only_the_checks_after_a_stop_for_good_are_errors(tm
     ztunnel = ZtunnelProc(path, str(tmp_path / "ztunnel.log"), "--no-listeners")
     try:
         started = time.monotonic()
-        last = zds_check(
-            "ztunnel", "--zds-socket", path, "--only", "hello,add-without-workload-info", *FAST, tmp=tmp_path
-        )
+        last = check_at(path, "hello,add-without-workload-info", *FAST, tmp=tmp_path)
         assert last.returncode == 0, last.stdout + last.stderr
         assert time.monotonic() - started < 15, "it waited for a restart after the last check"
         assert ztunnel.wait_exit() == 1
@@ -125,17 +128,8 @@ def test_without_a_restarter_only_the_checks_after_a_stop_for_good_are_errors(tm
         ztunnel.stop()
     ztunnel = ZtunnelProc(path, str(tmp_path / "ztunnel-2.log"), "--no-listeners")
     try:
-        run = zds_check(
-            "ztunnel",
-            "--zds-socket",
-            path,
-            "--only",
-            "hello,add-without-workload-info,keep-after-snapshot",
-            *QUICK,
-            "--connect-timeout",
-            "5",
-            tmp=tmp_path,
-        )
+        only = "hello,add-without-workload-info,keep-after-snapshot"
+        run = check_at(path, only, *QUICK, "--connect-timeout", "5", tmp=tmp_path)
     finally:
         ztunnel.stop()
     assert run.statuses() == {
@@ -159,18 +153,8 @@ def test_a_ztunnel_its_supervisor_restarts_at_once_is_no_reconnect(tmp_path: pat
         start_new_session=True,
     )
     try:
-        run = zds_check(
-            "ztunnel",
-            "--zds-socket",
-            path,
-            "--only",
-            "add-without-workload-info,keep-after-snapshot",
-            "--timeout",
-            "3",
-            "--grace",
-            "2",
-            tmp=tmp_path,
-        )
+        only = "add-without-workload-info,keep-after-snapshot"
+        run = check_at(path, only, "--timeout", "3", "--grace", "2", tmp=tmp_path)
     finally:
         os.killpg(supervisor.pid, signal.SIGTERM)
         supervisor.wait()
@@ -210,7 +194,7 @@ def test_a_ztunnel_that_comes_back_after_grace_from_the_same_process_fails(tmp_p
     script.write_text(BACK_LATER)
     ztunnel = subprocess.Popen([sys.executable, str(script), path])
     try:
-        run = zds_check("ztunnel", "--zds-socket", path, "--only", "keep-after-snapshot", *FAST, tmp=tmp_path)
+        run = check_at(path, "keep-after-snapshot", *FAST, tmp=tmp_path)
     finally:
         ztunnel.kill()
         ztunnel.wait()
