@@ -6,11 +6,13 @@ import asyncio
 import fcntl
 import itertools
 import os
+import pathlib
 import resource
 import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import AsyncIterator
 
@@ -22,6 +24,13 @@ from zds.seqpacket import recv_record
 from zds.transport import BusyPoll, SeqpacketConnection
 
 Pair = tuple[SeqpacketConnection, socket.socket]
+
+
+@pytest.fixture(autouse=True)
+def never_contended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls as on an idle machine, whatever else runs beside the suite (a gauge with no
+    numbers to read is never contended): the contention's own tests set theirs."""
+    monkeypatch.setattr(seqpacket, "CPU_CONTENTION", seqpacket.CpuContention("/nonexistent/schedstat"))
 
 
 @pytest.fixture
@@ -271,3 +280,93 @@ def test_busy_polling_is_off_where_the_thread_may_use_one_cpu_only() -> None:
     finally:
         os.sched_setaffinity(0, cpus)
     assert BusyPoll(0.001).budget == (0.001 if len(cpus) > 1 else 0.0)
+
+
+def _schedstat(path: str, run_delay_ns: int) -> None:
+    """``/proc/thread-self/schedstat``'s three numbers, with ``run_delay_ns`` second."""
+    with open(path, "w") as f:
+        f.write(f"123456789 {run_delay_ns} 42\n")
+
+
+def test_polling_stops_while_the_thread_waits_for_a_cpu_and_starts_again_once_it_does_not(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stat = str(tmp_path / "schedstat")
+    _schedstat(stat, 0)
+    now = [1000.0]
+    monkeypatch.setattr(seqpacket, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    gauge = seqpacket.CpuContention(stat)
+    window = seqpacket.CpuContention.WINDOW
+
+    def after(seconds: float, waited: float) -> bool:
+        """The gauge's answer ``seconds`` on, the thread having waited ``waited`` windows of them."""
+        with open(stat) as f:
+            delay = int(f.read().split()[1])
+        _schedstat(stat, delay + round(waited * window * 1e9))
+        now[0] += seconds + 1e-6  # (a microsecond more: a float sum of windows may fall short of one)
+        return gauge.contended()
+
+    assert not gauge.contended()  # the first reading: nothing to compare it with yet
+    assert not after(window, 0.09)  # under ON (10% of the window)
+    assert after(window, 0.11)
+    assert after(window / 2, 0.0)  # within the window: not read, the answer stands
+    assert not after(window / 2, 0.0)  # read: no wait over the whole window
+    assert after(window, 0.5)
+    assert after(window, 0.04)  # contended it stays until a window under OFF (3%)
+    assert not after(window, 0.02)
+    assert not after(window, 0.05)  # not contended it stays until ON again
+    assert not after(10.0, 0.5 / window)  # a long window (polls far apart): 0.5 s of 10 is 5%
+    assert after(10.0, 1.1 / window)  # 11%
+    # Where the kernel keeps no such numbers (no CONFIG_SCHED_INFO): never contended, and
+    # not looked for again.
+    os.unlink(stat)
+    now[0] += window + 1e-6
+    assert not gauge.contended()
+    _schedstat(stat, 10**18)
+    now[0] += window + 1e-6
+    assert not gauge.contended()
+
+
+def _spin_until(gauge: seqpacket.CpuContention, contended: bool, seconds: float) -> bool:
+    """Keep this thread busy asking ``gauge`` until it says ``contended`` (True) or
+    ``seconds`` have passed (False)."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if gauge.contended() is contended:
+            return True
+    return False
+
+
+def test_the_gauge_sees_this_thread_share_its_cpu_with_a_busy_process() -> None:
+    cpus = os.sched_getaffinity(0)
+    cpu = min(cpus)
+    gauge = seqpacket.CpuContention()  # the kernel's numbers, for this thread
+    hog = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass",
+            str(cpu),
+        ]
+    )
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread only (and the hog) on that CPU
+        assert _spin_until(gauge, True, 30.0), "a CPU shared with a busy process was never seen contended"
+    finally:
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(0, cpus)
+    assert _spin_until(gauge, False, 30.0), "with the busy process gone, the thread was still seen waiting"
+
+
+def test_a_poll_while_the_thread_waits_for_a_cpu_reads_once_and_gives_up(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn, theirs = pair
+    monkeypatch.setattr(seqpacket, "CPU_CONTENTION", types.SimpleNamespace(contended=lambda: True))
+    started = time.monotonic()
+    assert conn.poll(5.0) is None  # no 5 s poll: nothing there, given up at once
+    assert time.monotonic() - started < 2.5
+    theirs.send(b"\x08\x01")
+    record = conn.poll(5.0)  # what is there is read
+    assert record is not None and record.payload == b"\x08\x01"

@@ -67,12 +67,75 @@ def send_record(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int,
 
 def poll_record(sock: socket.socket, seconds: float) -> Record | None:
     """Read one record, asking again until one is there or ``seconds`` have passed (None);
-    never sleeps (see ``zds.transport.BusyPoll`` for why a side polls)."""
+    never sleeps (see ``zds.transport.BusyPoll`` for why a side polls). Not at all (None at
+    once) while other work keeps this thread from a CPU (``CPU_CONTENTION``)."""
+    if CPU_CONTENTION.contended():
+        return recv_record(sock)
     until = time.monotonic() + seconds
     while True:
         record = recv_record(sock)
         if record is not None or time.monotonic() >= until:
             return record
+
+
+class CpuContention:
+    """Whether this thread waits for a CPU: the share of the last ``window`` seconds it spent
+    runnable but not running (the kernel's run-queue delay, ``/proc/thread-self/schedstat``).
+
+    Polling pays only while the peer has a CPU of its own to answer on. On a machine busy
+    with other work the two sides and that work take turns on the CPUs, and a side that
+    polls spends its turns asking for an answer its peer has no CPU to write (on 2 vCPUs
+    with one CPU kept busy by another program, live 1,000 pods took 2.5-3.5x and the
+    1,000-pod snapshot 3-5x as long as Istio's pair: ``bench/results/busy-2026-12-05.md``).
+    So a side stops polling once a window saw it wait ``ON`` of the time or more, and starts
+    again once one saw it wait less than ``OFF`` (zds's processes alone on the machine wait
+    ~1-2%, under such a program 15-30%). Read at most once a window (three system calls,
+    ~5 us); where the kernel keeps no such numbers (no ``CONFIG_SCHED_INFO``), never
+    contended. The numbers are the calling thread's: every poll of a process is on one
+    thread (the event loop's; the ztunnel side's first snapshot, before it, on the same).
+    """
+
+    WINDOW = 0.005
+    ON = 0.10
+    OFF = 0.03
+
+    def __init__(self, path: str = "/proc/thread-self/schedstat") -> None:
+        self.path = path
+        self._at = 0.0
+        self._delay = 0
+        self._contended = False
+
+    def contended(self) -> bool:
+        now = time.monotonic()
+        if now - self._at < self.WINDOW:
+            return self._contended
+        delay = self._run_delay()
+        if delay is None:
+            self._contended = False
+            self._at = float("inf")  # (never read again)
+            return False
+        if self._at:
+            share = (delay - self._delay) / 1e9 / (now - self._at)
+            self._contended = share >= (self.OFF if self._contended else self.ON)
+        self._at, self._delay = now, delay
+        return self._contended
+
+    def _run_delay(self) -> int | None:
+        """Nanoseconds this thread has waited on a run queue so far; None if not known."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return int(os.read(fd, 128).split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        finally:
+            os.close(fd)
+
+
+#: The gauge ``poll_record`` asks, one a process.
+CPU_CONTENTION = CpuContention()
 
 
 def poll_budget(seconds: float) -> float:
