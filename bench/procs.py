@@ -267,6 +267,50 @@ class Steal:
         return round(100 * (now[7] - self._start[7]) / total, 1)
 
 
+#: What another program keeping a CPU busy runs: busy ``share`` of every ``period`` seconds.
+#: It ends by itself once the bench is gone (killed with no clean-up: it would spin forever),
+#: and leaves Ctrl-C to the bench.
+_BUSY = """import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+share, period, bench = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+while os.getppid() == bench:
+    until = time.perf_counter() + share * period
+    while time.perf_counter() < until:
+        pass
+    if share < 1.0:
+        time.sleep((1.0 - share) * period)
+"""
+
+
+class BusyBeside:
+    """Other work on the machine while the bench runs (``--busy-beside``): a process keeping
+    one CPU busy ``percent`` of the time, in slices of ``period`` seconds, from ``__enter__``
+    to ``__exit__`` (stopped by its PID): what the measured processes meet on a machine that
+    is not theirs alone. 0: none."""
+
+    def __init__(self, percent: int, period: float = 0.01) -> None:
+        self.share = percent / 100
+        self.period = period
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def idle(self, idle: float = 0.9) -> float:
+        """What ``wait_idle`` waits for with this beside it: ``idle`` less the CPU it keeps busy."""
+        return idle - self.share / (os.cpu_count() or 1)
+
+    def __enter__(self) -> BusyBeside:
+        if self.share > 0:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _BUSY, str(self.share), str(self.period), str(os.getpid())]
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+
 def wait_idle(*, idle: float = 0.9, window: float = 0.1, limit: float = 5.0) -> float:
     """Until the machine was ``idle`` (share of all CPUs) over a ``window`` of seconds, or
     ``limit`` seconds passed; returns the seconds waited. What a run's processes leave to the

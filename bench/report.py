@@ -140,7 +140,12 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
         f"Python {m['python']}, uvloop {m['uvloop']}, RLIMIT_NOFILE {m['fd_limit']:,}  ",
         f"zds {m['zds_commit']}; Istio {m['istio_commit'] or '-'}; ztunnel {m['ztunnel_commit'] or '-'}  ",
         f"{doc['started']} to {doc['finished']}; load average {doc['load_start'][0]:.2f} at the start, "
-        f"{doc['load_end'][0]:.2f} at the end (each run's is in the JSON)",
+        f"{doc['load_end'][0]:.2f} at the end (each run's is in the JSON)"
+        + (
+            f"  \nBeside it: another process keeping one CPU busy {busy}% of the time (`--busy-beside`)"
+            if (busy := doc["config"].get("busy_beside_pct"))
+            else ""
+        ),
         "",
         "Median of each configuration's runs, in ms; in parentheses the ratio to Istio's pair "
         "(Istio's node agent + Istio's fake ztunnel) in the same run. "

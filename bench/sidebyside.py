@@ -40,6 +40,7 @@ import report
 from pairs import PAIRS, Measurement, Pair, Pods, Tools, scratch
 from procs import (
     BenchError,
+    BusyBeside,
     compile_bytecode,
     loadavg,
     measuring_env,
@@ -74,6 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib needed)")
     p.add_argument("--smoke", action="store_true", help="N=20, one run, zds pairs only, no floor (CI)")
+    p.add_argument(
+        "--busy-beside",
+        type=percent,
+        default=0,
+        metavar="PERCENT",
+        help="other work beside the bench: a process keeping one CPU busy PERCENT%% of the time "
+        "throughout (default: 0, none; every run still waits for the rest of the machine to be idle)",
+    )
     args = p.parse_args(argv)
     smoke = {"sizes": "20", "runs": 1, "pairs": "zds,zds-asyncio,zds-dns"}
     full = {"sizes": "200,1000,2500", "runs": 5, "pairs": ",".join(PAIRS)}
@@ -95,6 +104,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not all(size.isascii() and size.isdigit() and int(size) > 0 for size in sizes):
         p.error(f"--sizes {args.sizes}: expected pod counts from 1, comma-separated")
     return args
+
+
+def percent(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage from 0 to 100")
+    return int(text)
 
 
 def find_tools(peers: str) -> tuple[Tools, str | None]:
@@ -229,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(args.peers),
         "load_start": loadavg(),
-        "config": {"sizes": sizes, "runs": args.runs, "modes": modes, "listeners": args.listeners.split(",")},
+        "config": {
+            "sizes": sizes,
+            "runs": args.runs,
+            "modes": modes,
+            "listeners": args.listeners.split(","),
+            "busy_beside_pct": args.busy_beside,
+        },
         "pairs": {pair.name: pair.label for pair in pairs},
         "skipped": skipped,
         "results": [],
@@ -237,38 +258,42 @@ def main(argv: list[str] | None = None) -> int:
     }
     #: zds pod add's own start-up, against a stand-in control server (firstrequest.py).
     time_first_request = "live" in modes and any(pair.server.name == "zds" for pair in pairs)
-    for n in sizes:
-        names = [f"zb{os.getpid()}-{i}" for i in range(n)]
-        pods = Pods(podns.create(names))
-        try:
-            if n == sizes[0]:
-                for pair in pairs:  # untimed: every program's files in the page cache first
+    #: Other work beside the bench (--busy-beside); each run waits for the rest to be idle.
+    beside = BusyBeside(args.busy_beside)
+    idle = beside.idle()
+    with beside:
+        for n in sizes:
+            names = [f"zb{os.getpid()}-{i}" for i in range(n)]
+            pods = Pods(podns.create(names))
+            try:
+                if n == sizes[0]:
+                    for pair in pairs:  # untimed: every program's files in the page cache first
+                        for mode in modes:
+                            measure(pair, mode, tools, pods, listener_modes[0], run=0, idle=idle)
+                for run in range(1, args.runs + 1):
                     for mode in modes:
-                        measure(pair, mode, tools, pods, listener_modes[0], run=0)
-            for run in range(1, args.runs + 1):
-                for mode in modes:
-                    for listeners in listener_modes:
-                        for pair in pairs:
-                            doc["results"].append(measure(pair, mode, tools, pods, listeners, run))
-                if time_first_request:
-                    doc["first_request"].append(measure_first_request(tools, pods, run))
-        finally:
-            podns.remove(pods.paths)
-        if not args.no_floor and zds_limit is not None:
-            for mode in ("proto", "listen"):
-                load = loadavg()[0]
-                for run, wall in enumerate(floor(zds_limit, n, args.runs, mode, tools.env), start=1):
-                    doc["results"].append(
-                        {
-                            "pair": f"floor-{mode}",
-                            "mode": "floor",
-                            "n": n,
-                            "listeners": mode == "listen",
-                            "run": run,
-                            "wall_ms": round(wall, 2),
-                            "load": load,
-                        }
-                    )
+                        for listeners in listener_modes:
+                            for pair in pairs:
+                                doc["results"].append(measure(pair, mode, tools, pods, listeners, run, idle))
+                    if time_first_request:
+                        doc["first_request"].append(measure_first_request(tools, pods, run))
+            finally:
+                podns.remove(pods.paths)
+            if not args.no_floor and zds_limit is not None:
+                for mode in ("proto", "listen"):
+                    load = loadavg()[0]
+                    for run, wall in enumerate(floor(zds_limit, n, args.runs, mode, tools.env), start=1):
+                        doc["results"].append(
+                            {
+                                "pair": f"floor-{mode}",
+                                "mode": "floor",
+                                "n": n,
+                                "listeners": mode == "listen",
+                                "run": run,
+                                "wall_ms": round(wall, 2),
+                                "load": load,
+                            }
+                        )
     doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     doc["load_end"] = loadavg()
     doc["summary"] = report.summarize(doc["results"])
@@ -319,8 +344,10 @@ def _pod_add(tools: Tools, pods_file: str) -> Callable[[str], list[str]]:
     return lambda sock: tools.zds("pod", "add", "--from-file", pods_file, "--control-socket", sock)
 
 
-def measure(pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, run: int) -> dict[str, Any]:
-    waited = wait_idle()  # every run starts on an idle machine
+def measure(
+    pair: Pair, mode: str, tools: Tools, pods: Pods, listeners: bool, run: int, idle: float
+) -> dict[str, Any]:
+    waited = wait_idle(idle=idle)  # every run starts on an idle machine (but for --busy-beside)
     load = loadavg()[0]
     m: Measurement = (
         pair.snapshot(tools, pods, listeners) if mode == "snapshot" else pair.live(tools, pods, listeners)

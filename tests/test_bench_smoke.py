@@ -35,21 +35,25 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
             "--out",
             str(out),
             "--no-plots",
+            "--busy-beside",
+            "30",
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    assert not busy_besides(), "the process kept busy beside the bench outlived it"
     assert (
         "Istio server + Istio fake ztunnel: skipped, istio-zds-server, istio-zds-client not built"
         in done.stderr
     )
 
     doc = json.loads((out / "sidebyside.json").read_text())
-    assert doc["command"].endswith("--no-plots") and "--smoke" in doc["command"]
+    assert doc["command"].endswith("--no-plots --busy-beside 30") and "--smoke" in doc["command"]
     assert {"os", "kernel", "cpus", "python", "zds_commit"} <= set(doc["machine"])
     assert len(doc["load_start"]) == 3 and len(doc["load_end"]) == 3
+    assert doc["config"]["busy_beside_pct"] == 30
     assert doc["pairs"] == {
         "zds": "zds server + zds ztunnel (uvloop)",
         "zds-dns": "zds server + zds ztunnel (uvloop, DNS forwarder on)",
@@ -100,6 +104,21 @@ def test_a_smoke_run_makes_well_formed_results_and_says_which_peers_it_skipped(t
     assert "| N | exec to first request |" in table and "\n| 20 | " in table
     assert "| bench | N | listeners | pair | node agent | ztunnel side | `zds pod add` | steal % |" in table
     assert "| live | 20 | on | zds server + zds ztunnel (uvloop) | " in table
+    assert "Beside it: another process keeping one CPU busy 30% of the time (`--busy-beside`)" in table
+
+
+def busy_besides() -> list[int]:
+    """The processes ``--busy-beside`` starts (``procs._BUSY``) that are running."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"share, period, bench = " in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
 
 
 #: The bench scripts' zds is this checkout's (not whichever the venv's editable install names).
@@ -119,6 +138,11 @@ def test_bench_arguments_it_cannot_use_are_refused_in_one_line() -> None:
         ("sidebyside.py", ["--sizes", "0"], "--sizes 0: expected pod counts from 1, comma-separated"),
         ("sidebyside.py", ["--modes", "live,bogus"], "--modes live,bogus: expected some of snapshot,live"),
         ("sidebyside.py", ["--listeners", "onn"], "--listeners onn: expected some of on,off"),
+        (
+            "sidebyside.py",
+            ["--busy-beside", "101"],
+            "argument --busy-beside: '101' is not a percentage from 0 to 100",
+        ),
         (
             "sidebyside.py",
             ["--runs", "0"],
