@@ -174,7 +174,8 @@ def add_busy_poll_flag(parser: argparse.ArgumentParser, waits_for: str) -> None:
         metavar="USEC",
         help=f"poll the ZDS socket this long for {waits_for} before sleeping: no scheduler wake-up "
         f"on each message, at the cost of that much CPU at most (default: "
-        f"{round(defaults.BUSY_POLL * 1e6)}; 0: never; off where only one CPU is usable)",
+        f"{round(defaults.BUSY_POLL * 1e6)}; 0: never; off where only one CPU is usable, paused "
+        "while other work keeps this process waiting for a CPU)",
     )
 
 
