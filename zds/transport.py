@@ -110,7 +110,8 @@ class SeqpacketConnection:
 
     def poll(self, seconds: float) -> Record | None:
         """Read one record, asking again until one is there or ``seconds`` have passed
-        (None); never sleeps, never lets the event loop run (``BusyPoll`` does)."""
+        (None; asked once while the thread waits for a CPU: ``seqpacket.CpuContention``);
+        never sleeps, never lets the event loop run (``BusyPoll`` does)."""
         return poll_record(self._sock, seconds)
 
     async def recv(self, max_size: int = defaults.MAX_MESSAGE_SIZE) -> Record:
@@ -210,7 +211,8 @@ class BusyPoll:
 
     Fair to the rest of the process: a poll first lets the event loop have a turn when it
     had none for ``turn_every`` seconds. Off (budget 0) where the process may run on one CPU only:
-    polling there would only keep the CPU from the peer it waits for.
+    polling there would only keep the CPU from the peer it waits for; for the same reason
+    paused while other work keeps this thread waiting for a CPU (``seqpacket.CpuContention``).
 
     While the peer's answers take ``slow_peer`` seconds or more (ztunnel opening a pod's
     sockets: ~150 us), the loop has its turn before the poll: what waits there (the node
