@@ -1181,6 +1181,57 @@ def test_cni_failed_enrollment_is_500_with_the_reason(server: NodeAgentProc) -> 
     assert status == 500 and "/var/run/netns/zds-never-made" in answer
 
 
+class _NoPods:
+    """A snapshot of no pods."""
+
+    def snapshot_uids(self) -> list[str]:
+        return []
+
+    def snapshot_item(self, uid: str) -> None:
+        return None
+
+
+async def _accepted() -> str:
+    return ""
+
+
+async def test_a_ztunnel_that_answers_but_never_reads_is_dropped_at_the_ack_deadline() -> None:
+    """Istio's node agent sets a write deadline (5 s, the ack timeout) on each send. A peer that
+    sent acks without reading what came filled the socket, and the node agent's write waited
+    for room for good: that connection's task, and every removal (sent to every connection)
+    with it, for as long as the peer stayed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        conn = ZtunnelConnection(
+            SeqpacketConnection(ours), observer=ConnectionObserver(), busy_poll=0.0, ack_timeout=0.5
+        )
+        served = asyncio.ensure_future(conn.serve(_NoPods(), _accepted))
+        theirs.send(encode_hello())
+        await asyncio.to_thread(theirs.recv, 4096)  # SnapshotSent
+        stop = threading.Event()
+
+        def blind_acks() -> None:  # an ack every millisecond, nothing read
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    theirs.send(encode_ack(Ack(error="")), socket.MSG_DONTWAIT)
+                stop.wait(0.001)
+
+        acker = threading.Thread(target=blind_acks)
+        acker.start()
+        try:
+            sent = [asyncio.ensure_future(conn.deliver(DelWorkload(uid=f"u{i}"))) for i in range(5000)]
+            reason = await asyncio.wait_for(served, 30)
+        finally:
+            stop.set()
+            acker.join()
+        assert reason == "no room to write del for 0.5s: ztunnel is not reading"
+        acked = sum(1 for s in sent if s.done() and not s.cancelled() and s.exception() is None)
+        assert 0 < acked < len(sent)  # the first ones went through, the rest were dropped
+        for s in sent[acked + 1 :]:
+            with pytest.raises(ConnectionLost):
+                await s
+
+
 async def test_a_connection_closed_while_it_waits_for_an_ack_ends_at_what_comes_next() -> None:
     """The node agent's stop closes every connection's protocol, then cancels their tasks one
     by one. One waiting for an ack meanwhile reads the peer's EOF: it ends there, said as the
@@ -1201,18 +1252,7 @@ async def test_a_connection_closed_while_it_waits_for_an_ack_ends_at_what_comes_
 
         sock.try_recv = counted  # type: ignore[method-assign]
         conn = ZtunnelConnection(sock, observer=ConnectionObserver(), busy_poll=0.0)
-
-        class NoPods:
-            def snapshot_uids(self) -> list[str]:
-                return []
-
-            def snapshot_item(self, uid: str) -> None:
-                return None
-
-        async def accept() -> str:
-            return ""
-
-        served = asyncio.ensure_future(conn.serve(NoPods(), accept))
+        served = asyncio.ensure_future(conn.serve(_NoPods(), _accepted))
         theirs.send(encode_hello())
         await asyncio.to_thread(theirs.recv, 4096)  # SnapshotSent
         theirs.send(encode_ack(Ack(error="")))

@@ -370,3 +370,28 @@ def test_a_poll_while_the_thread_waits_for_a_cpu_reads_once_and_gives_up(
     theirs.send(b"\x08\x01")
     record = conn.poll(5.0)  # what is there is read
     assert record is not None and record.payload == b"\x08\x01"
+
+
+async def test_a_send_the_peer_has_no_room_for_gives_up_within_its_deadline(pair: Pair) -> None:
+    """A peer that does not read (its queue full: the sender's buffer is spent) makes a send with
+    ``within`` fail in that time, as Istio's node agent's write deadline; without it, the send waits."""
+    conn, theirs = pair
+    conn.socket.setblocking(False)
+    filled = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            conn.socket.send(b"\x0a\x00" * 100)
+            filled += 1
+    assert filled > 0
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await conn.send(b"\x1a\x00", within=0.1)
+    assert 0.09 <= time.monotonic() - start < 1.0
+    waiting = asyncio.ensure_future(conn.send(b"\x1a\x00"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    theirs.setblocking(False)
+    for _ in range(filled):  # room again (a writer is woken once its buffer is 3/4 free)
+        theirs.recv(1024)
+    await asyncio.wait_for(waiting, 1.0)
+    assert theirs.recv(1024) == b"\x1a\x00"  # (the one that timed out never went)

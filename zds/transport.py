@@ -122,14 +122,27 @@ class SeqpacketConnection:
                 return record
             await self._wait(readable=True)
 
-    async def send(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Send one record, with ``fds`` as SCM_RIGHTS on the same sendmsg."""
+    async def send(
+        self, payload: bytes, fds: list[int] | tuple[int, ...] = (), *, within: float | None = None
+    ) -> None:
+        """Send one record, with ``fds`` as SCM_RIGHTS on the same sendmsg. ``within``: while the
+        peer's queue is full (it does not read), wait at most that long for room, then
+        TimeoutError (Istio's node agent sets a 5 s write deadline on each send)."""
+        deadline = None
         while True:
             try:
                 send_record(self._sock, payload, fds)
                 return
             except (BlockingIOError, InterruptedError):
-                await self._wait(readable=False)
+                if within is None:
+                    await self._wait(readable=False)
+                    continue
+                now = self._loop.time()
+                deadline = now + within if deadline is None else deadline
+                if now >= deadline:
+                    raise TimeoutError(f"no room to write for {within:g}s: the peer does not read") from None
+                async with asyncio.timeout_at(deadline):
+                    await self._wait(readable=False)
 
     async def wait_readable(self, within: float | None = None) -> bool:
         """Until a record (or EOF) can be read: True; False if ``within`` seconds passed first.
