@@ -59,6 +59,9 @@ def test_without_dns_capture_no_port_53_rule_and_no_raw_table() -> None:
     rules = inpod_rules(4, RedirectConfig(dns_capture=False))
     assert "15053" not in rules and "* raw" not in rules and "--dport 53" not in rules
     assert "--to-ports 15001" in rules and "--to-ports 15006" in rules
+    # Istio's golden for a pod without DNS capture (its IPv4 tables: mangle and nat only).
+    golden = (DATA / "istio-inpod-iptables-nodns.golden").read_text()
+    assert rules == "\n".join(line for line in golden.splitlines()[2:] if line.strip()) + "\n"
 
 
 def test_a_tool_not_there_is_said_so_through_setpriv_too() -> None:
