@@ -281,16 +281,21 @@ class Leftovers:
         another pod's of that set joined meanwhile): True once all are out."""
         assert pod.netns is not None
         while pending := {backend for _, backend in left.rows} - left.out:
-            if self.rules is not None and self.cache.in_use(pod.netns.identity):
+            backend = min(pending)
+            # (the other rule set's go beside pods with this one's: ``PodRules.remove_other``)
+            if (
+                self.rules is not None
+                and self.cache.in_use(pod.netns.identity)
+                and (backend == self.rules.name or not self.cache.only_ours_in(pod.netns.identity))
+            ):
                 log.debug(
                     "%s wait: a pod lives in its netns, or one being enrolled there has its rules in",
                     left.what(),
                     extra=pod.spec.log_extra,
                 )
                 return False
-            backend = min(pending)
             if self.rules is not None:
-                out = await self.rules.undo_again(pod, self.cache.in_use, backend)
+                out = await self.rules.undo_again(pod, self.cache, backend)
             else:
                 out = await self.remove_earlier(pod, backend)
             if not out:

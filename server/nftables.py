@@ -293,11 +293,12 @@ class NftablesRedirector(Redirector):
                 self._fresh_digests[rules] = digest
         return [4, 6] if ipv6 else [4], digest
 
-    def _remove_here(self) -> None:
+    def _remove_here(self, *, routing: bool = True) -> None:
         try:
             libnftables().run(removal())
         finally:
-            _routing(add=False, ipv6=kernel_has_ipv6())  # both families, whatever is configured now
+            if routing:
+                _routing(add=False, ipv6=kernel_has_ipv6())  # both families, whatever is configured now
 
     def _digest_here(self, *, routing: bool | None = None) -> str:
         """The digest of our tables as the kernel lists them and of the policy routing

@@ -161,6 +161,14 @@ class PodCache:
             if not claimants:
                 del self._claims[identity]
 
+    def only_ours_in(self, identity: NetnsIdentity) -> bool:
+        """Pods with rules live in this netns, and every one of them is cached with its netns
+        open (so with this node agent's rule set): none recovered without opening it, none
+        being enrolled there. Another rule set's rules there are nobody's then."""
+        return (
+            identity in self._rules_in and identity not in self._unopened_in and identity not in self._claims
+        )
+
     def in_use(self, identity: NetnsIdentity, *, besides: Pod | None = None) -> bool:
         """A cached pod has (or, recovered without opening its netns, may have) its rules in
         this netns, or a pod being enrolled there other than ``besides`` installed them."""

@@ -19,7 +19,7 @@ from zds.netns import NetnsError, NetnsIdentity
 from zds.server import spans
 from zds.server.inpodrules import RedirectConfig
 from zds.server.locks import KeyedLocks
-from zds.server.podcache import Pod
+from zds.server.podcache import Pod, PodCache
 from zds.server.redirect import NothingChanged, RedirectError, Redirector, RulesNotOurs, redirector
 
 log = logging.getLogger("zds.server")
@@ -103,19 +103,17 @@ class PodRules:
             return False
         return True
 
-    async def undo_again(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool], backend: str) -> bool:
+    async def undo_again(self, pod: Pod, cache: PodCache, backend: str) -> bool:
         """Try again to take out the rules ``backend`` (as the pod store records it) left in the
         pod's netns (a failed install's, a removal's): True once out; False if that failed
-        again (logged) or ``still_used`` (another pod lives, or is being enrolled, in that
-        netns: not now)."""
+        again (logged) or a pod lives, or is being enrolled, in that netns (``cache``): not now
+        (for the other backend's rules: ``remove_other``)."""
         assert pod.netns is not None
+        if backend != self.name:
+            return await self.remove_other(pod, backend, cache, quiet=True)
         async with self._locks.hold(pod.netns.identity):
-            if still_used(pod.netns.identity):
+            if cache.in_use(pod.netns.identity):
                 return False
-            if backend != self.name:
-                return await remove_rules_of(
-                    pod, backend, self.redirector.config, f"this node agent uses {self.name}"
-                )
             return await self._undo(pod)
 
     async def in_place(self, pod: Pod) -> bool:
@@ -137,27 +135,31 @@ class PodRules:
         return self.redirector.name
 
     async def remove_other(
-        self, pod: Pod, backend: str, still_used: Callable[[NetnsIdentity], bool] = lambda _: False
+        self, pod: Pod, backend: str, cache: PodCache | None = None, *, quiet: bool = False
     ) -> bool:
         """Take out the rules another backend (``backend``, as the pod store recorded it)
-        installed in the pod's netns, before this one installs its own (a node agent
-        restarted with the other ``--redirect-backend``). False, logged, if that failed, or
-        (not tried) if ``still_used``: a pod with rules lives in that netns (this backend's,
-        or those of a pod recovered without opening it: the two rule sets share the policy
-        routing)."""
+        installed in the pod's netns (a node agent restarted with the other
+        ``--redirect-backend``). Beside pods with this backend's rules there (``cache``) the
+        policy routing the two rule sets share stays, and only theirs go: a pod kept both
+        rule sets for as long as it lived. False, logged, if that failed, or (not tried)
+        while a pod recovered without opening that netns, or being enrolled, lives there
+        (its rules may be these; ``quiet``: not said, a retry asks again)."""
         if pod.netns is None:
             return True
-        async with self._locks.hold(pod.netns.identity):
-            if still_used(pod.netns.identity):
-                log.info(
-                    "the %s rules stay while a pod with rules lives in this netns (the rule sets "
-                    "share the policy routing)",
-                    backend,
-                    extra=pod.spec.log_extra,
-                )
+        identity = pod.netns.identity
+        async with self._locks.hold(identity):
+            beside = cache is not None and cache.in_use(identity)
+            if beside and not (cache is not None and cache.only_ours_in(identity)):
+                if not quiet:
+                    log.info(
+                        "the %s rules stay while a pod recovered without opening this netns, or being "
+                        "enrolled, lives there (they may be its rules)",
+                        backend,
+                        extra=pod.spec.log_extra,
+                    )
                 return False
             return await remove_rules_of(
-                pod, backend, self.redirector.config, f"this node agent uses {self.name}"
+                pod, backend, self.redirector.config, f"this node agent uses {self.name}", routing=not beside
             )
 
     async def remove(self, pod: Pod, still_used: Callable[[NetnsIdentity], bool]) -> None:
@@ -186,13 +188,15 @@ async def remove_earlier_rules(pod: Pod, backend: str, config: RedirectConfig) -
     return await remove_rules_of(pod, backend, config, "this node agent installs none (--no-redirect)")
 
 
-async def remove_rules_of(pod: Pod, backend: str, config: RedirectConfig, why: str) -> bool:
+async def remove_rules_of(
+    pod: Pod, backend: str, config: RedirectConfig, why: str, *, routing: bool = True
+) -> bool:
     """Take out of the pod's netns the rules ``backend`` (as the pod store recorded it)
-    installed, ``why`` this node agent does not keep them (said in the log line). False,
-    logged, if that failed."""
+    installed, ``why`` this node agent does not keep them (said in the log line); the policy
+    routing too unless not ``routing``. False, logged, if that failed."""
     assert pod.netns is not None
     try:
-        await redirector(backend, config).remove(pod.netns)
+        await redirector(backend, config).remove(pod.netns, routing=routing)
     except (RedirectError, NetnsError, OSError, ValueError) as exc:
         log.warning("cannot remove the %s rules: %s", backend, exc, extra=pod.spec.log_extra)
         return False

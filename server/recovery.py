@@ -16,9 +16,11 @@ interrupted is finished, and so is an enrollment it interrupted while its rules 
 (the store's ``installs`` table): those rules, which no pod row records, come out of
 their netns, unless a recovered pod has this run's rules there (they are its rules), as do
 the rules an earlier run could not take out (the store's ``leftovers``); rules that will not
-come out now, or sit beside a recovered pod's (the two rule sets share the policy routing),
-are handed to the retry (``Leftovers``), their rows kept. Only then does the agent serve
-ztunnel, whose next snapshot holds every pod.
+come out now, or sit beside a recovered pod's of the same rule set, or beside one recovered
+without opening its netns (the two rule sets share the policy routing), are handed to the
+retry (``Leftovers``), their rows kept; the other rule set's beside recovered pods with this
+one's come out, the policy routing staying. Only then does the agent serve ztunnel, whose
+next snapshot holds every pod.
 """
 
 from __future__ import annotations
@@ -238,12 +240,22 @@ async def _take_out(
             ):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
-                if enrollment.rules is not None and enrollment.cache.in_use(pod.netns.identity):
+                rules = enrollment.rules
+                beside = rules is not None and enrollment.cache.in_use(pod.netns.identity)
+                if (
+                    beside
+                    and rules is not None
+                    and (row.rules == rules.name or not enrollment.cache.only_ours_in(pod.netns.identity))
+                ):
                     # (beside a recovered pod, also one whose netns was not opened: not while it
                     # lives there, the rule sets share the policy routing)
                     what = "a recovered pod lives in its netns: taken out once it is gone"
                 else:
-                    what = "what went in is taken out"
+                    # (the other rule set's, beside recovered pods with this one's: the policy
+                    # routing they share stays; a pod kept both sets for as long as it lived)
+                    what = "what went in is taken out" + (
+                        ", beside a recovered pod's rules (the policy routing stays)" if beside else ""
+                    )
                     await _remove_recorded_rules(pod, row.rules, enrollment)
                     if pod.rules_installed:
                         what = "what went in could not be taken out: tried again in the background"
@@ -395,11 +407,12 @@ async def _reinstall(
     assert pod.netns is not None
     if row.rules and row.rules != rules.name and (pod.netns.identity, row.rules) not in swept:
         # Installed by the other backend (the agent was restarted with the other
-        # --redirect-backend): its rules come out, this one's go in; if they will not, or a
-        # pod restored in that netns has this one's already, they are taken out once the pod
-        # is gone (the two share the policy routing). Once a netns.
+        # --redirect-backend): its rules come out, this one's go in (beside a pod restored in
+        # that netns with this one's already, the policy routing the two share stays); if
+        # they will not, or a pod recovered without opening that netns lives there, they are
+        # taken out once the pod is gone. Once a netns.
         swept.add((pod.netns.identity, row.rules))
-        if not await rules.remove_other(pod, row.rules, enrollment.cache.in_use):
+        if not await rules.remove_other(pod, row.rules, enrollment.cache):
             enrollment.leftovers.retry_beside(pod, row.rules)
     if row.rules != rules.name:
         # Recorded first, as an enrollment's: a crash before the row is rewritten leaves an
@@ -418,7 +431,7 @@ async def _remove_recorded_rules(pod: Pod, backend: str, enrollment: Enrollment)
     if rules is None:
         pod.rules_installed = not await enrollment.leftovers.remove_earlier(pod, backend)
     elif backend != rules.name:
-        pod.rules_installed = not await rules.remove_other(pod, backend)
+        pod.rules_installed = not await rules.remove_other(pod, backend, enrollment.cache)
     else:
         await rules.remove(pod, enrollment.cache.has_rules_in)
 

@@ -108,8 +108,10 @@ class Redirector:
         families, digest = await run_in_netns(netns, self._install_here, executor=rules_executor())
         return Installed(families, digest)
 
-    async def remove(self, netns: NetnsHandle) -> None:
-        await run_in_netns(netns, self._remove_here, executor=rules_executor())
+    async def remove(self, netns: NetnsHandle, *, routing: bool = True) -> None:
+        """Take our rules out of ``netns``; the policy routing too unless not ``routing`` (the
+        other backend's rules beside a pod with this one's: the two share it)."""
+        await run_in_netns(netns, lambda: self._remove_here(routing=routing), executor=rules_executor())
 
     async def digest(self, netns: NetnsHandle) -> str:
         """The digest of our rules in ``netns`` now ('' if none): equal to the one an install
@@ -214,14 +216,14 @@ class Redirector:
             log.warning("IPv6 rules of an earlier configuration left in part: %s", "; ".join(errors))
         return None
 
-    def _remove_here(self) -> None:
+    def _remove_here(self, *, routing: bool = True) -> None:
         """As Istio removes them, each step whatever the others did: per family (both, whatever
         is configured now: an earlier configuration may have installed IPv6; with --no-ipv6
         those only at best), the jumps, rules and
         chains in one restore; if that fails (a chain a rule of the pod's own still jumps to
         cannot go), the jumps out and the chains flushed, then each chain deleted on its own
-        (one that cannot go stays, empty: harmless); then the policy routing. RedirectError at
-        the end names what could not be done."""
+        (one that cannot go stays, empty: harmless); then the policy routing (if ``routing``).
+        RedirectError at the end names what could not be done."""
         errors: list[str] = []
         for _, tool in _families(self.config.ipv6 and kernel_has_ipv6()):
             try:
@@ -237,7 +239,8 @@ class Redirector:
         if not self.config.ipv6:
             self._take_out_ipv6_rules()  # (best effort: a node agent told --no-ipv6 needs no ip6tables)
         try:
-            _routing(add=False, ipv6=kernel_has_ipv6())
+            if routing:
+                _routing(add=False, ipv6=kernel_has_ipv6())
         except RedirectError as exc:
             errors.append(str(exc))
         if errors:

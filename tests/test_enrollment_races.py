@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -106,12 +107,12 @@ class GatedRedirector(Redirector):
             raise RedirectError(self.fail_after)
         return installed
 
-    async def remove(self, netns: NetnsHandle) -> None:
+    async def remove(self, netns: NetnsHandle, *, routing: bool = True) -> None:
         await self.removal.passing()
         self.removals_tried += 1
         if self.refuse_removal or netns.identity.ino in self.refuse_removal_in:
             raise RedirectError(self.refuse_removal or "iptables-restore: Too many open files")
-        await super().remove(netns)
+        await super().remove(netns, routing=routing)
 
 
 class GatedStore(PodStore):
@@ -1048,12 +1049,14 @@ async def test_a_pod_restored_beside_others_with_the_other_backends_rules_leaves
         assert await rules.in_place(first), "the restored pods' rules (their policy routing) were taken out"
 
 
-async def test_a_pod_restored_with_the_new_backends_rules_keeps_them_beside_one_with_the_old(
+async def test_a_pod_restored_beside_one_with_the_new_backends_rules_leaves_one_rule_set(
     agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
 ) -> None:
     """u0 (nftables, in place) and u1 (iptables) in one netns, a start with nftables: u1 took
     the iptables rules, and the policy routing both share, out once u0 was back; its own
-    install failing then, u0 was left without it. The iptables rules wait for the pods."""
+    install failing then, u0 was left without it. Then the iptables rules waited for the pods
+    to go: both rule sets in the netns for as long as they lived. Now they come out at once,
+    the policy routing staying."""
     a = make_pod()
     with contextlib.closing(open_netns(a.path)) as netns:
         installed = await redirector("nftables").install(netns)
@@ -1065,9 +1068,35 @@ async def test_a_pod_restored_with_the_new_backends_rules_keeps_them_beside_one_
         rules, u0 = restarted.enrollment.rules, restarted.pods.get("u0")
         assert rules is not None and u0 is not None
         assert await rules.in_place(u0), "u0's policy routing was taken out"
-        assert has_rules(a) and [(r.spec.uid, r.rules) for r in store.load_leftovers()] == [
-            ("u1", "iptables")
-        ]
+        assert not has_rules(a) and nftables_rules(a)
+        assert store.load_leftovers() == []
+
+
+async def test_an_install_of_the_new_backend_a_crash_cut_short_leaves_one_rule_set_at_a_start_with_the_old(
+    agent: Agent, make_pod: Callable[[], Pod], tmp_path: Path
+) -> None:
+    """u1 stored with iptables rules; a start with nftables took them out and put nftables' in,
+    and was killed before it rewrote u1's row (its install row naming nftables). A start with
+    iptables again put iptables' rules back for u1 and left nftables' beside them, recorded
+    as leftovers that waited for the pod to go: both rule sets for as long as it lived, and
+    at every start on iptables (found by a SIGKILL chaos run)."""
+    a = make_pod()
+    await agent.agent.add_pod(agent.spec("u1", a))
+    with contextlib.closing(open_netns(a.path)) as netns:
+        await redirector("iptables").remove(netns)  # (the nftables start's remove_other)
+        row = agent.store.row("u1")
+        assert row is not None
+        await agent.store.intend_soon(dataclasses.replace(row, rules="nftables", rules_digest=""))
+        await redirector("nftables").install(netns)  # ... then killed: u1's row names iptables
+    assert not has_rules(a) and nftables_rules(a)
+    async with started_on(tmp_path, Redirector()) as (restarted, store):
+        report = await recover(store, restarted.enrollment)
+        assert report.outcomes == {"u1": RecoveryOutcome.RULES_REINSTALLED}
+        rules, u1 = restarted.enrollment.rules, restarted.pods.get("u1")
+        assert rules is not None and u1 is not None
+        assert has_rules(a) and not nftables_rules(a), "both rule sets in the pod's netns"
+        assert await rules.in_place(u1), "u1's policy routing was taken out with nftables' rules"
+        assert store.load_leftovers() == [] and store.load_installs() == []
 
 
 def run_at(path: str, *argv: str) -> str:
@@ -1178,13 +1207,14 @@ async def test_a_pod_recovered_under_no_redirect_with_rules_that_stayed_in_hands
         assert not nftables_rules(a) and store.load_leftovers() == []
 
 
-async def test_the_other_rule_sets_leftovers_wait_while_a_pod_of_this_run_lives_there(
+async def test_the_other_rule_sets_leftovers_come_out_beside_a_pod_of_this_run_keeping_its_routing(
     agent: Agent, make_pod: Callable[[], Pod], caplog: pytest.LogCaptureFixture
 ) -> None:
     """nftables rules left in A (an earlier run's), and a pod of this run's (iptables) enrolled
     there: the retry took that pod's rules for theirs ("kept"), dropped their row, and the
-    nftables rules stayed in A for good once the pod was gone. Taking them out while the pod
-    lives there would take its policy routing too: they wait for it."""
+    nftables rules stayed in A for good once the pod was gone; later they waited for the pod
+    to go, both rule sets in A while it lived. They come out beside it now, the policy
+    routing its rules share staying."""
     caplog.set_level(logging.DEBUG, logger="zds.server")
     a = make_pod()
     netns = await _nftables_rules_in(a)
@@ -1193,17 +1223,16 @@ async def test_the_other_rule_sets_leftovers_wait_while_a_pod_of_this_run_lives_
     left = podcache.Pod(spec=spec, netns=netns, rules_installed=True, rules_backend="nftables")
     assert agent.agent.enrollment.leftovers.take_if_left(left, removal=True)
     await async_wait_until(
-        lambda: "rules a failed removal left wait: a pod lives" in caplog.text,
-        "a retry that waits",
-        timeout=defaults.UNDO_RETRY_INITIAL + 5,
+        lambda: not undo_tasks(), "the retry ended", timeout=defaults.UNDO_RETRY_INITIAL + 5
     )
-    assert "are kept" not in caplog.text and agent.committed("leftovers") == ["u1"]
-    assert nftables_rules(a) and has_rules(a)
+    assert "rules a failed removal left are taken out now" in caplog.text and "are kept" not in caplog.text
+    assert agent.committed("leftovers") == []
+    assert not nftables_rules(a) and has_rules(a)
+    u2, rules = agent.agent.pods.get("u2"), agent.agent.enrollment.rules
+    assert u2 is not None and rules is not None
+    assert await rules.in_place(u2), "u2's policy routing went with the nftables rules"
     await agent.agent.remove_pod("u2")
-    await async_wait_until(
-        lambda: not undo_tasks(), "the retry ended", timeout=2 * defaults.UNDO_RETRY_INITIAL + 5
-    )
-    assert not nftables_rules(a) and not has_rules(a) and agent.committed("leftovers") == []
+    assert not has_rules(a) and "lookup 100" not in run_at(a.path, "ip", "rule")
 
 
 async def test_a_retry_stopped_before_it_ever_ran_lets_its_netns_go(
