@@ -158,6 +158,8 @@ class NetnsPolicy:
                         "and could have put there a link to any netns; not taken as a pod's"
                     )
                 handle = open_netns(path, directory=directory)
+                if not resolved.startswith("/proc/"):
+                    _seen_here(handle, path, resolved)
             finally:
                 os.close(directory)
         try:
@@ -166,6 +168,25 @@ class NetnsPolicy:
             handle.close()
             raise
         return handle
+
+
+def _seen_here(handle: NetnsHandle, path: str, resolved: str) -> None:
+    """Refuse (``handle`` closed) what ``path`` opened unless its directory's entry is that very
+    netns in this process's own view: in another mount namespace whose directory is the
+    node's (the same inode: ``unshare -m`` without a mount of its own over it), a mount over
+    the entry there is not here, and the entry opened through ``/proc/PID/root`` was a netns
+    the node's path does not name."""
+    here = os.path.join(resolved, os.path.basename(path))
+    try:
+        st = os.stat(here)
+    except OSError:
+        st = None
+    if st is None or NetnsIdentity(st.st_dev, st.st_ino) != handle.identity:
+        handle.close()
+        raise NetnsRefused(
+            f"netns path {path} is in another mount namespace ({printable(here)} here is "
+            f"{'another netns' if st is not None else 'nothing'}): not under an allowed root"
+        )
 
 
 def _only_root_writes(root: str) -> None:

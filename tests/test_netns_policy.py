@@ -298,6 +298,30 @@ def test_a_netns_in_another_mount_namespace_is_not_under_an_allowed_root() -> No
         child.wait(10)
 
 
+def test_a_mount_over_a_netns_in_another_mount_namespace_that_shares_the_directory_is_refused(
+    make_pod: Callable[[], Pod],
+) -> None:
+    """``unshare -m`` without a mount of its own on /run/netns: the directory there is the
+    node's (the same inode), but a bind mount over one of its entries is that namespace's
+    alone. /proc/PID/root/run/netns/A opened B's netns, which the node's A does not name."""
+    a, b = make_pod(), make_pod()
+    script = f"mount --bind {b.path} {a.path} && echo ready && exec sleep 60"
+    child = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        policy = NetnsPolicy.for_this_node()
+        with policy.open(NetnsRef.of_path(a.path)) as here, policy.open(NetnsRef.of_path(b.path)) as there:
+            assert here.identity != there.identity
+        with pytest.raises(NetnsRefused, match=r"is in another mount namespace .*another netns\): not under"):
+            # (/run, not /var/run: that link is absolute, and leads back into this view)
+            policy.open(NetnsRef.of_path(f"/proc/{child.pid}/root/run/netns/{a.name}")).close()
+    finally:
+        child.kill()
+        child.wait(10)
+
+
 @pytest.mark.parametrize(
     ("path", "message"),
     [
