@@ -108,6 +108,12 @@ def open_db(state_dir: str, *, used_before: bool) -> tuple[str, sqlite3.Connecti
             f"pod store {path} is missing, but its -wal is there (it may hold every pod); restore the "
             "file beside it, or start empty with --reset-state (which moves the -wal aside)"
         )
+    if exists and not os.path.islink(path) and os.path.isfile(path) and not os.access(path, os.W_OK):
+        # Refused before SQLite sees it: opened read-only (the file immutable), SQLite makes a
+        # -wal and -shm beside it and leaves them, and a refused start leaves what it found only.
+        err = sqlite3.OperationalError("attempt to write a readonly database")
+        err.sqlite_errorcode = sqlite3.SQLITE_READONLY
+        raise StoreError(explain(path, err))
     made = False
     try:
         if not exists:

@@ -682,6 +682,8 @@ def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod
     assert "Traceback" not in refused.output()
     assert not os.path.exists(refused.zds_socket)
     assert Path(db).read_bytes() == before
+    # (nothing of its own either: SQLite, opening it read-only, made a -wal and -shm beside it)
+    assert not os.path.exists(db + "-wal") and not os.path.exists(db + "-shm")
     restarted = agents.start()  # writable again: the pod is there
     assert list(listed(restarted)) == ["u1"]
 
