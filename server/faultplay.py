@@ -281,7 +281,8 @@ async def _write(
         if not bookkept and conn.protocol.state is not ConnectionState.AWAITING_HELLO:
             conn.protocol.sent_unchecked(request, time.monotonic())
         if payload:
-            await conn.sock.send(payload, fds)
+            # (as ZtunnelConnection._write: a ztunnel that does not read is not waited for)
+            await conn.sock.send(payload, fds, within=conn._ack_timeout)
         else:
             conn.sock.socket.send(b"")  # the transport refuses to write an empty record; a fault does
     except OSError as exc:

@@ -1232,6 +1232,26 @@ async def test_a_ztunnel_that_answers_but_never_reads_is_dropped_at_the_ack_dead
                 await s
 
 
+async def test_a_fault_written_to_a_ztunnel_that_never_reads_ends_at_the_ack_deadline_too() -> None:
+    """``zds fault``'s records (written twice, before the hello, ...) go through faultplay's own
+    write: it waits for room no longer than the connection's ordinary sends do."""
+    from zds.server import faultplay
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        conn = ZtunnelConnection(
+            SeqpacketConnection(ours), observer=ConnectionObserver(), busy_poll=0.0, ack_timeout=0.2
+        )
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            while True:  # ztunnel's queue full: it reads nothing
+                ours.send(b"\x0a\x00" * 100)
+        request = DelWorkload(uid="zds-fault-before-hello")
+        with pytest.raises(ConnectionLost) as lost:
+            await asyncio.wait_for(faultplay._write(conn, request, b"\x12\x00", []), 10)
+        assert lost.value.reason == "write failed: no room to write for 0.2s: the peer does not read"
+
+
 async def test_a_connection_closed_while_it_waits_for_an_ack_ends_at_what_comes_next() -> None:
     """The node agent's stop closes every connection's protocol, then cancels their tasks one
     by one. One waiting for an ack meanwhile reads the peer's EOF: it ends there, said as the

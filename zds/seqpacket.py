@@ -7,6 +7,7 @@ to take its first snapshot before asyncio is loaded (``zds.client.session``).
 from __future__ import annotations
 
 import array
+import math
 import os
 import select
 import socket
@@ -79,13 +80,14 @@ def poll_record(sock: socket.socket, seconds: float) -> Record | None:
 
 
 class CpuContention:
-    """Whether this thread waits for a CPU: the share of the last ``window`` seconds it spent
-    runnable but not running (the kernel's run-queue delay, ``/proc/thread-self/schedstat``).
+    """Whether this thread waits for a CPU: the share of the time since the last reading (``WINDOW``
+    seconds or more before) it spent runnable but not running (the kernel's run-queue delay,
+    ``/proc/thread-self/schedstat``).
 
     Polling pays only while the peer has a CPU of its own to answer on. On a machine busy
     with other work the two sides and that work take turns on the CPUs, and a side that
     polls spends its turns asking for an answer its peer has no CPU to write (on 2 vCPUs
-    with one CPU kept busy by another program, live 1,000 pods took 2.5-3.5x and the
+    with one CPU kept busy by another program, live 1,000 pods took 3.5-3.8x and the
     1,000-pod snapshot 3-5x as long as Istio's pair: ``bench/results/busy-2026-12-05.md``).
     So a side stops polling once a window saw it wait ``ON`` of the time or more, and starts
     again once one saw it wait less than ``OFF`` (zds's processes alone on the machine wait
@@ -101,34 +103,42 @@ class CpuContention:
 
     def __init__(self, path: str = "/proc/thread-self/schedstat") -> None:
         self.path = path
-        self._at = 0.0
-        self._delay = 0
+        #: When the run-queue delay was last read, and what it was (None: no reading to compare with).
+        self._at = -math.inf
+        self._delay: int | None = None
         self._contended = False
 
     def contended(self) -> bool:
         now = time.monotonic()
         if now - self._at < self.WINDOW:
             return self._contended
-        delay = self._run_delay()
+        try:
+            delay = self._run_delay()
+        except OSError:
+            # Not now (out of fds for a moment: EMFILE, ENFILE, ENOMEM): the answer stands, and
+            # a window on the numbers are read again, from a fresh start.
+            self._at, self._delay = now, None
+            return self._contended
         if delay is None:
             self._contended = False
-            self._at = float("inf")  # (never read again)
+            self._at = math.inf  # (never read again)
             return False
-        if self._at:
+        if self._delay is not None:
             share = (delay - self._delay) / 1e9 / (now - self._at)
             self._contended = share >= (self.OFF if self._contended else self.ON)
         self._at, self._delay = now, delay
         return self._contended
 
     def _run_delay(self) -> int | None:
-        """Nanoseconds this thread has waited on a run queue so far; None if not known."""
+        """Nanoseconds this thread has waited on a run queue so far; None if the kernel keeps
+        no such numbers (no file there, or not these); OSError if they cannot be read now."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             return None
         try:
             return int(os.read(fd, 128).split()[1])
-        except (OSError, ValueError, IndexError):
+        except (ValueError, IndexError):
             return None
         finally:
             os.close(fd)

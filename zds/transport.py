@@ -139,10 +139,14 @@ class SeqpacketConnection:
                     continue
                 now = self._loop.time()
                 deadline = now + within if deadline is None else deadline
-                if now >= deadline:
+                try:
+                    if now >= deadline:
+                        raise TimeoutError
+                    async with asyncio.timeout_at(deadline):
+                        await self._wait(readable=False)
+                except TimeoutError:
+                    # (asyncio's own has no words: a caller that reports OSErrors says these)
                     raise TimeoutError(f"no room to write for {within:g}s: the peer does not read") from None
-                async with asyncio.timeout_at(deadline):
-                    await self._wait(readable=False)
 
     async def wait_readable(self, within: float | None = None) -> bool:
         """Until a record (or EOF) can be read: True; False if ``within`` seconds passed first.
