@@ -354,7 +354,10 @@ def test_del_tells_the_agent_and_succeeds_even_when_it_is_gone(
     agent.close()
     code, out, _ = plugin("DEL", config(tmp_path), CNI_NETNS="")
     assert (code, out) == (0, None)
-    assert "the node agent finds the pod gone by itself" in (tmp_path / "zds-cni.log").read_text()
+    assert (
+        "the node agent finds the pod gone by itself; else it stays until zds pod remove"
+        in (tmp_path / "zds-cni.log").read_text()
+    )
 
 
 def test_istios_keys_exclude_namespaces_and_ambient_enabled_keep_the_node_agent_untold(

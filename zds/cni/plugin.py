@@ -319,7 +319,12 @@ def cmd_del(inv: Invocation, config: PluginConfig, doc: dict[str, Any]) -> None:
     try:
         status, text = _post(config, defaults.CNI_DEL_EVENT_PATH, body, min(config.timeout, DEL_TIMEOUT))
     except AgentUnreachable as exc:
-        log.warning("DEL %s: %s (the node agent finds the pod gone by itself)", inv.container_id[:12], exc)
+        log.warning(
+            "DEL %s: %s (with --container-engine the node agent finds the pod gone by itself; "
+            "else it stays until zds pod remove or --netns-sweep)",
+            inv.container_id[:12],
+            exc,
+        )
         return
     level = logging.INFO if status == 200 else logging.ERROR
     log.log(level, "DEL %s: %s %s", inv.container_id[:12], status, text or "removed")
