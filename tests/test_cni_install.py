@@ -173,6 +173,27 @@ def test_the_installed_plugin_runs_from_the_bin_dir(tmp_path: pathlib.Path) -> N
     assert json.loads(done.stdout)["supportedVersions"][-2:] == ["1.0.0", "1.1.0"]
 
 
+def test_relative_dirs_are_taken_from_where_the_command_runs(tmp_path: pathlib.Path) -> None:
+    """``--bin-dir bin``: the launcher's check ran it from /, where bin/zds-cni is not."""
+    bin_dir, conf_dir, _ = dirs(tmp_path)
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    relative = ["--bin-dir", "bin", "--conf-dir", "net.d"]
+    done = subprocess.run(
+        [*ZDS, "cni", "install", *relative], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        os.access(bin_dir / "zds-cni", os.X_OK) and "zds-cni" in (conf_dir / "87-mesh.conflist").read_text()
+    )
+    done = subprocess.run(
+        [*ZDS, "cni", "uninstall", *relative], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        not (bin_dir / "zds-cni").exists() and (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST
+    )
+
+
 #: A Python that cannot import zds when run as a CNI runtime runs the launcher (isolated, -I):
 #: Debian's own, which ./dev made the venv from, with zds found only through PYTHONPATH.
 SYSTEM_PYTHON = "/usr/bin/python3"

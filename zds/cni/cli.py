@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -90,8 +91,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     from zds.cni.launcher import InstallError
 
     options = InstallOptions(
-        bin_dir=args.bin_dir,
-        conf_dir=args.conf_dir,
+        bin_dir=os.path.abspath(args.bin_dir),  # (relative: the launcher's check runs it from /)
+        conf_dir=os.path.abspath(args.conf_dir),
         network=args.network,
         cni_socket=args.cni_socket,
         log_file=args.log_file,
@@ -111,7 +112,13 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from zds.cni.launcher import InstallError
 
     try:
-        done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network))
+        done = uninstall(
+            InstallOptions(
+                bin_dir=os.path.abspath(args.bin_dir),
+                conf_dir=os.path.abspath(args.conf_dir),
+                network=args.network,
+            )
+        )
     except (InstallError, OSError) as exc:
         print(f"zds cni uninstall: {printable(str(exc))}", file=sys.stderr)
         return 1
