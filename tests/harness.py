@@ -853,6 +853,15 @@ class CheckRun:
         return {c["name"]: c["status"] for c in self.report["checks"]}
 
 
+#: ``zds check ztunnel --cmd``: zds's own ztunnel side, on the ports the check gives it.
+ZTUNNEL_CMD = (
+    f"{sys.executable} -m zds ztunnel --zds-socket {{socket}} --admin-listen 127.0.0.1:{{admin_port}} "
+    "--readiness-listen 127.0.0.1:{readiness_port} --metrics-listen 127.0.0.1:{metrics_port}"
+)
+#: ``zds check ztunnel``'s timings for a quick run.
+FAST_CHECK = ["--timeout", "3", "--grace", "1", "--connect-timeout", "20"]
+
+
 def zds_check(role: str, *args: str, tmp: pathlib.Path, timeout: float = 300) -> CheckRun:
     """Run ``zds check ROLE ARGS --json`` to the end and read its report."""
     report = tmp / f"check-{role}-{time.monotonic_ns()}.json"

@@ -21,24 +21,32 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ZDS, ZtunnelProc, faults_file, http_post_json, wait_until, zds_check
+from tests.harness import (
+    FAST_CHECK as FAST,
+)
+from tests.harness import (
+    ZDS,
+    ZtunnelProc,
+    faults_file,
+    http_post_json,
+    wait_until,
+    zds_check,
+)
+from tests.harness import (
+    ZTUNNEL_CMD as ZTUNNEL,
+)
 from tests.standins import FakeNodeAgent
 from zds.check.ztchecks import CHECKS, FATAL, LISTENERS
 from zds.netns.fixtures import create_netns, delete_netns
 
 pytestmark = pytest.mark.root
 
-ZTUNNEL = (
-    f"{sys.executable} -m zds ztunnel --zds-socket {{socket}} --admin-listen 127.0.0.1:{{admin_port}} "
-    "--readiness-listen 127.0.0.1:{readiness_port} --metrics-listen 127.0.0.1:{metrics_port}"
-)
 URLS = [
     "--ready-url",
     "http://127.0.0.1:{readiness_port}/healthz/ready",
     "--config-dump-url",
     "http://127.0.0.1:{admin_port}/config_dump",
 ]
-FAST = ["--timeout", "3", "--grace", "1", "--connect-timeout", "20"]
 
 
 def test_every_check_holds_against_zds_ztunnel(tmp_path: pathlib.Path) -> None:

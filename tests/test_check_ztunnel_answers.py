@@ -9,8 +9,9 @@ import pathlib
 
 import pytest
 
+from tests.harness import FAST_CHECK as FAST
+from tests.harness import ZTUNNEL_CMD as ZTUNNEL
 from tests.harness import faults_file, zds_check
-from tests.test_check_ztunnel import FAST, ZTUNNEL
 
 pytestmark = pytest.mark.root
 

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from tests.harness import FAST_CHECK as FAST
 from tests.harness import ZDS, CheckRun, ZtunnelProc, wait_until, zds_check
-from tests.test_check_ztunnel import FAST, ZTUNNEL
+from tests.harness import ZTUNNEL_CMD as ZTUNNEL
 
 pytestmark = pytest.mark.root
 
