@@ -185,7 +185,7 @@ def _seen_here(handle: NetnsHandle, path: str, resolved: str) -> None:
         handle.close()
         raise NetnsRefused(
             f"netns path {path} is in another mount namespace ({printable(here)} here is "
-            f"{'another netns' if st is not None else 'nothing'}): not under an allowed root"
+            f"{'not that netns' if st is not None else 'nothing'}): not under an allowed root"
         )
 
 

@@ -303,4 +303,6 @@ class NftablesRedirector(Redirector):
     def _digest_here(self, *, routing: bool | None = None) -> str:
         """The digest of our tables as the kernel lists them and of the policy routing
         (``routing``: known to be there, just added: not asked again)."""
-        return self._digest(our_tables(libnftables().run("list ruleset", stateless=True)), routing)
+        # (the inet family only, where ours are: the pod's iptables-nft tables are not parsed,
+        # whose xt targets libnftables cannot print, each said on stderr: "XT target ... not found")
+        return self._digest(our_tables(libnftables().run("list ruleset inet", stateless=True)), routing)
