@@ -282,12 +282,7 @@ class Leftovers:
         assert pod.netns is not None
         while pending := {backend for _, backend in left.rows} - left.out:
             backend = min(pending)
-            # (the other rule set's go beside pods with this one's: ``PodRules.remove_other``)
-            if (
-                self.rules is not None
-                and self.cache.in_use(pod.netns.identity)
-                and (backend == self.rules.name or not self.cache.only_ours_in(pod.netns.identity))
-            ):
+            if self.rules is not None and self.rules.must_wait(self.cache, pod.netns.identity, backend):
                 log.debug(
                     "%s wait: a pod lives in its netns, or one being enrolled there has its rules in",
                     left.what(),

@@ -134,6 +134,14 @@ class PodRules:
         """The rule set, as the pod store records it."""
         return self.redirector.name
 
+    def must_wait(self, cache: PodCache, identity: NetnsIdentity, backend: str) -> bool:
+        """Whether the rules ``backend`` left in the netns ``identity`` must stay while the pods
+        there live: this rule set's (they are theirs, or share their chains), or the other's
+        beside a pod recovered without opening that netns, or being enrolled there (they may be
+        its rules). The other's beside pods with this one's only need not: they come out, the
+        policy routing the two share staying (``remove_other``)."""
+        return cache.in_use(identity) and (backend == self.name or not cache.only_ours_in(identity))
+
     async def remove_other(
         self, pod: Pod, backend: str, cache: PodCache | None = None, *, quiet: bool = False
     ) -> bool:
@@ -149,7 +157,7 @@ class PodRules:
         identity = pod.netns.identity
         async with self._locks.hold(identity):
             beside = cache is not None and cache.in_use(identity)
-            if beside and not (cache is not None and cache.only_ours_in(identity)):
+            if cache is not None and self.must_wait(cache, identity, backend):
                 if not quiet:
                     log.info(
                         "the %s rules stay while a pod recovered without opening this netns, or being "

@@ -240,13 +240,9 @@ async def _take_out(
             ):
                 what = "its rules kept: a recovered pod lives in its netns"
             else:
-                rules = enrollment.rules
-                beside = rules is not None and enrollment.cache.in_use(pod.netns.identity)
-                if (
-                    beside
-                    and rules is not None
-                    and (row.rules == rules.name or not enrollment.cache.only_ours_in(pod.netns.identity))
-                ):
+                rules, identity = enrollment.rules, pod.netns.identity
+                beside = rules is not None and enrollment.cache.in_use(identity)
+                if rules is not None and rules.must_wait(enrollment.cache, identity, row.rules):
                     # (beside a recovered pod, also one whose netns was not opened: not while it
                     # lives there, the rule sets share the policy routing)
                     what = "a recovered pod lives in its netns: taken out once it is gone"
