@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import grpc_tools  # (a dev dependency: missing, the module fails to load)
 from google.protobuf import descriptor_pb2
@@ -39,6 +42,20 @@ def test_generated_descriptors_match_proto_sources(tmp_path: pathlib.Path) -> No
         checked_in = descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
         fresh = descriptor_pb2.FileDescriptorProto.FromString(compiled[checked_in.name])
         assert checked_in == fresh, f"zds/gen is stale for {checked_in.name}: run python -m tools.genproto"
+
+
+def test_the_generator_takes_a_flag_for_a_flag(tmp_path: pathlib.Path) -> None:
+    """``python -m tools.genproto --help`` generated the modules into a directory ``--help``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.genproto", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m tools.genproto [-h] [outdir]")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generated_grpc_stubs_match_proto_sources(tmp_path: pathlib.Path) -> None:

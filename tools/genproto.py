@@ -6,9 +6,9 @@ they drift from proto/.
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import re
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
@@ -44,5 +44,15 @@ def generate(out: pathlib.Path) -> None:
         init.write_text('"""Generated protobuf/gRPC modules (tools/genproto.py); do not edit."""\n')
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tools.genproto [OUTDIR]``: a flag is a flag (``--help`` had generated the
+    modules into a directory named ``--help``)."""
+    parser = argparse.ArgumentParser(prog="python -m tools.genproto", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "outdir", nargs="?", type=pathlib.Path, default=ROOT / "zds" / "gen", help="(default: zds/gen)"
+    )
+    generate(parser.parse_args(argv).outdir)
+
+
 if __name__ == "__main__":
-    generate(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "zds" / "gen")
+    main()
