@@ -72,8 +72,6 @@ class ZtunnelConnection:
         self._tracer = tracer or trace.NoOpTracer()
         self._snapshot_entries = 0
         self._keepalive_interval = keepalive_interval
-        #: How long a write may wait for room in ztunnel's queue (the ack deadline).
-        self._ack_timeout = ack_timeout
         #: Polls for each ack a moment before sleeping (``zds.transport.BusyPoll``).
         self._busy = BusyPoll(busy_poll)
         self.protocol = NodeAgentProtocol(
@@ -308,14 +306,14 @@ class ZtunnelConnection:
     async def _write(self, delivery: Delivery, payload: bytes) -> None:
         try:
             await self.sock.send(
-                payload, [delivery.fd] if delivery.fd is not None else [], within=self._ack_timeout
+                payload, [delivery.fd] if delivery.fd is not None else [], within=self.protocol.ack_timeout
             )
         except TimeoutError:
             # ztunnel is not reading (yet it answered: the queue filled up): as an ack timeout,
             # else this connection's task, and every enrollment and removal waiting on it, waited
             # for good (Istio's node agent: a 5 s write deadline on each send).
             kind = request_kind(delivery.request)
-            reason = f"no room to write {kind} for {self._ack_timeout:g}s: ztunnel is not reading"
+            reason = f"no room to write {kind} for {self.protocol.ack_timeout:g}s: ztunnel is not reading"
             delivery.drop(ConnectionLost(self.id, reason, ack_timeout=True))
             self._handle(self.protocol.close(reason))  # raises ConnectionLost
         except OSError as exc:

@@ -282,7 +282,7 @@ async def _write(
             conn.protocol.sent_unchecked(request, time.monotonic())
         if payload:
             # (as ZtunnelConnection._write: a ztunnel that does not read is not waited for)
-            await conn.sock.send(payload, fds, within=conn._ack_timeout)
+            await conn.sock.send(payload, fds, within=conn.protocol.ack_timeout)
         else:
             conn.sock.socket.send(b"")  # the transport refuses to write an empty record; a fault does
     except OSError as exc:

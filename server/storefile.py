@@ -111,9 +111,7 @@ def open_db(state_dir: str, *, used_before: bool) -> tuple[str, sqlite3.Connecti
     if exists and not os.path.islink(path) and os.path.isfile(path) and not os.access(path, os.W_OK):
         # Refused before SQLite sees it: opened read-only (the file immutable), SQLite makes a
         # -wal and -shm beside it and leaves them, and a refused start leaves what it found only.
-        err = sqlite3.OperationalError("attempt to write a readonly database")
-        err.sqlite_errorcode = sqlite3.SQLITE_READONLY
-        raise StoreError(explain(path, err))
+        raise StoreError(_cannot_write(path, "the file is not writable"))
     made = False
     try:
         if not exists:
@@ -234,10 +232,7 @@ def explain(path: str, exc: sqlite3.Error) -> str:
             "(another zds server, an sqlite3 shell)"
         )
     if code == sqlite3.SQLITE_READONLY:
-        return (
-            f"pod store {path} cannot be written ({exc}); make the file, its -wal and its "
-            "directory writable (permissions, chattr -i, a read-only mount)"
-        )
+        return _cannot_write(path, str(exc))
     if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
         return (
             f"pod store {path} is not a readable zds pod store ({exc}); restore it from a backup, or "
@@ -248,6 +243,13 @@ def explain(path: str, exc: sqlite3.Error) -> str:
     if code == sqlite3.SQLITE_IOERR:
         return f"pod store {path}: {exc}; its disk or filesystem failed (see the kernel's log, dmesg)"
     return f"pod store {path}: {exc}"
+
+
+def _cannot_write(path: str, why: str) -> str:
+    return (
+        f"pod store {path} cannot be written ({why}); make the file, its -wal and its "
+        "directory writable (permissions, chattr -i, a read-only mount)"
+    )
 
 
 #: The store's files: the database, its -wal and its -shm (suffixes to its path).

@@ -676,7 +676,7 @@ def test_a_store_that_cannot_be_written_is_refused_at_start_not_at_the_first_pod
         subprocess.run(["chattr", "-i", db], check=True)
     [line] = refused.output().splitlines()  # that line alone (no "node agent stopped" after it)
     assert line.endswith(
-        f"pod store {db} cannot be written (attempt to write a readonly database); make the file, "
+        f"pod store {db} cannot be written (the file is not writable); make the file, "
         "its -wal and its directory writable (permissions, chattr -i, a read-only mount)"
     ), line
     assert "Traceback" not in refused.output()

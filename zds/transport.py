@@ -128,25 +128,19 @@ class SeqpacketConnection:
         """Send one record, with ``fds`` as SCM_RIGHTS on the same sendmsg. ``within``: while the
         peer's queue is full (it does not read), wait at most that long for room, then
         TimeoutError (Istio's node agent sets a 5 s write deadline on each send)."""
-        deadline = None
+        deadline = None if within is None else self._loop.time() + within
         while True:
             try:
                 send_record(self._sock, payload, fds)
                 return
             except (BlockingIOError, InterruptedError):
-                if within is None:
+                pass
+            try:
+                async with asyncio.timeout_at(deadline):  # (None: no deadline)
                     await self._wait(readable=False)
-                    continue
-                now = self._loop.time()
-                deadline = now + within if deadline is None else deadline
-                try:
-                    if now >= deadline:
-                        raise TimeoutError
-                    async with asyncio.timeout_at(deadline):
-                        await self._wait(readable=False)
-                except TimeoutError:
-                    # (asyncio's own has no words: a caller that reports OSErrors says these)
-                    raise TimeoutError(f"no room to write for {within:g}s: the peer does not read") from None
+            except TimeoutError:
+                # (asyncio's own has no words: a caller that reports OSErrors says these)
+                raise TimeoutError(f"no room to write for {within:g}s: the peer does not read") from None
 
     async def wait_readable(self, within: float | None = None) -> bool:
         """Until a record (or EOF) can be read: True; False if ``within`` seconds passed first.

@@ -74,6 +74,7 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bin-dir",
         default=defaults.CNI_BIN_DIR,
+        type=os.path.abspath,  # (relative: the launcher's check runs it from /)
         metavar="DIR",
         help="where the CNI runtime finds plugins (Podman on Debian also searches /usr/lib/cni) "
         "(default: %(default)s)",
@@ -81,6 +82,7 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conf-dir",
         default=defaults.CNI_CONF_DIR,
+        type=os.path.abspath,
         metavar="DIR",
         help="where the CNI runtime reads network configs (default: %(default)s)",
     )
@@ -91,8 +93,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     from zds.cni.launcher import InstallError
 
     options = InstallOptions(
-        bin_dir=os.path.abspath(args.bin_dir),  # (relative: the launcher's check runs it from /)
-        conf_dir=os.path.abspath(args.conf_dir),
+        bin_dir=args.bin_dir,
+        conf_dir=args.conf_dir,
         network=args.network,
         cni_socket=args.cni_socket,
         log_file=args.log_file,
@@ -114,8 +116,8 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     try:
         done = uninstall(
             InstallOptions(
-                bin_dir=os.path.abspath(args.bin_dir),
-                conf_dir=os.path.abspath(args.conf_dir),
+                bin_dir=args.bin_dir,
+                conf_dir=args.conf_dir,
                 network=args.network,
             )
         )

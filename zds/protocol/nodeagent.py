@@ -101,7 +101,8 @@ class NodeAgentProtocol:
         #: Closed because the peer broke the protocol (logged as a warning, with its pid).
         self.peer_error = False
         self._hello_timeout = hello_timeout
-        self._ack_timeout = ack_timeout
+        #: How long an ack may take (and a write may wait for room in ztunnel's queue).
+        self.ack_timeout = ack_timeout
         self._keepalive_interval = keepalive_interval
         self._hello_deadline = now + hello_timeout
         self._sent_at = 0.0
@@ -207,7 +208,7 @@ class NodeAgentProtocol:
         if self.state is ConnectionState.AWAITING_HELLO:
             return self._hello_deadline
         if self.in_flight is not None:
-            return self._sent_at + self._ack_timeout
+            return self._sent_at + self.ack_timeout
         return None
 
     def handle_timeout(self, now: float) -> list[Event]:
@@ -219,7 +220,7 @@ class NodeAgentProtocol:
             return self._close(f"no hello from ztunnel within {self._hello_timeout:g}s")
         assert self.in_flight is not None
         return self._close(
-            f"no ack for {request_kind(self.in_flight)} within {self._ack_timeout:g}s; "
+            f"no ack for {request_kind(self.in_flight)} within {self.ack_timeout:g}s; "
             "a late ack would be mistaken for the next one's",
             ack_timeout=True,
         )
