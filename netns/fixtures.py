@@ -20,7 +20,6 @@ import ctypes
 import errno
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -34,15 +33,12 @@ from zds import defaults
 
 from .enter import in_netns
 from .errors import NetnsError
-from .handle import open_netns
+from .handle import NETNS_NAME, open_netns
 from .kernel import CLONE_NEWNET, THREAD_NETNS, _libc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Namespace names become file names and interface-name parts: keep them plain.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
 
 def off_event_loop(fn: Callable[[], T]) -> T:
@@ -56,7 +52,7 @@ def off_event_loop(fn: Callable[[], T]) -> T:
 
 
 def check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):  # (match: $ also matched before a last newline)
+    if not NETNS_NAME.fullmatch(name):  # (match: $ also matched before a last newline)
         raise NetnsError(
             f'bad netns name "{name}": use letters, digits, ".", "_" and "-", starting with a letter or digit'
         )

@@ -28,6 +28,9 @@ from .kernel import (
 from .ref import NetnsRef
 
 _PROC_PID_NETNS = re.compile(r"^/proc/(\d+)/ns/net$")
+#: What ``zds netns create`` takes as a name: names become file names and interface-name
+#: parts, so they stay plain.
+NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
 
 # --- the handle -------------------------------------------------------------------
@@ -136,7 +139,7 @@ def _missing_message(path: str) -> str:
             return f"cannot open netns {path}: process {pid} has exited and has no network namespace"
         return f"process {pid} does not exist"
     parent, name = os.path.split(path)
-    if os.path.normpath(parent) == os.path.normpath(defaults.NETNS_RUN_DIR):
+    if os.path.normpath(parent) == os.path.normpath(defaults.NETNS_RUN_DIR) and NETNS_NAME.fullmatch(name):
         return f'cannot open netns {path}: no such file; create it with "zds netns create {name}"'
     return f"cannot open netns {path}: no such file"
 

@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     where = add.add_mutually_exclusive_group()
     where.add_argument(
-        "--netns", metavar="PATH", help="the pod's netns file, e.g. /var/run/netns/pod-a (or a bare name)"
+        "--netns",
+        metavar="PATH",
+        help="the pod's netns file, e.g. /var/run/netns/pod-a (or a bare name; or pid:N, as in a pods file)",
     )
     where.add_argument(
         "--netns-pid", type=cliflags.positive_int, metavar="PID", help="a process in the pod's netns"

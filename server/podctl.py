@@ -149,7 +149,7 @@ def _specs(args: argparse.Namespace) -> list[PodSpec]:
     if not args.netns and not args.netns_pid:
         raise _Usage("--netns PATH or --netns-pid PID is required")
     try:
-        netns = NetnsRef.of_pid(args.netns_pid) if args.netns_pid else NetnsRef.of_path(args.netns)
+        netns = NetnsRef.of_pid(args.netns_pid) if args.netns_pid else NetnsRef.parse(args.netns)
     except NetnsRefError as exc:
         raise PodSpecError(str(exc)) from exc
     return [

@@ -159,6 +159,12 @@ def test_missing_named_netns_says_how_to_create_it() -> None:
     )
 
 
+def test_missing_named_netns_of_a_name_netns_create_refuses_gets_no_such_advice() -> None:
+    with pytest.raises(NetnsError) as caught:
+        open_netns("/var/run/netns/zdst:no-such-pod")
+    assert str(caught.value) == "cannot open netns /var/run/netns/zdst:no-such-pod: no such file"
+
+
 def test_missing_path_elsewhere_says_no_such_file(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "nothing")
     with pytest.raises(NetnsError, match=f"^cannot open netns {path}: no such file$"):

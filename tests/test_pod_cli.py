@@ -88,14 +88,17 @@ def test_pod_add_prints_the_ack_and_exits_zero(server: NodeAgentProc) -> None:
     assert "pod u1 (bookinfo/productpage) enrolled: acked by ztunnel connection" in out.stdout
 
 
-def test_pod_add_by_pid(server: NodeAgentProc) -> None:
+@pytest.mark.parametrize("how", [["--netns-pid", "{pid}"], ["--netns", "pid:{pid}"]])
+def test_pod_add_by_pid(server: NodeAgentProc, how: list[str]) -> None:
+    """``--netns-pid N``, or ``--netns pid:N`` as a pods file writes it (that was taken as a
+    bare name, ``/var/run/netns/pid:N``, and the answer said to create a netns of that name)."""
     pid = pod_netns_pid()
     netns = os.stat(f"/proc/{pid}/ns/net")
     assert netns.st_ino != os.stat("/proc/self/ns/net").st_ino  # (a pod's, not the node's)
     peer = connected_peer(server)
     try:
         thread = serve_acks(peer, 1)
-        out = server.cli("pod", "add", "--uid", "u1", "--netns-pid", str(pid))
+        out = server.cli("pod", "add", "--uid", "u1", *(arg.format(pid=pid) for arg in how))
         thread.join(10)
     finally:
         peer.close()
