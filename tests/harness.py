@@ -37,9 +37,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
+import pytest
 
 from zds import runtime
 from zds.check.inpod import socket_inodes
@@ -72,6 +73,14 @@ POLL_INTERVAL = 0.02
 def is_root() -> bool:
     """Tests run as root (they may make namespaces, rules, containers)."""
     return os.geteuid() == 0
+
+
+def skip_outside_ci(reason: str, *, allow_module_level: bool = False) -> NoReturn:
+    """Skip (``reason``), or fail under ``CI=true``: CI has everything a test needs, so a
+    skip there would hide a test that never ran."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}, and CI=true turns the skip into a failure")
+    pytest.skip(reason, allow_module_level=allow_module_level)
 
 
 # -- golden data -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.harness import skip_outside_ci
 from zds import seqpacket
 from zds.protocol.records import Record
 from zds.seqpacket import recv_record
@@ -387,7 +388,7 @@ def test_the_gauge_sees_this_thread_share_its_cpu_with_a_busy_process() -> None:
     cpu = min(cpus)
     gauge = seqpacket.CpuContention()  # the kernel's numbers, for this thread
     if gauge._run_delay() is None:
-        pytest.skip("this kernel keeps no run-queue delay (no CONFIG_SCHED_INFO): never contended")
+        skip_outside_ci("this kernel keeps no run-queue delay (no CONFIG_SCHED_INFO): never contended")
     hog = subprocess.Popen(
         [
             sys.executable,
@@ -414,18 +415,35 @@ def test_a_poll_while_the_thread_waits_for_a_cpu_reads_once_and_gives_up(
 ) -> None:
     conn, theirs = pair
     monkeypatch.setattr(seqpacket, "CPU_CONTENTION", types.SimpleNamespace(contended=lambda: True))
-    started = time.monotonic()
-    assert conn.poll(5.0) is None  # no 5 s poll: nothing there, given up at once
-    assert time.monotonic() - started < 2.5
+    reads: list[socket.socket] = []
+
+    def reading(sock: socket.socket) -> Record | None:
+        reads.append(sock)
+        return recv_record(sock)
+
+    monkeypatch.setattr(seqpacket, "recv_record", reading)
+    assert conn.poll(5.0) is None  # nothing there: one read, then given up (no 5 s poll)
+    assert len(reads) == 1
     theirs.send(b"\x08\x01")
     record = conn.poll(5.0)  # what is there is read
     assert record is not None and record.payload == b"\x08\x01"
 
 
-async def test_a_send_the_peer_has_no_room_for_gives_up_within_its_deadline(pair: Pair) -> None:
+async def test_a_send_the_peer_has_no_room_for_gives_up_within_its_deadline(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A peer that does not read (its queue full: the sender's buffer is spent) makes a send with
     ``within`` fail in that time, as Istio's node agent's write deadline; without it, the send waits."""
     conn, theirs = pair
+    loop = asyncio.get_running_loop()
+    deadlines: list[float | None] = []
+    timeout_at = asyncio.timeout_at
+
+    def noted(when: float | None) -> asyncio.Timeout:
+        deadlines.append(when)
+        return timeout_at(when)
+
+    monkeypatch.setattr(asyncio, "timeout_at", noted)
     conn.socket.setblocking(False)
     filled = 0
     with pytest.raises(BlockingIOError):
@@ -433,10 +451,14 @@ async def test_a_send_the_peer_has_no_room_for_gives_up_within_its_deadline(pair
             conn.socket.send(b"\x0a\x00" * 100)
             filled += 1
     assert filled > 0
-    start = time.monotonic()
+    start = loop.time()
     with pytest.raises(TimeoutError, match=r"^no room to write for 0.1s: the peer does not read$"):
         await conn.send(b"\x1a\x00", within=0.1)
-    assert 0.09 <= time.monotonic() - start < 1.0
+    # One deadline, set as the send began (0.1 s from then), and waited for.
+    [deadline, *again] = deadlines
+    assert deadline is not None and all(other == deadline for other in again)
+    assert start + 0.1 <= deadline < start + 0.15
+    assert loop.time() >= deadline
     waiting = asyncio.ensure_future(conn.send(b"\x1a\x00"))
     await asyncio.sleep(0.1)
     assert not waiting.done()
