@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -140,7 +139,6 @@ class WorkloadProxy:
         #: The DNS forwarder's sockets, made with the listeners; served by ``dns`` once active.
         self.dns_sockets: DnsSockets | None = None
         self.dns: DnsProxy | None = None
-        self.started_at = time.time()
         self.log_extra = workload_log_extra(uid, info)
         #: The pod's netns identity (``dev:ino``), for the log.
         self.netns = netns

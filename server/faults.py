@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -121,7 +120,6 @@ class Fault:
     #: Connections still to let pass before it attaches (``skip_connections``).
     skips: int = 0
     detail: str = ""
-    injected_at: float = field(default_factory=time.time)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -67,14 +67,12 @@ class PeerGuard:
     def __init__(self, allow: AllowList, socket_name: str) -> None:
         self.allow = allow
         self.socket_name = socket_name
-        self.refused = 0
         self._logged: OrderedDict[int, None] = OrderedDict()
 
     def check(self, peer: PeerCredentials | None) -> bool:
-        """True if ``peer`` may talk; else log it (once per process) and count it."""
+        """True if ``peer`` may talk; else log it (once per process)."""
         if self.allow.allows(peer):
             return True
-        self.refused += 1
         key = peer.pid if peer is not None else -1
         if key not in self._logged:
             self._logged[key] = None

@@ -305,8 +305,3 @@ def node_config(backend: str, config: RedirectConfig) -> RedirectConfig:
 def kernel_has_ipv6() -> bool:
     """Whether this kernel has IPv6 at all (not booted with ``ipv6.disable=1``)."""
     return os.path.exists("/proc/net/if_inet6")
-
-
-def iptables_save(family: int = 4) -> str:
-    """``iptables-save`` of the current netns (call inside it; for tests)."""
-    return run_tool(["iptables-save" if family == 4 else "ip6tables-save"])

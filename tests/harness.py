@@ -75,6 +75,11 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def iptables_save() -> str:
+    """``iptables-save`` of the current netns (call inside it)."""
+    return subprocess.run(["iptables-save"], capture_output=True, text=True, check=True, timeout=30).stdout
+
+
 def skip_outside_ci(reason: str, *, allow_module_level: bool = False) -> NoReturn:
     """Skip (``reason``), or fail under ``CI=true``: CI has everything a test needs, so a
     skip there would hide a test that never ran."""

@@ -95,6 +95,16 @@ def test_add_without_workload_info_decodes_as_none() -> None:
     assert decode_request(encode_request(AddWorkload(uid="u", info=None))) == AddWorkload(uid="u", info=None)
 
 
+def test_an_add_with_every_workload_info_field_empty_still_carries_the_workload_info() -> None:
+    """Present but empty is not absent: ztunnel tells an Add without ``workload_info`` from one
+    with an empty one (the ``add-without-workload-info`` fault sends the former on purpose)."""
+    empty = AddWorkload(uid="u", info=WorkloadInfo(name="", namespace="", service_account=""))
+    # WorkloadRequest.add (field 1) holding uid (field 1) and an empty workload_info (field 2)
+    assert encode_request(empty) == bytes.fromhex("0a05") + bytes.fromhex("0a0175") + bytes.fromhex("1200")
+    assert decode_request(encode_request(empty)) == empty
+    assert encode_request(AddWorkload(uid="u", info=None)) == bytes.fromhex("0a03") + bytes.fromhex("0a0175")
+
+
 def test_request_without_payload_is_refused() -> None:
     with pytest.raises(NoPayload, match="no payload"):
         decode_request(b"")

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DATA, NodeAgentProc, pod_network, run_all, wait_until
+from tests.harness import DATA, NodeAgentProc, iptables_save, pod_network, run_all, wait_until
 from zds.netns import in_netns, open_netns
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.podnet import PodNetwork
 from zds.server import nftables
 from zds.server.inpodrules import RedirectConfig
 from zds.server.nftables import NftablesRedirector, nft_rules, removal
-from zds.server.redirect import RedirectError, iptables_save
+from zds.server.redirect import RedirectError
 
 #: The IPv6 probe SNAT address Istio's golden test data was generated with.
 GOLDEN_PROBE6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"

@@ -79,6 +79,7 @@ def test_a_hello_that_does_not_parse_closes_the_connection() -> None:
     assert isinstance(event, ConnectionClosed)
     assert "bad hello" in event.reason
     assert p.state is ConnectionState.CLOSED
+    assert event.peer_error and p.peer_error  # (the node agent's warning, with the peer's pid)
 
 
 def test_no_hello_within_the_timeout_closes_the_connection() -> None:
@@ -146,6 +147,7 @@ def test_an_ack_timeout_closes_the_connection_and_reports_the_request() -> None:
     [event] = p.handle_timeout(15)
     assert isinstance(event, ConnectionClosed)
     assert event.request == ADD and "no ack for add within 5s" in event.reason
+    assert event.ack_timeout and not event.peer_error and not p.peer_error
     # A late ack cannot be mistaken for anything now.
     assert p.receive(rec(encode_ack(Ack())), 16) == []
 
@@ -169,6 +171,7 @@ def test_unexpected_message_while_idle_closes_the_connection() -> None:
     p = ready_protocol()
     [event] = p.receive(rec(encode_ack(Ack())), 0)
     assert isinstance(event, ConnectionClosed) and "unexpected message" in event.reason
+    assert event.peer_error and p.peer_error
 
 
 def test_eof_means_the_peer_is_gone() -> None:
@@ -176,6 +179,7 @@ def test_eof_means_the_peer_is_gone() -> None:
     p.send(ADD, 0)
     [event] = p.receive(rec(b""), 0)
     assert isinstance(event, ConnectionClosed) and event.peer_gone and event.request == ADD
+    assert not event.peer_error and not p.peer_error  # (gone is not a broken protocol)
 
 
 @pytest.mark.parametrize(
@@ -191,6 +195,7 @@ def test_fds_or_oversized_records_from_ztunnel_close_the_connection(
     p.send(ADD, 0)
     [event] = p.receive(record, 0)
     assert isinstance(event, ConnectionClosed) and reason in event.reason
+    assert event.peer_error and p.peer_error
     for fd in fds:  # the protocol closed what came with the record
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -207,6 +212,7 @@ def test_more_fds_than_a_record_is_read_with_are_said_as_fds_not_as_its_size() -
     assert event.reason.endswith(
         "ztunnel sent file descriptors (more than one, or none free here to take them); it never should"
     )
+    assert event.peer_error and p.peer_error
     with pytest.raises(OSError):
         os.fstat(fds[0])
 
@@ -216,6 +222,7 @@ def test_undecodable_ack_closes_the_connection() -> None:
     p.send(ADD, 0)
     [event] = p.receive(rec(b"\x0a\xff"), 0)
     assert isinstance(event, ConnectionClosed) and "bad ack for add" in event.reason
+    assert event.peer_error and p.peer_error
 
 
 def test_keepalive_is_due_only_when_idle_for_the_interval() -> None:

@@ -31,6 +31,7 @@ from tests.harness import (
     ZtunnelProc,
     failing_ip6tables_save,
     fd_count,
+    iptables_save,
     pod_network,
     run_all,
     wait_until,
@@ -41,7 +42,6 @@ from zds.netns import NetnsIdentity, in_netns, netns_identity, open_netns
 from zds.netns.apps import EchoServer
 from zds.netns.apps import exchange as exchange_from
 from zds.protocol.messages import AddWorkload, KeepWorkload
-from zds.server.redirect import iptables_save
 from zds.server.store import PROBE_EVERY
 
 pytestmark = pytest.mark.root

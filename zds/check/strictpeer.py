@@ -54,7 +54,6 @@ class StrictConnection:
         self.sock = sock
         self.rules = rules
         self._log = log
-        self.opened_at = time.monotonic()
         self.closed_at: float | None = None
         self.queue: asyncio.Queue[Seen | None] = asyncio.Queue()
         self._count = 0
