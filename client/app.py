@@ -283,6 +283,9 @@ class Ztunnel:
                 )
                 for waiter in (finished, again):
                     waiter.cancel()
+                # (the cancelled gather's end taken: left alone, asyncio logs it at exit as
+                # "_GatheringFuture exception was never retrieved", with a traceback)
+                finished.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
                 if finished not in done:
                     said = "stop signal again" if again in done else "drain timeout"
                     log.warning("%s: closing the connections still open", said)

@@ -1535,3 +1535,31 @@ def test_the_traffic_of_workloads_that_are_gone_is_pruned_without_a_scrape() -> 
         ztunnel.traffic_of(f"gone-{i}").outbound.connections += 1
     assert len(ztunnel.traffic) <= TRAFFIC_SLACK + 2
     assert ztunnel.traffic_of(f"gone-{10 * TRAFFIC_SLACK - 1}").outbound.connections == 1  # (the newest kept)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_drain_cut_short_leaves_no_never_retrieved_traceback(
+    agent: FakeNodeAgent,
+    start_ztunnel: Callable[..., ZtunnelProc],
+    make_pod: Callable[[], Pod],
+    signals: int,
+) -> None:
+    """The drain ends by its timeout (1 signal) or by a second signal (2) with a connection
+    still open: the gather of the proxies' waits was cancelled and never awaited, and asyncio
+    logged "_GatheringFuture exception was never retrieved" with a traceback at exit."""
+    pod = make_pod()
+    z = start_ztunnel("--drain-timeout", "1")
+    conn = agent.connect_and_hello()
+    assert conn.add("uid-a", pod.path) == Ack()
+    assert conn.snapshot() == Ack()
+    wait_until(lambda: pod_ports(pod, z.pid), "listeners")
+    client = connect_in_pod(pod, 15053)  # an idle TCP DNS connection: still open at the drain's end
+    try:
+        for _ in range(signals):
+            z.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        assert z.wait_exit() == 0, z.output()
+    finally:
+        client.close()
+    assert "never retrieved" not in z.output() and "Traceback" not in z.output(), z.output()
