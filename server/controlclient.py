@@ -176,6 +176,15 @@ class ControlTarget(NamedTuple):
             raise self.failure(exc) from exc
 
 
+def call(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """One call of the control API's ``method`` at the node agent the command's flags name
+    (``--control-socket``, or ``--grpc-address`` and its TLS), within ``--timeout``;
+    ControlError with one line on failure (the command says it)."""
+    target = ControlTarget.from_args(args)
+    with target.stub() as stub:
+        return target.call(getattr(stub, method), request, args.timeout)
+
+
 def not_root_hint(hint: str = _NOT_ROOT_HINT) -> str:
     """What may be why the node agent turned this user away (``hint``), or the socket file
     kept it out (``_FILE_HINT``); "" for root."""

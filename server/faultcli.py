@@ -127,15 +127,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     clearing.set_defaults(func=clear_faults)
 
 
-def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
-    """``method`` of the control API, or ControlError (said by the caller)."""
-    from zds.server.controlclient import ControlTarget
-
-    target = ControlTarget.from_args(args)
-    with target.stub() as stub:
-        return target.call(getattr(stub, method), request, args.timeout)
-
-
 def _kind(kind: int) -> str:
     """A fault kind as ``zds faults`` names it; its number when this client does not know it."""
     from zds.server.controlwire import FAULT_KIND_FROM_PROTO
@@ -146,11 +137,11 @@ def _kind(kind: int) -> str:
 
 def list_faults(args: argparse.Namespace) -> int:
     from zds.gen import nodeagent_pb2
-    from zds.server.controlclient import ControlError
+    from zds.server.controlclient import ControlError, call
     from zds.server.podctl import message_dict, table
 
     try:
-        armed = _call(args, "ListFaults", nodeagent_pb2.ListFaultsRequest()).faults
+        armed = call(args, "ListFaults", nodeagent_pb2.ListFaultsRequest()).faults
     except ControlError as exc:
         print(f"zds faults list: {exc}", file=sys.stderr)
         return 1
@@ -164,10 +155,10 @@ def list_faults(args: argparse.Namespace) -> int:
 
 def clear_faults(args: argparse.Namespace) -> int:
     from zds.gen import nodeagent_pb2
-    from zds.server.controlclient import ControlError
+    from zds.server.controlclient import ControlError, call
 
     try:
-        cleared = _call(args, "ClearFaults", nodeagent_pb2.ClearFaultsRequest(id=args.id)).cleared
+        cleared = call(args, "ClearFaults", nodeagent_pb2.ClearFaultsRequest(id=args.id)).cleared
     except ControlError as exc:
         print(f"zds faults clear: {exc}", file=sys.stderr)
         return 1
@@ -180,7 +171,7 @@ def clear_faults(args: argparse.Namespace) -> int:
 
 def inject(args: argparse.Namespace) -> int:
     from zds.gen import nodeagent_pb2
-    from zds.server.controlclient import ControlError
+    from zds.server.controlclient import ControlError, call
     from zds.server.controlwire import FAULT_KIND_TO_PROTO
     from zds.server.podctl import message_dict
 
@@ -197,7 +188,7 @@ def inject(args: argparse.Namespace) -> int:
     if args.delay:
         request.delay.FromNanoseconds(int(args.delay * 1e9))
     try:
-        fault = _call(args, "InjectFault", request).fault
+        fault = call(args, "InjectFault", request).fault
     except ControlError as exc:
         print(f"zds fault: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from zds.gen import nodeagent_pb2
-from zds.server.controlclient import ControlError, ControlTarget
+from zds.server.controlclient import ControlError, ControlTarget, call
 from zds.server.podctl import enum_label, message_dict, table
 
 if TYPE_CHECKING:
@@ -88,9 +88,7 @@ CONNECTION_HEADERS = [
 
 def connections(args: argparse.Namespace) -> int:
     try:
-        target = ControlTarget.from_args(args)
-        with target.stub() as stub:
-            resp = target.call(stub.ListConnections, nodeagent_pb2.ListConnectionsRequest(), args.timeout)
+        resp = call(args, "ListConnections", nodeagent_pb2.ListConnectionsRequest())
     except ControlError as exc:
         print(f"zds connections: {exc}", file=sys.stderr)
         return 1

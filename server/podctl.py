@@ -15,7 +15,7 @@ from zds.errors import printable
 from zds.gen import nodeagent_pb2
 from zds.netns import NetnsRef, NetnsRefError
 from zds.server import bulkwire
-from zds.server.controlclient import ControlError, ControlTarget, not_root_hint
+from zds.server.controlclient import ControlError, ControlTarget, call, not_root_hint
 from zds.server.pods import PodSpec, PodSpecError
 
 if TYPE_CHECKING:
@@ -318,9 +318,7 @@ def _failed(spec: PodSpec, error: str, args: argparse.Namespace) -> dict[str, An
 
 def remove(args: argparse.Namespace) -> int:
     try:
-        target = ControlTarget.from_args(args)
-        with target.stub() as stub:
-            resp = target.call(stub.RemovePod, nodeagent_pb2.RemovePodRequest(uid=args.uid), args.timeout)
+        resp = call(args, "RemovePod", nodeagent_pb2.RemovePodRequest(uid=args.uid))
     except ControlError as exc:
         print(f"zds pod remove: {exc}", file=sys.stderr)
         return 1
@@ -341,9 +339,7 @@ def remove(args: argparse.Namespace) -> int:
 
 def list_pods(args: argparse.Namespace) -> int:
     try:
-        target = ControlTarget.from_args(args)
-        with target.stub() as stub:
-            resp = target.call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), args.timeout)
+        resp = call(args, "ListPods", nodeagent_pb2.ListPodsRequest())
     except ControlError as exc:
         print(f"zds pod list: {exc}", file=sys.stderr)
         return 1
