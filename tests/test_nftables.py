@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -386,3 +388,39 @@ def test_a_restart_with_another_rule_configuration_reinstalls_the_rules(
             assert not dns_captured(pod, backend)
         finally:
             again.stop(signal.SIGKILL)
+
+
+#: A process that makes the nftables backend's redirector (or not), then has threads malloc at
+#: once, and says how many malloc arenas glibc made (its ``malloc_stats`` lists each).
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+if sys.argv[1] == "nftables":
+    from zds.server.nftables import NftablesRedirector
+    NftablesRedirector()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+held, ready = [], threading.Barrier(6)
+def allocate():
+    ready.wait()
+    held.append(libc.malloc(200))
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc.malloc_stats()
+"""
+
+
+@pytest.mark.parametrize("backend", ["nftables", "none"])
+def test_the_nftables_backend_keeps_malloc_to_two_arenas(backend: str) -> None:
+    """libnftables runs on the rule threads, each of which glibc gives a malloc arena of its
+    own (up to 8 a CPU), what is freed there staying resident: a node agent with this backend
+    that enrolled and removed pods without end settled at ~110-155 MB, with two arenas ~90."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    out = subprocess.run(
+        [sys.executable, "-c", _ARENAS_SCRIPT, backend], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    arenas = len(re.findall(r"^Arena \d+:$", out.stderr, re.MULTILINE))
+    assert arenas == 2 if backend == "nftables" else arenas > 2, out.stderr

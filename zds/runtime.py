@@ -372,6 +372,26 @@ def privilege_error(command: str, needed: tuple[str, ...] = ("CAP_SYS_ADMIN", "C
     return f"zds {command}: needs root or {' + '.join(needed)}; missing {', '.join(missing)}"
 
 
+#: mallopt's parameter for the most malloc arenas (glibc's malloc.h).
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Let glibc's malloc keep at most ``arenas`` arenas (unless ``MALLOC_ARENA_MAX`` says
+    otherwise): it gives threads that allocate at once arenas of their own, up to 8 a CPU,
+    and what is freed in one stays resident there. Call before those threads allocate.
+    False where that cannot be asked (not glibc)."""
+    import ctypes
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit, as ztunnel does at start-up
     (Go programs such as Istio's node agent get the same from Go's runtime). Returns
