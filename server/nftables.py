@@ -268,8 +268,8 @@ class NftablesRedirector(Redirector):
         libnftables()
         ipaddress.ip_address(self.config.probe_snat_ipv6)
         # libnftables runs on the rule threads (RULE_WORKERS), each malloc-ing in an arena of
-        # its own: a node agent enrolling and removing pods without end settled at ~110-155 MB
-        # resident where the iptables backend's stays at ~70; with two arenas, ~90.
+        # its own: a node agent enrolling and removing pods without end held ~95-155 MB
+        # resident where the iptables backend's stays at ~70; with two arenas, ~86-97.
         runtime.limit_malloc_arenas(MALLOC_ARENAS)
         #: What the kernel lists after each rule text (IPv4 only, or both) went into a netns
         #: that had none of our tables, and the policy routing as ours, as a digest.

@@ -416,7 +416,7 @@ libc.malloc_stats()
 def test_the_nftables_backend_keeps_malloc_to_two_arenas(backend: str) -> None:
     """libnftables runs on the rule threads, each of which glibc gives a malloc arena of its
     own (up to 8 a CPU), what is freed there staying resident: a node agent with this backend
-    that enrolled and removed pods without end settled at ~110-155 MB, with two arenas ~90."""
+    that enrolled and removed pods without end held ~95-155 MB, with two arenas ~86-97."""
     env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
     out = subprocess.run(
         [sys.executable, "-c", _ARENAS_SCRIPT, backend], capture_output=True, text=True, env=env, timeout=60
