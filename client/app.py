@@ -46,6 +46,17 @@ async def serve_dns_tcp(conn: AcceptedConnection) -> None:
     await proxy.dns.handle_tcp(conn)
 
 
+def _drained(gathered: asyncio.Future[Any]) -> None:
+    """The end of the drain's gather of waits, taken: cancelled (the drain cut short), it ends
+    with a CancelledError that, left alone, asyncio logged at exit as "_GatheringFuture
+    exception was never retrieved" with a traceback; a wait that failed is said."""
+    if gathered.cancelled():
+        return
+    error = gathered.exception()
+    if error is not None and not isinstance(error, asyncio.CancelledError):
+        log.error("waiting for the proxies' connections failed: %r", error)
+
+
 class Ztunnel:
     """One ``zds ztunnel`` process's worth of state and tasks."""
 
@@ -283,9 +294,7 @@ class Ztunnel:
                 )
                 for waiter in (finished, again):
                     waiter.cancel()
-                # (the cancelled gather's end taken: left alone, asyncio logs it at exit as
-                # "_GatheringFuture exception was never retrieved", with a traceback)
-                finished.add_done_callback(lambda gathered: gathered.cancelled() or gathered.exception())
+                finished.add_done_callback(_drained)
                 if finished not in done:
                     said = "stop signal again" if again in done else "drain timeout"
                     log.warning("%s: closing the connections still open", said)

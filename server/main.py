@@ -54,7 +54,7 @@ from zds.server.peergate import PeerGate
 from zds.server.peers import PeerGuard
 from zds.server.pods import PodSpec, PodSpecError
 from zds.server.recovery import recover
-from zds.server.redirect import RedirectError, node_config, redirector
+from zds.server.redirect import RedirectError, node_config, serving_redirector
 from zds.server.startup import Claim, check_ports, claim_paths, clear_sockets, read_flags
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError, remove_if_unused
@@ -81,7 +81,7 @@ class NodeAgentServer:
         try:
             backend = options.redirect_backend
             rules = (
-                redirector(backend, node_config(backend, options.redirect_config))
+                serving_redirector(backend, node_config(backend, options.redirect_config))
                 if options.redirect
                 else None
             )

@@ -28,7 +28,7 @@ import ipaddress
 import os
 import re
 
-from zds import defaults, runtime
+from zds import defaults
 from zds.server.inpodrules import RedirectConfig
 from zds.server.redirect import (
     NothingChanged,
@@ -40,8 +40,6 @@ from zds.server.redirect import (
 
 TABLES = ("istio-ambient-nat", "istio-ambient-mangle", "istio-ambient-raw")
 LIBRARY = "libnftables.so.1"
-#: glibc malloc arenas a node agent with this backend keeps (``runtime.limit_malloc_arenas``).
-MALLOC_ARENAS = 2
 #: nftables.h, enum nft_output_flags: no counters or quotas in listings.
 _OUTPUT_STATELESS = 1 << 2
 
@@ -267,10 +265,6 @@ class NftablesRedirector(Redirector):
         # Checked now: a node agent told to use nftables where it cannot stops at start-up.
         libnftables()
         ipaddress.ip_address(self.config.probe_snat_ipv6)
-        # libnftables runs on the rule threads (RULE_WORKERS), each malloc-ing in an arena of
-        # its own: a node agent enrolling and removing pods without end held ~95-155 MB
-        # resident where the iptables backend's stays at ~70; with two arenas, ~86-97.
-        runtime.limit_malloc_arenas(MALLOC_ARENAS)
         #: What the kernel lists after each rule text (IPv4 only, or both) went into a netns
         #: that had none of our tables, and the policy routing as ours, as a digest.
         self._fresh_digests: dict[str, str] = {}

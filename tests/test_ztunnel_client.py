@@ -1556,9 +1556,10 @@ def test_a_drain_cut_short_leaves_no_never_retrieved_traceback(
     wait_until(lambda: pod_ports(pod, z.pid), "listeners")
     client = connect_in_pod(pod, 15053)  # an idle TCP DNS connection: still open at the drain's end
     try:
-        for _ in range(signals):
+        z.proc.send_signal(signal.SIGTERM)
+        if signals == 2:  # the second once the drain waits
+            wait_until(lambda: "waiting up to 1s for 1 proxies' connections" in z.output(), "the drain")
             z.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
         assert z.wait_exit() == 0, z.output()
     finally:
         client.close()

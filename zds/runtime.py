@@ -377,13 +377,14 @@ _M_ARENA_MAX = -8
 
 
 def limit_malloc_arenas(arenas: int) -> bool:
-    """Let glibc's malloc keep at most ``arenas`` arenas (unless ``MALLOC_ARENA_MAX`` says
-    otherwise): it gives threads that allocate at once arenas of their own, up to 8 a CPU,
+    """Let glibc's malloc keep at most ``arenas`` arenas (unless ``MALLOC_ARENA_MAX`` or
+    ``GLIBC_TUNABLES``' ``glibc.malloc.arena_max`` says otherwise): it gives each thread that
+    allocates an arena of its own (while none freed by an exited thread is there), up to 8 a CPU,
     and what is freed in one stays resident there. Call before those threads allocate.
     False where that cannot be asked (not glibc)."""
     import ctypes
 
-    if "MALLOC_ARENA_MAX" in os.environ:
+    if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -139,6 +139,8 @@ class SeqpacketConnection:
                 async with asyncio.timeout_at(deadline):  # (None: no deadline)
                     await self._wait(readable=False)
             except TimeoutError:
+                if within is None:  # (not our deadline's: there is none)
+                    raise
                 # (asyncio's own has no words: a caller that reports OSErrors says these)
                 raise TimeoutError(f"no room to write for {within:g}s: the peer does not read") from None
 
