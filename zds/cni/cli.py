@@ -114,13 +114,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from zds.cni.launcher import InstallError
 
     try:
-        done = uninstall(
-            InstallOptions(
-                bin_dir=args.bin_dir,
-                conf_dir=args.conf_dir,
-                network=args.network,
-            )
-        )
+        done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network))
     except (InstallError, OSError) as exc:
         print(f"zds cni uninstall: {printable(str(exc))}", file=sys.stderr)
         return 1
