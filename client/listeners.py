@@ -17,6 +17,7 @@ import logging
 import resource
 import select
 import socket
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
@@ -153,7 +154,9 @@ class ListenerServer:
     ) -> None:
         self.listener = listener
         self.handler = handler
-        self.owner = owner
+        # Weak: the owner (a workload's proxy) holds its servers, and a cycle between them kept
+        # every stopped proxy, its listeners and their buffers until a full collection.
+        self._owner = None if owner is None else weakref.ref(owner)
         self.log_extra = {} if log_extra is None else log_extra
         self.accepted = 0
         #: Connections closed as they were accepted: too few fds free (DATA_PATH_FD_RESERVE).
@@ -183,6 +186,11 @@ class ListenerServer:
         if self._watched >= 0 and self._watcher is not None:
             self._watcher.unwatch(self._watched)
         self._watched = -1
+
+    @property
+    def owner(self) -> object:
+        """What the connections accepted here belong to (None: nothing, or it is gone)."""
+        return None if self._owner is None else self._owner()
 
     @property
     def connection_count(self) -> int:

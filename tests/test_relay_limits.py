@@ -301,3 +301,39 @@ async def test_a_listener_taken_out_of_listen_under_the_side_is_given_up_in_one_
         server.close()
         watcher.close()
         sock.close()
+
+
+async def test_a_stopped_proxy_is_freed_without_the_collector() -> None:
+    """A proxy and its listeners' servers pointed at each other (each server's ``owner``):
+    a stopped pod's proxy, its listeners and their buffers waited for a full collection
+    (443 proxies alive beside 41 pods in a soak). Stopped, it goes when the last reference does."""
+    import gc
+    import weakref
+
+    from zds.client.inpod import InpodListener, ListenerSpec
+    from zds.client.workloads import WorkloadProxy
+    from zds.protocol.messages import WorkloadInfo
+
+    async def close_at_once(conn: object) -> None:
+        return None
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    watcher = SocketWatcher()
+    proxy = WorkloadProxy(
+        "u1", WorkloadInfo("p1", "ns", "sa"), [InpodListener(ListenerSpec("outbound", 0), sock, "t")]
+    )
+    proxy.serve({"outbound": close_at_once}, watcher, [])
+    gone, server = weakref.ref(proxy), weakref.ref(proxy.servers[0])
+    with socket.create_connection(sock.getsockname()):
+        await async_wait_until(lambda: getattr(server(), "accepted", 0) == 1, "the connection accepted")
+    await proxy.wait_connections()
+    gc.disable()
+    try:
+        proxy.close()
+        del proxy
+        assert gone() is None and server() is None
+    finally:
+        gc.enable()
+        watcher.close()
+        sock.close()
