@@ -238,11 +238,12 @@ def test_keepalive_is_due_only_when_idle_for_the_interval() -> None:
 
 
 def test_accept_limiter_allows_five_a_second_with_burst_one() -> None:
-    limiter = AcceptLimiter(rate=5, burst=1)
+    """By default, as Istio's node agent (rate.NewLimiter(5, 1))."""
+    limiter = AcceptLimiter()
     assert limiter.delay(0.0) == 0
     assert limiter.delay(0.0) == pytest.approx(0.2)
     assert limiter.delay(0.1) == pytest.approx(0.1)
     assert limiter.delay(0.2) == 0
-    fresh = AcceptLimiter(rate=5, burst=1)
+    fresh = AcceptLimiter()
     accepted = [i for i in range(100) if fresh.delay(i * 0.01) == 0]
     assert accepted == [0, 20, 40, 60, 80]  # one second of attempts every 10 ms
