@@ -405,7 +405,25 @@ BAD_RECORDS = {
         socket.MSG_TRUNC,
         "failure to read message : received truncated message",
     ),
-    "ctrunc": (golden("add"), 1, socket.MSG_CTRUNC, "failure to read message : received truncated message"),
+    # nix >= 0.29 (ztunnel's 0.31): RecvMsg::cmsgs() is Err(ENOBUFS) on MSG_CTRUNC, before any count
+    "ctrunc": (
+        golden("add"),
+        1,
+        socket.MSG_CTRUNC,
+        "failure to read message : ENOBUFS: No buffer space available",
+    ),
+    "ctrunc without fd (EMFILE)": (
+        golden("add"),
+        0,
+        socket.MSG_CTRUNC,
+        "failure to read message : ENOBUFS: No buffer space available",
+    ),
+    "three fds (two fit)": (
+        golden("add"),
+        2,
+        socket.MSG_CTRUNC,
+        "failure to read message : ENOBUFS: No buffer space available",
+    ),
     "two fds": (golden("add"), 2, 0, "failure to read message : Expected 1 FD, got 2"),
     "two fds and garbage": (b"\xff\xff", 2, 0, "failure to read message : Expected 1 FD, got 2"),
     "undecodable": (b"\xff", 0, 0, "failure to read message : failed to decode Protobuf message: "),

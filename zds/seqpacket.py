@@ -24,7 +24,7 @@ _FD_SIZE = array.array("i").itemsize
 #: Room for fds in one received record: ztunnel's (``cmsg_space!(RawFd)`` in protocol.rs),
 #: which alignment makes room for two on 64-bit. Three or more come as two, the record
 #: flagged MSG_CTRUNC (the kernel closes the rest), and are refused as ztunnel refuses
-#: them: "Expected 1 FD, got 2".
+#: them: its nix (0.31) will not read a cut control buffer, "ENOBUFS: No buffer space available".
 _CMSG_SPACE = socket.CMSG_SPACE(_FD_SIZE)
 
 

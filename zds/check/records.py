@@ -172,6 +172,8 @@ def canonical(seen: Seen) -> bytes | None:
 def ztunnel_answer(seen: Seen, snapshot_done: bool) -> str:
     """What real ztunnel answers this record with ("" is a clean ack): its read checks
     (protocol.rs), then its state rules (statemanager.rs)."""
+    if seen.flags & socket.MSG_CTRUNC:
+        return f"{READ_FAILURE}ENOBUFS: No buffer space available"
     if len(seen.fds) > 1:
         return f"{READ_FAILURE}{_too_many_fds(seen)}"
     if seen.truncated or len(seen.payload) > defaults.MAX_MESSAGE_SIZE:

@@ -9,7 +9,7 @@ import os
 
 from zds.errors import CodecError, NoPayload, ProtocolError
 from zds.protocol.messages import AddWorkload, Request, decode_request
-from zds.protocol.records import CUT
+from zds.protocol.records import CUT, FDS_CUT
 
 #: Nack prefixes, as ztunnel writes them (workloadmanager.rs), so logs read alike.
 READ_FAILURE = "failure to read message : "
@@ -29,6 +29,11 @@ def read_record(payload: bytes, fds: list[int], flags: int) -> tuple[Request, in
     """Check a non-empty record as ztunnel's ``read_message`` does; return the request
     and its fd. On any error every fd is closed and ReadError says why."""
     try:
+        # MSG_CTRUNC first: ztunnel's nix (>= 0.29) refuses to walk a cut control buffer
+        # (RecvMsg::cmsgs() is Err(ENOBUFS)) before counting fds: more than its room for two,
+        # or none installable (EMFILE). (ztunnel leaks the fds that came; they are closed here.)
+        if flags & FDS_CUT:
+            raise ReadError("ENOBUFS: No buffer space available")
         # Count the fds first, so that whatever else is wrong none of them leaks.
         if len(fds) > 1:
             raise ReadError(f"Expected 1 FD, got {len(fds)}")
