@@ -124,6 +124,10 @@ def test_garbage_is_refused() -> None:
         ("0a070a017512020801", "WorkloadInfo field 1"),  # the name as a varint
         ("12021001", "DelWorkload field 2"),  # uid as a varint
         ("2a020801", "KeepWorkload field 1"),  # uid as a varint
+        # in a member a later one replaced (upb drops it with what it held; prost fails)
+        ("0a020803" + "12030a0178", "AddWorkload field 1"),  # add{uid as a varint}, then del
+        ("0a080a027531120208012a030a016b", "WorkloadInfo field 1"),  # add{info{name as a varint}}, then keep
+        ("0a020801" + "1a00", "AddWorkload field 1"),  # add{uid as a varint}, then snapshot_sent
     ],
 )
 def test_a_known_field_with_another_wire_type_is_refused_as_ztunnel_refuses_it(

@@ -7,6 +7,7 @@ generated classes.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from google.protobuf.message import DecodeError, Message
@@ -155,10 +156,11 @@ def decode_request(payload: bytes) -> Request:
     _parse(msg, payload, "WorkloadRequest")
     request = _request_of(msg)
     msg.DiscardUnknownFields()
-    if request is None or msg.ByteSize() != len(payload):  # bytes kept aside: look closer
-        msg = zds_pb2.WorkloadRequest()
-        msg.ParseFromString(payload)
-        for descriptor, number in kept_aside(msg):
+    if request is None or msg.ByteSize() != len(payload):  # bytes kept aside or dropped: look closer
+        # (every payload member kept: upb drops one a later member replaced, with whatever it held)
+        every = _every_member()()
+        every.ParseFromString(payload)
+        for descriptor, number in kept_aside(every):
             if number in descriptor.fields_by_number:
                 # upb (and Go) keep such a field aside, unknown; prost fails the whole message
                 raise CodecError(
@@ -168,6 +170,25 @@ def decode_request(payload: bytes) -> Request:
     if request is None:
         raise NoPayload("WorkloadRequest has no payload")
     return request
+
+
+@functools.cache
+def _every_member() -> type[Message]:
+    """``WorkloadRequest`` with its payload's members as fields of their own, not one oneof:
+    upb (and Go) drop a member a later one replaces, and a known field in it sent with
+    another wire type with it, where ztunnel's prost checks every field as it reads it and
+    fails the whole message. The schema's own descriptor, copied into a pool of its own."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    schema = descriptor_pb2.FileDescriptorProto()
+    zds_pb2.DESCRIPTOR.CopyToProto(schema)
+    (request,) = (m for m in schema.message_type if m.name == "WorkloadRequest")
+    for field in request.field:
+        field.ClearField("oneof_index")
+    del request.oneof_decl[:]
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{schema.package}.WorkloadRequest"))
 
 
 def kept_aside(msg: Message) -> list[tuple[Descriptor, int]]:
