@@ -5,7 +5,9 @@ The body is what Istio's CNI plugin sends (``Netns``, ``PodName``,
 ``PodNamespace``, ``IPs``). It carries no pod uid and no service account: zds
 accepts them as optional extra fields ``PodUID`` and ``ServiceAccount``, and
 otherwise derives a stable uid from namespace/name and uses ``default``.
-Answers 200, 400 for a malformed body, 500 with the reason when enrollment fails.
+Answers 200, 400 for a body Go's encoding/json would not decode into Istio's event, 500
+with the reason when enrollment fails (also for a body that decodes and names no pod or
+netns: ``{}``, as Istio's agent, whose pod lookup then fails).
 A body as Istio's plugin sends it is enrolled as Istio's agent would.
 
 zds-cni adds ``ContainerID``: then the container's labels decide (through the
@@ -46,13 +48,19 @@ class BadEvent(ZdsError, ValueError):
     """A plugin event body Istio's agent would answer 400 to."""
 
 
+class UnusableEvent(BadEvent):
+    """A body Go's encoding/json decodes into Istio's CNIPluginAddEvent (so no 400), that
+    names no pod or netns zds can use: Istio's agent fails it after decoding, a 500 (its
+    pod lookup: "failed to get pod NS/NAME: ...", or its netns open), cni-watcher.go."""
+
+
 def derived_uid(namespace: str, name: str) -> str:
     """The uid zds gives a pod the CNI plugin names without one; BadEvent for a name that
     is no text (a lone surrogate: the names' rules would refuse it too)."""
     try:
         return str(uuid.uuid5(DERIVED_UID_NAMESPACE, f"{namespace}/{name}"))
     except UnicodeEncodeError:
-        raise BadEvent(
+        raise UnusableEvent(
             f"PodNamespace {namespace[:80]!r} or PodName {name[:80]!r} is not valid text"
         ) from None
 
@@ -131,12 +139,14 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     case-insensitively; each ``IPs`` element must fit IPConfig), so what Istio's agent
     answers 400 to, this answers 400 to.
     """
-    doc = _json_object(body, "Netns, PodName and PodNamespace")
+    doc = _json_object(body, "Netns, PodName and PodNamespace", null_is_empty=True)
     values: dict[str, Any] = {}
     for key in ("Netns", "PodName", "PodNamespace"):
         value = _field(doc, key)
-        if not isinstance(value, str) or not value:
-            raise BadEvent(f"{key} is missing or not a non-empty string")
+        if value is not None and not isinstance(value, str):
+            raise BadEvent(f"{key} must be a string")  # (Go's decode fails: 400)
+        if not value:
+            raise UnusableEvent(f"{key} is missing or empty")  # (Go decodes it: 500)
         values[key] = value
     for key in ("PodUID", "ServiceAccount", "ContainerID"):
         value = _field(doc, key)
@@ -157,7 +167,7 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     try:
         netns = NetnsRef.of_path(values["Netns"])
     except NetnsRefError as exc:
-        raise BadEvent(f"Netns: {exc}") from exc
+        raise UnusableEvent(f"Netns: {exc}") from exc
     spec = PodSpec.create(
         values["PodUID"] or values["ContainerID"] or derived_uid(namespace, name),
         netns,
@@ -170,14 +180,17 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     return spec, values["ContainerID"] or None
 
 
-def _json_object(body: bytes, fields: str) -> dict[str, Any]:
-    """The body as a JSON object; BadEvent (naming the ``fields`` it must have) otherwise."""
+def _json_object(body: bytes, fields: str, *, null_is_empty: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; BadEvent (naming the ``fields`` it must have) otherwise
+    (``null_is_empty``: ``null`` is an empty object, as Go's encoding/json decodes it)."""
     try:
         doc: Any = json.loads(body, object_pairs_hook=_GoObject)
     except RecursionError as exc:
         raise BadEvent("body is not JSON zds reads: nested too deep") from exc
     except ValueError as exc:  # not JSON, not UTF-8, an integer of more digits than Python converts
         raise BadEvent(f"body is not JSON: {exc}") from exc
+    if doc is None and null_is_empty:
+        doc = _GoObject([])
     if not isinstance(doc, dict):
         raise BadEvent(f"body must be a JSON object with {fields}")
     return doc
@@ -274,6 +287,11 @@ class CniPluginEndpoint:
     async def _process(self, body: bytes) -> tuple[int, str]:
         try:
             spec, container_id = parse_event(body)
+        except UnusableEvent as exc:
+            # Istio answers 400 only to a body its decode refuses; one that decodes and names
+            # no pod (or netns) it can use fails later, a 500 (cni-watcher.go processAddRequest).
+            log.warning("refused CNI add event: %s", exc)
+            return 500, str(exc)
         except BadEvent as exc:
             log.warning("bad CNI plugin event: %s", exc)
             return 400, str(exc)

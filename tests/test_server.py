@@ -1161,13 +1161,34 @@ def test_a_cni_check_fails_once_the_pods_netns_is_not_the_one_at_its_path(
     [
         (b"{not json", "not JSON"),
         (b"[]", "JSON object"),
-        (json.dumps({"PodName": "web", "PodNamespace": "shop"}).encode(), "Netns"),
         (json.dumps({"Netns": "/x", "PodName": 3, "PodNamespace": "shop"}).encode(), "PodName"),
     ],
 )
 def test_cni_malformed_body_is_400(server: NodeAgentProc, body: bytes, text: str) -> None:
     status, answer = post_unix(server.cni_socket, "/cmdadd", body)
     assert status == 400 and text in answer
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        (b"{}", "Netns is missing or empty"),
+        (b"null", "Netns is missing or empty"),
+        (json.dumps({"PodName": "web", "PodNamespace": "shop"}).encode(), "Netns is missing or empty"),
+        (json.dumps({"Netns": "/x", "PodName": "", "PodNamespace": "shop"}).encode(), "PodName is missing"),
+        (
+            json.dumps({"Netns": "/var/run/netns/a\x1bb", "PodName": "web", "PodNamespace": "shop"}).encode(),
+            "Netns: ",
+        ),
+    ],
+)
+def test_cni_body_that_decodes_but_names_nothing_usable_is_500(
+    server: NodeAgentProc, body: bytes, text: str
+) -> None:
+    """Istio answers 400 only to a body its decode refuses (cni-watcher.go); ``{}`` decodes, and
+    fails its pod lookup: 500."""
+    status, answer = post_unix(server.cni_socket, "/cmdadd", body)
+    assert status == 500 and text in answer, (status, answer)
 
 
 def test_cni_failed_enrollment_is_500_with_the_reason(server: NodeAgentProc) -> None:
