@@ -284,18 +284,14 @@ class NodeAgent:
         """A connection said hello: '' if it is served now, else why it is refused. One whose
         peer is gone takes no slot of the rate limit and is not announced (a flood of hellos
         that closed at once held a real ztunnel back a fifth of a second each, and each was
-        "connected", then a broken pipe)."""
+        "connected", then a broken pipe). One over ``--max-connections`` is refused at once,
+        without a slot (each had waited for one, and a real ztunnel behind them as long)."""
+        if self.registry.full():
+            return self._over_the_limit(conn)
         if not await self.admission.turn(conn.sock.socket):
             return GONE_AFTER_HELLO
-        if self.registry.full():
-            log.warning(
-                "refusing ztunnel connection from %s: already %d connected (--max-connections)",
-                _peer(conn),
-                len(self.registry),
-                extra=conn.log_extra,
-            )
-            self.telemetry.connection_refused("limit")
-            return "connection limit reached"
+        if self.registry.full():  # (filled while it waited for its turn)
+            return self._over_the_limit(conn)
         self.registry.hello(conn)
         self.fault_book.admitted(conn, hello=True)
         log.info(
@@ -306,6 +302,16 @@ class NodeAgent:
         )
         self.events.publish(EventKind.ZTUNNEL_CONNECTED, connection=conn.info(newest=True))
         return ""
+
+    def _over_the_limit(self, conn: ZtunnelConnection) -> str:
+        log.warning(
+            "refusing ztunnel connection from %s: already %d connected (--max-connections)",
+            _peer(conn),
+            len(self.registry),
+            extra=conn.log_extra,
+        )
+        self.telemetry.connection_refused("limit")
+        return "connection limit reached"
 
     async def _run_connection(self, conn: ZtunnelConnection) -> None:
         reason = "closed"

@@ -687,6 +687,46 @@ async def test_connections_that_leave_while_waiting_for_their_slot_leave_none_ta
         await stop_served_agent(agent, accepting, listener, peers)
 
 
+async def test_connections_over_the_limit_are_refused_at_once_and_take_no_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --max-connections connected, each further hello waited for its slot of the rate
+    limit before it was refused (the sixth over the limit 1.2 s after its hello), and took the
+    slot: a real ztunnel behind them waited as long."""
+    from zds.server.agent import AgentConfig, NodeAgent
+    from zds.transport import bind_unix_listener
+
+    agent = NodeAgent(AgentConfig(max_connections=2, accepts_per_second=1.0))
+    slots = taken_slots(agent, monkeypatch)
+    path = str(tmp_path / "ztunnel.sock")
+    listener = bind_unix_listener(path, mode=0o600)
+    accepting = asyncio.create_task(agent.serve_zds(listener))
+    peers = [AckingPeer(path)]
+    over: list[socket.socket] = []
+    try:
+        await async_wait_until(lambda: len(agent.connections) == 1, "the first served")
+        peers.append(AckingPeer(path))  # (its slot a second after the first's)
+        await async_wait_until(lambda: len(agent.connections) == 2, "the second served", timeout=5)
+        for _ in range(6):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            over.append(sock)
+            sock.connect(path)
+            sock.send(bytes.fromhex("0801"))
+
+        def closed(sock: socket.socket) -> bool:
+            try:
+                return sock.recv(16, socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                return False
+
+        await async_wait_until(lambda: all(closed(sock) for sock in over), "the six refused", timeout=10)
+        assert len(slots) == 2, "a refused connection took a slot"
+    finally:
+        for sock in over:
+            sock.close()
+        await stop_served_agent(agent, accepting, listener, peers)
+
+
 # -- the socket file ------------------------------------------------------------------
 
 
