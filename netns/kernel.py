@@ -128,7 +128,7 @@ def validate_netns_fd(fd: int, what: str = "") -> None:
         nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
     except OSError as e:
         if e.errno == errno.EBADF:
-            raise NetnsError(f"{what} is not an open file descriptor") from None
+            raise NetnsError(_bad_fd(fd, what)) from None
         if e.errno not in (errno.ENOTTY, errno.EINVAL):
             raise NetnsError(f"cannot check whether {what} is a network namespace: {e.strerror}") from None
         if kernel_has_nstype_ioctl():
@@ -143,6 +143,18 @@ def validate_netns_fd(fd: int, what: str = "") -> None:
     if nstype != CLONE_NEWNET:
         kind = _NS_TYPE_NAMES.get(nstype, f"type {nstype:#x}")
         raise NetnsError(f"{what} is a {kind} namespace, not a network namespace")
+
+
+def _bad_fd(fd: int, what: str) -> str:
+    """Why the kernel answered EBADF about ``fd``: not open, or opened with ``O_PATH`` (open,
+    but no ioctl or ``setns`` takes it: ztunnel's start of the proxy fails with EBADF too)."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        return f"{what} is not an open file descriptor"
+    if flags & os.O_PATH:
+        return f"{what} was opened with O_PATH: setns cannot enter it (Bad file descriptor)"
+    return f"{what} cannot be used: Bad file descriptor"
 
 
 def netns_identity(fd: int) -> NetnsIdentity:

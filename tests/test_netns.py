@@ -316,6 +316,17 @@ def test_validate_a_closed_fd_says_so() -> None:
         validate_netns_fd(fd)
 
 
+def test_validate_an_o_path_fd_says_it_is_one() -> None:
+    """An O_PATH fd of a netns is open (fstat and fstatfs take it): "not an open file
+    descriptor" misled; no ioctl or setns takes it."""
+    fd = os.open(SELF_NETNS, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with pytest.raises(NetnsError, match=r"^pod-fd was opened with O_PATH: setns cannot enter it"):
+            validate_netns_fd(fd, "pod-fd")
+    finally:
+        os.close(fd)
+
+
 def test_from_fd_takes_ownership_and_closes_on_validation_failure() -> None:
     fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     with pytest.raises(NetnsError, match="mnt namespace"):
