@@ -95,7 +95,8 @@ class AgentObserver(ConnectionObserver):
     def unanswered(self, conn: ZtunnelConnection, request: Request, reason: str) -> None:
         kind = request_kind(request)
         uid, spec = self._about(request)
-        log.warning("no ack for %s: %s", kind, reason, extra=self._extra(conn, uid, spec))
+        said = reason if reason.startswith(f"no ack for {kind} ") else f"no ack for {kind}: {reason}"
+        log.warning("%s", said, extra=self._extra(conn, uid, spec))
         self.telemetry.message(kind, "unanswered")
 
     def snapshot_complete(self, conn: ZtunnelConnection, pods: int) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class PodState(enum.Enum):
-    PENDING = "pending"  # cached, not (yet) acked by a ztunnel
+    PENDING = "pending"  # cached, not (yet) acked by a ztunnel; one known without its netns stays so
     ACKED = "acked"  # the last AddWorkload was acked cleanly
     FAILED = "failed"  # the last AddWorkload was nacked (see last_error)
 
