@@ -31,6 +31,7 @@ from zds.protocol.nodeagent import (
     NodeAgentProtocol,
     SnapshotComplete,
 )
+from zds.seqpacket import peer_hung_up
 from zds.server import spans
 from zds.server.connrecords import (
     ConnectionInfo,
@@ -44,6 +45,7 @@ from zds.server.tasks import retrieve_exception
 from zds.transport import BusyPoll, PeerCredentials, SeqpacketConnection
 
 if TYPE_CHECKING:
+    from zds.protocol.records import Record
     from zds.server.faultplay import ConnectionFaults
 
 log = logging.getLogger("zds.server")
@@ -244,9 +246,15 @@ class ZtunnelConnection:
             except OSError as exc:
                 return self._handle(self.protocol.close(f"read failed: {exc}"))
             if record is not None:
-                return self._handle(self.protocol.receive(record, _now()))
+                return self._take(record)
             if not readable:
                 return self._handle(self.protocol.handle_timeout(_now()))
+
+    def _take(self, record: Record) -> list[Event]:
+        """``record`` to the protocol; a 0-byte one is asked about first: ztunnel gone, or an
+        empty record it sent (its end still open)."""
+        peer_open = record.is_eof and not peer_hung_up(self.sock.socket)
+        return self._handle(self.protocol.receive(record, _now(), peer_open=peer_open))
 
     async def _await_hello(self) -> None:
         while self.protocol.state is ConnectionState.AWAITING_HELLO:
@@ -412,7 +420,7 @@ class ZtunnelConnection:
             if readable in done:
                 record = self.sock.try_recv()
                 if record is not None:
-                    self._handle(self.protocol.receive(record, now))  # EOF: raises ConnectionLost
+                    self._take(record)  # EOF: raises ConnectionLost
                 continue
             if not self.protocol.keepalive_due(now):
                 continue
@@ -422,7 +430,7 @@ class ZtunnelConnection:
             if record is None:
                 self.protocol.keepalive_probed(now)
                 continue
-            self._handle(self.protocol.receive(record, now))
+            self._take(record)
 
 
 def _now() -> float:

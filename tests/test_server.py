@@ -485,6 +485,31 @@ def test_idle_keepalive_notices_a_peer_that_went_away(start_server: StartServer,
     server.wait_for_output("ztunnel disconnected: ztunnel closed the connection; total connected: 0")
 
 
+def test_an_empty_record_is_said_to_be_one_not_a_close(start_server: StartServer, peers: Peers) -> None:
+    """A 0-byte record ends the connection (ztunnel reads one as EOF), but a ztunnel that sent
+    one (a WorkloadResponse with no ack encodes to nothing) had not closed: "ztunnel closed
+    the connection" sent whoever tests a ztunnel looking for a close that never happened."""
+    server = start_server()
+    peer = connect(server, peers)
+    thread, result = add_in_thread(server, "u1", pod_netns())
+    peer.expect().close_fds()
+    peer.send(b"")  # (its socket stays open)
+    peer.expect_closed()
+    thread.join(10)
+    assert isinstance(result["error"], grpc.RpcError)
+    assert "ztunnel sent an empty record" in str(result["error"].details())
+    server.wait_for_output("ztunnel disconnected: ztunnel sent an empty record")
+    # While idle too; and a ztunnel that does close is still said to have closed.
+    idle = connect(server, peers)
+    idle.send(b"")
+    idle.expect_closed()
+    gone = connect(server, peers)
+    gone.close()
+    server.wait_for_output("ztunnel disconnected: ztunnel closed the connection")
+    said = server.output().count("ztunnel disconnected: ztunnel sent an empty record")
+    assert said == 2, server.output()
+
+
 def test_unprompted_message_while_idle_closes_the_connection(start_server: StartServer, peers: Peers) -> None:
     server = start_server("--keepalive-interval", "0.2")
     peer = connect(server, peers)

@@ -109,15 +109,22 @@ class NodeAgentProtocol:
         self._last_activity = now
 
     # -- incoming ------------------------------------------------------------
-    def receive(self, record: Record, now: float) -> list[Event]:
+    def receive(self, record: Record, now: float, *, peer_open: bool = False) -> list[Event]:
         """Feed one record that arrived from ztunnel; its fds are closed here
-        (ztunnel never sends any, so none is kept)."""
+        (ztunnel never sends any, so none is kept). ``peer_open``: a 0-byte record came while
+        ztunnel's end is still open (the I/O layer asked the socket): an empty record it sent,
+        which ends the connection all the same (ztunnel reads one as EOF), said as such."""
         eof = record.is_eof
         fd_count = len(record.fds)
         record.close_fds()
         if self.state is ConnectionState.CLOSED:
             return []
         self._last_activity = now
+        if eof and peer_open:
+            return self._close(
+                "ztunnel sent an empty record (0 bytes: read as the connection's end, as ztunnel reads one)",
+                peer_error=True,
+            )
         if eof:
             return self._close("ztunnel closed the connection", peer_gone=True)
         if record.flags & TRUNCATED:
