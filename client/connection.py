@@ -45,6 +45,7 @@ from zds.protocol.workloads import (
     SnapshotReconciled,
 )
 from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
+from zds.seqpacket import peer_hung_up
 from zds.transport import BusyPoll, SeqpacketConnection, connect
 
 log = logging.getLogger("zds.ztunnel")
@@ -215,7 +216,8 @@ class ZdsClient:
                 ):
                     await conn.send(answer)
                     continue
-                events = self.protocol.receive(record)  # it owns the record's fds now
+                peer_open = record.is_eof and not peer_hung_up(conn.socket)
+                events = self.protocol.receive(record, peer_open=peer_open)  # it owns the record's fds now
                 close = await self._apply(self._work(events), conn)
                 if close is not None:
                     return self._closed(close, answered)

@@ -52,7 +52,7 @@ from zds.protocol.workloads import (
     StopProxy,
 )
 from zds.protocol.ztunnel import ZtunnelProtocol
-from zds.seqpacket import poll_budget, poll_record, recv_record, send_record
+from zds.seqpacket import peer_hung_up, poll_budget, poll_record, recv_record, send_record
 
 log = logging.getLogger("zds.ztunnel")
 
@@ -314,7 +314,10 @@ class _FirstSnapshot:
             if not handover.answered and not record.is_eof:
                 handover.answered = True  # its first message answers the hello
                 log.info("connected to the node agent at %s", self.path, extra=extra)
-            work = RecordWork(self.protocol.receive(record), self.protocol, self.proxies, self.conn_id)
+            peer_open = record.is_eof and not peer_hung_up(handover.sock)
+            work = RecordWork(
+                self.protocol.receive(record, peer_open=peer_open), self.protocol, self.proxies, self.conn_id
+            )
             handover.work = work  # until it is done
             try:
                 self._carry_out(work)

@@ -1404,12 +1404,34 @@ def test_an_empty_record_in_the_first_snapshot_closes_the_connection_as_on_the_l
     zt = first.carry_on()
     try:
         conn.expect_closed()
+        wait_until(  # (not "closed": it was there)
+            lambda: (zt.ztunnel.client.last_error or "").startswith("node agent sent an empty record"),
+            "the empty record said as one",
+        )
         conn2 = agent.connect_and_hello()
         assert conn2.snapshot() == Ack(), "a new snapshot on a new connection"
         assert zt.ztunnel.metrics.value("zds_ztunnel_connections_total") == 2
     finally:
         code = zt.close()
     assert code == 0
+
+
+@pytest.mark.root
+def test_an_empty_record_from_a_node_agent_still_there_is_said_to_be_one(
+    agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
+) -> None:
+    """A 0-byte record ends the connection (as ztunnel reads it: EOF), but a node agent that
+    sent one had not closed: "node agent closed the connection" misled whoever tests one."""
+    z = start_ztunnel("--no-dns")
+    conn = agent.connect_and_hello()
+    assert conn.snapshot() == Ack()
+    conn.send(b"")  # (its end stays open)
+    conn.expect_closed()
+    wait_until(lambda: "closing the connection: node agent sent an empty record" in z.output(), "the warning")
+    again = agent.connect_and_hello()  # (it connects again, as after any end)
+    assert again.snapshot() == Ack()
+    again.close()
+    wait_until(lambda: "node agent closed the connection" in z.output(), "a close said as one")
 
 
 @pytest.mark.root

@@ -485,6 +485,17 @@ def test_a_zero_byte_record_is_eof_without_a_reply(proto: ZtunnelProtocol, netns
     assert [fd for fd in fds if is_open(fd)] == []
 
 
+def test_a_zero_byte_record_while_the_node_agent_is_there_is_an_empty_record(
+    proto: ZtunnelProtocol, netns: Netns
+) -> None:
+    proto.connection_made()
+    fd = netns.new()
+    (event,) = proto.receive(Record(b"", [fd]), peer_open=True)
+    assert isinstance(event, CloseConnection) and not event.peer_closed and not event.fatal
+    assert event.reason.startswith("node agent sent an empty record (0 bytes")
+    assert not is_open(fd)
+
+
 # -- protocol errors: nack, close, stop for good -------------------------------------
 
 FATAL = {

@@ -189,9 +189,11 @@ class ZtunnelProtocol:
             self.state = ConnectionState.DISCONNECTED
 
     # -- incoming ------------------------------------------------------------
-    def receive(self, record: Record) -> list[Event]:
+    def receive(self, record: Record, *, peer_open: bool = False) -> list[Event]:
         """Feed one record: its bytes, the fds that came with it (now owned here:
-        each is kept by a workload or closed) and the recvmsg flags."""
+        each is kept by a workload or closed) and the recvmsg flags. ``peer_open``: a 0-byte
+        record came while the node agent's end is still open (the I/O layer asked the
+        socket): an empty record it sent, the connection's end all the same, said as such."""
         payload, fds, flags = record.payload, record.take_fds(), record.flags
         if self.state not in (ConnectionState.SNAPSHOT, ConnectionState.SYNCED):
             close_all(fds)
@@ -202,6 +204,10 @@ class ZtunnelProtocol:
         if not payload:
             # ztunnel reads a 0-byte record as EOF, whatever came with it.
             close_all(fds)
+            if peer_open:
+                return self._close(
+                    "node agent sent an empty record (0 bytes: read as the connection's end, as ztunnel reads one)"
+                )
             return self._close("node agent closed the connection", peer_closed=True)
         try:
             request, fd = read_record(payload, fds, flags)
