@@ -188,8 +188,16 @@ class Ztunnel:
             netns: dict[str, int] | None = None
             if isinstance(w.netns_id, NetnsIdentity):
                 netns = {"dev": w.netns_id.dev, "ino": w.netns_id.ino}
-            states[uid] = {
-                "state": w.state.admin_name,
+            traffic = self.traffic.get(
+                uid
+            )  # (a look, not traffic_of: reading made its zero series in /metrics)
+            states[uid] = {"state": w.state.admin_name}
+            if w.state.admin_name == "Up":  # (as ztunnel: a connection manager once the proxy is up)
+                states[uid]["connections"] = {
+                    direction: list(traffic.role(direction).open.values()) if traffic else []
+                    for direction in ("inbound", "outbound")
+                }
+            states[uid] |= {
                 "info": {
                     "name": w.info.name,
                     "namespace": w.info.namespace,
@@ -202,8 +210,7 @@ class Ztunnel:
                     for listener in (proxy.listeners if proxy else [])
                 ],
                 "activeConnections": proxy.connection_count if proxy else 0,
-                # (a look, not traffic_of: reading config_dump made its zero series in /metrics)
-                "traffic": (self.traffic.get(uid) or WorkloadTraffic()).as_dict(),
+                "traffic": (traffic or WorkloadTraffic()).as_dict(),
                 "dns": proxy.dns.stats.as_dict() if proxy and proxy.dns else None,
                 "lastError": w.last_error or None,
                 "startFailures": w.failures,

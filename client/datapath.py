@@ -151,7 +151,7 @@ def peer_address(sock: socket.socket) -> str | None:
 class DirectionStats:
     """Counters of one listener role of one workload."""
 
-    __slots__ = ("active", "bytes_received", "bytes_sent", "connections", "failed")
+    __slots__ = ("active", "bytes_received", "bytes_sent", "connections", "failed", "open")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -160,6 +160,8 @@ class DirectionStats:
         #: Bytes from the connecting client towards the destination, and back.
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: The connections being relayed, as ztunnel's config_dump lists them (``connection_dump``).
+        self.open: dict[int, dict[str, str | None]] = {}
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -345,10 +347,40 @@ async def proxy_connection(
             tune_relay_socket(client)
         except OSError as exc:  # (the client reset already: the relay finds out)
             log.debug("cannot set the client socket's options: %s", exc, extra=log_extra)
+        if (dump := connection_dump(client, address, port, inbound=inbound)) is not None:
+            stats.open[id(client)] = dump
         await relay(client, upstream, stats)
     finally:
+        stats.open.pop(id(client), None)
         stats.active -= 1
         client.close()
+
+
+def connection_dump(
+    client: socket.socket, address: str, port: int, *, inbound: bool
+) -> dict[str, str | None] | None:
+    """A relayed connection as ztunnel's config_dump lists it (``connections`` of an Up
+    workload, connection_manager.rs): ``src`` the client, ``actualDst`` where it was sent;
+    outbound, ``originalDst`` that same destination (plain TCP, no waypoint); inbound, the
+    service it was addressed to, which zds never knows (null, as ztunnel's for a pod's own
+    address). None if the client is gone already."""
+    try:
+        src = client.getpeername()
+    except OSError:
+        return None
+    actual = _socket_addr(address, port)
+    return {
+        "src": _socket_addr(str(src[0]), int(src[1])),
+        "originalDst": None if inbound else actual,
+        "actualDst": actual,
+        "protocol": "TCP",
+    }
+
+
+def _socket_addr(host: str, port: int) -> str:
+    """``host:port`` as Rust writes a SocketAddr: ``[v6]:port``, a v4-mapped address as v4."""
+    ip = _unmapped(host)
+    return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
 
 
 def _unmapped(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

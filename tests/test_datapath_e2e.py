@@ -285,6 +285,45 @@ def test_both_relays_sockets_have_ztunnels_nodelay_and_keepalive(mesh: Mesh) -> 
     assert set(options) == {(1, 1, 180)}
 
 
+def test_config_dump_lists_each_relayed_connection_as_ztunnels_connection_manager(mesh: Mesh) -> None:
+    """ztunnel's config_dump gives an Up workload its ``connections`` (connection_manager.rs),
+    which ``istioctl ztunnel-config connections`` reads: without them it listed nothing."""
+    a, b = mesh.pods["a"].ipv4, mesh.pods["b"].ipv4
+    uid_a, uid_b = mesh.uid("a"), mesh.uid("b")
+
+    def connections(uid: str, direction: str) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = mesh.ztunnel.config_dump()["workloadState"][uid]["connections"][
+            direction
+        ]
+        return listed
+
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with client:
+        client.settimeout(10)
+        client.connect((b, APP_PORT))
+        client.sendall(b"held open\n")
+        assert client.recv(100) == b"held open\n"  # both relays are up
+        src = f"{a}:{client.getsockname()[1]}"
+        mine = [c for c in connections(uid_a, "outbound") if c["src"] == src]
+        assert mine == [
+            {"src": src, "originalDst": f"{b}:{APP_PORT}", "actualDst": f"{b}:{APP_PORT}", "protocol": "TCP"}
+        ]
+        inbound = connections(uid_b, "inbound")  # (from A's address: the outbound relay's upstream)
+        assert any(
+            c["src"].startswith(f"{a}:")
+            and c["originalDst"] is None
+            and c["actualDst"] == f"{b}:{APP_PORT}"
+            and c["protocol"] == "TCP"
+            for c in inbound
+        ), inbound
+    wait_until(
+        lambda: not any(c["src"] == src for c in connections(uid_a, "outbound")),
+        what="A's gone from the list",
+    )
+    wait_until(lambda: not connections(uid_b, "inbound"), what="B's inbound list empty again")
+
+
 def test_dns_from_an_enrolled_pod_is_answered_through_the_forwarder(mesh: Mesh) -> None:
     """The rules send the pod's DNS (UDP and TCP 53) to 15053; zds forwards each query to
     the node's resolver and the answer comes back as if from the server the pod asked."""
