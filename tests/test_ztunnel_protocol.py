@@ -418,6 +418,12 @@ BAD_RECORDS = {
         socket.MSG_CTRUNC,
         "failure to read message : ENOBUFS: No buffer space available",
     ),
+    "cut bytes and cut fds (the fds first, as ztunnel)": (
+        golden("add"),
+        1,
+        socket.MSG_TRUNC | socket.MSG_CTRUNC,
+        "failure to read message : ENOBUFS: No buffer space available",
+    ),
     "three fds (two fit)": (
         golden("add"),
         2,

@@ -172,7 +172,7 @@ def canonical(seen: Seen) -> bytes | None:
 def ztunnel_answer(seen: Seen, snapshot_done: bool) -> str:
     """What real ztunnel answers this record with ("" is a clean ack): its read checks
     (protocol.rs), then its state rules (statemanager.rs)."""
-    if seen.flags & socket.MSG_CTRUNC:
+    if _fds_cut(seen):
         return f"{READ_FAILURE}ENOBUFS: No buffer space available"
     if len(seen.fds) > 1:
         return f"{READ_FAILURE}{_too_many_fds(seen)}"
@@ -196,9 +196,19 @@ def ztunnel_answer(seen: Seen, snapshot_done: bool) -> str:
     return ""
 
 
+def _fds_cut(seen: Seen) -> bool:
+    """Whether ztunnel's own control buffer would have been cut (MSG_CTRUNC): more fds than
+    its room for two (this strict ztunnel reads with a larger buffer, so it sees them all),
+    or our own buffer cut."""
+    return bool(seen.flags & socket.MSG_CTRUNC) or len(seen.fds) > ZTUNNEL_FD_ROOM
+
+
 def _too_many_fds(seen: Seen) -> str:
-    """ztunnel's read error for more than one fd: it counts only those its buffer held."""
-    return f"Expected 1 FD, got {min(len(seen.fds), ZTUNNEL_FD_ROOM)}"
+    """ztunnel's read error for more than one fd: 'Expected 1 FD, got 2' while they fit its
+    buffer; past that its nix (0.31) refuses the cut control buffer (RecvMsg::cmsgs: ENOBUFS)."""
+    if _fds_cut(seen):
+        return "ENOBUFS: No buffer space available"
+    return f"Expected 1 FD, got {len(seen.fds)}"
 
 
 #: Called with (check name, finding) for every departure a record shows.
@@ -306,7 +316,11 @@ class ConnectionRules:
                         detail=[f"fd: {info}" for info in seen.fds]
                         + [
                             "ztunnel: "
-                            + ("'No control message'" if not seen.fds else f"'{_too_many_fds(seen)}'")
+                            + (
+                                "'No control message'"
+                                if not seen.fds and not _fds_cut(seen)
+                                else f"'{_too_many_fds(seen)}'"
+                            )
                         ],
                     ),
                 )
