@@ -46,7 +46,7 @@ class Admission:
             sock, turn = self._waiting[0]
             if turn.done():  # its connection's task ended while it waited
                 self._waiting.popleft()
-            elif _gone(sock):
+            elif peer_gone(sock):
                 self._waiting.popleft()
                 turn.set_result(False)
             elif (wait := self.limiter.delay(loop.time())) > 0:
@@ -56,7 +56,7 @@ class Admission:
                 turn.set_result(True)
 
 
-def _gone(sock: socket.socket) -> bool:
+def peer_gone(sock: socket.socket) -> bool:
     """Whether the peer left (or the socket is closed already: gone too)."""
     try:
         return peer_hung_up(sock)

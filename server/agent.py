@@ -24,7 +24,7 @@ from zds import defaults
 from zds.logs import Tally
 from zds.protocol.messages import KeepWorkload
 from zds.protocol.nodeagent import AcceptLimiter
-from zds.server.admission import Admission
+from zds.server.admission import Admission, peer_gone
 from zds.server.connection import ZtunnelConnection
 from zds.server.connrecords import ConnectionInfo, SnapshotItem
 from zds.server.enrollment import Enrollment
@@ -109,6 +109,7 @@ class NodeAgent:
         self.admission = Admission(AcceptLimiter(self.config.accepts_per_second), self.tasks)
         #: Silent connections dropped for newer ones: a flood is a line every 10 s, not one each.
         self._crowded = Tally(10.0, log)
+        self._over_limit = Tally(10.0, log)
         self._connection_tasks: dict[ZtunnelConnection, asyncio.Task[None]] = {}
         #: Pod sources that can be up or down (the container engine): name -> (up, detail).
         self.sources: dict[str, tuple[bool, str]] = {}
@@ -287,7 +288,7 @@ class NodeAgent:
         "connected", then a broken pipe). One over ``--max-connections`` is refused at once,
         without a slot (each had waited for one, and a real ztunnel behind them as long)."""
         if self.registry.full():
-            return self._over_the_limit(conn)
+            return GONE_AFTER_HELLO if peer_gone(conn.sock.socket) else self._over_the_limit(conn)
         if not await self.admission.turn(conn.sock.socket):
             return GONE_AFTER_HELLO
         if self.registry.full():  # (filled while it waited for its turn)
@@ -304,11 +305,11 @@ class NodeAgent:
         return ""
 
     def _over_the_limit(self, conn: ZtunnelConnection) -> str:
-        log.warning(
-            "refusing ztunnel connection from %s: already %d connected (--max-connections)",
-            _peer(conn),
+        # (in a line every 10 s: refused at once, a flood of them had been a line each)
+        self._over_limit.add(
+            "refused %d ztunnel connection(s): already %d connected (--max-connections; the latest from %s)",
             len(self.registry),
-            extra=conn.log_extra,
+            _peer(conn),
         )
         self.telemetry.connection_refused("limit")
         return "connection limit reached"
@@ -361,6 +362,7 @@ class NodeAgent:
         connections holds."""
         self.pods.close()
         self._crowded.flush()
+        self._over_limit.flush()
 
 
 def _copy_pod(pod: Pod) -> Pod:

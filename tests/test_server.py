@@ -714,16 +714,17 @@ async def test_connections_that_leave_while_waiting_for_their_slot_leave_none_ta
 
 
 async def test_connections_over_the_limit_are_refused_at_once_and_take_no_slot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With --max-connections connected, each further hello waited for its slot of the rate
     limit before it was refused (the sixth over the limit 1.2 s after its hello), and took the
     slot: a real ztunnel behind them waited as long."""
-    from zds.server.agent import AgentConfig, NodeAgent
+    from zds.server.agent import GONE_AFTER_HELLO, AgentConfig, NodeAgent
     from zds.transport import bind_unix_listener
 
     agent = NodeAgent(AgentConfig(max_connections=2, accepts_per_second=1.0))
     slots = taken_slots(agent, monkeypatch)
+    caplog.set_level(logging.INFO, logger="zds.server")
     path = str(tmp_path / "ztunnel.sock")
     listener = bind_unix_listener(path, mode=0o600)
     accepting = asyncio.create_task(agent.serve_zds(listener))
@@ -747,6 +748,17 @@ async def test_connections_over_the_limit_are_refused_at_once_and_take_no_slot(
 
         await async_wait_until(lambda: all(closed(sock) for sock in over), "the six refused", timeout=10)
         assert len(slots) == 2, "a refused connection took a slot"
+        said = [r.getMessage() for r in caplog.records if "--max-connections" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith(
+            "refused 1 ztunnel connection(s): already 2 connected"
+        ), said
+        # One that said hello and went is no refusal for the limit (nor a warning): it is gone.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as gone:
+            gone.connect(path)
+            gone.send(bytes.fromhex("0801"))
+        await async_wait_until(
+            lambda: any(GONE_AFTER_HELLO in r.getMessage() for r in caplog.records), "the one gone said gone"
+        )
     finally:
         for sock in over:
             sock.close()
