@@ -5,7 +5,8 @@ The body is what Istio's CNI plugin sends (``Netns``, ``PodName``,
 ``PodNamespace``, ``IPs``). It carries no pod uid and no service account: zds
 accepts them as optional extra fields ``PodUID`` and ``ServiceAccount``, and
 otherwise derives a stable uid from namespace/name and uses ``default``.
-Answers 200, 400 for a body Go's encoding/json would not decode into Istio's event, 500
+Answers 200, 400 for a body that does not decode into Istio's event (not JSON, not an
+object, a field of the wrong type), 500
 with the reason when enrollment fails (also for a body that decodes and names no pod or
 netns: ``{}``, as Istio's agent, whose pod lookup then fails).
 A body as Istio's plugin sends it is enrolled as Istio's agent would.
