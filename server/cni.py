@@ -6,9 +6,9 @@ The body is what Istio's CNI plugin sends (``Netns``, ``PodName``,
 accepts them as optional extra fields ``PodUID`` and ``ServiceAccount``, and
 otherwise derives a stable uid from namespace/name and uses ``default``.
 Answers 200, 400 for a body that does not decode into Istio's event (not JSON, not an
-object, a field of the wrong type), 500
-with the reason when enrollment fails (also for a body that decodes and names no pod or
-netns: ``{}``, as Istio's agent, whose pod lookup then fails).
+object, a field of the wrong type), 500 with the reason when enrollment fails (also for a
+body that decodes and names no pod or netns: ``{}``, as Istio's agent, whose pod lookup
+then fails).
 A body as Istio's plugin sends it is enrolled as Istio's agent would.
 
 zds-cni adds ``ContainerID``: then the container's labels decide (through the
