@@ -188,9 +188,8 @@ class Ztunnel:
             netns: dict[str, int] | None = None
             if isinstance(w.netns_id, NetnsIdentity):
                 netns = {"dev": w.netns_id.dev, "ino": w.netns_id.ino}
-            traffic = self.traffic.get(
-                uid
-            )  # (a look, not traffic_of: reading made its zero series in /metrics)
+            # (a look, not traffic_of: reading config_dump made its zero series in /metrics)
+            traffic = self.traffic.get(uid)
             states[uid] = {"state": w.state.admin_name}
             if w.state.admin_name == "Up":  # (as ztunnel: a connection manager once the proxy is up)
                 states[uid]["connections"] = {
