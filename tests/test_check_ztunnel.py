@@ -117,6 +117,7 @@ def test_a_config_dump_whose_workload_state_is_no_object_is_a_finding(
     assert "Traceback" not in run.stderr, run.stderr
     assert run.statuses()["reconcile"] == "fail", run.stdout
     assert "config_dump's workloadState is " in run.stdout and "not an object by uid" in run.stdout
+    assert NO_LISTENERS not in run.stdout  # (--protocol-only was given)
 
 
 def test_a_ztunnel_that_connects_by_itself_is_checked_too(tmp_path: pathlib.Path) -> None:
@@ -258,6 +259,8 @@ def test_each_check_fails_against_zds_ztunnel_with_the_matching_fault(
     assert run.status(name) == "fail", run.stdout
     assert says in run.findings(name), run.stdout
     assert "source: istio/ztunnel" in run.stdout
+    # (only the ztunnel that opens no listeners is pointed to --protocol-only: not one that retries late)
+    assert (NO_LISTENERS in run.stdout) == (flags == " --no-listeners"), run.stdout
 
 
 @pytest.mark.parametrize("name", ["listeners-closed-on-del", "readd-same-netns"])
@@ -270,6 +273,43 @@ def test_a_check_of_what_listeners_do_fails_when_they_never_came_up(
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.status(name) == "fail", run.stdout
     assert "not seen: the pod's listeners never all came up after its AddWorkload" in run.findings(name)
+
+
+NO_LISTENERS = "no pod ever had a listener: a ztunnel that opens none is judged with --protocol-only"
+
+
+@pytest.mark.parametrize("name", ["listeners-in-pod", "reconcile", "pending-retry"])
+def test_a_ztunnel_that_opens_no_listeners_is_pointed_to_protocol_only(
+    name: str, tmp_path: pathlib.Path
+) -> None:
+    """ztunnel's own code run with --no-listen failed these, and nothing said why."""
+    run = zds_check("ztunnel", "--cmd", ZTUNNEL + " --no-listeners", "--only", name, *FAST, tmp=tmp_path)
+    assert run.status(name) == "fail", run.stdout
+    header = run.stdout.split("\n\n")[0].splitlines()
+    assert [line for line in header if NO_LISTENERS in line] == [
+        f"  {NO_LISTENERS} (and --config-dump-url, for the reconcile)"
+    ], run.stdout
+    assert any(NO_LISTENERS in line for line in run.report["context"])
+
+
+def test_fd_on_non_add_says_all_three_records_in_its_line(tmp_path: pathlib.Path) -> None:
+    """Its line said only the DelWorkload's refusal, not the KeepWorkload's and SnapshotSent's."""
+    run = zds_check(
+        "ztunnel", "--cmd", ZTUNNEL + " --no-listeners", "--only", "fd-on-non-add", *FAST, tmp=tmp_path
+    )
+    assert run.status("fd-on-non-add") == "pass", run.stdout
+    nack = "'failure to read message : Unexpected control message'"
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("PASS  fd-on-non-add")]
+    assert f"a Del, a Keep and a SnapshotSent with an fd: each nacked {nack}, closed, back " in line
+    assert line.endswith(" ms later"), line
+    # (each record's own line is kept in the report, after the one the summary shows)
+    notes = run.check("fd-on-non-add")["notes"]
+    assert [n.split(":")[0] for n in notes[1:]] == [
+        "a DelWorkload with an fd",
+        "a KeepWorkload with an fd",
+        "a SnapshotSent with an fd",
+    ]
+    assert all(f"nacked {nack}, closed, back " in n for n in notes)
 
 
 def test_ztunnel_faults_are_counted_and_listed_on_the_admin_endpoint(tmp_path: pathlib.Path) -> None:

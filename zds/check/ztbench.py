@@ -63,6 +63,11 @@ class Bench:
         self.pid: int | None = None
         self.starts = 0
         self.exits: list[str] = []
+        #: How many times a pod's netns was looked at for the ztunnel's listeners
+        #: (``ztsteps.pod_ports``), and the signs that it opens some: a look that found one, an Add
+        #: nacked for its port taken. Looks and no sign: a word on --protocol-only in the report.
+        self.listener_looks = 0
+        self.listener_signs = 0
         self._tmp = tempfile.mkdtemp(prefix="zds-check-")
         self.socket_path = options.zds_socket or os.path.join(self._tmp, "ztunnel.sock")
         self.log_path = os.path.join(self._tmp, "ztunnel.log")

@@ -31,8 +31,9 @@ from zds.protocol.reading import PROCESS_FAILURE, READ_FAILURE
 
 async def _refused(
     b: Bench, name: str, conn: ZtConn, entry: Entry, what: str, prefix: str = READ_FAILURE
-) -> None:
-    """Send ``entry``; it must be nacked with ``prefix``, the connection closed, and ztunnel back at once."""
+) -> tuple[str, float] | None:
+    """Send ``entry``; it must be nacked with ``prefix``, the connection closed, and ztunnel back at once:
+    the nack's text and how soon it was back, when all that was seen (else None)."""
     payload, fds = entry
     with_fds = _fds_of(fds)
     reply = await conn.request(payload, fds, check=name)
@@ -47,7 +48,7 @@ async def _refused(
                 sent=payload,
             ),
         )
-        return
+        return None
     back = await b.accept(b.options.timeout)
     if back is None:
         b.report(
@@ -57,7 +58,7 @@ async def _refused(
                 conn.name,
             ),
         )
-        return
+        return None
     if back.accepted_at - (conn.closed_at or back.accepted_at) > b.options.grace:
         b.report(
             name,
@@ -68,12 +69,32 @@ async def _refused(
             ),
         )
     elif nacked and reply is not None and reply.ack is not None:
+        if conn.closed_at is None:
+            b.note(name, what)
+            return None
         b.note(
             name,
-            f"{what}: nacked {reply.ack.error!r}, closed, back {_since(back.accepted_at, conn.closed_at)} later"
-            if conn.closed_at
-            else what,
+            f"{what}: nacked {reply.ack.error!r}, closed, back {_since(back.accepted_at, conn.closed_at)} later",
         )
+        return reply.ack.error, _seconds(back.accepted_at, conn.closed_at)
+    return None
+
+
+def _refused_together(b: Bench, name: str, what: str, outcomes: list[tuple[str, float] | None]) -> None:
+    """One line, first among the notes (the one the summary shows), for a check that had several
+    records refused, when each was as it must be; each record's own note stays after it."""
+    if b.findings.get(name) or any(o is None for o in outcomes):
+        return
+    done = [outcome for outcome in outcomes if outcome is not None]
+    errors = list(dict.fromkeys(error for error, _ in done))
+    nacked = f"each nacked {errors[0]!r}" if len(errors) == 1 else "nacked " + ", ".join(map(repr, errors))
+    times = {_ms(took) for _, took in done}
+    back = (
+        f"back {times.pop()} later"
+        if len(times) == 1
+        else f"back at most {_ms(max(t for _, t in done))} later"
+    )
+    b.notes[name].insert(0, f"{what}: {nacked}, closed, {back}")
 
 
 def _fds_of(fds: list[int]) -> str:
@@ -84,7 +105,15 @@ def _fds_of(fds: list[int]) -> str:
 def _since(later: float, earlier: float | None) -> str:
     """A short time between two events, as seen here (a reconnect can be accepted before the
     reader has seen the EOF that came first: never negative)."""
-    return f"{max(0.0, later - (earlier or later)) * 1000:.1f} ms"
+    return _ms(_seconds(later, earlier))
+
+
+def _seconds(later: float, earlier: float | None) -> float:
+    return max(0.0, later - (earlier or later))
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
 
 
 async def oversize_record(b: Bench) -> None:
@@ -124,18 +153,20 @@ async def add_with_two_fds(b: Bench) -> None:
 
 
 async def fd_on_non_add(b: Bench) -> None:
+    name = "fd-on-non-add"
     conn = await b.fresh([])
-    await _refused(
-        b, "fd-on-non-add", conn, delete("zds-check-fd", [open_fd("/dev/null")]), "a DelWorkload with an fd"
+    on_del = await _refused(
+        b, name, conn, delete("zds-check-fd", [open_fd("/dev/null")]), "a DelWorkload with an fd"
     )
     conn = await b.fresh(None)
-    await _refused(
-        b, "fd-on-non-add", conn, keep("zds-check-fd", [open_fd("/dev/null")]), "a KeepWorkload with an fd"
+    on_keep = await _refused(
+        b, name, conn, keep("zds-check-fd", [open_fd("/dev/null")]), "a KeepWorkload with an fd"
     )
     conn = await b.fresh(None)
-    await _refused(
-        b, "fd-on-non-add", conn, (SNAPSHOT_SENT, [open_fd("/dev/null")]), "a SnapshotSent with an fd"
+    on_snapshot = await _refused(
+        b, name, conn, (SNAPSHOT_SENT, [open_fd("/dev/null")]), "a SnapshotSent with an fd"
     )
+    _refused_together(b, name, "a Del, a Keep and a SnapshotSent with an fd", [on_del, on_keep, on_snapshot])
 
 
 async def empty_record(b: Bench) -> None:

@@ -66,6 +66,14 @@ EVIDENCE = {
     "snapshot-sent-acked": "empty snapshots, each acked",
 }
 
+#: Said when checks failed, pods were looked at for the ztunnel's listeners and none was ever seen
+#: (nor an Add nacked for its port taken): the listener checks cannot hold against a ztunnel that
+#: opens none, which --protocol-only is for.
+NO_LISTENERS = (
+    "no pod ever had a listener: a ztunnel that opens none is judged with --protocol-only "
+    "(and --config-dump-url, for the reconcile)"
+)
+
 
 async def run_ztunnel_checks(options: ZtunnelCheckOptions, selected: list[str]) -> Report:
     bench = Bench(options)
@@ -101,6 +109,8 @@ async def _run(bench: Bench, options: ZtunnelCheckOptions, selected: list[str]) 
         for name in selected
     ]
     report.finish()
+    if not report.ok and not options.protocol_only and bench.listener_looks and not bench.listener_signs:
+        report.context.append(NO_LISTENERS)
     if not report.ok and options.cmd:
         report.context += ["the ztunnel's last output:", *(f"  {line}" for line in bench.log_tail())]
     return report

@@ -24,6 +24,7 @@ from zds.check.ztsteps import (
     http_status,
     keep,
     open_fd,
+    pod_ports,
     ports_probe,
     request_acked,
     said,
@@ -104,9 +105,11 @@ async def readd_same_netns(b: Bench) -> None:
     pod = b.pods.make()
     conn = await b.fresh([])
     await request_acked(b, "readd-same-netns", conn, add(pod), "the first AddWorkload")
-    up, before, _ = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
+    up, before = False, dict[int, set[int]]()
+    if not b.options.protocol_only:  # (no listeners to wait for: it waited the whole --timeout)
+        up, before, _ = await wait_for(ports_probe(b, pod.netns), lambda p: set(p) >= ALL, b.options.timeout)
     if await request_acked(b, "readd-same-netns", conn, add(pod), "the same AddWorkload again"):
-        after = await ports_of(pod.netns, b.pid)
+        after = await pod_ports(b, pod.netns)
         if not b.options.protocol_only and not up:
             b.report("readd-same-netns", Finding(NEVER_UP, conn.name))
         elif not b.options.protocol_only and after != before:
@@ -157,7 +160,7 @@ async def reconcile(b: Bench) -> None:
         return
     a, gone, c = b.pods.make(), b.pods.make(), b.pods.make()
     await b.fresh([add(a), add(gone)], "reconcile")
-    before = await ports_of(a.netns, b.pid)
+    before = await pod_ports(b, a.netns)
     conn = await b.fresh([keep(a.uid), add(c), delete(c.uid)], "reconcile")
     b.exercised["reconcile"] += 1
     if dump:
@@ -179,7 +182,7 @@ async def reconcile(b: Bench) -> None:
         dropped, left, took = await wait_for(
             lambda: _listening_any(b, [gone.netns, c.netns]), lambda n: not n, b.options.timeout
         )
-        after = await ports_of(a.netns, b.pid)
+        after = await pod_ports(b, a.netns)
         if not dropped:
             b.report(
                 "reconcile",
@@ -213,7 +216,7 @@ async def reconcile(b: Bench) -> None:
 
 
 async def _listening_any(b: Bench, netns: list[str]) -> list[str]:
-    return [path for path in netns if await ports_of(path, b.pid)]
+    return [path for path in netns if await pod_ports(b, path)]
 
 
 # -- pending, retry, readiness ------------------------------------------------------------------
@@ -262,7 +265,10 @@ async def pending_retry(b: Bench) -> None:
         reply = await conn.request(payload, fds, check="pending-retry")
         b.exercised["pending-retry"] += 1
         if not expect_nack(b, "pending-retry", conn, reply, payload, START_FAILURE):
+            if reply is not None and reply.ack is not None and not reply.ack.error:
+                await pod_ports(b, pod.netns)  # (acked with its port taken: any listener at all?)
             return
+        b.listener_signs += 1  # (it tried to bind in the pod)
     finally:
         blocker.release()
     within = b.options.retry_interval + b.options.grace

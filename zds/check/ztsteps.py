@@ -73,8 +73,16 @@ async def wait_for(
         await asyncio.sleep(0.05)
 
 
+async def pod_ports(b: Bench, netns: str) -> dict[int, set[int]]:
+    """The ztunnel's in-pod ports listening in a pod's ``netns`` (``ports_of``), counted on the bench."""
+    ports = await ports_of(netns, b.pid)
+    b.listener_looks += 1
+    b.listener_signs += bool(ports)
+    return ports
+
+
 def ports_probe(b: Bench, netns: str) -> Callable[[], Awaitable[dict[int, set[int]]]]:
-    return lambda: ports_of(netns, b.pid)
+    return lambda: pod_ports(b, netns)
 
 
 ALL = set(INPOD_PORTS)
