@@ -306,6 +306,10 @@ async def proxy_connection(
             return
         if ipaddress.ip_address(address).version == 4:
             family = socket.AF_INET  # a v4 destination from a [::] listener
+        # Listed from here, while its upstream is made and connected, as ztunnel tracks one
+        # before it connects (outbound.rs track_outbound; inbound, assert_rbac)
+        if (dump := connection_dump(client, address, port, inbound=inbound)) is not None:
+            stats.open[id(client)] = dump
         try:
             netns = socket_netns(client.fileno())
         except NetnsError as exc:
@@ -347,8 +351,6 @@ async def proxy_connection(
             tune_relay_socket(client)
         except OSError as exc:  # (the client reset already: the relay finds out)
             log.debug("cannot set the client socket's options: %s", exc, extra=log_extra)
-        if (dump := connection_dump(client, address, port, inbound=inbound)) is not None:
-            stats.open[id(client)] = dump
         await relay(client, upstream, stats)
     finally:
         stats.open.pop(id(client), None)

@@ -324,6 +324,45 @@ def test_config_dump_lists_each_relayed_connection_as_ztunnels_connection_manage
     wait_until(lambda: not connections(uid_b, "inbound"), what="B's inbound list empty again")
 
 
+def test_config_dump_lists_ipv6_connections_as_rust_writes_a_socket_addr(mesh: Mesh) -> None:
+    a, b = mesh.pods["a"].ipv6, mesh.pods["b"].ipv6
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with client:
+        client.settimeout(10)
+        client.connect((b, APP_PORT))
+        client.sendall(b"over ipv6\n")
+        assert client.recv(100) == b"over ipv6\n"  # both relays are up
+        src = f"[{a}]:{client.getsockname()[1]}"
+        state = mesh.ztunnel.config_dump()["workloadState"]
+        outbound = [c for c in state[mesh.uid("a")]["connections"]["outbound"] if c["src"] == src]
+        assert outbound == [
+            {
+                "src": src,
+                "originalDst": f"[{b}]:{APP_PORT}",
+                "actualDst": f"[{b}]:{APP_PORT}",
+                "protocol": "TCP",
+            }
+        ]
+        inbound = state[mesh.uid("b")]["connections"]["inbound"]
+        assert any(c["src"].startswith(f"[{a}]:") and c["actualDst"] == f"[{b}]:{APP_PORT}" for c in inbound)
+
+
+def test_a_connection_is_listed_while_its_upstream_connects(mesh: Mesh) -> None:
+    """ztunnel tracks an outbound connection before it connects upstream (outbound.rs
+    ``track_outbound``), so one whose destination does not answer is listed meanwhile."""
+    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with client:
+        client.settimeout(10)
+        client.connect(("192.0.2.1", 9))  # (accepted at 15001; TEST-NET-1: its upstream connect waits)
+        src = f"{mesh.pods['a'].ipv4}:{client.getsockname()[1]}"
+        listed = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]["connections"]["outbound"]
+        assert [c for c in listed if c["src"] == src] == [
+            {"src": src, "originalDst": "192.0.2.1:9", "actualDst": "192.0.2.1:9", "protocol": "TCP"}
+        ]
+
+
 def test_dns_from_an_enrolled_pod_is_answered_through_the_forwarder(mesh: Mesh) -> None:
     """The rules send the pod's DNS (UDP and TCP 53) to 15053; zds forwards each query to
     the node's resolver and the answer comes back as if from the server the pod asked."""
