@@ -45,7 +45,7 @@ from zds.protocol.workloads import (
     SnapshotReconciled,
 )
 from zds.protocol.ztunnel import ConnectionState, ZtunnelProtocol
-from zds.seqpacket import peer_hung_up
+from zds.seqpacket import sent_empty
 from zds.transport import BusyPoll, SeqpacketConnection, connect
 
 log = logging.getLogger("zds.ztunnel")
@@ -207,8 +207,8 @@ class ZdsClient:
                         if self.protocol.has_pending and (close := self._retry_pending()) is not None:
                             return self._closed(close, answered)
                     continue
-                if not answered and not record.is_eof:
-                    answered = True  # its first message answers the hello
+                if not answered and record.payload:
+                    answered = True  # its first message answers it (an empty one: EOF to ztunnel)
                     log.info("connected to the node agent at %s", self.socket_path, extra=extra)
                 if (
                     self.faults is not None
@@ -216,7 +216,7 @@ class ZdsClient:
                 ):
                     await conn.send(answer)
                     continue
-                peer_open = record.is_eof and not peer_hung_up(conn.socket)
+                peer_open = sent_empty(conn.socket, record)
                 events = self.protocol.receive(record, peer_open=peer_open)  # it owns the record's fds now
                 close = await self._apply(self._work(events), conn)
                 if close is not None:

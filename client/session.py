@@ -52,7 +52,7 @@ from zds.protocol.workloads import (
     StopProxy,
 )
 from zds.protocol.ztunnel import ZtunnelProtocol
-from zds.seqpacket import peer_hung_up, poll_budget, poll_record, recv_record, send_record
+from zds.seqpacket import poll_budget, poll_record, recv_record, send_record, sent_empty
 
 log = logging.getLogger("zds.ztunnel")
 
@@ -311,10 +311,10 @@ class _FirstSnapshot:
             if record is None:
                 self._wait(select.POLLIN)
                 continue
-            if not handover.answered and not record.is_eof:
-                handover.answered = True  # its first message answers the hello
+            if not handover.answered and record.payload:
+                handover.answered = True  # its first message answers it (an empty one: EOF to ztunnel)
                 log.info("connected to the node agent at %s", self.path, extra=extra)
-            peer_open = record.is_eof and not peer_hung_up(handover.sock)
+            peer_open = sent_empty(handover.sock, record)
             work = RecordWork(
                 self.protocol.receive(record, peer_open=peer_open), self.protocol, self.proxies, self.conn_id
             )

@@ -1428,6 +1428,26 @@ def test_an_empty_record_from_a_node_agent_still_there_is_said_to_be_one(
     conn.send(b"")  # (its end stays open)
     conn.expect_closed()
     wait_until(lambda: "closing the connection: node agent sent an empty record" in z.output(), "the warning")
+    # One that carries an fd too: an EOF never does, so it is a record whatever the peer did.
+    withfd = agent.connect_and_hello()
+    assert withfd.snapshot() == Ack()
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        withfd.send(b"", [fd])
+    finally:
+        os.close(fd)
+    withfd.expect_closed()
+    wait_until(lambda: z.output().count("node agent sent an empty record") == 2, "said as a record too")
+    assert "node agent closed the connection" not in z.output()
+    # Nor is it an answer to the hello (ztunnel reads EOF): the backoff of the unanswered.
+    first = agent.connect_and_hello()
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        first.send(b"", [fd])
+    finally:
+        os.close(fd)
+    first.expect_closed()
+    wait_until(lambda: "closed the connection before answering the hello" in z.output(), "not answered")
     again = agent.connect_and_hello()  # (it connects again, as after any end)
     assert again.snapshot() == Ack()
     again.close()

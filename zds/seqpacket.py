@@ -54,6 +54,15 @@ def peer_hung_up(sock: socket.socket) -> bool:
     return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
+def sent_empty(sock: socket.socket, record: Record) -> bool:
+    """Whether a 0-byte ``record`` is one the peer sent, not its close: one with fds or
+    flags (an EOF carries none), or one while the peer's end is still open (no POLLRDHUP).
+    False for a record with bytes."""
+    if record.payload:
+        return False
+    return not record.is_eof or not peer_hung_up(sock)
+
+
 def send_record(sock: socket.socket, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
     """Send one record, with ``fds`` as SCM_RIGHTS on the same sendmsg; never blocks
     (BlockingIOError when the socket cannot take it now)."""

@@ -192,8 +192,9 @@ class ZtunnelProtocol:
     def receive(self, record: Record, *, peer_open: bool = False) -> list[Event]:
         """Feed one record: its bytes, the fds that came with it (now owned here:
         each is kept by a workload or closed) and the recvmsg flags. ``peer_open``: a 0-byte
-        record came while the node agent's end is still open (the I/O layer asked the
-        socket): an empty record it sent, the connection's end all the same, said as such."""
+        record the node agent sent (with fds, or while its end is still open: the I/O layer
+        asked the socket, ``seqpacket.sent_empty``), not its close: the connection's end
+        all the same, said as such."""
         payload, fds, flags = record.payload, record.take_fds(), record.flags
         if self.state not in (ConnectionState.SNAPSHOT, ConnectionState.SYNCED):
             close_all(fds)
