@@ -248,18 +248,25 @@ def _process_sockets(pid: int) -> Iterator[socket.socket]:
         os.close(pidfd)
 
 
+@contextlib.contextmanager
+def held_open(mesh: Mesh, name: str, family: int, address: str, line: bytes) -> Iterator[socket.socket]:
+    """A connection from pod ``name`` to ``address``:APP_PORT, its line echoed (both relays
+    up), held open until the block ends."""
+    with open_netns(mesh.pods[name].netns_path) as ns, in_netns(ns):
+        client = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with client:
+        client.settimeout(10)
+        client.connect((address, APP_PORT))
+        client.sendall(line)
+        assert client.recv(100) == line  # both relays are up
+        yield client
+
+
 def test_both_relays_sockets_have_ztunnels_nodelay_and_keepalive(mesh: Mesh) -> None:
     # ztunnel sets them on every accepted and every upstream socket (proxy.rs, socket.rs):
     # without keepalive a relay whose peer vanished without a FIN (its rules or netns gone
     # mid-connection) stayed open for good.
-    b = mesh.pods["b"].ipv4
-    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    with client:
-        client.settimeout(10)
-        client.connect((b, APP_PORT))
-        client.sendall(b"held open\n")
-        assert client.recv(100) == b"held open\n"  # both relays are up
+    with held_open(mesh, "a", socket.AF_INET, mesh.pods["b"].ipv4, b"held open\n") as client:
         ends: list[tuple[int, int, tuple[int, int, int]]] = []  # (local port, peer port, options)
         for sock in _process_sockets(mesh.ztunnel.pid):
             if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
@@ -297,13 +304,7 @@ def test_config_dump_lists_each_relayed_connection_as_ztunnels_connection_manage
         ]
         return listed
 
-    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
-        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    with client:
-        client.settimeout(10)
-        client.connect((b, APP_PORT))
-        client.sendall(b"held open\n")
-        assert client.recv(100) == b"held open\n"  # both relays are up
+    with held_open(mesh, "a", socket.AF_INET, b, b"held open\n") as client:
         src = f"{a}:{client.getsockname()[1]}"
         mine = [c for c in connections(uid_a, "outbound") if c["src"] == src]
         assert mine == [
@@ -326,13 +327,7 @@ def test_config_dump_lists_each_relayed_connection_as_ztunnels_connection_manage
 
 def test_config_dump_lists_ipv6_connections_as_rust_writes_a_socket_addr(mesh: Mesh) -> None:
     a, b = mesh.pods["a"].ipv6, mesh.pods["b"].ipv6
-    with open_netns(mesh.pods["a"].netns_path) as ns, in_netns(ns):
-        client = socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    with client:
-        client.settimeout(10)
-        client.connect((b, APP_PORT))
-        client.sendall(b"over ipv6\n")
-        assert client.recv(100) == b"over ipv6\n"  # both relays are up
+    with held_open(mesh, "a", socket.AF_INET6, b, b"over ipv6\n") as client:
         src = f"[{a}]:{client.getsockname()[1]}"
         state = mesh.ztunnel.config_dump()["workloadState"]
         outbound = [c for c in state[mesh.uid("a")]["connections"]["outbound"] if c["src"] == src]
@@ -357,8 +352,13 @@ def test_a_connection_is_listed_while_its_upstream_connects(mesh: Mesh) -> None:
         client.settimeout(10)
         client.connect(("192.0.2.1", 9))  # (accepted at 15001; TEST-NET-1: its upstream connect waits)
         src = f"{mesh.pods['a'].ipv4}:{client.getsockname()[1]}"
-        listed = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]["connections"]["outbound"]
-        assert [c for c in listed if c["src"] == src] == [
+
+        def mine() -> list[dict[str, Any]]:
+            listed = mesh.ztunnel.config_dump()["workloadState"][mesh.uid("a")]["connections"]["outbound"]
+            return [c for c in listed if c["src"] == src]
+
+        wait_until(lambda: bool(mine()), what="the connection listed (once ztunnel has accepted it)")
+        assert mine() == [
             {"src": src, "originalDst": "192.0.2.1:9", "actualDst": "192.0.2.1:9", "protocol": "TCP"}
         ]
 

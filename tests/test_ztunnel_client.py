@@ -1416,6 +1416,14 @@ def test_an_empty_record_in_the_first_snapshot_closes_the_connection_as_on_the_l
     assert code == 0
 
 
+def _send_empty_with_an_fd(conn: FakeConnection) -> None:
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        conn.send(b"", [fd])
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.root
 def test_an_empty_record_from_a_node_agent_still_there_is_said_to_be_one(
     agent: FakeNodeAgent, start_ztunnel: Callable[..., ZtunnelProc]
@@ -1431,21 +1439,13 @@ def test_an_empty_record_from_a_node_agent_still_there_is_said_to_be_one(
     # One that carries an fd too: an EOF never does, so it is a record whatever the peer did.
     withfd = agent.connect_and_hello()
     assert withfd.snapshot() == Ack()
-    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        withfd.send(b"", [fd])
-    finally:
-        os.close(fd)
+    _send_empty_with_an_fd(withfd)
     withfd.expect_closed()
     wait_until(lambda: z.output().count("node agent sent an empty record") == 2, "said as a record too")
     assert "node agent closed the connection" not in z.output()
     # Nor is it an answer to the hello (ztunnel reads EOF): the backoff of the unanswered.
     first = agent.connect_and_hello()
-    fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        first.send(b"", [fd])
-    finally:
-        os.close(fd)
+    _send_empty_with_an_fd(first)
     first.expect_closed()
     wait_until(lambda: "closed the connection before answering the hello" in z.output(), "not answered")
     again = agent.connect_and_hello()  # (it connects again, as after any end)
