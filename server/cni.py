@@ -142,17 +142,10 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
     """
     doc = _json_object(body, "Netns, PodName and PodNamespace", null_is_empty=True)
     values: dict[str, Any] = {}
-    for key in ("Netns", "PodName", "PodNamespace"):
+    for key in ("Netns", "PodName", "PodNamespace", "PodUID", "ServiceAccount", "ContainerID"):
         value = _field(doc, key)
         if value is not None and not isinstance(value, str):
             raise BadEvent(f"{key} must be a string")  # (Go's decode fails: 400)
-        if not value:
-            raise UnusableEvent(f"{key} is missing or empty")  # (Go decodes it: 500)
-        values[key] = value
-    for key in ("PodUID", "ServiceAccount", "ContainerID"):
-        value = _field(doc, key)
-        if value is not None and not isinstance(value, str):
-            raise BadEvent(f"{key} must be a string")
         values[key] = value
     if values["ContainerID"] and not is_container_id(values["ContainerID"]):
         raise BadEvent(f"ContainerID {values['ContainerID'][:80]!r} is not a container id")
@@ -164,6 +157,9 @@ def parse_event(body: bytes) -> tuple[PodSpec, str | None]:
         if len(ips) > defaults.MAX_POD_IPS:
             raise BadEvent(f"IPs: {len(ips)} entries, over {defaults.MAX_POD_IPS} (a pod has one per family)")
         addresses = [a for index, entry in enumerate(ips) if (a := _check_ip_config(entry, index))]
+    for key in ("Netns", "PodName", "PodNamespace"):  # (only once the whole body decoded, as Go's)
+        if not values[key]:
+            raise UnusableEvent(f"{key} is missing or empty")  # (Go decodes it: 500)
     name, namespace = values["PodName"], values["PodNamespace"]
     try:
         netns = NetnsRef.of_path(values["Netns"])

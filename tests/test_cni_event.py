@@ -149,3 +149,19 @@ def test_a_field_given_twice_in_any_case_is_the_last_as_go_reads_it() -> None:
 def test_a_null_given_after_a_field_leaves_it_as_go_does() -> None:
     text = json.dumps(GO_BODY)[:-1] + ', "podname": null}'
     assert parse_add_event(text.encode()).name == GO_BODY["PodName"]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [{"PodName": 5}, {"IPs": "x"}, {"Netns": "", "PodUID": 3}, {"IPs": [{"Address": {"IP": "notanip"}}]}],
+)
+def test_a_field_go_cannot_decode_is_a_400_even_with_the_pod_named_by_nothing(doc: dict[str, Any]) -> None:
+    """Istio's decode refuses the whole body first (400); only a body that decoded fails at its
+    pod lookup (500): a missing Netns had been said first, a 500, for a body Go refuses."""
+    from zds.server.cni import UnusableEvent
+
+    with pytest.raises(BadEvent) as refused:
+        parse_event(body(doc))
+    assert not isinstance(refused.value, UnusableEvent), refused.value
+    with pytest.raises(UnusableEvent, match=r"^Netns is missing or empty$"):
+        parse_event(body({}))
