@@ -31,7 +31,7 @@ from zds.protocol.nodeagent import (
     NodeAgentProtocol,
     SnapshotComplete,
 )
-from zds.seqpacket import peer_hung_up
+from zds.seqpacket import sent_empty
 from zds.server import spans
 from zds.server.connrecords import (
     ConnectionInfo,
@@ -253,7 +253,7 @@ class ZtunnelConnection:
     def _take(self, record: Record) -> list[Event]:
         """``record`` to the protocol; a 0-byte one is asked about first: ztunnel gone, or an
         empty record it sent (its end still open)."""
-        peer_open = record.is_eof and not peer_hung_up(self.sock.socket)
+        peer_open = sent_empty(self.sock.socket, record)
         return self._handle(self.protocol.receive(record, _now(), peer_open=peer_open))
 
     async def _await_hello(self) -> None:

@@ -22,7 +22,8 @@ from zds.check.records import ConnectionRules, Seen, receive, take_fds
 from zds.check.report import CLOSE_LINGER, Finding
 from zds.errors import ZdsError
 from zds.protocol.messages import Ack, encode_ack, encode_hello
-from zds.seqpacket import peer_hung_up
+from zds.protocol.records import Record
+from zds.seqpacket import sent_empty
 from zds.transport import PeerCredentials, SeqpacketConnection, connect
 
 #: Read buffers far larger than ztunnel's, so an oversized record is seen whole.
@@ -109,7 +110,7 @@ class StrictConnection:
             now = time.monotonic()
             if not payload:
                 # (an EOF carries no fds: one that came with some is a record)
-                if not fds and not flags & socket.MSG_CTRUNC and peer_hung_up(sock):
+                if not sent_empty(sock, Record(payload, fds, flags)):
                     self.closed_at = now
                     await self.queue.put(None)
                     return
