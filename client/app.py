@@ -21,7 +21,7 @@ from zds import defaults, logs, runtime
 from zds.client.admin import Views, admin_routes, metrics_routes, parse_listen, readiness_routes
 from zds.client.config import ZtunnelConfig, ZtunnelParts
 from zds.client.connection import FatalProtocolError, ZdsClient
-from zds.client.datapath import WorkloadTraffic, flush_drops, proxy_connection
+from zds.client.datapath import WorkloadTraffic, connection_dump, flush_drops, proxy_connection
 from zds.client.faults import ZtunnelFaultKind, ZtunnelFaults, load_faults
 from zds.client.listeners import AcceptedConnection, ConnectionHandler, flush_refusals
 from zds.client.session import Handover, count_answer
@@ -193,7 +193,10 @@ class Ztunnel:
             states[uid] = {"state": w.state.admin_name}
             if w.state.admin_name == "Up":  # (as ztunnel: a connection manager once the proxy is up)
                 states[uid]["connections"] = {
-                    direction: list(traffic.role(direction).open.values()) if traffic else []
+                    direction: [
+                        connection_dump(*entry, inbound=direction == "inbound")
+                        for entry in (traffic.role(direction).open.values() if traffic else ())
+                    ]
                     for direction in ("inbound", "outbound")
                 }
             states[uid] |= {

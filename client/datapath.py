@@ -160,8 +160,9 @@ class DirectionStats:
         #: Bytes from the connecting client towards the destination, and back.
         self.bytes_sent = 0
         self.bytes_received = 0
-        #: The connections being relayed, as ztunnel's config_dump lists them (``connection_dump``).
-        self.open: dict[int, dict[str, str | None]] = {}
+        #: The connections being relayed: the client's address and where each was sent, made
+        #: into what ztunnel's config_dump lists only when it is read (``connection_dump``).
+        self.open: dict[int, tuple[tuple[str, int], str, int]] = {}
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -308,8 +309,8 @@ async def proxy_connection(
             family = socket.AF_INET  # a v4 destination from a [::] listener
         # Listed from here, while its upstream is made and connected, as ztunnel tracks one
         # before it connects (outbound.rs track_outbound; inbound, assert_rbac)
-        if (dump := connection_dump(client, address, port, inbound=inbound)) is not None:
-            stats.open[id(client)] = dump
+        with contextlib.suppress(OSError):  # (the client gone already: not listed)
+            stats.open[id(client)] = (client.getpeername()[:2], address, port)
         try:
             netns = socket_netns(client.fileno())
         except NetnsError as exc:
@@ -358,18 +359,12 @@ async def proxy_connection(
         client.close()
 
 
-def connection_dump(
-    client: socket.socket, address: str, port: int, *, inbound: bool
-) -> dict[str, str | None] | None:
-    """A relayed connection as ztunnel's config_dump lists it (``connections`` of an Up
-    workload, connection_manager.rs): ``src`` the client, ``actualDst`` where it was sent;
-    outbound, ``originalDst`` that same destination (plain TCP, no waypoint); inbound, the
-    service it was addressed to, which zds never knows (null, as ztunnel's for a pod's own
-    address). None if the client is gone already."""
-    try:
-        src = client.getpeername()
-    except OSError:
-        return None
+def connection_dump(src: tuple[str, int], address: str, port: int, *, inbound: bool) -> dict[str, str | None]:
+    """A relayed connection (an entry of ``DirectionStats.open``) as ztunnel's config_dump
+    lists it (``connections`` of an Up workload, connection_manager.rs): ``src`` the client,
+    ``actualDst`` where it was sent; outbound, ``originalDst`` that same destination (plain
+    TCP, no waypoint); inbound, the service it was addressed to, which zds never knows (null,
+    as ztunnel's for a pod's own address)."""
     actual = _socket_addr(address, port)
     return {
         "src": _socket_addr(str(src[0]), int(src[1])),
