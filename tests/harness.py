@@ -157,6 +157,15 @@ def wait_until(
         time.sleep(interval)
 
 
+def serve_agent(agent: NodeAgent, path: str) -> tuple[socket.socket, asyncio.Task[None]]:
+    """Serve ``agent``'s ZDS socket at ``path`` on the running loop: its listener and the
+    accept loop's task (both ended by ``stop_served_agent``)."""
+    from zds.transport import bind_unix_listener
+
+    listener = bind_unix_listener(path, mode=0o600)
+    return listener, asyncio.create_task(agent.serve_zds(listener))
+
+
 async def stop_served_agent(
     agent: NodeAgent, serving: asyncio.Task[None], listener: socket.socket, peers: Sequence[Any] = ()
 ) -> None:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from tests.harness import Pod, async_wait_until, wait_until
+from tests.harness import Pod, async_wait_until, serve_agent, wait_until
 from tests.standins import AckingPeer
 from zds import defaults
 from zds.aio import cancel_and_wait
@@ -52,7 +52,6 @@ from zds.server.redirect import Installed, RedirectError, Redirector, RulesNotOu
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
 from zds.server.storerows import StoredPod
-from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root
 
@@ -179,8 +178,7 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     store.intend = Gate()
     node_agent.use_store(store)
     path = os.path.join(tmp_path, "ztunnel.sock")
-    listener = bind_unix_listener(path, mode=0o600)
-    serving = asyncio.create_task(node_agent.serve_zds(listener))
+    listener, serving = serve_agent(node_agent, path)
     peer: AckingPeer | None = None
     try:
         peer = AckingPeer(path)

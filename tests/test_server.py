@@ -33,6 +33,7 @@ from tests.harness import (
     pods_file,
     post_unix,
     run_unique,
+    serve_agent,
     stop_served_agent,
     wait_until,
 )
@@ -580,7 +581,6 @@ async def test_at_most_five_connections_are_accepted_per_second(
     on the event loop's clock, each connection was served)."""
     from zds import defaults
     from zds.server.agent import AgentConfig, NodeAgent
-    from zds.transport import bind_unix_listener
 
     loop = asyncio.get_running_loop()
     agent = NodeAgent(AgentConfig(max_connections=20))
@@ -595,8 +595,7 @@ async def test_at_most_five_connections_are_accepted_per_second(
 
     monkeypatch.setattr(agent.registry, "hello", serving)
     path = str(tmp_path / "ztunnel.sock")
-    listener = bind_unix_listener(path, mode=0o600)
-    accepting = asyncio.create_task(agent.serve_zds(listener))
+    listener, accepting = serve_agent(agent, path)
     peers = [AckingPeer(path) for _ in range(11)]  # 11 hellos at once
     try:
         await async_wait_until(
@@ -620,6 +619,15 @@ async def test_at_most_five_connections_are_accepted_per_second(
     # Served in them: the k-th served no earlier than the k-th slot was taken (how long after is
     # the loop's scheduling; the slots' spacing above is the limit).
     assert all(at >= slot for at, slot in zip(sorted(served), slots, strict=True))
+
+
+def say_hello_and_stay(path: str, held: list[socket.socket]) -> None:
+    """One more connection to the ZDS socket at ``path`` that says hello and stays open, put in
+    ``held`` before it connects (the caller closes every one)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    held.append(sock)
+    sock.connect(path)
+    sock.send(bytes.fromhex("0801"))
 
 
 def taken_slots(
@@ -685,22 +693,17 @@ async def test_connections_that_leave_while_waiting_for_their_slot_leave_none_ta
     own at its hello and never given it back: the real one waited 21 slots (N/5 s; 500 such
     held a restarted ztunnel back 98 s)."""
     from zds.server.agent import AgentConfig, NodeAgent
-    from zds.transport import bind_unix_listener
 
     agent = NodeAgent(AgentConfig(max_connections=2, accepts_per_second=1.0))
     slots = taken_slots(agent, monkeypatch)
     path = str(tmp_path / "ztunnel.sock")
-    listener = bind_unix_listener(path, mode=0o600)
-    accepting = asyncio.create_task(agent.serve_zds(listener))
+    listener, accepting = serve_agent(agent, path)
     peers = [AckingPeer(path)]
     leaving: list[socket.socket] = []
     try:
         await async_wait_until(lambda: len(slots) == 1, "the first served")
         for _ in range(20):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            leaving.append(sock)
-            sock.connect(path)
-            sock.send(bytes.fromhex("0801"))
+            say_hello_and_stay(path, leaving)
         await async_wait_until(lambda: len(agent.admission) == 20, "the 20 waiting for their slots")
         for sock in leaving:
             sock.close()
@@ -720,14 +723,12 @@ async def test_connections_over_the_limit_are_refused_at_once_and_take_no_slot(
     limit before it was refused (the sixth over the limit 1.2 s after its hello), and took the
     slot: a real ztunnel behind them waited as long."""
     from zds.server.agent import GONE_AFTER_HELLO, AgentConfig, NodeAgent
-    from zds.transport import bind_unix_listener
 
     agent = NodeAgent(AgentConfig(max_connections=2, accepts_per_second=1.0))
     slots = taken_slots(agent, monkeypatch)
     caplog.set_level(logging.INFO, logger="zds.server")
     path = str(tmp_path / "ztunnel.sock")
-    listener = bind_unix_listener(path, mode=0o600)
-    accepting = asyncio.create_task(agent.serve_zds(listener))
+    listener, accepting = serve_agent(agent, path)
     peers = [AckingPeer(path)]
     over: list[socket.socket] = []
     try:
@@ -735,10 +736,7 @@ async def test_connections_over_the_limit_are_refused_at_once_and_take_no_slot(
         peers.append(AckingPeer(path))  # (its slot a second after the first's)
         await async_wait_until(lambda: len(agent.connections) == 2, "the second served", timeout=5)
         for _ in range(6):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            over.append(sock)
-            sock.connect(path)
-            sock.send(bytes.fromhex("0801"))
+            say_hello_and_stay(path, over)
 
         def closed(sock: socket.socket) -> bool:
             try:

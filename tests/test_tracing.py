@@ -28,6 +28,7 @@ from tests.harness import (
     async_wait_until,
     pod_netns,
     run_all,
+    serve_agent,
     stop_served_agent,
     wait_until,
 )
@@ -42,7 +43,6 @@ from zds.server.outcomes import EnrollmentError
 from zds.server.pods import PodSpec
 from zds.server.redirect import Redirector
 from zds.server.telemetry import Telemetry
-from zds.transport import bind_unix_listener
 
 pytestmark = pytest.mark.root
 
@@ -79,8 +79,7 @@ def start_agent(tmp_path: object, redirector: Redirector | None = None) -> tuple
 @pytest.fixture
 async def env(tmp_path: object) -> AsyncIterator[InProcess]:
     agent, exporter, path = start_agent(tmp_path)
-    listener = bind_unix_listener(path, mode=0o600)
-    task = asyncio.create_task(agent.serve_zds(listener))
+    listener, task = serve_agent(agent, path)
     env = InProcess(agent, path, exporter, [])
     try:
         yield env
@@ -221,8 +220,7 @@ async def test_a_snapshot_is_one_trace_with_each_entry(env: InProcess) -> None:
 async def test_an_ack_timeout_fails_the_wait(tmp_path: object) -> None:
     agent, exporter, path = start_agent(tmp_path)
     agent.config.ack_timeout = 0.3
-    listener = bind_unix_listener(path, mode=0o600)
-    task = asyncio.create_task(agent.serve_zds(listener))
+    listener, task = serve_agent(agent, path)
     peer = RawPeer(path)
     try:
         peer.hello()
@@ -245,8 +243,7 @@ async def test_installing_and_removing_rules_are_spans(tmp_path: object) -> None
     name = f"zds-trace-{secrets.token_hex(3)}"
     netns = create_netns(name)
     agent, exporter, path = start_agent(tmp_path, Redirector())
-    listener = bind_unix_listener(path, mode=0o600)
-    task = asyncio.create_task(agent.serve_zds(listener))
+    listener, task = serve_agent(agent, path)
     env = InProcess(agent, path, exporter, [])
     try:
         await env.connect()
