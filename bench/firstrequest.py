@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from procs import BenchError
 
 from zds.gen import nodeagent_pb2
-from zds.server.bulkwire import MAGIC, Deframer, frame
+from zds.server.bulkwire import MAGIC, MAGIC_JSON, Deframer, frame
 
 _SOCKETS = itertools.count()
 
@@ -60,14 +61,23 @@ class _StandIn:
             if not data:
                 raise ValueError("the client closed before the lane's opening")
             opening += data
-        if opening != MAGIC:
+        if opening not in (MAGIC, MAGIC_JSON):
             raise ValueError(f"the client opened with {opening!r}")
-        conn.sendall(MAGIC)  # as the node agent: it speaks the lane
+        conn.sendall(opening)  # as the node agent: it speaks the lane (in either form)
         deframer, index = Deframer(), 0
         while data := conn.recv(256 * 1024):
             for message in deframer.feed(data):
                 if self.first is None:
                     self.first = time.perf_counter()
+                if opening == MAGIC_JSON:
+                    count = len(json.loads(message))
+                    answers = [
+                        {"index": i, "code": 0, "connection_id": "bench-stand-in"}
+                        for i in range(index, index + count)
+                    ]
+                    conn.sendall(frame(json.dumps(answers).encode()))
+                    index += count
+                    continue
                 results = []
                 for pod in nodeagent_pb2.AddPodsRequest.FromString(message).pods:
                     response = nodeagent_pb2.AddPodResponse(connection_id="bench-stand-in")

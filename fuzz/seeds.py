@@ -31,7 +31,18 @@ def samples(target: str) -> list[bytes]:
             nodeagent_pb2.AddPodRequest(uid="u2", netns_pid=42, ips=["10.0.0.5", "fd00::5"]),
         ]
         framed = bulkwire.frame(nodeagent_pb2.AddPodsRequest(pods=pods).SerializeToString())
-        return [b"\x01\x00" + framed, b"\x01\x02\x03\x07" + framed * 2, b"\x00" + bulkwire.MAGIC + framed]
+        as_json = [
+            {"uid": "u1", "name": "a", "namespace": "ns", "netns_path": "/var/run/netns/a"},
+            {"uid": "u2", "netns_pid": 42, "ips": ["10.0.0.5", "fd00::5"]},
+        ]
+        in_json = bulkwire.frame(json.dumps(as_json).encode())
+        return [
+            b"\x01\x00" + framed,
+            b"\x01\x02\x03\x07" + framed * 2,
+            b"\x00" + bulkwire.MAGIC + framed,
+            b"\x02\x00" + in_json,
+            b"\x02\x02\x03\x07" + in_json * 2,
+        ]
     if target == "pods_file":
         line = {"uid": "u1", "name": "a", "namespace": "ns", "service_account": "sa", "netns": "pid:42"}
         return [

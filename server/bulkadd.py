@@ -66,13 +66,13 @@ async def at_most_pods(
 ) -> AsyncIterator[nodeagent_pb2.AddPodsRequest]:
     """``requests``, refused at one of more than ``BULK_REQUEST_PODS`` pods (``too_many_pods``)."""
     async for request in requests:
-        if (refused := too_many_pods(request)) is not None:
+        if (refused := too_many_pods(len(request.pods))) is not None:
             raise TooManyPods(refused)
         yield request
 
 
 async def bulk_add(
-    agent: NodeAgent, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest]
+    agent: NodeAgent, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest], *, brief: bool = False
 ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
     """The bulk path (``AddPods``, and the control socket's bulk lane: bulklane.py):
     enrollments run concurrently (up to ``BULK_WINDOW``), each answered as it ends; their
@@ -80,7 +80,9 @@ async def bulk_add(
     agent opens and stores the next pods while ztunnel works. Pods come and go in batches: a
     message per pod would cost more than enrolling it. Requests are taken only while fewer
     than ``BULK_UNSENT`` answers wait to be sent: a client that does not read its answers
-    holds the node agent to that much (the transport's flow control does the rest)."""
+    holds the node agent to that much (the transport's flow control does the rest).
+    ``brief``: an enrolled pod's answer is the connection that acked it, without the pod (the
+    bulk lane's JSON form sends no more)."""
     answers: asyncio.Queue[nodeagent_pb2.AddPodsResult | None] = asyncio.Queue()
     #: Every answer of the call is in ``answers`` (the last one goes out at once).
     finished = asyncio.Event()
@@ -112,7 +114,9 @@ async def bulk_add(
         result = nodeagent_pb2.AddPodsResult(
             index=index, uid=cut(uid), code=code.value[0], message=cut(message)
         )
-        if enrolled is not None:
+        if enrolled is not None and brief:
+            result.response.connection_id = enrolled.conn_id
+        elif enrolled is not None:
             fill_add_pod_response(result.response, enrolled)  # (in place: not built, then copied)
         answers.put_nowait(result)
 

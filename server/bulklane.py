@@ -4,6 +4,8 @@ The control socket's door (peergate.py) hands a connection here, after the peer 
 when its first byte is the lane's; from then on it is :class:`BulkLane`'s: the opening
 checked and answered, each framed ``AddPodsRequest`` decoded and passed on as ``AddPods``
 would get it, each ``AddPodsReply`` framed back, the connection closed after the last.
+The lane's JSON form (``MAGIC_JSON``) is served the same: each message's pods made the
+``AddPodsRequest`` they stand for (``json_request``), each reply sent as its brief answers.
 Whatever breaks the wire (a wrong opening, a compressed, oversized or undecodable frame,
 an end within a frame) is logged in one line and drops the connection; the enrollments
 already started run on, as when a gRPC client goes away.
@@ -19,22 +21,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import cast
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol, cast
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from zds import defaults
+from zds.errors import printable
 from zds.gen import nodeagent_pb2
-from zds.server.bulkwire import MAGIC, Deframer, Opening, frame, too_many_pods
+from zds.server.bulkwire import MAGIC, MAGIC_JSON, Deframer, Opening, brief_answers, frame, too_many_pods
 
 log = logging.getLogger("zds.server.control")
 
-#: What serves a lane: ``bulkadd.bulk_add`` bound to the node agent.
-BulkServe = Callable[
-    [AsyncIterator[nodeagent_pb2.AddPodsRequest]], AsyncGenerator[nodeagent_pb2.AddPodsReply, None]
-]
+
+class BulkServe(Protocol):
+    """What serves a lane: ``bulkadd.bulk_add`` bound to the node agent (``brief``: each
+    answer without its pod, all the JSON form sends)."""
+
+    def __call__(
+        self, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest], *, brief: bool = False
+    ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]: ...
+
+
+#: A gRPC status code's name by its number (the JSON form's answers carry it).
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 #: Bytes of requests decoded but not yet taken before the lane stops reading.
 READ_AHEAD = 1024 * 1024
 #: At the node agent's stop, how long a lane has to send the answers of what it took.
@@ -56,7 +69,7 @@ class BulkLane(asyncio.Protocol):
     def __init__(self, serve: BulkServe) -> None:
         self._serve = serve
         self._transport: asyncio.Transport | None = None
-        self._opening = Opening()
+        self._opening = Opening(MAGIC, MAGIC_JSON)
         self._deframer = Deframer(defaults.CONTROL_MAX_REQUEST)
         self._requests: asyncio.Queue[tuple[nodeagent_pb2.AddPodsRequest, int] | None] = asyncio.Queue()
         self._queued = 0  # what the requests in _requests count (their bytes, and REQUEST_COST each)
@@ -102,7 +115,7 @@ class BulkLane(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._heard = loop.time()
             if not opened and self._transport is not None:
-                self._transport.write(MAGIC)  # this node agent speaks the lane
+                self._transport.write(self._opening.magic)  # this node agent speaks the lane
                 if self._opening_deadline is not None:
                     self._opening_deadline.cancel()
                 self._idle = loop.call_later(LANE_IDLE, self._idle_check)
@@ -113,12 +126,9 @@ class BulkLane(asyncio.Protocol):
             return
         for message in messages:
             try:
-                request = nodeagent_pb2.AddPodsRequest.FromString(message)
-            except DecodeError:
-                self._break("it sent a message that is not an AddPodsRequest")
-                return
-            if (refused := too_many_pods(request)) is not None:
-                self._break(f"it sent {refused}")
+                request = self._request(message)
+            except ValueError as exc:
+                self._break(f"it sent {exc}")
                 return
             self._pods_taken += len(request.pods)
             cost = len(message) + REQUEST_COST + POD_COST * len(request.pods)
@@ -126,6 +136,18 @@ class BulkLane(asyncio.Protocol):
             self._queued += cost
         if self._queued >= READ_AHEAD and self._transport is not None and self._transport.is_reading():
             self._transport.pause_reading()
+
+    def _request(self, message: bytes) -> nodeagent_pb2.AddPodsRequest:
+        """``message`` decoded (as the lane's form has it); ValueError (one line) if it cannot be."""
+        if self._opening.magic == MAGIC_JSON:
+            return json_request(message)
+        try:
+            request = nodeagent_pb2.AddPodsRequest.FromString(message)
+        except DecodeError:
+            raise ValueError("a message that is not an AddPodsRequest") from None
+        if (refused := too_many_pods(len(request.pods))) is not None:
+            raise ValueError(refused)
+        return request
 
     def eof_received(self) -> bool:
         if self._stopping:
@@ -217,15 +239,48 @@ class BulkLane(asyncio.Protocol):
 
     async def _run(self) -> None:
         assert self._transport is not None
+        brief = self._opening.magic == MAGIC_JSON
         try:
-            async with contextlib.aclosing(self._serve(self._incoming())) as replies:
+            async with contextlib.aclosing(self._serve(self._incoming(), brief=brief)) as replies:
                 async for reply in replies:
                     await self._writable.wait()
                     if self._transport.is_closing():
                         return
-                    self._transport.write(frame(reply.SerializeToString()))
+                    message = brief_answers(reply, STATUS_NAMES) if brief else reply.SerializeToString()
+                    self._transport.write(frame(message))
                     self._pods_answered += len(reply.results)
         except Exception as exc:  # a bug: the client sees the connection close
             log.error("control socket: the bulk lane failed: %r", exc)
         finally:
             self._transport.close()
+
+
+def json_request(message: bytes) -> nodeagent_pb2.AddPodsRequest:
+    """A message of the lane's JSON form (a JSON array of pods, each an object of
+    ``AddPodRequest``'s fields by their proto names) as the ``AddPodsRequest`` it stands for;
+    ValueError (one line) for one no zds client sends. Protobuf checks each field's type; what
+    it would take otherwise is refused here: a text as ``ips`` (taken letter by letter), both
+    members of the netns oneof (the last set had won)."""
+    try:
+        pods = json.loads(message)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        raise ValueError("a message that is not JSON") from None
+    if not isinstance(pods, list):
+        raise ValueError("a message that is not a JSON array of pods")
+    if (refused := too_many_pods(len(pods))) is not None:
+        raise ValueError(refused)
+    request = nodeagent_pb2.AddPodsRequest()
+    for n, pod in enumerate(pods):
+        try:
+            if not isinstance(pod, dict):
+                raise TypeError(f"a JSON {type(pod).__name__}, not an object")
+            if isinstance(pod.get("ips"), str):
+                raise TypeError("ips is a text, not a list")
+            if pod.get("netns_path") is not None and pod.get("netns_pid") is not None:
+                raise ValueError("both netns_path and netns_pid")
+            request.pods.add(**pod)
+        except (TypeError, ValueError) as exc:  # (UnicodeEncodeError, a lone surrogate, is a ValueError)
+            raise ValueError(
+                f"a pod (the {n + 1}. of a message) that is not an AddPodRequest: {printable(str(exc))}"
+            ) from None
+    return request

@@ -15,26 +15,38 @@ and closes, having taken nothing; one with BULK_LANES_MAX lanes open answers :da
 and closes: the client sees either (:class:`LaneUnsupported`) and can send the pods over
 ``AddPods`` instead.
 
-This module is the wire and the client, and imports neither grpc nor asyncio; the node
-agent's end is ``bulklane.py``.
+The lane has a second form, :data:`MAGIC_JSON`: the same frames, each holding JSON instead
+(requests: an array of pods, each an object of ``AddPodRequest``'s fields by their proto
+names; answers: an array of :func:`brief_answers`' objects). It is ``zds pod add``'s when it
+prints no ``--json`` (which shows each pod's whole answer): protobuf's import alone is ~13 ms
+of the client's start (a third of it), on the critical path of a pod start as grpc's was. A
+node agent from before it closes at that opening without a byte: the client goes over the
+first form then.
+
+This module is the wire and the client, and imports neither grpc, nor asyncio, nor protobuf
+(but for the first form's messages, when it is used); the node agent's end is ``bulklane.py``.
 """
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import struct
 import time
 from collections.abc import Iterable, Iterator
-
-from google.protobuf.message import DecodeError
+from typing import TYPE_CHECKING, Any
 
 from zds import defaults
 from zds.errors import ZdsError
-from zds.gen import nodeagent_pb2
+
+if TYPE_CHECKING:
+    from zds.gen import nodeagent_pb2
 
 #: The lane's first bytes, each way (an HTTP/2 connection opens with ``PRI * HTTP/2.0``).
 MAGIC = b"ZDS-BULK/1\n"
+#: The same for its JSON form (as long: either end reads an opening of that many bytes).
+MAGIC_JSON = b"ZDS-BULK/2\n"
 #: The node agent's answer to the opening when it has lanes enough open (then it closes).
 BUSY = b"ZDS-BULK-BUSY\n"
 #: A message's frame header: flag (0: not compressed), length.
@@ -53,11 +65,11 @@ class LaneUnsupported(LaneError):
     nothing was taken."""
 
 
-def too_many_pods(request: nodeagent_pb2.AddPodsRequest) -> str | None:
-    """Why ``request`` is refused, if it has more than ``BULK_REQUEST_PODS`` pods (counted
-    before one of them is looked at: each taken makes a Python object, and decoded they are
-    ~60 times their bytes); None if it is not."""
-    if (pods := len(request.pods)) <= defaults.BULK_REQUEST_PODS:
+def too_many_pods(pods: int) -> str | None:
+    """Why a request of ``pods`` pods is refused, if it has more than ``BULK_REQUEST_PODS``
+    (counted before one of them is looked at: each taken makes a Python object, and decoded
+    they are ~60 times their bytes); None if it is not."""
+    if pods <= defaults.BULK_REQUEST_PODS:
         return None
     return f"an AddPodsRequest of {pods} pods (at most {defaults.BULK_REQUEST_PODS} a message)"
 
@@ -67,23 +79,29 @@ def frame(message: bytes) -> bytes:
 
 
 class Opening:
-    """:data:`MAGIC` as the other end's first bytes come in (either end reads it so)."""
+    """One of ``accepted`` (:data:`MAGIC`, :data:`MAGIC_JSON`) as the other end's first bytes
+    come in (either end reads it so): :attr:`magic` once it is whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, *accepted: bytes) -> None:
+        self.accepted = accepted or (MAGIC,)
         self.seen = bytearray()
+        self.magic = b""
 
     @property
     def complete(self) -> bool:
-        return len(self.seen) == len(MAGIC)
+        return bool(self.magic)
 
     def feed(self, data: bytes) -> bytes:
-        """What of ``data`` comes after the opening; ValueError if the opening is not MAGIC."""
-        if self.complete:
+        """What of ``data`` comes after the opening; ValueError if the opening is none of ``accepted``."""
+        if self.magic:
             return data
         take = len(MAGIC) - len(self.seen)
         self.seen += data[:take]
-        if not MAGIC.startswith(self.seen):
-            raise ValueError(f"it opened with {bytes(self.seen)!r}, not {MAGIC!r}")
+        if not any(magic.startswith(self.seen) for magic in self.accepted):
+            wanted = " or ".join(repr(magic) for magic in self.accepted)
+            raise ValueError(f"it opened with {bytes(self.seen)!r}, not {wanted}")
+        if len(self.seen) == len(MAGIC):
+            self.magic = bytes(self.seen)
         return data[take:]
 
 
@@ -138,12 +156,93 @@ def exchange(
     answers as they come, until the node agent closes. LaneError if the lane breaks or the
     stream has not ended within ``timeout`` seconds; LaneUnsupported before any answer if the
     node agent does not speak the lane."""
+    from google.protobuf.message import DecodeError
+
+    from zds.gen import nodeagent_pb2
+
+    for message in _exchange(sock, MAGIC, (batch.SerializeToString() for batch in batches), timeout):
+        try:
+            reply = nodeagent_pb2.AddPodsReply.FromString(message)
+        except DecodeError:
+            raise LaneError("the node agent sent an answer that is not an AddPodsReply") from None
+        yield reply
+
+
+def exchange_json(
+    sock: socket.socket, batches: Iterable[list[dict[str, Any]]], timeout: float
+) -> Iterator[list[Answer]]:
+    """The same over the lane's JSON form: each batch a list of pods (``AddPodRequest``'s
+    fields by their proto names), each message's answers as it comes. LaneUnsupported also when the
+    node agent closes before its opening (one from before this form, or that did not let this
+    client in: the first form tells which)."""
+    for message in _exchange(sock, MAGIC_JSON, (json.dumps(batch).encode() for batch in batches), timeout):
+        try:
+            answers = json.loads(message)
+            if not isinstance(answers, list):
+                raise ValueError
+            got = [Answer.of(answer) for answer in answers]
+        except (ValueError, RecursionError):
+            raise LaneError("the node agent sent an answer that is not a JSON array of answers") from None
+        yield got
+
+
+class Answer:
+    """One pod's answer over the JSON form: its position in the stream, the gRPC status code
+    AddPod would have returned (``status``: its name) and message, and (code 0) the ztunnel
+    connection that acked it."""
+
+    __slots__ = ("code", "connection_id", "index", "message", "status")
+
+    def __init__(self, index: int, code: int, status: str, message: str, connection_id: str) -> None:
+        self.index, self.code, self.status = index, code, status
+        self.message, self.connection_id = message, connection_id
+
+    @classmethod
+    def of(cls, doc: Any) -> Answer:
+        """ValueError unless ``doc`` is an object of :func:`brief_answers`' fields, each of its type."""
+        if not isinstance(doc, dict):
+            raise ValueError
+        index, code = doc.get("index"), doc.get("code")
+        texts = [doc.get(key, "") for key in ("status", "message", "connection_id")]
+        if (
+            type(index) is not int
+            or type(code) is not int
+            or index < 0
+            or not all(type(t) is str for t in texts)
+        ):
+            raise ValueError
+        return cls(index, code, *texts)
+
+
+def brief_answers(reply: nodeagent_pb2.AddPodsReply, status_names: dict[int, str]) -> bytes:
+    """``reply`` as the JSON form's answer message: each result its index, code, status name
+    (``status_names``: code -> name) and message, or (code 0) the connection that acked it."""
+    return json.dumps(
+        [
+            {"index": r.index, "code": 0, "connection_id": r.response.connection_id}
+            if r.code == 0
+            else {
+                "index": r.index,
+                "code": r.code,
+                "status": status_names.get(r.code, str(r.code)),
+                "message": r.message,
+            }
+            for r in reply.results
+        ]
+    ).encode()
+
+
+def _exchange(
+    sock: socket.socket, magic: bytes, messages: Iterable[bytes], timeout: float
+) -> Iterator[bytes]:
+    """``messages`` framed after ``magic`` on ``sock`` (closed at the end); the node agent's
+    messages as they come, until it closes."""
     deadline = time.monotonic() + timeout
-    out = bytearray(MAGIC)
-    for batch in batches:
-        out += frame(batch.SerializeToString())
+    out = bytearray(magic)
+    for message in messages:
+        out += frame(message)
     with sock:
-        opening = Opening()  # the node agent's answer to ours
+        opening = Opening(magic)  # the node agent's answer to ours
         deframer = Deframer()
         poller = select.poll()
         sent = 0
@@ -165,7 +264,7 @@ def exchange(
             except OSError as exc:
                 raise LaneError(f"the connection to the node agent failed: {exc.strerror or exc}") from None
             if not data:
-                if opening.seen and not opening.complete:
+                if not opening.complete and (opening.seen or magic != MAGIC):
                     raise LaneUnsupported(_UNSUPPORTED)
                 if deframer.pending:
                     raise LaneError("the node agent closed the connection within a message")
@@ -175,15 +274,9 @@ def exchange(
             except ValueError:
                 raise LaneUnsupported(_UNSUPPORTED) from None
             try:
-                messages = deframer.feed(data)
+                yield from deframer.feed(data)
             except ValueError as exc:
                 raise LaneError(f"the node agent sent {exc}") from None
-            for message in messages:
-                try:
-                    reply = nodeagent_pb2.AddPodsReply.FromString(message)
-                except DecodeError:
-                    raise LaneError("the node agent sent an answer that is not an AddPodsReply") from None
-                yield reply
 
 
 _UNSUPPORTED = "the node agent does not take the bulk lane (a zds from before it, or lanes enough open)"

@@ -165,9 +165,9 @@ def control_flags(parser: argparse.ArgumentParser, *, timeout: str | None = "per
 
 
 def _pod_add(args: argparse.Namespace) -> int:
-    from zds.server import podctl
+    from zds.server import podadd
 
-    return podctl.add(args)
+    return podadd.add(args)
 
 
 def _pod_remove(args: argparse.Namespace) -> int:

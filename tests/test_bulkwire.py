@@ -3,24 +3,31 @@ real unix sockets; the node agent's end is tested in test_pod_cli.py."""
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 import pytest
 
+from tests.harness import ZDS
 from zds.gen import nodeagent_pb2
 from zds.server.bulkwire import (
     HEADER,
     MAGIC,
+    MAGIC_JSON,
     MAX_MESSAGE,
     Deframer,
     LaneError,
     LaneUnsupported,
     connect,
     exchange,
+    exchange_json,
     frame,
 )
 
@@ -47,20 +54,21 @@ def test_the_deframer_refuses_what_no_zds_end_sends(header: tuple[int, int], err
 
 
 @contextmanager
-def stand_in(tmp_path: object, serve: Callable[[socket.socket], None]) -> Iterator[str]:
-    """A node agent's control socket that runs ``serve`` on the first connection."""
+def stand_in(tmp_path: object, *serve: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A node agent's control socket that runs each of ``serve`` on a connection, in turn."""
     path = os.path.join(str(tmp_path), "control.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
 
     def run() -> None:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return  # closed before a client came
-        with conn:
-            serve(conn)
+        for each in serve:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed before a client came
+            with conn:
+                each(conn)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -162,14 +170,15 @@ def test_the_client_gives_up_at_its_deadline(tmp_path: object) -> None:
 
 
 def test_the_client_names_each_status_as_grpc_does() -> None:
-    """``zds pod add`` over the lane says ``INVALID_ARGUMENT: ...`` as over gRPC, without grpc."""
+    """``zds pod add`` over the lane says ``INVALID_ARGUMENT: ...`` as over gRPC, without grpc:
+    the first form by the code's number, the JSON form by the name the node agent sends."""
     import grpc
 
-    from zds.server.podctl import status_name
+    from zds.server.bulklane import STATUS_NAMES
+    from zds.server.podadd import status_name
 
-    assert {code.value[0]: status_name(code.value[0]) for code in grpc.StatusCode} == {
-        code.value[0]: code.name for code in grpc.StatusCode
-    }
+    names = {code.value[0]: code.name for code in grpc.StatusCode}
+    assert {code: status_name(code) for code in names} == names == STATUS_NAMES
     assert status_name(99) == "99"
 
 
@@ -194,3 +203,97 @@ def test_a_node_agent_from_before_the_lane_is_told_apart(tmp_path: object) -> No
 
     with stand_in(tmp_path, turned_away) as path:
         assert list(add_pods(path, batches(3), timeout=60)) == []
+
+
+def json_pods(count: int) -> list[list[dict[str, Any]]]:
+    return [[{"uid": f"pod-{i}", "netns_path": f"/var/run/netns/p{i}"} for i in range(count)]]
+
+
+def test_the_json_form_goes_out_and_its_answers_come_back_as_sent(tmp_path: object) -> None:
+    """The JSON form: the same frames, each a JSON array, answered with each pod's position,
+    status code and name, message or connection."""
+    got: list[Any] = []
+
+    def serve(conn: socket.socket) -> None:
+        assert conn.recv(len(MAGIC_JSON), socket.MSG_WAITALL) == MAGIC_JSON
+        conn.sendall(MAGIC_JSON)
+        deframer = Deframer()
+        while data := conn.recv(65536):
+            got.extend(json.loads(m) for m in deframer.feed(data))
+        answers = [
+            {"index": 0, "code": 0, "connection_id": "c1"},
+            {"index": 1, "code": 3, "status": "INVALID_ARGUMENT", "message": "no"},
+        ]
+        conn.sendall(frame(json.dumps(answers).encode()))
+
+    with stand_in(tmp_path, serve) as path:
+        [answers] = list(exchange_json(connect(path, 60), json_pods(2), 60))
+    assert got == json_pods(2)
+    assert [(a.index, a.code, a.status, a.message, a.connection_id) for a in answers] == [
+        (0, 0, "", "", "c1"),
+        (1, 3, "INVALID_ARGUMENT", "no", ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"{",
+        b"{}",
+        b"[5]",
+        b'[{"index": -1, "code": 0}]',
+        b'[{"index": true, "code": 0}]',
+        b'[{"index": 0, "code": 0, "message": 5}]',
+    ],
+)
+def test_the_json_form_refuses_an_answer_no_node_agent_sends(tmp_path: object, answer: bytes) -> None:
+    def serve(conn: socket.socket) -> None:
+        conn.recv(len(MAGIC_JSON), socket.MSG_WAITALL)
+        conn.sendall(MAGIC_JSON + frame(answer))
+
+    with stand_in(tmp_path, serve) as path, pytest.raises(LaneError, match="not a JSON array of answers"):
+        list(exchange_json(connect(path, 60), json_pods(1), 60))
+
+
+def test_a_node_agent_from_before_the_json_form_is_told_apart_and_zds_pod_add_uses_the_first(
+    tmp_path: pathlib.Path,
+) -> None:
+    """One from before the JSON form closes at its opening without a byte (a wrong opening
+    breaks the lane at once), having taken nothing: ``zds pod add`` says the same pods over the
+    lane's first form, which it answers."""
+
+    def old_node_agent(conn: socket.socket) -> None:
+        conn.recv(len(MAGIC_JSON), socket.MSG_WAITALL)  # not its opening: closed
+
+    with stand_in(tmp_path, old_node_agent) as path, pytest.raises(LaneUnsupported):
+        list(exchange_json(connect(path, 60), json_pods(1), 60))
+
+    def first_form(conn: socket.socket) -> None:
+        index = 0
+
+        def answer(request: nodeagent_pb2.AddPodsRequest) -> None:
+            nonlocal index
+            results = []
+            for pod in request.pods:
+                response = nodeagent_pb2.AddPodResponse(connection_id="c7")
+                results.append(nodeagent_pb2.AddPodsResult(index=index, uid=pod.uid, response=response))
+                index += 1
+            conn.sendall(frame(nodeagent_pb2.AddPodsReply(results=results).SerializeToString()))
+
+        read_requests(conn, answer)
+
+    pods = tmp_path / "pods.jsonl"
+    pods.write_text(
+        "".join(json.dumps({"uid": f"u{i}", "netns": f"/var/run/netns/n{i}"}) + "\n" for i in range(3))
+    )
+    with stand_in(tmp_path, old_node_agent, first_form) as path:
+        out = subprocess.run(
+            [*ZDS, "pod", "add", "--from-file", str(pods), "--control-socket", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.splitlines() == [
+        f"pod u{i} (default/u{i}) enrolled: acked by ztunnel connection c7" for i in range(3)
+    ]

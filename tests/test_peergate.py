@@ -33,7 +33,7 @@ class Lanes:
         self.clients: list[socket.socket] = []
 
     async def serve(
-        self, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest]
+        self, requests: AsyncIterator[nodeagent_pb2.AddPodsRequest], *, brief: bool = False
     ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
         lane = next(self._numbers)
         try:
@@ -153,7 +153,7 @@ async def test_a_lanes_answers_go_out_though_its_client_ends_its_requests_during
     taken, go = asyncio.Event(), asyncio.Event()
 
     async def serve(
-        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest], *, brief: bool = False
     ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
         async for request in requests:
             taken.set()
@@ -190,7 +190,7 @@ async def test_a_lanes_last_answers_still_buffered_at_the_stop_go_out(
     taken = asyncio.Event()
 
     async def serve(
-        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest],
+        requests: AsyncIterator[nodeagent_pb2.AddPodsRequest], *, brief: bool = False
     ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]:
         async for _ in requests:
             taken.set()

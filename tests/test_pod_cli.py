@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -436,21 +437,38 @@ def test_without_the_capabilities_each_command_says_which_are_missing(command: l
 
 
 def bulk_add(server: NodeAgentProc, over: str, batches: list[nodeagent_pb2.AddPodsRequest]) -> list[Any]:
-    """Every answer of one bulk call, over gRPC's AddPods or the control socket's bulk lane."""
+    """Every answer of one bulk call, over gRPC's AddPods or the control socket's bulk lane
+    (``lane-json``: its JSON form, each answer made the AddPodsResult it stands for: its pod
+    and uid are not sent)."""
     if over == "grpc":
         with server.control() as stub:
             return [r for reply in stub.AddPods(iter(batches), timeout=30) for r in reply.results]
     lane = bulkwire.connect(server.control_socket, 30)
-    return [r for reply in bulkwire.exchange(lane, batches, 30) for r in reply.results]
+    if over == "lane":
+        return [r for reply in bulkwire.exchange(lane, batches, 30) for r in reply.results]
+    pods = [[json_format.MessageToDict(p, preserving_proto_field_name=True) for p in b.pods] for b in batches]
+    uids = [p.uid for b in batches for p in b.pods]
+    return [
+        nodeagent_pb2.AddPodsResult(
+            index=a.index,
+            uid=uids[a.index],
+            code=a.code,
+            message=f"{a.status}: {a.message}" if a.code else "",
+            response=nodeagent_pb2.AddPodResponse(connection_id=a.connection_id),
+        )
+        for answers in bulkwire.exchange_json(lane, pods, 30)
+        for a in answers
+    ]
 
 
-@pytest.mark.parametrize("over", ["grpc", "lane"])
+@pytest.mark.parametrize("over", ["grpc", "lane", "lane-json"])
 def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
     server: NodeAgentProc, over: str
 ) -> None:
     """AddPods over batches: each pod answered once, by its position in the stream, with
     AddPod's status; AddWorkloads go out one at a time, each acked before the next. The
-    bulk lane answers the same."""
+    bulk lane answers the same (in its JSON form each answer's status by name, and not its
+    pod)."""
     peer = connected_peer(server)
     requests = [
         nodeagent_pb2.AddPodRequest(uid="ok-1", netns_path=pod_netns()),
@@ -492,12 +510,28 @@ def test_the_bulk_path_answers_every_pod_with_the_status_addpod_would_give(
         "ok-2": code.OK.value[0],
         "bad-ip": code.INVALID_ARGUMENT.value[0],
     }
-    assert by_index[5].message == "ips[1] '10.0.0.300' is not an IP address"
-    assert list(by_index[4].response.pod.ips) == ["10.0.0.7", "fd00::7"]
-    assert by_index[3].message == "failure to start proxy : nack requested"
+    named = over == "lane-json"  # (its answers say the status's name: INVALID_ARGUMENT: ...)
+    assert (
+        by_index[5].message
+        == ("INVALID_ARGUMENT: " if named else "") + "ips[1] '10.0.0.300' is not an IP address"
+    )
+    assert (
+        by_index[3].message
+        == ("FAILED_PRECONDITION: " if named else "") + "failure to start proxy : nack requested"
+    )
     assert "netns_path or netns_pid is required" in by_index[2].message
-    assert by_index[0].response.pod.state == nodeagent_pb2.POD_STATE_ACKED
-    assert by_index[0].response.connection_id and by_index[4].response.pod.uid == "ok-2"
+    assert by_index[0].response.connection_id and by_index[4].response.connection_id
+    pods = {p.uid: p for p in server.list_pods()}
+    assert pods["ok-1"].state == pods["ok-2"].state == nodeagent_pb2.POD_STATE_ACKED
+    assert list(pods["ok-2"].ips) == ["10.0.0.7", "fd00::7"]
+    if not named:
+        assert list(by_index[4].response.pod.ips) == ["10.0.0.7", "fd00::7"]
+        assert (
+            by_index[0].response.pod.state == nodeagent_pb2.POD_STATE_ACKED
+            and by_index[4].response.pod.uid == "ok-2"
+        )
+    else:
+        assert not by_index[0].response.HasField("pod")
     assert sorted(seen) == ["nacked", "ok-1", "ok-2"]
 
 
@@ -561,17 +595,18 @@ def test_pod_add_from_file_into_a_pipe_whose_reader_went_away_still_enrolls_ever
 # -- the bulk lane: zds pod add --from-file on the unix control socket, without gRPC ----------
 
 
-def test_pod_add_from_file_goes_over_the_bulk_lane_without_loading_grpc_or_logging(
+def test_pod_add_from_file_goes_over_the_bulk_lane_without_loading_grpc_protobuf_or_logging(
     server: NodeAgentProc, tmp_path: object
 ) -> None:
-    """grpc's import alone costs the client ~45 ms: a pods file on the unix socket does
-    without it, and enrolls as over gRPC."""
+    """grpc's import alone costs the client ~45 ms, protobuf's ~13: a pods file on the unix
+    socket does without them (the lane's JSON form), and enrolls as over gRPC."""
     path = pods_file(tmp_path, [{"uid": f"lane-{i}", "netns": pod_netns()} for i in range(3)])
     run = (
         "import sys; from zds.cli import main; "
         f"code = main(['pod', 'add', '--from-file', {path!r}, '--control-socket', {server.control_socket!r}]); "
         "print('grpc loaded' if 'grpc' in sys.modules else 'grpc not loaded', file=sys.stderr); "
         "print('logging loaded' if 'logging' in sys.modules else 'logging not loaded', file=sys.stderr); "
+        "print('protobuf loaded' if 'google.protobuf' in sys.modules else 'protobuf not loaded', file=sys.stderr); "
         "sys.exit(code)"
     )
     peer = connected_peer(server)
@@ -584,6 +619,7 @@ def test_pod_add_from_file_goes_over_the_bulk_lane_without_loading_grpc_or_loggi
     assert out.returncode == 0, out.stderr
     assert "grpc not loaded" in out.stderr
     assert "logging not loaded" in out.stderr  # it prints; nothing of it logs (~4 ms of its start)
+    assert "protobuf not loaded" in out.stderr
     assert out.stdout.count("enrolled: acked by ztunnel connection") == 3
     assert sorted((p.uid, p.state) for p in server.list_pods()) == [
         (f"lane-{i}", nodeagent_pb2.POD_STATE_ACKED) for i in range(3)
@@ -647,6 +683,67 @@ def test_a_broken_bulk_lane_is_closed_with_one_line_and_the_node_agent_serves_on
     answer = bulkwire.Deframer().feed(got[len(bulkwire.MAGIC) :])
     (result,) = nodeagent_pb2.AddPodsReply.FromString(answer[0]).results
     assert (result.uid, result.code) == ("x", grpc.StatusCode.INVALID_ARGUMENT.value[0])
+
+
+def json_lane(*messages: bytes) -> bytes:
+    """What a client of the lane's JSON form sends: its opening, then ``messages`` framed."""
+    return bulkwire.MAGIC_JSON + b"".join(bulkwire.frame(m) for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (b"{", "a message that is not JSON"),
+        (b"\xff[]", "a message that is not JSON"),
+        (b"[" * 100_000, "a message that is not JSON"),
+        (b'{"uid": "x"}', "a message that is not a JSON array of pods"),
+        (b"[" + b"{}," * 1024 + b"{}]", "it sent an AddPodsRequest of 1025 pods (at most 1024 a message)"),
+        (b'[{"uid": "a"}, 5]', "a pod (the 2. of a message) that is not an AddPodRequest: a JSON int"),
+        (b'[{"uid": "a", "pod": 1}]', 'has no "pod" field'),
+        (b'[{"uid": 5}]', "a pod (the 1. of a message) that is not an AddPodRequest"),
+        (b'[{"uid": "a", "netns_pid": true}]', "Expected an int, got a boolean"),
+        (b'[{"uid": "a", "netns_pid": 1e3}]', "'float' object cannot be interpreted as an integer"),
+        (b'[{"uid": "a", "netns_pid": 4294967296}]', "Value out of range"),
+        (b'[{"uid": "a", "ips": "10.0.0.1"}]', "ips is a text, not a list"),
+        (b'[{"uid": "a", "netns_path": "/x", "netns_pid": 1}]', "both netns_path and netns_pid"),
+        (b'[{"uid": "\\ud800"}]', "surrogates not allowed"),
+    ],
+    ids=[
+        "not-json",
+        "not-utf8",
+        "deep",
+        "not-array",
+        "too-many-pods",
+        "not-object",
+        "unknown-field",
+        "wrong-type",
+        "bool-pid",
+        "float-pid",
+        "big-pid",
+        "ips-text",
+        "two-netns",
+        "surrogate",
+    ],
+)
+def test_a_json_lane_message_no_zds_client_sends_closes_the_lane_with_one_line(
+    server: NodeAgentProc, message: bytes, reason: str
+) -> None:
+    """The JSON form's pods are made AddPodRequests (protobuf checks each field's type), and
+    what it would take otherwise is refused: a text as ``ips`` (letter by letter), both netns
+    fields (the last had won). Refused as an undecodable message: the lane closed, nothing
+    enrolled, the node agent serving on."""
+    got = lane_send(server, json_lane(b'[{"uid": "first", "netns_path": "/nonexistent"}]', message))
+    assert got.startswith(bulkwire.MAGIC_JSON)
+    server.wait_for_output("a bulk-lane connection closed: ")
+    line = next(line for line in server.output().splitlines() if "a bulk-lane connection closed" in line)
+    assert reason in line and "\\n" not in line, line
+    assert "Traceback" not in server.output()
+    assert server.list_pods() == []
+    got = lane_send(server, json_lane(b'[{"uid": "x", "netns_path": "/nonexistent"}]'))
+    (answers,) = bulkwire.Deframer().feed(got[len(bulkwire.MAGIC_JSON) :])
+    (answer,) = json.loads(answers)
+    assert answer == {"index": 0, "code": 3, "status": "INVALID_ARGUMENT", "message": answer["message"]}
+    assert answer["message"].startswith("netns path /nonexistent is not under an allowed root")
 
 
 def test_an_addpods_message_of_too_many_pods_or_bytes_is_refused_before_a_pod_is_looked_at(
