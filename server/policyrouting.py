@@ -296,6 +296,17 @@ def policy_routing_present(*, ipv6: bool) -> bool:
     return True
 
 
+def fwmark_rule_there() -> bool:
+    """Whether a rule like our fwmark rule (our pref, table, fwmark and mask, whatever else it
+    selects on) is in this netns, IPv4's or IPv6's (call inside the netns): what every zds
+    that installed in-pod rules, with either backend, added with them."""
+    with _Rtnl() as rtnl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            if any(map(_taken_for_ours, rtnl.dump(RTM_GETRULE, family, (errno.EAFNOSUPPORT,)))):
+                return True
+    return False
+
+
 #: fib_rule_hdr's flag that inverts a rule's selector.
 FIB_RULE_INVERT = 0x2
 #: The attributes our rule has (anything else, a selector pyroute2 may not even know, makes a

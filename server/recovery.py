@@ -38,7 +38,7 @@ from zds.netns import NetnsIdentity, netns_cookie
 from zds.server.enrollment import Enrollment
 from zds.server.podcache import Pod, Unopened
 from zds.server.podrules import PodRules, RulesError
-from zds.server.refind import Found, reopen, search, why_refused
+from zds.server.refind import Found, reopen, search, vouch_for_cookieless, why_refused
 from zds.server.store import PodStore
 from zds.server.storefile import StoreError
 from zds.server.storerows import StoredPod
@@ -123,6 +123,7 @@ async def recover(store: PodStore, enrollment: Enrollment) -> RecoveryReport:
             rows.append(row)
     found = [reopen(row, policy) for row in rows]
     search([f for f in found if f.netns is None and f.row.identity is not None], policy)
+    await vouch_for_cookieless(found)
     semaphore = asyncio.Semaphore(CONCURRENCY)
     #: The netns of the pods coming back (a removal's rules there wait for them: a restored
     #: pod's own are the same rules, or share its policy routing).

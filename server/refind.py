@@ -9,7 +9,15 @@ import logging
 from dataclasses import dataclass
 
 from zds import defaults
-from zds.netns import NetnsError, NetnsHandle, OutOfFds, netns_cookie, open_netns, open_netns_ref
+from zds.netns import (
+    NetnsError,
+    NetnsHandle,
+    OutOfFds,
+    netns_cookie,
+    open_netns,
+    open_netns_ref,
+    run_in_netns,
+)
 from zds.netns.search import find_by_identity
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, named_dirs
 from zds.server.pods import PodSpecError
@@ -111,3 +119,33 @@ def search(missing: list[Found], policy: NetnsPolicy | None) -> None:
             item.netns, item.elsewhere = candidate, True
         else:
             candidate.close()
+
+
+async def vouch_for_cookieless(found: list[Found]) -> None:
+    """A row stored without its netns's cookie (a store from before schema version 3, or a
+    kernel without SO_NETNS_COOKIE) names its netns by inode number alone, which the kernel
+    gives again to a netns made after the pod's was destroyed: such a netns is taken for the
+    pod's only where the rules the row records left their mark (our fwmark rule, which every
+    zds added with them, either backend); else it is another's, never touched nor served."""
+    for item in found:
+        row = item.row
+        if item.netns is None or row.cookie is not None or not row.rules or row.removing:
+            continue  # (a removal takes out only what is ours: finished wherever it was cut short)
+        from zds.server.policyrouting import PolicyRoutingError, fwmark_rule_there
+
+        try:
+            ours = await run_in_netns(item.netns, fwmark_rule_there)
+        except (PolicyRoutingError, NetnsError, OSError):
+            ours = False
+        if ours:
+            continue
+        log.warning(
+            "the pod's row has no netns cookie and the netns with its inode number (%s) has none of "
+            "the rules the row records: not taken for the pod's (the kernel gives a destroyed "
+            "netns's number again)",
+            item.netns.identity,
+            extra=row.spec.log_extra,
+        )
+        item.netns.close()
+        item.netns, item.replaced = None, not item.elsewhere
+        item.elsewhere = False

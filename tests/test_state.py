@@ -1382,3 +1382,54 @@ def test_a_netns_with_the_old_inode_but_another_cookie_is_not_taken_for_the_pod(
     restarted = agents.start()
     [pod] = restarted.list_pods()
     assert pod.recovery == "netns replaced" and not pod.HasField("netns")
+
+
+def _strip_cookie(server: NodeAgentProc) -> None:
+    """Make the pods' rows as a store from before schema version 3 left them: no netns cookie."""
+    with sqlite3.connect(os.path.join(server.state_dir, "pods.db")) as raw:
+        raw.execute("UPDATE pods SET netns_cookie = NULL")
+
+
+def test_a_netns_with_a_cookieless_rows_inode_but_none_of_its_rules_is_not_taken_for_the_pod(
+    agents: Agents, namespaces: Namespaces
+) -> None:
+    """A row without a cookie (a store from before schema 3: upgraded, it keeps none) names its
+    netns by inode number alone, which the kernel gives again to a netns made after the pod's
+    was destroyed (at once: ``ip netns del a; ip netns add b`` gives b a's number). Such a netns
+    has none of the rules the row records: it is not the pod's, never touched nor served."""
+    path = namespaces.make("a")
+    server = agents.start(redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    server.stop(signal.SIGKILL)
+    _strip_cookie(server)
+    # What a netns made since with the same inode number looks like: none of our rules (taken
+    # out by hand here, so that the number is the row's for sure).
+    name = os.path.basename(path)
+    for tool in ("iptables", "ip6tables"):
+        for table in ("nat", "mangle", "raw"):
+            for flag in ("-F", "-X"):
+                subprocess.run(["ip", "netns", "exec", name, tool, "-t", table, flag], check=True)
+    for family in ("-4", "-6"):
+        subprocess.run(["ip", "-n", name, family, "rule", "del", "pref", "32764"], check=True)
+        subprocess.run(["ip", "-n", name, family, "route", "flush", "table", "100"], check=True)
+    assert istio_rules(path) == []
+
+    restarted = agents.start(redirect=True)
+    [pod] = restarted.list_pods()
+    assert pod.recovery == "netns replaced" and not pod.HasField("netns")
+    assert istio_rules(path) == [], "no rules go into a netns that may be another pod's"
+    assert "has none of the rules the row records: not taken for the pod's" in restarted.output()
+
+
+def test_a_cookieless_rows_netns_with_its_rules_is_restored(agents: Agents, namespaces: Namespaces) -> None:
+    """A store from before schema 3, upgraded: its pods come back where their rules are."""
+    path = namespaces.make("a")
+    server = agents.start(redirect=True)
+    server.cli("pod", "add", "--uid", "u1", "--netns", path)
+    rules = istio_rules(path)
+    server.stop(signal.SIGKILL)
+    _strip_cookie(server)
+    restarted = agents.start(redirect=True)
+    [pod] = restarted.list_pods()
+    assert pod.recovery == "restored" and pod.HasField("netns")
+    assert istio_rules(path) == rules
