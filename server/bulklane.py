@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from zds import defaults
-from zds.errors import printable
+from zds.errors import cut_to_bytes, printable
 from zds.gen import nodeagent_pb2
 from zds.server.bulkwire import MAGIC, MAGIC_JSON, Deframer, Opening, brief_answers, frame, too_many_pods
 
@@ -46,6 +46,9 @@ class BulkServe(Protocol):
     ) -> AsyncGenerator[nodeagent_pb2.AddPodsReply, None]: ...
 
 
+#: How much of why a JSON pod was refused its log line says (protobuf's reason quotes an
+#: unknown field's name, or a number, whole: a 1 MiB key had made a 1 MiB line).
+REASON_MAX = 256
 #: A gRPC status code's name by its number (the JSON form's answers carry it).
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 #: Bytes of requests decoded but not yet taken before the lane stops reading.
@@ -258,9 +261,11 @@ class BulkLane(asyncio.Protocol):
 def json_request(message: bytes) -> nodeagent_pb2.AddPodsRequest:
     """A message of the lane's JSON form (a JSON array of pods, each an object of
     ``AddPodRequest``'s fields by their proto names) as the ``AddPodsRequest`` it stands for;
-    ValueError (one line) for one no zds client sends. Protobuf checks each field's type; what
-    it would take otherwise is refused here: a text as ``ips`` (taken letter by letter), both
-    members of the netns oneof (the last set had won)."""
+    ValueError (one line) for one no zds client sends. Protobuf checks each field's type
+    (``null`` is a field not set; an unknown field refused: a field a later client adds needs
+    an opening of its own); what it would take otherwise is refused here: ``ips`` not a list
+    (a text was taken letter by letter, an object by its keys), both members of the netns
+    oneof (the last set had won)."""
     try:
         pods = json.loads(message)
     except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
@@ -274,13 +279,14 @@ def json_request(message: bytes) -> nodeagent_pb2.AddPodsRequest:
         try:
             if not isinstance(pod, dict):
                 raise TypeError(f"a JSON {type(pod).__name__}, not an object")
-            if isinstance(pod.get("ips"), str):
-                raise TypeError("ips is a text, not a list")
+            if (ips := pod.get("ips")) is not None and not isinstance(ips, list):
+                raise TypeError(f"ips is a JSON {type(ips).__name__}, not a list")
             if pod.get("netns_path") is not None and pod.get("netns_pid") is not None:
                 raise ValueError("both netns_path and netns_pid")
             request.pods.add(**pod)
         except (TypeError, ValueError) as exc:  # (UnicodeEncodeError, a lone surrogate, is a ValueError)
+            reason = cut_to_bytes(printable(str(exc)), REASON_MAX)
             raise ValueError(
-                f"a pod (the {n + 1}. of a message) that is not an AddPodRequest: {printable(str(exc))}"
+                f"a pod (the {n + 1}. of a message) that is not an AddPodRequest: {reason}"
             ) from None
     return request

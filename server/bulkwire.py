@@ -175,7 +175,8 @@ def exchange_json(
     fields by their proto names), each message's answers as it comes. LaneUnsupported also when the
     node agent closes before its opening (one from before this form, or that did not let this
     client in: the first form tells which)."""
-    for message in _exchange(sock, MAGIC_JSON, (json.dumps(batch).encode() for batch in batches), timeout):
+    messages = (json.dumps(batch).encode() for batch in batches)
+    for message in _exchange(sock, MAGIC_JSON, messages, timeout, unopened_unsupported=True):
         try:
             answers = json.loads(message)
             if not isinstance(answers, list):
@@ -233,10 +234,16 @@ def brief_answers(reply: nodeagent_pb2.AddPodsReply, status_names: dict[int, str
 
 
 def _exchange(
-    sock: socket.socket, magic: bytes, messages: Iterable[bytes], timeout: float
+    sock: socket.socket,
+    magic: bytes,
+    messages: Iterable[bytes],
+    timeout: float,
+    *,
+    unopened_unsupported: bool = False,
 ) -> Iterator[bytes]:
     """``messages`` framed after ``magic`` on ``sock`` (closed at the end); the node agent's
-    messages as they come, until it closes."""
+    messages as they come, until it closes. LaneUnsupported if it answers the opening with
+    something else, or (``unopened_unsupported``) closes before it answered."""
     deadline = time.monotonic() + timeout
     out = bytearray(magic)
     for message in messages:
@@ -264,7 +271,7 @@ def _exchange(
             except OSError as exc:
                 raise LaneError(f"the connection to the node agent failed: {exc.strerror or exc}") from None
             if not data:
-                if not opening.complete and (opening.seen or magic != MAGIC):
+                if not opening.complete and (opening.seen or unopened_unsupported):
                     raise LaneUnsupported(_UNSUPPORTED)
                 if deframer.pending:
                     raise LaneError("the node agent closed the connection within a message")

@@ -155,8 +155,9 @@ def _add_many(
 def _add_many_over_lane(
     target: ControlTarget, specs: list[PodSpec], answers: Answers, args: argparse.Namespace
 ) -> None:
-    """The same over the control socket's bulk lane (bulkwire.py): no gRPC to load. A node
-    agent from before the lane took nothing: the pods go over AddPods then."""
+    """The same over the control socket's bulk lane (bulkwire.py; in which form:
+    ``_lane_results``): no gRPC to load. A node agent from before the lane took nothing: the
+    pods go over AddPods then."""
     try:
         for results in _lane_results(target, specs, args):
             _answered(results, specs, answers, args)
@@ -264,7 +265,8 @@ def _enrolled(
         return {"uid": spec.uid}
     from zds.server.podctl import pod_dict
 
-    return {"uid": spec.uid, "connection_id": connection_id, "pod": pod_dict(pod) if pod is not None else {}}
+    assert pod is not None, "--json takes the forms whose answers carry the pod"
+    return {"uid": spec.uid, "connection_id": connection_id, "pod": pod_dict(pod)}
 
 
 def _failed(spec: PodSpec, error: str, args: argparse.Namespace) -> dict[str, Any]:

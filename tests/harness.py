@@ -434,7 +434,7 @@ def pod_ports(pod: Pod, pid: int) -> dict[int, Listening]:
 _POD_NETNS: dict[str, Any] = {}
 
 
-def pods_file(tmp_path: object, entries: list[dict[str, str]]) -> str:
+def pods_file(tmp_path: object, entries: list[dict[str, Any]]) -> str:
     """``tmp_path/pods.jsonl`` with ``entries``, one a line (``--pods``, ``--from-file``)."""
     path = os.path.join(str(tmp_path), "pods.jsonl")
     with open(path, "w") as f:

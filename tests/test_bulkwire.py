@@ -297,3 +297,32 @@ def test_a_node_agent_from_before_the_json_form_is_told_apart_and_zds_pod_add_us
     assert out.stdout.splitlines() == [
         f"pod u{i} (default/u{i}) enrolled: acked by ztunnel connection c7" for i in range(3)
     ]
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (b'[{"' + b"k" * (MAX_MESSAGE // 4) + b'": 1}]', 'has no "kkk'),
+        (b'[{"netns_pid": ' + b"9" * 4000 + b"}]", "Value out of range: 999"),
+    ],
+    ids=["long-key", "long-number"],
+)
+def test_the_json_forms_reason_for_a_pod_refused_is_a_line_of_bounded_length(
+    message: bytes, reason: str
+) -> None:
+    """Protobuf's reason quotes an unknown field's name or a number whole: a client's 1 MiB key
+    had made the node agent's log line 1 MiB long."""
+    from zds.server.bulklane import json_request
+
+    with pytest.raises(ValueError, match=reason) as refused:
+        json_request(message)
+    assert len(str(refused.value)) < 512
+
+
+def test_the_json_form_refuses_an_object_as_ips() -> None:
+    """A JSON object as ``ips`` was taken by its keys (protobuf iterates it), as a text was
+    letter by letter."""
+    from zds.server.bulklane import json_request
+
+    with pytest.raises(ValueError, match="ips is a JSON dict, not a list"):
+        json_request(b'[{"uid": "a", "netns_path": "/x", "ips": {"10.0.0.1": 1}}]')

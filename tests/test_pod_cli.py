@@ -626,6 +626,33 @@ def test_pod_add_from_file_goes_over_the_bulk_lane_without_loading_grpc_protobuf
     ]
 
 
+def test_pod_add_from_file_with_json_shows_each_pods_whole_answer(
+    server: NodeAgentProc, tmp_path: object
+) -> None:
+    """``--json`` shows each pod as ``zds pod list --json`` does: over the lane's first form
+    (the JSON form's answers do not carry the pod)."""
+    path = pods_file(
+        tmp_path,
+        [
+            {"uid": "j-0", "netns": pod_netns(), "ips": ["10.0.0.9"]},
+            {"uid": "j-1", "netns": "/var/run/netns/zdst-missing"},
+        ],
+    )
+    peer = connected_peer(server)
+    try:
+        thread = serve_acks(peer, 1)
+        out = server.cli("pod", "add", "--from-file", path, "--json")
+        thread.join(10)
+    finally:
+        peer.close()
+    assert out.returncode == 1 and out.stderr == ""
+    enrolled, failed = json.loads(out.stdout)
+    assert enrolled["uid"] == "j-0" and enrolled["connection_id"]
+    assert enrolled["pod"]["state"] == "POD_STATE_ACKED" and enrolled["pod"]["ips"] == ["10.0.0.9"]
+    assert enrolled["pod"] == json.loads(server.cli("pod", "list", "--json").stdout)[0]
+    assert failed["uid"] == "j-1" and failed["error"].startswith("INVALID_ARGUMENT: cannot open netns")
+
+
 def lane_send(server: NodeAgentProc, data: bytes) -> bytes:
     """``data`` to the control socket, half-closed; everything the node agent sends back
     (a reset, when it closed with some of ``data`` unread, ends it as an EOF would)."""
@@ -704,7 +731,7 @@ def json_lane(*messages: bytes) -> bytes:
         (b'[{"uid": "a", "netns_pid": true}]', "Expected an int, got a boolean"),
         (b'[{"uid": "a", "netns_pid": 1e3}]', "'float' object cannot be interpreted as an integer"),
         (b'[{"uid": "a", "netns_pid": 4294967296}]', "Value out of range"),
-        (b'[{"uid": "a", "ips": "10.0.0.1"}]', "ips is a text, not a list"),
+        (b'[{"uid": "a", "ips": "10.0.0.1"}]', "ips is a JSON str, not a list"),
         (b'[{"uid": "a", "netns_path": "/x", "netns_pid": 1}]', "both netns_path and netns_pid"),
         (b'[{"uid": "\\ud800"}]', "surrogates not allowed"),
     ],
