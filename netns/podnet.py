@@ -25,10 +25,10 @@ from pyroute2 import IPRoute, NetlinkError
 
 from zds import runtime
 
-from .enter import in_netns
+from .enter import in_netns, netns_cookie
 from .errors import NetnsError
 from .fixtures import check_name, create_netns, delete_netns, netns_path, off_event_loop
-from .handle import open_netns
+from .handle import NetnsHandle, open_netns
 from .links import (
     IFNAME_MAX,
     LINK_ALIAS,
@@ -85,6 +85,27 @@ def create_pods_on_bridge(
         return pods
 
     return off_event_loop(make)
+
+
+#: What proves a pod's netns is the one made for it: (st_dev, st_ino, cookie); cookie -1
+#: where the kernel gives none (then dev and ino alone).
+Fingerprint = tuple[int, int, int]
+
+
+def _fingerprint_of(handle: NetnsHandle) -> Fingerprint:
+    cookie = netns_cookie(handle)
+    return (handle.identity.dev, handle.identity.ino, -1 if cookie is None else cookie)
+
+
+def _same_netns(path: str, made: Fingerprint) -> bool | None:
+    """Whether the namespace at ``path`` is the one ``made`` names (None: none is there)."""
+    try:
+        handle = open_netns(path)
+    except NetnsError:
+        return None
+    with handle:
+        now = _fingerprint_of(handle)
+    return now == made if made[2] != -1 and now[2] != -1 else now[:2] == made[:2]
 
 
 def delete_pod(name: str, *, missing_ok: bool = False) -> None:
@@ -157,6 +178,9 @@ class PodNetwork:
             raise NetnsError(f"pod subnets {subnet4} and {subnet6} are too small for a gateway and a pod")
         self.bridge = bridge
         self._pods: dict[str, tuple[PodFixture, int]] = {}
+        #: What each pod's netns and host veth were when made here (fingerprint, ifindex):
+        #: removal takes out only what is still that (a name reused since is someone else's).
+        self._made_ids: dict[str, tuple[Fingerprint, int | None]] = {}
         self._bridge_made = False
         #: The bridge existed before (``adopt_bridge``): use it, never delete it.
         self._bridge_adopted = False
@@ -300,6 +324,7 @@ class PodNetwork:
 
     def _wire_pod(self, pod: PodFixture, undo: ExitStack) -> None:
         with open_netns(pod.netns_path) as handle:
+            self._made_ids[pod.name] = (_fingerprint_of(handle), None)
             with IPRoute() as ipr:
                 bridge_index = link_index(ipr, self.bridge)
                 with runtime.interrupts_held():
@@ -317,6 +342,7 @@ class PodNetwork:
                         ) from None
                     undo.callback(delete_link, pod.veth_host)
                 host_index = link_index(ipr, pod.veth_host)
+                self._made_ids[pod.name] = (self._made_ids[pod.name][0], host_index)
                 ipr.link("set", index=host_index, ifalias=LINK_ALIAS)
                 ipr.link("set", index=host_index, master=bridge_index, state="up")
             with in_netns(handle), IPRoute() as ipr:
@@ -354,6 +380,7 @@ class PodNetwork:
                     told = None if self._made is None else functools.partial(self._made, "netns", name)
                     create_netns(name, told=told)
                     undo.callback(delete_netns, name, missing_ok=True)
+                undo.callback(self._made_ids.pop, name, None)
                 try:
                     self._wire_pod(pod, undo)
                 except NetlinkError as e:
@@ -375,9 +402,23 @@ class PodNetwork:
             if name not in self._pods:
                 raise NetnsError(f"no pod {name} in this PodNetwork (on bridge {self.bridge})")
             pod, _ = self._pods[name]
+            made = self._made_ids.get(name)
             # The veth first: a netns dies asynchronously, and its end of the pair with it.
-            delete_link(pod.veth_host)
-            delete_netns(name, missing_ok=True)
+            # Only what is still what this object made: a name someone reused since (their
+            # own netns, a link of theirs) stays.
+            with IPRoute() as ipr:
+                index = link_index(ipr, pod.veth_host)
+            if made is None or made[1] is None or index == made[1]:
+                delete_link(pod.veth_host)
+            elif index is not None:
+                log.warning(
+                    "link %s is not the veth made for pod %s any more: left as it is", pod.veth_host, name
+                )
+            if made is None or _same_netns(pod.netns_path, made[0]) is not False:
+                delete_netns(name, missing_ok=True)
+            else:
+                log.warning("netns %s is not the one made for this pod any more: left as it is", name)
+            self._made_ids.pop(name, None)
             del self._pods[name]
 
     def remove_pod(self, name: str) -> None:

@@ -318,6 +318,62 @@ def test_a_single_plugin_conf_becomes_a_conflist_and_comes_back(tmp_path: pathli
     assert conf.read_text() == original and sorted(os.listdir(conf_dir)) == ["10-bridge.conf"]
 
 
+def test_a_conf_is_not_converted_over_an_original_an_earlier_install_left_beside_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    conf = conf_dir / "10-bridge.conf"
+    now = '{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "cni0"}\n'
+    conf.write_text(now)
+    kept = conf_dir / "10-bridge.conf.zds-cni-orig"
+    kept.write_text(now.replace("cni0", "cni9"))  # an earlier round's original, kept by its uninstall
+    done = zds_cni("install", *flags)
+    assert done.returncode == 1 and f"{kept} exists already" in done.stderr, done.stderr
+    assert conf.read_text() == now and kept.read_text() == now.replace("cni0", "cni9")
+    assert sorted(os.listdir(conf_dir)) == ["10-bridge.conf", "10-bridge.conf.zds-cni-orig"]
+    assert os.listdir(bin_dir) == [], "a failed install left its launcher"
+
+
+@pytest.mark.parametrize("signum", [15, 1])
+def test_a_sigterm_or_sighup_mid_install_or_uninstall_waits_for_its_end_and_leaves_no_temporary_file(
+    tmp_path: pathlib.Path, signum: int
+) -> None:
+    bin_dir, conf_dir, flags = dirs(tmp_path)
+    conf = conf_dir / "10-bridge.conf"
+    original = '{"cniVersion": "0.3.1", "name": "k8s", "type": "bridge", "bridge": "cni0"}\n'
+    conf.write_text(original)
+    # The signal comes in the middle: install's as the conflist's temporary file is synced (the
+    # launcher's is the first fsync, the conf dir's the second), uninstall's as it renames the
+    # kept .conf back (its .conflist not removed yet).
+    code = (
+        "import os, signal, sys\n"
+        "name, nth = sys.argv[1], int(sys.argv[2])\n"
+        "real, calls = getattr(os, name), []\n"
+        "def hooked(*args):\n"
+        "    calls.append(args)\n"
+        "    if len(calls) == nth:\n"
+        f"        os.kill(os.getpid(), {signum})\n"
+        "    return real(*args)\n"
+        "setattr(os, name, hooked)\n"
+        "from zds.cli import main\n"
+        "sys.exit(main(sys.argv[3:]))\n"
+    )
+    for command, hook in (("install", ["fsync", "3"]), ("uninstall", ["rename", "1"])):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *hook, "cni", command, *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 128 + signum, (command, done.returncode, done.stderr)
+        assert not [n for n in os.listdir(conf_dir) + os.listdir(bin_dir) if ".tmp." in n], command
+        if command == "install":  # done whole: the .conf became the .conflist, the launcher is there
+            assert sorted(os.listdir(conf_dir)) == ["10-bridge.conf.zds-cni-orig", "10-bridge.conflist"]
+            assert os.listdir(bin_dir) == ["zds-cni"]
+    assert sorted(os.listdir(conf_dir)) == ["10-bridge.conf"] and conf.read_text() == original
+    assert os.listdir(bin_dir) == []
+
+
 def test_a_converted_conf_edited_since_keeps_its_edits_and_its_original_is_named(
     tmp_path: pathlib.Path,
 ) -> None:

@@ -292,6 +292,22 @@ def test_close_removes_every_pod_veth_and_the_bridge_and_is_idempotent() -> None
     net.close()
 
 
+def test_close_leaves_a_netns_someone_made_under_a_pods_name_since() -> None:
+    net = pod_network(unique("zdst-br-"))
+    try:
+        pod = net.add_pod(unique())
+        delete_netns(pod.name)  # the pod's name taken away, and given to a namespace of someone else's
+        create_netns(pod.name)
+        theirs = netns_identity_of_path(pod.netns_path)
+    finally:
+        net.close()
+    try:
+        assert theirs is not None and netns_identity_of_path(pod.netns_path) == theirs
+        assert net.bridge not in host_links()
+    finally:
+        delete_netns(pod.name, missing_ok=True)
+
+
 def test_context_manager_closes() -> None:
     with pod_network(unique("zdst-br-")) as net:
         pod = net.add_pod(unique())

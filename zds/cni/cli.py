@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from zds import defaults
+from zds import defaults, runtime
 from zds.errors import printable
 
 
@@ -100,12 +100,16 @@ def cmd_install(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         enroll=args.enroll,
     )
-    try:
-        done = install(options)
-    except (InstallError, OSError) as exc:
-        print(f"zds cni install: {printable(str(exc))}", file=sys.stderr)
-        return 1
-    print("\n".join(printable(line) for line in done))  # (file names in the conf dir: anyone's)
+    # SIGTERM and SIGHUP as Ctrl-C, and all three wait for the end (a tenth of a second): one
+    # that landed mid-way left a temporary file in the conf or bin dir, or a .conf beside the
+    # .conflist made from it (two configs of one network). Then the exit says the signal.
+    with runtime.Interrupts(), runtime.interrupts_held():
+        try:
+            done = install(options)
+        except (InstallError, OSError) as exc:
+            print(f"zds cni install: {printable(str(exc))}", file=sys.stderr)
+            return 1
+        print("\n".join(printable(line) for line in done))  # (file names in the conf dir: anyone's)
     return 0
 
 
@@ -113,10 +117,13 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     from zds.cni.install import InstallOptions, uninstall
     from zds.cni.launcher import InstallError
 
-    try:
-        done = uninstall(InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network))
-    except (InstallError, OSError) as exc:
-        print(f"zds cni uninstall: {printable(str(exc))}", file=sys.stderr)
-        return 1
-    print("\n".join(printable(line) for line in done))
+    with runtime.Interrupts(), runtime.interrupts_held():  # (as install)
+        try:
+            done = uninstall(
+                InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network)
+            )
+        except (InstallError, OSError) as exc:
+            print(f"zds cni uninstall: {printable(str(exc))}", file=sys.stderr)
+            return 1
+        print("\n".join(printable(line) for line in done))
     return 0

@@ -236,6 +236,11 @@ def _convert_conf(path: str, conf: dict[str, Any], entry: dict[str, Any]) -> str
         raise InstallError(
             f"{path} is a single-plugin config and {target} exists already; chain into that one"
         )
+    if os.path.lexists(path + ORIGINAL_SUFFIX):  # (the rename below would replace it: not ours to lose)
+        raise InstallError(
+            f"{path} is a single-plugin config and {path + ORIGINAL_SUFFIX} exists already (an earlier "
+            "install's original, kept); move it away, then install again; nothing was changed"
+        )
     plugin = {k: v for k, v in conf.items() if k != "cniVersion"}
     doc = {
         "cniVersion": conf.get("cniVersion", "0.3.1"),
