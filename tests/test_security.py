@@ -364,7 +364,9 @@ def test_pod_add_from_file_as_a_user_kept_out_is_told_permission_denied(public_d
             f"""
             import os, sys
             from zds.cli import build_parser, main
-            import zds.server.podctl, zds.server.podsfile  # loaded as root: the checkout may be closed to nobody
+            # loaded as root: the checkout may be closed to nobody (the lane's first form, which
+            # the command takes once turned away from the JSON form, loads the generated messages)
+            import zds.server.podadd, zds.server.podsfile, zds.gen.nodeagent_pb2, google.protobuf.message
             build_parser("pod")
             os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
             code = main(["pod", "add", "--from-file", {pods!r}, "--control-socket", {server.control_socket!r}])
