@@ -114,10 +114,11 @@ async def bulk_add(
         result = nodeagent_pb2.AddPodsResult(
             index=index, uid=cut(uid), code=code.value[0], message=cut(message)
         )
-        if enrolled is not None and brief:
-            result.response.connection_id = enrolled.conn_id
-        elif enrolled is not None:
-            fill_add_pod_response(result.response, enrolled)  # (in place: not built, then copied)
+        if enrolled is not None:
+            if brief:
+                result.response.connection_id = enrolled.conn_id
+            else:
+                fill_add_pod_response(result.response, enrolled)  # (in place, not copied)
         answers.put_nowait(result)
 
     async def read() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from zds import defaults, runtime
@@ -90,7 +91,6 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
 
 def cmd_install(args: argparse.Namespace) -> int:
     from zds.cni.install import InstallOptions, install
-    from zds.cni.launcher import InstallError
 
     options = InstallOptions(
         bin_dir=args.bin_dir,
@@ -100,30 +100,28 @@ def cmd_install(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         enroll=args.enroll,
     )
-    # SIGTERM and SIGHUP as Ctrl-C, and all three wait for the end (a tenth of a second): one
-    # that landed mid-way left a temporary file in the conf or bin dir, or a .conf beside the
-    # .conflist made from it (two configs of one network). Then the exit says the signal.
-    with runtime.Interrupts(), runtime.interrupts_held():
-        try:
-            done = install(options)
-        except (InstallError, OSError) as exc:
-            print(f"zds cni install: {printable(str(exc))}", file=sys.stderr)
-            return 1
-        print("\n".join(printable(line) for line in done))  # (file names in the conf dir: anyone's)
-    return 0
+    return _run("install", lambda: install(options))
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from zds.cni.install import InstallOptions, uninstall
+
+    options = InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network)
+    return _run("uninstall", lambda: uninstall(options))
+
+
+def _run(verb: str, action: Callable[[], list[str]]) -> int:
+    """Runs an install or uninstall and prints the files it changed. SIGTERM and SIGHUP as
+    Ctrl-C, and all three wait for the end (a tenth of a second): one that landed mid-way left
+    a temporary file in the conf or bin dir, or a .conf beside the .conflist made from it (two
+    configs of one network). Then the exit says the signal."""
     from zds.cni.launcher import InstallError
 
-    with runtime.Interrupts(), runtime.interrupts_held():  # (as install)
+    with runtime.Interrupts(), runtime.interrupts_held():
         try:
-            done = uninstall(
-                InstallOptions(bin_dir=args.bin_dir, conf_dir=args.conf_dir, network=args.network)
-            )
+            done = action()
         except (InstallError, OSError) as exc:
-            print(f"zds cni uninstall: {printable(str(exc))}", file=sys.stderr)
+            print(f"zds cni {verb}: {printable(str(exc))}", file=sys.stderr)
             return 1
-        print("\n".join(printable(line) for line in done))
+        print("\n".join(printable(line) for line in done))  # (file names in the conf dir: anyone's)
     return 0
