@@ -272,7 +272,7 @@ def json_request(message: bytes) -> nodeagent_pb2.AddPodsRequest:
         raise ValueError("a message that is not JSON") from None
     if not isinstance(pods, list):
         raise ValueError("a message that is not a JSON array of pods")
-    if (refused := too_many_pods(len(pods))) is not None:
+    if (refused := too_many_pods(len(pods), "a JSON array")) is not None:
         raise ValueError(refused)
     request = nodeagent_pb2.AddPodsRequest()
     for n, pod in enumerate(pods):

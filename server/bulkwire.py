@@ -65,13 +65,13 @@ class LaneUnsupported(LaneError):
     nothing was taken."""
 
 
-def too_many_pods(pods: int) -> str | None:
+def too_many_pods(pods: int, message: str = "an AddPodsRequest") -> str | None:
     """Why a request of ``pods`` pods is refused, if it has more than ``BULK_REQUEST_PODS``
     (counted before one of them is looked at: each taken makes a Python object, and decoded
-    they are ~60 times their bytes); None if it is not."""
+    they are ~60 times their bytes); None if it is not. ``message`` names what held them."""
     if pods <= defaults.BULK_REQUEST_PODS:
         return None
-    return f"an AddPodsRequest of {pods} pods (at most {defaults.BULK_REQUEST_PODS} a message)"
+    return f"{message} of {pods} pods (at most {defaults.BULK_REQUEST_PODS} a message)"
 
 
 def frame(message: bytes) -> bytes:

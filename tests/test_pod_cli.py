@@ -724,7 +724,7 @@ def json_lane(*messages: bytes) -> bytes:
         (b"\xff[]", "a message that is not JSON"),
         (b"[" * 100_000, "a message that is not JSON"),
         (b'{"uid": "x"}', "a message that is not a JSON array of pods"),
-        (b"[" + b"{}," * 1024 + b"{}]", "it sent an AddPodsRequest of 1025 pods (at most 1024 a message)"),
+        (b"[" + b"{}," * 1024 + b"{}]", "it sent a JSON array of 1025 pods (at most 1024 a message)"),
         (b'[{"uid": "a"}, 5]', "a pod (the 2. of a message) that is not an AddPodRequest: a JSON int"),
         (b'[{"uid": "a", "pod": 1}]', 'has no "pod" field'),
         (b'[{"uid": 5}]', "a pod (the 1. of a message) that is not an AddPodRequest"),
