@@ -20,6 +20,7 @@ import ctypes
 import errno
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -31,7 +32,7 @@ from pyroute2.process import ChildProcess
 
 from zds import defaults
 
-from .enter import in_netns
+from .enter import in_netns, netns_cookie
 from .errors import NetnsError
 from .handle import NETNS_NAME, open_netns
 from .kernel import CLONE_NEWNET, THREAD_NETNS, _libc
@@ -182,6 +183,31 @@ def delete_netns(name: str, *, missing_ok: bool = False) -> None:
         hint = "; run as root (needs CAP_SYS_ADMIN)" if e.errno in (errno.EPERM, errno.EACCES) else ""
         raise NetnsError(f"cannot delete netns {name}: {e.strerror}{hint}") from None
     log.debug("deleted netns", extra={"netns": path})
+
+
+def netns_fingerprint(path: str) -> list[int] | None:
+    """[dev, ino, cookie] of the namespace at ``path`` (cookie -1 where the kernel has none):
+    what proves a namespace is the one recorded (inode numbers are reused, cookies are not).
+    None if no namespace is there."""
+    try:
+        handle = open_netns(path)
+    except NetnsError:
+        return None
+    try:
+        cookie = netns_cookie(handle)
+    finally:
+        handle.close()
+    return [handle.identity.dev, handle.identity.ino, -1 if cookie is None else cookie]
+
+
+def half_made(path: str) -> bool:
+    """``path`` is what a netns name is before the namespace is mounted on it: an empty
+    regular file of its own, no mount point (its maker killed between the two)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0 and not os.path.ismount(path)
 
 
 def list_netns() -> list[str]:

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import ZDS, free_subnets, run_unique, stop_cleanly, wait_until
-from zds.demo.remains import RECORD, _started
+from zds.demo.remains import RECORD
 from zds.netns.fixtures import list_netns
+from zds.runtime import process_started
 
 pytestmark = pytest.mark.root
 
@@ -392,7 +393,7 @@ def test_a_process_whose_name_is_not_utf8_is_still_told_apart_by_its_start() -> 
         assert proc.stdout is not None and proc.stdout.readline() == b"1\n"
         with open(f"/proc/{proc.pid}/comm", "rb") as comm:
             assert comm.read() == b"z\xff\n"
-        assert isinstance(_started(proc.pid), int)
+        assert isinstance(process_started(proc.pid), int)
     finally:
         proc.kill()
         proc.wait()

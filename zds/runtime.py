@@ -162,6 +162,17 @@ def proc_stat(pid: int | str) -> list[bytes] | None:
         return None
 
 
+def process_started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot): with its pid, what tells it from
+    a later process given the same pid. None if there is none (or only its zombie, which its
+    parent has not reaped yet)."""
+    fields = proc_stat(pid)
+    try:
+        return None if not fields or fields[0] == b"Z" else int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` is there (a parent run through a wrapper that forks is not the
     direct one, and was taken for dead)."""

@@ -15,6 +15,7 @@ from zds.check.agentchecks import RECORD_CHECKS, SCENARIOS, scenario_of
 from zds.check.agentscenarios import SCENARIO_FUNCS, judge_held
 from zds.check.agentsession import AgentCheckOptions, AgentSession
 from zds.check.pods import CheckSetupError, CommandDriver, ControlDriver, PodDriver, PodFactory
+from zds.check.remains import CheckRecord
 from zds.check.report import Report
 from zds.check.strictpeer import CannotConnect
 from zds.errors import ZdsError
@@ -27,11 +28,11 @@ def make_driver(options: AgentCheckOptions) -> PodDriver:
     return ControlDriver(options.control_socket)
 
 
-async def run_agent_checks(options: AgentCheckOptions, selected: list[str]) -> Report:
-    """Every selected check's result, in catalogue order."""
+async def run_agent_checks(options: AgentCheckOptions, selected: list[str], record: CheckRecord) -> Report:
+    """Every selected check's result, in catalogue order (what it makes in ``record`` first)."""
     report = Report("node-agent", options.zds_socket)
     driver = make_driver(options)
-    factory = PodFactory()
+    factory = PodFactory(record)
     session = AgentSession(options, driver, factory)
     if "hello-first" not in selected:
         options.hello_wait = 0.0

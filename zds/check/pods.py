@@ -20,12 +20,15 @@ import os
 import shlex
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from zds import defaults
 from zds.errors import ZdsError
 from zds.netns.fixtures import create_netns, delete_netns
 from zds.netns.kernel import netns_identity
+
+if TYPE_CHECKING:
+    from zds.check.remains import CheckRecord
 
 #: Every pod the check makes lives in this namespace, with this service account.
 POD_NAMESPACE = "zds-check"
@@ -64,8 +67,10 @@ class CheckPod:
 
 @dataclass
 class PodFactory:
-    """Makes pods, each in a fresh named netns; ``close`` deletes every netns it made."""
+    """Makes pods, each in a fresh named netns (in ``record`` before it has its name);
+    ``close`` deletes every netns it made."""
 
+    record: CheckRecord
     made: list[str] = field(default_factory=list)
     count: int = 0
     pods: dict[str, CheckPod] = field(default_factory=dict)
@@ -74,7 +79,7 @@ class PodFactory:
         self.count += 1
         token = uuid.uuid4().hex[:8]
         name = f"{NETNS_PREFIX}{token}"
-        path = create_netns(name)
+        path = create_netns(name, told=self.record.netns_told(name))
         self.made.append(name)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:

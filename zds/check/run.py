@@ -10,11 +10,14 @@ import signal
 import stat
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from zds import runtime
 from zds.check.report import CheckSpec, Report
 from zds.errors import ZdsError
+
+if TYPE_CHECKING:
+    from zds.check.remains import CheckRecord
 
 
 def list_checks(checks: Sequence[CheckSpec]) -> int:
@@ -30,10 +33,15 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
     # The check forks (to make namespaces) while gRPC threads run: gRPC's fork handlers only
     # print a warning for each fork then, and nothing of gRPC is used in the children.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from zds.check.remains import CheckRecord, clear_or_warn
+
     problem = runtime.privilege_error(f"check {role}")
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    # What a check that did not end left goes first, whatever this one's flags (``zds.check.remains``);
+    # then, once it will run, this one's record of what it makes, before it makes anything.
+    clear_or_warn(role, lambda line: print(line, file=sys.stderr))
     if getattr(args, "agent_pid", None) is not None and not os.path.isdir(f"/proc/{args.agent_pid}"):
         # (a pid given by hand that is not there was a skipped fd-hygiene, and exit 0)
         print(f"zds check {role}: --agent-pid {args.agent_pid}: no such process here", file=sys.stderr)
@@ -46,10 +54,16 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
     if problem:
         print(f"zds check {role}: {problem}", file=sys.stderr)
         return 2
+    try:
+        record = CheckRecord()
+    except ZdsError as exc:
+        _close_all(claimed)
+        print(f"zds check {role}: {exc}", file=sys.stderr)
+        return 2
     written: set[str] = set()
     try:
         try:
-            report = asyncio.run(_run(role, args, selected))
+            report = asyncio.run(_run(role, args, selected, record))
         except ZdsError as exc:
             print(f"zds check {role}: {exc}", file=sys.stderr)
             return 2
@@ -73,6 +87,7 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
         sys.stdout.flush()
         return 0 if report.ok else 1
     finally:
+        record.done()  # (after everything it names is removed)
         for claim in claimed:  # (one made here and not written whole goes again)
             claim.close(remove_made=claim.flag not in written)
 
@@ -155,7 +170,7 @@ def _no_socket(path: str) -> str:
     return f"{path} is not a socket (--zds-socket names the node agent's ZDS socket)"
 
 
-async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Report:
+async def _run(role: str, args: argparse.Namespace, selected: list[str], record: CheckRecord) -> Report:
     # SIGTERM stops the run as Ctrl-C does (cancelled, its clean-up takes out the namespaces
     # and processes it made): it had killed the check where it stood, leaving them.
     main = asyncio.current_task()
@@ -164,13 +179,13 @@ async def _run(role: str, args: argparse.Namespace, selected: list[str]) -> Repo
     _stopped_by.clear()
     old = {sig: signal.signal(sig, handler) for sig in runtime.stop_signals() if sig != signal.SIGINT}
     try:
-        return await _checks(role, args, selected)
+        return await _checks(role, args, selected, record)
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)
 
 
-async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> Report:
+async def _checks(role: str, args: argparse.Namespace, selected: list[str], record: CheckRecord) -> Report:
     if role == "node-agent":
         from zds.check.agentrun import run_agent_checks
         from zds.check.agentsession import AgentCheckOptions
@@ -189,7 +204,7 @@ async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> R
             cycles=args.cycles,
             settle=args.settle,
         )
-        return await run_agent_checks(options, selected)
+        return await run_agent_checks(options, selected, record)
     from zds.check.pods import check_template
     from zds.check.ztrun import ZtunnelCheckOptions, run_ztunnel_checks
 
@@ -212,7 +227,7 @@ async def _checks(role: str, args: argparse.Namespace, selected: list[str]) -> R
         timeout=args.timeout,
         grace=args.grace,
     )
-    return await run_ztunnel_checks(zoptions, selected)
+    return await run_ztunnel_checks(zoptions, selected, record)
 
 
 #: The signals that stopped the run (SIGTERM, SIGHUP), in order.

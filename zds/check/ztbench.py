@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from zds import defaults, runtime
 from zds.aio import cancel_and_wait, finished_within
+from zds.check import keeper
 from zds.check.pods import CheckSetupError, PodFactory
+from zds.check.remains import CheckRecord
 from zds.check.report import Finding
 from zds.check.ztconn import ZtConn, unacked
 from zds.netns.apps import free_port
@@ -46,16 +48,18 @@ class ZtunnelCheckOptions:
 
 
 class Bench:
-    """The listening socket, the ztunnel under test, and what every check found."""
+    """The listening socket, the ztunnel under test, and what every check found; what it
+    makes is in ``record`` before it is made."""
 
-    def __init__(self, options: ZtunnelCheckOptions) -> None:
+    def __init__(self, options: ZtunnelCheckOptions, record: CheckRecord) -> None:
         self.options = options
+        self.record = record
         self.findings: dict[str, list[Finding]] = defaultdict(list)
         self.notes: dict[str, list[str]] = defaultdict(list)
         self.errors: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
         self.exercised: Counter[str] = Counter()
-        self.pods = PodFactory()
+        self.pods = PodFactory(record)
         self.current: ZtConn | None = None
         #: The check that stopped the ztunnel for good, and its last connection: it is restarted
         #: (or awaited) before the next check, never after the last.
@@ -68,7 +72,7 @@ class Bench:
         #: nacked for its port taken. Looks and no sign: a word on --protocol-only in the report.
         self.listener_looks = 0
         self.listener_signs = 0
-        self._tmp = tempfile.mkdtemp(prefix="zds-check-")
+        self._tmp = record.make_tmp()
         self.socket_path = options.zds_socket or os.path.join(self._tmp, "ztunnel.sock")
         self.log_path = os.path.join(self._tmp, "ztunnel.log")
         self.values = {"socket": self.socket_path} | {
@@ -133,11 +137,18 @@ class Bench:
         self.starts += 1
         log = _open_log(self.log_path, f"--- start {self.starts}: {command}\n")
         try:
+            # Through its keeper, which leads the session started for it: the command's
+            # processes end with the check, also when it is killed (``zds.check.keeper``).
             self._proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", command, stdout=log, stderr=log, start_new_session=True
+                *(sys.executable, "-I", "-S", keeper.__file__, str(os.getpid()), command),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=self.record.peer_env(),
             )
         finally:
             os.close(log)
+        self.record.peer_started(self._proc.pid)
 
     def exit_said(self) -> str:
         """Why the ztunnel we started is not there (for a message), "" when it runs."""

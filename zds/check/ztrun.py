@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from zds.check import ztrefusals as refusals
 from zds.check import ztscenarios as scenarios
+from zds.check.remains import CheckRecord
 from zds.check.report import Report, verdict
 from zds.check.ztbench import Bench, ZtunnelCheckOptions, ZtunnelGone
 from zds.check.ztchecks import BY_NAME, FATAL, LISTENERS
@@ -75,8 +76,10 @@ NO_LISTENERS = (
 )
 
 
-async def run_ztunnel_checks(options: ZtunnelCheckOptions, selected: list[str]) -> Report:
-    bench = Bench(options)
+async def run_ztunnel_checks(
+    options: ZtunnelCheckOptions, selected: list[str], record: CheckRecord
+) -> Report:
+    bench = Bench(options, record)
     try:
         return await _run(bench, options, selected)
     finally:

@@ -30,10 +30,7 @@ from pyroute2 import NetlinkError
 
 from zds import defaults, runtime
 from zds.demo.probes import DemoError
-from zds.netns import NetnsError
-from zds.netns.enter import netns_cookie
-from zds.netns.fixtures import delete_netns, list_netns, netns_path
-from zds.netns.handle import open_netns
+from zds.netns.fixtures import delete_netns, half_made, list_netns, netns_fingerprint, netns_path
 from zds.netns.podnet import delete_pod, remove_bridge_if_unused
 
 #: Where a running demo says what it made (beside /var/run/netns: gone at a reboot with them).
@@ -44,37 +41,18 @@ TMP_PREFIX = "zds-demo-"
 RECORD_MAX = 64 * 1024
 
 
-def _started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot); None if there is none (or only
-    its zombie, which its parent has not reaped yet)."""
-    fields = runtime.proc_stat(pid)
-    try:
-        return None if not fields or fields[0] == b"Z" else int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _fingerprint(path: str) -> list[int] | None:
-    """[dev, ino, cookie] of the namespace at ``path`` (cookie -1 where the kernel has none);
-    None if no namespace is there."""
-    try:
-        handle = open_netns(path)
-    except NetnsError:
-        return None
-    try:
-        cookie = netns_cookie(handle)
-    finally:
-        handle.close()
-    return [handle.identity.dev, handle.identity.ino, -1 if cookie is None else cookie]
-
-
 class Record:
     """This demo's record of what it made (``RECORD``), written before anything is made and
     again before each thing is (``make_tmp``, ``made``); DemoError if it cannot be written."""
 
     def __init__(self) -> None:
         pid = os.getpid()
-        self._doc: dict[str, Any] = {"pid": pid, "started": _started(pid), "tmp": None, "keep_logs": False}
+        self._doc: dict[str, Any] = {
+            "pid": pid,
+            "started": runtime.process_started(pid),
+            "tmp": None,
+            "keep_logs": False,
+        }
         self._doc.update(netns={}, bridge=None)
         self._write()
 
@@ -95,7 +73,7 @@ class Record:
         """``PodNetwork``'s ``made``: a pod's namespace is being made (``where`` names it, not
         yet ``name``), or the bridge is about to be (``where``: its ifindex to be)."""
         if kind == "netns":
-            fingerprint = _fingerprint(str(where))
+            fingerprint = netns_fingerprint(str(where))
             if fingerprint is None:
                 raise DemoError(f"cannot tell which namespace {name} is ({where}): not recorded, not made")
             self._doc["netns"][name] = fingerprint
@@ -170,7 +148,7 @@ def clear_earlier(names: Iterable[str], prefix: str, bridge: str, say: Callable[
     doc = _read()
     if doc is not None:
         pid = doc["pid"]
-        if _started(pid) == doc["started"]:
+        if runtime.process_started(pid) == doc["started"]:
             raise DemoError(
                 f"the zds demo with pid {pid} still runs (it holds its namespaces); wait for it to end"
             )
@@ -198,10 +176,10 @@ def _remove_recorded(doc: dict[str, Any], ours: set[str], bridge: str) -> list[s
     for name, fingerprint in sorted(doc["netns"].items()):
         if name not in ours:
             continue
-        if fingerprint[2] != -1 and _fingerprint(netns_path(name)) == fingerprint:
+        if fingerprint[2] != -1 and netns_fingerprint(netns_path(name)) == fingerprint:
             delete_pod(name)
             removed.append(name)
-        elif _half_made(netns_path(name)):  # (killed between the name's file and its mount)
+        elif half_made(netns_path(name)):  # (killed between the name's file and its mount)
             delete_netns(name)
             removed.append(f"{name} (an empty entry)")
     made_bridge = doc.get("bridge")
@@ -214,21 +192,11 @@ def _remove_recorded(doc: dict[str, Any], ours: set[str], bridge: str) -> list[s
     return removed + _clear_tmp(doc)
 
 
-def _half_made(path: str) -> bool:
-    """``path`` is what a netns name is before the namespace is mounted on it: an empty
-    regular file of its own, no mount point."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == 0 and not os.path.ismount(path)
-
-
 def _clear_partials() -> None:
     """Records a demo was killed while writing (``RECORD.PID``, the pid gone) are removed."""
     for partial in glob.glob(f"{glob.escape(RECORD)}.*"):
         pid = partial.rpartition(".")[2]
-        if pid.isdigit() and _started(int(pid)) is None:
+        if pid.isdigit() and runtime.process_started(int(pid)) is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
 
