@@ -21,7 +21,6 @@ from zds.netns import (
 from zds.netns.search import find_by_identity
 from zds.server.netnspolicy import NetnsPolicy, NetnsRefused, named_dirs
 from zds.server.pods import PodSpecError
-from zds.server.policyrouting import PolicyRoutingError, fwmark_rule_there
 from zds.server.storerows import StoredPod
 
 log = logging.getLogger("zds.server.recovery")
@@ -132,6 +131,10 @@ async def vouch_for_cookieless(found: list[Found]) -> None:
         row = item.row
         if item.netns is None or row.cookie is not None or not row.rules or row.removing:
             continue  # (a removal takes out only what is ours: finished wherever it was cut short)
+        # (imported once a row needs it: pyroute2's netlink modules are ~8 MB of a node agent's
+        # RSS, which one without rules (--no-redirect) never loads otherwise)
+        from zds.server.policyrouting import PolicyRoutingError, fwmark_rule_there
+
         try:
             ours = await run_in_netns(item.netns, fwmark_rule_there)
         except (PolicyRoutingError, NetnsError, OSError):
