@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from zds import cliflags, defaults, runtime
+from zds import cliflags, defaults, limits, runtime
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -200,8 +200,8 @@ def main(args: argparse.Namespace) -> int:
         faults_file=args.faults,
         faults_api=args.faults_api,
     )
-    runtime.raise_fd_limit()  # as ztunnel: a pod takes 7 fds (see zds.client.workloads)
-    runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)
+    limits.raise_fd_limit()  # as ztunnel: a pod takes 7 fds (see zds.client.workloads)
+    limits.grow_fd_table(defaults.FD_TABLE_ENTRIES)
     parts = ZtunnelParts.build(config)
     parts.stop_signals.install()  # a stop from here on is graceful (the loop acts on it)
     handover = None

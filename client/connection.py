@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from zds import defaults, runtime
+from zds import defaults, limits
 from zds.client.backoff import Backoff
 from zds.client.faults import ZtunnelFaults
 from zds.client.metrics import ZtunnelMetrics
@@ -304,7 +304,7 @@ class ZdsClient:
         ztunnel, which keeps the fd, would retry them)."""
         let_go = self.protocol.netnsless_uids
         room = self.proxies.settings.fd_reserve + defaults.POD_FDS + 1  # (one more pod, and its netns fd)
-        if let_go and runtime.fd_shortage(room) is None:
+        if let_go and limits.fd_shortage(room) is None:
             return CloseConnection(
                 reason=f"{len(let_go)} pending pod(s) let their netns fd go for want of fds, and fds are "
                 "free again: reconnecting for a snapshot that sends them again"

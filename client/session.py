@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Iterable
 from types import FrameType
 
-from zds import defaults, runtime
+from zds import defaults, limits, runtime
 from zds.client.metrics import ZtunnelMetrics
 from zds.client.workloads import (
     FdBudgetExhausted,
@@ -158,7 +158,7 @@ class RecordWork:
                 # netns holds its fd all the same (a first snapshot of such pods used them
                 # all, and the event loop's code could not be imported: a traceback).
                 highest = None if out_of_fds(exc) else workload.netns_fd
-                short = runtime.fd_shortage(floor, highest=highest) is not None
+                short = limits.fd_shortage(floor, highest=highest) is not None
             if short:
                 # Each pending pod holds its netns fd for the retry: past half the reserve,
                 # they would take the room a netns fd needs to be received at all.

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
-from zds import defaults, runtime
+from zds import defaults, limits
 from zds.client.inpod import (
     DnsSockets,
     InpodListener,
@@ -295,7 +295,7 @@ class WorkloadProxies:
         if not socks:
             return
         reserve = self.settings.fd_reserve
-        shortage = runtime.fd_shortage(reserve, highest=max(s.fileno() for s in socks))
+        shortage = limits.fd_shortage(reserve, highest=max(s.fileno() for s in socks))
         if shortage is None:
             return
         in_use, limit = shortage

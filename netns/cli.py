@@ -127,7 +127,8 @@ def _delete(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return 1
     from .errors import NetnsError
-    from .podnet import delete_pod, remove_bridge_if_unused
+    from .links import remove_bridge_if_unused
+    from .podnet import delete_pod
 
     code = 0
     in_use = {} if args.force else _enrolled_netns(args.control_socket)
@@ -225,7 +226,14 @@ def _describe(name: str, nsfs_dev: int | None) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the named namespaces: name, path and identity (dev:ino), as a table or JSON."""
+    """Print the named namespaces: name, path and identity (dev:ino), as a table or JSON
+    (SIGTERM taken as Ctrl-C; either waits for the netlink socket a pod's addresses are read
+    with to be closed: ``fixtures.iproute``)."""
+    with runtime.Interrupts():
+        return _list(args)
+
+
+def _list(args: argparse.Namespace) -> int:
     from .fixtures import list_netns
 
     nsfs_dev = _nsfs_dev()

@@ -1,19 +1,20 @@
 """The host links ``zds netns`` makes for pods (a bridge, veth pairs), told apart from
-anyone else's by their alias, and the addresses on a pod's eth0."""
+anyone else's by their alias (deleted only if ours), and the addresses on a pod's eth0."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import ipaddress
+import os
 from contextlib import suppress
 from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import NetlinkError
 
 from .enter import in_netns
 from .errors import NetnsError
-from .fixtures import list_netns, netns_path
+from .fixtures import iproute, list_netns, netns_path
 from .handle import open_netns
 
 # linux/if.h IFNAMSIZ (16) minus the NUL.
@@ -56,7 +57,7 @@ def is_ours(ipr: Any, index: int, kind: str) -> bool:
 
 def delete_link(ifname: str) -> None:
     """Delete a host link; one already gone is fine."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         try:
             ipr.link("del", ifname=ifname)
         except NetlinkError as e:
@@ -64,9 +65,40 @@ def delete_link(ifname: str) -> None:
                 raise
 
 
+def delete_our_veth(ifname: str) -> None:
+    """Delete the host end of a pod's veth if ``zds netns`` made it (a link of that name that
+    is not ours stays; the pair of ours goes with the pod's netns anyway)."""
+    with iproute() as ipr:
+        index = link_index(ipr, ifname)
+        if index is None or not is_ours(ipr, index, "veth"):
+            return
+    try:
+        delete_link(ifname)
+    except NetlinkError as e:  # (one already gone is fine: delete_link says nothing then)
+        raise NetnsError(f"cannot delete veth {ifname}: {os.strerror(e.code)}") from None
+
+
+def remove_bridge_if_unused(bridge: str, *, index: int | None = None) -> bool:
+    """Delete ``bridge`` if no interface is attached to it any more and it is ours: ``zds
+    netns`` made it (its alias says so), or, given ``index``, a record made as it was made
+    says it is that link (which has no alias yet if its maker died at once); True if deleted."""
+    with iproute() as ipr:
+        found = link_index(ipr, bridge)
+        if found is None:
+            return False
+        if index is None and not is_ours(ipr, found, "bridge"):
+            return False
+        if index is not None and (found != index or kind_and_alias(ipr, found)[0] != "bridge"):
+            return False
+        if any(link.get_attr("IFLA_MASTER") == found for link in ipr.get_links()):
+            return False
+    delete_link(bridge)
+    return True
+
+
 def eth0_addresses(path: str) -> list[str]:
     """The addresses on a netns's eth0 (none if it has no eth0)."""
-    with open_netns(path) as handle, in_netns(handle), IPRoute() as ipr:
+    with open_netns(path) as handle, in_netns(handle), iproute() as ipr:
         index = link_index(ipr, "eth0")
         if index is None:
             return []

@@ -20,21 +20,22 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
-from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import NetlinkError
 
 from zds import runtime
 
 from .enter import in_netns, netns_cookie
 from .errors import NetnsError
-from .fixtures import check_name, create_netns, delete_netns, netns_path, off_event_loop
+from .fixtures import check_name, create_netns, delete_netns, iproute, netns_path, off_event_loop
 from .handle import NetnsHandle, open_netns
 from .links import (
     IFNAME_MAX,
     LINK_ALIAS,
     delete_link,
+    delete_our_veth,
     ifname_for,
-    is_ours,
     kind_and_alias,
     link_index,
     used_host_indices,
@@ -111,39 +112,8 @@ def _same_netns(path: str, made: Fingerprint) -> bool | None:
 def delete_pod(name: str, *, missing_ok: bool = False) -> None:
     """Delete a pod made by ``create_pods_on_bridge``: its host veth first (a netns dies
     asynchronously, and its end of the pair with it), then the netns."""
-    off_event_loop(lambda: _delete_our_veth(ifname_for("zv-", name)))
+    off_event_loop(lambda: delete_our_veth(ifname_for("zv-", name)))
     delete_netns(name, missing_ok=missing_ok)
-
-
-def _delete_our_veth(ifname: str) -> None:
-    """Delete the host end of a pod's veth if ``zds netns`` made it (a link of that name that
-    is not ours stays; the pair of ours goes with the pod's netns anyway)."""
-    with IPRoute() as ipr:
-        index = link_index(ipr, ifname)
-        if index is None or not is_ours(ipr, index, "veth"):
-            return
-    try:
-        delete_link(ifname)
-    except NetlinkError as e:  # (one already gone is fine: delete_link says nothing then)
-        raise NetnsError(f"cannot delete veth {ifname}: {os.strerror(e.code)}") from None
-
-
-def remove_bridge_if_unused(bridge: str, *, index: int | None = None) -> bool:
-    """Delete ``bridge`` if no interface is attached to it any more and it is ours: ``zds
-    netns`` made it (its alias says so), or, given ``index``, a record made as it was made
-    says it is that link (which has no alias yet if its maker died at once); True if deleted."""
-    with IPRoute() as ipr:
-        found = link_index(ipr, bridge)
-        if found is None:
-            return False
-        if index is None and not is_ours(ipr, found, "bridge"):
-            return False
-        if index is not None and (found != index or kind_and_alias(ipr, found)[0] != "bridge"):
-            return False
-        if any(link.get_attr("IFLA_MASTER") == found for link in ipr.get_links()):
-            return False
-    delete_link(bridge)
-    return True
 
 
 class PodNetwork:
@@ -220,7 +190,7 @@ class PodNetwork:
         """Use the bridge if it exists already (made by an earlier ``zds netns create --bridge``):
         check its gateway address, reserve the addresses of the pods already on it. It is
         never deleted by this object. False if there is no such bridge yet."""
-        with IPRoute() as ipr:
+        with iproute() as ipr:
             index = link_index(ipr, self.bridge)
             if index is None:
                 return False
@@ -253,7 +223,7 @@ class PodNetwork:
             self._bridge_made = False
             return pods
 
-    def _subnet_taken(self, ipr: IPRoute) -> tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
+    def _subnet_taken(self, ipr: Any) -> tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
         """An address of this host inside the pods' subnets (another bridge on them: a second
         gateway, pods given addresses already in use), said as "ADDRESS on LINK", and the
         subnet it is in. Not one on a link named as the bridge: that bridge exists (its own
@@ -272,7 +242,7 @@ class PodNetwork:
         return None
 
     def _make_bridge(self) -> None:
-        with IPRoute() as ipr, runtime.interrupts_held():  # (made and noted at once)
+        with iproute() as ipr:  # (made and noted at once: an interrupt waits)
             if (taken := self._subnet_taken(ipr)) is not None:
                 address, which = taken
                 raise NetnsError(
@@ -305,7 +275,7 @@ class PodNetwork:
         # so close() can unregister this very registration).
         atexit.register(self.close)
 
-    def _add_bridge(self, ipr: IPRoute) -> None:
+    def _add_bridge(self, ipr: Any) -> None:
         """The bridge link; with a ``made`` hook, at an ifindex told to it before the link is
         made (a record then names it, name and index, before anyone can find it)."""
         if self._made is None:
@@ -325,27 +295,26 @@ class PodNetwork:
     def _wire_pod(self, pod: PodFixture, undo: ExitStack) -> None:
         with open_netns(pod.netns_path) as handle:
             self._made_ids[pod.name] = (_fingerprint_of(handle), None)
-            with IPRoute() as ipr:
+            with iproute() as ipr:  # (the veth made and its undo noted at once: an interrupt waits)
                 bridge_index = link_index(ipr, self.bridge)
-                with runtime.interrupts_held():
-                    try:
-                        # The peer is born inside the pod's netns as eth0: no name clash in the host.
-                        ipr.link(
-                            "add",
-                            ifname=pod.veth_host,
-                            kind="veth",
-                            peer={"ifname": "eth0", "net_ns_fd": handle.fileno()},
-                        )
-                    except NetlinkError as e:
-                        raise NetnsError(
-                            f"cannot create veth {pod.veth_host} for pod {pod.name}: {os.strerror(e.code)}"
-                        ) from None
-                    undo.callback(delete_link, pod.veth_host)
+                try:
+                    # The peer is born inside the pod's netns as eth0: no name clash in the host.
+                    ipr.link(
+                        "add",
+                        ifname=pod.veth_host,
+                        kind="veth",
+                        peer={"ifname": "eth0", "net_ns_fd": handle.fileno()},
+                    )
+                except NetlinkError as e:
+                    raise NetnsError(
+                        f"cannot create veth {pod.veth_host} for pod {pod.name}: {os.strerror(e.code)}"
+                    ) from None
+                undo.callback(delete_link, pod.veth_host)
                 host_index = link_index(ipr, pod.veth_host)
                 self._made_ids[pod.name] = (self._made_ids[pod.name][0], host_index)
                 ipr.link("set", index=host_index, ifalias=LINK_ALIAS)
                 ipr.link("set", index=host_index, master=bridge_index, state="up")
-            with in_netns(handle), IPRoute() as ipr:
+            with in_netns(handle), iproute() as ipr:
                 eth0 = link_index(ipr, "eth0")
                 ipr.addr("add", index=eth0, address=pod.ipv4, prefixlen=self._net4.prefixlen)
                 ipr.addr(
@@ -406,7 +375,7 @@ class PodNetwork:
             # The veth first: a netns dies asynchronously, and its end of the pair with it.
             # Only what is still what this object made: a name someone reused since (their
             # own netns, a link of theirs) stays.
-            with IPRoute() as ipr:
+            with iproute() as ipr:
                 index = link_index(ipr, pod.veth_host)
             if made is None or made[1] is None or index == made[1]:
                 delete_link(pod.veth_host)

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from zds import cliflags, defaults, runtime
+from zds import cliflags, defaults, limits, runtime
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
             allow=AllowList.default(args.allow_uid, [*args.allow_gid, *([gid] if gid is not None else [])]),
         ),
     )
-    soft, hard = runtime.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
+    soft, hard = limits.raise_fd_limit()  # as Go does for Istio's node agent: a pod takes 1 fd (its netns)
     if soft < defaults.NODE_AGENT_MIN_FDS:  # (before anything is opened or claimed: nothing to undo)
         logging.getLogger("zds.server").error(
             "RLIMIT_NOFILE is %d (hard limit %d): the node agent keeps %d fds free and needs at least "
@@ -300,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
             defaults.NODE_AGENT_FD_RESERVE,
             max(0, soft - defaults.NODE_AGENT_FD_RESERVE - 40),
         )
-    runtime.grow_fd_table(defaults.FD_TABLE_ENTRIES)  # before gRPC starts its threads
+    limits.grow_fd_table(defaults.FD_TABLE_ENTRIES)  # before gRPC starts its threads
     return runtime.run(run_server(options), use_uvloop=not args.no_uvloop)
 
 

@@ -26,7 +26,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from zds import defaults, runtime
+from zds import defaults, limits
 from zds.errors import ZdsError, printable
 from zds.netns import NetnsError, NetnsHandle, NetnsIdentity, NetnsRef, OutOfFds, open_netns
 from zds.netns.search import NAMED_DIRS
@@ -254,7 +254,7 @@ def hold_for_the_pod(netns: NetnsHandle) -> None:
     netns.move_above(defaults.NETNS_FD_FLOOR)
     # Below the floor it found no room above it: count then.
     highest = netns.fileno() if netns.fileno() >= defaults.NETNS_FD_FLOOR else None
-    shortage = runtime.fd_shortage(defaults.NODE_AGENT_FD_RESERVE, highest=highest)
+    shortage = limits.fd_shortage(defaults.NODE_AGENT_FD_RESERVE, highest=highest)
     if shortage is not None:
         netns.close()
         in_use, limit = shortage

@@ -19,7 +19,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from zds import runtime
+from zds import limits
 from zds.errors import printable
 from zds.netns import NetnsHandle, run_in_netns
 from zds.server.inpodrules import RedirectConfig, inpod_rules
@@ -276,7 +276,7 @@ def serving_redirector(backend: str, config: RedirectConfig) -> Redirector:
     backend's stays at ~70; with two arenas, ~86-97 (bench/results/soak.md)."""
     rules = redirector(backend, config)
     if backend == "nftables":
-        runtime.limit_malloc_arenas(MALLOC_ARENAS)
+        limits.limit_malloc_arenas(MALLOC_ARENAS)
     return rules
 
 

@@ -81,14 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     goes on inside it (``starts_itself``) says when it is over, any other once it is parsed.
     Logging is configured before the command runs, or (``logs_later``: a command that logs
     nothing itself) when something that logs is loaded (``runtime.logs_needed``)."""
-    if argv is None:
-        argv = sys.argv[1:]
-        runtime.ensure_std_fds()
-        runtime.no_grpc_at_fork(quiet=command_of(argv) != "server")
-        runtime.follow_parent()
-        output.watch_stdout()
-        runtime.starting()  # the process is this command's (a call from Python leaves it alone)
+    as_program = argv is None
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if as_program:  # (in the try: a Ctrl-C here was a traceback)
+            runtime.ensure_std_fds()
+            runtime.no_grpc_at_fork(quiet=command_of(argv) != "server")
+            runtime.follow_parent()
+            output.watch_stdout()
+            runtime.starting()  # the process is this command's (a call from Python leaves it alone)
         try:
             parser = build_parser(command_of(argv))
             if command_of(argv) in UTF8_ONLY and (bad := not_utf8(argv)) is not None:
@@ -114,6 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, so a reader that went away is found here
     except KeyboardInterrupt as exc:
         return runtime.interrupt_exit_code(exc)
+    except RuntimeError as exc:
+        # Python 3.11 wraps what is raised in a __set_name__ (a dataclass field's, as a module
+        # is loaded) in a RuntimeError: an interrupt there was a traceback and exit 1.
+        if not isinstance(exc.__cause__, KeyboardInterrupt):
+            raise
+        return runtime.interrupt_exit_code(exc.__cause__)
     except BrokenPipeError:
         if not output.stdout_reader_gone():
             raise

@@ -52,7 +52,7 @@ MAX_CONNECTIONS = 2
 #: The node agent keeps its pods' netns fds at or above this number, leaving the lower ones to
 #: code that cannot use fds past FD_SETSIZE (libnftables 1.0.6 waits for the kernel with select()).
 NETNS_FD_FLOOR = 1024
-#: Both sides make their fd table this large at start-up (``runtime.grow_fd_table``): the node
+#: Both sides make their fd table this large at start-up (``limits.grow_fd_table``): the node
 #: agent's netns fds from NETNS_FD_FLOOR up, the ztunnel side's 7 a pod, need no growth below it.
 FD_TABLE_ENTRIES = 8192
 #: File descriptors the node agent keeps free: a pod whose netns fd would leave fewer is

@@ -83,8 +83,6 @@ def ensure_std_fds() -> None:
     """fds 0, 1 and 2 open (on /dev/null where a caller closed them): else the first file or
     socket opened takes the number, and output, log lines (or libuv's own checks, which abort
     the process) go to it."""
-    import sys
-
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
@@ -230,8 +228,10 @@ class Interrupts:
     """SIGINT, SIGTERM and SIGHUP as KeyboardInterrupt (``Stopped``), for a command that cleans up on Ctrl-C (the
     demo, ``zds netns``): SIGTERM had killed it where it stood. In ``held()`` sections (starting
     a child and noting it; the clean-up) an interrupt waits for the section's end, then is
-    raised. ``interrupted`` stays set: an interrupt raised where Python swallows exceptions
-    (logging's at-fork hook, when pyroute2 forks) is raised again at ``check()``."""
+    raised. An interrupt raised where Python swallows exceptions (a ``__del__``, which the
+    collector runs anywhere: pyroute2's event loops; logging's at-fork hook, when pyroute2
+    forks) is not printed ("Exception ignored in ...") but raised again at the next section's
+    end, at ``check()``, or as the ``with`` ends."""
 
     def __init__(self) -> None:
         self._pid = os.getpid()
@@ -246,14 +246,24 @@ class Interrupts:
         global _interrupts
         for sig in stop_signals():
             self._old[sig] = signal.signal(sig, self._handler)
+        self._old_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         _interrupts = self
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
         global _interrupts
         _interrupts = None
+        sys.unraisablehook = self._old_hook
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if exc_type is None and self._pending:  # (one swallowed since: see the class)
+            raise Stopped(self.signum)
+
+    def _unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, Stopped) and os.getpid() == self._pid:
+            self._pending = True
+            return
+        self._old_hook(unraisable)
 
     def _handler(self, signum: int, frame: object) -> None:
         if in_forked_child(self._pid, signum):  # a forked helper must not run the command's clean-up
@@ -381,77 +391,3 @@ def privilege_error(command: str, needed: tuple[str, ...] = ("CAP_SYS_ADMIN", "C
     if not missing:
         return None
     return f"zds {command}: needs root or {' + '.join(needed)}; missing {', '.join(missing)}"
-
-
-#: mallopt's parameter for the most malloc arenas (glibc's malloc.h).
-_M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Let glibc's malloc keep at most ``arenas`` arenas (unless ``MALLOC_ARENA_MAX`` or
-    ``GLIBC_TUNABLES``' ``glibc.malloc.arena_max`` says otherwise): it gives each thread that
-    allocates an arena of its own (while none freed by an exited thread is there), up to 8 a CPU,
-    and what is freed in one stays resident there. Call before those threads allocate.
-    False where that cannot be asked (not glibc)."""
-    import ctypes
-
-    if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, arenas))
-
-
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit, as ztunnel does at start-up
-    (Go programs such as Istio's node agent get the same from Go's runtime). Returns
-    (soft, hard) as they are now."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (OSError, ValueError):
-            pass  # keep what we have
-    return soft, hard
-
-
-def fd_shortage(reserve: int, highest: int | None = None) -> tuple[int, int] | None:
-    """(fds open, soft RLIMIT_NOFILE) when fewer than ``reserve`` fds are free, else None.
-    ``highest``, the number of an fd just made, spares the count (a listing of every fd)
-    while it is far from the limit: fds are numbered from the lowest free one up."""
-    import resource
-
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if limit == resource.RLIM_INFINITY or (highest is not None and highest < limit - reserve):
-        return None
-    try:
-        in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one the listing had open
-    except OSError:  # (EMFILE: not even that one)
-        in_use = limit
-    return (in_use, limit) if limit - in_use < reserve else None
-
-
-def grow_fd_table(entries: int) -> None:
-    """Make the kernel's fd table of this process hold ``entries`` fds now (at most the soft
-    RLIMIT_NOFILE), so that opening that many needs no growth later. The kernel grows the
-    table of a process with threads (the node agent's gRPC and libuv ones) only after an RCU
-    grace period: measured here, 7 to 14 ms each time it doubles, on whatever enrollment opened
-    the fd that needed it. Costs 8 bytes and two bits an entry of kernel memory; where it
-    cannot be done, the table grows as it would have."""
-    import fcntl
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    highest = min(entries, soft) - 1 if soft != resource.RLIM_INFINITY else entries - 1
-    with contextlib.suppress(OSError):
-        anchor = os.open("/", os.O_PATH | os.O_CLOEXEC)
-        try:
-            # The lowest free fd at or above ``highest`` (never one in use), closed at once.
-            os.close(fcntl.fcntl(anchor, fcntl.F_DUPFD_CLOEXEC, highest))
-        finally:
-            os.close(anchor)

@@ -69,10 +69,8 @@ def run_checks(role: str, args: argparse.Namespace, selected: list[str]) -> int:
             return 2
         except asyncio.CancelledError:
             signum = _stopped_by[-1] if _stopped_by else signal.SIGTERM
-            print(
-                f"zds check {role}: stopped by {signal.Signals(signum).name}; what it made is removed",
-                file=sys.stderr,
-            )
+            stopped = runtime.how_stopped(runtime.Stopped(signum))  # ("interrupted": Ctrl-C)
+            print(f"zds check {role}: {stopped}; what it made is removed", file=sys.stderr)
             return 128 + signum
         # The report files first: a stdout whose reader went away (``| head -1``) ends the
         # command in the write to it, and they were lost with it.
@@ -172,12 +170,14 @@ def _no_socket(path: str) -> str:
 
 async def _run(role: str, args: argparse.Namespace, selected: list[str], record: CheckRecord) -> Report:
     # SIGTERM stops the run as Ctrl-C does (cancelled, its clean-up takes out the namespaces
-    # and processes it made): it had killed the check where it stood, leaving them.
+    # and processes it made): it had killed the check where it stood, leaving them. Ctrl-C too
+    # is taken here, as zds server and zds demo take it: a SIGINT the check was started with
+    # ignored (a script's background job) stayed ignored under asyncio's own handling.
     main = asyncio.current_task()
     assert main is not None
     handler = _on_sigterm(os.getpid(), asyncio.get_running_loop(), main)
     _stopped_by.clear()
-    old = {sig: signal.signal(sig, handler) for sig in runtime.stop_signals() if sig != signal.SIGINT}
+    old = {sig: signal.signal(sig, handler) for sig in runtime.stop_signals()}
     try:
         return await _checks(role, args, selected, record)
     finally:
@@ -235,10 +235,10 @@ _stopped_by: list[int] = []
 
 
 def _on_sigterm(pid: int, loop: asyncio.AbstractEventLoop, main: asyncio.Task[Report]) -> Any:
-    """A SIGTERM handler that cancels ``main`` once (a second one does not cut its clean-up
-    short). Not asyncio's add_signal_handler: a child forked to make a netns would pass its
-    own SIGTERM on to the check through the loop's wakeup socket; here a forked child dies of
-    its own as it would have."""
+    """A stop signal's handler (SIGTERM, SIGINT, SIGHUP) that cancels ``main`` once (a second
+    one does not cut its clean-up short). Not asyncio's add_signal_handler: a child forked to
+    make a netns would pass its own SIGTERM on to the check through the loop's wakeup socket;
+    here a forked child dies of its own as it would have."""
 
     def handler(signum: int, _frame: object) -> None:
         if not runtime.in_forked_child(pid, signum):

@@ -31,7 +31,8 @@ from pyroute2 import NetlinkError
 from zds import defaults, runtime
 from zds.demo.probes import DemoError
 from zds.netns.fixtures import delete_netns, half_made, list_netns, netns_fingerprint, netns_path
-from zds.netns.podnet import delete_pod, remove_bridge_if_unused
+from zds.netns.links import remove_bridge_if_unused
+from zds.netns.podnet import delete_pod
 
 #: Where a running demo says what it made (beside /var/run/netns: gone at a reboot with them).
 RECORD = os.path.join(os.path.dirname(defaults.NETNS_RUN_DIR), "zds-demo.json")
