@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+import stat
 import time
 from collections.abc import Iterable
 
@@ -49,6 +51,26 @@ from zds.seqpacket import sent_empty
 from zds.transport import BusyPoll, SeqpacketConnection, connect
 
 log = logging.getLogger("zds.ztunnel")
+
+
+def _not_a_socket(path: str) -> str | None:
+    """What is at ``path`` (followed, as connect follows it) when that is not a socket; None
+    when it is one, or nothing is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    return (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a regular file"
+        if stat.S_ISREG(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+    )
 
 
 class FatalProtocolError(ProtocolError):
@@ -121,14 +143,21 @@ class ZdsClient:
             except OSError as exc:
                 self.settled.set()
                 delay = self.backoff.next()
-                self.last_error = f"cannot connect to {self.socket_path}: {exc.strerror or exc}"
+                # Retried as ztunnel does whatever the error (a node agent that starts replaces
+                # what is there: Istio's removes it), but said as it is: connect says "Connection
+                # refused" for a directory or a file as for a socket nothing listens on.
+                other = _not_a_socket(self.socket_path) if exc.errno == errno.ECONNREFUSED else None
+                problem = f"it is {other}, not a socket" if other else exc.strerror or str(exc)
+                self.last_error = f"cannot connect to {self.socket_path}: {problem}"
                 # ztunnel logs every failure; only the first and the slow ones here, to keep the log readable.
                 level = logging.WARNING if self.backoff.attempts == 1 or delay >= 1.0 else logging.DEBUG
                 why = (
                     "permission denied (the node agent's sockets are root's: run as root, or have it give "
                     "them to a group of yours with zds server --socket-group)"
                     if exc.errno == errno.EACCES
-                    else f"{exc.strerror or exc} (is it running?)"
+                    else f"{problem} (is --zds-socket the node agent's socket?)"
+                    if other
+                    else f"{problem} (is it running?)"
                 )
                 log.log(
                     level,

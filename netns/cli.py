@@ -9,7 +9,7 @@ import stat
 import sys
 from typing import Any
 
-from zds import defaults, runtime
+from zds import cliflags, defaults, runtime
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -55,6 +55,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     delete.add_argument(
         "--control-socket",
+        type=cliflags.unix_socket,  # (a path too long to stat was taken for no node agent: no check)
         default=defaults.CONTROL_SOCKET,
         metavar="PATH",
         help="the node agent to ask which namespaces enrolled pods use (default: %(default)s)",
@@ -169,27 +170,37 @@ def _identity_of(name: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+#: How long ``zds netns delete`` waits for the node agent's list of pods (seconds).
+LIST_PODS_TIMEOUT = 5.0
+
+
 def _enrolled_netns(control_socket: str) -> dict[tuple[int, int] | None, tuple[str, str]]:
     """Netns identity -> (uid, "namespace/name") of each pod the node agent knows; empty when
     no node agent answers there (then nothing is known to be in use)."""
-    if not os.path.exists(control_socket):
-        return {}
+    try:
+        os.stat(control_socket)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}  # (no node agent there; any other error is said below, by the connection's)
+    except OSError:
+        pass
     from zds.gen import nodeagent_pb2
     from zds.server.controlclient import ControlError, ControlTarget
 
     target = ControlTarget(socket=control_socket)
     try:
         with target.stub() as stub:
-            pods = target.call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), 5).pods
+            # (this command has no --timeout: the limit is its own, and not named as a flag)
+            answer = target.call(stub.ListPods, nodeagent_pb2.ListPodsRequest(), LIST_PODS_TIMEOUT, flag=None)
     except ControlError as exc:
         print(
-            f"zds netns delete: warning: no answer from the node agent at {control_socket} ({exc});"
-            " deleting without knowing whether a pod lives there",
+            f"zds netns delete: warning: {exc}; deleting without knowing whether a pod lives there",
             file=sys.stderr,
         )
         return {}
     return {
-        (p.netns.dev, p.netns.ino): (p.uid, f"{p.namespace}/{p.name}") for p in pods if p.HasField("netns")
+        (p.netns.dev, p.netns.ino): (p.uid, f"{p.namespace}/{p.name}")
+        for p in answer.pods
+        if p.HasField("netns")
     }
 
 

@@ -7,10 +7,13 @@ Building these parsers imports nothing heavy: gRPC is loaded only when a command
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zds import cliflags, defaults
 from zds.server.eventkinds import WATCHABLE
+
+if TYPE_CHECKING:
+    from zds.netns import NetnsRef
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -28,7 +31,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "otherwise print the error and exit 1 (a pod that reached the cache stays there and "
         "goes out in the next ztunnel's snapshot).",
     )
-    add.add_argument("--uid", help="the pod's uid (required unless --from-file)")
+    add.add_argument("--uid", type=_uid, help="the pod's uid (required unless --from-file)")
     add.add_argument("--name", default="", help="the pod's name (default: the uid)")
     add.add_argument(
         "--namespace", default="", help=f"the pod's namespace (default: {defaults.POD_NAMESPACE})"
@@ -41,6 +44,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     where = add.add_mutually_exclusive_group()
     where.add_argument(
         "--netns",
+        type=_netns,
         metavar="PATH",
         help="the pod's netns file, e.g. /var/run/netns/pod-a (or a bare name; or pid:N, as in a pods file)",
     )
@@ -74,7 +78,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "and sends DelWorkload to every connected ztunnel. Done whatever ztunnel answers (each "
         "answer is printed); exit 1 only when the node agent does not know the pod or cannot be reached.",
     )
-    remove.add_argument("--uid", required=True, help="the pod's uid")
+    remove.add_argument("--uid", type=_uid, required=True, help="the pod's uid")
     control_flags(remove)
     remove.set_defaults(func=_pod_remove)
 
@@ -119,6 +123,23 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     watch.set_defaults(func=_watch)
 
 
+def _uid(text: str) -> str:
+    """``--uid``: a pod's uid, which is never empty (nor only spaces)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give the pod's uid (an empty one names no pod)")
+    return text
+
+
+def _netns(text: str) -> NetnsRef:
+    """``zds pod add --netns``: a path, a bare name or ``pid:N``, as a pods file writes it."""
+    from zds.netns import NetnsRef, NetnsRefError  # (light: no namespace code)
+
+    try:
+        return NetnsRef.parse(text)
+    except NetnsRefError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _event_kinds(text: str) -> list[str]:
     """``zds watch --kind``: EventKind values, also with dashes, upper case or EVENT_KIND_."""
     kinds = []
@@ -137,6 +158,7 @@ def control_flags(parser: argparse.ArgumentParser, *, timeout: str | None = "per
     no such flag)."""
     parser.add_argument(
         "--control-socket",
+        type=cliflags.unix_socket,
         default=defaults.CONTROL_SOCKET,
         metavar="PATH",
         help="node agent control socket (default: %(default)s)",

@@ -97,14 +97,11 @@ class ControlTarget(NamedTuple):
             return grpc.insecure_channel(self.address, defaults.CONTROL_CLIENT_OPTIONS)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ControlError("--tls-cert and --tls-key go together (mutual TLS)")
-        try:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(self.tls_ca),
-                private_key=_read(self.tls_key),
-                certificate_chain=_read(self.tls_cert),
-            )
-        except OSError as exc:
-            raise ControlError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read_pem("--tls-ca", self.tls_ca),
+            private_key=_read_pem("--tls-key", self.tls_key),
+            certificate_chain=_read_pem("--tls-cert", self.tls_cert),
+        )
         return grpc.secure_channel(self.address, credentials, defaults.CONTROL_CLIENT_OPTIONS)
 
     def check_socket(self) -> None:
@@ -118,6 +115,8 @@ class ControlTarget(NamedTuple):
                 f"cannot reach the node agent: {self.socket} does not exist; is `zds server` running "
                 "(or does it use another --control-socket)?"
             ) from None
+        except OSError as exc:  # (a directory in the path that is not one, a symlink loop)
+            raise ControlError(f"cannot reach the node agent: {self.socket}: {exc.strerror or exc}") from None
 
     def lane(self, timeout: float) -> Socket:
         """A connection to the unix socket for the bulk lane (``bulkwire``), or ControlError."""
@@ -160,8 +159,11 @@ class ControlTarget(NamedTuple):
             return ControlError(f"cannot reach the node agent at {self.where}: {details}{hint}")
         return ControlError(f"{code.name}: {details}")
 
-    def call(self, method: Callable[..., Any], request: Any, timeout: float) -> Any:
-        """``method(request)``; ControlError with one line on failure."""
+    def call(
+        self, method: Callable[..., Any], request: Any, timeout: float, *, flag: str | None = "--timeout"
+    ) -> Any:
+        """``method(request)``; ControlError with one line on failure (``flag``: the one that set
+        ``timeout``, named when it runs out; None for a command that has none)."""
         import grpc
 
         try:
@@ -170,8 +172,9 @@ class ControlTarget(NamedTuple):
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded":
                 # This client's own deadline (the node agent's ack timeout says its own words).
                 raise ControlError(
-                    f"no answer from the node agent at {self.where} within {timeout:g} s (--timeout): "
-                    "busy, or not a node agent; what was asked may still be done there"
+                    f"no answer from the node agent at {self.where} within {timeout:g} s"
+                    f"{f' ({flag})' if flag else ''}: busy, or not a node agent; what was asked may "
+                    "still be done there"
                 ) from exc
             raise self.failure(exc) from exc
 
@@ -191,8 +194,21 @@ def not_root_hint(hint: str = _NOT_ROOT_HINT) -> str:
     return hint if os.geteuid() != 0 else ""
 
 
-def _read(path: str | None) -> bytes | None:
+def _read_pem(flag: str, path: str | None) -> bytes | None:
+    """The file a TLS flag names (None: not given), read as the node agent reads its own
+    (``options._pem``): at most ``defaults.TLS_FILE_MAX`` (``/dev/zero`` was read until memory
+    ran out), a FIFO without waiting for a writer (that waited past --timeout, for good);
+    ControlError in one line otherwise."""
     if path is None:
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    from zds.entryfile import read_bounded
+
+    try:
+        data = read_bounded(path, defaults.TLS_FILE_MAX)
+    except OSError as exc:
+        raise ControlError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if len(data) > defaults.TLS_FILE_MAX:
+        raise ControlError(
+            f"{flag} {path}: over {defaults.TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB"
+        )
+    return data

@@ -58,10 +58,6 @@ class ServerOptions:
     telemetry: Telemetry | None = None
 
 
-#: The largest TLS file read (certificate chains are a few KiB).
-TLS_FILE_MAX = 1024 * 1024
-
-
 def split_host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()):
@@ -113,11 +109,13 @@ def _pem(flag: str, path: str, marker: str) -> bytes:
     from zds.entryfile import read_bounded
 
     try:
-        data = read_bounded(path, TLS_FILE_MAX)
+        data = read_bounded(path, defaults.TLS_FILE_MAX)
     except OSError as exc:
         raise StartupError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
-    if len(data) > TLS_FILE_MAX:
-        raise StartupError(f"{flag} {path}: over {TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB")
+    if len(data) > defaults.TLS_FILE_MAX:
+        raise StartupError(
+            f"{flag} {path}: over {defaults.TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB"
+        )
     if b"-----BEGIN " not in data or marker.encode() not in data:
         raise StartupError(f"{flag} {path}: no PEM {marker.removesuffix('-----').lower()} in it")
     return data

@@ -39,6 +39,34 @@ def _otlp_protocol(environ: Mapping[str, str], signal: str) -> str:
     return protocol
 
 
+#: The longest OTLP export timeout taken (seconds): a day. gRPC ended a call with a deadline
+#: much further (10**10 s, or infinite) at once, DEADLINE_EXCEEDED.
+OTLP_TIMEOUT_MAX = 86400.0
+
+
+def check_otlp_timeout(environ: Mapping[str, str], signal: str) -> None:
+    """TelemetryConfigError unless the OTLP exporter's timeout for ``signal`` (TRACES,
+    METRICS), when set, is a number of seconds it can wait (the Python SDK's unit): the SDK
+    takes any float, and NaN made each export retry for ~30 s against a deadline never met, a
+    negative one or 0 failed each at once (gRPC: DEADLINE_EXCEEDED; HTTP: refused by its
+    client), one it could not read was the gRPC exporter's ValueError, the HTTP one's 10 s."""
+    name = f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"
+    if not environ.get(name, "").strip():  # (empty: unset, as the spec has every variable)
+        name = "OTEL_EXPORTER_OTLP_TIMEOUT"
+    text = environ.get(name, "")
+    if not text.strip():
+        return
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= OTLP_TIMEOUT_MAX:
+        raise TelemetryConfigError(
+            f"{name}={text!r}: give the seconds an OTLP export may take (a number over 0, at most "
+            f"{OTLP_TIMEOUT_MAX:g}, a day)"
+        )
+
+
 def _missing_otlp(exc: ImportError) -> TelemetryConfigError:
     return TelemetryConfigError(
         f"the OTLP exporter is not installed ({exc.name}); install it with pip install 'zds[otlp]' "
@@ -60,6 +88,7 @@ def span_exporters_from_env(environ: Mapping[str, str]) -> list[tuple[SpanExport
         if name == "console":
             exporters.append((ConsoleSpanExporter(), CONSOLE_SPAN_DELAY_MS))
         elif name == "otlp":
+            check_otlp_timeout(environ, "TRACES")
             try:
                 if _otlp_protocol(environ, "TRACES") == "grpc":
                     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -86,6 +115,7 @@ def metric_exporters_from_env(environ: Mapping[str, str]) -> list[MetricExporter
         if name == "console":
             exporters.append(ConsoleMetricExporter())
         elif name == "otlp":
+            check_otlp_timeout(environ, "METRICS")
             try:
                 if _otlp_protocol(environ, "METRICS") == "grpc":
                     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

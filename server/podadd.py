@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from zds import output, runtime
-from zds.netns import NetnsRef, NetnsRefError
+from zds.netns import NetnsRef
 from zds.server import bulkwire
 from zds.server.controlclient import ControlError, ControlTarget, not_root_hint
 from zds.server.pods import PodSpec, PodSpecError
@@ -51,14 +51,10 @@ def _specs(args: argparse.Namespace) -> list[PodSpec]:
         return specs
     if args.uid is None:
         raise _Usage("--uid is required (or --from-file)")
-    if not args.uid.strip():
-        raise PodSpecError("--uid is empty")
     if not args.netns and not args.netns_pid:
         raise _Usage("--netns PATH or --netns-pid PID is required")
-    try:
-        netns = NetnsRef.of_pid(args.netns_pid) if args.netns_pid else NetnsRef.parse(args.netns)
-    except NetnsRefError as exc:
-        raise PodSpecError(str(exc)) from exc
+    # (--uid, --netns and --netns-pid are checked as argparse reads them: usage errors, exit 2)
+    netns: NetnsRef = NetnsRef.of_pid(args.netns_pid) if args.netns_pid else args.netns
     return [
         PodSpec.create(
             args.uid,

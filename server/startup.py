@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import urllib.parse
@@ -32,6 +33,8 @@ from zds.transport import SocketPathTaken, clear_socket_path, refuse_non_socket
 
 if TYPE_CHECKING:
     from zds.server.faults import FaultSpec
+
+log = logging.getLogger("zds.server")
 
 #: The URLs ``--container-engine`` may be (the Docker client library's, but Windows' named
 #: pipes; and SSH, which needs a library zds does not install, where that is there).
@@ -82,6 +85,7 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
             )
     if relative := [root for root in opts.netns_roots if not os.path.isabs(root)]:
         raise StartupError(f"--netns-root {relative[0]}: give an absolute path")
+    _check_dirs(opts)
     if opts.http_listen:
         split_host_port(opts.http_listen, "--http-listen")
     try:
@@ -93,6 +97,29 @@ def read_flags(opts: ServerOptions) -> tuple[list[PodSpec], list[FaultSpec]]:
     except FaultError as exc:
         raise StartupError(f"--faults {opts.faults_file}: {exc}") from exc
     return pods, faults
+
+
+def _check_dirs(opts: ServerOptions) -> None:
+    """The state directory and each ``--netns-root``: a directory, or nothing yet. The state
+    directory is made at the start (a file there was "File exists"); a netns root is made by
+    whatever makes the namespaces in it, maybe after this start (Docker makes
+    /var/run/docker/netns with its first container, as /var/run/netns is made with the first
+    named netns): a missing one is said, not refused (a typo is taken silently otherwise)."""
+    if not opts.state_dir:
+        raise StartupError("--state-dir: give a directory (an empty path names none)")
+    if os.path.exists(opts.state_dir) and not os.path.isdir(opts.state_dir):
+        raise StartupError(f"cannot use state directory: {opts.state_dir} is not a directory")
+    for root in opts.netns_roots:
+        if not os.path.exists(root):
+            log.warning(
+                "--netns-root %s does not exist (yet): pods' namespaces there are taken once it is "
+                "made; check the path if nothing is to make it",
+                root,
+            )
+        elif not os.path.isdir(root):
+            raise StartupError(
+                f"--netns-root {root} is not a directory; give the directory that holds pods' named namespaces"
+            )
 
 
 def _engine_address_ok(scheme: str, rest: str) -> bool:

@@ -267,15 +267,18 @@ def test_a_parent_pid_of_a_parent_gone_ends_the_command_saying_so() -> None:
     )
 
 
-def test_an_empty_uid_is_called_empty_not_missing() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "zds", "pod", "add", "--uid", "", "--netns", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 1
-    assert done.stderr.strip() == "zds pod add: --uid is empty"
+@pytest.mark.parametrize("command", [["pod", "add", "--netns", "x"], ["pod", "remove"]])
+def test_an_empty_uid_is_called_empty_not_missing_and_is_a_usage_error(command: list[str]) -> None:
+    """It was exit 1 (``zds pod add``; ``zds pod remove`` asked the node agent for pod ""),
+    where every other flag argparse refuses is exit 2."""
+    for uid in ("", " "):
+        done = subprocess.run(
+            [sys.executable, "-m", "zds", *command, "--uid", uid], capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout) == (2, "")
+        assert done.stderr.splitlines()[-1] == (
+            f"zds {' '.join(command[:2])}: error: argument --uid: give the pod's uid (an empty one names no pod)"
+        )
 
 
 def test_errors_start_with_zds_and_the_command() -> None:
@@ -419,6 +422,15 @@ def test_help_and_usage_are_still_sized_to_the_terminal(argv: list[str]) -> None
         (
             ["server", "--ack-timeout", "0"],
             "zds server: error: argument --ack-timeout: 0 is not a positive number of seconds",
+        ),
+        (  # (exit 1, as the node agent's refusals: a usage error is argparse's 2)
+            ["pod", "add", "--uid", "u", "--netns", "pid:0"],
+            'zds pod add: error: argument --netns: bad netns reference "pid:0": expected "pid:N" with N '
+            "a process id (at most 2147483647), or a path",
+        ),
+        (
+            ["pod", "add", "--uid", "u", "--netns", " "],
+            'zds pod add: error: argument --netns: empty netns reference: expected "pid:N" or a path',
         ),
     ],
 )
@@ -844,6 +856,129 @@ def test_a_client_tls_flag_that_would_be_ignored_is_refused(
         prog = " ".join(command[:2]) if command[0] != "connections" else "connections"
         assert (done.returncode, done.stdout) == (1, "")
         assert done.stderr.startswith(f"zds {prog}: {says}") and len(done.stderr.splitlines()) == 1
+
+
+LONG_SOCKET = "/tmp/" + "s" * 5000
+#: The commands that take a unix socket path, and its flag.
+SOCKET_FLAGS = [
+    (["pod", "list"], "--control-socket"),
+    (["pod", "add", "--uid", "u", "--netns", "x"], "--control-socket"),
+    (["pod", "remove", "--uid", "u"], "--control-socket"),
+    (["connections"], "--control-socket"),
+    (["watch"], "--control-socket"),
+    (["fault", "delay"], "--control-socket"),
+    (["faults", "list"], "--control-socket"),
+    (["faults", "clear"], "--control-socket"),
+    (["netns", "delete", "zds-none-such"], "--control-socket"),
+    (["check", "node-agent"], "--control-socket"),
+    (["check", "node-agent"], "--zds-socket"),
+    (["check", "ztunnel"], "--zds-socket"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag"), SOCKET_FLAGS)
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("", "give a path (an empty one names no socket)"),
+        (  # (past sun_path: gRPC's "target uri is not valid")
+            "/tmp/" + "s" * 150,
+            f"'/tmp/{'s' * 150}': 155 bytes, longer than a unix socket path may be (107)",
+        ),
+        (  # (past PATH_MAX: an OSError traceback, "File name too long"; shown cut, not 5 KB)
+            LONG_SOCKET,
+            f"'/tmp/{'s' * 59}'...: 5005 bytes, longer than a unix socket path may be (107)",
+        ),
+    ],
+)
+def test_a_socket_path_no_socket_can_have_is_a_usage_error(
+    command: list[str], flag: str, path: str, says: str
+) -> None:
+    """An empty --control-socket was "  does not exist"; one over sun_path gRPC's "target uri is
+    not valid"; one over PATH_MAX a traceback, and in ``zds netns delete`` no node agent to ask:
+    the netns was deleted unchecked."""
+    done = subprocess.run([*ZDS, *command, flag, path], capture_output=True, text=True, timeout=60)
+    prog = " ".join(command[:2]) if command[0] in ("pod", "faults", "netns", "check") else command[0]
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.splitlines()[-1] == f"zds {prog}: error: argument {flag}: {says}"
+
+
+@pytest.mark.root
+def test_netns_delete_given_a_control_socket_it_cannot_ask_deletes_nothing() -> None:
+    from zds.netns.fixtures import create_netns, delete_netns
+
+    name = run_unique("zds-clitest-")
+    path = create_netns(name)
+    try:
+        done = subprocess.run(
+            [*ZDS, "netns", "delete", name, "--control-socket", LONG_SOCKET],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and len(done.stderr.splitlines()[-1]) < 200, done.stderr
+        assert os.path.exists(path)  # (it was deleted, the enrolled pods never asked)
+    finally:
+        delete_netns(name, missing_ok=True)
+
+
+def _at_most_2_gib() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "a FIFO without a writer", "a directory"])
+@pytest.mark.parametrize("flag", ["--tls-ca", "--tls-key"])
+def test_a_client_tls_file_that_is_no_pem_file_is_refused_in_one_line(
+    kind: str, flag: str, tmp_path: pathlib.Path
+) -> None:
+    """--tls-ca /dev/zero was read until memory ran out (here: a MemoryError traceback, the
+    command held to 2 GiB); a FIFO with no writer waited past --timeout, for good."""
+    path = {"/dev/zero": "/dev/zero", "a directory": str(tmp_path)}.get(kind, str(tmp_path / "fifo"))
+    if kind == "a FIFO without a writer":
+        os.mkfifo(path)
+    tls = [flag, path] if flag == "--tls-ca" else ["--tls-cert", "/dev/null", "--tls-key", path]
+    done = subprocess.run(
+        [*ZDS, "pod", "list", "--grpc-address", "127.0.0.1:1", *tls, "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=_at_most_2_gib,
+    )
+    why = {
+        "/dev/zero": "over 1024 KiB; a PEM file is a few KiB",
+        "a directory": "cannot read it (Is a directory)",
+    }.get(kind, "cannot read it (a FIFO that gave nothing (is its writer started?))")
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"zds pod list: {flag} {path}: {why}\n")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [
+        ("--state-dir", "cannot use state directory: {} is not a directory"),
+        (
+            "--netns-root",
+            "--netns-root {} is not a directory; give the directory that holds pods' named namespaces",
+        ),
+    ],
+)
+def test_a_server_directory_flag_given_a_file_is_refused_in_one_line(
+    flag: str, says: str, tmp_path: pathlib.Path
+) -> None:
+    """--state-dir FILE said "File exists"; --netns-root FILE was taken (nothing under it could be a netns)."""
+    afile = tmp_path / "file"
+    afile.write_text("kept\n")
+    paths = ["--control-socket", str(tmp_path / "control.sock"), "--zds-socket", str(tmp_path / "zds.sock")]
+    paths += ["--cni-socket", "off", "--http-listen", "off", "--no-redirect"]
+    state = [] if flag == "--state-dir" else ["--state-dir", str(tmp_path / "state")]
+    done = subprocess.run(
+        [*ZDS, "server", *paths, *state, flag, str(afile)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(f"error zds.server: {says.format(afile)}"), done.stderr
+    assert os.listdir(tmp_path) == ["file"] and afile.read_text() == "kept\n"
 
 
 def test_every_help_text_is_ascii() -> None:

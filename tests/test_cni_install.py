@@ -565,3 +565,25 @@ def test_uninstall_of_one_network_keeps_the_others_and_the_launcher_they_run(tmp
     assert other.read_text() == OTHER
     assert not launcher.exists()
     assert f"removed {launcher}" in last.stdout
+
+
+@pytest.mark.parametrize("flag", ["--bin-dir", "--conf-dir"])
+def test_an_empty_directory_flag_is_refused_not_taken_for_the_working_directory(
+    flag: str, tmp_path: pathlib.Path
+) -> None:
+    """``--bin-dir ""`` installed zds-cni into the directory the command ran in."""
+    bin_dir, conf_dir, _ = dirs(tmp_path)
+    (conf_dir / "87-mesh.conflist").write_text(PODMAN_CONFLIST)
+    work = tmp_path / "work"
+    work.mkdir()
+    given = ["--conf-dir", str(conf_dir)] if flag == "--bin-dir" else ["--bin-dir", str(bin_dir)]
+    for command in ("install", "uninstall"):
+        done = subprocess.run(
+            [*ZDS, "cni", command, *given, flag, ""], capture_output=True, text=True, timeout=60, cwd=work
+        )
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.splitlines()[-1] == (
+            f"zds cni {command}: error: argument {flag}: give a directory (an empty path names none)"
+        )
+    assert os.listdir(work) == [] and os.listdir(bin_dir) == []
+    assert (conf_dir / "87-mesh.conflist").read_text() == PODMAN_CONFLIST

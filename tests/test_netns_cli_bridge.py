@@ -280,5 +280,25 @@ def test_delete_says_when_the_node_agent_does_not_answer(names: tuple[str, str, 
         sock.bind(dead)  # bound, never listened on
         deleted = zds("delete", a, "--control-socket", dead)
     assert deleted.returncode == 0 and a not in list_netns()
-    assert deleted.stderr.startswith(f"zds netns delete: warning: no answer from the node agent at {dead} (")
-    assert deleted.stderr.endswith("); deleting without knowing whether a pod lives there\n"), deleted.stderr
+    assert deleted.stderr.startswith(f"zds netns delete: warning: cannot reach the node agent at {dead}: ")
+    assert deleted.stderr.endswith("; deleting without knowing whether a pod lives there\n"), deleted.stderr
+    assert len(deleted.stderr.splitlines()) == 1
+
+
+def test_delete_names_no_timeout_flag_when_the_node_agent_is_silent(
+    names: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """The warning said "(--timeout)", a flag zds netns delete does not have."""
+    a, _, _ = names
+    assert zds("create", a).returncode == 0
+    silent = str(tmp_path / "control.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(silent)
+        sock.listen(8)  # connections wait in the backlog: never accepted, never answered
+        deleted = zds("delete", a, "--control-socket", silent)
+    assert deleted.returncode == 0 and a not in list_netns()
+    assert deleted.stderr == (
+        f"zds netns delete: warning: no answer from the node agent at {silent} within 5 s: busy, or not "
+        "a node agent; what was asked may still be done there; deleting without knowing whether a pod "
+        "lives there\n"
+    )

@@ -250,6 +250,34 @@ def test_a_netns_under_another_directory_needs_netns_root(
         with_root.stop()
 
 
+def test_a_netns_root_made_after_the_start_is_said_missing_at_the_start_and_taken_once_made(
+    tmp_path: Path, make_pod: Callable[[], Pod]
+) -> None:
+    """A --netns-root that is not there yet was taken silently (a typo too). It is said, not
+    refused: a runtime makes its netns directory with its first netns (Docker's
+    /var/run/docker/netns), maybe after the node agent started, as /var/run/netns is."""
+    root = tmp_path / "later"
+    server = NodeAgentProc(str(tmp_path), "--netns-root", str(root), name="early").wait_ready()
+    peer = AckingPeer(server.zds_socket)
+    target = root / "pod-a"
+    try:
+        assert (
+            f"warning zds.server: --netns-root {root} does not exist (yet): pods' namespaces there are "
+            "taken once it is made; check the path if nothing is to make it\n"
+        ) in server.output()
+        peer.wait_snapshot()
+        root.mkdir()
+        target.touch()
+        subprocess.run(["mount", "--bind", make_pod().path, str(target)], check=True)
+        server.add_pod("u1", str(target))
+        [pod] = server.list_pods()
+        assert pod.state == nodeagent_pb2.POD_STATE_ACKED and pod.netns_path == str(target)
+    finally:
+        peer.close()
+        server.stop()
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
 def test_the_place_is_checked_where_the_kernel_opened_the_directory(
     tmp_path: Path, make_pod: Callable[[], Pod]
 ) -> None:

@@ -476,7 +476,7 @@ def only_these_otel_variables(monkeypatch: pytest.MonkeyPatch, env: dict[str, st
 @pytest.mark.parametrize(
     "env",
     [
-        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
+        {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
         {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "-1"},
     ],
 )
@@ -550,6 +550,35 @@ def test_a_metric_export_interval_no_exporter_can_keep_is_refused(
     # Without a metric exporter the value is read by nothing: not refused.
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", interval)
     monkeypatch.delenv("OTEL_METRICS_EXPORTER")
+    asyncio.run(Telemetry.from_environment().shutdown())
+
+
+@pytest.mark.parametrize("timeout", ["nan", "-1", "0", "inf", "1e10", "abc"])
+@pytest.mark.parametrize(
+    ("exporter", "variable", "protocol"),
+    [
+        ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TIMEOUT", "grpc"),
+        ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "http/protobuf"),
+        ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_TIMEOUT", "http/protobuf"),
+        ("OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "grpc"),
+    ],
+)
+def test_an_otlp_timeout_no_export_can_keep_is_refused(
+    timeout: str, exporter: str, variable: str, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK takes any float (in seconds, where the OpenTelemetry spec says milliseconds): NaN
+    made each gRPC export retry for ~30 s against a deadline it never met, and failed each HTTP
+    one; -1 and 0 failed each export at once, as one far off (10**10 s, inf: gRPC's
+    DEADLINE_EXCEEDED at once); one it could not read was a ValueError (gRPC) or 10 s (HTTP)."""
+    env = {exporter: "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, variable: timeout}
+    only_these_otel_variables(monkeypatch, env)
+    with pytest.raises(TelemetryConfigError) as refused:
+        Telemetry.from_environment()
+    assert str(refused.value) == (
+        f"{variable}={timeout!r}: give the seconds an OTLP export may take (a number over 0, at most "
+        "86400, a day)"
+    )
+    monkeypatch.setenv(variable, "0.5")  # (taken; the stop's last export fails within it: no collector)
     asyncio.run(Telemetry.from_environment().shutdown())
 
 

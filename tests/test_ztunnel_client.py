@@ -1217,6 +1217,38 @@ def test_a_node_agent_that_hangs_up_before_answering_gets_a_growing_backoff_unti
     assert delays[6] >= 0.5, delays  # 640 ms +- 20%
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["a directory", "a regular file", "a FIFO"])
+def test_a_zds_socket_path_that_is_no_socket_is_said_and_retried_until_a_node_agent_is_there(
+    kind: str, tmp_path: Any
+) -> None:
+    """It was "Connection refused (is it running?)" for good, as for a socket nothing listens
+    on. Retried all the same, as ztunnel retries every failed connect: a node agent that starts
+    there replaces what is in the way (Istio's removes it before it binds)."""
+    path = str(tmp_path / "ztunnel.sock")
+    if kind == "a directory":
+        os.mkdir(path)
+    elif kind == "a FIFO":
+        os.mkfifo(path)
+    else:
+        open(path, "x").close()
+    z = ZtunnelProc(path, str(tmp_path / "ztunnel.log"), "--no-listeners")
+    agent: FakeNodeAgent | None = None
+    try:
+        z.wait_for_output(
+            f"failed to connect to the node agent over {path}: it is {kind}, not a socket (is --zds-socket "
+            "the node agent's socket?); retrying in "
+        )
+        time.sleep(0.5)  # (a few more attempts, the backoff growing)
+        (os.rmdir if kind == "a directory" else os.unlink)(path)
+        agent = FakeNodeAgent(path)
+        assert agent.connect_and_hello().snapshot() == Ack()
+    finally:
+        z.stop(signal.SIGKILL)
+        if agent is not None:
+            agent.close()
+
+
 # =============================================================================================
 # The first snapshot, taken before the event loop (zds.client.session)
 # =============================================================================================

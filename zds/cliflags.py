@@ -199,8 +199,9 @@ def unix_socket(text: str) -> str:
         raise argparse.ArgumentTypeError("give a path (an empty one names no socket)")
     size = len(os.fsencode(text))
     if size > defaults.SUN_PATH_MAX:
+        shown = repr(text) if len(text) <= 2 * defaults.SUN_PATH_MAX else f"{text[:64]!r}..."  # (not 4 KiB)
         raise argparse.ArgumentTypeError(
-            f"{text!r}: {size} bytes, longer than a unix socket path may be ({defaults.SUN_PATH_MAX})"
+            f"{shown}: {size} bytes, longer than a unix socket path may be ({defaults.SUN_PATH_MAX})"
         )
     return text
 

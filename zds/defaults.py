@@ -243,6 +243,9 @@ MAX_POD_IPS = 16
 MAX_NETNS_PATH = 4096
 #: The longest path a unix socket can be bound at or connected to (``sun_path`` less its NUL).
 SUN_PATH_MAX = 107
+#: The largest TLS file (PEM) read, by the node agent and by the control API's clients:
+#: certificate chains are a few KiB (``/dev/zero`` was read until memory ran out).
+TLS_FILE_MAX = 1024 * 1024
 
 #: A control-socket connection must say what it is (gRPC's preface, or the bulk lane's
 #: opening) within this many seconds (gRPC's own handshake, this too), and at most

@@ -36,12 +36,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     agent.add_argument(
         "--zds-socket",
+        type=cliflags.unix_socket,
         default=defaults.ZDS_SOCKET,
         metavar="PATH",
         help="the node agent's ZDS socket (default: %(default)s)",
     )
     agent.add_argument(
         "--control-socket",
+        type=cliflags.unix_socket,
         default=defaults.CONTROL_SOCKET,
         metavar="PATH",
         help="zds's control API, used to add and remove pods unless --add-cmd/--remove-cmd are given "
@@ -116,6 +118,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     where.add_argument(
         "--zds-socket",
+        type=cliflags.unix_socket,
         metavar="PATH",
         help="listen here and wait for a ztunnel that connects by itself, restarted by someone else (default: none)",
     )

@@ -75,7 +75,7 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bin-dir",
         default=defaults.CNI_BIN_DIR,
-        type=os.path.abspath,  # (relative: the launcher's check runs it from /)
+        type=_directory,
         metavar="DIR",
         help="where the CNI runtime finds plugins (Podman on Debian also searches /usr/lib/cni) "
         "(default: %(default)s)",
@@ -83,10 +83,18 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conf-dir",
         default=defaults.CNI_CONF_DIR,
-        type=os.path.abspath,
+        type=_directory,
         metavar="DIR",
         help="where the CNI runtime reads network configs (default: %(default)s)",
     )
+
+
+def _directory(text: str) -> str:
+    """A directory flag's path, absolute (relative: the launcher's check runs it from /); not
+    empty (``os.path.abspath("")`` is the working directory: zds-cni went there)."""
+    if not text:
+        raise argparse.ArgumentTypeError("give a directory (an empty path names none)")
+    return os.path.abspath(text)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
