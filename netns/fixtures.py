@@ -59,7 +59,8 @@ def iproute() -> Iterator[Any]:
     with the stop signals held (``runtime.interrupts_held``): an interrupt raised inside
     pyroute2 left a loop half-made or unclosed, whose coroutine or transport then printed
     "Exception ignored ... Event loop is closed" tracebacks (4 of 114 interrupted ``zds netns
-    create --bridge``), or (once, here) left pyroute2 spinning in its loop for good."""
+    create --bridge``), or (once, here) left pyroute2 spinning in its loop for good. The
+    price: should pyroute2 hang inside, a Ctrl-C waits for it (SIGKILL does not)."""
     with runtime.interrupts_held(), IPRoute() as ipr:
         yield ipr
 

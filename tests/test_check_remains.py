@@ -10,6 +10,8 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ import pytest
 from tests.harness import FAST_CHECK as FAST
 from tests.harness import ZDS, StartServer, wait_until
 from tests.harness import ZTUNNEL_CMD as ZTUNNEL
+from zds import runtime
 from zds.netns.fixtures import create_netns, delete_netns, list_netns
 
 pytestmark = pytest.mark.root
@@ -268,3 +271,58 @@ def test_a_sigkilled_node_agent_check_leaves_its_pods_netns_to_the_next_check(
             check.wait()
         for name in made:
             delete_netns(name, missing_ok=True)
+
+
+def dead_record(tmp: str, started: int) -> str:
+    """A record, as a check writes it, of a check that is gone (a pid no process has, which
+    started at ``started``: records are cleared in the order of their names), naming only
+    ``tmp``: its path."""
+    import json
+    import secrets
+
+    from zds.check import remains
+
+    os.makedirs(remains.RECORDS, mode=0o700, exist_ok=True)
+    pid = runtime.PID_MAX_LIMIT + 1  # (no process has it)
+    path = os.path.join(remains.RECORDS, f"{pid}-{started}.json")
+    doc = {"token": secrets.token_hex(16), "tmp": tmp, "netns": {}, "peers": []}
+    pathlib.Path(path).write_text(json.dumps(doc))
+    return path
+
+
+def test_a_record_that_cannot_be_cleared_stays_and_the_others_are_cleared_all_the_same() -> None:
+    from zds.check.remains import clear_dead_checks
+    from zds.errors import ZdsError
+
+    stuck, free = (tempfile.mkdtemp(prefix="zds-check-") for _ in range(2))
+    mount = os.path.join(stuck, "m")
+    os.mkdir(mount)
+    subprocess.run(["mount", "-t", "tmpfs", "none", mount], check=True)  # (rmdir: EBUSY)
+    records = [dead_record(stuck, 1), dead_record(free, 2)]  # (the stuck one first)
+    try:
+        with pytest.raises(ZdsError) as raised:
+            clear_dead_checks()
+        said = str(raised.value)
+        assert "record stays" in said and "removed what a check that did not end left" in said, said
+        assert not os.path.exists(free)  # (cleared, whatever its place after the stuck one)
+        assert os.path.exists(stuck) and [os.path.exists(r) for r in records] == [True, False]
+    finally:
+        subprocess.run(["umount", mount], check=False)
+        shutil.rmtree(stuck, ignore_errors=True)
+        shutil.rmtree(free, ignore_errors=True)
+        for record in records:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record)
+
+
+@pytest.mark.parametrize(("command", "code"), [("kill -9 $$", -9), ("kill -TERM $$", -15), ("exit 3", 3)])
+def test_the_keeper_ends_as_its_command_did(command: str, code: int) -> None:
+    from zds.check import keeper
+
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", keeper.__file__, str(os.getpid()), command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (code, "")

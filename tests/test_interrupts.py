@@ -97,6 +97,36 @@ except KeyboardInterrupt as exc:
         assert done == (128 + sig, "")
 
 
+def test_an_interrupt_raised_at_check_is_not_raised_again_at_a_later_sections_end() -> None:
+    """One swallowed in a ``__del__`` waits for a held section's end, or ``check()``: raised at
+    ``check()``, it is not raised a second time by the clean-up's held sections after it."""
+    code = """
+import os, signal, sys
+from zds import runtime
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # (its handler raises here: swallowed)
+
+with runtime.Interrupts() as interrupts:
+    Finalized()
+    try:
+        interrupts.check()
+    except KeyboardInterrupt:
+        print("raised at check")
+    for _ in range(2):
+        with runtime.interrupts_held():  # (a clean-up's sections)
+            pass
+    print("clean-up done")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.split("\n"), done.stderr) == (
+        0,
+        ["raised at check", "clean-up done", ""],
+        "",
+    )
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("entry", [_AS_MAIN, _AS_PROGRAM], ids=["python -m zds", "the zds program"])
 def test_a_ctrl_c_while_zds_starts_is_exit_130_and_no_traceback(entry: str) -> None:

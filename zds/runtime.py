@@ -289,6 +289,7 @@ class Interrupts:
 
     def check(self) -> None:
         if self.interrupted and not self._held:  # (a held section raises at its end)
+            self._pending = False  # (raised here: not again at a later section's end)
             raise Stopped(self.signum)
 
 

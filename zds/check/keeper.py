@@ -97,7 +97,8 @@ def _as_ended(status: int) -> int:
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # (the shell's core, if any, is the one)
-        signal.signal(signum, signal.SIG_DFL)
+        if signum != signal.SIGKILL:  # (its disposition cannot be set: EINVAL)
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 

@@ -143,12 +143,15 @@ def _records_dir() -> None:
 
 def clear_dead_checks() -> str:
     """Remove what the checks that are gone left, as their records name it: what was removed,
-    in one line ("" when nothing); a problem raises ZdsError (the record stays, for a later try)."""
+    in one line ("" when nothing). A record that cannot be cleared stays, for a later try; the
+    others are cleared all the same, and then the first problem raises ZdsError, naming what
+    was removed before it."""
     try:
         entries = sorted(os.listdir(RECORDS))
     except FileNotFoundError:
         return ""
     said: list[str] = []
+    problems: list[str] = []
     for entry in entries:
         match = _NAME.fullmatch(entry)
         if match is None:
@@ -161,8 +164,15 @@ def clear_dead_checks() -> str:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             continue
-        if removed := _clear_record(path):
+        try:
+            removed = _clear_record(path)
+        except (ZdsError, OSError) as exc:
+            problems.append(f"{exc} (pid {pid}'s record stays)")
+            continue
+        if removed:
             said.append(f"removed what a check that did not end left (pid {pid}): {', '.join(removed)}")
+    if problems:
+        raise CheckSetupError("; ".join([*problems[:1], *said]))
     return "; ".join(said)
 
 
