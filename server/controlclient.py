@@ -201,14 +201,9 @@ def _read_pem(flag: str, path: str | None) -> bytes | None:
     ControlError in one line otherwise."""
     if path is None:
         return None
-    from zds.entryfile import read_bounded
+    from zds.entryfile import read_tls_file
 
     try:
-        data = read_bounded(path, defaults.TLS_FILE_MAX)
-    except OSError as exc:
-        raise ControlError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
-    if len(data) > defaults.TLS_FILE_MAX:
-        raise ControlError(
-            f"{flag} {path}: over {defaults.TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB"
-        )
-    return data
+        return read_tls_file(flag, path)
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None

@@ -106,16 +106,12 @@ def _pem(flag: str, path: str, marker: str) -> bytes:
     """The PEM file at ``path``, read now (a FIFO with no writer, a directory, a file over
     1 MiB or one with no ``-----BEGIN ...marker`` is refused: they blocked the start, were
     refused after the store was opened, or made gRPC say it could not bind)."""
-    from zds.entryfile import read_bounded
+    from zds.entryfile import read_tls_file
 
     try:
-        data = read_bounded(path, defaults.TLS_FILE_MAX)
-    except OSError as exc:
-        raise StartupError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
-    if len(data) > defaults.TLS_FILE_MAX:
-        raise StartupError(
-            f"{flag} {path}: over {defaults.TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB"
-        )
+        data = read_tls_file(flag, path)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     if b"-----BEGIN " not in data or marker.encode() not in data:
         raise StartupError(f"{flag} {path}: no PEM {marker.removesuffix('-----').lower()} in it")
     return data

@@ -60,6 +60,19 @@ def read_bounded(path: str, max_bytes: int) -> bytes:
     return data
 
 
+def read_tls_file(flag: str, path: str) -> bytes:
+    """The PEM file the TLS flag ``flag`` names, read bounded (``defaults.TLS_FILE_MAX``: a PEM
+    file is a few KiB) as both the node agent's flags and the control client's are; ValueError
+    in one line naming the flag when it cannot be read or is bigger."""
+    try:
+        data = read_bounded(path, defaults.TLS_FILE_MAX)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from exc
+    if len(data) > defaults.TLS_FILE_MAX:
+        raise ValueError(f"{flag} {path}: over {defaults.TLS_FILE_MAX // 1024} KiB; a PEM file is a few KiB")
+    return data
+
+
 def read_entries(path: str, *, key: str, what: str, max_entries: int) -> list[tuple[Any, str]]:
     """Every entry of the file at ``path`` with where it is; EntryFileError when the file
     cannot be read, is not JSON lines or YAML, is not a list (``what``: what it lists, for the
