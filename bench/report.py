@@ -135,7 +135,7 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
     lines = [
         "# zds side by side with Istio's own ZDS code",
         "",
-        f"Command: `{doc['command']}` (as root, under `flock /tmp/zds-suite.lock`)  ",
+        f"Command: `{doc['command']}` (as root)  ",
         f"Machine: {m['os']}, kernel {m['kernel']}, {m['cpus']} x {m['cpu']}, {m['memory_mb']:,} MB, "
         f"Python {m['python']}, uvloop {m['uvloop']}, RLIMIT_NOFILE {m['fd_limit']:,}  ",
         f"zds {m['zds_commit']}; Istio {m['istio_commit'] or '-'}; ztunnel {m['ztunnel_commit'] or '-'}  ",
