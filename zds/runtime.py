@@ -160,6 +160,19 @@ def proc_stat(pid: int | str) -> list[bytes] | None:
         return None
 
 
+def process_group(pgid: int) -> list[int]:
+    """The live processes of group ``pgid`` (a zombie is not: it waits for a parent to reap it)."""
+    group = str(pgid).encode()
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit()
+        and (fields := proc_stat(entry))
+        and fields[2:3] == [group]
+        and fields[0] not in (b"Z", b"X")
+    ]
+
+
 def process_started(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot): with its pid, what tells it from
     a later process given the same pid. None if there is none (or only its zombie, which its

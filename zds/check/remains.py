@@ -254,7 +254,7 @@ def _kill_group(keeper: int, started: int, token: str) -> list[int]:
     if runtime.process_started(keeper) not in (None, started):
         return []
     killed: list[tuple[int, int]] = []
-    for pid in _group(keeper):
+    for pid in runtime.process_group(keeper):
         try:
             fd = os.pidfd_open(pid)
         except OSError:
@@ -270,19 +270,6 @@ def _kill_group(keeper: int, started: int, token: str) -> list[int]:
             select.select([fd], [], [], KILL_WAIT)
         os.close(fd)
     return [pid for pid, _ in killed]
-
-
-def _group(pgid: int) -> list[int]:
-    """The live processes of group ``pgid``."""
-    wanted = str(pgid).encode()
-    return [
-        int(entry)
-        for entry in os.listdir("/proc")
-        if entry.isdigit()
-        and (fields := runtime.proc_stat(entry))
-        and fields[2:3] == [wanted]
-        and fields[0] != b"Z"
-    ]
 
 
 def _in_group_with(pid: int, pgid: int, token: str) -> bool:

@@ -185,7 +185,7 @@ class Bench:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.returncode is not None and not _group_members(proc.pid):
+        if proc.returncode is not None and not runtime.process_group(proc.pid):
             return
         _signal_group(proc.pid, signal.SIGTERM)  # the session we started for it
         stopped = False
@@ -348,19 +348,6 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """The live processes of group ``pgid`` (a zombie is not: it waits for a parent to reap it)."""
-    group = str(pgid).encode()
-    return [
-        int(entry)
-        for entry in os.listdir("/proc")
-        if entry.isdigit()
-        and (fields := runtime.proc_stat(entry))
-        and fields[2:3] == [group]
-        and fields[0] not in _ENDED
-    ]
-
-
 #: A process's states in /proc/PID/stat once it ended (a zombie waits for its parent to reap it).
 _ENDED = (b"Z", b"X")
 
@@ -371,7 +358,7 @@ async def _group_ended(proc: asyncio.subprocess.Process, within: float) -> bool:
     if not await finished_within(proc.wait(), within):
         return False
     for _ in range(int(within / 0.05) + 1):
-        if not _group_members(proc.pid):
+        if not runtime.process_group(proc.pid):
             return True
         if time.monotonic() > deadline:
             break
